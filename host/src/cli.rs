@@ -1,0 +1,233 @@
+//! Command-line interface. `main` parses flags and calls the library.
+//!
+//! Exit status of `edgeward run`: 0 when the module succeeds, the module's
+//! status (1 when it gives none) when it fails, 2 for usage errors, 3 when
+//! edgeward refuses or cannot load the module, 124 when `--timeout` passes,
+//! 134 when the module traps.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+
+use crate::config::{self, Config};
+use crate::measure::{Digest, Measured};
+use crate::runtime::sandbox::DEFAULT_MAX_MEMORY;
+use crate::runtime::{DirGrant, EngineOptions, Exit, Output, Runtime, RuntimeOptions, SandboxSpec};
+use crate::{daemon, state, units};
+
+/// Exit status when edgeward refuses or cannot load a module.
+pub const EXIT_REFUSED: u8 = 3;
+/// Exit status when the module's deadline passed.
+pub const EXIT_TIMEOUT: u8 = 124;
+/// Exit status when the module trapped.
+pub const EXIT_TRAP: u8 = 134;
+
+/// edgeward: run edge modules as measured, sandboxed WebAssembly components.
+#[derive(Debug, Parser)]
+#[command(name = "edgeward", version, about, long_about = None)]
+pub struct Cli {
+    /// State directory (cache, secrets, module data). Default:
+    /// $EDGEWARD_STATE_DIR, then the config's state_dir, then
+    /// /var/lib/edgeward (root) or ~/.local/state/edgeward.
+    #[arg(long, global = true, value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run one command component (exports wasi:cli/run), measured and sandboxed.
+    Run(RunArgs),
+    /// Run the modules of a deployment until SIGINT/SIGTERM.
+    Daemon(DaemonArgs),
+    /// Print the sha256 digest of component files, as pinned in a config.
+    Digest {
+        /// Component files.
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
+}
+
+#[derive(Debug, clap::Args)]
+struct RunArgs {
+    /// The component file.
+    file: PathBuf,
+    /// Refuse to run unless the file's digest is exactly this (sha256:HEX).
+    #[arg(long, value_name = "sha256:HEX")]
+    digest: Option<Digest>,
+    /// Grant a host directory, seen as GUEST (default: the same path).
+    #[arg(long = "dir", value_name = "HOST[::GUEST]")]
+    dirs: Vec<DirGrant>,
+    /// Set an environment variable (K=V), or pass K through from this process.
+    #[arg(long = "env", value_name = "K=V")]
+    env: Vec<String>,
+    /// Linear-memory limit.
+    #[arg(long, value_name = "SIZE", default_value = "64MiB", value_parser = units::parse_size)]
+    max_memory: u64,
+    /// Stop the module after this long (e.g. 500ms, 30s, 5m).
+    #[arg(long, value_name = "DURATION", value_parser = units::parse_duration)]
+    timeout: Option<Duration>,
+    /// Do not read or write the compiled-artifact cache.
+    #[arg(long)]
+    no_cache: bool,
+    /// Arguments for the module.
+    #[arg(last = true, value_name = "ARGS")]
+    args: Vec<String>,
+}
+
+#[derive(Debug, clap::Args)]
+struct DaemonArgs {
+    /// Config file. Default: $EDGEWARD_CONFIG, then /etc/edgeward/config.toml.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+}
+
+fn init_logging(default: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("EDGEWARD_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+fn fail(msg: impl std::fmt::Display, code: u8) -> ExitCode {
+    eprintln!("edgeward: error: {msg}");
+    ExitCode::from(code)
+}
+
+/// The `edgeward` binary.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Run(args) => {
+            init_logging("warn");
+            run_command(cli.state_dir, args)
+        }
+        Command::Daemon(args) => {
+            init_logging("info");
+            daemon_command(cli.state_dir, args)
+        }
+        Command::Digest { files } => {
+            let mut code = ExitCode::SUCCESS;
+            for f in files {
+                match Measured::read(&f) {
+                    Ok(m) => println!("{}  {}", m.digest, f.display()),
+                    Err(e) => code = fail(e, 1),
+                }
+            }
+            code
+        }
+    }
+}
+
+fn parse_env(entries: &[String]) -> Result<Vec<(String, String)>, String> {
+    entries
+        .iter()
+        .map(|e| match e.split_once('=') {
+            Some((k, v)) if config::valid_env_key(k) => Ok((k.to_owned(), v.to_owned())),
+            Some(_) => Err(format!("--env {e:?}: invalid variable name")),
+            None if config::valid_env_key(e) => std::env::var(e)
+                .map(|v| (e.clone(), v))
+                .map_err(|_| format!("--env {e}: {e} is not set in edgeward's environment")),
+            None => Err(format!("--env {e:?}: invalid variable name")),
+        })
+        .collect()
+}
+
+fn run_command(state_flag: Option<PathBuf>, args: RunArgs) -> ExitCode {
+    let env = match parse_env(&args.env) {
+        Ok(e) => e,
+        Err(e) => return fail(e, 2),
+    };
+    if !(64 << 10..=config::MAX_MODULE_MEMORY).contains(&args.max_memory) {
+        return fail("--max-memory must be between 64KiB and 4GiB", 2);
+    }
+    if args.timeout == Some(Duration::ZERO) {
+        return fail("--timeout must be greater than zero", 2);
+    }
+    let state_dir = if args.no_cache {
+        None
+    } else {
+        match state::resolve(state_flag.as_deref(), None)
+            .and_then(|d| state::ensure_private_dir(&d).map(|()| d))
+        {
+            Ok(d) => Some(d),
+            Err(e) => return fail(e, EXIT_REFUSED),
+        }
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build();
+    let rt = match rt {
+        Ok(rt) => rt,
+        Err(e) => return fail(format!("cannot start the async runtime: {e}"), 1),
+    };
+    rt.block_on(async move {
+        let runtime = match Runtime::new(&RuntimeOptions {
+            engine: EngineOptions {
+                max_instances: 1,
+                max_memory: args.max_memory.max(DEFAULT_MAX_MEMORY),
+                pooling: None,
+            },
+            state_dir,
+        }) {
+            Ok(r) => r,
+            Err(e) => return fail(format!("{e:#}"), EXIT_REFUSED),
+        };
+        let module = match runtime.load_file(&args.file, args.digest.as_ref()) {
+            Ok(m) => m,
+            Err(e) => return fail(format!("{e:#}"), EXIT_REFUSED),
+        };
+        let program = args
+            .file
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "module".to_owned());
+        let mut spec = SandboxSpec::new(program);
+        spec.args.extend(args.args);
+        spec.env = env;
+        spec.dirs = args.dirs;
+        spec.max_memory = args.max_memory;
+        spec.output = Output::Inherit;
+        match runtime.start(&module, &spec, args.timeout).await {
+            Exit::Success => ExitCode::SUCCESS,
+            Exit::Failure(code) => {
+                ExitCode::from(u8::try_from(code).ok().filter(|c| *c != 0).unwrap_or(1))
+            }
+            e @ Exit::TimedOut(_) => fail(e, EXIT_TIMEOUT),
+            e @ Exit::Trap(_) => fail(format!("module {e}"), EXIT_TRAP),
+            e @ Exit::SetupFailed(_) => fail(e, EXIT_REFUSED),
+        }
+    })
+}
+
+fn daemon_command(state_flag: Option<PathBuf>, args: DaemonArgs) -> ExitCode {
+    let path = args
+        .config
+        .or_else(|| std::env::var_os(config::CONFIG_ENV).map(PathBuf::from))
+        .unwrap_or_else(|| PathBuf::from(config::DEFAULT_CONFIG));
+    let cfg = match Config::load(&path) {
+        Ok(c) => c,
+        Err(e) => return fail(e, 2),
+    };
+    let state_dir = match state::resolve(state_flag.as_deref(), cfg.state_dir.as_deref()) {
+        Ok(d) => d,
+        Err(e) => return fail(e, 2),
+    };
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => return fail(format!("cannot start the async runtime: {e}"), 1),
+    };
+    match rt.block_on(daemon::run(cfg, state_dir)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(format!("{e:#}"), 1),
+    }
+}

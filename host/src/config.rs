@@ -1,0 +1,398 @@
+//! The daemon's configuration file (TOML), parsed into raw types and then
+//! validated once into the checked [`Config`] the rest of the daemon uses.
+//!
+//! ```toml
+//! state_dir = "/var/lib/edgeward"     # optional; see `state::resolve`
+//!
+//! [runtime]
+//! max_modules = 64                    # module instances that may run at once
+//! pooling = true                      # optional: force (true) or forbid (false)
+//!
+//! [[module]]
+//! name = "temperature-sensor"         # [a-z0-9][a-z0-9._-]{0,62}
+//! file = "temperature-sensor.wasm"    # relative to this file's directory
+//! digest = "sha256:<64 hex>"          # pinned; anything else is refused
+//! args = ["--verbose"]                # argv after the program name
+//! env = { INTERVAL_MS = "1000" }      # the only environment it sees
+//! dirs = ["/srv/shared::/shared"]     # extra preopens (HOST or HOST::GUEST)
+//! max_memory = "64MiB"                # linear-memory limit (default 64MiB)
+//! timeout = "30s"                     # wall-clock limit per start (default none)
+//! restart = "on-failure"              # never | on-failure (default) | always
+//! ```
+//!
+//! Every module also gets its own data directory, preopened as `/data`.
+
+use std::collections::{BTreeMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::measure::Digest;
+use crate::runtime::DirGrant;
+use crate::runtime::sandbox::DEFAULT_MAX_MEMORY;
+use crate::units::{parse_duration, parse_size};
+
+/// Environment variable naming the config file when `--config` is absent.
+pub const CONFIG_ENV: &str = "EDGEWARD_CONFIG";
+/// The config file used when neither `--config` nor `$EDGEWARD_CONFIG` is given.
+pub const DEFAULT_CONFIG: &str = "/etc/edgeward/config.toml";
+/// Default number of module instances that may run at once.
+pub const DEFAULT_MAX_MODULES: u32 = 64;
+/// The largest `max_memory` a module may ask for (4 GiB, a 32-bit memory).
+pub const MAX_MODULE_MEMORY: u64 = 4 << 30;
+
+/// A config file that could not be used. The message names the file and,
+/// where it can, the module and field.
+#[derive(Debug, thiserror::Error)]
+#[error("config {path}: {message}")]
+pub struct ConfigError {
+    path: PathBuf,
+    message: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    state_dir: Option<PathBuf>,
+    #[serde(default)]
+    runtime: RawRuntime,
+    #[serde(default, rename = "module")]
+    modules: Vec<RawModule>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRuntime {
+    max_modules: Option<u32>,
+    pooling: Option<bool>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawModule {
+    name: String,
+    file: PathBuf,
+    digest: String,
+    #[serde(default)]
+    args: Vec<String>,
+    #[serde(default)]
+    env: BTreeMap<String, String>,
+    #[serde(default)]
+    dirs: Vec<String>,
+    max_memory: Option<String>,
+    timeout: Option<String>,
+    restart: Option<String>,
+}
+
+/// When a module that ended is started again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RestartPolicy {
+    /// Never.
+    Never,
+    /// After a failure, trap or deadline; not after success.
+    OnFailure,
+    /// Always.
+    Always,
+}
+
+impl std::str::FromStr for RestartPolicy {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "never" => Ok(Self::Never),
+            "on-failure" => Ok(Self::OnFailure),
+            "always" => Ok(Self::Always),
+            other => Err(format!(
+                "invalid restart policy {other:?}: expected never, on-failure or always"
+            )),
+        }
+    }
+}
+
+/// Runtime-wide settings.
+#[derive(Debug, Clone)]
+pub struct RuntimeSettings {
+    /// Module instances that may run at once.
+    pub max_modules: u32,
+    /// Force or forbid the pooling allocator; `None` probes.
+    pub pooling: Option<bool>,
+}
+
+/// One module of the deployment, validated.
+#[derive(Debug, Clone)]
+pub struct ModuleSpec {
+    /// Unique name.
+    pub name: String,
+    /// Component file (absolute, or relative to the working directory).
+    pub file: PathBuf,
+    /// Pinned digest.
+    pub digest: Digest,
+    /// argv after argv[0].
+    pub args: Vec<String>,
+    /// Environment.
+    pub env: Vec<(String, String)>,
+    /// Extra preopens.
+    pub dirs: Vec<DirGrant>,
+    /// Linear-memory limit.
+    pub max_memory: u64,
+    /// Wall-clock deadline per start.
+    pub timeout: Option<Duration>,
+    /// Restart policy.
+    pub restart: RestartPolicy,
+}
+
+/// The validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The file it was read from.
+    pub path: PathBuf,
+    /// `state_dir`, if set (relative paths resolved against the file's dir).
+    pub state_dir: Option<PathBuf>,
+    /// Runtime settings.
+    pub runtime: RuntimeSettings,
+    /// The deployment.
+    pub modules: Vec<ModuleSpec>,
+}
+
+/// Whether `name` is a valid module name: `[a-z0-9][a-z0-9._-]{0,62}`.
+pub fn valid_module_name(name: &str) -> bool {
+    let b = name.as_bytes();
+    !b.is_empty()
+        && b.len() <= 63
+        && (b[0].is_ascii_lowercase() || b[0].is_ascii_digit())
+        && b.iter().all(|c| {
+            c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, b'.' | b'_' | b'-')
+        })
+}
+
+/// Checks one environment entry's key.
+pub fn valid_env_key(key: &str) -> bool {
+    !key.is_empty() && !key.contains('=') && !key.contains('\0')
+}
+
+impl Config {
+    /// Reads and validates `path`.
+    ///
+    /// # Errors
+    ///
+    /// [`ConfigError`] naming the file and what is wrong.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            path: path.to_owned(),
+            message: format!("cannot read: {e}"),
+        })?;
+        Self::parse(path, &text)
+    }
+
+    /// Validates `text` as if read from `path` (relative paths resolve
+    /// against `path`'s directory).
+    ///
+    /// # Errors
+    ///
+    /// [`ConfigError`] naming the file and what is wrong.
+    pub fn parse(path: &Path, text: &str) -> Result<Self, ConfigError> {
+        let err = |message: String| ConfigError {
+            path: path.to_owned(),
+            message,
+        };
+        let raw: RawConfig =
+            toml::from_str(text).map_err(|e| err(e.to_string().trim_end().to_owned()))?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        let resolve = |p: &Path| {
+            if p.is_absolute() {
+                p.to_owned()
+            } else {
+                base.join(p)
+            }
+        };
+
+        let max_modules = raw.runtime.max_modules.unwrap_or(DEFAULT_MAX_MODULES);
+        if !(1..=100_000).contains(&max_modules) {
+            return Err(err(format!(
+                "runtime.max_modules = {max_modules}: must be 1..=100000"
+            )));
+        }
+        let mut names = HashSet::new();
+        let mut modules = Vec::with_capacity(raw.modules.len());
+        for m in raw.modules {
+            let ctx =
+                |field: &str, msg: String| err(format!("module {:?}: {field}: {msg}", m.name));
+            if !valid_module_name(&m.name) {
+                return Err(err(format!(
+                    "module name {:?} is invalid: use 1-63 of a-z 0-9 . _ - starting with a letter or digit",
+                    m.name
+                )));
+            }
+            if !names.insert(m.name.clone()) {
+                return Err(err(format!("module {:?} is defined twice", m.name)));
+            }
+            let digest: Digest = m
+                .digest
+                .parse()
+                .map_err(|e| ctx("digest", format!("{e}")))?;
+            for k in m.env.keys() {
+                if !valid_env_key(k) {
+                    return Err(ctx("env", format!("invalid variable name {k:?}")));
+                }
+            }
+            let dirs = m
+                .dirs
+                .iter()
+                .map(|d| {
+                    let mut g: DirGrant = d.parse().map_err(|e| ctx("dirs", e))?;
+                    g.host = resolve(&g.host);
+                    Ok(g)
+                })
+                .collect::<Result<Vec<_>, ConfigError>>()?;
+            let max_memory = match &m.max_memory {
+                None => DEFAULT_MAX_MEMORY,
+                Some(s) => parse_size(s).map_err(|e| ctx("max_memory", e))?,
+            };
+            if !(64 << 10..=MAX_MODULE_MEMORY).contains(&max_memory) {
+                return Err(ctx("max_memory", "must be between 64KiB and 4GiB".into()));
+            }
+            let timeout = match &m.timeout {
+                None => None,
+                Some(s) => Some(parse_duration(s).map_err(|e| ctx("timeout", e))?),
+            };
+            if timeout == Some(Duration::ZERO) {
+                return Err(ctx("timeout", "must be greater than zero".into()));
+            }
+            let restart = match &m.restart {
+                None => RestartPolicy::OnFailure,
+                Some(s) => s.parse().map_err(|e| ctx("restart", e))?,
+            };
+            modules.push(ModuleSpec {
+                file: resolve(&m.file),
+                name: m.name,
+                digest,
+                args: m.args,
+                env: m.env.into_iter().collect(),
+                dirs,
+                max_memory,
+                timeout,
+                restart,
+            });
+        }
+        if modules.len() > max_modules as usize {
+            return Err(err(format!(
+                "{} modules configured but runtime.max_modules is {max_modules}",
+                modules.len()
+            )));
+        }
+        Ok(Self {
+            path: path.to_owned(),
+            state_dir: raw.state_dir.map(|p| resolve(&p)),
+            runtime: RuntimeSettings {
+                max_modules,
+                pooling: raw.runtime.pooling,
+            },
+            modules,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const D: &str = "sha256:ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad";
+
+    fn parse(text: &str) -> Result<Config, String> {
+        Config::parse(Path::new("/etc/edgeward/config.toml"), text).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn full_module() {
+        let c = parse(&format!(
+            r#"
+            state_dir = "state"
+            [runtime]
+            max_modules = 8
+            [[module]]
+            name = "temp-1"
+            file = "m.wasm"
+            digest = "{D}"
+            args = ["a"]
+            env = {{ K = "v" }}
+            dirs = ["/srv::/srv"]
+            max_memory = "8MiB"
+            timeout = "5s"
+            restart = "always"
+            "#
+        ))
+        .expect("valid");
+        assert_eq!(c.state_dir, Some(PathBuf::from("/etc/edgeward/state")));
+        let m = &c.modules[0];
+        assert_eq!(m.file, PathBuf::from("/etc/edgeward/m.wasm"));
+        assert_eq!(m.max_memory, 8 << 20);
+        assert_eq!(m.timeout, Some(Duration::from_secs(5)));
+        assert_eq!(m.restart, RestartPolicy::Always);
+        assert_eq!(m.env, vec![("K".into(), "v".into())]);
+    }
+
+    #[test]
+    fn errors_name_the_problem() {
+        let cases = [
+            (
+                format!("[[module]]\nname = \"Bad Name\"\nfile = \"x\"\ndigest = \"{D}\""),
+                "Bad Name",
+            ),
+            (
+                "[[module]]\nname = \"a\"\nfile = \"x\"\ndigest = \"sha256:00\"".to_owned(),
+                "digest",
+            ),
+            (
+                format!(
+                    "[[module]]\nname = \"a\"\nfile = \"x\"\ndigest = \"{D}\"\nrestart = \"sometimes\""
+                ),
+                "restart",
+            ),
+            (
+                format!(
+                    "[[module]]\nname = \"a\"\nfile = \"x\"\ndigest = \"{D}\"\nmax_memory = \"lots\""
+                ),
+                "max_memory",
+            ),
+            (
+                format!(
+                    "[[module]]\nname = \"a\"\nfile = \"x\"\ndigest = \"{D}\"\ntimeout = \"0s\""
+                ),
+                "timeout",
+            ),
+            (
+                format!("[[module]]\nname = \"a\"\nfile = \"x\"\ndigest = \"{D}\"\nflavour = 1"),
+                "flavour",
+            ),
+            (
+                format!(
+                    "[[module]]\nname = \"a\"\nfile = \"x\"\ndigest = \"{D}\"\n[[module]]\nname = \"a\"\nfile = \"y\"\ndigest = \"{D}\""
+                ),
+                "twice",
+            ),
+            (
+                "[[module]]\nname = \"a\"\nfile = \"x\"".to_owned(),
+                "digest",
+            ),
+            ("[runtime]\nmax_modules = 0".to_owned(), "max_modules"),
+            ("this is not toml".to_owned(), "config.toml"),
+        ];
+        for (text, needle) in cases {
+            let e = parse(&text).expect_err(&text);
+            assert!(e.contains(needle), "{needle:?} not in {e:?}");
+            assert!(e.contains("/etc/edgeward/config.toml"), "{e}");
+        }
+    }
+
+    #[test]
+    fn module_names() {
+        assert!(valid_module_name("temperature-sensor"));
+        assert!(valid_module_name("a.b_c-1"));
+        assert!(!valid_module_name(""));
+        assert!(!valid_module_name("-a"));
+        assert!(!valid_module_name("A"));
+        assert!(!valid_module_name("a/b"));
+        assert!(!valid_module_name(&"a".repeat(64)));
+    }
+}

@@ -1,0 +1,244 @@
+//! `edgeward daemon`: measure, load and supervise the modules of a
+//! deployment until SIGINT/SIGTERM, then stop them.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+
+use crate::config::{Config, ModuleSpec, RestartPolicy};
+use crate::runtime::{
+    DirGrant, EngineOptions, Exit, LoadedModule, Output, Runtime, RuntimeOptions, SandboxSpec,
+};
+use crate::state;
+
+/// The guest path of every module's own data directory.
+pub const DATA_DIR_GUEST: &str = "/data";
+/// First restart delay; doubles per consecutive failure.
+pub const BACKOFF_INITIAL: Duration = Duration::from_secs(1);
+/// Longest restart delay.
+pub const BACKOFF_MAX: Duration = Duration::from_secs(60);
+/// A start that lasted this long resets the backoff.
+pub const STABLE_AFTER: Duration = Duration::from_secs(60);
+/// Consecutive unstable restarts after which a module is reported as
+/// crash-looping (once, not per restart).
+pub const CRASH_LOOP_AFTER: u32 = 5;
+/// How long stopping may take before remaining tasks are aborted.
+pub const STOP_DEADLINE: Duration = Duration::from_secs(10);
+
+/// Whether `policy` restarts after `exit`.
+pub fn should_restart(policy: RestartPolicy, exit: &Exit) -> bool {
+    match policy {
+        RestartPolicy::Never => false,
+        RestartPolicy::Always => true,
+        RestartPolicy::OnFailure => !exit.is_success(),
+    }
+}
+
+/// Capped exponential backoff.
+#[derive(Debug, Clone)]
+pub struct Backoff {
+    next: Duration,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Self {
+            next: BACKOFF_INITIAL,
+        }
+    }
+}
+
+impl Backoff {
+    /// The delay before the next restart; doubles the one after, up to
+    /// [`BACKOFF_MAX`].
+    pub fn next_delay(&mut self) -> Duration {
+        let d = self.next;
+        self.next = (self.next * 2).min(BACKOFF_MAX);
+        d
+    }
+
+    /// Back to [`BACKOFF_INITIAL`].
+    pub fn reset(&mut self) {
+        self.next = BACKOFF_INITIAL;
+    }
+}
+
+fn sandbox_for(spec: &ModuleSpec, data_dir: &Path) -> SandboxSpec {
+    let mut s = SandboxSpec::new(spec.name.clone());
+    s.args.extend(spec.args.iter().cloned());
+    s.env = spec.env.clone();
+    s.dirs.push(DirGrant {
+        host: data_dir.to_owned(),
+        guest: DATA_DIR_GUEST.to_owned(),
+    });
+    s.dirs.extend(spec.dirs.iter().cloned());
+    s.max_memory = spec.max_memory;
+    s.output = Output::Prefixed(Arc::from(spec.name.as_str()));
+    s
+}
+
+/// Runs the deployment in `config` with state under `state_dir` until
+/// SIGINT or SIGTERM.
+///
+/// A module whose measurement does not match its pinned digest, or that
+/// cannot be compiled or linked, is refused and logged; the others run.
+///
+/// # Errors
+///
+/// When the state directory or runtime cannot be set up, or signal handlers
+/// cannot be installed.
+pub async fn run(config: Config, state_dir: PathBuf) -> anyhow::Result<()> {
+    state::ensure_private_dir(&state_dir)?;
+    let max_memory = config
+        .modules
+        .iter()
+        .map(|m| m.max_memory)
+        .max()
+        .unwrap_or(0);
+    let rt = Arc::new(Runtime::new(&RuntimeOptions {
+        engine: EngineOptions {
+            max_instances: config.runtime.max_modules,
+            max_memory: max_memory.max(crate::runtime::sandbox::DEFAULT_MAX_MEMORY),
+            pooling: config.runtime.pooling,
+        },
+        state_dir: Some(state_dir.clone()),
+    })?);
+    tracing::info!(
+        version = crate::VERSION,
+        config = %config.path.display(),
+        state_dir = %state_dir.display(),
+        allocator = ?rt.allocator(),
+        modules = config.modules.len(),
+        "edgeward daemon starting"
+    );
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("cannot install the SIGTERM handler")?;
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut tasks = JoinSet::new();
+    for spec in config.modules {
+        let data_dir = state_dir.join("modules").join(&spec.name).join("data");
+        let loaded = state::ensure_private_dir(&data_dir)
+            .map_err(anyhow::Error::from)
+            .and_then(|()| rt.load_file(&spec.file, Some(&spec.digest)));
+        match loaded {
+            Ok(module) => {
+                tracing::info!(module = %spec.name, digest = %module.digest, code = ?module.source, "module measured and loaded");
+                tasks.spawn(supervise(
+                    rt.clone(),
+                    spec,
+                    module,
+                    data_dir,
+                    stop_rx.clone(),
+                ));
+            }
+            Err(e) => {
+                tracing::error!(module = %spec.name, error = format!("{e:#}"), "module refused");
+            }
+        }
+    }
+
+    tokio::select! {
+        r = tokio::signal::ctrl_c() => { r.context("cannot wait for SIGINT")?; tracing::info!("SIGINT: stopping"); }
+        _ = sigterm.recv() => tracing::info!("SIGTERM: stopping"),
+    }
+    let _ = stop_tx.send(true);
+    let drained = tokio::time::timeout(STOP_DEADLINE, async {
+        while tasks.join_next().await.is_some() {}
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!("modules did not stop within {STOP_DEADLINE:?}; aborting them");
+        tasks.shutdown().await;
+    }
+    tracing::info!("edgeward daemon stopped");
+    Ok(())
+}
+
+async fn supervise(
+    rt: Arc<Runtime>,
+    spec: ModuleSpec,
+    module: LoadedModule,
+    data_dir: PathBuf,
+    mut stop: watch::Receiver<bool>,
+) {
+    let name = spec.name.as_str();
+    let sandbox = sandbox_for(&spec, &data_dir);
+    let mut backoff = Backoff::default();
+    let mut unstable = 0u32;
+    let mut starts = 0u64;
+    loop {
+        starts += 1;
+        let started = Instant::now();
+        tracing::debug!(module = name, start = starts, "starting");
+        let exit = tokio::select! {
+            exit = rt.start(&module, &sandbox, spec.timeout) => exit,
+            _ = stop.wait_for(|s| *s) => {
+                tracing::info!(module = name, "stopped");
+                return;
+            }
+        };
+        let ran = started.elapsed();
+        if exit.is_success() {
+            tracing::info!(module = name, ran = ?ran, "{exit}");
+        } else {
+            tracing::warn!(module = name, ran = ?ran, "{exit}");
+        }
+        if !should_restart(spec.restart, &exit) {
+            tracing::info!(module = name, policy = ?spec.restart, "not restarting");
+            return;
+        }
+        if ran >= STABLE_AFTER {
+            backoff.reset();
+            unstable = 0;
+        } else {
+            unstable += 1;
+            if unstable == CRASH_LOOP_AFTER {
+                tracing::error!(
+                    module = name,
+                    restarts = unstable,
+                    "crash-looping: backing off up to {BACKOFF_MAX:?} between starts"
+                );
+            }
+        }
+        let delay = backoff.next_delay();
+        tokio::select! {
+            () = tokio::time::sleep(delay) => {}
+            _ = stop.wait_for(|s| *s) => {
+                tracing::info!(module = name, "stopped");
+                return;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_and_caps() {
+        let mut b = Backoff::default();
+        let seq: Vec<u64> = (0..9).map(|_| b.next_delay().as_secs()).collect();
+        assert_eq!(seq, [1, 2, 4, 8, 16, 32, 60, 60, 60]);
+        b.reset();
+        assert_eq!(b.next_delay(), BACKOFF_INITIAL);
+    }
+
+    #[test]
+    fn policies() {
+        let fail = Exit::Failure(1);
+        assert!(!should_restart(RestartPolicy::Never, &fail));
+        assert!(should_restart(RestartPolicy::OnFailure, &fail));
+        assert!(!should_restart(RestartPolicy::OnFailure, &Exit::Success));
+        assert!(should_restart(
+            RestartPolicy::OnFailure,
+            &Exit::Trap("x".into())
+        ));
+        assert!(should_restart(RestartPolicy::Always, &Exit::Success));
+    }
+}

@@ -1,0 +1,359 @@
+//! The HSM platform abstraction layer: one trait every identity and
+//! measurement feature uses, with backends that each opt in to the
+//! operations their hardware can do.
+//!
+//! | operation | `soft` | `tpm` | `pkcs11` |
+//! |---|---|---|---|
+//! | P-256 signing keys, sign a SHA-256 digest | yes | yes | yes |
+//! | AEAD keys, encrypt/decrypt with associated data | yes | sealed key, software AES-GCM | yes (AES-GCM in the token) |
+//! | random bytes | OS | TPM2_GetRandom | C_GenerateRandom |
+//! | measurement register extend/read | hash chain | PCR (default 23) | not supported |
+//! | quote | ES256 over register + nonce | TPM2_Quote | not supported |
+//!
+//! Keys are named by an id (`device-ca`, `attestation`, `master-encryption`,
+//! …): `[a-z0-9][a-z0-9._-]{0,63}`. Every error names the backend, the
+//! operation and the key id, and never secret material.
+
+pub mod soft;
+
+use std::fmt;
+
+use sha2::{Digest as _, Sha256};
+use zeroize::Zeroizing;
+
+/// Version byte that starts every AEAD ciphertext the PAL produces.
+pub const AEAD_VERSION: u8 = 1;
+/// Largest plaintext `encrypt` accepts (1 MiB).
+pub const MAX_AEAD_INPUT: usize = 1 << 20;
+/// Largest nonce `quote` accepts.
+pub const MAX_NONCE: usize = 64;
+
+/// An HSM operation, for errors and capability checks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Op {
+    /// Create or load a P-256 signing key.
+    SigningKey,
+    /// Read a public key.
+    PublicKey,
+    /// Sign a digest.
+    Sign,
+    /// Create or load an AEAD key.
+    AeadKey,
+    /// Encrypt.
+    Encrypt,
+    /// Decrypt.
+    Decrypt,
+    /// Random bytes.
+    Random,
+    /// Extend the measurement register.
+    Extend,
+    /// Read the measurement register.
+    ReadRegister,
+    /// Quote the register.
+    Quote,
+    /// List keys.
+    ListKeys,
+}
+
+impl fmt::Display for Op {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Op::SigningKey => "create-or-load signing key",
+            Op::PublicKey => "read public key",
+            Op::Sign => "sign",
+            Op::AeadKey => "create-or-load AEAD key",
+            Op::Encrypt => "encrypt",
+            Op::Decrypt => "decrypt",
+            Op::Random => "random",
+            Op::Extend => "extend register",
+            Op::ReadRegister => "read register",
+            Op::Quote => "quote",
+            Op::ListKeys => "list keys",
+        })
+    }
+}
+
+/// What went wrong, without secret detail.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// The backend cannot do this operation.
+    NotSupported,
+    /// No key with that id (for operations that do not create).
+    KeyNotFound,
+    /// The key exists but is of another kind.
+    WrongKeyKind,
+    /// Bad argument (id syntax, sizes).
+    InvalidArgument(String),
+    /// Ciphertext or stored key failed authentication.
+    AuthenticationFailed,
+    /// Wrong PIN, unreachable device, missing module.
+    Unavailable(String),
+    /// Anything else the backend reported.
+    Backend(String),
+}
+
+/// An HSM error: backend, operation, key and what went wrong.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HsmError {
+    /// `soft`, `tpm` or `pkcs11`.
+    pub backend: &'static str,
+    /// The operation.
+    pub op: Op,
+    /// The key involved, if any.
+    pub key: Option<String>,
+    /// What went wrong.
+    pub kind: ErrorKind,
+}
+
+impl HsmError {
+    /// A new error.
+    pub fn new(backend: &'static str, op: Op, key: Option<&str>, kind: ErrorKind) -> Self {
+        Self {
+            backend,
+            op,
+            key: key.map(str::to_owned),
+            kind,
+        }
+    }
+}
+
+impl fmt::Display for HsmError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "hsm backend {}: {}", self.backend, self.op)?;
+        if let Some(k) = &self.key {
+            write!(f, " (key {k:?})")?;
+        }
+        match &self.kind {
+            ErrorKind::NotSupported => f.write_str(": not supported by this backend"),
+            ErrorKind::KeyNotFound => f.write_str(": no such key"),
+            ErrorKind::WrongKeyKind => f.write_str(": the key exists with another algorithm"),
+            ErrorKind::InvalidArgument(m) => write!(f, ": invalid argument: {m}"),
+            ErrorKind::AuthenticationFailed => f.write_str(": authentication failed"),
+            ErrorKind::Unavailable(m) => write!(f, ": unavailable: {m}"),
+            ErrorKind::Backend(m) => write!(f, ": {m}"),
+        }
+    }
+}
+
+impl std::error::Error for HsmError {}
+
+/// Result of an HSM operation.
+pub type Result<T, E = HsmError> = std::result::Result<T, E>;
+
+/// A key's algorithm.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyKind {
+    /// ECDSA P-256 signing key.
+    EcdsaP256,
+    /// AES-256-GCM key.
+    Aes256Gcm,
+}
+
+impl fmt::Display for KeyKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            KeyKind::EcdsaP256 => "ecdsa-p256",
+            KeyKind::Aes256Gcm => "aes-256-gcm",
+        })
+    }
+}
+
+/// A key as listed by `edgeward hsm info`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyInfo {
+    /// Its id.
+    pub id: String,
+    /// Its algorithm.
+    pub kind: KeyKind,
+    /// For signing keys, the SEC1 uncompressed public point.
+    pub public_key: Option<Vec<u8>>,
+}
+
+/// A signed statement of the measurement register's value and a verifier's
+/// nonce.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Quote {
+    /// The backend that produced it, which also names the format:
+    /// `soft` (ES256 over [`soft_quote_message`]) or `tpm` (TPMS_ATTEST and
+    /// TPMT_SIGNATURE, as `tpm2_checkquote` reads them).
+    pub backend: &'static str,
+    /// The register value quoted.
+    pub register: [u8; 32],
+    /// The caller's nonce.
+    pub nonce: Vec<u8>,
+    /// The signed message.
+    pub message: Vec<u8>,
+    /// The signature over `message` (DER ECDSA for soft, TPMT_SIGNATURE for tpm).
+    pub signature: Vec<u8>,
+    /// The attestation key's SEC1 public point.
+    pub public_key: Vec<u8>,
+}
+
+/// The message a soft quote signs: a fixed label, the register and the
+/// length-prefixed nonce.
+pub fn soft_quote_message(register: &[u8; 32], nonce: &[u8]) -> Vec<u8> {
+    let mut m = Vec::with_capacity(32 + 32 + 2 + nonce.len());
+    m.extend_from_slice(b"edgeward soft quote v1\0");
+    m.extend_from_slice(register);
+    m.extend_from_slice(&u16::try_from(nonce.len()).unwrap_or(u16::MAX).to_be_bytes());
+    m.extend_from_slice(nonce);
+    m
+}
+
+/// The next register value after extending `current` with `digest`:
+/// SHA-256(current || digest), as a TPM PCR extend does.
+pub fn extend_chain(current: &[u8; 32], digest: &[u8; 32]) -> [u8; 32] {
+    let mut h = Sha256::new();
+    h.update(current);
+    h.update(digest);
+    h.finalize().into()
+}
+
+/// Whether `id` is a valid key id.
+pub fn valid_key_id(id: &str) -> bool {
+    let b = id.as_bytes();
+    !b.is_empty()
+        && b.len() <= 64
+        && (b[0].is_ascii_lowercase() || b[0].is_ascii_digit())
+        && b.iter().all(|c| {
+            c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, b'.' | b'_' | b'-')
+        })
+}
+
+/// The HSM PAL. Every method defaults to "not supported"; a backend
+/// overrides the operations it can do. Methods block (hardware is slow):
+/// call them from `spawn_blocking` in async code. Implementations are safe
+/// to share between threads.
+pub trait Hsm: Send + Sync + fmt::Debug {
+    /// `soft`, `tpm` or `pkcs11`.
+    fn backend(&self) -> &'static str;
+
+    /// A "not supported" error for `op`.
+    fn unsupported(&self, op: Op, key: Option<&str>) -> HsmError {
+        HsmError::new(self.backend(), op, key, ErrorKind::NotSupported)
+    }
+
+    /// Creates the P-256 signing key `id` if it does not exist; returns its
+    /// SEC1 uncompressed public point.
+    fn signing_key(&self, id: &str) -> Result<Vec<u8>> {
+        Err(self.unsupported(Op::SigningKey, Some(id)))
+    }
+
+    /// The public point of the existing signing key `id`.
+    fn public_key(&self, id: &str) -> Result<Vec<u8>> {
+        Err(self.unsupported(Op::PublicKey, Some(id)))
+    }
+
+    /// ECDSA P-256 signature (DER) of a SHA-256 digest by key `id`.
+    fn sign_digest(&self, id: &str, digest: &[u8; 32]) -> Result<Vec<u8>> {
+        let _ = digest;
+        Err(self.unsupported(Op::Sign, Some(id)))
+    }
+
+    /// Creates the AEAD key `id` if it does not exist.
+    fn aead_key(&self, id: &str) -> Result<()> {
+        Err(self.unsupported(Op::AeadKey, Some(id)))
+    }
+
+    /// Encrypts under AEAD key `id`; the output starts with [`AEAD_VERSION`].
+    fn encrypt(&self, id: &str, plaintext: &[u8], aad: &[u8]) -> Result<Vec<u8>> {
+        let _ = (plaintext, aad);
+        Err(self.unsupported(Op::Encrypt, Some(id)))
+    }
+
+    /// Reverses [`Hsm::encrypt`].
+    fn decrypt(&self, id: &str, ciphertext: &[u8], aad: &[u8]) -> Result<Zeroizing<Vec<u8>>> {
+        let _ = (ciphertext, aad);
+        Err(self.unsupported(Op::Decrypt, Some(id)))
+    }
+
+    /// Fills `buf` with random bytes from the device.
+    fn random(&self, buf: &mut [u8]) -> Result<()> {
+        let _ = buf;
+        Err(self.unsupported(Op::Random, None))
+    }
+
+    /// Extends the measurement register with `digest`.
+    fn extend(&self, digest: &[u8; 32]) -> Result<()> {
+        let _ = digest;
+        Err(self.unsupported(Op::Extend, None))
+    }
+
+    /// The measurement register's value.
+    fn read_register(&self) -> Result<[u8; 32]> {
+        Err(self.unsupported(Op::ReadRegister, None))
+    }
+
+    /// Signs the register together with `nonce` by attestation key `key`.
+    fn quote(&self, key: &str, nonce: &[u8]) -> Result<Quote> {
+        let _ = nonce;
+        Err(self.unsupported(Op::Quote, Some(key)))
+    }
+
+    /// The keys the backend holds.
+    fn keys(&self) -> Result<Vec<KeyInfo>> {
+        Err(self.unsupported(Op::ListKeys, None))
+    }
+}
+
+/// Checks a key id, as every backend does first.
+pub(crate) fn check_id(backend: &'static str, op: Op, id: &str) -> Result<()> {
+    if valid_key_id(id) {
+        Ok(())
+    } else {
+        Err(HsmError::new(
+            backend,
+            op,
+            Some(id),
+            ErrorKind::InvalidArgument(
+                "key ids are 1-64 of a-z 0-9 . _ - starting with a letter or digit".into(),
+            ),
+        ))
+    }
+}
+
+/// Checks AEAD and quote input sizes.
+pub(crate) fn check_len(
+    backend: &'static str,
+    op: Op,
+    id: Option<&str>,
+    what: &str,
+    len: usize,
+    max: usize,
+) -> Result<()> {
+    if len <= max {
+        Ok(())
+    } else {
+        Err(HsmError::new(
+            backend,
+            op,
+            id,
+            ErrorKind::InvalidArgument(format!("{what} is {len} bytes; the limit is {max}")),
+        ))
+    }
+}
+
+/// Verifies a DER ECDSA P-256 signature over `message` (SHA-256) against a
+/// SEC1 public point.
+pub fn verify_p256(public_key: &[u8], message: &[u8], der_signature: &[u8]) -> bool {
+    use p256::ecdsa::signature::Verifier as _;
+    let Ok(vk) = p256::ecdsa::VerifyingKey::from_sec1_bytes(public_key) else {
+        return false;
+    };
+    let Ok(sig) = p256::ecdsa::Signature::from_der(der_signature) else {
+        return false;
+    };
+    vk.verify(message, &sig).is_ok()
+}
+
+/// A fresh P-256 signing key from the OS random source.
+pub(crate) fn random_signing_key() -> std::result::Result<p256::ecdsa::SigningKey, String> {
+    loop {
+        let mut bytes = Zeroizing::new([0u8; 32]);
+        getrandom::fill(bytes.as_mut()).map_err(|e| format!("random: {e}"))?;
+        // Out-of-range scalars (probability ~2^-32) are simply redrawn.
+        if let Ok(k) = p256::ecdsa::SigningKey::from_bytes(bytes.as_ref().into()) {
+            return Ok(k);
+        }
+    }
+}

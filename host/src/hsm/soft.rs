@@ -1,0 +1,416 @@
+//! The `soft` backend: keys in files under `<state>/hsm` (directory 0700,
+//! files 0600), each sealed with AES-256-GCM under a key-encryption key
+//! (`<state>/hsm/kek`) and bound by associated data to its id and kind, so a
+//! key file renamed or swapped for another is refused. The measurement
+//! register is a SHA-256 hash chain persisted in `<state>/hsm/register`;
+//! quotes are ES256 signatures over [`super::soft_quote_message`].
+//!
+//! This is the development and default backend. It protects keys at rest
+//! against copying of single files, not against an attacker who can read
+//! the whole state directory: use `tpm` or `pkcs11` for that.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use aes_gcm::aead::{Aead, KeyInit, Payload};
+use aes_gcm::{Aes256Gcm, Nonce};
+use p256::ecdsa::{DerSignature, SigningKey, signature::hazmat::PrehashSigner};
+use p256::pkcs8::{DecodePrivateKey, EncodePrivateKey};
+use zeroize::Zeroizing;
+
+use super::{
+    AEAD_VERSION, ErrorKind, Hsm, HsmError, KeyInfo, KeyKind, MAX_AEAD_INPUT, MAX_NONCE, Op, Quote,
+    Result, check_id, check_len, extend_chain, soft_quote_message,
+};
+use crate::state;
+
+const BACKEND: &str = "soft";
+
+/// Software keys in the state directory.
+pub struct SoftHsm {
+    dir: PathBuf,
+    kek: Aes256Gcm,
+    signing: Mutex<HashMap<String, Arc<SigningKey>>>,
+    aead: Mutex<HashMap<String, Arc<Aes256Gcm>>>,
+    register: Mutex<()>,
+}
+
+impl fmt::Debug for SoftHsm {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SoftHsm")
+            .field("dir", &self.dir)
+            .finish_non_exhaustive()
+    }
+}
+
+fn err(op: Op, key: Option<&str>, kind: ErrorKind) -> HsmError {
+    HsmError::new(BACKEND, op, key, kind)
+}
+
+fn io_err(op: Op, key: Option<&str>, path: &Path, e: &io::Error) -> HsmError {
+    err(
+        op,
+        key,
+        ErrorKind::Backend(format!("{}: {e}", path.display())),
+    )
+}
+
+fn ext(kind: KeyKind) -> &'static str {
+    match kind {
+        KeyKind::EcdsaP256 => "p256",
+        KeyKind::Aes256Gcm => "aead",
+    }
+}
+
+/// AEAD under `cipher`: `version || nonce(12) || ciphertext+tag`.
+pub(crate) fn seal(
+    cipher: &Aes256Gcm,
+    plaintext: &[u8],
+    aad: &[u8],
+) -> std::result::Result<Vec<u8>, String> {
+    let mut nonce = [0u8; 12];
+    getrandom::fill(&mut nonce).map_err(|e| format!("random: {e}"))?;
+    let ct = cipher
+        .encrypt(
+            Nonce::from_slice(&nonce),
+            Payload {
+                msg: plaintext,
+                aad,
+            },
+        )
+        .map_err(|_| "encryption failed".to_owned())?;
+    let mut out = Vec::with_capacity(1 + 12 + ct.len());
+    out.push(AEAD_VERSION);
+    out.extend_from_slice(&nonce);
+    out.extend_from_slice(&ct);
+    Ok(out)
+}
+
+/// Reverses [`seal`]; `None` when the version, length or tag is wrong.
+pub(crate) fn open(cipher: &Aes256Gcm, sealed: &[u8], aad: &[u8]) -> Option<Zeroizing<Vec<u8>>> {
+    if sealed.len() < 1 + 12 + 16 || sealed[0] != AEAD_VERSION {
+        return None;
+    }
+    let (nonce, ct) = sealed[1..].split_at(12);
+    cipher
+        .decrypt(Nonce::from_slice(nonce), Payload { msg: ct, aad })
+        .ok()
+        .map(Zeroizing::new)
+}
+
+impl SoftHsm {
+    /// Opens (creating if needed) the soft HSM under `state_dir/hsm`.
+    ///
+    /// # Errors
+    ///
+    /// When the directory or key-encryption key cannot be created or read.
+    pub fn open(state_dir: &Path) -> Result<Self> {
+        let dir = state_dir.join("hsm");
+        let keys = dir.join("keys");
+        state::ensure_private_dir(&keys).map_err(|e| io_err(Op::ListKeys, None, &keys, &e))?;
+        let kek_path = dir.join("kek");
+        let kek = state::load_or_create_secret(&kek_path)
+            .map_err(|e| io_err(Op::ListKeys, None, &kek_path, &e))?;
+        Ok(Self {
+            kek: Aes256Gcm::new_from_slice(kek.as_ref())
+                .map_err(|_| err(Op::ListKeys, None, ErrorKind::Backend("bad KEK".into())))?,
+            dir,
+            signing: Mutex::default(),
+            aead: Mutex::default(),
+            register: Mutex::new(()),
+        })
+    }
+
+    fn key_path(&self, id: &str, kind: KeyKind) -> PathBuf {
+        self.dir.join("keys").join(format!("{id}.{}", ext(kind)))
+    }
+
+    fn key_aad(id: &str, kind: KeyKind) -> Vec<u8> {
+        format!("edgeward soft key v1\0{kind}\0{id}").into_bytes()
+    }
+
+    /// Reads and unseals a key file; `Ok(None)` if absent.
+    fn read_key(&self, op: Op, id: &str, kind: KeyKind) -> Result<Option<Zeroizing<Vec<u8>>>> {
+        let other = match kind {
+            KeyKind::EcdsaP256 => KeyKind::Aes256Gcm,
+            KeyKind::Aes256Gcm => KeyKind::EcdsaP256,
+        };
+        let path = self.key_path(id, kind);
+        match std::fs::read(&path) {
+            Ok(sealed) => open(&self.kek, &sealed, &Self::key_aad(id, kind))
+                .map(Some)
+                .ok_or_else(|| err(op, Some(id), ErrorKind::AuthenticationFailed)),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                if self.key_path(id, other).exists() {
+                    Err(err(op, Some(id), ErrorKind::WrongKeyKind))
+                } else {
+                    Ok(None)
+                }
+            }
+            Err(e) => Err(io_err(op, Some(id), &path, &e)),
+        }
+    }
+
+    /// Seals and writes a new key file unless one appeared meanwhile (another
+    /// process won the race): then the existing one is returned.
+    fn create_key(
+        &self,
+        op: Op,
+        id: &str,
+        kind: KeyKind,
+        secret: &[u8],
+    ) -> Result<Zeroizing<Vec<u8>>> {
+        let sealed = seal(&self.kek, secret, &Self::key_aad(id, kind))
+            .map_err(|m| err(op, Some(id), ErrorKind::Backend(m)))?;
+        let path = self.key_path(id, kind);
+        let tmp = path.with_extension(format!("{}.new", ext(kind)));
+        state::write_atomic(&tmp, &sealed).map_err(|e| io_err(op, Some(id), &tmp, &e))?;
+        // `hard_link` fails if the target exists: create-only, atomically.
+        let linked = std::fs::hard_link(&tmp, &path);
+        let _ = std::fs::remove_file(&tmp);
+        match linked {
+            Ok(()) => {
+                if let Ok(d) = std::fs::File::open(path.parent().unwrap_or(Path::new("."))) {
+                    let _ = d.sync_all();
+                }
+                Ok(Zeroizing::new(secret.to_vec()))
+            }
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                self.read_key(op, id, kind)?.ok_or_else(|| {
+                    err(
+                        op,
+                        Some(id),
+                        ErrorKind::Backend("key vanished while being created".into()),
+                    )
+                })
+            }
+            Err(e) => Err(io_err(op, Some(id), &path, &e)),
+        }
+    }
+
+    fn load_signing(&self, op: Op, id: &str, create: bool) -> Result<Arc<SigningKey>> {
+        check_id(BACKEND, op, id)?;
+        let mut cache = self
+            .signing
+            .lock()
+            .map_err(|_| err(op, Some(id), ErrorKind::Backend("lock poisoned".into())))?;
+        if let Some(k) = cache.get(id) {
+            return Ok(k.clone());
+        }
+        let der = match self.read_key(op, id, KeyKind::EcdsaP256)? {
+            Some(der) => der,
+            None if create => {
+                let key = super::random_signing_key()
+                    .map_err(|m| err(op, Some(id), ErrorKind::Backend(m)))?;
+                let der = key
+                    .to_pkcs8_der()
+                    .map_err(|e| err(op, Some(id), ErrorKind::Backend(format!("encode: {e}"))))?;
+                self.create_key(op, id, KeyKind::EcdsaP256, der.as_bytes())?
+            }
+            None => return Err(err(op, Some(id), ErrorKind::KeyNotFound)),
+        };
+        let key = SigningKey::from_pkcs8_der(&der)
+            .map_err(|_| err(op, Some(id), ErrorKind::AuthenticationFailed))?;
+        let key = Arc::new(key);
+        cache.insert(id.to_owned(), key.clone());
+        Ok(key)
+    }
+
+    fn load_aead(&self, op: Op, id: &str, create: bool) -> Result<Arc<Aes256Gcm>> {
+        check_id(BACKEND, op, id)?;
+        let mut cache = self
+            .aead
+            .lock()
+            .map_err(|_| err(op, Some(id), ErrorKind::Backend("lock poisoned".into())))?;
+        if let Some(k) = cache.get(id) {
+            return Ok(k.clone());
+        }
+        let raw = match self.read_key(op, id, KeyKind::Aes256Gcm)? {
+            Some(raw) => raw,
+            None if create => {
+                let mut fresh = Zeroizing::new([0u8; 32]);
+                getrandom::fill(fresh.as_mut())
+                    .map_err(|e| err(op, Some(id), ErrorKind::Backend(format!("random: {e}"))))?;
+                self.create_key(op, id, KeyKind::Aes256Gcm, fresh.as_ref())?
+            }
+            None => return Err(err(op, Some(id), ErrorKind::KeyNotFound)),
+        };
+        let cipher = Aes256Gcm::new_from_slice(&raw)
+            .map_err(|_| err(op, Some(id), ErrorKind::AuthenticationFailed))?;
+        let cipher = Arc::new(cipher);
+        cache.insert(id.to_owned(), cipher.clone());
+        Ok(cipher)
+    }
+
+    fn register_path(&self) -> PathBuf {
+        self.dir.join("register")
+    }
+
+    fn read_register_file(&self) -> Result<[u8; 32]> {
+        let path = self.register_path();
+        match std::fs::read(&path) {
+            Ok(b) => b.try_into().map_err(|b: Vec<u8>| {
+                err(
+                    Op::ReadRegister,
+                    None,
+                    ErrorKind::Backend(format!(
+                        "{}: {} bytes, expected 32",
+                        path.display(),
+                        b.len()
+                    )),
+                )
+            }),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok([0u8; 32]),
+            Err(e) => Err(io_err(Op::ReadRegister, None, &path, &e)),
+        }
+    }
+}
+
+fn sec1(key: &SigningKey) -> Vec<u8> {
+    key.verifying_key()
+        .to_encoded_point(false)
+        .as_bytes()
+        .to_vec()
+}
+
+impl Hsm for SoftHsm {
+    fn backend(&self) -> &'static str {
+        BACKEND
+    }
+
+    fn signing_key(&self, id: &str) -> Result<Vec<u8>> {
+        Ok(sec1(self.load_signing(Op::SigningKey, id, true)?.as_ref()))
+    }
+
+    fn public_key(&self, id: &str) -> Result<Vec<u8>> {
+        Ok(sec1(self.load_signing(Op::PublicKey, id, false)?.as_ref()))
+    }
+
+    fn sign_digest(&self, id: &str, digest: &[u8; 32]) -> Result<Vec<u8>> {
+        let key = self.load_signing(Op::Sign, id, false)?;
+        let sig: p256::ecdsa::Signature = key
+            .sign_prehash(digest)
+            .map_err(|e| err(Op::Sign, Some(id), ErrorKind::Backend(e.to_string())))?;
+        let der: DerSignature = sig.to_der();
+        Ok(der.as_bytes().to_vec())
+    }
+
+    fn aead_key(&self, id: &str) -> Result<()> {
+        self.load_aead(Op::AeadKey, id, true).map(|_| ())
+    }
+
+    fn encrypt(&self, id: &str, plaintext: &[u8], aad: &[u8]) -> Result<Vec<u8>> {
+        check_len(
+            BACKEND,
+            Op::Encrypt,
+            Some(id),
+            "plaintext",
+            plaintext.len(),
+            MAX_AEAD_INPUT,
+        )?;
+        check_len(
+            BACKEND,
+            Op::Encrypt,
+            Some(id),
+            "associated data",
+            aad.len(),
+            MAX_AEAD_INPUT,
+        )?;
+        let cipher = self.load_aead(Op::Encrypt, id, false)?;
+        seal(&cipher, plaintext, aad).map_err(|m| err(Op::Encrypt, Some(id), ErrorKind::Backend(m)))
+    }
+
+    fn decrypt(&self, id: &str, ciphertext: &[u8], aad: &[u8]) -> Result<Zeroizing<Vec<u8>>> {
+        check_len(
+            BACKEND,
+            Op::Decrypt,
+            Some(id),
+            "ciphertext",
+            ciphertext.len(),
+            MAX_AEAD_INPUT + 29,
+        )?;
+        let cipher = self.load_aead(Op::Decrypt, id, false)?;
+        open(&cipher, ciphertext, aad)
+            .ok_or_else(|| err(Op::Decrypt, Some(id), ErrorKind::AuthenticationFailed))
+    }
+
+    fn random(&self, buf: &mut [u8]) -> Result<()> {
+        getrandom::fill(buf).map_err(|e| err(Op::Random, None, ErrorKind::Backend(e.to_string())))
+    }
+
+    fn extend(&self, digest: &[u8; 32]) -> Result<()> {
+        let _guard = self
+            .register
+            .lock()
+            .map_err(|_| err(Op::Extend, None, ErrorKind::Backend("lock poisoned".into())))?;
+        let next = extend_chain(&self.read_register_file()?, digest);
+        let path = self.register_path();
+        state::write_atomic(&path, &next).map_err(|e| io_err(Op::Extend, None, &path, &e))
+    }
+
+    fn read_register(&self) -> Result<[u8; 32]> {
+        let _guard = self.register.lock().map_err(|_| {
+            err(
+                Op::ReadRegister,
+                None,
+                ErrorKind::Backend("lock poisoned".into()),
+            )
+        })?;
+        self.read_register_file()
+    }
+
+    fn quote(&self, key: &str, nonce: &[u8]) -> Result<Quote> {
+        check_len(
+            BACKEND,
+            Op::Quote,
+            Some(key),
+            "nonce",
+            nonce.len(),
+            MAX_NONCE,
+        )?;
+        let signer = self.load_signing(Op::Quote, key, false)?;
+        let register = self.read_register()?;
+        let message = soft_quote_message(&register, nonce);
+        let sig: p256::ecdsa::Signature =
+            p256::ecdsa::signature::Signer::sign(signer.as_ref(), &message);
+        Ok(Quote {
+            backend: BACKEND,
+            register,
+            nonce: nonce.to_vec(),
+            message,
+            signature: sig.to_der().as_bytes().to_vec(),
+            public_key: sec1(&signer),
+        })
+    }
+
+    fn keys(&self) -> Result<Vec<KeyInfo>> {
+        let dir = self.dir.join("keys");
+        let entries = std::fs::read_dir(&dir).map_err(|e| io_err(Op::ListKeys, None, &dir, &e))?;
+        let mut out = Vec::new();
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let (id, kind) = match name.rsplit_once('.') {
+                Some((id, "p256")) => (id.to_owned(), KeyKind::EcdsaP256),
+                Some((id, "aead")) => (id.to_owned(), KeyKind::Aes256Gcm),
+                _ => continue,
+            };
+            if !super::valid_key_id(&id) {
+                continue;
+            }
+            let public_key = match kind {
+                KeyKind::EcdsaP256 => Some(self.public_key(&id)?),
+                KeyKind::Aes256Gcm => None,
+            };
+            out.push(KeyInfo {
+                id,
+                kind,
+                public_key,
+            });
+        }
+        out.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok(out)
+    }
+}

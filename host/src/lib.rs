@@ -1,0 +1,20 @@
+//! # edgeward
+//!
+//! An edge security daemon that runs edge modules as WebAssembly components:
+//! each module is measured (SHA-256 of its bytes), checked against its
+//! registration, and run in a deny-by-default sandbox.
+//!
+//! The binary `edgeward` is thin glue over [`cli`]; everything testable lives
+//! in this library.
+
+pub mod cli;
+pub mod config;
+pub mod daemon;
+pub mod hsm;
+pub mod measure;
+pub mod runtime;
+pub mod state;
+pub mod units;
+
+/// The runtime version (`runtime.platform.version`).
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -1,0 +1,205 @@
+//! The compiled-artifact cache.
+//!
+//! `Component::deserialize` maps whatever bytes it is given as executable
+//! code, so an entry is only ever deserialized after its MAC verifies under a
+//! host secret that never leaves the state directory. An entry is keyed by
+//! the component's digest and the engine's compatibility hash; the MAC binds
+//! both, so an entry copied under another name is refused too.
+//!
+//! File layout: `MAGIC (8) || HMAC-SHA256 (32) || serialized component`.
+
+use std::fmt;
+use std::hash::{Hash, Hasher};
+use std::io::{self, Read};
+use std::path::{Path, PathBuf};
+
+use hmac::{Hmac, Mac};
+use sha2::{Digest as _, Sha256};
+use wasmtime::Engine;
+use wasmtime::component::Component;
+use zeroize::Zeroizing;
+
+use crate::measure::{Digest, hex};
+use crate::state;
+
+const MAGIC: &[u8; 8] = b"EWCWASM1";
+const MAC_LEN: usize = 32;
+const DOMAIN: &[u8] = b"edgeward compiled-artifact cache v1\0";
+/// A serialized component is rarely more than a few times its source; this
+/// bounds what a planted file can make the daemon read.
+const MAX_ENTRY_SIZE: u64 = 1 << 30;
+
+/// Why a cache entry was not used. Every case leads to a recompile.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rejection {
+    /// Shorter than the header, or the wrong magic.
+    Malformed,
+    /// The MAC did not verify: tampered, truncated, or from another host.
+    BadMac,
+    /// The MAC verified but wasmtime refused the artifact.
+    Deserialize,
+}
+
+impl fmt::Display for Rejection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Rejection::Malformed => "malformed header",
+            Rejection::BadMac => "authentication failed (tampered, truncated or foreign)",
+            Rejection::Deserialize => "authenticated but not loadable by this engine",
+        })
+    }
+}
+
+/// What a cache lookup found.
+#[derive(Debug)]
+pub enum Lookup {
+    /// An authenticated entry, deserialized.
+    Hit(Component),
+    /// No entry.
+    Miss,
+    /// An entry existed but was refused and removed.
+    Rejected(Rejection),
+}
+
+/// The compiled-artifact cache of one engine configuration.
+pub struct ArtifactCache {
+    dir: PathBuf,
+    key: Zeroizing<[u8; 32]>,
+    compat: [u8; 32],
+}
+
+impl fmt::Debug for ArtifactCache {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ArtifactCache")
+            .field("dir", &self.dir)
+            .field("compat", &hex(&self.compat[..8]))
+            .finish_non_exhaustive()
+    }
+}
+
+/// Feeds `Hash` output into SHA-256 so the engine's compatibility hash is a
+/// stable 32-byte value.
+struct ShaHasher(Sha256);
+
+impl Hasher for ShaHasher {
+    fn finish(&self) -> u64 {
+        let d = self.0.clone().finalize();
+        u64::from_le_bytes([d[0], d[1], d[2], d[3], d[4], d[5], d[6], d[7]])
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        self.0.update(bytes);
+    }
+}
+
+impl ArtifactCache {
+    /// Opens (creating if needed) the cache under `state_dir/cache`, with its
+    /// MAC key at `state_dir/cache.key`.
+    ///
+    /// # Errors
+    ///
+    /// I/O errors naming the path.
+    pub fn open(state_dir: &Path, engine: &Engine) -> io::Result<Self> {
+        let dir = state_dir.join("cache");
+        state::ensure_private_dir(&dir)?;
+        let key = state::load_or_create_secret(&state_dir.join("cache.key"))?;
+        let mut h = ShaHasher(Sha256::new());
+        engine.precompile_compatibility_hash().hash(&mut h);
+        Ok(Self {
+            dir,
+            key,
+            compat: h.0.finalize().into(),
+        })
+    }
+
+    /// Where the entry for `digest` lives.
+    pub fn entry_path(&self, digest: &Digest) -> PathBuf {
+        self.dir
+            .join(format!("{}-{}.cwasm", digest.hex(), hex(&self.compat[..8])))
+    }
+
+    fn mac(&self, digest: &Digest, payload: &[u8]) -> Hmac<Sha256> {
+        let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(self.key.as_ref())
+            .expect("HMAC accepts any key length");
+        mac.update(DOMAIN);
+        mac.update(digest.as_bytes());
+        mac.update(&self.compat);
+        mac.update(payload);
+        mac
+    }
+
+    /// Looks up `digest`. An entry that fails authentication or loading is
+    /// deleted (and logged) so it is rebuilt, never loaded.
+    pub fn load(&self, engine: &Engine, digest: &Digest) -> Lookup {
+        let path = self.entry_path(digest);
+        let bytes = match read_bounded(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Lookup::Miss,
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "cannot read cache entry; recompiling");
+                return Lookup::Miss;
+            }
+        };
+        match self.authenticate(digest, &bytes) {
+            Err(why) => self.reject(&path, why),
+            Ok(payload) => {
+                // SAFETY: `Component::deserialize` trusts its input to be a
+                // wasmtime artifact. `payload` is exactly the buffer whose
+                // MAC under our private host key just verified, and only this
+                // process's `store` (fed by wasmtime's own serializer) ever
+                // produces such a MAC, so these are bytes we compiled
+                // ourselves, for this engine configuration and digest. The
+                // buffer is not re-read from disk after verification.
+                #[allow(unsafe_code)]
+                match unsafe { Component::deserialize(engine, payload) } {
+                    Ok(c) => Lookup::Hit(c),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "authenticated cache entry failed to deserialize");
+                        self.reject(&path, Rejection::Deserialize)
+                    }
+                }
+            }
+        }
+    }
+
+    fn authenticate<'a>(&self, digest: &Digest, bytes: &'a [u8]) -> Result<&'a [u8], Rejection> {
+        if bytes.len() < MAGIC.len() + MAC_LEN || &bytes[..MAGIC.len()] != MAGIC {
+            return Err(Rejection::Malformed);
+        }
+        let (tag, payload) = bytes[MAGIC.len()..].split_at(MAC_LEN);
+        self.mac(digest, payload)
+            .verify_slice(tag)
+            .map_err(|_| Rejection::BadMac)?;
+        Ok(payload)
+    }
+
+    fn reject(&self, path: &Path, why: Rejection) -> Lookup {
+        tracing::warn!(path = %path.display(), reason = %why, "refusing compiled-artifact cache entry; it will be recompiled");
+        if let Err(e) = std::fs::remove_file(path) {
+            tracing::warn!(path = %path.display(), error = %e, "cannot remove refused cache entry");
+        }
+        Lookup::Rejected(why)
+    }
+
+    /// Serializes `component` and writes it, authenticated, for `digest`.
+    ///
+    /// # Errors
+    ///
+    /// Serialization or I/O errors; a failed write leaves no partial entry.
+    pub fn store(&self, digest: &Digest, component: &Component) -> anyhow::Result<()> {
+        let payload = component.serialize()?;
+        let tag = self.mac(digest, &payload).finalize().into_bytes();
+        let mut file = Vec::with_capacity(MAGIC.len() + MAC_LEN + payload.len());
+        file.extend_from_slice(MAGIC);
+        file.extend_from_slice(&tag);
+        file.extend_from_slice(&payload);
+        state::write_atomic(&self.entry_path(digest), &file)?;
+        Ok(())
+    }
+}
+
+fn read_bounded(path: &Path) -> io::Result<Vec<u8>> {
+    let f = std::fs::File::open(path)?;
+    let mut bytes = Vec::new();
+    f.take(MAX_ENTRY_SIZE).read_to_end(&mut bytes)?;
+    Ok(bytes)
+}

@@ -1,0 +1,113 @@
+//! Engine construction: pooling allocator where the address space allows,
+//! on-demand allocation otherwise, and epoch interruption always.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
+
+/// How often the engine's epoch advances. A running module yields to the
+/// scheduler at each tick, so this bounds how long a module spinning without
+/// host calls can hold a worker thread.
+pub const EPOCH_TICK: Duration = Duration::from_millis(10);
+
+/// Which instance allocator the engine uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Allocator {
+    /// Slots reserved up front: instantiation in microseconds.
+    Pooling,
+    /// Memory mapped per instance: slower starts, small address-space needs.
+    OnDemand,
+}
+
+/// Engine sizing.
+#[derive(Debug, Clone)]
+pub struct EngineOptions {
+    /// Module instances that may run at once (pooling slots).
+    pub max_instances: u32,
+    /// Largest linear memory any module may have, in bytes.
+    pub max_memory: u64,
+    /// `Some(false)` forbids pooling, `Some(true)` requires it, `None` probes.
+    pub pooling: Option<bool>,
+}
+
+fn base_config() -> Config {
+    let mut c = Config::new();
+    c.epoch_interruption(true);
+    c
+}
+
+fn pooling_config(opts: &EngineOptions) -> Config {
+    let n = opts.max_instances.max(1);
+    let mut p = PoolingAllocationConfig::default();
+    // A Rust wasip2 command is one component with a handful of core
+    // instances (the program plus small shims), one memory and a few tables.
+    p.total_component_instances(n)
+        .total_core_instances(n.saturating_mul(8))
+        .total_memories(n.saturating_mul(2))
+        .total_tables(n.saturating_mul(4))
+        .total_stacks(n)
+        .max_memory_size(usize::try_from(opts.max_memory).unwrap_or(usize::MAX));
+    let mut c = base_config();
+    c.allocation_strategy(InstanceAllocationStrategy::Pooling(p));
+    c
+}
+
+/// Builds the engine. With `pooling: None`, the pooling allocator is tried
+/// first; creating it reserves every slot's address space at once, so a
+/// failure there is the probe that says this machine (a small ARM board, a
+/// tight `ulimit -v`) cannot afford it, and the on-demand allocator is used.
+///
+/// # Errors
+///
+/// When the required allocator cannot be created.
+pub fn build(opts: &EngineOptions) -> anyhow::Result<(Engine, Allocator)> {
+    if opts.pooling != Some(false) {
+        match Engine::new(&pooling_config(opts)) {
+            Ok(e) => return Ok((e, Allocator::Pooling)),
+            Err(e) if opts.pooling.is_none() => {
+                tracing::info!(error = %e, "pooling allocator unavailable; using on-demand allocation");
+            }
+            Err(e) => {
+                return Err(anyhow::Error::from(e).context("cannot create the pooling allocator"));
+            }
+        }
+    }
+    let mut c = base_config();
+    c.allocation_strategy(InstanceAllocationStrategy::OnDemand);
+    Ok((Engine::new(&c)?, Allocator::OnDemand))
+}
+
+/// Advances an engine's epoch every [`EPOCH_TICK`] until dropped.
+#[derive(Debug)]
+pub struct EpochTicker {
+    stop: Arc<AtomicBool>,
+}
+
+impl EpochTicker {
+    /// Starts the ticker thread for `engine`.
+    ///
+    /// # Errors
+    ///
+    /// When the thread cannot be spawned.
+    pub fn start(engine: &Engine) -> std::io::Result<Self> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (engine, flag) = (engine.clone(), stop.clone());
+        std::thread::Builder::new()
+            .name("edgeward-epoch".into())
+            .spawn(move || {
+                while !flag.load(Ordering::Relaxed) {
+                    std::thread::sleep(EPOCH_TICK);
+                    engine.increment_epoch();
+                }
+            })?;
+        Ok(Self { stop })
+    }
+}
+
+impl Drop for EpochTicker {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}

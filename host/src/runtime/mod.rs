@@ -1,0 +1,299 @@
+//! The measured path: component file -> measurement -> (cached) compilation
+//! -> `InstancePre` -> a fresh, sandboxed `Store` per start.
+
+pub mod cache;
+pub mod engine;
+pub mod output;
+pub mod sandbox;
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use wasmtime::component::{Component, Linker};
+use wasmtime::{Engine, Store, UpdateDeadline};
+use wasmtime_wasi::I32Exit;
+use wasmtime_wasi::p2::bindings::CommandPre;
+
+use crate::measure::{Digest, Measured};
+pub use cache::{ArtifactCache, Lookup, Rejection};
+pub use engine::{Allocator, EngineOptions};
+pub use sandbox::{DirGrant, ModuleState, Output, SandboxSpec};
+
+/// Runtime settings.
+#[derive(Debug, Clone)]
+pub struct RuntimeOptions {
+    /// Engine sizing.
+    pub engine: EngineOptions,
+    /// Where the compiled-artifact cache lives; `None` disables it.
+    pub state_dir: Option<PathBuf>,
+}
+
+/// The engine, linker and cache shared by every module of one process.
+pub struct Runtime {
+    engine: Engine,
+    linker: Linker<ModuleState>,
+    cache: Option<ArtifactCache>,
+    allocator: Allocator,
+    _ticker: engine::EpochTicker,
+}
+
+impl fmt::Debug for Runtime {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Runtime")
+            .field("allocator", &self.allocator)
+            .field("cache", &self.cache)
+            .finish_non_exhaustive()
+    }
+}
+
+/// How a module's compiled code was obtained.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CodeSource {
+    /// An authenticated cache entry.
+    Cache,
+    /// Compiled now (and cached, if the cache is on).
+    Compiled,
+    /// Compiled now because the cache entry was refused.
+    Recompiled(Rejection),
+}
+
+/// A measured, verified, compiled and pre-linked module, ready to start any
+/// number of times.
+pub struct LoadedModule {
+    /// Where it was read from (for messages).
+    pub path: PathBuf,
+    /// The digest of the bytes that were compiled.
+    pub digest: Digest,
+    /// How the compiled code was obtained.
+    pub source: CodeSource,
+    pre: CommandPre<ModuleState>,
+}
+
+impl fmt::Debug for LoadedModule {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LoadedModule")
+            .field("path", &self.path)
+            .field("digest", &self.digest)
+            .field("source", &self.source)
+            .finish_non_exhaustive()
+    }
+}
+
+/// How one start of a module ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Exit {
+    /// `wasi:cli/run` returned success (or the module exited with status 0).
+    Success,
+    /// The module reported failure; the status when it gave one.
+    Failure(i32),
+    /// The module trapped: the reason, with a wasm backtrace when available.
+    Trap(String),
+    /// The wall-clock deadline passed and the module was stopped.
+    TimedOut(Duration),
+    /// The module could not be started (e.g. a granted directory is missing).
+    SetupFailed(String),
+}
+
+impl Exit {
+    /// Whether this is [`Exit::Success`].
+    pub fn is_success(&self) -> bool {
+        matches!(self, Exit::Success)
+    }
+}
+
+impl fmt::Display for Exit {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Exit::Success => f.write_str("exited successfully"),
+            Exit::Failure(code) => write!(f, "exited with failure (status {code})"),
+            Exit::Trap(reason) => write!(f, "trapped: {reason}"),
+            Exit::TimedOut(d) => write!(f, "stopped: deadline of {d:?} passed"),
+            Exit::SetupFailed(why) => write!(f, "could not start: {why}"),
+        }
+    }
+}
+
+/// A one-line cause (the limiter's refusal when memory ran out, else the
+/// trap or error), followed by the wasm backtrace when there is one.
+fn trap_reason(e: wasmtime::Error, memory_denial: Option<String>) -> String {
+    let e = anyhow::Error::from(e);
+    let cause = match (memory_denial, e.downcast_ref::<wasmtime::Trap>()) {
+        (Some(why), _) => format!("out of memory: {why}"),
+        (None, Some(trap)) => trap.to_string(),
+        (None, None) => format!("{:#}", e.root_cause()),
+    };
+    match e.downcast_ref::<wasmtime::WasmBacktrace>() {
+        Some(bt) => format!("{cause}\n{bt}"),
+        None => cause,
+    }
+}
+
+impl Runtime {
+    /// Creates the engine (see [`engine::build`]), the linker with WASI
+    /// preview 2, the epoch ticker and, with a state dir, the cache.
+    ///
+    /// # Errors
+    ///
+    /// When the engine, linker or cache cannot be set up.
+    pub fn new(opts: &RuntimeOptions) -> anyhow::Result<Self> {
+        let (engine, allocator) = engine::build(&opts.engine)?;
+        let mut linker = Linker::new(&engine);
+        wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
+        let cache = match &opts.state_dir {
+            Some(dir) => Some(
+                ArtifactCache::open(dir, &engine)
+                    .context("cannot open the compiled-artifact cache")?,
+            ),
+            None => None,
+        };
+        let ticker = engine::EpochTicker::start(&engine)?;
+        Ok(Self {
+            engine,
+            linker,
+            cache,
+            allocator,
+            _ticker: ticker,
+        })
+    }
+
+    /// The engine.
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    /// The linker every module is linked with.
+    pub fn linker(&self) -> &Linker<ModuleState> {
+        &self.linker
+    }
+
+    /// Which allocator the engine ended up with.
+    pub fn allocator(&self) -> Allocator {
+        self.allocator
+    }
+
+    /// The cache, when enabled.
+    pub fn cache(&self) -> Option<&ArtifactCache> {
+        self.cache.as_ref()
+    }
+
+    /// Reads `path` once, measures it, refuses it unless it matches
+    /// `pinned` (before any compilation), then compiles it from the same
+    /// buffer (or loads the authenticated cache entry) and pre-links it.
+    ///
+    /// # Errors
+    ///
+    /// A measurement error ([`crate::measure::MeasureError`], including the
+    /// digest mismatch naming both digests), or a compile/link error naming
+    /// the file.
+    pub fn load_file(&self, path: &Path, pinned: Option<&Digest>) -> anyhow::Result<LoadedModule> {
+        let measured = Measured::read(path)?;
+        measured.verify(pinned)?;
+        self.load(&measured)
+    }
+
+    /// Compiles (or loads from cache) and pre-links an already measured and
+    /// verified component.
+    ///
+    /// # Errors
+    ///
+    /// Compile or link errors naming the file.
+    pub fn load(&self, measured: &Measured) -> anyhow::Result<LoadedModule> {
+        let path = &measured.path;
+        let (component, source) = match self
+            .cache
+            .as_ref()
+            .map(|c| c.load(&self.engine, &measured.digest))
+        {
+            Some(Lookup::Hit(c)) => (c, CodeSource::Cache),
+            lookup => {
+                let c = Component::new(&self.engine, &measured.bytes).map_err(|e| {
+                    anyhow::anyhow!(
+                        "{} is not a valid WebAssembly component: {:#}",
+                        path.display(),
+                        anyhow::Error::from(e)
+                    )
+                })?;
+                if let Some(cache) = &self.cache
+                    && let Err(e) = cache.store(&measured.digest, &c)
+                {
+                    tracing::warn!(error = %e, "cannot write compiled-artifact cache entry");
+                }
+                let source = match lookup {
+                    Some(Lookup::Rejected(why)) => CodeSource::Recompiled(why),
+                    _ => CodeSource::Compiled,
+                };
+                (c, source)
+            }
+        };
+        let pre = self.linker.instantiate_pre(&component).map_err(|e| {
+            anyhow::anyhow!(
+                "cannot link {}: {:#}",
+                path.display(),
+                anyhow::Error::from(e)
+            )
+        })?;
+        let pre = CommandPre::new(pre).map_err(|e| {
+            anyhow::anyhow!(
+                "{} is not a command component (it must export wasi:cli/run): {:#}",
+                path.display(),
+                anyhow::Error::from(e)
+            )
+        })?;
+        Ok(LoadedModule {
+            path: path.clone(),
+            digest: measured.digest,
+            source,
+            pre,
+        })
+    }
+
+    /// Starts `module` once in a fresh `Store` sandboxed by `spec`, and runs
+    /// it to completion or until `deadline` passes. The store is dropped
+    /// afterwards, trapped or not: nothing of one start survives into the
+    /// next.
+    pub async fn start(
+        &self,
+        module: &LoadedModule,
+        spec: &SandboxSpec,
+        deadline: Option<Duration>,
+    ) -> Exit {
+        let state = match ModuleState::new(spec) {
+            Ok(s) => s,
+            Err(e) => return Exit::SetupFailed(format!("{e:#}")),
+        };
+        let limiter = state.limiter.clone();
+        let mut store = Store::new(&self.engine, state);
+        store.limiter(|s| &mut s.limiter);
+        // Yield to the scheduler at every epoch tick: a module spinning
+        // without host calls still lets other tasks (and deadlines) run.
+        store.set_epoch_deadline(1);
+        store.epoch_deadline_callback(|_| Ok(UpdateDeadline::Yield(1)));
+        let run = async {
+            let cmd = module.pre.instantiate_async(&mut store).await?;
+            cmd.wasi_cli_run().call_run(&mut store).await
+        };
+        let result = match deadline {
+            None => run.await,
+            Some(d) => match tokio::time::timeout(d, run).await {
+                Ok(r) => r,
+                Err(_) => return Exit::TimedOut(d),
+            },
+        };
+        match result {
+            Ok(Ok(())) => Exit::Success,
+            Ok(Err(())) => Exit::Failure(1),
+            Err(e) => {
+                if let Some(I32Exit(code)) = e.downcast_ref::<I32Exit>() {
+                    return if *code == 0 {
+                        Exit::Success
+                    } else {
+                        Exit::Failure(*code)
+                    };
+                }
+                Exit::Trap(trap_reason(e, limiter.denial()))
+            }
+        }
+    }
+}

@@ -1,0 +1,126 @@
+//! Test guest: does one thing named on its command line and reports the
+//! outcome on stdout, so tests can check what the sandbox allowed.
+//!
+//! Every action prints `ok: ...` and exits 0 when the operation succeeded,
+//! or prints `denied: <error>` and exits 1 when it failed.
+
+use std::io::{Read, Write};
+use std::process::ExitCode;
+
+fn report<T: std::fmt::Debug, E: std::fmt::Display>(what: &str, r: Result<T, E>) -> ExitCode {
+    match r {
+        Ok(v) => {
+            println!("ok: {what}: {v:?}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            println!("denied: {what}: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `symlink(2)` through wasi-libc (std's WASI symlink is unstable).
+fn symlink(target: &str, link: &str) -> std::io::Result<()> {
+    let target = std::ffi::CString::new(target)?;
+    let link = std::ffi::CString::new(link)?;
+    // SAFETY: both pointers are valid NUL-terminated strings that outlive
+    // the call; `symlink` only reads them.
+    #[allow(unsafe_code)]
+    let rc = unsafe { libc::symlink(target.as_ptr(), link.as_ptr()) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().collect();
+    let arg = |i: usize| args.get(i).cloned().unwrap_or_default();
+    match arg(1).as_str() {
+        "hello" => {
+            println!("hello from sandbox-probe");
+            eprintln!("to stderr");
+            ExitCode::SUCCESS
+        }
+        "args" => {
+            println!("args: {:?}", &args[1..]);
+            ExitCode::SUCCESS
+        }
+        "env" => {
+            for (k, v) in std::env::vars() {
+                println!("{k}={v}");
+            }
+            ExitCode::SUCCESS
+        }
+        "stdin" => {
+            let mut buf = String::new();
+            report(
+                "stdin",
+                std::io::stdin().read_to_string(&mut buf).map(|_| buf),
+            )
+        }
+        "read" => report("read", std::fs::read_to_string(arg(2))),
+        "write" => report("write", std::fs::write(arg(2), arg(3))),
+        "list" => report(
+            "list",
+            std::fs::read_dir(arg(2)).map(|d| {
+                d.filter_map(|e| e.ok().map(|e| e.file_name().to_string_lossy().into_owned()))
+                    .collect::<Vec<_>>()
+            }),
+        ),
+        "symlink-read" => {
+            // Plant a symlink in our own dir pointing at `target`, then read through it.
+            let (target, link) = (arg(2), arg(3));
+            if let Err(e) = symlink(&target, &link) {
+                println!("denied: symlink: {e}");
+                return ExitCode::FAILURE;
+            }
+            report("read via symlink", std::fs::read_to_string(&link))
+        }
+        "connect" => report(
+            "connect",
+            std::net::TcpStream::connect(arg(2)).and_then(|mut s| {
+                s.write_all(b"escaped")?;
+                Ok(())
+            }),
+        ),
+        "bind" => report("bind", std::net::TcpListener::bind(arg(2)).map(|_| ())),
+        "udp" => report(
+            "udp",
+            std::net::UdpSocket::bind("0.0.0.0:0").and_then(|s| s.send_to(b"escaped", arg(2))),
+        ),
+        "lookup" => report(
+            "lookup",
+            std::net::ToSocketAddrs::to_socket_addrs(&(arg(2).as_str(), 80))
+                .map(|a| a.collect::<Vec<_>>()),
+        ),
+        "exit" => {
+            let code: i32 = arg(2).parse().unwrap_or(1);
+            std::process::exit(code)
+        }
+        "panic" => panic!("sandbox-probe was asked to panic"),
+        "spin" => {
+            // Spin without host calls; only an epoch interrupt can stop this.
+            let mut x: u64 = 0;
+            loop {
+                x = std::hint::black_box(x.wrapping_add(1));
+            }
+        }
+        "alloc" => {
+            let mib: usize = arg(2).parse().unwrap_or(1);
+            let mut v: Vec<Vec<u8>> = Vec::new();
+            for _ in 0..mib {
+                v.push(vec![1u8; 1 << 20]);
+            }
+            println!("ok: alloc: {} MiB", v.len());
+            ExitCode::SUCCESS
+        }
+        other => {
+            let mut err = std::io::stderr();
+            let _ = writeln!(err, "sandbox-probe: unknown action {other:?}");
+            ExitCode::from(2)
+        }
+    }
+}

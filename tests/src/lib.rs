@@ -1,0 +1,7 @@
+//! Shared pieces of edgeward's integration tests: the guest components
+//! (built by `build.rs`) and helpers to run the `edgeward` binary.
+
+/// Paths of the guest components, one constant per guest.
+pub mod guests {
+    include!(concat!(env!("OUT_DIR"), "/guests.rs"));
+}

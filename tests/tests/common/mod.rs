@@ -1,0 +1,81 @@
+//! Helpers shared by the integration tests.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+pub use edgeward_tests::guests;
+
+/// The edgeward binary under test.
+pub const EDGEWARD: &str = env!("CARGO_BIN_EXE_edgeward-under-test");
+
+/// A scratch directory with a private state dir inside.
+pub struct Scratch {
+    pub dir: tempfile::TempDir,
+}
+
+impl Scratch {
+    pub fn new() -> Self {
+        Self {
+            dir: tempfile::tempdir().expect("tempdir"),
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn state(&self) -> PathBuf {
+        self.dir.path().join("state")
+    }
+
+    /// `edgeward --state-dir <state> ARGS...`, logs at their defaults.
+    pub fn edgeward(&self) -> Command {
+        let mut c = Command::new(EDGEWARD);
+        c.arg("--state-dir").arg(self.state());
+        c.env_remove("EDGEWARD_LOG")
+            .env_remove("EDGEWARD_STATE_DIR");
+        c
+    }
+
+    /// `edgeward run FILE ARGS...`, with the output collected.
+    pub fn run(&self, file: &str, flags: &[&str], guest_args: &[&str]) -> Output {
+        let mut c = self.edgeward();
+        c.arg("run").args(flags).arg(file);
+        if !guest_args.is_empty() {
+            c.arg("--").args(guest_args);
+        }
+        c.output().expect("spawn edgeward")
+    }
+}
+
+pub fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// Asserts the exit status, printing both streams when it is wrong.
+#[track_caller]
+pub fn assert_status(o: &Output, code: i32) {
+    assert_eq!(
+        o.status.code(),
+        Some(code),
+        "unexpected status\n--- stdout\n{}\n--- stderr\n{}",
+        stdout(o),
+        stderr(o)
+    );
+}
+
+/// `sha256:` digest of a file, computed by coreutils, independently of edgeward.
+pub fn sha256sum(path: &str) -> String {
+    let o = Command::new("sha256sum")
+        .arg(path)
+        .output()
+        .expect("sha256sum");
+    assert!(o.status.success());
+    let out = String::from_utf8(o.stdout).expect("utf8");
+    format!("sha256:{}", out.split_whitespace().next().expect("hash"))
+}

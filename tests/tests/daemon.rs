@@ -1,0 +1,251 @@
+//! `edgeward daemon`: a deployment runs, refused modules stay refused, and
+//! SIGTERM stops everything cleanly.
+
+mod common;
+
+use common::*;
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+struct Daemon {
+    child: Child,
+    stdout: mpsc::Receiver<String>,
+    stderr: mpsc::Receiver<String>,
+    seen_out: Vec<String>,
+    seen_err: Vec<String>,
+}
+
+fn lines(r: impl std::io::Read + Send + 'static) -> mpsc::Receiver<String> {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for l in BufReader::new(r).lines() {
+            let Ok(l) = l else { break };
+            if tx.send(l).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
+impl Daemon {
+    fn start(s: &Scratch, config: &str) -> Self {
+        let path = s.path().join("config.toml");
+        std::fs::write(&path, config).expect("write config");
+        let mut child = s
+            .edgeward()
+            .env("EDGEWARD_LOG", "info")
+            .arg("daemon")
+            .arg("--config")
+            .arg(&path)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn daemon");
+        let stdout = lines(child.stdout.take().expect("stdout"));
+        let stderr = lines(child.stderr.take().expect("stderr"));
+        Self {
+            child,
+            stdout,
+            stderr,
+            seen_out: Vec::new(),
+            seen_err: Vec::new(),
+        }
+    }
+
+    fn pump(&mut self) {
+        self.seen_out.extend(self.stdout.try_iter());
+        self.seen_err.extend(self.stderr.try_iter());
+    }
+
+    /// Waits until `pred` holds for the stdout and stderr lines seen so far.
+    #[track_caller]
+    fn wait_for(&mut self, what: &str, pred: impl Fn(&[String], &[String]) -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while Instant::now() < deadline {
+            self.pump();
+            if pred(&self.seen_out, &self.seen_err) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!(
+            "timed out waiting for {what}\n--- stdout\n{}\n--- stderr\n{}",
+            self.seen_out.join("\n"),
+            self.seen_err.join("\n")
+        );
+    }
+
+    fn terminate(mut self) -> (std::process::ExitStatus, Vec<String>, Vec<String>) {
+        let pid = self.child.id().to_string();
+        let ok = std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .expect("kill");
+        assert!(ok.success());
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait") {
+                std::thread::sleep(Duration::from_millis(100));
+                self.pump();
+                return (
+                    status,
+                    std::mem::take(&mut self.seen_out),
+                    std::mem::take(&mut self.seen_err),
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "daemon did not stop after SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+    }
+}
+
+fn count(lines: &[String], needle: &str) -> usize {
+    lines.iter().filter(|l| l.contains(needle)).count()
+}
+
+#[test]
+fn runs_a_deployment_and_stops_on_sigterm() {
+    let s = Scratch::new();
+    let sensor = guests::TEMPERATURE_SENSOR;
+    let probe = guests::SANDBOX_PROBE;
+    let wrong = format!("sha256:{}", "ab".repeat(32));
+    let config = format!(
+        r#"
+[[module]]
+name = "sensor"
+file = "{sensor}"
+digest = "{}"
+env = {{ INTERVAL_MS = "20", SENSOR_ID = "demo" }}
+
+[[module]]
+name = "writer"
+file = "{probe}"
+digest = "{}"
+args = ["write", "/data/hello.txt", "persisted"]
+restart = "never"
+
+[[module]]
+name = "impostor"
+file = "{probe}"
+digest = "{wrong}"
+args = ["hello"]
+"#,
+        sha256sum(sensor),
+        sha256sum(probe),
+    );
+    let mut d = Daemon::start(&s, &config);
+    d.wait_for("three sensor readings", |out, _| {
+        count(out, "sensor | {\"sensor\":\"demo\"") >= 3
+    });
+    d.wait_for("the writer to finish", |_, err| {
+        count(err, "not restarting") >= 1
+    });
+    d.wait_for("the impostor to be refused", |_, err| {
+        count(err, "module refused") >= 1
+    });
+
+    // The writer's data landed in its own private data dir.
+    let data = s.state().join("modules/writer/data");
+    assert_eq!(
+        std::fs::read_to_string(data.join("hello.txt")).expect("data"),
+        "persisted"
+    );
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&data).expect("meta").permissions().mode() & 0o777;
+    assert_eq!(mode, 0o700);
+
+    let (status, out, err) = d.terminate();
+    assert!(
+        status.success(),
+        "daemon exit: {status}\n{}",
+        err.join("\n")
+    );
+    let err = err.join("\n");
+    assert!(
+        err.contains(&wrong),
+        "refusal names the pinned digest: {err}"
+    );
+    assert!(
+        err.contains(&sha256sum(probe)),
+        "refusal names the measured digest: {err}"
+    );
+    assert!(err.contains("SIGTERM"), "{err}");
+    assert!(err.contains("edgeward daemon stopped"), "{err}");
+    assert_eq!(count(&out, "impostor |"), 0, "the impostor ran");
+}
+
+#[test]
+fn restarts_a_failing_module_with_backoff() {
+    let s = Scratch::new();
+    let probe = guests::SANDBOX_PROBE;
+    let config = format!(
+        r#"
+[[module]]
+name = "flaky"
+file = "{probe}"
+digest = "{}"
+args = ["read", "/data/missing"]
+restart = "on-failure"
+"#,
+        sha256sum(probe),
+    );
+    let mut d = Daemon::start(&s, &config);
+    // Starts at t=0, 1s, 3s: three failures within a few seconds, no more.
+    d.wait_for("three failures", |out, _| {
+        count(out, "flaky | denied: read") >= 3
+    });
+    let (status, out, _) = d.terminate();
+    assert!(status.success());
+    assert!(
+        count(&out, "flaky | denied: read") <= 4,
+        "no backoff: {}",
+        out.join("\n")
+    );
+}
+
+#[test]
+fn bad_config_is_rejected_with_a_clear_error() {
+    let s = Scratch::new();
+    let path = s.path().join("config.toml");
+    std::fs::write(
+        &path,
+        "[[module]]\nname = \"x\"\nfile = \"x.wasm\"\ndigest = \"sha256:1234\"\n",
+    )
+    .expect("write");
+    let o = s
+        .edgeward()
+        .arg("daemon")
+        .arg("--config")
+        .arg(&path)
+        .output()
+        .expect("spawn");
+    assert_status(&o, 2);
+    let err = stderr(&o);
+    assert!(
+        err.contains("config.toml") && err.contains("digest"),
+        "{err}"
+    );
+    let o = s
+        .edgeward()
+        .args(["daemon", "--config", "/no/such/config.toml"])
+        .output()
+        .expect("spawn");
+    assert_status(&o, 2);
+    assert!(
+        stderr(&o).contains("/no/such/config.toml"),
+        "{}",
+        stderr(&o)
+    );
+}

@@ -1,0 +1,453 @@
+//! `edgeward run`: the measured path and the sandbox, through the binary.
+
+mod common;
+
+use common::*;
+use std::net::TcpListener;
+
+const PROBE: &str = guests::SANDBOX_PROBE;
+
+#[test]
+fn runs_a_module_and_passes_output_through() {
+    let s = Scratch::new();
+    let o = s.run(PROBE, &[], &["hello"]);
+    assert_status(&o, 0);
+    assert_eq!(stdout(&o), "hello from sandbox-probe\n");
+    assert!(stderr(&o).contains("to stderr"), "{}", stderr(&o));
+}
+
+#[test]
+fn version_is_the_runtime_version() {
+    let s = Scratch::new();
+    let o = s.edgeward().arg("--version").output().expect("spawn");
+    assert_status(&o, 0);
+    assert_eq!(stdout(&o).trim(), format!("edgeward {}", edgeward::VERSION));
+}
+
+#[test]
+fn module_failure_is_the_exit_status() {
+    let s = Scratch::new();
+    let o = s.run(PROBE, &[], &["exit", "7"]);
+    // WASI 0.2 carries only success or failure out of a guest.
+    assert_status(&o, 1);
+    let o = s.run(PROBE, &[], &["read", "/nowhere"]);
+    assert_status(&o, 1);
+    assert!(stdout(&o).starts_with("denied: read"), "{}", stdout(&o));
+}
+
+#[test]
+fn a_panic_is_reported_as_a_trap() {
+    let s = Scratch::new();
+    let o = s.run(PROBE, &[], &["panic"]);
+    assert_status(&o, 134);
+    let err = stderr(&o);
+    assert!(err.contains("sandbox-probe was asked to panic"), "{err}");
+    assert!(err.contains("trapped"), "{err}");
+    assert!(err.contains("unreachable"), "the trap is named: {err}");
+    assert!(
+        err.contains("wasm backtrace") && err.contains("sandbox_probe::main"),
+        "{err}"
+    );
+}
+
+#[test]
+fn pinned_digest_is_accepted_when_it_matches() {
+    let s = Scratch::new();
+    let digest = sha256sum(PROBE);
+    let o = s.run(PROBE, &["--digest", &digest], &["hello"]);
+    assert_status(&o, 0);
+    let o = s
+        .edgeward()
+        .arg("digest")
+        .arg(PROBE)
+        .output()
+        .expect("spawn");
+    assert_status(&o, 0);
+    assert!(stdout(&o).starts_with(&digest), "{}", stdout(&o));
+}
+
+#[test]
+fn wrong_digest_is_refused_before_guest_code_runs() {
+    let s = Scratch::new();
+    let wrong = format!("sha256:{}", "0".repeat(64));
+    let o = s.run(PROBE, &["--digest", &wrong], &["hello"]);
+    assert_status(&o, 3);
+    assert!(stdout(&o).is_empty(), "guest code ran: {}", stdout(&o));
+    let err = stderr(&o);
+    assert!(err.contains(&wrong), "expected digest named: {err}");
+    assert!(
+        err.contains(&sha256sum(PROBE)),
+        "measured digest named: {err}"
+    );
+    // Refused before compiling: nothing was cached.
+    let cached = std::fs::read_dir(s.state().join("cache"))
+        .map(|d| d.count())
+        .unwrap_or(0);
+    assert_eq!(cached, 0, "a refused component was compiled and cached");
+}
+
+#[test]
+fn a_flipped_byte_is_refused() {
+    let s = Scratch::new();
+    let digest = sha256sum(PROBE);
+    let mut bytes = std::fs::read(PROBE).expect("read");
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x01;
+    let tampered = s.path().join("tampered.wasm");
+    std::fs::write(&tampered, &bytes).expect("write");
+    let o = s.run(
+        tampered.to_str().expect("utf8"),
+        &["--digest", &digest],
+        &["hello"],
+    );
+    assert_status(&o, 3);
+    assert!(stdout(&o).is_empty());
+    assert!(
+        stderr(&o).contains("does not match the pinned digest"),
+        "{}",
+        stderr(&o)
+    );
+}
+
+fn cache_entries(s: &Scratch) -> Vec<std::path::PathBuf> {
+    std::fs::read_dir(s.state().join("cache"))
+        .expect("cache dir")
+        .map(|e| e.expect("entry").path())
+        .filter(|p| p.extension().is_some_and(|e| e == "cwasm"))
+        .collect()
+}
+
+#[test]
+fn tampered_cache_entries_are_never_loaded() {
+    let s = Scratch::new();
+    assert_status(&s.run(PROBE, &[], &["hello"]), 0);
+    let entries = cache_entries(&s);
+    assert_eq!(entries.len(), 1, "one entry after the first run");
+    let entry = &entries[0];
+    let good = std::fs::read(entry).expect("read entry");
+
+    // A second run loads the entry silently.
+    let o = s.run(PROBE, &[], &["hello"]);
+    assert_status(&o, 0);
+    assert!(!stderr(&o).contains("refusing"), "{}", stderr(&o));
+
+    let flip_code = |b: &mut Vec<u8>| {
+        let i = b.len() / 2;
+        b[i] ^= 0x80;
+    };
+    let truncate = |b: &mut Vec<u8>| b.truncate(b.len() - 100);
+    let bad_header = |b: &mut Vec<u8>| b[0] ^= 0xff;
+    let forge_mac = |b: &mut Vec<u8>| b[12] ^= 0x01;
+    type Tamper<'a> = &'a dyn Fn(&mut Vec<u8>);
+    let cases: [(&str, Tamper); 4] = [
+        ("flipped byte in code", &flip_code),
+        ("truncated", &truncate),
+        ("bad header", &bad_header),
+        ("forged mac", &forge_mac),
+    ];
+    for (what, tamper) in cases {
+        let mut bytes = good.clone();
+        tamper(&mut bytes);
+        std::fs::write(entry, &bytes).expect("tamper");
+        let o = s.run(PROBE, &[], &["hello"]);
+        assert_status(&o, 0);
+        assert_eq!(stdout(&o), "hello from sandbox-probe\n", "{what}");
+        assert!(
+            stderr(&o).contains("refusing compiled-artifact cache entry"),
+            "{what}: not reported: {}",
+            stderr(&o)
+        );
+        // Recompiled and rewritten: authentic again.
+        let again = s.run(PROBE, &[], &["hello"]);
+        assert_status(&again, 0);
+        assert!(
+            !stderr(&again).contains("refusing"),
+            "{what}: {}",
+            stderr(&again)
+        );
+    }
+
+    // A valid entry from another host (another state dir, another key).
+    let other = Scratch::new();
+    assert_status(&other.run(PROBE, &[], &["hello"]), 0);
+    let foreign = std::fs::read(&cache_entries(&other)[0]).expect("read");
+    std::fs::write(entry, foreign).expect("plant");
+    let o = s.run(PROBE, &[], &["hello"]);
+    assert_status(&o, 0);
+    assert!(
+        stderr(&o).contains("authentication failed"),
+        "foreign: {}",
+        stderr(&o)
+    );
+}
+
+#[test]
+fn state_dir_is_private() {
+    use std::os::unix::fs::PermissionsExt;
+    let s = Scratch::new();
+    assert_status(&s.run(PROBE, &[], &["hello"]), 0);
+    let mode =
+        |p: &std::path::Path| std::fs::metadata(p).expect("meta").permissions().mode() & 0o777;
+    assert_eq!(mode(&s.state()), 0o700);
+    assert_eq!(mode(&s.state().join("cache")), 0o700);
+    assert_eq!(mode(&s.state().join("cache.key")), 0o600);
+    assert_eq!(mode(&cache_entries(&s)[0]), 0o600);
+}
+
+/// A sandbox dir with a file inside, and a secret beside it.
+fn sandbox_dirs(s: &Scratch) -> (String, String) {
+    let inside = s.path().join("box");
+    std::fs::create_dir(&inside).expect("mkdir");
+    std::fs::write(inside.join("inside.txt"), "inside").expect("write");
+    let secret = s.path().join("secret.txt");
+    std::fs::write(&secret, "secret").expect("write");
+    (
+        inside.to_str().expect("utf8").to_owned(),
+        secret.to_str().expect("utf8").to_owned(),
+    )
+}
+
+#[test]
+fn only_preopened_directories_are_visible() {
+    let s = Scratch::new();
+    let (inside, secret) = sandbox_dirs(&s);
+    let grant = format!("{inside}::/box");
+
+    // Positive control: the grant works.
+    let o = s.run(PROBE, &["--dir", &grant], &["read", "/box/inside.txt"]);
+    assert_status(&o, 0);
+    assert!(stdout(&o).contains("\"inside\""), "{}", stdout(&o));
+    let o = s.run(
+        PROBE,
+        &["--dir", &grant],
+        &["write", "/box/new.txt", "written"],
+    );
+    assert_status(&o, 0);
+    assert_eq!(
+        std::fs::read_to_string(format!("{inside}/new.txt")).expect("read"),
+        "written"
+    );
+
+    // Escapes.
+    for path in [
+        "/box/../secret.txt",
+        "/box/../../../../etc/passwd",
+        &secret,
+        "/etc/passwd",
+        "secret.txt",
+    ] {
+        let o = s.run(PROBE, &["--dir", &grant], &["read", path]);
+        assert_status(&o, 1);
+        assert!(
+            stdout(&o).starts_with("denied: read"),
+            "{path}: {}",
+            stdout(&o)
+        );
+    }
+    // Symlinks the module plants in its own dir.
+    for (target, link) in [
+        (secret.as_str(), "/box/abs-link"),
+        ("../secret.txt", "/box/rel-link"),
+    ] {
+        let o = s.run(PROBE, &["--dir", &grant], &["symlink-read", target, link]);
+        assert_status(&o, 1);
+        assert!(
+            !stdout(&o).contains("\"secret\""),
+            "escaped via symlink {target}: {}",
+            stdout(&o)
+        );
+    }
+    // No grant, nothing visible.
+    let o = s.run(PROBE, &[], &["list", "/"]);
+    assert_status(&o, 1);
+}
+
+#[test]
+fn no_network_at_all() {
+    let s = Scratch::new();
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    listener.set_nonblocking(true).expect("nonblocking");
+    let addr = listener.local_addr().expect("addr").to_string();
+
+    let o = s.run(PROBE, &[], &["connect", &addr]);
+    assert_status(&o, 1);
+    assert!(stdout(&o).starts_with("denied: connect"), "{}", stdout(&o));
+    assert!(
+        listener.accept().is_err(),
+        "the module reached the listener"
+    );
+
+    for (action, arg) in [
+        ("bind", "127.0.0.1:0"),
+        ("udp", addr.as_str()),
+        ("lookup", "localhost"),
+    ] {
+        let o = s.run(PROBE, &[], &[action, arg]);
+        assert_status(&o, 1);
+        assert!(
+            stdout(&o).starts_with(&format!("denied: {action}")),
+            "{action}: {}",
+            stdout(&o)
+        );
+    }
+}
+
+#[test]
+fn only_declared_environment_and_no_stdin() {
+    let s = Scratch::new();
+    let o = s
+        .edgeward()
+        .env("EDGEWARD_TEST_PASSTHROUGH", "yes")
+        .env("EDGEWARD_TEST_HIDDEN", "no")
+        .args([
+            "run",
+            "--env",
+            "A=1",
+            "--env",
+            "EDGEWARD_TEST_PASSTHROUGH",
+            PROBE,
+            "--",
+            "env",
+        ])
+        .output()
+        .expect("spawn");
+    assert_status(&o, 0);
+    let mut lines: Vec<_> = stdout(&o).lines().map(str::to_owned).collect();
+    lines.sort();
+    assert_eq!(lines, ["A=1", "EDGEWARD_TEST_PASSTHROUGH=yes"]);
+
+    let o = s.run(PROBE, &[], &["args", "x", "--y"]);
+    assert_status(&o, 0);
+    assert_eq!(stdout(&o).trim(), r#"args: ["args", "x", "--y"]"#);
+
+    let o = s.run(PROBE, &[], &["stdin"]);
+    assert_status(&o, 0);
+    assert_eq!(stdout(&o).trim(), r#"ok: stdin: """#);
+}
+
+#[test]
+fn deadline_stops_a_spinning_module() {
+    let s = Scratch::new();
+    let t = std::time::Instant::now();
+    let o = s.run(PROBE, &["--timeout", "300ms"], &["spin"]);
+    assert_status(&o, 124);
+    assert!(stderr(&o).contains("deadline"), "{}", stderr(&o));
+    assert!(t.elapsed() < std::time::Duration::from_secs(20));
+}
+
+#[test]
+fn memory_limit_is_enforced_and_named() {
+    let s = Scratch::new();
+    let o = s.run(PROBE, &["--max-memory", "16MiB"], &["alloc", "64"]);
+    assert_status(&o, 134);
+    assert!(stderr(&o).contains("memory limit"), "{}", stderr(&o));
+    let o = s.run(PROBE, &["--max-memory", "16MiB"], &["alloc", "4"]);
+    assert_status(&o, 0);
+}
+
+#[test]
+fn bad_flags_and_files_get_clear_errors() {
+    let s = Scratch::new();
+    let cases: &[(&[&str], i32, &str)] = &[
+        (&["run"], 2, "FILE"),
+        (&["run", "--max-memory", "lots", PROBE], 2, "invalid size"),
+        (&["run", "--max-memory", "1KiB", PROBE], 2, "--max-memory"),
+        (&["run", "--timeout", "soon", PROBE], 2, "invalid duration"),
+        (&["run", "--digest", "md5:abc", PROBE], 2, "invalid digest"),
+        (&["run", "--dir", "::x", PROBE], 2, "HOST::GUEST"),
+        (&["run", "--env", "=x", PROBE], 2, "--env"),
+        (
+            &["run", "--env", "EDGEWARD_SURELY_UNSET", PROBE],
+            2,
+            "not set",
+        ),
+        (&["run", "/no/such/file.wasm"], 3, "/no/such/file.wasm"),
+        (&["run", "/tmp"], 3, "not a regular file"),
+        (
+            &["run", "--dir", "/no/such/dir::/x", PROBE],
+            3,
+            "/no/such/dir",
+        ),
+        (&["frobnicate"], 2, "frobnicate"),
+    ];
+    for (args, code, needle) in cases {
+        let o = s.edgeward().args(*args).output().expect("spawn");
+        assert_status(&o, *code);
+        assert!(
+            stderr(&o).contains(needle),
+            "{args:?}: {needle:?} not in {}",
+            stderr(&o)
+        );
+    }
+
+    let junk = s.path().join("junk.wasm");
+    std::fs::write(&junk, b"not wasm at all").expect("write");
+    let o = s.run(junk.to_str().expect("utf8"), &[], &[]);
+    assert_status(&o, 3);
+    assert!(
+        stderr(&o).contains("is not a valid WebAssembly component"),
+        "{}",
+        stderr(&o)
+    );
+
+    // A core module, not a component.
+    let core = s.path().join("core.wasm");
+    std::fs::write(&core, b"\0asm\x01\0\0\0").expect("write");
+    let o = s.run(core.to_str().expect("utf8"), &[], &[]);
+    assert_status(&o, 3);
+    assert!(
+        stderr(&o).contains("is not a valid WebAssembly component"),
+        "{}",
+        stderr(&o)
+    );
+
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let unreadable = s.path().join("unreadable.wasm");
+        std::fs::copy(PROBE, &unreadable).expect("copy");
+        std::fs::set_permissions(&unreadable, std::fs::Permissions::from_mode(0o000))
+            .expect("chmod");
+        // root reads anything; the check only means something for others.
+        if std::fs::read(&unreadable).is_err() {
+            let o = s.run(unreadable.to_str().expect("utf8"), &[], &[]);
+            assert_status(&o, 3);
+            assert!(stderr(&o).contains("unreadable.wasm"), "{}", stderr(&o));
+        }
+    }
+}
+
+#[test]
+fn temperature_sensor_reports_readings() {
+    let s = Scratch::new();
+    let o = s.run(
+        guests::TEMPERATURE_SENSOR,
+        &[
+            "--env",
+            "COUNT=3",
+            "--env",
+            "INTERVAL_MS=5",
+            "--env",
+            "SENSOR_ID=t1",
+        ],
+        &[],
+    );
+    assert_status(&o, 0);
+    let out = stdout(&o);
+    let lines: Vec<_> = out.lines().collect();
+    assert_eq!(lines.len(), 3, "{out}");
+    for (i, l) in lines.iter().enumerate() {
+        assert!(
+            l.starts_with(&format!("{{\"sensor\":\"t1\",\"seq\":{}", i + 1)),
+            "{l}"
+        );
+        assert!(l.contains("\"celsius\":"), "{l}");
+    }
+    let o = s.run(
+        guests::TEMPERATURE_SENSOR,
+        &["--env", "INTERVAL_MS=fast"],
+        &[],
+    );
+    assert_status(&o, 1);
+    assert!(stderr(&o).contains("INTERVAL_MS"), "{}", stderr(&o));
+}
