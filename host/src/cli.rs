@@ -44,11 +44,31 @@ enum Command {
     Run(RunArgs),
     /// Run the modules of a deployment until SIGINT/SIGTERM.
     Daemon(DaemonArgs),
+    /// Inspect the HSM backend.
+    Hsm {
+        #[command(subcommand)]
+        command: HsmCommand,
+    },
     /// Print the sha256 digest of component files, as pinned in a config.
     Digest {
         /// Component files.
         #[arg(required = true)]
         files: Vec<PathBuf>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum HsmCommand {
+    /// Print the backend, its keys (ids, algorithms, public keys) and the
+    /// measurement register.
+    Info {
+        /// Config file (its [hsm] table). Default: $EDGEWARD_CONFIG, then
+        /// /etc/edgeward/config.toml if it exists, else the soft backend.
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -111,6 +131,12 @@ pub fn main() -> ExitCode {
         Command::Daemon(args) => {
             init_logging("info");
             daemon_command(cli.state_dir, args)
+        }
+        Command::Hsm {
+            command: HsmCommand::Info { config, json },
+        } => {
+            init_logging("warn");
+            hsm_info(cli.state_dir, config, json)
         }
         Command::Digest { files } => {
             let mut code = ExitCode::SUCCESS;
@@ -206,11 +232,80 @@ fn run_command(state_flag: Option<PathBuf>, args: RunArgs) -> ExitCode {
     })
 }
 
+/// `--config`, then `$EDGEWARD_CONFIG`, then the default path.
+fn config_path(flag: Option<PathBuf>) -> PathBuf {
+    flag.or_else(|| std::env::var_os(config::CONFIG_ENV).map(PathBuf::from))
+        .unwrap_or_else(|| PathBuf::from(config::DEFAULT_CONFIG))
+}
+
+fn hsm_info(state_flag: Option<PathBuf>, config_flag: Option<PathBuf>, json: bool) -> ExitCode {
+    let explicit = config_flag.is_some() || std::env::var_os(config::CONFIG_ENV).is_some();
+    let path = config_path(config_flag);
+    let (hsm_config, config_state) = if explicit || path.exists() {
+        match Config::load(&path) {
+            Ok(c) => (c.hsm, c.state_dir),
+            Err(e) => return fail(e, 2),
+        }
+    } else {
+        (crate::hsm::HsmConfig::Soft, None)
+    };
+    let state_dir = match state::resolve(state_flag.as_deref(), config_state.as_deref())
+        .and_then(|d| state::ensure_private_dir(&d).map(|()| d))
+    {
+        Ok(d) => d,
+        Err(e) => return fail(e, 2),
+    };
+    let hsm = match crate::hsm::open(&hsm_config, &state_dir) {
+        Ok(h) => h,
+        Err(e) => return fail(e, 1),
+    };
+    let keys = match hsm.keys() {
+        Ok(k) => k,
+        Err(e) => return fail(e, 1),
+    };
+    let register = match hsm.read_register() {
+        Ok(r) => Some(crate::measure::hex(&r)),
+        Err(e) if e.kind == crate::hsm::ErrorKind::NotSupported => None,
+        Err(e) => return fail(e, 1),
+    };
+    if json {
+        let keys: Vec<_> = keys
+            .iter()
+            .map(|k| {
+                serde_json::json!({
+                    "id": k.id,
+                    "algorithm": k.kind.to_string(),
+                    "public_key": k.public_key.as_deref().map(crate::measure::hex),
+                    "public_key_pem": k.public_key.as_deref().and_then(crate::hsm::public_key_pem),
+                })
+            })
+            .collect();
+        let doc =
+            serde_json::json!({ "backend": hsm.backend(), "register": register, "keys": keys });
+        println!("{doc:#}");
+    } else {
+        println!("backend:  {}", hsm.backend());
+        println!(
+            "register: {}",
+            register
+                .as_deref()
+                .unwrap_or("(not supported by this backend)")
+        );
+        println!("keys:{}", if keys.is_empty() { " (none)" } else { "" });
+        for k in &keys {
+            let public = k
+                .public_key
+                .as_deref()
+                .map(crate::measure::hex)
+                .unwrap_or_else(|| "-".into());
+            println!("  {:<24} {:<12} {public}", k.id, k.kind.to_string());
+        }
+    }
+    ExitCode::SUCCESS
+}
+
 fn daemon_command(state_flag: Option<PathBuf>, args: DaemonArgs) -> ExitCode {
-    let path = args
-        .config
-        .or_else(|| std::env::var_os(config::CONFIG_ENV).map(PathBuf::from))
-        .unwrap_or_else(|| PathBuf::from(config::DEFAULT_CONFIG));
+    let path = config_path(args.config);
     let cfg = match Config::load(&path) {
         Ok(c) => c,
         Err(e) => return fail(e, 2),

@@ -21,6 +21,16 @@
 //! ```
 //!
 //! Every module also gets its own data directory, preopened as `/data`.
+//!
+//! ```toml
+//! [hsm]
+//! backend = "soft"                    # soft (default) | tpm | pkcs11
+//! tcti = "device:/dev/tpmrm0"         # tpm: TCTI (default shown)
+//! pcr = 23                            # tpm: measurement register PCR
+//! module = "/usr/lib/softhsm/libsofthsm2.so"   # pkcs11: the module
+//! token = "edgeward"                  # pkcs11: token label
+//! pin_file = "/etc/edgeward/pin"      # pkcs11: user PIN, never on the command line
+//! ```
 
 use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -28,6 +38,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::hsm::HsmConfig;
 use crate::measure::Digest;
 use crate::runtime::DirGrant;
 use crate::runtime::sandbox::DEFAULT_MAX_MEMORY;
@@ -56,9 +67,72 @@ pub struct ConfigError {
 struct RawConfig {
     state_dir: Option<PathBuf>,
     #[serde(default)]
+    hsm: RawHsm,
+    #[serde(default)]
     runtime: RawRuntime,
     #[serde(default, rename = "module")]
     modules: Vec<RawModule>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHsm {
+    backend: Option<String>,
+    tcti: Option<String>,
+    pcr: Option<u8>,
+    module: Option<PathBuf>,
+    token: Option<String>,
+    pin_file: Option<PathBuf>,
+}
+
+/// The TCTI used when `[hsm] backend = "tpm"` names none.
+pub const DEFAULT_TCTI: &str = "device:/dev/tpmrm0";
+
+impl RawHsm {
+    fn validate(self, resolve: &dyn Fn(&Path) -> PathBuf) -> Result<HsmConfig, String> {
+        let backend = self.backend.as_deref().unwrap_or("soft");
+        let tpm_fields = self.tcti.is_some() || self.pcr.is_some();
+        let pkcs11_fields =
+            self.module.is_some() || self.token.is_some() || self.pin_file.is_some();
+        match backend {
+            "soft" if tpm_fields || pkcs11_fields => {
+                Err("hsm: tcti/pcr/module/token/pin_file do not apply to backend \"soft\"".into())
+            }
+            "soft" => Ok(HsmConfig::Soft),
+            #[cfg(feature = "tpm")]
+            "tpm" => {
+                if pkcs11_fields {
+                    return Err("hsm: module/token/pin_file do not apply to backend \"tpm\"".into());
+                }
+                let pcr = self.pcr.unwrap_or(crate::hsm::tpm::DEFAULT_PCR);
+                if pcr > 23 {
+                    return Err(format!("hsm.pcr = {pcr}: must be 0..=23"));
+                }
+                Ok(HsmConfig::Tpm(crate::hsm::tpm::TpmConfig {
+                    tcti: self.tcti.unwrap_or_else(|| DEFAULT_TCTI.to_owned()),
+                    pcr,
+                }))
+            }
+            #[cfg(feature = "pkcs11")]
+            "pkcs11" => {
+                if tpm_fields {
+                    return Err("hsm: tcti/pcr do not apply to backend \"pkcs11\"".into());
+                }
+                let need = |v: Option<PathBuf>, f: &str| {
+                    v.ok_or_else(|| format!("hsm: backend \"pkcs11\" needs {f}"))
+                };
+                Ok(HsmConfig::Pkcs11(crate::hsm::pkcs11::Pkcs11Config {
+                    module: resolve(&need(self.module, "module")?),
+                    token: self.token.ok_or("hsm: backend \"pkcs11\" needs token")?,
+                    pin_file: resolve(&need(self.pin_file, "pin_file")?),
+                }))
+            }
+            other => Err(format!(
+                "hsm.backend = {other:?}: expected \"soft\", \"tpm\" or \"pkcs11\" (built with: {})",
+                crate::hsm::BACKENDS.join(", ")
+            )),
+        }
+    }
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -149,6 +223,8 @@ pub struct Config {
     pub path: PathBuf,
     /// `state_dir`, if set (relative paths resolved against the file's dir).
     pub state_dir: Option<PathBuf>,
+    /// The HSM backend.
+    pub hsm: HsmConfig,
     /// Runtime settings.
     pub runtime: RuntimeSettings,
     /// The deployment.
@@ -207,6 +283,7 @@ impl Config {
             }
         };
 
+        let hsm = raw.hsm.validate(&resolve).map_err(err)?;
         let max_modules = raw.runtime.max_modules.unwrap_or(DEFAULT_MAX_MODULES);
         if !(1..=100_000).contains(&max_modules) {
             return Err(err(format!(
@@ -284,6 +361,7 @@ impl Config {
         Ok(Self {
             path: path.to_owned(),
             state_dir: raw.state_dir.map(|p| resolve(&p)),
+            hsm,
             runtime: RuntimeSettings {
                 max_modules,
                 pooling: raw.runtime.pooling,
@@ -377,12 +455,44 @@ mod tests {
             ),
             ("[runtime]\nmax_modules = 0".to_owned(), "max_modules"),
             ("this is not toml".to_owned(), "config.toml"),
+            ("[hsm]\nbackend = \"vault\"".to_owned(), "vault"),
+            ("[hsm]\nbackend = \"soft\"\ntcti = \"x\"".to_owned(), "tcti"),
+            (
+                "[hsm]\nbackend = \"pkcs11\"\nmodule = \"m.so\"".to_owned(),
+                "token",
+            ),
+            ("[hsm]\nbackend = \"tpm\"\npcr = 24".to_owned(), "pcr"),
         ];
         for (text, needle) in cases {
             let e = parse(&text).expect_err(&text);
             assert!(e.contains(needle), "{needle:?} not in {e:?}");
             assert!(e.contains("/etc/edgeward/config.toml"), "{e}");
         }
+    }
+
+    #[test]
+    fn hsm_backends() {
+        assert_eq!(parse("").expect("empty").hsm, HsmConfig::Soft);
+        let c = parse("[hsm]\nbackend = \"tpm\"").expect("tpm");
+        assert_eq!(
+            c.hsm,
+            HsmConfig::Tpm(crate::hsm::tpm::TpmConfig {
+                tcti: DEFAULT_TCTI.into(),
+                pcr: 23
+            })
+        );
+        let c = parse(
+            "[hsm]\nbackend = \"pkcs11\"\nmodule = \"/m.so\"\ntoken = \"t\"\npin_file = \"pin\"",
+        )
+        .expect("pkcs11");
+        assert_eq!(
+            c.hsm,
+            HsmConfig::Pkcs11(crate::hsm::pkcs11::Pkcs11Config {
+                module: "/m.so".into(),
+                token: "t".into(),
+                pin_file: "/etc/edgeward/pin".into(),
+            })
+        );
     }
 
     #[test]

@@ -120,6 +120,29 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
     result
 }
 
+/// Creates `path` with `bytes` only if it does not exist yet, atomically:
+/// the content is written and synced under a temporary name, then
+/// hard-linked to `path` (which fails if `path` exists). Returns `false`
+/// when another writer created `path` first; its content is then left as is.
+///
+/// # Errors
+///
+/// Any I/O error other than `path` already existing.
+pub fn create_only(path: &Path, bytes: &[u8]) -> io::Result<bool> {
+    let tmp = temp_path(path)?;
+    write_atomic(&tmp, bytes)?;
+    let linked = fs::hard_link(&tmp, path);
+    let _ = fs::remove_file(&tmp);
+    match linked {
+        Ok(()) => {
+            fs::File::open(path.parent().unwrap_or(Path::new(".")))?.sync_all()?;
+            Ok(true)
+        }
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
 fn temp_path(path: &Path) -> io::Result<PathBuf> {
     let mut nonce = [0u8; 8];
     getrandom::fill(&mut nonce).map_err(|e| io::Error::other(format!("random: {e}")))?;

@@ -1,6 +1,8 @@
 //! `edgeward daemon`: a deployment runs, refused modules stay refused, and
 //! SIGTERM stops everything cleanly.
 
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 use common::*;

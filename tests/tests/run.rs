@@ -1,5 +1,7 @@
 //! `edgeward run`: the measured path and the sandbox, through the binary.
 
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 use common::*;

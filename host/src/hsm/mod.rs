@@ -14,12 +14,25 @@
 //! …): `[a-z0-9][a-z0-9._-]{0,63}`. Every error names the backend, the
 //! operation and the key id, and never secret material.
 
+#[cfg(feature = "pkcs11")]
+pub mod pkcs11;
 pub mod soft;
+#[cfg(feature = "tpm")]
+pub mod tpm;
 
 use std::fmt;
 
 use sha2::{Digest as _, Sha256};
 use zeroize::Zeroizing;
+
+/// The backends this build includes.
+pub const BACKENDS: &[&str] = &[
+    "soft",
+    #[cfg(feature = "tpm")]
+    "tpm",
+    #[cfg(feature = "pkcs11")]
+    "pkcs11",
+];
 
 /// Version byte that starts every AEAD ciphertext the PAL produces.
 pub const AEAD_VERSION: u8 = 1;
@@ -141,7 +154,7 @@ impl std::error::Error for HsmError {}
 pub type Result<T, E = HsmError> = std::result::Result<T, E>;
 
 /// A key's algorithm.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum KeyKind {
     /// ECDSA P-256 signing key.
     EcdsaP256,
@@ -237,6 +250,13 @@ pub trait Hsm: Send + Sync + fmt::Debug {
     /// SEC1 uncompressed public point.
     fn signing_key(&self, id: &str) -> Result<Vec<u8>> {
         Err(self.unsupported(Op::SigningKey, Some(id)))
+    }
+
+    /// Creates the attestation key `id` if it does not exist (for
+    /// [`Hsm::quote`]); returns its public point. Backends with restricted
+    /// keys (TPM) make it one; elsewhere it is an ordinary signing key.
+    fn attestation_key(&self, id: &str) -> Result<Vec<u8>> {
+        self.signing_key(id)
     }
 
     /// The public point of the existing signing key `id`.
@@ -356,4 +376,40 @@ pub(crate) fn random_signing_key() -> std::result::Result<p256::ecdsa::SigningKe
             return Ok(k);
         }
     }
+}
+
+/// Which backend to open, validated from the config's `[hsm]` table.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum HsmConfig {
+    /// Software keys in the state directory (the default).
+    #[default]
+    Soft,
+    /// TPM 2.0.
+    #[cfg(feature = "tpm")]
+    Tpm(tpm::TpmConfig),
+    /// A PKCS#11 token.
+    #[cfg(feature = "pkcs11")]
+    Pkcs11(pkcs11::Pkcs11Config),
+}
+
+/// Opens the configured backend with its files under `state_dir`.
+///
+/// # Errors
+///
+/// The backend's open error, naming the backend and what is unavailable.
+pub fn open(config: &HsmConfig, state_dir: &std::path::Path) -> Result<std::sync::Arc<dyn Hsm>> {
+    Ok(match config {
+        HsmConfig::Soft => std::sync::Arc::new(soft::SoftHsm::open(state_dir)?),
+        #[cfg(feature = "tpm")]
+        HsmConfig::Tpm(c) => std::sync::Arc::new(tpm::TpmHsm::open(state_dir, c.clone())?),
+        #[cfg(feature = "pkcs11")]
+        HsmConfig::Pkcs11(c) => std::sync::Arc::new(pkcs11::Pkcs11Hsm::open(c.clone())?),
+    })
+}
+
+/// A SEC1 public point as a PEM SubjectPublicKeyInfo.
+pub fn public_key_pem(sec1: &[u8]) -> Option<String> {
+    use p256::pkcs8::EncodePublicKey as _;
+    let pk = p256::PublicKey::from_sec1_bytes(sec1).ok()?;
+    pk.to_public_key_pem(p256::pkcs8::LineEnding::LF).ok()
 }

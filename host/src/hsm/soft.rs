@@ -166,29 +166,16 @@ impl SoftHsm {
         let sealed = seal(&self.kek, secret, &Self::key_aad(id, kind))
             .map_err(|m| err(op, Some(id), ErrorKind::Backend(m)))?;
         let path = self.key_path(id, kind);
-        let tmp = path.with_extension(format!("{}.new", ext(kind)));
-        state::write_atomic(&tmp, &sealed).map_err(|e| io_err(op, Some(id), &tmp, &e))?;
-        // `hard_link` fails if the target exists: create-only, atomically.
-        let linked = std::fs::hard_link(&tmp, &path);
-        let _ = std::fs::remove_file(&tmp);
-        match linked {
-            Ok(()) => {
-                if let Ok(d) = std::fs::File::open(path.parent().unwrap_or(Path::new("."))) {
-                    let _ = d.sync_all();
-                }
-                Ok(Zeroizing::new(secret.to_vec()))
-            }
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
-                self.read_key(op, id, kind)?.ok_or_else(|| {
-                    err(
-                        op,
-                        Some(id),
-                        ErrorKind::Backend("key vanished while being created".into()),
-                    )
-                })
-            }
-            Err(e) => Err(io_err(op, Some(id), &path, &e)),
+        if state::create_only(&path, &sealed).map_err(|e| io_err(op, Some(id), &path, &e))? {
+            return Ok(Zeroizing::new(secret.to_vec()));
         }
+        self.read_key(op, id, kind)?.ok_or_else(|| {
+            err(
+                op,
+                Some(id),
+                ErrorKind::Backend("key vanished while being created".into()),
+            )
+        })
     }
 
     fn load_signing(&self, op: Op, id: &str, create: bool) -> Result<Arc<SigningKey>> {

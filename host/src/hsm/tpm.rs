@@ -1,0 +1,705 @@
+//! The `tpm` backend: TPM 2.0 through tss-esapi (ESAPI from Debian's
+//! libtss2).
+//!
+//! - A storage primary (ECC P-256, restricted decryption) is derived in the
+//!   owner hierarchy at open. Its name is recorded next to the key blobs and
+//!   checked at every open: a cleared or replaced TPM is reported, not
+//!   silently used with keys that cannot load.
+//! - Keys are created under the primary and their public/private blobs
+//!   (never saved contexts) are kept in `<state>/hsm-tpm/keys`, so they
+//!   survive TPM resets and daemon restarts. Each operation loads the key,
+//!   uses it and flushes it: no resource manager is assumed.
+//! - The measurement register is a PCR (default 23), quoted with TPM2_Quote
+//!   by a restricted attestation key; the TPMS_ATTEST and TPMT_SIGNATURE are
+//!   returned as `tpm2_checkquote` reads them.
+//! - AEAD keys are 32 random bytes sealed in a TPM keyed-hash object,
+//!   unsealed on first use and used in software (AES-256-GCM).
+
+use std::collections::HashMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use aes_gcm::{Aes256Gcm, KeyInit};
+use tss_esapi::attributes::ObjectAttributesBuilder;
+use tss_esapi::constants::tss::{TPM2_RH_NULL, TPM2_ST_HASHCHECK};
+use tss_esapi::handles::{KeyHandle, ObjectHandle, PcrHandle};
+use tss_esapi::interface_types::algorithm::{HashingAlgorithm, PublicAlgorithm};
+use tss_esapi::interface_types::ecc::EccCurve;
+use tss_esapi::interface_types::resource_handles::Hierarchy;
+use tss_esapi::structures::{
+    Data, Digest, DigestValues, EccPoint, EccScheme, HashScheme, HashcheckTicket, KeyedHashScheme,
+    PcrSelectionListBuilder, PcrSlot, Private, Public, PublicBuilder, PublicEccParametersBuilder,
+    PublicKeyedHashParameters, SensitiveData, Signature, SignatureScheme,
+    SymmetricDefinitionObject,
+};
+use tss_esapi::traits::{Marshall, UnMarshall};
+use tss_esapi::tss2_esys::TPMT_TK_HASHCHECK;
+use tss_esapi::{Context, TctiNameConf};
+use zeroize::Zeroizing;
+
+use super::soft::{open as aead_open, seal as aead_seal};
+use super::{
+    ErrorKind, Hsm, HsmError, KeyInfo, KeyKind, MAX_AEAD_INPUT, MAX_NONCE, Op, Quote, Result,
+    check_id, check_len,
+};
+use crate::state;
+
+const BACKEND: &str = "tpm";
+/// The PCR used as the measurement register unless configured otherwise.
+pub const DEFAULT_PCR: u8 = 23;
+
+/// The `tpm` backend's settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TpmConfig {
+    /// TCTI string, e.g. `device:/dev/tpmrm0` or `swtpm:host=127.0.0.1,port=2321`.
+    pub tcti: String,
+    /// PCR index for the measurement register (0..=23).
+    pub pcr: u8,
+}
+
+/// What a key blob file holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Blob {
+    Signing,
+    Attestation,
+    Sealed,
+}
+
+impl Blob {
+    fn ext(self) -> &'static str {
+        match self {
+            Blob::Signing => "p256",
+            Blob::Attestation => "ak",
+            Blob::Sealed => "aead",
+        }
+    }
+}
+
+struct Inner {
+    ctx: Context,
+    primary: KeyHandle,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        let _ = self.ctx.flush_context(self.primary.into());
+    }
+}
+
+/// TPM 2.0 keys.
+pub struct TpmHsm {
+    dir: PathBuf,
+    config: TpmConfig,
+    inner: Mutex<Inner>,
+    aead: Mutex<HashMap<String, Arc<Aes256Gcm>>>,
+}
+
+impl fmt::Debug for TpmHsm {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TpmHsm")
+            .field("dir", &self.dir)
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+fn err(op: Op, key: Option<&str>, kind: ErrorKind) -> HsmError {
+    HsmError::new(BACKEND, op, key, kind)
+}
+
+fn tss(op: Op, key: Option<&str>) -> impl Fn(tss_esapi::Error) -> HsmError + '_ {
+    move |e| err(op, key, ErrorKind::Backend(format!("TPM: {e}")))
+}
+
+fn primary_template() -> tss_esapi::Result<Public> {
+    let attrs = ObjectAttributesBuilder::new()
+        .with_fixed_tpm(true)
+        .with_fixed_parent(true)
+        .with_sensitive_data_origin(true)
+        .with_user_with_auth(true)
+        .with_decrypt(true)
+        .with_restricted(true)
+        .with_no_da(true)
+        .build()?;
+    PublicBuilder::new()
+        .with_public_algorithm(PublicAlgorithm::Ecc)
+        .with_name_hashing_algorithm(HashingAlgorithm::Sha256)
+        .with_object_attributes(attrs)
+        .with_ecc_parameters(
+            PublicEccParametersBuilder::new_restricted_decryption_key(
+                SymmetricDefinitionObject::AES_128_CFB,
+                EccCurve::NistP256,
+            )
+            .build()?,
+        )
+        .with_ecc_unique_identifier(EccPoint::default())
+        .build()
+}
+
+fn signing_template(restricted: bool) -> tss_esapi::Result<Public> {
+    let attrs = ObjectAttributesBuilder::new()
+        .with_fixed_tpm(true)
+        .with_fixed_parent(true)
+        .with_sensitive_data_origin(true)
+        .with_user_with_auth(true)
+        .with_sign_encrypt(true)
+        .with_restricted(restricted)
+        .with_no_da(true)
+        .build()?;
+    let scheme = EccScheme::EcDsa(HashScheme::new(HashingAlgorithm::Sha256));
+    PublicBuilder::new()
+        .with_public_algorithm(PublicAlgorithm::Ecc)
+        .with_name_hashing_algorithm(HashingAlgorithm::Sha256)
+        .with_object_attributes(attrs)
+        .with_ecc_parameters(
+            PublicEccParametersBuilder::new_unrestricted_signing_key(scheme, EccCurve::NistP256)
+                .with_restricted(restricted)
+                .build()?,
+        )
+        .with_ecc_unique_identifier(EccPoint::default())
+        .build()
+}
+
+fn sealed_template() -> tss_esapi::Result<Public> {
+    let attrs = ObjectAttributesBuilder::new()
+        .with_fixed_tpm(true)
+        .with_fixed_parent(true)
+        .with_user_with_auth(true)
+        .with_no_da(true)
+        .build()?;
+    PublicBuilder::new()
+        .with_public_algorithm(PublicAlgorithm::KeyedHash)
+        .with_name_hashing_algorithm(HashingAlgorithm::Sha256)
+        .with_object_attributes(attrs)
+        .with_keyed_hash_parameters(PublicKeyedHashParameters::new(KeyedHashScheme::Null))
+        .with_keyed_hash_unique_identifier(Digest::default())
+        .build()
+}
+
+/// SEC1 uncompressed point of an ECC `Public`.
+fn sec1(public: &Public) -> Option<Vec<u8>> {
+    match public {
+        Public::Ecc { unique, .. } => {
+            let (x, y) = (unique.x().value(), unique.y().value());
+            if x.len() > 32 || y.len() > 32 {
+                return None;
+            }
+            let mut out = vec![4u8; 65];
+            out[1 + 32 - x.len()..33].copy_from_slice(x);
+            out[33 + 32 - y.len()..].copy_from_slice(y);
+            Some(out)
+        }
+        _ => None,
+    }
+}
+
+/// DER ECDSA signature from a TPM signature.
+fn der_signature(sig: &Signature) -> Option<Vec<u8>> {
+    let Signature::EcDsa(ecc) = sig else {
+        return None;
+    };
+    let pad = |v: &[u8]| -> Option<[u8; 32]> {
+        let mut out = [0u8; 32];
+        let v = v.get(v.len().saturating_sub(32)..)?;
+        out[32 - v.len()..].copy_from_slice(v);
+        Some(out)
+    };
+    let r = pad(ecc.signature_r().value())?;
+    let s = pad(ecc.signature_s().value())?;
+    let sig = p256::ecdsa::Signature::from_scalars(r, s).ok()?;
+    Some(sig.to_der().as_bytes().to_vec())
+}
+
+fn encode_blob(public: &Public, private: &Private) -> tss_esapi::Result<Vec<u8>> {
+    let public = public.marshall()?;
+    let mut out = Vec::with_capacity(2 + public.len() + private.value().len());
+    out.extend_from_slice(
+        &u16::try_from(public.len())
+            .unwrap_or(u16::MAX)
+            .to_be_bytes(),
+    );
+    out.extend_from_slice(&public);
+    out.extend_from_slice(private.value());
+    Ok(out)
+}
+
+fn decode_blob(bytes: &[u8]) -> Option<(Public, Private)> {
+    let len = usize::from(u16::from_be_bytes([*bytes.first()?, *bytes.get(1)?]));
+    let public = Public::unmarshall(bytes.get(2..2 + len)?).ok()?;
+    let private = Private::try_from(bytes.get(2 + len..)?.to_vec()).ok()?;
+    Some((public, private))
+}
+
+impl TpmHsm {
+    /// Connects to the TPM, derives the storage primary and checks its name
+    /// against the one recorded in `state_dir/hsm-tpm`.
+    ///
+    /// # Errors
+    ///
+    /// [`ErrorKind::Unavailable`] naming the TCTI when the TPM cannot be
+    /// reached; a backend error when the primary changed.
+    pub fn open(state_dir: &Path, config: TpmConfig) -> Result<Self> {
+        let op = Op::ListKeys;
+        if config.pcr > 23 {
+            return Err(err(
+                op,
+                None,
+                ErrorKind::InvalidArgument(format!("pcr {} is not 0..=23", config.pcr)),
+            ));
+        }
+        let dir = state_dir.join("hsm-tpm");
+        let keys = dir.join("keys");
+        state::ensure_private_dir(&keys).map_err(|e| {
+            err(
+                op,
+                None,
+                ErrorKind::Backend(format!("{}: {e}", keys.display())),
+            )
+        })?;
+        let tcti = TctiNameConf::from_str(&config.tcti).map_err(|e| {
+            err(
+                op,
+                None,
+                ErrorKind::InvalidArgument(format!("TCTI {:?}: {e}", config.tcti)),
+            )
+        })?;
+        let mut ctx = Context::new(tcti).map_err(|e| {
+            err(
+                op,
+                None,
+                ErrorKind::Unavailable(format!("cannot reach the TPM at {:?}: {e}", config.tcti)),
+            )
+        })?;
+        let template = primary_template().map_err(tss(op, None))?;
+        let primary = ctx
+            .execute_with_nullauth_session(|ctx| {
+                ctx.create_primary(Hierarchy::Owner, template, None, None, None, None)
+            })
+            .map_err(|e| {
+                err(
+                    op,
+                    None,
+                    ErrorKind::Unavailable(format!(
+                        "cannot create the storage primary at {:?}: {e}",
+                        config.tcti
+                    )),
+                )
+            })?
+            .key_handle;
+        let inner = Inner { ctx, primary };
+        let this = Self {
+            dir,
+            config,
+            inner: Mutex::new(inner),
+            aead: Mutex::default(),
+        };
+        this.check_primary_name()?;
+        Ok(this)
+    }
+
+    fn lock(&self, op: Op, key: Option<&str>) -> Result<MutexGuard<'_, Inner>> {
+        self.inner
+            .lock()
+            .map_err(|_| err(op, key, ErrorKind::Backend("lock poisoned".into())))
+    }
+
+    fn check_primary_name(&self) -> Result<()> {
+        let op = Op::ListKeys;
+        let mut inner = self.lock(op, None)?;
+        let primary = inner.primary;
+        let name = inner
+            .ctx
+            .tr_get_name(primary.into())
+            .map_err(tss(op, None))?;
+        let name = name.value().to_vec();
+        let path = self.dir.join("primary.name");
+        match std::fs::read(&path) {
+            Ok(recorded) if recorded == name => Ok(()),
+            Ok(_) => Err(err(
+                op,
+                None,
+                ErrorKind::Backend(format!(
+                    "the TPM's storage primary is not the one the keys in {} were created under (TPM cleared or replaced?)",
+                    self.dir.display()
+                )),
+            )),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                state::create_only(&path, &name).map_err(|e| {
+                    err(
+                        op,
+                        None,
+                        ErrorKind::Backend(format!("{}: {e}", path.display())),
+                    )
+                })?;
+                Ok(())
+            }
+            Err(e) => Err(err(
+                op,
+                None,
+                ErrorKind::Backend(format!("{}: {e}", path.display())),
+            )),
+        }
+    }
+
+    fn blob_path(&self, id: &str, blob: Blob) -> PathBuf {
+        self.dir.join("keys").join(format!("{id}.{}", blob.ext()))
+    }
+
+    fn read_blob(&self, op: Op, id: &str, blob: Blob) -> Result<Option<(Public, Private)>> {
+        let path = self.blob_path(id, blob);
+        match std::fs::read(&path) {
+            Ok(bytes) => decode_blob(&bytes).map(Some).ok_or_else(|| {
+                err(
+                    op,
+                    Some(id),
+                    ErrorKind::Backend(format!("{}: malformed key blob", path.display())),
+                )
+            }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let others = [Blob::Signing, Blob::Attestation, Blob::Sealed];
+                if others
+                    .iter()
+                    .any(|b| *b != blob && self.blob_path(id, *b).exists())
+                {
+                    Err(err(op, Some(id), ErrorKind::WrongKeyKind))
+                } else {
+                    Ok(None)
+                }
+            }
+            Err(e) => Err(err(
+                op,
+                Some(id),
+                ErrorKind::Backend(format!("{}: {e}", path.display())),
+            )),
+        }
+    }
+
+    /// Loads (creating first if asked) the blob `id`, returning its public part.
+    fn ensure_blob(&self, op: Op, id: &str, blob: Blob, create: bool) -> Result<(Public, Private)> {
+        check_id(BACKEND, op, id)?;
+        if let Some(b) = self.read_blob(op, id, blob)? {
+            return Ok(b);
+        }
+        if !create {
+            return Err(err(op, Some(id), ErrorKind::KeyNotFound));
+        }
+        let (template, sensitive) = match blob {
+            Blob::Signing => (signing_template(false), None),
+            Blob::Attestation => (signing_template(true), None),
+            Blob::Sealed => {
+                let mut secret = Zeroizing::new(vec![0u8; 32]);
+                getrandom::fill(&mut secret)
+                    .map_err(|e| err(op, Some(id), ErrorKind::Backend(format!("random: {e}"))))?;
+                let data = SensitiveData::try_from(secret.to_vec()).map_err(tss(op, Some(id)))?;
+                (sealed_template(), Some(data))
+            }
+        };
+        let template = template.map_err(tss(op, Some(id)))?;
+        let created = {
+            let mut inner = self.lock(op, Some(id))?;
+            let primary = inner.primary;
+            inner
+                .ctx
+                .execute_with_nullauth_session(|ctx| {
+                    ctx.create(primary, template, None, sensitive, None, None)
+                })
+                .map_err(tss(op, Some(id)))?
+        };
+        let bytes =
+            encode_blob(&created.out_public, &created.out_private).map_err(tss(op, Some(id)))?;
+        let path = self.blob_path(id, blob);
+        state::create_only(&path, &bytes).map_err(|e| {
+            err(
+                op,
+                Some(id),
+                ErrorKind::Backend(format!("{}: {e}", path.display())),
+            )
+        })?;
+        // Whoever won a creation race, the file is the key.
+        self.read_blob(op, id, blob)?.ok_or_else(|| {
+            err(
+                op,
+                Some(id),
+                ErrorKind::Backend("key vanished while being created".into()),
+            )
+        })
+    }
+
+    /// Loads a blob into the TPM, runs `f` with its handle, flushes it.
+    fn with_loaded<T>(
+        &self,
+        op: Op,
+        id: &str,
+        (public, private): (Public, Private),
+        f: impl FnOnce(&mut Context, KeyHandle) -> tss_esapi::Result<T>,
+    ) -> Result<T> {
+        let mut inner = self.lock(op, Some(id))?;
+        let primary = inner.primary;
+        let ctx = &mut inner.ctx;
+        let handle = ctx
+            .execute_with_nullauth_session(|ctx| ctx.load(primary, private, public))
+            .map_err(tss(op, Some(id)))?;
+        let result = ctx.execute_with_nullauth_session(|ctx| f(ctx, handle));
+        let flushed = ctx.flush_context(ObjectHandle::from(handle));
+        let value = result.map_err(tss(op, Some(id)))?;
+        flushed.map_err(tss(op, Some(id)))?;
+        Ok(value)
+    }
+
+    fn aead_cipher(&self, op: Op, id: &str, create: bool) -> Result<Arc<Aes256Gcm>> {
+        check_id(BACKEND, op, id)?;
+        if let Some(c) = self.aead.lock().ok().and_then(|m| m.get(id).cloned()) {
+            return Ok(c);
+        }
+        let blob = self.ensure_blob(op, id, Blob::Sealed, create)?;
+        let secret = self.with_loaded(op, id, blob, |ctx, h| ctx.unseal(h.into()))?;
+        let secret = Zeroizing::new(secret.value().to_vec());
+        let cipher = Arc::new(
+            Aes256Gcm::new_from_slice(&secret)
+                .map_err(|_| err(op, Some(id), ErrorKind::AuthenticationFailed))?,
+        );
+        if let Ok(mut m) = self.aead.lock() {
+            m.insert(id.to_owned(), cipher.clone());
+        }
+        Ok(cipher)
+    }
+
+    fn pcr_selection(&self) -> tss_esapi::Result<tss_esapi::structures::PcrSelectionList> {
+        let slot = PcrSlot::try_from(1u32 << self.config.pcr)?;
+        PcrSelectionListBuilder::new()
+            .with_selection(HashingAlgorithm::Sha256, &[slot])
+            .build()
+    }
+
+    fn pcr_handle(&self) -> Result<PcrHandle> {
+        PcrHandle::try_from(u32::from(self.config.pcr)).map_err(|_| {
+            err(
+                Op::Extend,
+                None,
+                ErrorKind::InvalidArgument(format!("pcr {}", self.config.pcr)),
+            )
+        })
+    }
+}
+
+fn null_ticket() -> tss_esapi::Result<HashcheckTicket> {
+    HashcheckTicket::try_from(TPMT_TK_HASHCHECK {
+        tag: TPM2_ST_HASHCHECK,
+        hierarchy: TPM2_RH_NULL,
+        digest: Default::default(),
+    })
+}
+
+impl Hsm for TpmHsm {
+    fn backend(&self) -> &'static str {
+        BACKEND
+    }
+
+    fn signing_key(&self, id: &str) -> Result<Vec<u8>> {
+        let (public, _) = self.ensure_blob(Op::SigningKey, id, Blob::Signing, true)?;
+        sec1(&public).ok_or_else(|| err(Op::SigningKey, Some(id), ErrorKind::WrongKeyKind))
+    }
+
+    fn attestation_key(&self, id: &str) -> Result<Vec<u8>> {
+        let (public, _) = self.ensure_blob(Op::SigningKey, id, Blob::Attestation, true)?;
+        sec1(&public).ok_or_else(|| err(Op::SigningKey, Some(id), ErrorKind::WrongKeyKind))
+    }
+
+    fn public_key(&self, id: &str) -> Result<Vec<u8>> {
+        check_id(BACKEND, Op::PublicKey, id)?;
+        let blob = match self.read_blob(Op::PublicKey, id, Blob::Signing) {
+            Err(HsmError {
+                kind: ErrorKind::WrongKeyKind,
+                ..
+            }) => self.read_blob(Op::PublicKey, id, Blob::Attestation)?,
+            other => other?,
+        };
+        let (public, _) =
+            blob.ok_or_else(|| err(Op::PublicKey, Some(id), ErrorKind::KeyNotFound))?;
+        sec1(&public).ok_or_else(|| err(Op::PublicKey, Some(id), ErrorKind::WrongKeyKind))
+    }
+
+    fn sign_digest(&self, id: &str, digest: &[u8; 32]) -> Result<Vec<u8>> {
+        let blob = self.ensure_blob(Op::Sign, id, Blob::Signing, false)?;
+        let digest = Digest::try_from(digest.to_vec()).map_err(tss(Op::Sign, Some(id)))?;
+        let ticket = null_ticket().map_err(tss(Op::Sign, Some(id)))?;
+        let sig = self.with_loaded(Op::Sign, id, blob, |ctx, h| {
+            ctx.sign(h, digest, SignatureScheme::Null, ticket)
+        })?;
+        der_signature(&sig).ok_or_else(|| {
+            err(
+                Op::Sign,
+                Some(id),
+                ErrorKind::Backend("unexpected signature type".into()),
+            )
+        })
+    }
+
+    fn aead_key(&self, id: &str) -> Result<()> {
+        self.aead_cipher(Op::AeadKey, id, true).map(|_| ())
+    }
+
+    fn encrypt(&self, id: &str, plaintext: &[u8], aad: &[u8]) -> Result<Vec<u8>> {
+        check_len(
+            BACKEND,
+            Op::Encrypt,
+            Some(id),
+            "plaintext",
+            plaintext.len(),
+            MAX_AEAD_INPUT,
+        )?;
+        check_len(
+            BACKEND,
+            Op::Encrypt,
+            Some(id),
+            "associated data",
+            aad.len(),
+            MAX_AEAD_INPUT,
+        )?;
+        let cipher = self.aead_cipher(Op::Encrypt, id, false)?;
+        aead_seal(&cipher, plaintext, aad)
+            .map_err(|m| err(Op::Encrypt, Some(id), ErrorKind::Backend(m)))
+    }
+
+    fn decrypt(&self, id: &str, ciphertext: &[u8], aad: &[u8]) -> Result<Zeroizing<Vec<u8>>> {
+        check_len(
+            BACKEND,
+            Op::Decrypt,
+            Some(id),
+            "ciphertext",
+            ciphertext.len(),
+            MAX_AEAD_INPUT + 29,
+        )?;
+        let cipher = self.aead_cipher(Op::Decrypt, id, false)?;
+        aead_open(&cipher, ciphertext, aad)
+            .ok_or_else(|| err(Op::Decrypt, Some(id), ErrorKind::AuthenticationFailed))
+    }
+
+    fn random(&self, buf: &mut [u8]) -> Result<()> {
+        let mut inner = self.lock(Op::Random, None)?;
+        let mut filled = 0;
+        while filled < buf.len() {
+            let want = (buf.len() - filled).min(32);
+            let got = inner.ctx.get_random(want).map_err(tss(Op::Random, None))?;
+            let got = got.value();
+            if got.is_empty() {
+                return Err(err(
+                    Op::Random,
+                    None,
+                    ErrorKind::Backend("TPM returned no random bytes".into()),
+                ));
+            }
+            let n = got.len().min(buf.len() - filled);
+            buf[filled..filled + n].copy_from_slice(&got[..n]);
+            filled += n;
+        }
+        Ok(())
+    }
+
+    fn extend(&self, digest: &[u8; 32]) -> Result<()> {
+        let handle = self.pcr_handle()?;
+        let mut values = DigestValues::new();
+        values.set(
+            HashingAlgorithm::Sha256,
+            Digest::try_from(digest.to_vec()).map_err(tss(Op::Extend, None))?,
+        );
+        let mut inner = self.lock(Op::Extend, None)?;
+        inner
+            .ctx
+            .execute_with_nullauth_session(|ctx| ctx.pcr_extend(handle, values))
+            .map_err(tss(Op::Extend, None))
+    }
+
+    fn read_register(&self) -> Result<[u8; 32]> {
+        let selection = self.pcr_selection().map_err(tss(Op::ReadRegister, None))?;
+        let mut inner = self.lock(Op::ReadRegister, None)?;
+        let (_, _, digests) = inner
+            .ctx
+            .pcr_read(selection)
+            .map_err(tss(Op::ReadRegister, None))?;
+        digests
+            .value()
+            .first()
+            .and_then(|d| <[u8; 32]>::try_from(d.value()).ok())
+            .ok_or_else(|| {
+                err(
+                    Op::ReadRegister,
+                    None,
+                    ErrorKind::Backend("the TPM has no SHA-256 bank for this PCR".into()),
+                )
+            })
+    }
+
+    fn quote(&self, key: &str, nonce: &[u8]) -> Result<Quote> {
+        check_len(
+            BACKEND,
+            Op::Quote,
+            Some(key),
+            "nonce",
+            nonce.len(),
+            MAX_NONCE,
+        )?;
+        let blob = self.ensure_blob(Op::Quote, key, Blob::Attestation, false)?;
+        let public_key =
+            sec1(&blob.0).ok_or_else(|| err(Op::Quote, Some(key), ErrorKind::WrongKeyKind))?;
+        let selection = self.pcr_selection().map_err(tss(Op::Quote, Some(key)))?;
+        let data = Data::try_from(nonce.to_vec()).map_err(tss(Op::Quote, Some(key)))?;
+        let scheme = SignatureScheme::EcDsa {
+            hash_scheme: HashScheme::new(HashingAlgorithm::Sha256),
+        };
+        let (attest, signature) = self.with_loaded(Op::Quote, key, blob, |ctx, h| {
+            ctx.quote(h, data, scheme, selection)
+        })?;
+        let register = self.read_register()?;
+        Ok(Quote {
+            backend: BACKEND,
+            register,
+            nonce: nonce.to_vec(),
+            message: attest.marshall().map_err(tss(Op::Quote, Some(key)))?,
+            signature: signature.marshall().map_err(tss(Op::Quote, Some(key)))?,
+            public_key,
+        })
+    }
+
+    fn keys(&self) -> Result<Vec<KeyInfo>> {
+        let dir = self.dir.join("keys");
+        let entries = std::fs::read_dir(&dir).map_err(|e| {
+            err(
+                Op::ListKeys,
+                None,
+                ErrorKind::Backend(format!("{}: {e}", dir.display())),
+            )
+        })?;
+        let mut out = Vec::new();
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let Some((id, ext)) = name.rsplit_once('.') else {
+                continue;
+            };
+            let (kind, blob) = match ext {
+                "p256" => (KeyKind::EcdsaP256, Blob::Signing),
+                "ak" => (KeyKind::EcdsaP256, Blob::Attestation),
+                "aead" => (KeyKind::Aes256Gcm, Blob::Sealed),
+                _ => continue,
+            };
+            if !super::valid_key_id(id) {
+                continue;
+            }
+            let public_key = match blob {
+                Blob::Sealed => None,
+                _ => self
+                    .read_blob(Op::ListKeys, id, blob)?
+                    .and_then(|(p, _)| sec1(&p)),
+            };
+            out.push(KeyInfo {
+                id: id.to_owned(),
+                kind,
+                public_key,
+            });
+        }
+        out.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok(out)
+    }
+}

@@ -1,0 +1,231 @@
+//! Real HSM components for tests and benchmarks: a TPM 2.0 simulator
+//! (swtpm) per test, and a SoftHSM2 token per test. When the component is
+//! not installed these panic with what to install: tests that need them fail,
+//! they never skip.
+
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Once;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use cryptoki::session::UserType;
+use cryptoki::types::AuthPin;
+use edgeward::hsm::pkcs11::Pkcs11Config;
+use edgeward::hsm::tpm::TpmConfig;
+
+/// Where Debian's SoftHSM2 installs its PKCS#11 module.
+pub const SOFTHSM_MODULE: &str = "/usr/lib/softhsm/libsofthsm2.so";
+/// The user PIN of test tokens.
+pub const USER_PIN: &str = "1234-user";
+const SO_PIN: &str = "5678-so";
+
+/// A private swtpm instance listening on loopback.
+#[derive(Debug)]
+pub struct Swtpm {
+    child: Child,
+    port: u16,
+    dir: tempfile::TempDir,
+}
+
+fn free_port_pair() -> u16 {
+    loop {
+        let a = TcpListener::bind("127.0.0.1:0").expect("bind a loopback port");
+        let port = a.local_addr().expect("addr").port();
+        if port < u16::MAX && TcpListener::bind(("127.0.0.1", port + 1)).is_ok() {
+            return port;
+        }
+    }
+}
+
+fn spawn_swtpm(dir: &Path, port: u16) -> Child {
+    Command::new("swtpm")
+        .args(["socket", "--tpm2"])
+        .arg("--server")
+        .arg(format!("type=tcp,port={port},bindaddr=127.0.0.1"))
+        .arg("--ctrl")
+        .arg(format!("type=tcp,port={},bindaddr=127.0.0.1", port + 1))
+        .args(["--flags", "not-need-init,startup-clear"])
+        .arg("--tpmstate")
+        .arg(format!("dir={}", dir.display()))
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| {
+            panic!("cannot start swtpm ({e}): install Debian's swtpm (scripts/setup)")
+        })
+}
+
+impl Swtpm {
+    /// Starts a fresh TPM with its own state directory and ports.
+    pub fn start() -> Self {
+        for _ in 0..10 {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let port = free_port_pair();
+            let child = spawn_swtpm(dir.path(), port);
+            let mut tpm = Self { child, port, dir };
+            if tpm.wait_ready() {
+                return tpm;
+            }
+            // Port taken meanwhile: dropping `tpm` stops it; try another.
+        }
+        panic!("swtpm did not start on any loopback port");
+    }
+
+    fn wait_ready(&mut self) -> bool {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return false;
+            }
+            if TcpStream::connect(("127.0.0.1", self.port + 1)).is_ok() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        false
+    }
+
+    /// The TCTI string for this instance.
+    pub fn tcti(&self) -> String {
+        format!("swtpm:host=127.0.0.1,port={}", self.port)
+    }
+
+    /// A backend config for this instance.
+    pub fn config(&self) -> TpmConfig {
+        TpmConfig {
+            tcti: self.tcti(),
+            pcr: 23,
+        }
+    }
+
+    /// Power-cycles the TPM (TPM reset): transient objects and PCRs are
+    /// cleared, persistent state (seeds, NV) is kept.
+    pub fn reset(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        for _ in 0..50 {
+            self.child = spawn_swtpm(self.dir.path(), self.port);
+            if self.wait_ready() {
+                return;
+            }
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!("swtpm did not come back after a reset");
+    }
+}
+
+impl Drop for Swtpm {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Writes the SoftHSM2 config `$SOFTHSM2_CONF` names (set for every cargo
+/// process by `.cargo/config.toml`) with a token directory beside it.
+fn ensure_softhsm_conf() -> PathBuf {
+    let conf = std::env::var_os("SOFTHSM2_CONF")
+        .map(PathBuf::from)
+        .expect("SOFTHSM2_CONF is not set: run through cargo (see .cargo/config.toml)");
+    let dir = conf.parent().expect("conf has a parent").to_owned();
+    let tokens = dir.join("tokens");
+    // Tokens from earlier runs are dropped before this process first loads
+    // SoftHSM2, so the token store does not grow without end.
+    static CLEAN: Once = Once::new();
+    CLEAN.call_once(|| {
+        let _ = std::fs::remove_dir_all(&tokens);
+    });
+    std::fs::create_dir_all(&tokens).expect("create the SoftHSM2 token directory");
+    let text = format!(
+        "directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\nslots.removable = false\n",
+        tokens.display()
+    );
+    if std::fs::read_to_string(&conf).ok().as_deref() != Some(text.as_str()) {
+        std::fs::write(&conf, text).expect("write the SoftHSM2 config");
+    }
+    assert!(
+        Path::new(SOFTHSM_MODULE).exists(),
+        "{SOFTHSM_MODULE} is missing: install Debian's softhsm2 (scripts/setup)"
+    );
+    conf
+}
+
+/// A freshly initialized SoftHSM2 token with its own label and PIN file.
+#[derive(Debug)]
+pub struct SoftHsmToken {
+    /// The token label.
+    pub label: String,
+    /// A file holding the user PIN.
+    pub pin_file: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl SoftHsmToken {
+    /// Initializes a new token in the free slot.
+    pub fn new() -> Self {
+        static CREATED: AtomicU32 = AtomicU32::new(0);
+        ensure_softhsm_conf();
+        let lib = edgeward::hsm::pkcs11::library(Path::new(SOFTHSM_MODULE)).expect("load SoftHSM2");
+        let _slots = edgeward::hsm::pkcs11::slot_lock();
+        let n = CREATED.fetch_add(1, Ordering::Relaxed);
+        let mut nonce = [0u8; 4];
+        getrandom::fill(&mut nonce).expect("random");
+        let label = format!(
+            "t{}-{}-{:02x}{:02x}{:02x}{:02x}",
+            std::process::id(),
+            n,
+            nonce[0],
+            nonce[1],
+            nonce[2],
+            nonce[3]
+        );
+        let slot = lib
+            .get_slots_with_token()
+            .expect("slots")
+            .into_iter()
+            .find(|s| {
+                lib.get_token_info(*s)
+                    .map(|t| !t.token_initialized())
+                    .unwrap_or(false)
+            })
+            .expect("SoftHSM2 offers a free slot");
+        lib.init_token(slot, &AuthPin::from(SO_PIN), &label)
+            .expect("init token");
+        let session = lib.open_rw_session(slot).expect("session");
+        session
+            .login(UserType::So, Some(&AuthPin::from(SO_PIN)))
+            .expect("SO login");
+        session
+            .init_pin(&AuthPin::from(USER_PIN))
+            .expect("init PIN");
+        session.logout().expect("logout");
+        drop(session);
+        let dir = tempfile::tempdir().expect("tempdir");
+        let pin_file = dir.path().join("pin");
+        std::fs::write(&pin_file, format!("{USER_PIN}\n")).expect("pin file");
+        Self {
+            label,
+            pin_file,
+            _dir: dir,
+        }
+    }
+
+    /// A backend config for this token.
+    pub fn config(&self) -> Pkcs11Config {
+        Pkcs11Config {
+            module: SOFTHSM_MODULE.into(),
+            token: self.label.clone(),
+            pin_file: self.pin_file.clone(),
+        }
+    }
+}
+
+impl Default for SoftHsmToken {
+    fn default() -> Self {
+        Self::new()
+    }
+}

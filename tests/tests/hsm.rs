@@ -1,0 +1,493 @@
+//! HSM PAL conformance: one set of test bodies, run against every backend:
+//! `soft`, `tpm` on a real swtpm, `pkcs11` on a real SoftHSM2 token. Each
+//! test gets its own simulator instance or token.
+
+#![allow(clippy::unwrap_used)]
+
+use std::sync::Arc;
+
+use edgeward::hsm::pkcs11::Pkcs11Hsm;
+use edgeward::hsm::soft::SoftHsm;
+use edgeward::hsm::tpm::TpmHsm;
+use edgeward::hsm::{
+    ErrorKind, Hsm, HsmError, Quote, extend_chain, soft_quote_message, verify_p256,
+};
+use edgeward_tests::fixtures::{SoftHsmToken, Swtpm};
+use sha2::{Digest as _, Sha256};
+
+/// A backend under test: opens (and re-opens) the same key store.
+trait Fixture {
+    fn open(&mut self) -> Arc<dyn Hsm>;
+    /// Whether the backend has a measurement register and quotes.
+    fn attests(&self) -> bool;
+    /// Power-cycles the device where that means something.
+    fn reset(&mut self) {}
+    /// Checks a quote the way an outside verifier would.
+    fn verify_quote(&self, quote: &Quote, expected_register: &[u8; 32]);
+}
+
+struct Soft(tempfile::TempDir);
+struct Tpm(Swtpm, tempfile::TempDir);
+struct Pkcs11(SoftHsmToken);
+
+impl Fixture for Soft {
+    fn open(&mut self) -> Arc<dyn Hsm> {
+        Arc::new(SoftHsm::open(self.0.path()).expect("open soft"))
+    }
+    fn attests(&self) -> bool {
+        true
+    }
+    fn verify_quote(&self, q: &Quote, expected: &[u8; 32]) {
+        assert_eq!(&q.register, expected);
+        assert_eq!(q.message, soft_quote_message(expected, &q.nonce));
+        assert!(
+            verify_p256(&q.public_key, &q.message, &q.signature),
+            "soft quote signature"
+        );
+    }
+}
+
+impl Fixture for Tpm {
+    fn open(&mut self) -> Arc<dyn Hsm> {
+        Arc::new(TpmHsm::open(self.1.path(), self.0.config()).expect("open tpm"))
+    }
+    fn attests(&self) -> bool {
+        true
+    }
+    fn reset(&mut self) {
+        self.0.reset();
+    }
+    fn verify_quote(&self, q: &Quote, expected: &[u8; 32]) {
+        use tss_esapi::structures::{Attest, AttestInfo};
+        use tss_esapi::traits::UnMarshall;
+        assert_eq!(&q.register, expected);
+        // tpm2-tools checks the signature over TPMS_ATTEST and the nonce.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let write = |name: &str, bytes: &[u8]| {
+            let p = dir.path().join(name);
+            std::fs::write(&p, bytes).expect("write");
+            p
+        };
+        let pem = edgeward::hsm::public_key_pem(&q.public_key).expect("pem");
+        let key = write("ak.pem", pem.as_bytes());
+        let msg = write("quote.msg", &q.message);
+        let sig = write("quote.sig", &q.signature);
+        let nonce_hex: String = q.nonce.iter().map(|b| format!("{b:02x}")).collect();
+        let out = std::process::Command::new("tpm2_checkquote")
+            .arg("-u")
+            .arg(&key)
+            .arg("-m")
+            .arg(&msg)
+            .arg("-s")
+            .arg(&sig)
+            .args(["-g", "sha256", "-q", &nonce_hex])
+            .output()
+            .expect("run tpm2_checkquote (install Debian's tpm2-tools)");
+        assert!(
+            out.status.success(),
+            "tpm2_checkquote refused the quote: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        // ...and the quoted PCR digest is SHA-256 of the register we were told.
+        let attest = Attest::unmarshall(&q.message).expect("TPMS_ATTEST");
+        let AttestInfo::Quote { info } = attest.attested() else {
+            panic!("not a quote")
+        };
+        assert_eq!(
+            info.pcr_digest().value(),
+            Sha256::digest(expected).as_slice()
+        );
+        assert_eq!(attest.extra_data().value(), q.nonce.as_slice());
+    }
+}
+
+impl Fixture for Pkcs11 {
+    fn open(&mut self) -> Arc<dyn Hsm> {
+        Arc::new(Pkcs11Hsm::open(self.0.config()).expect("open pkcs11"))
+    }
+    fn attests(&self) -> bool {
+        false
+    }
+    fn verify_quote(&self, _: &Quote, _: &[u8; 32]) {
+        unreachable!("pkcs11 does not quote")
+    }
+}
+
+fn kind(e: HsmError) -> ErrorKind {
+    e.kind
+}
+
+mod bodies {
+    use super::*;
+
+    pub fn sign_and_verify(f: &mut dyn Fixture) {
+        let h = f.open();
+        let pk = h.signing_key("device-ca").expect("create");
+        assert_eq!(pk.len(), 65);
+        assert_eq!(
+            h.signing_key("device-ca").expect("again"),
+            pk,
+            "create-or-load is idempotent"
+        );
+        assert_eq!(h.public_key("device-ca").expect("public"), pk);
+        let msg = b"a reading worth signing";
+        let sig = h
+            .sign_digest("device-ca", &Sha256::digest(msg).into())
+            .expect("sign");
+        assert!(verify_p256(&pk, msg, &sig), "signature verifies");
+        assert!(!verify_p256(&pk, b"another message", &sig));
+        let other = h.signing_key("other").expect("other key");
+        assert_ne!(other, pk);
+        assert!(!verify_p256(&other, msg, &sig));
+    }
+
+    pub fn aead_round_trip(f: &mut dyn Fixture) {
+        let h = f.open();
+        h.aead_key("master-encryption").expect("create");
+        let ct = h
+            .encrypt("master-encryption", b"secret", b"module-a")
+            .expect("encrypt");
+        assert_eq!(ct[0], edgeward::hsm::AEAD_VERSION, "version byte first");
+        let ct2 = h
+            .encrypt("master-encryption", b"secret", b"module-a")
+            .expect("encrypt");
+        assert_ne!(ct, ct2, "fresh nonce per encryption");
+        assert_eq!(
+            h.decrypt("master-encryption", &ct, b"module-a")
+                .expect("decrypt")
+                .as_slice(),
+            b"secret"
+        );
+        assert_eq!(
+            kind(
+                h.decrypt("master-encryption", &ct, b"module-b")
+                    .unwrap_err()
+            ),
+            ErrorKind::AuthenticationFailed
+        );
+        let mut tampered = ct.clone();
+        let last = tampered.len() - 1;
+        tampered[last] ^= 1;
+        assert_eq!(
+            kind(
+                h.decrypt("master-encryption", &tampered, b"module-a")
+                    .unwrap_err()
+            ),
+            ErrorKind::AuthenticationFailed
+        );
+        assert_eq!(
+            kind(
+                h.decrypt("master-encryption", &ct[..5], b"module-a")
+                    .unwrap_err()
+            ),
+            ErrorKind::AuthenticationFailed
+        );
+        let empty = h
+            .encrypt("master-encryption", b"", b"")
+            .expect("empty plaintext");
+        assert!(
+            h.decrypt("master-encryption", &empty, b"")
+                .expect("decrypt")
+                .is_empty()
+        );
+    }
+
+    pub fn bad_input_is_named(f: &mut dyn Fixture) {
+        let h = f.open();
+        let e = h.public_key("missing").unwrap_err();
+        assert_eq!(e.kind, ErrorKind::KeyNotFound);
+        assert!(
+            e.to_string().contains("missing") && e.to_string().contains(h.backend()),
+            "{e}"
+        );
+        assert_eq!(
+            kind(h.sign_digest("missing", &[0; 32]).unwrap_err()),
+            ErrorKind::KeyNotFound
+        );
+        assert_eq!(
+            kind(h.encrypt("missing", b"x", b"").unwrap_err()),
+            ErrorKind::KeyNotFound
+        );
+        assert!(matches!(
+            kind(h.signing_key("Bad/Id").unwrap_err()),
+            ErrorKind::InvalidArgument(_)
+        ));
+        assert!(matches!(
+            kind(h.signing_key("").unwrap_err()),
+            ErrorKind::InvalidArgument(_)
+        ));
+        h.aead_key("sym").expect("aead");
+        assert_eq!(
+            kind(h.signing_key("sym").unwrap_err()),
+            ErrorKind::WrongKeyKind
+        );
+        let big = vec![0u8; edgeward::hsm::MAX_AEAD_INPUT + 1];
+        assert!(matches!(
+            kind(h.encrypt("sym", &big, b"").unwrap_err()),
+            ErrorKind::InvalidArgument(_)
+        ));
+    }
+
+    pub fn random_bytes(f: &mut dyn Fixture) {
+        let h = f.open();
+        let (mut a, mut b) = ([0u8; 100], [0u8; 100]);
+        h.random(&mut a).expect("random");
+        h.random(&mut b).expect("random");
+        assert_ne!(a, b);
+        assert_ne!(a, [0u8; 100]);
+    }
+
+    pub fn register_and_quote(f: &mut dyn Fixture) {
+        let h = f.open();
+        if !f.attests() {
+            for e in [
+                h.extend(&[1; 32]).unwrap_err(),
+                h.read_register().unwrap_err(),
+                h.quote("attestation", b"n").unwrap_err(),
+            ] {
+                assert_eq!(e.kind, ErrorKind::NotSupported, "{e}");
+                assert!(e.to_string().contains("not supported"), "{e}");
+            }
+            return;
+        }
+        let r0 = h.read_register().expect("read");
+        let d: [u8; 32] = Sha256::digest(b"module bytes").into();
+        h.extend(&d).expect("extend");
+        let r1 = h.read_register().expect("read");
+        assert_eq!(
+            r1,
+            extend_chain(&r0, &d),
+            "extend is SHA-256(old || digest)"
+        );
+        h.attestation_key("attestation").expect("attestation key");
+        let nonce = b"verifier-nonce-0123456789";
+        let q = h.quote("attestation", nonce).expect("quote");
+        assert_eq!(q.nonce, nonce);
+        f.verify_quote(&q, &r1);
+        assert!(matches!(
+            kind(h.quote("attestation", &[0; 65]).unwrap_err()),
+            ErrorKind::InvalidArgument(_)
+        ));
+    }
+
+    pub fn keys_persist_across_reopen(f: &mut dyn Fixture) {
+        let (pk, ct) = {
+            let h = f.open();
+            let pk = h.signing_key("device-ca").expect("create");
+            h.aead_key("master-encryption").expect("create");
+            (
+                pk,
+                h.encrypt("master-encryption", b"kept", b"ad")
+                    .expect("encrypt"),
+            )
+        };
+        let h = f.open();
+        assert_eq!(h.public_key("device-ca").expect("reloaded"), pk);
+        let sig = h
+            .sign_digest("device-ca", &Sha256::digest(b"m").into())
+            .expect("sign");
+        assert!(verify_p256(&pk, b"m", &sig));
+        assert_eq!(
+            h.decrypt("master-encryption", &ct, b"ad")
+                .expect("decrypt")
+                .as_slice(),
+            b"kept"
+        );
+        let ids: Vec<String> = h.keys().expect("list").into_iter().map(|k| k.id).collect();
+        assert!(
+            ids.contains(&"device-ca".to_owned()) && ids.contains(&"master-encryption".to_owned()),
+            "{ids:?}"
+        );
+        drop(h);
+
+        // A device reset (TPM power cycle) keeps the keys too.
+        f.reset();
+        let h = f.open();
+        assert_eq!(h.public_key("device-ca").expect("after reset"), pk);
+        assert_eq!(
+            h.decrypt("master-encryption", &ct, b"ad")
+                .expect("decrypt")
+                .as_slice(),
+            b"kept"
+        );
+        let sig = h
+            .sign_digest("device-ca", &Sha256::digest(b"m2").into())
+            .expect("sign");
+        assert!(verify_p256(&pk, b"m2", &sig));
+    }
+
+    pub fn concurrent_use_is_safe(f: &mut dyn Fixture) {
+        let h = f.open();
+        let pk = h.signing_key("device-ca").expect("create");
+        h.aead_key("master-encryption").expect("create");
+        let threads: Vec<_> = (0..6)
+            .map(|t| {
+                let h = h.clone();
+                let pk = pk.clone();
+                std::thread::spawn(move || {
+                    for i in 0..10 {
+                        let msg = format!("thread {t} message {i}");
+                        let sig = h
+                            .sign_digest("device-ca", &Sha256::digest(msg.as_bytes()).into())
+                            .expect("sign");
+                        assert!(verify_p256(&pk, msg.as_bytes(), &sig));
+                        let ct = h
+                            .encrypt("master-encryption", msg.as_bytes(), b"")
+                            .expect("encrypt");
+                        assert_eq!(
+                            h.decrypt("master-encryption", &ct, b"")
+                                .expect("decrypt")
+                                .as_slice(),
+                            msg.as_bytes()
+                        );
+                        let mut r = [0u8; 16];
+                        h.random(&mut r).expect("random");
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().expect("thread");
+        }
+    }
+
+    pub fn secrets_stay_out_of_debug(f: &mut dyn Fixture) {
+        let h = f.open();
+        h.aead_key("master-encryption").expect("create");
+        h.signing_key("device-ca").expect("create");
+        let dbg = format!("{h:?}");
+        assert!(!dbg.contains("kek") || !dbg.contains('['), "{dbg}");
+        assert!(
+            dbg.len() < 400,
+            "Debug output is a summary, not key material: {dbg}"
+        );
+    }
+}
+
+macro_rules! conformance {
+    ($($body:ident),* $(,)?) => {
+        mod soft {
+            $( #[test] fn $body() { super::bodies::$body(&mut super::Soft(tempfile::tempdir().expect("tempdir"))) } )*
+        }
+        mod tpm {
+            $( #[test] fn $body() { super::bodies::$body(&mut super::Tpm(edgeward_tests::fixtures::Swtpm::start(), tempfile::tempdir().expect("tempdir"))) } )*
+        }
+        mod pkcs11 {
+            $( #[test] fn $body() { super::bodies::$body(&mut super::Pkcs11(edgeward_tests::fixtures::SoftHsmToken::new())) } )*
+        }
+    };
+}
+
+conformance!(
+    sign_and_verify,
+    aead_round_trip,
+    bad_input_is_named,
+    random_bytes,
+    register_and_quote,
+    keys_persist_across_reopen,
+    concurrent_use_is_safe,
+    secrets_stay_out_of_debug,
+);
+
+#[test]
+fn soft_keys_are_sealed_and_private() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let h = SoftHsm::open(dir.path()).expect("open");
+    h.signing_key("device-ca").expect("create");
+    let hsm_dir = dir.path().join("hsm");
+    let mode =
+        |p: &std::path::Path| std::fs::metadata(p).expect("meta").permissions().mode() & 0o777;
+    assert_eq!(mode(&hsm_dir), 0o700);
+    assert_eq!(mode(&hsm_dir.join("keys")), 0o700);
+    assert_eq!(mode(&hsm_dir.join("kek")), 0o600);
+    let key_file = hsm_dir.join("keys/device-ca.p256");
+    assert_eq!(mode(&key_file), 0o600);
+    // Sealed at rest: no PKCS#8 structure visible.
+    let bytes = std::fs::read(&key_file).expect("read");
+    assert_eq!(bytes[0], 1);
+    assert!(
+        !bytes.windows(3).any(|w| w == [0x30, 0x81, 0x87]),
+        "plain PKCS#8 on disk"
+    );
+    // A key file swapped in under another id is refused.
+    drop(h);
+    std::fs::copy(&key_file, hsm_dir.join("keys/impostor.p256")).expect("copy");
+    let h = SoftHsm::open(dir.path()).expect("reopen");
+    assert_eq!(
+        h.public_key("impostor").unwrap_err().kind,
+        ErrorKind::AuthenticationFailed
+    );
+}
+
+#[test]
+fn unreachable_tpm_is_a_clear_error() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    // A port nothing listens on.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port();
+    let tcti = format!("swtpm:host=127.0.0.1,port={port}");
+    let e = TpmHsm::open(
+        dir.path(),
+        edgeward::hsm::tpm::TpmConfig {
+            tcti: tcti.clone(),
+            pcr: 23,
+        },
+    )
+    .unwrap_err();
+    assert!(matches!(e.kind, ErrorKind::Unavailable(_)), "{e}");
+    let msg = e.to_string();
+    assert!(
+        msg.contains("hsm backend tpm") && msg.contains(&tcti),
+        "{msg}"
+    );
+}
+
+#[test]
+fn tpm_refuses_a_different_primary() {
+    let state = tempfile::tempdir().expect("tempdir");
+    let tpm_a = Swtpm::start();
+    TpmHsm::open(state.path(), tpm_a.config())
+        .expect("first TPM")
+        .signing_key("k")
+        .expect("key");
+    drop(tpm_a);
+    // Another TPM (another owner seed) cannot load keys made under the first.
+    let tpm_b = Swtpm::start();
+    let e = TpmHsm::open(state.path(), tpm_b.config()).unwrap_err();
+    assert!(e.to_string().contains("storage primary"), "{e}");
+}
+
+#[test]
+fn pkcs11_wrong_pin_and_missing_token_are_clear_errors() {
+    let token = SoftHsmToken::new();
+    let mut config = token.config();
+    let bad_pin = tempfile::NamedTempFile::new().expect("tmp");
+    std::fs::write(bad_pin.path(), "0000\n").expect("write");
+    config.pin_file = bad_pin.path().to_owned();
+    let e = Pkcs11Hsm::open(config.clone()).unwrap_err();
+    let msg = e.to_string();
+    assert!(matches!(e.kind, ErrorKind::Unavailable(_)), "{msg}");
+    assert!(
+        msg.contains("hsm backend pkcs11") && msg.contains("login") && msg.contains("PIN"),
+        "{msg}"
+    );
+    assert!(
+        !msg.contains("0000"),
+        "the PIN leaked into the error: {msg}"
+    );
+
+    let mut missing = token.config();
+    missing.token = "no-such-token".into();
+    let msg = Pkcs11Hsm::open(missing).unwrap_err().to_string();
+    assert!(msg.contains("no-such-token"), "{msg}");
+
+    let mut no_pin = token.config();
+    no_pin.pin_file = "/no/such/pin".into();
+    let msg = Pkcs11Hsm::open(no_pin).unwrap_err().to_string();
+    assert!(msg.contains("/no/such/pin"), "{msg}");
+}
