@@ -49,6 +49,26 @@ enum Command {
         #[command(subcommand)]
         command: HsmCommand,
     },
+    /// Show each module's state, starts and last exit, as the daemon recorded them.
+    Status {
+        /// Config file (for its state_dir).
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print a module's recorded output (oldest first), or its exit records.
+    Logs {
+        /// The module's name.
+        module: String,
+        /// Print the exit records instead of the output.
+        #[arg(long)]
+        exits: bool,
+        /// Config file (for its state_dir).
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+    },
     /// Print the sha256 digest of component files, as pinned in a config.
     Digest {
         /// Component files.
@@ -137,6 +157,18 @@ pub fn main() -> ExitCode {
         } => {
             init_logging("warn");
             hsm_info(cli.state_dir, config, json)
+        }
+        Command::Status { config, json } => {
+            init_logging("warn");
+            status_command(cli.state_dir, config, json)
+        }
+        Command::Logs {
+            module,
+            exits,
+            config,
+        } => {
+            init_logging("warn");
+            logs_command(cli.state_dir, config, &module, exits)
         }
         Command::Digest { files } => {
             let mut code = ExitCode::SUCCESS;
@@ -238,22 +270,141 @@ fn config_path(flag: Option<PathBuf>) -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(config::DEFAULT_CONFIG))
 }
 
-fn hsm_info(state_flag: Option<PathBuf>, config_flag: Option<PathBuf>, json: bool) -> ExitCode {
-    let explicit = config_flag.is_some() || std::env::var_os(config::CONFIG_ENV).is_some();
-    let path = config_path(config_flag);
-    let (hsm_config, config_state) = if explicit || path.exists() {
-        match Config::load(&path) {
-            Ok(c) => (c.hsm, c.state_dir),
-            Err(e) => return fail(e, 2),
-        }
+/// The config named by `--config` or `$EDGEWARD_CONFIG` (which must load),
+/// else the default file if it exists, else none.
+fn optional_config(flag: Option<PathBuf>) -> Result<Option<Config>, ExitCode> {
+    let explicit = flag.is_some() || std::env::var_os(config::CONFIG_ENV).is_some();
+    let path = config_path(flag);
+    if explicit || path.exists() {
+        Config::load(&path).map(Some).map_err(|e| fail(e, 2))
     } else {
-        (crate::hsm::HsmConfig::Soft, None)
-    };
-    let state_dir = match state::resolve(state_flag.as_deref(), config_state.as_deref())
+        Ok(None)
+    }
+}
+
+/// The state directory for the inspection commands, created if missing.
+fn inspect_state_dir(
+    state_flag: Option<&std::path::Path>,
+    cfg: Option<&Config>,
+) -> Result<PathBuf, ExitCode> {
+    state::resolve(state_flag, cfg.and_then(|c| c.state_dir.as_deref()))
         .and_then(|d| state::ensure_private_dir(&d).map(|()| d))
-    {
+        .map_err(|e| fail(e, 2))
+}
+
+fn status_command(
+    state_flag: Option<PathBuf>,
+    config_flag: Option<PathBuf>,
+    json: bool,
+) -> ExitCode {
+    let cfg = match optional_config(config_flag) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let state_dir = match inspect_state_dir(state_flag.as_deref(), cfg.as_ref()) {
         Ok(d) => d,
-        Err(e) => return fail(e, 2),
+        Err(code) => return code,
+    };
+    let statuses = daemon::records::read_statuses(&state_dir);
+    if json {
+        let list: Vec<serde_json::Value> = statuses
+            .iter()
+            .map(|s| match s {
+                Ok(s) => serde_json::to_value(s).unwrap_or_default(),
+                Err(e) => serde_json::json!({ "error": e }),
+            })
+            .collect();
+        println!("{:#}", serde_json::Value::Array(list));
+        return ExitCode::SUCCESS;
+    }
+    println!(
+        "{:<24} {:<14} {:>6}  LAST EXIT",
+        "MODULE", "STATE", "STARTS"
+    );
+    for s in &statuses {
+        match s {
+            Ok(s) => {
+                let state = serde_json::to_value(s.state)
+                    .ok()
+                    .and_then(|v| v.as_str().map(str::to_owned))
+                    .unwrap_or_default();
+                let last = match (&s.last_exit, &s.reason) {
+                    (Some(e), _) => {
+                        let detail = e
+                            .reason
+                            .as_deref()
+                            .map(|r| r.lines().next().unwrap_or("").to_owned());
+                        match (e.status, detail) {
+                            (Some(code), _) => format!("{} {} (status {code})", e.at, e.outcome),
+                            (None, Some(d)) => format!("{} {}: {d}", e.at, e.outcome),
+                            (None, None) => format!("{} {}", e.at, e.outcome),
+                        }
+                    }
+                    (None, Some(reason)) => reason.lines().next().unwrap_or("").to_owned(),
+                    (None, None) => "-".to_owned(),
+                };
+                println!("{:<24} {:<14} {:>6}  {last}", s.module, state, s.starts);
+            }
+            Err(e) => println!("(unreadable) {e}"),
+        }
+    }
+    ExitCode::SUCCESS
+}
+
+fn logs_command(
+    state_flag: Option<PathBuf>,
+    config_flag: Option<PathBuf>,
+    module: &str,
+    exits: bool,
+) -> ExitCode {
+    if !config::valid_module_name(module) {
+        return fail(format!("invalid module name {module:?}"), 2);
+    }
+    let cfg = match optional_config(config_flag) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let state_dir = match inspect_state_dir(state_flag.as_deref(), cfg.as_ref()) {
+        Ok(d) => d,
+        Err(code) => return code,
+    };
+    if !daemon::records::module_dir(&state_dir, module).exists() {
+        return fail(
+            format!(
+                "no records for module {module:?} in {}",
+                state_dir.display()
+            ),
+            1,
+        );
+    }
+    let log = if exits {
+        daemon::records::exits_log(&state_dir, module)
+    } else {
+        daemon::records::output_log(&state_dir, module)
+    };
+    let mut stdout = std::io::stdout().lock();
+    for f in log.files() {
+        match std::fs::File::open(&f) {
+            Ok(mut file) => {
+                if let Err(e) = std::io::copy(&mut file, &mut stdout) {
+                    return fail(format!("{}: {e}", f.display()), 1);
+                }
+            }
+            Err(e) => return fail(format!("{}: {e}", f.display()), 1),
+        }
+    }
+    ExitCode::SUCCESS
+}
+
+fn hsm_info(state_flag: Option<PathBuf>, config_flag: Option<PathBuf>, json: bool) -> ExitCode {
+    let cfg = match optional_config(config_flag) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let hsm_config = cfg.as_ref().map(|c| c.hsm.clone()).unwrap_or_default();
+    let state_dir = match inspect_state_dir(state_flag.as_deref(), cfg.as_ref()) {
+        Ok(d) => d,
+        Err(code) => return code,
     };
     let hsm = match crate::hsm::open(&hsm_config, &state_dir) {
         Ok(h) => h,

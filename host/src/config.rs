@@ -7,6 +7,7 @@
 //! [runtime]
 //! max_modules = 64                    # module instances that may run at once
 //! pooling = true                      # optional: force (true) or forbid (false)
+//! echo_output = true                  # echo module output on stdout (rate-limited)
 //!
 //! [[module]]
 //! name = "temperature-sensor"         # [a-z0-9][a-z0-9._-]{0,62}
@@ -140,6 +141,7 @@ impl RawHsm {
 struct RawRuntime {
     max_modules: Option<u32>,
     pooling: Option<bool>,
+    echo_output: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -191,6 +193,9 @@ pub struct RuntimeSettings {
     pub max_modules: u32,
     /// Force or forbid the pooling allocator; `None` probes.
     pub pooling: Option<bool>,
+    /// Echo module output on the daemon's stdout/stderr (rate-limited), in
+    /// addition to each module's log. Default true.
+    pub echo_output: bool,
 }
 
 /// One module of the deployment, validated.
@@ -365,6 +370,7 @@ impl Config {
             runtime: RuntimeSettings {
                 max_modules,
                 pooling: raw.runtime.pooling,
+                echo_output: raw.runtime.echo_output.unwrap_or(true),
             },
             modules,
         })

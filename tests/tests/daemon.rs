@@ -113,6 +113,20 @@ impl Drop for Daemon {
     }
 }
 
+fn status_json(s: &Scratch) -> Vec<serde_json::Value> {
+    let o = s
+        .edgeward()
+        .args(["status", "--json"])
+        .output()
+        .expect("spawn");
+    assert_status(&o, 0);
+    serde_json::from_str::<serde_json::Value>(&stdout(&o))
+        .expect("status JSON")
+        .as_array()
+        .cloned()
+        .expect("array")
+}
+
 fn count(lines: &[String], needle: &str) -> usize {
     lines.iter().filter(|l| l.contains(needle)).count()
 }
@@ -168,7 +182,51 @@ args = ["hello"]
     let mode = std::fs::metadata(&data).expect("meta").permissions().mode() & 0o777;
     assert_eq!(mode, 0o700);
 
+    // What the daemon recorded, through the binary.
+    let statuses = status_json(&s);
+    let by_name = |n: &str| {
+        statuses
+            .iter()
+            .find(|v| v["module"] == n)
+            .cloned()
+            .unwrap_or_else(|| panic!("no status for {n}: {statuses:?}"))
+    };
+    assert_eq!(by_name("sensor")["state"], "running");
+    assert_eq!(by_name("sensor")["digest"], sha256sum(sensor));
+    assert_eq!(by_name("writer")["state"], "exited");
+    assert_eq!(by_name("writer")["last_exit"]["outcome"], "success");
+    assert_eq!(by_name("impostor")["state"], "refused");
+    assert!(
+        by_name("impostor")["reason"]
+            .as_str()
+            .unwrap_or("")
+            .contains(&wrong)
+    );
+    let logs = s
+        .edgeward()
+        .args(["logs", "sensor"])
+        .output()
+        .expect("spawn");
+    assert_status(&logs, 0);
+    let first = stdout(&logs).lines().next().unwrap_or("").to_owned();
+    assert!(
+        first.contains("Z out {\"sensor\":\"demo\",\"seq\":1,"),
+        "timestamped log line: {first}"
+    );
+    let table = s.edgeward().arg("status").output().expect("spawn");
+    assert!(
+        stdout(&table).contains("impostor") && stdout(&table).contains("refused"),
+        "{}",
+        stdout(&table)
+    );
+
     let (status, out, err) = d.terminate();
+    let sensor_state = status_json(&s)
+        .iter()
+        .find(|v| v["module"] == "sensor")
+        .expect("sensor")["state"]
+        .clone();
+    assert_eq!(sensor_state, "stopped");
     assert!(
         status.success(),
         "daemon exit: {status}\n{}",
@@ -214,6 +272,78 @@ restart = "on-failure"
         count(&out, "flaky | denied: read") <= 4,
         "no backoff: {}",
         out.join("\n")
+    );
+    let exits = s
+        .edgeward()
+        .args(["logs", "--exits", "flaky"])
+        .output()
+        .expect("spawn");
+    let records: Vec<serde_json::Value> = stdout(&exits)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("JSON line"))
+        .collect();
+    assert!(records.len() >= 3, "{records:?}");
+    assert!(
+        records
+            .iter()
+            .all(|r| r["outcome"] == "failure" && r["status"] == 1),
+        "{records:?}"
+    );
+    assert_eq!(records[1]["start"], 2);
+}
+
+#[test]
+fn endless_output_is_bounded_on_disk_and_on_screen() {
+    let s = Scratch::new();
+    let probe = guests::SANDBOX_PROBE;
+    let config = format!(
+        r#"
+[[module]]
+name = "flood"
+file = "{probe}"
+digest = "{d}"
+args = ["flood"]
+
+[[module]]
+name = "endless"
+file = "{probe}"
+digest = "{d}"
+args = ["endless-line"]
+"#,
+        d = sha256sum(probe),
+    );
+    let mut d = Daemon::start(&s, &config);
+    let log_dir = s.state().join("modules/flood/log");
+    d.wait_for("the flood log to rotate twice", |_, _| {
+        log_dir.join("output.log.2").exists()
+    });
+    d.wait_for("echo suppression", |out, _| {
+        count(out, "lines not echoed") >= 1
+    });
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    let total = |dir: &std::path::Path| -> u64 {
+        std::fs::read_dir(dir)
+            .expect("log dir")
+            .map(|e| e.expect("entry").metadata().expect("meta").len())
+            .sum()
+    };
+    let flood = total(&log_dir);
+    assert!(
+        flood <= 3 * (1 << 20) + (256 << 10),
+        "flood logs grew to {flood} bytes"
+    );
+    let endless = total(&s.state().join("modules/endless/log"));
+    assert!(
+        endless <= 3 * (1 << 20) + (256 << 10),
+        "endless-line logs grew to {endless} bytes"
+    );
+    let (status, out, _) = d.terminate();
+    assert!(status.success());
+    // Echo is rate-limited: a few hundred lines a second, not the flood.
+    assert!(
+        count(&out, "flood | ") < 10_000,
+        "{} echoed lines",
+        count(&out, "flood | ")
     );
 }
 

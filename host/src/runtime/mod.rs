@@ -3,6 +3,7 @@
 
 pub mod cache;
 pub mod engine;
+pub mod logfile;
 pub mod output;
 pub mod sandbox;
 

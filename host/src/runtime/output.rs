@@ -1,19 +1,26 @@
-//! Module output for the daemon: each line a module writes appears on the
-//! daemon's stdout (or stderr) behind the module's name, so the output of
+//! Module output for the daemon: each line a module writes is appended,
+//! timestamped, to the module's bounded log file and (optionally) echoed on
+//! the daemon's stdout or stderr behind the module's name, so the output of
 //! many modules stays readable when interleaved.
 
 use std::io::Write;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
 use tokio::io::AsyncWrite;
 use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
+
+use super::logfile::{RotatingLog, now_rfc3339};
 
 /// Longest partial line kept while waiting for its newline; a longer one is
 /// written out as it is, so a module cannot grow the daemon's memory by never
 /// ending a line.
 const MAX_PENDING: usize = 16 * 1024;
+/// Lines per second a module may echo on the daemon's own stdout/stderr;
+/// past that they only go to its log, and a note says how many were held back.
+pub const ECHO_LINES_PER_SECOND: u32 = 200;
 
 #[derive(Debug, Clone, Copy)]
 enum Target {
@@ -31,26 +38,43 @@ pub struct LinePrefixed {
 struct Lines {
     prefix: Arc<str>,
     target: Target,
+    echo: bool,
+    log: Option<Arc<RotatingLog>>,
     pending: Vec<u8>,
+    window: Instant,
+    echoed: u32,
+    held_back: u64,
 }
 
 impl LinePrefixed {
     /// Lines to this process's stdout behind `prefix`.
     pub fn stdout(prefix: Arc<str>) -> Self {
-        Self::new(prefix, Target::Stdout)
+        Self::new(prefix, Target::Stdout, true, None)
     }
 
     /// Lines to this process's stderr behind `prefix`.
     pub fn stderr(prefix: Arc<str>) -> Self {
-        Self::new(prefix, Target::Stderr)
+        Self::new(prefix, Target::Stderr, true, None)
     }
 
-    fn new(prefix: Arc<str>, target: Target) -> Self {
+    /// A module's stdout (`err == false`) or stderr: timestamped lines into
+    /// `log`, echoed behind `prefix` when `echo` is set.
+    pub fn module(prefix: Arc<str>, err: bool, echo: bool, log: Arc<RotatingLog>) -> Self {
+        let target = if err { Target::Stderr } else { Target::Stdout };
+        Self::new(prefix, target, echo, Some(log))
+    }
+
+    fn new(prefix: Arc<str>, target: Target, echo: bool, log: Option<Arc<RotatingLog>>) -> Self {
         Self {
             inner: Arc::new(Mutex::new(Lines {
                 prefix,
                 target,
+                echo,
+                log,
                 pending: Vec::new(),
+                window: Instant::now(),
+                echoed: 0,
+                held_back: 0,
             })),
         }
     }
@@ -58,15 +82,76 @@ impl LinePrefixed {
 
 impl Lines {
     fn write(&mut self, mut buf: &[u8]) -> std::io::Result<()> {
-        let mut out: Vec<u8> = Vec::new();
+        let mut lines: Vec<Vec<u8>> = Vec::new();
         while let Some(nl) = buf.iter().position(|&b| b == b'\n') {
-            self.emit(&mut out, &buf[..nl]);
+            let mut line = std::mem::take(&mut self.pending);
+            line.extend_from_slice(&buf[..nl]);
+            lines.push(line);
             buf = &buf[nl + 1..];
         }
-        self.pending.extend_from_slice(buf);
+        let room = MAX_PENDING.saturating_sub(self.pending.len());
+        self.pending.extend_from_slice(&buf[..buf.len().min(room)]);
         if self.pending.len() >= MAX_PENDING {
-            let pending = std::mem::take(&mut self.pending);
-            self.emit(&mut out, &pending);
+            lines.push(std::mem::take(&mut self.pending));
+            // The rest of an endless line starts a new one.
+            let rest = &buf[buf.len().min(room)..];
+            if !rest.is_empty() {
+                return self.flush_lines(lines).and_then(|()| self.write(rest));
+            }
+        }
+        self.flush_lines(lines)
+    }
+
+    fn flush_lines(&mut self, lines: Vec<Vec<u8>>) -> std::io::Result<()> {
+        if lines.is_empty() {
+            return Ok(());
+        }
+        if let Some(log) = &self.log {
+            let stamp = now_rfc3339();
+            let stream = match self.target {
+                Target::Stdout => "out",
+                Target::Stderr => "err",
+            };
+            let mut out = Vec::new();
+            for l in &lines {
+                out.extend_from_slice(format!("{stamp} {stream} ").as_bytes());
+                out.extend_from_slice(l);
+                out.push(b'\n');
+            }
+            // A full disk must not take the module down with it.
+            if let Err(e) = log.append(&out) {
+                tracing::warn!(log = %log.path().display(), error = %e, "cannot write module log");
+            }
+        }
+        if !self.echo {
+            return Ok(());
+        }
+        let mut out = Vec::new();
+        let now = Instant::now();
+        if now.duration_since(self.window) >= Duration::from_secs(1) {
+            if self.held_back > 0 {
+                out.extend_from_slice(
+                    format!(
+                        "{} | [edgeward: {} lines not echoed (over {ECHO_LINES_PER_SECOND}/s); `edgeward logs {}` has them]\n",
+                        self.prefix, self.held_back, self.prefix
+                    )
+                    .as_bytes(),
+                );
+                self.held_back = 0;
+            }
+            self.window = now;
+            self.echoed = 0;
+        }
+        for l in &lines {
+            if self.echoed >= ECHO_LINES_PER_SECOND {
+                self.held_back += 1;
+                continue;
+            }
+            self.echoed += 1;
+            out.extend_from_slice(self.prefix.as_bytes());
+            out.extend_from_slice(b" | ");
+            out.extend_from_slice(l);
+            out.push(b'\n');
         }
         if out.is_empty() {
             return Ok(());
@@ -75,15 +160,6 @@ impl Lines {
             Target::Stdout => std::io::stdout().lock().write_all(&out),
             Target::Stderr => std::io::stderr().lock().write_all(&out),
         }
-    }
-
-    fn emit(&mut self, out: &mut Vec<u8>, tail: &[u8]) {
-        out.extend_from_slice(self.prefix.as_bytes());
-        out.extend_from_slice(b" | ");
-        out.extend_from_slice(&self.pending);
-        out.extend_from_slice(tail);
-        out.push(b'\n');
-        self.pending.clear();
     }
 }
 

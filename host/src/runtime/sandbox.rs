@@ -57,6 +57,16 @@ pub enum Output {
     Inherit,
     /// Each line written to this process's stdout/stderr behind `prefix`.
     Prefixed(Arc<str>),
+    /// Timestamped lines into the module's bounded log, echoed behind
+    /// `prefix` on this process's stdout/stderr when `echo` is set.
+    Module {
+        /// The module's name.
+        prefix: Arc<str>,
+        /// Echo to the daemon's own stdout/stderr too.
+        echo: bool,
+        /// The module's log.
+        log: Arc<super::logfile::RotatingLog>,
+    },
 }
 
 /// Everything a module instance is granted. Built per start.
@@ -111,6 +121,21 @@ impl SandboxSpec {
             Output::Prefixed(prefix) => {
                 b.stdout(super::output::LinePrefixed::stdout(prefix.clone()));
                 b.stderr(super::output::LinePrefixed::stderr(prefix.clone()));
+            }
+            Output::Module { prefix, echo, log } => {
+                use super::output::LinePrefixed;
+                b.stdout(LinePrefixed::module(
+                    prefix.clone(),
+                    false,
+                    *echo,
+                    log.clone(),
+                ));
+                b.stderr(LinePrefixed::module(
+                    prefix.clone(),
+                    true,
+                    *echo,
+                    log.clone(),
+                ));
             }
         }
         Ok(b.build())

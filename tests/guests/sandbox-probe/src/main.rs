@@ -96,6 +96,26 @@ fn main() -> ExitCode {
             std::net::ToSocketAddrs::to_socket_addrs(&(arg(2).as_str(), 80))
                 .map(|a| a.collect::<Vec<_>>()),
         ),
+        "flood" => {
+            // Unbounded output: 1 KiB lines, forever.
+            let line = "x".repeat(1023);
+            let mut out = std::io::stdout().lock();
+            loop {
+                if writeln!(out, "{line}").is_err() {
+                    return ExitCode::FAILURE;
+                }
+            }
+        }
+        "endless-line" => {
+            // Output that never ends a line.
+            let chunk = "y".repeat(4096);
+            let mut out = std::io::stdout().lock();
+            loop {
+                if write!(out, "{chunk}").is_err() {
+                    return ExitCode::FAILURE;
+                }
+            }
+        }
         "exit" => {
             let code: i32 = arg(2).parse().unwrap_or(1);
             std::process::exit(code)

@@ -1,6 +1,8 @@
 //! `edgeward daemon`: measure, load and supervise the modules of a
 //! deployment until SIGINT/SIGTERM, then stop them.
 
+pub mod records;
+
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -14,6 +16,7 @@ use crate::runtime::{
     DirGrant, EngineOptions, Exit, LoadedModule, Output, Runtime, RuntimeOptions, SandboxSpec,
 };
 use crate::state;
+use records::{ExitRecord, ModuleRecords, ModuleState};
 
 /// The guest path of every module's own data directory.
 pub const DATA_DIR_GUEST: &str = "/data";
@@ -67,7 +70,7 @@ impl Backoff {
     }
 }
 
-fn sandbox_for(spec: &ModuleSpec, data_dir: &Path) -> SandboxSpec {
+fn sandbox_for(spec: &ModuleSpec, data_dir: &Path, output: Output) -> SandboxSpec {
     let mut s = SandboxSpec::new(spec.name.clone());
     s.args.extend(spec.args.iter().cloned());
     s.env = spec.env.clone();
@@ -77,7 +80,7 @@ fn sandbox_for(spec: &ModuleSpec, data_dir: &Path) -> SandboxSpec {
     });
     s.dirs.extend(spec.dirs.iter().cloned());
     s.max_memory = spec.max_memory;
-    s.output = Output::Prefixed(Arc::from(spec.name.as_str()));
+    s.output = output;
     s
 }
 
@@ -121,23 +124,39 @@ pub async fn run(config: Config, state_dir: PathBuf) -> anyhow::Result<()> {
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut tasks = JoinSet::new();
     for spec in config.modules {
-        let data_dir = state_dir.join("modules").join(&spec.name).join("data");
+        let data_dir = records::module_dir(&state_dir, &spec.name).join("data");
+        let records = match ModuleRecords::open(&state_dir, &spec.name) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!(module = %spec.name, error = %e, "module refused: cannot create its state");
+                continue;
+            }
+        };
         let loaded = state::ensure_private_dir(&data_dir)
             .map_err(anyhow::Error::from)
             .and_then(|()| rt.load_file(&spec.file, Some(&spec.digest)));
         match loaded {
             Ok(module) => {
                 tracing::info!(module = %spec.name, digest = %module.digest, code = ?module.source, "module measured and loaded");
+                let output = Output::Module {
+                    prefix: Arc::from(spec.name.as_str()),
+                    echo: config.runtime.echo_output,
+                    log: records.output(),
+                };
+                let sandbox = sandbox_for(&spec, &data_dir, output);
                 tasks.spawn(supervise(
                     rt.clone(),
                     spec,
                     module,
-                    data_dir,
+                    sandbox,
+                    records,
                     stop_rx.clone(),
                 ));
             }
             Err(e) => {
-                tracing::error!(module = %spec.name, error = format!("{e:#}"), "module refused");
+                let reason = format!("{e:#}");
+                tracing::error!(module = %spec.name, error = reason, "module refused");
+                records.set_status(ModuleState::Refused, 0, None, Some(reason), None);
             }
         }
     }
@@ -163,26 +182,39 @@ async fn supervise(
     rt: Arc<Runtime>,
     spec: ModuleSpec,
     module: LoadedModule,
-    data_dir: PathBuf,
+    sandbox: SandboxSpec,
+    records: ModuleRecords,
     mut stop: watch::Receiver<bool>,
 ) {
     let name = spec.name.as_str();
-    let sandbox = sandbox_for(&spec, &data_dir);
+    let digest = Some(module.digest.to_string());
     let mut backoff = Backoff::default();
     let mut unstable = 0u32;
     let mut starts = 0u64;
+    let mut last_exit: Option<ExitRecord> = None;
     loop {
         starts += 1;
         let started = Instant::now();
         tracing::debug!(module = name, start = starts, "starting");
+        records.set_status(
+            ModuleState::Running,
+            starts,
+            digest.clone(),
+            None,
+            last_exit.clone(),
+        );
         let exit = tokio::select! {
             exit = rt.start(&module, &sandbox, spec.timeout) => exit,
             _ = stop.wait_for(|s| *s) => {
                 tracing::info!(module = name, "stopped");
+                records.set_status(ModuleState::Stopped, starts, digest, None, last_exit);
                 return;
             }
         };
         let ran = started.elapsed();
+        let record = ExitRecord::new(starts, ran, &exit);
+        records.record_exit(&record);
+        last_exit = Some(record);
         if exit.is_success() {
             tracing::info!(module = name, ran = ?ran, "{exit}");
         } else {
@@ -190,13 +222,14 @@ async fn supervise(
         }
         if !should_restart(spec.restart, &exit) {
             tracing::info!(module = name, policy = ?spec.restart, "not restarting");
+            records.set_status(ModuleState::Exited, starts, digest, None, last_exit);
             return;
         }
         if ran >= STABLE_AFTER {
             backoff.reset();
             unstable = 0;
         } else {
-            unstable += 1;
+            unstable = unstable.saturating_add(1);
             if unstable == CRASH_LOOP_AFTER {
                 tracing::error!(
                     module = name,
@@ -205,11 +238,18 @@ async fn supervise(
                 );
             }
         }
+        let state = if unstable >= CRASH_LOOP_AFTER {
+            ModuleState::CrashLooping
+        } else {
+            ModuleState::BackingOff
+        };
+        records.set_status(state, starts, digest.clone(), None, last_exit.clone());
         let delay = backoff.next_delay();
         tokio::select! {
             () = tokio::time::sleep(delay) => {}
             _ = stop.wait_for(|s| *s) => {
                 tracing::info!(module = name, "stopped");
+                records.set_status(ModuleState::Stopped, starts, digest, None, last_exit);
                 return;
             }
         }
