@@ -14,7 +14,9 @@ use clap::{Parser, Subcommand};
 use crate::config::{self, Config};
 use crate::measure::{Digest, Measured};
 use crate::runtime::sandbox::DEFAULT_MAX_MEMORY;
-use crate::runtime::{DirGrant, EngineOptions, Exit, Output, Runtime, RuntimeOptions, SandboxSpec};
+use crate::runtime::{
+    DirGrant, EngineOptions, Exit, Limits, Outbound, Output, Runtime, RuntimeOptions, SandboxSpec,
+};
 use crate::{daemon, state, units};
 
 /// Exit status when edgeward refuses or cannot load a module.
@@ -108,6 +110,24 @@ struct RunArgs {
     /// Linear-memory limit.
     #[arg(long, value_name = "SIZE", default_value = "64MiB", value_parser = units::parse_size)]
     max_memory: u64,
+    /// Core instances the module may create.
+    #[arg(long, value_name = "N", default_value_t = Limits::default().max_instances)]
+    max_instances: u32,
+    /// Tables the module may create.
+    #[arg(long, value_name = "N", default_value_t = Limits::default().max_tables)]
+    max_tables: u32,
+    /// Elements per table.
+    #[arg(long, value_name = "N", default_value_t = Limits::default().max_table_elements)]
+    max_table_elements: u32,
+    /// Bytes the module may hand the host in one call.
+    #[arg(long, value_name = "SIZE", default_value = "16MiB", value_parser = units::parse_size)]
+    max_hostcall_data: u64,
+    /// Wasm stack limit (deeper recursion traps).
+    #[arg(long, value_name = "SIZE", default_value = "512KiB", value_parser = units::parse_size)]
+    max_stack: u64,
+    /// Allow outbound connections to HOST:PORT (repeatable). Default: no network.
+    #[arg(long = "allow-outbound", value_name = "HOST:PORT")]
+    allow_outbound: Vec<Outbound>,
     /// Stop the module after this long (e.g. 500ms, 30s, 5m).
     #[arg(long, value_name = "DURATION", value_parser = units::parse_duration)]
     timeout: Option<Duration>,
@@ -202,8 +222,18 @@ fn run_command(state_flag: Option<PathBuf>, args: RunArgs) -> ExitCode {
         Ok(e) => e,
         Err(e) => return fail(e, 2),
     };
-    if !(64 << 10..=config::MAX_MODULE_MEMORY).contains(&args.max_memory) {
-        return fail("--max-memory must be between 64KiB and 4GiB", 2);
+    let limits = Limits {
+        max_memory: args.max_memory,
+        max_instances: args.max_instances,
+        max_tables: args.max_tables,
+        max_table_elements: args.max_table_elements,
+        max_hostcall_data: args.max_hostcall_data,
+    };
+    if let Err((field, msg)) = config::check_limits(&limits) {
+        return fail(format!("--{}: {msg}", field.replace('_', "-")), 2);
+    }
+    if !(64 << 10..=64 << 20).contains(&args.max_stack) {
+        return fail("--max-stack must be between 64KiB and 64MiB", 2);
     }
     if args.timeout == Some(Duration::ZERO) {
         return fail("--timeout must be greater than zero", 2);
@@ -231,6 +261,7 @@ fn run_command(state_flag: Option<PathBuf>, args: RunArgs) -> ExitCode {
                 max_instances: 1,
                 max_memory: args.max_memory.max(DEFAULT_MAX_MEMORY),
                 pooling: None,
+                max_wasm_stack: usize::try_from(args.max_stack).unwrap_or(usize::MAX),
             },
             state_dir,
         }) {
@@ -250,7 +281,8 @@ fn run_command(state_flag: Option<PathBuf>, args: RunArgs) -> ExitCode {
         spec.args.extend(args.args);
         spec.env = env;
         spec.dirs = args.dirs;
-        spec.max_memory = args.max_memory;
+        spec.limits = limits;
+        spec.allow_outbound = args.allow_outbound;
         spec.output = Output::Inherit;
         match runtime.start(&module, &spec, args.timeout).await {
             Exit::Success => ExitCode::SUCCESS,

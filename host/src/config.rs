@@ -8,6 +8,7 @@
 //! max_modules = 64                    # module instances that may run at once
 //! pooling = true                      # optional: force (true) or forbid (false)
 //! echo_output = true                  # echo module output on stdout (rate-limited)
+//! max_wasm_stack = "512KiB"           # wasm stack limit for every module
 //!
 //! [[module]]
 //! name = "temperature-sensor"         # [a-z0-9][a-z0-9._-]{0,62}
@@ -17,6 +18,11 @@
 //! env = { INTERVAL_MS = "1000" }      # the only environment it sees
 //! dirs = ["/srv/shared::/shared"]     # extra preopens (HOST or HOST::GUEST)
 //! max_memory = "64MiB"                # linear-memory limit (default 64MiB)
+//! max_instances = 32                  # core instances (default 32)
+//! max_tables = 32                     # tables (default 32)
+//! max_table_elements = 100000         # elements per table (default 100000)
+//! max_hostcall_data = "16MiB"         # bytes per call into the host (default 16MiB)
+//! allow_outbound = ["api.example.com:443"]  # the only network it may reach
 //! timeout = "30s"                     # wall-clock limit per start (default none)
 //! restart = "on-failure"              # never | on-failure (default) | always
 //! ```
@@ -41,8 +47,7 @@ use serde::Deserialize;
 
 use crate::hsm::HsmConfig;
 use crate::measure::Digest;
-use crate::runtime::DirGrant;
-use crate::runtime::sandbox::DEFAULT_MAX_MEMORY;
+use crate::runtime::{DirGrant, Limits, Outbound};
 use crate::units::{parse_duration, parse_size};
 
 /// Environment variable naming the config file when `--config` is absent.
@@ -142,6 +147,7 @@ struct RawRuntime {
     max_modules: Option<u32>,
     pooling: Option<bool>,
     echo_output: Option<bool>,
+    max_wasm_stack: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -157,6 +163,12 @@ struct RawModule {
     #[serde(default)]
     dirs: Vec<String>,
     max_memory: Option<String>,
+    max_instances: Option<u32>,
+    max_tables: Option<u32>,
+    max_table_elements: Option<u32>,
+    max_hostcall_data: Option<String>,
+    #[serde(default)]
+    allow_outbound: Vec<String>,
     timeout: Option<String>,
     restart: Option<String>,
 }
@@ -196,6 +208,8 @@ pub struct RuntimeSettings {
     /// Echo module output on the daemon's stdout/stderr (rate-limited), in
     /// addition to each module's log. Default true.
     pub echo_output: bool,
+    /// Wasm stack limit for every module.
+    pub max_wasm_stack: usize,
 }
 
 /// One module of the deployment, validated.
@@ -213,8 +227,10 @@ pub struct ModuleSpec {
     pub env: Vec<(String, String)>,
     /// Extra preopens.
     pub dirs: Vec<DirGrant>,
-    /// Linear-memory limit.
-    pub max_memory: u64,
+    /// Resource limits.
+    pub limits: Limits,
+    /// Outbound destinations it may reach (empty: no network).
+    pub allow_outbound: Vec<Outbound>,
     /// Wall-clock deadline per start.
     pub timeout: Option<Duration>,
     /// Restart policy.
@@ -250,6 +266,51 @@ pub fn valid_module_name(name: &str) -> bool {
 /// Checks one environment entry's key.
 pub fn valid_env_key(key: &str) -> bool {
     !key.is_empty() && !key.contains('=') && !key.contains('\0')
+}
+
+/// Checks limits shared by the config and `edgeward run`.
+///
+/// # Errors
+///
+/// `(field, message)` for the first limit out of range.
+pub fn check_limits(l: &Limits) -> Result<(), (&'static str, String)> {
+    if !(64 << 10..=MAX_MODULE_MEMORY).contains(&l.max_memory) {
+        return Err(("max_memory", "must be between 64KiB and 4GiB".into()));
+    }
+    if !(1..=10_000).contains(&l.max_instances) {
+        return Err(("max_instances", "must be 1..=10000".into()));
+    }
+    if !(1..=10_000).contains(&l.max_tables) {
+        return Err(("max_tables", "must be 1..=10000".into()));
+    }
+    if !(1..=10_000_000).contains(&l.max_table_elements) {
+        return Err(("max_table_elements", "must be 1..=10000000".into()));
+    }
+    if !(4 << 10..=1 << 30).contains(&l.max_hostcall_data) {
+        return Err(("max_hostcall_data", "must be between 4KiB and 1GiB".into()));
+    }
+    Ok(())
+}
+
+fn module_limits(m: &RawModule) -> Result<Limits, (&'static str, String)> {
+    let d = Limits::default();
+    let size = |v: &Option<String>, field: &'static str, default: u64| match v {
+        None => Ok(default),
+        Some(s) => parse_size(s).map_err(|e| (field, e)),
+    };
+    let l = Limits {
+        max_memory: size(&m.max_memory, "max_memory", d.max_memory)?,
+        max_instances: m.max_instances.unwrap_or(d.max_instances),
+        max_tables: m.max_tables.unwrap_or(d.max_tables),
+        max_table_elements: m.max_table_elements.unwrap_or(d.max_table_elements),
+        max_hostcall_data: size(
+            &m.max_hostcall_data,
+            "max_hostcall_data",
+            d.max_hostcall_data,
+        )?,
+    };
+    check_limits(&l)?;
+    Ok(l)
 }
 
 impl Config {
@@ -289,6 +350,18 @@ impl Config {
         };
 
         let hsm = raw.hsm.validate(&resolve).map_err(err)?;
+        let max_wasm_stack = match &raw.runtime.max_wasm_stack {
+            None => crate::runtime::engine::DEFAULT_MAX_WASM_STACK,
+            Some(s) => {
+                let n = parse_size(s).map_err(|e| err(format!("runtime.max_wasm_stack: {e}")))?;
+                if !(64 << 10..=64 << 20).contains(&n) {
+                    return Err(err(
+                        "runtime.max_wasm_stack: must be between 64KiB and 64MiB".into(),
+                    ));
+                }
+                usize::try_from(n).unwrap_or(usize::MAX)
+            }
+        };
         let max_modules = raw.runtime.max_modules.unwrap_or(DEFAULT_MAX_MODULES);
         if !(1..=100_000).contains(&max_modules) {
             return Err(err(format!(
@@ -327,13 +400,12 @@ impl Config {
                     Ok(g)
                 })
                 .collect::<Result<Vec<_>, ConfigError>>()?;
-            let max_memory = match &m.max_memory {
-                None => DEFAULT_MAX_MEMORY,
-                Some(s) => parse_size(s).map_err(|e| ctx("max_memory", e))?,
-            };
-            if !(64 << 10..=MAX_MODULE_MEMORY).contains(&max_memory) {
-                return Err(ctx("max_memory", "must be between 64KiB and 4GiB".into()));
-            }
+            let limits = module_limits(&m).map_err(|(field, msg)| ctx(field, msg))?;
+            let allow_outbound = m
+                .allow_outbound
+                .iter()
+                .map(|o| o.parse::<Outbound>().map_err(|e| ctx("allow_outbound", e)))
+                .collect::<Result<Vec<_>, _>>()?;
             let timeout = match &m.timeout {
                 None => None,
                 Some(s) => Some(parse_duration(s).map_err(|e| ctx("timeout", e))?),
@@ -352,7 +424,8 @@ impl Config {
                 args: m.args,
                 env: m.env.into_iter().collect(),
                 dirs,
-                max_memory,
+                limits,
+                allow_outbound,
                 timeout,
                 restart,
             });
@@ -371,6 +444,7 @@ impl Config {
                 max_modules,
                 pooling: raw.runtime.pooling,
                 echo_output: raw.runtime.echo_output.unwrap_or(true),
+                max_wasm_stack,
             },
             modules,
         })
@@ -410,7 +484,7 @@ mod tests {
         assert_eq!(c.state_dir, Some(PathBuf::from("/etc/edgeward/state")));
         let m = &c.modules[0];
         assert_eq!(m.file, PathBuf::from("/etc/edgeward/m.wasm"));
-        assert_eq!(m.max_memory, 8 << 20);
+        assert_eq!(m.limits.max_memory, 8 << 20);
         assert_eq!(m.timeout, Some(Duration::from_secs(5)));
         assert_eq!(m.restart, RestartPolicy::Always);
         assert_eq!(m.env, vec![("K".into(), "v".into())]);
@@ -460,6 +534,22 @@ mod tests {
                 "digest",
             ),
             ("[runtime]\nmax_modules = 0".to_owned(), "max_modules"),
+            (
+                format!(
+                    "[[module]]\nname = \"a\"\nfile = \"x\"\ndigest = \"{D}\"\nallow_outbound = [\"nowhere\"]"
+                ),
+                "allow_outbound",
+            ),
+            (
+                format!("[[module]]\nname = \"a\"\nfile = \"x\"\ndigest = \"{D}\"\nmax_tables = 0"),
+                "max_tables",
+            ),
+            (
+                format!(
+                    "[[module]]\nname = \"a\"\nfile = \"x\"\ndigest = \"{D}\"\nmax_hostcall_data = \"1B\""
+                ),
+                "max_hostcall_data",
+            ),
             ("this is not toml".to_owned(), "config.toml"),
             ("[hsm]\nbackend = \"vault\"".to_owned(), "vault"),
             ("[hsm]\nbackend = \"soft\"\ntcti = \"x\"".to_owned(), "tcti"),

@@ -94,6 +94,7 @@ fn main() {
             max_instances: 4,
             max_memory: 64 << 20,
             pooling: None,
+            max_wasm_stack: edgeward::runtime::engine::DEFAULT_MAX_WASM_STACK,
         },
         state_dir: Some(state.path().to_owned()),
     })

@@ -453,3 +453,113 @@ fn temperature_sensor_reports_readings() {
     assert_status(&o, 1);
     assert!(stderr(&o).contains("INTERVAL_MS"), "{}", stderr(&o));
 }
+
+#[test]
+fn outbound_allow_list_is_exact() {
+    let s = Scratch::new();
+    let allowed = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let other = TcpListener::bind("127.0.0.1:0").expect("bind");
+    other.set_nonblocking(true).expect("nonblocking");
+    let allowed_addr = allowed.local_addr().expect("addr").to_string();
+    let other_addr = other.local_addr().expect("addr").to_string();
+    let accept = std::thread::spawn(move || {
+        use std::io::Read;
+        let (mut conn, _) = allowed.accept().expect("accept");
+        let mut got = String::new();
+        conn.read_to_string(&mut got).expect("read");
+        got
+    });
+    let flag = ["--allow-outbound", allowed_addr.as_str()];
+    let o = s.run(PROBE, &flag, &["connect", &allowed_addr]);
+    assert_status(&o, 0);
+    assert_eq!(
+        accept.join().expect("join"),
+        "escaped",
+        "the allowed peer got the bytes"
+    );
+
+    let o = s.run(PROBE, &flag, &["connect", &other_addr]);
+    assert_status(&o, 1);
+    assert!(stdout(&o).starts_with("denied: connect"), "{}", stdout(&o));
+    assert!(other.accept().is_err(), "an unlisted peer was reached");
+    assert!(
+        stderr(&o).contains("network access refused"),
+        "refusals are logged: {}",
+        stderr(&o)
+    );
+
+    // No listening, even with a non-empty allow-list.
+    for addr in ["0.0.0.0:0", "127.0.0.1:0"] {
+        let o = s.run(PROBE, &flag, &["bind", addr]);
+        assert_status(&o, 1);
+    }
+}
+
+#[test]
+fn names_are_looked_up_only_when_listed_and_cannot_smuggle_loopback() {
+    let s = Scratch::new();
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    listener.set_nonblocking(true).expect("nonblocking");
+    let port = listener.local_addr().expect("addr").port();
+    let by_name = format!("localhost:{port}");
+    let flag = ["--allow-outbound", by_name.as_str()];
+    // The listed name resolves...
+    let o = s.run(PROBE, &flag, &["lookup", "localhost"]);
+    assert_status(&o, 0);
+    // ...but its loopback address is not reachable through the name.
+    let o = s.run(PROBE, &flag, &["connect", &by_name]);
+    assert_status(&o, 1);
+    assert!(listener.accept().is_err(), "a name smuggled in loopback");
+    // Unlisted names are refused before any query leaves the host.
+    let o = s.run(PROBE, &flag, &["lookup", "example.com"]);
+    assert_status(&o, 1);
+    assert!(stderr(&o).contains("name lookup refused"), "{}", stderr(&o));
+}
+
+#[test]
+fn udp_reaches_only_listed_peers() {
+    let s = Scratch::new();
+    let server = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
+    let addr = server.local_addr().expect("addr").to_string();
+    let echo = std::thread::spawn(move || {
+        let mut buf = [0u8; 64];
+        let (n, from) = server.recv_from(&mut buf).expect("recv");
+        server.send_to(&buf[..n], from).expect("reply");
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    });
+    let o = s.run(
+        PROBE,
+        &["--allow-outbound", &addr, "--timeout", "20s"],
+        &["udp-echo", &addr],
+    );
+    assert_status(&o, 0);
+    assert!(stdout(&o).contains("\"ping\""), "{}", stdout(&o));
+    assert_eq!(echo.join().expect("join"), "ping");
+
+    let o = s.run(PROBE, &["--allow-outbound", "127.0.0.1:9"], &["udp", &addr]);
+    assert_status(&o, 1);
+}
+
+#[test]
+fn recursion_and_oversized_host_calls_are_bounded() {
+    let s = Scratch::new();
+    let o = s.run(PROBE, &["--max-stack", "128KiB"], &["recurse"]);
+    assert_status(&o, 134);
+    assert!(
+        stderr(&o).contains("call stack exhausted"),
+        "{}",
+        stderr(&o)
+    );
+
+    // A 20 MiB argument to one host call: the host copies at most what the
+    // module's own memory holds, and the module gets an error back.
+    let o = s.run(PROBE, &["--max-hostcall-data", "1MiB"], &["big-path", "20"]);
+    assert_status(&o, 1);
+    let o = s.run(PROBE, &["--max-hostcall-data", "16MiB"], &["big-path", "1"]);
+    assert_status(&o, 1);
+    assert!(
+        stdout(&o).starts_with("denied: big-path"),
+        "an ordinary error, not a trap: {}",
+        stdout(&o)
+    );
+}

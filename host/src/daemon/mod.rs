@@ -79,7 +79,8 @@ fn sandbox_for(spec: &ModuleSpec, data_dir: &Path, output: Output) -> SandboxSpe
         guest: DATA_DIR_GUEST.to_owned(),
     });
     s.dirs.extend(spec.dirs.iter().cloned());
-    s.max_memory = spec.max_memory;
+    s.limits = spec.limits;
+    s.allow_outbound = spec.allow_outbound.clone();
     s.output = output;
     s
 }
@@ -99,7 +100,7 @@ pub async fn run(config: Config, state_dir: PathBuf) -> anyhow::Result<()> {
     let max_memory = config
         .modules
         .iter()
-        .map(|m| m.max_memory)
+        .map(|m| m.limits.max_memory)
         .max()
         .unwrap_or(0);
     let rt = Arc::new(Runtime::new(&RuntimeOptions {
@@ -107,6 +108,7 @@ pub async fn run(config: Config, state_dir: PathBuf) -> anyhow::Result<()> {
             max_instances: config.runtime.max_modules,
             max_memory: max_memory.max(crate::runtime::sandbox::DEFAULT_MAX_MEMORY),
             pooling: config.runtime.pooling,
+            max_wasm_stack: config.runtime.max_wasm_stack,
         },
         state_dir: Some(state_dir.clone()),
     })?);

@@ -30,11 +30,21 @@ pub struct EngineOptions {
     pub max_memory: u64,
     /// `Some(false)` forbids pooling, `Some(true)` requires it, `None` probes.
     pub pooling: Option<bool>,
+    /// Wasm stack limit per module, in bytes ([`DEFAULT_MAX_WASM_STACK`]).
+    /// Deeper recursion traps with "call stack exhausted".
+    pub max_wasm_stack: usize,
 }
 
-fn base_config() -> Config {
+/// Default wasm stack limit (512 KiB, wasmtime's default).
+pub const DEFAULT_MAX_WASM_STACK: usize = 512 << 10;
+
+fn base_config(opts: &EngineOptions) -> Config {
     let mut c = Config::new();
     c.epoch_interruption(true);
+    let stack = opts.max_wasm_stack.max(64 << 10);
+    c.max_wasm_stack(stack);
+    // The fiber a module runs on must hold its wasm stack plus host frames.
+    c.async_stack_size((stack + (512 << 10)).max(2 << 20));
     c
 }
 
@@ -49,7 +59,7 @@ fn pooling_config(opts: &EngineOptions) -> Config {
         .total_tables(n.saturating_mul(4))
         .total_stacks(n)
         .max_memory_size(usize::try_from(opts.max_memory).unwrap_or(usize::MAX));
-    let mut c = base_config();
+    let mut c = base_config(opts);
     c.allocation_strategy(InstanceAllocationStrategy::Pooling(p));
     c
 }
@@ -74,7 +84,7 @@ pub fn build(opts: &EngineOptions) -> anyhow::Result<(Engine, Allocator)> {
             }
         }
     }
-    let mut c = base_config();
+    let mut c = base_config(opts);
     c.allocation_strategy(InstanceAllocationStrategy::OnDemand);
     Ok((Engine::new(&c)?, Allocator::OnDemand))
 }

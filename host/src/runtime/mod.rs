@@ -4,6 +4,7 @@
 pub mod cache;
 pub mod engine;
 pub mod logfile;
+pub mod network;
 pub mod output;
 pub mod sandbox;
 
@@ -20,7 +21,8 @@ use wasmtime_wasi::p2::bindings::CommandPre;
 use crate::measure::{Digest, Measured};
 pub use cache::{ArtifactCache, Lookup, Rejection};
 pub use engine::{Allocator, EngineOptions};
-pub use sandbox::{DirGrant, ModuleState, Output, SandboxSpec};
+pub use network::Outbound;
+pub use sandbox::{DirGrant, Limits, ModuleState, Output, SandboxSpec};
 
 /// Runtime settings.
 #[derive(Debug, Clone)]
@@ -142,6 +144,13 @@ impl Runtime {
         let (engine, allocator) = engine::build(&opts.engine)?;
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
+        // Name lookups go through the module's allow-list.
+        linker.allow_shadowing(true);
+        wasmtime_wasi::p2::bindings::sockets::ip_name_lookup::add_to_linker::<
+            ModuleState,
+            network::HasFilteredLookup,
+        >(&mut linker, ModuleState::lookup)?;
+        linker.allow_shadowing(false);
         let cache = match &opts.state_dir {
             Some(dir) => Some(
                 ArtifactCache::open(dir, &engine)
@@ -267,6 +276,9 @@ impl Runtime {
         let limiter = state.limiter.clone();
         let mut store = Store::new(&self.engine, state);
         store.limiter(|s| &mut s.limiter);
+        store.set_hostcall_fuel(
+            usize::try_from(spec.limits.max_hostcall_data).unwrap_or(usize::MAX),
+        );
         // Yield to the scheduler at every epoch tick: a module spinning
         // without host calls still lets other tasks (and deadlines) run.
         store.set_epoch_deadline(1);

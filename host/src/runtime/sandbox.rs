@@ -11,12 +11,41 @@ use std::sync::{Arc, Mutex};
 
 use wasmtime::ResourceLimiter;
 use wasmtime::component::ResourceTable;
+use wasmtime_wasi::sockets::WasiSocketsCtxView;
 use wasmtime_wasi::{FsPerms, WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 
+use super::network::{FilteredLookup, NetPolicy};
 use crate::units::format_size;
 
 /// Default linear-memory limit for a module (64 MiB).
 pub const DEFAULT_MAX_MEMORY: u64 = 64 << 20;
+
+/// What one module instance may use. Defaults are documented per field.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Linear-memory size per memory, in bytes (default 64 MiB).
+    pub max_memory: u64,
+    /// Core instances (default 32; a Rust command component uses a few).
+    pub max_instances: u32,
+    /// Tables (default 32).
+    pub max_tables: u32,
+    /// Elements per table (default 100,000).
+    pub max_table_elements: u32,
+    /// Bytes the guest may hand the host in one call (default 16 MiB).
+    pub max_hostcall_data: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_memory: DEFAULT_MAX_MEMORY,
+            max_instances: 32,
+            max_tables: 32,
+            max_table_elements: 100_000,
+            max_hostcall_data: 16 << 20,
+        }
+    }
+}
 
 /// A host directory made visible to the module.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -78,8 +107,10 @@ pub struct SandboxSpec {
     pub env: Vec<(String, String)>,
     /// Preopened directories.
     pub dirs: Vec<DirGrant>,
-    /// Linear-memory limit per memory, in bytes.
-    pub max_memory: u64,
+    /// Resource limits.
+    pub limits: Limits,
+    /// Outbound destinations (empty: no network at all).
+    pub allow_outbound: Vec<super::network::Outbound>,
     /// stdout/stderr destination.
     pub output: Output,
 }
@@ -91,7 +122,8 @@ impl SandboxSpec {
             args: vec![program.into()],
             env: Vec::new(),
             dirs: Vec::new(),
-            max_memory: DEFAULT_MAX_MEMORY,
+            limits: Limits::default(),
+            allow_outbound: Vec::new(),
             output: Output::Discard,
         }
     }
@@ -101,14 +133,18 @@ impl SandboxSpec {
     /// # Errors
     ///
     /// When a granted directory cannot be opened; the message names it.
-    pub fn build_wasi(&self) -> anyhow::Result<WasiCtx> {
+    pub fn build_wasi(&self, net: &NetPolicy) -> anyhow::Result<WasiCtx> {
         let mut b = WasiCtxBuilder::new();
+        let policy = net.clone();
         b.args(&self.args)
             .envs(&self.env)
-            .allow_tcp(false)
-            .allow_udp(false)
-            .allow_ip_name_lookup(false)
-            .socket_addr_check(|_, _| Box::pin(async { false }));
+            .allow_tcp(!net.is_empty())
+            .allow_udp(!net.is_empty())
+            .allow_ip_name_lookup(net.has_names())
+            .socket_addr_check(move |addr, use_| {
+                let policy = policy.clone();
+                Box::pin(async move { policy.check(addr, use_).await })
+            });
         for d in &self.dirs {
             b.preopened_dir(&d.host, &d.guest, FsPerms::ReadWrite)
                 .map_err(|e| anyhow::anyhow!("cannot grant directory {}: {e}", d.host.display()))?;
@@ -146,7 +182,8 @@ impl SandboxSpec {
 pub struct ModuleState {
     wasi: WasiCtx,
     table: ResourceTable,
-    pub(crate) limiter: MemoryLimiter,
+    net: NetPolicy,
+    pub(crate) limiter: Limiter,
 }
 
 impl std::fmt::Debug for ModuleState {
@@ -162,11 +199,25 @@ impl ModuleState {
     ///
     /// See [`SandboxSpec::build_wasi`].
     pub fn new(spec: &SandboxSpec) -> anyhow::Result<Self> {
+        let program = spec.args.first().map(String::as_str).unwrap_or("module");
+        let net = NetPolicy::new(program, &spec.allow_outbound);
         Ok(Self {
-            wasi: spec.build_wasi()?,
+            wasi: spec.build_wasi(&net)?,
             table: ResourceTable::new(),
-            limiter: MemoryLimiter::new(spec.max_memory),
+            net,
+            limiter: Limiter::new(&spec.limits),
         })
+    }
+
+    /// The filtered name lookup over this module's sockets context.
+    pub fn lookup(&mut self) -> FilteredLookup<'_> {
+        FilteredLookup {
+            sockets: WasiSocketsCtxView {
+                ctx: self.wasi.sockets(),
+                table: &mut self.table,
+            },
+            policy: &self.net,
+        }
     }
 }
 
@@ -179,19 +230,21 @@ impl WasiView for ModuleState {
     }
 }
 
-/// Refuses memory growth past a limit and remembers that it did, so a trap
-/// that follows (Rust's allocator aborts on a failed grow) is reported as
-/// "out of memory" rather than as a bare `unreachable`.
+/// Enforces [`Limits`]. Refuses memory growth past the limit and remembers
+/// that it did, so a trap that follows (Rust's allocator aborts on a failed
+/// grow) is reported as "out of memory" rather than as a bare `unreachable`.
 #[derive(Debug, Clone)]
-pub struct MemoryLimiter {
+pub struct Limiter {
     max_memory: usize,
+    limits: Limits,
     denied: Arc<Mutex<Option<String>>>,
 }
 
-impl MemoryLimiter {
-    fn new(max_memory: u64) -> Self {
+impl Limiter {
+    fn new(limits: &Limits) -> Self {
         Self {
-            max_memory: usize::try_from(max_memory).unwrap_or(usize::MAX),
+            max_memory: usize::try_from(limits.max_memory).unwrap_or(usize::MAX),
+            limits: *limits,
             denied: Arc::default(),
         }
     }
@@ -202,7 +255,7 @@ impl MemoryLimiter {
     }
 }
 
-impl ResourceLimiter for MemoryLimiter {
+impl ResourceLimiter for Limiter {
     fn memory_growing(
         &mut self,
         current: usize,
@@ -231,9 +284,19 @@ impl ResourceLimiter for MemoryLimiter {
         desired: usize,
         _maximum: Option<usize>,
     ) -> wasmtime::Result<bool> {
-        // Tables hold function references; 100k entries is far beyond what
-        // any real module uses and bounds a table bomb.
-        Ok(desired <= 100_000)
+        Ok(desired <= self.limits.max_table_elements as usize)
+    }
+
+    fn instances(&self) -> usize {
+        self.limits.max_instances as usize
+    }
+
+    fn tables(&self) -> usize {
+        self.limits.max_tables as usize
+    }
+
+    fn memories(&self) -> usize {
+        self.limits.max_instances as usize
     }
 }
 
@@ -254,7 +317,10 @@ mod tests {
 
     #[test]
     fn limiter_refuses_and_explains() {
-        let mut l = MemoryLimiter::new(1 << 20);
+        let mut l = Limiter::new(&Limits {
+            max_memory: 1 << 20,
+            ..Limits::default()
+        });
         assert!(l.memory_growing(0, 1 << 20, None).expect("ok"));
         assert!(!l.memory_growing(1 << 20, 2 << 20, None).expect("ok"));
         let why = l.denial().expect("recorded");

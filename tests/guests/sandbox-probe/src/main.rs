@@ -116,6 +116,39 @@ fn main() -> ExitCode {
                 }
             }
         }
+        "recurse" => {
+            // Unbounded recursion on the wasm stack itself (no frame data in
+            // linear memory), so only the engine's stack limit stops it.
+            #[inline(never)]
+            fn down(n: u64) -> u64 {
+                if n == u64::MAX {
+                    0
+                } else {
+                    down(n + 1).wrapping_mul(3).wrapping_add(n)
+                }
+            }
+            let start: u64 = arg(2).parse().unwrap_or(0);
+            println!("ok: recurse: {}", down(start));
+            ExitCode::SUCCESS
+        }
+        "big-path" => {
+            // One host call carrying `MiB` mebibytes.
+            let mib: usize = arg(2).parse().unwrap_or(1);
+            let path = "a".repeat(mib << 20);
+            report("big-path", std::fs::metadata(&path).map(|_| ()))
+        }
+        "udp-echo" => {
+            // Send a datagram and wait for the reply.
+            report(
+                "udp-echo",
+                std::net::UdpSocket::bind("0.0.0.0:0").and_then(|s| {
+                    s.send_to(b"ping", arg(2))?;
+                    let mut buf = [0u8; 64];
+                    let (n, _) = s.recv_from(&mut buf)?;
+                    Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
+                }),
+            )
+        }
         "exit" => {
             let code: i32 = arg(2).parse().unwrap_or(1);
             std::process::exit(code)
