@@ -7,6 +7,8 @@ use std::process::{Command, Output};
 #[allow(unused_imports)]
 pub use edgeward_tests::guests;
 
+pub mod daemon;
+
 /// The edgeward binary under test.
 pub const EDGEWARD: &str = env!("CARGO_BIN_EXE_edgeward-under-test");
 

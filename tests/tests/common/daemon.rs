@@ -1,0 +1,129 @@
+//! A running `edgeward daemon` under test: its stdout/stderr lines, and
+//! SIGTERM.
+#![allow(dead_code)]
+
+use super::*;
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+pub struct Daemon {
+    pub child: Child,
+    stdout: mpsc::Receiver<String>,
+    stderr: mpsc::Receiver<String>,
+    pub seen_out: Vec<String>,
+    pub seen_err: Vec<String>,
+}
+
+pub fn lines(r: impl std::io::Read + Send + 'static) -> mpsc::Receiver<String> {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for l in BufReader::new(r).lines() {
+            let Ok(l) = l else { break };
+            if tx.send(l).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
+impl Daemon {
+    pub fn start(s: &Scratch, config: &str) -> Self {
+        let path = s.path().join("config.toml");
+        std::fs::write(&path, config).expect("write config");
+        let mut child = s
+            .edgeward()
+            .env("EDGEWARD_LOG", "info")
+            .arg("daemon")
+            .arg("--config")
+            .arg(&path)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn daemon");
+        let stdout = lines(child.stdout.take().expect("stdout"));
+        let stderr = lines(child.stderr.take().expect("stderr"));
+        Self {
+            child,
+            stdout,
+            stderr,
+            seen_out: Vec::new(),
+            seen_err: Vec::new(),
+        }
+    }
+
+    pub fn pump(&mut self) {
+        self.seen_out.extend(self.stdout.try_iter());
+        self.seen_err.extend(self.stderr.try_iter());
+    }
+
+    /// Waits until `pred` holds for the stdout and stderr lines seen so far.
+    #[track_caller]
+    pub fn wait_for(&mut self, what: &str, pred: impl Fn(&[String], &[String]) -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while Instant::now() < deadline {
+            self.pump();
+            if pred(&self.seen_out, &self.seen_err) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!(
+            "timed out waiting for {what}\n--- stdout\n{}\n--- stderr\n{}",
+            self.seen_out.join("\n"),
+            self.seen_err.join("\n")
+        );
+    }
+
+    pub fn terminate(mut self) -> (std::process::ExitStatus, Vec<String>, Vec<String>) {
+        let pid = self.child.id().to_string();
+        let ok = std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .expect("kill");
+        assert!(ok.success());
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait") {
+                std::thread::sleep(Duration::from_millis(100));
+                self.pump();
+                return (
+                    status,
+                    std::mem::take(&mut self.seen_out),
+                    std::mem::take(&mut self.seen_err),
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "daemon did not stop after SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+    }
+}
+
+pub fn status_json(s: &Scratch) -> Vec<serde_json::Value> {
+    let o = s
+        .edgeward()
+        .args(["status", "--json"])
+        .output()
+        .expect("spawn");
+    assert_status(&o, 0);
+    serde_json::from_str::<serde_json::Value>(&stdout(&o))
+        .expect("status JSON")
+        .as_array()
+        .cloned()
+        .expect("array")
+}
+
+pub fn count(lines: &[String], needle: &str) -> usize {
+    lines.iter().filter(|l| l.contains(needle)).count()
+}
