@@ -85,6 +85,21 @@ fn sandbox_for(spec: &ModuleSpec, data_dir: &Path, output: Output) -> SandboxSpe
     s
 }
 
+/// Raises the soft open-file limit to the hard limit: every module holds a
+/// descriptor for its data directory, and thousands of modules outgrow the
+/// usual soft limit of 1024. Returns the new soft limit.
+pub fn raise_fd_limit() -> Option<u64> {
+    use rustix::process::{Resource, getrlimit, setrlimit};
+    let mut limit = getrlimit(Resource::Nofile);
+    if limit.current < limit.maximum {
+        limit.current = limit.maximum;
+        if let Err(e) = setrlimit(Resource::Nofile, limit.clone()) {
+            tracing::warn!(error = %e, "cannot raise the open-file limit");
+        }
+    }
+    getrlimit(Resource::Nofile).current
+}
+
 /// Runs the deployment in `config` with state under `state_dir` until
 /// SIGINT or SIGTERM.
 ///
@@ -97,6 +112,7 @@ fn sandbox_for(spec: &ModuleSpec, data_dir: &Path, output: Output) -> SandboxSpe
 /// cannot be installed.
 pub async fn run(config: Config, state_dir: PathBuf) -> anyhow::Result<()> {
     state::ensure_private_dir(&state_dir)?;
+    let fd_limit = raise_fd_limit();
     let max_memory = config
         .modules
         .iter()
@@ -118,6 +134,7 @@ pub async fn run(config: Config, state_dir: PathBuf) -> anyhow::Result<()> {
         state_dir = %state_dir.display(),
         allocator = ?rt.allocator(),
         modules = config.modules.len(),
+        fd_limit = ?fd_limit,
         "edgeward daemon starting"
     );
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())

@@ -269,6 +269,19 @@ impl Runtime {
         spec: &SandboxSpec,
         deadline: Option<Duration>,
     ) -> Exit {
+        self.start_with(module, spec, deadline, || {}).await
+    }
+
+    /// [`Runtime::start`], calling `instantiated` once the instance exists
+    /// and before `wasi:cli/run` is entered (supervisors and benchmarks use
+    /// it to tell start-up from running).
+    pub async fn start_with(
+        &self,
+        module: &LoadedModule,
+        spec: &SandboxSpec,
+        deadline: Option<Duration>,
+        instantiated: impl FnOnce() + Send,
+    ) -> Exit {
         let state = match ModuleState::new(spec) {
             Ok(s) => s,
             Err(e) => return Exit::SetupFailed(format!("{e:#}")),
@@ -285,6 +298,7 @@ impl Runtime {
         store.epoch_deadline_callback(|_| Ok(UpdateDeadline::Yield(1)));
         let run = async {
             let cmd = module.pre.instantiate_async(&mut store).await?;
+            instantiated();
             cmd.wasi_cli_run().call_run(&mut store).await
         };
         let result = match deadline {

@@ -149,6 +149,12 @@ fn main() -> ExitCode {
                 }),
             )
         }
+        "tick" => {
+            // A long-running module that wakes once a second.
+            loop {
+                std::thread::sleep(std::time::Duration::from_secs(1));
+            }
+        }
         "exit" => {
             let code: i32 = arg(2).parse().unwrap_or(1);
             std::process::exit(code)
