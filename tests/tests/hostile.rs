@@ -9,7 +9,6 @@ mod common;
 
 use common::daemon::*;
 use common::*;
-use std::time::Duration;
 
 /// Milliseconds since the epoch of a log line's RFC 3339 timestamp.
 fn stamp_ms(line: &str) -> Option<i64> {
@@ -70,7 +69,10 @@ fn hostile_modules_cannot_hurt_the_daemon_or_their_neighbour() {
     d.wait_for("the spinners' deadlines", |_, err| {
         count(err, "deadline of 2s passed") >= 2
     });
-    std::thread::sleep(Duration::from_secs(1));
+    // ...and the neighbour has been reading for a while next to them.
+    d.wait_for("25 neighbour readings", |out, _| {
+        count(out, "neighbour | ") >= 25
+    });
 
     let statuses = status_json(&s);
     let exit_of = |n: &str| {
@@ -112,7 +114,7 @@ fn hostile_modules_cannot_hurt_the_daemon_or_their_neighbour() {
         .output()
         .expect("spawn");
     let stamps: Vec<i64> = stdout(&log).lines().filter_map(stamp_ms).collect();
-    assert!(stamps.len() >= 20, "only {} readings", stamps.len());
+    assert!(stamps.len() >= 25, "only {} readings", stamps.len());
     let worst = stamps.windows(2).map(|w| w[1] - w[0]).max().unwrap_or(0);
     assert!(worst < 1000, "the neighbour stalled for {worst} ms");
 

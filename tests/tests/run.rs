@@ -563,3 +563,67 @@ fn recursion_and_oversized_host_calls_are_bounded() {
         stdout(&o)
     );
 }
+
+/// A one-shot HTTP server on loopback; returns its address and the request
+/// it saw (None if nobody came within the wait).
+fn http_server() -> (String, std::thread::JoinHandle<Option<String>>) {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("addr").to_string();
+    listener.set_nonblocking(true).expect("nonblocking");
+    let handle = std::thread::spawn(move || {
+        use std::io::{Read, Write};
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+        loop {
+            match listener.accept() {
+                Ok((mut conn, _)) => {
+                    conn.set_nonblocking(false).expect("blocking");
+                    let mut buf = [0u8; 4096];
+                    let n = conn.read(&mut buf).unwrap_or(0);
+                    let _ = conn.write_all(
+                        b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nConnection: close\r\n\r\nhello",
+                    );
+                    return Some(String::from_utf8_lossy(&buf[..n]).into_owned());
+                }
+                Err(_) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(10))
+                }
+                Err(_) => return None,
+            }
+        }
+    });
+    (addr, handle)
+}
+
+#[test]
+fn wasi_http_requests_follow_the_allow_list() {
+    let s = Scratch::new();
+    let http = guests::HTTP_PROBE;
+    let (addr, server) = http_server();
+    let o = s.run(http, &["--allow-outbound", &addr], &[&addr, "/reading"]);
+    assert_status(&o, 0);
+    assert_eq!(stdout(&o).trim(), "ok: 200 hello");
+    let seen = server.join().expect("join").expect("request");
+    assert!(seen.starts_with("GET /reading HTTP/1.1"), "{seen}");
+
+    // Not listed: refused before any connection.
+    let (addr, server) = http_server();
+    let o = s.run(
+        http,
+        &["--allow-outbound", "127.0.0.1:9", "--timeout", "30s"],
+        &[&addr, "/"],
+    );
+    assert_status(&o, 1);
+    assert!(stdout(&o).contains("HttpRequestDenied"), "{}", stdout(&o));
+    assert!(
+        stderr(&o).contains("HTTP request refused"),
+        "{}",
+        stderr(&o)
+    );
+    // Listed by a name that resolves to loopback: refused too.
+    let port = addr.rsplit(':').next().expect("port");
+    let by_name = format!("localhost:{port}");
+    let o = s.run(http, &["--allow-outbound", &by_name], &[&by_name, "/"]);
+    assert_status(&o, 1);
+    assert!(stdout(&o).contains("HttpRequestDenied"), "{}", stdout(&o));
+    drop(server);
+}

@@ -151,6 +151,8 @@ impl Runtime {
             network::HasFilteredLookup,
         >(&mut linker, ModuleState::lookup)?;
         linker.allow_shadowing(false);
+        // wasi:http (outgoing requests, allow-listed) for modules that import it.
+        wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker)?;
         let cache = match &opts.state_dir {
             Some(dir) => Some(
                 ArtifactCache::open(dir, &engine)

@@ -184,6 +184,31 @@ impl NetPolicy {
         false
     }
 
+    /// Whether an HTTP request may go to `host:port`. An IP literal is
+    /// checked like a connect; a name must be listed with that port and must
+    /// not resolve to a loopback, link-local or other special address.
+    pub async fn allows_host(&self, host: &str, port: u16) -> bool {
+        let bare = host.trim_start_matches('[').trim_end_matches(']');
+        if let Ok(ip) = bare.parse::<IpAddr>() {
+            return self.allows(SocketAddr::new(ip, port)).await;
+        }
+        let name = host.trim_end_matches('.').to_ascii_lowercase();
+        let listed = self
+            .allowed
+            .iter()
+            .any(|o| o.port == port && matches!(&o.host, OutboundHost::Name(n) if *n == name));
+        if !listed {
+            return false;
+        }
+        match tokio::net::lookup_host((name.as_str(), port)).await {
+            Ok(addrs) => {
+                let addrs: Vec<SocketAddr> = addrs.collect();
+                !addrs.is_empty() && addrs.iter().all(|a| !is_local_or_special(a.ip()))
+            }
+            Err(_) => false,
+        }
+    }
+
     /// The `socket_addr_check` of this policy.
     pub async fn check(&self, addr: SocketAddr, use_: SocketAddrUse) -> bool {
         let allowed = match use_ {
@@ -202,6 +227,61 @@ impl NetPolicy {
             tracing::warn!(module = %self.module, %addr, use_ = ?use_, "network access refused");
         }
         allowed
+    }
+}
+
+/// `wasi:http` hooks enforcing the module's allow-list on outgoing
+/// requests. (The check resolves a listed name before wasmtime-wasi-http
+/// connects and resolves it again; a DNS answer that changes in between is
+/// not caught here.)
+#[derive(Debug, Clone)]
+pub struct HttpHooks {
+    /// The module's policy.
+    pub policy: NetPolicy,
+}
+
+impl wasmtime_wasi_http::WasiHttpHooks for HttpHooks {
+    fn send_request(
+        &mut self,
+        request: http::Request<wasmtime_wasi_http::WasiBody>,
+        options: Option<wasmtime_wasi_http::RequestOptions>,
+        fut: Box<dyn std::future::Future<Output = Result<(), wasmtime_wasi_http::Error>> + Send>,
+    ) -> Box<
+        dyn std::future::Future<
+                Output = Result<
+                    (
+                        http::Response<wasmtime_wasi_http::WasiBody>,
+                        Box<
+                            dyn std::future::Future<Output = Result<(), wasmtime_wasi_http::Error>>
+                                + Send,
+                        >,
+                    ),
+                    wasmtime_wasi_http::Error,
+                >,
+            > + Send,
+    > {
+        drop(fut);
+        let policy = self.policy.clone();
+        Box::new(async move {
+            use http_body_util::BodyExt as _;
+            let uri = request.uri();
+            let https = uri.scheme_str() == Some("https");
+            let host = uri.host().unwrap_or("").to_owned();
+            let port = uri.port_u16().unwrap_or(if https { 443 } else { 80 });
+            if !policy.allows_host(&host, port).await {
+                tracing::warn!(module = %policy.module, host = %host.chars().take(253).collect::<String>(), port, "HTTP request refused");
+                return Err(wasmtime_wasi_http::Error::HttpRequestDenied);
+            }
+            let (res, io) = wasmtime_wasi_http::default_send_request(request, options).await?;
+            Ok((
+                res.map(|b| b.boxed_unsync()),
+                Box::new(io)
+                    as Box<
+                        dyn std::future::Future<Output = Result<(), wasmtime_wasi_http::Error>>
+                            + Send,
+                    >,
+            ))
+        })
     }
 }
 

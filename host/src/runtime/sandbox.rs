@@ -183,6 +183,8 @@ pub struct ModuleState {
     wasi: WasiCtx,
     table: ResourceTable,
     net: NetPolicy,
+    http: wasmtime_wasi_http::WasiHttpCtx,
+    http_hooks: super::network::HttpHooks,
     pub(crate) limiter: Limiter,
 }
 
@@ -204,6 +206,10 @@ impl ModuleState {
         Ok(Self {
             wasi: spec.build_wasi(&net)?,
             table: ResourceTable::new(),
+            http: wasmtime_wasi_http::WasiHttpCtx::new(),
+            http_hooks: super::network::HttpHooks {
+                policy: net.clone(),
+            },
             net,
             limiter: Limiter::new(&spec.limits),
         })
@@ -217,6 +223,16 @@ impl ModuleState {
                 table: &mut self.table,
             },
             policy: &self.net,
+        }
+    }
+}
+
+impl wasmtime_wasi_http::WasiHttpView for ModuleState {
+    fn http(&mut self) -> wasmtime_wasi_http::WasiHttpCtxView<'_> {
+        wasmtime_wasi_http::WasiHttpCtxView {
+            hooks: &mut self.http_hooks,
+            table: &mut self.table,
+            ctx: &mut self.http,
         }
     }
 }
