@@ -314,14 +314,20 @@ fn optional_config(flag: Option<PathBuf>) -> Result<Option<Config>, ExitCode> {
     }
 }
 
-/// The state directory for the inspection commands, created if missing.
-fn inspect_state_dir(
+/// The config (if any) and state directory for the inspection commands;
+/// the directory is created if missing.
+fn inspect_context(
     state_flag: Option<&std::path::Path>,
-    cfg: Option<&Config>,
-) -> Result<PathBuf, ExitCode> {
-    state::resolve(state_flag, cfg.and_then(|c| c.state_dir.as_deref()))
-        .and_then(|d| state::ensure_private_dir(&d).map(|()| d))
-        .map_err(|e| fail(e, 2))
+    config_flag: Option<PathBuf>,
+) -> Result<(Option<Config>, PathBuf), ExitCode> {
+    let cfg = optional_config(config_flag)?;
+    let dir = state::resolve(
+        state_flag,
+        cfg.as_ref().and_then(|c| c.state_dir.as_deref()),
+    )
+    .and_then(|d| state::ensure_private_dir(&d).map(|()| d))
+    .map_err(|e| fail(e, 2))?;
+    Ok((cfg, dir))
 }
 
 fn status_command(
@@ -329,12 +335,8 @@ fn status_command(
     config_flag: Option<PathBuf>,
     json: bool,
 ) -> ExitCode {
-    let cfg = match optional_config(config_flag) {
-        Ok(c) => c,
-        Err(code) => return code,
-    };
-    let state_dir = match inspect_state_dir(state_flag.as_deref(), cfg.as_ref()) {
-        Ok(d) => d,
+    let (_, state_dir) = match inspect_context(state_flag.as_deref(), config_flag) {
+        Ok(x) => x,
         Err(code) => return code,
     };
     let statuses = daemon::records::read_statuses(&state_dir);
@@ -392,12 +394,8 @@ fn logs_command(
     if !config::valid_module_name(module) {
         return fail(format!("invalid module name {module:?}"), 2);
     }
-    let cfg = match optional_config(config_flag) {
-        Ok(c) => c,
-        Err(code) => return code,
-    };
-    let state_dir = match inspect_state_dir(state_flag.as_deref(), cfg.as_ref()) {
-        Ok(d) => d,
+    let (_, state_dir) = match inspect_context(state_flag.as_deref(), config_flag) {
+        Ok(x) => x,
         Err(code) => return code,
     };
     if !daemon::records::module_dir(&state_dir, module).exists() {
@@ -429,15 +427,11 @@ fn logs_command(
 }
 
 fn hsm_info(state_flag: Option<PathBuf>, config_flag: Option<PathBuf>, json: bool) -> ExitCode {
-    let cfg = match optional_config(config_flag) {
-        Ok(c) => c,
+    let (cfg, state_dir) = match inspect_context(state_flag.as_deref(), config_flag) {
+        Ok(x) => x,
         Err(code) => return code,
     };
     let hsm_config = cfg.as_ref().map(|c| c.hsm.clone()).unwrap_or_default();
-    let state_dir = match inspect_state_dir(state_flag.as_deref(), cfg.as_ref()) {
-        Ok(d) => d,
-        Err(code) => return code,
-    };
     let hsm = match crate::hsm::open(&hsm_config, &state_dir) {
         Ok(h) => h,
         Err(e) => return fail(e, 1),

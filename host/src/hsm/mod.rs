@@ -353,6 +353,48 @@ pub(crate) fn check_len(
     }
 }
 
+/// Checks `encrypt`'s inputs against [`MAX_AEAD_INPUT`].
+pub(crate) fn check_encrypt_input(
+    backend: &'static str,
+    id: &str,
+    plaintext: &[u8],
+    aad: &[u8],
+) -> Result<()> {
+    check_len(
+        backend,
+        Op::Encrypt,
+        Some(id),
+        "plaintext",
+        plaintext.len(),
+        MAX_AEAD_INPUT,
+    )?;
+    check_len(
+        backend,
+        Op::Encrypt,
+        Some(id),
+        "associated data",
+        aad.len(),
+        MAX_AEAD_INPUT,
+    )
+}
+
+/// Checks `decrypt`'s input: at most what `encrypt` can produce.
+pub(crate) fn check_decrypt_input(
+    backend: &'static str,
+    id: &str,
+    ciphertext: &[u8],
+) -> Result<()> {
+    // version byte + 12-byte nonce + 16-byte tag around the plaintext.
+    check_len(
+        backend,
+        Op::Decrypt,
+        Some(id),
+        "ciphertext",
+        ciphertext.len(),
+        MAX_AEAD_INPUT + 29,
+    )
+}
+
 /// Verifies a DER ECDSA P-256 signature over `message` (SHA-256) against a
 /// SEC1 public point.
 pub fn verify_p256(public_key: &[u8], message: &[u8], der_signature: &[u8]) -> bool {

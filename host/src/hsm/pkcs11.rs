@@ -20,8 +20,8 @@ use cryptoki::types::AuthPin;
 use zeroize::Zeroizing;
 
 use super::{
-    AEAD_VERSION, ErrorKind, Hsm, HsmError, KeyInfo, KeyKind, MAX_AEAD_INPUT, Op, Result, check_id,
-    check_len,
+    AEAD_VERSION, ErrorKind, Hsm, HsmError, KeyInfo, KeyKind, Op, Result, check_decrypt_input,
+    check_encrypt_input, check_id,
 };
 
 const BACKEND: &str = "pkcs11";
@@ -325,22 +325,7 @@ impl Hsm for Pkcs11Hsm {
     }
 
     fn encrypt(&self, id: &str, plaintext: &[u8], aad: &[u8]) -> Result<Vec<u8>> {
-        check_len(
-            BACKEND,
-            Op::Encrypt,
-            Some(id),
-            "plaintext",
-            plaintext.len(),
-            MAX_AEAD_INPUT,
-        )?;
-        check_len(
-            BACKEND,
-            Op::Encrypt,
-            Some(id),
-            "associated data",
-            aad.len(),
-            MAX_AEAD_INPUT,
-        )?;
+        check_encrypt_input(BACKEND, id, plaintext, aad)?;
         let key = self.key(Op::Encrypt, id, KeyKind::Aes256Gcm, false)?;
         let session = self.session(Op::Encrypt, Some(id))?;
         let mut iv = [0u8; 12];
@@ -361,14 +346,7 @@ impl Hsm for Pkcs11Hsm {
     }
 
     fn decrypt(&self, id: &str, ciphertext: &[u8], aad: &[u8]) -> Result<Zeroizing<Vec<u8>>> {
-        check_len(
-            BACKEND,
-            Op::Decrypt,
-            Some(id),
-            "ciphertext",
-            ciphertext.len(),
-            MAX_AEAD_INPUT + 29,
-        )?;
+        check_decrypt_input(BACKEND, id, ciphertext)?;
         if ciphertext.len() < 1 + 12 + 16 || ciphertext[0] != AEAD_VERSION {
             return Err(err(Op::Decrypt, Some(id), ErrorKind::AuthenticationFailed));
         }

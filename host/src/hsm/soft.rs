@@ -22,8 +22,9 @@ use p256::pkcs8::{DecodePrivateKey, EncodePrivateKey};
 use zeroize::Zeroizing;
 
 use super::{
-    AEAD_VERSION, ErrorKind, Hsm, HsmError, KeyInfo, KeyKind, MAX_AEAD_INPUT, MAX_NONCE, Op, Quote,
-    Result, check_id, check_len, extend_chain, soft_quote_message,
+    AEAD_VERSION, ErrorKind, Hsm, HsmError, KeyInfo, KeyKind, MAX_NONCE, Op, Quote, Result,
+    check_decrypt_input, check_encrypt_input, check_id, check_len, extend_chain,
+    soft_quote_message,
 };
 use crate::state;
 
@@ -290,35 +291,13 @@ impl Hsm for SoftHsm {
     }
 
     fn encrypt(&self, id: &str, plaintext: &[u8], aad: &[u8]) -> Result<Vec<u8>> {
-        check_len(
-            BACKEND,
-            Op::Encrypt,
-            Some(id),
-            "plaintext",
-            plaintext.len(),
-            MAX_AEAD_INPUT,
-        )?;
-        check_len(
-            BACKEND,
-            Op::Encrypt,
-            Some(id),
-            "associated data",
-            aad.len(),
-            MAX_AEAD_INPUT,
-        )?;
+        check_encrypt_input(BACKEND, id, plaintext, aad)?;
         let cipher = self.load_aead(Op::Encrypt, id, false)?;
         seal(&cipher, plaintext, aad).map_err(|m| err(Op::Encrypt, Some(id), ErrorKind::Backend(m)))
     }
 
     fn decrypt(&self, id: &str, ciphertext: &[u8], aad: &[u8]) -> Result<Zeroizing<Vec<u8>>> {
-        check_len(
-            BACKEND,
-            Op::Decrypt,
-            Some(id),
-            "ciphertext",
-            ciphertext.len(),
-            MAX_AEAD_INPUT + 29,
-        )?;
+        check_decrypt_input(BACKEND, id, ciphertext)?;
         let cipher = self.load_aead(Op::Decrypt, id, false)?;
         open(&cipher, ciphertext, aad)
             .ok_or_else(|| err(Op::Decrypt, Some(id), ErrorKind::AuthenticationFailed))

@@ -41,8 +41,8 @@ use zeroize::Zeroizing;
 
 use super::soft::{open as aead_open, seal as aead_seal};
 use super::{
-    ErrorKind, Hsm, HsmError, KeyInfo, KeyKind, MAX_AEAD_INPUT, MAX_NONCE, Op, Quote, Result,
-    check_id, check_len,
+    ErrorKind, Hsm, HsmError, KeyInfo, KeyKind, MAX_NONCE, Op, Quote, Result, check_decrypt_input,
+    check_encrypt_input, check_id, check_len,
 };
 use crate::state;
 
@@ -542,36 +542,14 @@ impl Hsm for TpmHsm {
     }
 
     fn encrypt(&self, id: &str, plaintext: &[u8], aad: &[u8]) -> Result<Vec<u8>> {
-        check_len(
-            BACKEND,
-            Op::Encrypt,
-            Some(id),
-            "plaintext",
-            plaintext.len(),
-            MAX_AEAD_INPUT,
-        )?;
-        check_len(
-            BACKEND,
-            Op::Encrypt,
-            Some(id),
-            "associated data",
-            aad.len(),
-            MAX_AEAD_INPUT,
-        )?;
+        check_encrypt_input(BACKEND, id, plaintext, aad)?;
         let cipher = self.aead_cipher(Op::Encrypt, id, false)?;
         aead_seal(&cipher, plaintext, aad)
             .map_err(|m| err(Op::Encrypt, Some(id), ErrorKind::Backend(m)))
     }
 
     fn decrypt(&self, id: &str, ciphertext: &[u8], aad: &[u8]) -> Result<Zeroizing<Vec<u8>>> {
-        check_len(
-            BACKEND,
-            Op::Decrypt,
-            Some(id),
-            "ciphertext",
-            ciphertext.len(),
-            MAX_AEAD_INPUT + 29,
-        )?;
+        check_decrypt_input(BACKEND, id, ciphertext)?;
         let cipher = self.aead_cipher(Op::Decrypt, id, false)?;
         aead_open(&cipher, ciphertext, aad)
             .ok_or_else(|| err(Op::Decrypt, Some(id), ErrorKind::AuthenticationFailed))
