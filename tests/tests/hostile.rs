@@ -37,6 +37,16 @@ fn hostile_modules_cannot_hurt_the_daemon_or_their_neighbour() {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     listener.set_nonblocking(true).expect("nonblocking");
     let addr = listener.local_addr().expect("addr").to_string();
+    // The one destination a module may reach.
+    let open = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let open_addr = open.local_addr().expect("addr").to_string();
+    let reached = std::thread::spawn(move || {
+        use std::io::Read;
+        let (mut conn, _) = open.accept().expect("accept");
+        let mut got = String::new();
+        conn.read_to_string(&mut got).expect("read");
+        got
+    });
     let hostile = |name: &str, args: &str, extra: &str| {
         format!(
             "[[module]]\nname = \"{name}\"\nfile = \"{probe}\"\ndigest = \"{pd}\"\nargs = {args}\nrestart = \"never\"\n{extra}\n"
@@ -59,6 +69,21 @@ fn hostile_modules_cannot_hurt_the_daemon_or_their_neighbour() {
         hostile("escape", r#"["read", "/data/../../../../etc/passwd"]"#, ""),
         hostile("socket", &format!(r#"["connect", "{addr}"]"#), ""),
         hostile("lookup", r#"["lookup", "example.com"]"#, ""),
+        hostile(
+            "binder",
+            r#"["bind", "0.0.0.0:0"]"#,
+            &format!("allow_outbound = [\"{open_addr}\"]"),
+        ),
+        hostile(
+            "allowed",
+            &format!(r#"["connect", "{open_addr}"]"#),
+            &format!("allow_outbound = [\"{open_addr}\"]"),
+        ),
+        hostile(
+            "denied-next-to-allowed",
+            &format!(r#"["connect", "{addr}"]"#),
+            &format!("allow_outbound = [\"{open_addr}\"]"),
+        ),
         hostile("big-arg", r#"["big-path", "20"]"#, ""),
         hostile("bad-exit", r#"["exit", "3"]"#, ""),
         hostile("panic", r#"["panic"]"#, ""),
@@ -97,9 +122,23 @@ fn hostile_modules_cannot_hurt_the_daemon_or_their_neighbour() {
     expect("memory-bomb", "trap", Some("out of memory"));
     expect("recursion", "trap", Some("call stack exhausted"));
     expect("panic", "trap", Some("unreachable"));
-    for n in ["escape", "socket", "lookup", "big-arg", "bad-exit"] {
+    for n in [
+        "escape",
+        "socket",
+        "lookup",
+        "binder",
+        "denied-next-to-allowed",
+        "big-arg",
+        "bad-exit",
+    ] {
         expect(n, "failure", None);
     }
+    expect("allowed", "success", None);
+    assert_eq!(
+        reached.join().expect("join"),
+        "escaped",
+        "the allowed destination was reached"
+    );
     assert!(listener.accept().is_err(), "a module reached the network");
     let flood = statuses
         .iter()
