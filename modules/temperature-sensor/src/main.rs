@@ -75,7 +75,15 @@ fn main() -> ExitCode {
             .duration_since(UNIX_EPOCH)
             .unwrap_or_default()
     };
-    let mut noise = Noise(now().as_nanos() as u64 | 1);
+    // Seeded from the clock and the sensor's name, so sensors started in the
+    // same millisecond still read differently.
+    let name_seed = settings
+        .sensor_id
+        .bytes()
+        .fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+            (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+        });
+    let mut noise = Noise((now().as_nanos() as u64 ^ name_seed) | 1);
     let mut celsius = 21.0_f64;
     let mut seq = 0u64;
     loop {
