@@ -353,6 +353,18 @@ pub(crate) fn check_len(
     }
 }
 
+/// Checks a quote nonce against [`MAX_NONCE`].
+pub(crate) fn check_nonce(backend: &'static str, key: &str, nonce: &[u8]) -> Result<()> {
+    check_len(
+        backend,
+        Op::Quote,
+        Some(key),
+        "nonce",
+        nonce.len(),
+        MAX_NONCE,
+    )
+}
+
 /// Checks `encrypt`'s inputs against [`MAX_AEAD_INPUT`].
 pub(crate) fn check_encrypt_input(
     backend: &'static str,

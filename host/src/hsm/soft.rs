@@ -22,8 +22,8 @@ use p256::pkcs8::{DecodePrivateKey, EncodePrivateKey};
 use zeroize::Zeroizing;
 
 use super::{
-    AEAD_VERSION, ErrorKind, Hsm, HsmError, KeyInfo, KeyKind, MAX_NONCE, Op, Quote, Result,
-    check_decrypt_input, check_encrypt_input, check_id, check_len, extend_chain,
+    AEAD_VERSION, ErrorKind, Hsm, HsmError, KeyInfo, KeyKind, Op, Quote, Result,
+    check_decrypt_input, check_encrypt_input, check_id, check_nonce, extend_chain,
     soft_quote_message,
 };
 use crate::state;
@@ -329,14 +329,7 @@ impl Hsm for SoftHsm {
     }
 
     fn quote(&self, key: &str, nonce: &[u8]) -> Result<Quote> {
-        check_len(
-            BACKEND,
-            Op::Quote,
-            Some(key),
-            "nonce",
-            nonce.len(),
-            MAX_NONCE,
-        )?;
+        check_nonce(BACKEND, key, nonce)?;
         let signer = self.load_signing(Op::Quote, key, false)?;
         let register = self.read_register()?;
         let message = soft_quote_message(&register, nonce);

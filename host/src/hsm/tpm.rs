@@ -41,8 +41,8 @@ use zeroize::Zeroizing;
 
 use super::soft::{open as aead_open, seal as aead_seal};
 use super::{
-    ErrorKind, Hsm, HsmError, KeyInfo, KeyKind, MAX_NONCE, Op, Quote, Result, check_decrypt_input,
-    check_encrypt_input, check_id, check_len,
+    ErrorKind, Hsm, HsmError, KeyInfo, KeyKind, Op, Quote, Result, check_decrypt_input,
+    check_encrypt_input, check_id, check_nonce,
 };
 use crate::state;
 
@@ -611,14 +611,7 @@ impl Hsm for TpmHsm {
     }
 
     fn quote(&self, key: &str, nonce: &[u8]) -> Result<Quote> {
-        check_len(
-            BACKEND,
-            Op::Quote,
-            Some(key),
-            "nonce",
-            nonce.len(),
-            MAX_NONCE,
-        )?;
+        check_nonce(BACKEND, key, nonce)?;
         let blob = self.ensure_blob(Op::Quote, key, Blob::Attestation, false)?;
         let public_key =
             sec1(&blob.0).ok_or_else(|| err(Op::Quote, Some(key), ErrorKind::WrongKeyKind))?;
