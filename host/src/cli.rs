@@ -71,12 +71,41 @@ enum Command {
         #[arg(long, value_name = "FILE")]
         config: Option<PathBuf>,
     },
+    /// Print the trust bundle: the device CA root(s) as PEM, or a SPIFFE
+    /// bundle (JWKS with the X.509 roots and the JWT-SVID keys).
+    Bundle {
+        /// pem (default) or jwks.
+        #[arg(long, value_enum, default_value_t = BundleFormat::Pem)]
+        format: BundleFormat,
+        /// Config file (its [hsm] and [identity] tables, state_dir).
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+    },
+    /// Delete a module's registration. Its next start registers it anew with
+    /// a new generation id: data it sealed with `encrypt` can no longer be
+    /// decrypted. Stop the daemon first.
+    Deregister {
+        /// The module's name.
+        module: String,
+        /// Config file (for its state_dir).
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+    },
     /// Print the sha256 digest of component files, as pinned in a config.
     Digest {
         /// Component files.
         #[arg(required = true)]
         files: Vec<PathBuf>,
     },
+}
+
+/// `edgeward bundle --format`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum BundleFormat {
+    /// PEM certificates.
+    Pem,
+    /// A SPIFFE bundle (JWKS).
+    Jwks,
 }
 
 #[derive(Debug, Subcommand)]
@@ -134,6 +163,11 @@ struct RunArgs {
     /// Do not read or write the compiled-artifact cache.
     #[arg(long)]
     no_cache: bool,
+    /// Config file for the [hsm] and [identity] settings (modules in it are
+    /// ignored). Default: $EDGEWARD_CONFIG, then /etc/edgeward/config.toml if
+    /// it exists, else the soft HSM and default identity settings.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
     /// Arguments for the module.
     #[arg(last = true, value_name = "ARGS")]
     args: Vec<String>,
@@ -191,6 +225,14 @@ pub fn main() -> ExitCode {
             init_logging("warn");
             logs_command(cli.state_dir, config, &module, exits)
         }
+        Command::Bundle { format, config } => {
+            init_logging("warn");
+            bundle_command(cli.state_dir, config, format)
+        }
+        Command::Deregister { module, config } => {
+            init_logging("warn");
+            deregister_command(cli.state_dir, config, &module)
+        }
         Command::Digest { files } => {
             let mut code = ExitCode::SUCCESS;
             for f in files {
@@ -239,15 +281,22 @@ fn run_command(state_flag: Option<PathBuf>, args: RunArgs) -> ExitCode {
     if args.timeout == Some(Duration::ZERO) {
         return fail("--timeout must be greater than zero", 2);
     }
-    let state_dir = if args.no_cache {
-        None
-    } else {
-        match state::resolve(state_flag.as_deref(), None)
-            .and_then(|d| state::ensure_private_dir(&d).map(|()| d))
-        {
-            Ok(d) => Some(d),
-            Err(e) => return fail(e, EXIT_REFUSED),
-        }
+    let cfg = match optional_config(args.config.clone()) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let state_dir = match state::resolve(
+        state_flag.as_deref(),
+        cfg.as_ref().and_then(|c| c.state_dir.as_deref()),
+    )
+    .and_then(|d| state::ensure_private_dir(&d).map(|()| d))
+    {
+        Ok(d) => d,
+        Err(e) => return fail(e, EXIT_REFUSED),
+    };
+    let identity = match open_identity(cfg.as_ref(), &state_dir) {
+        Ok(i) => i,
+        Err(e) => return fail(e, EXIT_REFUSED),
     };
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -264,7 +313,7 @@ fn run_command(state_flag: Option<PathBuf>, args: RunArgs) -> ExitCode {
                 pooling: None,
                 max_wasm_stack: usize::try_from(args.max_stack).unwrap_or(usize::MAX),
             },
-            state_dir,
+            state_dir: (!args.no_cache).then(|| state_dir.clone()),
         }) {
             Ok(r) => r,
             Err(e) => return fail(format!("{e:#}"), EXIT_REFUSED),
@@ -278,7 +327,16 @@ fn run_command(state_flag: Option<PathBuf>, args: RunArgs) -> ExitCode {
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_else(|| "module".to_owned());
+        let name = registration_name(&args.file);
+        let module_identity = match identity.ephemeral(&name, &module.digest.to_string()) {
+            Ok(i) => i,
+            Err(e) => return fail(e, EXIT_REFUSED),
+        };
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        tokio::spawn(identity.clone().maintain(false, stop_rx));
+        let _stop_maintenance = stop_tx;
         let mut spec = SandboxSpec::new(program);
+        spec.identity = Some(module_identity);
         spec.args.extend(args.args);
         spec.env = env;
         spec.dirs = args.dirs;
@@ -295,6 +353,87 @@ fn run_command(state_flag: Option<PathBuf>, args: RunArgs) -> ExitCode {
             e @ Exit::SetupFailed(_) => fail(e, EXIT_REFUSED),
         }
     })
+}
+
+/// The ephemeral registration name for a file run by `edgeward run`: its
+/// stem, with characters a module name cannot hold replaced by `-`.
+fn registration_name(file: &std::path::Path) -> String {
+    let stem = file
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let mut name: String = stem
+        .chars()
+        .take(63)
+        .map(|c| match c {
+            'a'..='z' | '0'..='9' | '.' | '_' | '-' => c,
+            'A'..='Z' => c.to_ascii_lowercase(),
+            _ => '-',
+        })
+        .collect();
+    if !name.starts_with(|c: char| c.is_ascii_alphanumeric()) {
+        name.insert(0, 'm');
+        name.truncate(63);
+    }
+    name
+}
+
+/// Opens the HSM and the identity service as the config (or the defaults)
+/// say.
+fn open_identity(
+    cfg: Option<&Config>,
+    state_dir: &std::path::Path,
+) -> Result<std::sync::Arc<crate::identity::IdentityService>, String> {
+    let hsm_config = cfg.map(|c| c.hsm.clone()).unwrap_or_default();
+    let identity_config = cfg.map(|c| c.identity.clone()).unwrap_or_default();
+    let hsm = crate::hsm::open(&hsm_config, state_dir).map_err(|e| e.to_string())?;
+    crate::identity::IdentityService::open(hsm, identity_config, state_dir)
+        .map_err(|e| e.to_string())
+}
+
+fn bundle_command(
+    state_flag: Option<PathBuf>,
+    config_flag: Option<PathBuf>,
+    format: BundleFormat,
+) -> ExitCode {
+    let (cfg, state_dir) = match inspect_context(state_flag.as_deref(), config_flag) {
+        Ok(x) => x,
+        Err(code) => return code,
+    };
+    let identity = match open_identity(cfg.as_ref(), &state_dir) {
+        Ok(i) => i,
+        Err(e) => return fail(e, 1),
+    };
+    match format {
+        BundleFormat::Pem => print!("{}", identity.bundle_pem()),
+        BundleFormat::Jwks => match identity.bundle_jwks() {
+            Ok(doc) => println!("{doc:#}"),
+            Err(e) => return fail(e, 1),
+        },
+    }
+    ExitCode::SUCCESS
+}
+
+fn deregister_command(
+    state_flag: Option<PathBuf>,
+    config_flag: Option<PathBuf>,
+    module: &str,
+) -> ExitCode {
+    let (_, state_dir) = match inspect_context(state_flag.as_deref(), config_flag) {
+        Ok(x) => x,
+        Err(code) => return code,
+    };
+    if !config::valid_module_name(module) {
+        return fail(format!("{module:?} is not a valid module name"), 2);
+    }
+    match crate::identity::registry::deregister(&state_dir, module) {
+        Ok(true) => {
+            println!("{module}: registration deleted; its next start gets a new generation");
+            ExitCode::SUCCESS
+        }
+        Ok(false) => fail(format!("{module}: not registered"), 1),
+        Err(e) => fail(e, 1),
+    }
 }
 
 /// `--config`, then `$EDGEWARD_CONFIG`, then the default path.

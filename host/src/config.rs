@@ -37,6 +37,15 @@
 //! module = "/usr/lib/softhsm/libsofthsm2.so"   # pkcs11: the module
 //! token = "edgeward"                  # pkcs11: token label
 //! pin_file = "/etc/edgeward/pin"      # pkcs11: user PIN, never on the command line
+//!
+//! [identity]
+//! trust_domain = "edgeward.local"     # SPIFFE trust domain (default shown)
+//! device_id = "gateway-17"            # default: the hostname
+//! svid_ttl = "1h"                     # X509-SVID lifetime (re-issued past half)
+//! max_token_ttl = "5m"                # JWT-SVID lifetimes are clamped to this
+//! jwt_key_rotation = "1h"             # JWT working-key rotation period
+//! ca_certificate = "device-ca.pem"    # optional: certificate(s) for the HSM's
+//!                                     # device-ca key, up to a self-signed root
 //! ```
 
 use std::collections::{BTreeMap, HashSet};
@@ -46,6 +55,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::hsm::HsmConfig;
+use crate::identity::IdentityConfig;
 use crate::measure::Digest;
 use crate::runtime::{DirGrant, Limits, Outbound};
 use crate::units::{parse_duration, parse_size};
@@ -76,6 +86,8 @@ struct RawConfig {
     hsm: RawHsm,
     #[serde(default)]
     runtime: RawRuntime,
+    #[serde(default)]
+    identity: RawIdentity,
     #[serde(default, rename = "module")]
     modules: Vec<RawModule>,
 }
@@ -89,6 +101,41 @@ struct RawHsm {
     module: Option<PathBuf>,
     token: Option<String>,
     pin_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawIdentity {
+    trust_domain: Option<String>,
+    device_id: Option<String>,
+    svid_ttl: Option<String>,
+    max_token_ttl: Option<String>,
+    jwt_key_rotation: Option<String>,
+    ca_certificate: Option<PathBuf>,
+}
+
+impl RawIdentity {
+    fn validate(self, resolve: &dyn Fn(&Path) -> PathBuf) -> Result<IdentityConfig, String> {
+        let d = IdentityConfig::default();
+        let dur = |name: &str, v: Option<String>, default: Duration| match v {
+            None => Ok(default),
+            Some(s) => parse_duration(&s).map_err(|e| format!("identity.{name}: {e}")),
+        };
+        let c = IdentityConfig {
+            trust_domain: self.trust_domain.unwrap_or(d.trust_domain),
+            device_id: self.device_id.unwrap_or(d.device_id),
+            svid_ttl: dur("svid_ttl", self.svid_ttl, d.svid_ttl)?,
+            max_token_ttl: dur("max_token_ttl", self.max_token_ttl, d.max_token_ttl)?,
+            jwt_key_rotation: dur(
+                "jwt_key_rotation",
+                self.jwt_key_rotation,
+                d.jwt_key_rotation,
+            )?,
+            ca_certificate: self.ca_certificate.map(|p| resolve(&p)),
+        };
+        c.check()?;
+        Ok(c)
+    }
 }
 
 /// The TCTI used when `[hsm] backend = "tpm"` names none.
@@ -248,6 +295,8 @@ pub struct Config {
     pub hsm: HsmConfig,
     /// Runtime settings.
     pub runtime: RuntimeSettings,
+    /// Workload identity settings.
+    pub identity: IdentityConfig,
     /// The deployment.
     pub modules: Vec<ModuleSpec>,
 }
@@ -350,6 +399,7 @@ impl Config {
         };
 
         let hsm = raw.hsm.validate(&resolve).map_err(err)?;
+        let identity = raw.identity.validate(&resolve).map_err(err)?;
         let max_wasm_stack = match &raw.runtime.max_wasm_stack {
             None => crate::runtime::engine::DEFAULT_MAX_WASM_STACK,
             Some(s) => {
@@ -446,6 +496,7 @@ impl Config {
                 echo_output: raw.runtime.echo_output.unwrap_or(true),
                 max_wasm_stack,
             },
+            identity,
             modules,
         })
     }

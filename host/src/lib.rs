@@ -11,6 +11,7 @@ pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod hsm;
+pub mod identity;
 pub mod measure;
 pub mod runtime;
 pub mod state;

@@ -137,11 +137,39 @@ pub async fn run(config: Config, state_dir: PathBuf) -> anyhow::Result<()> {
         fd_limit = ?fd_limit,
         "edgeward daemon starting"
     );
+    let identity = {
+        let (hsm_config, identity_config, dir) = (
+            config.hsm.clone(),
+            config.identity.clone(),
+            state_dir.clone(),
+        );
+        tokio::task::spawn_blocking(move || {
+            let hsm = crate::hsm::open(&hsm_config, &dir)?;
+            crate::identity::IdentityService::open(hsm, identity_config, &dir)
+                .map_err(anyhow::Error::from)
+        })
+        .await
+        .context("identity set-up task failed")?
+        .context("cannot set up workload identity")?
+    };
+    tracing::info!(
+        trust_domain = %identity.config().trust_domain,
+        device_id = %identity.config().device_id,
+        "workload identity ready"
+    );
+    let configured: std::collections::HashSet<&str> =
+        config.modules.iter().map(|m| m.name.as_str()).collect();
+    for name in crate::identity::registry::registered(&state_dir) {
+        if !configured.contains(name.as_str()) {
+            tracing::info!(module = %name, "registered module is not configured; its registration is kept (`edgeward deregister {name}` deletes it)");
+        }
+    }
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("cannot install the SIGTERM handler")?;
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut tasks = JoinSet::new();
+    tasks.spawn(identity.clone().maintain(true, stop_rx.clone()));
     for spec in config.modules {
         let data_dir = records::module_dir(&state_dir, &spec.name).join("data");
         let records = match ModuleRecords::open(&state_dir, &spec.name) {
@@ -154,15 +182,33 @@ pub async fn run(config: Config, state_dir: PathBuf) -> anyhow::Result<()> {
         let loaded = state::ensure_private_dir(&data_dir)
             .map_err(anyhow::Error::from)
             .and_then(|()| rt.load_file(&spec.file, Some(&spec.digest)));
-        match loaded {
+        let loaded = match loaded {
             Ok(module) => {
+                let (svc, name, digest) = (
+                    identity.clone(),
+                    spec.name.clone(),
+                    module.digest.to_string(),
+                );
+                match tokio::task::spawn_blocking(move || svc.register(&name, &digest)).await {
+                    Ok(Ok(id)) => Ok((module, id)),
+                    Ok(Err(e)) => {
+                        Err(anyhow::Error::from(e).context("cannot register its identity"))
+                    }
+                    Err(e) => Err(anyhow::anyhow!("registration task failed: {e}")),
+                }
+            }
+            Err(e) => Err(e),
+        };
+        match loaded {
+            Ok((module, module_identity)) => {
                 tracing::info!(module = %spec.name, digest = %module.digest, code = ?module.source, "module measured and loaded");
                 let output = Output::Module {
                     prefix: Arc::from(spec.name.as_str()),
                     echo: config.runtime.echo_output,
                     log: records.output(),
                 };
-                let sandbox = sandbox_for(&spec, &data_dir, output);
+                let mut sandbox = sandbox_for(&spec, &data_dir, output);
+                sandbox.identity = Some(module_identity);
                 tasks.spawn(supervise(
                     rt.clone(),
                     spec,

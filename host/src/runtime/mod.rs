@@ -7,6 +7,7 @@ pub mod logfile;
 pub mod network;
 pub mod output;
 pub mod sandbox;
+pub mod workload;
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -153,6 +154,8 @@ impl Runtime {
         linker.allow_shadowing(false);
         // wasi:http (outgoing requests, allow-listed) for modules that import it.
         wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker)?;
+        // Workload identity, for every module.
+        workload::add_to_linker(&mut linker, |s: &mut ModuleState| &mut s.workload)?;
         let cache = match &opts.state_dir {
             Some(dir) => Some(
                 ArtifactCache::open(dir, &engine)

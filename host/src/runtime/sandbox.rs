@@ -113,6 +113,9 @@ pub struct SandboxSpec {
     pub allow_outbound: Vec<super::network::Outbound>,
     /// stdout/stderr destination.
     pub output: Output,
+    /// The module's workload identity (`None`: the `workload` calls
+    /// return `unavailable`, `whoami` only names the program).
+    pub identity: Option<Arc<crate::identity::ModuleIdentity>>,
 }
 
 impl SandboxSpec {
@@ -125,6 +128,7 @@ impl SandboxSpec {
             limits: Limits::default(),
             allow_outbound: Vec::new(),
             output: Output::Discard,
+            identity: None,
         }
     }
 
@@ -185,6 +189,7 @@ pub struct ModuleState {
     net: NetPolicy,
     http: wasmtime_wasi_http::WasiHttpCtx,
     http_hooks: super::network::HttpHooks,
+    pub(crate) workload: super::workload::WorkloadCtx,
     pub(crate) limiter: Limiter,
 }
 
@@ -211,6 +216,7 @@ impl ModuleState {
                 policy: net.clone(),
             },
             net,
+            workload: super::workload::WorkloadCtx::new(spec.identity.clone(), program),
             limiter: Limiter::new(&spec.limits),
         })
     }

@@ -1,19 +1,70 @@
 //! Sample edgeward module: a simulated temperature sensor.
 //!
-//! Prints one JSON reading per interval to stdout.
+//! Prints one JSON reading per interval to stdout, signed by the module's
+//! X509-SVID key and carrying a JWT-SVID for the telemetry audience:
+//!
+//! ```text
+//! {"sensor":"s1","seq":1,"celsius":21.03,"ts_ms":1764374400000,"sig":"<hex DER>","token":"<JWT>"}
+//! ```
+//!
+//! `sig` is ECDSA P-256 / SHA-256 over the line up to (not including)
+//! `,"sig"` followed by `}`, i.e. the bare reading; it verifies with the
+//! module's identity certificate (chained to `edgeward bundle`). `token` is
+//! re-fetched when it has less than a minute left.
 //!
 //! Environment (all optional):
 //! - `SENSOR_ID`: the sensor's name in each reading (default `sensor-0`);
 //! - `INTERVAL_MS`: milliseconds between readings (default 1000, 1..=86_400_000);
-//! - `COUNT`: readings to take before exiting successfully (default 0: forever).
+//! - `COUNT`: readings to take before exiting successfully (default 0: forever);
+//! - `TOKEN_AUDIENCE`: the audience of the attached token (default
+//!   `edgeward-telemetry`).
 
 use std::process::ExitCode;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use edgeward_sdk::identity;
 
 struct Settings {
     sensor_id: String,
     interval: Duration,
     count: u64,
+    audience: String,
+}
+
+/// Token lifetime requested; re-fetched with less than a minute left.
+const TOKEN_TTL: Duration = Duration::from_secs(300);
+
+/// The current token, fetched again when it is about to expire.
+struct TokenCache {
+    audience: String,
+    token: Option<(String, u64)>,
+    warned: bool,
+}
+
+impl TokenCache {
+    fn get(&mut self, now_s: u64) -> Option<&str> {
+        let fresh = self
+            .token
+            .as_ref()
+            .is_some_and(|(_, exp)| *exp > now_s + 60);
+        if !fresh {
+            match identity::token(&[self.audience.as_str()], TOKEN_TTL) {
+                Ok(t) => self.token = Some((t, now_s + TOKEN_TTL.as_secs())),
+                Err(e) => {
+                    if !self.warned {
+                        eprintln!("temperature-sensor: no token: {e}");
+                        self.warned = true;
+                    }
+                    self.token = None;
+                }
+            }
+        }
+        self.token.as_ref().map(|(t, _)| t.as_str())
+    }
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
 fn env_number(
@@ -47,6 +98,8 @@ fn settings() -> Result<Settings, String> {
         sensor_id: std::env::var("SENSOR_ID").unwrap_or_else(|_| "sensor-0".to_owned()),
         interval: Duration::from_millis(env_number("INTERVAL_MS", 1000, 1..=86_400_000)?),
         count: env_number("COUNT", 0, 0..=u64::MAX)?,
+        audience: std::env::var("TOKEN_AUDIENCE")
+            .unwrap_or_else(|_| "edgeward-telemetry".to_owned()),
     })
 }
 
@@ -86,15 +139,35 @@ fn main() -> ExitCode {
     let mut noise = Noise((now().as_nanos() as u64 ^ name_seed) | 1);
     let mut celsius = 21.0_f64;
     let mut seq = 0u64;
+    let mut tokens = TokenCache {
+        audience: settings.audience.clone(),
+        token: None,
+        warned: false,
+    };
+    let mut sign_warned = false;
     loop {
         seq += 1;
         // A bounded random walk around 21 °C.
         celsius += (noise.next_unit() - 0.5) * 0.4 + (21.0 - celsius) * 0.05;
-        println!(
+        let reading = format!(
             "{{\"sensor\":\"{}\",\"seq\":{seq},\"celsius\":{celsius:.2},\"ts_ms\":{}}}",
-            settings.sensor_id,
+            settings.sensor_id.escape_default(),
             now().as_millis()
         );
+        let mut line = reading[..reading.len() - 1].to_owned();
+        match identity::sign(reading.as_bytes()) {
+            Ok(sig) => line.push_str(&format!(",\"sig\":\"{}\"", hex(&sig))),
+            Err(e) if !sign_warned => {
+                eprintln!("temperature-sensor: readings are unsigned: {e}");
+                sign_warned = true;
+            }
+            Err(_) => {}
+        }
+        if let Some(t) = tokens.get(now().as_secs()) {
+            line.push_str(&format!(",\"token\":\"{t}\""));
+        }
+        line.push('}');
+        println!("{line}");
         if settings.count != 0 && seq >= settings.count {
             return ExitCode::SUCCESS;
         }

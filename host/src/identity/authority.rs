@@ -1,0 +1,572 @@
+//! The device CA: a P-256 key named [`CA_KEY`] in the HSM, with either a
+//! self-signed root certificate edgeward keeps in the state directory or a
+//! configured certificate for that key. It signs every X509-SVID, server
+//! certificate and JWT working-key certificate; the HSM does each signature,
+//! the key never leaves it.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use p256::pkcs8::EncodePrivateKey as _;
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, DnValue,
+    ExtendedKeyUsagePurpose, IsCa, Issuer, KeyIdMethod, KeyUsagePurpose, PKCS_ECDSA_P256_SHA256,
+    PublicKeyData, SanType, SerialNumber, SignatureAlgorithm, SigningKey,
+};
+use sha2::{Digest as _, Sha256};
+use time::OffsetDateTime;
+use zeroize::Zeroizing;
+
+use super::{IdentityError, unix_now};
+use crate::hsm::Hsm;
+use crate::state;
+
+/// The HSM key id of the device CA.
+pub const CA_KEY: &str = "device-ca";
+/// How long a self-signed root edgeward creates is valid (10 years).
+pub const ROOT_VALIDITY: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+/// A self-signed root is replaced when less than this remains (30 days).
+pub const ROOT_RENEW_BEFORE: Duration = Duration::from_secs(30 * 24 * 3600);
+/// Certificates start this long before issuance, for devices whose clocks
+/// disagree a little.
+pub const BACKDATE: Duration = Duration::from_secs(60);
+
+/// A P-256 key rcgen can sign with: the device CA in the HSM.
+struct HsmCaKey {
+    hsm: Arc<dyn Hsm>,
+    point: Vec<u8>,
+}
+
+impl PublicKeyData for HsmCaKey {
+    fn der_bytes(&self) -> &[u8] {
+        &self.point
+    }
+    fn algorithm(&self) -> &'static SignatureAlgorithm {
+        &PKCS_ECDSA_P256_SHA256
+    }
+}
+
+impl SigningKey for HsmCaKey {
+    fn sign(&self, msg: &[u8]) -> Result<Vec<u8>, rcgen::Error> {
+        let digest: [u8; 32] = Sha256::digest(msg).into();
+        self.hsm.sign_digest(CA_KEY, &digest).map_err(|e| {
+            tracing::error!(error = %e, "device CA signature failed");
+            rcgen::Error::RemoteKeyError
+        })
+    }
+}
+
+/// The public half of a host-generated key, for rcgen.
+pub(crate) struct PublicP256(pub(crate) Vec<u8>);
+
+impl PublicKeyData for PublicP256 {
+    fn der_bytes(&self) -> &[u8] {
+        &self.0
+    }
+    fn algorithm(&self) -> &'static SignatureAlgorithm {
+        &PKCS_ECDSA_P256_SHA256
+    }
+}
+
+/// What a certificate is for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Profile {
+    /// An X509-SVID: exactly the SPIFFE ID as URI SAN, client and server auth.
+    Svid,
+    /// A server certificate: the SPIFFE ID and these names, server auth.
+    Server {
+        /// Subject common name.
+        common_name: String,
+        /// DNS names and IP addresses.
+        names: Vec<SanType>,
+    },
+    /// The certificate of a JWT-SVID working key (no SAN, signature only).
+    JwtSigner {
+        /// Its key id.
+        kid: String,
+    },
+}
+
+/// A certificate the CA issued, DER and PEM.
+#[derive(Debug, Clone)]
+pub struct Issued {
+    /// DER.
+    pub der: Vec<u8>,
+    /// PEM.
+    pub pem: String,
+    /// notAfter, unix seconds.
+    pub not_after: u64,
+}
+
+/// A leaf key generated on the host together with its certificate.
+pub struct LeafKey {
+    /// The private key.
+    pub key: p256::ecdsa::SigningKey,
+    /// PKCS#8 PEM of `key`.
+    pub key_pem: Zeroizing<String>,
+    /// Its certificate.
+    pub cert: Issued,
+}
+
+impl std::fmt::Debug for LeafKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LeafKey")
+            .field("cert", &self.cert)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The device CA.
+pub struct Authority {
+    hsm: Arc<dyn Hsm>,
+    point: Vec<u8>,
+    issuer: CertificateParams,
+    not_after: u64,
+    /// Certificates handed out after each leaf (the device CA certificate and
+    /// intermediates, when the device CA is not itself the root).
+    chain_pem: String,
+    roots_der: Vec<Vec<u8>>,
+    roots_pem: String,
+}
+
+impl std::fmt::Debug for Authority {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Authority")
+            .field("backend", &self.hsm.backend())
+            .field("not_after", &self.not_after)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The SHA-256-based key identifier (RFC 7093 method 1) of a SEC1 point's
+/// SubjectPublicKeyInfo.
+pub(crate) fn key_identifier(point: &[u8]) -> Vec<u8> {
+    let spki = PublicP256(point.to_vec()).subject_public_key_info();
+    Sha256::digest(spki)[..20].to_vec()
+}
+
+fn random_serial() -> Result<SerialNumber, IdentityError> {
+    let mut b = [0u8; 16];
+    getrandom::fill(&mut b).map_err(|e| IdentityError::Internal(format!("random: {e}")))?;
+    b[0] &= 0x7f; // positive
+    b[0] |= 0x40; // and exactly 16 bytes long
+    Ok(SerialNumber::from_slice(&b))
+}
+
+fn to_time(unix: u64) -> OffsetDateTime {
+    OffsetDateTime::from_unix_timestamp(i64::try_from(unix).unwrap_or(i64::MAX))
+        .unwrap_or(OffsetDateTime::UNIX_EPOCH)
+}
+
+fn pem_encode(der: &[u8]) -> String {
+    pem_block("CERTIFICATE", der)
+}
+
+fn pem_block(label: &str, der: &[u8]) -> String {
+    use base64ct::{Base64, Encoding as _};
+    let b64 = Base64::encode_string(der);
+    let mut out = format!("-----BEGIN {label}-----\n");
+    for chunk in b64.as_bytes().chunks(64) {
+        out.push_str(std::str::from_utf8(chunk).unwrap_or_default());
+        out.push('\n');
+    }
+    out.push_str(&format!("-----END {label}-----\n"));
+    out
+}
+
+/// Splits a PEM file into its `CERTIFICATE` blocks (DER).
+///
+/// # Errors
+///
+/// When a block is malformed or there are none.
+pub fn parse_pem_certificates(text: &str) -> Result<Vec<Vec<u8>>, String> {
+    let mut out = Vec::new();
+    for p in x509_parser::pem::Pem::iter_from_buffer(text.as_bytes()) {
+        let p = p.map_err(|e| format!("malformed PEM: {e}"))?;
+        if p.label == "CERTIFICATE" {
+            out.push(p.contents);
+        }
+    }
+    if out.is_empty() {
+        return Err("no CERTIFICATE block".into());
+    }
+    Ok(out)
+}
+
+/// The SEC1 point of a certificate's P-256 key, if it has one.
+pub fn certificate_point(der: &[u8]) -> Option<Vec<u8>> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+    Some(cert.public_key().subject_public_key.data.to_vec())
+}
+
+/// Verifies that `der` was signed (ECDSA P-256/SHA-256) by `issuer_point`.
+pub fn signed_by(der: &[u8], issuer_point: &[u8]) -> bool {
+    let Ok((_, cert)) = x509_parser::parse_x509_certificate(der) else {
+        return false;
+    };
+    crate::hsm::verify_p256(
+        issuer_point,
+        cert.tbs_certificate.as_ref(),
+        &cert.signature_value.data,
+    )
+}
+
+struct ParsedCa {
+    not_after: u64,
+    self_signed: bool,
+    is_ca: bool,
+}
+
+fn inspect(der: &[u8]) -> Result<ParsedCa, String> {
+    let (_, cert) =
+        x509_parser::parse_x509_certificate(der).map_err(|e| format!("not a certificate: {e}"))?;
+    let not_after = u64::try_from(cert.validity().not_after.timestamp()).unwrap_or(0);
+    let is_ca = cert
+        .basic_constraints()
+        .ok()
+        .flatten()
+        .is_some_and(|bc| bc.value.ca);
+    Ok(ParsedCa {
+        not_after,
+        self_signed: cert.subject() == cert.issuer(),
+        is_ca,
+    })
+}
+
+impl Authority {
+    /// Opens the device CA: creates the HSM key if needed, then either
+    /// loads `configured` (a PEM file: the certificate for the device CA
+    /// key first, then its issuers up to a self-signed root) or uses the
+    /// self-signed root kept under `state_dir/identity/ca.pem`, creating or
+    /// renewing it when missing, expiring, or made for another key.
+    ///
+    /// # Errors
+    ///
+    /// HSM errors, and a configured certificate that is unreadable, not a CA,
+    /// not for the HSM's key, or not chained to a self-signed root.
+    pub fn open(
+        hsm: Arc<dyn Hsm>,
+        device_id: &str,
+        configured: Option<&Path>,
+        state_dir: &Path,
+    ) -> Result<Self, IdentityError> {
+        let point = hsm.signing_key(CA_KEY)?;
+        match configured {
+            Some(path) => Self::from_configured(hsm, point, path),
+            None => Self::self_signed(hsm, point, device_id, state_dir),
+        }
+    }
+
+    fn from_configured(
+        hsm: Arc<dyn Hsm>,
+        point: Vec<u8>,
+        path: &Path,
+    ) -> Result<Self, IdentityError> {
+        let bad =
+            |m: String| IdentityError::Config(format!("ca_certificate {}: {m}", path.display()));
+        let text = std::fs::read_to_string(path).map_err(|e| bad(format!("cannot read: {e}")))?;
+        let certs = parse_pem_certificates(&text).map_err(bad)?;
+        let first = inspect(&certs[0]).map_err(bad)?;
+        if certificate_point(&certs[0]).as_deref() != Some(point.as_slice()) {
+            return Err(bad(format!(
+                "the first certificate is not for the HSM's {CA_KEY:?} key (export its public key with `edgeward hsm info` and certify that)"
+            )));
+        }
+        if !first.is_ca {
+            return Err(bad(
+                "the first certificate is not a CA (basicConstraints cA=true)".into(),
+            ));
+        }
+        let Some(last) = certs.last() else {
+            return Err(bad("no certificates".into()));
+        };
+        if !inspect(last).map_err(bad)?.self_signed {
+            return Err(bad(
+                "the last certificate must be the self-signed root of the chain".into(),
+            ));
+        }
+        if first.not_after <= unix_now() {
+            return Err(bad("the device CA certificate has expired".into()));
+        }
+        let issuer = ca_issuer(&hsm, &point, &certs[0]).map_err(bad)?;
+        let n = certs.len();
+        let chain: String = certs[..n.saturating_sub(1)]
+            .iter()
+            .map(|c| pem_encode(c))
+            .collect();
+        let roots_der = vec![certs[n - 1].clone()];
+        Ok(Self {
+            hsm,
+            point,
+            issuer,
+            not_after: first.not_after,
+            chain_pem: chain,
+            roots_pem: pem_encode(&roots_der[0]),
+            roots_der,
+        })
+    }
+
+    fn self_signed(
+        hsm: Arc<dyn Hsm>,
+        point: Vec<u8>,
+        device_id: &str,
+        state_dir: &Path,
+    ) -> Result<Self, IdentityError> {
+        let dir = state_dir.join("identity");
+        state::ensure_private_dir(&dir)
+            .map_err(|e| IdentityError::Storage(format!("{}: {e}", dir.display())))?;
+        let path: PathBuf = dir.join("ca.pem");
+        let now = unix_now();
+        let existing = std::fs::read_to_string(&path).ok().and_then(|text| {
+            let der = parse_pem_certificates(&text).ok()?.into_iter().next()?;
+            let p = inspect(&der).ok()?;
+            let ours = certificate_point(&der).as_deref() == Some(point.as_slice())
+                && signed_by(&der, &point);
+            if !ours {
+                tracing::warn!(path = %path.display(), "device CA root is not for the HSM's {CA_KEY} key; issuing a new one");
+                return None;
+            }
+            if p.not_after < now + ROOT_RENEW_BEFORE.as_secs() {
+                tracing::info!(path = %path.display(), "device CA root expires soon; renewing it");
+                return None;
+            }
+            Some((der, p.not_after))
+        });
+        let params = root_params(&point, device_id);
+        let (der, not_after) = match existing {
+            Some(x) => x,
+            None => {
+                let mut p = params.clone();
+                p.not_before = to_time(now.saturating_sub(BACKDATE.as_secs()));
+                let not_after = now + ROOT_VALIDITY.as_secs();
+                p.not_after = to_time(not_after);
+                p.serial_number = Some(random_serial()?);
+                let key = HsmCaKey {
+                    hsm: hsm.clone(),
+                    point: point.clone(),
+                };
+                let cert = p.self_signed(&key).map_err(|e| ca_error(&hsm, e))?;
+                let der = cert.der().to_vec();
+                state::write_atomic(&path, pem_encode(&der).as_bytes())
+                    .map_err(|e| IdentityError::Storage(format!("{}: {e}", path.display())))?;
+                tracing::info!(path = %path.display(), "device CA root certificate issued");
+                (der, not_after)
+            }
+        };
+        let issuer = ca_issuer(&hsm, &point, &der)
+            .map_err(|m| IdentityError::Internal(format!("{}: {m}", path.display())))?;
+        Ok(Self {
+            hsm,
+            point,
+            issuer,
+            not_after,
+            chain_pem: String::new(),
+            roots_pem: pem_encode(&der),
+            roots_der: vec![der],
+        })
+    }
+
+    /// The device CA's SEC1 public point.
+    pub fn public_key(&self) -> &[u8] {
+        &self.point
+    }
+
+    /// PEM of the trust domain's root certificate(s).
+    pub fn roots_pem(&self) -> &str {
+        &self.roots_pem
+    }
+
+    /// DER of the root certificate(s).
+    pub fn roots_der(&self) -> &[Vec<u8>] {
+        &self.roots_der
+    }
+
+    /// When the device CA certificate expires (unix seconds).
+    pub fn not_after(&self) -> u64 {
+        self.not_after
+    }
+
+    /// Issues a certificate of `profile` for `spiffe_id` (ignored for
+    /// [`Profile::JwtSigner`]) over `public_point`, valid from now for `ttl`
+    /// (cut at the CA's own expiry). Blocks on the HSM.
+    ///
+    /// # Errors
+    ///
+    /// HSM failures ([`IdentityError::Unavailable`] when the device is
+    /// unreachable) and encoding errors.
+    pub fn issue(
+        &self,
+        profile: &Profile,
+        spiffe_id: &str,
+        subject_cn: &str,
+        public_point: &[u8],
+        ttl: Duration,
+    ) -> Result<Issued, IdentityError> {
+        let now = unix_now();
+        let not_after = (now + ttl.as_secs()).min(self.not_after);
+        let mut p = CertificateParams::default();
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::OrganizationName, "edgeward");
+        dn.push(DnType::CommonName, subject_cn);
+        p.distinguished_name = dn;
+        p.not_before = to_time(now.saturating_sub(BACKDATE.as_secs()));
+        p.not_after = to_time(not_after);
+        p.serial_number = Some(random_serial()?);
+        p.is_ca = IsCa::ExplicitNoCa;
+        p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        p.use_authority_key_identifier_extension = true;
+        p.key_identifier_method = KeyIdMethod::PreSpecified(key_identifier(public_point));
+        let uri = || -> Result<SanType, IdentityError> {
+            Ok(SanType::URI(spiffe_id.try_into().map_err(|e| {
+                IdentityError::Internal(format!("spiffe id as SAN: {e}"))
+            })?))
+        };
+        match profile {
+            Profile::Svid => {
+                p.subject_alt_names = vec![uri()?];
+                p.extended_key_usages = vec![
+                    ExtendedKeyUsagePurpose::ServerAuth,
+                    ExtendedKeyUsagePurpose::ClientAuth,
+                ];
+            }
+            Profile::Server { names, .. } => {
+                p.subject_alt_names = names.clone();
+                p.subject_alt_names.push(uri()?);
+                p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+            }
+            Profile::JwtSigner { .. } => {}
+        }
+        let cert = p
+            .signed_by(
+                &PublicP256(public_point.to_vec()),
+                &Issuer::from_params(
+                    &self.issuer,
+                    HsmCaKey {
+                        hsm: self.hsm.clone(),
+                        point: self.point.clone(),
+                    },
+                ),
+            )
+            .map_err(|e| ca_error(&self.hsm, e))?;
+        let der = cert.der().to_vec();
+        Ok(Issued {
+            pem: pem_encode(&der),
+            der,
+            not_after,
+        })
+    }
+
+    /// Generates a P-256 key on the host and issues its certificate.
+    ///
+    /// # Errors
+    ///
+    /// See [`Authority::issue`].
+    pub fn issue_leaf(
+        &self,
+        profile: &Profile,
+        spiffe_id: &str,
+        subject_cn: &str,
+        ttl: Duration,
+    ) -> Result<LeafKey, IdentityError> {
+        let key = crate::hsm::random_signing_key().map_err(IdentityError::Internal)?;
+        let point = key
+            .verifying_key()
+            .to_encoded_point(false)
+            .as_bytes()
+            .to_vec();
+        let mut cert = self.issue(profile, spiffe_id, subject_cn, &point, ttl)?;
+        cert.pem.push_str(&self.chain_pem);
+        let key_pem = key
+            .to_pkcs8_pem(p256::pkcs8::LineEnding::LF)
+            .map_err(|e| IdentityError::Internal(format!("encode leaf key: {e}")))?;
+        Ok(LeafKey {
+            key,
+            key_pem: Zeroizing::new(key_pem.as_str().to_owned()),
+            cert,
+        })
+    }
+}
+
+/// The distinguished name of a self-signed root: stable for a device, so a
+/// stored root and the issuer of new leaves always agree.
+fn root_params(point: &[u8], device_id: &str) -> CertificateParams {
+    let mut p = CertificateParams::default();
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::OrganizationName, "edgeward");
+    dn.push(
+        DnType::CommonName,
+        format!("edgeward device CA {device_id}"),
+    );
+    p.distinguished_name = dn;
+    p.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    p.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    p.key_identifier_method = KeyIdMethod::PreSpecified(key_identifier(point));
+    p
+}
+
+/// The issuer parameters (subject name, key identifier) of a CA
+/// certificate for the device CA key.
+fn ca_issuer(_hsm: &Arc<dyn Hsm>, point: &[u8], der: &[u8]) -> Result<CertificateParams, String> {
+    use x509_parser::der_parser::asn1_rs::Tag;
+    use x509_parser::extensions::ParsedExtension;
+    let (_, cert) =
+        x509_parser::parse_x509_certificate(der).map_err(|e| format!("not a certificate: {e}"))?;
+    let mut dn = DistinguishedName::new();
+    for rdn in cert.subject().iter() {
+        let mut attrs = rdn.iter();
+        let (Some(attr), None) = (attrs.next(), attrs.next()) else {
+            return Err("multi-valued or empty RDNs in the subject are not supported".into());
+        };
+        let oid: Vec<u64> = attr
+            .attr_type()
+            .iter()
+            .ok_or("subject attribute type is not an OID")?
+            .collect();
+        let data = attr.attr_value().data;
+        let text =
+            || std::str::from_utf8(data).map_err(|_| "subject attribute is not text".to_owned());
+        let value = match attr.attr_value().header.tag() {
+            Tag::PrintableString => {
+                DnValue::PrintableString(text()?.try_into().map_err(|e| format!("subject: {e}"))?)
+            }
+            Tag::Ia5String => {
+                DnValue::Ia5String(text()?.try_into().map_err(|e| format!("subject: {e}"))?)
+            }
+            Tag::Utf8String => DnValue::Utf8String(text()?.to_owned()),
+            other => {
+                return Err(format!(
+                    "subject attribute of type {other} is not supported"
+                ));
+            }
+        };
+        dn.push(DnType::from_oid(&oid), value);
+    }
+    let ski = cert
+        .extensions()
+        .iter()
+        .find_map(|e| match e.parsed_extension() {
+            ParsedExtension::SubjectKeyIdentifier(k) => Some(k.0.to_vec()),
+            _ => None,
+        });
+    let mut p = CertificateParams::default();
+    p.distinguished_name = dn;
+    p.key_identifier_method =
+        KeyIdMethod::PreSpecified(ski.unwrap_or_else(|| key_identifier(point)));
+    p.key_usages = vec![KeyUsagePurpose::KeyCertSign];
+    Ok(p)
+}
+
+fn ca_error(hsm: &Arc<dyn Hsm>, e: rcgen::Error) -> IdentityError {
+    match e {
+        rcgen::Error::RemoteKeyError => IdentityError::Unavailable(format!(
+            "the device CA key in the {} HSM could not sign",
+            hsm.backend()
+        )),
+        other => IdentityError::Internal(format!("certificate encoding: {other}")),
+    }
+}

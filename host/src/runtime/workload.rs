@@ -1,0 +1,213 @@
+//! The `edgeward:host/workload` interface, linked into every module.
+//!
+//! Each store holds a [`WorkloadCtx`]: the module's [`ModuleIdentity`] (or
+//! none, for embedders that start modules without one; then every call but
+//! `whoami` returns `unavailable`). Calls that may need the HSM (issuing a
+//! certificate) run on tokio's blocking pool so a slow TPM never stalls the
+//! scheduler; the rest are plain function calls.
+
+use std::sync::Arc;
+
+use wasmtime::component::{HasSelf, Linker};
+
+use crate::identity::{Credentials, IdentityError, ModuleIdentity};
+
+/// Host bindings generated from `wit/` (world `edgeward:host/module`).
+#[allow(missing_docs, clippy::all)]
+pub mod bindings {
+    wasmtime::component::bindgen!({
+        path: "../wit",
+        world: "module",
+        imports: {
+            "edgeward:host/workload.identity-certificate": async,
+            "edgeward:host/workload.server-certificate": async,
+            "edgeward:host/workload.sign": async,
+            default: tracing,
+        },
+    });
+}
+
+use bindings::edgeward::host::{types, workload};
+
+/// The per-store state behind the `workload` interface.
+#[derive(Debug, Clone)]
+pub struct WorkloadCtx {
+    identity: Option<Arc<ModuleIdentity>>,
+    program: String,
+}
+
+impl WorkloadCtx {
+    /// State for a module with `identity`; `program` names it when there is
+    /// none.
+    pub fn new(identity: Option<Arc<ModuleIdentity>>, program: &str) -> Self {
+        Self {
+            identity,
+            program: program.to_owned(),
+        }
+    }
+
+    fn identity(&self) -> Result<&ModuleIdentity, types::Error> {
+        self.identity.as_deref().ok_or_else(|| {
+            types::Error::Unavailable("this module was started without a workload identity".into())
+        })
+    }
+}
+
+/// Adds `edgeward:host/workload` (and `types`) to `linker`.
+///
+/// # Errors
+///
+/// When the names are already defined.
+pub fn add_to_linker<T: Send + 'static>(
+    linker: &mut Linker<T>,
+    get: fn(&mut T) -> &mut WorkloadCtx,
+) -> wasmtime::Result<()> {
+    bindings::Module::add_to_linker::<T, HasSelf<WorkloadCtx>>(linker, get)
+}
+
+fn to_wit(e: IdentityError) -> types::Error {
+    match e {
+        IdentityError::InvalidArgument(m) => types::Error::InvalidArgument(m),
+        IdentityError::Unavailable(m) => types::Error::Unavailable(m),
+        other => {
+            // Details stay in the host log.
+            tracing::error!(error = %other, "workload call failed");
+            types::Error::Internal(
+                "the host could not complete the call; see the daemon log".into(),
+            )
+        }
+    }
+}
+
+fn credentials(c: Credentials) -> workload::Credentials {
+    workload::Credentials {
+        certificate_chain: c.certificate_chain,
+        private_key: c.private_key.to_string(),
+        expires_at: c.expires_at,
+    }
+}
+
+/// Runs `f` on the module's identity on the blocking pool.
+async fn blocking<R: Send + 'static>(
+    ctx: &WorkloadCtx,
+    f: impl FnOnce(&ModuleIdentity) -> Result<R, IdentityError> + Send + 'static,
+) -> Result<R, types::Error> {
+    ctx.identity()?;
+    let Some(id) = ctx.identity.clone() else {
+        return Err(types::Error::Unavailable("no workload identity".into()));
+    };
+    match tokio::task::spawn_blocking(move || f(&id)).await {
+        Ok(r) => r.map_err(to_wit),
+        Err(e) => Err(to_wit(IdentityError::Internal(format!(
+            "blocking task: {e}"
+        )))),
+    }
+}
+
+impl types::Host for WorkloadCtx {}
+
+impl workload::Host for WorkloadCtx {
+    fn whoami(&mut self) -> workload::Identity {
+        match &self.identity {
+            Some(id) => {
+                let w = id.whoami();
+                workload::Identity {
+                    module_name: w.module_name.clone(),
+                    device_id: w.device_id.clone(),
+                    generation_id: w.generation_id.clone(),
+                    digest: w.digest.clone(),
+                    spiffe_id: w.spiffe_id.clone(),
+                }
+            }
+            None => workload::Identity {
+                module_name: self.program.clone(),
+                device_id: String::new(),
+                generation_id: String::new(),
+                digest: String::new(),
+                spiffe_id: String::new(),
+            },
+        }
+    }
+
+    fn token(&mut self, audience: Vec<String>, ttl_seconds: u32) -> Result<String, types::Error> {
+        self.identity()?
+            .token(&audience, ttl_seconds)
+            .map_err(to_wit)
+    }
+
+    fn validate_token(
+        &mut self,
+        token: String,
+        audience: String,
+    ) -> Result<workload::Claims, types::Error> {
+        let c = self
+            .identity()?
+            .validate_token(&token, &audience)
+            .map_err(to_wit)?;
+        Ok(workload::Claims {
+            subject: c.subject,
+            audience: c.audience,
+            issued_at: c.issued_at,
+            expires_at: c.expires_at,
+            digest: c.digest,
+        })
+    }
+
+    async fn identity_certificate(&mut self) -> Result<workload::Credentials, types::Error> {
+        blocking(self, |id| id.identity_certificate())
+            .await
+            .map(credentials)
+    }
+
+    async fn server_certificate(
+        &mut self,
+        common_name: String,
+        alt_names: Vec<String>,
+    ) -> Result<workload::Credentials, types::Error> {
+        blocking(self, move |id| {
+            id.server_certificate(&common_name, &alt_names)
+        })
+        .await
+        .map(credentials)
+    }
+
+    fn trust_bundle(&mut self) -> Result<String, types::Error> {
+        Ok(self.identity()?.trust_bundle())
+    }
+
+    async fn sign(&mut self, data: Vec<u8>) -> Result<Vec<u8>, types::Error> {
+        if data.len() > crate::identity::MAX_SIGN_INPUT {
+            return Err(types::Error::InvalidArgument(format!(
+                "data: {} bytes; the limit is {}",
+                data.len(),
+                crate::identity::MAX_SIGN_INPUT
+            )));
+        }
+        let id = self.identity()?;
+        // The leaf is current almost always: sign inline, no thread hop.
+        if let Some(leaf) = id.leaf_if_current() {
+            return Ok(crate::identity::sign_with(&leaf, &data));
+        }
+        blocking(self, move |id| id.sign(&data)).await
+    }
+
+    fn encrypt(
+        &mut self,
+        plaintext: Vec<u8>,
+        associated_data: Vec<u8>,
+    ) -> Result<Vec<u8>, types::Error> {
+        self.identity()?
+            .encrypt(&plaintext, &associated_data)
+            .map_err(to_wit)
+    }
+
+    fn decrypt(
+        &mut self,
+        ciphertext: Vec<u8>,
+        associated_data: Vec<u8>,
+    ) -> Result<Vec<u8>, types::Error> {
+        self.identity()?
+            .decrypt(&ciphertext, &associated_data)
+            .map_err(to_wit)
+    }
+}
