@@ -9,8 +9,9 @@
 //!
 //! `sig` is ECDSA P-256 / SHA-256 over the line up to (not including)
 //! `,"sig"` followed by `}`, i.e. the bare reading; it verifies with the
-//! module's identity certificate (chained to `edgeward bundle`). `token` is
-//! re-fetched when it has less than a minute left.
+//! module's identity certificate (chained to `edgeward bundle`), which the
+//! first reading and every reading after a renewal carry as `"cert"` (PEM
+//! chain). `token` is re-fetched when it has less than a minute left.
 //!
 //! Environment (all optional):
 //! - `SENSOR_ID`: the sensor's name in each reading (default `sensor-0`);
@@ -60,6 +61,22 @@ impl TokenCache {
             }
         }
         self.token.as_ref().map(|(t, _)| t.as_str())
+    }
+}
+
+/// A signature over `data` and the certificate chain that verifies it. The
+/// host may renew the certificate at any moment; a pair that straddles a
+/// renewal is signed again.
+fn signed(data: &[u8]) -> Result<(Vec<u8>, String), edgeward_sdk::Error> {
+    let mut attempts = 0;
+    loop {
+        let before = identity::certificate()?.certificate_chain;
+        let sig = identity::sign(data)?;
+        let after = identity::certificate()?.certificate_chain;
+        attempts += 1;
+        if before == after || attempts == 3 {
+            return Ok((sig, after));
+        }
     }
 }
 
@@ -145,6 +162,7 @@ fn main() -> ExitCode {
         warned: false,
     };
     let mut sign_warned = false;
+    let mut last_cert = String::new();
     loop {
         seq += 1;
         // A bounded random walk around 21 °C.
@@ -155,8 +173,14 @@ fn main() -> ExitCode {
             now().as_millis()
         );
         let mut line = reading[..reading.len() - 1].to_owned();
-        match identity::sign(reading.as_bytes()) {
-            Ok(sig) => line.push_str(&format!(",\"sig\":\"{}\"", hex(&sig))),
+        match signed(reading.as_bytes()) {
+            Ok((sig, cert)) => {
+                line.push_str(&format!(",\"sig\":\"{}\"", hex(&sig)));
+                if cert != last_cert {
+                    line.push_str(&format!(",\"cert\":\"{}\"", cert.replace('\n', "\\n")));
+                    last_cert = cert;
+                }
+            }
             Err(e) if !sign_warned => {
                 eprintln!("temperature-sensor: readings are unsigned: {e}");
                 sign_warned = true;

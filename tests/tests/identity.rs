@@ -1,0 +1,819 @@
+//! Workload identity through the WIT `workload` interface, checked from the
+//! outside: certificates by `openssl verify` and the `spiffe` crate, tokens
+//! by `jsonwebtoken` and the `spiffe` crate with keys from
+//! `edgeward bundle --format jwks`, sealed data across modules and
+//! registrations, on the soft, TPM (swtpm) and PKCS#11 (SoftHSM2) backends.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use base64ct::{Base64, Base64UrlUnpadded, Encoding as _};
+use common::daemon::*;
+use common::*;
+use edgeward_tests::fixtures::{SoftHsmToken, Swtpm};
+
+const PROBE: &str = guests::IDENTITY_PROBE;
+
+fn probe(s: &Scratch, flags: &[&str], args: &[&str]) -> String {
+    let o = s.run(PROBE, flags, args);
+    assert_status(&o, 0);
+    stdout(&o)
+}
+
+/// The `CERTIFICATE` blocks of a PEM text, each as its own PEM string.
+fn pem_blocks(text: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut cur: Option<String> = None;
+    for line in text.lines() {
+        if line == "-----BEGIN CERTIFICATE-----" {
+            cur = Some(String::new());
+        }
+        if let Some(c) = cur.as_mut() {
+            c.push_str(line);
+            c.push('\n');
+        }
+        if line == "-----END CERTIFICATE-----" {
+            out.extend(cur.take());
+        }
+    }
+    out
+}
+
+fn pem_to_der(pem: &str) -> Vec<u8> {
+    let b64: String = pem.lines().filter(|l| !l.starts_with("-----")).collect();
+    Base64::decode_vec(&b64).unwrap()
+}
+
+fn private_key_der(text: &str) -> Vec<u8> {
+    let start = text
+        .find("-----BEGIN PRIVATE KEY-----")
+        .expect("a PKCS#8 key");
+    let end = text.find("-----END PRIVATE KEY-----").unwrap();
+    pem_to_der(&text[start..end])
+}
+
+fn write(s: &Scratch, name: &str, text: &str) -> PathBuf {
+    let p = s.path().join(name);
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+/// `openssl verify` of `leaf` against the roots in `bundle`, with `chain` as
+/// untrusted intermediates.
+fn openssl_verify(bundle: &Path, chain: Option<&Path>, leaf: &Path, extra: &[&str]) -> String {
+    let mut c = Command::new("openssl");
+    c.arg("verify").arg("-CAfile").arg(bundle);
+    if let Some(u) = chain {
+        c.arg("-untrusted").arg(u);
+    }
+    let o = c.args(extra).arg(leaf).output().expect("openssl");
+    let out = format!("{}{}", stdout(&o), stderr(&o));
+    assert!(o.status.success(), "openssl verify failed: {out}");
+    out
+}
+
+fn openssl_text(cert: &Path) -> String {
+    let o = Command::new("openssl")
+        .args(["x509", "-noout", "-text", "-in"])
+        .arg(cert)
+        .output()
+        .expect("openssl");
+    assert!(o.status.success());
+    stdout(&o)
+}
+
+fn bundle(s: &Scratch, flags: &[&str], format: &str) -> String {
+    let o = s
+        .edgeward()
+        .arg("bundle")
+        .args(flags)
+        .args(["--format", format])
+        .output()
+        .unwrap();
+    assert_status(&o, 0);
+    stdout(&o)
+}
+
+/// ECDSA P-256 / SHA-256 verification of `sig` over `msg` by `cert_pem`'s key.
+fn verifies(cert_pem: &str, msg: &[u8], sig_der: &[u8]) -> bool {
+    use p256::ecdsa::signature::Verifier as _;
+    let der = pem_to_der(cert_pem);
+    let (_, cert) = x509_parser::parse_x509_certificate(&der).unwrap();
+    let vk = p256::ecdsa::VerifyingKey::from_sec1_bytes(&cert.public_key().subject_public_key.data)
+        .unwrap();
+    let sig = p256::ecdsa::Signature::from_der(sig_der).unwrap();
+    vk.verify(msg, &sig).is_ok()
+}
+
+fn unhex(s: &str) -> Vec<u8> {
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
+        .collect()
+}
+
+fn line_value<'a>(out: &'a str, prefix: &str) -> &'a str {
+    out.lines()
+        .find_map(|l| l.strip_prefix(prefix))
+        .unwrap_or_else(|| panic!("no {prefix:?} line in\n{out}"))
+}
+
+/// Checks an X509-SVID printed by the probe: openssl verifies it against the
+/// bundle for client and server auth, it has exactly the SPIFFE ID as URI
+/// SAN, and the `spiffe` crate accepts it with its key.
+fn check_svid(s: &Scratch, out: &str, bundle_pem: &str, spiffe_id: &str) {
+    let certs = pem_blocks(out);
+    assert!(!certs.is_empty(), "no certificate in\n{out}");
+    let leaf = write(s, "leaf.pem", &certs[0]);
+    let roots = write(s, "bundle.pem", bundle_pem);
+    let chain = write(s, "chain.pem", &certs[1..].concat());
+    let untrusted = (certs.len() > 1).then_some(chain.as_path());
+    openssl_verify(&roots, untrusted, &leaf, &["-purpose", "sslclient"]);
+    openssl_verify(&roots, untrusted, &leaf, &["-purpose", "sslserver"]);
+    let text = openssl_text(&leaf);
+    assert_eq!(text.matches("URI:").count(), 1, "{text}");
+    assert!(text.contains(&format!("URI:{spiffe_id}")), "{text}");
+    assert!(text.contains("CA:FALSE"), "{text}");
+    assert!(
+        text.contains("Key Usage: critical\n                Digital Signature\n"),
+        "{text}"
+    );
+    assert!(
+        text.contains("TLS Web Server Authentication, TLS Web Client Authentication"),
+        "{text}"
+    );
+    // The independent SPIFFE implementation.
+    let chain_der: Vec<u8> = certs.iter().flat_map(|c| pem_to_der(c)).collect();
+    let svid = spiffe::X509Svid::parse_from_der(&chain_der, &private_key_der(out))
+        .expect("the spiffe crate accepts the X509-SVID");
+    assert_eq!(svid.spiffe_id().to_string(), spiffe_id);
+}
+
+/// Verifies a token with jsonwebtoken (key from the JWKS by `kid`) and with
+/// the spiffe crate's JWT-SVID validation.
+fn check_token(token: &str, jwks: &str, audience: &str, trust_domain: &str) -> serde_json::Value {
+    let set: jsonwebtoken::jwk::JwkSet = serde_json::from_str(jwks).unwrap();
+    let header = jsonwebtoken::decode_header(token).unwrap();
+    assert_eq!(header.alg, jsonwebtoken::Algorithm::ES256);
+    let kid = header.kid.expect("kid");
+    let jwk = set.find(&kid).expect("the token's kid is in the JWKS");
+    let key = jsonwebtoken::DecodingKey::from_jwk(jwk).unwrap();
+    let mut v = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::ES256);
+    v.set_audience(&[audience]);
+    v.set_required_spec_claims(&["exp", "sub", "aud"]);
+    let data = jsonwebtoken::decode::<serde_json::Value>(token, &key, &v)
+        .expect("jsonwebtoken verifies the JWT-SVID");
+
+    let doc: serde_json::Value = serde_json::from_str(jwks).unwrap();
+    let jwt_keys: Vec<_> = doc["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|k| k["use"] == "jwt-svid")
+        .cloned()
+        .collect();
+    let td = spiffe::TrustDomain::new(trust_domain).unwrap();
+    let b = spiffe::JwtBundle::from_jwt_authorities(
+        td,
+        serde_json::json!({ "keys": jwt_keys })
+            .to_string()
+            .as_bytes(),
+    )
+    .unwrap();
+    let set: spiffe::JwtBundleSet = std::iter::once(b).collect();
+    let svid = spiffe::JwtSvid::parse_and_validate(token, &set, &[audience])
+        .expect("the spiffe crate validates the JWT-SVID");
+    assert_eq!(
+        svid.spiffe_id().to_string(),
+        data.claims["sub"].as_str().unwrap()
+    );
+    data.claims
+}
+
+#[test]
+fn whoami_names_the_file_digest_and_device() {
+    let s = Scratch::new();
+    let cfg = write(
+        &s,
+        "c.toml",
+        "[identity]\ntrust_domain = \"factory.example\"\ndevice_id = \"gw-7\"\n",
+    );
+    let cfg = cfg.to_str().unwrap();
+    let out = probe(&s, &["--config", cfg], &["whoami"]);
+    assert_eq!(line_value(&out, "module_name="), "identity-probe");
+    assert_eq!(line_value(&out, "device_id="), "gw-7");
+    assert_eq!(line_value(&out, "digest="), sha256sum(PROBE));
+    assert_eq!(
+        line_value(&out, "spiffe_id="),
+        "spiffe://factory.example/device/gw-7/module/identity-probe"
+    );
+    let g1 = line_value(&out, "generation_id=").to_owned();
+    assert_eq!(g1.len(), 32);
+    // `edgeward run` registers ephemerally: a new generation every run.
+    let out = probe(&s, &["--config", cfg], &["whoami"]);
+    assert_ne!(line_value(&out, "generation_id="), g1);
+}
+
+#[test]
+fn x509_svid_verifies_with_openssl_and_spiffe() {
+    let s = Scratch::new();
+    let out = probe(&s, &[], &["cert"]);
+    let expires: u64 = line_value(&out, "expires ").parse().unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    assert!(
+        (now + 3500..=now + 3700).contains(&expires),
+        "default TTL 1h"
+    );
+    let id = format!(
+        "spiffe://edgeward.local/device/{}/module/identity-probe",
+        edgeward::identity::default_device_id()
+    );
+    let pem = bundle(&s, &[], "pem");
+    check_svid(&s, &out, &pem, &id);
+    // The module's trust bundle is the CLI's.
+    assert_eq!(probe(&s, &[], &["bundle"]), pem);
+    // The private key handed over is the leaf's, not the CA's.
+    let ca = pem_blocks(&pem);
+    assert_ne!(private_key_der(&out).len(), 0);
+    let root = write(&s, "root.pem", &ca[0]);
+    let root_text = openssl_text(&root);
+    assert!(root_text.contains("CA:TRUE"), "{root_text}");
+
+    // sign() is by the leaf key: the certificate verifies it.
+    let out = probe(&s, &[], &["sign", "hello edge"]);
+    let sig = unhex(line_value(&out, "sign ok "));
+    let certs = pem_blocks(&out);
+    assert!(verifies(&certs[0], b"hello edge", &sig));
+    assert!(!verifies(&certs[0], b"hello edgE", &sig));
+}
+
+#[test]
+fn server_certificate_carries_the_names() {
+    let s = Scratch::new();
+    let out = probe(
+        &s,
+        &[],
+        &[
+            "server-cert",
+            "api.local",
+            "api.local",
+            "gw.example.com",
+            "10.0.0.7",
+        ],
+    );
+    let certs = pem_blocks(&out);
+    let leaf = write(&s, "server.pem", &certs[0]);
+    let roots = write(&s, "bundle.pem", &bundle(&s, &[], "pem"));
+    openssl_verify(
+        &roots,
+        None,
+        &leaf,
+        &[
+            "-purpose",
+            "sslserver",
+            "-verify_hostname",
+            "gw.example.com",
+        ],
+    );
+    openssl_verify(&roots, None, &leaf, &["-verify_ip", "10.0.0.7"]);
+    let text = openssl_text(&leaf);
+    assert!(text.contains("DNS:api.local"), "{text}");
+    assert!(text.contains("IP Address:10.0.0.7"), "{text}");
+    assert!(
+        text.contains("Subject: O = edgeward, CN = api.local"),
+        "{text}"
+    );
+    assert!(text.contains("TLS Web Server Authentication"), "{text}");
+    assert!(!text.contains("Client Authentication"), "{text}");
+}
+
+#[test]
+fn tokens_verify_with_independent_libraries() {
+    let s = Scratch::new();
+    let out = probe(&s, &[], &["token", "svc-a", "svc-b", "60"]);
+    let token = line_value(&out, "token ok ").to_owned();
+    let jwks = bundle(&s, &[], "jwks");
+    let claims = check_token(&token, &jwks, "svc-b", "edgeward.local");
+    assert_eq!(claims["digest"], sha256sum(PROBE));
+    assert!(claims["jti"].as_str().unwrap().len() >= 16);
+    let ttl = claims["exp"].as_u64().unwrap() - claims["iat"].as_u64().unwrap();
+    assert_eq!(ttl, 60);
+    // The JWKS is a SPIFFE bundle: the X.509 root with x5c, the JWT keys.
+    let doc: serde_json::Value = serde_json::from_str(&jwks).unwrap();
+    let keys = doc["keys"].as_array().unwrap();
+    let roots: Vec<_> = keys.iter().filter(|k| k["use"] == "x509-svid").collect();
+    assert_eq!(roots.len(), 1);
+    let x5c = roots[0]["x5c"][0].as_str().unwrap();
+    let root_pem = pem_blocks(&bundle(&s, &[], "pem"))[0].clone();
+    assert_eq!(Base64::decode_vec(x5c).unwrap(), pem_to_der(&root_pem));
+
+    // TTL is clamped to the configured maximum.
+    let cfg = write(&s, "c.toml", "[identity]\nmax_token_ttl = \"30s\"\n");
+    let out = probe(
+        &s,
+        &["--config", cfg.to_str().unwrap()],
+        &["token", "x", "3600"],
+    );
+    let claims = check_token(
+        line_value(&out, "token ok "),
+        &bundle(&s, &[], "jwks"),
+        "x",
+        "edgeward.local",
+    );
+    assert_eq!(
+        claims["exp"].as_u64().unwrap() - claims["iat"].as_u64().unwrap(),
+        30
+    );
+}
+
+fn forge(header: &serde_json::Value, payload: &serde_json::Value, sig: &[u8]) -> String {
+    format!(
+        "{}.{}.{}",
+        Base64UrlUnpadded::encode_string(header.to_string().as_bytes()),
+        Base64UrlUnpadded::encode_string(payload.to_string().as_bytes()),
+        Base64UrlUnpadded::encode_string(sig)
+    )
+}
+
+fn es256(
+    key: &p256::ecdsa::SigningKey,
+    header: &serde_json::Value,
+    payload: &serde_json::Value,
+) -> String {
+    use p256::ecdsa::signature::Signer as _;
+    let unsigned = format!(
+        "{}.{}",
+        Base64UrlUnpadded::encode_string(header.to_string().as_bytes()),
+        Base64UrlUnpadded::encode_string(payload.to_string().as_bytes()),
+    );
+    let sig: p256::ecdsa::Signature = key.sign(unsigned.as_bytes());
+    format!(
+        "{unsigned}.{}",
+        Base64UrlUnpadded::encode_string(&sig.to_bytes())
+    )
+}
+
+#[test]
+fn validate_token_rejects_what_it_must() {
+    let s = Scratch::new();
+    let issue = |flags: &[&str], aud: &str, ttl: &str| {
+        line_value(&probe(&s, flags, &["token", aud, ttl]), "token ok ").to_owned()
+    };
+    let validate = |token: &str, aud: &str| probe(&s, &[], &["validate", token, aud]);
+    let good = issue(&[], "svc", "60");
+    // Accepted in another process (the key is published in the state dir).
+    let out = validate(&good, "svc");
+    assert!(
+        out.starts_with("validate ok sub=spiffe://edgeward.local/"),
+        "{out}"
+    );
+    assert!(
+        out.contains(&format!("digest={}", sha256sum(PROBE))),
+        "{out}"
+    );
+
+    let rejected = |token: &str, aud: &str, why: &str| {
+        let out = validate(token, aud);
+        assert!(
+            out.starts_with("validate err invalid-argument: ") && out.contains(why),
+            "expected a rejection mentioning {why:?}, got {out}"
+        );
+    };
+    rejected(&good, "other", "audience");
+
+    let parts: Vec<&str> = good.split('.').collect();
+    let header: serde_json::Value =
+        serde_json::from_slice(&Base64UrlUnpadded::decode_vec(parts[0]).unwrap()).unwrap();
+    let mut payload: serde_json::Value =
+        serde_json::from_slice(&Base64UrlUnpadded::decode_vec(parts[1]).unwrap()).unwrap();
+    let sig = Base64UrlUnpadded::decode_vec(parts[2]).unwrap();
+
+    // alg none, with and without a signature.
+    let none = serde_json::json!({ "alg": "none", "kid": header["kid"] });
+    rejected(&forge(&none, &payload, &[]), "svc", "algorithm");
+    rejected(&forge(&none, &payload, &sig), "svc", "algorithm");
+    // HS256 keyed with the public JWK (the classic algorithm confusion).
+    {
+        use hmac_sha256_for_test::hs256;
+        let hs = serde_json::json!({ "alg": "HS256", "kid": header["kid"], "typ": "JWT" });
+        let jwks = bundle(&s, &[], "jwks");
+        let forged = hs256(&hs, &payload, jwks.as_bytes());
+        rejected(&forged, "svc", "algorithm");
+    }
+    // Tampered payload under the original signature.
+    payload["sub"] = "spiffe://edgeward.local/device/x/module/admin".into();
+    rejected(&forge(&header, &payload, &sig), "svc", "signature");
+    // A foreign key: under the real kid (signature fails), under its own
+    // kid (unknown key).
+    let foreign = {
+        let mut b = [0u8; 32];
+        getrandom::fill(&mut b).unwrap();
+        p256::ecdsa::SigningKey::from_bytes(&b.into()).unwrap()
+    };
+    rejected(&es256(&foreign, &header, &payload), "svc", "signature");
+    let own_kid = serde_json::json!({ "alg": "ES256", "kid": "attacker", "typ": "JWT" });
+    rejected(&es256(&foreign, &own_kid, &payload), "svc", "unknown");
+    let no_kid = serde_json::json!({ "alg": "ES256" });
+    rejected(&es256(&foreign, &no_kid, &payload), "svc", "kid");
+    // A token of another trust domain signed by a key this device trusts.
+    let cfg = write(
+        &s,
+        "other.toml",
+        "[identity]\ntrust_domain = \"other.example\"\n",
+    );
+    let other = issue(&["--config", cfg.to_str().unwrap()], "svc", "60");
+    rejected(&other, "svc", "trust domain");
+    // Expired.
+    let short = issue(&[], "svc", "1");
+    std::thread::sleep(std::time::Duration::from_millis(2100));
+    rejected(&short, "svc", "expired");
+    // Garbage.
+    rejected("a.b", "svc", "JWS");
+    rejected("!!!.???.***", "svc", "malformed");
+}
+
+/// HS256 for the algorithm-confusion case, from sha2 alone.
+mod hmac_sha256_for_test {
+    use base64ct::{Base64UrlUnpadded, Encoding as _};
+    use sha2::{Digest as _, Sha256};
+
+    pub fn hs256(h: &serde_json::Value, p: &serde_json::Value, key: &[u8]) -> String {
+        let unsigned = format!(
+            "{}.{}",
+            Base64UrlUnpadded::encode_string(h.to_string().as_bytes()),
+            Base64UrlUnpadded::encode_string(p.to_string().as_bytes())
+        );
+        let mut k = [0u8; 64];
+        if key.len() > 64 {
+            k[..32].copy_from_slice(&Sha256::digest(key));
+        } else {
+            k[..key.len()].copy_from_slice(key);
+        }
+        let ipad: Vec<u8> = k.iter().map(|b| b ^ 0x36).collect();
+        let opad: Vec<u8> = k.iter().map(|b| b ^ 0x5c).collect();
+        let inner = Sha256::new()
+            .chain_update(&ipad)
+            .chain_update(unsigned.as_bytes())
+            .finalize();
+        let mac = Sha256::new()
+            .chain_update(&opad)
+            .chain_update(inner)
+            .finalize();
+        format!("{unsigned}.{}", Base64UrlUnpadded::encode_string(&mac))
+    }
+}
+
+#[test]
+fn bad_input_returns_errors_not_traps() {
+    let s = Scratch::new();
+    let out = probe(&s, &[], &["bad-input"]);
+    let cases = [
+        "empty-audience",
+        "empty-audience-string",
+        "ttl-zero",
+        "too-many-audiences",
+        "long-audience",
+        "sign-oversized",
+        "encrypt-oversized",
+        "encrypt-aad-oversized",
+        "decrypt-empty",
+        "decrypt-version",
+        "decrypt-truncated",
+        "decrypt-tampered",
+        "decrypt-wrong-aad",
+        "validate-garbage",
+        "validate-empty-audience",
+        "validate-oversized",
+        "server-cert-empty-cn",
+        "server-cert-wildcard",
+        "server-cert-bad-name",
+        "server-cert-too-many",
+    ];
+    for c in cases {
+        let line = line_value(&out, &format!("{c} "));
+        assert!(line.starts_with("err invalid-argument: "), "{c}: {line}");
+    }
+    assert!(out.contains("bad-input done"), "{out}");
+}
+
+#[test]
+fn certificate_rotates_under_a_short_ttl() {
+    let s = Scratch::new();
+    let cfg = write(&s, "c.toml", "[identity]\nsvid_ttl = \"4s\"\n");
+    let out = probe(
+        &s,
+        &["--config", cfg.to_str().unwrap()],
+        &["certs", "5", "900"],
+    );
+    let mut leaves = Vec::new();
+    for i in 0..5 {
+        let sig = unhex(line_value(&out, &format!("certs {i} sig ")));
+        let block = out.split(&format!("certs {i} expires ")).nth(1).unwrap();
+        let leaf = pem_blocks(block)[0].clone();
+        assert!(
+            verifies(&leaf, format!("reading-{i}").as_bytes(), &sig),
+            "signature {i} does not verify with the certificate of that moment"
+        );
+        leaves.push(leaf);
+    }
+    leaves.dedup();
+    // 5 × 0.9 s over a 4 s TTL renewed past half: at least two leaves, and
+    // never the same leaf after its renewal time.
+    assert!(leaves.len() >= 2, "no renewal in {out}");
+    assert!(leaves.len() <= 3, "renewed too often: {}", leaves.len());
+}
+
+fn vault_config(modules: &[(&str, &str)]) -> String {
+    let digest = sha256sum(PROBE);
+    let mut c = String::from("[identity]\ndevice_id = \"dev-1\"\n");
+    for (name, action) in modules {
+        c.push_str(&format!(
+            "\n[[module]]\nname = \"{name}\"\nfile = \"{PROBE}\"\ndigest = \"{digest}\"\nargs = [\"{action}\"]\nrestart = \"never\"\n"
+        ));
+    }
+    c
+}
+
+fn run_daemon_until(s: &Scratch, config: &str, expect: &[&str]) -> Vec<String> {
+    let mut d = Daemon::start(s, config);
+    for e in expect {
+        let e = e.to_string();
+        d.wait_for(&e.clone(), move |out, _| out.iter().any(|l| l.contains(&e)));
+    }
+    let (status, out, _) = d.terminate();
+    assert!(status.success());
+    out
+}
+
+#[test]
+fn sealed_data_is_bound_to_module_and_registration() {
+    let s = Scratch::new();
+    let modules = s.state().join("modules");
+    // First start: alpha seals a secret in its data dir; whoami shows its
+    // registration.
+    let out = run_daemon_until(
+        &s,
+        &vault_config(&[("alpha", "vault"), ("who", "whoami")]),
+        &["alpha | vault-seal ok", "who | spiffe_id="],
+    );
+    let who = |out: &[String], key: &str| {
+        out.iter()
+            .find_map(|l| l.strip_prefix(&format!("who | {key}=")))
+            .unwrap()
+            .to_owned()
+    };
+    assert_eq!(
+        who(&out, "spiffe_id"),
+        "spiffe://edgeward.local/device/dev-1/module/who"
+    );
+    assert_eq!(who(&out, "digest"), sha256sum(PROBE));
+    let who_generation = who(&out, "generation_id");
+    let secret = std::fs::read(modules.join("alpha/data/secret")).unwrap();
+    assert_eq!(secret[0], 1, "ciphertext starts with its version byte");
+
+    // Second start: alpha opens it; beta, handed alpha's ciphertext, cannot;
+    // the registrations (generations) survived the restart.
+    std::fs::create_dir_all(modules.join("beta/data")).unwrap();
+    std::fs::write(modules.join("beta/data/secret"), &secret).unwrap();
+    let out = run_daemon_until(
+        &s,
+        &vault_config(&[("alpha", "vault"), ("beta", "vault"), ("who", "whoami")]),
+        &[
+            "alpha | vault-open",
+            "beta | vault-open",
+            "who | generation_id=",
+        ],
+    );
+    let alpha = out
+        .iter()
+        .find(|l| l.contains("alpha | vault-open"))
+        .unwrap();
+    assert!(alpha.contains("vault-open ok secret-of-"), "{alpha}");
+    let beta = out
+        .iter()
+        .find(|l| l.contains("beta | vault-open"))
+        .unwrap();
+    assert!(
+        beta.contains("vault-open err invalid-argument: ciphertext: authentication failed"),
+        "{beta}"
+    );
+    assert_eq!(who(&out, "generation_id"), who_generation);
+
+    // Re-registered under the same name: the old data is gone for good.
+    let o = s.edgeward().args(["deregister", "alpha"]).output().unwrap();
+    assert_status(&o, 0);
+    let o = s.edgeward().args(["deregister", "alpha"]).output().unwrap();
+    assert_status(&o, 1);
+    assert!(stderr(&o).contains("not registered"), "{}", stderr(&o));
+    let out = run_daemon_until(
+        &s,
+        &vault_config(&[("alpha", "vault")]),
+        &["alpha | vault-open"],
+    );
+    let alpha = out
+        .iter()
+        .find(|l| l.contains("alpha | vault-open"))
+        .unwrap();
+    assert!(alpha.contains("err invalid-argument"), "{alpha}");
+}
+
+#[test]
+fn ephemeral_runs_cannot_open_each_others_data() {
+    let s = Scratch::new();
+    let out = probe(&s, &[], &["encrypt", "hello", "ctx"]);
+    let ct = line_value(&out, "encrypt ok ").to_owned();
+    assert!(ct.starts_with("01"), "version byte");
+    let out = probe(&s, &[], &["decrypt", &ct, "ctx"]);
+    assert!(out.starts_with("decrypt err invalid-argument"), "{out}");
+}
+
+#[test]
+fn sensor_readings_are_signed_and_carry_a_token() {
+    let s = Scratch::new();
+    let o = s.run(
+        guests::TEMPERATURE_SENSOR,
+        &[
+            "--env",
+            "COUNT=3",
+            "--env",
+            "INTERVAL_MS=5",
+            "--env",
+            "TOKEN_AUDIENCE=ingest",
+        ],
+        &[],
+    );
+    assert_status(&o, 0);
+    let jwks = bundle(&s, &[], "jwks");
+    let roots = write(&s, "bundle.pem", &bundle(&s, &[], "pem"));
+    let mut cert: Option<String> = None;
+    for line in stdout(&o).lines() {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        if let Some(c) = v["cert"].as_str() {
+            cert = Some(c.to_owned());
+        }
+        let cert = cert
+            .as_deref()
+            .expect("the first reading carries the certificate");
+        let reading = &line[..line.find(",\"sig\"").unwrap()];
+        let sig = unhex(v["sig"].as_str().unwrap());
+        assert!(verifies(
+            &pem_blocks(cert)[0],
+            format!("{reading}}}").as_bytes(),
+            &sig
+        ));
+        let leaf = write(&s, "sensor.pem", &pem_blocks(cert)[0]);
+        openssl_verify(&roots, None, &leaf, &[]);
+        let claims = check_token(
+            v["token"].as_str().unwrap(),
+            &jwks,
+            "ingest",
+            "edgeward.local",
+        );
+        assert!(
+            claims["sub"]
+                .as_str()
+                .unwrap()
+                .ends_with("/module/temperature-sensor")
+        );
+    }
+}
+
+/// A certificate for the HSM's device CA key, made by an organisation root
+/// with openssl: the chain the module gets includes it, the bundle is the
+/// organisation root.
+#[test]
+fn configured_ca_certificate_chains_to_an_external_root() {
+    let s = Scratch::new();
+    let info = s
+        .edgeward()
+        .args(["hsm", "info", "--json"])
+        .output()
+        .unwrap();
+    assert_status(&info, 0);
+    // The device CA key exists once identity has been used.
+    probe(&s, &[], &["whoami"]);
+    let o = s.edgeward().args(["bundle"]).output().unwrap();
+    assert_status(&o, 0);
+    let info = s
+        .edgeward()
+        .args(["hsm", "info", "--json"])
+        .output()
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_str(&stdout(&info)).unwrap();
+    let pubkey = v["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|k| k["id"] == "device-ca")
+        .unwrap()["public_key_pem"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let dir = s.path();
+    let sh = |script: &str| {
+        let o = Command::new("sh")
+            .arg("-ec")
+            .arg(script)
+            .current_dir(dir)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}{}", stdout(&o), stderr(&o));
+    };
+    std::fs::write(dir.join("device-ca.pub"), pubkey).unwrap();
+    std::fs::write(
+        dir.join("ext.cnf"),
+        "basicConstraints=critical,CA:TRUE,pathlen:0\nkeyUsage=critical,keyCertSign,cRLSign,digitalSignature\nsubjectKeyIdentifier=hash\nauthorityKeyIdentifier=keyid\n",
+    )
+    .unwrap();
+    sh("openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout org.key -out org.pem -days 30 -subj '/O=Org/CN=Org Root' 2>/dev/null
+        openssl x509 -new -force_pubkey device-ca.pub -subj '/O=Org/CN=gateway device CA' -CA org.pem -CAkey org.key -days 30 -extfile ext.cnf -out device-ca.pem
+        cat device-ca.pem org.pem > ca-chain.pem");
+    let cfg = write(
+        &s,
+        "c.toml",
+        "[identity]\nca_certificate = \"ca-chain.pem\"\n",
+    );
+    let cfg = cfg.to_str().unwrap();
+    let out = probe(&s, &["--config", cfg], &["cert"]);
+    let certs = pem_blocks(&out);
+    assert_eq!(certs.len(), 2, "leaf then the device CA certificate");
+    assert_eq!(
+        pem_to_der(&certs[1]),
+        pem_to_der(&std::fs::read_to_string(dir.join("device-ca.pem")).unwrap())
+    );
+    let pem = bundle(&s, &["--config", cfg], "pem");
+    assert_eq!(
+        pem_to_der(&pem),
+        pem_to_der(&std::fs::read_to_string(dir.join("org.pem")).unwrap())
+    );
+    let id = format!(
+        "spiffe://edgeward.local/device/{}/module/identity-probe",
+        edgeward::identity::default_device_id()
+    );
+    check_svid(&s, &out, &pem, &id);
+
+    // A certificate for some other key is refused with a clear error.
+    sh(
+        "openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout x.key -out wrong.pem -days 30 -subj '/CN=wrong' 2>/dev/null",
+    );
+    let cfg = write(&s, "w.toml", "[identity]\nca_certificate = \"wrong.pem\"\n");
+    let o = s.run(PROBE, &["--config", cfg.to_str().unwrap()], &["whoami"]);
+    assert_status(&o, 3);
+    assert!(
+        stderr(&o).contains("ca_certificate")
+            && stderr(&o).contains("not for the HSM's \"device-ca\" key"),
+        "{}",
+        stderr(&o)
+    );
+}
+
+fn backend_round_trip(s: &Scratch, hsm_table: &str) {
+    let cfg = write(s, "hsm.toml", hsm_table);
+    let cfg = cfg.to_str().unwrap();
+    let flags = ["--config", cfg];
+    let out = probe(s, &flags, &["cert"]);
+    let id = format!(
+        "spiffe://edgeward.local/device/{}/module/identity-probe",
+        edgeward::identity::default_device_id()
+    );
+    let pem = bundle(s, &flags, "pem");
+    check_svid(s, &out, &pem, &id);
+    let out = probe(s, &flags, &["token", "svc", "60"]);
+    let token = line_value(&out, "token ok ").to_owned();
+    check_token(&token, &bundle(s, &flags, "jwks"), "svc", "edgeward.local");
+    let out = probe(s, &flags, &["validate", &token, "svc"]);
+    assert!(out.starts_with("validate ok "), "{out}");
+}
+
+#[test]
+fn identity_on_the_tpm_backend() {
+    let s = Scratch::new();
+    let tpm = Swtpm::start();
+    backend_round_trip(
+        &s,
+        &format!("[hsm]\nbackend = \"tpm\"\ntcti = \"{}\"\n", tpm.tcti()),
+    );
+}
+
+#[test]
+fn identity_on_the_pkcs11_backend() {
+    let s = Scratch::new();
+    let token = SoftHsmToken::new();
+    let c = token.config();
+    backend_round_trip(
+        &s,
+        &format!(
+            "[hsm]\nbackend = \"pkcs11\"\nmodule = \"{}\"\ntoken = \"{}\"\npin_file = \"{}\"\n",
+            c.module.display(),
+            c.token,
+            c.pin_file.display()
+        ),
+    );
+}
