@@ -1,0 +1,268 @@
+//! Workload-identity call cost, from inside a guest, against two baselines
+//! measured in the same run:
+//!
+//! - **native**: the same operation called directly on the host's
+//!   `ModuleIdentity` in this process (what the WIT call adds is the
+//!   component-model boundary: lifting, lowering, copying);
+//! - **http**: the same operation as an HTTP/1.1 request over a unix socket
+//!   to a server in this process backed by the same `ModuleIdentity` (the
+//!   container-era workload-API design: a keep-alive connection, JSON
+//!   bodies, one request at a time).
+//!
+//! The guest (`identity-probe bench N`) runs under `edgeward run` and times
+//! its own calls. With the TPM backend (a local swtpm) `token()` is measured
+//! again: JWT working keys live in memory, so only one certificate per
+//! rotation touches the TPM.
+//!
+//! Run with `scripts/bench` (or `cargo bench -p edgeward-tests --bench identity`).
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::process::Command;
+use std::sync::Arc;
+use std::time::Instant;
+
+use edgeward::identity::{IdentityConfig, IdentityService, ModuleIdentity};
+use edgeward_tests::fixtures::Swtpm;
+use http_body_util::{BodyExt as _, Full};
+use hyper::body::Bytes;
+
+const EDGEWARD: &str = env!("CARGO_BIN_EXE_edgeward-under-test");
+const N: u32 = 20_000;
+const OPS: [&str; 4] = ["whoami", "token", "sign", "encrypt"];
+
+/// Per-call nanoseconds of each op, as the guest measured them.
+fn guest(
+    state: &std::path::Path,
+    config: Option<&std::path::Path>,
+    n: u32,
+) -> HashMap<String, f64> {
+    let mut c = Command::new(EDGEWARD);
+    c.arg("--state-dir").arg(state).arg("run");
+    if let Some(cfg) = config {
+        c.arg("--config").arg(cfg);
+    }
+    let o = c
+        .arg(edgeward_tests::guests::IDENTITY_PROBE)
+        .args(["--", "bench", &n.to_string()])
+        .env_remove("EDGEWARD_CONFIG")
+        .output()
+        .expect("run the identity probe");
+    assert!(
+        o.status.success(),
+        "identity-probe bench failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .filter_map(|l| {
+            let mut w = l.strip_prefix("bench ")?.split(' ');
+            Some((w.next()?.to_owned(), w.next()?.parse().ok()?))
+        })
+        .collect()
+}
+
+fn per_call(n: u32, mut f: impl FnMut()) -> f64 {
+    for _ in 0..n / 10 {
+        f();
+    }
+    let t = Instant::now();
+    for _ in 0..n {
+        f();
+    }
+    t.elapsed().as_nanos() as f64 / f64::from(n)
+}
+
+/// The WIT `identity` record as the host builds it: owned strings.
+fn whoami_owned(id: &ModuleIdentity) -> [String; 5] {
+    let w = id.whoami();
+    [
+        w.module_name.clone(),
+        w.device_id.clone(),
+        w.generation_id.clone(),
+        w.digest.clone(),
+        w.spiffe_id.clone(),
+    ]
+}
+
+fn native(id: &ModuleIdentity, n: u32) -> HashMap<String, f64> {
+    let data = vec![7u8; 1024];
+    let aud = vec!["bench".to_owned()];
+    id.sign(&data).expect("first leaf");
+    let mut m = HashMap::new();
+    m.insert(
+        "whoami".into(),
+        per_call(n, || {
+            std::hint::black_box(whoami_owned(id));
+        }),
+    );
+    m.insert(
+        "token".into(),
+        per_call(n, || {
+            std::hint::black_box(id.token(&aud, 60).ok());
+        }),
+    );
+    m.insert(
+        "sign".into(),
+        per_call(n, || {
+            std::hint::black_box(id.sign(&data).ok());
+        }),
+    );
+    m.insert(
+        "encrypt".into(),
+        per_call(n, || {
+            std::hint::black_box(id.encrypt(&data, b"").ok());
+        }),
+    );
+    m
+}
+
+async fn serve(
+    id: Arc<ModuleIdentity>,
+    req: hyper::Request<hyper::body::Incoming>,
+) -> Result<hyper::Response<Full<Bytes>>, Infallible> {
+    let path = req.uri().path().to_owned();
+    let body = req
+        .into_body()
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
+    let json = match path.as_str() {
+        "/whoami" => {
+            let w = id.whoami();
+            serde_json::json!({
+                "module_name": w.module_name, "device_id": w.device_id,
+                "generation_id": w.generation_id, "digest": w.digest, "spiffe_id": w.spiffe_id,
+            })
+        }
+        "/token" => serde_json::json!({ "token": id.token(&["bench".to_owned()], 60).ok() }),
+        "/sign" => serde_json::json!({ "signature": id.sign(&body).ok() }),
+        "/encrypt" => serde_json::json!({ "ciphertext": id.encrypt(&body, b"").ok() }),
+        _ => serde_json::json!({ "error": "not found" }),
+    };
+    Ok(hyper::Response::new(Full::new(Bytes::from(
+        json.to_string(),
+    ))))
+}
+
+/// Per-call nanoseconds over HTTP/1.1 on a unix socket (keep-alive).
+fn http(id: Arc<ModuleIdentity>, dir: &std::path::Path, n: u32) -> HashMap<String, f64> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let sock = dir.join("workload.sock");
+    rt.block_on(async move {
+        let listener = tokio::net::UnixListener::bind(&sock).expect("bind");
+        let server_id = id.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    return;
+                };
+                let id = server_id.clone();
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(move |r| serve(id.clone(), r));
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        let stream = tokio::net::UnixStream::connect(&sock)
+            .await
+            .expect("connect");
+        let (mut sender, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+                .await
+                .expect("handshake");
+        tokio::spawn(conn);
+        let data = Bytes::from(vec![7u8; 1024]);
+        let mut m = HashMap::new();
+        for op in OPS {
+            let body = if op == "sign" || op == "encrypt" {
+                data.clone()
+            } else {
+                Bytes::new()
+            };
+            let mut call = async || {
+                let req = hyper::Request::post(format!("http://localhost/{op}"))
+                    .body(Full::new(body.clone()))
+                    .expect("request");
+                let resp = sender.send_request(req).await.expect("response");
+                let bytes = resp.into_body().collect().await.expect("body").to_bytes();
+                let v: serde_json::Value = serde_json::from_slice(&bytes).expect("json");
+                std::hint::black_box(v);
+            };
+            let reps = if op == "whoami" { n } else { n / 4 };
+            for _ in 0..reps / 10 {
+                call().await;
+            }
+            let t = Instant::now();
+            for _ in 0..reps {
+                call().await;
+            }
+            m.insert(
+                op.to_owned(),
+                t.elapsed().as_nanos() as f64 / f64::from(reps),
+            );
+        }
+        m
+    })
+}
+
+fn main() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let state = dir.path().join("state");
+    std::fs::create_dir_all(&state).expect("state dir");
+    let hsm = edgeward::hsm::open(&Default::default(), &state).expect("soft hsm");
+    let svc = IdentityService::open(hsm, IdentityConfig::default(), &state).expect("identity");
+    let id = svc
+        .ephemeral("bench", &format!("sha256:{}", "ab".repeat(32)))
+        .expect("identity");
+
+    let g = guest(&state, None, N);
+    let nat = native(&id, N);
+    let h = http(id.clone(), dir.path(), N);
+
+    println!("identity calls, ns per call (N={N}; guest = WIT call from identity-probe)");
+    println!(
+        "{:<10} {:>12} {:>12} {:>12} {:>14} {:>14}",
+        "op", "guest", "native", "http/uds", "guest/native", "http/guest"
+    );
+    for op in OPS {
+        let (gv, nv, hv) = (g[op], nat[op], h[op]);
+        println!(
+            "{op:<10} {gv:>12.0} {nv:>12.0} {hv:>12.0} {:>14.2} {:>14.1}",
+            gv / nv,
+            hv / gv
+        );
+    }
+    for op in OPS {
+        println!("identity_{op}_guest_vs_native ratio={:.2}", g[op] / nat[op]);
+        println!("identity_{op}_http_vs_guest ratio={:.1}", h[op] / g[op]);
+    }
+
+    // token() on the TPM backend.
+    let tpm = Swtpm::start();
+    let tpm_state = dir.path().join("tpm-state");
+    std::fs::create_dir_all(&tpm_state).expect("tpm state dir");
+    let cfg = dir.path().join("tpm.toml");
+    std::fs::write(
+        &cfg,
+        format!("[hsm]\nbackend = \"tpm\"\ntcti = \"{}\"\n", tpm.tcti()),
+    )
+    .expect("config");
+    let soft = guest(&state, None, N / 4);
+    let t = guest(&tpm_state, Some(&cfg), N / 4);
+    println!(
+        "token ns/call: soft {:.0}, tpm {:.0}",
+        soft["token"], t["token"]
+    );
+    println!(
+        "identity_token_tpm_vs_soft ratio={:.2}",
+        t["token"] / soft["token"]
+    );
+}
