@@ -191,6 +191,7 @@ fn http(id: Arc<ModuleIdentity>, dir: &std::path::Path, n: u32) -> HashMap<Strin
                 let req = hyper::Request::post(format!("http://localhost/{op}"))
                     .body(Full::new(body.clone()))
                     .expect("request");
+                sender.ready().await.expect("connection ready");
                 let resp = sender.send_request(req).await.expect("response");
                 let bytes = resp.into_body().collect().await.expect("body").to_bytes();
                 let v: serde_json::Value = serde_json::from_slice(&bytes).expect("json");

@@ -817,3 +817,116 @@ fn identity_on_the_pkcs11_backend() {
         ),
     );
 }
+
+#[test]
+fn jwt_working_key_rotates_and_old_tokens_stay_valid() {
+    let s = Scratch::new();
+    let cfg = write(
+        &s,
+        "c.toml",
+        "[identity]\njwt_key_rotation = \"2s\"\nmax_token_ttl = \"60s\"\n",
+    );
+    let out = probe(
+        &s,
+        &["--config", cfg.to_str().unwrap()],
+        &["tokens", "4", "1000", "svc"],
+    );
+    let tokens: Vec<String> = (0..4)
+        .map(|i| line_value(&out, &format!("tokens {i} ok ")).to_owned())
+        .collect();
+    let jwks = bundle(&s, &[], "jwks");
+    let mut kids: Vec<String> = tokens
+        .iter()
+        .map(|t| jsonwebtoken::decode_header(t).unwrap().kid.unwrap())
+        .collect();
+    for t in &tokens {
+        check_token(t, &jwks, "svc", "edgeward.local");
+        let out = probe(&s, &[], &["validate", t, "svc"]);
+        assert!(out.starts_with("validate ok "), "{out}");
+    }
+    kids.dedup();
+    assert!(kids.len() >= 2, "the working key did not rotate: {kids:?}");
+}
+
+#[test]
+fn an_injected_jwt_key_is_not_trusted() {
+    let s = Scratch::new();
+    let good = line_value(&probe(&s, &[], &["token", "svc", "60"]), "token ok ").to_owned();
+    // An attacker with write access to the state directory publishes their
+    // own key, passing off a genuine key's certificate as its own, and
+    // forges a token under it.
+    let foreign = {
+        let mut b = [0u8; 32];
+        getrandom::fill(&mut b).unwrap();
+        p256::ecdsa::SigningKey::from_bytes(&b.into()).unwrap()
+    };
+    let point = foreign.verifying_key().to_encoded_point(false);
+    let kid = {
+        use sha2::Digest as _;
+        Base64UrlUnpadded::encode_string(&sha2::Sha256::digest(point.as_bytes())[..16])
+    };
+    let path = s.state().join("identity/jwt-keys.json");
+    let mut keys: Vec<serde_json::Value> =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let real_cert = keys[0]["certificate"].clone();
+    keys.push(serde_json::json!({
+        "kid": kid,
+        "public_key": Base64::encode_string(point.as_bytes()),
+        "certificate": real_cert,
+        "valid_until": 4_000_000_000u64,
+    }));
+    std::fs::write(&path, serde_json::to_vec(&keys).unwrap()).unwrap();
+    let parts: Vec<&str> = good.split('.').collect();
+    let payload: serde_json::Value =
+        serde_json::from_slice(&Base64UrlUnpadded::decode_vec(parts[1]).unwrap()).unwrap();
+    let header = serde_json::json!({ "alg": "ES256", "kid": kid, "typ": "JWT" });
+    let forged = es256(&foreign, &header, &payload);
+    let out = probe(&s, &[], &["validate", &forged, "svc"]);
+    assert!(
+        out.contains("err invalid-argument: token: unknown"),
+        "{out}"
+    );
+    // Nor does it reach the bundle.
+    assert!(!bundle(&s, &[], "jwks").contains(&kid));
+    // The genuine token still validates.
+    let out = probe(&s, &[], &["validate", &good, "svc"]);
+    assert!(out.starts_with("validate ok "), "{out}");
+}
+
+#[test]
+fn a_tampered_registration_is_refused_by_name() {
+    let s = Scratch::new();
+    run_daemon_until(
+        &s,
+        &vault_config(&[("alpha", "vault")]),
+        &["alpha | vault-seal ok"],
+    );
+    let rec = s.state().join("identity/modules/alpha.json");
+    let mut v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&rec).unwrap()).unwrap();
+    v["generation_id"] = "00000000000000000000000000000000".into();
+    std::fs::write(&rec, v.to_string()).unwrap();
+    let mut d = Daemon::start(&s, &vault_config(&[("alpha", "vault"), ("beta", "vault")]));
+    d.wait_for("beta to run", |out, _| {
+        count(out, "beta | vault-seal ok") >= 1
+    });
+    d.wait_for("alpha to be refused", |_, err| {
+        count(err, "module refused") >= 1
+    });
+    let (_, out, err) = d.terminate();
+    let line = err.iter().find(|l| l.contains("module refused")).unwrap();
+    assert!(
+        line.contains("alpha")
+            && line.contains("alpha.json")
+            && line.contains("cannot be unwrapped"),
+        "{line}"
+    );
+    assert_eq!(count(&out, "alpha |"), 0);
+    // The record is left as it was (never silently replaced, which would
+    // orphan the module's sealed data).
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&std::fs::read_to_string(&rec).unwrap()).unwrap()
+            ["generation_id"],
+        "00000000000000000000000000000000"
+    );
+}

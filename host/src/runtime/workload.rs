@@ -22,7 +22,6 @@ pub mod bindings {
             "edgeward:host/workload.identity-certificate": async,
             "edgeward:host/workload.server-certificate": async,
             "edgeward:host/workload.sign": async,
-            default: tracing,
         },
     });
 }

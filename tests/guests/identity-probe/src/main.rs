@@ -17,6 +17,7 @@
 //!   open it and print it;
 //! - `certs N MS`: N certificates MS apart, each with its signature over
 //!   `reading-<i>`;
+//! - `tokens N MS AUD`: N tokens for AUD, MS apart;
 //! - `bad-input`: every documented bad-input case, one line each;
 //! - `bench N`: per-call nanoseconds of whoami, token, sign(1 KiB),
 //!   encrypt(1 KiB).
@@ -185,6 +186,18 @@ fn main() -> ExitCode {
                         println!("certs {i} err {}: {}", variant(&e), e.message());
                     }
                 }
+                std::thread::sleep(Duration::from_millis(ms));
+            }
+        }
+        "tokens" => {
+            let n: u32 = a(1).parse().unwrap_or(1);
+            let ms: u64 = a(2).parse().unwrap_or(0);
+            for i in 0..n {
+                report(
+                    &format!("tokens {i}"),
+                    identity::token(&[a(3)], Duration::from_secs(60)),
+                    |t| t,
+                );
                 std::thread::sleep(Duration::from_millis(ms));
             }
         }
