@@ -186,11 +186,22 @@ pub mod identity {
 
     /// The calling module's identity. Never fails.
     ///
+    /// The identity cannot change while an instance runs (a new
+    /// registration or component means a new instance), so the host is asked
+    /// once and the answer kept: later calls are a pointer read.
+    ///
     /// ```no_run
     /// let me = edgeward_sdk::identity::whoami();
     /// assert!(me.spiffe_id.ends_with(&format!("/module/{}", me.module_name)));
     /// ```
-    pub fn whoami() -> Identity {
+    pub fn whoami() -> &'static Identity {
+        static ME: std::sync::OnceLock<Identity> = std::sync::OnceLock::new();
+        ME.get_or_init(whoami_uncached)
+    }
+
+    /// Asks the host for the identity every time (one WIT call); see
+    /// [`whoami`].
+    pub fn whoami_uncached() -> Identity {
         let w = wit::whoami();
         Identity {
             module_name: w.module_name,

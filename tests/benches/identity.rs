@@ -5,12 +5,16 @@
 //!   `ModuleIdentity` in this process (what the WIT call adds is the
 //!   component-model boundary: lifting, lowering, copying);
 //! - **http**: the same operation as an HTTP/1.1 request over a unix socket
-//!   to a server in this process backed by the same `ModuleIdentity` (the
-//!   container-era workload-API design: a keep-alive connection, JSON
-//!   bodies, one request at a time).
+//!   to a server process backed by the same host code (the container-era
+//!   workload-API design: a keep-alive connection, JSON bodies, one request
+//!   at a time). The client is native Rust in this process, so the figure
+//!   leaves out whatever a guest-side HTTP stack would add.
 //!
 //! The guest (`identity-probe bench N`) runs under `edgeward run` and times
-//! its own calls. With the TPM backend (a local swtpm) `token()` is measured
+//! its own calls, in 5 rounds that visit every op in turn; each figure is the
+//! median round. `whoami` is the SDK call (the identity is immutable per
+//! instance, so the SDK asks once and keeps it); `whoami-wit` makes the WIT
+//! call every time. With the TPM backend (a local swtpm) `token()` is measured
 //! again: JWT working keys live in memory, so only one certificate per
 //! rotation touches the TPM.
 //!
@@ -29,14 +33,35 @@ use hyper::body::Bytes;
 
 const EDGEWARD: &str = env!("CARGO_BIN_EXE_edgeward-under-test");
 const N: u32 = 20_000;
-const OPS: [&str; 4] = ["whoami", "token", "sign", "encrypt"];
+const ROUNDS: usize = 5;
+const OPS: [&str; 5] = ["whoami", "whoami-wit", "token", "sign", "encrypt"];
+const SERVE_ENV: &str = "EDGEWARD_BENCH_SERVE";
 
-/// Per-call nanoseconds of each op, as the guest measured them.
-fn guest(
-    state: &std::path::Path,
-    config: Option<&std::path::Path>,
-    n: u32,
-) -> HashMap<String, f64> {
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// Per-call nanoseconds of each op, one figure per round.
+type Rounds = HashMap<String, Vec<f64>>;
+
+/// Runs `sides` alternately `reps` times and returns each side's median per op.
+fn alternate(reps: usize, sides: &mut [&mut dyn FnMut() -> Rounds]) -> Vec<HashMap<String, f64>> {
+    let mut all: Vec<Rounds> = vec![HashMap::new(); sides.len()];
+    for _ in 0..reps {
+        for (i, side) in sides.iter_mut().enumerate() {
+            for (op, v) in side() {
+                all[i].entry(op).or_default().extend(v);
+            }
+        }
+    }
+    all.into_iter()
+        .map(|r| r.into_iter().map(|(k, v)| (k, median(v))).collect())
+        .collect()
+}
+
+/// Per-call nanoseconds of each op as the guest measured them, per round.
+fn guest(state: &std::path::Path, config: Option<&std::path::Path>, n: u32) -> Rounds {
     let mut c = Command::new(EDGEWARD);
     c.arg("--state-dir").arg(state).arg("run");
     if let Some(cfg) = config {
@@ -53,13 +78,17 @@ fn guest(
         "identity-probe bench failed: {}",
         String::from_utf8_lossy(&o.stderr)
     );
-    String::from_utf8_lossy(&o.stdout)
-        .lines()
-        .filter_map(|l| {
-            let mut w = l.strip_prefix("bench ")?.split(' ');
-            Some((w.next()?.to_owned(), w.next()?.parse().ok()?))
-        })
-        .collect()
+    let mut rounds: HashMap<String, Vec<f64>> = HashMap::new();
+    for l in String::from_utf8_lossy(&o.stdout).lines() {
+        let mut w = l
+            .strip_prefix("bench ")
+            .into_iter()
+            .flat_map(|r| r.split(' '));
+        if let (Some(op), Some(ns)) = (w.next(), w.next().and_then(|x| x.parse().ok())) {
+            rounds.entry(op.to_owned()).or_default().push(ns);
+        }
+    }
+    rounds
 }
 
 fn per_call(n: u32, mut f: impl FnMut()) -> f64 {
@@ -85,36 +114,49 @@ fn whoami_owned(id: &ModuleIdentity) -> [String; 5] {
     ]
 }
 
-fn native(id: &ModuleIdentity, n: u32) -> HashMap<String, f64> {
+/// The same ops on the host, same rounds and counts as the guest. The
+/// native `whoami` reads the host's record (as the SDK's cached call does);
+/// `whoami-wit` builds the owned record the WIT call returns.
+fn native(id: &ModuleIdentity, n: u32) -> Rounds {
     let data = vec![7u8; 1024];
     let aud = vec!["bench".to_owned()];
     id.sign(&data).expect("first leaf");
-    let mut m = HashMap::new();
-    m.insert(
-        "whoami".into(),
-        per_call(n, || {
-            std::hint::black_box(whoami_owned(id));
-        }),
-    );
-    m.insert(
-        "token".into(),
-        per_call(n, || {
-            std::hint::black_box(id.token(&aud, 60).ok());
-        }),
-    );
-    m.insert(
-        "sign".into(),
-        per_call(n, || {
-            std::hint::black_box(id.sign(&data).ok());
-        }),
-    );
-    m.insert(
-        "encrypt".into(),
-        per_call(n, || {
-            std::hint::black_box(id.encrypt(&data, b"").ok());
-        }),
-    );
-    m
+    let heavy = (n / 20).max(1);
+    let mut rounds: HashMap<String, Vec<f64>> = HashMap::new();
+    for _ in 0..ROUNDS {
+        let mut put = |op: &str, v: f64| rounds.entry(op.to_owned()).or_default().push(v);
+        put(
+            "whoami",
+            per_call(n, || {
+                std::hint::black_box(id.whoami());
+            }),
+        );
+        put(
+            "whoami-wit",
+            per_call(n, || {
+                std::hint::black_box(whoami_owned(id));
+            }),
+        );
+        put(
+            "token",
+            per_call(heavy, || {
+                std::hint::black_box(id.token(&aud, 60).ok());
+            }),
+        );
+        put(
+            "sign",
+            per_call(heavy, || {
+                std::hint::black_box(id.sign(&data).ok());
+            }),
+        );
+        put(
+            "encrypt",
+            per_call(n, || {
+                std::hint::black_box(id.encrypt(&data, b"").ok());
+            }),
+        );
+    }
+    rounds
 }
 
 async fn serve(
@@ -129,7 +171,7 @@ async fn serve(
         .map(|b| b.to_bytes())
         .unwrap_or_default();
     let json = match path.as_str() {
-        "/whoami" => {
+        "/whoami" | "/whoami-wit" => {
             let w = id.whoami();
             serde_json::json!({
                 "module_name": w.module_name, "device_id": w.device_id,
@@ -146,31 +188,58 @@ async fn serve(
     ))))
 }
 
-/// Per-call nanoseconds over HTTP/1.1 on a unix socket (keep-alive).
-fn http(id: Arc<ModuleIdentity>, dir: &std::path::Path, n: u32) -> HashMap<String, f64> {
+/// The workload-API server: serves `sock` until killed.
+fn serve_forever(sock: &std::path::Path, state: &std::path::Path) {
+    let hsm = edgeward::hsm::open(&Default::default(), state).expect("soft hsm");
+    let svc = IdentityService::open(hsm, IdentityConfig::default(), state).expect("identity");
+    let id = svc
+        .ephemeral("bench", &format!("sha256:{}", "ab".repeat(32)))
+        .expect("identity");
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
         .build()
         .expect("runtime");
-    let sock = dir.join("workload.sock");
     rt.block_on(async move {
-        let listener = tokio::net::UnixListener::bind(&sock).expect("bind");
-        let server_id = id.clone();
-        tokio::spawn(async move {
-            loop {
-                let Ok((stream, _)) = listener.accept().await else {
-                    return;
-                };
-                let id = server_id.clone();
-                tokio::spawn(async move {
-                    let svc = hyper::service::service_fn(move |r| serve(id.clone(), r));
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
-                        .await;
-                });
-            }
-        });
+        let listener = tokio::net::UnixListener::bind(sock).expect("bind");
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
+            let id = id.clone();
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |r| serve(id.clone(), r));
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+}
+
+/// Median per-call nanoseconds over HTTP/1.1 on a unix socket (keep-alive)
+/// to a server in a child process.
+fn http(dir: &std::path::Path, n: u32) -> HashMap<String, f64> {
+    let sock = dir.join("workload.sock");
+    let state = dir.join("http-state");
+    std::fs::create_dir_all(&state).expect("state dir");
+    let mut server = Command::new(std::env::current_exe().expect("bench binary"))
+        .env(
+            SERVE_ENV,
+            format!("{}\n{}", sock.display(), state.display()),
+        )
+        .spawn()
+        .expect("spawn the HTTP server");
+    let t = Instant::now();
+    while !sock.exists() {
+        assert!(t.elapsed().as_secs() < 30, "the HTTP server did not start");
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let m = rt.block_on(async move {
         let stream = tokio::net::UnixStream::connect(&sock)
             .await
             .expect("connect");
@@ -180,41 +249,55 @@ fn http(id: Arc<ModuleIdentity>, dir: &std::path::Path, n: u32) -> HashMap<Strin
                 .expect("handshake");
         tokio::spawn(conn);
         let data = Bytes::from(vec![7u8; 1024]);
-        let mut m = HashMap::new();
-        for op in OPS {
-            let body = if op == "sign" || op == "encrypt" {
-                data.clone()
-            } else {
-                Bytes::new()
-            };
-            let mut call = async || {
-                let req = hyper::Request::post(format!("http://localhost/{op}"))
-                    .body(Full::new(body.clone()))
-                    .expect("request");
-                sender.ready().await.expect("connection ready");
-                let resp = sender.send_request(req).await.expect("response");
-                let bytes = resp.into_body().collect().await.expect("body").to_bytes();
-                let v: serde_json::Value = serde_json::from_slice(&bytes).expect("json");
-                std::hint::black_box(v);
-            };
-            let reps = if op == "whoami" { n } else { n / 4 };
-            for _ in 0..reps / 10 {
-                call().await;
+        let mut rounds: HashMap<String, Vec<f64>> = HashMap::new();
+        for _ in 0..ROUNDS {
+            for op in OPS {
+                let body = if op == "sign" || op == "encrypt" {
+                    data.clone()
+                } else {
+                    Bytes::new()
+                };
+                let mut call = async || {
+                    let req = hyper::Request::post(format!("http://localhost/{op}"))
+                        .body(Full::new(body.clone()))
+                        .expect("request");
+                    sender.ready().await.expect("connection ready");
+                    let resp = sender.send_request(req).await.expect("response");
+                    let bytes = resp.into_body().collect().await.expect("body").to_bytes();
+                    let v: serde_json::Value = serde_json::from_slice(&bytes).expect("json");
+                    std::hint::black_box(v);
+                };
+                let reps = if op == "token" || op == "sign" {
+                    (n / 20).max(1)
+                } else {
+                    n / 4
+                };
+                for _ in 0..reps / 10 {
+                    call().await;
+                }
+                let t = Instant::now();
+                for _ in 0..reps {
+                    call().await;
+                }
+                rounds
+                    .entry(op.to_owned())
+                    .or_default()
+                    .push(t.elapsed().as_nanos() as f64 / f64::from(reps));
             }
-            let t = Instant::now();
-            for _ in 0..reps {
-                call().await;
-            }
-            m.insert(
-                op.to_owned(),
-                t.elapsed().as_nanos() as f64 / f64::from(reps),
-            );
         }
-        m
-    })
+        rounds.into_iter().map(|(k, v)| (k, median(v))).collect()
+    });
+    let _ = server.kill();
+    let _ = server.wait();
+    m
 }
 
 fn main() {
+    if let Ok(spec) = std::env::var(SERVE_ENV) {
+        let (sock, state) = spec.split_once('\n').expect("socket and state dir");
+        serve_forever(std::path::Path::new(sock), std::path::Path::new(state));
+        return;
+    }
     let dir = tempfile::tempdir().expect("tempdir");
     let state = dir.path().join("state");
     std::fs::create_dir_all(&state).expect("state dir");
@@ -224,17 +307,28 @@ fn main() {
         .ephemeral("bench", &format!("sha256:{}", "ab".repeat(32)))
         .expect("identity");
 
-    let g = guest(&state, None, N);
-    let nat = native(&id, N);
-    let h = http(id.clone(), dir.path(), N);
+    // Guest and native alternate, three processes' worth of rounds each.
+    let medians = alternate(
+        3,
+        &mut [&mut || guest(&state, None, N), &mut || native(&id, N)],
+    );
+    let (g, nat) = (&medians[0], &medians[1]);
+    let h = http(dir.path(), N);
 
-    println!("identity calls, ns per call (N={N}; guest = WIT call from identity-probe)");
+    println!(
+        "identity calls, ns per call, median of {} rounds (guest = identity-probe under edgeward run)",
+        3 * ROUNDS
+    );
     println!(
         "{:<10} {:>12} {:>12} {:>12} {:>14} {:>14}",
         "op", "guest", "native", "http/uds", "guest/native", "http/guest"
     );
     for op in OPS {
-        let (gv, nv, hv) = (g[op], nat[op], h[op]);
+        let get = |m: &HashMap<String, f64>, side: &str| {
+            *m.get(op)
+                .unwrap_or_else(|| panic!("no {side} figure for {op}: {m:?}"))
+        };
+        let (gv, nv, hv) = (get(g, "guest"), get(nat, "native"), get(&h, "http"));
         println!(
             "{op:<10} {gv:>12.0} {nv:>12.0} {hv:>12.0} {:>14.2} {:>14.1}",
             gv / nv,
@@ -256,8 +350,13 @@ fn main() {
         format!("[hsm]\nbackend = \"tpm\"\ntcti = \"{}\"\n", tpm.tcti()),
     )
     .expect("config");
-    let soft = guest(&state, None, N / 4);
-    let t = guest(&tpm_state, Some(&cfg), N / 4);
+    let medians = alternate(
+        3,
+        &mut [&mut || guest(&state, None, N / 4), &mut || {
+            guest(&tpm_state, Some(&cfg), N / 4)
+        }],
+    );
+    let (soft, t) = (&medians[0], &medians[1]);
     println!(
         "token ns/call: soft {:.0}, tpm {:.0}",
         soft["token"], t["token"]

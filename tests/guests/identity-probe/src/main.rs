@@ -19,8 +19,8 @@
 //!   `reading-<i>`;
 //! - `tokens N MS AUD`: N tokens for AUD, MS apart;
 //! - `bad-input`: every documented bad-input case, one line each;
-//! - `bench N`: per-call nanoseconds of whoami, token, sign(1 KiB),
-//!   encrypt(1 KiB).
+//! - `bench N`: per-call nanoseconds of whoami (SDK, cached), whoami-wit
+//!   (one WIT call each), token, sign(1 KiB) and encrypt(1 KiB), in rounds.
 
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
@@ -63,34 +63,44 @@ fn print_credentials(c: &identity::Credentials) {
     println!("expires {}", c.expires_at);
 }
 
+/// `ROUNDS` rounds, each timing every op in turn (so drift hits all ops
+/// alike); one `bench OP NS` line per op and round.
 fn bench(n: u32) {
-    let per_call = |f: &mut dyn FnMut()| {
-        for _ in 0..(n / 10).max(1) {
+    const ROUNDS: u32 = 5;
+    let data = vec![7u8; 1024];
+    let time = |calls: u32, f: &mut dyn FnMut()| {
+        for _ in 0..(calls / 10).max(1) {
             f();
         }
         let t = Instant::now();
-        for _ in 0..n {
+        for _ in 0..calls {
             f();
         }
-        t.elapsed().as_nanos() / u128::from(n)
+        t.elapsed().as_nanos() / u128::from(calls)
     };
-    let data = vec![7u8; 1024];
-    let w = per_call(&mut || {
-        std::hint::black_box(identity::whoami());
-    });
-    let t = per_call(&mut || {
-        std::hint::black_box(identity::token(&["bench"], Duration::from_secs(60)).ok());
-    });
-    let s = per_call(&mut || {
-        std::hint::black_box(identity::sign(&data).ok());
-    });
-    let e = per_call(&mut || {
-        std::hint::black_box(identity::encrypt(&data, b"").ok());
-    });
-    println!("bench whoami {w}");
-    println!("bench token {t}");
-    println!("bench sign {s}");
-    println!("bench encrypt {e}");
+    let heavy = (n / 20).max(1);
+    for _ in 0..ROUNDS {
+        let w = time(n, &mut || {
+            std::hint::black_box(identity::whoami());
+        });
+        let wu = time(n, &mut || {
+            std::hint::black_box(identity::whoami_uncached());
+        });
+        let t = time(heavy, &mut || {
+            std::hint::black_box(identity::token(&["bench"], Duration::from_secs(60)).ok());
+        });
+        let s = time(heavy, &mut || {
+            std::hint::black_box(identity::sign(&data).ok());
+        });
+        let e = time(n, &mut || {
+            std::hint::black_box(identity::encrypt(&data, b"").ok());
+        });
+        println!("bench whoami {w}");
+        println!("bench whoami-wit {wu}");
+        println!("bench token {t}");
+        println!("bench sign {s}");
+        println!("bench encrypt {e}");
+    }
 }
 
 fn main() -> ExitCode {
