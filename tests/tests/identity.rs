@@ -295,6 +295,20 @@ fn server_certificate_carries_the_names() {
 }
 
 #[test]
+fn server_certificates_are_rate_limited() {
+    let s = Scratch::new();
+    let out = probe(&s, &[], &["server-cert-burst", "14"]);
+    let ok = out.lines().filter(|l| l.contains(" ok ")).count();
+    let limited = out
+        .lines()
+        .filter(|l| l.contains(" err unavailable: server-certificate rate limit"))
+        .count();
+    assert_eq!(ok + limited, 14, "{out}");
+    // A burst of 10, plus whatever refilled (1/s) while they were issued.
+    assert!(ok >= 10 && limited >= 1, "{out}");
+}
+
+#[test]
 fn tokens_verify_with_independent_libraries() {
     let s = Scratch::new();
     let out = probe(&s, &[], &["token", "svc-a", "svc-b", "60"]);

@@ -45,6 +45,11 @@ pub const MAX_PLAINTEXT: usize = crate::hsm::MAX_AEAD_INPUT;
 pub const MAX_ASSOCIATED_DATA: usize = 64 << 10;
 /// Most names a server certificate may carry.
 pub const MAX_ALT_NAMES: usize = 16;
+/// Server certificates a module may get at once (each costs an HSM
+/// signature, which a TPM makes in ~20 ms for every module on the device).
+pub const SERVER_CERT_BURST: f64 = 10.0;
+/// Server certificates a module may get per second after the burst.
+pub const SERVER_CERT_RATE: f64 = 1.0;
 /// Version byte that starts every ciphertext `encrypt` returns.
 pub const CIPHERTEXT_VERSION: u8 = 1;
 const NONCE_LEN: usize = 12;
@@ -359,6 +364,7 @@ impl IdentityService {
             service: self.clone(),
             aead,
             leaf: Mutex::new(None),
+            server_certs: Mutex::new((SERVER_CERT_BURST, std::time::Instant::now())),
         })
     }
 
@@ -449,6 +455,8 @@ pub struct ModuleIdentity {
     service: Arc<IdentityService>,
     aead: Aes256Gcm,
     leaf: Mutex<Option<CurrentLeaf>>,
+    /// Token bucket for `server_certificate`: (tokens, last refill).
+    server_certs: Mutex<(f64, std::time::Instant)>,
 }
 
 impl std::fmt::Debug for ModuleIdentity {
@@ -631,6 +639,7 @@ impl ModuleIdentity {
                 )?));
             }
         }
+        self.take_server_cert_token()?;
         let leaf = self.service.authority.issue_leaf(
             &Profile::Server {
                 common_name: common_name.to_owned(),
@@ -641,6 +650,23 @@ impl ModuleIdentity {
             self.service.config.svid_ttl,
         )?;
         Ok(Credentials::from(&leaf))
+    }
+
+    fn take_server_cert_token(&self) -> Result<(), IdentityError> {
+        let mut b = self
+            .server_certs
+            .lock()
+            .map_err(|_| IdentityError::Internal("rate limiter lock poisoned".into()))?;
+        let now = std::time::Instant::now();
+        let refill = now.duration_since(b.1).as_secs_f64() * SERVER_CERT_RATE;
+        *b = ((b.0 + refill).min(SERVER_CERT_BURST), now);
+        if b.0 < 1.0 {
+            return Err(IdentityError::Unavailable(format!(
+                "server-certificate rate limit: {SERVER_CERT_BURST} at once, then {SERVER_CERT_RATE} per second; retry later"
+            )));
+        }
+        b.0 -= 1.0;
+        Ok(())
     }
 
     /// PEM of the trust domain's roots.

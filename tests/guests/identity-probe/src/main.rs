@@ -9,6 +9,7 @@
 //! - `validate TOKEN AUD`: the claims;
 //! - `cert`: the X509-SVID chain, then `key` and `expires`;
 //! - `server-cert CN NAME…`: a server certificate, likewise;
+//! - `server-cert-burst N`: N server certificates as fast as possible;
 //! - `bundle`: the trust bundle;
 //! - `sign TEXT`: hex DER signature of TEXT, then the certificate that
 //!   verifies it;
@@ -142,6 +143,16 @@ fn main() -> ExitCode {
             Ok(c) => print_credentials(&c),
             Err(e) => println!("server-cert err {}: {}", variant(&e), e.message()),
         },
+        "server-cert-burst" => {
+            let n: u32 = a(1).parse().unwrap_or(1);
+            for i in 0..n {
+                report(
+                    &format!("burst {i}"),
+                    identity::server_certificate("burst.local", &["burst.local"]),
+                    |c| c.expires_at.to_string(),
+                );
+            }
+        }
         "bundle" => match identity::trust_bundle() {
             Ok(b) => print!("{b}"),
             Err(e) => println!("bundle err {}: {}", variant(&e), e.message()),
