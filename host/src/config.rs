@@ -618,6 +618,34 @@ mod tests {
     }
 
     #[test]
+    fn identity_settings() {
+        let c = parse("").expect("empty");
+        assert_eq!(c.identity.trust_domain, "edgeward.local");
+        assert_eq!(c.identity.max_token_ttl, Duration::from_secs(300));
+        let c = parse(
+            "[identity]\ntrust_domain = \"factory.example\"\ndevice_id = \"gw-1\"\nsvid_ttl = \"10m\"\nca_certificate = \"ca.pem\"",
+        )
+        .expect("identity");
+        assert_eq!(c.identity.device_id, "gw-1");
+        assert_eq!(c.identity.svid_ttl, Duration::from_secs(600));
+        assert_eq!(
+            c.identity.ca_certificate.as_deref(),
+            Some(Path::new("/etc/edgeward/ca.pem"))
+        );
+        for (text, needle) in [
+            ("trust_domain = \"Bad/Domain\"", "identity.trust_domain"),
+            ("device_id = \"..\"", "identity.device_id"),
+            ("svid_ttl = \"1s\"", "identity.svid_ttl"),
+            ("max_token_ttl = \"2d\"", "identity.max_token_ttl"),
+            ("jwt_key_rotation = \"0s\"", "identity.jwt_key_rotation"),
+            ("issuer = \"x\"", "unknown field `issuer`"),
+        ] {
+            let e = parse(&format!("[identity]\n{text}")).expect_err(text);
+            assert!(e.contains(needle), "{text}: {e}");
+        }
+    }
+
+    #[test]
     fn hsm_backends() {
         assert_eq!(parse("").expect("empty").hsm, HsmConfig::Soft);
         let c = parse("[hsm]\nbackend = \"tpm\"").expect("tpm");
