@@ -289,7 +289,7 @@ impl Authority {
         if first.not_after <= unix_now() {
             return Err(bad("the device CA certificate has expired".into()));
         }
-        let issuer = ca_issuer(&hsm, &point, &certs[0]).map_err(bad)?;
+        let issuer = ca_issuer(&point, &certs[0]).map_err(bad)?;
         let n = certs.len();
         let chain: String = certs[..n.saturating_sub(1)]
             .iter()
@@ -354,7 +354,7 @@ impl Authority {
                 (der, not_after)
             }
         };
-        let issuer = ca_issuer(&hsm, &point, &der)
+        let issuer = ca_issuer(&point, &der)
             .map_err(|m| IdentityError::Internal(format!("{}: {m}", path.display())))?;
         Ok(Self {
             hsm,
@@ -511,7 +511,7 @@ fn root_params(point: &[u8], device_id: &str) -> CertificateParams {
 
 /// The issuer parameters (subject name, key identifier) of a CA
 /// certificate for the device CA key.
-fn ca_issuer(_hsm: &Arc<dyn Hsm>, point: &[u8], der: &[u8]) -> Result<CertificateParams, String> {
+fn ca_issuer(point: &[u8], der: &[u8]) -> Result<CertificateParams, String> {
     use x509_parser::der_parser::asn1_rs::Tag;
     use x509_parser::extensions::ParsedExtension;
     let (_, cert) =
