@@ -46,9 +46,7 @@ impl WorkloadCtx {
     }
 
     fn identity(&self) -> Result<&ModuleIdentity, types::Error> {
-        self.identity.as_deref().ok_or_else(|| {
-            types::Error::Unavailable("this module was started without a workload identity".into())
-        })
+        self.identity.as_deref().ok_or_else(no_identity)
     }
 }
 
@@ -62,6 +60,10 @@ pub fn add_to_linker<T: Send + 'static>(
     get: fn(&mut T) -> &mut WorkloadCtx,
 ) -> wasmtime::Result<()> {
     bindings::Module::add_to_linker::<T, HasSelf<WorkloadCtx>>(linker, get)
+}
+
+fn no_identity() -> types::Error {
+    types::Error::Unavailable("this module was started without a workload identity".into())
 }
 
 fn to_wit(e: IdentityError) -> types::Error {
@@ -91,10 +93,7 @@ async fn blocking<R: Send + 'static>(
     ctx: &WorkloadCtx,
     f: impl FnOnce(&ModuleIdentity) -> Result<R, IdentityError> + Send + 'static,
 ) -> Result<R, types::Error> {
-    ctx.identity()?;
-    let Some(id) = ctx.identity.clone() else {
-        return Err(types::Error::Unavailable("no workload identity".into()));
-    };
+    let id = ctx.identity.clone().ok_or_else(no_identity)?;
     match tokio::task::spawn_blocking(move || f(&id)).await {
         Ok(r) => r.map_err(to_wit),
         Err(e) => Err(to_wit(IdentityError::Internal(format!(
@@ -208,5 +207,27 @@ impl workload::Host for WorkloadCtx {
         self.identity()?
             .decrypt(&ciphertext, &associated_data)
             .map_err(to_wit)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use workload::Host as _;
+
+    #[test]
+    fn without_an_identity_only_whoami_answers() {
+        let mut ctx = WorkloadCtx::new(None, "bare");
+        assert_eq!(ctx.whoami().module_name, "bare");
+        assert!(ctx.whoami().spiffe_id.is_empty());
+        let unavailable =
+            |r: Result<_, types::Error>| matches!(r, Err(types::Error::Unavailable(_)));
+        assert!(unavailable(ctx.token(vec!["a".into()], 5).map(drop)));
+        assert!(unavailable(
+            ctx.validate_token("a.b.c".into(), "a".into()).map(drop)
+        ));
+        assert!(unavailable(ctx.trust_bundle().map(drop)));
+        assert!(unavailable(ctx.encrypt(vec![1], vec![]).map(drop)));
+        assert!(unavailable(ctx.decrypt(vec![1], vec![]).map(drop)));
     }
 }
