@@ -954,3 +954,33 @@ fn a_tampered_registration_is_refused_by_name() {
         "00000000000000000000000000000000"
     );
 }
+
+#[test]
+fn concurrent_processes_keep_each_others_jwt_keys() {
+    let s = Scratch::new();
+    // Make the state (HSM, CA) first so the runs race only on publishing.
+    probe(&s, &[], &["whoami"]);
+    let children: Vec<_> = (0..6)
+        .map(|_| {
+            s.edgeward()
+                .arg("run")
+                .arg(PROBE)
+                .args(["--", "token", "svc", "60"])
+                .stdout(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let tokens: Vec<String> = children
+        .into_iter()
+        .map(|c| {
+            let o = c.wait_with_output().unwrap();
+            assert_status(&o, 0);
+            line_value(&stdout(&o), "token ok ").to_owned()
+        })
+        .collect();
+    let jwks = bundle(&s, &[], "jwks");
+    for t in &tokens {
+        check_token(t, &jwks, "svc", "edgeward.local");
+    }
+}

@@ -176,7 +176,8 @@ impl TokenService {
             keys_file,
             last_reload: Mutex::new(None),
         };
-        svc.reload();
+        // Published keys are read (and their certificates checked) when
+        // first needed, not on every start.
         Ok(svc)
     }
 
@@ -268,8 +269,25 @@ impl TokenService {
     }
 
     /// Adds `key` to the known set and the published file (merging with
-    /// what other processes published, dropping expired keys).
+    /// what other processes published, dropping expired keys). The merge
+    /// holds an exclusive lock on `jwt-keys.lock`, so two edgeward processes
+    /// publishing at once cannot drop each other's key.
     fn publish(&self, key: PublishedKey) -> Result<(), IdentityError> {
+        let storage = |e: std::io::Error| {
+            IdentityError::Storage(format!("{}: {e}", self.keys_file.display()))
+        };
+        if let Some(dir) = self.keys_file.parent() {
+            state::ensure_private_dir(dir).map_err(storage)?;
+        }
+        use std::os::unix::fs::OpenOptionsExt as _;
+        let lock = std::fs::OpenOptions::new()
+            .mode(0o600)
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(self.keys_file.with_extension("lock"))
+            .map_err(storage)?;
+        lock.lock().map_err(storage)?;
         self.reload();
         let all: Vec<PublishedKey> = {
             let mut known = self
@@ -281,14 +299,10 @@ impl TokenService {
             v.sort_by(|a, b| a.valid_until.cmp(&b.valid_until).then(a.kid.cmp(&b.kid)));
             v
         };
-        if let Some(dir) = self.keys_file.parent() {
-            state::ensure_private_dir(dir)
-                .map_err(|e| IdentityError::Storage(format!("{}: {e}", dir.display())))?;
-        }
         let json = serde_json::to_vec_pretty(&all)
             .map_err(|e| IdentityError::Internal(format!("encode keys: {e}")))?;
-        state::write_atomic(&self.keys_file, &json)
-            .map_err(|e| IdentityError::Storage(format!("{}: {e}", self.keys_file.display())))
+        state::write_atomic(&self.keys_file, &json).map_err(storage)
+        // `lock` is released when dropped.
     }
 
     /// Replaces the working key if there is one and it is due, or always
