@@ -294,10 +294,7 @@ fn run_command(state_flag: Option<PathBuf>, args: RunArgs) -> ExitCode {
         Ok(d) => d,
         Err(e) => return fail(e, EXIT_REFUSED),
     };
-    let identity = match open_identity(cfg.as_ref(), &state_dir) {
-        Ok(i) => i,
-        Err(e) => return fail(e, EXIT_REFUSED),
-    };
+
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build();
@@ -327,16 +324,23 @@ fn run_command(state_flag: Option<PathBuf>, args: RunArgs) -> ExitCode {
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_else(|| "module".to_owned());
-        let name = registration_name(&args.file);
-        let module_identity = match identity.ephemeral(&name, &module.digest.to_string()) {
-            Ok(i) => i,
-            Err(e) => return fail(e, EXIT_REFUSED),
-        };
+        // The identity (HSM, device CA) is set up at the module's first
+        // workload call: a module that never asks does not pay for it.
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-        tokio::spawn(identity.clone().maintain(false, stop_rx));
         let _stop_maintenance = stop_tx;
+        let (name, digest, dir) = (
+            registration_name(&args.file),
+            module.digest.to_string(),
+            state_dir.clone(),
+        );
+        let handle = tokio::runtime::Handle::current();
+        let identity = crate::identity::IdentityHandle::deferred(move || {
+            let svc = open_identity(cfg.as_ref(), &dir)?;
+            handle.spawn(svc.clone().maintain(false, stop_rx));
+            svc.ephemeral(&name, &digest)
+        });
         let mut spec = SandboxSpec::new(program);
-        spec.identity = Some(module_identity);
+        spec.identity = Some(identity);
         spec.args.extend(args.args);
         spec.env = env;
         spec.dirs = args.dirs;
@@ -383,12 +387,11 @@ fn registration_name(file: &std::path::Path) -> String {
 fn open_identity(
     cfg: Option<&Config>,
     state_dir: &std::path::Path,
-) -> Result<std::sync::Arc<crate::identity::IdentityService>, String> {
+) -> Result<std::sync::Arc<crate::identity::IdentityService>, crate::identity::IdentityError> {
     let hsm_config = cfg.map(|c| c.hsm.clone()).unwrap_or_default();
     let identity_config = cfg.map(|c| c.identity.clone()).unwrap_or_default();
-    let hsm = crate::hsm::open(&hsm_config, state_dir).map_err(|e| e.to_string())?;
+    let hsm = crate::hsm::open(&hsm_config, state_dir)?;
     crate::identity::IdentityService::open(hsm, identity_config, state_dir)
-        .map_err(|e| e.to_string())
 }
 
 fn bundle_command(

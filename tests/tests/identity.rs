@@ -219,6 +219,33 @@ fn whoami_names_the_file_digest_and_device() {
 }
 
 #[test]
+fn run_opens_the_hsm_only_when_the_module_asks() {
+    let s = Scratch::new();
+    let o = s.run(guests::SANDBOX_PROBE, &[], &["hello"]);
+    assert_status(&o, 0);
+    assert!(!s.state().join("hsm").exists(), "the soft HSM was opened");
+    assert!(!s.state().join("identity").exists());
+    // An unreachable TPM does not stop a module that never asks …
+    let cfg = write(
+        &s,
+        "tpm.toml",
+        "[hsm]\nbackend = \"tpm\"\ntcti = \"swtpm:host=127.0.0.1,port=1\"\n",
+    );
+    let cfg = cfg.to_str().unwrap();
+    let o = s.run(guests::SANDBOX_PROBE, &["--config", cfg], &["hello"]);
+    assert_status(&o, 0);
+    // … and one that asks gets `unavailable`, with the reason logged.
+    let o = s.run(PROBE, &["--config", cfg], &["token", "svc", "60"]);
+    assert_status(&o, 0);
+    assert!(
+        stdout(&o).starts_with("token err unavailable: "),
+        "{}",
+        stdout(&o)
+    );
+    assert!(stderr(&o).contains("hsm backend tpm"), "{}", stderr(&o));
+}
+
+#[test]
 fn x509_svid_verifies_with_openssl_and_spiffe() {
     let s = Scratch::new();
     let out = probe(&s, &[], &["cert"]);
@@ -788,11 +815,42 @@ fn configured_ca_certificate_chains_to_an_external_root() {
         "openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout x.key -out wrong.pem -days 30 -subj '/CN=wrong' 2>/dev/null",
     );
     let cfg = write(&s, "w.toml", "[identity]\nca_certificate = \"wrong.pem\"\n");
-    let o = s.run(PROBE, &["--config", cfg.to_str().unwrap()], &["whoami"]);
-    assert_status(&o, 3);
+    // `edgeward run` sets identity up at the first workload call: the module
+    // runs, its call fails, and the reason is logged.
+    let o = s.run(
+        PROBE,
+        &["--config", cfg.to_str().unwrap()],
+        &["token", "svc", "60"],
+    );
+    assert_status(&o, 0);
+    assert!(
+        stdout(&o).starts_with("token err internal: "),
+        "{}",
+        stdout(&o)
+    );
     assert!(
         stderr(&o).contains("ca_certificate")
             && stderr(&o).contains("not for the HSM's \"device-ca\" key"),
+        "{}",
+        stderr(&o)
+    );
+    // The daemon refuses to start on it.
+    let config = format!(
+        "[identity]\nca_certificate = \"{}\"\n",
+        dir.join("wrong.pem").display()
+    );
+    let path = write(&s, "daemon.toml", &config);
+    let o = s
+        .edgeward()
+        .arg("daemon")
+        .arg("--config")
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert_status(&o, 1);
+    assert!(
+        stderr(&o).contains("cannot set up workload identity")
+            && stderr(&o).contains("ca_certificate"),
         "{}",
         stderr(&o)
     );

@@ -208,7 +208,7 @@ pub async fn run(config: Config, state_dir: PathBuf) -> anyhow::Result<()> {
                     log: records.output(),
                 };
                 let mut sandbox = sandbox_for(&spec, &data_dir, output);
-                sandbox.identity = Some(module_identity);
+                sandbox.identity = Some(crate::identity::IdentityHandle::ready(module_identity));
                 tasks.spawn(supervise(
                     rt.clone(),
                     spec,

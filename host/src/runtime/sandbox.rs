@@ -115,7 +115,7 @@ pub struct SandboxSpec {
     pub output: Output,
     /// The module's workload identity (`None`: the `workload` calls
     /// return `unavailable`, `whoami` only names the program).
-    pub identity: Option<Arc<crate::identity::ModuleIdentity>>,
+    pub identity: Option<Arc<crate::identity::IdentityHandle>>,
 }
 
 impl SandboxSpec {

@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use wasmtime::component::{HasSelf, Linker};
 
-use crate::identity::{Credentials, IdentityError, ModuleIdentity};
+use crate::identity::{Credentials, IdentityError, IdentityHandle, ModuleIdentity};
 
 /// Host bindings generated from `wit/` (world `edgeward:host/module`).
 #[allow(missing_docs, clippy::all)]
@@ -31,22 +31,28 @@ use bindings::edgeward::host::{types, workload};
 /// The per-store state behind the `workload` interface.
 #[derive(Debug, Clone)]
 pub struct WorkloadCtx {
-    identity: Option<Arc<ModuleIdentity>>,
+    identity: Option<Arc<IdentityHandle>>,
     program: String,
 }
 
 impl WorkloadCtx {
     /// State for a module with `identity`; `program` names it when there is
     /// none.
-    pub fn new(identity: Option<Arc<ModuleIdentity>>, program: &str) -> Self {
+    pub fn new(identity: Option<Arc<IdentityHandle>>, program: &str) -> Self {
         Self {
             identity,
             program: program.to_owned(),
         }
     }
 
-    fn identity(&self) -> Result<&ModuleIdentity, types::Error> {
-        self.identity.as_deref().ok_or_else(no_identity)
+    /// The identity, made on first use if deferred (which may block on the
+    /// HSM once; the async calls do that on the blocking pool instead).
+    fn identity(&self) -> Result<Arc<ModuleIdentity>, types::Error> {
+        self.identity
+            .as_deref()
+            .ok_or_else(no_identity)?
+            .get()
+            .map_err(to_wit)
     }
 }
 
@@ -93,8 +99,8 @@ async fn blocking<R: Send + 'static>(
     ctx: &WorkloadCtx,
     f: impl FnOnce(&ModuleIdentity) -> Result<R, IdentityError> + Send + 'static,
 ) -> Result<R, types::Error> {
-    let id = ctx.identity.clone().ok_or_else(no_identity)?;
-    match tokio::task::spawn_blocking(move || f(&id)).await {
+    let handle = ctx.identity.clone().ok_or_else(no_identity)?;
+    match tokio::task::spawn_blocking(move || f(handle.get()?.as_ref())).await {
         Ok(r) => r.map_err(to_wit),
         Err(e) => Err(to_wit(IdentityError::Internal(format!(
             "blocking task: {e}"
@@ -106,8 +112,8 @@ impl types::Host for WorkloadCtx {}
 
 impl workload::Host for WorkloadCtx {
     fn whoami(&mut self) -> workload::Identity {
-        match &self.identity {
-            Some(id) => {
+        match self.identity() {
+            Ok(id) => {
                 let w = id.whoami();
                 workload::Identity {
                     module_name: w.module_name.clone(),
@@ -117,7 +123,8 @@ impl workload::Host for WorkloadCtx {
                     spiffe_id: w.spiffe_id.clone(),
                 }
             }
-            None => workload::Identity {
+            // No identity (logged where it failed): the program name only.
+            Err(_) => workload::Identity {
                 module_name: self.program.clone(),
                 device_id: String::new(),
                 generation_id: String::new(),
@@ -181,9 +188,13 @@ impl workload::Host for WorkloadCtx {
                 crate::identity::MAX_SIGN_INPUT
             )));
         }
-        let id = self.identity()?;
         // The leaf is current almost always: sign inline, no thread hop.
-        if let Some(leaf) = id.leaf_if_current() {
+        if let Some(leaf) = self
+            .identity
+            .as_deref()
+            .and_then(IdentityHandle::get_if_ready)
+            .and_then(|id| id.leaf_if_current())
+        {
             return Ok(crate::identity::sign_with(&leaf, &data));
         }
         blocking(self, move |id| id.sign(&data)).await
