@@ -233,13 +233,7 @@ fn bad_config_is_rejected_with_a_clear_error() {
         "[[module]]\nname = \"x\"\nfile = \"x.wasm\"\ndigest = \"sha256:1234\"\n",
     )
     .expect("write");
-    let o = s
-        .edgeward()
-        .arg("daemon")
-        .arg("--config")
-        .arg(&path)
-        .output()
-        .expect("spawn");
+    let o = s.daemon_refused(&path);
     assert_status(&o, 2);
     let err = stderr(&o);
     assert!(

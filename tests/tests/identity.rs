@@ -840,13 +840,7 @@ fn configured_ca_certificate_chains_to_an_external_root() {
         dir.join("wrong.pem").display()
     );
     let path = write(&s, "daemon.toml", &config);
-    let o = s
-        .edgeward()
-        .arg("daemon")
-        .arg("--config")
-        .arg(&path)
-        .output()
-        .unwrap();
+    let o = s.daemon_refused(&path);
     assert_status(&o, 1);
     assert!(
         stderr(&o).contains("cannot set up workload identity")

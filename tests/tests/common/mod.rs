@@ -41,6 +41,17 @@ impl Scratch {
         c
     }
 
+    /// `edgeward daemon --config CONFIG` for a daemon expected to refuse to
+    /// start, with the output collected.
+    pub fn daemon_refused(&self, config: &Path) -> Output {
+        self.edgeward()
+            .arg("daemon")
+            .arg("--config")
+            .arg(config)
+            .output()
+            .expect("spawn edgeward daemon")
+    }
+
     /// `edgeward run FILE ARGS...`, with the output collected.
     pub fn run(&self, file: &str, flags: &[&str], guest_args: &[&str]) -> Output {
         let mut c = self.edgeward();
