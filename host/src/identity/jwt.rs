@@ -69,8 +69,16 @@ impl PublishedKey {
 struct WorkingKey {
     kid: String,
     key: p256::ecdsa::SigningKey,
-    /// Stop signing with it after this (unix seconds).
+    /// The background rotation replaces it from this time (unix seconds).
     retire_at: u64,
+    /// Verifiers accept its tokens until then; no token it signs expires
+    /// later.
+    valid_until: u64,
+}
+
+/// How often the background task checks whether the working key is due.
+pub fn rotation_check_period(rotation: Duration) -> Duration {
+    (rotation / 10).clamp(Duration::from_millis(200), Duration::from_secs(60))
 }
 
 /// The verified claims of a JWT-SVID.
@@ -194,7 +202,12 @@ impl TokenService {
             .to_vec();
         let kid = kid_of(&point);
         let retire_at = unix_now() + rotation.as_secs();
-        let valid_until = retire_at + max_ttl.as_secs();
+        // A key signs until the background task replaces it (up to one check
+        // period after `retire_at`, or until the inline fallback at half a
+        // maximum TTL later); its tokens must stay verifiable for their whole
+        // life after that.
+        let slack = max_ttl.as_secs() / 2 + rotation_check_period(rotation).as_secs() + 1;
+        let valid_until = retire_at + slack + max_ttl.as_secs();
         let cert = authority.issue(
             &Profile::JwtSigner { kid: kid.clone() },
             "",
@@ -213,6 +226,7 @@ impl TokenService {
                 kid,
                 key,
                 retire_at,
+                valid_until,
             },
             published,
         ))
@@ -411,7 +425,11 @@ impl TokenService {
         // The daemon makes the first key at start and rotates in the
         // background; without that (or far past retirement) it happens here.
         let key = match self.current_key()? {
-            Some(k) if now < k.retire_at + self.max_ttl.as_secs() / 2 => k,
+            Some(k)
+                if now < k.retire_at + self.max_ttl.as_secs() / 2 && now + ttl <= k.valid_until =>
+            {
+                k
+            }
             _ => {
                 self.rotate(true)?;
                 self.current_key()?.ok_or_else(|| {
@@ -578,5 +596,56 @@ impl TokenService {
             expires_at: payload.exp,
             digest: payload.digest.unwrap_or_default(),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A key past its retirement may still sign (until the background task
+    /// replaces it), so its published validity must cover those tokens.
+    #[test]
+    fn tokens_never_outlive_their_published_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let hsm = crate::hsm::open(&Default::default(), dir.path()).unwrap();
+        let authority = Arc::new(Authority::open(hsm, "dev", None, dir.path()).unwrap());
+        let svc = TokenService::open(
+            "td",
+            authority,
+            Duration::from_secs(300),
+            Duration::from_secs(1),
+            dir.path(),
+        )
+        .unwrap();
+        let mut kids = Vec::new();
+        for _ in 0..2 {
+            let t = svc
+                .issue(
+                    "spiffe://td/device/d/module/m",
+                    &["a".into()],
+                    300,
+                    "sha256:x",
+                )
+                .unwrap();
+            let claims = svc.validate(&t, "a").unwrap();
+            let header: Header = serde_json::from_slice(
+                &Base64UrlUnpadded::decode_vec(t.split('.').next().unwrap()).unwrap(),
+            )
+            .unwrap();
+            let kid = header.kid.unwrap();
+            kids.push(kid.clone());
+            let key = svc.published().into_iter().find(|k| k.kid == kid).unwrap();
+            assert!(
+                claims.expires_at <= key.valid_until,
+                "token expires at {} but its key is published until {}",
+                claims.expires_at,
+                key.valid_until
+            );
+            std::thread::sleep(Duration::from_millis(2100));
+        }
+        // Past its retirement the key still signed: no HSM signature on the
+        // token path while the background rotation has not run.
+        assert_eq!(kids[0], kids[1]);
     }
 }

@@ -50,6 +50,8 @@ pub const MAX_ALT_NAMES: usize = 16;
 pub const SERVER_CERT_BURST: f64 = 10.0;
 /// Server certificates a module may get per second after the burst.
 pub const SERVER_CERT_RATE: f64 = 1.0;
+/// After a failed X509-SVID renewal, the next attempt waits at most this.
+pub const RENEW_RETRY: Duration = Duration::from_secs(30);
 /// Version byte that starts every ciphertext `encrypt` returns.
 pub const CIPHERTEXT_VERSION: u8 = 1;
 const NONCE_LEN: usize = 12;
@@ -425,8 +427,7 @@ impl IdentityService {
                 Err(e) => tracing::warn!(error = %e, "JWT working key task failed"),
             }
         }
-        let period = (self.tokens.rotation() / 10)
-            .clamp(Duration::from_millis(200), Duration::from_secs(60));
+        let period = jwt::rotation_check_period(self.tokens.rotation());
         loop {
             tokio::select! {
                 () = tokio::time::sleep(period) => {}
@@ -644,8 +645,12 @@ impl ModuleIdentity {
                 tracing::debug!(module = %self.who.module_name, expires_at = leaf.cert.not_after, "X509-SVID issued");
                 Ok(leaf)
             }
-            Err(e) => match slot.as_ref() {
+            Err(e) => match slot.as_mut() {
                 Some(cur) if cur.leaf.cert.not_after > now => {
+                    // Retry in 30 s (or at a tenth of what is left), not on
+                    // every call: the HSM may be down.
+                    let left = cur.leaf.cert.not_after - now;
+                    cur.renew_at = now + (left / 10).clamp(1, RENEW_RETRY.as_secs());
                     tracing::warn!(module = %self.who.module_name, error = %e, "X509-SVID renewal failed; the current one is still valid");
                     Ok(cur.leaf.clone())
                 }
