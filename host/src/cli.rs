@@ -295,8 +295,11 @@ fn run_command(state_flag: Option<PathBuf>, args: RunArgs) -> ExitCode {
         Err(e) => return fail(e, EXIT_REFUSED),
     };
 
+    // Timers (the deadline) are checked after every poll of the module,
+    // not every 61 polls of up to an epoch slice each.
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
+        .event_interval(1)
         .build();
     let rt = match rt {
         Ok(rt) => rt,
@@ -634,8 +637,13 @@ fn daemon_command(state_flag: Option<PathBuf>, args: DaemonArgs) -> ExitCode {
         Ok(d) => d,
         Err(e) => return fail(e, 2),
     };
+    // Modules are tasks whose polls last up to an epoch slice (10 ms). With
+    // tokio's default of checking timers and I/O every 61 polls, a busy
+    // worker would let a neighbour's timer wait over half a second; check
+    // after every poll instead (one non-blocking epoll per slice).
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
+        .event_interval(1)
         .build()
     {
         Ok(rt) => rt,

@@ -407,6 +407,31 @@ impl TokenService {
         Ok(u64::from(ttl_seconds).min(self.max_ttl.as_secs()))
     }
 
+    /// Whether [`TokenService::issue`] for `ttl_seconds` can use the current
+    /// working key, i.e. will not block on the HSM to rotate it.
+    pub fn can_issue_now(&self, ttl_seconds: u32) -> bool {
+        let ttl = u64::from(ttl_seconds).min(self.max_ttl.as_secs());
+        let now = unix_now();
+        matches!(self.current_key(), Ok(Some(k))
+            if now < k.retire_at + self.max_ttl.as_secs() / 2 && now + ttl <= k.valid_until)
+    }
+
+    /// Whether [`TokenService::validate`] can decide on `token` from the keys
+    /// in memory (malformed tokens count: they are refused without I/O);
+    /// `false` means it may read the published keys from disk.
+    pub fn can_validate_now(&self, token: &str) -> bool {
+        let kid = token
+            .split('.')
+            .next()
+            .and_then(|h| Base64UrlUnpadded::decode_vec(h).ok())
+            .and_then(|b| serde_json::from_slice::<Header>(&b).ok())
+            .and_then(|h| h.kid);
+        match kid {
+            None => true,
+            Some(kid) => self.known.read().is_ok_and(|k| k.contains_key(&kid)),
+        }
+    }
+
     /// Issues a JWT-SVID for `subject` (a SPIFFE ID of this trust domain).
     ///
     /// # Errors

@@ -22,6 +22,8 @@ pub mod bindings {
             "edgeward:host/workload.identity-certificate": async,
             "edgeward:host/workload.server-certificate": async,
             "edgeward:host/workload.sign": async,
+            "edgeward:host/workload.token": async,
+            "edgeward:host/workload.validate-token": async,
         },
     });
 }
@@ -134,21 +136,42 @@ impl workload::Host for WorkloadCtx {
         }
     }
 
-    fn token(&mut self, audience: Vec<String>, ttl_seconds: u32) -> Result<String, types::Error> {
-        self.identity()?
-            .token(&audience, ttl_seconds)
-            .map_err(to_wit)
+    async fn token(
+        &mut self,
+        audience: Vec<String>,
+        ttl_seconds: u32,
+    ) -> Result<String, types::Error> {
+        // Signed by the in-memory working key: inline. Only when that key
+        // must be made or replaced first (an HSM signature, a file write)
+        // does the call move to the blocking pool.
+        if let Some(id) = self
+            .identity
+            .as_deref()
+            .and_then(IdentityHandle::get_if_ready)
+            && id.service().tokens().can_issue_now(ttl_seconds)
+        {
+            return id.token(&audience, ttl_seconds).map_err(to_wit);
+        }
+        blocking(self, move |id| id.token(&audience, ttl_seconds)).await
     }
 
-    fn validate_token(
+    async fn validate_token(
         &mut self,
         token: String,
         audience: String,
     ) -> Result<workload::Claims, types::Error> {
-        let c = self
-            .identity()?
-            .validate_token(&token, &audience)
-            .map_err(to_wit)?;
+        // Known keys are in memory: inline. An unknown `kid` may re-read the
+        // published keys from disk: blocking pool.
+        let c = match self
+            .identity
+            .as_deref()
+            .and_then(IdentityHandle::get_if_ready)
+        {
+            Some(id) if id.service().tokens().can_validate_now(&token) => {
+                id.validate_token(&token, &audience).map_err(to_wit)?
+            }
+            _ => blocking(self, move |id| id.validate_token(&token, &audience)).await?,
+        };
         Ok(workload::Claims {
             subject: c.subject,
             audience: c.audience,
@@ -159,6 +182,16 @@ impl workload::Host for WorkloadCtx {
     }
 
     async fn identity_certificate(&mut self) -> Result<workload::Credentials, types::Error> {
+        // The current leaf is in memory: inline. Issuing or renewing one is
+        // an HSM signature: blocking pool.
+        if let Some(leaf) = self
+            .identity
+            .as_deref()
+            .and_then(IdentityHandle::get_if_ready)
+            .and_then(|id| id.leaf_if_current())
+        {
+            return Ok(credentials(Credentials::from(leaf.as_ref())));
+        }
         blocking(self, |id| id.identity_certificate())
             .await
             .map(credentials)
@@ -226,16 +259,18 @@ mod tests {
     use super::*;
     use workload::Host as _;
 
-    #[test]
-    fn without_an_identity_only_whoami_answers() {
+    #[tokio::test]
+    async fn without_an_identity_only_whoami_answers() {
         let mut ctx = WorkloadCtx::new(None, "bare");
         assert_eq!(ctx.whoami().module_name, "bare");
         assert!(ctx.whoami().spiffe_id.is_empty());
         let unavailable =
             |r: Result<_, types::Error>| matches!(r, Err(types::Error::Unavailable(_)));
-        assert!(unavailable(ctx.token(vec!["a".into()], 5).map(drop)));
+        assert!(unavailable(ctx.token(vec!["a".into()], 5).await.map(drop)));
         assert!(unavailable(
-            ctx.validate_token("a.b.c".into(), "a".into()).map(drop)
+            ctx.validate_token("a.b.c".into(), "a".into())
+                .await
+                .map(drop)
         ));
         assert!(unavailable(ctx.trust_bundle().map(drop)));
         assert!(unavailable(ctx.encrypt(vec![1], vec![]).map(drop)));
