@@ -146,6 +146,17 @@ pub(crate) fn key_identifier(point: &[u8]) -> Vec<u8> {
     Sha256::digest(spki)[..20].to_vec()
 }
 
+/// A fresh P-256 key generated on the host, with its SEC1 public point.
+pub(crate) fn host_key() -> Result<(p256::ecdsa::SigningKey, Vec<u8>), IdentityError> {
+    let key = crate::hsm::random_signing_key().map_err(IdentityError::Internal)?;
+    let point = key
+        .verifying_key()
+        .to_encoded_point(false)
+        .as_bytes()
+        .to_vec();
+    Ok((key, point))
+}
+
 fn random_serial() -> Result<SerialNumber, IdentityError> {
     let mut b = [0u8; 16];
     getrandom::fill(&mut b).map_err(|e| IdentityError::Internal(format!("random: {e}")))?;
@@ -469,12 +480,7 @@ impl Authority {
         subject_cn: &str,
         ttl: Duration,
     ) -> Result<LeafKey, IdentityError> {
-        let key = crate::hsm::random_signing_key().map_err(IdentityError::Internal)?;
-        let point = key
-            .verifying_key()
-            .to_encoded_point(false)
-            .as_bytes()
-            .to_vec();
+        let (key, point) = host_key()?;
         let mut cert = self.issue(profile, spiffe_id, subject_cn, &point, ttl)?;
         cert.pem.push_str(&self.chain_pem);
         let key_pem = key

@@ -194,12 +194,7 @@ impl TokenService {
         rotation: Duration,
         max_ttl: Duration,
     ) -> Result<(WorkingKey, PublishedKey), IdentityError> {
-        let key = crate::hsm::random_signing_key().map_err(IdentityError::Internal)?;
-        let point = key
-            .verifying_key()
-            .to_encoded_point(false)
-            .as_bytes()
-            .to_vec();
+        let (key, point) = super::authority::host_key()?;
         let kid = kid_of(&point);
         let retire_at = unix_now() + rotation.as_secs();
         // A key signs until the background task replaces it (up to one check
@@ -531,12 +526,7 @@ impl TokenService {
                 "audience: must be 1-{MAX_AUDIENCE_LEN} bytes"
             )));
         }
-        if token.len() > MAX_TOKEN {
-            return Err(invalid(format!(
-                "token: {} bytes; the limit is {MAX_TOKEN}",
-                token.len()
-            )));
-        }
+        super::check_size("token", token.len(), MAX_TOKEN)?;
         let mut parts = token.split('.');
         let (Some(h64), Some(p64), Some(s64), None) =
             (parts.next(), parts.next(), parts.next(), parts.next())

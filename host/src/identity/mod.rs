@@ -418,14 +418,11 @@ impl IdentityService {
         mut stop: tokio::sync::watch::Receiver<bool>,
     ) {
         if eager {
-            let svc = self.clone();
-            match tokio::task::spawn_blocking(move || svc.tokens.rotate(true)).await {
-                Ok(Ok(_)) => {}
-                Ok(Err(e)) => {
-                    tracing::warn!(error = %e, "cannot make the first JWT working key; retrying at the first token request")
-                }
-                Err(e) => tracing::warn!(error = %e, "JWT working key task failed"),
-            }
+            self.rotate_in_background(
+                true,
+                "cannot make the first JWT working key; retrying at the first token request",
+            )
+            .await;
         }
         let period = jwt::rotation_check_period(self.tokens.rotation());
         loop {
@@ -433,14 +430,19 @@ impl IdentityService {
                 () = tokio::time::sleep(period) => {}
                 _ = stop.wait_for(|s| *s) => return,
             }
-            let svc = self.clone();
-            match tokio::task::spawn_blocking(move || svc.tokens.rotate(false)).await {
-                Ok(Ok(_)) => {}
-                Ok(Err(e)) => {
-                    tracing::warn!(error = %e, "JWT working key rotation failed; retrying")
-                }
-                Err(e) => tracing::warn!(error = %e, "JWT working key rotation task failed"),
-            }
+            self.rotate_in_background(false, "JWT working key rotation failed; retrying")
+                .await;
+        }
+    }
+
+    /// [`TokenService::rotate`] on the blocking pool; failures are logged
+    /// with `failed`.
+    async fn rotate_in_background(self: &Arc<Self>, force: bool, failed: &str) {
+        let svc = self.clone();
+        match tokio::task::spawn_blocking(move || svc.tokens.rotate(force)).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "{failed}"),
+            Err(e) => tracing::warn!(error = %e, "JWT working key task failed"),
         }
     }
 }
@@ -538,6 +540,14 @@ impl std::fmt::Debug for ModuleIdentity {
 
 fn invalid(m: impl Into<String>) -> IdentityError {
     IdentityError::InvalidArgument(m.into())
+}
+
+/// Refuses an argument of `len` bytes above `max`, naming it.
+pub(crate) fn check_size(what: &str, len: usize, max: usize) -> Result<(), IdentityError> {
+    if len > max {
+        return Err(invalid(format!("{what}: {len} bytes; the limit is {max}")));
+    }
+    Ok(())
 }
 
 /// ECDSA P-256 / SHA-256 (DER) of `data` by `leaf`'s key.
@@ -753,12 +763,7 @@ impl ModuleIdentity {
     ///
     /// Oversized input; see [`ModuleIdentity::current_leaf`].
     pub fn sign(&self, data: &[u8]) -> Result<Vec<u8>, IdentityError> {
-        if data.len() > MAX_SIGN_INPUT {
-            return Err(invalid(format!(
-                "data: {} bytes; the limit is {MAX_SIGN_INPUT}",
-                data.len()
-            )));
-        }
+        check_size("data", data.len(), MAX_SIGN_INPUT)?;
         Ok(sign_with(self.current_leaf()?.as_ref(), data))
     }
 
@@ -780,18 +785,8 @@ impl ModuleIdentity {
     ///
     /// Oversized input.
     pub fn encrypt(&self, plaintext: &[u8], aad: &[u8]) -> Result<Vec<u8>, IdentityError> {
-        if plaintext.len() > MAX_PLAINTEXT {
-            return Err(invalid(format!(
-                "plaintext: {} bytes; the limit is {MAX_PLAINTEXT}",
-                plaintext.len()
-            )));
-        }
-        if aad.len() > MAX_ASSOCIATED_DATA {
-            return Err(invalid(format!(
-                "associated-data: {} bytes; the limit is {MAX_ASSOCIATED_DATA}",
-                aad.len()
-            )));
-        }
+        check_size("plaintext", plaintext.len(), MAX_PLAINTEXT)?;
+        check_size("associated-data", aad.len(), MAX_ASSOCIATED_DATA)?;
         let mut nonce = [0u8; NONCE_LEN];
         getrandom::fill(&mut nonce).map_err(|e| IdentityError::Internal(format!("random: {e}")))?;
         let ct = self
@@ -817,12 +812,7 @@ impl ModuleIdentity {
     ///
     /// A malformed, tampered or foreign ciphertext, or a wrong `aad`.
     pub fn decrypt(&self, ciphertext: &[u8], aad: &[u8]) -> Result<Vec<u8>, IdentityError> {
-        if aad.len() > MAX_ASSOCIATED_DATA {
-            return Err(invalid(format!(
-                "associated-data: {} bytes; the limit is {MAX_ASSOCIATED_DATA}",
-                aad.len()
-            )));
-        }
+        check_size("associated-data", aad.len(), MAX_ASSOCIATED_DATA)?;
         if ciphertext.len() > MAX_PLAINTEXT + 1 + NONCE_LEN + TAG_LEN {
             return Err(invalid("ciphertext: longer than encrypt can produce"));
         }

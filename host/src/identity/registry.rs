@@ -44,27 +44,19 @@ fn wrap_aad(name: &str, generation: &str) -> Vec<u8> {
 }
 
 fn new_registration(hsm: &dyn Hsm, name: &str) -> Result<(Registration, Record), IdentityError> {
-    let mut gen_bytes = [0u8; 16];
-    let mut key = Zeroizing::new([0u8; 32]);
-    getrandom::fill(&mut gen_bytes)
-        .and_then(|()| getrandom::fill(key.as_mut()))
-        .map_err(|e| IdentityError::Internal(format!("random: {e}")))?;
-    let generation_id = crate::measure::hex(&gen_bytes);
+    let reg = ephemeral()?;
     hsm.aead_key(MASTER_KEY)?;
-    let wrapped = hsm.encrypt(MASTER_KEY, key.as_ref(), &wrap_aad(name, &generation_id))?;
-    let registered_at = unix_now();
-    Ok((
-        Registration {
-            generation_id: generation_id.clone(),
-            registered_at,
-            data_key: key,
-        },
-        Record {
-            generation_id,
-            registered_at,
-            wrapped_key: Base64::encode_string(&wrapped),
-        },
-    ))
+    let wrapped = hsm.encrypt(
+        MASTER_KEY,
+        reg.data_key.as_ref(),
+        &wrap_aad(name, &reg.generation_id),
+    )?;
+    let record = Record {
+        generation_id: reg.generation_id.clone(),
+        registered_at: reg.registered_at,
+        wrapped_key: Base64::encode_string(&wrapped),
+    };
+    Ok((reg, record))
 }
 
 fn record_path(state_dir: &Path, name: &str) -> PathBuf {

@@ -47,6 +47,13 @@ impl WorkloadCtx {
         }
     }
 
+    /// The identity if it already exists (never blocks).
+    fn ready(&self) -> Option<&Arc<ModuleIdentity>> {
+        self.identity
+            .as_deref()
+            .and_then(IdentityHandle::get_if_ready)
+    }
+
     /// The identity, made on first use if deferred (which may block on the
     /// HSM once; the async calls do that on the blocking pool instead).
     fn identity(&self) -> Result<Arc<ModuleIdentity>, types::Error> {
@@ -144,10 +151,7 @@ impl workload::Host for WorkloadCtx {
         // Signed by the in-memory working key: inline. Only when that key
         // must be made or replaced first (an HSM signature, a file write)
         // does the call move to the blocking pool.
-        if let Some(id) = self
-            .identity
-            .as_deref()
-            .and_then(IdentityHandle::get_if_ready)
+        if let Some(id) = self.ready()
             && id.service().tokens().can_issue_now(ttl_seconds)
         {
             return id.token(&audience, ttl_seconds).map_err(to_wit);
@@ -162,11 +166,7 @@ impl workload::Host for WorkloadCtx {
     ) -> Result<workload::Claims, types::Error> {
         // Known keys are in memory: inline. An unknown `kid` may re-read the
         // published keys from disk: blocking pool.
-        let c = match self
-            .identity
-            .as_deref()
-            .and_then(IdentityHandle::get_if_ready)
-        {
+        let c = match self.ready() {
             Some(id) if id.service().tokens().can_validate_now(&token) => {
                 id.validate_token(&token, &audience).map_err(to_wit)?
             }
@@ -184,12 +184,7 @@ impl workload::Host for WorkloadCtx {
     async fn identity_certificate(&mut self) -> Result<workload::Credentials, types::Error> {
         // The current leaf is in memory: inline. Issuing or renewing one is
         // an HSM signature: blocking pool.
-        if let Some(leaf) = self
-            .identity
-            .as_deref()
-            .and_then(IdentityHandle::get_if_ready)
-            .and_then(|id| id.leaf_if_current())
-        {
+        if let Some(leaf) = self.ready().and_then(|id| id.leaf_if_current()) {
             return Ok(credentials(Credentials::from(leaf.as_ref())));
         }
         blocking(self, |id| id.identity_certificate())
@@ -214,20 +209,10 @@ impl workload::Host for WorkloadCtx {
     }
 
     async fn sign(&mut self, data: Vec<u8>) -> Result<Vec<u8>, types::Error> {
-        if data.len() > crate::identity::MAX_SIGN_INPUT {
-            return Err(types::Error::InvalidArgument(format!(
-                "data: {} bytes; the limit is {}",
-                data.len(),
-                crate::identity::MAX_SIGN_INPUT
-            )));
-        }
+        crate::identity::check_size("data", data.len(), crate::identity::MAX_SIGN_INPUT)
+            .map_err(to_wit)?;
         // The leaf is current almost always: sign inline, no thread hop.
-        if let Some(leaf) = self
-            .identity
-            .as_deref()
-            .and_then(IdentityHandle::get_if_ready)
-            .and_then(|id| id.leaf_if_current())
-        {
+        if let Some(leaf) = self.ready().and_then(|id| id.leaf_if_current()) {
             return Ok(crate::identity::sign_with(&leaf, &data));
         }
         blocking(self, move |id| id.sign(&data)).await
