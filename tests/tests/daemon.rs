@@ -227,12 +227,10 @@ args = ["endless-line"]
 #[test]
 fn bad_config_is_rejected_with_a_clear_error() {
     let s = Scratch::new();
-    let path = s.path().join("config.toml");
-    std::fs::write(
-        &path,
+    let path = s.write(
+        "config.toml",
         "[[module]]\nname = \"x\"\nfile = \"x.wasm\"\ndigest = \"sha256:1234\"\n",
-    )
-    .expect("write");
+    );
     let o = s.daemon_refused(&path);
     assert_status(&o, 2);
     let err = stderr(&o);

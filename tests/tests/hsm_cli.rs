@@ -18,12 +18,6 @@ fn info_json(s: &Scratch, config: Option<&std::path::Path>) -> serde_json::Value
     serde_json::from_str(&stdout(&o)).unwrap_or_else(|e| panic!("not JSON ({e}): {}", stdout(&o)))
 }
 
-fn write_config(s: &Scratch, text: &str) -> std::path::PathBuf {
-    let p = s.path().join("config.toml");
-    std::fs::write(&p, text).expect("write config");
-    p
-}
-
 #[test]
 fn soft_info_lists_keys_and_register() {
     let s = Scratch::new();
@@ -65,8 +59,8 @@ fn soft_info_lists_keys_and_register() {
 fn tpm_info_reads_the_pcr() {
     let s = Scratch::new();
     let tpm = Swtpm::start();
-    let cfg = write_config(
-        &s,
+    let cfg = s.write(
+        "config.toml",
         &format!(
             "[hsm]\nbackend = \"tpm\"\ntcti = \"{}\"\npcr = 16\n",
             tpm.tcti()
@@ -83,8 +77,8 @@ fn pkcs11_info_has_no_register() {
     let s = Scratch::new();
     let token = SoftHsmToken::new();
     let c = token.config();
-    let cfg = write_config(
-        &s,
+    let cfg = s.write(
+        "config.toml",
         &format!(
             "[hsm]\nbackend = \"pkcs11\"\nmodule = \"{}\"\ntoken = \"{}\"\npin_file = \"{}\"\n",
             c.module.display(),
@@ -100,8 +94,8 @@ fn pkcs11_info_has_no_register() {
 #[test]
 fn unreachable_backend_fails_clearly() {
     let s = Scratch::new();
-    let cfg = write_config(
-        &s,
+    let cfg = s.write(
+        "config.toml",
         "[hsm]\nbackend = \"tpm\"\ntcti = \"swtpm:host=127.0.0.1,port=1\"\n",
     );
     let o = s

@@ -8,7 +8,7 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
 use base64ct::{Base64, Base64UrlUnpadded, Encoding as _};
@@ -54,12 +54,6 @@ fn private_key_der(text: &str) -> Vec<u8> {
         .expect("a PKCS#8 key");
     let end = text.find("-----END PRIVATE KEY-----").unwrap();
     pem_to_der(&text[start..end])
-}
-
-fn write(s: &Scratch, name: &str, text: &str) -> PathBuf {
-    let p = s.path().join(name);
-    std::fs::write(&p, text).unwrap();
-    p
 }
 
 /// `openssl verify` of `leaf` against the roots in `bundle`, with `chain` as
@@ -128,9 +122,9 @@ fn line_value<'a>(out: &'a str, prefix: &str) -> &'a str {
 fn check_svid(s: &Scratch, out: &str, bundle_pem: &str, spiffe_id: &str) {
     let certs = pem_blocks(out);
     assert!(!certs.is_empty(), "no certificate in\n{out}");
-    let leaf = write(s, "leaf.pem", &certs[0]);
-    let roots = write(s, "bundle.pem", bundle_pem);
-    let chain = write(s, "chain.pem", &certs[1..].concat());
+    let leaf = s.write("leaf.pem", &certs[0]);
+    let roots = s.write("bundle.pem", bundle_pem);
+    let chain = s.write("chain.pem", &certs[1..].concat());
     let untrusted = (certs.len() > 1).then_some(chain.as_path());
     openssl_verify(&roots, untrusted, &leaf, &["-purpose", "sslclient"]);
     openssl_verify(&roots, untrusted, &leaf, &["-purpose", "sslserver"]);
@@ -197,8 +191,7 @@ fn check_token(token: &str, jwks: &str, audience: &str, trust_domain: &str) -> s
 #[test]
 fn whoami_names_the_file_digest_and_device() {
     let s = Scratch::new();
-    let cfg = write(
-        &s,
+    let cfg = s.write(
         "c.toml",
         "[identity]\ntrust_domain = \"factory.example\"\ndevice_id = \"gw-7\"\n",
     );
@@ -226,8 +219,7 @@ fn run_opens_the_hsm_only_when_the_module_asks() {
     assert!(!s.state().join("hsm").exists(), "the soft HSM was opened");
     assert!(!s.state().join("identity").exists());
     // An unreachable TPM does not stop a module that never asks …
-    let cfg = write(
-        &s,
+    let cfg = s.write(
         "tpm.toml",
         "[hsm]\nbackend = \"tpm\"\ntcti = \"swtpm:host=127.0.0.1,port=1\"\n",
     );
@@ -269,7 +261,7 @@ fn x509_svid_verifies_with_openssl_and_spiffe() {
     // The private key handed over is the leaf's, not the CA's.
     let ca = pem_blocks(&pem);
     assert_ne!(private_key_der(&out).len(), 0);
-    let root = write(&s, "root.pem", &ca[0]);
+    let root = s.write("root.pem", &ca[0]);
     let root_text = openssl_text(&root);
     assert!(root_text.contains("CA:TRUE"), "{root_text}");
 
@@ -296,8 +288,8 @@ fn server_certificate_carries_the_names() {
         ],
     );
     let certs = pem_blocks(&out);
-    let leaf = write(&s, "server.pem", &certs[0]);
-    let roots = write(&s, "bundle.pem", &bundle(&s, &[], "pem"));
+    let leaf = s.write("server.pem", &certs[0]);
+    let roots = s.write("bundle.pem", &bundle(&s, &[], "pem"));
     openssl_verify(
         &roots,
         None,
@@ -356,7 +348,7 @@ fn tokens_verify_with_independent_libraries() {
     assert_eq!(Base64::decode_vec(x5c).unwrap(), pem_to_der(&root_pem));
 
     // TTL is clamped to the configured maximum.
-    let cfg = write(&s, "c.toml", "[identity]\nmax_token_ttl = \"30s\"\n");
+    let cfg = s.write("c.toml", "[identity]\nmax_token_ttl = \"30s\"\n");
     let out = probe(
         &s,
         &["--config", cfg.to_str().unwrap()],
@@ -464,8 +456,7 @@ fn validate_token_rejects_what_it_must() {
     let no_kid = serde_json::json!({ "alg": "ES256" });
     rejected(&es256(&foreign, &no_kid, &payload), "svc", "kid");
     // A token of another trust domain signed by a key this device trusts.
-    let cfg = write(
-        &s,
+    let cfg = s.write(
         "other.toml",
         "[identity]\ntrust_domain = \"other.example\"\n",
     );
@@ -547,7 +538,7 @@ fn bad_input_returns_errors_not_traps() {
 #[test]
 fn certificate_rotates_under_a_short_ttl() {
     let s = Scratch::new();
-    let cfg = write(&s, "c.toml", "[identity]\nsvid_ttl = \"4s\"\n");
+    let cfg = s.write("c.toml", "[identity]\nsvid_ttl = \"4s\"\n");
     let out = probe(
         &s,
         &["--config", cfg.to_str().unwrap()],
@@ -702,7 +693,7 @@ fn sensor_readings_are_signed_and_carry_a_token() {
     );
     assert_status(&o, 0);
     let jwks = bundle(&s, &[], "jwks");
-    let roots = write(&s, "bundle.pem", &bundle(&s, &[], "pem"));
+    let roots = s.write("bundle.pem", &bundle(&s, &[], "pem"));
     let mut cert: Option<String> = None;
     for line in stdout(&o).lines() {
         let v: serde_json::Value = serde_json::from_str(line).unwrap();
@@ -719,7 +710,7 @@ fn sensor_readings_are_signed_and_carry_a_token() {
             format!("{reading}}}").as_bytes(),
             &sig
         ));
-        let leaf = write(&s, "sensor.pem", &pem_blocks(cert)[0]);
+        let leaf = s.write("sensor.pem", &pem_blocks(cert)[0]);
         openssl_verify(&roots, None, &leaf, &[]);
         let claims = check_token(
             v["token"].as_str().unwrap(),
@@ -786,11 +777,7 @@ fn configured_ca_certificate_chains_to_an_external_root() {
     sh("openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout org.key -out org.pem -days 30 -subj '/O=Org/CN=Org Root' 2>/dev/null
         openssl x509 -new -force_pubkey device-ca.pub -subj '/O=Org/CN=gateway device CA' -CA org.pem -CAkey org.key -days 30 -extfile ext.cnf -out device-ca.pem
         cat device-ca.pem org.pem > ca-chain.pem");
-    let cfg = write(
-        &s,
-        "c.toml",
-        "[identity]\nca_certificate = \"ca-chain.pem\"\n",
-    );
+    let cfg = s.write("c.toml", "[identity]\nca_certificate = \"ca-chain.pem\"\n");
     let cfg = cfg.to_str().unwrap();
     let out = probe(&s, &["--config", cfg], &["cert"]);
     let certs = pem_blocks(&out);
@@ -814,7 +801,7 @@ fn configured_ca_certificate_chains_to_an_external_root() {
     sh(
         "openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout x.key -out wrong.pem -days 30 -subj '/CN=wrong' 2>/dev/null",
     );
-    let cfg = write(&s, "w.toml", "[identity]\nca_certificate = \"wrong.pem\"\n");
+    let cfg = s.write("w.toml", "[identity]\nca_certificate = \"wrong.pem\"\n");
     // `edgeward run` sets identity up at the first workload call: the module
     // runs, its call fails, and the reason is logged.
     let o = s.run(
@@ -839,7 +826,7 @@ fn configured_ca_certificate_chains_to_an_external_root() {
         "[identity]\nca_certificate = \"{}\"\n",
         dir.join("wrong.pem").display()
     );
-    let path = write(&s, "daemon.toml", &config);
+    let path = s.write("daemon.toml", &config);
     let o = s.daemon_refused(&path);
     assert_status(&o, 1);
     assert!(
@@ -851,7 +838,7 @@ fn configured_ca_certificate_chains_to_an_external_root() {
 }
 
 fn backend_round_trip(s: &Scratch, hsm_table: &str) {
-    let cfg = write(s, "hsm.toml", hsm_table);
+    let cfg = s.write("hsm.toml", hsm_table);
     let cfg = cfg.to_str().unwrap();
     let flags = ["--config", cfg];
     let out = probe(s, &flags, &["cert"]);
@@ -897,8 +884,7 @@ fn identity_on_the_pkcs11_backend() {
 #[test]
 fn jwt_working_key_rotates_and_old_tokens_stay_valid() {
     let s = Scratch::new();
-    let cfg = write(
-        &s,
+    let cfg = s.write(
         "c.toml",
         "[identity]\njwt_key_rotation = \"2s\"\nmax_token_ttl = \"60s\"\n",
     );

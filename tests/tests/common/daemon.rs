@@ -31,8 +31,7 @@ pub fn lines(r: impl std::io::Read + Send + 'static) -> mpsc::Receiver<String> {
 
 impl Daemon {
     pub fn start(s: &Scratch, config: &str) -> Self {
-        let path = s.path().join("config.toml");
-        std::fs::write(&path, config).expect("write config");
+        let path = s.write("config.toml", config);
         let mut child = s
             .edgeward()
             .env("EDGEWARD_LOG", "info")

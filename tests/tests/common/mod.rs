@@ -32,6 +32,13 @@ impl Scratch {
         self.dir.path().join("state")
     }
 
+    /// Writes `text` to `name` in the scratch directory; returns its path.
+    pub fn write(&self, name: &str, text: &str) -> PathBuf {
+        let p = self.path().join(name);
+        std::fs::write(&p, text).expect("write scratch file");
+        p
+    }
+
     /// `edgeward --state-dir <state> ARGS...`, logs at their defaults.
     pub fn edgeward(&self) -> Command {
         let mut c = Command::new(EDGEWARD);
