@@ -14,6 +14,7 @@
 //! …): `[a-z0-9][a-z0-9._-]{0,63}`. Every error names the backend, the
 //! operation and the key id, and never secret material.
 
+pub mod aead;
 #[cfg(feature = "pkcs11")]
 pub mod pkcs11;
 pub mod soft;
@@ -35,7 +36,7 @@ pub const BACKENDS: &[&str] = &[
 ];
 
 /// Version byte that starts every AEAD ciphertext the PAL produces.
-pub const AEAD_VERSION: u8 = 1;
+pub const AEAD_VERSION: u8 = aead::VERSION;
 /// Largest plaintext `encrypt` accepts (1 MiB).
 pub const MAX_AEAD_INPUT: usize = 1 << 20;
 /// Largest nonce `quote` accepts.
@@ -396,14 +397,13 @@ pub(crate) fn check_decrypt_input(
     id: &str,
     ciphertext: &[u8],
 ) -> Result<()> {
-    // version byte + 12-byte nonce + 16-byte tag around the plaintext.
     check_len(
         backend,
         Op::Decrypt,
         Some(id),
         "ciphertext",
         ciphertext.len(),
-        MAX_AEAD_INPUT + 29,
+        MAX_AEAD_INPUT + aead::OVERHEAD,
     )
 }
 

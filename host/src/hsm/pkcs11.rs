@@ -19,8 +19,9 @@ use cryptoki::session::{Session, UserType};
 use cryptoki::types::AuthPin;
 use zeroize::Zeroizing;
 
+use super::aead;
 use super::{
-    AEAD_VERSION, ErrorKind, Hsm, HsmError, KeyInfo, KeyKind, Op, Result, check_decrypt_input,
+    ErrorKind, Hsm, HsmError, KeyInfo, KeyKind, Op, Result, check_decrypt_input,
     check_encrypt_input, check_id,
 };
 
@@ -338,24 +339,18 @@ impl Hsm for Pkcs11Hsm {
         let ct = session
             .encrypt(&Mechanism::AesGcm(params), key, plaintext)
             .map_err(ck(Op::Encrypt, Some(id)))?;
-        let mut out = Vec::with_capacity(1 + 12 + ct.len());
-        out.push(AEAD_VERSION);
-        out.extend_from_slice(&iv);
-        out.extend_from_slice(&ct);
-        Ok(out)
+        Ok(aead::frame(&iv, &ct))
     }
 
     fn decrypt(&self, id: &str, ciphertext: &[u8], aad: &[u8]) -> Result<Zeroizing<Vec<u8>>> {
         check_decrypt_input(BACKEND, id, ciphertext)?;
-        if ciphertext.len() < 1 + 12 + 16 || ciphertext[0] != AEAD_VERSION {
-            return Err(err(Op::Decrypt, Some(id), ErrorKind::AuthenticationFailed));
-        }
+        let (nonce, body) = aead::parse(ciphertext)
+            .map_err(|_| err(Op::Decrypt, Some(id), ErrorKind::AuthenticationFailed))?;
         let key = self.key(Op::Decrypt, id, KeyKind::Aes256Gcm, false)?;
-        let mut iv = [0u8; 12];
-        iv.copy_from_slice(&ciphertext[1..13]);
+        let mut iv = *nonce;
         let params = GcmParams::new(&mut iv, aad, 128.into()).map_err(ck(Op::Decrypt, Some(id)))?;
         self.session(Op::Decrypt, Some(id))?
-            .decrypt(&Mechanism::AesGcm(params), key, &ciphertext[13..])
+            .decrypt(&Mechanism::AesGcm(params), key, body)
             .map(Zeroizing::new)
             .map_err(|e| match e {
                 CkError::Pkcs11(

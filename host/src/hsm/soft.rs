@@ -15,16 +15,14 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use aes_gcm::aead::{Aead, KeyInit, Payload};
-use aes_gcm::{Aes256Gcm, Nonce};
 use p256::ecdsa::{DerSignature, SigningKey, signature::hazmat::PrehashSigner};
 use p256::pkcs8::{DecodePrivateKey, EncodePrivateKey};
 use zeroize::Zeroizing;
 
+use super::aead::{OpenError, SoftAead};
 use super::{
-    AEAD_VERSION, ErrorKind, Hsm, HsmError, KeyInfo, KeyKind, Op, Quote, Result,
-    check_decrypt_input, check_encrypt_input, check_id, check_nonce, extend_chain,
-    soft_quote_message,
+    ErrorKind, Hsm, HsmError, KeyInfo, KeyKind, Op, Quote, Result, check_decrypt_input,
+    check_encrypt_input, check_id, check_nonce, extend_chain, soft_quote_message,
 };
 use crate::state;
 
@@ -33,9 +31,9 @@ const BACKEND: &str = "soft";
 /// Software keys in the state directory.
 pub struct SoftHsm {
     dir: PathBuf,
-    kek: Aes256Gcm,
+    kek: SoftAead,
     signing: Mutex<HashMap<String, Arc<SigningKey>>>,
-    aead: Mutex<HashMap<String, Arc<Aes256Gcm>>>,
+    aead: Mutex<HashMap<String, Arc<SoftAead>>>,
     register: Mutex<()>,
 }
 
@@ -66,42 +64,6 @@ fn ext(kind: KeyKind) -> &'static str {
     }
 }
 
-/// AEAD under `cipher`: `version || nonce(12) || ciphertext+tag`.
-pub(crate) fn seal(
-    cipher: &Aes256Gcm,
-    plaintext: &[u8],
-    aad: &[u8],
-) -> std::result::Result<Vec<u8>, String> {
-    let mut nonce = [0u8; 12];
-    getrandom::fill(&mut nonce).map_err(|e| format!("random: {e}"))?;
-    let ct = cipher
-        .encrypt(
-            Nonce::from_slice(&nonce),
-            Payload {
-                msg: plaintext,
-                aad,
-            },
-        )
-        .map_err(|_| "encryption failed".to_owned())?;
-    let mut out = Vec::with_capacity(1 + 12 + ct.len());
-    out.push(AEAD_VERSION);
-    out.extend_from_slice(&nonce);
-    out.extend_from_slice(&ct);
-    Ok(out)
-}
-
-/// Reverses [`seal`]; `None` when the version, length or tag is wrong.
-pub(crate) fn open(cipher: &Aes256Gcm, sealed: &[u8], aad: &[u8]) -> Option<Zeroizing<Vec<u8>>> {
-    if sealed.len() < 1 + 12 + 16 || sealed[0] != AEAD_VERSION {
-        return None;
-    }
-    let (nonce, ct) = sealed[1..].split_at(12);
-    cipher
-        .decrypt(Nonce::from_slice(nonce), Payload { msg: ct, aad })
-        .ok()
-        .map(Zeroizing::new)
-}
-
 impl SoftHsm {
     /// Opens (creating if needed) the soft HSM under `state_dir/hsm`.
     ///
@@ -116,8 +78,8 @@ impl SoftHsm {
         let kek = state::load_or_create_secret(&kek_path)
             .map_err(|e| io_err(Op::ListKeys, None, &kek_path, &e))?;
         Ok(Self {
-            kek: Aes256Gcm::new_from_slice(kek.as_ref())
-                .map_err(|_| err(Op::ListKeys, None, ErrorKind::Backend("bad KEK".into())))?,
+            kek: SoftAead::new(kek.as_ref())
+                .ok_or_else(|| err(Op::ListKeys, None, ErrorKind::Backend("bad KEK".into())))?,
             dir,
             signing: Mutex::default(),
             aead: Mutex::default(),
@@ -141,9 +103,11 @@ impl SoftHsm {
         };
         let path = self.key_path(id, kind);
         match std::fs::read(&path) {
-            Ok(sealed) => open(&self.kek, &sealed, &Self::key_aad(id, kind))
+            Ok(sealed) => self
+                .kek
+                .open(&sealed, &Self::key_aad(id, kind))
                 .map(Some)
-                .ok_or_else(|| err(op, Some(id), ErrorKind::AuthenticationFailed)),
+                .map_err(|_: OpenError| err(op, Some(id), ErrorKind::AuthenticationFailed)),
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
                 if self.key_path(id, other).exists() {
                     Err(err(op, Some(id), ErrorKind::WrongKeyKind))
@@ -164,7 +128,9 @@ impl SoftHsm {
         kind: KeyKind,
         secret: &[u8],
     ) -> Result<Zeroizing<Vec<u8>>> {
-        let sealed = seal(&self.kek, secret, &Self::key_aad(id, kind))
+        let sealed = self
+            .kek
+            .seal(secret, &Self::key_aad(id, kind))
             .map_err(|m| err(op, Some(id), ErrorKind::Backend(m)))?;
         let path = self.key_path(id, kind);
         if state::create_only(&path, &sealed).map_err(|e| io_err(op, Some(id), &path, &e))? {
@@ -207,7 +173,7 @@ impl SoftHsm {
         Ok(key)
     }
 
-    fn load_aead(&self, op: Op, id: &str, create: bool) -> Result<Arc<Aes256Gcm>> {
+    fn load_aead(&self, op: Op, id: &str, create: bool) -> Result<Arc<SoftAead>> {
         check_id(BACKEND, op, id)?;
         let mut cache = self
             .aead
@@ -226,8 +192,8 @@ impl SoftHsm {
             }
             None => return Err(err(op, Some(id), ErrorKind::KeyNotFound)),
         };
-        let cipher = Aes256Gcm::new_from_slice(&raw)
-            .map_err(|_| err(op, Some(id), ErrorKind::AuthenticationFailed))?;
+        let cipher = SoftAead::new(&raw)
+            .ok_or_else(|| err(op, Some(id), ErrorKind::AuthenticationFailed))?;
         let cipher = Arc::new(cipher);
         cache.insert(id.to_owned(), cipher.clone());
         Ok(cipher)
@@ -293,14 +259,17 @@ impl Hsm for SoftHsm {
     fn encrypt(&self, id: &str, plaintext: &[u8], aad: &[u8]) -> Result<Vec<u8>> {
         check_encrypt_input(BACKEND, id, plaintext, aad)?;
         let cipher = self.load_aead(Op::Encrypt, id, false)?;
-        seal(&cipher, plaintext, aad).map_err(|m| err(Op::Encrypt, Some(id), ErrorKind::Backend(m)))
+        cipher
+            .seal(plaintext, aad)
+            .map_err(|m| err(Op::Encrypt, Some(id), ErrorKind::Backend(m)))
     }
 
     fn decrypt(&self, id: &str, ciphertext: &[u8], aad: &[u8]) -> Result<Zeroizing<Vec<u8>>> {
         check_decrypt_input(BACKEND, id, ciphertext)?;
         let cipher = self.load_aead(Op::Decrypt, id, false)?;
-        open(&cipher, ciphertext, aad)
-            .ok_or_else(|| err(Op::Decrypt, Some(id), ErrorKind::AuthenticationFailed))
+        cipher
+            .open(ciphertext, aad)
+            .map_err(|_| err(Op::Decrypt, Some(id), ErrorKind::AuthenticationFailed))
     }
 
     fn random(&self, buf: &mut [u8]) -> Result<()> {

@@ -21,7 +21,6 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use aes_gcm::{Aes256Gcm, KeyInit};
 use tss_esapi::attributes::ObjectAttributesBuilder;
 use tss_esapi::constants::tss::{TPM2_RH_NULL, TPM2_ST_HASHCHECK};
 use tss_esapi::handles::{KeyHandle, ObjectHandle, PcrHandle};
@@ -39,7 +38,7 @@ use tss_esapi::tss2_esys::TPMT_TK_HASHCHECK;
 use tss_esapi::{Context, TctiNameConf};
 use zeroize::Zeroizing;
 
-use super::soft::{open as aead_open, seal as aead_seal};
+use super::aead::SoftAead;
 use super::{
     ErrorKind, Hsm, HsmError, KeyInfo, KeyKind, Op, Quote, Result, check_decrypt_input,
     check_encrypt_input, check_id, check_nonce,
@@ -93,7 +92,7 @@ pub struct TpmHsm {
     dir: PathBuf,
     config: TpmConfig,
     inner: Mutex<Inner>,
-    aead: Mutex<HashMap<String, Arc<Aes256Gcm>>>,
+    aead: Mutex<HashMap<String, Arc<SoftAead>>>,
 }
 
 impl fmt::Debug for TpmHsm {
@@ -448,7 +447,7 @@ impl TpmHsm {
         Ok(value)
     }
 
-    fn aead_cipher(&self, op: Op, id: &str, create: bool) -> Result<Arc<Aes256Gcm>> {
+    fn aead_cipher(&self, op: Op, id: &str, create: bool) -> Result<Arc<SoftAead>> {
         check_id(BACKEND, op, id)?;
         if let Some(c) = self.aead.lock().ok().and_then(|m| m.get(id).cloned()) {
             return Ok(c);
@@ -457,8 +456,8 @@ impl TpmHsm {
         let secret = self.with_loaded(op, id, blob, |ctx, h| ctx.unseal(h.into()))?;
         let secret = Zeroizing::new(secret.value().to_vec());
         let cipher = Arc::new(
-            Aes256Gcm::new_from_slice(&secret)
-                .map_err(|_| err(op, Some(id), ErrorKind::AuthenticationFailed))?,
+            SoftAead::new(&secret)
+                .ok_or_else(|| err(op, Some(id), ErrorKind::AuthenticationFailed))?,
         );
         if let Ok(mut m) = self.aead.lock() {
             m.insert(id.to_owned(), cipher.clone());
@@ -544,15 +543,17 @@ impl Hsm for TpmHsm {
     fn encrypt(&self, id: &str, plaintext: &[u8], aad: &[u8]) -> Result<Vec<u8>> {
         check_encrypt_input(BACKEND, id, plaintext, aad)?;
         let cipher = self.aead_cipher(Op::Encrypt, id, false)?;
-        aead_seal(&cipher, plaintext, aad)
+        cipher
+            .seal(plaintext, aad)
             .map_err(|m| err(Op::Encrypt, Some(id), ErrorKind::Backend(m)))
     }
 
     fn decrypt(&self, id: &str, ciphertext: &[u8], aad: &[u8]) -> Result<Zeroizing<Vec<u8>>> {
         check_decrypt_input(BACKEND, id, ciphertext)?;
         let cipher = self.aead_cipher(Op::Decrypt, id, false)?;
-        aead_open(&cipher, ciphertext, aad)
-            .ok_or_else(|| err(Op::Decrypt, Some(id), ErrorKind::AuthenticationFailed))
+        cipher
+            .open(ciphertext, aad)
+            .map_err(|_| err(Op::Decrypt, Some(id), ErrorKind::AuthenticationFailed))
     }
 
     fn random(&self, buf: &mut [u8]) -> Result<()> {

@@ -1,0 +1,220 @@
+//! The device's identity service: the device CA, the token service and
+//! module registrations.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use super::authority::{self, Authority};
+use super::jwt::{self, PublishedKey, TokenService};
+use super::module::WhoAmI;
+use super::sealing::Sealer;
+use super::{
+    IdentityConfig, IdentityError, ModuleIdentity, registry, unix_now, valid_path_segment,
+};
+use crate::hsm::Hsm;
+
+/// The device's identity services: CA, tokens, registrations.
+#[derive(Debug)]
+pub struct IdentityService {
+    config: IdentityConfig,
+    hsm: Arc<dyn Hsm>,
+    authority: Arc<Authority>,
+    tokens: TokenService,
+    state_dir: PathBuf,
+}
+
+impl IdentityService {
+    /// Opens the device CA and the token service (two HSM signatures at
+    /// most: a new root, a working-key certificate). Blocks.
+    ///
+    /// # Errors
+    ///
+    /// Configuration, HSM and storage errors.
+    pub fn open(
+        hsm: Arc<dyn Hsm>,
+        config: IdentityConfig,
+        state_dir: &Path,
+    ) -> Result<Arc<Self>, IdentityError> {
+        config.check().map_err(IdentityError::Config)?;
+        let authority = Arc::new(Authority::open(
+            hsm.clone(),
+            &config.device_id,
+            config.ca_certificate.as_deref(),
+            state_dir,
+        )?);
+        let tokens = TokenService::open(
+            &config.trust_domain,
+            authority.clone(),
+            config.max_token_ttl,
+            config.jwt_key_rotation,
+            state_dir,
+        )?;
+        Ok(Arc::new(Self {
+            config,
+            hsm,
+            authority,
+            tokens,
+            state_dir: state_dir.to_owned(),
+        }))
+    }
+
+    /// The settings.
+    pub fn config(&self) -> &IdentityConfig {
+        &self.config
+    }
+
+    /// The device CA.
+    pub fn authority(&self) -> &Authority {
+        &self.authority
+    }
+
+    /// The token service.
+    pub fn tokens(&self) -> &TokenService {
+        &self.tokens
+    }
+
+    /// The SPIFFE ID of module `name` on this device.
+    pub fn spiffe_id(&self, name: &str) -> String {
+        format!(
+            "spiffe://{}/device/{}/module/{name}",
+            self.config.trust_domain, self.config.device_id
+        )
+    }
+
+    /// The identity of registered module `name` running `digest`: loads its
+    /// registration or registers it. Blocks on the HSM.
+    ///
+    /// # Errors
+    ///
+    /// An invalid name, HSM and storage errors.
+    pub fn register(
+        self: &Arc<Self>,
+        name: &str,
+        digest: &str,
+    ) -> Result<Arc<ModuleIdentity>, IdentityError> {
+        self.check_name(name)?;
+        let reg = registry::load_or_register(self.hsm.as_ref(), &self.state_dir, name)?;
+        Ok(self.module(name, digest, reg))
+    }
+
+    /// An identity for `name` that lives only as long as the process: a new
+    /// generation (and data key) each time.
+    ///
+    /// # Errors
+    ///
+    /// An invalid name.
+    pub fn ephemeral(
+        self: &Arc<Self>,
+        name: &str,
+        digest: &str,
+    ) -> Result<Arc<ModuleIdentity>, IdentityError> {
+        self.check_name(name)?;
+        Ok(self.module(name, digest, registry::ephemeral()?))
+    }
+
+    fn check_name(&self, name: &str) -> Result<(), IdentityError> {
+        if valid_path_segment(name) {
+            Ok(())
+        } else {
+            Err(IdentityError::InvalidArgument(format!(
+                "module name {name:?} cannot be a SPIFFE path segment"
+            )))
+        }
+    }
+
+    fn module(
+        self: &Arc<Self>,
+        name: &str,
+        digest: &str,
+        reg: registry::Registration,
+    ) -> Arc<ModuleIdentity> {
+        let sealer = Sealer::new(&reg.data_key, name, &reg.generation_id);
+        ModuleIdentity::new(
+            WhoAmI {
+                module_name: name.to_owned(),
+                device_id: self.config.device_id.clone(),
+                generation_id: reg.generation_id,
+                digest: digest.to_owned(),
+                spiffe_id: self.spiffe_id(name),
+            },
+            self.clone(),
+            sealer,
+        )
+    }
+
+    /// The trust bundle as PEM.
+    pub fn bundle_pem(&self) -> String {
+        self.authority.roots_pem().to_owned()
+    }
+
+    /// The trust bundle as a SPIFFE bundle (JWKS): the X.509 roots
+    /// (`use: x509-svid`, with `x5c`) and the JWT-SVID keys (`use: jwt-svid`).
+    ///
+    /// # Errors
+    ///
+    /// A root whose key is not P-256.
+    pub fn bundle_jwks(&self) -> Result<serde_json::Value, IdentityError> {
+        use base64ct::{Base64, Base64UrlUnpadded, Encoding as _};
+        let mut keys = Vec::new();
+        for der in self.authority.roots_der() {
+            let point = authority::certificate_point(der)
+                .filter(|p| p.len() == 65 && p[0] == 4)
+                .ok_or_else(|| {
+                    IdentityError::Internal(
+                        "a root key is not P-256; JWKS needs its parameters".into(),
+                    )
+                })?;
+            keys.push(serde_json::json!({
+                "kty": "EC",
+                "crv": "P-256",
+                "x": Base64UrlUnpadded::encode_string(&point[1..33]),
+                "y": Base64UrlUnpadded::encode_string(&point[33..]),
+                "use": "x509-svid",
+                "x5c": [Base64::encode_string(der)],
+            }));
+        }
+        keys.extend(self.tokens.published().iter().filter_map(PublishedKey::jwk));
+        Ok(serde_json::json!({
+            "keys": keys,
+            "spiffe_sequence": unix_now(),
+            "spiffe_refresh_hint": self.config.jwt_key_rotation.as_secs().min(300),
+        }))
+    }
+
+    /// Rotates the JWT working key whenever it is due, until `stop` turns
+    /// true. HSM work runs on the blocking pool. With `eager`, makes the
+    /// first working key now rather than at the first token request.
+    pub async fn maintain(
+        self: Arc<Self>,
+        eager: bool,
+        mut stop: tokio::sync::watch::Receiver<bool>,
+    ) {
+        if eager {
+            self.rotate_in_background(
+                true,
+                "cannot make the first JWT working key; retrying at the first token request",
+            )
+            .await;
+        }
+        let period = jwt::rotation_check_period(self.tokens.rotation());
+        loop {
+            tokio::select! {
+                () = tokio::time::sleep(period) => {}
+                _ = stop.wait_for(|s| *s) => return,
+            }
+            self.rotate_in_background(false, "JWT working key rotation failed; retrying")
+                .await;
+        }
+    }
+
+    /// [`TokenService::rotate`] on the blocking pool; failures are logged
+    /// with `failed`.
+    async fn rotate_in_background(self: &Arc<Self>, force: bool, failed: &str) {
+        let svc = self.clone();
+        match tokio::task::spawn_blocking(move || svc.tokens.rotate(force)).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "{failed}"),
+            Err(e) => tracing::warn!(error = %e, "JWT working key task failed"),
+        }
+    }
+}
