@@ -153,38 +153,98 @@ fn temp_path(path: &Path) -> io::Result<PathBuf> {
     Ok(path.with_file_name(format!(".{name}.{}.tmp", crate::measure::hex(&nonce))))
 }
 
-/// Loads a 32-byte secret from `path`, creating it from the OS random source
-/// if it does not exist. A file of the wrong length (a crash before this
-/// function's atomic create, or tampering) is replaced and reported with
-/// `tracing::warn!`, since everything it protected will fail authentication
-/// and be rebuilt.
+/// Reads a 32-byte secret; `Ok(None)` if `path` does not exist, `Err` with
+/// the length found if it is not 32 bytes.
+fn read_secret(path: &Path) -> io::Result<Option<Result<Zeroizing<[u8; 32]>, usize>>> {
+    let mut f = match fs::File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    let mut buf = Zeroizing::new(Vec::with_capacity(33));
+    (&mut f).take(33).read_to_end(&mut buf)?;
+    let mut key = Zeroizing::new([0u8; 32]);
+    if buf.len() != 32 {
+        return Ok(Some(Err(buf.len())));
+    }
+    key.copy_from_slice(&buf);
+    Ok(Some(Ok(key)))
+}
+
+fn fresh_secret() -> io::Result<Zeroizing<[u8; 32]>> {
+    let mut key = Zeroizing::new([0u8; 32]);
+    getrandom::fill(key.as_mut()).map_err(|e| io::Error::other(format!("random: {e}")))?;
+    Ok(key)
+}
+
+/// Loads a 32-byte secret that protects what cannot be rebuilt (the soft
+/// HSM's key-encryption key), creating it on first use. Creation is
+/// exclusive (written aside, then linked into place), so when several
+/// processes start at once exactly one secret wins and every process reads
+/// that one. Anything unexpected fails closed: a file of the wrong length is
+/// never replaced; the error says so, and how to recover (`recover`).
+///
+/// # Errors
+///
+/// I/O errors, and a secret of the wrong length, naming the file.
+pub fn load_or_create_secret(path: &Path, recover: &str) -> io::Result<Zeroizing<[u8; 32]>> {
+    let named = |e: io::Error| io::Error::new(e.kind(), format!("secret {}: {e}", path.display()));
+    let wrong = |len: usize| {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!(
+                "secret {}: {len} bytes, expected 32 (damaged or tampered with). It is left as it is; {recover}",
+                path.display()
+            ),
+        )
+    };
+    // Two rounds at most: read, else create; if another process created it
+    // first, read theirs.
+    for _ in 0..2 {
+        match read_secret(path).map_err(named)? {
+            Some(Ok(key)) => return Ok(key),
+            Some(Err(len)) => return Err(wrong(len)),
+            None => {}
+        }
+        let key = fresh_secret().map_err(named)?;
+        if create_only(path, key.as_ref()).map_err(named)? {
+            return Ok(key);
+        }
+    }
+    match read_secret(path).map_err(named)? {
+        Some(Ok(key)) => Ok(key),
+        Some(Err(len)) => Err(wrong(len)),
+        None => Err(named(io::Error::other(
+            "created by another process and then removed",
+        ))),
+    }
+}
+
+/// Loads a 32-byte secret whose loss costs only work (the compiled-cache
+/// MAC key: entries under a lost key are recompiled), creating it if
+/// missing and replacing one of the wrong length with a warning.
 ///
 /// # Errors
 ///
 /// I/O errors naming the file.
-pub fn load_or_create_secret(path: &Path) -> io::Result<Zeroizing<[u8; 32]>> {
+pub fn load_or_regenerate_secret(path: &Path) -> io::Result<Zeroizing<[u8; 32]>> {
     let named = |e: io::Error| io::Error::new(e.kind(), format!("secret {}: {e}", path.display()));
-    let mut key = Zeroizing::new([0u8; 32]);
-    match fs::File::open(path) {
-        Ok(mut f) => {
-            let mut buf = Zeroizing::new(Vec::with_capacity(33));
-            (&mut f).take(33).read_to_end(&mut buf).map_err(named)?;
-            if buf.len() == 32 {
-                key.copy_from_slice(&buf);
-                return Ok(key);
-            }
-            tracing::warn!(path = %path.display(), len = buf.len(), "secret has the wrong length; replacing it");
+    match read_secret(path).map_err(named)? {
+        Some(Ok(key)) => return Ok(key),
+        Some(Err(len)) => {
+            tracing::warn!(path = %path.display(), len, "secret has the wrong length; replacing it (what it protected is rebuilt)");
         }
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-        Err(e) => return Err(named(e)),
+        None => {}
     }
-    getrandom::fill(key.as_mut()).map_err(|e| named(io::Error::other(format!("random: {e}"))))?;
+    let key = fresh_secret().map_err(named)?;
     write_atomic(path, key.as_ref()).map_err(named)?;
     Ok(key)
 }
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+
     use super::*;
 
     #[test]
@@ -213,13 +273,74 @@ mod tests {
     fn secret_is_stable_and_private() {
         let tmp = tempfile::tempdir().expect("tempdir");
         let p = tmp.path().join("host.key");
-        let a = load_or_create_secret(&p).expect("create");
-        let b = load_or_create_secret(&p).expect("load");
+        let a = load_or_create_secret(&p, "restore it").expect("create");
+        let b = load_or_create_secret(&p, "restore it").expect("load");
         assert_eq!(*a, *b);
         let mode = fs::metadata(&p).expect("meta").permissions().mode() & 0o777;
         assert_eq!(mode, 0o600);
+    }
+
+    /// A secret that cannot be rebuilt is never replaced: a damaged one is
+    /// an error saying how to recover, and the file stays as it was.
+    #[test]
+    fn a_damaged_secret_fails_closed() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let p = tmp.path().join("kek");
+        load_or_create_secret(&p, "x").expect("create");
+        for bad in [&b"short"[..], &[7u8; 33][..], &[][..]] {
+            fs::write(&p, bad).expect("damage");
+            let e = load_or_create_secret(&p, "restore it from a backup")
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains(&format!("{} bytes, expected 32", bad.len().min(33)))
+                    && e.contains("restore it from a backup")
+                    && e.contains("kek"),
+                "{e}"
+            );
+            assert_eq!(fs::read(&p).expect("read"), bad, "left as it was");
+        }
+    }
+
+    /// Processes starting at once on a fresh state directory all end up
+    /// with the one secret on disk (a rename-over let each keep its own).
+    #[test]
+    fn racing_creators_agree_on_one_secret() {
+        for round in 0..20 {
+            let tmp = tempfile::tempdir().expect("tempdir");
+            let p = Arc::new(tmp.path().join("kek"));
+            let barrier = Arc::new(std::sync::Barrier::new(8));
+            let got: Vec<[u8; 32]> = (0..8)
+                .map(|_| {
+                    let (p, barrier) = (p.clone(), barrier.clone());
+                    std::thread::spawn(move || {
+                        barrier.wait();
+                        *load_or_create_secret(&p, "x").expect("secret")
+                    })
+                })
+                .collect::<Vec<_>>()
+                .into_iter()
+                .map(|t| t.join().expect("thread"))
+                .collect();
+            let on_disk = fs::read(&*p).expect("read");
+            for g in &got {
+                assert_eq!(
+                    &g[..],
+                    &on_disk[..],
+                    "round {round}: a creator kept its own secret"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn the_cache_key_may_be_regenerated() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let p = tmp.path().join("cache.key");
+        let a = load_or_regenerate_secret(&p).expect("create");
+        assert_eq!(*a, *load_or_regenerate_secret(&p).expect("load"));
         fs::write(&p, b"short").expect("truncate");
-        let c = load_or_create_secret(&p).expect("replace");
+        let c = load_or_regenerate_secret(&p).expect("replace");
         assert_ne!(*a, *c);
         assert_eq!(fs::read(&p).expect("read").len(), 32);
     }

@@ -27,6 +27,8 @@ use super::{
 use crate::state;
 
 const BACKEND: &str = "soft";
+/// What to do when the key-encryption key is damaged.
+const KEK_RECOVERY: &str = "every soft HSM key is sealed under it. Restore hsm/kek from a backup of the state directory; or, to start over and lose every soft key (the device CA, the JWT authority, the master key and with it all sealed module data), remove the state directory's hsm/ and identity/ directories";
 
 /// Software keys in the state directory.
 pub struct SoftHsm {
@@ -75,7 +77,7 @@ impl SoftHsm {
         let keys = dir.join("keys");
         state::ensure_private_dir(&keys).map_err(|e| io_err(Op::ListKeys, None, &keys, &e))?;
         let kek_path = dir.join("kek");
-        let kek = state::load_or_create_secret(&kek_path)
+        let kek = state::load_or_create_secret(&kek_path, KEK_RECOVERY)
             .map_err(|e| io_err(Op::ListKeys, None, &kek_path, &e))?;
         Ok(Self {
             kek: SoftAead::new(kek.as_ref())
@@ -340,5 +342,55 @@ impl Hsm for SoftHsm {
         }
         out.sort_by(|a, b| a.id.cmp(&b.id));
         Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Barrier};
+
+    use super::*;
+
+    /// A daemon and `edgeward bundle` starting at once on a fresh state
+    /// directory: every process can use the keys any of them created (with
+    /// a rename-over KEK, keys sealed under the losing KEK were lost).
+    #[test]
+    fn processes_starting_at_once_share_one_kek() {
+        for _ in 0..10 {
+            let dir = tempfile::tempdir().unwrap();
+            let barrier = Arc::new(Barrier::new(6));
+            let points: Vec<Vec<u8>> = (0..6)
+                .map(|_| {
+                    let (dir, barrier) = (dir.path().to_owned(), barrier.clone());
+                    std::thread::spawn(move || {
+                        barrier.wait();
+                        let hsm = SoftHsm::open(&dir).unwrap();
+                        hsm.signing_key("device-ca").unwrap()
+                    })
+                })
+                .collect::<Vec<_>>()
+                .into_iter()
+                .map(|t| t.join().unwrap())
+                .collect();
+            assert!(points.windows(2).all(|w| w[0] == w[1]));
+            // A process started later reads and uses the same key.
+            let hsm = SoftHsm::open(dir.path()).unwrap();
+            assert_eq!(hsm.public_key("device-ca").unwrap(), points[0]);
+            let sig = hsm.sign_digest("device-ca", &[1u8; 32]).unwrap();
+            assert!(!sig.is_empty());
+        }
+    }
+
+    #[test]
+    fn a_damaged_kek_is_refused_with_how_to_recover() {
+        let dir = tempfile::tempdir().unwrap();
+        SoftHsm::open(dir.path()).unwrap().signing_key("k").unwrap();
+        std::fs::write(dir.path().join("hsm/kek"), [0u8; 31]).unwrap();
+        let e = SoftHsm::open(dir.path()).unwrap_err().to_string();
+        assert!(
+            e.contains("31 bytes") && e.contains("Restore hsm/kek"),
+            "{e}"
+        );
+        assert_eq!(std::fs::read(dir.path().join("hsm/kek")).unwrap().len(), 31);
     }
 }

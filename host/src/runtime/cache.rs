@@ -105,7 +105,7 @@ impl ArtifactCache {
     pub fn open(state_dir: &Path, engine: &Engine) -> io::Result<Self> {
         let dir = state_dir.join("cache");
         state::ensure_private_dir(&dir)?;
-        let key = state::load_or_create_secret(&state_dir.join("cache.key"))?;
+        let key = state::load_or_regenerate_secret(&state_dir.join("cache.key"))?;
         let mut h = ShaHasher(Sha256::new());
         engine.precompile_compatibility_hash().hash(&mut h);
         Ok(Self {
