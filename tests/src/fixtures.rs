@@ -29,7 +29,9 @@ pub struct Swtpm {
     dir: tempfile::TempDir,
 }
 
-fn free_port_pair() -> u16 {
+/// A free loopback port `p` whose neighbour `p + 1` is free too (swtpm's
+/// data and control ports).
+pub fn free_port_pair() -> u16 {
     loop {
         let a = TcpListener::bind("127.0.0.1:0").expect("bind a loopback port");
         let port = a.local_addr().expect("addr").port();
@@ -85,6 +87,11 @@ impl Swtpm {
             std::thread::sleep(Duration::from_millis(10));
         }
         false
+    }
+
+    /// Its data port (the control port is the next one).
+    pub fn port(&self) -> u16 {
+        self.port
     }
 
     /// The TCTI string for this instance.

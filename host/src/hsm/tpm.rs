@@ -14,6 +14,14 @@
 //!   returned as `tpm2_checkquote` reads them.
 //! - AEAD keys are 32 random bytes sealed in a TPM keyed-hash object,
 //!   unsealed on first use and used in software (AES-256-GCM).
+//! - Commands that carry secrets or key blobs (create, load, unseal, sign)
+//!   run in an HMAC session salted with the storage primary, with parameter
+//!   encryption both ways: the salt crosses the bus encrypted to the
+//!   primary's key, so someone listening on the bus (an SPI/I2C probe, a
+//!   relay between the TCTI and the TPM) cannot derive the session key and
+//!   read the sealed AEAD key or a key blob. (An unsalted, unbound session,
+//!   as `execute_with_nullauth_session` starts, encrypts under a key anyone
+//!   who sees the nonces can derive.)
 
 use std::collections::HashMap;
 use std::fmt;
@@ -21,16 +29,18 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use tss_esapi::attributes::ObjectAttributesBuilder;
+use tss_esapi::attributes::{ObjectAttributesBuilder, SessionAttributesBuilder};
+use tss_esapi::constants::SessionType;
 use tss_esapi::constants::tss::{TPM2_RH_NULL, TPM2_ST_HASHCHECK};
-use tss_esapi::handles::{KeyHandle, ObjectHandle, PcrHandle};
+use tss_esapi::handles::{KeyHandle, ObjectHandle, PcrHandle, SessionHandle};
 use tss_esapi::interface_types::algorithm::{HashingAlgorithm, PublicAlgorithm};
 use tss_esapi::interface_types::ecc::EccCurve;
 use tss_esapi::interface_types::resource_handles::Hierarchy;
+use tss_esapi::interface_types::session_handles::AuthSession;
 use tss_esapi::structures::{
     Data, Digest, DigestValues, EccPoint, EccScheme, HashScheme, HashcheckTicket, KeyedHashScheme,
     PcrSelectionListBuilder, PcrSlot, Private, Public, PublicBuilder, PublicEccParametersBuilder,
-    PublicKeyedHashParameters, SensitiveData, Signature, SignatureScheme,
+    PublicKeyedHashParameters, SensitiveData, Signature, SignatureScheme, SymmetricDefinition,
     SymmetricDefinitionObject,
 };
 use tss_esapi::traits::{Marshall, UnMarshall};
@@ -79,12 +89,52 @@ impl Blob {
 struct Inner {
     ctx: Context,
     primary: KeyHandle,
+    /// HMAC session salted with `primary`, encrypting parameters both ways.
+    salted: AuthSession,
+}
+
+impl Inner {
+    /// Runs `f` with the salted session as the authorization session.
+    fn salted<T>(
+        &mut self,
+        f: impl FnOnce(&mut Context) -> tss_esapi::Result<T>,
+    ) -> tss_esapi::Result<T> {
+        let s = self.salted;
+        self.ctx.execute_with_session(Some(s), f)
+    }
 }
 
 impl Drop for Inner {
     fn drop(&mut self) {
+        let _ = self
+            .ctx
+            .flush_context(SessionHandle::from(self.salted).into());
         let _ = self.ctx.flush_context(self.primary.into());
     }
+}
+
+/// Starts an HMAC session salted with `primary` (ECDH to its public key),
+/// with parameter encryption (AES-128-CFB) for commands and responses.
+fn start_salted_session(ctx: &mut Context, primary: KeyHandle) -> tss_esapi::Result<AuthSession> {
+    let session = ctx
+        .start_auth_session(
+            Some(primary),
+            None,
+            None,
+            SessionType::Hmac,
+            SymmetricDefinition::AES_128_CFB,
+            HashingAlgorithm::Sha256,
+        )?
+        .ok_or_else(|| {
+            tss_esapi::Error::WrapperError(tss_esapi::WrapperErrorKind::WrongValueFromTpm)
+        })?;
+    let (attributes, mask) = SessionAttributesBuilder::new()
+        .with_decrypt(true)
+        .with_encrypt(true)
+        .with_continue_session(true)
+        .build();
+    ctx.tr_sess_set_attributes(session, attributes, mask)?;
+    Ok(session)
 }
 
 /// TPM 2.0 keys.
@@ -112,7 +162,13 @@ fn tss(op: Op, key: Option<&str>) -> impl Fn(tss_esapi::Error) -> HsmError + '_ 
     move |e| err(op, key, ErrorKind::Backend(format!("TPM: {e}")))
 }
 
-fn primary_template() -> tss_esapi::Result<Public> {
+/// The storage primary's template (ECC P-256, restricted decryption, in
+/// the owner hierarchy): the same TPM always derives the same primary.
+///
+/// # Errors
+///
+/// tss-esapi builder errors.
+pub fn primary_template() -> tss_esapi::Result<Public> {
     let attrs = ObjectAttributesBuilder::new()
         .with_fixed_tpm(true)
         .with_fixed_parent(true)
@@ -224,7 +280,9 @@ fn encode_blob(public: &Public, private: &Private) -> tss_esapi::Result<Vec<u8>>
     Ok(out)
 }
 
-fn decode_blob(bytes: &[u8]) -> Option<(Public, Private)> {
+/// Splits a key blob file (`u16` public length, marshalled public,
+/// private) into its parts.
+pub fn decode_blob(bytes: &[u8]) -> Option<(Public, Private)> {
     let len = usize::from(u16::from_be_bytes([*bytes.first()?, *bytes.get(1)?]));
     let public = Public::unmarshall(bytes.get(2..2 + len)?).ok()?;
     let private = Private::try_from(bytes.get(2 + len..)?.to_vec()).ok()?;
@@ -287,7 +345,21 @@ impl TpmHsm {
                 )
             })?
             .key_handle;
-        let inner = Inner { ctx, primary };
+        let salted = start_salted_session(&mut ctx, primary).map_err(|e| {
+            err(
+                op,
+                None,
+                ErrorKind::Unavailable(format!(
+                    "cannot start a salted session at {:?}: {e}",
+                    config.tcti
+                )),
+            )
+        })?;
+        let inner = Inner {
+            ctx,
+            primary,
+            salted,
+        };
         let this = Self {
             dir,
             config,
@@ -400,10 +472,7 @@ impl TpmHsm {
             let mut inner = self.lock(op, Some(id))?;
             let primary = inner.primary;
             inner
-                .ctx
-                .execute_with_nullauth_session(|ctx| {
-                    ctx.create(primary, template, None, sensitive, None, None)
-                })
+                .salted(|ctx| ctx.create(primary, template, None, sensitive, None, None))
                 .map_err(tss(op, Some(id)))?
         };
         let bytes =
@@ -436,12 +505,11 @@ impl TpmHsm {
     ) -> Result<T> {
         let mut inner = self.lock(op, Some(id))?;
         let primary = inner.primary;
-        let ctx = &mut inner.ctx;
-        let handle = ctx
-            .execute_with_nullauth_session(|ctx| ctx.load(primary, private, public))
+        let handle = inner
+            .salted(|ctx| ctx.load(primary, private, public))
             .map_err(tss(op, Some(id)))?;
-        let result = ctx.execute_with_nullauth_session(|ctx| f(ctx, handle));
-        let flushed = ctx.flush_context(ObjectHandle::from(handle));
+        let result = inner.salted(|ctx| f(ctx, handle));
+        let flushed = inner.ctx.flush_context(ObjectHandle::from(handle));
         let value = result.map_err(tss(op, Some(id)))?;
         flushed.map_err(tss(op, Some(id)))?;
         Ok(value)
