@@ -260,11 +260,15 @@ pub mod identity {
     }
 
     /// A server certificate for `common_name` and `alt_names` (DNS names or
-    /// IP addresses), chained to the same CA, with a fresh key.
+    /// IP addresses), chained to the same CA, with a fresh key. The module's
+    /// registration must allow every name (`server_names` in its config,
+    /// `--server-name` for `edgeward run`).
     ///
     /// # Errors
     ///
-    /// [`super::Error::InvalidArgument`] for a malformed name.
+    /// [`super::Error::InvalidArgument`] for a malformed name;
+    /// [`super::Error::NotPermitted`] naming a name the registration does
+    /// not allow; [`super::Error::Unavailable`] past the rate limit.
     pub fn server_certificate<S: AsRef<str>>(
         common_name: &str,
         alt_names: &[S],

@@ -12,6 +12,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 
 use crate::config::{self, Config};
+use crate::identity::ServerNamePolicy;
 use crate::measure::{Digest, Measured};
 use crate::runtime::sandbox::DEFAULT_MAX_MEMORY;
 use crate::runtime::{
@@ -40,6 +41,8 @@ pub struct Cli {
     command: Command,
 }
 
+// Parsed once per process: the size of the largest variant does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run one command component (exports wasi:cli/run), measured and sandboxed.
@@ -157,6 +160,10 @@ struct RunArgs {
     /// Allow outbound connections to HOST:PORT (repeatable). Default: no network.
     #[arg(long = "allow-outbound", value_name = "HOST:PORT")]
     allow_outbound: Vec<Outbound>,
+    /// Allow server certificates for NAME (repeatable): a DNS name,
+    /// `*.suffix` (one label), an IP address or a CIDR block. Default: none.
+    #[arg(long = "server-name", value_name = "NAME")]
+    server_names: Vec<String>,
     /// Stop the module after this long (e.g. 500ms, 30s, 5m).
     #[arg(long, value_name = "DURATION", value_parser = units::parse_duration)]
     timeout: Option<Duration>,
@@ -281,6 +288,10 @@ fn run_command(state_flag: Option<PathBuf>, args: RunArgs) -> ExitCode {
     if args.timeout == Some(Duration::ZERO) {
         return fail("--timeout must be greater than zero", 2);
     }
+    let server_names = match ServerNamePolicy::parse(&args.server_names) {
+        Ok(p) => p,
+        Err(e) => return fail(format!("--server-name: {e}"), 2),
+    };
     let cfg = match optional_config(args.config.clone()) {
         Ok(c) => c,
         Err(code) => return code,
@@ -340,7 +351,7 @@ fn run_command(state_flag: Option<PathBuf>, args: RunArgs) -> ExitCode {
         let identity = crate::identity::IdentityHandle::deferred(move || {
             let svc = open_identity(cfg.as_ref(), &dir)?;
             handle.spawn(svc.clone().maintain(false, stop_rx));
-            svc.ephemeral(&name, &digest)
+            svc.ephemeral(&name, &digest, &server_names)
         });
         let mut spec = SandboxSpec::new(program);
         spec.identity = Some(identity);

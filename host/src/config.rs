@@ -23,6 +23,9 @@
 //! max_table_elements = 100000         # elements per table (default 100000)
 //! max_hostcall_data = "16MiB"         # bytes per call into the host (default 16MiB)
 //! allow_outbound = ["api.example.com:443"]  # the only network it may reach
+//! server_names = ["{module}.{device}.edge.example", "10.0.5.0/24"]
+//!                                     # names it may get server certificates
+//!                                     # for (default none); see identity::names
 //! timeout = "30s"                     # wall-clock limit per start (default none)
 //! restart = "on-failure"              # never | on-failure (default) | always
 //! ```
@@ -55,7 +58,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::hsm::HsmConfig;
-use crate::identity::IdentityConfig;
+use crate::identity::{IdentityConfig, ServerNamePolicy};
 use crate::measure::Digest;
 use crate::runtime::{DirGrant, Limits, Outbound};
 use crate::units::{parse_duration, parse_size};
@@ -216,6 +219,8 @@ struct RawModule {
     max_hostcall_data: Option<String>,
     #[serde(default)]
     allow_outbound: Vec<String>,
+    #[serde(default)]
+    server_names: Vec<String>,
     timeout: Option<String>,
     restart: Option<String>,
 }
@@ -278,6 +283,8 @@ pub struct ModuleSpec {
     pub limits: Limits,
     /// Outbound destinations it may reach (empty: no network).
     pub allow_outbound: Vec<Outbound>,
+    /// Names it may get server certificates for (empty: none).
+    pub server_names: ServerNamePolicy,
     /// Wall-clock deadline per start.
     pub timeout: Option<Duration>,
     /// Restart policy.
@@ -456,6 +463,8 @@ impl Config {
                 .iter()
                 .map(|o| o.parse::<Outbound>().map_err(|e| ctx("allow_outbound", e)))
                 .collect::<Result<Vec<_>, _>>()?;
+            let server_names =
+                ServerNamePolicy::parse(&m.server_names).map_err(|e| ctx("server_names", e))?;
             let timeout = match &m.timeout {
                 None => None,
                 Some(s) => Some(parse_duration(s).map_err(|e| ctx("timeout", e))?),
@@ -476,6 +485,7 @@ impl Config {
                 dirs,
                 limits,
                 allow_outbound,
+                server_names,
                 timeout,
                 restart,
             });

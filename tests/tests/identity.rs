@@ -278,7 +278,14 @@ fn server_certificate_carries_the_names() {
     let s = Scratch::new();
     let out = probe(
         &s,
-        &[],
+        &[
+            "--server-name",
+            "api.local",
+            "--server-name",
+            "*.example.com",
+            "--server-name",
+            "10.0.0.0/24",
+        ],
         &[
             "server-cert",
             "api.local",
@@ -313,10 +320,108 @@ fn server_certificate_carries_the_names() {
     assert!(!text.contains("Client Authentication"), "{text}");
 }
 
+/// `server_names` decide what a module may get a server certificate for,
+/// through a real guest: deny by default, every name named when refused.
+#[test]
+fn server_names_decide_what_is_certified() {
+    let s = Scratch::new();
+    let allowed = [
+        "--server-name",
+        "api.local",
+        "--server-name",
+        "*.svc.example",
+        "--server-name",
+        "10.0.0.7",
+        "--server-name",
+        "10.0.5.0/24",
+    ];
+    let roots = s.write("bundle.pem", &bundle(&s, &[], "pem"));
+    let issued = |args: &[&str], check: &[&str]| {
+        let mut a = vec!["server-cert"];
+        a.extend_from_slice(args);
+        let out = probe(&s, &allowed, &a);
+        let certs = pem_blocks(&out);
+        assert!(!certs.is_empty(), "{args:?}: {out}");
+        let leaf = s.write("server.pem", &certs[0]);
+        openssl_verify(&roots, None, &leaf, check);
+    };
+    // An exact name, a one-label wildcard, an IP, an address in a CIDR.
+    issued(
+        &["api.local", "api.local"],
+        &["-purpose", "sslserver", "-verify_hostname", "api.local"],
+    );
+    issued(
+        &["a.svc.example", "a.svc.example"],
+        &["-verify_hostname", "a.svc.example"],
+    );
+    issued(&["api.local", "10.0.0.7"], &["-verify_ip", "10.0.0.7"]);
+    issued(&["api.local", "10.0.5.9"], &["-verify_ip", "10.0.5.9"]);
+    let refused = |flags: &[&str], args: &[&str], name: &str| {
+        let mut a = vec!["server-cert"];
+        a.extend_from_slice(args);
+        let out = probe(&s, flags, &a);
+        assert!(
+            out.starts_with("server-cert err not-permitted: ")
+                && out.contains(&format!("{name:?}"))
+                && !out.contains("BEGIN CERTIFICATE"),
+            "{args:?}: {out}"
+        );
+    };
+    // A wildcard does not match two labels, nor the bare suffix.
+    refused(
+        &allowed,
+        &["api.local", "a.b.svc.example"],
+        "a.b.svc.example",
+    );
+    refused(&allowed, &["api.local", "svc.example"], "svc.example");
+    // Outside the CIDR, another IP.
+    refused(&allowed, &["api.local", "10.0.6.1"], "10.0.6.1");
+    refused(&allowed, &["api.local", "10.0.0.8"], "10.0.0.8");
+    // A common name outside the list, with allowed alt names.
+    refused(&allowed, &["bank.example", "api.local"], "bank.example");
+    // No list at all: nothing.
+    refused(&[], &["api.local", "api.local"], "api.local");
+    // A malformed entry is refused before the module runs.
+    let o = s.run(PROBE, &["--server-name", "10.0.5.1/24"], &["whoami"]);
+    assert_status(&o, 2);
+    assert!(
+        stderr(&o).contains("--server-name") && stderr(&o).contains("host bits"),
+        "{}",
+        stderr(&o)
+    );
+}
+
+/// The same rules from the config file, with the `{module}` placeholder.
+#[test]
+fn server_names_from_the_config() {
+    let s = Scratch::new();
+    let digest = sha256sum(PROBE);
+    let config = format!(
+        "[identity]\ndevice_id = \"gw1\"\n\n[[module]]\nname = \"web\"\nfile = \"{PROBE}\"\ndigest = \"{digest}\"\nargs = [\"server-cert\", \"web.gw1.edge.example\", \"web.gw1.edge.example\"]\nrestart = \"never\"\nserver_names = [\"{{module}}.{{device}}.edge.example\"]\n\n[[module]]\nname = \"other\"\nfile = \"{PROBE}\"\ndigest = \"{digest}\"\nargs = [\"server-cert\", \"web.gw1.edge.example\", \"web.gw1.edge.example\"]\nrestart = \"never\"\nserver_names = [\"{{module}}.{{device}}.edge.example\"]\n"
+    );
+    let lines = run_daemon_until(
+        &s,
+        &config,
+        &["web | -----END CERTIFICATE-----", "other | server-cert err"],
+    );
+    let other = lines
+        .iter()
+        .find(|l| l.contains("other | server-cert err"))
+        .unwrap();
+    assert!(
+        other.contains("not-permitted") && other.contains("web.gw1.edge.example"),
+        "{other}"
+    );
+}
+
 #[test]
 fn server_certificates_are_rate_limited() {
     let s = Scratch::new();
-    let out = probe(&s, &[], &["server-cert-burst", "14"]);
+    let out = probe(
+        &s,
+        &["--server-name", "burst.local"],
+        &["server-cert-burst", "14"],
+    );
     let ok = out.lines().filter(|l| l.contains(" ok ")).count();
     let limited = out
         .lines()
@@ -797,6 +902,58 @@ fn configured_ca_certificate_chains_to_an_external_root() {
     );
     check_svid(&s, &out, &pem, &id);
 
+    // Every link is signature-checked: a root of the same name with another
+    // key does not sign the device CA certificate.
+    let refused = |chain: &str, why: &str| {
+        let cfg = s.write(
+            "bad.toml",
+            &format!("[identity]\nca_certificate = \"{chain}\"\n"),
+        );
+        let o = s.run(
+            PROBE,
+            &["--config", cfg.to_str().unwrap()],
+            &["token", "svc", "60"],
+        );
+        assert!(
+            stdout(&o).starts_with("token err internal: "),
+            "{}",
+            stdout(&o)
+        );
+        assert!(
+            stderr(&o).contains("ca_certificate") && stderr(&o).contains(why),
+            "{chain}: {}",
+            stderr(&o)
+        );
+    };
+    sh("openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout twin.key -out twin.pem -days 30 -subj '/O=Org/CN=Org Root' 2>/dev/null
+        cat device-ca.pem twin.pem > twin-chain.pem");
+    refused("twin-chain.pem", "signature does not verify");
+    // And every link's validity: a root that expired (made with `openssl
+    // ca`, which takes explicit dates).
+    sh("mkdir -p db && : > db/index.txt && echo 01 > db/serial
+        printf '[ca]\ndefault_ca=d\n[d]\ndatabase=db/index.txt\nserial=db/serial\nnew_certs_dir=db\ndefault_md=sha256\npolicy=p\n[p]\ncommonName=supplied\n' > ca.cnf
+        printf 'basicConstraints=critical,CA:TRUE\nkeyUsage=critical,keyCertSign,cRLSign\nsubjectKeyIdentifier=hash\n' > root.cnf
+        openssl req -new -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout old.key -out old.csr -subj '/CN=Old Root' 2>/dev/null
+        openssl ca -batch -config ca.cnf -selfsign -keyfile old.key -in old.csr -startdate 20200101000000Z -enddate 20200201000000Z -extfile root.cnf -out old.pem 2>/dev/null
+        openssl x509 -new -force_pubkey device-ca.pub -subj '/O=Org/CN=gateway device CA' -CA old.pem -CAkey old.key -days 30 -extfile ext.cnf -out dev-old.pem
+        cat dev-old.pem old.pem > old-chain.pem");
+    refused("old-chain.pem", "expired");
+    // An RSA organisation root is fine (signatures are checked with ring).
+    sh("openssl req -x509 -newkey rsa:2048 -nodes -keyout rsa.key -out rsa.pem -days 30 -subj '/O=Org/CN=RSA Root' 2>/dev/null
+        openssl x509 -new -force_pubkey device-ca.pub -subj '/O=Org/CN=gateway device CA' -CA rsa.pem -CAkey rsa.key -days 30 -extfile ext.cnf -out dev-rsa.pem
+        cat dev-rsa.pem rsa.pem > rsa-chain.pem");
+    let cfg = s.write(
+        "rsa.toml",
+        "[identity]\nca_certificate = \"rsa-chain.pem\"\n",
+    );
+    let out = probe(&s, &["--config", cfg.to_str().unwrap()], &["cert"]);
+    check_svid(
+        &s,
+        &out,
+        &bundle(&s, &["--config", cfg.to_str().unwrap()], "pem"),
+        &id,
+    );
+
     // A certificate for some other key is refused with a clear error.
     sh(
         "openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout x.key -out wrong.pem -days 30 -subj '/CN=wrong' 2>/dev/null",
@@ -910,6 +1067,33 @@ fn jwt_working_key_rotates_and_old_tokens_stay_valid() {
     assert!(kids.len() >= 2, "the working key did not rotate: {kids:?}");
 }
 
+/// The keys in `identity/jwt-keys.json`.
+fn published_keys(s: &Scratch) -> Vec<serde_json::Value> {
+    let path = s.state().join("identity/jwt-keys.json");
+    serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap()
+}
+
+/// What an attacker with write access to the state directory does: appends
+/// a key (SEC1 `point`, base64 DER `certificate`) to the published JWT keys,
+/// valid far into the future. Returns its `kid`.
+fn publish_jwt_key(s: &Scratch, point: &[u8], certificate: &str) -> String {
+    use sha2::Digest as _;
+    let kid = Base64UrlUnpadded::encode_string(&sha2::Sha256::digest(point)[..16]);
+    let mut keys = published_keys(s);
+    keys.push(serde_json::json!({
+        "kid": kid,
+        "public_key": Base64::encode_string(point),
+        "certificate": certificate,
+        "valid_until": 4_000_000_000u64,
+    }));
+    std::fs::write(
+        s.state().join("identity/jwt-keys.json"),
+        serde_json::to_vec(&keys).unwrap(),
+    )
+    .unwrap();
+    kid
+}
+
 #[test]
 fn an_injected_jwt_key_is_not_trusted() {
     let s = Scratch::new();
@@ -923,21 +1107,11 @@ fn an_injected_jwt_key_is_not_trusted() {
         p256::ecdsa::SigningKey::from_bytes(&b.into()).unwrap()
     };
     let point = foreign.verifying_key().to_encoded_point(false);
-    let kid = {
-        use sha2::Digest as _;
-        Base64UrlUnpadded::encode_string(&sha2::Sha256::digest(point.as_bytes())[..16])
-    };
-    let path = s.state().join("identity/jwt-keys.json");
-    let mut keys: Vec<serde_json::Value> =
-        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
-    let real_cert = keys[0]["certificate"].clone();
-    keys.push(serde_json::json!({
-        "kid": kid,
-        "public_key": Base64::encode_string(point.as_bytes()),
-        "certificate": real_cert,
-        "valid_until": 4_000_000_000u64,
-    }));
-    std::fs::write(&path, serde_json::to_vec(&keys).unwrap()).unwrap();
+    let real_cert = published_keys(&s)[0]["certificate"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let kid = publish_jwt_key(&s, point.as_bytes(), &real_cert);
     let parts: Vec<&str> = good.split('.').collect();
     let payload: serde_json::Value =
         serde_json::from_slice(&Base64UrlUnpadded::decode_vec(parts[1]).unwrap()).unwrap();
@@ -951,6 +1125,44 @@ fn an_injected_jwt_key_is_not_trusted() {
     // Nor does it reach the bundle.
     assert!(!bundle(&s, &[], "jwks").contains(&kid));
     // The genuine token still validates.
+    let out = probe(&s, &[], &["validate", &good, "svc"]);
+    assert!(out.starts_with("validate ok "), "{out}");
+}
+
+/// A module holds its own X509-SVID key, which the device CA certified. With
+/// write access to the state directory it must still not be able to pass
+/// that key off as a JWT working key and forge tokens for other modules.
+#[test]
+fn a_modules_own_svid_key_cannot_sign_tokens() {
+    use p256::pkcs8::DecodePrivateKey as _;
+    let s = Scratch::new();
+    // The published-keys file exists once a token was issued.
+    let good = line_value(&probe(&s, &[], &["token", "svc", "60"]), "token ok ").to_owned();
+    let out = probe(&s, &[], &["cert"]);
+    let leaf = pem_to_der(&pem_blocks(&out)[0]);
+    let key = p256::ecdsa::SigningKey::from_pkcs8_der(&private_key_der(&out)).unwrap();
+    let point = key.verifying_key().to_encoded_point(false);
+    let kid = publish_jwt_key(&s, point.as_bytes(), &Base64::encode_string(&leaf));
+    // A token for another module of the trust domain, signed by that key.
+    let parts: Vec<&str> = good.split('.').collect();
+    let mut payload: serde_json::Value =
+        serde_json::from_slice(&Base64UrlUnpadded::decode_vec(parts[1]).unwrap()).unwrap();
+    payload["sub"] = format!(
+        "spiffe://edgeward.local/device/{}/module/victim",
+        edgeward::identity::default_device_id()
+    )
+    .into();
+    let header = serde_json::json!({ "alg": "ES256", "kid": kid, "typ": "JWT" });
+    let forged = es256(&key, &header, &payload);
+    let out = probe(&s, &[], &["validate", &forged, "svc"]);
+    assert!(
+        out.contains("err invalid-argument: token: unknown"),
+        "{out}"
+    );
+    // It never reaches the bundle, and the genuine token still validates.
+    let jwks = bundle(&s, &[], "jwks");
+    assert!(!jwks.contains(&kid), "{jwks}");
+    check_token(&good, &jwks, "svc", "edgeward.local");
     let out = probe(&s, &[], &["validate", &good, "svc"]);
     assert!(out.starts_with("validate ok "), "{out}");
 }

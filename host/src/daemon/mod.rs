@@ -184,12 +184,15 @@ pub async fn run(config: Config, state_dir: PathBuf) -> anyhow::Result<()> {
             .and_then(|()| rt.load_file(&spec.file, Some(&spec.digest)));
         let loaded = match loaded {
             Ok(module) => {
-                let (svc, name, digest) = (
+                let (svc, name, digest, names) = (
                     identity.clone(),
                     spec.name.clone(),
                     module.digest.to_string(),
+                    spec.server_names.clone(),
                 );
-                match tokio::task::spawn_blocking(move || svc.register(&name, &digest)).await {
+                match tokio::task::spawn_blocking(move || svc.register(&name, &digest, &names))
+                    .await
+                {
                     Ok(Ok(id)) => Ok((module, id)),
                     Ok(Err(e)) => {
                         Err(anyhow::Error::from(e).context("cannot register its identity"))

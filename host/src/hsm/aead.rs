@@ -7,12 +7,14 @@
 //!
 //! [`frame`] and [`parse`] are the framing alone (the PKCS#11 backend, whose
 //! token does the GCM); [`SoftAead`] is AES-256-GCM in software with that
-//! framing (the soft backend, the TPM backend's unsealed key, sealing).
+//! framing (the soft backend, the TPM backend's unsealed key, sealing), on
+//! `ring` (AES-NI and carry-less multiplication where the CPU has them,
+//! constant-time code otherwise).
 
 use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
 
-use aes_gcm::aead::{AeadInPlace as _, KeyInit as _};
-use aes_gcm::{Aes256Gcm, Nonce, Tag};
+use ring::aead::{AES_256_GCM, Aad, LessSafeKey, Nonce, UnboundKey};
 use zeroize::Zeroizing;
 
 /// Version byte that starts every framed ciphertext.
@@ -83,20 +85,17 @@ pub fn parse(sealed: &[u8]) -> Result<(&[u8; NONCE_LEN], &[u8]), FrameError> {
     Ok((nonce, ct))
 }
 
-/// A fresh random nonce.
-///
-/// # Errors
-///
-/// When the OS random source fails.
-pub fn random_nonce() -> Result<[u8; NONCE_LEN], String> {
-    let mut nonce = [0u8; NONCE_LEN];
-    getrandom::fill(&mut nonce).map_err(|e| format!("random: {e}"))?;
-    Ok(nonce)
-}
-
 /// AES-256-GCM in software, with the framing above.
+///
+/// Nonces: a random 4-byte prefix and a 64-bit counter that starts at a
+/// random value, per cipher instance (RFC 5116 section 3.2). Within one
+/// instance they never repeat; two instances under the same key (two
+/// processes) collide no more often than random 96-bit nonces would, and it
+/// costs no system call per message.
 pub struct SoftAead {
-    cipher: Aes256Gcm,
+    cipher: LessSafeKey,
+    prefix: [u8; 4],
+    counter: AtomicU64,
 }
 
 impl fmt::Debug for SoftAead {
@@ -113,27 +112,62 @@ impl SoftAead {
 
     /// A cipher under `key`.
     pub fn from_key(key: &[u8; 32]) -> Self {
+        let mut seed = [0u8; 12];
+        // Without the OS random source a fixed start would risk nonce reuse
+        // across processes: fall back to the clock and pid mixed by SHA-256.
+        if getrandom::fill(&mut seed).is_err() {
+            use sha2::Digest as _;
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos())
+                .unwrap_or(0);
+            let h = sha2::Sha256::new()
+                .chain_update(now.to_le_bytes())
+                .chain_update(std::process::id().to_le_bytes())
+                .finalize();
+            seed.copy_from_slice(&h[..12]);
+        }
+        let mut prefix = [0u8; 4];
+        prefix.copy_from_slice(&seed[..4]);
+        let mut start = [0u8; 8];
+        start.copy_from_slice(&seed[4..]);
         Self {
-            cipher: Aes256Gcm::new(key.into()),
+            cipher: LessSafeKey::new(
+                UnboundKey::new(&AES_256_GCM, key)
+                    .unwrap_or_else(|_| unreachable!("AES-256-GCM takes any 32-byte key")),
+            ),
+            prefix,
+            counter: AtomicU64::new(u64::from_le_bytes(start)),
         }
     }
 
-    /// Seals `plaintext` under a fresh random nonce.
+    fn next_nonce(&self) -> [u8; NONCE_LEN] {
+        let mut n = [0u8; NONCE_LEN];
+        n[..4].copy_from_slice(&self.prefix);
+        n[4..].copy_from_slice(&self.counter.fetch_add(1, Ordering::Relaxed).to_be_bytes());
+        n
+    }
+
+    /// Seals `plaintext` under the next nonce.
     ///
     /// # Errors
     ///
-    /// When the OS random source fails.
+    /// When the input is too long for GCM (over 64 GiB).
     pub fn seal(&self, plaintext: &[u8], aad: &[u8]) -> Result<Vec<u8>, String> {
-        let nonce = random_nonce()?;
+        let nonce = self.next_nonce();
         let mut out = Vec::with_capacity(OVERHEAD + plaintext.len());
         out.push(VERSION);
         out.extend_from_slice(&nonce);
         out.extend_from_slice(plaintext);
         let tag = self
             .cipher
-            .encrypt_in_place_detached(Nonce::from_slice(&nonce), aad, &mut out[1 + NONCE_LEN..])
+            .seal_in_place_separate_tag(
+                Nonce::assume_unique_for_key(nonce),
+                Aad::from(aad),
+                &mut out[1 + NONCE_LEN..],
+            )
             .map_err(|_| "encryption failed".to_owned())?;
-        out.extend_from_slice(&tag);
+        out.extend_from_slice(tag.as_ref());
         Ok(out)
     }
 
@@ -145,16 +179,17 @@ impl SoftAead {
     /// [`OpenError`]: bad framing, or a tag that does not verify.
     pub fn open(&self, sealed: &[u8], aad: &[u8]) -> Result<Zeroizing<Vec<u8>>, OpenError> {
         let (nonce, ct) = parse(sealed).map_err(OpenError::Frame)?;
-        let (body, tag) = ct.split_at(ct.len() - TAG_LEN);
-        let mut buf = Zeroizing::new(body.to_vec());
-        self.cipher
-            .decrypt_in_place_detached(
-                Nonce::from_slice(nonce),
-                aad,
+        let mut buf = Zeroizing::new(ct.to_vec());
+        let len = self
+            .cipher
+            .open_in_place(
+                Nonce::assume_unique_for_key(*nonce),
+                Aad::from(aad),
                 &mut buf,
-                Tag::from_slice(tag),
             )
-            .map_err(|_| OpenError::Authentication)?;
+            .map_err(|_| OpenError::Authentication)?
+            .len();
+        buf.truncate(len);
         Ok(buf)
     }
 }
@@ -186,6 +221,10 @@ mod tests {
             Err(OpenError::Frame(FrameError::Truncated))
         );
         assert!(SoftAead::new(&[0u8; 16]).is_none());
+        // Nonces never repeat within an instance.
+        let n1 = parse(&a.seal(b"", b"").unwrap()).unwrap().0.to_owned();
+        let n2 = parse(&a.seal(b"", b"").unwrap()).unwrap().0.to_owned();
+        assert_ne!(n1, n2);
         // The framing alone agrees with the cipher's output.
         let (nonce, ct) = parse(&sealed).unwrap();
         assert_eq!(frame(nonce, ct), sealed);

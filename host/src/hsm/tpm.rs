@@ -125,9 +125,9 @@ fn start_salted_session(ctx: &mut Context, primary: KeyHandle) -> tss_esapi::Res
             SymmetricDefinition::AES_128_CFB,
             HashingAlgorithm::Sha256,
         )?
-        .ok_or_else(|| {
-            tss_esapi::Error::WrapperError(tss_esapi::WrapperErrorKind::WrongValueFromTpm)
-        })?;
+        .ok_or(tss_esapi::Error::WrapperError(
+            tss_esapi::WrapperErrorKind::WrongValueFromTpm,
+        ))?;
     let (attributes, mask) = SessionAttributesBuilder::new()
         .with_decrypt(true)
         .with_encrypt(true)

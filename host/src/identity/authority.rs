@@ -8,7 +8,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use p256::pkcs8::EncodePrivateKey as _;
+use super::hostkey::{HostKey, SignatureEncoding};
+use super::{IdentityError, unix_now};
+use crate::hsm::Hsm;
+use crate::state;
 use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, DnValue,
     ExtendedKeyUsagePurpose, IsCa, Issuer, KeyIdMethod, KeyUsagePurpose, PKCS_ECDSA_P256_SHA256,
@@ -16,11 +19,6 @@ use rcgen::{
 };
 use sha2::{Digest as _, Sha256};
 use time::OffsetDateTime;
-use zeroize::Zeroizing;
-
-use super::{IdentityError, unix_now};
-use crate::hsm::Hsm;
-use crate::state;
 
 /// The HSM key id of the device CA.
 pub const CA_KEY: &str = "device-ca";
@@ -32,13 +30,15 @@ pub const ROOT_RENEW_BEFORE: Duration = Duration::from_secs(30 * 24 * 3600);
 /// disagree a little.
 pub const BACKDATE: Duration = Duration::from_secs(60);
 
-/// A P-256 key rcgen can sign with: the device CA in the HSM.
-struct HsmCaKey {
-    hsm: Arc<dyn Hsm>,
-    point: Vec<u8>,
+/// A P-256 key in the HSM that rcgen can sign with (the device CA, the JWT
+/// authority).
+pub(crate) struct HsmKey {
+    pub(crate) hsm: Arc<dyn Hsm>,
+    pub(crate) id: &'static str,
+    pub(crate) point: Vec<u8>,
 }
 
-impl PublicKeyData for HsmCaKey {
+impl PublicKeyData for HsmKey {
     fn der_bytes(&self) -> &[u8] {
         &self.point
     }
@@ -47,11 +47,11 @@ impl PublicKeyData for HsmCaKey {
     }
 }
 
-impl SigningKey for HsmCaKey {
+impl SigningKey for HsmKey {
     fn sign(&self, msg: &[u8]) -> Result<Vec<u8>, rcgen::Error> {
         let digest: [u8; 32] = Sha256::digest(msg).into();
-        self.hsm.sign_digest(CA_KEY, &digest).map_err(|e| {
-            tracing::error!(error = %e, "device CA signature failed");
+        self.hsm.sign_digest(self.id, &digest).map_err(|e| {
+            tracing::error!(key = self.id, error = %e, "HSM signature failed");
             rcgen::Error::RemoteKeyError
         })
     }
@@ -81,11 +81,6 @@ pub enum Profile {
         /// DNS names and IP addresses.
         names: Vec<SanType>,
     },
-    /// The certificate of a JWT-SVID working key (no SAN, signature only).
-    JwtSigner {
-        /// Its key id.
-        kid: String,
-    },
 }
 
 /// A certificate the CA issued, DER and PEM.
@@ -101,10 +96,8 @@ pub struct Issued {
 
 /// A leaf key generated on the host together with its certificate.
 pub struct LeafKey {
-    /// The private key.
-    pub key: p256::ecdsa::SigningKey,
-    /// PKCS#8 PEM of `key`.
-    pub key_pem: Zeroizing<String>,
+    /// The private key (DER signatures).
+    pub key: HostKey,
     /// Its certificate.
     pub cert: Issued,
 }
@@ -144,17 +137,6 @@ impl std::fmt::Debug for Authority {
 pub(crate) fn key_identifier(point: &[u8]) -> Vec<u8> {
     let spki = PublicP256(point.to_vec()).subject_public_key_info();
     Sha256::digest(spki)[..20].to_vec()
-}
-
-/// A fresh P-256 key generated on the host, with its SEC1 public point.
-pub(crate) fn host_key() -> Result<(p256::ecdsa::SigningKey, Vec<u8>), IdentityError> {
-    let key = crate::hsm::random_signing_key().map_err(IdentityError::Internal)?;
-    let point = key
-        .verifying_key()
-        .to_encoded_point(false)
-        .as_bytes()
-        .to_vec();
-    Ok((key, point))
 }
 
 fn random_serial() -> Result<SerialNumber, IdentityError> {
@@ -223,9 +205,94 @@ pub fn signed_by(der: &[u8], issuer_point: &[u8]) -> bool {
     )
 }
 
+/// Checks a configured chain, leaf (the device CA) first: every link is
+/// within its validity period, names its issuer, and is signed by the next
+/// certificate's key, which is a CA; the last is a self-signed root whose
+/// own signature verifies. SHA-1 signatures are refused. Returns the
+/// earliest `notAfter` of the chain (unix seconds): nothing issued under it
+/// may outlive that.
+///
+/// # Errors
+///
+/// The first link that fails, named by position and subject.
+pub fn check_chain(certs: &[Vec<u8>], now: u64) -> Result<u64, String> {
+    use x509_parser::oid_registry::{OID_PKCS1_SHA1WITHRSA, OID_SHA1_WITH_RSA};
+    let parsed = certs
+        .iter()
+        .enumerate()
+        .map(|(i, der)| {
+            x509_parser::parse_x509_certificate(der)
+                .map(|(_, c)| c)
+                .map_err(|e| format!("certificate {} is not a certificate: {e}", i + 1))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    if parsed.is_empty() {
+        return Err("no certificates".into());
+    }
+    let now_i = i64::try_from(now).unwrap_or(i64::MAX);
+    let mut earliest = u64::MAX;
+    for (i, cert) in parsed.iter().enumerate() {
+        let name = format!("certificate {} ({})", i + 1, cert.subject());
+        let validity = cert.validity();
+        if validity.not_before.timestamp() > now_i + BACKDATE.as_secs() as i64 {
+            return Err(format!(
+                "{name} is not valid before {}",
+                validity.not_before
+            ));
+        }
+        if validity.not_after.timestamp() <= now_i {
+            return Err(format!("{name} expired at {}", validity.not_after));
+        }
+        earliest = earliest.min(u64::try_from(validity.not_after.timestamp()).unwrap_or(0));
+        let last = i + 1 == parsed.len();
+        let issuer = if last { cert } else { &parsed[i + 1] };
+        if cert.issuer() != issuer.subject() {
+            return Err(if last {
+                format!(
+                    "{name} is the last certificate but not a self-signed root (issuer {})",
+                    cert.issuer()
+                )
+            } else {
+                format!(
+                    "{name} is issued by {}, but the next certificate is {}",
+                    cert.issuer(),
+                    issuer.subject()
+                )
+            });
+        }
+        let issuer_is_ca = issuer
+            .basic_constraints()
+            .ok()
+            .flatten()
+            .is_some_and(|bc| bc.value.ca);
+        if !issuer_is_ca {
+            return Err(format!(
+                "{} ({}) signs {name} but is not a CA (basicConstraints cA=true)",
+                if last {
+                    "the root".to_owned()
+                } else {
+                    format!("certificate {}", i + 2)
+                },
+                issuer.subject()
+            ));
+        }
+        let alg = &cert.signature_algorithm.algorithm;
+        if *alg == OID_PKCS1_SHA1WITHRSA || *alg == OID_SHA1_WITH_RSA {
+            return Err(format!("{name} is signed with SHA-1, which is refused"));
+        }
+        cert.verify_signature(Some(issuer.public_key()))
+            .map_err(|e| {
+                format!(
+                    "{name}: its signature does not verify under the key of {} ({e})",
+                    issuer.subject()
+                )
+            })?;
+    }
+    Ok(earliest)
+}
+
 struct ParsedCa {
     not_after: u64,
-    self_signed: bool,
     is_ca: bool,
 }
 
@@ -238,11 +305,7 @@ fn inspect(der: &[u8]) -> Result<ParsedCa, String> {
         .ok()
         .flatten()
         .is_some_and(|bc| bc.value.ca);
-    Ok(ParsedCa {
-        not_after,
-        self_signed: cert.subject() == cert.issuer(),
-        is_ca,
-    })
+    Ok(ParsedCa { not_after, is_ca })
 }
 
 impl Authority {
@@ -289,17 +352,7 @@ impl Authority {
                 "the first certificate is not a CA (basicConstraints cA=true)".into(),
             ));
         }
-        let Some(last) = certs.last() else {
-            return Err(bad("no certificates".into()));
-        };
-        if !inspect(last).map_err(bad)?.self_signed {
-            return Err(bad(
-                "the last certificate must be the self-signed root of the chain".into(),
-            ));
-        }
-        if first.not_after <= unix_now() {
-            return Err(bad("the device CA certificate has expired".into()));
-        }
+        let not_after = check_chain(&certs, unix_now()).map_err(bad)?;
         let issuer = ca_issuer(&point, &certs[0]).map_err(bad)?;
         let n = certs.len();
         let chain: String = certs[..n.saturating_sub(1)]
@@ -311,7 +364,7 @@ impl Authority {
             hsm,
             point,
             issuer,
-            not_after: first.not_after,
+            not_after,
             chain_pem: chain,
             roots_pem: pem_encode(&roots_der[0]),
             roots_der,
@@ -353,8 +406,9 @@ impl Authority {
                 let not_after = now + ROOT_VALIDITY.as_secs();
                 p.not_after = to_time(not_after);
                 p.serial_number = Some(random_serial()?);
-                let key = HsmCaKey {
+                let key = HsmKey {
                     hsm: hsm.clone(),
+                    id: CA_KEY,
                     point: point.clone(),
                 };
                 let cert = p.self_signed(&key).map_err(|e| ca_error(&hsm, e))?;
@@ -398,8 +452,7 @@ impl Authority {
         self.not_after
     }
 
-    /// Issues a certificate of `profile` for `spiffe_id` (ignored for
-    /// [`Profile::JwtSigner`]) over `public_point`, valid from now for `ttl`
+    /// Issues a certificate of `profile` for `spiffe_id` over `public_point`, valid from now for `ttl`
     /// (cut at the CA's own expiry). Blocks on the HSM.
     ///
     /// # Errors
@@ -414,20 +467,8 @@ impl Authority {
         public_point: &[u8],
         ttl: Duration,
     ) -> Result<Issued, IdentityError> {
-        let now = unix_now();
-        let not_after = (now + ttl.as_secs()).min(self.not_after);
-        let mut p = CertificateParams::default();
-        let mut dn = DistinguishedName::new();
-        dn.push(DnType::OrganizationName, "edgeward");
-        dn.push(DnType::CommonName, subject_cn);
-        p.distinguished_name = dn;
-        p.not_before = to_time(now.saturating_sub(BACKDATE.as_secs()));
-        p.not_after = to_time(not_after);
-        p.serial_number = Some(random_serial()?);
-        p.is_ca = IsCa::ExplicitNoCa;
-        p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        p.use_authority_key_identifier_extension = true;
-        p.key_identifier_method = KeyIdMethod::PreSpecified(key_identifier(public_point));
+        let not_after = (unix_now() + ttl.as_secs()).min(self.not_after);
+        let mut p = leaf_params(subject_cn, public_point, not_after)?;
         let uri = || -> Result<SanType, IdentityError> {
             Ok(SanType::URI(spiffe_id.try_into().map_err(|e| {
                 IdentityError::Internal(format!("spiffe id as SAN: {e}"))
@@ -446,15 +487,15 @@ impl Authority {
                 p.subject_alt_names.push(uri()?);
                 p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
             }
-            Profile::JwtSigner { .. } => {}
         }
         let cert = p
             .signed_by(
                 &PublicP256(public_point.to_vec()),
                 &Issuer::from_params(
                     &self.issuer,
-                    HsmCaKey {
+                    HsmKey {
                         hsm: self.hsm.clone(),
+                        id: CA_KEY,
                         point: self.point.clone(),
                     },
                 ),
@@ -480,31 +521,50 @@ impl Authority {
         subject_cn: &str,
         ttl: Duration,
     ) -> Result<LeafKey, IdentityError> {
-        let (key, point) = host_key()?;
-        let mut cert = self.issue(profile, spiffe_id, subject_cn, &point, ttl)?;
+        let key = HostKey::generate(SignatureEncoding::Der)?;
+        let mut cert = self.issue(profile, spiffe_id, subject_cn, key.point(), ttl)?;
         cert.pem.push_str(&self.chain_pem);
-        let key_pem = key
-            .to_pkcs8_pem(p256::pkcs8::LineEnding::LF)
-            .map_err(|e| IdentityError::Internal(format!("encode leaf key: {e}")))?;
-        Ok(LeafKey {
-            key,
-            key_pem: Zeroizing::new(key_pem.as_str().to_owned()),
-            cert,
-        })
+        Ok(LeafKey { key, cert })
     }
+}
+
+/// `O=edgeward, CN=<cn>`: the names edgeward gives what it certifies.
+pub(crate) fn edgeward_name(cn: impl Into<DnValue>) -> DistinguishedName {
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::OrganizationName, "edgeward");
+    dn.push(DnType::CommonName, cn);
+    dn
+}
+
+/// An end-entity certificate for `point` named `cn`, from now (backdated a
+/// little) until `not_after`: a random serial, `CA:FALSE`, key usage
+/// digitalSignature, subject and authority key identifiers.
+///
+/// # Errors
+///
+/// When the random source fails.
+pub(crate) fn leaf_params(
+    cn: &str,
+    point: &[u8],
+    not_after: u64,
+) -> Result<CertificateParams, IdentityError> {
+    let mut p = CertificateParams::default();
+    p.distinguished_name = edgeward_name(cn);
+    p.not_before = to_time(unix_now().saturating_sub(BACKDATE.as_secs()));
+    p.not_after = to_time(not_after);
+    p.serial_number = Some(random_serial()?);
+    p.is_ca = IsCa::ExplicitNoCa;
+    p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    p.use_authority_key_identifier_extension = true;
+    p.key_identifier_method = KeyIdMethod::PreSpecified(key_identifier(point));
+    Ok(p)
 }
 
 /// The distinguished name of a self-signed root: stable for a device, so a
 /// stored root and the issuer of new leaves always agree.
 fn root_params(point: &[u8], device_id: &str) -> CertificateParams {
     let mut p = CertificateParams::default();
-    let mut dn = DistinguishedName::new();
-    dn.push(DnType::OrganizationName, "edgeward");
-    dn.push(
-        DnType::CommonName,
-        format!("edgeward device CA {device_id}"),
-    );
-    p.distinguished_name = dn;
+    p.distinguished_name = edgeward_name(format!("edgeward device CA {device_id}"));
     p.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
     p.key_usages = vec![
         KeyUsagePurpose::KeyCertSign,

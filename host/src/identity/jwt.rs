@@ -1,11 +1,17 @@
 //! JWT-SVIDs: JWS compact, ES256 only, signed by an in-memory working key
-//! that the device CA certifies and that rotates. The TPM (or any slow HSM)
-//! signs one certificate per rotation and is never on the token path.
+//! that rotates. The TPM (or any slow HSM) signs one certificate per
+//! rotation and is never on the token path.
 //!
-//! Working keys are published (public point, certificate) in
+//! Working keys are certified by [`JWT_AUTHORITY_KEY`], an HSM key used for
+//! nothing else (not the device CA: a module holds its own SVID leaf key,
+//! which the device CA certified, and must not be able to pass it off as a
+//! token key). The certificate binds the `kid` (subject CN
+//! `edgeward jwt-svid signer <kid>`) and bounds the key's validity
+//! (`notAfter`). Keys are published (public point, certificate) in
 //! `state_dir/identity/jwt-keys.json`, so `edgeward bundle` and other
-//! edgeward processes on the device can verify tokens. A published key is
-//! only trusted if its certificate verifies under the device CA key.
+//! edgeward processes on the device can verify tokens; a published key is
+//! trusted only if its certificate verifies under the JWT authority key,
+//! and only until its certificate's `notAfter`.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -13,13 +19,25 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use base64ct::{Base64, Base64UrlUnpadded, Encoding as _};
-use p256::ecdsa::signature::{Signer as _, Verifier as _};
+use rcgen::{CertificateParams, Issuer, KeyIdMethod, KeyUsagePurpose};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 
-use super::authority::{Authority, Profile, certificate_point, signed_by};
+use super::authority::{BACKDATE, HsmKey, PublicP256, edgeward_name, key_identifier, leaf_params};
+use super::hostkey::{HostKey, SignatureEncoding, verify_fixed};
 use super::{IdentityError, unix_now};
+use crate::hsm::Hsm;
 use crate::state;
+
+/// The HSM key that certifies JWT-SVID working keys, and nothing else.
+pub const JWT_AUTHORITY_KEY: &str = "jwt-authority";
+/// A working key's certificate has this subject CN, then its `kid`.
+pub const SIGNER_CN_PREFIX: &str = "edgeward jwt-svid signer ";
+/// After a failed inline rotation (the HSM is down), token requests that
+/// need a new key fail fast for this long, doubling per failure...
+pub const INLINE_RETRY_MIN: Duration = Duration::from_secs(1);
+/// ...up to this.
+pub const INLINE_RETRY_MAX: Duration = Duration::from_secs(30);
 
 /// Largest token `validate` looks at (8 KiB).
 pub const MAX_TOKEN: usize = 8 << 10;
@@ -68,7 +86,7 @@ impl PublishedKey {
 
 struct WorkingKey {
     kid: String,
-    key: p256::ecdsa::SigningKey,
+    key: HostKey,
     /// The background rotation replaces it from this time (unix seconds).
     retire_at: u64,
     /// Verifiers accept its tokens until then; no token it signs expires
@@ -127,16 +145,40 @@ struct Payload {
     digest: Option<String>,
 }
 
+/// A published key that passed [`TokenService::certified`].
+#[derive(Debug)]
+struct TrustedKey {
+    published: PublishedKey,
+    point: Vec<u8>,
+    /// `min(published valid_until, certificate notAfter)`.
+    valid_until: u64,
+}
+
+/// Inline rotations that failed, for the backoff.
+#[derive(Debug, Default)]
+struct InlineRetry {
+    failures: u32,
+    next_attempt: Option<Instant>,
+}
+
 /// Issues and validates JWT-SVIDs for one trust domain.
 pub struct TokenService {
     trust_domain: String,
-    authority: Arc<Authority>,
+    hsm: Arc<dyn Hsm>,
+    /// The JWT authority's public point and its issuer name.
+    authority_point: Vec<u8>,
+    issuer: CertificateParams,
     max_ttl: Duration,
     rotation: Duration,
     current: RwLock<Option<Arc<WorkingKey>>>,
-    known: RwLock<HashMap<String, PublishedKey>>,
+    known: RwLock<HashMap<String, Arc<TrustedKey>>>,
     keys_file: PathBuf,
     last_reload: Mutex<Option<Instant>>,
+    /// Held while a working key is made: one HSM signature at a time.
+    rotating: Mutex<()>,
+    /// Held by token requests that must rotate inline: one attempt at a
+    /// time, then a backoff while the HSM keeps failing.
+    inline: Mutex<InlineRetry>,
 }
 
 impl std::fmt::Debug for TokenService {
@@ -159,61 +201,85 @@ fn invalid(m: impl Into<String>) -> IdentityError {
 }
 
 impl TokenService {
-    /// Starts the service and loads the published keys. The first working
-    /// key is made by [`TokenService::rotate`] (the daemon does so at start)
-    /// or by the first token request.
+    /// Starts the service: creates the JWT authority key in the HSM if
+    /// needed. The first working key is made by [`TokenService::rotate`]
+    /// (the daemon does so at start) or by the first token request.
     ///
     /// # Errors
     ///
-    /// None today; kept fallible for storage checks.
+    /// HSM errors (making or reading the JWT authority key).
     pub fn open(
         trust_domain: &str,
-        authority: Arc<Authority>,
+        hsm: Arc<dyn Hsm>,
+        device_id: &str,
         max_ttl: Duration,
         rotation: Duration,
         state_dir: &std::path::Path,
     ) -> Result<Self, IdentityError> {
+        let authority_point = hsm.signing_key(JWT_AUTHORITY_KEY)?;
+        let mut issuer = CertificateParams::default();
+        issuer.distinguished_name =
+            edgeward_name(format!("edgeward jwt-svid authority {device_id}"));
+        issuer.key_identifier_method = KeyIdMethod::PreSpecified(key_identifier(&authority_point));
+        issuer.key_usages = vec![KeyUsagePurpose::KeyCertSign];
         let keys_file = state_dir.join("identity").join("jwt-keys.json");
-        let svc = Self {
+        // Published keys are read (and their certificates checked) when
+        // first needed, not on every start.
+        Ok(Self {
             trust_domain: trust_domain.to_owned(),
-            authority,
+            hsm,
+            authority_point,
+            issuer,
             max_ttl,
             rotation,
             current: RwLock::new(None),
             known: RwLock::new(HashMap::new()),
             keys_file,
             last_reload: Mutex::new(None),
-        };
-        // Published keys are read (and their certificates checked) when
-        // first needed, not on every start.
-        Ok(svc)
+            rotating: Mutex::new(()),
+            inline: Mutex::new(InlineRetry::default()),
+        })
     }
 
-    fn new_working_key(
-        authority: &Authority,
-        rotation: Duration,
-        max_ttl: Duration,
-    ) -> Result<(WorkingKey, PublishedKey), IdentityError> {
-        let (key, point) = super::authority::host_key()?;
-        let kid = kid_of(&point);
-        let retire_at = unix_now() + rotation.as_secs();
+    /// The certificate of working key `kid` (`point`) until `not_after`,
+    /// signed by the JWT authority key. Blocks on the HSM.
+    fn certify(&self, kid: &str, point: &[u8], not_after: u64) -> Result<Vec<u8>, IdentityError> {
+        let p = leaf_params(&format!("{SIGNER_CN_PREFIX}{kid}"), point, not_after)?;
+        let signer = HsmKey {
+            hsm: self.hsm.clone(),
+            id: JWT_AUTHORITY_KEY,
+            point: self.authority_point.clone(),
+        };
+        let cert = p
+            .signed_by(
+                &PublicP256(point.to_vec()),
+                &Issuer::from_params(&self.issuer, signer),
+            )
+            .map_err(|e| match e {
+                rcgen::Error::RemoteKeyError => IdentityError::Unavailable(format!(
+                    "the {JWT_AUTHORITY_KEY} key in the {} HSM could not sign",
+                    self.hsm.backend()
+                )),
+                other => IdentityError::Internal(format!("certificate encoding: {other}")),
+            })?;
+        Ok(cert.der().to_vec())
+    }
+
+    fn new_working_key(&self) -> Result<(WorkingKey, PublishedKey), IdentityError> {
+        let key = HostKey::generate(SignatureEncoding::Fixed)?;
+        let kid = kid_of(key.point());
+        let retire_at = unix_now() + self.rotation.as_secs();
         // A key signs until the background task replaces it (up to one check
         // period after `retire_at`, or until the inline fallback at half a
         // maximum TTL later); its tokens must stay verifiable for their whole
         // life after that.
-        let slack = max_ttl.as_secs() / 2 + rotation_check_period(rotation).as_secs() + 1;
-        let valid_until = retire_at + slack + max_ttl.as_secs();
-        let cert = authority.issue(
-            &Profile::JwtSigner { kid: kid.clone() },
-            "",
-            &format!("edgeward jwt-svid signer {kid}"),
-            &point,
-            Duration::from_secs(valid_until.saturating_sub(unix_now())),
-        )?;
+        let slack = self.max_ttl.as_secs() / 2 + rotation_check_period(self.rotation).as_secs() + 1;
+        let valid_until = retire_at + slack + self.max_ttl.as_secs();
+        let cert = self.certify(&kid, key.point(), valid_until)?;
         let published = PublishedKey {
             kid: kid.clone(),
-            public_key: Base64::encode_string(&point),
-            certificate: Base64::encode_string(&cert.der),
+            public_key: Base64::encode_string(key.point()),
+            certificate: Base64::encode_string(&cert),
             valid_until,
         };
         Ok((
@@ -227,14 +293,41 @@ impl TokenService {
         ))
     }
 
-    /// Verifies a published key against the device CA.
-    fn certified(&self, k: &PublishedKey) -> bool {
-        let (Some(point), Ok(cert)) = (k.point(), Base64::decode_vec(&k.certificate)) else {
-            return false;
-        };
-        kid_of(&point) == k.kid
-            && certificate_point(&cert).as_deref() == Some(point.as_slice())
-            && signed_by(&cert, self.authority.public_key())
+    /// Checks a published key: its `kid` is its point's, and its
+    /// certificate is for that point, names that `kid`, is signed by the JWT
+    /// authority key and has begun. Returns it with its validity cut at the
+    /// certificate's `notAfter`.
+    fn certified(&self, k: &PublishedKey) -> Option<TrustedKey> {
+        let point = k.point()?;
+        if kid_of(&point) != k.kid {
+            return None;
+        }
+        let der = Base64::decode_vec(&k.certificate).ok()?;
+        let (_, cert) = x509_parser::parse_x509_certificate(&der).ok()?;
+        if cert.public_key().subject_public_key.data.as_ref() != point.as_slice() {
+            return None;
+        }
+        let cn = cert.subject().iter_common_name().next()?.as_str().ok()?;
+        if cn.strip_prefix(SIGNER_CN_PREFIX) != Some(k.kid.as_str()) {
+            return None;
+        }
+        if !crate::hsm::verify_p256(
+            &self.authority_point,
+            cert.tbs_certificate.as_ref(),
+            &cert.signature_value.data,
+        ) {
+            return None;
+        }
+        let not_before = u64::try_from(cert.validity().not_before.timestamp()).ok()?;
+        let not_after = u64::try_from(cert.validity().not_after.timestamp()).ok()?;
+        if not_before > unix_now() + BACKDATE.as_secs() {
+            return None;
+        }
+        Some(TrustedKey {
+            published: k.clone(),
+            point,
+            valid_until: k.valid_until.min(not_after),
+        })
     }
 
     fn read_file(&self) -> Vec<PublishedKey> {
@@ -254,25 +347,34 @@ impl TokenService {
         }
     }
 
-    /// Merges the file's certified, unexpired keys into the known set.
+    /// Merges the file's certified, unexpired keys into the known set
+    /// (keys already known with the same certificate are not checked again).
     fn reload(&self) {
         let now = unix_now();
-        let loaded: Vec<PublishedKey> = self
-            .read_file()
-            .into_iter()
-            .filter(|k| k.valid_until > now)
-            .filter(|k| {
-                let ok = self.certified(k);
-                if !ok {
-                    tracing::warn!(kid = %k.kid, "published JWT key is not certified by the device CA; ignored");
-                }
-                ok
-            })
-            .collect();
+        let file = self.read_file();
+        let mut fresh = Vec::new();
+        for k in file {
+            let known = self
+                .known
+                .read()
+                .ok()
+                .and_then(|m| m.get(&k.kid).map(|t| t.published == k));
+            if known == Some(true) {
+                continue;
+            }
+            match self.certified(&k) {
+                Some(t) if t.valid_until > now => fresh.push(t),
+                Some(_) => {}
+                None => tracing::warn!(
+                    kid = %k.kid,
+                    "published JWT key is not certified by the {JWT_AUTHORITY_KEY} key; ignored"
+                ),
+            }
+        }
         if let Ok(mut known) = self.known.write() {
             known.retain(|_, k| k.valid_until > now);
-            for k in loaded {
-                known.insert(k.kid.clone(), k);
+            for t in fresh {
+                known.insert(t.published.kid.clone(), Arc::new(t));
             }
         }
     }
@@ -288,6 +390,9 @@ impl TokenService {
         if let Some(dir) = self.keys_file.parent() {
             state::ensure_private_dir(dir).map_err(storage)?;
         }
+        let trusted = self.certified(&key).ok_or_else(|| {
+            IdentityError::Internal("a new working key failed its own certificate check".into())
+        })?;
         use std::os::unix::fs::OpenOptionsExt as _;
         let lock = std::fs::OpenOptions::new()
             .mode(0o600)
@@ -303,8 +408,8 @@ impl TokenService {
                 .known
                 .write()
                 .map_err(|_| IdentityError::Internal("key set lock poisoned".into()))?;
-            known.insert(key.kid.clone(), key);
-            let mut v: Vec<_> = known.values().cloned().collect();
+            known.insert(key.kid.clone(), Arc::new(trusted));
+            let mut v: Vec<_> = known.values().map(|t| t.published.clone()).collect();
             v.sort_by(|a, b| a.valid_until.cmp(&b.valid_until).then(a.kid.cmp(&b.kid)));
             v
         };
@@ -316,12 +421,17 @@ impl TokenService {
 
     /// Replaces the working key if there is one and it is due, or always
     /// with `force` (which also makes the first one). Blocks on the HSM for
-    /// one signature; call from a blocking context.
+    /// one signature; call from a blocking context. One rotation runs at a
+    /// time.
     ///
     /// # Errors
     ///
     /// HSM or storage failures; the current key stays in use.
     pub fn rotate(&self, force: bool) -> Result<bool, IdentityError> {
+        let _one = self
+            .rotating
+            .lock()
+            .map_err(|_| IdentityError::Internal("rotation lock poisoned".into()))?;
         let due = self
             .current
             .read()
@@ -330,7 +440,7 @@ impl TokenService {
         if !(due || force) {
             return Ok(false);
         }
-        let (key, published) = Self::new_working_key(&self.authority, self.rotation, self.max_ttl)?;
+        let (key, published) = self.new_working_key()?;
         self.publish(published)?;
         let kid = key.kid.clone();
         if let Ok(mut cur) = self.current.write() {
@@ -338,6 +448,59 @@ impl TokenService {
         }
         tracing::info!(kid = %kid, "JWT-SVID working key rotated");
         Ok(true)
+    }
+
+    /// A key for a token of `ttl` seconds when the current one will not do:
+    /// rotates inline, one caller at a time. While the HSM keeps failing,
+    /// callers get `unavailable` at once (backing off from
+    /// [`INLINE_RETRY_MIN`] to [`INLINE_RETRY_MAX`]) instead of each calling
+    /// it, and the old key keeps signing while its validity covers the token.
+    fn rotate_inline(&self, ttl: u64) -> Result<Arc<WorkingKey>, IdentityError> {
+        let mut retry = self
+            .inline
+            .lock()
+            .map_err(|_| IdentityError::Internal("rotation lock poisoned".into()))?;
+        let now = unix_now();
+        let current = self.current_key()?;
+        // Another caller may have rotated while this one waited.
+        if let Some(k) = &current
+            && self.fresh(k, now, ttl)
+        {
+            return Ok(k.clone());
+        }
+        let still_valid = current.filter(|k| now + ttl <= k.valid_until);
+        if let Some(at) = retry.next_attempt
+            && Instant::now() < at
+        {
+            return still_valid.ok_or_else(|| {
+                IdentityError::Unavailable(format!(
+                    "no JWT signing key: the HSM failed {} time(s); next attempt in {} ms",
+                    retry.failures,
+                    at.saturating_duration_since(Instant::now()).as_millis()
+                ))
+            });
+        }
+        match self.rotate(true) {
+            Ok(_) => {
+                *retry = InlineRetry::default();
+                self.current_key()?
+                    .ok_or_else(|| IdentityError::Internal("no working key after rotation".into()))
+            }
+            Err(e) => {
+                retry.failures = retry.failures.saturating_add(1);
+                let wait = INLINE_RETRY_MIN
+                    .saturating_mul(1 << retry.failures.saturating_sub(1).min(16))
+                    .min(INLINE_RETRY_MAX);
+                retry.next_attempt = Some(Instant::now() + wait);
+                tracing::warn!(error = %e, retry_in_ms = wait.as_millis(), "JWT working key rotation failed");
+                still_valid.ok_or(e)
+            }
+        }
+    }
+
+    /// Whether `k` may sign a token of `ttl` seconds now without rotating.
+    fn fresh(&self, k: &WorkingKey, now: u64, ttl: u64) -> bool {
+        now < k.retire_at + self.max_ttl.as_secs() / 2 && now + ttl <= k.valid_until
     }
 
     /// How often the working key rotates.
@@ -360,7 +523,10 @@ impl TokenService {
             .map(|k| {
                 k.values()
                     .filter(|k| k.valid_until > now)
-                    .cloned()
+                    .map(|k| PublishedKey {
+                        valid_until: k.valid_until,
+                        ..k.published.clone()
+                    })
                     .collect()
             })
             .unwrap_or_default();
@@ -406,9 +572,7 @@ impl TokenService {
     /// working key, i.e. will not block on the HSM to rotate it.
     pub fn can_issue_now(&self, ttl_seconds: u32) -> bool {
         let ttl = u64::from(ttl_seconds).min(self.max_ttl.as_secs());
-        let now = unix_now();
-        matches!(self.current_key(), Ok(Some(k))
-            if now < k.retire_at + self.max_ttl.as_secs() / 2 && now + ttl <= k.valid_until)
+        matches!(self.current_key(), Ok(Some(k)) if self.fresh(&k, unix_now(), ttl))
     }
 
     /// Whether [`TokenService::validate`] can decide on `token` from the keys
@@ -445,17 +609,8 @@ impl TokenService {
         // The daemon makes the first key at start and rotates in the
         // background; without that (or far past retirement) it happens here.
         let key = match self.current_key()? {
-            Some(k)
-                if now < k.retire_at + self.max_ttl.as_secs() / 2 && now + ttl <= k.valid_until =>
-            {
-                k
-            }
-            _ => {
-                self.rotate(true)?;
-                self.current_key()?.ok_or_else(|| {
-                    IdentityError::Internal("no working key after rotation".into())
-                })?
-            }
+            Some(k) if self.fresh(&k, now, ttl) => k,
+            _ => self.rotate_inline(ttl)?,
         };
         let mut jti = [0u8; 16];
         getrandom::fill(&mut jti).map_err(|e| IdentityError::Internal(format!("random: {e}")))?;
@@ -473,9 +628,9 @@ impl TokenService {
         out.push_str(&Base64UrlUnpadded::encode_string(
             payload.to_string().as_bytes(),
         ));
-        let sig: p256::ecdsa::Signature = key.key.sign(out.as_bytes());
+        let sig = key.key.sign(out.as_bytes())?;
         out.push('.');
-        out.push_str(&Base64UrlUnpadded::encode_string(&sig.to_bytes()));
+        out.push_str(&Base64UrlUnpadded::encode_string(&sig));
         Ok(out)
     }
 
@@ -486,7 +641,7 @@ impl TokenService {
             .map_err(|_| IdentityError::Internal("working key lock poisoned".into()))
     }
 
-    fn key_for(&self, kid: &str) -> Option<PublishedKey> {
+    fn key_for(&self, kid: &str) -> Option<Arc<TrustedKey>> {
         let now = unix_now();
         let find = || {
             self.known
@@ -562,18 +717,15 @@ impl TokenService {
         let key = self
             .key_for(&kid)
             .ok_or_else(|| invalid(format!("token: unknown or expired signing key {kid:?}")))?;
-        let point = key
-            .point()
-            .ok_or_else(|| invalid("token: unusable signing key"))?;
-        let vk = p256::ecdsa::VerifyingKey::from_sec1_bytes(&point)
-            .map_err(|_| invalid("token: unusable signing key"))?;
-        let sig = Base64UrlUnpadded::decode_vec(s64)
-            .ok()
-            .and_then(|b| p256::ecdsa::Signature::from_slice(&b).ok())
-            .ok_or_else(|| invalid("token: malformed signature"))?;
+        let mut sig = [0u8; 64];
+        match Base64UrlUnpadded::decode(s64, &mut sig) {
+            Ok(s) if s.len() == 64 => {}
+            _ => return Err(invalid("token: malformed signature")),
+        }
         let signed = &token[..h64.len() + 1 + p64.len()];
-        vk.verify(signed.as_bytes(), &sig)
-            .map_err(|_| invalid("token: signature does not verify"))?;
+        if !verify_fixed(&key.point, signed.as_bytes(), &sig) {
+            return Err(invalid("token: signature does not verify"));
+        }
         let payload: Payload = Base64UrlUnpadded::decode_vec(p64)
             .ok()
             .and_then(|b| serde_json::from_slice(&b).ok())
@@ -616,7 +768,55 @@ impl TokenService {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
     use super::*;
+    use crate::hsm::{ErrorKind, HsmError, Op};
+
+    /// The soft HSM, with signatures that fail on demand and are counted.
+    #[derive(Debug)]
+    struct Flaky {
+        inner: Arc<dyn Hsm>,
+        down: AtomicBool,
+        signs: AtomicUsize,
+    }
+
+    impl Hsm for Flaky {
+        fn backend(&self) -> &'static str {
+            "flaky"
+        }
+        fn signing_key(&self, id: &str) -> crate::hsm::Result<Vec<u8>> {
+            self.inner.signing_key(id)
+        }
+        fn sign_digest(&self, id: &str, digest: &[u8; 32]) -> crate::hsm::Result<Vec<u8>> {
+            self.signs.fetch_add(1, Ordering::SeqCst);
+            if self.down.load(Ordering::SeqCst) {
+                // A TPM that does not answer takes a while to say so.
+                std::thread::sleep(Duration::from_millis(20));
+                return Err(HsmError::new(
+                    "flaky",
+                    Op::Sign,
+                    Some(id),
+                    ErrorKind::Unavailable("device gone".into()),
+                ));
+            }
+            self.inner.sign_digest(id, digest)
+        }
+    }
+
+    fn service(dir: &std::path::Path, hsm: Arc<dyn Hsm>, rotation: u64) -> TokenService {
+        TokenService::open(
+            "td",
+            hsm,
+            "dev",
+            Duration::from_secs(300),
+            Duration::from_secs(rotation),
+            dir,
+        )
+        .unwrap()
+    }
+
+    const SUB: &str = "spiffe://td/device/d/module/m";
 
     /// A key past its retirement may still sign (until the background task
     /// replaces it), so its published validity must cover those tokens.
@@ -624,25 +824,10 @@ mod tests {
     fn tokens_never_outlive_their_published_key() {
         let dir = tempfile::tempdir().unwrap();
         let hsm = crate::hsm::open(&Default::default(), dir.path()).unwrap();
-        let authority = Arc::new(Authority::open(hsm, "dev", None, dir.path()).unwrap());
-        let svc = TokenService::open(
-            "td",
-            authority,
-            Duration::from_secs(300),
-            Duration::from_secs(1),
-            dir.path(),
-        )
-        .unwrap();
+        let svc = service(dir.path(), hsm, 1);
         let mut kids = Vec::new();
         for _ in 0..2 {
-            let t = svc
-                .issue(
-                    "spiffe://td/device/d/module/m",
-                    &["a".into()],
-                    300,
-                    "sha256:x",
-                )
-                .unwrap();
+            let t = svc.issue(SUB, &["a".into()], 300, "sha256:x").unwrap();
             let claims = svc.validate(&t, "a").unwrap();
             let header: Header = serde_json::from_slice(
                 &Base64UrlUnpadded::decode_vec(t.split('.').next().unwrap()).unwrap(),
@@ -662,5 +847,92 @@ mod tests {
         // Past its retirement the key still signed: no HSM signature on the
         // token path while the background rotation has not run.
         assert_eq!(kids[0], kids[1]);
+    }
+
+    /// With the HSM down, token requests that need a new working key make
+    /// one HSM attempt between them, not one each, and fail fast.
+    #[test]
+    fn hsm_down_rotation_is_single_flight_with_backoff() {
+        let dir = tempfile::tempdir().unwrap();
+        let flaky = Arc::new(Flaky {
+            inner: crate::hsm::open(&Default::default(), dir.path()).unwrap(),
+            down: AtomicBool::new(true),
+            signs: AtomicUsize::new(0),
+        });
+        let svc = Arc::new(service(dir.path(), flaky.clone(), 3600));
+        let started = Instant::now();
+        let threads: Vec<_> = (0..4)
+            .map(|_| {
+                let svc = svc.clone();
+                std::thread::spawn(move || {
+                    (0..50)
+                        .map(|_| svc.issue(SUB, &["a".into()], 60, "sha256:x"))
+                        .filter(|r| matches!(r, Err(IdentityError::Unavailable(_))))
+                        .count()
+                })
+            })
+            .collect();
+        let refused: usize = threads.into_iter().map(|t| t.join().unwrap()).sum();
+        let elapsed = started.elapsed();
+        assert_eq!(refused, 200, "every request is refused as unavailable");
+        let attempts = flaky.signs.load(Ordering::SeqCst);
+        // One attempt, plus one per backoff period that expired meanwhile.
+        let allowed = 1 + (elapsed.as_millis() / INLINE_RETRY_MIN.as_millis()) as usize;
+        assert!(
+            attempts <= allowed,
+            "{attempts} HSM attempts for 200 token requests in {elapsed:?}"
+        );
+        // The HSM is back: after the backoff the next request rotates.
+        flaky.down.store(false, Ordering::SeqCst);
+        std::thread::sleep(INLINE_RETRY_MIN * 2 + Duration::from_millis(100));
+        let t = svc.issue(SUB, &["a".into()], 60, "sha256:x").unwrap();
+        assert!(svc.validate(&t, "a").is_ok());
+    }
+
+    /// A published key is trusted only if the JWT authority key certified
+    /// it for that `kid`; its validity is the certificate's.
+    #[test]
+    fn only_the_jwt_authority_certifies_working_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let hsm = crate::hsm::open(&Default::default(), dir.path()).unwrap();
+        let svc = service(dir.path(), hsm.clone(), 3600);
+        svc.issue(SUB, &["a".into()], 60, "sha256:x").unwrap();
+        let good = svc.published().pop().unwrap();
+        assert!(svc.certified(&good).is_some());
+        // A later valid_until than the certificate's notAfter is cut to it.
+        let longer = PublishedKey {
+            valid_until: good.valid_until + 1_000_000,
+            ..good.clone()
+        };
+        assert_eq!(
+            svc.certified(&longer).unwrap().valid_until,
+            good.valid_until
+        );
+        // The same certificate under another kid: refused.
+        let other = HostKey::generate(SignatureEncoding::Fixed).unwrap();
+        let renamed = PublishedKey {
+            kid: kid_of(other.point()),
+            public_key: Base64::encode_string(other.point()),
+            ..good.clone()
+        };
+        assert!(svc.certified(&renamed).is_none());
+        // A working key certified by another HSM key (the device CA, say):
+        // refused.
+        let ca = super::super::Authority::open(hsm, "dev", None, dir.path()).unwrap();
+        let leaf = ca
+            .issue_leaf(
+                &super::super::Profile::Svid,
+                SUB,
+                "m",
+                Duration::from_secs(600),
+            )
+            .unwrap();
+        let injected = PublishedKey {
+            kid: kid_of(leaf.key.point()),
+            public_key: Base64::encode_string(leaf.key.point()),
+            certificate: Base64::encode_string(&leaf.cert.der),
+            valid_until: unix_now() + 600,
+        };
+        assert!(svc.certified(&injected).is_none());
     }
 }

@@ -13,8 +13,10 @@
 pub mod authority;
 mod config;
 mod handle;
+pub mod hostkey;
 pub mod jwt;
 mod module;
+pub mod names;
 pub mod registry;
 mod sealing;
 mod server;
@@ -28,6 +30,7 @@ pub use config::{
 pub use handle::IdentityHandle;
 pub use jwt::{Claims, PublishedKey, TokenService};
 pub use module::{Credentials, ModuleIdentity, WhoAmI, sign_with};
+pub use names::{ServerName, ServerNamePolicy, ServerNames};
 pub use service::IdentityService;
 
 use std::time::Duration;
@@ -64,6 +67,9 @@ pub fn unix_now() -> u64 {
 /// set-up failures of the daemon).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum IdentityError {
+    /// The module's registration does not allow this.
+    #[error("not permitted: {0}")]
+    NotPermitted(String),
     /// An argument was malformed or outside its limits.
     #[error("invalid argument: {0}")]
     InvalidArgument(String),

@@ -4,11 +4,11 @@
 
 use std::sync::{Arc, Mutex};
 
-use p256::ecdsa::signature::Signer as _;
 use zeroize::Zeroizing;
 
 use super::authority::{LeafKey, Profile};
 use super::jwt::Claims;
+use super::names::ServerNames;
 use super::sealing::Sealer;
 use super::{
     IdentityError, IdentityService, MAX_SIGN_INPUT, RENEW_RETRY, SERVER_CERT_BURST, check_size,
@@ -45,7 +45,7 @@ impl From<&LeafKey> for Credentials {
     fn from(l: &LeafKey) -> Self {
         Self {
             certificate_chain: l.cert.pem.clone(),
-            private_key: l.key_pem.clone(),
+            private_key: l.key.pkcs8_pem().clone(),
             expires_at: l.cert.not_after,
         }
     }
@@ -61,6 +61,8 @@ pub struct ModuleIdentity {
     pub(super) who: WhoAmI,
     pub(super) service: Arc<IdentityService>,
     sealer: Sealer,
+    /// What `server_certificate` may certify.
+    pub(super) server_names: ServerNames,
     leaf: Mutex<Option<CurrentLeaf>>,
     /// Token bucket for `server_certificate`: (tokens, last refill).
     pub(super) server_certs: Mutex<(f64, std::time::Instant)>,
@@ -75,9 +77,12 @@ impl std::fmt::Debug for ModuleIdentity {
 }
 
 /// ECDSA P-256 / SHA-256 (DER) of `data` by `leaf`'s key.
-pub fn sign_with(leaf: &LeafKey, data: &[u8]) -> Vec<u8> {
-    let sig: p256::ecdsa::DerSignature = leaf.key.sign(data);
-    sig.as_bytes().to_vec()
+///
+/// # Errors
+///
+/// When the random source fails.
+pub fn sign_with(leaf: &LeafKey, data: &[u8]) -> Result<Vec<u8>, IdentityError> {
+    leaf.key.sign(data)
 }
 
 fn random_below(n: u64) -> u64 {
@@ -89,11 +94,17 @@ fn random_below(n: u64) -> u64 {
 }
 
 impl ModuleIdentity {
-    pub(super) fn new(who: WhoAmI, service: Arc<IdentityService>, sealer: Sealer) -> Arc<Self> {
+    pub(super) fn new(
+        who: WhoAmI,
+        service: Arc<IdentityService>,
+        sealer: Sealer,
+        server_names: ServerNames,
+    ) -> Arc<Self> {
         Arc::new(Self {
             who,
             service,
             sealer,
+            server_names,
             leaf: Mutex::new(None),
             server_certs: Mutex::new((SERVER_CERT_BURST, std::time::Instant::now())),
         })
@@ -207,7 +218,7 @@ impl ModuleIdentity {
     /// Oversized input; see [`ModuleIdentity::current_leaf`].
     pub fn sign(&self, data: &[u8]) -> Result<Vec<u8>, IdentityError> {
         check_size("data", data.len(), MAX_SIGN_INPUT)?;
-        Ok(sign_with(self.current_leaf()?.as_ref(), data))
+        sign_with(self.current_leaf()?.as_ref(), data)
     }
 
     /// Seals `plaintext` to this module's registration:

@@ -1,46 +1,42 @@
-//! Server certificates: which names a module may get one for, and how
-//! often (each is an HSM signature).
+//! Server certificates: for the names the module's registration allows
+//! (its `server_names`, deny by default), and not too often (each is an
+//! HSM signature).
 
 use std::net::IpAddr;
 
 use super::authority::Profile;
 use super::module::Credentials;
+use super::names::check_dns_name;
 use super::{
     IdentityError, MAX_ALT_NAMES, ModuleIdentity, SERVER_CERT_BURST, SERVER_CERT_RATE, invalid,
 };
 
-/// Checks a DNS name for a server certificate: LDH labels, no wildcard.
-fn check_dns_name(name: &str) -> Result<(), IdentityError> {
-    let bad = |why: &str| invalid(format!("alt-names: {name:?} {why}"));
-    if name.is_empty() || name.len() > 253 {
-        return Err(bad("must be 1-253 bytes"));
-    }
+/// Checks a requested DNS name: LDH labels, no wildcard.
+fn check_requested_dns(what: &str, name: &str) -> Result<(), IdentityError> {
     if name.starts_with("*.") {
-        return Err(bad("is a wildcard; name each host"));
+        return Err(invalid(format!(
+            "{what}: {name:?} is a wildcard; name each host"
+        )));
     }
-    for label in name.trim_end_matches('.').split('.') {
-        if label.is_empty() || label.len() > 63 {
-            return Err(bad("has an empty or over-long label"));
-        }
-        if !label
-            .bytes()
-            .all(|c| c.is_ascii_alphanumeric() || c == b'-')
-            || label.starts_with('-')
-            || label.ends_with('-')
-        {
-            return Err(bad("is not a DNS name or IP address"));
-        }
-    }
-    Ok(())
+    check_dns_name(name).map_err(|why| invalid(format!("{what}: {name:?} {why}")))
+}
+
+fn not_permitted(what: &str, name: &str) -> IdentityError {
+    IdentityError::NotPermitted(format!(
+        "{what}: {name:?} is not among this module's server_names"
+    ))
 }
 
 impl ModuleIdentity {
     /// A server certificate for `common_name` and `alt_names` (DNS names or
-    /// IP addresses), with a fresh key. Blocks on the HSM.
+    /// IP addresses), with a fresh key. Every name, the common name
+    /// included, must be allowed by the registration's `server_names`.
+    /// Blocks on the HSM.
     ///
     /// # Errors
     ///
-    /// Invalid names, HSM errors.
+    /// Invalid names; [`IdentityError::NotPermitted`] naming the first name
+    /// the registration does not allow; the rate limit; HSM errors.
     pub fn server_certificate(
         &self,
         common_name: &str,
@@ -63,13 +59,26 @@ impl ModuleIdentity {
         let mut names = Vec::with_capacity(alt_names.len());
         for n in alt_names {
             if let Ok(ip) = n.parse::<IpAddr>() {
+                let ip = ip.to_canonical();
+                if !self.server_names.permits_ip(ip) {
+                    return Err(not_permitted("alt-names", n));
+                }
                 names.push(rcgen::SanType::IpAddress(ip));
             } else {
-                check_dns_name(n)?;
+                check_requested_dns("alt-names", n)?;
+                if !self.server_names.permits_dns(n) {
+                    return Err(not_permitted("alt-names", n));
+                }
                 names.push(rcgen::SanType::DnsName(n.as_str().try_into().map_err(
                     |_| invalid(format!("alt-names: {n:?} is not a DNS name")),
                 )?));
             }
+        }
+        // The common name is what legacy clients check: it must be an
+        // allowed DNS name too.
+        check_requested_dns("common-name", common_name)?;
+        if !self.server_names.permits_dns(common_name) {
+            return Err(not_permitted("common-name", common_name));
         }
         self.take_server_cert_token()?;
         let leaf = self.service.authority().issue_leaf(
@@ -107,10 +116,12 @@ mod tests {
     use super::*;
 
     #[test]
-    fn dns_names() {
-        assert!(check_dns_name("api.example.com").is_ok());
-        assert!(check_dns_name("*.example.com").is_err());
-        assert!(check_dns_name("-a.example").is_err());
-        assert!(check_dns_name("a..b").is_err());
+    fn requested_dns_names() {
+        assert!(check_requested_dns("x", "api.example.com").is_ok());
+        assert!(check_requested_dns("x", "*.example.com").is_err());
+        assert!(check_requested_dns("x", "-a.example").is_err());
+        assert!(check_requested_dns("x", "a..b").is_err());
+        let e = check_requested_dns("alt-names", "bad name").unwrap_err();
+        assert!(e.to_string().contains("not a DNS name"), "{e}");
     }
 }

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use super::authority::{self, Authority};
 use super::jwt::{self, PublishedKey, TokenService};
 use super::module::WhoAmI;
+use super::names::{ServerNamePolicy, ServerNames};
 use super::sealing::Sealer;
 use super::{
     IdentityConfig, IdentityError, ModuleIdentity, registry, unix_now, valid_path_segment,
@@ -24,8 +25,8 @@ pub struct IdentityService {
 }
 
 impl IdentityService {
-    /// Opens the device CA and the token service (two HSM signatures at
-    /// most: a new root, a working-key certificate). Blocks.
+    /// Opens the device CA and the token service (creating their HSM keys
+    /// if needed, and a self-signed root: one HSM signature). Blocks.
     ///
     /// # Errors
     ///
@@ -44,7 +45,8 @@ impl IdentityService {
         )?);
         let tokens = TokenService::open(
             &config.trust_domain,
-            authority.clone(),
+            hsm.clone(),
+            &config.device_id,
             config.max_token_ttl,
             config.jwt_key_rotation,
             state_dir,
@@ -91,10 +93,12 @@ impl IdentityService {
         self: &Arc<Self>,
         name: &str,
         digest: &str,
+        server_names: &ServerNamePolicy,
     ) -> Result<Arc<ModuleIdentity>, IdentityError> {
         self.check_name(name)?;
+        let names = self.server_names(name, server_names)?;
         let reg = registry::load_or_register(self.hsm.as_ref(), &self.state_dir, name)?;
-        Ok(self.module(name, digest, reg))
+        Ok(self.module(name, digest, reg, names))
     }
 
     /// An identity for `name` that lives only as long as the process: a new
@@ -102,14 +106,27 @@ impl IdentityService {
     ///
     /// # Errors
     ///
-    /// An invalid name.
+    /// An invalid name, or `server_names` that do not expand for it.
     pub fn ephemeral(
         self: &Arc<Self>,
         name: &str,
         digest: &str,
+        server_names: &ServerNamePolicy,
     ) -> Result<Arc<ModuleIdentity>, IdentityError> {
         self.check_name(name)?;
-        Ok(self.module(name, digest, registry::ephemeral()?))
+        let names = self.server_names(name, server_names)?;
+        Ok(self.module(name, digest, registry::ephemeral()?, names))
+    }
+
+    /// `policy` expanded for module `name` on this device.
+    fn server_names(
+        &self,
+        name: &str,
+        policy: &ServerNamePolicy,
+    ) -> Result<ServerNames, IdentityError> {
+        policy
+            .resolve(name, &self.config.device_id)
+            .map_err(|e| IdentityError::Config(format!("module {name:?}: {e}")))
     }
 
     fn check_name(&self, name: &str) -> Result<(), IdentityError> {
@@ -127,6 +144,7 @@ impl IdentityService {
         name: &str,
         digest: &str,
         reg: registry::Registration,
+        server_names: ServerNames,
     ) -> Arc<ModuleIdentity> {
         let sealer = Sealer::new(&reg.data_key, name, &reg.generation_id);
         ModuleIdentity::new(
@@ -139,6 +157,7 @@ impl IdentityService {
             },
             self.clone(),
             sealer,
+            server_names,
         )
     }
 

@@ -83,6 +83,7 @@ fn no_identity() -> types::Error {
 
 fn to_wit(e: IdentityError) -> types::Error {
     match e {
+        IdentityError::NotPermitted(m) => types::Error::NotPermitted(m),
         IdentityError::InvalidArgument(m) => types::Error::InvalidArgument(m),
         IdentityError::Unavailable(m) => types::Error::Unavailable(m),
         other => {
@@ -213,7 +214,7 @@ impl workload::Host for WorkloadCtx {
             .map_err(to_wit)?;
         // The leaf is current almost always: sign inline, no thread hop.
         if let Some(leaf) = self.ready().and_then(|id| id.leaf_if_current()) {
-            return Ok(crate::identity::sign_with(&leaf, &data));
+            return crate::identity::sign_with(&leaf, &data).map_err(to_wit);
         }
         blocking(self, move |id| id.sign(&data)).await
     }

@@ -21,7 +21,8 @@
 //! - `tokens N MS AUD`: N tokens for AUD, MS apart;
 //! - `bad-input`: every documented bad-input case, one line each;
 //! - `bench N`: per-call nanoseconds of whoami (SDK, cached), whoami-wit
-//!   (one WIT call each), token, sign(1 KiB) and encrypt(1 KiB), in rounds.
+//!   (one WIT call each), token, validate (a token of this module), sign(1
+//!   KiB) and encrypt(1 KiB), in rounds.
 
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
@@ -80,6 +81,7 @@ fn bench(n: u32) {
         t.elapsed().as_nanos() / u128::from(calls)
     };
     let heavy = (n / 20).max(1);
+    let tok = identity::token(&["bench"], Duration::from_secs(300)).unwrap_or_default();
     for _ in 0..ROUNDS {
         let w = time(n, &mut || {
             std::hint::black_box(identity::whoami());
@@ -90,6 +92,9 @@ fn bench(n: u32) {
         let t = time(heavy, &mut || {
             std::hint::black_box(identity::token(&["bench"], Duration::from_secs(60)).ok());
         });
+        let v = time(heavy, &mut || {
+            std::hint::black_box(identity::validate_token(&tok, "bench").ok());
+        });
         let s = time(heavy, &mut || {
             std::hint::black_box(identity::sign(&data).ok());
         });
@@ -99,6 +104,7 @@ fn bench(n: u32) {
         println!("bench whoami {w}");
         println!("bench whoami-wit {wu}");
         println!("bench token {t}");
+        println!("bench validate {v}");
         println!("bench sign {s}");
         println!("bench encrypt {e}");
     }
