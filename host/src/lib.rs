@@ -7,6 +7,7 @@
 //! The binary `edgeward` is thin glue over [`cli`]; everything testable lives
 //! in this library.
 
+pub mod addrclass;
 pub mod cli;
 pub mod config;
 pub mod daemon;

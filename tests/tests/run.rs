@@ -516,6 +516,71 @@ fn names_are_looked_up_only_when_listed_and_cannot_smuggle_loopback() {
     assert!(stderr(&o).contains("name lookup refused"), "{}", stderr(&o));
 }
 
+/// LAN, CGNAT, ULA, NAT64, the metadata service and IPv4-compatible forms
+/// are refused by the policy unless an entry names their address or block.
+/// The guest runs in a network namespace of the test's own (`unshare -n`:
+/// only a loopback that is down), so even an allowed connect cannot leave
+/// the machine; the log tells a policy refusal from a failed connect.
+#[test]
+fn lan_and_nat64_are_refused_by_the_policy() {
+    let s = Scratch::new();
+    let in_netns = |flags: &[&str], dest: &str| {
+        let o = std::process::Command::new("unshare")
+            .arg("-n")
+            .arg(common::EDGEWARD)
+            .arg("--state-dir")
+            .arg(s.state())
+            .arg("run")
+            .args(flags)
+            .arg(PROBE)
+            .args(["--", "connect", dest])
+            .env_remove("EDGEWARD_LOG")
+            .output()
+            .expect("unshare -n (util-linux) and edgeward");
+        assert_status(&o, 1);
+        assert!(
+            stdout(&o).starts_with("denied: connect"),
+            "{dest}: {}",
+            stdout(&o)
+        );
+        stderr(&o)
+    };
+    let named = ["--allow-outbound", "plc.example:502"];
+    for (dest, class) in [
+        ("10.0.5.9:502", "private-use"),
+        ("192.168.1.1:502", "private-use"),
+        ("172.16.0.1:502", "private-use"),
+        ("100.64.0.1:502", "shared address space"),
+        ("0.0.0.1:502", "this network"),
+        ("169.254.169.254:502", "link-local"),
+        ("[fd00::1]:502", "unique-local"),
+        ("[fec0::1]:502", "site-local"),
+        ("[64:ff9b::a00:509]:502", "NAT64"),
+        ("[64:ff9b:1::1]:502", "NAT64"),
+    ] {
+        let err = in_netns(&named, dest);
+        assert!(
+            err.contains("network access refused") && err.contains(class),
+            "{dest}: {err}"
+        );
+    }
+    // wasmtime-wasi refuses IPv4-compatible and -mapped destinations on
+    // sockets before the policy is asked (the policy classifies them as
+    // their IPv4 address for DNS answers and HTTP; see the unit tests).
+    for dest in ["[::10.0.5.9]:502", "[::ffff:10.0.5.9]:502"] {
+        in_netns(&named, dest);
+    }
+    // Named by its block, the address passes the policy: the connect is
+    // attempted and fails inside the empty namespace, without a refusal.
+    for (flag, dest) in [
+        ("10.0.5.0/24:502", "10.0.5.9:502"),
+        ("[fd00::/8]:502", "[fd00::1]:502"),
+    ] {
+        let err = in_netns(&["--allow-outbound", flag], dest);
+        assert!(!err.contains("network access refused"), "{dest}: {err}");
+    }
+}
+
 #[test]
 fn udp_reaches_only_listed_peers() {
     let s = Scratch::new();
@@ -592,6 +657,40 @@ fn http_server() -> (String, std::thread::JoinHandle<Option<String>>) {
         }
     });
     (addr, handle)
+}
+
+/// DNS rebinding through `wasi:http`: the name is resolved once, its
+/// address vetted, and the connection goes there even though the resolver
+/// answers differently on the next lookup (scripted with the test binary's
+/// resolver seam). Everything stays on loopback: 127.0.0.1 is listed as a
+/// literal, 127.0.0.2 (the rebound answer) is not.
+#[test]
+fn wasi_http_connects_to_the_address_it_vetted() {
+    let s = Scratch::new();
+    let (addr, server) = http_server();
+    let port = addr.rsplit(':').next().expect("port").to_owned();
+    let evil = TcpListener::bind(format!("127.0.0.2:{port}")).expect("bind 127.0.0.2");
+    evil.set_nonblocking(true).expect("nonblocking");
+    let by_name = format!("rebind.test:{port}");
+    let o = s
+        .edgeward()
+        .env("EDGEWARD_TEST_RESOLVER", "rebind.test=127.0.0.1|127.0.0.2")
+        .arg("run")
+        .args(["--allow-outbound", &by_name, "--allow-outbound", &addr])
+        .arg(guests::HTTP_PROBE)
+        .args(["--", &by_name, "/rebind"])
+        .output()
+        .expect("spawn edgeward");
+    assert_status(&o, 0);
+    assert_eq!(stdout(&o).trim(), "ok: 200 hello");
+    let seen = server.join().expect("join").expect("request");
+    assert!(seen.starts_with("GET /rebind HTTP/1.1"), "{seen}");
+    assert!(
+        seen.to_ascii_lowercase()
+            .contains(&format!("host: {by_name}")),
+        "the Host header keeps the name: {seen}"
+    );
+    assert!(evil.accept().is_err(), "the rebound address was reached");
 }
 
 #[test]

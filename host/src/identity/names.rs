@@ -24,6 +24,8 @@ use std::fmt;
 use std::net::IpAddr;
 use std::str::FromStr;
 
+use crate::addrclass::{canonical, in_block as prefix_matches, network_of as network};
+
 /// Most entries a registration's `server_names` may hold.
 pub const MAX_SERVER_NAMES: usize = 64;
 
@@ -84,24 +86,6 @@ pub fn check_dns_name(name: &str) -> Result<(), String> {
     }
 }
 
-fn canonical(ip: IpAddr) -> IpAddr {
-    ip.to_canonical()
-}
-
-fn prefix_matches(net: IpAddr, len: u8, ip: IpAddr) -> bool {
-    match (net, canonical(ip)) {
-        (IpAddr::V4(n), IpAddr::V4(a)) => {
-            let mask = u32::MAX.checked_shl(32 - u32::from(len)).unwrap_or(0);
-            u32::from(n) & mask == u32::from(a) & mask
-        }
-        (IpAddr::V6(n), IpAddr::V6(a)) => {
-            let mask = u128::MAX.checked_shl(128 - u32::from(len)).unwrap_or(0);
-            u128::from(n) & mask == u128::from(a) & mask
-        }
-        _ => false,
-    }
-}
-
 impl FromStr for ServerName {
     type Err = String;
 
@@ -146,19 +130,6 @@ impl FromStr for ServerName {
         }
         check_dns_name(s).map_err(bad)?;
         Ok(ServerName::Dns(normalize_dns(s)))
-    }
-}
-
-fn network(ip: IpAddr, len: u8) -> IpAddr {
-    match ip {
-        IpAddr::V4(a) => {
-            let mask = u32::MAX.checked_shl(32 - u32::from(len)).unwrap_or(0);
-            IpAddr::V4((u32::from(a) & mask).into())
-        }
-        IpAddr::V6(a) => {
-            let mask = u128::MAX.checked_shl(128 - u32::from(len)).unwrap_or(0);
-            IpAddr::V6((u128::from(a) & mask).into())
-        }
     }
 }
 

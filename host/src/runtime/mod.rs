@@ -3,6 +3,7 @@
 
 pub mod cache;
 pub mod engine;
+pub mod http_client;
 pub mod logfile;
 pub mod network;
 pub mod output;

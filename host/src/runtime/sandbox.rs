@@ -188,7 +188,7 @@ pub struct ModuleState {
     table: ResourceTable,
     net: NetPolicy,
     http: wasmtime_wasi_http::WasiHttpCtx,
-    http_hooks: super::network::HttpHooks,
+    http_hooks: super::http_client::HttpHooks,
     pub(crate) workload: super::workload::WorkloadCtx,
     pub(crate) limiter: Limiter,
 }
@@ -212,7 +212,7 @@ impl ModuleState {
             wasi: spec.build_wasi(&net)?,
             table: ResourceTable::new(),
             http: wasmtime_wasi_http::WasiHttpCtx::new(),
-            http_hooks: super::network::HttpHooks {
+            http_hooks: super::http_client::HttpHooks {
                 policy: net.clone(),
             },
             net,
