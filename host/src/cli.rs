@@ -367,7 +367,13 @@ fn run_command(state_flag: Option<PathBuf>, args: RunArgs) -> ExitCode {
                 ExitCode::from(u8::try_from(code).ok().filter(|c| *c != 0).unwrap_or(1))
             }
             e @ Exit::TimedOut(_) => fail(e, EXIT_TIMEOUT),
-            e @ Exit::Trap(_) => fail(format!("module {e}"), EXIT_TRAP),
+            e @ Exit::Trap(_) => fail(
+                format!(
+                    "module {}",
+                    crate::runtime::escape::escape_str(&e.to_string())
+                ),
+                EXIT_TRAP,
+            ),
             e @ Exit::SetupFailed(_) => fail(e, EXIT_REFUSED),
         }
     })
@@ -534,6 +540,7 @@ fn status_command(
                     (None, Some(reason)) => reason.lines().next().unwrap_or("").to_owned(),
                     (None, None) => "-".to_owned(),
                 };
+                let last = crate::runtime::escape::escape_str(&last);
                 println!("{:<24} {:<14} {:>6}  {last}", s.module, state, s.starts);
             }
             Err(e) => println!("(unreadable) {e}"),
@@ -569,11 +576,15 @@ fn logs_command(
     } else {
         daemon::records::output_log(&state_dir, module)
     };
+    // Escaped at write time already; escaped again for the terminal in case
+    // the file is older than that, or was edited.
     let mut stdout = std::io::stdout().lock();
     for f in log.files() {
-        match std::fs::File::open(&f) {
-            Ok(mut file) => {
-                if let Err(e) = std::io::copy(&mut file, &mut stdout) {
+        match std::fs::read(&f) {
+            Ok(bytes) => {
+                use std::io::Write as _;
+                let shown = crate::runtime::escape::for_terminal(&bytes);
+                if let Err(e) = stdout.write_all(&shown) {
                     return fail(format!("{}: {e}", f.display()), 1);
                 }
             }

@@ -153,6 +153,63 @@ fn temp_path(path: &Path) -> io::Result<PathBuf> {
     Ok(path.with_file_name(format!(".{name}.{}.tmp", crate::measure::hex(&nonce))))
 }
 
+/// The lock file in a state directory that one daemon holds while it runs.
+pub const DAEMON_LOCK: &str = "daemon.lock";
+
+/// A daemon's exclusive claim on its state directory, released when dropped
+/// (or when the process ends, however it ends).
+#[derive(Debug)]
+pub struct DaemonLock {
+    _file: fs::File,
+}
+
+/// Claims `state_dir` for this daemon: one daemon per state directory. The
+/// lock file holds the holder's pid, for the error a second daemon gets.
+///
+/// # Errors
+///
+/// `WouldBlock` naming the pid of the daemon that holds it; I/O errors.
+pub fn lock_for_daemon(state_dir: &Path) -> io::Result<DaemonLock> {
+    let path = state_dir.join(DAEMON_LOCK);
+    let mut f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(&path)
+        .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
+    match f.try_lock() {
+        Ok(()) => {
+            f.set_len(0)?;
+            writeln!(f, "{}", std::process::id())?;
+            f.sync_data()?;
+            Ok(DaemonLock { _file: f })
+        }
+        Err(fs::TryLockError::WouldBlock) => {
+            let mut holder = String::new();
+            let _ = f.read_to_string(&mut holder);
+            let holder = holder.trim();
+            let holder = if holder.chars().all(|c| c.is_ascii_digit()) && !holder.is_empty() {
+                format!("pid {holder}")
+            } else {
+                "another process".to_owned()
+            };
+            Err(io::Error::new(
+                io::ErrorKind::WouldBlock,
+                format!(
+                    "another edgeward daemon ({holder}) is running on the state directory {}; stop it first, or give this one its own --state-dir",
+                    state_dir.display()
+                ),
+            ))
+        }
+        Err(fs::TryLockError::Error(e)) => Err(io::Error::new(
+            e.kind(),
+            format!("{}: cannot lock: {e}", path.display()),
+        )),
+    }
+}
+
 /// Reads a 32-byte secret; `Ok(None)` if `path` does not exist, `Err` with
 /// the length found if it is not 32 bytes.
 fn read_secret(path: &Path) -> io::Result<Option<Result<Zeroizing<[u8; 32]>, usize>>> {
@@ -343,6 +400,16 @@ mod tests {
         let c = load_or_regenerate_secret(&p).expect("replace");
         assert_ne!(*a, *c);
         assert_eq!(fs::read(&p).expect("read").len(), 32);
+    }
+
+    #[test]
+    fn one_daemon_per_state_dir() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let held = lock_for_daemon(tmp.path()).expect("first");
+        let e = lock_for_daemon(tmp.path()).unwrap_err().to_string();
+        assert!(e.contains(&format!("pid {}", std::process::id())), "{e}");
+        drop(held);
+        lock_for_daemon(tmp.path()).expect("free again");
     }
 
     #[test]

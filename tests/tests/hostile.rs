@@ -87,12 +87,22 @@ fn hostile_modules_cannot_hurt_the_daemon_or_their_neighbour() {
         hostile("big-arg", r#"["big-path", "20"]"#, ""),
         hostile("bad-exit", r#"["exit", "3"]"#, ""),
         hostile("panic", r#"["panic"]"#, ""),
+        hostile("ansi", r#"["ansi"]"#, ""),
+        hostile(
+            "refused-flood",
+            &format!(r#"["connect-loop", "3000", "{addr}"]"#),
+            &format!("allow_outbound = [\"{open_addr}\"]"),
+        ),
     ] {
         config.push_str(&m);
     }
     let mut d = Daemon::start(&s, &config);
     d.wait_for("the spinners' deadlines", |_, err| {
         count(err, "deadline of 2s passed") >= 2
+    });
+    d.wait_for("the escapes and the refused connects", |out, _| {
+        count(out, "ansi | ansi-done") == 1
+            && count(out, "refused-flood | connect-loop: 3000 refused") == 1
     });
     // ...and the neighbour has been reading for a while next to them.
     d.wait_for("25 neighbour readings", |out, _| {
@@ -157,6 +167,146 @@ fn hostile_modules_cannot_hurt_the_daemon_or_their_neighbour() {
     let worst = stamps.windows(2).map(|w| w[1] - w[0]).max().unwrap_or(0);
     assert!(worst < 1000, "the neighbour stalled for {worst} ms");
 
-    let (status, _, err) = d.terminate();
+    // Guest output cannot drive the terminal or forge lines: escapes,
+    // carriage returns, bidi overrides and stray bytes are shown escaped,
+    // in the daemon's echo and in `edgeward logs`.
+    let ansi = s.edgeward().args(["logs", "ansi"]).output().expect("spawn");
+    let (status, out, err) = d.terminate();
     assert!(status.success(), "daemon exit {status}: {}", err.join("\n"));
+    for (what, text) in [("echo", out.join("\n")), ("logs", stdout(&ansi))] {
+        assert!(
+            !text.contains('\x1b') && !text.contains('\r') && !text.contains('\u{202e}'),
+            "{what}: raw control characters reached the terminal"
+        );
+        assert!(
+            text.contains("\\x1b[2J\\x1b]0;pwned\\x07plain"),
+            "{what}: {text}"
+        );
+        assert!(
+            text.contains("\\u{202e}") && text.contains("\\xff\\xfe"),
+            "{what}"
+        );
+    }
+    let forged = out
+        .iter()
+        .filter(|l| l.contains("INFO forged"))
+        .collect::<Vec<_>>();
+    assert!(
+        forged.len() == 1 && forged[0].starts_with("ansi | "),
+        "a forged line stands on its own: {forged:?}"
+    );
+    // 3,000 refused connects: the daemon's log stays within the budget,
+    // and one line counts what it held back.
+    let refusals = err
+        .iter()
+        .filter(|l| l.contains("refused-flood") && l.contains("network access refused"))
+        .count();
+    assert!(
+        (1..=edgeward::runtime::loglimit::LINES_PER_WINDOW as usize).contains(&refusals),
+        "{refusals} refusal lines"
+    );
+    assert!(
+        err.iter()
+            .any(|l| l.contains("refused-flood") && l.contains("network refusals suppressed")),
+        "no suppression summary: {}",
+        err.join("\n")
+    );
+}
+
+/// One daemon per state directory: a second one exits at once, naming the
+/// first one's pid.
+#[test]
+fn a_second_daemon_on_the_same_state_dir_is_refused() {
+    let s = Scratch::new();
+    let mut d = Daemon::start(&s, "");
+    d.wait_for("the first daemon", |_, err| {
+        count(err, "workload identity ready") >= 1
+    });
+    let path = s.write("second.toml", "");
+    let started = std::time::Instant::now();
+    let o = s.daemon_refused(&path);
+    assert_status(&o, 1);
+    assert!(
+        started.elapsed().as_secs() < 10,
+        "the second daemon did not exit at once"
+    );
+    let pid = d.child.id();
+    assert!(
+        stderr(&o).contains(&format!("another edgeward daemon (pid {pid})")),
+        "{}",
+        stderr(&o)
+    );
+    let (status, _, _) = d.terminate();
+    assert!(status.success());
+}
+
+/// The daemon's stdout broken (its reader gone: EPIPE) or never read,
+/// beside a module flooding it: every module keeps running and logging, and
+/// the neighbour keeps its schedule.
+#[test]
+fn a_broken_or_stuck_stdout_never_reaches_the_modules() {
+    use std::process::Stdio;
+    for broken in [true, false] {
+        let s = Scratch::new();
+        let probe = guests::SANDBOX_PROBE;
+        let sensor = guests::TEMPERATURE_SENSOR;
+        let config = format!(
+            "[[module]]\nname = \"neighbour\"\nfile = \"{sensor}\"\ndigest = \"{}\"\nenv = {{ INTERVAL_MS = \"100\" }}\n\n[[module]]\nname = \"flood\"\nfile = \"{probe}\"\ndigest = \"{}\"\nargs = [\"flood\"]\n",
+            sha256sum(sensor),
+            sha256sum(probe)
+        );
+        let path = s.write("config.toml", &config);
+        let err_file = std::fs::File::create(s.path().join("daemon.err")).expect("stderr file");
+        let mut child = s
+            .edgeward()
+            .env("EDGEWARD_LOG", "info")
+            .arg("daemon")
+            .arg("--config")
+            .arg(&path)
+            .stdout(Stdio::piped())
+            .stderr(err_file)
+            .spawn()
+            .expect("spawn daemon");
+        let pipe = child.stdout.take().expect("stdout");
+        if broken {
+            drop(pipe); // the reader has exited: writes fail with EPIPE
+        } else {
+            std::mem::forget(pipe); // held open, never read: the pipe fills
+        }
+        std::thread::sleep(std::time::Duration::from_secs(4));
+        assert!(child.try_wait().expect("wait").is_none(), "the daemon died");
+        let logs = |m: &str| {
+            let o = s.edgeward().args(["logs", m]).output().expect("spawn");
+            stdout(&o)
+        };
+        let neighbour: Vec<i64> = logs("neighbour").lines().filter_map(stamp_ms).collect();
+        assert!(
+            neighbour.len() >= 20,
+            "broken={broken}: {} readings",
+            neighbour.len()
+        );
+        let worst = neighbour.windows(2).map(|w| w[1] - w[0]).max().unwrap_or(0);
+        assert!(
+            worst < 1000,
+            "broken={broken}: the neighbour stalled {worst} ms"
+        );
+        assert!(
+            logs("flood").lines().count() > 1000,
+            "broken={broken}: the flooding module stopped"
+        );
+        let statuses = status_json(&s);
+        assert!(
+            statuses.iter().all(|v| v["state"] == "running"),
+            "broken={broken}: {statuses:?}"
+        );
+        let _ = std::process::Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status();
+        let status = child.wait().expect("wait");
+        assert!(status.success(), "broken={broken}: exit {status}");
+        let err = std::fs::read_to_string(s.path().join("daemon.err")).expect("stderr");
+        if broken {
+            assert!(err.contains("echo of module output turned off"), "{err}");
+        }
+    }
 }

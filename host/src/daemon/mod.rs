@@ -108,10 +108,11 @@ pub fn raise_fd_limit() -> Option<u64> {
 ///
 /// # Errors
 ///
-/// When the state directory or runtime cannot be set up, or signal handlers
-/// cannot be installed.
+/// When the state directory or runtime cannot be set up, another daemon
+/// holds the state directory, or signal handlers cannot be installed.
 pub async fn run(config: Config, state_dir: PathBuf) -> anyhow::Result<()> {
     state::ensure_private_dir(&state_dir)?;
+    let _lock = state::lock_for_daemon(&state_dir)?;
     let fd_limit = raise_fd_limit();
     let max_memory = config
         .modules
@@ -283,10 +284,13 @@ async fn supervise(
         let record = ExitRecord::new(starts, ran, &exit);
         records.record_exit(&record);
         last_exit = Some(record);
+        // Trap messages and backtraces carry guest-chosen names.
+        let said = exit.to_string();
+        let said = crate::runtime::escape::escape_str(&said);
         if exit.is_success() {
-            tracing::info!(module = name, ran = ?ran, "{exit}");
+            tracing::info!(module = name, ran = ?ran, "{said}");
         } else {
-            tracing::warn!(module = name, ran = ?ran, "{exit}");
+            tracing::warn!(module = name, ran = ?ran, "{said}");
         }
         if !should_restart(spec.restart, &exit) {
             tracing::info!(module = name, policy = ?spec.restart, "not restarting");

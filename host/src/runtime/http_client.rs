@@ -131,13 +131,18 @@ pub async fn send_vetted(
     let host = uri.host().ok_or(Error::HttpRequestUriInvalid)?.to_owned();
     let port = uri.port_u16().unwrap_or(if use_tls { 443 } else { 80 });
     let Some(permit) = policy.http_permit() else {
-        tracing::warn!(module = %policy.module(), limit = super::network::MAX_HTTP_IN_FLIGHT, "HTTP request refused: too many in flight");
+        if policy.log_refusal() {
+            tracing::warn!(module = %policy.module(), limit = super::network::MAX_HTTP_IN_FLIGHT, "HTTP request refused: too many in flight");
+        }
         return Err(Error::HttpRequestDenied);
     };
     let addrs = match policy.vet_http(&host, port).await {
         Ok(a) => a,
         Err(why) => {
-            tracing::warn!(module = %policy.module(), host = %host.chars().take(253).collect::<String>(), port, reason = %why, "HTTP request refused");
+            if policy.log_refusal() {
+                let host: String = host.chars().take(253).collect();
+                tracing::warn!(module = %policy.module(), host = %super::escape::escape_str(&host), port, reason = %super::escape::escape_str(&why), "HTTP request refused");
+            }
             return Err(Error::HttpRequestDenied);
         }
     };

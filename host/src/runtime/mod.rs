@@ -3,8 +3,10 @@
 
 pub mod cache;
 pub mod engine;
+pub mod escape;
 pub mod http_client;
 pub mod logfile;
+pub mod loglimit;
 pub mod network;
 pub mod output;
 pub mod sandbox;

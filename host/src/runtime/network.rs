@@ -39,6 +39,7 @@ use wasmtime_wasi::p2::bindings::sockets::ip_name_lookup::{
 use wasmtime_wasi::p2::bindings::sockets::network::{ErrorCode, IpAddress, Network};
 use wasmtime_wasi::sockets::{SocketAddrUse, WasiSocketsCtxView};
 
+use super::loglimit::LogLimiter;
 use crate::addrclass::{canonical, classify, in_block, network_of};
 
 /// How long a resolved name is trusted before it is resolved again.
@@ -311,6 +312,8 @@ pub struct NetPolicy {
     allowed: Arc<[Outbound]>,
     dns: Arc<DnsCache>,
     http_in_flight: Arc<tokio::sync::Semaphore>,
+    /// Refusals the module triggers are logged within this budget.
+    log: Arc<LogLimiter>,
 }
 
 impl Default for NetPolicy {
@@ -332,7 +335,13 @@ impl NetPolicy {
             allowed: Arc::from(allowed),
             dns: Arc::new(DnsCache::new(resolver)),
             http_in_flight: Arc::new(tokio::sync::Semaphore::new(MAX_HTTP_IN_FLIGHT)),
+            log: Arc::new(LogLimiter::new(module, "network refusals")),
         }
+    }
+
+    /// Whether a refusal may be logged now (see [`LogLimiter`]).
+    pub fn log_refusal(&self) -> bool {
+        self.log.allow()
     }
 
     /// A slot for one more `wasi:http` request, if the module has fewer
@@ -455,7 +464,7 @@ impl NetPolicy {
             SocketAddrUse::UdpReceive => return self.allows(addr).await,
             SocketAddrUse::TcpConnect | SocketAddrUse::UdpSend => self.allows(addr).await,
         };
-        if !allowed {
+        if !allowed && self.log.allow() {
             match classify(addr.ip()) {
                 Some(class) => {
                     tracing::warn!(module = %self.module, %addr, use_ = ?use_, class, "network access refused")
@@ -519,7 +528,9 @@ impl LookupHost for FilteredLookup<'_> {
         name: String,
     ) -> Result<Resource<ResolveAddressStream>, SocketError> {
         if !self.policy.name_allowed(&name) {
-            tracing::warn!(module = %self.policy.module, name = %name.chars().take(253).collect::<String>(), "name lookup refused");
+            if self.policy.log.allow() {
+                tracing::warn!(module = %self.policy.module, name = %crate::runtime::escape::escape_str(&name.chars().take(253).collect::<String>()), "name lookup refused");
+            }
             return Err(ErrorCode::AccessDenied.into());
         }
         let name = name.trim_end_matches('.').to_ascii_lowercase();

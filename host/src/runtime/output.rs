@@ -2,17 +2,71 @@
 //! timestamped, to the module's bounded log file and (optionally) echoed on
 //! the daemon's stdout or stderr behind the module's name, so the output of
 //! many modules stays readable when interleaved.
+//!
+//! Lines are escaped first ([`super::escape`]): a module cannot forge log
+//! lines or drive a terminal. Echo goes through a bounded queue to one
+//! writer thread: when the daemon's stdout is a pipe nobody reads, lines
+//! past the queue are held back (they are in the module's log), and when it
+//! breaks (EPIPE) echo turns itself off with one log line. Neither reaches
+//! the module, and no module waits on the operator's terminal.
 
 use std::io::Write;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{SyncSender, TrySendError};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use tokio::io::AsyncWrite;
 use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
 
+use super::escape::escape_bytes;
 use super::logfile::{RotatingLog, now_rfc3339};
+
+/// Batches of echoed lines waiting for the writer thread.
+pub const ECHO_QUEUE: usize = 256;
+
+/// The one thread that writes echoed lines to the daemon's stdout/stderr.
+struct Echo {
+    tx: SyncSender<(Target, Vec<u8>)>,
+    off: Arc<AtomicBool>,
+}
+
+static ECHO: OnceLock<Option<Echo>> = OnceLock::new();
+
+fn echo_writer() -> Option<&'static Echo> {
+    ECHO.get_or_init(|| {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<(Target, Vec<u8>)>(ECHO_QUEUE);
+        let off = Arc::new(AtomicBool::new(false));
+        let flag = off.clone();
+        let spawned = std::thread::Builder::new()
+            .name("edgeward-echo".into())
+            .spawn(move || {
+                for (target, bytes) in rx {
+                    if flag.load(Ordering::Relaxed) {
+                        continue;
+                    }
+                    let r = match target {
+                        Target::Stdout => std::io::stdout().lock().write_all(&bytes),
+                        Target::Stderr => std::io::stderr().lock().write_all(&bytes),
+                    };
+                    if let Err(e) = r {
+                        flag.store(true, Ordering::Relaxed);
+                        tracing::warn!(error = %e, "echo of module output turned off (the daemon's output is gone); each module's output is still in its log");
+                    }
+                }
+            });
+        match spawned {
+            Ok(_) => Some(Echo { tx, off }),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot start the echo thread; module output goes to the module logs only");
+                None
+            }
+        }
+    })
+    .as_ref()
+}
 
 /// Longest partial line kept while waiting for its newline; a longer one is
 /// written out as it is, so a module cannot grow the daemon's memory by never
@@ -23,7 +77,7 @@ const MAX_PENDING: usize = 16 * 1024;
 pub const ECHO_LINES_PER_SECOND: u32 = 200;
 
 #[derive(Debug, Clone, Copy)]
-enum Target {
+pub(crate) enum Target {
     Stdout,
     Stderr,
 }
@@ -115,7 +169,7 @@ impl Lines {
             let mut out = Vec::new();
             for l in &lines {
                 out.extend_from_slice(format!("{stamp} {stream} ").as_bytes());
-                out.extend_from_slice(l);
+                out.extend_from_slice(&escape_bytes(l));
                 out.push(b'\n');
             }
             // A full disk must not take the module down with it.
@@ -126,6 +180,9 @@ impl Lines {
         if !self.echo {
             return Ok(());
         }
+        let Some(echo) = echo_writer().filter(|e| !e.off.load(Ordering::Relaxed)) else {
+            return Ok(());
+        };
         let mut out = Vec::new();
         let now = Instant::now();
         if now.duration_since(self.window) >= Duration::from_secs(1) {
@@ -142,24 +199,30 @@ impl Lines {
             self.window = now;
             self.echoed = 0;
         }
+        let mut batch = 0u64;
         for l in &lines {
             if self.echoed >= ECHO_LINES_PER_SECOND {
                 self.held_back += 1;
                 continue;
             }
             self.echoed += 1;
+            batch += 1;
             out.extend_from_slice(self.prefix.as_bytes());
             out.extend_from_slice(b" | ");
-            out.extend_from_slice(l);
+            out.extend_from_slice(&escape_bytes(l));
             out.push(b'\n');
         }
         if out.is_empty() {
             return Ok(());
         }
-        match self.target {
-            Target::Stdout => std::io::stdout().lock().write_all(&out),
-            Target::Stderr => std::io::stderr().lock().write_all(&out),
+        // Never block, never fail the module: a full queue holds the lines
+        // back (they are in the log), a gone writer turns echo off.
+        match echo.tx.try_send((self.target, out)) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_)) => self.held_back += batch,
+            Err(TrySendError::Disconnected(_)) => echo.off.store(true, Ordering::Relaxed),
         }
+        Ok(())
     }
 }
 

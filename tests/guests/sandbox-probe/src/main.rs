@@ -149,6 +149,25 @@ fn main() -> ExitCode {
                 }),
             )
         }
+        "ansi" => {
+            // Terminal escapes, a forged log line and a forged neighbour
+            // line, a bidi override and bytes that are not UTF-8.
+            let mut out = std::io::stdout().lock();
+            let _ = out.write_all(b"\x1b[2J\x1b]0;pwned\x07plain \x1b[31mred\x1b[0m\r2026-11-29T00:00:00.000Z INFO forged: daemon compromised\n");
+            let _ = out.write_all(b"spoof \xe2\x80\xae evil \xff\xfe end\n");
+            let _ = out.write_all(b"ansi-done\n");
+            let _ = out.flush();
+            ExitCode::SUCCESS
+        }
+        "connect-loop" => {
+            // Refused connects as fast as possible.
+            let n: u32 = arg(2).parse().unwrap_or(1);
+            let refused = (0..n)
+                .filter(|_| std::net::TcpStream::connect(arg(3)).is_err())
+                .count();
+            println!("connect-loop: {refused} refused");
+            ExitCode::SUCCESS
+        }
         "tick" => {
             // A long-running module that wakes once a second.
             loop {
