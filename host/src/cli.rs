@@ -139,12 +139,15 @@ struct RunArgs {
     /// Set an environment variable (K=V), or pass K through from this process.
     #[arg(long = "env", value_name = "K=V")]
     env: Vec<String>,
-    /// Linear-memory limit.
+    /// Linear-memory limit: the total over all the module's memories.
     #[arg(long, value_name = "SIZE", default_value = "64MiB", value_parser = units::parse_size)]
     max_memory: u64,
     /// Core instances the module may create.
     #[arg(long, value_name = "N", default_value_t = Limits::default().max_instances)]
     max_instances: u32,
+    /// Linear memories the module may define.
+    #[arg(long, value_name = "N", default_value_t = Limits::default().max_memories)]
+    max_memories: u32,
     /// Tables the module may create.
     #[arg(long, value_name = "N", default_value_t = Limits::default().max_tables)]
     max_tables: u32,
@@ -275,6 +278,7 @@ fn run_command(state_flag: Option<PathBuf>, args: RunArgs) -> ExitCode {
     let limits = Limits {
         max_memory: args.max_memory,
         max_instances: args.max_instances,
+        max_memories: args.max_memories,
         max_tables: args.max_tables,
         max_table_elements: args.max_table_elements,
         max_hostcall_data: args.max_hostcall_data,
@@ -319,7 +323,13 @@ fn run_command(state_flag: Option<PathBuf>, args: RunArgs) -> ExitCode {
     rt.block_on(async move {
         let runtime = match Runtime::new(&RuntimeOptions {
             engine: EngineOptions {
+                // The pool holds this one module, sized by its own limits.
                 max_instances: 1,
+                ceilings: crate::runtime::engine::ModuleCeilings {
+                    core_instances: limits.max_instances,
+                    memories: limits.max_memories,
+                    tables: limits.max_tables,
+                },
                 max_memory: args.max_memory.max(DEFAULT_MAX_MEMORY),
                 pooling: None,
                 max_wasm_stack: usize::try_from(args.max_stack).unwrap_or(usize::MAX),

@@ -9,6 +9,9 @@
 //! pooling = true                      # optional: force (true) or forbid (false)
 //! echo_output = true                  # echo module output on stdout (rate-limited)
 //! max_wasm_stack = "512KiB"           # wasm stack limit for every module
+//! module_instances = 32               # per-module ceilings: the engine's pool
+//! module_memories = 2                 # holds max_modules x each, and no
+//! module_tables = 32                  # module may ask for more
 //!
 //! [[module]]
 //! name = "temperature-sensor"         # [a-z0-9][a-z0-9._-]{0,62}
@@ -17,8 +20,10 @@
 //! args = ["--verbose"]                # argv after the program name
 //! env = { INTERVAL_MS = "1000" }      # the only environment it sees
 //! dirs = ["/srv/shared::/shared"]     # extra preopens (HOST or HOST::GUEST)
-//! max_memory = "64MiB"                # linear-memory limit (default 64MiB)
+//! max_memory = "64MiB"                # linear memory, total over all its
+//!                                     # memories (default 64MiB)
 //! max_instances = 32                  # core instances (default 32)
+//! max_memories = 2                    # linear memories (default 2)
 //! max_tables = 32                     # tables (default 32)
 //! max_table_elements = 100000         # elements per table (default 100000)
 //! max_hostcall_data = "16MiB"         # bytes per call into the host (default 16MiB)
@@ -60,6 +65,7 @@ use serde::Deserialize;
 use crate::hsm::HsmConfig;
 use crate::identity::{IdentityConfig, ServerNamePolicy};
 use crate::measure::Digest;
+use crate::runtime::engine::ModuleCeilings;
 use crate::runtime::{DirGrant, Limits, Outbound};
 use crate::units::{parse_duration, parse_size};
 
@@ -198,6 +204,9 @@ struct RawRuntime {
     pooling: Option<bool>,
     echo_output: Option<bool>,
     max_wasm_stack: Option<String>,
+    module_instances: Option<u32>,
+    module_memories: Option<u32>,
+    module_tables: Option<u32>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -214,6 +223,7 @@ struct RawModule {
     dirs: Vec<String>,
     max_memory: Option<String>,
     max_instances: Option<u32>,
+    max_memories: Option<u32>,
     max_tables: Option<u32>,
     max_table_elements: Option<u32>,
     max_hostcall_data: Option<String>,
@@ -262,6 +272,8 @@ pub struct RuntimeSettings {
     pub echo_output: bool,
     /// Wasm stack limit for every module.
     pub max_wasm_stack: usize,
+    /// What one module may hold at most (the pool's share per module).
+    pub ceilings: ModuleCeilings,
 }
 
 /// One module of the deployment, validated.
@@ -339,6 +351,9 @@ pub fn check_limits(l: &Limits) -> Result<(), (&'static str, String)> {
     if !(1..=10_000).contains(&l.max_tables) {
         return Err(("max_tables", "must be 1..=10000".into()));
     }
+    if !(1..=64).contains(&l.max_memories) {
+        return Err(("max_memories", "must be 1..=64".into()));
+    }
     if !(1..=10_000_000).contains(&l.max_table_elements) {
         return Err(("max_table_elements", "must be 1..=10000000".into()));
     }
@@ -357,6 +372,7 @@ fn module_limits(m: &RawModule) -> Result<Limits, (&'static str, String)> {
     let l = Limits {
         max_memory: size(&m.max_memory, "max_memory", d.max_memory)?,
         max_instances: m.max_instances.unwrap_or(d.max_instances),
+        max_memories: m.max_memories.unwrap_or(d.max_memories),
         max_tables: m.max_tables.unwrap_or(d.max_tables),
         max_table_elements: m.max_table_elements.unwrap_or(d.max_table_elements),
         max_hostcall_data: size(
@@ -425,6 +441,21 @@ impl Config {
                 "runtime.max_modules = {max_modules}: must be 1..=100000"
             )));
         }
+        let dc = ModuleCeilings::default();
+        let ceilings = ModuleCeilings {
+            core_instances: raw.runtime.module_instances.unwrap_or(dc.core_instances),
+            memories: raw.runtime.module_memories.unwrap_or(dc.memories),
+            tables: raw.runtime.module_tables.unwrap_or(dc.tables),
+        };
+        for (field, v, max) in [
+            ("module_instances", ceilings.core_instances, 10_000),
+            ("module_memories", ceilings.memories, 64),
+            ("module_tables", ceilings.tables, 10_000),
+        ] {
+            if !(1..=max).contains(&v) {
+                return Err(err(format!("runtime.{field} = {v}: must be 1..={max}")));
+            }
+        }
         let mut names = HashSet::new();
         let mut modules = Vec::with_capacity(raw.modules.len());
         for m in raw.modules {
@@ -458,6 +489,35 @@ impl Config {
                 })
                 .collect::<Result<Vec<_>, ConfigError>>()?;
             let limits = module_limits(&m).map_err(|(field, msg)| ctx(field, msg))?;
+            for (field, asked, ceiling, setting) in [
+                (
+                    "max_instances",
+                    limits.max_instances,
+                    ceilings.core_instances,
+                    "module_instances",
+                ),
+                (
+                    "max_memories",
+                    limits.max_memories,
+                    ceilings.memories,
+                    "module_memories",
+                ),
+                (
+                    "max_tables",
+                    limits.max_tables,
+                    ceilings.tables,
+                    "module_tables",
+                ),
+            ] {
+                if asked > ceiling {
+                    return Err(ctx(
+                        field,
+                        format!(
+                            "{asked} is over the per-module ceiling runtime.{setting} = {ceiling}; raise that"
+                        ),
+                    ));
+                }
+            }
             let allow_outbound = m
                 .allow_outbound
                 .iter()
@@ -505,6 +565,7 @@ impl Config {
                 pooling: raw.runtime.pooling,
                 echo_output: raw.runtime.echo_output.unwrap_or(true),
                 max_wasm_stack,
+                ceilings,
             },
             identity,
             modules,

@@ -59,6 +59,7 @@ fn cpu_ticks() -> u64 {
 fn engine_options(n: u32) -> EngineOptions {
     EngineOptions {
         max_instances: n,
+        ceilings: Default::default(),
         max_memory: 64 << 20,
         pooling: None,
         max_wasm_stack: DEFAULT_MAX_WASM_STACK,

@@ -113,6 +113,7 @@ fn main() {
     let runtime = Runtime::new(&RuntimeOptions {
         engine: EngineOptions {
             max_instances: 4,
+            ceilings: Default::default(),
             max_memory: 64 << 20,
             pooling: None,
             max_wasm_stack: edgeward::runtime::engine::DEFAULT_MAX_WASM_STACK,

@@ -123,6 +123,7 @@ pub async fn run(config: Config, state_dir: PathBuf) -> anyhow::Result<()> {
     let rt = Arc::new(Runtime::new(&RuntimeOptions {
         engine: EngineOptions {
             max_instances: config.runtime.max_modules,
+            ceilings: config.runtime.ceilings,
             max_memory: max_memory.max(crate::runtime::sandbox::DEFAULT_MAX_MEMORY),
             pooling: config.runtime.pooling,
             max_wasm_stack: config.runtime.max_wasm_stack,

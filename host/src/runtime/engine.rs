@@ -21,11 +21,38 @@ pub enum Allocator {
     OnDemand,
 }
 
+/// What one module may hold at most: the pool reserves this much per
+/// module, so its totals are modules x ceilings. The daemon takes them from
+/// `[runtime]`, `edgeward run` from its one module's limits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ModuleCeilings {
+    /// Core instances per module (default 32; Python components need up
+    /// to 16).
+    pub core_instances: u32,
+    /// Linear memories per module (default 2; each pooled memory reserves
+    /// its address space up front, so 5,000 modules must fit).
+    pub memories: u32,
+    /// Tables per module (default 32).
+    pub tables: u32,
+}
+
+impl Default for ModuleCeilings {
+    fn default() -> Self {
+        Self {
+            core_instances: 32,
+            memories: 2,
+            tables: 32,
+        }
+    }
+}
+
 /// Engine sizing.
 #[derive(Debug, Clone)]
 pub struct EngineOptions {
-    /// Module instances that may run at once (pooling slots).
+    /// Modules that may run at once (pooling slots).
     pub max_instances: u32,
+    /// What each of them may hold.
+    pub ceilings: ModuleCeilings,
     /// Largest linear memory any module may have, in bytes.
     pub max_memory: u64,
     /// `Some(false)` forbids pooling, `Some(true)` requires it, `None` probes.
@@ -50,13 +77,19 @@ fn base_config(opts: &EngineOptions) -> Config {
 
 fn pooling_config(opts: &EngineOptions) -> Config {
     let n = opts.max_instances.max(1);
+    let c = opts.ceilings;
     let mut p = PoolingAllocationConfig::default();
-    // A Rust wasip2 command is one component with a handful of core
-    // instances (the program plus small shims), one memory and a few tables.
+    // Totals are modules x per-module ceilings: a module can always get
+    // what its ceiling allows, whatever its neighbours hold.
     p.total_component_instances(n)
-        .total_core_instances(n.saturating_mul(8))
-        .total_memories(n.saturating_mul(2))
-        .total_tables(n.saturating_mul(4))
+        .total_core_instances(n.saturating_mul(c.core_instances))
+        .total_memories(n.saturating_mul(c.memories))
+        .total_tables(n.saturating_mul(c.tables))
+        .max_core_instances_per_component(c.core_instances)
+        .max_memories_per_component(c.memories)
+        .max_tables_per_component(c.tables)
+        .max_memories_per_module(c.memories)
+        .max_tables_per_module(c.tables)
         .total_stacks(n)
         .max_memory_size(usize::try_from(opts.max_memory).unwrap_or(usize::MAX));
     let mut c = base_config(opts);

@@ -43,6 +43,7 @@ pub struct Runtime {
     linker: Linker<ModuleState>,
     cache: Option<ArtifactCache>,
     allocator: Allocator,
+    ceilings: engine::ModuleCeilings,
     _ticker: engine::EpochTicker,
 }
 
@@ -172,6 +173,7 @@ impl Runtime {
             linker,
             cache,
             allocator,
+            ceilings: opts.engine.ceilings,
             _ticker: ticker,
         })
     }
@@ -227,11 +229,19 @@ impl Runtime {
             Some(Lookup::Hit(c)) => (c, CodeSource::Cache),
             lookup => {
                 let c = Component::new(&self.engine, &measured.bytes).map_err(|e| {
-                    anyhow::anyhow!(
-                        "{} is not a valid WebAssembly component: {:#}",
-                        path.display(),
-                        anyhow::Error::from(e)
-                    )
+                    let e = format!("{:#}", anyhow::Error::from(e));
+                    if e.contains("pooling allocator requirements") {
+                        anyhow::anyhow!(
+                            "{} does not fit the per-module ceilings ({}): {e}",
+                            path.display(),
+                            self.ceiling_hint()
+                        )
+                    } else {
+                        anyhow::anyhow!(
+                            "{} is not a valid WebAssembly component: {e}",
+                            path.display()
+                        )
+                    }
                 })?;
                 if let Some(cache) = &self.cache
                     && let Err(e) = cache.store(&measured.digest, &c)
@@ -265,6 +275,45 @@ impl Runtime {
             source,
             pre,
         })
+    }
+
+    /// The ceilings and the settings that raise them, for errors.
+    fn ceiling_hint(&self) -> String {
+        let c = self.ceilings;
+        format!(
+            "{} core instances, {} memories, {} tables per module; raise max_instances, max_memories or max_tables (edgeward run --max-instances, --max-memories, --max-tables; for the daemon also [runtime] module_instances, module_memories, module_tables)",
+            c.core_instances, c.memories, c.tables
+        )
+    }
+
+    /// Why a module could not be instantiated, naming the limit and the
+    /// setting that raises it.
+    fn instantiation_refused(e: &wasmtime::Error, limits: &sandbox::Limits) -> String {
+        let msg = format!("{e:#}");
+        let hint = if msg.contains("memories") || msg.contains("memory count") {
+            format!(
+                "it defines more linear memories than its max_memories ({}); raise max_memories (edgeward run --max-memories; the daemon's [runtime] module_memories bounds it)",
+                limits.max_memories
+            )
+        } else if msg.contains("instance") {
+            format!(
+                "it needs more core instances than its max_instances ({}); raise max_instances (edgeward run --max-instances; the daemon's [runtime] module_instances bounds it)",
+                limits.max_instances
+            )
+        } else if msg.contains("table") {
+            format!(
+                "it needs more tables than its max_tables ({}); raise max_tables (edgeward run --max-tables; the daemon's [runtime] module_tables bounds it)",
+                limits.max_tables
+            )
+        } else if msg.contains("memory") {
+            format!(
+                "its initial memory does not fit its max_memory ({}); raise max_memory",
+                crate::units::format_size(limits.max_memory)
+            )
+        } else {
+            "it cannot be instantiated".to_owned()
+        };
+        format!("module refused: {hint}: {msg}")
     }
 
     /// Starts `module` once in a fresh `Store` sandboxed by `spec`, and runs
@@ -304,10 +353,15 @@ impl Runtime {
         // without host calls still lets other tasks (and deadlines) run.
         store.set_epoch_deadline(1);
         store.epoch_deadline_callback(|_| Ok(UpdateDeadline::Yield(1)));
+        let limits = spec.limits;
         let run = async {
-            let cmd = module.pre.instantiate_async(&mut store).await?;
+            let cmd = match module.pre.instantiate_async(&mut store).await {
+                Ok(cmd) => cmd,
+                // Not a trap of the module's: it does not fit its limits.
+                Err(e) => return Err(Err(Self::instantiation_refused(&e, &limits))),
+            };
             instantiated();
-            cmd.wasi_cli_run().call_run(&mut store).await
+            cmd.wasi_cli_run().call_run(&mut store).await.map_err(Ok)
         };
         let result = match deadline {
             None => run.await,
@@ -315,6 +369,11 @@ impl Runtime {
                 Ok(r) => r,
                 Err(_) => return Exit::TimedOut(d),
             },
+        };
+        let result = match result {
+            Err(Err(refused)) => return Exit::SetupFailed(refused),
+            Err(Ok(e)) => Err(e),
+            Ok(r) => Ok(r),
         };
         match result {
             Ok(Ok(())) => Exit::Success,

@@ -20,13 +20,21 @@ use crate::units::format_size;
 /// Default linear-memory limit for a module (64 MiB).
 pub const DEFAULT_MAX_MEMORY: u64 = 64 << 20;
 
+/// Default number of linear memories a module may define.
+pub const DEFAULT_MAX_MEMORIES: u32 = 2;
+
 /// What one module instance may use. Defaults are documented per field.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {
-    /// Linear-memory size per memory, in bytes (default 64 MiB).
+    /// Linear memory in bytes, the module's total over all its memories
+    /// (default 64 MiB).
     pub max_memory: u64,
-    /// Core instances (default 32; a Rust command component uses a few).
+    /// Core instances (default 32; a Rust command component uses a few, a
+    /// Python one up to 16).
     pub max_instances: u32,
+    /// Linear memories (default 2): each one reserves its address space
+    /// up front in the pooling allocator.
+    pub max_memories: u32,
     /// Tables (default 32).
     pub max_tables: u32,
     /// Elements per table (default 100,000).
@@ -40,6 +48,7 @@ impl Default for Limits {
         Self {
             max_memory: DEFAULT_MAX_MEMORY,
             max_instances: 32,
+            max_memories: DEFAULT_MAX_MEMORIES,
             max_tables: 32,
             max_table_elements: 100_000,
             max_hostcall_data: 16 << 20,
@@ -252,12 +261,16 @@ impl WasiView for ModuleState {
     }
 }
 
-/// Enforces [`Limits`]. Refuses memory growth past the limit and remembers
-/// that it did, so a trap that follows (Rust's allocator aborts on a failed
-/// grow) is reported as "out of memory" rather than as a bare `unreachable`.
+/// Enforces [`Limits`]. Linear memory is counted over all of a module's
+/// memories (a component with several cannot take that many times the
+/// limit). Refuses growth past the limit and remembers that it did, so a
+/// trap that follows (Rust's allocator aborts on a failed grow) is reported
+/// as "out of memory" rather than as a bare `unreachable`.
 #[derive(Debug, Clone)]
 pub struct Limiter {
     max_memory: usize,
+    /// Bytes of linear memory the module's memories hold together.
+    used: usize,
     limits: Limits,
     denied: Arc<Mutex<Option<String>>>,
 }
@@ -266,6 +279,7 @@ impl Limiter {
     fn new(limits: &Limits) -> Self {
         Self {
             max_memory: usize::try_from(limits.max_memory).unwrap_or(usize::MAX),
+            used: 0,
             limits: *limits,
             denied: Arc::default(),
         }
@@ -284,15 +298,19 @@ impl ResourceLimiter for Limiter {
         desired: usize,
         maximum: Option<usize>,
     ) -> wasmtime::Result<bool> {
-        let limit = maximum.map_or(self.max_memory, |m| m.min(self.max_memory));
-        if desired <= limit {
+        let growth = desired.saturating_sub(current);
+        let total = self.used.saturating_add(growth);
+        let within_own = maximum.is_none_or(|m| desired <= m);
+        if within_own && total <= self.max_memory {
+            self.used = total;
             return Ok(true);
         }
         let reason = format!(
-            "memory limit exceeded: growing linear memory from {} to {} would pass the {} limit",
+            "memory limit exceeded: growing linear memory from {} to {} would bring the module's memories to {}, past its {} limit (max_memory, a total over all its memories)",
             format_size(current as u64),
             format_size(desired as u64),
-            format_size(limit as u64),
+            format_size(total as u64),
+            format_size(self.max_memory as u64),
         );
         if let Ok(mut g) = self.denied.lock() {
             *g = Some(reason);
@@ -318,7 +336,7 @@ impl ResourceLimiter for Limiter {
     }
 
     fn memories(&self) -> usize {
-        self.limits.max_instances as usize
+        self.limits.max_memories as usize
     }
 }
 
@@ -350,5 +368,26 @@ mod tests {
             why.contains("memory limit") && why.contains("1 MiB"),
             "{why}"
         );
+    }
+
+    /// The limit is a total: two memories share it.
+    #[test]
+    fn memory_is_limited_over_all_memories() {
+        let mut l = Limiter::new(&Limits {
+            max_memory: 4 << 20,
+            ..Limits::default()
+        });
+        // Instantiation: two memories of 1 MiB each.
+        assert!(l.memory_growing(0, 1 << 20, None).expect("ok"));
+        assert!(l.memory_growing(0, 1 << 20, None).expect("ok"));
+        // The first grows to 3 MiB: 4 MiB in all.
+        assert!(l.memory_growing(1 << 20, 3 << 20, None).expect("ok"));
+        // The second may not grow at all now.
+        assert!(
+            !l.memory_growing(1 << 20, (1 << 20) + 65536, None)
+                .expect("ok")
+        );
+        assert!(l.denial().expect("recorded").contains("total"));
+        assert_eq!(l.memories(), DEFAULT_MAX_MEMORIES as usize);
     }
 }
