@@ -681,7 +681,10 @@ fn daemon_command(state_flag: Option<PathBuf>, args: DaemonArgs) -> ExitCode {
         Ok(rt) => rt,
         Err(e) => return fail(format!("cannot start the async runtime: {e}"), 1),
     };
-    match rt.block_on(daemon::run(cfg, state_dir)) {
+    let result = rt.block_on(daemon::run(cfg, state_dir));
+    // A compile abandoned by a signal at start-up must not hold the exit.
+    rt.shutdown_timeout(Duration::from_millis(200));
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => fail(format!("{e:#}"), 1),
     }

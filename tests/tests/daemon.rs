@@ -250,3 +250,75 @@ fn bad_config_is_rejected_with_a_clear_error() {
         stderr(&o)
     );
 }
+
+/// A command component with `n` small functions: seconds of compilation for
+/// a debug build of the host, nothing to run.
+fn slow_to_compile(s: &Scratch, name: &str, n: usize, salt: u32) -> String {
+    let funcs: String = (0..n)
+        .map(|i| {
+            format!(
+                "(func (param i32) (result i32) (i32.add (i32.mul (local.get 0) (i32.const {i})) (i32.xor (local.get 0) (i32.const {salt}))))\n"
+            )
+        })
+        .collect();
+    let text = format!(
+        r#"(component
+  (core module $big
+    {funcs}
+    (func (export "run") (result i32) (i32.const 0)))
+  (core instance $i (instantiate $big))
+  (func $run (result (result)) (canon lift (core func $i "run")))
+  (instance $cli (export "run" (func $run)))
+  (export "wasi:cli/run@0.2.0" (instance $cli)))"#
+    );
+    let path = s.path().join(name);
+    std::fs::write(&path, wat::parse_str(&text).expect("component text")).expect("write");
+    path.to_string_lossy().into_owned()
+}
+
+/// SIGTERM while the daemon is still compiling its modules at start-up
+/// stops it at once, not after every compile.
+#[test]
+fn sigterm_is_honoured_while_compiling() {
+    let s = Scratch::new();
+    let files: Vec<String> = (0..3)
+        .map(|i| slow_to_compile(&s, &format!("big{i}.wasm"), 20_000, i))
+        .collect();
+    // What one compile costs here.
+    let t = std::time::Instant::now();
+    let o = s.run(&files[0], &["--no-cache"], &[]);
+    assert_status(&o, 0);
+    let one = t.elapsed();
+    assert!(
+        one > std::time::Duration::from_millis(800),
+        "compiling took only {one:?}: make the test component bigger"
+    );
+    let config: String = files
+        .iter()
+        .enumerate()
+        .map(|(i, f)| {
+            format!(
+                "[[module]]\nname = \"big{i}\"\nfile = \"{f}\"\ndigest = \"{}\"\nrestart = \"never\"\n\n",
+                sha256sum(f)
+            )
+        })
+        .collect();
+    let mut d = Daemon::start(&s, &config);
+    d.wait_for("the first compile to begin", |_, err| {
+        count(err, "workload identity ready") >= 1
+    });
+    let asked = std::time::Instant::now();
+    let (status, _, err) = d.terminate();
+    let took = asked.elapsed();
+    assert!(status.success(), "{}", err.join("\n"));
+    assert!(
+        took < one,
+        "stopping took {took:?}; one compile takes {one:?} and three were due"
+    );
+    assert!(
+        count(&err, "module measured and loaded") < 3,
+        "every module was compiled before the signal was seen:\n{}",
+        err.join("\n")
+    );
+    assert!(count(&err, "SIGTERM: stopping") == 1, "{}", err.join("\n"));
+}

@@ -139,6 +139,52 @@ pub async fn run(config: Config, state_dir: PathBuf) -> anyhow::Result<()> {
         fd_limit = ?fd_limit,
         "edgeward daemon starting"
     );
+    // Signals are honoured from here on, compiling or not.
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("cannot install the SIGTERM handler")?;
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut tasks = JoinSet::new();
+    let startup = start_modules(&config, &state_dir, &rt, &mut tasks, &stop_rx);
+    let why = tokio::select! {
+        r = startup => { r?; stop_requested(&mut sigterm).await? }
+        why = stop_requested(&mut sigterm) => {
+            tracing::info!("stopping during start-up");
+            why?
+        }
+    };
+    tracing::info!("{why}: stopping");
+    let _ = stop_tx.send(true);
+    let drained = tokio::time::timeout(STOP_DEADLINE, async {
+        while tasks.join_next().await.is_some() {}
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!("modules did not stop within {STOP_DEADLINE:?}; aborting them");
+        tasks.shutdown().await;
+    }
+    tracing::info!("edgeward daemon stopped");
+    Ok(())
+}
+
+/// Waits for SIGINT or SIGTERM; says which.
+async fn stop_requested(sigterm: &mut tokio::signal::unix::Signal) -> anyhow::Result<&'static str> {
+    tokio::select! {
+        r = tokio::signal::ctrl_c() => { r.context("cannot wait for SIGINT")?; Ok("SIGINT") }
+        _ = sigterm.recv() => Ok("SIGTERM"),
+    }
+}
+
+/// Sets up the workload identity, then measures, loads and starts every
+/// module of `config` into `tasks`. Compilation runs on the blocking pool,
+/// so a signal stops the daemon while it compiles.
+async fn start_modules(
+    config: &Config,
+    state_dir: &Path,
+    rt: &Arc<Runtime>,
+    tasks: &mut JoinSet<()>,
+    stop_rx: &watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    let state_dir = state_dir.to_owned();
     let identity = {
         let (hsm_config, identity_config, dir) = (
             config.hsm.clone(),
@@ -166,13 +212,8 @@ pub async fn run(config: Config, state_dir: PathBuf) -> anyhow::Result<()> {
             tracing::info!(module = %name, "registered module is not configured; its registration is kept (`edgeward deregister {name}` deletes it)");
         }
     }
-    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .context("cannot install the SIGTERM handler")?;
-
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let mut tasks = JoinSet::new();
     tasks.spawn(identity.clone().maintain(true, stop_rx.clone()));
-    for spec in config.modules {
+    for spec in config.modules.iter().cloned() {
         let data_dir = records::module_dir(&state_dir, &spec.name).join("data");
         let records = match ModuleRecords::open(&state_dir, &spec.name) {
             Ok(r) => r,
@@ -181,9 +222,15 @@ pub async fn run(config: Config, state_dir: PathBuf) -> anyhow::Result<()> {
                 continue;
             }
         };
-        let loaded = state::ensure_private_dir(&data_dir)
-            .map_err(anyhow::Error::from)
-            .and_then(|()| rt.load_file(&spec.file, Some(&spec.digest)));
+        let loaded = match state::ensure_private_dir(&data_dir) {
+            Err(e) => Err(anyhow::Error::from(e)),
+            Ok(()) => {
+                let (rt2, file, digest) = (rt.clone(), spec.file.clone(), spec.digest);
+                tokio::task::spawn_blocking(move || rt2.load_file(&file, Some(&digest)))
+                    .await
+                    .unwrap_or_else(|e| Err(anyhow::anyhow!("compile task failed: {e}")))
+            }
+        };
         let loaded = match loaded {
             Ok(module) => {
                 let (svc, name, digest, names) = (
@@ -231,20 +278,6 @@ pub async fn run(config: Config, state_dir: PathBuf) -> anyhow::Result<()> {
         }
     }
 
-    tokio::select! {
-        r = tokio::signal::ctrl_c() => { r.context("cannot wait for SIGINT")?; tracing::info!("SIGINT: stopping"); }
-        _ = sigterm.recv() => tracing::info!("SIGTERM: stopping"),
-    }
-    let _ = stop_tx.send(true);
-    let drained = tokio::time::timeout(STOP_DEADLINE, async {
-        while tasks.join_next().await.is_some() {}
-    })
-    .await;
-    if drained.is_err() {
-        tracing::warn!("modules did not stop within {STOP_DEADLINE:?}; aborting them");
-        tasks.shutdown().await;
-    }
-    tracing::info!("edgeward daemon stopped");
     Ok(())
 }
 
