@@ -143,10 +143,16 @@ pub async fn run(config: Config, state_dir: PathBuf) -> anyhow::Result<()> {
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("cannot install the SIGTERM handler")?;
     let (stop_tx, stop_rx) = watch::channel(false);
-    let mut tasks = JoinSet::new();
+    let mut tasks = Tasks::default();
     let startup = start_modules(&config, &state_dir, &rt, &mut tasks, &stop_rx);
     let why = tokio::select! {
-        r = startup => { r?; stop_requested(&mut sigterm).await? }
+        r = startup => {
+            r?;
+            tokio::select! {
+                why = stop_requested(&mut sigterm) => why?,
+                () = tasks.watch() => unreachable!("watch never returns"),
+            }
+        }
         why = stop_requested(&mut sigterm) => {
             tracing::info!("stopping during start-up");
             why?
@@ -154,16 +160,74 @@ pub async fn run(config: Config, state_dir: PathBuf) -> anyhow::Result<()> {
     };
     tracing::info!("{why}: stopping");
     let _ = stop_tx.send(true);
-    let drained = tokio::time::timeout(STOP_DEADLINE, async {
-        while tasks.join_next().await.is_some() {}
-    })
-    .await;
+    let drained = tokio::time::timeout(STOP_DEADLINE, tasks.drain()).await;
     if drained.is_err() {
         tracing::warn!("modules did not stop within {STOP_DEADLINE:?}; aborting them");
-        tasks.shutdown().await;
+        tasks.set.shutdown().await;
     }
     tracing::info!("edgeward daemon stopped");
     Ok(())
+}
+
+/// The daemon's tasks. Each module's supervisor is tied to its records, so
+/// one that panics is recorded as failed rather than left "running".
+#[derive(Default)]
+struct Tasks {
+    set: JoinSet<()>,
+    owners: std::collections::HashMap<tokio::task::Id, ModuleRecords>,
+}
+
+impl Tasks {
+    fn spawn(&mut self, f: impl std::future::Future<Output = ()> + Send + 'static) {
+        self.set.spawn(f);
+    }
+
+    fn spawn_module(
+        &mut self,
+        records: ModuleRecords,
+        f: impl std::future::Future<Output = ()> + Send + 'static,
+    ) {
+        let handle = self.set.spawn(f);
+        self.owners.insert(handle.id(), records);
+    }
+
+    fn ended(&mut self, r: Result<(tokio::task::Id, ()), tokio::task::JoinError>) {
+        let (id, failure) = match r {
+            Ok((id, ())) => (id, None),
+            Err(e) => {
+                let id = e.id();
+                let why = if e.is_panic() {
+                    let payload = e.into_panic();
+                    let msg = payload
+                        .downcast_ref::<&str>()
+                        .map(|s| (*s).to_owned())
+                        .or_else(|| payload.downcast_ref::<String>().cloned())
+                        .unwrap_or_else(|| "a panic".to_owned());
+                    format!("its supervisor panicked: {msg}")
+                } else {
+                    "its supervisor was cancelled".to_owned()
+                };
+                (id, Some(why))
+            }
+        };
+        if let (Some(records), Some(why)) = (self.owners.remove(&id), failure) {
+            tracing::error!(module = %records.name(), "{why}");
+            records.mark_failed(why);
+        }
+    }
+
+    /// Records tasks as they end; returns only when there are none left.
+    async fn drain(&mut self) {
+        while let Some(r) = self.set.join_next_with_id().await {
+            self.ended(r);
+        }
+    }
+
+    /// Records tasks as they end, forever.
+    async fn watch(&mut self) {
+        self.drain().await;
+        std::future::pending::<()>().await;
+    }
 }
 
 /// Waits for SIGINT or SIGTERM; says which.
@@ -181,7 +245,7 @@ async fn start_modules(
     config: &Config,
     state_dir: &Path,
     rt: &Arc<Runtime>,
-    tasks: &mut JoinSet<()>,
+    tasks: &mut Tasks,
     stop_rx: &watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
     let state_dir = state_dir.to_owned();
@@ -261,14 +325,10 @@ async fn start_modules(
                 };
                 let mut sandbox = sandbox_for(&spec, &data_dir, output);
                 sandbox.identity = Some(crate::identity::IdentityHandle::ready(module_identity));
-                tasks.spawn(supervise(
-                    rt.clone(),
-                    spec,
-                    module,
-                    sandbox,
-                    records,
-                    stop_rx.clone(),
-                ));
+                tasks.spawn_module(
+                    records.clone(),
+                    supervise(rt.clone(), spec, module, sandbox, records, stop_rx.clone()),
+                );
             }
             Err(e) => {
                 let reason = format!("{e:#}");
@@ -365,6 +425,22 @@ async fn supervise(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A supervisor that panics leaves its module failed, with the reason,
+    /// not "running".
+    #[tokio::test]
+    async fn a_panicking_supervisor_is_recorded_as_failed() {
+        let dir = tempfile::tempdir().unwrap();
+        let records = ModuleRecords::open(dir.path(), "m").unwrap();
+        records.set_status(ModuleState::Running, 3, Some("sha256:x".into()), None, None);
+        let mut tasks = Tasks::default();
+        tasks.spawn_module(records, async { panic!("supervision bug") });
+        tasks.drain().await;
+        let s = records::read_statuses(dir.path()).pop().unwrap().unwrap();
+        assert_eq!(s.state, ModuleState::Failed);
+        assert!(s.reason.unwrap().contains("supervision bug"));
+        assert_eq!((s.starts, s.digest.as_deref()), (3, Some("sha256:x")));
+    }
 
     #[test]
     fn backoff_doubles_and_caps() {

@@ -30,6 +30,9 @@ pub enum ModuleState {
     Stopped,
     /// Not started: its measurement did not match, or it failed to load.
     Refused,
+    /// Its supervisor failed (a host bug, logged): not running, not
+    /// restarted until the daemon restarts.
+    Failed,
 }
 
 /// One exit, as recorded.
@@ -138,6 +141,11 @@ impl ModuleRecords {
         })
     }
 
+    /// The module's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
     /// The output log the module's stdout/stderr go to.
     pub fn output(&self) -> Arc<RotatingLog> {
         self.output.clone()
@@ -169,6 +177,18 @@ impl ModuleRecords {
         if let Err(e) = result {
             tracing::warn!(module = %self.name, path = %path.display(), error = %e, "cannot write module status");
         }
+    }
+
+    /// Marks the module failed with `reason`, keeping what its last status
+    /// said (starts, digest, last exit).
+    pub fn mark_failed(&self, reason: String) {
+        let path = self.dir.join("status.json");
+        let prev: Option<Status> = std::fs::read(&path)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok());
+        let (starts, digest, last_exit) =
+            prev.map_or((0, None, None), |s| (s.starts, s.digest, s.last_exit));
+        self.set_status(ModuleState::Failed, starts, digest, Some(reason), last_exit);
     }
 
     /// Appends an exit record.
