@@ -148,6 +148,9 @@ struct RunArgs {
     /// Linear memories the module may define.
     #[arg(long, value_name = "N", default_value_t = Limits::default().max_memories)]
     max_memories: u32,
+    /// Handles (open files, sockets, streams, pollables) the module may hold.
+    #[arg(long, value_name = "N", default_value_t = Limits::default().max_handles)]
+    max_handles: u32,
     /// Tables the module may create.
     #[arg(long, value_name = "N", default_value_t = Limits::default().max_tables)]
     max_tables: u32,
@@ -279,6 +282,7 @@ fn run_command(state_flag: Option<PathBuf>, args: RunArgs) -> ExitCode {
         max_memory: args.max_memory,
         max_instances: args.max_instances,
         max_memories: args.max_memories,
+        max_handles: args.max_handles,
         max_tables: args.max_tables,
         max_table_elements: args.max_table_elements,
         max_hostcall_data: args.max_hostcall_data,
@@ -377,13 +381,8 @@ fn run_command(state_flag: Option<PathBuf>, args: RunArgs) -> ExitCode {
                 ExitCode::from(u8::try_from(code).ok().filter(|c| *c != 0).unwrap_or(1))
             }
             e @ Exit::TimedOut(_) => fail(e, EXIT_TIMEOUT),
-            e @ Exit::Trap(_) => fail(
-                format!(
-                    "module {}",
-                    crate::runtime::escape::escape_str(&e.to_string())
-                ),
-                EXIT_TRAP,
-            ),
+            // The trap message escapes the guest-chosen names it carries.
+            e @ Exit::Trap(_) => fail(format!("module {e}"), EXIT_TRAP),
             e @ Exit::SetupFailed(_) => fail(e, EXIT_REFUSED),
         }
     })

@@ -24,6 +24,7 @@
 //!                                     # memories (default 64MiB)
 //! max_instances = 32                  # core instances (default 32)
 //! max_memories = 2                    # linear memories (default 2)
+//! max_handles = 1024                  # open files, sockets, streams (default 1024)
 //! max_tables = 32                     # tables (default 32)
 //! max_table_elements = 100000         # elements per table (default 100000)
 //! max_hostcall_data = "16MiB"         # bytes per call into the host (default 16MiB)
@@ -224,6 +225,7 @@ struct RawModule {
     max_memory: Option<String>,
     max_instances: Option<u32>,
     max_memories: Option<u32>,
+    max_handles: Option<u32>,
     max_tables: Option<u32>,
     max_table_elements: Option<u32>,
     max_hostcall_data: Option<String>,
@@ -354,6 +356,9 @@ pub fn check_limits(l: &Limits) -> Result<(), (&'static str, String)> {
     if !(1..=64).contains(&l.max_memories) {
         return Err(("max_memories", "must be 1..=64".into()));
     }
+    if !(16..=65_536).contains(&l.max_handles) {
+        return Err(("max_handles", "must be 16..=65536".into()));
+    }
     if !(1..=10_000_000).contains(&l.max_table_elements) {
         return Err(("max_table_elements", "must be 1..=10000000".into()));
     }
@@ -373,6 +378,7 @@ fn module_limits(m: &RawModule) -> Result<Limits, (&'static str, String)> {
         max_memory: size(&m.max_memory, "max_memory", d.max_memory)?,
         max_instances: m.max_instances.unwrap_or(d.max_instances),
         max_memories: m.max_memories.unwrap_or(d.max_memories),
+        max_handles: m.max_handles.unwrap_or(d.max_handles),
         max_tables: m.max_tables.unwrap_or(d.max_tables),
         max_table_elements: m.max_table_elements.unwrap_or(d.max_table_elements),
         max_hostcall_data: size(

@@ -656,6 +656,60 @@ fn memories_per_module_are_capped() {
     assert_status(&o, 0);
 }
 
+/// A module opening files in a loop hits its handle limit (max_handles:
+/// resource-table entries, so host descriptors too) and is stopped with the
+/// limit named; it never reaches the daemon's descriptor limit.
+#[test]
+fn handles_are_bounded_per_module() {
+    let s = Scratch::new();
+    let data = s.path().join("data");
+    std::fs::create_dir(&data).expect("data dir");
+    let grant = format!("{}::/data", data.display());
+    let o = s.run(
+        PROBE,
+        &["--dir", &grant, "--max-handles", "64"],
+        &["open-loop"],
+    );
+    assert_status(&o, 134);
+    let err = stderr(&o);
+    assert!(
+        err.contains("handle limit exceeded") && err.contains("max_handles (64)"),
+        "{err}"
+    );
+    let opened = std::fs::read_dir(&data).expect("read").count();
+    assert!(opened <= 64, "{opened} files held open");
+}
+
+/// Names a module chose for its functions (its name section) reach trap
+/// messages escaped: no terminal escapes, no line of their own.
+#[test]
+fn trap_backtraces_escape_guest_names() {
+    let s = Scratch::new();
+    let text = r#"(component
+  (core module $m
+    (func $evil (@name "evil\1b[2J\0a2026-11-29T00:00:00Z INFO forged line") unreachable)
+    (func (export "run") (result i32) (call $evil) (i32.const 0)))
+  (core instance $i (instantiate $m))
+  (func $run (result (result)) (canon lift (core func $i "run")))
+  (instance $cli (export "run" (func $run)))
+  (export "wasi:cli/run@0.2.0" (instance $cli)))"#;
+    let path = s.path().join("evil.wasm");
+    std::fs::write(&path, wat::parse_str(text).expect("component text")).expect("write");
+    let o = s.run(path.to_str().expect("utf-8"), &[], &[]);
+    assert_status(&o, 134);
+    let err = stderr(&o);
+    assert!(
+        !err.contains('\x1b'),
+        "a raw escape reached the terminal: {err:?}"
+    );
+    assert!(err.contains("evil\\x1b[2J\\n2026"), "{err}");
+    assert!(
+        err.lines()
+            .all(|l| !l.starts_with("2026-11-29T00:00:00Z INFO forged")),
+        "a forged line: {err}"
+    );
+}
+
 #[test]
 fn udp_reaches_only_listed_peers() {
     let s = Scratch::new();

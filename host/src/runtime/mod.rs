@@ -125,17 +125,46 @@ impl fmt::Display for Exit {
 
 /// A one-line cause (the limiter's refusal when memory ran out, else the
 /// trap or error), followed by the wasm backtrace when there is one.
-fn trap_reason(e: wasmtime::Error, memory_denial: Option<String>) -> String {
+fn trap_reason(e: wasmtime::Error, memory_denial: Option<String>, max_handles: u32) -> String {
     let e = anyhow::Error::from(e);
+    let full = e.chain().any(|c| {
+        c.downcast_ref::<wasmtime::component::ResourceTableError>()
+            .is_some_and(|r| matches!(r, wasmtime::component::ResourceTableError::Full))
+    });
     let cause = match (memory_denial, e.downcast_ref::<wasmtime::Trap>()) {
         (Some(why), _) => format!("out of memory: {why}"),
+        _ if full => format!(
+            "handle limit exceeded: the module holds its max_handles ({max_handles}) files, sockets, streams and pollables at once; raise max_handles"
+        ),
         (None, Some(trap)) => trap.to_string(),
         (None, None) => format!("{:#}", e.root_cause()),
     };
     match e.downcast_ref::<wasmtime::WasmBacktrace>() {
-        Some(bt) => format!("{cause}\n{bt}"),
+        Some(bt) => format!("{cause}\n{}", backtrace(bt)),
         None => cause,
     }
+}
+
+/// A wasm backtrace, one frame a line, with the names the guest chose
+/// (module and function names from its name section) escaped: they cannot
+/// break the lines or drive a terminal.
+fn backtrace(bt: &wasmtime::WasmBacktrace) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::from("wasm backtrace:");
+    for (i, f) in bt.frames().iter().enumerate() {
+        let module = f.module().name().map(escape::escape_str);
+        let func = f.func_name().map_or_else(
+            || format!("<wasm function {}>", f.func_index()),
+            |n| escape::escape_str(&rustc_demangle::demangle(n).to_string()).into_owned(),
+        );
+        let _ = write!(
+            out,
+            "\n  {i:>3}: {:#8x} - {}!{func}",
+            f.module_offset().unwrap_or(0),
+            module.as_deref().unwrap_or("<unknown>")
+        );
+    }
+    out
 }
 
 impl Runtime {
@@ -386,7 +415,7 @@ impl Runtime {
                         Exit::Failure(*code)
                     };
                 }
-                Exit::Trap(trap_reason(e, limiter.denial()))
+                Exit::Trap(trap_reason(e, limiter.denial(), limits.max_handles))
             }
         }
     }

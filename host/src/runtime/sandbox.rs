@@ -22,6 +22,8 @@ pub const DEFAULT_MAX_MEMORY: u64 = 64 << 20;
 
 /// Default number of linear memories a module may define.
 pub const DEFAULT_MAX_MEMORIES: u32 = 2;
+/// Default number of handles (resource-table entries) a module may hold.
+pub const DEFAULT_MAX_HANDLES: u32 = 1024;
 
 /// What one module instance may use. Defaults are documented per field.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -35,6 +37,11 @@ pub struct Limits {
     /// Linear memories (default 2): each one reserves its address space
     /// up front in the pooling allocator.
     pub max_memories: u32,
+    /// Handles the module may hold at once in its resource table (default
+    /// 1,024): open files and directories, sockets, streams, pollables. Each
+    /// host file descriptor it holds is one of them, so this bounds those
+    /// too, well below the daemon's own descriptor limit.
+    pub max_handles: u32,
     /// Tables (default 32).
     pub max_tables: u32,
     /// Elements per table (default 100,000).
@@ -49,6 +56,7 @@ impl Default for Limits {
             max_memory: DEFAULT_MAX_MEMORY,
             max_instances: 32,
             max_memories: DEFAULT_MAX_MEMORIES,
+            max_handles: DEFAULT_MAX_HANDLES,
             max_tables: 32,
             max_table_elements: 100_000,
             max_hostcall_data: 16 << 20,
@@ -219,7 +227,11 @@ impl ModuleState {
         let net = NetPolicy::new(program, &spec.allow_outbound);
         Ok(Self {
             wasi: spec.build_wasi(&net)?,
-            table: ResourceTable::new(),
+            table: {
+                let mut t = ResourceTable::new();
+                t.set_max_capacity(spec.limits.max_handles as usize);
+                t
+            },
             http: wasmtime_wasi_http::WasiHttpCtx::new(),
             http_hooks: super::http_client::HttpHooks {
                 policy: net.clone(),

@@ -159,6 +159,20 @@ fn main() -> ExitCode {
             let _ = out.flush();
             ExitCode::SUCCESS
         }
+        "open-loop" => {
+            // Opens files and keeps them open, until refused.
+            let mut held = Vec::new();
+            for i in 0.. {
+                match std::fs::File::create(format!("/data/f{i}")) {
+                    Ok(f) => held.push(f),
+                    Err(e) => {
+                        println!("denied: open-loop after {}: {e}", held.len());
+                        return ExitCode::FAILURE;
+                    }
+                }
+            }
+            ExitCode::SUCCESS
+        }
         "connect-loop" => {
             // Refused connects as fast as possible.
             let n: u32 = arg(2).parse().unwrap_or(1);
