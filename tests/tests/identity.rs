@@ -978,6 +978,30 @@ fn configured_ca_certificate_chains_to_an_external_root() {
         "{}",
         stderr(&o)
     );
+    // A module looping on the failing call cannot flood the host log: 20
+    // lines per 10 s, then one that counts the rest.
+    let o = s.run(
+        PROBE,
+        &["--config", cfg.to_str().unwrap()],
+        &["tokens", "100", "0", "svc"],
+    );
+    assert_status(&o, 0);
+    assert_eq!(
+        stdout(&o).matches("err internal").count(),
+        100,
+        "{}",
+        stdout(&o)
+    );
+    let logged = stderr(&o).matches("workload call failed").count();
+    assert!(
+        logged <= edgeward::runtime::loglimit::LINES_PER_WINDOW as usize,
+        "{logged} log lines for 100 failing calls"
+    );
+    assert!(
+        stderr(&o).contains("workload errors suppressed"),
+        "{}",
+        stderr(&o)
+    );
     // The daemon refuses to start on it.
     let config = format!(
         "[identity]\nca_certificate = \"{}\"\n",

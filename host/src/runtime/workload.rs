@@ -10,6 +10,7 @@ use std::sync::Arc;
 
 use wasmtime::component::{HasSelf, Linker};
 
+use super::loglimit::LogLimiter;
 use crate::identity::{Credentials, IdentityError, IdentityHandle, ModuleIdentity};
 
 /// Host bindings generated from `wit/` (world `edgeward:host/module`).
@@ -35,6 +36,8 @@ use bindings::edgeward::host::{types, workload};
 pub struct WorkloadCtx {
     identity: Option<Arc<IdentityHandle>>,
     program: String,
+    /// Internal errors the module triggers are logged within this budget.
+    log: Arc<LogLimiter>,
 }
 
 impl WorkloadCtx {
@@ -44,6 +47,7 @@ impl WorkloadCtx {
         Self {
             identity,
             program: program.to_owned(),
+            log: Arc::new(LogLimiter::new(program, "workload errors")),
         }
     }
 
@@ -61,7 +65,7 @@ impl WorkloadCtx {
             .as_deref()
             .ok_or_else(no_identity)?
             .get()
-            .map_err(to_wit)
+            .map_err(|e| self.wit(e))
     }
 }
 
@@ -81,14 +85,24 @@ fn no_identity() -> types::Error {
     types::Error::Unavailable("this module was started without a workload identity".into())
 }
 
-fn to_wit(e: IdentityError) -> types::Error {
+impl WorkloadCtx {
+    /// The WIT error for `e`; internal details are logged (within the
+    /// module's budget), never handed to the module.
+    fn wit(&self, e: IdentityError) -> types::Error {
+        to_wit(e, &self.log)
+    }
+}
+
+fn to_wit(e: IdentityError, log: &LogLimiter) -> types::Error {
     match e {
         IdentityError::NotPermitted(m) => types::Error::NotPermitted(m),
         IdentityError::InvalidArgument(m) => types::Error::InvalidArgument(m),
         IdentityError::Unavailable(m) => types::Error::Unavailable(m),
         other => {
             // Details stay in the host log.
-            tracing::error!(error = %other, "workload call failed");
+            if log.allow() {
+                tracing::error!(error = %other, "workload call failed");
+            }
             types::Error::Internal(
                 "the host could not complete the call; see the daemon log".into(),
             )
@@ -111,10 +125,8 @@ async fn blocking<R: Send + 'static>(
 ) -> Result<R, types::Error> {
     let handle = ctx.identity.clone().ok_or_else(no_identity)?;
     match tokio::task::spawn_blocking(move || f(handle.get()?.as_ref())).await {
-        Ok(r) => r.map_err(to_wit),
-        Err(e) => Err(to_wit(IdentityError::Internal(format!(
-            "blocking task: {e}"
-        )))),
+        Ok(r) => r.map_err(|e| ctx.wit(e)),
+        Err(e) => Err(ctx.wit(IdentityError::Internal(format!("blocking task: {e}")))),
     }
 }
 
@@ -155,7 +167,7 @@ impl workload::Host for WorkloadCtx {
         if let Some(id) = self.ready()
             && id.service().tokens().can_issue_now(ttl_seconds)
         {
-            return id.token(&audience, ttl_seconds).map_err(to_wit);
+            return id.token(&audience, ttl_seconds).map_err(|e| self.wit(e));
         }
         blocking(self, move |id| id.token(&audience, ttl_seconds)).await
     }
@@ -168,9 +180,9 @@ impl workload::Host for WorkloadCtx {
         // Known keys are in memory: inline. An unknown `kid` may re-read the
         // published keys from disk: blocking pool.
         let c = match self.ready() {
-            Some(id) if id.service().tokens().can_validate_now(&token) => {
-                id.validate_token(&token, &audience).map_err(to_wit)?
-            }
+            Some(id) if id.service().tokens().can_validate_now(&token) => id
+                .validate_token(&token, &audience)
+                .map_err(|e| self.wit(e))?,
             _ => blocking(self, move |id| id.validate_token(&token, &audience)).await?,
         };
         Ok(workload::Claims {
@@ -211,10 +223,10 @@ impl workload::Host for WorkloadCtx {
 
     async fn sign(&mut self, data: Vec<u8>) -> Result<Vec<u8>, types::Error> {
         crate::identity::check_size("data", data.len(), crate::identity::MAX_SIGN_INPUT)
-            .map_err(to_wit)?;
+            .map_err(|e| self.wit(e))?;
         // The leaf is current almost always: sign inline, no thread hop.
         if let Some(leaf) = self.ready().and_then(|id| id.leaf_if_current()) {
-            return crate::identity::sign_with(&leaf, &data).map_err(to_wit);
+            return crate::identity::sign_with(&leaf, &data).map_err(|e| self.wit(e));
         }
         blocking(self, move |id| id.sign(&data)).await
     }
@@ -226,7 +238,7 @@ impl workload::Host for WorkloadCtx {
     ) -> Result<Vec<u8>, types::Error> {
         self.identity()?
             .encrypt(&plaintext, &associated_data)
-            .map_err(to_wit)
+            .map_err(|e| self.wit(e))
     }
 
     fn decrypt(
@@ -236,7 +248,7 @@ impl workload::Host for WorkloadCtx {
     ) -> Result<Vec<u8>, types::Error> {
         self.identity()?
             .decrypt(&ciphertext, &associated_data)
-            .map_err(to_wit)
+            .map_err(|e| self.wit(e))
     }
 }
 
