@@ -165,6 +165,7 @@ pub async fn run(config: Config, state_dir: PathBuf) -> anyhow::Result<()> {
         tracing::warn!("modules did not stop within {STOP_DEADLINE:?}; aborting them");
         tasks.set.shutdown().await;
     }
+    records::flush();
     tracing::info!("edgeward daemon stopped");
     Ok(())
 }
@@ -436,6 +437,7 @@ mod tests {
         let mut tasks = Tasks::default();
         tasks.spawn_module(records, async { panic!("supervision bug") });
         tasks.drain().await;
+        records::flush();
         let s = records::read_statuses(dir.path()).pop().unwrap().unwrap();
         assert_eq!(s.state, ModuleState::Failed);
         assert!(s.reason.unwrap().contains("supervision bug"));

@@ -3,9 +3,17 @@
 //! atomically on every transition), `log/exits.log` (one JSON line per
 //! exit, bounded) and `log/output.log` (its stdout/stderr, bounded and
 //! rotated). `edgeward status` and `edgeward logs` read them.
+//!
+//! Status files and exit records are written by one thread of their own
+//! (each status write is a temporary file, two fsyncs and a rename): a slow
+//! disk, or a thousand modules changing state at once, never holds up the
+//! threads that run modules. Statuses are coalesced per module (the latest
+//! wins); exit records are appended in order. [`flush`] waits for all of it
+//! (the daemon calls it before it exits).
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -13,6 +21,128 @@ use serde::{Deserialize, Serialize};
 use crate::runtime::Exit;
 use crate::runtime::logfile::{DEFAULT_KEEP, DEFAULT_MAX_BYTES, RotatingLog, now_rfc3339};
 use crate::state;
+
+#[derive(Default)]
+struct Pending {
+    statuses: HashMap<PathBuf, (String, Vec<u8>)>,
+    exits: Vec<(String, Arc<RotatingLog>, Vec<u8>)>,
+    busy: bool,
+}
+
+impl Pending {
+    fn is_empty(&self) -> bool {
+        self.statuses.is_empty() && self.exits.is_empty()
+    }
+}
+
+/// The record writer: a queue and the thread that empties it.
+struct Writer {
+    pending: Mutex<Pending>,
+    wake: Condvar,
+    idle: Condvar,
+}
+
+#[cfg(test)]
+static TEST_WRITE_DELAY_MS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+impl Writer {
+    fn run(&self) {
+        loop {
+            let (statuses, exits) = {
+                let Ok(mut p) = self.pending.lock() else {
+                    return;
+                };
+                while p.is_empty() {
+                    p = match self.wake.wait(p) {
+                        Ok(p) => p,
+                        Err(_) => return,
+                    };
+                }
+                p.busy = true;
+                (
+                    std::mem::take(&mut p.statuses),
+                    std::mem::take(&mut p.exits),
+                )
+            };
+            // Exits first: a status never names an exit not yet recorded.
+            for (name, log, line) in exits {
+                slow_disk_for_tests();
+                if let Err(e) = log.append(&line) {
+                    tracing::warn!(module = %name, error = %e, "cannot record module exit");
+                }
+            }
+            for (path, (name, bytes)) in statuses {
+                slow_disk_for_tests();
+                if let Err(e) = state::write_atomic(&path, &bytes) {
+                    tracing::warn!(module = %name, path = %path.display(), error = %e, "cannot write module status");
+                }
+            }
+            if let Ok(mut p) = self.pending.lock() {
+                p.busy = false;
+                if p.is_empty() {
+                    self.idle.notify_all();
+                }
+            }
+        }
+    }
+
+    fn push(&self, f: impl FnOnce(&mut Pending)) {
+        if let Ok(mut p) = self.pending.lock() {
+            f(&mut p);
+            self.wake.notify_one();
+        }
+    }
+}
+
+fn slow_disk_for_tests() {
+    #[cfg(test)]
+    std::thread::sleep(Duration::from_millis(
+        TEST_WRITE_DELAY_MS.load(std::sync::atomic::Ordering::Relaxed),
+    ));
+}
+
+static WRITER: OnceLock<Option<Arc<Writer>>> = OnceLock::new();
+
+/// The writer thread, started on first use (`None` if it cannot start:
+/// records are then written inline).
+fn writer() -> Option<&'static Arc<Writer>> {
+    WRITER
+        .get_or_init(|| {
+            let w = Arc::new(Writer {
+                pending: Mutex::default(),
+                wake: Condvar::new(),
+                idle: Condvar::new(),
+            });
+            let t = w.clone();
+            match std::thread::Builder::new()
+                .name("edgeward-records".into())
+                .spawn(move || t.run())
+            {
+                Ok(_) => Some(w),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot start the record writer; writing records inline");
+                    None
+                }
+            }
+        })
+        .as_ref()
+}
+
+/// Waits until every status and exit record handed over so far is on disk.
+pub fn flush() {
+    let Some(w) = writer() else {
+        return;
+    };
+    let Ok(mut p) = w.pending.lock() else {
+        return;
+    };
+    while !p.is_empty() || p.busy {
+        p = match w.idle.wait(p) {
+            Ok(p) => p,
+            Err(_) => return,
+        };
+    }
+}
 
 /// A module's place in supervision.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -171,17 +301,29 @@ impl ModuleRecords {
             last_exit,
         };
         let path = self.dir.join("status.json");
-        let result = serde_json::to_vec_pretty(&status)
-            .map_err(std::io::Error::other)
-            .and_then(|bytes| state::write_atomic(&path, &bytes));
-        if let Err(e) = result {
-            tracing::warn!(module = %self.name, path = %path.display(), error = %e, "cannot write module status");
+        let bytes = match serde_json::to_vec_pretty(&status) {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::warn!(module = %self.name, error = %e, "cannot encode module status");
+                return;
+            }
+        };
+        match writer() {
+            Some(w) => w.push(|p| {
+                p.statuses.insert(path, (self.name.clone(), bytes));
+            }),
+            None => {
+                if let Err(e) = state::write_atomic(&path, &bytes) {
+                    tracing::warn!(module = %self.name, path = %path.display(), error = %e, "cannot write module status");
+                }
+            }
         }
     }
 
     /// Marks the module failed with `reason`, keeping what its last status
     /// said (starts, digest, last exit).
     pub fn mark_failed(&self, reason: String) {
+        flush();
         let path = self.dir.join("status.json");
         let prev: Option<Status> = std::fs::read(&path)
             .ok()
@@ -191,12 +333,17 @@ impl ModuleRecords {
         self.set_status(ModuleState::Failed, starts, digest, Some(reason), last_exit);
     }
 
-    /// Appends an exit record.
+    /// Appends an exit record (on the record writer's thread).
     pub fn record_exit(&self, record: &ExitRecord) {
         let mut line = serde_json::to_vec(record).unwrap_or_default();
         line.push(b'\n');
-        if let Err(e) = self.exits.append(&line) {
-            tracing::warn!(module = %self.name, error = %e, "cannot record module exit");
+        match writer() {
+            Some(w) => w.push(|p| p.exits.push((self.name.clone(), self.exits.clone(), line))),
+            None => {
+                if let Err(e) = self.exits.append(&line) {
+                    tracing::warn!(module = %self.name, error = %e, "cannot record module exit");
+                }
+            }
         }
     }
 }
@@ -220,4 +367,34 @@ pub fn read_statuses(state_dir: &Path) -> Vec<Result<Status, String>> {
             serde_json::from_slice(&bytes).map_err(|e| format!("{}: {e}", p.display()))
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// With a disk that takes 50 ms a write, recording 100 state changes
+    /// returns at once; the latest status and every exit arrive.
+    #[test]
+    fn records_are_written_off_the_callers_thread() {
+        let dir = tempfile::tempdir().unwrap();
+        let records = ModuleRecords::open(dir.path(), "m").unwrap();
+        TEST_WRITE_DELAY_MS.store(50, std::sync::atomic::Ordering::Relaxed);
+        let t = std::time::Instant::now();
+        for i in 0..100 {
+            records.record_exit(&ExitRecord::new(i, Duration::ZERO, &Exit::Failure(1)));
+            records.set_status(ModuleState::BackingOff, i, None, None, None);
+        }
+        let took = t.elapsed();
+        TEST_WRITE_DELAY_MS.store(0, std::sync::atomic::Ordering::Relaxed);
+        assert!(
+            took < Duration::from_millis(50),
+            "recording blocked for {took:?}"
+        );
+        flush();
+        let s = read_statuses(dir.path()).pop().unwrap().unwrap();
+        assert_eq!((s.state, s.starts), (ModuleState::BackingOff, 99));
+        let exits = std::fs::read_to_string(exits_log(dir.path(), "m").path()).unwrap();
+        assert_eq!(exits.lines().count(), 100);
+    }
 }
