@@ -165,7 +165,8 @@ fn hostile_modules_cannot_hurt_the_daemon_or_their_neighbour() {
     let stamps: Vec<i64> = stdout(&log).lines().filter_map(stamp_ms).collect();
     assert!(stamps.len() >= 25, "only {} readings", stamps.len());
     let worst = stamps.windows(2).map(|w| w[1] - w[0]).max().unwrap_or(0);
-    assert!(worst < 1000, "the neighbour stalled for {worst} ms");
+    println!("hostile suite: the neighbour's worst gap was {worst} ms (100 ms schedule)");
+    assert!(worst < 500, "the neighbour stalled for {worst} ms");
 
     // Guest output cannot drive the terminal or forge lines: escapes,
     // carriage returns, bidi overrides and stray bytes are shown escaped,
@@ -286,8 +287,9 @@ fn a_broken_or_stuck_stdout_never_reaches_the_modules() {
             neighbour.len()
         );
         let worst = neighbour.windows(2).map(|w| w[1] - w[0]).max().unwrap_or(0);
+        println!("broken={broken}: the neighbour's worst gap was {worst} ms");
         assert!(
-            worst < 1000,
+            worst < 500,
             "broken={broken}: the neighbour stalled {worst} ms"
         );
         // The flooding module is still writing: its last line is recent.
