@@ -116,7 +116,8 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 /// 1-16 audiences of 1-256 bytes per token; tokens of at most 8 KiB to
 /// validate; `sign` up to 1 MiB; `encrypt` up to 1 MiB of plaintext and
 /// 64 KiB of associated data; server certificates with a 1-64 byte common
-/// name and up to 16 DNS names or IP addresses (no wildcards).
+/// name and up to 16 DNS names or IP addresses (no wildcards), each of them
+/// allowed by the module's registration ([`Error::NotPermitted`] otherwise).
 pub mod identity {
     use std::time::Duration;
 

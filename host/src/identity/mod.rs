@@ -5,8 +5,11 @@
 //! - X509-SVIDs: a P-256 leaf key generated on the host per module, certified
 //!   by the device CA (HSM) for [`IdentityConfig::svid_ttl`] and re-issued
 //!   past half its lifetime (with jitter).
-//! - JWT-SVIDs: ES256, signed by an in-memory working key certified by the
-//!   device CA and rotated ([`jwt`]).
+//! - JWT-SVIDs: ES256, signed by an in-memory working key that rotates and
+//!   that the HSM's `jwt-authority` key (used for nothing else) certifies
+//!   ([`jwt`]).
+//! - Server certificates: only for the names the registration allows
+//!   ([`names`]).
 //! - Data sealing: AES-256-GCM under the module's data key, which the HSM's
 //!   master key wraps under the module's name and generation ([`registry`]).
 

@@ -345,6 +345,29 @@ mod tests {
         assert_eq!(resolver.calls.load(Ordering::SeqCst), 1, "resolved once");
     }
 
+    /// The https path sets up rustls (SNI, roots) and fails cleanly on a
+    /// peer that does not speak TLS: an error, never a panic.
+    #[tokio::test]
+    async fn https_to_a_non_tls_peer_is_an_error() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let served = serve_once(listener, "not tls");
+        let allowed: Vec<Outbound> = vec![format!("127.0.0.1:{port}").parse().unwrap()];
+        let policy = NetPolicy::new("m", &allowed);
+        let r = send_vetted(
+            &policy,
+            request(&format!("https://127.0.0.1:{port}/")),
+            None,
+        )
+        .await;
+        assert!(
+            matches!(r, Err(Error::Tls(_) | Error::Connect(_))),
+            "{:?}",
+            r.map(|_| ())
+        );
+        drop(served);
+    }
+
     /// A name that resolves to a local address not listed by address is
     /// refused before any connection.
     #[tokio::test]
