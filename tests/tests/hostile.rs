@@ -28,6 +28,28 @@ fn stamp_ms(line: &str) -> Option<i64> {
     Some(((h[0] * 60 + h[1]) * 60 + h[2]) * 1000 + ms.parse::<i64>().ok()?)
 }
 
+/// A command component whose one core module has two memories and grows
+/// both until refused; `run` fails if together they passed `limit_pages`.
+fn multi_memory_bomb(s: &Scratch, limit_pages: u32) -> String {
+    let text = format!(
+        r#"(component
+  (core module $bomb
+    (memory $a 1)
+    (memory $b 1)
+    (func (export "run") (result i32)
+      (block $da (loop $la (br_if $da (i32.eq (memory.grow $a (i32.const 16)) (i32.const -1))) (br $la)))
+      (block $db (loop $lb (br_if $db (i32.eq (memory.grow $b (i32.const 16)) (i32.const -1))) (br $lb)))
+      (i32.gt_u (i32.add (memory.size $a) (memory.size $b)) (i32.const {limit_pages}))))
+  (core instance $i (instantiate $bomb))
+  (func $run (result (result)) (canon lift (core func $i "run")))
+  (instance $cli (export "run" (func $run)))
+  (export "wasi:cli/run@0.2.0" (instance $cli)))"#
+    );
+    let path = s.path().join("multi-memory.wasm");
+    std::fs::write(&path, wat::parse_str(&text).expect("component text")).expect("write");
+    path.to_string_lossy().into_owned()
+}
+
 #[test]
 fn hostile_modules_cannot_hurt_the_daemon_or_their_neighbour() {
     let s = Scratch::new();
@@ -88,6 +110,7 @@ fn hostile_modules_cannot_hurt_the_daemon_or_their_neighbour() {
         hostile("bad-exit", r#"["exit", "3"]"#, ""),
         hostile("panic", r#"["panic"]"#, ""),
         hostile("ansi", r#"["ansi"]"#, ""),
+        hostile("fd-loop", r#"["open-loop"]"#, "max_handles = 64"),
         hostile(
             "refused-flood",
             &format!(r#"["connect-loop", "3000", "{addr}"]"#),
@@ -96,6 +119,13 @@ fn hostile_modules_cannot_hurt_the_daemon_or_their_neighbour() {
     ] {
         config.push_str(&m);
     }
+    // A component with two memories growing both: the module's total
+    // stays within its max_memory (run returns an error if it did not).
+    let bomb = multi_memory_bomb(&s, 256);
+    config.push_str(&format!(
+        "[[module]]\nname = \"multi-memory\"\nfile = \"{bomb}\"\ndigest = \"{}\"\nrestart = \"never\"\nmax_memory = \"16MiB\"\n",
+        sha256sum(&bomb)
+    ));
     let mut d = Daemon::start(&s, &config);
     d.wait_for("the spinners' deadlines", |_, err| {
         count(err, "deadline of 2s passed") >= 2
@@ -132,6 +162,8 @@ fn hostile_modules_cannot_hurt_the_daemon_or_their_neighbour() {
     expect("memory-bomb", "trap", Some("out of memory"));
     expect("recursion", "trap", Some("call stack exhausted"));
     expect("panic", "trap", Some("unreachable"));
+    expect("fd-loop", "trap", Some("handle limit exceeded"));
+    expect("multi-memory", "success", None);
     for n in [
         "escape",
         "socket",
