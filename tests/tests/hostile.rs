@@ -69,6 +69,27 @@ fn hostile_modules_cannot_hurt_the_daemon_or_their_neighbour() {
         conn.read_to_string(&mut got).expect("read");
         got
     });
+    // The UDP peer a module may talk to: once the module has sent to it,
+    // 20 sockets it may not hear from flood its port (10,000 datagrams,
+    // dropped by the policy without a lookup or a log line), then the peer
+    // answers.
+    let udp_peer = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
+    let udp_addr = udp_peer.local_addr().expect("addr").to_string();
+    let flooded = std::thread::spawn(move || {
+        let mut buf = [0u8; 64];
+        let (n, module) = udp_peer.recv_from(&mut buf).expect("the module's datagram");
+        let mut sent = 0u32;
+        for _ in 0..20 {
+            let s = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
+            for _ in 0..500 {
+                if s.send_to(b"flood", module).is_ok() {
+                    sent += 1;
+                }
+            }
+        }
+        udp_peer.send_to(&buf[..n], module).expect("reply");
+        sent
+    });
     let hostile = |name: &str, args: &str, extra: &str| {
         format!(
             "[[module]]\nname = \"{name}\"\nfile = \"{probe}\"\ndigest = \"{pd}\"\nargs = {args}\nrestart = \"never\"\n{extra}\n"
@@ -111,6 +132,11 @@ fn hostile_modules_cannot_hurt_the_daemon_or_their_neighbour() {
         hostile("panic", r#"["panic"]"#, ""),
         hostile("ansi", r#"["ansi"]"#, ""),
         hostile("fd-loop", r#"["open-loop"]"#, "max_handles = 64"),
+        hostile(
+            "udp-flooded",
+            &format!(r#"["udp-echo", "{udp_addr}"]"#),
+            &format!("allow_outbound = [\"{udp_addr}\"]"),
+        ),
         hostile(
             "refused-flood",
             &format!(r#"["connect-loop", "3000", "{addr}"]"#),
@@ -164,6 +190,8 @@ fn hostile_modules_cannot_hurt_the_daemon_or_their_neighbour() {
     expect("panic", "trap", Some("unreachable"));
     expect("fd-loop", "trap", Some("handle limit exceeded"));
     expect("multi-memory", "success", None);
+    expect("udp-flooded", "success", None);
+    assert_eq!(flooded.join().expect("join"), 10_000, "the flood was sent");
     for n in [
         "escape",
         "socket",
@@ -230,6 +258,18 @@ fn hostile_modules_cannot_hurt_the_daemon_or_their_neighbour() {
     );
     // 3,000 refused connects: the daemon's log stays within the budget,
     // and one line counts what it held back.
+    assert!(
+        out.iter()
+            .any(|l| l.starts_with("udp-flooded | ") && l.contains("\"ping\"")),
+        "the flooded module heard its peer, not the flood"
+    );
+    assert_eq!(
+        count(&err, "udp-flooded"),
+        err.iter()
+            .filter(|l| l.contains("udp-flooded") && !l.contains("refused"))
+            .count(),
+        "dropped datagrams are not logged"
+    );
     let refusals = err
         .iter()
         .filter(|l| l.contains("refused-flood") && l.contains("network access refused"))
