@@ -87,8 +87,30 @@ fn hostile_modules_cannot_hurt_the_daemon_or_their_neighbour() {
                 }
             }
         }
-        udp_peer.send_to(&buf[..n], module).expect("reply");
+        // The flood can fill the module's receive buffer, where the kernel
+        // drops what does not fit: answer for a while, as a peer would
+        // retransmit.
+        for _ in 0..100 {
+            udp_peer.send_to(&buf[..n], module).expect("reply");
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
         sent
+    });
+    // DNS rebinding: `rebind.test` answers 127.0.0.1 (listed by address)
+    // first and 127.0.0.2 (not listed) afterwards; the request must reach
+    // the first.
+    let web = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let web_port = web.local_addr().expect("addr").port();
+    let rebound = std::net::TcpListener::bind(("127.0.0.2", web_port)).expect("bind 127.0.0.2");
+    rebound.set_nonblocking(true).expect("nonblocking");
+    let served = std::thread::spawn(move || {
+        use std::io::{Read, Write};
+        let (mut c, _) = web.accept().expect("the module's request");
+        let mut buf = [0u8; 2048];
+        let n = c.read(&mut buf).unwrap_or(0);
+        let _ = c
+            .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 7\r\nConnection: close\r\n\r\nvetted!");
+        String::from_utf8_lossy(&buf[..n]).into_owned()
     });
     let hostile = |name: &str, args: &str, extra: &str| {
         format!(
@@ -145,6 +167,11 @@ fn hostile_modules_cannot_hurt_the_daemon_or_their_neighbour() {
     ] {
         config.push_str(&m);
     }
+    config.push_str(&format!(
+        "[[module]]\nname = \"rebinder\"\nfile = \"{http}\"\ndigest = \"{}\"\nargs = [\"rebind.test:{web_port}\", \"/rebind\"]\nrestart = \"never\"\nallow_outbound = [\"rebind.test:{web_port}\", \"127.0.0.1:{web_port}\"]\n\n",
+        sha256sum(guests::HTTP_PROBE),
+        http = guests::HTTP_PROBE,
+    ));
     // A component with two memories growing both: the module's total
     // stays within its max_memory (run returns an error if it did not).
     let bomb = multi_memory_bomb(&s, 256);
@@ -152,7 +179,11 @@ fn hostile_modules_cannot_hurt_the_daemon_or_their_neighbour() {
         "[[module]]\nname = \"multi-memory\"\nfile = \"{bomb}\"\ndigest = \"{}\"\nrestart = \"never\"\nmax_memory = \"16MiB\"\n",
         sha256sum(&bomb)
     ));
-    let mut d = Daemon::start(&s, &config);
+    let mut d = Daemon::start_with_env(
+        &s,
+        &config,
+        &[("EDGEWARD_TEST_RESOLVER", "rebind.test=127.0.0.1|127.0.0.2")],
+    );
     d.wait_for("the spinners' deadlines", |_, err| {
         count(err, "deadline of 2s passed") >= 2
     });
@@ -191,6 +222,10 @@ fn hostile_modules_cannot_hurt_the_daemon_or_their_neighbour() {
     expect("fd-loop", "trap", Some("handle limit exceeded"));
     expect("multi-memory", "success", None);
     expect("udp-flooded", "success", None);
+    expect("rebinder", "success", None);
+    let request = served.join().expect("join");
+    assert!(request.starts_with("GET /rebind HTTP/1.1"), "{request}");
+    assert!(rebound.accept().is_err(), "the rebound address was reached");
     assert_eq!(flooded.join().expect("join"), 10_000, "the flood was sent");
     for n in [
         "escape",
@@ -258,6 +293,10 @@ fn hostile_modules_cannot_hurt_the_daemon_or_their_neighbour() {
     );
     // 3,000 refused connects: the daemon's log stays within the budget,
     // and one line counts what it held back.
+    assert!(
+        out.iter().any(|l| l == "rebinder | ok: 200 vetted!"),
+        "the rebinding request reached the vetted address"
+    );
     assert!(
         out.iter()
             .any(|l| l.starts_with("udp-flooded | ") && l.contains("\"ping\"")),

@@ -31,9 +31,15 @@ pub fn lines(r: impl std::io::Read + Send + 'static) -> mpsc::Receiver<String> {
 
 impl Daemon {
     pub fn start(s: &Scratch, config: &str) -> Self {
+        Self::start_with_env(s, config, &[])
+    }
+
+    /// [`Daemon::start`] with extra environment (the test binary's seams).
+    pub fn start_with_env(s: &Scratch, config: &str, env: &[(&str, &str)]) -> Self {
         let path = s.write("config.toml", config);
         let mut child = s
             .edgeward()
+            .envs(env.iter().copied())
             .env("EDGEWARD_LOG", "info")
             .arg("daemon")
             .arg("--config")
