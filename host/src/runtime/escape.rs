@@ -23,17 +23,17 @@ fn push_escaped(out: &mut String, c: char) {
 }
 
 /// `s` with what a guest could abuse escaped (borrowed when nothing is).
+/// Backslashes stay as they are: text that is already escaped (a module's
+/// JSON, say) passes through unchanged, and only raw control characters,
+/// which a terminal or a log reader would obey, are rewritten.
 pub fn escape_str(s: &str) -> Cow<'_, str> {
-    if !s.chars().any(needs_escape) && !s.contains('\\') {
+    if !s.chars().any(needs_escape) {
         return Cow::Borrowed(s);
     }
     let mut out = String::with_capacity(s.len() + 8);
     for c in s.chars() {
         if needs_escape(c) {
             push_escaped(&mut out, c);
-        } else if c == '\\' {
-            // Backslashes are doubled so an escape cannot be faked.
-            out.push_str("\\\\");
         } else {
             out.push(c);
         }
@@ -62,9 +62,8 @@ pub fn escape_bytes(b: &[u8]) -> Cow<'_, [u8]> {
 
 /// A file's bytes made safe to print on a terminal, for `edgeward logs`:
 /// newlines stay (they separate the file's lines), every other control
-/// character, bidi override and non-UTF-8 byte is escaped as above;
-/// backslashes are left as they are, so text escaped when it was written is
-/// shown unchanged.
+/// character, bidi override and non-UTF-8 byte is escaped as above, so
+/// text escaped when it was written is shown unchanged.
 pub fn for_terminal(b: &[u8]) -> Cow<'_, [u8]> {
     let clean = |s: &str| !s.chars().any(|c| c != '\n' && needs_escape(c));
     if std::str::from_utf8(b).is_ok_and(clean) {
@@ -104,11 +103,9 @@ mod tests {
         );
         assert_eq!(escape_str("\u{9b}31m"), "\\u{9b}31m");
         assert_eq!(escape_str("abc\u{202e}gnp.exe"), "abc\\u{202e}gnp.exe");
-        assert_eq!(
-            escape_str("a\\x1b"),
-            "a\\\\x1b",
-            "a literal backslash cannot fake an escape"
-        );
+        // JSON with its own escapes passes through unchanged.
+        let json = r#"{"cert":"-----BEGIN\nMII","q":"\"x\""}"#;
+        assert!(matches!(escape_str(json), Cow::Borrowed(_)));
         assert_eq!(escape_str("\x7f"), "\\x7f");
         assert_eq!(&*escape_bytes(b"bad \xff\xfe byte"), b"bad \\xff\\xfe byte");
         assert_eq!(&*escape_bytes("é ok".as_bytes()), "é ok".as_bytes());
