@@ -139,6 +139,8 @@ fn trap_reason(e: wasmtime::Error, memory_denial: Option<String>, max_handles: u
         (None, Some(trap)) => trap.to_string(),
         (None, None) => format!("{:#}", e.root_cause()),
     };
+    // One line, whatever an error's text held.
+    let cause = escape::escape_str(&cause).into_owned();
     match e.downcast_ref::<wasmtime::WasmBacktrace>() {
         Some(bt) => format!("{cause}\n{}", backtrace(bt)),
         None => cause,
