@@ -60,7 +60,10 @@ args = ["hello"]
     assert_eq!(mode, 0o700);
 
     // What the daemon recorded, through the binary.
-    let statuses = status_json(&s);
+    let statuses = status_when(&s, "the writer's exit and the refusal", |v| {
+        status_of(v, "writer")["state"] == "exited"
+            && status_of(v, "impostor")["state"] == "refused"
+    });
     let by_name = |n: &str| {
         statuses
             .iter()

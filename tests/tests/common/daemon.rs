@@ -129,6 +129,37 @@ pub fn status_json(s: &Scratch) -> Vec<serde_json::Value> {
         .expect("array")
 }
 
+/// The statuses once `ready` holds for them: the daemon's record writer
+/// writes a status a moment after the event it logs, so a test waits for
+/// it rather than reading once.
+#[track_caller]
+pub fn status_when(
+    s: &Scratch,
+    what: &str,
+    ready: impl Fn(&[serde_json::Value]) -> bool,
+) -> Vec<serde_json::Value> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let v = status_json(s);
+        if ready(&v) {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {what}: {v:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The status of module `name` in `statuses` (null when absent).
+pub fn status_of<'a>(statuses: &'a [serde_json::Value], name: &str) -> &'a serde_json::Value {
+    statuses
+        .iter()
+        .find(|v| v["module"] == name)
+        .unwrap_or(&serde_json::Value::Null)
+}
+
 pub fn count(lines: &[String], needle: &str) -> usize {
     lines.iter().filter(|l| l.contains(needle)).count()
 }
