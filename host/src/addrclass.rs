@@ -1,4 +1,5 @@
-//! Which addresses are not the public internet, from IANA's IPv4 and IPv6
+//! Addresses and names as policies write them (CIDR blocks, DNS names),
+//! and which addresses are not the public internet, from IANA's IPv4 and IPv6
 //! Special-Purpose Address Registries (the entries whose "Globally
 //! Reachable" is not True; a more specific entry marked True, like the
 //! AS112 and anycast blocks, wins over its covering block), plus the
@@ -215,6 +216,59 @@ pub fn in_block(net: IpAddr, len: u8, ip: IpAddr) -> bool {
             u128::from(n) & v6_mask(len) == u128::from(a) & v6_mask(len)
         }
         _ => false,
+    }
+}
+
+/// Parses `ADDR/LEN` into a CIDR block (IPv4-mapped addresses as IPv4);
+/// the host bits must be zero.
+///
+/// # Errors
+///
+/// What is wrong with it.
+pub fn parse_cidr(s: &str) -> Result<(IpAddr, u8), String> {
+    let (addr, len) = s.split_once('/').ok_or("no '/'")?;
+    let ip = canonical(
+        addr.parse::<IpAddr>()
+            .map_err(|_| format!("{addr:?} is not an IP address"))?,
+    );
+    let max = if ip.is_ipv4() { 32 } else { 128 };
+    let len: u8 = len
+        .parse()
+        .ok()
+        .filter(|l| *l <= max)
+        .ok_or_else(|| format!("prefix length must be 0..={max}"))?;
+    let net = network_of(ip, len);
+    if net != ip {
+        return Err(format!("host bits are set; the block is {net}/{len}"));
+    }
+    Ok((ip, len))
+}
+
+/// Whether `label` is an LDH label of 1-63 bytes.
+pub fn is_dns_label(label: &str) -> bool {
+    !label.is_empty()
+        && label.len() <= 63
+        && label
+            .bytes()
+            .all(|c| c.is_ascii_alphanumeric() || c == b'-')
+        && !label.starts_with('-')
+        && !label.ends_with('-')
+}
+
+/// Checks a DNS name: 1-253 bytes of LDH labels (one trailing dot allowed).
+///
+/// # Errors
+///
+/// What is wrong with it.
+pub fn check_dns_name(name: &str) -> Result<(), String> {
+    if name.is_empty() || name.len() > 253 {
+        return Err("must be 1-253 bytes".into());
+    }
+    let bare = name.strip_suffix('.').unwrap_or(name);
+    if bare.split('.').all(is_dns_label) {
+        Ok(())
+    } else {
+        Err("is not a DNS name (labels of a-z 0-9 -, 1-63 bytes each)".into())
     }
 }
 

@@ -24,7 +24,7 @@ use std::fmt;
 use std::net::IpAddr;
 use std::str::FromStr;
 
-use crate::addrclass::{canonical, in_block as prefix_matches, network_of as network};
+use crate::addrclass::{canonical, check_dns_name, in_block, is_dns_label, parse_cidr};
 
 /// Most entries a registration's `server_names` may hold.
 pub const MAX_SERVER_NAMES: usize = 64;
@@ -58,57 +58,13 @@ fn normalize_dns(name: &str) -> String {
     name.strip_suffix('.').unwrap_or(name).to_ascii_lowercase()
 }
 
-/// Whether `label` is an LDH label of 1-63 bytes.
-pub fn is_dns_label(label: &str) -> bool {
-    !label.is_empty()
-        && label.len() <= 63
-        && label
-            .bytes()
-            .all(|c| c.is_ascii_alphanumeric() || c == b'-')
-        && !label.starts_with('-')
-        && !label.ends_with('-')
-}
-
-/// Checks a DNS name: 1-253 bytes of LDH labels (one trailing dot allowed).
-///
-/// # Errors
-///
-/// What is wrong with it.
-pub fn check_dns_name(name: &str) -> Result<(), String> {
-    if name.is_empty() || name.len() > 253 {
-        return Err("must be 1-253 bytes".into());
-    }
-    let bare = name.strip_suffix('.').unwrap_or(name);
-    if bare.split('.').all(is_dns_label) {
-        Ok(())
-    } else {
-        Err("is not a DNS name (labels of a-z 0-9 -, 1-63 bytes each)".into())
-    }
-}
-
 impl FromStr for ServerName {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Self, String> {
         let bad = |why: String| format!("server name {s:?}: {why}");
-        if let Some((addr, len)) = s.split_once('/') {
-            let ip: IpAddr = addr
-                .parse()
-                .map_err(|_| bad("a CIDR block needs an IP address before '/'".into()))?;
-            let ip = canonical(ip);
-            let max = if ip.is_ipv4() { 32 } else { 128 };
-            let len: u8 = len
-                .parse()
-                .ok()
-                .filter(|l| *l <= max)
-                .ok_or_else(|| bad(format!("prefix length must be 0..={max}")))?;
-            // Host bits must be zero: the entry is the network address.
-            if network(ip, len) != ip {
-                return Err(bad(format!(
-                    "host bits are set; the block is {}/{len}",
-                    network(ip, len)
-                )));
-            }
+        if s.contains('/') {
+            let (ip, len) = parse_cidr(s).map_err(bad)?;
             return Ok(ServerName::Cidr(ip, len));
         }
         if let Ok(ip) = s.parse::<IpAddr>() {
@@ -180,11 +136,6 @@ impl ServerNamePolicy {
         })
     }
 
-    /// The entries as written.
-    pub fn entries(&self) -> &[String] {
-        &self.entries
-    }
-
     /// The names a module called `module` on device `device` may use.
     ///
     /// # Errors
@@ -204,11 +155,6 @@ impl ServerNamePolicy {
 pub struct ServerNames(Vec<ServerName>);
 
 impl ServerNames {
-    /// Whether no name at all is allowed.
-    pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
-    }
-
     /// Whether the DNS name `name` (already checked) is allowed.
     pub fn permits_dns(&self, name: &str) -> bool {
         let name = normalize_dns(name);
@@ -227,7 +173,7 @@ impl ServerNames {
         let ip = canonical(ip);
         self.0.iter().any(|e| match e {
             ServerName::Ip(a) => *a == ip,
-            ServerName::Cidr(net, len) => prefix_matches(*net, *len, ip),
+            ServerName::Cidr(net, len) => in_block(*net, *len, ip),
             _ => false,
         })
     }

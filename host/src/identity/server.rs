@@ -6,10 +6,10 @@ use std::net::IpAddr;
 
 use super::authority::Profile;
 use super::module::Credentials;
-use super::names::check_dns_name;
 use super::{
     IdentityError, MAX_ALT_NAMES, ModuleIdentity, SERVER_CERT_BURST, SERVER_CERT_RATE, invalid,
 };
+use crate::addrclass::check_dns_name;
 
 /// Checks a requested DNS name: LDH labels, no wildcard.
 fn check_requested_dns(what: &str, name: &str) -> Result<(), IdentityError> {

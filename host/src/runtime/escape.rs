@@ -22,6 +22,38 @@ fn push_escaped(out: &mut String, c: char) {
     };
 }
 
+/// Appends `s` to `out`, escaping what [`needs_escape`] names, but newlines
+/// when `keep_newlines`.
+fn push_chars(out: &mut String, s: &str, keep_newlines: bool) {
+    for c in s.chars() {
+        if needs_escape(c) && !(keep_newlines && c == '\n') {
+            push_escaped(out, c);
+        } else {
+            out.push(c);
+        }
+    }
+}
+
+/// `b` escaped: valid UTF-8 as [`push_chars`] does it, every other byte as
+/// `\xNN` (borrowed when nothing needs it).
+fn escape_text(b: &[u8], keep_newlines: bool) -> Cow<'_, [u8]> {
+    let clean = |s: &str| {
+        !s.chars()
+            .any(|c| needs_escape(c) && !(keep_newlines && c == '\n'))
+    };
+    if std::str::from_utf8(b).is_ok_and(clean) {
+        return Cow::Borrowed(b);
+    }
+    let mut out = String::with_capacity(b.len() + 16);
+    for chunk in b.utf8_chunks() {
+        push_chars(&mut out, chunk.valid(), keep_newlines);
+        for byte in chunk.invalid() {
+            let _ = write!(out, "\\x{byte:02x}");
+        }
+    }
+    Cow::Owned(out.into_bytes())
+}
+
 /// `s` with what a guest could abuse escaped (borrowed when nothing is).
 /// Backslashes stay as they are: text that is already escaped (a module's
 /// JSON, say) passes through unchanged, and only raw control characters,
@@ -31,33 +63,14 @@ pub fn escape_str(s: &str) -> Cow<'_, str> {
         return Cow::Borrowed(s);
     }
     let mut out = String::with_capacity(s.len() + 8);
-    for c in s.chars() {
-        if needs_escape(c) {
-            push_escaped(&mut out, c);
-        } else {
-            out.push(c);
-        }
-    }
+    push_chars(&mut out, s, false);
     Cow::Owned(out)
 }
 
 /// The bytes of a line a module wrote, escaped: valid UTF-8 as with
 /// [`escape_str`], every other byte as `\xNN`.
 pub fn escape_bytes(b: &[u8]) -> Cow<'_, [u8]> {
-    if let Ok(s) = std::str::from_utf8(b) {
-        return match escape_str(s) {
-            Cow::Borrowed(_) => Cow::Borrowed(b),
-            Cow::Owned(o) => Cow::Owned(o.into_bytes()),
-        };
-    }
-    let mut out = String::with_capacity(b.len() + 16);
-    for chunk in b.utf8_chunks() {
-        out.push_str(&escape_str(chunk.valid()));
-        for byte in chunk.invalid() {
-            let _ = write!(out, "\\x{byte:02x}");
-        }
-    }
-    Cow::Owned(out.into_bytes())
+    escape_text(b, false)
 }
 
 /// A file's bytes made safe to print on a terminal, for `edgeward logs`:
@@ -65,24 +78,7 @@ pub fn escape_bytes(b: &[u8]) -> Cow<'_, [u8]> {
 /// character, bidi override and non-UTF-8 byte is escaped as above, so
 /// text escaped when it was written is shown unchanged.
 pub fn for_terminal(b: &[u8]) -> Cow<'_, [u8]> {
-    let clean = |s: &str| !s.chars().any(|c| c != '\n' && needs_escape(c));
-    if std::str::from_utf8(b).is_ok_and(clean) {
-        return Cow::Borrowed(b);
-    }
-    let mut out = String::with_capacity(b.len() + 16);
-    for chunk in b.utf8_chunks() {
-        for c in chunk.valid().chars() {
-            if c != '\n' && needs_escape(c) {
-                push_escaped(&mut out, c);
-            } else {
-                out.push(c);
-            }
-        }
-        for byte in chunk.invalid() {
-            let _ = write!(out, "\\x{byte:02x}");
-        }
-    }
-    Cow::Owned(out.into_bytes())
+    escape_text(b, true)
 }
 
 #[cfg(test)]

@@ -40,7 +40,7 @@ use wasmtime_wasi::p2::bindings::sockets::network::{ErrorCode, IpAddress, Networ
 use wasmtime_wasi::sockets::{SocketAddrUse, WasiSocketsCtxView};
 
 use super::loglimit::LogLimiter;
-use crate::addrclass::{canonical, classify, in_block, network_of};
+use crate::addrclass::{canonical, check_dns_name, classify, in_block, parse_cidr};
 
 /// How long a resolved name is trusted before it is resolved again.
 pub const DNS_TTL: Duration = Duration::from_secs(30);
@@ -84,40 +84,6 @@ impl fmt::Display for Outbound {
     }
 }
 
-fn valid_dns_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 253
-        && name.split('.').all(|label| {
-            !label.is_empty()
-                && label.len() <= 63
-                && !label.starts_with('-')
-                && !label.ends_with('-')
-                && label
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
-        })
-}
-
-/// Parses `ADDR/LEN` into a CIDR block.
-fn parse_cidr(s: &str) -> Result<(IpAddr, u8), String> {
-    let (addr, len) = s.split_once('/').ok_or("no '/'")?;
-    let ip = canonical(
-        addr.parse::<IpAddr>()
-            .map_err(|_| format!("{addr:?} is not an IP address"))?,
-    );
-    let max = if ip.is_ipv4() { 32 } else { 128 };
-    let len: u8 = len
-        .parse()
-        .ok()
-        .filter(|l| *l <= max)
-        .ok_or_else(|| format!("prefix length must be 0..={max}"))?;
-    let net = network_of(ip, len);
-    if net != ip {
-        return Err(format!("host bits are set; the block is {net}/{len}"));
-    }
-    Ok((ip, len))
-}
-
 impl FromStr for Outbound {
     type Err = String;
 
@@ -155,7 +121,7 @@ impl FromStr for Outbound {
             });
         }
         let host = host.trim_end_matches('.').to_ascii_lowercase();
-        if !valid_dns_name(&host) {
+        if check_dns_name(&host).is_err() {
             return Err(bad("bad host name"));
         }
         Ok(Self {

@@ -77,7 +77,7 @@ const MAX_PENDING: usize = 16 * 1024;
 pub const ECHO_LINES_PER_SECOND: u32 = 200;
 
 #[derive(Debug, Clone, Copy)]
-pub(crate) enum Target {
+enum Target {
     Stdout,
     Stderr,
 }
@@ -160,6 +160,8 @@ impl Lines {
         if lines.is_empty() {
             return Ok(());
         }
+        // Escaped once, for the log and the echo alike.
+        let lines: Vec<_> = lines.iter().map(|l| escape_bytes(l)).collect();
         if let Some(log) = &self.log {
             let stamp = now_rfc3339();
             let stream = match self.target {
@@ -169,7 +171,7 @@ impl Lines {
             let mut out = Vec::new();
             for l in &lines {
                 out.extend_from_slice(format!("{stamp} {stream} ").as_bytes());
-                out.extend_from_slice(&escape_bytes(l));
+                out.extend_from_slice(l);
                 out.push(b'\n');
             }
             // A full disk must not take the module down with it.
@@ -209,7 +211,7 @@ impl Lines {
             batch += 1;
             out.extend_from_slice(self.prefix.as_bytes());
             out.extend_from_slice(b" | ");
-            out.extend_from_slice(&escape_bytes(l));
+            out.extend_from_slice(l);
             out.push(b'\n');
         }
         if out.is_empty() {
