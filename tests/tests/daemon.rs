@@ -264,19 +264,10 @@ fn slow_to_compile(s: &Scratch, name: &str, n: usize, salt: u32) -> String {
             )
         })
         .collect();
-    let text = format!(
-        r#"(component
-  (core module $big
-    {funcs}
-    (func (export "run") (result i32) (i32.const 0)))
-  (core instance $i (instantiate $big))
-  (func $run (result (result)) (canon lift (core func $i "run")))
-  (instance $cli (export "run" (func $run)))
-  (export "wasi:cli/run@0.2.0" (instance $cli)))"#
-    );
-    let path = s.path().join(name);
-    std::fs::write(&path, wat::parse_str(&text).expect("component text")).expect("write");
-    path.to_string_lossy().into_owned()
+    s.command_component(
+        name,
+        &format!("{funcs}(func (export \"run\") (result i32) (i32.const 0))"),
+    )
 }
 
 /// SIGTERM while the daemon is still compiling its modules at start-up

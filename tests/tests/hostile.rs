@@ -28,28 +28,6 @@ fn stamp_ms(line: &str) -> Option<i64> {
     Some(((h[0] * 60 + h[1]) * 60 + h[2]) * 1000 + ms.parse::<i64>().ok()?)
 }
 
-/// A command component whose one core module has two memories and grows
-/// both until refused; `run` fails if together they passed `limit_pages`.
-fn multi_memory_bomb(s: &Scratch, limit_pages: u32) -> String {
-    let text = format!(
-        r#"(component
-  (core module $bomb
-    (memory $a 1)
-    (memory $b 1)
-    (func (export "run") (result i32)
-      (block $da (loop $la (br_if $da (i32.eq (memory.grow $a (i32.const 16)) (i32.const -1))) (br $la)))
-      (block $db (loop $lb (br_if $db (i32.eq (memory.grow $b (i32.const 16)) (i32.const -1))) (br $lb)))
-      (i32.gt_u (i32.add (memory.size $a) (memory.size $b)) (i32.const {limit_pages}))))
-  (core instance $i (instantiate $bomb))
-  (func $run (result (result)) (canon lift (core func $i "run")))
-  (instance $cli (export "run" (func $run)))
-  (export "wasi:cli/run@0.2.0" (instance $cli)))"#
-    );
-    let path = s.path().join("multi-memory.wasm");
-    std::fs::write(&path, wat::parse_str(&text).expect("component text")).expect("write");
-    path.to_string_lossy().into_owned()
-}
-
 #[test]
 fn hostile_modules_cannot_hurt_the_daemon_or_their_neighbour() {
     let s = Scratch::new();
@@ -174,7 +152,7 @@ fn hostile_modules_cannot_hurt_the_daemon_or_their_neighbour() {
     ));
     // A component with two memories growing both: the module's total
     // stays within its max_memory (run returns an error if it did not).
-    let bomb = multi_memory_bomb(&s, 256);
+    let bomb = s.command_component("multi-memory.wasm", &memory_bomb(2, 256));
     config.push_str(&format!(
         "[[module]]\nname = \"multi-memory\"\nfile = \"{bomb}\"\ndigest = \"{}\"\nrestart = \"never\"\nmax_memory = \"16MiB\"\n",
         sha256sum(&bomb)
@@ -196,72 +174,45 @@ fn hostile_modules_cannot_hurt_the_daemon_or_their_neighbour() {
         count(out, "neighbour | ") >= 25
     });
 
-    let ended = [
-        "spinner",
-        "spinner2",
-        "memory-bomb",
-        "recursion",
-        "panic",
-        "escape",
-        "socket",
-        "lookup",
-        "binder",
-        "denied-next-to-allowed",
-        "big-arg",
-        "bad-exit",
-        "allowed",
-        "fd-loop",
-        "multi-memory",
-        "udp-flooded",
-        "rebinder",
+    // Every module that ends, with its recorded outcome and reason.
+    let outcomes: &[(&str, &str, Option<&str>)] = &[
+        ("spinner", "timeout", Some("deadline")),
+        ("spinner2", "timeout", Some("deadline")),
+        ("memory-bomb", "trap", Some("out of memory")),
+        ("recursion", "trap", Some("call stack exhausted")),
+        ("panic", "trap", Some("unreachable")),
+        ("fd-loop", "trap", Some("handle limit exceeded")),
+        ("multi-memory", "success", None),
+        ("udp-flooded", "success", None),
+        ("rebinder", "success", None),
+        ("escape", "failure", None),
+        ("socket", "failure", None),
+        ("lookup", "failure", None),
+        ("binder", "failure", None),
+        ("denied-next-to-allowed", "failure", None),
+        ("big-arg", "failure", None),
+        ("bad-exit", "failure", None),
+        ("allowed", "success", None),
     ];
     let statuses = status_when(&s, "every hostile module's exit to be recorded", |v| {
-        ended
+        outcomes
             .iter()
-            .all(|n| !status_of(v, n)["last_exit"].is_null())
+            .all(|(n, _, _)| !status_of(v, n)["last_exit"].is_null())
     });
-    let exit_of = |n: &str| {
-        statuses
-            .iter()
-            .find(|v| v["module"] == n)
-            .unwrap_or_else(|| panic!("no status for {n}"))["last_exit"]
-            .clone()
-    };
-    let expect = |n: &str, outcome: &str, reason: Option<&str>| {
-        let e = exit_of(n);
-        assert_eq!(e["outcome"], outcome, "{n}: {e}");
+    for (n, outcome, reason) in outcomes {
+        let e = &status_of(&statuses, n)["last_exit"];
+        assert_eq!(e["outcome"], *outcome, "{n}: {e}");
         if let Some(r) = reason {
             assert!(
                 e["reason"].as_str().unwrap_or("").contains(r),
                 "{n}: {r:?} not in {e}"
             );
         }
-    };
-    expect("spinner", "timeout", Some("deadline"));
-    expect("spinner2", "timeout", Some("deadline"));
-    expect("memory-bomb", "trap", Some("out of memory"));
-    expect("recursion", "trap", Some("call stack exhausted"));
-    expect("panic", "trap", Some("unreachable"));
-    expect("fd-loop", "trap", Some("handle limit exceeded"));
-    expect("multi-memory", "success", None);
-    expect("udp-flooded", "success", None);
-    expect("rebinder", "success", None);
+    }
     let request = served.join().expect("join");
     assert!(request.starts_with("GET /rebind HTTP/1.1"), "{request}");
     assert!(rebound.accept().is_err(), "the rebound address was reached");
     assert_eq!(flooded.join().expect("join"), 10_000, "the flood was sent");
-    for n in [
-        "escape",
-        "socket",
-        "lookup",
-        "binder",
-        "denied-next-to-allowed",
-        "big-arg",
-        "bad-exit",
-    ] {
-        expect(n, "failure", None);
-    }
-    expect("allowed", "success", None);
     assert_eq!(
         reached.join().expect("join"),
         "escaped",

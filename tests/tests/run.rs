@@ -581,56 +581,12 @@ fn lan_and_nat64_are_refused_by_the_policy() {
     }
 }
 
-/// A command component (no imports) whose core module defines `memories`
-/// linear memories of one page each and grows every one of them, 16 pages
-/// at a time, until refused; `wasi:cli/run` returns an error if they ended
-/// up holding more than `limit_pages` pages together.
-fn memory_bomb(s: &Scratch, memories: usize, limit_pages: u32) -> String {
-    let mems: String = (0..memories)
-        .map(|i| format!("(memory $m{i} 1)\n"))
-        .collect();
-    let grows: String = (0..memories)
-        .map(|i| {
-            format!(
-                "(block $d{i} (loop $l{i} (br_if $d{i} (i32.eq (memory.grow $m{i} (i32.const 16)) (i32.const -1))) (br $l{i})))\n"
-            )
-        })
-        .collect();
-    let sizes: String = (0..memories)
-        .map(|i| format!("(memory.size $m{i})"))
-        .collect::<Vec<_>>()
-        .join(" ");
-    let sum = if memories == 1 {
-        sizes
-    } else {
-        (1..memories).fold("(memory.size $m0)".to_owned(), |acc, i| {
-            format!("(i32.add {acc} (memory.size $m{i}))")
-        })
-    };
-    let text = format!(
-        r#"(component
-  (core module $bomb
-    {mems}
-    (func (export "run") (result i32)
-      {grows}
-      (i32.gt_u {sum} (i32.const {limit_pages}))))
-  (core instance $i (instantiate $bomb))
-  (func $run (result (result)) (canon lift (core func $i "run")))
-  (instance $cli (export "run" (func $run)))
-  (export "wasi:cli/run@0.2.0" (instance $cli)))"#
-    );
-    let bytes = wat::parse_str(&text).expect("valid component text");
-    let path = s.path().join(format!("bomb{memories}.wasm"));
-    std::fs::write(&path, bytes).expect("write component");
-    path.to_string_lossy().into_owned()
-}
-
 /// `max_memory` is the module's total over all its memories: a component
 /// with two cannot take twice the limit.
 #[test]
 fn memory_is_limited_in_total_over_all_memories() {
     let s = Scratch::new();
-    let bomb = memory_bomb(&s, 2, 256);
+    let bomb = s.command_component("bomb2.wasm", &memory_bomb(2, 256));
     let o = s.run(&bomb, &["--max-memory", "16MiB"], &[]);
     assert_status(&o, 0);
 }
@@ -640,7 +596,7 @@ fn memory_is_limited_in_total_over_all_memories() {
 #[test]
 fn memories_per_module_are_capped() {
     let s = Scratch::new();
-    let bomb = memory_bomb(&s, 3, 1024);
+    let bomb = s.command_component("bomb3.wasm", &memory_bomb(3, 1024));
     let o = s.run(&bomb, &["--max-memory", "16MiB"], &[]);
     assert_status(&o, 3);
     let err = stderr(&o);
@@ -685,17 +641,12 @@ fn handles_are_bounded_per_module() {
 #[test]
 fn trap_backtraces_escape_guest_names() {
     let s = Scratch::new();
-    let text = r#"(component
-  (core module $m
-    (func $evil (@name "evil\1b[2J\0a2026-11-29T00:00:00Z INFO forged line") unreachable)
-    (func (export "run") (result i32) (call $evil) (i32.const 0)))
-  (core instance $i (instantiate $m))
-  (func $run (result (result)) (canon lift (core func $i "run")))
-  (instance $cli (export "run" (func $run)))
-  (export "wasi:cli/run@0.2.0" (instance $cli)))"#;
-    let path = s.path().join("evil.wasm");
-    std::fs::write(&path, wat::parse_str(text).expect("component text")).expect("write");
-    let o = s.run(path.to_str().expect("utf-8"), &[], &[]);
+    let path = s.command_component(
+        "evil.wasm",
+        r#"(func $evil (@name "evil\1b[2J\0a2026-11-29T00:00:00Z INFO forged line") unreachable)
+    (func (export "run") (result i32) (call $evil) (i32.const 0))"#,
+    );
+    let o = s.run(&path, &[], &[]);
     assert_status(&o, 134);
     let err = stderr(&o);
     assert!(

@@ -55,15 +55,12 @@ async fn runs(rt: &Runtime, file: &Path, pinned: &Digest) -> bool {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_thousand_tampers_never_run_anything_but_the_pinned_bytes() {
     let s = Scratch::new();
-    let text = r#"(component
-  (core module $m (func (export "run") (result i32) (i32.const 0)))
-  (core instance $i (instantiate $m))
-  (func $run (result (result)) (canon lift (core func $i "run")))
-  (instance $cli (export "run" (func $run)))
-  (export "wasi:cli/run@0.2.0" (instance $cli)))"#;
-    let good = wat::parse_str(text).unwrap();
-    let file = s.path().join("small.wasm");
-    std::fs::write(&file, &good).unwrap();
+    let file = s.command_component(
+        "small.wasm",
+        r#"(func (export "run") (result i32) (i32.const 0))"#,
+    );
+    let good = std::fs::read(&file).unwrap();
+    let file = Path::new(&file).to_owned();
     let pinned = Measured::read(&file).unwrap().digest;
     let rt = Runtime::new(&RuntimeOptions {
         engine: EngineOptions {

@@ -70,6 +70,51 @@ impl Scratch {
     }
 }
 
+impl Scratch {
+    /// Writes `name` in the scratch directory: a command component with no
+    /// imports around one core module whose fields (text format) are
+    /// `fields` and which exports `run: () -> i32` (0 is success). Returns
+    /// its path.
+    pub fn command_component(&self, name: &str, fields: &str) -> String {
+        let text = format!(
+            r#"(component
+  (core module $m
+    {fields})
+  (core instance $i (instantiate $m))
+  (func $run (result (result)) (canon lift (core func $i "run")))
+  (instance $cli (export "run" (func $run)))
+  (export "wasi:cli/run@0.2.0" (instance $cli)))"#
+        );
+        let path = self.path().join(name);
+        std::fs::write(&path, wat::parse_str(&text).expect("component text"))
+            .expect("write component");
+        path.to_string_lossy().into_owned()
+    }
+}
+
+/// The fields of a core module that defines `memories` linear memories of
+/// one page each and whose `run` grows every one of them, 16 pages at a
+/// time, until refused, and returns an error if they ended up holding more
+/// than `limit_pages` pages together.
+pub fn memory_bomb(memories: usize, limit_pages: u32) -> String {
+    let mems: String = (0..memories)
+        .map(|i| format!("(memory $m{i} 1)\n"))
+        .collect();
+    let grows: String = (0..memories)
+        .map(|i| {
+            format!(
+                "(block $d{i} (loop $l{i} (br_if $d{i} (i32.eq (memory.grow $m{i} (i32.const 16)) (i32.const -1))) (br $l{i})))\n"
+            )
+        })
+        .collect();
+    let sum = (1..memories).fold("(memory.size $m0)".to_owned(), |acc, i| {
+        format!("(i32.add {acc} (memory.size $m{i}))")
+    });
+    format!(
+        "{mems}(func (export \"run\") (result i32)\n{grows}(i32.gt_u {sum} (i32.const {limit_pages})))"
+    )
+}
+
 pub fn stdout(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
