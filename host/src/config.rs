@@ -674,6 +674,40 @@ mod tests {
             ),
             (
                 format!(
+                    "[[module]]\nname = \"a\"\nfile = \"x\"\ndigest = \"{D}\"\nallow_outbound = [\"10.0.5.1/24:502\"]"
+                ),
+                "allow_outbound",
+            ),
+            (
+                format!(
+                    "[[module]]\nname = \"a\"\nfile = \"x\"\ndigest = \"{D}\"\nserver_names = [\"*.com\"]"
+                ),
+                "server_names",
+            ),
+            (
+                format!(
+                    "[[module]]\nname = \"a\"\nfile = \"x\"\ndigest = \"{D}\"\nmax_memories = 0"
+                ),
+                "max_memories",
+            ),
+            (
+                format!(
+                    "[[module]]\nname = \"a\"\nfile = \"x\"\ndigest = \"{D}\"\nmax_handles = 1"
+                ),
+                "max_handles",
+            ),
+            (
+                "[runtime]\nmodule_memories = 0".to_owned(),
+                "runtime.module_memories",
+            ),
+            (
+                format!(
+                    "[[module]]\nname = \"a\"\nfile = \"x\"\ndigest = \"{D}\"\nmax_instances = 64"
+                ),
+                "over the per-module ceiling runtime.module_instances = 32",
+            ),
+            (
+                format!(
                     "[[module]]\nname = \"a\"\nfile = \"x\"\ndigest = \"{D}\"\nmax_hostcall_data = \"1B\""
                 ),
                 "max_hostcall_data",
