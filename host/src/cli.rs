@@ -160,6 +160,14 @@ struct RunArgs {
     /// Bytes the module may hand the host in one call.
     #[arg(long, value_name = "SIZE", default_value = "16MiB", value_parser = units::parse_size)]
     max_hostcall_data: u64,
+    /// Hold every --dir grant to a disk budget of SIZE bytes (apparent
+    /// file sizes); writes past it fail with EDQUOT. Default: no budget.
+    #[arg(long, value_name = "SIZE", value_parser = units::parse_size)]
+    max_disk: Option<u64>,
+    /// Hold every --dir grant to N files, directories and links (default
+    /// with --max-disk: 10000).
+    #[arg(long, value_name = "N")]
+    max_disk_entries: Option<u32>,
     /// Wasm stack limit (deeper recursion traps).
     #[arg(long, value_name = "SIZE", default_value = "512KiB", value_parser = units::parse_size)]
     max_stack: u64,
@@ -286,7 +294,13 @@ fn run_command(state_flag: Option<PathBuf>, args: RunArgs) -> ExitCode {
         max_tables: args.max_tables,
         max_table_elements: args.max_table_elements,
         max_hostcall_data: args.max_hostcall_data,
+        max_disk: args.max_disk.unwrap_or(Limits::default().max_disk),
+        max_disk_entries: args
+            .max_disk_entries
+            .unwrap_or(Limits::default().max_disk_entries),
     };
+    // `edgeward run` grants what the operator names; a budget only when asked.
+    let budgeted = args.max_disk.is_some() || args.max_disk_entries.is_some();
     if let Err((field, msg)) = config::check_limits(&limits) {
         return fail(format!("--{}: {msg}", field.replace('_', "-")), 2);
     }
@@ -371,7 +385,11 @@ fn run_command(state_flag: Option<PathBuf>, args: RunArgs) -> ExitCode {
         spec.identity = Some(identity);
         spec.args.extend(args.args);
         spec.env = env;
-        spec.dirs = args.dirs;
+        spec.dirs = args
+            .dirs
+            .into_iter()
+            .map(|d| DirGrant { budgeted, ..d })
+            .collect();
         spec.limits = limits;
         spec.allow_outbound = args.allow_outbound;
         spec.output = Output::Inherit;

@@ -28,6 +28,8 @@
 //! max_tables = 32                     # tables (default 32)
 //! max_table_elements = 100000         # elements per table (default 100000)
 //! max_hostcall_data = "16MiB"         # bytes per call into the host (default 16MiB)
+//! max_disk = "256MiB"                 # its data directory's size budget (default 256MiB)
+//! max_disk_entries = 10000            # files, directories, links in it (default 10000)
 //! allow_outbound = ["api.example.com:443"]  # the only network it may reach
 //! server_names = ["{module}.{device}.edge.example", "10.0.5.0/24"]
 //!                                     # names it may get server certificates
@@ -36,7 +38,10 @@
 //! restart = "on-failure"              # never | on-failure (default) | always
 //! ```
 //!
-//! Every module also gets its own data directory, preopened as `/data`.
+//! Every module also gets its own data directory, preopened as `/data`, held
+//! to its disk budget (`max_disk`, `max_disk_entries`; see
+//! `runtime::disk`). Directories granted with `dirs` are the operator's and
+//! carry no budget.
 //!
 //! ```toml
 //! [hsm]
@@ -229,6 +234,8 @@ struct RawModule {
     max_tables: Option<u32>,
     max_table_elements: Option<u32>,
     max_hostcall_data: Option<String>,
+    max_disk: Option<String>,
+    max_disk_entries: Option<u32>,
     #[serde(default)]
     allow_outbound: Vec<String>,
     #[serde(default)]
@@ -365,6 +372,12 @@ pub fn check_limits(l: &Limits) -> Result<(), (&'static str, String)> {
     if !(4 << 10..=1 << 30).contains(&l.max_hostcall_data) {
         return Err(("max_hostcall_data", "must be between 4KiB and 1GiB".into()));
     }
+    if !(4 << 10..=1 << 40).contains(&l.max_disk) {
+        return Err(("max_disk", "must be between 4KiB and 1TiB".into()));
+    }
+    if !(1..=10_000_000).contains(&l.max_disk_entries) {
+        return Err(("max_disk_entries", "must be 1..=10000000".into()));
+    }
     Ok(())
 }
 
@@ -386,6 +399,8 @@ fn module_limits(m: &RawModule) -> Result<Limits, (&'static str, String)> {
             "max_hostcall_data",
             d.max_hostcall_data,
         )?,
+        max_disk: size(&m.max_disk, "max_disk", d.max_disk)?,
+        max_disk_entries: m.max_disk_entries.unwrap_or(d.max_disk_entries),
     };
     check_limits(&l)?;
     Ok(l)
@@ -711,6 +726,24 @@ mod tests {
                     "[[module]]\nname = \"a\"\nfile = \"x\"\ndigest = \"{D}\"\nmax_hostcall_data = \"1B\""
                 ),
                 "max_hostcall_data",
+            ),
+            (
+                format!(
+                    "[[module]]\nname = \"a\"\nfile = \"x\"\ndigest = \"{D}\"\nmax_disk = \"lots\""
+                ),
+                "max_disk",
+            ),
+            (
+                format!(
+                    "[[module]]\nname = \"a\"\nfile = \"x\"\ndigest = \"{D}\"\nmax_disk = \"2TiB\""
+                ),
+                "max_disk",
+            ),
+            (
+                format!(
+                    "[[module]]\nname = \"a\"\nfile = \"x\"\ndigest = \"{D}\"\nmax_disk_entries = 0"
+                ),
+                "max_disk_entries",
             ),
             ("this is not toml".to_owned(), "config.toml"),
             ("[hsm]\nbackend = \"vault\"".to_owned(), "vault"),

@@ -96,6 +96,7 @@ fn child(mode: &str, n: usize) {
             spec.dirs.push(DirGrant {
                 host: data.path().to_owned(),
                 guest: "/data".into(),
+                budgeted: true,
             });
             spec.output = Output::Discard;
             let spec = Arc::new(spec);

@@ -133,6 +133,13 @@ fn hostile_modules_cannot_hurt_the_daemon_or_their_neighbour() {
         hostile("ansi", r#"["ansi"]"#, ""),
         hostile("fd-loop", r#"["open-loop"]"#, "max_handles = 64"),
         hostile(
+            "disk-filler",
+            // Stops at 64 MiB if never refused (a regression fails, not
+            // fills the disk).
+            r#"["disk-fill", "67108864"]"#,
+            "max_disk = \"4MiB\"\nmax_disk_entries = 100",
+        ),
+        hostile(
             "udp-flooded",
             &format!(r#"["udp-echo", "{udp_addr}"]"#),
             &format!("allow_outbound = [\"{udp_addr}\"]"),
@@ -182,6 +189,8 @@ fn hostile_modules_cannot_hurt_the_daemon_or_their_neighbour() {
         ("recursion", "trap", Some("call stack exhausted")),
         ("panic", "trap", Some("unreachable")),
         ("fd-loop", "trap", Some("handle limit exceeded")),
+        // Refused at its budget, then writes again once it freed space.
+        ("disk-filler", "success", None),
         ("multi-memory", "success", None),
         ("udp-flooded", "success", None),
         ("rebinder", "success", None),
@@ -219,6 +228,12 @@ fn hostile_modules_cannot_hurt_the_daemon_or_their_neighbour() {
         "the allowed destination was reached"
     );
     assert!(listener.accept().is_err(), "a module reached the network");
+    let data = s.state().join("modules/disk-filler/data");
+    let used: u64 = std::fs::read_dir(&data)
+        .expect("disk-filler's data dir")
+        .map(|e| e.expect("entry").metadata().expect("stat").len())
+        .sum();
+    assert!(used <= 4 << 20, "disk-filler holds {used} bytes");
     let flood = statuses
         .iter()
         .find(|v| v["module"] == "flood")
@@ -282,6 +297,15 @@ fn hostile_modules_cannot_hurt_the_daemon_or_their_neighbour() {
             .filter(|l| l.contains("udp-flooded") && !l.contains("refused"))
             .count(),
         "dropped datagrams are not logged"
+    );
+    // The disk filler retried its refused write 100 times: a few lines.
+    let disk = err
+        .iter()
+        .filter(|l| l.contains("disk-filler") && l.contains("disk budget exceeded"))
+        .count();
+    assert!(
+        (1..=edgeward::runtime::loglimit::LINES_PER_WINDOW as usize).contains(&disk),
+        "{disk} disk refusal lines"
     );
     let refusals = err
         .iter()

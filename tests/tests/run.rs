@@ -618,9 +618,7 @@ fn memories_per_module_are_capped() {
 #[test]
 fn handles_are_bounded_per_module() {
     let s = Scratch::new();
-    let data = s.path().join("data");
-    std::fs::create_dir(&data).expect("data dir");
-    let grant = format!("{}::/data", data.display());
+    let (data, grant) = data_dir(&s);
     let o = s.run(
         PROBE,
         &["--dir", &grant, "--max-handles", "64"],
@@ -805,4 +803,179 @@ fn wasi_http_requests_follow_the_allow_list() {
     assert_status(&o, 1);
     assert!(stdout(&o).contains("HttpRequestDenied"), "{}", stdout(&o));
     drop(server);
+}
+
+/// An empty `data` directory in the scratch dir, and its grant as `/data`.
+fn data_dir(s: &Scratch) -> (std::path::PathBuf, String) {
+    let data = s.path().join("data");
+    std::fs::create_dir(&data).expect("data dir");
+    let grant = format!("{}::/data", data.display());
+    (data, grant)
+}
+
+/// Apparent bytes and entries under `dir`, as the budget counts them.
+fn du(dir: &std::path::Path) -> (u64, u64) {
+    let (mut bytes, mut entries) = (0, 0);
+    for e in std::fs::read_dir(dir).expect("read_dir") {
+        let e = e.expect("entry");
+        let m = e.metadata().expect("lstat");
+        entries += 1;
+        if m.is_dir() {
+            let (b, n) = du(&e.path());
+            bytes += b;
+            entries += n;
+        } else {
+            bytes += m.len();
+        }
+    }
+    (bytes, entries)
+}
+
+#[test]
+fn a_disk_filling_module_is_refused_at_its_budget() {
+    let s = Scratch::new();
+    let (data, grant) = data_dir(&s);
+    let o = s.run(
+        PROBE,
+        &["--dir", &grant, "--max-disk", "1MiB"],
+        &["disk-fill", "16777216"],
+    );
+    assert_status(&o, 0);
+    let out = stdout(&o);
+    // 16 chunks of 64 KiB fit exactly; the 17th is refused (through a
+    // stream, which wasi-libc reports as EIO), and the operator is told why.
+    assert!(out.contains("refused after 1048576 bytes"), "{out}");
+    let err = stderr(&o);
+    assert!(
+        err.contains("disk budget exceeded") && err.contains("max_disk") && err.contains("/data"),
+        "{err}"
+    );
+    assert!(out.contains("after freeing: Ok(())"), "{out}");
+    assert!(du(&data).0 <= 1 << 20);
+
+    // Without --max-disk, `edgeward run` sets no budget on its grants.
+    let o = s.run(PROBE, &["--dir", &grant], &["disk-fill", "2097152"]);
+    assert!(
+        stdout(&o).contains("wrote 2097152 bytes, never refused"),
+        "{}",
+        stdout(&o)
+    );
+}
+
+#[test]
+fn the_budget_counts_what_is_already_there() {
+    let s = Scratch::new();
+    let data = s.path().join("data");
+    std::fs::create_dir(&data).expect("data dir");
+    std::fs::write(data.join("old"), vec![0u8; 2 << 20]).expect("old data");
+    let grant = format!("{}::/data", data.display());
+    let o = s.run(
+        PROBE,
+        &["--dir", &grant, "--max-disk", "1MiB"],
+        &["write", "/data/new", "x"],
+    );
+    assert_status(&o, 1);
+    assert!(
+        stdout(&o).to_lowercase().contains("quota"),
+        "{}",
+        stdout(&o)
+    );
+    // Entries too: 3 there, 3 allowed.
+    for i in 0..2 {
+        std::fs::write(data.join(format!("e{i}")), "").expect("entry");
+    }
+    std::fs::remove_file(data.join("old")).expect("rm");
+    std::fs::write(data.join("e2"), "").expect("entry");
+    let o = s.run(
+        PROBE,
+        &["--dir", &grant, "--max-disk-entries", "3"],
+        &["write", "/data/new", "x"],
+    );
+    assert_status(&o, 1);
+    assert!(
+        stdout(&o).to_lowercase().contains("quota"),
+        "{}",
+        stdout(&o)
+    );
+    // Overwriting an existing file takes no new entry.
+    let o = s.run(
+        PROBE,
+        &["--dir", &grant, "--max-disk-entries", "3"],
+        &["write", "/data/e0", "x"],
+    );
+    assert_status(&o, 0);
+}
+
+/// Each way around the budget a module could try (see runtime::disk).
+#[test]
+fn disk_budget_tricks_are_refused() {
+    let s = Scratch::new();
+    let data = s.path().join("data");
+    let other = s.path().join("other");
+    std::fs::create_dir(&data).expect("data dir");
+    std::fs::create_dir(&other).expect("other dir");
+    let o = s.run(
+        PROBE,
+        &[
+            "--dir",
+            &format!("{}::/data", data.display()),
+            "--dir",
+            &format!("{}::/other", other.display()),
+            "--max-disk",
+            "1MiB",
+            "--max-disk-entries",
+            "40",
+        ],
+        &["disk-tricks", &(1u64 << 20).to_string()],
+    );
+    assert_status(&o, 0);
+    let out = stdout(&o);
+    let trick = |name: &str| {
+        out.lines()
+            .find(|l| l.starts_with(&format!("trick {name}:")))
+            .unwrap_or_else(|| panic!("no line for {name}: {out}"))
+            .to_owned()
+    };
+    // Calls that return a filesystem error code say EDQUOT.
+    for refused in [
+        "sparse-set-size",
+        "pwrite-far",
+        "mkdir-loop",
+        "symlink-loop",
+    ] {
+        assert!(
+            trick(refused).contains("refused (quota)"),
+            "{}",
+            trick(refused)
+        );
+    }
+    // Writes through a stream: refused (EIO through wasi-libc).
+    for refused in ["write-while-unlinked-held", "append"] {
+        assert!(
+            trick(refused).contains("refused (stream)"),
+            "{}",
+            trick(refused)
+        );
+    }
+    for across in ["rename-across", "hard-link-across"] {
+        assert!(
+            trick(across).contains("CrossesDevices"),
+            "{}",
+            trick(across)
+        );
+    }
+    for ok in ["write-after-close", "hard-link-within", "rename-within"] {
+        assert!(trick(ok).contains(": ok"), "{}", trick(ok));
+    }
+    // 40 entries: the directories took them all (then links had none).
+    assert!(
+        out.contains("trick entries: 40 directories, then 0 links"),
+        "{out}"
+    );
+    let (bytes, entries) = du(&data);
+    assert!(
+        bytes <= 1 << 20 && entries <= 40,
+        "{bytes} bytes, {entries} entries"
+    );
+    assert_eq!(du(&other), (0, 0), "nothing crossed into /other");
 }

@@ -77,6 +77,7 @@ fn sandbox_for(spec: &ModuleSpec, data_dir: &Path, output: Output) -> SandboxSpe
     s.dirs.push(DirGrant {
         host: data_dir.to_owned(),
         guest: DATA_DIR_GUEST.to_owned(),
+        budgeted: true,
     });
     s.dirs.extend(spec.dirs.iter().cloned());
     s.limits = spec.limits;

@@ -2,6 +2,7 @@
 //! -> `InstancePre` -> a fresh, sandboxed `Store` per start.
 
 pub mod cache;
+pub mod disk;
 pub mod engine;
 pub mod escape;
 pub mod http_client;
@@ -186,6 +187,15 @@ impl Runtime {
             ModuleState,
             network::HasFilteredLookup,
         >(&mut linker, ModuleState::lookup)?;
+        // The filesystem holds budgeted directories to their disk budget.
+        wasmtime_wasi::p2::bindings::filesystem::types::add_to_linker::<
+            ModuleState,
+            disk::HasBudgetedFs,
+        >(&mut linker, ModuleState::filesystem)?;
+        wasmtime_wasi::p2::bindings::filesystem::preopens::add_to_linker::<
+            ModuleState,
+            disk::HasBudgetedFs,
+        >(&mut linker, ModuleState::filesystem)?;
         linker.allow_shadowing(false);
         // wasi:http (outgoing requests, allow-listed) for modules that import it.
         wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker)?;

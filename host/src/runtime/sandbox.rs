@@ -14,6 +14,7 @@ use wasmtime::component::ResourceTable;
 use wasmtime_wasi::sockets::WasiSocketsCtxView;
 use wasmtime_wasi::{FsPerms, WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 
+use super::disk::{BudgetedFs, DiskBudget, DiskLimit, FsBudgets};
 use super::network::{FilteredLookup, NetPolicy};
 use crate::units::format_size;
 
@@ -48,6 +49,12 @@ pub struct Limits {
     pub max_table_elements: u32,
     /// Bytes the guest may hand the host in one call (default 16 MiB).
     pub max_hostcall_data: u64,
+    /// Bytes a budgeted directory (the module's data directory) may hold,
+    /// apparent file sizes (default 256 MiB). See [`super::disk`].
+    pub max_disk: u64,
+    /// Files, directories and links a budgeted directory may hold (default
+    /// 10,000).
+    pub max_disk_entries: u32,
 }
 
 impl Default for Limits {
@@ -60,6 +67,8 @@ impl Default for Limits {
             max_tables: 32,
             max_table_elements: 100_000,
             max_hostcall_data: 16 << 20,
+            max_disk: super::disk::DEFAULT_MAX_DISK,
+            max_disk_entries: super::disk::DEFAULT_MAX_DISK_ENTRIES,
         }
     }
 }
@@ -71,6 +80,8 @@ pub struct DirGrant {
     pub host: PathBuf,
     /// The name the module sees it under.
     pub guest: String,
+    /// Held to the module's disk budget (`max_disk`, `max_disk_entries`).
+    pub budgeted: bool,
 }
 
 impl std::str::FromStr for DirGrant {
@@ -90,6 +101,7 @@ impl std::str::FromStr for DirGrant {
         Ok(Self {
             host: PathBuf::from(host),
             guest: guest.to_owned(),
+            budgeted: false,
         })
     }
 }
@@ -208,6 +220,7 @@ pub struct ModuleState {
     http_hooks: super::http_client::HttpHooks,
     pub(crate) workload: super::workload::WorkloadCtx,
     pub(crate) limiter: Limiter,
+    disk: FsBudgets,
 }
 
 impl std::fmt::Debug for ModuleState {
@@ -221,11 +234,26 @@ impl ModuleState {
     ///
     /// # Errors
     ///
-    /// See [`SandboxSpec::build_wasi`].
+    /// See [`SandboxSpec::build_wasi`]; or a budgeted directory's usage
+    /// cannot be measured.
     pub fn new(spec: &SandboxSpec) -> anyhow::Result<Self> {
         let program = spec.args.first().map(String::as_str).unwrap_or("module");
         let net = NetPolicy::new(program, &spec.allow_outbound);
+        let limit = DiskLimit {
+            max_bytes: spec.limits.max_disk,
+            max_entries: spec.limits.max_disk_entries,
+        };
+        let budgets = spec
+            .dirs
+            .iter()
+            .map(|d| {
+                d.budgeted
+                    .then(|| DiskBudget::open(program, &d.host, &d.guest, limit).map(Arc::new))
+                    .transpose()
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
         Ok(Self {
+            disk: FsBudgets::new(budgets),
             wasi: spec.build_wasi(&net)?,
             table: {
                 let mut t = ResourceTable::new();
@@ -240,6 +268,17 @@ impl ModuleState {
             workload: super::workload::WorkloadCtx::new(spec.identity.clone(), program),
             limiter: Limiter::new(&spec.limits),
         })
+    }
+
+    /// The filesystem, with its budgeted directories held to their budget.
+    pub fn filesystem(&mut self) -> BudgetedFs<'_> {
+        BudgetedFs {
+            fs: wasmtime_wasi::filesystem::WasiFilesystemCtxView {
+                ctx: self.wasi.filesystem(),
+                table: &mut self.table,
+            },
+            budgets: &mut self.disk,
+        }
     }
 
     /// The filtered name lookup over this module's sockets context.

@@ -159,6 +159,8 @@ fn main() -> ExitCode {
             let _ = out.flush();
             ExitCode::SUCCESS
         }
+        "disk-fill" => disk_fill(arg(2).parse().unwrap_or(64 << 20)),
+        "disk-tricks" => disk_tricks(arg(2).parse().unwrap_or(1 << 20)),
         "open-loop" => {
             // Opens files and keeps them open, until refused.
             let mut held = Vec::new();
@@ -214,5 +216,187 @@ fn main() -> ExitCode {
             let _ = writeln!(err, "sandbox-probe: unknown action {other:?}");
             ExitCode::from(2)
         }
+    }
+}
+
+/// Whether an error is the disk budget's refusal: EDQUOT, or EIO for a
+/// write through a stream (wasi-libc reports every failed stream write as
+/// EIO; the host's `filesystem-error-code` says `quota`).
+fn is_quota(e: &std::io::Error) -> bool {
+    const EIO: i32 = 29;
+    e.kind() == std::io::ErrorKind::QuotaExceeded || e.raw_os_error() == Some(EIO)
+}
+
+/// Fills `/data` through a write stream until refused (or `stop` bytes
+/// are written: exits 1); then shows that freeing space gives it back.
+/// Exits 0 when the refusal was the budget's.
+fn disk_fill(stop: u64) -> ExitCode {
+    use std::io::Write as _;
+    let chunk = vec![7u8; 64 << 10];
+    let mut written = 0u64;
+    let refusal = {
+        let Ok(mut f) = std::fs::File::create("/data/fill") else {
+            println!("denied: disk-fill: cannot create /data/fill");
+            return ExitCode::FAILURE;
+        };
+        loop {
+            match f.write_all(&chunk) {
+                Ok(()) => written += chunk.len() as u64,
+                Err(e) => break e,
+            }
+            if written >= stop {
+                println!("disk-fill: wrote {written} bytes, never refused");
+                return ExitCode::FAILURE;
+            }
+        }
+    };
+    println!("disk-fill: refused after {written} bytes: {refusal}");
+    // A module retrying its refused write cannot flood the daemon's log.
+    let retried = (0..100)
+        .filter(|_| std::fs::write("/data/retry", &chunk).is_err())
+        .count();
+    let _ = std::fs::remove_file("/data/retry");
+    println!("disk-fill: {retried} retries refused");
+    let freed = std::fs::remove_file("/data/fill")
+        .and_then(|()| std::fs::write("/data/after", b"space is back"));
+    println!("disk-fill: after freeing: {freed:?}");
+    if is_quota(&refusal) && retried == 100 && freed.is_ok() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+/// Tries what a module could do to get past its budget (`max` bytes in
+/// `/data`; `/other` is another budgeted directory), one line each:
+/// `trick NAME: refused (...)` or `trick NAME: ok ...`.
+fn disk_tricks(max: u64) -> ExitCode {
+    use std::io::Write as _;
+    let line = |name: &str, r: std::io::Result<String>| match r {
+        Ok(v) => println!("trick {name}: ok {v}"),
+        Err(e) if e.kind() == std::io::ErrorKind::QuotaExceeded => {
+            println!("trick {name}: refused (quota): {e}")
+        }
+        Err(e) if is_quota(&e) => println!("trick {name}: refused (stream): {e}"),
+        Err(e) => println!("trick {name}: refused ({:?}): {e}", e.kind()),
+    };
+    // A sparse terabyte: set-size.
+    line(
+        "sparse-set-size",
+        std::fs::File::create("/data/sparse")
+            .and_then(|f| f.set_len(1 << 40))
+            .map(|()| "1TiB".into()),
+    );
+    let _ = std::fs::remove_file("/data/sparse");
+    // A byte at a terabyte: descriptor write at an offset.
+    line(
+        "pwrite-far",
+        std::fs::File::create("/data/far").and_then(|f| pwrite(&f, b"x", 1 << 40)),
+    );
+    let _ = std::fs::remove_file("/data/far");
+    // Unlink a file it holds open, then write another as big.
+    let big = vec![1u8; usize::try_from(max * 3 / 4).unwrap_or(0)];
+    let held = std::fs::File::create("/data/held").and_then(|mut f| {
+        f.write_all(&big)?;
+        Ok(f)
+    });
+    match held {
+        Ok(held) => {
+            let _ = std::fs::remove_file("/data/held");
+            line(
+                "write-while-unlinked-held",
+                std::fs::write("/data/next", &big).map(|()| "written".into()),
+            );
+            let _ = std::fs::remove_file("/data/next");
+            drop(held);
+            line(
+                "write-after-close",
+                std::fs::write("/data/next", &big).map(|()| "written".into()),
+            );
+            let _ = std::fs::remove_file("/data/next");
+        }
+        Err(e) => line("write-while-unlinked-held", Err(e)),
+    }
+    // Appending.
+    line(
+        "append",
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open("/data/log")
+            .and_then(|mut f| {
+                // At most 64 MiB if never refused.
+                for _ in 0..(16 << 10) {
+                    f.write_all(&[b'a'; 4096])?;
+                }
+                Ok("never refused".into())
+            }),
+    );
+    let _ = std::fs::remove_file("/data/log");
+    // Entries: directories, empty files, links.
+    let mut n = 0;
+    line(
+        "mkdir-loop",
+        loop {
+            if n == 10_000 {
+                break Ok(());
+            }
+            if let Err(e) = std::fs::create_dir(format!("/data/d{n}")) {
+                break Err(e);
+            }
+            n += 1;
+        }
+        .map(|()| String::new()),
+    );
+    let mut k = 0;
+    line(
+        "symlink-loop",
+        loop {
+            if k == 10_000 {
+                break Ok(());
+            }
+            if let Err(e) = symlink("x", &format!("/data/d0/s{k}")) {
+                break Err(e);
+            }
+            k += 1;
+        }
+        .map(|()| String::new()),
+    );
+    for i in 0..n {
+        let _ = std::fs::remove_dir_all(format!("/data/d{i}"));
+    }
+    println!("trick entries: {n} directories, then {k} links");
+    // Across the boundary.
+    let _ = std::fs::write("/data/x", b"x");
+    line(
+        "rename-across",
+        std::fs::rename("/data/x", "/other/x").map(|()| "renamed".into()),
+    );
+    line(
+        "hard-link-across",
+        std::fs::hard_link("/data/x", "/other/y").map(|()| "linked".into()),
+    );
+    line(
+        "hard-link-within",
+        std::fs::hard_link("/data/x", "/data/y").map(|()| "linked".into()),
+    );
+    line(
+        "rename-within",
+        std::fs::rename("/data/y", "/data/z").map(|()| "renamed".into()),
+    );
+    ExitCode::SUCCESS
+}
+
+/// `pwrite(2)` through wasi-libc (a descriptor write at an offset).
+fn pwrite(f: &std::fs::File, buf: &[u8], offset: i64) -> std::io::Result<String> {
+    use std::os::fd::AsRawFd as _;
+    // SAFETY: `buf` is valid for `buf.len()` bytes and the descriptor is
+    // open for the duration of the call.
+    #[allow(unsafe_code)]
+    let rc = unsafe { libc::pwrite(f.as_raw_fd(), buf.as_ptr().cast(), buf.len(), offset) };
+    if rc < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(format!("{rc} bytes"))
     }
 }
