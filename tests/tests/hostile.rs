@@ -28,6 +28,43 @@ fn stamp_ms(line: &str) -> Option<i64> {
     Some(((h[0] * 60 + h[1]) * 60 + h[2]) * 1000 + ms.parse::<i64>().ok()?)
 }
 
+/// Waits until every module in `outcomes` has an exit recorded, and checks
+/// each one's outcome and (when given) that its reason says so. Returns the
+/// statuses.
+fn exits_recorded(s: &Scratch, outcomes: &[(&str, &str, Option<&str>)]) -> Vec<serde_json::Value> {
+    let statuses = status_when(s, "every module's exit to be recorded", |v| {
+        outcomes
+            .iter()
+            .all(|(n, _, _)| !status_of(v, n)["last_exit"].is_null())
+    });
+    for (n, outcome, reason) in outcomes {
+        let e = &status_of(&statuses, n)["last_exit"];
+        assert_eq!(e["outcome"], *outcome, "{n}: {e}");
+        if let Some(r) = reason {
+            assert!(
+                e["reason"].as_str().unwrap_or("").contains(r),
+                "{n}: {r:?} not in {e}"
+            );
+        }
+    }
+    statuses
+}
+
+/// The neighbour (a sensor on a 100 ms schedule) never went 500 ms without
+/// a reading; prints its worst gap.
+fn neighbour_kept_its_schedule(s: &Scratch, suite: &str) {
+    let log = s
+        .edgeward()
+        .args(["logs", "neighbour"])
+        .output()
+        .expect("spawn");
+    let stamps: Vec<i64> = stdout(&log).lines().filter_map(stamp_ms).collect();
+    assert!(stamps.len() >= 25, "only {} readings", stamps.len());
+    let worst = stamps.windows(2).map(|w| w[1] - w[0]).max().unwrap_or(0);
+    println!("{suite}: the neighbour's worst gap was {worst} ms (100 ms schedule)");
+    assert!(worst < 500, "the neighbour stalled for {worst} ms");
+}
+
 #[test]
 fn hostile_modules_cannot_hurt_the_daemon_or_their_neighbour() {
     let s = Scratch::new();
@@ -164,6 +201,12 @@ fn hostile_modules_cannot_hurt_the_daemon_or_their_neighbour() {
         "[[module]]\nname = \"multi-memory\"\nfile = \"{bomb}\"\ndigest = \"{}\"\nrestart = \"never\"\nmax_memory = \"16MiB\"\n",
         sha256sum(&bomb)
     ));
+    // Pollables in a loop: resource-table entries with no host descriptor.
+    let table_loop = s.component("pollables.wasm", POLLABLE_LOOP);
+    config.push_str(&format!(
+        "[[module]]\nname = \"table-loop\"\nfile = \"{table_loop}\"\ndigest = \"{}\"\nrestart = \"never\"\nmax_handles = 64\n",
+        sha256sum(&table_loop)
+    ));
     let mut d = Daemon::start_with_env(
         &s,
         &config,
@@ -189,6 +232,7 @@ fn hostile_modules_cannot_hurt_the_daemon_or_their_neighbour() {
         ("recursion", "trap", Some("call stack exhausted")),
         ("panic", "trap", Some("unreachable")),
         ("fd-loop", "trap", Some("handle limit exceeded")),
+        ("table-loop", "trap", Some("handle limit exceeded")),
         // Refused at its budget, then writes again once it freed space.
         ("disk-filler", "success", None),
         ("multi-memory", "success", None),
@@ -203,21 +247,7 @@ fn hostile_modules_cannot_hurt_the_daemon_or_their_neighbour() {
         ("bad-exit", "failure", None),
         ("allowed", "success", None),
     ];
-    let statuses = status_when(&s, "every hostile module's exit to be recorded", |v| {
-        outcomes
-            .iter()
-            .all(|(n, _, _)| !status_of(v, n)["last_exit"].is_null())
-    });
-    for (n, outcome, reason) in outcomes {
-        let e = &status_of(&statuses, n)["last_exit"];
-        assert_eq!(e["outcome"], *outcome, "{n}: {e}");
-        if let Some(r) = reason {
-            assert!(
-                e["reason"].as_str().unwrap_or("").contains(r),
-                "{n}: {r:?} not in {e}"
-            );
-        }
-    }
+    let statuses = exits_recorded(&s, outcomes);
     let request = served.join().expect("join");
     assert!(request.starts_with("GET /rebind HTTP/1.1"), "{request}");
     assert!(rebound.accept().is_err(), "the rebound address was reached");
@@ -241,16 +271,7 @@ fn hostile_modules_cannot_hurt_the_daemon_or_their_neighbour() {
     assert_eq!(flood["state"], "running");
 
     // The neighbour kept its 100 ms schedule throughout.
-    let log = s
-        .edgeward()
-        .args(["logs", "neighbour"])
-        .output()
-        .expect("spawn");
-    let stamps: Vec<i64> = stdout(&log).lines().filter_map(stamp_ms).collect();
-    assert!(stamps.len() >= 25, "only {} readings", stamps.len());
-    let worst = stamps.windows(2).map(|w| w[1] - w[0]).max().unwrap_or(0);
-    println!("hostile suite: the neighbour's worst gap was {worst} ms (100 ms schedule)");
-    assert!(worst < 500, "the neighbour stalled for {worst} ms");
+    neighbour_kept_its_schedule(&s, "hostile suite");
 
     // Guest output cannot drive the terminal or forge lines: escapes,
     // carriage returns, bidi overrides and stray bytes are shown escaped,
@@ -325,6 +346,79 @@ fn hostile_modules_cannot_hurt_the_daemon_or_their_neighbour() {
 
 /// One daemon per state directory: a second one exits at once, naming the
 /// first one's pid.
+/// LAN, CGNAT, NAT64, unique-local and the metadata service, from modules
+/// in the daemon beside the neighbour: refused by the policy (the log names
+/// the class), the refusals stay within the log budget, the neighbour keeps
+/// its schedule. The daemon runs in a network namespace of its own, so not
+/// even a regression could send a packet to a real private address.
+#[test]
+fn lan_and_nat64_destinations_are_refused_in_the_daemon() {
+    let s = Scratch::new();
+    let probe = guests::SANDBOX_PROBE;
+    let sensor = guests::TEMPERATURE_SENSOR;
+    let pd = sha256sum(probe);
+    let mut config = format!(
+        "[[module]]\nname = \"neighbour\"\nfile = \"{sensor}\"\ndigest = \"{}\"\nenv = {{ INTERVAL_MS = \"100\" }}\n\n",
+        sha256sum(sensor)
+    );
+    let dests = [
+        ("lan", "10.0.5.9:502", "private-use"),
+        ("router", "192.168.1.1:80", "private-use"),
+        ("cgnat", "100.64.0.1:502", "shared address space"),
+        ("metadata", "169.254.169.254:80", "link-local"),
+        ("ula", "[fd00::1]:502", "unique-local"),
+        ("nat64", "[64:ff9b::a00:509]:502", "NAT64"),
+        ("nat64-local", "[64:ff9b:1::1]:502", "NAT64"),
+    ];
+    for (name, dest, _) in dests {
+        config.push_str(&format!(
+            "[[module]]\nname = \"{name}\"\nfile = \"{probe}\"\ndigest = \"{pd}\"\nargs = [\"connect\", \"{dest}\"]\nrestart = \"never\"\nallow_outbound = [\"plc.example:502\"]\n\n"
+        ));
+    }
+    config.push_str(&format!(
+        "[[module]]\nname = \"lan-flood\"\nfile = \"{probe}\"\ndigest = \"{pd}\"\nargs = [\"connect-loop\", \"3000\", \"10.0.5.9:502\"]\nrestart = \"never\"\nallow_outbound = [\"plc.example:502\"]\n"
+    ));
+    let mut d = Daemon::start_in_netns(&s, &config);
+    d.wait_for("the refused LAN flood", |out, _| {
+        count(out, "lan-flood | connect-loop: 3000 refused") == 1
+    });
+    d.wait_for("25 neighbour readings", |out, _| {
+        count(out, "neighbour | ") >= 25
+    });
+    let outcomes: Vec<_> = dests
+        .iter()
+        .map(|(n, _, _)| (*n, "failure", None))
+        .collect();
+    exits_recorded(&s, &outcomes);
+    neighbour_kept_its_schedule(&s, "LAN destinations");
+    let (status, out, err) = d.terminate();
+    assert!(status.success(), "daemon exit {status}: {}", err.join("\n"));
+    for (name, dest, class) in dests {
+        assert!(
+            out.iter()
+                .any(|l| l.starts_with(&format!("{name} | denied: connect"))),
+            "{name}: {}",
+            out.join("\n")
+        );
+        assert!(
+            err.iter()
+                .any(|l| l.contains(&format!("module={name} addr={dest} "))
+                    && l.contains("network access refused")
+                    && l.contains(class)),
+            "{name} ({dest}): no refusal naming {class}: {}",
+            err.join("\n")
+        );
+    }
+    let flood = err
+        .iter()
+        .filter(|l| l.contains("module=lan-flood ") && l.contains("network access refused"))
+        .count();
+    assert!(
+        (1..=edgeward::runtime::loglimit::LINES_PER_WINDOW as usize).contains(&flood),
+        "{flood} refusal lines for 3,000 refused connects"
+    );
+}
+
 #[test]
 fn a_second_daemon_on_the_same_state_dir_is_refused() {
     let s = Scratch::new();

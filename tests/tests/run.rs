@@ -634,6 +634,21 @@ fn handles_are_bounded_per_module() {
     assert!(opened <= 64, "{opened} files held open");
 }
 
+/// Handles without a host descriptor behind them (pollables) are bounded
+/// by the same resource-table limit.
+#[test]
+fn pollables_are_bounded_per_module() {
+    let s = Scratch::new();
+    let looped = s.component("pollables.wasm", POLLABLE_LOOP);
+    let o = s.run(&looped, &["--max-handles", "64"], &[]);
+    assert_status(&o, 134);
+    let err = stderr(&o);
+    assert!(
+        err.contains("handle limit exceeded") && err.contains("max_handles (64)"),
+        "{err}"
+    );
+}
+
 /// Names a module chose for its functions (its name section) reach trap
 /// messages escaped: no terminal escapes, no line of their own.
 #[test]

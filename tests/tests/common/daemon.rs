@@ -36,9 +36,25 @@ impl Daemon {
 
     /// [`Daemon::start`] with extra environment (the test binary's seams).
     pub fn start_with_env(s: &Scratch, config: &str, env: &[(&str, &str)]) -> Self {
+        Self::spawn(s, config, s.edgeward(), env)
+    }
+
+    /// [`Daemon::start`] in a network namespace of its own (`unshare -n`:
+    /// only a loopback that is down), so nothing a module sends can leave
+    /// it, even if the policy let it.
+    pub fn start_in_netns(s: &Scratch, config: &str) -> Self {
+        let mut c = Command::new("unshare");
+        c.arg("-n")
+            .arg(EDGEWARD)
+            .arg("--state-dir")
+            .arg(s.state())
+            .env_remove("EDGEWARD_STATE_DIR");
+        Self::spawn(s, config, c, &[])
+    }
+
+    fn spawn(s: &Scratch, config: &str, mut command: Command, env: &[(&str, &str)]) -> Self {
         let path = s.write("config.toml", config);
-        let mut child = s
-            .edgeward()
+        let mut child = command
             .envs(env.iter().copied())
             .env("EDGEWARD_LOG", "info")
             .arg("daemon")

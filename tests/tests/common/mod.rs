@@ -85,12 +85,46 @@ impl Scratch {
   (instance $cli (export "run" (func $run)))
   (export "wasi:cli/run@0.2.0" (instance $cli)))"#
         );
+        self.component(name, &text)
+    }
+
+    /// Writes `name` in the scratch directory from a component in the text
+    /// format. Returns its path.
+    pub fn component(&self, name: &str, text: &str) -> String {
         let path = self.path().join(name);
-        std::fs::write(&path, wat::parse_str(&text).expect("component text"))
+        std::fs::write(&path, wat::parse_str(text).expect("component text"))
             .expect("write component");
         path.to_string_lossy().into_owned()
     }
 }
+
+/// A command component that holds on to pollables (`wasi:clocks`
+/// `subscribe-duration`, no host file descriptor behind them) in a loop:
+/// only the resource-table bound can stop it. Returns 1 (failure) if a
+/// million were never refused.
+pub const POLLABLE_LOOP: &str = r#"(component
+  (import "wasi:io/poll@0.2.0" (instance $poll
+    (export "pollable" (type (sub resource)))))
+  (alias export $poll "pollable" (type $pollable))
+  (import "wasi:clocks/monotonic-clock@0.2.0" (instance $clock
+    (alias outer 1 $pollable (type $p))
+    (export "pollable" (type $pe (eq $p)))
+    (export "subscribe-duration" (func (param "when" u64) (result (own $pe))))))
+  (core func $sub (canon lower (func $clock "subscribe-duration")))
+  (core module $m
+    (import "host" "sub" (func $sub (param i64) (result i32)))
+    (func (export "run") (result i32)
+      (local $i i32)
+      (loop $l
+        (drop (call $sub (i64.const 1000000000)))
+        (local.set $i (i32.add (local.get $i) (i32.const 1)))
+        (br_if $l (i32.lt_u (local.get $i) (i32.const 1000000))))
+      (i32.const 1)))
+  (core instance $host (export "sub" (func $sub)))
+  (core instance $i (instantiate $m (with "host" (instance $host))))
+  (func $run (result (result)) (canon lift (core func $i "run")))
+  (instance $cli (export "run" (func $run)))
+  (export "wasi:cli/run@0.2.0" (instance $cli)))"#;
 
 /// The fields of a core module that defines `memories` linear memories of
 /// one page each and whose `run` grows every one of them, 16 pages at a
