@@ -18,7 +18,7 @@ use crate::runtime::sandbox::DEFAULT_MAX_MEMORY;
 use crate::runtime::{
     DirGrant, EngineOptions, Exit, Limits, Outbound, Output, Runtime, RuntimeOptions, SandboxSpec,
 };
-use crate::{daemon, state, units};
+use crate::{daemon, spec, state, units};
 
 /// Exit status when edgeward refuses or cannot load a module.
 pub const EXIT_REFUSED: u8 = 3;
@@ -271,9 +271,9 @@ fn parse_env(entries: &[String]) -> Result<Vec<(String, String)>, String> {
     entries
         .iter()
         .map(|e| match e.split_once('=') {
-            Some((k, v)) if config::valid_env_key(k) => Ok((k.to_owned(), v.to_owned())),
+            Some((k, v)) if spec::valid_env_key(k) => Ok((k.to_owned(), v.to_owned())),
             Some(_) => Err(format!("--env {e:?}: invalid variable name")),
-            None if config::valid_env_key(e) => std::env::var(e)
+            None if spec::valid_env_key(e) => std::env::var(e)
                 .map(|v| (e.clone(), v))
                 .map_err(|_| format!("--env {e}: {e} is not set in edgeward's environment")),
             None => Err(format!("--env {e:?}: invalid variable name")),
@@ -301,7 +301,7 @@ fn run_command(state_flag: Option<PathBuf>, args: RunArgs) -> ExitCode {
     };
     // `edgeward run` grants what the operator names; a budget only when asked.
     let budgeted = args.max_disk.is_some() || args.max_disk_entries.is_some();
-    if let Err((field, msg)) = config::check_limits(&limits) {
+    if let Err((field, msg)) = spec::check_limits(&limits) {
         return fail(format!("--{}: {msg}", field.replace('_', "-")), 2);
     }
     if !(64 << 10..=64 << 20).contains(&args.max_stack) {
@@ -473,7 +473,7 @@ fn deregister_command(
         Ok(x) => x,
         Err(code) => return code,
     };
-    if !config::valid_module_name(module) {
+    if !spec::valid_module_name(module) {
         return fail(format!("{module:?} is not a valid module name"), 2);
     }
     match crate::identity::registry::deregister(&state_dir, module) {
@@ -582,7 +582,7 @@ fn logs_command(
     module: &str,
     exits: bool,
 ) -> ExitCode {
-    if !config::valid_module_name(module) {
+    if !spec::valid_module_name(module) {
         return fail(format!("invalid module name {module:?}"), 2);
     }
     let (_, state_dir) = match inspect_context(state_flag.as_deref(), config_flag) {

@@ -62,17 +62,16 @@
 //!                                     # device-ca key, up to a self-signed root
 //! ```
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
 
 use crate::hsm::HsmConfig;
-use crate::identity::{IdentityConfig, ServerNamePolicy};
-use crate::measure::Digest;
+use crate::identity::IdentityConfig;
 use crate::runtime::engine::ModuleCeilings;
-use crate::runtime::{DirGrant, Limits, Outbound};
+use crate::spec::{ModuleSpec, RawModuleSpec};
 use crate::units::{parse_duration, parse_size};
 
 /// Environment variable naming the config file when `--config` is absent.
@@ -81,8 +80,6 @@ pub const CONFIG_ENV: &str = "EDGEWARD_CONFIG";
 pub const DEFAULT_CONFIG: &str = "/etc/edgeward/config.toml";
 /// Default number of module instances that may run at once.
 pub const DEFAULT_MAX_MODULES: u32 = 64;
-/// The largest `max_memory` a module may ask for (4 GiB, a 32-bit memory).
-pub const MAX_MODULE_MEMORY: u64 = 4 << 30;
 
 /// A config file that could not be used. The message names the file and,
 /// where it can, the module and field.
@@ -104,7 +101,7 @@ struct RawConfig {
     #[serde(default)]
     identity: RawIdentity,
     #[serde(default, rename = "module")]
-    modules: Vec<RawModule>,
+    modules: Vec<RawModuleSpec>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -215,60 +212,6 @@ struct RawRuntime {
     module_tables: Option<u32>,
 }
 
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawModule {
-    name: String,
-    file: PathBuf,
-    digest: String,
-    #[serde(default)]
-    args: Vec<String>,
-    #[serde(default)]
-    env: BTreeMap<String, String>,
-    #[serde(default)]
-    dirs: Vec<String>,
-    max_memory: Option<String>,
-    max_instances: Option<u32>,
-    max_memories: Option<u32>,
-    max_handles: Option<u32>,
-    max_tables: Option<u32>,
-    max_table_elements: Option<u32>,
-    max_hostcall_data: Option<String>,
-    max_disk: Option<String>,
-    max_disk_entries: Option<u32>,
-    #[serde(default)]
-    allow_outbound: Vec<String>,
-    #[serde(default)]
-    server_names: Vec<String>,
-    timeout: Option<String>,
-    restart: Option<String>,
-}
-
-/// When a module that ended is started again.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RestartPolicy {
-    /// Never.
-    Never,
-    /// After a failure, trap or deadline; not after success.
-    OnFailure,
-    /// Always.
-    Always,
-}
-
-impl std::str::FromStr for RestartPolicy {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "never" => Ok(Self::Never),
-            "on-failure" => Ok(Self::OnFailure),
-            "always" => Ok(Self::Always),
-            other => Err(format!(
-                "invalid restart policy {other:?}: expected never, on-failure or always"
-            )),
-        }
-    }
-}
-
 /// Runtime-wide settings.
 #[derive(Debug, Clone)]
 pub struct RuntimeSettings {
@@ -283,33 +226,6 @@ pub struct RuntimeSettings {
     pub max_wasm_stack: usize,
     /// What one module may hold at most (the pool's share per module).
     pub ceilings: ModuleCeilings,
-}
-
-/// One module of the deployment, validated.
-#[derive(Debug, Clone)]
-pub struct ModuleSpec {
-    /// Unique name.
-    pub name: String,
-    /// Component file (absolute, or relative to the working directory).
-    pub file: PathBuf,
-    /// Pinned digest.
-    pub digest: Digest,
-    /// argv after argv[0].
-    pub args: Vec<String>,
-    /// Environment.
-    pub env: Vec<(String, String)>,
-    /// Extra preopens.
-    pub dirs: Vec<DirGrant>,
-    /// Resource limits.
-    pub limits: Limits,
-    /// Outbound destinations it may reach (empty: no network).
-    pub allow_outbound: Vec<Outbound>,
-    /// Names it may get server certificates for (empty: none).
-    pub server_names: ServerNamePolicy,
-    /// Wall-clock deadline per start.
-    pub timeout: Option<Duration>,
-    /// Restart policy.
-    pub restart: RestartPolicy,
 }
 
 /// The validated configuration.
@@ -327,83 +243,6 @@ pub struct Config {
     pub identity: IdentityConfig,
     /// The deployment.
     pub modules: Vec<ModuleSpec>,
-}
-
-/// Whether `name` is a valid module name: `[a-z0-9][a-z0-9._-]{0,62}`.
-pub fn valid_module_name(name: &str) -> bool {
-    let b = name.as_bytes();
-    !b.is_empty()
-        && b.len() <= 63
-        && (b[0].is_ascii_lowercase() || b[0].is_ascii_digit())
-        && b.iter().all(|c| {
-            c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, b'.' | b'_' | b'-')
-        })
-}
-
-/// Checks one environment entry's key.
-pub fn valid_env_key(key: &str) -> bool {
-    !key.is_empty() && !key.contains('=') && !key.contains('\0')
-}
-
-/// Checks limits shared by the config and `edgeward run`.
-///
-/// # Errors
-///
-/// `(field, message)` for the first limit out of range.
-pub fn check_limits(l: &Limits) -> Result<(), (&'static str, String)> {
-    if !(64 << 10..=MAX_MODULE_MEMORY).contains(&l.max_memory) {
-        return Err(("max_memory", "must be between 64KiB and 4GiB".into()));
-    }
-    if !(1..=10_000).contains(&l.max_instances) {
-        return Err(("max_instances", "must be 1..=10000".into()));
-    }
-    if !(1..=10_000).contains(&l.max_tables) {
-        return Err(("max_tables", "must be 1..=10000".into()));
-    }
-    if !(1..=64).contains(&l.max_memories) {
-        return Err(("max_memories", "must be 1..=64".into()));
-    }
-    if !(16..=65_536).contains(&l.max_handles) {
-        return Err(("max_handles", "must be 16..=65536".into()));
-    }
-    if !(1..=10_000_000).contains(&l.max_table_elements) {
-        return Err(("max_table_elements", "must be 1..=10000000".into()));
-    }
-    if !(4 << 10..=1 << 30).contains(&l.max_hostcall_data) {
-        return Err(("max_hostcall_data", "must be between 4KiB and 1GiB".into()));
-    }
-    if !(4 << 10..=1 << 40).contains(&l.max_disk) {
-        return Err(("max_disk", "must be between 4KiB and 1TiB".into()));
-    }
-    if !(1..=10_000_000).contains(&l.max_disk_entries) {
-        return Err(("max_disk_entries", "must be 1..=10000000".into()));
-    }
-    Ok(())
-}
-
-fn module_limits(m: &RawModule) -> Result<Limits, (&'static str, String)> {
-    let d = Limits::default();
-    let size = |v: &Option<String>, field: &'static str, default: u64| match v {
-        None => Ok(default),
-        Some(s) => parse_size(s).map_err(|e| (field, e)),
-    };
-    let l = Limits {
-        max_memory: size(&m.max_memory, "max_memory", d.max_memory)?,
-        max_instances: m.max_instances.unwrap_or(d.max_instances),
-        max_memories: m.max_memories.unwrap_or(d.max_memories),
-        max_handles: m.max_handles.unwrap_or(d.max_handles),
-        max_tables: m.max_tables.unwrap_or(d.max_tables),
-        max_table_elements: m.max_table_elements.unwrap_or(d.max_table_elements),
-        max_hostcall_data: size(
-            &m.max_hostcall_data,
-            "max_hostcall_data",
-            d.max_hostcall_data,
-        )?,
-        max_disk: size(&m.max_disk, "max_disk", d.max_disk)?,
-        max_disk_entries: m.max_disk_entries.unwrap_or(d.max_disk_entries),
-    };
-    check_limits(&l)?;
-    Ok(l)
 }
 
 impl Config {
@@ -480,96 +319,13 @@ impl Config {
         let mut names = HashSet::new();
         let mut modules = Vec::with_capacity(raw.modules.len());
         for m in raw.modules {
-            let ctx =
-                |field: &str, msg: String| err(format!("module {:?}: {field}: {msg}", m.name));
-            if !valid_module_name(&m.name) {
-                return Err(err(format!(
-                    "module name {:?} is invalid: use 1-63 of a-z 0-9 . _ - starting with a letter or digit",
-                    m.name
-                )));
+            let spec = m
+                .validate(&resolve, &ceilings)
+                .map_err(|e| err(e.to_string()))?;
+            if !names.insert(spec.name.clone()) {
+                return Err(err(format!("module {:?} is defined twice", spec.name)));
             }
-            if !names.insert(m.name.clone()) {
-                return Err(err(format!("module {:?} is defined twice", m.name)));
-            }
-            let digest: Digest = m
-                .digest
-                .parse()
-                .map_err(|e| ctx("digest", format!("{e}")))?;
-            for k in m.env.keys() {
-                if !valid_env_key(k) {
-                    return Err(ctx("env", format!("invalid variable name {k:?}")));
-                }
-            }
-            let dirs = m
-                .dirs
-                .iter()
-                .map(|d| {
-                    let mut g: DirGrant = d.parse().map_err(|e| ctx("dirs", e))?;
-                    g.host = resolve(&g.host);
-                    Ok(g)
-                })
-                .collect::<Result<Vec<_>, ConfigError>>()?;
-            let limits = module_limits(&m).map_err(|(field, msg)| ctx(field, msg))?;
-            for (field, asked, ceiling, setting) in [
-                (
-                    "max_instances",
-                    limits.max_instances,
-                    ceilings.core_instances,
-                    "module_instances",
-                ),
-                (
-                    "max_memories",
-                    limits.max_memories,
-                    ceilings.memories,
-                    "module_memories",
-                ),
-                (
-                    "max_tables",
-                    limits.max_tables,
-                    ceilings.tables,
-                    "module_tables",
-                ),
-            ] {
-                if asked > ceiling {
-                    return Err(ctx(
-                        field,
-                        format!(
-                            "{asked} is over the per-module ceiling runtime.{setting} = {ceiling}; raise that"
-                        ),
-                    ));
-                }
-            }
-            let allow_outbound = m
-                .allow_outbound
-                .iter()
-                .map(|o| o.parse::<Outbound>().map_err(|e| ctx("allow_outbound", e)))
-                .collect::<Result<Vec<_>, _>>()?;
-            let server_names =
-                ServerNamePolicy::parse(&m.server_names).map_err(|e| ctx("server_names", e))?;
-            let timeout = match &m.timeout {
-                None => None,
-                Some(s) => Some(parse_duration(s).map_err(|e| ctx("timeout", e))?),
-            };
-            if timeout == Some(Duration::ZERO) {
-                return Err(ctx("timeout", "must be greater than zero".into()));
-            }
-            let restart = match &m.restart {
-                None => RestartPolicy::OnFailure,
-                Some(s) => s.parse().map_err(|e| ctx("restart", e))?,
-            };
-            modules.push(ModuleSpec {
-                file: resolve(&m.file),
-                name: m.name,
-                digest,
-                args: m.args,
-                env: m.env.into_iter().collect(),
-                dirs,
-                limits,
-                allow_outbound,
-                server_names,
-                timeout,
-                restart,
-            });
+            modules.push(spec);
         }
         if modules.len() > max_modules as usize {
             return Err(err(format!(
@@ -597,6 +353,7 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::spec::RestartPolicy;
 
     const D: &str = "sha256:ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad";
 
@@ -812,16 +569,5 @@ mod tests {
                 pin_file: "/etc/edgeward/pin".into(),
             })
         );
-    }
-
-    #[test]
-    fn module_names() {
-        assert!(valid_module_name("temperature-sensor"));
-        assert!(valid_module_name("a.b_c-1"));
-        assert!(!valid_module_name(""));
-        assert!(!valid_module_name("-a"));
-        assert!(!valid_module_name("A"));
-        assert!(!valid_module_name("a/b"));
-        assert!(!valid_module_name(&"a".repeat(64)));
     }
 }

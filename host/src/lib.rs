@@ -15,6 +15,7 @@ pub mod hsm;
 pub mod identity;
 pub mod measure;
 pub mod runtime;
+pub mod spec;
 pub mod state;
 pub mod units;
 

@@ -11,10 +11,11 @@ use anyhow::Context as _;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
-use crate::config::{Config, ModuleSpec, RestartPolicy};
+use crate::config::Config;
 use crate::runtime::{
     DirGrant, EngineOptions, Exit, LoadedModule, Output, Runtime, RuntimeOptions, SandboxSpec,
 };
+use crate::spec::{ModuleSpec, RestartPolicy};
 use crate::state;
 use records::{ExitRecord, ModuleRecords, ModuleState};
 

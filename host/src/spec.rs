@@ -1,0 +1,321 @@
+//! A module's specification, checked in one place: the config file's
+//! `[[module]]` tables go through [`RawModuleSpec::validate`] into the
+//! [`ModuleSpec`] the daemon runs. Names, environment keys and limits are
+//! checked here for `edgeward run` too.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::identity::ServerNamePolicy;
+use crate::measure::Digest;
+use crate::runtime::engine::ModuleCeilings;
+use crate::runtime::{DirGrant, Limits, Outbound};
+use crate::units::{parse_duration, parse_size};
+
+/// The largest `max_memory` a module may ask for (4 GiB, a 32-bit memory).
+pub const MAX_MODULE_MEMORY: u64 = 4 << 30;
+
+/// A module spec as an operator writes it: a `[[module]]` table of the
+/// config file (and, as JSON, what the management API will take). Checked
+/// once, by [`RawModuleSpec::validate`], into a [`ModuleSpec`].
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawModuleSpec {
+    pub name: String,
+    pub file: PathBuf,
+    pub digest: String,
+    #[serde(default)]
+    pub args: Vec<String>,
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    #[serde(default)]
+    pub dirs: Vec<String>,
+    pub max_memory: Option<String>,
+    pub max_instances: Option<u32>,
+    pub max_memories: Option<u32>,
+    pub max_handles: Option<u32>,
+    pub max_tables: Option<u32>,
+    pub max_table_elements: Option<u32>,
+    pub max_hostcall_data: Option<String>,
+    pub max_disk: Option<String>,
+    pub max_disk_entries: Option<u32>,
+    #[serde(default)]
+    pub allow_outbound: Vec<String>,
+    #[serde(default)]
+    pub server_names: Vec<String>,
+    pub timeout: Option<String>,
+    pub restart: Option<String>,
+}
+
+/// When a module that ended is started again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RestartPolicy {
+    /// Never.
+    Never,
+    /// After a failure, trap or deadline; not after success.
+    OnFailure,
+    /// Always.
+    Always,
+}
+
+impl std::str::FromStr for RestartPolicy {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "never" => Ok(Self::Never),
+            "on-failure" => Ok(Self::OnFailure),
+            "always" => Ok(Self::Always),
+            other => Err(format!(
+                "invalid restart policy {other:?}: expected never, on-failure or always"
+            )),
+        }
+    }
+}
+
+/// One module of the deployment, validated.
+#[derive(Debug, Clone)]
+pub struct ModuleSpec {
+    /// Unique name.
+    pub name: String,
+    /// Component file (absolute, or relative to the working directory).
+    pub file: PathBuf,
+    /// Pinned digest.
+    pub digest: Digest,
+    /// argv after argv[0].
+    pub args: Vec<String>,
+    /// Environment.
+    pub env: Vec<(String, String)>,
+    /// Extra preopens.
+    pub dirs: Vec<DirGrant>,
+    /// Resource limits.
+    pub limits: Limits,
+    /// Outbound destinations it may reach (empty: no network).
+    pub allow_outbound: Vec<Outbound>,
+    /// Names it may get server certificates for (empty: none).
+    pub server_names: ServerNamePolicy,
+    /// Wall-clock deadline per start.
+    pub timeout: Option<Duration>,
+    /// Restart policy.
+    pub restart: RestartPolicy,
+}
+
+/// A module spec that cannot be used: which module, which field, what is
+/// wrong.
+#[derive(Debug, thiserror::Error)]
+pub enum SpecError {
+    /// The name itself.
+    #[error(
+        "module name {0:?} is invalid: use 1-63 of a-z 0-9 . _ - starting with a letter or digit"
+    )]
+    Name(String),
+    /// One field.
+    #[error("module {module:?}: {field}: {message}")]
+    Field {
+        /// The module's name.
+        module: String,
+        /// The field, as written in the config.
+        field: &'static str,
+        /// What is wrong with it.
+        message: String,
+    },
+}
+
+impl RawModuleSpec {
+    /// Checks every field; relative paths (the component file, granted
+    /// directories) resolve through `resolve`, and the limits must fit
+    /// `ceilings` (the engine's per-module share).
+    ///
+    /// # Errors
+    ///
+    /// [`SpecError`] naming the first field that is wrong.
+    pub fn validate(
+        self,
+        resolve: &dyn Fn(&Path) -> PathBuf,
+        ceilings: &ModuleCeilings,
+    ) -> Result<ModuleSpec, SpecError> {
+        let m = self;
+        let ctx = |field: &'static str, message: String| SpecError::Field {
+            module: m.name.clone(),
+            field,
+            message,
+        };
+        if !valid_module_name(&m.name) {
+            return Err(SpecError::Name(m.name));
+        }
+        let digest: Digest = m
+            .digest
+            .parse()
+            .map_err(|e| ctx("digest", format!("{e}")))?;
+        for k in m.env.keys() {
+            if !valid_env_key(k) {
+                return Err(ctx("env", format!("invalid variable name {k:?}")));
+            }
+        }
+        let dirs = m
+            .dirs
+            .iter()
+            .map(|d| {
+                let mut g: DirGrant = d.parse().map_err(|e| ctx("dirs", e))?;
+                g.host = resolve(&g.host);
+                Ok(g)
+            })
+            .collect::<Result<Vec<_>, SpecError>>()?;
+        let limits = module_limits(&m).map_err(|(field, msg)| ctx(field, msg))?;
+        for (field, asked, ceiling, setting) in [
+            (
+                "max_instances",
+                limits.max_instances,
+                ceilings.core_instances,
+                "module_instances",
+            ),
+            (
+                "max_memories",
+                limits.max_memories,
+                ceilings.memories,
+                "module_memories",
+            ),
+            (
+                "max_tables",
+                limits.max_tables,
+                ceilings.tables,
+                "module_tables",
+            ),
+        ] {
+            if asked > ceiling {
+                return Err(ctx(
+                    field,
+                    format!(
+                        "{asked} is over the per-module ceiling runtime.{setting} = {ceiling}; raise that"
+                    ),
+                ));
+            }
+        }
+        let allow_outbound = m
+            .allow_outbound
+            .iter()
+            .map(|o| o.parse::<Outbound>().map_err(|e| ctx("allow_outbound", e)))
+            .collect::<Result<Vec<_>, _>>()?;
+        let server_names =
+            ServerNamePolicy::parse(&m.server_names).map_err(|e| ctx("server_names", e))?;
+        let timeout = match &m.timeout {
+            None => None,
+            Some(s) => Some(parse_duration(s).map_err(|e| ctx("timeout", e))?),
+        };
+        if timeout == Some(Duration::ZERO) {
+            return Err(ctx("timeout", "must be greater than zero".into()));
+        }
+        let restart = match &m.restart {
+            None => RestartPolicy::OnFailure,
+            Some(s) => s.parse().map_err(|e| ctx("restart", e))?,
+        };
+        Ok(ModuleSpec {
+            file: resolve(&m.file),
+            name: m.name,
+            digest,
+            args: m.args,
+            env: m.env.into_iter().collect(),
+            dirs,
+            limits,
+            allow_outbound,
+            server_names,
+            timeout,
+            restart,
+        })
+    }
+}
+
+/// Whether `name` is a valid module name: `[a-z0-9][a-z0-9._-]{0,62}`.
+pub fn valid_module_name(name: &str) -> bool {
+    let b = name.as_bytes();
+    !b.is_empty()
+        && b.len() <= 63
+        && (b[0].is_ascii_lowercase() || b[0].is_ascii_digit())
+        && b.iter().all(|c| {
+            c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, b'.' | b'_' | b'-')
+        })
+}
+
+/// Checks one environment entry's key.
+pub fn valid_env_key(key: &str) -> bool {
+    !key.is_empty() && !key.contains('=') && !key.contains('\0')
+}
+
+/// Checks limits shared by the config and `edgeward run`.
+///
+/// # Errors
+///
+/// `(field, message)` for the first limit out of range.
+pub fn check_limits(l: &Limits) -> Result<(), (&'static str, String)> {
+    if !(64 << 10..=MAX_MODULE_MEMORY).contains(&l.max_memory) {
+        return Err(("max_memory", "must be between 64KiB and 4GiB".into()));
+    }
+    if !(1..=10_000).contains(&l.max_instances) {
+        return Err(("max_instances", "must be 1..=10000".into()));
+    }
+    if !(1..=10_000).contains(&l.max_tables) {
+        return Err(("max_tables", "must be 1..=10000".into()));
+    }
+    if !(1..=64).contains(&l.max_memories) {
+        return Err(("max_memories", "must be 1..=64".into()));
+    }
+    if !(16..=65_536).contains(&l.max_handles) {
+        return Err(("max_handles", "must be 16..=65536".into()));
+    }
+    if !(1..=10_000_000).contains(&l.max_table_elements) {
+        return Err(("max_table_elements", "must be 1..=10000000".into()));
+    }
+    if !(4 << 10..=1 << 30).contains(&l.max_hostcall_data) {
+        return Err(("max_hostcall_data", "must be between 4KiB and 1GiB".into()));
+    }
+    if !(4 << 10..=1 << 40).contains(&l.max_disk) {
+        return Err(("max_disk", "must be between 4KiB and 1TiB".into()));
+    }
+    if !(1..=10_000_000).contains(&l.max_disk_entries) {
+        return Err(("max_disk_entries", "must be 1..=10000000".into()));
+    }
+    Ok(())
+}
+
+fn module_limits(m: &RawModuleSpec) -> Result<Limits, (&'static str, String)> {
+    let d = Limits::default();
+    let size = |v: &Option<String>, field: &'static str, default: u64| match v {
+        None => Ok(default),
+        Some(s) => parse_size(s).map_err(|e| (field, e)),
+    };
+    let l = Limits {
+        max_memory: size(&m.max_memory, "max_memory", d.max_memory)?,
+        max_instances: m.max_instances.unwrap_or(d.max_instances),
+        max_memories: m.max_memories.unwrap_or(d.max_memories),
+        max_handles: m.max_handles.unwrap_or(d.max_handles),
+        max_tables: m.max_tables.unwrap_or(d.max_tables),
+        max_table_elements: m.max_table_elements.unwrap_or(d.max_table_elements),
+        max_hostcall_data: size(
+            &m.max_hostcall_data,
+            "max_hostcall_data",
+            d.max_hostcall_data,
+        )?,
+        max_disk: size(&m.max_disk, "max_disk", d.max_disk)?,
+        max_disk_entries: m.max_disk_entries.unwrap_or(d.max_disk_entries),
+    };
+    check_limits(&l)?;
+    Ok(l)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn module_names() {
+        assert!(valid_module_name("temperature-sensor"));
+        assert!(valid_module_name("a.b_c-1"));
+        assert!(!valid_module_name(""));
+        assert!(!valid_module_name("-a"));
+        assert!(!valid_module_name("A"));
+        assert!(!valid_module_name("a/b"));
+        assert!(!valid_module_name(&"a".repeat(64)));
+    }
+}
