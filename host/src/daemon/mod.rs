@@ -2,22 +2,20 @@
 //! deployment until SIGINT/SIGTERM, then stop them.
 
 pub mod records;
+pub mod supervisor;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::Context as _;
 use tokio::sync::watch;
-use tokio::task::JoinSet;
 
 use crate::config::Config;
-use crate::runtime::{
-    DirGrant, EngineOptions, Exit, LoadedModule, Output, Runtime, RuntimeOptions, SandboxSpec,
-};
-use crate::spec::{ModuleSpec, RestartPolicy};
+use crate::runtime::{EngineOptions, Exit, Runtime, RuntimeOptions};
+use crate::spec::RestartPolicy;
 use crate::state;
-use records::{ExitRecord, ModuleRecords, ModuleState};
+pub use supervisor::Supervisor;
 
 /// The guest path of every module's own data directory.
 pub const DATA_DIR_GUEST: &str = "/data";
@@ -69,22 +67,6 @@ impl Backoff {
     pub fn reset(&mut self) {
         self.next = BACKOFF_INITIAL;
     }
-}
-
-fn sandbox_for(spec: &ModuleSpec, data_dir: &Path, output: Output) -> SandboxSpec {
-    let mut s = SandboxSpec::new(spec.name.clone());
-    s.args.extend(spec.args.iter().cloned());
-    s.env = spec.env.clone();
-    s.dirs.push(DirGrant {
-        host: data_dir.to_owned(),
-        guest: DATA_DIR_GUEST.to_owned(),
-        budgeted: true,
-    });
-    s.dirs.extend(spec.dirs.iter().cloned());
-    s.limits = spec.limits;
-    s.allow_outbound = spec.allow_outbound.clone();
-    s.output = output;
-    s
 }
 
 /// Raises the soft open-file limit to the hard limit: every module holds a
@@ -144,93 +126,38 @@ pub async fn run(config: Config, state_dir: PathBuf) -> anyhow::Result<()> {
     // Signals are honoured from here on, compiling or not.
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("cannot install the SIGTERM handler")?;
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let mut tasks = Tasks::default();
-    let startup = start_modules(&config, &state_dir, &rt, &mut tasks, &stop_rx);
-    let why = tokio::select! {
-        r = startup => {
-            r?;
-            tokio::select! {
-                why = stop_requested(&mut sigterm) => why?,
-                () = tasks.watch() => unreachable!("watch never returns"),
-            }
+    let identity = tokio::select! {
+        r = open_identity(&config, &state_dir) => r?,
+        why = stop_requested(&mut sigterm) => {
+            tracing::info!("{}: stopping during start-up", why?);
+            return Ok(());
         }
+    };
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let maintain = tokio::spawn(identity.clone().maintain(true, stop_rx));
+    let mut supervisor =
+        Supervisor::new(rt.clone(), identity, &state_dir, config.runtime.echo_output);
+    let stopped_early = tokio::select! {
+        () = start_deployment(&config, &mut supervisor) => None,
         why = stop_requested(&mut sigterm) => {
             tracing::info!("stopping during start-up");
-            why?
+            Some(why?)
         }
+    };
+    let why = match stopped_early {
+        Some(why) => why,
+        None => tokio::select! {
+            why = stop_requested(&mut sigterm) => why?,
+            () = supervisor.watch() => unreachable!("watch never returns"),
+        },
     };
     tracing::info!("{why}: stopping");
     let _ = stop_tx.send(true);
-    let drained = tokio::time::timeout(STOP_DEADLINE, tasks.drain()).await;
-    if drained.is_err() {
-        tracing::warn!("modules did not stop within {STOP_DEADLINE:?}; aborting them");
-        tasks.set.shutdown().await;
-    }
+    supervisor.stop_all().await;
+    let _ = tokio::time::timeout(STOP_DEADLINE, maintain).await;
     records::flush();
     tracing::info!("edgeward daemon stopped");
     Ok(())
-}
-
-/// The daemon's tasks. Each module's supervisor is tied to its records, so
-/// one that panics is recorded as failed rather than left "running".
-#[derive(Default)]
-struct Tasks {
-    set: JoinSet<()>,
-    owners: std::collections::HashMap<tokio::task::Id, ModuleRecords>,
-}
-
-impl Tasks {
-    fn spawn(&mut self, f: impl std::future::Future<Output = ()> + Send + 'static) {
-        self.set.spawn(f);
-    }
-
-    fn spawn_module(
-        &mut self,
-        records: ModuleRecords,
-        f: impl std::future::Future<Output = ()> + Send + 'static,
-    ) {
-        let handle = self.set.spawn(f);
-        self.owners.insert(handle.id(), records);
-    }
-
-    fn ended(&mut self, r: Result<(tokio::task::Id, ()), tokio::task::JoinError>) {
-        let (id, failure) = match r {
-            Ok((id, ())) => (id, None),
-            Err(e) => {
-                let id = e.id();
-                let why = if e.is_panic() {
-                    let payload = e.into_panic();
-                    let msg = payload
-                        .downcast_ref::<&str>()
-                        .map(|s| (*s).to_owned())
-                        .or_else(|| payload.downcast_ref::<String>().cloned())
-                        .unwrap_or_else(|| "a panic".to_owned());
-                    format!("its supervisor panicked: {msg}")
-                } else {
-                    "its supervisor was cancelled".to_owned()
-                };
-                (id, Some(why))
-            }
-        };
-        if let (Some(records), Some(why)) = (self.owners.remove(&id), failure) {
-            tracing::error!(module = %records.name(), "{why}");
-            records.mark_failed(why);
-        }
-    }
-
-    /// Records tasks as they end; returns only when there are none left.
-    async fn drain(&mut self) {
-        while let Some(r) = self.set.join_next_with_id().await {
-            self.ended(r);
-        }
-    }
-
-    /// Records tasks as they end, forever.
-    async fn watch(&mut self) {
-        self.drain().await;
-        std::future::pending::<()>().await;
-    }
 }
 
 /// Waits for SIGINT or SIGTERM; says which.
@@ -241,210 +168,51 @@ async fn stop_requested(sigterm: &mut tokio::signal::unix::Signal) -> anyhow::Re
     }
 }
 
-/// Sets up the workload identity, then measures, loads and starts every
-/// module of `config` into `tasks`. Compilation runs on the blocking pool,
-/// so a signal stops the daemon while it compiles.
-async fn start_modules(
+/// Opens the HSM and the workload identity service (on the blocking pool).
+async fn open_identity(
     config: &Config,
     state_dir: &Path,
-    rt: &Arc<Runtime>,
-    tasks: &mut Tasks,
-    stop_rx: &watch::Receiver<bool>,
-) -> anyhow::Result<()> {
-    let state_dir = state_dir.to_owned();
-    let identity = {
-        let (hsm_config, identity_config, dir) = (
-            config.hsm.clone(),
-            config.identity.clone(),
-            state_dir.clone(),
-        );
-        tokio::task::spawn_blocking(move || {
-            let hsm = crate::hsm::open(&hsm_config, &dir)?;
-            crate::identity::IdentityService::open(hsm, identity_config, &dir)
-                .map_err(anyhow::Error::from)
-        })
-        .await
-        .context("identity set-up task failed")?
-        .context("cannot set up workload identity")?
-    };
+) -> anyhow::Result<Arc<crate::identity::IdentityService>> {
+    let (hsm_config, identity_config, dir) = (
+        config.hsm.clone(),
+        config.identity.clone(),
+        state_dir.to_owned(),
+    );
+    let identity = tokio::task::spawn_blocking(move || {
+        let hsm = crate::hsm::open(&hsm_config, &dir)?;
+        crate::identity::IdentityService::open(hsm, identity_config, &dir)
+            .map_err(anyhow::Error::from)
+    })
+    .await
+    .context("identity set-up task failed")?
+    .context("cannot set up workload identity")?;
     tracing::info!(
         trust_domain = %identity.config().trust_domain,
         device_id = %identity.config().device_id,
         "workload identity ready"
     );
+    Ok(identity)
+}
+
+/// Starts every module of `config`, in order. One that is refused is
+/// recorded and logged; the others run.
+async fn start_deployment(config: &Config, supervisor: &mut Supervisor) {
     let configured: std::collections::HashSet<&str> =
         config.modules.iter().map(|m| m.name.as_str()).collect();
-    for name in crate::identity::registry::registered(&state_dir) {
+    for name in crate::identity::registry::registered(supervisor.state_dir()) {
         if !configured.contains(name.as_str()) {
             tracing::info!(module = %name, "registered module is not configured; its registration is kept (`edgeward deregister {name}` deletes it)");
         }
     }
-    tasks.spawn(identity.clone().maintain(true, stop_rx.clone()));
     for spec in config.modules.iter().cloned() {
-        let data_dir = records::module_dir(&state_dir, &spec.name).join("data");
-        let records = match ModuleRecords::open(&state_dir, &spec.name) {
-            Ok(r) => r,
-            Err(e) => {
-                tracing::error!(module = %spec.name, error = %e, "module refused: cannot create its state");
-                continue;
-            }
-        };
-        let loaded = match state::ensure_private_dir(&data_dir) {
-            Err(e) => Err(anyhow::Error::from(e)),
-            Ok(()) => {
-                let (rt2, file, digest) = (rt.clone(), spec.file.clone(), spec.digest);
-                tokio::task::spawn_blocking(move || rt2.load_file(&file, Some(&digest)))
-                    .await
-                    .unwrap_or_else(|e| Err(anyhow::anyhow!("compile task failed: {e}")))
-            }
-        };
-        let loaded = match loaded {
-            Ok(module) => {
-                let (svc, name, digest, names) = (
-                    identity.clone(),
-                    spec.name.clone(),
-                    module.digest.to_string(),
-                    spec.server_names.clone(),
-                );
-                match tokio::task::spawn_blocking(move || svc.register(&name, &digest, &names))
-                    .await
-                {
-                    Ok(Ok(id)) => Ok((module, id)),
-                    Ok(Err(e)) => {
-                        Err(anyhow::Error::from(e).context("cannot register its identity"))
-                    }
-                    Err(e) => Err(anyhow::anyhow!("registration task failed: {e}")),
-                }
-            }
-            Err(e) => Err(e),
-        };
-        match loaded {
-            Ok((module, module_identity)) => {
-                tracing::info!(module = %spec.name, digest = %module.digest, code = ?module.source, "module measured and loaded");
-                let output = Output::Module {
-                    prefix: Arc::from(spec.name.as_str()),
-                    echo: config.runtime.echo_output,
-                    log: records.output(),
-                };
-                let mut sandbox = sandbox_for(&spec, &data_dir, output);
-                sandbox.identity = Some(crate::identity::IdentityHandle::ready(module_identity));
-                tasks.spawn_module(
-                    records.clone(),
-                    supervise(rt.clone(), spec, module, sandbox, records, stop_rx.clone()),
-                );
-            }
-            Err(e) => {
-                let reason = format!("{e:#}");
-                tracing::error!(module = %spec.name, error = reason, "module refused");
-                records.set_status(ModuleState::Refused, 0, None, Some(reason), None);
-            }
-        }
-    }
-
-    Ok(())
-}
-
-async fn supervise(
-    rt: Arc<Runtime>,
-    spec: ModuleSpec,
-    module: LoadedModule,
-    sandbox: SandboxSpec,
-    records: ModuleRecords,
-    mut stop: watch::Receiver<bool>,
-) {
-    let name = spec.name.as_str();
-    let digest = Some(module.digest.to_string());
-    let mut backoff = Backoff::default();
-    let mut unstable = 0u32;
-    let mut starts = 0u64;
-    let mut last_exit: Option<ExitRecord> = None;
-    loop {
-        starts += 1;
-        let started = Instant::now();
-        tracing::debug!(module = name, start = starts, "starting");
-        records.set_status(
-            ModuleState::Running,
-            starts,
-            digest.clone(),
-            None,
-            last_exit.clone(),
-        );
-        let exit = tokio::select! {
-            exit = rt.start(&module, &sandbox, spec.timeout) => exit,
-            _ = stop.wait_for(|s| *s) => {
-                tracing::info!(module = name, "stopped");
-                records.set_status(ModuleState::Stopped, starts, digest, None, last_exit);
-                return;
-            }
-        };
-        let ran = started.elapsed();
-        let record = ExitRecord::new(starts, ran, &exit);
-        records.record_exit(&record);
-        last_exit = Some(record);
-        // Trap messages and backtraces carry guest-chosen names.
-        let said = exit.to_string();
-        let said = crate::runtime::escape::escape_str(&said);
-        if exit.is_success() {
-            tracing::info!(module = name, ran = ?ran, "{said}");
-        } else {
-            tracing::warn!(module = name, ran = ?ran, "{said}");
-        }
-        if !should_restart(spec.restart, &exit) {
-            tracing::info!(module = name, policy = ?spec.restart, "not restarting");
-            records.set_status(ModuleState::Exited, starts, digest, None, last_exit);
-            return;
-        }
-        if ran >= STABLE_AFTER {
-            backoff.reset();
-            unstable = 0;
-        } else {
-            unstable = unstable.saturating_add(1);
-            if unstable == CRASH_LOOP_AFTER {
-                tracing::error!(
-                    module = name,
-                    restarts = unstable,
-                    "crash-looping: backing off up to {BACKOFF_MAX:?} between starts"
-                );
-            }
-        }
-        let state = if unstable >= CRASH_LOOP_AFTER {
-            ModuleState::CrashLooping
-        } else {
-            ModuleState::BackingOff
-        };
-        records.set_status(state, starts, digest.clone(), None, last_exit.clone());
-        let delay = backoff.next_delay();
-        tokio::select! {
-            () = tokio::time::sleep(delay) => {}
-            _ = stop.wait_for(|s| *s) => {
-                tracing::info!(module = name, "stopped");
-                records.set_status(ModuleState::Stopped, starts, digest, None, last_exit);
-                return;
-            }
-        }
+        // A refusal is recorded and logged by the supervisor.
+        let _ = supervisor.start(spec).await;
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// A supervisor that panics leaves its module failed, with the reason,
-    /// not "running".
-    #[tokio::test]
-    async fn a_panicking_supervisor_is_recorded_as_failed() {
-        let dir = tempfile::tempdir().unwrap();
-        let records = ModuleRecords::open(dir.path(), "m").unwrap();
-        records.set_status(ModuleState::Running, 3, Some("sha256:x".into()), None, None);
-        let mut tasks = Tasks::default();
-        tasks.spawn_module(records, async { panic!("supervision bug") });
-        tasks.drain().await;
-        records::flush();
-        let s = records::read_statuses(dir.path()).pop().unwrap().unwrap();
-        assert_eq!(s.state, ModuleState::Failed);
-        assert!(s.reason.unwrap().contains("supervision bug"));
-        assert_eq!((s.starts, s.digest.as_deref()), (3, Some("sha256:x")));
-    }
 
     #[test]
     fn backoff_doubles_and_caps() {

@@ -1,0 +1,383 @@
+//! The supervisor: owns the table name → running module and applies one
+//! change at a time (start, stop, restart, remove) without touching the
+//! modules it does not name. Each module runs in a task of its own
+//! ([`supervise`]: start, exit, restart policy, backoff) with a stop signal
+//! of its own.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+
+use super::records::{self, ExitRecord, ModuleRecords, ModuleState};
+use super::{
+    BACKOFF_MAX, Backoff, CRASH_LOOP_AFTER, DATA_DIR_GUEST, STABLE_AFTER, STOP_DEADLINE,
+    should_restart,
+};
+use crate::identity::IdentityService;
+use crate::runtime::{DirGrant, LoadedModule, Output, Runtime, SandboxSpec};
+use crate::spec::ModuleSpec;
+use crate::state;
+
+/// A module the supervisor started, until it is stopped or removed.
+#[derive(Debug)]
+struct Running {
+    spec: ModuleSpec,
+    /// Turns true to stop it.
+    stop: watch::Sender<bool>,
+    /// Closes when its task ends (returns or panics).
+    ended: watch::Receiver<()>,
+}
+
+/// Runs the modules of one daemon. See the module docs.
+#[derive(Debug)]
+pub struct Supervisor {
+    rt: Arc<Runtime>,
+    identity: Arc<IdentityService>,
+    state_dir: PathBuf,
+    echo: bool,
+    running: HashMap<String, Running>,
+    tasks: Tasks,
+}
+
+impl Supervisor {
+    /// A supervisor with nothing running. `echo`: module output is echoed
+    /// on the daemon's stdout/stderr as well as logged.
+    pub fn new(
+        rt: Arc<Runtime>,
+        identity: Arc<IdentityService>,
+        state_dir: &Path,
+        echo: bool,
+    ) -> Self {
+        Self {
+            rt,
+            identity,
+            state_dir: state_dir.to_owned(),
+            echo,
+            running: HashMap::new(),
+            tasks: Tasks::default(),
+        }
+    }
+
+    /// The state directory.
+    pub fn state_dir(&self) -> &Path {
+        &self.state_dir
+    }
+
+    /// Names of the modules it runs (started and not stopped), sorted.
+    pub fn names(&self) -> Vec<String> {
+        let mut v: Vec<String> = self.running.keys().cloned().collect();
+        v.sort();
+        v
+    }
+
+    /// The spec a running module was started with.
+    pub fn spec(&self, name: &str) -> Option<&ModuleSpec> {
+        self.running.get(name).map(|r| &r.spec)
+    }
+
+    /// Measures, loads (compiling on the blocking pool), registers and
+    /// starts `spec`. A module that is refused is recorded as refused, with
+    /// the reason, which is also returned.
+    ///
+    /// # Errors
+    ///
+    /// A module of that name already runs, or it was refused.
+    pub async fn start(&mut self, spec: ModuleSpec) -> anyhow::Result<()> {
+        if self.running.contains_key(&spec.name) {
+            anyhow::bail!("module {:?} is already running", spec.name);
+        }
+        let records = ModuleRecords::open(&self.state_dir, &spec.name).map_err(|e| {
+            tracing::error!(module = %spec.name, error = %e, "module refused: cannot create its state");
+            anyhow::anyhow!("cannot create its state: {e}")
+        })?;
+        let data_dir = records::module_dir(&self.state_dir, &spec.name).join("data");
+        let (module, identity) = match self.load(&spec, &data_dir).await {
+            Ok(loaded) => loaded,
+            Err(e) => {
+                let reason = format!("{e:#}");
+                tracing::error!(module = %spec.name, error = reason, "module refused");
+                records.set_status(ModuleState::Refused, 0, None, Some(reason), None);
+                return Err(e);
+            }
+        };
+        tracing::info!(module = %spec.name, digest = %module.digest, code = ?module.source, "module measured and loaded");
+        let output = Output::Module {
+            prefix: Arc::from(spec.name.as_str()),
+            echo: self.echo,
+            log: records.output(),
+        };
+        let mut sandbox = sandbox_for(&spec, &data_dir, output);
+        sandbox.identity = Some(crate::identity::IdentityHandle::ready(identity));
+        let (stop, stop_rx) = watch::channel(false);
+        let (ended_tx, ended) = watch::channel(());
+        let task = supervise(
+            self.rt.clone(),
+            spec.clone(),
+            module,
+            sandbox,
+            records.clone(),
+            stop_rx,
+        );
+        self.tasks.spawn_module(records, async move {
+            let _ended = ended_tx;
+            task.await;
+        });
+        self.running
+            .insert(spec.name.clone(), Running { spec, stop, ended });
+        Ok(())
+    }
+
+    /// Measures and compiles `spec`'s component, then registers its
+    /// identity.
+    async fn load(
+        &self,
+        spec: &ModuleSpec,
+        data_dir: &Path,
+    ) -> anyhow::Result<(LoadedModule, Arc<crate::identity::ModuleIdentity>)> {
+        state::ensure_private_dir(data_dir)?;
+        let (rt, file, digest) = (self.rt.clone(), spec.file.clone(), spec.digest);
+        let module = tokio::task::spawn_blocking(move || rt.load_file(&file, Some(&digest)))
+            .await
+            .map_err(|e| anyhow::anyhow!("compile task failed: {e}"))??;
+        let (svc, name, digest, names) = (
+            self.identity.clone(),
+            spec.name.clone(),
+            module.digest.to_string(),
+            spec.server_names.clone(),
+        );
+        let identity =
+            match tokio::task::spawn_blocking(move || svc.register(&name, &digest, &names)).await {
+                Ok(Ok(id)) => id,
+                Ok(Err(e)) => {
+                    return Err(anyhow::Error::from(e).context("cannot register its identity"));
+                }
+                Err(e) => anyhow::bail!("registration task failed: {e}"),
+            };
+        Ok((module, identity))
+    }
+
+    /// Stops module `name` and waits (up to [`STOP_DEADLINE`]) for its task
+    /// to end; its status reads stopped. Returns whether it was running.
+    pub async fn stop(&mut self, name: &str) -> bool {
+        let Some(mut r) = self.running.remove(name) else {
+            return false;
+        };
+        let _ = r.stop.send(true);
+        // Record tasks as they end while waiting for this one.
+        let wait = async {
+            tokio::select! {
+                _ = r.ended.changed() => {}
+                () = self.tasks.watch() => {}
+            }
+        };
+        if tokio::time::timeout(STOP_DEADLINE, wait).await.is_err() {
+            tracing::warn!(module = name, "did not stop within {STOP_DEADLINE:?}");
+        }
+        true
+    }
+
+    /// Stops every module, waiting up to [`STOP_DEADLINE`] in all; aborts
+    /// what is left after that.
+    pub async fn stop_all(&mut self) {
+        for r in self.running.values() {
+            let _ = r.stop.send(true);
+        }
+        self.running.clear();
+        let drained = tokio::time::timeout(STOP_DEADLINE, self.tasks.drain()).await;
+        if drained.is_err() {
+            tracing::warn!("modules did not stop within {STOP_DEADLINE:?}; aborting them");
+            self.tasks.set.shutdown().await;
+        }
+    }
+
+    /// Records module tasks as they end, forever (a supervisor that panics
+    /// leaves its module failed). Cancel-safe: call it in a `select!`.
+    pub async fn watch(&mut self) {
+        self.tasks.watch().await;
+    }
+}
+
+/// The sandbox a module of the deployment runs in: its spec's grants, plus
+/// its own data directory as `/data`, held to its disk budget.
+fn sandbox_for(spec: &ModuleSpec, data_dir: &Path, output: Output) -> SandboxSpec {
+    let mut s = SandboxSpec::new(spec.name.clone());
+    s.args.extend(spec.args.iter().cloned());
+    s.env = spec.env.clone();
+    s.dirs.push(DirGrant {
+        host: data_dir.to_owned(),
+        guest: DATA_DIR_GUEST.to_owned(),
+        budgeted: true,
+    });
+    s.dirs.extend(spec.dirs.iter().cloned());
+    s.limits = spec.limits;
+    s.allow_outbound = spec.allow_outbound.clone();
+    s.output = output;
+    s
+}
+
+/// The module tasks. Each one is tied to its records, so one that panics
+/// is recorded as failed rather than left "running".
+#[derive(Default, Debug)]
+pub(crate) struct Tasks {
+    set: JoinSet<()>,
+    owners: HashMap<tokio::task::Id, ModuleRecords>,
+}
+
+impl Tasks {
+    pub(crate) fn spawn_module(
+        &mut self,
+        records: ModuleRecords,
+        f: impl std::future::Future<Output = ()> + Send + 'static,
+    ) {
+        let handle = self.set.spawn(f);
+        self.owners.insert(handle.id(), records);
+    }
+
+    fn ended(&mut self, r: Result<(tokio::task::Id, ()), tokio::task::JoinError>) {
+        let (id, failure) = match r {
+            Ok((id, ())) => (id, None),
+            Err(e) => {
+                let id = e.id();
+                let why = if e.is_panic() {
+                    let payload = e.into_panic();
+                    let msg = payload
+                        .downcast_ref::<&str>()
+                        .map(|s| (*s).to_owned())
+                        .or_else(|| payload.downcast_ref::<String>().cloned())
+                        .unwrap_or_else(|| "a panic".to_owned());
+                    format!("its supervisor panicked: {msg}")
+                } else {
+                    "its supervisor was cancelled".to_owned()
+                };
+                (id, Some(why))
+            }
+        };
+        let owner = self.owners.remove(&id);
+        if let (Some(records), Some(why)) = (owner, failure) {
+            tracing::error!(module = %records.name(), "{why}");
+            records.mark_failed(why);
+        }
+    }
+
+    /// Records tasks as they end; returns only when there are none left.
+    pub(crate) async fn drain(&mut self) {
+        while let Some(r) = self.set.join_next_with_id().await {
+            self.ended(r);
+        }
+    }
+
+    /// Records tasks as they end, forever.
+    async fn watch(&mut self) {
+        self.drain().await;
+        std::future::pending::<()>().await;
+    }
+}
+
+/// One module's life: start, wait for its exit, record it, and start it
+/// again as its restart policy and backoff say, until `stop` turns true.
+async fn supervise(
+    rt: Arc<Runtime>,
+    spec: ModuleSpec,
+    module: LoadedModule,
+    sandbox: SandboxSpec,
+    records: ModuleRecords,
+    mut stop: watch::Receiver<bool>,
+) {
+    let name = spec.name.as_str();
+    let digest = Some(module.digest.to_string());
+    let mut backoff = Backoff::default();
+    let mut unstable = 0u32;
+    let mut starts = 0u64;
+    let mut last_exit: Option<ExitRecord> = None;
+    loop {
+        starts += 1;
+        let started = Instant::now();
+        tracing::debug!(module = name, start = starts, "starting");
+        records.set_status(
+            ModuleState::Running,
+            starts,
+            digest.clone(),
+            None,
+            last_exit.clone(),
+        );
+        let exit = tokio::select! {
+            exit = rt.start(&module, &sandbox, spec.timeout) => exit,
+            _ = stop.wait_for(|s| *s) => {
+                tracing::info!(module = name, "stopped");
+                records.set_status(ModuleState::Stopped, starts, digest, None, last_exit);
+                return;
+            }
+        };
+        let ran = started.elapsed();
+        let record = ExitRecord::new(starts, ran, &exit);
+        records.record_exit(&record);
+        last_exit = Some(record);
+        // Trap messages and backtraces carry guest-chosen names.
+        let said = exit.to_string();
+        let said = crate::runtime::escape::escape_str(&said);
+        if exit.is_success() {
+            tracing::info!(module = name, ran = ?ran, "{said}");
+        } else {
+            tracing::warn!(module = name, ran = ?ran, "{said}");
+        }
+        if !should_restart(spec.restart, &exit) {
+            tracing::info!(module = name, policy = ?spec.restart, "not restarting");
+            records.set_status(ModuleState::Exited, starts, digest, None, last_exit);
+            return;
+        }
+        if ran >= STABLE_AFTER {
+            backoff.reset();
+            unstable = 0;
+        } else {
+            unstable = unstable.saturating_add(1);
+            if unstable == CRASH_LOOP_AFTER {
+                tracing::error!(
+                    module = name,
+                    restarts = unstable,
+                    "crash-looping: backing off up to {BACKOFF_MAX:?} between starts"
+                );
+            }
+        }
+        let state = if unstable >= CRASH_LOOP_AFTER {
+            ModuleState::CrashLooping
+        } else {
+            ModuleState::BackingOff
+        };
+        records.set_status(state, starts, digest.clone(), None, last_exit.clone());
+        let delay = backoff.next_delay();
+        tokio::select! {
+            () = tokio::time::sleep(delay) => {}
+            _ = stop.wait_for(|s| *s) => {
+                tracing::info!(module = name, "stopped");
+                records.set_status(ModuleState::Stopped, starts, digest, None, last_exit);
+                return;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A supervisor that panics leaves its module failed, with the reason,
+    /// not "running".
+    #[tokio::test]
+    async fn a_panicking_supervisor_is_recorded_as_failed() {
+        let dir = tempfile::tempdir().unwrap();
+        let records = ModuleRecords::open(dir.path(), "m").unwrap();
+        records.set_status(ModuleState::Running, 3, Some("sha256:x".into()), None, None);
+        let mut tasks = Tasks::default();
+        tasks.spawn_module(records, async { panic!("supervision bug") });
+        tasks.drain().await;
+        records::flush();
+        let s = records::read_statuses(dir.path()).pop().unwrap().unwrap();
+        assert_eq!(s.state, ModuleState::Failed);
+        assert!(s.reason.unwrap().contains("supervision bug"));
+        assert_eq!((s.starts, s.digest.as_deref()), (3, Some("sha256:x")));
+    }
+}

@@ -1,0 +1,97 @@
+//! The supervisor, driven directly: one change at a time, without touching
+//! the modules it does not name.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+use edgeward::daemon::Supervisor;
+use edgeward::daemon::records::{self, ModuleState};
+use edgeward::runtime::engine::{DEFAULT_MAX_WASM_STACK, ModuleCeilings};
+use edgeward::runtime::{EngineOptions, Runtime, RuntimeOptions};
+use edgeward::spec::{ModuleSpec, RawModuleSpec};
+
+fn spec(name: &str, file: &str, args: &[&str]) -> ModuleSpec {
+    RawModuleSpec {
+        name: name.into(),
+        file: file.into(),
+        digest: sha256sum(file),
+        args: args.iter().map(|a| (*a).to_owned()).collect(),
+        ..RawModuleSpec::default()
+    }
+    .validate(&|p: &Path| p.to_owned(), &ModuleCeilings::default())
+    .unwrap()
+}
+
+fn supervisor(state: &Path) -> Supervisor {
+    std::fs::create_dir_all(state).unwrap();
+    let rt = Runtime::new(&RuntimeOptions {
+        engine: EngineOptions {
+            max_instances: 8,
+            ceilings: ModuleCeilings::default(),
+            max_memory: 64 << 20,
+            pooling: None,
+            max_wasm_stack: DEFAULT_MAX_WASM_STACK,
+        },
+        state_dir: Some(state.to_owned()),
+    })
+    .unwrap();
+    let hsm = edgeward::hsm::open(&Default::default(), state).unwrap();
+    let identity =
+        edgeward::identity::IdentityService::open(hsm, Default::default(), state).unwrap();
+    Supervisor::new(Arc::new(rt), identity, state, false)
+}
+
+fn state_of(state: &Path, name: &str) -> ModuleState {
+    records::flush();
+    records::read_statuses(state)
+        .into_iter()
+        .flatten()
+        .find(|s| s.module == name)
+        .map(|s| s.state)
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stopping_one_module_leaves_the_others_running() {
+    let s = Scratch::new();
+    let state = s.state();
+    let mut sup = supervisor(&state);
+    let probe = guests::SANDBOX_PROBE;
+    sup.start(spec("a", probe, &["tick"])).await.unwrap();
+    sup.start(spec("b", probe, &["tick"])).await.unwrap();
+    // A second start of a running name is refused; nothing changes.
+    let again = sup.start(spec("a", probe, &["tick"])).await.unwrap_err();
+    assert!(again.to_string().contains("already running"), "{again}");
+    assert_eq!(sup.names(), ["a", "b"]);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(state_of(&state, "a"), ModuleState::Running);
+
+    assert!(sup.stop("a").await);
+    assert!(!sup.stop("a").await, "already stopped");
+    assert_eq!(state_of(&state, "a"), ModuleState::Stopped);
+    assert_eq!(state_of(&state, "b"), ModuleState::Running);
+    assert_eq!(sup.names(), ["b"]);
+
+    // Started again under the same name, with its registration kept.
+    sup.start(spec("a", probe, &["tick"])).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(state_of(&state, "a"), ModuleState::Running);
+
+    // A refusal (a digest that does not match) is recorded and returned.
+    let mut bad = spec("c", probe, &["tick"]);
+    bad.digest = sha256sum(guests::TEMPERATURE_SENSOR).parse().unwrap();
+    let refused = sup.start(bad).await.unwrap_err();
+    assert!(format!("{refused:#}").contains("digest"), "{refused:#}");
+    assert_eq!(state_of(&state, "c"), ModuleState::Refused);
+
+    sup.stop_all().await;
+    assert_eq!(state_of(&state, "a"), ModuleState::Stopped);
+    assert_eq!(state_of(&state, "b"), ModuleState::Stopped);
+    assert!(sup.names().is_empty());
+}
