@@ -476,7 +476,11 @@ fn deregister_command(
     if !spec::valid_module_name(module) {
         return fail(format!("{module:?} is not a valid module name"), 2);
     }
-    match crate::identity::registry::deregister(&state_dir, module) {
+    let registry = match crate::registry::Registry::open(&state_dir) {
+        Ok(r) => r,
+        Err(e) => return fail(e, 1),
+    };
+    match crate::identity::registry::deregister(&registry, module) {
         Ok(true) => {
             println!("{module}: registration deleted; its next start gets a new generation");
             ExitCode::SUCCESS

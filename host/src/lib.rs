@@ -14,6 +14,7 @@ pub mod daemon;
 pub mod hsm;
 pub mod identity;
 pub mod measure;
+pub mod registry;
 pub mod runtime;
 pub mod spec;
 pub mod state;

@@ -120,6 +120,22 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
     result
 }
 
+/// Makes `path` readable and writable by its owner only (0600).
+///
+/// # Errors
+///
+/// When its permissions cannot be set.
+pub fn restrict(path: &Path) -> io::Result<()> {
+    use std::os::unix::fs::PermissionsExt as _;
+    fs::set_permissions(path, fs::Permissions::from_mode(0o600))
+}
+
+/// Syncs directory `dir` (best effort: what was renamed or deleted in it
+/// survives a power loss).
+pub fn sync_dir(dir: &Path) {
+    let _ = fs::File::open(dir).and_then(|d| d.sync_all());
+}
+
 /// Creates `path` with `bytes` only if it does not exist yet, atomically:
 /// the content is written and synced under a temporary name, then
 /// hard-linked to `path` (which fails if `path` exists). Returns `false`

@@ -753,6 +753,19 @@ fn sealed_data_is_bound_to_module_and_registration() {
     );
     assert_eq!(who(&out, "generation_id"), who_generation);
 
+    // Not while a daemon holds the registry: the command says so.
+    let mut d = Daemon::start(&s, &vault_config(&[]));
+    d.wait_for("the daemon to start", |_, err| {
+        count(err, "edgeward daemon starting") == 1
+    });
+    let o = s.edgeward().args(["deregister", "alpha"]).output().unwrap();
+    assert_status(&o, 1);
+    assert!(
+        stderr(&o).contains("registry.redb") && stderr(&o).contains("in use by another process"),
+        "{}",
+        stderr(&o)
+    );
+    let _ = d.terminate();
     // Re-registered under the same name: the old data is gone for good.
     let o = s.edgeward().args(["deregister", "alpha"]).output().unwrap();
     assert_status(&o, 0);
@@ -1199,11 +1212,13 @@ fn a_tampered_registration_is_refused_by_name() {
         &vault_config(&[("alpha", "vault")]),
         &["alpha | vault-seal ok"],
     );
-    let rec = s.state().join("identity/modules/alpha.json");
-    let mut v: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&rec).unwrap()).unwrap();
-    v["generation_id"] = "00000000000000000000000000000000".into();
-    std::fs::write(&rec, v.to_string()).unwrap();
+    // Tamper with alpha's registration in the store (the daemon is stopped).
+    let registry = edgeward::registry::Registry::open(&s.state()).unwrap();
+    let mut rec = registry.registration("alpha").unwrap().unwrap();
+    rec.generation_id = "00000000000000000000000000000000".into();
+    assert!(registry.deregister("alpha").unwrap());
+    registry.register("alpha", &rec).unwrap();
+    drop(registry);
     let mut d = Daemon::start(&s, &vault_config(&[("alpha", "vault"), ("beta", "vault")]));
     d.wait_for("beta to run", |out, _| {
         count(out, "beta | vault-seal ok") >= 1
@@ -1215,18 +1230,63 @@ fn a_tampered_registration_is_refused_by_name() {
     let line = err.iter().find(|l| l.contains("module refused")).unwrap();
     assert!(
         line.contains("alpha")
-            && line.contains("alpha.json")
+            && line.contains("registry.redb: registration of")
             && line.contains("cannot be unwrapped"),
         "{line}"
     );
     assert_eq!(count(&out, "alpha |"), 0);
     // The record is left as it was (never silently replaced, which would
     // orphan the module's sealed data).
-    assert_eq!(
-        serde_json::from_str::<serde_json::Value>(&std::fs::read_to_string(&rec).unwrap()).unwrap()
-            ["generation_id"],
-        "00000000000000000000000000000000"
+    let registry = edgeward::registry::Registry::open(&s.state()).unwrap();
+    assert_eq!(registry.registration("alpha").unwrap(), Some(rec));
+}
+
+/// A state directory from before the registry (registrations as
+/// `identity/modules/<name>.json`) is migrated once: the module keeps its
+/// generation and opens what it sealed before; the old records are gone.
+#[test]
+fn a_state_dir_from_before_the_registry_is_migrated() {
+    let s = Scratch::new();
+    let out = run_daemon_until(
+        &s,
+        &vault_config(&[("alpha", "vault")]),
+        &["alpha | vault-seal ok"],
     );
+    let sealed = out
+        .iter()
+        .find_map(|l| l.split("alpha | vault-seal ok ").nth(1))
+        .unwrap()
+        .to_owned();
+    // Turn the state dir into one from before: the registration as a file
+    // of the old layout, no store.
+    let registry = edgeward::registry::Registry::open(&s.state()).unwrap();
+    let rec = registry.registration("alpha").unwrap().unwrap();
+    drop(registry);
+    std::fs::remove_file(s.state().join(edgeward::registry::FILE)).unwrap();
+    let legacy = s.state().join("identity/modules");
+    std::fs::create_dir_all(&legacy).unwrap();
+    std::fs::write(
+        legacy.join("alpha.json"),
+        serde_json::to_string_pretty(&rec).unwrap(),
+    )
+    .unwrap();
+
+    let out = run_daemon_until(
+        &s,
+        &vault_config(&[("alpha", "vault")]),
+        &["alpha | vault-open"],
+    );
+    let opened = out
+        .iter()
+        .find(|l| l.contains("alpha | vault-open"))
+        .unwrap();
+    assert!(
+        opened.ends_with(&format!("vault-open ok {sealed}")),
+        "{opened}"
+    );
+    assert!(!legacy.exists(), "the old records were deleted");
+    let registry = edgeward::registry::Registry::open(&s.state()).unwrap();
+    assert_eq!(registry.registration("alpha").unwrap(), Some(rec));
 }
 
 #[test]

@@ -44,7 +44,8 @@ fn supervisor(state: &Path) -> Supervisor {
     let hsm = edgeward::hsm::open(&Default::default(), state).unwrap();
     let identity =
         edgeward::identity::IdentityService::open(hsm, Default::default(), state).unwrap();
-    Supervisor::new(Arc::new(rt), identity, state, false)
+    let registry = Arc::new(edgeward::registry::Registry::open(state).unwrap());
+    Supervisor::new(Arc::new(rt), identity, registry, state, false)
 }
 
 fn state_of(state: &Path, name: &str) -> ModuleState {

@@ -97,6 +97,7 @@ pub fn raise_fd_limit() -> Option<u64> {
 pub async fn run(config: Config, state_dir: PathBuf) -> anyhow::Result<()> {
     state::ensure_private_dir(&state_dir)?;
     let _lock = state::lock_for_daemon(&state_dir)?;
+    let registry = Arc::new(crate::registry::Registry::open(&state_dir)?);
     let fd_limit = raise_fd_limit();
     let max_memory = config
         .modules
@@ -135,8 +136,13 @@ pub async fn run(config: Config, state_dir: PathBuf) -> anyhow::Result<()> {
     };
     let (stop_tx, stop_rx) = watch::channel(false);
     let maintain = tokio::spawn(identity.clone().maintain(true, stop_rx));
-    let mut supervisor =
-        Supervisor::new(rt.clone(), identity, &state_dir, config.runtime.echo_output);
+    let mut supervisor = Supervisor::new(
+        rt.clone(),
+        identity,
+        registry,
+        &state_dir,
+        config.runtime.echo_output,
+    );
     let stopped_early = tokio::select! {
         () = start_deployment(&config, &mut supervisor) => None,
         why = stop_requested(&mut sigterm) => {
@@ -199,7 +205,11 @@ async fn open_identity(
 async fn start_deployment(config: &Config, supervisor: &mut Supervisor) {
     let configured: std::collections::HashSet<&str> =
         config.modules.iter().map(|m| m.name.as_str()).collect();
-    for name in crate::identity::registry::registered(supervisor.state_dir()) {
+    let registered = supervisor.registry().names().unwrap_or_else(|e| {
+        tracing::warn!(error = %e, "cannot list the registrations");
+        Vec::new()
+    });
+    for name in registered {
         if !configured.contains(name.as_str()) {
             tracing::info!(module = %name, "registered module is not configured; its registration is kept (`edgeward deregister {name}` deletes it)");
         }

@@ -18,6 +18,7 @@ use super::{
     should_restart,
 };
 use crate::identity::IdentityService;
+use crate::registry::Registry;
 use crate::runtime::{DirGrant, LoadedModule, Output, Runtime, SandboxSpec};
 use crate::spec::ModuleSpec;
 use crate::state;
@@ -37,6 +38,7 @@ struct Running {
 pub struct Supervisor {
     rt: Arc<Runtime>,
     identity: Arc<IdentityService>,
+    registry: Arc<Registry>,
     state_dir: PathBuf,
     echo: bool,
     running: HashMap<String, Running>,
@@ -49,12 +51,14 @@ impl Supervisor {
     pub fn new(
         rt: Arc<Runtime>,
         identity: Arc<IdentityService>,
+        registry: Arc<Registry>,
         state_dir: &Path,
         echo: bool,
     ) -> Self {
         Self {
             rt,
             identity,
+            registry,
             state_dir: state_dir.to_owned(),
             echo,
             running: HashMap::new(),
@@ -62,9 +66,9 @@ impl Supervisor {
         }
     }
 
-    /// The state directory.
-    pub fn state_dir(&self) -> &Path {
-        &self.state_dir
+    /// The registry it registers modules in.
+    pub fn registry(&self) -> &Registry {
+        &self.registry
     }
 
     /// Names of the modules it runs (started and not stopped), sorted.
@@ -143,20 +147,24 @@ impl Supervisor {
         let module = tokio::task::spawn_blocking(move || rt.load_file(&file, Some(&digest)))
             .await
             .map_err(|e| anyhow::anyhow!("compile task failed: {e}"))??;
-        let (svc, name, digest, names) = (
+        let (svc, registry, name, digest, names) = (
             self.identity.clone(),
+            self.registry.clone(),
             spec.name.clone(),
             module.digest.to_string(),
             spec.server_names.clone(),
         );
-        let identity =
-            match tokio::task::spawn_blocking(move || svc.register(&name, &digest, &names)).await {
-                Ok(Ok(id)) => id,
-                Ok(Err(e)) => {
-                    return Err(anyhow::Error::from(e).context("cannot register its identity"));
-                }
-                Err(e) => anyhow::bail!("registration task failed: {e}"),
-            };
+        let identity = match tokio::task::spawn_blocking(move || {
+            svc.register(&registry, &name, &digest, &names)
+        })
+        .await
+        {
+            Ok(Ok(id)) => id,
+            Ok(Err(e)) => {
+                return Err(anyhow::Error::from(e).context("cannot register its identity"));
+            }
+            Err(e) => anyhow::bail!("registration task failed: {e}"),
+        };
         Ok((module, identity))
     }
 

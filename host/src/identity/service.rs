@@ -1,7 +1,7 @@
 //! The device's identity service: the device CA, the token service and
 //! module registrations.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
 use super::authority::{self, Authority};
@@ -21,7 +21,6 @@ pub struct IdentityService {
     hsm: Arc<dyn Hsm>,
     authority: Arc<Authority>,
     tokens: TokenService,
-    state_dir: PathBuf,
 }
 
 impl IdentityService {
@@ -56,7 +55,6 @@ impl IdentityService {
             hsm,
             authority,
             tokens,
-            state_dir: state_dir.to_owned(),
         }))
     }
 
@@ -84,20 +82,22 @@ impl IdentityService {
     }
 
     /// The identity of registered module `name` running `digest`: loads its
-    /// registration or registers it. Blocks on the HSM.
+    /// registration from `registry` or registers it there. Blocks on the
+    /// HSM.
     ///
     /// # Errors
     ///
     /// An invalid name, HSM and storage errors.
     pub fn register(
         self: &Arc<Self>,
+        registry: &crate::registry::Registry,
         name: &str,
         digest: &str,
         server_names: &ServerNamePolicy,
     ) -> Result<Arc<ModuleIdentity>, IdentityError> {
         self.check_name(name)?;
         let names = self.server_names(name, server_names)?;
-        let reg = registry::load_or_register(self.hsm.as_ref(), &self.state_dir, name)?;
+        let reg = registry::load_or_register(self.hsm.as_ref(), registry, name)?;
         Ok(self.module(name, digest, reg, names))
     }
 

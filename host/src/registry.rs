@@ -1,0 +1,396 @@
+//! The registry: one crash-safe store in the state directory
+//! (`registry.redb`, redb: ACID, copy-on-write B-trees, every commit
+//! durable when it returns) holding what the daemon knows about each
+//! registered module. Today: its identity registration (generation id and
+//! wrapped data key). Every change is one transaction: after `kill -9` or a
+//! power loss it is there whole or not at all.
+//!
+//! One process holds the store at a time (redb locks the file): the daemon
+//! while it runs, else an operator command. A store that cannot be read is
+//! an error that names it and says what to do; it is never reset, since
+//! that would orphan every module's sealed data.
+//!
+//! A state directory from before the registry (registrations as
+//! `identity/modules/<name>.json`) is migrated once, in one transaction,
+//! the first time the store is opened; the old files are then deleted (so a
+//! deregistration really removes the wrapped key from the state dir).
+//!
+//! Who may reach it: only processes with the state directory's owner's
+//! rights (it is 0700, the store 0600). A module never does; it reaches its
+//! registration only through its own identity.
+
+use std::path::{Path, PathBuf};
+
+use redb::{ReadableDatabase as _, ReadableTable as _, TableDefinition};
+use serde::{Deserialize, Serialize};
+
+/// The store's file name in the state directory.
+pub const FILE: &str = "registry.redb";
+
+const REGISTRATIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("registrations");
+const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+/// The layout this code writes.
+const SCHEMA: &[u8] = b"1";
+
+/// A module's identity registration as stored: its generation id and its
+/// data key wrapped by the HSM (see [`crate::identity::registry`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoredRegistration {
+    /// Generation id (32 hex digits).
+    pub generation_id: String,
+    /// When it was registered (unix seconds).
+    pub registered_at: u64,
+    /// The data key wrapped by the HSM's master key (base64).
+    pub wrapped_key: String,
+}
+
+/// What went wrong with the store. Each names the file.
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    /// Another process has it open.
+    #[error(
+        "{0}: the registry is in use by another process (a running daemon?); stop it first, or ask it through its management API"
+    )]
+    Busy(PathBuf),
+    /// It cannot be read.
+    #[error(
+        "{path}: the registry cannot be read ({detail}); it is never reset: restore it from a backup, or move it aside to start over (every registration, and the data modules sealed, is then lost)"
+    )]
+    Damaged {
+        /// The file.
+        path: PathBuf,
+        /// What redb or the decoder said.
+        detail: String,
+    },
+    /// A migration input or an I/O error.
+    #[error("{path}: {detail}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// What happened.
+        detail: String,
+    },
+}
+
+/// The open store. See the module docs.
+#[derive(Debug)]
+pub struct Registry {
+    db: redb::Database,
+    path: PathBuf,
+}
+
+impl Registry {
+    /// Opens (creating it if there is none) the registry of `state_dir`,
+    /// migrating a state directory from before it.
+    ///
+    /// # Errors
+    ///
+    /// [`RegistryError`]: in use, damaged, or a legacy record that cannot be
+    /// migrated (nothing is migrated then).
+    pub fn open(state_dir: &Path) -> Result<Self, RegistryError> {
+        let path = state_dir.join(FILE);
+        let db = match redb::Database::create(&path) {
+            Ok(db) => db,
+            Err(redb::DatabaseError::DatabaseAlreadyOpen) => {
+                return Err(RegistryError::Busy(path));
+            }
+            Err(e) => {
+                return Err(RegistryError::Damaged {
+                    path,
+                    detail: e.to_string(),
+                });
+            }
+        };
+        crate::state::restrict(&path).map_err(|e| RegistryError::Io {
+            path: path.clone(),
+            detail: e.to_string(),
+        })?;
+        let registry = Self { db, path };
+        registry.migrate(state_dir)?;
+        Ok(registry)
+    }
+
+    /// The store's file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn damaged(&self, e: impl std::fmt::Display) -> RegistryError {
+        RegistryError::Damaged {
+            path: self.path.clone(),
+            detail: e.to_string(),
+        }
+    }
+
+    /// Imports `identity/modules/*.json` once (one transaction), then
+    /// deletes them.
+    fn migrate(&self, state_dir: &Path) -> Result<(), RegistryError> {
+        let legacy = state_dir.join("identity").join("modules");
+        let tx = self.db.begin_write().map_err(|e| self.damaged(e))?;
+        let migrated = {
+            let meta = tx.open_table(META).map_err(|e| self.damaged(e))?;
+            meta.get("schema").map_err(|e| self.damaged(e))?.is_some()
+        };
+        if !migrated {
+            let mut imported = 0usize;
+            {
+                let mut regs = tx.open_table(REGISTRATIONS).map_err(|e| self.damaged(e))?;
+                for (name, rec) in read_legacy(&legacy)? {
+                    let bytes = serde_json::to_vec(&rec).map_err(|e| self.damaged(e))?;
+                    if regs
+                        .get(name.as_str())
+                        .map_err(|e| self.damaged(e))?
+                        .is_none()
+                    {
+                        regs.insert(name.as_str(), bytes.as_slice())
+                            .map_err(|e| self.damaged(e))?;
+                        imported += 1;
+                    }
+                }
+                let mut meta = tx.open_table(META).map_err(|e| self.damaged(e))?;
+                meta.insert("schema", SCHEMA).map_err(|e| self.damaged(e))?;
+            }
+            tx.commit().map_err(|e| self.damaged(e))?;
+            if imported > 0 {
+                tracing::info!(
+                    registrations = imported,
+                    "state directory migrated into {}",
+                    self.path.display()
+                );
+            }
+        } else {
+            tx.abort().map_err(|e| self.damaged(e))?;
+        }
+        // Imported (now or by an earlier open that stopped before this).
+        if legacy.exists() {
+            std::fs::remove_dir_all(&legacy).map_err(|e| RegistryError::Io {
+                path: legacy.clone(),
+                detail: format!("migrated, but cannot delete the old records: {e}"),
+            })?;
+            crate::state::sync_dir(legacy.parent().unwrap_or(state_dir));
+        }
+        Ok(())
+    }
+
+    /// The registration of `name`, if any.
+    ///
+    /// # Errors
+    ///
+    /// The store or the record cannot be read.
+    pub fn registration(&self, name: &str) -> Result<Option<StoredRegistration>, RegistryError> {
+        let tx = self.db.begin_read().map_err(|e| self.damaged(e))?;
+        let table = match tx.open_table(REGISTRATIONS) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
+            Err(e) => return Err(self.damaged(e)),
+        };
+        let Some(v) = table.get(name).map_err(|e| self.damaged(e))? else {
+            return Ok(None);
+        };
+        serde_json::from_slice(v.value())
+            .map(Some)
+            .map_err(|e| self.damaged(format!("registration of {name:?}: {e}")))
+    }
+
+    /// Stores `rec` as `name`'s registration unless it has one; returns
+    /// the one stored (`rec`, or the one that was there).
+    ///
+    /// # Errors
+    ///
+    /// The store cannot be written.
+    pub fn register(
+        &self,
+        name: &str,
+        rec: &StoredRegistration,
+    ) -> Result<StoredRegistration, RegistryError> {
+        let tx = self.db.begin_write().map_err(|e| self.damaged(e))?;
+        {
+            let mut table = tx.open_table(REGISTRATIONS).map_err(|e| self.damaged(e))?;
+            if let Some(v) = table.get(name).map_err(|e| self.damaged(e))? {
+                let existing = serde_json::from_slice(v.value())
+                    .map_err(|e| self.damaged(format!("registration of {name:?}: {e}")))?;
+                return Ok(existing);
+            }
+            let bytes = serde_json::to_vec(rec).map_err(|e| self.damaged(e))?;
+            table
+                .insert(name, bytes.as_slice())
+                .map_err(|e| self.damaged(e))?;
+        }
+        tx.commit().map_err(|e| self.damaged(e))?;
+        Ok(rec.clone())
+    }
+
+    /// Deletes `name`'s registration. Returns whether there was one.
+    ///
+    /// # Errors
+    ///
+    /// The store cannot be written.
+    pub fn deregister(&self, name: &str) -> Result<bool, RegistryError> {
+        let tx = self.db.begin_write().map_err(|e| self.damaged(e))?;
+        let removed = {
+            let mut table = tx.open_table(REGISTRATIONS).map_err(|e| self.damaged(e))?;
+            table.remove(name).map_err(|e| self.damaged(e))?.is_some()
+        };
+        tx.commit().map_err(|e| self.damaged(e))?;
+        Ok(removed)
+    }
+
+    /// The registered names, sorted.
+    ///
+    /// # Errors
+    ///
+    /// The store cannot be read.
+    pub fn names(&self) -> Result<Vec<String>, RegistryError> {
+        let tx = self.db.begin_read().map_err(|e| self.damaged(e))?;
+        let table = match tx.open_table(REGISTRATIONS) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+            Err(e) => return Err(self.damaged(e)),
+        };
+        let mut names = Vec::new();
+        for entry in table.iter().map_err(|e| self.damaged(e))? {
+            let (k, _) = entry.map_err(|e| self.damaged(e))?;
+            names.push(k.value().to_owned());
+        }
+        Ok(names)
+    }
+}
+
+/// The records of a state directory from before the registry.
+fn read_legacy(dir: &Path) -> Result<Vec<(String, StoredRegistration)>, RegistryError> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => {
+            return Err(RegistryError::Io {
+                path: dir.to_owned(),
+                detail: e.to_string(),
+            });
+        }
+    };
+    let mut out = Vec::new();
+    for e in entries {
+        let e = e.map_err(|e| RegistryError::Io {
+            path: dir.to_owned(),
+            detail: e.to_string(),
+        })?;
+        let path = e.path();
+        let Some(name) = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(|n| n.strip_suffix(".json"))
+        else {
+            continue;
+        };
+        let io = |detail: String| RegistryError::Io {
+            path: path.clone(),
+            detail,
+        };
+        let bytes = std::fs::read(&path).map_err(|e| io(e.to_string()))?;
+        let rec: StoredRegistration = serde_json::from_slice(&bytes)
+            .map_err(|e| io(format!("cannot migrate this registration: {e}")))?;
+        out.push((name.to_owned(), rec));
+    }
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec(g: &str) -> StoredRegistration {
+        StoredRegistration {
+            generation_id: g.into(),
+            registered_at: 1,
+            wrapped_key: "a2V5".into(),
+        }
+    }
+
+    #[test]
+    fn register_keeps_the_first_and_deregister_removes() {
+        let d = tempfile::tempdir().unwrap();
+        let r = Registry::open(d.path()).unwrap();
+        assert_eq!(r.register("m", &rec("g1")).unwrap(), rec("g1"));
+        assert_eq!(r.register("m", &rec("g2")).unwrap(), rec("g1"));
+        assert_eq!(r.names().unwrap(), ["m"]);
+        drop(r);
+        let r = Registry::open(d.path()).unwrap();
+        assert_eq!(r.registration("m").unwrap(), Some(rec("g1")));
+        assert!(r.deregister("m").unwrap());
+        assert!(!r.deregister("m").unwrap());
+        assert_eq!(r.registration("m").unwrap(), None);
+    }
+
+    #[test]
+    fn one_process_at_a_time() {
+        let d = tempfile::tempdir().unwrap();
+        let _r = Registry::open(d.path()).unwrap();
+        let e = Registry::open(d.path()).unwrap_err();
+        assert!(e.to_string().contains("in use by another process"), "{e}");
+    }
+
+    /// A damaged store is an error naming it, and is left as it was.
+    #[test]
+    fn a_damaged_store_is_refused_and_kept() {
+        let d = tempfile::tempdir().unwrap();
+        drop(Registry::open(d.path()).unwrap());
+        let path = d.path().join(FILE);
+        let mut bytes = std::fs::read(&path).unwrap();
+        for b in bytes.iter_mut().take(512) {
+            *b ^= 0x5a;
+        }
+        std::fs::write(&path, &bytes).unwrap();
+        let e = Registry::open(d.path()).unwrap_err().to_string();
+        assert!(
+            e.contains("registry.redb") && e.contains("never reset"),
+            "{e}"
+        );
+        assert_eq!(std::fs::read(&path).unwrap(), bytes, "left untouched");
+    }
+
+    #[test]
+    fn legacy_records_are_migrated_once_then_deleted() {
+        let d = tempfile::tempdir().unwrap();
+        let legacy = d.path().join("identity/modules");
+        std::fs::create_dir_all(&legacy).unwrap();
+        std::fs::write(
+            legacy.join("a.json"),
+            serde_json::to_vec(&rec("ga")).unwrap(),
+        )
+        .unwrap();
+        let r = Registry::open(d.path()).unwrap();
+        assert_eq!(r.registration("a").unwrap(), Some(rec("ga")));
+        assert!(!legacy.exists());
+        // A record that reappears later is not imported again.
+        assert!(r.deregister("a").unwrap());
+        drop(r);
+        std::fs::create_dir_all(&legacy).unwrap();
+        std::fs::write(
+            legacy.join("a.json"),
+            serde_json::to_vec(&rec("ga")).unwrap(),
+        )
+        .unwrap();
+        let r = Registry::open(d.path()).unwrap();
+        assert_eq!(r.registration("a").unwrap(), None);
+        assert!(!legacy.exists());
+    }
+
+    /// A legacy record that cannot be read stops the migration whole.
+    #[test]
+    fn a_bad_legacy_record_migrates_nothing() {
+        let d = tempfile::tempdir().unwrap();
+        let legacy = d.path().join("identity/modules");
+        std::fs::create_dir_all(&legacy).unwrap();
+        std::fs::write(
+            legacy.join("a.json"),
+            serde_json::to_vec(&rec("ga")).unwrap(),
+        )
+        .unwrap();
+        std::fs::write(legacy.join("b.json"), b"{not json").unwrap();
+        let e = Registry::open(d.path()).unwrap_err().to_string();
+        assert!(e.contains("b.json") && e.contains("cannot migrate"), "{e}");
+        assert!(legacy.join("a.json").exists());
+    }
+}
