@@ -350,28 +350,30 @@ mod tests {
         assert_eq!(std::fs::read(&path).unwrap(), bytes, "left untouched");
     }
 
+    /// Writes `name`'s record as a state dir from before the registry held
+    /// it; returns that directory.
+    fn write_legacy(state: &Path, name: &str, r: &StoredRegistration) -> PathBuf {
+        let legacy = state.join("identity/modules");
+        std::fs::create_dir_all(&legacy).unwrap();
+        std::fs::write(
+            legacy.join(format!("{name}.json")),
+            serde_json::to_vec(r).unwrap(),
+        )
+        .unwrap();
+        legacy
+    }
+
     #[test]
     fn legacy_records_are_migrated_once_then_deleted() {
         let d = tempfile::tempdir().unwrap();
-        let legacy = d.path().join("identity/modules");
-        std::fs::create_dir_all(&legacy).unwrap();
-        std::fs::write(
-            legacy.join("a.json"),
-            serde_json::to_vec(&rec("ga")).unwrap(),
-        )
-        .unwrap();
+        let legacy = write_legacy(d.path(), "a", &rec("ga"));
         let r = Registry::open(d.path()).unwrap();
         assert_eq!(r.registration("a").unwrap(), Some(rec("ga")));
         assert!(!legacy.exists());
         // A record that reappears later is not imported again.
         assert!(r.deregister("a").unwrap());
         drop(r);
-        std::fs::create_dir_all(&legacy).unwrap();
-        std::fs::write(
-            legacy.join("a.json"),
-            serde_json::to_vec(&rec("ga")).unwrap(),
-        )
-        .unwrap();
+        write_legacy(d.path(), "a", &rec("ga"));
         let r = Registry::open(d.path()).unwrap();
         assert_eq!(r.registration("a").unwrap(), None);
         assert!(!legacy.exists());
@@ -381,13 +383,7 @@ mod tests {
     #[test]
     fn a_bad_legacy_record_migrates_nothing() {
         let d = tempfile::tempdir().unwrap();
-        let legacy = d.path().join("identity/modules");
-        std::fs::create_dir_all(&legacy).unwrap();
-        std::fs::write(
-            legacy.join("a.json"),
-            serde_json::to_vec(&rec("ga")).unwrap(),
-        )
-        .unwrap();
+        let legacy = write_legacy(d.path(), "a", &rec("ga"));
         std::fs::write(legacy.join("b.json"), b"{not json").unwrap();
         let e = Registry::open(d.path()).unwrap_err().to_string();
         assert!(e.contains("b.json") && e.contains("cannot migrate"), "{e}");
