@@ -383,7 +383,7 @@ mod tests {
         .expect("valid");
         assert_eq!(c.state_dir, Some(PathBuf::from("/etc/edgeward/state")));
         let m = &c.modules[0];
-        assert_eq!(m.file, PathBuf::from("/etc/edgeward/m.wasm"));
+        assert_eq!(m.file, Some(PathBuf::from("/etc/edgeward/m.wasm")));
         assert_eq!(m.limits.max_memory, 8 << 20);
         assert_eq!(m.timeout, Some(Duration::from_secs(5)));
         assert_eq!(m.restart, RestartPolicy::Always);

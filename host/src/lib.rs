@@ -9,6 +9,7 @@
 
 pub mod addrclass;
 pub mod cli;
+pub mod components;
 pub mod config;
 pub mod daemon;
 pub mod hsm;

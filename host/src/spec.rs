@@ -25,7 +25,10 @@ pub const MAX_MODULE_MEMORY: u64 = 4 << 30;
 #[serde(deny_unknown_fields)]
 pub struct RawModuleSpec {
     pub name: String,
-    pub file: PathBuf,
+    /// The component file (config only: the management API takes uploaded
+    /// components by digest, never a host path).
+    #[serde(default)]
+    pub file: Option<PathBuf>,
     pub digest: String,
     #[serde(default)]
     pub args: Vec<String>,
@@ -80,8 +83,11 @@ impl std::str::FromStr for RestartPolicy {
 pub struct ModuleSpec {
     /// Unique name.
     pub name: String,
-    /// Component file (absolute, or relative to the working directory).
-    pub file: PathBuf,
+    /// Component file it was configured from (absolute), if any. The
+    /// daemon reads it once, measures it and keeps the bytes in its
+    /// component store; without a file, the component comes from the store
+    /// by digest.
+    pub file: Option<PathBuf>,
     /// Pinned digest.
     pub digest: Digest,
     /// argv after argv[0].
@@ -212,7 +218,7 @@ impl RawModuleSpec {
             Some(s) => s.parse().map_err(|e| ctx("restart", e))?,
         };
         Ok(ModuleSpec {
-            file: resolve(&m.file),
+            file: m.file.as_deref().map(resolve),
             name: m.name,
             digest,
             args: m.args,

@@ -19,7 +19,7 @@ use edgeward::spec::{ModuleSpec, RawModuleSpec};
 fn spec(name: &str, file: &str, args: &[&str]) -> ModuleSpec {
     RawModuleSpec {
         name: name.into(),
-        file: file.into(),
+        file: Some(file.into()),
         digest: sha256sum(file),
         args: args.iter().map(|a| (*a).to_owned()).collect(),
         ..RawModuleSpec::default()
@@ -45,7 +45,7 @@ fn supervisor(state: &Path) -> Supervisor {
     let identity =
         edgeward::identity::IdentityService::open(hsm, Default::default(), state).unwrap();
     let registry = Arc::new(edgeward::registry::Registry::open(state).unwrap());
-    Supervisor::new(Arc::new(rt), identity, registry, state, false)
+    Supervisor::new(Arc::new(rt), identity, registry, state, false).unwrap()
 }
 
 fn state_of(state: &Path, name: &str) -> ModuleState {
@@ -90,6 +90,29 @@ async fn stopping_one_module_leaves_the_others_running() {
     let refused = sup.start(bad).await.unwrap_err();
     assert!(format!("{refused:#}").contains("digest"), "{refused:#}");
     assert_eq!(state_of(&state, "c"), ModuleState::Refused);
+
+    // By digest alone, from the component store (stored once, when "a"
+    // was first measured).
+    let mut by_digest = spec("d", probe, &["tick"]);
+    by_digest.file = None;
+    sup.start(by_digest.clone()).await.unwrap();
+    let stored = std::fs::read_dir(state.join("components")).unwrap().count();
+    assert_eq!(stored, 1, "one copy for three modules");
+    // A stored component altered on disk is refused, never run.
+    assert!(sup.stop("d").await);
+    let path = state.join("components").join(format!(
+        "{}.wasm",
+        by_digest.digest.to_string().replace(':', "-")
+    ));
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes[100] ^= 1;
+    std::fs::write(&path, bytes).unwrap();
+    let refused = sup.start(by_digest).await.unwrap_err();
+    assert!(
+        format!("{refused:#}").contains("does not match"),
+        "{refused:#}"
+    );
+    assert_eq!(state_of(&state, "d"), ModuleState::Refused);
 
     sup.stop_all().await;
     assert_eq!(state_of(&state, "a"), ModuleState::Stopped);

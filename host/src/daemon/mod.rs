@@ -142,7 +142,8 @@ pub async fn run(config: Config, state_dir: PathBuf) -> anyhow::Result<()> {
         registry,
         &state_dir,
         config.runtime.echo_output,
-    );
+    )
+    .context("cannot create the component store")?;
     let stopped_early = tokio::select! {
         () = start_deployment(&config, &mut supervisor) => None,
         why = stop_requested(&mut sigterm) => {

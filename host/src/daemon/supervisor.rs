@@ -17,7 +17,9 @@ use super::{
     BACKOFF_MAX, Backoff, CRASH_LOOP_AFTER, DATA_DIR_GUEST, STABLE_AFTER, STOP_DEADLINE,
     should_restart,
 };
+use crate::components::ComponentStore;
 use crate::identity::IdentityService;
+use crate::measure::Measured;
 use crate::registry::Registry;
 use crate::runtime::{DirGrant, LoadedModule, Output, Runtime, SandboxSpec};
 use crate::spec::ModuleSpec;
@@ -39,6 +41,7 @@ pub struct Supervisor {
     rt: Arc<Runtime>,
     identity: Arc<IdentityService>,
     registry: Arc<Registry>,
+    components: ComponentStore,
     state_dir: PathBuf,
     echo: bool,
     running: HashMap<String, Running>,
@@ -48,22 +51,27 @@ pub struct Supervisor {
 impl Supervisor {
     /// A supervisor with nothing running. `echo`: module output is echoed
     /// on the daemon's stdout/stderr as well as logged.
+    ///
+    /// # Errors
+    ///
+    /// When the component store cannot be created.
     pub fn new(
         rt: Arc<Runtime>,
         identity: Arc<IdentityService>,
         registry: Arc<Registry>,
         state_dir: &Path,
         echo: bool,
-    ) -> Self {
-        Self {
+    ) -> std::io::Result<Self> {
+        Ok(Self {
             rt,
             identity,
             registry,
+            components: ComponentStore::open(state_dir)?,
             state_dir: state_dir.to_owned(),
             echo,
             running: HashMap::new(),
             tasks: Tasks::default(),
-        }
+        })
     }
 
     /// The registry it registers modules in.
@@ -143,10 +151,33 @@ impl Supervisor {
         data_dir: &Path,
     ) -> anyhow::Result<(LoadedModule, Arc<crate::identity::ModuleIdentity>)> {
         state::ensure_private_dir(data_dir)?;
-        let (rt, file, digest) = (self.rt.clone(), spec.file.clone(), spec.digest);
-        let module = tokio::task::spawn_blocking(move || rt.load_file(&file, Some(&digest)))
-            .await
-            .map_err(|e| anyhow::anyhow!("compile task failed: {e}"))??;
+        let (rt, store, file, digest) = (
+            self.rt.clone(),
+            self.components.clone(),
+            spec.file.clone(),
+            spec.digest,
+        );
+        let module = tokio::task::spawn_blocking(move || {
+            // A configured file is read and measured once, and its bytes
+            // kept by digest; without one, they come from the store.
+            let measured = match file {
+                Some(path) => {
+                    let m = Measured::read(&path)?;
+                    m.verify(Some(&digest))?;
+                    store.put(&m).map_err(|e| {
+                        anyhow::anyhow!(
+                            "cannot store the component in {}: {e}",
+                            store.path(&digest).display()
+                        )
+                    })?;
+                    m
+                }
+                None => store.get(&digest)?,
+            };
+            rt.load(&measured)
+        })
+        .await
+        .map_err(|e| anyhow::anyhow!("compile task failed: {e}"))??;
         let (svc, registry, name, digest, names) = (
             self.identity.clone(),
             self.registry.clone(),

@@ -1,0 +1,136 @@
+//! Components, content-addressed in the state directory
+//! (`components/sha256-<hex>.wasm`, 0600): a module's registration names a
+//! digest, not a path that could change under it, and a component used by
+//! many modules is stored once. What is stored was measured on the way in;
+//! it is measured again on every read, so a stored file that was altered is
+//! refused (never run), naming it.
+//!
+//! Who may reach it: processes with the state directory owner's rights (it
+//! is 0700). Modules never see it.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+
+use crate::measure::{Digest, MeasureError, Measured};
+use crate::state;
+
+/// The store's directory in the state directory.
+pub const DIR: &str = "components";
+
+/// The component store of one state directory.
+#[derive(Debug, Clone)]
+pub struct ComponentStore {
+    dir: PathBuf,
+}
+
+impl ComponentStore {
+    /// The store of `state_dir` (created, private, if missing).
+    ///
+    /// # Errors
+    ///
+    /// When the directory cannot be created or made private.
+    pub fn open(state_dir: &Path) -> std::io::Result<Self> {
+        let dir = state_dir.join(DIR);
+        state::ensure_private_dir(&dir)?;
+        Ok(Self { dir })
+    }
+
+    /// Where the component with `digest` is (or would be) stored.
+    pub fn path(&self, digest: &Digest) -> PathBuf {
+        self.dir
+            .join(format!("{}.wasm", digest.to_string().replace(':', "-")))
+    }
+
+    /// Whether a component with `digest` is stored.
+    pub fn contains(&self, digest: &Digest) -> bool {
+        self.path(digest).is_file()
+    }
+
+    /// Stores measured bytes (once: an existing copy is kept). Returns the
+    /// stored path.
+    ///
+    /// # Errors
+    ///
+    /// I/O errors.
+    pub fn put(&self, m: &Measured) -> std::io::Result<PathBuf> {
+        let path = self.path(&m.digest);
+        if !path.is_file() {
+            state::create_only(&path, &m.bytes)?;
+        }
+        Ok(path)
+    }
+
+    /// The stored component with `digest`, measured again.
+    ///
+    /// # Errors
+    ///
+    /// Not stored, unreadable, or its bytes no longer hash to `digest`.
+    pub fn get(&self, digest: &Digest) -> Result<Measured, MeasureError> {
+        let m = Measured::read(&self.path(digest))?;
+        m.verify(Some(digest))?;
+        Ok(m)
+    }
+
+    /// Deletes every stored component whose digest is not in `keep`;
+    /// returns how many.
+    pub fn retain(&self, keep: &HashSet<Digest>) -> usize {
+        let Ok(entries) = std::fs::read_dir(&self.dir) else {
+            return 0;
+        };
+        let mut removed = 0;
+        for e in entries.flatten() {
+            let name = e.file_name();
+            let Some(digest) = name
+                .to_str()
+                .and_then(|n| n.strip_suffix(".wasm"))
+                .and_then(|n| n.replacen('-', ":", 1).parse::<Digest>().ok())
+            else {
+                continue;
+            };
+            if !keep.contains(&digest) && std::fs::remove_file(e.path()).is_ok() {
+                removed += 1;
+            }
+        }
+        removed
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn measured(bytes: &[u8]) -> Measured {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("c.wasm");
+        std::fs::write(&p, bytes).unwrap();
+        Measured::read(&p).unwrap()
+    }
+
+    #[test]
+    fn stored_once_read_back_measured() {
+        let d = tempfile::tempdir().unwrap();
+        let store = ComponentStore::open(d.path()).unwrap();
+        let m = measured(b"component bytes");
+        let p1 = store.put(&m).unwrap();
+        let p2 = store.put(&m).unwrap();
+        assert_eq!(p1, p2);
+        assert!(p1.ends_with(format!("{}.wasm", m.digest.to_string().replace(':', "-"))));
+        assert!(store.contains(&m.digest));
+        assert_eq!(store.get(&m.digest).unwrap().bytes, m.bytes);
+        // Altered on disk: refused, naming the file.
+        std::fs::write(&p1, b"other bytes").unwrap();
+        let e = store.get(&m.digest).unwrap_err().to_string();
+        assert!(e.contains("does not match") && e.contains("sha256-"), "{e}");
+    }
+
+    #[test]
+    fn retain_deletes_what_is_not_kept() {
+        let d = tempfile::tempdir().unwrap();
+        let store = ComponentStore::open(d.path()).unwrap();
+        let (a, b) = (measured(b"a"), measured(b"b"));
+        store.put(&a).unwrap();
+        store.put(&b).unwrap();
+        assert_eq!(store.retain(&HashSet::from([a.digest])), 1);
+        assert!(store.contains(&a.digest) && !store.contains(&b.digest));
+    }
+}
