@@ -196,7 +196,9 @@ struct RunArgs {
 
 #[derive(Debug, clap::Args)]
 struct DaemonArgs {
-    /// Config file. Default: $EDGEWARD_CONFIG, then /etc/edgeward/config.toml.
+    /// Config file. Default: $EDGEWARD_CONFIG, then
+    /// /etc/edgeward/config.toml if it exists, else none (an empty
+    /// deployment).
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
 }
@@ -681,10 +683,10 @@ fn hsm_info(state_flag: Option<PathBuf>, config_flag: Option<PathBuf>, json: boo
 }
 
 fn daemon_command(state_flag: Option<PathBuf>, args: DaemonArgs) -> ExitCode {
-    let path = config_path(args.config);
-    let cfg = match Config::load(&path) {
-        Ok(c) => c,
-        Err(e) => return fail(e, 2),
+    // No config file at all is an empty deployment.
+    let cfg = match optional_config(args.config) {
+        Ok(c) => c.unwrap_or_else(Config::empty),
+        Err(code) => return code,
     };
     let state_dir = match state::resolve(state_flag.as_deref(), cfg.state_dir.as_deref()) {
         Ok(d) => d,

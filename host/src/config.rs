@@ -246,6 +246,14 @@ pub struct Config {
 }
 
 impl Config {
+    /// No config file: the defaults and no modules (an empty deployment;
+    /// modules are added later through the management API).
+    pub fn empty() -> Self {
+        // The empty text is a valid config: only defaults.
+        #[allow(clippy::expect_used)]
+        Self::parse(Path::new("(no config file)"), "").expect("the empty config is valid")
+    }
+
     /// Reads and validates `path`.
     ///
     /// # Errors
@@ -359,6 +367,13 @@ mod tests {
 
     fn parse(text: &str) -> Result<Config, String> {
         Config::parse(Path::new("/etc/edgeward/config.toml"), text).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn no_config_file_is_an_empty_deployment() {
+        let c = Config::empty();
+        assert!(c.modules.is_empty());
+        assert_eq!(c.runtime.max_modules, DEFAULT_MAX_MODULES);
     }
 
     #[test]

@@ -28,6 +28,7 @@ use serde::{Deserialize, Serialize};
 pub const FILE: &str = "registry.redb";
 
 const REGISTRATIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("registrations");
+const MODULES: TableDefinition<&str, &[u8]> = TableDefinition::new("modules");
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 /// The layout this code writes.
 const SCHEMA: &[u8] = b"1";
@@ -43,6 +44,45 @@ pub struct StoredRegistration {
     pub registered_at: u64,
     /// The data key wrapped by the HSM's master key (base64).
     pub wrapped_key: String,
+}
+
+/// Who added a module, and so who may change it: a deployment reconciles
+/// only what it owns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Origin {
+    /// The config file read at start.
+    Config,
+    /// An operator, through the management API.
+    Operator,
+    /// The agent module.
+    Agent,
+}
+
+/// Whether a module should run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Desired {
+    /// Started by the daemon and kept running per its restart policy.
+    Running,
+    /// Registered, not started.
+    Stopped,
+}
+
+/// A module the daemon runs (or holds stopped): its spec as registered
+/// (see [`crate::spec::ModuleSpec::to_raw`]), who owns it, and whether it
+/// should run.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModuleRecord {
+    /// The spec, validated again whenever it is used.
+    pub spec: crate::spec::RawModuleSpec,
+    /// Who added it.
+    pub origin: Origin,
+    /// Whether it should run.
+    pub desired: Desired,
+    /// When the record last changed (unix seconds).
+    pub updated_at: u64,
 }
 
 /// What went wrong with the store. Each names the file.
@@ -179,18 +219,28 @@ impl Registry {
     ///
     /// The store or the record cannot be read.
     pub fn registration(&self, name: &str) -> Result<Option<StoredRegistration>, RegistryError> {
+        self.get_json(REGISTRATIONS, name, "registration of")
+    }
+
+    /// The JSON record `key` of `table`, decoded; `what` names it in errors.
+    fn get_json<T: serde::de::DeserializeOwned>(
+        &self,
+        table: TableDefinition<&str, &[u8]>,
+        key: &str,
+        what: &str,
+    ) -> Result<Option<T>, RegistryError> {
         let tx = self.db.begin_read().map_err(|e| self.damaged(e))?;
-        let table = match tx.open_table(REGISTRATIONS) {
+        let table = match tx.open_table(table) {
             Ok(t) => t,
             Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
             Err(e) => return Err(self.damaged(e)),
         };
-        let Some(v) = table.get(name).map_err(|e| self.damaged(e))? else {
+        let Some(v) = table.get(key).map_err(|e| self.damaged(e))? else {
             return Ok(None);
         };
         serde_json::from_slice(v.value())
             .map(Some)
-            .map_err(|e| self.damaged(format!("registration of {name:?}: {e}")))
+            .map_err(|e| self.damaged(format!("{what} {key:?}: {e}")))
     }
 
     /// Stores `rec` as `name`'s registration unless it has one; returns
@@ -254,6 +304,137 @@ impl Registry {
             names.push(k.value().to_owned());
         }
         Ok(names)
+    }
+}
+
+impl Registry {
+    /// Every module record, sorted by name.
+    ///
+    /// # Errors
+    ///
+    /// The store or a record cannot be read.
+    pub fn modules(&self) -> Result<Vec<ModuleRecord>, RegistryError> {
+        let tx = self.db.begin_read().map_err(|e| self.damaged(e))?;
+        let table = match tx.open_table(MODULES) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+            Err(e) => return Err(self.damaged(e)),
+        };
+        let mut out = Vec::new();
+        for entry in table.iter().map_err(|e| self.damaged(e))? {
+            let (k, v) = entry.map_err(|e| self.damaged(e))?;
+            out.push(
+                serde_json::from_slice(v.value())
+                    .map_err(|e| self.damaged(format!("module {:?}: {e}", k.value())))?,
+            );
+        }
+        Ok(out)
+    }
+
+    /// The record of module `name`, if any.
+    ///
+    /// # Errors
+    ///
+    /// The store or the record cannot be read.
+    pub fn module(&self, name: &str) -> Result<Option<ModuleRecord>, RegistryError> {
+        self.get_json(MODULES, name, "module")
+    }
+
+    /// Adds or replaces the record of module `record.spec.name`.
+    ///
+    /// # Errors
+    ///
+    /// The store cannot be written.
+    pub fn put_module(&self, record: &ModuleRecord) -> Result<(), RegistryError> {
+        let bytes = serde_json::to_vec(record).map_err(|e| self.damaged(e))?;
+        let tx = self.db.begin_write().map_err(|e| self.damaged(e))?;
+        {
+            let mut table = tx.open_table(MODULES).map_err(|e| self.damaged(e))?;
+            table
+                .insert(record.spec.name.as_str(), bytes.as_slice())
+                .map_err(|e| self.damaged(e))?;
+        }
+        tx.commit().map_err(|e| self.damaged(e))
+    }
+
+    /// Removes module `name` and its identity registration together (one
+    /// transaction): what it sealed can no longer be opened from this state
+    /// directory. Returns whether there was a module record.
+    ///
+    /// # Errors
+    ///
+    /// The store cannot be written.
+    pub fn remove_module(&self, name: &str) -> Result<bool, RegistryError> {
+        let tx = self.db.begin_write().map_err(|e| self.damaged(e))?;
+        let removed = {
+            let mut modules = tx.open_table(MODULES).map_err(|e| self.damaged(e))?;
+            let mut regs = tx.open_table(REGISTRATIONS).map_err(|e| self.damaged(e))?;
+            regs.remove(name).map_err(|e| self.damaged(e))?;
+            modules.remove(name).map_err(|e| self.damaged(e))?.is_some()
+        };
+        tx.commit().map_err(|e| self.damaged(e))?;
+        Ok(removed)
+    }
+
+    /// Brings the records the config owns in line with `specs` (the config
+    /// file's modules), in one transaction: new ones are added to run,
+    /// changed ones replaced (keeping whether they should run), ones no
+    /// longer configured removed (their identity registrations are kept).
+    /// A configured name another origin owns is left alone and returned.
+    ///
+    /// # Errors
+    ///
+    /// The store cannot be read or written.
+    pub fn reconcile_config(
+        &self,
+        specs: &[crate::spec::RawModuleSpec],
+    ) -> Result<Vec<String>, RegistryError> {
+        let now = crate::identity::unix_now();
+        let tx = self.db.begin_write().map_err(|e| self.damaged(e))?;
+        let mut conflicts = Vec::new();
+        {
+            let mut table = tx.open_table(MODULES).map_err(|e| self.damaged(e))?;
+            let mut existing: std::collections::HashMap<String, ModuleRecord> =
+                std::collections::HashMap::new();
+            for entry in table.iter().map_err(|e| self.damaged(e))? {
+                let (k, v) = entry.map_err(|e| self.damaged(e))?;
+                let rec: ModuleRecord = serde_json::from_slice(v.value())
+                    .map_err(|e| self.damaged(format!("module {:?}: {e}", k.value())))?;
+                existing.insert(k.value().to_owned(), rec);
+            }
+            for spec in specs {
+                let record = match existing.get(&spec.name) {
+                    Some(r) if r.origin != Origin::Config => {
+                        conflicts.push(spec.name.clone());
+                        continue;
+                    }
+                    Some(r) if r.spec == *spec => continue,
+                    Some(r) => ModuleRecord {
+                        spec: spec.clone(),
+                        origin: Origin::Config,
+                        desired: r.desired,
+                        updated_at: now,
+                    },
+                    None => ModuleRecord {
+                        spec: spec.clone(),
+                        origin: Origin::Config,
+                        desired: Desired::Running,
+                        updated_at: now,
+                    },
+                };
+                let bytes = serde_json::to_vec(&record).map_err(|e| self.damaged(e))?;
+                table
+                    .insert(spec.name.as_str(), bytes.as_slice())
+                    .map_err(|e| self.damaged(e))?;
+            }
+            for (name, rec) in &existing {
+                if rec.origin == Origin::Config && !specs.iter().any(|s| &s.name == name) {
+                    table.remove(name.as_str()).map_err(|e| self.damaged(e))?;
+                }
+            }
+        }
+        tx.commit().map_err(|e| self.damaged(e))?;
+        Ok(conflicts)
     }
 }
 
@@ -321,6 +502,57 @@ mod tests {
         assert!(r.deregister("m").unwrap());
         assert!(!r.deregister("m").unwrap());
         assert_eq!(r.registration("m").unwrap(), None);
+    }
+
+    fn spec(name: &str, digest_byte: char) -> crate::spec::RawModuleSpec {
+        crate::spec::RawModuleSpec {
+            name: name.into(),
+            digest: format!("sha256:{}", digest_byte.to_string().repeat(64)),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn config_reconciles_only_what_it_owns() {
+        let d = tempfile::tempdir().unwrap();
+        let r = Registry::open(d.path()).unwrap();
+        r.put_module(&ModuleRecord {
+            spec: spec("ops", 'a'),
+            origin: Origin::Operator,
+            desired: Desired::Running,
+            updated_at: 1,
+        })
+        .unwrap();
+        assert!(
+            r.reconcile_config(&[spec("a", 'a'), spec("b", 'b')])
+                .unwrap()
+                .is_empty()
+        );
+        let names = |r: &Registry| {
+            r.modules()
+                .unwrap()
+                .into_iter()
+                .map(|m| m.spec.name)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(names(&r), ["a", "b", "ops"]);
+        // An operator stopped "a"; the config changes it and drops "b", and
+        // names "ops", which it does not own.
+        let mut a = r.module("a").unwrap().unwrap();
+        a.desired = Desired::Stopped;
+        r.put_module(&a).unwrap();
+        let conflicts = r
+            .reconcile_config(&[spec("a", 'c'), spec("ops", 'c')])
+            .unwrap();
+        assert_eq!(conflicts, ["ops"]);
+        assert_eq!(names(&r), ["a", "ops"]);
+        let a = r.module("a").unwrap().unwrap();
+        assert_eq!((a.spec, a.desired), (spec("a", 'c'), Desired::Stopped));
+        assert_eq!(r.module("ops").unwrap().unwrap().spec, spec("ops", 'a'));
+        // Removal takes the identity registration with it.
+        r.register("a", &rec("g")).unwrap();
+        assert!(r.remove_module("a").unwrap());
+        assert_eq!(r.registration("a").unwrap(), None);
     }
 
     #[test]

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::identity::ServerNamePolicy;
 use crate::measure::Digest;
@@ -21,35 +21,64 @@ pub const MAX_MODULE_MEMORY: u64 = 4 << 30;
 /// A module spec as an operator writes it: a `[[module]]` table of the
 /// config file (and, as JSON, what the management API will take). Checked
 /// once, by [`RawModuleSpec::validate`], into a [`ModuleSpec`].
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawModuleSpec {
+    /// `[a-z0-9][a-z0-9._-]{0,62}`.
     pub name: String,
     /// The component file (config only: the management API takes uploaded
     /// components by digest, never a host path).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub file: Option<PathBuf>,
+    /// Pinned digest, `sha256:<64 hex>`.
     pub digest: String,
-    #[serde(default)]
+    /// argv after the program name.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub args: Vec<String>,
-    #[serde(default)]
+    /// The only environment it sees.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub env: BTreeMap<String, String>,
-    #[serde(default)]
+    /// Extra preopens, `HOST` or `HOST::GUEST`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub dirs: Vec<String>,
+    /// Linear memory, total over all its memories (a size).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_memory: Option<String>,
+    /// Core instances.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_instances: Option<u32>,
+    /// Linear memories.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_memories: Option<u32>,
+    /// Handles held at once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_handles: Option<u32>,
+    /// Tables.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_tables: Option<u32>,
+    /// Elements per table.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_table_elements: Option<u32>,
+    /// Bytes per call into the host (a size).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_hostcall_data: Option<String>,
+    /// Its data directory's byte budget (a size).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_disk: Option<String>,
+    /// Its data directory's entry budget.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_disk_entries: Option<u32>,
-    #[serde(default)]
+    /// `HOST:PORT`, `IP:PORT` or `CIDR:PORT` destinations.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub allow_outbound: Vec<String>,
-    #[serde(default)]
+    /// Names it may get server certificates for.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub server_names: Vec<String>,
+    /// Wall-clock limit per start (a duration).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout: Option<String>,
+    /// `never`, `on-failure` or `always`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub restart: Option<String>,
 }
 
@@ -62,6 +91,17 @@ pub enum RestartPolicy {
     OnFailure,
     /// Always.
     Always,
+}
+
+impl RestartPolicy {
+    /// As written in a spec.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Never => "never",
+            Self::OnFailure => "on-failure",
+            Self::Always => "always",
+        }
+    }
 }
 
 impl std::str::FromStr for RestartPolicy {
@@ -106,6 +146,48 @@ pub struct ModuleSpec {
     pub timeout: Option<Duration>,
     /// Restart policy.
     pub restart: RestartPolicy,
+}
+
+impl ModuleSpec {
+    /// The spec in the form an operator writes, with paths absolute and
+    /// only the limits that differ from the defaults: validating it gives
+    /// this spec back. This is what the registry stores.
+    pub fn to_raw(&self) -> RawModuleSpec {
+        let d = Limits::default();
+        let l = &self.limits;
+        let differs = |a: u64, b: u64| (a != b).then(|| a.to_string());
+        let differs32 = |a: u32, b: u32| (a != b).then_some(a);
+        RawModuleSpec {
+            name: self.name.clone(),
+            file: self.file.clone(),
+            digest: self.digest.to_string(),
+            args: self.args.clone(),
+            env: self.env.iter().cloned().collect(),
+            dirs: self
+                .dirs
+                .iter()
+                .map(|g| format!("{}::{}", g.host.display(), g.guest))
+                .collect(),
+            max_memory: differs(l.max_memory, d.max_memory),
+            max_instances: differs32(l.max_instances, d.max_instances),
+            max_memories: differs32(l.max_memories, d.max_memories),
+            max_handles: differs32(l.max_handles, d.max_handles),
+            max_tables: differs32(l.max_tables, d.max_tables),
+            max_table_elements: differs32(l.max_table_elements, d.max_table_elements),
+            max_hostcall_data: differs(l.max_hostcall_data, d.max_hostcall_data),
+            max_disk: differs(l.max_disk, d.max_disk),
+            max_disk_entries: differs32(l.max_disk_entries, d.max_disk_entries),
+            allow_outbound: self
+                .allow_outbound
+                .iter()
+                .map(ToString::to_string)
+                .collect(),
+            server_names: self.server_names.entries().to_vec(),
+            timeout: self.timeout.map(|t| format!("{}ms", t.as_millis())),
+            restart: (self.restart != RestartPolicy::OnFailure)
+                .then(|| self.restart.as_str().to_owned()),
+        }
+    }
 }
 
 /// A module spec that cannot be used: which module, which field, what is
@@ -313,6 +395,39 @@ fn module_limits(m: &RawModuleSpec) -> Result<Limits, (&'static str, String)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// What the registry stores validates back to the same spec.
+    #[test]
+    fn to_raw_round_trips() {
+        let raw: RawModuleSpec = toml::from_str(
+            r#"
+            name = "plc-bridge"
+            file = "/srv/m.wasm"
+            digest = "sha256:ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+            args = ["--x"]
+            env = { K = "v" }
+            dirs = ["/srv/shared::/shared", "/srv/b"]
+            max_memory = "16MiB"
+            max_handles = 64
+            max_disk = "1MiB"
+            allow_outbound = ["api.example.com:443", "10.0.5.0/24:502", "[fd00::/8]:502", "[::1]:80"]
+            server_names = ["{module}.{device}.example", "10.0.5.0/24"]
+            timeout = "1500ms"
+            restart = "always"
+            "#,
+        )
+        .unwrap();
+        let ceilings = ModuleCeilings::default();
+        let id = |p: &Path| p.to_owned();
+        let spec = raw.validate(&id, &ceilings).unwrap();
+        let stored = spec.to_raw();
+        assert_eq!(stored.max_instances, None, "defaults are not written");
+        let json = serde_json::to_string(&stored).unwrap();
+        let back: RawModuleSpec = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, stored);
+        let again = back.validate(&id, &ceilings).unwrap();
+        assert_eq!(format!("{again:?}"), format!("{spec:?}"));
+    }
 
     #[test]
     fn module_names() {

@@ -227,6 +227,61 @@ args = ["endless-line"]
     );
 }
 
+/// No config file at all: an empty deployment that starts and stops.
+#[test]
+fn starts_with_no_config_file() {
+    let s = Scratch::new();
+    let mut d = Daemon::start_without_config(&s);
+    d.wait_for("the daemon to start", |_, err| {
+        err.iter()
+            .any(|l| l.contains("edgeward daemon starting") && l.contains("modules=0"))
+    });
+    let (status, _, err) = d.terminate();
+    assert!(status.success(), "{}", err.join("\n"));
+}
+
+/// The config's modules are kept in the registry: a module dropped from
+/// the config is no longer started; one added is.
+#[test]
+fn the_registry_follows_the_config() {
+    let s = Scratch::new();
+    let probe = guests::SANDBOX_PROBE;
+    let module = |name: &str| {
+        format!(
+            "[[module]]\nname = \"{name}\"\nfile = \"{probe}\"\ndigest = \"{}\"\nargs = [\"hello\"]\nrestart = \"never\"\n",
+            sha256sum(probe)
+        )
+    };
+    for (config, expect, absent) in [
+        (module("one") + &module("two"), ["one |", "two |"], None),
+        (
+            module("two") + &module("three"),
+            ["two |", "three |"],
+            Some("one |"),
+        ),
+    ] {
+        let mut d = Daemon::start(&s, &config);
+        for e in expect {
+            d.wait_for(e, |out, _| out.iter().any(|l| l.starts_with(e)));
+        }
+        let (status, out, err) = d.terminate();
+        assert!(status.success(), "{}", err.join("\n"));
+        if let Some(a) = absent {
+            assert!(!out.iter().any(|l| l.starts_with(a)), "{a} ran: {out:?}");
+        }
+    }
+    let registry = edgeward::registry::Registry::open(&s.state()).unwrap();
+    let names: Vec<String> = registry
+        .modules()
+        .unwrap()
+        .into_iter()
+        .map(|m| m.spec.name)
+        .collect();
+    assert_eq!(names, ["three", "two"]);
+    // "one" keeps its identity registration until it is deregistered.
+    assert!(registry.registration("one").unwrap().is_some());
+}
+
 #[test]
 fn bad_config_is_rejected_with_a_clear_error() {
     let s = Scratch::new();

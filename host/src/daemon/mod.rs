@@ -13,7 +13,7 @@ use tokio::sync::watch;
 
 use crate::config::Config;
 use crate::runtime::{EngineOptions, Exit, Runtime, RuntimeOptions};
-use crate::spec::RestartPolicy;
+use crate::spec::{ModuleSpec, RestartPolicy};
 use crate::state;
 pub use supervisor::Supervisor;
 
@@ -201,23 +201,47 @@ async fn open_identity(
     Ok(identity)
 }
 
-/// Starts every module of `config`, in order. One that is refused is
-/// recorded and logged; the others run.
+/// Brings the registry in line with the config's modules, then starts
+/// every registered module that should run, in name order. One that is
+/// refused is recorded and logged; the others run.
 async fn start_deployment(config: &Config, supervisor: &mut Supervisor) {
-    let configured: std::collections::HashSet<&str> =
-        config.modules.iter().map(|m| m.name.as_str()).collect();
-    let registered = supervisor.registry().names().unwrap_or_else(|e| {
-        tracing::warn!(error = %e, "cannot list the registrations");
-        Vec::new()
-    });
-    for name in registered {
-        if !configured.contains(name.as_str()) {
-            tracing::info!(module = %name, "registered module is not configured; its registration is kept (`edgeward deregister {name}` deletes it)");
+    let configured: Vec<_> = config.modules.iter().map(ModuleSpec::to_raw).collect();
+    let records = supervisor
+        .registry()
+        .reconcile_config(&configured)
+        .and_then(|conflicts| Ok((conflicts, supervisor.registry().modules()?)));
+    let (conflicts, records) = match records {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot read the registry: no module started");
+            return;
         }
+    };
+    for name in conflicts {
+        let why = format!(
+            "the config names module {name:?}, which the management API added: remove one of them"
+        );
+        tracing::error!(module = %name, "configured module refused: {why}");
     }
-    for spec in config.modules.iter().cloned() {
-        // A refusal is recorded and logged by the supervisor.
-        let _ = supervisor.start(spec).await;
+    let modules: std::collections::HashSet<&str> =
+        records.iter().map(|r| r.spec.name.as_str()).collect();
+    let registered = supervisor.registry().names().unwrap_or_default();
+    for name in registered.iter().filter(|n| !modules.contains(n.as_str())) {
+        tracing::info!(module = %name, "registered module is not configured; its registration is kept (`edgeward deregister {name}` deletes it)");
+    }
+    let resolve = |p: &Path| p.to_owned();
+    for record in records {
+        if record.desired != crate::registry::Desired::Running {
+            continue;
+        }
+        let name = record.spec.name.clone();
+        match record.spec.validate(&resolve, &config.runtime.ceilings) {
+            // A refusal is recorded and logged by the supervisor.
+            Ok(spec) => {
+                let _ = supervisor.start(spec).await;
+            }
+            Err(e) => supervisor.refuse(&name, &e.to_string()),
+        }
     }
 }
 

@@ -143,6 +143,15 @@ impl Supervisor {
         Ok(())
     }
 
+    /// Records module `name` as refused for `reason` (a registered spec that
+    /// no longer validates, say), and logs it.
+    pub fn refuse(&self, name: &str, reason: &str) {
+        tracing::error!(module = name, error = reason, "module refused");
+        if let Ok(records) = ModuleRecords::open(&self.state_dir, name) {
+            records.set_status(ModuleState::Refused, 0, None, Some(reason.to_owned()), None);
+        }
+    }
+
     /// Measures and compiles `spec`'s component, then registers its
     /// identity.
     async fn load(

@@ -115,6 +115,11 @@ fn expand(entry: &str, module: &str, device: &str) -> Result<String, String> {
 }
 
 impl ServerNamePolicy {
+    /// The entries as written (placeholders not expanded).
+    pub fn entries(&self) -> &[String] {
+        &self.entries
+    }
+
     /// Checks `entries` (placeholders expanded with sample labels) and keeps
     /// them for [`ServerNamePolicy::resolve`].
     ///

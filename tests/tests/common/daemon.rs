@@ -36,7 +36,14 @@ impl Daemon {
 
     /// [`Daemon::start`] with extra environment (the test binary's seams).
     pub fn start_with_env(s: &Scratch, config: &str, env: &[(&str, &str)]) -> Self {
-        Self::spawn(s, config, s.edgeward(), env)
+        Self::spawn(s, Some(config), s.edgeward(), env)
+    }
+
+    /// `edgeward daemon` with no config file at all.
+    pub fn start_without_config(s: &Scratch) -> Self {
+        let mut c = s.edgeward();
+        c.env_remove("EDGEWARD_CONFIG");
+        Self::spawn(s, None, c, &[])
     }
 
     /// [`Daemon::start`] in a network namespace of its own (`unshare -n`:
@@ -49,17 +56,23 @@ impl Daemon {
             .arg("--state-dir")
             .arg(s.state())
             .env_remove("EDGEWARD_STATE_DIR");
-        Self::spawn(s, config, c, &[])
+        Self::spawn(s, Some(config), c, &[])
     }
 
-    fn spawn(s: &Scratch, config: &str, mut command: Command, env: &[(&str, &str)]) -> Self {
-        let path = s.write("config.toml", config);
-        let mut child = command
+    fn spawn(
+        s: &Scratch,
+        config: Option<&str>,
+        mut command: Command,
+        env: &[(&str, &str)],
+    ) -> Self {
+        command
             .envs(env.iter().copied())
             .env("EDGEWARD_LOG", "info")
-            .arg("daemon")
-            .arg("--config")
-            .arg(&path)
+            .arg("daemon");
+        if let Some(config) = config {
+            command.arg("--config").arg(s.write("config.toml", config));
+        }
+        let mut child = command
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
