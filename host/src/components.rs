@@ -60,6 +60,25 @@ impl ComponentStore {
         Ok(path)
     }
 
+    /// Stores `bytes`, which the caller has hashed to `digest` (an upload).
+    ///
+    /// # Errors
+    ///
+    /// I/O errors, or bytes that do not hash to `digest`.
+    pub fn put_bytes(&self, digest: &Digest, bytes: &[u8]) -> std::io::Result<PathBuf> {
+        if Digest::of(bytes) != *digest {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("the bytes do not hash to {digest}"),
+            ));
+        }
+        let path = self.path(digest);
+        if !path.is_file() {
+            state::create_only(&path, bytes)?;
+        }
+        Ok(path)
+    }
+
     /// The stored component with `digest`, measured again.
     ///
     /// # Errors

@@ -44,6 +44,14 @@
 //! carry no budget.
 //!
 //! ```toml
+//! [api]
+//! socket = "/run/edgeward/management.sock"   # default: see api::socket_path
+//! group = "edgeward"                  # the socket's group (0660)
+//! operator_uids = [1000]              # may change modules (root and the
+//! operator_groups = ["edgeops"]       # daemon's user always may)
+//! reader_uids = []                    # may only read
+//! reader_groups = ["monitoring"]
+//!
 //! [hsm]
 //! backend = "soft"                    # soft (default) | tpm | pkcs11
 //! tcti = "device:/dev/tpmrm0"         # tpm: TCTI (default shown)
@@ -98,6 +106,8 @@ struct RawConfig {
     hsm: RawHsm,
     #[serde(default)]
     runtime: RawRuntime,
+    #[serde(default)]
+    api: RawApi,
     #[serde(default)]
     identity: RawIdentity,
     #[serde(default, rename = "module")]
@@ -202,6 +212,65 @@ impl RawHsm {
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
+struct RawApi {
+    socket: Option<PathBuf>,
+    group: Option<String>,
+    #[serde(default)]
+    operator_uids: Vec<u32>,
+    #[serde(default)]
+    operator_groups: Vec<String>,
+    #[serde(default)]
+    reader_uids: Vec<u32>,
+    #[serde(default)]
+    reader_groups: Vec<String>,
+}
+
+impl RawApi {
+    fn validate(self, resolve: &dyn Fn(&Path) -> PathBuf) -> Result<ApiSettings, String> {
+        let groups = |names: Vec<String>, field: &str| {
+            names
+                .into_iter()
+                .map(|g| {
+                    crate::api::peer::group_id(&g).ok_or_else(|| {
+                        format!("api.{field}: no group {g:?} (a name in /etc/group or a number)")
+                    })
+                })
+                .collect::<Result<Vec<u32>, String>>()
+        };
+        Ok(ApiSettings {
+            socket: self.socket.map(|p| resolve(&p)),
+            group: self
+                .group
+                .map(|g| groups(vec![g], "group").map(|v| v[0]))
+                .transpose()?,
+            operator_uids: self.operator_uids,
+            operator_gids: groups(self.operator_groups, "operator_groups")?,
+            reader_uids: self.reader_uids,
+            reader_gids: groups(self.reader_groups, "reader_groups")?,
+        })
+    }
+}
+
+/// `[api]`: where the management socket is and who may use it. Root and
+/// the daemon's own user are always operators.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ApiSettings {
+    /// The socket (default: see [`crate::api::socket_path`]).
+    pub socket: Option<PathBuf>,
+    /// The socket's group (it is 0660), so its members can reach it at all.
+    pub group: Option<u32>,
+    /// Users who may change modules.
+    pub operator_uids: Vec<u32>,
+    /// Groups whose members may change modules.
+    pub operator_gids: Vec<u32>,
+    /// Users who may only read.
+    pub reader_uids: Vec<u32>,
+    /// Groups whose members may only read.
+    pub reader_gids: Vec<u32>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct RawRuntime {
     max_modules: Option<u32>,
     pooling: Option<bool>,
@@ -241,6 +310,8 @@ pub struct Config {
     pub runtime: RuntimeSettings,
     /// Workload identity settings.
     pub identity: IdentityConfig,
+    /// The management API.
+    pub api: ApiSettings,
     /// The deployment.
     pub modules: Vec<ModuleSpec>,
 }
@@ -291,6 +362,7 @@ impl Config {
 
         let hsm = raw.hsm.validate(&resolve).map_err(err)?;
         let identity = raw.identity.validate(&resolve).map_err(err)?;
+        let api = raw.api.validate(&resolve).map_err(err)?;
         let max_wasm_stack = match &raw.runtime.max_wasm_stack {
             None => crate::runtime::engine::DEFAULT_MAX_WASM_STACK,
             Some(s) => {
@@ -353,6 +425,7 @@ impl Config {
                 ceilings,
             },
             identity,
+            api,
             modules,
         })
     }

@@ -8,6 +8,7 @@
 //! in this library.
 
 pub mod addrclass;
+pub mod api;
 pub mod cli;
 pub mod components;
 pub mod config;
@@ -23,3 +24,22 @@ pub mod units;
 
 /// The runtime version (`runtime.platform.version`).
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// The wasmtime release modules run on (the workspace pins it exactly).
+pub const WASMTIME_VERSION: &str = "48.0.8";
+
+#[cfg(test)]
+mod tests {
+    /// [`super::WASMTIME_VERSION`] is the version the workspace builds.
+    #[test]
+    fn wasmtime_version_is_the_pinned_one() {
+        let manifest = include_str!("../../Cargo.toml");
+        assert!(
+            manifest.contains(&format!(
+                "wasmtime = {{ version = \"{}\"",
+                super::WASMTIME_VERSION
+            )),
+            "update WASMTIME_VERSION"
+        );
+    }
+}

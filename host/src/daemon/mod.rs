@@ -1,6 +1,7 @@
 //! `edgeward daemon`: measure, load and supervise the modules of a
 //! deployment until SIGINT/SIGTERM, then stop them.
 
+mod commands;
 pub mod records;
 pub mod supervisor;
 
@@ -11,6 +12,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use tokio::sync::watch;
 
+use crate::api;
 use crate::config::Config;
 use crate::runtime::{EngineOptions, Exit, Runtime, RuntimeOptions};
 use crate::spec::{ModuleSpec, RestartPolicy};
@@ -94,10 +96,11 @@ pub fn raise_fd_limit() -> Option<u64> {
 ///
 /// When the state directory or runtime cannot be set up, another daemon
 /// holds the state directory, or signal handlers cannot be installed.
-pub async fn run(config: Config, state_dir: PathBuf) -> anyhow::Result<()> {
+pub async fn run(config: Config, state_dir: PathBuf, socket: PathBuf) -> anyhow::Result<()> {
     state::ensure_private_dir(&state_dir)?;
     let _lock = state::lock_for_daemon(&state_dir)?;
     let registry = Arc::new(crate::registry::Registry::open(&state_dir)?);
+    let listener = api::bind(&socket, config.api.group)?;
     let fd_limit = raise_fd_limit();
     let max_memory = config
         .modules
@@ -122,6 +125,7 @@ pub async fn run(config: Config, state_dir: PathBuf) -> anyhow::Result<()> {
         allocator = ?rt.allocator(),
         modules = config.modules.len(),
         fd_limit = ?fd_limit,
+        socket = %socket.display(),
         "edgeward daemon starting"
     );
     // Signals are honoured from here on, compiling or not.
@@ -135,15 +139,46 @@ pub async fn run(config: Config, state_dir: PathBuf) -> anyhow::Result<()> {
         }
     };
     let (stop_tx, stop_rx) = watch::channel(false);
-    let maintain = tokio::spawn(identity.clone().maintain(true, stop_rx));
+    let maintain = tokio::spawn(identity.clone().maintain(true, stop_rx.clone()));
+    let info = api::SystemInfo {
+        version: crate::VERSION.to_owned(),
+        runtime_platform_version: format!("wasmtime {}", crate::WASMTIME_VERSION),
+        hsm_backend: identity.hsm_backend().to_owned(),
+        device_id: identity.config().device_id.clone(),
+        trust_domain: identity.config().trust_domain.clone(),
+    };
     let mut supervisor = Supervisor::new(
         rt.clone(),
         identity,
-        registry,
+        registry.clone(),
         &state_dir,
         config.runtime.echo_output,
     )
     .context("cannot create the component store")?;
+    let (commands, mut command_rx) = tokio::sync::mpsc::channel(64);
+    let api_state = Arc::new(api::ApiState {
+        registry,
+        state_dir: state_dir.clone(),
+        components: crate::components::ComponentStore::open(&state_dir)?,
+        commands,
+        settings: config.api.clone(),
+        daemon_uid: rustix::process::getuid().as_raw(),
+        ceilings: config.runtime.ceilings,
+        info,
+        started: std::time::Instant::now(),
+        refusals: crate::runtime::loglimit::LogLimiter::new(
+            "management-api",
+            "refused management requests",
+        ),
+    });
+    let mut api_stop = stop_rx;
+    let server = tokio::spawn(api::serve(
+        api::peer::PeerListener::new(listener),
+        api_state,
+        async move {
+            let _ = api_stop.wait_for(|s| *s).await;
+        },
+    ));
     let stopped_early = tokio::select! {
         () = start_deployment(&config, &mut supervisor) => None,
         why = stop_requested(&mut sigterm) => {
@@ -153,15 +188,21 @@ pub async fn run(config: Config, state_dir: PathBuf) -> anyhow::Result<()> {
     };
     let why = match stopped_early {
         Some(why) => why,
-        None => tokio::select! {
-            why = stop_requested(&mut sigterm) => why?,
-            () = supervisor.watch() => unreachable!("watch never returns"),
+        None => loop {
+            tokio::select! {
+                why = stop_requested(&mut sigterm) => break why?,
+                Some(cmd) = command_rx.recv() => commands::apply(cmd, &mut supervisor, &config).await,
+                () = supervisor.watch() => unreachable!("watch never returns"),
+            }
         },
     };
     tracing::info!("{why}: stopping");
     let _ = stop_tx.send(true);
+    command_rx.close();
     supervisor.stop_all().await;
     let _ = tokio::time::timeout(STOP_DEADLINE, maintain).await;
+    let _ = tokio::time::timeout(STOP_DEADLINE, server).await;
+    let _ = std::fs::remove_file(&socket);
     records::flush();
     tracing::info!("edgeward daemon stopped");
     Ok(())

@@ -81,6 +81,11 @@ impl IdentityService {
         )
     }
 
+    /// The HSM backend's name (`soft`, `tpm`, `pkcs11`).
+    pub fn hsm_backend(&self) -> &'static str {
+        self.hsm.backend()
+    }
+
     /// The identity of registered module `name` running `digest`: loads its
     /// registration from `registry` or registers it there. Blocks on the
     /// HSM.

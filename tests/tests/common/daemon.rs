@@ -55,7 +55,8 @@ impl Daemon {
             .arg(EDGEWARD)
             .arg("--state-dir")
             .arg(s.state())
-            .env_remove("EDGEWARD_STATE_DIR");
+            .env_remove("EDGEWARD_STATE_DIR")
+            .env("EDGEWARD_SOCKET", s.socket());
         Self::spawn(s, Some(config), c, &[])
     }
 

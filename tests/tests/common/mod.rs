@@ -39,12 +39,21 @@ impl Scratch {
         p
     }
 
-    /// `edgeward --state-dir <state> ARGS...`, logs at their defaults.
+    /// The management socket of this scratch's daemon (each test's own:
+    /// daemons in parallel tests must not share the default one).
+    pub fn socket(&self) -> PathBuf {
+        self.dir.path().join("api.sock")
+    }
+
+    /// `edgeward --state-dir <state> ARGS...`, logs at their defaults, the
+    /// management socket this scratch's own.
     pub fn edgeward(&self) -> Command {
         let mut c = Command::new(EDGEWARD);
         c.arg("--state-dir").arg(self.state());
         c.env_remove("EDGEWARD_LOG")
-            .env_remove("EDGEWARD_STATE_DIR");
+            .env_remove("EDGEWARD_STATE_DIR")
+            .env_remove("EDGEWARD_CONFIG")
+            .env("EDGEWARD_SOCKET", self.socket());
         c
     }
 

@@ -11,6 +11,8 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 
+mod module;
+
 use crate::config::{self, Config};
 use crate::identity::ServerNamePolicy;
 use crate::measure::{Digest, Measured};
@@ -94,6 +96,8 @@ enum Command {
         #[arg(long, value_name = "FILE")]
         config: Option<PathBuf>,
     },
+    /// Manage modules through the running daemon's management socket.
+    Module(module::ModuleArgs),
     /// Print the sha256 digest of component files, as pinned in a config.
     Digest {
         /// Component files.
@@ -196,6 +200,11 @@ struct RunArgs {
 
 #[derive(Debug, clap::Args)]
 struct DaemonArgs {
+    /// The management socket. Default: $EDGEWARD_SOCKET, then the config's
+    /// [api] socket, then /run/edgeward/management.sock (root) or
+    /// $XDG_RUNTIME_DIR/edgeward/management.sock.
+    #[arg(long, value_name = "PATH")]
+    socket: Option<PathBuf>,
     /// Config file. Default: $EDGEWARD_CONFIG, then
     /// /etc/edgeward/config.toml if it exists, else none (an empty
     /// deployment).
@@ -251,6 +260,10 @@ pub fn main() -> ExitCode {
         Command::Bundle { format, config } => {
             init_logging("warn");
             bundle_command(cli.state_dir, config, format)
+        }
+        Command::Module(args) => {
+            init_logging("warn");
+            module::command(args)
         }
         Command::Deregister { module, config } => {
             init_logging("warn");
@@ -704,7 +717,11 @@ fn daemon_command(state_flag: Option<PathBuf>, args: DaemonArgs) -> ExitCode {
         Ok(rt) => rt,
         Err(e) => return fail(format!("cannot start the async runtime: {e}"), 1),
     };
-    let result = rt.block_on(daemon::run(cfg, state_dir));
+    let socket = match crate::api::socket_path(args.socket.as_deref(), cfg.api.socket.as_deref()) {
+        Ok(s) => s,
+        Err(e) => return fail(e, 2),
+    };
+    let result = rt.block_on(daemon::run(cfg, state_dir, socket));
     // A compile abandoned by a signal at start-up must not hold the exit.
     rt.shutdown_timeout(Duration::from_millis(200));
     match result {

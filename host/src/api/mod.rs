@@ -1,0 +1,591 @@
+//! The management API: HTTP/1.1 + JSON on a unix socket (never TCP), for
+//! operators and the `edgeward` CLI.
+//!
+//! # Who may reach it, and what a hostile caller could try
+//!
+//! The socket's directory is 0750 and the socket 0660, owned by the
+//! daemon's user and `[api] group`: other users cannot connect at all.
+//! Those who can are identified by the kernel (SO_PEERCRED, at accept
+//! time) and given a role ([`peer::Role`]): root, the daemon's own user and
+//! the configured operators may change modules, readers may only read,
+//! anyone else gets 403 (logged, rate-limited). A caller could try, and is
+//! refused (each tested): to act without a role (403) or to write as a
+//! reader (403); to hold many connections (at most
+//! [`peer::CONNECTIONS_PER_UID`] per uid); to send a huge or a slow body
+//! (1 MiB and 5 s for JSON: 413, 408); malformed JSON or unknown fields
+//! (400, naming the problem); names with `/` or `..` (400); to hand the
+//! daemon a host path to read (`file`) or grant (`dirs`) (422: components
+//! are uploaded by digest; directories are granted in the config file
+//! only); a component whose bytes do not match the digest it claims (422);
+//! to change a module the config file owns (409).
+//!
+//! Reads are answered from the registry and the module records; changes go
+//! to the daemon's supervisor as [`Command`]s, one at a time, and are
+//! acknowledged only once the registry has committed them.
+
+pub mod client;
+pub mod peer;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{ConnectInfo, Path as UrlPath, Request, State};
+use axum::http::{Method, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post, put};
+use serde::Serialize;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::components::ComponentStore;
+use crate::config::ApiSettings;
+use crate::daemon::records::{self, Status};
+use crate::measure::{Digest, MAX_COMPONENT_SIZE};
+use crate::registry::{Desired, ModuleRecord, Origin, Registry};
+use crate::runtime::engine::ModuleCeilings;
+use crate::runtime::loglimit::LogLimiter;
+use crate::spec::{ModuleSpec, RawModuleSpec, valid_module_name};
+use peer::{Peer, PeerListener, Role};
+
+/// Environment variable naming the socket when `--socket` is absent.
+pub const SOCKET_ENV: &str = "EDGEWARD_SOCKET";
+/// Largest JSON request body.
+pub const MAX_JSON_BODY: usize = 1 << 20;
+/// How long a JSON request body may take to arrive.
+pub const JSON_BODY_TIME: Duration = Duration::from_secs(5);
+/// How long a component upload may take to arrive.
+pub const BLOB_BODY_TIME: Duration = Duration::from_secs(300);
+
+/// The socket: `--socket`, else `$EDGEWARD_SOCKET`, else `[api] socket`,
+/// else `/run/edgeward/management.sock` for root and
+/// `$XDG_RUNTIME_DIR/edgeward/management.sock` for anyone else.
+///
+/// # Errors
+///
+/// None of those is set for a user without `XDG_RUNTIME_DIR`.
+pub fn socket_path(flag: Option<&Path>, configured: Option<&Path>) -> Result<PathBuf, String> {
+    if let Some(p) = flag {
+        return Ok(p.to_owned());
+    }
+    if let Some(p) = std::env::var_os(SOCKET_ENV).filter(|p| !p.is_empty()) {
+        return Ok(PathBuf::from(p));
+    }
+    if let Some(p) = configured {
+        return Ok(p.to_owned());
+    }
+    if rustix::process::getuid().is_root() {
+        return Ok(PathBuf::from("/run/edgeward/management.sock"));
+    }
+    match std::env::var_os("XDG_RUNTIME_DIR").filter(|p| !p.is_empty()) {
+        Some(d) => Ok(PathBuf::from(d).join("edgeward").join("management.sock")),
+        None => Err(format!(
+            "no management socket: give --socket, set ${SOCKET_ENV}, set [api] socket, or set $XDG_RUNTIME_DIR"
+        )),
+    }
+}
+
+/// Binds the socket at `path`: its directory created 0750 if missing (an
+/// existing one must be ours and not writable by others), a stale socket
+/// replaced only if nothing answers on it, the socket made 0660 with
+/// `group` as its group.
+///
+/// # Errors
+///
+/// Another daemon answers there, or the directory or socket cannot be set
+/// up; the message names the path.
+pub fn bind(path: &Path, group: Option<u32>) -> anyhow::Result<tokio::net::UnixListener> {
+    use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
+    let dir = path.parent().unwrap_or(Path::new("."));
+    if !dir.exists() {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", dir.display()))?;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o750))
+            .map_err(|e| anyhow::anyhow!("cannot restrict {}: {e}", dir.display()))?;
+        if let Some(g) = group {
+            chown_group(dir, g)?;
+        }
+    }
+    let meta = std::fs::metadata(dir).map_err(|e| anyhow::anyhow!("{}: {e}", dir.display()))?;
+    let me = rustix::process::getuid().as_raw();
+    if meta.uid() != me && meta.uid() != 0 {
+        anyhow::bail!(
+            "{}: owned by uid {}, not by this user or root: refusing to put the management socket there",
+            dir.display(),
+            meta.uid()
+        );
+    }
+    if meta.mode() & 0o022 != 0 {
+        anyhow::bail!(
+            "{}: writable by group or others: refusing to put the management socket there",
+            dir.display()
+        );
+    }
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            anyhow::bail!(
+                "{}: another daemon answers on this management socket",
+                path.display()
+            );
+        }
+        std::fs::remove_file(path)
+            .map_err(|e| anyhow::anyhow!("cannot remove the stale {}: {e}", path.display()))?;
+    }
+    let listener = tokio::net::UnixListener::bind(path)
+        .map_err(|e| anyhow::anyhow!("cannot bind {}: {e}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))
+        .map_err(|e| anyhow::anyhow!("cannot restrict {}: {e}", path.display()))?;
+    if let Some(g) = group {
+        chown_group(path, g)?;
+    }
+    Ok(listener)
+}
+
+fn chown_group(path: &Path, gid: u32) -> anyhow::Result<()> {
+    rustix::fs::chown(path, None, Some(rustix::fs::Gid::from_raw(gid))).map_err(|e| {
+        anyhow::anyhow!(
+            "cannot give {} to group {gid} ([api] group): {e}",
+            path.display()
+        )
+    })
+}
+
+/// A change for the daemon's supervisor; the reply says how it went.
+#[derive(Debug)]
+pub enum Command {
+    /// Register and start a new module (origin: operator).
+    Add(Box<ModuleSpec>, Reply),
+    /// Start a registered module (and keep it running).
+    Start(String, Reply),
+    /// Stop a module (and keep it stopped).
+    Stop(String, Reply),
+    /// Stop and start a module.
+    Restart(String, Reply),
+    /// Stop a module and delete its registration.
+    Remove(String, Reply),
+}
+
+/// Where a [`Command`]'s outcome goes.
+pub type Reply = oneshot::Sender<Result<(), ApiError>>;
+
+/// An error answered to the caller: a status and a message naming what was
+/// wrong.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{status}: {message}")]
+pub struct ApiError {
+    /// The HTTP status.
+    pub status: StatusCode,
+    /// What was wrong.
+    pub message: String,
+}
+
+impl ApiError {
+    /// An error with `status`.
+    pub fn new(status: StatusCode, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            message: message.into(),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        #[derive(Serialize)]
+        struct Body<'a> {
+            error: &'a str,
+        }
+        (
+            self.status,
+            axum::Json(Body {
+                error: &self.message,
+            }),
+        )
+            .into_response()
+    }
+}
+
+/// What the daemon tells `GET /v1/system/info`.
+#[derive(Debug, Clone, Serialize)]
+pub struct SystemInfo {
+    /// edgeward's version.
+    pub version: String,
+    /// The wasmtime version modules run on.
+    pub runtime_platform_version: String,
+    /// The HSM backend.
+    pub hsm_backend: String,
+    /// The device id.
+    pub device_id: String,
+    /// The SPIFFE trust domain.
+    pub trust_domain: String,
+}
+
+/// What the handlers share.
+#[derive(Debug)]
+pub struct ApiState {
+    /// The registry (reads).
+    pub registry: Arc<Registry>,
+    /// The state directory (module records).
+    pub state_dir: PathBuf,
+    /// The component store (uploads).
+    pub components: ComponentStore,
+    /// Changes go here.
+    pub commands: mpsc::Sender<Command>,
+    /// Who may do what.
+    pub settings: ApiSettings,
+    /// The daemon's own uid (an operator).
+    pub daemon_uid: u32,
+    /// The engine's per-module ceilings (specs are checked against them).
+    pub ceilings: ModuleCeilings,
+    /// Static facts.
+    pub info: SystemInfo,
+    /// When the daemon started.
+    pub started: Instant,
+    /// Refused callers are logged within this budget.
+    pub refusals: LogLimiter,
+}
+
+/// The routes under `/v1`, behind the authorization layer.
+pub fn router(state: Arc<ApiState>) -> Router {
+    Router::new()
+        .route("/v1/health", get(health))
+        .route("/v1/system/info", get(system_info))
+        .route("/v1/modules", get(list_modules).post(add_module))
+        .route("/v1/modules/{name}", get(show_module).delete(remove_module))
+        .route("/v1/modules/{name}/{action}", post(module_action))
+        .route("/v1/blobs/{digest}", put(put_blob))
+        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such route") })
+        .method_not_allowed_fallback(|| async {
+            ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "this route does not take that method",
+            )
+        })
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            authorize,
+        ))
+        .with_state(state)
+}
+
+/// Serves `router` on `listener` until `stop` resolves.
+///
+/// # Errors
+///
+/// When serving fails.
+pub async fn serve(
+    listener: PeerListener,
+    state: Arc<ApiState>,
+    stop: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(
+        listener,
+        router(state).into_make_service_with_connect_info::<Peer>(),
+    )
+    .with_graceful_shutdown(stop)
+    .await
+}
+
+/// Refuses callers without a role, and readers that would change
+/// something.
+async fn authorize(
+    State(state): State<Arc<ApiState>>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
+    req: Request,
+    next: Next,
+) -> Response {
+    let reading = matches!(*req.method(), Method::GET | Method::HEAD);
+    match state.settings.role(&peer, state.daemon_uid) {
+        Some(Role::Operator) => next.run(req).await,
+        Some(Role::Reader) if reading => next.run(req).await,
+        role => {
+            if state.refusals.allow() {
+                tracing::warn!(
+                    uid = peer.uid,
+                    gid = peer.gid,
+                    pid = ?peer.pid,
+                    method = %req.method(),
+                    path = %crate::runtime::escape::escape_str(req.uri().path()),
+                    "management request refused"
+                );
+            }
+            let why = if role.is_some() {
+                "readers may not change anything"
+            } else {
+                "this user is not an operator or reader of this daemon ([api] in its config)"
+            };
+            ApiError::new(StatusCode::FORBIDDEN, why).into_response()
+        }
+    }
+}
+
+async fn health() -> impl IntoResponse {
+    axum::Json(serde_json::json!({ "status": "ok" }))
+}
+
+async fn system_info(State(state): State<Arc<ApiState>>) -> Result<Response, ApiError> {
+    let modules = state.registry.modules().map_err(internal)?;
+    let statuses = statuses(&state.state_dir);
+    let running = modules
+        .iter()
+        .filter(|m| {
+            statuses
+                .iter()
+                .any(|s| s.module == m.spec.name && s.state == records::ModuleState::Running)
+        })
+        .count();
+    Ok(axum::Json(serde_json::json!({
+        "version": state.info.version,
+        "runtime_platform_version": state.info.runtime_platform_version,
+        "hsm_backend": state.info.hsm_backend,
+        "device_id": state.info.device_id,
+        "trust_domain": state.info.trust_domain,
+        "uptime_seconds": state.started.elapsed().as_secs(),
+        "modules": { "registered": modules.len(), "running": running },
+    }))
+    .into_response())
+}
+
+fn internal(e: impl std::fmt::Display) -> ApiError {
+    tracing::error!(error = %e, "management request failed");
+    ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
+}
+
+fn statuses(state_dir: &Path) -> Vec<Status> {
+    records::read_statuses(state_dir)
+        .into_iter()
+        .flatten()
+        .collect()
+}
+
+/// A module as the API shows it.
+#[derive(Debug, Serialize)]
+struct ModuleView {
+    name: String,
+    origin: Origin,
+    desired: Desired,
+    /// `running`, `stopped`, `refused`, ..., or `registered` before its
+    /// first start.
+    state: String,
+    digest: String,
+    starts: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reason: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    last_exit: Option<records::ExitRecord>,
+}
+
+fn view(record: &ModuleRecord, status: Option<&Status>) -> ModuleView {
+    ModuleView {
+        name: record.spec.name.clone(),
+        origin: record.origin,
+        desired: record.desired,
+        state: status.map_or_else(
+            || "registered".to_owned(),
+            |s| {
+                serde_json::to_value(s.state)
+                    .ok()
+                    .and_then(|v| v.as_str().map(str::to_owned))
+                    .unwrap_or_default()
+            },
+        ),
+        digest: record.spec.digest.clone(),
+        starts: status.map_or(0, |s| s.starts),
+        reason: status.and_then(|s| s.reason.clone()),
+        last_exit: status.and_then(|s| s.last_exit.clone()),
+    }
+}
+
+async fn list_modules(State(state): State<Arc<ApiState>>) -> Result<Response, ApiError> {
+    let modules = state.registry.modules().map_err(internal)?;
+    let statuses = statuses(&state.state_dir);
+    let views: Vec<ModuleView> = modules
+        .iter()
+        .map(|m| view(m, statuses.iter().find(|s| s.module == m.spec.name)))
+        .collect();
+    Ok(axum::Json(views).into_response())
+}
+
+fn checked_name(name: &str) -> Result<(), ApiError> {
+    if valid_module_name(name) {
+        Ok(())
+    } else {
+        Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "invalid module name {:?}: use 1-63 of a-z 0-9 . _ - starting with a letter or digit",
+                crate::runtime::escape::escape_str(&name.chars().take(80).collect::<String>())
+            ),
+        ))
+    }
+}
+
+fn record_of(state: &ApiState, name: &str) -> Result<ModuleRecord, ApiError> {
+    checked_name(name)?;
+    state
+        .registry
+        .module(name)
+        .map_err(internal)?
+        .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, format!("no module {name:?}")))
+}
+
+async fn show_module(
+    State(state): State<Arc<ApiState>>,
+    UrlPath(name): UrlPath<String>,
+) -> Result<Response, ApiError> {
+    let record = record_of(&state, &name)?;
+    let statuses = statuses(&state.state_dir);
+    let status = statuses.iter().find(|s| s.module == name);
+    let mut v = serde_json::to_value(view(&record, status)).map_err(internal)?;
+    v["spec"] = serde_json::to_value(&record.spec).map_err(internal)?;
+    Ok(axum::Json(v).into_response())
+}
+
+/// Reads a JSON body within [`MAX_JSON_BODY`] and [`JSON_BODY_TIME`].
+async fn json_body<T: serde::de::DeserializeOwned>(body: Body) -> Result<T, ApiError> {
+    let bytes = tokio::time::timeout(JSON_BODY_TIME, axum::body::to_bytes(body, MAX_JSON_BODY))
+        .await
+        .map_err(|_| {
+            ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                format!("the request body did not arrive within {JSON_BODY_TIME:?}"),
+            )
+        })?
+        .map_err(|e| {
+            ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("request body over {MAX_JSON_BODY} bytes or unreadable: {e}"),
+            )
+        })?;
+    serde_json::from_slice(&bytes)
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("invalid JSON body: {e}")))
+}
+
+async fn ask(state: &ApiState, command: impl FnOnce(Reply) -> Command) -> Result<(), ApiError> {
+    let (tx, rx) = oneshot::channel();
+    state
+        .commands
+        .send(command(tx))
+        .await
+        .map_err(|_| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "the daemon is stopping"))?;
+    rx.await
+        .map_err(|_| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "the daemon is stopping"))?
+}
+
+async fn add_module(State(state): State<Arc<ApiState>>, body: Body) -> Result<Response, ApiError> {
+    let raw: RawModuleSpec = json_body(body).await?;
+    checked_name(&raw.name)?;
+    let unprocessable = |m: String| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, m);
+    if raw.file.is_some() {
+        return Err(unprocessable(
+            "file: the management API does not read host paths; upload the component with PUT /v1/blobs/{digest} and name its digest".into(),
+        ));
+    }
+    if !raw.dirs.is_empty() {
+        return Err(unprocessable(
+            "dirs: host directories are granted in the config file only".into(),
+        ));
+    }
+    let spec = raw
+        .validate(&|p: &Path| p.to_owned(), &state.ceilings)
+        .map_err(|e| unprocessable(e.to_string()))?;
+    if !state.components.contains(&spec.digest) {
+        return Err(unprocessable(format!(
+            "component {} has not been uploaded (PUT /v1/blobs/{})",
+            spec.digest, spec.digest
+        )));
+    }
+    let name = spec.name.clone();
+    ask(&state, |r| Command::Add(Box::new(spec), r)).await?;
+    let record = record_of(&state, &name)?;
+    let statuses = statuses(&state.state_dir);
+    Ok((
+        StatusCode::CREATED,
+        axum::Json(view(&record, statuses.iter().find(|s| s.module == name))),
+    )
+        .into_response())
+}
+
+async fn module_action(
+    State(state): State<Arc<ApiState>>,
+    UrlPath((name, action)): UrlPath<(String, String)>,
+) -> Result<Response, ApiError> {
+    checked_name(&name)?;
+    let n = name.clone();
+    match action.as_str() {
+        "start" => ask(&state, |r| Command::Start(n, r)).await?,
+        "stop" => ask(&state, |r| Command::Stop(n, r)).await?,
+        "restart" => ask(&state, |r| Command::Restart(n, r)).await?,
+        _ => {
+            return Err(ApiError::new(
+                StatusCode::NOT_FOUND,
+                "no such action: start, stop or restart",
+            ));
+        }
+    }
+    let record = record_of(&state, &name)?;
+    let statuses = statuses(&state.state_dir);
+    Ok(axum::Json(view(&record, statuses.iter().find(|s| s.module == name))).into_response())
+}
+
+async fn remove_module(
+    State(state): State<Arc<ApiState>>,
+    UrlPath(name): UrlPath<String>,
+) -> Result<Response, ApiError> {
+    checked_name(&name)?;
+    ask(&state, |r| Command::Remove(name, r)).await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+/// `PUT /v1/blobs/{digest}`: a component, read within its size and time
+/// limits, hashed, and stored only if it hashes to `digest`.
+async fn put_blob(
+    State(state): State<Arc<ApiState>>,
+    UrlPath(digest): UrlPath<String>,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let digest: Digest = digest
+        .parse()
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("invalid digest: {e}")))?;
+    if state.components.contains(&digest) {
+        return Ok(StatusCode::OK.into_response());
+    }
+    let bytes = tokio::time::timeout(
+        BLOB_BODY_TIME,
+        axum::body::to_bytes(
+            body,
+            usize::try_from(MAX_COMPONENT_SIZE).unwrap_or(usize::MAX),
+        ),
+    )
+    .await
+    .map_err(|_| {
+        ApiError::new(
+            StatusCode::REQUEST_TIMEOUT,
+            format!("the component did not arrive within {BLOB_BODY_TIME:?}"),
+        )
+    })?
+    .map_err(|e| {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!(
+                "component over the {} MiB limit or unreadable: {e}",
+                MAX_COMPONENT_SIZE >> 20
+            ),
+        )
+    })?;
+    let actual = Digest::of(&bytes);
+    if actual != digest {
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            format!("the upload hashes to {actual}, not {digest}"),
+        ));
+    }
+    let store = state.components.clone();
+    tokio::task::spawn_blocking(move || store.put_bytes(&digest, &bytes))
+        .await
+        .map_err(internal)?
+        .map_err(internal)?;
+    Ok(StatusCode::CREATED.into_response())
+}

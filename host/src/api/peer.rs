@@ -1,0 +1,296 @@
+//! Who is on the other end of the management socket: the kernel's
+//! credentials for the peer (SO_PEERCRED: uid, gid, pid, as of `connect`),
+//! its supplementary groups, and the role they give it. Connections are
+//! counted per uid at accept time.
+
+use std::collections::HashMap;
+use std::io;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{UnixListener, UnixStream};
+
+use crate::config::ApiSettings;
+use crate::runtime::loglimit::LogLimiter;
+
+/// Connections one uid may hold open at once.
+pub const CONNECTIONS_PER_UID: usize = 10;
+
+/// The peer of one connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Peer {
+    /// Its user id.
+    pub uid: u32,
+    /// Its primary group id.
+    pub gid: u32,
+    /// Its process id, if the kernel gave one.
+    pub pid: Option<i32>,
+    /// Its supplementary groups (see [`peer_groups`]).
+    pub groups: Vec<u32>,
+}
+
+/// What a peer may do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// Read and change everything.
+    Operator,
+    /// Read only.
+    Reader,
+}
+
+impl ApiSettings {
+    /// The role `peer` has: root and `daemon_uid` are operators; then the
+    /// configured operator and reader users and groups (primary or
+    /// supplementary). `None`: no access.
+    pub fn role(&self, peer: &Peer, daemon_uid: u32) -> Option<Role> {
+        let in_any =
+            |gids: &[u32]| gids.contains(&peer.gid) || peer.groups.iter().any(|g| gids.contains(g));
+        if peer.uid == 0
+            || peer.uid == daemon_uid
+            || self.operator_uids.contains(&peer.uid)
+            || in_any(&self.operator_gids)
+        {
+            Some(Role::Operator)
+        } else if self.reader_uids.contains(&peer.uid) || in_any(&self.reader_gids) {
+            Some(Role::Reader)
+        } else {
+            None
+        }
+    }
+}
+
+/// A group's id: a number, or a name in `/etc/group`.
+pub fn group_id(name: &str) -> Option<u32> {
+    if let Ok(n) = name.parse() {
+        return Some(n);
+    }
+    let text = std::fs::read_to_string("/etc/group").ok()?;
+    text.lines().find_map(|l| {
+        let mut f = l.split(':');
+        let (n, _, gid) = (f.next()?, f.next()?, f.next()?);
+        (n == name).then(|| gid.parse().ok()).flatten()
+    })
+}
+
+/// The supplementary groups of process `pid`, read from
+/// `/proc/<pid>/status`, and trusted only when that process's real uid is
+/// `uid` (the kernel's answer for the socket): a peer that exited and whose
+/// pid was reused by another user's process yields no groups. Empty when
+/// they cannot be read.
+pub fn peer_groups(pid: Option<i32>, uid: u32) -> Vec<u32> {
+    let Some(pid) = pid.filter(|p| *p > 0) else {
+        return Vec::new();
+    };
+    let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
+        return Vec::new();
+    };
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .map(str::trim)
+    };
+    let real_uid = field("Uid:").and_then(|v| v.split_whitespace().next()?.parse::<u32>().ok());
+    if real_uid != Some(uid) {
+        return Vec::new();
+    }
+    field("Groups:")
+        .map(|v| {
+            v.split_whitespace()
+                .filter_map(|g| g.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The management socket's listener: reads each peer's credentials at
+/// accept time and refuses (closes) a connection past
+/// [`CONNECTIONS_PER_UID`] for its uid.
+#[derive(Debug)]
+pub struct PeerListener {
+    inner: UnixListener,
+    open: Arc<Mutex<HashMap<u32, usize>>>,
+    log: Arc<LogLimiter>,
+}
+
+impl PeerListener {
+    /// Listens on `inner`.
+    pub fn new(inner: UnixListener) -> Self {
+        Self {
+            inner,
+            open: Arc::default(),
+            log: Arc::new(LogLimiter::new("management-api", "refused connections")),
+        }
+    }
+
+    fn admit(&self, stream: UnixStream) -> Option<(Conn, Peer)> {
+        let cred = stream.peer_cred().ok()?;
+        let uid = cred.uid();
+        let mut open = self.open.lock().ok()?;
+        let n = open.entry(uid).or_insert(0);
+        if *n >= CONNECTIONS_PER_UID {
+            if self.log.allow() {
+                tracing::warn!(
+                    uid,
+                    "management connection refused: {CONNECTIONS_PER_UID} already open for this uid"
+                );
+            }
+            return None;
+        }
+        *n += 1;
+        drop(open);
+        let peer = Peer {
+            uid,
+            gid: cred.gid(),
+            pid: cred.pid(),
+            groups: peer_groups(cred.pid(), uid),
+        };
+        Some((
+            Conn {
+                inner: stream,
+                uid,
+                open: self.open.clone(),
+            },
+            peer,
+        ))
+    }
+}
+
+impl axum::serve::Listener for PeerListener {
+    type Io = Conn;
+    type Addr = Peer;
+
+    async fn accept(&mut self) -> (Conn, Peer) {
+        loop {
+            match self.inner.accept().await {
+                Ok((stream, _)) => {
+                    if let Some(admitted) = self.admit(stream) {
+                        return admitted;
+                    }
+                }
+                Err(e) => {
+                    if self.log.allow() {
+                        tracing::warn!(error = %e, "management socket accept failed");
+                    }
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
+            }
+        }
+    }
+
+    fn local_addr(&self) -> io::Result<Peer> {
+        Ok(Peer {
+            uid: rustix::process::getuid().as_raw(),
+            gid: rustix::process::getgid().as_raw(),
+            pid: None,
+            groups: Vec::new(),
+        })
+    }
+}
+
+impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, PeerListener>>
+    for Peer
+{
+    fn connect_info(stream: axum::serve::IncomingStream<'_, PeerListener>) -> Self {
+        stream.remote_addr().clone()
+    }
+}
+
+/// One admitted connection; gives its uid's slot back when closed.
+#[derive(Debug)]
+pub struct Conn {
+    inner: UnixStream,
+    uid: u32,
+    open: Arc<Mutex<HashMap<u32, usize>>>,
+}
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        if let Ok(mut open) = self.open.lock()
+            && let Some(n) = open.get_mut(&self.uid)
+        {
+            *n -= 1;
+            if *n == 0 {
+                open.remove(&self.uid);
+            }
+        }
+    }
+}
+
+impl AsyncRead for Conn {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Conn {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn peer(uid: u32, gid: u32, groups: &[u32]) -> Peer {
+        Peer {
+            uid,
+            gid,
+            pid: None,
+            groups: groups.to_vec(),
+        }
+    }
+
+    #[test]
+    fn roles() {
+        let s = ApiSettings {
+            operator_uids: vec![1000],
+            operator_gids: vec![50],
+            reader_uids: vec![2000],
+            reader_gids: vec![60],
+            ..ApiSettings::default()
+        };
+        let d = 999;
+        assert_eq!(s.role(&peer(0, 0, &[]), d), Some(Role::Operator));
+        assert_eq!(s.role(&peer(999, 1, &[]), d), Some(Role::Operator));
+        assert_eq!(s.role(&peer(1000, 1, &[]), d), Some(Role::Operator));
+        assert_eq!(s.role(&peer(3000, 50, &[]), d), Some(Role::Operator));
+        assert_eq!(s.role(&peer(3000, 1, &[7, 50]), d), Some(Role::Operator));
+        assert_eq!(s.role(&peer(2000, 1, &[]), d), Some(Role::Reader));
+        assert_eq!(s.role(&peer(3000, 1, &[60]), d), Some(Role::Reader));
+        assert_eq!(s.role(&peer(3000, 1, &[7]), d), None);
+    }
+
+    #[test]
+    fn groups_of_this_process() {
+        let uid = rustix::process::getuid().as_raw();
+        let me = i32::try_from(std::process::id()).unwrap();
+        // Our own pid is readable and has our uid; another uid's claim is
+        // not trusted.
+        let _ = peer_groups(Some(me), uid);
+        assert!(peer_groups(Some(me), uid.wrapping_add(1)).is_empty());
+        assert!(peer_groups(None, uid).is_empty());
+        assert_eq!(group_id("0"), Some(0));
+        assert_eq!(group_id("root"), Some(0));
+        assert_eq!(group_id("no-such-group-here"), None);
+    }
+}

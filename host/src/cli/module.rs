@@ -1,0 +1,257 @@
+//! `edgeward module ...`: the operator's commands, through the daemon's
+//! management socket.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use super::{fail, optional_config, parse_env};
+use crate::api::client::{Answer, request};
+use crate::measure::{Digest, Measured};
+
+/// `edgeward module`.
+#[derive(Debug, clap::Args)]
+pub(super) struct ModuleArgs {
+    /// The management socket. Default: $EDGEWARD_SOCKET, then the config's
+    /// [api] socket, then /run/edgeward/management.sock (root) or
+    /// $XDG_RUNTIME_DIR/edgeward/management.sock.
+    #[arg(long, global = true, value_name = "PATH")]
+    socket: Option<PathBuf>,
+    /// Config file (for its [api] socket).
+    #[arg(long, global = true, value_name = "FILE")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: ModuleCommand,
+}
+
+// Parsed once per process: the size of the largest variant does not matter.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug, clap::Subcommand)]
+enum ModuleCommand {
+    /// List the registered modules: name, state, origin, digest.
+    List {
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one module: its state, last exit and registered spec (JSON).
+    Show {
+        /// The module.
+        name: String,
+    },
+    /// Upload a component and register and start it as module NAME. Without
+    /// --digest, the file's digest now is pinned (and printed).
+    Add(AddArgs),
+    /// Start a registered module (and keep it running across restarts).
+    Start {
+        /// The module.
+        name: String,
+    },
+    /// Stop a module (and keep it stopped across restarts).
+    Stop {
+        /// The module.
+        name: String,
+    },
+    /// Stop and start a module.
+    Restart {
+        /// The module.
+        name: String,
+    },
+    /// Stop a module and delete its registration: data it sealed can no
+    /// longer be opened.
+    Remove {
+        /// The module.
+        name: String,
+    },
+}
+
+#[derive(Debug, clap::Args)]
+struct AddArgs {
+    /// The module's name.
+    name: String,
+    /// The component file (read here and uploaded: the daemon never reads a
+    /// path it is handed).
+    file: PathBuf,
+    /// Refuse unless the file's digest is exactly this (sha256:HEX).
+    #[arg(long, value_name = "sha256:HEX")]
+    digest: Option<Digest>,
+    /// An argument after the program name (repeatable).
+    #[arg(long = "arg", value_name = "ARG")]
+    args: Vec<String>,
+    /// An environment variable K=V (repeatable).
+    #[arg(long = "env", value_name = "K=V")]
+    env: Vec<String>,
+    /// An outbound destination HOST:PORT, IP:PORT or CIDR:PORT (repeatable).
+    #[arg(long = "allow-outbound", value_name = "DEST")]
+    allow_outbound: Vec<String>,
+    /// A name it may get server certificates for (repeatable).
+    #[arg(long = "server-name", value_name = "NAME")]
+    server_names: Vec<String>,
+    /// never, on-failure (default) or always.
+    #[arg(long, value_name = "POLICY")]
+    restart: Option<String>,
+    /// Wall-clock limit per start (e.g. 30s).
+    #[arg(long, value_name = "DURATION")]
+    timeout: Option<String>,
+    /// Linear-memory limit, total over its memories (e.g. 64MiB).
+    #[arg(long, value_name = "SIZE")]
+    max_memory: Option<String>,
+}
+
+/// Runs `edgeward module ...`.
+pub(super) fn command(args: ModuleArgs) -> ExitCode {
+    let configured = match optional_config(args.config) {
+        Ok(c) => c.and_then(|c| c.api.socket),
+        Err(code) => return code,
+    };
+    let socket = match crate::api::socket_path(args.socket.as_deref(), configured.as_deref()) {
+        Ok(s) => s,
+        Err(e) => return fail(e, 2),
+    };
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => return fail(format!("cannot start the async runtime: {e}"), 1),
+    };
+    rt.block_on(run(&socket, args.command))
+}
+
+fn refused(a: &Answer) -> ExitCode {
+    fail(a.error(), 1)
+}
+
+async fn call(
+    socket: &Path,
+    method: &str,
+    path: &str,
+    body: Option<(Vec<u8>, &str)>,
+) -> Result<Answer, ExitCode> {
+    request(socket, method, path, body)
+        .await
+        .map_err(|e| fail(format!("{e:#}"), 1))
+}
+
+async fn run(socket: &Path, command: ModuleCommand) -> ExitCode {
+    let name = match &command {
+        ModuleCommand::List { .. } => None,
+        ModuleCommand::Add(a) => Some(&a.name),
+        ModuleCommand::Show { name }
+        | ModuleCommand::Start { name }
+        | ModuleCommand::Stop { name }
+        | ModuleCommand::Restart { name }
+        | ModuleCommand::Remove { name } => Some(name),
+    };
+    if let Some(n) = name
+        && !crate::spec::valid_module_name(n)
+    {
+        return fail(format!("{n:?} is not a valid module name"), 2);
+    }
+    let result = match command {
+        ModuleCommand::List { json } => list(socket, json).await,
+        ModuleCommand::Show { name } => show(socket, &name).await,
+        ModuleCommand::Add(a) => add(socket, a).await,
+        ModuleCommand::Start { name } => action(socket, &name, "start").await,
+        ModuleCommand::Stop { name } => action(socket, &name, "stop").await,
+        ModuleCommand::Restart { name } => action(socket, &name, "restart").await,
+        ModuleCommand::Remove { name } => remove(socket, &name).await,
+    };
+    result.unwrap_or_else(|code| code)
+}
+
+async fn list(socket: &Path, json: bool) -> Result<ExitCode, ExitCode> {
+    let a = call(socket, "GET", "/v1/modules", None).await?;
+    if a.status != 200 {
+        return Ok(refused(&a));
+    }
+    let v = a.json();
+    if json {
+        println!("{v:#}");
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!(
+        "{:<24} {:<14} {:<9} {:<8} DIGEST",
+        "NAME", "STATE", "ORIGIN", "DESIRED"
+    );
+    for m in v.as_array().into_iter().flatten() {
+        let s = |k: &str| m[k].as_str().unwrap_or("-").to_owned();
+        println!(
+            "{:<24} {:<14} {:<9} {:<8} {}",
+            s("name"),
+            s("state"),
+            s("origin"),
+            s("desired"),
+            s("digest")
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn show(socket: &Path, name: &str) -> Result<ExitCode, ExitCode> {
+    let a = call(socket, "GET", &format!("/v1/modules/{name}"), None).await?;
+    if a.status != 200 {
+        return Ok(refused(&a));
+    }
+    println!("{:#}", a.json());
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn add(socket: &Path, a: AddArgs) -> Result<ExitCode, ExitCode> {
+    let measured = Measured::read(&a.file).map_err(|e| fail(e, 1))?;
+    measured.verify(a.digest.as_ref()).map_err(|e| fail(e, 1))?;
+    let env = parse_env(&a.env).map_err(|e| fail(e, 2))?;
+    let digest = measured.digest;
+    let up = call(
+        socket,
+        "PUT",
+        &format!("/v1/blobs/{digest}"),
+        Some((measured.bytes, "application/wasm")),
+    )
+    .await?;
+    if !matches!(up.status, 200 | 201) {
+        return Ok(refused(&up));
+    }
+    let spec = crate::spec::RawModuleSpec {
+        name: a.name.clone(),
+        digest: digest.to_string(),
+        args: a.args,
+        env: env.into_iter().collect(),
+        allow_outbound: a.allow_outbound,
+        server_names: a.server_names,
+        restart: a.restart,
+        timeout: a.timeout,
+        max_memory: a.max_memory,
+        ..Default::default()
+    };
+    let body = serde_json::to_vec(&spec).map_err(|e| fail(e, 1))?;
+    let r = call(
+        socket,
+        "POST",
+        "/v1/modules",
+        Some((body, "application/json")),
+    )
+    .await?;
+    if r.status != 201 {
+        return Ok(refused(&r));
+    }
+    println!("{}: added, pinned to {digest}", a.name);
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn action(socket: &Path, name: &str, what: &str) -> Result<ExitCode, ExitCode> {
+    let a = call(socket, "POST", &format!("/v1/modules/{name}/{what}"), None).await?;
+    if a.status != 200 {
+        return Ok(refused(&a));
+    }
+    println!("{name}: {}", a.json()["state"].as_str().unwrap_or("-"));
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn remove(socket: &Path, name: &str) -> Result<ExitCode, ExitCode> {
+    let a = call(socket, "DELETE", &format!("/v1/modules/{name}"), None).await?;
+    if a.status != 204 {
+        return Ok(refused(&a));
+    }
+    println!("{name}: removed");
+    Ok(ExitCode::SUCCESS)
+}

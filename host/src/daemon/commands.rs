@@ -1,0 +1,135 @@
+//! Applies the management API's changes to the supervisor and the
+//! registry, one at a time. A change is acknowledged (the reply sent) only
+//! after the registry has committed it, so an acknowledged change survives
+//! a crash; one that fails leaves the registry as it was.
+
+use std::path::Path;
+
+use axum::http::StatusCode;
+
+use super::Supervisor;
+use crate::api::{ApiError, Command};
+use crate::config::Config;
+use crate::registry::{Desired, ModuleRecord, Origin};
+use crate::spec::ModuleSpec;
+
+/// Carries out `cmd` and replies.
+pub(super) async fn apply(cmd: Command, sup: &mut Supervisor, config: &Config) {
+    let (result, reply) = match cmd {
+        Command::Add(spec, reply) => (add(sup, *spec).await, reply),
+        Command::Start(name, reply) => (start(sup, &name, config).await, reply),
+        Command::Stop(name, reply) => (stop(sup, &name).await, reply),
+        Command::Restart(name, reply) => {
+            let r = match stop(sup, &name).await {
+                Ok(()) => start(sup, &name, config).await,
+                Err(e) => Err(e),
+            };
+            (r, reply)
+        }
+        Command::Remove(name, reply) => (remove(sup, &name).await, reply),
+    };
+    if let Err(e) = &result {
+        tracing::info!(status = %e.status, "management request not carried out: {}", e.message);
+    }
+    let _ = reply.send(result);
+}
+
+fn internal(e: impl std::fmt::Display) -> ApiError {
+    tracing::error!(error = %e, "management change failed");
+    ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
+}
+
+fn record(sup: &Supervisor, name: &str) -> Result<ModuleRecord, ApiError> {
+    sup.registry()
+        .module(name)
+        .map_err(internal)?
+        .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, format!("no module {name:?}")))
+}
+
+/// Starts the new module, then registers it (origin: operator): a module
+/// that cannot start is not registered.
+async fn add(sup: &mut Supervisor, spec: ModuleSpec) -> Result<(), ApiError> {
+    if sup
+        .registry()
+        .module(&spec.name)
+        .map_err(internal)?
+        .is_some()
+    {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            format!("module {:?} exists", spec.name),
+        ));
+    }
+    sup.start(spec.clone()).await.map_err(|e| {
+        ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            format!("module {:?} refused: {e:#}", spec.name),
+        )
+    })?;
+    let rec = ModuleRecord {
+        spec: spec.to_raw(),
+        origin: Origin::Operator,
+        desired: Desired::Running,
+        updated_at: crate::identity::unix_now(),
+    };
+    if let Err(e) = sup.registry().put_module(&rec) {
+        sup.stop(&spec.name).await;
+        return Err(internal(e));
+    }
+    tracing::info!(module = %spec.name, "module added through the management API");
+    Ok(())
+}
+
+/// Starts a registered module (nothing to do if it runs) and records that
+/// it should run.
+async fn start(sup: &mut Supervisor, name: &str, config: &Config) -> Result<(), ApiError> {
+    let mut rec = record(sup, name)?;
+    if sup.spec(name).is_none() {
+        let spec = rec
+            .spec
+            .clone()
+            .validate(&|p: &Path| p.to_owned(), &config.runtime.ceilings)
+            .map_err(|e| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, e.to_string()))?;
+        sup.start(spec).await.map_err(|e| {
+            ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                format!("module {name:?} refused: {e:#}"),
+            )
+        })?;
+    }
+    if rec.desired != Desired::Running {
+        rec.desired = Desired::Running;
+        rec.updated_at = crate::identity::unix_now();
+        sup.registry().put_module(&rec).map_err(internal)?;
+    }
+    Ok(())
+}
+
+/// Stops a module (nothing to do if it does not run) and records that it
+/// should not run.
+async fn stop(sup: &mut Supervisor, name: &str) -> Result<(), ApiError> {
+    let mut rec = record(sup, name)?;
+    sup.stop(name).await;
+    if rec.desired != Desired::Stopped {
+        rec.desired = Desired::Stopped;
+        rec.updated_at = crate::identity::unix_now();
+        sup.registry().put_module(&rec).map_err(internal)?;
+    }
+    Ok(())
+}
+
+/// Stops a module and deletes it with its identity registration. Modules
+/// the config file owns are removed there.
+async fn remove(sup: &mut Supervisor, name: &str) -> Result<(), ApiError> {
+    let rec = record(sup, name)?;
+    if rec.origin == Origin::Config {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            format!("module {name:?} belongs to the config file: remove it there"),
+        ));
+    }
+    sup.stop(name).await;
+    sup.registry().remove_module(name).map_err(internal)?;
+    tracing::info!(module = name, "module removed through the management API");
+    Ok(())
+}

@@ -1,0 +1,409 @@
+//! The management API on its unix socket: the operator's lifecycle through
+//! the CLI, durable across restarts; who may do what (peer credentials,
+//! with other uids through `setpriv`); and malformed requests, each
+//! refused with a status and a message naming the problem.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::io::{Read, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use common::daemon::*;
+use common::*;
+
+const PROBE: &str = guests::SANDBOX_PROBE;
+
+/// A directory other users can traverse (the scratch dir is private), for
+/// the socket.
+fn socket_home() -> (tempfile::TempDir, PathBuf) {
+    let d = tempfile::Builder::new()
+        .prefix("edgeward-api-")
+        .tempdir_in("/tmp")
+        .unwrap();
+    std::fs::set_permissions(d.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let sock = d.path().join("run").join("api.sock");
+    (d, sock)
+}
+
+fn start(s: &Scratch, config: &str, sock: &Path) -> Daemon {
+    let mut d = Daemon::start_with_env(s, config, &[("EDGEWARD_SOCKET", sock.to_str().unwrap())]);
+    d.wait_for("the daemon to start", |_, err| {
+        count(err, "edgeward daemon starting") == 1
+    });
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while http(sock, "GET", "/v1/health", b"").0 != 200 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no health on {sock:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    d
+}
+
+/// One raw HTTP/1.1 request on the socket: (status, body).
+fn http(sock: &Path, method: &str, path: &str, body: &[u8]) -> (u16, String) {
+    let Ok(mut c) = std::os::unix::net::UnixStream::connect(sock) else {
+        return (0, String::new());
+    };
+    c.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    // The server may answer (413) and close before the body is all sent.
+    let _ = write!(
+        c,
+        "{method} {path} HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+        body.len()
+    );
+    let _ = c.write_all(body);
+    let mut out = String::new();
+    let _ = c.read_to_string(&mut out);
+    let status = out
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = out.split("\r\n\r\n").nth(1).unwrap_or("").to_owned();
+    (status, body)
+}
+
+/// `edgeward module ARGS` against `sock`.
+fn module(s: &Scratch, sock: &Path, args: &[&str]) -> std::process::Output {
+    s.edgeward()
+        .arg("module")
+        .arg("--socket")
+        .arg(sock)
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn config_module(name: &str) -> String {
+    format!(
+        "[[module]]\nname = \"{name}\"\nfile = \"{PROBE}\"\ndigest = \"{}\"\nargs = [\"tick\"]\n",
+        sha256sum(PROBE)
+    )
+}
+
+fn state_in_list(s: &Scratch, sock: &Path, name: &str) -> String {
+    let o = module(s, sock, &["list", "--json"]);
+    assert_status(&o, 0);
+    let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    v.as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["name"] == name)
+        .map(|m| {
+            format!(
+                "{}/{}",
+                m["state"].as_str().unwrap(),
+                m["desired"].as_str().unwrap()
+            )
+        })
+        .unwrap_or_else(|| "absent".into())
+}
+
+#[test]
+fn operators_manage_modules_and_changes_survive_a_restart() {
+    let s = Scratch::new();
+    let (_home, sock) = socket_home();
+    let config = config_module("configured");
+    let d = start(&s, &config, &sock);
+    // The socket: its directory 0750, itself 0660.
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(sock.parent().unwrap()), 0o750);
+    assert_eq!(mode(&sock), 0o660);
+
+    let o = module(&s, &sock, &["add", "ticker", PROBE, "--arg", "tick"]);
+    assert_status(&o, 0);
+    assert!(stdout(&o).contains(&sha256sum(PROBE)), "{}", stdout(&o));
+    assert_eq!(state_in_list(&s, &sock, "ticker"), "running/running");
+    assert_eq!(state_in_list(&s, &sock, "configured"), "running/running");
+    // Adding it again is a conflict.
+    let o = module(&s, &sock, &["add", "ticker", PROBE]);
+    assert_status(&o, 1);
+    assert!(stderr(&o).contains("exists"), "{}", stderr(&o));
+    // Stopped modules stay stopped, across a restart too.
+    assert_status(&module(&s, &sock, &["stop", "configured"]), 0);
+    assert_eq!(state_in_list(&s, &sock, "configured"), "stopped/stopped");
+    // The config's own module cannot be removed through the API.
+    let o = module(&s, &sock, &["remove", "configured"]);
+    assert_status(&o, 1);
+    assert!(stderr(&o).contains("config file"), "{}", stderr(&o));
+    let show = module(&s, &sock, &["show", "ticker"]);
+    assert_status(&show, 0);
+    let v: serde_json::Value = serde_json::from_str(&stdout(&show)).unwrap();
+    assert_eq!(v["origin"], "operator");
+    assert_eq!(v["spec"]["args"][0], "tick");
+    let (status, _, err) = d.terminate();
+    assert!(status.success(), "{}", err.join("\n"));
+    assert!(!sock.exists(), "the socket is removed at exit");
+
+    // Acknowledged changes are in the registry: the operator's module
+    // comes back, the stopped one stays stopped.
+    let d = start(&s, &config, &sock);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while state_in_list(&s, &sock, "ticker") != "running/running" {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "ticker did not come back"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(state_in_list(&s, &sock, "configured"), "stopped/stopped");
+    assert_status(&module(&s, &sock, &["restart", "ticker"]), 0);
+    assert_status(&module(&s, &sock, &["start", "configured"]), 0);
+    assert_eq!(state_in_list(&s, &sock, "configured"), "running/running");
+    assert_status(&module(&s, &sock, &["remove", "ticker"]), 0);
+    assert_eq!(state_in_list(&s, &sock, "ticker"), "absent");
+    let o = module(&s, &sock, &["show", "ticker"]);
+    assert_status(&o, 1);
+    assert!(
+        stderr(&o).contains("no module \"ticker\""),
+        "{}",
+        stderr(&o)
+    );
+    let _ = d.terminate();
+    // The removal took its identity registration with it.
+    let registry = edgeward::registry::Registry::open(&s.state()).unwrap();
+    assert!(registry.registration("ticker").unwrap().is_none());
+
+    // No daemon: the CLI says which socket it could not reach.
+    let o = module(&s, &sock, &["list"]);
+    assert_status(&o, 1);
+    assert!(
+        stderr(&o).contains("cannot reach the daemon") && stderr(&o).contains("api.sock"),
+        "{}",
+        stderr(&o)
+    );
+}
+
+/// Roles from the peer's kernel credentials: another uid without a role
+/// gets 403, a reader may read but not write, a member of an operator
+/// group (a supplementary group) may write.
+#[test]
+fn who_may_do_what_is_decided_by_peer_credentials() {
+    let s = Scratch::new();
+    let (_home, sock) = socket_home();
+    // Users 65534 (no role), 65533 (reader) and 65532 in group 100
+    // (operators); the socket's group is nogroup (65534), so all three can
+    // reach it.
+    let config = format!(
+        "[api]\ngroup = \"65534\"\nreader_uids = [65533]\noperator_groups = [\"100\"]\n\n{}",
+        config_module("configured")
+    );
+    let d = start(&s, &config, &sock);
+    let as_user = |uid: u32, groups: &str, args: &[&str]| {
+        std::process::Command::new("setpriv")
+            .arg(format!("--reuid={uid}"))
+            .arg("--regid=65534")
+            .arg(format!("--groups={groups}"))
+            .arg(common::EDGEWARD)
+            .arg("module")
+            .arg("--socket")
+            .arg(&sock)
+            .args(args)
+            .env_remove("EDGEWARD_STATE_DIR")
+            .output()
+            .expect("setpriv (util-linux)")
+    };
+    let o = as_user(65534, "65534", &["list"]);
+    assert_status(&o, 1);
+    assert!(
+        stderr(&o).contains("not an operator or reader"),
+        "{}",
+        stderr(&o)
+    );
+    let o = as_user(65533, "65534", &["list"]);
+    assert_status(&o, 0);
+    assert!(stdout(&o).contains("configured"), "{}", stdout(&o));
+    let o = as_user(65533, "65534", &["stop", "configured"]);
+    assert_status(&o, 1);
+    assert!(
+        stderr(&o).contains("readers may not change"),
+        "{}",
+        stderr(&o)
+    );
+    let o = as_user(65532, "65534,100", &["stop", "configured"]);
+    assert_status(&o, 0);
+    assert_eq!(state_in_list(&s, &sock, "configured"), "stopped/stopped");
+    let (_, _, err) = d.terminate();
+    assert!(
+        err.iter()
+            .any(|l| l.contains("management request refused") && l.contains("uid=65534")),
+        "refusals are logged: {}",
+        err.join("\n")
+    );
+}
+
+/// Bad requests get a 4xx naming the problem, and the daemon stays up.
+#[test]
+fn malformed_requests_are_refused_by_name() {
+    let s = Scratch::new();
+    let (_home, sock) = socket_home();
+    let d = start(&s, &config_module("configured"), &sock);
+    // The sensor: not in the component store until uploaded (the probe is,
+    // since the configured module runs it).
+    let digest = sha256sum(guests::TEMPERATURE_SENSOR);
+    let spec = |extra: &str| format!(r#"{{"name":"m1","digest":"{digest}"{extra}}}"#);
+    let cases: Vec<(&str, String, Vec<u8>, u16, &str)> = vec![
+        (
+            "POST",
+            "/v1/modules".into(),
+            b"{not json".to_vec(),
+            400,
+            "invalid JSON",
+        ),
+        (
+            "POST",
+            "/v1/modules".into(),
+            spec(r#","bogus":1"#).into_bytes(),
+            400,
+            "unknown field `bogus`",
+        ),
+        (
+            "POST",
+            "/v1/modules".into(),
+            spec(r#","file":"/etc/passwd""#).into_bytes(),
+            422,
+            "does not read host paths",
+        ),
+        (
+            "POST",
+            "/v1/modules".into(),
+            spec(r#","dirs":["/etc"]"#).into_bytes(),
+            422,
+            "config file only",
+        ),
+        (
+            "POST",
+            "/v1/modules".into(),
+            spec(r#","max_memory":"lots""#).into_bytes(),
+            422,
+            "max_memory",
+        ),
+        (
+            "POST",
+            "/v1/modules".into(),
+            spec("").into_bytes(),
+            422,
+            "has not been uploaded",
+        ),
+        (
+            "POST",
+            "/v1/modules".into(),
+            br#"{"name":"../x","digest":"sha256:00"}"#.to_vec(),
+            400,
+            "invalid module name",
+        ),
+        (
+            "POST",
+            "/v1/modules".into(),
+            vec![b' '; 2 << 20],
+            413,
+            "over 1048576 bytes",
+        ),
+        (
+            "GET",
+            "/v1/modules/a%2Fb".into(),
+            vec![],
+            400,
+            "invalid module name",
+        ),
+        (
+            "GET",
+            "/v1/modules/..".into(),
+            vec![],
+            400,
+            "invalid module name",
+        ),
+        ("GET", "/v1/modules/nope".into(), vec![], 404, "no module"),
+        (
+            "POST",
+            "/v1/modules/configured/explode".into(),
+            vec![],
+            404,
+            "no such action",
+        ),
+        (
+            "DELETE",
+            "/v1/modules/configured".into(),
+            vec![],
+            409,
+            "config file",
+        ),
+        (
+            "PUT",
+            format!("/v1/blobs/{digest}"),
+            b"not the component".to_vec(),
+            422,
+            "hashes to",
+        ),
+        (
+            "PUT",
+            "/v1/blobs/sha256:xyz".into(),
+            vec![],
+            400,
+            "invalid digest",
+        ),
+        (
+            "PATCH",
+            "/v1/modules".into(),
+            vec![],
+            405,
+            "does not take that method",
+        ),
+        ("GET", "/v2/anything".into(), vec![], 404, "no such route"),
+    ];
+    for (method, path, body, want, says) in &cases {
+        let (status, text) = http(&sock, method, path, body);
+        assert_eq!(status, *want, "{method} {path}: {text}");
+        assert!(
+            text.contains(says),
+            "{method} {path}: {says:?} not in {text}"
+        );
+        assert!(text.starts_with("{\"error\":"), "{method} {path}: {text}");
+    }
+    // A body that never finishes arriving is cut off after 5 s.
+    let mut c = std::os::unix::net::UnixStream::connect(&sock).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    write!(
+        c,
+        "POST /v1/modules HTTP/1.1\r\nhost: x\r\ncontent-length: 100\r\n\r\n{{"
+    )
+    .unwrap();
+    let mut out = String::new();
+    let _ = c.read_to_string(&mut out);
+    assert!(out.starts_with("HTTP/1.1 408"), "{out}");
+    // At most 10 connections per uid at once: the 11th is closed at once.
+    let held: Vec<_> = (0..10)
+        .map(|_| std::os::unix::net::UnixStream::connect(&sock).unwrap())
+        .collect();
+    std::thread::sleep(Duration::from_millis(200));
+    let (status, _) = http(&sock, "GET", "/v1/health", b"");
+    assert_eq!(status, 0, "an 11th connection was served");
+    drop(held);
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(http(&sock, "GET", "/v1/health", b"").0, 200);
+    // The upload of the real component, then the module, work.
+    let bytes = std::fs::read(guests::TEMPERATURE_SENSOR).unwrap();
+    assert_eq!(
+        http(&sock, "PUT", &format!("/v1/blobs/{digest}"), &bytes).0,
+        201
+    );
+    assert_eq!(
+        http(&sock, "PUT", &format!("/v1/blobs/{digest}"), &bytes).0,
+        200
+    );
+    let (status, text) = http(&sock, "POST", "/v1/modules", spec("").as_bytes());
+    assert_eq!(status, 201, "{text}");
+    let (status, text) = http(&sock, "GET", "/v1/system/info", b"");
+    assert_eq!(status, 200);
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(v["hsm_backend"], "soft");
+    assert_eq!(v["modules"]["registered"], 2);
+    let (status, _, err) = d.terminate();
+    assert!(status.success(), "{}", err.join("\n"));
+}
