@@ -407,3 +407,95 @@ fn malformed_requests_are_refused_by_name() {
     let (status, _, err) = d.terminate();
     assert!(status.success(), "{}", err.join("\n"));
 }
+
+/// `path` with a custom section appended: the same program under another
+/// digest (a new version, as far as measurement goes).
+fn variant(s: &Scratch, path: &str, name: &str) -> String {
+    let mut bytes = std::fs::read(path).unwrap();
+    bytes.extend_from_slice(&[0x00, 0x05, 0x04, b'e', b'd', b'g', b'e']);
+    let out = s.path().join(name);
+    std::fs::write(&out, bytes).unwrap();
+    out.to_str().unwrap().to_owned()
+}
+
+/// An update switches to the new digest with the module's registration and
+/// data kept (it opens what it sealed before); an update that is refused
+/// (not a component) leaves the running version running.
+#[test]
+fn updates_keep_the_registration_and_refused_ones_keep_the_old_version() {
+    let s = Scratch::new();
+    let (_home, sock) = socket_home();
+    let d = start(&s, "", &sock);
+    let id_probe = guests::IDENTITY_PROBE;
+    assert_status(
+        &module(
+            &s,
+            &sock,
+            &[
+                "add",
+                "vault",
+                id_probe,
+                "--arg",
+                "vault",
+                "--restart",
+                "never",
+            ],
+        ),
+        0,
+    );
+    let log = |name: &str| {
+        let o = s.edgeward().args(["logs", name]).output().unwrap();
+        stdout(&o)
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !log("vault").contains("vault-seal ok") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no seal: {}",
+            log("vault")
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let sealed = log("vault")
+        .lines()
+        .find_map(|l| l.split("vault-seal ok ").nth(1).map(str::to_owned))
+        .unwrap();
+    let v2 = variant(&s, id_probe, "vault-v2.wasm");
+    let o = module(&s, &sock, &["update", "vault", &v2]);
+    assert_status(&o, 0);
+    let new_digest = sha256sum(&v2);
+    assert!(stdout(&o).contains(&new_digest), "{}", stdout(&o));
+    while !log("vault").contains("vault-open") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no open: {}",
+            log("vault")
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        log("vault").contains(&format!("vault-open ok {sealed}")),
+        "{}",
+        log("vault")
+    );
+    let show = module(&s, &sock, &["show", "vault"]);
+    assert!(stdout(&show).contains(&new_digest), "{}", stdout(&show));
+
+    // A running module, then an update to bytes that are not a component.
+    assert_status(
+        &module(&s, &sock, &["add", "ticker", PROBE, "--arg", "tick"]),
+        0,
+    );
+    let junk = s.write("junk.wasm", "not a component");
+    let o = module(&s, &sock, &["update", "ticker", junk.to_str().unwrap()]);
+    assert_status(&o, 1);
+    assert!(stderr(&o).contains("update refused"), "{}", stderr(&o));
+    assert_eq!(state_in_list(&s, &sock, "ticker"), "running/running");
+    let show = module(&s, &sock, &["show", "ticker"]);
+    assert!(
+        stdout(&show).contains(&sha256sum(PROBE)),
+        "{}",
+        stdout(&show)
+    );
+    let _ = d.terminate();
+}

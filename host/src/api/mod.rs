@@ -157,6 +157,9 @@ fn chown_group(path: &Path, gid: u32) -> anyhow::Result<()> {
 pub enum Command {
     /// Register and start a new module (origin: operator).
     Add(Box<ModuleSpec>, Reply),
+    /// Replace a module's spec (the new component measured and compiled
+    /// before the old one stops; its registration and data kept).
+    Update(Box<ModuleSpec>, Reply),
     /// Start a registered module (and keep it running).
     Start(String, Reply),
     /// Stop a module (and keep it stopped).
@@ -253,7 +256,10 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/v1/health", get(health))
         .route("/v1/system/info", get(system_info))
         .route("/v1/modules", get(list_modules).post(add_module))
-        .route("/v1/modules/{name}", get(show_module).delete(remove_module))
+        .route(
+            "/v1/modules/{name}",
+            get(show_module).put(update_module).delete(remove_module),
+        )
         .route("/v1/modules/{name}/{action}", post(module_action))
         .route("/v1/blobs/{digest}", put(put_blob))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such route") })
@@ -474,7 +480,9 @@ async fn ask(state: &ApiState, command: impl FnOnce(Reply) -> Command) -> Result
         .map_err(|_| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "the daemon is stopping"))?
 }
 
-async fn add_module(State(state): State<Arc<ApiState>>, body: Body) -> Result<Response, ApiError> {
+/// A spec from a request body, checked as the API requires: no host paths,
+/// valid against the engine's ceilings, its component uploaded.
+async fn api_spec(state: &ApiState, body: Body) -> Result<ModuleSpec, ApiError> {
     let raw: RawModuleSpec = json_body(body).await?;
     checked_name(&raw.name)?;
     let unprocessable = |m: String| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, m);
@@ -497,15 +505,41 @@ async fn add_module(State(state): State<Arc<ApiState>>, body: Body) -> Result<Re
             spec.digest, spec.digest
         )));
     }
+    Ok(spec)
+}
+
+fn current_view(state: &ApiState, name: &str) -> Result<ModuleView, ApiError> {
+    let record = record_of(state, name)?;
+    let statuses = statuses(&state.state_dir);
+    Ok(view(&record, statuses.iter().find(|s| s.module == name)))
+}
+
+async fn add_module(State(state): State<Arc<ApiState>>, body: Body) -> Result<Response, ApiError> {
+    let spec = api_spec(&state, body).await?;
     let name = spec.name.clone();
     ask(&state, |r| Command::Add(Box::new(spec), r)).await?;
-    let record = record_of(&state, &name)?;
-    let statuses = statuses(&state.state_dir);
     Ok((
         StatusCode::CREATED,
-        axum::Json(view(&record, statuses.iter().find(|s| s.module == name))),
+        axum::Json(current_view(&state, &name)?),
     )
         .into_response())
+}
+
+async fn update_module(
+    State(state): State<Arc<ApiState>>,
+    UrlPath(name): UrlPath<String>,
+    body: Body,
+) -> Result<Response, ApiError> {
+    checked_name(&name)?;
+    let spec = api_spec(&state, body).await?;
+    if spec.name != name {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!("the spec names {:?}, the path {name:?}", spec.name),
+        ));
+    }
+    ask(&state, |r| Command::Update(Box::new(spec), r)).await?;
+    Ok(axum::Json(current_view(&state, &name)?).into_response())
 }
 
 async fn module_action(
@@ -525,9 +559,7 @@ async fn module_action(
             ));
         }
     }
-    let record = record_of(&state, &name)?;
-    let statuses = statuses(&state.state_dir);
-    Ok(axum::Json(view(&record, statuses.iter().find(|s| s.module == name))).into_response())
+    Ok(axum::Json(current_view(&state, &name)?).into_response())
 }
 
 async fn remove_module(

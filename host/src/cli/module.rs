@@ -41,6 +41,18 @@ enum ModuleCommand {
     /// Upload a component and register and start it as module NAME. Without
     /// --digest, the file's digest now is pinned (and printed).
     Add(AddArgs),
+    /// Upload a new component for module NAME and switch it over (the new
+    /// one is measured and compiled before the old one stops; its
+    /// registration and data are kept). The rest of its spec is unchanged.
+    Update {
+        /// The module.
+        name: String,
+        /// The new component file.
+        file: PathBuf,
+        /// Refuse unless the file's digest is exactly this.
+        #[arg(long, value_name = "sha256:HEX")]
+        digest: Option<Digest>,
+    },
     /// Start a registered module (and keep it running across restarts).
     Start {
         /// The module.
@@ -136,6 +148,7 @@ async fn run(socket: &Path, command: ModuleCommand) -> ExitCode {
     let name = match &command {
         ModuleCommand::List { .. } => None,
         ModuleCommand::Add(a) => Some(&a.name),
+        ModuleCommand::Update { name, .. } => Some(name),
         ModuleCommand::Show { name }
         | ModuleCommand::Start { name }
         | ModuleCommand::Stop { name }
@@ -151,6 +164,9 @@ async fn run(socket: &Path, command: ModuleCommand) -> ExitCode {
         ModuleCommand::List { json } => list(socket, json).await,
         ModuleCommand::Show { name } => show(socket, &name).await,
         ModuleCommand::Add(a) => add(socket, a).await,
+        ModuleCommand::Update { name, file, digest } => {
+            update(socket, &name, &file, digest.as_ref()).await
+        }
         ModuleCommand::Start { name } => action(socket, &name, "start").await,
         ModuleCommand::Stop { name } => action(socket, &name, "stop").await,
         ModuleCommand::Restart { name } => action(socket, &name, "restart").await,
@@ -196,10 +212,11 @@ async fn show(socket: &Path, name: &str) -> Result<ExitCode, ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-async fn add(socket: &Path, a: AddArgs) -> Result<ExitCode, ExitCode> {
-    let measured = Measured::read(&a.file).map_err(|e| fail(e, 1))?;
-    measured.verify(a.digest.as_ref()).map_err(|e| fail(e, 1))?;
-    let env = parse_env(&a.env).map_err(|e| fail(e, 2))?;
+/// Measures `file` (pinned to `digest` if given) and uploads it; returns
+/// its digest.
+async fn upload(socket: &Path, file: &Path, digest: Option<&Digest>) -> Result<Digest, ExitCode> {
+    let measured = Measured::read(file).map_err(|e| fail(e, 1))?;
+    measured.verify(digest).map_err(|e| fail(e, 1))?;
     let digest = measured.digest;
     let up = call(
         socket,
@@ -209,8 +226,42 @@ async fn add(socket: &Path, a: AddArgs) -> Result<ExitCode, ExitCode> {
     )
     .await?;
     if !matches!(up.status, 200 | 201) {
-        return Ok(refused(&up));
+        return Err(refused(&up));
     }
+    Ok(digest)
+}
+
+async fn update(
+    socket: &Path,
+    name: &str,
+    file: &Path,
+    digest: Option<&Digest>,
+) -> Result<ExitCode, ExitCode> {
+    let current = call(socket, "GET", &format!("/v1/modules/{name}"), None).await?;
+    if current.status != 200 {
+        return Ok(refused(&current));
+    }
+    let mut spec = current.json()["spec"].clone();
+    let digest = upload(socket, file, digest).await?;
+    spec["digest"] = digest.to_string().into();
+    let body = serde_json::to_vec(&spec).map_err(|e| fail(e, 1))?;
+    let r = call(
+        socket,
+        "PUT",
+        &format!("/v1/modules/{name}"),
+        Some((body, "application/json")),
+    )
+    .await?;
+    if r.status != 200 {
+        return Ok(refused(&r));
+    }
+    println!("{name}: updated to {digest}");
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn add(socket: &Path, a: AddArgs) -> Result<ExitCode, ExitCode> {
+    let env = parse_env(&a.env).map_err(|e| fail(e, 2))?;
+    let digest = upload(socket, &a.file, a.digest.as_ref()).await?;
     let spec = crate::spec::RawModuleSpec {
         name: a.name.clone(),
         digest: digest.to_string(),

@@ -17,6 +17,7 @@ use crate::spec::ModuleSpec;
 pub(super) async fn apply(cmd: Command, sup: &mut Supervisor, config: &Config) {
     let (result, reply) = match cmd {
         Command::Add(spec, reply) => (add(sup, *spec).await, reply),
+        Command::Update(spec, reply) => (update(sup, *spec).await, reply),
         Command::Start(name, reply) => (start(sup, &name, config).await, reply),
         Command::Stop(name, reply) => (stop(sup, &name).await, reply),
         Command::Restart(name, reply) => {
@@ -77,6 +78,39 @@ async fn add(sup: &mut Supervisor, spec: ModuleSpec) -> Result<(), ApiError> {
         return Err(internal(e));
     }
     tracing::info!(module = %spec.name, "module added through the management API");
+    Ok(())
+}
+
+/// Replaces an operator's module's spec; a running module is switched over
+/// only once the new version is measured and compiled.
+async fn update(sup: &mut Supervisor, spec: ModuleSpec) -> Result<(), ApiError> {
+    let mut rec = record(sup, &spec.name)?;
+    if rec.origin == Origin::Config {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            format!(
+                "module {:?} belongs to the config file: change it there",
+                spec.name
+            ),
+        ));
+    }
+    if rec.desired == Desired::Running {
+        let refused = |e: anyhow::Error| {
+            ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                format!("module {:?}: update refused: {e:#}", spec.name),
+            )
+        };
+        if sup.spec(&spec.name).is_some() {
+            sup.replace(spec.clone()).await.map_err(refused)?;
+        } else {
+            sup.start(spec.clone()).await.map_err(refused)?;
+        }
+    }
+    rec.spec = spec.to_raw();
+    rec.updated_at = crate::identity::unix_now();
+    sup.registry().put_module(&rec).map_err(internal)?;
+    tracing::info!(module = %spec.name, digest = %spec.digest, "module updated through the management API");
     Ok(())
 }
 

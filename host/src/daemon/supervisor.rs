@@ -35,6 +35,13 @@ struct Running {
     ended: watch::Receiver<()>,
 }
 
+/// A module measured, compiled and registered, ready to launch.
+struct Loaded {
+    module: LoadedModule,
+    identity: Arc<crate::identity::ModuleIdentity>,
+    data_dir: PathBuf,
+}
+
 /// Runs the modules of one daemon. See the module docs.
 #[derive(Debug)]
 pub struct Supervisor {
@@ -102,20 +109,53 @@ impl Supervisor {
         if self.running.contains_key(&spec.name) {
             anyhow::bail!("module {:?} is already running", spec.name);
         }
-        let records = ModuleRecords::open(&self.state_dir, &spec.name).map_err(|e| {
-            tracing::error!(module = %spec.name, error = %e, "module refused: cannot create its state");
-            anyhow::anyhow!("cannot create its state: {e}")
-        })?;
-        let data_dir = records::module_dir(&self.state_dir, &spec.name).join("data");
-        let (module, identity) = match self.load(&spec, &data_dir).await {
-            Ok(loaded) => loaded,
+        let records = self.records(&spec.name)?;
+        match self.load(&spec).await {
+            Ok(loaded) => {
+                self.launch(spec, records, loaded);
+                Ok(())
+            }
             Err(e) => {
                 let reason = format!("{e:#}");
                 tracing::error!(module = %spec.name, error = reason, "module refused");
                 records.set_status(ModuleState::Refused, 0, None, Some(reason), None);
-                return Err(e);
+                Err(e)
             }
-        };
+        }
+    }
+
+    /// Replaces running module `spec.name` with `spec`: the new component is
+    /// measured and compiled first, and only then is the old one stopped and
+    /// the new one started (same registration: generation and sealed data
+    /// kept). A new version that is refused leaves the old one running.
+    ///
+    /// # Errors
+    ///
+    /// The new version was refused.
+    pub async fn replace(&mut self, spec: ModuleSpec) -> anyhow::Result<()> {
+        let records = self.records(&spec.name)?;
+        let loaded = self.load(&spec).await.inspect_err(|e| {
+            tracing::warn!(module = %spec.name, error = %format!("{e:#}"), "update refused; the running version is kept");
+        })?;
+        self.stop(&spec.name).await;
+        self.launch(spec, records, loaded);
+        Ok(())
+    }
+
+    fn records(&self, name: &str) -> anyhow::Result<ModuleRecords> {
+        ModuleRecords::open(&self.state_dir, name).map_err(|e| {
+            tracing::error!(module = name, error = %e, "module refused: cannot create its state");
+            anyhow::anyhow!("cannot create its state: {e}")
+        })
+    }
+
+    /// Runs a loaded module under its own supervision task.
+    fn launch(&mut self, spec: ModuleSpec, records: ModuleRecords, loaded: Loaded) {
+        let Loaded {
+            module,
+            identity,
+            data_dir,
+        } = loaded;
         tracing::info!(module = %spec.name, digest = %module.digest, code = ?module.source, "module measured and loaded");
         let output = Output::Module {
             prefix: Arc::from(spec.name.as_str()),
@@ -140,7 +180,6 @@ impl Supervisor {
         });
         self.running
             .insert(spec.name.clone(), Running { spec, stop, ended });
-        Ok(())
     }
 
     /// Records module `name` as refused for `reason` (a registered spec that
@@ -154,12 +193,9 @@ impl Supervisor {
 
     /// Measures and compiles `spec`'s component, then registers its
     /// identity.
-    async fn load(
-        &self,
-        spec: &ModuleSpec,
-        data_dir: &Path,
-    ) -> anyhow::Result<(LoadedModule, Arc<crate::identity::ModuleIdentity>)> {
-        state::ensure_private_dir(data_dir)?;
+    async fn load(&self, spec: &ModuleSpec) -> anyhow::Result<Loaded> {
+        let data_dir = records::module_dir(&self.state_dir, &spec.name).join("data");
+        state::ensure_private_dir(&data_dir)?;
         let (rt, store, file, digest) = (
             self.rt.clone(),
             self.components.clone(),
@@ -205,7 +241,11 @@ impl Supervisor {
             }
             Err(e) => anyhow::bail!("registration task failed: {e}"),
         };
-        Ok((module, identity))
+        Ok(Loaded {
+            module,
+            identity,
+            data_dir,
+        })
     }
 
     /// Stops module `name` and waits (up to [`STOP_DEADLINE`]) for its task
