@@ -186,7 +186,7 @@ fn operators_manage_modules_and_changes_survive_a_restart() {
 #[test]
 fn who_may_do_what_is_decided_by_peer_credentials() {
     let s = Scratch::new();
-    let (_home, sock) = socket_home();
+    let (home, sock) = socket_home();
     // Users 65534 (no role), 65533 (reader) and 65532 in group 100
     // (operators); the socket's group is nogroup (65534), so all three can
     // reach it.
@@ -195,12 +195,16 @@ fn who_may_do_what_is_decided_by_peer_credentials() {
         config_module("configured")
     );
     let d = start(&s, &config, &sock);
+    // The other users run a copy of the binary from a directory they can
+    // reach (the checkout may be in a private home).
+    let exe = home.path().join("edgeward");
+    std::fs::copy(common::EDGEWARD, &exe).unwrap();
     let as_user = |uid: u32, groups: &str, args: &[&str]| {
         std::process::Command::new("setpriv")
             .arg(format!("--reuid={uid}"))
             .arg("--regid=65534")
             .arg(format!("--groups={groups}"))
-            .arg(common::EDGEWARD)
+            .arg(&exe)
             .arg("module")
             .arg("--socket")
             .arg(&sock)
@@ -497,5 +501,22 @@ fn updates_keep_the_registration_and_refused_ones_keep_the_old_version() {
         "{}",
         stdout(&show)
     );
+    let _ = d.terminate();
+    // The next start deletes components no module names any more (the
+    // vault's first version, the junk), and keeps the rest.
+    let stored = |d: &str| {
+        s.state()
+            .join("components")
+            .join(format!("{}.wasm", d.replace(':', "-")))
+            .exists()
+    };
+    assert!(stored(&sha256sum(id_probe)));
+    let d = start(&s, "", &sock);
+    assert!(!stored(&sha256sum(id_probe)), "the old version was kept");
+    assert!(
+        !stored(&sha256sum(junk.to_str().unwrap())),
+        "the junk was kept"
+    );
+    assert!(stored(&new_digest) && stored(&sha256sum(PROBE)));
     let _ = d.terminate();
 }

@@ -248,6 +248,8 @@ pub struct ApiState {
     pub started: Instant,
     /// Refused callers are logged within this budget.
     pub refusals: LogLimiter,
+    /// One component upload at a time (each may hold up to 256 MiB).
+    pub uploads: tokio::sync::Semaphore,
 }
 
 /// The routes under `/v1`, behind the authorization layer.
@@ -584,6 +586,7 @@ async fn put_blob(
     if state.components.contains(&digest) {
         return Ok(StatusCode::OK.into_response());
     }
+    let _one_at_a_time = state.uploads.acquire().await.map_err(internal)?;
     let bytes = tokio::time::timeout(
         BLOB_BODY_TIME,
         axum::body::to_bytes(

@@ -155,6 +155,9 @@ pub async fn run(config: Config, state_dir: PathBuf, socket: PathBuf) -> anyhow:
         config.runtime.echo_output,
     )
     .context("cannot create the component store")?;
+    // Before the API serves: an upload cannot be collected before the
+    // module that names it is added.
+    supervisor.collect_components();
     let (commands, mut command_rx) = tokio::sync::mpsc::channel(64);
     let api_state = Arc::new(api::ApiState {
         registry,
@@ -170,6 +173,7 @@ pub async fn run(config: Config, state_dir: PathBuf, socket: PathBuf) -> anyhow:
             "management-api",
             "refused management requests",
         ),
+        uploads: tokio::sync::Semaphore::new(1),
     });
     let mut api_stop = stop_rx;
     let server = tokio::spawn(api::serve(

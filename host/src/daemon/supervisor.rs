@@ -182,6 +182,23 @@ impl Supervisor {
             .insert(spec.name.clone(), Running { spec, stop, ended });
     }
 
+    /// Deletes stored components no registered module names (left by
+    /// removals and updates). The daemon runs it at start, before the
+    /// management API serves.
+    pub fn collect_components(&self) {
+        let Ok(modules) = self.registry.modules() else {
+            return;
+        };
+        let keep: std::collections::HashSet<crate::measure::Digest> = modules
+            .iter()
+            .filter_map(|m| m.spec.digest.parse().ok())
+            .collect();
+        let removed = self.components.retain(&keep);
+        if removed > 0 {
+            tracing::info!(removed, "unreferenced components deleted from the store");
+        }
+    }
+
     /// Records module `name` as refused for `reason` (a registered spec that
     /// no longer validates, say), and logs it.
     pub fn refuse(&self, name: &str, reason: &str) {
