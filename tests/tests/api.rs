@@ -360,6 +360,27 @@ fn malformed_requests_are_refused_by_name() {
             "does not take that method",
         ),
         ("GET", "/v2/anything".into(), vec![], 404, "no such route"),
+        (
+            "GET",
+            "/v1/modules/configured/secrets".into(),
+            vec![],
+            404,
+            "no such record",
+        ),
+        (
+            "GET",
+            "/v1/modules/configured/logs?tail=x".into(),
+            vec![],
+            400,
+            "invalid query",
+        ),
+        (
+            "GET",
+            "/v1/modules/configured/logs?evil=1".into(),
+            vec![],
+            400,
+            "invalid query",
+        ),
     ];
     for (method, path, body, want, says) in &cases {
         let (status, text) = http(&sock, method, path, body);
@@ -447,10 +468,8 @@ fn updates_keep_the_registration_and_refused_ones_keep_the_old_version() {
         ),
         0,
     );
-    let log = |name: &str| {
-        let o = s.edgeward().args(["logs", name]).output().unwrap();
-        stdout(&o)
-    };
+    // Its output and exits, through the API.
+    let log = |name: &str| stdout(&module(&s, &sock, &["logs", name]));
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     while !log("vault").contains("vault-seal ok") {
         assert!(
@@ -484,6 +503,25 @@ fn updates_keep_the_registration_and_refused_ones_keep_the_old_version() {
     );
     let show = module(&s, &sock, &["show", "vault"]);
     assert!(stdout(&show).contains(&new_digest), "{}", stdout(&show));
+    let last = stdout(&module(&s, &sock, &["logs", "vault", "--tail", "1"]));
+    assert_eq!(last.lines().count(), 1, "{last}");
+    let exits = stdout(&module(&s, &sock, &["exits", "vault"]));
+    let exits: Vec<serde_json::Value> = exits
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert!(
+        !exits.is_empty() && exits.iter().all(|e| e["outcome"] == "success"),
+        "{exits:?}"
+    );
+    // Identities: names and generations, never a key.
+    let (status, ids) = http(&sock, "GET", "/v1/identities", b"");
+    assert_eq!(status, 200);
+    assert!(
+        ids.contains("\"name\":\"vault\"") && ids.contains("generation_id"),
+        "{ids}"
+    );
+    assert!(!ids.contains("wrapped_key"), "{ids}");
 
     // A running module, then an update to bytes that are not a component.
     assert_status(

@@ -36,7 +36,7 @@ use axum::extract::{ConnectInfo, Path as UrlPath, Request, State};
 use axum::http::{Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post, put};
+use axum::routing::{get, put};
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot};
 
@@ -262,7 +262,11 @@ pub fn router(state: Arc<ApiState>) -> Router {
             "/v1/modules/{name}",
             get(show_module).put(update_module).delete(remove_module),
         )
-        .route("/v1/modules/{name}/{action}", post(module_action))
+        .route(
+            "/v1/modules/{name}/{action}",
+            get(module_records).post(module_action),
+        )
+        .route("/v1/identities", get(identities))
         .route("/v1/blobs/{digest}", put(put_blob))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such route") })
         .method_not_allowed_fallback(|| async {
@@ -562,6 +566,78 @@ async fn module_action(
         }
     }
     Ok(axum::Json(current_view(&state, &name)?).into_response())
+}
+
+/// `?tail=N` for logs.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LogQuery {
+    tail: Option<usize>,
+}
+
+/// `GET /v1/modules/{name}/exits` (JSON records, oldest first) and
+/// `GET /v1/modules/{name}/logs?tail=N` (its output, escaped when written).
+async fn module_records(
+    State(state): State<Arc<ApiState>>,
+    UrlPath((name, what)): UrlPath<(String, String)>,
+    query: Result<axum::extract::Query<LogQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, ApiError> {
+    let query =
+        query.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("invalid query: {e}")))?;
+    record_of(&state, &name)?;
+    let log = match what.as_str() {
+        "exits" => records::exits_log(&state.state_dir, &name),
+        "logs" => records::output_log(&state.state_dir, &name),
+        _ => {
+            return Err(ApiError::new(
+                StatusCode::NOT_FOUND,
+                "no such record: exits or logs",
+            ));
+        }
+    };
+    let files = log.files();
+    let text = tokio::task::spawn_blocking(move || {
+        let mut all = Vec::new();
+        for f in files {
+            if let Ok(bytes) = std::fs::read(&f) {
+                all.extend_from_slice(&bytes);
+            }
+        }
+        all
+    })
+    .await
+    .map_err(internal)?;
+    let text = String::from_utf8_lossy(&text);
+    if what == "exits" {
+        let exits: Vec<serde_json::Value> = text
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect();
+        return Ok(axum::Json(exits).into_response());
+    }
+    let lines: Vec<&str> = text.lines().collect();
+    let from = query.tail.map_or(0, |n| lines.len().saturating_sub(n));
+    let mut out = lines[from..].join("\n");
+    if !out.is_empty() {
+        out.push('\n');
+    }
+    Ok(([("content-type", "text/plain; charset=utf-8")], out).into_response())
+}
+
+/// `GET /v1/identities`: every identity registration (name, generation,
+/// when), never a key.
+async fn identities(State(state): State<Arc<ApiState>>) -> Result<Response, ApiError> {
+    let mut out = Vec::new();
+    for name in state.registry.names().map_err(internal)? {
+        if let Some(r) = state.registry.registration(&name).map_err(internal)? {
+            out.push(serde_json::json!({
+                "name": name,
+                "generation_id": r.generation_id,
+                "registered_at": r.registered_at,
+            }));
+        }
+    }
+    Ok(axum::Json(out).into_response())
 }
 
 async fn remove_module(

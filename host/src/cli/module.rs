@@ -68,6 +68,19 @@ enum ModuleCommand {
         /// The module.
         name: String,
     },
+    /// Print a module's recorded output (oldest first).
+    Logs {
+        /// The module.
+        name: String,
+        /// Only the last N lines.
+        #[arg(long, value_name = "N")]
+        tail: Option<usize>,
+    },
+    /// Print a module's exit records (JSON lines, oldest first).
+    Exits {
+        /// The module.
+        name: String,
+    },
     /// Stop a module and delete its registration: data it sealed can no
     /// longer be opened.
     Remove {
@@ -153,7 +166,9 @@ async fn run(socket: &Path, command: ModuleCommand) -> ExitCode {
         | ModuleCommand::Start { name }
         | ModuleCommand::Stop { name }
         | ModuleCommand::Restart { name }
-        | ModuleCommand::Remove { name } => Some(name),
+        | ModuleCommand::Remove { name }
+        | ModuleCommand::Logs { name, .. }
+        | ModuleCommand::Exits { name } => Some(name),
     };
     if let Some(n) = name
         && !crate::spec::valid_module_name(n)
@@ -171,6 +186,8 @@ async fn run(socket: &Path, command: ModuleCommand) -> ExitCode {
         ModuleCommand::Stop { name } => action(socket, &name, "stop").await,
         ModuleCommand::Restart { name } => action(socket, &name, "restart").await,
         ModuleCommand::Remove { name } => remove(socket, &name).await,
+        ModuleCommand::Logs { name, tail } => logs(socket, &name, tail).await,
+        ModuleCommand::Exits { name } => exits(socket, &name).await,
     };
     result.unwrap_or_else(|code| code)
 }
@@ -304,5 +321,35 @@ async fn remove(socket: &Path, name: &str) -> Result<ExitCode, ExitCode> {
         return Ok(refused(&a));
     }
     println!("{name}: removed");
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn logs(socket: &Path, name: &str, tail: Option<usize>) -> Result<ExitCode, ExitCode> {
+    let path = match tail {
+        Some(n) => format!("/v1/modules/{name}/logs?tail={n}"),
+        None => format!("/v1/modules/{name}/logs"),
+    };
+    let a = call(socket, "GET", &path, None).await?;
+    if a.status != 200 {
+        return Ok(refused(&a));
+    }
+    // Escaped when written; escaped again for the terminal.
+    use std::io::Write as _;
+    let shown = crate::runtime::escape::for_terminal(&a.body);
+    std::io::stdout()
+        .lock()
+        .write_all(&shown)
+        .map_err(|e| fail(e, 1))?;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn exits(socket: &Path, name: &str) -> Result<ExitCode, ExitCode> {
+    let a = call(socket, "GET", &format!("/v1/modules/{name}/exits"), None).await?;
+    if a.status != 200 {
+        return Ok(refused(&a));
+    }
+    for e in a.json().as_array().into_iter().flatten() {
+        println!("{e}");
+    }
     Ok(ExitCode::SUCCESS)
 }
