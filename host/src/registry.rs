@@ -48,7 +48,7 @@ pub struct StoredRegistration {
 
 /// Who added a module, and so who may change it: a deployment reconciles
 /// only what it owns.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Origin {
     /// The config file read at start.
@@ -60,7 +60,7 @@ pub enum Origin {
 }
 
 /// Whether a module should run.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Desired {
     /// Started by the daemon and kept running per its restart policy.

@@ -21,7 +21,7 @@ pub const MAX_MODULE_MEMORY: u64 = 4 << 30;
 /// A module spec as an operator writes it: a `[[module]]` table of the
 /// config file (and, as JSON, what the management API will take). Checked
 /// once, by [`RawModuleSpec::validate`], into a [`ModuleSpec`].
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RawModuleSpec {
     /// `[a-z0-9][a-z0-9._-]{0,62}`.
@@ -29,6 +29,7 @@ pub struct RawModuleSpec {
     /// The component file (config only: the management API takes uploaded
     /// components by digest, never a host path).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>)]
     pub file: Option<PathBuf>,
     /// Pinned digest, `sha256:<64 hex>`.
     pub digest: String,

@@ -424,6 +424,13 @@ fn malformed_requests_are_refused_by_name() {
     );
     let (status, text) = http(&sock, "POST", "/v1/modules", spec("").as_bytes());
     assert_eq!(status, 201, "{text}");
+    // The OpenAPI document served is the one checked in.
+    let (status, doc) = http(&sock, "GET", "/v1/openapi.json", b"");
+    assert_eq!(status, 200);
+    let checked_in =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/openapi.json"))
+            .unwrap();
+    assert_eq!(doc, checked_in);
     let (status, text) = http(&sock, "GET", "/v1/system/info", b"");
     assert_eq!(status, 200);
     let v: serde_json::Value = serde_json::from_str(&text).unwrap();

@@ -194,16 +194,19 @@ impl ApiError {
     }
 }
 
+/// Every error's body.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct ErrorBody {
+    /// What was wrong.
+    pub error: String,
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        #[derive(Serialize)]
-        struct Body<'a> {
-            error: &'a str,
-        }
         (
             self.status,
-            axum::Json(Body {
-                error: &self.message,
+            axum::Json(ErrorBody {
+                error: self.message,
             }),
         )
             .into_response()
@@ -211,7 +214,7 @@ impl IntoResponse for ApiError {
 }
 
 /// What the daemon tells `GET /v1/system/info`.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct SystemInfo {
     /// edgeward's version.
     pub version: String,
@@ -223,6 +226,45 @@ pub struct SystemInfo {
     pub device_id: String,
     /// The SPIFFE trust domain.
     pub trust_domain: String,
+}
+
+/// `GET /v1/system/info`.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct SystemInfoView {
+    /// The static facts.
+    #[serde(flatten)]
+    pub info: SystemInfo,
+    /// Seconds since the daemon started.
+    pub uptime_seconds: u64,
+    /// How many modules.
+    pub modules: ModuleCounts,
+}
+
+/// Module counts.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct ModuleCounts {
+    /// Registered.
+    pub registered: usize,
+    /// Running now.
+    pub running: usize,
+}
+
+/// `GET /v1/health`.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct Health {
+    /// Always `ok`.
+    pub status: String,
+}
+
+/// One identity registration (`GET /v1/identities`): never its key.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct IdentityView {
+    /// The module name.
+    pub name: String,
+    /// Its generation id.
+    pub generation_id: String,
+    /// When it was registered (unix seconds).
+    pub registered_at: u64,
 }
 
 /// What the handlers share.
@@ -252,6 +294,58 @@ pub struct ApiState {
     pub uploads: tokio::sync::Semaphore,
 }
 
+/// The API's OpenAPI document, generated from the handlers.
+#[derive(Debug, utoipa::OpenApi)]
+#[openapi(
+    info(
+        title = "edgeward management API",
+        version = "1",
+        description = "HTTP/1.1 + JSON on the daemon's unix socket; see README.md"
+    ),
+    paths(
+        health,
+        system_info,
+        list_modules,
+        add_module,
+        show_module,
+        update_module,
+        remove_module,
+        module_action,
+        module_records,
+        put_blob,
+        identities,
+        openapi
+    ),
+    components(schemas(
+        RawModuleSpec,
+        ModuleView,
+        ErrorBody,
+        SystemInfoView,
+        ModuleCounts,
+        SystemInfo,
+        Health,
+        IdentityView,
+        records::ExitRecord,
+        Origin,
+        Desired
+    ))
+)]
+pub struct ApiDoc;
+
+/// The OpenAPI document as served and checked in (`docs/openapi.json`).
+pub fn openapi_json() -> String {
+    use utoipa::OpenApi as _;
+    let mut text = ApiDoc::openapi().to_pretty_json().unwrap_or_default();
+    text.push('\n');
+    text
+}
+
+#[utoipa::path(get, path = "/v1/openapi.json", tag = "system",
+    responses((status = 200, description = "This document")))]
+async fn openapi() -> impl IntoResponse {
+    ([("content-type", "application/json")], openapi_json())
+}
+
 /// The routes under `/v1`, behind the authorization layer.
 pub fn router(state: Arc<ApiState>) -> Router {
     Router::new()
@@ -267,6 +361,7 @@ pub fn router(state: Arc<ApiState>) -> Router {
             get(module_records).post(module_action),
         )
         .route("/v1/identities", get(identities))
+        .route("/v1/openapi.json", get(openapi))
         .route("/v1/blobs/{digest}", put(put_blob))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such route") })
         .method_not_allowed_fallback(|| async {
@@ -333,10 +428,16 @@ async fn authorize(
     }
 }
 
+#[utoipa::path(get, path = "/v1/health", tag = "system",
+    responses((status = 200, description = "The daemon answers", body = Health)))]
 async fn health() -> impl IntoResponse {
-    axum::Json(serde_json::json!({ "status": "ok" }))
+    axum::Json(Health {
+        status: "ok".into(),
+    })
 }
 
+#[utoipa::path(get, path = "/v1/system/info", tag = "system",
+    responses((status = 200, description = "Versions, HSM backend, device, uptime, module counts", body = SystemInfoView)))]
 async fn system_info(State(state): State<Arc<ApiState>>) -> Result<Response, ApiError> {
     let modules = state.registry.modules().map_err(internal)?;
     let statuses = statuses(&state.state_dir);
@@ -348,15 +449,14 @@ async fn system_info(State(state): State<Arc<ApiState>>) -> Result<Response, Api
                 .any(|s| s.module == m.spec.name && s.state == records::ModuleState::Running)
         })
         .count();
-    Ok(axum::Json(serde_json::json!({
-        "version": state.info.version,
-        "runtime_platform_version": state.info.runtime_platform_version,
-        "hsm_backend": state.info.hsm_backend,
-        "device_id": state.info.device_id,
-        "trust_domain": state.info.trust_domain,
-        "uptime_seconds": state.started.elapsed().as_secs(),
-        "modules": { "registered": modules.len(), "running": running },
-    }))
+    Ok(axum::Json(SystemInfoView {
+        info: state.info.clone(),
+        uptime_seconds: state.started.elapsed().as_secs(),
+        modules: ModuleCounts {
+            registered: modules.len(),
+            running,
+        },
+    })
     .into_response())
 }
 
@@ -373,8 +473,8 @@ fn statuses(state_dir: &Path) -> Vec<Status> {
 }
 
 /// A module as the API shows it.
-#[derive(Debug, Serialize)]
-struct ModuleView {
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct ModuleView {
     name: String,
     origin: Origin,
     desired: Desired,
@@ -387,6 +487,9 @@ struct ModuleView {
     reason: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     last_exit: Option<records::ExitRecord>,
+    /// The registered spec (`GET /v1/modules/{name}` only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    spec: Option<RawModuleSpec>,
 }
 
 fn view(record: &ModuleRecord, status: Option<&Status>) -> ModuleView {
@@ -407,9 +510,12 @@ fn view(record: &ModuleRecord, status: Option<&Status>) -> ModuleView {
         starts: status.map_or(0, |s| s.starts),
         reason: status.and_then(|s| s.reason.clone()),
         last_exit: status.and_then(|s| s.last_exit.clone()),
+        spec: None,
     }
 }
 
+#[utoipa::path(get, path = "/v1/modules", tag = "modules",
+    responses((status = 200, description = "Every registered module", body = [ModuleView])))]
 async fn list_modules(State(state): State<Arc<ApiState>>) -> Result<Response, ApiError> {
     let modules = state.registry.modules().map_err(internal)?;
     let statuses = statuses(&state.state_dir);
@@ -443,15 +549,20 @@ fn record_of(state: &ApiState, name: &str) -> Result<ModuleRecord, ApiError> {
         .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, format!("no module {name:?}")))
 }
 
+#[utoipa::path(get, path = "/v1/modules/{name}", tag = "modules",
+    params(("name" = String, Path, description = "Module name")),
+    responses(
+        (status = 200, description = "The module, with its registered spec", body = ModuleView),
+        (status = 400, description = "Invalid name", body = ErrorBody),
+        (status = 404, description = "No such module", body = ErrorBody)))]
 async fn show_module(
     State(state): State<Arc<ApiState>>,
     UrlPath(name): UrlPath<String>,
 ) -> Result<Response, ApiError> {
     let record = record_of(&state, &name)?;
     let statuses = statuses(&state.state_dir);
-    let status = statuses.iter().find(|s| s.module == name);
-    let mut v = serde_json::to_value(view(&record, status)).map_err(internal)?;
-    v["spec"] = serde_json::to_value(&record.spec).map_err(internal)?;
+    let mut v = view(&record, statuses.iter().find(|s| s.module == name));
+    v.spec = Some(record.spec);
     Ok(axum::Json(v).into_response())
 }
 
@@ -520,6 +631,14 @@ fn current_view(state: &ApiState, name: &str) -> Result<ModuleView, ApiError> {
     Ok(view(&record, statuses.iter().find(|s| s.module == name)))
 }
 
+#[utoipa::path(post, path = "/v1/modules", tag = "modules",
+    request_body(content = RawModuleSpec, description = "The spec; `digest` names an uploaded component; no `file` or `dirs`"),
+    responses(
+        (status = 201, description = "Started and registered", body = ModuleView),
+        (status = 400, description = "Malformed body", body = ErrorBody),
+        (status = 409, description = "A module of that name exists", body = ErrorBody),
+        (status = 413, description = "Body over 1 MiB", body = ErrorBody),
+        (status = 422, description = "Invalid spec, component not uploaded, or refused", body = ErrorBody)))]
 async fn add_module(State(state): State<Arc<ApiState>>, body: Body) -> Result<Response, ApiError> {
     let spec = api_spec(&state, body).await?;
     let name = spec.name.clone();
@@ -531,6 +650,15 @@ async fn add_module(State(state): State<Arc<ApiState>>, body: Body) -> Result<Re
         .into_response())
 }
 
+#[utoipa::path(put, path = "/v1/modules/{name}", tag = "modules",
+    params(("name" = String, Path, description = "Module name")),
+    request_body(content = RawModuleSpec, description = "The new spec"),
+    responses(
+        (status = 200, description = "Updated", body = ModuleView),
+        (status = 400, description = "Malformed body or name", body = ErrorBody),
+        (status = 404, description = "No such module", body = ErrorBody),
+        (status = 409, description = "Owned by the config file", body = ErrorBody),
+        (status = 422, description = "Invalid spec or refused (the old version keeps running)", body = ErrorBody)))]
 async fn update_module(
     State(state): State<Arc<ApiState>>,
     UrlPath(name): UrlPath<String>,
@@ -548,6 +676,13 @@ async fn update_module(
     Ok(axum::Json(current_view(&state, &name)?).into_response())
 }
 
+#[utoipa::path(post, path = "/v1/modules/{name}/{action}", tag = "modules",
+    params(("name" = String, Path, description = "Module name"),
+           ("action" = String, Path, description = "start, stop or restart")),
+    responses(
+        (status = 200, description = "Done", body = ModuleView),
+        (status = 404, description = "No such module or action", body = ErrorBody),
+        (status = 422, description = "Refused", body = ErrorBody)))]
 async fn module_action(
     State(state): State<Arc<ApiState>>,
     UrlPath((name, action)): UrlPath<(String, String)>,
@@ -577,6 +712,14 @@ struct LogQuery {
 
 /// `GET /v1/modules/{name}/exits` (JSON records, oldest first) and
 /// `GET /v1/modules/{name}/logs?tail=N` (its output, escaped when written).
+#[utoipa::path(get, path = "/v1/modules/{name}/{record}", tag = "modules",
+    params(("name" = String, Path, description = "Module name"),
+           ("record" = String, Path, description = "logs or exits"),
+           ("tail" = Option<usize>, Query, description = "logs: only the last N lines")),
+    responses(
+        (status = 200, description = "logs: text/plain; exits: the exit records", body = [records::ExitRecord]),
+        (status = 400, description = "Invalid name or query", body = ErrorBody),
+        (status = 404, description = "No such module or record", body = ErrorBody)))]
 async fn module_records(
     State(state): State<Arc<ApiState>>,
     UrlPath((name, what)): UrlPath<(String, String)>,
@@ -626,20 +769,28 @@ async fn module_records(
 
 /// `GET /v1/identities`: every identity registration (name, generation,
 /// when), never a key.
+#[utoipa::path(get, path = "/v1/identities", tag = "identities",
+    responses((status = 200, description = "Every identity registration", body = [IdentityView])))]
 async fn identities(State(state): State<Arc<ApiState>>) -> Result<Response, ApiError> {
     let mut out = Vec::new();
     for name in state.registry.names().map_err(internal)? {
         if let Some(r) = state.registry.registration(&name).map_err(internal)? {
-            out.push(serde_json::json!({
-                "name": name,
-                "generation_id": r.generation_id,
-                "registered_at": r.registered_at,
-            }));
+            out.push(IdentityView {
+                name,
+                generation_id: r.generation_id,
+                registered_at: r.registered_at,
+            });
         }
     }
     Ok(axum::Json(out).into_response())
 }
 
+#[utoipa::path(delete, path = "/v1/modules/{name}", tag = "modules",
+    params(("name" = String, Path, description = "Module name")),
+    responses(
+        (status = 204, description = "Stopped and deleted with its identity registration"),
+        (status = 404, description = "No such module", body = ErrorBody),
+        (status = 409, description = "Owned by the config file", body = ErrorBody)))]
 async fn remove_module(
     State(state): State<Arc<ApiState>>,
     UrlPath(name): UrlPath<String>,
@@ -651,6 +802,15 @@ async fn remove_module(
 
 /// `PUT /v1/blobs/{digest}`: a component, read within its size and time
 /// limits, hashed, and stored only if it hashes to `digest`.
+#[utoipa::path(put, path = "/v1/blobs/{digest}", tag = "components",
+    params(("digest" = String, Path, description = "sha256:<64 hex>")),
+    request_body(content = String, content_type = "application/wasm", description = "The component's bytes (at most 256 MiB)"),
+    responses(
+        (status = 200, description = "Already stored"),
+        (status = 201, description = "Stored"),
+        (status = 400, description = "Invalid digest", body = ErrorBody),
+        (status = 413, description = "Over 256 MiB", body = ErrorBody),
+        (status = 422, description = "The bytes hash to another digest", body = ErrorBody)))]
 async fn put_blob(
     State(state): State<Arc<ApiState>>,
     UrlPath(digest): UrlPath<String>,
@@ -699,4 +859,32 @@ async fn put_blob(
         .map_err(internal)?
         .map_err(internal)?;
     Ok(StatusCode::CREATED.into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    /// The checked-in document is the one the code generates. Regenerate it
+    /// with `EDGEWARD_UPDATE_OPENAPI=1 cargo test -p edgeward --lib openapi`.
+    #[test]
+    fn the_checked_in_openapi_document_is_current() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/openapi.json");
+        let generated = super::openapi_json();
+        if std::env::var_os("EDGEWARD_UPDATE_OPENAPI").is_some() {
+            std::fs::write(&path, &generated).unwrap();
+        }
+        let checked_in = std::fs::read_to_string(&path).unwrap_or_default();
+        assert!(
+            checked_in == generated,
+            "docs/openapi.json is out of date: EDGEWARD_UPDATE_OPENAPI=1 cargo test -p edgeward --lib openapi"
+        );
+        let v: serde_json::Value = serde_json::from_str(&generated).unwrap();
+        for route in [
+            "/v1/modules",
+            "/v1/modules/{name}",
+            "/v1/blobs/{digest}",
+            "/v1/identities",
+        ] {
+            assert!(v["paths"][route].is_object(), "{route} missing");
+        }
+    }
 }

@@ -166,7 +166,7 @@ pub enum ModuleState {
 }
 
 /// One exit, as recorded.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ExitRecord {
     /// When it ended (RFC 3339, UTC).
     pub at: String,
