@@ -804,7 +804,7 @@ async fn remove_module(
 /// limits, hashed, and stored only if it hashes to `digest`.
 #[utoipa::path(put, path = "/v1/blobs/{digest}", tag = "components",
     params(("digest" = String, Path, description = "sha256:<64 hex>")),
-    request_body(content = String, content_type = "application/wasm", description = "The component's bytes (at most 256 MiB)"),
+    request_body(content = String, content_type = "application/octet-stream", description = "The component's bytes (at most 256 MiB)"),
     responses(
         (status = 200, description = "Already stored"),
         (status = 201, description = "Stored"),

@@ -239,7 +239,7 @@ async fn upload(socket: &Path, file: &Path, digest: Option<&Digest>) -> Result<D
         socket,
         "PUT",
         &format!("/v1/blobs/{digest}"),
-        Some((measured.bytes, "application/wasm")),
+        Some((measured.bytes, "application/octet-stream")),
     )
     .await?;
     if !matches!(up.status, 200 | 201) {
