@@ -158,6 +158,10 @@ fn operators_manage_modules_and_changes_survive_a_restart() {
     assert_eq!(state_in_list(&s, &sock, "configured"), "running/running");
     assert_status(&module(&s, &sock, &["remove", "ticker"]), 0);
     assert_eq!(state_in_list(&s, &sock, "ticker"), "absent");
+    assert!(
+        !s.state().join("modules/ticker").exists(),
+        "its data, logs and status are deleted"
+    );
     let o = module(&s, &sock, &["show", "ticker"]);
     assert_status(&o, 1);
     assert!(
@@ -564,4 +568,58 @@ fn updates_keep_the_registration_and_refused_ones_keep_the_old_version() {
     );
     assert!(stored(&new_digest) && stored(&sha256sum(PROBE)));
     let _ = d.terminate();
+}
+
+/// A module added through the API never inherits what an earlier module
+/// of its name left: its identity registration (which opens that one's
+/// sealed data) or its files.
+#[test]
+fn a_new_module_never_inherits_an_old_ones_registration_or_files() {
+    let s = Scratch::new();
+    let (_home, sock) = socket_home();
+    let old = format!(
+        "[[module]]\nname = \"old\"\nfile = \"{PROBE}\"\ndigest = \"{}\"\nargs = [\"write\", \"/data/note\", \"plain text\"]\nrestart = \"never\"\n",
+        sha256sum(PROBE)
+    );
+    let mut d = start(&s, &old, &sock);
+    d.wait_for("old to write", |out, _| {
+        out.iter().any(|l| l.starts_with("old | ok: write"))
+    });
+    let _ = d.terminate();
+    // Dropped from the config: its registration and files are kept.
+    let d = start(&s, "", &sock);
+    let add = |s: &Scratch| module(s, &sock, &["add", "old", PROBE, "--arg", "tick"]);
+    let o = add(&s);
+    assert_status(&o, 1);
+    assert!(
+        stderr(&o).contains("identity registration named \"old\""),
+        "{}",
+        stderr(&o)
+    );
+    let _ = d.terminate();
+    assert_status(
+        &s.edgeward().args(["deregister", "old"]).output().unwrap(),
+        0,
+    );
+    let d = start(&s, "", &sock);
+    let o = add(&s);
+    assert_status(&o, 1);
+    assert!(
+        stderr(&o).contains("holds files an earlier module"),
+        "{}",
+        stderr(&o)
+    );
+    std::fs::remove_dir_all(s.state().join("modules/old/data")).unwrap();
+    assert_status(&add(&s), 0);
+    assert_eq!(state_in_list(&s, &sock, "old"), "running/running");
+    // An add that is refused (not a component) leaves nothing behind.
+    let junk = s.write("junk.wasm", "not a component");
+    let o = module(&s, &sock, &["add", "junky", junk.to_str().unwrap()]);
+    assert_status(&o, 1);
+    assert!(stderr(&o).contains("refused"), "{}", stderr(&o));
+    assert_eq!(state_in_list(&s, &sock, "junky"), "absent");
+    assert!(!s.state().join("modules/junky").exists());
+    let _ = d.terminate();
+    let registry = edgeward::registry::Registry::open(&s.state()).unwrap();
+    assert!(registry.registration("junky").unwrap().is_none());
 }

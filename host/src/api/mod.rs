@@ -440,13 +440,11 @@ async fn health() -> impl IntoResponse {
     responses((status = 200, description = "Versions, HSM backend, device, uptime, module counts", body = SystemInfoView)))]
 async fn system_info(State(state): State<Arc<ApiState>>) -> Result<Response, ApiError> {
     let modules = state.registry.modules().map_err(internal)?;
-    let statuses = statuses(&state.state_dir);
     let running = modules
         .iter()
         .filter(|m| {
-            statuses
-                .iter()
-                .any(|s| s.module == m.spec.name && s.state == records::ModuleState::Running)
+            records::status_of(&state.state_dir, &m.spec.name)
+                .is_some_and(|s| s.state == records::ModuleState::Running)
         })
         .count();
     Ok(axum::Json(SystemInfoView {
@@ -463,13 +461,6 @@ async fn system_info(State(state): State<Arc<ApiState>>) -> Result<Response, Api
 fn internal(e: impl std::fmt::Display) -> ApiError {
     tracing::error!(error = %e, "management request failed");
     ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
-}
-
-fn statuses(state_dir: &Path) -> Vec<Status> {
-    records::read_statuses(state_dir)
-        .into_iter()
-        .flatten()
-        .collect()
 }
 
 /// A module as the API shows it.
@@ -518,10 +509,14 @@ fn view(record: &ModuleRecord, status: Option<&Status>) -> ModuleView {
     responses((status = 200, description = "Every registered module", body = [ModuleView])))]
 async fn list_modules(State(state): State<Arc<ApiState>>) -> Result<Response, ApiError> {
     let modules = state.registry.modules().map_err(internal)?;
-    let statuses = statuses(&state.state_dir);
     let views: Vec<ModuleView> = modules
         .iter()
-        .map(|m| view(m, statuses.iter().find(|s| s.module == m.spec.name)))
+        .map(|m| {
+            view(
+                m,
+                records::status_of(&state.state_dir, &m.spec.name).as_ref(),
+            )
+        })
         .collect();
     Ok(axum::Json(views).into_response())
 }
@@ -560,8 +555,10 @@ async fn show_module(
     UrlPath(name): UrlPath<String>,
 ) -> Result<Response, ApiError> {
     let record = record_of(&state, &name)?;
-    let statuses = statuses(&state.state_dir);
-    let mut v = view(&record, statuses.iter().find(|s| s.module == name));
+    let mut v = view(
+        &record,
+        records::status_of(&state.state_dir, &name).as_ref(),
+    );
     v.spec = Some(record.spec);
     Ok(axum::Json(v).into_response())
 }
@@ -627,8 +624,10 @@ async fn api_spec(state: &ApiState, body: Body) -> Result<ModuleSpec, ApiError> 
 
 fn current_view(state: &ApiState, name: &str) -> Result<ModuleView, ApiError> {
     let record = record_of(state, name)?;
-    let statuses = statuses(&state.state_dir);
-    Ok(view(&record, statuses.iter().find(|s| s.module == name)))
+    Ok(view(
+        &record,
+        records::status_of(&state.state_dir, name).as_ref(),
+    ))
 }
 
 #[utoipa::path(post, path = "/v1/modules", tag = "modules",

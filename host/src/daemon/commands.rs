@@ -50,32 +50,49 @@ fn record(sup: &Supervisor, name: &str) -> Result<ModuleRecord, ApiError> {
 /// Starts the new module, then registers it (origin: operator): a module
 /// that cannot start is not registered.
 async fn add(sup: &mut Supervisor, spec: ModuleSpec) -> Result<(), ApiError> {
+    let conflict = |m: String| ApiError::new(StatusCode::CONFLICT, m);
+    let name = spec.name.as_str();
+    if sup.registry().module(name).map_err(internal)?.is_some() {
+        return Err(conflict(format!("module {name:?} exists")));
+    }
+    // A new module never inherits what another left under its name: its
+    // identity registration (which opens that one's sealed data) or files.
     if sup
         .registry()
-        .module(&spec.name)
+        .registration(name)
         .map_err(internal)?
         .is_some()
     {
-        return Err(ApiError::new(
-            StatusCode::CONFLICT,
-            format!("module {:?} exists", spec.name),
-        ));
+        return Err(conflict(format!(
+            "an identity registration named {name:?} is kept from an earlier module (it opens that module's sealed data): `edgeward deregister {name}` with the daemon stopped, or choose another name"
+        )));
     }
-    sup.start(spec.clone()).await.map_err(|e| {
-        ApiError::new(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            format!("module {:?} refused: {e:#}", spec.name),
-        )
-    })?;
+    let data = super::records::module_dir(sup.state_dir(), name).join("data");
+    if std::fs::read_dir(&data).is_ok_and(|mut d| d.next().is_some()) {
+        return Err(conflict(format!(
+            "{} holds files an earlier module {name:?} left: delete them, or choose another name",
+            data.display()
+        )));
+    }
+    // Registered first, so the identity its start creates belongs to a
+    // registered module (a crash in between leaves a module that starts at
+    // the next boot: the change wholly there); a refusal undoes it.
     let rec = ModuleRecord {
         spec: spec.to_raw(),
         origin: Origin::Operator,
         desired: Desired::Running,
         updated_at: crate::identity::unix_now(),
     };
-    if let Err(e) = sup.registry().put_module(&rec) {
-        sup.stop(&spec.name).await;
-        return Err(internal(e));
+    sup.registry().put_module(&rec).map_err(internal)?;
+    if let Err(e) = sup.start(spec.clone()).await {
+        let undo = delete_module(sup, &spec.name).await;
+        if let Err(u) = undo {
+            tracing::error!(module = %spec.name, error = %u.message, "cannot undo a refused add");
+        }
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            format!("module {:?} refused: {e:#}", spec.name),
+        ));
     }
     tracing::info!(module = %spec.name, "module added through the management API");
     Ok(())
@@ -163,7 +180,21 @@ async fn remove(sup: &mut Supervisor, name: &str) -> Result<(), ApiError> {
         ));
     }
     sup.stop(name).await;
-    sup.registry().remove_module(name).map_err(internal)?;
+    delete_module(sup, name).await?;
     tracing::info!(module = name, "module removed through the management API");
+    Ok(())
+}
+
+/// Deletes a stopped module: its data, logs and status first (a failure
+/// leaves it registered, for a retry), then its registration and identity,
+/// in one transaction.
+async fn delete_module(sup: &mut Supervisor, name: &str) -> Result<(), ApiError> {
+    let dir = sup.state_dir().to_owned();
+    let n = name.to_owned();
+    tokio::task::spawn_blocking(move || super::records::delete(&dir, &n))
+        .await
+        .map_err(internal)?
+        .map_err(|e| internal(format!("cannot delete the module's files: {e}")))?;
+    sup.registry().remove_module(name).map_err(internal)?;
     Ok(())
 }

@@ -301,6 +301,7 @@ impl ModuleRecords {
             last_exit,
         };
         let path = self.dir.join("status.json");
+        remember(&path, &status);
         let bytes = match serde_json::to_vec_pretty(&status) {
             Ok(b) => b,
             Err(e) => {
@@ -344,6 +345,54 @@ impl ModuleRecords {
                     tracing::warn!(module = %self.name, error = %e, "cannot record module exit");
                 }
             }
+        }
+    }
+}
+
+/// The latest status of each module this process wrote or read, by the
+/// path of its `status.json` (the management API answers from here, not
+/// from disk).
+static LATEST: OnceLock<Mutex<HashMap<PathBuf, Status>>> = OnceLock::new();
+
+fn latest() -> &'static Mutex<HashMap<PathBuf, Status>> {
+    LATEST.get_or_init(Mutex::default)
+}
+
+fn remember(path: &Path, status: &Status) {
+    if let Ok(mut m) = latest().lock() {
+        m.insert(path.to_owned(), status.clone());
+    }
+}
+
+/// Module `name`'s latest status: as this process last set it, else as
+/// its `status.json` says (then remembered). `None`: it has none.
+pub fn status_of(state_dir: &Path, name: &str) -> Option<Status> {
+    let path = module_dir(state_dir, name).join("status.json");
+    if let Some(s) = latest().lock().ok().and_then(|m| m.get(&path).cloned()) {
+        return Some(s);
+    }
+    let s: Status = serde_json::from_slice(&std::fs::read(&path).ok()?).ok()?;
+    remember(&path, &s);
+    Some(s)
+}
+
+/// Deletes module `name`'s records (status, logs, data): waits for pending
+/// writes first, so none lands after.
+///
+/// # Errors
+///
+/// When the directory cannot be deleted.
+pub fn delete(state_dir: &Path, name: &str) -> std::io::Result<()> {
+    flush();
+    let dir = module_dir(state_dir, name);
+    if let Ok(mut m) = latest().lock() {
+        m.remove(&dir.join("status.json"));
+    }
+    match std::fs::remove_dir_all(&dir) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+        _ => {
+            state::sync_dir(&state_dir.join("modules"));
+            Ok(())
         }
     }
 }

@@ -81,6 +81,11 @@ impl Supervisor {
         })
     }
 
+    /// The state directory.
+    pub fn state_dir(&self) -> &Path {
+        &self.state_dir
+    }
+
     /// The registry it registers modules in.
     pub fn registry(&self) -> &Registry {
         &self.registry

@@ -1,0 +1,278 @@
+//! What the management plane costs, each against a baseline in the same
+//! run (medians; the daemon is the release binary):
+//!
+//! - **list**: `GET /v1/modules` with 100 registered modules, a new
+//!   connection per request (as the CLI makes them), against a bare axum
+//!   handler answering the same bytes on a unix socket in this process;
+//! - **churn**: an add (registry commit, compile from cache, start) and a
+//!   remove (stop, commit) of one module, per pair;
+//! - **change to first output**: `POST /v1/modules` of a cached module that
+//!   prints one line, until that line is in its log, against starting the
+//!   same cached module in-process (`Runtime::start`, to its exit: its one
+//!   line printed). Target: at most 10 ms over the direct start;
+//! - **module list**: `edgeward module list` as a whole process, against
+//!   `edgeward --version` (the process floor).
+//!
+//! Run with `scripts/bench` (or `cargo bench -p edgeward-tests --bench
+//! management`).
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use edgeward_tests::guests;
+
+const ROUNDS: usize = 15;
+const LISTS: usize = 200;
+const EDGEWARD: &str = env!("CARGO_BIN_EXE_edgeward-under-test");
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// One HTTP/1.1 request on a new connection: (status, body).
+fn http(sock: &Path, method: &str, path: &str, body: &[u8]) -> (u16, Vec<u8>) {
+    let mut c = std::os::unix::net::UnixStream::connect(sock).expect("connect");
+    write!(
+        c,
+        "{method} {path} HTTP/1.1\r\nhost: x\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+        body.len()
+    )
+    .expect("write");
+    let _ = c.write_all(body);
+    let mut out = Vec::new();
+    c.read_to_end(&mut out).expect("read");
+    let head_end = out
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .map_or(out.len(), |p| p + 4);
+    let status = std::str::from_utf8(&out[..head_end])
+        .ok()
+        .and_then(|h| h.split_whitespace().nth(1))
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    (status, out[head_end..].to_vec())
+}
+
+fn digest(path: &str) -> String {
+    let out = Command::new(EDGEWARD)
+        .args(["digest", path])
+        .output()
+        .expect("digest");
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .expect("digest")
+        .to_owned()
+}
+
+struct Daemon(std::process::Child);
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.0.id().to_string()])
+            .status();
+        let _ = self.0.wait();
+    }
+}
+
+fn start_daemon(state: &Path, sock: &Path) -> Daemon {
+    let child = Command::new(EDGEWARD)
+        .arg("--state-dir")
+        .arg(state)
+        .arg("daemon")
+        .env("EDGEWARD_SOCKET", sock)
+        .env("EDGEWARD_LOG", "warn")
+        .env_remove("EDGEWARD_CONFIG")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("daemon");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::os::unix::net::UnixStream::connect(sock).is_err() {
+        assert!(Instant::now() < deadline, "the daemon did not come up");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Daemon(child)
+}
+
+/// A bare axum handler answering `body` to every request, on `sock`.
+fn bare_server(sock: &Path, body: Vec<u8>) -> tokio::runtime::Runtime {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let listener = rt.block_on(async { tokio::net::UnixListener::bind(sock).expect("bind") });
+    let body = Arc::new(body);
+    rt.spawn(async move {
+        let app = axum::Router::new().route(
+            "/v1/modules",
+            axum::routing::get(move || {
+                let body = body.clone();
+                async move { ([("content-type", "application/json")], (*body).clone()) }
+            }),
+        );
+        let _ = axum::serve(listener, app).await;
+    });
+    rt
+}
+
+fn requests_per_second(sock: &Path) -> f64 {
+    let t = Instant::now();
+    for _ in 0..LISTS {
+        let (status, _) = http(sock, "GET", "/v1/modules", b"");
+        assert_eq!(status, 200);
+    }
+    LISTS as f64 / t.elapsed().as_secs_f64()
+}
+
+fn spec(name: &str, digest: &str, args: &str) -> Vec<u8> {
+    format!(r#"{{"name":"{name}","digest":"{digest}","args":[{args}],"restart":"never"}}"#)
+        .into_bytes()
+}
+
+fn main() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let state = dir.path().join("state");
+    let sock = dir.path().join("api.sock");
+    let probe = guests::SANDBOX_PROBE;
+    let probe_digest = digest(probe);
+    let _daemon = start_daemon(&state, &sock);
+    let (status, _) = http(
+        &sock,
+        "PUT",
+        &format!("/v1/blobs/{probe_digest}"),
+        &std::fs::read(probe).expect("probe"),
+    );
+    assert!(matches!(status, 200 | 201));
+    for i in 0..100 {
+        let (status, body) = http(
+            &sock,
+            "POST",
+            "/v1/modules",
+            &spec(&format!("m{i:03}"), &probe_digest, r#""hello""#),
+        );
+        assert_eq!(status, 201, "{}", String::from_utf8_lossy(&body));
+    }
+
+    // list
+    let (_, listed) = http(&sock, "GET", "/v1/modules", b"");
+    let bare_sock = dir.path().join("bare.sock");
+    let _bare = bare_server(&bare_sock, listed.clone());
+    let (mut ours, mut bare) = (Vec::new(), Vec::new());
+    for _ in 0..ROUNDS {
+        ours.push(requests_per_second(&sock));
+        bare.push(requests_per_second(&bare_sock));
+    }
+    let (o, b) = (median(ours), median(bare));
+    println!(
+        "management_list_100 ratio={:.2}   (edgeward {o:.0} req/s, bare axum {b:.0} req/s; {} bytes each; ratio = bare/ours time)",
+        b / o,
+        listed.len()
+    );
+
+    // churn
+    let mut pairs = Vec::new();
+    for r in 0..ROUNDS * 2 {
+        let name = format!("churn{r}");
+        let t = Instant::now();
+        let (s1, _) = http(
+            &sock,
+            "POST",
+            "/v1/modules",
+            &spec(&name, &probe_digest, r#""tick""#),
+        );
+        let (s2, _) = http(&sock, "DELETE", &format!("/v1/modules/{name}"), b"");
+        pairs.push(t.elapsed().as_secs_f64() * 1e3);
+        assert_eq!((s1, s2), (201, 204));
+    }
+    let churn = median(pairs);
+    println!(
+        "management_churn pair_ms={churn:.2}   (add + remove of one module: {:.0} pairs/s)",
+        1e3 / churn
+    );
+
+    // change to first output, against a direct start in-process
+    let rt = edgeward::runtime::Runtime::new(&edgeward::runtime::RuntimeOptions {
+        engine: edgeward::runtime::EngineOptions {
+            max_instances: 4,
+            ceilings: Default::default(),
+            max_memory: 64 << 20,
+            pooling: None,
+            max_wasm_stack: edgeward::runtime::engine::DEFAULT_MAX_WASM_STACK,
+        },
+        state_dir: Some(dir.path().join("direct")),
+    })
+    .expect("runtime");
+    let measured = edgeward::measure::Measured::read(Path::new(probe)).expect("read");
+    drop(rt.load(&measured).expect("warm the cache"));
+    let tokio_rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("rt");
+    let (mut via_api, mut direct) = (Vec::new(), Vec::new());
+    for r in 0..ROUNDS {
+        let name = format!("first{r}");
+        let log: PathBuf = state.join("modules").join(&name).join("log/output.log");
+        let t = Instant::now();
+        let (status, _) = http(
+            &sock,
+            "POST",
+            "/v1/modules",
+            &spec(&name, &probe_digest, r#""hello""#),
+        );
+        assert_eq!(status, 201);
+        loop {
+            if std::fs::read(&log).is_ok_and(|b| b.windows(5).any(|w| w == b"hello")) {
+                break;
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs(10),
+                "no output in {}",
+                log.display()
+            );
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        via_api.push(t.elapsed().as_secs_f64() * 1e3);
+        let t = Instant::now();
+        let module = rt.load(&measured).expect("cached");
+        let mut sandbox = edgeward::runtime::SandboxSpec::new("direct");
+        sandbox.args.push("hello".into());
+        let exit = tokio_rt.block_on(rt.start(&module, &sandbox, None));
+        assert!(exit.is_success(), "{exit}");
+        direct.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    let (a, d) = (median(via_api), median(direct));
+    println!(
+        "management_change_to_first_output over_direct_ms={:.2}   (API {a:.2} ms, direct start {d:.2} ms; target <= 10 ms over)",
+        a - d
+    );
+
+    // edgeward module list as a whole process
+    let time = |args: &[&str]| {
+        let mut v = Vec::new();
+        for _ in 0..ROUNDS {
+            let t = Instant::now();
+            let out = Command::new(EDGEWARD)
+                .args(args)
+                .env("EDGEWARD_SOCKET", &sock)
+                .env_remove("EDGEWARD_CONFIG")
+                .output()
+                .expect("spawn");
+            assert!(out.status.success());
+            v.push(t.elapsed().as_secs_f64() * 1e3);
+        }
+        median(v)
+    };
+    let list = time(&["module", "list"]);
+    let floor = time(&["--version"]);
+    println!(
+        "management_cli_list ratio={:.2}   (edgeward module list {list:.1} ms with 135 modules, edgeward --version {floor:.1} ms)",
+        list / floor
+    );
+}
