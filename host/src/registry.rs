@@ -308,6 +308,38 @@ impl Registry {
 }
 
 impl Registry {
+    /// A value of the registry's own (the last applied deployment, ...).
+    ///
+    /// # Errors
+    ///
+    /// The store cannot be read.
+    pub fn meta(&self, key: &str) -> Result<Option<Vec<u8>>, RegistryError> {
+        let tx = self.db.begin_read().map_err(|e| self.damaged(e))?;
+        let table = match tx.open_table(META) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
+            Err(e) => return Err(self.damaged(e)),
+        };
+        Ok(table
+            .get(key)
+            .map_err(|e| self.damaged(e))?
+            .map(|v| v.value().to_vec()))
+    }
+
+    /// Sets a value of the registry's own.
+    ///
+    /// # Errors
+    ///
+    /// The store cannot be written.
+    pub fn put_meta(&self, key: &str, value: &[u8]) -> Result<(), RegistryError> {
+        let tx = self.db.begin_write().map_err(|e| self.damaged(e))?;
+        {
+            let mut table = tx.open_table(META).map_err(|e| self.damaged(e))?;
+            table.insert(key, value).map_err(|e| self.damaged(e))?;
+        }
+        tx.commit().map_err(|e| self.damaged(e))
+    }
+
     /// Every module record, sorted by name.
     ///
     /// # Errors

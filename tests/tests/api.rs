@@ -623,3 +623,109 @@ fn a_new_module_never_inherits_an_old_ones_registration_or_files() {
     let registry = edgeward::registry::Registry::open(&s.state()).unwrap();
     assert!(registry.registration("junky").unwrap().is_none());
 }
+
+/// A deployment manifest reconciles the operator's modules: added, updated,
+/// removed to match; a dry run only plans; names the config owns are
+/// refused, naming them; the last one applied is kept.
+#[test]
+fn deployments_reconcile_the_operators_modules() {
+    let s = Scratch::new();
+    let (_home, sock) = socket_home();
+    let d = start(&s, &config_module("configured"), &sock);
+    let manifest = |version: &str, modules: &[(&str, &str)]| {
+        let mut m = format!("version = \"{version}\"\n");
+        for (name, file) in modules {
+            m.push_str(&format!(
+                "[[module]]\nname = \"{name}\"\nfile = \"{file}\"\nargs = [\"tick\"]\n"
+            ));
+        }
+        s.write(&format!("deploy-{version}.toml"), &m)
+    };
+    let deploy = |path: &Path, dry: bool| {
+        let mut c = s.edgeward();
+        c.arg("deploy").arg(path).arg("--socket").arg(&sock);
+        if dry {
+            c.arg("--dry-run");
+        }
+        c.output().unwrap()
+    };
+    let v1 = manifest("v1", &[("a", PROBE), ("b", PROBE)]);
+    let o = deploy(&v1, true);
+    assert_status(&o, 0);
+    assert!(
+        stdout(&o).contains("(dry run): add [a, b]"),
+        "{}",
+        stdout(&o)
+    );
+    assert_eq!(
+        state_in_list(&s, &sock, "a"),
+        "absent",
+        "a dry run changes nothing"
+    );
+    let o = deploy(&v1, false);
+    assert_status(&o, 0);
+    assert!(stdout(&o).contains("add [a, b]"), "{}", stdout(&o));
+    assert_eq!(state_in_list(&s, &sock, "a"), "running/running");
+    // v2: a gets another component, b goes, c comes.
+    let v2 = variant(&s, PROBE, "probe-v2.wasm");
+    let v2m = manifest("v2", &[("a", &v2), ("c", PROBE)]);
+    let o = deploy(&v2m, false);
+    assert_status(&o, 0);
+    assert!(
+        stdout(&o).contains("add [c], update [a], remove [b], unchanged []"),
+        "{}",
+        stdout(&o)
+    );
+    assert_eq!(state_in_list(&s, &sock, "b"), "absent");
+    let show = module(&s, &sock, &["show", "a"]);
+    assert!(stdout(&show).contains(&sha256sum(&v2)), "{}", stdout(&show));
+    // The same again changes nothing.
+    let o = deploy(&v2m, false);
+    assert!(stdout(&o).contains("unchanged [a, c]"), "{}", stdout(&o));
+    // The config's module cannot be claimed.
+    let o = deploy(&manifest("v3", &[("configured", PROBE)]), false);
+    assert_status(&o, 1);
+    assert!(
+        stderr(&o).contains("another origin owns: configured"),
+        "{}",
+        stderr(&o)
+    );
+    let shown = s
+        .edgeward()
+        .args(["deployment", "show", "--socket"])
+        .arg(&sock)
+        .output()
+        .unwrap();
+    assert_status(&shown, 0);
+    assert!(
+        stdout(&shown).contains("\"version\": \"v2\""),
+        "{}",
+        stdout(&shown)
+    );
+    let plan = s
+        .edgeward()
+        .args(["deployment", "plan", "--socket"])
+        .arg(&sock)
+        .output()
+        .unwrap();
+    assert_status(&plan, 0);
+    // Stopping a module makes it drift from nothing: stopped is wanted.
+    assert_status(&module(&s, &sock, &["stop", "c"]), 0);
+    let (status, drift) = http(&sock, "GET", "/v1/deployment/plan", b"");
+    assert_eq!(status, 200);
+    assert!(!drift.contains("\"c\""), "{drift}");
+    // Duplicate names and bad specs in a deployment are refused whole.
+    let (status, text) = http(
+        &sock,
+        "PUT",
+        "/v1/deployment",
+        format!(
+            r#"{{"version":"x","modules":[{{"name":"z","digest":"{0}"}},{{"name":"z","digest":"{0}"}}]}}"#,
+            sha256sum(PROBE)
+        )
+        .as_bytes(),
+    );
+    assert_eq!(status, 400, "{text}");
+    assert!(text.contains("appears twice"), "{text}");
+    let _ = d.terminate();
+}

@@ -168,6 +168,91 @@ pub enum Command {
     Restart(String, Reply),
     /// Stop a module and delete its registration.
     Remove(String, Reply),
+    /// Reconcile the operator's modules with a deployment.
+    Deploy(
+        Box<CheckedDeployment>,
+        oneshot::Sender<Result<Plan, ApiError>>,
+    ),
+}
+
+/// The registry key of the operator's last applied deployment.
+pub const DEPLOYMENT_KEY: &str = "deployment.operator";
+
+/// A declarative deployment: the complete set of the operator's modules.
+#[derive(Debug, Clone, Serialize, serde::Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Deployment {
+    /// The deployment's version, as its author names it.
+    pub version: String,
+    /// Every module it wants, each naming an uploaded component.
+    #[serde(default)]
+    pub modules: Vec<RawModuleSpec>,
+}
+
+/// A deployment whose specs were checked.
+#[derive(Debug)]
+pub struct CheckedDeployment {
+    /// As sent.
+    pub deployment: Deployment,
+    /// Its specs, validated.
+    pub specs: Vec<ModuleSpec>,
+}
+
+/// What applying a deployment changes (or changed).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+pub struct Plan {
+    /// The deployment's version.
+    pub version: String,
+    /// Modules it adds.
+    pub add: Vec<String>,
+    /// Modules whose spec it changes.
+    pub update: Vec<String>,
+    /// Operator modules it removes (not in the deployment).
+    pub remove: Vec<String>,
+    /// Modules it leaves as they are.
+    pub unchanged: Vec<String>,
+}
+
+impl Plan {
+    /// The plan for `d` against the registry's `records`.
+    ///
+    /// # Errors
+    ///
+    /// A name another origin owns (409, naming them all).
+    pub fn of(d: &CheckedDeployment, records: &[ModuleRecord]) -> Result<Self, ApiError> {
+        let mut plan = Self {
+            version: d.deployment.version.clone(),
+            ..Self::default()
+        };
+        let mut conflicts = Vec::new();
+        for spec in &d.specs {
+            match records.iter().find(|r| r.spec.name == spec.name) {
+                Some(r) if r.origin != Origin::Operator => {
+                    conflicts.push(format!("{} ({:?})", spec.name, r.origin));
+                }
+                Some(r) if r.spec == spec.to_raw() => plan.unchanged.push(spec.name.clone()),
+                Some(_) => plan.update.push(spec.name.clone()),
+                None => plan.add.push(spec.name.clone()),
+            }
+        }
+        if !conflicts.is_empty() {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                format!(
+                    "the deployment names modules another origin owns: {}",
+                    conflicts.join(", ")
+                ),
+            ));
+        }
+        plan.remove = records
+            .iter()
+            .filter(|r| {
+                r.origin == Origin::Operator && !d.specs.iter().any(|s| s.name == r.spec.name)
+            })
+            .map(|r| r.spec.name.clone())
+            .collect();
+        Ok(plan)
+    }
 }
 
 /// Where a [`Command`]'s outcome goes.
@@ -361,6 +446,8 @@ pub fn router(state: Arc<ApiState>) -> Router {
             get(module_records).post(module_action),
         )
         .route("/v1/identities", get(identities))
+        .route("/v1/deployment", get(get_deployment).put(put_deployment))
+        .route("/v1/deployment/plan", get(deployment_plan))
         .route("/v1/openapi.json", get(openapi))
         .route("/v1/blobs/{digest}", put(put_blob))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such route") })
@@ -597,7 +684,10 @@ async fn ask(state: &ApiState, command: impl FnOnce(Reply) -> Command) -> Result
 /// A spec from a request body, checked as the API requires: no host paths,
 /// valid against the engine's ceilings, its component uploaded.
 async fn api_spec(state: &ApiState, body: Body) -> Result<ModuleSpec, ApiError> {
-    let raw: RawModuleSpec = json_body(body).await?;
+    check_raw(state, json_body(body).await?)
+}
+
+fn check_raw(state: &ApiState, raw: RawModuleSpec) -> Result<ModuleSpec, ApiError> {
     checked_name(&raw.name)?;
     let unprocessable = |m: String| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, m);
     if raw.file.is_some() {
@@ -700,6 +790,107 @@ async fn module_action(
         }
     }
     Ok(axum::Json(current_view(&state, &name)?).into_response())
+}
+
+/// `?dry-run=true` for a deployment.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DeployQuery {
+    #[serde(rename = "dry-run", default)]
+    dry_run: bool,
+}
+
+#[utoipa::path(put, path = "/v1/deployment", tag = "deployment",
+    params(("dry-run" = Option<bool>, Query, description = "Only return the plan")),
+    request_body(content = Deployment, description = "The complete set of the operator's modules"),
+    responses(
+        (status = 200, description = "The plan (applied unless dry-run)", body = Plan),
+        (status = 400, description = "Malformed body, query or duplicate names", body = ErrorBody),
+        (status = 409, description = "Names another origin owns", body = ErrorBody),
+        (status = 422, description = "An invalid spec, a component not uploaded, or a change refused", body = ErrorBody)))]
+async fn put_deployment(
+    State(state): State<Arc<ApiState>>,
+    query: Result<axum::extract::Query<DeployQuery>, axum::extract::rejection::QueryRejection>,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let query =
+        query.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("invalid query: {e}")))?;
+    let deployment: Deployment = json_body(body).await?;
+    let mut specs = Vec::with_capacity(deployment.modules.len());
+    for raw in deployment.modules.iter().cloned() {
+        if specs.iter().any(|s: &ModuleSpec| s.name == raw.name) {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                format!("module {:?} appears twice", raw.name),
+            ));
+        }
+        specs.push(check_raw(&state, raw)?);
+    }
+    let checked = CheckedDeployment { deployment, specs };
+    if query.dry_run {
+        let records = state.registry.modules().map_err(internal)?;
+        return Ok(axum::Json(Plan::of(&checked, &records)?).into_response());
+    }
+    let (tx, rx) = oneshot::channel();
+    state
+        .commands
+        .send(Command::Deploy(Box::new(checked), tx))
+        .await
+        .map_err(|_| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "the daemon is stopping"))?;
+    let plan = rx
+        .await
+        .map_err(|_| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "the daemon is stopping"))??;
+    Ok(axum::Json(plan).into_response())
+}
+
+#[utoipa::path(get, path = "/v1/deployment", tag = "deployment",
+    responses(
+        (status = 200, description = "The last deployment applied", body = Deployment),
+        (status = 404, description = "None applied", body = ErrorBody)))]
+async fn get_deployment(State(state): State<Arc<ApiState>>) -> Result<Response, ApiError> {
+    let bytes = state
+        .registry
+        .meta(DEPLOYMENT_KEY)
+        .map_err(internal)?
+        .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, "no deployment has been applied"))?;
+    let d: Deployment = serde_json::from_slice(&bytes).map_err(internal)?;
+    Ok(axum::Json(d).into_response())
+}
+
+/// One module whose state is not what the registry wants.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct Drift {
+    /// The module.
+    pub name: String,
+    /// What the registry wants.
+    pub desired: Desired,
+    /// What it is.
+    pub state: String,
+}
+
+#[utoipa::path(get, path = "/v1/deployment/plan", tag = "deployment",
+    responses((status = 200, description = "Modules whose state differs from what the registry wants", body = [Drift])))]
+async fn deployment_plan(State(state): State<Arc<ApiState>>) -> Result<Response, ApiError> {
+    let modules = state.registry.modules().map_err(internal)?;
+    let drift: Vec<Drift> = modules
+        .iter()
+        .map(|m| {
+            view(
+                m,
+                records::status_of(&state.state_dir, &m.spec.name).as_ref(),
+            )
+        })
+        .filter(|v| match v.desired {
+            Desired::Running => v.state != "running",
+            Desired::Stopped => v.state == "running",
+        })
+        .map(|v| Drift {
+            name: v.name,
+            desired: v.desired,
+            state: v.state,
+        })
+        .collect();
+    Ok(axum::Json(drift).into_response())
 }
 
 /// `?tail=N` for logs.

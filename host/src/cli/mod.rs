@@ -98,6 +98,11 @@ enum Command {
     },
     /// Manage modules through the running daemon's management socket.
     Module(module::ModuleArgs),
+    /// Apply a deployment manifest: the complete set of the operator's
+    /// modules (added, updated, removed to match).
+    Deploy(module::DeployArgs),
+    /// Show the last deployment applied, or what differs from it.
+    Deployment(module::DeploymentArgs),
     /// Print the sha256 digest of component files, as pinned in a config.
     Digest {
         /// Component files.
@@ -264,6 +269,14 @@ pub fn main() -> ExitCode {
         Command::Module(args) => {
             init_logging("warn");
             module::command(args)
+        }
+        Command::Deploy(args) => {
+            init_logging("warn");
+            module::deploy(args)
+        }
+        Command::Deployment(args) => {
+            init_logging("warn");
+            module::deployment(args)
         }
         Command::Deregister { module, config } => {
             init_logging("warn");

@@ -122,24 +122,181 @@ struct AddArgs {
     max_memory: Option<String>,
 }
 
-/// Runs `edgeward module ...`.
-pub(super) fn command(args: ModuleArgs) -> ExitCode {
-    let configured = match optional_config(args.config) {
-        Ok(c) => c.and_then(|c| c.api.socket),
-        Err(code) => return code,
-    };
-    let socket = match crate::api::socket_path(args.socket.as_deref(), configured.as_deref()) {
-        Ok(s) => s,
-        Err(e) => return fail(e, 2),
-    };
-    let rt = match tokio::runtime::Builder::new_current_thread()
+/// The socket and a runtime to talk to it, or the exit code of why not.
+fn connect(
+    socket: Option<PathBuf>,
+    config: Option<PathBuf>,
+) -> Result<(PathBuf, tokio::runtime::Runtime), ExitCode> {
+    let configured = optional_config(config)?.and_then(|c| c.api.socket);
+    let socket = crate::api::socket_path(socket.as_deref(), configured.as_deref())
+        .map_err(|e| fail(e, 2))?;
+    let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => return fail(format!("cannot start the async runtime: {e}"), 1),
+        .map_err(|e| fail(format!("cannot start the async runtime: {e}"), 1))?;
+    Ok((socket, rt))
+}
+
+/// Runs `edgeward module ...`.
+pub(super) fn command(args: ModuleArgs) -> ExitCode {
+    match connect(args.socket, args.config) {
+        Ok((socket, rt)) => rt.block_on(run(&socket, args.command)),
+        Err(code) => code,
+    }
+}
+
+/// `edgeward deploy` and `edgeward deployment`.
+#[derive(Debug, clap::Args)]
+pub(super) struct DeployArgs {
+    /// The manifest: TOML (or .json) with `version` and `[[module]]`
+    /// tables as in the config file; each `file` (relative to the
+    /// manifest) is read here, measured (against its `digest` if given)
+    /// and uploaded.
+    manifest: PathBuf,
+    /// Print the plan only.
+    #[arg(long)]
+    dry_run: bool,
+    /// The management socket (see `edgeward module --help`).
+    #[arg(long, value_name = "PATH")]
+    socket: Option<PathBuf>,
+    /// Config file (for its [api] socket).
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+}
+
+/// `edgeward deployment`.
+#[derive(Debug, clap::Args)]
+pub(super) struct DeploymentArgs {
+    #[command(subcommand)]
+    what: DeploymentCommand,
+    /// The management socket (see `edgeward module --help`).
+    #[arg(long, global = true, value_name = "PATH")]
+    socket: Option<PathBuf>,
+    /// Config file (for its [api] socket).
+    #[arg(long, global = true, value_name = "FILE")]
+    config: Option<PathBuf>,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum DeploymentCommand {
+    /// The last deployment applied (JSON).
+    Show,
+    /// Modules whose state differs from what the registry wants.
+    Plan,
+}
+
+/// Runs `edgeward deploy MANIFEST`.
+pub(super) fn deploy(args: DeployArgs) -> ExitCode {
+    match connect(args.socket, args.config) {
+        Ok((socket, rt)) => rt
+            .block_on(deploy_manifest(&socket, &args.manifest, args.dry_run))
+            .unwrap_or_else(|c| c),
+        Err(code) => code,
+    }
+}
+
+/// Runs `edgeward deployment show|plan`.
+pub(super) fn deployment(args: DeploymentArgs) -> ExitCode {
+    let path = match args.what {
+        DeploymentCommand::Show => "/v1/deployment",
+        DeploymentCommand::Plan => "/v1/deployment/plan",
     };
-    rt.block_on(run(&socket, args.command))
+    match connect(args.socket, args.config) {
+        Ok((socket, rt)) => rt
+            .block_on(async {
+                let a = call(&socket, "GET", path, None).await?;
+                if a.status != 200 {
+                    return Ok(refused(&a));
+                }
+                println!("{:#}", a.json());
+                Ok(ExitCode::SUCCESS)
+            })
+            .unwrap_or_else(|c| c),
+        Err(code) => code,
+    }
+}
+
+async fn deploy_manifest(
+    socket: &Path,
+    manifest: &Path,
+    dry_run: bool,
+) -> Result<ExitCode, ExitCode> {
+    let text = std::fs::read_to_string(manifest)
+        .map_err(|e| fail(format!("{}: {e}", manifest.display()), 2))?;
+    let bad = |e: String| fail(format!("{}: {e}", manifest.display()), 2);
+    let mut doc: serde_json::Value = if manifest.extension().is_some_and(|e| e == "json") {
+        serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?
+    } else {
+        let v: toml::Value = toml::from_str(&text).map_err(|e| bad(e.to_string()))?;
+        serde_json::to_value(v).map_err(|e| bad(e.to_string()))?
+    };
+    let Some(obj) = doc.as_object_mut() else {
+        return Err(bad(
+            "expected a table with `version` and `[[module]]`".into()
+        ));
+    };
+    let modules = obj
+        .remove("module")
+        .unwrap_or_else(|| serde_json::json!([]));
+    let base = manifest.parent().unwrap_or(Path::new("."));
+    let mut specs = Vec::new();
+    for mut m in modules.as_array().cloned().unwrap_or_default() {
+        let Some(file) = m.get("file").and_then(|f| f.as_str()).map(PathBuf::from) else {
+            specs.push(m);
+            continue;
+        };
+        let file = if file.is_absolute() {
+            file
+        } else {
+            base.join(file)
+        };
+        let pinned = match m.get("digest").and_then(|d| d.as_str()) {
+            Some(d) => Some(
+                d.parse::<Digest>()
+                    .map_err(|e| bad(format!("digest: {e}")))?,
+            ),
+            None => None,
+        };
+        let digest = upload(socket, &file, pinned.as_ref()).await?;
+        if let Some(o) = m.as_object_mut() {
+            o.remove("file");
+            o.insert("digest".into(), digest.to_string().into());
+        }
+        specs.push(m);
+    }
+    obj.insert("modules".into(), specs.into());
+    let body = serde_json::to_vec(&doc).map_err(|e| bad(e.to_string()))?;
+    let path = if dry_run {
+        "/v1/deployment?dry-run=true"
+    } else {
+        "/v1/deployment"
+    };
+    let a = call(socket, "PUT", path, Some((body, "application/json"))).await?;
+    if a.status != 200 {
+        return Ok(refused(&a));
+    }
+    let plan = a.json();
+    let list = |k: &str| {
+        plan[k]
+            .as_array()
+            .map(|v| {
+                v.iter()
+                    .filter_map(|n| n.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            })
+            .unwrap_or_default()
+    };
+    println!(
+        "deployment {}{}: add [{}], update [{}], remove [{}], unchanged [{}]",
+        plan["version"].as_str().unwrap_or("?"),
+        if dry_run { " (dry run)" } else { "" },
+        list("add"),
+        list("update"),
+        list("remove"),
+        list("unchanged")
+    );
+    Ok(ExitCode::SUCCESS)
 }
 
 fn refused(a: &Answer) -> ExitCode {

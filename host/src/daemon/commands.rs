@@ -16,6 +16,14 @@ use crate::spec::ModuleSpec;
 /// Carries out `cmd` and replies.
 pub(super) async fn apply(cmd: Command, sup: &mut Supervisor, config: &Config) {
     let (result, reply) = match cmd {
+        Command::Deploy(d, reply) => {
+            let r = deploy(sup, *d).await;
+            if let Err(e) = &r {
+                tracing::info!(status = %e.status, "deployment not applied: {}", e.message);
+            }
+            let _ = reply.send(r);
+            return;
+        }
         Command::Add(spec, reply) => (add(sup, *spec).await, reply),
         Command::Update(spec, reply) => (update(sup, *spec).await, reply),
         Command::Start(name, reply) => (start(sup, &name, config).await, reply),
@@ -96,6 +104,59 @@ async fn add(sup: &mut Supervisor, spec: ModuleSpec) -> Result<(), ApiError> {
     }
     tracing::info!(module = %spec.name, "module added through the management API");
     Ok(())
+}
+
+/// Reconciles the operator's modules with a deployment: removals, then
+/// updates, then additions, each one as its own command would. The
+/// deployment is recorded as applied once every change is; a change that
+/// fails stops the rest, and the answer names what was done.
+async fn deploy(
+    sup: &mut Supervisor,
+    d: crate::api::CheckedDeployment,
+) -> Result<crate::api::Plan, ApiError> {
+    let records = sup.registry().modules().map_err(internal)?;
+    let plan = crate::api::Plan::of(&d, &records)?;
+    let mut done: Vec<String> = Vec::new();
+    let failed = |done: &[String], what: String, e: ApiError| {
+        ApiError::new(
+            e.status,
+            format!(
+                "deployment {:?}: {what}: {} (applied before it: {})",
+                d.deployment.version,
+                e.message,
+                if done.is_empty() {
+                    "nothing".to_owned()
+                } else {
+                    done.join(", ")
+                }
+            ),
+        )
+    };
+    for name in &plan.remove {
+        remove(sup, name)
+            .await
+            .map_err(|e| failed(&done, format!("removing {name:?}"), e))?;
+        done.push(format!("removed {name}"));
+    }
+    for spec in &d.specs {
+        if plan.update.contains(&spec.name) {
+            update(sup, spec.clone())
+                .await
+                .map_err(|e| failed(&done, format!("updating {:?}", spec.name), e))?;
+            done.push(format!("updated {}", spec.name));
+        } else if plan.add.contains(&spec.name) {
+            add(sup, spec.clone())
+                .await
+                .map_err(|e| failed(&done, format!("adding {:?}", spec.name), e))?;
+            done.push(format!("added {}", spec.name));
+        }
+    }
+    let bytes = serde_json::to_vec(&d.deployment).map_err(internal)?;
+    sup.registry()
+        .put_meta(crate::api::DEPLOYMENT_KEY, &bytes)
+        .map_err(internal)?;
+    tracing::info!(version = %d.deployment.version, added = plan.add.len(), updated = plan.update.len(), removed = plan.remove.len(), "deployment applied");
+    Ok(plan)
 }
 
 /// Replaces an operator's module's spec; a running module is switched over
