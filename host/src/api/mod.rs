@@ -399,7 +399,10 @@ pub struct ApiState {
         module_records,
         put_blob,
         identities,
-        openapi
+        openapi,
+        put_deployment,
+        get_deployment,
+        deployment_plan
     ),
     components(schemas(
         RawModuleSpec,
@@ -412,7 +415,10 @@ pub struct ApiState {
         IdentityView,
         records::ExitRecord,
         Origin,
-        Desired
+        Desired,
+        Deployment,
+        Plan,
+        Drift
     ))
 )]
 pub struct ApiDoc;
@@ -1069,10 +1075,16 @@ mod tests {
         );
         let v: serde_json::Value = serde_json::from_str(&generated).unwrap();
         for route in [
+            "/v1/health",
+            "/v1/system/info",
             "/v1/modules",
             "/v1/modules/{name}",
+            "/v1/modules/{name}/{action}",
             "/v1/blobs/{digest}",
             "/v1/identities",
+            "/v1/deployment",
+            "/v1/deployment/plan",
+            "/v1/openapi.json",
         ] {
             assert!(v["paths"][route].is_object(), "{route} missing");
         }
