@@ -151,6 +151,21 @@ impl Registry {
         Ok(registry)
     }
 
+    /// Checks every page of the store (redb's integrity check); `false`
+    /// when it had to repair something.
+    ///
+    /// # Errors
+    ///
+    /// The store is damaged beyond repair.
+    pub fn check_integrity(&mut self) -> Result<bool, RegistryError> {
+        self.db
+            .check_integrity()
+            .map_err(|e| RegistryError::Damaged {
+                path: self.path.clone(),
+                detail: e.to_string(),
+            })
+    }
+
     /// The store's file.
     pub fn path(&self) -> &Path {
         &self.path

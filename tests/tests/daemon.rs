@@ -371,3 +371,88 @@ fn sigterm_is_honoured_while_compiling() {
     );
     assert!(count(&err, "SIGTERM: stopping") == 1, "{}", err.join("\n"));
 }
+
+/// `edgeward check`, with and without a daemon, and what makes it fail.
+#[test]
+fn check_names_each_verdict_and_fails_only_on_a_failure() {
+    use std::os::unix::fs::PermissionsExt;
+    let s = Scratch::new();
+    let check = || {
+        let o = s.edgeward().args(["check", "--json"]).output().unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        let verdict = |name: &str| {
+            v.as_array()
+                .unwrap()
+                .iter()
+                .find(|c| c["name"] == name)
+                .map(|c| format!("{} {}", c["verdict"].as_str().unwrap(), c["detail"]))
+                .unwrap()
+        };
+        (
+            o.status.code(),
+            verdict("socket"),
+            verdict("registry"),
+            verdict("components"),
+            verdict("state-dir"),
+        )
+    };
+    std::fs::create_dir_all(s.state()).unwrap();
+    std::fs::set_permissions(s.state(), std::fs::Permissions::from_mode(0o700)).unwrap();
+    let (code, socket, ..) = check();
+    assert_eq!(code, Some(0));
+    assert!(
+        socket.starts_with("warn") && socket.contains("no daemon"),
+        "{socket}"
+    );
+
+    let probe = guests::SANDBOX_PROBE;
+    let config = format!(
+        "[[module]]\nname = \"m\"\nfile = \"{probe}\"\ndigest = \"{}\"\nargs = [\"tick\"]\n",
+        sha256sum(probe)
+    );
+    let mut d = Daemon::start(&s, &config);
+    d.wait_for("m to run", |_, err| {
+        err.iter().any(|l| l.contains("module measured and loaded"))
+    });
+    let (code, socket, registry, components, _) = check();
+    assert_eq!(code, Some(0));
+    assert!(
+        socket.starts_with("pass") && socket.contains("answers"),
+        "{socket}"
+    );
+    assert!(
+        registry.starts_with("pass") && registry.contains("held by the running daemon"),
+        "{registry}"
+    );
+    assert!(
+        components.starts_with("pass") && components.contains("1 stored"),
+        "{components}"
+    );
+    let _ = d.terminate();
+
+    let (code, _, registry, ..) = check();
+    assert_eq!(code, Some(0));
+    assert!(
+        registry.starts_with("pass") && registry.contains("intact, 1 modules"),
+        "{registry}"
+    );
+    // A stored component altered, and a state dir others can read: failures.
+    let stored = std::fs::read_dir(s.state().join("components"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    std::fs::write(&stored, b"altered").unwrap();
+    std::fs::set_permissions(s.state(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let (code, _, _, components, state_dir) = check();
+    assert_eq!(code, Some(1));
+    assert!(
+        components.starts_with("fail") && components.contains("do not match"),
+        "{components}"
+    );
+    assert!(
+        state_dir.starts_with("fail") && state_dir.contains("755"),
+        "{state_dir}"
+    );
+}

@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 
+mod check;
 mod module;
 
 use crate::config::{self, Config};
@@ -103,6 +104,21 @@ enum Command {
     Deploy(module::DeployArgs),
     /// Show the last deployment applied, or what differs from it.
     Deployment(module::DeploymentArgs),
+    /// Check that this device is ready: config, state dir, socket,
+    /// registry, stored components, HSM, CA certificate, clock, disk. Exits
+    /// non-zero only on a failure.
+    Check {
+        /// Config file. Default: $EDGEWARD_CONFIG, then
+        /// /etc/edgeward/config.toml if it exists, else none.
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+        /// The management socket (see `edgeward module --help`).
+        #[arg(long, value_name = "PATH")]
+        socket: Option<PathBuf>,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
     /// Print the sha256 digest of component files, as pinned in a config.
     Digest {
         /// Component files.
@@ -269,6 +285,14 @@ pub fn main() -> ExitCode {
         Command::Module(args) => {
             init_logging("warn");
             module::command(args)
+        }
+        Command::Check {
+            config,
+            socket,
+            json,
+        } => {
+            init_logging("error");
+            check::command(cli.state_dir, config, socket, json)
         }
         Command::Deploy(args) => {
             init_logging("warn");

@@ -1,0 +1,437 @@
+//! `edgeward check`: is this device ready to run edgeward? Each check is
+//! named with pass, warn or fail and, when it is not a pass, a hint. Exits
+//! non-zero only on a failure. Works with a running daemon (the registry is
+//! then its: checked through the socket) and without.
+
+use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use serde::Serialize;
+
+use super::{fail, optional_config};
+
+/// A check's verdict.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+enum Verdict {
+    Pass,
+    Warn,
+    Fail,
+}
+
+#[derive(Debug, Serialize)]
+struct Check {
+    name: &'static str,
+    verdict: Verdict,
+    detail: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    hint: Option<String>,
+}
+
+fn pass(name: &'static str, detail: impl Into<String>) -> Check {
+    Check {
+        name,
+        verdict: Verdict::Pass,
+        detail: detail.into(),
+        hint: None,
+    }
+}
+
+fn not_ok(
+    name: &'static str,
+    verdict: Verdict,
+    detail: impl Into<String>,
+    hint: impl Into<String>,
+) -> Check {
+    Check {
+        name,
+        verdict,
+        detail: detail.into(),
+        hint: Some(hint.into()),
+    }
+}
+
+/// Runs `edgeward check`.
+pub(super) fn command(
+    state_flag: Option<PathBuf>,
+    config_flag: Option<PathBuf>,
+    socket_flag: Option<PathBuf>,
+    json: bool,
+) -> ExitCode {
+    let mut checks = Vec::new();
+    // Nothing is created or repaired here: the state dir is looked at as
+    // it is.
+    let cfg = match optional_config(config_flag) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let state_dir = match crate::state::resolve(
+        state_flag.as_deref(),
+        cfg.as_ref().and_then(|c| c.state_dir.as_deref()),
+    ) {
+        Ok(d) => d,
+        Err(e) => return fail(e, 2),
+    };
+    checks.push(match &cfg {
+        Some(c) => pass(
+            "config",
+            format!(
+                "{} is valid ({} modules)",
+                c.path.display(),
+                c.modules.len()
+            ),
+        ),
+        None => pass("config", "no config file: an empty deployment"),
+    });
+    if !state_dir.exists() {
+        checks.push(not_ok(
+            "state-dir",
+            Verdict::Warn,
+            format!("{} does not exist yet", state_dir.display()),
+            "the daemon creates it (0700) at its first start",
+        ));
+        return report(&checks, json);
+    }
+    checks.push(state_dir_check(&state_dir));
+    let configured = cfg.as_ref().and_then(|c| c.api.socket.clone());
+    let socket = crate::api::socket_path(socket_flag.as_deref(), configured.as_deref());
+    let daemon = socket.as_ref().ok().is_some_and(|s| daemon_answers(s));
+    checks.push(socket_check(socket.as_ref(), daemon));
+    checks.push(registry_check(&state_dir, daemon));
+    checks.push(components_check(&state_dir));
+    checks.push(hsm_check(cfg.as_ref(), &state_dir));
+    checks.push(ca_check(&state_dir));
+    checks.push(clock_check());
+    checks.push(disk_check(&state_dir));
+    report(&checks, json)
+}
+
+/// Prints the checks; fails only if one failed.
+fn report(checks: &[Check], json: bool) -> ExitCode {
+    let failed = checks.iter().any(|c| c.verdict == Verdict::Fail);
+    if json {
+        match serde_json::to_string_pretty(checks) {
+            Ok(s) => println!("{s}"),
+            Err(e) => return fail(e, 1),
+        }
+    } else {
+        for c in checks {
+            let v = match c.verdict {
+                Verdict::Pass => "pass",
+                Verdict::Warn => "WARN",
+                Verdict::Fail => "FAIL",
+            };
+            println!("{v}  {:<10} {}", c.name, c.detail);
+            if let Some(h) = &c.hint {
+                println!("      {:<10} hint: {h}", "");
+            }
+        }
+    }
+    if failed {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    }
+}
+
+fn state_dir_check(dir: &Path) -> Check {
+    let Ok(meta) = std::fs::metadata(dir) else {
+        return not_ok(
+            "state-dir",
+            Verdict::Fail,
+            format!("{}: cannot be read", dir.display()),
+            "check the path and its permissions",
+        );
+    };
+    let me = rustix::process::getuid().as_raw();
+    let mode = meta.permissions().mode() & 0o777;
+    if meta.uid() != me {
+        return not_ok(
+            "state-dir",
+            Verdict::Fail,
+            format!("{} is owned by uid {}, not {me}", dir.display(), meta.uid()),
+            "run as the daemon's user",
+        );
+    }
+    if mode & 0o077 != 0 {
+        return not_ok(
+            "state-dir",
+            Verdict::Fail,
+            format!(
+                "{} is {mode:o}: other users can reach keys and data",
+                dir.display()
+            ),
+            format!("chmod 700 {}", dir.display()),
+        );
+    }
+    pass("state-dir", format!("{} (700, ours)", dir.display()))
+}
+
+fn daemon_answers(socket: &Path) -> bool {
+    use std::io::{Read as _, Write as _};
+    let Ok(mut c) = std::os::unix::net::UnixStream::connect(socket) else {
+        return false;
+    };
+    let _ = c.set_read_timeout(Some(std::time::Duration::from_secs(5)));
+    if c.write_all(b"GET /v1/health HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+        .is_err()
+    {
+        return false;
+    }
+    let mut out = String::new();
+    let _ = c.read_to_string(&mut out);
+    out.starts_with("HTTP/1.1 200")
+}
+
+fn socket_check(socket: Result<&PathBuf, &String>, daemon: bool) -> Check {
+    let socket = match socket {
+        Ok(s) => s,
+        Err(e) => return not_ok("socket", Verdict::Warn, e.clone(), "give --socket"),
+    };
+    if !socket.exists() {
+        return not_ok(
+            "socket",
+            Verdict::Warn,
+            format!("{}: no daemon is running", socket.display()),
+            "start it with `edgeward daemon`",
+        );
+    }
+    let mode = |p: &Path| {
+        std::fs::metadata(p)
+            .map(|m| m.permissions().mode() & 0o777)
+            .unwrap_or(0)
+    };
+    let dir = socket.parent().unwrap_or(Path::new("."));
+    let (dm, sm) = (mode(dir), mode(socket));
+    // Others may connect if they may write the socket; they may replace it
+    // if they may write its directory.
+    if sm & 0o002 != 0 || dm & 0o002 != 0 {
+        return not_ok(
+            "socket",
+            Verdict::Fail,
+            format!(
+                "{} is {sm:o} in a {dm:o} directory: any user can reach or replace the management socket",
+                socket.display()
+            ),
+            "restart the daemon (it makes the socket 660, and a directory it creates 750)",
+        );
+    }
+    if daemon {
+        pass(
+            "socket",
+            format!("{}: the daemon answers", socket.display()),
+        )
+    } else {
+        not_ok(
+            "socket",
+            Verdict::Warn,
+            format!("{}: nothing answers (a stale socket)", socket.display()),
+            "start the daemon; it replaces a stale socket",
+        )
+    }
+}
+
+fn registry_check(state_dir: &Path, daemon: bool) -> Check {
+    if !state_dir.join(crate::registry::FILE).exists() {
+        return pass("registry", "none yet (made at the first daemon start)");
+    }
+    match crate::registry::Registry::open(state_dir) {
+        Ok(mut r) => match r.check_integrity() {
+            Ok(true) => pass(
+                "registry",
+                format!(
+                    "{}: intact, {} modules",
+                    r.path().display(),
+                    r.modules().map(|m| m.len()).unwrap_or(0)
+                ),
+            ),
+            Ok(false) => not_ok(
+                "registry",
+                Verdict::Warn,
+                format!("{}: was repaired", r.path().display()),
+                "a crash interrupted a write; nothing acknowledged was lost",
+            ),
+            Err(e) => not_ok(
+                "registry",
+                Verdict::Fail,
+                e.to_string(),
+                "restore it from a backup",
+            ),
+        },
+        Err(crate::registry::RegistryError::Busy(p)) if daemon => pass(
+            "registry",
+            format!("{}: held by the running daemon", p.display()),
+        ),
+        Err(e) => not_ok(
+            "registry",
+            Verdict::Fail,
+            e.to_string(),
+            "see the message; the registry is never reset",
+        ),
+    }
+}
+
+fn components_check(state_dir: &Path) -> Check {
+    let dir = state_dir.join(crate::components::DIR);
+    let Ok(entries) = std::fs::read_dir(&dir) else {
+        return pass("components", "none stored");
+    };
+    let store = match crate::components::ComponentStore::open(state_dir) {
+        Ok(s) => s,
+        Err(e) => {
+            return not_ok(
+                "components",
+                Verdict::Fail,
+                e.to_string(),
+                "check the state dir",
+            );
+        }
+    };
+    let (mut ok, mut bad) = (0, Vec::new());
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let digest = name.strip_suffix(".wasm").and_then(|n| {
+            n.replacen('-', ":", 1)
+                .parse::<crate::measure::Digest>()
+                .ok()
+        });
+        match digest.map(|d| store.get(&d)) {
+            Some(Ok(_)) => ok += 1,
+            _ => bad.push(name),
+        }
+    }
+    if bad.is_empty() {
+        pass(
+            "components",
+            format!("{ok} stored, each matches its digest"),
+        )
+    } else {
+        not_ok(
+            "components",
+            Verdict::Fail,
+            format!(
+                "{} do not match their digests: {}",
+                bad.len(),
+                bad.join(", ")
+            ),
+            "they are refused, never run; delete them and upload or configure the component again",
+        )
+    }
+}
+
+fn hsm_check(cfg: Option<&crate::config::Config>, state_dir: &Path) -> Check {
+    let hsm_config = cfg.map(|c| c.hsm.clone()).unwrap_or_default();
+    let hsm = match crate::hsm::open(&hsm_config, state_dir) {
+        Ok(h) => h,
+        Err(e) => {
+            return not_ok(
+                "hsm",
+                Verdict::Fail,
+                e.to_string(),
+                "check [hsm] and that the device or token is reachable",
+            );
+        }
+    };
+    match hsm.keys() {
+        Ok(keys) if keys.iter().any(|k| k.id == "device-ca") => pass(
+            "hsm",
+            format!("{}: {} keys, device-ca present", hsm.backend(), keys.len()),
+        ),
+        Ok(keys) => not_ok(
+            "hsm",
+            Verdict::Warn,
+            format!("{}: {} keys, no device-ca yet", hsm.backend(), keys.len()),
+            "the daemon creates it at its first start",
+        ),
+        Err(e) => not_ok("hsm", Verdict::Fail, e.to_string(), "check the HSM"),
+    }
+}
+
+fn ca_check(state_dir: &Path) -> Check {
+    let path = state_dir.join("identity").join("ca.pem");
+    let Ok(pem) = std::fs::read(&path) else {
+        return pass(
+            "ca",
+            "no device CA certificate yet (issued at the first start)",
+        );
+    };
+    let cert = x509_parser::pem::parse_x509_pem(&pem)
+        .ok()
+        .and_then(|(_, p)| {
+            p.parse_x509()
+                .ok()
+                .map(|c| c.validity().not_after.timestamp())
+        });
+    let Some(not_after) = cert else {
+        return not_ok(
+            "ca",
+            Verdict::Fail,
+            format!("{}: not a certificate", path.display()),
+            "delete it: the daemon issues a new root for the same key",
+        );
+    };
+    let now = i64::try_from(crate::identity::unix_now()).unwrap_or(i64::MAX);
+    let days = (not_after - now) / 86_400;
+    if not_after <= now {
+        not_ok(
+            "ca",
+            Verdict::Fail,
+            format!("{}: expired", path.display()),
+            "restart the daemon (it re-issues an expiring root)",
+        )
+    } else if days < 30 {
+        not_ok(
+            "ca",
+            Verdict::Warn,
+            format!("{}: expires in {days} days", path.display()),
+            "restart the daemon, or renew the configured chain",
+        )
+    } else {
+        pass(
+            "ca",
+            format!("{}: valid for {days} more days", path.display()),
+        )
+    }
+}
+
+fn clock_check() -> Check {
+    // Certificates and tokens need a sane clock: not before this build's year.
+    const EARLIEST: u64 = 1_767_225_600; // 2026-01-01T00:00:00Z
+    let now = crate::identity::unix_now();
+    if now < EARLIEST {
+        not_ok(
+            "clock",
+            Verdict::Fail,
+            format!("the clock says {now} (unix), before 2026"),
+            "set the time (NTP): certificates and tokens depend on it",
+        )
+    } else {
+        pass("clock", "after this build's date")
+    }
+}
+
+fn disk_check(state_dir: &Path) -> Check {
+    let Ok(st) = rustix::fs::statvfs(state_dir) else {
+        return not_ok(
+            "disk",
+            Verdict::Warn,
+            "cannot read the filesystem's free space",
+            "check the state dir's filesystem",
+        );
+    };
+    let free = st.f_bavail.saturating_mul(st.f_frsize);
+    let total = st.f_blocks.saturating_mul(st.f_frsize).max(1);
+    #[allow(clippy::cast_precision_loss)] // a display figure
+    let shown = format!("{:.1} GiB", free as f64 / f64::from(1u32 << 30));
+    if free < 100 << 20 || free * 100 / total < 5 {
+        not_ok(
+            "disk",
+            Verdict::Warn,
+            format!("{shown} free under the state dir"),
+            "modules' data budgets (max_disk) and logs need room",
+        )
+    } else {
+        pass("disk", format!("{shown} free under the state dir"))
+    }
+}
