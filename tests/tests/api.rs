@@ -729,3 +729,69 @@ fn deployments_reconcile_the_operators_modules() {
     assert!(text.contains("appears twice"), "{text}");
     let _ = d.terminate();
 }
+
+/// Events: the recent ones as JSON lines, and a follower that sees a new
+/// module start as it happens and is let go when the daemon stops.
+#[test]
+fn events_are_listed_and_followed() {
+    use std::io::BufRead;
+    let s = Scratch::new();
+    let (_home, sock) = socket_home();
+    let mut d = start(&s, &config_module("configured"), &sock);
+    d.wait_for("configured to run", |_, err| {
+        err.iter().any(|l| l.contains("module measured and loaded"))
+    });
+    let (status, text) = http(&sock, "GET", "/v1/events", b"");
+    assert_eq!(status, 200);
+    let events: Vec<serde_json::Value> = text
+        .lines()
+        .filter(|l| l.starts_with('{'))
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert!(
+        events.iter().any(|e| e["module"] == "configured"
+            && e["kind"] == "state"
+            && e["state"] == "running"),
+        "{text}"
+    );
+    let mut follower = s
+        .edgeward()
+        .args(["events", "-f", "--socket"])
+        .arg(&sock)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let out = follower.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for l in std::io::BufReader::new(out).lines() {
+            let Ok(l) = l else { break };
+            if tx.send(l).is_err() {
+                break;
+            }
+        }
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    assert_status(
+        &module(&s, &sock, &["add", "late", PROBE, "--arg", "tick"]),
+        0,
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let l = rx
+            .recv_timeout(deadline.saturating_duration_since(std::time::Instant::now()))
+            .expect("the follower saw the new module start");
+        if l.contains("\"module\":\"late\"") && l.contains("\"state\":\"running\"") {
+            break;
+        }
+    }
+    let t = std::time::Instant::now();
+    let (status, _, _) = d.terminate();
+    assert!(status.success());
+    let ended = follower.wait().unwrap();
+    assert!(ended.success(), "{ended}");
+    assert!(
+        t.elapsed() < Duration::from_secs(5),
+        "the follower held the daemon's stop"
+    );
+}

@@ -61,6 +61,9 @@ fn the_api_survives_schemathesis_without_a_server_error() {
         .arg("--url")
         .arg(format!("http://127.0.0.1:{port}"))
         .args(["--checks", "not_a_server_error"])
+        // A followed event stream does not end, by design (its own test
+        // covers it): every other operation is fuzzed.
+        .args(["--exclude-path", "/v1/events"])
         .args(["--max-examples", "60", "--seed", "20261129"])
         .args(["--request-timeout", "20"])
         .env("NO_COLOR", "1")

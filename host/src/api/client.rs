@@ -68,3 +68,35 @@ pub async fn request(
     let body = resp.into_body().collect().await?.to_bytes();
     Ok(Answer { status, body })
 }
+
+/// Sends a GET to the daemon on `socket` and hands each chunk of the
+/// response body to `each` as it arrives; returns the status.
+///
+/// # Errors
+///
+/// No daemon answers, or the exchange fails.
+pub async fn stream(socket: &Path, path: &str, mut each: impl FnMut(&[u8])) -> anyhow::Result<u16> {
+    let stream = tokio::net::UnixStream::connect(socket).await.map_err(|e| {
+        anyhow::anyhow!(
+            "cannot reach the daemon on {}: {e} (is it running?)",
+            socket.display()
+        )
+    })?;
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(wasmtime_wasi_http::io::TokioIo::new(stream)).await?;
+    tokio::spawn(conn);
+    let req = hyper::Request::builder()
+        .method("GET")
+        .uri(path)
+        .header("host", "edgeward")
+        .body(Full::new(Bytes::new()))?;
+    let resp = sender.send_request(req).await?;
+    let status = resp.status().as_u16();
+    let mut body = resp.into_body();
+    while let Some(frame) = body.frame().await {
+        if let Some(data) = frame?.data_ref() {
+            each(data);
+        }
+    }
+    Ok(status)
+}

@@ -377,6 +377,8 @@ pub struct ApiState {
     pub refusals: LogLimiter,
     /// One component upload at a time (each may hold up to 256 MiB).
     pub uploads: tokio::sync::Semaphore,
+    /// Turns true when the daemon stops (ends followed streams).
+    pub stop: tokio::sync::watch::Receiver<bool>,
 }
 
 /// The API's OpenAPI document, generated from the handlers.
@@ -402,7 +404,8 @@ pub struct ApiState {
         openapi,
         put_deployment,
         get_deployment,
-        deployment_plan
+        deployment_plan,
+        events
     ),
     components(schemas(
         RawModuleSpec,
@@ -418,7 +421,9 @@ pub struct ApiState {
         Desired,
         Deployment,
         Plan,
-        Drift
+        Drift,
+        crate::daemon::events::Event,
+        records::ModuleState
     ))
 )]
 pub struct ApiDoc;
@@ -454,6 +459,7 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/v1/identities", get(identities))
         .route("/v1/deployment", get(get_deployment).put(put_deployment))
         .route("/v1/deployment/plan", get(deployment_plan))
+        .route("/v1/events", get(events))
         .route("/v1/openapi.json", get(openapi))
         .route("/v1/blobs/{digest}", put(put_blob))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such route") })
@@ -899,6 +905,85 @@ async fn deployment_plan(State(state): State<Arc<ApiState>>) -> Result<Response,
     Ok(axum::Json(drift).into_response())
 }
 
+/// `?follow=true` for events.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EventsQuery {
+    #[serde(default)]
+    follow: bool,
+}
+
+/// A response body fed from a channel: each item one chunk.
+struct ChannelBody(mpsc::Receiver<axum::body::Bytes>);
+
+impl http_body::Body for ChannelBody {
+    type Data = axum::body::Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        self.0
+            .poll_recv(cx)
+            .map(|b| b.map(|b| Ok(http_body::Frame::data(b))))
+    }
+}
+
+fn event_line(e: &crate::daemon::events::Event) -> axum::body::Bytes {
+    let mut line = serde_json::to_vec(e).unwrap_or_default();
+    line.push(b'\n');
+    line.into()
+}
+
+#[utoipa::path(get, path = "/v1/events", tag = "system",
+    params(("follow" = Option<bool>, Query, description = "Keep the response open and stream what follows")),
+    responses(
+        (status = 200, description = "JSON lines, oldest first: the last 256 events (state changes, exits), then, with follow, each new one", body = [crate::daemon::events::Event]),
+        (status = 400, description = "Invalid query", body = ErrorBody)))]
+async fn events(
+    State(state): State<Arc<ApiState>>,
+    query: Result<axum::extract::Query<EventsQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, ApiError> {
+    let mut stop = state.stop.clone();
+    let query =
+        query.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("invalid query: {e}")))?;
+    let (backlog, mut live) = crate::daemon::events::subscribe();
+    let (tx, rx) = mpsc::channel(64);
+    tokio::spawn(async move {
+        for e in &backlog {
+            if tx.send(event_line(e)).await.is_err() {
+                return;
+            }
+        }
+        if !query.follow {
+            return;
+        }
+        loop {
+            let next = tokio::select! {
+                next = live.recv() => next,
+                _ = stop.wait_for(|s| *s) => return,
+            };
+            let line = match next {
+                Ok(e) => event_line(&e),
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                    format!("{{\"kind\":\"lagged\",\"missed\":{n}}}\n").into()
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+            };
+            // The follower went away (or stopped reading for good).
+            if tx.send(line).await.is_err() {
+                return;
+            }
+        }
+    });
+    Ok((
+        [("content-type", "application/x-ndjson")],
+        Body::new(ChannelBody(rx)),
+    )
+        .into_response())
+}
+
 /// `?tail=N` for logs.
 #[derive(Debug, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -1085,6 +1170,7 @@ mod tests {
             "/v1/deployment",
             "/v1/deployment/plan",
             "/v1/openapi.json",
+            "/v1/events",
         ] {
             assert!(v["paths"][route].is_object(), "{route} missing");
         }

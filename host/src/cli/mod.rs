@@ -104,6 +104,9 @@ enum Command {
     Deploy(module::DeployArgs),
     /// Show the last deployment applied, or what differs from it.
     Deployment(module::DeploymentArgs),
+    /// Print the daemon's recent events (state changes, exits) as JSON
+    /// lines; with -f, keep printing them as they happen.
+    Events(module::EventsArgs),
     /// Check that this device is ready: config, state dir, socket,
     /// registry, stored components, HSM, CA certificate, clock, disk. Exits
     /// non-zero only on a failure.
@@ -293,6 +296,10 @@ pub fn main() -> ExitCode {
         } => {
             init_logging("error");
             check::command(cli.state_dir, config, socket, json)
+        }
+        Command::Events(args) => {
+            init_logging("warn");
+            module::events(args)
         }
         Command::Deploy(args) => {
             init_logging("warn");

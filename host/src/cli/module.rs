@@ -510,3 +510,41 @@ async fn exits(socket: &Path, name: &str) -> Result<ExitCode, ExitCode> {
     }
     Ok(ExitCode::SUCCESS)
 }
+
+/// `edgeward events`.
+#[derive(Debug, clap::Args)]
+pub(super) struct EventsArgs {
+    /// Keep printing events as they happen.
+    #[arg(short, long)]
+    follow: bool,
+    /// The management socket (see `edgeward module --help`).
+    #[arg(long, value_name = "PATH")]
+    socket: Option<PathBuf>,
+    /// Config file (for its [api] socket).
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+}
+
+/// Runs `edgeward events [-f]`: JSON lines, as the daemon sends them.
+pub(super) fn events(args: EventsArgs) -> ExitCode {
+    let (socket, rt) = match connect(args.socket, args.config) {
+        Ok(x) => x,
+        Err(code) => return code,
+    };
+    let path = if args.follow {
+        "/v1/events?follow=true"
+    } else {
+        "/v1/events"
+    };
+    let result = rt.block_on(crate::api::client::stream(&socket, path, |chunk| {
+        use std::io::Write as _;
+        let mut out = std::io::stdout().lock();
+        let _ = out.write_all(chunk);
+        let _ = out.flush();
+    }));
+    match result {
+        Ok(200) => ExitCode::SUCCESS,
+        Ok(status) => fail(format!("HTTP {status}"), 1),
+        Err(e) => fail(format!("{e:#}"), 1),
+    }
+}

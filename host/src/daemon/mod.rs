@@ -2,6 +2,7 @@
 //! deployment until SIGINT/SIGTERM, then stop them.
 
 mod commands;
+pub mod events;
 pub mod records;
 pub mod supervisor;
 
@@ -174,6 +175,7 @@ pub async fn run(config: Config, state_dir: PathBuf, socket: PathBuf) -> anyhow:
             "refused management requests",
         ),
         uploads: tokio::sync::Semaphore::new(1),
+        stop: stop_rx.clone(),
     });
     let mut api_stop = stop_rx;
     let server = tokio::spawn(api::serve(

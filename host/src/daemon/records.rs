@@ -145,7 +145,7 @@ pub fn flush() {
 }
 
 /// A module's place in supervision.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "kebab-case")]
 pub enum ModuleState {
     /// Running now.
@@ -302,6 +302,14 @@ impl ModuleRecords {
         };
         let path = self.dir.join("status.json");
         remember(&path, &status);
+        super::events::publish(super::events::Event {
+            at: status.updated.clone(),
+            module: self.name.clone(),
+            kind: "state",
+            state: Some(state),
+            reason: status.reason.clone(),
+            exit: None,
+        });
         let bytes = match serde_json::to_vec_pretty(&status) {
             Ok(b) => b,
             Err(e) => {
@@ -336,6 +344,14 @@ impl ModuleRecords {
 
     /// Appends an exit record (on the record writer's thread).
     pub fn record_exit(&self, record: &ExitRecord) {
+        super::events::publish(super::events::Event {
+            at: record.at.clone(),
+            module: self.name.clone(),
+            kind: "exit",
+            state: None,
+            reason: None,
+            exit: Some(record.clone()),
+        });
         let mut line = serde_json::to_vec(record).unwrap_or_default();
         line.push(b'\n');
         match writer() {
