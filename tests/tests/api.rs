@@ -365,6 +365,20 @@ fn malformed_requests_are_refused_by_name() {
         ),
         ("GET", "/v2/anything".into(), vec![], 404, "no such route"),
         (
+            "PUT",
+            "/v1/deployment".into(),
+            br#"{"version":"v1\n2026 INFO forged","modules":[]}"#.to_vec(),
+            400,
+            "control characters",
+        ),
+        (
+            "PUT",
+            "/v1/deployment?dry-run=maybe".into(),
+            br#"{"version":"v1"}"#.to_vec(),
+            400,
+            "invalid query",
+        ),
+        (
             "GET",
             "/v1/modules/configured/secrets".into(),
             vec![],

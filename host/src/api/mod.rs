@@ -828,6 +828,13 @@ async fn put_deployment(
     let query =
         query.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("invalid query: {e}")))?;
     let deployment: Deployment = json_body(body).await?;
+    let v = &deployment.version;
+    if v.is_empty() || v.len() > 128 || v.chars().any(char::is_control) {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "version: 1 to 128 characters, none of them control characters",
+        ));
+    }
     let mut specs = Vec::with_capacity(deployment.modules.len());
     for raw in deployment.modules.iter().cloned() {
         if specs.iter().any(|s: &ModuleSpec| s.name == raw.name) {

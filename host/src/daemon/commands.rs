@@ -19,7 +19,7 @@ pub(super) async fn apply(cmd: Command, sup: &mut Supervisor, config: &Config) {
         Command::Deploy(d, reply) => {
             let r = deploy(sup, *d).await;
             if let Err(e) = &r {
-                tracing::info!(status = %e.status, "deployment not applied: {}", e.message);
+                tracing::info!(status = %e.status, "deployment not applied: {}", crate::runtime::escape::escape_str(&e.message));
             }
             let _ = reply.send(r);
             return;
@@ -38,7 +38,9 @@ pub(super) async fn apply(cmd: Command, sup: &mut Supervisor, config: &Config) {
         Command::Remove(name, reply) => (remove(sup, &name).await, reply),
     };
     if let Err(e) = &result {
-        tracing::info!(status = %e.status, "management request not carried out: {}", e.message);
+        // The message can quote what a caller sent: escaped, so it cannot
+        // forge log lines.
+        tracing::info!(status = %e.status, "management request not carried out: {}", crate::runtime::escape::escape_str(&e.message));
     }
     let _ = reply.send(result);
 }
@@ -155,7 +157,7 @@ async fn deploy(
     sup.registry()
         .put_meta(crate::api::DEPLOYMENT_KEY, &bytes)
         .map_err(internal)?;
-    tracing::info!(version = %d.deployment.version, added = plan.add.len(), updated = plan.update.len(), removed = plan.remove.len(), "deployment applied");
+    tracing::info!(version = %crate::runtime::escape::escape_str(&d.deployment.version), added = plan.add.len(), updated = plan.update.len(), removed = plan.remove.len(), "deployment applied");
     Ok(plan)
 }
 
