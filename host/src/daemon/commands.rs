@@ -57,8 +57,8 @@ fn record(sup: &Supervisor, name: &str) -> Result<ModuleRecord, ApiError> {
         .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, format!("no module {name:?}")))
 }
 
-/// Starts the new module, then registers it (origin: operator): a module
-/// that cannot start is not registered.
+/// Registers the new module (origin: operator), then starts it; a module
+/// that cannot start is removed again, files and registration.
 async fn add(sup: &mut Supervisor, spec: ModuleSpec) -> Result<(), ApiError> {
     let conflict = |m: String| ApiError::new(StatusCode::CONFLICT, m);
     let name = spec.name.as_str();

@@ -279,6 +279,7 @@ async fn start_deployment(config: &Config, supervisor: &mut Supervisor) {
     let resolve = |p: &Path| p.to_owned();
     for record in records {
         if record.desired != crate::registry::Desired::Running {
+            supervisor.mark_stopped(&record.spec.name);
             continue;
         }
         let name = record.spec.name.clone();

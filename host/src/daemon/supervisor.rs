@@ -204,6 +204,24 @@ impl Supervisor {
         }
     }
 
+    /// Records a registered module that should not run as stopped (its
+    /// status may still say what an earlier daemon last saw, even
+    /// `running` after a crash).
+    pub fn mark_stopped(&self, name: &str) {
+        let last = records::status_of(&self.state_dir, name);
+        if last
+            .as_ref()
+            .is_some_and(|s| s.state == ModuleState::Stopped)
+        {
+            return;
+        }
+        if let Ok(r) = ModuleRecords::open(&self.state_dir, name) {
+            let (starts, digest, exit) =
+                last.map_or((0, None, None), |s| (s.starts, s.digest, s.last_exit));
+            r.set_status(ModuleState::Stopped, starts, digest, None, exit);
+        }
+    }
+
     /// Records module `name` as refused for `reason` (a registered spec that
     /// no longer validates, say), and logs it.
     pub fn refuse(&self, name: &str, reason: &str) {
