@@ -816,3 +816,64 @@ fn events_are_listed_and_followed() {
         "the follower held the daemon's stop"
     );
 }
+
+/// Logs: `since` and `until` select by time, `follow` streams what the
+/// module writes next; bad times are refused by name.
+#[test]
+fn logs_can_be_selected_by_time_and_followed() {
+    use std::io::BufRead;
+    let s = Scratch::new();
+    let (_home, sock) = socket_home();
+    // The sensor prints a reading every 100 ms.
+    let config = format!(
+        "[[module]]\nname = \"sensor\"\nfile = \"{}\"\ndigest = \"{}\"\nenv = {{ INTERVAL_MS = \"100\" }}\n",
+        guests::TEMPERATURE_SENSOR,
+        sha256sum(guests::TEMPERATURE_SENSOR)
+    );
+    let d = start(&s, &config, &sock);
+    std::thread::sleep(Duration::from_millis(1500));
+    let all = stdout(&module(&s, &sock, &["logs", "sensor"]));
+    let lines: Vec<&str> = all.lines().collect();
+    assert!(lines.len() >= 5, "{all}");
+    let mid = lines[lines.len() / 2].split_whitespace().next().unwrap();
+    let since = stdout(&module(&s, &sock, &["logs", "sensor", "--since", mid]));
+    let until = stdout(&module(&s, &sock, &["logs", "sensor", "--until", mid]));
+    assert!(
+        since.lines().all(|l| l >= mid) && since.lines().count() >= 1,
+        "{since}"
+    );
+    assert!(
+        until.lines().all(|l| l < mid) && until.lines().count() >= 1,
+        "{until}"
+    );
+    assert!(
+        since.lines().count() + until.lines().count() >= lines.len(),
+        "the two halves cover the log"
+    );
+    let o = module(&s, &sock, &["logs", "sensor", "--since", "yesterday"]);
+    assert_status(&o, 1);
+    assert!(
+        stderr(&o).contains("since: not an RFC 3339 time"),
+        "{}",
+        stderr(&o)
+    );
+    // Following: lines written after the request arrive on it.
+    let mut follower = s
+        .edgeward()
+        .args(["module", "--socket"])
+        .arg(&sock)
+        .args(["logs", "sensor", "--tail", "0", "-f"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let out = std::io::BufReader::new(follower.stdout.take().unwrap());
+    let seen: Vec<String> = out.lines().take(3).map(|l| l.unwrap()).collect();
+    assert!(seen.iter().all(|l| l.contains("\"sensor\"")), "{seen:?}");
+    let last_before = lines.last().unwrap().split_whitespace().next().unwrap();
+    assert!(
+        seen.iter().all(|l| l.as_str() > last_before),
+        "followed lines are new ones: {seen:?} after {last_before}"
+    );
+    let _ = d.terminate();
+    assert!(follower.wait().unwrap().success());
+}

@@ -70,12 +70,17 @@ pub async fn request(
 }
 
 /// Sends a GET to the daemon on `socket` and hands each chunk of the
-/// response body to `each` as it arrives; returns the status.
+/// response body to `each` as it arrives, with the response's status;
+/// returns the status.
 ///
 /// # Errors
 ///
 /// No daemon answers, or the exchange fails.
-pub async fn stream(socket: &Path, path: &str, mut each: impl FnMut(&[u8])) -> anyhow::Result<u16> {
+pub async fn stream(
+    socket: &Path,
+    path: &str,
+    mut each: impl FnMut(u16, &[u8]),
+) -> anyhow::Result<u16> {
     let stream = tokio::net::UnixStream::connect(socket).await.map_err(|e| {
         anyhow::anyhow!(
             "cannot reach the daemon on {}: {e} (is it running?)",
@@ -95,7 +100,7 @@ pub async fn stream(socket: &Path, path: &str, mut each: impl FnMut(&[u8])) -> a
     let mut body = resp.into_body();
     while let Some(frame) = body.frame().await {
         if let Some(data) = frame?.data_ref() {
-            each(data);
+            each(status, data);
         }
     }
     Ok(status)

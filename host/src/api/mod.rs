@@ -996,6 +996,26 @@ async fn events(
 #[serde(deny_unknown_fields)]
 struct LogQuery {
     tail: Option<usize>,
+    since: Option<String>,
+    until: Option<String>,
+    #[serde(default)]
+    follow: bool,
+}
+
+/// An RFC 3339 time as the logs write it (UTC, milliseconds), so lines
+/// compare with it as text.
+fn log_time(v: &str, field: &str) -> Result<String, ApiError> {
+    let t = time::OffsetDateTime::parse(v, &time::format_description::well_known::Rfc3339)
+        .map_err(|e| {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                format!("{field}: not an RFC 3339 time: {e}"),
+            )
+        })?;
+    let since_epoch = u64::try_from(t.unix_timestamp_nanos() / 1_000_000)
+        .map(std::time::Duration::from_millis)
+        .map_err(|_| ApiError::new(StatusCode::BAD_REQUEST, format!("{field}: before 1970")))?;
+    Ok(crate::runtime::logfile::rfc3339(since_epoch))
 }
 
 /// `GET /v1/modules/{name}/exits` (JSON records, oldest first) and
@@ -1003,7 +1023,10 @@ struct LogQuery {
 #[utoipa::path(get, path = "/v1/modules/{name}/{record}", tag = "modules",
     params(("name" = String, Path, description = "Module name"),
            ("record" = String, Path, description = "logs or exits"),
-           ("tail" = Option<usize>, Query, description = "logs: only the last N lines")),
+           ("tail" = Option<usize>, Query, description = "logs: only the last N lines"),
+           ("since" = Option<String>, Query, description = "logs: lines at or after this RFC 3339 time"),
+           ("until" = Option<String>, Query, description = "logs: lines before this RFC 3339 time"),
+           ("follow" = Option<bool>, Query, description = "logs: keep the response open and stream what is appended")),
     responses(
         (status = 200, description = "logs: text/plain; exits: the exit records", body = [records::ExitRecord]),
         (status = 400, description = "Invalid name or query", body = ErrorBody),
@@ -1046,13 +1069,88 @@ async fn module_records(
             .collect();
         return Ok(axum::Json(exits).into_response());
     }
-    let lines: Vec<&str> = text.lines().collect();
+    let since = query
+        .since
+        .as_deref()
+        .map(|v| log_time(v, "since"))
+        .transpose()?;
+    let until = query
+        .until
+        .as_deref()
+        .map(|v| log_time(v, "until"))
+        .transpose()?;
+    if query.follow && until.is_some() {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "until and follow do not go together",
+        ));
+    }
+    // Each line starts with its time: `since` and `until` compare as text.
+    let lines: Vec<&str> = text
+        .lines()
+        .filter(|l| since.as_deref().is_none_or(|s| *l >= s))
+        .filter(|l| until.as_deref().is_none_or(|u| *l < u))
+        .collect();
     let from = query.tail.map_or(0, |n| lines.len().saturating_sub(n));
     let mut out = lines[from..].join("\n");
     if !out.is_empty() {
         out.push('\n');
     }
-    Ok(([("content-type", "text/plain; charset=utf-8")], out).into_response())
+    if !query.follow {
+        return Ok(([("content-type", "text/plain; charset=utf-8")], out).into_response());
+    }
+    // Then what is appended: the current file is read from where it ended,
+    // every 200 ms (from its start again when it was rotated).
+    let path = records::output_log(&state.state_dir, &name)
+        .path()
+        .to_owned();
+    let mut offset = std::fs::metadata(&path).map_or(0, |m| m.len());
+    let (tx, rx) = mpsc::channel(64);
+    let mut stop = state.stop.clone();
+    tokio::spawn(async move {
+        if tx.send(out.into()).await.is_err() {
+            return;
+        }
+        loop {
+            tokio::select! {
+                () = tokio::time::sleep(Duration::from_millis(200)) => {}
+                _ = stop.wait_for(|s| *s) => return,
+            }
+            let len = std::fs::metadata(&path).map_or(0, |m| m.len());
+            if len < offset {
+                offset = 0;
+            }
+            if len == offset {
+                if tx.is_closed() {
+                    return;
+                }
+                continue;
+            }
+            let chunk = {
+                use std::io::{Read as _, Seek as _};
+                let mut buf = Vec::new();
+                let read = std::fs::File::open(&path).and_then(|mut f| {
+                    f.seek(std::io::SeekFrom::Start(offset))?;
+                    f.take(1 << 20).read_to_end(&mut buf)
+                });
+                match read {
+                    Ok(n) => {
+                        offset += n as u64;
+                        buf
+                    }
+                    Err(_) => continue,
+                }
+            };
+            if tx.send(chunk.into()).await.is_err() {
+                return;
+            }
+        }
+    });
+    Ok((
+        [("content-type", "text/plain; charset=utf-8")],
+        Body::new(ChannelBody(rx)),
+    )
+        .into_response())
 }
 
 /// `GET /v1/identities`: every identity registration (name, generation,

@@ -75,6 +75,15 @@ enum ModuleCommand {
         /// Only the last N lines.
         #[arg(long, value_name = "N")]
         tail: Option<usize>,
+        /// Only lines at or after this time (RFC 3339).
+        #[arg(long, value_name = "TIME")]
+        since: Option<String>,
+        /// Only lines before this time (RFC 3339).
+        #[arg(long, value_name = "TIME")]
+        until: Option<String>,
+        /// Keep printing what the module writes.
+        #[arg(short, long)]
+        follow: bool,
     },
     /// Print a module's exit records (JSON lines, oldest first).
     Exits {
@@ -343,7 +352,27 @@ async fn run(socket: &Path, command: ModuleCommand) -> ExitCode {
         ModuleCommand::Stop { name } => action(socket, &name, "stop").await,
         ModuleCommand::Restart { name } => action(socket, &name, "restart").await,
         ModuleCommand::Remove { name } => remove(socket, &name).await,
-        ModuleCommand::Logs { name, tail } => logs(socket, &name, tail).await,
+        ModuleCommand::Logs {
+            name,
+            tail,
+            since,
+            until,
+            follow,
+        } => {
+            let mut q = Vec::new();
+            if let Some(n) = tail {
+                q.push(format!("tail={n}"));
+            }
+            for (k, v) in [("since", since), ("until", until)] {
+                if let Some(v) = v {
+                    q.push(format!("{k}={}", v.replace('+', "%2B").replace(':', "%3A")));
+                }
+            }
+            if follow {
+                q.push("follow=true".into());
+            }
+            logs(socket, &name, &q.join("&")).await
+        }
         ModuleCommand::Exits { name } => exits(socket, &name).await,
     };
     result.unwrap_or_else(|code| code)
@@ -481,22 +510,35 @@ async fn remove(socket: &Path, name: &str) -> Result<ExitCode, ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-async fn logs(socket: &Path, name: &str, tail: Option<usize>) -> Result<ExitCode, ExitCode> {
-    let path = match tail {
-        Some(n) => format!("/v1/modules/{name}/logs?tail={n}"),
-        None => format!("/v1/modules/{name}/logs"),
+async fn logs(socket: &Path, name: &str, query: &str) -> Result<ExitCode, ExitCode> {
+    let path = if query.is_empty() {
+        format!("/v1/modules/{name}/logs")
+    } else {
+        format!("/v1/modules/{name}/logs?{query}")
     };
-    let a = call(socket, "GET", &path, None).await?;
-    if a.status != 200 {
+    // Escaped when written; escaped again for the terminal. Chunks as they
+    // arrive (a followed log does not end).
+    let mut body = Vec::new();
+    let status = crate::api::client::stream(socket, &path, |status, chunk| {
+        use std::io::Write as _;
+        if status != 200 {
+            body.extend_from_slice(chunk);
+            return;
+        }
+        let shown = crate::runtime::escape::for_terminal(chunk);
+        let mut out = std::io::stdout().lock();
+        let _ = out.write_all(&shown);
+        let _ = out.flush();
+    })
+    .await
+    .map_err(|e| fail(format!("{e:#}"), 1))?;
+    if status != 200 {
+        let a = Answer {
+            status,
+            body: body.into(),
+        };
         return Ok(refused(&a));
     }
-    // Escaped when written; escaped again for the terminal.
-    use std::io::Write as _;
-    let shown = crate::runtime::escape::for_terminal(&a.body);
-    std::io::stdout()
-        .lock()
-        .write_all(&shown)
-        .map_err(|e| fail(e, 1))?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -536,7 +578,7 @@ pub(super) fn events(args: EventsArgs) -> ExitCode {
     } else {
         "/v1/events"
     };
-    let result = rt.block_on(crate::api::client::stream(&socket, path, |chunk| {
+    let result = rt.block_on(crate::api::client::stream(&socket, path, |_, chunk| {
         use std::io::Write as _;
         let mut out = std::io::stdout().lock();
         let _ = out.write_all(chunk);
