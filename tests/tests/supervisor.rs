@@ -48,14 +48,23 @@ fn supervisor(state: &Path) -> Supervisor {
     Supervisor::new(Arc::new(rt), identity, registry, state, false).unwrap()
 }
 
-fn state_of(state: &Path, name: &str) -> ModuleState {
+fn state_of(state: &Path, name: &str) -> Option<ModuleState> {
     records::flush();
     records::read_statuses(state)
         .into_iter()
         .flatten()
         .find(|s| s.module == name)
         .map(|s| s.state)
-        .unwrap()
+}
+
+/// Waits (up to 20 s) for `name`'s status to say running: a start returns
+/// before the module's task has recorded it.
+async fn running(state: &Path, name: &str) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while state_of(state, name) != Some(ModuleState::Running) {
+        assert!(std::time::Instant::now() < deadline, "{name} never ran");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -70,26 +79,24 @@ async fn stopping_one_module_leaves_the_others_running() {
     let again = sup.start(spec("a", probe, &["tick"])).await.unwrap_err();
     assert!(again.to_string().contains("already running"), "{again}");
     assert_eq!(sup.names(), ["a", "b"]);
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(state_of(&state, "a"), ModuleState::Running);
+    running(&state, "a").await;
 
     assert!(sup.stop("a").await);
     assert!(!sup.stop("a").await, "already stopped");
-    assert_eq!(state_of(&state, "a"), ModuleState::Stopped);
-    assert_eq!(state_of(&state, "b"), ModuleState::Running);
+    assert_eq!(state_of(&state, "a"), Some(ModuleState::Stopped));
+    running(&state, "b").await;
     assert_eq!(sup.names(), ["b"]);
 
     // Started again under the same name, with its registration kept.
     sup.start(spec("a", probe, &["tick"])).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(state_of(&state, "a"), ModuleState::Running);
+    running(&state, "a").await;
 
     // A refusal (a digest that does not match) is recorded and returned.
     let mut bad = spec("c", probe, &["tick"]);
     bad.digest = sha256sum(guests::TEMPERATURE_SENSOR).parse().unwrap();
     let refused = sup.start(bad).await.unwrap_err();
     assert!(format!("{refused:#}").contains("digest"), "{refused:#}");
-    assert_eq!(state_of(&state, "c"), ModuleState::Refused);
+    assert_eq!(state_of(&state, "c"), Some(ModuleState::Refused));
 
     // By digest alone, from the component store (stored once, when "a"
     // was first measured).
@@ -112,10 +119,10 @@ async fn stopping_one_module_leaves_the_others_running() {
         format!("{refused:#}").contains("does not match"),
         "{refused:#}"
     );
-    assert_eq!(state_of(&state, "d"), ModuleState::Refused);
+    assert_eq!(state_of(&state, "d"), Some(ModuleState::Refused));
 
     sup.stop_all().await;
-    assert_eq!(state_of(&state, "a"), ModuleState::Stopped);
-    assert_eq!(state_of(&state, "b"), ModuleState::Stopped);
+    assert_eq!(state_of(&state, "a"), Some(ModuleState::Stopped));
+    assert_eq!(state_of(&state, "b"), Some(ModuleState::Stopped));
     assert!(sup.names().is_empty());
 }
