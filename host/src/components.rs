@@ -93,24 +93,31 @@ impl ComponentStore {
     /// Deletes every stored component whose digest is not in `keep`;
     /// returns how many.
     pub fn retain(&self, keep: &HashSet<Digest>) -> usize {
+        self.entries()
+            .into_iter()
+            .filter(|(path, digest)| {
+                digest.is_some_and(|d| !keep.contains(&d)) && std::fs::remove_file(path).is_ok()
+            })
+            .count()
+    }
+
+    /// Every file in the store, with the digest its name claims (`None`
+    /// for a name that is not one [`ComponentStore::path`] makes).
+    pub fn entries(&self) -> Vec<(PathBuf, Option<Digest>)> {
         let Ok(entries) = std::fs::read_dir(&self.dir) else {
-            return 0;
+            return Vec::new();
         };
-        let mut removed = 0;
-        for e in entries.flatten() {
-            let name = e.file_name();
-            let Some(digest) = name
-                .to_str()
-                .and_then(|n| n.strip_suffix(".wasm"))
-                .and_then(|n| n.replacen('-', ":", 1).parse::<Digest>().ok())
-            else {
-                continue;
-            };
-            if !keep.contains(&digest) && std::fs::remove_file(e.path()).is_ok() {
-                removed += 1;
-            }
-        }
-        removed
+        entries
+            .flatten()
+            .map(|e| {
+                let digest = e
+                    .file_name()
+                    .to_str()
+                    .and_then(|n| n.strip_suffix(".wasm"))
+                    .and_then(|n| n.replacen('-', ":", 1).parse::<Digest>().ok());
+                (e.path(), digest)
+            })
+            .collect()
     }
 }
 

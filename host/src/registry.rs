@@ -237,6 +237,35 @@ impl Registry {
         self.get_json(REGISTRATIONS, name, "registration of")
     }
 
+    /// Runs `f` on `table` in a read transaction; `empty` when the table
+    /// was never written.
+    fn read<T>(
+        &self,
+        table: TableDefinition<&str, &[u8]>,
+        empty: T,
+        f: impl FnOnce(&redb::ReadOnlyTable<&str, &[u8]>) -> Result<T, RegistryError>,
+    ) -> Result<T, RegistryError> {
+        let tx = self.db.begin_read().map_err(|e| self.damaged(e))?;
+        match tx.open_table(table) {
+            Ok(t) => f(&t),
+            Err(redb::TableError::TableDoesNotExist(_)) => Ok(empty),
+            Err(e) => Err(self.damaged(e)),
+        }
+    }
+
+    /// The value `key` of `table`, if any.
+    fn bytes(
+        &self,
+        table: TableDefinition<&str, &[u8]>,
+        key: &str,
+    ) -> Result<Option<Vec<u8>>, RegistryError> {
+        self.read(table, None, |t| {
+            Ok(t.get(key)
+                .map_err(|e| self.damaged(e))?
+                .map(|v| v.value().to_vec()))
+        })
+    }
+
     /// The JSON record `key` of `table`, decoded; `what` names it in errors.
     fn get_json<T: serde::de::DeserializeOwned>(
         &self,
@@ -244,16 +273,10 @@ impl Registry {
         key: &str,
         what: &str,
     ) -> Result<Option<T>, RegistryError> {
-        let tx = self.db.begin_read().map_err(|e| self.damaged(e))?;
-        let table = match tx.open_table(table) {
-            Ok(t) => t,
-            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
-            Err(e) => return Err(self.damaged(e)),
-        };
-        let Some(v) = table.get(key).map_err(|e| self.damaged(e))? else {
+        let Some(bytes) = self.bytes(table, key)? else {
             return Ok(None);
         };
-        serde_json::from_slice(v.value())
+        serde_json::from_slice(&bytes)
             .map(Some)
             .map_err(|e| self.damaged(format!("{what} {key:?}: {e}")))
     }
@@ -307,18 +330,14 @@ impl Registry {
     ///
     /// The store cannot be read.
     pub fn names(&self) -> Result<Vec<String>, RegistryError> {
-        let tx = self.db.begin_read().map_err(|e| self.damaged(e))?;
-        let table = match tx.open_table(REGISTRATIONS) {
-            Ok(t) => t,
-            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
-            Err(e) => return Err(self.damaged(e)),
-        };
-        let mut names = Vec::new();
-        for entry in table.iter().map_err(|e| self.damaged(e))? {
-            let (k, _) = entry.map_err(|e| self.damaged(e))?;
-            names.push(k.value().to_owned());
-        }
-        Ok(names)
+        self.read(REGISTRATIONS, Vec::new(), |t| {
+            let mut names = Vec::new();
+            for entry in t.iter().map_err(|e| self.damaged(e))? {
+                let (k, _) = entry.map_err(|e| self.damaged(e))?;
+                names.push(k.value().to_owned());
+            }
+            Ok(names)
+        })
     }
 }
 
@@ -329,16 +348,7 @@ impl Registry {
     ///
     /// The store cannot be read.
     pub fn meta(&self, key: &str) -> Result<Option<Vec<u8>>, RegistryError> {
-        let tx = self.db.begin_read().map_err(|e| self.damaged(e))?;
-        let table = match tx.open_table(META) {
-            Ok(t) => t,
-            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
-            Err(e) => return Err(self.damaged(e)),
-        };
-        Ok(table
-            .get(key)
-            .map_err(|e| self.damaged(e))?
-            .map(|v| v.value().to_vec()))
+        self.bytes(META, key)
     }
 
     /// Sets a value of the registry's own.
@@ -361,21 +371,17 @@ impl Registry {
     ///
     /// The store or a record cannot be read.
     pub fn modules(&self) -> Result<Vec<ModuleRecord>, RegistryError> {
-        let tx = self.db.begin_read().map_err(|e| self.damaged(e))?;
-        let table = match tx.open_table(MODULES) {
-            Ok(t) => t,
-            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
-            Err(e) => return Err(self.damaged(e)),
-        };
-        let mut out = Vec::new();
-        for entry in table.iter().map_err(|e| self.damaged(e))? {
-            let (k, v) = entry.map_err(|e| self.damaged(e))?;
-            out.push(
-                serde_json::from_slice(v.value())
-                    .map_err(|e| self.damaged(format!("module {:?}: {e}", k.value())))?,
-            );
-        }
-        Ok(out)
+        self.read(MODULES, Vec::new(), |t| {
+            let mut out = Vec::new();
+            for entry in t.iter().map_err(|e| self.damaged(e))? {
+                let (k, v) = entry.map_err(|e| self.damaged(e))?;
+                out.push(
+                    serde_json::from_slice(v.value())
+                        .map_err(|e| self.damaged(format!("module {:?}: {e}", k.value())))?,
+                );
+            }
+            Ok(out)
+        })
     }
 
     /// The record of module `name`, if any.

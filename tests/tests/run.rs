@@ -880,10 +880,8 @@ fn a_disk_filling_module_is_refused_at_its_budget() {
 #[test]
 fn the_budget_counts_what_is_already_there() {
     let s = Scratch::new();
-    let data = s.path().join("data");
-    std::fs::create_dir(&data).expect("data dir");
+    let (data, grant) = data_dir(&s);
     std::fs::write(data.join("old"), vec![0u8; 2 << 20]).expect("old data");
-    let grant = format!("{}::/data", data.display());
     let o = s.run(
         PROBE,
         &["--dir", &grant, "--max-disk", "1MiB"],
@@ -925,15 +923,14 @@ fn the_budget_counts_what_is_already_there() {
 #[test]
 fn disk_budget_tricks_are_refused() {
     let s = Scratch::new();
-    let data = s.path().join("data");
+    let (data, grant) = data_dir(&s);
     let other = s.path().join("other");
-    std::fs::create_dir(&data).expect("data dir");
     std::fs::create_dir(&other).expect("other dir");
     let o = s.run(
         PROBE,
         &[
             "--dir",
-            &format!("{}::/data", data.display()),
+            &grant,
             "--dir",
             &format!("{}::/other", other.display()),
             "--max-disk",

@@ -557,6 +557,10 @@ async fn system_info(State(state): State<Arc<ApiState>>) -> Result<Response, Api
     .into_response())
 }
 
+fn invalid_query(e: axum::extract::rejection::QueryRejection) -> ApiError {
+    ApiError::new(StatusCode::BAD_REQUEST, format!("invalid query: {e}"))
+}
+
 fn internal(e: impl std::fmt::Display) -> ApiError {
     tracing::error!(error = %e, "management request failed");
     ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
@@ -580,6 +584,22 @@ pub struct ModuleView {
     /// The registered spec (`GET /v1/modules/{name}` only).
     #[serde(skip_serializing_if = "Option::is_none")]
     spec: Option<RawModuleSpec>,
+}
+
+/// Every registered module, as the API shows it.
+fn all_views(state: &ApiState) -> Result<Vec<ModuleView>, ApiError> {
+    Ok(state
+        .registry
+        .modules()
+        .map_err(internal)?
+        .iter()
+        .map(|m| {
+            view(
+                m,
+                records::status_of(&state.state_dir, &m.spec.name).as_ref(),
+            )
+        })
+        .collect())
 }
 
 fn view(record: &ModuleRecord, status: Option<&Status>) -> ModuleView {
@@ -607,17 +627,7 @@ fn view(record: &ModuleRecord, status: Option<&Status>) -> ModuleView {
 #[utoipa::path(get, path = "/v1/modules", tag = "modules",
     responses((status = 200, description = "Every registered module", body = [ModuleView])))]
 async fn list_modules(State(state): State<Arc<ApiState>>) -> Result<Response, ApiError> {
-    let modules = state.registry.modules().map_err(internal)?;
-    let views: Vec<ModuleView> = modules
-        .iter()
-        .map(|m| {
-            view(
-                m,
-                records::status_of(&state.state_dir, &m.spec.name).as_ref(),
-            )
-        })
-        .collect();
-    Ok(axum::Json(views).into_response())
+    Ok(axum::Json(all_views(&state)?).into_response())
 }
 
 fn checked_name(name: &str) -> Result<(), ApiError> {
@@ -825,8 +835,7 @@ async fn put_deployment(
     query: Result<axum::extract::Query<DeployQuery>, axum::extract::rejection::QueryRejection>,
     body: Body,
 ) -> Result<Response, ApiError> {
-    let query =
-        query.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("invalid query: {e}")))?;
+    let query = query.map_err(invalid_query)?;
     let deployment: Deployment = json_body(body).await?;
     let v = &deployment.version;
     if v.is_empty() || v.len() > 128 || v.chars().any(char::is_control) {
@@ -890,15 +899,8 @@ pub struct Drift {
 #[utoipa::path(get, path = "/v1/deployment/plan", tag = "deployment",
     responses((status = 200, description = "Modules whose state differs from what the registry wants", body = [Drift])))]
 async fn deployment_plan(State(state): State<Arc<ApiState>>) -> Result<Response, ApiError> {
-    let modules = state.registry.modules().map_err(internal)?;
-    let drift: Vec<Drift> = modules
-        .iter()
-        .map(|m| {
-            view(
-                m,
-                records::status_of(&state.state_dir, &m.spec.name).as_ref(),
-            )
-        })
+    let drift: Vec<Drift> = all_views(&state)?
+        .into_iter()
         .filter(|v| match v.desired {
             Desired::Running => v.state != "running",
             Desired::Stopped => v.state == "running",
@@ -953,8 +955,7 @@ async fn events(
     query: Result<axum::extract::Query<EventsQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ApiError> {
     let mut stop = state.stop.clone();
-    let query =
-        query.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("invalid query: {e}")))?;
+    let query = query.map_err(invalid_query)?;
     let (backlog, mut live) = crate::daemon::events::subscribe();
     let (tx, rx) = mpsc::channel(64);
     tokio::spawn(async move {
@@ -1036,8 +1037,7 @@ async fn module_records(
     UrlPath((name, what)): UrlPath<(String, String)>,
     query: Result<axum::extract::Query<LogQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ApiError> {
-    let query =
-        query.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("invalid query: {e}")))?;
+    let query = query.map_err(invalid_query)?;
     record_of(&state, &name)?;
     let log = match what.as_str() {
         "exits" => records::exits_log(&state.state_dir, &name),

@@ -275,10 +275,9 @@ fn registry_check(state_dir: &Path, daemon: bool) -> Check {
 }
 
 fn components_check(state_dir: &Path) -> Check {
-    let dir = state_dir.join(crate::components::DIR);
-    let Ok(entries) = std::fs::read_dir(&dir) else {
+    if !state_dir.join(crate::components::DIR).exists() {
         return pass("components", "none stored");
-    };
+    }
     let store = match crate::components::ComponentStore::open(state_dir) {
         Ok(s) => s,
         Err(e) => {
@@ -291,16 +290,14 @@ fn components_check(state_dir: &Path) -> Check {
         }
     };
     let (mut ok, mut bad) = (0, Vec::new());
-    for e in entries.flatten() {
-        let name = e.file_name().to_string_lossy().into_owned();
-        let digest = name.strip_suffix(".wasm").and_then(|n| {
-            n.replacen('-', ":", 1)
-                .parse::<crate::measure::Digest>()
-                .ok()
-        });
+    for (path, digest) in store.entries() {
         match digest.map(|d| store.get(&d)) {
             Some(Ok(_)) => ok += 1,
-            _ => bad.push(name),
+            _ => bad.push(
+                path.file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default(),
+            ),
         }
     }
     if bad.is_empty() {

@@ -348,6 +348,18 @@ impl BudgetedFs<'_> {
         })
     }
 
+    /// The budget and host file behind a descriptor, when it is a file
+    /// under a budget.
+    fn budgeted_file(
+        &self,
+        fd: &Resource<types::Descriptor>,
+    ) -> FsResult<Option<(Arc<DiskBudget>, Arc<std::fs::File>)>> {
+        let Some(budget) = self.budgets.budget_of(fd.rep()).cloned() else {
+            return Ok(None);
+        };
+        Ok(self.file_of(fd)?.map(|file| (budget, file)))
+    }
+
     /// The host directory behind a descriptor, when it is one.
     fn dir_of(&self, fd: &Resource<types::Descriptor>) -> FsResult<Arc<std::fs::File>> {
         match self.fs.table.get(fd)? {
@@ -467,10 +479,7 @@ impl HostDescriptor for BudgetedFs<'_> {
         fd: Resource<types::Descriptor>,
         size: types::Filesize,
     ) -> FsResult<()> {
-        let Some(budget) = self.budgets.budget_of(fd.rep()).cloned() else {
-            return HostDescriptor::set_size(&mut self.fs, fd, size).await;
-        };
-        let Some(file) = self.file_of(&fd)? else {
+        let Some((budget, file)) = self.budgeted_file(&fd)? else {
             return HostDescriptor::set_size(&mut self.fs, fd, size).await;
         };
         let before = file.metadata().map_err(|e| io(&e))?.len();
@@ -507,10 +516,7 @@ impl HostDescriptor for BudgetedFs<'_> {
         buf: Vec<u8>,
         offset: types::Filesize,
     ) -> FsResult<types::Filesize> {
-        let Some(budget) = self.budgets.budget_of(fd.rep()).cloned() else {
-            return HostDescriptor::write(&mut self.fs, fd, buf, offset).await;
-        };
-        let Some(file) = self.file_of(&fd)? else {
+        let Some((budget, file)) = self.budgeted_file(&fd)? else {
             return HostDescriptor::write(&mut self.fs, fd, buf, offset).await;
         };
         let before = file.metadata().map_err(|e| io(&e))?.len();
@@ -766,10 +772,9 @@ impl HostDescriptor for BudgetedFs<'_> {
         fd: Resource<types::Descriptor>,
         offset: types::Filesize,
     ) -> FsResult<Resource<DynInputStream>> {
-        let budget = self.budgets.budget_of(fd.rep()).cloned();
-        let file = self.file_of(&fd)?;
+        let budgeted = self.budgeted_file(&fd)?;
         let stream = HostDescriptor::read_via_stream(&mut self.fs, fd, offset)?;
-        let (Some(budget), Some(file)) = (budget, file) else {
+        let Some((budget, file)) = budgeted else {
             return Ok(stream);
         };
         let inner = self.fs.table.delete(stream)?;
@@ -828,13 +833,12 @@ impl BudgetedFs<'_> {
         fd: Resource<types::Descriptor>,
         offset: Option<u64>,
     ) -> FsResult<Resource<DynOutputStream>> {
-        let budget = self.budgets.budget_of(fd.rep()).cloned();
-        let file = self.file_of(&fd)?;
+        let budgeted = self.budgeted_file(&fd)?;
         let stream = match offset {
             Some(o) => HostDescriptor::write_via_stream(&mut self.fs, fd, o)?,
             None => HostDescriptor::append_via_stream(&mut self.fs, fd)?,
         };
-        let (Some(budget), Some(file)) = (budget, file) else {
+        let Some((budget, file)) = budgeted else {
             return Ok(stream);
         };
         let inner = self.fs.table.delete(stream)?;
