@@ -901,6 +901,18 @@ fn logs_can_be_selected_by_time_and_followed() {
         since.lines().count() + until.lines().count() >= lines.len(),
         "the two halves cover the log"
     );
+    // Without times, each line is what the module wrote (stream first).
+    let bare = stdout(&module(
+        &s,
+        &sock,
+        &["logs", "sensor", "--tail", "2", "--no-timestamps"],
+    ));
+    assert_eq!(bare.lines().count(), 2, "{bare}");
+    assert!(
+        bare.lines()
+            .all(|l| l.starts_with("out ") && l.contains("\"sensor\"")),
+        "{bare}"
+    );
     let o = module(&s, &sock, &["logs", "sensor", "--since", "yesterday"]);
     assert_status(&o, 1);
     assert!(
@@ -927,4 +939,131 @@ fn logs_can_be_selected_by_time_and_followed() {
     );
     let _ = d.terminate();
     assert!(follower.wait().unwrap().success());
+}
+
+fn exits_of(s: &Scratch, sock: &Path, name: &str) -> usize {
+    let o = module(s, sock, &["exits", name]);
+    assert_status(&o, 0);
+    stdout(&o)
+        .lines()
+        .filter(|l| l.contains("\"start\""))
+        .count()
+}
+
+fn wait_exits(s: &Scratch, sock: &Path, name: &str, n: usize, within: Duration) {
+    let deadline = std::time::Instant::now() + within;
+    while exits_of(s, sock, name) < n {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{name}: fewer than {n} exits within {within:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// `reset` clears the backoff (a module waiting 4 s to start again starts
+/// at once, and waits 1 s after its next failure), starts again a module
+/// its policy had let exit, and leaves a stopped one stopped. The daemon
+/// says who it is through `system info`, and how far it is with its
+/// deployment through `deployment status`.
+#[test]
+fn reset_clears_backoff_and_the_daemon_reports_itself() {
+    let s = Scratch::new();
+    let (_home, sock) = socket_home();
+    let d = start(&s, "", &sock);
+    let failing = s.command_component(
+        "fail.wasm",
+        r#"(func (export "run") (result i32) i32.const 1)"#,
+    );
+    assert_status(
+        &module(
+            &s,
+            &sock,
+            &["add", "flaky", &failing, "--restart", "always"],
+        ),
+        0,
+    );
+    assert_status(
+        &module(&s, &sock, &["add", "once", &failing, "--restart", "never"]),
+        0,
+    );
+    // flaky's backoff: 1 s, 2 s, then 4 s after its third exit.
+    wait_exits(&s, &sock, "flaky", 3, Duration::from_secs(20));
+    let t = std::time::Instant::now();
+    assert_status(&module(&s, &sock, &["reset", "flaky"]), 0);
+    wait_exits(&s, &sock, "flaky", 4, Duration::from_secs(20));
+    let fourth = t.elapsed();
+    wait_exits(&s, &sock, "flaky", 5, Duration::from_secs(20));
+    let fifth = t.elapsed();
+    assert!(
+        fourth < Duration::from_millis(2500),
+        "reset did not end the 4 s wait: {fourth:?}"
+    );
+    assert!(
+        fifth - fourth < Duration::from_millis(2500),
+        "the backoff was not cleared: {:?} before the fifth start",
+        fifth - fourth
+    );
+    // once exited by its policy: reset starts it again.
+    wait_state(&s, &sock, "once", "exited/running");
+    assert_eq!(exits_of(&s, &sock, "once"), 1);
+    assert_status(&module(&s, &sock, &["reset", "once"]), 0);
+    wait_exits(&s, &sock, "once", 2, Duration::from_secs(10));
+    // A stopped module stays stopped.
+    assert_status(&module(&s, &sock, &["stop", "flaky"]), 0);
+    let before = exits_of(&s, &sock, "flaky");
+    assert_status(&module(&s, &sock, &["reset", "flaky"]), 0);
+    wait_state(&s, &sock, "flaky", "stopped/stopped");
+    assert_eq!(exits_of(&s, &sock, "flaky"), before);
+    let o = module(&s, &sock, &["reset", "nobody"]);
+    assert_status(&o, 1);
+    assert!(
+        stderr(&o).contains("no module \"nobody\""),
+        "{}",
+        stderr(&o)
+    );
+
+    // system info, for people and scripts.
+    let o = s
+        .edgeward()
+        .args(["system", "info", "--socket"])
+        .arg(&sock)
+        .output()
+        .unwrap();
+    assert_status(&o, 0);
+    assert!(stdout(&o).contains("2 registered"), "{}", stdout(&o));
+    let o = s
+        .edgeward()
+        .args(["system", "info", "--json", "--socket"])
+        .arg(&sock)
+        .output()
+        .unwrap();
+    assert_status(&o, 0);
+    let info: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert_eq!(info["hsm_backend"], "soft");
+    assert!(
+        info["runtime_platform_version"]
+            .as_str()
+            .unwrap()
+            .starts_with("wasmtime 48.")
+    );
+    // Deployment status: no deployment applied; flaky stopped as wanted,
+    // once exited though it should run: not converged.
+    let status = |s: &Scratch| {
+        let o = s
+            .edgeward()
+            .args(["deployment", "status", "--socket"])
+            .arg(&sock)
+            .output()
+            .unwrap();
+        assert_status(&o, 0);
+        serde_json::from_str::<serde_json::Value>(&stdout(&o)).unwrap()
+    };
+    let v = status(&s);
+    assert_eq!(v["version"], serde_json::Value::Null);
+    assert_eq!(v["converged"], false, "{v:#}");
+    assert_eq!(v["origins"]["operator"], 2, "{v:#}");
+    assert_status(&module(&s, &sock, &["stop", "once"]), 0);
+    assert_eq!(status(&s)["converged"], true);
+    let _ = d.terminate();
 }

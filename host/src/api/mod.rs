@@ -166,6 +166,10 @@ pub enum Command {
     Stop(String, Reply),
     /// Stop and start a module.
     Restart(String, Reply),
+    /// Clear a module's backoff and crash-loop state: one waiting to start
+    /// again starts now, one no longer supervised (exited, failed, refused)
+    /// is started again if it should run.
+    Reset(String, Reply),
     /// Stop a module and delete its registration.
     Remove(String, Reply),
     /// Reconcile the operator's modules with a deployment.
@@ -405,6 +409,7 @@ pub struct ApiState {
         put_deployment,
         get_deployment,
         deployment_plan,
+        deployment_status,
         events
     ),
     components(schemas(
@@ -422,6 +427,7 @@ pub struct ApiState {
         Deployment,
         Plan,
         Drift,
+        DeploymentStatus,
         crate::daemon::events::Event,
         records::ModuleState
     ))
@@ -459,6 +465,7 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/v1/identities", get(identities))
         .route("/v1/deployment", get(get_deployment).put(put_deployment))
         .route("/v1/deployment/plan", get(deployment_plan))
+        .route("/v1/deployment/status", get(deployment_status))
         .route("/v1/events", get(events))
         .route("/v1/openapi.json", get(openapi))
         .route("/v1/blobs/{digest}", put(put_blob))
@@ -584,6 +591,16 @@ pub struct ModuleView {
     /// The registered spec (`GET /v1/modules/{name}` only).
     #[serde(skip_serializing_if = "Option::is_none")]
     spec: Option<RawModuleSpec>,
+}
+
+impl ModuleView {
+    /// Whether its state is not what the registry wants.
+    fn drifts(&self) -> bool {
+        match self.desired {
+            Desired::Running => self.state != "running",
+            Desired::Stopped => self.state == "running",
+        }
+    }
 }
 
 /// Every registered module, as the API shows it.
@@ -789,7 +806,7 @@ async fn update_module(
 
 #[utoipa::path(post, path = "/v1/modules/{name}/{action}", tag = "modules",
     params(("name" = String, Path, description = "Module name"),
-           ("action" = String, Path, description = "start, stop or restart")),
+           ("action" = String, Path, description = "start, stop, restart, or reset (clears backoff and a crash loop)")),
     responses(
         (status = 200, description = "Done", body = ModuleView),
         (status = 404, description = "No such module or action", body = ErrorBody),
@@ -804,10 +821,11 @@ async fn module_action(
         "start" => ask(&state, |r| Command::Start(n, r)).await?,
         "stop" => ask(&state, |r| Command::Stop(n, r)).await?,
         "restart" => ask(&state, |r| Command::Restart(n, r)).await?,
+        "reset" => ask(&state, |r| Command::Reset(n, r)).await?,
         _ => {
             return Err(ApiError::new(
                 StatusCode::NOT_FOUND,
-                "no such action: start, stop or restart",
+                "no such action: start, stop, restart or reset",
             ));
         }
     }
@@ -901,10 +919,7 @@ pub struct Drift {
 async fn deployment_plan(State(state): State<Arc<ApiState>>) -> Result<Response, ApiError> {
     let drift: Vec<Drift> = all_views(&state)?
         .into_iter()
-        .filter(|v| match v.desired {
-            Desired::Running => v.state != "running",
-            Desired::Stopped => v.state == "running",
-        })
+        .filter(ModuleView::drifts)
         .map(|v| Drift {
             name: v.name,
             desired: v.desired,
@@ -912,6 +927,50 @@ async fn deployment_plan(State(state): State<Arc<ApiState>>) -> Result<Response,
         })
         .collect();
     Ok(axum::Json(drift).into_response())
+}
+
+/// `GET /v1/deployment/status`: the operator's deployment and how far the
+/// device has got with it.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct DeploymentStatus {
+    /// The version of the last deployment applied (none: never).
+    pub version: Option<String>,
+    /// True when every registered module is in the state the registry
+    /// wants (running or stopped).
+    pub converged: bool,
+    /// Modules by origin: `config`, `operator`, `agent`.
+    pub origins: std::collections::BTreeMap<String, usize>,
+    /// Every registered module.
+    pub modules: Vec<ModuleView>,
+}
+
+#[utoipa::path(get, path = "/v1/deployment/status", tag = "deployment",
+    responses((status = 200, description = "The last deployment's version, whether the device has converged on it, and every module", body = DeploymentStatus)))]
+async fn deployment_status(State(state): State<Arc<ApiState>>) -> Result<Response, ApiError> {
+    let version = match state.registry.meta(DEPLOYMENT_KEY).map_err(internal)? {
+        Some(bytes) => Some(
+            serde_json::from_slice::<Deployment>(&bytes)
+                .map_err(internal)?
+                .version,
+        ),
+        None => None,
+    };
+    let modules = all_views(&state)?;
+    let mut origins = std::collections::BTreeMap::new();
+    for m in &modules {
+        let o = serde_json::to_value(m.origin)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_owned))
+            .unwrap_or_default();
+        *origins.entry(o).or_insert(0) += 1;
+    }
+    Ok(axum::Json(DeploymentStatus {
+        version,
+        converged: !modules.iter().any(ModuleView::drifts),
+        origins,
+        modules,
+    })
+    .into_response())
 }
 
 /// `?follow=true` for events.
@@ -1001,6 +1060,8 @@ struct LogQuery {
     until: Option<String>,
     #[serde(default)]
     follow: bool,
+    /// Each line with the time it was written (the default).
+    timestamps: Option<bool>,
 }
 
 /// An RFC 3339 time as the logs write it (UTC, milliseconds), so lines
@@ -1019,6 +1080,11 @@ fn log_time(v: &str, field: &str) -> Result<String, ApiError> {
     Ok(crate::runtime::logfile::rfc3339(since_epoch))
 }
 
+/// A log line without the time it starts with.
+fn without_time(line: &str) -> &str {
+    line.split_once(' ').map_or(line, |(_, rest)| rest)
+}
+
 /// `GET /v1/modules/{name}/exits` (JSON records, oldest first) and
 /// `GET /v1/modules/{name}/logs?tail=N` (its output, escaped when written).
 #[utoipa::path(get, path = "/v1/modules/{name}/{record}", tag = "modules",
@@ -1027,7 +1093,8 @@ fn log_time(v: &str, field: &str) -> Result<String, ApiError> {
            ("tail" = Option<usize>, Query, description = "logs: only the last N lines"),
            ("since" = Option<String>, Query, description = "logs: lines at or after this RFC 3339 time"),
            ("until" = Option<String>, Query, description = "logs: lines before this RFC 3339 time"),
-           ("follow" = Option<bool>, Query, description = "logs: keep the response open and stream what is appended")),
+           ("follow" = Option<bool>, Query, description = "logs: keep the response open and stream what is appended"),
+           ("timestamps" = Option<bool>, Query, description = "logs: each line starts with its RFC 3339 time (default true)")),
     responses(
         (status = 200, description = "logs: text/plain; exits: the exit records", body = [records::ExitRecord]),
         (status = 400, description = "Invalid name or query", body = ErrorBody),
@@ -1092,8 +1159,10 @@ async fn module_records(
         .filter(|l| until.as_deref().is_none_or(|u| *l < u))
         .collect();
     let from = query.tail.map_or(0, |n| lines.len().saturating_sub(n));
-    let mut out = lines[from..].join("\n");
-    if !out.is_empty() {
+    let times = query.timestamps.unwrap_or(true);
+    let mut out = String::new();
+    for l in &lines[from..] {
+        out.push_str(if times { l } else { without_time(l) });
         out.push('\n');
     }
     if !query.follow {
@@ -1133,14 +1202,29 @@ async fn module_records(
                     f.seek(std::io::SeekFrom::Start(offset))?;
                     f.take(1 << 20).read_to_end(&mut buf)
                 });
+                // Whole lines only: the rest is read again next time.
                 match read {
-                    Ok(n) => {
-                        offset += n as u64;
-                        buf
+                    Ok(_) => {
+                        let whole = buf.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+                        buf.truncate(whole);
+                        offset += whole as u64;
+                        if times {
+                            buf
+                        } else {
+                            let mut out = Vec::with_capacity(buf.len());
+                            for l in buf.split_inclusive(|&b| b == b'\n') {
+                                let cut = l.iter().position(|&b| b == b' ').map_or(0, |i| i + 1);
+                                out.extend_from_slice(&l[cut..]);
+                            }
+                            out
+                        }
                     }
                     Err(_) => continue,
                 }
             };
+            if chunk.is_empty() {
+                continue;
+            }
             if tx.send(chunk.into()).await.is_err() {
                 return;
             }

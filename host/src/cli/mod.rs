@@ -102,8 +102,10 @@ enum Command {
     /// Apply a deployment manifest: the complete set of the operator's
     /// modules (added, updated, removed to match).
     Deploy(module::DeployArgs),
-    /// Show the last deployment applied, or what differs from it.
+    /// Show the last deployment applied, its status, or what differs from it.
     Deployment(module::DeploymentArgs),
+    /// Ask the running daemon about itself.
+    System(module::SystemArgs),
     /// Print the daemon's recent events (state changes, exits) as JSON
     /// lines; with -f, keep printing them as they happen.
     Events(module::EventsArgs),
@@ -300,6 +302,10 @@ pub fn main() -> ExitCode {
         Command::Events(args) => {
             init_logging("warn");
             module::events(args)
+        }
+        Command::System(args) => {
+            init_logging("warn");
+            module::system(args)
         }
         Command::Deploy(args) => {
             init_logging("warn");

@@ -68,6 +68,12 @@ enum ModuleCommand {
         /// The module.
         name: String,
     },
+    /// Clear a module's backoff and crash-loop state: it starts now if it
+    /// was waiting to, or again if it had exited or failed.
+    Reset {
+        /// The module.
+        name: String,
+    },
     /// Print a module's recorded output (oldest first).
     Logs {
         /// The module.
@@ -84,6 +90,9 @@ enum ModuleCommand {
         /// Keep printing what the module writes.
         #[arg(short, long)]
         follow: bool,
+        /// Leave out the time each line starts with.
+        #[arg(long)]
+        no_timestamps: bool,
     },
     /// Print a module's exit records (JSON lines, oldest first).
     Exits {
@@ -192,6 +201,9 @@ enum DeploymentCommand {
     Show,
     /// Modules whose state differs from what the registry wants.
     Plan,
+    /// The last deployment's version, whether every module is in the
+    /// state the registry wants, and each module (JSON).
+    Status,
 }
 
 /// Runs `edgeward deploy MANIFEST`.
@@ -209,15 +221,12 @@ pub(super) fn deployment(args: DeploymentArgs) -> ExitCode {
     let path = match args.what {
         DeploymentCommand::Show => "/v1/deployment",
         DeploymentCommand::Plan => "/v1/deployment/plan",
+        DeploymentCommand::Status => "/v1/deployment/status",
     };
     match connect(args.socket, args.config) {
         Ok((socket, rt)) => rt
             .block_on(async {
-                let a = call(&socket, "GET", path, None).await?;
-                if a.status != 200 {
-                    return Ok(refused(&a));
-                }
-                println!("{:#}", a.json());
+                get(&socket, path, true).await?;
                 Ok(ExitCode::SUCCESS)
             })
             .unwrap_or_else(|c| c),
@@ -332,6 +341,7 @@ async fn run(socket: &Path, command: ModuleCommand) -> ExitCode {
         | ModuleCommand::Start { name }
         | ModuleCommand::Stop { name }
         | ModuleCommand::Restart { name }
+        | ModuleCommand::Reset { name }
         | ModuleCommand::Remove { name }
         | ModuleCommand::Logs { name, .. }
         | ModuleCommand::Exits { name } => Some(name),
@@ -351,6 +361,7 @@ async fn run(socket: &Path, command: ModuleCommand) -> ExitCode {
         ModuleCommand::Start { name } => action(socket, &name, "start").await,
         ModuleCommand::Stop { name } => action(socket, &name, "stop").await,
         ModuleCommand::Restart { name } => action(socket, &name, "restart").await,
+        ModuleCommand::Reset { name } => action(socket, &name, "reset").await,
         ModuleCommand::Remove { name } => remove(socket, &name).await,
         ModuleCommand::Logs {
             name,
@@ -358,6 +369,7 @@ async fn run(socket: &Path, command: ModuleCommand) -> ExitCode {
             since,
             until,
             follow,
+            no_timestamps,
         } => {
             let mut q = Vec::new();
             if let Some(n) = tail {
@@ -371,6 +383,9 @@ async fn run(socket: &Path, command: ModuleCommand) -> ExitCode {
             if follow {
                 q.push("follow=true".into());
             }
+            if no_timestamps {
+                q.push("timestamps=false".into());
+            }
             logs(socket, &name, &q.join("&")).await
         }
         ModuleCommand::Exits { name } => exits(socket, &name).await,
@@ -378,16 +393,25 @@ async fn run(socket: &Path, command: ModuleCommand) -> ExitCode {
     result.unwrap_or_else(|code| code)
 }
 
-async fn list(socket: &Path, json: bool) -> Result<ExitCode, ExitCode> {
-    let a = call(socket, "GET", "/v1/modules", None).await?;
+/// GETs `path`: with `json`, prints the answer and returns `None`;
+/// otherwise returns it for the caller to print.
+async fn get(socket: &Path, path: &str, json: bool) -> Result<Option<serde_json::Value>, ExitCode> {
+    let a = call(socket, "GET", path, None).await?;
     if a.status != 200 {
-        return Ok(refused(&a));
+        return Err(refused(&a));
     }
     let v = a.json();
     if json {
         println!("{v:#}");
-        return Ok(ExitCode::SUCCESS);
+        return Ok(None);
     }
+    Ok(Some(v))
+}
+
+async fn list(socket: &Path, json: bool) -> Result<ExitCode, ExitCode> {
+    let Some(v) = get(socket, "/v1/modules", json).await? else {
+        return Ok(ExitCode::SUCCESS);
+    };
     println!(
         "{:<24} {:<14} {:<9} {:<8} DIGEST",
         "NAME", "STATE", "ORIGIN", "DESIRED"
@@ -407,11 +431,7 @@ async fn list(socket: &Path, json: bool) -> Result<ExitCode, ExitCode> {
 }
 
 async fn show(socket: &Path, name: &str) -> Result<ExitCode, ExitCode> {
-    let a = call(socket, "GET", &format!("/v1/modules/{name}"), None).await?;
-    if a.status != 200 {
-        return Ok(refused(&a));
-    }
-    println!("{:#}", a.json());
+    get(socket, &format!("/v1/modules/{name}"), true).await?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -588,5 +608,62 @@ pub(super) fn events(args: EventsArgs) -> ExitCode {
         Ok(200) => ExitCode::SUCCESS,
         Ok(status) => fail(format!("HTTP {status}"), 1),
         Err(e) => fail(format!("{e:#}"), 1),
+    }
+}
+
+/// `edgeward system`.
+#[derive(Debug, clap::Args)]
+pub(super) struct SystemArgs {
+    #[command(subcommand)]
+    what: SystemCommand,
+    /// The management socket (see `edgeward module --help`).
+    #[arg(long, global = true, value_name = "PATH")]
+    socket: Option<PathBuf>,
+    /// Config file (for its [api] socket).
+    #[arg(long, global = true, value_name = "FILE")]
+    config: Option<PathBuf>,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum SystemCommand {
+    /// Versions, HSM backend, device id, trust domain, uptime, module counts.
+    Info {
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// Runs `edgeward system info`.
+pub(super) fn system(args: SystemArgs) -> ExitCode {
+    let SystemCommand::Info { json } = args.what;
+    match connect(args.socket, args.config) {
+        Ok((socket, rt)) => rt
+            .block_on(async {
+                let Some(v) = get(&socket, "/v1/system/info", json).await? else {
+                    return Ok(ExitCode::SUCCESS);
+                };
+                let s = |k: &str| match &v[k] {
+                    serde_json::Value::String(s) => s.clone(),
+                    other => other.to_string(),
+                };
+                for (label, key) in [
+                    ("version", "version"),
+                    ("runtime platform", "runtime_platform_version"),
+                    ("HSM backend", "hsm_backend"),
+                    ("device id", "device_id"),
+                    ("trust domain", "trust_domain"),
+                    ("uptime (s)", "uptime_seconds"),
+                ] {
+                    println!("{label:<18} {}", s(key));
+                }
+                println!(
+                    "{:<18} {} registered, {} running",
+                    "modules", v["modules"]["registered"], v["modules"]["running"]
+                );
+                Ok(ExitCode::SUCCESS)
+            })
+            .unwrap_or_else(|c| c),
+        Err(code) => code,
     }
 }

@@ -36,6 +36,7 @@ pub(super) async fn apply(cmd: Command, sup: &mut Supervisor, config: &Config) {
             (r, reply)
         }
         Command::Remove(name, reply) => (remove(sup, &name).await, reply),
+        Command::Reset(name, reply) => (reset(sup, &name, config).await, reply),
     };
     if let Err(e) = &result {
         // The message can quote what a caller sent: escaped, so it cannot
@@ -230,6 +231,19 @@ async fn stop(sup: &mut Supervisor, name: &str) -> Result<(), ApiError> {
         sup.registry().put_module(&rec).map_err(internal)?;
     }
     Ok(())
+}
+
+/// Clears a module's backoff (it starts now if it was waiting to); one
+/// that should run but is no longer supervised (it exited by its policy,
+/// failed or was refused) is started again. A stopped module stays
+/// stopped.
+async fn reset(sup: &mut Supervisor, name: &str, config: &Config) -> Result<(), ApiError> {
+    let rec = record(sup, name)?;
+    if rec.desired == Desired::Stopped || sup.reset(name) {
+        return Ok(());
+    }
+    sup.stop(name).await;
+    start(sup, name, config).await
 }
 
 /// Stops a module and deletes it with its identity registration. Modules

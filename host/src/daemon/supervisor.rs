@@ -33,6 +33,9 @@ struct Running {
     stop: watch::Sender<bool>,
     /// Closes when its task ends (returns or panics).
     ended: watch::Receiver<()>,
+    /// Clears its backoff and crash-loop count (and ends a wait between
+    /// starts).
+    reset: Arc<tokio::sync::Notify>,
 }
 
 /// A module measured, compiled and registered, ready to launch.
@@ -171,20 +174,44 @@ impl Supervisor {
         sandbox.identity = Some(crate::identity::IdentityHandle::ready(identity));
         let (stop, stop_rx) = watch::channel(false);
         let (ended_tx, ended) = watch::channel(());
+        let reset = Arc::new(tokio::sync::Notify::new());
         let task = supervise(
             self.rt.clone(),
             spec.clone(),
             module,
             sandbox,
             records.clone(),
-            stop_rx,
+            Signals {
+                stop: stop_rx,
+                reset: reset.clone(),
+            },
         );
         self.tasks.spawn_module(records, async move {
             let _ended = ended_tx;
             task.await;
         });
-        self.running
-            .insert(spec.name.clone(), Running { spec, stop, ended });
+        self.running.insert(
+            spec.name.clone(),
+            Running {
+                spec,
+                stop,
+                ended,
+                reset,
+            },
+        );
+    }
+
+    /// Clears module `name`'s backoff and crash-loop count: one waiting to
+    /// start again starts now. Returns false if it is not under supervision
+    /// any more (never started, stopped, exited by its policy, or failed).
+    pub fn reset(&self, name: &str) -> bool {
+        match self.running.get(name) {
+            Some(r) if r.ended.has_changed().is_ok() => {
+                r.reset.notify_one();
+                true
+            }
+            _ => false,
+        }
     }
 
     /// Deletes stored components no registered module names (left by
@@ -405,6 +432,14 @@ impl Tasks {
     }
 }
 
+/// What the supervisor tells one module's task.
+struct Signals {
+    /// Turns true to stop it.
+    stop: watch::Receiver<bool>,
+    /// Clears its backoff.
+    reset: Arc<tokio::sync::Notify>,
+}
+
 /// One module's life: start, wait for its exit, record it, and start it
 /// again as its restart policy and backoff say, until `stop` turns true.
 async fn supervise(
@@ -413,8 +448,9 @@ async fn supervise(
     module: LoadedModule,
     sandbox: SandboxSpec,
     records: ModuleRecords,
-    mut stop: watch::Receiver<bool>,
+    signals: Signals,
 ) {
+    let Signals { mut stop, reset } = signals;
     let name = spec.name.as_str();
     let digest = Some(module.digest.to_string());
     let mut backoff = Backoff::default();
@@ -479,6 +515,11 @@ async fn supervise(
         let delay = backoff.next_delay();
         tokio::select! {
             () = tokio::time::sleep(delay) => {}
+            () = reset.notified() => {
+                tracing::info!(module = name, "backoff reset: starting now");
+                backoff.reset();
+                unstable = 0;
+            }
             _ = stop.wait_for(|s| *s) => {
                 tracing::info!(module = name, "stopped");
                 records.set_status(ModuleState::Stopped, starts, digest, None, last_exit);
