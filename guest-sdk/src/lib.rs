@@ -44,6 +44,7 @@ pub mod bindings {
     wit_bindgen::generate!({
         world: "module",
         path: "../wit",
+        with: { "wasi:config/store@0.2.0-rc.1": generate },
     });
 }
 
@@ -107,8 +108,48 @@ impl From<bindings::edgeward::host::types::Error> for Error {
     }
 }
 
+impl From<bindings::wasi::config::store::Error> for Error {
+    fn from(e: bindings::wasi::config::store::Error) -> Self {
+        use bindings::wasi::config::store::Error as E;
+        match e {
+            E::Upstream(m) | E::Io(m) => Error::Unavailable(m),
+        }
+    }
+}
+
 /// The result of an identity call.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// The module's own settings, as its registration gives them (`settings`
+/// in its spec, `edgeward run --setting K=V`), through the standard
+/// `wasi:config/store` interface. A module sees only its own; without any,
+/// every key is absent.
+///
+/// ```no_run
+/// let interval = edgeward_sdk::settings::get("interval_ms")?.unwrap_or("1000".into());
+/// # Ok::<(), edgeward_sdk::Error>(())
+/// ```
+pub mod settings {
+    use super::{Result, bindings::wasi::config::store};
+
+    /// The value of `key`, if the module has that setting.
+    ///
+    /// # Errors
+    ///
+    /// The host's store is unavailable.
+    pub fn get(key: &str) -> Result<Option<String>> {
+        Ok(store::get(key)?)
+    }
+
+    /// Every setting, as (key, value) pairs in no particular order.
+    ///
+    /// # Errors
+    ///
+    /// The host's store is unavailable.
+    pub fn all() -> Result<Vec<(String, String)>> {
+        Ok(store::get_all()?)
+    }
+}
 
 /// The module's workload identity.
 ///

@@ -39,6 +39,9 @@ pub struct RawModuleSpec {
     /// The only environment it sees.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub env: BTreeMap<String, String>,
+    /// Settings it reads through `wasi:config/store` (only its own).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub settings: BTreeMap<String, String>,
     /// Extra preopens, `HOST` or `HOST::GUEST`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub dirs: Vec<String>,
@@ -135,6 +138,8 @@ pub struct ModuleSpec {
     pub args: Vec<String>,
     /// Environment.
     pub env: Vec<(String, String)>,
+    /// Settings (`wasi:config/store`).
+    pub settings: BTreeMap<String, String>,
     /// Extra preopens.
     pub dirs: Vec<DirGrant>,
     /// Resource limits.
@@ -164,6 +169,7 @@ impl ModuleSpec {
             digest: self.digest.to_string(),
             args: self.args.clone(),
             env: self.env.iter().cloned().collect(),
+            settings: self.settings.clone(),
             dirs: self
                 .dirs
                 .iter()
@@ -243,6 +249,7 @@ impl RawModuleSpec {
                 return Err(ctx("env", format!("invalid variable name {k:?}")));
             }
         }
+        check_settings(&m.settings).map_err(|e| ctx("settings", e))?;
         let dirs = m
             .dirs
             .iter()
@@ -306,6 +313,7 @@ impl RawModuleSpec {
             digest,
             args: m.args,
             env: m.env.into_iter().collect(),
+            settings: m.settings,
             dirs,
             limits,
             allow_outbound,
@@ -314,6 +322,45 @@ impl RawModuleSpec {
             restart,
         })
     }
+}
+
+/// Most settings one module may have.
+pub const MAX_SETTINGS: usize = 1024;
+/// Longest setting key, in bytes.
+pub const MAX_SETTING_KEY: usize = 256;
+/// Most bytes of keys and values together.
+pub const MAX_SETTINGS_SIZE: usize = 256 << 10;
+
+/// Checks settings: at most [`MAX_SETTINGS`], keys of 1 to
+/// [`MAX_SETTING_KEY`] bytes without control characters, all of them
+/// within [`MAX_SETTINGS_SIZE`] bytes.
+///
+/// # Errors
+///
+/// What is wrong, naming the key.
+pub fn check_settings(settings: &BTreeMap<String, String>) -> Result<(), String> {
+    if settings.len() > MAX_SETTINGS {
+        return Err(format!(
+            "{} settings: at most {MAX_SETTINGS}",
+            settings.len()
+        ));
+    }
+    let mut size = 0usize;
+    for (k, v) in settings {
+        if k.is_empty() || k.len() > MAX_SETTING_KEY || k.chars().any(char::is_control) {
+            return Err(format!(
+                "invalid key {:?}: 1 to {MAX_SETTING_KEY} bytes, no control characters",
+                k.chars().take(64).collect::<String>()
+            ));
+        }
+        size += k.len() + v.len();
+    }
+    if size > MAX_SETTINGS_SIZE {
+        return Err(format!(
+            "{size} bytes of keys and values: at most {MAX_SETTINGS_SIZE}"
+        ));
+    }
+    Ok(())
 }
 
 /// Whether `name` is a valid module name: `[a-z0-9][a-z0-9._-]{0,62}`.

@@ -1067,3 +1067,62 @@ fn reset_clears_backoff_and_the_daemon_reports_itself() {
     assert_eq!(status(&s)["converged"], true);
     let _ = d.terminate();
 }
+
+/// Each module reads its own settings (wasi:config/store) and no other's;
+/// a spec with bad settings is refused by name.
+#[test]
+fn each_module_reads_only_its_own_settings() {
+    let s = Scratch::new();
+    let (_home, sock) = socket_home();
+    let d = start(&s, "", &sock);
+    let sensor = guests::TEMPERATURE_SENSOR;
+    for (name, id) in [("left", "sensor-left"), ("right", "sensor-right")] {
+        let setting = format!("sensor_id={id}");
+        let o = module(
+            &s,
+            &sock,
+            &[
+                "add",
+                name,
+                sensor,
+                "--setting",
+                &setting,
+                "--setting",
+                "interval_ms=50",
+            ],
+        );
+        assert_status(&o, 0);
+    }
+    let show = module(&s, &sock, &["show", "left"]);
+    let v: serde_json::Value = serde_json::from_str(&stdout(&show)).unwrap();
+    assert_eq!(v["spec"]["settings"]["sensor_id"], "sensor-left");
+    for (name, id, other) in [
+        ("left", "sensor-left", "sensor-right"),
+        ("right", "sensor-right", "sensor-left"),
+    ] {
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        let log = loop {
+            let log = stdout(&module(&s, &sock, &["logs", name]));
+            if log.lines().count() >= 3 {
+                break log;
+            }
+            assert!(std::time::Instant::now() < deadline, "{name}: {log}");
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        assert!(
+            log.lines()
+                .all(|l| l.contains(&format!("\"sensor\":\"{id}\"")) && !l.contains(other)),
+            "{name}: {log}"
+        );
+    }
+    let digest = sha256sum(sensor);
+    let body = format!(r#"{{"name":"bad","digest":"{digest}","settings":{{"":"x"}}}}"#);
+    let (status, text) = http(&sock, "POST", "/v1/modules", body.as_bytes());
+    assert_eq!(status, 422, "{text}");
+    assert!(text.contains("settings: invalid key"), "{text}");
+    let body = format!(r#"{{"name":"bad","digest":"{digest}","settings":{{"k":1}}}}"#);
+    let (status, text) = http(&sock, "POST", "/v1/modules", body.as_bytes());
+    assert_eq!(status, 400, "{text}");
+    assert!(text.contains("expected a string"), "{text}");
+    let _ = d.terminate();
+}

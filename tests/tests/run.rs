@@ -454,6 +454,76 @@ fn temperature_sensor_reports_readings() {
     assert!(stderr(&o).contains("INTERVAL_MS"), "{}", stderr(&o));
 }
 
+/// Settings reach the module through wasi:config/store, ahead of the
+/// environment; bad ones are refused by name before anything runs.
+#[test]
+fn settings_reach_the_module_through_wasi_config() {
+    let s = Scratch::new();
+    let o = s.run(
+        guests::TEMPERATURE_SENSOR,
+        &[
+            "--setting",
+            "count=2",
+            "--setting",
+            "interval_ms=5",
+            "--setting",
+            "sensor_id=from-settings",
+            "--env",
+            "SENSOR_ID=from-env",
+            "--env",
+            "COUNT=9",
+        ],
+        &[],
+    );
+    assert_status(&o, 0);
+    let out = stdout(&o);
+    assert_eq!(out.lines().count(), 2, "settings win over env: {out}");
+    assert!(
+        out.lines()
+            .all(|l| l.starts_with("{\"sensor\":\"from-settings\"")),
+        "{out}"
+    );
+    // A bad value is the module's to report, naming the setting.
+    let o = s.run(
+        guests::TEMPERATURE_SENSOR,
+        &["--setting", "interval_ms=fast"],
+        &[],
+    );
+    assert_status(&o, 1);
+    assert!(
+        stderr(&o).contains("interval_ms=\"fast\""),
+        "{}",
+        stderr(&o)
+    );
+    // Malformed flags are edgeward's to refuse.
+    for (flag, says) in [
+        ("novalue", "expected KEY=VALUE"),
+        ("=v", "invalid key"),
+        ("a\u{7}b=v", "invalid key"),
+    ] {
+        let o = s.run(guests::TEMPERATURE_SENSOR, &["--setting", flag], &[]);
+        assert_status(&o, 2);
+        assert!(stderr(&o).contains(says), "{flag}: {}", stderr(&o));
+    }
+    // Three of 100 KiB (one argument may hold at most 128 KiB).
+    let big: Vec<String> = (0..3)
+        .flat_map(|i| {
+            [
+                "--setting".to_owned(),
+                format!("k{i}={}", "v".repeat(100 << 10)),
+            ]
+        })
+        .collect();
+    let big: Vec<&str> = big.iter().map(String::as_str).collect();
+    let o = s.run(guests::TEMPERATURE_SENSOR, &big, &[]);
+    assert_status(&o, 2);
+    assert!(
+        stderr(&o).contains("bytes of keys and values"),
+        "{}",
+        stderr(&o)
+    );
+}
+
 #[test]
 fn outbound_allow_list_is_exact() {
     let s = Scratch::new();

@@ -5,6 +5,7 @@
 //! edgeward refuses or cannot load the module, 124 when `--timeout` passes,
 //! 134 when the module traps.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -169,6 +170,9 @@ struct RunArgs {
     /// Set an environment variable (K=V), or pass K through from this process.
     #[arg(long = "env", value_name = "K=V")]
     env: Vec<String>,
+    /// A setting the module reads through wasi:config/store (repeatable).
+    #[arg(long = "setting", value_name = "K=V")]
+    settings: Vec<String>,
     /// Linear-memory limit: the total over all the module's memories.
     #[arg(long, value_name = "SIZE", default_value = "64MiB", value_parser = units::parse_size)]
     max_memory: u64,
@@ -346,9 +350,26 @@ fn parse_env(entries: &[String]) -> Result<Vec<(String, String)>, String> {
         .collect()
 }
 
+/// `--setting K=V` flags as a module's settings, checked as a spec's are.
+fn parse_settings(entries: &[String]) -> Result<BTreeMap<String, String>, String> {
+    let mut out = BTreeMap::new();
+    for e in entries {
+        let Some((k, v)) = e.split_once('=') else {
+            return Err(format!("--setting {e:?}: expected KEY=VALUE"));
+        };
+        out.insert(k.to_owned(), v.to_owned());
+    }
+    spec::check_settings(&out).map_err(|e| format!("--setting: {e}"))?;
+    Ok(out)
+}
+
 fn run_command(state_flag: Option<PathBuf>, args: RunArgs) -> ExitCode {
     let env = match parse_env(&args.env) {
         Ok(e) => e,
+        Err(e) => return fail(e, 2),
+    };
+    let settings = match parse_settings(&args.settings) {
+        Ok(s) => s,
         Err(e) => return fail(e, 2),
     };
     let limits = Limits {
@@ -450,6 +471,7 @@ fn run_command(state_flag: Option<PathBuf>, args: RunArgs) -> ExitCode {
         spec.identity = Some(identity);
         spec.args.extend(args.args);
         spec.env = env;
+        spec.settings = settings;
         spec.dirs = args
             .dirs
             .into_iter()

@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use super::{fail, optional_config, parse_env};
+use super::{fail, optional_config, parse_env, parse_settings};
 use crate::api::client::{Answer, request};
 use crate::measure::{Digest, Measured};
 
@@ -123,6 +123,9 @@ struct AddArgs {
     /// An environment variable K=V (repeatable).
     #[arg(long = "env", value_name = "K=V")]
     env: Vec<String>,
+    /// A setting K=V it reads through wasi:config/store (repeatable).
+    #[arg(long = "setting", value_name = "K=V")]
+    settings: Vec<String>,
     /// An outbound destination HOST:PORT, IP:PORT or CIDR:PORT (repeatable).
     #[arg(long = "allow-outbound", value_name = "DEST")]
     allow_outbound: Vec<String>,
@@ -484,12 +487,14 @@ async fn update(
 
 async fn add(socket: &Path, a: AddArgs) -> Result<ExitCode, ExitCode> {
     let env = parse_env(&a.env).map_err(|e| fail(e, 2))?;
+    let settings = parse_settings(&a.settings).map_err(|e| fail(e, 2))?;
     let digest = upload(socket, &a.file, a.digest.as_ref()).await?;
     let spec = crate::spec::RawModuleSpec {
         name: a.name.clone(),
         digest: digest.to_string(),
         args: a.args,
         env: env.into_iter().collect(),
+        settings,
         allow_outbound: a.allow_outbound,
         server_names: a.server_names,
         restart: a.restart,

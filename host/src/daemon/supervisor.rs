@@ -362,6 +362,7 @@ fn sandbox_for(spec: &ModuleSpec, data_dir: &Path, output: Output) -> SandboxSpe
     let mut s = SandboxSpec::new(spec.name.clone());
     s.args.extend(spec.args.iter().cloned());
     s.env = spec.env.clone();
+    s.settings = spec.settings.clone();
     s.dirs.push(DirGrant {
         host: data_dir.to_owned(),
         guest: DATA_DIR_GUEST.to_owned(),

@@ -201,6 +201,8 @@ impl Runtime {
         wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker)?;
         // Workload identity, for every module.
         workload::add_to_linker(&mut linker, |s: &mut ModuleState| &mut s.workload)?;
+        // Its own settings (wasi:config/store), for every module.
+        wasmtime_wasi_config::add_to_linker(&mut linker, ModuleState::settings)?;
         let cache = match &opts.state_dir {
             Some(dir) => Some(
                 ArtifactCache::open(dir, &engine)

@@ -134,6 +134,8 @@ pub struct SandboxSpec {
     pub args: Vec<String>,
     /// Declared environment.
     pub env: Vec<(String, String)>,
+    /// What `wasi:config/store` answers (empty: nothing).
+    pub settings: std::collections::BTreeMap<String, String>,
     /// Preopened directories.
     pub dirs: Vec<DirGrant>,
     /// Resource limits.
@@ -153,6 +155,7 @@ impl SandboxSpec {
         Self {
             args: vec![program.into()],
             env: Vec::new(),
+            settings: std::collections::BTreeMap::new(),
             dirs: Vec::new(),
             limits: Limits::default(),
             allow_outbound: Vec::new(),
@@ -221,6 +224,7 @@ pub struct ModuleState {
     pub(crate) workload: super::workload::WorkloadCtx,
     pub(crate) limiter: Limiter,
     disk: FsBudgets,
+    settings: wasmtime_wasi_config::WasiConfigVariables,
 }
 
 impl std::fmt::Debug for ModuleState {
@@ -267,7 +271,13 @@ impl ModuleState {
             net,
             workload: super::workload::WorkloadCtx::new(spec.identity.clone(), program),
             limiter: Limiter::new(&spec.limits),
+            settings: spec.settings.iter().collect(),
         })
+    }
+
+    /// This module's settings, as `wasi:config/store` answers them.
+    pub fn settings(&mut self) -> wasmtime_wasi_config::WasiConfig<'_> {
+        wasmtime_wasi_config::WasiConfig::from(&self.settings)
     }
 
     /// The filesystem, with its budgeted directories held to their budget.

@@ -69,7 +69,9 @@ impl WorkloadCtx {
     }
 }
 
-/// Adds `edgeward:host/workload` (and `types`) to `linker`.
+/// Adds `edgeward:host/workload` (and `types`) to `linker`: only those,
+/// not the whole `module` world (its `wasi:config/store` is
+/// `wasmtime-wasi-config`'s, linked beside it).
 ///
 /// # Errors
 ///
@@ -78,7 +80,7 @@ pub fn add_to_linker<T: Send + 'static>(
     linker: &mut Linker<T>,
     get: fn(&mut T) -> &mut WorkloadCtx,
 ) -> wasmtime::Result<()> {
-    bindings::Module::add_to_linker::<T, HasSelf<WorkloadCtx>>(linker, get)
+    workload::add_to_linker::<T, HasSelf<WorkloadCtx>>(linker, get)
 }
 
 fn no_identity() -> types::Error {

@@ -13,12 +13,17 @@
 //! first reading and every reading after a renewal carry as `"cert"` (PEM
 //! chain). `token` is re-fetched when it has less than a minute left.
 //!
-//! Environment (all optional):
-//! - `SENSOR_ID`: the sensor's name in each reading (default `sensor-0`);
-//! - `INTERVAL_MS`: milliseconds between readings (default 1000, 1..=86_400_000);
-//! - `COUNT`: readings to take before exiting successfully (default 0: forever);
-//! - `TOKEN_AUDIENCE`: the audience of the attached token (default
-//!   `edgeward-telemetry`).
+//! Settings (all optional), each read from the module's settings
+//! (`wasi:config/store`, lower-case key) and, when that has none, from the
+//! environment (upper-case):
+//! - `sensor_id` / `SENSOR_ID`: the sensor's name in each reading (default
+//!   `sensor-0`);
+//! - `interval_ms` / `INTERVAL_MS`: milliseconds between readings (default
+//!   1000, 1..=86_400_000);
+//! - `count` / `COUNT`: readings to take before exiting successfully
+//!   (default 0: forever);
+//! - `token_audience` / `TOKEN_AUDIENCE`: the audience of the attached
+//!   token (default `edgeward-telemetry`).
 
 use std::process::ExitCode;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -84,39 +89,49 @@ fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
-fn env_number(
-    name: &str,
-    default: u64,
-    range: std::ops::RangeInclusive<u64>,
-) -> Result<u64, String> {
-    match std::env::var(name) {
-        Err(std::env::VarError::NotPresent) => Ok(default),
-        Err(std::env::VarError::NotUnicode(_)) => Err(format!("{name} is not valid UTF-8")),
-        Ok(raw) => {
-            let value: u64 = raw
-                .trim()
-                .parse()
-                .map_err(|_| format!("{name}={raw:?} is not a whole number"))?;
-            if range.contains(&value) {
-                Ok(value)
-            } else {
-                Err(format!(
-                    "{name}={value} is out of range {}..={}",
-                    range.start(),
-                    range.end()
-                ))
-            }
-        }
+/// Setting `key` from the module's settings, else its upper-case name from
+/// the environment; `None` if neither has it.
+fn setting(key: &str) -> Result<Option<(String, String)>, String> {
+    if let Some(v) = edgeward_sdk::settings::get(key).map_err(|e| format!("settings: {e}"))? {
+        return Ok(Some((key.to_owned(), v)));
     }
+    let name = key.to_ascii_uppercase();
+    match std::env::var(&name) {
+        Err(std::env::VarError::NotPresent) => Ok(None),
+        Err(std::env::VarError::NotUnicode(_)) => Err(format!("{name} is not valid UTF-8")),
+        Ok(v) => Ok(Some((name, v))),
+    }
+}
+
+fn number(key: &str, default: u64, range: std::ops::RangeInclusive<u64>) -> Result<u64, String> {
+    let Some((name, raw)) = setting(key)? else {
+        return Ok(default);
+    };
+    let value: u64 = raw
+        .trim()
+        .parse()
+        .map_err(|_| format!("{name}={raw:?} is not a whole number"))?;
+    if range.contains(&value) {
+        Ok(value)
+    } else {
+        Err(format!(
+            "{name}={value} is out of range {}..={}",
+            range.start(),
+            range.end()
+        ))
+    }
+}
+
+fn text(key: &str, default: &str) -> Result<String, String> {
+    Ok(setting(key)?.map_or_else(|| default.to_owned(), |(_, v)| v))
 }
 
 fn settings() -> Result<Settings, String> {
     Ok(Settings {
-        sensor_id: std::env::var("SENSOR_ID").unwrap_or_else(|_| "sensor-0".to_owned()),
-        interval: Duration::from_millis(env_number("INTERVAL_MS", 1000, 1..=86_400_000)?),
-        count: env_number("COUNT", 0, 0..=u64::MAX)?,
-        audience: std::env::var("TOKEN_AUDIENCE")
-            .unwrap_or_else(|_| "edgeward-telemetry".to_owned()),
+        sensor_id: text("sensor_id", "sensor-0")?,
+        interval: Duration::from_millis(number("interval_ms", 1000, 1..=86_400_000)?),
+        count: number("count", 0, 0..=u64::MAX)?,
+        audience: text("token_audience", "edgeward-telemetry")?,
     })
 }
 
