@@ -32,7 +32,7 @@ use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::body::Body;
-use axum::extract::{ConnectInfo, Path as UrlPath, Request, State};
+use axum::extract::{ConnectInfo, Path as UrlPath, Request as HttpRequest, State};
 use axum::http::{Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
@@ -152,6 +152,17 @@ fn chown_group(path: &Path, gid: u32) -> anyhow::Result<()> {
     })
 }
 
+/// A change and who asks for it: an operator (the socket) or the agent
+/// (its `management` interface).
+#[derive(Debug)]
+pub struct Request {
+    /// Who asks: the operator may change any module but the config
+    /// file's; the agent only its own.
+    pub by: Origin,
+    /// The change.
+    pub command: Command,
+}
+
 /// A change for the daemon's supervisor; the reply says how it went.
 #[derive(Debug)]
 pub enum Command {
@@ -172,7 +183,7 @@ pub enum Command {
     Reset(String, Reply),
     /// Stop a module and delete its registration.
     Remove(String, Reply),
-    /// Reconcile the operator's modules with a deployment.
+    /// Reconcile the asker's modules with a deployment.
     Deploy(
         Box<CheckedDeployment>,
         oneshot::Sender<Result<Plan, ApiError>>,
@@ -181,6 +192,15 @@ pub enum Command {
 
 /// The registry key of the operator's last applied deployment.
 pub const DEPLOYMENT_KEY: &str = "deployment.operator";
+
+/// The registry key of the last deployment `origin` applied.
+pub fn deployment_key(origin: Origin) -> &'static str {
+    match origin {
+        Origin::Operator => DEPLOYMENT_KEY,
+        Origin::Agent => "deployment.agent",
+        Origin::Config => "deployment.config",
+    }
+}
 
 /// A declarative deployment: the complete set of the operator's modules.
 #[derive(Debug, Clone, Serialize, serde::Deserialize, utoipa::ToSchema)]
@@ -211,19 +231,24 @@ pub struct Plan {
     pub add: Vec<String>,
     /// Modules whose spec it changes.
     pub update: Vec<String>,
-    /// Operator modules it removes (not in the deployment).
+    /// Modules of the same origin it removes (not in the deployment).
     pub remove: Vec<String>,
     /// Modules it leaves as they are.
     pub unchanged: Vec<String>,
 }
 
 impl Plan {
-    /// The plan for `d` against the registry's `records`.
+    /// The plan for `d`, applied by `by`, against the registry's
+    /// `records`: `by`'s own modules are reconciled.
     ///
     /// # Errors
     ///
     /// A name another origin owns (409, naming them all).
-    pub fn of(d: &CheckedDeployment, records: &[ModuleRecord]) -> Result<Self, ApiError> {
+    pub fn of(
+        d: &CheckedDeployment,
+        records: &[ModuleRecord],
+        by: Origin,
+    ) -> Result<Self, ApiError> {
         let mut plan = Self {
             version: d.deployment.version.clone(),
             ..Self::default()
@@ -231,7 +256,7 @@ impl Plan {
         let mut conflicts = Vec::new();
         for spec in &d.specs {
             match records.iter().find(|r| r.spec.name == spec.name) {
-                Some(r) if r.origin != Origin::Operator => {
+                Some(r) if r.origin != by => {
                     conflicts.push(format!("{} ({:?})", spec.name, r.origin));
                 }
                 Some(r) if r.spec == spec.to_raw() => plan.unchanged.push(spec.name.clone()),
@@ -250,9 +275,7 @@ impl Plan {
         }
         plan.remove = records
             .iter()
-            .filter(|r| {
-                r.origin == Origin::Operator && !d.specs.iter().any(|s| s.name == r.spec.name)
-            })
+            .filter(|r| r.origin == by && !d.specs.iter().any(|s| s.name == r.spec.name))
             .map(|r| r.spec.name.clone())
             .collect();
         Ok(plan)
@@ -366,7 +389,7 @@ pub struct ApiState {
     /// The component store (uploads).
     pub components: ComponentStore,
     /// Changes go here.
-    pub commands: mpsc::Sender<Command>,
+    pub commands: mpsc::Sender<Request>,
     /// Who may do what.
     pub settings: ApiSettings,
     /// The daemon's own uid (an operator).
@@ -506,7 +529,7 @@ pub async fn serve(
 async fn authorize(
     State(state): State<Arc<ApiState>>,
     ConnectInfo(peer): ConnectInfo<Peer>,
-    req: Request,
+    req: HttpRequest,
     next: Next,
 ) -> Response {
     let reading = matches!(*req.method(), Method::GET | Method::HEAD);
@@ -709,15 +732,28 @@ async fn json_body<T: serde::de::DeserializeOwned>(body: Body) -> Result<T, ApiE
         .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("invalid JSON body: {e}")))
 }
 
-async fn ask(state: &ApiState, command: impl FnOnce(Reply) -> Command) -> Result<(), ApiError> {
+/// Sends `command` as `by` and waits for its outcome.
+pub(crate) async fn ask_as<T>(
+    state: &ApiState,
+    by: Origin,
+    command: impl FnOnce(oneshot::Sender<Result<T, ApiError>>) -> Command,
+) -> Result<T, ApiError> {
     let (tx, rx) = oneshot::channel();
+    let stopping = || ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "the daemon is stopping");
     state
         .commands
-        .send(command(tx))
+        .send(Request {
+            by,
+            command: command(tx),
+        })
         .await
-        .map_err(|_| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "the daemon is stopping"))?;
-    rx.await
-        .map_err(|_| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "the daemon is stopping"))?
+        .map_err(|_| stopping())?;
+    rx.await.map_err(|_| stopping())?
+}
+
+/// Sends `command` as the operator.
+async fn ask(state: &ApiState, command: impl FnOnce(Reply) -> Command) -> Result<(), ApiError> {
+    ask_as(state, Origin::Operator, command).await
 }
 
 /// A spec from a request body, checked as the API requires: no host paths,
@@ -855,6 +891,18 @@ async fn put_deployment(
 ) -> Result<Response, ApiError> {
     let query = query.map_err(invalid_query)?;
     let deployment: Deployment = json_body(body).await?;
+    let plan = deploy_as(&state, Origin::Operator, deployment, query.dry_run).await?;
+    Ok(axum::Json(plan).into_response())
+}
+
+/// Checks `deployment`'s specs and, unless `dry_run`, has the daemon
+/// reconcile `by`'s modules with it; returns the plan.
+pub(crate) async fn deploy_as(
+    state: &ApiState,
+    by: Origin,
+    deployment: Deployment,
+    dry_run: bool,
+) -> Result<Plan, ApiError> {
     let v = &deployment.version;
     if v.is_empty() || v.len() > 128 || v.chars().any(char::is_control) {
         return Err(ApiError::new(
@@ -870,23 +918,14 @@ async fn put_deployment(
                 format!("module {:?} appears twice", raw.name),
             ));
         }
-        specs.push(check_raw(&state, raw)?);
+        specs.push(check_raw(state, raw)?);
     }
     let checked = CheckedDeployment { deployment, specs };
-    if query.dry_run {
+    if dry_run {
         let records = state.registry.modules().map_err(internal)?;
-        return Ok(axum::Json(Plan::of(&checked, &records)?).into_response());
+        return Plan::of(&checked, &records, by);
     }
-    let (tx, rx) = oneshot::channel();
-    state
-        .commands
-        .send(Command::Deploy(Box::new(checked), tx))
-        .await
-        .map_err(|_| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "the daemon is stopping"))?;
-    let plan = rx
-        .await
-        .map_err(|_| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "the daemon is stopping"))??;
-    Ok(axum::Json(plan).into_response())
+    ask_as(state, by, |r| Command::Deploy(Box::new(checked), r)).await
 }
 
 #[utoipa::path(get, path = "/v1/deployment", tag = "deployment",

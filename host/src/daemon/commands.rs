@@ -8,40 +8,41 @@ use std::path::Path;
 use axum::http::StatusCode;
 
 use super::Supervisor;
-use crate::api::{ApiError, Command};
+use crate::api::{ApiError, Command, Request};
 use crate::config::Config;
 use crate::registry::{Desired, ModuleRecord, Origin};
 use crate::spec::ModuleSpec;
 
-/// Carries out `cmd` and replies.
-pub(super) async fn apply(cmd: Command, sup: &mut Supervisor, config: &Config) {
-    let (result, reply) = match cmd {
+/// Carries out `req` and replies.
+pub(super) async fn apply(req: Request, sup: &mut Supervisor, config: &Config) {
+    let by = req.by;
+    let (result, reply) = match req.command {
         Command::Deploy(d, reply) => {
-            let r = deploy(sup, *d).await;
+            let r = deploy(sup, *d, by).await;
             if let Err(e) = &r {
-                tracing::info!(status = %e.status, "deployment not applied: {}", crate::runtime::escape::escape_str(&e.message));
+                tracing::info!(status = %e.status, by = ?by, "deployment not applied: {}", crate::runtime::escape::escape_str(&e.message));
             }
             let _ = reply.send(r);
             return;
         }
-        Command::Add(spec, reply) => (add(sup, *spec).await, reply),
-        Command::Update(spec, reply) => (update(sup, *spec).await, reply),
-        Command::Start(name, reply) => (start(sup, &name, config).await, reply),
-        Command::Stop(name, reply) => (stop(sup, &name).await, reply),
+        Command::Add(spec, reply) => (add(sup, *spec, by).await, reply),
+        Command::Update(spec, reply) => (update(sup, *spec, by).await, reply),
+        Command::Start(name, reply) => (start(sup, &name, config, by).await, reply),
+        Command::Stop(name, reply) => (stop(sup, &name, by).await, reply),
         Command::Restart(name, reply) => {
-            let r = match stop(sup, &name).await {
-                Ok(()) => start(sup, &name, config).await,
+            let r = match stop(sup, &name, by).await {
+                Ok(()) => start(sup, &name, config, by).await,
                 Err(e) => Err(e),
             };
             (r, reply)
         }
-        Command::Remove(name, reply) => (remove(sup, &name).await, reply),
-        Command::Reset(name, reply) => (reset(sup, &name, config).await, reply),
+        Command::Remove(name, reply) => (remove(sup, &name, by).await, reply),
+        Command::Reset(name, reply) => (reset(sup, &name, config, by).await, reply),
     };
     if let Err(e) = &result {
         // The message can quote what a caller sent: escaped, so it cannot
         // forge log lines.
-        tracing::info!(status = %e.status, "management request not carried out: {}", crate::runtime::escape::escape_str(&e.message));
+        tracing::info!(status = %e.status, by = ?by, "management request not carried out: {}", crate::runtime::escape::escape_str(&e.message));
     }
     let _ = reply.send(result);
 }
@@ -58,9 +59,33 @@ fn record(sup: &Supervisor, name: &str) -> Result<ModuleRecord, ApiError> {
         .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, format!("no module {name:?}")))
 }
 
-/// Registers the new module (origin: operator), then starts it; a module
+/// The record of a module `by` may change: the operator any, the agent
+/// only its own.
+fn owned(sup: &Supervisor, name: &str, by: Origin) -> Result<ModuleRecord, ApiError> {
+    let rec = record(sup, name)?;
+    if by == Origin::Agent && rec.origin != Origin::Agent {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            format!(
+                "module {name:?} belongs to the {}, not the agent",
+                origin_name(rec.origin)
+            ),
+        ));
+    }
+    Ok(rec)
+}
+
+fn origin_name(o: Origin) -> &'static str {
+    match o {
+        Origin::Config => "config file",
+        Origin::Operator => "operator",
+        Origin::Agent => "agent",
+    }
+}
+
+/// Registers the new module (its origin: `by`), then starts it; a module
 /// that cannot start is removed again, files and registration.
-async fn add(sup: &mut Supervisor, spec: ModuleSpec) -> Result<(), ApiError> {
+async fn add(sup: &mut Supervisor, spec: ModuleSpec, by: Origin) -> Result<(), ApiError> {
     let conflict = |m: String| ApiError::new(StatusCode::CONFLICT, m);
     let name = spec.name.as_str();
     if sup.registry().module(name).map_err(internal)?.is_some() {
@@ -90,7 +115,7 @@ async fn add(sup: &mut Supervisor, spec: ModuleSpec) -> Result<(), ApiError> {
     // the next boot: the change wholly there); a refusal undoes it.
     let rec = ModuleRecord {
         spec: spec.to_raw(),
-        origin: Origin::Operator,
+        origin: by,
         desired: Desired::Running,
         updated_at: crate::identity::unix_now(),
     };
@@ -105,20 +130,21 @@ async fn add(sup: &mut Supervisor, spec: ModuleSpec) -> Result<(), ApiError> {
             format!("module {:?} refused: {e:#}", spec.name),
         ));
     }
-    tracing::info!(module = %spec.name, "module added through the management API");
+    tracing::info!(module = %spec.name, by = ?by, "module added through the management API");
     Ok(())
 }
 
-/// Reconciles the operator's modules with a deployment: removals, then
+/// Reconciles `by`'s modules with a deployment: removals, then
 /// updates, then additions, each one as its own command would. The
 /// deployment is recorded as applied once every change is; a change that
 /// fails stops the rest, and the answer names what was done.
 async fn deploy(
     sup: &mut Supervisor,
     d: crate::api::CheckedDeployment,
+    by: Origin,
 ) -> Result<crate::api::Plan, ApiError> {
     let records = sup.registry().modules().map_err(internal)?;
-    let plan = crate::api::Plan::of(&d, &records)?;
+    let plan = crate::api::Plan::of(&d, &records, by)?;
     let mut done: Vec<String> = Vec::new();
     let failed = |done: &[String], what: String, e: ApiError| {
         ApiError::new(
@@ -136,19 +162,19 @@ async fn deploy(
         )
     };
     for name in &plan.remove {
-        remove(sup, name)
+        remove(sup, name, by)
             .await
             .map_err(|e| failed(&done, format!("removing {name:?}"), e))?;
         done.push(format!("removed {name}"));
     }
     for spec in &d.specs {
         if plan.update.contains(&spec.name) {
-            update(sup, spec.clone())
+            update(sup, spec.clone(), by)
                 .await
                 .map_err(|e| failed(&done, format!("updating {:?}", spec.name), e))?;
             done.push(format!("updated {}", spec.name));
         } else if plan.add.contains(&spec.name) {
-            add(sup, spec.clone())
+            add(sup, spec.clone(), by)
                 .await
                 .map_err(|e| failed(&done, format!("adding {:?}", spec.name), e))?;
             done.push(format!("added {}", spec.name));
@@ -156,16 +182,16 @@ async fn deploy(
     }
     let bytes = serde_json::to_vec(&d.deployment).map_err(internal)?;
     sup.registry()
-        .put_meta(crate::api::DEPLOYMENT_KEY, &bytes)
+        .put_meta(crate::api::deployment_key(by), &bytes)
         .map_err(internal)?;
-    tracing::info!(version = %crate::runtime::escape::escape_str(&d.deployment.version), added = plan.add.len(), updated = plan.update.len(), removed = plan.remove.len(), "deployment applied");
+    tracing::info!(by = ?by, version = %crate::runtime::escape::escape_str(&d.deployment.version), added = plan.add.len(), updated = plan.update.len(), removed = plan.remove.len(), "deployment applied");
     Ok(plan)
 }
 
 /// Replaces an operator's module's spec; a running module is switched over
 /// only once the new version is measured and compiled.
-async fn update(sup: &mut Supervisor, spec: ModuleSpec) -> Result<(), ApiError> {
-    let mut rec = record(sup, &spec.name)?;
+async fn update(sup: &mut Supervisor, spec: ModuleSpec, by: Origin) -> Result<(), ApiError> {
+    let mut rec = owned(sup, &spec.name, by)?;
     if rec.origin == Origin::Config {
         return Err(ApiError::new(
             StatusCode::CONFLICT,
@@ -197,8 +223,13 @@ async fn update(sup: &mut Supervisor, spec: ModuleSpec) -> Result<(), ApiError> 
 
 /// Starts a registered module (nothing to do if it runs) and records that
 /// it should run.
-async fn start(sup: &mut Supervisor, name: &str, config: &Config) -> Result<(), ApiError> {
-    let mut rec = record(sup, name)?;
+async fn start(
+    sup: &mut Supervisor,
+    name: &str,
+    config: &Config,
+    by: Origin,
+) -> Result<(), ApiError> {
+    let mut rec = owned(sup, name, by)?;
     if sup.spec(name).is_none() {
         let spec = rec
             .spec
@@ -222,8 +253,8 @@ async fn start(sup: &mut Supervisor, name: &str, config: &Config) -> Result<(), 
 
 /// Stops a module (nothing to do if it does not run) and records that it
 /// should not run.
-async fn stop(sup: &mut Supervisor, name: &str) -> Result<(), ApiError> {
-    let mut rec = record(sup, name)?;
+async fn stop(sup: &mut Supervisor, name: &str, by: Origin) -> Result<(), ApiError> {
+    let mut rec = owned(sup, name, by)?;
     sup.stop(name).await;
     if rec.desired != Desired::Stopped {
         rec.desired = Desired::Stopped;
@@ -237,19 +268,24 @@ async fn stop(sup: &mut Supervisor, name: &str) -> Result<(), ApiError> {
 /// that should run but is no longer supervised (it exited by its policy,
 /// failed or was refused) is started again. A stopped module stays
 /// stopped.
-async fn reset(sup: &mut Supervisor, name: &str, config: &Config) -> Result<(), ApiError> {
-    let rec = record(sup, name)?;
+async fn reset(
+    sup: &mut Supervisor,
+    name: &str,
+    config: &Config,
+    by: Origin,
+) -> Result<(), ApiError> {
+    let rec = owned(sup, name, by)?;
     if rec.desired == Desired::Stopped || sup.reset(name) {
         return Ok(());
     }
     sup.stop(name).await;
-    start(sup, name, config).await
+    start(sup, name, config, by).await
 }
 
 /// Stops a module and deletes it with its identity registration. Modules
 /// the config file owns are removed there.
-async fn remove(sup: &mut Supervisor, name: &str) -> Result<(), ApiError> {
-    let rec = record(sup, name)?;
+async fn remove(sup: &mut Supervisor, name: &str, by: Origin) -> Result<(), ApiError> {
+    let rec = owned(sup, name, by)?;
     if rec.origin == Origin::Config {
         return Err(ApiError::new(
             StatusCode::CONFLICT,
@@ -258,7 +294,7 @@ async fn remove(sup: &mut Supervisor, name: &str) -> Result<(), ApiError> {
     }
     sup.stop(name).await;
     delete_module(sup, name).await?;
-    tracing::info!(module = name, "module removed through the management API");
+    tracing::info!(module = name, by = ?by, "module removed through the management API");
     Ok(())
 }
 
