@@ -41,8 +41,18 @@ use std::fmt;
 /// Prefer the typed wrappers in [`identity`].
 #[allow(missing_docs, unsafe_code, missing_debug_implementations, clippy::all)]
 pub mod bindings {
+    #[cfg(not(feature = "agent"))]
     wit_bindgen::generate!({
         world: "module",
+        path: "../wit",
+        with: { "wasi:config/store@0.2.0-rc.1": generate },
+    });
+    // The module world and `management` (a component imports only what it
+    // uses: a module built with this feature but not calling `management`
+    // imports what it would without).
+    #[cfg(feature = "agent")]
+    wit_bindgen::generate!({
+        world: "agent",
         path: "../wit",
         with: { "wasi:config/store@0.2.0-rc.1": generate },
     });
@@ -119,6 +129,109 @@ impl From<bindings::wasi::config::store::Error> for Error {
 
 /// The result of an identity call.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// The agent's API: the daemon's modules, read and changed through the same
+/// service as the management socket (feature `agent`). Only the module
+/// configured as the daemon's `[agent]` (name and pinned digest) is linked
+/// with it; any other component that imports it is refused before it runs.
+/// The agent reads every module and changes only its own (origin `agent`).
+#[cfg(feature = "agent")]
+pub mod management {
+    use std::time::Duration;
+
+    use super::Result;
+    use crate::bindings::edgeward::host::management as wit;
+    pub use wit::{ExitInfo, ModuleInfo, Plan};
+
+    /// Every registered module, by name.
+    ///
+    /// # Errors
+    ///
+    /// The registry cannot be read.
+    pub fn list() -> Result<Vec<ModuleInfo>> {
+        Ok(wit::list_modules()?)
+    }
+
+    /// A module's recorded exits, oldest first (the last 100).
+    ///
+    /// # Errors
+    ///
+    /// No such module, or an invalid name.
+    pub fn exits(name: &str) -> Result<Vec<ExitInfo>> {
+        Ok(wit::module_exits(name)?)
+    }
+
+    /// Whether the daemon stores a component with `digest`
+    /// (`sha256:<64 hex>`).
+    ///
+    /// # Errors
+    ///
+    /// A malformed digest.
+    pub fn has_component(digest: &str) -> Result<bool> {
+        Ok(wit::has_component(digest)?)
+    }
+
+    /// Stores a component; returns its digest.
+    ///
+    /// # Errors
+    ///
+    /// Over the size limit, or the store cannot be written.
+    pub fn put_component(bytes: &[u8]) -> Result<String> {
+        Ok(wit::put_component(bytes)?)
+    }
+
+    /// Reconciles the agent's modules with `deployment` (JSON: `version`
+    /// and `modules`, each naming a stored component by `digest`); with
+    /// `dry_run`, only the plan.
+    ///
+    /// # Errors
+    ///
+    /// An invalid deployment (named), a module another origin owns
+    /// ([`crate::Error::NotPermitted`]), or a change refused (the message
+    /// says what was applied before it).
+    pub fn deploy(deployment: &str, dry_run: bool) -> Result<Plan> {
+        Ok(wit::deploy(deployment, dry_run)?)
+    }
+
+    /// Starts one of the agent's modules.
+    ///
+    /// # Errors
+    ///
+    /// Not the agent's, no such module, or refused.
+    pub fn start(name: &str) -> Result<()> {
+        Ok(wit::start(name)?)
+    }
+
+    /// Stops one of the agent's modules.
+    ///
+    /// # Errors
+    ///
+    /// Not the agent's, or no such module.
+    pub fn stop(name: &str) -> Result<()> {
+        Ok(wit::stop(name)?)
+    }
+
+    /// Stops one of the agent's modules and deletes its registration.
+    ///
+    /// # Errors
+    ///
+    /// Not the agent's, or no such module.
+    pub fn remove(name: &str) -> Result<()> {
+        Ok(wit::remove(name)?)
+    }
+
+    /// Waits until something in the agent's config directory (`/config`)
+    /// changes, or `timeout` (at most 24 h) passes; true if it changed
+    /// since this last returned.
+    ///
+    /// # Errors
+    ///
+    /// A timeout over 24 h, or the directory is no longer watched.
+    pub fn wait_for_change(timeout: Duration) -> Result<bool> {
+        let ms = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX);
+        Ok(wit::wait_for_change(ms)?)
+    }
+}
 
 /// The module's own settings, as its registration gives them (`settings`
 /// in its spec, `edgeward run --setting K=V`), through the standard

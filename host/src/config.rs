@@ -19,7 +19,7 @@
 //! digest = "sha256:<64 hex>"          # pinned; anything else is refused
 //! args = ["--verbose"]                # argv after the program name
 //! env = { INTERVAL_MS = "1000" }      # the only environment it sees
-//! dirs = ["/srv/shared::/shared"]     # extra preopens (HOST or HOST::GUEST)
+//! dirs = ["/srv/shared::/shared"]     # extra preopens (HOST or HOST::GUEST, then ::ro for read-only)
 //! max_memory = "64MiB"                # linear memory, total over all its
 //!                                     # memories (default 64MiB)
 //! max_instances = 32                  # core instances (default 32)
@@ -36,7 +36,19 @@
 //!                                     # for (default none); see identity::names
 //! timeout = "30s"                     # wall-clock limit per start (default none)
 //! restart = "on-failure"              # never | on-failure (default) | always
+//!
+//! [agent]                             # optional: the one module linked with
+//! name = "agent"                      # edgeward:host/management (default name shown)
+//! file = "edge-agent.wasm"            # relative to this file's directory
+//! digest = "sha256:<64 hex>"          # pinned
+//! config_dir = "agent"                # watched; preopened read-only as /config
+//! settings = { manifest = "deployment.toml" }
+//! env = {}                            # also args, max_memory, max_hostcall_data
 //! ```
+//!
+//! The agent is registered like a `[[module]]` of the config file (it is
+//! listed among `modules`), started before the others and restarted
+//! always.
 //!
 //! Every module also gets its own data directory, preopened as `/data`, held
 //! to its disk budget (`max_disk`, `max_disk_entries`; see
@@ -112,6 +124,74 @@ struct RawConfig {
     identity: RawIdentity,
     #[serde(default, rename = "module")]
     modules: Vec<RawModuleSpec>,
+    agent: Option<RawAgent>,
+}
+
+/// `[agent]`: the one module linked with the management interface.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAgent {
+    name: Option<String>,
+    file: PathBuf,
+    digest: String,
+    config_dir: PathBuf,
+    #[serde(default)]
+    args: Vec<String>,
+    #[serde(default)]
+    env: std::collections::BTreeMap<String, String>,
+    #[serde(default)]
+    settings: std::collections::BTreeMap<String, String>,
+    max_memory: Option<String>,
+    max_hostcall_data: Option<String>,
+}
+
+/// The agent's name when `[agent] name` is not set.
+pub const DEFAULT_AGENT_NAME: &str = "agent";
+/// Where the agent sees its config directory.
+pub const AGENT_CONFIG_GUEST: &str = "/config";
+
+/// The agent, validated: its spec (restart always, its config directory
+/// preopened read-only as `/config`) and that directory, which the daemon
+/// watches for it.
+#[derive(Debug, Clone)]
+pub struct AgentSpec {
+    /// As any module's, plus the grant of `config_dir`.
+    pub spec: ModuleSpec,
+    /// The directory holding its manifest (absolute).
+    pub config_dir: PathBuf,
+}
+
+impl RawAgent {
+    fn validate(
+        self,
+        resolve: &dyn Fn(&Path) -> PathBuf,
+        ceilings: &ModuleCeilings,
+    ) -> Result<AgentSpec, String> {
+        let config_dir = resolve(&self.config_dir);
+        let grant = crate::runtime::DirGrant {
+            host: config_dir.clone(),
+            guest: AGENT_CONFIG_GUEST.to_owned(),
+            budgeted: false,
+            read_only: true,
+        };
+        let raw = RawModuleSpec {
+            name: self.name.unwrap_or_else(|| DEFAULT_AGENT_NAME.to_owned()),
+            file: Some(self.file),
+            digest: self.digest,
+            args: self.args,
+            env: self.env,
+            settings: self.settings,
+            dirs: vec![grant.to_string()],
+            max_memory: self.max_memory,
+            max_hostcall_data: self.max_hostcall_data,
+            restart: Some("always".to_owned()),
+            ..RawModuleSpec::default()
+        };
+        let spec = raw
+            .validate(resolve, ceilings)
+            .map_err(|e| format!("agent: {e}"))?;
+        Ok(AgentSpec { spec, config_dir })
+    }
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -314,6 +394,8 @@ pub struct Config {
     pub api: ApiSettings,
     /// The deployment.
     pub modules: Vec<ModuleSpec>,
+    /// The agent, if one is configured.
+    pub agent: Option<AgentSpec>,
 }
 
 impl Config {
@@ -407,6 +489,20 @@ impl Config {
             }
             modules.push(spec);
         }
+        let agent = match raw.agent {
+            None => None,
+            Some(a) => {
+                let a = a.validate(&resolve, &ceilings).map_err(err)?;
+                if !names.insert(a.spec.name.clone()) {
+                    return Err(err(format!(
+                        "agent: the name {:?} is also a [[module]]'s",
+                        a.spec.name
+                    )));
+                }
+                modules.push(a.spec.clone());
+                Some(a)
+            }
+        };
         if modules.len() > max_modules as usize {
             return Err(err(format!(
                 "{} modules configured but runtime.max_modules is {max_modules}",
@@ -427,6 +523,7 @@ impl Config {
             identity,
             api,
             modules,
+            agent,
         })
     }
 }
@@ -479,6 +576,27 @@ mod tests {
     }
 
     #[test]
+    fn the_agent_is_a_config_module_that_always_runs() {
+        let c = Config::parse(
+            Path::new("/etc/edgeward/config.toml"),
+            &format!(
+                "[agent]\nfile = \"agent.wasm\"\ndigest = \"{D}\"\nconfig_dir = \"agent\"\nsettings = {{ manifest = \"m.toml\" }}"
+            ),
+        )
+        .expect("valid");
+        let a = c.agent.as_ref().expect("agent");
+        assert_eq!(a.spec.name, DEFAULT_AGENT_NAME);
+        assert_eq!(a.config_dir, PathBuf::from("/etc/edgeward/agent"));
+        assert_eq!(a.spec.restart, RestartPolicy::Always);
+        assert_eq!(a.spec.dirs.len(), 1);
+        assert!(a.spec.dirs[0].read_only && a.spec.dirs[0].guest == AGENT_CONFIG_GUEST);
+        assert_eq!(a.spec.settings["manifest"], "m.toml");
+        // Registered as a config module.
+        assert_eq!(c.modules.len(), 1);
+        assert_eq!(c.modules[0].name, DEFAULT_AGENT_NAME);
+    }
+
+    #[test]
     fn errors_name_the_problem() {
         let cases = [
             (
@@ -522,6 +640,22 @@ mod tests {
                 "digest",
             ),
             ("[runtime]\nmax_modules = 0".to_owned(), "max_modules"),
+            (
+                format!("[agent]\nfile = \"a.wasm\"\ndigest = \"{D}\""),
+                "config_dir",
+            ),
+            (
+                format!(
+                    "[agent]\nfile = \"a.wasm\"\ndigest = \"{D}\"\nconfig_dir = \"c\"\nrestart = \"never\""
+                ),
+                "restart",
+            ),
+            (
+                format!(
+                    "[[module]]\nname = \"agent\"\nfile = \"x\"\ndigest = \"{D}\"\n[agent]\nfile = \"a.wasm\"\ndigest = \"{D}\"\nconfig_dir = \"c\""
+                ),
+                "also a [[module]]",
+            ),
             (
                 format!(
                     "[[module]]\nname = \"a\"\nfile = \"x\"\ndigest = \"{D}\"\nallow_outbound = [\"nowhere\"]"

@@ -42,7 +42,8 @@ pub struct RawModuleSpec {
     /// Settings it reads through `wasi:config/store` (only its own).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub settings: BTreeMap<String, String>,
-    /// Extra preopens, `HOST` or `HOST::GUEST`.
+    /// Extra preopens, `HOST` or `HOST::GUEST`, `::ro` after it for
+    /// read-only.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub dirs: Vec<String>,
     /// Linear memory, total over all its memories (a size).
@@ -170,11 +171,7 @@ impl ModuleSpec {
             args: self.args.clone(),
             env: self.env.iter().cloned().collect(),
             settings: self.settings.clone(),
-            dirs: self
-                .dirs
-                .iter()
-                .map(|g| format!("{}::{}", g.host.display(), g.guest))
-                .collect(),
+            dirs: self.dirs.iter().map(ToString::to_string).collect(),
             max_memory: differs(l.max_memory, d.max_memory),
             max_instances: differs32(l.max_instances, d.max_instances),
             max_memories: differs32(l.max_memories, d.max_memories),

@@ -97,6 +97,7 @@ fn child(mode: &str, n: usize) {
                 host: data.path().to_owned(),
                 guest: "/data".into(),
                 budgeted: true,
+                read_only: false,
             });
             spec.output = Output::Discard;
             let spec = Arc::new(spec);

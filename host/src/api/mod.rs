@@ -23,6 +23,7 @@
 //! to the daemon's supervisor as [`Command`]s, one at a time, and are
 //! acknowledged only once the registry has committed them.
 
+pub mod agent;
 pub mod client;
 pub mod peer;
 

@@ -28,6 +28,15 @@ pub(super) async fn apply(req: Request, sup: &mut Supervisor, config: &Config) {
         Command::Add(spec, reply) => (add(sup, *spec, by).await, reply),
         Command::Update(spec, reply) => (update(sup, *spec, by).await, reply),
         Command::Start(name, reply) => (start(sup, &name, config, by).await, reply),
+        Command::Stop(name, reply) if sup.is_agent(&name) => (
+            Err(ApiError::new(
+                StatusCode::CONFLICT,
+                format!(
+                    "module {name:?} is the agent, which always runs: change [agent] in the config file"
+                ),
+            )),
+            reply,
+        ),
         Command::Stop(name, reply) => (stop(sup, &name, by).await, reply),
         Command::Restart(name, reply) => {
             let r = match stop(sup, &name, by).await {

@@ -177,6 +177,21 @@ pub async fn run(config: Config, state_dir: PathBuf, socket: PathBuf) -> anyhow:
         uploads: tokio::sync::Semaphore::new(1),
         stop: stop_rx.clone(),
     });
+    let mut agent_refused = None;
+    if let Some(agent) = &config.agent {
+        match api::agent::watch_dir(&agent.config_dir, stop_rx.clone()) {
+            Ok(changes) => supervisor.set_agent(
+                &agent.spec,
+                Arc::new(api::agent::AgentLink::new(api_state.clone(), changes)),
+            ),
+            Err(e) => {
+                agent_refused = Some(format!(
+                    "cannot watch its config_dir {}: {e}",
+                    agent.config_dir.display()
+                ));
+            }
+        }
+    }
     let mut api_stop = stop_rx;
     let server = tokio::spawn(api::serve(
         api::peer::PeerListener::new(listener),
@@ -186,7 +201,7 @@ pub async fn run(config: Config, state_dir: PathBuf, socket: PathBuf) -> anyhow:
         },
     ));
     let stopped_early = tokio::select! {
-        () = start_deployment(&config, &mut supervisor) => None,
+        () = start_deployment(&config, &mut supervisor, agent_refused) => None,
         why = stop_requested(&mut sigterm) => {
             tracing::info!("stopping during start-up");
             Some(why?)
@@ -249,9 +264,14 @@ async fn open_identity(
 }
 
 /// Brings the registry in line with the config's modules, then starts
-/// every registered module that should run, in name order. One that is
-/// refused is recorded and logged; the others run.
-async fn start_deployment(config: &Config, supervisor: &mut Supervisor) {
+/// every registered module that should run: the agent first, then the
+/// others in name order. One that is refused is recorded and logged; the
+/// others run.
+async fn start_deployment(
+    config: &Config,
+    supervisor: &mut Supervisor,
+    agent_refused: Option<String>,
+) {
     let configured: Vec<_> = config.modules.iter().map(ModuleSpec::to_raw).collect();
     let records = supervisor
         .registry()
@@ -277,7 +297,21 @@ async fn start_deployment(config: &Config, supervisor: &mut Supervisor) {
         tracing::info!(module = %name, "registered module is not configured; its registration is kept (`edgeward deregister {name}` deletes it)");
     }
     let resolve = |p: &Path| p.to_owned();
+    let mut records = records;
+    let agent = config.agent.as_ref().map(|a| a.spec.name.as_str());
+    records.sort_by_key(|r| Some(r.spec.name.as_str()) != agent);
     for record in records {
+        if Some(record.spec.name.as_str()) == agent {
+            // The agent always runs, from the config's spec.
+            match (&agent_refused, &config.agent) {
+                (Some(why), _) => supervisor.refuse(&record.spec.name, why),
+                (None, Some(a)) => {
+                    let _ = supervisor.start(a.spec.clone()).await;
+                }
+                (None, None) => {}
+            }
+            continue;
+        }
         if record.desired != crate::registry::Desired::Running {
             supervisor.mark_stopped(&record.spec.name);
             continue;

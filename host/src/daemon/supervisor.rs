@@ -17,6 +17,7 @@ use super::{
     BACKOFF_MAX, Backoff, CRASH_LOOP_AFTER, DATA_DIR_GUEST, STABLE_AFTER, STOP_DEADLINE,
     should_restart,
 };
+use crate::api::agent::AgentLink;
 use crate::components::ComponentStore;
 use crate::identity::IdentityService;
 use crate::measure::Measured;
@@ -43,6 +44,16 @@ struct Loaded {
     module: LoadedModule,
     identity: Arc<crate::identity::ModuleIdentity>,
     data_dir: PathBuf,
+    /// The agent's link to the management service.
+    management: Option<Arc<AgentLink>>,
+}
+
+/// The configured agent: the one registration linked with management.
+#[derive(Debug)]
+struct Agent {
+    name: String,
+    digest: crate::measure::Digest,
+    link: Arc<AgentLink>,
 }
 
 /// Runs the modules of one daemon. See the module docs.
@@ -56,6 +67,7 @@ pub struct Supervisor {
     echo: bool,
     running: HashMap<String, Running>,
     tasks: Tasks,
+    agent: Option<Agent>,
 }
 
 impl Supervisor {
@@ -81,7 +93,24 @@ impl Supervisor {
             echo,
             running: HashMap::new(),
             tasks: Tasks::default(),
+            agent: None,
         })
+    }
+
+    /// Makes `spec` the agent: the one registration (this name and this
+    /// pinned digest) linked with the management interface, through
+    /// `link`.
+    pub fn set_agent(&mut self, spec: &ModuleSpec, link: Arc<AgentLink>) {
+        self.agent = Some(Agent {
+            name: spec.name.clone(),
+            digest: spec.digest,
+            link,
+        });
+    }
+
+    /// Whether `name` is the agent's.
+    pub fn is_agent(&self, name: &str) -> bool {
+        self.agent.as_ref().is_some_and(|a| a.name == name)
     }
 
     /// The state directory.
@@ -163,6 +192,7 @@ impl Supervisor {
             module,
             identity,
             data_dir,
+            management,
         } = loaded;
         tracing::info!(module = %spec.name, digest = %module.digest, code = ?module.source, "module measured and loaded");
         let output = Output::Module {
@@ -172,6 +202,7 @@ impl Supervisor {
         };
         let mut sandbox = sandbox_for(&spec, &data_dir, output);
         sandbox.identity = Some(crate::identity::IdentityHandle::ready(identity));
+        sandbox.management = management;
         let (stop, stop_rx) = watch::channel(false);
         let (ended_tx, ended) = watch::channel(());
         let reset = Arc::new(tokio::sync::Notify::new());
@@ -263,11 +294,19 @@ impl Supervisor {
     async fn load(&self, spec: &ModuleSpec) -> anyhow::Result<Loaded> {
         let data_dir = records::module_dir(&self.state_dir, &spec.name).join("data");
         state::ensure_private_dir(&data_dir)?;
-        let (rt, store, file, digest) = (
+        // Linked with management only if it is the agent: its name and its
+        // pinned digest (which the measurement below must match).
+        let management = self
+            .agent
+            .as_ref()
+            .filter(|a| a.name == spec.name && a.digest == spec.digest)
+            .map(|a| a.link.clone());
+        let (rt, store, file, digest, agent) = (
             self.rt.clone(),
             self.components.clone(),
             spec.file.clone(),
             spec.digest,
+            management.is_some(),
         );
         let module = tokio::task::spawn_blocking(move || {
             // A configured file is read and measured once, and its bytes
@@ -286,7 +325,11 @@ impl Supervisor {
                 }
                 None => store.get(&digest)?,
             };
-            rt.load(&measured)
+            if agent {
+                rt.load_agent(&measured)
+            } else {
+                rt.load(&measured)
+            }
         })
         .await
         .map_err(|e| anyhow::anyhow!("compile task failed: {e}"))??;
@@ -312,6 +355,7 @@ impl Supervisor {
             module,
             identity,
             data_dir,
+            management,
         })
     }
 
@@ -367,6 +411,7 @@ fn sandbox_for(spec: &ModuleSpec, data_dir: &Path, output: Output) -> SandboxSpe
         host: data_dir.to_owned(),
         guest: DATA_DIR_GUEST.to_owned(),
         budgeted: true,
+        read_only: false,
     });
     s.dirs.extend(spec.dirs.iter().cloned());
     s.limits = spec.limits;

@@ -42,6 +42,8 @@ pub struct RuntimeOptions {
 pub struct Runtime {
     engine: Engine,
     linker: Linker<ModuleState>,
+    /// `linker` and `edgeward:host/management`: the agent's only.
+    agent_linker: Linker<ModuleState>,
     cache: Option<ArtifactCache>,
     allocator: Allocator,
     ceilings: engine::ModuleCeilings,
@@ -203,6 +205,11 @@ impl Runtime {
         workload::add_to_linker(&mut linker, |s: &mut ModuleState| &mut s.workload)?;
         // Its own settings (wasi:config/store), for every module.
         wasmtime_wasi_config::add_to_linker(&mut linker, ModuleState::settings)?;
+        // Management: only in the agent's linker.
+        let mut agent_linker = linker.clone();
+        crate::api::agent::add_to_linker(&mut agent_linker, |s: &mut ModuleState| {
+            &mut s.management
+        })?;
         let cache = match &opts.state_dir {
             Some(dir) => Some(
                 ArtifactCache::open(dir, &engine)
@@ -214,6 +221,7 @@ impl Runtime {
         Ok(Self {
             engine,
             linker,
+            agent_linker,
             cache,
             allocator,
             ceilings: opts.engine.ceilings,
@@ -257,12 +265,28 @@ impl Runtime {
     }
 
     /// Compiles (or loads from cache) and pre-links an already measured and
-    /// verified component.
+    /// verified component, as an ordinary module: one that imports
+    /// `edgeward:host/management` is refused.
     ///
     /// # Errors
     ///
     /// Compile or link errors naming the file.
     pub fn load(&self, measured: &Measured) -> anyhow::Result<LoadedModule> {
+        self.load_as(measured, false)
+    }
+
+    /// [`Runtime::load`] for the agent: linked with the management
+    /// interface too. The caller has checked that this is the configured
+    /// agent (name and pinned digest).
+    ///
+    /// # Errors
+    ///
+    /// Compile or link errors naming the file.
+    pub fn load_agent(&self, measured: &Measured) -> anyhow::Result<LoadedModule> {
+        self.load_as(measured, true)
+    }
+
+    fn load_as(&self, measured: &Measured, agent: bool) -> anyhow::Result<LoadedModule> {
         let path = &measured.path;
         let (component, source) = match self
             .cache
@@ -298,7 +322,19 @@ impl Runtime {
                 (c, source)
             }
         };
-        let pre = self.linker.instantiate_pre(&component).map_err(|e| {
+        if !agent && crate::api::agent::imports_management(&self.engine, &component) {
+            anyhow::bail!(
+                "{} imports {}, which only the agent ([agent] in the daemon's config, its digest pinned) is linked with",
+                path.display(),
+                crate::api::agent::INTERFACE
+            );
+        }
+        let linker = if agent {
+            &self.agent_linker
+        } else {
+            &self.linker
+        };
+        let pre = linker.instantiate_pre(&component).map_err(|e| {
             anyhow::anyhow!(
                 "cannot link {}: {:#}",
                 path.display(),

@@ -82,26 +82,45 @@ pub struct DirGrant {
     pub guest: String,
     /// Held to the module's disk budget (`max_disk`, `max_disk_entries`).
     pub budgeted: bool,
+    /// Only read: nothing in it can be created, written or removed.
+    pub read_only: bool,
+}
+
+impl std::fmt::Display for DirGrant {
+    /// As [`DirGrant::from_str`] reads it (`HOST::GUEST[::ro]`).
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}::{}", self.host.display(), self.guest)?;
+        if self.read_only {
+            f.write_str("::ro")?;
+        }
+        Ok(())
+    }
 }
 
 impl std::str::FromStr for DirGrant {
     type Err = String;
 
-    /// `HOST` (seen under the same name) or `HOST::GUEST`.
+    /// `HOST` (seen under the same name), `HOST::GUEST`, or either with
+    /// `::ro` after it (read-only).
     fn from_str(s: &str) -> Result<Self, String> {
-        let (host, guest) = match s.split_once("::") {
-            Some((h, g)) => (h, g),
-            None => (s, s),
+        let (rest, read_only) = match s.strip_suffix("::ro") {
+            Some(r) => (r, true),
+            None => (s, false),
         };
-        if host.is_empty() || guest.is_empty() {
+        let (host, guest) = match rest.split_once("::") {
+            Some((h, g)) => (h, g),
+            None => (rest, rest),
+        };
+        if host.is_empty() || guest.is_empty() || guest.contains("::") {
             return Err(format!(
-                "invalid directory grant {s:?}: expected HOST or HOST::GUEST"
+                "invalid directory grant {s:?}: expected HOST or HOST::GUEST, then ::ro for read-only"
             ));
         }
         Ok(Self {
             host: PathBuf::from(host),
             guest: guest.to_owned(),
             budgeted: false,
+            read_only,
         })
     }
 }
@@ -147,6 +166,9 @@ pub struct SandboxSpec {
     /// The module's workload identity (`None`: the `workload` calls
     /// return `unavailable`, `whoami` only names the program).
     pub identity: Option<Arc<crate::identity::IdentityHandle>>,
+    /// The agent's link to the management service (`None` for every other
+    /// module; its calls are then refused even if it were linked).
+    pub management: Option<Arc<crate::api::agent::AgentLink>>,
 }
 
 impl SandboxSpec {
@@ -161,6 +183,7 @@ impl SandboxSpec {
             allow_outbound: Vec::new(),
             output: Output::Discard,
             identity: None,
+            management: None,
         }
     }
 
@@ -182,7 +205,12 @@ impl SandboxSpec {
                 Box::pin(async move { policy.check(addr, use_).await })
             });
         for d in &self.dirs {
-            b.preopened_dir(&d.host, &d.guest, FsPerms::ReadWrite)
+            let perms = if d.read_only {
+                FsPerms::ReadOnly
+            } else {
+                FsPerms::ReadWrite
+            };
+            b.preopened_dir(&d.host, &d.guest, perms)
                 .map_err(|e| anyhow::anyhow!("cannot grant directory {}: {e}", d.host.display()))?;
         }
         match &self.output {
@@ -225,6 +253,7 @@ pub struct ModuleState {
     pub(crate) limiter: Limiter,
     disk: FsBudgets,
     settings: wasmtime_wasi_config::WasiConfigVariables,
+    pub(crate) management: crate::api::agent::ManagementCtx,
 }
 
 impl std::fmt::Debug for ModuleState {
@@ -272,6 +301,7 @@ impl ModuleState {
             workload: super::workload::WorkloadCtx::new(spec.identity.clone(), program),
             limiter: Limiter::new(&spec.limits),
             settings: spec.settings.iter().collect(),
+            management: crate::api::agent::ManagementCtx::new(spec.management.clone()),
         })
     }
 
@@ -414,6 +444,19 @@ mod tests {
         assert_eq!(g.guest, "data");
         assert!("::/x".parse::<DirGrant>().is_err());
         assert!("/x::".parse::<DirGrant>().is_err());
+        // Read-only, and back to text.
+        let g: DirGrant = "/etc/agent::/config::ro".parse().expect("parse");
+        assert!(g.read_only && g.guest == "/config");
+        assert_eq!(g.to_string(), "/etc/agent::/config::ro");
+        let g: DirGrant = "/srv/data::/data".parse().expect("parse");
+        assert!(!g.read_only);
+        assert_eq!(g.to_string(), "/srv/data::/data");
+        assert!("/x::/y::rw".parse::<DirGrant>().is_err());
+        assert!(
+            "/x::ro"
+                .parse::<DirGrant>()
+                .is_ok_and(|g| g.read_only && g.guest == "/x")
+        );
     }
 
     #[test]

@@ -13,13 +13,16 @@ use wasmtime::component::{HasSelf, Linker};
 use super::loglimit::LogLimiter;
 use crate::identity::{Credentials, IdentityError, IdentityHandle, ModuleIdentity};
 
-/// Host bindings generated from `wit/` (world `edgeward:host/module`).
+/// Host bindings generated from `wit/` (world `edgeward:host/agent`: the
+/// module world and `management`, which only the agent is linked with; see
+/// `api::agent`).
 #[allow(missing_docs, clippy::all)]
 pub mod bindings {
     wasmtime::component::bindgen!({
         path: "../wit",
-        world: "module",
+        world: "agent",
         imports: {
+            "edgeward:host/management": async,
             "edgeward:host/workload.identity-certificate": async,
             "edgeward:host/workload.server-certificate": async,
             "edgeward:host/workload.sign": async,
