@@ -42,8 +42,14 @@ pub struct StoredRegistration {
     pub generation_id: String,
     /// When it was registered (unix seconds).
     pub registered_at: u64,
-    /// The data key wrapped by the HSM's master key (base64).
+    /// The data key wrapped by the HSM's master key (base64), or by
+    /// `wrapping_key`.
     pub wrapped_key: String,
+    /// The HSM key that wraps it, when it is this registration's own (a
+    /// PKCS#11 token key, destroyed when the registration is removed);
+    /// none: the master key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wrapping_key: Option<String>,
 }
 
 /// Who added a module, and so who may change it: a deployment reconciles
@@ -536,6 +542,7 @@ mod tests {
 
     fn rec(g: &str) -> StoredRegistration {
         StoredRegistration {
+            wrapping_key: None,
             generation_id: g.into(),
             registered_at: 1,
             wrapped_key: "a2V5".into(),

@@ -1126,3 +1126,40 @@ fn each_module_reads_only_its_own_settings() {
     assert!(text.contains("expected a string"), "{text}");
     let _ = d.terminate();
 }
+
+/// On PKCS#11, removing a module through the API destroys its
+/// registration's token key (and a daemon start keeps a live one).
+#[test]
+fn removal_on_pkcs11_destroys_the_token_key() {
+    use edgeward::hsm::Hsm as _;
+    let s = Scratch::new();
+    let (_home, sock) = socket_home();
+    let token = edgeward_tests::fixtures::SoftHsmToken::new();
+    let c = token.config();
+    let config = format!(
+        "[hsm]\nbackend = \"pkcs11\"\nmodule = \"{}\"\ntoken = \"{}\"\npin_file = \"{}\"\n",
+        c.module.display(),
+        c.token,
+        c.pin_file.display()
+    );
+    let registration_keys = || -> Vec<String> {
+        let hsm = edgeward::hsm::pkcs11::Pkcs11Hsm::open(token.config()).unwrap();
+        hsm.keys()
+            .unwrap()
+            .into_iter()
+            .map(|k| k.id)
+            .filter(|k| k.starts_with("registration-"))
+            .collect()
+    };
+    let d = start(&s, &config, &sock);
+    assert_status(&module(&s, &sock, &["add", "m", PROBE, "--arg", "tick"]), 0);
+    wait_state(&s, &sock, "m", "running/running");
+    let _ = d.terminate();
+    let keys = registration_keys();
+    assert_eq!(keys.len(), 1, "{keys:?}");
+    let d = start(&s, &config, &sock);
+    wait_state(&s, &sock, "m", "running/running");
+    assert_status(&module(&s, &sock, &["remove", "m"]), 0);
+    let _ = d.terminate();
+    assert_eq!(registration_keys(), Vec::<String>::new());
+}

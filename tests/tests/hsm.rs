@@ -491,3 +491,94 @@ fn pkcs11_wrong_pin_and_missing_token_are_clear_errors() {
     let msg = Pkcs11Hsm::open(no_pin).unwrap_err().to_string();
     assert!(msg.contains("/no/such/pin"), "{msg}");
 }
+
+/// Removal, honestly: on PKCS#11 each registration's data key is wrapped
+/// by a token key of its own, destroyed with the registration, so not even
+/// a copy of the state dir taken before the removal opens it again; on the
+/// soft backend (keys in the state dir) such a copy does, as the README
+/// says. A key a crash left behind is collected.
+#[test]
+fn removal_destroys_the_registrations_token_key() {
+    use edgeward::identity::registry::{collect_keys, deregister, load_or_register};
+    use edgeward::registry::Registry;
+    let token = SoftHsmToken::new();
+    let hsm = Pkcs11Hsm::open(token.config()).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (state, backup) = (dir.path().join("state"), dir.path().join("backup"));
+    std::fs::create_dir_all(&state).unwrap();
+    let registry = Registry::open(&state).unwrap();
+    let first = load_or_register(&hsm, &registry, "m").unwrap();
+    let rec = registry.registration("m").unwrap().unwrap();
+    let key = rec.wrapping_key.clone().expect("a key of its own");
+    assert_eq!(key, format!("registration-{}", first.generation_id));
+    let on_token = |hsm: &Pkcs11Hsm| -> Vec<String> {
+        hsm.keys().unwrap().into_iter().map(|k| k.id).collect()
+    };
+    assert!(on_token(&hsm).contains(&key));
+    // Loaded again, the same data key.
+    let again = load_or_register(&hsm, &registry, "m").unwrap();
+    assert_eq!(*again.data_key, *first.data_key);
+
+    // The backup, taken before the removal.
+    drop(registry);
+    std::fs::create_dir_all(&backup).unwrap();
+    std::fs::copy(state.join("registry.redb"), backup.join("registry.redb")).unwrap();
+    let registry = Registry::open(&state).unwrap();
+    assert!(deregister(Some(&hsm), &registry, "m").unwrap());
+    assert!(!on_token(&hsm).contains(&key), "the token key is destroyed");
+    let restored = Registry::open(&backup).unwrap();
+    let e = load_or_register(&hsm, &restored, "m")
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("cannot be unwrapped"), "{e}");
+
+    // A key no registration names (a crash between commit and destroy).
+    load_or_register(&hsm, &registry, "n").unwrap();
+    let orphan = registry
+        .registration("n")
+        .unwrap()
+        .unwrap()
+        .wrapping_key
+        .unwrap();
+    assert!(registry.deregister("n").unwrap());
+    load_or_register(&hsm, &registry, "kept").unwrap();
+    let kept = registry
+        .registration("kept")
+        .unwrap()
+        .unwrap()
+        .wrapping_key
+        .unwrap();
+    assert_eq!(collect_keys(&hsm, &registry).unwrap(), 1);
+    let now = on_token(&hsm);
+    assert!(!now.contains(&orphan) && now.contains(&kept), "{now:?}");
+
+    // Soft: the master key wraps every data key, and a copy of the state
+    // dir keeps both.
+    let soft_dir = dir.path().join("soft");
+    std::fs::create_dir_all(&soft_dir).unwrap();
+    let soft = SoftHsm::open(&soft_dir).unwrap();
+    let registry = Registry::open(&soft_dir).unwrap();
+    let sealed = load_or_register(&soft, &registry, "m").unwrap();
+    assert!(
+        registry
+            .registration("m")
+            .unwrap()
+            .unwrap()
+            .wrapping_key
+            .is_none()
+    );
+    drop(registry);
+    let soft_backup = dir.path().join("soft-backup");
+    std::process::Command::new("cp")
+        .args(["-a"])
+        .arg(&soft_dir)
+        .arg(&soft_backup)
+        .status()
+        .unwrap();
+    let registry = Registry::open(&soft_dir).unwrap();
+    assert!(deregister(Some(&soft), &registry, "m").unwrap());
+    let soft_restored = SoftHsm::open(&soft_backup).unwrap();
+    let reopened =
+        load_or_register(&soft_restored, &Registry::open(&soft_backup).unwrap(), "m").unwrap();
+    assert_eq!(*reopened.data_key, *sealed.data_key);
+}

@@ -556,7 +556,7 @@ fn deregister_command(
     config_flag: Option<PathBuf>,
     module: &str,
 ) -> ExitCode {
-    let (_, state_dir) = match inspect_context(state_flag.as_deref(), config_flag) {
+    let (cfg, state_dir) = match inspect_context(state_flag.as_deref(), config_flag) {
         Ok(x) => x,
         Err(code) => return code,
     };
@@ -567,7 +567,28 @@ fn deregister_command(
         Ok(r) => r,
         Err(e) => return fail(e, 1),
     };
-    match crate::identity::registry::deregister(&registry, module) {
+    // A registration with a key of its own (PKCS#11) has it destroyed now.
+    let own_key = registry
+        .registration(module)
+        .ok()
+        .flatten()
+        .and_then(|r| r.wrapping_key);
+    let hsm = match own_key {
+        None => None,
+        Some(key) => {
+            let config = cfg.map(|c| c.hsm).unwrap_or_default();
+            match crate::hsm::open(&config, &state_dir) {
+                Ok(h) => Some(h),
+                Err(e) => {
+                    eprintln!(
+                        "edgeward: warning: cannot open the HSM ({e}): key {key} is destroyed at the next daemon start"
+                    );
+                    None
+                }
+            }
+        }
+    };
+    match crate::identity::registry::deregister(hsm.as_deref(), &registry, module) {
         Ok(true) => {
             println!("{module}: registration deleted; its next start gets a new generation");
             ExitCode::SUCCESS

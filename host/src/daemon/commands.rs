@@ -317,6 +317,12 @@ async fn delete_module(sup: &mut Supervisor, name: &str) -> Result<(), ApiError>
         .await
         .map_err(internal)?
         .map_err(|e| internal(format!("cannot delete the module's files: {e}")))?;
+    let registration = sup.registry().registration(name).map_err(internal)?;
     sup.registry().remove_module(name).map_err(internal)?;
+    // Committed first: a crash here leaves a key no registration names,
+    // destroyed at the next start.
+    if let Some(rec) = registration {
+        sup.forget(rec).await;
+    }
     Ok(())
 }

@@ -159,6 +159,7 @@ pub async fn run(config: Config, state_dir: PathBuf, socket: PathBuf) -> anyhow:
     // Before the API serves: an upload cannot be collected before the
     // module that names it is added.
     supervisor.collect_components();
+    supervisor.collect_keys().await;
     let (commands, mut command_rx) = tokio::sync::mpsc::channel(64);
     let api_state = Arc::new(api::ApiState {
         registry,

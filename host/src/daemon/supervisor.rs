@@ -123,6 +123,28 @@ impl Supervisor {
         &self.registry
     }
 
+    /// Destroys a removed registration's own key (PKCS#11), on the
+    /// blocking pool.
+    pub async fn forget(&self, rec: crate::registry::StoredRegistration) {
+        let identity = self.identity.clone();
+        let _ = tokio::task::spawn_blocking(move || identity.forget(&rec)).await;
+    }
+
+    /// Destroys registration keys no registration names (a crash between a
+    /// removal and [`Supervisor::forget`]). The daemon runs it at start.
+    pub async fn collect_keys(&self) {
+        let (identity, registry) = (self.identity.clone(), self.registry.clone());
+        match tokio::task::spawn_blocking(move || identity.collect_keys(&registry)).await {
+            Ok(Ok(0)) => {}
+            Ok(Ok(n)) => tracing::info!(
+                destroyed = n,
+                "registration keys no registration names destroyed"
+            ),
+            Ok(Err(e)) => tracing::warn!(error = %e, "cannot collect registration keys"),
+            Err(e) => tracing::warn!(error = %e, "registration key collection failed"),
+        }
+    }
+
     /// Names of the modules it runs (started and not stopped), sorted.
     pub fn names(&self) -> Vec<String> {
         let mut v: Vec<String> = self.running.keys().cloned().collect();

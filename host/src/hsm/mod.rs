@@ -67,6 +67,8 @@ pub enum Op {
     Quote,
     /// List keys.
     ListKeys,
+    /// Destroy a key.
+    DestroyKey,
 }
 
 impl fmt::Display for Op {
@@ -83,6 +85,7 @@ impl fmt::Display for Op {
             Op::ReadRegister => "read register",
             Op::Quote => "quote",
             Op::ListKeys => "list keys",
+            Op::DestroyKey => "destroy key",
         })
     }
 }
@@ -314,6 +317,20 @@ pub trait Hsm: Send + Sync + fmt::Debug {
     /// The keys the backend holds.
     fn keys(&self) -> Result<Vec<KeyInfo>> {
         Err(self.unsupported(Op::ListKeys, None))
+    }
+
+    /// Whether its keys live only in the device, so that destroying one
+    /// makes what it wrapped unrecoverable even from a copy of the state
+    /// dir (PKCS#11 tokens). Soft and TPM keys are (wrapped) files in the
+    /// state dir: a copy keeps them.
+    fn keys_outside_state_dir(&self) -> bool {
+        false
+    }
+
+    /// Destroys key `id` (every object of that id); returns whether there
+    /// was one.
+    fn destroy_key(&self, id: &str) -> Result<bool> {
+        Err(self.unsupported(Op::DestroyKey, Some(id)))
     }
 }
 

@@ -371,6 +371,28 @@ impl Hsm for Pkcs11Hsm {
             .map_err(ck(Op::Random, None))
     }
 
+    fn keys_outside_state_dir(&self) -> bool {
+        true
+    }
+
+    fn destroy_key(&self, id: &str) -> Result<bool> {
+        check_id(BACKEND, Op::DestroyKey, id)?;
+        let session = self.session(Op::DestroyKey, Some(id))?;
+        if let Ok(mut c) = self.cache.lock() {
+            c.retain(|(k, _), _| k != id);
+        }
+        let handles = session
+            .find_objects(&[Attribute::Label(id.as_bytes().to_vec())])
+            .map_err(ck(Op::DestroyKey, Some(id)))?;
+        let found = !handles.is_empty();
+        for h in handles {
+            session
+                .destroy_object(h)
+                .map_err(ck(Op::DestroyKey, Some(id)))?;
+        }
+        Ok(found)
+    }
+
     fn keys(&self) -> Result<Vec<KeyInfo>> {
         let session = self.session(Op::ListKeys, None)?;
         let mut out = Vec::new();

@@ -86,6 +86,25 @@ impl IdentityService {
         self.hsm.backend()
     }
 
+    /// Destroys a removed registration's own key (see
+    /// [`registry::forget`]). Blocks on the HSM.
+    pub fn forget(&self, rec: &crate::registry::StoredRegistration) {
+        registry::forget(self.hsm.as_ref(), rec);
+    }
+
+    /// Destroys registration keys no registration names (see
+    /// [`registry::collect_keys`]). Blocks on the HSM.
+    ///
+    /// # Errors
+    ///
+    /// The registry or the HSM's keys cannot be read.
+    pub fn collect_keys(
+        &self,
+        registry: &crate::registry::Registry,
+    ) -> Result<usize, IdentityError> {
+        registry::collect_keys(self.hsm.as_ref(), registry)
+    }
+
     /// The identity of registered module `name` running `digest`: loads its
     /// registration from `registry` or registers it there. Blocks on the
     /// HSM.
