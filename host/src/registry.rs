@@ -1,12 +1,15 @@
 //! The registry: one crash-safe store in the state directory
 //! (`registry.redb`, redb: ACID, copy-on-write B-trees, every commit
 //! durable when it returns) holding what the daemon knows about each
-//! registered module. Today: its identity registration (generation id and
-//! wrapped data key). Every change is one transaction: after `kill -9` or a
-//! power loss it is there whole or not at all.
+//! registered module: its identity registration (generation id and
+//! wrapped data key), its record (spec, origin, desired state), its status
+//! (state, starts, reason, last exit), and the deployments applied. Every
+//! change is one transaction: after `kill -9` or a power loss it is there
+//! whole or not at all.
 //!
 //! One process holds the store at a time (redb locks the file): the daemon
-//! while it runs, else an operator command. A store that cannot be read is
+//! while it runs, else an operator command; operator commands that only
+//! read open it read-only ([`Registry::open_read_only`]). A store that cannot be read is
 //! an error that names it and says what to do; it is never reset, since
 //! that would orphan every module's sealed data.
 //!
@@ -30,6 +33,7 @@ pub const FILE: &str = "registry.redb";
 const REGISTRATIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("registrations");
 const MODULES: TableDefinition<&str, &[u8]> = TableDefinition::new("modules");
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+const STATUS: TableDefinition<&str, &[u8]> = TableDefinition::new("status");
 /// The layout this code writes.
 const SCHEMA: &[u8] = b"1";
 
@@ -109,6 +113,9 @@ pub enum RegistryError {
         /// What redb or the decoder said.
         detail: String,
     },
+    /// Opened read-only, asked to write.
+    #[error("{0}: opened read-only")]
+    ReadOnly(PathBuf),
     /// A migration input or an I/O error.
     #[error("{path}: {detail}")]
     Io {
@@ -122,8 +129,22 @@ pub enum RegistryError {
 /// The open store. See the module docs.
 #[derive(Debug)]
 pub struct Registry {
-    db: redb::Database,
+    db: Db,
     path: PathBuf,
+}
+
+enum Db {
+    ReadWrite(redb::Database),
+    ReadOnly(redb::ReadOnlyDatabase),
+}
+
+impl std::fmt::Debug for Db {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::ReadWrite(_) => "read-write",
+            Self::ReadOnly(_) => "read-only",
+        })
+    }
 }
 
 impl Registry {
@@ -152,9 +173,104 @@ impl Registry {
             path: path.clone(),
             detail: e.to_string(),
         })?;
-        let registry = Self { db, path };
+        let registry = Self {
+            db: Db::ReadWrite(db),
+            path,
+        };
         registry.migrate(state_dir)?;
+        registry.migrate_statuses(state_dir)?;
         Ok(registry)
+    }
+
+    /// Imports each `modules/<name>/status.json` (where statuses were kept
+    /// before they moved into the store) that has no stored status, in one
+    /// transaction, then deletes them.
+    fn migrate_statuses(&self, state_dir: &Path) -> Result<(), RegistryError> {
+        let Ok(dirs) = std::fs::read_dir(state_dir.join("modules")) else {
+            return Ok(());
+        };
+        let files: Vec<(String, PathBuf)> = dirs
+            .flatten()
+            .filter_map(|d| {
+                let name = d.file_name().into_string().ok()?;
+                let file = d.path().join("status.json");
+                file.is_file().then_some((name, file))
+            })
+            .collect();
+        if files.is_empty() {
+            return Ok(());
+        }
+        let tx = self.rw()?.begin_write().map_err(|e| self.damaged(e))?;
+        {
+            let mut table = tx.open_table(STATUS).map_err(|e| self.damaged(e))?;
+            for (name, file) in &files {
+                if table
+                    .get(name.as_str())
+                    .map_err(|e| self.damaged(e))?
+                    .is_some()
+                {
+                    continue;
+                }
+                // A status is bookkeeping: an unreadable one is dropped, not
+                // a reason to refuse the store.
+                if let Ok(bytes) = std::fs::read(file)
+                    && serde_json::from_slice::<serde_json::Value>(&bytes).is_ok()
+                {
+                    table
+                        .insert(name.as_str(), bytes.as_slice())
+                        .map_err(|e| self.damaged(e))?;
+                }
+            }
+        }
+        tx.commit().map_err(|e| self.damaged(e))?;
+        for (_, file) in &files {
+            let _ = std::fs::remove_file(file);
+        }
+        tracing::info!(
+            statuses = files.len(),
+            "module statuses moved into {}",
+            self.path.display()
+        );
+        Ok(())
+    }
+
+    /// Opens the registry of `state_dir` to read only (an operator command
+    /// while no daemon holds it). `None`: there is none yet.
+    ///
+    /// # Errors
+    ///
+    /// In use by a daemon, or damaged.
+    pub fn open_read_only(state_dir: &Path) -> Result<Option<Self>, RegistryError> {
+        let path = state_dir.join(FILE);
+        if !path.exists() {
+            return Ok(None);
+        }
+        match redb::ReadOnlyDatabase::open(&path) {
+            Ok(db) => Ok(Some(Self {
+                db: Db::ReadOnly(db),
+                path,
+            })),
+            Err(redb::DatabaseError::DatabaseAlreadyOpen) => Err(RegistryError::Busy(path)),
+            Err(e) => Err(RegistryError::Damaged {
+                path,
+                detail: e.to_string(),
+            }),
+        }
+    }
+
+    fn rw(&self) -> Result<&redb::Database, RegistryError> {
+        match &self.db {
+            Db::ReadWrite(db) => Ok(db),
+            Db::ReadOnly(_) => Err(RegistryError::ReadOnly(self.path.clone())),
+        }
+    }
+
+    fn begin_read(&self) -> Result<redb::ReadTransaction, RegistryError> {
+        match &self.db {
+            Db::ReadWrite(db) => db.begin_read(),
+            Db::ReadOnly(db) => db.begin_read(),
+        }
+        .map_err(|e| self.damaged(e))
     }
 
     /// Checks every page of the store (redb's integrity check); `false`
@@ -164,12 +280,14 @@ impl Registry {
     ///
     /// The store is damaged beyond repair.
     pub fn check_integrity(&mut self) -> Result<bool, RegistryError> {
-        self.db
-            .check_integrity()
-            .map_err(|e| RegistryError::Damaged {
-                path: self.path.clone(),
-                detail: e.to_string(),
-            })
+        let path = self.path.clone();
+        let Db::ReadWrite(db) = &mut self.db else {
+            return Err(RegistryError::ReadOnly(path));
+        };
+        db.check_integrity().map_err(|e| RegistryError::Damaged {
+            path: self.path.clone(),
+            detail: e.to_string(),
+        })
     }
 
     /// The store's file.
@@ -188,7 +306,7 @@ impl Registry {
     /// deletes them.
     fn migrate(&self, state_dir: &Path) -> Result<(), RegistryError> {
         let legacy = state_dir.join("identity").join("modules");
-        let tx = self.db.begin_write().map_err(|e| self.damaged(e))?;
+        let tx = self.rw()?.begin_write().map_err(|e| self.damaged(e))?;
         let migrated = {
             let meta = tx.open_table(META).map_err(|e| self.damaged(e))?;
             meta.get("schema").map_err(|e| self.damaged(e))?.is_some()
@@ -251,7 +369,7 @@ impl Registry {
         empty: T,
         f: impl FnOnce(&redb::ReadOnlyTable<&str, &[u8]>) -> Result<T, RegistryError>,
     ) -> Result<T, RegistryError> {
-        let tx = self.db.begin_read().map_err(|e| self.damaged(e))?;
+        let tx = self.begin_read()?;
         match tx.open_table(table) {
             Ok(t) => f(&t),
             Err(redb::TableError::TableDoesNotExist(_)) => Ok(empty),
@@ -298,7 +416,7 @@ impl Registry {
         name: &str,
         rec: &StoredRegistration,
     ) -> Result<StoredRegistration, RegistryError> {
-        let tx = self.db.begin_write().map_err(|e| self.damaged(e))?;
+        let tx = self.rw()?.begin_write().map_err(|e| self.damaged(e))?;
         {
             let mut table = tx.open_table(REGISTRATIONS).map_err(|e| self.damaged(e))?;
             if let Some(v) = table.get(name).map_err(|e| self.damaged(e))? {
@@ -315,13 +433,54 @@ impl Registry {
         Ok(rec.clone())
     }
 
+    /// Stores module statuses (encoded by the caller), in one transaction.
+    ///
+    /// # Errors
+    ///
+    /// The store cannot be written.
+    pub fn put_statuses(&self, statuses: &[(&str, &[u8])]) -> Result<(), RegistryError> {
+        let tx = self.rw()?.begin_write().map_err(|e| self.damaged(e))?;
+        {
+            let mut table = tx.open_table(STATUS).map_err(|e| self.damaged(e))?;
+            for (name, bytes) in statuses {
+                table.insert(*name, *bytes).map_err(|e| self.damaged(e))?;
+            }
+        }
+        tx.commit().map_err(|e| self.damaged(e))
+    }
+
+    /// Module `name`'s status as stored, if any.
+    ///
+    /// # Errors
+    ///
+    /// The store cannot be read.
+    pub fn status(&self, name: &str) -> Result<Option<Vec<u8>>, RegistryError> {
+        self.bytes(STATUS, name)
+    }
+
+    /// Every stored status, by name.
+    ///
+    /// # Errors
+    ///
+    /// The store cannot be read.
+    pub fn statuses(&self) -> Result<Vec<(String, Vec<u8>)>, RegistryError> {
+        self.read(STATUS, Vec::new(), |t| {
+            let mut out = Vec::new();
+            for entry in t.iter().map_err(|e| self.damaged(e))? {
+                let (k, v) = entry.map_err(|e| self.damaged(e))?;
+                out.push((k.value().to_owned(), v.value().to_vec()));
+            }
+            Ok(out)
+        })
+    }
+
     /// Deletes `name`'s registration. Returns whether there was one.
     ///
     /// # Errors
     ///
     /// The store cannot be written.
     pub fn deregister(&self, name: &str) -> Result<bool, RegistryError> {
-        let tx = self.db.begin_write().map_err(|e| self.damaged(e))?;
+        let tx = self.rw()?.begin_write().map_err(|e| self.damaged(e))?;
         let removed = {
             let mut table = tx.open_table(REGISTRATIONS).map_err(|e| self.damaged(e))?;
             table.remove(name).map_err(|e| self.damaged(e))?.is_some()
@@ -363,7 +522,7 @@ impl Registry {
     ///
     /// The store cannot be written.
     pub fn put_meta(&self, key: &str, value: &[u8]) -> Result<(), RegistryError> {
-        let tx = self.db.begin_write().map_err(|e| self.damaged(e))?;
+        let tx = self.rw()?.begin_write().map_err(|e| self.damaged(e))?;
         {
             let mut table = tx.open_table(META).map_err(|e| self.damaged(e))?;
             table.insert(key, value).map_err(|e| self.damaged(e))?;
@@ -406,7 +565,7 @@ impl Registry {
     /// The store cannot be written.
     pub fn put_module(&self, record: &ModuleRecord) -> Result<(), RegistryError> {
         let bytes = serde_json::to_vec(record).map_err(|e| self.damaged(e))?;
-        let tx = self.db.begin_write().map_err(|e| self.damaged(e))?;
+        let tx = self.rw()?.begin_write().map_err(|e| self.damaged(e))?;
         {
             let mut table = tx.open_table(MODULES).map_err(|e| self.damaged(e))?;
             table
@@ -424,11 +583,13 @@ impl Registry {
     ///
     /// The store cannot be written.
     pub fn remove_module(&self, name: &str) -> Result<bool, RegistryError> {
-        let tx = self.db.begin_write().map_err(|e| self.damaged(e))?;
+        let tx = self.rw()?.begin_write().map_err(|e| self.damaged(e))?;
         let removed = {
             let mut modules = tx.open_table(MODULES).map_err(|e| self.damaged(e))?;
             let mut regs = tx.open_table(REGISTRATIONS).map_err(|e| self.damaged(e))?;
+            let mut status = tx.open_table(STATUS).map_err(|e| self.damaged(e))?;
             regs.remove(name).map_err(|e| self.damaged(e))?;
+            status.remove(name).map_err(|e| self.damaged(e))?;
             modules.remove(name).map_err(|e| self.damaged(e))?.is_some()
         };
         tx.commit().map_err(|e| self.damaged(e))?;
@@ -449,7 +610,7 @@ impl Registry {
         specs: &[crate::spec::RawModuleSpec],
     ) -> Result<Vec<String>, RegistryError> {
         let now = crate::identity::unix_now();
-        let tx = self.db.begin_write().map_err(|e| self.damaged(e))?;
+        let tx = self.rw()?.begin_write().map_err(|e| self.damaged(e))?;
         let mut conflicts = Vec::new();
         {
             let mut table = tx.open_table(MODULES).map_err(|e| self.damaged(e))?;
@@ -624,6 +785,59 @@ mod tests {
     }
 
     /// A damaged store is an error naming it, and is left as it was.
+    #[test]
+    fn readers_open_it_read_only_when_no_daemon_holds_it() {
+        let d = tempfile::tempdir().unwrap();
+        assert!(Registry::open_read_only(d.path()).unwrap().is_none());
+        let r = Registry::open(d.path()).unwrap();
+        r.put_statuses(&[("a", br#"{"state":"running"}"#)]).unwrap();
+        assert!(matches!(
+            Registry::open_read_only(d.path()),
+            Err(RegistryError::Busy(_))
+        ));
+        drop(r);
+        let ro = Registry::open_read_only(d.path()).unwrap().unwrap();
+        assert_eq!(ro.status("a").unwrap().unwrap(), br#"{"state":"running"}"#);
+        assert!(matches!(
+            ro.put_statuses(&[("a", b"{}")]),
+            Err(RegistryError::ReadOnly(_))
+        ));
+    }
+
+    #[test]
+    fn status_files_move_into_the_store_once() {
+        let d = tempfile::tempdir().unwrap();
+        let dir = d.path().join("modules/a");
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(
+            dir.join("status.json"),
+            br#"{"module":"a","state":"exited"}"#,
+        )
+        .unwrap();
+        let bad = d.path().join("modules/b");
+        std::fs::create_dir_all(&bad).unwrap();
+        std::fs::write(bad.join("status.json"), b"not json").unwrap();
+        let r = Registry::open(d.path()).unwrap();
+        assert_eq!(
+            r.status("a").unwrap().unwrap(),
+            br#"{"module":"a","state":"exited"}"#
+        );
+        assert!(
+            r.status("b").unwrap().is_none(),
+            "an unreadable one is dropped"
+        );
+        assert!(!dir.join("status.json").exists() && !bad.join("status.json").exists());
+        // A stored status is not replaced by a file found later.
+        r.put_statuses(&[("a", br#"{"state":"running"}"#)]).unwrap();
+        drop(r);
+        std::fs::write(dir.join("status.json"), br#"{"state":"old"}"#).unwrap();
+        let r = Registry::open(d.path()).unwrap();
+        assert_eq!(r.status("a").unwrap().unwrap(), br#"{"state":"running"}"#);
+        // Removing the module removes its status.
+        r.remove_module("a").unwrap();
+        assert!(r.status("a").unwrap().is_none());
+    }
+
     #[test]
     fn a_damaged_store_is_refused_and_kept() {
         let d = tempfile::tempdir().unwrap();

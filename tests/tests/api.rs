@@ -160,11 +160,15 @@ fn operators_manage_modules_and_changes_survive_a_restart() {
 
     // A status a crash left stale ("running" for a module that should not
     // run) is corrected at the next start.
-    let status_file = s.state().join("modules/configured/status.json");
-    let stale = std::fs::read_to_string(&status_file)
-        .unwrap()
-        .replace("\"stopped\"", "\"running\"");
-    std::fs::write(&status_file, stale).unwrap();
+    {
+        let registry = edgeward::registry::Registry::open(&s.state()).unwrap();
+        let stale = String::from_utf8(registry.status("configured").unwrap().unwrap())
+            .unwrap()
+            .replace("\"stopped\"", "\"running\"");
+        registry
+            .put_statuses(&[("configured", stale.as_bytes())])
+            .unwrap();
+    }
     // Acknowledged changes are in the registry: the operator's module
     // comes back, the stopped one stays stopped.
     let d = start(&s, &config, &sock);
@@ -197,9 +201,45 @@ fn operators_manage_modules_and_changes_survive_a_restart() {
     // The removal took its identity registration with it.
     let registry = edgeward::registry::Registry::open(&s.state()).unwrap();
     assert!(registry.registration("ticker").unwrap().is_none());
+    drop(registry);
 
-    // No daemon: the CLI says which socket it could not reach.
-    let o = module(&s, &sock, &["list"]);
+    // No daemon: what only reads comes from the registry, opened
+    // read-only, the same as through the daemon; changes are refused.
+    let o = module(&s, &sock, &["list", "--json"]);
+    assert_status(&o, 0);
+    let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    let configured = v
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["name"] == "configured")
+        .unwrap();
+    assert_eq!(
+        (configured["state"].as_str(), configured["origin"].as_str()),
+        (Some("stopped"), Some("config"))
+    );
+    let o = module(&s, &sock, &["show", "configured"]);
+    assert_status(&o, 0);
+    assert!(stdout(&o).contains("\"spec\""), "{}", stdout(&o));
+    assert_status(&module(&s, &sock, &["logs", "configured"]), 0);
+    let o = module(&s, &sock, &["exits", "configured"]);
+    assert_status(&o, 0);
+    // The aliases read the same.
+    let o = s.edgeward().args(["status", "--json"]).output().unwrap();
+    assert_status(&o, 0);
+    assert!(stdout(&o).contains("\"configured\""), "{}", stdout(&o));
+    assert_status(
+        &s.edgeward().args(["logs", "configured"]).output().unwrap(),
+        0,
+    );
+    let o = module(&s, &sock, &["logs", "nobody"]);
+    assert_status(&o, 1);
+    assert!(
+        stderr(&o).contains("no module \"nobody\""),
+        "{}",
+        stderr(&o)
+    );
+    let o = module(&s, &sock, &["stop", "configured"]);
     assert_status(&o, 1);
     assert!(
         stderr(&o).contains("cannot reach the daemon") && stderr(&o).contains("api.sock"),

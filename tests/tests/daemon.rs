@@ -67,7 +67,7 @@ args = ["hello"]
     let by_name = |n: &str| {
         statuses
             .iter()
-            .find(|v| v["module"] == n)
+            .find(|v| v["name"] == n)
             .cloned()
             .unwrap_or_else(|| panic!("no status for {n}: {statuses:?}"))
     };
@@ -103,7 +103,7 @@ args = ["hello"]
     let (status, out, err) = d.terminate();
     let sensor_state = status_json(&s)
         .iter()
-        .find(|v| v["module"] == "sensor")
+        .find(|v| v["name"] == "sensor")
         .expect("sensor")["state"]
         .clone();
     assert_eq!(sensor_state, "stopped");

@@ -266,7 +266,7 @@ fn hostile_modules_cannot_hurt_the_daemon_or_their_neighbour() {
     assert!(used <= 4 << 20, "disk-filler holds {used} bytes");
     let flood = statuses
         .iter()
-        .find(|v| v["module"] == "flood")
+        .find(|v| v["name"] == "flood")
         .expect("flood");
     assert_eq!(flood["state"], "running");
 

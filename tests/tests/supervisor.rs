@@ -48,9 +48,9 @@ fn supervisor(state: &Path) -> Supervisor {
     Supervisor::new(Arc::new(rt), identity, registry, state, false).unwrap()
 }
 
-fn state_of(state: &Path, name: &str) -> Option<ModuleState> {
+fn state_of(sup: &Supervisor, name: &str) -> Option<ModuleState> {
     records::flush();
-    records::read_statuses(state)
+    records::read_statuses(sup.registry())
         .into_iter()
         .flatten()
         .find(|s| s.module == name)
@@ -59,9 +59,9 @@ fn state_of(state: &Path, name: &str) -> Option<ModuleState> {
 
 /// Waits (up to 20 s) for `name`'s status to say running: a start returns
 /// before the module's task has recorded it.
-async fn running(state: &Path, name: &str) {
+async fn running(sup: &Supervisor, name: &str) {
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while state_of(state, name) != Some(ModuleState::Running) {
+    while state_of(sup, name) != Some(ModuleState::Running) {
         assert!(std::time::Instant::now() < deadline, "{name} never ran");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -79,24 +79,24 @@ async fn stopping_one_module_leaves_the_others_running() {
     let again = sup.start(spec("a", probe, &["tick"])).await.unwrap_err();
     assert!(again.to_string().contains("already running"), "{again}");
     assert_eq!(sup.names(), ["a", "b"]);
-    running(&state, "a").await;
+    running(&sup, "a").await;
 
     assert!(sup.stop("a").await);
     assert!(!sup.stop("a").await, "already stopped");
-    assert_eq!(state_of(&state, "a"), Some(ModuleState::Stopped));
-    running(&state, "b").await;
+    assert_eq!(state_of(&sup, "a"), Some(ModuleState::Stopped));
+    running(&sup, "b").await;
     assert_eq!(sup.names(), ["b"]);
 
     // Started again under the same name, with its registration kept.
     sup.start(spec("a", probe, &["tick"])).await.unwrap();
-    running(&state, "a").await;
+    running(&sup, "a").await;
 
     // A refusal (a digest that does not match) is recorded and returned.
     let mut bad = spec("c", probe, &["tick"]);
     bad.digest = sha256sum(guests::TEMPERATURE_SENSOR).parse().unwrap();
     let refused = sup.start(bad).await.unwrap_err();
     assert!(format!("{refused:#}").contains("digest"), "{refused:#}");
-    assert_eq!(state_of(&state, "c"), Some(ModuleState::Refused));
+    assert_eq!(state_of(&sup, "c"), Some(ModuleState::Refused));
 
     // By digest alone, from the component store (stored once, when "a"
     // was first measured).
@@ -119,10 +119,10 @@ async fn stopping_one_module_leaves_the_others_running() {
         format!("{refused:#}").contains("does not match"),
         "{refused:#}"
     );
-    assert_eq!(state_of(&state, "d"), Some(ModuleState::Refused));
+    assert_eq!(state_of(&sup, "d"), Some(ModuleState::Refused));
 
     sup.stop_all().await;
-    assert_eq!(state_of(&state, "a"), Some(ModuleState::Stopped));
-    assert_eq!(state_of(&state, "b"), Some(ModuleState::Stopped));
+    assert_eq!(state_of(&sup, "a"), Some(ModuleState::Stopped));
+    assert_eq!(state_of(&sup, "b"), Some(ModuleState::Stopped));
     assert!(sup.names().is_empty());
 }

@@ -507,6 +507,97 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .with_state(state)
 }
 
+/// The management API without a daemon: the registry opened read-only,
+/// served on a private socket of this process (a 0700 directory under the
+/// temp dir, removed on drop), so that operator commands that only read
+/// (`module list`, `logs`, `exits`, `show`, `deployment`) work the same
+/// with or without a daemon. Changes are refused: they need the daemon.
+#[derive(Debug)]
+pub struct Offline {
+    /// The socket to ask.
+    pub socket: PathBuf,
+    dir: PathBuf,
+    _stop: tokio::sync::watch::Sender<bool>,
+}
+
+impl Drop for Offline {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+impl Offline {
+    /// Serves the records of `state_dir` (with `config`'s facts) until
+    /// dropped. Call within a tokio runtime.
+    ///
+    /// # Errors
+    ///
+    /// No registry there, it cannot be opened (a daemon holds it, or it is
+    /// damaged), or the private socket cannot be set up.
+    pub fn start(state_dir: &Path, config: &crate::config::Config) -> anyhow::Result<Self> {
+        use std::os::unix::fs::DirBuilderExt as _;
+        let registry = Registry::open_read_only(state_dir)?.ok_or_else(|| {
+            anyhow::anyhow!(
+                "{}: no registry: no daemon has run with this state directory",
+                state_dir.display()
+            )
+        })?;
+        let mut nonce = [0u8; 8];
+        getrandom::fill(&mut nonce).map_err(|e| anyhow::anyhow!("random: {e}"))?;
+        let dir = std::env::temp_dir().join(format!(
+            "edgeward-offline-{}-{}",
+            std::process::id(),
+            crate::measure::hex(&nonce)
+        ));
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&dir)
+            .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", dir.display()))?;
+        let socket = dir.join("api.sock");
+        let listener = tokio::net::UnixListener::bind(&socket)
+            .map_err(|e| anyhow::anyhow!("cannot bind {}: {e}", socket.display()))?;
+        // No receiver: every change is answered 503.
+        let (commands, _) = mpsc::channel(1);
+        let (stop_tx, stop) = tokio::sync::watch::channel(false);
+        let hsm_backend = match &config.hsm {
+            crate::hsm::HsmConfig::Soft => "soft",
+            #[cfg(feature = "tpm")]
+            crate::hsm::HsmConfig::Tpm(_) => "tpm",
+            #[cfg(feature = "pkcs11")]
+            crate::hsm::HsmConfig::Pkcs11(_) => "pkcs11",
+        };
+        let state = Arc::new(ApiState {
+            registry: Arc::new(registry),
+            state_dir: state_dir.to_owned(),
+            components: ComponentStore::open(state_dir)?,
+            commands,
+            settings: ApiSettings::default(),
+            daemon_uid: rustix::process::getuid().as_raw(),
+            ceilings: config.runtime.ceilings,
+            info: SystemInfo {
+                version: crate::VERSION.to_owned(),
+                runtime_platform_version: format!("wasmtime {}", crate::WASMTIME_VERSION),
+                hsm_backend: hsm_backend.to_owned(),
+                device_id: config.identity.device_id.clone(),
+                trust_domain: config.identity.trust_domain.clone(),
+            },
+            started: Instant::now(),
+            refusals: LogLimiter::new("management-api", "refused management requests"),
+            uploads: tokio::sync::Semaphore::new(1),
+            stop: stop.clone(),
+        });
+        let mut until = stop;
+        tokio::spawn(serve(PeerListener::new(listener), state, async move {
+            let _ = until.wait_for(|s| *s).await;
+        }));
+        Ok(Self {
+            socket,
+            dir,
+            _stop: stop_tx,
+        })
+    }
+}
+
 /// Serves `router` on `listener` until `stop` resolves.
 ///
 /// # Errors
@@ -573,7 +664,7 @@ async fn system_info(State(state): State<Arc<ApiState>>) -> Result<Response, Api
     let running = modules
         .iter()
         .filter(|m| {
-            records::status_of(&state.state_dir, &m.spec.name)
+            records::status_of(&state.registry, &m.spec.name)
                 .is_some_and(|s| s.state == records::ModuleState::Running)
         })
         .count();
@@ -637,7 +728,7 @@ fn all_views(state: &ApiState) -> Result<Vec<ModuleView>, ApiError> {
         .map(|m| {
             view(
                 m,
-                records::status_of(&state.state_dir, &m.spec.name).as_ref(),
+                records::status_of(&state.registry, &m.spec.name).as_ref(),
             )
         })
         .collect())
@@ -705,10 +796,7 @@ async fn show_module(
     UrlPath(name): UrlPath<String>,
 ) -> Result<Response, ApiError> {
     let record = record_of(&state, &name)?;
-    let mut v = view(
-        &record,
-        records::status_of(&state.state_dir, &name).as_ref(),
-    );
+    let mut v = view(&record, records::status_of(&state.registry, &name).as_ref());
     v.spec = Some(record.spec);
     Ok(axum::Json(v).into_response())
 }
@@ -740,7 +828,12 @@ pub(crate) async fn ask_as<T>(
     command: impl FnOnce(oneshot::Sender<Result<T, ApiError>>) -> Command,
 ) -> Result<T, ApiError> {
     let (tx, rx) = oneshot::channel();
-    let stopping = || ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "the daemon is stopping");
+    let stopping = || {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no daemon runs (or it is stopping): changes need a running daemon",
+        )
+    };
     state
         .commands
         .send(Request {
@@ -792,7 +885,7 @@ fn current_view(state: &ApiState, name: &str) -> Result<ModuleView, ApiError> {
     let record = record_of(state, name)?;
     Ok(view(
         &record,
-        records::status_of(&state.state_dir, name).as_ref(),
+        records::status_of(&state.registry, name).as_ref(),
     ))
 }
 

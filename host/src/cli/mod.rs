@@ -58,7 +58,8 @@ enum Command {
         #[command(subcommand)]
         command: HsmCommand,
     },
-    /// Show each module's state, starts and last exit, as the daemon recorded them.
+    /// Each module's state, origin and digest: `edgeward module list` (with
+    /// or without a daemon).
     Status {
         /// Config file (for its state_dir).
         #[arg(long, value_name = "FILE")]
@@ -67,7 +68,8 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Print a module's recorded output (oldest first), or its exit records.
+    /// A module's recorded output (oldest first), or its exit records:
+    /// `edgeward module logs` / `exits` (with or without a daemon).
     Logs {
         /// The module's name.
         module: String,
@@ -277,7 +279,7 @@ pub fn main() -> ExitCode {
         }
         Command::Status { config, json } => {
             init_logging("warn");
-            status_command(cli.state_dir, config, json)
+            module::status(config, json, cli.state_dir.as_deref())
         }
         Command::Logs {
             module,
@@ -285,7 +287,7 @@ pub fn main() -> ExitCode {
             config,
         } => {
             init_logging("warn");
-            logs_command(cli.state_dir, config, &module, exits)
+            module::logs_alias(config, module, exits, cli.state_dir.as_deref())
         }
         Command::Bundle { format, config } => {
             init_logging("warn");
@@ -293,7 +295,7 @@ pub fn main() -> ExitCode {
         }
         Command::Module(args) => {
             init_logging("warn");
-            module::command(args)
+            module::command(args, cli.state_dir.as_deref())
         }
         Command::Check {
             config,
@@ -317,7 +319,7 @@ pub fn main() -> ExitCode {
         }
         Command::Deployment(args) => {
             init_logging("warn");
-            module::deployment(args)
+            module::deployment(args, cli.state_dir.as_deref())
         }
         Command::Deregister { module, config } => {
             init_logging("warn");
@@ -630,107 +632,6 @@ fn inspect_context(
     .and_then(|d| state::ensure_private_dir(&d).map(|()| d))
     .map_err(|e| fail(e, 2))?;
     Ok((cfg, dir))
-}
-
-fn status_command(
-    state_flag: Option<PathBuf>,
-    config_flag: Option<PathBuf>,
-    json: bool,
-) -> ExitCode {
-    let (_, state_dir) = match inspect_context(state_flag.as_deref(), config_flag) {
-        Ok(x) => x,
-        Err(code) => return code,
-    };
-    let statuses = daemon::records::read_statuses(&state_dir);
-    if json {
-        let list: Vec<serde_json::Value> = statuses
-            .iter()
-            .map(|s| match s {
-                Ok(s) => serde_json::to_value(s).unwrap_or_default(),
-                Err(e) => serde_json::json!({ "error": e }),
-            })
-            .collect();
-        println!("{:#}", serde_json::Value::Array(list));
-        return ExitCode::SUCCESS;
-    }
-    println!(
-        "{:<24} {:<14} {:>6}  LAST EXIT",
-        "MODULE", "STATE", "STARTS"
-    );
-    for s in &statuses {
-        match s {
-            Ok(s) => {
-                let state = serde_json::to_value(s.state)
-                    .ok()
-                    .and_then(|v| v.as_str().map(str::to_owned))
-                    .unwrap_or_default();
-                let last = match (&s.last_exit, &s.reason) {
-                    (Some(e), _) => {
-                        let detail = e
-                            .reason
-                            .as_deref()
-                            .map(|r| r.lines().next().unwrap_or("").to_owned());
-                        match (e.status, detail) {
-                            (Some(code), _) => format!("{} {} (status {code})", e.at, e.outcome),
-                            (None, Some(d)) => format!("{} {}: {d}", e.at, e.outcome),
-                            (None, None) => format!("{} {}", e.at, e.outcome),
-                        }
-                    }
-                    (None, Some(reason)) => reason.lines().next().unwrap_or("").to_owned(),
-                    (None, None) => "-".to_owned(),
-                };
-                let last = crate::runtime::escape::escape_str(&last);
-                println!("{:<24} {:<14} {:>6}  {last}", s.module, state, s.starts);
-            }
-            Err(e) => println!("(unreadable) {e}"),
-        }
-    }
-    ExitCode::SUCCESS
-}
-
-fn logs_command(
-    state_flag: Option<PathBuf>,
-    config_flag: Option<PathBuf>,
-    module: &str,
-    exits: bool,
-) -> ExitCode {
-    if !spec::valid_module_name(module) {
-        return fail(format!("invalid module name {module:?}"), 2);
-    }
-    let (_, state_dir) = match inspect_context(state_flag.as_deref(), config_flag) {
-        Ok(x) => x,
-        Err(code) => return code,
-    };
-    if !daemon::records::module_dir(&state_dir, module).exists() {
-        return fail(
-            format!(
-                "no records for module {module:?} in {}",
-                state_dir.display()
-            ),
-            1,
-        );
-    }
-    let log = if exits {
-        daemon::records::exits_log(&state_dir, module)
-    } else {
-        daemon::records::output_log(&state_dir, module)
-    };
-    // Escaped at write time already; escaped again for the terminal in case
-    // the file is older than that, or was edited.
-    let mut stdout = std::io::stdout().lock();
-    for f in log.files() {
-        match std::fs::read(&f) {
-            Ok(bytes) => {
-                use std::io::Write as _;
-                let shown = crate::runtime::escape::for_terminal(&bytes);
-                if let Err(e) = stdout.write_all(&shown) {
-                    return fail(format!("{}: {e}", f.display()), 1);
-                }
-            }
-            Err(e) => return fail(format!("{}: {e}", f.display()), 1),
-        }
-    }
-    ExitCode::SUCCESS
 }
 
 fn hsm_info(state_flag: Option<PathBuf>, config_flag: Option<PathBuf>, json: bool) -> ExitCode {

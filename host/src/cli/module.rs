@@ -143,27 +143,160 @@ struct AddArgs {
     max_memory: Option<String>,
 }
 
+/// Where a command's requests go: the daemon's socket, or, for a command
+/// that only reads while no daemon answers, the records served read-only
+/// by this process ([`crate::api::Offline`]).
+struct Target {
+    socket: PathBuf,
+    rt: tokio::runtime::Runtime,
+    _offline: Option<crate::api::Offline>,
+}
+
 /// The socket and a runtime to talk to it, or the exit code of why not.
-fn connect(
+fn connect(socket: Option<PathBuf>, config: Option<PathBuf>) -> Result<Target, ExitCode> {
+    connect_for(socket, config, None)
+}
+
+/// [`connect`]; with `reads_from` (the `--state-dir` flag, if any), a
+/// daemon that does not answer is replaced by the state dir's records.
+fn connect_for(
     socket: Option<PathBuf>,
     config: Option<PathBuf>,
-) -> Result<(PathBuf, tokio::runtime::Runtime), ExitCode> {
-    let configured = optional_config(config)?.and_then(|c| c.api.socket);
+    reads_from: Option<Option<&Path>>,
+) -> Result<Target, ExitCode> {
+    let cfg = optional_config(config)?;
+    let configured = cfg.as_ref().and_then(|c| c.api.socket.clone());
     let socket = crate::api::socket_path(socket.as_deref(), configured.as_deref())
         .map_err(|e| fail(e, 2))?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(|e| fail(format!("cannot start the async runtime: {e}"), 1))?;
-    Ok((socket, rt))
+    let Some(state_flag) = reads_from else {
+        return Ok(Target {
+            socket,
+            rt,
+            _offline: None,
+        });
+    };
+    let state_dir = crate::state::resolve(
+        state_flag,
+        cfg.as_ref().and_then(|c| c.state_dir.as_deref()),
+    )
+    .map_err(|e| fail(e, 2))?;
+    let cfg = cfg.unwrap_or_else(crate::config::Config::empty);
+    // A daemon that is starting holds the registry a moment before its
+    // socket answers: then wait for the socket.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        if std::os::unix::net::UnixStream::connect(&socket).is_ok() {
+            return Ok(Target {
+                socket,
+                rt,
+                _offline: None,
+            });
+        }
+        let started = {
+            let _in_runtime = rt.enter();
+            crate::api::Offline::start(&state_dir, &cfg)
+        };
+        match started {
+            Ok(offline) => {
+                return Ok(Target {
+                    socket: offline.socket.clone(),
+                    rt,
+                    _offline: Some(offline),
+                });
+            }
+            Err(e)
+                if std::time::Instant::now() < deadline
+                    && matches!(
+                        e.downcast_ref::<crate::registry::RegistryError>(),
+                        Some(crate::registry::RegistryError::Busy(_))
+                    ) =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            Err(e) => {
+                return Err(fail(
+                    format!(
+                        "no daemon answers on {} and its records cannot be read: {e:#}",
+                        socket.display()
+                    ),
+                    1,
+                ));
+            }
+        }
+    }
 }
 
-/// Runs `edgeward module ...`.
-pub(super) fn command(args: ModuleArgs) -> ExitCode {
-    match connect(args.socket, args.config) {
-        Ok((socket, rt)) => rt.block_on(run(&socket, args.command)),
+impl ModuleCommand {
+    /// Whether it only reads (and so works without a daemon).
+    fn reads_only(&self) -> bool {
+        matches!(
+            self,
+            Self::List { .. } | Self::Show { .. } | Self::Logs { .. } | Self::Exits { .. }
+        )
+    }
+}
+
+/// Runs `edgeward module ...`; `state_flag` is `--state-dir`, for reading
+/// the records when no daemon runs.
+pub(super) fn command(args: ModuleArgs, state_flag: Option<&Path>) -> ExitCode {
+    let reads = args.command.reads_only().then_some(state_flag);
+    match connect_for(args.socket, args.config, reads) {
+        Ok(t) => t.rt.block_on(run(&t.socket, args.command)),
         Err(code) => code,
     }
+}
+
+/// `edgeward status`: `edgeward module list`.
+pub(super) fn status(config: Option<PathBuf>, json: bool, state_flag: Option<&Path>) -> ExitCode {
+    command(
+        ModuleArgs {
+            socket: None,
+            config,
+            command: ModuleCommand::List { json },
+        },
+        state_flag,
+    )
+}
+
+/// `edgeward logs`: `edgeward module logs` (or `exits`).
+pub(super) fn logs_alias(
+    config: Option<PathBuf>,
+    name: String,
+    exits: bool,
+    state_flag: Option<&Path>,
+) -> ExitCode {
+    let command = if exits {
+        ModuleCommand::Exits { name }
+    } else {
+        ModuleCommand::Logs {
+            name,
+            tail: None,
+            since: None,
+            until: None,
+            follow: false,
+            no_timestamps: false,
+        }
+    };
+    command_with(config, command, state_flag)
+}
+
+fn command_with(
+    config: Option<PathBuf>,
+    command: ModuleCommand,
+    state_flag: Option<&Path>,
+) -> ExitCode {
+    self::command(
+        ModuleArgs {
+            socket: None,
+            config,
+            command,
+        },
+        state_flag,
+    )
 }
 
 /// `edgeward deploy` and `edgeward deployment`.
@@ -212,27 +345,29 @@ enum DeploymentCommand {
 /// Runs `edgeward deploy MANIFEST`.
 pub(super) fn deploy(args: DeployArgs) -> ExitCode {
     match connect(args.socket, args.config) {
-        Ok((socket, rt)) => rt
-            .block_on(deploy_manifest(&socket, &args.manifest, args.dry_run))
-            .unwrap_or_else(|c| c),
+        Ok(t) => {
+            t.rt.block_on(deploy_manifest(&t.socket, &args.manifest, args.dry_run))
+                .unwrap_or_else(|c| c)
+        }
         Err(code) => code,
     }
 }
 
-/// Runs `edgeward deployment show|plan`.
-pub(super) fn deployment(args: DeploymentArgs) -> ExitCode {
+/// Runs `edgeward deployment show|status|plan` (with or without a daemon).
+pub(super) fn deployment(args: DeploymentArgs, state_flag: Option<&Path>) -> ExitCode {
     let path = match args.what {
         DeploymentCommand::Show => "/v1/deployment",
         DeploymentCommand::Plan => "/v1/deployment/plan",
         DeploymentCommand::Status => "/v1/deployment/status",
     };
-    match connect(args.socket, args.config) {
-        Ok((socket, rt)) => rt
-            .block_on(async {
-                get(&socket, path, true).await?;
+    match connect_for(args.socket, args.config, Some(state_flag)) {
+        Ok(t) => {
+            t.rt.block_on(async {
+                get(&t.socket, path, true).await?;
                 Ok(ExitCode::SUCCESS)
             })
-            .unwrap_or_else(|c| c),
+            .unwrap_or_else(|c| c)
+        }
         Err(code) => code,
     }
 }
@@ -595,7 +730,7 @@ pub(super) struct EventsArgs {
 /// Runs `edgeward events [-f]`: JSON lines, as the daemon sends them.
 pub(super) fn events(args: EventsArgs) -> ExitCode {
     let (socket, rt) = match connect(args.socket, args.config) {
-        Ok(x) => x,
+        Ok(t) => (t.socket, t.rt),
         Err(code) => return code,
     };
     let path = if args.follow {
@@ -643,9 +778,9 @@ enum SystemCommand {
 pub(super) fn system(args: SystemArgs) -> ExitCode {
     let SystemCommand::Info { json } = args.what;
     match connect(args.socket, args.config) {
-        Ok((socket, rt)) => rt
-            .block_on(async {
-                let Some(v) = get(&socket, "/v1/system/info", json).await? else {
+        Ok(t) => {
+            t.rt.block_on(async {
+                let Some(v) = get(&t.socket, "/v1/system/info", json).await? else {
                     return Ok(ExitCode::SUCCESS);
                 };
                 let s = |k: &str| match &v[k] {
@@ -668,7 +803,8 @@ pub(super) fn system(args: SystemArgs) -> ExitCode {
                 );
                 Ok(ExitCode::SUCCESS)
             })
-            .unwrap_or_else(|c| c),
+            .unwrap_or_else(|c| c)
+        }
         Err(code) => code,
     }
 }

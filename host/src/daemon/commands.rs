@@ -313,7 +313,8 @@ async fn remove(sup: &mut Supervisor, name: &str, by: Origin) -> Result<(), ApiE
 async fn delete_module(sup: &mut Supervisor, name: &str) -> Result<(), ApiError> {
     let dir = sup.state_dir().to_owned();
     let n = name.to_owned();
-    tokio::task::spawn_blocking(move || super::records::delete(&dir, &n))
+    let registry = sup.shared_registry();
+    tokio::task::spawn_blocking(move || super::records::delete(&registry, &dir, &n))
         .await
         .map_err(internal)?
         .map_err(|e| internal(format!("cannot delete the module's files: {e}")))?;

@@ -100,7 +100,7 @@ pub fn raise_fd_limit() -> Option<u64> {
 pub async fn run(config: Config, state_dir: PathBuf, socket: PathBuf) -> anyhow::Result<()> {
     state::ensure_private_dir(&state_dir)?;
     let _lock = state::lock_for_daemon(&state_dir)?;
-    let registry = Arc::new(crate::registry::Registry::open(&state_dir)?);
+    let registry = Arc::new(open_registry(&state_dir).await?);
     let listener = api::bind(&socket, config.api.group)?;
     let fd_limit = raise_fd_limit();
     let max_memory = config
@@ -228,6 +228,23 @@ pub async fn run(config: Config, state_dir: PathBuf, socket: PathBuf) -> anyhow:
     records::flush();
     tracing::info!("edgeward daemon stopped");
     Ok(())
+}
+
+/// Opens the registry. This daemon holds the state dir's lock, so another
+/// holder can only be an operator command reading it while no daemon ran
+/// (briefly): it is waited for, up to 10 s.
+async fn open_registry(state_dir: &Path) -> anyhow::Result<crate::registry::Registry> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match crate::registry::Registry::open(state_dir) {
+            Err(crate::registry::RegistryError::Busy(_))
+                if std::time::Instant::now() < deadline =>
+            {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            r => return Ok(r?),
+        }
+    }
 }
 
 /// Waits for SIGINT or SIGTERM; says which.

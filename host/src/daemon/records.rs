@@ -1,15 +1,15 @@
-//! What the daemon records about each module, under
-//! `<state>/modules/<name>/`: `status.json` (its current state, rewritten
-//! atomically on every transition), `log/exits.log` (one JSON line per
-//! exit, bounded) and `log/output.log` (its stdout/stderr, bounded and
-//! rotated). `edgeward status` and `edgeward logs` read them.
+//! What the daemon records about each module: its status (state, starts,
+//! reason, last exit) in the registry, rewritten on every transition, and
+//! under `<state>/modules/<name>/log/` `exits.log` (one JSON line per
+//! exit, bounded) and `output.log` (its stdout/stderr, bounded and
+//! rotated). The management API and `edgeward module list/logs` read them.
 //!
-//! Status files and exit records are written by one thread of their own
-//! (each status write is a temporary file, two fsyncs and a rename): a slow
-//! disk, or a thousand modules changing state at once, never holds up the
-//! threads that run modules. Statuses are coalesced per module (the latest
-//! wins); exit records are appended in order. [`flush`] waits for all of it
-//! (the daemon calls it before it exits).
+//! Statuses and exit records are written by one thread of their own (each
+//! batch of statuses is one registry transaction): a slow disk, or a
+//! thousand modules changing state at once, never holds up the threads
+//! that run modules. Statuses are coalesced per module (the latest wins)
+//! and written together; exit records are appended in order. [`flush`]
+//! waits for all of it (the daemon calls it before it exits).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -18,13 +18,19 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::registry::Registry;
 use crate::runtime::Exit;
 use crate::runtime::logfile::{DEFAULT_KEEP, DEFAULT_MAX_BYTES, RotatingLog, now_rfc3339};
 use crate::state;
 
+/// A status waiting to be written: the registry's file, the module.
+type StatusKey = (PathBuf, String);
+/// Statuses for one registry: (module, encoded status).
+type Batch = Vec<(String, Vec<u8>)>;
+
 #[derive(Default)]
 struct Pending {
-    statuses: HashMap<PathBuf, (String, Vec<u8>)>,
+    statuses: HashMap<StatusKey, (Arc<Registry>, Vec<u8>)>,
     exits: Vec<(String, Arc<RotatingLog>, Vec<u8>)>,
     busy: bool,
 }
@@ -71,11 +77,18 @@ impl Writer {
                     tracing::warn!(module = %name, error = %e, "cannot record module exit");
                 }
             }
-            for (path, (name, bytes)) in statuses {
+            // One transaction per registry for the whole batch.
+            let mut by_registry: HashMap<PathBuf, (Arc<Registry>, Batch)> = HashMap::new();
+            for ((path, name), (registry, bytes)) in statuses {
+                by_registry
+                    .entry(path)
+                    .or_insert_with(|| (registry, Vec::new()))
+                    .1
+                    .push((name, bytes));
+            }
+            for (registry, batch) in by_registry.into_values() {
                 slow_disk_for_tests();
-                if let Err(e) = state::write_atomic(&path, &bytes) {
-                    tracing::warn!(module = %name, path = %path.display(), error = %e, "cannot write module status");
-                }
+                write_statuses(&registry, &batch);
             }
             if let Ok(mut p) = self.pending.lock() {
                 p.busy = false;
@@ -91,6 +104,16 @@ impl Writer {
             f(&mut p);
             self.wake.notify_one();
         }
+    }
+}
+
+fn write_statuses(registry: &Registry, batch: &[(String, Vec<u8>)]) {
+    let refs: Vec<(&str, &[u8])> = batch
+        .iter()
+        .map(|(n, b)| (n.as_str(), b.as_slice()))
+        .collect();
+    if let Err(e) = registry.put_statuses(&refs) {
+        tracing::warn!(modules = batch.len(), error = %e, "cannot write module statuses");
     }
 }
 
@@ -203,7 +226,7 @@ impl ExitRecord {
     }
 }
 
-/// The contents of `status.json`.
+/// A module's status, as the registry keeps it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Status {
     /// The module.
@@ -222,11 +245,11 @@ pub struct Status {
     pub last_exit: Option<ExitRecord>,
 }
 
-/// Where one module's files live, and the writers for them.
+/// Where one module's records go, and the writers for them.
 #[derive(Debug, Clone)]
 pub struct ModuleRecords {
     name: String,
-    dir: PathBuf,
+    registry: Arc<Registry>,
     output: Arc<RotatingLog>,
     exits: Arc<RotatingLog>,
 }
@@ -255,19 +278,19 @@ pub fn exits_log(state_dir: &Path, name: &str) -> RotatingLog {
 }
 
 impl ModuleRecords {
-    /// Creates the module's directories (0700).
+    /// Creates the module's log directory (0700); its status goes to
+    /// `registry`.
     ///
     /// # Errors
     ///
     /// I/O errors naming the directory.
-    pub fn open(state_dir: &Path, name: &str) -> std::io::Result<Self> {
-        let dir = module_dir(state_dir, name);
-        state::ensure_private_dir(&dir.join("log"))?;
+    pub fn open(registry: &Arc<Registry>, state_dir: &Path, name: &str) -> std::io::Result<Self> {
+        state::ensure_private_dir(&module_dir(state_dir, name).join("log"))?;
         Ok(Self {
             name: name.to_owned(),
+            registry: registry.clone(),
             output: Arc::new(output_log(state_dir, name)),
             exits: Arc::new(exits_log(state_dir, name)),
-            dir,
         })
     }
 
@@ -281,8 +304,9 @@ impl ModuleRecords {
         self.output.clone()
     }
 
-    /// Writes `status.json`. Failures are logged, not fatal: supervision
-    /// goes on without its bookkeeping.
+    /// Records the module's status (in the registry, off this thread).
+    /// Failures are logged, not fatal: supervision goes on without its
+    /// bookkeeping.
     pub fn set_status(
         &self,
         state: ModuleState,
@@ -300,8 +324,8 @@ impl ModuleRecords {
             reason,
             last_exit,
         };
-        let path = self.dir.join("status.json");
-        remember(&path, &status);
+        let key = (self.registry.path().to_owned(), self.name.clone());
+        remember(&key, &status);
         super::events::publish(super::events::Event {
             at: status.updated.clone(),
             module: self.name.clone(),
@@ -319,13 +343,9 @@ impl ModuleRecords {
         };
         match writer() {
             Some(w) => w.push(|p| {
-                p.statuses.insert(path, (self.name.clone(), bytes));
+                p.statuses.insert(key, (self.registry.clone(), bytes));
             }),
-            None => {
-                if let Err(e) = state::write_atomic(&path, &bytes) {
-                    tracing::warn!(module = %self.name, path = %path.display(), error = %e, "cannot write module status");
-                }
-            }
+            None => write_statuses(&self.registry, &[(self.name.clone(), bytes)]),
         }
     }
 
@@ -333,10 +353,7 @@ impl ModuleRecords {
     /// said (starts, digest, last exit).
     pub fn mark_failed(&self, reason: String) {
         flush();
-        let path = self.dir.join("status.json");
-        let prev: Option<Status> = std::fs::read(&path)
-            .ok()
-            .and_then(|b| serde_json::from_slice(&b).ok());
+        let prev = status_of(&self.registry, &self.name);
         let (starts, digest, last_exit) =
             prev.map_or((0, None, None), |s| (s.starts, s.digest, s.last_exit));
         self.set_status(ModuleState::Failed, starts, digest, Some(reason), last_exit);
@@ -365,45 +382,45 @@ impl ModuleRecords {
     }
 }
 
-/// The latest status of each module this process wrote or read, by the
-/// path of its `status.json` (the management API answers from here, not
-/// from disk).
-static LATEST: OnceLock<Mutex<HashMap<PathBuf, Status>>> = OnceLock::new();
+/// The latest status of each module this process wrote or read, by
+/// registry and name (the management API answers from here).
+static LATEST: OnceLock<Mutex<HashMap<StatusKey, Status>>> = OnceLock::new();
 
-fn latest() -> &'static Mutex<HashMap<PathBuf, Status>> {
+fn latest() -> &'static Mutex<HashMap<StatusKey, Status>> {
     LATEST.get_or_init(Mutex::default)
 }
 
-fn remember(path: &Path, status: &Status) {
+fn remember(key: &StatusKey, status: &Status) {
     if let Ok(mut m) = latest().lock() {
-        m.insert(path.to_owned(), status.clone());
+        m.insert(key.clone(), status.clone());
     }
 }
 
-/// Module `name`'s latest status: as this process last set it, else as
-/// its `status.json` says (then remembered). `None`: it has none.
-pub fn status_of(state_dir: &Path, name: &str) -> Option<Status> {
-    let path = module_dir(state_dir, name).join("status.json");
-    if let Some(s) = latest().lock().ok().and_then(|m| m.get(&path).cloned()) {
+/// Module `name`'s latest status: as this process last set it, else as the
+/// registry has it (then remembered). `None`: it has none.
+pub fn status_of(registry: &Registry, name: &str) -> Option<Status> {
+    let key = (registry.path().to_owned(), name.to_owned());
+    if let Some(s) = latest().lock().ok().and_then(|m| m.get(&key).cloned()) {
         return Some(s);
     }
-    let s: Status = serde_json::from_slice(&std::fs::read(&path).ok()?).ok()?;
-    remember(&path, &s);
+    let s: Status = serde_json::from_slice(&registry.status(name).ok()??).ok()?;
+    remember(&key, &s);
     Some(s)
 }
 
-/// Deletes module `name`'s records (status, logs, data): waits for pending
-/// writes first, so none lands after.
+/// Deletes module `name`'s files (logs, data) and forgets its status here:
+/// waits for pending writes first, so none lands after. The registry's
+/// status goes with its record ([`Registry::remove_module`]).
 ///
 /// # Errors
 ///
 /// When the directory cannot be deleted.
-pub fn delete(state_dir: &Path, name: &str) -> std::io::Result<()> {
+pub fn delete(registry: &Registry, state_dir: &Path, name: &str) -> std::io::Result<()> {
     flush();
-    let dir = module_dir(state_dir, name);
     if let Ok(mut m) = latest().lock() {
-        m.remove(&dir.join("status.json"));
+        m.remove(&(registry.path().to_owned(), name.to_owned()));
     }
+    let dir = module_dir(state_dir, name);
     match std::fs::remove_dir_all(&dir) {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
         _ => {
@@ -413,23 +430,16 @@ pub fn delete(state_dir: &Path, name: &str) -> std::io::Result<()> {
     }
 }
 
-/// Reads every module's `status.json` under `state_dir`, sorted by name.
-/// Unreadable or malformed files are reported as errors in the list.
-pub fn read_statuses(state_dir: &Path) -> Vec<Result<Status, String>> {
-    let Ok(entries) = std::fs::read_dir(state_dir.join("modules")) else {
-        return Vec::new();
+/// Every module's status in `registry`, sorted by name. Undecodable ones
+/// are reported as errors in the list.
+pub fn read_statuses(registry: &Registry) -> Vec<Result<Status, String>> {
+    let all = match registry.statuses() {
+        Ok(all) => all,
+        Err(e) => return vec![Err(e.to_string())],
     };
-    let mut paths: Vec<PathBuf> = entries
-        .flatten()
-        .map(|e| e.path().join("status.json"))
-        .filter(|p| p.exists())
-        .collect();
-    paths.sort();
-    paths
-        .into_iter()
-        .map(|p| {
-            let bytes = std::fs::read(&p).map_err(|e| format!("{}: {e}", p.display()))?;
-            serde_json::from_slice(&bytes).map_err(|e| format!("{}: {e}", p.display()))
+    all.into_iter()
+        .map(|(name, bytes)| {
+            serde_json::from_slice(&bytes).map_err(|e| format!("status of {name:?}: {e}"))
         })
         .collect()
 }
@@ -443,7 +453,8 @@ mod tests {
     #[test]
     fn records_are_written_off_the_callers_thread() {
         let dir = tempfile::tempdir().unwrap();
-        let records = ModuleRecords::open(dir.path(), "m").unwrap();
+        let registry = Arc::new(Registry::open(dir.path()).unwrap());
+        let records = ModuleRecords::open(&registry, dir.path(), "m").unwrap();
         TEST_WRITE_DELAY_MS.store(50, std::sync::atomic::Ordering::Relaxed);
         let t = std::time::Instant::now();
         for i in 0..100 {
@@ -457,7 +468,7 @@ mod tests {
             "recording blocked for {took:?}"
         );
         flush();
-        let s = read_statuses(dir.path()).pop().unwrap().unwrap();
+        let s = read_statuses(&registry).pop().unwrap().unwrap();
         assert_eq!((s.state, s.starts), (ModuleState::BackingOff, 99));
         let exits = std::fs::read_to_string(exits_log(dir.path(), "m").path()).unwrap();
         assert_eq!(exits.lines().count(), 100);

@@ -123,6 +123,11 @@ impl Supervisor {
         &self.registry
     }
 
+    /// The registry, to hand to a blocking task.
+    pub fn shared_registry(&self) -> Arc<Registry> {
+        self.registry.clone()
+    }
+
     /// Destroys a removed registration's own key (PKCS#11), on the
     /// blocking pool.
     pub async fn forget(&self, rec: crate::registry::StoredRegistration) {
@@ -202,7 +207,7 @@ impl Supervisor {
     }
 
     fn records(&self, name: &str) -> anyhow::Result<ModuleRecords> {
-        ModuleRecords::open(&self.state_dir, name).map_err(|e| {
+        ModuleRecords::open(&self.registry, &self.state_dir, name).map_err(|e| {
             tracing::error!(module = name, error = %e, "module refused: cannot create its state");
             anyhow::anyhow!("cannot create its state: {e}")
         })
@@ -288,14 +293,14 @@ impl Supervisor {
     /// status may still say what an earlier daemon last saw, even
     /// `running` after a crash).
     pub fn mark_stopped(&self, name: &str) {
-        let last = records::status_of(&self.state_dir, name);
+        let last = records::status_of(&self.registry, name);
         if last
             .as_ref()
             .is_some_and(|s| s.state == ModuleState::Stopped)
         {
             return;
         }
-        if let Ok(r) = ModuleRecords::open(&self.state_dir, name) {
+        if let Ok(r) = ModuleRecords::open(&self.registry, &self.state_dir, name) {
             let (starts, digest, exit) =
                 last.map_or((0, None, None), |s| (s.starts, s.digest, s.last_exit));
             r.set_status(ModuleState::Stopped, starts, digest, None, exit);
@@ -306,7 +311,7 @@ impl Supervisor {
     /// no longer validates, say), and logs it.
     pub fn refuse(&self, name: &str, reason: &str) {
         tracing::error!(module = name, error = reason, "module refused");
-        if let Ok(records) = ModuleRecords::open(&self.state_dir, name) {
+        if let Ok(records) = ModuleRecords::open(&self.registry, &self.state_dir, name) {
             records.set_status(ModuleState::Refused, 0, None, Some(reason.to_owned()), None);
         }
     }
@@ -606,13 +611,14 @@ mod tests {
     #[tokio::test]
     async fn a_panicking_supervisor_is_recorded_as_failed() {
         let dir = tempfile::tempdir().unwrap();
-        let records = ModuleRecords::open(dir.path(), "m").unwrap();
+        let registry = Arc::new(Registry::open(dir.path()).unwrap());
+        let records = ModuleRecords::open(&registry, dir.path(), "m").unwrap();
         records.set_status(ModuleState::Running, 3, Some("sha256:x".into()), None, None);
         let mut tasks = Tasks::default();
         tasks.spawn_module(records, async { panic!("supervision bug") });
         tasks.drain().await;
         records::flush();
-        let s = records::read_statuses(dir.path()).pop().unwrap().unwrap();
+        let s = records::read_statuses(&registry).pop().unwrap().unwrap();
         assert_eq!(s.state, ModuleState::Failed);
         assert!(s.reason.unwrap().contains("supervision bug"));
         assert_eq!((s.starts, s.digest.as_deref()), (3, Some("sha256:x")));

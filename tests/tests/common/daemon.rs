@@ -186,7 +186,7 @@ pub fn status_when(
 pub fn status_of<'a>(statuses: &'a [serde_json::Value], name: &str) -> &'a serde_json::Value {
     statuses
         .iter()
-        .find(|v| v["module"] == name)
+        .find(|v| v["name"] == name)
         .unwrap_or(&serde_json::Value::Null)
 }
 
