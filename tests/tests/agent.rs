@@ -274,16 +274,21 @@ fn a_hostile_agents_calls_are_refused() {
     wait_until("the agent to run", || state_of(&s, "agent") != "absent");
     let o = module(&s, &["add", "op", SENSOR]);
     assert_status(&o, 0);
-    // The probe's first run may have raced the add; a later one sees op.
-    wait_until("a run of the probe that saw op", || {
-        logs(&s, "agent").contains("list-after: ok [\"agent=config\", \"op=operator\"]")
+    // The probe's first run may have raced the add; a later one, whole,
+    // sees op from its start.
+    let whole_run = |log: &str| -> Option<Vec<String>> {
+        let run: Vec<String> = log
+            .lines()
+            .skip_while(|l| !l.contains("list: ok 2"))
+            .map(str::to_owned)
+            .collect();
+        let end = run.iter().position(|l| l.contains("done"))?;
+        Some(run[..end].to_vec())
+    };
+    wait_until("a whole run of the probe that saw op", || {
+        whole_run(&logs(&s, "agent")).is_some()
     });
-    let log = logs(&s, "agent");
-    let run: Vec<&str> = log
-        .lines()
-        .skip_while(|l| !l.contains("list: ok 2"))
-        .take_while(|l| !l.contains("done"))
-        .collect();
+    let run = whole_run(&logs(&s, "agent")).unwrap();
     let said = |call: &str| {
         run.iter()
             .find(|l| l.contains(&format!("{call}: ")))

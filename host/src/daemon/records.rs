@@ -243,7 +243,14 @@ pub struct Status {
     pub reason: Option<String>,
     /// The latest exit.
     pub last_exit: Option<ExitRecord>,
+    /// The last [`RECENT_EXITS`] exits, oldest first (the exits log keeps
+    /// a longer history).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub recent_exits: Vec<ExitRecord>,
 }
+
+/// How many exits a module's status keeps.
+pub const RECENT_EXITS: usize = 10;
 
 /// Where one module's records go, and the writers for them.
 #[derive(Debug, Clone)]
@@ -252,6 +259,8 @@ pub struct ModuleRecords {
     registry: Arc<Registry>,
     output: Arc<RotatingLog>,
     exits: Arc<RotatingLog>,
+    /// The last exits, carried into every status.
+    recent: Arc<Mutex<std::collections::VecDeque<ExitRecord>>>,
 }
 
 /// `<state>/modules/<name>`.
@@ -286,8 +295,10 @@ impl ModuleRecords {
     /// I/O errors naming the directory.
     pub fn open(registry: &Arc<Registry>, state_dir: &Path, name: &str) -> std::io::Result<Self> {
         state::ensure_private_dir(&module_dir(state_dir, name).join("log"))?;
+        let recent = status_of(registry, name).map_or_else(Vec::new, |s| s.recent_exits);
         Ok(Self {
             name: name.to_owned(),
+            recent: Arc::new(Mutex::new(recent.into())),
             registry: registry.clone(),
             output: Arc::new(output_log(state_dir, name)),
             exits: Arc::new(exits_log(state_dir, name)),
@@ -323,6 +334,11 @@ impl ModuleRecords {
             digest,
             reason,
             last_exit,
+            recent_exits: self
+                .recent
+                .lock()
+                .map(|r| r.iter().cloned().collect())
+                .unwrap_or_default(),
         };
         let key = (self.registry.path().to_owned(), self.name.clone());
         remember(&key, &status);
@@ -361,6 +377,12 @@ impl ModuleRecords {
 
     /// Appends an exit record (on the record writer's thread).
     pub fn record_exit(&self, record: &ExitRecord) {
+        if let Ok(mut r) = self.recent.lock() {
+            if r.len() == RECENT_EXITS {
+                r.pop_front();
+            }
+            r.push_back(record.clone());
+        }
         super::events::publish(super::events::Event {
             at: record.at.clone(),
             module: self.name.clone(),
@@ -470,7 +492,17 @@ mod tests {
         flush();
         let s = read_statuses(&registry).pop().unwrap().unwrap();
         assert_eq!((s.state, s.starts), (ModuleState::BackingOff, 99));
+        // The registry keeps the last ten exits; a new writer carries them on.
+        let starts: Vec<u64> = s.recent_exits.iter().map(|e| e.start).collect();
+        assert_eq!(starts, (90..100).collect::<Vec<_>>());
         let exits = std::fs::read_to_string(exits_log(dir.path(), "m").path()).unwrap();
         assert_eq!(exits.lines().count(), 100);
+        let again = ModuleRecords::open(&registry, dir.path(), "m").unwrap();
+        again.record_exit(&ExitRecord::new(100, Duration::ZERO, &Exit::Success));
+        again.set_status(ModuleState::Exited, 1, None, None, None);
+        flush();
+        let s = read_statuses(&registry).pop().unwrap().unwrap();
+        let starts: Vec<u64> = s.recent_exits.iter().map(|e| e.start).collect();
+        assert_eq!(starts, (91..=100).collect::<Vec<_>>());
     }
 }

@@ -3,8 +3,9 @@
 //! - `hostile OPERATOR_MODULE`: tries what an agent may not do and prints
 //!   one line per call, `NAME: ok ...` or `NAME: err <kind>: <message>`,
 //!   then `done`.
-//! - `watch`: prints `watching`, then `changed <unix ms>` each time its
+//! - `watch`: prints `watching`, then `changed <unix µs>` each time its
 //!   config directory changes (waits of 60 s; a timeout prints `timeout`).
+//!   The time is in microseconds since the epoch.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -106,10 +107,10 @@ fn watch() {
     loop {
         match management::wait_for_change(Duration::from_secs(60)) {
             Ok(true) => {
-                let ms = SystemTime::now()
+                let us = SystemTime::now()
                     .duration_since(UNIX_EPOCH)
-                    .map_or(0, |d| d.as_millis());
-                println!("changed {ms}");
+                    .map_or(0, |d| d.as_micros());
+                println!("changed {us}");
             }
             Ok(false) => println!("timeout"),
             Err(e) => {
