@@ -455,4 +455,30 @@ fn check_names_each_verdict_and_fails_only_on_a_failure() {
         state_dir.starts_with("fail") && state_dir.contains("755"),
         "{state_dir}"
     );
+    // Published JWT keys: none valid now is a warning, unreadable a failure.
+    let jwt = |s: &Scratch| {
+        let o = s.edgeward().args(["check", "--json"]).output().unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        v.as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["name"] == "jwt-keys")
+            .map(|c| format!("{} {}", c["verdict"].as_str().unwrap(), c["detail"]))
+            .unwrap()
+    };
+    let keys = s.state().join("identity/jwt-keys.json");
+    std::fs::create_dir_all(keys.parent().unwrap()).unwrap();
+    std::fs::write(
+        &keys,
+        r#"[{"kid":"k","public_key":"","certificate":"","valid_until":1}]"#,
+    )
+    .unwrap();
+    let v = jwt(&s);
+    assert!(
+        v.starts_with("warn") && v.contains("no published key is valid now"),
+        "{v}"
+    );
+    std::fs::write(&keys, "garbage").unwrap();
+    let v = jwt(&s);
+    assert!(v.starts_with("fail") && v.contains("not a list"), "{v}");
 }

@@ -104,6 +104,7 @@ pub(super) fn command(
     checks.push(components_check(&state_dir));
     checks.push(hsm_check(cfg.as_ref(), &state_dir));
     checks.push(ca_check(&state_dir));
+    checks.push(jwt_keys_check(&state_dir));
     checks.push(clock_check());
     checks.push(disk_check(&state_dir));
     report(&checks, json)
@@ -351,6 +352,40 @@ fn hsm_check(cfg: Option<&crate::config::Config>, state_dir: &Path) -> Check {
             "the daemon creates it at its first start",
         ),
         Err(e) => not_ok("hsm", Verdict::Fail, e.to_string(), "check the HSM"),
+    }
+}
+
+/// The published JWT-SVID keys: readable, and one still valid (the daemon
+/// rotates them; a stopped daemon's keys run out).
+fn jwt_keys_check(state_dir: &Path) -> Check {
+    let path = state_dir.join("identity").join("jwt-keys.json");
+    let Ok(text) = std::fs::read(&path) else {
+        return pass("jwt-keys", "no JWT-SVID keys yet (made at the first token)");
+    };
+    let Ok(keys) = serde_json::from_slice::<Vec<crate::identity::jwt::PublishedKey>>(&text) else {
+        return not_ok(
+            "jwt-keys",
+            Verdict::Fail,
+            format!("{}: not a list of published keys", path.display()),
+            "delete it: the daemon publishes a new key (tokens signed by the old ones stop validating)",
+        );
+    };
+    let now = crate::identity::unix_now();
+    match keys.iter().map(|k| k.valid_until).max() {
+        Some(until) if until > now => pass(
+            "jwt-keys",
+            format!(
+                "{} published, the newest valid for {} more minutes",
+                keys.len(),
+                (until - now) / 60
+            ),
+        ),
+        _ => not_ok(
+            "jwt-keys",
+            Verdict::Warn,
+            format!("{}: no published key is valid now", path.display()),
+            "start the daemon: it rotates the working key",
+        ),
     }
 }
 
