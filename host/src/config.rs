@@ -67,7 +67,7 @@
 //! [hsm]
 //! backend = "soft"                    # soft (default) | tpm | pkcs11
 //! tcti = "device:/dev/tpmrm0"         # tpm: TCTI (default shown)
-//! pcr = 23                            # tpm: measurement register PCR
+//! pcr = 13                            # tpm: measurement register PCR (see hsm::tpm::DEFAULT_PCR)
 //! module = "/usr/lib/softhsm/libsofthsm2.so"   # pkcs11: the module
 //! token = "edgeward"                  # pkcs11: token label
 //! pin_file = "/etc/edgeward/pin"      # pkcs11: user PIN, never on the command line
@@ -399,6 +399,66 @@ pub struct Config {
 }
 
 impl Config {
+    /// The configuration in effect (defaults applied, paths resolved), as
+    /// JSON: what the daemon measures at start (see `attest`). Durations
+    /// are in milliseconds; the `[agent]` shows among `modules` and by name.
+    pub fn effective(&self) -> serde_json::Value {
+        use serde_json::json;
+        let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+        let path = |p: &Path| p.display().to_string();
+        let hsm = match &self.hsm {
+            crate::hsm::HsmConfig::Soft => json!({"backend": "soft"}),
+            #[cfg(feature = "tpm")]
+            crate::hsm::HsmConfig::Tpm(c) => {
+                json!({"backend": "tpm", "tcti": c.tcti, "pcr": c.pcr})
+            }
+            #[cfg(feature = "pkcs11")]
+            crate::hsm::HsmConfig::Pkcs11(c) => json!({
+                "backend": "pkcs11",
+                "module": path(&c.module),
+                "token": c.token,
+                "pin_file": path(&c.pin_file),
+            }),
+        };
+        let i = &self.identity;
+        let a = &self.api;
+        let r = &self.runtime;
+        json!({
+            "state_dir": self.state_dir.as_deref().map(path),
+            "hsm": hsm,
+            "identity": {
+                "trust_domain": i.trust_domain,
+                "device_id": i.device_id,
+                "svid_ttl_ms": ms(i.svid_ttl),
+                "max_token_ttl_ms": ms(i.max_token_ttl),
+                "jwt_key_rotation_ms": ms(i.jwt_key_rotation),
+                "ca_certificate": i.ca_certificate.as_deref().map(path),
+            },
+            "api": {
+                "socket": a.socket.as_deref().map(path),
+                "group": a.group,
+                "operator_uids": a.operator_uids,
+                "operator_gids": a.operator_gids,
+                "reader_uids": a.reader_uids,
+                "reader_gids": a.reader_gids,
+            },
+            "runtime": {
+                "max_modules": r.max_modules,
+                "pooling": r.pooling,
+                "echo_output": r.echo_output,
+                "max_wasm_stack": r.max_wasm_stack,
+                "module_instances": r.ceilings.core_instances,
+                "module_memories": r.ceilings.memories,
+                "module_tables": r.ceilings.tables,
+            },
+            "modules": self.modules.iter().map(|m| m.to_raw()).collect::<Vec<_>>(),
+            "agent": self.agent.as_ref().map(|a| json!({
+                "name": a.spec.name,
+                "config_dir": path(&a.config_dir),
+            })),
+        })
+    }
+
     /// No config file: the defaults and no modules (an empty deployment;
     /// modules are added later through the management API).
     pub fn empty() -> Self {
@@ -776,7 +836,7 @@ mod tests {
             c.hsm,
             HsmConfig::Tpm(crate::hsm::tpm::TpmConfig {
                 tcti: DEFAULT_TCTI.into(),
-                pcr: 23
+                pcr: 13
             })
         );
         let c = parse(

@@ -9,6 +9,7 @@
 
 pub mod addrclass;
 pub mod api;
+pub mod attest;
 pub mod cli;
 pub mod components;
 pub mod config;

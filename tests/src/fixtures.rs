@@ -103,7 +103,7 @@ impl Swtpm {
     pub fn config(&self) -> TpmConfig {
         TpmConfig {
             tcti: self.tcti(),
-            pcr: 23,
+            pcr: edgeward::hsm::tpm::DEFAULT_PCR,
         }
     }
 

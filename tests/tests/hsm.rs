@@ -435,7 +435,7 @@ fn unreachable_tpm_is_a_clear_error() {
         dir.path(),
         edgeward::hsm::tpm::TpmConfig {
             tcti: tcti.clone(),
-            pcr: 23,
+            pcr: edgeward::hsm::tpm::DEFAULT_PCR,
         },
     )
     .unwrap_err();

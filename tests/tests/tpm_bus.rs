@@ -302,7 +302,7 @@ fn secrets_never_cross_the_tpm_bus_readably() {
     let state = tempfile::tempdir().unwrap();
     let config = TpmConfig {
         tcti: relay.tcti(),
-        pcr: 23,
+        pcr: edgeward::hsm::tpm::DEFAULT_PCR,
     };
     // The backend's work: create and unseal the AEAD key, create and use a
     // signing key; then a second open (a daemon restart) unseals again.

@@ -220,6 +220,11 @@ struct RunArgs {
     /// Do not read or write the compiled-artifact cache.
     #[arg(long)]
     no_cache: bool,
+    /// Measure this executable and the module into the HSM's register and
+    /// this boot's measurement log, as the daemon does (off by default: a
+    /// one-shot run opens no HSM before the module asks for its identity).
+    #[arg(long)]
+    measure: bool,
     /// Config file for the [hsm] and [identity] settings (modules in it are
     /// ignored). Default: $EDGEWARD_CONFIG, then /etc/edgeward/config.toml if
     /// it exists, else the soft HSM and default identity settings.
@@ -365,6 +370,27 @@ fn parse_settings(entries: &[String]) -> Result<BTreeMap<String, String>, String
     Ok(out)
 }
 
+/// `edgeward run --measure`: the executable, then the module (its
+/// registration name, `ephemeral` generation, digest), before it runs.
+fn measure_run(
+    cfg: Option<&Config>,
+    state_dir: &std::path::Path,
+    file: &std::path::Path,
+    digest: &Digest,
+) -> Result<(), String> {
+    let hsm_config = cfg.map(|c| c.hsm.clone()).unwrap_or_default();
+    let pcr = crate::attest::register_of(&hsm_config)
+        .ok_or("the pkcs11 backend has no measurement register")?;
+    let hsm = crate::hsm::open(&hsm_config, state_dir).map_err(|e| e.to_string())?;
+    let m = crate::attest::Measurer::new(hsm, state_dir, pcr)?;
+    m.measure(crate::attest::executable_event()?)?;
+    m.measure(crate::attest::module_event(
+        &registration_name(file),
+        "ephemeral",
+        &digest.to_string(),
+    ))
+}
+
 fn run_command(state_flag: Option<PathBuf>, args: RunArgs) -> ExitCode {
     let env = match parse_env(&args.env) {
         Ok(e) => e,
@@ -449,6 +475,11 @@ fn run_command(state_flag: Option<PathBuf>, args: RunArgs) -> ExitCode {
             Ok(m) => m,
             Err(e) => return fail(format!("{e:#}"), EXIT_REFUSED),
         };
+        if args.measure
+            && let Err(e) = measure_run(cfg.as_ref(), &state_dir, &args.file, &module.digest)
+        {
+            return fail(format!("--measure: {e}"), EXIT_REFUSED);
+        }
         let program = args
             .file
             .file_name()

@@ -193,6 +193,18 @@ async fn deploy(
     sup.registry()
         .put_meta(crate::api::deployment_key(by), &bytes)
         .map_err(internal)?;
+    let canonical = serde_json::to_value(&d.deployment)
+        .map_err(|e| e.to_string())
+        .and_then(|v| crate::attest::jcs::canonical(&v));
+    if let Ok(canonical) = canonical {
+        sup.measure(serde_json::json!({
+            "kind": "deployment",
+            "origin": by,
+            "version": d.deployment.version,
+            "sha256": crate::measure::Digest::of(canonical.as_bytes()).to_string(),
+        }))
+        .await;
+    }
     tracing::info!(by = ?by, version = %crate::runtime::escape::escape_str(&d.deployment.version), added = plan.add.len(), updated = plan.update.len(), removed = plan.remove.len(), "deployment applied");
     Ok(plan)
 }
@@ -323,6 +335,12 @@ async fn delete_module(sup: &mut Supervisor, name: &str) -> Result<(), ApiError>
     // Committed first: a crash here leaves a key no registration names,
     // destroyed at the next start.
     if let Some(rec) = registration {
+        sup.measure(serde_json::json!({
+            "kind": "registration-removed",
+            "name": name,
+            "generation": rec.generation_id,
+        }))
+        .await;
         sup.forget(rec).await;
     }
     Ok(())

@@ -148,6 +148,19 @@ pub async fn run(config: Config, state_dir: PathBuf, socket: PathBuf) -> anyhow:
         device_id: identity.config().device_id.clone(),
         trust_domain: identity.config().trust_domain.clone(),
     };
+    // Measured before any module runs: this executable, then the
+    // configuration in effect.
+    let measurer = measurer_for(&config, &identity, &state_dir);
+    if let Some(m) = &measurer {
+        match crate::attest::executable_event() {
+            Ok(e) => m.record(e).await,
+            Err(e) => tracing::error!(error = %e, "cannot measure the executable"),
+        }
+        match crate::attest::config_event(&config) {
+            Ok(e) => m.record(e).await,
+            Err(e) => tracing::error!(error = %e, "cannot measure the configuration"),
+        }
+    }
     let mut supervisor = Supervisor::new(
         rt.clone(),
         identity,
@@ -156,6 +169,9 @@ pub async fn run(config: Config, state_dir: PathBuf, socket: PathBuf) -> anyhow:
         config.runtime.echo_output,
     )
     .context("cannot create the component store")?;
+    if let Some(m) = measurer {
+        supervisor.set_measurer(m);
+    }
     // Before the API serves: an upload cannot be collected before the
     // module that names it is added.
     supervisor.collect_components();
@@ -228,6 +244,28 @@ pub async fn run(config: Config, state_dir: PathBuf, socket: PathBuf) -> anyhow:
     records::flush();
     tracing::info!("edgeward daemon stopped");
     Ok(())
+}
+
+/// The measurer for `config`'s HSM (see [`crate::attest::register_of`]).
+fn measurer_for(
+    config: &Config,
+    identity: &crate::identity::IdentityService,
+    state_dir: &Path,
+) -> Option<crate::attest::Measurer> {
+    let Some(pcr) = crate::attest::register_of(&config.hsm) else {
+        tracing::info!("the pkcs11 backend has no measurement register: nothing is measured");
+        return None;
+    };
+    match crate::attest::Measurer::new(identity.hsm(), state_dir, pcr) {
+        Ok(m) => {
+            tracing::info!(log = %m.log().path().display(), pcr, "measuring into the HSM register");
+            Some(m)
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "cannot measure: no boot id");
+            None
+        }
+    }
 }
 
 /// Opens the registry. This daemon holds the state dir's lock, so another

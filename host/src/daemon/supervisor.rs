@@ -68,6 +68,7 @@ pub struct Supervisor {
     running: HashMap<String, Running>,
     tasks: Tasks,
     agent: Option<Agent>,
+    measurer: Option<crate::attest::Measurer>,
 }
 
 impl Supervisor {
@@ -94,7 +95,21 @@ impl Supervisor {
             running: HashMap::new(),
             tasks: Tasks::default(),
             agent: None,
+            measurer: None,
         })
+    }
+
+    /// Measures what it loads (and what [`Supervisor::measure`] is given)
+    /// with `m`.
+    pub fn set_measurer(&mut self, m: crate::attest::Measurer) {
+        self.measurer = Some(m);
+    }
+
+    /// Measures `event`, if measuring (see [`crate::attest`]).
+    pub async fn measure(&self, event: serde_json::Value) {
+        if let Some(m) = &self.measurer {
+            m.record(event).await;
+        }
     }
 
     /// Makes `spec` the agent: the one registration (this name and this
@@ -378,6 +393,20 @@ impl Supervisor {
             }
             Err(e) => anyhow::bail!("registration task failed: {e}"),
         };
+        if let crate::runtime::CodeSource::Recompiled(why) = &module.source {
+            self.measure(serde_json::json!({
+                "kind": "cache-rejected",
+                "digest": module.digest.to_string(),
+                "reason": why.to_string(),
+            }))
+            .await;
+        }
+        self.measure(crate::attest::module_event(
+            &spec.name,
+            &identity.whoami().generation_id,
+            &module.digest.to_string(),
+        ))
+        .await;
         Ok(Loaded {
             module,
             identity,

@@ -2,8 +2,11 @@
 //! files 0600), each sealed with AES-256-GCM under a key-encryption key
 //! (`<state>/hsm/kek`) and bound by associated data to its id and kind, so a
 //! key file renamed or swapped for another is refused. The measurement
-//! register is a SHA-256 hash chain persisted in `<state>/hsm/register`;
-//! quotes are ES256 signatures over [`super::soft_quote_message`].
+//! register is a SHA-256 hash chain persisted in `<state>/hsm/register`
+//! with the id of the boot it belongs to: like a PCR, it reads zero again
+//! after a reboot (a value from another boot, or from before registers
+//! were kept per boot, counts as reset). Quotes are ES256 signatures over
+//! [`super::soft_quote_message`].
 //!
 //! This is the development and default backend. It protects keys at rest
 //! against copying of single files, not against an attacker who can read
@@ -205,20 +208,29 @@ impl SoftHsm {
         self.dir.join("register")
     }
 
+    /// The register: its value if it was extended during this boot, else
+    /// zero. The file holds the 32-byte value, then the boot id.
     fn read_register_file(&self) -> Result<[u8; 32]> {
         let path = self.register_path();
+        let boot = crate::attest::boot_id()
+            .map_err(|e| err(Op::ReadRegister, None, ErrorKind::Unavailable(e)))?;
         match std::fs::read(&path) {
-            Ok(b) => b.try_into().map_err(|b: Vec<u8>| {
-                err(
-                    Op::ReadRegister,
-                    None,
-                    ErrorKind::Backend(format!(
-                        "{}: {} bytes, expected 32",
-                        path.display(),
-                        b.len()
-                    )),
-                )
-            }),
+            Ok(b) if b.len() < 32 => Err(err(
+                Op::ReadRegister,
+                None,
+                ErrorKind::Backend(format!(
+                    "{}: {} bytes, expected at least 32",
+                    path.display(),
+                    b.len()
+                )),
+            )),
+            Ok(b) if b[32..] == *boot.as_bytes() => {
+                let mut v = [0u8; 32];
+                v.copy_from_slice(&b[..32]);
+                Ok(v)
+            }
+            // Another boot's (or from before boots were recorded): reset.
+            Ok(_) => Ok([0u8; 32]),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok([0u8; 32]),
             Err(e) => Err(io_err(Op::ReadRegister, None, &path, &e)),
         }
@@ -284,8 +296,12 @@ impl Hsm for SoftHsm {
             .lock()
             .map_err(|_| err(Op::Extend, None, ErrorKind::Backend("lock poisoned".into())))?;
         let next = extend_chain(&self.read_register_file()?, digest);
+        let boot = crate::attest::boot_id()
+            .map_err(|e| err(Op::Extend, None, ErrorKind::Unavailable(e)))?;
+        let mut bytes = next.to_vec();
+        bytes.extend_from_slice(boot.as_bytes());
         let path = self.register_path();
-        state::write_atomic(&path, &next).map_err(|e| io_err(Op::Extend, None, &path, &e))
+        state::write_atomic(&path, &bytes).map_err(|e| io_err(Op::Extend, None, &path, &e))
     }
 
     fn read_register(&self) -> Result<[u8; 32]> {

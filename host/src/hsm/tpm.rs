@@ -56,8 +56,18 @@ use super::{
 use crate::state;
 
 const BACKEND: &str = "tpm";
-/// The PCR used as the measurement register unless configured otherwise.
-pub const DEFAULT_PCR: u8 = 23;
+/// The PCR used as the measurement register unless configured otherwise:
+/// 13, which software cannot reset (PCRs 0-15 are reset only by a
+/// platform reset; 16 and 23 can be reset from any locality, so malware
+/// could reset 23 and replay expected values into a forged quote). On
+/// distributions that boot with GRUB, or systemd-boot without unified
+/// kernel images, nothing else extends PCR 13; systemd-stub extends it with
+/// the system extension images a UKI boot loads (`TPM2_PCR_SYSEXTS`), and
+/// then the value before edgeward's first event is recorded as the log's
+/// baseline. Other choices: 12 (systemd-stub: kernel command line,
+/// credentials), 14 (shim: MOK lists), 15 (systemd: machine id, volume
+/// keys), 8-10 (GRUB, IMA) are all taken on common distributions.
+pub const DEFAULT_PCR: u8 = 13;
 
 /// The `tpm` backend's settings.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -86,6 +86,11 @@ impl IdentityService {
         self.hsm.backend()
     }
 
+    /// The HSM (the daemon measures into its register).
+    pub fn hsm(&self) -> Arc<dyn Hsm> {
+        self.hsm.clone()
+    }
+
     /// Destroys a removed registration's own key (see
     /// [`registry::forget`]). Blocks on the HSM.
     pub fn forget(&self, rec: &crate::registry::StoredRegistration) {

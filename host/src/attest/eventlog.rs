@@ -1,0 +1,347 @@
+//! The measurement log: every event the daemon extends into the HSM's
+//! measurement register, in the TCG Canonical Event Log JSON form, as
+//! JSON-SEQ records (RFC 7464: `RS` before each record, `LF` after), the
+//! way systemd's `tpm2-measure.log` is written:
+//!
+//! ```json
+//! {"recnum":0,"pcr":13,"digests":[{"hashAlg":"sha256","digest":"<hex>"}],
+//!  "content_type":"edgeward","content":{"kind":"executable",...}}
+//! ```
+//!
+//! The digest extended is the SHA-256 of the RFC 8785 canonical `content`
+//! ([`super::jcs`]), so a verifier recomputes it from the log alone. One
+//! log per boot (`<state>/measurements/<boot id>.log`), continued across
+//! daemon restarts within the boot, since a restart does not reset the
+//! register. If the register is not at its reset value at the first event
+//! of a boot, that value is recorded first, as a `baseline` record (its
+//! digest is the value, not something extended), and replay starts there.
+//!
+//! The record is written (and synced) before the register is extended: a
+//! crash in between leaves a log one event ahead of the register, which a
+//! verifier sees as a prefix of the log matching the register, never an
+//! extension it cannot explain. Writers hold an exclusive lock on the log,
+//! readers a shared one, so a reader always sees whole records.
+//!
+//! Who may reach it: the state directory's owner (0700; the log 0600). A
+//! module never does. A hostile writer with those rights can rewrite the
+//! log but not the register: replay against a quote exposes it.
+
+use std::io::{Seek as _, SeekFrom, Write as _};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use sha2::{Digest as _, Sha256};
+
+use crate::hsm::Hsm;
+
+/// `content_type` of every record edgeward writes.
+pub const CONTENT_TYPE: &str = "edgeward";
+/// The record separator of JSON-SEQ.
+const RS: u8 = 0x1e;
+
+/// One digest of a record.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogDigest {
+    /// Always `sha256`.
+    #[serde(rename = "hashAlg")]
+    pub hash_alg: String,
+    /// Lower-case hex.
+    pub digest: String,
+}
+
+/// One record of the log.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Record {
+    /// 0, 1, 2, ... within the boot.
+    pub recnum: u64,
+    /// The register (PCR index; the soft backend's register is 0).
+    pub pcr: u32,
+    /// The SHA-256 extended (for a `baseline`, the register's value).
+    pub digests: Vec<LogDigest>,
+    /// `edgeward`.
+    pub content_type: String,
+    /// What happened: `kind` and its fields.
+    pub content: Value,
+}
+
+impl Record {
+    /// The SHA-256 this record carries.
+    ///
+    /// # Errors
+    ///
+    /// None, or not 32 bytes of hex.
+    pub fn sha256(&self) -> Result<[u8; 32], String> {
+        let d = self
+            .digests
+            .iter()
+            .find(|d| d.hash_alg == "sha256")
+            .ok_or_else(|| format!("record {}: no sha256 digest", self.recnum))?;
+        let bytes = hex_decode(&d.digest)
+            .ok_or_else(|| format!("record {}: digest is not hex", self.recnum))?;
+        bytes
+            .try_into()
+            .map_err(|_| format!("record {}: digest is not 32 bytes", self.recnum))
+    }
+
+    /// The record's `content.kind`.
+    pub fn kind(&self) -> &str {
+        self.content["kind"].as_str().unwrap_or("")
+    }
+}
+
+/// What an event's content hashes to: SHA-256 of its canonical form.
+///
+/// # Errors
+///
+/// Content RFC 8785 cannot represent exactly (a fractional number).
+pub fn content_digest(content: &Value) -> Result<[u8; 32], String> {
+    Ok(Sha256::digest(super::jcs::canonical(content)?.as_bytes()).into())
+}
+
+/// The register value the records replay to: from the baseline (or zero),
+/// each digest extended in order.
+///
+/// # Errors
+///
+/// A record without a usable digest, or whose digest is not its content's.
+pub fn replay(records: &[Record]) -> Result<[u8; 32], String> {
+    let mut value = [0u8; 32];
+    for r in records {
+        let d = r.sha256()?;
+        if r.kind() == "baseline" {
+            if r.recnum != 0 {
+                return Err(format!(
+                    "record {}: a baseline after the first record",
+                    r.recnum
+                ));
+            }
+            value = d;
+            continue;
+        }
+        if content_digest(&r.content)? != d {
+            return Err(format!(
+                "record {}: its digest is not the SHA-256 of its content",
+                r.recnum
+            ));
+        }
+        value = crate::hsm::extend_chain(&value, &d);
+    }
+    Ok(value)
+}
+
+/// The log of one boot.
+#[derive(Debug)]
+pub struct EventLog {
+    path: PathBuf,
+    pcr: u32,
+}
+
+impl EventLog {
+    /// The log of boot `boot_id` under `state_dir`, for register `pcr`.
+    pub fn new(state_dir: &Path, boot_id: &str, pcr: u32) -> Self {
+        Self {
+            path: state_dir
+                .join("measurements")
+                .join(format!("{boot_id}.log")),
+            pcr,
+        }
+    }
+
+    /// Its file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn open(&self, write: bool) -> std::io::Result<std::fs::File> {
+        if write {
+            if let Some(dir) = self.path.parent() {
+                crate::state::ensure_private_dir(dir).map_err(std::io::Error::other)?;
+            }
+            use std::os::unix::fs::OpenOptionsExt as _;
+            std::fs::OpenOptions::new()
+                .read(true)
+                .append(true)
+                .create(true)
+                .mode(0o600)
+                .open(&self.path)
+        } else {
+            std::fs::File::open(&self.path)
+        }
+    }
+
+    /// Measures `content`: appends its record (synced), then extends the
+    /// register with its digest. The first event of a boot whose register
+    /// is not at zero records that value first. Blocks on the HSM.
+    ///
+    /// # Errors
+    ///
+    /// The log cannot be read or written, the HSM refuses, or the content
+    /// cannot be canonicalized; the message names which.
+    pub fn measure(&self, hsm: &dyn Hsm, content: Value) -> Result<Record, String> {
+        let digest = content_digest(&content)?;
+        let shown = self.path.display().to_string();
+        let mut file = self.open(true).map_err(|e| format!("{shown}: {e}"))?;
+        rustix::fs::flock(&file, rustix::fs::FlockOperation::LockExclusive)
+            .map_err(|e| format!("{shown}: cannot lock: {e}"))?;
+        let existing = read_records(&mut file).map_err(|e| format!("{shown}: {e}"))?;
+        let mut next = existing.last().map_or(0, |r| r.recnum + 1);
+        let mut out = Vec::new();
+        if existing.is_empty() {
+            let value = hsm
+                .read_register()
+                .map_err(|e| format!("cannot read the measurement register: {e}"))?;
+            if value != [0u8; 32] {
+                push(
+                    &mut out,
+                    &self.record(next, value, serde_json::json!({"kind": "baseline"})),
+                )?;
+                next += 1;
+            }
+        }
+        let record = self.record(next, digest, content);
+        push(&mut out, &record)?;
+        file.seek(SeekFrom::End(0))
+            .and_then(|_| file.write_all(&out))
+            .and_then(|()| file.sync_data())
+            .map_err(|e| format!("{shown}: cannot append: {e}"))?;
+        hsm.extend(&digest)
+            .map_err(|e| format!("cannot extend the measurement register: {e}"))?;
+        Ok(record)
+    }
+
+    fn record(&self, recnum: u64, digest: [u8; 32], content: Value) -> Record {
+        Record {
+            recnum,
+            pcr: self.pcr,
+            digests: vec![LogDigest {
+                hash_alg: "sha256".into(),
+                digest: crate::measure::hex(&digest),
+            }],
+            content_type: CONTENT_TYPE.into(),
+            content,
+        }
+    }
+
+    /// Every record, under a shared lock (whole records only). No log yet:
+    /// none.
+    ///
+    /// # Errors
+    ///
+    /// The log cannot be read, or a record is malformed (named).
+    pub fn read(&self) -> Result<Vec<Record>, String> {
+        let shown = self.path.display().to_string();
+        let mut file = match self.open(false) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(format!("{shown}: {e}")),
+        };
+        rustix::fs::flock(&file, rustix::fs::FlockOperation::LockShared)
+            .map_err(|e| format!("{shown}: cannot lock: {e}"))?;
+        read_records(&mut file).map_err(|e| format!("{shown}: {e}"))
+    }
+}
+
+fn push(out: &mut Vec<u8>, r: &Record) -> Result<(), String> {
+    out.push(RS);
+    out.extend_from_slice(&serde_json::to_vec(r).map_err(|e| e.to_string())?);
+    out.push(b'\n');
+    Ok(())
+}
+
+/// Parses a JSON-SEQ log: records in order, numbered from 0 without gaps.
+fn read_records(file: &mut std::fs::File) -> Result<Vec<Record>, String> {
+    use std::io::Read as _;
+    let mut bytes = Vec::new();
+    file.seek(SeekFrom::Start(0))
+        .and_then(|_| file.read_to_end(&mut bytes))
+        .map_err(|e| e.to_string())?;
+    parse(&bytes)
+}
+
+/// Parses JSON-SEQ bytes into records, numbered from 0 without gaps.
+///
+/// # Errors
+///
+/// A malformed record, or a gap in the numbering (named).
+pub fn parse(bytes: &[u8]) -> Result<Vec<Record>, String> {
+    let mut out: Vec<Record> = Vec::new();
+    for (i, chunk) in bytes.split(|&b| b == RS).enumerate() {
+        if i == 0 {
+            if chunk.iter().any(|b| !b.is_ascii_whitespace()) {
+                return Err("does not start with a record separator".into());
+            }
+            continue;
+        }
+        let r: Record =
+            serde_json::from_slice(chunk).map_err(|e| format!("record {}: {e}", out.len()))?;
+        if r.recnum != out.len() as u64 {
+            return Err(format!(
+                "record {} is numbered {}: records are missing, added or out of order",
+                out.len(),
+                r.recnum
+            ));
+        }
+        out.push(r);
+    }
+    Ok(out)
+}
+
+fn hex_decode(s: &str) -> Option<Vec<u8>> {
+    if !s.len().is_multiple_of(2) {
+        return None;
+    }
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn measured_events_replay_to_the_register() {
+        let d = tempfile::tempdir().unwrap();
+        let hsm = crate::hsm::soft::SoftHsm::open(d.path()).unwrap();
+        let log = EventLog::new(d.path(), "boot-1", 0);
+        log.measure(&hsm, json!({"kind": "executable", "sha256": "ab"}))
+            .unwrap();
+        log.measure(&hsm, json!({"kind": "module", "name": "m", "digest": "x"}))
+            .unwrap();
+        let records = log.read().unwrap();
+        assert_eq!(records.len(), 2);
+        assert_eq!(replay(&records).unwrap(), hsm.read_register().unwrap());
+        // The file is JSON-SEQ.
+        let bytes = std::fs::read(log.path()).unwrap();
+        assert_eq!(bytes[0], RS);
+        assert_eq!(bytes.iter().filter(|&&b| b == RS).count(), 2);
+
+        // A new boot's log over a register already in use starts with a
+        // baseline, and still replays.
+        let next = EventLog::new(d.path(), "boot-2", 0);
+        next.measure(&hsm, json!({"kind": "executable", "sha256": "cd"}))
+            .unwrap();
+        let records = next.read().unwrap();
+        assert_eq!(records[0].kind(), "baseline");
+        assert_eq!(replay(&records).unwrap(), hsm.read_register().unwrap());
+
+        // Edited, removed or reordered records do not replay (or parse).
+        let mut edited = records.clone();
+        edited[1].content["sha256"] = json!("ce");
+        assert!(replay(&edited).unwrap_err().contains("not the SHA-256"));
+        let text = String::from_utf8(std::fs::read(log.path()).unwrap()).unwrap();
+        let recs: Vec<&str> = text.split('\u{1e}').filter(|r| !r.is_empty()).collect();
+        let swapped = format!("\u{1e}{}\u{1e}{}", recs[1], recs[0]);
+        assert!(
+            parse(swapped.as_bytes())
+                .unwrap_err()
+                .contains("out of order")
+        );
+        let dropped = format!("\u{1e}{}", recs[1]);
+        assert!(parse(dropped.as_bytes()).is_err());
+    }
+}

@@ -1,0 +1,149 @@
+//! Measured bootstrap and the measurement log: what the daemon runs,
+//! extended into the HSM's measurement register (a TPM PCR software cannot
+//! reset, or the soft backend's per-boot register) and recorded in an
+//! event log a verifier replays ([`eventlog`]).
+//!
+//! Before any module runs, the daemon measures, in order: its own
+//! executable (the bytes of the running binary), its effective
+//! configuration (RFC 8785 canonical JSON, [`jcs`]), then every module it
+//! loads (name, generation, digest). Later events: a deployment applied,
+//! a registration added or removed.
+
+pub mod eventlog;
+pub mod jcs;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use serde_json::{Value, json};
+
+use crate::hsm::Hsm;
+use eventlog::EventLog;
+
+/// Where the kernel keeps this boot's id.
+pub const BOOT_ID_FILE: &str = "/proc/sys/kernel/random/boot_id";
+/// Names another file holding the boot id (tests simulate reboots with it).
+pub const BOOT_ID_ENV: &str = "EDGEWARD_BOOT_ID_FILE";
+
+/// This boot's id: the kernel's (`/proc/sys/kernel/random/boot_id`), or
+/// what `$EDGEWARD_BOOT_ID_FILE` names.
+///
+/// # Errors
+///
+/// The file cannot be read, or holds no id.
+pub fn boot_id() -> Result<String, String> {
+    let path = std::env::var_os(BOOT_ID_ENV)
+        .filter(|p| !p.is_empty())
+        .map_or_else(|| PathBuf::from(BOOT_ID_FILE), PathBuf::from);
+    let text = std::fs::read_to_string(&path)
+        .map_err(|e| format!("cannot read the boot id from {}: {e}", path.display()))?;
+    let id = text.trim();
+    if id.is_empty() || id.len() > 64 || !id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+    {
+        return Err(format!("{}: not a boot id", path.display()));
+    }
+    Ok(id.to_owned())
+}
+
+/// The register `hsm` measures into: the TPM's configured PCR, the soft
+/// backend's register (0); none on PKCS#11, which has no register.
+pub fn register_of(hsm: &crate::hsm::HsmConfig) -> Option<u32> {
+    match hsm {
+        crate::hsm::HsmConfig::Soft => Some(0),
+        #[cfg(feature = "tpm")]
+        crate::hsm::HsmConfig::Tpm(c) => Some(u32::from(c.pcr)),
+        #[cfg(feature = "pkcs11")]
+        crate::hsm::HsmConfig::Pkcs11(_) => None,
+    }
+}
+
+/// The daemon's measurer: the log of this boot and the HSM it extends.
+#[derive(Debug, Clone)]
+pub struct Measurer {
+    log: Arc<EventLog>,
+    hsm: Arc<dyn Hsm>,
+}
+
+impl Measurer {
+    /// Measures into `hsm`'s register, logging under `state_dir` for this
+    /// boot.
+    ///
+    /// # Errors
+    ///
+    /// The boot id cannot be read.
+    pub fn new(hsm: Arc<dyn Hsm>, state_dir: &Path, pcr: u32) -> Result<Self, String> {
+        Ok(Self {
+            log: Arc::new(EventLog::new(state_dir, &boot_id()?, pcr)),
+            hsm,
+        })
+    }
+
+    /// The log.
+    pub fn log(&self) -> &EventLog {
+        &self.log
+    }
+
+    /// Measures `content` (blocking: call from the blocking pool in async
+    /// code).
+    ///
+    /// # Errors
+    ///
+    /// See [`EventLog::measure`].
+    pub fn measure(&self, content: Value) -> Result<(), String> {
+        self.log.measure(self.hsm.as_ref(), content).map(|_| ())
+    }
+
+    /// [`Measurer::measure`] on the blocking pool; a failure is logged
+    /// (the event is then missing from the log and the register, which a
+    /// verifier sees).
+    pub async fn record(&self, content: Value) {
+        let m = self.clone();
+        let kind = content["kind"].as_str().unwrap_or("?").to_owned();
+        match tokio::task::spawn_blocking(move || m.measure(content)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::error!(event = %kind, error = %e, "measurement failed"),
+            Err(e) => tracing::error!(event = %kind, error = %e, "measurement task failed"),
+        }
+    }
+}
+
+/// The running executable's measurement event: the SHA-256 of its bytes.
+///
+/// # Errors
+///
+/// It cannot be read.
+pub fn executable_event() -> Result<Value, String> {
+    let path = std::fs::read_link("/proc/self/exe")
+        .map_err(|e| format!("cannot find the running executable: {e}"))?;
+    let bytes = std::fs::read("/proc/self/exe")
+        .map_err(|e| format!("cannot read the running executable: {e}"))?;
+    Ok(json!({
+        "kind": "executable",
+        "path": path.display().to_string(),
+        "version": crate::VERSION,
+        "sha256": crate::measure::Digest::of(&bytes).to_string(),
+    }))
+}
+
+/// The effective configuration's measurement event: the SHA-256 of its
+/// canonical JSON (which the event carries too, so a verifier can read
+/// what it attests).
+///
+/// # Errors
+///
+/// It cannot be canonicalized.
+pub fn config_event(config: &crate::config::Config) -> Result<Value, String> {
+    let effective = config.effective();
+    let canonical = jcs::canonical(&effective)?;
+    Ok(json!({
+        "kind": "config",
+        "path": config.path.display().to_string(),
+        "sha256": crate::measure::Digest::of(canonical.as_bytes()).to_string(),
+        "config": effective,
+    }))
+}
+
+/// A module loaded: its name, registration generation and digest.
+pub fn module_event(name: &str, generation: &str, digest: &str) -> Value {
+    json!({"kind": "module", "name": name, "generation": generation, "digest": digest})
+}

@@ -1,0 +1,278 @@
+//! Measured bootstrap: the daemon measures its executable, its effective
+//! configuration and every module into the HSM's register and this boot's
+//! event log (TCG CEL-JSON as JSON-SEQ); an independent replay (Python's
+//! `json` and `hashlib`, not edgeward's code) recomputes every digest from
+//! its content and the register from the digests. The log continues across
+//! daemon restarts within a boot and starts anew (with the soft register)
+//! at a new boot; `edgeward run` measures only with `--measure`. On the TPM
+//! the register is PCR 13, which software cannot reset.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use common::daemon::*;
+use common::*;
+use edgeward_tests::fixtures::Swtpm;
+
+/// Replays a JSON-SEQ CEL log with Python: checks each record's digest is
+/// the SHA-256 of its canonical content (sorted keys, no whitespace, as
+/// RFC 8785 for these contents) and prints the register value, then each
+/// record's kind.
+const REPLAY: &str = r#"
+import hashlib, json, sys
+data = open(sys.argv[1], 'rb').read()
+value = bytes(32)
+kinds = []
+for i, chunk in enumerate(c for c in data.split(b'\x1e') if c.strip()):
+    r = json.loads(chunk)
+    assert r['recnum'] == i, ('recnum', i, r['recnum'])
+    assert r['content_type'] == 'edgeward'
+    d = bytes.fromhex(r['digests'][0]['digest'])
+    assert r['digests'][0]['hashAlg'] == 'sha256'
+    kind = r['content']['kind']
+    kinds.append(kind)
+    if kind == 'baseline':
+        value = d
+        continue
+    canon = json.dumps(r['content'], sort_keys=True, separators=(',', ':'), ensure_ascii=False)
+    assert hashlib.sha256(canon.encode()).digest() == d, ('digest', i)
+    value = hashlib.sha256(value + d).digest()
+print(value.hex())
+print(' '.join(kinds))
+"#;
+
+/// (register value, kinds in order) replayed from `log`.
+fn replay(log: &Path) -> (String, Vec<String>) {
+    let o = std::process::Command::new("python3")
+        .args(["-c", REPLAY])
+        .arg(log)
+        .output()
+        .expect("python3 (scripts/setup installs it)");
+    assert!(o.status.success(), "replay failed: {}", stderr(&o));
+    let out = stdout(&o);
+    let mut lines = out.lines();
+    let value = lines.next().unwrap().to_owned();
+    let kinds = lines
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .map(str::to_owned)
+        .collect();
+    (value, kinds)
+}
+
+fn boot(s: &Scratch, id: &str) -> PathBuf {
+    s.write("boot_id", id)
+}
+
+fn register(s: &Scratch, boot_file: &Path, config: Option<&Path>) -> String {
+    let mut c = s.edgeward();
+    c.env("EDGEWARD_BOOT_ID_FILE", boot_file)
+        .args(["hsm", "info", "--json"]);
+    if let Some(config) = config {
+        c.arg("--config").arg(config);
+    }
+    let o = c.output().unwrap();
+    assert_status(&o, 0);
+    let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    v["register"].as_str().unwrap().to_owned()
+}
+
+fn start(s: &Scratch, config: &str, boot_file: &Path) -> Daemon {
+    let d = Daemon::start_with_env(
+        s,
+        config,
+        &[("EDGEWARD_BOOT_ID_FILE", boot_file.to_str().unwrap())],
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::os::unix::net::UnixStream::connect(s.socket()).is_err() {
+        assert!(Instant::now() < deadline, "no socket");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    d
+}
+
+fn module(s: &Scratch, args: &[&str]) -> std::process::Output {
+    s.edgeward().arg("module").args(args).output().unwrap()
+}
+
+#[test]
+fn the_daemon_measures_what_it_runs_and_a_replay_matches() {
+    let s = Scratch::new();
+    let b = boot(&s, "11111111-2222-3333-4444-555555555555");
+    let probe = guests::SANDBOX_PROBE;
+    let config = format!(
+        "[[module]]\nname = \"m\"\nfile = \"{probe}\"\ndigest = \"{}\"\nargs = [\"tick\"]\n",
+        sha256sum(probe)
+    );
+    let mut d = start(&s, &config, &b);
+    d.wait_for("m to load", |_, err| {
+        err.iter().any(|l| l.contains("module measured and loaded"))
+    });
+    // An operator's add and remove: a module event, then the removal.
+    assert_status(&module(&s, &["add", "extra", probe, "--arg", "tick"]), 0);
+    assert_status(&module(&s, &["remove", "extra"]), 0);
+    let _ = d.terminate();
+
+    let log = s
+        .state()
+        .join("measurements/11111111-2222-3333-4444-555555555555.log");
+    let (value, kinds) = replay(&log);
+    assert_eq!(
+        kinds,
+        [
+            "executable",
+            "config",
+            "module",
+            "module",
+            "registration-removed"
+        ]
+    );
+    assert_eq!(
+        value,
+        register(&s, &b, None),
+        "the log replays to the register"
+    );
+    // What the records say: this binary, the module's digest.
+    let text = std::fs::read_to_string(&log).unwrap();
+    let records: Vec<serde_json::Value> = text
+        .split('\u{1e}')
+        .filter(|r| !r.trim().is_empty())
+        .map(|r| serde_json::from_str(r).unwrap())
+        .collect();
+    assert_eq!(
+        records[0]["content"]["sha256"],
+        sha256sum(EDGEWARD),
+        "the executable's own bytes"
+    );
+    assert_eq!(records[2]["content"]["name"], "m");
+    assert_eq!(records[2]["content"]["digest"], sha256sum(probe));
+    assert_eq!(records[1]["content"]["config"]["modules"][0]["name"], "m");
+
+    // A restart within the boot continues the log and the register.
+    let d = start(&s, &config, &b);
+    std::thread::sleep(Duration::from_millis(10));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while replay(&log).1.len() < 8 {
+        assert!(Instant::now() < deadline, "{:?}", replay(&log).1);
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = d.terminate();
+    let (value, kinds) = replay(&log);
+    assert_eq!(kinds[5..], ["executable", "config", "module"]);
+    assert_eq!(value, register(&s, &b, None));
+
+    // A new boot: a new log, and the soft register starts from zero.
+    let b2 = boot(&s, "66666666-7777-8888-9999-000000000000");
+    let d = start(&s, &config, &b2);
+    let log2 = s
+        .state()
+        .join("measurements/66666666-7777-8888-9999-000000000000.log");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !log2.exists() || replay(&log2).1.len() < 3 {
+        assert!(Instant::now() < deadline, "no log for the new boot");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = d.terminate();
+    let (value, kinds) = replay(&log2);
+    assert_eq!(
+        kinds,
+        ["executable", "config", "module"],
+        "no baseline: reset"
+    );
+    assert_eq!(value, register(&s, &b2, None));
+
+    // A tampered record no longer replays.
+    let edited = text.replacen("\"name\":\"m\"", "\"name\":\"n\"", 1);
+    let tampered = s.write("tampered.log", &edited);
+    let o = std::process::Command::new("python3")
+        .args(["-c", REPLAY])
+        .arg(&tampered)
+        .output()
+        .unwrap();
+    assert!(!o.status.success(), "an edited record must not replay");
+}
+
+#[test]
+fn run_measures_only_when_asked() {
+    let s = Scratch::new();
+    let b = boot(&s, "aaaaaaaa-bbbb-cccc-dddd-eeeeeeeeeeee");
+    let probe = guests::SANDBOX_PROBE;
+    let run = |flags: &[&str]| {
+        let mut c = s.edgeward();
+        c.env("EDGEWARD_BOOT_ID_FILE", &b)
+            .arg("run")
+            .args(flags)
+            .arg(probe)
+            .args(["--", "hello"]);
+        c.output().unwrap()
+    };
+    assert_status(&run(&[]), 0);
+    let log = s
+        .state()
+        .join("measurements/aaaaaaaa-bbbb-cccc-dddd-eeeeeeeeeeee.log");
+    assert!(!log.exists(), "no log without --measure");
+    assert!(
+        !s.state().join("hsm").exists(),
+        "no HSM opened without --measure"
+    );
+    assert_status(&run(&["--measure"]), 0);
+    let (value, kinds) = replay(&log);
+    assert_eq!(kinds, ["executable", "module"]);
+    assert_eq!(value, register(&s, &b, None));
+}
+
+#[test]
+fn on_the_tpm_the_register_is_a_pcr_software_cannot_reset() {
+    let s = Scratch::new();
+    let b = boot(&s, "12121212-3434-5656-7878-909090909090");
+    let tpm = Swtpm::start();
+    let hsm = format!("[hsm]\nbackend = \"tpm\"\ntcti = \"{}\"\n", tpm.tcti());
+    let probe = guests::SANDBOX_PROBE;
+    let config = format!(
+        "{hsm}\n[[module]]\nname = \"m\"\nfile = \"{probe}\"\ndigest = \"{}\"\nargs = [\"tick\"]\n",
+        sha256sum(probe)
+    );
+    let mut d = start(&s, &config, &b);
+    d.wait_for("m to load", |_, err| {
+        err.iter().any(|l| l.contains("module measured and loaded"))
+    });
+    let _ = d.terminate();
+    let log = s
+        .state()
+        .join("measurements/12121212-3434-5656-7878-909090909090.log");
+    let (value, kinds) = replay(&log);
+    assert_eq!(kinds, ["executable", "config", "module"]);
+    assert!(
+        std::fs::read_to_string(&log)
+            .unwrap()
+            .contains("\"pcr\":13"),
+        "records name PCR 13"
+    );
+    // Read by tpm2-tools, not by edgeward.
+    let pcrread = || {
+        let o = std::process::Command::new("tpm2_pcrread")
+            .args(["-T", &tpm.tcti(), "sha256:13"])
+            .output()
+            .expect("tpm2_pcrread (scripts/setup installs tpm2-tools)");
+        assert!(o.status.success(), "{}", stderr(&o));
+        stdout(&o)
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("13: 0x"))
+            .unwrap()
+            .trim()
+            .to_lowercase()
+    };
+    assert_eq!(pcrread(), value);
+    // Software cannot reset it.
+    let o = std::process::Command::new("tpm2_pcrreset")
+        .args(["-T", &tpm.tcti(), "13"])
+        .output()
+        .unwrap();
+    assert!(!o.status.success(), "PCR 13 was reset: {}", stdout(&o));
+    assert_eq!(pcrread(), value, "and it kept its value");
+}
