@@ -8,6 +8,7 @@
 //! max_modules = 64                    # module instances that may run at once
 //! pooling = true                      # optional: force (true) or forbid (false)
 //! echo_output = true                  # echo module output on stdout (rate-limited)
+//! integrity_interval = "5m"           # re-measure running modules (default 5m; "off")
 //! max_wasm_stack = "512KiB"           # wasm stack limit for every module
 //! module_instances = 32               # per-module ceilings: the engine's pool
 //! module_memories = 2                 # holds max_modules x each, and no
@@ -98,6 +99,8 @@ use crate::units::{parse_duration, parse_size};
 pub const CONFIG_ENV: &str = "EDGEWARD_CONFIG";
 /// The config file used when neither `--config` nor `$EDGEWARD_CONFIG` is given.
 pub const DEFAULT_CONFIG: &str = "/etc/edgeward/config.toml";
+/// How often running modules are re-measured unless configured.
+pub const DEFAULT_INTEGRITY_INTERVAL: Duration = Duration::from_secs(300);
 /// Default number of module instances that may run at once.
 pub const DEFAULT_MAX_MODULES: u32 = 64;
 
@@ -356,6 +359,7 @@ struct RawRuntime {
     pooling: Option<bool>,
     echo_output: Option<bool>,
     max_wasm_stack: Option<String>,
+    integrity_interval: Option<String>,
     module_instances: Option<u32>,
     module_memories: Option<u32>,
     module_tables: Option<u32>,
@@ -371,6 +375,8 @@ pub struct RuntimeSettings {
     /// Echo module output on the daemon's stdout/stderr (rate-limited), in
     /// addition to each module's log. Default true.
     pub echo_output: bool,
+    /// How often the watchdog re-measures running modules (`None`: off).
+    pub integrity_interval: Option<Duration>,
     /// Wasm stack limit for every module.
     pub max_wasm_stack: usize,
     /// What one module may hold at most (the pool's share per module).
@@ -446,6 +452,7 @@ impl Config {
                 "max_modules": r.max_modules,
                 "pooling": r.pooling,
                 "echo_output": r.echo_output,
+                "integrity_interval_ms": r.integrity_interval.map(ms),
                 "max_wasm_stack": r.max_wasm_stack,
                 "module_instances": r.ceilings.core_instances,
                 "module_memories": r.ceilings.memories,
@@ -517,6 +524,20 @@ impl Config {
                 usize::try_from(n).unwrap_or(usize::MAX)
             }
         };
+        let integrity_interval = match raw.runtime.integrity_interval.as_deref() {
+            None => Some(DEFAULT_INTEGRITY_INTERVAL),
+            Some("off") => None,
+            Some(s) => {
+                let d = parse_duration(s)
+                    .map_err(|e| err(format!("runtime.integrity_interval: {e}")))?;
+                if d < Duration::from_secs(1) {
+                    return Err(err(
+                        "runtime.integrity_interval: at least 1s (or \"off\")".into()
+                    ));
+                }
+                Some(d)
+            }
+        };
         let max_modules = raw.runtime.max_modules.unwrap_or(DEFAULT_MAX_MODULES);
         if !(1..=100_000).contains(&max_modules) {
             return Err(err(format!(
@@ -577,6 +598,7 @@ impl Config {
                 max_modules,
                 pooling: raw.runtime.pooling,
                 echo_output: raw.runtime.echo_output.unwrap_or(true),
+                integrity_interval,
                 max_wasm_stack,
                 ceilings,
             },

@@ -276,3 +276,103 @@ fn on_the_tpm_the_register_is_a_pcr_software_cannot_reset() {
     assert!(!o.status.success(), "PCR 13 was reset: {}", stdout(&o));
     assert_eq!(pcrread(), value, "and it kept its value");
 }
+
+/// `name`'s state and reason in `module list`.
+fn state_and_reason(s: &Scratch, name: &str) -> (String, String) {
+    let o = module(s, &["list", "--json"]);
+    assert_status(&o, 0);
+    let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    let m = v
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["name"] == name)
+        .cloned()
+        .unwrap_or_default();
+    (
+        m["state"].as_str().unwrap_or("absent").to_owned(),
+        m["reason"].as_str().unwrap_or("").to_owned(),
+    )
+}
+
+fn wait_state(s: &Scratch, name: &str, want: &str, within: Duration) -> String {
+    let deadline = Instant::now() + within;
+    loop {
+        let (state, reason) = state_and_reason(s, name);
+        if state == want {
+            return reason;
+        }
+        assert!(Instant::now() < deadline, "{name}: {state}, not {want}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The watchdog: a stored component altered while its module runs, or its
+/// compiled code, stops the module within an interval, with the reason, as
+/// a measured event; it is not restarted.
+#[test]
+fn the_watchdog_stops_a_module_whose_code_changed_under_it() {
+    let s = Scratch::new();
+    let b = boot(&s, "31313131-3434-5656-7878-909090909090");
+    let config = "[runtime]\nintegrity_interval = \"1s\"\n";
+    let d = start(&s, config, &b);
+    let probe = guests::SANDBOX_PROBE;
+    let sensor = guests::TEMPERATURE_SENSOR;
+    assert_status(&module(&s, &["add", "a", probe, "--arg", "tick"]), 0);
+    assert_status(
+        &module(&s, &["add", "b", sensor, "--setting", "interval_ms=1000"]),
+        0,
+    );
+    wait_state(&s, "a", "running", Duration::from_secs(20));
+    wait_state(&s, "b", "running", Duration::from_secs(20));
+    // a: its stored component; b: its compiled code.
+    let stored = s.state().join(format!(
+        "components/{}.wasm",
+        sha256sum(probe).replace(':', "-")
+    ));
+    assert!(stored.exists(), "{}", stored.display());
+    let mut bytes = std::fs::read(&stored).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 1;
+    std::fs::write(&stored, &bytes).unwrap();
+    let hex = sha256sum(sensor).trim_start_matches("sha256:").to_owned();
+    let cached = std::fs::read_dir(s.state().join("cache"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.file_name().unwrap().to_string_lossy().starts_with(&hex))
+        .expect("b's cache entry");
+    let mut bytes = std::fs::read(&cached).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 1;
+    std::fs::write(&cached, &bytes).unwrap();
+
+    let t = Instant::now();
+    let why_a = wait_state(&s, "a", "integrity-failed", Duration::from_secs(10));
+    let why_b = wait_state(&s, "b", "integrity-failed", Duration::from_secs(10));
+    assert!(
+        t.elapsed() < Duration::from_secs(5),
+        "not within one interval: {:?}",
+        t.elapsed()
+    );
+    assert!(why_a.contains("no longer matches"), "{why_a}");
+    assert!(
+        why_b.contains("compiled code") && why_b.contains("authentication"),
+        "{why_b}"
+    );
+    // Not restarted.
+    std::thread::sleep(Duration::from_millis(2500));
+    assert_eq!(state_and_reason(&s, "a").0, "integrity-failed");
+    assert_eq!(state_and_reason(&s, "b").0, "integrity-failed");
+    let _ = d.terminate();
+    let log = s
+        .state()
+        .join("measurements/31313131-3434-5656-7878-909090909090.log");
+    let (value, kinds) = replay(&log);
+    assert_eq!(
+        kinds.iter().filter(|k| *k == "integrity-failure").count(),
+        2,
+        "{kinds:?}"
+    );
+    assert_eq!(value, register(&s, &b, None));
+}

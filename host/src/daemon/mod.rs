@@ -224,6 +224,12 @@ pub async fn run(config: Config, state_dir: PathBuf, socket: PathBuf) -> anyhow:
             Some(why?)
         }
     };
+    // The integrity watchdog ticks on this loop: a round re-measures on the
+    // blocking pool, and a change waits for it.
+    let mut integrity = config
+        .runtime
+        .integrity_interval
+        .map(|d| tokio::time::interval_at(tokio::time::Instant::now() + d, d));
     let why = match stopped_early {
         Some(why) => why,
         None => loop {
@@ -231,6 +237,15 @@ pub async fn run(config: Config, state_dir: PathBuf, socket: PathBuf) -> anyhow:
                 why = stop_requested(&mut sigterm) => break why?,
                 Some(cmd) = command_rx.recv() => commands::apply(cmd, &mut supervisor, &config).await,
                 () = supervisor.watch() => unreachable!("watch never returns"),
+                _ = async {
+                    match integrity.as_mut() {
+                        Some(t) => t.tick().await,
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    let n = supervisor.audit().await;
+                    tracing::debug!(modules = n, "integrity round");
+                }
             }
         },
     };

@@ -186,6 +186,9 @@ pub enum ModuleState {
     /// Its supervisor failed (a host bug, logged): not running, not
     /// restarted until the daemon restarts.
     Failed,
+    /// Stopped because its component or compiled code no longer matched
+    /// its measurement: not restarted until it is updated or added again.
+    IntegrityFailed,
 }
 
 /// One exit, as recorded.

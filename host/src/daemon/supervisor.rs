@@ -322,6 +322,64 @@ impl Supervisor {
         }
     }
 
+    /// The watchdog's round: re-measures every running module's stored
+    /// component and compiled-cache entry (each digest once, on the
+    /// blocking pool). A module whose component no longer hashes to its
+    /// digest, or whose compiled code fails authentication, is stopped,
+    /// recorded as `integrity-failed` with the reason, and measured; it is
+    /// not restarted until it is updated or added again (the altered file
+    /// is deleted, so it is uploaded or read afresh). Returns how many
+    /// modules it checked.
+    pub async fn audit(&mut self) -> usize {
+        let targets: Vec<(String, crate::measure::Digest)> = self
+            .running
+            .iter()
+            .filter(|(_, r)| r.ended.has_changed().is_ok())
+            .map(|(n, r)| (n.clone(), r.spec.digest))
+            .collect();
+        let checked = targets.len();
+        let (store, rt) = (self.components.clone(), self.rt.clone());
+        let failures = tokio::task::spawn_blocking(move || {
+            let mut verdicts: HashMap<crate::measure::Digest, Option<String>> = HashMap::new();
+            let mut out = Vec::new();
+            for (name, digest) in targets {
+                let verdict = verdicts
+                    .entry(digest)
+                    .or_insert_with(|| integrity_of(&store, rt.cache(), &digest))
+                    .clone();
+                if let Some(why) = verdict {
+                    out.push((name, digest, why));
+                }
+            }
+            out
+        })
+        .await
+        .unwrap_or_default();
+        for (name, digest, why) in failures {
+            tracing::error!(module = %name, reason = %why, "integrity failure: stopped, and not restarted until it is updated or added again");
+            self.stop(&name).await;
+            let last = records::status_of(&self.registry, &name);
+            if let Ok(r) = self.records(&name) {
+                let (starts, exit) = last.map_or((0, None), |s| (s.starts, s.last_exit));
+                r.set_status(
+                    ModuleState::IntegrityFailed,
+                    starts,
+                    Some(digest.to_string()),
+                    Some(why.clone()),
+                    exit,
+                );
+            }
+            self.measure(serde_json::json!({
+                "kind": "integrity-failure",
+                "name": name,
+                "digest": digest.to_string(),
+                "reason": why,
+            }))
+            .await;
+        }
+        checked
+    }
+
     /// Records module `name` as refused for `reason` (a registered spec that
     /// no longer validates, say), and logs it.
     pub fn refuse(&self, name: &str, reason: &str) {
@@ -454,6 +512,33 @@ impl Supervisor {
     pub async fn watch(&mut self) {
         self.tasks.watch().await;
     }
+}
+
+/// Why the component `digest` (stored) or its compiled code (cached) no
+/// longer matches, if either does not. An altered stored component is
+/// deleted (a cache entry that fails is deleted by the cache).
+fn integrity_of(
+    store: &ComponentStore,
+    cache: Option<&crate::runtime::ArtifactCache>,
+    digest: &crate::measure::Digest,
+) -> Option<String> {
+    if let Err(e) = store.get(digest) {
+        let path = store.path(digest);
+        let _ = std::fs::remove_file(&path);
+        return Some(format!(
+            "its component {} no longer matches {digest}: {e}",
+            path.display()
+        ));
+    }
+    if let Some(cache) = cache
+        && let Err(why) = cache.verify(digest)
+    {
+        return Some(format!(
+            "its compiled code {} failed authentication: {why}",
+            cache.entry_path(digest).display()
+        ));
+    }
+    None
 }
 
 /// The sandbox a module of the deployment runs in: its spec's grants, plus

@@ -164,6 +164,28 @@ impl ArtifactCache {
         }
     }
 
+    /// Re-measures the entry for `digest` without loading it: `Ok(false)`
+    /// if there is none (it is rebuilt when needed), an error if it fails
+    /// authentication (it is then deleted, so it is rebuilt, never loaded).
+    ///
+    /// # Errors
+    ///
+    /// The entry is malformed or fails authentication.
+    pub fn verify(&self, digest: &Digest) -> Result<bool, Rejection> {
+        let path = self.entry_path(digest);
+        let bytes = match read_bounded(&path) {
+            Ok(b) => b,
+            Err(_) => return Ok(false),
+        };
+        match self.authenticate(digest, &bytes) {
+            Ok(_) => Ok(true),
+            Err(why) => {
+                self.reject(&path, why);
+                Err(why)
+            }
+        }
+    }
+
     fn authenticate<'a>(&self, digest: &Digest, bytes: &'a [u8]) -> Result<&'a [u8], Rejection> {
         if bytes.len() < MAGIC.len() + MAC_LEN || &bytes[..MAGIC.len()] != MAGIC {
             return Err(Rejection::Malformed);
