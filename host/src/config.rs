@@ -9,6 +9,7 @@
 //! pooling = true                      # optional: force (true) or forbid (false)
 //! echo_output = true                  # echo module output on stdout (rate-limited)
 //! integrity_interval = "5m"           # re-measure running modules (default 5m; "off")
+//! measure = true                      # measure into the HSM register and event log
 //! max_wasm_stack = "512KiB"           # wasm stack limit for every module
 //! module_instances = 32               # per-module ceilings: the engine's pool
 //! module_memories = 2                 # holds max_modules x each, and no
@@ -360,6 +361,7 @@ struct RawRuntime {
     echo_output: Option<bool>,
     max_wasm_stack: Option<String>,
     integrity_interval: Option<String>,
+    measure: Option<bool>,
     module_instances: Option<u32>,
     module_memories: Option<u32>,
     module_tables: Option<u32>,
@@ -377,6 +379,8 @@ pub struct RuntimeSettings {
     pub echo_output: bool,
     /// How often the watchdog re-measures running modules (`None`: off).
     pub integrity_interval: Option<Duration>,
+    /// Measure into the HSM's register and the event log (see `attest`).
+    pub measure: bool,
     /// Wasm stack limit for every module.
     pub max_wasm_stack: usize,
     /// What one module may hold at most (the pool's share per module).
@@ -453,6 +457,7 @@ impl Config {
                 "pooling": r.pooling,
                 "echo_output": r.echo_output,
                 "integrity_interval_ms": r.integrity_interval.map(ms),
+                "measure": r.measure,
                 "max_wasm_stack": r.max_wasm_stack,
                 "module_instances": r.ceilings.core_instances,
                 "module_memories": r.ceilings.memories,
@@ -599,6 +604,7 @@ impl Config {
                 pooling: raw.runtime.pooling,
                 echo_output: raw.runtime.echo_output.unwrap_or(true),
                 integrity_interval,
+                measure: raw.runtime.measure.unwrap_or(true),
                 max_wasm_stack,
                 ceilings,
             },

@@ -25,6 +25,27 @@ impl Digest {
         Self(Sha256::digest(bytes).into())
     }
 
+    /// The SHA-256 of the file at `path`, read in 1 MiB pieces (the
+    /// watchdog's re-measurement: nothing is kept).
+    ///
+    /// # Errors
+    ///
+    /// The file cannot be read.
+    pub fn of_file(path: &Path) -> std::io::Result<Self> {
+        let mut file = std::fs::File::open(path)?;
+        let mut hasher = Sha256::new();
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            match file.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => hasher.update(&buf[..n]),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(Self(hasher.finalize().into()))
+    }
+
     /// The raw 32 bytes.
     pub fn as_bytes(&self) -> &[u8; 32] {
         &self.0
@@ -220,6 +241,18 @@ impl Measured {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_file_measured_in_pieces_hashes_as_its_bytes() {
+        let d = tempfile::tempdir().unwrap();
+        for len in [0usize, 1, (1 << 20) - 1, 1 << 20, (3 << 20) + 7] {
+            let bytes: Vec<u8> = (0..len).map(|i| (i * 31 % 251) as u8).collect();
+            let path = d.path().join(format!("f{len}"));
+            std::fs::write(&path, &bytes).unwrap();
+            assert_eq!(Digest::of_file(&path).unwrap(), Digest::of(&bytes), "{len}");
+        }
+        assert!(Digest::of_file(&d.path().join("missing")).is_err());
+    }
 
     #[test]
     fn digest_round_trip() {

@@ -845,19 +845,25 @@ fn events_are_listed_and_followed() {
     d.wait_for("configured to run", |_, err| {
         err.iter().any(|l| l.contains("module measured and loaded"))
     });
-    let (status, text) = http(&sock, "GET", "/v1/events", b"");
-    assert_eq!(status, 200);
-    let events: Vec<serde_json::Value> = text
-        .lines()
-        .filter(|l| l.starts_with('{'))
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
-    assert!(
-        events.iter().any(|e| e["module"] == "configured"
-            && e["kind"] == "state"
-            && e["state"] == "running"),
-        "{text}"
-    );
+    // The module's task records "running" a moment after the log line.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let (status, text) = http(&sock, "GET", "/v1/events", b"");
+        assert_eq!(status, 200);
+        let events: Vec<serde_json::Value> = text
+            .lines()
+            .filter(|l| l.starts_with('{'))
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        if events
+            .iter()
+            .any(|e| e["module"] == "configured" && e["kind"] == "state" && e["state"] == "running")
+        {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{text}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
     let mut follower = s
         .edgeward()
         .args(["events", "-f", "--socket"])

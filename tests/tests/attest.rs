@@ -376,3 +376,18 @@ fn the_watchdog_stops_a_module_whose_code_changed_under_it() {
     );
     assert_eq!(value, register(&s, &b, None));
 }
+
+/// `[runtime] measure = false`: no log, the register untouched (and the
+/// daemon says the device cannot be attested).
+#[test]
+fn a_daemon_told_not_to_measure_measures_nothing() {
+    let s = Scratch::new();
+    let b = boot(&s, "41414141-3434-5656-7878-909090909090");
+    let mut d = start(&s, "[runtime]\nmeasure = false\n", &b);
+    d.wait_for("the warning", |_, err| {
+        err.iter().any(|l| l.contains("cannot be attested"))
+    });
+    let _ = d.terminate();
+    assert!(!s.state().join("measurements").exists());
+    assert_eq!(register(&s, &b, None), "0".repeat(64));
+}

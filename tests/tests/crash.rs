@@ -29,8 +29,12 @@ fn http(sock: &Path, method: &str, path: &str, body: &[u8]) -> Option<(u16, Stri
     // An upload the daemon already holds is answered before its body is
     // read: the rest of the body may meet a closed socket.
     let _ = c.write_all(body);
+    // An early answer may be followed by a reset (the rest of the body
+    // met a closed socket): what arrived before it is the answer.
     let mut out = String::new();
-    c.read_to_string(&mut out).ok()?;
+    if c.read_to_string(&mut out).is_err() && !out.contains("\r\n\r\n") {
+        return None;
+    }
     let status = out.split_whitespace().nth(1)?.parse().ok()?;
     Some((
         status,

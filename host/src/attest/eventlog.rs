@@ -180,7 +180,21 @@ impl EventLog {
     /// The log cannot be read or written, the HSM refuses, or the content
     /// cannot be canonicalized; the message names which.
     pub fn measure(&self, hsm: &dyn Hsm, content: Value) -> Result<Record, String> {
-        let digest = content_digest(&content)?;
+        let mut records = self.measure_all(hsm, vec![content])?;
+        records.pop().ok_or_else(|| "nothing measured".to_owned())
+    }
+
+    /// [`EventLog::measure`] for several events in order: their records
+    /// appended and synced together, then each digest extended.
+    ///
+    /// # Errors
+    ///
+    /// See [`EventLog::measure`].
+    pub fn measure_all(&self, hsm: &dyn Hsm, contents: Vec<Value>) -> Result<Vec<Record>, String> {
+        let digests = contents
+            .iter()
+            .map(content_digest)
+            .collect::<Result<Vec<_>, _>>()?;
         let shown = self.path.display().to_string();
         let mut file = self.open(true).map_err(|e| format!("{shown}: {e}"))?;
         rustix::fs::flock(&file, rustix::fs::FlockOperation::LockExclusive)
@@ -200,15 +214,22 @@ impl EventLog {
                 next += 1;
             }
         }
-        let record = self.record(next, digest, content);
-        push(&mut out, &record)?;
+        let mut records = Vec::with_capacity(contents.len());
+        for (content, digest) in contents.into_iter().zip(&digests) {
+            let record = self.record(next, *digest, content);
+            push(&mut out, &record)?;
+            records.push(record);
+            next += 1;
+        }
         file.seek(SeekFrom::End(0))
             .and_then(|_| file.write_all(&out))
             .and_then(|()| file.sync_data())
             .map_err(|e| format!("{shown}: cannot append: {e}"))?;
-        hsm.extend(&digest)
-            .map_err(|e| format!("cannot extend the measurement register: {e}"))?;
-        Ok(record)
+        for digest in &digests {
+            hsm.extend(digest)
+                .map_err(|e| format!("cannot extend the measurement register: {e}"))?;
+        }
+        Ok(records)
     }
 
     fn record(&self, recnum: u64, digest: [u8; 32], content: Value) -> Record {

@@ -93,6 +93,18 @@ impl Measurer {
         self.log.measure(self.hsm.as_ref(), content).map(|_| ())
     }
 
+    /// Measures `contents` in order, appended and synced together
+    /// (blocking).
+    ///
+    /// # Errors
+    ///
+    /// See [`EventLog::measure_all`].
+    pub fn measure_all(&self, contents: Vec<Value>) -> Result<(), String> {
+        self.log
+            .measure_all(self.hsm.as_ref(), contents)
+            .map(|_| ())
+    }
+
     /// [`Measurer::measure`] on the blocking pool; a failure is logged
     /// (the event is then missing from the log and the register, which a
     /// verifier sees).

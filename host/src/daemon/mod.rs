@@ -132,6 +132,17 @@ pub async fn run(config: Config, state_dir: PathBuf, socket: PathBuf) -> anyhow:
     // Signals are honoured from here on, compiling or not.
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("cannot install the SIGTERM handler")?;
+    // The boot events (this executable's hash, the configuration) are
+    // computed while the HSM and identity open.
+    let boot_events = config.runtime.measure.then(|| {
+        let c = config.clone();
+        tokio::task::spawn_blocking(move || {
+            [
+                crate::attest::executable_event(),
+                crate::attest::config_event(&c),
+            ]
+        })
+    });
     let identity = tokio::select! {
         r = open_identity(&config, &state_dir) => r?,
         why = stop_requested(&mut sigterm) => {
@@ -151,14 +162,19 @@ pub async fn run(config: Config, state_dir: PathBuf, socket: PathBuf) -> anyhow:
     // Measured before any module runs: this executable, then the
     // configuration in effect.
     let measurer = measurer_for(&config, &identity, &state_dir);
-    if let Some(m) = &measurer {
-        match crate::attest::executable_event() {
-            Ok(e) => m.record(e).await,
-            Err(e) => tracing::error!(error = %e, "cannot measure the executable"),
+    if let (Some(m), Some(events)) = (&measurer, boot_events) {
+        let mut contents = Vec::new();
+        for e in events.await.context("boot measurement task failed")? {
+            match e {
+                Ok(e) => contents.push(e),
+                Err(e) => tracing::error!(error = %e, "cannot measure a boot event"),
+            }
         }
-        match crate::attest::config_event(&config) {
-            Ok(e) => m.record(e).await,
-            Err(e) => tracing::error!(error = %e, "cannot measure the configuration"),
+        let m = m.clone();
+        match tokio::task::spawn_blocking(move || m.measure_all(contents)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::error!(error = %e, "boot measurement failed"),
+            Err(e) => tracing::error!(error = %e, "boot measurement task failed"),
         }
     }
     let mut supervisor = Supervisor::new(
@@ -267,6 +283,12 @@ fn measurer_for(
     identity: &crate::identity::IdentityService,
     state_dir: &Path,
 ) -> Option<crate::attest::Measurer> {
+    if !config.runtime.measure {
+        tracing::warn!(
+            "[runtime] measure = false: nothing is measured; this device cannot be attested"
+        );
+        return None;
+    }
     let Some(pcr) = crate::attest::register_of(&config.hsm) else {
         tracing::info!("the pkcs11 backend has no measurement register: nothing is measured");
         return None;

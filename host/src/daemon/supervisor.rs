@@ -522,7 +522,7 @@ fn integrity_of(
     cache: Option<&crate::runtime::ArtifactCache>,
     digest: &crate::measure::Digest,
 ) -> Option<String> {
-    if let Err(e) = store.get(digest) {
+    if let Err(e) = store.verify(digest) {
         let path = store.path(digest);
         let _ = std::fs::remove_file(&path);
         return Some(format!(

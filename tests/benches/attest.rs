@@ -1,0 +1,209 @@
+//! What measuring costs, each against a baseline in the same run:
+//!
+//! - **re-measurement throughput**: reading and hashing a file as the
+//!   watchdog does (`Digest::of_file`), in MB/s, against `openssl dgst
+//!   -sha256` on the same file (target ≥ 0.9×); a 64 MiB file and the
+//!   sample sensor;
+//! - **watchdog share**: one integrity round over 100 running modules of
+//!   100 distinct components (the probe with a custom section of its own
+//!   each) (`Supervisor::audit`), as a share of the default 5 min interval;
+//! - **daemon start-up, measuring on vs off** (soft backend, the release
+//!   binary): process start until the management socket answers, with
+//!   `[runtime] measure = true` (the binary's own hash, the configuration,
+//!   each record synced and the register extended) against `false`
+//!   (target ≤ 1.1×).
+//!
+//! Run with `scripts/bench` (or `cargo bench -p edgeward-tests --bench
+//! attest`).
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use edgeward_tests::guests;
+
+const ROUNDS: usize = 15;
+const EDGEWARD: &str = env!("CARGO_BIN_EXE_edgeward-under-test");
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// MB/s of `Measured::read` and of `openssl dgst -sha256` on `path`.
+fn throughput(path: &Path) -> (f64, f64) {
+    let mb = std::fs::metadata(path).expect("size").len() as f64 / 1e6;
+    let (mut ours, mut openssl) = (Vec::new(), Vec::new());
+    for _ in 0..ROUNDS {
+        let t = Instant::now();
+        let d = edgeward::measure::Digest::of_file(path).expect("read");
+        std::hint::black_box(d);
+        ours.push(mb / t.elapsed().as_secs_f64());
+        let t = Instant::now();
+        let o = Command::new("openssl")
+            .args(["dgst", "-sha256"])
+            .arg(path)
+            .output()
+            .expect("openssl (scripts/setup installs it)");
+        assert!(o.status.success());
+        openssl.push(mb / t.elapsed().as_secs_f64());
+    }
+    (median(ours), median(openssl))
+}
+
+fn startup(dir: &Path, measure: bool, round: usize) -> f64 {
+    let state = dir.join(format!("state-{measure}-{round}"));
+    let sock = dir.join(format!("s-{measure}-{round}.sock"));
+    let config = dir.join(format!("c-{measure}.toml"));
+    std::fs::write(&config, format!("[runtime]\nmeasure = {measure}\n")).expect("config");
+    let boot = dir.join("boot_id");
+    let t = Instant::now();
+    let mut child = Command::new(EDGEWARD)
+        .arg("--state-dir")
+        .arg(&state)
+        .arg("daemon")
+        .arg("--config")
+        .arg(&config)
+        .env("EDGEWARD_SOCKET", &sock)
+        .env("EDGEWARD_BOOT_ID_FILE", &boot)
+        .env("EDGEWARD_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("daemon");
+    // The socket is bound early; the daemon answers once it has started.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(mut c) = std::os::unix::net::UnixStream::connect(&sock) {
+            use std::io::{Read as _, Write as _};
+            let _ = c.write_all(b"GET /v1/health HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n");
+            let mut out = String::new();
+            let _ = c.read_to_string(&mut out);
+            if out.starts_with("HTTP/1.1 200") {
+                break;
+            }
+        }
+        assert!(Instant::now() < deadline, "the daemon did not come up");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let took = t.elapsed().as_secs_f64() * 1e3;
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let _ = child.wait();
+    if measure {
+        assert!(
+            state.join("measurements").exists(),
+            "measuring daemon wrote no log"
+        );
+    }
+    took
+}
+
+fn main() {
+    let dir = tempfile::tempdir().expect("tmp");
+    std::fs::write(dir.path().join("boot_id"), "bench-boot").expect("boot id");
+
+    // re-measurement throughput
+    let big = dir.path().join("big.bin");
+    let mut bytes = vec![0u8; 64 << 20];
+    for (i, b) in bytes.iter_mut().enumerate() {
+        *b = (i as u32).wrapping_mul(2_654_435_761).to_le_bytes()[1];
+    }
+    std::fs::write(&big, &bytes).expect("big");
+    let (ours, openssl) = throughput(&big);
+    println!(
+        "attest_remeasure_64mib ratio={:.2}   (edgeward {ours:.0} MB/s, openssl dgst -sha256 {openssl:.0} MB/s; target >= 0.9)",
+        ours / openssl
+    );
+    let (ours, openssl) = throughput(Path::new(guests::TEMPERATURE_SENSOR));
+    println!(
+        "attest_remeasure_sensor ratio={:.2}   (edgeward {ours:.0} MB/s, openssl {openssl:.0} MB/s, a process each, on a {} KB component)",
+        ours / openssl,
+        std::fs::metadata(guests::TEMPERATURE_SENSOR)
+            .expect("size")
+            .len()
+            / 1000
+    );
+
+    // one watchdog round over 100 modules
+    let state = dir.path().join("watchdog");
+    std::fs::create_dir_all(&state).expect("state");
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("rt");
+    let round = rt.block_on(async {
+        let runtime = edgeward::runtime::Runtime::new(&edgeward::runtime::RuntimeOptions {
+            engine: edgeward::runtime::EngineOptions {
+                max_instances: 128,
+                ceilings: Default::default(),
+                max_memory: 64 << 20,
+                pooling: None,
+                max_wasm_stack: edgeward::runtime::engine::DEFAULT_MAX_WASM_STACK,
+            },
+            state_dir: Some(state.clone()),
+        })
+        .expect("runtime");
+        let hsm = edgeward::hsm::open(&Default::default(), &state).expect("hsm");
+        let identity = edgeward::identity::IdentityService::open(hsm, Default::default(), &state)
+            .expect("identity");
+        let registry = Arc::new(edgeward::registry::Registry::open(&state).expect("registry"));
+        let mut sup =
+            edgeward::daemon::Supervisor::new(Arc::new(runtime), identity, registry, &state, false)
+                .expect("supervisor");
+        let probe = std::fs::read(guests::SANDBOX_PROBE).expect("probe");
+        for i in 0..100 {
+            // A component of its own: the probe and a custom section.
+            let name = format!("edgeward-bench-{i}");
+            let mut bytes = probe.clone();
+            bytes.push(0);
+            bytes.push(u8::try_from(name.len() + 1).expect("short"));
+            bytes.push(u8::try_from(name.len()).expect("short"));
+            bytes.extend_from_slice(name.as_bytes());
+            let file = state.join(format!("m{i:03}.wasm"));
+            std::fs::write(&file, &bytes).expect("variant");
+            let spec = edgeward::spec::RawModuleSpec {
+                name: format!("m{i:03}"),
+                file: Some(file),
+                digest: edgeward::measure::Digest::of(&bytes).to_string(),
+                args: vec!["tick".into()],
+                ..Default::default()
+            }
+            .validate(&|p: &Path| p.to_owned(), &Default::default())
+            .expect("spec");
+            sup.start(spec).await.expect("start");
+        }
+        // Wall time: a round hashes on one blocking thread.
+        let mut rounds = Vec::new();
+        for _ in 0..ROUNDS {
+            let t = Instant::now();
+            let checked = sup.audit().await;
+            assert_eq!(checked, 100);
+            rounds.push(t.elapsed().as_secs_f64());
+        }
+        sup.stop_all().await;
+        median(rounds)
+    });
+    let interval = edgeward::config::DEFAULT_INTEGRITY_INTERVAL.as_secs_f64();
+    println!(
+        "attest_watchdog_share percent={:.4}   (one round over 100 modules, 100 components and cache entries: {:.2} ms on one thread, every {interval:.0} s)",
+        round / interval * 100.0,
+        round * 1e3
+    );
+
+    // daemon start-up, measuring on vs off
+    let (mut on, mut off) = (Vec::new(), Vec::new());
+    for r in 0..ROUNDS {
+        off.push(startup(dir.path(), false, r));
+        on.push(startup(dir.path(), true, r));
+    }
+    let (on, off) = (median(on), median(off));
+    let exe = std::fs::metadata(EDGEWARD).expect("exe").len() as f64 / 1e6;
+    println!(
+        "attest_daemon_startup ratio={:.2}   (measuring {on:.1} ms, not measuring {off:.1} ms; the executable is {exe:.1} MB; target <= 1.1)",
+        on / off
+    );
+}
