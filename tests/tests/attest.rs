@@ -391,3 +391,184 @@ fn a_daemon_told_not_to_measure_measures_nothing() {
     assert!(!s.state().join("measurements").exists());
     assert_eq!(register(&s, &b, None), "0".repeat(64));
 }
+
+/// The wasmsign2 CLI `scripts/setup` installs (the test fails without it).
+fn wasmsign2() -> std::process::Command {
+    let bin = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/tools/wasmsign2/bin/wasmsign2");
+    assert!(
+        bin.exists(),
+        "{} is missing: run scripts/setup",
+        bin.display()
+    );
+    std::process::Command::new(bin)
+}
+
+/// Publisher signatures: unsigned, another key, altered after signing and
+/// a truncated signature are refused before compiling (exit 3, the reason
+/// named); detached and embedded signatures by the right key run; both
+/// interoperate with the wasmsign2 CLI, both ways; with --measure the
+/// module's event names its publisher, and a refusal is measured.
+#[test]
+fn publisher_signatures_are_required_and_interoperate_with_wasmsign2() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let s = Scratch::new();
+    let b = boot(&s, "51515151-3434-5656-7878-909090909090");
+    let keygen = |prefix: &str| {
+        let o = s
+            .edgeward()
+            .args(["keygen", "--out"])
+            .arg(s.path().join(prefix))
+            .output()
+            .unwrap();
+        assert_status(&o, 0);
+        (
+            s.path().join(format!("{prefix}.key")),
+            s.path().join(format!("{prefix}.pub")),
+        )
+    };
+    let (key, public) = keygen("k");
+    let (_, other) = keygen("other");
+    assert_eq!(
+        std::fs::metadata(&key).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    let file = s.path().join("c.wasm");
+    std::fs::copy(guests::SANDBOX_PROBE, &file).unwrap();
+    let run = |file: &Path, publisher: &Path, extra: &[&str]| {
+        s.edgeward()
+            .env("EDGEWARD_BOOT_ID_FILE", &b)
+            .arg("run")
+            .arg("--publisher")
+            .arg(publisher)
+            .arg("--require-signature")
+            .args(extra)
+            .arg(file)
+            .args(["--", "hello"])
+            .output()
+            .unwrap()
+    };
+    let refused = |o: &std::process::Output, why: &str| {
+        assert_status(o, 3);
+        assert!(stderr(o).contains(why), "{why}: {}", stderr(o));
+        assert!(!stdout(o).contains("hello"), "it ran");
+    };
+    refused(&run(&file, &public, &[]), "is not signed");
+    // Detached, by the right key.
+    let o = s
+        .edgeward()
+        .arg("sign")
+        .arg("--key")
+        .arg(&key)
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert_status(&o, 0);
+    let sig = s.path().join("c.wasm.sig");
+    assert!(sig.exists());
+    let o = run(&file, &public, &["--measure"]);
+    assert_status(&o, 0);
+    assert!(stdout(&o).contains("hello"), "{}", stdout(&o));
+    refused(&run(&file, &other, &[]), "does not verify");
+    // Altered after signing (the signature beside it).
+    let altered = s.path().join("altered.wasm");
+    let mut bytes = std::fs::read(&file).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 1;
+    std::fs::write(&altered, &bytes).unwrap();
+    std::fs::copy(&sig, s.path().join("altered.wasm.sig")).unwrap();
+    refused(&run(&altered, &public, &["--measure"]), "does not verify");
+    // A truncated signature.
+    let truncated = s.path().join("t.wasm");
+    std::fs::copy(&file, &truncated).unwrap();
+    let full = std::fs::read(&sig).unwrap();
+    std::fs::write(s.path().join("t.wasm.sig"), &full[..full.len() / 2]).unwrap();
+    refused(&run(&truncated, &public, &[]), "does not verify");
+    // Embedded, by edgeward: verified by wasmsign2, and run.
+    let embedded = s.path().join("embedded.wasm");
+    let o = s
+        .edgeward()
+        .args(["sign", "--embed", "--key"])
+        .arg(&key)
+        .arg("--out")
+        .arg(&embedded)
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert_status(&o, 0);
+    assert_status(&run(&embedded, &public, &[]), 0);
+    let o = wasmsign2()
+        .args(["verify", "-K"])
+        .arg(&public)
+        .arg("-i")
+        .arg(&embedded)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "wasmsign2: {}", stderr(&o));
+    let o = wasmsign2()
+        .args(["verify", "-K"])
+        .arg(&public)
+        .arg("-i")
+        .arg(&file)
+        .arg("-S")
+        .arg(&sig)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "wasmsign2 detached: {}", stderr(&o));
+    // Signed by wasmsign2, with its own keys: verified and run by edgeward.
+    let (ws_sk, ws_pk) = (s.path().join("ws.sk"), s.path().join("ws.pk"));
+    let o = wasmsign2()
+        .args(["keygen", "-k"])
+        .arg(&ws_sk)
+        .arg("-K")
+        .arg(&ws_pk)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let ws_signed = s.path().join("ws-signed.wasm");
+    let o = wasmsign2()
+        .args(["sign", "-k"])
+        .arg(&ws_sk)
+        .arg("-i")
+        .arg(&file)
+        .arg("-o")
+        .arg(&ws_signed)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_status(&run(&ws_signed, &ws_pk, &[]), 0);
+    refused(&run(&ws_signed, &public, &[]), "does not verify");
+    let o = s
+        .edgeward()
+        .arg("verify")
+        .arg("--publisher")
+        .arg(&ws_pk)
+        .arg(&ws_signed)
+        .output()
+        .unwrap();
+    assert_status(&o, 0);
+    assert!(
+        stdout(&o).contains("signed by publisher key"),
+        "{}",
+        stdout(&o)
+    );
+    // Measured: the signed module names its publisher; the refusal too.
+    let log = s
+        .state()
+        .join("measurements/51515151-3434-5656-7878-909090909090.log");
+    let text = std::fs::read_to_string(&log).unwrap();
+    let pk_hex: String = std::fs::read(&public)
+        .unwrap()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    assert!(
+        text.contains(&format!("\"publisher\":\"{pk_hex}\"")),
+        "{text}"
+    );
+    let (value, kinds) = replay(&log);
+    assert_eq!(
+        kinds,
+        ["executable", "module", "executable", "signature-refused"]
+    );
+    assert_eq!(value, register(&s, &b, None));
+}

@@ -11,6 +11,7 @@
 
 pub mod eventlog;
 pub mod jcs;
+pub mod publisher;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -158,4 +159,12 @@ pub fn config_event(config: &crate::config::Config) -> Result<Value, String> {
 /// A module loaded: its name, registration generation and digest.
 pub fn module_event(name: &str, generation: &str, digest: &str) -> Value {
     json!({"kind": "module", "name": name, "generation": generation, "digest": digest})
+}
+
+/// [`module_event`] for a component whose signature verified with the
+/// publisher key `publisher` (hex of its raw encoding).
+pub fn signed_module_event(name: &str, generation: &str, digest: &str, publisher: &str) -> Value {
+    let mut e = module_event(name, generation, digest);
+    e["publisher"] = json!(publisher);
+    e
 }

@@ -127,6 +127,41 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Write a new publisher key pair: PREFIX.key (0600) and PREFIX.pub
+    /// (wasmsign2's raw encoding).
+    Keygen {
+        /// Where to write them.
+        #[arg(long, value_name = "PREFIX")]
+        out: PathBuf,
+    },
+    /// Sign a component: a detached signature (default FILE.sig), or with
+    /// --embed a signed copy (named by --out). The format is the
+    /// WebAssembly tool conventions' (wasmsign2).
+    Sign {
+        /// The secret key (raw, PEM, DER or OpenSSH Ed25519).
+        #[arg(long, value_name = "FILE")]
+        key: PathBuf,
+        /// The component.
+        file: PathBuf,
+        /// Where to write the signature (or the signed copy).
+        #[arg(long, value_name = "FILE")]
+        out: Option<PathBuf>,
+        /// Embed the signature in a copy of the component.
+        #[arg(long)]
+        embed: bool,
+    },
+    /// Verify a component's signature against publisher keys: FILE.sig
+    /// beside it, else --signature, else its embedded signature.
+    Verify {
+        /// A trusted publisher key (repeatable).
+        #[arg(long = "publisher", value_name = "PUB", required = true)]
+        publishers: Vec<PathBuf>,
+        /// The component.
+        file: PathBuf,
+        /// A detached signature (when there is no FILE.sig).
+        #[arg(long, value_name = "SIG")]
+        signature: Option<PathBuf>,
+    },
     /// Print the sha256 digest of component files, as pinned in a config.
     Digest {
         /// Component files.
@@ -220,6 +255,19 @@ struct RunArgs {
     /// Do not read or write the compiled-artifact cache.
     #[arg(long)]
     no_cache: bool,
+    /// A trusted publisher key (repeatable): the component's signature is
+    /// checked against these (FILE.sig beside it, else --signature, else
+    /// its embedded signature); a failure is a warning unless
+    /// --require-signature.
+    #[arg(long = "publisher", value_name = "PUB")]
+    publishers: Vec<PathBuf>,
+    /// Refuse (exit 3, before compiling) a component not signed by a
+    /// --publisher key.
+    #[arg(long, requires = "publishers")]
+    require_signature: bool,
+    /// A detached signature, when there is no FILE.sig beside the file.
+    #[arg(long, value_name = "SIG")]
+    signature: Option<PathBuf>,
     /// Measure this executable and the module into the HSM's register and
     /// this boot's measurement log, as the daemon does (off by default: a
     /// one-shot run opens no HSM before the module asks for its identity).
@@ -330,6 +378,36 @@ pub fn main() -> ExitCode {
             init_logging("warn");
             deregister_command(cli.state_dir, config, &module)
         }
+        Command::Keygen { out } => match crate::attest::publisher::keygen(&out) {
+            Ok((key, public)) => {
+                println!("{}\n{}", key.display(), public.display());
+                ExitCode::SUCCESS
+            }
+            Err(e) => fail(e, 1),
+        },
+        Command::Sign {
+            key,
+            file,
+            out,
+            embed,
+        } => match crate::attest::publisher::sign(&key, &file, out.as_deref(), embed) {
+            Ok(written) => {
+                println!("{}", written.display());
+                ExitCode::SUCCESS
+            }
+            Err(e) => fail(e, 1),
+        },
+        Command::Verify {
+            publishers,
+            file,
+            signature,
+        } => match verify_file(&file, signature.as_deref(), &publishers) {
+            Ok(key) => {
+                println!("{}: signed by publisher key {key}", file.display());
+                ExitCode::SUCCESS
+            }
+            Err(e) => fail(e, 1),
+        },
         Command::Digest { files } => {
             let mut code = ExitCode::SUCCESS;
             for f in files {
@@ -370,6 +448,20 @@ fn parse_settings(entries: &[String]) -> Result<BTreeMap<String, String>, String
     Ok(out)
 }
 
+/// `edgeward verify`: the key that verified `file`.
+fn verify_file(
+    file: &std::path::Path,
+    signature: Option<&std::path::Path>,
+    publishers: &[PathBuf],
+) -> Result<String, String> {
+    use crate::attest::publisher;
+    let keys = publisher::load_publishers(publishers).map_err(|e| e.to_string())?;
+    let bytes = std::fs::read(file).map_err(|e| format!("{}: {e}", file.display()))?;
+    let detached = publisher::detached_for(file, signature).map_err(|e| e.to_string())?;
+    publisher::verify(&bytes, detached.as_deref(), &keys, file)
+        .map_err(|e| format!("{}: {e}", file.display()))
+}
+
 /// `edgeward run --measure`: the executable, then the module (its
 /// registration name, `ephemeral` generation, digest), before it runs.
 fn measure_run(
@@ -377,18 +469,31 @@ fn measure_run(
     state_dir: &std::path::Path,
     file: &std::path::Path,
     digest: &Digest,
+    publisher: Option<&str>,
+) -> Result<(), String> {
+    let (name, digest) = (registration_name(file), digest.to_string());
+    let module = match publisher {
+        Some(p) => crate::attest::signed_module_event(&name, "ephemeral", &digest, p),
+        None => crate::attest::module_event(&name, "ephemeral", &digest),
+    };
+    measure_events(cfg, state_dir, vec![module])
+}
+
+/// Measures this executable, then `events`, as `edgeward run --measure`
+/// does.
+fn measure_events(
+    cfg: Option<&Config>,
+    state_dir: &std::path::Path,
+    events: Vec<serde_json::Value>,
 ) -> Result<(), String> {
     let hsm_config = cfg.map(|c| c.hsm.clone()).unwrap_or_default();
     let pcr = crate::attest::register_of(&hsm_config)
         .ok_or("the pkcs11 backend has no measurement register")?;
     let hsm = crate::hsm::open(&hsm_config, state_dir).map_err(|e| e.to_string())?;
     let m = crate::attest::Measurer::new(hsm, state_dir, pcr)?;
-    m.measure(crate::attest::executable_event()?)?;
-    m.measure(crate::attest::module_event(
-        &registration_name(file),
-        "ephemeral",
-        &digest.to_string(),
-    ))
+    let mut all = vec![crate::attest::executable_event()?];
+    all.extend(events);
+    m.measure_all(all)
 }
 
 fn run_command(state_flag: Option<PathBuf>, args: RunArgs) -> ExitCode {
@@ -471,12 +576,61 @@ fn run_command(state_flag: Option<PathBuf>, args: RunArgs) -> ExitCode {
             Ok(r) => r,
             Err(e) => return fail(format!("{e:#}"), EXIT_REFUSED),
         };
-        let module = match runtime.load_file(&args.file, args.digest.as_ref()) {
+        // Measured once; the signature checked on those bytes before
+        // anything is compiled.
+        let mut publisher = None;
+        let measured = match Measured::read(&args.file)
+            .and_then(|m| m.verify(args.digest.as_ref()).map(|()| m))
+        {
+            Ok(m) => m,
+            Err(e) => return fail(format!("{e:#}"), EXIT_REFUSED),
+        };
+        if !args.publishers.is_empty() {
+            let checked =
+                crate::attest::publisher::load_publishers(&args.publishers).and_then(|keys| {
+                    let detached = crate::attest::publisher::detached_for(
+                        &args.file,
+                        args.signature.as_deref(),
+                    )?;
+                    crate::attest::publisher::verify(
+                        &measured.bytes,
+                        detached.as_deref(),
+                        &keys,
+                        &args.file,
+                    )
+                });
+            match checked {
+                Ok(key) => publisher = Some(key),
+                Err(e) if args.require_signature => {
+                    let why = format!("{} refused: {e}", args.file.display());
+                    if args.measure {
+                        let refusal = serde_json::json!({
+                            "kind": "signature-refused",
+                            "file": args.file.display().to_string(),
+                            "digest": measured.digest.to_string(),
+                            "reason": e.to_string(),
+                        });
+                        if let Err(m) = measure_events(cfg.as_ref(), &state_dir, vec![refusal]) {
+                            return fail(format!("{why}; --measure: {m}"), EXIT_REFUSED);
+                        }
+                    }
+                    return fail(why, EXIT_REFUSED);
+                }
+                Err(e) => eprintln!("edgeward: warning: {}: {e}", args.file.display()),
+            }
+        }
+        let module = match runtime.load(&measured) {
             Ok(m) => m,
             Err(e) => return fail(format!("{e:#}"), EXIT_REFUSED),
         };
         if args.measure
-            && let Err(e) = measure_run(cfg.as_ref(), &state_dir, &args.file, &module.digest)
+            && let Err(e) = measure_run(
+                cfg.as_ref(),
+                &state_dir,
+                &args.file,
+                &module.digest,
+                publisher.as_deref(),
+            )
         {
             return fail(format!("--measure: {e}"), EXIT_REFUSED);
         }
