@@ -172,8 +172,9 @@ impl RawAgent {
         ceilings: &ModuleCeilings,
     ) -> Result<AgentSpec, String> {
         let config_dir = resolve(&self.config_dir);
+        // As written: the spec's validation resolves it (once).
         let grant = crate::runtime::DirGrant {
-            host: config_dir.clone(),
+            host: self.config_dir.clone(),
             guest: AGENT_CONFIG_GUEST.to_owned(),
             budgeted: false,
             read_only: true,
@@ -675,6 +676,8 @@ mod tests {
         let a = c.agent.as_ref().expect("agent");
         assert_eq!(a.spec.name, DEFAULT_AGENT_NAME);
         assert_eq!(a.config_dir, PathBuf::from("/etc/edgeward/agent"));
+        // The grant is the same directory, resolved once.
+        assert_eq!(a.spec.dirs[0].host, a.config_dir);
         assert_eq!(a.spec.restart, RestartPolicy::Always);
         assert_eq!(a.spec.dirs.len(), 1);
         assert!(a.spec.dirs[0].read_only && a.spec.dirs[0].guest == AGENT_CONFIG_GUEST);
@@ -682,6 +685,16 @@ mod tests {
         // Registered as a config module.
         assert_eq!(c.modules.len(), 1);
         assert_eq!(c.modules[0].name, DEFAULT_AGENT_NAME);
+        // A config file named by a relative path (the demo's) resolves the
+        // directory against its own directory, once.
+        let c = Config::parse(
+            Path::new("target/demo/deployment.toml"),
+            &format!("[agent]\nfile = \"a.wasm\"\ndigest = \"{D}\"\nconfig_dir = \"agent\""),
+        )
+        .expect("valid");
+        let a = c.agent.as_ref().expect("agent");
+        assert_eq!(a.config_dir, PathBuf::from("target/demo/agent"));
+        assert_eq!(a.spec.dirs[0].host, PathBuf::from("target/demo/agent"));
     }
 
     #[test]
