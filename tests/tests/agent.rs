@@ -379,3 +379,34 @@ fn a_change_wakes_the_agent() {
     }
     let _ = d.terminate();
 }
+
+/// A module of the agent's name that an operator added earlier is not the
+/// agent: the configured agent is refused as a conflict, and the
+/// operator's module runs unlinked.
+#[test]
+fn a_name_clash_does_not_make_an_operators_module_the_agent() {
+    let s = Scratch::new();
+    let dir = config_dir(&s);
+    let d = start(&s, "");
+    let o = module(
+        &s,
+        &["add", "agent", guests::SANDBOX_PROBE, "--arg", "tick"],
+    );
+    assert_status(&o, 0);
+    wait_until("the operator's module to run", || {
+        state_of(&s, "agent") == "running/operator"
+    });
+    let _ = d.terminate();
+    let mut d = start(&s, &agent_config(AGENT, &dir, &[]));
+    d.wait_for("the conflict", |_, err| {
+        err.iter().any(|l| l.contains("configured module refused"))
+    });
+    wait_until("the operator's module to run again", || {
+        state_of(&s, "agent") == "running/operator"
+    });
+    let (_, out, _) = d.terminate();
+    assert!(
+        !out.iter().any(|l| l.contains("\"agent\":")),
+        "the agent ran: {out:?}"
+    );
+}

@@ -394,7 +394,11 @@ async fn start_deployment(
     let agent = config.agent.as_ref().map(|a| a.spec.name.as_str());
     records.sort_by_key(|r| Some(r.spec.name.as_str()) != agent);
     for record in records {
-        if Some(record.spec.name.as_str()) == agent {
+        // (A module of that name the API added is not the agent: the
+        // config's agent is refused as a conflict above.)
+        if Some(record.spec.name.as_str()) == agent
+            && record.origin == crate::registry::Origin::Config
+        {
             // The agent always runs, from the config's spec.
             match (&agent_refused, &config.agent) {
                 (Some(why), _) => supervisor.refuse(&record.spec.name, why),

@@ -394,12 +394,21 @@ impl Supervisor {
     async fn load(&self, spec: &ModuleSpec) -> anyhow::Result<Loaded> {
         let data_dir = records::module_dir(&self.state_dir, &spec.name).join("data");
         state::ensure_private_dir(&data_dir)?;
-        // Linked with management only if it is the agent: its name and its
-        // pinned digest (which the measurement below must match).
+        // Linked with management only if it is the agent: its name, its
+        // pinned digest (which the measurement below must match), and
+        // registered from the config file (not a module of that name an
+        // operator or the agent added).
+        let from_config = || {
+            self.registry
+                .module(&spec.name)
+                .ok()
+                .flatten()
+                .is_some_and(|r| r.origin == crate::registry::Origin::Config)
+        };
         let management = self
             .agent
             .as_ref()
-            .filter(|a| a.name == spec.name && a.digest == spec.digest)
+            .filter(|a| a.name == spec.name && a.digest == spec.digest && from_config())
             .map(|a| a.link.clone());
         let (rt, store, file, digest, agent) = (
             self.rt.clone(),
