@@ -47,10 +47,7 @@ fn module(s: &Scratch, args: &[&str]) -> std::process::Output {
 /// A daemon on `config`, once its socket answers.
 fn start(s: &Scratch, config: &str) -> Daemon {
     let d = Daemon::start(s, config);
-    // The daemon's own socket (the CLI would read the records without it).
-    wait_until("the socket to answer", || {
-        std::os::unix::net::UnixStream::connect(s.socket()).is_ok()
-    });
+    wait_for_socket(s);
     d
 }
 

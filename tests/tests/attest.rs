@@ -88,11 +88,7 @@ fn start(s: &Scratch, config: &str, boot_file: &Path) -> Daemon {
         config,
         &[("EDGEWARD_BOOT_ID_FILE", boot_file.to_str().unwrap())],
     );
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while std::os::unix::net::UnixStream::connect(s.socket()).is_err() {
-        assert!(Instant::now() < deadline, "no socket");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_for_socket(s);
     d
 }
 

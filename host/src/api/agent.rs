@@ -126,8 +126,8 @@ impl management::Host for ManagementCtx {
         Ok(views
             .into_iter()
             .map(|v| management::ModuleInfo {
-                origin: text_of(v.origin),
-                desired: text_of(v.desired),
+                origin: super::json_name(v.origin),
+                desired: super::json_name(v.desired),
                 name: v.name,
                 state: v.state,
                 digest: v.digest,
@@ -143,21 +143,14 @@ impl management::Host for ManagementCtx {
     ) -> Result<Vec<management::ExitInfo>, types::Error> {
         let state = self.state()?;
         super::record_of(state, &name).map_err(wit)?;
-        let files = records::exits_log(&state.state_dir, &name).files();
-        let exits = tokio::task::spawn_blocking(move || {
-            let mut all = Vec::new();
-            for f in files {
-                if let Ok(text) = std::fs::read_to_string(&f) {
-                    all.extend(
-                        text.lines()
-                            .filter_map(|l| serde_json::from_str::<records::ExitRecord>(l).ok()),
-                    );
-                }
-            }
-            all
-        })
-        .await
-        .map_err(|e| types::Error::Internal(e.to_string()))?;
+        let log = records::exits_log(&state.state_dir, &name);
+        let text = tokio::task::spawn_blocking(move || log.read_all())
+            .await
+            .map_err(|e| types::Error::Internal(e.to_string()))?;
+        let exits: Vec<records::ExitRecord> = String::from_utf8_lossy(&text)
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect();
         let from = exits.len().saturating_sub(MAX_EXITS);
         Ok(exits
             .into_iter()
@@ -271,14 +264,6 @@ impl management::Host for ManagementCtx {
 }
 
 impl types::Host for ManagementCtx {}
-
-/// `origin`, `desired` as their JSON names.
-fn text_of(v: impl serde::Serialize) -> String {
-    serde_json::to_value(v)
-        .ok()
-        .and_then(|v| v.as_str().map(str::to_owned))
-        .unwrap_or_default()
-}
 
 /// Watches `dir` (inotify: files created, written, moved, deleted, their
 /// attributes) and counts what happens there into the returned channel,

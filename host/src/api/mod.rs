@@ -559,13 +559,6 @@ impl Offline {
         // No receiver: every change is answered 503.
         let (commands, _) = mpsc::channel(1);
         let (stop_tx, stop) = tokio::sync::watch::channel(false);
-        let hsm_backend = match &config.hsm {
-            crate::hsm::HsmConfig::Soft => "soft",
-            #[cfg(feature = "tpm")]
-            crate::hsm::HsmConfig::Tpm(_) => "tpm",
-            #[cfg(feature = "pkcs11")]
-            crate::hsm::HsmConfig::Pkcs11(_) => "pkcs11",
-        };
         let state = Arc::new(ApiState {
             registry: Arc::new(registry),
             state_dir: state_dir.to_owned(),
@@ -577,7 +570,7 @@ impl Offline {
             info: SystemInfo {
                 version: crate::VERSION.to_owned(),
                 runtime_platform_version: format!("wasmtime {}", crate::WASMTIME_VERSION),
-                hsm_backend: hsm_backend.to_owned(),
+                hsm_backend: config.hsm.backend().to_owned(),
                 device_id: config.identity.device_id.clone(),
                 trust_domain: config.identity.trust_domain.clone(),
             },
@@ -734,20 +727,20 @@ fn all_views(state: &ApiState) -> Result<Vec<ModuleView>, ApiError> {
         .collect())
 }
 
+/// A unit enum (`state`, `origin`, `desired`) by its JSON name.
+pub(crate) fn json_name(v: impl Serialize) -> String {
+    serde_json::to_value(v)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_owned))
+        .unwrap_or_default()
+}
+
 fn view(record: &ModuleRecord, status: Option<&Status>) -> ModuleView {
     ModuleView {
         name: record.spec.name.clone(),
         origin: record.origin,
         desired: record.desired,
-        state: status.map_or_else(
-            || "registered".to_owned(),
-            |s| {
-                serde_json::to_value(s.state)
-                    .ok()
-                    .and_then(|v| v.as_str().map(str::to_owned))
-                    .unwrap_or_default()
-            },
-        ),
+        state: status.map_or_else(|| "registered".to_owned(), |s| json_name(s.state)),
         digest: record.spec.digest.clone(),
         starts: status.map_or(0, |s| s.starts),
         reason: status.and_then(|s| s.reason.clone()),
@@ -1091,11 +1084,7 @@ async fn deployment_status(State(state): State<Arc<ApiState>>) -> Result<Respons
     let modules = all_views(&state)?;
     let mut origins = std::collections::BTreeMap::new();
     for m in &modules {
-        let o = serde_json::to_value(m.origin)
-            .ok()
-            .and_then(|v| v.as_str().map(str::to_owned))
-            .unwrap_or_default();
-        *origins.entry(o).or_insert(0) += 1;
+        *origins.entry(json_name(m.origin)).or_insert(0) += 1;
     }
     Ok(axum::Json(DeploymentStatus {
         version,
@@ -1249,18 +1238,9 @@ async fn module_records(
             ));
         }
     };
-    let files = log.files();
-    let text = tokio::task::spawn_blocking(move || {
-        let mut all = Vec::new();
-        for f in files {
-            if let Ok(bytes) = std::fs::read(&f) {
-                all.extend_from_slice(&bytes);
-            }
-        }
-        all
-    })
-    .await
-    .map_err(internal)?;
+    let text = tokio::task::spawn_blocking(move || log.read_all())
+        .await
+        .map_err(internal)?;
     let text = String::from_utf8_lossy(&text);
     if what == "exits" {
         let exits: Vec<serde_json::Value> = text

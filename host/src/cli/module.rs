@@ -172,42 +172,44 @@ fn connect_for(
         .enable_all()
         .build()
         .map_err(|e| fail(format!("cannot start the async runtime: {e}"), 1))?;
-    let Some(state_flag) = reads_from else {
-        return Ok(Target {
-            socket,
-            rt,
-            _offline: None,
-        });
+    let offline = match reads_from {
+        Some(state_flag) => offline_unless_answered(&socket, state_flag, cfg, &rt)?,
+        None => None,
     };
+    Ok(Target {
+        socket: offline.as_ref().map_or(socket, |o| o.socket.clone()),
+        rt,
+        _offline: offline,
+    })
+}
+
+/// `None` if a daemon answers on `socket`; else the state dir's records,
+/// served read-only in-process. A daemon that is starting holds the
+/// registry a moment before its socket answers: then the socket is waited
+/// for (up to 10 s).
+fn offline_unless_answered(
+    socket: &Path,
+    state_flag: Option<&Path>,
+    cfg: Option<crate::config::Config>,
+    rt: &tokio::runtime::Runtime,
+) -> Result<Option<crate::api::Offline>, ExitCode> {
     let state_dir = crate::state::resolve(
         state_flag,
         cfg.as_ref().and_then(|c| c.state_dir.as_deref()),
     )
     .map_err(|e| fail(e, 2))?;
     let cfg = cfg.unwrap_or_else(crate::config::Config::empty);
-    // A daemon that is starting holds the registry a moment before its
-    // socket answers: then wait for the socket.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     loop {
-        if std::os::unix::net::UnixStream::connect(&socket).is_ok() {
-            return Ok(Target {
-                socket,
-                rt,
-                _offline: None,
-            });
+        if std::os::unix::net::UnixStream::connect(socket).is_ok() {
+            return Ok(None);
         }
         let started = {
             let _in_runtime = rt.enter();
             crate::api::Offline::start(&state_dir, &cfg)
         };
         match started {
-            Ok(offline) => {
-                return Ok(Target {
-                    socket: offline.socket.clone(),
-                    rt,
-                    _offline: Some(offline),
-                });
-            }
+            Ok(offline) => return Ok(Some(offline)),
             Err(e)
                 if std::time::Instant::now() < deadline
                     && matches!(

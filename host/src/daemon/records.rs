@@ -372,10 +372,16 @@ impl ModuleRecords {
     /// said (starts, digest, last exit).
     pub fn mark_failed(&self, reason: String) {
         flush();
+        self.mark(ModuleState::Failed, Some(reason));
+    }
+
+    /// Records `state` (and `reason`), keeping what the last status said:
+    /// starts, digest, last exit.
+    pub fn mark(&self, state: ModuleState, reason: Option<String>) {
         let prev = status_of(&self.registry, &self.name);
         let (starts, digest, last_exit) =
             prev.map_or((0, None, None), |s| (s.starts, s.digest, s.last_exit));
-        self.set_status(ModuleState::Failed, starts, digest, Some(reason), last_exit);
+        self.set_status(state, starts, digest, reason, last_exit);
     }
 
     /// Appends an exit record (on the record writer's thread).

@@ -308,17 +308,12 @@ impl Supervisor {
     /// status may still say what an earlier daemon last saw, even
     /// `running` after a crash).
     pub fn mark_stopped(&self, name: &str) {
-        let last = records::status_of(&self.registry, name);
-        if last
-            .as_ref()
-            .is_some_and(|s| s.state == ModuleState::Stopped)
+        if records::status_of(&self.registry, name).is_some_and(|s| s.state == ModuleState::Stopped)
         {
             return;
         }
         if let Ok(r) = ModuleRecords::open(&self.registry, &self.state_dir, name) {
-            let (starts, digest, exit) =
-                last.map_or((0, None, None), |s| (s.starts, s.digest, s.last_exit));
-            r.set_status(ModuleState::Stopped, starts, digest, None, exit);
+            r.mark(ModuleState::Stopped, None);
         }
     }
 
@@ -358,16 +353,9 @@ impl Supervisor {
         for (name, digest, why) in failures {
             tracing::error!(module = %name, reason = %why, "integrity failure: stopped, and not restarted until it is updated or added again");
             self.stop(&name).await;
-            let last = records::status_of(&self.registry, &name);
+            // Its last status (stopped, just now) carries its digest.
             if let Ok(r) = self.records(&name) {
-                let (starts, exit) = last.map_or((0, None), |s| (s.starts, s.last_exit));
-                r.set_status(
-                    ModuleState::IntegrityFailed,
-                    starts,
-                    Some(digest.to_string()),
-                    Some(why.clone()),
-                    exit,
-                );
+                r.mark(ModuleState::IntegrityFailed, Some(why.clone()));
             }
             self.measure(serde_json::json!({
                 "kind": "integrity-failure",

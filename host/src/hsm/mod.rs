@@ -463,6 +463,19 @@ pub enum HsmConfig {
     Pkcs11(pkcs11::Pkcs11Config),
 }
 
+impl HsmConfig {
+    /// `soft`, `tpm` or `pkcs11`, as [`Hsm::backend`] names it.
+    pub fn backend(&self) -> &'static str {
+        match self {
+            Self::Soft => "soft",
+            #[cfg(feature = "tpm")]
+            Self::Tpm(_) => "tpm",
+            #[cfg(feature = "pkcs11")]
+            Self::Pkcs11(_) => "pkcs11",
+        }
+    }
+}
+
 /// Opens the configured backend with its files under `state_dir`.
 ///
 /// # Errors

@@ -62,6 +62,18 @@ impl RotatingLog {
         out
     }
 
+    /// Everything the log holds, oldest first (a file that cannot be read
+    /// is left out). Blocks on the disk.
+    pub fn read_all(&self) -> Vec<u8> {
+        let mut all = Vec::new();
+        for f in self.files() {
+            if let Ok(bytes) = std::fs::read(&f) {
+                all.extend_from_slice(&bytes);
+            }
+        }
+        all
+    }
+
     fn rotated(&self, i: u32) -> PathBuf {
         let mut name = self.path.file_name().unwrap_or_default().to_os_string();
         name.push(format!(".{i}"));

@@ -190,6 +190,21 @@ pub fn status_of<'a>(statuses: &'a [serde_json::Value], name: &str) -> &'a serde
         .unwrap_or(&serde_json::Value::Null)
 }
 
+/// Waits (up to 30 s) until the daemon's own socket accepts connections
+/// (the CLI would otherwise read the records without it).
+#[track_caller]
+pub fn wait_for_socket(s: &Scratch) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::os::unix::net::UnixStream::connect(s.socket()).is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "no socket at {}",
+            s.socket().display()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 pub fn count(lines: &[String], needle: &str) -> usize {
     lines.iter().filter(|l| l.contains(needle)).count()
 }
