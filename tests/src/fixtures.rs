@@ -75,6 +75,80 @@ impl Swtpm {
         panic!("swtpm did not start on any loopback port");
     }
 
+    /// Starts a TPM manufactured as a real one is: an RSA 2048 (and a
+    /// P-384) endorsement key with certificates in NV, issued by a local CA
+    /// (`swtpm_setup --create-ek-cert` with `swtpm_localca`). Returns the
+    /// TPM and the CA certificates (intermediate and root, PEM).
+    pub fn start_with_ek_certificate() -> (Self, PathBuf) {
+        // The CA lives beside the TPM's state and goes with it.
+        let state = tempfile::tempdir().expect("tempdir");
+        let ca = state.path().join("ca");
+        std::fs::create_dir(&ca).expect("create the CA dir");
+        let localca = ca.join("localca.conf");
+        std::fs::write(
+            &localca,
+            format!(
+                "statedir = {d}\nsigningkey = {d}/signkey.pem\nissuercert = {d}/issuercert.pem\ncertserial = {d}/certserial\n",
+                d = ca.display()
+            ),
+        )
+        .expect("write localca.conf");
+        let options = ca.join("localca.options");
+        std::fs::write(
+            &options,
+            "--platform-manufacturer edgeward-tests\n--platform-version 1\n--platform-model swtpm\n",
+        )
+        .expect("write localca.options");
+        let setup = ca.join("swtpm_setup.conf");
+        std::fs::write(
+            &setup,
+            format!(
+                "create_certs_tool = /usr/bin/swtpm_localca\ncreate_certs_tool_config = {}\ncreate_certs_tool_options = {}\nactive_pcr_banks = sha256\n",
+                localca.display(),
+                options.display()
+            ),
+        )
+        .expect("write swtpm_setup.conf");
+        let out = Command::new("swtpm_setup")
+            .args(["--tpm2", "--create-ek-cert", "--overwrite"])
+            .arg("--tpmstate")
+            .arg(state.path())
+            .arg("--config")
+            .arg(&setup)
+            .output()
+            .unwrap_or_else(|e| {
+                panic!("cannot run swtpm_setup ({e}): install Debian's swtpm-tools (scripts/setup)")
+            });
+        assert!(
+            out.status.success(),
+            "swtpm_setup failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let bundle = ca.join("ek-ca.pem");
+        let mut pem = std::fs::read(ca.join("issuercert.pem")).expect("issuercert.pem");
+        pem.extend(std::fs::read(ca.join("swtpm-localca-rootca-cert.pem")).expect("root CA"));
+        std::fs::write(&bundle, pem).expect("write the CA bundle");
+        let mut state = Some(state);
+        for _ in 0..10 {
+            let port = free_port_pair();
+            let dir = state.take().expect("the TPM's state");
+            let child = spawn_swtpm(dir.path(), port);
+            let mut tpm = Self { child, port, dir };
+            if tpm.wait_ready() {
+                return (tpm, bundle);
+            }
+            // Port taken meanwhile: stop it, keep its state, try another.
+            let _ = tpm.child.kill();
+            let _ = tpm.child.wait();
+            state = Some(std::mem::replace(
+                &mut tpm.dir,
+                tempfile::tempdir().expect("tempdir"),
+            ));
+        }
+        panic!("swtpm did not start on any loopback port");
+    }
+
     fn wait_ready(&mut self) -> bool {
         let deadline = Instant::now() + Duration::from_secs(10);
         while Instant::now() < deadline {

@@ -568,3 +568,502 @@ fn publisher_signatures_are_required_and_interoperate_with_wasmsign2() {
     );
     assert_eq!(value, register(&s, &b, None));
 }
+
+/// `edgeward attest ARGS` in this boot.
+fn attest(s: &Scratch, boot_file: &Path, args: &[&str]) -> std::process::Output {
+    s.edgeward()
+        .env("EDGEWARD_BOOT_ID_FILE", boot_file)
+        .arg("attest")
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+/// `edgeward attest verify DIR ARGS`: (passed, printed checks).
+fn verify(s: &Scratch, dir: &Path, args: &[&str]) -> (bool, String) {
+    let o = s
+        .edgeward()
+        .args(["attest", "verify"])
+        .arg(dir)
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        o.status.code() == Some(0) || o.status.code() == Some(1),
+        "attest verify: {}{}",
+        stdout(&o),
+        stderr(&o)
+    );
+    (o.status.success(), stdout(&o))
+}
+
+/// tpm2-tools' own check of a quote, with the PCR values file.
+fn tpm2_checkquote(dir: &Path, nonce: &str) -> std::process::Output {
+    std::process::Command::new("tpm2_checkquote")
+        .arg("-u")
+        .arg(dir.join("ak.pem"))
+        .arg("-m")
+        .arg(dir.join("quote.msg"))
+        .arg("-s")
+        .arg(dir.join("quote.sig"))
+        .arg("-f")
+        .arg(dir.join("pcrs.bin"))
+        .args(["-g", "sha256", "-q", nonce])
+        .output()
+        .expect("tpm2_checkquote (scripts/setup installs tpm2-tools)")
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+    }
+}
+
+#[test]
+fn on_the_tpm_evidence_verifies_and_binds_the_ak_to_a_certified_ek() {
+    let s = Scratch::new();
+    let b = boot(&s, "abababab-0000-1111-2222-333333333333");
+    let (tpm, ek_ca) = Swtpm::start_with_ek_certificate();
+    let ca = ek_ca.to_str().unwrap();
+    let hsm = format!("[hsm]\nbackend = \"tpm\"\ntcti = \"{}\"\n", tpm.tcti());
+    let probe = guests::SANDBOX_PROBE;
+    let config = format!(
+        "{hsm}\n[[module]]\nname = \"m\"\nfile = \"{probe}\"\ndigest = \"{}\"\nargs = [\"tick\"]\n",
+        sha256sum(probe)
+    );
+    let mut d = start(&s, &config, &b);
+    d.wait_for("m to load", |_, err| {
+        err.iter().any(|l| l.contains("module measured and loaded"))
+    });
+
+    // While the daemon runs (it holds the TPM's only connection), through
+    // its socket.
+    let ev = s.path().join("evidence");
+    let nonce = "5eed00112233445566778899aabbccdd";
+    let o = attest(&s, &b, &["--nonce", nonce, "--out", ev.to_str().unwrap()]);
+    assert_status(&o, 0);
+    assert!(
+        stdout(&o).contains("with the EK certificate"),
+        "{}",
+        stdout(&o)
+    );
+    // tpm2-tools accepts the quote, the PCR file and the nonce...
+    let o = tpm2_checkquote(&ev, nonce);
+    assert!(
+        o.status.success(),
+        "tpm2_checkquote: {}{}",
+        stdout(&o),
+        stderr(&o)
+    );
+    // ...as does attest verify, with every check.
+    let policy = s.write(
+        "policy.toml",
+        &format!("[modules]\nm = [\"{}\"]\n", sha256sum(probe)),
+    );
+    let (ok, out) = verify(
+        &s,
+        &ev,
+        &[
+            "--nonce",
+            nonce,
+            "--policy",
+            policy.to_str().unwrap(),
+            "--ek-ca",
+            ca,
+        ],
+    );
+    assert!(ok, "{out}");
+    for check in [
+        "signature",
+        "attestation",
+        "nonce",
+        "pcr-digest",
+        "log-replay",
+        "baseline",
+        "policy",
+        "ek-certificate",
+        "ak",
+    ] {
+        assert!(out.contains(&format!("pass {check:<15}")), "{check}: {out}");
+    }
+    // A stale or different nonce fails.
+    let (ok, out) = verify(&s, &ev, &["--nonce", "5eed"]);
+    assert!(!ok && out.contains("FAIL nonce"), "{out}");
+    // A policy without the module's digest fails, naming it.
+    let strict = s.write("strict.toml", "[modules]\nm = [\"sha256:00\"]\n");
+    let (ok, out) = verify(
+        &s,
+        &ev,
+        &["--nonce", nonce, "--policy", strict.to_str().unwrap()],
+    );
+    assert!(
+        !ok && out.contains("FAIL policy") && out.contains("module m"),
+        "{out}"
+    );
+
+    // The AK's binding: a credential for this EK and AK, activated by the
+    // daemon's TPM, whose secret the quote then carries.
+    let ch = s.path().join("challenge");
+    let o = s
+        .edgeward()
+        .args(["attest", "challenge"])
+        .arg(&ev)
+        .args(["--ek-ca", ca, "--out", ch.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_status(&o, 0);
+    let cred = ch.join("credential.bin");
+    let ev2 = s.path().join("evidence2");
+    let o = attest(
+        &s,
+        &b,
+        &[
+            "--credential",
+            cred.to_str().unwrap(),
+            "--out",
+            ev2.to_str().unwrap(),
+        ],
+    );
+    assert_status(&o, 0);
+    let record = ch.join("challenge.json");
+    let (ok, out) = verify(
+        &s,
+        &ev2,
+        &["--challenge", record.to_str().unwrap(), "--ek-ca", ca],
+    );
+    assert!(ok && out.contains("pass ak-binding"), "{out}");
+    // tpm2_activatecredential's file format is ours: tpm2-tools' own
+    // makecredential output (made offline, -T none) activates too.
+    let name = {
+        let v: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&record).unwrap()).unwrap();
+        v["ak_name"].as_str().unwrap().to_owned()
+    };
+    let ek_pub = s.path().join("ek.pub.pem");
+    let o = std::process::Command::new("openssl")
+        .args(["x509", "-noout", "-pubkey", "-in"])
+        .arg(ev.join("ek.pem"))
+        .output()
+        .unwrap();
+    std::fs::write(&ek_pub, &o.stdout).unwrap();
+    let secret_file = s.write("secret", "tpm2-tools-secret");
+    let tools_cred = s.path().join("tools.cred");
+    let o = std::process::Command::new("tpm2_makecredential")
+        .args(["-T", "none", "-G", "rsa", "-u"])
+        .arg(&ek_pub)
+        .arg("-s")
+        .arg(&secret_file)
+        .args(["-n", &name, "-o"])
+        .arg(&tools_cred)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "tpm2_makecredential: {}", stderr(&o));
+    let ev3 = s.path().join("evidence3");
+    let o = attest(
+        &s,
+        &b,
+        &[
+            "--credential",
+            tools_cred.to_str().unwrap(),
+            "--out",
+            ev3.to_str().unwrap(),
+        ],
+    );
+    assert_status(&o, 0);
+    let secret_hex: String = b"tpm2-tools-secret"
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let (ok, out) = verify(&s, &ev3, &["--nonce", &secret_hex]);
+    assert!(
+        ok,
+        "the quote carries the secret tpm2-tools encrypted: {out}"
+    );
+
+    // A foreign AK: a quote over the very secret by another TPM's AK
+    // (someone who learnt the secret) is refused, though that TPM's
+    // evidence is otherwise sound and carries this EK's certificate.
+    let (other, other_ca) = Swtpm::start_with_ek_certificate();
+    let os = Scratch::new();
+    let other_cfg = os.write(
+        "c.toml",
+        &format!("[hsm]\nbackend = \"tpm\"\ntcti = \"{}\"\n", other.tcti()),
+    );
+    let secret = {
+        let v: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&record).unwrap()).unwrap();
+        v["secret"].as_str().unwrap().to_owned()
+    };
+    let forged = s.path().join("forged");
+    let o = attest(
+        &os,
+        &b,
+        &[
+            "--config",
+            other_cfg.to_str().unwrap(),
+            "--nonce",
+            &secret,
+            "--out",
+            forged.to_str().unwrap(),
+        ],
+    );
+    assert_status(&o, 0);
+    std::fs::copy(ev.join("ek.pem"), forged.join("ek.pem")).unwrap();
+    let (ok, out) = verify(
+        &s,
+        &forged,
+        &["--challenge", record.to_str().unwrap(), "--ek-ca", ca],
+    );
+    assert!(
+        !ok && out.contains("FAIL ak-binding") && out.contains("foreign AK"),
+        "{out}"
+    );
+    // ...and a credential made for this EK but the other AK cannot be
+    // activated by either TPM.
+    let mixed = s.path().join("mixed");
+    copy_dir(&ev, &mixed);
+    std::fs::copy(forged.join("ak.pub"), mixed.join("ak.pub")).unwrap();
+    let ch2 = s.path().join("challenge2");
+    let o = s
+        .edgeward()
+        .args(["attest", "challenge"])
+        .arg(&mixed)
+        .args(["--ek-ca", ca, "--out", ch2.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_status(&o, 0);
+    let cred2 = ch2.join("credential.bin");
+    let refused = |scratch: &Scratch, config: &[&str], out: &str| {
+        let mut args = config.to_vec();
+        let out = s.path().join(out);
+        args.extend([
+            "--credential",
+            cred2.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ]);
+        let o = attest(scratch, &b, &args);
+        assert_status(&o, 1);
+        assert!(stderr(&o).contains("cannot be activated"), "{}", stderr(&o));
+    };
+    refused(&s, &[], "x");
+    refused(&os, &["--config", other_cfg.to_str().unwrap()], "y");
+    // The other TPM's EK certificate does not chain to this CA.
+    let (ok, out) = verify(
+        &s,
+        &ev,
+        &["--nonce", nonce, "--ek-ca", other_ca.to_str().unwrap()],
+    );
+    assert!(!ok && out.contains("FAIL ek-certificate"), "{out}");
+    let _ = d.terminate();
+}
+
+#[test]
+fn replay_detects_removed_reordered_inserted_and_edited_entries() {
+    let s = Scratch::new();
+    let b = boot(&s, "cdcdcdcd-0000-1111-2222-333333333333");
+    let probe = guests::SANDBOX_PROBE;
+    for _ in 0..3 {
+        let o = s
+            .edgeward()
+            .env("EDGEWARD_BOOT_ID_FILE", &b)
+            .args(["run", "--measure", probe, "--", "hello"])
+            .output()
+            .unwrap();
+        assert_status(&o, 0);
+    }
+    let ev = s.path().join("ev");
+    let nonce = "01020304";
+    assert_status(
+        &attest(&s, &b, &["--nonce", nonce, "--out", ev.to_str().unwrap()]),
+        0,
+    );
+    let (ok, out) = verify(&s, &ev, &["--nonce", nonce]);
+    assert!(ok && out.contains("6 events replay"), "{out}");
+    assert!(out.contains("soft quote"), "{out}");
+
+    let log = std::fs::read_to_string(ev.join("event.log")).unwrap();
+    let records: Vec<String> = log
+        .split('\u{1e}')
+        .filter(|r| !r.is_empty())
+        .map(str::to_owned)
+        .collect();
+    let renumber = |recs: &[String]| -> String {
+        recs.iter()
+            .enumerate()
+            .map(|(i, r)| {
+                let mut v: serde_json::Value = serde_json::from_str(r).unwrap();
+                v["recnum"] = i.into();
+                format!("\u{1e}{v}\n")
+            })
+            .collect()
+    };
+    let tampered = |name: &str, text: String| {
+        let dir = s.path().join(name);
+        copy_dir(&ev, &dir);
+        std::fs::write(dir.join("event.log"), text).unwrap();
+        let (ok, out) = verify(&s, &dir, &["--nonce", nonce]);
+        assert!(!ok && out.contains("FAIL log-replay"), "{name}: {out}");
+    };
+    // Removed (renumbered so the numbering alone does not give it away).
+    tampered(
+        "removed",
+        renumber(&[&records[..2], &records[3..]].concat()),
+    );
+    // Reordered.
+    let mut swapped = records.clone();
+    swapped.swap(0, 1);
+    tampered("reordered", renumber(&swapped));
+    // Inserted: a record whose digest is its content's, extended nowhere.
+    let mut inserted = records.clone();
+    let mut extra: serde_json::Value = serde_json::from_str(&records[1]).unwrap();
+    extra["content"]["name"] = "implant".into();
+    extra["digests"][0]["digest"] = serde_json::Value::String(edgeward::measure::hex(
+        &edgeward::attest::eventlog::content_digest(&extra["content"]).unwrap(),
+    ));
+    inserted.insert(2, extra.to_string());
+    tampered("inserted", renumber(&inserted));
+    // Edited: content changed, digest kept.
+    let mut edited = records.clone();
+    edited[1] = edited[1].replace("\"module\"", "\"modulE\"");
+    tampered("edited", renumber(&edited));
+
+    // Events appended after the quote are reported, not refused: the log
+    // is a prefix match (as keylime handles a quote lagging its log).
+    let o = s
+        .edgeward()
+        .env("EDGEWARD_BOOT_ID_FILE", &b)
+        .args(["run", "--measure", probe, "--", "hello"])
+        .output()
+        .unwrap();
+    assert_status(&o, 0);
+    let lagging = s.path().join("lagging");
+    copy_dir(&ev, &lagging);
+    std::fs::copy(
+        s.state()
+            .join("measurements/cdcdcdcd-0000-1111-2222-333333333333.log"),
+        lagging.join("event.log"),
+    )
+    .unwrap();
+    let (ok, out) = verify(&s, &lagging, &["--nonce", nonce]);
+    assert!(ok && out.contains("2 appended after the quote"), "{out}");
+    // A quote signed by another key, or altered, fails its signature.
+    let forged = s.path().join("forged");
+    copy_dir(&ev, &forged);
+    let mut msg = std::fs::read(forged.join("quote.msg")).unwrap();
+    let last = msg.len() - 1;
+    msg[last] ^= 1;
+    std::fs::write(forged.join("quote.msg"), msg).unwrap();
+    let (ok, out) = verify(&s, &forged, &["--nonce", nonce]);
+    assert!(!ok && out.contains("FAIL signature"), "{out}");
+}
+
+#[test]
+fn pkcs11_cannot_attest_and_says_so() {
+    let s = Scratch::new();
+    let b = boot(&s, "efefefef-0000-1111-2222-333333333333");
+    let token = edgeward_tests::fixtures::SoftHsmToken::new();
+    let cfg = s.write(
+        "c.toml",
+        &format!(
+            "[hsm]\nbackend = \"pkcs11\"\nmodule = \"{}\"\ntoken = \"{}\"\npin_file = \"{}\"\n",
+            edgeward_tests::fixtures::SOFTHSM_MODULE,
+            token.label,
+            token.pin_file.display()
+        ),
+    );
+    let o = attest(
+        &s,
+        &b,
+        &[
+            "--config",
+            cfg.to_str().unwrap(),
+            "--nonce",
+            "00",
+            "--out",
+            s.path().join("e").to_str().unwrap(),
+        ],
+    );
+    assert_status(&o, 1);
+    assert!(
+        stderr(&o).contains("not supported on the pkcs11 backend"),
+        "{}",
+        stderr(&o)
+    );
+}
+
+/// One raw HTTP/1.1 GET on the daemon's socket: (status, body).
+fn get(s: &Scratch, path: &str) -> (u16, String) {
+    use std::io::{Read as _, Write as _};
+    let mut c = std::os::unix::net::UnixStream::connect(s.socket()).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    write!(
+        c,
+        "GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut out = String::new();
+    let _ = c.read_to_string(&mut out);
+    let status = out
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    (
+        status,
+        out.split("\r\n\r\n").nth(1).unwrap_or("").to_owned(),
+    )
+}
+
+/// Who may reach `GET /v1/attest`: operators and readers of the socket.
+/// What a hostile caller could try: no nonce, both a nonce and a
+/// credential, a nonce that is not hex or too long, a credential that is
+/// not base64 or not a credential, one for another device, unknown
+/// parameters; each is refused by name and the daemon keeps serving.
+#[test]
+fn the_attest_endpoint_refuses_bad_requests_by_name() {
+    let s = Scratch::new();
+    let b = boot(&s, "f0f0f0f0-0000-1111-2222-333333333333");
+    let d = start(&s, "", &b);
+    for (query, status, says) in [
+        ("", 400, "exactly one of nonce and credential"),
+        ("?nonce=00&credential=AA", 400, "exactly one"),
+        ("?nonce=zz", 400, "not hex"),
+        ("?nonce=0", 400, "not hex"),
+        (&format!("?nonce={}", "ab".repeat(65)), 400, "65 bytes"),
+        ("?credential=!!!", 400, "not base64url"),
+        ("?credential=AAAA", 400, "credential"),
+        ("?nonce=00&evil=1", 400, "invalid query"),
+    ] {
+        let (got, body) = get(&s, &format!("/v1/attest{query}"));
+        assert_eq!(got, status, "{query}: {body}");
+        assert!(body.contains(says), "{query}: {body}");
+    }
+    // A well-formed credential on a backend without an EK: refused.
+    let cred = {
+        use base64ct::Encoding as _;
+        let c = edgeward::attest::evidence::CredentialFile {
+            id_object: vec![0; 66],
+            secret: vec![0; 256],
+        };
+        base64ct::Base64UrlUnpadded::encode_string(&c.to_bytes())
+    };
+    let (got, body) = get(&s, &format!("/v1/attest?credential={cred}"));
+    assert_eq!(got, 422, "{body}");
+    // And it still answers.
+    let (got, body) = get(&s, "/v1/attest?nonce=00ff");
+    assert_eq!(got, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert!(v["files"]["quote.msg"].is_string(), "{body}");
+    let _ = d.terminate();
+
+    // A daemon that measures nothing has nothing to attest.
+    let s = Scratch::new();
+    let d = start(&s, "[runtime]\nmeasure = false\n", &b);
+    let (got, body) = get(&s, "/v1/attest?nonce=00");
+    assert_eq!(got, 409, "{body}");
+    assert!(body.contains("measure = false"), "{body}");
+    let _ = d.terminate();
+}

@@ -38,7 +38,7 @@ use axum::http::{Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, put};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::components::ComponentStore;
@@ -407,6 +407,9 @@ pub struct ApiState {
     pub uploads: tokio::sync::Semaphore,
     /// Turns true when the daemon stops (ends followed streams).
     pub stop: tokio::sync::watch::Receiver<bool>,
+    /// Measures and quotes (`None`: measurement is off, or the backend
+    /// has no register).
+    pub attester: Option<crate::attest::Measurer>,
 }
 
 /// The API's OpenAPI document, generated from the handlers.
@@ -434,7 +437,8 @@ pub struct ApiState {
         get_deployment,
         deployment_plan,
         deployment_status,
-        events
+        events,
+        attest
     ),
     components(schemas(
         RawModuleSpec,
@@ -452,6 +456,8 @@ pub struct ApiState {
         Plan,
         Drift,
         DeploymentStatus,
+        AttestQuery,
+        EvidenceView,
         crate::daemon::events::Event,
         records::ModuleState
     ))
@@ -491,6 +497,7 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/v1/deployment/plan", get(deployment_plan))
         .route("/v1/deployment/status", get(deployment_status))
         .route("/v1/events", get(events))
+        .route("/v1/attest", get(attest))
         .route("/v1/openapi.json", get(openapi))
         .route("/v1/blobs/{digest}", put(put_blob))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such route") })
@@ -578,6 +585,7 @@ impl Offline {
             refusals: LogLimiter::new("management-api", "refused management requests"),
             uploads: tokio::sync::Semaphore::new(1),
             stop: stop.clone(),
+            attester: None,
         });
         let mut until = stop;
         tokio::spawn(serve(PeerListener::new(listener), state, async move {
@@ -670,6 +678,97 @@ async fn system_info(State(state): State<Arc<ApiState>>) -> Result<Response, Api
         },
     })
     .into_response())
+}
+
+/// `GET /v1/attest`'s query.
+#[derive(Debug, Deserialize, utoipa::ToSchema, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct AttestQuery {
+    /// The verifier's nonce, hex (1-64 bytes).
+    #[serde(default)]
+    nonce: Option<String>,
+    /// A credential (`edgeward attest challenge`'s credential.bin),
+    /// base64url without padding: its secret becomes the nonce.
+    #[serde(default)]
+    credential: Option<String>,
+}
+
+/// Evidence: each file's bytes, base64 (see `edgeward attest`).
+#[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct EvidenceView {
+    /// File name (quote.msg, quote.sig, ak.pem, ak.pub, ek.pem, pcrs.bin,
+    /// event.log, evidence.json) to its bytes, base64.
+    pub files: std::collections::BTreeMap<String, String>,
+}
+
+#[utoipa::path(get, path = "/v1/attest", tag = "attestation",
+    params(AttestQuery),
+    responses(
+        (status = 200, description = "Evidence: a quote of the measurement register over the nonce, the log, the keys", body = EvidenceView),
+        (status = 400, description = "No nonce, a bad nonce or credential", body = ErrorBody),
+        (status = 409, description = "Nothing is measured (measure = false, or pkcs11)", body = ErrorBody),
+        (status = 422, description = "The credential is not for this device's EK and AK", body = ErrorBody)))]
+async fn attest(
+    State(state): State<Arc<ApiState>>,
+    query: Result<axum::extract::Query<AttestQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, ApiError> {
+    use base64ct::Encoding as _;
+    let axum::extract::Query(q) = query.map_err(invalid_query)?;
+    let bad = |m: String| ApiError::new(StatusCode::BAD_REQUEST, m);
+    let (nonce, credential) = match (&q.nonce, &q.credential) {
+        (Some(n), None) => (parse_nonce(n).map_err(bad)?, None),
+        (None, Some(c)) => {
+            let bytes = base64ct::Base64UrlUnpadded::decode_vec(c)
+                .map_err(|_| bad("credential: not base64url without padding".into()))?;
+            let c = crate::attest::evidence::CredentialFile::parse(&bytes)
+                .map_err(|e| bad(format!("credential: {e}")))?;
+            (Vec::new(), Some(c))
+        }
+        _ => return Err(bad("give exactly one of nonce and credential".into())),
+    };
+    let Some(m) = state.attester.clone() else {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "this daemon measures nothing ([runtime] measure = false, or the pkcs11 backend): there is nothing to attest",
+        ));
+    };
+    let device = state.info.device_id.clone();
+    let files = tokio::task::spawn_blocking(move || m.attest(&device, &nonce, credential.as_ref()))
+        .await
+        .map_err(internal)?
+        .map_err(|e| {
+            let status = if e.contains("credential") {
+                StatusCode::UNPROCESSABLE_ENTITY
+            } else {
+                StatusCode::INTERNAL_SERVER_ERROR
+            };
+            ApiError::new(status, e)
+        })?;
+    Ok(axum::Json(EvidenceView {
+        files: files
+            .into_iter()
+            .map(|(n, b)| (n.to_owned(), base64ct::Base64::encode_string(&b)))
+            .collect(),
+    })
+    .into_response())
+}
+
+/// A nonce in hex: 1-64 bytes.
+///
+/// # Errors
+///
+/// Not hex, or out of range; named.
+pub fn parse_nonce(hex: &str) -> Result<Vec<u8>, String> {
+    let b = crate::attest::eventlog::hex_decode(hex)
+        .ok_or_else(|| "nonce: not hex (two digits per byte)".to_owned())?;
+    if b.is_empty() || b.len() > crate::hsm::MAX_NONCE {
+        return Err(format!(
+            "nonce: {} bytes; 1-{} are accepted",
+            b.len(),
+            crate::hsm::MAX_NONCE
+        ));
+    }
+    Ok(b)
 }
 
 fn invalid_query(e: axum::extract::rejection::QueryRejection) -> ApiError {

@@ -264,6 +264,38 @@ impl EventLog {
     }
 }
 
+impl EventLog {
+    /// The register this log is for.
+    pub fn pcr(&self) -> u32 {
+        self.pcr
+    }
+
+    /// Runs `f` with the log's bytes (empty if there is no log yet) while
+    /// holding the shared lock: no event is appended or extended
+    /// meanwhile, so a quote taken in `f` matches the bytes (unless a
+    /// writer crashed between appending and extending, which leaves the
+    /// log ahead of the register).
+    ///
+    /// # Errors
+    ///
+    /// The log cannot be read.
+    pub fn with_bytes<T>(&self, f: impl FnOnce(&[u8]) -> T) -> Result<T, String> {
+        use std::io::Read as _;
+        let shown = self.path.display().to_string();
+        let mut file = match self.open(false) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(f(&[])),
+            Err(e) => return Err(format!("{shown}: {e}")),
+        };
+        rustix::fs::flock(&file, rustix::fs::FlockOperation::LockShared)
+            .map_err(|e| format!("{shown}: cannot lock: {e}"))?;
+        let mut bytes = Vec::new();
+        file.read_to_end(&mut bytes)
+            .map_err(|e| format!("{shown}: {e}"))?;
+        Ok(f(&bytes))
+    }
+}
+
 fn push(out: &mut Vec<u8>, r: &Record) -> Result<(), String> {
     out.push(RS);
     out.extend_from_slice(&serde_json::to_vec(r).map_err(|e| e.to_string())?);
@@ -309,7 +341,7 @@ pub fn parse(bytes: &[u8]) -> Result<Vec<Record>, String> {
     Ok(out)
 }
 
-fn hex_decode(s: &str) -> Option<Vec<u8>> {
+pub(crate) fn hex_decode(s: &str) -> Option<Vec<u8>> {
     if !s.len().is_multiple_of(2) {
         return None;
     }

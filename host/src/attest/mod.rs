@@ -9,9 +9,13 @@
 //! loads (name, generation, digest). Later events: a deployment applied,
 //! a registration added or removed.
 
+pub mod credential;
 pub mod eventlog;
+pub mod evidence;
 pub mod jcs;
 pub mod publisher;
+pub mod verify;
+pub mod wire;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -63,6 +67,7 @@ pub fn register_of(hsm: &crate::hsm::HsmConfig) -> Option<u32> {
 pub struct Measurer {
     log: Arc<EventLog>,
     hsm: Arc<dyn Hsm>,
+    boot_id: String,
 }
 
 impl Measurer {
@@ -73,15 +78,46 @@ impl Measurer {
     ///
     /// The boot id cannot be read.
     pub fn new(hsm: Arc<dyn Hsm>, state_dir: &Path, pcr: u32) -> Result<Self, String> {
+        let boot_id = boot_id()?;
         Ok(Self {
-            log: Arc::new(EventLog::new(state_dir, &boot_id()?, pcr)),
+            log: Arc::new(EventLog::new(state_dir, &boot_id, pcr)),
             hsm,
+            boot_id,
         })
     }
 
     /// The log.
     pub fn log(&self) -> &EventLog {
         &self.log
+    }
+
+    /// The HSM it extends (and that quotes).
+    pub fn hsm(&self) -> &dyn Hsm {
+        self.hsm.as_ref()
+    }
+
+    /// Evidence over `nonce` (or a credential's secret), for `device`
+    /// (blocking). See [`evidence::gather`].
+    ///
+    /// # Errors
+    ///
+    /// See [`evidence::gather`].
+    pub fn attest(
+        &self,
+        device: &str,
+        nonce: &[u8],
+        credential: Option<&evidence::CredentialFile>,
+    ) -> Result<evidence::Files, String> {
+        evidence::gather(
+            self.hsm.as_ref(),
+            &self.log,
+            &evidence::Device {
+                id: device,
+                boot_id: &self.boot_id,
+            },
+            nonce,
+            credential,
+        )
     }
 
     /// Measures `content` (blocking: call from the blocking pool in async

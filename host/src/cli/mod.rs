@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 
+mod attest;
 mod check;
 mod module;
 
@@ -162,6 +163,10 @@ enum Command {
         #[arg(long, value_name = "SIG")]
         signature: Option<PathBuf>,
     },
+    /// Attestation: write evidence for a remote verifier (`attest --nonce
+    /// HEX --out DIR`), make a credential challenge (`attest challenge`),
+    /// check evidence (`attest verify`).
+    Attest(attest::AttestArgs),
     /// Print the sha256 digest of component files, as pinned in a config.
     Digest {
         /// Component files.
@@ -408,6 +413,10 @@ pub fn main() -> ExitCode {
             }
             Err(e) => fail(e, 1),
         },
+        Command::Attest(args) => {
+            init_logging("warn");
+            attest::command(args, cli.state_dir.as_deref())
+        }
         Command::Digest { files } => {
             let mut code = ExitCode::SUCCESS;
             for f in files {

@@ -185,7 +185,7 @@ pub async fn run(config: Config, state_dir: PathBuf, socket: PathBuf) -> anyhow:
         config.runtime.echo_output,
     )
     .context("cannot create the component store")?;
-    if let Some(m) = measurer {
+    if let Some(m) = measurer.clone() {
         supervisor.set_measurer(m);
     }
     // Before the API serves: an upload cannot be collected before the
@@ -209,6 +209,7 @@ pub async fn run(config: Config, state_dir: PathBuf, socket: PathBuf) -> anyhow:
         ),
         uploads: tokio::sync::Semaphore::new(1),
         stop: stop_rx.clone(),
+        attester: measurer,
     });
     let mut agent_refused = None;
     if let Some(agent) = &config.agent {

@@ -69,6 +69,10 @@ pub enum Op {
     ListKeys,
     /// Destroy a key.
     DestroyKey,
+    /// Read the endorsement key's certificate.
+    EndorsementCertificate,
+    /// Activate a credential made for the endorsement and attestation keys.
+    ActivateCredential,
 }
 
 impl fmt::Display for Op {
@@ -86,6 +90,8 @@ impl fmt::Display for Op {
             Op::Quote => "quote",
             Op::ListKeys => "list keys",
             Op::DestroyKey => "destroy key",
+            Op::EndorsementCertificate => "read endorsement certificate",
+            Op::ActivateCredential => "activate credential",
         })
     }
 }
@@ -312,6 +318,34 @@ pub trait Hsm: Send + Sync + fmt::Debug {
     fn quote(&self, key: &str, nonce: &[u8]) -> Result<Quote> {
         let _ = nonce;
         Err(self.unsupported(Op::Quote, Some(key)))
+    }
+
+    /// The attestation key `id`'s public area as the device names it
+    /// (TPM2B_PUBLIC, whose name a credential is made for); `None` where
+    /// keys have no such area (soft).
+    fn attestation_public(&self, id: &str) -> Result<Option<Vec<u8>>> {
+        let _ = id;
+        Ok(None)
+    }
+
+    /// The endorsement key's certificate (DER), where the device holds one
+    /// (a TPM's RSA 2048 EK certificate, NV index 0x01c00002).
+    fn endorsement_certificate(&self) -> Result<Option<Vec<u8>>> {
+        Ok(None)
+    }
+
+    /// Decrypts a credential made (TPM2_MakeCredential) for the
+    /// endorsement key and the attestation key `id`: only a device holding
+    /// both can (TPM2_ActivateCredential). `id_object` and
+    /// `encrypted_secret` are the TPM2B buffers' contents.
+    fn activate_credential(
+        &self,
+        id: &str,
+        id_object: &[u8],
+        encrypted_secret: &[u8],
+    ) -> Result<Zeroizing<Vec<u8>>> {
+        let _ = (id_object, encrypted_secret);
+        Err(self.unsupported(Op::ActivateCredential, Some(id)))
     }
 
     /// The keys the backend holds.

@@ -699,10 +699,30 @@ impl Hsm for TpmHsm {
         let scheme = SignatureScheme::EcDsa {
             hash_scheme: HashScheme::new(HashingAlgorithm::Sha256),
         };
-        let (attest, signature) = self.with_loaded(Op::Quote, key, blob, |ctx, h| {
-            ctx.quote(h, data, scheme, selection)
-        })?;
-        let register = self.read_register()?;
+        // The register is read after the quote; an extend in between is
+        // seen (the quoted digest is not the register's) and quoted again.
+        let (attest, signature, register) = {
+            let mut tries = 0;
+            loop {
+                let (attest, signature) =
+                    self.with_loaded(Op::Quote, key, blob.clone(), |ctx, h| {
+                        ctx.quote(h, data.clone(), scheme, selection.clone())
+                    })?;
+                let register = self.read_register()?;
+                let quoted = match attest.attested() {
+                    tss_esapi::structures::AttestInfo::Quote { info } => {
+                        info.pcr_digest().value().to_vec()
+                    }
+                    _ => Vec::new(),
+                };
+                tries += 1;
+                if quoted == <sha2::Sha256 as sha2::Digest>::digest(register).as_slice()
+                    || tries == 5
+                {
+                    break (attest, signature, register);
+                }
+            }
+        };
         Ok(Quote {
             backend: BACKEND,
             register,
@@ -711,6 +731,144 @@ impl Hsm for TpmHsm {
             signature: signature.marshall().map_err(tss(Op::Quote, Some(key)))?,
             public_key,
         })
+    }
+
+    fn attestation_public(&self, id: &str) -> Result<Option<Vec<u8>>> {
+        check_id(BACKEND, Op::PublicKey, id)?;
+        let (public, _) = self
+            .read_blob(Op::PublicKey, id, Blob::Attestation)?
+            .ok_or_else(|| err(Op::PublicKey, Some(id), ErrorKind::KeyNotFound))?;
+        let area = public.marshall().map_err(tss(Op::PublicKey, Some(id)))?;
+        let len = u16::try_from(area.len()).map_err(|_| {
+            err(
+                Op::PublicKey,
+                Some(id),
+                ErrorKind::Backend("public area too large".into()),
+            )
+        })?;
+        let mut out = len.to_be_bytes().to_vec();
+        out.extend_from_slice(&area);
+        Ok(Some(out))
+    }
+
+    fn endorsement_certificate(&self) -> Result<Option<Vec<u8>>> {
+        use tss_esapi::abstraction::AsymmetricAlgorithmSelection;
+        use tss_esapi::interface_types::key_bits::RsaKeyBits;
+        let op = Op::EndorsementCertificate;
+        let mut inner = self.lock(op, None)?;
+        match tss_esapi::abstraction::ek::retrieve_ek_pubcert(
+            &mut inner.ctx,
+            AsymmetricAlgorithmSelection::Rsa(RsaKeyBits::Rsa2048),
+        ) {
+            Ok(der) => Ok(Some(der)),
+            // No such NV index: this TPM carries no EK certificate.
+            Err(tss_esapi::Error::Tss2Error(rc))
+                if rc.kind()
+                    == Some(tss_esapi::constants::response_code::Tss2ResponseCodeKind::Handle) =>
+            {
+                Ok(None)
+            }
+            Err(e) => Err(tss(op, None)(e)),
+        }
+    }
+
+    fn activate_credential(
+        &self,
+        id: &str,
+        id_object: &[u8],
+        encrypted_secret: &[u8],
+    ) -> Result<Zeroizing<Vec<u8>>> {
+        use tss_esapi::abstraction::AsymmetricAlgorithmSelection;
+        use tss_esapi::constants::response_code::Tss2ResponseCodeKind as Kind;
+        use tss_esapi::handles::AuthHandle;
+        use tss_esapi::interface_types::key_bits::RsaKeyBits;
+        use tss_esapi::interface_types::session_handles::PolicySession;
+        use tss_esapi::structures::{EncryptedSecret, IdObject};
+        let op = Op::ActivateCredential;
+        let bad = |what: &str| {
+            err(
+                op,
+                Some(id),
+                ErrorKind::InvalidArgument(format!("the credential's {what} is malformed")),
+            )
+        };
+        let credential = IdObject::try_from(id_object.to_vec()).map_err(|_| bad("id object"))?;
+        let secret =
+            EncryptedSecret::try_from(encrypted_secret.to_vec()).map_err(|_| bad("secret"))?;
+        let (public, private) = self.ensure_blob(op, id, Blob::Attestation, false)?;
+        let mut inner = self.lock(op, Some(id))?;
+        let primary = inner.primary;
+        let ak = inner
+            .salted(|ctx| ctx.load(primary, private, public))
+            .map_err(tss(op, Some(id)))?;
+        // The EK, derived from the endorsement seed with the default
+        // template (the key its certificate certifies); its policy asks
+        // for the endorsement hierarchy's authorization (PolicySecret).
+        let ek = tss_esapi::abstraction::ek::create_ek_object_2(
+            &mut inner.ctx,
+            AsymmetricAlgorithmSelection::Rsa(RsaKeyBits::Rsa2048),
+            None,
+        );
+        let ek = match ek {
+            Ok(ek) => ek,
+            Err(e) => {
+                let _ = inner.ctx.flush_context(ak.into());
+                return Err(tss(op, Some(id))(e));
+            }
+        };
+        let salted = inner.salted;
+        let result = (|| {
+            let session = inner
+                .ctx
+                .start_auth_session(
+                    None,
+                    None,
+                    None,
+                    SessionType::Policy,
+                    SymmetricDefinition::AES_128_CFB,
+                    HashingAlgorithm::Sha256,
+                )?
+                .ok_or(tss_esapi::Error::WrapperError(
+                    tss_esapi::WrapperErrorKind::WrongValueFromTpm,
+                ))?;
+            let out = (|| {
+                let policy = PolicySession::try_from(session)?;
+                inner.ctx.execute_with_nullauth_session(|ctx| {
+                    ctx.policy_secret(
+                        policy,
+                        AuthHandle::Endorsement,
+                        Default::default(),
+                        Default::default(),
+                        Default::default(),
+                        None,
+                    )
+                })?;
+                inner
+                    .ctx
+                    .execute_with_sessions((Some(salted), Some(session), None), |ctx| {
+                        ctx.activate_credential(ak, ek, credential, secret)
+                    })
+            })();
+            let _ = inner.ctx.flush_context(SessionHandle::from(session).into());
+            out
+        })();
+        let _ = inner.ctx.flush_context(ak.into());
+        let _ = inner.ctx.flush_context(ek.into());
+        let digest = result.map_err(|e| match e {
+            // The TPM refuses a credential made for another EK or AK
+            // (integrity check of the id object fails, or the seed does
+            // not decrypt).
+            tss_esapi::Error::Tss2Error(rc)
+                if matches!(
+                    rc.kind(),
+                    Some(Kind::Integrity | Kind::Value | Kind::Size | Kind::Insufficient)
+                ) =>
+            {
+                err(op, Some(id), ErrorKind::AuthenticationFailed)
+            }
+            e => tss(op, Some(id))(e),
+        })?;
+        Ok(Zeroizing::new(digest.value().to_vec()))
     }
 
     fn keys(&self) -> Result<Vec<KeyInfo>> {

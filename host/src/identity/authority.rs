@@ -156,7 +156,8 @@ fn pem_encode(der: &[u8]) -> String {
     pem_block("CERTIFICATE", der)
 }
 
-fn pem_block(label: &str, der: &[u8]) -> String {
+/// PEM armour for DER bytes under `label`.
+pub(crate) fn pem_block(label: &str, der: &[u8]) -> String {
     use base64ct::{Base64, Encoding as _};
     let b64 = Base64::encode_string(der);
     let mut out = format!("-----BEGIN {label}-----\n");

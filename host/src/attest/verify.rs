@@ -1,0 +1,703 @@
+//! `edgeward attest verify`: checks evidence ([`super::evidence`]) the way
+//! a remote verifier does, with nothing from the device but the files:
+//!
+//! 1. the signature and its algorithms (ECDSA P-256 with SHA-256 only);
+//! 2. the attestation structure (TPM-generated quote, or the soft label);
+//! 3. the nonce (the verifier's, or the secret of its credential
+//!    challenge);
+//! 4. the PCR digest (the quoted digest is the hash of `pcrs.bin`'s value,
+//!    for the PCR the evidence names);
+//! 5. the log replays to the quoted value: a prefix must, and events
+//!    appended after the quote are reported, as keylime does;
+//! 6. the baseline (a register not at zero before the first event fails
+//!    unless the policy allows it);
+//! 7. the policy: each module's digest allowed for its name, or signed by
+//!    an allowed publisher; allowed executables; incidents (integrity
+//!    failures, refused signatures, rejected cache entries) fail;
+//! 8. with `--ek-ca`: the EK certificate chains to the CA;
+//! 9. with `--challenge`: the AK is the one the credential was made for
+//!    (same name, same EK), a restricted signing key fixed to the TPM.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use sha2::{Digest as _, Sha256};
+
+use super::eventlog::{self, Record, hex_decode};
+use super::evidence::parse_pcrs_bin;
+use super::wire;
+use crate::measure::hex;
+
+/// One check's outcome.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Check {
+    /// Its name.
+    pub name: &'static str,
+    /// Passed.
+    pub ok: bool,
+    /// What was found.
+    pub detail: String,
+}
+
+/// What a verifier holds: a policy for the measurements.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Policy {
+    /// Accept a register that was not at zero before edgeward's first
+    /// event (something else extends the PCR on this platform).
+    #[serde(default)]
+    pub allow_baseline: bool,
+    /// Accept integrity failures, refused signatures and rejected cache
+    /// entries in the log.
+    #[serde(default)]
+    pub allow_incidents: bool,
+    /// Allowed daemon executables (sha256:HEX); empty: any.
+    #[serde(default)]
+    pub executables: Vec<String>,
+    /// Allowed publisher keys: key files (raw, PEM, DER, OpenSSH; relative
+    /// to the policy file) or the hex of their raw encoding. A module
+    /// signed by one passes whatever its digest.
+    #[serde(default)]
+    pub publishers: Vec<String>,
+    /// Allowed digests (sha256:HEX) per module name.
+    #[serde(default)]
+    pub modules: BTreeMap<String, Vec<String>>,
+}
+
+impl Policy {
+    /// Reads a policy file (TOML).
+    ///
+    /// # Errors
+    ///
+    /// It cannot be read or parsed, or a publisher key file cannot be
+    /// read; named.
+    pub fn load(path: &Path) -> Result<Self, String> {
+        let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let mut p: Policy =
+            toml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        let mut keys = Vec::new();
+        for k in &p.publishers {
+            if hex_decode(k).is_some_and(|b| b.len() == 33) {
+                keys.push(k.to_ascii_lowercase());
+                continue;
+            }
+            let file = base.join(k);
+            let pk = super::publisher::load_publishers(&[file]).map_err(|e| e.to_string())?;
+            keys.extend(pk.iter().map(|k| hex(&k.to_bytes())));
+        }
+        p.publishers = keys;
+        for list in p
+            .modules
+            .values_mut()
+            .chain(std::iter::once(&mut p.executables))
+        {
+            for d in list.iter_mut() {
+                *d = normalize_digest(d);
+            }
+        }
+        Ok(p)
+    }
+}
+
+fn normalize_digest(d: &str) -> String {
+    let d = d.trim().to_ascii_lowercase();
+    if d.starts_with("sha256:") {
+        d
+    } else {
+        format!("sha256:{d}")
+    }
+}
+
+/// The verifier's record of a credential challenge (`edgeward attest
+/// challenge`): the secret the device must recover, and which EK and AK
+/// it was made for. Kept by the verifier; never sent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Challenge {
+    /// `edgeward-challenge/1`.
+    pub format: String,
+    /// The secret (hex): the evidence's quote must carry it as its nonce.
+    pub secret: String,
+    /// The AK's name (hex) the credential was made for.
+    pub ak_name: String,
+    /// SHA-256 (hex) of the EK certificate's SubjectPublicKeyInfo.
+    pub ek_spki_sha256: String,
+}
+
+/// What to check evidence against.
+#[derive(Debug, Clone, Default)]
+pub struct Expect {
+    /// The nonce the verifier sent.
+    pub nonce: Option<Vec<u8>>,
+    /// The verifier's policy.
+    pub policy: Option<Policy>,
+    /// Trusted EK CA certificates (DER).
+    pub ek_ca: Option<Vec<Vec<u8>>>,
+    /// The credential challenge the evidence answers.
+    pub challenge: Option<Challenge>,
+}
+
+struct Files {
+    dir: PathBuf,
+}
+
+impl Files {
+    fn read(&self, name: &str) -> Result<Vec<u8>, String> {
+        std::fs::read(self.dir.join(name)).map_err(|e| format!("{name}: {e}"))
+    }
+    fn exists(&self, name: &str) -> bool {
+        self.dir.join(name).exists()
+    }
+}
+
+/// Checks the evidence in `dir`; every check is returned, passed or not.
+pub fn verify(dir: &Path, expect: &Expect) -> Vec<Check> {
+    let mut out = Vec::new();
+    let mut check = |name: &'static str, r: Result<String, String>| {
+        let ok = r.is_ok();
+        out.push(Check {
+            name,
+            ok,
+            detail: r.unwrap_or_else(|e| e),
+        });
+        ok
+    };
+    let files = Files {
+        dir: dir.to_owned(),
+    };
+    let evidence = match read_evidence(&files) {
+        Ok(e) => e,
+        Err(e) => {
+            check("evidence", Err(e));
+            return out;
+        }
+    };
+    check(
+        "evidence",
+        Ok(format!(
+            "{} backend, device {}, PCR {}, boot {}",
+            evidence.backend, evidence.device, evidence.pcr, evidence.boot_id
+        )),
+    );
+    let quote = match files.read("quote.msg") {
+        Ok(b) => b,
+        Err(e) => {
+            check("signature", Err(e));
+            return out;
+        }
+    };
+    let ak_point = files.read("ak.pem").and_then(|pem| ak_point_from_pem(&pem));
+    check(
+        "signature",
+        ak_point.clone().and_then(|ak| {
+            verify_signature(&evidence.backend, &ak, &quote, &files.read("quote.sig")?)
+        }),
+    );
+    // The structure: what was signed, and what it says.
+    let attested = match evidence.backend.as_str() {
+        "tpm" => wire::parse_quote(&quote).map(|q| Attested {
+            nonce: q.extra_data.clone(),
+            selection: Some(q.selection.clone()),
+            pcr_digest: Some(q.pcr_digest.clone()),
+            register: None,
+            detail: "a quote the TPM generated (TPMS_ATTEST, TPM_ST_ATTEST_QUOTE)".into(),
+        }),
+        "soft" => parse_soft(&quote),
+        other => Err(format!("unknown backend {other}")),
+    };
+    let attested = match attested {
+        Ok(a) => {
+            check("attestation", Ok(a.detail.clone()));
+            a
+        }
+        Err(e) => {
+            check("attestation", Err(e));
+            return out;
+        }
+    };
+    let wanted_nonce = expect
+        .challenge
+        .as_ref()
+        .map(|c| hex_decode(&c.secret).unwrap_or_default())
+        .or_else(|| expect.nonce.clone());
+    check(
+        "nonce",
+        match wanted_nonce {
+            None => Err("no nonce to check against (--nonce or --challenge)".into()),
+            Some(n) if n == attested.nonce => Ok(format!(
+                "the quote carries the {} ({} bytes)",
+                if expect.challenge.is_some() {
+                    "credential's secret"
+                } else {
+                    "verifier's nonce"
+                },
+                n.len()
+            )),
+            Some(_) => Err(format!(
+                "the quote carries nonce {}, not the one expected: stale or for another verifier",
+                hex(&attested.nonce)
+            )),
+        },
+    );
+    let quoted = files
+        .read("pcrs.bin")
+        .and_then(|b| parse_pcrs_bin(&b))
+        .and_then(|(pcr, value)| {
+            if pcr != evidence.pcr {
+                return Err(format!(
+                    "pcrs.bin holds PCR {pcr}; the evidence names {}",
+                    evidence.pcr
+                ));
+            }
+            if let Some(sel) = &attested.selection
+                && sel[..] != [(wire::ALG_SHA256, vec![pcr])]
+            {
+                return Err(format!(
+                    "the quote selects {sel:?}, not SHA-256 PCR {pcr} alone"
+                ));
+            }
+            if let Some(d) = &attested.pcr_digest
+                && d[..] != Sha256::digest(value)[..]
+            {
+                return Err("the quoted PCR digest is not the hash of pcrs.bin's value".into());
+            }
+            if let Some(r) = &attested.register
+                && r != &value
+            {
+                return Err("the quoted register is not pcrs.bin's value".into());
+            }
+            Ok(value)
+        });
+    let quoted = match quoted {
+        Ok(v) => {
+            check(
+                "pcr-digest",
+                Ok(format!("PCR {} = {}", evidence.pcr, hex(&v))),
+            );
+            v
+        }
+        Err(e) => {
+            check("pcr-digest", Err(e));
+            return out;
+        }
+    };
+    let records = match files
+        .read("event.log")
+        .and_then(|b| eventlog::parse(&b).map_err(|e| format!("event.log: {e}")))
+        .and_then(|r| replay_to(&r, evidence.pcr, &quoted).map(|n| (r, n)))
+    {
+        Ok((records, n)) => {
+            let after = records.len() - n;
+            check(
+                "log-replay",
+                Ok(format!(
+                    "{n} events replay to the quoted value{}",
+                    if after > 0 {
+                        format!("; {after} appended after the quote (not attested)")
+                    } else {
+                        String::new()
+                    }
+                )),
+            );
+            records[..n].to_vec()
+        }
+        Err(e) => {
+            check("log-replay", Err(e));
+            return out;
+        }
+    };
+    let allow_baseline = expect.policy.as_ref().is_some_and(|p| p.allow_baseline);
+    check(
+        "baseline",
+        match records.first().filter(|r| r.kind() == "baseline") {
+            None => Ok("the register was at zero before the first event".into()),
+            Some(r) => {
+                let v = r.sha256().map(|d| hex(&d)).unwrap_or_default();
+                if allow_baseline {
+                    Ok(format!("non-zero baseline {v}, allowed by the policy"))
+                } else {
+                    Err(format!(
+                        "the register was {v} before edgeward's first event this boot: \
+                         something else extends PCR {} (allow_baseline in the policy accepts it)",
+                        evidence.pcr
+                    ))
+                }
+            }
+        },
+    );
+    if let Some(policy) = &expect.policy {
+        check("policy", check_policy(policy, &records));
+    }
+    let ek_spki = if let Some(cas) = &expect.ek_ca {
+        let r = files
+            .read("ek.pem")
+            .map_err(|_| {
+                format!(
+                    "the evidence carries no EK certificate ({} backend{})",
+                    evidence.backend,
+                    if evidence.backend == "tpm" {
+                        ": this TPM has none in NV"
+                    } else {
+                        ": no hardware root"
+                    }
+                )
+            })
+            .and_then(|pem| check_ek_chain(&pem, cas));
+        let spki = r.as_ref().ok().map(|(_, s)| s.clone());
+        check("ek-certificate", r.map(|(d, _)| d));
+        spki
+    } else {
+        None
+    };
+    if let Some(ch) = &expect.challenge {
+        check(
+            "ak-binding",
+            check_binding(&files, ch, ak_point.ok().as_deref(), ek_spki.as_deref()),
+        );
+    } else if files.exists("ak.pub") {
+        check(
+            "ak",
+            files.read("ak.pub").and_then(|b| {
+                let ak = wire::parse_ecc_public(&b)?;
+                check_ak_attributes(ak.attributes)?;
+                if Some(&ak.point) != ak_point.as_ref().ok() {
+                    return Err("ak.pub and ak.pem are different keys".into());
+                }
+                Ok(
+                    "a restricted signing key fixed to its TPM (not bound to an EK: \
+                    use --challenge)"
+                        .into(),
+                )
+            }),
+        );
+    }
+    out
+}
+
+struct Evidence {
+    backend: String,
+    device: String,
+    pcr: u32,
+    boot_id: String,
+}
+
+fn read_evidence(files: &Files) -> Result<Evidence, String> {
+    let v: Value = serde_json::from_slice(&files.read("evidence.json")?)
+        .map_err(|e| format!("evidence.json: {e}"))?;
+    if v["format"] != super::evidence::FORMAT {
+        return Err(format!(
+            "evidence.json: format {} is not {}",
+            v["format"],
+            super::evidence::FORMAT
+        ));
+    }
+    let s = |k: &str| v[k].as_str().map(str::to_owned);
+    Ok(Evidence {
+        backend: s("backend").ok_or("evidence.json: no backend")?,
+        device: s("device").unwrap_or_default(),
+        pcr: v["pcr"]
+            .as_u64()
+            .and_then(|p| u32::try_from(p).ok())
+            .filter(|p| *p < 24)
+            .ok_or("evidence.json: no PCR index (0-23)")?,
+        boot_id: s("boot_id").unwrap_or_default(),
+    })
+}
+
+fn ak_point_from_pem(pem: &[u8]) -> Result<Vec<u8>, String> {
+    use p256::pkcs8::DecodePublicKey as _;
+    let text = std::str::from_utf8(pem).map_err(|_| "ak.pem is not text")?;
+    let pk = p256::PublicKey::from_public_key_pem(text)
+        .map_err(|e| format!("ak.pem is not a P-256 public key: {e}"))?;
+    Ok(p256::EncodedPoint::from(pk).as_bytes().to_vec())
+}
+
+fn verify_signature(backend: &str, ak: &[u8], msg: &[u8], sig: &[u8]) -> Result<String, String> {
+    use p256::ecdsa::signature::Verifier as _;
+    let key = p256::ecdsa::VerifyingKey::from_sec1_bytes(ak)
+        .map_err(|_| "ak.pem is not a usable P-256 key")?;
+    let signature = if backend == "tpm" {
+        let (hash, r, s) = wire::parse_ecdsa_signature(sig)?;
+        if hash != wire::ALG_SHA256 {
+            return Err(format!(
+                "the quote is signed over hash {hash:#06x}, not SHA-256"
+            ));
+        }
+        let pad = |v: &[u8]| -> Result<[u8; 32], String> {
+            let v = v.strip_prefix(&[0]).unwrap_or(v);
+            if v.len() > 32 {
+                return Err("the signature's scalars are too long for P-256".into());
+            }
+            let mut a = [0u8; 32];
+            a[32 - v.len()..].copy_from_slice(v);
+            Ok(a)
+        };
+        p256::ecdsa::Signature::from_scalars(pad(&r)?, pad(&s)?)
+            .map_err(|_| "the signature's scalars are out of range")?
+    } else {
+        p256::ecdsa::Signature::from_der(sig)
+            .map_err(|_| "quote.sig is not a DER ECDSA signature")?
+    };
+    key.verify(msg, &signature)
+        .map_err(|_| "the quote's signature does not verify with ak.pem: forged, altered, or signed by another key".to_owned())?;
+    Ok("ECDSA P-256 with SHA-256 by ak.pem".into())
+}
+
+struct Attested {
+    nonce: Vec<u8>,
+    selection: Option<Vec<(u16, Vec<u32>)>>,
+    pcr_digest: Option<Vec<u8>>,
+    register: Option<[u8; 32]>,
+    detail: String,
+}
+
+fn parse_soft(msg: &[u8]) -> Result<Attested, String> {
+    const LABEL: &[u8] = b"edgeward soft quote v1\0";
+    let rest = msg
+        .strip_prefix(LABEL)
+        .ok_or("quote.msg is not an edgeward soft quote")?;
+    let mut r = wire::Reader::new(rest, "quote.msg (soft quote)");
+    let mut register = [0u8; 32];
+    for b in &mut register {
+        *b = r.u8()?;
+    }
+    let nonce = r.tpm2b()?.to_vec();
+    r.end()?;
+    Ok(Attested {
+        nonce,
+        selection: None,
+        pcr_digest: None,
+        register: Some(register),
+        detail: "soft quote: the soft backend's key, no hardware root".into(),
+    })
+}
+
+/// How many leading records replay to `quoted` (the rest were appended
+/// after the quote).
+fn replay_to(records: &[Record], pcr: u32, quoted: &[u8; 32]) -> Result<usize, String> {
+    if let Some(r) = records.iter().find(|r| r.pcr != pcr) {
+        return Err(format!(
+            "record {} is for PCR {}, not {pcr}",
+            r.recnum, r.pcr
+        ));
+    }
+    for n in 0..=records.len() {
+        if &eventlog::replay(&records[..n])? == quoted {
+            return Ok(n);
+        }
+    }
+    Err(format!(
+        "no prefix of the log's {} events replays to the quoted PCR value: \
+         an entry was removed, reordered, inserted or edited, or the PCR was \
+         extended outside the log",
+        records.len()
+    ))
+}
+
+const INCIDENTS: &[&str] = &["integrity-failure", "signature-refused", "cache-rejected"];
+
+fn check_policy(policy: &Policy, records: &[Record]) -> Result<String, String> {
+    let mut failures = Vec::new();
+    let mut modules = 0;
+    for r in records {
+        let c = &r.content;
+        let field = |k: &str| c[k].as_str().unwrap_or("").to_owned();
+        match r.kind() {
+            "executable" => {
+                let d = normalize_digest(&field("sha256"));
+                if !policy.executables.is_empty() && !policy.executables.contains(&d) {
+                    failures.push(format!(
+                        "record {}: executable {d} is not allowed",
+                        r.recnum
+                    ));
+                }
+            }
+            "module" => {
+                modules += 1;
+                let (name, digest) = (field("name"), normalize_digest(&field("digest")));
+                let by_digest = policy
+                    .modules
+                    .get(&name)
+                    .is_some_and(|l| l.contains(&digest));
+                let by_publisher = c["publisher"]
+                    .as_str()
+                    .is_some_and(|p| policy.publishers.contains(&p.to_ascii_lowercase()));
+                if !by_digest && !by_publisher {
+                    failures.push(format!(
+                        "record {}: module {name} ({digest}) is {}",
+                        r.recnum,
+                        if policy.modules.contains_key(&name) {
+                            "not an allowed digest for that name"
+                        } else {
+                            "not in the policy and not signed by an allowed publisher"
+                        }
+                    ));
+                }
+            }
+            k if INCIDENTS.contains(&k) && !policy.allow_incidents => {
+                failures.push(format!(
+                    "record {}: {k}{}",
+                    r.recnum,
+                    c.get("name")
+                        .and_then(Value::as_str)
+                        .map(|n| format!(" of module {n}"))
+                        .unwrap_or_default()
+                ));
+            }
+            _ => {}
+        }
+    }
+    if failures.is_empty() {
+        Ok(format!(
+            "{modules} module measurements allowed, no incidents"
+        ))
+    } else {
+        Err(failures.join("; "))
+    }
+}
+
+/// Parses PEM certificates (a bundle) into DER.
+///
+/// # Errors
+///
+/// No certificate in it.
+pub fn pem_certificates(bytes: &[u8], what: &str) -> Result<Vec<Vec<u8>>, String> {
+    let mut out = Vec::new();
+    for pem in x509_parser::pem::Pem::iter_from_buffer(bytes) {
+        let pem = pem.map_err(|e| format!("{what}: {e}"))?;
+        if pem.label == "CERTIFICATE" {
+            out.push(pem.contents);
+        }
+    }
+    if out.is_empty() {
+        return Err(format!("{what}: no PEM certificate in it"));
+    }
+    Ok(out)
+}
+
+/// Checks that the EK certificate (PEM) chains to one of `cas` (each
+/// trusted); returns a description and the SHA-256 of its SPKI.
+fn check_ek_chain(pem: &[u8], cas: &[Vec<u8>]) -> Result<(String, Vec<u8>), String> {
+    use x509_parser::prelude::*;
+    let der = pem_certificates(pem, "ek.pem")?.remove(0);
+    let (_, ek) = X509Certificate::from_der(&der).map_err(|e| format!("ek.pem: {e}"))?;
+    let anchors: Vec<X509Certificate<'_>> = cas
+        .iter()
+        .filter_map(|d| X509Certificate::from_der(d).ok().map(|(_, c)| c))
+        .collect();
+    let now = x509_parser::time::ASN1Time::now();
+    if !ek.validity().is_valid_at(now) {
+        return Err(format!("{} is outside its validity period", ek.subject()));
+    }
+    // Every certificate in the CA file is trusted: the EK certificate
+    // must be signed by one of them, a valid CA.
+    let issuer = anchors
+        .iter()
+        .find(|ca| ca.subject() == ek.issuer() && ek.verify_signature(Some(ca.public_key())).is_ok())
+        .ok_or_else(|| {
+            format!(
+                "the EK certificate ({}) is not signed by a certificate in the EK CA file (its issuer: {})",
+                ek.subject(),
+                ek.issuer()
+            )
+        })?;
+    let is_ca = issuer
+        .basic_constraints()
+        .ok()
+        .flatten()
+        .is_some_and(|b| b.value.ca);
+    if !is_ca {
+        return Err(format!("{} is not a CA certificate", issuer.subject()));
+    }
+    if !issuer.validity().is_valid_at(now) {
+        return Err(format!(
+            "{} is outside its validity period",
+            issuer.subject()
+        ));
+    }
+    let spki = Sha256::digest(ek.public_key().raw).to_vec();
+    Ok((format!("issued by {}", issuer.subject()), spki))
+}
+
+fn check_ak_attributes(attributes: u32) -> Result<(), String> {
+    use wire::attr::*;
+    let needed = FIXED_TPM | FIXED_PARENT | SENSITIVE_DATA_ORIGIN | RESTRICTED | SIGN;
+    if attributes & needed != needed || attributes & DECRYPT != 0 {
+        return Err(format!(
+            "the AK's attributes {attributes:#010x} are not those of a restricted signing key \
+             created in and fixed to its TPM"
+        ));
+    }
+    Ok(())
+}
+
+fn check_binding(
+    files: &Files,
+    ch: &Challenge,
+    ak_point: Option<&[u8]>,
+    ek_spki: Option<&[u8]>,
+) -> Result<String, String> {
+    let ak = wire::parse_ecc_public(&files.read("ak.pub")?)?;
+    check_ak_attributes(ak.attributes)?;
+    if Some(ak.point.as_slice()) != ak_point {
+        return Err("ak.pub and ak.pem are different keys".into());
+    }
+    if hex(&ak.name) != ch.ak_name.to_ascii_lowercase() {
+        return Err(
+            "the quoting AK is not the one the credential was made for (a foreign AK)".into(),
+        );
+    }
+    match ek_spki {
+        Some(s) if hex(s) == ch.ek_spki_sha256.to_ascii_lowercase() => {}
+        Some(_) => {
+            return Err("the evidence's EK is not the one the credential was made for".into());
+        }
+        None => return Err("the EK certificate did not verify (--ek-ca is needed)".into()),
+    }
+    Ok(
+        "the AK recovered a credential made for it and the certified EK: both live in one TPM"
+            .into(),
+    )
+}
+
+/// Makes a credential challenge for the evidence in `dir`: checks its EK
+/// certificate against `cas` and its AK's attributes, then encrypts a
+/// fresh secret to that EK for that AK. Returns the credential for the
+/// device and the verifier's record.
+///
+/// # Errors
+///
+/// The EK certificate does not chain to `cas`, the AK is not a restricted
+/// signing key, or files are missing; named.
+pub fn challenge(
+    dir: &Path,
+    cas: &[Vec<u8>],
+) -> Result<(super::evidence::CredentialFile, Challenge), String> {
+    use x509_parser::prelude::*;
+    let files = Files {
+        dir: dir.to_owned(),
+    };
+    let pem = files.read("ek.pem").map_err(|e| {
+        format!("{e}: the device's evidence carries no EK certificate (not a TPM with one)")
+    })?;
+    let (_, spki_hash) = check_ek_chain(&pem, cas)?;
+    let der = pem_certificates(&pem, "ek.pem")?.remove(0);
+    let (_, ek) = X509Certificate::from_der(&der).map_err(|e| format!("ek.pem: {e}"))?;
+    let ak = wire::parse_ecc_public(&files.read("ak.pub")?)?;
+    check_ak_attributes(ak.attributes)?;
+    let mut secret = [0u8; 32];
+    getrandom::fill(&mut secret).map_err(|e| format!("no randomness: {e}"))?;
+    let credential = super::credential::make(ek.public_key().raw, &ak.name, &secret)?;
+    Ok((
+        credential,
+        Challenge {
+            format: "edgeward-challenge/1".into(),
+            secret: hex(&secret),
+            ak_name: hex(&ak.name),
+            ek_spki_sha256: hex(&spki_hash),
+        },
+    ))
+}
