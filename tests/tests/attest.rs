@@ -161,6 +161,25 @@ fn the_daemon_measures_what_it_runs_and_a_replay_matches() {
     let (value, kinds) = replay(&log);
     assert_eq!(kinds[5..], ["executable", "config", "module"]);
     assert_eq!(value, register(&s, &b, None));
+    // ...and the evidence of the whole boot, both daemon runs, verifies
+    // against a policy naming the module.
+    let ev = s.path().join("restarted");
+    let o = attest(&s, &b, &["--nonce", "abcd", "--out", ev.to_str().unwrap()]);
+    assert_status(&o, 0);
+    let policy = s.write(
+        "policy.toml",
+        &format!(
+            "[modules]\nm = [\"{}\"]\nextra = [\"{}\"]\n",
+            sha256sum(probe),
+            sha256sum(probe)
+        ),
+    );
+    let (ok, out) = verify(
+        &s,
+        &ev,
+        &["--nonce", "abcd", "--policy", policy.to_str().unwrap()],
+    );
+    assert!(ok && out.contains("8 events replay"), "{out}");
 
     // A new boot: a new log, and the soft register starts from zero.
     let b2 = boot(&s, "66666666-7777-8888-9999-000000000000");
