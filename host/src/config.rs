@@ -38,6 +38,17 @@
 //!                                     # for (default none); see identity::names
 //! timeout = "30s"                     # wall-clock limit per start (default none)
 //! restart = "on-failure"              # never | on-failure (default) | always
+//! signature_policy = "require"        # require | warn | off: the stricter of
+//!                                     # this and [signatures] policy applies
+//! publishers = ["acme.pub"]           # keys that may sign it (files here,
+//!                                     # hex of the raw key through the API);
+//!                                     # each one of [signatures] publishers
+//!                                     # when that names any
+//!
+//! [signatures]
+//! policy = "require"                  # require | warn | off (default): components
+//! manifests = "require"               # for deployment manifests (default: policy)
+//! publishers = ["/etc/edgeward/acme.pub"]  # trusted keys (raw, PEM, DER, OpenSSH)
 //!
 //! [agent]                             # optional: the one module linked with
 //! name = "agent"                      # edgeward:host/management (default name shown)
@@ -129,6 +140,50 @@ struct RawConfig {
     #[serde(default, rename = "module")]
     modules: Vec<RawModuleSpec>,
     agent: Option<RawAgent>,
+    #[serde(default)]
+    signatures: RawSignatures,
+}
+
+/// `[signatures]`: the floor every component and manifest is held to.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSignatures {
+    policy: Option<String>,
+    manifests: Option<String>,
+    #[serde(default)]
+    publishers: Vec<PathBuf>,
+}
+
+impl RawSignatures {
+    fn validate(
+        self,
+        resolve: &dyn Fn(&Path) -> PathBuf,
+    ) -> Result<crate::attest::publisher::DeviceSignatures, String> {
+        use crate::attest::publisher::{Policy, load_publishers};
+        let policy: Policy = match &self.policy {
+            None => Policy::Off,
+            Some(p) => p.parse().map_err(|e| format!("signatures.policy: {e}"))?,
+        };
+        let manifests = match &self.manifests {
+            None => policy,
+            Some(p) => p
+                .parse()
+                .map_err(|e| format!("signatures.manifests: {e}"))?,
+        };
+        let files: Vec<PathBuf> = self.publishers.iter().map(|p| resolve(p)).collect();
+        let publishers =
+            load_publishers(&files).map_err(|e| format!("signatures.publishers: {e}"))?;
+        if publishers.is_empty() && (policy != Policy::Off || manifests != Policy::Off) {
+            return Err(
+                "signatures: a policy other than off needs publishers (trusted key files)".into(),
+            );
+        }
+        Ok(crate::attest::publisher::DeviceSignatures {
+            policy,
+            manifests,
+            publishers,
+        })
+    }
 }
 
 /// `[agent]`: the one module linked with the management interface.
@@ -407,6 +462,8 @@ pub struct Config {
     pub modules: Vec<ModuleSpec>,
     /// The agent, if one is configured.
     pub agent: Option<AgentSpec>,
+    /// `[signatures]`.
+    pub signatures: crate::attest::publisher::DeviceSignatures,
 }
 
 impl Config {
@@ -465,6 +522,12 @@ impl Config {
                 "module_tables": r.ceilings.tables,
             },
             "modules": self.modules.iter().map(|m| m.to_raw()).collect::<Vec<_>>(),
+            "signatures": {
+                "policy": self.signatures.policy.as_str(),
+                "manifests": self.signatures.manifests.as_str(),
+                "publishers": self.signatures.publishers.iter()
+                    .map(|k| crate::measure::hex(&k.to_bytes())).collect::<Vec<_>>(),
+            },
             "agent": self.agent.as_ref().map(|a| json!({
                 "name": a.spec.name,
                 "config_dir": path(&a.config_dir),
@@ -518,6 +581,7 @@ impl Config {
         let hsm = raw.hsm.validate(&resolve).map_err(err)?;
         let identity = raw.identity.validate(&resolve).map_err(err)?;
         let api = raw.api.validate(&resolve).map_err(err)?;
+        let signatures = raw.signatures.validate(&resolve).map_err(err)?;
         let max_wasm_stack = match &raw.runtime.max_wasm_stack {
             None => crate::runtime::engine::DEFAULT_MAX_WASM_STACK,
             Some(s) => {
@@ -613,6 +677,7 @@ impl Config {
             api,
             modules,
             agent,
+            signatures,
         })
     }
 }

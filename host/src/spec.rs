@@ -85,6 +85,19 @@ pub struct RawModuleSpec {
     /// `never`, `on-failure` or `always`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub restart: Option<String>,
+    /// `require`, `warn` or `off`: the stricter of this and the device's
+    /// `[signatures] policy` applies.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signature_policy: Option<String>,
+    /// Publisher keys that may sign its component: the hex of their raw
+    /// encoding (in a config file, key files too). Each must be one of the
+    /// device's trusted publishers when it names any.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub publishers: Vec<String>,
+    /// A detached signature of its component, base64 (the API and
+    /// manifests; a config file's component may have `FILE.sig` beside it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signature: Option<String>,
 }
 
 /// When a module that ended is started again.
@@ -153,6 +166,8 @@ pub struct ModuleSpec {
     pub timeout: Option<Duration>,
     /// Restart policy.
     pub restart: RestartPolicy,
+    /// What its component's signature must satisfy.
+    pub signing: crate::attest::publisher::Signing,
 }
 
 impl ModuleSpec {
@@ -190,6 +205,12 @@ impl ModuleSpec {
             timeout: self.timeout.map(|t| format!("{}ms", t.as_millis())),
             restart: (self.restart != RestartPolicy::OnFailure)
                 .then(|| self.restart.as_str().to_owned()),
+            signature_policy: self.signing.policy.map(|p| p.as_str().to_owned()),
+            publishers: self.signing.publishers.clone(),
+            signature: self.signing.detached.as_deref().map(|d| {
+                use base64ct::Encoding as _;
+                base64ct::Base64::encode_string(d)
+            }),
         }
     }
 }
@@ -304,7 +325,9 @@ impl RawModuleSpec {
             None => RestartPolicy::OnFailure,
             Some(s) => s.parse().map_err(|e| ctx("restart", e))?,
         };
+        let signing = signing_of(&m, resolve).map_err(|(field, msg)| ctx(field, msg))?;
         Ok(ModuleSpec {
+            signing,
             file: m.file.as_deref().map(resolve),
             name: m.name,
             digest,
@@ -319,6 +342,63 @@ impl RawModuleSpec {
             restart,
         })
     }
+}
+
+/// The largest detached signature accepted (a wasmsign2 signature of a
+/// component is about 100 bytes per signer and section set).
+pub const MAX_SIGNATURE: usize = 64 << 10;
+
+/// A spec's signature fields, checked: the policy, the publishers (hex;
+/// in a config file, a key file is read and turned into hex), the
+/// detached signature (base64).
+fn signing_of(
+    m: &RawModuleSpec,
+    resolve: &dyn Fn(&Path) -> PathBuf,
+) -> Result<crate::attest::publisher::Signing, (&'static str, String)> {
+    use crate::attest::publisher;
+    let policy = match &m.signature_policy {
+        None => None,
+        Some(p) => Some(p.parse().map_err(|e| ("signature_policy", e))?),
+    };
+    if m.publishers.len() > 64 {
+        return Err(("publishers", "at most 64 keys".into()));
+    }
+    let mut publishers = Vec::with_capacity(m.publishers.len());
+    for p in &m.publishers {
+        if publisher::key_from_hex(p).is_ok() {
+            publishers.push(p.to_ascii_lowercase());
+        } else if m.file.is_some() {
+            // A config file's module: a key file beside the config.
+            let keys = publisher::load_publishers(&[resolve(Path::new(p))])
+                .map_err(|e| ("publishers", e.to_string()))?;
+            publishers.extend(keys.iter().map(|k| crate::measure::hex(&k.to_bytes())));
+        } else {
+            return Err((
+                "publishers",
+                format!(
+                    "{p:?} is not the hex of a raw publisher key (01 then 32 bytes): \
+                     the daemon never reads a path it is handed"
+                ),
+            ));
+        }
+    }
+    let detached = match &m.signature {
+        None => None,
+        Some(b64) => {
+            use base64ct::Encoding as _;
+            let d = base64ct::Base64::decode_vec(b64.trim())
+                .map_err(|_| ("signature", "not base64".to_owned()))?;
+            if d.is_empty() || d.len() > MAX_SIGNATURE {
+                return Err(("signature", format!("1 to {MAX_SIGNATURE} bytes")));
+            }
+            Some(d)
+        }
+    };
+    Ok(publisher::Signing {
+        policy,
+        publishers,
+        detached,
+    })
 }
 
 /// Most settings one module may have.

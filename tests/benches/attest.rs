@@ -145,6 +145,7 @@ fn main() {
                 max_wasm_stack: edgeward::runtime::engine::DEFAULT_MAX_WASM_STACK,
             },
             state_dir: Some(state.clone()),
+            cache_key: edgeward::runtime::cache::CacheKey::StateDir,
         })
         .expect("runtime");
         let hsm = edgeward::hsm::open(&Default::default(), &state).expect("hsm");

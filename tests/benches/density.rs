@@ -83,6 +83,7 @@ fn child(mode: &str, n: usize) {
                 Runtime::new(&RuntimeOptions {
                     engine: engine_options(n as u32),
                     state_dir: None,
+                    cache_key: edgeward::runtime::cache::CacheKey::StateDir,
                 })
                 .expect("runtime"),
             );

@@ -219,6 +219,7 @@ fn main() {
             max_wasm_stack: edgeward::runtime::engine::DEFAULT_MAX_WASM_STACK,
         },
         state_dir: Some(dir.path().join("direct")),
+        cache_key: edgeward::runtime::cache::CacheKey::StateDir,
     })
     .expect("runtime");
     let measured = edgeward::measure::Measured::read(Path::new(probe)).expect("read");

@@ -119,6 +119,7 @@ fn main() {
             max_wasm_stack: edgeward::runtime::engine::DEFAULT_MAX_WASM_STACK,
         },
         state_dir: Some(state.path().to_owned()),
+        cache_key: edgeward::runtime::cache::CacheKey::StateDir,
     })
     .expect("runtime");
     let engine = runtime.engine().clone();

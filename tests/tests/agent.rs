@@ -407,3 +407,51 @@ fn a_name_clash_does_not_make_an_operators_module_the_agent() {
         "the agent ran: {out:?}"
     );
 }
+
+/// A device whose `[signatures] manifests` is `require`: the agent's
+/// unsigned manifest is refused (and reported), the same manifest signed
+/// (`deployment.toml.sig` beside it) is applied.
+#[test]
+fn a_device_requiring_signed_manifests_refuses_the_agents_unsigned_one() {
+    let s = Scratch::new();
+    let dir = config_dir(&s);
+    std::fs::copy(SENSOR, dir.join("sensor.wasm")).unwrap();
+    let o = s
+        .edgeward()
+        .args(["keygen", "--out"])
+        .arg(s.path().join("ops"))
+        .output()
+        .unwrap();
+    assert_status(&o, 0);
+    let text = format!(
+        "version = \"1\"\n[[module]]\nname = \"s1\"\nfile = \"sensor.wasm\"\ndigest = \"{}\"\nsettings = {{ sensor_id = \"one\", interval_ms = \"100\" }}\n",
+        sha256sum(SENSOR)
+    );
+    write_atomically(&dir, "deployment.toml", &text);
+    let config = format!(
+        "[signatures]\nmanifests = \"require\"\npublishers = [\"{}\"]\n\n{}",
+        s.path().join("ops.pub").display(),
+        agent_config(AGENT, &dir, &[])
+    );
+    let d = start(&s, &config);
+    wait_until("the agent to report the refusal", || {
+        logs(&s, "agent").contains("manifest is refused")
+    });
+    assert!(
+        logs(&s, "agent").contains("no signature"),
+        "{}",
+        logs(&s, "agent")
+    );
+    assert_eq!(state_of(&s, "s1"), "absent");
+    let o = s
+        .edgeward()
+        .arg("sign")
+        .arg("--key")
+        .arg(s.path().join("ops.key"))
+        .arg(dir.join("deployment.toml"))
+        .output()
+        .unwrap();
+    assert_status(&o, 0);
+    wait_until("s1 to run", || state_of(&s, "s1") == "running/agent");
+    let _ = d.terminate();
+}

@@ -428,21 +428,8 @@ fn publisher_signatures_are_required_and_interoperate_with_wasmsign2() {
     use std::os::unix::fs::PermissionsExt as _;
     let s = Scratch::new();
     let b = boot(&s, "51515151-3434-5656-7878-909090909090");
-    let keygen = |prefix: &str| {
-        let o = s
-            .edgeward()
-            .args(["keygen", "--out"])
-            .arg(s.path().join(prefix))
-            .output()
-            .unwrap();
-        assert_status(&o, 0);
-        (
-            s.path().join(format!("{prefix}.key")),
-            s.path().join(format!("{prefix}.pub")),
-        )
-    };
-    let (key, public) = keygen("k");
-    let (_, other) = keygen("other");
+    let (key, public) = keygen(&s, "k");
+    let (_, other) = keygen(&s, "other");
     assert_eq!(
         std::fs::metadata(&key).unwrap().permissions().mode() & 0o777,
         0o600
@@ -1085,4 +1072,270 @@ fn the_attest_endpoint_refuses_bad_requests_by_name() {
     assert_eq!(got, 409, "{body}");
     assert!(body.contains("measure = false"), "{body}");
     let _ = d.terminate();
+}
+
+/// `edgeward keygen --out DIR/PREFIX`: (secret key, public key).
+fn keygen(s: &Scratch, prefix: &str) -> (PathBuf, PathBuf) {
+    let o = s
+        .edgeward()
+        .args(["keygen", "--out"])
+        .arg(s.path().join(prefix))
+        .output()
+        .unwrap();
+    assert_status(&o, 0);
+    (
+        s.path().join(format!("{prefix}.key")),
+        s.path().join(format!("{prefix}.pub")),
+    )
+}
+
+/// `edgeward sign --key KEY FILE ARGS`.
+fn sign(s: &Scratch, key: &Path, file: &Path, args: &[&str]) {
+    let o = s
+        .edgeward()
+        .arg("sign")
+        .arg("--key")
+        .arg(key)
+        .arg(file)
+        .args(args)
+        .output()
+        .unwrap();
+    assert_status(&o, 0);
+}
+
+/// Who may reach it: the config's author (trusted keys, the floor), the
+/// API's operators and the agent (specs, manifests). What a hostile
+/// publisher or deployer could try: an unsigned component, one signed by
+/// another key, one altered after signing, a module naming a key the
+/// device does not trust, an unsigned, re-signed, altered or truncated
+/// manifest; each is refused by name and measured, and the signed ones
+/// run with their publisher in the log.
+#[test]
+fn the_daemon_holds_components_and_manifests_to_the_signature_policy() {
+    let s = Scratch::new();
+    let b = boot(&s, "52525252-3434-5656-7878-909090909090");
+    let (key, public) = keygen(&s, "acme");
+    let (other_key, other_pub) = keygen(&s, "other");
+    let copy = |name: &str| {
+        let f = s.path().join(name);
+        std::fs::copy(guests::SANDBOX_PROBE, &f).unwrap();
+        f
+    };
+    let detached = copy("detached.wasm");
+    sign(&s, &key, &detached, &[]);
+    let embedded = s.path().join("embedded.wasm");
+    sign(
+        &s,
+        &key,
+        &detached,
+        &["--embed", "--out", embedded.to_str().unwrap()],
+    );
+    let unsigned = copy("unsigned.wasm");
+    let foreign = copy("foreign.wasm");
+    sign(&s, &other_key, &foreign, &[]);
+    // Altered after signing: a custom section appended to a signed copy.
+    let altered = copy("altered.wasm");
+    sign(&s, &key, &altered, &[]);
+    let mut bytes = std::fs::read(&altered).unwrap();
+    bytes.extend_from_slice(&[0, 4, 1, b'x', 0xde, 0xad]);
+    std::fs::write(&altered, bytes).unwrap();
+    let untrusted = copy("untrusted.wasm");
+    sign(&s, &other_key, &untrusted, &[]);
+
+    let module = |name: &str, file: &Path, extra: &str| {
+        format!(
+            "[[module]]\nname = \"{name}\"\nfile = \"{}\"\ndigest = \"{}\"\nargs = [\"tick\"]\n{extra}\n",
+            file.display(),
+            sha256sum(file.to_str().unwrap())
+        )
+    };
+    let config = [
+        format!(
+            "[signatures]\npolicy = \"require\"\npublishers = [\"{}\"]\n",
+            public.display()
+        ),
+        module("detached", &detached, ""),
+        module("embedded", &embedded, ""),
+        module("unsigned", &unsigned, ""),
+        module("foreign", &foreign, ""),
+        module("altered", &altered, ""),
+        module(
+            "untrusted",
+            &untrusted,
+            &format!("publishers = [\"{}\"]", other_pub.display()),
+        ),
+    ]
+    .concat();
+    let d = start(&s, &config, &b);
+    let within = Duration::from_secs(30);
+    for name in ["detached", "embedded"] {
+        wait_state(&s, name, "running", within);
+    }
+    for (name, why) in [
+        ("unsigned", "not signed"),
+        ("foreign", "does not verify"),
+        ("altered", "does not verify"),
+        ("untrusted", "not one of the device's trusted publishers"),
+    ] {
+        wait_state(&s, name, "refused", within);
+        let (_, reason) = state_and_reason(&s, name);
+        assert!(
+            reason.contains("signature refused") && reason.contains(why),
+            "{name}: {reason}"
+        );
+    }
+
+    // Manifests: signed by the trusted key, with a signed component whose
+    // detached signature travels in the spec (the CLI uploads the file; a
+    // signed manifest pins its digest, and the daemon drops the path).
+    let sig_b64 = {
+        use base64ct::Encoding as _;
+        base64ct::Base64::encode_string(&std::fs::read(s.path().join("detached.wasm.sig")).unwrap())
+    };
+    let manifest = s.write(
+        "deploy.toml",
+        &format!(
+            "version = \"1\"\n[[module]]\nname = \"deployed\"\nfile = \"{}\"\ndigest = \"{}\"\nargs = [\"tick\"]\nsignature = \"{sig_b64}\"\n",
+            detached.display(),
+            sha256sum(detached.to_str().unwrap())
+        ),
+    );
+    let deploy = |extra: &[&str]| {
+        s.edgeward()
+            .arg("deploy")
+            .arg(&manifest)
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    // Unsigned: refused.
+    let o = deploy(&[]);
+    assert_status(&o, 1);
+    assert!(
+        stderr(&o).contains("manifest is refused") && stderr(&o).contains("no signature"),
+        "{}",
+        stderr(&o)
+    );
+    // Signed by another key: refused.
+    sign(&s, &other_key, &manifest, &[]);
+    let o = deploy(&[]);
+    assert_status(&o, 1);
+    assert!(stderr(&o).contains("does not verify"), "{}", stderr(&o));
+    // Truncated signature: refused.
+    let sig = s.path().join("deploy.toml.sig");
+    sign(&s, &key, &manifest, &[]);
+    let good_sig = std::fs::read(&sig).unwrap();
+    std::fs::write(&sig, &good_sig[..40]).unwrap();
+    let o = deploy(&[]);
+    assert_status(&o, 1);
+    assert!(stderr(&o).contains("64-byte"), "{}", stderr(&o));
+    // Signed by the trusted key: applied, and the module runs.
+    std::fs::write(&sig, &good_sig).unwrap();
+    let o = deploy(&[]);
+    assert_status(&o, 0);
+    wait_state(&s, "deployed", "running", within);
+    // The same signature on an altered manifest: refused (given with
+    // --signature, as a signature kept elsewhere is).
+    let kept = s.path().join("kept.sig");
+    std::fs::rename(&sig, &kept).unwrap();
+    let text = std::fs::read_to_string(&manifest).unwrap();
+    std::fs::write(
+        &manifest,
+        text.replace("version = \"1\"", "version = \"2\""),
+    )
+    .unwrap();
+    let o = deploy(&["--signature", kept.to_str().unwrap()]);
+    assert_status(&o, 1);
+    assert!(stderr(&o).contains("does not verify"), "{}", stderr(&o));
+    let _ = d.terminate();
+
+    // The log: the signed modules with their publisher, each refusal.
+    let log = s
+        .state()
+        .join("measurements/52525252-3434-5656-7878-909090909090.log");
+    let text = std::fs::read_to_string(&log).unwrap();
+    let records: Vec<serde_json::Value> = text
+        .split('\u{1e}')
+        .filter(|r| !r.trim().is_empty())
+        .map(|r| serde_json::from_str(r).unwrap())
+        .collect();
+    let acme = {
+        let raw = std::fs::read(&public).unwrap();
+        edgeward::measure::hex(&raw)
+    };
+    for name in ["detached", "embedded", "deployed"] {
+        assert!(
+            records.iter().any(|r| r["content"]["kind"] == "module"
+                && r["content"]["name"] == name
+                && r["content"]["publisher"] == acme.as_str()),
+            "{name} measured with its publisher"
+        );
+    }
+    let refusals = records
+        .iter()
+        .filter(|r| r["content"]["kind"] == "signature-refused")
+        .count();
+    assert!(refusals >= 4 + 4, "{refusals} refusals measured");
+    assert!(
+        records
+            .iter()
+            .any(|r| r["content"]["kind"] == "deployment"
+                && r["content"]["signed_by"] == acme.as_str()),
+        "the deployment names its signer"
+    );
+
+    // Under warn, an unsigned component runs (and is not refused).
+    let w = Scratch::new();
+    let config = [
+        format!(
+            "[signatures]\npolicy = \"warn\"\npublishers = [\"{}\"]\n",
+            public.display()
+        ),
+        module("unsigned", &unsigned, ""),
+    ]
+    .concat();
+    let d = start(&w, &config, &b);
+    wait_state(&w, "unsigned", "running", within);
+    let _ = d.terminate();
+}
+
+/// On the TPM the compiled-cache key is wrapped by the TPM: the state dir
+/// holds no clear key (a copy of it, or write access, does not give one),
+/// the daemon unwraps it once and a restart loads from the cache; a clear
+/// key planted in the state dir is removed, not used.
+#[test]
+fn on_the_tpm_the_cache_key_is_wrapped_by_the_tpm() {
+    let s = Scratch::new();
+    let b = boot(&s, "57575757-3434-5656-7878-909090909090");
+    let tpm = Swtpm::start();
+    let probe = guests::SANDBOX_PROBE;
+    let config = format!(
+        "[hsm]\nbackend = \"tpm\"\ntcti = \"{}\"\n\n[[module]]\nname = \"m\"\nfile = \"{probe}\"\ndigest = \"{}\"\nargs = [\"tick\"]\n",
+        tpm.tcti(),
+        sha256sum(probe)
+    );
+    let loaded = |mut d: Daemon| {
+        d.wait_for("m to load", |_, err| {
+            err.iter().any(|l| l.contains("module measured and loaded"))
+        });
+        let (_, _, err) = d.terminate();
+        err.into_iter()
+            .find(|l| l.contains("module measured and loaded"))
+            .unwrap_or_default()
+    };
+    assert!(loaded(start(&s, &config, &b)).contains("Compiled"));
+    assert!(!s.state().join("cache.key").exists(), "no clear key");
+    let sealed = std::fs::read(s.state().join("cache.key.wrapped")).unwrap();
+    assert!(sealed.len() > 32, "the key is sealed");
+    // A restart unwraps it: code from the cache.
+    let line = loaded(start(&s, &config, &b));
+    assert!(
+        line.contains("Cache"),
+        "a cache hit after a restart: {line}"
+    );
+    // A planted clear key is removed and not used.
+    std::fs::write(s.state().join("cache.key"), [7u8; 32]).unwrap();
+    let line = loaded(start(&s, &config, &b));
+    assert!(line.contains("Cache"), "{line}");
+    assert!(!s.state().join("cache.key").exists());
 }

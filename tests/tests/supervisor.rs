@@ -39,6 +39,7 @@ fn supervisor(state: &Path) -> Supervisor {
             max_wasm_stack: DEFAULT_MAX_WASM_STACK,
         },
         state_dir: Some(state.to_owned()),
+        cache_key: edgeward::runtime::cache::CacheKey::StateDir,
     })
     .unwrap();
     let hsm = edgeward::hsm::open(&Default::default(), state).unwrap();

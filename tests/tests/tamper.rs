@@ -71,6 +71,7 @@ async fn a_thousand_tampers_never_run_anything_but_the_pinned_bytes() {
             max_wasm_stack: DEFAULT_MAX_WASM_STACK,
         },
         state_dir: Some(s.state()),
+        cache_key: edgeward::runtime::cache::CacheKey::StateDir,
     })
     .unwrap();
     assert!(runs(&rt, &file, &pinned).await);
@@ -127,4 +128,94 @@ async fn a_thousand_tampers_never_run_anything_but_the_pinned_bytes() {
         "tamper campaign (seed {seed}): {components} tampered components refused, {entries} tampered cache entries refused and removed, {recompiled} of them recompiled from the pinned bytes and run; 0 ran anything else"
     );
     assert_eq!(components + entries, 1000);
+}
+
+/// The cache key wrapped by an HSM (as on TPM and PKCS#11; the soft HSM
+/// stands in here, the daemon test in attest.rs uses swtpm): a clear
+/// `cache.key` someone planted or left is deleted and not used, entries
+/// MAC'd under it are refused; a wrapped key that does not unwrap is
+/// replaced; a locked cache neither loads nor stores.
+#[test]
+fn a_wrapped_cache_key_ignores_a_planted_clear_one() {
+    use edgeward::runtime::cache::CacheKey;
+    let s = Scratch::new();
+    let file = s.command_component(
+        "small.wasm",
+        r#"(func (export "run") (result i32) (i32.const 0))"#,
+    );
+    let file = Path::new(&file).to_owned();
+    let pinned = Measured::read(&file).unwrap().digest;
+    let runtime = |key: CacheKey| {
+        Runtime::new(&RuntimeOptions {
+            engine: EngineOptions {
+                max_instances: 1,
+                ceilings: Default::default(),
+                max_memory: 16 << 20,
+                pooling: Some(false),
+                max_wasm_stack: DEFAULT_MAX_WASM_STACK,
+            },
+            state_dir: Some(s.state()),
+            cache_key: key,
+        })
+        .unwrap()
+    };
+    // An entry made under a clear key (an attacker's, or from before).
+    let clear = runtime(CacheKey::StateDir);
+    clear.load_file(&file, Some(&pinned)).unwrap();
+    assert!(s.state().join("cache.key").exists());
+    let entry = clear.cache().unwrap().entry_path(&pinned);
+    assert!(entry.exists());
+
+    let hsm_dir = tempfile::tempdir().unwrap();
+    let hsm = edgeward::hsm::soft::SoftHsm::open(hsm_dir.path()).unwrap();
+    let wrapped = runtime(CacheKey::Hsm);
+    let cache = wrapped.cache().unwrap();
+    // Locked: no lookups, no stores.
+    assert!(matches!(
+        cache.load(wrapped.engine(), &pinned),
+        Lookup::Miss
+    ));
+    cache.unlock(&hsm).unwrap();
+    assert!(
+        !s.state().join("cache.key").exists(),
+        "the clear key is removed"
+    );
+    let sealed = std::fs::read(s.state().join("cache.key.wrapped")).unwrap();
+    assert_ne!(
+        sealed.len(),
+        32,
+        "the key is stored wrapped, not in the clear"
+    );
+    assert!(
+        matches!(cache.load(wrapped.engine(), &pinned), Lookup::Rejected(_)),
+        "an entry MAC'd under the clear key is refused"
+    );
+    let m = wrapped.load_file(&file, Some(&pinned)).unwrap();
+    assert!(matches!(m.source, edgeward::runtime::CodeSource::Compiled));
+    // Another process unwraps the same key: a hit.
+    let again = runtime(CacheKey::Hsm);
+    again.cache().unwrap().unlock(&hsm).unwrap();
+    let m = again.load_file(&file, Some(&pinned)).unwrap();
+    assert!(matches!(m.source, edgeward::runtime::CodeSource::Cache));
+    // A planted clear key next to the wrapped one changes nothing.
+    std::fs::write(s.state().join("cache.key"), [7u8; 32]).unwrap();
+    let planted = runtime(CacheKey::Hsm);
+    planted.cache().unwrap().unlock(&hsm).unwrap();
+    assert!(!s.state().join("cache.key").exists());
+    let m = planted.load_file(&file, Some(&pinned)).unwrap();
+    assert!(matches!(m.source, edgeward::runtime::CodeSource::Cache));
+    // A wrapped key altered on disk does not unwrap: a new key, the
+    // entries rebuilt.
+    let mut bad = sealed.clone();
+    let last = bad.len() - 1;
+    bad[last] ^= 1;
+    std::fs::write(s.state().join("cache.key.wrapped"), bad).unwrap();
+    let replaced = runtime(CacheKey::Hsm);
+    replaced.cache().unwrap().unlock(&hsm).unwrap();
+    let m = replaced.load_file(&file, Some(&pinned)).unwrap();
+    assert!(
+        matches!(m.source, edgeward::runtime::CodeSource::Recompiled(_)),
+        "{:?}",
+        m.source
+    );
 }

@@ -27,7 +27,7 @@ use axum::http::StatusCode;
 use tokio::sync::watch;
 use wasmtime::component::{HasSelf, Linker};
 
-use super::{ApiError, ApiState, Command, Deployment};
+use super::{ApiError, ApiState, Command};
 use crate::daemon::records;
 use crate::measure::{Digest, MAX_COMPONENT_SIZE};
 use crate::registry::Origin;
@@ -202,7 +202,9 @@ impl management::Host for ManagementCtx {
         dry_run: bool,
     ) -> Result<management::Plan, types::Error> {
         let state = self.state()?;
-        let d: Deployment = serde_json::from_str(&deployment)
+        let d = serde_json::from_str(&deployment)
+            .map_err(|e| e.to_string())
+            .and_then(super::DeployBody::parse)
             .map_err(|e| types::Error::InvalidArgument(format!("deployment: {e}")))?;
         let plan = super::deploy_as(state, Origin::Agent, d, dry_run)
             .await

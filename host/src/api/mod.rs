@@ -212,6 +212,96 @@ pub struct Deployment {
     /// Every module it wants, each naming an uploaded component.
     #[serde(default)]
     pub modules: Vec<RawModuleSpec>,
+    /// The signature policy of its modules that set none (`require`,
+    /// `warn`, `off`; the device's `[signatures] policy` is the floor).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signature_policy: Option<String>,
+    /// The publishers of its modules that name none (hex of raw keys).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub publishers: Vec<String>,
+    /// Set by the daemon, never by a client: the key (hex) whose
+    /// signature over the manifest verified.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signed_by: Option<String>,
+}
+
+/// A signed deployment manifest, as `edgeward deploy` sends it: the
+/// manifest's exact text (TOML, or JSON if it starts with `{`), whose
+/// modules pin their digests, and its signature (base64 of the 64 bytes of
+/// `edgeward sign`). What is applied is what was signed.
+#[derive(Debug, Clone, serde::Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SignedManifest {
+    /// The manifest, byte for byte as signed.
+    pub manifest: String,
+    /// Its signature, base64 (none: an unsigned manifest).
+    #[serde(default)]
+    pub signature: Option<String>,
+}
+
+impl SignedManifest {
+    /// The deployment the manifest describes: `version`, `[[module]]`
+    /// (or `modules`), `signature_policy`, `publishers`. A module's `file`
+    /// is the sender's and is dropped; its `digest` must be pinned.
+    ///
+    /// # Errors
+    ///
+    /// Malformed, or a module without a pinned digest; named.
+    pub fn deployment(&self) -> Result<Deployment, String> {
+        let mut doc: serde_json::Value = if self.manifest.trim_start().starts_with('{') {
+            serde_json::from_str(&self.manifest).map_err(|e| format!("manifest: {e}"))?
+        } else {
+            let v: toml::Value =
+                toml::from_str(&self.manifest).map_err(|e| format!("manifest: {e}"))?;
+            serde_json::to_value(v).map_err(|e| format!("manifest: {e}"))?
+        };
+        let obj = doc
+            .as_object_mut()
+            .ok_or("manifest: expected a table with `version` and `[[module]]`")?;
+        if let Some(m) = obj.remove("module") {
+            obj.insert("modules".into(), m);
+        }
+        if obj.contains_key("signed_by") {
+            return Err("manifest: signed_by is set by the daemon".into());
+        }
+        if let Some(mods) = obj.get_mut("modules").and_then(|m| m.as_array_mut()) {
+            for m in mods {
+                let Some(m) = m.as_object_mut() else { continue };
+                if m.remove("file").is_some() && !m.contains_key("digest") {
+                    return Err(format!(
+                        "manifest: module {} names a file without a digest: a signed manifest pins each module's digest",
+                        m.get("name").unwrap_or(&serde_json::Value::Null)
+                    ));
+                }
+            }
+        }
+        serde_json::from_value(doc).map_err(|e| format!("manifest: {e}"))
+    }
+}
+
+/// `PUT /v1/deployment`'s body: a deployment, or a signed manifest.
+#[derive(Debug)]
+pub enum DeployBody {
+    /// JSON as the API has always taken it (unsigned).
+    Plain(Deployment),
+    /// A manifest and its signature.
+    Signed(SignedManifest),
+}
+
+impl DeployBody {
+    /// Parses either shape: an object with `manifest` is a signed one.
+    ///
+    /// # Errors
+    ///
+    /// Neither shape; named.
+    pub fn parse(v: serde_json::Value) -> Result<Self, String> {
+        if v.get("manifest").is_some() {
+            serde_json::from_value(v).map(Self::Signed)
+        } else {
+            serde_json::from_value(v).map(Self::Plain)
+        }
+        .map_err(|e| e.to_string())
+    }
 }
 
 /// A deployment whose specs were checked.
@@ -410,6 +500,8 @@ pub struct ApiState {
     /// Measures and quotes (`None`: measurement is off, or the backend
     /// has no register).
     pub attester: Option<crate::attest::Measurer>,
+    /// `[signatures]`: manifests are held to it.
+    pub signatures: Arc<crate::attest::publisher::DeviceSignatures>,
 }
 
 /// The API's OpenAPI document, generated from the handlers.
@@ -458,6 +550,7 @@ pub struct ApiState {
         DeploymentStatus,
         AttestQuery,
         EvidenceView,
+        SignedManifest,
         crate::daemon::events::Event,
         records::ModuleState
     ))
@@ -586,6 +679,7 @@ impl Offline {
             uploads: tokio::sync::Semaphore::new(1),
             stop: stop.clone(),
             attester: None,
+            signatures: Arc::default(),
         });
         let mut until = stop;
         tokio::spawn(serve(PeerListener::new(listener), state, async move {
@@ -1064,7 +1158,7 @@ struct DeployQuery {
 
 #[utoipa::path(put, path = "/v1/deployment", tag = "deployment",
     params(("dry-run" = Option<bool>, Query, description = "Only return the plan")),
-    request_body(content = Deployment, description = "The complete set of the operator's modules"),
+    request_body(content = Deployment, description = "The complete set of the operator's modules; or a SignedManifest (`manifest`, `signature`)"),
     responses(
         (status = 200, description = "The plan (applied unless dry-run)", body = Plan),
         (status = 400, description = "Malformed body, query or duplicate names", body = ErrorBody),
@@ -1076,8 +1170,10 @@ async fn put_deployment(
     body: Body,
 ) -> Result<Response, ApiError> {
     let query = query.map_err(invalid_query)?;
-    let deployment: Deployment = json_body(body).await?;
-    let plan = deploy_as(&state, Origin::Operator, deployment, query.dry_run).await?;
+    let body: serde_json::Value = json_body(body).await?;
+    let body = DeployBody::parse(body)
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("invalid JSON body: {e}")))?;
+    let plan = deploy_as(&state, Origin::Operator, body, query.dry_run).await?;
     Ok(axum::Json(plan).into_response())
 }
 
@@ -1086,15 +1182,25 @@ async fn put_deployment(
 pub(crate) async fn deploy_as(
     state: &ApiState,
     by: Origin,
-    deployment: Deployment,
+    body: DeployBody,
     dry_run: bool,
 ) -> Result<Plan, ApiError> {
+    let mut deployment = manifest_checked(state, by, body).await?;
     let v = &deployment.version;
     if v.is_empty() || v.len() > 128 || v.chars().any(char::is_control) {
         return Err(ApiError::new(
             StatusCode::BAD_REQUEST,
             "version: 1 to 128 characters, none of them control characters",
         ));
+    }
+    // The deployment's signature defaults, for modules that set none.
+    for m in &mut deployment.modules {
+        if m.signature_policy.is_none() {
+            m.signature_policy.clone_from(&deployment.signature_policy);
+        }
+        if m.publishers.is_empty() {
+            m.publishers.clone_from(&deployment.publishers);
+        }
     }
     let mut specs = Vec::with_capacity(deployment.modules.len());
     for raw in deployment.modules.iter().cloned() {
@@ -1112,6 +1218,71 @@ pub(crate) async fn deploy_as(
         return Plan::of(&checked, &records, by);
     }
     ask_as(state, by, |r| Command::Deploy(Box::new(checked), r)).await
+}
+
+/// The deployment a body carries, held to `[signatures] manifests`: a
+/// signed manifest whose signature verifies says who signed it; an
+/// unsigned or badly signed one is refused under `require` (the refusal
+/// measured), logged under `warn`.
+async fn manifest_checked(
+    state: &ApiState,
+    by: Origin,
+    body: DeployBody,
+) -> Result<Deployment, ApiError> {
+    use crate::attest::publisher::{self, Policy};
+    let policy = state.signatures.manifests;
+    let (mut deployment, verdict, digest) = match body {
+        DeployBody::Plain(d) => (
+            d,
+            Err(publisher::SignatureError::Unsigned(
+                "no signature came with it (send the manifest signed: edgeward deploy MANIFEST with MANIFEST.sig or --signature)".into(),
+            )),
+            None,
+        ),
+        DeployBody::Signed(m) => {
+            let d = m
+                .deployment()
+                .map_err(|e| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, e))?;
+            let sig = match &m.signature {
+                None => None,
+                Some(b64) => {
+                    use base64ct::Encoding as _;
+                    Some(base64ct::Base64::decode_vec(b64.trim()).map_err(|_| {
+                        ApiError::new(StatusCode::BAD_REQUEST, "signature: not base64")
+                    })?)
+                }
+            };
+            let verdict = publisher::verify_manifest(
+                m.manifest.as_bytes(),
+                sig.as_deref(),
+                &state.signatures.publishers,
+            );
+            (d, verdict, Some(Digest::of(m.manifest.as_bytes())))
+        }
+    };
+    deployment.signed_by = None;
+    match verdict {
+        Ok(key) => deployment.signed_by = Some(key),
+        Err(e) if policy == Policy::Require => {
+            let reason = format!("the deployment manifest is refused: {e}");
+            if let Some(m) = &state.attester {
+                m.record(serde_json::json!({
+                    "kind": "signature-refused",
+                    "manifest": digest.map(|d| d.to_string()),
+                    "origin": by,
+                    "version": deployment.version,
+                    "reason": e.to_string(),
+                }))
+                .await;
+            }
+            return Err(ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, reason));
+        }
+        Err(e) if policy == Policy::Warn => {
+            tracing::warn!(by = ?by, reason = %e, "deployment manifest not verified (policy warn): applying it");
+        }
+        Err(_) => {}
+    }
+    Ok(deployment)
 }
 
 #[utoipa::path(get, path = "/v1/deployment", tag = "deployment",

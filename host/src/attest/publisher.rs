@@ -200,3 +200,209 @@ pub fn sign(
         Ok(out)
     }
 }
+
+/// How strictly signatures are asked for, weakest first.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Policy {
+    /// Not checked (a signature that verifies is still recorded).
+    #[default]
+    Off,
+    /// Checked; a missing or bad signature is logged and the module runs.
+    Warn,
+    /// Checked; a missing or bad signature refuses the module (manifest).
+    Require,
+}
+
+impl Policy {
+    /// As written.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Off => "off",
+            Self::Warn => "warn",
+            Self::Require => "require",
+        }
+    }
+}
+
+impl std::str::FromStr for Policy {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "off" => Ok(Self::Off),
+            "warn" => Ok(Self::Warn),
+            "require" => Ok(Self::Require),
+            other => Err(format!(
+                "invalid signature policy {other:?}: expected require, warn or off"
+            )),
+        }
+    }
+}
+
+/// The device's `[signatures]`: the floor every module and manifest is
+/// held to, and the publishers it trusts.
+#[derive(Debug, Clone, Default)]
+pub struct DeviceSignatures {
+    /// For components.
+    pub policy: Policy,
+    /// For deployment manifests (default: `policy`).
+    pub manifests: Policy,
+    /// Trusted publisher keys.
+    pub publishers: Vec<PublicKey>,
+}
+
+/// What one module asks of its component's signature (its spec's
+/// `signature_policy`, `publishers`, `signature`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Signing {
+    /// Its policy (the stricter of this and the device's applies).
+    pub policy: Option<Policy>,
+    /// Keys (hex of their raw encoding) that may sign it; each must be
+    /// one of the device's when the device names any.
+    pub publishers: Vec<String>,
+    /// A detached signature handed in with the spec (API, manifests).
+    pub detached: Option<Vec<u8>>,
+}
+
+/// A key from the hex of its raw encoding (`0x01` ‖ 32 bytes).
+///
+/// # Errors
+///
+/// Not such hex.
+pub fn key_from_hex(hex: &str) -> Result<PublicKey, String> {
+    let bytes = super::eventlog::hex_decode(hex)
+        .filter(|b| b.len() == 33 && b[0] == 0x01)
+        .ok_or_else(|| {
+            format!(
+                "{hex:?} is not a publisher key: the hex of its raw encoding (01 then 32 bytes)"
+            )
+        })?;
+    PublicKey::from_bytes(&bytes).map_err(|e| format!("{hex:?}: {e}"))
+}
+
+/// Checks a component's signature against the device's floor and the
+/// module's own asks. Returns the verifying key (hex), if one did.
+///
+/// # Errors
+///
+/// Under `require`: unsigned, signed by a key not trusted, altered after
+/// signing, or a publisher the device does not trust; named. Under `warn`
+/// these are logged and `Ok(None)` returned.
+pub fn check_component(
+    device: &DeviceSignatures,
+    signing: &Signing,
+    bytes: &[u8],
+    file: Option<&Path>,
+    module: &str,
+) -> Result<Option<String>, SignatureError> {
+    let policy = device.policy.max(signing.policy.unwrap_or_default());
+    let device_keys: Vec<String> = device
+        .publishers
+        .iter()
+        .map(|k| crate::measure::hex(&k.to_bytes()))
+        .collect();
+    let keys = if signing.publishers.is_empty() {
+        device.publishers.clone()
+    } else {
+        let mut keys = Vec::new();
+        for hex in &signing.publishers {
+            if !device_keys.is_empty() && !device_keys.contains(&hex.to_ascii_lowercase()) {
+                return Err(SignatureError::Unusable(format!(
+                    "publisher {hex} is not one of the device's trusted publishers ([signatures] publishers)"
+                )));
+            }
+            keys.push(key_from_hex(hex).map_err(SignatureError::Unusable)?);
+        }
+        keys
+    };
+    let shown = file.map_or_else(|| PathBuf::from(module), Path::to_owned);
+    let detached = match (&signing.detached, file) {
+        (Some(d), _) => Some(d.clone()),
+        (None, Some(f)) => detached_for(f, None)?,
+        (None, None) => None,
+    };
+    if keys.is_empty() {
+        return match policy {
+            Policy::Off => Ok(None),
+            _ => Err(SignatureError::Unusable(
+                "signatures are required but no publisher key is trusted: set [signatures] publishers or the module's publishers".into(),
+            )),
+        }
+        .or_else(|e| warn_or(policy, module, e));
+    }
+    match verify(bytes, detached.as_deref(), &keys, &shown) {
+        Ok(key) => Ok(Some(key)),
+        Err(_) if policy == Policy::Off => Ok(None),
+        Err(e) => warn_or(policy, module, e),
+    }
+}
+
+fn warn_or(
+    policy: Policy,
+    module: &str,
+    e: SignatureError,
+) -> Result<Option<String>, SignatureError> {
+    if policy == Policy::Warn {
+        tracing::warn!(module, reason = %e, "signature not verified (policy warn): running it");
+        Ok(None)
+    } else {
+        Err(e)
+    }
+}
+
+/// Signs a deployment manifest: Ed25519 over the SHA-256 of its bytes,
+/// written raw (64 bytes) to `out` (default `MANIFEST.sig`).
+///
+/// # Errors
+///
+/// The key or manifest cannot be read, or the signature written.
+pub fn sign_manifest(key_file: &Path, file: &Path, out: Option<&Path>) -> Result<PathBuf, String> {
+    let sk = wasmsign2::SecretKey::from_any_file(key_file)
+        .map_err(|e| format!("{}: not an Ed25519 secret key: {e}", key_file.display()))?;
+    let bytes = std::fs::read(file).map_err(|e| format!("{}: {e}", file.display()))?;
+    let digest = crate::measure::Digest::of(&bytes);
+    let sig = sk.sk.sign(digest.as_bytes(), None);
+    let out = out.map_or_else(|| sig_path(file), Path::to_owned);
+    std::fs::write(&out, sig.as_ref()).map_err(|e| format!("{}: {e}", out.display()))?;
+    Ok(out)
+}
+
+/// Verifies a manifest's signature ([`sign_manifest`]) against `keys`;
+/// returns the key (hex) that verified it.
+///
+/// # Errors
+///
+/// Unsigned, malformed, or by none of the keys; named.
+pub fn verify_manifest(
+    bytes: &[u8],
+    signature: Option<&[u8]>,
+    keys: &[PublicKey],
+) -> Result<String, SignatureError> {
+    let sig = signature.ok_or_else(|| {
+        SignatureError::Unsigned(
+            "no signature came with the manifest (MANIFEST.sig, --signature)".into(),
+        )
+    })?;
+    let sig = ed25519_compact::Signature::from_slice(sig).map_err(|_| {
+        SignatureError::Unusable(format!(
+            "the manifest's signature is {} bytes, not a 64-byte Ed25519 signature",
+            sig.len()
+        ))
+    })?;
+    let digest = crate::measure::Digest::of(bytes);
+    keys.iter()
+        .find(|k| k.pk.verify(digest.as_bytes(), &sig).is_ok())
+        .map(|k| crate::measure::hex(&k.to_bytes()))
+        .ok_or_else(|| {
+            SignatureError::Invalid(format!(
+                "{} key{}",
+                keys.len(),
+                if keys.len() == 1 { "" } else { "s" }
+            ))
+        })
+}
+
+/// Whether `bytes` are WebAssembly (a component or module), not a
+/// manifest.
+pub fn is_wasm(bytes: &[u8]) -> bool {
+    bytes.starts_with(b"\0asm")
+}

@@ -137,7 +137,9 @@ enum Command {
     },
     /// Sign a component: a detached signature (default FILE.sig), or with
     /// --embed a signed copy (named by --out). The format is the
-    /// WebAssembly tool conventions' (wasmsign2).
+    /// WebAssembly tool conventions' (wasmsign2). A deployment manifest
+    /// (any file that is not WebAssembly) gets MANIFEST.sig: Ed25519 over
+    /// the SHA-256 of its bytes.
     Sign {
         /// The secret key (raw, PEM, DER or OpenSSH Ed25519).
         #[arg(long, value_name = "FILE")]
@@ -395,7 +397,7 @@ pub fn main() -> ExitCode {
             file,
             out,
             embed,
-        } => match crate::attest::publisher::sign(&key, &file, out.as_deref(), embed) {
+        } => match sign_file(&key, &file, out.as_deref(), embed) {
             Ok(written) => {
                 println!("{}", written.display());
                 ExitCode::SUCCESS
@@ -457,6 +459,31 @@ fn parse_settings(entries: &[String]) -> Result<BTreeMap<String, String>, String
     Ok(out)
 }
 
+/// `edgeward sign`: a component's signature (wasmsign2's format), or a
+/// manifest's (Ed25519 over its SHA-256).
+fn sign_file(
+    key: &std::path::Path,
+    file: &std::path::Path,
+    out: Option<&std::path::Path>,
+    embed: bool,
+) -> Result<PathBuf, String> {
+    use crate::attest::publisher;
+    let mut head = [0u8; 4];
+    let n = std::fs::File::open(file)
+        .and_then(|mut f| std::io::Read::read(&mut f, &mut head))
+        .map_err(|e| format!("{}: {e}", file.display()))?;
+    if publisher::is_wasm(&head[..n]) {
+        publisher::sign(key, file, out, embed)
+    } else if embed {
+        Err(format!(
+            "{}: not WebAssembly: a manifest's signature is detached (no --embed)",
+            file.display()
+        ))
+    } else {
+        publisher::sign_manifest(key, file, out)
+    }
+}
+
 /// `edgeward verify`: the key that verified `file`.
 fn verify_file(
     file: &std::path::Path,
@@ -467,8 +494,12 @@ fn verify_file(
     let keys = publisher::load_publishers(publishers).map_err(|e| e.to_string())?;
     let bytes = std::fs::read(file).map_err(|e| format!("{}: {e}", file.display()))?;
     let detached = publisher::detached_for(file, signature).map_err(|e| e.to_string())?;
-    publisher::verify(&bytes, detached.as_deref(), &keys, file)
-        .map_err(|e| format!("{}: {e}", file.display()))
+    if publisher::is_wasm(&bytes) {
+        publisher::verify(&bytes, detached.as_deref(), &keys, file)
+    } else {
+        publisher::verify_manifest(&bytes, detached.as_deref(), &keys)
+    }
+    .map_err(|e| format!("{}: {e}", file.display()))
 }
 
 /// `edgeward run --measure`: the executable, then the module (its
@@ -566,6 +597,7 @@ fn run_command(state_flag: Option<PathBuf>, args: RunArgs) -> ExitCode {
         Ok(rt) => rt,
         Err(e) => return fail(format!("cannot start the async runtime: {e}"), 1),
     };
+    let hsm_config = cfg.as_ref().map(|c| c.hsm.clone()).unwrap_or_default();
     rt.block_on(async move {
         let runtime = match Runtime::new(&RuntimeOptions {
             engine: EngineOptions {
@@ -581,10 +613,25 @@ fn run_command(state_flag: Option<PathBuf>, args: RunArgs) -> ExitCode {
                 max_wasm_stack: usize::try_from(args.max_stack).unwrap_or(usize::MAX),
             },
             state_dir: (!args.no_cache).then(|| state_dir.clone()),
+            cache_key: hsm_config.cache_key(),
         }) {
             Ok(r) => r,
             Err(e) => return fail(format!("{e:#}"), EXIT_REFUSED),
         };
+        // On TPM or PKCS#11 the cache key is wrapped by the HSM: opened for
+        // that alone (and closed, before the identity opens it again).
+        if let (Some(cache), crate::runtime::cache::CacheKey::Hsm) =
+            (runtime.cache(), hsm_config.cache_key())
+        {
+            let unlocked = crate::hsm::open(&hsm_config, &state_dir)
+                .map_err(|e| e.to_string())
+                .and_then(|hsm| cache.unlock(hsm.as_ref()));
+            if let Err(e) = unlocked {
+                eprintln!(
+                    "edgeward: warning: the compiled-artifact cache is off for this run: {e}"
+                );
+            }
+        }
         // Measured once; the signature checked on those bytes before
         // anything is compiled.
         let mut publisher = None;

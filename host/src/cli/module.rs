@@ -312,6 +312,11 @@ pub(super) struct DeployArgs {
     /// Print the plan only.
     #[arg(long)]
     dry_run: bool,
+    /// The manifest's signature (`edgeward sign --key K MANIFEST`), when
+    /// there is no MANIFEST.sig beside it. A signed manifest is sent as
+    /// signed: its modules must pin their digests.
+    #[arg(long, value_name = "SIG")]
+    signature: Option<PathBuf>,
     /// The management socket (see `edgeward module --help`).
     #[arg(long, value_name = "PATH")]
     socket: Option<PathBuf>,
@@ -348,8 +353,13 @@ enum DeploymentCommand {
 pub(super) fn deploy(args: DeployArgs) -> ExitCode {
     match connect(args.socket, args.config) {
         Ok(t) => {
-            t.rt.block_on(deploy_manifest(&t.socket, &args.manifest, args.dry_run))
-                .unwrap_or_else(|c| c)
+            t.rt.block_on(deploy_manifest(
+                &t.socket,
+                &args.manifest,
+                args.signature.as_deref(),
+                args.dry_run,
+            ))
+            .unwrap_or_else(|c| c)
         }
         Err(code) => code,
     }
@@ -377,8 +387,11 @@ pub(super) fn deployment(args: DeploymentArgs, state_flag: Option<&Path>) -> Exi
 async fn deploy_manifest(
     socket: &Path,
     manifest: &Path,
+    signature: Option<&Path>,
     dry_run: bool,
 ) -> Result<ExitCode, ExitCode> {
+    let signature = crate::attest::publisher::detached_for(manifest, signature)
+        .map_err(|e| fail(e.to_string(), 2))?;
     let text = std::fs::read_to_string(manifest)
         .map_err(|e| fail(format!("{}: {e}", manifest.display()), 2))?;
     let bad = |e: String| fail(format!("{}: {e}", manifest.display()), 2);
@@ -423,7 +436,19 @@ async fn deploy_manifest(
         specs.push(m);
     }
     obj.insert("modules".into(), specs.into());
-    let body = serde_json::to_vec(&doc).map_err(|e| bad(e.to_string()))?;
+    // Signed: the manifest as signed (the components are uploaded above);
+    // the daemon applies what the signature covers.
+    let body = match signature {
+        Some(sig) => {
+            use base64ct::Encoding as _;
+            serde_json::to_vec(&serde_json::json!({
+                "manifest": text,
+                "signature": base64ct::Base64::encode_string(&sig),
+            }))
+        }
+        None => serde_json::to_vec(&doc),
+    }
+    .map_err(|e| bad(e.to_string()))?;
     let path = if dry_run {
         "/v1/deployment?dry-run=true"
     } else {

@@ -202,6 +202,7 @@ async fn deploy(
             "origin": by,
             "version": d.deployment.version,
             "sha256": crate::measure::Digest::of(canonical.as_bytes()).to_string(),
+            "signed_by": d.deployment.signed_by,
         }))
         .await;
     }

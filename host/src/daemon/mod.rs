@@ -118,6 +118,7 @@ pub async fn run(config: Config, state_dir: PathBuf, socket: PathBuf) -> anyhow:
             max_wasm_stack: config.runtime.max_wasm_stack,
         },
         state_dir: Some(state_dir.clone()),
+        cache_key: config.hsm.cache_key(),
     })?);
     tracing::info!(
         version = crate::VERSION,
@@ -177,6 +178,20 @@ pub async fn run(config: Config, state_dir: PathBuf, socket: PathBuf) -> anyhow:
             Err(e) => tracing::error!(error = %e, "boot measurement task failed"),
         }
     }
+    // The compiled-cache key, wrapped by a TPM or PKCS#11 HSM: unwrapped
+    // once, before any module loads, and held.
+    if let (Some(_), crate::runtime::cache::CacheKey::Hsm) = (rt.cache(), config.hsm.cache_key()) {
+        let (rt2, hsm) = (rt.clone(), identity.hsm());
+        let unlocked = tokio::task::spawn_blocking(move || {
+            rt2.cache().map_or(Ok(()), |c| c.unlock(hsm.as_ref()))
+        })
+        .await
+        .map_err(|e| e.to_string())
+        .and_then(|r| r);
+        if let Err(e) = unlocked {
+            tracing::error!(error = %e, "the compiled-artifact cache stays off: every module is compiled");
+        }
+    }
     let mut supervisor = Supervisor::new(
         rt.clone(),
         identity,
@@ -188,6 +203,7 @@ pub async fn run(config: Config, state_dir: PathBuf, socket: PathBuf) -> anyhow:
     if let Some(m) = measurer.clone() {
         supervisor.set_measurer(m);
     }
+    supervisor.set_signatures(config.signatures.clone());
     // Before the API serves: an upload cannot be collected before the
     // module that names it is added.
     supervisor.collect_components();
@@ -210,6 +226,7 @@ pub async fn run(config: Config, state_dir: PathBuf, socket: PathBuf) -> anyhow:
         uploads: tokio::sync::Semaphore::new(1),
         stop: stop_rx.clone(),
         attester: measurer,
+        signatures: Arc::new(config.signatures.clone()),
     });
     let mut agent_refused = None;
     if let Some(agent) = &config.agent {

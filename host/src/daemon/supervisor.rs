@@ -40,6 +40,20 @@ struct Running {
 }
 
 /// A module measured, compiled and registered, ready to launch.
+/// Why a module was not loaded.
+enum Refusal {
+    /// Its signature (measured as `signature-refused`).
+    Signature(String),
+    /// Reading, measuring or compiling it.
+    Load(anyhow::Error),
+}
+
+impl<E: Into<anyhow::Error>> From<E> for Refusal {
+    fn from(e: E) -> Self {
+        Self::Load(e.into())
+    }
+}
+
 struct Loaded {
     module: LoadedModule,
     identity: Arc<crate::identity::ModuleIdentity>,
@@ -69,6 +83,8 @@ pub struct Supervisor {
     tasks: Tasks,
     agent: Option<Agent>,
     measurer: Option<crate::attest::Measurer>,
+    /// `[signatures]`: the floor components are held to.
+    signatures: Arc<crate::attest::publisher::DeviceSignatures>,
 }
 
 impl Supervisor {
@@ -96,6 +112,7 @@ impl Supervisor {
             tasks: Tasks::default(),
             agent: None,
             measurer: None,
+            signatures: Arc::default(),
         })
     }
 
@@ -103,6 +120,12 @@ impl Supervisor {
     /// with `m`.
     pub fn set_measurer(&mut self, m: crate::attest::Measurer) {
         self.measurer = Some(m);
+    }
+
+    /// Holds components to `[signatures]` (see
+    /// [`crate::attest::publisher::check_component`]).
+    pub fn set_signatures(&mut self, s: crate::attest::publisher::DeviceSignatures) {
+        self.signatures = Arc::new(s);
     }
 
     /// Measures `event`, if measuring (see [`crate::attest`]).
@@ -405,12 +428,17 @@ impl Supervisor {
             spec.digest,
             management.is_some(),
         );
-        let module = tokio::task::spawn_blocking(move || {
+        let (signatures, signing, name) = (
+            self.signatures.clone(),
+            spec.signing.clone(),
+            spec.name.clone(),
+        );
+        let checked = tokio::task::spawn_blocking(move || {
             // A configured file is read and measured once, and its bytes
             // kept by digest; without one, they come from the store.
-            let measured = match file {
+            let measured = match &file {
                 Some(path) => {
-                    let m = Measured::read(&path)?;
+                    let m = Measured::read(path)?;
                     m.verify(Some(&digest))?;
                     store.put(&m).map_err(|e| {
                         anyhow::anyhow!(
@@ -422,14 +450,38 @@ impl Supervisor {
                 }
                 None => store.get(&digest)?,
             };
-            if agent {
+            // Its signature, before anything is compiled.
+            let publisher = crate::attest::publisher::check_component(
+                &signatures,
+                &signing,
+                &measured.bytes,
+                file.as_deref(),
+                &name,
+            )
+            .map_err(|e| Refusal::Signature(e.to_string()))?;
+            let module = if agent {
                 rt.load_agent(&measured)
             } else {
                 rt.load(&measured)
-            }
+            };
+            Ok::<_, Refusal>((module.map_err(Refusal::Load)?, publisher))
         })
         .await
-        .map_err(|e| anyhow::anyhow!("compile task failed: {e}"))??;
+        .map_err(|e| anyhow::anyhow!("compile task failed: {e}"))?;
+        let (module, publisher) = match checked {
+            Ok(m) => m,
+            Err(Refusal::Load(e)) => return Err(e),
+            Err(Refusal::Signature(reason)) => {
+                self.measure(serde_json::json!({
+                    "kind": "signature-refused",
+                    "name": spec.name,
+                    "digest": spec.digest.to_string(),
+                    "reason": reason,
+                }))
+                .await;
+                anyhow::bail!("signature refused: {reason}");
+            }
+        };
         let (svc, registry, name, digest, names) = (
             self.identity.clone(),
             self.registry.clone(),
@@ -456,11 +508,11 @@ impl Supervisor {
             }))
             .await;
         }
-        self.measure(crate::attest::module_event(
-            &spec.name,
-            &identity.whoami().generation_id,
-            &module.digest.to_string(),
-        ))
+        let (generation, digest) = (&identity.whoami().generation_id, module.digest.to_string());
+        self.measure(match &publisher {
+            Some(key) => crate::attest::signed_module_event(&spec.name, generation, &digest, key),
+            None => crate::attest::module_event(&spec.name, generation, &digest),
+        })
         .await;
         Ok(Loaded {
             module,

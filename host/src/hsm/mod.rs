@@ -499,6 +499,16 @@ pub enum HsmConfig {
 
 impl HsmConfig {
     /// `soft`, `tpm` or `pkcs11`, as [`Hsm::backend`] names it.
+    /// Where the compiled-artifact cache's key lives with this backend:
+    /// in the state dir beside the soft keys, or wrapped by the HSM.
+    pub fn cache_key(&self) -> crate::runtime::cache::CacheKey {
+        match self {
+            HsmConfig::Soft => crate::runtime::cache::CacheKey::StateDir,
+            #[allow(unreachable_patterns)]
+            _ => crate::runtime::cache::CacheKey::Hsm,
+        }
+    }
+
     pub fn backend(&self) -> &'static str {
         match self {
             Self::Soft => "soft",

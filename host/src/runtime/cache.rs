@@ -12,6 +12,15 @@
 //! compared in constant time.
 //!
 //! File layout: `MAGIC (8) || keyed-BLAKE3 (32) || serialized component`.
+//!
+//! The key: whoever can write entries and knows the key can make the daemon
+//! map their bytes as code. On the soft backend it is `cache.key` in the
+//! state dir, beside the soft HSM's own keys (read+write access to the
+//! state dir is already everything there). On TPM and PKCS#11 it is
+//! `cache.key.wrapped`: sealed by the HSM's AEAD key `cache-key`, unwrapped
+//! once by the daemon ([`ArtifactCache::unlock`]) and held in memory, so a
+//! copy of the state dir, or write access to it, does not give it. Until it
+//! is unlocked the cache is bypassed (everything compiles).
 
 use std::fmt;
 use std::hash::{Hash, Hasher};
@@ -68,9 +77,23 @@ pub enum Lookup {
 /// The compiled-artifact cache of one engine configuration.
 pub struct ArtifactCache {
     dir: PathBuf,
-    key: Zeroizing<[u8; 32]>,
+    state_dir: PathBuf,
+    key: std::sync::OnceLock<Zeroizing<[u8; 32]>>,
     compat: [u8; 32],
 }
+
+/// Where the cache's MAC key comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CacheKey {
+    /// `cache.key` in the state dir (the soft backend).
+    StateDir,
+    /// Wrapped by the HSM (TPM, PKCS#11): [`ArtifactCache::unlock`].
+    Hsm,
+}
+
+/// The HSM's AEAD key that wraps the cache key.
+pub const WRAPPING_KEY: &str = "cache-key";
+const WRAP_AAD: &[u8] = b"edgeward compiled-artifact cache key v1";
 
 impl fmt::Debug for ArtifactCache {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -102,17 +125,91 @@ impl ArtifactCache {
     /// # Errors
     ///
     /// I/O errors naming the path.
-    pub fn open(state_dir: &Path, engine: &Engine) -> io::Result<Self> {
+    pub fn open(state_dir: &Path, engine: &Engine, source: CacheKey) -> io::Result<Self> {
         let dir = state_dir.join("cache");
         state::ensure_private_dir(&dir)?;
-        let key = state::load_or_regenerate_secret(&state_dir.join("cache.key"))?;
+        let key = std::sync::OnceLock::new();
+        if source == CacheKey::StateDir {
+            let _ = key.set(state::load_or_regenerate_secret(
+                &state_dir.join("cache.key"),
+            )?);
+        }
         let mut h = ShaHasher(Sha256::new());
         engine.precompile_compatibility_hash().hash(&mut h);
         Ok(Self {
             dir,
+            state_dir: state_dir.to_owned(),
             key,
             compat: h.0.finalize().into(),
         })
+    }
+
+    /// Unwraps the key with `hsm` (blocking), making one on first use; a
+    /// wrapped key this HSM cannot open (another device's, or altered) is
+    /// replaced, so entries made under it are rebuilt. A clear `cache.key`
+    /// left from before is deleted: whoever read it could forge entries.
+    ///
+    /// # Errors
+    ///
+    /// The HSM cannot create its wrapping key or wrap a new key, or the
+    /// file cannot be written; the cache then stays bypassed.
+    pub fn unlock(&self, hsm: &dyn crate::hsm::Hsm) -> Result<(), String> {
+        if self.key.get().is_some() {
+            return Ok(());
+        }
+        let wrapped = self.state_dir.join("cache.key.wrapped");
+        hsm.aead_key(WRAPPING_KEY)
+            .map_err(|e| format!("cannot create the cache's wrapping key: {e}"))?;
+        let existing = match std::fs::read(&wrapped) {
+            Ok(ct) => match hsm.decrypt(WRAPPING_KEY, &ct, WRAP_AAD) {
+                Ok(k) if k.len() == 32 => {
+                    let mut key = Zeroizing::new([0u8; 32]);
+                    key.copy_from_slice(&k);
+                    Some(key)
+                }
+                Ok(_)
+                | Err(crate::hsm::HsmError {
+                    kind: crate::hsm::ErrorKind::AuthenticationFailed,
+                    ..
+                }) => {
+                    tracing::warn!(path = %wrapped.display(), "the compiled-cache key does not unwrap with this HSM (another device's, or altered): a new one is made and cached code is rebuilt");
+                    None
+                }
+                Err(e) => return Err(format!("cannot unwrap the compiled-cache key: {e}")),
+            },
+            Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+            Err(e) => return Err(format!("{}: {e}", wrapped.display())),
+        };
+        let key = match existing {
+            Some(k) => k,
+            None => {
+                let mut key = Zeroizing::new([0u8; 32]);
+                getrandom::fill(key.as_mut()).map_err(|e| format!("no randomness: {e}"))?;
+                let ct = hsm
+                    .encrypt(WRAPPING_KEY, key.as_ref(), WRAP_AAD)
+                    .map_err(|e| format!("cannot wrap the compiled-cache key: {e}"))?;
+                state::write_atomic(&wrapped, &ct)
+                    .map_err(|e| format!("{}: {e}", wrapped.display()))?;
+                key
+            }
+        };
+        let clear = self.state_dir.join("cache.key");
+        match std::fs::remove_file(&clear) {
+            Ok(()) => {
+                tracing::info!(path = %clear.display(), "removed the clear compiled-cache key: the key is now wrapped by the HSM")
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => {
+                tracing::warn!(path = %clear.display(), error = %e, "cannot remove the clear compiled-cache key")
+            }
+        }
+        let _ = self.key.set(key);
+        Ok(())
+    }
+
+    /// Whether the key is at hand (else lookups miss and nothing is stored).
+    pub fn unlocked(&self) -> bool {
+        self.key.get().is_some()
     }
 
     /// Where the entry for `digest` lives.
@@ -122,7 +219,10 @@ impl ArtifactCache {
     }
 
     fn mac(&self, digest: &Digest, payload: &[u8]) -> blake3::Hash {
-        let mut mac = blake3::Hasher::new_keyed(&self.key);
+        // Only called once `unlocked()`; a locked cache never gets here.
+        let zero = Zeroizing::new([0u8; 32]);
+        let key = self.key.get().unwrap_or(&zero);
+        let mut mac = blake3::Hasher::new_keyed(key);
         mac.update(DOMAIN);
         mac.update(digest.as_bytes());
         mac.update(&self.compat);
@@ -133,6 +233,9 @@ impl ArtifactCache {
     /// Looks up `digest`. An entry that fails authentication or loading is
     /// deleted (and logged) so it is rebuilt, never loaded.
     pub fn load(&self, engine: &Engine, digest: &Digest) -> Lookup {
+        if !self.unlocked() {
+            return Lookup::Miss;
+        }
         let path = self.entry_path(digest);
         let bytes = match read_bounded(&path) {
             Ok(b) => b,
@@ -172,6 +275,9 @@ impl ArtifactCache {
     ///
     /// The entry is malformed or fails authentication.
     pub fn verify(&self, digest: &Digest) -> Result<bool, Rejection> {
+        if !self.unlocked() {
+            return Ok(false);
+        }
         let path = self.entry_path(digest);
         let bytes = match read_bounded(&path) {
             Ok(b) => b,
@@ -213,6 +319,9 @@ impl ArtifactCache {
     ///
     /// Serialization or I/O errors; a failed write leaves no partial entry.
     pub fn store(&self, digest: &Digest, component: &Component) -> anyhow::Result<()> {
+        if !self.unlocked() {
+            return Ok(());
+        }
         let payload = component.serialize()?;
         let tag = self.mac(digest, &payload);
         let mut file = Vec::with_capacity(MAGIC.len() + MAC_LEN + payload.len());

@@ -36,6 +36,8 @@ pub struct RuntimeOptions {
     pub engine: EngineOptions,
     /// Where the compiled-artifact cache lives; `None` disables it.
     pub state_dir: Option<PathBuf>,
+    /// Where its key comes from (see [`cache::CacheKey`]).
+    pub cache_key: cache::CacheKey,
 }
 
 /// The engine, linker and cache shared by every module of one process.
@@ -212,7 +214,7 @@ impl Runtime {
         })?;
         let cache = match &opts.state_dir {
             Some(dir) => Some(
-                ArtifactCache::open(dir, &engine)
+                ArtifactCache::open(dir, &engine, opts.cache_key)
                     .context("cannot open the compiled-artifact cache")?,
             ),
             None => None,

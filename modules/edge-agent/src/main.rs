@@ -18,7 +18,10 @@
 //! ```
 //!
 //! A missing or unreadable manifest changes nothing (the modules keep
-//! running); a manifest with no modules removes them all.
+//! running); a manifest with no modules removes them all. A signature
+//! beside it (`deployment.toml.sig`, from `edgeward sign`) is sent along:
+//! a daemon with `[signatures] manifests = "require"` refuses the manifest
+//! without one.
 
 use std::process::ExitCode;
 use std::time::Duration;
@@ -62,10 +65,27 @@ fn reconcile(path: &str) -> Value {
             return json!({"agent": "waiting", "error": format!("{path}: {e}; nothing changed")});
         }
     };
-    let (version, deployment) = match deployment(path, &text) {
+    let (version, mut deployment) = match deployment(path, &text) {
         Ok(d) => d,
         Err(e) => return json!({"agent": "refused", "error": e}),
     };
+    // Signed (`edgeward sign --key K deployment.toml` wrote the .sig
+    // beside it): the manifest goes as signed, and the daemon applies what
+    // the signature covers; the components were stored above.
+    let sig_path = format!("{path}.sig");
+    match std::fs::read(&sig_path) {
+        Ok(sig) => {
+            use base64ct::Encoding as _;
+            deployment = json!({
+                "manifest": text,
+                "signature": base64ct::Base64::encode_string(&sig),
+            });
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => {
+            return json!({"agent": "refused", "version": version, "error": format!("{sig_path}: {e}")});
+        }
+    }
     match management::deploy(&deployment.to_string(), false) {
         Ok(plan) => json!({
             "agent": "reconciled",
@@ -97,6 +117,8 @@ fn deployment(path: &str, text: &str) -> Result<(String, Value), String> {
         Some(Value::Array(a)) => a,
         Some(_) => return Err(format!("{path}: module: expected [[module]] tables")),
     };
+    let policy = doc.remove("signature_policy");
+    let publishers = doc.remove("publishers");
     if let Some(k) = doc.keys().next() {
         return Err(format!("{path}: unknown key {k:?}"));
     }
@@ -107,10 +129,14 @@ fn deployment(path: &str, text: &str) -> Result<(String, Value), String> {
             _ => Err(format!("{path}: module: expected [[module]] tables")),
         })
         .collect::<Result<Vec<_>, _>>()?;
-    Ok((
-        version.clone(),
-        json!({"version": version, "modules": modules}),
-    ))
+    let mut d = json!({"version": version, "modules": modules});
+    if let Some(p) = policy {
+        d["signature_policy"] = p;
+    }
+    if let Some(p) = publishers {
+        d["publishers"] = p;
+    }
+    Ok((version, d))
 }
 
 /// One module table with its `file` stored and named by digest.
