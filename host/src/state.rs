@@ -120,6 +120,30 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
     result
 }
 
+/// Replaces `path` with `bytes` atomically for readers (a temporary file
+/// renamed over it) without syncing: for state that a power loss resets
+/// anyway (the soft measurement register lives for one boot).
+///
+/// # Errors
+///
+/// Any I/O error; the temporary file is removed on failure.
+pub fn replace_unsynced(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    let tmp = temp_path(path)?;
+    let result = (|| {
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        f.write_all(bytes)?;
+        fs::rename(&tmp, path)
+    })();
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    result
+}
+
 /// Makes `path` readable and writable by its owner only (0600).
 ///
 /// # Errors

@@ -16,10 +16,12 @@
 //! of a boot, that value is recorded first, as a `baseline` record (its
 //! digest is the value, not something extended), and replay starts there.
 //!
-//! The record is written (and synced) before the register is extended: a
-//! crash in between leaves a log one event ahead of the register, which a
-//! verifier sees as a prefix of the log matching the register, never an
-//! extension it cannot explain. Writers hold an exclusive lock on the log,
+//! The record is written before the register is extended: a crash in
+//! between leaves a log one event ahead of the register, which a verifier
+//! sees as a prefix of the log matching the register, never an extension
+//! it cannot explain. It is not synced: a process crash keeps what was
+//! written, and a power loss is a new boot, whose register starts from its
+//! reset value and whose log is another file. Writers hold an exclusive lock on the log,
 //! readers a shared one, so a reader always sees whole records.
 //!
 //! Who may reach it: the state directory's owner (0700; the log 0600). A
@@ -171,7 +173,7 @@ impl EventLog {
         }
     }
 
-    /// Measures `content`: appends its record (synced), then extends the
+    /// Measures `content`: appends its record, then extends the
     /// register with its digest. The first event of a boot whose register
     /// is not at zero records that value first. Blocks on the HSM.
     ///
@@ -185,7 +187,7 @@ impl EventLog {
     }
 
     /// [`EventLog::measure`] for several events in order: their records
-    /// appended and synced together, then each digest extended.
+    /// appended together, then the digests extended.
     ///
     /// # Errors
     ///
@@ -221,14 +223,15 @@ impl EventLog {
             records.push(record);
             next += 1;
         }
+        // Written before the register is extended, not synced: a process
+        // crash keeps what was written (the page cache is the kernel's),
+        // and a power loss is a new boot, whose PCR (or soft register)
+        // starts from its reset value and whose log is another file.
         file.seek(SeekFrom::End(0))
             .and_then(|_| file.write_all(&out))
-            .and_then(|()| file.sync_data())
             .map_err(|e| format!("{shown}: cannot append: {e}"))?;
-        for digest in &digests {
-            hsm.extend(digest)
-                .map_err(|e| format!("cannot extend the measurement register: {e}"))?;
-        }
+        hsm.extend_all(&digests)
+            .map_err(|e| format!("cannot extend the measurement register: {e}"))?;
         Ok(records)
     }
 

@@ -100,6 +100,18 @@ pub fn raise_fd_limit() -> Option<u64> {
 pub async fn run(config: Config, state_dir: PathBuf, socket: PathBuf) -> anyhow::Result<()> {
     state::ensure_private_dir(&state_dir)?;
     let _lock = state::lock_for_daemon(&state_dir)?;
+    // The boot events (this executable's hash, the configuration) are
+    // computed from the start, while the registry, engine, HSM and
+    // identity open: hashing the binary is the longest of them.
+    let boot_events = config.runtime.measure.then(|| {
+        let c = config.clone();
+        tokio::task::spawn_blocking(move || {
+            [
+                crate::attest::executable_event(),
+                crate::attest::config_event(&c),
+            ]
+        })
+    });
     let registry = Arc::new(open_registry(&state_dir).await?);
     let listener = api::bind(&socket, config.api.group)?;
     let fd_limit = raise_fd_limit();
@@ -133,17 +145,6 @@ pub async fn run(config: Config, state_dir: PathBuf, socket: PathBuf) -> anyhow:
     // Signals are honoured from here on, compiling or not.
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("cannot install the SIGTERM handler")?;
-    // The boot events (this executable's hash, the configuration) are
-    // computed while the HSM and identity open.
-    let boot_events = config.runtime.measure.then(|| {
-        let c = config.clone();
-        tokio::task::spawn_blocking(move || {
-            [
-                crate::attest::executable_event(),
-                crate::attest::config_event(&c),
-            ]
-        })
-    });
     let identity = tokio::select! {
         r = open_identity(&config, &state_dir) => r?,
         why = stop_requested(&mut sigterm) => {

@@ -309,6 +309,12 @@ pub trait Hsm: Send + Sync + fmt::Debug {
         Err(self.unsupported(Op::Extend, None))
     }
 
+    /// Extends the register with each digest in order (a backend may do
+    /// it in one step).
+    fn extend_all(&self, digests: &[[u8; 32]]) -> Result<()> {
+        digests.iter().try_for_each(|d| self.extend(d))
+    }
+
     /// The measurement register's value.
     fn read_register(&self) -> Result<[u8; 32]> {
         Err(self.unsupported(Op::ReadRegister, None))

@@ -215,21 +215,13 @@ impl SoftHsm {
         let boot = crate::attest::boot_id()
             .map_err(|e| err(Op::ReadRegister, None, ErrorKind::Unavailable(e)))?;
         match std::fs::read(&path) {
-            Ok(b) if b.len() < 32 => Err(err(
-                Op::ReadRegister,
-                None,
-                ErrorKind::Backend(format!(
-                    "{}: {} bytes, expected at least 32",
-                    path.display(),
-                    b.len()
-                )),
-            )),
-            Ok(b) if b[32..] == *boot.as_bytes() => {
+            Ok(b) if b.len() > 32 && b[32..] == *boot.as_bytes() => {
                 let mut v = [0u8; 32];
                 v.copy_from_slice(&b[..32]);
                 Ok(v)
             }
-            // Another boot's (or from before boots were recorded): reset.
+            // Another boot's (or from before boots were recorded, or cut
+            // short by a power loss, which is a new boot): reset.
             Ok(_) => Ok([0u8; 32]),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok([0u8; 32]),
             Err(e) => Err(io_err(Op::ReadRegister, None, &path, &e)),
@@ -291,17 +283,26 @@ impl Hsm for SoftHsm {
     }
 
     fn extend(&self, digest: &[u8; 32]) -> Result<()> {
+        self.extend_all(std::slice::from_ref(digest))
+    }
+
+    /// One write for all of them. Not synced: the register lives for one
+    /// boot, and a power loss is a new boot (the register then reads zero
+    /// whatever the file holds), as a PCR is reset.
+    fn extend_all(&self, digests: &[[u8; 32]]) -> Result<()> {
         let _guard = self
             .register
             .lock()
             .map_err(|_| err(Op::Extend, None, ErrorKind::Backend("lock poisoned".into())))?;
-        let next = extend_chain(&self.read_register_file()?, digest);
+        let next = digests
+            .iter()
+            .fold(self.read_register_file()?, |v, d| extend_chain(&v, d));
         let boot = crate::attest::boot_id()
             .map_err(|e| err(Op::Extend, None, ErrorKind::Unavailable(e)))?;
         let mut bytes = next.to_vec();
         bytes.extend_from_slice(boot.as_bytes());
         let path = self.register_path();
-        state::write_atomic(&path, &bytes).map_err(|e| io_err(Op::Extend, None, &path, &e))
+        state::replace_unsynced(&path, &bytes).map_err(|e| io_err(Op::Extend, None, &path, &e))
     }
 
     fn read_register(&self) -> Result<[u8; 32]> {
