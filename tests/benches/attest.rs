@@ -292,8 +292,9 @@ fn attest_latency(dir: &Path) {
             c
         });
         let peer = tpm.as_ref().map(|t| {
-            // tpm2-tools: an AK under a primary, loaded once; then a quote
-            // and its check per round.
+            // tpm2-tools: an AK under a primary, made persistent once (no
+            // resource manager: a loaded context would leak a slot per
+            // process); then a quote and its check per round.
             let tools = dir.join("tools");
             std::fs::create_dir_all(&tools).expect("tools dir");
             let tcti = t.tcti();
@@ -307,10 +308,10 @@ fn attest_latency(dir: &Path) {
                     .expect("sh");
                 assert!(o.status.success(), "{script}: {}", String::from_utf8_lossy(&o.stderr));
             };
-            sh("tpm2_createprimary -Q -C o -c prim.ctx && tpm2_create -Q -C prim.ctx -G ecc256:ecdsa-sha256:null -u ak.pub -r ak.priv -a 'fixedtpm|fixedparent|sensitivedataorigin|userwithauth|restricted|sign' && tpm2_flushcontext -t && tpm2_load -Q -C prim.ctx -u ak.pub -r ak.priv -c ak.ctx && tpm2_flushcontext -t && tpm2_readpublic -Q -c ak.ctx -f pem -o ak.pem");
+            sh("tpm2_createprimary -Q -C o -c prim.ctx && tpm2_create -Q -C prim.ctx -G ecc256:ecdsa-sha256:null -u ak.pub -r ak.priv -a 'fixedtpm|fixedparent|sensitivedataorigin|userwithauth|restricted|sign' && tpm2_flushcontext -t && tpm2_load -Q -C prim.ctx -u ak.pub -r ak.priv -c ak.ctx && tpm2_flushcontext -t && tpm2_readpublic -Q -c ak.ctx -f pem -o ak.pem && tpm2_evictcontrol -Q -C o -c ak.ctx 0x81000010 && tpm2_flushcontext -t");
             let quote = timed(ROUNDS, || {
                 let mut c = Command::new("tpm2_quote");
-                c.args(["-Q", "-c", "ak.ctx", "-l", "sha256:13", "-q", nonce, "-m", "q.msg", "-s", "q.sig", "-o", "pcrs.bin"])
+                c.args(["-Q", "-c", "0x81000010", "-l", "sha256:13", "-q", nonce, "-m", "q.msg", "-s", "q.sig", "-o", "pcrs.bin"])
                     .current_dir(&tools)
                     .env("TPM2TOOLS_TCTI", &tcti);
                 c

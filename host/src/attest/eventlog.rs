@@ -109,28 +109,34 @@ pub fn content_digest(content: &Value) -> Result<[u8; 32], String> {
 ///
 /// A record without a usable digest, or whose digest is not its content's.
 pub fn replay(records: &[Record]) -> Result<[u8; 32], String> {
-    let mut value = [0u8; 32];
-    for r in records {
-        let d = r.sha256()?;
-        if r.kind() == "baseline" {
-            if r.recnum != 0 {
-                return Err(format!(
-                    "record {}: a baseline after the first record",
-                    r.recnum
-                ));
-            }
-            value = d;
-            continue;
-        }
-        if content_digest(&r.content)? != d {
+    records
+        .iter()
+        .try_fold([0u8; 32], |value, r| replay_step(&value, r))
+}
+
+/// The register value after `r`, from `value` before it.
+///
+/// # Errors
+///
+/// See [`replay`].
+pub fn replay_step(value: &[u8; 32], r: &Record) -> Result<[u8; 32], String> {
+    let d = r.sha256()?;
+    if r.kind() == "baseline" {
+        if r.recnum != 0 {
             return Err(format!(
-                "record {}: its digest is not the SHA-256 of its content",
+                "record {}: a baseline after the first record",
                 r.recnum
             ));
         }
-        value = crate::hsm::extend_chain(&value, &d);
+        return Ok(d);
     }
-    Ok(value)
+    if content_digest(&r.content)? != d {
+        return Err(format!(
+            "record {}: its digest is not the SHA-256 of its content",
+            r.recnum
+        ));
+    }
+    Ok(crate::hsm::extend_chain(value, &d))
 }
 
 /// The log of one boot.

@@ -484,9 +484,15 @@ fn replay_to(records: &[Record], pcr: u32, quoted: &[u8; 32]) -> Result<usize, S
             r.recnum, r.pcr
         ));
     }
-    for n in 0..=records.len() {
-        if &eventlog::replay(&records[..n])? == quoted {
-            return Ok(n);
+    // One pass: the value after each record, compared as it goes.
+    let mut value = [0u8; 32];
+    if &value == quoted {
+        return Ok(0);
+    }
+    for (i, r) in records.iter().enumerate() {
+        value = eventlog::replay_step(&value, r)?;
+        if &value == quoted {
+            return Ok(i + 1);
         }
     }
     Err(format!(
