@@ -8,10 +8,10 @@
 //!   100 distinct components (the probe with a custom section of its own
 //!   each) (`Supervisor::audit`), as a share of the default 5 min interval;
 //! - **daemon start-up, measuring on vs off** (soft backend, the release
-//!   binary): process start until the management socket answers, with
-//!   `[runtime] measure = true` (the binary's own hash, the configuration,
-//!   each record synced and the register extended) against `false`
-//!   (target ≤ 1.1×);
+//!   binary, one module, compiled cache warm): process start until the
+//!   management socket answers (target ≤ 1.1×), and until the module runs,
+//!   which waits for the binary's own hash and the configuration to be
+//!   measured, with `[runtime] measure = true` against `false`;
 //! - **attest and attest verify latency**, soft and TPM (swtpm): the
 //!   process `edgeward attest --nonce N --out DIR`, then `edgeward attest
 //!   verify`, against the same process's floor (`edgeward --version`) and,
@@ -57,11 +57,38 @@ fn throughput(path: &Path) -> (f64, f64) {
     (median(ours), median(openssl))
 }
 
-fn startup(dir: &Path, measure: bool, round: usize) -> f64 {
-    let state = dir.join(format!("state-{measure}-{round}"));
+/// One GET on the daemon's socket: the response, or "" if it does not
+/// answer yet.
+fn get(sock: &Path, path: &str) -> String {
+    use std::io::{Read as _, Write as _};
+    let Ok(mut c) = std::os::unix::net::UnixStream::connect(sock) else {
+        return String::new();
+    };
+    let _ = write!(
+        c,
+        "GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n"
+    );
+    let mut out = String::new();
+    let _ = c.read_to_string(&mut out);
+    out
+}
+
+/// A daemon start with one module: (ms until the management socket
+/// answers, ms until the module runs). The state dir is kept across rounds
+/// (its compiled cache warm; the log continues within the boot).
+fn startup(dir: &Path, measure: bool, round: usize) -> (f64, f64) {
+    let state = dir.join(format!("state-{measure}"));
     let sock = dir.join(format!("s-{measure}-{round}.sock"));
     let config = dir.join(format!("c-{measure}.toml"));
-    std::fs::write(&config, format!("[runtime]\nmeasure = {measure}\n")).expect("config");
+    let probe = guests::SANDBOX_PROBE;
+    std::fs::write(
+        &config,
+        format!(
+            "[runtime]\nmeasure = {measure}\n\n[[module]]\nname = \"m\"\nfile = \"{probe}\"\ndigest = \"{}\"\nargs = [\"tick\"]\n",
+            edgeward::measure::Digest::of(&std::fs::read(probe).expect("probe"))
+        ),
+    )
+    .expect("config");
     let boot = dir.join("boot_id");
     let t = Instant::now();
     let mut child = Command::new(EDGEWARD)
@@ -77,22 +104,17 @@ fn startup(dir: &Path, measure: bool, round: usize) -> f64 {
         .stderr(Stdio::null())
         .spawn()
         .expect("daemon");
-    // The socket is bound early; the daemon answers once it has started.
     let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Ok(mut c) = std::os::unix::net::UnixStream::connect(&sock) {
-            use std::io::{Read as _, Write as _};
-            let _ = c.write_all(b"GET /v1/health HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n");
-            let mut out = String::new();
-            let _ = c.read_to_string(&mut out);
-            if out.starts_with("HTTP/1.1 200") {
-                break;
-            }
-        }
+    while !get(&sock, "/v1/health").starts_with("HTTP/1.1 200") {
         assert!(Instant::now() < deadline, "the daemon did not come up");
-        std::thread::sleep(Duration::from_millis(1));
+        std::thread::sleep(Duration::from_micros(500));
     }
-    let took = t.elapsed().as_secs_f64() * 1e3;
+    let api = t.elapsed().as_secs_f64() * 1e3;
+    while !get(&sock, "/v1/modules/m").contains("\"state\":\"running\"") {
+        assert!(Instant::now() < deadline, "the module did not start");
+        std::thread::sleep(Duration::from_micros(500));
+    }
+    let module = t.elapsed().as_secs_f64() * 1e3;
     let _ = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status();
@@ -103,7 +125,7 @@ fn startup(dir: &Path, measure: bool, round: usize) -> f64 {
             "measuring daemon wrote no log"
         );
     }
-    took
+    (api, module)
 }
 
 fn main() {
@@ -202,17 +224,29 @@ fn main() {
 
     attest_latency(dir.path());
 
-    // daemon start-up, measuring on vs off
-    let (mut on, mut off) = (Vec::new(), Vec::new());
+    // daemon start-up, measuring on vs off (a warm-up round each first:
+    // the compiled cache)
+    startup(dir.path(), false, 999);
+    startup(dir.path(), true, 999);
+    let (mut on, mut off) = ((Vec::new(), Vec::new()), (Vec::new(), Vec::new()));
     for r in 0..ROUNDS {
-        off.push(startup(dir.path(), false, r));
-        on.push(startup(dir.path(), true, r));
+        let (a, m) = startup(dir.path(), false, r);
+        off.0.push(a);
+        off.1.push(m);
+        let (a, m) = startup(dir.path(), true, r);
+        on.0.push(a);
+        on.1.push(m);
     }
-    let (on, off) = (median(on), median(off));
+    let (on_api, off_api, on_mod, off_mod) =
+        (median(on.0), median(off.0), median(on.1), median(off.1));
     let exe = std::fs::metadata(EDGEWARD).expect("exe").len() as f64 / 1e6;
     println!(
-        "attest_daemon_startup ratio={:.2}   (measuring {on:.1} ms, not measuring {off:.1} ms; the executable is {exe:.1} MB; target <= 1.1)",
-        on / off
+        "attest_daemon_startup ratio={:.2}   (the management API answers: measuring {on_api:.1} ms, not measuring {off_api:.1} ms; target <= 1.1)",
+        on_api / off_api
+    );
+    println!(
+        "attest_daemon_first_module ratio={:.2}   (a module runs, after the executable ({exe:.1} MB) and config are measured: {on_mod:.1} ms vs {off_mod:.1} ms)",
+        on_mod / off_mod
     );
 }
 

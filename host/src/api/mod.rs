@@ -500,8 +500,20 @@ pub struct ApiState {
     /// Measures and quotes (`None`: measurement is off, or the backend
     /// has no register).
     pub attester: Option<crate::attest::Measurer>,
+    /// Turns true once the boot events are measured: nothing is measured
+    /// or quoted before (the API serves reads meanwhile).
+    pub booted: tokio::sync::watch::Receiver<bool>,
     /// `[signatures]`: manifests are held to it.
     pub signatures: Arc<crate::attest::publisher::DeviceSignatures>,
+}
+
+impl ApiState {
+    /// Waits until the boot events are measured (at once when the daemon
+    /// has started, or stops).
+    pub async fn wait_booted(&self) {
+        let mut b = self.booted.clone();
+        let _ = b.wait_for(|v| *v).await;
+    }
 }
 
 /// The API's OpenAPI document, generated from the handlers.
@@ -679,6 +691,7 @@ impl Offline {
             uploads: tokio::sync::Semaphore::new(1),
             stop: stop.clone(),
             attester: None,
+            booted: tokio::sync::watch::channel(true).1,
             signatures: Arc::default(),
         });
         let mut until = stop;
@@ -820,6 +833,7 @@ async fn attest(
         }
         _ => return Err(bad("give exactly one of nonce and credential".into())),
     };
+    state.wait_booted().await;
     let Some(m) = state.attester.clone() else {
         return Err(ApiError::new(
             StatusCode::CONFLICT,
@@ -1265,6 +1279,7 @@ async fn manifest_checked(
         Ok(key) => deployment.signed_by = Some(key),
         Err(e) if policy == Policy::Require => {
             let reason = format!("the deployment manifest is refused: {e}");
+            state.wait_booted().await;
             if let Some(m) = &state.attester {
                 m.record(serde_json::json!({
                     "kind": "signature-refused",

@@ -162,37 +162,20 @@ pub async fn run(config: Config, state_dir: PathBuf, socket: PathBuf) -> anyhow:
         trust_domain: identity.config().trust_domain.clone(),
     };
     // Measured before any module runs: this executable, then the
-    // configuration in effect.
+    // configuration in effect. The API serves meanwhile (reads answer at
+    // once); what it would measure, and every change, waits for this.
     let measurer = measurer_for(&config, &identity, &state_dir);
-    if let (Some(m), Some(events)) = (&measurer, boot_events) {
-        let mut contents = Vec::new();
-        for e in events.await.context("boot measurement task failed")? {
-            match e {
-                Ok(e) => contents.push(e),
-                Err(e) => tracing::error!(error = %e, "cannot measure a boot event"),
+    let (booted_tx, booted) = watch::channel(false);
+    let boot_measurement = {
+        let m = measurer.clone();
+        tokio::spawn(async move {
+            if let (Some(m), Some(events)) = (m, boot_events) {
+                measure_boot(m, events).await;
             }
-        }
-        let m = m.clone();
-        match tokio::task::spawn_blocking(move || m.measure_all(contents)).await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => tracing::error!(error = %e, "boot measurement failed"),
-            Err(e) => tracing::error!(error = %e, "boot measurement task failed"),
-        }
-    }
-    // The compiled-cache key, wrapped by a TPM or PKCS#11 HSM: unwrapped
-    // once, before any module loads, and held.
-    if let (Some(_), crate::runtime::cache::CacheKey::Hsm) = (rt.cache(), config.hsm.cache_key()) {
-        let (rt2, hsm) = (rt.clone(), identity.hsm());
-        let unlocked = tokio::task::spawn_blocking(move || {
-            rt2.cache().map_or(Ok(()), |c| c.unlock(hsm.as_ref()))
+            let _ = booted_tx.send(true);
         })
-        .await
-        .map_err(|e| e.to_string())
-        .and_then(|r| r);
-        if let Err(e) = unlocked {
-            tracing::error!(error = %e, "the compiled-artifact cache stays off: every module is compiled");
-        }
-    }
+    };
+    let cache_hsm = identity.hsm();
     let mut supervisor = Supervisor::new(
         rt.clone(),
         identity,
@@ -227,6 +210,7 @@ pub async fn run(config: Config, state_dir: PathBuf, socket: PathBuf) -> anyhow:
         uploads: tokio::sync::Semaphore::new(1),
         stop: stop_rx.clone(),
         attester: measurer,
+        booted,
         signatures: Arc::new(config.signatures.clone()),
     });
     let mut agent_refused = None;
@@ -252,8 +236,27 @@ pub async fn run(config: Config, state_dir: PathBuf, socket: PathBuf) -> anyhow:
             let _ = api_stop.wait_for(|s| *s).await;
         },
     ));
+    // The compiled-cache key, wrapped by a TPM or PKCS#11 HSM: unwrapped
+    // once, before any module loads, and held.
+    if let (Some(_), crate::runtime::cache::CacheKey::Hsm) = (rt.cache(), config.hsm.cache_key()) {
+        let rt2 = rt.clone();
+        let unlocked = tokio::task::spawn_blocking(move || {
+            rt2.cache().map_or(Ok(()), |c| c.unlock(cache_hsm.as_ref()))
+        })
+        .await
+        .map_err(|e| e.to_string())
+        .and_then(|r| r);
+        if let Err(e) = unlocked {
+            tracing::error!(error = %e, "the compiled-artifact cache stays off: every module is compiled");
+        }
+    }
     let stopped_early = tokio::select! {
-        () = start_deployment(&config, &mut supervisor, agent_refused) => None,
+        () = async {
+            if let Err(e) = boot_measurement.await {
+                tracing::error!(error = %e, "boot measurement task failed");
+            }
+            start_deployment(&config, &mut supervisor, agent_refused).await;
+        } => None,
         why = stop_requested(&mut sigterm) => {
             tracing::info!("stopping during start-up");
             Some(why?)
@@ -294,6 +297,34 @@ pub async fn run(config: Config, state_dir: PathBuf, socket: PathBuf) -> anyhow:
     records::flush();
     tracing::info!("edgeward daemon stopped");
     Ok(())
+}
+
+/// Measures the boot events (this executable, the configuration) in
+/// order; a failure is logged (the events are then missing from the log
+/// and the register, which a verifier sees).
+async fn measure_boot(
+    m: crate::attest::Measurer,
+    events: tokio::task::JoinHandle<[Result<serde_json::Value, String>; 2]>,
+) {
+    let events = match events.await {
+        Ok(e) => e,
+        Err(e) => {
+            tracing::error!(error = %e, "boot measurement task failed");
+            return;
+        }
+    };
+    let mut contents = Vec::new();
+    for e in events {
+        match e {
+            Ok(e) => contents.push(e),
+            Err(e) => tracing::error!(error = %e, "cannot measure a boot event"),
+        }
+    }
+    match tokio::task::spawn_blocking(move || m.measure_all(contents)).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::error!(error = %e, "boot measurement failed"),
+        Err(e) => tracing::error!(error = %e, "boot measurement task failed"),
+    }
 }
 
 /// The measurer for `config`'s HSM (see [`crate::attest::register_of`]).
