@@ -103,14 +103,25 @@ pub async fn run(config: Config, state_dir: PathBuf, socket: PathBuf) -> anyhow:
     // The boot events (this executable's hash, the configuration) are
     // computed from the start, while the registry, engine, HSM and
     // identity open: hashing the binary is the longest of them.
+    // On a thread of its own at a lower priority: on a small board the
+    // start-up's own work keeps its cores, and the hash takes what is left.
     let boot_events = config.runtime.measure.then(|| {
         let c = config.clone();
-        tokio::task::spawn_blocking(move || {
-            [
-                crate::attest::executable_event(),
-                crate::attest::config_event(&c),
-            ]
-        })
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let spawned = std::thread::Builder::new()
+            .name("boot-measure".into())
+            .spawn(move || {
+                let me = rustix::thread::gettid();
+                let _ = rustix::process::setpriority_process(Some(me), 10);
+                let _ = tx.send([
+                    crate::attest::executable_event(),
+                    crate::attest::config_event(&c),
+                ]);
+            });
+        if let Err(e) = spawned {
+            tracing::error!(error = %e, "cannot start the boot measurement thread");
+        }
+        rx
     });
     let registry = Arc::new(open_registry(&state_dir).await?);
     let listener = api::bind(&socket, config.api.group)?;
@@ -304,7 +315,7 @@ pub async fn run(config: Config, state_dir: PathBuf, socket: PathBuf) -> anyhow:
 /// and the register, which a verifier sees).
 async fn measure_boot(
     m: crate::attest::Measurer,
-    events: tokio::task::JoinHandle<[Result<serde_json::Value, String>; 2]>,
+    events: tokio::sync::oneshot::Receiver<[Result<serde_json::Value, String>; 2]>,
 ) {
     let events = match events.await {
         Ok(e) => e,
