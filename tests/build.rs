@@ -34,7 +34,15 @@ fn main() {
     let target_dir = root.join("target").join("guests");
     let guests = guests(&root);
 
-    for p in ["modules", "tests/guests", "guest-sdk", "wit", "Cargo.lock"] {
+    // Cargo.toml: its release profile is the guests' too.
+    for p in [
+        "modules",
+        "tests/guests",
+        "guest-sdk",
+        "wit",
+        "Cargo.lock",
+        "Cargo.toml",
+    ] {
         println!("cargo:rerun-if-changed={}", root.join(p).display());
     }
     for (_, dir) in &guests {

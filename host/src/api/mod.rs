@@ -264,6 +264,12 @@ impl SignedManifest {
         if obj.contains_key("signed_by") {
             return Err("manifest: signed_by is set by the daemon".into());
         }
+        // `version = 7` in TOML is a number; the deployment's is text.
+        if let Some(v) = obj.get_mut("version")
+            && v.is_number()
+        {
+            *v = serde_json::Value::String(v.to_string());
+        }
         if let Some(mods) = obj.get_mut("modules").and_then(|m| m.as_array_mut()) {
             for m in mods {
                 let Some(m) = m.as_object_mut() else { continue };
@@ -1731,6 +1737,39 @@ async fn put_blob(
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_signed_manifest_is_read_as_signed() {
+        let d = "sha256:ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad";
+        let m = super::SignedManifest {
+            manifest: format!(
+                "version = 7\nsignature_policy = \"require\"\n[[module]]\nname = \"a\"\nfile = \"a.wasm\"\ndigest = \"{d}\"\n"
+            ),
+            signature: None,
+        };
+        let dep = m.deployment().unwrap();
+        assert_eq!(dep.version, "7", "a TOML number is the version's text");
+        assert_eq!(dep.modules[0].file, None, "the sender's path is dropped");
+        assert_eq!(dep.modules[0].digest, d);
+        assert_eq!(dep.signature_policy.as_deref(), Some("require"));
+        // Unpinned, self-signed or malformed: refused by name.
+        for (text, says) in [
+            (
+                "version = \"1\"\n[[module]]\nname = \"a\"\nfile = \"a.wasm\"\n",
+                "without a digest",
+            ),
+            ("version = \"1\"\nsigned_by = \"00\"\n", "set by the daemon"),
+            ("version = ", "manifest:"),
+            ("[1, 2]", "manifest:"),
+        ] {
+            let m = super::SignedManifest {
+                manifest: text.into(),
+                signature: None,
+            };
+            let e = m.deployment().unwrap_err();
+            assert!(e.contains(says), "{text}: {e}");
+        }
+    }
+
     /// The checked-in document is the one the code generates. Regenerate it
     /// with `EDGEWARD_UPDATE_OPENAPI=1 cargo test -p edgeward --lib openapi`.
     #[test]
