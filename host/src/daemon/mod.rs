@@ -126,23 +126,7 @@ pub async fn run(config: Config, state_dir: PathBuf, socket: PathBuf) -> anyhow:
     let registry = Arc::new(open_registry(&state_dir).await?);
     let listener = api::bind(&socket, config.api.group)?;
     let fd_limit = raise_fd_limit();
-    let max_memory = config
-        .modules
-        .iter()
-        .map(|m| m.limits.max_memory)
-        .max()
-        .unwrap_or(0);
-    let rt = Arc::new(Runtime::new(&RuntimeOptions {
-        engine: EngineOptions {
-            max_instances: config.runtime.max_modules,
-            ceilings: config.runtime.ceilings,
-            max_memory: max_memory.max(crate::runtime::sandbox::DEFAULT_MAX_MEMORY),
-            pooling: config.runtime.pooling,
-            max_wasm_stack: config.runtime.max_wasm_stack,
-        },
-        state_dir: Some(state_dir.clone()),
-        cache_key: config.hsm.cache_key(),
-    })?);
+    let rt = Arc::new(Runtime::new(&runtime_options(&config, &state_dir))?);
     tracing::info!(
         version = crate::VERSION,
         config = %config.path.display(),
@@ -239,6 +223,7 @@ pub async fn run(config: Config, state_dir: PathBuf, socket: PathBuf) -> anyhow:
             }
         }
     }
+    let deployment = register_deployment(&config, &supervisor);
     let mut api_stop = stop_rx;
     let server = tokio::spawn(api::serve(
         api::peer::PeerListener::new(listener),
@@ -266,7 +251,7 @@ pub async fn run(config: Config, state_dir: PathBuf, socket: PathBuf) -> anyhow:
             if let Err(e) = boot_measurement.await {
                 tracing::error!(error = %e, "boot measurement task failed");
             }
-            start_deployment(&config, &mut supervisor, agent_refused).await;
+            start_deployment(&config, &mut supervisor, agent_refused, deployment).await;
         } => None,
         why = stop_requested(&mut sigterm) => {
             tracing::info!("stopping during start-up");
@@ -308,6 +293,28 @@ pub async fn run(config: Config, state_dir: PathBuf, socket: PathBuf) -> anyhow:
     records::flush();
     tracing::info!("edgeward daemon stopped");
     Ok(())
+}
+
+/// The daemon's engine and cache for `config`: `edgeward compile` builds
+/// the same, so what it compiles is what the daemon's cache holds.
+pub fn runtime_options(config: &Config, state_dir: &Path) -> RuntimeOptions {
+    let max_memory = config
+        .modules
+        .iter()
+        .map(|m| m.limits.max_memory)
+        .max()
+        .unwrap_or(0);
+    RuntimeOptions {
+        engine: EngineOptions {
+            max_instances: config.runtime.max_modules,
+            ceilings: config.runtime.ceilings,
+            max_memory: max_memory.max(crate::runtime::sandbox::DEFAULT_MAX_MEMORY),
+            pooling: config.runtime.pooling,
+            max_wasm_stack: config.runtime.max_wasm_stack,
+        },
+        state_dir: Some(state_dir.to_owned()),
+        cache_key: config.hsm.cache_key(),
+    }
 }
 
 /// Measures the boot events (this executable, the configuration) in
@@ -421,11 +428,13 @@ async fn open_identity(
 /// every registered module that should run: the agent first, then the
 /// others in name order. One that is refused is recorded and logged; the
 /// others run.
-async fn start_deployment(
+/// Registers the config's modules (the registry's desired state) and
+/// returns every record to start, so the API lists them from its first
+/// answer; `None` if the registry cannot be read.
+fn register_deployment(
     config: &Config,
-    supervisor: &mut Supervisor,
-    agent_refused: Option<String>,
-) {
+    supervisor: &Supervisor,
+) -> Option<Vec<crate::registry::ModuleRecord>> {
     let configured: Vec<_> = config.modules.iter().map(ModuleSpec::to_raw).collect();
     let records = supervisor
         .registry()
@@ -435,7 +444,7 @@ async fn start_deployment(
         Ok(r) => r,
         Err(e) => {
             tracing::error!(error = %e, "cannot read the registry: no module started");
-            return;
+            return None;
         }
     };
     for name in conflicts {
@@ -450,8 +459,21 @@ async fn start_deployment(
     for name in registered.iter().filter(|n| !modules.contains(n.as_str())) {
         tracing::info!(module = %name, "registered module is not configured; its registration is kept (`edgeward deregister {name}` deletes it)");
     }
+    Some(records)
+}
+
+/// Starts the registered modules ([`register_deployment`]): the agent
+/// first.
+async fn start_deployment(
+    config: &Config,
+    supervisor: &mut Supervisor,
+    agent_refused: Option<String>,
+    records: Option<Vec<crate::registry::ModuleRecord>>,
+) {
+    let Some(mut records) = records else {
+        return;
+    };
     let resolve = |p: &Path| p.to_owned();
-    let mut records = records;
     let agent = config.agent.as_ref().map(|a| a.spec.name.as_str());
     records.sort_by_key(|r| Some(r.spec.name.as_str()) != agent);
     for record in records {
