@@ -482,3 +482,48 @@ fn check_names_each_verdict_and_fails_only_on_a_failure() {
     let v = jwt(&s);
     assert!(v.starts_with("fail") && v.contains("not a list"), "{v}");
 }
+
+/// `edgeward compile` fills the daemon's cache ahead of a start: the
+/// daemon's first load is code from the cache, not the compiler. A file
+/// that is not a component is refused by name.
+#[test]
+fn compile_fills_the_daemons_cache_ahead_of_a_start() {
+    let s = Scratch::new();
+    let probe = guests::SANDBOX_PROBE;
+    let text = format!(
+        "[[module]]\nname = \"m\"\nfile = \"{probe}\"\ndigest = \"{}\"\nargs = [\"tick\"]\n",
+        sha256sum(probe)
+    );
+    let config = s.write("compile.toml", &text);
+    let compile = |file: &str| {
+        s.edgeward()
+            .arg("compile")
+            .arg("--config")
+            .arg(&config)
+            .arg(file)
+            .output()
+            .unwrap()
+    };
+    let o = compile(probe);
+    assert_status(&o, 0);
+    assert!(stdout(&o).contains("compiled and cached"), "{}", stdout(&o));
+    let o = compile(probe);
+    assert_status(&o, 0);
+    assert!(stdout(&o).contains("already cached"), "{}", stdout(&o));
+    let junk = s.write("junk.wasm", "not a component");
+    let o = compile(junk.to_str().unwrap());
+    assert_status(&o, 1);
+    assert!(stderr(&o).contains("junk.wasm"), "{}", stderr(&o));
+
+    let mut d = Daemon::start(&s, &text);
+    d.wait_for("m to load", |_, err| {
+        err.iter().any(|l| l.contains("module measured and loaded"))
+    });
+    let (_, _, err) = d.terminate();
+    let line = err
+        .iter()
+        .find(|l| l.contains("module measured and loaded"))
+        .cloned()
+        .unwrap_or_default();
+    assert!(line.contains("Cache"), "code from the cache: {line}");
+}

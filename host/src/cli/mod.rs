@@ -169,6 +169,18 @@ enum Command {
     /// HEX --out DIR`), make a credential challenge (`attest challenge`),
     /// check evidence (`attest verify`).
     Attest(attest::AttestArgs),
+    /// Compile components into the daemon's authenticated cache ahead of a
+    /// start (for the engine the config's daemon builds), so its first
+    /// start loads code instead of compiling. Stop a daemon on a TPM first
+    /// (it holds the TPM).
+    Compile {
+        /// Component files.
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+        /// Config file (its [runtime], [hsm], modules and state_dir).
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+    },
     /// Print the sha256 digest of component files, as pinned in a config.
     Digest {
         /// Component files.
@@ -419,6 +431,10 @@ pub fn main() -> ExitCode {
             init_logging("warn");
             attest::command(args, cli.state_dir.as_deref())
         }
+        Command::Compile { files, config } => {
+            init_logging("warn");
+            compile_command(cli.state_dir.as_deref(), config, &files)
+        }
         Command::Digest { files } => {
             let mut code = ExitCode::SUCCESS;
             for f in files {
@@ -457,6 +473,69 @@ fn parse_settings(entries: &[String]) -> Result<BTreeMap<String, String>, String
     }
     spec::check_settings(&out).map_err(|e| format!("--setting: {e}"))?;
     Ok(out)
+}
+
+/// `edgeward compile`: each file measured and compiled into the cache (or
+/// found there), with the daemon's engine.
+fn compile_command(
+    state_flag: Option<&std::path::Path>,
+    config: Option<PathBuf>,
+    files: &[PathBuf],
+) -> ExitCode {
+    let cfg = match optional_config(config) {
+        Ok(c) => c.unwrap_or_else(Config::empty),
+        Err(code) => return code,
+    };
+    let state_dir = match state::resolve(state_flag, cfg.state_dir.as_deref()) {
+        Ok(d) => d,
+        Err(e) => return fail(e, 2),
+    };
+    if let Err(e) = state::ensure_private_dir(&state_dir) {
+        return fail(e, 1);
+    }
+    let runtime = match Runtime::new(&crate::daemon::runtime_options(&cfg, &state_dir)) {
+        Ok(r) => r,
+        Err(e) => return fail(format!("{e:#}"), 1),
+    };
+    if let (Some(cache), crate::runtime::cache::CacheKey::Hsm) =
+        (runtime.cache(), cfg.hsm.cache_key())
+    {
+        let unlocked = crate::hsm::open(&cfg.hsm, &state_dir)
+            .map_err(|e| e.to_string())
+            .and_then(|hsm| cache.unlock(hsm.as_ref()));
+        if let Err(e) = unlocked {
+            return fail(
+                format!(
+                    "the cache key is wrapped by the HSM and cannot be unwrapped: {e} (a daemon on a TPM holds it: stop it first)"
+                ),
+                1,
+            );
+        }
+    }
+    let mut code = ExitCode::SUCCESS;
+    for f in files {
+        let started = std::time::Instant::now();
+        match Measured::read(f)
+            .map_err(anyhow::Error::from)
+            .and_then(|m| runtime.load(&m))
+        {
+            Ok(m) => println!(
+                "{}  {}  {} in {} ms",
+                m.digest,
+                f.display(),
+                match m.source {
+                    crate::runtime::CodeSource::Cache => "already cached",
+                    crate::runtime::CodeSource::Compiled => "compiled and cached",
+                    crate::runtime::CodeSource::Recompiled(_) => {
+                        "recompiled (the old entry was refused) and cached"
+                    }
+                },
+                started.elapsed().as_millis()
+            ),
+            Err(e) => code = fail(format!("{}: {e:#}", f.display()), 1),
+        }
+    }
+    code
 }
 
 /// `edgeward sign`: a component's signature (wasmsign2's format), or a
