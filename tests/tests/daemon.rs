@@ -519,6 +519,32 @@ fn compile_fills_the_daemons_cache_ahead_of_a_start() {
     d.wait_for("m to load", |_, err| {
         err.iter().any(|l| l.contains("module measured and loaded"))
     });
+    // Its status says where its code came from and how long each phase
+    // took (instantiation once it has run).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let code = loop {
+        let o = s
+            .edgeward()
+            .args(["module", "list", "--json"])
+            .output()
+            .unwrap();
+        let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap_or_default();
+        let code = v
+            .as_array()
+            .and_then(|a| a.iter().find(|m| m["name"] == "m"))
+            .map(|m| m["code"].clone())
+            .unwrap_or_default();
+        if code["instantiate_ms"].is_u64() {
+            break code;
+        }
+        assert!(std::time::Instant::now() < deadline, "no code report: {v}");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    assert_eq!(code["source"], "cache", "{code}");
+    assert!(
+        code["read_ms"].is_u64() && code["load_ms"].is_u64(),
+        "{code}"
+    );
     let (_, _, err) = d.terminate();
     let line = err
         .iter()

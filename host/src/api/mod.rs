@@ -560,6 +560,7 @@ impl ApiState {
         Health,
         IdentityView,
         records::ExitRecord,
+        records::CodeReport,
         Origin,
         Desired,
         Deployment,
@@ -909,6 +910,10 @@ pub struct ModuleView {
     reason: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     last_exit: Option<records::ExitRecord>,
+    /// Where its code came from (`cache`, `compiled`, `recompiled`) and how
+    /// long reading, loading and instantiating took.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    code: Option<records::CodeReport>,
     /// The registered spec (`GET /v1/modules/{name}` only).
     #[serde(skip_serializing_if = "Option::is_none")]
     spec: Option<RawModuleSpec>,
@@ -958,6 +963,7 @@ fn view(record: &ModuleRecord, status: Option<&Status>) -> ModuleView {
         starts: status.map_or(0, |s| s.starts),
         reason: status.and_then(|s| s.reason.clone()),
         last_exit: status.and_then(|s| s.last_exit.clone()),
+        code: status.and_then(|s| s.code.clone()),
         spec: None,
     }
 }

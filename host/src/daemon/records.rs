@@ -250,6 +250,24 @@ pub struct Status {
     /// a longer history).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub recent_exits: Vec<ExitRecord>,
+    /// Where its code came from and how long each phase of its start took.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub code: Option<CodeReport>,
+}
+
+/// Where a module's code came from, and how long each phase took.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct CodeReport {
+    /// `cache` (an authenticated cache entry), `compiled`, or
+    /// `recompiled` (the cache entry was refused).
+    pub source: String,
+    /// Reading and measuring the component (and checking its signature).
+    pub read_ms: u64,
+    /// Compiling it, or loading the cache entry, and pre-linking.
+    pub load_ms: u64,
+    /// Instantiating it, at its latest start.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instantiate_ms: Option<u64>,
 }
 
 /// How many exits a module's status keeps.
@@ -264,6 +282,7 @@ pub struct ModuleRecords {
     exits: Arc<RotatingLog>,
     /// The last exits, carried into every status.
     recent: Arc<Mutex<std::collections::VecDeque<ExitRecord>>>,
+    code: Arc<Mutex<Option<CodeReport>>>,
 }
 
 /// `<state>/modules/<name>`.
@@ -302,6 +321,7 @@ impl ModuleRecords {
         Ok(Self {
             name: name.to_owned(),
             recent: Arc::new(Mutex::new(recent.into())),
+            code: Arc::new(Mutex::new(None)),
             registry: registry.clone(),
             output: Arc::new(output_log(state_dir, name)),
             exits: Arc::new(exits_log(state_dir, name)),
@@ -342,6 +362,7 @@ impl ModuleRecords {
                 .lock()
                 .map(|r| r.iter().cloned().collect())
                 .unwrap_or_default(),
+            code: self.code.lock().ok().and_then(|c| c.clone()),
         };
         let key = (self.registry.path().to_owned(), self.name.clone());
         remember(&key, &status);
@@ -382,6 +403,23 @@ impl ModuleRecords {
         let (starts, digest, last_exit) =
             prev.map_or((0, None, None), |s| (s.starts, s.digest, s.last_exit));
         self.set_status(state, starts, digest, reason, last_exit);
+    }
+
+    /// Where its code came from and how long loading took; shown with
+    /// every status written from now on.
+    pub fn set_code(&self, report: CodeReport) {
+        if let Ok(mut c) = self.code.lock() {
+            *c = Some(report);
+        }
+    }
+
+    /// How long its latest instantiation took (shown with the next status).
+    pub fn set_instantiate_ms(&self, ms: u64) {
+        if let Ok(mut c) = self.code.lock()
+            && let Some(c) = c.as_mut()
+        {
+            c.instantiate_ms = Some(ms);
+        }
     }
 
     /// Appends an exit record (on the record writer's thread).

@@ -7,7 +7,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 use tokio::task::JoinSet;
@@ -56,6 +56,8 @@ impl<E: Into<anyhow::Error>> From<E> for Refusal {
 
 struct Loaded {
     module: LoadedModule,
+    /// Reading, measuring and checking its signature.
+    read_time: Duration,
     identity: Arc<crate::identity::ModuleIdentity>,
     data_dir: PathBuf,
     /// The agent's link to the management service.
@@ -258,8 +260,21 @@ impl Supervisor {
             identity,
             data_dir,
             management,
+            read_time,
         } = loaded;
-        tracing::info!(module = %spec.name, digest = %module.digest, code = ?module.source, "module measured and loaded");
+        let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+        let source = match &module.source {
+            crate::runtime::CodeSource::Cache => "cache",
+            crate::runtime::CodeSource::Compiled => "compiled",
+            crate::runtime::CodeSource::Recompiled(_) => "recompiled",
+        };
+        tracing::info!(module = %spec.name, digest = %module.digest, code = ?module.source, read_ms = ms(read_time), load_ms = ms(module.load_time), "module measured and loaded");
+        records.set_code(records::CodeReport {
+            source: source.to_owned(),
+            read_ms: ms(read_time),
+            load_ms: ms(module.load_time),
+            instantiate_ms: None,
+        });
         let output = Output::Module {
             prefix: Arc::from(spec.name.as_str()),
             echo: self.echo,
@@ -434,6 +449,7 @@ impl Supervisor {
             spec.name.clone(),
         );
         let checked = tokio::task::spawn_blocking(move || {
+            let began = Instant::now();
             // A configured file is read and measured once, and its bytes
             // kept by digest; without one, they come from the store.
             let measured = match &file {
@@ -459,16 +475,17 @@ impl Supervisor {
                 &name,
             )
             .map_err(|e| Refusal::Signature(e.to_string()))?;
+            let read = began.elapsed();
             let module = if agent {
                 rt.load_agent(&measured)
             } else {
                 rt.load(&measured)
             };
-            Ok::<_, Refusal>((module.map_err(Refusal::Load)?, publisher))
+            Ok::<_, Refusal>((module.map_err(Refusal::Load)?, publisher, read))
         })
         .await
         .map_err(|e| anyhow::anyhow!("compile task failed: {e}"))?;
-        let (module, publisher) = match checked {
+        let (module, publisher, read_time) = match checked {
             Ok(m) => m,
             Err(Refusal::Load(e)) => return Err(e),
             Err(Refusal::Signature(reason)) => {
@@ -519,6 +536,7 @@ impl Supervisor {
             identity,
             data_dir,
             management,
+            read_time,
         })
     }
 
@@ -704,8 +722,18 @@ async fn supervise(
             None,
             last_exit.clone(),
         );
+        let instantiating = Instant::now();
+        // Shown while it runs: the status is written again with the time.
+        let instantiated = {
+            let (records, digest, last_exit) = (records.clone(), digest.clone(), last_exit.clone());
+            move || {
+                let ms = u64::try_from(instantiating.elapsed().as_millis()).unwrap_or(u64::MAX);
+                records.set_instantiate_ms(ms);
+                records.set_status(ModuleState::Running, starts, digest, None, last_exit);
+            }
+        };
         let exit = tokio::select! {
-            exit = rt.start(&module, &sandbox, spec.timeout) => exit,
+            exit = rt.start_with(&module, &sandbox, spec.timeout, instantiated) => exit,
             _ = stop.wait_for(|s| *s) => {
                 tracing::info!(module = name, "stopped");
                 records.set_status(ModuleState::Stopped, starts, digest, None, last_exit);

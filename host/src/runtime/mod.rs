@@ -81,6 +81,8 @@ pub struct LoadedModule {
     pub digest: Digest,
     /// How the compiled code was obtained.
     pub source: CodeSource,
+    /// How long compiling (or loading the cache entry) and pre-linking took.
+    pub load_time: Duration,
     pre: CommandPre<ModuleState>,
 }
 
@@ -289,6 +291,7 @@ impl Runtime {
     }
 
     fn load_as(&self, measured: &Measured, agent: bool) -> anyhow::Result<LoadedModule> {
+        let began = std::time::Instant::now();
         let path = &measured.path;
         let (component, source) = match self
             .cache
@@ -354,6 +357,7 @@ impl Runtime {
             path: path.clone(),
             digest: measured.digest,
             source,
+            load_time: began.elapsed(),
             pre,
         })
     }
