@@ -1339,3 +1339,64 @@ fn on_the_tpm_the_cache_key_is_wrapped_by_the_tpm() {
     assert!(line.contains("Cache"), "{line}");
     assert!(!s.state().join("cache.key").exists());
 }
+
+/// `edgeward check` re-measures the compiled-cache entries once, as the
+/// watchdog does: authenticated ones pass; a tampered one fails the check,
+/// named, and is deleted (rebuilt, never loaded).
+#[test]
+fn check_re_measures_the_cache_entries_once() {
+    let s = Scratch::new();
+    let b = boot(&s, "58585858-3434-5656-7878-909090909090");
+    let probe = guests::SANDBOX_PROBE;
+    let digest = sha256sum(probe);
+    let text = format!(
+        "[[module]]\nname = \"m\"\nfile = \"{probe}\"\ndigest = \"{digest}\"\nargs = [\"tick\"]\n"
+    );
+    let mut d = start(&s, &text, &b);
+    d.wait_for("m to load", |_, err| {
+        err.iter().any(|l| l.contains("module measured and loaded"))
+    });
+    let _ = d.terminate();
+    let config = s.write("check.toml", &text);
+    let cache = |s: &Scratch| {
+        let o = s
+            .edgeward()
+            .args(["check", "--json", "--config"])
+            .arg(&config)
+            .output()
+            .unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        let c = v
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["name"] == "cache")
+            .cloned()
+            .unwrap();
+        (o.status.code(), c)
+    };
+    let (_, c) = cache(&s);
+    assert_eq!(c["verdict"], "pass", "{c}");
+    assert!(
+        c["detail"]
+            .as_str()
+            .unwrap()
+            .starts_with("1 entries authenticated"),
+        "{c}"
+    );
+    let entry = std::fs::read_dir(s.state().join("cache"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|e| e == "cwasm"))
+        .unwrap();
+    let mut bytes = std::fs::read(&entry).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 1;
+    std::fs::write(&entry, bytes).unwrap();
+    let (code, c) = cache(&s);
+    assert_eq!(code, Some(1), "{c}");
+    assert_eq!(c["verdict"], "fail", "{c}");
+    assert!(c["detail"].as_str().unwrap().contains(&digest), "{c}");
+    assert!(!entry.exists(), "the tampered entry is deleted");
+}

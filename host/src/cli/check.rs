@@ -102,6 +102,7 @@ pub(super) fn command(
     checks.push(socket_check(socket.as_ref(), daemon));
     checks.push(registry_check(&state_dir, daemon));
     checks.push(components_check(&state_dir));
+    checks.push(cache_check(cfg.as_ref(), &state_dir, daemon));
     checks.push(hsm_check(cfg.as_ref(), &state_dir));
     checks.push(ca_check(&state_dir));
     checks.push(jwt_keys_check(&state_dir));
@@ -316,6 +317,89 @@ fn components_check(state_dir: &Path) -> Check {
                 bad.join(", ")
             ),
             "they are refused, never run; delete them and upload or configure the component again",
+        )
+    }
+}
+
+/// Re-measures the compiled-cache entries of the stored components, as the
+/// watchdog does: each authenticated under the cache key with the engine
+/// the config's daemon builds. An entry that fails is deleted (it is
+/// rebuilt, never loaded), as the watchdog would.
+fn cache_check(cfg: Option<&crate::config::Config>, state_dir: &Path, daemon: bool) -> Check {
+    let empty = crate::config::Config::empty();
+    let cfg = cfg.unwrap_or(&empty);
+    let wrapped = cfg.hsm.cache_key() == crate::runtime::cache::CacheKey::Hsm;
+    let key = state_dir.join(if wrapped {
+        "cache.key.wrapped"
+    } else {
+        "cache.key"
+    });
+    if !key.exists() || !state_dir.join("cache").exists() {
+        return pass("cache", "no compiled-artifact cache yet");
+    }
+    if wrapped && daemon {
+        return pass(
+            "cache",
+            "the running daemon holds the HSM; its watchdog re-measures the entries",
+        );
+    }
+    let runtime =
+        match crate::runtime::Runtime::new(&crate::daemon::runtime_options(cfg, state_dir)) {
+            Ok(r) => r,
+            Err(e) => {
+                return not_ok(
+                    "cache",
+                    Verdict::Fail,
+                    format!("{e:#}"),
+                    "check the state dir",
+                );
+            }
+        };
+    let Some(cache) = runtime.cache() else {
+        return pass("cache", "off");
+    };
+    if wrapped {
+        let unlocked = crate::hsm::open(&cfg.hsm, state_dir)
+            .map_err(|e| e.to_string())
+            .and_then(|hsm| cache.unlock(hsm.as_ref()));
+        if let Err(e) = unlocked {
+            return not_ok(
+                "cache",
+                Verdict::Fail,
+                format!("the cache key does not unwrap: {e}"),
+                "check [hsm]; the daemon makes a new key and rebuilds the entries",
+            );
+        }
+    }
+    let store = match crate::components::ComponentStore::open(state_dir) {
+        Ok(s) => s,
+        Err(e) => return not_ok("cache", Verdict::Fail, e.to_string(), "check the state dir"),
+    };
+    let (mut ok, mut absent, mut bad) = (0, 0, Vec::new());
+    for digest in store.entries().into_iter().filter_map(|(_, d)| d) {
+        match cache.verify(&digest) {
+            Ok(true) => ok += 1,
+            Ok(false) => absent += 1,
+            Err(why) => bad.push(format!("{digest} ({why})")),
+        }
+    }
+    if bad.is_empty() {
+        pass(
+            "cache",
+            format!(
+                "{ok} entries authenticated ({absent} components not compiled for this engine yet)"
+            ),
+        )
+    } else {
+        not_ok(
+            "cache",
+            Verdict::Fail,
+            format!(
+                "{} entries fail authentication: {}",
+                bad.len(),
+                bad.join(", ")
+            ),
+            "they were deleted, never loaded: the daemon recompiles them from the measured components; find out who wrote to the state dir",
         )
     }
 }

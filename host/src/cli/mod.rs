@@ -114,7 +114,7 @@ enum Command {
     /// lines; with -f, keep printing them as they happen.
     Events(module::EventsArgs),
     /// Check that this device is ready: config, state dir, socket,
-    /// registry, stored components, HSM, CA certificate, JWT keys, clock, disk. Exits
+    /// registry, stored components, compiled cache, HSM, CA certificate, JWT keys, clock, disk. Exits
     /// non-zero only on a failure.
     Check {
         /// Config file. Default: $EDGEWARD_CONFIG, then
