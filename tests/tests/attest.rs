@@ -1185,6 +1185,22 @@ fn the_daemon_holds_components_and_manifests_to_the_signature_policy() {
         );
     }
 
+    // Through the API: an add whose component is unsigned is refused with
+    // the reason and undone.
+    let o = s
+        .edgeward()
+        .args(["module", "add", "api-unsigned"])
+        .arg(&unsigned)
+        .output()
+        .unwrap();
+    assert_status(&o, 1);
+    assert!(
+        stderr(&o).contains("signature refused") && stderr(&o).contains("not signed"),
+        "{}",
+        stderr(&o)
+    );
+    assert_eq!(state_and_reason(&s, "api-unsigned").0, "absent");
+
     // Manifests: signed by the trusted key, with a signed component whose
     // detached signature travels in the spec (the CLI uploads the file; a
     // signed manifest pins its digest, and the daemon drops the path).
@@ -1275,7 +1291,7 @@ fn the_daemon_holds_components_and_manifests_to_the_signature_policy() {
         .iter()
         .filter(|r| r["content"]["kind"] == "signature-refused")
         .count();
-    assert!(refusals >= 4 + 4, "{refusals} refusals measured");
+    assert!(refusals >= 4 + 1 + 4, "{refusals} refusals measured");
     assert!(
         records
             .iter()
