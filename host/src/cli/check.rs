@@ -358,18 +358,13 @@ fn cache_check(cfg: Option<&crate::config::Config>, state_dir: &Path, daemon: bo
     let Some(cache) = runtime.cache() else {
         return pass("cache", "off");
     };
-    if wrapped {
-        let unlocked = crate::hsm::open(&cfg.hsm, state_dir)
-            .map_err(|e| e.to_string())
-            .and_then(|hsm| cache.unlock(hsm.as_ref()));
-        if let Err(e) = unlocked {
-            return not_ok(
-                "cache",
-                Verdict::Fail,
-                format!("the cache key does not unwrap: {e}"),
-                "check [hsm]; the daemon makes a new key and rebuilds the entries",
-            );
-        }
+    if let Err(e) = super::unlock_cache(&runtime, &cfg.hsm, state_dir) {
+        return not_ok(
+            "cache",
+            Verdict::Fail,
+            format!("the cache key does not unwrap: {e}"),
+            "check [hsm]; the daemon makes a new key and rebuilds the entries",
+        );
     }
     let store = match crate::components::ComponentStore::open(state_dir) {
         Ok(s) => s,

@@ -475,6 +475,22 @@ fn parse_settings(entries: &[String]) -> Result<BTreeMap<String, String>, String
     Ok(out)
 }
 
+/// On TPM or PKCS#11 the compiled-cache key is wrapped by the HSM: opens
+/// the HSM for that alone (closed again on return) and unwraps it. Nothing
+/// to do on the soft backend, or without a cache.
+fn unlock_cache(
+    runtime: &Runtime,
+    hsm: &crate::hsm::HsmConfig,
+    state_dir: &std::path::Path,
+) -> Result<(), String> {
+    match (runtime.cache(), hsm.cache_key()) {
+        (Some(cache), crate::runtime::cache::CacheKey::Hsm) => crate::hsm::open(hsm, state_dir)
+            .map_err(|e| e.to_string())
+            .and_then(|h| cache.unlock(h.as_ref())),
+        _ => Ok(()),
+    }
+}
+
 /// `edgeward compile`: each file measured and compiled into the cache (or
 /// found there), with the daemon's engine.
 fn compile_command(
@@ -497,20 +513,13 @@ fn compile_command(
         Ok(r) => r,
         Err(e) => return fail(format!("{e:#}"), 1),
     };
-    if let (Some(cache), crate::runtime::cache::CacheKey::Hsm) =
-        (runtime.cache(), cfg.hsm.cache_key())
-    {
-        let unlocked = crate::hsm::open(&cfg.hsm, &state_dir)
-            .map_err(|e| e.to_string())
-            .and_then(|hsm| cache.unlock(hsm.as_ref()));
-        if let Err(e) = unlocked {
-            return fail(
-                format!(
-                    "the cache key is wrapped by the HSM and cannot be unwrapped: {e} (a daemon on a TPM holds it: stop it first)"
-                ),
-                1,
-            );
-        }
+    if let Err(e) = unlock_cache(&runtime, &cfg.hsm, &state_dir) {
+        return fail(
+            format!(
+                "the cache key is wrapped by the HSM and cannot be unwrapped: {e} (a daemon on a TPM holds it: stop it first)"
+            ),
+            1,
+        );
     }
     let mut code = ExitCode::SUCCESS;
     for f in files {
@@ -697,19 +706,9 @@ fn run_command(state_flag: Option<PathBuf>, args: RunArgs) -> ExitCode {
             Ok(r) => r,
             Err(e) => return fail(format!("{e:#}"), EXIT_REFUSED),
         };
-        // On TPM or PKCS#11 the cache key is wrapped by the HSM: opened for
-        // that alone (and closed, before the identity opens it again).
-        if let (Some(cache), crate::runtime::cache::CacheKey::Hsm) =
-            (runtime.cache(), hsm_config.cache_key())
-        {
-            let unlocked = crate::hsm::open(&hsm_config, &state_dir)
-                .map_err(|e| e.to_string())
-                .and_then(|hsm| cache.unlock(hsm.as_ref()));
-            if let Err(e) = unlocked {
-                eprintln!(
-                    "edgeward: warning: the compiled-artifact cache is off for this run: {e}"
-                );
-            }
+        // The HSM is closed again before the identity opens it.
+        if let Err(e) = unlock_cache(&runtime, &hsm_config, &state_dir) {
+            eprintln!("edgeward: warning: the compiled-artifact cache is off for this run: {e}");
         }
         // Measured once; the signature checked on those bytes before
         // anything is compiled.
