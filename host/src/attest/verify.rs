@@ -346,7 +346,7 @@ pub fn verify(dir: &Path, expect: &Expect) -> Vec<Check> {
                 )
             })
             .and_then(|pem| check_ek_chain(&pem, cas));
-        let spki = r.as_ref().ok().map(|(_, s)| s.clone());
+        let spki = r.as_ref().ok().map(|(_, s)| Sha256::digest(s).to_vec());
         check("ek-certificate", r.map(|(d, _)| d));
         spki
     } else {
@@ -585,7 +585,7 @@ pub fn pem_certificates(bytes: &[u8], what: &str) -> Result<Vec<Vec<u8>>, String
 }
 
 /// Checks that the EK certificate (PEM) chains to one of `cas` (each
-/// trusted); returns a description and the SHA-256 of its SPKI.
+/// trusted); returns a description and its SubjectPublicKeyInfo (DER).
 fn check_ek_chain(pem: &[u8], cas: &[Vec<u8>]) -> Result<(String, Vec<u8>), String> {
     use x509_parser::prelude::*;
     let der = pem_certificates(pem, "ek.pem")?.remove(0);
@@ -624,8 +624,10 @@ fn check_ek_chain(pem: &[u8], cas: &[Vec<u8>]) -> Result<(String, Vec<u8>), Stri
             issuer.subject()
         ));
     }
-    let spki = Sha256::digest(ek.public_key().raw).to_vec();
-    Ok((format!("issued by {}", issuer.subject()), spki))
+    Ok((
+        format!("issued by {}", issuer.subject()),
+        ek.public_key().raw.to_vec(),
+    ))
 }
 
 fn check_ak_attributes(attributes: u32) -> Result<(), String> {
@@ -682,28 +684,25 @@ pub fn challenge(
     dir: &Path,
     cas: &[Vec<u8>],
 ) -> Result<(super::evidence::CredentialFile, Challenge), String> {
-    use x509_parser::prelude::*;
     let files = Files {
         dir: dir.to_owned(),
     };
     let pem = files.read("ek.pem").map_err(|e| {
         format!("{e}: the device's evidence carries no EK certificate (not a TPM with one)")
     })?;
-    let (_, spki_hash) = check_ek_chain(&pem, cas)?;
-    let der = pem_certificates(&pem, "ek.pem")?.remove(0);
-    let (_, ek) = X509Certificate::from_der(&der).map_err(|e| format!("ek.pem: {e}"))?;
+    let (_, ek_spki) = check_ek_chain(&pem, cas)?;
     let ak = wire::parse_ecc_public(&files.read("ak.pub")?)?;
     check_ak_attributes(ak.attributes)?;
     let mut secret = [0u8; 32];
     getrandom::fill(&mut secret).map_err(|e| format!("no randomness: {e}"))?;
-    let credential = super::credential::make(ek.public_key().raw, &ak.name, &secret)?;
+    let credential = super::credential::make(&ek_spki, &ak.name, &secret)?;
     Ok((
         credential,
         Challenge {
             format: "edgeward-challenge/1".into(),
             secret: hex(&secret),
             ak_name: hex(&ak.name),
-            ek_spki_sha256: hex(&spki_hash),
+            ek_spki_sha256: hex(&Sha256::digest(&ek_spki)),
         },
     ))
 }
