@@ -126,18 +126,7 @@ impl Drop for Inner {
 /// Starts an HMAC session salted with `primary` (ECDH to its public key),
 /// with parameter encryption (AES-128-CFB) for commands and responses.
 fn start_salted_session(ctx: &mut Context, primary: KeyHandle) -> tss_esapi::Result<AuthSession> {
-    let session = ctx
-        .start_auth_session(
-            Some(primary),
-            None,
-            None,
-            SessionType::Hmac,
-            SymmetricDefinition::AES_128_CFB,
-            HashingAlgorithm::Sha256,
-        )?
-        .ok_or(tss_esapi::Error::WrapperError(
-            tss_esapi::WrapperErrorKind::WrongValueFromTpm,
-        ))?;
+    let session = start_session(ctx, Some(primary), SessionType::Hmac)?;
     let (attributes, mask) = SessionAttributesBuilder::new()
         .with_decrypt(true)
         .with_encrypt(true)
@@ -145,6 +134,26 @@ fn start_salted_session(ctx: &mut Context, primary: KeyHandle) -> tss_esapi::Res
         .build();
     ctx.tr_sess_set_attributes(session, attributes, mask)?;
     Ok(session)
+}
+
+/// Starts a session of `kind` (AES-128-CFB, SHA-256), salted with
+/// `salt_key` if given.
+fn start_session(
+    ctx: &mut Context,
+    salt_key: Option<KeyHandle>,
+    kind: SessionType,
+) -> tss_esapi::Result<AuthSession> {
+    ctx.start_auth_session(
+        salt_key,
+        None,
+        None,
+        kind,
+        SymmetricDefinition::AES_128_CFB,
+        HashingAlgorithm::Sha256,
+    )?
+    .ok_or(tss_esapi::Error::WrapperError(
+        tss_esapi::WrapperErrorKind::WrongValueFromTpm,
+    ))
 }
 
 /// TPM 2.0 keys.
@@ -818,19 +827,7 @@ impl Hsm for TpmHsm {
         };
         let salted = inner.salted;
         let result = (|| {
-            let session = inner
-                .ctx
-                .start_auth_session(
-                    None,
-                    None,
-                    None,
-                    SessionType::Policy,
-                    SymmetricDefinition::AES_128_CFB,
-                    HashingAlgorithm::Sha256,
-                )?
-                .ok_or(tss_esapi::Error::WrapperError(
-                    tss_esapi::WrapperErrorKind::WrongValueFromTpm,
-                ))?;
+            let session = start_session(&mut inner.ctx, None, SessionType::Policy)?;
             let out = (|| {
                 let policy = PolicySession::try_from(session)?;
                 inner.ctx.execute_with_nullauth_session(|ctx| {
