@@ -65,6 +65,16 @@ fn replay(log: &Path) -> (String, Vec<String>) {
     (value, kinds)
 }
 
+/// The JSON-SEQ records of a log, read here (not by edgeward's parser).
+fn records(log: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(log)
+        .unwrap()
+        .split('\u{1e}')
+        .filter(|r| !r.trim().is_empty())
+        .map(|r| serde_json::from_str(r).unwrap())
+        .collect()
+}
+
 fn boot(s: &Scratch, id: &str) -> PathBuf {
     s.write("boot_id", id)
 }
@@ -135,11 +145,7 @@ fn the_daemon_measures_what_it_runs_and_a_replay_matches() {
     );
     // What the records say: this binary, the module's digest.
     let text = std::fs::read_to_string(&log).unwrap();
-    let records: Vec<serde_json::Value> = text
-        .split('\u{1e}')
-        .filter(|r| !r.trim().is_empty())
-        .map(|r| serde_json::from_str(r).unwrap())
-        .collect();
+    let records = records(&log);
     assert_eq!(
         records[0]["content"]["sha256"],
         sha256sum(EDGEWARD),
@@ -1000,27 +1006,9 @@ fn pkcs11_cannot_attest_and_says_so() {
     );
 }
 
-/// One raw HTTP/1.1 GET on the daemon's socket: (status, body).
+/// One GET on the daemon's socket: (status, body).
 fn get(s: &Scratch, path: &str) -> (u16, String) {
-    use std::io::{Read as _, Write as _};
-    let mut c = std::os::unix::net::UnixStream::connect(s.socket()).unwrap();
-    c.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-    write!(
-        c,
-        "GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut out = String::new();
-    let _ = c.read_to_string(&mut out);
-    let status = out
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    (
-        status,
-        out.split("\r\n\r\n").nth(1).unwrap_or("").to_owned(),
-    )
+    http(&s.socket(), "GET", path, b"")
 }
 
 /// Who may reach `GET /v1/attest`: operators and readers of the socket.
@@ -1269,12 +1257,7 @@ fn the_daemon_holds_components_and_manifests_to_the_signature_policy() {
     let log = s
         .state()
         .join("measurements/52525252-3434-5656-7878-909090909090.log");
-    let text = std::fs::read_to_string(&log).unwrap();
-    let records: Vec<serde_json::Value> = text
-        .split('\u{1e}')
-        .filter(|r| !r.trim().is_empty())
-        .map(|r| serde_json::from_str(r).unwrap())
-        .collect();
+    let records = records(&log);
     let acme = {
         let raw = std::fs::read(&public).unwrap();
         edgeward::measure::hex(&raw)

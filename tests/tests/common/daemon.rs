@@ -208,3 +208,29 @@ pub fn wait_for_socket(s: &Scratch) {
 pub fn count(lines: &[String], needle: &str) -> usize {
     lines.iter().filter(|l| l.contains(needle)).count()
 }
+
+/// One raw HTTP/1.1 request on the socket: (status, body); (0, "") if
+/// nothing answers.
+pub fn http(sock: &Path, method: &str, path: &str, body: &[u8]) -> (u16, String) {
+    use std::io::{Read, Write};
+    let Ok(mut c) = std::os::unix::net::UnixStream::connect(sock) else {
+        return (0, String::new());
+    };
+    c.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    // The server may answer (413) and close before the body is all sent.
+    let _ = write!(
+        c,
+        "{method} {path} HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+        body.len()
+    );
+    let _ = c.write_all(body);
+    let mut out = String::new();
+    let _ = c.read_to_string(&mut out);
+    let status = out
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = out.split("\r\n\r\n").nth(1).unwrap_or("").to_owned();
+    (status, body)
+}
