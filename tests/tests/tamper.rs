@@ -103,6 +103,9 @@ async fn a_thousand_tampers_never_run_anything_but_the_pinned_bytes() {
                 Lookup::Rejected(_) => {}
                 Lookup::Hit(_) => panic!("seed {seed}: a {how} cache entry was loaded"),
                 Lookup::Miss => panic!("seed {seed}: a {how} cache entry was not even seen"),
+                Lookup::Unfit(e) => {
+                    panic!("seed {seed}: a {how} cache entry was deserialized: {e}")
+                }
             }
             assert!(!entry.exists(), "a refused entry is removed");
             entries += 1;

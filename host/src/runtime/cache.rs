@@ -72,6 +72,17 @@ pub enum Lookup {
     Miss,
     /// An entry existed but was refused and removed.
     Rejected(Rejection),
+    /// An authenticated entry whose component does not fit this engine's
+    /// pooling-allocator limits (a run with lower ceilings than the one
+    /// that compiled it): kept, since it is sound; the message names the
+    /// limit.
+    Unfit(String),
+}
+
+/// Whether a compile or deserialize error says the component does not fit
+/// the pooling allocator's limits (core instances, memories, tables).
+pub fn exceeds_pool_limits(e: &str) -> bool {
+    e.contains("pooling allocator")
 }
 
 /// The compiled-artifact cache of one engine configuration.
@@ -258,6 +269,9 @@ impl ArtifactCache {
                 #[allow(unsafe_code)]
                 match unsafe { Component::deserialize(engine, payload) } {
                     Ok(c) => Lookup::Hit(c),
+                    Err(e) if exceeds_pool_limits(&format!("{e:#}")) => {
+                        Lookup::Unfit(format!("{e:#}"))
+                    }
                     Err(e) => {
                         tracing::warn!(error = %e, "authenticated cache entry failed to deserialize");
                         self.reject(&path, Rejection::Deserialize)

@@ -299,10 +299,15 @@ impl Runtime {
             .map(|c| c.load(&self.engine, &measured.digest))
         {
             Some(Lookup::Hit(c)) => (c, CodeSource::Cache),
+            Some(Lookup::Unfit(e)) => anyhow::bail!(
+                "{} does not fit the per-module ceilings ({}): {e}",
+                path.display(),
+                self.ceiling_hint()
+            ),
             lookup => {
                 let c = Component::new(&self.engine, &measured.bytes).map_err(|e| {
                     let e = format!("{:#}", anyhow::Error::from(e));
-                    if e.contains("pooling allocator requirements") {
+                    if cache::exceeds_pool_limits(&e) {
                         anyhow::anyhow!(
                             "{} does not fit the per-module ceilings ({}): {e}",
                             path.display(),
