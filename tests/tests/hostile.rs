@@ -10,61 +10,6 @@ mod common;
 use common::daemon::*;
 use common::*;
 
-/// Milliseconds since the epoch of a log line's RFC 3339 timestamp.
-fn stamp_ms(line: &str) -> Option<i64> {
-    let t = line.split(' ').next()?;
-    let (date, time) = t.strip_suffix('Z')?.split_once('T')?;
-    let d: Vec<i64> = date
-        .split('-')
-        .map(|x| x.parse().ok())
-        .collect::<Option<_>>()?;
-    let (hms, ms) = time.split_once('.')?;
-    let h: Vec<i64> = hms
-        .split(':')
-        .map(|x| x.parse().ok())
-        .collect::<Option<_>>()?;
-    // Same day is enough for gaps within one test run (midnight aside).
-    let _ = d;
-    Some(((h[0] * 60 + h[1]) * 60 + h[2]) * 1000 + ms.parse::<i64>().ok()?)
-}
-
-/// Waits until every module in `outcomes` has an exit recorded, and checks
-/// each one's outcome and (when given) that its reason says so. Returns the
-/// statuses.
-fn exits_recorded(s: &Scratch, outcomes: &[(&str, &str, Option<&str>)]) -> Vec<serde_json::Value> {
-    let statuses = status_when(s, "every module's exit to be recorded", |v| {
-        outcomes
-            .iter()
-            .all(|(n, _, _)| !status_of(v, n)["last_exit"].is_null())
-    });
-    for (n, outcome, reason) in outcomes {
-        let e = &status_of(&statuses, n)["last_exit"];
-        assert_eq!(e["outcome"], *outcome, "{n}: {e}");
-        if let Some(r) = reason {
-            assert!(
-                e["reason"].as_str().unwrap_or("").contains(r),
-                "{n}: {r:?} not in {e}"
-            );
-        }
-    }
-    statuses
-}
-
-/// The neighbour (a sensor on a 100 ms schedule) never went 500 ms without
-/// a reading; prints its worst gap.
-fn neighbour_kept_its_schedule(s: &Scratch, suite: &str) {
-    let log = s
-        .edgeward()
-        .args(["logs", "neighbour"])
-        .output()
-        .expect("spawn");
-    let stamps: Vec<i64> = stdout(&log).lines().filter_map(stamp_ms).collect();
-    assert!(stamps.len() >= 25, "only {} readings", stamps.len());
-    let worst = stamps.windows(2).map(|w| w[1] - w[0]).max().unwrap_or(0);
-    println!("{suite}: the neighbour's worst gap was {worst} ms (100 ms schedule)");
-    assert!(worst < 500, "the neighbour stalled for {worst} ms");
-}
-
 #[test]
 fn hostile_modules_cannot_hurt_the_daemon_or_their_neighbour() {
     let s = Scratch::new();

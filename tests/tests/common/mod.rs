@@ -8,6 +8,7 @@ use std::process::{Command, Output};
 pub use edgeward_tests::guests;
 
 pub mod daemon;
+pub mod svid;
 
 /// The edgeward binary under test.
 pub const EDGEWARD: &str = env!("CARGO_BIN_EXE_edgeward-under-test");
@@ -66,6 +67,56 @@ impl Scratch {
             .arg(config)
             .output()
             .expect("spawn edgeward daemon")
+    }
+
+    /// Puts `files`' compiled code into this scratch's cache: each is
+    /// compiled once per test run, by `edgeward compile` into a state dir
+    /// every test binary shares (under a lock), and its entry and the
+    /// cache's key are copied here. The Python and JavaScript components
+    /// take seconds each to compile.
+    pub fn precompiled(&self, files: &[&str]) {
+        use std::os::unix::fs::{DirBuilderExt as _, PermissionsExt as _};
+        let shared = Path::new(env!("CARGO_TARGET_TMPDIR")).join("compiled");
+        std::fs::create_dir_all(&shared).expect("create the shared cache dir");
+        let lock = std::fs::File::create(shared.join(".lock")).expect("the shared cache's lock");
+        lock.lock().expect("lock the shared cache");
+        let state = shared.join("state");
+        let o = Command::new(EDGEWARD)
+            .arg("--state-dir")
+            .arg(&state)
+            .arg("compile")
+            .args(files)
+            .env_remove("EDGEWARD_LOG")
+            .env_remove("EDGEWARD_CONFIG")
+            .output()
+            .expect("spawn edgeward compile");
+        assert_status(&o, 0);
+        let mine = self.state();
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(mine.join("cache"))
+            .expect("create the scratch cache");
+        std::fs::copy(state.join("cache.key"), mine.join("cache.key")).expect("copy cache.key");
+        std::fs::set_permissions(
+            mine.join("cache.key"),
+            std::fs::Permissions::from_mode(0o600),
+        )
+        .expect("chmod cache.key");
+        for f in files {
+            let digest = sha256sum(f);
+            let hex = digest.trim_start_matches("sha256:");
+            let mut found = false;
+            for e in std::fs::read_dir(state.join("cache")).expect("the shared cache") {
+                let e = e.expect("entry");
+                if e.file_name().to_string_lossy().starts_with(hex) {
+                    std::fs::copy(e.path(), mine.join("cache").join(e.file_name()))
+                        .expect("copy a cache entry");
+                    found = true;
+                }
+            }
+            assert!(found, "edgeward compile left no cache entry for {f}");
+        }
     }
 
     /// `edgeward run FILE ARGS...`, with the output collected.
