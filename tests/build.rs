@@ -42,6 +42,10 @@ fn main() {
         "wit",
         "Cargo.lock",
         "Cargo.toml",
+        "modules/py-sensor",
+        "modules/js-sensor",
+        "tests/polyglot",
+        "tests/toolchains",
     ] {
         println!("cargo:rerun-if-changed={}", root.join(p).display());
     }
@@ -118,7 +122,93 @@ fn main() {
     }
     all.push_str("];\n");
     code.push_str(&all);
+    code.push_str(&polyglot(&root, &target_dir.join("polyglot")));
     let out =
         PathBuf::from(std::env::var_os("OUT_DIR").expect("cargo sets OUT_DIR")).join("guests.rs");
     std::fs::write(out, code).expect("write guests.rs");
+}
+
+/// The Python and JavaScript guests: built with the toolchains
+/// `scripts/setup` installs (pinned in `tests/toolchains`) against `wit/`'s
+/// `edgeward:host/command` world, Python and JavaScript at once. Returns
+/// their constants.
+fn polyglot(root: &Path, out: &Path) -> String {
+    std::fs::create_dir_all(out).expect("create target/guests/polyglot");
+    let tools = root.join("target/toolchains");
+    let py = tools.join("python/bin/componentize-py");
+    let js = tools.join("js/node_modules/.bin/componentize-js");
+    for t in [&py, &js] {
+        assert!(
+            t.exists(),
+            "{} is missing: run scripts/setup, which installs the component toolchains the Python and JavaScript guests are built with",
+            t.display()
+        );
+    }
+    let wit = root.join("wit");
+    let world = "edgeward:host/command";
+    // (constant, output, command)
+    let python = |dir: &str, module: &str, name: &str| {
+        let mut c = Command::new(&py);
+        c.arg("-d")
+            .arg(&wit)
+            .args(["-w", world, "componentize", "-p"])
+            .arg(root.join(dir))
+            .arg(module)
+            .arg("-o")
+            .arg(out.join(format!("{name}.wasm")));
+        (name.to_owned(), c)
+    };
+    let javascript = |file: &str, name: &str| {
+        let mut c = Command::new(&js);
+        c.arg("--wit")
+            .arg(&wit)
+            .args(["--world-name", world, "-o"])
+            .arg(out.join(format!("{name}.wasm")))
+            .arg(root.join(file));
+        (name.to_owned(), c)
+    };
+    let builds = vec![
+        vec![
+            python("modules/py-sensor", "app", "py-sensor"),
+            python("tests/polyglot", "probe", "py-probe"),
+        ],
+        vec![
+            javascript("modules/js-sensor/sensor.js", "js-sensor"),
+            javascript("tests/polyglot/probe.js", "js-probe"),
+        ],
+    ];
+    let names: Vec<String> = builds.iter().flatten().map(|(n, _)| n.clone()).collect();
+    std::thread::scope(|scope| {
+        for chain in builds {
+            scope.spawn(move || {
+                for (name, mut cmd) in chain {
+                    let o = cmd
+                        .output()
+                        .unwrap_or_else(|e| panic!("cannot run the toolchain for {name}: {e}"));
+                    assert!(
+                        o.status.success(),
+                        "building {name} failed ({}):\n{}{}",
+                        o.status,
+                        String::from_utf8_lossy(&o.stdout),
+                        String::from_utf8_lossy(&o.stderr)
+                    );
+                }
+            });
+        }
+    });
+    let mut code = String::new();
+    let mut all = String::from(
+        "/// The Python and JavaScript guests: (name, component path).\npub const POLYGLOT: &[(&str, &str)] = &[\n",
+    );
+    for name in names {
+        let constant = name.to_uppercase().replace('-', "_");
+        let file = out.join(format!("{name}.wasm"));
+        code.push_str(&format!(
+            "/// The `{name}` component (built by its language's toolchain).\npub const {constant}: &str = {:?};\n",
+            file.display().to_string()
+        ));
+        all.push_str(&format!("    ({name:?}, {constant}),\n"));
+    }
+    all.push_str("];\n");
+    code + &all
 }
