@@ -14,6 +14,8 @@
 //! module_instances = 32               # per-module ceilings: the engine's pool
 //! module_memories = 2                 # holds max_modules x each, and no
 //! module_tables = 32                  # module may ask for more
+//! compile_concurrency = 2             # components compiled at once (default:
+//!                                     # one per core and per 512 MiB available)
 //!
 //! [[module]]
 //! name = "temperature-sensor"         # [a-z0-9][a-z0-9._-]{0,62}
@@ -421,6 +423,7 @@ struct RawRuntime {
     module_instances: Option<u32>,
     module_memories: Option<u32>,
     module_tables: Option<u32>,
+    compile_concurrency: Option<u32>,
 }
 
 /// Runtime-wide settings.
@@ -441,6 +444,9 @@ pub struct RuntimeSettings {
     pub max_wasm_stack: usize,
     /// What one module may hold at most (the pool's share per module).
     pub ceilings: ModuleCeilings,
+    /// Components compiled at once; `None`: from the cores and the memory
+    /// available at start (`runtime::default_compile_concurrency`).
+    pub compile_concurrency: Option<u32>,
 }
 
 /// The validated configuration.
@@ -520,6 +526,7 @@ impl Config {
                 "module_instances": r.ceilings.core_instances,
                 "module_memories": r.ceilings.memories,
                 "module_tables": r.ceilings.tables,
+                "compile_concurrency": r.compile_concurrency,
             },
             "modules": self.modules.iter().map(|m| m.to_raw()).collect::<Vec<_>>(),
             "signatures": {
@@ -629,6 +636,13 @@ impl Config {
                 return Err(err(format!("runtime.{field} = {v}: must be 1..={max}")));
             }
         }
+        if let Some(n) = raw.runtime.compile_concurrency
+            && !(1..=64).contains(&n)
+        {
+            return Err(err(format!(
+                "runtime.compile_concurrency = {n}: must be 1..=64"
+            )));
+        }
         let mut names = HashSet::new();
         let mut modules = Vec::with_capacity(raw.modules.len());
         for m in raw.modules {
@@ -672,6 +686,7 @@ impl Config {
                 measure: raw.runtime.measure.unwrap_or(true),
                 max_wasm_stack,
                 ceilings,
+                compile_concurrency: raw.runtime.compile_concurrency,
             },
             identity,
             api,
@@ -859,6 +874,14 @@ mod tests {
             (
                 "[runtime]\nmodule_memories = 0".to_owned(),
                 "runtime.module_memories",
+            ),
+            (
+                "[runtime]\ncompile_concurrency = 0".to_owned(),
+                "runtime.compile_concurrency = 0: must be 1..=64",
+            ),
+            (
+                "[runtime]\ncompile_concurrency = -1".to_owned(),
+                "compile_concurrency",
             ),
             (
                 format!(

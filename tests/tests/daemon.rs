@@ -553,3 +553,72 @@ fn compile_fills_the_daemons_cache_ahead_of_a_start() {
         .unwrap_or_default();
     assert!(line.contains("Cache"), "code from the cache: {line}");
 }
+
+/// Milliseconds into the day of a daemon log line's RFC 3339 timestamp
+/// (`2026-01-02T03:04:05.678901Z ...`).
+fn log_ms(line: &str) -> Option<i64> {
+    let t = line
+        .split(' ')
+        .next()?
+        .strip_suffix('Z')?
+        .split_once('T')?
+        .1;
+    let (hms, frac) = t.split_once('.')?;
+    let h: Vec<i64> = hms
+        .split(':')
+        .map(|x| x.parse().ok())
+        .collect::<Option<_>>()?;
+    Some(((h[0] * 60 + h[1]) * 60 + h[2]) * 1000 + frac.get(..3)?.parse::<i64>().ok()?)
+}
+
+/// The compile queue: with `[runtime] compile_concurrency = 1` the daemon
+/// compiles its deployment's cold components one after another (no two
+/// compilations overlap in time, so no two compilers' memory peaks add
+/// up); with 3, side by side.
+#[test]
+fn the_compile_queue_bounds_compilations_at_once() {
+    let files = [
+        guests::SANDBOX_PROBE,
+        guests::IDENTITY_PROBE,
+        guests::HTTP_PROBE,
+    ];
+    let compilations = |width: u32| -> Vec<(i64, i64)> {
+        let s = Scratch::new();
+        let mut text = format!("[runtime]\ncompile_concurrency = {width}\n\n");
+        for (i, f) in files.iter().enumerate() {
+            text.push_str(&format!(
+                "[[module]]\nname = \"m{i}\"\nfile = \"{f}\"\ndigest = \"{}\"\nrestart = \"never\"\n\n",
+                sha256sum(f)
+            ));
+        }
+        let mut d = Daemon::start(&s, &text);
+        d.wait_for("the three to load", |_, err| {
+            count(err, "module measured and loaded") == 3
+        });
+        let (_, _, err) = d.terminate();
+        err.iter()
+            .filter(|l| l.contains("module measured and loaded"))
+            .map(|l| {
+                assert!(l.contains("code=Compiled"), "a cold start compiles: {l}");
+                let end = log_ms(l).unwrap_or_else(|| panic!("no timestamp: {l}"));
+                let took: i64 = l
+                    .split(' ')
+                    .find_map(|w| w.strip_prefix("load_ms="))
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or_else(|| panic!("no load_ms: {l}"));
+                // The line is written once the module is registered, after
+                // its compilation ended: the interval ends no earlier.
+                (end - took, end)
+            })
+            .collect()
+    };
+    let overlapping = |c: &[(i64, i64)]| {
+        c.iter()
+            .enumerate()
+            .any(|(i, a)| c[i + 1..].iter().any(|b| a.0 < b.1 && b.0 < a.1))
+    };
+    let one = compilations(1);
+    assert!(!overlapping(&one), "one at a time: {one:?}");
+    let three = compilations(3);
+    assert!(overlapping(&three), "side by side: {three:?}");
+}

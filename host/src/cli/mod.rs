@@ -509,7 +509,7 @@ fn compile_command(
     if let Err(e) = state::ensure_private_dir(&state_dir) {
         return fail(e, 1);
     }
-    let runtime = match Runtime::new(&crate::daemon::runtime_options(&cfg, &state_dir)) {
+    let runtime = match crate::daemon::runtime(&cfg, &state_dir) {
         Ok(r) => r,
         Err(e) => return fail(format!("{e:#}"), 1),
     };
@@ -521,13 +521,35 @@ fn compile_command(
             1,
         );
     }
+    // As many files at once as the compile queue admits (each worker
+    // holds one file's bytes); reported in the order given.
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let done = std::sync::Mutex::new(Vec::new());
+    std::thread::scope(|scope| {
+        for _ in 0..runtime.compile_concurrency().min(files.len()) {
+            scope.spawn(|| {
+                loop {
+                    let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let Some(f) = files.get(i) else { break };
+                    let started = std::time::Instant::now();
+                    let r = Measured::read(f)
+                        .map_err(anyhow::Error::from)
+                        .and_then(|m| runtime.load(&m));
+                    let took = started.elapsed();
+                    done.lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .push((i, r, took));
+                }
+            });
+        }
+    });
+    let mut results = done
+        .into_inner()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    results.sort_by_key(|(i, _, _)| *i);
     let mut code = ExitCode::SUCCESS;
-    for f in files {
-        let started = std::time::Instant::now();
-        match Measured::read(f)
-            .map_err(anyhow::Error::from)
-            .and_then(|m| runtime.load(&m))
-        {
+    for (f, (_, r, took)) in files.iter().zip(results) {
+        match r {
             Ok(m) => println!(
                 "{}  {}  {} in {} ms",
                 m.digest,
@@ -539,7 +561,7 @@ fn compile_command(
                         "recompiled (the old entry was refused) and cached"
                     }
                 },
-                started.elapsed().as_millis()
+                took.as_millis()
             ),
             Err(e) => code = fail(format!("{}: {e:#}", f.display()), 1),
         }

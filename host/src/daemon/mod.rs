@@ -126,7 +126,7 @@ pub async fn run(config: Config, state_dir: PathBuf, socket: PathBuf) -> anyhow:
     let registry = Arc::new(open_registry(&state_dir).await?);
     let listener = api::bind(&socket, config.api.group)?;
     let fd_limit = raise_fd_limit();
-    let rt = Arc::new(Runtime::new(&runtime_options(&config, &state_dir))?);
+    let rt = Arc::new(runtime(&config, &state_dir)?);
     tracing::info!(
         version = crate::VERSION,
         config = %config.path.display(),
@@ -317,6 +317,20 @@ pub fn runtime_options(config: &Config, state_dir: &Path) -> RuntimeOptions {
     }
 }
 
+/// The daemon's runtime for `config`: [`runtime_options`], compiling as
+/// many components at once as `[runtime] compile_concurrency` says.
+///
+/// # Errors
+///
+/// When the engine, linker or cache cannot be set up.
+pub fn runtime(config: &Config, state_dir: &Path) -> anyhow::Result<Runtime> {
+    let rt = Runtime::new(&runtime_options(config, state_dir))?;
+    Ok(match config.runtime.compile_concurrency {
+        Some(n) => rt.with_compile_concurrency(n as usize),
+        None => rt,
+    })
+}
+
 /// Measures the boot events (this executable, the configuration) in
 /// order; a failure is logged (the events are then missing from the log
 /// and the register, which a verifier sees).
@@ -476,6 +490,7 @@ async fn start_deployment(
     let resolve = |p: &Path| p.to_owned();
     let agent = config.agent.as_ref().map(|a| a.spec.name.as_str());
     records.sort_by_key(|r| Some(r.spec.name.as_str()) != agent);
+    let mut specs = Vec::with_capacity(records.len());
     for record in records {
         // (A module of that name the API added is not the agent: the
         // config's agent is refused as a conflict above.)
@@ -498,13 +513,13 @@ async fn start_deployment(
         }
         let name = record.spec.name.clone();
         match record.spec.validate(&resolve, &config.runtime.ceilings) {
-            // A refusal is recorded and logged by the supervisor.
-            Ok(spec) => {
-                let _ = supervisor.start(spec).await;
-            }
+            Ok(spec) => specs.push(spec),
             Err(e) => supervisor.refuse(&name, &e.to_string()),
         }
     }
+    // Loaded in groups as wide as the compile queue; a refusal is recorded
+    // and logged by the supervisor.
+    supervisor.start_all(specs).await;
 }
 
 #[cfg(test)]

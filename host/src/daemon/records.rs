@@ -265,6 +265,10 @@ pub struct CodeReport {
     pub read_ms: u64,
     /// Compiling it, or loading the cache entry, and pre-linking.
     pub load_ms: u64,
+    /// Of `load_ms`, waiting in the compile queue for another
+    /// compilation to end.
+    #[serde(default)]
+    pub queued_ms: u64,
     /// Instantiating it, at its latest start.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub instantiate_ms: Option<u64>,

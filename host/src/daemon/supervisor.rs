@@ -213,8 +213,43 @@ impl Supervisor {
         if self.running.contains_key(&spec.name) {
             anyhow::bail!("module {:?} is already running", spec.name);
         }
+        let loaded = self.load(&spec).await;
+        self.start_loaded(spec, loaded)
+    }
+
+    /// [`Supervisor::start`] for many modules: measured and loaded
+    /// together, as many at a time as the runtime compiles at once
+    /// (`[runtime] compile_concurrency`), each group started as soon as it
+    /// is loaded. Refusals are recorded as `start` records them.
+    pub async fn start_all(&mut self, specs: Vec<ModuleSpec>) {
+        let width = self.rt.compile_concurrency();
+        let mut specs = specs.into_iter().peekable();
+        while specs.peek().is_some() {
+            let group: Vec<ModuleSpec> = specs
+                .by_ref()
+                .filter(|s| {
+                    let running = self.running.contains_key(&s.name);
+                    if running {
+                        tracing::warn!(module = %s.name, "already running; not started again");
+                    }
+                    !running
+                })
+                .take(width)
+                .collect();
+            let loads = futures_util::future::join_all(group.iter().map(|s| self.load(s))).await;
+            for (spec, loaded) in group.into_iter().zip(loads) {
+                let _ = self.start_loaded(spec, loaded);
+            }
+        }
+    }
+
+    fn start_loaded(
+        &mut self,
+        spec: ModuleSpec,
+        loaded: anyhow::Result<Loaded>,
+    ) -> anyhow::Result<()> {
         let records = self.records(&spec.name)?;
-        match self.load(&spec).await {
+        match loaded {
             Ok(loaded) => {
                 self.launch(spec, records, loaded);
                 Ok(())
@@ -268,11 +303,12 @@ impl Supervisor {
             crate::runtime::CodeSource::Compiled => "compiled",
             crate::runtime::CodeSource::Recompiled(_) => "recompiled",
         };
-        tracing::info!(module = %spec.name, digest = %module.digest, code = ?module.source, read_ms = ms(read_time), load_ms = ms(module.load_time), "module measured and loaded");
+        tracing::info!(module = %spec.name, digest = %module.digest, code = ?module.source, read_ms = ms(read_time), load_ms = ms(module.load_time), queued_ms = ms(module.queue_time), "module measured and loaded");
         records.set_code(records::CodeReport {
             source: source.to_owned(),
             read_ms: ms(read_time),
             load_ms: ms(module.load_time),
+            queued_ms: ms(module.queue_time),
             instantiate_ms: None,
         });
         let output = Output::Module {

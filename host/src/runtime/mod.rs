@@ -49,7 +49,94 @@ pub struct Runtime {
     cache: Option<ArtifactCache>,
     allocator: Allocator,
     ceilings: engine::ModuleCeilings,
+    compiles: CompileQueue,
     _ticker: engine::EpochTicker,
+}
+
+/// Bounds how many components one process compiles at once. Compiling a
+/// large component (an interpreter: a Python or JavaScript module) peaks
+/// at hundreds of MB, so ten starting together could exhaust a small
+/// board's memory; loads from the cache do not queue.
+#[derive(Debug)]
+pub struct CompileQueue {
+    limit: usize,
+    running: std::sync::Mutex<usize>,
+    freed: std::sync::Condvar,
+}
+
+/// A place in the [`CompileQueue`], given back when dropped.
+#[derive(Debug)]
+pub struct CompilePermit<'a>(&'a CompileQueue);
+
+impl CompileQueue {
+    /// A queue that lets `limit` (at least 1) compile at once.
+    pub fn new(limit: usize) -> Self {
+        Self {
+            limit: limit.max(1),
+            running: std::sync::Mutex::new(0),
+            freed: std::sync::Condvar::new(),
+        }
+    }
+
+    /// How many may compile at once.
+    pub fn limit(&self) -> usize {
+        self.limit
+    }
+
+    /// Blocks until a place is free. Returns the permit and whether it had
+    /// to wait (another compilation of the same component may then have
+    /// filled the cache).
+    pub fn enter(&self) -> (CompilePermit<'_>, bool) {
+        let mut n = self
+            .running
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut waited = false;
+        while *n >= self.limit {
+            waited = true;
+            n = self
+                .freed
+                .wait(n)
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+        }
+        *n += 1;
+        (CompilePermit(self), waited)
+    }
+}
+
+impl Drop for CompilePermit<'_> {
+    fn drop(&mut self) {
+        let mut n = self
+            .0
+            .running
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        *n = n.saturating_sub(1);
+        self.0.freed.notify_one();
+    }
+}
+
+/// The default compile concurrency: one per core and per 512 MiB of the
+/// memory available at start (a large component's compilation peaks near
+/// that), at least one.
+pub fn default_compile_concurrency() -> usize {
+    let cores = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
+    let by_memory = mem_available().map_or(cores, |b| usize::try_from(b >> 29).unwrap_or(cores));
+    cores.min(by_memory).max(1)
+}
+
+/// `MemAvailable` from /proc/meminfo, in bytes.
+fn mem_available() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let kb: u64 = info
+        .lines()
+        .find_map(|l| l.strip_prefix("MemAvailable:"))?
+        .trim()
+        .strip_suffix("kB")?
+        .trim()
+        .parse()
+        .ok()?;
+    kb.checked_mul(1024)
 }
 
 impl fmt::Debug for Runtime {
@@ -83,6 +170,8 @@ pub struct LoadedModule {
     pub source: CodeSource,
     /// How long compiling (or loading the cache entry) and pre-linking took.
     pub load_time: Duration,
+    /// How long it waited in the compile queue (part of `load_time`).
+    pub queue_time: Duration,
     pre: CommandPre<ModuleState>,
 }
 
@@ -229,8 +318,22 @@ impl Runtime {
             cache,
             allocator,
             ceilings: opts.engine.ceilings,
+            compiles: CompileQueue::new(default_compile_concurrency()),
             _ticker: ticker,
         })
+    }
+
+    /// Compiles at most `n` components at once (see [`CompileQueue`];
+    /// default [`default_compile_concurrency`]).
+    #[must_use]
+    pub fn with_compile_concurrency(mut self, n: usize) -> Self {
+        self.compiles = CompileQueue::new(n);
+        self
+    }
+
+    /// How many components it compiles at once.
+    pub fn compile_concurrency(&self) -> usize {
+        self.compiles.limit()
     }
 
     /// The engine.
@@ -292,6 +395,7 @@ impl Runtime {
 
     fn load_as(&self, measured: &Measured, agent: bool) -> anyhow::Result<LoadedModule> {
         let began = std::time::Instant::now();
+        let mut queue_time = Duration::ZERO;
         let path = &measured.path;
         let (component, source) = match self
             .cache
@@ -305,31 +409,46 @@ impl Runtime {
                 self.ceiling_hint()
             ),
             lookup => {
-                let c = Component::new(&self.engine, &measured.bytes).map_err(|e| {
-                    let e = format!("{:#}", anyhow::Error::from(e));
-                    if cache::exceeds_pool_limits(&e) {
-                        anyhow::anyhow!(
-                            "{} does not fit the per-module ceilings ({}): {e}",
-                            path.display(),
-                            self.ceiling_hint()
-                        )
-                    } else {
-                        anyhow::anyhow!(
-                            "{} is not a valid WebAssembly component: {e}",
-                            path.display()
-                        )
-                    }
-                })?;
-                if let Some(cache) = &self.cache
-                    && let Err(e) = cache.store(&measured.digest, &c)
-                {
-                    tracing::warn!(error = %e, "cannot write compiled-artifact cache entry");
-                }
-                let source = match lookup {
-                    Some(Lookup::Rejected(why)) => CodeSource::Recompiled(why),
-                    _ => CodeSource::Compiled,
+                let queued = std::time::Instant::now();
+                let (permit, waited) = self.compiles.enter();
+                queue_time = queued.elapsed();
+                // Another start of the same component may have compiled it
+                // while this one waited.
+                let again = match (waited, &self.cache) {
+                    (true, Some(cache)) => cache.load(&self.engine, &measured.digest),
+                    _ => Lookup::Miss,
                 };
-                (c, source)
+                if let Lookup::Hit(c) = again {
+                    drop(permit);
+                    (c, CodeSource::Cache)
+                } else {
+                    let c = Component::new(&self.engine, &measured.bytes).map_err(|e| {
+                        let e = format!("{:#}", anyhow::Error::from(e));
+                        if cache::exceeds_pool_limits(&e) {
+                            anyhow::anyhow!(
+                                "{} does not fit the per-module ceilings ({}): {e}",
+                                path.display(),
+                                self.ceiling_hint()
+                            )
+                        } else {
+                            anyhow::anyhow!(
+                                "{} is not a valid WebAssembly component: {e}",
+                                path.display()
+                            )
+                        }
+                    })?;
+                    if let Some(cache) = &self.cache
+                        && let Err(e) = cache.store(&measured.digest, &c)
+                    {
+                        tracing::warn!(error = %e, "cannot write compiled-artifact cache entry");
+                    }
+                    drop(permit);
+                    let source = match lookup {
+                        Some(Lookup::Rejected(why)) => CodeSource::Recompiled(why),
+                        _ => CodeSource::Compiled,
+                    };
+                    (c, source)
+                }
             }
         };
         if !agent && crate::api::agent::imports_management(&self.engine, &component) {
@@ -363,6 +482,7 @@ impl Runtime {
             digest: measured.digest,
             source,
             load_time: began.elapsed(),
+            queue_time,
             pre,
         })
     }
