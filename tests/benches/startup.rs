@@ -5,11 +5,11 @@
 //! Run with `scripts/bench` (or `cargo bench -p edgeward-tests --bench startup`).
 
 use std::path::Path;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use edgeward::measure::Measured;
 use edgeward::runtime::{EngineOptions, Exit, Output, Runtime, RuntimeOptions, SandboxSpec};
+use edgeward_tests::bench::{measure_process, medians};
 use edgeward_tests::guests;
 use wasmtime::component::{Component, Linker, ResourceTable};
 use wasmtime::{Engine, Store};
@@ -234,28 +234,6 @@ fn main() {
     process_comparison(component_path, state.path());
 }
 
-/// Wall time and peak RSS of `cmd`, via GNU time.
-fn measure_process(cmd: &[&str]) -> (Duration, u64) {
-    let t = Instant::now();
-    let out = Command::new("/usr/bin/time")
-        .args(["-f", "%e %M"])
-        .args(cmd)
-        .output()
-        .expect("run /usr/bin/time");
-    let wall = t.elapsed();
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let err = String::from_utf8_lossy(&out.stderr);
-    let last = err.lines().last().expect("time output");
-    let mut parts = last.split_whitespace();
-    let _coarse_secs = parts.next();
-    let kib: u64 = parts.next().and_then(|s| s.parse().ok()).expect("rss");
-    (wall, kib)
-}
-
 fn process_comparison(component: &str, state: &Path) {
     let edgeward = env!("CARGO_BIN_EXE_edgeward-under-test");
     let Some(wasmtime) = which("wasmtime") else {
@@ -286,14 +264,8 @@ fn process_comparison(component: &str, state: &Path) {
         ours.push(measure_process(&ours_cmd));
         base.push(measure_process(&base_cmd));
     }
-    let med = |v: &mut Vec<(Duration, u64)>| {
-        v.sort_by_key(|x| x.0);
-        let t = v[n / 2].0;
-        v.sort_by_key(|x| x.1);
-        (t, v[n / 2].1)
-    };
-    let (ot, om) = med(&mut ours);
-    let (bt, bm) = med(&mut base);
+    let (ot, om) = medians(&mut ours);
+    let (bt, bm) = medians(&mut base);
     report(
         "process_wall",
         ot.max(Duration::from_millis(1)),
