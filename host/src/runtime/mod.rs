@@ -59,7 +59,10 @@ pub struct Runtime {
 /// board's memory; loads from the cache do not queue.
 #[derive(Debug)]
 pub struct CompileQueue {
-    limit: usize,
+    /// Set at the first compilation (or when asked) unless configured:
+    /// working out the default reads cgroup and memory files that a run
+    /// from the cache never needs.
+    limit: std::sync::OnceLock<usize>,
     running: std::sync::Mutex<usize>,
     freed: std::sync::Condvar,
 }
@@ -69,10 +72,15 @@ pub struct CompileQueue {
 pub struct CompilePermit<'a>(&'a CompileQueue);
 
 impl CompileQueue {
-    /// A queue that lets `limit` (at least 1) compile at once.
-    pub fn new(limit: usize) -> Self {
+    /// A queue that lets `limit` (at least 1) compile at once; `None`:
+    /// [`default_compile_concurrency`], worked out when first needed.
+    pub fn new(limit: Option<usize>) -> Self {
+        let once = std::sync::OnceLock::new();
+        if let Some(n) = limit {
+            let _ = once.set(n.max(1));
+        }
         Self {
-            limit: limit.max(1),
+            limit: once,
             running: std::sync::Mutex::new(0),
             freed: std::sync::Condvar::new(),
         }
@@ -80,7 +88,7 @@ impl CompileQueue {
 
     /// How many may compile at once.
     pub fn limit(&self) -> usize {
-        self.limit
+        *self.limit.get_or_init(default_compile_concurrency)
     }
 
     /// Blocks until a place is free. Returns the permit and whether it had
@@ -92,7 +100,8 @@ impl CompileQueue {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         let mut waited = false;
-        while *n >= self.limit {
+        let limit = self.limit();
+        while *n >= limit {
             waited = true;
             n = self
                 .freed
@@ -172,6 +181,9 @@ pub struct LoadedModule {
     pub load_time: Duration,
     /// How long it waited in the compile queue (part of `load_time`).
     pub queue_time: Duration,
+    /// Why the code compiled now could not be written to the cache (it
+    /// compiles again at the next start).
+    pub cache_error: Option<String>,
     pre: CommandPre<ModuleState>,
 }
 
@@ -318,7 +330,7 @@ impl Runtime {
             cache,
             allocator,
             ceilings: opts.engine.ceilings,
-            compiles: CompileQueue::new(default_compile_concurrency()),
+            compiles: CompileQueue::new(None),
             _ticker: ticker,
         })
     }
@@ -327,7 +339,7 @@ impl Runtime {
     /// default [`default_compile_concurrency`]).
     #[must_use]
     pub fn with_compile_concurrency(mut self, n: usize) -> Self {
-        self.compiles = CompileQueue::new(n);
+        self.compiles = CompileQueue::new(Some(n));
         self
     }
 
@@ -396,6 +408,7 @@ impl Runtime {
     fn load_as(&self, measured: &Measured, agent: bool) -> anyhow::Result<LoadedModule> {
         let began = std::time::Instant::now();
         let mut queue_time = Duration::ZERO;
+        let mut cache_error = None;
         let path = &measured.path;
         let (component, source) = match self
             .cache
@@ -441,6 +454,7 @@ impl Runtime {
                         && let Err(e) = cache.store(&measured.digest, &c)
                     {
                         tracing::warn!(error = %e, "cannot write compiled-artifact cache entry");
+                        cache_error = Some(format!("{e:#}"));
                     }
                     drop(permit);
                     let source = match lookup {
@@ -483,6 +497,7 @@ impl Runtime {
             source,
             load_time: began.elapsed(),
             queue_time,
+            cache_error,
             pre,
         })
     }
