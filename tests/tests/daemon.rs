@@ -514,6 +514,24 @@ fn compile_fills_the_daemons_cache_ahead_of_a_start() {
     let o = compile(junk.to_str().unwrap());
     assert_status(&o, 1);
     assert!(stderr(&o).contains("junk.wasm"), "{}", stderr(&o));
+    // An entry that cannot be written (a directory in its place) is a
+    // failure of compile, whose job it is, not a silent success.
+    let entry = std::fs::read_dir(s.state().join("cache"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|x| x == "cwasm"))
+        .expect("the entry");
+    std::fs::remove_file(&entry).unwrap();
+    std::fs::create_dir(&entry).unwrap();
+    let o = compile(probe);
+    assert_status(&o, 1);
+    assert!(
+        stderr(&o).contains("compiled, but not cached"),
+        "{}",
+        stderr(&o)
+    );
+    std::fs::remove_dir(&entry).unwrap();
+    assert_status(&compile(probe), 0);
 
     let mut d = Daemon::start(&s, &text);
     d.wait_for("m to load", |_, err| {

@@ -115,7 +115,12 @@ impl Scratch {
                     found = true;
                 }
             }
-            assert!(found, "edgeward compile left no cache entry for {f}");
+            assert!(
+                found,
+                "edgeward compile left no cache entry for {f}:\n{}{}",
+                stdout(&o),
+                stderr(&o)
+            );
         }
     }
 
