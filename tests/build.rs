@@ -24,6 +24,13 @@ fn guests(root: &Path) -> Vec<(String, PathBuf)> {
 }
 
 fn main() {
+    // The tests' copy of the binary is linked as the real one is
+    // (host/build.rs).
+    if std::env::var("CARGO_CFG_TARGET_OS").as_deref() == Ok("linux")
+        && std::env::var("CARGO_CFG_TARGET_ENV").as_deref() == Ok("gnu")
+    {
+        println!("cargo:rustc-link-arg-bin=edgeward-under-test=-Wl,-z,pack-relative-relocs");
+    }
     let manifest_dir = PathBuf::from(
         std::env::var_os("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"),
     );
