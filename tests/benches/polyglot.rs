@@ -6,10 +6,15 @@
 //! section appended) against starting one, with the compile queue at its
 //! default and unbounded. Prints `NAME ratio=X.XX` lines.
 //!
+//! The samples import `edgeward:host`, so `wasmtime run` cannot run them:
+//! against `wasmtime run` (the CLI on PATH; `scripts/bench` installs the
+//! lean one) the comparison uses a WASI-only program per toolchain, built
+//! here with the toolchains `scripts/setup` installs (`tests/polyglot/
+//! hello.py`, `hello.js`; for Rust the sandbox probe): first start without
+//! a cache on both sides, cached start, peak RSS, runs alternating.
+//!
 //! Run with `scripts/bench` (or `cargo bench -p edgeward-tests --bench
-//! polyglot`). The samples import `edgeward:host`, so `wasmtime run`
-//! cannot run them; the Rust comparison with `wasmtime run` is the startup
-//! benchmark's `process_*`.
+//! polyglot`).
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
@@ -145,7 +150,120 @@ fn daemon_start(files: &[String], width: Option<u32>) -> (Duration, u64) {
     (all_loaded, peak)
 }
 
+/// Builds the WASI-only programs into `dir`: (toolchain, component, args).
+fn wasi_only(dir: &Path) -> Vec<(&'static str, String, Vec<&'static str>)> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace");
+    let tools = root.join("target/toolchains");
+    let wit = root.join("wit");
+    let py = dir.join("hello-py.wasm");
+    let o = Command::new(tools.join("python/bin/componentize-py"))
+        .arg("-d")
+        .arg(&wit)
+        .args(["-w", "wasi:cli/command@0.2.12", "componentize", "-p"])
+        .arg(root.join("tests/polyglot"))
+        .arg("hello")
+        .arg("-o")
+        .arg(&py)
+        .output()
+        .expect("componentize-py (scripts/setup installs it)");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let js = dir.join("hello-js.wasm");
+    // Without wasi:http, which the lean CLI does not link.
+    let o = Command::new(tools.join("js/node_modules/.bin/componentize-js"))
+        .arg("--wit")
+        .arg(&wit)
+        .args([
+            "--world-name",
+            "wasi:cli/command@0.2.12",
+            "-d",
+            "http",
+            "fetch-event",
+            "-o",
+        ])
+        .arg(&js)
+        .arg(root.join("tests/polyglot/hello.js"))
+        .output()
+        .expect("componentize-js (scripts/setup installs it)");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    vec![
+        ("rust", guests::SANDBOX_PROBE.to_owned(), vec!["args"]),
+        ("python", py.to_string_lossy().into_owned(), vec![]),
+        ("javascript", js.to_string_lossy().into_owned(), vec![]),
+    ]
+}
+
+fn which(name: &str) -> Option<String> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
+        .map(|p| p.to_string_lossy().into_owned())
+}
+
+/// Medians of `n` alternating runs of `a` and `b`.
+fn alternating(n: usize, a: &[&str], b: &[&str]) -> ((Duration, u64), (Duration, u64)) {
+    let (mut va, mut vb) = (Vec::new(), Vec::new());
+    for _ in 0..n {
+        va.push(measure_process(a));
+        vb.push(measure_process(b));
+    }
+    (medians(&mut va), medians(&mut vb))
+}
+
+fn against_wasmtime() {
+    let Some(wasmtime) = which("wasmtime") else {
+        println!(
+            "wasmtime_* skipped: no `wasmtime` CLI on PATH (scripts/bench installs the lean wasmtime-cli 48)"
+        );
+        return;
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let state = dir.path().join("state");
+    let state = state.to_str().expect("utf8");
+    for (name, file, args) in wasi_only(dir.path()) {
+        let mut ours_cold = vec![EDGEWARD, "--state-dir", state, "run", "--no-cache", &file];
+        let mut base_cold = vec![wasmtime.as_str(), "run", "-C", "cache=n", &file];
+        let mut ours = vec![EDGEWARD, "--state-dir", state, "run", &file];
+        let mut base = vec![wasmtime.as_str(), "run", "-C", "cache=y", &file];
+        if !args.is_empty() {
+            ours_cold.push("--");
+            ours.push("--");
+        }
+        for v in [&mut ours_cold, &mut base_cold, &mut ours, &mut base] {
+            v.extend(&args);
+        }
+        let ((oc, ocm), (bc, bcm)) = alternating(3, &ours_cold, &base_cold);
+        measure_process(&ours);
+        measure_process(&base);
+        let ((ow, owm), (bw, bwm)) = alternating(15, &ours, &base);
+        println!(
+            "{name} (WASI only): first start {:.0} vs {:.0} ms, {:.0} vs {:.0} MiB; cached start {:.1} vs {:.1} ms, {:.1} vs {:.1} MiB (edgeward vs wasmtime)",
+            oc.as_secs_f64() * 1e3,
+            bc.as_secs_f64() * 1e3,
+            ocm as f64 / 1024.0,
+            bcm as f64 / 1024.0,
+            ow.as_secs_f64() * 1e3,
+            bw.as_secs_f64() * 1e3,
+            owm as f64 / 1024.0,
+            bwm as f64 / 1024.0
+        );
+        println!(
+            "wasmtime_{name}_first_start ratio={:.2}   (peak RSS {:.2})",
+            oc.as_secs_f64() / bc.as_secs_f64(),
+            ocm as f64 / bcm as f64
+        );
+        println!(
+            "wasmtime_{name}_cached_start ratio={:.2}   (peak RSS {:.2})",
+            ow.as_secs_f64() / bw.as_secs_f64(),
+            owm as f64 / bwm as f64
+        );
+    }
+}
+
 fn main() {
+    against_wasmtime();
     let samples = [
         ("rust", guests::TEMPERATURE_SENSOR),
         ("python", guests::PY_SENSOR),
