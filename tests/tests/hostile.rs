@@ -422,12 +422,28 @@ fn a_broken_or_stuck_stdout_never_reaches_the_modules() {
         } else {
             std::mem::forget(pipe); // held open, never read: the pipe fills
         }
-        std::thread::sleep(std::time::Duration::from_secs(4));
-        assert!(child.try_wait().expect("wait").is_none(), "the daemon died");
         let logs = |m: &str| {
             let o = s.edgeward().args(["logs", m]).output().expect("spawn");
             stdout(&o)
         };
+        // From the neighbour's first reading (however long the start took
+        // on a loaded machine), 4 s beside the flood.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+        while logs("neighbour")
+            .lines()
+            .filter_map(stamp_ms)
+            .next()
+            .is_none()
+        {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the neighbour never read"
+            );
+            assert!(child.try_wait().expect("wait").is_none(), "the daemon died");
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        std::thread::sleep(std::time::Duration::from_secs(4));
+        assert!(child.try_wait().expect("wait").is_none(), "the daemon died");
         let neighbour: Vec<i64> = logs("neighbour").lines().filter_map(stamp_ms).collect();
         assert!(
             neighbour.len() >= 20,
