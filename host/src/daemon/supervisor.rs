@@ -65,7 +65,7 @@ struct Loaded {
 }
 
 /// The configured agent: the one registration linked with management.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 struct Agent {
     name: String,
     digest: crate::measure::Digest,
@@ -217,28 +217,47 @@ impl Supervisor {
         self.start_loaded(spec, loaded)
     }
 
-    /// [`Supervisor::start`] for many modules: measured and loaded
-    /// together, as many at a time as the runtime compiles at once
-    /// (`[runtime] compile_concurrency`), each group started as soon as it
-    /// is loaded. Refusals are recorded as `start` records them.
+    /// [`Supervisor::start`] for many modules: measured and loaded side by
+    /// side, as many at a time as the runtime compiles at once (`[runtime]
+    /// compile_concurrency`), each started as soon as it is loaded (a slow
+    /// compilation holds back no other module). Refusals are recorded as
+    /// `start` records them.
     pub async fn start_all(&mut self, specs: Vec<ModuleSpec>) {
         let width = self.rt.compile_concurrency();
-        let mut specs = specs.into_iter().peekable();
-        while specs.peek().is_some() {
-            let group: Vec<ModuleSpec> = specs
-                .by_ref()
-                .filter(|s| {
-                    let running = self.running.contains_key(&s.name);
-                    if running {
-                        tracing::warn!(module = %s.name, "already running; not started again");
-                    }
-                    !running
-                })
-                .take(width)
-                .collect();
-            let loads = futures_util::future::join_all(group.iter().map(|s| self.load(s))).await;
-            for (spec, loaded) in group.into_iter().zip(loads) {
-                let _ = self.start_loaded(spec, loaded);
+        let mut queue: std::collections::VecDeque<ModuleSpec> = specs
+            .into_iter()
+            .filter(|s| {
+                let running = self.running.contains_key(&s.name);
+                if running {
+                    tracing::warn!(module = %s.name, "already running; not started again");
+                }
+                !running
+            })
+            .collect();
+        let mut loads = JoinSet::new();
+        let mut names = HashMap::new();
+        loop {
+            while loads.len() < width
+                && let Some(spec) = queue.pop_front()
+            {
+                let loader = self.loader();
+                let name = spec.name.clone();
+                let task = loads.spawn(async move {
+                    let loaded = loader.load(&spec).await;
+                    (spec, loaded)
+                });
+                names.insert(task.id(), name);
+            }
+            match loads.join_next_with_id().await {
+                Some(Ok((id, (spec, loaded)))) => {
+                    names.remove(&id);
+                    let _ = self.start_loaded(spec, loaded);
+                }
+                Some(Err(e)) => {
+                    let name = names.remove(&e.id()).unwrap_or_default();
+                    self.refuse(&name, &format!("its load task failed: {e}"));
+                }
+                None => break,
             }
         }
     }
@@ -454,126 +473,21 @@ impl Supervisor {
     /// Measures and compiles `spec`'s component, then registers its
     /// identity.
     async fn load(&self, spec: &ModuleSpec) -> anyhow::Result<Loaded> {
-        let data_dir = records::module_dir(&self.state_dir, &spec.name).join("data");
-        state::ensure_private_dir(&data_dir)?;
-        // Linked with management only if it is the agent: its name, its
-        // pinned digest (which the measurement below must match), and
-        // registered from the config file (not a module of that name an
-        // operator or the agent added).
-        let from_config = || {
-            self.registry
-                .module(&spec.name)
-                .ok()
-                .flatten()
-                .is_some_and(|r| r.origin == crate::registry::Origin::Config)
-        };
-        let management = self
-            .agent
-            .as_ref()
-            .filter(|a| a.name == spec.name && a.digest == spec.digest && from_config())
-            .map(|a| a.link.clone());
-        let (rt, store, file, digest, agent) = (
-            self.rt.clone(),
-            self.components.clone(),
-            spec.file.clone(),
-            spec.digest,
-            management.is_some(),
-        );
-        let (signatures, signing, name) = (
-            self.signatures.clone(),
-            spec.signing.clone(),
-            spec.name.clone(),
-        );
-        let checked = tokio::task::spawn_blocking(move || {
-            let began = Instant::now();
-            // A configured file is read and measured once, and its bytes
-            // kept by digest; without one, they come from the store.
-            let measured = match &file {
-                Some(path) => {
-                    let m = Measured::read(path)?;
-                    m.verify(Some(&digest))?;
-                    store.put(&m).map_err(|e| {
-                        anyhow::anyhow!(
-                            "cannot store the component in {}: {e}",
-                            store.path(&digest).display()
-                        )
-                    })?;
-                    m
-                }
-                None => store.get(&digest)?,
-            };
-            // Its signature, before anything is compiled.
-            let publisher = crate::attest::publisher::check_component(
-                &signatures,
-                &signing,
-                &measured.bytes,
-                file.as_deref(),
-                &name,
-            )
-            .map_err(|e| Refusal::Signature(e.to_string()))?;
-            let read = began.elapsed();
-            let module = if agent {
-                rt.load_agent(&measured)
-            } else {
-                rt.load(&measured)
-            };
-            Ok::<_, Refusal>((module.map_err(Refusal::Load)?, publisher, read))
-        })
-        .await
-        .map_err(|e| anyhow::anyhow!("compile task failed: {e}"))?;
-        let (module, publisher, read_time) = match checked {
-            Ok(m) => m,
-            Err(Refusal::Load(e)) => return Err(e),
-            Err(Refusal::Signature(reason)) => {
-                self.measure(serde_json::json!({
-                    "kind": "signature-refused",
-                    "name": spec.name,
-                    "digest": spec.digest.to_string(),
-                    "reason": reason,
-                }))
-                .await;
-                anyhow::bail!("signature refused: {reason}");
-            }
-        };
-        let (svc, registry, name, digest, names) = (
-            self.identity.clone(),
-            self.registry.clone(),
-            spec.name.clone(),
-            module.digest.to_string(),
-            spec.server_names.clone(),
-        );
-        let identity = match tokio::task::spawn_blocking(move || {
-            svc.register(&registry, &name, &digest, &names)
-        })
-        .await
-        {
-            Ok(Ok(id)) => id,
-            Ok(Err(e)) => {
-                return Err(anyhow::Error::from(e).context("cannot register its identity"));
-            }
-            Err(e) => anyhow::bail!("registration task failed: {e}"),
-        };
-        if let crate::runtime::CodeSource::Recompiled(why) = &module.source {
-            self.measure(serde_json::json!({
-                "kind": "cache-rejected",
-                "digest": module.digest.to_string(),
-                "reason": why.to_string(),
-            }))
-            .await;
+        self.loader().load(spec).await
+    }
+
+    /// What a load needs, as handles a task of its own can hold.
+    fn loader(&self) -> Loader {
+        Loader {
+            rt: self.rt.clone(),
+            identity: self.identity.clone(),
+            registry: self.registry.clone(),
+            components: self.components.clone(),
+            state_dir: self.state_dir.clone(),
+            agent: self.agent.clone(),
+            measurer: self.measurer.clone(),
+            signatures: self.signatures.clone(),
         }
-        let (generation, digest) = (&identity.whoami().generation_id, module.digest.to_string());
-        self.measure(match &publisher {
-            Some(key) => crate::attest::signed_module_event(&spec.name, generation, &digest, key),
-            None => crate::attest::module_event(&spec.name, generation, &digest),
-        })
-        .await;
-        Ok(Loaded {
-            module,
-            identity,
-            data_dir,
-            management,
-            read_time,
-        })
     }
 
     /// Stops module `name` and waits (up to [`STOP_DEADLINE`]) for its task
@@ -826,6 +740,153 @@ async fn supervise(
                 return;
             }
         }
+    }
+}
+
+/// What loading a module needs: shared handles, so that loads can run as
+/// tasks of their own while the supervisor starts what is loaded.
+#[derive(Debug, Clone)]
+struct Loader {
+    rt: Arc<Runtime>,
+    identity: Arc<IdentityService>,
+    registry: Arc<Registry>,
+    components: ComponentStore,
+    state_dir: PathBuf,
+    agent: Option<Agent>,
+    measurer: Option<crate::attest::Measurer>,
+    signatures: Arc<crate::attest::publisher::DeviceSignatures>,
+}
+
+impl Loader {
+    async fn measure(&self, event: serde_json::Value) {
+        if let Some(m) = &self.measurer {
+            m.record(event).await;
+        }
+    }
+
+    /// Measures and compiles `spec`'s component, then registers its
+    /// identity.
+    async fn load(&self, spec: &ModuleSpec) -> anyhow::Result<Loaded> {
+        let data_dir = records::module_dir(&self.state_dir, &spec.name).join("data");
+        state::ensure_private_dir(&data_dir)?;
+        // Linked with management only if it is the agent: its name, its
+        // pinned digest (which the measurement below must match), and
+        // registered from the config file (not a module of that name an
+        // operator or the agent added).
+        let from_config = || {
+            self.registry
+                .module(&spec.name)
+                .ok()
+                .flatten()
+                .is_some_and(|r| r.origin == crate::registry::Origin::Config)
+        };
+        let management = self
+            .agent
+            .as_ref()
+            .filter(|a| a.name == spec.name && a.digest == spec.digest && from_config())
+            .map(|a| a.link.clone());
+        let (rt, store, file, digest, agent) = (
+            self.rt.clone(),
+            self.components.clone(),
+            spec.file.clone(),
+            spec.digest,
+            management.is_some(),
+        );
+        let (signatures, signing, name) = (
+            self.signatures.clone(),
+            spec.signing.clone(),
+            spec.name.clone(),
+        );
+        let checked = tokio::task::spawn_blocking(move || {
+            let began = Instant::now();
+            // A configured file is read and measured once, and its bytes
+            // kept by digest; without one, they come from the store.
+            let measured = match &file {
+                Some(path) => {
+                    let m = Measured::read(path)?;
+                    m.verify(Some(&digest))?;
+                    store.put(&m).map_err(|e| {
+                        anyhow::anyhow!(
+                            "cannot store the component in {}: {e}",
+                            store.path(&digest).display()
+                        )
+                    })?;
+                    m
+                }
+                None => store.get(&digest)?,
+            };
+            // Its signature, before anything is compiled.
+            let publisher = crate::attest::publisher::check_component(
+                &signatures,
+                &signing,
+                &measured.bytes,
+                file.as_deref(),
+                &name,
+            )
+            .map_err(|e| Refusal::Signature(e.to_string()))?;
+            let read = began.elapsed();
+            let module = if agent {
+                rt.load_agent(&measured)
+            } else {
+                rt.load(&measured)
+            };
+            Ok::<_, Refusal>((module.map_err(Refusal::Load)?, publisher, read))
+        })
+        .await
+        .map_err(|e| anyhow::anyhow!("compile task failed: {e}"))?;
+        let (module, publisher, read_time) = match checked {
+            Ok(m) => m,
+            Err(Refusal::Load(e)) => return Err(e),
+            Err(Refusal::Signature(reason)) => {
+                self.measure(serde_json::json!({
+                    "kind": "signature-refused",
+                    "name": spec.name,
+                    "digest": spec.digest.to_string(),
+                    "reason": reason,
+                }))
+                .await;
+                anyhow::bail!("signature refused: {reason}");
+            }
+        };
+        let (svc, registry, name, digest, names) = (
+            self.identity.clone(),
+            self.registry.clone(),
+            spec.name.clone(),
+            module.digest.to_string(),
+            spec.server_names.clone(),
+        );
+        let identity = match tokio::task::spawn_blocking(move || {
+            svc.register(&registry, &name, &digest, &names)
+        })
+        .await
+        {
+            Ok(Ok(id)) => id,
+            Ok(Err(e)) => {
+                return Err(anyhow::Error::from(e).context("cannot register its identity"));
+            }
+            Err(e) => anyhow::bail!("registration task failed: {e}"),
+        };
+        if let crate::runtime::CodeSource::Recompiled(why) = &module.source {
+            self.measure(serde_json::json!({
+                "kind": "cache-rejected",
+                "digest": module.digest.to_string(),
+                "reason": why.to_string(),
+            }))
+            .await;
+        }
+        let (generation, digest) = (&identity.whoami().generation_id, module.digest.to_string());
+        self.measure(match &publisher {
+            Some(key) => crate::attest::signed_module_event(&spec.name, generation, &digest, key),
+            None => crate::attest::module_event(&spec.name, generation, &digest),
+        })
+        .await;
+        Ok(Loaded {
+            module,
+            identity,
+            data_dir,
+            management,
+            read_time,
+        })
     }
 }
 
