@@ -188,10 +188,10 @@ fn python_traps_name_the_limit_and_the_guests_frames() {
 }
 
 /// In the daemon, beside a Rust neighbour on a 100 ms schedule: the Python
-/// and JavaScript sensors' readings verify; memory bombs and spinners in
-/// both languages end with the right outcome; a Python module held to 8
-/// core instances fails to start, naming the setting; the neighbour keeps its
-/// schedule.
+/// and JavaScript sensors' readings verify; bad input gets WIT errors;
+/// memory bombs and spinners in both languages end with the right outcome;
+/// a Python module held to 8 core instances fails to start, naming the
+/// setting; the neighbour keeps its schedule.
 #[test]
 fn python_and_javascript_modules_in_the_daemon() {
     let s = Scratch::new();
@@ -217,6 +217,8 @@ fn python_and_javascript_modules_in_the_daemon() {
         module("py-spinner", py, "args = [\"spin\"]\ntimeout = \"2s\""),
         module("js-spinner", js, "args = [\"spin\"]\ntimeout = \"2s\""),
         module("py-small", py, "args = [\"whoami\"]\nmax_instances = 8"),
+        module("py-errors", py, "args = [\"bad-input\"]"),
+        module("js-errors", js, "args = [\"bad-input\"]"),
     ] {
         config.push_str(&m);
     }
@@ -236,6 +238,8 @@ fn python_and_javascript_modules_in_the_daemon() {
             ("js-bomb", "failure", None),
             ("py-spinner", "timeout", Some("deadline")),
             ("js-spinner", "timeout", Some("deadline")),
+            ("py-errors", "success", None),
+            ("js-errors", "success", None),
         ],
     );
     let statuses = status_json(&s);
@@ -250,13 +254,22 @@ fn python_and_javascript_modules_in_the_daemon() {
     neighbour_kept_its_schedule(&s, "polyglot suite");
     let (status, out, err) = d.terminate();
     assert!(status.success(), "daemon exit {status}: {}", err.join("\n"));
-    for name in ["py-sensor", "js-sensor"] {
+    let output = |name: &str| -> String {
         let prefix = format!("{name} | ");
-        let readings: String = out
-            .iter()
+        out.iter()
             .filter_map(|l| l.strip_prefix(&prefix))
             .map(|l| format!("{l}\n"))
-            .collect();
-        assert_eq!(check_readings(&s, &readings, name, "ingest"), 3, "{name}");
+            .collect()
+    };
+    for name in ["py-sensor", "js-sensor"] {
+        assert_eq!(
+            check_readings(&s, &output(name), name, "ingest"),
+            3,
+            "{name}"
+        );
+    }
+    // Bad input in the daemon: WIT errors, as under `edgeward run`.
+    for name in ["py-errors", "js-errors"] {
+        assert_bad_input(&output(name), &[]);
     }
 }
