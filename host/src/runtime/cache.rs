@@ -279,12 +279,6 @@ impl ArtifactCache {
         if !proc_fd.is_dir() {
             return None;
         }
-        let memfd = rustix::fs::memfd_create(
-            c"edgeward-cwasm",
-            MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING,
-        )
-        .ok()?;
-        let mut memfd = std::fs::File::from(memfd);
         let mut file = match std::fs::File::open(path) {
             Ok(f) => f,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Some(Lookup::Miss),
@@ -293,6 +287,12 @@ impl ArtifactCache {
                 return Some(Lookup::Miss);
             }
         };
+        let memfd = rustix::fs::memfd_create(
+            c"edgeward-cwasm",
+            MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING,
+        )
+        .ok()?;
+        let mut memfd = std::fs::File::from(memfd);
         let mut head = [0u8; MAGIC.len() + MAC_LEN];
         match file.read_exact(&mut head) {
             Ok(()) if head[..MAGIC.len()] == MAGIC[..] => {}
