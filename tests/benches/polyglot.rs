@@ -21,7 +21,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use edgeward_tests::bench::{measure_process, medians};
+use edgeward_tests::bench::{alternating, measure_process, medians, which};
 use edgeward_tests::guests;
 
 const EDGEWARD: &str = env!("CARGO_BIN_EXE_edgeward-under-test");
@@ -192,24 +192,6 @@ fn wasi_only(dir: &Path) -> Vec<(&'static str, String, Vec<&'static str>)> {
         ("python", py.to_string_lossy().into_owned(), vec![]),
         ("javascript", js.to_string_lossy().into_owned(), vec![]),
     ]
-}
-
-fn which(name: &str) -> Option<String> {
-    let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path)
-        .map(|d| d.join(name))
-        .find(|p| p.is_file())
-        .map(|p| p.to_string_lossy().into_owned())
-}
-
-/// Medians of `n` alternating runs of `a` and `b`.
-fn alternating(n: usize, a: &[&str], b: &[&str]) -> ((Duration, u64), (Duration, u64)) {
-    let (mut va, mut vb) = (Vec::new(), Vec::new());
-    for _ in 0..n {
-        va.push(measure_process(a));
-        vb.push(measure_process(b));
-    }
-    (medians(&mut va), medians(&mut vb))
 }
 
 fn against_wasmtime() {

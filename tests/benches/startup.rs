@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use edgeward::measure::Measured;
 use edgeward::runtime::{EngineOptions, Exit, Output, Runtime, RuntimeOptions, SandboxSpec};
-use edgeward_tests::bench::{measure_process, medians};
+use edgeward_tests::bench::{alternating, measure_process, which};
 use edgeward_tests::guests;
 use wasmtime::component::{Component, Linker, ResourceTable};
 use wasmtime::{Engine, Store};
@@ -257,15 +257,7 @@ fn process_comparison(component: &str, state: &Path) {
     // Warm both caches.
     measure_process(&ours_cmd);
     measure_process(&base_cmd);
-    let n = 15;
-    let mut ours = Vec::new();
-    let mut base = Vec::new();
-    for _ in 0..n {
-        ours.push(measure_process(&ours_cmd));
-        base.push(measure_process(&base_cmd));
-    }
-    let (ot, om) = medians(&mut ours);
-    let (bt, bm) = medians(&mut base);
+    let ((ot, om), (bt, bm)) = alternating(15, &ours_cmd, &base_cmd);
     report(
         "process_wall",
         ot.max(Duration::from_millis(1)),
@@ -276,12 +268,4 @@ fn process_comparison(component: &str, state: &Path) {
         "process_peak_rss ratio={:.2}   (edgeward {om} KiB, wasmtime {bm} KiB, target <= 1.2)",
         om as f64 / bm as f64
     );
-}
-
-fn which(name: &str) -> Option<String> {
-    let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path)
-        .map(|d| d.join(name))
-        .find(|p| p.is_file())
-        .map(|p| p.to_string_lossy().into_owned())
 }

@@ -34,3 +34,23 @@ pub fn medians(runs: &mut [(Duration, u64)]) -> (Duration, u64) {
     runs.sort_by_key(|x| x.1);
     (t, runs[n / 2].1)
 }
+
+/// Medians (wall, peak RSS) of `n` runs each of `a` and `b`, alternating so
+/// that drift in the machine's speed hits both alike.
+pub fn alternating(n: usize, a: &[&str], b: &[&str]) -> ((Duration, u64), (Duration, u64)) {
+    let (mut va, mut vb) = (Vec::new(), Vec::new());
+    for _ in 0..n {
+        va.push(measure_process(a));
+        vb.push(measure_process(b));
+    }
+    (medians(&mut va), medians(&mut vb))
+}
+
+/// The first `name` on PATH.
+pub fn which(name: &str) -> Option<String> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
+        .map(|p| p.to_string_lossy().into_owned())
+}

@@ -620,28 +620,6 @@ fn ephemeral_runs_cannot_open_each_others_data() {
     assert!(out.starts_with("decrypt err invalid-argument"), "{out}");
 }
 
-#[test]
-fn sensor_readings_are_signed_and_carry_a_token() {
-    let s = Scratch::new();
-    let o = s.run(
-        guests::TEMPERATURE_SENSOR,
-        &[
-            "--env",
-            "COUNT=3",
-            "--env",
-            "INTERVAL_MS=5",
-            "--env",
-            "TOKEN_AUDIENCE=ingest",
-        ],
-        &[],
-    );
-    assert_status(&o, 0);
-    assert_eq!(
-        check_readings(&s, &stdout(&o), "temperature-sensor", "ingest"),
-        3
-    );
-}
-
 /// A certificate for the HSM's device CA key, made by an organisation root
 /// with openssl: the chain the module gets includes it, the bundle is the
 /// organisation root.

@@ -93,9 +93,13 @@ fn identities_and_errors_reach_python_and_javascript_modules() {
     }
 }
 
+/// The sensor sample in each language: every reading signed and carrying
+/// a token, both verified from the outside; settings win over the
+/// environment; a bad one is named.
 #[test]
-fn python_and_javascript_sensors_sign_their_readings() {
+fn sensors_in_every_language_sign_their_readings() {
     for (name, file) in [
+        ("temperature-sensor", guests::TEMPERATURE_SENSOR),
         ("py-sensor", guests::PY_SENSOR),
         ("js-sensor", guests::JS_SENSOR),
     ] {
