@@ -3,7 +3,7 @@
 //! not installed these panic with what to install: tests that need them fail,
 //! they never skip.
 
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Once;
@@ -31,13 +31,22 @@ pub struct Swtpm {
 
 /// A free loopback port `p` whose neighbour `p + 1` is free too (swtpm's
 /// data and control ports).
+/// Pairs handed out in this process never overlap (the tests of one binary
+/// run in parallel threads); other processes are caught by `wait_ready`.
 pub fn free_port_pair() -> u16 {
+    static HANDED_OUT: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
     loop {
         let a = TcpListener::bind("127.0.0.1:0").expect("bind a loopback port");
         let port = a.local_addr().expect("addr").port();
-        if port < u16::MAX && TcpListener::bind(("127.0.0.1", port + 1)).is_ok() {
-            return port;
+        if port == u16::MAX || TcpListener::bind(("127.0.0.1", port + 1)).is_err() {
+            continue;
         }
+        let mut handed = HANDED_OUT.lock().unwrap_or_else(|e| e.into_inner());
+        if handed.iter().any(|&p| p.abs_diff(port) <= 1) {
+            continue;
+        }
+        handed.push(port);
+        return port;
     }
 }
 
@@ -57,6 +66,36 @@ fn spawn_swtpm(dir: &Path, port: u16) -> Child {
         .unwrap_or_else(|e| {
             panic!("cannot start swtpm ({e}): install Debian's swtpm (scripts/setup)")
         })
+}
+
+/// Whether process `pid` holds a socket listening on loopback `port`: the
+/// inode of the listening socket in `/proc/net/tcp` is one of the process's
+/// descriptors.
+fn listens_on(pid: u32, port: u16) -> bool {
+    let Ok(table) = std::fs::read_to_string("/proc/net/tcp") else {
+        return false;
+    };
+    let local = format!("0100007F:{port:04X}");
+    let inodes: Vec<String> = table
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let cols: Vec<&str> = line.split_whitespace().collect();
+            // sl, local, remote, state (0A = LISTEN), ..., inode at 9.
+            (cols.len() > 9 && cols[1] == local && cols[3] == "0A")
+                .then(|| format!("socket:[{}]", cols[9]))
+        })
+        .collect();
+    if inodes.is_empty() {
+        return false;
+    }
+    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return false;
+    };
+    fds.flatten().any(|fd| {
+        std::fs::read_link(fd.path())
+            .is_ok_and(|target| inodes.iter().any(|i| target.as_os_str() == i.as_str()))
+    })
 }
 
 impl Swtpm {
@@ -149,13 +188,19 @@ impl Swtpm {
         panic!("swtpm did not start on any loopback port");
     }
 
+    /// Waits until this swtpm listens on both of its ports. A port that
+    /// answers is not enough: between `free_port_pair` and the bind another
+    /// process (often a swtpm of a parallel test, whose pair overlaps) can
+    /// take one of them, and this one then exits while the other answers
+    /// for it. So the listening sockets must be the child's own.
     fn wait_ready(&mut self) -> bool {
         let deadline = Instant::now() + Duration::from_secs(10);
         while Instant::now() < deadline {
             if let Ok(Some(_)) = self.child.try_wait() {
                 return false;
             }
-            if TcpStream::connect(("127.0.0.1", self.port + 1)).is_ok() {
+            if listens_on(self.child.id(), self.port) && listens_on(self.child.id(), self.port + 1)
+            {
                 return true;
             }
             std::thread::sleep(Duration::from_millis(10));
