@@ -91,6 +91,11 @@ enum Command {
         #[arg(long, value_name = "FILE")]
         config: Option<PathBuf>,
     },
+    /// The device's own identity: `edgeward identity csr --out FILE`.
+    Identity {
+        #[command(subcommand)]
+        command: IdentityCommand,
+    },
     /// Delete a module's registration. Its next start registers it anew with
     /// a new generation id: data it sealed with `encrypt` can no longer be
     /// decrypted. Stop the daemon first.
@@ -364,6 +369,12 @@ pub fn main() -> ExitCode {
         Command::Bundle { format, config } => {
             init_logging("warn");
             bundle_command(cli.state_dir, config, format)
+        }
+        Command::Identity {
+            command: IdentityCommand::Csr { out, config },
+        } => {
+            init_logging("warn");
+            csr_command(cli.state_dir, config, &out)
         }
         Command::Module(args) => {
             init_logging("warn");
@@ -904,6 +915,55 @@ fn bundle_command(
             Err(e) => return fail(e, 1),
         },
     }
+    ExitCode::SUCCESS
+}
+
+/// `edgeward identity ...`.
+#[derive(Debug, Subcommand)]
+enum IdentityCommand {
+    /// Write a certificate signing request for the HSM's device CA key
+    /// (CN = the device id, its SPIFFE ID as URI SAN), signed in the HSM,
+    /// for the organisation's CA to certify. Put the certificate, then its
+    /// issuers up to the root, in `[identity] ca_certificate`.
+    Csr {
+        /// Where to write the CSR (PEM).
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
+        /// Config file (its [hsm] and [identity] tables, state_dir).
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+    },
+}
+
+fn csr_command(
+    state_flag: Option<PathBuf>,
+    config_flag: Option<PathBuf>,
+    out: &std::path::Path,
+) -> ExitCode {
+    let (cfg, state_dir) = match inspect_context(state_flag.as_deref(), config_flag) {
+        Ok(x) => x,
+        Err(code) => return code,
+    };
+    let hsm_config = cfg.as_ref().map(|c| c.hsm.clone()).unwrap_or_default();
+    let id = cfg.as_ref().map(|c| c.identity.clone()).unwrap_or_default();
+    // The HSM alone: the device CA's certificate may not exist yet.
+    let hsm = match crate::hsm::open(&hsm_config, &state_dir) {
+        Ok(h) => h,
+        Err(e) => return fail(e, 1),
+    };
+    let spiffe = format!("spiffe://{}/device/{}", id.trust_domain, id.device_id);
+    let pem = match crate::identity::authority::device_ca_csr(&hsm, &id.device_id, &spiffe) {
+        Ok(p) => p,
+        Err(e) => return fail(e, 1),
+    };
+    if let Err(e) = std::fs::write(out, pem) {
+        return fail(format!("{}: {e}", out.display()), 1);
+    }
+    eprintln!(
+        "wrote {}: a CSR for the device CA key of {} ({spiffe})",
+        out.display(),
+        id.device_id
+    );
     ExitCode::SUCCESS
 }
 

@@ -74,6 +74,9 @@ impl PublicKeyData for PublicP256 {
 pub enum Profile {
     /// An X509-SVID: exactly the SPIFFE ID as URI SAN, client and server auth.
     Svid,
+    /// The device's own client certificate (to its broker): the SPIFFE ID
+    /// as URI SAN, client auth only.
+    Client,
     /// A server certificate: the SPIFFE ID and these names, server auth.
     Server {
         /// Subject common name.
@@ -438,6 +441,13 @@ impl Authority {
         &self.point
     }
 
+    /// PEM of the certificates between what the CA issues and the root:
+    /// the device CA's own certificate and its issuers below the root
+    /// (empty when the device CA is its own root).
+    pub fn chain_pem(&self) -> &str {
+        &self.chain_pem
+    }
+
     /// PEM of the trust domain's root certificate(s).
     pub fn roots_pem(&self) -> &str {
         &self.roots_pem
@@ -483,6 +493,10 @@ impl Authority {
                     ExtendedKeyUsagePurpose::ClientAuth,
                 ];
             }
+            Profile::Client => {
+                p.subject_alt_names = vec![uri()?];
+                p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+            }
             Profile::Server { names, .. } => {
                 p.subject_alt_names = names.clone();
                 p.subject_alt_names.push(uri()?);
@@ -527,6 +541,39 @@ impl Authority {
         cert.pem.push_str(&self.chain_pem);
         Ok(LeafKey { key, cert })
     }
+}
+
+/// A certificate signing request for the HSM's device CA key (`CN =
+/// <device-id>`, the device's SPIFFE ID as URI SAN), signed by that key, so
+/// the organisation's CA can certify it; the result goes in `[identity]
+/// ca_certificate` (that certificate, then its issuers up to the root).
+/// Creates the key if it is missing.
+///
+/// # Errors
+///
+/// HSM failures; the SPIFFE ID as a SAN.
+pub fn device_ca_csr(
+    hsm: &Arc<dyn Hsm>,
+    device_id: &str,
+    device_spiffe_id: &str,
+) -> Result<String, IdentityError> {
+    let point = hsm.signing_key(CA_KEY)?;
+    let mut p = CertificateParams::default();
+    p.distinguished_name = edgeward_name(device_id);
+    p.subject_alt_names =
+        vec![SanType::URI(device_spiffe_id.try_into().map_err(|e| {
+            IdentityError::Internal(format!("spiffe id as SAN: {e}"))
+        })?)];
+    p.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    let key = HsmKey {
+        hsm: hsm.clone(),
+        id: CA_KEY,
+        point,
+    };
+    let csr = p.serialize_request(&key).map_err(|e| ca_error(hsm, e))?;
+    csr.pem()
+        .map_err(|e| IdentityError::Internal(format!("CSR as PEM: {e}")))
 }
 
 /// `O=edgeward, CN=<cn>`: the names edgeward gives what it certifies.

@@ -73,6 +73,14 @@ impl IdentityService {
         &self.tokens
     }
 
+    /// The SPIFFE ID of the device itself.
+    pub fn device_spiffe_id(&self) -> String {
+        format!(
+            "spiffe://{}/device/{}",
+            self.config.trust_domain, self.config.device_id
+        )
+    }
+
     /// The SPIFFE ID of module `name` on this device.
     pub fn spiffe_id(&self, name: &str) -> String {
         format!(
