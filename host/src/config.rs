@@ -144,6 +144,7 @@ struct RawConfig {
     agent: Option<RawAgent>,
     #[serde(default)]
     signatures: RawSignatures,
+    cloud: Option<crate::cloud::RawCloud>,
 }
 
 /// `[signatures]`: the floor every component and manifest is held to.
@@ -470,6 +471,8 @@ pub struct Config {
     pub agent: Option<AgentSpec>,
     /// `[signatures]`.
     pub signatures: crate::attest::publisher::DeviceSignatures,
+    /// `[cloud]`: the fleet's broker, if one is configured.
+    pub cloud: Option<crate::cloud::CloudConfig>,
 }
 
 impl Config {
@@ -539,6 +542,18 @@ impl Config {
                 "name": a.spec.name,
                 "config_dir": path(&a.config_dir),
             })),
+            "cloud": self.cloud.as_ref().map(|c| json!({
+                "broker": format!("mqtts://{}:{}", c.host, c.port),
+                "ca": path(&c.ca),
+                "deployment_keys": c.deployment_keys.iter()
+                    .map(|k| crate::measure::hex(&k.to_bytes())).collect::<Vec<_>>(),
+                "groups": c.groups,
+                "client_cert_ttl_ms": ms(c.client_cert_ttl),
+                "keep_alive_ms": ms(c.keep_alive),
+                "reconnect_min_ms": ms(c.reconnect_min),
+                "reconnect_max_ms": ms(c.reconnect_max),
+                "report_interval_ms": ms(c.report_interval),
+            })),
         })
     }
 
@@ -589,6 +604,11 @@ impl Config {
         let identity = raw.identity.validate(&resolve).map_err(err)?;
         let api = raw.api.validate(&resolve).map_err(err)?;
         let signatures = raw.signatures.validate(&resolve).map_err(err)?;
+        let cloud = raw
+            .cloud
+            .map(|c| c.validate(&resolve))
+            .transpose()
+            .map_err(err)?;
         let max_wasm_stack = match &raw.runtime.max_wasm_stack {
             None => crate::runtime::engine::DEFAULT_MAX_WASM_STACK,
             Some(s) => {
@@ -693,6 +713,7 @@ impl Config {
             modules,
             agent,
             signatures,
+            cloud,
         })
     }
 }

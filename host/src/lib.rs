@@ -11,6 +11,7 @@ pub mod addrclass;
 pub mod api;
 pub mod attest;
 pub mod cli;
+pub mod cloud;
 pub mod components;
 pub mod config;
 pub mod daemon;

@@ -16,7 +16,7 @@ use sha2::{Digest as _, Sha256};
 pub const MAX_COMPONENT_SIZE: u64 = 256 << 20;
 
 /// A SHA-256 digest, written `sha256:<64 lowercase hex>`.
-#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Digest([u8; 32]);
 
 impl Digest {

@@ -67,6 +67,8 @@ pub enum Origin {
     Operator,
     /// The agent module.
     Agent,
+    /// The fleet's cloud, through a signed desired deployment on the broker.
+    Cloud,
 }
 
 /// Whether a module should run.

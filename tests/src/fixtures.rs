@@ -355,3 +355,372 @@ impl Default for SoftHsmToken {
         Self::new()
     }
 }
+
+/// Runs `openssl` with `command` (split at whitespace: paths here are
+/// tempdirs without spaces), panicking with its output when it fails.
+fn openssl(command: &str) {
+    let args: Vec<&str> = command.split_whitespace().collect();
+    let out = Command::new("openssl")
+        .args(&args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run openssl ({e}): install Debian's openssl"));
+    assert!(
+        out.status.success(),
+        "openssl {args:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// An organisation's root CA, made with the openssl CLI: it certifies the
+/// broker, the operators and each device's CA (from `edgeward identity
+/// csr`), as a fleet's PKI would.
+#[derive(Debug)]
+pub struct OrgCa {
+    dir: tempfile::TempDir,
+}
+
+impl Default for OrgCa {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl OrgCa {
+    /// A new P-256 root, valid for two days.
+    pub fn new() -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ca = Self { dir };
+        openssl(&format!(
+            "req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout {} -out {} -days 2 -subj /O=edgeward-tests/CN=org-root -addext basicConstraints=critical,CA:TRUE -addext keyUsage=critical,keyCertSign,cRLSign",
+            ca.file("root.key"),
+            ca.file("root.pem"),
+        ));
+        ca
+    }
+
+    fn file(&self, name: &str) -> String {
+        self.dir.path().join(name).display().to_string()
+    }
+
+    /// The root certificate (PEM).
+    pub fn root(&self) -> PathBuf {
+        self.dir.path().join("root.pem")
+    }
+
+    /// A key and certificate for `cn` (end entity), with `ext` (openssl
+    /// extension lines): (certificate, key).
+    pub fn issue(&self, cn: &str, ext: &str) -> (PathBuf, PathBuf) {
+        let (key, csr, cert, extfile) = (
+            self.file(&format!("{cn}.key")),
+            self.file(&format!("{cn}.csr")),
+            self.file(&format!("{cn}.pem")),
+            self.file(&format!("{cn}.ext")),
+        );
+        std::fs::write(&extfile, ext).expect("write the extensions");
+        openssl(&format!(
+            "req -new -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout {key} -out {csr} -subj /CN={cn}"
+        ));
+        openssl(&format!(
+            "x509 -req -in {csr} -CA {root} -CAkey {root_key} -CAcreateserial -days 1 -out {cert} -extfile {extfile}",
+            root = self.file("root.pem"),
+            root_key = self.file("root.key"),
+        ));
+        (PathBuf::from(cert), PathBuf::from(key))
+    }
+
+    /// Certifies a device CA from its CSR (as `edgeward identity csr`
+    /// writes it): the certificate, then this root, the chain `[identity]
+    /// ca_certificate` takes, written to `out`.
+    pub fn certify_device_ca(&self, csr: &Path, out: &Path) {
+        let cert = self.file("device-ca.pem");
+        let ext = self.file("device-ca.ext");
+        std::fs::write(
+            &ext,
+            "basicConstraints=critical,CA:TRUE,pathlen:0\nkeyUsage=critical,keyCertSign,cRLSign\n",
+        )
+        .expect("write the extensions");
+        openssl(&format!(
+            "x509 -req -in {} -CA {} -CAkey {} -CAcreateserial -days 1 -copy_extensions copy -extfile {ext} -out {cert}",
+            csr.display(),
+            self.file("root.pem"),
+            self.file("root.key"),
+        ));
+        let mut chain = std::fs::read(&cert).expect("the device CA certificate");
+        chain.extend(std::fs::read(self.root()).expect("the root"));
+        std::fs::write(out, chain).expect("write the chain");
+    }
+}
+
+/// A Mosquitto broker (Debian's package) on a free loopback port: a TLS
+/// listener that requires a client certificate from `ca`, takes its CN as
+/// the username, and confines each device to its own topic tree with the
+/// ACL of docs/fleet.md plus `acl_extra`.
+#[derive(Debug)]
+pub struct Mosquitto {
+    child: Option<Child>,
+    port: u16,
+    dir: tempfile::TempDir,
+}
+
+/// The ACL every test broker starts from (docs/fleet.md).
+pub const FLEET_ACL: &str = "pattern read ew/v1/d/%u/in/#\npattern write ew/v1/d/%u/out/#\n\nuser operator\ntopic readwrite ew/v1/#\n";
+
+impl Mosquitto {
+    /// Starts a broker trusting `ca`'s root, with `acl_extra` lines after
+    /// the fleet ACL.
+    pub fn start(ca: &OrgCa, acl_extra: &str) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (cert, key) = ca.issue(
+            "broker",
+            "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n",
+        );
+        std::fs::write(dir.path().join("acl"), format!("{FLEET_ACL}{acl_extra}"))
+            .expect("write the ACL");
+        let mut m = Self {
+            child: None,
+            port: 0,
+            dir,
+        };
+        std::fs::copy(&cert, m.dir.path().join("broker.pem")).expect("copy");
+        std::fs::copy(&key, m.dir.path().join("broker.key")).expect("copy");
+        std::fs::copy(ca.root(), m.dir.path().join("ca.pem")).expect("copy");
+        for _ in 0..10 {
+            let port = TcpListener::bind("127.0.0.1:0")
+                .expect("bind")
+                .local_addr()
+                .expect("addr")
+                .port();
+            m.port = port;
+            if m.spawn() {
+                return m;
+            }
+        }
+        panic!("mosquitto did not start on any loopback port");
+    }
+
+    fn spawn(&mut self) -> bool {
+        let d = self.dir.path();
+        let conf = d.join("mosquitto.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "user root\nper_listener_settings false\nallow_anonymous false\npersistence true\npersistence_location {d}/\nlog_dest stderr\nlog_type error\nlog_type warning\nlistener {port} 127.0.0.1\ncafile {d}/ca.pem\ncertfile {d}/broker.pem\nkeyfile {d}/broker.key\nrequire_certificate true\nuse_identity_as_username true\nacl_file {d}/acl\n",
+                d = d.display(),
+                port = self.port
+            ),
+        )
+        .expect("write mosquitto.conf");
+        let child = Command::new("mosquitto")
+            .arg("-c")
+            .arg(&conf)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!("cannot start mosquitto ({e}): install Debian's mosquitto (scripts/setup)")
+            });
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            let child = self.child.as_mut().expect("child");
+            if let Ok(Some(_)) = child.try_wait() {
+                self.child = None;
+                return false;
+            }
+            if listens_on(child.id(), self.port) {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        self.stop();
+        false
+    }
+
+    /// Its port.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// `mqtts://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        format!("mqtts://127.0.0.1:{}", self.port)
+    }
+
+    /// Stops it (SIGKILL: no clean goodbye to anyone); its persistence
+    /// file keeps what it had saved.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts it again on the same port.
+    pub fn restart(&mut self) {
+        self.stop();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !self.spawn() {
+            assert!(
+                Instant::now() < deadline,
+                "mosquitto did not come back on {}",
+                self.port
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for Mosquitto {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// An MQTT client of the broker: Mosquitto's own command-line clients, an
+/// implementation independent of the device's.
+#[derive(Debug, Clone)]
+pub struct MqttUser {
+    /// The broker's port.
+    pub port: u16,
+    /// Roots for the broker's certificate.
+    pub ca: PathBuf,
+    /// Client certificate and key.
+    pub cert: PathBuf,
+    /// See `cert`.
+    pub key: PathBuf,
+}
+
+impl MqttUser {
+    fn common(&self, c: &mut Command) {
+        c.args(["-h", "127.0.0.1", "-V", "mqttv5", "-p"])
+            .arg(self.port.to_string())
+            .arg("--cafile")
+            .arg(&self.ca)
+            .arg("--cert")
+            .arg(&self.cert)
+            .arg("--key")
+            .arg(&self.key);
+    }
+
+    /// Publishes `payload` to `topic` (QoS 1), retained if asked; whether
+    /// the client reported success.
+    pub fn publish(&self, topic: &str, payload: &[u8], retain: bool) -> bool {
+        let mut c = Command::new("mosquitto_pub");
+        self.common(&mut c);
+        c.args(["-q", "1", "-t", topic, "-s"]);
+        if retain {
+            c.arg("-r");
+        }
+        let mut child = c
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!("cannot run mosquitto_pub ({e}): install Debian's mosquitto-clients")
+            });
+        {
+            use std::io::Write as _;
+            let mut stdin = child.stdin.take().expect("stdin");
+            stdin.write_all(payload).expect("write the payload");
+        }
+        child.wait().expect("mosquitto_pub").success()
+    }
+
+    /// Subscribes to `filter` until dropped; each message arrives as
+    /// `(topic, payload)` (one line each: payloads here are JSON).
+    pub fn subscribe(&self, filter: &str) -> Subscription {
+        let mut c = Command::new("mosquitto_sub");
+        self.common(&mut c);
+        c.args(["-q", "1", "-t", filter, "-F", "%t %p"]);
+        let mut child = c
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!("cannot run mosquitto_sub ({e}): install Debian's mosquitto-clients")
+            });
+        let out = child.stdout.take().expect("stdout");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            use std::io::BufRead as _;
+            for line in std::io::BufReader::new(out).lines() {
+                let Ok(line) = line else { break };
+                let (t, p) = line.split_once(' ').unwrap_or((line.as_str(), ""));
+                if tx.send((t.to_owned(), p.to_owned())).is_err() {
+                    break;
+                }
+            }
+        });
+        Subscription {
+            child,
+            rx,
+            seen: Vec::new(),
+        }
+    }
+}
+
+/// A running `mosquitto_sub`.
+#[derive(Debug)]
+pub struct Subscription {
+    child: Child,
+    rx: std::sync::mpsc::Receiver<(String, String)>,
+    /// Every message so far.
+    pub seen: Vec<(String, String)>,
+}
+
+impl Subscription {
+    /// Waits up to `within` for a message on `topic` whose JSON payload
+    /// satisfies `pred`, and returns it.
+    #[track_caller]
+    pub fn wait(
+        &mut self,
+        topic: &str,
+        within: Duration,
+        pred: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        let deadline = Instant::now() + within;
+        let mut checked = 0;
+        loop {
+            while let Ok(m) = self.rx.try_recv() {
+                self.seen.push(m);
+            }
+            for (t, p) in &self.seen[checked..] {
+                if t == topic
+                    && let Ok(v) = serde_json::from_str::<serde_json::Value>(p)
+                    && pred(&v)
+                {
+                    return v;
+                }
+            }
+            checked = self.seen.len();
+            assert!(
+                Instant::now() < deadline,
+                "no message on {topic} as expected within {within:?}; seen:\n{}",
+                self.seen
+                    .iter()
+                    .map(|(t, p)| format!("{t} {p}"))
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The messages that arrived within `within`.
+    pub fn drain(&mut self, within: Duration) -> &[(String, String)] {
+        std::thread::sleep(within);
+        while let Ok(m) = self.rx.try_recv() {
+            self.seen.push(m);
+        }
+        &self.seen
+    }
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

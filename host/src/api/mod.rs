@@ -199,6 +199,7 @@ pub fn deployment_key(origin: Origin) -> &'static str {
     match origin {
         Origin::Operator => DEPLOYMENT_KEY,
         Origin::Agent => "deployment.agent",
+        Origin::Cloud => "deployment.cloud",
         Origin::Config => "deployment.config",
     }
 }
@@ -248,13 +249,7 @@ impl SignedManifest {
     ///
     /// Malformed, or a module without a pinned digest; named.
     pub fn deployment(&self) -> Result<Deployment, String> {
-        let mut doc: serde_json::Value = if self.manifest.trim_start().starts_with('{') {
-            serde_json::from_str(&self.manifest).map_err(|e| format!("manifest: {e}"))?
-        } else {
-            let v: toml::Value =
-                toml::from_str(&self.manifest).map_err(|e| format!("manifest: {e}"))?;
-            serde_json::to_value(v).map_err(|e| format!("manifest: {e}"))?
-        };
+        let mut doc = self.document()?;
         let obj = doc
             .as_object_mut()
             .ok_or("manifest: expected a table with `version` and `[[module]]`")?;
@@ -273,15 +268,58 @@ impl SignedManifest {
         if let Some(mods) = obj.get_mut("modules").and_then(|m| m.as_array_mut()) {
             for m in mods {
                 let Some(m) = m.as_object_mut() else { continue };
-                if m.remove("file").is_some() && !m.contains_key("digest") {
-                    return Err(format!(
-                        "manifest: module {} names a file without a digest: a signed manifest pins each module's digest",
-                        m.get("name").unwrap_or(&serde_json::Value::Null)
-                    ));
+                for key in ["file", "source"] {
+                    if m.remove(key).is_some() && !m.contains_key("digest") {
+                        return Err(format!(
+                            "manifest: module {} names a {key} without a digest: a signed manifest pins each module's digest",
+                            m.get("name").unwrap_or(&serde_json::Value::Null)
+                        ));
+                    }
                 }
             }
         }
         serde_json::from_value(doc).map_err(|e| format!("manifest: {e}"))
+    }
+
+    /// Where the manifest says each pinned component can be fetched: its
+    /// modules' `source` (`oci://…`, `https://…`, or a local path), by
+    /// digest. The digest, not the source, is what is trusted.
+    ///
+    /// # Errors
+    ///
+    /// Malformed, or a `source` that is not text; named.
+    pub fn sources(&self) -> Result<std::collections::BTreeMap<Digest, String>, String> {
+        let doc = self.document()?;
+        let mut out = std::collections::BTreeMap::new();
+        let mods = doc.get("module").or_else(|| doc.get("modules"));
+        for m in mods.and_then(|m| m.as_array()).into_iter().flatten() {
+            let Some(source) = m.get("source") else {
+                continue;
+            };
+            let name = m.get("name").unwrap_or(&serde_json::Value::Null);
+            let source = source
+                .as_str()
+                .filter(|s| !s.is_empty() && s.len() <= 2048 && !s.chars().any(char::is_control))
+                .ok_or_else(|| format!("manifest: module {name}: source must be text"))?;
+            let digest: Digest = m
+                .get("digest")
+                .and_then(|d| d.as_str())
+                .ok_or_else(|| format!("manifest: module {name}: a source needs a digest"))?
+                .parse()
+                .map_err(|e| format!("manifest: module {name}: {e}"))?;
+            out.insert(digest, source.to_owned());
+        }
+        Ok(out)
+    }
+
+    fn document(&self) -> Result<serde_json::Value, String> {
+        if self.manifest.trim_start().starts_with('{') {
+            serde_json::from_str(&self.manifest).map_err(|e| format!("manifest: {e}"))
+        } else {
+            let v: toml::Value =
+                toml::from_str(&self.manifest).map_err(|e| format!("manifest: {e}"))?;
+            serde_json::to_value(v).map_err(|e| format!("manifest: {e}"))
+        }
     }
 }
 
@@ -292,6 +330,9 @@ pub enum DeployBody {
     Plain(Deployment),
     /// A manifest and its signature.
     Signed(SignedManifest),
+    /// A deployment whose manifest the caller has verified already (the
+    /// cloud, against its deployment keys); `signed_by` is set.
+    Verified(Deployment),
 }
 
 impl DeployBody {
@@ -930,7 +971,7 @@ impl ModuleView {
 }
 
 /// Every registered module, as the API shows it.
-fn all_views(state: &ApiState) -> Result<Vec<ModuleView>, ApiError> {
+pub(crate) fn all_views(state: &ApiState) -> Result<Vec<ModuleView>, ApiError> {
     Ok(state
         .registry
         .modules()
@@ -1265,6 +1306,7 @@ async fn manifest_checked(
             )),
             None,
         ),
+        DeployBody::Verified(d) => return Ok(d),
         DeployBody::Signed(m) => {
             let d = m
                 .deployment()

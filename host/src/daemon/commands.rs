@@ -69,15 +69,16 @@ fn record(sup: &Supervisor, name: &str) -> Result<ModuleRecord, ApiError> {
 }
 
 /// The record of a module `by` may change: the operator any, the agent
-/// only its own.
+/// and the cloud only their own.
 fn owned(sup: &Supervisor, name: &str, by: Origin) -> Result<ModuleRecord, ApiError> {
     let rec = record(sup, name)?;
-    if by == Origin::Agent && rec.origin != Origin::Agent {
+    if matches!(by, Origin::Agent | Origin::Cloud) && rec.origin != by {
         return Err(ApiError::new(
             StatusCode::CONFLICT,
             format!(
-                "module {name:?} belongs to the {}, not the agent",
-                origin_name(rec.origin)
+                "module {name:?} belongs to the {}, not the {}",
+                origin_name(rec.origin),
+                origin_name(by)
             ),
         ));
     }
@@ -89,6 +90,7 @@ fn origin_name(o: Origin) -> &'static str {
         Origin::Config => "config file",
         Origin::Operator => "operator",
         Origin::Agent => "agent",
+        Origin::Cloud => "cloud",
     }
 }
 

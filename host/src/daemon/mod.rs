@@ -171,6 +171,7 @@ pub async fn run(config: Config, state_dir: PathBuf, socket: PathBuf) -> anyhow:
         })
     };
     let cache_hsm = identity.hsm();
+    let cloud_identity = identity.clone();
     let mut supervisor = Supervisor::new(
         rt.clone(),
         identity,
@@ -207,6 +208,16 @@ pub async fn run(config: Config, state_dir: PathBuf, socket: PathBuf) -> anyhow:
         attester: measurer,
         booted,
         signatures: Arc::new(config.signatures.clone()),
+    });
+    // The broker connection starts beside the deployment: offline first, the
+    // last applied deployment runs whether or not the broker answers.
+    let cloud = config.cloud.clone().map(|c| {
+        tokio::spawn(crate::cloud::run(
+            c,
+            api_state.clone(),
+            cloud_identity,
+            stop_rx.clone(),
+        ))
     });
     let mut agent_refused = None;
     if let Some(agent) = &config.agent {
@@ -288,6 +299,9 @@ pub async fn run(config: Config, state_dir: PathBuf, socket: PathBuf) -> anyhow:
     command_rx.close();
     supervisor.stop_all().await;
     let _ = tokio::time::timeout(STOP_DEADLINE, maintain).await;
+    if let Some(cloud) = cloud {
+        let _ = tokio::time::timeout(STOP_DEADLINE, cloud).await;
+    }
     let _ = tokio::time::timeout(STOP_DEADLINE, server).await;
     let _ = std::fs::remove_file(&socket);
     records::flush();

@@ -1,0 +1,264 @@
+//! Desired deployments from the broker: a signed manifest (the same
+//! `{manifest, signature}` body `edgeward deploy` sends), held to the
+//! device's deployment keys whatever `[signatures]` says, and ordered by
+//! its `version`, a decimal counter shared by the device's own topic and its
+//! groups' topics. Validity is by version, never by clock.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::api::{Deployment, SignedManifest};
+use crate::attest::publisher::{PublicKey, verify_manifest};
+use crate::measure::Digest;
+
+/// The largest desired deployment accepted (the broker is told the same).
+pub const MAX_DESIRED: usize = 1 << 20;
+
+/// Where a desired deployment came from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase", tag = "kind", content = "name")]
+pub enum Source {
+    /// `ew/v1/d/<device>/in/desired`.
+    Device,
+    /// `ew/v1/g/<group>/desired`.
+    Group(String),
+}
+
+impl std::fmt::Display for Source {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Device => f.write_str("device"),
+            Self::Group(g) => write!(f, "group {g}"),
+        }
+    }
+}
+
+/// The last deployment applied from the broker (kept in the registry).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Applied {
+    /// Its version.
+    pub version: u64,
+    /// The digest of its manifest text.
+    pub manifest: String,
+    /// Its topic.
+    pub source: Source,
+    /// Who signed it (hex of the key).
+    pub signed_by: String,
+}
+
+/// A desired deployment that may be applied.
+#[derive(Debug)]
+pub struct Accepted {
+    /// As the management service takes it (`signed_by` set).
+    pub deployment: Deployment,
+    /// Its version.
+    pub version: u64,
+    /// The digest of its manifest text.
+    pub manifest: Digest,
+    /// Where each pinned component can be fetched: digest -> source.
+    pub sources: BTreeMap<Digest, String>,
+}
+
+/// What to do with a desired deployment.
+#[derive(Debug)]
+pub enum Verdict {
+    /// Newer, and signed by a trusted key: apply it.
+    Apply(Box<Accepted>),
+    /// The one already applied (a retained message delivered again).
+    Current,
+    /// Never applied; the reason names what was wrong.
+    Refused {
+        /// Its version, when it could be read.
+        version: Option<String>,
+        /// What was wrong.
+        reason: String,
+    },
+}
+
+fn refused(version: Option<&str>, reason: impl Into<String>) -> Verdict {
+    Verdict::Refused {
+        version: version.map(str::to_owned),
+        reason: reason.into(),
+    }
+}
+
+/// Checks `payload` against the device's deployment `keys` and what was
+/// last `applied`.
+pub fn check(payload: &[u8], keys: &[PublicKey], applied: Option<&Applied>) -> Verdict {
+    if payload.len() > MAX_DESIRED {
+        return refused(
+            None,
+            format!(
+                "{} bytes, more than the {MAX_DESIRED} a desired deployment may be",
+                payload.len()
+            ),
+        );
+    }
+    let body: SignedManifest = match serde_json::from_slice(payload) {
+        Ok(b) => b,
+        Err(e) => {
+            return refused(
+                None,
+                format!("not a signed manifest ({{\"manifest\", \"signature\"}}): {e}"),
+            );
+        }
+    };
+    let mut deployment = match body.deployment() {
+        Ok(d) => d,
+        Err(e) => return refused(None, e),
+    };
+    let text = deployment.version.clone();
+    let v = Some(text.as_str());
+    let Some(version) = parse_version(&text) else {
+        return refused(
+            v,
+            format!(
+                "version {text:?}: a cloud deployment's version is a decimal counter (1 to 18446744073709551615)"
+            ),
+        );
+    };
+    let sig = match body.signature.as_deref().map(|b| {
+        use base64ct::Encoding as _;
+        base64ct::Base64::decode_vec(b.trim())
+    }) {
+        None => {
+            return refused(
+                v,
+                "unsigned: a cloud deployment must be signed by a deployment key",
+            );
+        }
+        Some(Err(_)) => return refused(v, "signature: not base64"),
+        Some(Ok(s)) => s,
+    };
+    let signer = match verify_manifest(body.manifest.as_bytes(), Some(&sig), keys) {
+        Ok(k) => k,
+        Err(e) => return refused(v, format!("signature: {e}")),
+    };
+    let manifest = Digest::of(body.manifest.as_bytes());
+    if let Some(a) = applied {
+        if version == a.version && manifest.to_string() == a.manifest {
+            return Verdict::Current;
+        }
+        if version <= a.version {
+            return refused(
+                v,
+                format!(
+                    "version {version} is not newer than the applied version {} (an older or replayed deployment)",
+                    a.version
+                ),
+            );
+        }
+    }
+    let sources = match body.sources() {
+        Ok(s) => s,
+        Err(e) => return refused(v, e),
+    };
+    deployment.signed_by = Some(signer);
+    Verdict::Apply(Box::new(Accepted {
+        deployment,
+        version,
+        manifest,
+        sources,
+    }))
+}
+
+/// `1` to `u64::MAX` in plain decimal: no sign, no leading zero.
+fn parse_version(s: &str) -> Option<u64> {
+    if s.is_empty() || s.len() > 20 || !s.bytes().all(|b| b.is_ascii_digit()) || s.starts_with('0')
+    {
+        return None;
+    }
+    s.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    fn key() -> (ed25519_compact::KeyPair, PublicKey) {
+        let kp = ed25519_compact::KeyPair::from_seed(ed25519_compact::Seed::new([7; 32]));
+        let mut raw = vec![1];
+        raw.extend_from_slice(kp.pk.as_ref());
+        let pk = PublicKey::from_bytes(&raw).unwrap();
+        (kp, pk)
+    }
+
+    fn signed(kp: &ed25519_compact::KeyPair, manifest: &str) -> Vec<u8> {
+        use base64ct::Encoding as _;
+        let sig = kp.sk.sign(Digest::of(manifest.as_bytes()).as_bytes(), None);
+        serde_json::to_vec(&serde_json::json!({
+            "manifest": manifest,
+            "signature": base64ct::Base64::encode_string(sig.as_ref()),
+        }))
+        .unwrap()
+    }
+
+    const D: &str = "sha256:0000000000000000000000000000000000000000000000000000000000000001";
+
+    fn manifest(version: &str) -> String {
+        format!(
+            "version = \"{version}\"\n[[module]]\nname = \"a\"\ndigest = \"{D}\"\nsource = \"oci://127.0.0.1:5000/a:1\"\n"
+        )
+    }
+
+    #[test]
+    fn newer_signed_deployments_apply_others_are_named() {
+        let (kp, pk) = key();
+        let keys = [pk];
+        let Verdict::Apply(a) = check(&signed(&kp, &manifest("3")), &keys, None) else {
+            panic!("a signed deployment applies");
+        };
+        assert_eq!(a.version, 3);
+        assert_eq!(
+            a.sources.get(&D.parse().unwrap()).map(String::as_str),
+            Some("oci://127.0.0.1:5000/a:1")
+        );
+        assert!(a.deployment.signed_by.is_some());
+        let applied = Applied {
+            version: 3,
+            manifest: a.manifest.to_string(),
+            source: Source::Device,
+            signed_by: String::new(),
+        };
+        assert!(matches!(
+            check(&signed(&kp, &manifest("3")), &keys, Some(&applied)),
+            Verdict::Current
+        ));
+        let reason = |v: Verdict| match v {
+            Verdict::Refused { reason, .. } => reason,
+            other => panic!("expected a refusal, got {other:?}"),
+        };
+        // The same version with other contents, and an older one.
+        let other = manifest("3").replace("a:1", "a:2");
+        assert!(reason(check(&signed(&kp, &other), &keys, Some(&applied))).contains("not newer"));
+        assert!(
+            reason(check(&signed(&kp, &manifest("2")), &keys, Some(&applied)))
+                .contains("not newer")
+        );
+        // Unsigned, signed by another key, tampered after signing.
+        let unsigned = serde_json::to_vec(&serde_json::json!({"manifest": manifest("4")})).unwrap();
+        assert!(reason(check(&unsigned, &keys, Some(&applied))).contains("unsigned"));
+        let stranger = ed25519_compact::KeyPair::from_seed(ed25519_compact::Seed::new([8; 32]));
+        assert!(
+            reason(check(&signed(&stranger, &manifest("4")), &keys, None)).contains("signature")
+        );
+        let mut tampered: serde_json::Value =
+            serde_json::from_slice(&signed(&kp, &manifest("4"))).unwrap();
+        tampered["manifest"] = manifest("5").into();
+        let tampered = serde_json::to_vec(&tampered).unwrap();
+        assert!(reason(check(&tampered, &keys, None)).contains("signature"));
+        // Versions that are not counters.
+        for v in ["", "0", "01", "+4", "4.0", "v4", "99999999999999999999"] {
+            assert!(
+                reason(check(&signed(&kp, &manifest(v)), &keys, None)).contains("version"),
+                "{v:?}"
+            );
+        }
+        // Not JSON, too big.
+        assert!(reason(check(b"\xff", &keys, None)).contains("not a signed manifest"));
+        assert!(reason(check(&vec![b' '; MAX_DESIRED + 1], &keys, None)).contains("bytes"));
+    }
+}

@@ -1,0 +1,795 @@
+//! The cloud interface: one MQTT 5 connection over mutual TLS to the
+//! fleet's broker, authenticated by the device's HSM-held identity, through
+//! which the device takes signed, versioned desired deployments and reports
+//! what it runs.
+//!
+//! ```toml
+//! [cloud]
+//! broker = "mqtts://broker.example:8883"  # TLS only (default port 8883)
+//! ca = "broker-ca.pem"                # roots for the broker's certificate
+//! deployment_keys = ["deploy.pub"]    # Ed25519 keys deployments are signed by
+//! groups = ["line-a"]                 # ew/v1/g/<group>/desired is read too
+//! client_cert_ttl = "24h"             # the broker certificate (renewed at half)
+//! keep_alive = "30s"
+//! reconnect_min = "1s"                # backoff after a lost connection:
+//! reconnect_max = "5m"                # doubling, with jitter, between these
+//! report_interval = "10s"             # how often module states are compared
+//! ```
+//!
+//! Topics, one tree per device (see `topics`):
+//!
+//! | topic | who writes | who reads | what |
+//! |---|---|---|---|
+//! | `ew/v1/d/<id>/in/desired` | operators | the device | retained signed deployment |
+//! | `ew/v1/g/<group>/desired` | operators | the group's devices | the same, for a group |
+//! | `ew/v1/d/<id>/out/reported` | the device | operators | retained: version applied, modules |
+//! | `ew/v1/d/<id>/out/events` | the device | operators | applied, refused |
+//! | `ew/v1/d/<id>/out/state` | the device (and its will) | operators | retained online / offline |
+//!
+//! Who may reach it and what a hostile party could try:
+//! - the broker (or anyone who can publish to the device's `in/` topics):
+//!   unsigned, wrongly signed, tampered, replayed or older deployments, and
+//!   garbage; each is refused and reported, never applied; a deployment
+//!   naming an operator's or the agent's module is refused; a component that
+//!   does not hash to its pinned digest is refused before it is compiled.
+//! - another device: the broker's ACL (`pattern read ew/v1/d/%u/in/#`,
+//!   `pattern write ew/v1/d/%u/out/#`, keyed on the certificate's CN) keeps
+//!   it out of this device's topics.
+//! - a network attacker: TLS to a broker certified by `ca`; the device's key
+//!   never leaves the HSM.
+
+pub mod desired;
+pub mod tls;
+pub mod topics;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use rumqttc::v5::mqttbytes::QoS;
+use rumqttc::v5::mqttbytes::v5::{LastWill, Packet, Publish};
+use rumqttc::v5::{AsyncClient, Event, MqttOptions};
+use rumqttc::{TlsConfiguration, Transport};
+use tokio::sync::{mpsc, watch};
+
+use crate::api::{ApiState, DeployBody};
+use crate::attest::publisher::PublicKey;
+use crate::identity::IdentityService;
+use crate::registry::Origin;
+use crate::units::parse_duration;
+
+use desired::{Applied, Source, Verdict};
+use topics::Topics;
+
+/// The registry key of the last deployment applied from the broker.
+pub const APPLIED_KEY: &str = "cloud.applied";
+
+/// `[cloud]`, checked.
+#[derive(Debug, Clone)]
+pub struct CloudConfig {
+    /// Broker host (a name or an IP address).
+    pub host: String,
+    /// Broker port.
+    pub port: u16,
+    /// Roots for the broker's certificate (PEM file).
+    pub ca: PathBuf,
+    /// Keys whose signed deployments the device applies.
+    pub deployment_keys: Vec<PublicKey>,
+    /// The key files, as configured (for the effective config).
+    pub deployment_key_files: Vec<PathBuf>,
+    /// Groups whose desired deployments it reads.
+    pub groups: Vec<String>,
+    /// Lifetime of the broker client certificate.
+    pub client_cert_ttl: Duration,
+    /// MQTT keep-alive.
+    pub keep_alive: Duration,
+    /// Reconnect backoff bounds.
+    pub reconnect_min: Duration,
+    /// See `reconnect_min`.
+    pub reconnect_max: Duration,
+    /// How often module states are compared with what was reported.
+    pub report_interval: Duration,
+}
+
+/// `[cloud]` as written.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCloud {
+    broker: String,
+    ca: PathBuf,
+    #[serde(default)]
+    deployment_keys: Vec<PathBuf>,
+    #[serde(default)]
+    groups: Vec<String>,
+    client_cert_ttl: Option<String>,
+    keep_alive: Option<String>,
+    reconnect_min: Option<String>,
+    reconnect_max: Option<String>,
+    report_interval: Option<String>,
+}
+
+impl RawCloud {
+    /// Checks each field; paths are resolved with `resolve`.
+    ///
+    /// # Errors
+    ///
+    /// The field and what is wrong with it.
+    pub fn validate(self, resolve: &dyn Fn(&Path) -> PathBuf) -> Result<CloudConfig, String> {
+        let (host, port) = parse_broker(&self.broker).map_err(|e| format!("cloud.broker: {e}"))?;
+        let dur =
+            |field: &str, v: &Option<String>, default: Duration, min: Duration, max: Duration| {
+                let d = match v {
+                    None => default,
+                    Some(s) => parse_duration(s).map_err(|e| format!("cloud.{field}: {e}"))?,
+                };
+                if d < min || d > max {
+                    return Err(format!("cloud.{field}: {d:?} is outside {min:?}..={max:?}"));
+                }
+                Ok(d)
+            };
+        let ms = Duration::from_millis;
+        let s = Duration::from_secs;
+        let client_cert_ttl = dur(
+            "client_cert_ttl",
+            &self.client_cert_ttl,
+            s(86_400),
+            s(60),
+            s(90 * 86_400),
+        )?;
+        let keep_alive = dur("keep_alive", &self.keep_alive, s(30), s(5), s(3600))?;
+        let reconnect_min = dur("reconnect_min", &self.reconnect_min, s(1), ms(10), s(3600))?;
+        let reconnect_max = dur(
+            "reconnect_max",
+            &self.reconnect_max,
+            s(300),
+            ms(10),
+            s(86_400),
+        )?;
+        if reconnect_max < reconnect_min {
+            return Err("cloud.reconnect_max is less than cloud.reconnect_min".into());
+        }
+        let report_interval = dur(
+            "report_interval",
+            &self.report_interval,
+            s(10),
+            ms(100),
+            s(3600),
+        )?;
+        if self.deployment_keys.is_empty() {
+            return Err(
+                "cloud.deployment_keys: name at least one key file (deployments from the broker are applied only when one of them signed it)".into(),
+            );
+        }
+        let files: Vec<PathBuf> = self.deployment_keys.iter().map(|p| resolve(p)).collect();
+        let deployment_keys = crate::attest::publisher::load_publishers(&files)
+            .map_err(|e| format!("cloud.deployment_keys: {e}"))?;
+        for g in &self.groups {
+            if !topics::valid_group(g) {
+                return Err(format!(
+                    "cloud.groups: {g:?}: use 1-63 of a-z 0-9 . _ - starting with a letter or digit"
+                ));
+            }
+        }
+        let ca = resolve(&self.ca);
+        let pem = std::fs::read(&ca).map_err(|e| format!("cloud.ca {}: {e}", ca.display()))?;
+        if roots(&pem)
+            .map_err(|e| format!("cloud.ca {}: {e}", ca.display()))?
+            .is_empty()
+        {
+            return Err(format!("cloud.ca {}: no certificate in it", ca.display()));
+        }
+        Ok(CloudConfig {
+            host,
+            port,
+            ca,
+            deployment_keys,
+            deployment_key_files: files,
+            groups: self.groups,
+            client_cert_ttl,
+            keep_alive,
+            reconnect_min,
+            reconnect_max,
+            report_interval,
+        })
+    }
+}
+
+/// `mqtts://host[:port]`, host a name, an IPv4 address or `[IPv6]`.
+fn parse_broker(url: &str) -> Result<(String, u16), String> {
+    let rest = url.strip_prefix("mqtts://").ok_or_else(|| {
+        format!("{url:?}: use mqtts://HOST[:PORT] (the broker is reached over TLS only)")
+    })?;
+    let rest = rest.strip_suffix('/').unwrap_or(rest);
+    let (host, port) = if let Some(v6) = rest.strip_prefix('[') {
+        let (h, after) = v6
+            .split_once(']')
+            .ok_or_else(|| format!("{url:?}: an IPv6 address needs its closing ]"))?;
+        (h.to_owned(), after.strip_prefix(':'))
+    } else {
+        match rest.rsplit_once(':') {
+            Some((h, p)) => (h.to_owned(), Some(p)),
+            None => (rest.to_owned(), None),
+        }
+    };
+    if host.is_empty()
+        || host
+            .chars()
+            .any(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | ':')))
+    {
+        return Err(format!("{url:?}: not a host name or address"));
+    }
+    let port = match port {
+        None => 8883,
+        Some(p) => p
+            .parse::<u16>()
+            .ok()
+            .filter(|p| *p != 0)
+            .ok_or_else(|| format!("{url:?}: port {p:?} is not 1-65535"))?,
+    };
+    Ok((host, port))
+}
+
+fn roots(pem: &[u8]) -> Result<Vec<rustls::pki_types::CertificateDer<'static>>, String> {
+    use rustls::pki_types::pem::PemObject as _;
+    rustls::pki_types::CertificateDer::pem_slice_iter(pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("not PEM certificates: {e}"))
+}
+
+fn client_config(
+    config: &CloudConfig,
+    identity: Arc<tls::ClientIdentity>,
+) -> Result<rustls::ClientConfig, String> {
+    let pem = std::fs::read(&config.ca).map_err(|e| format!("{}: {e}", config.ca.display()))?;
+    let mut store = rustls::RootCertStore::empty();
+    for c in roots(&pem)? {
+        store
+            .add(c)
+            .map_err(|e| format!("{}: {e}", config.ca.display()))?;
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    Ok(rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(store)
+        .with_client_cert_resolver(identity))
+}
+
+/// Runs the cloud interface until `stop` turns true. Never fails: what
+/// goes wrong is logged and retried with backoff, and the daemon runs its
+/// last applied deployment meanwhile.
+pub async fn run(
+    config: CloudConfig,
+    api: Arc<ApiState>,
+    identity: Arc<IdentityService>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let topics = Topics::new(&identity.config().device_id, &config.groups);
+    let mut backoff = Backoff::new(config.reconnect_min, config.reconnect_max);
+    // The broker identity: the HSM key and its first certificate.
+    let client_id = loop {
+        let id = identity.clone();
+        let ttl = config.client_cert_ttl;
+        match tokio::task::spawn_blocking(move || tls::ClientIdentity::new(&id, ttl)).await {
+            Ok(Ok(c)) => break c,
+            Ok(Err(e)) => tracing::error!(error = %e, "cloud: no broker identity; retrying"),
+            Err(e) => tracing::error!(error = %e, "cloud: identity task failed; retrying"),
+        }
+        if sleep_or_stop(backoff.next(), &mut stop).await {
+            return;
+        }
+    };
+    let tls = match client_config(&config, client_id.clone()) {
+        Ok(t) => Arc::new(t),
+        Err(e) => {
+            tracing::error!(error = %e, "cloud: cannot set up TLS to the broker; the cloud interface is off");
+            return;
+        }
+    };
+    let mut options = MqttOptions::new(&identity.config().device_id, &config.host, config.port);
+    options
+        .set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(tls)))
+        .set_keep_alive(config.keep_alive)
+        .set_clean_start(false)
+        .set_session_expiry_interval(Some(7 * 86_400))
+        .set_max_packet_size(Some(
+            u32::try_from(desired::MAX_DESIRED * 2).unwrap_or(u32::MAX),
+        ))
+        .set_last_will(LastWill::new(
+            topics.state(),
+            state_payload(false, &api),
+            QoS::AtLeastOnce,
+            true,
+            None,
+        ));
+    let (client, mut eventloop) = AsyncClient::new(options, 64);
+    let (work_tx, work_rx) = mpsc::channel::<Work>(16);
+    let worker = tokio::spawn(worker(
+        config.clone(),
+        api.clone(),
+        client.clone(),
+        topics.clone(),
+        work_rx,
+        stop.clone(),
+    ));
+    let renew_after = |not_after: u64| {
+        let now = crate::identity::unix_now();
+        let left = not_after.saturating_sub(now);
+        Duration::from_secs((left / 2).max(30))
+    };
+    let mut renew_at = tokio::time::Instant::now() + renew_after(client_id.not_after());
+    let mut down_since: Option<std::time::Instant> = None;
+    loop {
+        tokio::select! {
+            () = stopped(&mut stop) => break,
+            () = tokio::time::sleep_until(renew_at) => {
+                let id = identity.clone();
+                let cid = client_id.clone();
+                let ttl = config.client_cert_ttl;
+                let r = tokio::task::spawn_blocking(move || cid.renew(&id, ttl)).await;
+                match r {
+                    Ok(Ok(())) => {
+                        tracing::info!(not_after = client_id.not_after(), "cloud: broker certificate renewed (used from the next connection)");
+                        renew_at = tokio::time::Instant::now() + renew_after(client_id.not_after());
+                    }
+                    Ok(Err(e)) => {
+                        tracing::warn!(error = %e, "cloud: broker certificate not renewed; retrying in a minute");
+                        renew_at = tokio::time::Instant::now() + Duration::from_secs(60);
+                    }
+                    Err(e) => tracing::error!(error = %e, "cloud: renewal task failed"),
+                }
+            }
+            event = eventloop.poll() => match event {
+                Ok(Event::Incoming(Packet::ConnAck(ack))) => {
+                    backoff.reset();
+                    match down_since.take() {
+                        Some(t) => tracing::info!(offline_ms = t.elapsed().as_millis() as u64, session_present = ack.session_present, "cloud: connected to the broker again"),
+                        None => tracing::info!(host = %config.host, port = config.port, "cloud: connected to the broker"),
+                    }
+                    let _ = work_tx.send(Work::Connected).await;
+                }
+                Ok(Event::Incoming(Packet::Publish(p))) => {
+                    if let Some(w) = incoming(&topics, p) {
+                        let _ = work_tx.send(w).await;
+                    }
+                }
+                Ok(Event::Incoming(Packet::Disconnect(d))) => {
+                    tracing::warn!(reason = ?d.reason_code, "cloud: the broker disconnected the device");
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    let wait = backoff.next();
+                    if down_since.is_none() {
+                        down_since = Some(std::time::Instant::now());
+                        tracing::warn!(error = %e, retry_ms = wait.as_millis() as u64, "cloud: broker connection lost; reports wait until it is back");
+                    } else {
+                        tracing::debug!(error = %e, retry_ms = wait.as_millis() as u64, "cloud: broker still unreachable");
+                    }
+                    if sleep_or_stop(wait, &mut stop).await {
+                        break;
+                    }
+                }
+            }
+        }
+    }
+    // A clean goodbye: offline, retained, then disconnect.
+    let _ = client
+        .publish(
+            topics.state(),
+            QoS::AtLeastOnce,
+            true,
+            state_payload(false, &api),
+        )
+        .await;
+    let _ = client.disconnect().await;
+    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+        while let Ok(ev) = eventloop.poll().await {
+            if matches!(ev, Event::Outgoing(rumqttc::Outgoing::Disconnect)) {
+                break;
+            }
+        }
+    })
+    .await;
+    worker.abort();
+}
+
+async fn stopped(stop: &mut watch::Receiver<bool>) {
+    let _ = stop.wait_for(|s| *s).await;
+}
+
+async fn sleep_or_stop(d: Duration, stop: &mut watch::Receiver<bool>) -> bool {
+    tokio::select! {
+        () = stopped(stop) => true,
+        () = tokio::time::sleep(d) => false,
+    }
+}
+
+/// Doubling backoff with full jitter between `min` and `max`.
+#[derive(Debug)]
+struct Backoff {
+    min: Duration,
+    max: Duration,
+    current: Duration,
+}
+
+impl Backoff {
+    fn new(min: Duration, max: Duration) -> Self {
+        Self {
+            min,
+            max,
+            current: min,
+        }
+    }
+
+    fn reset(&mut self) {
+        self.current = self.min;
+    }
+
+    /// The next wait: uniformly in `[current/2, current]`, then doubled.
+    fn next(&mut self) -> Duration {
+        let cur = self.current;
+        self.current = (cur * 2).min(self.max);
+        let mut b = [0u8; 8];
+        let _ = getrandom::fill(&mut b);
+        let frac = (u64::from_le_bytes(b) % 1000) as u32;
+        let half = cur / 2;
+        (half + (cur - half) * frac / 1000).max(self.min.min(cur))
+    }
+}
+
+/// What the worker does, in order.
+#[derive(Debug)]
+enum Work {
+    Connected,
+    Desired {
+        source: Source,
+        payload: bytes::Bytes,
+        retained: bool,
+    },
+}
+
+fn incoming(topics: &Topics, p: Publish) -> Option<Work> {
+    let topic = std::str::from_utf8(&p.topic).ok()?;
+    let source = topics.source_of(topic)?;
+    Some(Work::Desired {
+        source,
+        payload: p.payload,
+        retained: p.retain,
+    })
+}
+
+/// `out/state`'s payload.
+fn state_payload(online: bool, api: &ApiState) -> Vec<u8> {
+    serde_json::to_vec(&serde_json::json!({
+        "state": if online { "online" } else { "offline" },
+        "daemon": api.info.version,
+    }))
+    .unwrap_or_default()
+}
+
+/// Applies desired deployments one at a time and keeps `out/reported`
+/// current.
+async fn worker(
+    config: CloudConfig,
+    api: Arc<ApiState>,
+    client: AsyncClient,
+    topics: Topics,
+    mut work: mpsc::Receiver<Work>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut last_reported: Option<serde_json::Value> = None;
+    let mut tick = tokio::time::interval(config.report_interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = stopped(&mut stop) => return,
+            w = work.recv() => match w {
+                None => return,
+                Some(Work::Connected) => {
+                    let subs = topics.subscriptions();
+                    for t in subs {
+                        if let Err(e) = client.subscribe(t.clone(), QoS::AtLeastOnce).await {
+                            tracing::error!(topic = %t, error = %e, "cloud: cannot subscribe");
+                        }
+                    }
+                    let _ = client
+                        .publish(topics.state(), QoS::AtLeastOnce, true, state_payload(true, &api))
+                        .await;
+                    // Retained, so a fresh report on each connection.
+                    last_reported = None;
+                }
+                Some(Work::Desired { source, payload, retained }) => {
+                    handle_desired(&config, &api, &client, &topics, source, &payload, retained).await;
+                }
+            },
+            _ = tick.tick() => {}
+        }
+        match reported(&api) {
+            Ok(r) if last_reported.as_ref() != Some(&r) => {
+                let bytes = serde_json::to_vec(&r).unwrap_or_default();
+                if client
+                    .publish(topics.reported(), QoS::AtLeastOnce, true, bytes)
+                    .await
+                    .is_ok()
+                {
+                    last_reported = Some(r);
+                }
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "cloud: cannot read the module states to report"),
+        }
+    }
+}
+
+fn applied(api: &ApiState) -> Result<Option<Applied>, String> {
+    api.registry
+        .meta(APPLIED_KEY)
+        .map_err(|e| e.to_string())?
+        .map(|b| serde_json::from_slice(&b).map_err(|e| format!("{APPLIED_KEY}: {e}")))
+        .transpose()
+}
+
+/// `out/reported`: what the device runs.
+fn reported(api: &ApiState) -> Result<serde_json::Value, String> {
+    let views = crate::api::all_views(api).map_err(|e| e.message)?;
+    let modules: Vec<serde_json::Value> = views
+        .iter()
+        .filter_map(|v| serde_json::to_value(v).ok())
+        .map(|v| {
+            serde_json::json!({
+                "name": v["name"],
+                "origin": v["origin"],
+                "state": v["state"],
+                "digest": v["digest"],
+                "starts": v["starts"],
+                "reason": v.get("reason"),
+            })
+        })
+        .collect();
+    let applied = applied(api)?;
+    Ok(serde_json::json!({
+        "device": api.info.device_id,
+        "version": applied.as_ref().map(|a| a.version.to_string()),
+        "manifest": applied.as_ref().map(|a| a.manifest.clone()),
+        "source": applied.as_ref().map(|a| a.source.to_string()),
+        "modules": modules,
+        "runtime": {
+            "platform": { "version": api.info.runtime_platform_version },
+        },
+        "daemon": {
+            "version": api.info.version,
+            "hsm": api.info.hsm_backend,
+            "instance": instance(),
+        },
+    }))
+}
+
+/// A random id for this daemon process: a report from a restarted daemon
+/// is told from the retained one of its previous run.
+fn instance() -> &'static str {
+    static ID: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    ID.get_or_init(|| {
+        let mut b = [0u8; 8];
+        let _ = getrandom::fill(&mut b);
+        crate::measure::hex(&b)
+    })
+}
+
+async fn event(client: &AsyncClient, topics: &Topics, ev: serde_json::Value) {
+    let mut ev = ev;
+    ev["at"] = crate::identity::unix_now().into();
+    let bytes = serde_json::to_vec(&ev).unwrap_or_default();
+    if let Err(e) = client
+        .publish(topics.events(), QoS::AtLeastOnce, false, bytes)
+        .await
+    {
+        tracing::warn!(error = %e, "cloud: event not queued");
+    }
+}
+
+/// Logs and reports a refused deployment.
+async fn refuse(
+    client: &AsyncClient,
+    topics: &Topics,
+    source: &Source,
+    version: Option<String>,
+    reason: String,
+) {
+    tracing::warn!(%source, ?version, %reason, "cloud: desired deployment refused");
+    event(
+        client,
+        topics,
+        serde_json::json!({
+            "kind": "deployment-refused", "source": source.to_string(),
+            "version": version, "reason": reason,
+        }),
+    )
+    .await;
+}
+
+async fn handle_desired(
+    config: &CloudConfig,
+    api: &ApiState,
+    client: &AsyncClient,
+    topics: &Topics,
+    source: Source,
+    payload: &[u8],
+    retained: bool,
+) {
+    if payload.is_empty() {
+        // A cleared retained message: nothing is desired from there.
+        return;
+    }
+    let last = match applied(api) {
+        Ok(a) => a,
+        Err(e) => {
+            tracing::error!(error = %e, "cloud: cannot read the applied version; deployment not applied");
+            return;
+        }
+    };
+    let accepted = match desired::check(payload, &config.deployment_keys, last.as_ref()) {
+        Verdict::Current => return,
+        Verdict::Refused { version, reason } => {
+            // A retained deployment older than the one applied (the group's,
+            // when the device's own is newer) is history, not an attack.
+            let stale = retained && reason.contains("not newer");
+            if stale {
+                tracing::debug!(%source, ?version, "cloud: retained deployment older than the applied one");
+                return;
+            }
+            refuse(client, topics, &source, version, reason).await;
+            return;
+        }
+        Verdict::Apply(a) => a,
+    };
+    let version = accepted.version;
+    if let Err(reason) = fetch_components(api, &accepted.sources, &accepted.deployment).await {
+        refuse(client, topics, &source, Some(version.to_string()), reason).await;
+        return;
+    }
+    let signed_by = accepted.deployment.signed_by.clone().unwrap_or_default();
+    match crate::api::deploy_as(
+        api,
+        Origin::Cloud,
+        DeployBody::Verified(accepted.deployment),
+        false,
+    )
+    .await
+    {
+        Ok(plan) => {
+            let record = Applied {
+                version,
+                manifest: accepted.manifest.to_string(),
+                source: source.clone(),
+                signed_by,
+            };
+            let bytes = serde_json::to_vec(&record).unwrap_or_default();
+            if let Err(e) = api.registry.put_meta(APPLIED_KEY, &bytes) {
+                tracing::error!(error = %e, "cloud: the applied version was not recorded");
+            }
+            tracing::info!(%source, version, add = ?plan.add, update = ?plan.update, remove = ?plan.remove, "cloud: deployment applied");
+            event(
+                client,
+                topics,
+                serde_json::json!({
+                    "kind": "deployment-applied", "source": source.to_string(),
+                    "version": version.to_string(), "plan": plan,
+                }),
+            )
+            .await;
+        }
+        Err(e) => {
+            refuse(
+                client,
+                topics,
+                &source,
+                Some(version.to_string()),
+                e.message,
+            )
+            .await
+        }
+    }
+}
+
+/// Brings every component the deployment pins into the component store,
+/// each checked against its digest before it is stored: nothing that does
+/// not hash to its pin is kept, let alone compiled.
+async fn fetch_components(
+    api: &ApiState,
+    sources: &std::collections::BTreeMap<crate::measure::Digest, String>,
+    deployment: &crate::api::Deployment,
+) -> Result<(), String> {
+    for m in &deployment.modules {
+        let digest: crate::measure::Digest = m
+            .digest
+            .parse()
+            .map_err(|e| format!("module {}: {e}", m.name))?;
+        if api.components.contains(&digest) {
+            continue;
+        }
+        let Some(source) = sources.get(&digest) else {
+            return Err(format!(
+                "module {}: component {digest} is not on the device and the deployment names no source for it",
+                m.name
+            ));
+        };
+        let bytes = fetch(source)
+            .await
+            .map_err(|e| format!("module {}: {source}: {e}", m.name))?;
+        let got = crate::measure::Digest::of(&bytes);
+        if got != digest {
+            return Err(format!(
+                "module {}: {source} gave a component that hashes to {got}, not the pinned {digest}; refused before compiling",
+                m.name
+            ));
+        }
+        api.components
+            .put_bytes(&digest, &bytes)
+            .map_err(|e| format!("module {}: cannot store the component: {e}", m.name))?;
+    }
+    Ok(())
+}
+
+/// The largest component fetched.
+pub const MAX_COMPONENT: u64 = 256 << 20;
+
+async fn fetch(source: &str) -> Result<Vec<u8>, String> {
+    let path = source.strip_prefix("file://").unwrap_or(source);
+    if path.starts_with('/') {
+        let path = PathBuf::from(path);
+        return tokio::task::spawn_blocking(move || {
+            let meta = std::fs::metadata(&path).map_err(|e| e.to_string())?;
+            if meta.len() > MAX_COMPONENT {
+                return Err(format!("{} bytes, more than {MAX_COMPONENT}", meta.len()));
+            }
+            std::fs::read(&path).map_err(|e| e.to_string())
+        })
+        .await
+        .map_err(|e| e.to_string())?;
+    }
+    Err("unsupported source: use a local path (oci:// and https:// are not fetched yet)".into())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    #[test]
+    fn broker_urls_are_checked() {
+        assert_eq!(
+            parse_broker("mqtts://b.example").unwrap(),
+            ("b.example".into(), 8883)
+        );
+        assert_eq!(
+            parse_broker("mqtts://127.0.0.1:18883").unwrap(),
+            ("127.0.0.1".into(), 18883)
+        );
+        assert_eq!(parse_broker("mqtts://[::1]:1/").unwrap(), ("::1".into(), 1));
+        for bad in [
+            "mqtt://b:1883",
+            "b:8883",
+            "mqtts://",
+            "mqtts://b:0",
+            "mqtts://b:x",
+            "mqtts://a b",
+            "mqtts://[::1",
+        ] {
+            assert!(parse_broker(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn backoff_doubles_with_jitter_within_bounds() {
+        let (min, max) = (Duration::from_millis(100), Duration::from_secs(1));
+        let mut b = Backoff::new(min, max);
+        let waits: Vec<Duration> = (0..8).map(|_| b.next()).collect();
+        for w in &waits {
+            assert!(*w >= Duration::from_millis(50) && *w <= max, "{w:?}");
+        }
+        assert!(waits[6] >= Duration::from_millis(500), "{waits:?}");
+        b.reset();
+        assert!(b.next() <= min);
+    }
+}
