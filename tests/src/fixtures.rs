@@ -29,9 +29,17 @@ pub struct Swtpm {
     dir: tempfile::TempDir,
 }
 
+/// A loopback port free a moment ago.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .expect("bind a loopback port")
+        .local_addr()
+        .expect("addr")
+        .port()
+}
+
 /// A free loopback port `p` whose neighbour `p + 1` is free too (swtpm's
-/// data and control ports).
-/// Pairs handed out in this process never overlap (the tests of one binary
+/// data and control ports). Pairs handed out in this process never overlap (the tests of one binary
 /// run in parallel threads); other processes are caught by `wait_ready`.
 pub fn free_port_pair() -> u16 {
     static HANDED_OUT: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
@@ -486,11 +494,7 @@ impl Mosquitto {
         std::fs::copy(&key, m.dir.path().join("broker.key")).expect("copy");
         std::fs::copy(ca.root(), m.dir.path().join("ca.pem")).expect("copy");
         for _ in 0..10 {
-            let port = TcpListener::bind("127.0.0.1:0")
-                .expect("bind")
-                .local_addr()
-                .expect("addr")
-                .port();
+            let port = free_port();
             m.port = port;
             if m.spawn() {
                 return m;
@@ -719,6 +723,78 @@ impl Subscription {
 }
 
 impl Drop for Subscription {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// An OCI registry (Debian's `docker-registry`, the CNCF distribution
+/// registry) on a free loopback port, plain HTTP, storing in a tempdir.
+#[derive(Debug)]
+pub struct Registry {
+    child: Child,
+    port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl Default for Registry {
+    fn default() -> Self {
+        Self::start()
+    }
+}
+
+impl Registry {
+    /// Starts one.
+    pub fn start() -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        for _ in 0..10 {
+            let port = free_port();
+            let conf = dir.path().join("config.yml");
+            std::fs::write(
+                &conf,
+                format!(
+                    "version: 0.1\nlog:\n  level: error\n  accesslog:\n    disabled: true\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: 127.0.0.1:{port}\n",
+                    dir.path().join("data").display()
+                ),
+            )
+            .expect("write the registry config");
+            let mut child = Command::new("docker-registry")
+                .arg("serve")
+                .arg(&conf)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap_or_else(|e| {
+                    panic!("cannot start docker-registry ({e}): install Debian's docker-registry (scripts/setup)")
+                });
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = child.try_wait() {
+                    break;
+                }
+                if listens_on(child.id(), port) {
+                    return Self {
+                        child,
+                        port,
+                        _dir: dir,
+                    };
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        panic!("docker-registry did not start on any loopback port");
+    }
+
+    /// `127.0.0.1:PORT`.
+    pub fn host(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for Registry {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();

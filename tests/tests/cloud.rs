@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use common::daemon::Daemon;
 use common::*;
-use edgeward_tests::fixtures::{Mosquitto, MqttUser, OrgCa, Swtpm};
+use edgeward_tests::fixtures::{Mosquitto, MqttUser, OrgCa, Registry, Swtpm};
 
 const WAIT: Duration = Duration::from_secs(60);
 
@@ -72,6 +72,40 @@ impl Fleet {
             key,
             ..self.operator.clone()
         }
+    }
+
+    /// `edgeward fleet ARGS` as the operator (its fleet.toml).
+    fn fleet(&self, args: &[&str]) -> std::process::Output {
+        let toml = self.dir.write(
+            "fleet.toml",
+            &format!(
+                "broker = \"{}\"\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n",
+                self.broker.url(),
+                self.operator.ca.display(),
+                self.operator.cert.display(),
+                self.operator.key.display()
+            ),
+        );
+        self.dir
+            .edgeward()
+            .arg("fleet")
+            .args(args)
+            .arg("--config")
+            .arg(toml)
+            .output()
+            .unwrap()
+    }
+
+    /// `fleet deploy` of `manifest` to `target` (`--device ID` or
+    /// `--group G`), with `extra` flags.
+    fn deploy(&self, manifest: &str, target: &[&str], extra: &[&str]) -> std::process::Output {
+        let file = self.dir.write("deploy.toml", manifest);
+        let mut args = vec!["deploy", file.to_str().unwrap(), "--key"];
+        let key = self.deploy_key.to_str().unwrap().to_owned();
+        args.push(&key);
+        args.extend_from_slice(target);
+        args.extend_from_slice(extra);
+        self.fleet(&args)
     }
 
     /// The signed desired deployment of `manifest` (signed with `key`, or
@@ -432,4 +466,214 @@ fn a_device_runs_its_last_deployment_without_the_broker_and_reports_when_it_retu
     assert_eq!(again["manifest"], first["manifest"]);
     let (status, _, _) = d.terminate();
     assert!(status.success());
+}
+
+/// `fleet status --json`, by device.
+fn status(fleet: &Fleet) -> std::collections::BTreeMap<String, serde_json::Value> {
+    let o = fleet.fleet(&["status", "--json"]);
+    assert_status(&o, 0);
+    let rows: Vec<serde_json::Value> = serde_json::from_str(&stdout(&o)).unwrap();
+    rows.into_iter()
+        .map(|r| (r["device"].as_str().unwrap().to_owned(), r))
+        .collect()
+}
+
+/// `fleet push FILE oci://…`: (component digest, manifest digest).
+fn push(fleet: &Fleet, file: &str, reference: &str) -> (String, String) {
+    let o = fleet.fleet(&["push", file, reference]);
+    assert_status(&o, 0);
+    let out = stdout(&o);
+    let field = |name: &str| {
+        out.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .unwrap()
+            .trim()
+            .to_owned()
+    };
+    (field("component"), field("manifest"))
+}
+
+#[test]
+fn components_come_from_an_oci_registry_by_pinned_digest_and_deployments_roll_back() {
+    let fleet = Fleet::new("");
+    let registry = Registry::start();
+    let s = Scratch::new();
+    let config = device(&fleet, &s, "gw-1", "", "");
+    let d = Daemon::start(&s, &config);
+    let (component, manifest) = push(
+        &fleet,
+        guests::TEMPERATURE_SENSOR,
+        &format!("oci://{}/edge/sensor:1.0", registry.host()),
+    );
+    assert_eq!(component, sha256sum(guests::TEMPERATURE_SENSOR));
+    assert!(manifest.starts_with("sha256:") && manifest != component);
+    let (other, _) = push(
+        &fleet,
+        guests::IDENTITY_PROBE,
+        &format!("oci://{}/edge/probe:1.0", registry.host()),
+    );
+
+    // By tag and by manifest digest: the same component, fetched once.
+    let v1 = format!(
+        "version = \"1\"\n\n[[module]]\nname = \"sensor\"\ndigest = \"{component}\"\nsource = \"oci://{r}/edge/sensor:1.0\"\nenv = {{ INTERVAL_MS = \"100\" }}\n\n[[module]]\nname = \"sensor-b\"\ndigest = \"{component}\"\nsource = \"oci://{r}/edge/sensor@{manifest}\"\nenv = {{ INTERVAL_MS = \"100\" }}\n",
+        r = registry.host()
+    );
+    let o = fleet.deploy(
+        &v1,
+        &["--device", "gw-1"],
+        &["--wait", "--bake", "500ms", "--timeout", "60s"],
+    );
+    assert_status(&o, 0);
+    let st = status(&fleet);
+    assert_eq!(st["gw-1"]["status"], "ok", "{st:?}");
+    assert_eq!(st["gw-1"]["version"], "1");
+    assert_eq!(st["gw-1"]["online"], true);
+
+    // A pin the registry's layer does not match: refused before
+    // downloading, reported, and `deploy --wait` says so.
+    let wrong = format!(
+        "version = \"2\"\n\n[[module]]\nname = \"probe\"\ndigest = \"sha256:{}\"\nsource = \"oci://{}/edge/probe:1.0\"\n",
+        "0".repeat(64),
+        registry.host()
+    );
+    let o = fleet.deploy(
+        &wrong,
+        &["--device", "gw-1"],
+        &["--wait", "--timeout", "60s"],
+    );
+    assert_status(&o, 3);
+    assert!(
+        stderr(&o).contains("refused before downloading"),
+        "{}",
+        stderr(&o)
+    );
+    let st = status(&fleet);
+    assert_eq!(st["gw-1"]["status"], "failed", "{st:?}");
+    assert_eq!(st["gw-1"]["desired"], 2);
+    let stored: Vec<String> = std::fs::read_dir(s.state().join("components"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(
+        stored,
+        [format!("{}.wasm", component.replace(':', "-"))],
+        "only the sensor is stored, once; not {other}"
+    );
+    // An older version is refused by the CLI before it is published.
+    let o = fleet.deploy(&v1, &["--device", "gw-1"], &[]);
+    assert_status(&o, 1);
+    assert!(stderr(&o).contains("must be newer"), "{}", stderr(&o));
+
+    // Rollback: the previous deployment (1) again, as version 3.
+    let o = fleet.fleet(&[
+        "rollback",
+        "--device",
+        "gw-1",
+        "--key",
+        fleet.deploy_key.to_str().unwrap(),
+    ]);
+    assert_status(&o, 0);
+    assert!(stderr(&o).contains("as version 3"), "{}", stderr(&o));
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let st = status(&fleet);
+        if st["gw-1"]["version"] == "3" && st["gw-1"]["status"] == "ok" {
+            assert_eq!(st["gw-1"]["modules"], 2);
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "rollback not reported: {st:?}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let (status, _, _) = d.terminate();
+    assert!(status.success());
+}
+
+#[test]
+fn a_canary_rollout_stops_when_the_canary_fails_and_continues_when_it_is_healthy() {
+    let acl: String = ["gw-a", "gw-b", "gw-c"]
+        .iter()
+        .map(|d| format!("\nuser {d}\ntopic read ew/v1/g/line-a/desired\n"))
+        .collect();
+    let fleet = Fleet::new(&acl);
+    let devices: Vec<(Scratch, Daemon)> = ["gw-a", "gw-b", "gw-c"]
+        .iter()
+        .map(|id| {
+            let s = Scratch::new();
+            let config = device(&fleet, &s, id, "", "");
+            let d = Daemon::start(&s, &config);
+            (s, d)
+        })
+        .collect();
+    let deadline = std::time::Instant::now() + WAIT;
+    while status(&fleet)
+        .values()
+        .filter(|r| r["online"] == true)
+        .count()
+        < 3
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the devices did not come online"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // A component that traps at once: the canary backs off and fails.
+    let crasher = devices[0].0.command_component(
+        "crasher.wasm",
+        r#"(func (export "run") (result i32) unreachable)"#,
+    );
+    let bad = pinned_manifest("1", "crasher", &sha256sum(&crasher), &crasher);
+    let o = fleet.deploy(
+        &bad,
+        &["--group", "line-a"],
+        &["--canary", "30%", "--bake", "3s", "--timeout", "60s"],
+    );
+    assert_status(&o, 3);
+    assert!(
+        stderr(&o).contains("canary failed, rollout stopped"),
+        "{}",
+        stderr(&o)
+    );
+    let st = status(&fleet);
+    assert_eq!(st["gw-a"]["status"], "failed", "{st:?}");
+    for d in ["gw-b", "gw-c"] {
+        assert!(
+            st[d]["version"].is_null(),
+            "{d} got the failed rollout: {st:?}"
+        );
+    }
+
+    // A healthy one goes to the canary, then to the whole group.
+    let good = sensor_manifest("2", "sensor", guests::TEMPERATURE_SENSOR);
+    let o = fleet.deploy(
+        &good,
+        &["--group", "line-a"],
+        &[
+            "--canary",
+            "30%",
+            "--bake",
+            "1s",
+            "--timeout",
+            "60s",
+            "--wait",
+        ],
+    );
+    assert_status(&o, 0);
+    assert!(
+        stderr(&o).contains("published to group line-a"),
+        "{}",
+        stderr(&o)
+    );
+    let st = status(&fleet);
+    for d in ["gw-a", "gw-b", "gw-c"] {
+        assert_eq!(st[d]["version"], "2", "{st:?}");
+        assert_eq!(st[d]["status"], "ok", "{st:?}");
+    }
+    for (_, d) in devices {
+        let (status, _, _) = d.terminate();
+        assert!(status.success());
+    }
 }

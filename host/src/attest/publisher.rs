@@ -356,14 +356,23 @@ fn warn_or(
 ///
 /// The key or manifest cannot be read, or the signature written.
 pub fn sign_manifest(key_file: &Path, file: &Path, out: Option<&Path>) -> Result<PathBuf, String> {
+    let bytes = std::fs::read(file).map_err(|e| format!("{}: {e}", file.display()))?;
+    let sig = sign_manifest_bytes(key_file, &bytes)?;
+    let out = out.map_or_else(|| sig_path(file), Path::to_owned);
+    std::fs::write(&out, sig).map_err(|e| format!("{}: {e}", out.display()))?;
+    Ok(out)
+}
+
+/// The signature of [`sign_manifest`] over `bytes` (64 bytes).
+///
+/// # Errors
+///
+/// The key cannot be read.
+pub fn sign_manifest_bytes(key_file: &Path, bytes: &[u8]) -> Result<Vec<u8>, String> {
     let sk = wasmsign2::SecretKey::from_any_file(key_file)
         .map_err(|e| format!("{}: not an Ed25519 secret key: {e}", key_file.display()))?;
-    let bytes = std::fs::read(file).map_err(|e| format!("{}: {e}", file.display()))?;
-    let digest = crate::measure::Digest::of(&bytes);
-    let sig = sk.sk.sign(digest.as_bytes(), None);
-    let out = out.map_or_else(|| sig_path(file), Path::to_owned);
-    std::fs::write(&out, sig.as_ref()).map_err(|e| format!("{}: {e}", out.display()))?;
-    Ok(out)
+    let digest = crate::measure::Digest::of(bytes);
+    Ok(sk.sk.sign(digest.as_bytes(), None).to_vec())
 }
 
 /// Verifies a manifest's signature ([`sign_manifest`]) against `keys`;

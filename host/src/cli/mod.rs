@@ -14,6 +14,7 @@ use clap::{Parser, Subcommand};
 
 mod attest;
 mod check;
+mod fleet;
 mod module;
 
 use crate::config::{self, Config};
@@ -91,6 +92,9 @@ enum Command {
         #[arg(long, value_name = "FILE")]
         config: Option<PathBuf>,
     },
+    /// Operate a fleet through its broker and registry: push, deploy,
+    /// rollback, status, watch, acl.
+    Fleet(fleet::FleetArgs),
     /// The device's own identity: `edgeward identity csr --out FILE`.
     Identity {
         #[command(subcommand)]
@@ -369,6 +373,10 @@ pub fn main() -> ExitCode {
         Command::Bundle { format, config } => {
             init_logging("warn");
             bundle_command(cli.state_dir, config, format)
+        }
+        Command::Fleet(args) => {
+            init_logging("warn");
+            fleet::command(args)
         }
         Command::Identity {
             command: IdentityCommand::Csr { out, config },

@@ -14,7 +14,19 @@
 //! reconnect_min = "1s"                # backoff after a lost connection:
 //! reconnect_max = "5m"                # doubling, with jitter, between these
 //! report_interval = "10s"             # how often module states are compared
+//! fetch_timeout = "5m"                # per registry or https request
+//! registry_ca = "registry-ca.pem"     # optional: roots beside the web PKI's
+//!
+//! [[cloud.registry]]                  # credentials for one registry (basic,
+//! host = "registry.example"           # or for its token service)
+//! username = "edge"
+//! password_file = "/etc/edgeward/registry.pass"
 //! ```
+//!
+//! A deployment's module names its component by digest and may say where
+//! to fetch it: `source = "oci://registry/repo:tag"` (or `@sha256:…`),
+//! `https://…`, or a local path. Plain HTTP is used for loopback
+//! registries only.
 //!
 //! Topics, one tree per device (see `topics`):
 //!
@@ -39,6 +51,7 @@
 //!   never leaves the HSM.
 
 pub mod desired;
+pub mod oci;
 pub mod tls;
 pub mod topics;
 
@@ -89,6 +102,21 @@ pub struct CloudConfig {
     pub reconnect_max: Duration,
     /// How often module states are compared with what was reported.
     pub report_interval: Duration,
+    /// Per registry or https request.
+    pub fetch_timeout: Duration,
+    /// Extra roots (PEM) for registries and https sources.
+    pub registry_roots: Option<Vec<u8>>,
+    /// Credentials by registry host.
+    pub credentials: std::collections::BTreeMap<String, oci::Credentials>,
+}
+
+/// `[[cloud.registry]]`.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRegistry {
+    host: String,
+    username: String,
+    password_file: PathBuf,
 }
 
 /// `[cloud]` as written.
@@ -106,6 +134,10 @@ pub struct RawCloud {
     reconnect_min: Option<String>,
     reconnect_max: Option<String>,
     report_interval: Option<String>,
+    fetch_timeout: Option<String>,
+    registry_ca: Option<PathBuf>,
+    #[serde(default, rename = "registry")]
+    registries: Vec<RawRegistry>,
 }
 
 impl RawCloud {
@@ -155,6 +187,53 @@ impl RawCloud {
             ms(100),
             s(3600),
         )?;
+        let fetch_timeout = dur("fetch_timeout", &self.fetch_timeout, s(300), s(1), s(3600))?;
+        let registry_roots = match &self.registry_ca {
+            None => None,
+            Some(p) => {
+                let p = resolve(p);
+                let pem = std::fs::read(&p)
+                    .map_err(|e| format!("cloud.registry_ca {}: {e}", p.display()))?;
+                if roots(&pem)
+                    .map_err(|e| format!("cloud.registry_ca {}: {e}", p.display()))?
+                    .is_empty()
+                {
+                    return Err(format!(
+                        "cloud.registry_ca {}: no certificate in it",
+                        p.display()
+                    ));
+                }
+                Some(pem)
+            }
+        };
+        let mut credentials = std::collections::BTreeMap::new();
+        for r in self.registries {
+            let file = resolve(&r.password_file);
+            let password = std::fs::read_to_string(&file).map_err(|e| {
+                format!(
+                    "cloud.registry {}: password_file {}: {e}",
+                    r.host,
+                    file.display()
+                )
+            })?;
+            let password =
+                zeroize::Zeroizing::new(password.trim_end_matches(['\n', '\r']).to_owned());
+            if r.host.is_empty() || r.host.contains('/') {
+                return Err(format!("cloud.registry: host {:?}: HOST[:PORT]", r.host));
+            }
+            if credentials
+                .insert(
+                    r.host.clone(),
+                    oci::Credentials {
+                        username: r.username,
+                        password,
+                    },
+                )
+                .is_some()
+            {
+                return Err(format!("cloud.registry: {} appears twice", r.host));
+            }
+        }
         if self.deployment_keys.is_empty() {
             return Err(
                 "cloud.deployment_keys: name at least one key file (deployments from the broker are applied only when one of them signed it)".into(),
@@ -190,12 +269,15 @@ impl RawCloud {
             reconnect_min,
             reconnect_max,
             report_interval,
+            fetch_timeout,
+            registry_roots,
+            credentials,
         })
     }
 }
 
 /// `mqtts://host[:port]`, host a name, an IPv4 address or `[IPv6]`.
-fn parse_broker(url: &str) -> Result<(String, u16), String> {
+pub fn parse_broker(url: &str) -> Result<(String, u16), String> {
     let rest = url.strip_prefix("mqtts://").ok_or_else(|| {
         format!("{url:?}: use mqtts://HOST[:PORT] (the broker is reached over TLS only)")
     })?;
@@ -478,6 +560,7 @@ async fn worker(
     mut stop: watch::Receiver<bool>,
 ) {
     let mut last_reported: Option<serde_json::Value> = None;
+    let mut last_refused: Option<serde_json::Value> = None;
     let mut tick = tokio::time::interval(config.report_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -499,12 +582,13 @@ async fn worker(
                     last_reported = None;
                 }
                 Some(Work::Desired { source, payload, retained }) => {
-                    handle_desired(&config, &api, &client, &topics, source, &payload, retained).await;
+                    let link = Link { config: &config, api: &api, client: &client, topics: &topics };
+                    handle_desired(&link, source, &payload, retained, &mut last_refused).await;
                 }
             },
             _ = tick.tick() => {}
         }
-        match reported(&api) {
+        match reported(&api, &config, last_refused.as_ref()) {
             Ok(r) if last_reported.as_ref() != Some(&r) => {
                 let bytes = serde_json::to_vec(&r).unwrap_or_default();
                 if client
@@ -530,7 +614,11 @@ fn applied(api: &ApiState) -> Result<Option<Applied>, String> {
 }
 
 /// `out/reported`: what the device runs.
-fn reported(api: &ApiState) -> Result<serde_json::Value, String> {
+fn reported(
+    api: &ApiState,
+    config: &CloudConfig,
+    last_refused: Option<&serde_json::Value>,
+) -> Result<serde_json::Value, String> {
     let views = crate::api::all_views(api).map_err(|e| e.message)?;
     let modules: Vec<serde_json::Value> = views
         .iter()
@@ -552,6 +640,8 @@ fn reported(api: &ApiState) -> Result<serde_json::Value, String> {
         "version": applied.as_ref().map(|a| a.version.to_string()),
         "manifest": applied.as_ref().map(|a| a.manifest.clone()),
         "source": applied.as_ref().map(|a| a.source.to_string()),
+        "groups": config.groups,
+        "refused": last_refused,
         "modules": modules,
         "runtime": {
             "platform": { "version": api.info.runtime_platform_version },
@@ -588,34 +678,43 @@ async fn event(client: &AsyncClient, topics: &Topics, ev: serde_json::Value) {
 }
 
 /// Logs and reports a refused deployment.
+/// What handling a desired deployment needs.
+struct Link<'a> {
+    config: &'a CloudConfig,
+    api: &'a ApiState,
+    client: &'a AsyncClient,
+    topics: &'a Topics,
+}
+
 async fn refuse(
-    client: &AsyncClient,
-    topics: &Topics,
+    link: &Link<'_>,
     source: &Source,
     version: Option<String>,
     reason: String,
+    last_refused: &mut Option<serde_json::Value>,
 ) {
     tracing::warn!(%source, ?version, %reason, "cloud: desired deployment refused");
-    event(
-        client,
-        topics,
-        serde_json::json!({
-            "kind": "deployment-refused", "source": source.to_string(),
-            "version": version, "reason": reason,
-        }),
-    )
-    .await;
+    let ev = serde_json::json!({
+        "kind": "deployment-refused", "source": source.to_string(),
+        "version": version, "reason": reason,
+    });
+    *last_refused = Some(ev.clone());
+    event(link.client, link.topics, ev).await;
 }
 
 async fn handle_desired(
-    config: &CloudConfig,
-    api: &ApiState,
-    client: &AsyncClient,
-    topics: &Topics,
+    link: &Link<'_>,
     source: Source,
     payload: &[u8],
     retained: bool,
+    last_refused: &mut Option<serde_json::Value>,
 ) {
+    let Link {
+        config,
+        api,
+        client,
+        topics,
+    } = *link;
     if payload.is_empty() {
         // A cleared retained message: nothing is desired from there.
         return;
@@ -637,14 +736,23 @@ async fn handle_desired(
                 tracing::debug!(%source, ?version, "cloud: retained deployment older than the applied one");
                 return;
             }
-            refuse(client, topics, &source, version, reason).await;
+            refuse(link, &source, version, reason, last_refused).await;
             return;
         }
         Verdict::Apply(a) => a,
     };
     let version = accepted.version;
-    if let Err(reason) = fetch_components(api, &accepted.sources, &accepted.deployment).await {
-        refuse(client, topics, &source, Some(version.to_string()), reason).await;
+    if let Err(reason) =
+        fetch_components(config, api, &accepted.sources, &accepted.deployment).await
+    {
+        refuse(
+            link,
+            &source,
+            Some(version.to_string()),
+            reason,
+            last_refused,
+        )
+        .await;
         return;
     }
     let signed_by = accepted.deployment.signed_by.clone().unwrap_or_default();
@@ -667,6 +775,7 @@ async fn handle_desired(
             if let Err(e) = api.registry.put_meta(APPLIED_KEY, &bytes) {
                 tracing::error!(error = %e, "cloud: the applied version was not recorded");
             }
+            *last_refused = None;
             tracing::info!(%source, version, add = ?plan.add, update = ?plan.update, remove = ?plan.remove, "cloud: deployment applied");
             event(
                 client,
@@ -680,11 +789,11 @@ async fn handle_desired(
         }
         Err(e) => {
             refuse(
-                client,
-                topics,
+                link,
                 &source,
                 Some(version.to_string()),
                 e.message,
+                last_refused,
             )
             .await
         }
@@ -695,6 +804,7 @@ async fn handle_desired(
 /// each checked against its digest before it is stored: nothing that does
 /// not hash to its pin is kept, let alone compiled.
 async fn fetch_components(
+    config: &CloudConfig,
     api: &ApiState,
     sources: &std::collections::BTreeMap<crate::measure::Digest, String>,
     deployment: &crate::api::Deployment,
@@ -713,7 +823,7 @@ async fn fetch_components(
                 m.name
             ));
         };
-        let bytes = fetch(source)
+        let bytes = fetch(config, source, &digest)
             .await
             .map_err(|e| format!("module {}: {source}: {e}", m.name))?;
         let got = crate::measure::Digest::of(&bytes);
@@ -733,21 +843,40 @@ async fn fetch_components(
 /// The largest component fetched.
 pub const MAX_COMPONENT: u64 = 256 << 20;
 
-async fn fetch(source: &str) -> Result<Vec<u8>, String> {
-    let path = source.strip_prefix("file://").unwrap_or(source);
-    if path.starts_with('/') {
-        let path = PathBuf::from(path);
-        return tokio::task::spawn_blocking(move || {
-            let meta = std::fs::metadata(&path).map_err(|e| e.to_string())?;
-            if meta.len() > MAX_COMPONENT {
-                return Err(format!("{} bytes, more than {MAX_COMPONENT}", meta.len()));
-            }
-            std::fs::read(&path).map_err(|e| e.to_string())
-        })
-        .await
-        .map_err(|e| e.to_string())?;
+/// The component at `source` that should hash to `pin`.
+async fn fetch(
+    config: &CloudConfig,
+    source: &str,
+    pin: &crate::measure::Digest,
+) -> Result<Vec<u8>, String> {
+    if source.starts_with("oci://") {
+        let r: oci::Reference = source.parse()?;
+        let mut c = oci::Client::new(
+            config.registry_roots.as_deref(),
+            config.credentials.get(&r.registry).cloned(),
+        )?;
+        c.timeout = config.fetch_timeout;
+        return c.pull(&r, pin, MAX_COMPONENT).await;
     }
-    Err("unsupported source: use a local path (oci:// and https:// are not fetched yet)".into())
+    if source.starts_with("https://") || source.starts_with("http://") {
+        let mut c = oci::Client::new(config.registry_roots.as_deref(), None)?;
+        c.timeout = config.fetch_timeout;
+        return c.get(source, MAX_COMPONENT).await;
+    }
+    let path = source.strip_prefix("file://").unwrap_or(source);
+    if !path.starts_with('/') {
+        return Err("a source is oci://…, https://… or an absolute local path".into());
+    }
+    let path = PathBuf::from(path);
+    tokio::task::spawn_blocking(move || {
+        let meta = std::fs::metadata(&path).map_err(|e| e.to_string())?;
+        if meta.len() > MAX_COMPONENT {
+            return Err(format!("{} bytes, more than {MAX_COMPONENT}", meta.len()));
+        }
+        std::fs::read(&path).map_err(|e| e.to_string())
+    })
+    .await
+    .map_err(|e| e.to_string())?
 }
 
 #[cfg(test)]

@@ -1,0 +1,1081 @@
+//! `edgeward fleet`: the operator's side of the cloud interface. It talks
+//! to the fleet's broker as an operator (a client certificate whose CN the
+//! broker's ACL lets write `in/` topics and read `out/` ones) and to an OCI
+//! registry.
+//!
+//! Connection settings come from flags or a `fleet.toml`:
+//!
+//! ```toml
+//! broker = "mqtts://broker.example:8883"
+//! ca = "org-root.pem"        # roots for the broker's certificate
+//! cert = "operator.pem"      # the operator's client certificate (chain)
+//! key = "operator.key"       # and its key (PEM)
+//! ```
+//!
+//! What each command publishes, and where:
+//! - `deploy`: the signed manifest, retained, on `ew/v1/d/<id>/in/desired`
+//!   or `ew/v1/g/<group>/desired`; what it replaces goes to
+//!   `ew/v1/ops/d|g/<target>/previous` (retained), which `rollback` reads.
+//! - `attest`: a challenge on `ew/v1/d/<id>/in/attest/challenge`.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clap::{Args, Subcommand};
+use rumqttc::v5::mqttbytes::QoS;
+use rumqttc::v5::mqttbytes::v5::{Packet, Publish};
+use rumqttc::v5::{AsyncClient, Event, MqttOptions};
+use rumqttc::{TlsConfiguration, Transport};
+use tokio::sync::mpsc;
+
+use crate::api::SignedManifest;
+use crate::cloud::oci;
+use crate::cloud::topics::Topics;
+
+/// `edgeward fleet`.
+#[derive(Debug, Args)]
+pub struct FleetArgs {
+    /// A fleet.toml with broker, ca, cert, key.
+    #[arg(long, value_name = "FILE", global = true)]
+    config: Option<PathBuf>,
+    /// The broker: mqtts://HOST[:PORT]. The connection flags go before
+    /// the subcommand (`fleet --key OP.key deploy M --key DEPLOY.key`).
+    #[arg(long, value_name = "URL")]
+    broker: Option<String>,
+    /// Roots for the broker's certificate (PEM).
+    #[arg(long, value_name = "FILE")]
+    ca: Option<PathBuf>,
+    /// The operator's client certificate (PEM, chain).
+    #[arg(long, value_name = "FILE")]
+    cert: Option<PathBuf>,
+    /// The operator's key (PEM).
+    #[arg(long, value_name = "FILE")]
+    key: Option<PathBuf>,
+    #[command(subcommand)]
+    command: FleetCommand,
+}
+
+/// A device or a group.
+#[derive(Debug, Args, Clone)]
+#[group(required = true, multiple = false)]
+struct Target {
+    /// One device.
+    #[arg(long, value_name = "ID")]
+    device: Option<String>,
+    /// A group of devices.
+    #[arg(long, value_name = "GROUP")]
+    group: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+enum FleetCommand {
+    /// Publish a component as a Wasm OCI artifact; print the component
+    /// digest (pin it in manifests) and the manifest digest.
+    Push {
+        /// The component.
+        file: PathBuf,
+        /// oci://REGISTRY/REPOSITORY:TAG
+        reference: String,
+        /// Extra roots for the registry (PEM).
+        #[arg(long, value_name = "FILE")]
+        registry_ca: Option<PathBuf>,
+        /// Registry user name.
+        #[arg(long)]
+        username: Option<String>,
+        /// A file holding the registry password or token.
+        #[arg(long, value_name = "FILE")]
+        password_file: Option<PathBuf>,
+    },
+    /// Sign a deployment manifest and publish it as the desired deployment
+    /// of a device or a group.
+    Deploy {
+        /// The manifest (TOML or JSON; `version` a counter above the
+        /// current one; modules pin digests and may name a `source`).
+        manifest: PathBuf,
+        /// The deployment key (Ed25519) the devices trust.
+        #[arg(long, value_name = "FILE")]
+        key: PathBuf,
+        #[command(flatten)]
+        target: Target,
+        /// Staged rollout to a group: N% of its devices first (at least
+        /// one); the rest only when those report it healthy.
+        #[arg(long, value_name = "N%")]
+        canary: Option<String>,
+        /// Wait until the devices report it (applied and healthy, or
+        /// refused).
+        #[arg(long)]
+        wait: bool,
+        /// How long to wait for reports.
+        #[arg(long, value_name = "DURATION", default_value = "5m")]
+        timeout: String,
+        /// How long the devices must stay healthy once they report it
+        /// (canaries before the rest; with --wait, all).
+        #[arg(long, value_name = "DURATION", default_value = "30s")]
+        bake: String,
+    },
+    /// Publish the previous deployment again, under a new version.
+    Rollback {
+        /// The deployment key.
+        #[arg(long, value_name = "FILE")]
+        key: PathBuf,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Every device's reported state: online or offline, the version it
+    /// runs, whether it is behind or failed.
+    Status {
+        /// Only this device.
+        #[arg(long, value_name = "ID")]
+        device: Option<String>,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print the devices' events (JSON lines) as they come.
+    Watch {
+        /// Stop after this long (default: until interrupted).
+        #[arg(long, value_name = "DURATION")]
+        duration: Option<String>,
+    },
+    /// Print the broker ACL for a fleet (Mosquitto's acl_file format).
+    Acl {
+        /// DEVICE=GROUP[,GROUP...]: a device's group memberships.
+        #[arg(long = "member", value_name = "DEVICE=GROUPS")]
+        members: Vec<String>,
+        /// Operators' certificate CNs (default: operator).
+        #[arg(long = "operator", value_name = "CN")]
+        operators: Vec<String>,
+    },
+}
+
+/// Runs `edgeward fleet`.
+pub fn command(args: FleetArgs) -> ExitCode {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => return super::fail(e, 1),
+    };
+    match rt.block_on(run(args)) {
+        Ok(code) => code,
+        Err(e) => super::fail(e, 1),
+    }
+}
+
+async fn run(args: FleetArgs) -> Result<ExitCode, String> {
+    match &args.command {
+        FleetCommand::Push {
+            file,
+            reference,
+            registry_ca,
+            username,
+            password_file,
+        } => {
+            push(
+                file,
+                reference,
+                registry_ca.as_deref(),
+                username.as_deref(),
+                password_file.as_deref(),
+            )
+            .await
+        }
+        FleetCommand::Acl { members, operators } => acl(members, operators),
+        FleetCommand::Deploy {
+            manifest,
+            key,
+            target,
+            canary,
+            wait,
+            timeout,
+            bake,
+        } => {
+            let timeout =
+                crate::units::parse_duration(timeout).map_err(|e| format!("--timeout: {e}"))?;
+            let bake = crate::units::parse_duration(bake).map_err(|e| format!("--bake: {e}"))?;
+            let text = std::fs::read_to_string(manifest)
+                .map_err(|e| format!("{}: {e}", manifest.display()))?;
+            let mut s = Session::connect(&settings(&args)?).await?;
+            let code = deploy(
+                &mut s,
+                &text,
+                key,
+                target,
+                &Rollout {
+                    canary: canary.as_deref(),
+                    wait: *wait,
+                    timeout,
+                    bake,
+                },
+            )
+            .await;
+            s.close().await;
+            code
+        }
+        FleetCommand::Rollback { key, target } => {
+            let mut s = Session::connect(&settings(&args)?).await?;
+            let code = rollback(&mut s, key, target).await;
+            s.close().await;
+            code
+        }
+        FleetCommand::Status { device, json } => {
+            let mut s = Session::connect(&settings(&args)?).await?;
+            let fleet = snapshot(&mut s).await?;
+            s.close().await;
+            status(&fleet, device.as_deref(), *json)
+        }
+        FleetCommand::Watch { duration } => {
+            let until = match duration {
+                Some(d) => Some(
+                    Instant::now()
+                        + crate::units::parse_duration(d)
+                            .map_err(|e| format!("--duration: {e}"))?,
+                ),
+                None => None,
+            };
+            let mut s = Session::connect(&settings(&args)?).await?;
+            s.subscribe(&["ew/v1/d/+/out/events", "ew/v1/d/+/out/state"])
+                .await?;
+            loop {
+                let left = until.map(|u| u.saturating_duration_since(Instant::now()));
+                if left == Some(Duration::ZERO) {
+                    break;
+                }
+                let m = match left {
+                    Some(l) => match tokio::time::timeout(l, s.next()).await {
+                        Ok(m) => m,
+                        Err(_) => break,
+                    },
+                    None => s.next().await,
+                };
+                let Some(m) = m else { break };
+                let device = device_of(&m.topic).unwrap_or_default();
+                let payload: serde_json::Value =
+                    serde_json::from_slice(&m.payload).unwrap_or(serde_json::Value::Null);
+                let kind = if m.topic.ends_with("/out/state") {
+                    "state"
+                } else {
+                    "event"
+                };
+                println!(
+                    "{}",
+                    serde_json::json!({ "device": device, "type": kind, "message": payload })
+                );
+            }
+            s.close().await;
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+/// Broker connection settings.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    host: String,
+    port: u16,
+    ca: PathBuf,
+    cert: PathBuf,
+    key: PathBuf,
+}
+
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FleetToml {
+    broker: Option<String>,
+    ca: Option<PathBuf>,
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+}
+
+fn settings(args: &FleetArgs) -> Result<Settings, String> {
+    let (file, base) = match &args.config {
+        Some(p) => {
+            let text = std::fs::read_to_string(p).map_err(|e| format!("{}: {e}", p.display()))?;
+            let t: FleetToml =
+                toml::from_str(&text).map_err(|e| format!("{}: {e}", p.display()))?;
+            (t, p.parent().map(Path::to_owned).unwrap_or_default())
+        }
+        None => (FleetToml::default(), PathBuf::new()),
+    };
+    let rel = |p: PathBuf| if p.is_absolute() { p } else { base.join(p) };
+    let need = |flag: &Option<PathBuf>, file: Option<PathBuf>, name: &str| {
+        flag.clone()
+            .or(file.map(rel))
+            .ok_or_else(|| format!("--{name} (or {name} in --config fleet.toml) is needed"))
+    };
+    let broker = args
+        .broker
+        .clone()
+        .or(file.broker)
+        .ok_or("--broker (or broker in --config fleet.toml) is needed")?;
+    let (host, port) = crate::cloud::parse_broker(&broker).map_err(|e| format!("broker: {e}"))?;
+    Ok(Settings {
+        host,
+        port,
+        ca: need(&args.ca, file.ca, "ca")?,
+        cert: need(&args.cert, file.cert, "cert")?,
+        key: need(&args.key, file.key, "key")?,
+    })
+}
+
+/// An operator's MQTT session.
+struct Session {
+    client: AsyncClient,
+    messages: mpsc::Receiver<Publish>,
+    acks: mpsc::Receiver<Result<(), String>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Session {
+    async fn connect(s: &Settings) -> Result<Self, String> {
+        use rustls::pki_types::pem::PemObject as _;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        let read = |p: &Path| std::fs::read(p).map_err(|e| format!("{}: {e}", p.display()));
+        let mut roots = rustls::RootCertStore::empty();
+        for c in CertificateDer::pem_slice_iter(&read(&s.ca)?) {
+            roots
+                .add(c.map_err(|e| format!("{}: {e}", s.ca.display()))?)
+                .map_err(|e| format!("{}: {e}", s.ca.display()))?;
+        }
+        let chain = CertificateDer::pem_slice_iter(&read(&s.cert)?)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| format!("{}: {e}", s.cert.display()))?;
+        let key = PrivateKeyDer::from_pem_slice(&read(&s.key)?)
+            .map_err(|e| format!("{}: {e}", s.key.display()))?;
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let tls = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| e.to_string())?
+            .with_root_certificates(roots)
+            .with_client_auth_cert(chain, key)
+            .map_err(|e| format!("the operator certificate and key: {e}"))?;
+        let mut id = [0u8; 6];
+        let _ = getrandom::fill(&mut id);
+        let mut o = MqttOptions::new(
+            format!("edgeward-fleet-{}", crate::measure::hex(&id)),
+            &s.host,
+            s.port,
+        );
+        o.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
+            Arc::new(tls),
+        )))
+        .set_keep_alive(Duration::from_secs(30))
+        .set_clean_start(true)
+        .set_max_packet_size(Some(4 << 20));
+        let (client, mut eventloop) = AsyncClient::new(o, 64);
+        let (msg_tx, messages) = mpsc::channel(1024);
+        let (ack_tx, acks) = mpsc::channel(64);
+        let (up_tx, up_rx) = tokio::sync::oneshot::channel();
+        let task = tokio::spawn(async move {
+            let mut up = Some(up_tx);
+            loop {
+                match eventloop.poll().await {
+                    Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                        if let Some(u) = up.take() {
+                            let _ = u.send(Ok(()));
+                        }
+                    }
+                    Ok(Event::Incoming(Packet::Publish(p))) => {
+                        let _ = msg_tx.send(p).await;
+                    }
+                    Ok(Event::Incoming(Packet::PubAck(a))) => {
+                        use rumqttc::v5::mqttbytes::v5::PubAckReason;
+                        let r = match a.reason {
+                            PubAckReason::Success | PubAckReason::NoMatchingSubscribers => Ok(()),
+                            other => Err(format!(
+                                "the broker refused the message: {other:?} (is this operator allowed to write there? see the ACL)"
+                            )),
+                        };
+                        let _ = ack_tx.send(r).await;
+                    }
+                    Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) => return,
+                    Ok(_) => {}
+                    Err(e) => {
+                        match up.take() {
+                            Some(u) => {
+                                let _ = u.send(Err(format!("cannot connect to the broker: {e}")));
+                            }
+                            None => {
+                                let _ = ack_tx
+                                    .send(Err(format!("the broker connection failed: {e}")))
+                                    .await;
+                            }
+                        }
+                        return;
+                    }
+                }
+            }
+        });
+        match tokio::time::timeout(Duration::from_secs(15), up_rx).await {
+            Ok(Ok(Ok(()))) => {}
+            Ok(Ok(Err(e))) => return Err(e),
+            Ok(Err(_)) => return Err("the broker connection ended".into()),
+            Err(_) => {
+                return Err(format!(
+                    "no answer from the broker at {}:{} within 15s",
+                    s.host, s.port
+                ));
+            }
+        }
+        Ok(Self {
+            client,
+            messages,
+            acks,
+            task,
+        })
+    }
+
+    async fn subscribe(&mut self, filters: &[&str]) -> Result<(), String> {
+        for f in filters {
+            self.client
+                .subscribe(*f, QoS::AtLeastOnce)
+                .await
+                .map_err(|e| e.to_string())?;
+        }
+        Ok(())
+    }
+
+    async fn next(&mut self) -> Option<Message> {
+        self.messages.recv().await.map(|p| Message {
+            topic: String::from_utf8_lossy(&p.topic).into_owned(),
+            payload: p.payload.to_vec(),
+        })
+    }
+
+    /// The retained messages on `filters` (and whatever arrives meanwhile):
+    /// until none came for `quiet`.
+    async fn retained(
+        &mut self,
+        filters: &[&str],
+        quiet: Duration,
+    ) -> Result<Vec<Message>, String> {
+        self.subscribe(filters).await?;
+        let mut out = Vec::new();
+        while let Ok(Some(m)) = tokio::time::timeout(quiet, self.next()).await {
+            out.push(m);
+        }
+        for f in filters {
+            let _ = self.client.unsubscribe(*f).await;
+        }
+        Ok(out)
+    }
+
+    /// Publishes (QoS 1) and waits for the broker's acknowledgement.
+    async fn publish(&mut self, topic: &str, payload: Vec<u8>, retain: bool) -> Result<(), String> {
+        self.client
+            .publish(topic, QoS::AtLeastOnce, retain, payload)
+            .await
+            .map_err(|e| e.to_string())?;
+        match tokio::time::timeout(Duration::from_secs(15), self.acks.recv()).await {
+            Ok(Some(r)) => r.map_err(|e| format!("{topic}: {e}")),
+            Ok(None) => Err(format!("{topic}: the broker connection ended")),
+            Err(_) => Err(format!("{topic}: not acknowledged within 15s")),
+        }
+    }
+
+    async fn close(self) {
+        let _ = self.client.disconnect().await;
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.task).await;
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Message {
+    topic: String,
+    payload: Vec<u8>,
+}
+
+fn device_of(topic: &str) -> Option<String> {
+    topic
+        .strip_prefix("ew/v1/d/")
+        .and_then(|r| r.split('/').next())
+        .map(str::to_owned)
+}
+
+/// What the broker holds about the fleet.
+#[derive(Debug, Default)]
+struct Snapshot {
+    state: BTreeMap<String, serde_json::Value>,
+    reported: BTreeMap<String, serde_json::Value>,
+    /// Desired version by device.
+    device_desired: BTreeMap<String, u64>,
+    /// Desired version by group.
+    group_desired: BTreeMap<String, u64>,
+}
+
+fn version_of(payload: &[u8]) -> Option<u64> {
+    let m: SignedManifest = serde_json::from_slice(payload).ok()?;
+    m.deployment().ok()?.version.parse().ok()
+}
+
+async fn snapshot(s: &mut Session) -> Result<Snapshot, String> {
+    let msgs = s
+        .retained(
+            &[
+                "ew/v1/d/+/out/state",
+                "ew/v1/d/+/out/reported",
+                "ew/v1/d/+/in/desired",
+                "ew/v1/g/+/desired",
+            ],
+            Duration::from_millis(500),
+        )
+        .await?;
+    let mut snap = Snapshot::default();
+    for m in msgs {
+        if let Some(g) = m
+            .topic
+            .strip_prefix("ew/v1/g/")
+            .and_then(|r| r.strip_suffix("/desired"))
+        {
+            if let Some(v) = version_of(&m.payload) {
+                snap.group_desired.insert(g.to_owned(), v);
+            }
+            continue;
+        }
+        let Some(device) = device_of(&m.topic) else {
+            continue;
+        };
+        if m.topic.ends_with("/in/desired") {
+            if let Some(v) = version_of(&m.payload) {
+                snap.device_desired.insert(device, v);
+            }
+            continue;
+        }
+        let Ok(v) = serde_json::from_slice::<serde_json::Value>(&m.payload) else {
+            continue;
+        };
+        if m.topic.ends_with("/out/state") {
+            snap.state.insert(device, v);
+        } else if m.topic.ends_with("/out/reported") {
+            snap.reported.insert(device, v);
+        }
+    }
+    Ok(snap)
+}
+
+/// What a device's row says.
+#[derive(Debug, serde::Serialize)]
+struct Row {
+    device: String,
+    online: bool,
+    /// The version it runs.
+    version: Option<String>,
+    /// The version it should run (its own or its groups', the highest).
+    desired: Option<u64>,
+    /// ok, behind, failed, offline.
+    status: &'static str,
+    /// Modules not running, and the last refusal.
+    problems: Vec<String>,
+    daemon: Option<String>,
+    modules: usize,
+}
+
+/// A module state that means it failed.
+fn failed_state(s: &str) -> bool {
+    matches!(
+        s,
+        "backing-off" | "crash-looping" | "refused" | "failed" | "integrity-failed"
+    )
+}
+
+fn rows(fleet: &Snapshot) -> Vec<Row> {
+    let mut devices: Vec<&String> = fleet.state.keys().chain(fleet.reported.keys()).collect();
+    devices.extend(fleet.device_desired.keys());
+    devices.sort();
+    devices.dedup();
+    devices
+        .into_iter()
+        .map(|d| {
+            let r = fleet.reported.get(d);
+            let online = fleet.state.get(d).is_some_and(|s| s["state"] == "online");
+            let version = r.and_then(|r| r["version"].as_str()).map(str::to_owned);
+            let groups: Vec<&str> = r
+                .and_then(|r| r["groups"].as_array())
+                .map(|g| g.iter().filter_map(|g| g.as_str()).collect())
+                .unwrap_or_default();
+            let desired = groups
+                .iter()
+                .filter_map(|g| fleet.group_desired.get(*g).copied())
+                .chain(fleet.device_desired.get(d).copied())
+                .max();
+            let mut problems = Vec::new();
+            let mut modules = 0;
+            for m in r
+                .and_then(|r| r["modules"].as_array())
+                .into_iter()
+                .flatten()
+            {
+                modules += 1;
+                let state = m["state"].as_str().unwrap_or("");
+                if failed_state(state) {
+                    problems.push(format!(
+                        "{} {state}{}",
+                        m["name"].as_str().unwrap_or("?"),
+                        m["reason"]
+                            .as_str()
+                            .map(|r| format!(": {r}"))
+                            .unwrap_or_default()
+                    ));
+                }
+            }
+            if let Some(refused) = r.and_then(|r| r.get("refused")).filter(|v| !v.is_null()) {
+                problems.push(format!(
+                    "refused version {}: {}",
+                    refused["version"].as_str().unwrap_or("?"),
+                    refused["reason"].as_str().unwrap_or("?")
+                ));
+            }
+            let applied: Option<u64> = version.as_deref().and_then(|v| v.parse().ok());
+            let status = if !problems.is_empty() {
+                "failed"
+            } else if desired.is_some_and(|want| applied.is_none_or(|a| a < want)) {
+                "behind"
+            } else if !online {
+                "offline"
+            } else {
+                "ok"
+            };
+            Row {
+                device: d.clone(),
+                online,
+                version,
+                desired,
+                status,
+                problems,
+                daemon: r
+                    .and_then(|r| r["daemon"]["version"].as_str())
+                    .map(str::to_owned),
+                modules,
+            }
+        })
+        .collect()
+}
+
+fn status(fleet: &Snapshot, device: Option<&str>, json: bool) -> Result<ExitCode, String> {
+    let rows: Vec<Row> = rows(fleet)
+        .into_iter()
+        .filter(|r| device.is_none_or(|d| r.device == d))
+        .collect();
+    if let Some(d) = device
+        && rows.is_empty()
+    {
+        return Err(format!("no device {d:?} has reported to this broker"));
+    }
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&rows).map_err(|e| e.to_string())?
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!(
+        "{:<24} {:<8} {:<8} {:<8} {:<8} PROBLEMS",
+        "DEVICE", "STATE", "VERSION", "DESIRED", "STATUS"
+    );
+    for r in &rows {
+        println!(
+            "{:<24} {:<8} {:<8} {:<8} {:<8} {}",
+            r.device,
+            if r.online { "online" } else { "offline" },
+            r.version.as_deref().unwrap_or("-"),
+            r.desired.map_or_else(|| "-".to_owned(), |v| v.to_string()),
+            r.status,
+            r.problems.join("; ")
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The desired topic and the previous-deployment topic of a target.
+fn target_topics(t: &Target) -> Result<(String, String, String), String> {
+    match (&t.device, &t.group) {
+        (Some(d), None) => {
+            if !crate::identity::valid_path_segment(d) {
+                return Err(format!("--device {d:?} is not a device id"));
+            }
+            Ok((
+                Topics::new(d, &[]).desired(),
+                format!("ew/v1/ops/d/{d}/previous"),
+                format!("device {d}"),
+            ))
+        }
+        (None, Some(g)) => {
+            if !crate::cloud::topics::valid_group(g) {
+                return Err(format!("--group {g:?} is not a group name"));
+            }
+            Ok((
+                Topics::group_desired(g),
+                format!("ew/v1/ops/g/{g}/previous"),
+                format!("group {g}"),
+            ))
+        }
+        _ => Err("give --device or --group".into()),
+    }
+}
+
+/// The manifest checked as a device will check it; its version.
+fn checked_version(text: &str) -> Result<u64, String> {
+    let m = SignedManifest {
+        manifest: text.to_owned(),
+        signature: None,
+    };
+    let d = m.deployment()?;
+    m.sources()?;
+    d.version
+        .parse::<u64>()
+        .ok()
+        .filter(|v| *v > 0 && !d.version.starts_with('0'))
+        .ok_or_else(|| {
+            format!(
+                "version {:?}: a fleet deployment's version is a decimal counter from 1",
+                d.version
+            )
+        })
+}
+
+fn signed_payload(text: &str, key: &Path) -> Result<Vec<u8>, String> {
+    use base64ct::Encoding as _;
+    let sig = crate::attest::publisher::sign_manifest_bytes(key, text.as_bytes())?;
+    serde_json::to_vec(&serde_json::json!({
+        "manifest": text,
+        "signature": base64ct::Base64::encode_string(&sig),
+    }))
+    .map_err(|e| e.to_string())
+}
+
+/// The retained message on `topic` (if any).
+async fn retained_one(s: &mut Session, topic: &str) -> Result<Option<Vec<u8>>, String> {
+    let msgs = s.retained(&[topic], Duration::from_millis(400)).await?;
+    Ok(msgs
+        .into_iter()
+        .rfind(|m| m.topic == topic)
+        .map(|m| m.payload))
+}
+
+/// Publishes `payload` as `target`'s desired deployment, keeping what it
+/// replaces as the previous one.
+async fn publish_desired(
+    s: &mut Session,
+    target: &Target,
+    payload: Vec<u8>,
+    version: u64,
+) -> Result<(), String> {
+    let (desired, previous, what) = target_topics(target)?;
+    if let Some(current) = retained_one(s, &desired).await?
+        && let Some(cv) = version_of(&current)
+    {
+        if cv >= version {
+            return Err(format!(
+                "{what} has version {cv} published; this one ({version}) must be newer: raise `version` in the manifest"
+            ));
+        }
+        s.publish(&previous, current, true).await?;
+    }
+    s.publish(&desired, payload, true).await
+}
+
+/// Whether device `d` reports `version` applied with every module
+/// healthy: Some(Ok) healthy, Some(Err) failed (refused or a module
+/// failed), None not yet.
+fn health(fleet: &Snapshot, d: &str, version: u64) -> Option<Result<(), String>> {
+    let r = fleet.reported.get(d)?;
+    if let Some(refused) = r.get("refused").filter(|v| !v.is_null())
+        && refused["version"].as_str() == Some(version.to_string().as_str())
+    {
+        return Some(Err(format!(
+            "refused: {}",
+            refused["reason"].as_str().unwrap_or("?")
+        )));
+    }
+    if r["version"].as_str() != Some(version.to_string().as_str()) {
+        return None;
+    }
+    let mut waiting = false;
+    for m in r["modules"].as_array().into_iter().flatten() {
+        let state = m["state"].as_str().unwrap_or("");
+        if failed_state(state) {
+            return Some(Err(format!(
+                "module {} {state}{}",
+                m["name"].as_str().unwrap_or("?"),
+                m["reason"]
+                    .as_str()
+                    .map(|r| format!(": {r}"))
+                    .unwrap_or_default()
+            )));
+        }
+        if m["origin"] == "cloud" && !matches!(state, "running" | "exited") {
+            waiting = true;
+        }
+    }
+    (!waiting).then_some(Ok(()))
+}
+
+/// Waits until every device in `devices` reports `version` healthy and
+/// stays so for `bake` (Ok), or one fails (Err naming it), or `timeout`.
+async fn await_health(
+    s: &mut Session,
+    devices: &[String],
+    version: u64,
+    timeout: Duration,
+    bake: Duration,
+) -> Result<(), String> {
+    let deadline = Instant::now() + timeout;
+    let mut healthy_since: BTreeMap<String, Instant> = BTreeMap::new();
+    loop {
+        let fleet = snapshot(s).await?;
+        let mut pending = Vec::new();
+        for d in devices {
+            match health(&fleet, d, version) {
+                Some(Ok(())) => {
+                    let since = *healthy_since.entry(d.clone()).or_insert_with(|| {
+                        eprintln!("{d}: version {version} applied and healthy");
+                        Instant::now()
+                    });
+                    if since.elapsed() < bake {
+                        pending.push(d.clone());
+                    }
+                }
+                Some(Err(e)) => return Err(format!("{d}: {e}")),
+                None => {
+                    healthy_since.remove(d);
+                    pending.push(d.clone());
+                }
+            }
+        }
+        if pending.is_empty() {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            return Err(format!(
+                "not reported healthy for {bake:?} within {timeout:?}: {}",
+                pending.join(", ")
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+/// How a deployment rolls out.
+#[derive(Debug)]
+struct Rollout<'a> {
+    canary: Option<&'a str>,
+    wait: bool,
+    timeout: Duration,
+    bake: Duration,
+}
+
+async fn deploy(
+    s: &mut Session,
+    text: &str,
+    key: &Path,
+    target: &Target,
+    rollout: &Rollout<'_>,
+) -> Result<ExitCode, String> {
+    let Rollout {
+        canary,
+        wait,
+        timeout,
+        bake,
+    } = *rollout;
+    let version = checked_version(text)?;
+    let payload = signed_payload(text, key)?;
+    let (_, _, what) = target_topics(target)?;
+    match (canary, &target.group) {
+        (Some(_), None) => return Err("--canary is for a --group".into()),
+        (Some(pct), Some(group)) => {
+            let pct: u32 = pct
+                .trim_end_matches('%')
+                .parse()
+                .ok()
+                .filter(|p| (1..=100).contains(p))
+                .ok_or_else(|| format!("--canary {pct:?}: 1% to 100%"))?;
+            let fleet = snapshot(s).await?;
+            let members: Vec<String> = fleet
+                .reported
+                .iter()
+                .filter(|(_, r)| {
+                    r["groups"]
+                        .as_array()
+                        .is_some_and(|g| g.iter().any(|g| g == group.as_str()))
+                })
+                .map(|(d, _)| d.clone())
+                .collect();
+            if members.is_empty() {
+                return Err(format!(
+                    "no device of group {group} has reported: nothing to roll out to"
+                ));
+            }
+            let n = (members.len() * pct as usize).div_ceil(100).max(1);
+            let canaries = &members[..n];
+            eprintln!(
+                "canary: version {version} to {} of {} devices of group {group}: {}",
+                n,
+                members.len(),
+                canaries.join(", ")
+            );
+            for d in canaries {
+                let t = Target {
+                    device: Some(d.clone()),
+                    group: None,
+                };
+                publish_desired(s, &t, payload.clone(), version).await?;
+            }
+            if let Err(e) = await_health(s, canaries, version, timeout, bake).await {
+                eprintln!(
+                    "canary failed, rollout stopped (the rest of group {group} keeps what it runs): {e}"
+                );
+                eprintln!(
+                    "undo on the canaries with: edgeward fleet rollback --device ID --key KEY"
+                );
+                return Ok(ExitCode::from(3));
+            }
+            publish_desired(s, target, payload, version).await?;
+            eprintln!("canaries healthy: version {version} published to group {group}");
+            if wait {
+                await_health(s, &members, version, timeout, bake).await?;
+            }
+        }
+        (None, _) => {
+            publish_desired(s, target, payload, version).await?;
+            eprintln!("version {version} published to {what}");
+            if wait {
+                let devices = match (&target.device, &target.group) {
+                    (Some(d), _) => vec![d.clone()],
+                    (None, Some(g)) => snapshot(s)
+                        .await?
+                        .reported
+                        .iter()
+                        .filter(|(_, r)| {
+                            r["groups"]
+                                .as_array()
+                                .is_some_and(|x| x.iter().any(|x| x == g.as_str()))
+                        })
+                        .map(|(d, _)| d.clone())
+                        .collect(),
+                    _ => Vec::new(),
+                };
+                if let Err(e) = await_health(s, &devices, version, timeout, bake).await {
+                    eprintln!("{e}");
+                    return Ok(ExitCode::from(3));
+                }
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `manifest` with its version set to `version` (TOML or JSON).
+fn with_version(manifest: &str, version: u64) -> Result<String, String> {
+    if manifest.trim_start().starts_with('{') {
+        let mut v: serde_json::Value = serde_json::from_str(manifest).map_err(|e| e.to_string())?;
+        v["version"] = version.to_string().into();
+        serde_json::to_string_pretty(&v).map_err(|e| e.to_string())
+    } else {
+        let mut t: toml::Table = toml::from_str(manifest).map_err(|e| e.to_string())?;
+        t.insert("version".into(), toml::Value::String(version.to_string()));
+        toml::to_string(&t).map_err(|e| e.to_string())
+    }
+}
+
+async fn rollback(s: &mut Session, key: &Path, target: &Target) -> Result<ExitCode, String> {
+    let (desired, previous, what) = target_topics(target)?;
+    let prev = retained_one(s, &previous)
+        .await?
+        .ok_or_else(|| format!("{what} has no previous deployment to roll back to"))?;
+    let prev: SignedManifest =
+        serde_json::from_slice(&prev).map_err(|e| format!("{previous}: {e}"))?;
+    let current = retained_one(s, &desired)
+        .await?
+        .and_then(|c| version_of(&c))
+        .unwrap_or(0);
+    let version = current + 1;
+    let text = with_version(&prev.manifest, version)?;
+    let payload = signed_payload(&text, key)?;
+    publish_desired(s, target, payload, version).await?;
+    eprintln!(
+        "{what}: the previous deployment ({}) published again as version {version}",
+        prev.deployment().map(|d| d.version).unwrap_or_default()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn push(
+    file: &Path,
+    reference: &str,
+    registry_ca: Option<&Path>,
+    username: Option<&str>,
+    password_file: Option<&Path>,
+) -> Result<ExitCode, String> {
+    let r: oci::Reference = reference.parse()?;
+    let roots = registry_ca
+        .map(|p| std::fs::read(p).map_err(|e| format!("{}: {e}", p.display())))
+        .transpose()?;
+    let credentials = match (username, password_file) {
+        (Some(u), Some(p)) => Some(oci::Credentials {
+            username: u.to_owned(),
+            password: zeroize::Zeroizing::new(
+                std::fs::read_to_string(p)
+                    .map_err(|e| format!("{}: {e}", p.display()))?
+                    .trim_end_matches(['\n', '\r'])
+                    .to_owned(),
+            ),
+        }),
+        (None, None) => None,
+        _ => return Err("--username and --password-file go together".into()),
+    };
+    let bytes = std::fs::read(file).map_err(|e| format!("{}: {e}", file.display()))?;
+    if !crate::attest::publisher::is_wasm(&bytes) {
+        return Err(format!("{}: not WebAssembly", file.display()));
+    }
+    let client = oci::Client::new(roots.as_deref(), credentials)?;
+    let (component, manifest) = client.push(&r, &bytes).await?;
+    println!("component {component}");
+    println!("manifest  {manifest}");
+    println!(
+        "pin it:    digest = \"{component}\"\n           source = \"oci://{}/{}@{manifest}\"",
+        r.registry, r.repository
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+fn acl(members: &[String], operators: &[String]) -> Result<ExitCode, String> {
+    let mut out = String::from(
+        "# The fleet ACL (Mosquitto acl_file; the client certificate's CN is the\n# user: use_identity_as_username true). Generated by edgeward fleet acl.\n\n# Each device: read its own in/ topics, write its own out/ topics.\npattern read ew/v1/d/%u/in/#\npattern write ew/v1/d/%u/out/#\n",
+    );
+    for m in members {
+        let (device, groups) = m
+            .split_once('=')
+            .ok_or_else(|| format!("--member {m:?}: DEVICE=GROUP[,GROUP...]"))?;
+        if !crate::identity::valid_path_segment(device) {
+            return Err(format!("--member {m:?}: {device:?} is not a device id"));
+        }
+        out.push_str(&format!("\nuser {device}\n"));
+        for g in groups.split(',') {
+            if !crate::cloud::topics::valid_group(g) {
+                return Err(format!("--member {m:?}: {g:?} is not a group name"));
+            }
+            out.push_str(&format!("topic read ew/v1/g/{g}/desired\n"));
+        }
+    }
+    let ops: Vec<&str> = if operators.is_empty() {
+        vec!["operator"]
+    } else {
+        operators.iter().map(String::as_str).collect()
+    };
+    for o in ops {
+        if o.is_empty() || o.chars().any(|c| c.is_control() || c == ' ') {
+            return Err(format!(
+                "--operator {o:?} is not a certificate CN this ACL can name"
+            ));
+        }
+        out.push_str(&format!(
+            "\n# Operator {o}: publish desired deployments and challenges, read reports.\nuser {o}\ntopic readwrite ew/v1/#\n"
+        ));
+    }
+    print!("{out}");
+    Ok(ExitCode::SUCCESS)
+}
