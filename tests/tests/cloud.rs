@@ -529,6 +529,13 @@ fn components_come_from_an_oci_registry_by_pinned_digest_and_deployments_roll_ba
     assert_eq!(st["gw-1"]["version"], "1");
     assert_eq!(st["gw-1"]["online"], true);
 
+    // Remote attestation of a soft device: a nonce, the policy from the
+    // deployment it should run (version 1's two modules).
+    let o = fleet.fleet(&["attest", "--device", "gw-1", "--json"]);
+    assert_status(&o, 0);
+    let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert_eq!(v["ok"], true, "{v:#}");
+
     // A pin the registry's layer does not match: refused before
     // downloading, reported, and `deploy --wait` says so.
     let wrong = format!(
@@ -676,4 +683,74 @@ fn a_canary_rollout_stops_when_the_canary_fails_and_continues_when_it_is_healthy
         let (status, _, _) = d.terminate();
         assert!(status.success());
     }
+}
+
+#[test]
+fn on_the_tpm_remote_attestation_verifies_and_fails_once_a_module_is_swapped_on_disk() {
+    let fleet = Fleet::new("");
+    let (tpm, ek_ca) = Swtpm::start_with_ek_certificate();
+    let s = Scratch::new();
+    let hsm = format!(
+        "[hsm]\nbackend = \"tpm\"\ntcti = \"{}\"\n\n[runtime]\nintegrity_interval = \"1s\"\n",
+        tpm.tcti()
+    );
+    let config = device(&fleet, &s, "gw-1", &hsm, "");
+    let d = Daemon::start(&s, &config);
+    let m = sensor_manifest("1", "sensor", guests::TEMPERATURE_SENSOR);
+    let o = fleet.deploy(
+        &m,
+        &["--device", "gw-1"],
+        &["--wait", "--bake", "200ms", "--timeout", "60s"],
+    );
+    assert_status(&o, 0);
+
+    // The AK bound to the certified EK by a credential, the quote over its
+    // secret, the log replayed against the PCR, the policy met.
+    let evidence = s.path().join("evidence");
+    let ek_ca = ek_ca.to_str().unwrap();
+    let o = fleet.fleet(&[
+        "attest",
+        "--device",
+        "gw-1",
+        "--ek-ca",
+        ek_ca,
+        "--out",
+        evidence.to_str().unwrap(),
+    ]);
+    assert_status(&o, 0);
+    assert!(stdout(&o).contains("evidence verified"), "{}", stdout(&o));
+    // What arrived is what tpm2-tools reads.
+    for f in [
+        "quote.msg",
+        "quote.sig",
+        "ak.pem",
+        "pcrs.bin",
+        "event.log",
+        "ek.pem",
+    ] {
+        assert!(evidence.join(f).exists(), "{f}");
+    }
+
+    // The sensor's component is swapped on disk: the watchdog records it,
+    // and the evidence no longer meets the policy.
+    let stored = s.state().join("components").join(format!(
+        "{}.wasm",
+        sha256sum(guests::TEMPERATURE_SENSOR).replace(':', "-")
+    ));
+    std::fs::write(&stored, std::fs::read(guests::IDENTITY_PROBE).unwrap()).unwrap();
+    let deadline = std::time::Instant::now() + WAIT;
+    while status(&fleet)["gw-1"]["status"] != "failed" {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the swap was not reported"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let o = fleet.fleet(&["attest", "--device", "gw-1", "--ek-ca", ek_ca]);
+    assert_status(&o, 1);
+    assert!(stdout(&o).contains("evidence REFUSED"), "{}", stdout(&o));
+    assert!(stdout(&o).contains("FAIL"), "{}", stdout(&o));
+    eprintln!("{}", stdout(&o));
+    let (status, _, _) = d.terminate();
+    assert!(status.success());
 }

@@ -268,12 +268,25 @@ fn verify_command(
             2,
         );
     }
-    let checks = verify::verify(dir, &expect);
+    print_verdict(&verify::verify(dir, &expect), json, None)
+}
+
+/// Prints each check (or one JSON object) and the verdict; exits 0 when
+/// every check passed, 1 otherwise.
+pub(super) fn print_verdict(
+    checks: &[verify::Check],
+    json: bool,
+    device: Option<&str>,
+) -> ExitCode {
     let ok = checks.iter().all(|c| c.ok);
     if json {
-        println!("{}", serde_json::json!({"ok": ok, "checks": checks}));
+        let mut v = serde_json::json!({"ok": ok, "checks": checks});
+        if let Some(d) = device {
+            v["device"] = d.into();
+        }
+        println!("{v}");
     } else {
-        for c in &checks {
+        for c in checks {
             println!(
                 "{} {:<15} {}",
                 if c.ok { "pass" } else { "FAIL" },
@@ -281,14 +294,15 @@ fn verify_command(
                 c.detail
             );
         }
-        println!(
-            "{}",
-            if ok {
-                "evidence verified"
-            } else {
-                "evidence REFUSED"
-            }
-        );
+        let verdict = if ok {
+            "evidence verified"
+        } else {
+            "evidence REFUSED"
+        };
+        match device {
+            Some(d) => println!("{d}: {verdict}"),
+            None => println!("{verdict}"),
+        }
     }
     if ok {
         ExitCode::SUCCESS

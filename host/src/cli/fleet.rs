@@ -134,6 +134,30 @@ enum FleetCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Challenge a device for attestation evidence and verify it: a fresh
+    /// nonce, or with --ek-ca a credential that binds its AK to its
+    /// certified EK. The policy defaults to the digests of the deployment
+    /// the device should run.
+    Attest {
+        /// The device.
+        #[arg(long, value_name = "ID")]
+        device: String,
+        /// A verifier policy (see `edgeward attest verify`).
+        #[arg(long, value_name = "FILE")]
+        policy: Option<PathBuf>,
+        /// The TPM vendor's EK CA certificates (PEM).
+        #[arg(long, value_name = "FILE")]
+        ek_ca: Option<PathBuf>,
+        /// Keep the evidence here.
+        #[arg(long, value_name = "DIR")]
+        out: Option<PathBuf>,
+        /// How long to wait for the device's answer.
+        #[arg(long, value_name = "DURATION", default_value = "30s")]
+        timeout: String,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
     /// Print the devices' events (JSON lines) as they come.
     Watch {
         /// Stop after this long (default: until interrupted).
@@ -227,6 +251,30 @@ async fn run(args: FleetArgs) -> Result<ExitCode, String> {
             let fleet = snapshot(&mut s).await?;
             s.close().await;
             status(&fleet, device.as_deref(), *json)
+        }
+        FleetCommand::Attest {
+            device,
+            policy,
+            ek_ca,
+            out,
+            timeout,
+            json,
+        } => {
+            let timeout =
+                crate::units::parse_duration(timeout).map_err(|e| format!("--timeout: {e}"))?;
+            let mut s = Session::connect(&settings(&args)?).await?;
+            let r = attest(
+                &mut s,
+                device,
+                policy.as_deref(),
+                ek_ca.as_deref(),
+                out.as_deref(),
+                timeout,
+                *json,
+            )
+            .await;
+            s.close().await;
+            r
         }
         FleetCommand::Watch { duration } => {
             let until = match duration {
@@ -1078,4 +1126,188 @@ fn acl(members: &[String], operators: &[String]) -> Result<ExitCode, String> {
     }
     print!("{out}");
     Ok(ExitCode::SUCCESS)
+}
+
+/// Sends a challenge to `device` and returns its evidence, written to
+/// `dir` (only the files evidence may hold).
+async fn challenge_device(
+    s: &mut Session,
+    device: &str,
+    challenge: serde_json::Value,
+    dir: &Path,
+    timeout: Duration,
+) -> Result<(), String> {
+    use base64ct::Encoding as _;
+    let id = challenge["id"].as_str().unwrap_or_default().to_owned();
+    let topics = Topics::new(device, &[]);
+    s.subscribe(&[&topics.evidence()]).await?;
+    s.publish(
+        &topics.challenge(),
+        serde_json::to_vec(&challenge).map_err(|e| e.to_string())?,
+        false,
+    )
+    .await?;
+    let deadline = Instant::now() + timeout;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let m = match tokio::time::timeout(left, s.next()).await {
+            Ok(Some(m)) => m,
+            Ok(None) => return Err("the broker connection ended".into()),
+            Err(_) => {
+                return Err(format!(
+                    "{device} did not answer within {timeout:?} (offline? see fleet status)"
+                ));
+            }
+        };
+        if m.topic != topics.evidence() {
+            continue;
+        }
+        let Ok(v) = serde_json::from_slice::<serde_json::Value>(&m.payload) else {
+            continue;
+        };
+        if v["id"] != id.as_str() {
+            continue;
+        }
+        if let Some(e) = v["error"].as_str() {
+            return Err(format!("{device} refused the challenge: {e}"));
+        }
+        let files = v["files"].as_object().ok_or("the evidence has no files")?;
+        std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        for name in crate::attest::evidence::FILES {
+            let _ = std::fs::remove_file(dir.join(name));
+        }
+        for (name, b64) in files {
+            if !crate::attest::evidence::FILES.contains(&name.as_str()) {
+                return Err(format!("the evidence holds an unexpected file {name:?}"));
+            }
+            let bytes = base64ct::Base64::decode_vec(b64.as_str().unwrap_or_default())
+                .map_err(|_| format!("{name}: not base64"))?;
+            std::fs::write(dir.join(name), bytes).map_err(|e| format!("{name}: {e}"))?;
+        }
+        return Ok(());
+    }
+}
+
+/// The policy a device is held to by default: the module digests of the
+/// deployment it should run (its own desired deployment or its groups',
+/// the highest version).
+async fn default_policy(
+    s: &mut Session,
+    device: &str,
+) -> Result<crate::attest::verify::Policy, String> {
+    let fleet = snapshot(s).await?;
+    let msgs = s
+        .retained(
+            &[&Topics::new(device, &[]).desired(), "ew/v1/g/+/desired"],
+            Duration::from_millis(400),
+        )
+        .await?;
+    let groups: Vec<String> = fleet
+        .reported
+        .get(device)
+        .and_then(|r| r["groups"].as_array())
+        .map(|g| {
+            g.iter()
+                .filter_map(|g| g.as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default();
+    let best = msgs
+        .iter()
+        .filter(|m| {
+            m.topic == Topics::new(device, &[]).desired()
+                || groups.iter().any(|g| m.topic == Topics::group_desired(g))
+        })
+        .filter_map(|m| {
+            let sm: SignedManifest = serde_json::from_slice(&m.payload).ok()?;
+            let d = sm.deployment().ok()?;
+            Some((d.version.parse::<u64>().ok()?, d))
+        })
+        .max_by_key(|(v, _)| *v)
+        .map(|(_, d)| d)
+        .ok_or_else(|| format!("no deployment is published for {device}: give --policy"))?;
+    let mut policy = crate::attest::verify::Policy::default();
+    for m in best.modules {
+        policy
+            .modules
+            .entry(m.name)
+            .or_default()
+            .push(m.digest.to_ascii_lowercase());
+    }
+    Ok(policy)
+}
+
+async fn attest(
+    s: &mut Session,
+    device: &str,
+    policy: Option<&Path>,
+    ek_ca: Option<&Path>,
+    out: Option<&Path>,
+    timeout: Duration,
+    json: bool,
+) -> Result<ExitCode, String> {
+    use crate::attest::verify;
+    if !crate::identity::valid_path_segment(device) {
+        return Err(format!("--device {device:?} is not a device id"));
+    }
+    let mut expect = verify::Expect {
+        policy: Some(match policy {
+            Some(p) => verify::Policy::load(p)?,
+            None => default_policy(s, device).await?,
+        }),
+        ..verify::Expect::default()
+    };
+    let tmp = tempdir()?;
+    let dir = out.map_or_else(|| tmp.join("evidence"), Path::to_owned);
+    let random = |n: usize| -> Result<Vec<u8>, String> {
+        let mut b = vec![0u8; n];
+        getrandom::fill(&mut b).map_err(|e| format!("no randomness: {e}"))?;
+        Ok(b)
+    };
+    let nonce = random(32)?;
+    let id = crate::measure::hex(&random(8)?);
+    challenge_device(
+        s,
+        device,
+        serde_json::json!({ "id": id, "nonce": crate::measure::hex(&nonce) }),
+        &dir,
+        timeout,
+    )
+    .await?;
+    expect.nonce = Some(nonce);
+    if let Some(ca) = ek_ca {
+        let pem = std::fs::read(ca).map_err(|e| format!("{}: {e}", ca.display()))?;
+        let cas = verify::pem_certificates(&pem, "--ek-ca")?;
+        let (credential, record) = verify::challenge(&dir, &cas)?;
+        // The device answers one challenge a second.
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        use base64ct::Encoding as _;
+        let id = crate::measure::hex(&random(8)?);
+        challenge_device(
+            s,
+            device,
+            serde_json::json!({
+                "id": id,
+                "credential": base64ct::Base64UrlUnpadded::encode_string(&credential.to_bytes()),
+            }),
+            &dir,
+            timeout,
+        )
+        .await?;
+        expect.nonce = None;
+        expect.challenge = Some(record);
+        expect.ek_ca = Some(cas);
+    }
+    let code = super::attest::print_verdict(&verify::verify(&dir, &expect), json, Some(device));
+    let _ = std::fs::remove_dir_all(&tmp);
+    Ok(code)
+}
+
+/// A private scratch directory for evidence.
+fn tempdir() -> Result<PathBuf, String> {
+    let mut b = [0u8; 8];
+    getrandom::fill(&mut b).map_err(|e| format!("no randomness: {e}"))?;
+    let dir = std::env::temp_dir().join(format!("edgeward-fleet-{}", crate::measure::hex(&b)));
+    crate::state::ensure_private_dir(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    Ok(dir)
 }

@@ -523,6 +523,7 @@ impl Backoff {
 #[derive(Debug)]
 enum Work {
     Connected,
+    Challenge(bytes::Bytes),
     Desired {
         source: Source,
         payload: bytes::Bytes,
@@ -532,6 +533,9 @@ enum Work {
 
 fn incoming(topics: &Topics, p: Publish) -> Option<Work> {
     let topic = std::str::from_utf8(&p.topic).ok()?;
+    if topic == topics.challenge() {
+        return Some(Work::Challenge(p.payload));
+    }
     let source = topics.source_of(topic)?;
     Some(Work::Desired {
         source,
@@ -561,6 +565,7 @@ async fn worker(
 ) {
     let mut last_reported: Option<serde_json::Value> = None;
     let mut last_refused: Option<serde_json::Value> = None;
+    let mut attest_gate = tokio::time::Instant::now();
     let mut tick = tokio::time::interval(config.report_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -580,6 +585,21 @@ async fn worker(
                         .await;
                     // Retained, so a fresh report on each connection.
                     last_reported = None;
+                }
+                Some(Work::Challenge(payload)) => {
+                    let wait = attest_gate.saturating_duration_since(tokio::time::Instant::now());
+                    let answer = if wait > Duration::ZERO {
+                        challenge_error(&payload, "rate limited: one quote a second")
+                    } else {
+                        attest_gate = tokio::time::Instant::now() + Duration::from_secs(1);
+                        answer_challenge(&api, &payload).await
+                    };
+                    if let Err(e) = client
+                        .publish(topics.evidence(), QoS::AtLeastOnce, false, answer)
+                        .await
+                    {
+                        tracing::warn!(error = %e, "cloud: evidence not queued");
+                    }
                 }
                 Some(Work::Desired { source, payload, retained }) => {
                     let link = Link { config: &config, api: &api, client: &client, topics: &topics };
@@ -678,6 +698,109 @@ async fn event(client: &AsyncClient, topics: &Topics, ev: serde_json::Value) {
 }
 
 /// Logs and reports a refused deployment.
+/// A challenge on `in/attest/challenge`: `{"id", "nonce"}` (hex, 1-64
+/// bytes) or `{"id", "credential"}` (base64url: `edgeward attest
+/// challenge`'s credential, which binds the AK to the EK).
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Challenge {
+    id: String,
+    #[serde(default)]
+    nonce: Option<String>,
+    #[serde(default)]
+    credential: Option<String>,
+}
+
+/// The largest challenge read.
+const MAX_CHALLENGE: usize = 8 << 10;
+
+fn challenge_id(payload: &[u8]) -> Option<String> {
+    serde_json::from_slice::<serde_json::Value>(payload)
+        .ok()?
+        .get("id")?
+        .as_str()
+        .filter(|id| valid_challenge_id(id))
+        .map(str::to_owned)
+}
+
+fn valid_challenge_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 64
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+}
+
+fn challenge_error(payload: &[u8], error: &str) -> Vec<u8> {
+    serde_json::to_vec(&serde_json::json!({ "id": challenge_id(payload), "error": error }))
+        .unwrap_or_default()
+}
+
+/// Evidence for a challenge (`out/attest/evidence`): the files of
+/// `edgeward attest`, base64, or an error naming what was wrong.
+async fn answer_challenge(api: &ApiState, payload: &[u8]) -> Vec<u8> {
+    use base64ct::Encoding as _;
+    if payload.len() > MAX_CHALLENGE {
+        return challenge_error(payload, "the challenge is larger than 8 KiB");
+    }
+    let c: Challenge = match serde_json::from_slice(payload) {
+        Ok(c) => c,
+        Err(e) => {
+            return challenge_error(
+                payload,
+                &format!("not a challenge ({{\"id\", \"nonce\" or \"credential\"}}): {e}"),
+            );
+        }
+    };
+    if !valid_challenge_id(&c.id) {
+        return challenge_error(payload, "id: 1-64 of A-Z a-z 0-9 - _ .");
+    }
+    let (nonce, credential) = match (&c.nonce, &c.credential) {
+        (Some(n), None) => match crate::api::parse_nonce(n) {
+            Ok(n) => (n, None),
+            Err(e) => return challenge_error(payload, &e),
+        },
+        (None, Some(cred)) => {
+            let parsed = base64ct::Base64UrlUnpadded::decode_vec(cred)
+                .map_err(|_| "credential: not base64url without padding".to_owned())
+                .and_then(|b| {
+                    crate::attest::evidence::CredentialFile::parse(&b)
+                        .map_err(|e| format!("credential: {e}"))
+                });
+            match parsed {
+                Ok(cf) => (Vec::new(), Some(cf)),
+                Err(e) => return challenge_error(payload, &e),
+            }
+        }
+        _ => return challenge_error(payload, "give exactly one of nonce and credential"),
+    };
+    api.wait_booted().await;
+    let Some(m) = api.attester.clone() else {
+        return challenge_error(
+            payload,
+            "this device measures nothing ([runtime] measure = false, or the pkcs11 backend)",
+        );
+    };
+    let device = api.info.device_id.clone();
+    let files =
+        tokio::task::spawn_blocking(move || m.attest(&device, &nonce, credential.as_ref())).await;
+    match files {
+        Ok(Ok(files)) => {
+            tracing::info!(id = %c.id, "cloud: attestation evidence sent");
+            serde_json::to_vec(&serde_json::json!({
+                "id": c.id,
+                "files": files
+                    .into_iter()
+                    .map(|(n, b)| (n.to_owned(), base64ct::Base64::encode_string(&b)))
+                    .collect::<std::collections::BTreeMap<_, _>>(),
+            }))
+            .unwrap_or_default()
+        }
+        Ok(Err(e)) => challenge_error(payload, &e),
+        Err(e) => challenge_error(payload, &format!("the quote task failed: {e}")),
+    }
+}
+
 /// What handling a desired deployment needs.
 struct Link<'a> {
     config: &'a CloudConfig,

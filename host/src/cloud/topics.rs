@@ -45,6 +45,11 @@ impl Topics {
         self.d("out/reported")
     }
 
+    /// Attestation evidence, answering challenges.
+    pub fn evidence(&self) -> String {
+        self.d("out/attest/evidence")
+    }
+
     /// Events.
     pub fn events(&self) -> String {
         self.d("out/events")
@@ -62,7 +67,7 @@ impl Topics {
 
     /// What the device subscribes to.
     pub fn subscriptions(&self) -> Vec<String> {
-        let mut v = vec![self.desired()];
+        let mut v = vec![self.desired(), self.challenge()];
         v.extend(self.groups.iter().map(|g| Self::group_desired(g)));
         v
     }
