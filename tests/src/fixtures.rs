@@ -462,8 +462,8 @@ impl OrgCa {
 
 /// A Mosquitto broker (Debian's package) on a free loopback port: a TLS
 /// listener that requires a client certificate from `ca`, takes its CN as
-/// the username, and confines each device to its own topic tree with the
-/// ACL of docs/fleet.md plus `acl_extra`.
+/// the username, and confines each client with the ACL given (as
+/// `edgeward fleet acl` writes it; see docs/fleet.md).
 #[derive(Debug)]
 pub struct Mosquitto {
     child: Option<Child>,
@@ -471,20 +471,15 @@ pub struct Mosquitto {
     dir: tempfile::TempDir,
 }
 
-/// The ACL every test broker starts from (docs/fleet.md).
-pub const FLEET_ACL: &str = "pattern read ew/v1/d/%u/in/#\npattern write ew/v1/d/%u/out/#\n\nuser operator\ntopic readwrite ew/v1/#\n";
-
 impl Mosquitto {
-    /// Starts a broker trusting `ca`'s root, with `acl_extra` lines after
-    /// the fleet ACL.
-    pub fn start(ca: &OrgCa, acl_extra: &str) -> Self {
+    /// Starts a broker trusting `ca`'s root, with `acl` as its acl_file.
+    pub fn start(ca: &OrgCa, acl: &str) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let (cert, key) = ca.issue(
             "broker",
             "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n",
         );
-        std::fs::write(dir.path().join("acl"), format!("{FLEET_ACL}{acl_extra}"))
-            .expect("write the ACL");
+        std::fs::write(dir.path().join("acl"), acl).expect("write the ACL");
         let mut m = Self {
             child: None,
             port: 0,
@@ -509,7 +504,7 @@ impl Mosquitto {
         std::fs::write(
             &conf,
             format!(
-                "user root\nper_listener_settings false\nallow_anonymous false\npersistence true\npersistence_location {d}/\nlog_dest stderr\nlog_type error\nlog_type warning\nlistener {port} 127.0.0.1\ncafile {d}/ca.pem\ncertfile {d}/broker.pem\nkeyfile {d}/broker.key\nrequire_certificate true\nuse_identity_as_username true\nacl_file {d}/acl\n",
+                "user root\nper_listener_settings false\nallow_anonymous false\npersistence true\npersistence_location {d}/\nautosave_interval 1\nautosave_on_changes true\nlog_dest stderr\nlog_type error\nlog_type warning\nlistener {port} 127.0.0.1\ncafile {d}/ca.pem\ncertfile {d}/broker.pem\nkeyfile {d}/broker.key\nrequire_certificate true\nuse_identity_as_username true\nacl_file {d}/acl\n",
                 d = d.display(),
                 port = self.port
             ),
@@ -551,10 +546,25 @@ impl Mosquitto {
         format!("mqtts://127.0.0.1:{}", self.port)
     }
 
-    /// Stops it (SIGKILL: no clean goodbye to anyone); its persistence
-    /// file keeps what it had saved.
+    /// Stops it (SIGKILL: no goodbye to anyone); its persistence file
+    /// keeps what it had saved (it saves on every change).
     pub fn stop(&mut self) {
         if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Stops it as an operator would (SIGTERM: it saves its state).
+    pub fn shut_down(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = Command::new("kill")
+                .args(["-TERM", &c.id().to_string()])
+                .status();
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while matches!(c.try_wait(), Ok(None)) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(10));
+            }
             let _ = c.kill();
             let _ = c.wait();
         }

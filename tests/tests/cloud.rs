@@ -35,9 +35,19 @@ struct Fleet {
 }
 
 impl Fleet {
-    fn new(acl_extra: &str) -> Self {
+    /// An organisation whose broker's ACL is what `edgeward fleet acl`
+    /// writes for `members` (DEVICE=GROUP,...).
+    fn new(members: &[&str]) -> Self {
         let ca = OrgCa::new();
-        let broker = Mosquitto::start(&ca, acl_extra);
+        let scratch = Scratch::new();
+        let mut acl = scratch.edgeward();
+        acl.args(["fleet", "acl"]);
+        for m in members {
+            acl.args(["--member", m]);
+        }
+        let o = acl.output().unwrap();
+        assert_status(&o, 0);
+        let broker = Mosquitto::start(&ca, &stdout(&o));
         let (cert, key) = ca.issue("operator", "extendedKeyUsage=clientAuth\n");
         let operator = MqttUser {
             port: broker.port(),
@@ -188,8 +198,7 @@ fn running_named(reported: &serde_json::Value, names: &[&str]) -> bool {
 
 #[test]
 fn a_device_applies_signed_deployments_from_the_broker_and_refuses_the_rest() {
-    // Group rights as `edgeward fleet acl` writes them.
-    let fleet = Fleet::new("\nuser gw-1\ntopic read ew/v1/g/line-a/desired\n");
+    let fleet = Fleet::new(&["gw-1=line-a"]);
     let s = Scratch::new();
     let config = device(
         &fleet,
@@ -337,7 +346,7 @@ fn a_device_applies_signed_deployments_from_the_broker_and_refuses_the_rest() {
 
 #[test]
 fn the_broker_confines_each_device_to_its_own_topics() {
-    let fleet = Fleet::new("");
+    let fleet = Fleet::new(&[]);
     let gw2 = fleet.user("gw-2");
     let mut everything = fleet.operator.subscribe("ew/v1/#");
     let mut spy = gw2.subscribe("ew/v1/d/gw-1/#");
@@ -386,7 +395,7 @@ fn the_broker_confines_each_device_to_its_own_topics() {
 
 #[test]
 fn on_the_tpm_the_device_connects_with_a_key_the_tpm_holds() {
-    let fleet = Fleet::new("");
+    let fleet = Fleet::new(&[]);
     let tpm = Swtpm::start();
     let s = Scratch::new();
     let hsm = format!("[hsm]\nbackend = \"tpm\"\ntcti = \"{}\"\n", tpm.tcti());
@@ -413,7 +422,7 @@ fn on_the_tpm_the_device_connects_with_a_key_the_tpm_holds() {
 
 #[test]
 fn a_device_runs_its_last_deployment_without_the_broker_and_reports_when_it_returns() {
-    let mut fleet = Fleet::new("");
+    let mut fleet = Fleet::new(&[]);
     let s = Scratch::new();
     let config = device(&fleet, &s, "gw-1", "", "");
     let mut out = fleet.operator.subscribe("ew/v1/d/gw-1/out/#");
@@ -495,7 +504,7 @@ fn push(fleet: &Fleet, file: &str, reference: &str) -> (String, String) {
 
 #[test]
 fn components_come_from_an_oci_registry_by_pinned_digest_and_deployments_roll_back() {
-    let fleet = Fleet::new("");
+    let fleet = Fleet::new(&[]);
     let registry = Registry::start();
     let s = Scratch::new();
     let config = device(&fleet, &s, "gw-1", "", "");
@@ -600,11 +609,7 @@ fn components_come_from_an_oci_registry_by_pinned_digest_and_deployments_roll_ba
 
 #[test]
 fn a_canary_rollout_stops_when_the_canary_fails_and_continues_when_it_is_healthy() {
-    let acl: String = ["gw-a", "gw-b", "gw-c"]
-        .iter()
-        .map(|d| format!("\nuser {d}\ntopic read ew/v1/g/line-a/desired\n"))
-        .collect();
-    let fleet = Fleet::new(&acl);
+    let fleet = Fleet::new(&["gw-a=line-a", "gw-b=line-a", "gw-c=line-a"]);
     let devices: Vec<(Scratch, Daemon)> = ["gw-a", "gw-b", "gw-c"]
         .iter()
         .map(|id| {
@@ -687,7 +692,7 @@ fn a_canary_rollout_stops_when_the_canary_fails_and_continues_when_it_is_healthy
 
 #[test]
 fn on_the_tpm_remote_attestation_verifies_and_fails_once_a_module_is_swapped_on_disk() {
-    let fleet = Fleet::new("");
+    let fleet = Fleet::new(&[]);
     let (tpm, ek_ca) = Swtpm::start_with_ek_certificate();
     let s = Scratch::new();
     let hsm = format!(
@@ -751,6 +756,134 @@ fn on_the_tpm_remote_attestation_verifies_and_fails_once_a_module_is_swapped_on_
     assert!(stdout(&o).contains("evidence REFUSED"), "{}", stdout(&o));
     assert!(stdout(&o).contains("FAIL"), "{}", stdout(&o));
     eprintln!("{}", stdout(&o));
+    let (status, _, _) = d.terminate();
+    assert!(status.success());
+}
+
+/// Serves `body` once over HTTP on loopback, holding the answer until
+/// told: (URL, "the request came", "answer now").
+fn held_http(
+    body: Vec<u8>,
+) -> (
+    String,
+    std::sync::mpsc::Receiver<()>,
+    std::sync::mpsc::Sender<()>,
+) {
+    use std::io::{Read as _, Write as _};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/sensor.wasm", listener.local_addr().unwrap());
+    let (asked_tx, asked) = std::sync::mpsc::channel();
+    let (release, release_rx) = std::sync::mpsc::channel::<()>();
+    std::thread::spawn(move || {
+        let (mut conn, _) = listener.accept().unwrap();
+        let mut buf = [0u8; 4096];
+        let _ = conn.read(&mut buf);
+        let _ = asked_tx.send(());
+        let _ = release_rx.recv();
+        let _ = write!(
+            conn,
+            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+            body.len()
+        );
+        let _ = conn.write_all(&body);
+    });
+    (url, asked, release)
+}
+
+#[test]
+fn events_made_offline_survive_a_daemon_restart_and_arrive_once_the_broker_is_back() {
+    let mut fleet = Fleet::new(&[]);
+    let s = Scratch::new();
+    let config = device(&fleet, &s, "gw-1", "", "");
+    let mut d = Daemon::start(&s, &config);
+    d.wait_for("the broker", |_, err| {
+        err.iter().any(|l| l.contains("connected to the broker"))
+    });
+
+    // The component comes slowly; the broker goes away meanwhile.
+    let (url, asked, release) = held_http(std::fs::read(guests::TEMPERATURE_SENSOR).unwrap());
+    let m = sensor_manifest("1", "sensor", &url);
+    assert!(
+        fleet
+            .operator
+            .publish("ew/v1/d/gw-1/in/desired", &fleet.signed(&m, None), true)
+    );
+    asked
+        .recv_timeout(WAIT)
+        .expect("the device fetches the component");
+    fleet.broker.shut_down();
+    release.send(()).unwrap();
+    d.wait_for("the deployment applied offline", |_, err| {
+        err.iter().any(|l| l.contains("deployment applied"))
+    });
+    // The daemon stops before the broker is back: the event is on disk only.
+    let (status, _, _) = d.terminate();
+    assert!(status.success());
+
+    fleet.broker.restart();
+    let mut events = fleet.operator.subscribe("ew/v1/d/gw-1/out/events");
+    std::thread::sleep(Duration::from_millis(300));
+    let mut d = Daemon::start(&s, &config);
+    let ev = events.wait("ew/v1/d/gw-1/out/events", WAIT, |v| {
+        v["kind"] == "deployment-applied"
+    });
+    assert_eq!(ev["version"], "1");
+    assert_eq!(ev["seq"], 0);
+    d.wait_for("the outbox emptied", |_, err| {
+        err.iter()
+            .any(|l| l.contains("sending the events kept while offline"))
+            && err.iter().any(|l| l.contains("events delivered"))
+    });
+    let (status, _, _) = d.terminate();
+    assert!(status.success());
+
+    // Delivered once: a later start sends nothing again.
+    let seen = events.seen.len();
+    let mut d = Daemon::start(&s, &config);
+    d.wait_for("the broker", |_, err| {
+        err.iter().any(|l| l.contains("connected to the broker"))
+    });
+    let after = events.drain(Duration::from_millis(1500));
+    assert!(
+        !after[seen..]
+            .iter()
+            .any(|(_, p)| p.contains("deployment-applied")),
+        "sent again: {after:?}"
+    );
+    let (status, _, _) = d.terminate();
+    assert!(status.success());
+}
+
+#[test]
+fn the_broker_certificate_is_renewed_without_dropping_the_session_and_used_on_reconnect() {
+    let mut fleet = Fleet::new(&[]);
+    let s = Scratch::new();
+    let config = device(&fleet, &s, "gw-1", "", "")
+        .replace("[cloud]\n", "[cloud]\nclient_cert_ttl = \"10s\"\n");
+    let started = std::time::Instant::now();
+    let mut d = Daemon::start(&s, &config);
+    d.wait_for("the broker", |_, err| {
+        err.iter().any(|l| l.contains("connected to the broker"))
+    });
+    d.wait_for("a renewal", |_, err| {
+        err.iter().any(|l| l.contains("broker certificate renewed"))
+    });
+    d.pump();
+    assert!(
+        !d.seen_err.iter().any(|l| l.contains("connection lost")),
+        "the renewal dropped the session: {:?}",
+        d.seen_err
+    );
+    // Past the first certificate's expiry, the broker restarts: the device
+    // comes back with the renewed one.
+    while started.elapsed() < Duration::from_secs(11) {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    fleet.broker.restart();
+    d.wait_for("a reconnection", |_, err| {
+        err.iter()
+            .any(|l| l.contains("connected to the broker again"))
+    });
     let (status, _, _) = d.terminate();
     assert!(status.success());
 }

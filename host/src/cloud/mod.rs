@@ -52,6 +52,7 @@
 
 pub mod desired;
 pub mod oci;
+pub mod outbox;
 pub mod tls;
 pub mod topics;
 
@@ -165,7 +166,7 @@ impl RawCloud {
             "client_cert_ttl",
             &self.client_cert_ttl,
             s(86_400),
-            s(60),
+            s(10),
             s(90 * 86_400),
         )?;
         let keep_alive = dur("keep_alive", &self.keep_alive, s(30), s(5), s(3600))?;
@@ -386,18 +387,20 @@ pub async fn run(
         ));
     let (client, mut eventloop) = AsyncClient::new(options, 64);
     let (work_tx, work_rx) = mpsc::channel::<Work>(16);
+    let online = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let worker = tokio::spawn(worker(
         config.clone(),
         api.clone(),
         client.clone(),
         topics.clone(),
         work_rx,
+        online.clone(),
         stop.clone(),
     ));
     let renew_after = |not_after: u64| {
         let now = crate::identity::unix_now();
         let left = not_after.saturating_sub(now);
-        Duration::from_secs((left / 2).max(30))
+        Duration::from_secs((left / 2).max(5))
     };
     let mut renew_at = tokio::time::Instant::now() + renew_after(client_id.not_after());
     let mut down_since: Option<std::time::Instant> = None;
@@ -424,6 +427,7 @@ pub async fn run(
             event = eventloop.poll() => match event {
                 Ok(Event::Incoming(Packet::ConnAck(ack))) => {
                     backoff.reset();
+                    online.store(true, std::sync::atomic::Ordering::SeqCst);
                     match down_since.take() {
                         Some(t) => tracing::info!(offline_ms = t.elapsed().as_millis() as u64, session_present = ack.session_present, "cloud: connected to the broker again"),
                         None => tracing::info!(host = %config.host, port = config.port, "cloud: connected to the broker"),
@@ -443,6 +447,7 @@ pub async fn run(
                     let wait = backoff.next();
                     if down_since.is_none() {
                         down_since = Some(std::time::Instant::now());
+                        online.store(false, std::sync::atomic::Ordering::SeqCst);
                         tracing::warn!(error = %e, retry_ms = wait.as_millis() as u64, "cloud: broker connection lost; reports wait until it is back");
                     } else {
                         tracing::debug!(error = %e, retry_ms = wait.as_millis() as u64, "cloud: broker still unreachable");
@@ -523,6 +528,8 @@ impl Backoff {
 #[derive(Debug)]
 enum Work {
     Connected,
+    /// Our own event read back: the broker has every event up to it.
+    Delivered(u64),
     Challenge(bytes::Bytes),
     Desired {
         source: Source,
@@ -535,6 +542,10 @@ fn incoming(topics: &Topics, p: Publish) -> Option<Work> {
     let topic = std::str::from_utf8(&p.topic).ok()?;
     if topic == topics.challenge() {
         return Some(Work::Challenge(p.payload));
+    }
+    if topic == topics.events() {
+        let v: serde_json::Value = serde_json::from_slice(&p.payload).ok()?;
+        return v["seq"].as_u64().map(Work::Delivered);
     }
     let source = topics.source_of(topic)?;
     Some(Work::Desired {
@@ -561,11 +572,19 @@ async fn worker(
     client: AsyncClient,
     topics: Topics,
     mut work: mpsc::Receiver<Work>,
+    online: Arc<std::sync::atomic::AtomicBool>,
     mut stop: watch::Receiver<bool>,
 ) {
     let mut last_reported: Option<serde_json::Value> = None;
     let mut last_refused: Option<serde_json::Value> = None;
     let mut attest_gate = tokio::time::Instant::now();
+    let outbox = match outbox::Outbox::open(api.registry.clone()) {
+        Ok(o) => o,
+        Err(e) => {
+            tracing::error!(error = %e, "cloud: the outbox cannot be read; the cloud interface is off");
+            return;
+        }
+    };
     let mut tick = tokio::time::interval(config.report_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -585,7 +604,19 @@ async fn worker(
                         .await;
                     // Retained, so a fresh report on each connection.
                     last_reported = None;
+                    let pending = outbox.pending();
+                    if !pending.is_empty() {
+                        tracing::info!(events = pending.len(), "cloud: sending the events kept while offline");
+                    }
+                    for ev in &pending {
+                        publish_event(&client, &topics, ev).await;
+                    }
                 }
+                Some(Work::Delivered(seq)) => match outbox.delivered(seq) {
+                    Ok(0) => {}
+                    Ok(n) => tracing::info!(events = n, up_to = seq, "cloud: events delivered"),
+                    Err(e) => tracing::error!(error = %e, "cloud: the outbox was not updated"),
+                },
                 Some(Work::Challenge(payload)) => {
                     let wait = attest_gate.saturating_duration_since(tokio::time::Instant::now());
                     let answer = if wait > Duration::ZERO {
@@ -594,19 +625,33 @@ async fn worker(
                         attest_gate = tokio::time::Instant::now() + Duration::from_secs(1);
                         answer_challenge(&api, &payload).await
                     };
-                    if let Err(e) = client
-                        .publish(topics.evidence(), QoS::AtLeastOnce, false, answer)
-                        .await
+                    // A challenge only arrives over a connection; if that
+                    // is gone, the verifier asks again.
+                    if online.load(std::sync::atomic::Ordering::SeqCst)
+                        && let Err(e) = client
+                            .publish(topics.evidence(), QoS::AtLeastOnce, false, answer)
+                            .await
                     {
                         tracing::warn!(error = %e, "cloud: evidence not queued");
                     }
                 }
                 Some(Work::Desired { source, payload, retained }) => {
-                    let link = Link { config: &config, api: &api, client: &client, topics: &topics };
+                    let link = Link {
+                        config: &config,
+                        api: &api,
+                        client: &client,
+                        topics: &topics,
+                        outbox: &outbox,
+                        connected: online.load(std::sync::atomic::Ordering::SeqCst),
+                    };
                     handle_desired(&link, source, &payload, retained, &mut last_refused).await;
                 }
             },
             _ = tick.tick() => {}
+        }
+        if !online.load(std::sync::atomic::Ordering::SeqCst) {
+            // Retained and sent afresh on connecting: nothing to queue.
+            continue;
         }
         match reported(&api, &config, last_refused.as_ref()) {
             Ok(r) if last_reported.as_ref() != Some(&r) => {
@@ -685,19 +730,33 @@ fn instance() -> &'static str {
     })
 }
 
-async fn event(client: &AsyncClient, topics: &Topics, ev: serde_json::Value) {
+/// Reports `ev` on `out/events`: kept in the outbox first, sent now if
+/// the broker is there (else when it is back).
+async fn event(link: &Link<'_>, ev: serde_json::Value) {
     let mut ev = ev;
     ev["at"] = crate::identity::unix_now().into();
-    let bytes = serde_json::to_vec(&ev).unwrap_or_default();
+    let ev = match link.outbox.push(ev) {
+        Ok(ev) => ev,
+        Err((ev, e)) => {
+            tracing::error!(error = %e, "cloud: event not kept; sending it anyway");
+            ev
+        }
+    };
+    if link.connected {
+        publish_event(link.client, link.topics, &ev).await;
+    }
+}
+
+async fn publish_event(client: &AsyncClient, topics: &Topics, ev: &serde_json::Value) {
+    let bytes = serde_json::to_vec(ev).unwrap_or_default();
     if let Err(e) = client
         .publish(topics.events(), QoS::AtLeastOnce, false, bytes)
         .await
     {
-        tracing::warn!(error = %e, "cloud: event not queued");
+        tracing::warn!(error = %e, "cloud: event not queued (kept in the outbox)");
     }
 }
 
-/// Logs and reports a refused deployment.
 /// A challenge on `in/attest/challenge`: `{"id", "nonce"}` (hex, 1-64
 /// bytes) or `{"id", "credential"}` (base64url: `edgeward attest
 /// challenge`'s credential, which binds the AK to the EK).
@@ -807,8 +866,12 @@ struct Link<'a> {
     api: &'a ApiState,
     client: &'a AsyncClient,
     topics: &'a Topics,
+    outbox: &'a outbox::Outbox,
+    /// Whether the broker is there now.
+    connected: bool,
 }
 
+/// Logs and reports a refused deployment.
 async fn refuse(
     link: &Link<'_>,
     source: &Source,
@@ -822,7 +885,7 @@ async fn refuse(
         "version": version, "reason": reason,
     });
     *last_refused = Some(ev.clone());
-    event(link.client, link.topics, ev).await;
+    event(link, ev).await;
 }
 
 async fn handle_desired(
@@ -832,12 +895,7 @@ async fn handle_desired(
     retained: bool,
     last_refused: &mut Option<serde_json::Value>,
 ) {
-    let Link {
-        config,
-        api,
-        client,
-        topics,
-    } = *link;
+    let Link { config, api, .. } = *link;
     if payload.is_empty() {
         // A cleared retained message: nothing is desired from there.
         return;
@@ -901,8 +959,7 @@ async fn handle_desired(
             *last_refused = None;
             tracing::info!(%source, version, add = ?plan.add, update = ?plan.update, remove = ?plan.remove, "cloud: deployment applied");
             event(
-                client,
-                topics,
+                link,
                 serde_json::json!({
                     "kind": "deployment-applied", "source": source.to_string(),
                     "version": version.to_string(), "plan": plan,

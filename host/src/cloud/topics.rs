@@ -67,7 +67,8 @@ impl Topics {
 
     /// What the device subscribes to.
     pub fn subscriptions(&self) -> Vec<String> {
-        let mut v = vec![self.desired(), self.challenge()];
+        // Its own events come back: the outbox's proof of delivery.
+        let mut v = vec![self.desired(), self.challenge(), self.events()];
         v.extend(self.groups.iter().map(|g| Self::group_desired(g)));
         v
     }
