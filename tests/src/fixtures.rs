@@ -504,7 +504,7 @@ impl Mosquitto {
         std::fs::write(
             &conf,
             format!(
-                "user root\nper_listener_settings false\nallow_anonymous false\npersistence true\npersistence_location {d}/\nautosave_interval 1\nautosave_on_changes true\nlog_dest stderr\nlog_type error\nlog_type warning\nlistener {port} 127.0.0.1\ncafile {d}/ca.pem\ncertfile {d}/broker.pem\nkeyfile {d}/broker.key\nrequire_certificate true\nuse_identity_as_username true\nacl_file {d}/acl\n",
+                "user root\nper_listener_settings false\nallow_anonymous false\npersistence true\npersistence_location {d}/\nautosave_interval 1\nautosave_on_changes true\nsys_interval 1\nlog_dest stderr\nlog_type error\nlog_type warning\nlistener {port} 127.0.0.1\ncafile {d}/ca.pem\ncertfile {d}/broker.pem\nkeyfile {d}/broker.key\nrequire_certificate true\nuse_identity_as_username true\nacl_file {d}/acl\n",
                 d = d.display(),
                 port = self.port
             ),
@@ -662,7 +662,10 @@ impl MqttUser {
             for line in std::io::BufReader::new(out).lines() {
                 let Ok(line) = line else { break };
                 let (t, p) = line.split_once(' ').unwrap_or((line.as_str(), ""));
-                if tx.send((t.to_owned(), p.to_owned())).is_err() {
+                if tx
+                    .send((t.to_owned(), p.to_owned(), Instant::now()))
+                    .is_err()
+                {
                     break;
                 }
             }
@@ -671,6 +674,7 @@ impl MqttUser {
             child,
             rx,
             seen: Vec::new(),
+            arrived: Vec::new(),
         }
     }
 }
@@ -679,12 +683,22 @@ impl MqttUser {
 #[derive(Debug)]
 pub struct Subscription {
     child: Child,
-    rx: std::sync::mpsc::Receiver<(String, String)>,
+    rx: std::sync::mpsc::Receiver<(String, String, Instant)>,
     /// Every message so far.
     pub seen: Vec<(String, String)>,
+    /// When each of `seen` arrived.
+    pub arrived: Vec<Instant>,
 }
 
 impl Subscription {
+    /// Takes in what has arrived.
+    pub fn pump(&mut self) {
+        while let Ok((t, p, at)) = self.rx.try_recv() {
+            self.seen.push((t, p));
+            self.arrived.push(at);
+        }
+    }
+
     /// Waits up to `within` for a message on `topic` whose JSON payload
     /// satisfies `pred`, and returns it.
     #[track_caller]
@@ -697,9 +711,7 @@ impl Subscription {
         let deadline = Instant::now() + within;
         let mut checked = 0;
         loop {
-            while let Ok(m) = self.rx.try_recv() {
-                self.seen.push(m);
-            }
+            self.pump();
             for (t, p) in &self.seen[checked..] {
                 if t == topic
                     && let Ok(v) = serde_json::from_str::<serde_json::Value>(p)
@@ -725,9 +737,7 @@ impl Subscription {
     /// The messages that arrived within `within`.
     pub fn drain(&mut self, within: Duration) -> &[(String, String)] {
         std::thread::sleep(within);
-        while let Ok(m) = self.rx.try_recv() {
-            self.seen.push(m);
-        }
+        self.pump();
         &self.seen
     }
 }

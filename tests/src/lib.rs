@@ -8,3 +8,4 @@ pub mod guests {
 
 pub mod bench;
 pub mod fixtures;
+pub mod fleet;

@@ -14,159 +14,25 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use common::daemon::Daemon;
 use common::*;
-use edgeward_tests::fixtures::{Mosquitto, MqttUser, OrgCa, Registry, Swtpm};
+use edgeward_tests::fixtures::{Registry, Swtpm};
+use edgeward_tests::fleet::Fleet;
 
 const WAIT: Duration = Duration::from_secs(60);
 
-/// An organisation: its root, a broker it certifies, an operator, and
-/// the deployment key devices trust.
-struct Fleet {
-    ca: OrgCa,
-    broker: Mosquitto,
-    operator: MqttUser,
-    deploy_key: PathBuf,
-    deploy_pub: PathBuf,
-    dir: Scratch,
+/// The organisation of `edgeward_tests::fleet`, run with the binary under
+/// test.
+fn new_fleet(members: &[&str]) -> Fleet {
+    Fleet::new(Path::new(EDGEWARD), members, "")
 }
 
-impl Fleet {
-    /// An organisation whose broker's ACL is what `edgeward fleet acl`
-    /// writes for `members` (DEVICE=GROUP,...).
-    fn new(members: &[&str]) -> Self {
-        let ca = OrgCa::new();
-        let scratch = Scratch::new();
-        let mut acl = scratch.edgeward();
-        acl.args(["fleet", "acl"]);
-        for m in members {
-            acl.args(["--member", m]);
-        }
-        let o = acl.output().unwrap();
-        assert_status(&o, 0);
-        let broker = Mosquitto::start(&ca, &stdout(&o));
-        let (cert, key) = ca.issue("operator", "extendedKeyUsage=clientAuth\n");
-        let operator = MqttUser {
-            port: broker.port(),
-            ca: ca.root(),
-            cert,
-            key,
-        };
-        let dir = Scratch::new();
-        let o = dir
-            .edgeward()
-            .args(["keygen", "--out"])
-            .arg(dir.path().join("deploy"))
-            .output()
-            .unwrap();
-        assert_status(&o, 0);
-        Self {
-            deploy_key: dir.path().join("deploy.key"),
-            deploy_pub: dir.path().join("deploy.pub"),
-            ca,
-            broker,
-            operator,
-            dir,
-        }
-    }
-
-    /// A client certificate for `cn` from the organisation's root, as a
-    /// device or operator that keeps its key in a file.
-    fn user(&self, cn: &str) -> MqttUser {
-        let (cert, key) = self.ca.issue(cn, "extendedKeyUsage=clientAuth\n");
-        MqttUser {
-            cert,
-            key,
-            ..self.operator.clone()
-        }
-    }
-
-    /// `edgeward fleet ARGS` as the operator (its fleet.toml).
-    fn fleet(&self, args: &[&str]) -> std::process::Output {
-        let toml = self.dir.write(
-            "fleet.toml",
-            &format!(
-                "broker = \"{}\"\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n",
-                self.broker.url(),
-                self.operator.ca.display(),
-                self.operator.cert.display(),
-                self.operator.key.display()
-            ),
-        );
-        self.dir
-            .edgeward()
-            .arg("fleet")
-            .args(args)
-            .arg("--config")
-            .arg(toml)
-            .output()
-            .unwrap()
-    }
-
-    /// `fleet deploy` of `manifest` to `target` (`--device ID` or
-    /// `--group G`), with `extra` flags.
-    fn deploy(&self, manifest: &str, target: &[&str], extra: &[&str]) -> std::process::Output {
-        let file = self.dir.write("deploy.toml", manifest);
-        let mut args = vec!["deploy", file.to_str().unwrap(), "--key"];
-        let key = self.deploy_key.to_str().unwrap().to_owned();
-        args.push(&key);
-        args.extend_from_slice(target);
-        args.extend_from_slice(extra);
-        self.fleet(&args)
-    }
-
-    /// The signed desired deployment of `manifest` (signed with `key`, or
-    /// the fleet's deployment key).
-    fn signed(&self, manifest: &str, key: Option<&Path>) -> Vec<u8> {
-        use base64ct::Encoding as _;
-        let file = self.dir.write("manifest.toml", manifest);
-        let o = self
-            .dir
-            .edgeward()
-            .arg("sign")
-            .arg("--key")
-            .arg(key.unwrap_or(&self.deploy_key))
-            .arg(&file)
-            .output()
-            .unwrap();
-        assert_status(&o, 0);
-        let sig = std::fs::read(self.dir.path().join("manifest.toml.sig")).unwrap();
-        serde_json::to_vec(&serde_json::json!({
-            "manifest": manifest,
-            "signature": base64ct::Base64::encode_string(&sig),
-        }))
-        .unwrap()
-    }
-}
-
-/// A device's config: its identity certified by the organisation (`edgeward
-/// identity csr`, then the org root signs it), the broker, the deployment
-/// key; `extra` is appended (more tables, `[[module]]`s).
+/// A device's config, provisioned in `s` (see `Fleet::device`).
 fn device(fleet: &Fleet, s: &Scratch, id: &str, hsm: &str, extra: &str) -> String {
-    let config = format!(
-        "{hsm}\n[identity]\ndevice_id = \"{id}\"\nca_certificate = \"chain.pem\"\n\n[cloud]\nbroker = \"{broker}\"\nca = \"{ca}\"\ndeployment_keys = [\"{key}\"]\ngroups = [\"line-a\"]\nreconnect_min = \"50ms\"\nreconnect_max = \"400ms\"\nreport_interval = \"200ms\"\n{extra}",
-        broker = fleet.broker.url(),
-        ca = fleet.ca.root().display(),
-        key = fleet.deploy_pub.display(),
-    );
-    let path = s.write("config.toml", &config);
-    let csr = s.path().join("device-ca.csr");
-    let o = s
-        .edgeward()
-        .args(["identity", "csr", "--out"])
-        .arg(&csr)
-        .arg("--config")
-        .arg(&path)
-        .output()
-        .unwrap();
-    assert_status(&o, 0);
-    fleet
-        .ca
-        .certify_device_ca(&csr, &s.path().join("chain.pem"));
-    config
+    fleet.device(s.path(), id, hsm, extra)
 }
 
 fn sensor_manifest(version: &str, name: &str, source: &str) -> String {
@@ -198,7 +64,7 @@ fn running_named(reported: &serde_json::Value, names: &[&str]) -> bool {
 
 #[test]
 fn a_device_applies_signed_deployments_from_the_broker_and_refuses_the_rest() {
-    let fleet = Fleet::new(&["gw-1=line-a"]);
+    let fleet = new_fleet(&["gw-1=line-a"]);
     let s = Scratch::new();
     let config = device(
         &fleet,
@@ -346,7 +212,7 @@ fn a_device_applies_signed_deployments_from_the_broker_and_refuses_the_rest() {
 
 #[test]
 fn the_broker_confines_each_device_to_its_own_topics() {
-    let fleet = Fleet::new(&[]);
+    let fleet = new_fleet(&[]);
     let gw2 = fleet.user("gw-2");
     let mut everything = fleet.operator.subscribe("ew/v1/#");
     let mut spy = gw2.subscribe("ew/v1/d/gw-1/#");
@@ -395,7 +261,7 @@ fn the_broker_confines_each_device_to_its_own_topics() {
 
 #[test]
 fn on_the_tpm_the_device_connects_with_a_key_the_tpm_holds() {
-    let fleet = Fleet::new(&[]);
+    let fleet = new_fleet(&[]);
     let tpm = Swtpm::start();
     let s = Scratch::new();
     let hsm = format!("[hsm]\nbackend = \"tpm\"\ntcti = \"{}\"\n", tpm.tcti());
@@ -422,7 +288,7 @@ fn on_the_tpm_the_device_connects_with_a_key_the_tpm_holds() {
 
 #[test]
 fn a_device_runs_its_last_deployment_without_the_broker_and_reports_when_it_returns() {
-    let mut fleet = Fleet::new(&[]);
+    let mut fleet = new_fleet(&[]);
     let s = Scratch::new();
     let config = device(&fleet, &s, "gw-1", "", "");
     let mut out = fleet.operator.subscribe("ew/v1/d/gw-1/out/#");
@@ -504,7 +370,7 @@ fn push(fleet: &Fleet, file: &str, reference: &str) -> (String, String) {
 
 #[test]
 fn components_come_from_an_oci_registry_by_pinned_digest_and_deployments_roll_back() {
-    let fleet = Fleet::new(&[]);
+    let fleet = new_fleet(&[]);
     let registry = Registry::start();
     let s = Scratch::new();
     let config = device(&fleet, &s, "gw-1", "", "");
@@ -609,7 +475,7 @@ fn components_come_from_an_oci_registry_by_pinned_digest_and_deployments_roll_ba
 
 #[test]
 fn a_canary_rollout_stops_when_the_canary_fails_and_continues_when_it_is_healthy() {
-    let fleet = Fleet::new(&["gw-a=line-a", "gw-b=line-a", "gw-c=line-a"]);
+    let fleet = new_fleet(&["gw-a=line-a", "gw-b=line-a", "gw-c=line-a"]);
     let devices: Vec<(Scratch, Daemon)> = ["gw-a", "gw-b", "gw-c"]
         .iter()
         .map(|id| {
@@ -692,7 +558,7 @@ fn a_canary_rollout_stops_when_the_canary_fails_and_continues_when_it_is_healthy
 
 #[test]
 fn on_the_tpm_remote_attestation_verifies_and_fails_once_a_module_is_swapped_on_disk() {
-    let fleet = Fleet::new(&[]);
+    let fleet = new_fleet(&[]);
     let (tpm, ek_ca) = Swtpm::start_with_ek_certificate();
     let s = Scratch::new();
     let hsm = format!(
@@ -792,7 +658,7 @@ fn held_http(
 
 #[test]
 fn events_made_offline_survive_a_daemon_restart_and_arrive_once_the_broker_is_back() {
-    let mut fleet = Fleet::new(&[]);
+    let mut fleet = new_fleet(&[]);
     let s = Scratch::new();
     let config = device(&fleet, &s, "gw-1", "", "");
     let mut d = Daemon::start(&s, &config);
@@ -856,7 +722,7 @@ fn events_made_offline_survive_a_daemon_restart_and_arrive_once_the_broker_is_ba
 
 #[test]
 fn the_broker_certificate_is_renewed_without_dropping_the_session_and_used_on_reconnect() {
-    let mut fleet = Fleet::new(&[]);
+    let mut fleet = new_fleet(&[]);
     let s = Scratch::new();
     let config = device(&fleet, &s, "gw-1", "", "")
         .replace("[cloud]\n", "[cloud]\nclient_cert_ttl = \"10s\"\n");

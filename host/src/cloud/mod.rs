@@ -380,7 +380,7 @@ pub async fn run(
         ))
         .set_last_will(LastWill::new(
             topics.state(),
-            state_payload(false, &api),
+            state_payload(false, &api, 0),
             QoS::AtLeastOnce,
             true,
             None,
@@ -465,7 +465,7 @@ pub async fn run(
             topics.state(),
             QoS::AtLeastOnce,
             true,
-            state_payload(false, &api),
+            state_payload(false, &api, 0),
         )
         .await;
     let _ = client.disconnect().await;
@@ -556,10 +556,14 @@ fn incoming(topics: &Topics, p: Publish) -> Option<Work> {
 }
 
 /// `out/state`'s payload.
-fn state_payload(online: bool, api: &ApiState) -> Vec<u8> {
+/// `connections` counts this process's connections (so a reconnection
+/// shows, though the retained state was "online" already).
+fn state_payload(online: bool, api: &ApiState, connections: u64) -> Vec<u8> {
     serde_json::to_vec(&serde_json::json!({
         "state": if online { "online" } else { "offline" },
         "daemon": api.info.version,
+        "instance": instance(),
+        "connections": connections,
     }))
     .unwrap_or_default()
 }
@@ -578,6 +582,7 @@ async fn worker(
     let mut last_reported: Option<serde_json::Value> = None;
     let mut last_refused: Option<serde_json::Value> = None;
     let mut attest_gate = tokio::time::Instant::now();
+    let mut connections = 0u64;
     let outbox = match outbox::Outbox::open(api.registry.clone()) {
         Ok(o) => o,
         Err(e) => {
@@ -593,6 +598,7 @@ async fn worker(
             w = work.recv() => match w {
                 None => return,
                 Some(Work::Connected) => {
+                    connections += 1;
                     let subs = topics.subscriptions();
                     for t in subs {
                         if let Err(e) = client.subscribe(t.clone(), QoS::AtLeastOnce).await {
@@ -600,7 +606,7 @@ async fn worker(
                         }
                     }
                     let _ = client
-                        .publish(topics.state(), QoS::AtLeastOnce, true, state_payload(true, &api))
+                        .publish(topics.state(), QoS::AtLeastOnce, true, state_payload(true, &api, connections))
                         .await;
                     // Retained, so a fresh report on each connection.
                     last_reported = None;

@@ -1,0 +1,197 @@
+//! A fleet for tests and benchmarks: an organisation's root (openssl), a
+//! Mosquitto broker it certifies with the ACL `edgeward fleet acl` writes,
+//! an operator, a deployment key, and devices provisioned the way
+//! docs/fleet.md says (`edgeward identity csr`, certified by the root).
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use crate::fixtures::{Mosquitto, MqttUser, OrgCa};
+
+/// Runs `edgeward` (`bin`) with `args`, outside any daemon's environment.
+fn edgeward(bin: &Path, dir: &Path) -> Command {
+    let mut c = Command::new(bin);
+    c.arg("--state-dir")
+        .arg(dir.join("state"))
+        .env_remove("EDGEWARD_LOG")
+        .env_remove("EDGEWARD_STATE_DIR")
+        .env_remove("EDGEWARD_CONFIG")
+        .env("EDGEWARD_SOCKET", dir.join("api.sock"));
+    c
+}
+
+#[track_caller]
+fn ok(o: Output, what: &str) -> Output {
+    assert!(
+        o.status.success(),
+        "{what} failed ({:?}): {}{}",
+        o.status.code(),
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    o
+}
+
+/// An organisation: its root, a broker it certifies, an operator, and
+/// the deployment key devices trust.
+#[derive(Debug)]
+pub struct Fleet {
+    /// The organisation's root.
+    pub ca: OrgCa,
+    /// The broker.
+    pub broker: Mosquitto,
+    /// The operator's client (Mosquitto's CLI clients).
+    pub operator: MqttUser,
+    /// The deployment key (secret).
+    pub deploy_key: PathBuf,
+    /// The deployment key (public), for devices' `deployment_keys`.
+    pub deploy_pub: PathBuf,
+    bin: PathBuf,
+    dir: tempfile::TempDir,
+}
+
+impl Fleet {
+    /// An organisation whose broker's ACL is what `edgeward fleet acl`
+    /// writes for `members` (DEVICE=GROUP,...), then `acl_extra`.
+    pub fn new(bin: &Path, members: &[&str], acl_extra: &str) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ca = OrgCa::new();
+        let mut acl = edgeward(bin, dir.path());
+        acl.args(["fleet", "acl"]);
+        for m in members {
+            acl.args(["--member", m]);
+        }
+        let o = ok(
+            acl.output().expect("edgeward fleet acl"),
+            "edgeward fleet acl",
+        );
+        let acl = format!("{}{acl_extra}", String::from_utf8_lossy(&o.stdout));
+        let broker = Mosquitto::start(&ca, &acl);
+        let (cert, key) = ca.issue("operator", "extendedKeyUsage=clientAuth\n");
+        let operator = MqttUser {
+            port: broker.port(),
+            ca: ca.root(),
+            cert,
+            key,
+        };
+        ok(
+            edgeward(bin, dir.path())
+                .args(["keygen", "--out"])
+                .arg(dir.path().join("deploy"))
+                .output()
+                .expect("edgeward keygen"),
+            "edgeward keygen",
+        );
+        Self {
+            deploy_key: dir.path().join("deploy.key"),
+            deploy_pub: dir.path().join("deploy.pub"),
+            ca,
+            broker,
+            operator,
+            bin: bin.to_owned(),
+            dir,
+        }
+    }
+
+    /// A client certificate for `cn` from the organisation's root, as a
+    /// device or operator that keeps its key in a file.
+    pub fn user(&self, cn: &str) -> MqttUser {
+        let (cert, key) = self.ca.issue(cn, "extendedKeyUsage=clientAuth\n");
+        MqttUser {
+            cert,
+            key,
+            ..self.operator.clone()
+        }
+    }
+
+    fn write(&self, name: &str, text: &str) -> PathBuf {
+        let p = self.dir.path().join(name);
+        std::fs::write(&p, text).expect("write");
+        p
+    }
+
+    /// `edgeward fleet ARGS` as the operator (its fleet.toml).
+    pub fn fleet(&self, args: &[&str]) -> Output {
+        let toml = self.write(
+            "fleet.toml",
+            &format!(
+                "broker = \"{}\"\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n",
+                self.broker.url(),
+                self.operator.ca.display(),
+                self.operator.cert.display(),
+                self.operator.key.display()
+            ),
+        );
+        edgeward(&self.bin, self.dir.path())
+            .arg("fleet")
+            .args(args)
+            .arg("--config")
+            .arg(toml)
+            .output()
+            .expect("edgeward fleet")
+    }
+
+    /// `fleet deploy` of `manifest` to `target` (`--device ID` or
+    /// `--group G`), with `extra` flags.
+    pub fn deploy(&self, manifest: &str, target: &[&str], extra: &[&str]) -> Output {
+        let file = self.write("deploy.toml", manifest);
+        let key = self.deploy_key.display().to_string();
+        let file = file.display().to_string();
+        let mut args = vec!["deploy", file.as_str(), "--key", key.as_str()];
+        args.extend_from_slice(target);
+        args.extend_from_slice(extra);
+        self.fleet(&args)
+    }
+
+    /// The signed desired deployment of `manifest` (signed with `key`, or
+    /// the fleet's deployment key), as `edgeward sign` signs a manifest.
+    pub fn signed(&self, manifest: &str, key: Option<&Path>) -> Vec<u8> {
+        use base64ct::Encoding as _;
+        let file = self.write("manifest.toml", manifest);
+        ok(
+            edgeward(&self.bin, self.dir.path())
+                .arg("sign")
+                .arg("--key")
+                .arg(key.unwrap_or(&self.deploy_key))
+                .arg(&file)
+                .output()
+                .expect("edgeward sign"),
+            "edgeward sign",
+        );
+        let sig = std::fs::read(self.dir.path().join("manifest.toml.sig")).expect("the signature");
+        serde_json::to_vec(&serde_json::json!({
+            "manifest": manifest,
+            "signature": base64ct::Base64::encode_string(&sig),
+        }))
+        .expect("json")
+    }
+
+    /// Provisions a device in `dir` (its state in `dir/state`): writes its
+    /// config (`hsm` and `extra` around the identity and cloud tables),
+    /// has it write a CSR for its device CA key, and certifies that with
+    /// the organisation's root. Returns the config's text (also written to
+    /// `dir/config.toml`).
+    pub fn device(&self, dir: &Path, id: &str, hsm: &str, extra: &str) -> String {
+        let config = format!(
+            "{hsm}\n[identity]\ndevice_id = \"{id}\"\nca_certificate = \"chain.pem\"\n\n[cloud]\nbroker = \"{broker}\"\nca = \"{ca}\"\ndeployment_keys = [\"{key}\"]\ngroups = [\"line-a\"]\nreconnect_min = \"50ms\"\nreconnect_max = \"400ms\"\nreport_interval = \"200ms\"\n{extra}",
+            broker = self.broker.url(),
+            ca = self.ca.root().display(),
+            key = self.deploy_pub.display(),
+        );
+        let path = dir.join("config.toml");
+        std::fs::write(&path, &config).expect("write the config");
+        let csr = dir.join("device-ca.csr");
+        ok(
+            edgeward(&self.bin, dir)
+                .args(["identity", "csr", "--out"])
+                .arg(&csr)
+                .arg("--config")
+                .arg(&path)
+                .output()
+                .expect("edgeward identity csr"),
+            "edgeward identity csr",
+        );
+        self.ca.certify_device_ca(&csr, &dir.join("chain.pem"));
+        config
+    }
+}
