@@ -765,16 +765,45 @@ impl Default for Registry {
 }
 
 impl Registry {
-    /// Starts one.
+    /// Starts one: plain HTTP, no auth.
     pub fn start() -> Self {
+        Self::start_with(tempfile::tempdir().expect("tempdir"), "")
+    }
+
+    /// Starts one as a real registry is run: TLS with a certificate from
+    /// `ca` (for 127.0.0.1), and basic auth for `user` (htpasswd, bcrypt).
+    pub fn start_secure(ca: &OrgCa, user: &str, password: &str) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
+        let (cert, key) = ca.issue(
+            "registry",
+            "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\n",
+        );
+        let out = Command::new("htpasswd")
+            .args(["-Bbn", user, password])
+            .output()
+            .unwrap_or_else(|e| {
+                panic!("cannot run htpasswd ({e}): install Debian's apache2-utils (scripts/setup)")
+            });
+        assert!(out.status.success(), "htpasswd failed");
+        let htpasswd = dir.path().join("htpasswd");
+        std::fs::write(&htpasswd, &out.stdout).expect("write htpasswd");
+        let extra = format!(
+            "  tls:\n    certificate: {}\n    key: {}\nauth:\n  htpasswd:\n    realm: edgeward-tests\n    path: {}\n",
+            cert.display(),
+            key.display(),
+            htpasswd.display()
+        );
+        Self::start_with(dir, &extra)
+    }
+
+    fn start_with(dir: tempfile::TempDir, extra: &str) -> Self {
         for _ in 0..10 {
             let port = free_port();
             let conf = dir.path().join("config.yml");
             std::fs::write(
                 &conf,
                 format!(
-                    "version: 0.1\nlog:\n  level: error\n  accesslog:\n    disabled: true\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: 127.0.0.1:{port}\n",
+                    "version: 0.1\nlog:\n  level: error\n  accesslog:\n    disabled: true\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: 127.0.0.1:{port}\n{extra}",
                     dir.path().join("data").display()
                 ),
             )

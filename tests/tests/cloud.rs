@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use common::daemon::Daemon;
 use common::*;
-use edgeward_tests::fixtures::{Registry, Swtpm};
+use edgeward_tests::fixtures::{Registry, SOFTHSM_MODULE, SoftHsmToken, Swtpm};
 use edgeward_tests::fleet::Fleet;
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -259,31 +259,56 @@ fn the_broker_confines_each_device_to_its_own_topics() {
     );
 }
 
-#[test]
-fn on_the_tpm_the_device_connects_with_a_key_the_tpm_holds() {
+/// Connects a device whose HSM is `hsm` and checks the broker took it, and
+/// that the broker key is that HSM's.
+fn connects_with_its_hsm_key(hsm: &str, backend: &str) {
     let fleet = new_fleet(&[]);
-    let tpm = Swtpm::start();
     let s = Scratch::new();
-    let hsm = format!("[hsm]\nbackend = \"tpm\"\ntcti = \"{}\"\n", tpm.tcti());
-    let config = device(&fleet, &s, "gw-tpm", &hsm, "");
-    let mut out = fleet.operator.subscribe("ew/v1/d/gw-tpm/out/#");
+    let id = format!("gw-{backend}");
+    let config = device(&fleet, &s, &id, hsm, "");
+    let mut out = fleet.operator.subscribe(&format!("ew/v1/d/{id}/out/#"));
     let d = Daemon::start(&s, &config);
-    out.wait("ew/v1/d/gw-tpm/out/state", WAIT, |v| v["state"] == "online");
-    let r = out.wait("ew/v1/d/gw-tpm/out/reported", WAIT, |v| {
-        v["device"] == "gw-tpm"
+    out.wait(&format!("ew/v1/d/{id}/out/state"), WAIT, |v| {
+        v["state"] == "online"
     });
-    assert_eq!(r["daemon"]["hsm"], "tpm");
-    // The key is the TPM's: the soft key store holds no broker key.
+    let r = out.wait(&format!("ew/v1/d/{id}/out/reported"), WAIT, |v| {
+        v["device"] == id.as_str()
+    });
+    assert_eq!(r["daemon"]["hsm"], backend);
+    let (status, _, _) = d.terminate();
+    assert!(status.success());
+    // The backend holds the broker key.
     let o = s
         .edgeward()
         .args(["hsm", "info", "--json", "--config"])
         .arg(s.path().join("config.toml"))
         .output()
         .unwrap();
-    let (status, _, _) = d.terminate();
-    assert!(status.success());
     assert_status(&o, 0);
     assert!(stdout(&o).contains("cloud-client"), "{}", stdout(&o));
+}
+
+#[test]
+fn on_the_tpm_the_device_connects_with_a_key_the_tpm_holds() {
+    let tpm = Swtpm::start();
+    connects_with_its_hsm_key(
+        &format!("[hsm]\nbackend = \"tpm\"\ntcti = \"{}\"\n", tpm.tcti()),
+        "tpm",
+    );
+}
+
+#[test]
+fn on_pkcs11_the_device_connects_with_a_key_the_token_holds() {
+    let token = SoftHsmToken::new();
+    connects_with_its_hsm_key(
+        &format!(
+            "[hsm]\nbackend = \"pkcs11\"\nmodule = \"{}\"\ntoken = \"{}\"\npin_file = \"{}\"\n",
+            SOFTHSM_MODULE,
+            token.label,
+            token.pin_file.display()
+        ),
+        "pkcs11",
+    );
 }
 
 #[test]
@@ -418,11 +443,25 @@ fn components_come_from_an_oci_registry_by_pinned_digest_and_deployments_roll_ba
         "0".repeat(64),
         registry.host()
     );
-    let o = fleet.deploy(
-        &wrong,
-        &["--device", "gw-1"],
-        &["--wait", "--timeout", "60s"],
-    );
+    // `fleet watch` sees the refusal as it happens.
+    let (o, watched) = std::thread::scope(|scope| {
+        let watch = scope.spawn(|| fleet.fleet(&["watch", "--duration", "8s"]));
+        std::thread::sleep(Duration::from_millis(1500));
+        let o = fleet.deploy(
+            &wrong,
+            &["--device", "gw-1"],
+            &["--wait", "--timeout", "60s"],
+        );
+        (o, watch.join().unwrap())
+    });
+    assert_status(&watched, 0);
+    let refusal = stdout(&watched)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|v| v["message"]["kind"] == "deployment-refused")
+        .unwrap_or_else(|| panic!("fleet watch saw no refusal: {}", stdout(&watched)));
+    assert_eq!(refusal["device"], "gw-1");
+    assert_eq!(refusal["message"]["version"], "2");
     assert_status(&o, 3);
     assert!(
         stderr(&o).contains("refused before downloading"),
@@ -750,6 +789,60 @@ fn the_broker_certificate_is_renewed_without_dropping_the_session_and_used_on_re
         err.iter()
             .any(|l| l.contains("connected to the broker again"))
     });
+    let (status, _, _) = d.terminate();
+    assert!(status.success());
+}
+
+#[test]
+fn a_registry_behind_tls_and_basic_auth_serves_devices_with_credentials() {
+    let fleet = new_fleet(&[]);
+    let registry = Registry::start_secure(&fleet.ca, "edge", "s3cret-pass");
+    let s = Scratch::new();
+    let password = s.write("registry.pass", "s3cret-pass\n");
+    let root = fleet.ca.root().display().to_string();
+    let reference = format!("oci://{}/edge/sensor:1", registry.host());
+    let push = |credentials: &[&str]| {
+        let mut args = vec![
+            "push",
+            guests::TEMPERATURE_SENSOR,
+            &reference,
+            "--registry-ca",
+            &root,
+        ];
+        args.extend_from_slice(credentials);
+        fleet.fleet(&args)
+    };
+    // Without credentials the registry's challenge is named.
+    let o = push(&[]);
+    assert_status(&o, 1);
+    assert!(stderr(&o).contains("credentials"), "{}", stderr(&o));
+    let o = push(&[
+        "--username",
+        "edge",
+        "--password-file",
+        password.to_str().unwrap(),
+    ]);
+    assert_status(&o, 0);
+
+    let config = device(
+        &fleet,
+        &s,
+        "gw-1",
+        "",
+        &format!(
+            "registry_ca = \"{root}\"\n\n[[cloud.registry]]\nhost = \"{}\"\nusername = \"edge\"\npassword_file = \"{}\"\n",
+            registry.host(),
+            password.display()
+        ),
+    );
+    let d = Daemon::start(&s, &config);
+    let m = sensor_manifest("1", "sensor", &reference);
+    let o = fleet.deploy(
+        &m,
+        &["--device", "gw-1"],
+        &["--wait", "--bake", "200ms", "--timeout", "60s"],
+    );
+    assert_status(&o, 0);
     let (status, _, _) = d.terminate();
     assert!(status.success());
 }

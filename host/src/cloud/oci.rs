@@ -235,11 +235,27 @@ impl Client {
         })
     }
 
-    /// `http://` for a loopback registry, else `https://`.
-    fn base(registry: &str) -> String {
+    /// `https://` for a registry; a loopback registry that does not speak
+    /// TLS is reached over `http://` (as Docker treats localhost).
+    async fn base(&self, registry: &str) -> String {
+        let https = format!("https://{registry}");
         let loopback = host_port(registry, 443).is_ok_and(|(h, _)| is_loopback(&h));
-        let scheme = if loopback { "http" } else { "https" };
-        format!("{scheme}://{registry}")
+        if !loopback {
+            return https;
+        }
+        let probe = self
+            .once(
+                &Method::GET,
+                &format!("{https}/v2/"),
+                &HeaderMap::new(),
+                &Bytes::new(),
+                64 << 10,
+            )
+            .await;
+        match probe {
+            Ok(_) => https,
+            Err(_) => format!("http://{registry}"),
+        }
     }
 
     /// A plain HTTPS download of at most `limit` bytes.
@@ -301,7 +317,7 @@ impl Client {
                 Box::new(
                     c.connect(name, tcp)
                         .await
-                        .map_err(|e| Failure::Transient(format!("TLS to {authority}: {e}")))?,
+                        .map_err(|e| Failure::Final(format!("TLS to {authority}: {e}")))?,
                 )
             } else {
                 Box::new(tcp)
@@ -514,7 +530,7 @@ impl Client {
     /// What was wrong (unreachable, no such manifest, not a Wasm artifact,
     /// a layer that is not the pin, too big, bytes that do not hash).
     pub async fn pull(&self, r: &Reference, pin: &Digest, limit: u64) -> Result<Vec<u8>, String> {
-        let base = Self::base(&r.registry);
+        let base = self.base(&r.registry).await;
         let url = format!("{base}/v2/{}/manifests/{}", r.repository, r.reference);
         let mut h = HeaderMap::new();
         h.insert(
@@ -578,7 +594,7 @@ impl Client {
     ///
     /// What the registry refused.
     pub async fn push(&self, r: &Reference, component: &[u8]) -> Result<(Digest, Digest), String> {
-        let base = Self::base(&r.registry);
+        let base = self.base(&r.registry).await;
         let layer = Digest::of(component);
         let config = serde_json::to_vec(&serde_json::json!({
             "architecture": "wasm",
@@ -837,12 +853,38 @@ mod tests {
     }
 
     #[test]
-    fn plain_http_is_for_loopback_only() {
-        assert!(Client::base("127.0.0.1:5000").starts_with("http://"));
-        assert!(Client::base("localhost:5000").starts_with("http://"));
-        assert!(Client::base("[::1]:5000").starts_with("http://"));
-        assert!(Client::base("registry.example").starts_with("https://"));
-        assert!(Client::base("10.0.0.1:5000").starts_with("https://"));
+    fn plain_http_is_for_a_loopback_registry_without_tls_only() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let c = Client::new(None, None).unwrap();
+        // Nothing listens on port 1: a loopback registry falls back to
+        // plain HTTP; a remote one never does.
+        assert_eq!(rt.block_on(c.base("127.0.0.1:1")), "http://127.0.0.1:1");
+        assert_eq!(rt.block_on(c.base("[::1]:1")), "http://[::1]:1");
+        assert_eq!(
+            rt.block_on(c.base("registry.example")),
+            "https://registry.example"
+        );
+        assert_eq!(
+            rt.block_on(c.base("10.0.0.1:5000")),
+            "https://10.0.0.1:5000"
+        );
+        let err = rt
+            .block_on(c.once(
+                &Method::GET,
+                "http://10.0.0.1:5000/v2/",
+                &HeaderMap::new(),
+                &Bytes::new(),
+                1,
+            ))
+            .unwrap_err()
+            .message();
+        assert!(
+            err.contains("plain HTTP only to a loopback registry"),
+            "{err}"
+        );
     }
 
     #[test]
