@@ -553,6 +553,9 @@ impl Config {
                 "reconnect_min_ms": ms(c.reconnect_min),
                 "reconnect_max_ms": ms(c.reconnect_max),
                 "report_interval_ms": ms(c.report_interval),
+                "fetch_timeout_ms": ms(c.fetch_timeout),
+                "registry_roots": c.registry_roots.as_ref().map(|r| crate::measure::Digest::of(r).to_string()),
+                "registries": c.credentials.keys().collect::<Vec<_>>(),
             })),
         })
     }
