@@ -846,3 +846,53 @@ fn a_registry_behind_tls_and_basic_auth_serves_devices_with_credentials() {
     let (status, _, _) = d.terminate();
     assert!(status.success());
 }
+
+/// `edgeward check`'s cloud line for the config in `s`.
+fn cloud_check(s: &Scratch) -> serde_json::Value {
+    let o = s
+        .edgeward()
+        .args(["check", "--json", "--config"])
+        .arg(s.path().join("config.toml"))
+        .output()
+        .unwrap();
+    let checks: Vec<serde_json::Value> = serde_json::from_str(&stdout(&o))
+        .unwrap_or_else(|e| panic!("{e}: {}{}", stdout(&o), stderr(&o)));
+    checks.into_iter().find(|c| c["name"] == "cloud").unwrap()
+}
+
+#[test]
+fn check_reaches_the_broker_and_names_what_keeps_a_device_out() {
+    let fleet = new_fleet(&[]);
+    let s = Scratch::new();
+    let config = device(&fleet, &s, "gw-1", "", "");
+    let c = cloud_check(&s);
+    assert_eq!(c["verdict"], "pass", "{c}");
+    assert!(
+        c["detail"]
+            .as_str()
+            .unwrap()
+            .contains("certificate verifies"),
+        "{c}"
+    );
+
+    // A broker certified by another root.
+    let other = edgeward_tests::fixtures::OrgCa::new();
+    let text = config.replace(
+        &fleet.ca.root().display().to_string(),
+        &other.root().display().to_string(),
+    );
+    std::fs::write(s.path().join("config.toml"), &text).unwrap();
+    let c = cloud_check(&s);
+    assert_eq!(c["verdict"], "fail", "{c}");
+    assert!(c["detail"].as_str().unwrap().contains("TLS"), "{c}");
+
+    // A device CA no organisation certified.
+    std::fs::write(
+        s.path().join("config.toml"),
+        config.replace("ca_certificate = \"chain.pem\"\n", ""),
+    )
+    .unwrap();
+    let c = cloud_check(&s);
+    assert_eq!(c["verdict"], "warn", "{c}");
+    assert!(c["hint"].as_str().unwrap().contains("identity csr"), "{c}");
+}

@@ -106,6 +106,7 @@ pub(super) fn command(
     checks.push(hsm_check(cfg.as_ref(), &state_dir));
     checks.push(ca_check(&state_dir));
     checks.push(jwt_keys_check(&state_dir));
+    checks.push(cloud_check(cfg.as_ref()));
     checks.push(clock_check());
     checks.push(disk_check(&state_dir));
     report(&checks, json)
@@ -513,6 +514,91 @@ fn ca_check(state_dir: &Path) -> Check {
             format!("{}: valid for {days} more days", path.display()),
         )
     }
+}
+
+/// `[cloud]`: the device CA chained to an organisation (else a broker that
+/// trusts the organisation refuses the device), and the broker reachable
+/// with a certificate `[cloud] ca` verifies. The device's own client
+/// authentication is the daemon's (`edgeward fleet status` shows it).
+fn cloud_check(cfg: Option<&crate::config::Config>) -> Check {
+    let Some(c) = cfg.and_then(|c| c.cloud.as_ref().map(|cl| (c, cl))) else {
+        return pass("cloud", "no [cloud]: not connected to a fleet");
+    };
+    let (cfg, cloud) = c;
+    let broker = format!("{}:{}", cloud.host, cloud.port);
+    if cfg.identity.ca_certificate.is_none() {
+        return not_ok(
+            "cloud",
+            Verdict::Warn,
+            format!(
+                "broker {broker}: the device CA is self-signed, so a broker that trusts the organisation's root refuses this device"
+            ),
+            "edgeward identity csr --out device-ca.csr, have it certified, set [identity] ca_certificate (docs/fleet.md)",
+        );
+    }
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => return not_ok("cloud", Verdict::Fail, e.to_string(), "retry"),
+    };
+    match rt.block_on(broker_handshake(cloud)) {
+        Ok(()) => pass(
+            "cloud",
+            format!(
+                "broker {broker} reachable; its certificate verifies against {}",
+                cloud.ca.display()
+            ),
+        ),
+        Err(e) => not_ok(
+            "cloud",
+            Verdict::Fail,
+            format!("broker {broker}: {e}"),
+            "check [cloud] broker and ca, and the network path to the broker",
+        ),
+    }
+}
+
+/// A TLS handshake with the broker, verifying its certificate (and
+/// presenting none: the broker may then close, which is not the point).
+async fn broker_handshake(cloud: &crate::cloud::CloudConfig) -> Result<(), String> {
+    use rustls::pki_types::pem::PemObject as _;
+    let pem = std::fs::read(&cloud.ca).map_err(|e| format!("{}: {e}", cloud.ca.display()))?;
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls::pki_types::CertificateDer::pem_slice_iter(&pem) {
+        roots
+            .add(c.map_err(|e| e.to_string())?)
+            .map_err(|e| e.to_string())?;
+    }
+    let tls = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| e.to_string())?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let limit = std::time::Duration::from_secs(5);
+    let tcp = tokio::time::timeout(
+        limit,
+        tokio::net::TcpStream::connect((cloud.host.as_str(), cloud.port)),
+    )
+    .await
+    .map_err(|_| format!("no connection within {limit:?}"))?
+    .map_err(|e| format!("cannot connect: {e}"))?;
+    let name = match cloud.host.parse::<std::net::IpAddr>() {
+        Ok(ip) => rustls::pki_types::ServerName::from(ip),
+        Err(_) => rustls::pki_types::ServerName::try_from(cloud.host.clone())
+            .map_err(|e| e.to_string())?,
+    };
+    tokio::time::timeout(
+        limit,
+        tokio_rustls::TlsConnector::from(std::sync::Arc::new(tls)).connect(name, tcp),
+    )
+    .await
+    .map_err(|_| format!("no TLS handshake within {limit:?}"))?
+    .map(drop)
+    .map_err(|e| format!("TLS: {e}"))
 }
 
 fn clock_check() -> Check {
