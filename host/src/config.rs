@@ -95,6 +95,12 @@
 //! jwt_key_rotation = "1h"             # JWT working-key rotation period
 //! ca_certificate = "device-ca.pem"    # optional: certificate(s) for the HSM's
 //!                                     # device-ca key, up to a self-signed root
+//!
+//! [cloud]                             # optional: the fleet's broker (see
+//! broker = "mqtts://broker.example"   # cloud::CloudConfig and docs/fleet.md)
+//! ca = "org-root.pem"
+//! deployment_keys = ["deploy.pub"]
+//! groups = ["line-a"]
 //! ```
 
 use std::collections::HashSet;

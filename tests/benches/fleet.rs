@@ -143,30 +143,22 @@ fn sorted_since(t0: Instant, at: &BTreeMap<String, Instant>) -> Vec<Duration> {
     v
 }
 
-/// Mosquitto's total messages received and sent ($SYS, every second).
-fn broker_messages(fleet: &Fleet) -> (u64, u64) {
-    let mut sub = fleet.operator.subscribe("$SYS/broker/messages/+");
-    let deadline = Instant::now() + Duration::from_secs(5);
-    let (mut rx, mut tx) = (None, None);
-    while (rx.is_none() || tx.is_none()) && Instant::now() < deadline {
-        sub.pump();
-        for (t, p) in &sub.seen {
-            match t.as_str() {
-                "$SYS/broker/messages/received" => rx = p.trim().parse().ok(),
-                "$SYS/broker/messages/sent" => tx = p.trim().parse().ok(),
-                _ => {}
-            }
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    (rx.unwrap_or(0), tx.unwrap_or(0))
-}
-
 fn rss_kib(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .unwrap_or_default()
         .lines()
         .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Anonymous (heap, stacks) KiB of `pid`: the rest of its RSS is mapped
+/// files (the binary, libraries) shared with every other daemon.
+fn anon_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("Anonymous:"))
         .and_then(|v| v.split_whitespace().next()?.parse().ok())
         .unwrap_or(0)
 }
@@ -179,8 +171,9 @@ fn cpu_ticks(pid: u32) -> u64 {
         + f.get(12).and_then(|s| s.parse::<u64>().ok()).unwrap_or(0)
 }
 
-/// Mean RSS (MiB) and CPU (% of one core) of `pids` over `IDLE_WINDOW`.
-fn idle_cost(pids: &[u32]) -> (f64, f64) {
+/// Mean RSS and anonymous memory (MiB) and CPU (% of one core) of `pids`
+/// over `IDLE_WINDOW`.
+fn idle_cost(pids: &[u32]) -> (f64, f64, f64) {
     let before: Vec<u64> = pids.iter().map(|p| cpu_ticks(*p)).collect();
     std::thread::sleep(IDLE_WINDOW);
     let ticks: u64 = pids
@@ -189,10 +182,11 @@ fn idle_cost(pids: &[u32]) -> (f64, f64) {
         .map(|(p, b)| cpu_ticks(*p).saturating_sub(*b))
         .sum();
     let rss: u64 = pids.iter().map(|p| rss_kib(*p)).sum();
+    let anon: u64 = pids.iter().map(|p| anon_kib(*p)).sum();
     let n = pids.len().max(1) as f64;
     // Linux reports CPU time in clock ticks of 1/100 s.
     let cpu_pct = ticks as f64 / 100.0 / IDLE_WINDOW.as_secs_f64() / n * 100.0;
-    (rss as f64 / 1024.0 / n, cpu_pct)
+    (rss as f64 / 1024.0 / n, anon as f64 / 1024.0 / n, cpu_pct)
 }
 
 /// A copy of `component` with a custom section appended: the same code
@@ -279,8 +273,11 @@ fn main() {
     );
     let payload = fleet.signed(&manifest, None);
     let mut reported = fleet.operator.subscribe("ew/v1/d/+/out/reported");
+    // Everything on the tree, to count what the deployment costs the broker.
+    let mut tree = fleet.operator.subscribe("ew/v1/#");
     std::thread::sleep(Duration::from_millis(500));
-    let (rx0, tx0) = broker_messages(&fleet);
+    tree.pump();
+    let before = tree.seen.len();
     let t0 = Instant::now();
     assert!(
         fleet
@@ -296,9 +293,17 @@ fn main() {
     });
     let cloud = sorted_since(t0, &applied);
     drop(reported);
-    // Let the counters catch up (sys_interval 1 s), then read them.
     std::thread::sleep(Duration::from_secs(3));
-    let (rx1, tx1) = broker_messages(&fleet);
+    tree.pump();
+    let mut by_kind: BTreeMap<String, usize> = BTreeMap::new();
+    for (t, _) in &tree.seen[before..] {
+        let kind = t
+            .strip_prefix("ew/v1/d/")
+            .and_then(|r| r.split_once('/'))
+            .map_or(t.as_str(), |x| x.1);
+        *by_kind.entry(kind.to_owned()).or_default() += 1;
+    }
+    drop(tree);
 
     // 2. The local path: the same code under another digest.
     let local_dir = tempfile::tempdir().expect("tempdir");
@@ -363,11 +368,15 @@ fn main() {
         ms(local_all)
     );
 
-    let received = rx1.saturating_sub(rx0);
-    let sent = tx1.saturating_sub(tx0);
+    let from_devices: usize = by_kind
+        .iter()
+        .filter(|(k, _)| k.starts_with("out/"))
+        .map(|(_, v)| v)
+        .sum();
+    let events = by_kind.get("out/events").copied().unwrap_or(0);
     println!(
-        "\n3. broker messages for the deployment: {received} received, {sent} sent ({:.1} per device)",
-        (received + sent) as f64 / n as f64
+        "\n3. messages for the deployment: 1 publish to the group, delivered to {n} devices; the devices published {from_devices} ({:.1} each: {by_kind:?}); the broker delivered {events} events back to their senders (the outbox receipts)",
+        from_devices as f64 / n as f64
     );
 
     // 4. Reconnect storm.
@@ -404,7 +413,7 @@ fn main() {
     }
     std::thread::sleep(Duration::from_secs(3));
     let pids: Vec<u32> = devices[..k].iter().map(Device::pid).collect();
-    let (rss_on, cpu_on) = idle_cost(&pids);
+    let (rss_on, anon_on, cpu_on) = idle_cost(&pids);
     for d in &mut devices[..k] {
         d.stop();
         let path = d.dir.path().join("config.toml");
@@ -420,9 +429,9 @@ fn main() {
     }
     std::thread::sleep(Duration::from_secs(3));
     let pids: Vec<u32> = devices[..k].iter().map(Device::pid).collect();
-    let (rss_off, cpu_off) = idle_cost(&pids);
+    let (rss_off, anon_off, cpu_off) = idle_cost(&pids);
     println!(
-        "\n5. idle, {k} daemons each running the two sensors (one reading a second):\n  cloud on:  {rss_on:.1} MiB RSS, {cpu_on:.2}% of a core\n  cloud off: {rss_off:.1} MiB RSS, {cpu_off:.2}% of a core\n  ratio {:.2}x RSS, {:.2}x CPU",
+        "\n5. idle, {k} daemons each running the two sensors (one reading a second):\n  cloud on:  {rss_on:.1} MiB RSS ({anon_on:.1} anonymous), {cpu_on:.2}% of a core\n  cloud off: {rss_off:.1} MiB RSS ({anon_off:.1} anonymous), {cpu_off:.2}% of a core\n  ratio {:.2}x RSS, {:.2}x CPU",
         rss_on / rss_off.max(0.001),
         cpu_on / cpu_off.max(0.0001)
     );

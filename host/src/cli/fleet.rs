@@ -413,7 +413,8 @@ impl Session {
         )))
         .set_keep_alive(Duration::from_secs(30))
         .set_clean_start(true)
-        .set_max_packet_size(Some(4 << 20));
+        .set_max_packet_size(Some(4 << 20))
+        .set_outgoing_inflight_upper_limit(32);
         let (client, mut eventloop) = AsyncClient::new(o, 64);
         let (msg_tx, messages) = mpsc::channel(1024);
         let (ack_tx, acks) = mpsc::channel(64);

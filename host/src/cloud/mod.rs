@@ -378,6 +378,10 @@ pub async fn run(
         .set_max_packet_size(Some(
             u32::try_from(desired::MAX_DESIRED * 2).unwrap_or(u32::MAX),
         ))
+        // rumqttc sizes its in-flight table by this up front: left at
+        // u16::MAX it holds 13 MiB per daemon. A device has few reports
+        // in flight; the broker may lower it further.
+        .set_outgoing_inflight_upper_limit(32)
         .set_last_will(LastWill::new(
             topics.state(),
             state_payload(false, &api, 0),
