@@ -774,10 +774,6 @@ impl Registry {
     /// `ca` (for 127.0.0.1), and basic auth for `user` (htpasswd, bcrypt).
     pub fn start_secure(ca: &OrgCa, user: &str, password: &str) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
-        let (cert, key) = ca.issue(
-            "registry",
-            "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\n",
-        );
         let out = Command::new("htpasswd")
             .args(["-Bbn", user, password])
             .output()
@@ -787,11 +783,29 @@ impl Registry {
         assert!(out.status.success(), "htpasswd failed");
         let htpasswd = dir.path().join("htpasswd");
         std::fs::write(&htpasswd, &out.stdout).expect("write htpasswd");
+        let auth = format!(
+            "  htpasswd:\n    realm: edgeward-tests\n    path: {}\n",
+            htpasswd.display()
+        );
+        Self::start_tls(ca, dir, &auth)
+    }
+
+    /// Starts one with TLS (a certificate from `ca` for 127.0.0.1) and the
+    /// `auth:` block given (its lines indented by two), such as a token
+    /// service's.
+    pub fn start_with_auth(ca: &OrgCa, auth: &str) -> Self {
+        Self::start_tls(ca, tempfile::tempdir().expect("tempdir"), auth)
+    }
+
+    fn start_tls(ca: &OrgCa, dir: tempfile::TempDir, auth: &str) -> Self {
+        let (cert, key) = ca.issue(
+            "registry",
+            "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\n",
+        );
         let extra = format!(
-            "  tls:\n    certificate: {}\n    key: {}\nauth:\n  htpasswd:\n    realm: edgeward-tests\n    path: {}\n",
+            "  tls:\n    certificate: {}\n    key: {}\nauth:\n{auth}",
             cert.display(),
             key.display(),
-            htpasswd.display()
         );
         Self::start_with(dir, &extra)
     }

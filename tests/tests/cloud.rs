@@ -824,9 +824,22 @@ fn a_registry_behind_tls_and_basic_auth_serves_devices_with_credentials() {
     ]);
     assert_status(&o, 0);
 
+    deploys_through(&fleet, &s, &registry, &password, &reference);
+}
+
+/// A device with `[cloud] registry_ca` (the organisation's root) and
+/// credentials for `registry` deploys the sensor from `reference`.
+fn deploys_through(
+    fleet: &Fleet,
+    s: &Scratch,
+    registry: &Registry,
+    password: &Path,
+    reference: &str,
+) {
+    let root = fleet.ca.root().display().to_string();
     let config = device(
-        &fleet,
-        &s,
+        fleet,
+        s,
         "gw-1",
         "",
         &format!(
@@ -835,8 +848,8 @@ fn a_registry_behind_tls_and_basic_auth_serves_devices_with_credentials() {
             password.display()
         ),
     );
-    let d = Daemon::start(&s, &config);
-    let m = sensor_manifest("1", "sensor", &reference);
+    let d = Daemon::start(s, &config);
+    let m = sensor_manifest("1", "sensor", reference);
     let o = fleet.deploy(
         &m,
         &["--device", "gw-1"],
@@ -895,4 +908,159 @@ fn check_reaches_the_broker_and_names_what_keeps_a_device_out() {
     let c = cloud_check(&s);
     assert_eq!(c["verdict"], "warn", "{c}");
     assert!(c["hint"].as_str().unwrap().contains("identity csr"), "{c}");
+}
+
+/// A registry token service on loopback, as docker-registry's `auth:
+/// token` expects one: checks basic credentials, answers `{"token"}`, a JWT
+/// (ES256, its signing certificate in `x5c`, chained to the registry's
+/// trusted root) granting what the scope asks. Returns its URL and how
+/// many tokens it gave.
+fn token_service(
+    signer_cert: &Path,
+    signer_key: &Path,
+    service: &'static str,
+    user: &'static str,
+    password: &'static str,
+) -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use base64ct::Encoding as _;
+    use std::io::{BufRead as _, Write as _};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/token", listener.local_addr().unwrap());
+    let pem = std::fs::read_to_string(signer_cert).unwrap();
+    let der = edgeward::identity::authority::parse_pem_certificates(&pem).unwrap();
+    let x5c: Vec<String> = der
+        .iter()
+        .map(|d| base64ct::Base64::encode_string(d))
+        .collect();
+    // The PKCS#8 key openssl wrote, as DER.
+    let key_pem = std::fs::read_to_string(signer_key).unwrap();
+    let b64: String = key_pem
+        .lines()
+        .filter(|l| !l.starts_with("-----"))
+        .collect();
+    let key = jsonwebtoken::EncodingKey::from_ec_der(&base64ct::Base64::decode_vec(&b64).unwrap());
+    let given = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = given.clone();
+    let expected = format!(
+        "Basic {}",
+        base64ct::Base64::encode_string(format!("{user}:{password}").as_bytes())
+    );
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { return };
+            let mut reader = std::io::BufReader::new(conn.try_clone().unwrap());
+            let mut request = String::new();
+            let _ = reader.read_line(&mut request);
+            let mut authorized = false;
+            loop {
+                let mut line = String::new();
+                if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+                    break;
+                }
+                if let Some((k, v)) = line.split_once(':')
+                    && k.eq_ignore_ascii_case("authorization")
+                    && v.trim() == expected
+                {
+                    authorized = true;
+                }
+            }
+            if !authorized {
+                let _ = conn.write_all(
+                    b"HTTP/1.1 401 Unauthorized\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+                );
+                continue;
+            }
+            // scope=repository:NAME:ACTIONS (percent-encoded).
+            let query = request
+                .split_whitespace()
+                .nth(1)
+                .unwrap_or("")
+                .split_once('?')
+                .map_or("", |q| q.1)
+                .to_owned();
+            let mut access = Vec::new();
+            for pair in query.split('&') {
+                if let Some(v) = pair.strip_prefix("scope=") {
+                    let v = v
+                        .replace("%3A", ":")
+                        .replace("%2F", "/")
+                        .replace("%2C", ",");
+                    let parts: Vec<&str> = v.splitn(3, ':').collect();
+                    if let [kind, name, actions] = parts.as_slice() {
+                        access.push(serde_json::json!({
+                            "type": kind, "name": name,
+                            "actions": actions.split(',').collect::<Vec<_>>(),
+                        }));
+                    }
+                }
+            }
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_secs();
+            let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256);
+            header.x5c = Some(x5c.clone());
+            let claims = serde_json::json!({
+                "iss": "edgeward-tests", "sub": user, "aud": service,
+                "exp": now + 300, "nbf": now - 10, "iat": now,
+                "jti": format!("{now}-{}", counter.load(std::sync::atomic::Ordering::SeqCst)),
+                "access": access,
+            });
+            let token = jsonwebtoken::encode(&header, &claims, &key).unwrap();
+            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let body = serde_json::json!({ "token": token }).to_string();
+            let _ = write!(
+                conn,
+                "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+        }
+    });
+    (url, given)
+}
+
+#[test]
+fn a_registry_with_a_token_service_serves_devices_with_credentials() {
+    let fleet = new_fleet(&[]);
+    let (signer_cert, signer_key) = fleet
+        .ca
+        .issue("token-signer", "keyUsage=critical,digitalSignature\n");
+    let (realm, given) = token_service(
+        &signer_cert,
+        &signer_key,
+        "edgeward-registry",
+        "edge",
+        "t0ken-pass",
+    );
+    let registry = Registry::start_with_auth(
+        &fleet.ca,
+        &format!(
+            "  token:\n    realm: {realm}\n    service: edgeward-registry\n    issuer: edgeward-tests\n    rootcertbundle: {}\n",
+            fleet.ca.root().display()
+        ),
+    );
+    let s = Scratch::new();
+    let password = s.write("registry.pass", "t0ken-pass");
+    let root = fleet.ca.root().display().to_string();
+    let reference = format!("oci://{}/edge/sensor:1", registry.host());
+    let o = fleet.fleet(&[
+        "push",
+        guests::TEMPERATURE_SENSOR,
+        &reference,
+        "--registry-ca",
+        &root,
+        "--username",
+        "edge",
+        "--password-file",
+        password.to_str().unwrap(),
+    ]);
+    assert_status(&o, 0);
+    let pushed = given.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(pushed > 0, "no token was asked for");
+
+    deploys_through(&fleet, &s, &registry, &password, &reference);
+    assert!(
+        given.load(std::sync::atomic::Ordering::SeqCst) > pushed,
+        "the device asked for no token"
+    );
 }
