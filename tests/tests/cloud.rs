@@ -1064,3 +1064,39 @@ fn a_registry_with_a_token_service_serves_devices_with_credentials() {
         "the device asked for no token"
     );
 }
+
+#[test]
+fn a_retained_deployment_once_refused_is_reported_once_not_at_every_connection() {
+    let mut fleet = new_fleet(&[]);
+    let s = Scratch::new();
+    let config = device(&fleet, &s, "gw-1", "", "");
+    let mut d = Daemon::start(&s, &config);
+    d.wait_for("the broker", |_, err| {
+        err.iter().any(|l| l.contains("connected to the broker"))
+    });
+    let m = sensor_manifest("1", "sensor", guests::TEMPERATURE_SENSOR);
+    let unsigned = serde_json::to_vec(&serde_json::json!({ "manifest": m })).unwrap();
+    assert!(
+        fleet
+            .operator
+            .publish("ew/v1/d/gw-1/in/desired", &unsigned, true)
+    );
+    d.wait_for("the refusal", |_, err| {
+        err.iter().any(|l| l.contains("desired deployment refused"))
+    });
+    fleet.broker.shut_down();
+    fleet.broker.restart();
+    d.wait_for("the reconnection", |_, err| {
+        err.iter()
+            .any(|l| l.contains("connected to the broker again"))
+    });
+    // The retained message came again with the session; give it time.
+    std::thread::sleep(Duration::from_millis(1000));
+    let (status, _, err) = d.terminate();
+    assert!(status.success());
+    let refusals = err
+        .iter()
+        .filter(|l| l.contains("desired deployment refused"))
+        .count();
+    assert_eq!(refusals, 1, "{err:#?}");
+}

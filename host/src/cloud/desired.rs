@@ -67,6 +67,14 @@ pub enum Verdict {
     Apply(Box<Accepted>),
     /// The one already applied (a retained message delivered again).
     Current,
+    /// Signed, but not newer than the one applied: a replay, or (retained)
+    /// history such as a group's deployment the device's own superseded.
+    Older {
+        /// Its version.
+        version: String,
+        /// Says which is applied.
+        reason: String,
+    },
     /// Never applied; the reason names what was wrong.
     Refused {
         /// Its version, when it could be read.
@@ -141,13 +149,13 @@ pub fn check(payload: &[u8], keys: &[PublicKey], applied: Option<&Applied>) -> V
             return Verdict::Current;
         }
         if version <= a.version {
-            return refused(
-                v,
-                format!(
+            return Verdict::Older {
+                version: text.clone(),
+                reason: format!(
                     "version {version} is not newer than the applied version {} (an older or replayed deployment)",
                     a.version
                 ),
-            );
+            };
         }
     }
     let sources = match body.sources() {
@@ -228,7 +236,7 @@ mod tests {
             Verdict::Current
         ));
         let reason = |v: Verdict| match v {
-            Verdict::Refused { reason, .. } => reason,
+            Verdict::Refused { reason, .. } | Verdict::Older { reason, .. } => reason,
             other => panic!("expected a refusal, got {other:?}"),
         };
         // The same version with other contents, and an older one.

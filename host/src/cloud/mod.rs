@@ -390,7 +390,7 @@ pub async fn run(
             None,
         ));
     let (client, mut eventloop) = AsyncClient::new(options, 64);
-    let (work_tx, work_rx) = mpsc::channel::<Work>(16);
+    let (work_tx, work_rx) = mpsc::channel::<Work>(256);
     let online = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let worker = tokio::spawn(worker(
         config.clone(),
@@ -436,11 +436,11 @@ pub async fn run(
                         Some(t) => tracing::info!(offline_ms = t.elapsed().as_millis() as u64, session_present = ack.session_present, "cloud: connected to the broker again"),
                         None => tracing::info!(host = %config.host, port = config.port, "cloud: connected to the broker"),
                     }
-                    let _ = work_tx.send(Work::Connected).await;
+                    queue(&work_tx, Work::Connected);
                 }
                 Ok(Event::Incoming(Packet::Publish(p))) => {
                     if let Some(w) = incoming(&topics, p) {
-                        let _ = work_tx.send(w).await;
+                        queue(&work_tx, w);
                     }
                 }
                 Ok(Event::Incoming(Packet::Disconnect(d))) => {
@@ -525,6 +525,33 @@ impl Backoff {
         let frac = (u64::from_le_bytes(b) % 1000) as u32;
         let half = cur / 2;
         (half + (cur - half) * frac / 1000).max(self.min.min(cur))
+    }
+}
+
+/// Hands `w` to the worker without waiting: this loop also keeps the
+/// connection alive (pings), so it must not block on a worker busy with a
+/// long deployment. When the queue is full (a flood while it is busy), a
+/// challenge or receipt is dropped (the verifier asks again; the event is
+/// sent again), and a deployment is dropped with an error: the broker
+/// delivers it again on the next connection (it is retained).
+fn queue(work: &mpsc::Sender<Work>, w: Work) {
+    if let Err(mpsc::error::TrySendError::Full(w)) = work.try_send(w) {
+        match w {
+            // Subscribing and the outbox depend on it: it waits its turn.
+            Work::Connected => {
+                let work = work.clone();
+                tokio::spawn(async move { work.send(Work::Connected).await });
+            }
+            Work::Desired { source, .. } => {
+                tracing::error!(%source, "cloud: too many messages waiting; a desired deployment was dropped (it is taken again at the next connection)")
+            }
+            Work::Challenge(_) => tracing::warn!(
+                "cloud: too many messages waiting; an attestation challenge was dropped"
+            ),
+            Work::Delivered(_) => {
+                tracing::debug!("cloud: too many messages waiting; a delivery receipt was dropped")
+            }
+        }
     }
 }
 
@@ -885,6 +912,7 @@ struct Link<'a> {
 async fn refuse(
     link: &Link<'_>,
     source: &Source,
+    message: &str,
     version: Option<String>,
     reason: String,
     last_refused: &mut Option<serde_json::Value>,
@@ -892,7 +920,7 @@ async fn refuse(
     tracing::warn!(%source, ?version, %reason, "cloud: desired deployment refused");
     let ev = serde_json::json!({
         "kind": "deployment-refused", "source": source.to_string(),
-        "version": version, "reason": reason,
+        "version": version, "reason": reason, "message": message,
     });
     *last_refused = Some(ev.clone());
     event(link, ev).await;
@@ -917,17 +945,31 @@ async fn handle_desired(
             return;
         }
     };
+    // The message refused last, delivered again (QoS 1 redelivers on a
+    // resumed session; a retained one comes with each subscription): it was
+    // reported once, not at every delivery.
+    let digest = crate::measure::Digest::of(payload).to_string();
+    let again = last_refused
+        .as_ref()
+        .is_some_and(|r| r["message"] == digest.as_str());
     let accepted = match desired::check(payload, &config.deployment_keys, last.as_ref()) {
         Verdict::Current => return,
+        // A retained deployment older than the one applied (the group's,
+        // when the device's own is newer) is history, not an attack.
+        Verdict::Older { version, .. } if retained => {
+            tracing::debug!(%source, %version, "cloud: retained deployment older than the applied one");
+            return;
+        }
+        Verdict::Older { .. } | Verdict::Refused { .. } if again => {
+            tracing::debug!(%source, "cloud: a refused deployment delivered again");
+            return;
+        }
+        Verdict::Older { version, reason } => {
+            refuse(link, &source, &digest, Some(version), reason, last_refused).await;
+            return;
+        }
         Verdict::Refused { version, reason } => {
-            // A retained deployment older than the one applied (the group's,
-            // when the device's own is newer) is history, not an attack.
-            let stale = retained && reason.contains("not newer");
-            if stale {
-                tracing::debug!(%source, ?version, "cloud: retained deployment older than the applied one");
-                return;
-            }
-            refuse(link, &source, version, reason, last_refused).await;
+            refuse(link, &source, &digest, version, reason, last_refused).await;
             return;
         }
         Verdict::Apply(a) => a,
@@ -939,6 +981,7 @@ async fn handle_desired(
         refuse(
             link,
             &source,
+            &digest,
             Some(version.to_string()),
             reason,
             last_refused,
@@ -981,6 +1024,7 @@ async fn handle_desired(
             refuse(
                 link,
                 &source,
+                &digest,
                 Some(version.to_string()),
                 e.message,
                 last_refused,
