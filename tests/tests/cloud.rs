@@ -30,6 +30,15 @@ fn new_fleet(members: &[&str]) -> Fleet {
     Fleet::new(Path::new(EDGEWARD), members, "")
 }
 
+/// A daemon started on `config`, once it has connected to the broker.
+fn connected(s: &Scratch, config: &str) -> Daemon {
+    let mut d = Daemon::start(s, config);
+    d.wait_for("the broker", |_, err| {
+        err.iter().any(|l| l.contains("connected to the broker"))
+    });
+    d
+}
+
 /// A device's config, provisioned in `s` (see `Fleet::device`).
 fn device(fleet: &Fleet, s: &Scratch, id: &str, hsm: &str, extra: &str) -> String {
     fleet.device(s.path(), id, hsm, extra)
@@ -700,10 +709,7 @@ fn events_made_offline_survive_a_daemon_restart_and_arrive_once_the_broker_is_ba
     let mut fleet = new_fleet(&[]);
     let s = Scratch::new();
     let config = device(&fleet, &s, "gw-1", "", "");
-    let mut d = Daemon::start(&s, &config);
-    d.wait_for("the broker", |_, err| {
-        err.iter().any(|l| l.contains("connected to the broker"))
-    });
+    let mut d = connected(&s, &config);
 
     // The component comes slowly; the broker goes away meanwhile.
     let (url, asked, release) = held_http(std::fs::read(guests::TEMPERATURE_SENSOR).unwrap());
@@ -744,10 +750,7 @@ fn events_made_offline_survive_a_daemon_restart_and_arrive_once_the_broker_is_ba
 
     // Delivered once: a later start sends nothing again.
     let seen = events.seen.len();
-    let mut d = Daemon::start(&s, &config);
-    d.wait_for("the broker", |_, err| {
-        err.iter().any(|l| l.contains("connected to the broker"))
-    });
+    let d = connected(&s, &config);
     let after = events.drain(Duration::from_millis(1500));
     assert!(
         !after[seen..]
@@ -766,10 +769,7 @@ fn the_broker_certificate_is_renewed_without_dropping_the_session_and_used_on_re
     let config = device(&fleet, &s, "gw-1", "", "")
         .replace("[cloud]\n", "[cloud]\nclient_cert_ttl = \"10s\"\n");
     let started = std::time::Instant::now();
-    let mut d = Daemon::start(&s, &config);
-    d.wait_for("the broker", |_, err| {
-        err.iter().any(|l| l.contains("connected to the broker"))
-    });
+    let mut d = connected(&s, &config);
     d.wait_for("a renewal", |_, err| {
         err.iter().any(|l| l.contains("broker certificate renewed"))
     });
@@ -1070,10 +1070,7 @@ fn a_retained_deployment_once_refused_is_reported_once_not_at_every_connection()
     let mut fleet = new_fleet(&[]);
     let s = Scratch::new();
     let config = device(&fleet, &s, "gw-1", "", "");
-    let mut d = Daemon::start(&s, &config);
-    d.wait_for("the broker", |_, err| {
-        err.iter().any(|l| l.contains("connected to the broker"))
-    });
+    let mut d = connected(&s, &config);
     let m = sensor_manifest("1", "sensor", guests::TEMPERATURE_SENSOR);
     let unsigned = serde_json::to_vec(&serde_json::json!({ "manifest": m })).unwrap();
     assert!(
