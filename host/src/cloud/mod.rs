@@ -495,7 +495,8 @@ async fn sleep_or_stop(d: Duration, stop: &mut watch::Receiver<bool>) -> bool {
     }
 }
 
-/// Doubling backoff with full jitter between `min` and `max`.
+/// Doubling backoff between `min` and `max`, each wait drawn from the
+/// upper half of the current step (jitter that never waits less than half).
 #[derive(Debug)]
 struct Backoff {
     min: Duration,
