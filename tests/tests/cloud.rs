@@ -1097,3 +1097,39 @@ fn a_retained_deployment_once_refused_is_reported_once_not_at_every_connection()
         .count();
     assert_eq!(refusals, 1, "{err:#?}");
 }
+
+#[test]
+fn a_device_that_dies_is_reported_offline_by_its_will_and_flags_reach_the_broker_too() {
+    let fleet = new_fleet(&[]);
+    let s = Scratch::new();
+    let config = device(&fleet, &s, "gw-1", "", "");
+    let mut out = fleet.operator.subscribe("ew/v1/d/gw-1/out/state");
+    let mut d = connected(&s, &config);
+    out.wait("ew/v1/d/gw-1/out/state", WAIT, |v| v["state"] == "online");
+    // kill -9: no goodbye; the broker publishes the device's last will.
+    d.child.kill().unwrap();
+    d.child.wait().unwrap();
+    out.wait("ew/v1/d/gw-1/out/state", WAIT, |v| v["state"] == "offline");
+
+    // The connection settings as flags, before the subcommand.
+    let o = s
+        .edgeward()
+        .arg("fleet")
+        .args(["--broker", &fleet.broker.url(), "--ca"])
+        .arg(&fleet.operator.ca)
+        .arg("--cert")
+        .arg(&fleet.operator.cert)
+        .arg("--key")
+        .arg(&fleet.operator.key)
+        .args(["status", "--json", "--device", "gw-1"])
+        .output()
+        .unwrap();
+    assert_status(&o, 0);
+    let rows: Vec<serde_json::Value> = serde_json::from_str(&stdout(&o)).unwrap();
+    assert_eq!(rows[0]["online"], false, "{rows:?}");
+    assert_eq!(rows[0]["status"], "offline", "{rows:?}");
+    // And without them, what is missing is named.
+    let o = s.edgeward().args(["fleet", "status"]).output().unwrap();
+    assert_status(&o, 1);
+    assert!(stderr(&o).contains("--broker"), "{}", stderr(&o));
+}
