@@ -51,8 +51,17 @@ struct HsmTlsSigner {
 impl Signer for HsmTlsSigner {
     fn sign(&self, message: &[u8]) -> Result<Vec<u8>, rustls::Error> {
         let digest: [u8; 32] = Sha256::digest(message).into();
-        // DER, as TLS carries ECDSA signatures.
-        self.hsm.sign_digest(CLIENT_KEY, &digest).map_err(|e| {
+        // DER, as TLS carries ECDSA signatures. A TPM takes milliseconds:
+        // on the daemon's multi-threaded runtime the worker hands its other
+        // tasks on while this one waits for the device.
+        let sign = || self.hsm.sign_digest(CLIENT_KEY, &digest);
+        let signed = match tokio::runtime::Handle::try_current() {
+            Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+                tokio::task::block_in_place(sign)
+            }
+            _ => sign(),
+        };
+        signed.map_err(|e| {
             tracing::error!(error = %e, "the HSM did not sign the broker handshake");
             rustls::Error::General(format!("HSM signature: {e}"))
         })
