@@ -563,21 +563,7 @@ fn cloud_check(cfg: Option<&crate::config::Config>) -> Check {
 /// A TLS handshake with the broker, verifying its certificate (and
 /// presenting none: the broker may then close, which is not the point).
 async fn broker_handshake(cloud: &crate::cloud::CloudConfig) -> Result<(), String> {
-    use rustls::pki_types::pem::PemObject as _;
-    let pem = std::fs::read(&cloud.ca).map_err(|e| format!("{}: {e}", cloud.ca.display()))?;
-    let mut roots = rustls::RootCertStore::empty();
-    for c in rustls::pki_types::CertificateDer::pem_slice_iter(&pem) {
-        roots
-            .add(c.map_err(|e| e.to_string())?)
-            .map_err(|e| e.to_string())?;
-    }
-    let tls = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .map_err(|e| e.to_string())?
-    .with_root_certificates(roots)
-    .with_no_client_auth();
+    let tls = crate::cloud::tls::client_builder(cloud.broker_roots.clone())?.with_no_client_auth();
     let limit = std::time::Duration::from_secs(5);
     let tcp = tokio::time::timeout(
         limit,

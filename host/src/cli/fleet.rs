@@ -384,21 +384,14 @@ impl Session {
         use rustls::pki_types::{CertificateDer, PrivateKeyDer};
         let read = |p: &Path| std::fs::read(p).map_err(|e| format!("{}: {e}", p.display()));
         let mut roots = rustls::RootCertStore::empty();
-        for c in CertificateDer::pem_slice_iter(&read(&s.ca)?) {
-            roots
-                .add(c.map_err(|e| format!("{}: {e}", s.ca.display()))?)
-                .map_err(|e| format!("{}: {e}", s.ca.display()))?;
-        }
+        crate::cloud::tls::add_pem_roots(&mut roots, &read(&s.ca)?)
+            .map_err(|e| format!("{}: {e}", s.ca.display()))?;
         let chain = CertificateDer::pem_slice_iter(&read(&s.cert)?)
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| format!("{}: {e}", s.cert.display()))?;
         let key = PrivateKeyDer::from_pem_slice(&read(&s.key)?)
             .map_err(|e| format!("{}: {e}", s.key.display()))?;
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let tls = rustls::ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .map_err(|e| e.to_string())?
-            .with_root_certificates(roots)
+        let tls = crate::cloud::tls::client_builder(roots)?
             .with_client_auth_cert(chain, key)
             .map_err(|e| format!("the operator certificate and key: {e}"))?;
         let mut id = [0u8; 6];
@@ -550,15 +543,60 @@ fn device_of(topic: &str) -> Option<String> {
 struct Snapshot {
     state: BTreeMap<String, serde_json::Value>,
     reported: BTreeMap<String, serde_json::Value>,
-    /// Desired version by device.
-    device_desired: BTreeMap<String, u64>,
-    /// Desired version by group.
-    group_desired: BTreeMap<String, u64>,
+    /// The desired deployment published for each device.
+    device_desired: BTreeMap<String, Published>,
+    /// The desired deployment published for each group.
+    group_desired: BTreeMap<String, Published>,
+}
+
+/// A desired deployment as published.
+#[derive(Debug)]
+struct Published {
+    version: u64,
+    deployment: crate::api::Deployment,
+}
+
+fn published(payload: &[u8]) -> Option<Published> {
+    let m: SignedManifest = serde_json::from_slice(payload).ok()?;
+    let deployment = m.deployment().ok()?;
+    Some(Published {
+        version: crate::cloud::desired::parse_version(&deployment.version)?,
+        deployment,
+    })
 }
 
 fn version_of(payload: &[u8]) -> Option<u64> {
-    let m: SignedManifest = serde_json::from_slice(payload).ok()?;
-    m.deployment().ok()?.version.parse().ok()
+    published(payload).map(|p| p.version)
+}
+
+impl Snapshot {
+    /// The groups `device` reports it is in.
+    fn groups_of(&self, device: &str) -> Vec<&str> {
+        self.reported
+            .get(device)
+            .and_then(|r| r["groups"].as_array())
+            .map(|g| g.iter().filter_map(|g| g.as_str()).collect())
+            .unwrap_or_default()
+    }
+
+    /// The devices that report being in `group`.
+    fn members(&self, group: &str) -> Vec<String> {
+        self.reported
+            .keys()
+            .filter(|d| self.groups_of(d).contains(&group))
+            .cloned()
+            .collect()
+    }
+
+    /// What `device` should run: its own desired deployment or its
+    /// groups', the highest version (the order the device applies).
+    fn desired_for(&self, device: &str) -> Option<&Published> {
+        self.groups_of(device)
+            .into_iter()
+            .filter_map(|g| self.group_desired.get(g))
+            .chain(self.device_desired.get(device))
+            .max_by_key(|p| p.version)
+    }
 }
 
 async fn snapshot(s: &mut Session) -> Result<Snapshot, String> {
@@ -580,8 +618,8 @@ async fn snapshot(s: &mut Session) -> Result<Snapshot, String> {
             .strip_prefix("ew/v1/g/")
             .and_then(|r| r.strip_suffix("/desired"))
         {
-            if let Some(v) = version_of(&m.payload) {
-                snap.group_desired.insert(g.to_owned(), v);
+            if let Some(p) = published(&m.payload) {
+                snap.group_desired.insert(g.to_owned(), p);
             }
             continue;
         }
@@ -589,8 +627,8 @@ async fn snapshot(s: &mut Session) -> Result<Snapshot, String> {
             continue;
         };
         if m.topic.ends_with("/in/desired") {
-            if let Some(v) = version_of(&m.payload) {
-                snap.device_desired.insert(device, v);
+            if let Some(p) = published(&m.payload) {
+                snap.device_desired.insert(device, p);
             }
             continue;
         }
@@ -642,15 +680,7 @@ fn rows(fleet: &Snapshot) -> Vec<Row> {
             let r = fleet.reported.get(d);
             let online = fleet.state.get(d).is_some_and(|s| s["state"] == "online");
             let version = r.and_then(|r| r["version"].as_str()).map(str::to_owned);
-            let groups: Vec<&str> = r
-                .and_then(|r| r["groups"].as_array())
-                .map(|g| g.iter().filter_map(|g| g.as_str()).collect())
-                .unwrap_or_default();
-            let desired = groups
-                .iter()
-                .filter_map(|g| fleet.group_desired.get(*g).copied())
-                .chain(fleet.device_desired.get(d).copied())
-                .max();
+            let desired = fleet.desired_for(d).map(|p| p.version);
             let mut problems = Vec::new();
             let mut modules = 0;
             for m in r
@@ -774,16 +804,12 @@ fn checked_version(text: &str) -> Result<u64, String> {
     };
     let d = m.deployment()?;
     m.sources()?;
-    d.version
-        .parse::<u64>()
-        .ok()
-        .filter(|v| *v > 0 && !d.version.starts_with('0'))
-        .ok_or_else(|| {
-            format!(
-                "version {:?}: a fleet deployment's version is a decimal counter from 1",
-                d.version
-            )
-        })
+    crate::cloud::desired::parse_version(&d.version).ok_or_else(|| {
+        format!(
+            "version {:?}: a fleet deployment's version is a decimal counter from 1",
+            d.version
+        )
+    })
 }
 
 fn signed_payload(text: &str, key: &Path) -> Result<Vec<u8>, String> {
@@ -933,6 +959,8 @@ async fn deploy(
     let version = checked_version(text)?;
     let payload = signed_payload(text, key)?;
     let (_, _, what) = target_topics(target)?;
+    // The devices the rollout is waited for (with --wait), if known.
+    let mut devices = target.device.iter().cloned().collect::<Vec<_>>();
     match (canary, &target.group) {
         (Some(_), None) => return Err("--canary is for a --group".into()),
         (Some(pct), Some(group)) => {
@@ -942,28 +970,18 @@ async fn deploy(
                 .ok()
                 .filter(|p| (1..=100).contains(p))
                 .ok_or_else(|| format!("--canary {pct:?}: 1% to 100%"))?;
-            let fleet = snapshot(s).await?;
-            let members: Vec<String> = fleet
-                .reported
-                .iter()
-                .filter(|(_, r)| {
-                    r["groups"]
-                        .as_array()
-                        .is_some_and(|g| g.iter().any(|g| g == group.as_str()))
-                })
-                .map(|(d, _)| d.clone())
-                .collect();
-            if members.is_empty() {
+            devices = snapshot(s).await?.members(group);
+            if devices.is_empty() {
                 return Err(format!(
                     "no device of group {group} has reported: nothing to roll out to"
                 ));
             }
-            let n = (members.len() * pct as usize).div_ceil(100).max(1);
-            let canaries = &members[..n];
+            let n = (devices.len() * pct as usize).div_ceil(100).max(1);
+            let canaries = &devices[..n];
             eprintln!(
                 "canary: version {version} to {} of {} devices of group {group}: {}",
                 n,
-                members.len(),
+                devices.len(),
                 canaries.join(", ")
             );
             for d in canaries {
@@ -984,35 +1002,18 @@ async fn deploy(
             }
             publish_desired(s, target, payload, version).await?;
             eprintln!("canaries healthy: version {version} published to group {group}");
-            if wait {
-                await_health(s, &members, version, timeout, bake).await?;
-            }
         }
-        (None, _) => {
+        (None, group) => {
             publish_desired(s, target, payload, version).await?;
             eprintln!("version {version} published to {what}");
-            if wait {
-                let devices = match (&target.device, &target.group) {
-                    (Some(d), _) => vec![d.clone()],
-                    (None, Some(g)) => snapshot(s)
-                        .await?
-                        .reported
-                        .iter()
-                        .filter(|(_, r)| {
-                            r["groups"]
-                                .as_array()
-                                .is_some_and(|x| x.iter().any(|x| x == g.as_str()))
-                        })
-                        .map(|(d, _)| d.clone())
-                        .collect(),
-                    _ => Vec::new(),
-                };
-                if let Err(e) = await_health(s, &devices, version, timeout, bake).await {
-                    eprintln!("{e}");
-                    return Ok(ExitCode::from(3));
-                }
+            if let (true, Some(g)) = (wait, group) {
+                devices = snapshot(s).await?.members(g);
             }
         }
+    }
+    if wait && let Err(e) = await_health(s, &devices, version, timeout, bake).await {
+        eprintln!("{e}");
+        return Ok(ExitCode::from(3));
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -1064,15 +1065,7 @@ async fn push(
         .map(|p| std::fs::read(p).map_err(|e| format!("{}: {e}", p.display())))
         .transpose()?;
     let credentials = match (username, password_file) {
-        (Some(u), Some(p)) => Some(oci::Credentials {
-            username: u.to_owned(),
-            password: zeroize::Zeroizing::new(
-                std::fs::read_to_string(p)
-                    .map_err(|e| format!("{}: {e}", p.display()))?
-                    .trim_end_matches(['\n', '\r'])
-                    .to_owned(),
-            ),
-        }),
+        (Some(u), Some(p)) => Some(oci::Credentials::from_file(u, p)?),
         (None, None) => None,
         _ => return Err("--username and --password-file go together".into()),
     };
@@ -1197,41 +1190,14 @@ async fn default_policy(
     device: &str,
 ) -> Result<crate::attest::verify::Policy, String> {
     let fleet = snapshot(s).await?;
-    let msgs = s
-        .retained(
-            &[&Topics::new(device, &[]).desired(), "ew/v1/g/+/desired"],
-            Duration::from_millis(400),
-        )
-        .await?;
-    let groups: Vec<String> = fleet
-        .reported
-        .get(device)
-        .and_then(|r| r["groups"].as_array())
-        .map(|g| {
-            g.iter()
-                .filter_map(|g| g.as_str().map(str::to_owned))
-                .collect()
-        })
-        .unwrap_or_default();
-    let best = msgs
-        .iter()
-        .filter(|m| {
-            m.topic == Topics::new(device, &[]).desired()
-                || groups.iter().any(|g| m.topic == Topics::group_desired(g))
-        })
-        .filter_map(|m| {
-            let sm: SignedManifest = serde_json::from_slice(&m.payload).ok()?;
-            let d = sm.deployment().ok()?;
-            Some((d.version.parse::<u64>().ok()?, d))
-        })
-        .max_by_key(|(v, _)| *v)
-        .map(|(_, d)| d)
+    let best = fleet
+        .desired_for(device)
         .ok_or_else(|| format!("no deployment is published for {device}: give --policy"))?;
     let mut policy = crate::attest::verify::Policy::default();
-    for m in best.modules {
+    for m in &best.deployment.modules {
         policy
             .modules
-            .entry(m.name)
+            .entry(m.name.clone())
             .or_default()
             .push(m.digest.to_ascii_lowercase());
     }

@@ -171,8 +171,10 @@ pub fn check(payload: &[u8], keys: &[PublicKey], applied: Option<&Applied>) -> V
     }))
 }
 
-/// `1` to `u64::MAX` in plain decimal: no sign, no leading zero.
-fn parse_version(s: &str) -> Option<u64> {
+/// `1` to `u64::MAX` in plain decimal: no sign, no leading zero. What a
+/// device takes as a cloud deployment's version (and `edgeward fleet`
+/// checks before publishing).
+pub fn parse_version(s: &str) -> Option<u64> {
     if s.is_empty() || s.len() > 20 || !s.bytes().all(|b| b.is_ascii_digit()) || s.starts_with('0')
     {
         return None;

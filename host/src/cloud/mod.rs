@@ -87,6 +87,8 @@ pub struct CloudConfig {
     pub port: u16,
     /// Roots for the broker's certificate (PEM file).
     pub ca: PathBuf,
+    /// Its certificates, read once when the config is.
+    pub broker_roots: rustls::RootCertStore,
     /// Keys whose signed deployments the device applies.
     pub deployment_keys: Vec<PublicKey>,
     /// The key files, as configured (for the effective config).
@@ -195,10 +197,9 @@ impl RawCloud {
                 let p = resolve(p);
                 let pem = std::fs::read(&p)
                     .map_err(|e| format!("cloud.registry_ca {}: {e}", p.display()))?;
-                if roots(&pem)
-                    .map_err(|e| format!("cloud.registry_ca {}: {e}", p.display()))?
-                    .is_empty()
-                {
+                let n = tls::add_pem_roots(&mut rustls::RootCertStore::empty(), &pem)
+                    .map_err(|e| format!("cloud.registry_ca {}: {e}", p.display()))?;
+                if n == 0 {
                     return Err(format!(
                         "cloud.registry_ca {}: no certificate in it",
                         p.display()
@@ -209,29 +210,12 @@ impl RawCloud {
         };
         let mut credentials = std::collections::BTreeMap::new();
         for r in self.registries {
-            let file = resolve(&r.password_file);
-            let password = std::fs::read_to_string(&file).map_err(|e| {
-                format!(
-                    "cloud.registry {}: password_file {}: {e}",
-                    r.host,
-                    file.display()
-                )
-            })?;
-            let password =
-                zeroize::Zeroizing::new(password.trim_end_matches(['\n', '\r']).to_owned());
+            let creds = oci::Credentials::from_file(&r.username, &resolve(&r.password_file))
+                .map_err(|e| format!("cloud.registry {}: password_file {e}", r.host))?;
             if r.host.is_empty() || r.host.contains('/') {
                 return Err(format!("cloud.registry: host {:?}: HOST[:PORT]", r.host));
             }
-            if credentials
-                .insert(
-                    r.host.clone(),
-                    oci::Credentials {
-                        username: r.username,
-                        password,
-                    },
-                )
-                .is_some()
-            {
+            if credentials.insert(r.host.clone(), creds).is_some() {
                 return Err(format!("cloud.registry: {} appears twice", r.host));
             }
         }
@@ -252,16 +236,17 @@ impl RawCloud {
         }
         let ca = resolve(&self.ca);
         let pem = std::fs::read(&ca).map_err(|e| format!("cloud.ca {}: {e}", ca.display()))?;
-        if roots(&pem)
-            .map_err(|e| format!("cloud.ca {}: {e}", ca.display()))?
-            .is_empty()
-        {
+        let mut broker_roots = rustls::RootCertStore::empty();
+        let n = tls::add_pem_roots(&mut broker_roots, &pem)
+            .map_err(|e| format!("cloud.ca {}: {e}", ca.display()))?;
+        if n == 0 {
             return Err(format!("cloud.ca {}: no certificate in it", ca.display()));
         }
         Ok(CloudConfig {
             host,
             port,
             ca,
+            broker_roots,
             deployment_keys,
             deployment_key_files: files,
             groups: self.groups,
@@ -278,22 +263,16 @@ impl RawCloud {
 }
 
 /// `mqtts://host[:port]`, host a name, an IPv4 address or `[IPv6]`.
+///
+/// # Errors
+///
+/// Another scheme, a bad host or port; named.
 pub fn parse_broker(url: &str) -> Result<(String, u16), String> {
     let rest = url.strip_prefix("mqtts://").ok_or_else(|| {
         format!("{url:?}: use mqtts://HOST[:PORT] (the broker is reached over TLS only)")
     })?;
     let rest = rest.strip_suffix('/').unwrap_or(rest);
-    let (host, port) = if let Some(v6) = rest.strip_prefix('[') {
-        let (h, after) = v6
-            .split_once(']')
-            .ok_or_else(|| format!("{url:?}: an IPv6 address needs its closing ]"))?;
-        (h.to_owned(), after.strip_prefix(':'))
-    } else {
-        match rest.rsplit_once(':') {
-            Some((h, p)) => (h.to_owned(), Some(p)),
-            None => (rest.to_owned(), None),
-        }
-    };
+    let (host, port) = split_host_port(rest, 8883).map_err(|e| format!("{url:?}: {e}"))?;
     if host.is_empty()
         || host
             .chars()
@@ -301,41 +280,44 @@ pub fn parse_broker(url: &str) -> Result<(String, u16), String> {
     {
         return Err(format!("{url:?}: not a host name or address"));
     }
-    let port = match port {
-        None => 8883,
-        Some(p) => p
-            .parse::<u16>()
-            .ok()
-            .filter(|p| *p != 0)
-            .ok_or_else(|| format!("{url:?}: port {p:?} is not 1-65535"))?,
-    };
+    if port == 0 {
+        return Err(format!("{url:?}: port 0 is not 1-65535"));
+    }
     Ok((host, port))
 }
 
-fn roots(pem: &[u8]) -> Result<Vec<rustls::pki_types::CertificateDer<'static>>, String> {
-    use rustls::pki_types::pem::PemObject as _;
-    rustls::pki_types::CertificateDer::pem_slice_iter(pem)
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| format!("not PEM certificates: {e}"))
+/// Splits `host[:port]` (an IPv6 address in brackets), `default` when no
+/// port is given.
+///
+/// # Errors
+///
+/// No closing bracket, or a port that is not a number up to 65535.
+pub(crate) fn split_host_port(authority: &str, default: u16) -> Result<(String, u16), String> {
+    let (host, port) = if let Some(v6) = authority.strip_prefix('[') {
+        let (h, after) = v6
+            .split_once(']')
+            .ok_or("an IPv6 address needs its closing ]")?;
+        (h, after.strip_prefix(':'))
+    } else {
+        match authority.rsplit_once(':') {
+            Some((h, p)) => (h, Some(p)),
+            None => (authority, None),
+        }
+    };
+    let port = match port {
+        None => default,
+        Some(p) => p
+            .parse::<u16>()
+            .map_err(|_| format!("port {p:?} is not 1-65535"))?,
+    };
+    Ok((host.to_owned(), port))
 }
 
 fn client_config(
     config: &CloudConfig,
     identity: Arc<tls::ClientIdentity>,
 ) -> Result<rustls::ClientConfig, String> {
-    let pem = std::fs::read(&config.ca).map_err(|e| format!("{}: {e}", config.ca.display()))?;
-    let mut store = rustls::RootCertStore::empty();
-    for c in roots(&pem)? {
-        store
-            .add(c)
-            .map_err(|e| format!("{}: {e}", config.ca.display()))?;
-    }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    Ok(rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?
-        .with_root_certificates(store)
-        .with_client_cert_resolver(identity))
+    Ok(tls::client_builder(config.broker_roots.clone())?.with_client_cert_resolver(identity))
 }
 
 /// Runs the cloud interface until `stop` turns true. Never fails: what

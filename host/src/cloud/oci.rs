@@ -129,6 +129,24 @@ pub struct Credentials {
     pub password: zeroize::Zeroizing<String>,
 }
 
+impl Credentials {
+    /// `username` with the password (or token) held in `file`, its line
+    /// ending dropped; the file's text is wiped from memory.
+    ///
+    /// # Errors
+    ///
+    /// The file cannot be read; named.
+    pub fn from_file(username: &str, file: &std::path::Path) -> Result<Self, String> {
+        let text = zeroize::Zeroizing::new(
+            std::fs::read_to_string(file).map_err(|e| format!("{}: {e}", file.display()))?,
+        );
+        Ok(Self {
+            username: username.to_owned(),
+            password: zeroize::Zeroizing::new(text.trim_end_matches(['\n', '\r']).to_owned()),
+        })
+    }
+}
+
 impl std::fmt::Debug for Credentials {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Credentials")
@@ -179,27 +197,6 @@ fn is_loopback(host: &str) -> bool {
             .is_ok_and(|ip| ip.is_loopback())
 }
 
-/// Splits `host[:port]` (IPv6 in brackets).
-fn host_port(authority: &str, default: u16) -> Result<(String, u16), String> {
-    if let Some(v6) = authority.strip_prefix('[') {
-        let (h, rest) = v6
-            .split_once(']')
-            .ok_or_else(|| format!("{authority:?}: no closing ]"))?;
-        let port = match rest.strip_prefix(':') {
-            Some(p) => p.parse().map_err(|_| format!("{authority:?}: bad port"))?,
-            None => default,
-        };
-        return Ok((h.to_owned(), port));
-    }
-    match authority.rsplit_once(':') {
-        Some((h, p)) => Ok((
-            h.to_owned(),
-            p.parse().map_err(|_| format!("{authority:?}: bad port"))?,
-        )),
-        None => Ok((authority.to_owned(), default)),
-    }
-}
-
 impl Client {
     /// A client trusting the web PKI roots plus `extra_roots` (PEM).
     ///
@@ -214,19 +211,10 @@ impl Client {
             roots: webpki_roots::TLS_SERVER_ROOTS.into(),
         };
         if let Some(pem) = extra_roots {
-            use rustls::pki_types::pem::PemObject as _;
-            for c in rustls::pki_types::CertificateDer::pem_slice_iter(pem) {
-                roots
-                    .add(c.map_err(|e| format!("registry roots: {e}"))?)
-                    .map_err(|e| format!("registry roots: {e}"))?;
-            }
+            super::tls::add_pem_roots(&mut roots, pem)
+                .map_err(|e| format!("registry roots: {e}"))?;
         }
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let tls = rustls::ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .map_err(|e| e.to_string())?
-            .with_root_certificates(roots)
-            .with_no_client_auth();
+        let tls = super::tls::client_builder(roots)?.with_no_client_auth();
         Ok(Self {
             tls: Arc::new(tls),
             credentials,
@@ -239,7 +227,7 @@ impl Client {
     /// TLS is reached over `http://` (as Docker treats localhost).
     async fn base(&self, registry: &str) -> String {
         let https = format!("https://{registry}");
-        let loopback = host_port(registry, 443).is_ok_and(|(h, _)| is_loopback(&h));
+        let loopback = super::split_host_port(registry, 443).is_ok_and(|(h, _)| is_loopback(&h));
         if !loopback {
             return https;
         }
@@ -295,8 +283,8 @@ impl Client {
             .ok_or_else(|| Failure::Final(format!("{url}: no host")))?
             .as_str()
             .to_owned();
-        let (host, port) =
-            host_port(&authority, if tls { 443 } else { 80 }).map_err(Failure::Final)?;
+        let (host, port) = super::split_host_port(&authority, if tls { 443 } else { 80 })
+            .map_err(Failure::Final)?;
         if !tls && !is_loopback(&host) {
             return Err(Failure::Final(format!(
                 "{url}: plain HTTP only to a loopback registry; use https"

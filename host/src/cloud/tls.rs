@@ -17,6 +17,38 @@ use crate::hsm::Hsm;
 use crate::identity::IdentityService;
 use crate::identity::authority::Profile;
 
+/// Adds the certificates of `pem` to `store`; returns how many.
+///
+/// # Errors
+///
+/// Not PEM certificates, or one rustls cannot use as a root.
+pub fn add_pem_roots(store: &mut rustls::RootCertStore, pem: &[u8]) -> Result<usize, String> {
+    let mut n = 0;
+    for c in CertificateDer::pem_slice_iter(pem) {
+        store
+            .add(c.map_err(|e| format!("not PEM certificates: {e}"))?)
+            .map_err(|e| format!("not a usable root: {e}"))?;
+        n += 1;
+    }
+    Ok(n)
+}
+
+/// The one way edgeward makes a TLS client: the ring provider the daemon
+/// already links, the safe default protocol versions, `roots` trusted.
+///
+/// # Errors
+///
+/// The provider refuses the versions (it does not).
+pub fn client_builder(
+    roots: rustls::RootCertStore,
+) -> Result<rustls::ConfigBuilder<rustls::ClientConfig, rustls::client::WantsClientCert>, String> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    Ok(rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots))
+}
+
 /// The HSM key the device's broker certificate is for.
 pub const CLIENT_KEY: &str = "cloud-client";
 
