@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use edgeward::runtime::engine::{self, DEFAULT_MAX_WASM_STACK, EngineOptions};
 use edgeward::runtime::{DirGrant, Output, Runtime, RuntimeOptions, SandboxSpec};
+use edgeward_tests::bench::{cpu_ticks, proc_kib};
 use edgeward_tests::guests;
 use wasmtime::Store;
 use wasmtime::component::{Component, Linker, ResourceTable};
@@ -39,21 +40,7 @@ impl WasiView for Bare {
 }
 
 fn rss_kib() -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0)
-}
-
-fn cpu_ticks() -> u64 {
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
-    // Fields after the parenthesised command: utime is 14th, stime 15th overall.
-    let after = stat.rsplit_once(')').map(|x| x.1).unwrap_or("");
-    let f: Vec<&str> = after.split_whitespace().collect();
-    f.get(11).and_then(|u| u.parse::<u64>().ok()).unwrap_or(0)
-        + f.get(12).and_then(|s| s.parse::<u64>().ok()).unwrap_or(0)
+    proc_kib("self", "status", "VmRSS:")
 }
 
 fn engine_options(n: u32) -> EngineOptions {
@@ -181,10 +168,10 @@ fn report(mode: &str, n: usize, t0: Instant, before: u64) {
     std::thread::sleep(SETTLE);
     let rss = rss_kib().saturating_sub(before);
     let hz = 100.0; // USER_HZ on Linux
-    let c0 = cpu_ticks();
+    let c0 = cpu_ticks("self");
     let w0 = Instant::now();
     std::thread::sleep(IDLE_WINDOW);
-    let cpu_pct = (cpu_ticks() - c0) as f64 / hz / w0.elapsed().as_secs_f64() * 100.0;
+    let cpu_pct = (cpu_ticks("self") - c0) as f64 / hz / w0.elapsed().as_secs_f64() * 100.0;
     println!("RESULT mode={mode} n={n} start_ms={start_ms:.1} rss_kib={rss} cpu_pct={cpu_pct:.2}");
 }
 

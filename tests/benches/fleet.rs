@@ -25,6 +25,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use edgeward_tests::bench::{cpu_ticks, proc_kib};
 use edgeward_tests::fixtures::{Registry, Subscription};
 use edgeward_tests::fleet::Fleet;
 use edgeward_tests::guests;
@@ -144,42 +145,24 @@ fn sorted_since(t0: Instant, at: &BTreeMap<String, Instant>) -> Vec<Duration> {
 }
 
 fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0)
+    proc_kib(&pid.to_string(), "status", "VmRSS:")
 }
 
 /// Anonymous (heap, stacks) KiB of `pid`: the rest of its RSS is mapped
 /// files (the binary, libraries) shared with every other daemon.
 fn anon_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("Anonymous:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0)
-}
-
-fn cpu_ticks(pid: u32) -> u64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let after = stat.rsplit_once(')').map(|x| x.1).unwrap_or("");
-    let f: Vec<&str> = after.split_whitespace().collect();
-    f.get(11).and_then(|u| u.parse::<u64>().ok()).unwrap_or(0)
-        + f.get(12).and_then(|s| s.parse::<u64>().ok()).unwrap_or(0)
+    proc_kib(&pid.to_string(), "smaps_rollup", "Anonymous:")
 }
 
 /// Mean RSS and anonymous memory (MiB) and CPU (% of one core) of `pids`
 /// over `IDLE_WINDOW`.
 fn idle_cost(pids: &[u32]) -> (f64, f64, f64) {
-    let before: Vec<u64> = pids.iter().map(|p| cpu_ticks(*p)).collect();
+    let before: Vec<u64> = pids.iter().map(|p| cpu_ticks(&p.to_string())).collect();
     std::thread::sleep(IDLE_WINDOW);
     let ticks: u64 = pids
         .iter()
         .zip(&before)
-        .map(|(p, b)| cpu_ticks(*p).saturating_sub(*b))
+        .map(|(p, b)| cpu_ticks(&p.to_string()).saturating_sub(*b))
         .sum();
     let rss: u64 = pids.iter().map(|p| rss_kib(*p)).sum();
     let anon: u64 = pids.iter().map(|p| anon_kib(*p)).sum();

@@ -80,14 +80,7 @@ fn sha256(path: &str) -> String {
 
 /// `VmHWM` of process `pid`, in KiB.
 fn peak_rss(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("VmHWM:"))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        })
-        .unwrap_or(0)
+    edgeward_tests::bench::proc_kib(&pid.to_string(), "status", "VmHWM:")
 }
 
 /// Starts a daemon on a fresh state dir with `files` as modules (each

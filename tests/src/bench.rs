@@ -54,3 +54,26 @@ pub fn which(name: &str) -> Option<String> {
         .find(|p| p.is_file())
         .map(|p| p.to_string_lossy().into_owned())
 }
+
+/// A field of `/proc/<pid>/<file>` that is given in kB (`VmRSS:` of
+/// `status`, `Anonymous:` of `smaps_rollup`, ...); `pid` may be `self`.
+/// 0 when it cannot be read.
+pub fn proc_kib(pid: &str, file: &str, field: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/{file}"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// CPU time (user + system) of process `pid` (or `self`), in clock ticks
+/// (1/100 s on Linux).
+pub fn cpu_ticks(pid: &str) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the parenthesised command: utime is 14th, stime 15th overall.
+    let after = stat.rsplit_once(')').map(|x| x.1).unwrap_or("");
+    let f: Vec<&str> = after.split_whitespace().collect();
+    f.get(11).and_then(|u| u.parse::<u64>().ok()).unwrap_or(0)
+        + f.get(12).and_then(|s| s.parse::<u64>().ok()).unwrap_or(0)
+}

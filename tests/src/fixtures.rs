@@ -106,6 +106,23 @@ fn listens_on(pid: u32, port: u16) -> bool {
     })
 }
 
+/// Waits (up to 10 s) until `child` listens on every one of `ports`
+/// itself; false if it exits or the time runs out (a port another
+/// process took meanwhile).
+fn wait_listening(child: &mut Child, ports: &[u16]) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        if let Ok(Some(_)) = child.try_wait() {
+            return false;
+        }
+        if ports.iter().all(|p| listens_on(child.id(), *p)) {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    false
+}
+
 impl Swtpm {
     /// Starts a fresh TPM with its own state directory and ports.
     pub fn start() -> Self {
@@ -202,18 +219,7 @@ impl Swtpm {
     /// take one of them, and this one then exits while the other answers
     /// for it. So the listening sockets must be the child's own.
     fn wait_ready(&mut self) -> bool {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return false;
-            }
-            if listens_on(self.child.id(), self.port) && listens_on(self.child.id(), self.port + 1)
-            {
-                return true;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        false
+        wait_listening(&mut self.child, &[self.port, self.port + 1])
     }
 
     /// Its data port (the control port is the next one).
@@ -510,7 +516,7 @@ impl Mosquitto {
             ),
         )
         .expect("write mosquitto.conf");
-        let child = Command::new("mosquitto")
+        let mut child = Command::new("mosquitto")
             .arg("-c")
             .arg(&conf)
             .stdout(Stdio::null())
@@ -519,20 +525,12 @@ impl Mosquitto {
             .unwrap_or_else(|e| {
                 panic!("cannot start mosquitto ({e}): install Debian's mosquitto (scripts/setup)")
             });
-        self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            let child = self.child.as_mut().expect("child");
-            if let Ok(Some(_)) = child.try_wait() {
-                self.child = None;
-                return false;
-            }
-            if listens_on(child.id(), self.port) {
-                return true;
-            }
-            std::thread::sleep(Duration::from_millis(10));
+        if wait_listening(&mut child, &[self.port]) {
+            self.child = Some(child);
+            return true;
         }
-        self.stop();
+        let _ = child.kill();
+        let _ = child.wait();
         false
     }
 
@@ -831,19 +829,12 @@ impl Registry {
                 .unwrap_or_else(|e| {
                     panic!("cannot start docker-registry ({e}): install Debian's docker-registry (scripts/setup)")
                 });
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while Instant::now() < deadline {
-                if let Ok(Some(_)) = child.try_wait() {
-                    break;
-                }
-                if listens_on(child.id(), port) {
-                    return Self {
-                        child,
-                        port,
-                        _dir: dir,
-                    };
-                }
-                std::thread::sleep(Duration::from_millis(10));
+            if wait_listening(&mut child, &[port]) {
+                return Self {
+                    child,
+                    port,
+                    _dir: dir,
+                };
             }
             let _ = child.kill();
             let _ = child.wait();
