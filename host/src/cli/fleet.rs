@@ -661,6 +661,22 @@ struct Row {
     modules: usize,
 }
 
+/// What is wrong with a reported module (`NAME STATE: REASON`), if its
+/// state means it failed.
+fn failure(m: &serde_json::Value) -> Option<String> {
+    let state = m["state"].as_str().unwrap_or("");
+    failed_state(state).then(|| {
+        format!(
+            "{} {state}{}",
+            m["name"].as_str().unwrap_or("?"),
+            m["reason"]
+                .as_str()
+                .map(|r| format!(": {r}"))
+                .unwrap_or_default()
+        )
+    })
+}
+
 /// A module state that means it failed.
 fn failed_state(s: &str) -> bool {
     matches!(
@@ -689,17 +705,7 @@ fn rows(fleet: &Snapshot) -> Vec<Row> {
                 .flatten()
             {
                 modules += 1;
-                let state = m["state"].as_str().unwrap_or("");
-                if failed_state(state) {
-                    problems.push(format!(
-                        "{} {state}{}",
-                        m["name"].as_str().unwrap_or("?"),
-                        m["reason"]
-                            .as_str()
-                            .map(|r| format!(": {r}"))
-                            .unwrap_or_default()
-                    ));
-                }
+                problems.extend(failure(m));
             }
             if let Some(refused) = r.and_then(|r| r.get("refused")).filter(|v| !v.is_null()) {
                 problems.push(format!(
@@ -871,17 +877,10 @@ fn health(fleet: &Snapshot, d: &str, version: u64) -> Option<Result<(), String>>
     }
     let mut waiting = false;
     for m in r["modules"].as_array().into_iter().flatten() {
-        let state = m["state"].as_str().unwrap_or("");
-        if failed_state(state) {
-            return Some(Err(format!(
-                "module {} {state}{}",
-                m["name"].as_str().unwrap_or("?"),
-                m["reason"]
-                    .as_str()
-                    .map(|r| format!(": {r}"))
-                    .unwrap_or_default()
-            )));
+        if let Some(f) = failure(m) {
+            return Some(Err(format!("module {f}")));
         }
+        let state = m["state"].as_str().unwrap_or("");
         if m["origin"] == "cloud" && !matches!(state, "running" | "exited") {
             waiting = true;
         }
@@ -1224,8 +1223,14 @@ async fn attest(
         }),
         ..verify::Expect::default()
     };
-    let tmp = tempdir()?;
-    let dir = out.map_or_else(|| tmp.join("evidence"), Path::to_owned);
+    let scratch;
+    let dir = match out {
+        Some(o) => o.to_owned(),
+        None => {
+            scratch = Scratch::new()?;
+            scratch.0.join("evidence")
+        }
+    };
     let random = |n: usize| -> Result<Vec<u8>, String> {
         let mut b = vec![0u8; n];
         getrandom::fill(&mut b).map_err(|e| format!("no randomness: {e}"))?;
@@ -1265,16 +1270,29 @@ async fn attest(
         expect.challenge = Some(record);
         expect.ek_ca = Some(cas);
     }
-    let code = super::attest::print_verdict(&verify::verify(&dir, &expect), json, Some(device));
-    let _ = std::fs::remove_dir_all(&tmp);
-    Ok(code)
+    Ok(super::attest::print_verdict(
+        &verify::verify(&dir, &expect),
+        json,
+        Some(device),
+    ))
 }
 
-/// A private scratch directory for evidence.
-fn tempdir() -> Result<PathBuf, String> {
-    let mut b = [0u8; 8];
-    getrandom::fill(&mut b).map_err(|e| format!("no randomness: {e}"))?;
-    let dir = std::env::temp_dir().join(format!("edgeward-fleet-{}", crate::measure::hex(&b)));
-    crate::state::ensure_private_dir(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-    Ok(dir)
+/// A private scratch directory for evidence, removed when dropped
+/// (whichever way `attest` returns).
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn new() -> Result<Self, String> {
+        let mut b = [0u8; 8];
+        getrandom::fill(&mut b).map_err(|e| format!("no randomness: {e}"))?;
+        let dir = std::env::temp_dir().join(format!("edgeward-fleet-{}", crate::measure::hex(&b)));
+        crate::state::ensure_private_dir(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        Ok(Self(dir))
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
