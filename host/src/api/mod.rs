@@ -867,46 +867,80 @@ async fn attest(
     State(state): State<Arc<ApiState>>,
     query: Result<axum::extract::Query<AttestQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ApiError> {
-    use base64ct::Encoding as _;
     let axum::extract::Query(q) = query.map_err(invalid_query)?;
-    let bad = |m: String| ApiError::new(StatusCode::BAD_REQUEST, m);
-    let (nonce, credential) = match (&q.nonce, &q.credential) {
-        (Some(n), None) => (parse_nonce(n).map_err(bad)?, None),
-        (None, Some(c)) => {
-            let bytes = base64ct::Base64UrlUnpadded::decode_vec(c)
-                .map_err(|_| bad("credential: not base64url without padding".into()))?;
-            let c = crate::attest::evidence::CredentialFile::parse(&bytes)
-                .map_err(|e| bad(format!("credential: {e}")))?;
-            (Vec::new(), Some(c))
-        }
-        _ => return Err(bad("give exactly one of nonce and credential".into())),
-    };
-    state.wait_booted().await;
-    let Some(m) = state.attester.clone() else {
-        return Err(ApiError::new(
+    let (nonce, credential) = attest_input(q.nonce.as_deref(), q.credential.as_deref())
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e))?;
+    match evidence(&state, nonce, credential).await {
+        Ok(files) => Ok(axum::Json(EvidenceView { files }).into_response()),
+        Err(Evidence::NotMeasured) => Err(ApiError::new(
             StatusCode::CONFLICT,
             "this daemon measures nothing ([runtime] measure = false, or the pkcs11 backend): there is nothing to attest",
-        ));
-    };
-    let device = state.info.device_id.clone();
-    let files = tokio::task::spawn_blocking(move || m.attest(&device, &nonce, credential.as_ref()))
-        .await
-        .map_err(internal)?
-        .map_err(|e| {
+        )),
+        Err(Evidence::Failed(e)) => {
             let status = if e.contains("credential") {
                 StatusCode::UNPROCESSABLE_ENTITY
             } else {
                 StatusCode::INTERNAL_SERVER_ERROR
             };
-            ApiError::new(status, e)
-        })?;
-    Ok(axum::Json(EvidenceView {
-        files: files
-            .into_iter()
-            .map(|(n, b)| (n.to_owned(), base64ct::Base64::encode_string(&b)))
-            .collect(),
-    })
-    .into_response())
+            Err(ApiError::new(status, e))
+        }
+    }
+}
+
+/// What a verifier asks evidence for: exactly one of a nonce (hex, 1-64
+/// bytes) and a credential (`edgeward attest challenge`'s, base64url
+/// without padding; its secret becomes the nonce). Read the same from the
+/// API and from the broker.
+///
+/// # Errors
+///
+/// Neither or both, or either malformed; named.
+pub(crate) fn attest_input(
+    nonce: Option<&str>,
+    credential: Option<&str>,
+) -> Result<(Vec<u8>, Option<crate::attest::evidence::CredentialFile>), String> {
+    use base64ct::Encoding as _;
+    match (nonce, credential) {
+        (Some(n), None) => Ok((parse_nonce(n)?, None)),
+        (None, Some(c)) => {
+            let bytes = base64ct::Base64UrlUnpadded::decode_vec(c)
+                .map_err(|_| "credential: not base64url without padding".to_owned())?;
+            let c = crate::attest::evidence::CredentialFile::parse(&bytes)
+                .map_err(|e| format!("credential: {e}"))?;
+            Ok((Vec::new(), Some(c)))
+        }
+        _ => Err("give exactly one of nonce and credential".into()),
+    }
+}
+
+/// Why there is no evidence.
+#[derive(Debug)]
+pub(crate) enum Evidence {
+    /// Nothing is measured ([runtime] measure = false, or pkcs11).
+    NotMeasured,
+    /// The quote or the credential failed; named.
+    Failed(String),
+}
+
+/// Evidence over `nonce` (or the credential's secret), once the boot
+/// events are measured: each file's bytes, base64, by name.
+pub(crate) async fn evidence(
+    state: &ApiState,
+    nonce: Vec<u8>,
+    credential: Option<crate::attest::evidence::CredentialFile>,
+) -> Result<std::collections::BTreeMap<String, String>, Evidence> {
+    use base64ct::Encoding as _;
+    state.wait_booted().await;
+    let m = state.attester.clone().ok_or(Evidence::NotMeasured)?;
+    let device = state.info.device_id.clone();
+    let files = tokio::task::spawn_blocking(move || m.attest(&device, &nonce, credential.as_ref()))
+        .await
+        .map_err(|e| Evidence::Failed(format!("the quote task failed: {e}")))?
+        .map_err(Evidence::Failed)?;
+    Ok(files
+        .into_iter()
+        .map(|(n, b)| (n.to_owned(), base64ct::Base64::encode_string(&b)))
+        .collect())
 }
 
 /// A nonce in hex: 1-64 bytes.

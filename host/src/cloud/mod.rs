@@ -818,7 +818,6 @@ fn challenge_error(payload: &[u8], error: &str) -> Vec<u8> {
 /// Evidence for a challenge (`out/attest/evidence`): the files of
 /// `edgeward attest`, base64, or an error naming what was wrong.
 async fn answer_challenge(api: &ApiState, payload: &[u8]) -> Vec<u8> {
-    use base64ct::Encoding as _;
     if payload.len() > MAX_CHALLENGE {
         return challenge_error(payload, "the challenge is larger than 8 KiB");
     }
@@ -834,49 +833,22 @@ async fn answer_challenge(api: &ApiState, payload: &[u8]) -> Vec<u8> {
     if !valid_challenge_id(&c.id) {
         return challenge_error(payload, "id: 1-64 of A-Z a-z 0-9 - _ .");
     }
-    let (nonce, credential) = match (&c.nonce, &c.credential) {
-        (Some(n), None) => match crate::api::parse_nonce(n) {
-            Ok(n) => (n, None),
+    let (nonce, credential) =
+        match crate::api::attest_input(c.nonce.as_deref(), c.credential.as_deref()) {
+            Ok(x) => x,
             Err(e) => return challenge_error(payload, &e),
-        },
-        (None, Some(cred)) => {
-            let parsed = base64ct::Base64UrlUnpadded::decode_vec(cred)
-                .map_err(|_| "credential: not base64url without padding".to_owned())
-                .and_then(|b| {
-                    crate::attest::evidence::CredentialFile::parse(&b)
-                        .map_err(|e| format!("credential: {e}"))
-                });
-            match parsed {
-                Ok(cf) => (Vec::new(), Some(cf)),
-                Err(e) => return challenge_error(payload, &e),
-            }
+        };
+    match crate::api::evidence(api, nonce, credential).await {
+        Ok(files) => {
+            tracing::info!(id = %c.id, "cloud: attestation evidence sent");
+            serde_json::to_vec(&serde_json::json!({ "id": c.id, "files": files }))
+                .unwrap_or_default()
         }
-        _ => return challenge_error(payload, "give exactly one of nonce and credential"),
-    };
-    api.wait_booted().await;
-    let Some(m) = api.attester.clone() else {
-        return challenge_error(
+        Err(crate::api::Evidence::NotMeasured) => challenge_error(
             payload,
             "this device measures nothing ([runtime] measure = false, or the pkcs11 backend)",
-        );
-    };
-    let device = api.info.device_id.clone();
-    let files =
-        tokio::task::spawn_blocking(move || m.attest(&device, &nonce, credential.as_ref())).await;
-    match files {
-        Ok(Ok(files)) => {
-            tracing::info!(id = %c.id, "cloud: attestation evidence sent");
-            serde_json::to_vec(&serde_json::json!({
-                "id": c.id,
-                "files": files
-                    .into_iter()
-                    .map(|(n, b)| (n.to_owned(), base64ct::Base64::encode_string(&b)))
-                    .collect::<std::collections::BTreeMap<_, _>>(),
-            }))
-            .unwrap_or_default()
-        }
-        Ok(Err(e)) => challenge_error(payload, &e),
-        Err(e) => challenge_error(payload, &format!("the quote task failed: {e}")),
+        ),
+        Err(crate::api::Evidence::Failed(e)) => challenge_error(payload, &e),
     }
 }
 
