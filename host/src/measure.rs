@@ -191,7 +191,16 @@ impl Measured {
             path: path.to_owned(),
             error,
         };
-        let file = std::fs::File::open(path).map_err(read_err)?;
+        // Non-blocking, so a FIFO cannot hold the open; the checks below
+        // are on the handle, so what is read is what was checked.
+        let file = {
+            use std::os::unix::fs::OpenOptionsExt as _;
+            std::fs::OpenOptions::new()
+                .read(true)
+                .custom_flags(rustix::fs::OFlags::NONBLOCK.bits() as i32)
+                .open(path)
+                .map_err(read_err)?
+        };
         let meta = file.metadata().map_err(read_err)?;
         if !meta.is_file() {
             return Err(MeasureError::NotAFile {
@@ -241,6 +250,38 @@ impl Measured {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_regular_files_are_read_and_a_fifo_does_not_hold_the_open() {
+        let not_a_file = |p: &Path| match Measured::read(p) {
+            Err(e @ MeasureError::NotAFile { .. }) => {
+                assert!(e.to_string().contains("not a regular file"), "{e}");
+            }
+            other => panic!("{}: {other:?}", p.display()),
+        };
+        not_a_file(Path::new("/dev/zero"));
+        not_a_file(Path::new("/"));
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("fifo");
+        rustix::fs::mknodat(
+            rustix::fs::CWD,
+            &fifo,
+            rustix::fs::FileType::Fifo,
+            rustix::fs::Mode::from_raw_mode(0o600),
+            0,
+        )
+        .unwrap();
+        not_a_file(&fifo);
+        assert!(matches!(
+            Measured::read(Path::new("/nonexistent/x.wasm")),
+            Err(MeasureError::Read { .. })
+        ));
+        let f = dir.path().join("c.wasm");
+        std::fs::write(&f, b"\0asm").unwrap();
+        let m = Measured::read(&f).unwrap();
+        assert_eq!(m.bytes, b"\0asm");
+        assert_eq!(m.digest, Digest::of(b"\0asm"));
+    }
 
     #[test]
     fn a_file_measured_in_pieces_hashes_as_its_bytes() {

@@ -1022,15 +1022,18 @@ async fn fetch_components(
                 m.name
             ));
         }
+        // Measured just now: stored without hashing it again.
+        let measured = crate::measure::Measured {
+            path: PathBuf::from(source),
+            bytes,
+            digest,
+        };
         api.components
-            .put_bytes(&digest, &bytes)
+            .put(&measured)
             .map_err(|e| format!("module {}: cannot store the component: {e}", m.name))?;
     }
     Ok(())
 }
-
-/// The largest component fetched.
-pub const MAX_COMPONENT: u64 = 256 << 20;
 
 /// The component at `source` that should hash to `pin`.
 async fn fetch(
@@ -1045,50 +1048,24 @@ async fn fetch(
             config.credentials.get(&r.registry).cloned(),
         )?;
         c.timeout = config.fetch_timeout;
-        return c.pull(&r, pin, MAX_COMPONENT).await;
+        return c.pull(&r, pin, crate::measure::MAX_COMPONENT_SIZE).await;
     }
     if source.starts_with("https://") || source.starts_with("http://") {
         let mut c = oci::Client::new(config.registry_roots.as_deref(), None)?;
         c.timeout = config.fetch_timeout;
-        return c.get(source, MAX_COMPONENT).await;
+        return c.get(source, crate::measure::MAX_COMPONENT_SIZE).await;
     }
     let path = source.strip_prefix("file://").unwrap_or(source);
     if !path.starts_with('/') {
         return Err("a source is oci://…, https://… or an absolute local path".into());
     }
     let path = PathBuf::from(path);
-    tokio::task::spawn_blocking(move || read_local(&path))
+    // As a configured module's file is read: a regular file, bounded.
+    tokio::task::spawn_blocking(move || crate::measure::Measured::read(&path))
         .await
         .map_err(|e| e.to_string())?
-}
-
-/// A local component file: a regular file of at most `MAX_COMPONENT`
-/// bytes (not a device, a FIFO, or a file that grows while read).
-fn read_local(path: &Path) -> Result<Vec<u8>, String> {
-    use std::io::Read as _;
-    use std::os::unix::fs::OpenOptionsExt as _;
-    // Non-blocking, so a FIFO cannot hold the open; checked again on the
-    // handle, so what is read is what was checked.
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(rustix::fs::OFlags::NONBLOCK.bits() as i32)
-        .open(path)
-        .map_err(|e| e.to_string())?;
-    let meta = file.metadata().map_err(|e| e.to_string())?;
-    if !meta.is_file() {
-        return Err("not a regular file".into());
-    }
-    if meta.len() > MAX_COMPONENT {
-        return Err(format!("{} bytes, more than {MAX_COMPONENT}", meta.len()));
-    }
-    let mut bytes = Vec::new();
-    file.take(MAX_COMPONENT + 1)
-        .read_to_end(&mut bytes)
-        .map_err(|e| e.to_string())?;
-    if bytes.len() as u64 > MAX_COMPONENT {
-        return Err(format!("more than {MAX_COMPONENT} bytes"));
-    }
-    Ok(bytes)
+        .map(|m| m.bytes)
+        .map_err(|e| e.to_string())
 }
 
 #[cfg(test)]
@@ -1119,33 +1096,6 @@ mod tests {
         ] {
             assert!(parse_broker(bad).is_err(), "{bad}");
         }
-    }
-
-    #[test]
-    fn local_sources_are_regular_files_only() {
-        assert_eq!(
-            read_local(Path::new("/dev/zero")).unwrap_err(),
-            "not a regular file"
-        );
-        assert_eq!(
-            read_local(Path::new("/")).unwrap_err(),
-            "not a regular file"
-        );
-        let dir = tempfile::tempdir().unwrap();
-        let fifo = dir.path().join("fifo");
-        rustix::fs::mknodat(
-            rustix::fs::CWD,
-            &fifo,
-            rustix::fs::FileType::Fifo,
-            rustix::fs::Mode::from_raw_mode(0o600),
-            0,
-        )
-        .unwrap();
-        assert_eq!(read_local(&fifo).unwrap_err(), "not a regular file");
-        assert!(read_local(Path::new("/nonexistent/x.wasm")).is_err());
-        let f = tempfile::NamedTempFile::new().unwrap();
-        std::fs::write(f.path(), b"\0asm").unwrap();
-        assert_eq!(read_local(f.path()).unwrap(), b"\0asm");
     }
 
     #[test]
