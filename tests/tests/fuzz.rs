@@ -36,11 +36,7 @@ fn the_api_survives_schemathesis_without_a_server_error() {
     d.wait_for("the daemon to start", |_, err| {
         count(err, "edgeward daemon starting") == 1
     });
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = edgeward_tests::fixtures::free_port();
     let mut bridge = Command::new("socat")
         .arg(format!("TCP-LISTEN:{port},bind=127.0.0.1,fork,reuseaddr"))
         .arg(format!("UNIX-CONNECT:{}", s.socket().display()))

@@ -425,11 +425,7 @@ fn soft_keys_are_sealed_and_private() {
 fn unreachable_tpm_is_a_clear_error() {
     let dir = tempfile::tempdir().expect("tempdir");
     // A port nothing listens on.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port();
+    let port = edgeward_tests::fixtures::free_port();
     let tcti = format!("swtpm:host=127.0.0.1,port={port}");
     let e = TpmHsm::open(
         dir.path(),
