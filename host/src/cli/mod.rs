@@ -93,7 +93,7 @@ enum Command {
         config: Option<PathBuf>,
     },
     /// Operate a fleet through its broker and registry: push, deploy,
-    /// rollback, status, watch, acl.
+    /// rollback, status, attest, watch, acl.
     Fleet(fleet::FleetArgs),
     /// The device's own identity: `edgeward identity csr --out FILE`.
     Identity {
@@ -123,7 +123,7 @@ enum Command {
     /// lines; with -f, keep printing them as they happen.
     Events(module::EventsArgs),
     /// Check that this device is ready: config, state dir, socket,
-    /// registry, stored components, compiled cache, HSM, CA certificate, JWT keys, clock, disk. Exits
+    /// registry, stored components, compiled cache, HSM, CA certificate, JWT keys, cloud broker, clock, disk. Exits
     /// non-zero only on a failure.
     Check {
         /// Config file. Default: $EDGEWARD_CONFIG, then
