@@ -510,7 +510,7 @@ impl Mosquitto {
         std::fs::write(
             &conf,
             format!(
-                "user root\nper_listener_settings false\nallow_anonymous false\npersistence true\npersistence_location {d}/\nautosave_interval 1\nautosave_on_changes true\nsys_interval 1\nlog_dest stderr\nlog_type error\nlog_type warning\nlistener {port} 127.0.0.1\ncafile {d}/ca.pem\ncertfile {d}/broker.pem\nkeyfile {d}/broker.key\nrequire_certificate true\nuse_identity_as_username true\nacl_file {d}/acl\n",
+                "user root\nper_listener_settings false\nallow_anonymous false\nmax_queued_messages 20000\npersistence true\npersistence_location {d}/\nautosave_interval 1\nautosave_on_changes true\nsys_interval 1\nlog_dest stderr\nlog_type error\nlog_type warning\nlistener {port} 127.0.0.1\ncafile {d}/ca.pem\ncertfile {d}/broker.pem\nkeyfile {d}/broker.key\nrequire_certificate true\nuse_identity_as_username true\nacl_file {d}/acl\n",
                 d = d.display(),
                 port = self.port
             ),
@@ -537,6 +537,11 @@ impl Mosquitto {
     /// Its port.
     pub fn port(&self) -> u16 {
         self.port
+    }
+
+    /// Its process id, while it runs (to pause it: SIGSTOP/SIGCONT).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
     }
 
     /// `mqtts://127.0.0.1:PORT`.

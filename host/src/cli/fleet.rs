@@ -370,9 +370,14 @@ fn settings(args: &FleetArgs) -> Result<Settings, String> {
     })
 }
 
+/// How long a snapshot may take before it is a failure.
+const SNAPSHOT_BOUND: Duration = Duration::from_secs(30);
+
 /// An operator's MQTT session.
 struct Session {
     client: AsyncClient,
+    /// This session's own topic for snapshot markers (`ew/v1/ops/sync/<client id>`).
+    sync_topic: String,
     messages: mpsc::Receiver<Publish>,
     acks: mpsc::Receiver<Result<(), String>>,
     task: tokio::task::JoinHandle<()>,
@@ -395,12 +400,10 @@ impl Session {
             .with_client_auth_cert(chain, key)
             .map_err(|e| format!("the operator certificate and key: {e}"))?;
         let mut id = [0u8; 6];
-        let _ = getrandom::fill(&mut id);
-        let mut o = MqttOptions::new(
-            format!("edgeward-fleet-{}", crate::measure::hex(&id)),
-            &s.host,
-            s.port,
-        );
+        getrandom::fill(&mut id).map_err(|e| format!("no randomness: {e}"))?;
+        let client_id = format!("edgeward-fleet-{}", crate::measure::hex(&id));
+        let sync_topic = format!("ew/v1/ops/sync/{client_id}");
+        let mut o = MqttOptions::new(client_id, &s.host, s.port);
         o.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
             Arc::new(tls),
         )))
@@ -465,6 +468,7 @@ impl Session {
         }
         Ok(Self {
             client,
+            sync_topic,
             messages,
             acks,
             task,
@@ -488,19 +492,60 @@ impl Session {
         })
     }
 
-    /// The retained messages on `filters` (and whatever arrives meanwhile):
-    /// until none came for `quiet`.
-    async fn retained(
-        &mut self,
-        filters: &[&str],
-        quiet: Duration,
-    ) -> Result<Vec<Message>, String> {
+    /// Every retained message on `filters` (and whatever arrives meanwhile),
+    /// complete by construction: after subscribing, a marker goes out on
+    /// this session's own topic, which the session also subscribes to. The
+    /// broker handles a client's packets in order and queues a
+    /// subscription's retained messages when it takes the SUBSCRIBE, so
+    /// the marker comes back behind all of them. Time bounds only a failure:
+    /// a snapshot without its marker is an error, never a shorter answer.
+    async fn retained(&mut self, filters: &[&str]) -> Result<Vec<Message>, String> {
+        let sync = self.sync_topic.clone();
+        self.subscribe(&[sync.as_str()]).await?;
         self.subscribe(filters).await?;
+        let mut token = [0u8; 16];
+        getrandom::fill(&mut token).map_err(|e| format!("no randomness: {e}"))?;
+        let token = crate::measure::hex(&token).into_bytes();
+        // Not `publish`: its wait for the acknowledgement would hold the
+        // retained messages back behind a full channel.
+        self.client
+            .publish(sync.as_str(), QoS::AtLeastOnce, false, token.clone())
+            .await
+            .map_err(|e| e.to_string())?;
+        let deadline = Instant::now() + SNAPSHOT_BOUND;
         let mut out = Vec::new();
-        while let Ok(Some(m)) = tokio::time::timeout(quiet, self.next()).await {
-            out.push(m);
+        let mut acked = false;
+        let mut marked = false;
+        while !(acked && marked) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            tokio::select! {
+                m = self.messages.recv() => {
+                    let Some(p) = m else {
+                        return Err("the broker connection ended during the snapshot".into());
+                    };
+                    let m = Message {
+                        topic: String::from_utf8_lossy(&p.topic).into_owned(),
+                        payload: p.payload.to_vec(),
+                    };
+                    if m.topic == sync {
+                        marked |= m.payload == token;
+                    } else if !marked {
+                        out.push(m);
+                    }
+                }
+                a = self.acks.recv(), if !acked => match a {
+                    Some(Ok(())) => acked = true,
+                    Some(Err(e)) => return Err(format!("{sync}: {e}")),
+                    None => return Err("the broker connection ended during the snapshot".into()),
+                },
+                () = tokio::time::sleep(left) => {
+                    return Err(format!(
+                        "the broker did not return this session's snapshot marker on {sync} within {SNAPSHOT_BOUND:?}: the snapshot would be incomplete, so nothing is concluded from it (is the broker overloaded, does its max_queued_messages leave room for every retained message at once (docs/fleet.md), or does the ACL deny this operator {sync}?)"
+                    ));
+                }
+            }
         }
-        for f in filters {
+        for f in filters.iter().chain([&sync.as_str()]) {
             let _ = self.client.unsubscribe(*f).await;
         }
         Ok(out)
@@ -579,6 +624,16 @@ impl Snapshot {
             .unwrap_or_default()
     }
 
+    /// The devices whose state the broker holds, not offline, with no
+    /// report: their groups are unknown.
+    fn unreported(&self) -> Vec<String> {
+        self.state
+            .iter()
+            .filter(|(d, s)| !self.reported.contains_key(*d) && s["state"] != "offline")
+            .map(|(d, _)| d.clone())
+            .collect()
+    }
+
     /// The devices that report being in `group`.
     fn members(&self, group: &str) -> Vec<String> {
         self.reported
@@ -601,15 +656,12 @@ impl Snapshot {
 
 async fn snapshot(s: &mut Session) -> Result<Snapshot, String> {
     let msgs = s
-        .retained(
-            &[
-                "ew/v1/d/+/out/state",
-                "ew/v1/d/+/out/reported",
-                "ew/v1/d/+/in/desired",
-                "ew/v1/g/+/desired",
-            ],
-            Duration::from_millis(500),
-        )
+        .retained(&[
+            "ew/v1/d/+/out/state",
+            "ew/v1/d/+/out/reported",
+            "ew/v1/d/+/in/desired",
+            "ew/v1/g/+/desired",
+        ])
         .await?;
     let mut snap = Snapshot::default();
     for m in msgs {
@@ -653,7 +705,7 @@ struct Row {
     version: Option<String>,
     /// The version it should run (its own or its groups', the highest).
     desired: Option<u64>,
-    /// ok, behind, failed, offline.
+    /// ok, behind, failed, offline, or unknown (no report).
     status: &'static str,
     /// Modules not running, and the last refusal.
     problems: Vec<String>,
@@ -715,7 +767,15 @@ fn rows(fleet: &Snapshot) -> Vec<Row> {
                 ));
             }
             let applied: Option<u64> = version.as_deref().and_then(|v| v.parse().ok());
-            let status = if !problems.is_empty() {
+            let status = if r.is_none() {
+                // No report in a complete snapshot: nothing is known of what
+                // it runs. Its will says offline, or it is unknown; never ok.
+                if fleet.state.get(d).is_some_and(|s| s["state"] == "offline") {
+                    "offline"
+                } else {
+                    "unknown"
+                }
+            } else if !problems.is_empty() {
                 "failed"
             } else if desired.is_some_and(|want| applied.is_none_or(|a| a < want)) {
                 "behind"
@@ -830,7 +890,7 @@ fn signed_payload(text: &str, key: &Path) -> Result<Vec<u8>, String> {
 
 /// The retained message on `topic` (if any).
 async fn retained_one(s: &mut Session, topic: &str) -> Result<Option<Vec<u8>>, String> {
-    let msgs = s.retained(&[topic], Duration::from_millis(400)).await?;
+    let msgs = s.retained(&[topic]).await?;
     Ok(msgs
         .into_iter()
         .rfind(|m| m.topic == topic)
@@ -969,7 +1029,15 @@ async fn deploy(
                 .ok()
                 .filter(|p| (1..=100).contains(p))
                 .ok_or_else(|| format!("--canary {pct:?}: 1% to 100%"))?;
-            devices = snapshot(s).await?.members(group);
+            let fleet = snapshot(s).await?;
+            let unknown = fleet.unreported();
+            if !unknown.is_empty() {
+                return Err(format!(
+                    "the broker holds no report from {}: their groups are unknown, so the canaries of group {group} cannot be chosen; wait for their reports (fleet status) or deploy to them by --device",
+                    unknown.join(", ")
+                ));
+            }
+            devices = fleet.members(group);
             if devices.is_empty() {
                 return Err(format!(
                     "no device of group {group} has reported: nothing to roll out to"
@@ -1189,6 +1257,11 @@ async fn default_policy(
     device: &str,
 ) -> Result<crate::attest::verify::Policy, String> {
     let fleet = snapshot(s).await?;
+    if !fleet.reported.contains_key(device) {
+        return Err(format!(
+            "the broker holds no report from {device}: its groups, and so the deployment it should run, are unknown; give --policy"
+        ));
+    }
     let best = fleet
         .desired_for(device)
         .ok_or_else(|| format!("no deployment is published for {device}: give --policy"))?;
