@@ -640,3 +640,86 @@ fn the_compile_queue_bounds_compilations_at_once() {
     let three = compilations(3);
     assert!(overlapping(&three), "side by side: {three:?}");
 }
+
+/// The demo's view of the readings (`scripts/readings`, as `scripts/demo`
+/// pipes the daemon through it): one short line per reading naming its
+/// signer, verified with the openssl CLI against the device's trust
+/// bundle; the full records kept in the file it names, each checkable by
+/// `--verify`; a reading altered after signing shows as not verified.
+#[test]
+fn the_demo_shows_each_reading_verified_in_one_line() {
+    let s = Scratch::new();
+    let sensor = guests::TEMPERATURE_SENSOR;
+    let config = format!(
+        "[identity]\ndevice_id = \"demo-gateway\"\n\n[[module]]\nname = \"greenhouse-sensor\"\nfile = \"{sensor}\"\ndigest = \"{}\"\nenv = {{ INTERVAL_MS = \"20\", SENSOR_ID = \"greenhouse\" }}\n",
+        sha256sum(sensor),
+    );
+    let mut d = Daemon::start(&s, &config);
+    d.wait_for("three sensor readings", |out, _| {
+        count(out, "greenhouse-sensor | {\"sensor\":\"greenhouse\"") >= 3
+    });
+    let (_, out, _) = d.terminate();
+    let mut input: Vec<String> = out
+        .iter()
+        .filter(|l| l.starts_with("greenhouse-sensor | "))
+        .take(3)
+        .cloned()
+        .collect();
+    // The second reading, its temperature altered after it was signed.
+    let altered = input[1].replacen("\"celsius\":", "\"celsius\":1", 1);
+    input.push(altered);
+    input.push("not a reading: passed through".into());
+    let records = s.path().join("readings.jsonl");
+    let bundle_cmd = format!("{EDGEWARD} --state-dir {} bundle", s.state().display());
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/readings");
+    let mut child = std::process::Command::new(script)
+        .arg("--records")
+        .arg(&records)
+        .args(["--bundle-cmd", &bundle_cmd])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("scripts/readings (python3)");
+    {
+        use std::io::Write as _;
+        let mut stdin = child.stdin.take().unwrap();
+        stdin
+            .write_all((input.join("\n") + "\n").as_bytes())
+            .unwrap();
+    }
+    let o = child.wait_with_output().unwrap();
+    assert_status(&o, 0);
+    let shown = stdout(&o);
+    let lines: Vec<&str> = shown.lines().collect();
+    assert_eq!(lines.len(), 5, "{shown}");
+    for l in &lines[..3] {
+        assert!(
+            l.starts_with("greenhouse ")
+                && l.contains(" °C ")
+                && l.contains(
+                    "signed by spiffe://edgeward.local/device/demo-gateway/module/greenhouse-sensor, verified"
+                ),
+            "{shown}"
+        );
+        assert!(l.len() < 160, "one short line: {l}");
+    }
+    assert!(lines[3].contains("NOT VERIFIED"), "{shown}");
+    assert_eq!(lines[4], "not a reading: passed through");
+    // Each record is checkable on its own; the altered one is refused.
+    let verify = |n: &str| {
+        std::process::Command::new(script)
+            .args(["--verify"])
+            .arg(&records)
+            .arg(n)
+            .args(["--bundle-cmd", &bundle_cmd])
+            .output()
+            .unwrap()
+    };
+    let o = verify("1");
+    assert_status(&o, 0);
+    assert!(stdout(&o).contains("Verified OK"), "{}", stdout(&o));
+    let o = verify("4");
+    assert_status(&o, 1);
+    assert!(stderr(&o).contains("NOT VERIFIED"), "{}", stderr(&o));
+}
