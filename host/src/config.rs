@@ -49,8 +49,10 @@
 //!
 //! [signatures]
 //! policy = "require"                  # require | warn | off (default): components
-//! manifests = "require"               # for deployment manifests (default: policy)
-//! publishers = ["/etc/edgeward/acme.pub"]  # trusted keys (raw, PEM, DER, OpenSSH)
+//! manifests = "require"               # for deployment manifests (default: require
+//!                                     # when deployment_keys names any, else off)
+//! publishers = ["/etc/edgeward/acme.pub"]  # trusted component keys (raw, PEM, DER, OpenSSH)
+//! deployment_keys = ["/etc/edgeward/ops.pub"]  # trusted deployment keys (a separate set)
 //!
 //! [agent]                             # optional: the one module linked with
 //! name = "agent"                      # edgeward:host/management (default name shown)
@@ -161,6 +163,8 @@ struct RawSignatures {
     manifests: Option<String>,
     #[serde(default)]
     publishers: Vec<PathBuf>,
+    #[serde(default)]
+    deployment_keys: Vec<PathBuf>,
 }
 
 impl RawSignatures {
@@ -173,24 +177,34 @@ impl RawSignatures {
             None => Policy::Off,
             Some(p) => p.parse().map_err(|e| format!("signatures.policy: {e}"))?,
         };
+        let files: Vec<PathBuf> = self.publishers.iter().map(|p| resolve(p)).collect();
+        let publishers =
+            load_publishers(&files).map_err(|e| format!("signatures.publishers: {e}"))?;
+        let files: Vec<PathBuf> = self.deployment_keys.iter().map(|p| resolve(p)).collect();
+        let deployment_keys =
+            load_publishers(&files).map_err(|e| format!("signatures.deployment_keys: {e}"))?;
         let manifests = match &self.manifests {
-            None => policy,
+            None if deployment_keys.is_empty() => Policy::Off,
+            None => Policy::Require,
             Some(p) => p
                 .parse()
                 .map_err(|e| format!("signatures.manifests: {e}"))?,
         };
-        let files: Vec<PathBuf> = self.publishers.iter().map(|p| resolve(p)).collect();
-        let publishers =
-            load_publishers(&files).map_err(|e| format!("signatures.publishers: {e}"))?;
-        if publishers.is_empty() && (policy != Policy::Off || manifests != Policy::Off) {
+        if publishers.is_empty() && policy != Policy::Off {
             return Err(
                 "signatures: a policy other than off needs publishers (trusted key files)".into(),
+            );
+        }
+        if deployment_keys.is_empty() && manifests != Policy::Off {
+            return Err(
+                "signatures: manifests other than off needs deployment_keys (the keys deployments are signed with; a separate set from the publishers)".into(),
             );
         }
         Ok(crate::attest::publisher::DeviceSignatures {
             policy,
             manifests,
             publishers,
+            deployment_keys,
         })
     }
 }
@@ -542,6 +556,8 @@ impl Config {
                 "policy": self.signatures.policy.as_str(),
                 "manifests": self.signatures.manifests.as_str(),
                 "publishers": self.signatures.publishers.iter()
+                    .map(|k| crate::measure::hex(&k.to_bytes())).collect::<Vec<_>>(),
+                "deployment_keys": self.signatures.deployment_keys.iter()
                     .map(|k| crate::measure::hex(&k.to_bytes())).collect::<Vec<_>>(),
             },
             "agent": self.agent.as_ref().map(|a| json!({

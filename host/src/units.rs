@@ -64,9 +64,10 @@ pub fn parse_duration(input: &str) -> Result<Duration, String> {
         "" | "s" => 1_000,
         "m" | "min" => 60_000,
         "h" => 3_600_000,
+        "d" => 86_400_000,
         other => {
             return Err(format!(
-                "invalid duration {input:?}: unknown unit {other:?} (use ms, s, m or h)"
+                "invalid duration {input:?}: unknown unit {other:?} (use ms, s, m, h or d)"
             ));
         }
     };

@@ -254,7 +254,7 @@ fn main() {
         "version = \"1\"\n\n[[module]]\nname = \"sensor\"\ndigest = \"{digest}\"\nsource = \"oci://{}/edge/sensor:1\"\nenv = {{ INTERVAL_MS = \"1000\" }}\n",
         registry.host()
     );
-    let payload = fleet.signed(&manifest, None);
+    let payload = fleet.signed(&manifest, "group:line-a", None);
     let mut reported = fleet.operator.subscribe("ew/v1/d/+/out/reported");
     // Everything on the tree, to count what the deployment costs the broker.
     let mut tree = fleet.operator.subscribe("ew/v1/#");

@@ -144,9 +144,17 @@ impl Fleet {
     }
 
     /// The signed desired deployment of `manifest` (signed with `key`, or
-    /// the fleet's deployment key), as `edgeward sign` signs a manifest.
-    pub fn signed(&self, manifest: &str, key: Option<&Path>) -> Vec<u8> {
+    /// the fleet's deployment key), as `edgeward sign` signs a manifest;
+    /// bound to `target` (`device:ID`, `group:G`, `fleet`) until 2099
+    /// unless the manifest names its own target.
+    pub fn signed(&self, manifest: &str, target: &str, key: Option<&Path>) -> Vec<u8> {
         use base64ct::Encoding as _;
+        let manifest = if manifest.contains("\ntarget = ") || manifest.starts_with("target = ") {
+            manifest.to_owned()
+        } else {
+            format!("target = \"{target}\"\nexpires = \"2099-01-01T00:00:00Z\"\n{manifest}")
+        };
+        let manifest = manifest.as_str();
         let file = self.write("manifest.toml", manifest);
         ok(
             edgeward(&self.bin, self.dir.path())

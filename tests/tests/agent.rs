@@ -424,12 +424,12 @@ fn a_device_requiring_signed_manifests_refuses_the_agents_unsigned_one() {
         .unwrap();
     assert_status(&o, 0);
     let text = format!(
-        "version = \"1\"\n[[module]]\nname = \"s1\"\nfile = \"sensor.wasm\"\ndigest = \"{}\"\nsettings = {{ sensor_id = \"one\", interval_ms = \"100\" }}\n",
+        "version = \"1\"\ntarget = \"fleet\"\nexpires = \"2099-01-01T00:00:00Z\"\n[[module]]\nname = \"s1\"\nfile = \"sensor.wasm\"\ndigest = \"{}\"\nsettings = {{ sensor_id = \"one\", interval_ms = \"100\" }}\n",
         sha256sum(SENSOR)
     );
     write_atomically(&dir, "deployment.toml", &text);
     let config = format!(
-        "[signatures]\nmanifests = \"require\"\npublishers = [\"{}\"]\n\n{}",
+        "[signatures]\nmanifests = \"require\"\ndeployment_keys = [\"{}\"]\n\n{}",
         s.path().join("ops.pub").display(),
         agent_config(AGENT, &dir, &[])
     );

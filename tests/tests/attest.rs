@@ -1104,6 +1104,8 @@ fn the_daemon_holds_components_and_manifests_to_the_signature_policy() {
     let b = boot(&s, "52525252-3434-5656-7878-909090909090");
     let (key, public) = keygen(&s, "acme");
     let (other_key, other_pub) = keygen(&s, "other");
+    // Deployments are signed with a key of their own, not a publisher's.
+    let (ops_key, ops_pub) = keygen(&s, "ops");
     let copy = |name: &str| {
         let f = s.path().join(name);
         std::fs::copy(guests::SANDBOX_PROBE, &f).unwrap();
@@ -1139,8 +1141,9 @@ fn the_daemon_holds_components_and_manifests_to_the_signature_policy() {
     };
     let config = [
         format!(
-            "[signatures]\npolicy = \"require\"\npublishers = [\"{}\"]\n",
-            public.display()
+            "[signatures]\npolicy = \"require\"\npublishers = [\"{}\"]\ndeployment_keys = [\"{}\"]\n[identity]\ndevice_id = \"gw-1\"\n",
+            public.display(),
+            ops_pub.display()
         ),
         module("detached", &detached, ""),
         module("embedded", &embedded, ""),
@@ -1199,7 +1202,7 @@ fn the_daemon_holds_components_and_manifests_to_the_signature_policy() {
     let manifest = s.write(
         "deploy.toml",
         &format!(
-            "version = \"1\"\n[[module]]\nname = \"deployed\"\nfile = \"{}\"\ndigest = \"{}\"\nargs = [\"tick\"]\nsignature = \"{sig_b64}\"\n",
+            "version = \"1\"\ntarget = \"device:gw-1\"\nexpires = \"2099-01-01T00:00:00Z\"\n[[module]]\nname = \"deployed\"\nfile = \"{}\"\ndigest = \"{}\"\nargs = [\"tick\"]\nsignature = \"{sig_b64}\"\n",
             detached.display(),
             sha256sum(detached.to_str().unwrap())
         ),
@@ -1225,9 +1228,14 @@ fn the_daemon_holds_components_and_manifests_to_the_signature_policy() {
     let o = deploy(&[]);
     assert_status(&o, 1);
     assert!(stderr(&o).contains("does not verify"), "{}", stderr(&o));
+    // Signed by a component publisher's key: refused (a separate set).
+    sign(&s, &key, &manifest, &[]);
+    let o = deploy(&[]);
+    assert_status(&o, 1);
+    assert!(stderr(&o).contains("does not verify"), "{}", stderr(&o));
     // Truncated signature: refused.
     let sig = s.path().join("deploy.toml.sig");
-    sign(&s, &key, &manifest, &[]);
+    sign(&s, &ops_key, &manifest, &[]);
     let good_sig = std::fs::read(&sig).unwrap();
     std::fs::write(&sig, &good_sig[..40]).unwrap();
     let o = deploy(&[]);
@@ -1251,6 +1259,49 @@ fn the_daemon_holds_components_and_manifests_to_the_signature_policy() {
     let o = deploy(&["--signature", kept.to_str().unwrap()]);
     assert_status(&o, 1);
     assert!(stderr(&o).contains("does not verify"), "{}", stderr(&o));
+    // Version 2, signed: applied. Then version 1 again, with its genuine
+    // signature: a replay, refused.
+    sign(&s, &ops_key, &manifest, &[]);
+    assert_status(&deploy(&[]), 0);
+    let v2 = std::fs::read_to_string(&manifest).unwrap();
+    let v2_sig = s.path().join("v2.sig");
+    std::fs::rename(&sig, &v2_sig).unwrap();
+    std::fs::write(&manifest, &text).unwrap();
+    let o = deploy(&["--signature", kept.to_str().unwrap()]);
+    assert_status(&o, 1);
+    assert!(stderr(&o).contains("not newer"), "{}", stderr(&o));
+    // The applied one again: the same contents, taken (the agent sends its
+    // manifest again after a restart).
+    std::fs::write(&manifest, &v2).unwrap();
+    assert_status(&deploy(&["--signature", v2_sig.to_str().unwrap()]), 0);
+    // Signed for another device, or expired: refused.
+    for (from, to, why) in [
+        ("device:gw-1", "device:gw-2", "not to this device"),
+        ("2099-01-01", "2020-01-01", "expired"),
+    ] {
+        std::fs::write(
+            &manifest,
+            v2.replace("version = \"2\"", "version = \"3\"")
+                .replace(from, to),
+        )
+        .unwrap();
+        sign(&s, &ops_key, &manifest, &[]);
+        let o = deploy(&[]);
+        assert_status(&o, 1);
+        assert!(stderr(&o).contains(why), "{why}: {}", stderr(&o));
+    }
+    // A manifest that names no target is not signed at all.
+    std::fs::write(&manifest, v2.replace("target = \"device:gw-1\"\n", "")).unwrap();
+    let o = s
+        .edgeward()
+        .arg("sign")
+        .arg("--key")
+        .arg(&ops_key)
+        .arg(&manifest)
+        .output()
+        .unwrap();
+    assert_status(&o, 1);
+    assert!(stderr(&o).contains("names no `target`"), "{}", stderr(&o));
     let _ = d.terminate();
 
     // The log: the signed modules with their publisher, each refusal.
@@ -1274,12 +1325,16 @@ fn the_daemon_holds_components_and_manifests_to_the_signature_policy() {
         .iter()
         .filter(|r| r["content"]["kind"] == "signature-refused")
         .count();
-    assert!(refusals >= 4 + 1 + 4, "{refusals} refusals measured");
+    assert!(refusals >= 4 + 1 + 5 + 3, "{refusals} refusals measured");
+    let ops = {
+        let raw = std::fs::read(&ops_pub).unwrap();
+        edgeward::measure::hex(&raw)
+    };
     assert!(
         records
             .iter()
             .any(|r| r["content"]["kind"] == "deployment"
-                && r["content"]["signed_by"] == acme.as_str()),
+                && r["content"]["signed_by"] == ops.as_str()),
         "the deployment names its signer"
     );
 

@@ -104,7 +104,7 @@ fn a_device_applies_signed_deployments_from_the_broker_and_refuses_the_rest() {
     assert!(
         fleet
             .operator
-            .publish(desired, &fleet.signed(&v1, None), true)
+            .publish(desired, &fleet.signed(&v1, "device:gw-1", None), true)
     );
     let ev = out.wait(events, WAIT, |v| v["kind"] == "deployment-applied");
     assert_eq!(ev["version"], "1");
@@ -150,10 +150,11 @@ fn a_device_applies_signed_deployments_from_the_broker_and_refuses_the_rest() {
     );
     refused(
         &mut out,
-        fleet.signed(&v2, Some(&s.path().join("stranger.key"))),
+        fleet.signed(&v2, "device:gw-1", Some(&s.path().join("stranger.key"))),
         "signature",
     );
-    let mut tampered: serde_json::Value = serde_json::from_slice(&fleet.signed(&v2, None)).unwrap();
+    let mut tampered: serde_json::Value =
+        serde_json::from_slice(&fleet.signed(&v2, "device:gw-1", None)).unwrap();
     tampered["manifest"] = v2.replace("sensor2", "sensor3").into();
     refused(
         &mut out,
@@ -162,16 +163,51 @@ fn a_device_applies_signed_deployments_from_the_broker_and_refuses_the_rest() {
     );
     // Replayed: the applied version with other contents; and an older one.
     let replay = sensor_manifest("1", "sensor9", guests::TEMPERATURE_SENSOR);
-    refused(&mut out, fleet.signed(&replay, None), "not newer");
+    refused(
+        &mut out,
+        fleet.signed(&replay, "device:gw-1", None),
+        "not newer",
+    );
     refused(
         &mut out,
         b"{\"manifest\": 7}".to_vec(),
         "not a signed manifest",
     );
     refused(&mut out, b"\xff\xfe".to_vec(), "not a signed manifest");
+    // Signed by the deployment key, but for another device, for a group
+    // (on the device's own topic), or expired: refused.
+    let theirs = sensor_manifest("2", "sensor2", guests::TEMPERATURE_SENSOR);
+    refused(
+        &mut out,
+        fleet.signed(&theirs, "device:gw-2", None),
+        "addressed to device:gw-2",
+    );
+    refused(
+        &mut out,
+        fleet.signed(&theirs, "group:line-a", None),
+        "addressed to group:line-a, not to this device",
+    );
+    let expired = format!("target = \"device:gw-1\"\nexpires = \"2020-01-01T00:00:00Z\"\n{theirs}");
+    refused(
+        &mut out,
+        fleet.signed(&expired, "device:gw-1", None),
+        "expired",
+    );
+    // A version far past the applied one would hold back every later
+    // deployment: refused.
+    let frozen = sensor_manifest("9223372036854775807", "sensor2", guests::TEMPERATURE_SENSOR);
+    refused(
+        &mut out,
+        fleet.signed(&frozen, "device:gw-1", None),
+        "max_version_step",
+    );
     // A module the config file owns.
     let clash = sensor_manifest("3", "local", guests::TEMPERATURE_SENSOR);
-    refused(&mut out, fleet.signed(&clash, None), "another origin owns");
+    refused(
+        &mut out,
+        fleet.signed(&clash, "device:gw-1", None),
+        "another origin owns",
+    );
     // A source that gives another component than the pinned one: refused
     // before it is stored or compiled.
     let swapped = pinned_manifest(
@@ -180,7 +216,11 @@ fn a_device_applies_signed_deployments_from_the_broker_and_refuses_the_rest() {
         &sha256sum(guests::IDENTITY_PROBE),
         guests::TEMPERATURE_SENSOR,
     );
-    refused(&mut out, fleet.signed(&swapped, None), "not the pinned");
+    refused(
+        &mut out,
+        fleet.signed(&swapped, "device:gw-1", None),
+        "not the pinned",
+    );
     let r = out.wait(reported, WAIT, |v| running(v, "1", &["sensor", "local"]));
     let names: Vec<&str> = r["modules"]
         .as_array()
@@ -197,11 +237,11 @@ fn a_device_applies_signed_deployments_from_the_broker_and_refuses_the_rest() {
     // The group's deployment, newer, applies; the device's older one then
     // does not.
     let v5 = sensor_manifest("5", "group-sensor", guests::TEMPERATURE_SENSOR);
-    assert!(
-        fleet
-            .operator
-            .publish("ew/v1/g/line-a/desired", &fleet.signed(&v5, None), true)
-    );
+    assert!(fleet.operator.publish(
+        "ew/v1/g/line-a/desired",
+        &fleet.signed(&v5, "group:line-a", None),
+        true
+    ));
     let ev = out.wait(events, WAIT, |v| {
         v["kind"] == "deployment-applied" && v["version"] == "5"
     });
@@ -211,7 +251,24 @@ fn a_device_applies_signed_deployments_from_the_broker_and_refuses_the_rest() {
         running(v, "5", &["group-sensor", "local"])
     });
     let v4 = sensor_manifest("4", "sensor", guests::TEMPERATURE_SENSOR);
-    refused(&mut out, fleet.signed(&v4, None), "not newer");
+    refused(
+        &mut out,
+        fleet.signed(&v4, "device:gw-1", None),
+        "not newer",
+    );
+    // Another group's deployment, replayed on this device's group topic.
+    let v6 = sensor_manifest("6", "sensor6", guests::TEMPERATURE_SENSOR);
+    assert!(fleet.operator.publish(
+        "ew/v1/g/line-a/desired",
+        &fleet.signed(&v6, "group:line-b", None),
+        false
+    ));
+    out.wait(events, WAIT, |v| {
+        v["kind"] == "deployment-refused"
+            && v["reason"]
+                .as_str()
+                .is_some_and(|r| r.contains("addressed to group:line-b"))
+    });
 
     // A clean stop says offline (retained).
     let (status, _, _) = d.terminate();
@@ -328,11 +385,11 @@ fn a_device_runs_its_last_deployment_without_the_broker_and_reports_when_it_retu
     let mut out = fleet.operator.subscribe("ew/v1/d/gw-1/out/#");
     let d = Daemon::start(&s, &config);
     let m = sensor_manifest("1", "sensor", guests::TEMPERATURE_SENSOR);
-    assert!(
-        fleet
-            .operator
-            .publish("ew/v1/d/gw-1/in/desired", &fleet.signed(&m, None), true)
-    );
+    assert!(fleet.operator.publish(
+        "ew/v1/d/gw-1/in/desired",
+        &fleet.signed(&m, "device:gw-1", None),
+        true
+    ));
     let first = out.wait("ew/v1/d/gw-1/out/reported", WAIT, |v| {
         running(v, "1", &["sensor"])
     });
@@ -493,6 +550,67 @@ fn components_come_from_an_oci_registry_by_pinned_digest_and_deployments_roll_ba
     let o = fleet.deploy(&v1, &["--device", "gw-1"], &[]);
     assert_status(&o, 1);
     assert!(stderr(&o).contains("must be newer"), "{}", stderr(&o));
+
+    // Rollback takes only what this deployment key signed for this
+    // target: a deployment planted under ops/…/previous by someone who can
+    // write the broker (signed by another key, or the key's own deployment
+    // for another device) is not signed again.
+    let previous = "ew/v1/ops/d/gw-1/previous";
+    let genuine = {
+        let sub = fleet.operator.subscribe(previous);
+        let mut sub = sub;
+        sub.wait(previous, WAIT, |v| v["manifest"].is_string())
+    };
+    let stranger = s.path().join("stranger");
+    assert_status(
+        &s.edgeward()
+            .args(["keygen", "--out"])
+            .arg(&stranger)
+            .output()
+            .unwrap(),
+        0,
+    );
+    let rollback = || {
+        fleet.fleet(&[
+            "rollback",
+            "--device",
+            "gw-1",
+            "--key",
+            fleet.deploy_key.to_str().unwrap(),
+        ])
+    };
+    let planted = format!(
+        "version = \"1\"\n\n[[module]]\nname = \"probe\"\ndigest = \"{other}\"\nsource = \"oci://{}/edge/probe:1.0\"\n",
+        registry.host()
+    );
+    for (payload, why) in [
+        (
+            fleet.signed(
+                &planted,
+                "device:gw-1",
+                Some(&s.path().join("stranger.key")),
+            ),
+            "does not verify",
+        ),
+        (
+            fleet.signed(&planted, "device:gw-2", None),
+            "not for device gw-1",
+        ),
+    ] {
+        assert!(fleet.operator.publish(previous, &payload, true));
+        let o = rollback();
+        assert_status(&o, 1);
+        assert!(
+            stderr(&o).contains(why) && stderr(&o).contains("not rolled back"),
+            "{why}: {}",
+            stderr(&o)
+        );
+    }
+    assert!(fleet.operator.publish(
+        previous,
+        serde_json::to_string(&genuine).unwrap().as_bytes(),
+        true
+    ));
 
     // Rollback: the previous deployment (1) again, as version 3.
     let o = fleet.fleet(&[
@@ -714,11 +832,11 @@ fn events_made_offline_survive_a_daemon_restart_and_arrive_once_the_broker_is_ba
     // The component comes slowly; the broker goes away meanwhile.
     let (url, asked, release) = held_http(std::fs::read(guests::TEMPERATURE_SENSOR).unwrap());
     let m = sensor_manifest("1", "sensor", &url);
-    assert!(
-        fleet
-            .operator
-            .publish("ew/v1/d/gw-1/in/desired", &fleet.signed(&m, None), true)
-    );
+    assert!(fleet.operator.publish(
+        "ew/v1/d/gw-1/in/desired",
+        &fleet.signed(&m, "device:gw-1", None),
+        true
+    ));
     asked
         .recv_timeout(WAIT)
         .expect("the device fetches the component");

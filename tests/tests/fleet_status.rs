@@ -179,7 +179,8 @@ fn status_is_complete_and_never_calls_the_unknown_ok_under_load() {
     publish_all(&fleet, jobs);
     // The group's deployment is version 7: what they all report.
     let desired = fleet.signed(
-        "version = \"7\"\n\n[[module]]\nname = \"sensor\"\ndigest = \"sha256:0000000000000000000000000000000000000000000000000000000000000000\"\nsource = \"/nonexistent\"\n",
+        "version = \"7\"\ntarget = \"group:line-a\"\nexpires = \"2099-01-01T00:00:00Z\"\n\n[[module]]\nname = \"sensor\"\ndigest = \"sha256:0000000000000000000000000000000000000000000000000000000000000000\"\nsource = \"/nonexistent\"\n",
+        "group:line-a",
         None,
     );
     assert!(

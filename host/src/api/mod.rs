@@ -220,6 +220,14 @@ pub struct Deployment {
     /// The publishers of its modules that name none (hex of raw keys).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub publishers: Vec<String>,
+    /// For whom it is: `device:<id>`, `group:<name>` or `fleet`. A signed
+    /// deployment must name it (its signature covers it); see
+    /// `attest::binding`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target: Option<String>,
+    /// When it expires (RFC 3339 UTC). A signed deployment must name it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires: Option<String>,
     /// Set by the daemon, never by a client: the key (hex) whose
     /// signature over the manifest verified.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -552,6 +560,9 @@ pub struct ApiState {
     pub booted: tokio::sync::watch::Receiver<bool>,
     /// `[signatures]`: manifests are held to it.
     pub signatures: Arc<crate::attest::publisher::DeviceSignatures>,
+    /// The device's groups (`[cloud] groups`): a signed deployment may be
+    /// addressed to one of them.
+    pub groups: Vec<String>,
 }
 
 impl ApiState {
@@ -741,6 +752,7 @@ impl Offline {
             attester: None,
             booted: tokio::sync::watch::channel(true).1,
             signatures: Arc::default(),
+            groups: Vec::new(),
         });
         let mut until = stop;
         tokio::spawn(serve(PeerListener::new(listener), state, async move {
@@ -1357,8 +1369,13 @@ async fn manifest_checked(
             let verdict = publisher::verify_manifest(
                 m.manifest.as_bytes(),
                 sig.as_deref(),
-                &state.signatures.publishers,
-            );
+                &state.signatures.deployment_keys,
+            )
+            .and_then(|key| {
+                bound_here(state, by, &d)
+                    .map(|()| key)
+                    .map_err(publisher::SignatureError::Unbound)
+            });
             (d, verdict, Some(Digest::of(m.manifest.as_bytes())))
         }
     };
@@ -1386,6 +1403,51 @@ async fn manifest_checked(
         Err(_) => {}
     }
     Ok(deployment)
+}
+
+/// A signed deployment through the API is bound as one from the broker
+/// is: addressed to this device (or a group of it, or the fleet),
+/// unexpired, and no replay: its version a counter above the last signed
+/// deployment `by` applied (the same version only with the same contents,
+/// as the agent sends its manifest again).
+fn bound_here(state: &ApiState, by: Origin, d: &Deployment) -> Result<(), String> {
+    use crate::attest::binding;
+    binding::check(
+        d,
+        binding::Audience {
+            device_id: &state.info.device_id,
+            groups: &state.groups,
+        },
+        binding::Via::Local,
+        binding::now(),
+    )?;
+    let version = crate::cloud::desired::parse_version(&d.version).ok_or_else(|| {
+        format!(
+            "version {:?}: a signed deployment's version is a decimal counter (1 to 18446744073709551615), raised with each deployment",
+            d.version
+        )
+    })?;
+    let last = state
+        .registry
+        .meta(deployment_key(by))
+        .map_err(|e| format!("the last deployment cannot be read: {e}"))?
+        .and_then(|b| serde_json::from_slice::<Deployment>(&b).ok())
+        .filter(|l| l.signed_by.is_some());
+    if let Some(last) = last
+        && let Some(lv) = crate::cloud::desired::parse_version(&last.version)
+    {
+        let same = || {
+            let mut a = last.clone();
+            a.signed_by = None;
+            serde_json::to_value(&a).ok() == serde_json::to_value(d).ok()
+        };
+        if version < lv || (version == lv && !same()) {
+            return Err(format!(
+                "version {version} is not newer than the signed deployment {lv} applied before (an older or replayed deployment)"
+            ));
+        }
+    }
+    Ok(())
 }
 
 #[utoipa::path(get, path = "/v1/deployment", tag = "deployment",

@@ -9,6 +9,7 @@
 //! loads (name, generation, digest). Later events: a deployment applied,
 //! a registration added or removed.
 
+pub mod binding;
 pub mod credential;
 pub mod eventlog;
 pub mod evidence;

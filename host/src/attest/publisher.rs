@@ -29,6 +29,9 @@ pub enum SignatureError {
     /// A key or signature file that cannot be used.
     #[error("{0}")]
     Unusable(String),
+    /// A deployment signed, but not for this device, expired, or replayed.
+    #[error("{0}")]
+    Unbound(String),
 }
 
 /// Reads trusted publisher keys (raw, PEM, DER or OpenSSH).
@@ -244,10 +247,14 @@ impl std::str::FromStr for Policy {
 pub struct DeviceSignatures {
     /// For components.
     pub policy: Policy,
-    /// For deployment manifests (default: `policy`).
+    /// For deployment manifests (default: `require` when deployment keys
+    /// are named, else `off`).
     pub manifests: Policy,
-    /// Trusted publisher keys.
+    /// Trusted publisher keys: components.
     pub publishers: Vec<PublicKey>,
+    /// Trusted deployment keys: manifests deployed through the API (the
+    /// CLI, the agent). A separate set from the publishers.
+    pub deployment_keys: Vec<PublicKey>,
 }
 
 /// What one module asks of its component's signature (its spec's
@@ -349,14 +356,21 @@ fn warn_or(
     }
 }
 
-/// Signs a deployment manifest: Ed25519 over the SHA-256 of its bytes,
-/// written raw (64 bytes) to `out` (default `MANIFEST.sig`).
+/// Signs a deployment manifest: Ed25519 over
+/// [`DEPLOYMENT_DOMAIN`](super::binding::DEPLOYMENT_DOMAIN) followed by the
+/// SHA-256 of its bytes, written raw (64 bytes) to `out` (default
+/// `MANIFEST.sig`). The manifest must name its `target` and `expires`,
+/// which the signature then covers.
 ///
 /// # Errors
 ///
-/// The key or manifest cannot be read, or the signature written.
+/// The key or manifest cannot be read, the manifest names no well-formed
+/// target or expiry, or the signature cannot be written.
 pub fn sign_manifest(key_file: &Path, file: &Path, out: Option<&Path>) -> Result<PathBuf, String> {
     let bytes = std::fs::read(file).map_err(|e| format!("{}: {e}", file.display()))?;
+    let text = String::from_utf8(bytes.clone())
+        .map_err(|_| format!("{}: a manifest is UTF-8 text", file.display()))?;
+    bound_manifest(&text).map_err(|e| format!("{}: {e}", file.display()))?;
     let sig = sign_manifest_bytes(key_file, &bytes)?;
     let out = out.map_or_else(|| sig_path(file), Path::to_owned);
     std::fs::write(&out, sig).map_err(|e| format!("{}: {e}", out.display()))?;
@@ -371,8 +385,52 @@ pub fn sign_manifest(key_file: &Path, file: &Path, out: Option<&Path>) -> Result
 pub fn sign_manifest_bytes(key_file: &Path, bytes: &[u8]) -> Result<Vec<u8>, String> {
     let sk = wasmsign2::SecretKey::from_any_file(key_file)
         .map_err(|e| format!("{}: not an Ed25519 secret key: {e}", key_file.display()))?;
-    let digest = crate::measure::Digest::of(bytes);
-    Ok(sk.sk.sign(digest.as_bytes(), None).to_vec())
+    Ok(sk.sk.sign(deployment_message(bytes), None).to_vec())
+}
+
+/// The public half of the secret key in `key_file`.
+///
+/// # Errors
+///
+/// The key cannot be read.
+pub fn public_of(key_file: &Path) -> Result<PublicKey, String> {
+    let sk = wasmsign2::SecretKey::from_any_file(key_file)
+        .map_err(|e| format!("{}: not an Ed25519 secret key: {e}", key_file.display()))?;
+    let mut raw = vec![1];
+    raw.extend_from_slice(sk.sk.public_key().as_ref());
+    PublicKey::from_bytes(&raw).map_err(|e| format!("{}: {e}", key_file.display()))
+}
+
+/// What a deployment key signs for a manifest's `bytes`.
+fn deployment_message(bytes: &[u8]) -> Vec<u8> {
+    let mut m = super::binding::DEPLOYMENT_DOMAIN.to_vec();
+    m.extend_from_slice(crate::measure::Digest::of(bytes).as_bytes());
+    m
+}
+
+/// Checks that manifest `text` names a well-formed target and expiry, as
+/// every signed deployment must.
+///
+/// # Errors
+///
+/// Not a manifest, or no (or a malformed) `target` or `expires`; named.
+pub fn bound_manifest(text: &str) -> Result<(), String> {
+    let d = crate::api::SignedManifest {
+        manifest: text.to_owned(),
+        signature: None,
+    }
+    .deployment()?;
+    let target = d.target.as_deref().ok_or(
+        "the manifest names no `target` (device:<id>, group:<name> or fleet): a signature covers for whom a deployment is",
+    )?;
+    target.parse::<super::binding::Target>()?;
+    let expires = d.expires.as_deref().ok_or(
+        "the manifest names no `expires` (RFC 3339 UTC, e.g. 2027-01-31T00:00:00Z): a signature covers until when a deployment may be applied",
+    )?;
+    super::binding::parse_utc(expires).ok_or_else(|| {
+        format!("expires {expires:?}: expected RFC 3339 UTC, e.g. 2027-01-31T00:00:00Z")
+    })?;
+    Ok(())
 }
 
 /// Verifies a manifest's signature ([`sign_manifest`]) against `keys`;
@@ -397,9 +455,9 @@ pub fn verify_manifest(
             sig.len()
         ))
     })?;
-    let digest = crate::measure::Digest::of(bytes);
+    let message = deployment_message(bytes);
     keys.iter()
-        .find(|k| k.pk.verify(digest.as_bytes(), &sig).is_ok())
+        .find(|k| k.pk.verify(&message, &sig).is_ok())
         .map(|k| crate::measure::hex(&k.to_bytes()))
         .ok_or_else(|| {
             SignatureError::Invalid(format!(

@@ -70,6 +70,21 @@ struct Target {
     group: Option<String>,
 }
 
+impl Target {
+    /// What a deployment to it is bound to.
+    fn binding(&self) -> Result<crate::attest::binding::Target, String> {
+        match (&self.device, &self.group) {
+            (Some(d), None) => format!("device:{d}")
+                .parse()
+                .map_err(|_| format!("--device {d:?} is not a device id")),
+            (None, Some(g)) => format!("group:{g}")
+                .parse()
+                .map_err(|_| format!("--group {g:?} is not a group name")),
+            _ => Err("give --device or --group".into()),
+        }
+    }
+}
+
 #[derive(Debug, Subcommand)]
 enum FleetCommand {
     /// Publish a component as a Wasm OCI artifact; print the component
@@ -115,6 +130,9 @@ enum FleetCommand {
         /// (canaries before the rest; with --wait, all).
         #[arg(long, value_name = "DURATION", default_value = "30s")]
         bake: String,
+        /// How long devices may apply it for (its signed `expires`).
+        #[arg(long, value_name = "DURATION", default_value = "30d")]
+        expires: String,
     },
     /// Publish the previous deployment again, under a new version.
     Rollback {
@@ -123,6 +141,9 @@ enum FleetCommand {
         key: PathBuf,
         #[command(flatten)]
         target: Target,
+        /// How long devices may apply it for (its signed `expires`).
+        #[arg(long, value_name = "DURATION", default_value = "30d")]
+        expires: String,
     },
     /// Every device's reported state: online or offline, the version it
     /// runs, whether it is behind or failed.
@@ -217,7 +238,10 @@ async fn run(args: FleetArgs) -> Result<ExitCode, String> {
             wait,
             timeout,
             bake,
+            expires,
         } => {
+            let ttl =
+                crate::units::parse_duration(expires).map_err(|e| format!("--expires: {e}"))?;
             let timeout =
                 crate::units::parse_duration(timeout).map_err(|e| format!("--timeout: {e}"))?;
             let bake = crate::units::parse_duration(bake).map_err(|e| format!("--bake: {e}"))?;
@@ -234,15 +258,22 @@ async fn run(args: FleetArgs) -> Result<ExitCode, String> {
                     wait: *wait,
                     timeout,
                     bake,
+                    ttl,
                 },
             )
             .await;
             s.close().await;
             code
         }
-        FleetCommand::Rollback { key, target } => {
+        FleetCommand::Rollback {
+            key,
+            target,
+            expires,
+        } => {
+            let ttl =
+                crate::units::parse_duration(expires).map_err(|e| format!("--expires: {e}"))?;
             let mut s = Session::connect(&settings(&args)?).await?;
-            let code = rollback(&mut s, key, target).await;
+            let code = rollback(&mut s, key, target, ttl).await;
             s.close().await;
             code
         }
@@ -1000,6 +1031,8 @@ struct Rollout<'a> {
     wait: bool,
     timeout: Duration,
     bake: Duration,
+    /// How long devices may apply it for.
+    ttl: Duration,
 }
 
 async fn deploy(
@@ -1014,9 +1047,10 @@ async fn deploy(
         wait,
         timeout,
         bake,
+        ttl,
     } = *rollout;
     let version = checked_version(text)?;
-    let payload = signed_payload(text, key)?;
+    let payload = signed_payload(&bound(text, target, ttl)?, key)?;
     let (_, _, what) = target_topics(target)?;
     // The devices the rollout is waited for (with --wait), if known.
     let mut devices = target.device.iter().cloned().collect::<Vec<_>>();
@@ -1051,12 +1085,16 @@ async fn deploy(
                 devices.len(),
                 canaries.join(", ")
             );
+            // Each canary gets the deployment signed for it alone: a
+            // device applies only what is addressed to it.
+            let unbound = without_target(text)?;
             for d in canaries {
                 let t = Target {
                     device: Some(d.clone()),
                     group: None,
                 };
-                publish_desired(s, &t, payload.clone(), version).await?;
+                let own = signed_payload(&bound(&unbound, &t, ttl)?, key)?;
+                publish_desired(s, &t, own, version).await?;
             }
             if let Err(e) = await_health(s, canaries, version, timeout, bake).await {
                 eprintln!(
@@ -1085,32 +1123,112 @@ async fn deploy(
     Ok(ExitCode::SUCCESS)
 }
 
-/// `manifest` with its version set to `version` (TOML or JSON).
-fn with_version(manifest: &str, version: u64) -> Result<String, String> {
+/// `manifest` with top-level text `fields` set (TOML or JSON).
+fn with_fields(manifest: &str, fields: &[(&str, String)]) -> Result<String, String> {
     if manifest.trim_start().starts_with('{') {
         let mut v: serde_json::Value = serde_json::from_str(manifest).map_err(|e| e.to_string())?;
-        v["version"] = version.to_string().into();
+        for (k, val) in fields {
+            v[*k] = val.clone().into();
+        }
         serde_json::to_string_pretty(&v).map_err(|e| e.to_string())
     } else {
         let mut t: toml::Table = toml::from_str(manifest).map_err(|e| e.to_string())?;
-        t.insert("version".into(), toml::Value::String(version.to_string()));
+        for (k, val) in fields {
+            t.insert((*k).into(), toml::Value::String(val.clone()));
+        }
         toml::to_string(&t).map_err(|e| e.to_string())
     }
 }
 
-async fn rollback(s: &mut Session, key: &Path, target: &Target) -> Result<ExitCode, String> {
+/// `manifest` without the `target` it may name (TOML or JSON).
+fn without_target(manifest: &str) -> Result<String, String> {
+    if manifest.trim_start().starts_with('{') {
+        let mut v: serde_json::Value = serde_json::from_str(manifest).map_err(|e| e.to_string())?;
+        if let Some(o) = v.as_object_mut() {
+            o.remove("target");
+        }
+        serde_json::to_string_pretty(&v).map_err(|e| e.to_string())
+    } else {
+        let mut t: toml::Table = toml::from_str(manifest).map_err(|e| e.to_string())?;
+        t.remove("target");
+        toml::to_string(&t).map_err(|e| e.to_string())
+    }
+}
+
+/// `manifest` bound to `target` until `ttl` from now: the deployment a
+/// device applies only if it is addressed to it (see
+/// `attest::binding`). A `target` the manifest names must be `target`.
+fn bound(manifest: &str, target: &Target, ttl: Duration) -> Result<String, String> {
+    let want = target.binding()?;
+    let m = SignedManifest {
+        manifest: manifest.to_owned(),
+        signature: None,
+    };
+    if let Some(t) = m.deployment()?.target
+        && t != want.to_string()
+    {
+        return Err(format!(
+            "the manifest's target is {t}, but it is being deployed to {want}"
+        ));
+    }
+    let expires = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        + ttl;
+    with_fields(
+        manifest,
+        &[
+            ("target", want.to_string()),
+            (
+                "expires",
+                crate::runtime::logfile::rfc3339(Duration::from_secs(expires.as_secs()))
+                    .replace(".000Z", "Z"),
+            ),
+        ],
+    )
+}
+
+async fn rollback(
+    s: &mut Session,
+    key: &Path,
+    target: &Target,
+    ttl: Duration,
+) -> Result<ExitCode, String> {
     let (desired, previous, what) = target_topics(target)?;
     let prev = retained_one(s, &previous)
         .await?
         .ok_or_else(|| format!("{what} has no previous deployment to roll back to"))?;
     let prev: SignedManifest =
         serde_json::from_slice(&prev).map_err(|e| format!("{previous}: {e}"))?;
+    // Whatever sits on the broker is only a candidate: republished (and
+    // signed again) only if this deployment key signed it for this target.
+    let sig = prev
+        .signature
+        .as_deref()
+        .ok_or_else(|| format!("{previous}: unsigned: not rolled back to"))
+        .and_then(|b| {
+            use base64ct::Encoding as _;
+            base64ct::Base64::decode_vec(b.trim())
+                .map_err(|_| format!("{previous}: signature: not base64"))
+        })?;
+    let public = crate::attest::publisher::public_of(key)?;
+    crate::attest::publisher::verify_manifest(prev.manifest.as_bytes(), Some(&sig), &[public])
+        .map_err(|e| {
+            format!("{previous}: {e}: not rolled back to (was it planted by someone who can write the broker?)")
+        })?;
+    let prev_target = prev.deployment()?.target.unwrap_or_default();
+    if prev_target != target.binding()?.to_string() {
+        return Err(format!(
+            "{previous}: signed for {prev_target:?}, not for {what}: not rolled back to"
+        ));
+    }
     let current = retained_one(s, &desired)
         .await?
         .and_then(|c| version_of(&c))
         .unwrap_or(0);
     let version = current + 1;
-    let text = with_version(&prev.manifest, version)?;
+    let text = with_fields(&prev.manifest, &[("version", version.to_string())])?;
+    let text = bound(&text, target, ttl)?;
     let payload = signed_payload(&text, key)?;
     publish_desired(s, target, payload, version).await?;
     eprintln!(

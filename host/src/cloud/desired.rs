@@ -9,6 +9,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use crate::api::{Deployment, SignedManifest};
+use crate::attest::binding::{self, Audience, Via};
 use crate::attest::publisher::{PublicKey, verify_manifest};
 use crate::measure::Digest;
 
@@ -45,6 +46,24 @@ pub struct Applied {
     pub source: Source,
     /// Who signed it (hex of the key).
     pub signed_by: String,
+    /// The digest of what it deploys, whoever it was addressed to
+    /// ([`content_digest`]): a canary's own deployment and its group's,
+    /// of one version, deploy the same.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub content: Option<String>,
+}
+
+/// The digest of what `d` deploys: its canonical JSON without the
+/// binding (target, expiry) and the signer.
+pub fn content_digest(d: &Deployment) -> Option<String> {
+    let mut v = serde_json::to_value(d).ok()?;
+    let o = v.as_object_mut()?;
+    for k in ["target", "expires", "signed_by"] {
+        o.remove(k);
+    }
+    crate::attest::jcs::canonical(&v)
+        .ok()
+        .map(|c| Digest::of(c.as_bytes()).to_string())
 }
 
 /// A desired deployment that may be applied.
@@ -56,6 +75,8 @@ pub struct Accepted {
     pub version: u64,
     /// The digest of its manifest text.
     pub manifest: Digest,
+    /// See [`Applied::content`].
+    pub content: Option<String>,
     /// Where each pinned component can be fetched: digest -> source.
     pub sources: BTreeMap<Digest, String>,
 }
@@ -91,9 +112,28 @@ fn refused(version: Option<&str>, reason: impl Into<String>) -> Verdict {
     }
 }
 
-/// Checks `payload` against the device's deployment `keys` and what was
-/// last `applied`.
-pub fn check(payload: &[u8], keys: &[PublicKey], applied: Option<&Applied>) -> Verdict {
+/// What a desired deployment is checked against besides its signature.
+#[derive(Debug, Clone, Copy)]
+pub struct Context<'a> {
+    /// The device's deployment keys.
+    pub keys: &'a [PublicKey],
+    /// This device (its id and groups).
+    pub audience: Audience<'a>,
+    /// The topic it arrived on.
+    pub source: &'a Source,
+    /// The last deployment applied from the broker.
+    pub applied: Option<&'a Applied>,
+    /// How far a version may jump past the applied one.
+    pub max_step: u64,
+    /// Seconds since the Unix epoch.
+    pub now: u64,
+}
+
+/// Checks `payload` in its [`Context`]: signed by a deployment key, bound
+/// to this device (or a group of it, or the fleet) on the topic it came
+/// on, unexpired, and newer than the applied version by at most the step.
+pub fn check(payload: &[u8], cx: &Context<'_>) -> Verdict {
+    let Context { keys, applied, .. } = *cx;
     if payload.len() > MAX_DESIRED {
         return refused(
             None,
@@ -143,9 +183,21 @@ pub fn check(payload: &[u8], keys: &[PublicKey], applied: Option<&Applied>) -> V
         Ok(k) => k,
         Err(e) => return refused(v, format!("signature: {e}")),
     };
+    let via = match cx.source {
+        Source::Device => Via::DeviceTopic,
+        Source::Group(g) => Via::GroupTopic(g),
+    };
+    if let Err(e) = binding::check(&deployment, cx.audience, via, cx.now) {
+        return refused(v, e);
+    }
     let manifest = Digest::of(body.manifest.as_bytes());
+    let content = content_digest(&deployment);
     if let Some(a) = applied {
-        if version == a.version && manifest.to_string() == a.manifest {
+        // The applied one again, or the same version deploying the same
+        // (a canary's own deployment, then its group's).
+        if version == a.version
+            && (manifest.to_string() == a.manifest || (content.is_some() && content == a.content))
+        {
             return Verdict::Current;
         }
         if version <= a.version {
@@ -158,6 +210,17 @@ pub fn check(payload: &[u8], keys: &[PublicKey], applied: Option<&Applied>) -> V
             };
         }
     }
+    let base = applied.map_or(0, |a| a.version);
+    if applied.is_some() && version - base > cx.max_step {
+        return refused(
+            v,
+            format!(
+                "version {version} jumps {} past the applied version {base}, more than [cloud] max_version_step ({}): a version that large would hold back every later deployment",
+                version - base,
+                cx.max_step
+            ),
+        );
+    }
     let sources = match body.sources() {
         Ok(s) => s,
         Err(e) => return refused(v, e),
@@ -167,6 +230,7 @@ pub fn check(payload: &[u8], keys: &[PublicKey], applied: Option<&Applied>) -> V
         deployment,
         version,
         manifest,
+        content,
         sources,
     }))
 }
@@ -198,7 +262,9 @@ mod tests {
 
     fn signed(kp: &ed25519_compact::KeyPair, manifest: &str) -> Vec<u8> {
         use base64ct::Encoding as _;
-        let sig = kp.sk.sign(Digest::of(manifest.as_bytes()).as_bytes(), None);
+        let mut m = binding::DEPLOYMENT_DOMAIN.to_vec();
+        m.extend_from_slice(Digest::of(manifest.as_bytes()).as_bytes());
+        let sig = kp.sk.sign(m, None);
         serde_json::to_vec(&serde_json::json!({
             "manifest": manifest,
             "signature": base64ct::Base64::encode_string(sig.as_ref()),
@@ -209,9 +275,119 @@ mod tests {
     const D: &str = "sha256:0000000000000000000000000000000000000000000000000000000000000001";
 
     fn manifest(version: &str) -> String {
+        bound(version, "device:gw-1")
+    }
+
+    fn bound(version: &str, target: &str) -> String {
         format!(
-            "version = \"{version}\"\n[[module]]\nname = \"a\"\ndigest = \"{D}\"\nsource = \"oci://127.0.0.1:5000/a:1\"\n"
+            "version = \"{version}\"\ntarget = \"{target}\"\nexpires = \"2030-01-01T00:00:00Z\"\n[[module]]\nname = \"a\"\ndigest = \"{D}\"\nsource = \"oci://127.0.0.1:5000/a:1\"\n"
         )
+    }
+
+    const GROUPS: &[String] = &[];
+
+    fn cx<'a>(keys: &'a [PublicKey], applied: Option<&'a Applied>) -> Context<'a> {
+        Context {
+            keys,
+            audience: Audience {
+                device_id: "gw-1",
+                groups: GROUPS,
+            },
+            source: &Source::Device,
+            applied,
+            max_step: 1000,
+            now: 1_800_000_000,
+        }
+    }
+
+    fn check(payload: &[u8], keys: &[PublicKey], applied: Option<&Applied>) -> Verdict {
+        super::check(payload, &cx(keys, applied))
+    }
+
+    #[test]
+    fn deployments_are_bound_to_their_target_expiry_and_step() {
+        let (kp, pk) = key();
+        let keys = [pk];
+        let reason = |v: Verdict| match v {
+            Verdict::Refused { reason, .. } => reason,
+            other => panic!("expected a refusal, got {other:?}"),
+        };
+        // Another device's, signed by the same key.
+        let theirs = bound("3", "device:gw-2");
+        assert!(reason(check(&signed(&kp, &theirs), &keys, None)).contains("not to this device"));
+        // A group's, replayed on the device's topic.
+        let group = bound("3", "group:line-a");
+        assert!(reason(check(&signed(&kp, &group), &keys, None)).contains("not to this device"));
+        // Expired.
+        let old = manifest("3").replace("2030-01-01", "2020-01-01");
+        assert!(reason(check(&signed(&kp, &old), &keys, None)).contains("expired"));
+        // Unbound (signed before targets existed, or by hand).
+        let unbound = manifest("3").replace("target = \"device:gw-1\"\n", "");
+        assert!(reason(check(&signed(&kp, &unbound), &keys, None)).contains("target"));
+        // A signature over the bare digest (no domain tag) is no deployment
+        // signature.
+        use base64ct::Encoding as _;
+        let m = manifest("3");
+        let bare = kp.sk.sign(Digest::of(m.as_bytes()).as_bytes(), None);
+        let bare = serde_json::to_vec(&serde_json::json!({
+            "manifest": m, "signature": base64ct::Base64::encode_string(bare.as_ref()),
+        }))
+        .unwrap();
+        assert!(reason(check(&bare, &keys, None)).contains("signature"));
+        // A huge version past the applied one.
+        let applied = Applied {
+            version: 3,
+            manifest: String::new(),
+            source: Source::Device,
+            signed_by: String::new(),
+            content: None,
+        };
+        // The same version deploying the same, addressed elsewhere (a
+        // canary's own deployment, then its group's on the group topic).
+        let Verdict::Apply(a) = check(&signed(&kp, &manifest("3")), &keys, None) else {
+            panic!("a signed deployment applies");
+        };
+        let canary = Applied {
+            version: 3,
+            manifest: a.manifest.to_string(),
+            source: Source::Device,
+            signed_by: String::new(),
+            content: a.content.clone(),
+        };
+        let group = Context {
+            source: &Source::Group("line-a".into()),
+            audience: Audience {
+                device_id: "gw-1",
+                groups: &["line-a".to_owned()],
+            },
+            ..cx(&keys, Some(&canary))
+        };
+        let same = signed(&kp, &bound("3", "group:line-a"));
+        assert!(matches!(super::check(&same, &group), Verdict::Current));
+        let other = signed(
+            &kp,
+            &bound("3", "group:line-a").replace("name = \"a\"", "name = \"b\""),
+        );
+        assert!(matches!(
+            super::check(&other, &group),
+            Verdict::Older { .. }
+        ));
+        let huge = manifest("18446744073709551615");
+        assert!(
+            reason(check(&signed(&kp, &huge), &keys, Some(&applied))).contains("max_version_step")
+        );
+        assert!(matches!(
+            check(&signed(&kp, &manifest("1003")), &keys, Some(&applied)),
+            Verdict::Apply(_)
+        ));
+        assert!(
+            reason(check(
+                &signed(&kp, &manifest("1004")),
+                &keys,
+                Some(&applied)
+            ))
+            .contains("max_version_step")
+        );
     }
 
     #[test]
@@ -232,6 +408,7 @@ mod tests {
             manifest: a.manifest.to_string(),
             source: Source::Device,
             signed_by: String::new(),
+            content: None,
         };
         assert!(matches!(
             check(&signed(&kp, &manifest("3")), &keys, Some(&applied)),

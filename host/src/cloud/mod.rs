@@ -13,6 +13,8 @@
 //! keep_alive = "30s"
 //! reconnect_min = "1s"                # backoff after a lost connection:
 //! reconnect_max = "5m"                # doubling, with jitter, between these
+//! max_version_step = 1000             # how far a deployment's version may jump
+//!                                     # past the applied one (default 1000)
 //! report_interval = "10s"             # how often module states are compared
 //! fetch_timeout = "5m"                # per registry or https request
 //! registry_ca = "registry-ca.pem"     # optional: roots beside the web PKI's
@@ -95,6 +97,8 @@ pub struct CloudConfig {
     pub deployment_key_files: Vec<PathBuf>,
     /// Groups whose desired deployments it reads.
     pub groups: Vec<String>,
+    /// How far a deployment's version may jump past the applied one.
+    pub max_version_step: u64,
     /// Lifetime of the broker client certificate.
     pub client_cert_ttl: Duration,
     /// MQTT keep-alive.
@@ -137,6 +141,7 @@ pub struct RawCloud {
     reconnect_min: Option<String>,
     reconnect_max: Option<String>,
     report_interval: Option<String>,
+    max_version_step: Option<u64>,
     fetch_timeout: Option<String>,
     registry_ca: Option<PathBuf>,
     #[serde(default, rename = "registry")]
@@ -250,6 +255,13 @@ impl RawCloud {
             deployment_keys,
             deployment_key_files: files,
             groups: self.groups,
+            max_version_step: match self.max_version_step {
+                None => 1000,
+                Some(0) => {
+                    return Err("cloud.max_version_step: at least 1".into());
+                }
+                Some(n) => n,
+            },
             client_cert_ttl,
             keep_alive,
             reconnect_min,
@@ -907,7 +919,18 @@ async fn handle_desired(
     let again = last_refused
         .as_ref()
         .is_some_and(|r| r["message"] == digest.as_str());
-    let accepted = match desired::check(payload, &config.deployment_keys, last.as_ref()) {
+    let cx = desired::Context {
+        keys: &config.deployment_keys,
+        audience: crate::attest::binding::Audience {
+            device_id: link.topics.device(),
+            groups: &config.groups,
+        },
+        source: &source,
+        applied: last.as_ref(),
+        max_step: config.max_version_step,
+        now: crate::attest::binding::now(),
+    };
+    let accepted = match desired::check(payload, &cx) {
         Verdict::Current => return,
         // A retained deployment older than the one applied (the group's,
         // when the device's own is newer) is history, not an attack.
@@ -956,6 +979,7 @@ async fn handle_desired(
         Ok(plan) => {
             let record = Applied {
                 version,
+                content: accepted.content.clone(),
                 manifest: accepted.manifest.to_string(),
                 source: source.clone(),
                 signed_by,

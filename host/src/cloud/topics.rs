@@ -26,6 +26,11 @@ impl Topics {
         }
     }
 
+    /// The device's id.
+    pub fn device(&self) -> &str {
+        &self.device
+    }
+
     fn d(&self, rest: &str) -> String {
         format!("ew/v1/d/{}/{rest}", self.device)
     }

@@ -208,6 +208,11 @@ pub async fn run(config: Config, state_dir: PathBuf, socket: PathBuf) -> anyhow:
         attester: measurer,
         booted,
         signatures: Arc::new(config.signatures.clone()),
+        groups: config
+            .cloud
+            .as_ref()
+            .map(|c| c.groups.clone())
+            .unwrap_or_default(),
     });
     // The broker connection starts beside the deployment: offline first, the
     // last applied deployment runs whether or not the broker answers.

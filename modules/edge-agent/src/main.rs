@@ -119,6 +119,9 @@ fn deployment(path: &str, text: &str) -> Result<(String, Value), String> {
     };
     let policy = doc.remove("signature_policy");
     let publishers = doc.remove("publishers");
+    // What a signature binds the deployment to (the daemon checks them).
+    let target = doc.remove("target");
+    let expires = doc.remove("expires");
     if let Some(k) = doc.keys().next() {
         return Err(format!("{path}: unknown key {k:?}"));
     }
@@ -135,6 +138,12 @@ fn deployment(path: &str, text: &str) -> Result<(String, Value), String> {
     }
     if let Some(p) = publishers {
         d["publishers"] = p;
+    }
+    if let Some(t) = target {
+        d["target"] = t;
+    }
+    if let Some(e) = expires {
+        d["expires"] = e;
     }
     Ok((version, d))
 }
