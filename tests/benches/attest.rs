@@ -314,14 +314,52 @@ fn attest_latency(dir: &Path) {
             c.arg("--config").arg(&config);
             c
         });
+        // The verifier's policy: this backend, its AK enrolled, the
+        // measured module allowed (so every round verifies, as checked).
+        let mut modules = String::new();
+        for r in std::fs::read_to_string(ev.join("event.log"))
+            .expect("event.log")
+            .split('\u{1e}')
+            .filter(|r| !r.trim().is_empty())
+        {
+            let r: serde_json::Value = serde_json::from_str(r).expect("a record");
+            if r["content"]["kind"] == "module" {
+                modules = format!(
+                    "[modules]\n{:?} = [{:?}]\n",
+                    r["content"]["name"].as_str().expect("name"),
+                    r["content"]["digest"].as_str().expect("digest")
+                );
+            }
+        }
+        let policy = dir.join(format!("policy-{backend}.toml"));
+        std::fs::write(
+            &policy,
+            format!(
+                "backends = [\"{backend}\"]\naks = [\"{}\"]\n{modules}",
+                ev.join("ak.pem").display()
+            ),
+        )
+        .expect("write the policy");
+        let device = edgeward::identity::default_device_id();
+        let verify_args = [
+            "attest",
+            "verify",
+            ev.to_str().expect("utf-8"),
+            "--device",
+            device.as_str(),
+            "--nonce",
+            nonce,
+            "--policy",
+            policy.to_str().expect("utf-8"),
+        ];
+        let o = edgeward(&verify_args).output().expect("attest verify");
+        assert!(
+            o.status.success(),
+            "attest verify: {}",
+            String::from_utf8_lossy(&o.stdout)
+        );
         let verify = timed(ROUNDS, || {
-            let mut c = edgeward(&[
-                "attest",
-                "verify",
-                ev.to_str().expect("utf-8"),
-                "--nonce",
-                nonce,
-            ]);
+            let mut c = edgeward(&verify_args);
             c.stdout(Stdio::null());
             c
         });

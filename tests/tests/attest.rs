@@ -175,7 +175,8 @@ fn the_daemon_measures_what_it_runs_and_a_replay_matches() {
     let policy = s.write(
         "policy.toml",
         &format!(
-            "[modules]\nm = [\"{}\"]\nextra = [\"{}\"]\n",
+            "backends = [\"soft\"]\naks = [\"{}\"]\n[modules]\nm = [\"{}\"]\nextra = [\"{}\"]\n",
+            ev.join("ak.pem").display(),
             sha256sum(probe),
             sha256sum(probe)
         ),
@@ -186,6 +187,7 @@ fn the_daemon_measures_what_it_runs_and_a_replay_matches() {
         &["--nonce", "abcd", "--policy", policy.to_str().unwrap()],
     );
     assert!(ok && out.contains("8 events replay"), "{out}");
+    assert!(out.contains("UNPROVEN"), "a software device: {out}");
 
     // A new boot: a new log, and the soft register starts from zero.
     let b2 = boot(&s, "66666666-7777-8888-9999-000000000000");
@@ -591,12 +593,47 @@ fn attest(s: &Scratch, boot_file: &Path, args: &[&str]) -> std::process::Output 
         .unwrap()
 }
 
-/// `edgeward attest verify DIR ARGS`: (passed, printed checks).
+/// The device id these tests' daemons run as (the default: the host
+/// name): what a verifier asks for.
+fn device_id() -> String {
+    edgeward::identity::default_device_id()
+}
+
+/// A policy for a software device's evidence in `dir`: the soft backend
+/// accepted (unproven), its AK enrolled, every module its log measures
+/// allowed by the digest it has there (the tests' known-good reference),
+/// and `extra` (top-level keys).
+fn soft_policy(s: &Scratch, dir: &Path, extra: &str) -> PathBuf {
+    let mut modules = std::collections::BTreeMap::<String, Vec<String>>::new();
+    for r in records(&dir.join("event.log")) {
+        if r["content"]["kind"] == "module" {
+            modules
+                .entry(r["content"]["name"].as_str().unwrap().to_owned())
+                .or_default()
+                .push(r["content"]["digest"].as_str().unwrap().to_owned());
+        }
+    }
+    let mut text = format!(
+        "backends = [\"soft\"]\naks = [\"{}\"]\n{extra}\n[modules]\n",
+        dir.join("ak.pem").display()
+    );
+    for (name, digests) in modules {
+        text.push_str(&format!("{name:?} = {digests:?}\n"));
+    }
+    s.write(
+        &format!("policy-{}.toml", dir.file_name().unwrap().to_string_lossy()),
+        &text,
+    )
+}
+
+/// `edgeward attest verify DIR --device ID ARGS`: (passed, printed
+/// checks).
 fn verify(s: &Scratch, dir: &Path, args: &[&str]) -> (bool, String) {
     let o = s
         .edgeward()
         .args(["attest", "verify"])
         .arg(dir)
+        .args(["--device", &device_id()])
         .args(args)
         .output()
         .unwrap();
@@ -669,11 +706,16 @@ fn on_the_tpm_evidence_verifies_and_binds_the_ak_to_a_certified_ek() {
         stdout(&o),
         stderr(&o)
     );
-    // ...as does attest verify, with every check.
+    // ...as does attest verify, with every check (the AK enrolled).
     let policy = s.write(
         "policy.toml",
-        &format!("[modules]\nm = [\"{}\"]\n", sha256sum(probe)),
+        &format!(
+            "aks = [\"{}\"]\n[modules]\nm = [\"{}\"]\n",
+            ev.join("ak.pem").display(),
+            sha256sum(probe)
+        ),
     );
+    let pol = policy.to_str().unwrap();
     let (ok, out) = verify(
         &s,
         &ev,
@@ -687,7 +729,12 @@ fn on_the_tpm_evidence_verifies_and_binds_the_ak_to_a_certified_ek() {
         ],
     );
     assert!(ok, "{out}");
+    assert!(!out.contains("UNPROVEN"), "a TPM: {out}");
     for check in [
+        "device",
+        "backend",
+        "pcr",
+        "events",
         "signature",
         "attestation",
         "nonce",
@@ -743,7 +790,14 @@ fn on_the_tpm_evidence_verifies_and_binds_the_ak_to_a_certified_ek() {
     let (ok, out) = verify(
         &s,
         &ev2,
-        &["--challenge", record.to_str().unwrap(), "--ek-ca", ca],
+        &[
+            "--challenge",
+            record.to_str().unwrap(),
+            "--ek-ca",
+            ca,
+            "--policy",
+            pol,
+        ],
     );
     assert!(ok && out.contains("pass ak-binding"), "{out}");
     // tpm2_activatecredential's file format is ours: tpm2-tools' own
@@ -788,7 +842,7 @@ fn on_the_tpm_evidence_verifies_and_binds_the_ak_to_a_certified_ek() {
         .iter()
         .map(|b| format!("{b:02x}"))
         .collect();
-    let (ok, out) = verify(&s, &ev3, &["--nonce", &secret_hex]);
+    let (ok, out) = verify(&s, &ev3, &["--nonce", &secret_hex, "--policy", pol]);
     assert!(
         ok,
         "the quote carries the secret tpm2-tools encrypted: {out}"
@@ -892,7 +946,9 @@ fn replay_detects_removed_reordered_inserted_and_edited_entries() {
         &attest(&s, &b, &["--nonce", nonce, "--out", ev.to_str().unwrap()]),
         0,
     );
-    let (ok, out) = verify(&s, &ev, &["--nonce", nonce]);
+    let policy = soft_policy(&s, &ev, "");
+    let pol = policy.to_str().unwrap();
+    let (ok, out) = verify(&s, &ev, &["--nonce", nonce, "--policy", pol]);
     assert!(ok && out.contains("6 events replay"), "{out}");
     assert!(out.contains("soft quote"), "{out}");
 
@@ -916,7 +972,7 @@ fn replay_detects_removed_reordered_inserted_and_edited_entries() {
         let dir = s.path().join(name);
         copy_dir(&ev, &dir);
         std::fs::write(dir.join("event.log"), text).unwrap();
-        let (ok, out) = verify(&s, &dir, &["--nonce", nonce]);
+        let (ok, out) = verify(&s, &dir, &["--nonce", nonce, "--policy", pol]);
         assert!(!ok && out.contains("FAIL log-replay"), "{name}: {out}");
     };
     // Removed (renumbered so the numbering alone does not give it away).
@@ -959,7 +1015,7 @@ fn replay_detects_removed_reordered_inserted_and_edited_entries() {
         lagging.join("event.log"),
     )
     .unwrap();
-    let (ok, out) = verify(&s, &lagging, &["--nonce", nonce]);
+    let (ok, out) = verify(&s, &lagging, &["--nonce", nonce, "--policy", pol]);
     assert!(ok && out.contains("2 appended after the quote"), "{out}");
     // A quote signed by another key, or altered, fails its signature.
     let forged = s.path().join("forged");
@@ -968,7 +1024,7 @@ fn replay_detects_removed_reordered_inserted_and_edited_entries() {
     let last = msg.len() - 1;
     msg[last] ^= 1;
     std::fs::write(forged.join("quote.msg"), msg).unwrap();
-    let (ok, out) = verify(&s, &forged, &["--nonce", nonce]);
+    let (ok, out) = verify(&s, &forged, &["--nonce", nonce, "--policy", pol]);
     assert!(!ok && out.contains("FAIL signature"), "{out}");
 }
 
@@ -1453,4 +1509,166 @@ fn check_re_measures_the_cache_entries_once() {
     assert_eq!(c["verdict"], "fail", "{c}");
     assert!(c["detail"].as_str().unwrap().contains(&digest), "{c}");
     assert!(!entry.exists(), "the tampered entry is deleted");
+}
+
+/// Evidence forged by whoever holds a key of their own: the verifier's
+/// policy, never the evidence, says which backend, register and AK are
+/// acceptable and which events must be there. Each forgery the review
+/// reproduced is refused, naming why; genuine evidence (the positive
+/// control) verifies.
+#[test]
+fn forged_evidence_fails_the_verifiers_policy() {
+    use p256::ecdsa::signature::Signer as _;
+    use p256::pkcs8::EncodePublicKey as _;
+    let s = Scratch::new();
+    let b = boot(&s, "abababab-0000-1111-2222-333333333333");
+    let probe = guests::SANDBOX_PROBE;
+    let o = s
+        .edgeward()
+        .env("EDGEWARD_BOOT_ID_FILE", &b)
+        .args(["run", "--measure", probe, "--", "hello"])
+        .output()
+        .unwrap();
+    assert_status(&o, 0);
+    let nonce = "0badc0de";
+    let ev = s.path().join("genuine");
+    assert_status(
+        &attest(&s, &b, &["--nonce", nonce, "--out", ev.to_str().unwrap()]),
+        0,
+    );
+    let policy = soft_policy(&s, &ev, "");
+    let pol = policy.to_str().unwrap();
+    let (ok, out) = verify(&s, &ev, &["--nonce", nonce, "--policy", pol]);
+    assert!(ok && out.contains("UNPROVEN"), "genuine: {out}");
+    // The strictest policy (none given) accepts no software device.
+    let (ok, out) = verify(&s, &ev, &["--nonce", nonce]);
+    assert!(
+        !ok && out.contains("FAIL backend") && out.contains("FAIL ak"),
+        "{out}"
+    );
+    // Asked for another device: refused.
+    let o = s
+        .edgeward()
+        .args(["attest", "verify"])
+        .arg(&ev)
+        .args(["--device", "gw-other", "--nonce", nonce, "--policy", pol])
+        .output()
+        .unwrap();
+    assert_status(&o, 1);
+    assert!(stdout(&o).contains("FAIL device"), "{}", stdout(&o));
+
+    // Forged with a key of the attacker's choosing: register, log and
+    // register index as they please, signed and self-consistent.
+    let key = p256::ecdsa::SigningKey::random(&mut p256::elliptic_curve::rand_core::OsRng);
+    let forge = |name: &str, pcr: u32, register: [u8; 32], log: &str| {
+        let dir = s.path().join(name);
+        copy_dir(&ev, &dir);
+        let msg = edgeward::hsm::soft_quote_message(&register, &hex_bytes(nonce));
+        let sig: p256::ecdsa::Signature = key.sign(&msg);
+        std::fs::write(dir.join("quote.msg"), &msg).unwrap();
+        std::fs::write(dir.join("quote.sig"), sig.to_der().as_bytes()).unwrap();
+        let pem = key
+            .verifying_key()
+            .to_public_key_pem(p256::pkcs8::LineEnding::LF)
+            .unwrap();
+        std::fs::write(dir.join("ak.pem"), pem).unwrap();
+        std::fs::write(
+            dir.join("pcrs.bin"),
+            edgeward::attest::evidence::pcrs_bin(pcr, &register),
+        )
+        .unwrap();
+        std::fs::write(dir.join("event.log"), log).unwrap();
+        let mut e: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("evidence.json")).unwrap())
+                .unwrap();
+        e["pcr"] = pcr.into();
+        std::fs::write(dir.join("evidence.json"), e.to_string()).unwrap();
+        dir
+    };
+    let fails = |dir: &Path, policy: &str, checks: &[&str]| {
+        let (ok, out) = verify(&s, dir, &["--nonce", nonce, "--policy", policy]);
+        assert!(!ok, "{}: {out}", dir.display());
+        for c in checks {
+            assert!(out.contains(&format!("FAIL {c}")), "{c}: {out}");
+        }
+        // Everything the attacker controls checks out by itself.
+        for c in [
+            "signature",
+            "attestation",
+            "nonce",
+            "pcr-digest",
+            "log-replay",
+        ] {
+            if !checks.contains(&c) {
+                assert!(out.contains(&format!("pass {c}")), "{c}: {out}");
+            }
+        }
+    };
+    // An empty log and a zero register, on the soft register.
+    let empty = forge("empty", 0, [0; 32], "");
+    fails(&empty, pol, &["ak", "events"]);
+    // The same on PCR 23, which software can reset.
+    let resettable = forge("resettable", 23, [0; 32], "");
+    fails(&resettable, pol, &["pcr", "ak", "events"]);
+    // A log of one baseline record equal to the quoted value.
+    let value = [0x5a; 32];
+    let baseline = format!(
+        "\u{1e}{}\n",
+        serde_json::json!({
+            "recnum": 0, "pcr": 0,
+            "digests": [{"hashAlg": "sha256", "digest": edgeward::measure::hex(&value)}],
+            "content_type": "edgeward", "content": {"kind": "baseline"},
+        })
+    );
+    let baseline_only = forge("baseline-only", 0, value, &baseline);
+    // Whether the replay or the baseline rule catches a forged baseline
+    // record, the events rule does: the log holds nothing of edgeward's.
+    let (ok, out) = verify(&s, &baseline_only, &["--nonce", nonce, "--policy", pol]);
+    assert!(!ok && out.contains("FAIL ak"), "{out}");
+    // Even with the forged AK enrolled and the baseline named, a
+    // baseline-only log proves nothing.
+    let ak =
+        edgeward::attest::verify::ak_digest(&std::fs::read(baseline_only.join("ak.pem")).unwrap())
+            .unwrap();
+    let lenient = s.write(
+        "lenient.toml",
+        &format!(
+            "backends = [\"soft\"]\naks = [\"{ak}\"]\nbaselines = [\"{}\"]\n",
+            edgeward::measure::hex(&value)
+        ),
+    );
+    let (ok, out) = verify(
+        &s,
+        &baseline_only,
+        &["--nonce", nonce, "--policy", lenient.to_str().unwrap()],
+    );
+    assert!(!ok && out.contains("FAIL events"), "{out}");
+    let (ok, out) = verify(
+        &s,
+        &empty,
+        &["--nonce", nonce, "--policy", lenient.to_str().unwrap()],
+    );
+    assert!(
+        !ok && out.contains("FAIL events") && out.contains("empty or baseline-only"),
+        "{out}"
+    );
+    // allow_baseline (the old switch) is refused, naming its successor.
+    let old = s.write("old.toml", "allow_baseline = true\n");
+    let o = s
+        .edgeward()
+        .args(["attest", "verify"])
+        .arg(&ev)
+        .args(["--device", &device_id(), "--nonce", nonce, "--policy"])
+        .arg(&old)
+        .output()
+        .unwrap();
+    assert_status(&o, 2);
+    assert!(stderr(&o).contains("baselines"), "{}", stderr(&o));
+}
+
+fn hex_bytes(h: &str) -> Vec<u8> {
+    (0..h.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&h[i..i + 2], 16).unwrap())
+        .collect()
 }

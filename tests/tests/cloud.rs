@@ -495,12 +495,45 @@ fn components_come_from_an_oci_registry_by_pinned_digest_and_deployments_roll_ba
     assert_eq!(st["gw-1"]["version"], "1");
     assert_eq!(st["gw-1"]["online"], true);
 
-    // Remote attestation of a soft device: a nonce, the policy from the
-    // deployment it should run (version 1's two modules).
+    // Remote attestation of a soft device. With neither an EK CA nor an
+    // enrolled AK it is refused before any challenge: any key could have
+    // signed software evidence.
     let o = fleet.fleet(&["attest", "--device", "gw-1", "--json"]);
+    assert_status(&o, 1);
+    assert!(stderr(&o).contains("give --ek-ca"), "{}", stderr(&o));
+    // Its AK enrolled (read on the device when it was provisioned), a
+    // policy that accepts software devices and version 1's two modules: a
+    // nonce, verified, and reported unproven.
+    let local = s.path().join("provisioned");
+    assert_status(
+        &s.edgeward()
+            .args(["attest", "--nonce", "00", "--out"])
+            .arg(&local)
+            .arg("--config")
+            .arg(s.path().join("config.toml"))
+            .output()
+            .unwrap(),
+        0,
+    );
+    let policy = s.write(
+        "policy.toml",
+        &format!(
+            "backends = [\"soft\"]\naks = [\"{}\"]\n[modules]\nsensor = [\"{component}\"]\nsensor-b = [\"{component}\"]\n",
+            local.join("ak.pem").display()
+        ),
+    );
+    let o = fleet.fleet(&[
+        "attest",
+        "--device",
+        "gw-1",
+        "--policy",
+        policy.to_str().unwrap(),
+        "--json",
+    ]);
     assert_status(&o, 0);
     let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
     assert_eq!(v["ok"], true, "{v:#}");
+    assert_eq!(v["proven"], false, "a software device: {v:#}");
 
     // A pin the registry's layer does not match: refused before
     // downloading, reported, and `deploy --wait` says so.

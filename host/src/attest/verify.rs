@@ -41,14 +41,36 @@ pub struct Check {
     pub detail: String,
 }
 
-/// What a verifier holds: a policy for the measurements.
+/// What a verifier holds: what it accepts, whatever the evidence says of
+/// itself. Every field's default is the strict one.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Policy {
-    /// Accept a register that was not at zero before edgeward's first
-    /// event (something else extends the PCR on this platform).
+    /// Backends accepted (default: `tpm` only). `soft` has no hardware
+    /// root: its evidence is reported as unproven even when it passes.
     #[serde(default)]
-    pub allow_baseline: bool,
+    pub backends: Vec<String>,
+    /// The register the log is extended into (default: the daemon's,
+    /// 13). Never 16 to 23, which software or a locality can reset.
+    #[serde(default)]
+    pub pcr: Option<u32>,
+    /// Enrolled attestation keys for this device: `ak.pem` files
+    /// (relative to the policy file) or `sha256:HEX` of the key's
+    /// SubjectPublicKeyInfo. Without one, the AK must be bound to a
+    /// certified EK (`--challenge` with `--ek-ca`).
+    #[serde(default)]
+    pub aks: Vec<String>,
+    /// Accepted non-zero values (hex) of the register before edgeward's
+    /// first event (something else extends it on this platform).
+    #[serde(default)]
+    pub baselines: Vec<String>,
+    /// Replaced by `baselines`: refused with a message saying so.
+    #[serde(default)]
+    pub allow_baseline: Option<bool>,
+    /// Allowed configuration digests (sha256:HEX, the `config` event's);
+    /// when any are named, one must be measured before the modules.
+    #[serde(default)]
+    pub configs: Vec<String>,
     /// Accept integrity failures, refused signatures and rejected cache
     /// entries in the log.
     #[serde(default)]
@@ -77,7 +99,31 @@ impl Policy {
         let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
         let mut p: Policy =
             toml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+        if p.allow_baseline.is_some() {
+            return Err(format!(
+                "{}: allow_baseline is replaced by baselines = [\"HEX\"]: name the values the register may hold before edgeward's first event",
+                path.display()
+            ));
+        }
         let base = path.parent().unwrap_or(Path::new("."));
+        let mut aks = Vec::new();
+        for a in &p.aks {
+            if let Some(d) = a.strip_prefix("sha256:") {
+                aks.push(format!("sha256:{}", d.to_ascii_lowercase()));
+                continue;
+            }
+            let file = base.join(a);
+            let pem = std::fs::read(&file)
+                .map_err(|e| format!("{}: aks: {}: {e}", path.display(), file.display()))?;
+            aks.push(
+                ak_digest(&pem)
+                    .map_err(|e| format!("{}: aks: {}: {e}", path.display(), file.display()))?,
+            );
+        }
+        p.aks = aks;
+        for b in &mut p.baselines {
+            *b = b.trim().to_ascii_lowercase();
+        }
         let mut keys = Vec::new();
         for k in &p.publishers {
             if hex_decode(k).is_some_and(|b| b.len() == 33) {
@@ -92,7 +138,7 @@ impl Policy {
         for list in p
             .modules
             .values_mut()
-            .chain(std::iter::once(&mut p.executables))
+            .chain([&mut p.executables, &mut p.configs])
         {
             for d in list.iter_mut() {
                 *d = normalize_digest(d);
@@ -100,6 +146,21 @@ impl Policy {
         }
         Ok(p)
     }
+}
+
+/// `sha256:HEX` of an AK's SubjectPublicKeyInfo (DER), from its PEM: what
+/// a policy's `aks` names.
+///
+/// # Errors
+///
+/// Not a P-256 public key in PEM.
+pub fn ak_digest(pem: &[u8]) -> Result<String, String> {
+    use p256::pkcs8::{DecodePublicKey as _, EncodePublicKey as _};
+    let text = std::str::from_utf8(pem).map_err(|_| "not text")?;
+    let pk = p256::PublicKey::from_public_key_pem(text)
+        .map_err(|e| format!("not a P-256 public key: {e}"))?;
+    let der = pk.to_public_key_der().map_err(|e| e.to_string())?;
+    Ok(format!("sha256:{}", hex(&Sha256::digest(der.as_bytes()))))
 }
 
 fn normalize_digest(d: &str) -> String {
@@ -130,6 +191,8 @@ pub struct Challenge {
 /// What to check evidence against.
 #[derive(Debug, Clone, Default)]
 pub struct Expect {
+    /// The device the evidence must be from.
+    pub device: Option<String>,
     /// The nonce the verifier sent.
     pub nonce: Option<Vec<u8>>,
     /// The verifier's policy.
@@ -181,6 +244,67 @@ pub fn verify(dir: &Path, expect: &Expect) -> Vec<Check> {
             "{} backend, device {}, PCR {}, boot {}",
             evidence.backend, evidence.device, evidence.pcr, evidence.boot_id
         )),
+    );
+    // What is acceptable is the verifier's to say, never the evidence's.
+    let default_policy = Policy::default();
+    let policy = expect.policy.as_ref().unwrap_or(&default_policy);
+    check(
+        "device",
+        match &expect.device {
+            None => Err(
+                "no device id to check against (--device): evidence from any device would pass"
+                    .into(),
+            ),
+            Some(d) if *d == evidence.device => Ok(format!("the evidence is from {d}, as asked")),
+            Some(d) => Err(format!(
+                "the evidence is from device {:?}, not {d}: another device's answer",
+                evidence.device
+            )),
+        },
+    );
+    let backends: Vec<&str> = if policy.backends.is_empty() {
+        vec!["tpm"]
+    } else {
+        policy.backends.iter().map(String::as_str).collect()
+    };
+    check(
+        "backend",
+        if !backends.contains(&evidence.backend.as_str()) {
+            Err(format!(
+                "{} evidence is not accepted: the policy accepts {} (a software device needs backends = [\"soft\"], and is then reported unproven)",
+                evidence.backend,
+                backends.join(", ")
+            ))
+        } else if evidence.backend == "soft" {
+            Ok(UNPROVEN.into())
+        } else {
+            Ok(format!("{}: a hardware root", evidence.backend))
+        },
+    );
+    // The soft backend's register is its own (index 0); a TPM's is the
+    // policy's (by default the daemon's).
+    let want_pcr = if evidence.backend == "soft" {
+        0
+    } else {
+        policy
+            .pcr
+            .unwrap_or(u32::from(crate::hsm::tpm::DEFAULT_PCR))
+    };
+    check(
+        "pcr",
+        if evidence.pcr >= 16 {
+            Err(format!(
+                "PCR {} can be reset (16 by software, 17 to 23 by a locality): a log in it proves nothing",
+                evidence.pcr
+            ))
+        } else if evidence.pcr != want_pcr {
+            Err(format!(
+                "the evidence names PCR {}; the policy's register is {want_pcr}",
+                evidence.pcr
+            ))
+        } else {
+            Ok(format!("PCR {want_pcr}, as the policy says"))
+        },
     );
     let quote = match files.read("quote.msg") {
         Ok(b) => b,
@@ -309,28 +433,26 @@ pub fn verify(dir: &Path, expect: &Expect) -> Vec<Check> {
             return out;
         }
     };
-    let allow_baseline = expect.policy.as_ref().is_some_and(|p| p.allow_baseline);
     check(
         "baseline",
         match records.first().filter(|r| r.kind() == "baseline") {
             None => Ok("the register was at zero before the first event".into()),
             Some(r) => {
                 let v = r.sha256().map(|d| hex(&d)).unwrap_or_default();
-                if allow_baseline {
-                    Ok(format!("non-zero baseline {v}, allowed by the policy"))
+                if policy.baselines.contains(&v) {
+                    Ok(format!("non-zero baseline {v}, named by the policy"))
                 } else {
                     Err(format!(
                         "the register was {v} before edgeward's first event this boot: \
-                         something else extends PCR {} (allow_baseline in the policy accepts it)",
+                         something else extends PCR {} (name the value in the policy's baselines to accept it)",
                         evidence.pcr
                     ))
                 }
             }
         },
     );
-    if let Some(policy) = &expect.policy {
-        check("policy", check_policy(policy, &records));
-    }
+    check("events", check_events(policy, &records));
+    check("policy", check_policy(policy, &records));
     let ek_spki = if let Some(cas) = &expect.ek_ca {
         let r = files
             .read("ek.pem")
@@ -357,24 +479,107 @@ pub fn verify(dir: &Path, expect: &Expect) -> Vec<Check> {
             "ak-binding",
             check_binding(&files, ch, ak_point.ok().as_deref(), ek_spki.as_deref()),
         );
-    } else if files.exists("ak.pub") {
+    } else {
         check(
             "ak",
-            files.read("ak.pub").and_then(|b| {
-                let ak = wire::parse_ecc_public(&b)?;
-                check_ak_attributes(ak.attributes)?;
-                if Some(&ak.point) != ak_point.as_ref().ok() {
-                    return Err("ak.pub and ak.pem are different keys".into());
-                }
-                Ok(
-                    "a restricted signing key fixed to its TPM (not bound to an EK: \
-                    use --challenge)"
-                        .into(),
-                )
-            }),
+            check_enrolled(&files, policy, ak_point.ok().as_deref()),
         );
     }
     out
+}
+
+/// The `backend` check's detail for software evidence the policy accepts.
+pub const UNPROVEN: &str =
+    "soft: accepted by the policy, UNPROVEN (software keys, no hardware root)";
+
+/// Without a credential challenge, the AK must be one the verifier
+/// enrolled for this device; a TPM's must also be a restricted signing
+/// key fixed to it.
+fn check_enrolled(
+    files: &Files,
+    policy: &Policy,
+    ak_point: Option<&[u8]>,
+) -> Result<String, String> {
+    if policy.aks.is_empty() {
+        return Err("the AK is neither enrolled for this device (the policy's aks) nor bound to a certified EK (--challenge with --ek-ca): any key could have signed this".into());
+    }
+    let digest = ak_digest(&files.read("ak.pem")?)?;
+    if !policy.aks.contains(&digest) {
+        return Err(format!(
+            "the AK ({digest}) is not one the policy enrolled for this device"
+        ));
+    }
+    if files.exists("ak.pub") {
+        let ak = wire::parse_ecc_public(&files.read("ak.pub")?)?;
+        check_ak_attributes(ak.attributes)?;
+        if Some(ak.point.as_slice()) != ak_point {
+            return Err("ak.pub and ak.pem are different keys".into());
+        }
+    }
+    Ok(format!("the enrolled AK {digest}"))
+}
+
+/// The events the log must hold, in order, whatever the policy allows
+/// besides: the daemon's executable first (after a baseline the policy
+/// named), a configuration the policy names before any module (when it
+/// names any), and each module the policy expects.
+fn check_events(policy: &Policy, records: &[Record]) -> Result<String, String> {
+    let mut rest = records.iter().skip_while(|r| r.kind() == "baseline");
+    match rest.next() {
+        None => {
+            return Err(
+                "the quoted log holds no events of edgeward's: an empty or baseline-only log proves nothing".into(),
+            );
+        }
+        Some(r) if r.kind() != "executable" => {
+            return Err(format!(
+                "record {} ({}) comes first: the daemon measures its executable before anything else",
+                r.recnum,
+                r.kind()
+            ));
+        }
+        Some(_) => {}
+    }
+    if !policy.configs.is_empty() {
+        let first_module = records
+            .iter()
+            .position(|r| r.kind() == "module")
+            .unwrap_or(records.len());
+        let config_ok = records[..first_module].iter().any(|r| {
+            r.kind() == "config"
+                && r.content["sha256"]
+                    .as_str()
+                    .is_some_and(|d| policy.configs.contains(&normalize_digest(d)))
+        });
+        if !config_ok {
+            return Err("no configuration the policy names is measured before the modules".into());
+        }
+    }
+    let missing: Vec<&str> = policy
+        .modules
+        .keys()
+        .filter(|name| {
+            !records
+                .iter()
+                .any(|r| r.kind() == "module" && r.content["name"] == name.as_str())
+        })
+        .map(String::as_str)
+        .collect();
+    if !missing.is_empty() {
+        return Err(format!(
+            "modules the policy expects are not measured: {}",
+            missing.join(", ")
+        ));
+    }
+    Ok(format!(
+        "the executable first{}, and every expected module ({})",
+        if policy.configs.is_empty() {
+            ""
+        } else {
+            ", a named configuration before the modules"
+        },
+        policy.modules.len()
+    ))
 }
 
 struct Evidence {
@@ -520,6 +725,16 @@ fn check_policy(policy: &Policy, records: &[Record]) -> Result<String, String> {
                         r.recnum
                     ));
                 }
+            }
+            "config"
+                if !policy.configs.is_empty()
+                    && !policy.configs.contains(&normalize_digest(&field("sha256"))) =>
+            {
+                failures.push(format!(
+                    "record {}: configuration {} is not one the policy names",
+                    r.recnum,
+                    field("sha256")
+                ));
             }
             "module" => {
                 modules += 1;

@@ -52,11 +52,15 @@ enum AttestCommand {
     Verify {
         /// The evidence directory.
         dir: PathBuf,
+        /// The device the evidence must be from (its device id).
+        #[arg(long, value_name = "ID")]
+        device: String,
         /// The nonce sent to the device, hex.
         #[arg(long, value_name = "HEX")]
         nonce: Option<String>,
-        /// The policy (TOML: allowed module digests per name, publishers,
-        /// executables, allow_baseline, allow_incidents).
+        /// The policy (TOML: backends, pcr, enrolled aks, baselines,
+        /// configs, executables, modules, publishers, allow_incidents);
+        /// without one, the strictest: a TPM, a certified EK, no module.
         #[arg(long, value_name = "FILE")]
         policy: Option<PathBuf>,
         /// Trusted EK CA certificates (PEM).
@@ -91,12 +95,13 @@ pub(super) fn command(args: AttestArgs, state_flag: Option<&Path>) -> ExitCode {
     match args.command {
         Some(AttestCommand::Verify {
             dir,
+            device,
             nonce,
             policy,
             ek_ca,
             challenge,
             json,
-        }) => verify_command(&dir, nonce, policy, ek_ca, challenge, json),
+        }) => verify_command(&dir, device, nonce, policy, ek_ca, challenge, json),
         Some(AttestCommand::Challenge { dir, ek_ca, out }) => challenge_command(&dir, &ek_ca, &out),
         None => gather_command(args.gather, state_flag),
     }
@@ -228,13 +233,17 @@ fn directly(
 
 fn verify_command(
     dir: &Path,
+    device: String,
     nonce: Option<String>,
     policy: Option<PathBuf>,
     ek_ca: Option<PathBuf>,
     challenge: Option<PathBuf>,
     json: bool,
 ) -> ExitCode {
-    let mut expect = verify::Expect::default();
+    let mut expect = verify::Expect {
+        device: Some(device),
+        ..verify::Expect::default()
+    };
     if let Some(n) = nonce {
         match crate::api::parse_nonce(&n) {
             Ok(n) => expect.nonce = Some(n),
@@ -279,8 +288,9 @@ pub(super) fn print_verdict(
     device: Option<&str>,
 ) -> ExitCode {
     let ok = checks.iter().all(|c| c.ok);
+    let proven = !checks.iter().any(|c| c.detail == verify::UNPROVEN);
     if json {
-        let mut v = serde_json::json!({"ok": ok, "checks": checks});
+        let mut v = serde_json::json!({"ok": ok, "proven": ok && proven, "checks": checks});
         if let Some(d) = device {
             v["device"] = d.into();
         }
@@ -294,7 +304,9 @@ pub(super) fn print_verdict(
                 c.detail
             );
         }
-        let verdict = if ok {
+        let verdict = if ok && !proven {
+            "evidence verified, UNPROVEN (a software device: no hardware root)"
+        } else if ok {
             "evidence verified"
         } else {
             "evidence REFUSED"

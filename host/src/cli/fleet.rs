@@ -155,10 +155,11 @@ enum FleetCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Challenge a device for attestation evidence and verify it: a fresh
-    /// nonce, or with --ek-ca a credential that binds its AK to its
-    /// certified EK. The policy defaults to the digests of the deployment
-    /// the device should run.
+    /// Challenge a device for attestation evidence and verify it: with
+    /// --ek-ca, a nonce then a credential that binds its AK to its
+    /// certified EK; without, the policy must enroll its AK. The policy
+    /// defaults to the digests of the deployment the device should run
+    /// (a TPM, PCR 13, each of its modules measured).
     Attest {
         /// The device.
         #[arg(long, value_name = "ID")]
@@ -1407,11 +1408,18 @@ async fn attest(
     if !crate::identity::valid_path_segment(device) {
         return Err(format!("--device {device:?} is not a device id"));
     }
+    let policy = match policy {
+        Some(p) => verify::Policy::load(p)?,
+        None => default_policy(s, device).await?,
+    };
+    if ek_ca.is_none() && policy.aks.is_empty() {
+        return Err(format!(
+            "give --ek-ca (the TPM vendor's EK CA: the device's AK is then bound to its certified EK) or a --policy that enrolls {device}'s AK (aks): without either, any key could have signed its evidence"
+        ));
+    }
     let mut expect = verify::Expect {
-        policy: Some(match policy {
-            Some(p) => verify::Policy::load(p)?,
-            None => default_policy(s, device).await?,
-        }),
+        device: Some(device.to_owned()),
+        policy: Some(policy),
         ..verify::Expect::default()
     };
     let scratch;
