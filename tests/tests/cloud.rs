@@ -126,6 +126,24 @@ fn a_device_applies_signed_deployments_from_the_broker_and_refuses_the_rest() {
             .starts_with("wasmtime ")
     );
 
+    // The cloud's module is the cloud's on every route: an operator can
+    // neither replace, remove nor stop it (it would keep the cloud's
+    // identity and sealed data).
+    let sensor_file = guests::TEMPERATURE_SENSOR;
+    for args in [
+        vec!["module", "update", "sensor", sensor_file],
+        vec!["module", "remove", "sensor"],
+        vec!["module", "stop", "sensor"],
+    ] {
+        let o = s.edgeward().args(&args).output().unwrap();
+        assert_status(&o, 1);
+        assert!(
+            stderr(&o).contains("belongs to the cloud, not the operator"),
+            "{args:?}: {}",
+            stderr(&o)
+        );
+    }
+
     // Each of these is refused, reported, and changes nothing.
     let refused =
         |out: &mut edgeward_tests::fixtures::Subscription, payload: Vec<u8>, want: &str| {

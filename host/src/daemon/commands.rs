@@ -68,11 +68,15 @@ fn record(sup: &Supervisor, name: &str) -> Result<ModuleRecord, ApiError> {
         .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, format!("no module {name:?}")))
 }
 
-/// The record of a module `by` may change: the operator any, the agent
-/// and the cloud only their own.
+/// The record of a module `by` may act on: each origin only its own, on
+/// every route, as deployments are held (the operator also the config
+/// file's, whose code and spec stay the file's to change). A module keeps
+/// its origin's identity and sealed data, so another origin must never
+/// replace, remove, start or stop it.
 fn owned(sup: &Supervisor, name: &str, by: Origin) -> Result<ModuleRecord, ApiError> {
     let rec = record(sup, name)?;
-    if matches!(by, Origin::Agent | Origin::Cloud) && rec.origin != by {
+    let mine = rec.origin == by || (by == Origin::Operator && rec.origin == Origin::Config);
+    if !mine {
         return Err(ApiError::new(
             StatusCode::CONFLICT,
             format!(
