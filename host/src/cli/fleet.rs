@@ -1227,7 +1227,11 @@ async fn rollback(
         .await?
         .and_then(|c| version_of(&c))
         .unwrap_or(0);
-    let version = current + 1;
+    // The retained version is the broker's word, not a signed one: a
+    // planted u64::MAX must not wrap (or panic) into a version.
+    let version = current.checked_add(1).ok_or_else(|| {
+        format!("{desired} holds version {current}, the last there can be: clear that retained message (it is not one this fleet can have signed)")
+    })?;
     let text = with_fields(&prev.manifest, &[("version", version.to_string())])?;
     let text = bound(&text, target, ttl)?;
     let payload = signed_payload(&text, key)?;
