@@ -131,6 +131,16 @@ impl Fleet {
             .expect("edgeward fleet")
     }
 
+    /// `fleet status --json`, by device (it must succeed).
+    pub fn status(&self) -> std::collections::BTreeMap<String, serde_json::Value> {
+        let o = ok(self.fleet(&["status", "--json"]), "edgeward fleet status");
+        let rows: Vec<serde_json::Value> =
+            serde_json::from_slice(&o.stdout).expect("fleet status --json prints JSON rows");
+        rows.into_iter()
+            .map(|r| (r["device"].as_str().unwrap_or_default().to_owned(), r))
+            .collect()
+    }
+
     /// `fleet deploy` of `manifest` to `target` (`--device ID` or
     /// `--group G`), with `extra` flags.
     pub fn deploy(&self, manifest: &str, target: &[&str], extra: &[&str]) -> Output {

@@ -454,12 +454,7 @@ fn a_device_runs_its_last_deployment_without_the_broker_and_reports_when_it_retu
 
 /// `fleet status --json`, by device.
 fn status(fleet: &Fleet) -> std::collections::BTreeMap<String, serde_json::Value> {
-    let o = fleet.fleet(&["status", "--json"]);
-    assert_status(&o, 0);
-    let rows: Vec<serde_json::Value> = serde_json::from_str(&stdout(&o)).unwrap();
-    rows.into_iter()
-        .map(|r| (r["device"].as_str().unwrap().to_owned(), r))
-        .collect()
+    fleet.status()
 }
 
 /// `fleet push FILE oci://…`: (component digest, manifest digest).

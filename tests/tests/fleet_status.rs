@@ -54,12 +54,7 @@ fn publish_all(fleet: &Fleet, jobs: Vec<(String, String)>) {
 }
 
 fn status(fleet: &Fleet) -> BTreeMap<String, serde_json::Value> {
-    let o = fleet.fleet(&["status", "--json"]);
-    assert_status(&o, 0);
-    let rows: Vec<serde_json::Value> = serde_json::from_str(&stdout(&o)).unwrap();
-    rows.into_iter()
-        .map(|r| (r["device"].as_str().unwrap().to_owned(), r))
-        .collect()
+    fleet.status()
 }
 
 /// Pauses the broker (SIGSTOP) for 600 to 900 ms, lets it run for 20 to
