@@ -1088,7 +1088,7 @@ async fn deploy(
             );
             // Each canary gets the deployment signed for it alone: a
             // device applies only what is addressed to it.
-            let unbound = without_target(text)?;
+            let unbound = with_fields(text, &[], &["target"])?;
             for d in canaries {
                 let t = Target {
                     device: Some(d.clone()),
@@ -1124,34 +1124,33 @@ async fn deploy(
     Ok(ExitCode::SUCCESS)
 }
 
-/// `manifest` with top-level text `fields` set (TOML or JSON).
-fn with_fields(manifest: &str, fields: &[(&str, String)]) -> Result<String, String> {
+/// `manifest` (TOML or JSON) with top-level text `fields` set and the
+/// keys in `remove` taken out.
+fn with_fields(
+    manifest: &str,
+    fields: &[(&str, String)],
+    remove: &[&str],
+) -> Result<String, String> {
     if manifest.trim_start().starts_with('{') {
         let mut v: serde_json::Value = serde_json::from_str(manifest).map_err(|e| e.to_string())?;
+        let o = v
+            .as_object_mut()
+            .ok_or("the manifest is not a JSON object")?;
+        for k in remove {
+            o.remove(*k);
+        }
         for (k, val) in fields {
-            v[*k] = val.clone().into();
+            o.insert((*k).into(), val.clone().into());
         }
         serde_json::to_string_pretty(&v).map_err(|e| e.to_string())
     } else {
         let mut t: toml::Table = toml::from_str(manifest).map_err(|e| e.to_string())?;
+        for k in remove {
+            t.remove(*k);
+        }
         for (k, val) in fields {
             t.insert((*k).into(), toml::Value::String(val.clone()));
         }
-        toml::to_string(&t).map_err(|e| e.to_string())
-    }
-}
-
-/// `manifest` without the `target` it may name (TOML or JSON).
-fn without_target(manifest: &str) -> Result<String, String> {
-    if manifest.trim_start().starts_with('{') {
-        let mut v: serde_json::Value = serde_json::from_str(manifest).map_err(|e| e.to_string())?;
-        if let Some(o) = v.as_object_mut() {
-            o.remove("target");
-        }
-        serde_json::to_string_pretty(&v).map_err(|e| e.to_string())
-    } else {
-        let mut t: toml::Table = toml::from_str(manifest).map_err(|e| e.to_string())?;
-        t.remove("target");
         toml::to_string(&t).map_err(|e| e.to_string())
     }
 }
@@ -1186,6 +1185,7 @@ fn bound(manifest: &str, target: &Target, ttl: Duration) -> Result<String, Strin
                     .replace(".000Z", "Z"),
             ),
         ],
+        &[],
     )
 }
 
@@ -1232,7 +1232,7 @@ async fn rollback(
     let version = current.checked_add(1).ok_or_else(|| {
         format!("{desired} holds version {current}, the last there can be: clear that retained message (it is not one this fleet can have signed)")
     })?;
-    let text = with_fields(&prev.manifest, &[("version", version.to_string())])?;
+    let text = with_fields(&prev.manifest, &[("version", version.to_string())], &[])?;
     let text = bound(&text, target, ttl)?;
     let payload = signed_payload(&text, key)?;
     publish_desired(s, target, payload, version).await?;
