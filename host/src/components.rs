@@ -46,6 +46,34 @@ impl ComponentStore {
         self.path(digest).is_file()
     }
 
+    /// Whether `digest`, `size` bytes, may be added under `quota` (bytes the
+    /// whole store may hold). One already stored always may.
+    ///
+    /// # Errors
+    ///
+    /// The store would pass the quota; the message names
+    /// `[grants] components_quota`.
+    pub fn admit(&self, digest: &Digest, size: u64, quota: u64) -> Result<(), String> {
+        if self.contains(digest) {
+            return Ok(());
+        }
+        let held: u64 = self
+            .entries()
+            .iter()
+            .filter_map(|(p, _)| std::fs::metadata(p).ok())
+            .map(|m| m.len())
+            .sum();
+        if held.saturating_add(size) > quota {
+            return Err(format!(
+                "the component store holds {}; {} more would pass the device's [grants] components_quota = {}",
+                crate::units::format_size(held),
+                crate::units::format_size(size),
+                crate::units::format_size(quota)
+            ));
+        }
+        Ok(())
+    }
+
     /// Stores measured bytes (once: an existing copy is kept). Returns the
     /// stored path.
     ///

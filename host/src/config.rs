@@ -153,6 +153,8 @@ struct RawConfig {
     #[serde(default)]
     signatures: RawSignatures,
     cloud: Option<crate::cloud::RawCloud>,
+    #[serde(default)]
+    grants: crate::grants::RawGrants,
 }
 
 /// `[signatures]`: the floor every component and manifest is held to.
@@ -493,6 +495,8 @@ pub struct Config {
     pub signatures: crate::attest::publisher::DeviceSignatures,
     /// `[cloud]`: the fleet's broker, if one is configured.
     pub cloud: Option<crate::cloud::CloudConfig>,
+    /// `[grants]`: what the API, the agent and deployments may grant.
+    pub grants: crate::grants::Grants,
 }
 
 impl Config {
@@ -570,7 +574,7 @@ impl Config {
                 "deployment_keys": c.deployment_keys.iter()
                     .map(|k| crate::measure::hex(&k.to_bytes())).collect::<Vec<_>>(),
                 "groups": c.groups,
-                "client_cert_ttl_ms": ms(c.client_cert_ttl),
+                "certificate": path(&c.certificate),
                 "keep_alive_ms": ms(c.keep_alive),
                 "reconnect_min_ms": ms(c.reconnect_min),
                 "reconnect_max_ms": ms(c.reconnect_max),
@@ -634,6 +638,10 @@ impl Config {
             .map(|c| c.validate(&resolve))
             .transpose()
             .map_err(err)?;
+        if let (Some(c), Some(chain)) = (&cloud, &identity.ca_certificate) {
+            pinned_apart(&c.ca, chain).map_err(err)?;
+        }
+        let grants = raw.grants.validate(&identity.device_id).map_err(err)?;
         let max_wasm_stack = match &raw.runtime.max_wasm_stack {
             None => crate::runtime::engine::DEFAULT_MAX_WASM_STACK,
             Some(s) => {
@@ -739,8 +747,30 @@ impl Config {
             agent,
             signatures,
             cloud,
+            grants,
         })
     }
+}
+
+/// The broker's CA (`[cloud] ca`) must not be the root that certifies this
+/// device's modules: a module's server certificate would then pass as the
+/// broker's.
+fn pinned_apart(broker_ca: &Path, device_chain: &Path) -> Result<(), String> {
+    let read = |p: &Path| {
+        std::fs::read_to_string(p)
+            .ok()
+            .and_then(|t| crate::identity::authority::parse_pem_certificates(&t).ok())
+            .unwrap_or_default()
+    };
+    let broker = read(broker_ca);
+    if read(device_chain).iter().any(|c| broker.contains(c)) {
+        return Err(format!(
+            "cloud.ca {} holds a certificate of the device CA's chain ({}): pin the broker's own CA, not the root that certifies modules, or a module's server certificate passes as the broker",
+            broker_ca.display(),
+            device_chain.display()
+        ));
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -15,6 +15,7 @@ pub mod cloud;
 pub mod components;
 pub mod config;
 pub mod daemon;
+pub mod grants;
 pub mod hsm;
 pub mod identity;
 pub mod measure;

@@ -386,9 +386,13 @@ fn openssl(command: &str) {
     );
 }
 
-/// An organisation's root CA, made with the openssl CLI: it certifies the
-/// broker, the operators and each device's CA (from `edgeward identity
-/// csr`), as a fleet's PKI would.
+/// An organisation's CAs, made with the openssl CLI, one per role as
+/// docs/fleet.md lays out: `servers` certifies the broker and registries
+/// (what devices and operators pin), `devices` the devices' broker logins,
+/// `operators` the operators', and `workloads` each device's CA (from
+/// `edgeward identity csr`), name-constrained to the trust domain and the
+/// device's DNS suffix. The broker accepts clients of `devices` and
+/// `operators` only.
 #[derive(Debug)]
 pub struct OrgCa {
     dir: tempfile::TempDir,
@@ -400,16 +404,24 @@ impl Default for OrgCa {
     }
 }
 
+/// The roles an [`OrgCa`] has a root for.
+pub const ROLES: [&str; 4] = ["servers", "devices", "operators", "workloads"];
+
 impl OrgCa {
-    /// A new P-256 root, valid for two days.
+    /// New P-256 roots, one per role, valid for two days.
     pub fn new() -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let ca = Self { dir };
-        openssl(&format!(
-            "req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout {} -out {} -days 2 -subj /O=edgeward-tests/CN=org-root -addext basicConstraints=critical,CA:TRUE -addext keyUsage=critical,keyCertSign,cRLSign",
-            ca.file("root.key"),
-            ca.file("root.pem"),
-        ));
+        for role in ROLES {
+            openssl(&format!(
+                "req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout {} -out {} -days 2 -subj /O=edgeward-tests/CN={role}-root -addext basicConstraints=critical,CA:TRUE -addext keyUsage=critical,keyCertSign,cRLSign",
+                ca.file(&format!("{role}.key")),
+                ca.file(&format!("{role}.pem")),
+            ));
+        }
+        let mut clients = std::fs::read(ca.role_root("devices")).expect("devices root");
+        clients.extend(std::fs::read(ca.role_root("operators")).expect("operators root"));
+        std::fs::write(ca.dir.path().join("clients.pem"), clients).expect("write");
         ca
     }
 
@@ -417,52 +429,100 @@ impl OrgCa {
         self.dir.path().join(name).display().to_string()
     }
 
-    /// The root certificate (PEM).
+    /// The servers' root (PEM): what devices and operators pin for the
+    /// broker, and trust for registries.
     pub fn root(&self) -> PathBuf {
-        self.dir.path().join("root.pem")
+        self.role_root("servers")
     }
 
-    /// A key and certificate for `cn` (end entity), with `ext` (openssl
-    /// extension lines): (certificate, key).
+    /// The root of `role` (one of [`ROLES`]).
+    pub fn role_root(&self, role: &str) -> PathBuf {
+        self.dir.path().join(format!("{role}.pem"))
+    }
+
+    /// The roots the broker accepts clients of: devices and operators.
+    pub fn client_roots(&self) -> PathBuf {
+        self.dir.path().join("clients.pem")
+    }
+
+    /// A key and certificate for `cn` (end entity) from the servers' root,
+    /// with `ext` (openssl extension lines): (certificate, key).
     pub fn issue(&self, cn: &str, ext: &str) -> (PathBuf, PathBuf) {
+        self.issue_as("servers", cn, ext)
+    }
+
+    /// The same from the root of `role`.
+    pub fn issue_as(&self, role: &str, cn: &str, ext: &str) -> (PathBuf, PathBuf) {
         let (key, csr, cert, extfile) = (
-            self.file(&format!("{cn}.key")),
-            self.file(&format!("{cn}.csr")),
-            self.file(&format!("{cn}.pem")),
-            self.file(&format!("{cn}.ext")),
+            self.file(&format!("{role}-{cn}.key")),
+            self.file(&format!("{role}-{cn}.csr")),
+            self.file(&format!("{role}-{cn}.pem")),
+            self.file(&format!("{role}-{cn}.ext")),
         );
         std::fs::write(&extfile, ext).expect("write the extensions");
         openssl(&format!(
             "req -new -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout {key} -out {csr} -subj /CN={cn}"
         ));
-        openssl(&format!(
-            "x509 -req -in {csr} -CA {root} -CAkey {root_key} -CAcreateserial -days 1 -out {cert} -extfile {extfile}",
-            root = self.file("root.pem"),
-            root_key = self.file("root.key"),
-        ));
+        self.sign(role, &csr, &extfile, &cert, false);
         (PathBuf::from(cert), PathBuf::from(key))
     }
 
+    fn sign(&self, role: &str, csr: &str, extfile: &str, out: &str, copy: bool) {
+        openssl(&format!(
+            "x509 -req -in {csr} -CA {root} -CAkey {root_key} -CAcreateserial -days 1 {copy}-extfile {extfile} -out {out}",
+            root = self.file(&format!("{role}.pem")),
+            root_key = self.file(&format!("{role}.key")),
+            copy = if copy { "-copy_extensions copy " } else { "" },
+        ));
+    }
+
     /// Certifies a device CA from its CSR (as `edgeward identity csr`
-    /// writes it): the certificate, then this root, the chain `[identity]
-    /// ca_certificate` takes, written to `out`.
-    pub fn certify_device_ca(&self, csr: &Path, out: &Path) {
+    /// writes it) under the workloads root, constrained to `trust_domain`
+    /// URIs, DNS names under `dns` and no IP address: the certificate,
+    /// then the root, the chain `[identity] ca_certificate` takes, written
+    /// to `out`.
+    pub fn certify_device_ca(&self, csr: &Path, out: &Path, trust_domain: &str, dns: &str) {
+        self.certify_device_ca_with(
+            csr,
+            out,
+            &format!("nameConstraints=critical,permitted;URI:{trust_domain},permitted;DNS:{dns},excluded;IP:0.0.0.0/0.0.0.0,excluded;IP:0:0:0:0:0:0:0:0/0:0:0:0:0:0:0:0\n"),
+        );
+    }
+
+    /// The same with `extra` extension lines instead of the constraints.
+    pub fn certify_device_ca_with(&self, csr: &Path, out: &Path, extra: &str) {
         let cert = self.file("device-ca.pem");
         let ext = self.file("device-ca.ext");
         std::fs::write(
             &ext,
-            "basicConstraints=critical,CA:TRUE,pathlen:0\nkeyUsage=critical,keyCertSign,cRLSign\n",
+            format!(
+                "basicConstraints=critical,CA:TRUE,pathlen:0\nkeyUsage=critical,keyCertSign,cRLSign\n{extra}"
+            ),
         )
         .expect("write the extensions");
-        openssl(&format!(
-            "x509 -req -in {} -CA {} -CAkey {} -CAcreateserial -days 1 -copy_extensions copy -extfile {ext} -out {cert}",
-            csr.display(),
-            self.file("root.pem"),
-            self.file("root.key"),
-        ));
+        self.sign("workloads", &csr.display().to_string(), &ext, &cert, true);
         let mut chain = std::fs::read(&cert).expect("the device CA certificate");
-        chain.extend(std::fs::read(self.root()).expect("the root"));
+        chain.extend(std::fs::read(self.role_root("workloads")).expect("the root"));
         std::fs::write(out, chain).expect("write the chain");
+    }
+
+    /// Certifies a device's broker key from its CSR (`edgeward identity
+    /// csr --broker`) under the devices root: the client certificate
+    /// `[cloud] certificate` names, written to `out`.
+    pub fn certify_broker_key(&self, csr: &Path, out: &Path) {
+        let ext = self.file("broker-key.ext");
+        std::fs::write(
+            &ext,
+            "basicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature\nextendedKeyUsage=clientAuth\n",
+        )
+        .expect("write the extensions");
+        self.sign(
+            "devices",
+            &csr.display().to_string(),
+            &ext,
+            &out.display().to_string(),
+            true,
+        );
     }
 }
 
@@ -493,7 +553,9 @@ impl Mosquitto {
         };
         std::fs::copy(&cert, m.dir.path().join("broker.pem")).expect("copy");
         std::fs::copy(&key, m.dir.path().join("broker.key")).expect("copy");
-        std::fs::copy(ca.root(), m.dir.path().join("ca.pem")).expect("copy");
+        // Clients of the devices and operators roots only: never the
+        // workloads root, whose certificates modules hold.
+        std::fs::copy(ca.client_roots(), m.dir.path().join("ca.pem")).expect("copy");
         for _ in 0..10 {
             let port = free_port();
             m.port = port;

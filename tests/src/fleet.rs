@@ -67,7 +67,7 @@ impl Fleet {
         );
         let acl = format!("{}{acl_extra}", String::from_utf8_lossy(&o.stdout));
         let broker = Mosquitto::start(&ca, &acl);
-        let (cert, key) = ca.issue("operator", "extendedKeyUsage=clientAuth\n");
+        let (cert, key) = ca.issue_as("operators", "operator", "extendedKeyUsage=clientAuth\n");
         let operator = MqttUser {
             port: broker.port(),
             ca: ca.root(),
@@ -93,10 +93,12 @@ impl Fleet {
         }
     }
 
-    /// A client certificate for `cn` from the organisation's root, as a
-    /// device or operator that keeps its key in a file.
+    /// A client certificate for `cn` from the organisation's devices root,
+    /// as a device that keeps its key in a file.
     pub fn user(&self, cn: &str) -> MqttUser {
-        let (cert, key) = self.ca.issue(cn, "extendedKeyUsage=clientAuth\n");
+        let (cert, key) = self
+            .ca
+            .issue_as("devices", cn, "extendedKeyUsage=clientAuth\n");
         MqttUser {
             cert,
             key,
@@ -186,12 +188,14 @@ impl Fleet {
 
     /// Provisions a device in `dir` (its state in `dir/state`): writes its
     /// config (`hsm` and `extra` around the identity and cloud tables),
-    /// has it write a CSR for its device CA key, and certifies that with
-    /// the organisation's root. Returns the config's text (also written to
-    /// `dir/config.toml`).
+    /// has it write CSRs for its device CA key and its broker key, and has
+    /// the organisation certify them: the device CA under the workloads
+    /// root (constrained to `edgeward.local` and `<id>.edge.test`), the
+    /// broker key under the devices root. Returns the config's text (also
+    /// written to `dir/config.toml`).
     pub fn device(&self, dir: &Path, id: &str, hsm: &str, extra: &str) -> String {
         let config = format!(
-            "{hsm}\n[identity]\ndevice_id = \"{id}\"\nca_certificate = \"chain.pem\"\n\n[cloud]\nbroker = \"{broker}\"\nca = \"{ca}\"\ndeployment_keys = [\"{key}\"]\ngroups = [\"line-a\"]\nreconnect_min = \"50ms\"\nreconnect_max = \"400ms\"\nreport_interval = \"200ms\"\n{extra}",
+            "{hsm}\n[identity]\ndevice_id = \"{id}\"\nca_certificate = \"chain.pem\"\n\n[cloud]\nbroker = \"{broker}\"\nca = \"{ca}\"\ncertificate = \"broker-client.pem\"\ndeployment_keys = [\"{key}\"]\ngroups = [\"line-a\"]\nreconnect_min = \"50ms\"\nreconnect_max = \"400ms\"\nreport_interval = \"200ms\"\n{extra}",
             broker = self.broker.url(),
             ca = self.ca.root().display(),
             key = self.deploy_pub.display(),
@@ -209,7 +213,25 @@ impl Fleet {
                 .expect("edgeward identity csr"),
             "edgeward identity csr",
         );
-        self.ca.certify_device_ca(&csr, &dir.join("chain.pem"));
+        self.ca.certify_device_ca(
+            &csr,
+            &dir.join("chain.pem"),
+            "edgeward.local",
+            &format!("{id}.edge.test"),
+        );
+        let csr = dir.join("broker.csr");
+        ok(
+            edgeward(&self.bin, dir)
+                .args(["identity", "csr", "--broker", "--out"])
+                .arg(&csr)
+                .arg("--config")
+                .arg(&path)
+                .output()
+                .expect("edgeward identity csr --broker"),
+            "edgeward identity csr --broker",
+        );
+        self.ca
+            .certify_broker_key(&csr, &dir.join("broker-client.pem"));
         config
     }
 }

@@ -190,6 +190,29 @@ fn the_agent_reconciles_its_manifest() {
         );
     }
 
+    // The agent cannot grant a module (itself included) the metadata
+    // service: [grants] outbound allows no non-public address here.
+    let mut v5 = manifest(5, &[("s2", "two")]);
+    v5.push_str("allow_outbound = [\"169.254.169.254:80\"]\n");
+    write_atomically(&dir, "deployment.toml", &v5);
+    wait_until("the agent to report the refusal of version 5", || {
+        logs(&s, "agent").contains("\"version\":\"5\"")
+    });
+    let agent_log = logs(&s, "agent");
+    let line = agent_log
+        .lines()
+        .find(|l| l.contains("\"version\":\"5\""))
+        .unwrap();
+    assert!(
+        line.contains("\"refused\"") && line.contains("[grants] outbound"),
+        "{line}"
+    );
+    write_atomically(
+        &dir,
+        "deployment.toml",
+        &manifest(4, &[("s2", "two"), ("op", "mine")]),
+    );
+
     // The agent always runs: not the operator's to stop or remove.
     for action in ["stop", "remove"] {
         let o = module(&s, &[action, "agent"]);

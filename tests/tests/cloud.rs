@@ -927,31 +927,27 @@ fn events_made_offline_survive_a_daemon_restart_and_arrive_once_the_broker_is_ba
 }
 
 #[test]
-fn the_broker_certificate_is_renewed_without_dropping_the_session_and_used_on_reconnect() {
-    let mut fleet = new_fleet(&[]);
+fn the_broker_certificate_file_is_checked_and_a_renewed_one_is_used_without_a_restart() {
+    let fleet = new_fleet(&[]);
     let s = Scratch::new();
-    let config = device(&fleet, &s, "gw-1", "", "")
-        .replace("[cloud]\n", "[cloud]\nclient_cert_ttl = \"10s\"\n");
-    let started = std::time::Instant::now();
-    let mut d = connected(&s, &config);
-    d.wait_for("a renewal", |_, err| {
-        err.iter().any(|l| l.contains("broker certificate renewed"))
-    });
-    d.pump();
-    assert!(
-        !d.seen_err.iter().any(|l| l.contains("connection lost")),
-        "the renewal dropped the session: {:?}",
-        d.seen_err
-    );
-    // Past the first certificate's expiry, the broker restarts: the device
-    // comes back with the renewed one.
-    while started.elapsed() < Duration::from_secs(11) {
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    fleet.broker.restart();
-    d.wait_for("a reconnection", |_, err| {
+    let config = device(&fleet, &s, "gw-1", "", "");
+    let good = s.path().join("broker-client.pem");
+    let saved = std::fs::read(&good).unwrap();
+    // A certificate for another key (the operator's) in its place: the
+    // device says what is wrong and stays off the broker.
+    std::fs::copy(&fleet.operator.cert, &good).unwrap();
+    let mut d = Daemon::start(&s, &config);
+    d.wait_for("the refusal", |_, err| {
         err.iter()
-            .any(|l| l.contains("connected to the broker again"))
+            .any(|l| l.contains("not for this device's \"cloud-client\" key"))
+    });
+    // The organisation's certificate arrives: used without a restart.
+    let tmp = s.path().join("broker-client.pem.new");
+    std::fs::write(&tmp, &saved).unwrap();
+    std::fs::rename(&tmp, &good).unwrap();
+    d.wait_for("a connection", |_, err| {
+        err.iter()
+            .any(|l| l.contains("cloud: connected to the broker"))
     });
     let (status, _, _) = d.terminate();
     assert!(status.success());
@@ -1063,15 +1059,18 @@ fn check_reaches_the_broker_and_names_what_keeps_a_device_out() {
     assert_eq!(c["verdict"], "fail", "{c}");
     assert!(c["detail"].as_str().unwrap().contains("TLS"), "{c}");
 
-    // A device CA no organisation certified.
-    std::fs::write(
-        s.path().join("config.toml"),
-        config.replace("ca_certificate = \"chain.pem\"\n", ""),
-    )
-    .unwrap();
+    // A broker key the organisation has not certified yet.
+    std::fs::write(s.path().join("config.toml"), &config).unwrap();
+    std::fs::remove_file(s.path().join("broker-client.pem")).unwrap();
     let c = cloud_check(&s);
-    assert_eq!(c["verdict"], "warn", "{c}");
-    assert!(c["hint"].as_str().unwrap().contains("identity csr"), "{c}");
+    assert_eq!(c["verdict"], "fail", "{c}");
+    assert!(
+        c["hint"]
+            .as_str()
+            .unwrap()
+            .contains("identity csr --broker"),
+        "{c}"
+    );
 }
 
 /// A registry token service on loopback, as docker-registry's `auth:
@@ -1296,4 +1295,129 @@ fn a_device_that_dies_is_reported_offline_by_its_will_and_flags_reach_the_broker
     let o = s.edgeward().args(["fleet", "status"]).output().unwrap();
     assert_status(&o, 1);
     assert!(stderr(&o).contains("--broker"), "{}", stderr(&o));
+}
+
+/// A module's X509-SVID is no broker login, whatever the module is called:
+/// a module named `operator` (or after another device) on a provisioned
+/// device takes its SVID and key through the workload interface and
+/// presents them to the real Mosquitto with the ACL `fleet acl` writes. The
+/// broker refuses the handshake: module SVIDs chain to the workloads root,
+/// which its cafile does not hold, and carry no CN. The device's own login
+/// and the operator's still work (the positive controls).
+#[test]
+fn a_module_named_operator_or_after_a_device_is_no_broker_login() {
+    use edgeward_tests::fixtures::MqttUser;
+    let fleet = new_fleet(&["gw-1=line-a", "gw-2=line-a"]);
+    let s = Scratch::new();
+    device(&fleet, &s, "gw-1", "", "");
+    let config = s.path().join("config.toml");
+    for name in ["operator", "gw-2"] {
+        let file = s.path().join(format!("{name}.wasm"));
+        std::fs::copy(guests::IDENTITY_PROBE, &file).unwrap();
+        let o = s.run(
+            file.to_str().unwrap(),
+            &["--config", config.to_str().unwrap()],
+            &["cert"],
+        );
+        assert_status(&o, 0);
+        let out = stdout(&o);
+        let certs = svid::pem_blocks(&out);
+        assert!(certs.len() >= 2, "the SVID and the device CA: {out}");
+        let cert = s.write(&format!("{name}-svid.pem"), &certs.concat());
+        let key_start = out.find("-----BEGIN PRIVATE KEY-----").unwrap();
+        let key_end = out.find("-----END PRIVATE KEY-----").unwrap() + 25;
+        let key = s.write(&format!("{name}-svid.key"), &out[key_start..key_end]);
+        // It is a genuine SVID of the organisation's workloads root...
+        svid::openssl_verify(
+            &fleet.ca.role_root("workloads"),
+            Some(&s.write("ca.pem", &certs[1..].concat())),
+            &s.write("leaf.pem", &certs[0]),
+            &["-purpose", "sslclient"],
+        );
+        let text = svid::openssl_text(&s.path().join("leaf.pem"));
+        assert!(
+            text.contains("Subject: \n"),
+            "an SVID names no user: {text}"
+        );
+        // ...and no login.
+        let module = MqttUser {
+            cert,
+            key,
+            ..fleet.operator.clone()
+        };
+        assert!(
+            !module.publish("ew/v1/d/gw-1/in/desired", b"{}", false),
+            "the broker accepted module {name}'s SVID"
+        );
+    }
+    // The positive controls: the operator publishes, and the device's own
+    // login (its HSM key, certified by the devices root) connects.
+    assert!(
+        fleet
+            .operator
+            .publish("ew/v1/d/gw-9/in/attest/challenge", b"{}", false)
+    );
+    let d = connected(&s, &std::fs::read_to_string(&config).unwrap());
+    let (status, _, _) = d.terminate();
+    assert!(status.success());
+}
+
+/// What a device may grant is the config file's: the agent, an operator
+/// and the cloud cannot give a module the metadata service, the LAN,
+/// `0.0.0.0/0` server names or a 1 TiB disk budget unless `[grants]` says
+/// so; each refusal names the ceiling.
+#[test]
+fn an_operator_cannot_grant_beyond_the_config_files_ceilings() {
+    let fleet = new_fleet(&["gw-1=line-a"]);
+    let s = Scratch::new();
+    let config = device(&fleet, &s, "gw-1", "", "");
+    let d = connected(&s, &config);
+    let digest = sha256sum(guests::TEMPERATURE_SENSOR);
+    for (flags, ceiling) in [
+        (
+            ["--allow-outbound", "169.254.169.254:80"],
+            "[grants] outbound",
+        ),
+        (["--allow-outbound", "0.0.0.0/0:443"], "[grants] outbound"),
+        (["--allow-outbound", "10.0.0.5:502"], "[grants] outbound"),
+        (["--server-name", "0.0.0.0/0"], "[grants] server_names"),
+    ] {
+        let o = s
+            .edgeward()
+            .args(["module", "add", "m", guests::TEMPERATURE_SENSOR])
+            .args(flags)
+            .output()
+            .unwrap();
+        assert_status(&o, 1);
+        assert!(stderr(&o).contains(ceiling), "{flags:?}: {}", stderr(&o));
+    }
+    // A local deployment (an operator's) with a 1 TiB disk budget.
+    let m = s.write(
+        "local.toml",
+        &format!(
+            "version = \"1\"\n[[module]]\nname = \"big\"\nfile = \"{}\"\nmax_disk = \"1024GiB\"\n",
+            guests::TEMPERATURE_SENSOR
+        ),
+    );
+    let o = s.edgeward().arg("deploy").arg(&m).output().unwrap();
+    assert_status(&o, 1);
+    assert!(stderr(&o).contains("[grants] max_disk"), "{}", stderr(&o));
+    // Within the ceilings, the same add works (the positive control).
+    let o = s
+        .edgeward()
+        .args(["module", "add", "m", guests::TEMPERATURE_SENSOR])
+        .args(["--allow-outbound", "example.com:443"])
+        .output()
+        .unwrap();
+    assert_status(&o, 0);
+    // A cloud deployment is held to them too.
+    let m = format!(
+        "version = \"1\"\n\n[[module]]\nname = \"s\"\ndigest = \"{digest}\"\nsource = \"{}\"\nallow_outbound = [\"169.254.169.254:80\"]\n",
+        guests::TEMPERATURE_SENSOR
+    );
+    let o = fleet.deploy(&m, &["--device", "gw-1"], &["--wait", "--timeout", "30s"]);
+    assert_status(&o, 3);
+    assert!(stderr(&o).contains("[grants] outbound"), "{}", stderr(&o));
+    let (status, _, _) = d.terminate();
+    assert!(status.success());
 }

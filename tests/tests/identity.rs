@@ -620,6 +620,10 @@ fn ephemeral_runs_cannot_open_each_others_data() {
     assert!(out.starts_with("decrypt err invalid-argument"), "{out}");
 }
 
+/// The name constraints an organisation puts on a device CA: the trust
+/// domain's URIs, DNS names under edge.test, no IP address.
+const CONSTRAINED: &str = "nameConstraints=critical,permitted;URI:edgeward.local,permitted;DNS:edge.test,excluded;IP:0.0.0.0/0.0.0.0,excluded;IP:0:0:0:0:0:0:0:0/0:0:0:0:0:0:0:0\n";
+
 /// A certificate for the HSM's device CA key, made by an organisation root
 /// with openssl: the chain the module gets includes it, the bundle is the
 /// organisation root.
@@ -664,7 +668,12 @@ fn configured_ca_certificate_chains_to_an_external_root() {
     std::fs::write(dir.join("device-ca.pub"), pubkey).unwrap();
     std::fs::write(
         dir.join("ext.cnf"),
-        "basicConstraints=critical,CA:TRUE,pathlen:0\nkeyUsage=critical,keyCertSign,cRLSign,digitalSignature\nsubjectKeyIdentifier=hash\nauthorityKeyIdentifier=keyid\n",
+        format!("basicConstraints=critical,CA:TRUE,pathlen:0\nkeyUsage=critical,keyCertSign,cRLSign,digitalSignature\nsubjectKeyIdentifier=hash\nauthorityKeyIdentifier=keyid\n{CONSTRAINED}"),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("open.cnf"),
+        "basicConstraints=critical,CA:TRUE,pathlen:0\nkeyUsage=critical,keyCertSign,cRLSign\n",
     )
     .unwrap();
     sh("openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout org.key -out org.pem -days 30 -subj '/O=Org/CN=Org Root' 2>/dev/null
@@ -716,6 +725,11 @@ fn configured_ca_certificate_chains_to_an_external_root() {
     sh("openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout twin.key -out twin.pem -days 30 -subj '/O=Org/CN=Org Root' 2>/dev/null
         cat device-ca.pem twin.pem > twin-chain.pem");
     refused("twin-chain.pem", "signature does not verify");
+    // A device CA the organisation did not name-constrain could certify
+    // any name its root is trusted for: refused, naming the extension.
+    sh("openssl x509 -new -force_pubkey device-ca.pub -subj '/O=Org/CN=gateway device CA' -CA org.pem -CAkey org.key -days 30 -extfile open.cnf -out dev-open.pem
+        cat dev-open.pem org.pem > open-chain.pem");
+    refused("open-chain.pem", "no nameConstraints");
     // And every link's validity: a root that expired (made with `openssl
     // ca`, which takes explicit dates).
     sh("mkdir -p db && : > db/index.txt && echo 01 > db/serial

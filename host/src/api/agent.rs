@@ -182,16 +182,22 @@ impl management::Host for ManagementCtx {
             )));
         }
         let store = state.components.clone();
+        let quota = state.grants.components_quota;
         let digest = tokio::task::spawn_blocking(move || {
             let digest = Digest::of(&component);
-            store.put_bytes(&digest, &component).map(|_| digest)
+            store
+                .admit(&digest, component.len() as u64, quota)
+                .map_err(types::Error::NotPermitted)?;
+            store
+                .put_bytes(&digest, &component)
+                .map(|_| digest)
+                .map_err(|e| {
+                    tracing::error!(error = %e, "cannot store the agent's component");
+                    types::Error::Unavailable(format!("cannot store the component: {e}"))
+                })
         })
         .await
-        .map_err(|e| types::Error::Internal(e.to_string()))?
-        .map_err(|e| {
-            tracing::error!(error = %e, "cannot store the agent's component");
-            types::Error::Unavailable(format!("cannot store the component: {e}"))
-        })?;
+        .map_err(|e| types::Error::Internal(e.to_string()))??;
         tracing::info!(%digest, "component stored by the agent");
         Ok(digest.to_string())
     }

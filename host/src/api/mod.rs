@@ -542,6 +542,8 @@ pub struct ApiState {
     pub daemon_uid: u32,
     /// The engine's per-module ceilings (specs are checked against them).
     pub ceilings: ModuleCeilings,
+    /// What the config file lets the API, the agent and deployments grant.
+    pub grants: crate::grants::Grants,
     /// Static facts.
     pub info: SystemInfo,
     /// When the daemon started.
@@ -738,6 +740,7 @@ impl Offline {
             settings: ApiSettings::default(),
             daemon_uid: rustix::process::getuid().as_raw(),
             ceilings: config.runtime.ceilings,
+            grants: config.grants.clone(),
             info: SystemInfo {
                 version: crate::VERSION.to_owned(),
                 runtime_platform_version: format!("wasmtime {}", crate::WASMTIME_VERSION),
@@ -1171,6 +1174,10 @@ fn check_raw(state: &ApiState, raw: RawModuleSpec) -> Result<ModuleSpec, ApiErro
     let spec = raw
         .validate(&|p: &Path| p.to_owned(), &state.ceilings)
         .map_err(|e| unprocessable(e.to_string()))?;
+    state
+        .grants
+        .check(&spec)
+        .map_err(|e| unprocessable(format!("module {:?}: {e}", spec.name)))?;
     if !state.components.contains(&spec.digest) {
         return Err(unprocessable(format!(
             "component {} has not been uploaded (PUT /v1/blobs/{})",
@@ -1872,10 +1879,15 @@ async fn put_blob(
         ));
     }
     let store = state.components.clone();
-    tokio::task::spawn_blocking(move || store.put_bytes(&digest, &bytes))
-        .await
-        .map_err(internal)?
-        .map_err(internal)?;
+    let quota = state.grants.components_quota;
+    tokio::task::spawn_blocking(move || {
+        store
+            .admit(&digest, bytes.len() as u64, quota)
+            .map_err(|e| ApiError::new(StatusCode::INSUFFICIENT_STORAGE, e))?;
+        store.put_bytes(&digest, &bytes).map_err(internal)
+    })
+    .await
+    .map_err(internal)??;
     Ok(StatusCode::CREATED.into_response())
 }
 

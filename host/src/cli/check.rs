@@ -516,25 +516,52 @@ fn ca_check(state_dir: &Path) -> Check {
     }
 }
 
-/// `[cloud]`: the device CA chained to an organisation (else a broker that
-/// trusts the organisation refuses the device), and the broker reachable
-/// with a certificate `[cloud] ca` verifies. The device's own client
-/// authentication is the daemon's (`edgeward fleet status` shows it).
+/// `[cloud]`: the organisation's certificate for the device's broker key
+/// present and current (else the broker refuses the device), and the
+/// broker reachable with a certificate `[cloud] ca` verifies. The device's
+/// own client authentication is the daemon's (`edgeward fleet status`
+/// shows it).
 fn cloud_check(cfg: Option<&crate::config::Config>) -> Check {
     let Some(c) = cfg.and_then(|c| c.cloud.as_ref().map(|cl| (c, cl))) else {
         return pass("cloud", "no [cloud]: not connected to a fleet");
     };
-    let (cfg, cloud) = c;
+    let (_, cloud) = c;
     let broker = format!("{}:{}", cloud.host, cloud.port);
-    if cfg.identity.ca_certificate.is_none() {
-        return not_ok(
-            "cloud",
-            Verdict::Warn,
-            format!(
-                "broker {broker}: the device CA is self-signed, so a broker that trusts the organisation's root refuses this device"
-            ),
-            "edgeward identity csr --out device-ca.csr, have it certified, set [identity] ca_certificate (docs/fleet.md)",
-        );
+    let hint = "edgeward identity csr --broker --out broker.csr, have the organisation's device CA certify it, put the certificate where [cloud] certificate says (docs/fleet.md)";
+    let cert = &cloud.certificate;
+    let parsed = std::fs::read(cert)
+        .map_err(|e| e.to_string())
+        .and_then(|pem| {
+            let (_, p) = x509_parser::pem::parse_x509_pem(&pem).map_err(|e| e.to_string())?;
+            let c = p.parse_x509().map_err(|e| e.to_string())?;
+            Ok(c.validity().not_after.timestamp())
+        });
+    match parsed {
+        Err(e) => {
+            return not_ok(
+                "cloud",
+                Verdict::Fail,
+                format!(
+                    "broker {broker}: the device's broker certificate {}: {e}",
+                    cert.display()
+                ),
+                hint,
+            );
+        }
+        Ok(not_after) => {
+            let left = not_after - i64::try_from(crate::identity::unix_now()).unwrap_or(i64::MAX);
+            if left <= 0 {
+                return not_ok(
+                    "cloud",
+                    Verdict::Fail,
+                    format!(
+                        "broker {broker}: the device's broker certificate {} has expired",
+                        cert.display()
+                    ),
+                    hint,
+                );
+            }
+        }
     }
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()

@@ -95,7 +95,7 @@ enum Command {
     /// Operate a fleet through its broker and registry: push, deploy,
     /// rollback, status, attest, watch, acl.
     Fleet(fleet::FleetArgs),
-    /// The device's own identity: `edgeward identity csr --out FILE`.
+    /// The device's own identity: `edgeward identity csr [--broker] --out FILE`.
     Identity {
         #[command(subcommand)]
         command: IdentityCommand,
@@ -379,10 +379,15 @@ pub fn main() -> ExitCode {
             fleet::command(args)
         }
         Command::Identity {
-            command: IdentityCommand::Csr { out, config },
+            command:
+                IdentityCommand::Csr {
+                    out,
+                    config,
+                    broker,
+                },
         } => {
             init_logging("warn");
-            csr_command(cli.state_dir, config, &out)
+            csr_command(cli.state_dir, config, &out, broker)
         }
         Command::Module(args) => {
             init_logging("warn");
@@ -929,14 +934,23 @@ fn bundle_command(
 /// `edgeward identity ...`.
 #[derive(Debug, Subcommand)]
 enum IdentityCommand {
-    /// Write a certificate signing request for the HSM's device CA key
-    /// (CN = the device id, its SPIFFE ID as URI SAN), signed in the HSM,
-    /// for the organisation's CA to certify. Put the certificate, then its
-    /// issuers up to the root, in `[identity] ca_certificate`.
+    /// Write a certificate signing request, signed in the HSM, for the
+    /// organisation to certify. By default for the device CA key (CN = the
+    /// device id, its SPIFFE ID as URI SAN), which certifies the device's
+    /// modules: the organisation's workload CA certifies it, name
+    /// constrained; put the certificate, then its issuers up to the root,
+    /// in `[identity] ca_certificate`. With --broker, for the key the
+    /// device logs in to its broker with: the organisation's device CA
+    /// certifies it as a client; the certificate goes in `[cloud]
+    /// certificate`.
     Csr {
         /// Where to write the CSR (PEM).
         #[arg(long, value_name = "FILE")]
         out: PathBuf,
+        /// A CSR for the broker login key (`cloud-client`), not the device
+        /// CA.
+        #[arg(long)]
+        broker: bool,
         /// Config file (its [hsm] and [identity] tables, state_dir).
         #[arg(long, value_name = "FILE")]
         config: Option<PathBuf>,
@@ -947,6 +961,7 @@ fn csr_command(
     state_flag: Option<PathBuf>,
     config_flag: Option<PathBuf>,
     out: &std::path::Path,
+    broker: bool,
 ) -> ExitCode {
     let (cfg, state_dir) = match inspect_context(state_flag.as_deref(), config_flag) {
         Ok(x) => x,
@@ -960,7 +975,13 @@ fn csr_command(
         Err(e) => return fail(e, 1),
     };
     let spiffe = format!("spiffe://{}/device/{}", id.trust_domain, id.device_id);
-    let pem = match crate::identity::authority::device_ca_csr(&hsm, &id.device_id, &spiffe) {
+    let pem = if broker {
+        crate::cloud::tls::broker_csr(&hsm, &id.device_id, &spiffe)
+    } else {
+        crate::identity::authority::device_ca_csr(&hsm, &id.device_id, &spiffe)
+            .map_err(|e| e.to_string())
+    };
+    let pem = match pem {
         Ok(p) => p,
         Err(e) => return fail(e, 1),
     };
@@ -968,8 +989,9 @@ fn csr_command(
         return fail(format!("{}: {e}", out.display()), 1);
     }
     eprintln!(
-        "wrote {}: a CSR for the device CA key of {} ({spiffe})",
+        "wrote {}: a CSR for the {} key of {} ({spiffe})",
         out.display(),
+        if broker { "broker login" } else { "device CA" },
         id.device_id
     );
     ExitCode::SUCCESS

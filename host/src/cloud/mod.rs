@@ -6,10 +6,12 @@
 //! ```toml
 //! [cloud]
 //! broker = "mqtts://broker.example:8883"  # TLS only (default port 8883)
-//! ca = "broker-ca.pem"                # roots for the broker's certificate
+//! ca = "broker-ca.pem"                # the broker's CA, pinned (not the
+//!                                     # organisation's other roots)
+//! certificate = "broker-client.pem"   # the organisation's certificate for
+//!                                     # the HSM's broker key (identity csr --broker)
 //! deployment_keys = ["deploy.pub"]    # Ed25519 keys deployments are signed by
 //! groups = ["line-a"]                 # ew/v1/g/<group>/desired is read too
-//! client_cert_ttl = "24h"             # the broker certificate (renewed at half)
 //! keep_alive = "30s"
 //! reconnect_min = "1s"                # backoff after a lost connection:
 //! reconnect_max = "5m"                # doubling, with jitter, between these
@@ -99,8 +101,9 @@ pub struct CloudConfig {
     pub groups: Vec<String>,
     /// How far a deployment's version may jump past the applied one.
     pub max_version_step: u64,
-    /// Lifetime of the broker client certificate.
-    pub client_cert_ttl: Duration,
+    /// The device's broker certificate (for the HSM's `cloud-client` key),
+    /// read when the cloud interface starts and whenever it changes.
+    pub certificate: PathBuf,
     /// MQTT keep-alive.
     pub keep_alive: Duration,
     /// Reconnect backoff bounds.
@@ -132,6 +135,7 @@ pub struct RawRegistry {
 pub struct RawCloud {
     broker: String,
     ca: PathBuf,
+    certificate: Option<PathBuf>,
     #[serde(default)]
     deployment_keys: Vec<PathBuf>,
     #[serde(default)]
@@ -169,13 +173,12 @@ impl RawCloud {
             };
         let ms = Duration::from_millis;
         let s = Duration::from_secs;
-        let client_cert_ttl = dur(
-            "client_cert_ttl",
-            &self.client_cert_ttl,
-            s(86_400),
-            s(10),
-            s(90 * 86_400),
-        )?;
+        if self.client_cert_ttl.is_some() {
+            return Err("cloud.client_cert_ttl is gone: the device no longer certifies its own broker login; the organisation's device CA certifies the broker key (edgeward identity csr --broker) and cloud.certificate names that certificate (docs/fleet.md)".into());
+        }
+        let certificate = resolve(self.certificate.as_deref().ok_or(
+            "cloud.certificate: name the file with the organisation's certificate for this device's broker key (edgeward identity csr --broker writes its CSR; docs/fleet.md)",
+        )?);
         let keep_alive = dur("keep_alive", &self.keep_alive, s(30), s(5), s(3600))?;
         let reconnect_min = dur("reconnect_min", &self.reconnect_min, s(1), ms(10), s(3600))?;
         let reconnect_max = dur(
@@ -262,7 +265,7 @@ impl RawCloud {
                 }
                 Some(n) => n,
             },
-            client_cert_ttl,
+            certificate,
             keep_alive,
             reconnect_min,
             reconnect_max,
@@ -343,11 +346,18 @@ pub async fn run(
 ) {
     let topics = Topics::new(&identity.config().device_id, &config.groups);
     let mut backoff = Backoff::new(config.reconnect_min, config.reconnect_max);
-    // The broker identity: the HSM key and its first certificate.
+    // The broker identity: the HSM key and the organisation's certificate
+    // for it.
     let client_id = loop {
-        let id = identity.clone();
-        let ttl = config.client_cert_ttl;
-        match tokio::task::spawn_blocking(move || tls::ClientIdentity::new(&id, ttl)).await {
+        let hsm = identity.hsm();
+        let path = config.certificate.clone();
+        let r = tokio::task::spawn_blocking(move || {
+            let c = tls::ClientIdentity::new(hsm, path)?;
+            c.refresh()?;
+            Ok::<_, String>(c)
+        })
+        .await;
+        match r {
             Ok(Ok(c)) => break c,
             Ok(Err(e)) => tracing::error!(error = %e, "cloud: no broker identity; retrying"),
             Err(e) => tracing::error!(error = %e, "cloud: identity task failed; retrying"),
@@ -356,6 +366,7 @@ pub async fn run(
             return;
         }
     };
+    tracing::info!(not_after = client_id.not_after(), path = %config.certificate.display(), "cloud: broker certificate loaded");
     let tls = match client_config(&config, client_id.clone()) {
         Ok(t) => Arc::new(t),
         Err(e) => {
@@ -395,31 +406,26 @@ pub async fn run(
         online.clone(),
         stop.clone(),
     ));
-    let renew_after = |not_after: u64| {
-        let now = crate::identity::unix_now();
-        let left = not_after.saturating_sub(now);
-        Duration::from_secs((left / 2).max(5))
-    };
-    let mut renew_at = tokio::time::Instant::now() + renew_after(client_id.not_after());
+    let mut review = tokio::time::interval(Duration::from_secs(3600));
+    review.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut down_since: Option<std::time::Instant> = None;
     loop {
         tokio::select! {
             () = stopped(&mut stop) => break,
-            () = tokio::time::sleep_until(renew_at) => {
-                let id = identity.clone();
+            _ = review.tick() => {
+                // A renewed file is picked up here too (not only at the
+                // next handshake), and an expiry is announced ahead.
                 let cid = client_id.clone();
-                let ttl = config.client_cert_ttl;
-                let r = tokio::task::spawn_blocking(move || cid.renew(&id, ttl)).await;
+                let r = tokio::task::spawn_blocking(move || cid.refresh()).await;
                 match r {
-                    Ok(Ok(())) => {
-                        tracing::info!(not_after = client_id.not_after(), "cloud: broker certificate renewed (used from the next connection)");
-                        renew_at = tokio::time::Instant::now() + renew_after(client_id.not_after());
-                    }
-                    Ok(Err(e)) => {
-                        tracing::warn!(error = %e, "cloud: broker certificate not renewed; retrying in a minute");
-                        renew_at = tokio::time::Instant::now() + Duration::from_secs(60);
-                    }
-                    Err(e) => tracing::error!(error = %e, "cloud: renewal task failed"),
+                    Ok(Ok(true)) => tracing::info!(not_after = client_id.not_after(), "cloud: broker certificate reloaded (used from the next connection)"),
+                    Ok(Ok(false)) => {}
+                    Ok(Err(e)) => tracing::error!(error = %e, "cloud: the broker certificate file was not reloaded"),
+                    Err(e) => tracing::error!(error = %e, "cloud: certificate review failed"),
+                }
+                let left = client_id.not_after().saturating_sub(crate::identity::unix_now());
+                if left < 14 * 86_400 {
+                    tracing::warn!(days_left = left / 86_400, path = %config.certificate.display(), "cloud: the broker certificate expires soon; have the organisation renew it (edgeward identity csr --broker)");
                 }
             }
             event = eventloop.poll() => match event {
@@ -1052,6 +1058,13 @@ async fn fetch_components(
             bytes,
             digest,
         };
+        api.components
+            .admit(
+                &measured.digest,
+                measured.bytes.len() as u64,
+                api.grants.components_quota,
+            )
+            .map_err(|e| format!("module {}: {e}", m.name))?;
         api.components
             .put(&measured)
             .map_err(|e| format!("module {}: cannot store the component: {e}", m.name))?;

@@ -264,6 +264,14 @@ async fn start(
             .clone()
             .validate(&|p: &Path| p.to_owned(), &config.runtime.ceilings)
             .map_err(|e| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, e.to_string()))?;
+        if rec.origin != Origin::Config {
+            config.grants.check(&spec).map_err(|e| {
+                ApiError::new(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    format!("module {name:?}: {e}"),
+                )
+            })?;
+        }
         sup.start(spec).await.map_err(|e| {
             ApiError::new(
                 StatusCode::UNPROCESSABLE_ENTITY,

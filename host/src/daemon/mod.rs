@@ -197,6 +197,7 @@ pub async fn run(config: Config, state_dir: PathBuf, socket: PathBuf) -> anyhow:
         settings: config.api.clone(),
         daemon_uid: rustix::process::getuid().as_raw(),
         ceilings: config.runtime.ceilings,
+        grants: config.grants.clone(),
         info,
         started: std::time::Instant::now(),
         refusals: crate::runtime::loglimit::LogLimiter::new(
@@ -531,7 +532,16 @@ async fn start_deployment(
             continue;
         }
         let name = record.spec.name.clone();
+        let origin = record.origin;
         match record.spec.validate(&resolve, &config.runtime.ceilings) {
+            // What the API, the agent or the cloud registered is held to
+            // today's ceilings: a config that lowered them wins.
+            Ok(spec) if origin != crate::registry::Origin::Config => {
+                match config.grants.check(&spec) {
+                    Ok(()) => specs.push(spec),
+                    Err(e) => supervisor.refuse(&name, &e),
+                }
+            }
             Ok(spec) => specs.push(spec),
             Err(e) => supervisor.refuse(&name, &e.to_string()),
         }

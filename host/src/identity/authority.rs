@@ -72,11 +72,10 @@ impl PublicKeyData for PublicP256 {
 /// What a certificate is for.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Profile {
-    /// An X509-SVID: exactly the SPIFFE ID as URI SAN, client and server auth.
+    /// An X509-SVID: an empty subject (so nothing can map it to a user
+    /// name) and exactly the SPIFFE ID as a critical URI SAN; client and
+    /// server auth.
     Svid,
-    /// The device's own client certificate (to its broker): the SPIFFE ID
-    /// as URI SAN, client auth only.
-    Client,
     /// A server certificate: the SPIFFE ID and these names, server auth.
     Server {
         /// Subject common name.
@@ -124,6 +123,114 @@ pub struct Authority {
     chain_pem: String,
     roots_der: Vec<Vec<u8>>,
     roots_pem: String,
+    /// What a configured device CA's name constraints permit (none for a
+    /// self-signed root, which nothing outside the device trusts).
+    limits: Option<NameLimits>,
+}
+
+/// What a device CA's `nameConstraints` permit: the organisation's word on
+/// which names this device may certify (RFC 5280 permitted subtrees).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NameLimits {
+    dns: Vec<String>,
+    /// (address, mask), 4 or 16 bytes each.
+    ips: Vec<(Vec<u8>, Vec<u8>)>,
+    uris: Vec<String>,
+}
+
+impl NameLimits {
+    /// Reads the name constraints of a device CA certificate and checks
+    /// they confine it: URIs (to the trust domain, which they must permit),
+    /// DNS names, and IP addresses (permitted ranges, or all excluded).
+    ///
+    /// # Errors
+    ///
+    /// No constraints, or one of the three kinds unconstrained, named.
+    pub fn of_device_ca(der: &[u8], trust_domain: &str) -> Result<Self, String> {
+        use x509_parser::extensions::{GeneralName, ParsedExtension};
+        let (_, cert) = x509_parser::parse_x509_certificate(der)
+            .map_err(|e| format!("not a certificate: {e}"))?;
+        let how = "certify it with nameConstraints=critical,permitted;URI:<trust domain>,permitted;DNS:<the device's DNS suffix>,excluded;IP:0.0.0.0/0.0.0.0,excluded;IP:::/0 (or the IP ranges it may serve; docs/fleet.md)";
+        let nc = cert
+            .extensions()
+            .iter()
+            .find_map(|e| match e.parsed_extension() {
+                ParsedExtension::NameConstraints(nc) => Some(nc.clone()),
+                _ => None,
+            })
+            .ok_or_else(|| format!("the device CA certificate has no nameConstraints, so it could certify any name the organisation's root is trusted for; {how}"))?;
+        let mut l = Self::default();
+        let mut no_ips = false;
+        for s in nc.permitted_subtrees.iter().flatten() {
+            match &s.base {
+                GeneralName::DNSName(d) => l.dns.push(d.to_ascii_lowercase()),
+                GeneralName::URI(u) => l.uris.push(u.to_ascii_lowercase()),
+                GeneralName::IPAddress(b) if b.len() == 8 || b.len() == 32 => {
+                    let (a, m) = b.split_at(b.len() / 2);
+                    l.ips.push((a.to_vec(), m.to_vec()));
+                }
+                _ => {}
+            }
+        }
+        for s in nc.excluded_subtrees.iter().flatten() {
+            if let GeneralName::IPAddress(b) = &s.base
+                && b.len() >= 8
+                && b[b.len() / 2..].iter().all(|x| *x == 0)
+            {
+                no_ips = true;
+            }
+        }
+        if l.uris.is_empty() {
+            return Err(format!(
+                "the device CA's nameConstraints permit no URI subtree, so its SPIFFE IDs are unconstrained; {how}"
+            ));
+        }
+        if !l.uris.iter().any(|u| u == trust_domain) {
+            return Err(format!(
+                "the device CA's nameConstraints permit URIs in {:?}, not the trust domain {trust_domain:?}: its X509-SVIDs would not verify",
+                l.uris
+            ));
+        }
+        if l.dns.is_empty() {
+            return Err(format!(
+                "the device CA's nameConstraints permit no DNS subtree, so server certificates could name any host; {how}"
+            ));
+        }
+        if l.ips.is_empty() && !no_ips {
+            return Err(format!(
+                "the device CA's nameConstraints say nothing of IP addresses, so server certificates could name any address; {how}"
+            ));
+        }
+        Ok(l)
+    }
+
+    /// Whether `name` is within a permitted DNS subtree (`example.com`
+    /// permits it and its subdomains; `.example.com` only subdomains).
+    pub fn permits_dns(&self, name: &str) -> bool {
+        let name = name.trim_end_matches('.').to_ascii_lowercase();
+        self.dns.iter().any(|d| {
+            if let Some(suffix) = d.strip_prefix('.') {
+                name.ends_with(&format!(".{suffix}"))
+            } else {
+                name == *d || name.ends_with(&format!(".{d}"))
+            }
+        })
+    }
+
+    /// Whether `ip` is within a permitted range.
+    pub fn permits_ip(&self, ip: std::net::IpAddr) -> bool {
+        let bytes = match ip.to_canonical() {
+            std::net::IpAddr::V4(a) => a.octets().to_vec(),
+            std::net::IpAddr::V6(a) => a.octets().to_vec(),
+        };
+        self.ips.iter().any(|(a, m)| {
+            a.len() == bytes.len()
+                && a.iter()
+                    .zip(m)
+                    .zip(&bytes)
+                    .all(|((a, m), b)| a & m == b & m)
+        })
+    }
 }
 
 impl std::fmt::Debug for Authority {
@@ -326,12 +433,13 @@ impl Authority {
     pub fn open(
         hsm: Arc<dyn Hsm>,
         device_id: &str,
+        trust_domain: &str,
         configured: Option<&Path>,
         state_dir: &Path,
     ) -> Result<Self, IdentityError> {
         let point = hsm.signing_key(CA_KEY)?;
         match configured {
-            Some(path) => Self::from_configured(hsm, point, path),
+            Some(path) => Self::from_configured(hsm, point, path, trust_domain),
             None => Self::self_signed(hsm, point, device_id, state_dir),
         }
     }
@@ -340,6 +448,7 @@ impl Authority {
         hsm: Arc<dyn Hsm>,
         point: Vec<u8>,
         path: &Path,
+        trust_domain: &str,
     ) -> Result<Self, IdentityError> {
         let bad =
             |m: String| IdentityError::Config(format!("ca_certificate {}: {m}", path.display()));
@@ -357,6 +466,7 @@ impl Authority {
             ));
         }
         let not_after = check_chain(&certs, unix_now()).map_err(bad)?;
+        let limits = NameLimits::of_device_ca(&certs[0], trust_domain).map_err(bad)?;
         let issuer = ca_issuer(&point, &certs[0]).map_err(bad)?;
         let n = certs.len();
         let chain: String = certs[..n.saturating_sub(1)]
@@ -372,6 +482,7 @@ impl Authority {
             chain_pem: chain,
             roots_pem: pem_encode(&roots_der[0]),
             roots_der,
+            limits: Some(limits),
         })
     }
 
@@ -433,6 +544,7 @@ impl Authority {
             chain_pem: String::new(),
             roots_pem: pem_encode(&der),
             roots_der: vec![der],
+            limits: None,
         })
     }
 
@@ -458,6 +570,12 @@ impl Authority {
         &self.roots_der
     }
 
+    /// What the organisation permits this CA to certify (`None`: a
+    /// self-signed root, trusted by nothing outside the device).
+    pub fn limits(&self) -> Option<&NameLimits> {
+        self.limits.as_ref()
+    }
+
     /// When the device CA certificate expires (unix seconds).
     pub fn not_after(&self) -> u64 {
         self.not_after
@@ -474,12 +592,11 @@ impl Authority {
         &self,
         profile: &Profile,
         spiffe_id: &str,
-        subject_cn: &str,
         public_point: &[u8],
         ttl: Duration,
     ) -> Result<Issued, IdentityError> {
         let not_after = (unix_now() + ttl.as_secs()).min(self.not_after);
-        let mut p = leaf_params(subject_cn, public_point, not_after)?;
+        let mut p = leaf_params(public_point, not_after)?;
         let uri = || -> Result<SanType, IdentityError> {
             Ok(SanType::URI(spiffe_id.try_into().map_err(|e| {
                 IdentityError::Internal(format!("spiffe id as SAN: {e}"))
@@ -493,11 +610,8 @@ impl Authority {
                     ExtendedKeyUsagePurpose::ClientAuth,
                 ];
             }
-            Profile::Client => {
-                p.subject_alt_names = vec![uri()?];
-                p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-            }
-            Profile::Server { names, .. } => {
+            Profile::Server { common_name, names } => {
+                p.distinguished_name = edgeward_name(common_name.as_str());
                 p.subject_alt_names = names.clone();
                 p.subject_alt_names.push(uri()?);
                 p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
@@ -533,11 +647,10 @@ impl Authority {
         &self,
         profile: &Profile,
         spiffe_id: &str,
-        subject_cn: &str,
         ttl: Duration,
     ) -> Result<LeafKey, IdentityError> {
         let key = HostKey::generate(SignatureEncoding::Der)?;
-        let mut cert = self.issue(profile, spiffe_id, subject_cn, key.point(), ttl)?;
+        let mut cert = self.issue(profile, spiffe_id, key.point(), ttl)?;
         cert.pem.push_str(&self.chain_pem);
         Ok(LeafKey { key, cert })
     }
@@ -584,20 +697,20 @@ pub(crate) fn edgeward_name(cn: impl Into<DnValue>) -> DistinguishedName {
     dn
 }
 
-/// An end-entity certificate for `point` named `cn`, from now (backdated a
-/// little) until `not_after`: a random serial, `CA:FALSE`, key usage
-/// digitalSignature, subject and authority key identifiers.
+/// An end-entity certificate for `point` with an empty subject (name it
+/// after), from now (backdated a little) until `not_after`: a random
+/// serial, `CA:FALSE`, key usage digitalSignature, subject and authority
+/// key identifiers.
 ///
 /// # Errors
 ///
 /// When the random source fails.
 pub(crate) fn leaf_params(
-    cn: &str,
     point: &[u8],
     not_after: u64,
 ) -> Result<CertificateParams, IdentityError> {
     let mut p = CertificateParams::default();
-    p.distinguished_name = edgeward_name(cn);
+    p.distinguished_name = DistinguishedName::new();
     p.not_before = to_time(unix_now().saturating_sub(BACKDATE.as_secs()));
     p.not_after = to_time(not_after);
     p.serial_number = Some(random_serial()?);

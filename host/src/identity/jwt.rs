@@ -244,7 +244,8 @@ impl TokenService {
     /// The certificate of working key `kid` (`point`) until `not_after`,
     /// signed by the JWT authority key. Blocks on the HSM.
     fn certify(&self, kid: &str, point: &[u8], not_after: u64) -> Result<Vec<u8>, IdentityError> {
-        let p = leaf_params(&format!("{SIGNER_CN_PREFIX}{kid}"), point, not_after)?;
+        let mut p = leaf_params(point, not_after)?;
+        p.distinguished_name = edgeward_name(format!("{SIGNER_CN_PREFIX}{kid}"));
         let signer = HsmKey {
             hsm: self.hsm.clone(),
             id: JWT_AUTHORITY_KEY,
@@ -918,14 +919,10 @@ mod tests {
         assert!(svc.certified(&renamed).is_none());
         // A working key certified by another HSM key (the device CA, say):
         // refused.
-        let ca = super::super::Authority::open(hsm, "dev", None, dir.path()).unwrap();
+        let ca =
+            super::super::Authority::open(hsm, "dev", "edgeward.local", None, dir.path()).unwrap();
         let leaf = ca
-            .issue_leaf(
-                &super::super::Profile::Svid,
-                SUB,
-                "m",
-                Duration::from_secs(600),
-            )
+            .issue_leaf(&super::super::Profile::Svid, SUB, Duration::from_secs(600))
             .unwrap();
         let injected = PublishedKey {
             kid: kid_of(leaf.key.point()),

@@ -158,12 +158,11 @@ impl ModuleIdentity {
             return Ok(cur.leaf.clone());
         }
         let ttl = self.service.config().svid_ttl;
-        match self.service.authority().issue_leaf(
-            &Profile::Svid,
-            &self.who.spiffe_id,
-            &self.who.module_name,
-            ttl,
-        ) {
+        match self
+            .service
+            .authority()
+            .issue_leaf(&Profile::Svid, &self.who.spiffe_id, ttl)
+        {
             Ok(leaf) => {
                 let life = leaf.cert.not_after.saturating_sub(now);
                 let renew_at = now + life / 2 + random_below(life / 10 + 1);

@@ -160,6 +160,11 @@ impl ServerNamePolicy {
 pub struct ServerNames(Vec<ServerName>);
 
 impl ServerNames {
+    /// The entries, expanded.
+    pub fn entries(&self) -> &[ServerName] {
+        &self.0
+    }
+
     /// Whether the DNS name `name` (already checked) is allowed.
     pub fn permits_dns(&self, name: &str) -> bool {
         let name = normalize_dns(name);

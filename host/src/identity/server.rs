@@ -80,6 +80,29 @@ impl ModuleIdentity {
         if !self.server_names.permits_dns(common_name) {
             return Err(not_permitted("common-name", common_name));
         }
+        // The organisation's constraints on the device CA: a name outside
+        // them would give a certificate no one verifies, so say so.
+        if let Some(limits) = self.service.authority().limits() {
+            let outside = |n: &str| {
+                IdentityError::NotPermitted(format!(
+                    "{n:?} is outside the device CA's name constraints (set by the organisation that certified it)"
+                ))
+            };
+            for n in &names {
+                match n {
+                    rcgen::SanType::IpAddress(ip) if !limits.permits_ip(*ip) => {
+                        return Err(outside(&ip.to_string()));
+                    }
+                    rcgen::SanType::DnsName(d) if !limits.permits_dns(d.as_str()) => {
+                        return Err(outside(d.as_str()));
+                    }
+                    _ => {}
+                }
+            }
+            if !limits.permits_dns(common_name) {
+                return Err(outside(common_name));
+            }
+        }
         self.take_server_cert_token()?;
         let leaf = self.service.authority().issue_leaf(
             &Profile::Server {
@@ -87,7 +110,6 @@ impl ModuleIdentity {
                 names,
             },
             &self.who.spiffe_id,
-            common_name,
             self.service.config().svid_ttl,
         )?;
         Ok(Credentials::from(&leaf))

@@ -39,6 +39,7 @@ impl IdentityService {
         let authority = Arc::new(Authority::open(
             hsm.clone(),
             &config.device_id,
+            &config.trust_domain,
             config.ca_certificate.as_deref(),
             state_dir,
         )?);

@@ -119,6 +119,16 @@ pub fn check_svid(s: &Scratch, out: &str, bundle_pem: &str, spiffe_id: &str) {
     assert_eq!(text.matches("URI:").count(), 1, "{text}");
     assert!(text.contains(&format!("URI:{spiffe_id}")), "{text}");
     assert!(text.contains("CA:FALSE"), "{text}");
+    // No subject: nothing (a broker's use_identity_as_username, say) can
+    // map an SVID to a user name; the SAN is then critical.
+    assert!(
+        text.contains("Subject: \n") || text.contains("Subject:\n"),
+        "{text}"
+    );
+    assert!(
+        text.contains("Subject Alternative Name: critical"),
+        "{text}"
+    );
     assert!(
         text.contains("Key Usage: critical\n                Digital Signature\n"),
         "{text}"
