@@ -1,6 +1,7 @@
 //! Who is on the other end of the management socket: the kernel's
-//! credentials for the peer (SO_PEERCRED: uid, gid, pid, as of `connect`),
-//! its supplementary groups, and the role they give it. Connections are
+//! credentials for the peer (SO_PEERCRED: uid, gid, pid; SO_PEERGROUPS:
+//! its supplementary groups; both as of `connect`), and the role they give
+//! it. Connections are
 //! counted per uid at accept time.
 
 use std::collections::HashMap;
@@ -74,35 +75,47 @@ pub fn group_id(name: &str) -> Option<u32> {
     })
 }
 
-/// The supplementary groups of process `pid`, read from
-/// `/proc/<pid>/status`, and trusted only when that process's real uid is
-/// `uid` (the kernel's answer for the socket): a peer that exited and whose
-/// pid was reused by another user's process yields no groups. Empty when
-/// they cannot be read.
-pub fn peer_groups(pid: Option<i32>, uid: u32) -> Vec<u32> {
-    let Some(pid) = pid.filter(|p| *p > 0) else {
-        return Vec::new();
-    };
-    let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
-        return Vec::new();
-    };
-    let field = |name: &str| {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(name))
-            .map(str::trim)
-    };
-    let real_uid = field("Uid:").and_then(|v| v.split_whitespace().next()?.parse::<u32>().ok());
-    if real_uid != Some(uid) {
-        return Vec::new();
+/// The peer's supplementary groups as the kernel recorded them when it
+/// connected (`SO_PEERGROUPS`, as `SO_PEERCRED` records its uid): nothing
+/// is looked up after `accept`, so a peer that exits and whose pid is
+/// reused cannot lend its groups to another process. An error yields no
+/// groups (fewer rights, never more).
+///
+/// # Errors
+///
+/// The `getsockopt` error.
+#[allow(unsafe_code)]
+pub fn peer_groups(fd: std::os::fd::BorrowedFd<'_>) -> io::Result<Vec<u32>> {
+    use std::os::fd::AsRawFd as _;
+    const GID: usize = std::mem::size_of::<libc::gid_t>();
+    let mut buf: Vec<libc::gid_t> = vec![0; 64];
+    loop {
+        let mut len = libc::socklen_t::try_from(buf.len() * GID).unwrap_or(libc::socklen_t::MAX);
+        // SAFETY: `buf` is valid for writes of `len` bytes, and the kernel
+        // writes at most `len` bytes and stores the length it wrote (or,
+        // with ERANGE, the length it needs) in `len`.
+        let r = unsafe {
+            libc::getsockopt(
+                fd.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_PEERGROUPS,
+                buf.as_mut_ptr().cast(),
+                &mut len,
+            )
+        };
+        let len = usize::try_from(len).unwrap_or(0);
+        if r == 0 {
+            buf.truncate(len / GID);
+            return Ok(buf);
+        }
+        let e = io::Error::last_os_error();
+        // NGROUPS_MAX is 65536: a larger answer is not a group list.
+        if e.raw_os_error() == Some(libc::ERANGE) && len / GID > buf.len() && len / GID <= 65_536 {
+            buf.resize(len / GID, 0);
+            continue;
+        }
+        return Err(e);
     }
-    field("Groups:")
-        .map(|v| {
-            v.split_whitespace()
-                .filter_map(|g| g.parse().ok())
-                .collect()
-        })
-        .unwrap_or_default()
 }
 
 /// The management socket's listener: reads each peer's credentials at
@@ -141,11 +154,18 @@ impl PeerListener {
         }
         *n += 1;
         drop(open);
+        let groups = {
+            use std::os::fd::AsFd as _;
+            peer_groups(stream.as_fd()).unwrap_or_else(|e| {
+                tracing::warn!(uid, error = %e, "the peer's groups could not be read (SO_PEERGROUPS); it is judged by its uid and primary group");
+                Vec::new()
+            })
+        };
         let peer = Peer {
             uid,
             gid: cred.gid(),
             pid: cred.pid(),
-            groups: peer_groups(cred.pid(), uid),
+            groups,
         };
         Some((
             Conn {
@@ -282,13 +302,19 @@ mod tests {
 
     #[test]
     fn groups_of_this_process() {
-        let uid = rustix::process::getuid().as_raw();
-        let me = i32::try_from(std::process::id()).unwrap();
-        // Our own pid is readable and has our uid; another uid's claim is
-        // not trusted.
-        let _ = peer_groups(Some(me), uid);
-        assert!(peer_groups(Some(me), uid.wrapping_add(1)).is_empty());
-        assert!(peer_groups(None, uid).is_empty());
+        use std::os::fd::AsFd as _;
+        // The kernel's record for a socket this process connected: its own
+        // supplementary groups.
+        let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
+        let mut got = peer_groups(a.as_fd()).unwrap();
+        let mut want: Vec<u32> = rustix::process::getgroups()
+            .unwrap()
+            .into_iter()
+            .map(|g| g.as_raw())
+            .collect();
+        got.sort_unstable();
+        want.sort_unstable();
+        assert_eq!(got, want);
         assert_eq!(group_id("0"), Some(0));
         assert_eq!(group_id("root"), Some(0));
         assert_eq!(group_id("no-such-group-here"), None);
