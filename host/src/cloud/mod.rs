@@ -25,6 +25,8 @@
 //! host = "registry.example"           # or for its token service)
 //! username = "edge"
 //! password_file = "/etc/edgeward/registry.pass"
+//! token_hosts = ["auth.example"]      # another host its token service may be
+//!                                     # on (default: the registry's own only)
 //! ```
 //!
 //! A deployment's module names its component by digest and may say where
@@ -127,6 +129,8 @@ pub struct RawRegistry {
     host: String,
     username: String,
     password_file: PathBuf,
+    #[serde(default)]
+    token_hosts: Vec<String>,
 }
 
 /// `[cloud]` as written.
@@ -218,8 +222,14 @@ impl RawCloud {
         };
         let mut credentials = std::collections::BTreeMap::new();
         for r in self.registries {
-            let creds = oci::Credentials::from_file(&r.username, &resolve(&r.password_file))
+            let mut creds = oci::Credentials::from_file(&r.username, &resolve(&r.password_file))
                 .map_err(|e| format!("cloud.registry {}: password_file {e}", r.host))?;
+            for h in &r.token_hosts {
+                crate::addrclass::check_dns_name(h)
+                    .or_else(|e| h.parse::<std::net::IpAddr>().map(|_| ()).map_err(|_| e))
+                    .map_err(|e| format!("cloud.registry {}: token_hosts {h:?}: {e}", r.host))?;
+            }
+            creds.token_hosts = r.token_hosts;
             if r.host.is_empty() || r.host.contains('/') {
                 return Err(format!("cloud.registry: host {:?}: HOST[:PORT]", r.host));
             }

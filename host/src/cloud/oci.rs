@@ -127,6 +127,10 @@ pub struct Credentials {
     pub username: String,
     /// Password or token.
     pub password: zeroize::Zeroizing<String>,
+    /// Other hosts whose token service (a bearer challenge's realm) may be
+    /// sent these credentials (`[[cloud.registry]] token_hosts`); by
+    /// default only the registry's own host.
+    pub token_hosts: Vec<String>,
 }
 
 impl Credentials {
@@ -143,6 +147,7 @@ impl Credentials {
         Ok(Self {
             username: username.to_owned(),
             password: zeroize::Zeroizing::new(text.trim_end_matches(['\n', '\r']).to_owned()),
+            token_hosts: Vec::new(),
         })
     }
 }
@@ -189,6 +194,33 @@ impl Failure {
     }
 }
 
+/// The host of an authority (`host:port`, `[v6]:port`), without brackets.
+fn host_of(authority: &str) -> String {
+    super::split_host_port(authority, 443)
+        .map(|(h, _)| h)
+        .unwrap_or_else(|_| authority.to_owned())
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_ascii_lowercase()
+}
+
+/// Whether a registry host is itself on a non-public network (loopback,
+/// the LAN, ...): only then may it send the client to such addresses.
+async fn on_private_network(host: &str) -> bool {
+    if host == "localhost" {
+        return true;
+    }
+    if let Ok(ip) = host.parse::<std::net::IpAddr>() {
+        return crate::addrclass::classify(ip).is_some();
+    }
+    match tokio::net::lookup_host((host, 0)).await {
+        Ok(addrs) => addrs
+            .into_iter()
+            .any(|a| crate::addrclass::classify(a.ip()).is_some()),
+        Err(_) => false,
+    }
+}
+
 fn is_loopback(host: &str) -> bool {
     let bare = host.trim_start_matches('[').trim_end_matches(']');
     bare == "localhost"
@@ -224,11 +256,13 @@ impl Client {
     }
 
     /// `https://` for a registry; a loopback registry that does not speak
-    /// TLS is reached over `http://` (as Docker treats localhost).
+    /// TLS is reached over `http://` (as Docker treats localhost), but
+    /// never once credentials are configured: they go over TLS or not at
+    /// all.
     async fn base(&self, registry: &str) -> String {
         let https = format!("https://{registry}");
         let loopback = super::split_host_port(registry, 443).is_ok_and(|(h, _)| is_loopback(&h));
-        if !loopback {
+        if !loopback || self.credentials.is_some() {
             return https;
         }
         let probe = self
@@ -238,6 +272,7 @@ impl Client {
                 &HeaderMap::new(),
                 &Bytes::new(),
                 64 << 10,
+                false,
             )
             .await;
         match probe {
@@ -261,7 +296,12 @@ impl Client {
         Ok(r.body)
     }
 
-    /// One request: connect, send, read at most `limit` body bytes.
+    /// One request: connect, send, read at most `limit` body bytes. With
+    /// `public_only` (a place the registry sent the client to, while the
+    /// registry itself is on the public internet), the host's addresses
+    /// are resolved here and a non-public one (loopback, the LAN, the
+    /// metadata service) is refused; the connection goes to the address
+    /// checked, so a second lookup cannot swap it.
     async fn once(
         &self,
         method: &Method,
@@ -269,6 +309,7 @@ impl Client {
         headers: &HeaderMap,
         body: &Bytes,
         limit: u64,
+        public_only: bool,
     ) -> Result<Response, Failure> {
         let uri: http::Uri = url
             .parse()
@@ -291,9 +332,27 @@ impl Client {
             )));
         }
         let work = async {
-            let tcp = tokio::net::TcpStream::connect((host.as_str(), port))
-                .await
-                .map_err(|e| Failure::Transient(format!("connect {authority}: {e}")))?;
+            let tcp = if public_only {
+                let bare = host.trim_start_matches('[').trim_end_matches(']');
+                let addrs: Vec<std::net::SocketAddr> = tokio::net::lookup_host((bare, port))
+                    .await
+                    .map_err(|e| Failure::Transient(format!("resolve {authority}: {e}")))?
+                    .collect();
+                if let Some((ip, class)) = addrs.iter().find_map(|a| {
+                    crate::addrclass::classify(a.ip()).map(|c| (a.ip(), c))
+                }) {
+                    return Err(Failure::Final(format!(
+                        "{url}: refused: {authority} is {ip} ({class}), and a registry on the public internet may not send this device there"
+                    )));
+                }
+                let first = addrs
+                    .first()
+                    .ok_or_else(|| Failure::Transient(format!("resolve {authority}: no address")))?;
+                tokio::net::TcpStream::connect(first).await
+            } else {
+                tokio::net::TcpStream::connect((host.as_str(), port)).await
+            }
+            .map_err(|e| Failure::Transient(format!("connect {authority}: {e}")))?;
             let _ = tcp.set_nodelay(true);
             let io: Box<dyn IoStream> = if tls {
                 let name = match host.parse::<std::net::IpAddr>() {
@@ -393,6 +452,7 @@ impl Client {
         limit: u64,
     ) -> Result<Response, String> {
         let origin = authority_of(url);
+        let private_ok = on_private_network(&host_of(&origin)).await;
         let mut auth: Option<HeaderValue> = None;
         let mut attempt = 0;
         let mut url = url.to_owned();
@@ -403,7 +463,11 @@ impl Client {
             if same_origin && let Some(a) = &auth {
                 headers.insert(header::AUTHORIZATION, a.clone());
             }
-            match self.once(&method, &url, &headers, &body, limit).await {
+            let public_only = !same_origin && !private_ok;
+            match self
+                .once(&method, &url, &headers, &body, limit, public_only)
+                .await
+            {
                 Ok(r) if r.status.is_redirection() => {
                     redirects += 1;
                     let to = r
@@ -414,10 +478,14 @@ impl Client {
                     if redirects > 5 {
                         return Err(format!("{url}: more than 5 redirects"));
                     }
-                    url = absolute(&url, to);
+                    let next = absolute(&url, to);
+                    if url.starts_with("https://") && !next.starts_with("https://") {
+                        return Err(format!("{url}: a redirect from HTTPS to {next} is refused"));
+                    }
+                    url = next;
                 }
                 Ok(r) if r.status == StatusCode::UNAUTHORIZED && auth.is_none() && same_origin => {
-                    auth = Some(self.answer_challenge(&r.headers, &url).await?);
+                    auth = Some(self.answer_challenge(&r.headers, &url, private_ok).await?);
                 }
                 Ok(r) if r.status.is_server_error() && attempt + 1 < self.attempts => {
                     attempt += 1;
@@ -436,11 +504,15 @@ impl Client {
     }
 
     /// `Basic` with the credentials, or a `Bearer` token fetched from the
-    /// challenge's realm (with the credentials, if any).
+    /// challenge's realm. The realm gets the credentials only over HTTPS
+    /// and only on the registry's own host or a configured `token_hosts`
+    /// one; elsewhere the token is asked for anonymously. A realm a public
+    /// registry names on a non-public address is refused.
     async fn answer_challenge(
         &self,
         headers: &HeaderMap,
         url: &str,
+        private_ok: bool,
     ) -> Result<HeaderValue, String> {
         let challenge = headers
             .get(header::WWW_AUTHENTICATE)
@@ -482,15 +554,41 @@ impl Client {
                 query.join("&")
             )
         };
+        let realm_host = host_of(&authority_of(&token_url));
+        let registry_host = host_of(&authority_of(url));
+        let trusted_realm = realm_host == registry_host
+            || self.credentials.as_ref().is_some_and(|c| {
+                c.token_hosts
+                    .iter()
+                    .any(|h| h.eq_ignore_ascii_case(&realm_host))
+            });
         let mut h = HeaderMap::new();
-        if let Some(b) = basic {
-            h.insert(
-                header::AUTHORIZATION,
-                HeaderValue::from_str(&b).map_err(|e| e.to_string())?,
-            );
+        match basic {
+            Some(b)
+                if trusted_realm
+                    && (token_url.starts_with("https://") || is_loopback(&realm_host)) =>
+            {
+                h.insert(
+                    header::AUTHORIZATION,
+                    HeaderValue::from_str(&b).map_err(|e| e.to_string())?,
+                );
+            }
+            Some(_) => tracing::warn!(
+                realm = %token_url,
+                "registry: the token service is not on the registry's host (nor in token_hosts) or not HTTPS; asking it without credentials"
+            ),
+            None => {}
         }
+        let public_only = realm_host != registry_host && !private_ok;
         let r = self
-            .once(&Method::GET, &token_url, &h, &Bytes::new(), 64 << 10)
+            .once(
+                &Method::GET,
+                &token_url,
+                &h,
+                &Bytes::new(),
+                64 << 10,
+                public_only,
+            )
             .await
             .map_err(Failure::message)?;
         if !r.status.is_success() {
@@ -866,6 +964,7 @@ mod tests {
                 &HeaderMap::new(),
                 &Bytes::new(),
                 1,
+                false,
             ))
             .unwrap_err()
             .message();
@@ -873,6 +972,136 @@ mod tests {
             err.contains("plain HTTP only to a loopback registry"),
             "{err}"
         );
+        // With credentials there is no plain-HTTP fallback, loopback or not.
+        let with = with_credentials(&[]);
+        assert_eq!(rt.block_on(with.base("127.0.0.1:1")), "https://127.0.0.1:1");
+    }
+
+    /// A client with credentials `u`/`secret` that may also go to the token
+    /// services on `token_hosts`.
+    fn with_credentials(token_hosts: &[&str]) -> Client {
+        Client::new(
+            None,
+            Some(Credentials {
+                username: "u".into(),
+                password: zeroize::Zeroizing::new("secret".into()),
+                token_hosts: token_hosts.iter().map(|h| (*h).to_owned()).collect(),
+            }),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn a_public_registry_cannot_send_the_device_to_private_addresses() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let c = Client::new(None, None).unwrap();
+        for (url, class) in [
+            ("http://127.0.0.1:1/v2/", "loopback"),
+            ("https://169.254.169.254/latest/meta-data/", "link-local"),
+            ("https://10.1.2.3/v2/", "private-use"),
+            ("https://localhost:1/v2/", "loopback"),
+        ] {
+            let err = rt
+                .block_on(c.once(&Method::GET, url, &HeaderMap::new(), &Bytes::new(), 1, true))
+                .unwrap_err()
+                .message();
+            assert!(
+                err.contains("refused") && err.contains(class),
+                "{url}: {err}"
+            );
+        }
+        assert!(!rt.block_on(on_private_network("8.8.8.8")));
+        assert!(rt.block_on(on_private_network("10.0.0.9")));
+        assert!(rt.block_on(on_private_network("localhost")));
+    }
+
+    /// A registry whose bearer challenge names a token service on another
+    /// host: the token is asked for without the credentials.
+    #[test]
+    fn credentials_go_to_no_other_host() {
+        use std::io::{BufRead as _, Write as _};
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        // The token service, on "localhost" (another host name than the
+        // registry's 127.0.0.1): records whether credentials came.
+        let tokens = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let token_port = tokens.local_addr().unwrap().port();
+        let saw_credentials = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let saw = saw_credentials.clone();
+        std::thread::spawn(move || {
+            for conn in tokens.incoming() {
+                let Ok(mut conn) = conn else { return };
+                let mut r = std::io::BufReader::new(conn.try_clone().unwrap());
+                loop {
+                    let mut line = String::new();
+                    if r.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+                        break;
+                    }
+                    if line.to_ascii_lowercase().starts_with("authorization:") {
+                        saw.store(true, std::sync::atomic::Ordering::SeqCst);
+                    }
+                }
+                let body = br#"{"token":"t"}"#;
+                let _ = write!(
+                    conn,
+                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                    body.len()
+                );
+                let _ = conn.write_all(body);
+            }
+        });
+        let registry = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let reg = registry.local_addr().unwrap();
+        std::thread::spawn(move || {
+            for conn in registry.incoming() {
+                let Ok(mut conn) = conn else { return };
+                let mut r = std::io::BufReader::new(conn.try_clone().unwrap());
+                let mut bearer = false;
+                loop {
+                    let mut line = String::new();
+                    if r.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+                        break;
+                    }
+                    bearer |= line
+                        .to_ascii_lowercase()
+                        .starts_with("authorization: bearer");
+                }
+                let _ = if bearer {
+                    conn.write_all(
+                        b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+                    )
+                } else {
+                    write!(
+                        conn,
+                        "HTTP/1.1 401 Unauthorized\r\nWWW-Authenticate: Bearer realm=\"http://localhost:{token_port}/token\",service=\"r\"\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                    )
+                };
+            }
+        });
+        let get = |token_hosts: &[&str]| {
+            rt.block_on(with_credentials(token_hosts).request(
+                Method::GET,
+                &format!("http://{reg}/v2/"),
+                HeaderMap::new(),
+                Bytes::new(),
+                1024,
+            ))
+            .unwrap()
+        };
+        let r = get(&[]);
+        assert!(r.status.is_success(), "{}", r.status);
+        assert!(
+            !saw_credentials.load(std::sync::atomic::Ordering::SeqCst),
+            "the credentials went to another host's token service"
+        );
+        // Named in token_hosts, the same service gets them.
+        get(&["localhost"]);
+        assert!(saw_credentials.load(std::sync::atomic::Ordering::SeqCst));
     }
 
     #[test]
