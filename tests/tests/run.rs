@@ -683,8 +683,9 @@ fn memories_per_module_are_capped() {
 }
 
 /// A module opening files in a loop hits its handle limit (max_handles:
-/// resource-table entries, so host descriptors too) and is stopped with the
-/// limit named; it never reaches the daemon's descriptor limit.
+/// resource-table entries, so host descriptors too) as an error it can
+/// handle (ENOMEM: wasi:filesystem has no EMFILE), not a trap; it never
+/// reaches the daemon's descriptor limit. Sockets get `new-socket-limit`.
 #[test]
 fn handles_are_bounded_per_module() {
     let s = Scratch::new();
@@ -694,14 +695,28 @@ fn handles_are_bounded_per_module() {
         &["--dir", &grant, "--max-handles", "64"],
         &["open-loop"],
     );
-    assert_status(&o, 134);
-    let err = stderr(&o);
+    assert_status(&o, 1);
+    let out = stdout(&o);
     assert!(
-        err.contains("handle limit exceeded") && err.contains("max_handles (64)"),
-        "{err}"
+        out.contains("denied: open-loop after") && out.contains("memory"),
+        "{out}{}",
+        stderr(&o)
     );
+    assert!(!stderr(&o).contains("trap"), "{}", stderr(&o));
     let opened = std::fs::read_dir(&data).expect("read").count();
     assert!(opened <= 64, "{opened} files held open");
+    let o = s.run(
+        PROBE,
+        &["--max-handles", "16", "--allow-outbound", "127.0.0.1:9"],
+        &["socket-loop"],
+    );
+    assert_status(&o, 1);
+    let out = stdout(&o);
+    assert!(
+        out.contains("denied: socket-loop after") && out.contains("new-socket-limit"),
+        "{out}{}",
+        stderr(&o)
+    );
 }
 
 /// Handles without a host descriptor behind them (pollables) are bounded

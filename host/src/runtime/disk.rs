@@ -406,6 +406,101 @@ impl BudgetedFs<'_> {
     }
 }
 
+/// The handle-making calls with the budget's bookkeeping; their trait
+/// methods turn a full handle table into an error code.
+impl BudgetedFs<'_> {
+    async fn open_at_budgeted(
+        &mut self,
+        fd: Resource<types::Descriptor>,
+        path_flags: types::PathFlags,
+        path: String,
+        oflags: types::OpenFlags,
+        flags: types::DescriptorFlags,
+    ) -> FsResult<Resource<types::Descriptor>> {
+        let Some(budget) = self.budgets.budget_of(fd.rep()).cloned() else {
+            let opened =
+                HostDescriptor::open_at(&mut self.fs, fd, path_flags, path, oflags, flags).await?;
+            // Its handle number is its own now, whatever held it before.
+            self.budgets.descriptors.remove(&opened.rep());
+            return Ok(opened);
+        };
+        let creating = oflags.contains(types::OpenFlags::CREATE);
+        let truncating = oflags.contains(types::OpenFlags::TRUNCATE);
+        // What is there now: a creation takes an entry, a truncation frees
+        // the file's bytes.
+        let before = if creating || truncating {
+            let follow = path_flags.contains(types::PathFlags::SYMLINK_FOLLOW);
+            // Cannot tell (an error): count a creation, as if there were
+            // nothing (over, never under).
+            self.stat_under(&fd, &path, follow).unwrap_or_default()
+        } else {
+            None
+        };
+        let new_entry = creating && before.is_none();
+        if new_entry {
+            budget.charge(0, 1).map_err(quota)?;
+        }
+        let opened =
+            HostDescriptor::open_at(&mut self.fs, borrow(&fd), path_flags, path, oflags, flags)
+                .await;
+        let opened = match opened {
+            Ok(o) => o,
+            Err(e) => {
+                if new_entry {
+                    budget.credit(0, 1);
+                }
+                return Err(e);
+            }
+        };
+        if truncating && let Some(m) = &before {
+            budget.credit(m.len(), 0);
+        }
+        let hold = match self.file_of(&opened)? {
+            Some(file) => match budget.hold(&file) {
+                Ok(h) => Some(h),
+                Err(e) => {
+                    let _ = HostDescriptor::drop(&mut self.fs, opened);
+                    return Err(io(&e));
+                }
+            },
+            None => None,
+        };
+        self.budgets.descriptors.insert(
+            opened.rep(),
+            Tracked {
+                budget,
+                _hold: hold,
+            },
+        );
+        Ok(opened)
+    }
+
+    fn read_via_stream_budgeted(
+        &mut self,
+        fd: Resource<types::Descriptor>,
+        offset: types::Filesize,
+    ) -> FsResult<Resource<DynInputStream>> {
+        let budgeted = self.budgeted_file(&fd)?;
+        let stream = HostDescriptor::read_via_stream(&mut self.fs, fd, offset)?;
+        let Some((budget, file)) = budgeted else {
+            return Ok(stream);
+        };
+        let inner = self.fs.table.delete(stream)?;
+        let hold = budget.hold(&file).map_err(|e| io(&e))?;
+        Ok(self
+            .fs
+            .table
+            .push(HeldInput { inner, _hold: hold }.boxed())?)
+    }
+}
+
+/// A full handle table (`max_handles`) as `insufficient-memory` (ENOMEM):
+/// wasi:filesystem has no EMFILE, and the table is host memory the module
+/// may hold. The module can close something and retry; it does not trap.
+fn handles_full(e: FsError) -> FsError {
+    super::handles_full_as(e, ErrorCode::InsufficientMemory)
+}
+
 impl preopens::Host for BudgetedFs<'_> {
     fn get_directories(&mut self) -> wasmtime::Result<Vec<(Resource<Descriptor>, String)>> {
         let dirs = preopens::Host::get_directories(&mut self.fs)?;
@@ -534,7 +629,9 @@ impl HostDescriptor for BudgetedFs<'_> {
         &mut self,
         fd: Resource<types::Descriptor>,
     ) -> FsResult<Resource<types::DirectoryEntryStream>> {
-        HostDescriptor::read_directory(&mut self.fs, fd).await
+        HostDescriptor::read_directory(&mut self.fs, fd)
+            .await
+            .map_err(handles_full)
     }
 
     async fn sync(&mut self, fd: Resource<types::Descriptor>) -> FsResult<()> {
@@ -624,62 +721,9 @@ impl HostDescriptor for BudgetedFs<'_> {
         oflags: types::OpenFlags,
         flags: types::DescriptorFlags,
     ) -> FsResult<Resource<types::Descriptor>> {
-        let Some(budget) = self.budgets.budget_of(fd.rep()).cloned() else {
-            let opened =
-                HostDescriptor::open_at(&mut self.fs, fd, path_flags, path, oflags, flags).await?;
-            // Its handle number is its own now, whatever held it before.
-            self.budgets.descriptors.remove(&opened.rep());
-            return Ok(opened);
-        };
-        let creating = oflags.contains(types::OpenFlags::CREATE);
-        let truncating = oflags.contains(types::OpenFlags::TRUNCATE);
-        // What is there now: a creation takes an entry, a truncation frees
-        // the file's bytes.
-        let before = if creating || truncating {
-            let follow = path_flags.contains(types::PathFlags::SYMLINK_FOLLOW);
-            // Cannot tell (an error): count a creation, as if there were
-            // nothing (over, never under).
-            self.stat_under(&fd, &path, follow).unwrap_or_default()
-        } else {
-            None
-        };
-        let new_entry = creating && before.is_none();
-        if new_entry {
-            budget.charge(0, 1).map_err(quota)?;
-        }
-        let opened =
-            HostDescriptor::open_at(&mut self.fs, borrow(&fd), path_flags, path, oflags, flags)
-                .await;
-        let opened = match opened {
-            Ok(o) => o,
-            Err(e) => {
-                if new_entry {
-                    budget.credit(0, 1);
-                }
-                return Err(e);
-            }
-        };
-        if truncating && let Some(m) = &before {
-            budget.credit(m.len(), 0);
-        }
-        let hold = match self.file_of(&opened)? {
-            Some(file) => match budget.hold(&file) {
-                Ok(h) => Some(h),
-                Err(e) => {
-                    let _ = HostDescriptor::drop(&mut self.fs, opened);
-                    return Err(io(&e));
-                }
-            },
-            None => None,
-        };
-        self.budgets.descriptors.insert(
-            opened.rep(),
-            Tracked {
-                budget,
-                _hold: hold,
-            },
-        );
-        Ok(opened)
+        self.open_at_budgeted(fd, path_flags, path, oflags, flags)
+            .await
+            .map_err(handles_full)
     }
 
     fn drop(&mut self, fd: Resource<types::Descriptor>) -> wasmtime::Result<()> {
@@ -772,17 +816,8 @@ impl HostDescriptor for BudgetedFs<'_> {
         fd: Resource<types::Descriptor>,
         offset: types::Filesize,
     ) -> FsResult<Resource<DynInputStream>> {
-        let budgeted = self.budgeted_file(&fd)?;
-        let stream = HostDescriptor::read_via_stream(&mut self.fs, fd, offset)?;
-        let Some((budget, file)) = budgeted else {
-            return Ok(stream);
-        };
-        let inner = self.fs.table.delete(stream)?;
-        let hold = budget.hold(&file).map_err(|e| io(&e))?;
-        Ok(self
-            .fs
-            .table
-            .push(HeldInput { inner, _hold: hold }.boxed())?)
+        self.read_via_stream_budgeted(fd, offset)
+            .map_err(handles_full)
     }
 
     fn write_via_stream(
@@ -790,14 +825,14 @@ impl HostDescriptor for BudgetedFs<'_> {
         fd: Resource<types::Descriptor>,
         offset: types::Filesize,
     ) -> FsResult<Resource<DynOutputStream>> {
-        self.budgeted_output(fd, Some(offset))
+        self.budgeted_output(fd, Some(offset)).map_err(handles_full)
     }
 
     fn append_via_stream(
         &mut self,
         fd: Resource<types::Descriptor>,
     ) -> FsResult<Resource<DynOutputStream>> {
-        self.budgeted_output(fd, None)
+        self.budgeted_output(fd, None).map_err(handles_full)
     }
 
     async fn is_same_object(

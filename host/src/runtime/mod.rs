@@ -231,6 +231,30 @@ impl fmt::Display for Exit {
     }
 }
 
+/// A WASI call's error as one the module can handle when it failed only
+/// because the module's handle table is full (its `max_handles`): `code`
+/// (the interface's nearest to EMFILE) instead of a trap. Other errors pass
+/// unchanged.
+pub(crate) fn handles_full_as<E>(
+    e: wasmtime_wasi::TrappableError<E>,
+    code: E,
+) -> wasmtime_wasi::TrappableError<E>
+where
+    E: std::error::Error + Send + Sync + 'static,
+{
+    match e.downcast() {
+        Ok(c) => c.into(),
+        Err(err)
+            if err
+                .downcast_ref::<wasmtime::component::ResourceTableError>()
+                .is_some_and(|r| matches!(r, wasmtime::component::ResourceTableError::Full)) =>
+        {
+            code.into()
+        }
+        Err(err) => wasmtime_wasi::TrappableError::trap(err),
+    }
+}
+
 /// A one-line cause (the limiter's refusal when memory ran out, else the
 /// trap or error), followed by the wasm backtrace when there is one.
 fn trap_reason(e: wasmtime::Error, memory_denial: Option<String>, max_handles: u32) -> String {
@@ -291,6 +315,15 @@ impl Runtime {
         // Name lookups go through the module's allow-list.
         linker.allow_shadowing(true);
         wasmtime_wasi::p2::bindings::sockets::ip_name_lookup::add_to_linker::<
+            ModuleState,
+            network::HasFilteredLookup,
+        >(&mut linker, ModuleState::lookup)?;
+        // Socket creation: a full handle table is an error code, not a trap.
+        wasmtime_wasi::p2::bindings::sockets::tcp_create_socket::add_to_linker::<
+            ModuleState,
+            network::HasFilteredLookup,
+        >(&mut linker, ModuleState::lookup)?;
+        wasmtime_wasi::p2::bindings::sockets::udp_create_socket::add_to_linker::<
             ModuleState,
             network::HasFilteredLookup,
         >(&mut linker, ModuleState::lookup)?;

@@ -487,6 +487,35 @@ impl wasmtime_wasi::p2::bindings::sockets::network::HostNetwork for FilteredLook
     }
 }
 
+/// Socket creation: a full handle table (`max_handles`) is
+/// `new-socket-limit` (the interface's EMFILE), not a trap.
+impl wasmtime_wasi::p2::bindings::sockets::tcp_create_socket::Host for FilteredLookup<'_> {
+    fn create_tcp_socket(
+        &mut self,
+        family: wasmtime_wasi::p2::bindings::sockets::network::IpAddressFamily,
+    ) -> Result<Resource<wasmtime_wasi::p2::TcpSocket>, SocketError> {
+        wasmtime_wasi::p2::bindings::sockets::tcp_create_socket::Host::create_tcp_socket(
+            &mut self.sockets,
+            family,
+        )
+        .map_err(|e| super::handles_full_as(e, ErrorCode::NewSocketLimit))
+    }
+}
+
+impl wasmtime_wasi::p2::bindings::sockets::udp_create_socket::Host for FilteredLookup<'_> {
+    async fn create_udp_socket(
+        &mut self,
+        family: wasmtime_wasi::p2::bindings::sockets::network::IpAddressFamily,
+    ) -> Result<Resource<wasmtime_wasi::p2::UdpSocket>, SocketError> {
+        wasmtime_wasi::p2::bindings::sockets::udp_create_socket::Host::create_udp_socket(
+            &mut self.sockets,
+            family,
+        )
+        .await
+        .map_err(|e| super::handles_full_as(e, ErrorCode::NewSocketLimit))
+    }
+}
+
 impl LookupHost for FilteredLookup<'_> {
     fn resolve_addresses(
         &mut self,

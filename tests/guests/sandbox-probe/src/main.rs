@@ -168,12 +168,32 @@ fn main() -> ExitCode {
                 match std::fs::File::create(format!("/data/f{i}")) {
                     Ok(f) => held.push(f),
                     Err(e) => {
-                        println!("denied: open-loop after {}: {e}", held.len());
+                        // Handled: close a few (printing needs a stream and a pollable).
+                        let n = held.len();
+                        held.truncate(n.saturating_sub(4));
+                        println!("denied: open-loop after {n}: {e}");
                         return ExitCode::FAILURE;
                     }
                 }
             }
             ExitCode::SUCCESS
+        }
+        "socket-loop" => {
+            // Creates sockets (wasi:sockets directly: std has no unbound
+            // socket) and keeps them, until refused.
+            use wasi::sockets::{network::IpAddressFamily, tcp_create_socket};
+            let mut held = Vec::new();
+            loop {
+                match tcp_create_socket::create_tcp_socket(IpAddressFamily::Ipv4) {
+                    Ok(s) => held.push(s),
+                    Err(e) => {
+                        let n = held.len();
+                        held.truncate(n.saturating_sub(4));
+                        println!("denied: socket-loop after {n}: {e:?}");
+                        return ExitCode::FAILURE;
+                    }
+                }
+            }
         }
         "connect-loop" => {
             // Refused connects as fast as possible.
