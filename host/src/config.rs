@@ -85,6 +85,8 @@
 //! backend = "soft"                    # soft (default) | tpm | pkcs11
 //! tcti = "device:/dev/tpmrm0"         # tpm: TCTI (default shown)
 //! pcr = 13                            # tpm: measurement register PCR (see hsm::tpm::DEFAULT_PCR)
+//! boot_pcrs = [7]                     # tpm: boot PCRs new keys are bound to
+//!                                     # (default: 7 if the boot measured it)
 //! module = "/usr/lib/softhsm/libsofthsm2.so"   # pkcs11: the module
 //! token = "edgeward"                  # pkcs11: token label
 //! pin_file = "/etc/edgeward/pin"      # pkcs11: user PIN, never on the command line
@@ -285,6 +287,7 @@ struct RawHsm {
     backend: Option<String>,
     tcti: Option<String>,
     pcr: Option<u8>,
+    boot_pcrs: Option<Vec<u8>>,
     module: Option<PathBuf>,
     token: Option<String>,
     pin_file: Option<PathBuf>,
@@ -331,7 +334,7 @@ pub const DEFAULT_TCTI: &str = "device:/dev/tpmrm0";
 impl RawHsm {
     fn validate(self, resolve: &dyn Fn(&Path) -> PathBuf) -> Result<HsmConfig, String> {
         let backend = self.backend.as_deref().unwrap_or("soft");
-        let tpm_fields = self.tcti.is_some() || self.pcr.is_some();
+        let tpm_fields = self.tcti.is_some() || self.pcr.is_some() || self.boot_pcrs.is_some();
         let pkcs11_fields =
             self.module.is_some() || self.token.is_some() || self.pin_file.is_some();
         match backend {
@@ -348,9 +351,13 @@ impl RawHsm {
                 if pcr > 23 {
                     return Err(format!("hsm.pcr = {pcr}: must be 0..=23"));
                 }
+                if let Some(b) = &self.boot_pcrs {
+                    crate::hsm::tpm::check_boot_pcrs(b, pcr)?;
+                }
                 Ok(HsmConfig::Tpm(crate::hsm::tpm::TpmConfig {
                     tcti: self.tcti.unwrap_or_else(|| DEFAULT_TCTI.to_owned()),
                     pcr,
+                    boot_pcrs: self.boot_pcrs,
                 }))
             }
             #[cfg(feature = "pkcs11")]
@@ -511,7 +518,7 @@ impl Config {
             crate::hsm::HsmConfig::Soft => json!({"backend": "soft"}),
             #[cfg(feature = "tpm")]
             crate::hsm::HsmConfig::Tpm(c) => {
-                json!({"backend": "tpm", "tcti": c.tcti, "pcr": c.pcr})
+                json!({"backend": "tpm", "tcti": c.tcti, "pcr": c.pcr, "boot_pcrs": c.boot_pcrs})
             }
             #[cfg(feature = "pkcs11")]
             crate::hsm::HsmConfig::Pkcs11(c) => json!({
@@ -997,6 +1004,14 @@ mod tests {
                 "token",
             ),
             ("[hsm]\nbackend = \"tpm\"\npcr = 24".to_owned(), "pcr"),
+            (
+                "[hsm]\nbackend = \"tpm\"\nboot_pcrs = [13]".to_owned(),
+                "measurement register",
+            ),
+            (
+                "[hsm]\nbackend = \"tpm\"\nboot_pcrs = [23]".to_owned(),
+                "reset by software",
+            ),
         ];
         for (text, needle) in cases {
             let e = parse(&text).expect_err(&text);
@@ -1041,7 +1056,8 @@ mod tests {
             c.hsm,
             HsmConfig::Tpm(crate::hsm::tpm::TpmConfig {
                 tcti: DEFAULT_TCTI.into(),
-                pcr: 13
+                pcr: 13,
+                boot_pcrs: None,
             })
         );
         let c = parse(

@@ -237,6 +237,7 @@ impl Swtpm {
         TpmConfig {
             tcti: self.tcti(),
             pcr: edgeward::hsm::tpm::DEFAULT_PCR,
+            boot_pcrs: None,
         }
     }
 

@@ -432,6 +432,7 @@ fn unreachable_tpm_is_a_clear_error() {
         edgeward::hsm::tpm::TpmConfig {
             tcti: tcti.clone(),
             pcr: edgeward::hsm::tpm::DEFAULT_PCR,
+            boot_pcrs: None,
         },
     )
     .unwrap_err();
@@ -456,6 +457,74 @@ fn tpm_refuses_a_different_primary() {
     let tpm_b = Swtpm::start();
     let e = TpmHsm::open(state.path(), tpm_b.config()).unwrap_err();
     assert!(e.to_string().contains("storage primary"), "{e}");
+}
+
+/// Extends PCR `pcr` of `tpm` (SHA-256 bank) as boot firmware would.
+fn extend_boot_pcr(tpm: &Swtpm, pcr: u32) {
+    use std::str::FromStr as _;
+    use tss_esapi::structures::{Digest, DigestValues};
+    let mut ctx =
+        tss_esapi::Context::new(tss_esapi::TctiNameConf::from_str(&tpm.tcti()).unwrap()).unwrap();
+    let mut values = DigestValues::new();
+    values.set(
+        tss_esapi::interface_types::algorithm::HashingAlgorithm::Sha256,
+        Digest::try_from(vec![0x5a; 32]).unwrap(),
+    );
+    let handle = tss_esapi::handles::PcrHandle::try_from(pcr).unwrap();
+    ctx.execute_with_nullauth_session(|c| c.pcr_extend(handle, values))
+        .unwrap();
+}
+
+/// Keys bound to the boot state (`boot_pcrs`): usable while the boot PCR
+/// holds what it held when they were made; once it changes (another boot
+/// loader, Secure Boot turned off) the TPM refuses them, and the error
+/// says why. A power cycle back to the same boot state brings them back.
+/// Never bound to the runtime register.
+#[test]
+fn tpm_keys_bound_to_the_boot_state_stop_working_when_it_changes() {
+    let state = tempfile::tempdir().expect("tempdir");
+    let mut tpm = Swtpm::start();
+    let mut config = tpm.config();
+    config.boot_pcrs = Some(vec![7]);
+    {
+        let hsm = TpmHsm::open(state.path(), config.clone()).unwrap();
+        hsm.signing_key("device-ca").unwrap();
+        hsm.sign_digest("device-ca", &[1; 32]).unwrap();
+        hsm.aead_key("master").unwrap();
+        let ct = hsm.encrypt("master", b"sealed", b"").unwrap();
+        std::fs::write(state.path().join("ct"), ct).unwrap();
+        // The runtime register moves with every event: keys never depend
+        // on it.
+        hsm.extend(&[9; 32]).unwrap();
+        hsm.sign_digest("device-ca", &[2; 32]).unwrap();
+    }
+    extend_boot_pcr(&tpm, 7);
+    let hsm = TpmHsm::open(state.path(), config.clone()).unwrap();
+    let e = hsm.sign_digest("device-ca", &[3; 32]).unwrap_err();
+    assert!(e.to_string().contains("boot state"), "{e}");
+    let ct = std::fs::read(state.path().join("ct")).unwrap();
+    let e = hsm.decrypt("master", &ct, b"").unwrap_err();
+    assert!(e.to_string().contains("boot state"), "{e}");
+    drop(hsm);
+    // The same boot state again (a power cycle with the same firmware).
+    tpm.reset();
+    let hsm = TpmHsm::open(state.path(), config).unwrap();
+    hsm.sign_digest("device-ca", &[4; 32]).unwrap();
+    assert_eq!(&hsm.decrypt("master", &ct, b"").unwrap()[..], b"sealed");
+
+    // By default a key binds to PCR 7 when the platform measured its boot
+    // there, and to nothing when it did not (a fresh swtpm).
+    let auto = tempfile::tempdir().expect("tempdir");
+    let hsm = TpmHsm::open(auto.path(), tpm.config()).unwrap();
+    hsm.signing_key("unbound").unwrap();
+    extend_boot_pcr(&tpm, 7);
+    hsm.signing_key("bound").unwrap();
+    hsm.sign_digest("unbound", &[5; 32]).unwrap();
+    hsm.sign_digest("bound", &[5; 32]).unwrap();
+    extend_boot_pcr(&tpm, 7);
+    hsm.sign_digest("unbound", &[6; 32]).unwrap();
+    let e = hsm.sign_digest("bound", &[6; 32]).unwrap_err();
+    assert!(e.to_string().contains("boot state"), "{e}");
 }
 
 #[test]

@@ -200,9 +200,12 @@ fn cfb_decrypt(key: &[u8], iv: &[u8], data: &[u8]) -> Vec<u8> {
 /// What an eavesdropper reads out of the recording (the swtpm TCTI opens a
 /// connection per command, so sessions span connections): every parameter
 /// it can decrypt, with the index of the connection it came from, assuming
-/// sessions that are neither salted nor bound and objects without
-/// authorization values.
-fn eavesdrop(conns: &[Conn]) -> Vec<(usize, Vec<u8>)> {
+/// sessions that are neither salted nor bound, and that it knows the
+/// object's authorization value `auth` (the strongest eavesdropper: one
+/// who also read the state directory).
+fn eavesdrop(conns: &[Conn], auth: &[u8]) -> Vec<(usize, Vec<u8>)> {
+    // The TPM drops an auth value's trailing zeros before keying with it.
+    let auth = &auth[..auth.iter().rposition(|b| *b != 0).map_or(0, |i| i + 1)];
     let mut plain = Vec::new();
     let mut nonce_tpm: HashMap<u32, Vec<u8>> = HashMap::new();
     let exchanges = conns.iter().enumerate().flat_map(|(i, c)| {
@@ -241,7 +244,7 @@ fn eavesdrop(conns: &[Conn]) -> Vec<(usize, Vec<u8>)> {
             && cc != CC_START_AUTH_SESSION
             && let Some(older) = nonce_tpm.get(h)
         {
-            let k = kdfa(b"", b"CFB", caller, older);
+            let k = kdfa(auth, b"CFB", caller, older);
             let mut p = Reader(params);
             plain.push((conn, cfb_decrypt(&k[..16], &k[16..], p.tpm2b())));
         }
@@ -279,7 +282,7 @@ fn eavesdrop(conns: &[Conn]) -> Vec<(usize, Vec<u8>)> {
         }
         for (i, ((h, caller, _), (nonce, attrs))) in sessions.iter().zip(&newer).enumerate() {
             if i == 0 && attrs & ATTR_ENCRYPT != 0 && matches!(cc, CC_CREATE | CC_UNSEAL) {
-                let k = kdfa(b"", b"CFB", nonce, caller);
+                let k = kdfa(auth, b"CFB", nonce, caller);
                 plain.push((
                     conn,
                     cfb_decrypt(&k[..16], &k[16..], Reader(params).tpm2b()),
@@ -303,6 +306,7 @@ fn secrets_never_cross_the_tpm_bus_readably() {
     let config = TpmConfig {
         tcti: relay.tcti(),
         pcr: edgeward::hsm::tpm::DEFAULT_PCR,
+        boot_pcrs: None,
     };
     // The backend's work: create and unseal the AEAD key, create and use a
     // signing key; then a second open (a daemon restart) unseals again.
@@ -330,6 +334,7 @@ fn secrets_never_cross_the_tpm_bus_readably() {
     let keys = state.path().join("hsm-tpm/keys");
     let (public, private) =
         decode_blob(&std::fs::read(keys.join("master-encryption.aead")).unwrap()).unwrap();
+    let auth_value = std::sync::OnceLock::new();
     let secret = {
         use tss_esapi::interface_types::resource_handles::Hierarchy;
         let tcti = tss_esapi::TctiNameConf::from_str(&relay.tcti()).unwrap();
@@ -350,6 +355,25 @@ fn secrets_never_cross_the_tpm_bus_readably() {
         let h = ctx
             .execute_with_nullauth_session(|c| c.load(primary, private, public))
             .unwrap();
+        // Another user of the TPM, without the state directory's secret,
+        // cannot use the key: its auth value is not empty.
+        let refused = ctx.execute_with_nullauth_session(|c| c.unseal(h.into()));
+        assert!(
+            refused.is_err(),
+            "the sealed key opened without its auth value"
+        );
+        // The control holds the secret (it reads the state directory).
+        let secret: [u8; 32] = std::fs::read(state.path().join("hsm-tpm/auth.secret"))
+            .unwrap()
+            .try_into()
+            .unwrap();
+        let auth = edgeward::hsm::tpm::object_auth(&secret, "master-encryption");
+        let _ = auth_value.set(auth.to_vec());
+        ctx.tr_set_auth(
+            h.into(),
+            tss_esapi::structures::Auth::try_from(auth.to_vec()).unwrap(),
+        )
+        .unwrap();
         ctx.execute_with_nullauth_session(|c| c.unseal(h.into()))
             .unwrap()
             .value()
@@ -357,7 +381,7 @@ fn secrets_never_cross_the_tpm_bus_readably() {
     };
     assert_eq!(secret.len(), 32);
     let conns = relay.connections();
-    let read = eavesdrop(&conns);
+    let read = eavesdrop(&conns, auth_value.get().unwrap());
     let control: Vec<&Vec<u8>> = read
         .iter()
         .filter(|(i, _)| *i >= backend_conns)

@@ -39,9 +39,9 @@ use tss_esapi::interface_types::resource_handles::Hierarchy;
 use tss_esapi::interface_types::session_handles::AuthSession;
 use tss_esapi::structures::{
     Data, Digest, DigestValues, EccPoint, EccScheme, HashScheme, HashcheckTicket, KeyedHashScheme,
-    PcrSelectionListBuilder, PcrSlot, Private, Public, PublicBuilder, PublicEccParametersBuilder,
-    PublicKeyedHashParameters, SensitiveData, Signature, SignatureScheme, SymmetricDefinition,
-    SymmetricDefinitionObject,
+    PcrSelectionList, PcrSelectionListBuilder, PcrSlot, Private, Public, PublicBuilder,
+    PublicEccParametersBuilder, PublicKeyedHashParameters, SensitiveData, Signature,
+    SignatureScheme, SymmetricDefinition, SymmetricDefinitionObject,
 };
 use tss_esapi::traits::{Marshall, UnMarshall};
 use tss_esapi::tss2_esys::TPMT_TK_HASHCHECK;
@@ -76,6 +76,37 @@ pub struct TpmConfig {
     pub tcti: String,
     /// PCR index for the measurement register (0..=23).
     pub pcr: u8,
+    /// Boot PCRs new keys are bound to (their use needs these PCRs to hold
+    /// what they held when the key was made). `None`: PCR 7 (the Secure
+    /// Boot state) if the platform measured its boot there (non-zero),
+    /// else none. Never the measurement register, never 16-23.
+    pub boot_pcrs: Option<Vec<u8>>,
+}
+
+/// Why `boot_pcrs` cannot be used.
+///
+/// # Errors
+///
+/// A PCR at or past 16 (resettable, or the debug PCR), the measurement
+/// register itself, or one named twice.
+pub fn check_boot_pcrs(pcrs: &[u8], register: u8) -> std::result::Result<(), String> {
+    let mut seen = [false; 24];
+    for &p in pcrs {
+        if p >= 16 {
+            return Err(format!(
+                "hsm.boot_pcrs: PCR {p} can be reset by software; bind keys to boot PCRs 0-15"
+            ));
+        }
+        if p == register {
+            return Err(format!(
+                "hsm.boot_pcrs: PCR {p} is the measurement register edgeward extends at run time; a key bound to it would stop working at the next event"
+            ));
+        }
+        if std::mem::replace(&mut seen[usize::from(p)], true) {
+            return Err(format!("hsm.boot_pcrs: PCR {p} is named twice"));
+        }
+    }
+    Ok(())
 }
 
 /// What a key blob file holds.
@@ -111,6 +142,61 @@ impl Inner {
     ) -> tss_esapi::Result<T> {
         let s = self.salted;
         self.ctx.execute_with_session(Some(s), f)
+    }
+}
+
+impl Inner {
+    /// Runs `f` in a policy session (salted with the primary, parameters
+    /// encrypted both ways) that has satisfied the boot policy over `pcrs`
+    /// and PolicyAuthValue: the object's auth value enters the HMAC.
+    fn with_boot_policy<T>(
+        &mut self,
+        pcrs: &[u8],
+        f: impl FnOnce(&mut Context) -> tss_esapi::Result<T>,
+    ) -> tss_esapi::Result<T> {
+        use tss_esapi::interface_types::session_handles::PolicySession;
+        let selection = sha256_selection(pcrs)?;
+        let session = start_session(&mut self.ctx, Some(self.primary), SessionType::Policy)?;
+        let out = (|| {
+            let (attributes, mask) = SessionAttributesBuilder::new()
+                .with_decrypt(true)
+                .with_encrypt(true)
+                .build();
+            self.ctx.tr_sess_set_attributes(session, attributes, mask)?;
+            let policy = PolicySession::try_from(session)?;
+            self.ctx.policy_pcr(policy, Digest::default(), selection)?;
+            self.ctx.policy_auth_value(policy)?;
+            self.ctx.execute_with_session(Some(session), f)
+        })();
+        let _ = self.ctx.flush_context(SessionHandle::from(session).into());
+        out
+    }
+}
+
+/// A TPM error, with the boot policy named when that is what failed.
+fn policy_error(op: Op, id: &str, pcrs: &[u8], e: tss_esapi::Error) -> HsmError {
+    use tss_esapi::constants::response_code::Tss2ResponseCodeKind as Kind;
+    match &e {
+        tss_esapi::Error::Tss2Error(rc)
+            if !pcrs.is_empty() && matches!(rc.kind(), Some(Kind::PolicyFail)) =>
+        {
+            err(
+                op,
+                Some(id),
+                ErrorKind::Backend(format!(
+                    "the TPM refuses the key: the boot state (PCR {pcrs:?}) is not the one it was bound to (firmware, boot loader or Secure Boot configuration changed since it was made)"
+                )),
+            )
+        }
+        tss_esapi::Error::Tss2Error(rc) if matches!(rc.kind(), Some(Kind::AuthFail)) => err(
+            op,
+            Some(id),
+            ErrorKind::Backend(
+                "the TPM refuses the key's auth value (hsm-tpm/auth.secret replaced or lost?)"
+                    .into(),
+            ),
+        ),
+        _ => tss(op, Some(id))(e),
     }
 }
 
@@ -160,6 +246,8 @@ fn start_session(
 pub struct TpmHsm {
     dir: PathBuf,
     config: TpmConfig,
+    /// The secret the keys' auth values derive from ([`object_auth`]).
+    auth_secret: Zeroizing<[u8; 32]>,
     inner: Mutex<Inner>,
     aead: Mutex<HashMap<String, Arc<SoftAead>>>,
 }
@@ -212,12 +300,15 @@ pub fn primary_template() -> tss_esapi::Result<Public> {
         .build()
 }
 
-fn signing_template(restricted: bool) -> tss_esapi::Result<Public> {
+/// A key bound to a policy (`Some`) is used only through it: its user role
+/// needs the policy session (userWithAuth clear); its admin role (the AK's
+/// ActivateCredential) still takes the auth value by HMAC.
+fn signing_template(restricted: bool, policy: Option<&Digest>) -> tss_esapi::Result<Public> {
     let attrs = ObjectAttributesBuilder::new()
         .with_fixed_tpm(true)
         .with_fixed_parent(true)
         .with_sensitive_data_origin(true)
-        .with_user_with_auth(true)
+        .with_user_with_auth(policy.is_none())
         .with_sign_encrypt(true)
         .with_restricted(restricted)
         .with_no_da(true)
@@ -226,6 +317,7 @@ fn signing_template(restricted: bool) -> tss_esapi::Result<Public> {
     PublicBuilder::new()
         .with_public_algorithm(PublicAlgorithm::Ecc)
         .with_name_hashing_algorithm(HashingAlgorithm::Sha256)
+        .with_auth_policy(policy.cloned().unwrap_or_default())
         .with_object_attributes(attrs)
         .with_ecc_parameters(
             PublicEccParametersBuilder::new_unrestricted_signing_key(scheme, EccCurve::NistP256)
@@ -236,16 +328,17 @@ fn signing_template(restricted: bool) -> tss_esapi::Result<Public> {
         .build()
 }
 
-fn sealed_template() -> tss_esapi::Result<Public> {
+fn sealed_template(policy: Option<&Digest>) -> tss_esapi::Result<Public> {
     let attrs = ObjectAttributesBuilder::new()
         .with_fixed_tpm(true)
         .with_fixed_parent(true)
-        .with_user_with_auth(true)
+        .with_user_with_auth(policy.is_none())
         .with_no_da(true)
         .build()?;
     PublicBuilder::new()
         .with_public_algorithm(PublicAlgorithm::KeyedHash)
         .with_name_hashing_algorithm(HashingAlgorithm::Sha256)
+        .with_auth_policy(policy.cloned().unwrap_or_default())
         .with_object_attributes(attrs)
         .with_keyed_hash_parameters(PublicKeyedHashParameters::new(KeyedHashScheme::Null))
         .with_keyed_hash_unique_identifier(Digest::default())
@@ -286,9 +379,42 @@ fn der_signature(sig: &Signature) -> Option<Vec<u8>> {
     Some(sig.to_der().as_bytes().to_vec())
 }
 
-fn encode_blob(public: &Public, private: &Private) -> tss_esapi::Result<Vec<u8>> {
+/// How a key object is protected: by an auth value (derived from the
+/// state directory's secret and the key id), and by a policy on boot PCRs.
+/// Keys made before auth values existed have neither.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Protection {
+    /// The object has an auth value.
+    pub auth: bool,
+    /// The boot PCRs (SHA-256 bank) its use is bound to.
+    pub pcrs: Vec<u8>,
+}
+
+/// A key blob: public and private areas, and how the object is protected.
+#[derive(Debug, Clone)]
+struct KeyBlob {
+    public: Public,
+    private: Private,
+    protection: Protection,
+}
+
+/// The header of a key blob with a [`Protection`]: `EWK2`, the auth flag,
+/// the PCR count and PCRs, then the unprotected layout. (An unprotected
+/// blob starts with the public area's length, which is far below the
+/// `EW` this reads as.)
+const BLOB_V2: &[u8; 4] = b"EWK2";
+
+fn encode_blob(
+    public: &Public,
+    private: &Private,
+    protection: &Protection,
+) -> tss_esapi::Result<Vec<u8>> {
     let public = public.marshall()?;
-    let mut out = Vec::with_capacity(2 + public.len() + private.value().len());
+    let mut out = Vec::with_capacity(8 + 2 + public.len() + private.value().len());
+    out.extend_from_slice(BLOB_V2);
+    out.push(u8::from(protection.auth));
+    out.push(u8::try_from(protection.pcrs.len()).unwrap_or(0));
+    out.extend_from_slice(&protection.pcrs);
     out.extend_from_slice(
         &u16::try_from(public.len())
             .unwrap_or(u16::MAX)
@@ -299,13 +425,97 @@ fn encode_blob(public: &Public, private: &Private) -> tss_esapi::Result<Vec<u8>>
     Ok(out)
 }
 
-/// Splits a key blob file (`u16` public length, marshalled public,
-/// private) into its parts.
+/// Splits a key blob file (optionally the [`Protection`] header, then `u16`
+/// public length, marshalled public, private) into its parts.
 pub fn decode_blob(bytes: &[u8]) -> Option<(Public, Private)> {
+    decode_protected(bytes).map(|(public, private, _)| (public, private))
+}
+
+/// [`decode_blob`] with the object's [`Protection`].
+pub fn decode_protected(bytes: &[u8]) -> Option<(Public, Private, Protection)> {
+    let (protection, bytes) = match bytes.strip_prefix(BLOB_V2) {
+        Some(rest) => {
+            let auth = match rest.first()? {
+                0 => false,
+                1 => true,
+                _ => return None,
+            };
+            let n = usize::from(*rest.get(1)?);
+            let pcrs = rest.get(2..2 + n)?.to_vec();
+            if pcrs.iter().any(|p| *p >= 24) {
+                return None;
+            }
+            (Protection { auth, pcrs }, rest.get(2 + n..)?)
+        }
+        None => (Protection::default(), bytes),
+    };
     let len = usize::from(u16::from_be_bytes([*bytes.first()?, *bytes.get(1)?]));
     let public = Public::unmarshall(bytes.get(2..2 + len)?).ok()?;
     let private = Private::try_from(bytes.get(2 + len..)?.to_vec()).ok()?;
-    Some((public, private))
+    Some((public, private, protection))
+}
+
+/// The auth value of key `id`: SHA-256 over a domain tag, the state
+/// directory's TPM secret (`hsm-tpm/auth.secret`, 0600) and the id. Who
+/// can use the TPM but cannot read the state directory cannot use the key.
+pub fn object_auth(secret: &[u8; 32], id: &str) -> Zeroizing<Vec<u8>> {
+    let mut h = <sha2::Sha256 as sha2::Digest>::new();
+    sha2::Digest::update(&mut h, b"edgeward tpm object auth v1\0");
+    sha2::Digest::update(&mut h, secret);
+    sha2::Digest::update(&mut h, id.as_bytes());
+    Zeroizing::new(sha2::Digest::finalize(h).to_vec())
+}
+
+/// The policy digest of "these PCRs hold their current values, and the
+/// caller knows the auth value" (PolicyPCR, then PolicyAuthValue), from a
+/// trial session.
+fn boot_policy(ctx: &mut Context, selection: PcrSelectionList) -> tss_esapi::Result<Digest> {
+    use tss_esapi::interface_types::session_handles::PolicySession;
+    let session = start_session(ctx, None, SessionType::Trial)?;
+    let digest = (|| {
+        let policy = PolicySession::try_from(session)?;
+        ctx.policy_pcr(policy, Digest::default(), selection)?;
+        ctx.policy_auth_value(policy)?;
+        ctx.policy_get_digest(policy)
+    })();
+    let _ = ctx.flush_context(SessionHandle::from(session).into());
+    digest
+}
+
+/// `pcrs` in the SHA-256 bank.
+fn sha256_selection(pcrs: &[u8]) -> tss_esapi::Result<PcrSelectionList> {
+    let slots = pcrs
+        .iter()
+        .map(|p| PcrSlot::try_from(1u32 << p))
+        .collect::<tss_esapi::Result<Vec<_>>>()?;
+    PcrSelectionListBuilder::new()
+        .with_selection(HashingAlgorithm::Sha256, &slots)
+        .build()
+}
+
+/// The state directory's TPM secret: read, or made (32 random bytes,
+/// written once, 0600) when missing.
+fn load_auth_secret(path: &Path) -> std::result::Result<Zeroizing<[u8; 32]>, String> {
+    let read = |path: &Path| -> std::result::Result<Option<Zeroizing<[u8; 32]>>, String> {
+        match std::fs::read(path) {
+            Ok(b) => {
+                let b = Zeroizing::new(b);
+                <[u8; 32]>::try_from(b.as_slice())
+                    .map(|a| Some(Zeroizing::new(a)))
+                    .map_err(|_| format!("{}: not 32 bytes", path.display()))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(format!("{}: {e}", path.display())),
+        }
+    };
+    if let Some(s) = read(path)? {
+        return Ok(s);
+    }
+    let mut fresh = Zeroizing::new([0u8; 32]);
+    getrandom::fill(fresh.as_mut()).map_err(|e| format!("random: {e}"))?;
+    // Another process may make it first (false): theirs is the secret.
+    state::create_only(path, fresh.as_ref()).map_err(|e| format!("{}: {e}", path.display()))?;
+    read(path)?.ok_or_else(|| format!("{}: vanished", path.display()))
 }
 
 impl TpmHsm {
@@ -334,6 +544,10 @@ impl TpmHsm {
                 ErrorKind::Backend(format!("{}: {e}", keys.display())),
             )
         })?;
+        if let Some(pcrs) = &config.boot_pcrs {
+            check_boot_pcrs(pcrs, config.pcr)
+                .map_err(|m| err(op, None, ErrorKind::InvalidArgument(m)))?;
+        }
         let tcti = TctiNameConf::from_str(&config.tcti).map_err(|e| {
             err(
                 op,
@@ -379,9 +593,12 @@ impl TpmHsm {
             primary,
             salted,
         };
+        let auth_secret = load_auth_secret(&dir.join("auth.secret"))
+            .map_err(|m| err(op, None, ErrorKind::Backend(m)))?;
         let this = Self {
             dir,
             config,
+            auth_secret,
             inner: Mutex::new(inner),
             aead: Mutex::default(),
         };
@@ -437,16 +654,24 @@ impl TpmHsm {
         self.dir.join("keys").join(format!("{id}.{}", blob.ext()))
     }
 
-    fn read_blob(&self, op: Op, id: &str, blob: Blob) -> Result<Option<(Public, Private)>> {
+    fn read_blob(&self, op: Op, id: &str, blob: Blob) -> Result<Option<KeyBlob>> {
         let path = self.blob_path(id, blob);
         match std::fs::read(&path) {
-            Ok(bytes) => decode_blob(&bytes).map(Some).ok_or_else(|| {
-                err(
-                    op,
-                    Some(id),
-                    ErrorKind::Backend(format!("{}: malformed key blob", path.display())),
-                )
-            }),
+            Ok(bytes) => decode_protected(&bytes)
+                .map(|(public, private, protection)| {
+                    Some(KeyBlob {
+                        public,
+                        private,
+                        protection,
+                    })
+                })
+                .ok_or_else(|| {
+                    err(
+                        op,
+                        Some(id),
+                        ErrorKind::Backend(format!("{}: malformed key blob", path.display())),
+                    )
+                }),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 let others = [Blob::Signing, Blob::Attestation, Blob::Sealed];
                 if others
@@ -466,8 +691,29 @@ impl TpmHsm {
         }
     }
 
-    /// Loads (creating first if asked) the blob `id`, returning its public part.
-    fn ensure_blob(&self, op: Op, id: &str, blob: Blob, create: bool) -> Result<(Public, Private)> {
+    /// The boot PCRs a new key is bound to: the configured ones, or PCR 7
+    /// if the platform measured its boot there.
+    fn boot_pcrs(&self, inner: &mut Inner) -> tss_esapi::Result<Vec<u8>> {
+        if let Some(p) = &self.config.boot_pcrs {
+            return Ok(p.clone());
+        }
+        let (_, _, digests) = inner.ctx.pcr_read(sha256_selection(&[7])?)?;
+        let measured = digests
+            .value()
+            .first()
+            .is_some_and(|d| d.value().iter().any(|b| *b != 0));
+        Ok(if measured { vec![7] } else { Vec::new() })
+    }
+
+    fn auth_of(&self, op: Op, id: &str) -> Result<tss_esapi::structures::Auth> {
+        tss_esapi::structures::Auth::try_from(object_auth(&self.auth_secret, id).to_vec())
+            .map_err(tss(op, Some(id)))
+    }
+
+    /// Loads (creating first if asked) the blob `id`. A new key gets an
+    /// auth value and, on a platform that measures its boot, a policy on
+    /// the boot PCRs.
+    fn ensure_blob(&self, op: Op, id: &str, blob: Blob, create: bool) -> Result<KeyBlob> {
         check_id(BACKEND, op, id)?;
         if let Some(b) = self.read_blob(op, id, blob)? {
             return Ok(b);
@@ -475,27 +721,41 @@ impl TpmHsm {
         if !create {
             return Err(err(op, Some(id), ErrorKind::KeyNotFound));
         }
-        let (template, sensitive) = match blob {
-            Blob::Signing => (signing_template(false), None),
-            Blob::Attestation => (signing_template(true), None),
-            Blob::Sealed => {
-                let mut secret = Zeroizing::new(vec![0u8; 32]);
-                getrandom::fill(&mut secret)
-                    .map_err(|e| err(op, Some(id), ErrorKind::Backend(format!("random: {e}"))))?;
-                let data = SensitiveData::try_from(secret.to_vec()).map_err(tss(op, Some(id)))?;
-                (sealed_template(), Some(data))
-            }
-        };
-        let template = template.map_err(tss(op, Some(id)))?;
-        let created = {
+        let auth = self.auth_of(op, id)?;
+        let mut sensitive = None;
+        if blob == Blob::Sealed {
+            let mut secret = Zeroizing::new(vec![0u8; 32]);
+            getrandom::fill(&mut secret)
+                .map_err(|e| err(op, Some(id), ErrorKind::Backend(format!("random: {e}"))))?;
+            sensitive = Some(SensitiveData::try_from(secret.to_vec()).map_err(tss(op, Some(id)))?);
+        }
+        let (created, pcrs) = {
             let mut inner = self.lock(op, Some(id))?;
             let primary = inner.primary;
-            inner
-                .salted(|ctx| ctx.create(primary, template, None, sensitive, None, None))
-                .map_err(tss(op, Some(id)))?
+            let pcrs = self.boot_pcrs(&mut inner).map_err(tss(op, Some(id)))?;
+            let policy = if pcrs.is_empty() {
+                None
+            } else {
+                let selection = sha256_selection(&pcrs).map_err(tss(op, Some(id)))?;
+                Some(boot_policy(&mut inner.ctx, selection).map_err(tss(op, Some(id)))?)
+            };
+            let template = match blob {
+                Blob::Signing => signing_template(false, policy.as_ref()),
+                Blob::Attestation => signing_template(true, policy.as_ref()),
+                Blob::Sealed => sealed_template(policy.as_ref()),
+            }
+            .map_err(tss(op, Some(id)))?;
+            let created = inner
+                .salted(|ctx| ctx.create(primary, template, Some(auth), sensitive, None, None))
+                .map_err(tss(op, Some(id)))?;
+            (created, pcrs)
         };
-        let bytes =
-            encode_blob(&created.out_public, &created.out_private).map_err(tss(op, Some(id)))?;
+        if !pcrs.is_empty() {
+            tracing::info!(key = id, ?pcrs, "TPM key bound to the boot state");
+        }
+        let protection = Protection { auth: true, pcrs };
+        let bytes = encode_blob(&created.out_public, &created.out_private, &protection)
+            .map_err(tss(op, Some(id)))?;
         let path = self.blob_path(id, blob);
         state::create_only(&path, &bytes).map_err(|e| {
             err(
@@ -514,22 +774,38 @@ impl TpmHsm {
         })
     }
 
-    /// Loads a blob into the TPM, runs `f` with its handle, flushes it.
+    /// Loads a blob into the TPM, runs `f` with its handle (authorized by
+    /// its auth value, through its boot policy if it has one), flushes it.
     fn with_loaded<T>(
         &self,
         op: Op,
         id: &str,
-        (public, private): (Public, Private),
+        blob: KeyBlob,
         f: impl FnOnce(&mut Context, KeyHandle) -> tss_esapi::Result<T>,
     ) -> Result<T> {
+        let auth = if blob.protection.auth {
+            Some(self.auth_of(op, id)?)
+        } else {
+            None
+        };
         let mut inner = self.lock(op, Some(id))?;
         let primary = inner.primary;
         let handle = inner
-            .salted(|ctx| ctx.load(primary, private, public))
+            .salted(|ctx| ctx.load(primary, blob.private, blob.public))
             .map_err(tss(op, Some(id)))?;
-        let result = inner.salted(|ctx| f(ctx, handle));
+        let result = match auth {
+            Some(a) => inner.ctx.tr_set_auth(handle.into(), a),
+            None => Ok(()),
+        }
+        .and_then(|()| {
+            if blob.protection.pcrs.is_empty() {
+                inner.salted(|ctx| f(ctx, handle))
+            } else {
+                inner.with_boot_policy(&blob.protection.pcrs, |ctx| f(ctx, handle))
+            }
+        });
         let flushed = inner.ctx.flush_context(ObjectHandle::from(handle));
-        let value = result.map_err(tss(op, Some(id)))?;
+        let value = result.map_err(|e| policy_error(op, id, &blob.protection.pcrs, e))?;
         flushed.map_err(tss(op, Some(id)))?;
         Ok(value)
     }
@@ -584,12 +860,13 @@ impl Hsm for TpmHsm {
     }
 
     fn signing_key(&self, id: &str) -> Result<Vec<u8>> {
-        let (public, _) = self.ensure_blob(Op::SigningKey, id, Blob::Signing, true)?;
+        let KeyBlob { public, .. } = self.ensure_blob(Op::SigningKey, id, Blob::Signing, true)?;
         sec1(&public).ok_or_else(|| err(Op::SigningKey, Some(id), ErrorKind::WrongKeyKind))
     }
 
     fn attestation_key(&self, id: &str) -> Result<Vec<u8>> {
-        let (public, _) = self.ensure_blob(Op::SigningKey, id, Blob::Attestation, true)?;
+        let KeyBlob { public, .. } =
+            self.ensure_blob(Op::SigningKey, id, Blob::Attestation, true)?;
         sec1(&public).ok_or_else(|| err(Op::SigningKey, Some(id), ErrorKind::WrongKeyKind))
     }
 
@@ -602,7 +879,7 @@ impl Hsm for TpmHsm {
             }) => self.read_blob(Op::PublicKey, id, Blob::Attestation)?,
             other => other?,
         };
-        let (public, _) =
+        let KeyBlob { public, .. } =
             blob.ok_or_else(|| err(Op::PublicKey, Some(id), ErrorKind::KeyNotFound))?;
         sec1(&public).ok_or_else(|| err(Op::PublicKey, Some(id), ErrorKind::WrongKeyKind))
     }
@@ -702,7 +979,7 @@ impl Hsm for TpmHsm {
         check_nonce(BACKEND, key, nonce)?;
         let blob = self.ensure_blob(Op::Quote, key, Blob::Attestation, false)?;
         let public_key =
-            sec1(&blob.0).ok_or_else(|| err(Op::Quote, Some(key), ErrorKind::WrongKeyKind))?;
+            sec1(&blob.public).ok_or_else(|| err(Op::Quote, Some(key), ErrorKind::WrongKeyKind))?;
         let selection = self.pcr_selection().map_err(tss(Op::Quote, Some(key)))?;
         let data = Data::try_from(nonce.to_vec()).map_err(tss(Op::Quote, Some(key)))?;
         let scheme = SignatureScheme::EcDsa {
@@ -744,7 +1021,7 @@ impl Hsm for TpmHsm {
 
     fn attestation_public(&self, id: &str) -> Result<Option<Vec<u8>>> {
         check_id(BACKEND, Op::PublicKey, id)?;
-        let (public, _) = self
+        let KeyBlob { public, .. } = self
             .read_blob(Op::PublicKey, id, Blob::Attestation)?
             .ok_or_else(|| err(Op::PublicKey, Some(id), ErrorKind::KeyNotFound))?;
         let area = public.marshall().map_err(tss(Op::PublicKey, Some(id)))?;
@@ -804,12 +1081,25 @@ impl Hsm for TpmHsm {
         let credential = IdObject::try_from(id_object.to_vec()).map_err(|_| bad("id object"))?;
         let secret =
             EncryptedSecret::try_from(encrypted_secret.to_vec()).map_err(|_| bad("secret"))?;
-        let (public, private) = self.ensure_blob(op, id, Blob::Attestation, false)?;
+        let blob = self.ensure_blob(op, id, Blob::Attestation, false)?;
+        let auth = if blob.protection.auth {
+            Some(self.auth_of(op, id)?)
+        } else {
+            None
+        };
         let mut inner = self.lock(op, Some(id))?;
         let primary = inner.primary;
         let ak = inner
-            .salted(|ctx| ctx.load(primary, private, public))
+            .salted(|ctx| ctx.load(primary, blob.private, blob.public))
             .map_err(tss(op, Some(id)))?;
+        // The AK's admin role (ActivateCredential) takes its auth value by
+        // HMAC in the salted session (adminWithPolicy is clear).
+        if let Some(a) = auth
+            && let Err(e) = inner.ctx.tr_set_auth(ak.into(), a)
+        {
+            let _ = inner.ctx.flush_context(ak.into());
+            return Err(tss(op, Some(id))(e));
+        }
         // The EK, derived from the endorsement seed with the default
         // template (the key its certificate certifies); its policy asks
         // for the endorsement hierarchy's authorization (PolicySecret).
@@ -896,7 +1186,7 @@ impl Hsm for TpmHsm {
                 Blob::Sealed => None,
                 _ => self
                     .read_blob(Op::ListKeys, id, blob)?
-                    .and_then(|(p, _)| sec1(&p)),
+                    .and_then(|b| sec1(&b.public)),
             };
             out.push(KeyInfo {
                 id: id.to_owned(),
