@@ -1672,3 +1672,93 @@ fn hex_bytes(h: &str) -> Vec<u8> {
         .map(|i| u8::from_str_radix(&h[i..i + 2], 16).unwrap())
         .collect()
 }
+
+/// Native code from the compiled-artifact cache shows in the evidence: the
+/// second start of a module loads its cached entry and logs a
+/// `compiled-code` event with the BLAKE3 of the entry's payload. Root once
+/// with the state directory (here: the soft backend's cache key beside it)
+/// can plant an entry for the module's digest holding other code; the
+/// daemon loads it, and the evidence shows a different entry hash.
+#[test]
+fn a_planted_cache_entry_shows_in_the_evidence() {
+    let s = Scratch::new();
+    let boot_id = "61616161-3434-5656-7878-909090909090";
+    let b = boot(&s, boot_id);
+    let sensor = guests::TEMPERATURE_SENSOR;
+    let digest = sha256sum(sensor);
+    let text = format!("[[module]]\nname = \"m\"\nfile = \"{sensor}\"\ndigest = \"{digest}\"\n");
+    let run_once = |s: &Scratch| {
+        let mut d = start(s, &text, &b);
+        d.wait_for("m to load", |_, err| {
+            err.iter().any(|l| l.contains("module measured and loaded"))
+        });
+        let _ = d.terminate();
+    };
+    let log = s
+        .state()
+        .join("measurements")
+        .join(format!("{boot_id}.log"));
+    let entries = || -> Vec<String> {
+        records(&log)
+            .iter()
+            .filter(|r| r["content"]["kind"] == "compiled-code" && r["content"]["digest"] == digest)
+            .map(|r| r["content"]["entry"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    let entry_file = || {
+        std::fs::read_dir(s.state().join("cache"))
+            .unwrap()
+            .flatten()
+            .map(|e| e.path())
+            .find(|p| p.extension().is_some_and(|e| e == "cwasm"))
+            .unwrap()
+    };
+    let payload_hash = |path: &Path| {
+        let bytes = std::fs::read(path).unwrap();
+        format!("blake3:{}", blake3::hash(&bytes[40..]).to_hex())
+    };
+    // Compiled (no event), then loaded from the cache (one event).
+    run_once(&s);
+    assert!(entries().is_empty(), "{:?}", entries());
+    run_once(&s);
+    let genuine = payload_hash(&entry_file());
+    assert_eq!(entries(), vec![genuine.clone()]);
+
+    // The plant: the sandbox probe's code, authenticated under the
+    // sensor's digest with the device's own cache key and engine.
+    let path = s.write("plant.toml", &text);
+    let config = edgeward::config::Config::load(&path).unwrap();
+    let rt =
+        edgeward::runtime::Runtime::new(&edgeward::daemon::runtime_options(&config, &s.state()))
+            .unwrap();
+    std::fs::remove_file(entry_file()).unwrap();
+    let bytes = std::fs::read(guests::SANDBOX_PROBE).unwrap();
+    rt.load(&edgeward::measure::Measured {
+        path: guests::SANDBOX_PROBE.into(),
+        bytes,
+        digest: digest.parse().unwrap(),
+    })
+    .unwrap();
+    drop(rt);
+    let planted = payload_hash(&entry_file());
+    assert_ne!(planted, genuine);
+    run_once(&s);
+    assert_eq!(entries(), vec![genuine, planted.clone()]);
+    // And in the evidence a verifier gets.
+    let dir = s.path().join("evidence");
+    let o = attest(
+        &s,
+        &b,
+        &["--nonce", "00112233", "--out", dir.to_str().unwrap()],
+    );
+    assert_status(&o, 0);
+    let evidence_log = std::fs::read_dir(&dir)
+        .unwrap()
+        .flatten()
+        .map(|e| std::fs::read_to_string(e.path()).unwrap_or_default())
+        .collect::<String>();
+    assert!(
+        evidence_log.contains(&planted),
+        "the evidence lacks {planted}"
+    );
+}

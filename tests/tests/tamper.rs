@@ -101,7 +101,7 @@ async fn a_thousand_tampers_never_run_anything_but_the_pinned_bytes() {
             std::fs::write(&entry, &bytes).unwrap();
             match cache.load(rt.engine(), &pinned) {
                 Lookup::Rejected(_) => {}
-                Lookup::Hit(_) => panic!("seed {seed}: a {how} cache entry was loaded"),
+                Lookup::Hit(..) => panic!("seed {seed}: a {how} cache entry was loaded"),
                 Lookup::Miss => panic!("seed {seed}: a {how} cache entry was not even seen"),
                 Lookup::Unfit(e) => {
                     panic!("seed {seed}: a {how} cache entry was deserialized: {e}")
@@ -199,14 +199,14 @@ fn a_wrapped_cache_key_ignores_a_planted_clear_one() {
     let again = runtime(CacheKey::Hsm);
     again.cache().unwrap().unlock(&hsm).unwrap();
     let m = again.load_file(&file, Some(&pinned)).unwrap();
-    assert!(matches!(m.source, edgeward::runtime::CodeSource::Cache));
+    assert!(matches!(m.source, edgeward::runtime::CodeSource::Cache(_)));
     // A planted clear key next to the wrapped one changes nothing.
     std::fs::write(s.state().join("cache.key"), [7u8; 32]).unwrap();
     let planted = runtime(CacheKey::Hsm);
     planted.cache().unwrap().unlock(&hsm).unwrap();
     assert!(!s.state().join("cache.key").exists());
     let m = planted.load_file(&file, Some(&pinned)).unwrap();
-    assert!(matches!(m.source, edgeward::runtime::CodeSource::Cache));
+    assert!(matches!(m.source, edgeward::runtime::CodeSource::Cache(_)));
     // A wrapped key altered on disk does not unwrap: a new key, the
     // entries rebuilt.
     let mut bad = sealed.clone();

@@ -194,6 +194,18 @@ pub fn config_event(config: &crate::config::Config) -> Result<Value, String> {
     }))
 }
 
+/// The event of native code loaded from the compiled-artifact cache (not
+/// compiled by this process): the component's digest and the BLAKE3 of
+/// the authenticated entry payload, so code planted in the cache shows in
+/// the evidence.
+pub fn compiled_code_event(digest: &crate::measure::Digest, entry: &[u8; 32]) -> Value {
+    json!({
+        "kind": "compiled-code",
+        "digest": digest.to_string(),
+        "entry": format!("blake3:{}", crate::measure::hex(entry)),
+    })
+}
+
 /// A module loaded: its name, registration generation and digest.
 pub fn module_event(name: &str, generation: &str, digest: &str) -> Value {
     json!({"kind": "module", "name": name, "generation": generation, "digest": digest})

@@ -589,7 +589,7 @@ fn compile_command(
                 m.digest,
                 f.display(),
                 match m.source {
-                    crate::runtime::CodeSource::Cache => "already cached",
+                    crate::runtime::CodeSource::Cache(_) => "already cached",
                     crate::runtime::CodeSource::Compiled => "compiled and cached",
                     crate::runtime::CodeSource::Recompiled(_) => {
                         "recompiled (the old entry was refused) and cached"

@@ -87,7 +87,13 @@ pub struct Supervisor {
     measurer: Option<crate::attest::Measurer>,
     /// `[signatures]`: the floor components are held to.
     signatures: Arc<crate::attest::publisher::DeviceSignatures>,
+    /// Cache entries (component, entry hash) already in the measurement
+    /// log from this process.
+    cache_entries_logged: CacheEntriesLogged,
 }
+
+type CacheEntriesLogged =
+    Arc<std::sync::Mutex<std::collections::HashSet<(crate::measure::Digest, [u8; 32])>>>;
 
 impl Supervisor {
     /// A supervisor with nothing running. `echo`: module output is echoed
@@ -115,6 +121,7 @@ impl Supervisor {
             agent: None,
             measurer: None,
             signatures: Arc::default(),
+            cache_entries_logged: Arc::default(),
         })
     }
 
@@ -318,7 +325,7 @@ impl Supervisor {
         } = loaded;
         let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
         let source = match &module.source {
-            crate::runtime::CodeSource::Cache => "cache",
+            crate::runtime::CodeSource::Cache(_) => "cache",
             crate::runtime::CodeSource::Compiled => "compiled",
             crate::runtime::CodeSource::Recompiled(_) => "recompiled",
         };
@@ -487,6 +494,7 @@ impl Supervisor {
             agent: self.agent.clone(),
             measurer: self.measurer.clone(),
             signatures: self.signatures.clone(),
+            cache_entries_logged: self.cache_entries_logged.clone(),
         }
     }
 
@@ -755,6 +763,7 @@ struct Loader {
     agent: Option<Agent>,
     measurer: Option<crate::attest::Measurer>,
     signatures: Arc<crate::attest::publisher::DeviceSignatures>,
+    cache_entries_logged: CacheEntriesLogged,
 }
 
 impl Loader {
@@ -866,13 +875,28 @@ impl Loader {
             }
             Err(e) => anyhow::bail!("registration task failed: {e}"),
         };
-        if let crate::runtime::CodeSource::Recompiled(why) = &module.source {
-            self.measure(serde_json::json!({
-                "kind": "cache-rejected",
-                "digest": module.digest.to_string(),
-                "reason": why.to_string(),
-            }))
-            .await;
+        match &module.source {
+            crate::runtime::CodeSource::Recompiled(why) => {
+                self.measure(serde_json::json!({
+                    "kind": "cache-rejected",
+                    "digest": module.digest.to_string(),
+                    "reason": why.to_string(),
+                }))
+                .await;
+            }
+            // Native code from the state directory, not compiled by this
+            // process: the evidence shows which, once per entry and process.
+            crate::runtime::CodeSource::Cache(entry) => {
+                let first = self
+                    .cache_entries_logged
+                    .lock()
+                    .is_ok_and(|mut s| s.insert((module.digest, *entry)));
+                if first {
+                    self.measure(crate::attest::compiled_code_event(&module.digest, entry))
+                        .await;
+                }
+            }
+            crate::runtime::CodeSource::Compiled => {}
         }
         let (generation, digest) = (&identity.whoami().generation_id, module.digest.to_string());
         self.measure(match &publisher {

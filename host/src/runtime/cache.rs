@@ -75,8 +75,10 @@ impl fmt::Display for Rejection {
 /// What a cache lookup found.
 #[derive(Debug)]
 pub enum Lookup {
-    /// An authenticated entry, deserialized.
-    Hit(Component),
+    /// An authenticated entry, deserialized, with the BLAKE3 of its
+    /// payload (the native code that was authenticated and mapped): what
+    /// the measurement log records for it.
+    Hit(Component, [u8; 32]),
     /// No entry.
     Miss,
     /// An entry existed but was refused and removed.
@@ -320,8 +322,10 @@ impl ArtifactCache {
             tracing::debug!(error = %e, "cannot seal a memfd; reading the cache entry into memory");
             return None;
         }
-        // Authenticate the sealed bytes: what wasmtime maps below.
+        // Authenticate the sealed bytes: what wasmtime maps below. Their
+        // plain hash, for the measurement log, in the same pass.
         let mut mac = self.mac_hasher(digest);
+        let mut plain = blake3::Hasher::new();
         let mut buf = vec![0u8; 1 << 20];
         let mut offset = 0u64;
         loop {
@@ -329,6 +333,7 @@ impl ArtifactCache {
                 Ok(0) => break,
                 Ok(n) => {
                     mac.update(&buf[..n]);
+                    plain.update(&buf[..n]);
                     offset += n as u64;
                 }
                 Err(rustix::io::Errno::INTR) => {}
@@ -354,7 +359,7 @@ impl ArtifactCache {
         // process's descriptor table, so the mapping cannot change.
         #[allow(unsafe_code)]
         let loaded = unsafe { Component::deserialize_file(engine, &sealed) };
-        Some(self.deserialized(path, loaded))
+        Some(self.deserialized(path, loaded, *plain.finalize().as_bytes()))
     }
 
     /// The entry read into memory, authenticated there, and deserialized
@@ -380,16 +385,21 @@ impl ArtifactCache {
                 // buffer is not re-read from disk after verification.
                 #[allow(unsafe_code)]
                 let loaded = unsafe { Component::deserialize(engine, payload) };
-                self.deserialized(path, loaded)
+                self.deserialized(path, loaded, *blake3::hash(payload).as_bytes())
             }
         }
     }
 
     /// A deserialized entry, or why not: one that does not fit this
     /// engine's pool is kept, any other failure refused (and removed).
-    fn deserialized(&self, path: &Path, loaded: wasmtime::Result<Component>) -> Lookup {
+    fn deserialized(
+        &self,
+        path: &Path,
+        loaded: wasmtime::Result<Component>,
+        plain: [u8; 32],
+    ) -> Lookup {
         match loaded {
-            Ok(c) => Lookup::Hit(c),
+            Ok(c) => Lookup::Hit(c, plain),
             Err(e) if exceeds_pool_limits(&format!("{e:#}")) => Lookup::Unfit(format!("{e:#}")),
             Err(e) => {
                 tracing::warn!(error = %e, "authenticated cache entry failed to deserialize");
@@ -499,11 +509,11 @@ mod tests {
         let good = std::fs::read(&path).expect("entry");
         assert!(matches!(
             cache.load_sealed(&engine, &digest, &path),
-            Some(Lookup::Hit(_))
+            Some(Lookup::Hit(..))
         ));
         assert!(matches!(
             cache.load_in_memory(&engine, &digest, &path),
-            Lookup::Hit(_)
+            Lookup::Hit(..)
         ));
         for (at, why) in [
             (0, Rejection::Malformed),

@@ -160,8 +160,8 @@ impl fmt::Debug for Runtime {
 /// How a module's compiled code was obtained.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CodeSource {
-    /// An authenticated cache entry.
-    Cache,
+    /// An authenticated cache entry, with the BLAKE3 of its payload.
+    Cache([u8; 32]),
     /// Compiled now (and cached, if the cache is on).
     Compiled,
     /// Compiled now because the cache entry was refused.
@@ -448,7 +448,7 @@ impl Runtime {
             .as_ref()
             .map(|c| c.load(&self.engine, &measured.digest))
         {
-            Some(Lookup::Hit(c)) => (c, CodeSource::Cache),
+            Some(Lookup::Hit(c, entry)) => (c, CodeSource::Cache(entry)),
             Some(Lookup::Unfit(e)) => anyhow::bail!(
                 "{} does not fit the per-module ceilings ({}): {e}",
                 path.display(),
@@ -464,9 +464,9 @@ impl Runtime {
                     (true, Some(cache)) => cache.load(&self.engine, &measured.digest),
                     _ => Lookup::Miss,
                 };
-                if let Lookup::Hit(c) = again {
+                if let Lookup::Hit(c, entry) = again {
                     drop(permit);
-                    (c, CodeSource::Cache)
+                    (c, CodeSource::Cache(entry))
                 } else {
                     let c = Component::new(&self.engine, &measured.bytes).map_err(|e| {
                         let e = format!("{:#}", anyhow::Error::from(e));
