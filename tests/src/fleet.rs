@@ -114,14 +114,19 @@ impl Fleet {
 
     /// `edgeward fleet ARGS` as the operator (its fleet.toml).
     pub fn fleet(&self, args: &[&str]) -> Output {
+        self.fleet_as(&self.operator, args)
+    }
+
+    /// `edgeward fleet ARGS` as `user`.
+    pub fn fleet_as(&self, user: &MqttUser, args: &[&str]) -> Output {
         let toml = self.write(
             "fleet.toml",
             &format!(
                 "broker = \"{}\"\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n",
                 self.broker.url(),
-                self.operator.ca.display(),
-                self.operator.cert.display(),
-                self.operator.key.display()
+                user.ca.display(),
+                user.cert.display(),
+                user.key.display()
             ),
         );
         edgeward(&self.bin, self.dir.path())

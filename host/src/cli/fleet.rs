@@ -402,6 +402,23 @@ fn settings(args: &FleetArgs) -> Result<Settings, String> {
     })
 }
 
+/// Whether a SUBACK granted every filter of its SUBSCRIBE. (Mosquitto's
+/// acl_file grants every subscription and filters at delivery; EMQX and
+/// HiveMQ answer a denied filter with Not authorized.)
+fn suback_result(a: &rumqttc::v5::mqttbytes::v5::SubAck) -> Result<(), String> {
+    use rumqttc::v5::mqttbytes::v5::SubscribeReasonCode;
+    match a
+        .return_codes
+        .iter()
+        .find(|c| !matches!(c, SubscribeReasonCode::Success(_)))
+    {
+        None => Ok(()),
+        Some(code) => Err(format!(
+            "the broker refused the subscription: {code:?} (is this operator allowed to read there? see the ACL)"
+        )),
+    }
+}
+
 /// How long a snapshot may take before it is a failure.
 const SNAPSHOT_BOUND: Duration = Duration::from_secs(30);
 
@@ -412,6 +429,9 @@ struct Session {
     sync_topic: String,
     messages: mpsc::Receiver<Publish>,
     acks: mpsc::Receiver<Result<(), String>>,
+    /// One per SUBSCRIBE (one filter each), in order: whether the broker
+    /// granted it.
+    subacks: mpsc::Receiver<Result<(), String>>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -446,6 +466,7 @@ impl Session {
         let (client, mut eventloop) = AsyncClient::new(o, 64);
         let (msg_tx, messages) = mpsc::channel(1024);
         let (ack_tx, acks) = mpsc::channel(64);
+        let (suback_tx, subacks) = mpsc::channel(64);
         let (up_tx, up_rx) = tokio::sync::oneshot::channel();
         let task = tokio::spawn(async move {
             let mut up = Some(up_tx);
@@ -468,6 +489,9 @@ impl Session {
                             )),
                         };
                         let _ = ack_tx.send(r).await;
+                    }
+                    Ok(Event::Incoming(Packet::SubAck(a))) => {
+                        let _ = suback_tx.send(suback_result(&a)).await;
                     }
                     Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) => return,
                     Ok(_) => {}
@@ -503,11 +527,29 @@ impl Session {
             sync_topic,
             messages,
             acks,
+            subacks,
             task,
         })
     }
 
+    /// Subscribes to each filter (one SUBSCRIBE each) and waits until the
+    /// broker has granted every one: a refused filter is an error naming
+    /// it, never a silently smaller view. For filters that bring few
+    /// retained messages; [`Session::retained`] counts its grants itself.
     async fn subscribe(&mut self, filters: &[&str]) -> Result<(), String> {
+        self.send_subscribes(filters).await?;
+        for f in filters {
+            match tokio::time::timeout(Duration::from_secs(15), self.subacks.recv()).await {
+                Ok(Some(Ok(()))) => {}
+                Ok(Some(Err(e))) => return Err(format!("{f}: {e}")),
+                Ok(None) => return Err(format!("{f}: the broker connection ended")),
+                Err(_) => return Err(format!("{f}: the subscription was not granted within 15s")),
+            }
+        }
+        Ok(())
+    }
+
+    async fn send_subscribes(&mut self, filters: &[&str]) -> Result<(), String> {
         for f in filters {
             self.client
                 .subscribe(*f, QoS::AtLeastOnce)
@@ -533,8 +575,11 @@ impl Session {
     /// a snapshot without its marker is an error, never a shorter answer.
     async fn retained(&mut self, filters: &[&str]) -> Result<Vec<Message>, String> {
         let sync = self.sync_topic.clone();
-        self.subscribe(&[sync.as_str()]).await?;
-        self.subscribe(filters).await?;
+        // The grants are counted in the loop below: waiting for them here
+        // could hold the retained messages back behind a full channel.
+        self.send_subscribes(&[sync.as_str()]).await?;
+        self.send_subscribes(filters).await?;
+        let mut granted = 0;
         let mut token = [0u8; 16];
         getrandom::fill(&mut token).map_err(|e| format!("no randomness: {e}"))?;
         let token = crate::measure::hex(&token).into_bytes();
@@ -548,7 +593,7 @@ impl Session {
         let mut out = Vec::new();
         let mut acked = false;
         let mut marked = false;
-        while !(acked && marked) {
+        while !(acked && marked && granted == filters.len() + 1) {
             let left = deadline.saturating_duration_since(Instant::now());
             tokio::select! {
                 m = self.messages.recv() => {
@@ -565,6 +610,14 @@ impl Session {
                         out.push(m);
                     }
                 }
+                g = self.subacks.recv(), if granted <= filters.len() => match g {
+                    Some(Ok(())) => granted += 1,
+                    Some(Err(e)) => {
+                        let which = [sync.as_str()].into_iter().chain(filters.iter().copied()).nth(granted).unwrap_or("?");
+                        return Err(format!("{which}: {e}; the snapshot would be incomplete"));
+                    }
+                    None => return Err("the broker connection ended during the snapshot".into()),
+                },
                 a = self.acks.recv(), if !acked => match a {
                     Some(Ok(())) => acked = true,
                     Some(Err(e)) => return Err(format!("{sync}: {e}")),
@@ -1505,5 +1558,27 @@ impl Scratch {
 impl Drop for Scratch {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rumqttc::v5::mqttbytes::v5::{SubAck, SubscribeReasonCode};
+
+    #[test]
+    fn a_refused_filter_in_a_suback_is_an_error() {
+        let ack = |codes: Vec<SubscribeReasonCode>| SubAck {
+            pkid: 1,
+            return_codes: codes,
+            properties: None,
+        };
+        assert!(suback_result(&ack(vec![SubscribeReasonCode::Success(QoS::AtLeastOnce)])).is_ok());
+        let e = suback_result(&ack(vec![SubscribeReasonCode::NotAuthorized])).unwrap_err();
+        assert!(
+            e.contains("refused the subscription") && e.contains("NotAuthorized"),
+            "{e}"
+        );
+        assert!(suback_result(&ack(vec![SubscribeReasonCode::QuotaExceeded])).is_err());
     }
 }
