@@ -511,7 +511,15 @@ fn components_come_from_an_oci_registry_by_pinned_digest_and_deployments_roll_ba
     // Remote attestation of a soft device. With neither an EK CA nor an
     // enrolled AK it is refused before any challenge: any key could have
     // signed software evidence.
-    let o = fleet.fleet(&["attest", "--device", "gw-1", "--json"]);
+    let deployment_key = fleet.deploy_pub.to_str().unwrap().to_owned();
+    let o = fleet.fleet(&[
+        "attest",
+        "--device",
+        "gw-1",
+        "--deployment-key",
+        &deployment_key,
+        "--json",
+    ]);
     assert_status(&o, 1);
     assert!(stderr(&o).contains("give --ek-ca"), "{}", stderr(&o));
     // Its AK enrolled (read on the device when it was provisioned), a
@@ -640,14 +648,25 @@ fn components_come_from_an_oci_registry_by_pinned_digest_and_deployments_roll_ba
         ),
         (
             fleet.signed(&planted, "device:gw-2", None),
-            "not for device gw-1",
+            "not for device:gw-1",
+        ),
+        // This key's own deployment for gw-1, kept from long ago: expired,
+        // not revived.
+        (
+            fleet.signed(
+                &format!("target = \"device:gw-1\"\nexpires = \"2020-01-01T00:00:00Z\"\n{planted}"),
+                "device:gw-1",
+                None,
+            ),
+            "expired",
         ),
     ] {
         assert!(fleet.operator.publish(previous, &payload, true));
         let o = rollback();
         assert_status(&o, 1);
         assert!(
-            stderr(&o).contains(why) && stderr(&o).contains("not rolled back"),
+            stderr(&o).contains(why)
+                && (stderr(&o).contains("not rolled back") || stderr(&o).contains("not revived")),
             "{why}: {}",
             stderr(&o)
         );
@@ -681,6 +700,26 @@ fn components_come_from_an_oci_registry_by_pinned_digest_and_deployments_roll_ba
         );
         std::thread::sleep(Duration::from_millis(200));
     }
+    // An unsigned deployment with the largest version, planted on the
+    // device's topic by someone who can write the broker, does not freeze
+    // the fleet: the next signed version is published over it (and it is
+    // not kept as the previous deployment).
+    let huge = serde_json::json!({
+        "manifest": format!("version = \"{}\"\n", u64::MAX),
+    });
+    assert!(
+        fleet
+            .operator
+            .publish("ew/v1/d/gw-1/in/desired", huge.to_string().as_bytes(), true)
+    );
+    let v4 = v1.replace("version = \"1\"", "version = \"4\"");
+    let o = fleet.deploy(
+        &v4,
+        &["--device", "gw-1"],
+        &["--wait", "--bake", "200ms", "--timeout", "60s"],
+    );
+    assert_status(&o, 0);
+    assert!(stderr(&o).contains("did not sign"), "{}", stderr(&o));
     let (status, _, _) = d.terminate();
     assert!(status.success());
 }
@@ -791,15 +830,21 @@ fn on_the_tpm_remote_attestation_verifies_and_fails_once_a_module_is_swapped_on_
     // secret, the log replayed against the PCR, the policy met.
     let evidence = s.path().join("evidence");
     let ek_ca = ek_ca.to_str().unwrap();
-    let o = fleet.fleet(&[
-        "attest",
-        "--device",
-        "gw-1",
-        "--ek-ca",
-        ek_ca,
-        "--out",
-        evidence.to_str().unwrap(),
-    ]);
+    let deployment_key = fleet.deploy_pub.to_str().unwrap().to_owned();
+    let attest = |extra: &[&str]| {
+        let mut args = vec![
+            "attest",
+            "--device",
+            "gw-1",
+            "--ek-ca",
+            ek_ca,
+            "--deployment-key",
+            &deployment_key,
+        ];
+        args.extend_from_slice(extra);
+        fleet.fleet(&args)
+    };
+    let o = attest(&["--out", evidence.to_str().unwrap()]);
     assert_status(&o, 0);
     assert!(stdout(&o).contains("evidence verified"), "{}", stdout(&o));
     // What arrived is what tpm2-tools reads.
@@ -829,7 +874,7 @@ fn on_the_tpm_remote_attestation_verifies_and_fails_once_a_module_is_swapped_on_
         );
         std::thread::sleep(Duration::from_millis(200));
     }
-    let o = fleet.fleet(&["attest", "--device", "gw-1", "--ek-ca", ek_ca]);
+    let o = attest(&[]);
     assert_status(&o, 1);
     assert!(stdout(&o).contains("evidence REFUSED"), "{}", stdout(&o));
     assert!(stdout(&o).contains("FAIL"), "{}", stdout(&o));

@@ -212,6 +212,11 @@ fn status_is_complete_and_never_calls_the_unknown_ok_under_load() {
     }
 }
 
+/// A device without a report stops a canary rollout (its groups are
+/// unknown) unless the operator says to go on without it; `fleet attest`
+/// takes the expected modules only from a deployment the operator's key
+/// signed for the device or a group the operator names, never from an
+/// unsigned retained message or the device's own claims.
 #[test]
 fn the_canary_gate_and_attest_refuse_a_device_without_a_report() {
     let fleet = Fleet::new(Path::new(EDGEWARD), &[], "");
@@ -236,10 +241,42 @@ fn the_canary_gate_and_attest_refuse_a_device_without_a_report() {
         "{}",
         stderr(&o)
     );
+    let o = fleet.deploy(
+        "version = \"2\"\n",
+        &["--group", "line-a"],
+        &["--canary", "50%", "--timeout", "1s", "--allow-unreported"],
+    );
+    assert!(
+        stderr(&o).contains("quiet: not chosen as canaries"),
+        "{}",
+        stderr(&o)
+    );
     let o = fleet.fleet(&["attest", "--device", "quiet", "--timeout", "1s"]);
     assert_status(&o, 1);
     assert!(
-        stderr(&o).contains("no report from quiet"),
+        stderr(&o).contains("give --deployment-key"),
+        "{}",
+        stderr(&o)
+    );
+    // An unsigned deployment planted on its topic is not what it should run.
+    assert!(fleet.operator.publish(
+        "ew/v1/d/quiet/in/desired",
+        br#"{"manifest":"version = \"9\"\n"}"#,
+        true
+    ));
+    let key = fleet.deploy_pub.to_str().unwrap().to_owned();
+    let o = fleet.fleet(&[
+        "attest",
+        "--device",
+        "quiet",
+        "--deployment-key",
+        &key,
+        "--timeout",
+        "1s",
+    ]);
+    assert_status(&o, 1);
+    assert!(
+        stderr(&o).contains("give --group") && stderr(&o).contains("unsigned"),
         "{}",
         stderr(&o)
     );

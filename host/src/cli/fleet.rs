@@ -119,6 +119,12 @@ enum FleetCommand {
         /// one); the rest only when those report it healthy.
         #[arg(long, value_name = "N%")]
         canary: Option<String>,
+        /// With --canary: go on although some online devices have not
+        /// reported (their groups are unknown: they are not chosen as
+        /// canaries, and get the group's deployment with the rest). By
+        /// default one such device stops the rollout.
+        #[arg(long, requires = "canary")]
+        allow_unreported: bool,
         /// Wait until the devices report it (applied and healthy, or
         /// refused).
         #[arg(long)]
@@ -170,6 +176,16 @@ enum FleetCommand {
         /// The TPM vendor's EK CA certificates (PEM).
         #[arg(long, value_name = "FILE")]
         ek_ca: Option<PathBuf>,
+        /// Without --policy: the deployment public keys devices trust
+        /// (repeatable). The expected modules come only from a deployment
+        /// one of them signed for this device, its --group or the fleet.
+        #[arg(long = "deployment-key", value_name = "FILE")]
+        deployment_keys: Vec<PathBuf>,
+        /// Without --policy: a group the device is in, as the fleet's ACL
+        /// has it (repeatable); what a device reports of its groups is its
+        /// own word and is not used.
+        #[arg(long = "group", value_name = "GROUP")]
+        groups: Vec<String>,
         /// Keep the evidence here.
         #[arg(long, value_name = "DIR")]
         out: Option<PathBuf>,
@@ -236,6 +252,7 @@ async fn run(args: FleetArgs) -> Result<ExitCode, String> {
             key,
             target,
             canary,
+            allow_unreported,
             wait,
             timeout,
             bake,
@@ -256,6 +273,7 @@ async fn run(args: FleetArgs) -> Result<ExitCode, String> {
                 target,
                 &Rollout {
                     canary: canary.as_deref(),
+                    allow_unreported: *allow_unreported,
                     wait: *wait,
                     timeout,
                     bake,
@@ -288,6 +306,8 @@ async fn run(args: FleetArgs) -> Result<ExitCode, String> {
             device,
             policy,
             ek_ca,
+            deployment_keys,
+            groups,
             out,
             timeout,
             json,
@@ -295,10 +315,15 @@ async fn run(args: FleetArgs) -> Result<ExitCode, String> {
             let timeout =
                 crate::units::parse_duration(timeout).map_err(|e| format!("--timeout: {e}"))?;
             let mut s = Session::connect(&settings(&args)?).await?;
+            let expected = Expected {
+                keys: deployment_keys,
+                groups,
+            };
             let r = attest(
                 &mut s,
                 device,
                 policy.as_deref(),
+                &expected,
                 ek_ca.as_deref(),
                 out.as_deref(),
                 timeout,
@@ -695,8 +720,50 @@ fn published(payload: &[u8]) -> Option<Published> {
     })
 }
 
-fn version_of(payload: &[u8]) -> Option<u64> {
-    published(payload).map(|p| p.version)
+/// The deployment in `payload` if one of `keys` signed it and it is
+/// addressed to one of `bindings` (`device:ID`, `group:G`, `fleet`): what
+/// the broker holds is only a candidate until then.
+///
+/// # Errors
+///
+/// Unsigned, a signature none of `keys` made, or another target; named.
+fn verified(
+    payload: &[u8],
+    keys: &[crate::attest::publisher::PublicKey],
+    bindings: &[String],
+) -> Result<Published, String> {
+    use base64ct::Encoding as _;
+    let m: SignedManifest =
+        serde_json::from_slice(payload).map_err(|e| format!("not a signed deployment: {e}"))?;
+    let sig = m.signature.as_deref().ok_or("unsigned").and_then(|b| {
+        base64ct::Base64::decode_vec(b.trim()).map_err(|_| "signature: not base64")
+    })?;
+    crate::attest::publisher::verify_manifest(m.manifest.as_bytes(), Some(&sig), keys)
+        .map_err(|e| e.to_string())?;
+    let deployment = m.deployment()?;
+    let target = deployment.target.clone().unwrap_or_default();
+    if !bindings.contains(&target) {
+        return Err(format!(
+            "signed for {target:?}, not for {}",
+            bindings.join(" or ")
+        ));
+    }
+    Ok(Published {
+        version: crate::cloud::desired::parse_version(&deployment.version)
+            .ok_or("its version is not a decimal counter")?,
+        deployment,
+    })
+}
+
+/// The bindings a deployment published for `t` may carry: its own, or the
+/// fleet's on a group topic.
+fn bindings_for(t: &Target) -> Result<Vec<String>, String> {
+    let own = t.binding()?.to_string();
+    Ok(if t.group.is_some() {
+        vec![own, "fleet".to_owned()]
+    } else {
+        vec![own]
+    })
 }
 
 impl Snapshot {
@@ -984,22 +1051,32 @@ async fn retained_one(s: &mut Session, topic: &str) -> Result<Option<Vec<u8>>, S
 
 /// Publishes `payload` as `target`'s desired deployment, keeping what it
 /// replaces as the previous one.
+/// Publishes `payload` (version `version`) for `target`, keeping what it
+/// replaces as the previous deployment. Only a current deployment `keys`
+/// signed for this target counts: anything else retained there (planted
+/// by whoever can write the broker, with a huge version, say) neither
+/// blocks the new version nor becomes the previous one.
 async fn publish_desired(
     s: &mut Session,
     target: &Target,
     payload: Vec<u8>,
     version: u64,
+    keys: &[crate::attest::publisher::PublicKey],
 ) -> Result<(), String> {
     let (desired, previous, what) = target_topics(target)?;
-    if let Some(current) = retained_one(s, &desired).await?
-        && let Some(cv) = version_of(&current)
-    {
-        if cv >= version {
-            return Err(format!(
-                "{what} has version {cv} published; this one ({version}) must be newer: raise `version` in the manifest"
-            ));
+    if let Some(current) = retained_one(s, &desired).await? {
+        match verified(&current, keys, &bindings_for(target)?) {
+            Ok(cur) if cur.version >= version => {
+                return Err(format!(
+                    "{what} has version {} published; this one ({version}) must be newer: raise `version` in the manifest",
+                    cur.version
+                ));
+            }
+            Ok(_) => s.publish(&previous, current, true).await?,
+            Err(e) => eprintln!(
+                "warning: {desired} holds a message this deployment key did not sign for {what} ({e}); it is replaced, not kept as the previous deployment"
+            ),
         }
-        s.publish(&previous, current, true).await?;
     }
     s.publish(&desired, payload, true).await
 }
@@ -1082,6 +1159,7 @@ async fn await_health(
 #[derive(Debug)]
 struct Rollout<'a> {
     canary: Option<&'a str>,
+    allow_unreported: bool,
     wait: bool,
     timeout: Duration,
     bake: Duration,
@@ -1098,6 +1176,7 @@ async fn deploy(
 ) -> Result<ExitCode, String> {
     let Rollout {
         canary,
+        allow_unreported,
         wait,
         timeout,
         bake,
@@ -1105,6 +1184,7 @@ async fn deploy(
     } = *rollout;
     let version = checked_version(text)?;
     let payload = signed_payload(&bound(text, target, ttl)?, key)?;
+    let keys = [crate::attest::publisher::public_of(key)?];
     let (_, _, what) = target_topics(target)?;
     // The devices the rollout is waited for (with --wait), if known.
     let mut devices = target.device.iter().cloned().collect::<Vec<_>>();
@@ -1119,11 +1199,17 @@ async fn deploy(
                 .ok_or_else(|| format!("--canary {pct:?}: 1% to 100%"))?;
             let fleet = snapshot(s).await?;
             let unknown = fleet.unreported();
-            if !unknown.is_empty() {
+            if !unknown.is_empty() && !allow_unreported {
                 return Err(format!(
-                    "the broker holds no report from {}: their groups are unknown, so the canaries of group {group} cannot be chosen; wait for their reports (fleet status) or deploy to them by --device",
+                    "the broker holds no report from {}: their groups are unknown, so the canaries of group {group} cannot be chosen; wait for their reports (fleet status), deploy to them by --device, or pass --allow-unreported to go on without them as canaries",
                     unknown.join(", ")
                 ));
+            }
+            if !unknown.is_empty() {
+                eprintln!(
+                    "warning: no report from {}: not chosen as canaries (--allow-unreported)",
+                    unknown.join(", ")
+                );
             }
             devices = fleet.members(group);
             if devices.is_empty() {
@@ -1148,7 +1234,7 @@ async fn deploy(
                     group: None,
                 };
                 let own = signed_payload(&bound(&unbound, &t, ttl)?, key)?;
-                publish_desired(s, &t, own, version).await?;
+                publish_desired(s, &t, own, version, &keys).await?;
             }
             if let Err(e) = await_health(s, canaries, version, timeout, bake).await {
                 eprintln!(
@@ -1159,11 +1245,11 @@ async fn deploy(
                 );
                 return Ok(ExitCode::from(3));
             }
-            publish_desired(s, target, payload, version).await?;
+            publish_desired(s, target, payload, version, &keys).await?;
             eprintln!("canaries healthy: version {version} published to group {group}");
         }
         (None, group) => {
-            publish_desired(s, target, payload, version).await?;
+            publish_desired(s, target, payload, version, &keys).await?;
             eprintln!("version {version} published to {what}");
             if let (true, Some(g)) = (wait, group) {
                 devices = snapshot(s).await?.members(g);
@@ -1252,34 +1338,33 @@ async fn rollback(
     let prev = retained_one(s, &previous)
         .await?
         .ok_or_else(|| format!("{what} has no previous deployment to roll back to"))?;
+    // Whatever sits on the broker is only a candidate: republished (and
+    // signed again) only if this deployment key signed it for this target,
+    // and only before it expired (an old deployment someone kept, planted
+    // back, is not revived; deploy it anew if that is meant).
+    let keys = [crate::attest::publisher::public_of(key)?];
+    let own = [target.binding()?.to_string()];
+    let checked = verified(&prev, &keys, &own).map_err(|e| {
+        format!("{previous}: {e}: not rolled back to (was it planted by someone who can write the broker?)")
+    })?;
     let prev: SignedManifest =
         serde_json::from_slice(&prev).map_err(|e| format!("{previous}: {e}"))?;
-    // Whatever sits on the broker is only a candidate: republished (and
-    // signed again) only if this deployment key signed it for this target.
-    let sig = prev
-        .signature
-        .as_deref()
-        .ok_or_else(|| format!("{previous}: unsigned: not rolled back to"))
-        .and_then(|b| {
-            use base64ct::Encoding as _;
-            base64ct::Base64::decode_vec(b.trim())
-                .map_err(|_| format!("{previous}: signature: not base64"))
-        })?;
-    let public = crate::attest::publisher::public_of(key)?;
-    crate::attest::publisher::verify_manifest(prev.manifest.as_bytes(), Some(&sig), &[public])
-        .map_err(|e| {
-            format!("{previous}: {e}: not rolled back to (was it planted by someone who can write the broker?)")
-        })?;
-    let prev_target = prev.deployment()?.target.unwrap_or_default();
-    if prev_target != target.binding()?.to_string() {
-        return Err(format!(
-            "{previous}: signed for {prev_target:?}, not for {what}: not rolled back to"
-        ));
+    let expires = checked.deployment.expires.clone().unwrap_or_default();
+    match crate::attest::binding::parse_utc(&expires) {
+        Some(t) if t > crate::attest::binding::now() => {}
+        _ => {
+            return Err(format!(
+                "{previous}: version {} expired at {expires:?}: not revived by a rollback; deploy it anew if it is meant",
+                checked.version
+            ));
+        }
     }
-    let current = retained_one(s, &desired)
-        .await?
-        .and_then(|c| version_of(&c))
-        .unwrap_or(0);
+    let current = match retained_one(s, &desired).await? {
+        Some(c) => verified(&c, &keys, &bindings_for(target)?)
+            .map(|p| p.version)
+            .unwrap_or(0),
+        None => 0,
+    };
     // The retained version is the broker's word, not a signed one: a
     // planted u64::MAX must not wrap (or panic) into a version.
     let version = current.checked_add(1).ok_or_else(|| {
@@ -1288,7 +1373,7 @@ async fn rollback(
     let text = with_fields(&prev.manifest, &[("version", version.to_string())], &[])?;
     let text = bound(&text, target, ttl)?;
     let payload = signed_payload(&text, key)?;
-    publish_desired(s, target, payload, version).await?;
+    publish_desired(s, target, payload, version, &keys).await?;
     eprintln!(
         "{what}: the previous deployment ({}) published again as version {version}",
         prev.deployment().map(|d| d.version).unwrap_or_default()
@@ -1436,19 +1521,66 @@ async fn challenge_device(
 /// The policy a device is held to by default: the module digests of the
 /// deployment it should run (its own desired deployment or its groups',
 /// the highest version).
+/// What `fleet attest` without a policy expects a device to run: the
+/// newest deployment one of `keys` signed for it, for one of `groups`
+/// (the operator's word), or for the fleet.
+struct Expected<'a> {
+    keys: &'a [PathBuf],
+    groups: &'a [String],
+}
+
 async fn default_policy(
     s: &mut Session,
     device: &str,
+    expected: &Expected<'_>,
 ) -> Result<crate::attest::verify::Policy, String> {
-    let fleet = snapshot(s).await?;
-    if !fleet.reported.contains_key(device) {
-        return Err(format!(
-            "the broker holds no report from {device}: its groups, and so the deployment it should run, are unknown; give --policy"
+    if expected.keys.is_empty() {
+        return Err(
+            "give --deployment-key (the public keys devices trust: the expected modules come only from a deployment one of them signed) or --policy".into(),
+        );
+    }
+    let keys = crate::attest::publisher::load_publishers(expected.keys)
+        .map_err(|e| format!("--deployment-key: {e}"))?;
+    let mut candidates = vec![(
+        Topics::new(device, &[]).desired(),
+        vec![format!("device:{device}")],
+    )];
+    for g in expected.groups {
+        if !crate::cloud::topics::valid_group(g) {
+            return Err(format!("--group {g:?} is not a group name"));
+        }
+        candidates.push((
+            Topics::group_desired(g),
+            vec![format!("group:{g}"), "fleet".to_owned()],
         ));
     }
-    let best = fleet
-        .desired_for(device)
-        .ok_or_else(|| format!("no deployment is published for {device}: give --policy"))?;
+    let mut best: Option<Published> = None;
+    let mut refused = Vec::new();
+    for (topic, bindings) in candidates {
+        let Some(payload) = retained_one(s, &topic).await? else {
+            continue;
+        };
+        match verified(&payload, &keys, &bindings) {
+            Ok(p) if best.as_ref().is_none_or(|b| p.version > b.version) => best = Some(p),
+            Ok(_) => {}
+            Err(e) => refused.push(format!("{topic}: {e}")),
+        }
+    }
+    let best = best.ok_or_else(|| {
+        format!(
+            "no deployment signed by --deployment-key is published for {device}{}{}: give --group (its groups, as the fleet ACL has them) or --policy",
+            if expected.groups.is_empty() {
+                String::new()
+            } else {
+                format!(" or its groups {}", expected.groups.join(", "))
+            },
+            if refused.is_empty() {
+                String::new()
+            } else {
+                format!(" (not used: {})", refused.join("; "))
+            }
+        )
+    })?;
     let mut policy = crate::attest::verify::Policy::default();
     for m in &best.deployment.modules {
         policy
@@ -1460,10 +1592,12 @@ async fn default_policy(
     Ok(policy)
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn attest(
     s: &mut Session,
     device: &str,
     policy: Option<&Path>,
+    expected: &Expected<'_>,
     ek_ca: Option<&Path>,
     out: Option<&Path>,
     timeout: Duration,
@@ -1475,7 +1609,7 @@ async fn attest(
     }
     let policy = match policy {
         Some(p) => verify::Policy::load(p)?,
-        None => default_policy(s, device).await?,
+        None => default_policy(s, device, expected).await?,
     };
     if ek_ca.is_none() && policy.aks.is_empty() {
         return Err(format!(
