@@ -190,23 +190,33 @@ fn the_agent_reconciles_its_manifest() {
         );
     }
 
-    // The agent cannot grant a module (itself included) the metadata
-    // service: [grants] outbound allows no non-public address here.
-    let mut v5 = manifest(5, &[("s2", "two")]);
-    v5.push_str("allow_outbound = [\"169.254.169.254:80\"]\n");
-    write_atomically(&dir, "deployment.toml", &v5);
-    wait_until("the agent to report the refusal of version 5", || {
-        logs(&s, "agent").contains("\"version\":\"5\"")
-    });
-    let agent_log = logs(&s, "agent");
-    let line = agent_log
-        .lines()
-        .find(|l| l.contains("\"version\":\"5\""))
-        .unwrap();
-    assert!(
-        line.contains("\"refused\"") && line.contains("[grants] outbound"),
-        "{line}"
-    );
+    // The agent cannot grant a module the metadata service, a 0.0.0.0/0
+    // server name or a 1 TiB disk budget: the config file's [grants] says
+    // no (here: its defaults).
+    for (version, grant, ceiling) in [
+        (
+            5,
+            "allow_outbound = [\"169.254.169.254:80\"]",
+            "[grants] outbound",
+        ),
+        (6, "server_names = [\"0.0.0.0/0\"]", "[grants] server_names"),
+        (7, "max_disk = \"1024GiB\"", "[grants] max_disk"),
+    ] {
+        let mut m = manifest(version, &[("s2", "two")]);
+        m.push_str(grant);
+        m.push('\n');
+        write_atomically(&dir, "deployment.toml", &m);
+        let tag = format!("\"version\":\"{version}\"");
+        wait_until("the agent to report the refusal", || {
+            logs(&s, "agent").contains(&tag)
+        });
+        let agent_log = logs(&s, "agent");
+        let line = agent_log.lines().find(|l| l.contains(&tag)).unwrap();
+        assert!(
+            line.contains("\"refused\"") && line.contains(ceiling),
+            "{line}"
+        );
+    }
     write_atomically(
         &dir,
         "deployment.toml",

@@ -858,6 +858,20 @@ fn on_the_tpm_remote_attestation_verifies_and_fails_once_a_module_is_swapped_on_
     ] {
         assert!(evidence.join(f).exists(), "{f}");
     }
+    // With the device's EK enrolled the evidence must come from that TPM:
+    // its own passes, another EK (any other genuine TPM) does not.
+    // (The device answers one challenge a second.)
+    let own_ek = evidence.join("ek.pem").display().to_string();
+    std::thread::sleep(Duration::from_millis(1100));
+    assert_status(&attest(&["--ek", &own_ek]), 0);
+    std::thread::sleep(Duration::from_millis(1100));
+    let o = attest(&["--ek", &format!("sha256:{}", "ab".repeat(32))]);
+    assert_status(&o, 1);
+    assert!(
+        stdout(&o).contains("not the one enrolled"),
+        "{}",
+        stdout(&o)
+    );
 
     // The sensor's component is swapped on disk: the watchdog records it,
     // and the evidence no longer meets the policy.

@@ -60,6 +60,13 @@ pub struct Policy {
     /// certified EK (`--challenge` with `--ek-ca`).
     #[serde(default)]
     pub aks: Vec<String>,
+    /// Enrolled endorsement keys for this device: EK certificate files
+    /// (PEM, relative to the policy file) or `sha256:HEX` of the EK's
+    /// SubjectPublicKeyInfo. With any, the certified EK the AK is bound to
+    /// must be one of them: the evidence is then this device's TPM, not
+    /// just some genuine TPM.
+    #[serde(default)]
+    pub eks: Vec<String>,
     /// Accepted non-zero values (hex) of the register before edgeward's
     /// first event (something else extends it on this platform).
     #[serde(default)]
@@ -121,6 +128,11 @@ impl Policy {
             );
         }
         p.aks = aks;
+        let mut eks = Vec::new();
+        for e in &p.eks {
+            eks.push(ek_digest(e, base).map_err(|m| format!("{}: eks: {m}", path.display()))?);
+        }
+        p.eks = eks;
         for b in &mut p.baselines {
             *b = b.trim().to_ascii_lowercase();
         }
@@ -146,6 +158,27 @@ impl Policy {
         }
         Ok(p)
     }
+}
+
+/// `sha256:HEX` of an EK named as `sha256:HEX` or by its certificate file
+/// (PEM, relative to `base`): what a policy's `eks` holds.
+///
+/// # Errors
+///
+/// The file cannot be read or holds no certificate.
+pub fn ek_digest(entry: &str, base: &Path) -> Result<String, String> {
+    if let Some(d) = entry.strip_prefix("sha256:") {
+        return Ok(format!("sha256:{}", d.to_ascii_lowercase()));
+    }
+    let file = base.join(entry);
+    let pem = std::fs::read(&file).map_err(|e| format!("{}: {e}", file.display()))?;
+    let der = pem_certificates(&pem, &file.display().to_string())?.remove(0);
+    let (_, cert) = x509_parser::parse_x509_certificate(&der)
+        .map_err(|e| format!("{}: {e}", file.display()))?;
+    Ok(format!(
+        "sha256:{}",
+        hex(&Sha256::digest(cert.public_key().raw))
+    ))
 }
 
 /// `sha256:HEX` of an AK's SubjectPublicKeyInfo (DER), from its PEM: what
@@ -474,6 +507,27 @@ pub fn verify(dir: &Path, expect: &Expect) -> Vec<Check> {
     } else {
         None
     };
+    if !policy.eks.is_empty() {
+        check(
+            "ek-enrolled",
+            match &ek_spki {
+                Some(d) => {
+                    let d = format!("sha256:{}", hex(d));
+                    if policy.eks.contains(&d) {
+                        Ok(format!("the EK {d}, enrolled for this device"))
+                    } else {
+                        Err(format!(
+                            "the EK ({d}) is a genuine TPM's but not the one enrolled for this device (eks)"
+                        ))
+                    }
+                }
+                None => Err(
+                    "the policy enrolls EKs (eks), but no certified EK was checked (--challenge with --ek-ca)"
+                        .into(),
+                ),
+            },
+        );
+    }
     if let Some(ch) = &expect.challenge {
         check(
             "ak-binding",

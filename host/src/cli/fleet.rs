@@ -186,6 +186,11 @@ enum FleetCommand {
         /// own word and is not used.
         #[arg(long = "group", value_name = "GROUP")]
         groups: Vec<String>,
+        /// The device's enrolled EK (its certificate, PEM, or sha256:HEX of
+        /// its public key; repeatable): with --ek-ca, the evidence must come
+        /// from this TPM, not just any genuine one.
+        #[arg(long = "ek", value_name = "FILE|sha256:HEX")]
+        eks: Vec<String>,
         /// Keep the evidence here.
         #[arg(long, value_name = "DIR")]
         out: Option<PathBuf>,
@@ -308,6 +313,7 @@ async fn run(args: FleetArgs) -> Result<ExitCode, String> {
             ek_ca,
             deployment_keys,
             groups,
+            eks,
             out,
             timeout,
             json,
@@ -318,6 +324,7 @@ async fn run(args: FleetArgs) -> Result<ExitCode, String> {
             let expected = Expected {
                 keys: deployment_keys,
                 groups,
+                eks,
             };
             let r = attest(
                 &mut s,
@@ -1527,6 +1534,8 @@ async fn challenge_device(
 struct Expected<'a> {
     keys: &'a [PathBuf],
     groups: &'a [String],
+    /// Enrolled EKs, added to whichever policy applies.
+    eks: &'a [String],
 }
 
 async fn default_policy(
@@ -1607,10 +1616,15 @@ async fn attest(
     if !crate::identity::valid_path_segment(device) {
         return Err(format!("--device {device:?} is not a device id"));
     }
-    let policy = match policy {
+    let mut policy = match policy {
         Some(p) => verify::Policy::load(p)?,
         None => default_policy(s, device, expected).await?,
     };
+    for e in expected.eks {
+        policy
+            .eks
+            .push(verify::ek_digest(e, Path::new(".")).map_err(|m| format!("--ek: {m}"))?);
+    }
     if ek_ca.is_none() && policy.aks.is_empty() {
         return Err(format!(
             "give --ek-ca (the TPM vendor's EK CA: the device's AK is then bound to its certified EK) or a --policy that enrolls {device}'s AK (aks): without either, any key could have signed its evidence"
