@@ -206,6 +206,36 @@ pub fn classify(ip: IpAddr) -> Option<&'static str> {
     }
 }
 
+/// A special-purpose class some address of `net/len` belongs to (`None`:
+/// every address in the block is public). Two CIDR blocks overlap exactly
+/// when they agree on the shorter prefix. In IPv6 the IPv4-mapped and
+/// IPv4-compatible ranges count as non-public: they carry IPv4 addresses,
+/// the LAN's included. (A block inside a globally reachable exception,
+/// such as an anycast /32, is still reported: erring toward a refusal.)
+pub fn block_class(net: IpAddr, len: u8) -> Option<&'static str> {
+    match canonical(net) {
+        IpAddr::V4(a) => {
+            let n = u32::from(a);
+            V4.iter()
+                .find(|(e, l, _, global)| !global && (n ^ e) & v4_mask(len.min(*l).min(32)) == 0)
+                .map(|(_, _, name, _)| *name)
+        }
+        IpAddr::V6(a) => {
+            let n = u128::from(a);
+            let overlaps = |e: u128, l: u8| (n ^ e) & v6_mask(len.min(l).min(128)) == 0;
+            if overlaps(0xffff_u128 << 32, 96) {
+                return Some("IPv4-mapped");
+            }
+            if overlaps(0, 96) {
+                return Some("IPv4-compatible");
+            }
+            V6.iter()
+                .find(|(e, l, _, global)| !global && overlaps(*e, *l))
+                .map(|(_, _, name, _)| *name)
+        }
+    }
+}
+
 /// Whether `ip` lies in `net/len` (both compared in canonical form).
 pub fn in_block(net: IpAddr, len: u8, ip: IpAddr) -> bool {
     match (canonical(net), canonical(ip)) {
@@ -283,6 +313,24 @@ pub fn network_of(ip: IpAddr, len: u8) -> IpAddr {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn blocks_holding_any_non_public_address_are_named() {
+        let b = |s: &str| {
+            let (n, l) = parse_cidr(s).unwrap();
+            block_class(n, l)
+        };
+        assert_eq!(b("8.8.8.0/24"), None);
+        assert_eq!(b("1.0.0.0/8"), None);
+        assert_eq!(b("0.0.0.0/0"), Some("\"this network\" (0.0.0.0/8)"));
+        assert_eq!(b("198.0.0.0/7"), Some("benchmarking"));
+        assert_eq!(b("100.0.0.0/8"), Some("shared address space (RFC 6598)"));
+        assert_eq!(b("224.0.0.0/3"), Some("multicast"));
+        assert_eq!(b("2600::/16"), None);
+        assert_eq!(b("fe00::/7"), Some("link-local"));
+        assert_eq!(b("::/0"), Some("IPv4-mapped"));
+        assert_eq!(b("64:ff9b::/96"), Some("NAT64 (64:ff9b::/96)"));
+    }
 
     fn class(s: &str) -> Option<&'static str> {
         classify(s.parse().unwrap())

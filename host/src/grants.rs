@@ -25,7 +25,7 @@
 
 use std::net::IpAddr;
 
-use crate::addrclass::{canonical, classify, in_block, parse_cidr};
+use crate::addrclass::{block_class, canonical, in_block, parse_cidr};
 use crate::identity::names::ServerName;
 use crate::runtime::network::{Outbound, OutboundHost};
 use crate::spec::ModuleSpec;
@@ -177,43 +177,6 @@ impl RawGrants {
     }
 }
 
-/// Whether the block `net/len` holds any non-public address: either it lies
-/// in a special-purpose block, or it contains one.
-fn reaches_non_public(net: IpAddr, len: u8) -> Option<&'static str> {
-    if let Some(class) = classify(net) {
-        return Some(class);
-    }
-    let host_len: u8 = if net.is_ipv4() { 32 } else { 128 };
-    if len == host_len {
-        return None;
-    }
-    // A block wider than one address: does it contain a special block?
-    // Check the well-known ones that matter for a gateway.
-    const PROBES: &[&str] = &[
-        "10.0.0.1",
-        "127.0.0.1",
-        "169.254.169.254",
-        "172.16.0.1",
-        "192.168.0.1",
-        "100.64.0.1",
-        "0.0.0.1",
-        "224.0.0.1",
-        "::1",
-        "fe80::1",
-        "fc00::1",
-        "fd00::1",
-        "ff02::1",
-        "64:ff9b::1",
-        "::ffff:127.0.0.1",
-    ];
-    PROBES.iter().find_map(|p| {
-        let ip: IpAddr = p.parse().ok()?;
-        (ip.is_ipv4() == net.is_ipv4() && in_block(net, len, ip))
-            .then(|| classify(ip))
-            .flatten()
-    })
-}
-
 fn block_within(outer: &Block, net: IpAddr, len: u8, port: u16) -> bool {
     outer.net.is_ipv4() == net.is_ipv4()
         && outer.len <= len
@@ -269,7 +232,7 @@ impl Grants {
                 OutboundHost::Ip(ip) => (ip, if ip.is_ipv4() { 32 } else { 128 }),
                 OutboundHost::Cidr(net, len) => (net, len),
             };
-            let Some(class) = reaches_non_public(net, len) else {
+            let Some(class) = block_class(net, len) else {
                 continue;
             };
             if !self
@@ -367,6 +330,12 @@ mod tests {
             ("0.0.0.0/0:443", ""),
             ("[::/0]:443", ""),
             ("8.0.0.0/6:443", "private-use"),
+            ("198.0.0.0/7:443", "benchmarking"),
+            ("96.0.0.0/4:443", "shared address space"),
+            ("[2001::/16]:443", "IETF"),
+            ("[fc00::/6]:443", "unique-local"),
+            ("[::fffe:0:0/95]:443", "IPv4-mapped"),
+            ("[64:ff9b::/95]:443", "NAT64"),
         ] {
             let e = g
                 .check(&spec(&format!("allow_outbound = [\"{entry}\"]")))

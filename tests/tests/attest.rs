@@ -128,12 +128,15 @@ fn the_daemon_measures_what_it_runs_and_a_replay_matches() {
         .state()
         .join("measurements/11111111-2222-3333-4444-555555555555.log");
     let (value, kinds) = replay(&log);
+    // `extra` is the same component as `m`: its code comes from the cache
+    // entry `m` made, which the log records.
     assert_eq!(
         kinds,
         [
             "executable",
             "config",
             "module",
+            "compiled-code",
             "module",
             "registration-removed"
         ]
@@ -159,13 +162,16 @@ fn the_daemon_measures_what_it_runs_and_a_replay_matches() {
     let d = start(&s, &config, &b);
     std::thread::sleep(Duration::from_millis(10));
     let deadline = Instant::now() + Duration::from_secs(20);
-    while replay(&log).1.len() < 8 {
+    while replay(&log).1.len() < 10 {
         assert!(Instant::now() < deadline, "{:?}", replay(&log).1);
         std::thread::sleep(Duration::from_millis(50));
     }
     let _ = d.terminate();
     let (value, kinds) = replay(&log);
-    assert_eq!(kinds[5..], ["executable", "config", "module"]);
+    assert_eq!(
+        kinds[6..],
+        ["executable", "config", "compiled-code", "module"]
+    );
     assert_eq!(value, register(&s, &b, None));
     // ...and the evidence of the whole boot, both daemon runs, verifies
     // against a policy naming the module.
@@ -186,7 +192,7 @@ fn the_daemon_measures_what_it_runs_and_a_replay_matches() {
         &ev,
         &["--nonce", "abcd", "--policy", policy.to_str().unwrap()],
     );
-    assert!(ok && out.contains("8 events replay"), "{out}");
+    assert!(ok && out.contains("10 events replay"), "{out}");
     assert!(out.contains("UNPROVEN"), "a software device: {out}");
 
     // A new boot: a new log, and the soft register starts from zero.
@@ -196,15 +202,16 @@ fn the_daemon_measures_what_it_runs_and_a_replay_matches() {
         .state()
         .join("measurements/66666666-7777-8888-9999-000000000000.log");
     let deadline = Instant::now() + Duration::from_secs(20);
-    while !log2.exists() || replay(&log2).1.len() < 3 {
+    while !log2.exists() || replay(&log2).1.len() < 4 {
         assert!(Instant::now() < deadline, "no log for the new boot");
         std::thread::sleep(Duration::from_millis(50));
     }
     let _ = d.terminate();
     let (value, kinds) = replay(&log2);
+    // (m's code comes from the cache entry of the first boot.)
     assert_eq!(
         kinds,
-        ["executable", "config", "module"],
+        ["executable", "config", "compiled-code", "module"],
         "no baseline: reset"
     );
     assert_eq!(value, register(&s, &b2, None));
