@@ -9,7 +9,10 @@
 //!                                     # modules may be granted (CIDR or IP,
 //!                                     # optional :PORT); default none
 //! server_names = ["*.gw-17.example.com", "10.0.5.0/24"]  # default: any DNS
-//!                                     # name, single IP addresses, no blocks
+//!                                     # name, single IP addresses, no blocks.
+//!                                     # A `*.` entry here is a subtree: it
+//!                                     # covers every name and wildcard under
+//!                                     # it; a plain name covers only itself
 //! max_memory = "512MiB"               # default 1GiB
 //! max_disk = "1GiB"                   # default 1GiB
 //! components_quota = "2GiB"           # the component store; default 4GiB

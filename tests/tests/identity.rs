@@ -676,6 +676,11 @@ fn configured_ca_certificate_chains_to_an_external_root() {
         "basicConstraints=critical,CA:TRUE,pathlen:0\nkeyUsage=critical,keyCertSign,cRLSign\n",
     )
     .unwrap();
+    std::fs::write(
+        dir.join("v4only.cnf"),
+        "basicConstraints=critical,CA:TRUE,pathlen:0\nkeyUsage=critical,keyCertSign,cRLSign\nnameConstraints=critical,permitted;URI:edgeward.local,permitted;DNS:edge.test,excluded;IP:0.0.0.0/0.0.0.0\n",
+    )
+    .unwrap();
     sh("openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout org.key -out org.pem -days 30 -subj '/O=Org/CN=Org Root' 2>/dev/null
         openssl x509 -new -force_pubkey device-ca.pub -subj '/O=Org/CN=gateway device CA' -CA org.pem -CAkey org.key -days 30 -extfile ext.cnf -out device-ca.pem
         cat device-ca.pem org.pem > ca-chain.pem");
@@ -730,6 +735,10 @@ fn configured_ca_certificate_chains_to_an_external_root() {
     sh("openssl x509 -new -force_pubkey device-ca.pub -subj '/O=Org/CN=gateway device CA' -CA org.pem -CAkey org.key -days 30 -extfile open.cnf -out dev-open.pem
         cat dev-open.pem org.pem > open-chain.pem");
     refused("open-chain.pem", "no nameConstraints");
+    // IPv4 excluded but IPv6 left open is not constrained either.
+    sh("openssl x509 -new -force_pubkey device-ca.pub -subj '/O=Org/CN=gateway device CA' -CA org.pem -CAkey org.key -days 30 -extfile v4only.cnf -out dev-v4.pem
+        cat dev-v4.pem org.pem > v4-chain.pem");
+    refused("v4-chain.pem", "IPv6 addresses unconstrained");
     // And every link's validity: a root that expired (made with `openssl
     // ca`, which takes explicit dates).
     sh("mkdir -p db && : > db/index.txt && echo 01 > db/serial

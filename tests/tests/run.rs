@@ -703,8 +703,18 @@ fn handles_are_bounded_per_module() {
         stderr(&o)
     );
     assert!(!stderr(&o).contains("trap"), "{}", stderr(&o));
+    assert!(out.contains("100 more refused"), "{out}");
+    // Exactly the files it holds: a create refused for want of a handle
+    // leaves nothing on disk (wasmtime creates before it takes a handle).
+    let held: usize = out
+        .split("open-loop after ")
+        .nth(1)
+        .and_then(|r| r.split(':').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap();
     let opened = std::fs::read_dir(&data).expect("read").count();
     assert!(opened <= 64, "{opened} files held open");
+    assert_eq!(opened, held, "refused creates left files behind");
     let o = s.run(
         PROBE,
         &["--max-handles", "16", "--allow-outbound", "127.0.0.1:9"],

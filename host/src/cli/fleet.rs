@@ -1569,7 +1569,19 @@ async fn default_policy(
         let Some(payload) = retained_one(s, &topic).await? else {
             continue;
         };
+        let now = crate::attest::binding::now();
         match verified(&payload, &keys, &bindings) {
+            // An expired deployment is no longer what a device should run
+            // (a replayed old one is not the expectation).
+            Ok(p)
+                if p.deployment
+                    .expires
+                    .as_deref()
+                    .and_then(crate::attest::binding::parse_utc)
+                    .is_none_or(|t| t <= now) =>
+            {
+                refused.push(format!("{topic}: version {} has expired", p.version));
+            }
             Ok(p) if best.as_ref().is_none_or(|b| p.version > b.version) => best = Some(p),
             Ok(_) => {}
             Err(e) => refused.push(format!("{topic}: {e}")),

@@ -204,21 +204,17 @@ fn host_of(authority: &str) -> String {
         .to_ascii_lowercase()
 }
 
-/// Whether a registry host is itself on a non-public network (loopback,
-/// the LAN, ...): only then may it send the client to such addresses.
-async fn on_private_network(host: &str) -> bool {
-    if host == "localhost" {
-        return true;
-    }
-    if let Ok(ip) = host.parse::<std::net::IpAddr>() {
-        return crate::addrclass::classify(ip).is_some();
-    }
-    match tokio::net::lookup_host((host, 0)).await {
-        Ok(addrs) => addrs
-            .into_iter()
-            .any(|a| crate::addrclass::classify(a.ip()).is_some()),
-        Err(_) => false,
-    }
+/// Whether a registry is itself on a non-public network (loopback, the
+/// LAN, ...): only then may it send the client to such addresses. Decided
+/// by how it is named, never by what its name resolves to (a hostile
+/// registry's DNS could answer a private address for this check and a
+/// public one for the connection): an address literal in a non-public
+/// class, or `localhost`.
+fn on_private_network(host: &str) -> bool {
+    host == "localhost"
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| crate::addrclass::classify(ip).is_some())
 }
 
 fn is_loopback(host: &str) -> bool {
@@ -342,7 +338,7 @@ impl Client {
                     crate::addrclass::classify(a.ip()).map(|c| (a.ip(), c))
                 }) {
                     return Err(Failure::Final(format!(
-                        "{url}: refused: {authority} is {ip} ({class}), and a registry on the public internet may not send this device there"
+                        "{url}: refused: {authority} is {ip} ({class}), and a registry not named by a private address may not send this device there"
                     )));
                 }
                 let first = addrs
@@ -452,7 +448,7 @@ impl Client {
         limit: u64,
     ) -> Result<Response, String> {
         let origin = authority_of(url);
-        let private_ok = on_private_network(&host_of(&origin)).await;
+        let private_ok = on_private_network(&host_of(&origin));
         let mut auth: Option<HeaderValue> = None;
         let mut attempt = 0;
         let mut url = url.to_owned();
@@ -1013,9 +1009,11 @@ mod tests {
                 "{url}: {err}"
             );
         }
-        assert!(!rt.block_on(on_private_network("8.8.8.8")));
-        assert!(rt.block_on(on_private_network("10.0.0.9")));
-        assert!(rt.block_on(on_private_network("localhost")));
+        assert!(!on_private_network("8.8.8.8"));
+        assert!(on_private_network("10.0.0.9"));
+        assert!(on_private_network("localhost"));
+        // A name is never private, whatever it resolves to now.
+        assert!(!on_private_network("registry.lan"));
     }
 
     /// A registry whose bearer challenge names a token service on another

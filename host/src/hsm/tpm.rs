@@ -698,10 +698,13 @@ impl TpmHsm {
             return Ok(p.clone());
         }
         let (_, _, digests) = inner.ctx.pcr_read(sha256_selection(&[7])?)?;
-        let measured = digests
-            .value()
-            .first()
-            .is_some_and(|d| d.value().iter().any(|b| *b != 0));
+        let Some(pcr7) = digests.value().first() else {
+            tracing::warn!(
+                "the TPM has no SHA-256 bank for PCR 7: new keys are not bound to the boot state (set [hsm] boot_pcrs = [] to say so, or allocate the SHA-256 bank)"
+            );
+            return Ok(Vec::new());
+        };
+        let measured = pcr7.value().iter().any(|b| *b != 0);
         Ok(if measured { vec![7] } else { Vec::new() })
     }
 

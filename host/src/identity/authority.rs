@@ -160,7 +160,8 @@ impl NameLimits {
             })
             .ok_or_else(|| format!("the device CA certificate has no nameConstraints, so it could certify any name the organisation's root is trusted for; {how}"))?;
         let mut l = Self::default();
-        let mut no_ips = false;
+        // Excluded entirely: (IPv4, IPv6).
+        let mut no_ips = (false, false);
         for s in nc.permitted_subtrees.iter().flatten() {
             match &s.base {
                 GeneralName::DNSName(d) => l.dns.push(d.to_ascii_lowercase()),
@@ -174,10 +175,14 @@ impl NameLimits {
         }
         for s in nc.excluded_subtrees.iter().flatten() {
             if let GeneralName::IPAddress(b) = &s.base
-                && b.len() >= 8
+                && (b.len() == 8 || b.len() == 32)
                 && b[b.len() / 2..].iter().all(|x| *x == 0)
             {
-                no_ips = true;
+                if b.len() == 8 {
+                    no_ips.0 = true;
+                } else {
+                    no_ips.1 = true;
+                }
             }
         }
         if l.uris.is_empty() {
@@ -196,9 +201,16 @@ impl NameLimits {
                 "the device CA's nameConstraints permit no DNS subtree, so server certificates could name any host; {how}"
             ));
         }
-        if l.ips.is_empty() && !no_ips {
+        // Permitted ranges constrain both families (an address of the
+        // other family matches none); without any, both must be excluded.
+        if l.ips.is_empty() && !(no_ips.0 && no_ips.1) {
             return Err(format!(
-                "the device CA's nameConstraints say nothing of IP addresses, so server certificates could name any address; {how}"
+                "the device CA's nameConstraints leave IP{} addresses unconstrained, so server certificates could name any such address; {how}",
+                match no_ips {
+                    (true, false) => "v6",
+                    (false, true) => "v4",
+                    _ => "",
+                }
             ));
         }
         Ok(l)

@@ -494,6 +494,20 @@ impl BudgetedFs<'_> {
     }
 }
 
+impl BudgetedFs<'_> {
+    /// Whether the handle table has room for one more entry (it is this
+    /// store's alone, so the room stays until the caller takes it).
+    fn reserve_handle(&mut self) -> FsResult<()> {
+        match self.fs.table.push(()) {
+            Ok(probe) => {
+                self.fs.table.delete(probe)?;
+                Ok(())
+            }
+            Err(e) => Err(handles_full(FsError::trap(e))),
+        }
+    }
+}
+
 /// A full handle table (`max_handles`) as `insufficient-memory` (ENOMEM):
 /// wasi:filesystem has no EMFILE, and the table is host memory the module
 /// may hold. The module can close something and retry; it does not trap.
@@ -721,6 +735,10 @@ impl HostDescriptor for BudgetedFs<'_> {
         oflags: types::OpenFlags,
         flags: types::DescriptorFlags,
     ) -> FsResult<Resource<types::Descriptor>> {
+        // A free handle first: wasmtime creates the file before it takes
+        // a handle for it, so a full table found afterwards would leave a
+        // file behind per call, counted by no budget.
+        self.reserve_handle()?;
         self.open_at_budgeted(fd, path_flags, path, oflags, flags)
             .await
             .map_err(handles_full)

@@ -168,10 +168,15 @@ fn main() -> ExitCode {
                 match std::fs::File::create(format!("/data/f{i}")) {
                     Ok(f) => held.push(f),
                     Err(e) => {
-                        // Handled: close a few (printing needs a stream and a pollable).
+                        // Refused again and again while full: each refusal
+                        // must leave no file behind.
                         let n = held.len();
+                        let again = (0..100)
+                            .filter(|j| std::fs::File::create(format!("/data/g{i}-{j}")).is_err())
+                            .count();
+                        // Handled: close a few (printing needs a stream and a pollable).
                         held.truncate(n.saturating_sub(4));
-                        println!("denied: open-loop after {n}: {e}");
+                        println!("denied: open-loop after {n}: {e}; {again} more refused");
                         return ExitCode::FAILURE;
                     }
                 }
