@@ -144,6 +144,27 @@ pub fn replay_step(value: &[u8; 32], r: &Record) -> Result<[u8; 32], String> {
 pub struct EventLog {
     path: PathBuf,
     pcr: u32,
+    /// Where this writer left the log: appends check it instead of reading
+    /// the log again, so each costs the same however long the boot.
+    tail: std::sync::Mutex<Option<Tail>>,
+    /// How often an append had to read the whole log (the first append of
+    /// this process, or after another process appended).
+    full_reads: std::sync::atomic::AtomicU64,
+}
+
+/// The end of the log as this writer left it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Tail {
+    dev: u64,
+    ino: u64,
+    /// The file's length.
+    len: u64,
+    /// The next record number.
+    next: u64,
+    /// Where the last record starts, and the SHA-256 of its bytes (from
+    /// its separator to the end of the file).
+    last_start: u64,
+    last_hash: [u8; 32],
 }
 
 impl EventLog {
@@ -154,7 +175,41 @@ impl EventLog {
                 .join("measurements")
                 .join(format!("{boot_id}.log")),
             pcr,
+            tail: std::sync::Mutex::new(None),
+            full_reads: std::sync::atomic::AtomicU64::new(0),
         }
+    }
+
+    /// How many appends had to read the whole log (see [`EventLog::measure_all`]).
+    pub fn full_reads(&self) -> u64 {
+        self.full_reads.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// The next record number, without reading the log when it is still
+    /// as this writer left it: same file, same length, and its last record
+    /// the bytes this writer wrote (read back: a few hundred bytes).
+    /// Otherwise (the first append of this process, or another writer
+    /// appended) the whole log is read and checked once.
+    fn next_recnum(&self, file: &mut std::fs::File) -> Result<u64, String> {
+        use std::os::unix::fs::{FileExt as _, MetadataExt as _};
+        let meta = file.metadata().map_err(|e| e.to_string())?;
+        let cached = self.tail.lock().ok().and_then(|t| t.clone());
+        if let Some(t) = cached
+            && t.dev == meta.dev()
+            && t.ino == meta.ino()
+            && t.len == meta.len()
+        {
+            let mut last = vec![0u8; usize::try_from(t.len - t.last_start).unwrap_or(0)];
+            if file.read_exact_at(&mut last, t.last_start).is_ok()
+                && <[u8; 32]>::from(Sha256::digest(&last)) == t.last_hash
+            {
+                return Ok(t.next);
+            }
+        }
+        self.full_reads
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let existing = read_records(file)?;
+        Ok(existing.last().map_or(0, |r| r.recnum + 1))
     }
 
     /// Its file.
@@ -207,10 +262,12 @@ impl EventLog {
         let mut file = self.open(true).map_err(|e| format!("{shown}: {e}"))?;
         rustix::fs::flock(&file, rustix::fs::FlockOperation::LockExclusive)
             .map_err(|e| format!("{shown}: cannot lock: {e}"))?;
-        let existing = read_records(&mut file).map_err(|e| format!("{shown}: {e}"))?;
-        let mut next = existing.last().map_or(0, |r| r.recnum + 1);
+        let mut next = self
+            .next_recnum(&mut file)
+            .map_err(|e| format!("{shown}: {e}"))?;
         let mut out = Vec::new();
-        if existing.is_empty() {
+        let mut last_start = 0;
+        if next == 0 {
             let value = hsm
                 .read_register()
                 .map_err(|e| format!("cannot read the measurement register: {e}"))?;
@@ -225,6 +282,7 @@ impl EventLog {
         let mut records = Vec::with_capacity(contents.len());
         for (content, digest) in contents.into_iter().zip(&digests) {
             let record = self.record(next, *digest, content);
+            last_start = out.len();
             push(&mut out, &record)?;
             records.push(record);
             next += 1;
@@ -233,9 +291,31 @@ impl EventLog {
         // crash keeps what was written (the page cache is the kernel's),
         // and a power loss is a new boot, whose PCR (or soft register)
         // starts from its reset value and whose log is another file.
-        file.seek(SeekFrom::End(0))
-            .and_then(|_| file.write_all(&out))
-            .map_err(|e| format!("{shown}: cannot append: {e}"))?;
+        let end = file
+            .seek(SeekFrom::End(0))
+            .and_then(|end| file.write_all(&out).map(|()| end))
+            .map_err(|e| {
+                // Where the log ends is unknown now: read it next time.
+                if let Ok(mut t) = self.tail.lock() {
+                    *t = None;
+                }
+                format!("{shown}: cannot append: {e}")
+            })?;
+        {
+            use std::os::unix::fs::MetadataExt as _;
+            let meta = file.metadata().map_err(|e| format!("{shown}: {e}"))?;
+            let last = &out[last_start..];
+            if let Ok(mut t) = self.tail.lock() {
+                *t = (!out.is_empty()).then(|| Tail {
+                    dev: meta.dev(),
+                    ino: meta.ino(),
+                    len: end + out.len() as u64,
+                    next,
+                    last_start: end + last_start as u64,
+                    last_hash: Sha256::digest(last).into(),
+                });
+            }
+        }
         hsm.extend_all(&digests)
             .map_err(|e| format!("cannot extend the measurement register: {e}"))?;
         Ok(records)
@@ -364,6 +444,44 @@ pub(crate) fn hex_decode(s: &str) -> Option<Vec<u8>> {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    /// Appends cost the same however long the log: one writer reads the
+    /// log once (its first append), then never again; another writer's
+    /// appends, or a log changed under it, are noticed (a full read) and
+    /// the numbering stays right.
+    #[test]
+    fn appends_do_not_read_the_log_again() {
+        let d = tempfile::tempdir().unwrap();
+        let hsm = crate::hsm::soft::SoftHsm::open(d.path()).unwrap();
+        let log = EventLog::new(d.path(), "boot-1", 0);
+        for i in 0..2000 {
+            log.measure(&hsm, json!({"kind": "module", "name": format!("m{i}")}))
+                .unwrap();
+        }
+        assert_eq!(log.full_reads(), 1, "the log was read again");
+        let records = log.read().unwrap();
+        assert_eq!(records.len(), 2000);
+        assert_eq!(replay(&records).unwrap(), hsm.read_register().unwrap());
+
+        // A second writer (another process) appends in between.
+        let other = EventLog::new(d.path(), "boot-1", 0);
+        other.measure(&hsm, json!({"kind": "x"})).unwrap();
+        log.measure(&hsm, json!({"kind": "y"})).unwrap();
+        assert_eq!(log.full_reads(), 2);
+        let records = log.read().unwrap();
+        assert_eq!(records.len(), 2002);
+        assert_eq!(records[2001].kind(), "y");
+        assert_eq!(replay(&records).unwrap(), hsm.read_register().unwrap());
+
+        // The last record rewritten in place (same length): noticed.
+        let mut bytes = std::fs::read(log.path()).unwrap();
+        let at = bytes.len() - 5;
+        bytes[at] = if bytes[at] == b'a' { b'b' } else { b'a' };
+        std::fs::write(log.path(), &bytes).unwrap();
+        // (Still a parseable log: the append goes on, after a full read.)
+        let _ = log.measure(&hsm, json!({"kind": "z"}));
+        assert_eq!(log.full_reads(), 3);
+    }
 
     #[test]
     fn measured_events_replay_to_the_register() {
