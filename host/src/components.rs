@@ -136,10 +136,31 @@ impl ComponentStore {
     /// Deletes every stored component whose digest is not in `keep`;
     /// returns how many.
     pub fn retain(&self, keep: &HashSet<Digest>) -> usize {
+        self.retain_older(keep, std::time::Duration::ZERO)
+    }
+
+    /// [`ComponentStore::retain`] for files at least `grace` old (younger
+    /// ones may be an upload whose module is not added yet), and removes
+    /// temporary files a crash left (`.NAME.NONCE.tmp`) as old.
+    pub fn retain_older(&self, keep: &HashSet<Digest>, grace: std::time::Duration) -> usize {
+        let old = |path: &Path| {
+            std::fs::metadata(path)
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| t.elapsed().ok())
+                .is_some_and(|age| age >= grace)
+        };
         self.entries()
             .into_iter()
             .filter(|(path, digest)| {
-                digest.is_some_and(|d| !keep.contains(&d)) && std::fs::remove_file(path).is_ok()
+                let unused = match digest {
+                    Some(d) => !keep.contains(d),
+                    None => path
+                        .file_name()
+                        .and_then(|n| n.to_str())
+                        .is_some_and(|n| n.starts_with('.') && n.ends_with(".tmp")),
+                };
+                unused && old(path) && std::fs::remove_file(path).is_ok()
             })
             .count()
     }
@@ -190,6 +211,36 @@ mod tests {
         std::fs::write(&p1, b"other bytes").unwrap();
         let e = store.get(&m.digest).unwrap_err().to_string();
         assert!(e.contains("does not match") && e.contains("sha256-"), "{e}");
+    }
+
+    /// A sweep after a change spares what is younger than its grace (an
+    /// upload whose module is on its way) and removes what a crash left.
+    #[test]
+    fn a_sweep_spares_fresh_uploads_and_removes_crash_leftovers() {
+        let d = tempfile::tempdir().unwrap();
+        let store = ComponentStore::open(d.path()).unwrap();
+        let kept = measured(b"kept");
+        let fresh = measured(b"fresh");
+        store.put(&kept).unwrap();
+        store.put(&fresh).unwrap();
+        let tmp = d.path().join(DIR).join(".x.wasm.1234.tmp");
+        std::fs::write(&tmp, b"half").unwrap();
+        let keep: HashSet<Digest> = [kept.digest].into();
+        let hour = std::time::Duration::from_secs(3600);
+        assert_eq!(store.retain_older(&keep, hour), 0);
+        assert!(store.contains(&fresh.digest) && tmp.exists());
+        let old = std::time::SystemTime::now() - 2 * hour;
+        for p in [store.path(&fresh.digest), tmp.clone()] {
+            std::fs::File::options()
+                .write(true)
+                .open(&p)
+                .unwrap()
+                .set_modified(old)
+                .unwrap();
+        }
+        assert_eq!(store.retain_older(&keep, hour), 2);
+        assert!(!store.contains(&fresh.digest) && !tmp.exists());
+        assert!(store.contains(&kept.digest));
     }
 
     #[test]

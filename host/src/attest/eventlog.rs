@@ -217,6 +217,34 @@ impl EventLog {
         &self.path
     }
 
+    /// Deletes the logs of other boots beside this one but the `keep`
+    /// newest; returns how many went. One file per boot would otherwise
+    /// pile up over a device's life.
+    pub fn prune_other_boots(&self, keep: usize) -> usize {
+        let Some(dir) = self.path.parent() else {
+            return 0;
+        };
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return 0;
+        };
+        let mut others: Vec<(std::time::SystemTime, PathBuf)> = entries
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| *p != self.path && p.extension().is_some_and(|x| x == "log"))
+            .filter_map(|p| {
+                let t = std::fs::metadata(&p).and_then(|m| m.modified()).ok()?;
+                Some((t, p))
+            })
+            .collect();
+        others.sort();
+        others.reverse();
+        others
+            .into_iter()
+            .skip(keep)
+            .filter(|(_, p)| std::fs::remove_file(p).is_ok())
+            .count()
+    }
+
     fn open(&self, write: bool) -> std::io::Result<std::fs::File> {
         if write {
             if let Some(dir) = self.path.parent() {
@@ -444,6 +472,34 @@ pub(crate) fn hex_decode(s: &str) -> Option<Vec<u8>> {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    /// Logs of older boots do not pile up: all but the newest other one go.
+    #[test]
+    fn older_boots_logs_are_pruned() {
+        let d = tempfile::tempdir().unwrap();
+        let hsm = crate::hsm::soft::SoftHsm::open(d.path()).unwrap();
+        let base = std::time::SystemTime::now() - std::time::Duration::from_secs(3600);
+        for i in 0..4u64 {
+            let log = EventLog::new(d.path(), &format!("boot-{i}"), 0);
+            log.measure(&hsm, json!({"kind": "executable"})).unwrap();
+            std::fs::File::options()
+                .write(true)
+                .open(log.path())
+                .unwrap()
+                .set_modified(base + std::time::Duration::from_secs(i * 60))
+                .unwrap();
+        }
+        let now = EventLog::new(d.path(), "boot-9", 0);
+        now.measure(&hsm, json!({"kind": "executable"})).unwrap();
+        assert_eq!(now.prune_other_boots(1), 3);
+        let mut left: Vec<String> = std::fs::read_dir(d.path().join("measurements"))
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        assert_eq!(left, ["boot-3.log", "boot-9.log"]);
+    }
 
     /// Appends cost the same however long the log: one writer reads the
     /// log once (its first append), then never again; another writer's

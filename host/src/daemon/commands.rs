@@ -16,13 +16,21 @@ use crate::spec::ModuleSpec;
 /// Carries out `req` and replies.
 pub(super) async fn apply(req: Request, sup: &mut Supervisor, config: &Config) {
     let by = req.by;
+    let kind = match &req.command {
+        Command::Update(..) | Command::Remove(..) => Kind::Changed,
+        _ => Kind::Other,
+    };
     let (result, reply) = match req.command {
         Command::Deploy(d, reply) => {
             let r = deploy(sup, *d, by).await;
             if let Err(e) = &r {
                 tracing::info!(status = %e.status, by = ?by, "deployment not applied: {}", crate::runtime::escape::escape_str(&e.message));
             }
+            let applied = r.is_ok();
             let _ = reply.send(r);
+            if applied {
+                sup.collect_garbage(&config.modules, GC_GRACE);
+            }
             return;
         }
         Command::Add(spec, reply) => (add(sup, *spec, by).await, reply),
@@ -53,7 +61,23 @@ pub(super) async fn apply(req: Request, sup: &mut Supervisor, config: &Config) {
         // forge log lines.
         tracing::info!(status = %e.status, by = ?by, "management request not carried out: {}", crate::runtime::escape::escape_str(&e.message));
     }
+    let collect = result.is_ok() && matches!(kind, Kind::Changed);
     let _ = reply.send(result);
+    // After the reply: the caller does not wait for the sweep.
+    if collect {
+        sup.collect_garbage(&config.modules, GC_GRACE);
+    }
+}
+
+/// How old an unreferenced component or cache entry must be before a
+/// sweep after a change deletes it: a younger one may be an upload whose
+/// module is on its way.
+const GC_GRACE: std::time::Duration = std::time::Duration::from_secs(600);
+
+/// Whether a command can leave a component unreferenced.
+enum Kind {
+    Changed,
+    Other,
 }
 
 fn internal(e: impl std::fmt::Display) -> ApiError {

@@ -186,7 +186,7 @@ pub async fn run(config: Config, state_dir: PathBuf, socket: PathBuf) -> anyhow:
     supervisor.set_signatures(config.signatures.clone());
     // Before the API serves: an upload cannot be collected before the
     // module that names it is added.
-    supervisor.collect_components();
+    supervisor.collect_garbage(&config.modules, Duration::ZERO);
     supervisor.collect_keys().await;
     let (commands, mut command_rx) = tokio::sync::mpsc::channel(64);
     let api_state = Arc::new(api::ApiState {
@@ -398,6 +398,12 @@ fn measurer_for(
     match crate::attest::Measurer::new(identity.hsm(), state_dir, pcr) {
         Ok(m) => {
             tracing::info!(log = %m.log().path().display(), pcr, "measuring into the HSM register");
+            // Earlier boots' logs: the last one is kept (what ran before
+            // this boot), older ones go; no verifier can quote them.
+            let pruned = m.log().prune_other_boots(1);
+            if pruned > 0 {
+                tracing::info!(pruned, "measurement logs of older boots deleted");
+            }
             Some(m)
         }
         Err(e) => {

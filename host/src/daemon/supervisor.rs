@@ -387,20 +387,32 @@ impl Supervisor {
         }
     }
 
-    /// Deletes stored components no registered module names (left by
-    /// removals and updates). The daemon runs it at start, before the
-    /// management API serves.
-    pub fn collect_components(&self) {
+    /// Deletes stored components and compiled-cache entries no registered
+    /// module names (left by removals, updates and deployments), cache
+    /// entries an older engine made, and temporary files a crash left;
+    /// only files at least `grace` old (a younger one may be an upload
+    /// whose module is on its way). The daemon runs it at start (no grace,
+    /// before the management API serves) and after each removal, update
+    /// and deployment, so neither store grows with history.
+    /// `config` names modules of the config file that may not be registered
+    /// yet (their compiled code may be waiting, from `edgeward compile`).
+    pub fn collect_garbage(&self, config: &[ModuleSpec], grace: Duration) {
         let Ok(modules) = self.registry.modules() else {
             return;
         };
         let keep: std::collections::HashSet<crate::measure::Digest> = modules
             .iter()
             .filter_map(|m| m.spec.digest.parse().ok())
+            .chain(config.iter().map(|m| m.digest))
             .collect();
-        let removed = self.components.retain(&keep);
-        if removed > 0 {
-            tracing::info!(removed, "unreferenced components deleted from the store");
+        let removed = self.components.retain_older(&keep, grace);
+        let cached = self.rt.cache().map_or(0, |c| c.retain(&keep, grace));
+        if removed + cached > 0 {
+            tracing::info!(
+                components = removed,
+                cache_entries = cached,
+                "unreferenced components and compiled code deleted"
+            );
         }
     }
 

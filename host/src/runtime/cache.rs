@@ -454,6 +454,35 @@ impl ArtifactCache {
         Lookup::Rejected(why)
     }
 
+    /// Deletes entries at least `grace` old that no digest in `keep` names,
+    /// or that an engine other than this one made (an older edgeward's),
+    /// and temporary files a crash left; returns how many.
+    pub fn retain(
+        &self,
+        keep: &std::collections::HashSet<Digest>,
+        grace: std::time::Duration,
+    ) -> usize {
+        let Ok(dir) = std::fs::read_dir(&self.dir) else {
+            return 0;
+        };
+        let keep_names: std::collections::HashSet<PathBuf> =
+            keep.iter().map(|d| self.entry_path(d)).collect();
+        dir.flatten()
+            .map(|e| e.path())
+            .filter(|p| {
+                let name = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
+                let ours =
+                    name.ends_with(".cwasm") || (name.starts_with('.') && name.ends_with(".tmp"));
+                let old = std::fs::metadata(p)
+                    .and_then(|m| m.modified())
+                    .ok()
+                    .and_then(|t| t.elapsed().ok())
+                    .is_some_and(|age| age >= grace);
+                ours && old && !keep_names.contains(p) && std::fs::remove_file(p).is_ok()
+            })
+            .count()
+    }
+
     /// Serializes `component` and writes it, authenticated, for `digest`.
     ///
     /// # Errors
@@ -496,6 +525,26 @@ mod tests {
         let c = Component::new(&engine, EMPTY).expect("compile");
         cache.store(&digest, &c).expect("store");
         (engine, cache, digest)
+    }
+
+    /// Entries no kept digest names, and an older engine's, are swept.
+    #[test]
+    fn unreferenced_and_stale_entries_are_swept() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let (_engine, cache, digest) = stored(tmp.path());
+        let path = cache.entry_path(&digest);
+        let stale = cache
+            .dir
+            .join(format!("{}-0000000000000000.cwasm", digest.hex()));
+        std::fs::copy(&path, &stale).expect("copy");
+        let keep: std::collections::HashSet<Digest> = [digest].into();
+        assert_eq!(cache.retain(&keep, std::time::Duration::ZERO), 1);
+        assert!(path.exists() && !stale.exists());
+        assert_eq!(
+            cache.retain(&std::collections::HashSet::new(), std::time::Duration::ZERO),
+            1
+        );
+        assert!(!path.exists());
     }
 
     /// Both ways of loading (the sealed memfd, and the buffer it falls back

@@ -216,6 +216,14 @@ fn main() -> ExitCode {
                 std::thread::sleep(Duration::from_millis(ms));
             }
         }
+        "sign-loop" => {
+            // Many workload calls, one line at the end (a soak).
+            let n: u64 = a(1).parse().unwrap_or(1);
+            let failed = (0..n)
+                .filter(|i| identity::sign(&i.to_le_bytes()).is_err())
+                .count();
+            println!("sign-loop {n} calls, {failed} failed");
+        }
         "tokens" => {
             let n: u32 = a(1).parse().unwrap_or(1);
             let ms: u64 = a(2).parse().unwrap_or(0);
