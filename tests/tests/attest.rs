@@ -106,19 +106,27 @@ fn module(s: &Scratch, args: &[&str]) -> std::process::Output {
     s.edgeward().arg("module").args(args).output().unwrap()
 }
 
-#[test]
-fn the_daemon_measures_what_it_runs_and_a_replay_matches() {
-    let s = Scratch::new();
-    let b = boot(&s, "11111111-2222-3333-4444-555555555555");
+/// A daemon in `s` for boot `b` whose config runs the sandbox probe as
+/// `m`, once `m` is loaded: (the daemon, its config).
+fn started_with_m(s: &Scratch, b: &Path) -> (Daemon, String) {
     let probe = guests::SANDBOX_PROBE;
     let config = format!(
         "[[module]]\nname = \"m\"\nfile = \"{probe}\"\ndigest = \"{}\"\nargs = [\"tick\"]\n",
         sha256sum(probe)
     );
-    let mut d = start(&s, &config, &b);
+    let mut d = start(s, &config, b);
     d.wait_for("m to load", |_, err| {
         err.iter().any(|l| l.contains("module measured and loaded"))
     });
+    (d, config)
+}
+
+#[test]
+fn the_daemon_measures_what_it_runs_and_a_replay_matches() {
+    let s = Scratch::new();
+    let b = boot(&s, "11111111-2222-3333-4444-555555555555");
+    let probe = guests::SANDBOX_PROBE;
+    let (d, config) = started_with_m(&s, &b);
     // An operator's add and remove: a module event, then the removal.
     assert_status(&module(&s, &["add", "extra", probe, "--arg", "tick"]), 0);
     assert_status(&module(&s, &["remove", "extra"]), 0);
@@ -1768,4 +1776,134 @@ fn a_planted_cache_entry_shows_in_the_evidence() {
         evidence_log.contains(&planted),
         "the evidence lacks {planted}"
     );
+}
+
+/// Incremental evidence: a verifier that checked records 0..N asks only
+/// for what came after (`attest --from N`), with a quote over the whole
+/// log, and checks it with `--previous` (the evidence it verified); the
+/// whole log it has checked is kept for the next round. Evidence that does
+/// not continue what the verifier holds is refused by name.
+#[test]
+fn incremental_evidence_continues_what_the_verifier_checked() {
+    let s = Scratch::new();
+    let b = boot(&s, "72727272-3434-5656-7878-909090909090");
+    let probe = guests::SANDBOX_PROBE;
+    let (d, _) = started_with_m(&s, &b);
+    let first = s.path().join("ev1");
+    assert_status(
+        &attest(&s, &b, &["--nonce", "01", "--out", first.to_str().unwrap()]),
+        0,
+    );
+    let n = records(&first.join("event.log")).len();
+    let policy = soft_policy(&s, &first, "");
+    let (ok, out) = verify(
+        &s,
+        &first,
+        &["--nonce", "01", "--policy", policy.to_str().unwrap()],
+    );
+    assert!(ok, "{out}");
+    // From now on `extra` is expected too (it comes next); `again` is not.
+    let mut text = std::fs::read_to_string(&policy).unwrap();
+    text.push_str(&format!("extra = [\"{}\"]\n", sha256sum(probe)));
+    let policy = s.write("policy-later.toml", &text);
+    let policy = policy.to_str().unwrap();
+
+    // More events: an operator's add and remove.
+    assert_status(&module(&s, &["add", "extra", probe, "--arg", "tick"]), 0);
+    assert_status(&module(&s, &["remove", "extra"]), 0);
+    let second = s.path().join("ev2");
+    assert_status(
+        &attest(
+            &s,
+            &b,
+            &[
+                "--nonce",
+                "02",
+                "--from",
+                &n.to_string(),
+                "--out",
+                second.to_str().unwrap(),
+            ],
+        ),
+        0,
+    );
+    let tail = records(&second.join("event.log"));
+    assert!(!tail.is_empty() && tail[0]["recnum"] == n, "{tail:?}");
+    // Without what the verifier holds: refused, saying what to give.
+    let (ok, out) = verify(&s, &second, &["--nonce", "02", "--policy", policy]);
+    assert!(!ok && out.contains("--previous"), "{out}");
+    // With it: the whole log replays to the quote.
+    let prev = first.to_str().unwrap();
+    let (ok, out) = verify(
+        &s,
+        &second,
+        &["--nonce", "02", "--policy", policy, "--previous", prev],
+    );
+    assert!(ok, "{out}");
+    assert!(
+        out.contains(&format!("{} events replay", n + tail.len())),
+        "{out}"
+    );
+    assert!(second.join("event.full.log").exists());
+
+    // The next round continues from the whole log kept beside ev2.
+    assert_status(&module(&s, &["add", "again", probe, "--arg", "tick"]), 0);
+    let third = s.path().join("ev3");
+    let held = n + tail.len();
+    assert_status(
+        &attest(
+            &s,
+            &b,
+            &[
+                "--nonce",
+                "03",
+                "--from",
+                &held.to_string(),
+                "--out",
+                third.to_str().unwrap(),
+            ],
+        ),
+        0,
+    );
+    let (ok, out) = verify(
+        &s,
+        &third,
+        &[
+            "--nonce",
+            "03",
+            "--policy",
+            policy,
+            "--previous",
+            second.to_str().unwrap(),
+        ],
+    );
+    // (`again` is not in the policy: the verdict fails on the policy, not
+    // on the log.)
+    assert!(
+        !ok && out.contains("again") && !out.contains("FAIL log-replay"),
+        "{out}"
+    );
+    // A previous that this evidence does not continue: refused by name.
+    let (ok, out) = verify(
+        &s,
+        &third,
+        &["--nonce", "03", "--policy", policy, "--previous", prev],
+    );
+    assert!(!ok && out.contains("continues from record"), "{out}");
+    // More records than the log has: refused by the device.
+    let o = attest(
+        &s,
+        &b,
+        &[
+            "--nonce",
+            "04",
+            "--from",
+            "100000",
+            "--out",
+            s.path().join("ev4").to_str().unwrap(),
+        ],
+    );
+    assert_status(&o, 1);
+    assert!(stderr(&o).contains("records"), "{}", stderr(&o));
+    let _ = d.terminate();
 }

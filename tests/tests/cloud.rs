@@ -872,6 +872,21 @@ fn on_the_tpm_remote_attestation_verifies_and_fails_once_a_module_is_swapped_on_
         "{}",
         stdout(&o)
     );
+    // Incremental: only the records after what was verified cross the
+    // broker, and the whole log checked so far is kept for next time.
+    std::thread::sleep(Duration::from_millis(1100));
+    let next = s.path().join("evidence-next");
+    let o = attest(&[
+        "--previous",
+        evidence.to_str().unwrap(),
+        "--out",
+        next.to_str().unwrap(),
+    ]);
+    assert_status(&o, 0);
+    let full = std::fs::read(evidence.join("event.log")).unwrap();
+    let tail = std::fs::read(next.join("event.log")).unwrap();
+    assert!(tail.len() < full.len(), "the whole log was sent again");
+    assert!(next.join("event.full.log").exists());
 
     // The sensor's component is swapped on disk: the watchdog records it,
     // and the evidence no longer meets the policy.
@@ -888,6 +903,7 @@ fn on_the_tpm_remote_attestation_verifies_and_fails_once_a_module_is_swapped_on_
         );
         std::thread::sleep(Duration::from_millis(200));
     }
+    std::thread::sleep(Duration::from_millis(1100));
     let o = attest(&[]);
     assert_status(&o, 1);
     assert!(stdout(&o).contains("evidence REFUSED"), "{}", stdout(&o));

@@ -852,6 +852,7 @@ async fn system_info(State(state): State<Arc<ApiState>>) -> Result<Response, Api
 
 /// `GET /v1/attest`'s query.
 #[derive(Debug, Deserialize, utoipa::ToSchema, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct AttestQuery {
     /// The verifier's nonce, hex (1-64 bytes).
@@ -861,6 +862,10 @@ pub struct AttestQuery {
     /// base64url without padding: its secret becomes the nonce.
     #[serde(default)]
     credential: Option<String>,
+    /// Incremental evidence: the log from this record on (the verifier
+    /// holds the earlier ones); the quote covers all.
+    #[serde(default)]
+    from: Option<u64>,
 }
 
 /// Evidence: each file's bytes, base64 (see `edgeward attest`).
@@ -877,7 +882,7 @@ pub struct EvidenceView {
         (status = 200, description = "Evidence: a quote of the measurement register over the nonce, the log, the keys", body = EvidenceView),
         (status = 400, description = "No nonce, a bad nonce or credential", body = ErrorBody),
         (status = 409, description = "Nothing is measured (measure = false, or pkcs11)", body = ErrorBody),
-        (status = 422, description = "The credential is not for this device's EK and AK", body = ErrorBody)))]
+        (status = 422, description = "The credential is not for this device's EK and AK, or `from` is past the log's end", body = ErrorBody)))]
 async fn attest(
     State(state): State<Arc<ApiState>>,
     query: Result<axum::extract::Query<AttestQuery>, axum::extract::rejection::QueryRejection>,
@@ -885,14 +890,14 @@ async fn attest(
     let axum::extract::Query(q) = query.map_err(invalid_query)?;
     let (nonce, credential) = attest_input(q.nonce.as_deref(), q.credential.as_deref())
         .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e))?;
-    match evidence(&state, nonce, credential).await {
+    match evidence(&state, nonce, credential, q.from.unwrap_or(0)).await {
         Ok(files) => Ok(axum::Json(EvidenceView { files }).into_response()),
         Err(Evidence::NotMeasured) => Err(ApiError::new(
             StatusCode::CONFLICT,
             "this daemon measures nothing ([runtime] measure = false, or the pkcs11 backend): there is nothing to attest",
         )),
         Err(Evidence::Failed(e)) => {
-            let status = if e.contains("credential") {
+            let status = if e.contains("credential") || e.starts_with("from:") {
                 StatusCode::UNPROCESSABLE_ENTITY
             } else {
                 StatusCode::INTERNAL_SERVER_ERROR
@@ -943,15 +948,17 @@ pub(crate) async fn evidence(
     state: &ApiState,
     nonce: Vec<u8>,
     credential: Option<crate::attest::evidence::CredentialFile>,
+    from: u64,
 ) -> Result<std::collections::BTreeMap<String, String>, Evidence> {
     use base64ct::Encoding as _;
     state.wait_booted().await;
     let m = state.attester.clone().ok_or(Evidence::NotMeasured)?;
     let device = state.info.device_id.clone();
-    let files = tokio::task::spawn_blocking(move || m.attest(&device, &nonce, credential.as_ref()))
-        .await
-        .map_err(|e| Evidence::Failed(format!("the quote task failed: {e}")))?
-        .map_err(Evidence::Failed)?;
+    let files =
+        tokio::task::spawn_blocking(move || m.attest(&device, &nonce, credential.as_ref(), from))
+            .await
+            .map_err(|e| Evidence::Failed(format!("the quote task failed: {e}")))?
+            .map_err(Evidence::Failed)?;
     Ok(files
         .into_iter()
         .map(|(n, b)| (n.to_owned(), base64ct::Base64::encode_string(&b)))

@@ -436,6 +436,33 @@ fn read_records(file: &mut std::fs::File) -> Result<Vec<Record>, String> {
 ///
 /// A malformed record, or a gap in the numbering (named).
 pub fn parse(bytes: &[u8]) -> Result<Vec<Record>, String> {
+    parse_from(bytes, 0)
+}
+
+/// The bytes of the log from record `from` on (incremental evidence):
+/// `None` if it has fewer records than that.
+pub fn tail_from(bytes: &[u8], from: u64) -> Option<&[u8]> {
+    if from == 0 {
+        return Some(bytes);
+    }
+    let mut seen = 0u64;
+    for (i, b) in bytes.iter().enumerate() {
+        if *b == RS {
+            if seen == from {
+                return Some(&bytes[i..]);
+            }
+            seen += 1;
+        }
+    }
+    (seen == from).then_some(&bytes[bytes.len()..])
+}
+
+/// [`parse`] for a log's tail whose first record is numbered `start`.
+///
+/// # Errors
+///
+/// As [`parse`].
+pub fn parse_from(bytes: &[u8], start: u64) -> Result<Vec<Record>, String> {
     let mut out: Vec<Record> = Vec::new();
     for (i, chunk) in bytes.split(|&b| b == RS).enumerate() {
         if i == 0 {
@@ -444,12 +471,11 @@ pub fn parse(bytes: &[u8]) -> Result<Vec<Record>, String> {
             }
             continue;
         }
-        let r: Record =
-            serde_json::from_slice(chunk).map_err(|e| format!("record {}: {e}", out.len()))?;
-        if r.recnum != out.len() as u64 {
+        let at = start + out.len() as u64;
+        let r: Record = serde_json::from_slice(chunk).map_err(|e| format!("record {at}: {e}"))?;
+        if r.recnum != at {
             return Err(format!(
-                "record {} is numbered {}: records are missing, added or out of order",
-                out.len(),
+                "record {at} is numbered {}: records are missing, added or out of order",
                 r.recnum
             ));
         }

@@ -9,7 +9,7 @@
 //! | `ak.pub` | (tpm) its TPM2B_PUBLIC, whose name a credential is made for |
 //! | `ek.pem` | (tpm, where the TPM has one) the endorsement key's certificate |
 //! | `pcrs.bin` | the quoted PCR value, in `tpm2_quote -o`'s serialized layout |
-//! | `event.log` | the measurement log (CEL-JSON, JSON-SEQ) |
+//! | `event.log` | the measurement log (CEL-JSON, JSON-SEQ); with `from` N, its records from N on |
 //! | `evidence.json` | device, backend, PCR, boot, nonce, baseline and what each file is |
 //!
 //! `tpm2_checkquote -u ak.pem -m quote.msg -s quote.sig -f pcrs.bin -g
@@ -141,6 +141,7 @@ pub fn gather(
     device: &Device<'_>,
     nonce: &[u8],
     credential: Option<&CredentialFile>,
+    from: u64,
 ) -> Result<Files, String> {
     let backend = hsm.backend();
     if backend == "pkcs11" {
@@ -186,6 +187,14 @@ pub fn gather(
         .first()
         .filter(|r| r.kind() == "baseline")
         .and_then(|r| r.sha256().ok());
+    // Incremental evidence: the records from `from` on (a verifier holds
+    // the earlier ones, checked), with a quote that covers all.
+    let total = records.len();
+    let log_bytes = eventlog::tail_from(&log_bytes, from)
+        .ok_or_else(|| {
+            format!("from: the log of this boot has {total} records, not more than {from}")
+        })?
+        .to_vec();
     let mut files: Files = vec![
         ("quote.msg", quote.message),
         ("quote.sig", quote.signature),
@@ -251,7 +260,8 @@ pub fn gather(
         "credential_activated": credential.is_some(),
         "register": hex(&quote.register),
         "baseline": baseline.map(|b| hex(&b)),
-        "events": records.len(),
+        "events": total,
+        "from": from,
         "endorsement_certificate": ek.is_some(),
         "files": described,
     });

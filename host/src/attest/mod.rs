@@ -108,6 +108,7 @@ impl Measurer {
         device: &str,
         nonce: &[u8],
         credential: Option<&evidence::CredentialFile>,
+        from: u64,
     ) -> Result<evidence::Files, String> {
         evidence::gather(
             self.hsm.as_ref(),
@@ -118,6 +119,7 @@ impl Measurer {
             },
             nonce,
             credential,
+            from,
         )
     }
 

@@ -234,6 +234,88 @@ pub struct Expect {
     pub ek_ca: Option<Vec<Vec<u8>>>,
     /// The credential challenge the evidence answers.
     pub challenge: Option<Challenge>,
+    /// Evidence of the same boot verified before: incremental evidence
+    /// (`from` N) is checked as its log (event.full.log, else event.log)
+    /// followed by the new records.
+    pub previous: Option<PathBuf>,
+}
+
+/// The name of the whole log a verifier keeps beside incremental evidence
+/// it has verified: the next `previous`.
+pub const FULL_LOG: &str = "event.full.log";
+
+/// How many records the evidence in `dir` (verified before) holds in all:
+/// what the next incremental evidence starts from.
+///
+/// # Errors
+///
+/// Not evidence, or incremental evidence without its whole log.
+pub fn records_held(dir: &Path) -> Result<u64, String> {
+    let files = Files {
+        dir: dir.to_owned(),
+    };
+    let e = read_evidence(&files)?;
+    let log = if files.exists(FULL_LOG) {
+        files.read(FULL_LOG)?
+    } else if e.from == 0 {
+        files.read("event.log")?
+    } else {
+        return Err(format!(
+            "{}: incremental evidence without its {FULL_LOG} (was it verified?)",
+            dir.display()
+        ));
+    };
+    Ok(eventlog::parse(&log)?.len() as u64)
+}
+
+/// The whole log of `evidence` (incremental: the previous evidence's log,
+/// then its records), and how many records the previous held.
+fn whole_log(
+    files: &Files,
+    evidence: &Evidence,
+    previous: Option<&Path>,
+) -> Result<Vec<u8>, String> {
+    let tail = files.read("event.log")?;
+    if evidence.from == 0 {
+        return Ok(tail);
+    }
+    let prev = previous.ok_or_else(|| {
+        format!(
+            "the evidence holds the log from record {} on: give the evidence verified before (--previous)",
+            evidence.from
+        )
+    })?;
+    let pf = Files {
+        dir: prev.to_owned(),
+    };
+    let before = read_evidence(&pf).map_err(|e| format!("--previous: {e}"))?;
+    if before.boot_id != evidence.boot_id || before.device != evidence.device {
+        return Err(format!(
+            "--previous is from device {} boot {}, this from device {} boot {}: ask for the whole log",
+            before.device, before.boot_id, evidence.device, evidence.boot_id
+        ));
+    }
+    let mut log = if pf.exists(FULL_LOG) {
+        pf.read(FULL_LOG)?
+    } else if before.from == 0 {
+        pf.read("event.log")?
+    } else {
+        return Err(
+            "--previous is incremental evidence without its event.full.log (was it verified?)"
+                .into(),
+        );
+    };
+    let held = eventlog::parse(&log)
+        .map_err(|e| format!("--previous: {e}"))?
+        .len() as u64;
+    if held != evidence.from {
+        return Err(format!(
+            "--previous holds {held} records; this evidence continues from record {}",
+            evidence.from
+        ));
+    }
+    log.extend_from_slice(&tail);
+    Ok(log)
 }
 
 struct Files {
@@ -441,8 +523,9 @@ pub fn verify(dir: &Path, expect: &Expect) -> Vec<Check> {
             return out;
         }
     };
-    let records = match files
-        .read("event.log")
+    let whole = whole_log(&files, &evidence, expect.previous.as_deref());
+    let records = match whole
+        .clone()
         .and_then(|b| eventlog::parse(&b).map_err(|e| format!("event.log: {e}")))
         .and_then(|r| replay_to(&r, evidence.pcr, &quoted).map(|n| (r, n)))
     {
@@ -538,6 +621,19 @@ pub fn verify(dir: &Path, expect: &Expect) -> Vec<Check> {
             "ak",
             check_enrolled(&files, policy, ak_point.ok().as_deref()),
         );
+    }
+    // Verified incremental evidence keeps the whole log checked so far,
+    // for the next --previous.
+    if evidence.from > 0
+        && out.iter().all(|c| c.ok)
+        && let Ok(w) = &whole
+        && let Err(e) = std::fs::write(dir.join(FULL_LOG), w)
+    {
+        out.push(Check {
+            name: "full-log",
+            ok: false,
+            detail: format!("cannot keep {FULL_LOG}: {e}"),
+        });
     }
     out
 }
@@ -641,6 +737,8 @@ struct Evidence {
     device: String,
     pcr: u32,
     boot_id: String,
+    /// The first record its event.log holds (incremental evidence).
+    from: u64,
 }
 
 fn read_evidence(files: &Files) -> Result<Evidence, String> {
@@ -663,6 +761,7 @@ fn read_evidence(files: &Files) -> Result<Evidence, String> {
             .filter(|p| *p < 24)
             .ok_or("evidence.json: no PCR index (0-23)")?,
         boot_id: s("boot_id").unwrap_or_default(),
+        from: v["from"].as_u64().unwrap_or(0),
     })
 }
 

@@ -35,6 +35,11 @@ struct GatherArgs {
     /// Where to write the evidence files.
     #[arg(long, value_name = "DIR")]
     out: Option<PathBuf>,
+    /// Incremental evidence: the log from record N on (a verifier that
+    /// checked records 0..N has them: `attest verify --previous`); the
+    /// quote covers the whole log.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    from: u64,
     /// Config file (its [hsm], [identity], [api] tables and state_dir).
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
@@ -70,6 +75,12 @@ enum AttestCommand {
         /// (challenge.json): checks the AK is bound to the EK.
         #[arg(long, value_name = "FILE")]
         challenge: Option<PathBuf>,
+        /// Evidence of the same boot verified before (its directory): the
+        /// records it holds are not asked for again (`attest --from`).
+        /// Once this evidence verifies, the whole log checked so far is
+        /// kept beside it as event.full.log, for the next --previous.
+        #[arg(long, value_name = "DIR")]
+        previous: Option<PathBuf>,
         /// Machine-readable output.
         #[arg(long)]
         json: bool,
@@ -100,8 +111,11 @@ pub(super) fn command(args: AttestArgs, state_flag: Option<&Path>) -> ExitCode {
             policy,
             ek_ca,
             challenge,
+            previous,
             json,
-        }) => verify_command(&dir, device, nonce, policy, ek_ca, challenge, json),
+        }) => verify_command(
+            &dir, device, nonce, policy, ek_ca, challenge, previous, json,
+        ),
         Some(AttestCommand::Challenge { dir, ek_ca, out }) => challenge_command(&dir, &ek_ca, &out),
         None => gather_command(args.gather, state_flag),
     }
@@ -139,9 +153,9 @@ fn gather_command(args: GatherArgs, state_flag: Option<&Path>) -> ExitCode {
         Err(e) => return fail(e, 2),
     };
     let files = if std::os::unix::net::UnixStream::connect(&socket).is_ok() {
-        through_daemon(&socket, &nonce, credential.as_ref())
+        through_daemon(&socket, &nonce, credential.as_ref(), args.from)
     } else {
-        directly(cfg, state_flag, &nonce, credential.as_ref())
+        directly(cfg, state_flag, &nonce, credential.as_ref(), args.from)
     };
     let files = match files {
         Ok(f) => f,
@@ -175,14 +189,15 @@ fn through_daemon(
     socket: &Path,
     nonce: &[u8],
     credential: Option<&CredentialFile>,
+    from: u64,
 ) -> Result<evidence::Files, String> {
     use base64ct::Encoding as _;
     let query = match credential {
         Some(c) => format!(
-            "credential={}",
+            "credential={}&from={from}",
             base64ct::Base64UrlUnpadded::encode_string(&c.to_bytes())
         ),
-        None => format!("nonce={}", crate::measure::hex(nonce)),
+        None => format!("nonce={}&from={from}", crate::measure::hex(nonce)),
     };
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -218,6 +233,7 @@ fn directly(
     state_flag: Option<&Path>,
     nonce: &[u8],
     credential: Option<&CredentialFile>,
+    from: u64,
 ) -> Result<evidence::Files, String> {
     let cfg = cfg.unwrap_or_else(crate::config::Config::empty);
     let state_dir =
@@ -228,9 +244,10 @@ fn directly(
     )?;
     let hsm = crate::hsm::open(&cfg.hsm, &state_dir).map_err(|e| e.to_string())?;
     let m = crate::attest::Measurer::new(hsm, &state_dir, pcr)?;
-    m.attest(&cfg.identity.device_id, nonce, credential)
+    m.attest(&cfg.identity.device_id, nonce, credential, from)
 }
 
+#[allow(clippy::too_many_arguments)]
 fn verify_command(
     dir: &Path,
     device: String,
@@ -238,10 +255,12 @@ fn verify_command(
     policy: Option<PathBuf>,
     ek_ca: Option<PathBuf>,
     challenge: Option<PathBuf>,
+    previous: Option<PathBuf>,
     json: bool,
 ) -> ExitCode {
     let mut expect = verify::Expect {
         device: Some(device),
+        previous,
         ..verify::Expect::default()
     };
     if let Some(n) = nonce {

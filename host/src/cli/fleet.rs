@@ -194,6 +194,11 @@ enum FleetCommand {
         /// Keep the evidence here.
         #[arg(long, value_name = "DIR")]
         out: Option<PathBuf>,
+        /// Evidence of this device and boot verified before (an earlier
+        /// --out): only the records after it are asked for, and the whole
+        /// log checked so far is kept in the new --out for next time.
+        #[arg(long, value_name = "DIR")]
+        previous: Option<PathBuf>,
         /// How long to wait for the device's answer.
         #[arg(long, value_name = "DURATION", default_value = "30s")]
         timeout: String,
@@ -315,6 +320,7 @@ async fn run(args: FleetArgs) -> Result<ExitCode, String> {
             groups,
             eks,
             out,
+            previous,
             timeout,
             json,
         } => {
@@ -325,6 +331,7 @@ async fn run(args: FleetArgs) -> Result<ExitCode, String> {
                 keys: deployment_keys,
                 groups,
                 eks,
+                previous: previous.as_deref(),
             };
             let r = attest(
                 &mut s,
@@ -1536,6 +1543,8 @@ struct Expected<'a> {
     groups: &'a [String],
     /// Enrolled EKs, added to whichever policy applies.
     eks: &'a [String],
+    /// Evidence verified before: ask only for what came after.
+    previous: Option<&'a Path>,
 }
 
 async fn default_policy(
@@ -1642,9 +1651,14 @@ async fn attest(
             "give --ek-ca (the TPM vendor's EK CA: the device's AK is then bound to its certified EK) or a --policy that enrolls {device}'s AK (aks): without either, any key could have signed its evidence"
         ));
     }
+    let from = match expected.previous {
+        Some(p) => verify::records_held(p).map_err(|e| format!("--previous: {e}"))?,
+        None => 0,
+    };
     let mut expect = verify::Expect {
         device: Some(device.to_owned()),
         policy: Some(policy),
+        previous: expected.previous.map(Path::to_owned),
         ..verify::Expect::default()
     };
     let scratch;
@@ -1665,7 +1679,7 @@ async fn attest(
     challenge_device(
         s,
         device,
-        serde_json::json!({ "id": id, "nonce": crate::measure::hex(&nonce) }),
+        serde_json::json!({ "id": id, "nonce": crate::measure::hex(&nonce), "from": from }),
         &dir,
         timeout,
     )
@@ -1685,6 +1699,7 @@ async fn attest(
             serde_json::json!({
                 "id": id,
                 "credential": base64ct::Base64UrlUnpadded::encode_string(&credential.to_bytes()),
+                "from": from,
             }),
             &dir,
             timeout,

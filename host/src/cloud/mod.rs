@@ -816,6 +816,9 @@ struct Challenge {
     nonce: Option<String>,
     #[serde(default)]
     credential: Option<String>,
+    /// Incremental evidence: the log from this record on.
+    #[serde(default)]
+    from: Option<u64>,
 }
 
 /// The largest challenge read.
@@ -866,7 +869,7 @@ async fn answer_challenge(api: &ApiState, payload: &[u8]) -> Vec<u8> {
             Ok(x) => x,
             Err(e) => return challenge_error(payload, &e),
         };
-    match crate::api::evidence(api, nonce, credential).await {
+    match crate::api::evidence(api, nonce, credential, c.from.unwrap_or(0)).await {
         Ok(files) => {
             tracing::info!(id = %c.id, "cloud: attestation evidence sent");
             serde_json::to_vec(&serde_json::json!({ "id": c.id, "files": files }))
