@@ -6,8 +6,11 @@
 //! - **deployments**: `PUT /v1/deployment`, `EDGEWARD_SOAK_DEPLOYMENTS`
 //!   times (default 1,000), each changing one module's settings (an
 //!   update: measured, registered, restarted);
+//! - **crash loop**: a module that fails at once, restarted
+//!   `EDGEWARD_SOAK_RESTARTS` times (default 10,000; each through `reset`,
+//!   so its backoff does not stretch the run over days);
 //! - **workload calls**: a module signing `EDGEWARD_SOAK_CALLS` times
-//!   (default 100,000) through the workload interface.
+//!   (default 1,000,000) through the workload interface.
 //!
 //! At 10 % and at 100 % of each phase: the p50 and p99 of an operation
 //! over the last tenth, the daemon's RSS (anonymous and file-backed), its
@@ -256,9 +259,43 @@ fn main() {
         t.elapsed().as_secs_f64() * 1e3
     });
 
+    // A crash loop: a module that exits with a failure at once, restarted
+    // (reset clears its backoff) until it has started that many times.
+    let restarts = count("EDGEWARD_SOAK_RESTARTS", 10_000);
+    let (s, b) = http(
+        &sock,
+        "POST",
+        "/v1/modules",
+        format!(
+            r#"{{"name":"crasher","digest":"{probe_digest}","args":["exit","3"],"restart":"on-failure"}}"#
+        )
+        .as_bytes(),
+    );
+    assert_eq!(s, 201, "{}", String::from_utf8_lossy(&b));
+    let starts = || {
+        let (_, body) = http(&sock, "GET", "/v1/modules/crasher", b"");
+        serde_json::from_slice::<serde_json::Value>(&body).unwrap_or_default()["starts"]
+            .as_u64()
+            .unwrap_or(0)
+    };
+    phase("crashloop", restarts, pid, &state, |_| {
+        let before = starts();
+        let t = Instant::now();
+        let (s, b) = http(&sock, "POST", "/v1/modules/crasher/reset", b"");
+        assert!(
+            matches!(s, 200 | 204),
+            "{s}: {}",
+            String::from_utf8_lossy(&b)
+        );
+        while starts() == before {
+            assert!(t.elapsed() < Duration::from_secs(30), "no restart");
+        }
+        t.elapsed().as_secs_f64() * 1e3
+    });
+
     // Workload calls: one module signing in a loop, sampled by the daemon's
     // footprint while it runs (its time per call is the module's).
-    let calls = count("EDGEWARD_SOAK_CALLS", 100_000);
+    let calls = count("EDGEWARD_SOAK_CALLS", 1_000_000);
     let before = footprint(pid, &state);
     let t = Instant::now();
     let (s, b) = http(
