@@ -22,12 +22,12 @@
 //! Run with `scripts/bench` (or `cargo bench -p edgeward-tests --bench
 //! management`).
 
-use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use edgeward_tests::bench::{digest, http, module_spec, start_daemon};
 use edgeward_tests::guests;
 
 const ROUNDS: usize = 15;
@@ -37,79 +37,6 @@ const EDGEWARD: &str = env!("CARGO_BIN_EXE_edgeward-under-test");
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
-}
-
-/// One HTTP/1.1 request on a new connection: (status, body).
-fn http(sock: &Path, method: &str, path: &str, body: &[u8]) -> (u16, Vec<u8>) {
-    let mut c = std::os::unix::net::UnixStream::connect(sock).expect("connect");
-    write!(
-        c,
-        "{method} {path} HTTP/1.1\r\nhost: x\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
-        body.len()
-    )
-    .expect("write");
-    let _ = c.write_all(body);
-    let mut out = Vec::new();
-    c.read_to_end(&mut out).expect("read");
-    let head_end = out
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .map_or(out.len(), |p| p + 4);
-    let status = std::str::from_utf8(&out[..head_end])
-        .ok()
-        .and_then(|h| h.split_whitespace().nth(1))
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    (status, out[head_end..].to_vec())
-}
-
-fn digest(path: &str) -> String {
-    let out = Command::new(EDGEWARD)
-        .args(["digest", path])
-        .output()
-        .expect("digest");
-    String::from_utf8_lossy(&out.stdout)
-        .split_whitespace()
-        .next()
-        .expect("digest")
-        .to_owned()
-}
-
-struct Daemon(std::process::Child);
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.0.id().to_string()])
-            .status();
-        let _ = self.0.wait();
-    }
-}
-
-fn start_daemon(state: &Path, sock: &Path) -> Daemon {
-    start_daemon_with(state, sock, None)
-}
-
-fn start_daemon_with(state: &Path, sock: &Path, config: Option<&Path>) -> Daemon {
-    let mut cmd = Command::new(EDGEWARD);
-    cmd.arg("--state-dir").arg(state).arg("daemon");
-    if let Some(c) = config {
-        cmd.arg("--config").arg(c);
-    }
-    let child = cmd
-        .env("EDGEWARD_SOCKET", sock)
-        .env("EDGEWARD_LOG", "warn")
-        .env_remove("EDGEWARD_CONFIG")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("daemon");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while std::os::unix::net::UnixStream::connect(sock).is_err() {
-        assert!(Instant::now() < deadline, "the daemon did not come up");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    Daemon(child)
 }
 
 /// A bare axum handler answering `body` to every request, on `sock`.
@@ -143,18 +70,13 @@ fn requests_per_second(sock: &Path) -> f64 {
     LISTS as f64 / t.elapsed().as_secs_f64()
 }
 
-fn spec(name: &str, digest: &str, args: &str) -> Vec<u8> {
-    format!(r#"{{"name":"{name}","digest":"{digest}","args":[{args}],"restart":"never"}}"#)
-        .into_bytes()
-}
-
 fn main() {
     let dir = tempfile::tempdir().expect("tmp");
     let state = dir.path().join("state");
     let sock = dir.path().join("api.sock");
     let probe = guests::SANDBOX_PROBE;
-    let probe_digest = digest(probe);
-    let _daemon = start_daemon(&state, &sock);
+    let probe_digest = digest(EDGEWARD, probe);
+    let _daemon = start_daemon(EDGEWARD, &state, &sock, None);
     let (status, _) = http(
         &sock,
         "PUT",
@@ -167,7 +89,7 @@ fn main() {
             &sock,
             "POST",
             "/v1/modules",
-            &spec(&format!("m{i:03}"), &probe_digest, r#""hello""#),
+            &module_spec(&format!("m{i:03}"), &probe_digest, r#""hello""#),
         );
         assert_eq!(status, 201, "{}", String::from_utf8_lossy(&body));
     }
@@ -197,7 +119,7 @@ fn main() {
             &sock,
             "POST",
             "/v1/modules",
-            &spec(&name, &probe_digest, r#""tick""#),
+            &module_spec(&name, &probe_digest, r#""tick""#),
         );
         let (s2, _) = http(&sock, "DELETE", &format!("/v1/modules/{name}"), b"");
         pairs.push(t.elapsed().as_secs_f64() * 1e3);
@@ -237,7 +159,7 @@ fn main() {
             &sock,
             "POST",
             "/v1/modules",
-            &spec(&name, &probe_digest, r#""hello""#),
+            &module_spec(&name, &probe_digest, r#""hello""#),
         );
         assert_eq!(status, 201);
         loop {
@@ -332,7 +254,7 @@ fn through_the_agent(dir: &Path, probe: &str, probe_digest: &str) -> (f64, f64) 
             &path,
             format!(
                 "[agent]\nfile = \"{agent}\"\ndigest = \"{}\"\nconfig_dir = \"{}\"\nargs = [{args}]\n",
-                digest(agent),
+                digest(EDGEWARD, agent),
                 conf.display()
             ),
         )
@@ -343,7 +265,12 @@ fn through_the_agent(dir: &Path, probe: &str, probe_digest: &str) -> (f64, f64) 
     let sock = dir.join("agent.sock");
     let mut manifest = String::from("version = \"0\"\n");
     write_atomically(&conf, "deployment.toml", &manifest);
-    let daemon = start_daemon_with(&state, &sock, Some(&daemon_config(guests::EDGE_AGENT, "")));
+    let daemon = start_daemon(
+        EDGEWARD,
+        &state,
+        &sock,
+        Some(&daemon_config(guests::EDGE_AGENT, "")),
+    );
     let agent_log = state.join("modules/agent/log/output.log");
     wait_for_in(&agent_log, b"\"version\":\"0\"", Instant::now());
     let mut times = Vec::new();
@@ -367,7 +294,8 @@ fn through_the_agent(dir: &Path, probe: &str, probe_digest: &str) -> (f64, f64) 
 
     let state = dir.join("probe-state");
     let sock = dir.join("probe.sock");
-    let _daemon = start_daemon_with(
+    let _daemon = start_daemon(
+        EDGEWARD,
         &state,
         &sock,
         Some(&daemon_config(guests::AGENT_PROBE, "\"watch\"")),

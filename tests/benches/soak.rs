@@ -21,12 +21,10 @@
 //!
 //! Run with `cargo bench -p edgeward-tests --bench soak` (release).
 
-use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use edgeward_tests::bench::proc_kib;
+use edgeward_tests::bench::{digest, http, module_spec, proc_kib, start_daemon};
 use edgeward_tests::guests;
 
 const EDGEWARD: &str = env!("CARGO_BIN_EXE_edgeward-under-test");
@@ -36,53 +34,6 @@ fn count(var: &str, default: usize) -> usize {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(default)
-}
-
-/// One HTTP/1.1 request on a new connection: (status, body).
-fn http(sock: &Path, method: &str, path: &str, body: &[u8]) -> (u16, Vec<u8>) {
-    let mut c = std::os::unix::net::UnixStream::connect(sock).expect("connect");
-    write!(
-        c,
-        "{method} {path} HTTP/1.1\r\nhost: x\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
-        body.len()
-    )
-    .expect("write");
-    let _ = c.write_all(body);
-    let mut out = Vec::new();
-    c.read_to_end(&mut out).expect("read");
-    let head_end = out
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .map_or(out.len(), |p| p + 4);
-    let status = std::str::from_utf8(&out[..head_end])
-        .ok()
-        .and_then(|h| h.split_whitespace().nth(1))
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    (status, out[head_end..].to_vec())
-}
-
-fn digest(path: &str) -> String {
-    let out = Command::new(EDGEWARD)
-        .args(["digest", path])
-        .output()
-        .expect("digest");
-    String::from_utf8_lossy(&out.stdout)
-        .split_whitespace()
-        .next()
-        .expect("digest")
-        .to_owned()
-}
-
-struct Daemon(std::process::Child);
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.0.id().to_string()])
-            .status();
-        let _ = self.0.wait();
-    }
 }
 
 fn percentile(v: &[f64], p: f64) -> f64 {
@@ -190,37 +141,16 @@ fn phase(name: &str, n: usize, pid: u32, state: &Path, mut op: impl FnMut(usize)
     }
 }
 
-fn spec(name: &str, digest: &str, args: &str) -> Vec<u8> {
-    format!(r#"{{"name":"{name}","digest":"{digest}","args":[{args}],"restart":"never"}}"#)
-        .into_bytes()
-}
-
 fn main() {
     let dir = tempfile::tempdir().expect("tmp");
     let state: PathBuf = dir.path().join("state");
     let sock = dir.path().join("api.sock");
     let probe = guests::SANDBOX_PROBE;
-    let probe_digest = digest(probe);
+    let probe_digest = digest(EDGEWARD, probe);
     let identity = guests::IDENTITY_PROBE;
-    let identity_digest = digest(identity);
-    let child = Command::new(EDGEWARD)
-        .arg("--state-dir")
-        .arg(&state)
-        .arg("daemon")
-        .env("EDGEWARD_SOCKET", &sock)
-        .env("EDGEWARD_LOG", "warn")
-        .env_remove("EDGEWARD_CONFIG")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("daemon");
-    let pid = child.id();
-    let _daemon = Daemon(child);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while std::os::unix::net::UnixStream::connect(&sock).is_err() {
-        assert!(Instant::now() < deadline, "the daemon did not come up");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let identity_digest = digest(EDGEWARD, identity);
+    let daemon = start_daemon(EDGEWARD, &state, &sock, None);
+    let pid = daemon.0.id();
     for (file, d) in [(probe, &probe_digest), (identity, &identity_digest)] {
         let (status, _) = http(
             &sock,
@@ -240,7 +170,7 @@ fn main() {
             &sock,
             "POST",
             "/v1/modules",
-            &spec(&name, &probe_digest, r#""tick""#),
+            &module_spec(&name, &probe_digest, r#""tick""#),
         );
         let (s2, _) = http(&sock, "DELETE", &format!("/v1/modules/{name}"), b"");
         assert_eq!((s1, s2), (201, 204), "{}", String::from_utf8_lossy(&b));
@@ -302,7 +232,7 @@ fn main() {
         &sock,
         "POST",
         "/v1/modules",
-        &spec(
+        &module_spec(
             "signer",
             &identity_digest,
             &format!(r#""sign-loop","{calls}""#),

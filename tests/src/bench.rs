@@ -77,3 +77,92 @@ pub fn cpu_ticks(pid: &str) -> u64 {
     f.get(11).and_then(|u| u.parse::<u64>().ok()).unwrap_or(0)
         + f.get(12).and_then(|s| s.parse::<u64>().ok()).unwrap_or(0)
 }
+
+/// One HTTP/1.1 request on a new connection to the unix socket `sock`:
+/// (status, body).
+pub fn http(sock: &std::path::Path, method: &str, path: &str, body: &[u8]) -> (u16, Vec<u8>) {
+    use std::io::{Read as _, Write as _};
+    let mut c = std::os::unix::net::UnixStream::connect(sock).expect("connect");
+    write!(
+        c,
+        "{method} {path} HTTP/1.1\r\nhost: x\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+        body.len()
+    )
+    .expect("write");
+    let _ = c.write_all(body);
+    let mut out = Vec::new();
+    c.read_to_end(&mut out).expect("read");
+    let head_end = out
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .map_or(out.len(), |p| p + 4);
+    let status = std::str::from_utf8(&out[..head_end])
+        .ok()
+        .and_then(|h| h.split_whitespace().nth(1))
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    (status, out[head_end..].to_vec())
+}
+
+/// `sha256:HEX` of `path`, as `bin digest` prints it.
+pub fn digest(bin: &str, path: &str) -> String {
+    let out = Command::new(bin)
+        .args(["digest", path])
+        .output()
+        .expect("digest");
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .expect("digest")
+        .to_owned()
+}
+
+/// A module spec for `POST /v1/modules`: `name` running `digest` with
+/// `args` (JSON strings, comma-separated), never restarted.
+pub fn module_spec(name: &str, digest: &str, args: &str) -> Vec<u8> {
+    format!(r#"{{"name":"{name}","digest":"{digest}","args":[{args}],"restart":"never"}}"#)
+        .into_bytes()
+}
+
+/// A daemon a benchmark started; stopped (SIGTERM, then waited for) when
+/// dropped.
+#[derive(Debug)]
+pub struct Daemon(pub std::process::Child);
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.0.id().to_string()])
+            .status();
+        let _ = self.0.wait();
+    }
+}
+
+/// `bin daemon` on `state` (and `config`, if any), serving `sock`, once
+/// the socket answers.
+pub fn start_daemon(
+    bin: &str,
+    state: &std::path::Path,
+    sock: &std::path::Path,
+    config: Option<&std::path::Path>,
+) -> Daemon {
+    let mut cmd = Command::new(bin);
+    cmd.arg("--state-dir").arg(state).arg("daemon");
+    if let Some(c) = config {
+        cmd.arg("--config").arg(c);
+    }
+    let child = cmd
+        .env("EDGEWARD_SOCKET", sock)
+        .env("EDGEWARD_LOG", "warn")
+        .env_remove("EDGEWARD_CONFIG")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("daemon");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::os::unix::net::UnixStream::connect(sock).is_err() {
+        assert!(Instant::now() < deadline, "the daemon did not come up");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Daemon(child)
+}

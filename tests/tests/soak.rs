@@ -50,7 +50,9 @@ fn fds(pid: u32) -> usize {
     (0..5)
         .map(|_| {
             std::thread::sleep(std::time::Duration::from_millis(20));
-            std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap().count()
+            std::fs::read_dir(format!("/proc/{pid}/fd"))
+                .unwrap()
+                .count()
         })
         .min()
         .unwrap()
