@@ -192,13 +192,18 @@ fn through_daemon(
     from: u64,
 ) -> Result<evidence::Files, String> {
     use base64ct::Encoding as _;
-    let query = match credential {
+    let mut query = match credential {
         Some(c) => format!(
-            "credential={}&from={from}",
+            "credential={}",
             base64ct::Base64UrlUnpadded::encode_string(&c.to_bytes())
         ),
-        None => format!("nonce={}&from={from}", crate::measure::hex(nonce)),
+        None => format!("nonce={}", crate::measure::hex(nonce)),
     };
+    // Only when asked: a daemon from before incremental evidence refuses
+    // the unknown parameter.
+    if from > 0 {
+        query.push_str(&format!("&from={from}"));
+    }
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

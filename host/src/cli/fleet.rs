@@ -1679,7 +1679,10 @@ async fn attest(
     challenge_device(
         s,
         device,
-        serde_json::json!({ "id": id, "nonce": crate::measure::hex(&nonce), "from": from }),
+        with_from(
+            serde_json::json!({ "id": id, "nonce": crate::measure::hex(&nonce) }),
+            from,
+        ),
         &dir,
         timeout,
     )
@@ -1696,11 +1699,13 @@ async fn attest(
         challenge_device(
             s,
             device,
-            serde_json::json!({
-                "id": id,
-                "credential": base64ct::Base64UrlUnpadded::encode_string(&credential.to_bytes()),
-                "from": from,
-            }),
+            with_from(
+                serde_json::json!({
+                    "id": id,
+                    "credential": base64ct::Base64UrlUnpadded::encode_string(&credential.to_bytes()),
+                }),
+                from,
+            ),
             &dir,
             timeout,
         )
@@ -1714,6 +1719,16 @@ async fn attest(
         json,
         Some(device),
     ))
+}
+
+/// A challenge asking for the log from record `from` on: the field only
+/// when it is not 0, so a device from before incremental evidence (which
+/// refuses unknown fields) still answers a whole-log challenge.
+fn with_from(mut challenge: serde_json::Value, from: u64) -> serde_json::Value {
+    if from > 0 {
+        challenge["from"] = from.into();
+    }
+    challenge
 }
 
 /// A private scratch directory for evidence, removed when dropped
