@@ -506,6 +506,16 @@ pub struct Config {
     pub grants: crate::grants::Grants,
 }
 
+/// Where the compiled-artifact cache's MAC key lives with the HSM backend
+/// `hsm`: in the state dir beside the soft keys, or wrapped by the HSM.
+pub fn cache_key(hsm: &HsmConfig) -> crate::runtime::cache::CacheKey {
+    match hsm {
+        HsmConfig::Soft => crate::runtime::cache::CacheKey::StateDir,
+        #[allow(unreachable_patterns)]
+        _ => crate::runtime::cache::CacheKey::Hsm,
+    }
+}
+
 impl Config {
     /// The configuration in effect (defaults applied, paths resolved), as
     /// JSON: what the daemon measures at start (see `attest`). Durations

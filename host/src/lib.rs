@@ -7,7 +7,6 @@
 //! The binary `edgeward` is thin glue over [`cli`]; everything testable lives
 //! in this library.
 
-pub mod addrclass;
 pub mod api;
 pub mod attest;
 pub mod cli;
@@ -16,14 +15,19 @@ pub mod components;
 pub mod config;
 pub mod daemon;
 pub mod grants;
-pub mod hsm;
 pub mod identity;
-pub mod measure;
 pub mod registry;
 pub mod runtime;
 pub mod spec;
-pub mod state;
 pub mod units;
+
+// The HSM platform abstraction layer, the state dir's file writes and the
+// component measurement live in the bottom crate (`host/hsm`), which
+// knows nothing above it; their old paths stay.
+pub use edgeward_hsm as hsm;
+pub use edgeward_hsm::{measure, state};
+// The trust core (`host/trust`): authority, identities, measurement log.
+pub use edgeward_trust::addrclass;
 
 /// The runtime version (`runtime.platform.version`).
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

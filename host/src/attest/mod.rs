@@ -11,14 +11,13 @@
 
 pub mod binding;
 pub mod credential;
-pub mod eventlog;
-pub mod evidence;
-pub mod jcs;
 pub mod publisher;
 pub mod verify;
-pub mod wire;
 
-use std::path::{Path, PathBuf};
+// The log, its encoding and the evidence live in the trust core.
+pub use edgeward_trust::attest::{eventlog, evidence, jcs, wire};
+
+use std::path::Path;
 use std::sync::Arc;
 
 use serde_json::{Value, json};
@@ -26,30 +25,7 @@ use serde_json::{Value, json};
 use crate::hsm::Hsm;
 use eventlog::EventLog;
 
-/// Where the kernel keeps this boot's id.
-pub const BOOT_ID_FILE: &str = "/proc/sys/kernel/random/boot_id";
-/// Names another file holding the boot id (tests simulate reboots with it).
-pub const BOOT_ID_ENV: &str = "EDGEWARD_BOOT_ID_FILE";
-
-/// This boot's id: the kernel's (`/proc/sys/kernel/random/boot_id`), or
-/// what `$EDGEWARD_BOOT_ID_FILE` names.
-///
-/// # Errors
-///
-/// The file cannot be read, or holds no id.
-pub fn boot_id() -> Result<String, String> {
-    let path = std::env::var_os(BOOT_ID_ENV)
-        .filter(|p| !p.is_empty())
-        .map_or_else(|| PathBuf::from(BOOT_ID_FILE), PathBuf::from);
-    let text = std::fs::read_to_string(&path)
-        .map_err(|e| format!("cannot read the boot id from {}: {e}", path.display()))?;
-    let id = text.trim();
-    if id.is_empty() || id.len() > 64 || !id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
-    {
-        return Err(format!("{}: not a boot id", path.display()));
-    }
-    Ok(id.to_owned())
-}
+pub use crate::hsm::{BOOT_ID_ENV, BOOT_ID_FILE, boot_id};
 
 /// The register `hsm` measures into: the TPM's configured PCR, the soft
 /// backend's register (0); none on PKCS#11, which has no register.

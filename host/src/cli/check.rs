@@ -329,7 +329,7 @@ fn components_check(state_dir: &Path) -> Check {
 fn cache_check(cfg: Option<&crate::config::Config>, state_dir: &Path, daemon: bool) -> Check {
     let empty = crate::config::Config::empty();
     let cfg = cfg.unwrap_or(&empty);
-    let wrapped = cfg.hsm.cache_key() == crate::runtime::cache::CacheKey::Hsm;
+    let wrapped = crate::config::cache_key(&cfg.hsm) == crate::runtime::cache::CacheKey::Hsm;
     let key = state_dir.join(if wrapped {
         "cache.key.wrapped"
     } else {

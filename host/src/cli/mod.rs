@@ -507,7 +507,7 @@ fn unlock_cache(
     hsm: &crate::hsm::HsmConfig,
     state_dir: &std::path::Path,
 ) -> Result<(), String> {
-    match (runtime.cache(), hsm.cache_key()) {
+    match (runtime.cache(), crate::config::cache_key(hsm)) {
         (Some(cache), crate::runtime::cache::CacheKey::Hsm) => crate::hsm::open(hsm, state_dir)
             .map_err(|e| e.to_string())
             .and_then(|h| cache.unlock(h.as_ref())),
@@ -760,7 +760,7 @@ fn run_command(state_flag: Option<PathBuf>, args: RunArgs) -> ExitCode {
                 max_wasm_stack: usize::try_from(args.max_stack).unwrap_or(usize::MAX),
             },
             state_dir: (!args.no_cache).then(|| state_dir.clone()),
-            cache_key: hsm_config.cache_key(),
+            cache_key: crate::config::cache_key(&hsm_config),
         }) {
             Ok(r) => r,
             Err(e) => return fail(format!("{e:#}"), EXIT_REFUSED),

@@ -251,7 +251,9 @@ pub async fn run(config: Config, state_dir: PathBuf, socket: PathBuf) -> anyhow:
     ));
     // The compiled-cache key, wrapped by a TPM or PKCS#11 HSM: unwrapped
     // once, before any module loads, and held.
-    if let (Some(_), crate::runtime::cache::CacheKey::Hsm) = (rt.cache(), config.hsm.cache_key()) {
+    if let (Some(_), crate::runtime::cache::CacheKey::Hsm) =
+        (rt.cache(), crate::config::cache_key(&config.hsm))
+    {
         let rt2 = rt.clone();
         let unlocked = tokio::task::spawn_blocking(move || {
             rt2.cache().map_or(Ok(()), |c| c.unlock(cache_hsm.as_ref()))
@@ -333,7 +335,7 @@ pub fn runtime_options(config: &Config, state_dir: &Path) -> RuntimeOptions {
             max_wasm_stack: config.runtime.max_wasm_stack,
         },
         state_dir: Some(state_dir.to_owned()),
-        cache_key: config.hsm.cache_key(),
+        cache_key: crate::config::cache_key(&config.hsm),
     }
 }
 

@@ -179,14 +179,21 @@ impl Supervisor {
     /// blocking pool.
     pub async fn forget(&self, rec: crate::registry::StoredRegistration) {
         let identity = self.identity.clone();
-        let _ = tokio::task::spawn_blocking(move || identity.forget(&rec)).await;
+        let _ = tokio::task::spawn_blocking(move || {
+            crate::identity::registry::forget(identity.hsm().as_ref(), &rec);
+        })
+        .await;
     }
 
     /// Destroys registration keys no registration names (a crash between a
     /// removal and [`Supervisor::forget`]). The daemon runs it at start.
     pub async fn collect_keys(&self) {
         let (identity, registry) = (self.identity.clone(), self.registry.clone());
-        match tokio::task::spawn_blocking(move || identity.collect_keys(&registry)).await {
+        match tokio::task::spawn_blocking(move || {
+            crate::identity::registry::collect_keys(identity.hsm().as_ref(), &registry)
+        })
+        .await
+        {
             Ok(Ok(0)) => {}
             Ok(Ok(n)) => tracing::info!(
                 destroyed = n,
@@ -877,7 +884,9 @@ impl Loader {
             spec.server_names.clone(),
         );
         let identity = match tokio::task::spawn_blocking(move || {
-            svc.register(&registry, &name, &digest, &names)
+            svc.register(&name, &digest, &names, |hsm, name| {
+                crate::identity::registry::load_or_register(hsm, &registry, name)
+            })
         })
         .await
         {

@@ -15,8 +15,10 @@
 use base64ct::{Base64, Encoding as _};
 use zeroize::Zeroizing;
 
-use super::{IdentityError, unix_now};
+pub use edgeward_trust::identity::registration::{Registration, ephemeral};
+
 use crate::hsm::Hsm;
+use crate::identity::IdentityError;
 use crate::registry::{Registry, StoredRegistration};
 
 /// The HSM AEAD key that wraps every module's data key (unless the
@@ -24,17 +26,6 @@ use crate::registry::{Registry, StoredRegistration};
 pub const MASTER_KEY: &str = "master-encryption";
 /// The prefix of a registration's own wrapping key.
 pub const REGISTRATION_KEY_PREFIX: &str = "registration-";
-
-/// A module's registration.
-#[derive(Debug)]
-pub struct Registration {
-    /// Its generation id (32 hex digits).
-    pub generation_id: String,
-    /// When it was registered (unix seconds).
-    pub registered_at: u64,
-    /// The module's AES-256-GCM data key.
-    pub data_key: Zeroizing<[u8; 32]>,
-}
 
 fn wrap_aad(name: &str, generation: &str) -> Vec<u8> {
     let mut a = b"edgeward module data key v1\0".to_vec();
@@ -120,25 +111,6 @@ pub fn load_or_register(
         generation_id: rec.generation_id,
         registered_at: rec.registered_at,
         data_key: Zeroizing::new(data_key),
-    })
-}
-
-/// A registration that lives only in memory (for `edgeward run`): a new
-/// generation and data key every time.
-///
-/// # Errors
-///
-/// Random source failures.
-pub fn ephemeral() -> Result<Registration, IdentityError> {
-    let mut gen_bytes = [0u8; 16];
-    let mut key = Zeroizing::new([0u8; 32]);
-    getrandom::fill(&mut gen_bytes)
-        .and_then(|()| getrandom::fill(key.as_mut()))
-        .map_err(|e| IdentityError::Internal(format!("random: {e}")))?;
-    Ok(Registration {
-        generation_id: crate::measure::hex(&gen_bytes),
-        registered_at: unix_now(),
-        data_key: key,
     })
 }
 

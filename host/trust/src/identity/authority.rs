@@ -32,10 +32,11 @@ pub const BACKDATE: Duration = Duration::from_secs(60);
 
 /// A P-256 key in the HSM that rcgen can sign with (the device CA, the JWT
 /// authority).
-pub(crate) struct HsmKey {
-    pub(crate) hsm: Arc<dyn Hsm>,
-    pub(crate) id: &'static str,
-    pub(crate) point: Vec<u8>,
+#[derive(Debug)]
+pub struct HsmKey {
+    pub hsm: Arc<dyn Hsm>,
+    pub id: &'static str,
+    pub point: Vec<u8>,
 }
 
 impl PublicKeyData for HsmKey {
@@ -58,7 +59,8 @@ impl SigningKey for HsmKey {
 }
 
 /// The public half of a host-generated key, for rcgen.
-pub(crate) struct PublicP256(pub(crate) Vec<u8>);
+#[derive(Debug)]
+pub struct PublicP256(pub Vec<u8>);
 
 impl PublicKeyData for PublicP256 {
     fn der_bytes(&self) -> &[u8] {
@@ -256,7 +258,7 @@ impl std::fmt::Debug for Authority {
 
 /// The SHA-256-based key identifier (RFC 7093 method 1) of a SEC1 point's
 /// SubjectPublicKeyInfo.
-pub(crate) fn key_identifier(point: &[u8]) -> Vec<u8> {
+pub fn key_identifier(point: &[u8]) -> Vec<u8> {
     let spki = PublicP256(point.to_vec()).subject_public_key_info();
     Sha256::digest(spki)[..20].to_vec()
 }
@@ -279,7 +281,7 @@ fn pem_encode(der: &[u8]) -> String {
 }
 
 /// PEM armour for DER bytes under `label`.
-pub(crate) fn pem_block(label: &str, der: &[u8]) -> String {
+pub fn pem_block(label: &str, der: &[u8]) -> String {
     use base64ct::{Base64, Encoding as _};
     let b64 = Base64::encode_string(der);
     let mut out = format!("-----BEGIN {label}-----\n");
@@ -702,7 +704,7 @@ pub fn device_ca_csr(
 }
 
 /// `O=edgeward, CN=<cn>`: the names edgeward gives what it certifies.
-pub(crate) fn edgeward_name(cn: impl Into<DnValue>) -> DistinguishedName {
+pub fn edgeward_name(cn: impl Into<DnValue>) -> DistinguishedName {
     let mut dn = DistinguishedName::new();
     dn.push(DnType::OrganizationName, "edgeward");
     dn.push(DnType::CommonName, cn);
@@ -717,10 +719,7 @@ pub(crate) fn edgeward_name(cn: impl Into<DnValue>) -> DistinguishedName {
 /// # Errors
 ///
 /// When the random source fails.
-pub(crate) fn leaf_params(
-    point: &[u8],
-    not_after: u64,
-) -> Result<CertificateParams, IdentityError> {
+pub fn leaf_params(point: &[u8], not_after: u64) -> Result<CertificateParams, IdentityError> {
     let mut p = CertificateParams::default();
     p.distinguished_name = DistinguishedName::new();
     p.not_before = to_time(unix_now().saturating_sub(BACKDATE.as_secs()));

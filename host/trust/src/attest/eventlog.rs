@@ -484,7 +484,7 @@ pub fn parse_from(bytes: &[u8], start: u64) -> Result<Vec<Record>, String> {
     Ok(out)
 }
 
-pub(crate) fn hex_decode(s: &str) -> Option<Vec<u8>> {
+pub fn hex_decode(s: &str) -> Option<Vec<u8>> {
     if !s.len().is_multiple_of(2) {
         return None;
     }

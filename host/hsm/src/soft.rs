@@ -212,8 +212,8 @@ impl SoftHsm {
     /// zero. The file holds the 32-byte value, then the boot id.
     fn read_register_file(&self) -> Result<[u8; 32]> {
         let path = self.register_path();
-        let boot = crate::attest::boot_id()
-            .map_err(|e| err(Op::ReadRegister, None, ErrorKind::Unavailable(e)))?;
+        let boot =
+            crate::boot_id().map_err(|e| err(Op::ReadRegister, None, ErrorKind::Unavailable(e)))?;
         match std::fs::read(&path) {
             Ok(b) if b.len() > 32 && b[32..] == *boot.as_bytes() => {
                 let mut v = [0u8; 32];
@@ -297,8 +297,8 @@ impl Hsm for SoftHsm {
         let next = digests
             .iter()
             .fold(self.read_register_file()?, |v, d| extend_chain(&v, d));
-        let boot = crate::attest::boot_id()
-            .map_err(|e| err(Op::Extend, None, ErrorKind::Unavailable(e)))?;
+        let boot =
+            crate::boot_id().map_err(|e| err(Op::Extend, None, ErrorKind::Unavailable(e)))?;
         let mut bytes = next.to_vec();
         bytes.extend_from_slice(boot.as_bytes());
         let path = self.register_path();

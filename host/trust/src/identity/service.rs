@@ -8,9 +8,10 @@ use super::authority::{self, Authority};
 use super::jwt::{self, PublishedKey, TokenService};
 use super::module::WhoAmI;
 use super::names::{ServerNamePolicy, ServerNames};
+use super::registration::Registration;
 use super::sealing::Sealer;
 use super::{
-    IdentityConfig, IdentityError, ModuleIdentity, registry, unix_now, valid_path_segment,
+    IdentityConfig, IdentityError, ModuleIdentity, registration, unix_now, valid_path_segment,
 };
 use crate::hsm::Hsm;
 
@@ -100,42 +101,24 @@ impl IdentityService {
         self.hsm.clone()
     }
 
-    /// Destroys a removed registration's own key (see
-    /// [`registry::forget`]). Blocks on the HSM.
-    pub fn forget(&self, rec: &crate::registry::StoredRegistration) {
-        registry::forget(self.hsm.as_ref(), rec);
-    }
-
-    /// Destroys registration keys no registration names (see
-    /// [`registry::collect_keys`]). Blocks on the HSM.
+    /// The identity of registered module `name` running `digest`, with the
+    /// registration `load` finds or creates for it (the daemon keeps them
+    /// in its registry). `load` runs only once `name` and `server_names`
+    /// are known to be valid. Blocks on the HSM.
     ///
     /// # Errors
     ///
-    /// The registry or the HSM's keys cannot be read.
-    pub fn collect_keys(
-        &self,
-        registry: &crate::registry::Registry,
-    ) -> Result<usize, IdentityError> {
-        registry::collect_keys(self.hsm.as_ref(), registry)
-    }
-
-    /// The identity of registered module `name` running `digest`: loads its
-    /// registration from `registry` or registers it there. Blocks on the
-    /// HSM.
-    ///
-    /// # Errors
-    ///
-    /// An invalid name, HSM and storage errors.
+    /// An invalid name, and what `load` returns.
     pub fn register(
         self: &Arc<Self>,
-        registry: &crate::registry::Registry,
         name: &str,
         digest: &str,
         server_names: &ServerNamePolicy,
+        load: impl FnOnce(&dyn Hsm, &str) -> Result<Registration, IdentityError>,
     ) -> Result<Arc<ModuleIdentity>, IdentityError> {
         self.check_name(name)?;
         let names = self.server_names(name, server_names)?;
-        let reg = registry::load_or_register(self.hsm.as_ref(), registry, name)?;
+        let reg = load(self.hsm.as_ref(), name)?;
         Ok(self.module(name, digest, reg, names))
     }
 
@@ -153,7 +136,7 @@ impl IdentityService {
     ) -> Result<Arc<ModuleIdentity>, IdentityError> {
         self.check_name(name)?;
         let names = self.server_names(name, server_names)?;
-        Ok(self.module(name, digest, registry::ephemeral()?, names))
+        Ok(self.module(name, digest, registration::ephemeral()?, names))
     }
 
     /// `policy` expanded for module `name` on this device.
@@ -181,7 +164,7 @@ impl IdentityService {
         self: &Arc<Self>,
         name: &str,
         digest: &str,
-        reg: registry::Registration,
+        reg: Registration,
         server_names: ServerNames,
     ) -> Arc<ModuleIdentity> {
         let sealer = Sealer::new(&reg.data_key, name, &reg.generation_id);

@@ -15,16 +15,44 @@
 //! operation and the key id, and never secret material.
 
 pub mod aead;
+pub mod measure;
 #[cfg(feature = "pkcs11")]
 pub mod pkcs11;
 pub mod soft;
+pub mod state;
 #[cfg(feature = "tpm")]
 pub mod tpm;
 
 use std::fmt;
+use std::path::PathBuf;
 
 use sha2::{Digest as _, Sha256};
 use zeroize::Zeroizing;
+
+/// Where the kernel keeps this boot's id.
+pub const BOOT_ID_FILE: &str = "/proc/sys/kernel/random/boot_id";
+/// Names another file holding the boot id (tests simulate reboots with it).
+pub const BOOT_ID_ENV: &str = "EDGEWARD_BOOT_ID_FILE";
+
+/// This boot's id: the kernel's (`/proc/sys/kernel/random/boot_id`), or
+/// what `$EDGEWARD_BOOT_ID_FILE` names.
+///
+/// # Errors
+///
+/// The file cannot be read, or holds no id.
+pub fn boot_id() -> Result<String, String> {
+    let path = std::env::var_os(BOOT_ID_ENV)
+        .filter(|p| !p.is_empty())
+        .map_or_else(|| PathBuf::from(BOOT_ID_FILE), PathBuf::from);
+    let text = std::fs::read_to_string(&path)
+        .map_err(|e| format!("cannot read the boot id from {}: {e}", path.display()))?;
+    let id = text.trim();
+    if id.is_empty() || id.len() > 64 || !id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+    {
+        return Err(format!("{}: not a boot id", path.display()));
+    }
+    Ok(id.to_owned())
+}
 
 /// The backends this build includes.
 pub const BACKENDS: &[&str] = &[
@@ -478,7 +506,7 @@ pub fn verify_p256(public_key: &[u8], message: &[u8], der_signature: &[u8]) -> b
 }
 
 /// A fresh P-256 signing key from the OS random source.
-pub(crate) fn random_signing_key() -> std::result::Result<p256::ecdsa::SigningKey, String> {
+pub fn random_signing_key() -> std::result::Result<p256::ecdsa::SigningKey, String> {
     loop {
         let mut bytes = Zeroizing::new([0u8; 32]);
         getrandom::fill(bytes.as_mut()).map_err(|e| format!("random: {e}"))?;
@@ -505,16 +533,6 @@ pub enum HsmConfig {
 
 impl HsmConfig {
     /// `soft`, `tpm` or `pkcs11`, as [`Hsm::backend`] names it.
-    /// Where the compiled-artifact cache's key lives with this backend:
-    /// in the state dir beside the soft keys, or wrapped by the HSM.
-    pub fn cache_key(&self) -> crate::runtime::cache::CacheKey {
-        match self {
-            HsmConfig::Soft => crate::runtime::cache::CacheKey::StateDir,
-            #[allow(unreachable_patterns)]
-            _ => crate::runtime::cache::CacheKey::Hsm,
-        }
-    }
-
     pub fn backend(&self) -> &'static str {
         match self {
             Self::Soft => "soft",
