@@ -13,6 +13,7 @@ pub mod cli;
 pub mod cloud;
 pub mod components;
 pub mod config;
+pub mod confine;
 pub mod daemon;
 pub mod grants;
 pub mod identity;

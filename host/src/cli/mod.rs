@@ -731,6 +731,8 @@ fn run_command(state_flag: Option<PathBuf>, args: RunArgs) -> ExitCode {
         Err(e) => return fail(e, EXIT_REFUSED),
     };
 
+    // Before any module is read (see crate::confine).
+    confine("run");
     // Timers (the deadline) are checked after every poll of the module,
     // not every 61 polls of up to an epoch slice each.
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -1133,6 +1135,22 @@ fn hsm_info(state_flag: Option<PathBuf>, config_flag: Option<PathBuf>, json: boo
     ExitCode::SUCCESS
 }
 
+/// Confines this process (`no_new_privs`, the seccomp filter) or says
+/// loudly why it could not: a kernel without seccomp filters runs the
+/// runtime unconfined, never silently.
+fn confine(command: &str) {
+    match crate::confine::apply() {
+        Ok(()) => tracing::debug!(command, "confined: no_new_privs, seccomp filter"),
+        Err(e) => tracing::warn!(
+            command,
+            error = %e,
+            "running WITHOUT the seccomp filter: code that escapes a module could make the \
+             system calls it denies"
+        ),
+    }
+    crate::confine::run_probe();
+}
+
 fn daemon_command(state_flag: Option<PathBuf>, args: DaemonArgs) -> ExitCode {
     // No config file at all is an empty deployment.
     let cfg = match optional_config(args.config) {
@@ -1143,6 +1161,8 @@ fn daemon_command(state_flag: Option<PathBuf>, args: DaemonArgs) -> ExitCode {
         Ok(d) => d,
         Err(e) => return fail(e, 2),
     };
+    // Before any module is read and any thread exists (see crate::confine).
+    confine("daemon");
     // Modules are tasks whose polls last up to an epoch slice (10 ms). With
     // tokio's default of checking timers and I/O every 61 polls, a busy
     // worker would let a neighbour's timer wait over half a second; check

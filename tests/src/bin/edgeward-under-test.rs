@@ -4,7 +4,10 @@
 //! shipped binary does not have: `EDGEWARD_TEST_RESOLVER` scripts name
 //! resolution (`NAME=FIRST|THEN;…`: the first lookup of NAME answers FIRST,
 //! every later one THEN), so a test can rebind a name between two lookups
-//! without a DNS server.
+//! without a DNS server. And a simulated escape: with
+//! `EDGEWARD_TEST_ESCAPE=FILE`, native code in the confined process (as if
+//! it had escaped a module's sandbox) tries what an attacker would and
+//! writes what happened to FILE ([`escape`]).
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -54,7 +57,86 @@ fn scripted(spec: &str) -> Option<Scripted> {
     })
 }
 
+/// The system call arguments for each attempt: chosen so that without
+/// the filter the call fails with another error or succeeds harmlessly
+/// (as root), so `EPERM` means the filter refused it.
+fn args_for(name: &str) -> [libc::c_long; 6] {
+    match name {
+        // PTRACE_PEEKDATA on init: ESRCH unless attached.
+        "ptrace" => [2, 1, 0, 0, 0, 0],
+        // Reads nothing from init: succeeds as root.
+        "process_vm_readv" | "process_vm_writev" => [1, 0, 0, 0, 0, 0],
+        // A query: succeeds.
+        "personality" => [0xffff_ffff, 0, 0, 0, 0, 0],
+        // SYSLOG_ACTION_SIZE_BUFFER: succeeds as root.
+        "syslog" => [10, 0, 0, 0, 0, 0],
+        // A bad magic number: EINVAL.
+        "reboot" => [0, 0, 0, 0, 0, 0],
+        _ => [0; 6],
+    }
+}
+
+/// One attempt: `NAME ERRNO` (0: the call succeeded).
+#[allow(unsafe_code)]
+fn attempt(nr: libc::c_long, a: [libc::c_long; 6]) -> i32 {
+    // SAFETY: every call gets null pointers, zero lengths or numbers; none
+    // of them writes to this process's memory.
+    let r = unsafe { libc::syscall(nr, a[0], a[1], a[2], a[3], a[4], a[5]) };
+    if r == -1 {
+        std::io::Error::last_os_error().raw_os_error().unwrap_or(-1)
+    } else {
+        0
+    }
+}
+
+/// The simulated escape (see the file's header): one line per attempt.
+fn escape() {
+    if let Some(out) = std::env::var_os("EDGEWARD_TEST_ESCAPE") {
+        attempts(std::path::Path::new(&out));
+    }
+}
+
+/// Tries each attempt and writes what happened to `out`.
+fn attempts(out: &std::path::Path) {
+    let mut lines = String::new();
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    for key in ["NoNewPrivs", "Seccomp", "CapEff", "Uid"] {
+        if let Some(l) = status.lines().find(|l| l.starts_with(&format!("{key}:"))) {
+            lines.push_str(&format!(
+                "status {}\n",
+                l.split_whitespace().collect::<Vec<_>>().join(" ")
+            ));
+        }
+    }
+    for d in edgeward::confine::DENIED {
+        lines.push_str(&format!("{} {}\n", d.name, attempt(d.nr, args_for(d.name))));
+    }
+    // A new user namespace through clone, with CLONE_FS (EINVAL without
+    // the filter, so no child is ever made).
+    let flags = (libc::CLONE_NEWUSER | libc::CLONE_FS) as libc::c_long;
+    lines.push_str(&format!(
+        "clone-newuser {}\n",
+        attempt(libc::SYS_clone, [flags, 0, 0, 0, 0, 0])
+    ));
+    // clone3 with no arguments: EINVAL without the filter, ENOSYS with it.
+    lines.push_str(&format!("clone3 {}\n", attempt(libc::SYS_clone3, [0; 6])));
+    // A thread still starts (glibc falls back from clone3 to clone).
+    let thread = std::thread::spawn(|| 7).join().map_or(-1, |v| v);
+    lines.push_str(&format!("thread {thread}\n"));
+    if let Err(e) = std::fs::write(out, lines) {
+        eprintln!("EDGEWARD_TEST_ESCAPE: {e}");
+    }
+}
+
 fn main() -> std::process::ExitCode {
+    // The same attempts unconfined, before anything else: the test checks
+    // that none of them fails with EPERM there, so EPERM under the filter
+    // is the filter's doing.
+    if let Some(out) = std::env::var_os("EDGEWARD_TEST_ESCAPE_UNCONFINED") {
+        attempts(std::path::Path::new(&out));
+        return std::process::ExitCode::SUCCESS;
+    }
+    edgeward::confine::set_probe(escape);
     if let Ok(spec) = std::env::var("EDGEWARD_TEST_RESOLVER") {
         let Some(r) = scripted(&spec) else {
             eprintln!("EDGEWARD_TEST_RESOLVER: expected NAME=IP|IP;...");

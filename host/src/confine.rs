@@ -1,0 +1,350 @@
+//! The runtime confines itself before it reads any module: `no_new_privs`
+//! (nothing it executes can gain privileges: no setuid, no file
+//! capabilities) and a seccomp filter that refuses the system calls neither
+//! wasmtime nor tokio makes, so that code which escapes a module's sandbox
+//! into the runtime's process still cannot use them against the device.
+//!
+//! The filter denies, with `EPERM`, every call in [`DENIED`] (each with
+//! the reason it is there), creating namespaces through `clone`, and
+//! answers `clone3` with `ENOSYS` (its flags are behind a pointer seccomp
+//! cannot read; glibc then falls back to `clone`, whose flags it can).
+//! Everything else is allowed: the list is a denylist of what an attacker
+//! wants and the runtime never needs, not an allowlist of what it does,
+//! which would break with every wasmtime, tokio or glibc release.
+//!
+//! Filters are inherited by every thread created after and every child
+//! (the compile worker), and cannot be removed.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use seccompiler::{
+    BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
+    SeccompRule, TargetArch,
+};
+
+/// A system call the filter denies, and why.
+#[derive(Debug, Clone, Copy)]
+pub struct Denied {
+    /// Its name (`man 2 NAME`).
+    pub name: &'static str,
+    /// Its number on this architecture.
+    pub nr: i64,
+    /// What an attacker would use it for.
+    pub why: &'static str,
+}
+
+macro_rules! denied {
+    ($($(#[$m:meta])* $name:ident: $why:literal,)*) => {
+        /// The system calls the filter denies with `EPERM`.
+        pub const DENIED: &[Denied] = &[
+            $($(#[$m])* Denied { name: stringify!($name), nr: sys::$name, why: $why },)*
+        ];
+    };
+}
+
+/// System call numbers by their names.
+mod sys {
+    #![allow(non_upper_case_globals)]
+    macro_rules! nr {
+        ($($(#[$m:meta])* $name:ident = $c:ident,)*) => {
+            $($(#[$m])* pub const $name: i64 = libc::$c;)*
+        };
+    }
+    nr! {
+        ptrace = SYS_ptrace,
+        process_vm_readv = SYS_process_vm_readv,
+        process_vm_writev = SYS_process_vm_writev,
+        mount = SYS_mount,
+        umount2 = SYS_umount2,
+        mount_setattr = SYS_mount_setattr,
+        move_mount = SYS_move_mount,
+        open_tree = SYS_open_tree,
+        fsopen = SYS_fsopen,
+        fsconfig = SYS_fsconfig,
+        fsmount = SYS_fsmount,
+        fspick = SYS_fspick,
+        pivot_root = SYS_pivot_root,
+        chroot = SYS_chroot,
+        bpf = SYS_bpf,
+        perf_event_open = SYS_perf_event_open,
+        kexec_load = SYS_kexec_load,
+        kexec_file_load = SYS_kexec_file_load,
+        init_module = SYS_init_module,
+        finit_module = SYS_finit_module,
+        delete_module = SYS_delete_module,
+        keyctl = SYS_keyctl,
+        add_key = SYS_add_key,
+        request_key = SYS_request_key,
+        userfaultfd = SYS_userfaultfd,
+        setns = SYS_setns,
+        unshare = SYS_unshare,
+        personality = SYS_personality,
+        swapon = SYS_swapon,
+        swapoff = SYS_swapoff,
+        reboot = SYS_reboot,
+        acct = SYS_acct,
+        open_by_handle_at = SYS_open_by_handle_at,
+        name_to_handle_at = SYS_name_to_handle_at,
+        quotactl = SYS_quotactl,
+        syslog = SYS_syslog,
+        settimeofday = SYS_settimeofday,
+        clock_settime = SYS_clock_settime,
+        clock_adjtime = SYS_clock_adjtime,
+        adjtimex = SYS_adjtimex,
+        io_uring_setup = SYS_io_uring_setup,
+        io_uring_enter = SYS_io_uring_enter,
+        io_uring_register = SYS_io_uring_register,
+        #[cfg(target_arch = "x86_64")]
+        iopl = SYS_iopl,
+        #[cfg(target_arch = "x86_64")]
+        ioperm = SYS_ioperm,
+    }
+}
+
+denied! {
+    ptrace: "read or rewrite another process's memory and registers (a neighbour's, the service manager's)",
+    process_vm_readv: "read another process's memory without attaching",
+    process_vm_writev: "write another process's memory without attaching",
+    mount: "change the file system view (hide or replace what the runtime reads)",
+    umount2: "remove a mount (expose what a mount hides)",
+    mount_setattr: "make a read-only mount writable",
+    move_mount: "the new mount API: attach a mount elsewhere",
+    open_tree: "the new mount API: clone a mount tree",
+    fsopen: "the new mount API: create a file system context",
+    fsconfig: "the new mount API: configure a file system context",
+    fsmount: "the new mount API: mount a file system context",
+    fspick: "the new mount API: reconfigure a mounted file system",
+    pivot_root: "replace the root file system",
+    chroot: "the classic chroot escape with an fd held outside",
+    bpf: "load programs into the kernel; the largest kernel attack surface a process can reach",
+    perf_event_open: "side channels and a long record of kernel bugs",
+    kexec_load: "boot another kernel, past measured boot",
+    kexec_file_load: "boot another kernel, past measured boot",
+    init_module: "load code into the kernel",
+    finit_module: "load code into the kernel from a file",
+    delete_module: "unload a kernel module (a security module, a driver)",
+    keyctl: "the kernel keyring: read or plant keys of the user's session",
+    add_key: "plant a key in a kernel keyring",
+    request_key: "ask the kernel (and its upcalls) for a key",
+    userfaultfd: "stall the kernel mid-copy: the standard way to widen a kernel race",
+    setns: "enter another namespace",
+    unshare: "create namespaces (user namespaces unlock kernel code paths root-only otherwise)",
+    personality: "turn off address-space randomization (ADDR_NO_RANDOMIZE) for a child",
+    swapon: "add swap: let secrets reach a disk",
+    swapoff: "remove swap",
+    reboot: "reboot the device or load a kexec image",
+    acct: "process accounting to a file of the attacker's choice",
+    open_by_handle_at: "open any file on a file system by its handle, past path checks (the shocker escape)",
+    name_to_handle_at: "the other half of open_by_handle_at",
+    quotactl: "change disk quotas",
+    syslog: "read the kernel log (addresses that defeat KASLR)",
+    settimeofday: "move the clock: certificates and tokens expire or come back to life",
+    clock_settime: "move the clock: certificates and tokens expire or come back to life",
+    clock_adjtime: "move the clock",
+    adjtimex: "move the clock",
+    io_uring_setup: "io_uring: a second system call interface seccomp cannot see into",
+    io_uring_enter: "io_uring: a second system call interface seccomp cannot see into",
+    io_uring_register: "io_uring: a second system call interface seccomp cannot see into",
+    #[cfg(target_arch = "x86_64")]
+    iopl: "raw I/O port access",
+    #[cfg(target_arch = "x86_64")]
+    ioperm: "raw I/O port access",
+}
+
+/// The `clone` flags that create namespaces: refused like `unshare`.
+pub const NAMESPACE_FLAGS: &[(&str, u64)] = &[
+    ("CLONE_NEWNS", libc::CLONE_NEWNS as u64),
+    ("CLONE_NEWUTS", libc::CLONE_NEWUTS as u64),
+    ("CLONE_NEWIPC", libc::CLONE_NEWIPC as u64),
+    ("CLONE_NEWUSER", libc::CLONE_NEWUSER as u64),
+    ("CLONE_NEWPID", libc::CLONE_NEWPID as u64),
+    ("CLONE_NEWNET", libc::CLONE_NEWNET as u64),
+    ("CLONE_NEWCGROUP", libc::CLONE_NEWCGROUP as u64),
+];
+
+/// Confinement could not be applied.
+#[derive(Debug)]
+pub struct ConfineError(String);
+
+impl fmt::Display for ConfineError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for ConfineError {}
+
+fn arch() -> Result<TargetArch, ConfineError> {
+    std::env::consts::ARCH.try_into().map_err(|e| {
+        ConfineError(format!(
+            "seccomp: {} is not supported: {e:?}",
+            std::env::consts::ARCH
+        ))
+    })
+}
+
+fn compile(
+    rules: BTreeMap<i64, Vec<SeccompRule>>,
+    action: SeccompAction,
+) -> Result<BpfProgram, ConfineError> {
+    let filter = SeccompFilter::new(rules, SeccompAction::Allow, action, arch()?)
+        .map_err(|e| ConfineError(format!("seccomp filter: {e}")))?;
+    BpfProgram::try_from(filter).map_err(|e| ConfineError(format!("seccomp filter: {e}")))
+}
+
+/// The two filters: [`DENIED`] and namespace-creating `clone` get `EPERM`;
+/// `clone3` gets `ENOSYS`.
+fn filters() -> Result<[BpfProgram; 2], ConfineError> {
+    let mut rules: BTreeMap<i64, Vec<SeccompRule>> =
+        DENIED.iter().map(|d| (d.nr, Vec::new())).collect();
+    let clone = NAMESPACE_FLAGS
+        .iter()
+        .map(|&(_, flag)| {
+            SeccompCondition::new(
+                0,
+                SeccompCmpArgLen::Qword,
+                SeccompCmpOp::MaskedEq(flag),
+                flag,
+            )
+            .and_then(|c| SeccompRule::new(vec![c]))
+            .map_err(|e| ConfineError(format!("seccomp rule: {e}")))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    rules.insert(libc::SYS_clone, clone);
+    let eperm = compile(rules, SeccompAction::Errno(libc::EPERM as u32))?;
+    let enosys = compile(
+        BTreeMap::from([(libc::SYS_clone3, Vec::new())]),
+        SeccompAction::Errno(libc::ENOSYS as u32),
+    )?;
+    Ok([eperm, enosys])
+}
+
+/// Sets `no_new_privs` and installs the filters on every thread of the
+/// process.
+///
+/// # Errors
+///
+/// The kernel refuses either (no seccomp filter support): the caller
+/// decides whether to go on.
+pub fn apply() -> Result<(), ConfineError> {
+    rustix::thread::set_no_new_privs(true)
+        .map_err(|e| ConfineError(format!("cannot set no_new_privs: {e}")))?;
+    for f in filters()? {
+        seccompiler::apply_filter_all_threads(&f)
+            .map_err(|e| ConfineError(format!("cannot install the seccomp filter: {e}")))?;
+    }
+    Ok(())
+}
+
+/// What `/proc/self/status` says of this process's confinement.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Status {
+    /// `NoNewPrivs`.
+    pub no_new_privs: bool,
+    /// `Seccomp`: 0 none, 1 strict, 2 filter.
+    pub seccomp: u8,
+    /// `CapEff`, the effective capability set.
+    pub cap_eff: u64,
+}
+
+/// This process's [`Status`].
+///
+/// # Errors
+///
+/// `/proc/self/status` cannot be read.
+pub fn status() -> std::io::Result<Status> {
+    let text = std::fs::read_to_string("/proc/self/status")?;
+    let mut s = Status::default();
+    for line in text.lines() {
+        let Some((k, v)) = line.split_once(':') else {
+            continue;
+        };
+        let v = v.trim();
+        match k {
+            "NoNewPrivs" => s.no_new_privs = v == "1",
+            "Seccomp" => s.seccomp = v.parse().unwrap_or(0),
+            "CapEff" => s.cap_eff = u64::from_str_radix(v, 16).unwrap_or(u64::MAX),
+            _ => {}
+        }
+    }
+    Ok(s)
+}
+
+type Probe = fn();
+
+static PROBE: std::sync::OnceLock<Probe> = std::sync::OnceLock::new();
+
+/// Test seam: `probe` runs in the daemon's process right after it confines
+/// itself (the tests' build registers a simulated escape; the shipped
+/// binary registers nothing).
+pub fn set_probe(probe: Probe) {
+    let _ = PROBE.set(probe);
+}
+
+/// Runs the registered probe, if any.
+pub(crate) fn run_probe() {
+    if let Some(p) = PROBE.get() {
+        p();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_denied_call_is_distinct_and_explained() {
+        let mut seen = std::collections::HashSet::new();
+        for d in DENIED {
+            assert!(seen.insert(d.nr), "{} listed twice", d.name);
+            assert!(!d.why.is_empty(), "{} has no reason", d.name);
+        }
+        // The ones the issue names, at least.
+        for name in [
+            "ptrace",
+            "process_vm_readv",
+            "process_vm_writev",
+            "mount",
+            "umount2",
+            "bpf",
+            "perf_event_open",
+            "kexec_load",
+            "init_module",
+            "finit_module",
+            "keyctl",
+            "add_key",
+            "userfaultfd",
+            "setns",
+            "unshare",
+            "personality",
+        ] {
+            assert!(
+                DENIED.iter().any(|d| d.name == name),
+                "{name} is not denied"
+            );
+        }
+    }
+
+    #[test]
+    fn the_readme_lists_every_denied_call() {
+        let readme = include_str!("../../README.md");
+        for d in DENIED {
+            assert!(
+                readme.contains(&format!("| `{}` | {} |", d.name, d.why)),
+                "README.md does not list {} with its reason",
+                d.name
+            );
+        }
+    }
+
+    #[test]
+    fn the_filters_compile_for_this_architecture() {
+        let [a, b] = filters().expect("filters");
+        assert!(
+            a.len() > DENIED.len(),
+            "one comparison per denied call at least"
+        );
+        assert!(!b.is_empty());
+    }
+}
