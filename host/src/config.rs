@@ -16,6 +16,9 @@
 //! module_tables = 32                  # module may ask for more
 //! compile_concurrency = 2             # components compiled at once (default:
 //!                                     # one per core and per 512 MiB available)
+//! compile_worker = true               # compile in a worker process (default)
+//! compile_memory = "2GiB"             # what one compile may use (default 2GiB)
+//! compile_time = "5m"                 # CPU time one compile may use (default 5m)
 //!
 //! [[module]]
 //! name = "temperature-sensor"         # [a-z0-9][a-z0-9._-]{0,62}
@@ -454,6 +457,9 @@ struct RawRuntime {
     module_memories: Option<u32>,
     module_tables: Option<u32>,
     compile_concurrency: Option<u32>,
+    compile_worker: Option<bool>,
+    compile_memory: Option<String>,
+    compile_time: Option<String>,
 }
 
 /// Runtime-wide settings.
@@ -477,6 +483,9 @@ pub struct RuntimeSettings {
     /// Components compiled at once; `None`: from the cores and the memory
     /// available at start (`runtime::default_compile_concurrency`).
     pub compile_concurrency: Option<u32>,
+    /// Compile in worker processes with these limits (`None`: in the
+    /// daemon's process, `compile_worker = false`).
+    pub compile_worker: Option<crate::runtime::worker::WorkerLimits>,
 }
 
 /// The validated configuration.
@@ -571,6 +580,9 @@ impl Config {
                 "module_memories": r.ceilings.memories,
                 "module_tables": r.ceilings.tables,
                 "compile_concurrency": r.compile_concurrency,
+                "compile_worker": r.compile_worker.is_some(),
+                "compile_memory": r.compile_worker.map(|w| w.memory),
+                "compile_time_ms": r.compile_worker.map(|w| ms(w.cpu)),
             },
             "modules": self.modules.iter().map(|m| m.to_raw()).collect::<Vec<_>>(),
             "signatures": {
@@ -713,6 +725,35 @@ impl Config {
                 "runtime.compile_concurrency = {n}: must be 1..=64"
             )));
         }
+        let compile_worker = {
+            let d = crate::runtime::worker::WorkerLimits::default();
+            let memory = match &raw.runtime.compile_memory {
+                None => d.memory,
+                Some(s) => {
+                    parse_size(s).map_err(|e| err(format!("runtime.compile_memory: {e}")))?
+                }
+            };
+            if !(16 << 20..=1 << 40).contains(&memory) {
+                return Err(err(format!(
+                    "runtime.compile_memory = {memory} bytes: must be 16MiB..=1TiB"
+                )));
+            }
+            let cpu = match &raw.runtime.compile_time {
+                None => d.cpu,
+                Some(s) => {
+                    parse_duration(s).map_err(|e| err(format!("runtime.compile_time: {e}")))?
+                }
+            };
+            if !(Duration::from_secs(1)..=Duration::from_secs(3600)).contains(&cpu) {
+                return Err(err(format!(
+                    "runtime.compile_time = {cpu:?}: must be 1s..=1h"
+                )));
+            }
+            raw.runtime
+                .compile_worker
+                .unwrap_or(true)
+                .then_some(crate::runtime::worker::WorkerLimits { memory, cpu })
+        };
         let mut names = HashSet::new();
         let mut modules = Vec::with_capacity(raw.modules.len());
         for m in raw.modules {
@@ -757,6 +798,7 @@ impl Config {
                 max_wasm_stack,
                 ceilings,
                 compile_concurrency: raw.runtime.compile_concurrency,
+                compile_worker,
             },
             identity,
             api,
@@ -975,6 +1017,22 @@ mod tests {
             (
                 "[runtime]\ncompile_concurrency = -1".to_owned(),
                 "compile_concurrency",
+            ),
+            (
+                "[runtime]\ncompile_memory = \"1MiB\"".to_owned(),
+                "runtime.compile_memory = 1048576 bytes: must be 16MiB..=1TiB",
+            ),
+            (
+                "[runtime]\ncompile_memory = \"lots\"".to_owned(),
+                "runtime.compile_memory: ",
+            ),
+            (
+                "[runtime]\ncompile_time = \"0s\"".to_owned(),
+                "runtime.compile_time = 0ns: must be 1s..=1h",
+            ),
+            (
+                "[runtime]\ncompile_worker = \"yes\"".to_owned(),
+                "compile_worker",
             ),
             (
                 format!(

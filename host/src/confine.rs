@@ -237,6 +237,87 @@ pub fn apply() -> Result<(), ConfineError> {
     Ok(())
 }
 
+/// What the compile worker may no longer do once it has its input pipes:
+/// open or make files, change the file system, make sockets, run a
+/// program, or signal another process. It computes, reads its stdin and
+/// writes its stdout and stderr; nothing else.
+const WORKER_DENIED: &[i64] = &[
+    libc::SYS_openat,
+    libc::SYS_openat2,
+    libc::SYS_open_by_handle_at,
+    libc::SYS_unlinkat,
+    libc::SYS_renameat,
+    libc::SYS_renameat2,
+    libc::SYS_mkdirat,
+    libc::SYS_linkat,
+    libc::SYS_symlinkat,
+    libc::SYS_fchmodat,
+    libc::SYS_fchownat,
+    libc::SYS_truncate,
+    libc::SYS_mknodat,
+    libc::SYS_utimensat,
+    libc::SYS_socket,
+    libc::SYS_socketpair,
+    libc::SYS_connect,
+    libc::SYS_bind,
+    libc::SYS_listen,
+    libc::SYS_accept,
+    libc::SYS_accept4,
+    libc::SYS_execve,
+    libc::SYS_execveat,
+    libc::SYS_kill,
+    libc::SYS_tkill,
+    #[cfg(target_arch = "x86_64")]
+    libc::SYS_open,
+    #[cfg(target_arch = "x86_64")]
+    libc::SYS_creat,
+    #[cfg(target_arch = "x86_64")]
+    libc::SYS_unlink,
+    #[cfg(target_arch = "x86_64")]
+    libc::SYS_rename,
+    #[cfg(target_arch = "x86_64")]
+    libc::SYS_mkdir,
+    #[cfg(target_arch = "x86_64")]
+    libc::SYS_rmdir,
+    #[cfg(target_arch = "x86_64")]
+    libc::SYS_link,
+    #[cfg(target_arch = "x86_64")]
+    libc::SYS_symlink,
+    #[cfg(target_arch = "x86_64")]
+    libc::SYS_chmod,
+    #[cfg(target_arch = "x86_64")]
+    libc::SYS_chown,
+    #[cfg(target_arch = "x86_64")]
+    libc::SYS_lchown,
+    #[cfg(target_arch = "x86_64")]
+    libc::SYS_mknod,
+];
+
+/// Confines the compile worker (see `runtime::worker`): `no_new_privs`,
+/// [`apply`]'s filters if this process does not have them yet, and a filter
+/// of its own: no file opened or changed, no socket, no program run, no
+/// signal to another process (`tgkill` only on itself, which `abort`
+/// needs).
+///
+/// # Errors
+///
+/// As [`apply`].
+pub fn apply_worker() -> Result<(), ConfineError> {
+    if status().map(|s| s.seccomp).unwrap_or(0) != 2 {
+        apply()?;
+    }
+    let mut rules: BTreeMap<i64, Vec<SeccompRule>> =
+        WORKER_DENIED.iter().map(|&nr| (nr, Vec::new())).collect();
+    let me = u64::from(std::process::id());
+    let other = SeccompCondition::new(0, SeccompCmpArgLen::Dword, SeccompCmpOp::Ne, me)
+        .and_then(|c| SeccompRule::new(vec![c]))
+        .map_err(|e| ConfineError(format!("seccomp rule: {e}")))?;
+    rules.insert(libc::SYS_tgkill, vec![other]);
+    let filter = compile(rules, SeccompAction::Errno(libc::EPERM as u32))?;
+    seccompiler::apply_filter_all_threads(&filter)
+        .map_err(|e| ConfineError(format!("cannot install the worker's seccomp filter: {e}")))
+}
+
 /// What `/proc/self/status` says of this process's confinement.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Status {

@@ -108,7 +108,11 @@ env = {{ INTERVAL_MS = "20", SENSOR_ID = "confined" }}
     let st = status_lines(&out);
     assert!(st.contains("status NoNewPrivs: 1"), "{st}");
     assert!(st.contains("status Seccomp: 2"), "{st}");
-    assert_confined(&report(&out));
+    let r = report(&out);
+    assert_confined(&r);
+    // The daemon itself still opens files and makes sockets.
+    assert_eq!(r["open"], "0", "{r:?}");
+    assert_eq!(r["socket"], "0", "{r:?}");
     d.pump();
     let (exit, _, err) = d.terminate();
     assert!(exit.success(), "{err:?}");
@@ -116,6 +120,32 @@ env = {{ INTERVAL_MS = "20", SENSOR_ID = "confined" }}
         !err.iter().any(|l| l.contains("WITHOUT the seccomp filter")),
         "{err:?}"
     );
+}
+
+#[test]
+fn the_compile_worker_opens_no_file_makes_no_socket_runs_nothing() {
+    // The worker as the daemon starts it (limits, stack), with the test
+    // build's escape attempts after its own confinement, reported on stderr.
+    let component = std::fs::File::open(guests::TEMPERATURE_SENSOR).unwrap();
+    let o = std::process::Command::new(EDGEWARD)
+        .args(["compile-worker", "1073741824", "60", "524288"])
+        .env("EDGEWARD_TEST_ESCAPE", "-")
+        .stdin(component)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(o.stdout.len() > 1000, "no artifact");
+    let r: BTreeMap<String, String> = stderr(&o)
+        .lines()
+        .filter_map(|l| l.split_once(' '))
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect();
+    assert_confined(&r);
+    for what in ["open", "socket", "exec", "kill"] {
+        assert_eq!(r[what], EPERM.to_string(), "the worker could {what}: {r:?}");
+    }
+    // Not even its own /proc/self/status opens.
+    assert!(!stderr(&o).contains("status "), "{}", stderr(&o));
 }
 
 #[test]
@@ -132,4 +162,76 @@ fn edgeward_run_is_confined_too() {
     let st = status_lines(&out);
     assert!(st.contains("status Seccomp: 2"), "{st}");
     assert_confined(&report(&out));
+}
+
+/// A daemon whose compile worker has `runtime` limits, with a neighbour on
+/// a 100 ms schedule and the Python interpreter component (18 MB of code,
+/// seconds of Cranelift) to compile.
+fn interpreter_against_limits(runtime: &str) -> (Scratch, Daemon) {
+    let s = Scratch::new();
+    let sensor = guests::TEMPERATURE_SENSOR;
+    let python = guests::PY_SENSOR;
+    let config = format!(
+        r#"
+[runtime]
+{runtime}
+
+[[module]]
+name = "neighbour"
+file = "{sensor}"
+digest = "{}"
+env = {{ INTERVAL_MS = "100", SENSOR_ID = "neighbour" }}
+
+[[module]]
+name = "interpreter"
+file = "{python}"
+digest = "{}"
+restart = "never"
+"#,
+        sha256sum(sensor),
+        sha256sum(python)
+    );
+    let d = Daemon::start(&s, &config);
+    wait_for_socket(&s);
+    (s, d)
+}
+
+fn refused_reason(s: &Scratch) -> String {
+    let st = status_when(s, "the interpreter refused", |v| {
+        status_of(v, "interpreter")["state"] == "refused"
+            && status_of(v, "neighbour")["state"] == "running"
+    });
+    status_of(&st, "interpreter")["reason"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned()
+}
+
+#[test]
+fn a_compile_over_its_memory_limit_kills_only_the_worker() {
+    let (s, d) = interpreter_against_limits("compile_memory = \"64MiB\"");
+    let reason = refused_reason(&s);
+    assert!(
+        reason.contains("compile worker's memory limit (64 MiB; [runtime] compile_memory)"),
+        "{reason}"
+    );
+    // The daemon and the neighbour go on: 3 s of its readings.
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    neighbour_kept_its_schedule(&s, "compile over its memory");
+    let (exit, _, err) = d.terminate();
+    assert!(exit.success(), "{err:?}");
+}
+
+#[test]
+fn a_compile_over_its_cpu_time_kills_only_the_worker() {
+    let (s, d) = interpreter_against_limits("compile_time = \"1s\"");
+    let reason = refused_reason(&s);
+    assert!(
+        reason.contains("compile worker's CPU time limit (1 s; [runtime] compile_time)"),
+        "{reason}"
+    );
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    neighbour_kept_its_schedule(&s, "compile over its CPU time");
+    let (exit, _, err) = d.terminate();
+    assert!(exit.success(), "{err:?}");
 }

@@ -342,6 +342,17 @@ fn fail(msg: impl std::fmt::Display, code: u8) -> ExitCode {
 
 /// The `edgeward` binary.
 pub fn main() -> ExitCode {
+    // The daemon's compile worker (runtime::worker): not a command for
+    // people, so not in the help either.
+    if std::env::args_os().nth(1).as_deref()
+        == Some(std::ffi::OsStr::new(crate::runtime::worker::SUBCOMMAND))
+    {
+        let args: Vec<String> = std::env::args_os()
+            .skip(2)
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        return ExitCode::from(crate::runtime::worker::serve(&args));
+    }
     let cli = Cli::parse();
     match cli.command {
         Command::Run(args) => {

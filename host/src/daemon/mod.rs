@@ -340,17 +340,24 @@ pub fn runtime_options(config: &Config, state_dir: &Path) -> RuntimeOptions {
 }
 
 /// The daemon's runtime for `config`: [`runtime_options`], compiling as
-/// many components at once as `[runtime] compile_concurrency` says.
+/// many components at once as `[runtime] compile_concurrency` says, each in
+/// a worker process unless `compile_worker = false`.
 ///
 /// # Errors
 ///
 /// When the engine, linker or cache cannot be set up.
 pub fn runtime(config: &Config, state_dir: &Path) -> anyhow::Result<Runtime> {
-    let rt = Runtime::new(&runtime_options(config, state_dir))?;
-    Ok(match config.runtime.compile_concurrency {
-        Some(n) => rt.with_compile_concurrency(n as usize),
-        None => rt,
-    })
+    let opts = runtime_options(config, state_dir);
+    let mut rt = Runtime::new(&opts)?;
+    if let Some(n) = config.runtime.compile_concurrency {
+        rt = rt.with_compile_concurrency(n as usize);
+    }
+    if let Some(limits) = config.runtime.compile_worker {
+        let worker = crate::runtime::worker::CompileWorker::new(&opts.engine, limits)
+            .map_err(|e| anyhow::anyhow!("cannot find this executable for compile workers: {e}"))?;
+        rt = rt.with_compile_worker(worker);
+    }
+    Ok(rt)
 }
 
 /// Measures the boot events (this executable, the configuration) in

@@ -11,6 +11,7 @@ pub mod loglimit;
 pub mod network;
 pub mod output;
 pub mod sandbox;
+pub mod worker;
 pub mod workload;
 
 use std::fmt;
@@ -50,6 +51,9 @@ pub struct Runtime {
     allocator: Allocator,
     ceilings: engine::ModuleCeilings,
     compiles: CompileQueue,
+    /// Compiles in worker processes when set (the daemon); in this
+    /// process otherwise (`edgeward run`, `edgeward compile`).
+    worker: Option<worker::CompileWorker>,
     _ticker: engine::EpochTicker,
 }
 
@@ -364,6 +368,7 @@ impl Runtime {
             allocator,
             ceilings: opts.engine.ceilings,
             compiles: CompileQueue::new(None),
+            worker: None,
             _ticker: ticker,
         })
     }
@@ -374,6 +379,49 @@ impl Runtime {
     pub fn with_compile_concurrency(mut self, n: usize) -> Self {
         self.compiles = CompileQueue::new(Some(n));
         self
+    }
+
+    /// Compiles each component in a worker process with `worker`'s limits
+    /// (see [`worker`]).
+    #[must_use]
+    pub fn with_compile_worker(mut self, worker: worker::CompileWorker) -> Self {
+        self.worker = Some(worker);
+        self
+    }
+
+    /// The compile worker's limits, when components are compiled apart.
+    pub fn compile_worker(&self) -> Option<worker::WorkerLimits> {
+        self.worker.as_ref().map(worker::CompileWorker::limits)
+    }
+
+    /// Compiles `bytes`: in a worker when one is set, here otherwise.
+    fn compile(&self, path: &Path, bytes: &[u8]) -> anyhow::Result<Component> {
+        let (msg, invalid) = match &self.worker {
+            Some(w) => match w.compile(&self.engine, bytes) {
+                Ok(c) => return Ok(c),
+                Err(e @ worker::WorkerError::Compile(_)) => (e.to_string(), true),
+                Err(e @ worker::WorkerError::Worker(_)) => (e.to_string(), false),
+                Err(e) => anyhow::bail!("cannot compile {}: {e}", path.display()),
+            },
+            None => match Component::new(&self.engine, bytes) {
+                Ok(c) => return Ok(c),
+                Err(e) => (format!("{:#}", anyhow::Error::from(e)), true),
+            },
+        };
+        if cache::exceeds_pool_limits(&msg) {
+            anyhow::bail!(
+                "{} does not fit the per-module ceilings ({}): {msg}",
+                path.display(),
+                self.ceiling_hint()
+            )
+        } else if invalid {
+            anyhow::bail!(
+                "{} is not a valid WebAssembly component: {msg}",
+                path.display()
+            )
+        } else {
+            anyhow::bail!("cannot compile {}: {msg}", path.display())
+        }
     }
 
     /// How many components it compiles at once.
@@ -468,21 +516,7 @@ impl Runtime {
                     drop(permit);
                     (c, CodeSource::Cache(entry))
                 } else {
-                    let c = Component::new(&self.engine, &measured.bytes).map_err(|e| {
-                        let e = format!("{:#}", anyhow::Error::from(e));
-                        if cache::exceeds_pool_limits(&e) {
-                            anyhow::anyhow!(
-                                "{} does not fit the per-module ceilings ({}): {e}",
-                                path.display(),
-                                self.ceiling_hint()
-                            )
-                        } else {
-                            anyhow::anyhow!(
-                                "{} is not a valid WebAssembly component: {e}",
-                                path.display()
-                            )
-                        }
-                    })?;
+                    let c = self.compile(path, &measured.bytes)?;
                     if let Some(cache) = &self.cache
                         && let Err(e) = cache.store(&measured.digest, &c)
                     {

@@ -96,6 +96,11 @@ fn escape() {
     }
 }
 
+/// The errno of a failed `r` (0: it worked).
+fn errno(r: std::io::Result<()>) -> i32 {
+    r.map_or_else(|e| e.raw_os_error().unwrap_or(-1), |()| 0)
+}
+
 /// Tries each attempt and writes what happened to `out`.
 fn attempts(out: &std::path::Path) {
     let mut lines = String::new();
@@ -123,7 +128,23 @@ fn attempts(out: &std::path::Path) {
     // A thread still starts (glibc falls back from clone3 to clone).
     let thread = std::thread::spawn(|| 7).join().map_or(-1, |v| v);
     lines.push_str(&format!("thread {thread}\n"));
-    if let Err(e) = std::fs::write(out, lines) {
+    // What the compile worker may not do either (the daemon may).
+    let open = errno(std::fs::File::open("/etc/hostname").map(drop));
+    let socket = errno(std::net::UdpSocket::bind("127.0.0.1:0").map(drop));
+    let exec = errno(std::process::Command::new("/bin/true").status().map(drop));
+    let parent = libc::c_long::from(std::os::unix::process::parent_id());
+    let kill = attempt(libc::SYS_kill, [parent, 0, 0, 0, 0, 0]);
+    lines.push_str(&format!(
+        "open {open}\nsocket {socket}\nexec {exec}\nkill {kill}\n"
+    ));
+    // "-": stderr (the compile worker opens no file).
+    let written = if out == std::path::Path::new("-") {
+        use std::io::Write as _;
+        std::io::stderr().write_all(lines.as_bytes())
+    } else {
+        std::fs::write(out, lines)
+    };
+    if let Err(e) = written {
         eprintln!("EDGEWARD_TEST_ESCAPE: {e}");
     }
 }

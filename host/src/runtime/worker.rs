@@ -1,0 +1,296 @@
+//! Compilation apart: the daemon compiles each component in a short-lived
+//! worker process (the same executable, `edgeward compile-worker`), so
+//! that a component which makes Cranelift exhaust memory or spin kills
+//! only the worker. The module is refused naming the limit it hit, and its
+//! neighbours, which run in the daemon, never notice.
+//!
+//! The worker inherits the daemon's confinement (`no_new_privs`, the
+//! seccomp filter) and adds its own before it reads a byte: a data-segment
+//! limit (`RLIMIT_DATA`: heap and private writable mappings), a CPU-time
+//! limit (`RLIMIT_CPU`) and a second seccomp filter that refuses every way
+//! to open a file, make a socket or execute a program. Its environment is
+//! empty; its only channels are the pipes it is handed: the component on
+//! stdin, the compiled artifact on stdout, an error on stderr.
+//!
+//! The daemon deserializes what the worker returns and stores it in its
+//! authenticated cache as if it had compiled it itself. The worker only
+//! ever saw the component the daemon had already measured and accepted;
+//! the separation bounds what compiling it can cost, it does not make the
+//! artifact more trustworthy than an in-process compile would be.
+
+use std::io::{Read, Write};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use wasmtime::Engine;
+use wasmtime::component::Component;
+
+use super::engine::{self, EngineOptions};
+
+/// The subcommand a worker is started with.
+pub const SUBCOMMAND: &str = "compile-worker";
+
+/// Default memory a compile may use (`[runtime] compile_memory`).
+pub const DEFAULT_MEMORY: u64 = 2 << 30;
+/// Default CPU time a compile may use (`[runtime] compile_time`).
+pub const DEFAULT_CPU: Duration = Duration::from_secs(300);
+/// The most stderr kept from a worker.
+const MAX_STDERR: u64 = 16 << 10;
+
+/// What one compile may use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WorkerLimits {
+    /// `RLIMIT_DATA`, in bytes.
+    pub memory: u64,
+    /// `RLIMIT_CPU`, rounded up to whole seconds.
+    pub cpu: Duration,
+}
+
+impl Default for WorkerLimits {
+    fn default() -> Self {
+        Self {
+            memory: DEFAULT_MEMORY,
+            cpu: DEFAULT_CPU,
+        }
+    }
+}
+
+impl WorkerLimits {
+    fn cpu_secs(&self) -> u64 {
+        self.cpu.as_secs() + u64::from(self.cpu.subsec_nanos() > 0)
+    }
+}
+
+/// Starts workers for one engine's settings.
+#[derive(Debug, Clone)]
+pub struct CompileWorker {
+    exe: PathBuf,
+    limits: WorkerLimits,
+    max_wasm_stack: usize,
+}
+
+/// Why a worker produced no artifact.
+#[derive(Debug)]
+pub enum WorkerError {
+    /// The component does not compile (the worker's error text).
+    Compile(String),
+    /// The worker hit its memory limit.
+    Memory(u64),
+    /// The worker hit its CPU-time limit.
+    Cpu(u64),
+    /// The worker could not be run, or died otherwise.
+    Worker(String),
+}
+
+impl std::fmt::Display for WorkerError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Compile(e) => f.write_str(e),
+            Self::Memory(n) => write!(
+                f,
+                "compiling it exceeded the compile worker's memory limit ({}; [runtime] compile_memory)",
+                crate::units::format_size(*n)
+            ),
+            Self::Cpu(s) => write!(
+                f,
+                "compiling it exceeded the compile worker's CPU time limit ({s} s; [runtime] compile_time)"
+            ),
+            Self::Worker(e) => write!(f, "the compile worker failed: {e}"),
+        }
+    }
+}
+
+impl CompileWorker {
+    /// Workers for an engine built from `opts`, running this executable.
+    ///
+    /// # Errors
+    ///
+    /// This executable's path cannot be found.
+    pub fn new(opts: &EngineOptions, limits: WorkerLimits) -> std::io::Result<Self> {
+        Ok(Self {
+            exe: std::env::current_exe()?,
+            limits,
+            max_wasm_stack: opts.max_wasm_stack,
+        })
+    }
+
+    /// Its limits.
+    pub fn limits(&self) -> WorkerLimits {
+        self.limits
+    }
+
+    /// Compiles `bytes` in a worker and loads the artifact into `engine`.
+    /// Blocks until the worker exits.
+    ///
+    /// # Errors
+    ///
+    /// See [`WorkerError`].
+    pub fn compile(&self, engine: &Engine, bytes: &[u8]) -> Result<Component, WorkerError> {
+        let artifact = self.run(bytes)?;
+        // SAFETY: `Component::deserialize` maps its input as executable
+        // code. The input is what a worker, this same executable, made
+        // with `Engine::precompile_component` from the component the
+        // caller measured and accepted, passed over a pipe only the two
+        // processes hold: it is the code an in-process compile would have
+        // made. Deserializing checks it was made for this engine's
+        // settings.
+        #[allow(unsafe_code)]
+        let loaded = unsafe { Component::deserialize(engine, &artifact) };
+        loaded.map_err(|e| {
+            WorkerError::Worker(format!(
+                "its artifact does not load: {:#}",
+                anyhow::Error::from(e)
+            ))
+        })
+    }
+
+    fn run(&self, bytes: &[u8]) -> Result<Vec<u8>, WorkerError> {
+        let mut child = Command::new(&self.exe)
+            .arg(SUBCOMMAND)
+            .arg(self.limits.memory.to_string())
+            .arg(self.limits.cpu_secs().to_string())
+            .arg(self.max_wasm_stack.to_string())
+            .env_clear()
+            .current_dir("/")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| {
+                WorkerError::Worker(format!("cannot start {}: {e}", self.exe.display()))
+            })?;
+        let (Some(mut stdin), Some(mut stdout), Some(stderr)) =
+            (child.stdin.take(), child.stdout.take(), child.stderr.take())
+        else {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(WorkerError::Worker("no pipes".into()));
+        };
+        let errors = std::thread::spawn(move || {
+            let mut text = String::new();
+            let _ = stderr.take(MAX_STDERR).read_to_string(&mut text);
+            text
+        });
+        let artifact = std::thread::scope(|s| {
+            s.spawn(move || {
+                // A worker that dies early closes its end: the write fails,
+                // and its exit status says why.
+                let _ = stdin.write_all(bytes);
+            });
+            let mut out = Vec::new();
+            stdout.read_to_end(&mut out).map(|_| out)
+        });
+        let status = child
+            .wait()
+            .map_err(|e| WorkerError::Worker(format!("cannot wait for it: {e}")))?;
+        let errors = errors.join().unwrap_or_default();
+        let errors = errors.trim();
+        if status.success() {
+            return artifact
+                .map_err(|e| WorkerError::Worker(format!("cannot read its output: {e}")));
+        }
+        use std::os::unix::process::ExitStatusExt as _;
+        match status.signal() {
+            Some(libc::SIGXCPU | libc::SIGKILL) => Err(WorkerError::Cpu(self.limits.cpu_secs())),
+            Some(_) if errors.contains("memory allocation of") => {
+                Err(WorkerError::Memory(self.limits.memory))
+            }
+            Some(sig) => Err(WorkerError::Worker(format!(
+                "killed by signal {sig}: {errors}"
+            ))),
+            None if status.code() == Some(EXIT_COMPILE) => Err(WorkerError::Compile(errors.into())),
+            None => Err(WorkerError::Worker(format!("{status}: {errors}"))),
+        }
+    }
+}
+
+/// The worker's exit code when the component does not compile.
+const EXIT_COMPILE: i32 = 3;
+
+/// The worker's side (`edgeward compile-worker MEMORY CPU_SECS STACK`):
+/// limits and confines itself, reads a component on stdin, writes the
+/// artifact on stdout. Returns the exit code.
+pub fn serve(args: &[String]) -> u8 {
+    let parsed = match args {
+        [memory, cpu, stack] => memory
+            .parse::<u64>()
+            .ok()
+            .zip(cpu.parse::<u64>().ok())
+            .zip(stack.parse::<usize>().ok()),
+        _ => None,
+    };
+    let Some(((memory, cpu), stack)) = parsed else {
+        eprintln!(
+            "usage: edgeward {SUBCOMMAND} MEMORY CPU_SECS MAX_WASM_STACK (the daemon starts it)"
+        );
+        return 2;
+    };
+    use rustix::process::{Resource, Rlimit, setrlimit};
+    let limit = |n: u64| Rlimit {
+        current: Some(n),
+        maximum: Some(n),
+    };
+    let cpu_limit = Rlimit {
+        current: Some(cpu),
+        // SIGXCPU at the soft limit; SIGKILL a second later if ignored.
+        maximum: Some(cpu + 1),
+    };
+    if let Err(e) =
+        setrlimit(Resource::Data, limit(memory)).and_then(|()| setrlimit(Resource::Cpu, cpu_limit))
+    {
+        eprintln!("cannot set the compile worker's limits: {e}");
+        return 1;
+    }
+    if let Err(e) = crate::confine::apply_worker() {
+        eprintln!("cannot confine the compile worker: {e}");
+        return 1;
+    }
+    crate::confine::run_probe();
+    let mut bytes = Vec::new();
+    let max = crate::measure::MAX_COMPONENT_SIZE;
+    match std::io::stdin()
+        .lock()
+        .take(max + 1)
+        .read_to_end(&mut bytes)
+    {
+        Ok(n) if n as u64 > max => {
+            eprintln!("the component is over {max} bytes");
+            return EXIT_COMPILE as u8;
+        }
+        Ok(_) => {}
+        Err(e) => {
+            eprintln!("cannot read the component: {e}");
+            return 1;
+        }
+    }
+    let opts = EngineOptions {
+        max_instances: 1,
+        ceilings: engine::ModuleCeilings::default(),
+        max_memory: 0,
+        // Compiled code does not depend on the allocator; the worker
+        // reserves no pool.
+        pooling: Some(false),
+        max_wasm_stack: stack,
+    };
+    let engine = match engine::build(&opts) {
+        Ok((e, _)) => e,
+        Err(e) => {
+            eprintln!("cannot create the engine: {e:#}");
+            return 1;
+        }
+    };
+    match engine.precompile_component(&bytes) {
+        Ok(artifact) => match std::io::stdout().lock().write_all(&artifact) {
+            Ok(()) => 0,
+            Err(e) => {
+                eprintln!("cannot write the artifact: {e}");
+                1
+            }
+        },
+        Err(e) => {
+            eprintln!("{:#}", anyhow::Error::from(e));
+            EXIT_COMPILE as u8
+        }
+    }
+}
