@@ -109,7 +109,10 @@ impl CompileWorker {
     /// This executable's path cannot be found.
     pub fn new(opts: &EngineOptions, limits: WorkerLimits) -> std::io::Result<Self> {
         Ok(Self {
-            exe: std::env::current_exe()?,
+            // The running executable itself, not the path it was started
+            // from: a binary replaced on disk (an upgrade) is not run as a
+            // worker until the daemon restarts and measures it.
+            exe: std::fs::read_link("/proc/self/exe").map(|_| PathBuf::from("/proc/self/exe"))?,
             limits,
             max_wasm_stack: opts.max_wasm_stack,
         })
@@ -160,7 +163,7 @@ impl CompileWorker {
             .map_err(|e| {
                 WorkerError::Worker(format!("cannot start {}: {e}", self.exe.display()))
             })?;
-        let (Some(mut stdin), Some(mut stdout), Some(stderr)) =
+        let (Some(mut stdin), Some(stdout), Some(stderr)) =
             (child.stdin.take(), child.stdout.take(), child.stderr.take())
         else {
             let _ = child.kill();
@@ -178,15 +181,29 @@ impl CompileWorker {
                 // and its exit status says why.
                 let _ = stdin.write_all(bytes);
             });
+            // An artifact is a few times its component at most; a worker
+            // that sends more is refused, not buffered without bound.
+            let cap = (bytes.len() as u64).saturating_mul(16).max(64 << 20);
             let mut out = Vec::new();
-            stdout.read_to_end(&mut out).map(|_| out)
+            match stdout.take(cap + 1).read_to_end(&mut out) {
+                Ok(n) if n as u64 > cap => Err(std::io::Error::other(format!(
+                    "it sent more than {cap} bytes"
+                ))),
+                Ok(_) => Ok(out),
+                Err(e) => Err(e),
+            }
         });
+        if artifact.is_err() {
+            // Over the cap, or unreadable: it may still be writing.
+            let _ = child.kill();
+        }
         let status = child
             .wait()
             .map_err(|e| WorkerError::Worker(format!("cannot wait for it: {e}")))?;
         let errors = errors.join().unwrap_or_default();
         let errors = errors.trim();
-        if status.success() {
+        // Killed above for its output: that is the reason, not the signal.
+        if status.success() || artifact.is_err() {
             return artifact
                 .map_err(|e| WorkerError::Worker(format!("cannot read its output: {e}")));
         }
