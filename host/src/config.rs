@@ -611,6 +611,7 @@ impl Config {
                 "fetch_timeout_ms": ms(c.fetch_timeout),
                 "registry_roots": c.registry_roots.as_ref().map(|r| crate::measure::Digest::of(r).to_string()),
                 "registries": c.credentials.keys().collect::<Vec<_>>(),
+                "local_sources": c.local_sources.iter().map(|p| path(p)).collect::<Vec<_>>(),
             })),
         })
     }

@@ -17,6 +17,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::path::PathBuf;
 
 use seccompiler::{
     BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
@@ -316,6 +317,94 @@ pub fn apply_worker() -> Result<(), ConfineError> {
     let filter = compile(rules, SeccompAction::Errno(libc::EPERM as u32))?;
     seccompiler::apply_filter_all_threads(&filter)
         .map_err(|e| ConfineError(format!("cannot install the worker's seccomp filter: {e}")))
+}
+
+/// What the daemon's Landlock ruleset lets it reach: everything else on
+/// the file system is refused (`EACCES`), whatever the process's uid.
+#[derive(Debug, Clone, Default)]
+pub struct FsPolicy {
+    /// Read, write, create and remove beneath (the state dir, `dirs`
+    /// grants).
+    pub read_write: Vec<PathBuf>,
+    /// Read files and list directories beneath (the config, module files,
+    /// `::ro` grants, `/proc`, `/sys`, name-service files).
+    pub read_only: Vec<PathBuf>,
+    /// Read and execute beneath (system libraries, this executable for
+    /// the compile worker).
+    pub execute: Vec<PathBuf>,
+    /// Devices it reads and writes (`/dev/null`, the TPM).
+    pub devices: Vec<PathBuf>,
+    /// Directories it binds and removes a socket in (the management
+    /// socket's).
+    pub sockets: Vec<PathBuf>,
+}
+
+/// How far Landlock holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Landlocked {
+    /// Every requested restriction is enforced.
+    Fully,
+    /// Those this kernel knows (an older ABI): named in the log.
+    Partially,
+    /// Not at all: the kernel has no Landlock (or it is disabled).
+    Not,
+}
+
+/// The Landlock ABI the ruleset is written for (7, Linux 6.15+: file
+/// system rights including truncation and device ioctls, and the signal
+/// and abstract-socket scopes); an older kernel enforces what it knows,
+/// and the daemon says so.
+const LANDLOCK_ABI: landlock::ABI = landlock::ABI::V7;
+
+/// Restricts this thread and everything it starts afterwards to `policy`
+/// (call it before any other thread exists: Landlock binds threads, not
+/// processes), and scopes signals and abstract unix sockets to this
+/// process and its children.
+///
+/// # Errors
+///
+/// The ruleset cannot be built or applied; a kernel without Landlock is
+/// not an error but [`Landlocked::Not`].
+pub fn landlock(policy: &FsPolicy) -> Result<Landlocked, ConfineError> {
+    use landlock::{
+        Access, AccessFs, Ruleset, RulesetAttr, RulesetCreatedAttr, RulesetStatus, Scope,
+        path_beneath_rules,
+    };
+    let abi = LANDLOCK_ABI;
+    let all = AccessFs::from_all(abi);
+    let read = AccessFs::ReadFile | AccessFs::ReadDir;
+    let execute = read | AccessFs::Execute;
+    let device = AccessFs::ReadFile | AccessFs::WriteFile | AccessFs::IoctlDev;
+    let socket = AccessFs::MakeSock | AccessFs::RemoveFile;
+    let err = |e: landlock::RulesetError| ConfineError(format!("Landlock: {e}"));
+    // A path that does not exist yet grants nothing (and would fail the
+    // whole ruleset): what is missing now stays unreachable.
+    let present = |paths: &[PathBuf]| -> Vec<PathBuf> {
+        paths.iter().filter(|p| p.exists()).cloned().collect()
+    };
+    let policy = FsPolicy {
+        read_write: present(&policy.read_write),
+        read_only: present(&policy.read_only),
+        execute: present(&policy.execute),
+        devices: present(&policy.devices),
+        sockets: present(&policy.sockets),
+    };
+    let status = Ruleset::default()
+        .handle_access(all)
+        .and_then(|r| r.scope(Scope::from_all(abi)))
+        .and_then(Ruleset::create)
+        .and_then(|r| r.add_rules(path_beneath_rules(&policy.read_write, all)))
+        .and_then(|r| r.add_rules(path_beneath_rules(&policy.read_only, read)))
+        .and_then(|r| r.add_rules(path_beneath_rules(&policy.execute, execute)))
+        .and_then(|r| r.add_rules(path_beneath_rules(&policy.devices, device)))
+        .and_then(|r| r.add_rules(path_beneath_rules(&policy.sockets, socket)))
+        .and_then(|r| r.restrict_self())
+        .map_err(err)?;
+    Ok(match status.ruleset {
+        RulesetStatus::FullyEnforced => Landlocked::Fully,
+        RulesetStatus::PartiallyEnforced => Landlocked::Partially,
+        RulesetStatus::NotEnforced => Landlocked::Not,
+    })
 }
 
 /// What `/proc/self/status` says of this process's confinement.

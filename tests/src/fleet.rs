@@ -200,10 +200,15 @@ impl Fleet {
     /// written to `dir/config.toml`).
     pub fn device(&self, dir: &Path, id: &str, hsm: &str, extra: &str) -> String {
         let config = format!(
-            "{hsm}\n[identity]\ndevice_id = \"{id}\"\nca_certificate = \"chain.pem\"\n\n[cloud]\nbroker = \"{broker}\"\nca = \"{ca}\"\ncertificate = \"broker-client.pem\"\ndeployment_keys = [\"{key}\"]\ngroups = [\"line-a\"]\nreconnect_min = \"50ms\"\nreconnect_max = \"400ms\"\nreport_interval = \"200ms\"\n{extra}",
+            "{hsm}\n[identity]\ndevice_id = \"{id}\"\nca_certificate = \"chain.pem\"\n\n[cloud]\nbroker = \"{broker}\"\nca = \"{ca}\"\ncertificate = \"broker-client.pem\"\ndeployment_keys = [\"{key}\"]\ngroups = [\"line-a\"]\nreconnect_min = \"50ms\"\nreconnect_max = \"400ms\"\nreport_interval = \"200ms\"\nlocal_sources = [\"{guests}\", \"{own}\"]\n{extra}",
             broker = self.broker.url(),
             ca = self.ca.root().display(),
             key = self.deploy_pub.display(),
+            guests = std::path::Path::new(crate::guests::TEMPERATURE_SENSOR)
+                .parent()
+                .expect("the guests' directory")
+                .display(),
+            own = dir.display(),
         );
         let path = dir.join("config.toml");
         std::fs::write(&path, &config).expect("write the config");

@@ -15,6 +15,7 @@ use common::*;
 
 const EPERM: i32 = 1;
 const ENOSYS: i32 = 38;
+const EACCES: i32 = 13;
 
 /// `NAME VALUE` lines of an escape report.
 fn report(path: &std::path::Path) -> BTreeMap<String, String> {
@@ -78,12 +79,16 @@ fn unconfined_none_of_the_attempts_gets_eperm() {
     }
     assert_ne!(r["clone-newuser"], EPERM.to_string());
     assert_ne!(r["clone3"], ENOSYS.to_string());
+    for what in ["open", "create", "socket", "exec", "kill"] {
+        assert_eq!(r[what], "0", "{what} fails unconfined: {r:?}");
+    }
 }
 
 #[test]
 fn the_daemon_confines_itself_before_modules_and_an_escape_is_refused() {
     let s = Scratch::new();
-    let out = s.path().join("escape");
+    // In the state dir: Landlock lets the daemon write nowhere else.
+    let out = s.state().join("escape");
     let sensor = guests::TEMPERATURE_SENSOR;
     let config = format!(
         r#"
@@ -110,8 +115,10 @@ env = {{ INTERVAL_MS = "20", SENSOR_ID = "confined" }}
     assert!(st.contains("status Seccomp: 2"), "{st}");
     let r = report(&out);
     assert_confined(&r);
-    // The daemon itself still opens files and makes sockets.
-    assert_eq!(r["open"], "0", "{r:?}");
+    // Landlock: a file outside what the daemon needs neither opens nor
+    // is created, root or not; sockets are still made.
+    assert_eq!(r["open"], EACCES.to_string(), "{r:?}");
+    assert_eq!(r["create"], EACCES.to_string(), "{r:?}");
     assert_eq!(r["socket"], "0", "{r:?}");
     d.pump();
     let (exit, _, err) = d.terminate();
@@ -141,7 +148,7 @@ fn the_compile_worker_opens_no_file_makes_no_socket_runs_nothing() {
         .map(|(k, v)| (k.to_owned(), v.to_owned()))
         .collect();
     assert_confined(&r);
-    for what in ["open", "socket", "exec", "kill"] {
+    for what in ["open", "create", "socket", "exec", "kill"] {
         assert_eq!(r[what], EPERM.to_string(), "the worker could {what}: {r:?}");
     }
     // Not even its own /proc/self/status opens.

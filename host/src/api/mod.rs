@@ -88,16 +88,16 @@ pub fn socket_path(flag: Option<&Path>, configured: Option<&Path>) -> Result<Pat
     }
 }
 
-/// Binds the socket at `path`: its directory created 0750 if missing (an
-/// existing one must be ours and not writable by others), a stale socket
-/// replaced only if nothing answers on it, the socket made 0660 with
-/// `group` as its group.
+/// Creates the directory of the socket at `path` 0750 (with `group` as its
+/// group) if it is missing, and checks an existing one is ours and not
+/// writable by others. [`bind`] does it too; the daemon calls it first,
+/// before Landlock closes the file system around the directory.
 ///
 /// # Errors
 ///
-/// Another daemon answers there, or the directory or socket cannot be set
-/// up; the message names the path.
-pub fn bind(path: &Path, group: Option<u32>) -> anyhow::Result<tokio::net::UnixListener> {
+/// The directory cannot be created, or is someone else's, or writable by
+/// group or others; the message names it.
+pub fn prepare_dir(path: &Path, group: Option<u32>) -> anyhow::Result<()> {
     use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
     let dir = path.parent().unwrap_or(Path::new("."));
     if !dir.exists() {
@@ -124,6 +124,21 @@ pub fn bind(path: &Path, group: Option<u32>) -> anyhow::Result<tokio::net::UnixL
             dir.display()
         );
     }
+    Ok(())
+}
+
+/// Binds the socket at `path`: its directory created 0750 if missing (an
+/// existing one must be ours and not writable by others), a stale socket
+/// replaced only if nothing answers on it, the socket made 0660 with
+/// `group` as its group.
+///
+/// # Errors
+///
+/// Another daemon answers there, or the directory or socket cannot be set
+/// up; the message names the path.
+pub fn bind(path: &Path, group: Option<u32>) -> anyhow::Result<tokio::net::UnixListener> {
+    use std::os::unix::fs::PermissionsExt as _;
+    prepare_dir(path, group)?;
     if path.exists() {
         if std::os::unix::net::UnixStream::connect(path).is_ok() {
             anyhow::bail!(

@@ -1162,6 +1162,30 @@ fn confine(command: &str) {
     crate::confine::run_probe();
 }
 
+/// Holds the daemon to its file system policy ([`daemon::fs_policy`]) or
+/// says loudly why not.
+fn landlock_daemon(cfg: &Config, state_dir: &std::path::Path, socket: &std::path::Path) {
+    let without = "running WITHOUT Landlock: code that escapes a module can reach any file \
+                   this user can";
+    match daemon::fs_policy(cfg, state_dir, socket).map(|p| crate::confine::landlock(&p)) {
+        Ok(Ok(crate::confine::Landlocked::Fully)) => {
+            tracing::debug!("landlocked: the state dir, the configured files, system code");
+        }
+        Ok(Ok(crate::confine::Landlocked::Partially)) => tracing::warn!(
+            "Landlock holds only partly: this kernel lacks some of its rights (device \
+             ioctls, truncation, renames across directories, or signal scoping)"
+        ),
+        Ok(Ok(crate::confine::Landlocked::Not)) => {
+            tracing::warn!(
+                reason = "this kernel has no Landlock, or it is disabled",
+                "{without}"
+            );
+        }
+        Ok(Err(e)) => tracing::warn!(reason = %e, "{without}"),
+        Err(reason) => tracing::warn!(%reason, "{without}"),
+    }
+}
+
 fn daemon_command(state_flag: Option<PathBuf>, args: DaemonArgs) -> ExitCode {
     // No config file at all is an empty deployment.
     let cfg = match optional_config(args.config) {
@@ -1172,7 +1196,19 @@ fn daemon_command(state_flag: Option<PathBuf>, args: DaemonArgs) -> ExitCode {
         Ok(d) => d,
         Err(e) => return fail(e, 2),
     };
-    // Before any module is read and any thread exists (see crate::confine).
+    let socket = match crate::api::socket_path(args.socket.as_deref(), cfg.api.socket.as_deref()) {
+        Ok(s) => s,
+        Err(e) => return fail(e, 2),
+    };
+    // Before any module is read and any thread exists (see crate::confine):
+    // Landlock binds the threads there are, and what they start.
+    if let Err(e) = state::ensure_private_dir(&state_dir) {
+        return fail(format!("{}: {e}", state_dir.display()), 1);
+    }
+    if let Err(e) = crate::api::prepare_dir(&socket, cfg.api.group) {
+        return fail(e, 1);
+    }
+    landlock_daemon(&cfg, &state_dir, &socket);
     confine("daemon");
     // Modules are tasks whose polls last up to an epoch slice (10 ms). With
     // tokio's default of checking timers and I/O every 61 polls, a busy
@@ -1185,10 +1221,6 @@ fn daemon_command(state_flag: Option<PathBuf>, args: DaemonArgs) -> ExitCode {
     {
         Ok(rt) => rt,
         Err(e) => return fail(format!("cannot start the async runtime: {e}"), 1),
-    };
-    let socket = match crate::api::socket_path(args.socket.as_deref(), cfg.api.socket.as_deref()) {
-        Ok(s) => s,
-        Err(e) => return fail(e, 2),
     };
     let result = rt.block_on(daemon::run(cfg, state_dir, socket));
     // A compile abandoned by a signal at start-up must not hold the exit.

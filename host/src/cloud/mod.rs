@@ -20,6 +20,8 @@
 //! report_interval = "10s"             # how often module states are compared
 //! fetch_timeout = "5m"                # per registry or https request
 //! registry_ca = "registry-ca.pem"     # optional: roots beside the web PKI's
+//! local_sources = ["/opt/components"] # directories a deployment's local
+//!                                     # `source` path may be in (default none)
 //!
 //! [[cloud.registry]]                  # credentials for one registry (basic,
 //! host = "registry.example"           # or for its token service)
@@ -31,8 +33,9 @@
 //!
 //! A deployment's module names its component by digest and may say where
 //! to fetch it: `source = "oci://registry/repo:tag"` (or `@sha256:…`),
-//! `https://…`, or a local path. Plain HTTP is used for loopback
-//! registries only.
+//! `https://…`, or a local path beneath one of `local_sources` (the daemon
+//! reads no other file for a deployment; Landlock holds it to that). Plain
+//! HTTP is used for loopback registries only.
 //!
 //! Topics, one tree per device (see `topics`):
 //!
@@ -120,6 +123,8 @@ pub struct CloudConfig {
     pub registry_roots: Option<Vec<u8>>,
     /// Credentials by registry host.
     pub credentials: std::collections::BTreeMap<String, oci::Credentials>,
+    /// Directories a deployment's local `source` may be beneath.
+    pub local_sources: Vec<PathBuf>,
 }
 
 /// `[[cloud.registry]]`.
@@ -154,6 +159,8 @@ pub struct RawCloud {
     registry_ca: Option<PathBuf>,
     #[serde(default, rename = "registry")]
     registries: Vec<RawRegistry>,
+    #[serde(default)]
+    local_sources: Vec<PathBuf>,
 }
 
 impl RawCloud {
@@ -252,6 +259,17 @@ impl RawCloud {
                 ));
             }
         }
+        let mut local_sources = Vec::with_capacity(self.local_sources.len());
+        for d in &self.local_sources {
+            let d = resolve(d);
+            if d.components().any(|c| c == std::path::Component::ParentDir) || d == Path::new("/") {
+                return Err(format!(
+                    "cloud.local_sources: {}: name a directory of components, without `..` and not /",
+                    d.display()
+                ));
+            }
+            local_sources.push(d);
+        }
         let ca = resolve(&self.ca);
         let pem = std::fs::read(&ca).map_err(|e| format!("cloud.ca {}: {e}", ca.display()))?;
         let mut broker_roots = rustls::RootCertStore::empty();
@@ -283,6 +301,7 @@ impl RawCloud {
             fetch_timeout,
             registry_roots,
             credentials,
+            local_sources,
         })
     }
 }
@@ -1085,6 +1104,38 @@ async fn fetch_components(
     Ok(())
 }
 
+/// `path` (a deployment's local source) as it resolves, if that is beneath
+/// one of `dirs` (each as it resolves): a deployment names components
+/// there and nowhere else, whatever links lead elsewhere.
+fn local_source(dirs: &[PathBuf], path: &Path) -> Result<PathBuf, String> {
+    let outside = || {
+        format!(
+            "{}: a local source must be beneath one of cloud.local_sources ({})",
+            path.display(),
+            if dirs.is_empty() {
+                "none configured".to_owned()
+            } else {
+                dirs.iter()
+                    .map(|d| d.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            }
+        )
+    };
+    if path
+        .components()
+        .any(|c| c == std::path::Component::ParentDir)
+    {
+        return Err(outside());
+    }
+    let real = std::fs::canonicalize(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    dirs.iter()
+        .filter_map(|d| std::fs::canonicalize(d).ok())
+        .any(|d| real.starts_with(d))
+        .then_some(real)
+        .ok_or_else(outside)
+}
+
 /// The component at `source` that should hash to `pin`.
 async fn fetch(
     config: &CloudConfig,
@@ -1109,7 +1160,7 @@ async fn fetch(
     if !path.starts_with('/') {
         return Err("a source is oci://…, https://… or an absolute local path".into());
     }
-    let path = PathBuf::from(path);
+    let path = local_source(&config.local_sources, Path::new(path))?;
     // As a configured module's file is read: a regular file, bounded.
     tokio::task::spawn_blocking(move || crate::measure::Measured::read(&path))
         .await
@@ -1123,6 +1174,37 @@ mod tests {
     #![allow(clippy::unwrap_used)]
 
     use super::*;
+
+    #[test]
+    fn a_local_source_must_be_beneath_a_configured_directory() {
+        let t = tempfile::tempdir().unwrap();
+        let allowed = t.path().join("components");
+        let other = t.path().join("elsewhere");
+        std::fs::create_dir_all(&allowed).unwrap();
+        std::fs::create_dir_all(&other).unwrap();
+        std::fs::write(allowed.join("a.wasm"), b"a").unwrap();
+        std::fs::write(other.join("b.wasm"), b"b").unwrap();
+        std::os::unix::fs::symlink(other.join("b.wasm"), allowed.join("link.wasm")).unwrap();
+        let dirs = [allowed.clone()];
+        assert!(local_source(&dirs, &allowed.join("a.wasm")).is_ok());
+        for (path, why) in [
+            (other.join("b.wasm"), "beneath one of cloud.local_sources"),
+            (
+                allowed.join("link.wasm"),
+                "beneath one of cloud.local_sources",
+            ),
+            (
+                allowed.join("../elsewhere/b.wasm"),
+                "beneath one of cloud.local_sources",
+            ),
+            (allowed.join("missing.wasm"), "No such file"),
+        ] {
+            let e = local_source(&dirs, &path).unwrap_err();
+            assert!(e.contains(why), "{}: {e}", path.display());
+        }
+        let e = local_source(&[], &allowed.join("a.wasm")).unwrap_err();
+        assert!(e.contains("none configured"), "{e}");
+    }
 
     #[test]
     fn broker_urls_are_checked() {

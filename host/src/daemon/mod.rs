@@ -566,6 +566,113 @@ async fn start_deployment(
     supervisor.start_all(specs).await;
 }
 
+/// What the daemon's Landlock ruleset allows (see [`crate::confine`]):
+/// its state dir, what its configuration names, system code, and the
+/// files name resolution and the kernel interfaces need. `Err` says why
+/// this configuration cannot be held to one.
+///
+/// # Errors
+///
+/// A PKCS#11 backend: its module reads and writes files of its own
+/// choosing (SoftHSM's token directory, a vendor's logs), which the daemon
+/// cannot name.
+pub fn fs_policy(
+    config: &Config,
+    state_dir: &Path,
+    socket: &Path,
+) -> Result<crate::confine::FsPolicy, String> {
+    let mut p = crate::confine::FsPolicy::default();
+    match &config.hsm {
+        crate::hsm::HsmConfig::Soft => {}
+        #[cfg(feature = "tpm")]
+        crate::hsm::HsmConfig::Tpm(t) => {
+            // `device:/dev/tpmrm0`; the network TCTIs need no file.
+            if let Some(dev) = t.tcti.strip_prefix("device:") {
+                let dev = dev.split(',').next().unwrap_or(dev);
+                p.devices.push(PathBuf::from(if dev.is_empty() {
+                    "/dev/tpmrm0"
+                } else {
+                    dev
+                }));
+            }
+        }
+        #[cfg(feature = "pkcs11")]
+        crate::hsm::HsmConfig::Pkcs11(c) => {
+            return Err(format!(
+                "the PKCS#11 module {} reads and writes files of its own choosing",
+                c.module.display()
+            ));
+        }
+    }
+    p.read_write.push(state_dir.to_owned());
+    if let Some(dir) = socket.parent() {
+        p.sockets.push(dir.to_owned());
+    }
+    // System code (libraries the TCTI loader and NSS open late), and this
+    // executable: the boot measurement reads it, compile workers run it.
+    p.execute
+        .extend(["/usr", "/lib", "/lib64", "/lib32"].map(PathBuf::from));
+    if let Ok(exe) = std::env::current_exe() {
+        p.execute.push(exe);
+    }
+    p.read_only.extend(
+        [
+            "/proc",
+            "/sys",
+            "/dev/urandom",
+            "/dev/random",
+            "/etc/resolv.conf",
+            "/etc/hosts",
+            "/etc/host.conf",
+            "/etc/nsswitch.conf",
+            "/etc/gai.conf",
+            "/etc/services",
+            "/etc/protocols",
+            "/etc/localtime",
+            "/etc/ld.so.cache",
+        ]
+        .map(PathBuf::from),
+    );
+    p.devices.push(PathBuf::from("/dev/null"));
+    if let Some(f) = std::env::var_os(crate::attest::BOOT_ID_ENV).filter(|f| !f.is_empty()) {
+        p.read_only.push(PathBuf::from(f));
+    }
+    p.read_only.push(config.path.clone());
+    let modules = config
+        .modules
+        .iter()
+        .chain(config.agent.as_ref().map(|a| &a.spec));
+    for m in modules {
+        if let Some(file) = &m.file {
+            p.read_only.push(file.clone());
+            // A detached signature beside it, read as it is loaded.
+            p.read_only.push(crate::attest::publisher::sig_path(file));
+        }
+        for d in &m.dirs {
+            if d.read_only {
+                p.read_only.push(d.host.clone());
+            } else {
+                p.read_write.push(d.host.clone());
+            }
+        }
+    }
+    if let Some(a) = &config.agent {
+        p.read_only.push(a.config_dir.clone());
+    }
+    p.read_only.extend(config.identity.ca_certificate.clone());
+    if let Some(c) = &config.cloud {
+        p.read_only.push(c.ca.clone());
+        p.read_only.extend(c.deployment_key_files.iter().cloned());
+        // Re-read whenever it changes, and replaced by a new file then:
+        // its directory.
+        if let Some(dir) = c.certificate.parent() {
+            p.read_only.push(dir.to_owned());
+        }
+        p.read_only.extend(c.local_sources.iter().cloned());
+    }
+    Ok(p)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -130,12 +130,15 @@ fn attempts(out: &std::path::Path) {
     lines.push_str(&format!("thread {thread}\n"));
     // What the compile worker may not do either (the daemon may).
     let open = errno(std::fs::File::open("/etc/hostname").map(drop));
+    let outside = std::env::temp_dir().join(format!("edgeward-escape-{}", std::process::id()));
+    let create = errno(std::fs::File::create(&outside).map(drop));
+    let _ = std::fs::remove_file(&outside);
     let socket = errno(std::net::UdpSocket::bind("127.0.0.1:0").map(drop));
     let exec = errno(std::process::Command::new("/bin/true").status().map(drop));
     let parent = libc::c_long::from(std::os::unix::process::parent_id());
     let kill = attempt(libc::SYS_kill, [parent, 0, 0, 0, 0, 0]);
     lines.push_str(&format!(
-        "open {open}\nsocket {socket}\nexec {exec}\nkill {kill}\n"
+        "open {open}\ncreate {create}\nsocket {socket}\nexec {exec}\nkill {kill}\n"
     ));
     // "-": stderr (the compile worker opens no file).
     let written = if out == std::path::Path::new("-") {
