@@ -196,7 +196,7 @@ fn compile(
 
 /// The two filters: [`DENIED`] and namespace-creating `clone` get `EPERM`;
 /// `clone3` gets `ENOSYS`.
-fn filters() -> Result<[BpfProgram; 2], ConfineError> {
+fn filters() -> Result<Vec<BpfProgram>, ConfineError> {
     let mut rules: BTreeMap<i64, Vec<SeccompRule>> =
         DENIED.iter().map(|d| (d.nr, Vec::new())).collect();
     let clone = NAMESPACE_FLAGS
@@ -218,7 +218,35 @@ fn filters() -> Result<[BpfProgram; 2], ConfineError> {
         BTreeMap::from([(libc::SYS_clone3, Vec::new())]),
         SeccompAction::Errno(libc::ENOSYS as u32),
     )?;
-    Ok([eperm, enosys])
+    let mut all = vec![eperm, enosys];
+    #[cfg(target_arch = "x86_64")]
+    all.push(x32());
+    Ok(all)
+}
+
+/// The x32 ABI shares x86-64's audit architecture: its system calls are
+/// x86-64's numbers with bit 30 set, so a filter keyed on x86-64's numbers
+/// alone would let `ptrace | 0x40000000` through on a kernel built with
+/// x32. Nothing in edgeward uses x32; every such call fails with `EPERM`
+/// (distinct from the `ENOSYS` of a kernel without x32, so a test can tell
+/// the filter refused it).
+#[cfg(target_arch = "x86_64")]
+fn x32() -> BpfProgram {
+    use seccompiler::sock_filter;
+    const X32_SYSCALL_BIT: u32 = 0x4000_0000;
+    const BPF_LD_W_ABS: u16 = 0x20;
+    const BPF_JMP_JSET_K: u16 = 0x45;
+    const BPF_RET_K: u16 = 0x06;
+    const SECCOMP_RET_ERRNO: u32 = 0x0005_0000;
+    const SECCOMP_RET_ALLOW: u32 = 0x7fff_0000;
+    let op = |code, jt, jf, k| sock_filter { code, jt, jf, k };
+    vec![
+        // seccomp_data.nr
+        op(BPF_LD_W_ABS, 0, 0, 0),
+        op(BPF_JMP_JSET_K, 0, 1, X32_SYSCALL_BIT),
+        op(BPF_RET_K, 0, 0, SECCOMP_RET_ERRNO | libc::EPERM as u32),
+        op(BPF_RET_K, 0, 0, SECCOMP_RET_ALLOW),
+    ]
 }
 
 /// Sets `no_new_privs` and installs the filters on every thread of the
@@ -231,6 +259,10 @@ fn filters() -> Result<[BpfProgram; 2], ConfineError> {
 pub fn apply() -> Result<(), ConfineError> {
     rustix::thread::set_no_new_privs(true)
         .map_err(|e| ConfineError(format!("cannot set no_new_privs: {e}")))?;
+    // No core dump (keys and module memory on disk), and no ptrace or
+    // /proc/<pid>/mem by another process of the same uid.
+    rustix::process::set_dumpable_behavior(rustix::process::DumpableBehavior::NotDumpable)
+        .map_err(|e| ConfineError(format!("cannot make the process non-dumpable: {e}")))?;
     for f in filters()? {
         seccompiler::apply_filter_all_threads(&f)
             .map_err(|e| ConfineError(format!("cannot install the seccomp filter: {e}")))?;
@@ -268,6 +300,26 @@ const WORKER_DENIED: &[i64] = &[
     libc::SYS_execveat,
     libc::SYS_kill,
     libc::SYS_tkill,
+    libc::SYS_rt_sigqueueinfo,
+    libc::SYS_rt_tgsigqueueinfo,
+    libc::SYS_pidfd_open,
+    libc::SYS_pidfd_send_signal,
+    libc::SYS_pidfd_getfd,
+    // As root it could raise its own limits (CAP_SYS_RESOURCE).
+    libc::SYS_setrlimit,
+    libc::SYS_prlimit64,
+    libc::SYS_setxattr,
+    libc::SYS_lsetxattr,
+    libc::SYS_fsetxattr,
+    libc::SYS_removexattr,
+    libc::SYS_lremovexattr,
+    libc::SYS_fremovexattr,
+    #[cfg(target_arch = "x86_64")]
+    libc::SYS_fchmodat2,
+    #[cfg(target_arch = "x86_64")]
+    libc::SYS_fork,
+    #[cfg(target_arch = "x86_64")]
+    libc::SYS_vfork,
     #[cfg(target_arch = "x86_64")]
     libc::SYS_open,
     #[cfg(target_arch = "x86_64")]
@@ -297,6 +349,7 @@ const WORKER_DENIED: &[i64] = &[
 /// Confines the compile worker (see `runtime::worker`): `no_new_privs`,
 /// [`apply`]'s filters if this process does not have them yet, and a filter
 /// of its own: no file opened or changed, no socket, no program run, no
+/// new process (`clone` for threads only), no change to its limits, no
 /// signal to another process (`tgkill` only on itself, which `abort`
 /// needs).
 ///
@@ -314,6 +367,17 @@ pub fn apply_worker() -> Result<(), ConfineError> {
         .and_then(|c| SeccompRule::new(vec![c]))
         .map_err(|e| ConfineError(format!("seccomp rule: {e}")))?;
     rules.insert(libc::SYS_tgkill, vec![other]);
+    // Threads (Cranelift's) but no new process: a clone without
+    // CLONE_THREAD is a fork.
+    let fork = SeccompCondition::new(
+        0,
+        SeccompCmpArgLen::Qword,
+        SeccompCmpOp::MaskedEq(libc::CLONE_THREAD as u64),
+        0,
+    )
+    .and_then(|c| SeccompRule::new(vec![c]))
+    .map_err(|e| ConfineError(format!("seccomp rule: {e}")))?;
+    rules.insert(libc::SYS_clone, vec![fork]);
     let filter = compile(rules, SeccompAction::Errno(libc::EPERM as u32))?;
     seccompiler::apply_filter_all_threads(&filter)
         .map_err(|e| ConfineError(format!("cannot install the worker's seccomp filter: {e}")))
@@ -510,11 +574,13 @@ mod tests {
 
     #[test]
     fn the_filters_compile_for_this_architecture() {
-        let [a, b] = filters().expect("filters");
+        let all = filters().expect("filters");
         assert!(
-            a.len() > DENIED.len(),
+            all[0].len() > DENIED.len(),
             "one comparison per denied call at least"
         );
-        assert!(!b.is_empty());
+        assert!(!all[1].is_empty());
+        #[cfg(target_arch = "x86_64")]
+        assert_eq!(all[2], x32());
     }
 }

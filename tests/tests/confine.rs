@@ -41,6 +41,9 @@ fn assert_confined(r: &BTreeMap<String, String>) {
     assert_eq!(r["clone-newuser"], EPERM.to_string(), "{r:?}");
     assert_eq!(r["clone3"], ENOSYS.to_string(), "{r:?}");
     assert_eq!(r["thread"], "7", "a thread no longer starts: {r:?}");
+    // The x32 ABI's numbers do not slip past the filter.
+    assert_eq!(r["x32"], EPERM.to_string(), "{r:?}");
+    assert_eq!(r["dumpable"], "0", "still dumpable: {r:?}");
 }
 
 fn status_lines(path: &std::path::Path) -> String {
@@ -79,9 +82,13 @@ fn unconfined_none_of_the_attempts_gets_eperm() {
     }
     assert_ne!(r["clone-newuser"], EPERM.to_string());
     assert_ne!(r["clone3"], ENOSYS.to_string());
-    for what in ["open", "create", "socket", "exec", "kill"] {
+    for what in ["open", "create", "socket", "exec", "kill", "prlimit"] {
         assert_eq!(r[what], "0", "{what} fails unconfined: {r:?}");
     }
+    for what in ["fork", "sigqueue", "x32"] {
+        assert_ne!(r[what], EPERM.to_string(), "{what}: {r:?}");
+    }
+    assert_eq!(r["dumpable"], "1", "{r:?}");
 }
 
 #[test]
@@ -120,6 +127,9 @@ env = {{ INTERVAL_MS = "20", SENSOR_ID = "confined" }}
     assert_eq!(r["open"], EACCES.to_string(), "{r:?}");
     assert_eq!(r["create"], EACCES.to_string(), "{r:?}");
     assert_eq!(r["socket"], "0", "{r:?}");
+    // The worker's own rules are the worker's: the daemon's threads start.
+    assert_ne!(r["fork"], EPERM.to_string(), "{r:?}");
+    assert_eq!(r["prlimit"], "0", "{r:?}");
     d.pump();
     let (exit, _, err) = d.terminate();
     assert!(exit.success(), "{err:?}");
@@ -148,7 +158,9 @@ fn the_compile_worker_opens_no_file_makes_no_socket_runs_nothing() {
         .map(|(k, v)| (k.to_owned(), v.to_owned()))
         .collect();
     assert_confined(&r);
-    for what in ["open", "create", "socket", "exec", "kill"] {
+    for what in [
+        "open", "create", "socket", "exec", "kill", "fork", "prlimit", "sigqueue",
+    ] {
         assert_eq!(r[what], EPERM.to_string(), "the worker could {what}: {r:?}");
     }
     // Not even its own /proc/self/status opens.
@@ -225,6 +237,45 @@ fn a_compile_over_its_memory_limit_kills_only_the_worker() {
     // The daemon and the neighbour go on: 3 s of its readings.
     std::thread::sleep(std::time::Duration::from_secs(3));
     neighbour_kept_its_schedule(&s, "compile over its memory");
+    let (exit, _, err) = d.terminate();
+    assert!(exit.success(), "{err:?}");
+}
+
+#[test]
+fn a_worker_killed_from_outside_is_not_called_over_its_limit() {
+    // The kernel's OOM killer or an operator: SIGKILL well inside the CPU
+    // limit is reported as what it is.
+    let (s, d) = interpreter_against_limits("");
+    // The neighbour's own (quick) compile is done: the worker left is the
+    // interpreter's.
+    status_when(&s, "the neighbour running", |v| {
+        status_of(v, "neighbour")["state"] == "running"
+    });
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let worker = loop {
+        let o = std::process::Command::new("pgrep")
+            .args(["-f", "-P", &d.child.id().to_string(), "compile-worker"])
+            .output()
+            .unwrap();
+        if let Some(pid) = stdout(&o).split_whitespace().next() {
+            break pid.to_owned();
+        }
+        assert!(std::time::Instant::now() < deadline, "no compile worker");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    let st = std::fs::read_to_string(format!("/proc/{worker}/status")).unwrap_or_default();
+    assert!(st.contains("Seccomp:\t2"), "{st}");
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let o = std::process::Command::new("kill")
+        .args(["-KILL", &worker])
+        .output()
+        .unwrap();
+    assert_status(&o, 0);
+    let reason = refused_reason(&s);
+    assert!(reason.contains("killed (SIGKILL) after"), "{reason}");
+    assert!(!reason.contains("CPU time limit"), "{reason}");
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    neighbour_kept_its_schedule(&s, "a worker killed from outside");
     let (exit, _, err) = d.terminate();
     assert!(exit.success(), "{err:?}");
 }

@@ -60,6 +60,14 @@ impl WorkerLimits {
     fn cpu_secs(&self) -> u64 {
         self.cpu.as_secs() + u64::from(self.cpu.subsec_nanos() > 0)
     }
+
+    /// How long a worker may take in wall-clock time: its CPU limit bounds
+    /// a worker that computes, this one that sleeps or is starved (four
+    /// times the CPU limit, at least a minute: a busy device may run
+    /// several compiles and its modules on few cores).
+    fn deadline(&self) -> Duration {
+        Duration::from_secs(self.cpu_secs().saturating_mul(4).max(60))
+    }
 }
 
 /// Starts workers for one engine's settings.
@@ -79,6 +87,9 @@ pub enum WorkerError {
     Memory(u64),
     /// The worker hit its CPU-time limit.
     Cpu(u64),
+    /// The worker ran past its wall-clock deadline (seconds): it was
+    /// stalled (asleep, or starved), not computing.
+    Deadline(u64),
     /// The worker could not be run, or died otherwise.
     Worker(String),
 }
@@ -95,6 +106,10 @@ impl std::fmt::Display for WorkerError {
             Self::Cpu(s) => write!(
                 f,
                 "compiling it exceeded the compile worker's CPU time limit ({s} s; [runtime] compile_time)"
+            ),
+            Self::Deadline(s) => write!(
+                f,
+                "the compile worker ran past its deadline ({s} s of wall-clock time, 4x [runtime] compile_time and at least 60 s) and was killed"
             ),
             Self::Worker(e) => write!(f, "the compile worker failed: {e}"),
         }
@@ -170,6 +185,24 @@ impl CompileWorker {
             let _ = child.wait();
             return Err(WorkerError::Worker("no pipes".into()));
         };
+        // The deadline: a watcher kills the worker through a pidfd (which
+        // names this process and no later one that reuses its pid) unless
+        // it is told the worker is done first.
+        let pid = rustix::process::Pid::from_raw(child.id() as i32);
+        let pidfd = pid.and_then(|p| {
+            rustix::process::pidfd_open(p, rustix::process::PidfdFlags::empty()).ok()
+        });
+        let (done, watch) = std::sync::mpsc::channel::<()>();
+        let deadline = self.limits.deadline();
+        let watcher = std::thread::spawn(move || match watch.recv_timeout(deadline) {
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                if let Some(fd) = &pidfd {
+                    let _ = rustix::process::pidfd_send_signal(fd, rustix::process::Signal::KILL);
+                }
+                true
+            }
+            _ => false,
+        });
         let errors = std::thread::spawn(move || {
             let mut text = String::new();
             let _ = stderr.take(MAX_STDERR).read_to_string(&mut text);
@@ -197,9 +230,10 @@ impl CompileWorker {
             // Over the cap, or unreadable: it may still be writing.
             let _ = child.kill();
         }
-        let status = child
-            .wait()
+        let (status, cpu_used) = wait(&mut child)
             .map_err(|e| WorkerError::Worker(format!("cannot wait for it: {e}")))?;
+        let _ = done.send(());
+        let past_deadline = watcher.join().unwrap_or(false);
         let errors = errors.join().unwrap_or_default();
         let errors = errors.trim();
         // Killed above for its output: that is the reason, not the signal.
@@ -209,7 +243,21 @@ impl CompileWorker {
         }
         use std::os::unix::process::ExitStatusExt as _;
         match status.signal() {
-            Some(libc::SIGXCPU | libc::SIGKILL) => Err(WorkerError::Cpu(self.limits.cpu_secs())),
+            Some(libc::SIGKILL) if past_deadline => Err(WorkerError::Deadline(deadline.as_secs())),
+            Some(libc::SIGXCPU) => Err(WorkerError::Cpu(self.limits.cpu_secs())),
+            // The hard CPU limit, a second past the soft one.
+            Some(libc::SIGKILL) if cpu_used.as_secs() >= self.limits.cpu_secs() => {
+                Err(WorkerError::Cpu(self.limits.cpu_secs()))
+            }
+            Some(libc::SIGKILL) => Err(WorkerError::Worker(format!(
+                "killed (SIGKILL) after {:.1} s of CPU: the kernel's out-of-memory killer, or an operator{}",
+                cpu_used.as_secs_f64(),
+                if errors.is_empty() {
+                    String::new()
+                } else {
+                    format!(": {errors}")
+                }
+            ))),
             Some(_) if errors.contains("memory allocation of") => {
                 Err(WorkerError::Memory(self.limits.memory))
             }
@@ -220,6 +268,37 @@ impl CompileWorker {
             None => Err(WorkerError::Worker(format!("{status}: {errors}"))),
         }
     }
+}
+
+/// Reaps `child` (as `Child::wait` would) and says how much CPU time it
+/// used, which tells the CPU limit's `SIGKILL` from any other.
+fn wait(child: &mut std::process::Child) -> std::io::Result<(std::process::ExitStatus, Duration)> {
+    use std::os::unix::process::ExitStatusExt as _;
+    let pid = child.id() as libc::pid_t;
+    let mut status = 0;
+    // SAFETY: a zeroed rusage is a valid value for wait4 to fill in.
+    #[allow(unsafe_code)]
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    loop {
+        // SAFETY: `pid` is our unreaped child (`Child` never waited for
+        // it); `status` and `usage` are valid for writes.
+        #[allow(unsafe_code)]
+        let r = unsafe { libc::wait4(pid, &raw mut status, 0, &raw mut usage) };
+        if r == pid {
+            break;
+        }
+        let e = std::io::Error::last_os_error();
+        if e.kind() != std::io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+    let tv = |t: libc::timeval| {
+        Duration::from_secs(t.tv_sec.max(0) as u64) + Duration::from_micros(t.tv_usec.max(0) as u64)
+    };
+    Ok((
+        std::process::ExitStatus::from_raw(status),
+        tv(usage.ru_utime) + tv(usage.ru_stime),
+    ))
 }
 
 /// The worker's exit code when the component does not compile.
@@ -253,8 +332,22 @@ pub fn serve(args: &[String]) -> u8 {
         // SIGXCPU at the soft limit; SIGKILL a second later if ignored.
         maximum: Some(cpu + 1),
     };
-    if let Err(e) =
-        setrlimit(Resource::Data, limit(memory)).and_then(|()| setrlimit(Resource::Cpu, cpu_limit))
+    // Dies with the daemon (and says so if the daemon is already gone).
+    if rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::KILL))
+        .is_err()
+        || rustix::process::getppid().is_none_or(|p| p.as_raw_nonzero().get() == 1)
+    {
+        eprintln!("the compile worker's parent is gone");
+        return 1;
+    }
+    // No descriptor but its pipes, whatever a library left open.
+    // SAFETY: closes descriptors 3 and up; this process holds none it
+    // uses (its pipes are 0-2, and nothing has started yet).
+    #[allow(unsafe_code)]
+    let _ = unsafe { libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32) };
+    if let Err(e) = setrlimit(Resource::Data, limit(memory))
+        .and_then(|()| setrlimit(Resource::Cpu, cpu_limit))
+        .and_then(|()| setrlimit(Resource::Core, limit(0)))
     {
         eprintln!("cannot set the compile worker's limits: {e}");
         return 1;

@@ -140,6 +140,27 @@ fn attempts(out: &std::path::Path) {
     lines.push_str(&format!(
         "open {open}\ncreate {create}\nsocket {socket}\nexec {exec}\nkill {kill}\n"
     ));
+    // A fork: clone without CLONE_THREAD (CLONE_SIGHAND without CLONE_VM
+    // is EINVAL without a filter, so no process is ever made).
+    let fork = attempt(
+        libc::SYS_clone,
+        [libc::c_long::from(libc::CLONE_SIGHAND), 0, 0, 0, 0, 0],
+    );
+    // Its own core limit, read only (both pointers null): succeeds.
+    let prlimit = attempt(
+        libc::SYS_prlimit64,
+        [0, libc::c_long::from(libc::RLIMIT_CORE), 0, 0, 0, 0],
+    );
+    // A queued signal 0 to the parent with no info: EFAULT unfiltered.
+    let sigqueue = attempt(libc::SYS_rt_sigqueueinfo, [parent, 0, 0, 0, 0, 0]);
+    // getpid through the x32 ABI: ENOSYS on a kernel without x32.
+    let x32 = attempt(0x4000_0000 | libc::SYS_getpid, [0; 6]);
+    // SAFETY: PR_GET_DUMPABLE reads a flag.
+    #[allow(unsafe_code)]
+    let dumpable = unsafe { libc::prctl(libc::PR_GET_DUMPABLE) };
+    lines.push_str(&format!(
+        "fork {fork}\nprlimit {prlimit}\nsigqueue {sigqueue}\nx32 {x32}\ndumpable {dumpable}\n"
+    ));
     // "-": stderr (the compile worker opens no file).
     let written = if out == std::path::Path::new("-") {
         use std::io::Write as _;
