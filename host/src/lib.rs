@@ -17,6 +17,7 @@ pub mod confine;
 pub mod daemon;
 pub mod grants;
 pub mod identity;
+pub mod keyd;
 pub mod registry;
 pub mod runtime;
 pub mod spec;

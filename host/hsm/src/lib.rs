@@ -308,6 +308,17 @@ pub trait Hsm: Send + Sync + fmt::Debug {
         Err(self.unsupported(Op::Sign, Some(id)))
     }
 
+    /// An ECDSA P-256 signature (DER) by key `id` over a certificate's DER
+    /// `TBSCertificate` (or a CSR's `CertificationRequestInfo`): the
+    /// signature of its SHA-256. A backend that is a client of the key
+    /// daemon sends the structure itself, so that the daemon can hold it to
+    /// the key's policy (the device CA signs module leaves only).
+    fn sign_certificate(&self, id: &str, tbs: &[u8]) -> Result<Vec<u8>> {
+        use sha2::Digest as _;
+        let digest: [u8; 32] = sha2::Sha256::digest(tbs).into();
+        self.sign_digest(id, &digest)
+    }
+
     /// Creates the AEAD key `id` if it does not exist.
     fn aead_key(&self, id: &str) -> Result<()> {
         Err(self.unsupported(Op::AeadKey, Some(id)))

@@ -409,7 +409,7 @@ fn hsm_check(cfg: Option<&crate::config::Config>, state_dir: &Path) -> Check {
             "soft: not set up yet (the daemon does at its first start)",
         );
     }
-    let hsm = match crate::hsm::open(&hsm_config, state_dir) {
+    let hsm = match crate::keyd::open(&hsm_config, state_dir) {
         Ok(h) => h,
         Err(e) => {
             return not_ok(

@@ -519,7 +519,7 @@ fn unlock_cache(
     state_dir: &std::path::Path,
 ) -> Result<(), String> {
     match (runtime.cache(), crate::config::cache_key(hsm)) {
-        (Some(cache), crate::runtime::cache::CacheKey::Hsm) => crate::hsm::open(hsm, state_dir)
+        (Some(cache), crate::runtime::cache::CacheKey::Hsm) => crate::keyd::open(hsm, state_dir)
             .map_err(|e| e.to_string())
             .and_then(|h| cache.unlock(h.as_ref())),
         _ => Ok(()),
@@ -684,7 +684,7 @@ fn measure_events(
     let hsm_config = cfg.map(|c| c.hsm.clone()).unwrap_or_default();
     let pcr = crate::attest::register_of(&hsm_config)
         .ok_or("the pkcs11 backend has no measurement register")?;
-    let hsm = crate::hsm::open(&hsm_config, state_dir).map_err(|e| e.to_string())?;
+    let hsm = crate::keyd::open(&hsm_config, state_dir).map_err(|e| e.to_string())?;
     let m = crate::attest::Measurer::new(hsm, state_dir, pcr)?;
     let mut all = vec![crate::attest::executable_event()?];
     all.extend(events);
@@ -917,7 +917,7 @@ fn open_identity(
 ) -> Result<std::sync::Arc<crate::identity::IdentityService>, crate::identity::IdentityError> {
     let hsm_config = cfg.map(|c| c.hsm.clone()).unwrap_or_default();
     let identity_config = cfg.map(|c| c.identity.clone()).unwrap_or_default();
-    let hsm = crate::hsm::open(&hsm_config, state_dir)?;
+    let hsm = crate::keyd::open(&hsm_config, state_dir)?;
     crate::identity::IdentityService::open(hsm, identity_config, state_dir)
 }
 
@@ -983,7 +983,7 @@ fn csr_command(
     let hsm_config = cfg.as_ref().map(|c| c.hsm.clone()).unwrap_or_default();
     let id = cfg.as_ref().map(|c| c.identity.clone()).unwrap_or_default();
     // The HSM alone: the device CA's certificate may not exist yet.
-    let hsm = match crate::hsm::open(&hsm_config, &state_dir) {
+    let hsm = match crate::keyd::open(&hsm_config, &state_dir) {
         Ok(h) => h,
         Err(e) => return fail(e, 1),
     };
@@ -1036,7 +1036,7 @@ fn deregister_command(
         None => None,
         Some(key) => {
             let config = cfg.map(|c| c.hsm).unwrap_or_default();
-            match crate::hsm::open(&config, &state_dir) {
+            match crate::keyd::open(&config, &state_dir) {
                 Ok(h) => Some(h),
                 Err(e) => {
                     eprintln!(
@@ -1097,7 +1097,7 @@ fn hsm_info(state_flag: Option<PathBuf>, config_flag: Option<PathBuf>, json: boo
         Err(code) => return code,
     };
     let hsm_config = cfg.as_ref().map(|c| c.hsm.clone()).unwrap_or_default();
-    let hsm = match crate::hsm::open(&hsm_config, &state_dir) {
+    let hsm = match crate::keyd::open(&hsm_config, &state_dir) {
         Ok(h) => h,
         Err(e) => return fail(e, 1),
     };

@@ -458,7 +458,7 @@ async fn open_identity(
         state_dir.to_owned(),
     );
     let identity = tokio::task::spawn_blocking(move || {
-        let hsm = crate::hsm::open(&hsm_config, &dir)?;
+        let hsm = crate::keyd::open(&hsm_config, &dir)?;
         crate::identity::IdentityService::open(hsm, identity_config, &dir)
             .map_err(anyhow::Error::from)
     })

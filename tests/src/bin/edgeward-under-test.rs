@@ -161,6 +161,7 @@ fn attempts(out: &std::path::Path) {
     lines.push_str(&format!(
         "fork {fork}\nprlimit {prlimit}\nsigqueue {sigqueue}\nx32 {x32}\ndumpable {dumpable}\n"
     ));
+    lines.push_str(&keyd_attempts());
     // "-": stderr (the compile worker opens no file).
     let written = if out == std::path::Path::new("-") {
         use std::io::Write as _;
@@ -171,6 +172,63 @@ fn attempts(out: &std::path::Path) {
     if let Err(e) = written {
         eprintln!("EDGEWARD_TEST_ESCAPE: {e}");
     }
+}
+
+/// What code that escaped into a runtime started with `EDGEWARD_KEYD`
+/// tries against the key daemon and its files: each line `keyd-NAME
+/// OUTCOME` (`refused`, `ok`, another error, or an errno).
+fn keyd_attempts() -> String {
+    use edgeward::hsm::Hsm as _;
+    let Some(sock) = edgeward::keyd::socket() else {
+        return String::new();
+    };
+    let outcome = |r: Result<(), edgeward::hsm::HsmError>| match r {
+        Ok(()) => "ok".to_owned(),
+        Err(e) if e.to_string().contains("refused by the key daemon") => "refused".to_owned(),
+        Err(e) => format!("error:{}", e.to_string().replace(['\n', ' '], "_")),
+    };
+    let mut lines = String::new();
+    match edgeward::keyd::RemoteHsm::connect(&sock) {
+        Err(e) => lines.push_str(&format!("keyd-connect {}\n", outcome(Err(e)))),
+        Ok(h) => {
+            for (name, r) in [
+                ("ca-digest", h.sign_digest("device-ca", &[7; 32]).map(drop)),
+                (
+                    "jwt-digest",
+                    h.sign_digest("jwt-authority", &[7; 32]).map(drop),
+                ),
+                ("extend", h.extend(&[7; 32])),
+                ("quote", h.quote("attestation", b"nonce").map(drop)),
+                ("destroy-ca", h.destroy_key("device-ca").map(drop)),
+                ("other-key", h.signing_key("stolen").map(drop)),
+                (
+                    "ca-csr",
+                    h.sign_certificate("device-ca", b"\x30\x00").map(drop),
+                ),
+                // What it may do, the positive control.
+                ("public", h.signing_key("device-ca").map(drop)),
+            ] {
+                lines.push_str(&format!("keyd-{name} {}\n", outcome(r)));
+            }
+        }
+    }
+    // Its files and its memory.
+    if let Some(state) = std::env::var_os("EDGEWARD_TEST_KEYD_STATE") {
+        let state = std::path::Path::new(&state);
+        let list = errno(std::fs::read_dir(state.join("hsm")).map(drop));
+        lines.push_str(&format!("keyd-files {list}\n"));
+    }
+    if let Ok(s) = std::os::unix::net::UnixStream::connect(&sock)
+        && let Ok(cred) = rustix::net::sockopt::socket_peercred(&s)
+    {
+        let pid = cred.pid;
+        let mem =
+            errno(std::fs::File::open(format!("/proc/{}/mem", pid.as_raw_nonzero())).map(drop));
+        let environ =
+            errno(std::fs::read(format!("/proc/{}/environ", pid.as_raw_nonzero())).map(drop));
+        lines.push_str(&format!("keyd-mem {mem}\nkeyd-environ {environ}\n"));
+    }
+    lines
 }
 
 fn main() -> std::process::ExitCode {

@@ -60,19 +60,9 @@ impl Daemon {
         Self::spawn(s, Some(config), c, &[])
     }
 
-    fn spawn(
-        s: &Scratch,
-        config: Option<&str>,
-        mut command: Command,
-        env: &[(&str, &str)],
-    ) -> Self {
-        command
-            .envs(env.iter().copied())
-            .env("EDGEWARD_LOG", "info")
-            .arg("daemon");
-        if let Some(config) = config {
-            command.arg("--config").arg(s.write("config.toml", config));
-        }
+    /// A daemon from a command the test made whole (another uid, another
+    /// environment): `command` already names `daemon` and its config.
+    pub fn from_command(mut command: Command) -> Self {
         let mut child = command
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -87,6 +77,22 @@ impl Daemon {
             seen_out: Vec::new(),
             seen_err: Vec::new(),
         }
+    }
+
+    fn spawn(
+        s: &Scratch,
+        config: Option<&str>,
+        mut command: Command,
+        env: &[(&str, &str)],
+    ) -> Self {
+        command
+            .envs(env.iter().copied())
+            .env("EDGEWARD_LOG", "info")
+            .arg("daemon");
+        if let Some(config) = config {
+            command.arg("--config").arg(s.write("config.toml", config));
+        }
+        Self::from_command(command)
     }
 
     pub fn pump(&mut self) {

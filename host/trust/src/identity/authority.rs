@@ -50,8 +50,7 @@ impl PublicKeyData for HsmKey {
 
 impl SigningKey for HsmKey {
     fn sign(&self, msg: &[u8]) -> Result<Vec<u8>, rcgen::Error> {
-        let digest: [u8; 32] = Sha256::digest(msg).into();
-        self.hsm.sign_digest(self.id, &digest).map_err(|e| {
+        self.hsm.sign_certificate(self.id, msg).map_err(|e| {
             tracing::error!(key = self.id, error = %e, "HSM signature failed");
             rcgen::Error::RemoteKeyError
         })

@@ -1,0 +1,273 @@
+//! Who may ask for what: the principal table (by the caller's uid, from
+//! `SO_PEERCRED`) and, per key, what the key may be used for.
+//!
+//! | principal | who | may |
+//! |---|---|---|
+//! | root | uid 0 | every call |
+//! | runtime | the uids given with `--runtime-uid` | public material, randomness, the register's value; create and read the device CA, JWT authority and broker client keys; sign digests with the broker client key only; have the device CA sign **module leaves only** (see [`check_leaf`]) and the JWT authority sign non-CA certificates; the AEAD keys of the registrations, the module data master key and the cache key; destroy registration keys |
+//! | anyone else | | nothing: refused and logged (rate-limited) |
+//!
+//! Never to the runtime: a raw extend of the register, a quote, an
+//! attestation key or credential activation, a signature over a raw digest
+//! with the device CA, the JWT authority or the attestation key, any other
+//! key.
+
+use x509_parser::prelude::*;
+
+/// The device CA's key.
+pub const CA_KEY: &str = "device-ca";
+/// The JWT authority's key.
+pub const JWT_AUTHORITY_KEY: &str = "jwt-authority";
+/// The broker client key (TLS to the fleet's broker).
+pub const CLIENT_KEY: &str = "cloud-client";
+/// The module data master key.
+pub const MASTER_KEY: &str = "master-encryption";
+/// The compiled-code cache's wrapping key.
+pub const CACHE_KEY: &str = "cache-key";
+/// Registrations' own keys (PKCS#11).
+pub const REGISTRATION_PREFIX: &str = "registration-";
+
+/// Clock skew allowed on either side of a certificate's validity.
+const SKEW: u64 = 600;
+
+/// A caller, as the table knows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Principal {
+    /// uid 0.
+    Root,
+    /// The runtime's uid.
+    Runtime,
+    /// Anyone else.
+    Stranger,
+}
+
+/// What the device CA may certify and for how long.
+#[derive(Debug, Clone)]
+pub struct Policy {
+    /// uids that are the runtime.
+    pub runtime_uids: Vec<u32>,
+    /// The trust domain.
+    pub trust_domain: String,
+    /// This device's id.
+    pub device_id: String,
+    /// The longest leaf the device CA signs for the runtime (seconds).
+    pub max_leaf_ttl: u64,
+    /// The longest certificate the JWT authority signs (seconds).
+    pub max_jwt_key_ttl: u64,
+}
+
+impl Policy {
+    /// Who `uid` is.
+    pub fn principal(&self, uid: u32) -> Principal {
+        if uid == 0 {
+            Principal::Root
+        } else if self.runtime_uids.contains(&uid) {
+            Principal::Runtime
+        } else {
+            Principal::Stranger
+        }
+    }
+
+    /// The module namespace of this device's SPIFFE IDs.
+    fn module_prefix(&self) -> String {
+        format!(
+            "spiffe://{}/device/{}/module/",
+            self.trust_domain, self.device_id
+        )
+    }
+
+    /// Whether `who` may make `call`; `Err` says why not. `ca_point`
+    /// reads the device CA's public point (for its own root).
+    ///
+    /// # Errors
+    ///
+    /// The refusal, naming the operation, the key and the rule.
+    pub fn authorize(
+        &self,
+        who: Principal,
+        call: &edgeward_proto::Call,
+        now: u64,
+        ca_point: &dyn Fn() -> Option<Vec<u8>>,
+    ) -> Result<(), String> {
+        use edgeward_proto::Call as C;
+        match who {
+            Principal::Root => return Ok(()),
+            Principal::Stranger => {
+                return Err("this uid is not in the key daemon's principal table".into());
+            }
+            Principal::Runtime => {}
+        }
+        let named = |keys: &[&str], id: &str| keys.contains(&id);
+        let aead = |id: &str| {
+            id == MASTER_KEY
+                || id == CACHE_KEY
+                || id
+                    .strip_prefix(REGISTRATION_PREFIX)
+                    .is_some_and(|g| !g.is_empty())
+        };
+        let refuse = |why: &str| {
+            Err(format!(
+                "{} {}: {why}",
+                call.name(),
+                call.key().map(|k| format!("{k:?}")).unwrap_or_default()
+            ))
+        };
+        match call {
+            C::Hello {}
+            | C::Random { .. }
+            | C::ReadRegister {}
+            | C::Keys {}
+            | C::EndorsementCertificate {}
+            | C::AttestationPublic { .. } => Ok(()),
+            C::SigningKey { id } | C::PublicKey { id }
+                if named(&[CA_KEY, JWT_AUTHORITY_KEY, CLIENT_KEY], id) =>
+            {
+                Ok(())
+            }
+            C::SignDigest { id, .. } if id == CLIENT_KEY => Ok(()),
+            C::SignCertificate { id, tbs } if id == CA_KEY => check_leaf(self, &tbs.0, now)
+                .or_else(|leaf| match ca_point() {
+                    Some(p) if check_own_root(&tbs.0, &p).is_ok() => Ok(()),
+                    _ => Err(leaf),
+                })
+                .or_else(|e| refuse(&e)),
+            C::SignCertificate { id, tbs } if id == JWT_AUTHORITY_KEY => {
+                check_not_ca(&tbs.0, now, self.max_jwt_key_ttl).or_else(|e| refuse(&e))
+            }
+            C::AeadKey { id } | C::Encrypt { id, .. } | C::Decrypt { id, .. } if aead(id) => Ok(()),
+            C::DestroyKey { id }
+                if id
+                    .strip_prefix(REGISTRATION_PREFIX)
+                    .is_some_and(|g| !g.is_empty()) =>
+            {
+                Ok(())
+            }
+            C::Extend { .. } => refuse("the runtime's events go through the log; no raw extend"),
+            C::Quote { .. } | C::AttestationKey { .. } | C::ActivateCredential { .. } => {
+                refuse("root only")
+            }
+            _ => refuse("not a key or use the runtime is allowed"),
+        }
+    }
+}
+
+/// A `TBSCertificate` as the key daemon reads it.
+fn parse(tbs: &[u8]) -> Result<TbsCertificate<'_>, String> {
+    match TbsCertificate::from_der(tbs) {
+        Ok(([], t)) => Ok(t),
+        Ok(_) => Err("trailing bytes after the TBSCertificate".into()),
+        Err(e) => Err(format!("not a DER TBSCertificate: {e}")),
+    }
+}
+
+fn is_ca(t: &TbsCertificate<'_>) -> Result<bool, String> {
+    t.basic_constraints()
+        .map(|b| b.is_some_and(|b| b.value.ca))
+        .map_err(|e| format!("basicConstraints: {e}"))
+}
+
+fn signs_certificates(t: &TbsCertificate<'_>) -> Result<bool, String> {
+    t.key_usage()
+        .map(|k| k.is_some_and(|k| k.value.key_cert_sign() || k.value.crl_sign()))
+        .map_err(|e| format!("keyUsage: {e}"))
+}
+
+fn lifetime_within(t: &TbsCertificate<'_>, now: u64, max: u64) -> Result<(), String> {
+    let nb = t.validity().not_before.timestamp();
+    let na = t.validity().not_after.timestamp();
+    let now = i64::try_from(now).map_err(|_| "clock out of range".to_owned())?;
+    let skew = SKEW as i64;
+    if nb < now - skew || nb > now + skew {
+        return Err(format!("notBefore {nb} is not now ({now} +/- {SKEW} s)"));
+    }
+    let max = i64::try_from(max).unwrap_or(i64::MAX);
+    if na < nb || na - now > max.saturating_add(skew) {
+        return Err(format!(
+            "valid until {na}: longer than the {max} s this key certifies for"
+        ));
+    }
+    Ok(())
+}
+
+/// A certificate that is no CA and signs no certificates, for at most
+/// `max` seconds from now.
+///
+/// # Errors
+///
+/// What breaks the rule.
+pub fn check_not_ca(tbs: &[u8], now: u64, max: u64) -> Result<(), String> {
+    let t = parse(tbs)?;
+    if is_ca(&t)? {
+        return Err("a CA certificate (basicConstraints cA=true)".into());
+    }
+    if signs_certificates(&t)? {
+        return Err("keyUsage allows signing certificates or CRLs".into());
+    }
+    lifetime_within(&t, now, max)
+}
+
+/// What the device CA signs for the runtime: a module's leaf (no CA, no
+/// certificate signing, every URI name a SPIFFE ID in this device's module
+/// namespace and at least one, at most `max_leaf_ttl` from now), or the
+/// self-signed root of the device CA's own key, which asserts nothing its
+/// key could not already.
+///
+/// # Errors
+///
+/// What breaks the rule.
+pub fn check_leaf(policy: &Policy, tbs: &[u8], now: u64) -> Result<(), String> {
+    let t = parse(tbs)?;
+    if is_ca(&t)? {
+        return Err(
+            "a CA certificate (basicConstraints cA=true): the device CA signs module leaves only"
+                .into(),
+        );
+    }
+    if signs_certificates(&t)? {
+        return Err("keyUsage allows signing certificates or CRLs".into());
+    }
+    let prefix = policy.module_prefix();
+    let mut uris = 0;
+    if let Some(san) = t
+        .subject_alternative_name()
+        .map_err(|e| format!("subjectAltName: {e}"))?
+    {
+        for name in &san.value.general_names {
+            if let GeneralName::URI(u) = name {
+                uris += 1;
+                let module = u.strip_prefix(&prefix).ok_or_else(|| {
+                    format!("the URI name {u:?} is not a module of this device ({prefix}…)")
+                })?;
+                if module.is_empty()
+                    || !module
+                        .bytes()
+                        .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.'))
+                {
+                    return Err(format!("the URI name {u:?} does not name one module"));
+                }
+            }
+        }
+    }
+    if uris == 0 {
+        return Err("no SPIFFE ID (a URI subjectAltName) in this device's module namespace".into());
+    }
+    lifetime_within(&t, now, policy.max_leaf_ttl)
+}
+
+/// The self-signed root of the device CA's own key (`point`): the one CA
+/// certificate the runtime may have the device CA sign (it makes it when
+/// the organisation has not certified the device CA).
+///
+/// # Errors
+///
+/// Anything else.
+pub fn check_own_root(tbs: &[u8], point: &[u8]) -> Result<(), String> {
+    let t = parse(tbs)?;
+    if t.subject_pki.subject_public_key.data.as_ref() != point {
+        return Err("not for the device CA's own key".into());
+    }
+    if t.issuer().as_raw() != t.subject().as_raw() {
+        return Err("not self-issued".into());
+    }
+    Ok(())
+}

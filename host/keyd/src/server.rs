@@ -1,0 +1,316 @@
+//! The socket: one thread per connection (bounded), one frame at a time,
+//! each call authorized by the caller's uid before the HSM sees it.
+
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use edgeward_hsm::{ErrorKind, Hsm, HsmError, KeyKind};
+use edgeward_proto::{
+    Bytes, Call, ErrorCode, Failure, FrameError, Key, Quote, Reply, Request, Response, VERSION,
+};
+
+use crate::policy::{CA_KEY, Policy, Principal};
+
+/// Connections served at once; more are closed at once (and logged,
+/// rate-limited).
+pub const MAX_CONNECTIONS: usize = 64;
+/// A connection silent this long is closed (the client reconnects).
+pub const IDLE: Duration = Duration::from_secs(60);
+/// The most random bytes one call returns.
+pub const MAX_RANDOM: u32 = 1024;
+
+/// Refusals and bad frames logged per window; the rest are counted and
+/// summed up when the window ends, so a flood cannot fill the journal.
+const LOG_BURST: u32 = 20;
+const LOG_WINDOW: Duration = Duration::from_secs(10);
+
+/// A rate limit on log lines.
+#[derive(Debug)]
+struct Throttle {
+    state: Mutex<(Instant, u32, u64)>,
+}
+
+impl Throttle {
+    fn new() -> Self {
+        Self {
+            state: Mutex::new((Instant::now(), 0, 0)),
+        }
+    }
+
+    /// Whether to log this one; logs how many were held back when a new
+    /// window starts.
+    fn allow(&self) -> bool {
+        let Ok(mut s) = self.state.lock() else {
+            return false;
+        };
+        let now = Instant::now();
+        if now.duration_since(s.0) >= LOG_WINDOW {
+            if s.2 > 0 {
+                tracing::warn!(suppressed = s.2, "more refusals than were logged");
+            }
+            *s = (now, 0, 0);
+        }
+        if s.1 < LOG_BURST {
+            s.1 += 1;
+            true
+        } else {
+            s.2 += 1;
+            false
+        }
+    }
+}
+
+/// The key daemon's state.
+#[derive(Debug)]
+pub struct Server {
+    hsm: Arc<dyn Hsm>,
+    policy: Policy,
+    connections: AtomicUsize,
+    throttle: Throttle,
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+fn failure(code: ErrorCode, message: impl Into<String>) -> Failure {
+    Failure {
+        code,
+        message: message.into(),
+    }
+}
+
+fn fail(code: ErrorCode, message: impl Into<String>) -> Response {
+    Response::Err(failure(code, message))
+}
+
+fn from_hsm(e: &HsmError) -> Failure {
+    let code = match &e.kind {
+        ErrorKind::NotSupported => ErrorCode::NotSupported,
+        ErrorKind::KeyNotFound => ErrorCode::KeyNotFound,
+        ErrorKind::WrongKeyKind => ErrorCode::WrongKeyKind,
+        ErrorKind::InvalidArgument(_) => ErrorCode::InvalidArgument,
+        ErrorKind::AuthenticationFailed => ErrorCode::AuthenticationFailed,
+        ErrorKind::Unavailable(_) => ErrorCode::Unavailable,
+        ErrorKind::Backend(_) => ErrorCode::Backend,
+    };
+    failure(code, e.to_string())
+}
+
+fn bytes(v: Vec<u8>) -> Reply {
+    Reply::Bytes { value: Bytes(v) }
+}
+
+fn digest32(b: &Bytes, what: &str) -> Result<[u8; 32], Failure> {
+    <[u8; 32]>::try_from(b.0.as_slice()).map_err(|_| {
+        failure(
+            ErrorCode::InvalidArgument,
+            format!("{what} is {} bytes, not 32", b.0.len()),
+        )
+    })
+}
+
+impl Server {
+    /// A server for `hsm` under `policy`.
+    pub fn new(hsm: Arc<dyn Hsm>, policy: Policy) -> Arc<Self> {
+        Arc::new(Self {
+            hsm,
+            policy,
+            connections: AtomicUsize::new(0),
+            throttle: Throttle::new(),
+        })
+    }
+
+    /// Accepts connections until the listener fails.
+    pub fn serve(self: &Arc<Self>, listener: &UnixListener) {
+        for conn in listener.incoming() {
+            let stream = match conn {
+                Ok(s) => s,
+                Err(e) => {
+                    if self.throttle.allow() {
+                        tracing::warn!(error = %e, "accept failed");
+                    }
+                    std::thread::sleep(Duration::from_millis(10));
+                    continue;
+                }
+            };
+            if self.connections.fetch_add(1, Ordering::SeqCst) >= MAX_CONNECTIONS {
+                self.connections.fetch_sub(1, Ordering::SeqCst);
+                if self.throttle.allow() {
+                    tracing::warn!(max = MAX_CONNECTIONS, "too many connections; one closed");
+                }
+                continue;
+            }
+            let me = self.clone();
+            let spawned = std::thread::Builder::new()
+                .name("keyd-conn".into())
+                .spawn(move || {
+                    me.connection(stream);
+                    me.connections.fetch_sub(1, Ordering::SeqCst);
+                });
+            if let Err(e) = spawned {
+                self.connections.fetch_sub(1, Ordering::SeqCst);
+                tracing::error!(error = %e, "cannot start a connection thread");
+            }
+        }
+    }
+
+    fn connection(&self, mut stream: UnixStream) {
+        let uid = match rustix::net::sockopt::socket_peercred(&stream) {
+            Ok(c) => c.uid.as_raw(),
+            Err(e) => {
+                if self.throttle.allow() {
+                    tracing::warn!(error = %e, "no peer credentials; connection closed");
+                }
+                return;
+            }
+        };
+        let who = self.policy.principal(uid);
+        let _ = stream.set_read_timeout(Some(IDLE));
+        let _ = stream.set_write_timeout(Some(IDLE));
+        loop {
+            let (resp, close) = match edgeward_proto::read_frame::<Request>(&mut stream) {
+                Err(FrameError::Closed) => return,
+                Err(FrameError::Io(_)) => return,
+                Err(e) => {
+                    // Framing is lost after a bad frame: answer, then close.
+                    if self.throttle.allow() {
+                        tracing::warn!(uid, error = ?e.to_string(), "bad frame; connection closed");
+                    }
+                    (fail(ErrorCode::BadRequest, e.to_string()), true)
+                }
+                Ok(req) if req.v != VERSION => (
+                    fail(
+                        ErrorCode::BadRequest,
+                        format!(
+                            "protocol version {}; this key daemon speaks {VERSION}",
+                            req.v
+                        ),
+                    ),
+                    false,
+                ),
+                Ok(req) => (self.call(uid, who, req.call), false),
+            };
+            if edgeward_proto::write_frame(&mut stream, &resp).is_err() || close {
+                return;
+            }
+        }
+    }
+
+    fn call(&self, uid: u32, who: Principal, call: Call) -> Response {
+        let ca_point = || self.hsm.public_key(CA_KEY).ok();
+        if let Err(why) = self.policy.authorize(who, &call, unix_now(), &ca_point) {
+            if self.throttle.allow() {
+                // Debug formatting: whatever the caller put in a key id or
+                // a name reaches the log escaped.
+                tracing::warn!(uid, principal = ?who, op = call.name(), why = ?why, "refused");
+            }
+            return fail(ErrorCode::Refused, why);
+        }
+        match self.dispatch(call) {
+            Ok(r) => Response::Ok(r),
+            Err(f) => Response::Err(f),
+        }
+    }
+
+    fn dispatch(&self, call: Call) -> Result<Reply, Failure> {
+        let h = self.hsm.as_ref();
+        let e = |e: HsmError| from_hsm(&e);
+        Ok(match call {
+            Call::Hello {} => Reply::Hello {
+                v: VERSION,
+                backend: h.backend().to_owned(),
+                keys_outside_state_dir: h.keys_outside_state_dir(),
+            },
+            Call::SigningKey { id } => bytes(h.signing_key(&id).map_err(e)?),
+            Call::AttestationKey { id } => bytes(h.attestation_key(&id).map_err(e)?),
+            Call::PublicKey { id } => bytes(h.public_key(&id).map_err(e)?),
+            Call::SignDigest { id, digest } => {
+                let d = digest32(&digest, "the digest")?;
+                bytes(h.sign_digest(&id, &d).map_err(e)?)
+            }
+            Call::SignCertificate { id, tbs } => bytes(h.sign_certificate(&id, &tbs.0).map_err(e)?),
+            Call::AeadKey { id } => {
+                h.aead_key(&id).map_err(e)?;
+                Reply::Done
+            }
+            Call::Encrypt { id, plaintext, aad } => {
+                bytes(h.encrypt(&id, &plaintext.0, &aad.0).map_err(e)?)
+            }
+            Call::Decrypt {
+                id,
+                ciphertext,
+                aad,
+            } => bytes(h.decrypt(&id, &ciphertext.0, &aad.0).map_err(e)?.to_vec()),
+            Call::Random { len } => {
+                if len > MAX_RANDOM {
+                    return Err(failure(
+                        ErrorCode::InvalidArgument,
+                        format!("{len} random bytes asked; at most {MAX_RANDOM} a call"),
+                    ));
+                }
+                let mut v = vec![0; len as usize];
+                h.random(&mut v).map_err(e)?;
+                bytes(v)
+            }
+            Call::Extend { digests } => {
+                let ds = digests
+                    .iter()
+                    .map(|d| digest32(d, "a digest"))
+                    .collect::<Result<Vec<_>, _>>()?;
+                h.extend_all(&ds).map_err(e)?;
+                Reply::Done
+            }
+            Call::ReadRegister {} => bytes(h.read_register().map_err(e)?.to_vec()),
+            Call::Quote { key, nonce } => {
+                let q = h.quote(&key, &nonce.0).map_err(e)?;
+                Reply::Quote(Quote {
+                    backend: q.backend.to_owned(),
+                    register: Bytes(q.register.to_vec()),
+                    nonce: Bytes(q.nonce),
+                    message: Bytes(q.message),
+                    signature: Bytes(q.signature),
+                    public_key: Bytes(q.public_key),
+                })
+            }
+            Call::AttestationPublic { id } => Reply::Maybe {
+                value: h.attestation_public(&id).map_err(e)?.map(Bytes),
+            },
+            Call::EndorsementCertificate {} => Reply::Maybe {
+                value: h.endorsement_certificate().map_err(e)?.map(Bytes),
+            },
+            Call::ActivateCredential {
+                id,
+                id_object,
+                secret,
+            } => bytes(
+                h.activate_credential(&id, &id_object.0, &secret.0)
+                    .map_err(e)?
+                    .to_vec(),
+            ),
+            Call::Keys {} => Reply::Keys {
+                keys: h
+                    .keys()
+                    .map_err(e)?
+                    .into_iter()
+                    .map(|k| Key {
+                        id: k.id,
+                        kind: match k.kind {
+                            KeyKind::EcdsaP256 => "ecdsa-p256",
+                            KeyKind::Aes256Gcm => "aes-256-gcm",
+                        }
+                        .to_owned(),
+                        public_key: k.public_key.map(Bytes),
+                    })
+                    .collect(),
+            },
+            Call::DestroyKey { id } => Reply::Existed {
+                existed: h.destroy_key(&id).map_err(e)?,
+            },
+        })
+    }
+}

@@ -1,0 +1,530 @@
+//! The key daemon against its callers: root through the HSM PAL's client,
+//! the runtime's uid and a stranger through an independent client (Python,
+//! speaking the documented frames), and hostile input.
+//!
+//! Runs as root (the test machine's user): it starts callers under other
+//! uids. A machine without python3 fails these tests; it does not skip them.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::io::Write as _;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use base64ct::{Base64, Encoding as _};
+use edgeward_hsm::Hsm;
+use edgeward_proto::RemoteHsm;
+
+const KEYD: &str = env!("CARGO_BIN_EXE_edgeward-keyd");
+const RUNTIME_UID: u32 = 65534;
+const STRANGER_UID: u32 = 65533;
+
+/// The independent client: for each line of stdin, one connection, one
+/// frame (`RAW <hex>`: those bytes as they are), and the answer's JSON (or
+/// `CLOSED`) on a line of stdout.
+const CLIENT: &str = r#"
+import socket, struct, sys
+path = sys.argv[1]
+for line in sys.stdin:
+    line = line.rstrip("\n")
+    s = socket.socket(socket.AF_UNIX)
+    s.settimeout(10)
+    s.connect(path)
+    if line.startswith("RAW "):
+        s.sendall(bytes.fromhex(line[4:]))
+        s.shutdown(socket.SHUT_WR)
+    else:
+        body = line.encode()
+        s.sendall(struct.pack(">I", len(body)) + body)
+    head = b""
+    while len(head) < 4:
+        got = s.recv(4 - len(head))
+        if not got:
+            break
+        head += got
+    if len(head) < 4:
+        print("CLOSED", flush=True)
+        continue
+    n = struct.unpack(">I", head)[0]
+    body = b""
+    while len(body) < n:
+        got = s.recv(n - len(body))
+        if not got:
+            break
+        body += got
+    print(body.decode(), flush=True)
+    s.close()
+"#;
+
+struct Keyd {
+    child: Child,
+    dir: tempfile::TempDir,
+    socket: PathBuf,
+}
+
+impl Keyd {
+    fn start() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        // Reachable by the other uids (the socket itself is 0666).
+        std::fs::set_permissions(
+            dir.path(),
+            std::os::unix::fs::PermissionsExt::from_mode(0o755),
+        )
+        .unwrap();
+        let socket = dir.path().join("keyd.sock");
+        let log = std::fs::File::create(dir.path().join("keyd.log")).unwrap();
+        let child = Command::new(KEYD)
+            .args(["--state"])
+            .arg(dir.path().join("state"))
+            .arg("--socket")
+            .arg(&socket)
+            .args(["--runtime-uid", &RUNTIME_UID.to_string()])
+            .args(["--trust-domain", "example.org", "--device-id", "gw-1"])
+            .args(["--max-leaf-ttl", "3600"])
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let k = Self { child, dir, socket };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::os::unix::net::UnixStream::connect(&k.socket).is_err() {
+            assert!(Instant::now() < deadline, "keyd did not start: {}", k.log());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        k
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("keyd.log")).unwrap_or_default()
+    }
+
+    /// Each line through the independent client as `uid`; the answers.
+    fn as_uid(&self, uid: u32, lines: &[String]) -> Vec<String> {
+        use std::os::unix::process::CommandExt as _;
+        let mut c = Command::new("python3")
+            .args(["-c", CLIENT])
+            .arg(&self.socket)
+            .uid(uid)
+            .gid(uid)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("python3 (scripts/setup installs it)");
+        let mut input = lines.join("\n");
+        input.push('\n');
+        c.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
+        let o = c.wait_with_output().unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        String::from_utf8(o.stdout)
+            .unwrap()
+            .lines()
+            .map(str::to_owned)
+            .collect()
+    }
+}
+
+impl Drop for Keyd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn req(call: &str) -> String {
+    format!(r#"{{"v":1,"call":{call}}}"#)
+}
+
+/// A `sign-certificate` request for `tbs` by key `id`.
+fn sign_cert(id: &str, tbs: &[u8]) -> String {
+    req(&format!(
+        r#"{{"op":"sign-certificate","id":"{id}","tbs":"{}"}}"#,
+        b64(tbs)
+    ))
+}
+
+fn b64(b: &[u8]) -> String {
+    Base64::encode_string(b)
+}
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+/// A P-256 public point (SEC1, uncompressed) from a fixed scalar.
+fn point(seed: u8) -> Vec<u8> {
+    let sk = p256::SecretKey::from_slice(&[seed; 32]).unwrap();
+    p256::elliptic_curve::sec1::ToEncodedPoint::to_encoded_point(&sk.public_key(), false)
+        .as_bytes()
+        .to_vec()
+}
+
+/// Keeps what rcgen asks the issuer to sign: the TBSCertificate.
+struct Capture {
+    point: Vec<u8>,
+    tbs: Mutex<Vec<u8>>,
+}
+
+impl rcgen::PublicKeyData for Capture {
+    fn der_bytes(&self) -> &[u8] {
+        &self.point
+    }
+    fn algorithm(&self) -> &'static rcgen::SignatureAlgorithm {
+        &rcgen::PKCS_ECDSA_P256_SHA256
+    }
+}
+
+impl rcgen::SigningKey for Capture {
+    fn sign(&self, msg: &[u8]) -> Result<Vec<u8>, rcgen::Error> {
+        *self.tbs.lock().unwrap() = msg.to_vec();
+        // A syntactically valid ECDSA signature; nobody verifies it.
+        Ok(vec![0x30, 0x06, 0x02, 0x01, 0x01, 0x02, 0x01, 0x01])
+    }
+}
+
+struct Subject(Vec<u8>);
+
+impl rcgen::PublicKeyData for Subject {
+    fn der_bytes(&self) -> &[u8] {
+        &self.0
+    }
+    fn algorithm(&self) -> &'static rcgen::SignatureAlgorithm {
+        &rcgen::PKCS_ECDSA_P256_SHA256
+    }
+}
+
+/// The TBSCertificate of a certificate for `uris` (and `ca`), valid for
+/// `ttl` seconds from now, issued by `issuer_point`.
+fn tbs(issuer_point: &[u8], uris: &[&str], ca: bool, ttl: u64) -> Vec<u8> {
+    let mut p = rcgen::CertificateParams::default();
+    let t = |s: u64| time::OffsetDateTime::from_unix_timestamp(s as i64).unwrap();
+    p.serial_number = Some(rcgen::SerialNumber::from(vec![1, 2, 3]));
+    p.not_before = t(now() - 60);
+    p.not_after = t(now() + ttl);
+    p.is_ca = if ca {
+        rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained)
+    } else {
+        rcgen::IsCa::ExplicitNoCa
+    };
+    p.subject_alt_names = uris
+        .iter()
+        .map(|u| rcgen::SanType::URI((*u).try_into().unwrap()))
+        .collect();
+    let key = Capture {
+        point: issuer_point.to_vec(),
+        tbs: Mutex::default(),
+    };
+    let issuer_params = rcgen::CertificateParams::default();
+    let issuer = rcgen::Issuer::from_params(&issuer_params, &key);
+    p.signed_by(&Subject(point(9)), &issuer).unwrap();
+    drop(issuer);
+    key.tbs.into_inner().unwrap()
+}
+
+fn refused(answer: &str) -> bool {
+    answer.contains(r#""code":"refused""#)
+}
+
+fn ok(answer: &str) -> bool {
+    answer.starts_with(r#"{"ok":"#)
+}
+
+#[test]
+fn root_uses_every_key_through_the_pal_client() {
+    let k = Keyd::start();
+    let hsm = RemoteHsm::connect(&k.socket).unwrap();
+    assert_eq!(hsm.backend(), "soft");
+    let p = hsm.signing_key("device-ca").unwrap();
+    let digest = [5u8; 32];
+    let sig = hsm.sign_digest("device-ca", &digest).unwrap();
+    {
+        use p256::ecdsa::signature::hazmat::PrehashVerifier as _;
+        let vk = p256::ecdsa::VerifyingKey::from_sec1_bytes(&p).unwrap();
+        let s = p256::ecdsa::Signature::from_der(&sig).unwrap();
+        vk.verify_prehash(&digest, &s).unwrap();
+    }
+    hsm.aead_key("master-encryption").unwrap();
+    let ct = hsm
+        .encrypt("master-encryption", b"data key", b"aad")
+        .unwrap();
+    assert_eq!(
+        hsm.decrypt("master-encryption", &ct, b"aad")
+            .unwrap()
+            .as_slice(),
+        b"data key"
+    );
+    assert!(hsm.decrypt("master-encryption", &ct, b"other").is_err());
+    let mut r = [0u8; 2000];
+    hsm.random(&mut r).unwrap();
+    assert!(r.iter().any(|b| *b != 0));
+    // Root may extend and quote; the register moves as the PAL says.
+    let before = hsm.read_register().unwrap();
+    hsm.extend(&[1u8; 32]).unwrap();
+    assert_eq!(
+        hsm.read_register().unwrap(),
+        edgeward_hsm::extend_chain(&before, &[1u8; 32])
+    );
+    hsm.attestation_key("attestation").unwrap();
+    let q = hsm.quote("attestation", b"nonce").unwrap();
+    assert_eq!(q.nonce, b"nonce");
+    assert!(hsm.keys().unwrap().iter().any(|k| k.id == "device-ca"));
+    // The key daemon's errors arrive as the PAL's.
+    let e = hsm.public_key("no-such-key").unwrap_err();
+    assert_eq!(e.kind, edgeward_hsm::ErrorKind::KeyNotFound, "{e}");
+}
+
+#[test]
+fn the_runtime_uid_gets_its_operations_and_nothing_else() {
+    let k = Keyd::start();
+    let root = RemoteHsm::connect(&k.socket).unwrap();
+    let ca = root.signing_key("device-ca").unwrap();
+    root.attestation_key("attestation").unwrap();
+    let ns = "spiffe://example.org/device/gw-1/module/";
+    let leaf = tbs(&ca, &[&format!("{ns}sensor")], false, 600);
+    let cases: Vec<(String, bool)> = vec![
+        (req(r#"{"op":"hello"}"#), true),
+        (req(r#"{"op":"signing-key","id":"device-ca"}"#), true),
+        (req(r#"{"op":"signing-key","id":"cloud-client"}"#), true),
+        (
+            req(&format!(
+                r#"{{"op":"sign-digest","id":"cloud-client","digest":"{}"}}"#,
+                b64(&[1; 32])
+            )),
+            true,
+        ),
+        (req(r#"{"op":"aead-key","id":"master-encryption"}"#), true),
+        (sign_cert("device-ca", &leaf), true),
+        (req(r#"{"op":"read-register"}"#), true),
+        // A raw signature with the device CA would certify anything.
+        (
+            req(&format!(
+                r#"{{"op":"sign-digest","id":"device-ca","digest":"{}"}}"#,
+                b64(&[1; 32])
+            )),
+            false,
+        ),
+        (
+            req(&format!(
+                r#"{{"op":"sign-digest","id":"attestation","digest":"{}"}}"#,
+                b64(&[1; 32])
+            )),
+            false,
+        ),
+        // A CA certificate, a SPIFFE ID outside this device's modules, a
+        // module of another device, no SPIFFE ID, a lifetime past the cap,
+        // garbage instead of a TBSCertificate.
+        (
+            sign_cert("device-ca", &tbs(&ca, &[&format!("{ns}sensor")], true, 600)),
+            false,
+        ),
+        (
+            sign_cert(
+                "device-ca",
+                &tbs(&ca, &["spiffe://example.org/device/gw-1"], false, 600),
+            ),
+            false,
+        ),
+        (
+            sign_cert(
+                "device-ca",
+                &tbs(
+                    &ca,
+                    &["spiffe://example.org/device/gw-2/module/sensor"],
+                    false,
+                    600,
+                ),
+            ),
+            false,
+        ),
+        (
+            sign_cert(
+                "device-ca",
+                &tbs(&ca, &[&format!("{ns}a/../../x")], false, 600),
+            ),
+            false,
+        ),
+        (sign_cert("device-ca", &tbs(&ca, &[], false, 600)), false),
+        (
+            sign_cert(
+                "device-ca",
+                &tbs(&ca, &[&format!("{ns}sensor")], false, 30 * 86_400),
+            ),
+            false,
+        ),
+        (sign_cert("device-ca", b"not a certificate"), false),
+        (sign_cert("jwt-authority", &tbs(&ca, &[], true, 600)), false),
+        (
+            req(&format!(
+                r#"{{"op":"extend","digests":["{}"]}}"#,
+                b64(&[2; 32])
+            )),
+            false,
+        ),
+        (
+            req(&format!(
+                r#"{{"op":"quote","key":"attestation","nonce":"{}"}}"#,
+                b64(b"n")
+            )),
+            false,
+        ),
+        (req(r#"{"op":"attestation-key","id":"attestation"}"#), false),
+        (req(r#"{"op":"destroy-key","id":"device-ca"}"#), false),
+        (req(r#"{"op":"signing-key","id":"other"}"#), false),
+        (req(r#"{"op":"aead-key","id":"someone-elses"}"#), false),
+    ];
+    let lines: Vec<String> = cases.iter().map(|(l, _)| l.clone()).collect();
+    let answers = k.as_uid(RUNTIME_UID, &lines);
+    assert_eq!(answers.len(), cases.len(), "{answers:?}");
+    for ((line, allowed), answer) in cases.iter().zip(&answers) {
+        if *allowed {
+            assert!(ok(answer), "{line}\n-> {answer}");
+        } else {
+            assert!(refused(answer), "{line}\n-> {answer}");
+        }
+    }
+    // The register did not move for the refused extend.
+    let before = root.read_register().unwrap();
+    k.as_uid(
+        RUNTIME_UID,
+        &[req(&format!(
+            r#"{{"op":"extend","digests":["{}"]}}"#,
+            b64(&[3; 32])
+        ))],
+    );
+    assert_eq!(root.read_register().unwrap(), before);
+    // A stranger: nothing, not even hello.
+    let answers = k.as_uid(STRANGER_UID, &[req(r#"{"op":"hello"}"#)]);
+    assert!(refused(&answers[0]), "{answers:?}");
+    assert!(answers[0].contains("principal table"), "{answers:?}");
+}
+
+#[test]
+fn bad_frames_are_refused_and_the_daemon_keeps_serving() {
+    let k = Keyd::start();
+    let huge = format!("RAW {:08x}", edgeward_proto::MAX_FRAME + 1);
+    let truncated = format!("RAW {:08x}7b2276223a", 100);
+    let lines = vec![
+        huge,
+        truncated,
+        "RAW 00".to_owned(),
+        "not json".to_owned(),
+        req(r#"{"op":"format-disk"}"#),
+        r#"{"v":2,"call":{"op":"hello"}}"#.to_owned(),
+        req(r#"{"op":"hello","extra":1}"#),
+        req(r#"{"op":"sign-digest","id":"cloud-client","digest":"%%%"}"#),
+        req(&format!(
+            r#"{{"op":"sign-digest","id":"cloud-client","digest":"{}"}}"#,
+            b64(&[1; 31])
+        )),
+        req(r#"{"op":"random","len":4294967295}"#),
+        req(r#"{"op":"signing-key","id":"../../etc/passwd"}"#),
+    ];
+    let answers = k.as_uid(RUNTIME_UID, &lines);
+    assert_eq!(answers.len(), lines.len(), "{answers:?}");
+    let expect = [
+        "over the",
+        "inside a frame",
+        "inside a frame",
+        "malformed frame",
+        "unknown variant",
+        "protocol version 2",
+        "unknown field",
+        "base64",
+        "31 bytes",
+        "at most 1024",
+        "refused",
+    ];
+    for ((line, answer), want) in lines.iter().zip(&answers).zip(expect) {
+        assert!(
+            answer.contains(want),
+            "{line}\n-> {answer}\n(want {want:?})"
+        );
+    }
+    // Still serving.
+    let answers = k.as_uid(RUNTIME_UID, &[req(r#"{"op":"hello"}"#)]);
+    assert!(ok(&answers[0]), "{answers:?}");
+}
+
+#[test]
+fn a_flood_of_refusals_is_logged_briefly_and_escaped() {
+    let k = Keyd::start();
+    // A key id made to forge a log line.
+    let forged = req(r#"{"op":"signing-key","id":"x\nINFO key daemon ready forged"}"#);
+    let mut lines = vec![forged];
+    lines.extend(std::iter::repeat_n(
+        req(r#"{"op":"extend","digests":[]}"#),
+        300,
+    ));
+    let started = Instant::now();
+    let answers = k.as_uid(RUNTIME_UID, &lines);
+    let took = started.elapsed();
+    assert_eq!(answers.len(), lines.len());
+    assert!(answers.iter().all(|a| refused(a)), "{:?}", &answers[..3]);
+    println!("300 refusals in {took:?}");
+    let answers = k.as_uid(RUNTIME_UID, &[req(r#"{"op":"hello"}"#)]);
+    assert!(ok(&answers[0]), "{answers:?}");
+    let log = k.log();
+    let refusals = log.lines().filter(|l| l.contains("refused")).count();
+    assert!(
+        (1..=20).contains(&refusals),
+        "{refusals} refusal lines logged"
+    );
+    assert!(
+        !log.lines()
+            .any(|l| l.starts_with("INFO key daemon ready forged")),
+        "{log}"
+    );
+    assert!(!log.contains("\nINFO key daemon ready forged"), "{log}");
+}
+
+#[test]
+fn bad_arguments_are_named() {
+    for (args, want) in [
+        (vec!["--socket", "/tmp/x"], "--state is required"),
+        (
+            vec![
+                "--state",
+                "/tmp/x",
+                "--socket",
+                "/tmp/y",
+                "--runtime-uid",
+                "0",
+            ],
+            "root is a principal",
+        ),
+        (
+            vec![
+                "--state",
+                "/tmp/x",
+                "--socket",
+                "/tmp/y",
+                "--device-id",
+                "gw",
+                "--hsm",
+                "floppy",
+            ],
+            "soft, tpm or pkcs11",
+        ),
+        (
+            vec![
+                "--state",
+                "/tmp/x",
+                "--socket",
+                "/tmp/y",
+                "--device-id",
+                "a/b",
+            ],
+            "--device-id",
+        ),
+        (vec!["--frobnicate"], "unknown argument"),
+    ] {
+        let o = Command::new(KEYD).args(&args).output().unwrap();
+        assert_eq!(o.status.code(), Some(2), "{args:?}");
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(err.contains(want), "{args:?}: {err}");
+    }
+}

@@ -1,0 +1,52 @@
+//! The key daemon's client side. With `EDGEWARD_KEYD` set to its socket (a
+//! launcher sets it for the runtime it starts, as a service manager sets
+//! `NOTIFY_SOCKET`), every HSM this process opens is the key daemon's
+//! ([`edgeward_proto::RemoteHsm`]): no key file, TPM or PKCS#11 module is
+//! opened here, and what the key daemon's principal table refuses this
+//! process's uid fails as an HSM error naming the refusal.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use crate::hsm::{ErrorKind, Hsm, HsmConfig, HsmError, Op};
+
+pub use edgeward_proto::RemoteHsm;
+
+/// The environment variable naming the key daemon's socket.
+pub const KEYD_ENV: &str = "EDGEWARD_KEYD";
+
+/// The key daemon's socket, if this process is to use one.
+pub fn socket() -> Option<std::path::PathBuf> {
+    std::env::var_os(KEYD_ENV)
+        .filter(|v| !v.is_empty())
+        .map(std::path::PathBuf::from)
+}
+
+/// The HSM `config` names: the key daemon's when `EDGEWARD_KEYD` is set
+/// (its backend must be the configured one), else the backend itself with
+/// its files under `state_dir`.
+///
+/// # Errors
+///
+/// The backend's open error; the key daemon unreachable, refusing, or
+/// holding another backend than the configuration names.
+pub fn open(config: &HsmConfig, state_dir: &Path) -> Result<Arc<dyn Hsm>, HsmError> {
+    let Some(sock) = socket() else {
+        return crate::hsm::open(config, state_dir);
+    };
+    let remote = edgeward_proto::RemoteHsm::connect(&sock)?;
+    if remote.backend() != config.backend() {
+        return Err(HsmError::new(
+            remote.backend(),
+            Op::ListKeys,
+            None,
+            ErrorKind::Unavailable(format!(
+                "the key daemon at {} holds the {} backend; [hsm] backend is {}",
+                sock.display(),
+                remote.backend(),
+                config.backend()
+            )),
+        ));
+    }
+    Ok(Arc::new(remote))
+}
