@@ -331,6 +331,38 @@ fn the_runtime_under_its_own_uid_gets_identities_and_cannot_reach_the_keys() {
     assert_eq!(r.get("keyd-mem"), Some(&"13"), "EACCES: {report}");
     assert_eq!(r.get("keyd-environ"), Some(&"13"), "EACCES: {report}");
     assert!(!state.join("hsm").exists(), "the runtime made key files");
+    // Its events are in the key daemon's log, extended together with the
+    // register: evidence from the key daemon replays, and names what ran.
+    assert!(
+        !state.join("measurements").exists(),
+        "the runtime wrote a log"
+    );
+    let ev = s.path().join("evidence");
+    let o = Command::new(EDGEWARD)
+        .arg("--state-dir")
+        .arg(&state)
+        .env("EDGEWARD_KEYD", &keyd_socket)
+        .args(["attest", "--config"])
+        .arg(&cfg)
+        .args(["--nonce", "00112233", "--out"])
+        .arg(&ev)
+        .output()
+        .unwrap();
+    assert_status(&o, 0);
+    let log = std::fs::read_to_string(ev.join("event.log")).unwrap();
+    for m in ["\"who\"", "\"c\"", "\"alpha\""] {
+        assert!(log.contains(m), "{m} not measured: {log}");
+    }
+    let o = Command::new(EDGEWARD)
+        .args(["attest", "verify"])
+        .arg(&ev)
+        .args(["--device", "dev-1", "--nonce", "00112233"])
+        .output()
+        .unwrap();
+    let out = stdout(&o);
+    for check in ["pass signature", "pass log-replay"] {
+        assert!(out.contains(check), "{out}{}", stderr(&o));
+    }
     keyd.stop();
     let log = std::fs::read_to_string(s.path().join("keyd.log")).unwrap();
     assert!(log.contains("refused"), "{log}");

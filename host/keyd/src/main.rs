@@ -148,6 +148,29 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
+    // The register it measures into, and this boot's log.
+    let pcr = match &args.hsm {
+        HsmConfig::Soft => Some(0),
+        #[cfg(feature = "tpm")]
+        HsmConfig::Tpm(c) => Some(u32::from(c.pcr)),
+        #[cfg(feature = "pkcs11")]
+        HsmConfig::Pkcs11(_) => None,
+    };
+    let measurements = match (pcr, edgeward_hsm::boot_id()) {
+        (None, _) => None,
+        (Some(pcr), Ok(boot_id)) => {
+            let log = edgeward_trust::attest::eventlog::EventLog::new(&args.state, &boot_id, pcr);
+            let pruned = log.prune_other_boots(1);
+            if pruned > 0 {
+                tracing::info!(pruned, "measurement logs of older boots deleted");
+            }
+            Some(edgeward_keyd::server::Measurements { log, boot_id })
+        }
+        (Some(_), Err(e)) => {
+            eprintln!("edgeward-keyd: no boot id: {e}");
+            return ExitCode::from(1);
+        }
+    };
     let socket = &args.socket;
     if socket.exists() {
         if std::os::unix::net::UnixStream::connect(socket).is_ok() {
@@ -178,6 +201,6 @@ fn main() -> ExitCode {
         runtime_uids = ?args.policy.runtime_uids,
         "key daemon ready"
     );
-    Server::new(hsm, args.policy).serve(&listener);
+    Server::new(hsm, measurements, args.policy).serve(&listener);
     ExitCode::from(1)
 }

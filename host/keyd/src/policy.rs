@@ -113,6 +113,10 @@ impl Policy {
             ))
         };
         match call {
+            // Events are logged and extended together: the runtime adds to
+            // the device's history, it cannot rewrite it. Evidence is the
+            // quote with the log it covers, over a verifier's nonce.
+            C::Measure { .. } | C::Evidence { .. } => Ok(()),
             C::Hello {}
             | C::Random { .. }
             | C::ReadRegister {}

@@ -62,10 +62,20 @@ impl Throttle {
     }
 }
 
+/// The measurement log the key daemon writes, and what evidence names.
+#[derive(Debug)]
+pub struct Measurements {
+    /// This boot's log.
+    pub log: edgeward_trust::attest::eventlog::EventLog,
+    /// This boot.
+    pub boot_id: String,
+}
+
 /// The key daemon's state.
 #[derive(Debug)]
 pub struct Server {
     hsm: Arc<dyn Hsm>,
+    measurements: Option<Measurements>,
     policy: Policy,
     connections: AtomicUsize,
     throttle: Throttle,
@@ -105,6 +115,31 @@ fn bytes(v: Vec<u8>) -> Reply {
     Reply::Bytes { value: Bytes(v) }
 }
 
+/// At least one event and at most [`edgeward_proto::MAX_EVENTS`], each an
+/// object whose `kind` is a short string.
+fn check_events(events: &[serde_json::Value]) -> Result<(), Failure> {
+    if events.is_empty() || events.len() > edgeward_proto::MAX_EVENTS {
+        return Err(failure(
+            ErrorCode::InvalidArgument,
+            format!(
+                "{} events: 1 to {} a call",
+                events.len(),
+                edgeward_proto::MAX_EVENTS
+            ),
+        ));
+    }
+    for (i, e) in events.iter().enumerate() {
+        let kind = e.get("kind").and_then(serde_json::Value::as_str);
+        if !e.is_object() || kind.is_none_or(|k| k.is_empty() || k.len() > 64) {
+            return Err(failure(
+                ErrorCode::InvalidArgument,
+                format!("event {i}: an object with a `kind` of 1-64 characters"),
+            ));
+        }
+    }
+    Ok(())
+}
+
 fn digest32(b: &Bytes, what: &str) -> Result<[u8; 32], Failure> {
     <[u8; 32]>::try_from(b.0.as_slice()).map_err(|_| {
         failure(
@@ -115,10 +150,12 @@ fn digest32(b: &Bytes, what: &str) -> Result<[u8; 32], Failure> {
 }
 
 impl Server {
-    /// A server for `hsm` under `policy`.
-    pub fn new(hsm: Arc<dyn Hsm>, policy: Policy) -> Arc<Self> {
+    /// A server for `hsm` under `policy`, writing `measurements` (none on
+    /// a backend without a register).
+    pub fn new(hsm: Arc<dyn Hsm>, measurements: Option<Measurements>, policy: Policy) -> Arc<Self> {
         Arc::new(Self {
             hsm,
+            measurements,
             policy,
             connections: AtomicUsize::new(0),
             throttle: Throttle::new(),
@@ -311,6 +348,59 @@ impl Server {
             Call::DestroyKey { id } => Reply::Existed {
                 existed: h.destroy_key(&id).map_err(e)?,
             },
+            Call::Measure { events } => {
+                check_events(&events)?;
+                self.log()?
+                    .log
+                    .measure_all(h, events)
+                    .map_err(|m| failure(ErrorCode::Backend, m))?;
+                Reply::Done
+            }
+            Call::Evidence {
+                nonce,
+                credential,
+                from,
+            } => {
+                use edgeward_trust::attest::evidence;
+                let m = self.log()?;
+                let credential = credential.map(|c| evidence::CredentialFile {
+                    id_object: c.id_object.0,
+                    secret: c.secret.0,
+                });
+                let files = evidence::gather(
+                    h,
+                    &m.log,
+                    &evidence::Device {
+                        id: &self.policy.device_id,
+                        boot_id: &m.boot_id,
+                    },
+                    &nonce.0,
+                    credential.as_ref(),
+                    from,
+                )
+                .map_err(|m| failure(ErrorCode::Backend, m))?;
+                Reply::Files {
+                    files: files
+                        .into_iter()
+                        .map(|(name, data)| edgeward_proto::File {
+                            name: name.to_owned(),
+                            data: Bytes(data),
+                        })
+                        .collect(),
+                }
+            }
+        })
+    }
+
+    fn log(&self) -> Result<&Measurements, Failure> {
+        self.measurements.as_ref().ok_or_else(|| {
+            failure(
+                ErrorCode::NotSupported,
+                format!(
+                    "the {} backend has no measurement register",
+                    self.hsm.backend()
+                ),
+            )
         })
     }
 }

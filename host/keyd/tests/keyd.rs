@@ -299,6 +299,17 @@ fn the_runtime_uid_gets_its_operations_and_nothing_else() {
         (req(r#"{"op":"aead-key","id":"master-encryption"}"#), true),
         (sign_cert("device-ca", &leaf), true),
         (req(r#"{"op":"read-register"}"#), true),
+        (
+            req(r#"{"op":"measure","events":[{"kind":"module","name":"sensor"}]}"#),
+            true,
+        ),
+        (
+            req(&format!(
+                r#"{{"op":"evidence","nonce":"{}"}}"#,
+                b64(b"nonce")
+            )),
+            true,
+        ),
         // A raw signature with the device CA would certify anything.
         (
             req(&format!(
@@ -421,6 +432,8 @@ fn bad_frames_are_refused_and_the_daemon_keeps_serving() {
             b64(&[1; 31])
         )),
         req(r#"{"op":"random","len":4294967295}"#),
+        req(r#"{"op":"measure","events":[1]}"#),
+        req(r#"{"op":"measure","events":[]}"#),
         req(r#"{"op":"signing-key","id":"../../etc/passwd"}"#),
     ];
     let answers = k.as_uid(RUNTIME_UID, &lines);
@@ -436,6 +449,8 @@ fn bad_frames_are_refused_and_the_daemon_keeps_serving() {
         "base64",
         "31 bytes",
         "at most 1024",
+        "an object with a `kind`",
+        "0 events",
         "refused",
     ];
     for ((line, answer), want) in lines.iter().zip(&answers).zip(expect) {

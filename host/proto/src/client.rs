@@ -196,6 +196,56 @@ impl RemoteHsm {
     }
 }
 
+impl RemoteHsm {
+    /// Appends `events` to the key daemon's measurement log and extends
+    /// the register with them, together.
+    ///
+    /// # Errors
+    ///
+    /// Refused, unreachable, or the log or register failed.
+    pub fn measure(&self, events: Vec<serde_json::Value>) -> Result<()> {
+        for chunk in events.chunks(crate::MAX_EVENTS) {
+            self.done(
+                Op::Extend,
+                None,
+                Call::Measure {
+                    events: chunk.to_vec(),
+                },
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Evidence over `nonce` (or `credential`'s secret), with this boot's
+    /// log from record `from`: files by name.
+    ///
+    /// # Errors
+    ///
+    /// Refused, unreachable, or the evidence could not be gathered.
+    pub fn evidence(
+        &self,
+        nonce: &[u8],
+        credential: Option<(&[u8], &[u8])>,
+        from: u64,
+    ) -> Result<Vec<(String, Vec<u8>)>> {
+        match self.call(
+            Op::Quote,
+            None,
+            Call::Evidence {
+                nonce: Bytes(nonce.to_vec()),
+                credential: credential.map(|(id_object, secret)| crate::Credential {
+                    id_object: Bytes(id_object.to_vec()),
+                    secret: Bytes(secret.to_vec()),
+                }),
+                from,
+            },
+        )? {
+            Reply::Files { files } => Ok(files.into_iter().map(|f| (f.name, f.data.0)).collect()),
+            other => Err(self.unexpected(Op::Quote, None, &other)),
+        }
+    }
+}
+
 impl Hsm for RemoteHsm {
     fn backend(&self) -> &'static str {
         self.backend

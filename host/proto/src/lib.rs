@@ -178,6 +178,49 @@ pub enum Call {
         /// The key.
         id: String,
     },
+    /// Append events to the measurement log and extend the register with
+    /// them, together (the log and the register never disagree). At most
+    /// [`MAX_EVENTS`] a call; each a JSON object with a string `kind`.
+    Measure {
+        /// The events' contents.
+        events: Vec<serde_json::Value>,
+    },
+    /// Evidence over a verifier's nonce: the quote, the keys, this boot's
+    /// log from record `from`, as files by name.
+    Evidence {
+        /// The verifier's nonce (at most 64 bytes).
+        nonce: Bytes,
+        /// A credential made for the EK and AK, whose secret is then
+        /// quoted instead of the nonce.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        credential: Option<Credential>,
+        /// The first log record to include.
+        #[serde(default)]
+        from: u64,
+    },
+}
+
+/// The most events one `measure` call carries.
+pub const MAX_EVENTS: usize = 256;
+
+/// A credential (TPM2_MakeCredential's output).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Credential {
+    /// TPM2B_ID_OBJECT's buffer.
+    pub id_object: Bytes,
+    /// TPM2B_ENCRYPTED_SECRET's buffer.
+    pub secret: Bytes,
+}
+
+/// One file of evidence.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct File {
+    /// Its name.
+    pub name: String,
+    /// Its bytes.
+    pub data: Bytes,
 }
 
 impl Call {
@@ -202,6 +245,8 @@ impl Call {
             Self::ActivateCredential { .. } => "activate-credential",
             Self::Keys {} => "keys",
             Self::DestroyKey { .. } => "destroy-key",
+            Self::Measure { .. } => "measure",
+            Self::Evidence { .. } => "evidence",
         }
     }
 
@@ -225,7 +270,9 @@ impl Call {
             | Self::Extend { .. }
             | Self::ReadRegister {}
             | Self::EndorsementCertificate {}
-            | Self::Keys {} => None,
+            | Self::Keys {}
+            | Self::Measure { .. }
+            | Self::Evidence { .. } => None,
         }
     }
 }
@@ -300,6 +347,11 @@ pub enum Reply {
     },
     /// A quote.
     Quote(Quote),
+    /// Evidence files.
+    Files {
+        /// Each file.
+        files: Vec<File>,
+    },
 }
 
 /// Why a call failed.

@@ -39,12 +39,14 @@ pub fn register_of(hsm: &crate::hsm::HsmConfig) -> Option<u32> {
     }
 }
 
-/// The daemon's measurer: the log of this boot and the HSM it extends.
+/// The daemon's measurer: the log of this boot and the HSM it extends, or
+/// the key daemon, which keeps both (`EDGEWARD_KEYD`).
 #[derive(Debug, Clone)]
 pub struct Measurer {
     log: Arc<EventLog>,
     hsm: Arc<dyn Hsm>,
     boot_id: String,
+    keyd: Option<Arc<crate::keyd::RemoteHsm>>,
 }
 
 impl Measurer {
@@ -56,16 +58,21 @@ impl Measurer {
     /// The boot id cannot be read.
     pub fn new(hsm: Arc<dyn Hsm>, state_dir: &Path, pcr: u32) -> Result<Self, String> {
         let boot_id = boot_id()?;
+        let keyd = crate::keyd::socket()
+            .map(|s| crate::keyd::RemoteHsm::connect(&s).map(Arc::new))
+            .transpose()
+            .map_err(|e| e.to_string())?;
         Ok(Self {
             log: Arc::new(EventLog::new(state_dir, &boot_id, pcr)),
             hsm,
             boot_id,
+            keyd,
         })
     }
 
-    /// The log.
-    pub fn log(&self) -> &EventLog {
-        &self.log
+    /// The log this process writes; `None` when the key daemon keeps it.
+    pub fn log(&self) -> Option<&EventLog> {
+        self.keyd.is_none().then_some(self.log.as_ref())
     }
 
     /// The HSM it extends (and that quotes).
@@ -86,6 +93,27 @@ impl Measurer {
         credential: Option<&evidence::CredentialFile>,
         from: u64,
     ) -> Result<evidence::Files, String> {
+        if let Some(k) = &self.keyd {
+            // The key daemon names the device and the boot itself.
+            let _ = device;
+            let files = k
+                .evidence(
+                    nonce,
+                    credential.map(|c| (c.id_object.as_slice(), c.secret.as_slice())),
+                    from,
+                )
+                .map_err(|e| e.to_string())?;
+            return files
+                .into_iter()
+                .map(|(name, data)| {
+                    evidence::FILES
+                        .iter()
+                        .find(|f| **f == name)
+                        .map(|f| (*f, data))
+                        .ok_or_else(|| format!("the key daemon sent an unknown file {name:?}"))
+                })
+                .collect();
+        }
         evidence::gather(
             self.hsm.as_ref(),
             &self.log,
@@ -106,7 +134,7 @@ impl Measurer {
     ///
     /// See [`EventLog::measure`].
     pub fn measure(&self, content: Value) -> Result<(), String> {
-        self.log.measure(self.hsm.as_ref(), content).map(|_| ())
+        self.measure_all(vec![content])
     }
 
     /// Measures `contents` in order, appended and synced together
@@ -116,6 +144,9 @@ impl Measurer {
     ///
     /// See [`EventLog::measure_all`].
     pub fn measure_all(&self, contents: Vec<Value>) -> Result<(), String> {
+        if let Some(k) = &self.keyd {
+            return k.measure(contents).map_err(|e| e.to_string());
+        }
         self.log
             .measure_all(self.hsm.as_ref(), contents)
             .map(|_| ())

@@ -406,12 +406,20 @@ fn measurer_for(
     };
     match crate::attest::Measurer::new(identity.hsm(), state_dir, pcr) {
         Ok(m) => {
-            tracing::info!(log = %m.log().path().display(), pcr, "measuring into the HSM register");
-            // Earlier boots' logs: the last one is kept (what ran before
-            // this boot), older ones go; no verifier can quote them.
-            let pruned = m.log().prune_other_boots(1);
-            if pruned > 0 {
-                tracing::info!(pruned, "measurement logs of older boots deleted");
+            match m.log() {
+                Some(log) => {
+                    tracing::info!(log = %log.path().display(), pcr, "measuring into the HSM register");
+                    // Earlier boots' logs: the last one is kept (what ran
+                    // before this boot), older ones go; no verifier can
+                    // quote them.
+                    let pruned = log.prune_other_boots(1);
+                    if pruned > 0 {
+                        tracing::info!(pruned, "measurement logs of older boots deleted");
+                    }
+                }
+                None => {
+                    tracing::info!(pcr, "measuring through the key daemon, which keeps the log")
+                }
             }
             Some(m)
         }

@@ -1,0 +1,109 @@
+//! The key daemon's cost: SVID issuance and a signature through
+//! `edgeward-keyd` (a unix socket round trip, the TBSCertificate read and
+//! held to the leaf policy) against the same in process, on the soft
+//! backend, p50 and p99, with the ratio measured in the same run.
+//!
+//! Run with `scripts/bench` (it builds `edgeward-keyd` in release first).
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use edgeward::hsm::{Hsm, soft::SoftHsm};
+use edgeward::identity::{IdentityConfig, IdentityService, Profile};
+
+fn measure(n: usize, mut f: impl FnMut()) -> (Duration, Duration) {
+    for _ in 0..n / 10 + 1 {
+        f();
+    }
+    let mut v: Vec<Duration> = (0..n)
+        .map(|_| {
+            let t = Instant::now();
+            f();
+            t.elapsed()
+        })
+        .collect();
+    v.sort();
+    (v[n / 2], v[(n * 99 / 100).min(n - 1)])
+}
+
+fn us(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e6
+}
+
+/// (SVID issuance, a digest signature) p50/p99 with `hsm`.
+fn bench(hsm: Arc<dyn Hsm>, state: &Path, n: usize) -> [(Duration, Duration); 2] {
+    let config = IdentityConfig {
+        device_id: "gw-1".into(),
+        ..IdentityConfig::default()
+    };
+    let id = IdentityService::open(hsm.clone(), config, state).expect("identity");
+    let spiffe = id.spiffe_id("sensor");
+    let ttl = Duration::from_secs(3600);
+    let issue = measure(n, || {
+        id.authority()
+            .issue_leaf(&Profile::Svid, &spiffe, ttl)
+            .expect("issue");
+    });
+    hsm.signing_key("cloud-client").expect("key");
+    let sign = measure(n, || {
+        hsm.sign_digest("cloud-client", &[7; 32]).expect("sign");
+    });
+    [issue, sign]
+}
+
+fn main() {
+    let keyd = Path::new(env!("CARGO_BIN_EXE_edgeward-under-test")).with_file_name("edgeward-keyd");
+    assert!(
+        keyd.exists(),
+        "{} is missing: cargo build --release -p edgeward-keyd",
+        keyd.display()
+    );
+    let dir = tempfile::tempdir().expect("tempdir");
+    let local_state = dir.path().join("local");
+    std::fs::create_dir_all(&local_state).expect("dir");
+    let local: Arc<dyn Hsm> = Arc::new(SoftHsm::open(&local_state).expect("soft"));
+    let socket = dir.path().join("keyd.sock");
+    let mut child = std::process::Command::new(&keyd)
+        .arg("--state")
+        .arg(dir.path().join("keyd"))
+        .arg("--socket")
+        .arg(&socket)
+        .args(["--device-id", "gw-1"])
+        .env("EDGEWARD_LOG", "warn")
+        .spawn()
+        .expect("start edgeward-keyd");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::os::unix::net::UnixStream::connect(&socket).is_err() {
+        assert!(Instant::now() < deadline, "edgeward-keyd did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let remote: Arc<dyn Hsm> =
+        Arc::new(edgeward::keyd::RemoteHsm::connect(&socket).expect("connect"));
+    let remote_state = dir.path().join("remote");
+    std::fs::create_dir_all(&remote_state).expect("dir");
+    let n = 1000;
+    let a = bench(local, &local_state, n);
+    let b = bench(remote, &remote_state, n);
+    let _ = child.kill();
+    let _ = child.wait();
+    println!(
+        "{:<14} {:>14} {:>14} {:>14} {:>14}",
+        "operation", "in-process p50", "keyd p50", "in-process p99", "keyd p99"
+    );
+    for (i, op) in ["svid_issue", "sign_digest"].iter().enumerate() {
+        println!(
+            "{op:<14} {:>11.1} µs {:>11.1} µs {:>11.1} µs {:>11.1} µs",
+            us(a[i].0),
+            us(b[i].0),
+            us(a[i].1),
+            us(b[i].1)
+        );
+    }
+    for (i, op) in ["svid_issue", "sign_digest"].iter().enumerate() {
+        println!(
+            "keyd_{op} ratio={:.2} (p50 through the key daemon / in process)",
+            us(b[i].0) / us(a[i].0)
+        );
+    }
+}
