@@ -357,9 +357,11 @@ const WORKER_DENIED: &[i64] = &[
 ///
 /// As [`apply`].
 pub fn apply_worker() -> Result<(), ConfineError> {
-    if status().map(|s| s.seccomp).unwrap_or(0) != 2 {
-        apply()?;
-    }
+    // Always, even under a filter already (inherited, or the service
+    // manager's): that one may lack the clone3 and x32 rules this one's
+    // fork and file rules rely on. Filters stack; the strictest answer
+    // wins.
+    apply()?;
     let mut rules: BTreeMap<i64, Vec<SeccompRule>> =
         WORKER_DENIED.iter().map(|&nr| (nr, Vec::new())).collect();
     let me = u64::from(std::process::id());

@@ -331,7 +331,7 @@ fn slow_to_compile(s: &Scratch, name: &str, n: usize, salt: u32) -> String {
 fn sigterm_is_honoured_while_compiling() {
     let s = Scratch::new();
     let files: Vec<String> = (0..3)
-        .map(|i| slow_to_compile(&s, &format!("big{i}.wasm"), 20_000, i))
+        .map(|i| slow_to_compile(&s, &format!("big{i}.wasm"), 30_000, i))
         .collect();
     // What one compile costs here.
     let t = std::time::Instant::now();

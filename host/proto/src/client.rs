@@ -91,6 +91,16 @@ impl RemoteHsm {
 
     fn open(&self) -> std::io::Result<UnixStream> {
         let s = UnixStream::connect(&self.path)?;
+        // The key daemon is root or this user: a socket someone else put
+        // at the path (a compromised runtime, over a directory it can
+        // write) gets neither a plaintext nor a CSR.
+        let server = rustix::net::sockopt::socket_peercred(&s)?.uid.as_raw();
+        let me = rustix::process::geteuid().as_raw();
+        if server != 0 && server != me {
+            return Err(std::io::Error::other(format!(
+                "it is answered by uid {server}, neither root nor this user"
+            )));
+        }
         s.set_read_timeout(Some(CALL_TIMEOUT))?;
         s.set_write_timeout(Some(CALL_TIMEOUT))?;
         Ok(s)
@@ -128,7 +138,7 @@ impl RemoteHsm {
         let resp: Response = match crate::read_frame(&mut stream) {
             Ok(r) => r,
             Err(crate::FrameError::Closed)
-                if reused && !matches!(req.call, Call::Extend { .. }) =>
+                if reused && !matches!(req.call, Call::Extend { .. } | Call::Measure { .. }) =>
             {
                 // Closed before answering: the daemon had gone away while
                 // the connection sat idle and never saw the request.

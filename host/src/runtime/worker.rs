@@ -169,6 +169,7 @@ impl CompileWorker {
             .arg(self.limits.memory.to_string())
             .arg(self.limits.cpu_secs().to_string())
             .arg(self.max_wasm_stack.to_string())
+            .arg(std::process::id().to_string())
             .env_clear()
             .current_dir("/")
             .stdin(Stdio::piped())
@@ -308,20 +309,28 @@ const EXIT_COMPILE: i32 = 3;
 /// limits and confines itself, reads a component on stdin, writes the
 /// artifact on stdout. Returns the exit code.
 pub fn serve(args: &[String]) -> u8 {
-    let parsed = match args {
-        [memory, cpu, stack] => memory
-            .parse::<u64>()
-            .ok()
-            .zip(cpu.parse::<u64>().ok())
-            .zip(stack.parse::<usize>().ok()),
-        _ => None,
+    let (limits, parent) = match args {
+        [memory, cpu, stack] => ((memory, cpu, stack), None),
+        [memory, cpu, stack, parent] => ((memory, cpu, stack), Some(parent)),
+        _ => (
+            (&String::new(), &String::new(), &String::new()),
+            Some(&String::new()),
+        ),
     };
-    let Some(((memory, cpu), stack)) = parsed else {
+    let parsed = limits
+        .0
+        .parse::<u64>()
+        .ok()
+        .zip(limits.1.parse::<u64>().ok())
+        .zip(limits.2.parse::<usize>().ok());
+    let parent = parent.map(|p| p.parse::<i32>().ok());
+    let (Some(((memory, cpu), stack)), None | Some(Some(_))) = (parsed, parent) else {
         eprintln!(
-            "usage: edgeward {SUBCOMMAND} MEMORY CPU_SECS MAX_WASM_STACK (the daemon starts it)"
+            "usage: edgeward {SUBCOMMAND} MEMORY CPU_SECS MAX_WASM_STACK [PARENT_PID] (the daemon starts it)"
         );
         return 2;
     };
+    let parent = parent.flatten();
     use rustix::process::{Resource, Rlimit, setrlimit};
     let limit = |n: u64| Rlimit {
         current: Some(n),
@@ -335,7 +344,9 @@ pub fn serve(args: &[String]) -> u8 {
     // Dies with the daemon (and says so if the daemon is already gone).
     if rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::KILL))
         .is_err()
-        || rustix::process::getppid().is_none_or(|p| p.as_raw_nonzero().get() == 1)
+        || parent.is_some_and(|want| {
+            rustix::process::getppid().is_none_or(|p| p.as_raw_nonzero().get() != want)
+        })
     {
         eprintln!("the compile worker's parent is gone");
         return 1;
