@@ -15,6 +15,29 @@ pub use edgeward_proto::RemoteHsm;
 /// The environment variable naming the key daemon's socket.
 pub const KEYD_ENV: &str = "EDGEWARD_KEYD";
 
+/// Set by the key daemon's launcher to its pid (`edgeward-keyd --launch`).
+pub const LAUNCHER_ENV: &str = "EDGEWARD_KEYD_LAUNCHER";
+
+/// Whether the key daemon launched this process, having measured its
+/// executable before it ran: `EDGEWARD_KEYD` is set and
+/// `EDGEWARD_KEYD_LAUNCHER` names this process's parent. Anyone can set
+/// the variable; only the key daemon is the parent it names.
+pub fn launched() -> bool {
+    socket().is_some()
+        && launched_by(
+            std::env::var(LAUNCHER_ENV).ok().as_deref(),
+            rustix::process::getppid().map(|p| p.as_raw_nonzero().get()),
+        )
+}
+
+/// Whether `claim` (the launcher variable) names `parent`.
+fn launched_by(claim: Option<&str>, parent: Option<i32>) -> bool {
+    match (claim.and_then(|c| c.parse::<i32>().ok()), parent) {
+        (Some(c), Some(p)) => c > 1 && c == p,
+        _ => false,
+    }
+}
+
 /// The key daemon's socket, if this process is to use one.
 pub fn socket() -> Option<std::path::PathBuf> {
     std::env::var_os(KEYD_ENV)
@@ -49,4 +72,21 @@ pub fn open(config: &HsmConfig, state_dir: &Path) -> Result<Arc<dyn Hsm>, HsmErr
         ));
     }
     Ok(Arc::new(remote))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::launched_by;
+
+    #[test]
+    fn only_the_parent_named_is_the_launcher() {
+        assert!(launched_by(Some("4242"), Some(4242)));
+        // Another pid, init (an orphan's parent), garbage, nothing.
+        assert!(!launched_by(Some("4243"), Some(4242)));
+        assert!(!launched_by(Some("1"), Some(1)));
+        assert!(!launched_by(Some("4242x"), Some(4242)));
+        assert!(!launched_by(Some("-4242"), Some(-4242)));
+        assert!(!launched_by(None, Some(4242)));
+        assert!(!launched_by(Some("4242"), None));
+    }
 }

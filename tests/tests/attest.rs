@@ -1667,6 +1667,52 @@ fn forged_evidence_fails_the_verifiers_policy() {
         !ok && out.contains("FAIL events") && out.contains("empty or baseline-only"),
         "{out}"
     );
+    // A log the key daemon begins (it launched the runtime): it must
+    // measure the runtime's executable before any module; without one the
+    // module's runtime is unmeasured.
+    let log_of = |contents: &[serde_json::Value]| -> (String, [u8; 32]) {
+        use sha2::Digest as _;
+        let mut log = String::new();
+        for (i, c) in contents.iter().enumerate() {
+            // serde_json's maps are sorted: this is the canonical form of
+            // these ASCII-only contents.
+            let d = sha2::Sha256::digest(c.to_string().as_bytes());
+            log.push_str(&format!(
+                "\u{1e}{}\n",
+                serde_json::json!({
+                    "recnum": i, "pcr": 0,
+                    "digests": [{"hashAlg": "sha256", "digest": edgeward::measure::hex(&d)}],
+                    "content_type": "edgeward", "content": c,
+                })
+            ));
+        }
+        let file = s.write("replayed.log", &log);
+        let value = hex_bytes(&replay(&file).0);
+        (log, value.try_into().unwrap())
+    };
+    let keyd =
+        serde_json::json!({"kind": "key-daemon", "sha256": format!("sha256:{}", "ab".repeat(32))});
+    let exe = serde_json::json!({"kind": "executable", "sha256": format!("sha256:{}", "cd".repeat(32)), "launched_by": "key-daemon"});
+    let module = serde_json::json!({"kind": "module", "name": "m", "digest": format!("sha256:{}", "ef".repeat(32)), "generation": "1"});
+    let (log, value) = log_of(&[keyd.clone(), module.clone()]);
+    let unlaunched = forge("unlaunched", 0, value, &log);
+    let (ok, out) = verify(
+        &s,
+        &unlaunched,
+        &["--nonce", nonce, "--policy", lenient.to_str().unwrap()],
+    );
+    assert!(
+        !ok && out.contains("FAIL events") && out.contains("before any executable"),
+        "{out}"
+    );
+    let (log, value) = log_of(&[keyd, exe, module]);
+    let launched = forge("launched", 0, value, &log);
+    let (_, out) = verify(
+        &s,
+        &launched,
+        &["--nonce", nonce, "--policy", lenient.to_str().unwrap()],
+    );
+    assert!(out.contains("pass events"), "{out}");
     // allow_baseline (the old switch) is refused, naming its successor.
     let old = s.write("old.toml", "allow_baseline = true\n");
     let o = s

@@ -202,8 +202,8 @@ fn modules_outlive_the_key_daemon_and_the_runtime_reconnects() {
     drop(keyd);
 }
 
-/// The uid the runtime runs as in these tests (`nobody`).
-const RUNTIME_UID: u32 = 65534;
+/// The uid the runtime runs as in these tests (one with no passwd entry: a user of its own).
+const RUNTIME_UID: u32 = 64999;
 
 fn chown(p: &Path, uid: u32) {
     rustix::fs::chown(
@@ -216,6 +216,29 @@ fn chown(p: &Path, uid: u32) {
 
 fn chmod(p: &Path, mode: u32) {
     std::fs::set_permissions(p, std::os::unix::fs::PermissionsExt::from_mode(mode)).unwrap();
+}
+
+/// The runtime process `pid`: the runtime's uid and group alone, no
+/// capabilities, no new privileges, a seccomp filter.
+fn assert_boxed_in(pid: u32) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let field = |k: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{k}:")))
+            .unwrap()
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    let four = format!("{RUNTIME_UID} {RUNTIME_UID} {RUNTIME_UID} {RUNTIME_UID}");
+    assert_eq!(field("Uid"), four);
+    assert_eq!(field("Gid"), four);
+    assert_eq!(field("Groups"), "");
+    assert_eq!(field("CapEff"), "0000000000000000");
+    assert_eq!(field("CapPrm"), "0000000000000000");
+    assert_eq!(field("NoNewPrivs"), "1");
+    assert_eq!(field("Seccomp"), "2");
 }
 
 #[test]
@@ -273,25 +296,9 @@ fn the_runtime_under_its_own_uid_gets_identities_and_cannot_reach_the_keys() {
     }
     // Its process: its own uid, no capabilities, confined; no descriptor
     // into the key daemon's state.
-    let pid = d.child.id();
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let field = |k: &str| {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(&format!("{k}:")))
-            .unwrap()
-            .split_whitespace()
-            .collect::<Vec<_>>()
-            .join(" ")
-    };
     // setpriv execs the daemon: the pid is the daemon's.
-    assert_eq!(
-        field("Uid"),
-        format!("{RUNTIME_UID} {RUNTIME_UID} {RUNTIME_UID} {RUNTIME_UID}")
-    );
-    assert_eq!(field("CapEff"), "0000000000000000");
-    assert_eq!(field("NoNewPrivs"), "1");
-    assert_eq!(field("Seccomp"), "2");
+    let pid = d.child.id();
+    assert_boxed_in(pid);
     for fd in std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap() {
         let target = std::fs::read_link(fd.unwrap().path()).unwrap_or_default();
         assert!(
@@ -337,22 +344,57 @@ fn the_runtime_under_its_own_uid_gets_identities_and_cannot_reach_the_keys() {
         !state.join("measurements").exists(),
         "the runtime wrote a log"
     );
-    let ev = s.path().join("evidence");
+    let ev = evidence(&s, &state, &keyd_socket, &cfg, "evidence");
+    let log = std::fs::read_to_string(ev.join("event.log")).unwrap();
+    for m in ["\"who\"", "\"c\"", "\"alpha\""] {
+        assert!(log.contains(m), "{m} not measured: {log}");
+    }
+    keyd.stop();
+    let log = std::fs::read_to_string(s.path().join("keyd.log")).unwrap();
+    assert!(log.contains("refused"), "{log}");
+}
+
+/// The children of `pid`, whichever of its threads started them (from
+/// /proc).
+fn children_of(pid: u32) -> Vec<u32> {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    tasks
+        .filter_map(Result::ok)
+        .flat_map(|t| {
+            std::fs::read_to_string(t.path().join("children"))
+                .unwrap_or_default()
+                .split_whitespace()
+                .filter_map(|p| p.parse().ok())
+                .collect::<Vec<u32>>()
+        })
+        .collect()
+}
+
+/// The records of an event log (JSON-SEQ).
+fn records(log: &str) -> Vec<serde_json::Value> {
+    log.split('\x1e')
+        .map(str::trim)
+        .filter(|r| !r.is_empty())
+        .map(|r| serde_json::from_str::<serde_json::Value>(r).unwrap())
+        .collect()
+}
+
+/// Evidence from the key daemon at `socket`, for the runtime state `state`.
+fn evidence(s: &Scratch, state: &Path, socket: &Path, cfg: &Path, name: &str) -> PathBuf {
+    let ev = s.path().join(name);
     let o = Command::new(EDGEWARD)
         .arg("--state-dir")
-        .arg(&state)
-        .env("EDGEWARD_KEYD", &keyd_socket)
+        .arg(state)
+        .env("EDGEWARD_KEYD", socket)
         .args(["attest", "--config"])
-        .arg(&cfg)
+        .arg(cfg)
         .args(["--nonce", "00112233", "--out"])
         .arg(&ev)
         .output()
         .unwrap();
     assert_status(&o, 0);
-    let log = std::fs::read_to_string(ev.join("event.log")).unwrap();
-    for m in ["\"who\"", "\"c\"", "\"alpha\""] {
-        assert!(log.contains(m), "{m} not measured: {log}");
-    }
     let o = Command::new(EDGEWARD)
         .args(["attest", "verify"])
         .arg(&ev)
@@ -360,10 +402,241 @@ fn the_runtime_under_its_own_uid_gets_identities_and_cannot_reach_the_keys() {
         .output()
         .unwrap();
     let out = stdout(&o);
-    for check in ["pass signature", "pass log-replay"] {
+    for check in ["pass signature", "pass log-replay", "pass events"] {
         assert!(out.contains(check), "{out}{}", stderr(&o));
     }
+    ev
+}
+
+/// Kills what is left of a launch when a test fails half-way.
+struct Reap(Vec<u32>);
+
+impl Drop for Reap {
+    fn drop(&mut self) {
+        for pid in &self.0 {
+            for c in children_of(*pid) {
+                let _ = Command::new("kill")
+                    .args(["-KILL", &c.to_string()])
+                    .status();
+            }
+        }
+    }
+}
+
+/// The measured launcher: the key daemon measures itself, then the
+/// runtime's executable and configuration, before it starts the runtime as
+/// the runtime's user; the runtime killed is restarted, each start and
+/// exit measured; SIGTERM to the key daemon stops both.
+#[test]
+fn the_key_daemon_launches_the_runtime_measured_and_restarts_it() {
+    let s = Scratch::new();
+    chmod(s.path(), 0o755);
+    let state = s.path().join("rt-state");
+    let run = s.path().join("rt-run");
+    for d in [&state, &run] {
+        std::fs::create_dir(d).unwrap();
+        chmod(d, 0o700);
+        chown(d, RUNTIME_UID);
+    }
+    let cfg = s.write("runtime.toml", &config(&[("who", "whoami", "never")]));
+    chmod(&cfg, 0o644);
+    let socket = s.path().join("keyd.sock");
+    let mut cmd = Command::new(keyd_binary());
+    cmd.arg("--state")
+        .arg(s.path().join("keyd-state"))
+        .arg("--socket")
+        .arg(&socket)
+        .args(["--device-id", "dev-1"])
+        .args(["--runtime-uid", &RUNTIME_UID.to_string()])
+        .arg("--launch")
+        .arg(EDGEWARD)
+        .arg("--")
+        .arg("--state-dir")
+        .arg(&state)
+        .arg("daemon")
+        .arg("--config")
+        .arg(&cfg)
+        .env("EDGEWARD_LOG", "info")
+        .env("EDGEWARD_SOCKET", run.join("api.sock"));
+    let mut d = Daemon::from_command(cmd);
+    let keyd_pid = d.child.id();
+    let _reap = Reap(vec![keyd_pid]);
+    d.wait_for("who's identity", |out, _| {
+        out.iter().any(|l| l.contains("who | spiffe_id="))
+    });
+    // The runtime is the key daemon's child, under its own uid, with no
+    // capabilities, confined.
+    let kids = children_of(keyd_pid);
+    assert_eq!(kids.len(), 1, "{kids:?}");
+    let runtime = kids[0];
+    assert_boxed_in(runtime);
+    // Executed through a descriptor, it names itself.
+    assert_eq!(
+        std::fs::read_to_string(format!("/proc/{runtime}/comm")).unwrap(),
+        "edgeward\n"
+    );
+    assert_eq!(
+        std::fs::read_link(format!("/proc/{runtime}/exe")).unwrap(),
+        std::fs::canonicalize(EDGEWARD).unwrap()
+    );
+
+    // The log begins with the key daemon, then what it launched, measured
+    // before it ran; the runtime did not measure its executable itself.
+    let ev = evidence(&s, &state, &socket, &cfg, "evidence-1");
+    let recs = records(&std::fs::read_to_string(ev.join("event.log")).unwrap());
+    let kinds: Vec<&str> = recs
+        .iter()
+        .map(|r| r["content"]["kind"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        &kinds[..3],
+        ["key-daemon", "executable", "runtime-config"],
+        "{kinds:?}"
+    );
+    let keyd_exe = std::fs::canonicalize(keyd_binary()).unwrap();
+    assert_eq!(
+        recs[0]["content"]["sha256"],
+        sha256sum(keyd_exe.to_str().unwrap())
+    );
+    assert_eq!(recs[0]["content"]["config"]["runtime_uids"][0], RUNTIME_UID);
+    assert_eq!(recs[1]["content"]["sha256"], sha256sum(EDGEWARD));
+    assert_eq!(recs[1]["content"]["launched_by"], "key-daemon");
+    assert_eq!(recs[1]["content"]["start"], 1);
+    assert_eq!(
+        recs[2]["content"]["sha256"],
+        sha256sum(cfg.to_str().unwrap())
+    );
+    assert_eq!(count_kind(&kinds, "executable"), 1, "{kinds:?}");
+    assert!(kinds.contains(&"module"), "{kinds:?}");
+
+    // Killed, the runtime is restarted, measured again.
+    Command::new("kill")
+        .args(["-KILL", &runtime.to_string()])
+        .status()
+        .unwrap();
+    d.wait_for("the runtime restarted", |out, _| {
+        count(out, "who | spiffe_id=") >= 2
+    });
+    let kids = children_of(keyd_pid);
+    assert_eq!(kids.len(), 1, "{kids:?}");
+    assert_ne!(kids[0], runtime);
+    let ev = evidence(&s, &state, &socket, &cfg, "evidence-2");
+    let recs = records(&std::fs::read_to_string(ev.join("event.log")).unwrap());
+    let exit = recs
+        .iter()
+        .find(|r| r["content"]["kind"] == "runtime-exit")
+        .unwrap();
+    assert_eq!(exit["content"]["status"], "signal 9");
+    assert_eq!(exit["content"]["start"], 1);
+    let second = recs
+        .iter()
+        .filter(|r| r["content"]["kind"] == "executable")
+        .nth(1)
+        .unwrap();
+    assert_eq!(second["content"]["start"], 2);
+    assert!(second["recnum"].as_u64() > exit["recnum"].as_u64());
+
+    // SIGTERM to the key daemon: the runtime stops first, then it.
+    let restarted = kids[0];
+    let (status, _, err) = d.terminate();
+    assert!(status.success(), "{}", err.join("\n"));
+    assert!(
+        !Path::new(&format!("/proc/{restarted}")).exists()
+            || std::fs::read_to_string(format!("/proc/{restarted}/stat"))
+                .unwrap_or_default()
+                .contains(") Z"),
+        "the runtime outlived its stop"
+    );
+    assert!(
+        err.iter().any(|l| l.contains("runtime stopped")),
+        "{}",
+        err.join("\n")
+    );
+}
+
+/// A runtime stopped cleanly from outside (as a service manager stops
+/// every process of the service) stops its key daemon too; launched
+/// without a runtime uid, it runs as the key daemon's own user.
+#[test]
+fn a_runtime_that_stops_cleanly_stops_the_key_daemon() {
+    let s = Scratch::new();
+    let cfg = s.write("runtime.toml", &config(&[("who", "whoami", "never")]));
+    let socket = s.path().join("keyd.sock");
+    let mut cmd = Command::new(keyd_binary());
+    cmd.arg("--state")
+        .arg(s.path().join("keyd-state"))
+        .arg("--socket")
+        .arg(&socket)
+        .args(["--device-id", "dev-1", "--launch"])
+        .arg(EDGEWARD)
+        .arg("--")
+        .arg("--state-dir")
+        .arg(s.state())
+        .arg("daemon")
+        .arg("--config")
+        .arg(&cfg)
+        .env("EDGEWARD_LOG", "info")
+        .env("EDGEWARD_SOCKET", s.path().join("api.sock"));
+    let mut d = Daemon::from_command(cmd);
+    let keyd_pid = d.child.id();
+    let _reap = Reap(vec![keyd_pid]);
+    d.wait_for("who's identity", |out, _| {
+        out.iter().any(|l| l.contains("who | spiffe_id="))
+    });
+    let kids = children_of(keyd_pid);
+    assert_eq!(kids.len(), 1, "{kids:?}");
+    Command::new("kill")
+        .args(["-TERM", &kids[0].to_string()])
+        .status()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(st) = d.child.try_wait().unwrap() {
+            break st;
+        }
+        assert!(Instant::now() < deadline, "the key daemon did not stop");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success(), "{status:?}");
+    d.pump();
+    let err = std::mem::take(&mut d.seen_err);
+    assert!(
+        err.iter().any(|l| l.contains("exited cleanly by itself")),
+        "{}",
+        err.join("\n")
+    );
+    assert!(!socket.exists(), "the key daemon left its socket");
+}
+
+fn count_kind(kinds: &[&str], kind: &str) -> usize {
+    kinds.iter().filter(|k| **k == kind).count()
+}
+
+/// What the launcher refuses to start: a runtime others could rewrite
+/// between its measurement and its start.
+#[test]
+fn the_key_daemon_does_not_launch_what_others_can_change() {
+    let s = Scratch::new();
+    let exe = s.path().join("edgeward");
+    std::fs::copy(EDGEWARD, &exe).unwrap();
+    chmod(&exe, 0o777);
+    let mut keyd = Keyd::start_with(
+        s.path(),
+        "dev-1",
+        &["--launch", exe.to_str().unwrap(), "--", "daemon"],
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let log = s.path().join("keyd.log");
+    loop {
+        let text = std::fs::read_to_string(&log).unwrap();
+        if text.contains("writable by group or others") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{text}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(children_of(keyd.child.id()).is_empty());
+    // It keeps serving meanwhile.
+    assert!(std::os::unix::net::UnixStream::connect(&keyd.socket).is_ok());
     keyd.stop();
-    let log = std::fs::read_to_string(s.path().join("keyd.log")).unwrap();
-    assert!(log.contains("refused"), "{log}");
 }

@@ -32,11 +32,19 @@ impl Digest {
     ///
     /// The file cannot be read.
     pub fn of_file(path: &Path) -> std::io::Result<Self> {
-        let mut file = std::fs::File::open(path)?;
+        Self::of_reader(std::fs::File::open(path)?)
+    }
+
+    /// The SHA-256 of everything `r` yields, read in 1 MiB pieces.
+    ///
+    /// # Errors
+    ///
+    /// A read fails.
+    pub fn of_reader(mut r: impl Read) -> std::io::Result<Self> {
         let mut hasher = Sha256::new();
         let mut buf = vec![0u8; 1 << 20];
         loop {
-            match file.read(&mut buf) {
+            match r.read(&mut buf) {
                 Ok(0) => break,
                 Ok(n) => hasher.update(&buf[..n]),
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}

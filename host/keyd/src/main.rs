@@ -1,16 +1,18 @@
 //! `edgeward-keyd`: see the crate's documentation.
 
-use std::os::unix::fs::PermissionsExt as _;
+use std::os::unix::fs::MetadataExt as _;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use edgeward_hsm::HsmConfig;
+use edgeward_keyd::launch::{self, Launch, Supervisor};
 use edgeward_keyd::policy::Policy;
 use edgeward_keyd::server::Server;
 
 const USAGE: &str = "usage: edgeward-keyd --state DIR --socket PATH --device-id ID [--runtime-uid UID]...
        [--trust-domain NAME] [--max-leaf-ttl SECS] [--max-jwt-key-ttl SECS]
-       [--hsm soft | --hsm tpm [--tcti TCTI] [--pcr N] | --hsm pkcs11 --module PATH --token LABEL --pin-file PATH]";
+       [--hsm soft | --hsm tpm [--tcti TCTI] [--pcr N] | --hsm pkcs11 --module PATH --token LABEL --pin-file PATH]
+       [--launch EXE [--runtime-gid GID] -- ARGS...]";
 
 #[derive(Debug)]
 struct Args {
@@ -18,6 +20,7 @@ struct Args {
     socket: PathBuf,
     hsm: HsmConfig,
     policy: Policy,
+    launch: Option<Launch>,
 }
 
 fn parse(mut it: impl Iterator<Item = String>) -> Result<Args, String> {
@@ -25,7 +28,10 @@ fn parse(mut it: impl Iterator<Item = String>) -> Result<Args, String> {
     let mut socket = None;
     let mut backend = "soft".to_owned();
     let (mut tcti, mut pcr, mut module, mut token, mut pin_file) = (None, None, None, None, None);
+    let (mut launch_exe, mut runtime_gid, mut launch_args) = (None, None, None);
+    let owner = rustix::process::geteuid().as_raw();
     let mut policy = Policy {
+        owner,
         runtime_uids: Vec::new(),
         trust_domain: "edgeward.local".into(),
         device_id: String::new(),
@@ -46,6 +52,17 @@ fn parse(mut it: impl Iterator<Item = String>) -> Result<Args, String> {
                 if uid == 0 {
                     return Err("--runtime-uid 0: root is a principal of its own".into());
                 }
+                if uid == owner {
+                    return Err(format!(
+                        "--runtime-uid {uid}: the key daemon's own user is a principal of its own (it may do everything)"
+                    ));
+                }
+                // nobody and the overflow ids stand for many services.
+                if uid == 65534 || uid == u32::MAX || uid == u32::from(u16::MAX) {
+                    return Err(format!(
+                        "--runtime-uid {uid}: the overflow (nobody) ids stand for many services; give the runtime a user of its own"
+                    ));
+                }
                 policy.runtime_uids.push(uid);
             }
             "--trust-domain" => policy.trust_domain = value()?,
@@ -58,6 +75,21 @@ fn parse(mut it: impl Iterator<Item = String>) -> Result<Args, String> {
             "--module" => module = Some(PathBuf::from(value()?)),
             "--token" => token = Some(value()?),
             "--pin-file" => pin_file = Some(PathBuf::from(value()?)),
+            "--launch" => launch_exe = Some(PathBuf::from(value()?)),
+            "--runtime-gid" => {
+                let v = value()?;
+                let gid = v
+                    .parse::<u32>()
+                    .map_err(|_| format!("--runtime-gid {v:?}: a gid"))?;
+                if gid == 0 {
+                    return Err("--runtime-gid 0: the runtime gets no root group".into());
+                }
+                runtime_gid = Some(gid);
+            }
+            "--" => {
+                launch_args = Some(it.by_ref().collect::<Vec<_>>());
+                break;
+            }
             other => return Err(format!("unknown argument {other:?}")),
         }
     }
@@ -106,11 +138,27 @@ fn parse(mut it: impl Iterator<Item = String>) -> Result<Args, String> {
     let _ = (tcti, pcr);
     #[cfg(not(feature = "pkcs11"))]
     let _ = (module, token, pin_file);
+    let launch = match (launch_exe, launch_args) {
+        (Some(exe), args) => Some(Launch {
+            exe,
+            args: args.unwrap_or_default(),
+            uid: policy.runtime_uids.first().copied(),
+            gid: runtime_gid,
+        }),
+        (None, Some(_)) => return Err("arguments after -- are for --launch".into()),
+        (None, None) => None,
+    };
+    if runtime_gid.is_some() && launch.as_ref().is_none_or(|l| l.uid.is_none()) {
+        return Err(
+            "--runtime-gid is the launched runtime's: it needs --launch and --runtime-uid".into(),
+        );
+    }
     Ok(Args {
         state,
         socket,
         hsm,
         policy,
+        launch,
     })
 }
 
@@ -123,6 +171,7 @@ fn main() -> ExitCode {
         .unwrap_or(tracing::Level::INFO);
     tracing_subscriber::fmt()
         .with_max_level(level)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr)
         .init();
     let args = match parse(std::env::args().skip(1)) {
@@ -132,6 +181,15 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    // Before any thread starts: SIGTERM and SIGINT are then received by
+    // sigwait in the main thread alone (the launcher stops its runtime
+    // first).
+    if args.launch.is_some()
+        && let Err(e) = launch::block_stop_signals()
+    {
+        eprintln!("edgeward-keyd: {e}");
+        return ExitCode::from(1);
+    }
     // No core file with keys in it; no ptrace by another process of this
     // uid; nothing it runs gains privileges.
     let _ = rustix::process::set_dumpable_behavior(rustix::process::DumpableBehavior::NotDumpable);
@@ -171,7 +229,58 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
+    let server = Server::new(hsm, measurements, args.policy.clone());
+    // The first event of this start: the key daemon itself, and what it
+    // was told to be.
+    if server.measures() {
+        let config = serde_json::json!({
+            "backend": args.hsm.backend(),
+            "device_id": args.policy.device_id,
+            "trust_domain": args.policy.trust_domain,
+            "owner": args.policy.owner,
+            "runtime_uids": args.policy.runtime_uids,
+            "max_leaf_ttl": args.policy.max_leaf_ttl,
+            "max_jwt_key_ttl": args.policy.max_jwt_key_ttl,
+            "socket": args.socket.display().to_string(),
+            "launch": args.launch.as_ref().map(Launch::describe),
+        });
+        match launch::self_event(config).and_then(|(event, took)| {
+            let digest = event["sha256"].as_str().unwrap_or("").to_owned();
+            server.measure(vec![event]).map(|()| (digest, took))
+        }) {
+            Ok((digest, took)) => tracing::info!(
+                %digest,
+                hash_ms = took.as_secs_f64() * 1000.0,
+                "the key daemon measured itself"
+            ),
+            Err(e) => {
+                eprintln!("edgeward-keyd: cannot measure itself: {e}");
+                return ExitCode::from(1);
+            }
+        }
+    } else if args.launch.is_some() {
+        tracing::warn!(
+            "the backend has no measurement register: the key daemon and the runtime it launches are not measured"
+        );
+    }
     let socket = &args.socket;
+    // Its directory is this user's and no one else may change it: nobody
+    // can swap the socket for their own or a link in between.
+    let dir = socket.parent().unwrap_or(std::path::Path::new("."));
+    match std::fs::metadata(dir) {
+        Ok(m) if m.uid() == rustix::process::geteuid().as_raw() && m.mode() & 0o022 == 0 => {}
+        Ok(_) => {
+            eprintln!(
+                "edgeward-keyd: {}: the socket's directory must be this user's and writable by no one else",
+                dir.display()
+            );
+            return ExitCode::from(1);
+        }
+        Err(e) => {
+            eprintln!("edgeward-keyd: {}: {e}", dir.display());
+            return ExitCode::from(1);
+        }
+    }
     if socket.exists() {
         if std::os::unix::net::UnixStream::connect(socket).is_ok() {
             eprintln!(
@@ -182,25 +291,71 @@ fn main() -> ExitCode {
         }
         let _ = std::fs::remove_file(socket);
     }
-    let listener = match std::os::unix::net::UnixListener::bind(socket) {
+    // Anyone may connect; the principal table decides, by SO_PEERCRED,
+    // what each caller may do (a stranger: nothing). The mode comes from
+    // the umask at bind: a chmod afterwards would follow whatever link
+    // someone put at the path in between.
+    let old = rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o111));
+    let bound = std::os::unix::net::UnixListener::bind(socket);
+    rustix::process::umask(old);
+    let listener = match bound {
         Ok(l) => l,
         Err(e) => {
             eprintln!("edgeward-keyd: cannot bind {}: {e}", socket.display());
             return ExitCode::from(1);
         }
     };
-    // Anyone may connect; the principal table decides, by SO_PEERCRED,
-    // what each caller may do (a stranger: nothing).
-    if let Err(e) = std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o666)) {
-        eprintln!("edgeward-keyd: {}: {e}", socket.display());
-        return ExitCode::from(1);
-    }
     tracing::info!(
         socket = %socket.display(),
-        backend = hsm.backend(),
+        backend = args.hsm.backend(),
         runtime_uids = ?args.policy.runtime_uids,
         "key daemon ready"
     );
-    Server::new(hsm, measurements, args.policy).serve(&listener);
-    ExitCode::from(1)
+    let Some(launch) = args.launch else {
+        server.serve(&listener);
+        return ExitCode::from(1);
+    };
+    let serving = {
+        let server = server.clone();
+        std::thread::Builder::new()
+            .name("keyd-accept".into())
+            .spawn(move || server.serve(&listener))
+    };
+    if let Err(e) = serving {
+        eprintln!("edgeward-keyd: cannot start serving: {e}");
+        return ExitCode::from(1);
+    }
+    let supervisor = Supervisor::new(launch, args.socket.clone(), server);
+    let supervising = {
+        let s = supervisor.clone();
+        std::thread::Builder::new()
+            .name("keyd-launch".into())
+            .spawn(move || s.run(&launch::stop_self))
+    };
+    let supervising = match supervising {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("edgeward-keyd: cannot start the launcher: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let sig = launch::wait_for_stop();
+    tracing::info!(signal = sig, "stopping: the runtime first");
+    supervisor.stop();
+    let deadline = std::time::Instant::now() + launch::STOP_GRACE;
+    while !supervising.is_finished() {
+        if std::time::Instant::now() >= deadline {
+            tracing::warn!(
+                grace_s = launch::STOP_GRACE.as_secs(),
+                "the runtime did not stop in time; killed"
+            );
+            supervisor.kill();
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let _ = supervising.join();
+    let _ = std::fs::remove_file(socket);
+    tracing::info!("key daemon stopped");
+    ExitCode::SUCCESS
 }

@@ -12,6 +12,12 @@
 //! with the device CA, the JWT authority or the attestation key, any other
 //! key.
 
+use x509_parser::der_parser::Oid;
+use x509_parser::oid_registry::{
+    OID_X509_COMMON_NAME, OID_X509_EXT_AUTHORITY_KEY_IDENTIFIER, OID_X509_EXT_BASIC_CONSTRAINTS,
+    OID_X509_EXT_EXTENDED_KEY_USAGE, OID_X509_EXT_KEY_USAGE, OID_X509_EXT_SUBJECT_ALT_NAME,
+    OID_X509_EXT_SUBJECT_KEY_IDENTIFIER, OID_X509_ORGANIZATION_NAME,
+};
 use x509_parser::prelude::*;
 
 /// The device CA's key.
@@ -46,6 +52,9 @@ pub enum Principal {
 pub struct Policy {
     /// uids that are the runtime.
     pub runtime_uids: Vec<u32>,
+    /// The key daemon's own user: like root, it may do everything (it can
+    /// read the key files anyway).
+    pub owner: u32,
     /// The trust domain.
     pub trust_domain: String,
     /// This device's id.
@@ -59,7 +68,7 @@ pub struct Policy {
 impl Policy {
     /// Who `uid` is.
     pub fn principal(&self, uid: u32) -> Principal {
-        if uid == 0 {
+        if uid == 0 || uid == self.owner {
             Principal::Root
         } else if self.runtime_uids.contains(&uid) {
             Principal::Runtime
@@ -131,7 +140,7 @@ impl Policy {
             C::SignDigest { id, .. } if id == CLIENT_KEY => Ok(()),
             C::SignCertificate { id, tbs } if id == CA_KEY => check_leaf(self, &tbs.0, now)
                 .or_else(|leaf| match ca_point() {
-                    Some(p) if check_own_root(&tbs.0, &p).is_ok() => Ok(()),
+                    Some(p) if check_own_root(&tbs.0, &p, now).is_ok() => Ok(()),
                     _ => Err(leaf),
                 })
                 .or_else(|e| refuse(&e)),
@@ -164,16 +173,95 @@ fn parse(tbs: &[u8]) -> Result<TbsCertificate<'_>, String> {
     }
 }
 
-fn is_ca(t: &TbsCertificate<'_>) -> Result<bool, String> {
-    t.basic_constraints()
-        .map(|b| b.is_some_and(|b| b.value.ca))
-        .map_err(|e| format!("basicConstraints: {e}"))
+/// Every extension understood and one of `allowed`: an extension the
+/// parser cannot read (which some of its accessors would report as absent)
+/// or does not know is refused, never skipped.
+fn only_extensions(t: &TbsCertificate<'_>, allowed: &[&Oid<'static>]) -> Result<(), String> {
+    for ext in t.extensions() {
+        match ext.parsed_extension() {
+            ParsedExtension::ParseError { error } => {
+                return Err(format!("extension {}: unreadable ({error})", ext.oid));
+            }
+            ParsedExtension::UnsupportedExtension { .. } => {
+                return Err(format!(
+                    "extension {}: not one the key daemon reads",
+                    ext.oid
+                ));
+            }
+            _ => {}
+        }
+        if !allowed.contains(&&ext.oid) {
+            return Err(format!("extension {}: not allowed here", ext.oid));
+        }
+    }
+    Ok(())
 }
 
-fn signs_certificates(t: &TbsCertificate<'_>) -> Result<bool, String> {
-    t.key_usage()
-        .map(|k| k.is_some_and(|k| k.value.key_cert_sign() || k.value.crl_sign()))
-        .map_err(|e| format!("keyUsage: {e}"))
+/// What a leaf may carry.
+const LEAF_EXTENSIONS: &[&Oid<'static>] = &[
+    &OID_X509_EXT_BASIC_CONSTRAINTS,
+    &OID_X509_EXT_KEY_USAGE,
+    &OID_X509_EXT_EXTENDED_KEY_USAGE,
+    &OID_X509_EXT_SUBJECT_ALT_NAME,
+    &OID_X509_EXT_SUBJECT_KEY_IDENTIFIER,
+    &OID_X509_EXT_AUTHORITY_KEY_IDENTIFIER,
+];
+
+/// A leaf: only [`LEAF_EXTENSIONS`], all readable; basicConstraints
+/// present with cA=false; a key usage of digital signatures at most; an
+/// extended key usage of TLS server and client at most; a subject of at
+/// most an organisation and a common name; valid from now for at most
+/// `max` seconds.
+fn check_leaf_shape(t: &TbsCertificate<'_>, now: u64, max: u64) -> Result<(), String> {
+    only_extensions(t, LEAF_EXTENSIONS)?;
+    match t.basic_constraints() {
+        Ok(Some(b)) if !b.value.ca => {}
+        Ok(Some(_)) => {
+            return Err(
+                "a CA certificate (basicConstraints cA=true): this key signs leaves only".into(),
+            );
+        }
+        Ok(None) => return Err("no basicConstraints: a leaf says cA=false".into()),
+        Err(e) => return Err(format!("basicConstraints: {e}")),
+    }
+    if let Some(k) = t.key_usage().map_err(|e| format!("keyUsage: {e}"))? {
+        let k = k.value;
+        if k.key_cert_sign()
+            || k.crl_sign()
+            || k.key_agreement()
+            || k.key_encipherment()
+            || k.data_encipherment()
+            || k.encipher_only()
+            || k.decipher_only()
+            || k.non_repudiation()
+        {
+            return Err("keyUsage beyond digitalSignature".into());
+        }
+    }
+    if let Some(e) = t
+        .extended_key_usage()
+        .map_err(|e| format!("extendedKeyUsage: {e}"))?
+    {
+        let e = e.value;
+        if e.any
+            || e.code_signing
+            || e.email_protection
+            || e.time_stamping
+            || e.ocsp_signing
+            || !e.other.is_empty()
+        {
+            return Err("extendedKeyUsage beyond TLS server and client".into());
+        }
+    }
+    for attr in t.subject().iter_attributes() {
+        let oid = attr.attr_type();
+        if *oid != OID_X509_COMMON_NAME && *oid != OID_X509_ORGANIZATION_NAME {
+            return Err(format!(
+                "subject attribute {oid}: a leaf's subject is at most O and CN"
+            ));
+        }
+    }
+    lifetime_within(t, now, max)
 }
 
 fn lifetime_within(t: &TbsCertificate<'_>, now: u64, max: u64) -> Result<(), String> {
@@ -193,43 +281,41 @@ fn lifetime_within(t: &TbsCertificate<'_>, now: u64, max: u64) -> Result<(), Str
     Ok(())
 }
 
-/// A certificate that is no CA and signs no certificates, for at most
-/// `max` seconds from now.
+/// A module name as the runtime accepts one: `[a-z0-9][a-z0-9._-]{0,62}`
+/// (so never `.` or `..`).
+fn module_name(name: &str) -> bool {
+    let b = name.as_bytes();
+    !b.is_empty()
+        && b.len() <= 63
+        && (b[0].is_ascii_lowercase() || b[0].is_ascii_digit())
+        && b.iter().all(|c| {
+            c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, b'.' | b'_' | b'-')
+        })
+}
+
+/// A certificate that is a leaf (see [`check_leaf_shape`]) for at most
+/// `max` seconds from now: what the JWT authority certifies.
 ///
 /// # Errors
 ///
 /// What breaks the rule.
 pub fn check_not_ca(tbs: &[u8], now: u64, max: u64) -> Result<(), String> {
     let t = parse(tbs)?;
-    if is_ca(&t)? {
-        return Err("a CA certificate (basicConstraints cA=true)".into());
-    }
-    if signs_certificates(&t)? {
-        return Err("keyUsage allows signing certificates or CRLs".into());
-    }
-    lifetime_within(&t, now, max)
+    check_leaf_shape(&t, now, max)
 }
 
-/// What the device CA signs for the runtime: a module's leaf (no CA, no
-/// certificate signing, every URI name a SPIFFE ID in this device's module
-/// namespace and at least one, at most `max_leaf_ttl` from now), or the
-/// self-signed root of the device CA's own key, which asserts nothing its
-/// key could not already.
+/// What the device CA signs for the runtime: a module's leaf (the shape
+/// of [`check_leaf_shape`]; names: at least one URI, every URI a SPIFFE ID
+/// of one module of this device, DNS names and IP addresses for a
+/// module's server certificate, nothing else; at most `max_leaf_ttl` from
+/// now).
 ///
 /// # Errors
 ///
 /// What breaks the rule.
 pub fn check_leaf(policy: &Policy, tbs: &[u8], now: u64) -> Result<(), String> {
     let t = parse(tbs)?;
-    if is_ca(&t)? {
-        return Err(
-            "a CA certificate (basicConstraints cA=true): the device CA signs module leaves only"
-                .into(),
-        );
-    }
-    if signs_certificates(&t)? {
-        return Err("keyUsage allows signing certificates or CRLs".into());
-    }
+    check_leaf_shape(&t, now, policy.max_leaf_ttl)?;
     let prefix = policy.module_prefix();
     let mut uris = 0;
     if let Some(san) = t
@@ -237,17 +323,21 @@ pub fn check_leaf(policy: &Policy, tbs: &[u8], now: u64) -> Result<(), String> {
         .map_err(|e| format!("subjectAltName: {e}"))?
     {
         for name in &san.value.general_names {
-            if let GeneralName::URI(u) = name {
-                uris += 1;
-                let module = u.strip_prefix(&prefix).ok_or_else(|| {
-                    format!("the URI name {u:?} is not a module of this device ({prefix}…)")
-                })?;
-                if module.is_empty()
-                    || !module
-                        .bytes()
-                        .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.'))
-                {
-                    return Err(format!("the URI name {u:?} does not name one module"));
+            match name {
+                GeneralName::URI(u) => {
+                    uris += 1;
+                    let module = u.strip_prefix(&prefix).ok_or_else(|| {
+                        format!("the URI name {u:?} is not a module of this device ({prefix}…)")
+                    })?;
+                    if !module_name(module) {
+                        return Err(format!("the URI name {u:?} does not name one module"));
+                    }
+                }
+                GeneralName::DNSName(_) | GeneralName::IPAddress(_) => {}
+                other => {
+                    return Err(format!(
+                        "a subjectAltName of another kind ({other:?}): a module's leaf names URIs, DNS names and addresses only"
+                    ));
                 }
             }
         }
@@ -255,17 +345,24 @@ pub fn check_leaf(policy: &Policy, tbs: &[u8], now: u64) -> Result<(), String> {
     if uris == 0 {
         return Err("no SPIFFE ID (a URI subjectAltName) in this device's module namespace".into());
     }
-    lifetime_within(&t, now, policy.max_leaf_ttl)
+    Ok(())
 }
 
-/// The self-signed root of the device CA's own key (`point`): the one CA
+/// The longest-lived self-signed root of its own key the device CA signs
+/// for the runtime (ten years, and a day of slack).
+const MAX_ROOT_LIFETIME: u64 = (10 * 365 + 1) * 24 * 3600;
+
+/// The self-signed root of the device CA's own key (`point`), the one CA
 /// certificate the runtime may have the device CA sign (it makes it when
-/// the organisation has not certified the device CA).
+/// the organisation has not certified the device CA): self-issued, for
+/// that key, `pathLen:0` (it can certify leaves only, and leaves are held
+/// to [`check_leaf`]), no extension but basicConstraints, keyUsage and the
+/// key identifiers, from now for at most ten years.
 ///
 /// # Errors
 ///
 /// Anything else.
-pub fn check_own_root(tbs: &[u8], point: &[u8]) -> Result<(), String> {
+pub fn check_own_root(tbs: &[u8], point: &[u8], now: u64) -> Result<(), String> {
     let t = parse(tbs)?;
     if t.subject_pki.subject_public_key.data.as_ref() != point {
         return Err("not for the device CA's own key".into());
@@ -273,5 +370,18 @@ pub fn check_own_root(tbs: &[u8], point: &[u8]) -> Result<(), String> {
     if t.issuer().as_raw() != t.subject().as_raw() {
         return Err("not self-issued".into());
     }
-    Ok(())
+    only_extensions(
+        &t,
+        &[
+            &OID_X509_EXT_BASIC_CONSTRAINTS,
+            &OID_X509_EXT_KEY_USAGE,
+            &OID_X509_EXT_SUBJECT_KEY_IDENTIFIER,
+            &OID_X509_EXT_AUTHORITY_KEY_IDENTIFIER,
+        ],
+    )?;
+    match t.basic_constraints() {
+        Ok(Some(b)) if b.value.ca && b.value.path_len_constraint == Some(0) => {}
+        _ => return Err("a root of the device CA's key is cA=true with pathLen:0".into()),
+    }
+    lifetime_within(&t, now, MAX_ROOT_LIFETIME)
 }

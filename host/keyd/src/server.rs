@@ -16,8 +16,10 @@ use crate::policy::{CA_KEY, Policy, Principal};
 /// Connections served at once; more are closed at once (and logged,
 /// rate-limited).
 pub const MAX_CONNECTIONS: usize = 64;
-/// A connection silent this long is closed (the client reconnects).
-pub const IDLE: Duration = Duration::from_secs(60);
+/// Each frame must arrive whole within this long of the previous answer
+/// (or of the connection): a silent or trickling connection is closed, and
+/// the client reconnects.
+pub const IDLE: Duration = Duration::from_secs(10);
 /// The most random bytes one call returns.
 pub const MAX_RANDOM: u32 = 1024;
 
@@ -77,8 +79,40 @@ pub struct Server {
     hsm: Arc<dyn Hsm>,
     measurements: Option<Measurements>,
     policy: Policy,
+    /// Connections of callers other than root (root's never wait behind
+    /// them).
     connections: AtomicUsize,
-    throttle: Throttle,
+    /// Refusals and bad frames logged, per principal: a stranger's flood
+    /// does not hide the runtime's.
+    throttles: [Throttle; 3],
+}
+
+/// A connection's slot, given back however the connection ends.
+struct Slot<'a>(Option<&'a AtomicUsize>);
+
+impl Drop for Slot<'_> {
+    fn drop(&mut self) {
+        if let Some(c) = self.0 {
+            c.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+}
+
+/// Reads from `stream` until `deadline`, whatever the pace of the bytes.
+struct Deadline<'a> {
+    stream: &'a UnixStream,
+    deadline: Instant,
+}
+
+impl std::io::Read for Deadline<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let left = self.deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(std::io::ErrorKind::TimedOut.into());
+        }
+        self.stream.set_read_timeout(Some(left))?;
+        std::io::Read::read(&mut self.stream, buf)
+    }
 }
 
 fn unix_now() -> u64 {
@@ -158,8 +192,16 @@ impl Server {
             measurements,
             policy,
             connections: AtomicUsize::new(0),
-            throttle: Throttle::new(),
+            throttles: [Throttle::new(), Throttle::new(), Throttle::new()],
         })
+    }
+
+    fn throttle(&self, who: Principal) -> &Throttle {
+        &self.throttles[match who {
+            Principal::Root => 0,
+            Principal::Runtime => 1,
+            Principal::Stranger => 2,
+        }]
     }
 
     /// Accepts connections until the listener fails.
@@ -168,17 +210,43 @@ impl Server {
             let stream = match conn {
                 Ok(s) => s,
                 Err(e) => {
-                    if self.throttle.allow() {
+                    if self.throttle(Principal::Root).allow() {
                         tracing::warn!(error = %e, "accept failed");
                     }
                     std::thread::sleep(Duration::from_millis(10));
                     continue;
                 }
             };
-            if self.connections.fetch_add(1, Ordering::SeqCst) >= MAX_CONNECTIONS {
+            let Ok(cred) = rustix::net::sockopt::socket_peercred(&stream) else {
+                continue;
+            };
+            let uid = cred.uid.as_raw();
+            let who = self.policy.principal(uid);
+            if who == Principal::Stranger {
+                // Answered at once, nothing read: a stranger costs no
+                // thread, no buffer and no parse.
+                if self.throttle(who).allow() {
+                    tracing::warn!(uid, "refused: not in the principal table");
+                }
+                let _ = stream.set_write_timeout(Some(Duration::from_millis(100)));
+                let _ = edgeward_proto::write_frame(
+                    &mut &stream,
+                    &fail(
+                        ErrorCode::Refused,
+                        "this uid is not in the key daemon's principal table",
+                    ),
+                );
+                continue;
+            }
+            let counted = who != Principal::Root;
+            if counted && self.connections.fetch_add(1, Ordering::SeqCst) >= MAX_CONNECTIONS {
                 self.connections.fetch_sub(1, Ordering::SeqCst);
-                if self.throttle.allow() {
-                    tracing::warn!(max = MAX_CONNECTIONS, "too many connections; one closed");
+                if self.throttle(who).allow() {
+                    tracing::warn!(
+                        uid,
+                        max = MAX_CONNECTIONS,
+                        "too many connections; one closed"
+                    );
                 }
                 continue;
             }
@@ -186,36 +254,31 @@ impl Server {
             let spawned = std::thread::Builder::new()
                 .name("keyd-conn".into())
                 .spawn(move || {
-                    me.connection(stream);
-                    me.connections.fetch_sub(1, Ordering::SeqCst);
+                    let _slot = Slot(counted.then_some(&me.connections));
+                    me.connection(&stream, uid, who);
                 });
             if let Err(e) = spawned {
-                self.connections.fetch_sub(1, Ordering::SeqCst);
+                if counted {
+                    self.connections.fetch_sub(1, Ordering::SeqCst);
+                }
                 tracing::error!(error = %e, "cannot start a connection thread");
             }
         }
     }
 
-    fn connection(&self, mut stream: UnixStream) {
-        let uid = match rustix::net::sockopt::socket_peercred(&stream) {
-            Ok(c) => c.uid.as_raw(),
-            Err(e) => {
-                if self.throttle.allow() {
-                    tracing::warn!(error = %e, "no peer credentials; connection closed");
-                }
-                return;
-            }
-        };
-        let who = self.policy.principal(uid);
-        let _ = stream.set_read_timeout(Some(IDLE));
+    fn connection(&self, stream: &UnixStream, uid: u32, who: Principal) {
         let _ = stream.set_write_timeout(Some(IDLE));
         loop {
-            let (resp, close) = match edgeward_proto::read_frame::<Request>(&mut stream) {
+            let mut reader = Deadline {
+                stream,
+                deadline: Instant::now() + IDLE,
+            };
+            let (resp, close) = match edgeward_proto::read_frame::<Request>(&mut reader) {
                 Err(FrameError::Closed) => return,
                 Err(FrameError::Io(_)) => return,
                 Err(e) => {
                     // Framing is lost after a bad frame: answer, then close.
-                    if self.throttle.allow() {
+                    if self.throttle(who).allow() {
                         tracing::warn!(uid, error = ?e.to_string(), "bad frame; connection closed");
                     }
                     (fail(ErrorCode::BadRequest, e.to_string()), true)
@@ -232,7 +295,7 @@ impl Server {
                 ),
                 Ok(req) => (self.call(uid, who, req.call), false),
             };
-            if edgeward_proto::write_frame(&mut stream, &resp).is_err() || close {
+            if edgeward_proto::write_frame(&mut &*stream, &resp).is_err() || close {
                 return;
             }
         }
@@ -241,7 +304,7 @@ impl Server {
     fn call(&self, uid: u32, who: Principal, call: Call) -> Response {
         let ca_point = || self.hsm.public_key(CA_KEY).ok();
         if let Err(why) = self.policy.authorize(who, &call, unix_now(), &ca_point) {
-            if self.throttle.allow() {
+            if self.throttle(who).allow() {
                 // Debug formatting: whatever the caller put in a key id or
                 // a name reaches the log escaped.
                 tracing::warn!(uid, principal = ?who, op = call.name(), why = ?why, "refused");
@@ -390,6 +453,24 @@ impl Server {
                 }
             }
         })
+    }
+
+    /// Appends `events` to the log and extends the register with them (the
+    /// launcher's own events); nothing on a backend without a register.
+    ///
+    /// # Errors
+    ///
+    /// The log or the register failed.
+    pub fn measure(&self, events: Vec<serde_json::Value>) -> Result<(), String> {
+        match &self.measurements {
+            Some(m) => m.log.measure_all(self.hsm.as_ref(), events).map(|_| ()),
+            None => Ok(()),
+        }
+    }
+
+    /// Whether this key daemon keeps a measurement log.
+    pub fn measures(&self) -> bool {
+        self.measurements.is_some()
     }
 
     fn log(&self) -> Result<&Measurements, Failure> {

@@ -18,8 +18,8 @@ use edgeward_hsm::Hsm;
 use edgeward_proto::RemoteHsm;
 
 const KEYD: &str = env!("CARGO_BIN_EXE_edgeward-keyd");
-const RUNTIME_UID: u32 = 65534;
-const STRANGER_UID: u32 = 65533;
+const RUNTIME_UID: u32 = 64999;
+const STRANGER_UID: u32 = 64998;
 
 /// The independent client: for each line of stdin, one connection, one
 /// frame (`RAW <hex>`: those bytes as they are), and the answer's JSON (or
@@ -32,12 +32,17 @@ for line in sys.stdin:
     s = socket.socket(socket.AF_UNIX)
     s.settimeout(10)
     s.connect(path)
-    if line.startswith("RAW "):
-        s.sendall(bytes.fromhex(line[4:]))
-        s.shutdown(socket.SHUT_WR)
-    else:
-        body = line.encode()
-        s.sendall(struct.pack(">I", len(body)) + body)
+    # A stranger is answered and closed at connect: its send may find the
+    # connection gone, and the answer is still there to read.
+    try:
+        if line.startswith("RAW "):
+            s.sendall(bytes.fromhex(line[4:]))
+            s.shutdown(socket.SHUT_WR)
+        else:
+            body = line.encode()
+            s.sendall(struct.pack(">I", len(body)) + body)
+    except (BrokenPipeError, ConnectionResetError):
+        pass
     head = b""
     while len(head) < 4:
         got = s.recv(4 - len(head))
@@ -200,6 +205,17 @@ impl rcgen::PublicKeyData for Subject {
 /// The TBSCertificate of a certificate for `uris` (and `ca`), valid for
 /// `ttl` seconds from now, issued by `issuer_point`.
 fn tbs(issuer_point: &[u8], uris: &[&str], ca: bool, ttl: u64) -> Vec<u8> {
+    tbs_with(issuer_point, uris, ca, ttl, |_| {})
+}
+
+/// [`tbs`], with `f` changing the certificate first.
+fn tbs_with(
+    issuer_point: &[u8],
+    uris: &[&str],
+    ca: bool,
+    ttl: u64,
+    f: impl FnOnce(&mut rcgen::CertificateParams),
+) -> Vec<u8> {
     let mut p = rcgen::CertificateParams::default();
     let t = |s: u64| time::OffsetDateTime::from_unix_timestamp(s as i64).unwrap();
     p.serial_number = Some(rcgen::SerialNumber::from(vec![1, 2, 3]));
@@ -214,6 +230,7 @@ fn tbs(issuer_point: &[u8], uris: &[&str], ca: bool, ttl: u64) -> Vec<u8> {
         .iter()
         .map(|u| rcgen::SanType::URI((*u).try_into().unwrap()))
         .collect();
+    f(&mut p);
     let key = Capture {
         point: issuer_point.to_vec(),
         tbs: Mutex::default(),
@@ -221,6 +238,36 @@ fn tbs(issuer_point: &[u8], uris: &[&str], ca: bool, ttl: u64) -> Vec<u8> {
     let issuer_params = rcgen::CertificateParams::default();
     let issuer = rcgen::Issuer::from_params(&issuer_params, &key);
     p.signed_by(&Subject(point(9)), &issuer).unwrap();
+    drop(issuer);
+    key.tbs.into_inner().unwrap()
+}
+
+/// The TBSCertificate of a self-signed root of `point` (the CA's own
+/// key), with `path_len` (`None`: unconstrained).
+fn own_root(point: &[u8], path_len: Option<u8>) -> Vec<u8> {
+    let mut p = rcgen::CertificateParams::default();
+    let t = |s: u64| time::OffsetDateTime::from_unix_timestamp(s as i64).unwrap();
+    p.serial_number = Some(rcgen::SerialNumber::from(vec![4, 5, 6]));
+    p.not_before = t(now() - 60);
+    p.not_after = t(now() + 365 * 86_400);
+    p.distinguished_name = rcgen::DistinguishedName::new();
+    p.distinguished_name
+        .push(rcgen::DnType::CommonName, "edgeward device CA gw-1");
+    p.is_ca = rcgen::IsCa::Ca(match path_len {
+        Some(n) => rcgen::BasicConstraints::Constrained(n),
+        None => rcgen::BasicConstraints::Unconstrained,
+    });
+    p.key_usages = vec![
+        rcgen::KeyUsagePurpose::KeyCertSign,
+        rcgen::KeyUsagePurpose::CrlSign,
+        rcgen::KeyUsagePurpose::DigitalSignature,
+    ];
+    let key = Capture {
+        point: point.to_vec(),
+        tbs: Mutex::default(),
+    };
+    let issuer = rcgen::Issuer::from_params(&p, &key);
+    p.signed_by(&Subject(point.to_vec()), &issuer).unwrap();
     drop(issuer);
     key.tbs.into_inner().unwrap()
 }
@@ -299,6 +346,86 @@ fn the_runtime_uid_gets_its_operations_and_nothing_else() {
         (req(r#"{"op":"aead-key","id":"master-encryption"}"#), true),
         (sign_cert("device-ca", &leaf), true),
         (req(r#"{"op":"read-register"}"#), true),
+        // The self-signed root of the CA's own key, pathLen:0.
+        (sign_cert("device-ca", &own_root(&ca, Some(0))), true),
+        // ...but not one that could certify CAs.
+        (sign_cert("device-ca", &own_root(&ca, None)), false),
+        (sign_cert("device-ca", &own_root(&ca, Some(1))), false),
+        // cA=TRUE with a pathLen the parser cannot hold (2^32): read as
+        // "no basicConstraints" by a lenient reader, a CA to OpenSSL.
+        (
+            sign_cert(
+                "device-ca",
+                &tbs_with(&ca, &[&format!("{ns}sensor")], false, 600, |p| {
+                    p.is_ca = rcgen::IsCa::NoCa;
+                    let mut bc = rcgen::CustomExtension::from_oid_content(
+                        &[2, 5, 29, 19],
+                        vec![0x30, 0x0a, 0x01, 0x01, 0xff, 0x02, 0x05, 0x01, 0, 0, 0, 0],
+                    );
+                    bc.set_criticality(true);
+                    p.custom_extensions.push(bc);
+                }),
+            ),
+            false,
+        ),
+        // No basicConstraints at all; code signing; an e-mail name; an
+        // extension the key daemon does not read; a subject beyond O and CN.
+        (
+            sign_cert(
+                "device-ca",
+                &tbs_with(&ca, &[&format!("{ns}sensor")], false, 600, |p| {
+                    p.is_ca = rcgen::IsCa::NoCa;
+                }),
+            ),
+            false,
+        ),
+        (
+            sign_cert(
+                "device-ca",
+                &tbs_with(&ca, &[&format!("{ns}sensor")], false, 600, |p| {
+                    p.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::CodeSigning];
+                }),
+            ),
+            false,
+        ),
+        (
+            sign_cert(
+                "device-ca",
+                &tbs_with(&ca, &[&format!("{ns}sensor")], false, 600, |p| {
+                    p.subject_alt_names.push(rcgen::SanType::Rfc822Name(
+                        "ceo@example.org".try_into().unwrap(),
+                    ));
+                }),
+            ),
+            false,
+        ),
+        (
+            sign_cert(
+                "device-ca",
+                &tbs_with(&ca, &[&format!("{ns}sensor")], false, 600, |p| {
+                    p.custom_extensions
+                        .push(rcgen::CustomExtension::from_oid_content(
+                            &[1, 3, 6, 1, 4, 1, 99999, 1],
+                            vec![0x05, 0x00],
+                        ));
+                }),
+            ),
+            false,
+        ),
+        (
+            sign_cert(
+                "device-ca",
+                &tbs_with(&ca, &[&format!("{ns}sensor")], false, 600, |p| {
+                    p.distinguished_name
+                        .push(rcgen::DnType::OrganizationalUnitName, "admins");
+                }),
+            ),
+            false,
+        ),
+        (
+            sign_cert("device-ca", &tbs(&ca, &[&format!("{ns}..")], false, 600)),
+            false,
+        ),
         (
             req(r#"{"op":"measure","events":[{"kind":"module","name":"sensor"}]}"#),
             true,
@@ -536,10 +663,164 @@ fn bad_arguments_are_named() {
             "--device-id",
         ),
         (vec!["--frobnicate"], "unknown argument"),
+        (
+            vec![
+                "--state",
+                "/tmp/x",
+                "--socket",
+                "/tmp/y",
+                "--device-id",
+                "gw",
+                "--runtime-uid",
+                "65534",
+            ],
+            "overflow (nobody)",
+        ),
+        (
+            vec![
+                "--state",
+                "/tmp/x",
+                "--socket",
+                "/tmp/y",
+                "--device-id",
+                "gw",
+                "--",
+                "daemon",
+            ],
+            "arguments after -- are for --launch",
+        ),
+        (
+            vec![
+                "--state",
+                "/tmp/x",
+                "--socket",
+                "/tmp/y",
+                "--device-id",
+                "gw",
+                "--runtime-gid",
+                "5",
+            ],
+            "it needs --launch and --runtime-uid",
+        ),
+        (
+            vec![
+                "--state",
+                "/tmp/x",
+                "--socket",
+                "/tmp/y",
+                "--device-id",
+                "gw",
+                "--runtime-gid",
+                "0",
+            ],
+            "no root group",
+        ),
     ] {
         let o = Command::new(KEYD).args(&args).output().unwrap();
         assert_eq!(o.status.code(), Some(2), "{args:?}");
         let err = String::from_utf8_lossy(&o.stderr);
         assert!(err.contains(want), "{args:?}: {err}");
     }
+}
+
+/// Run as a user of its own, the key daemon's user may do what root may
+/// (it can read the key files anyway); the runtime's uid and strangers
+/// still may not.
+#[test]
+fn the_key_daemons_own_user_may_do_everything() {
+    use std::os::unix::process::CommandExt as _;
+    const OWNER: u32 = 64997;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(
+        dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    rustix::fs::chown(
+        dir.path(),
+        Some(rustix::fs::Uid::from_raw(OWNER)),
+        Some(rustix::fs::Gid::from_raw(OWNER)),
+    )
+    .unwrap();
+    let socket = dir.path().join("keyd.sock");
+    let log = std::fs::File::create(dir.path().join("keyd.log")).unwrap();
+    let child = Command::new(KEYD)
+        .arg("--state")
+        .arg(dir.path().join("state"))
+        .arg("--socket")
+        .arg(&socket)
+        .args(["--runtime-uid", &RUNTIME_UID.to_string()])
+        .args(["--device-id", "gw-1"])
+        .uid(OWNER)
+        .gid(OWNER)
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let k = Keyd { child, dir, socket };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::os::unix::net::UnixStream::connect(&k.socket).is_err() {
+        assert!(Instant::now() < deadline, "keyd did not start: {}", k.log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let ask = [req(r#"{"op":"attestation-key","id":"attestation"}"#)];
+    let a = k.as_uid(OWNER, &ask);
+    assert!(ok(&a[0]), "{a:?}");
+    for uid in [RUNTIME_UID, STRANGER_UID] {
+        let a = k.as_uid(uid, &ask);
+        assert!(refused(&a[0]), "{uid}: {a:?}");
+    }
+}
+
+#[test]
+fn a_socket_answered_by_another_user_is_not_the_key_daemon() {
+    // What a compromised runtime could put at the path, over a directory
+    // it can write: root's client refuses to talk to it.
+    use std::os::unix::process::CommandExt as _;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(
+        dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o777),
+    )
+    .unwrap();
+    let socket = dir.path().join("keyd.sock");
+    let mut fake = Command::new("python3")
+        .args([
+            "-c",
+            "import socket, sys, time\ns = socket.socket(socket.AF_UNIX)\ns.bind(sys.argv[1])\ns.listen()\ntime.sleep(30)",
+        ])
+        .arg(&socket)
+        .uid(RUNTIME_UID)
+        .gid(RUNTIME_UID)
+        .spawn()
+        .expect("python3");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !socket.exists() {
+        assert!(Instant::now() < deadline, "the fake did not bind");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let e = RemoteHsm::connect(&socket).unwrap_err();
+    assert!(
+        e.to_string().contains(&format!(
+            "answered by uid {RUNTIME_UID}, neither root nor this user"
+        )),
+        "{e}"
+    );
+    let _ = fake.kill();
+    let _ = fake.wait();
+    // And the key daemon itself will not put its socket in such a
+    // directory.
+    let o = Command::new(KEYD)
+        .args(["--state"])
+        .arg(dir.path().join("state"))
+        .arg("--socket")
+        .arg(dir.path().join("other.sock"))
+        .args(["--device-id", "gw-1"])
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("writable by no one else"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
 }

@@ -82,7 +82,8 @@ pub struct Policy {
     /// entries in the log.
     #[serde(default)]
     pub allow_incidents: bool,
-    /// Allowed daemon executables (sha256:HEX); empty: any.
+    /// Allowed executables (sha256:HEX): the daemon's and the key daemon's;
+    /// empty: any.
     #[serde(default)]
     pub executables: Vec<String>,
     /// Allowed publisher keys: key files (raw, PEM, DER, OpenSSH; relative
@@ -670,9 +671,11 @@ fn check_enrolled(
 }
 
 /// The events the log must hold, in order, whatever the policy allows
-/// besides: the daemon's executable first (after a baseline the policy
-/// named), a configuration the policy names before any module (when it
-/// names any), and each module the policy expects.
+/// besides: the daemon's executable first, or the key daemon's own
+/// measurement when it launched the daemon (after a baseline the policy
+/// named), an executable before any module, a configuration the policy
+/// names before any module (when it names any), and each module the
+/// policy expects.
 fn check_events(policy: &Policy, records: &[Record]) -> Result<String, String> {
     let mut rest = records.iter().skip_while(|r| r.kind() == "baseline");
     match rest.next() {
@@ -681,14 +684,22 @@ fn check_events(policy: &Policy, records: &[Record]) -> Result<String, String> {
                 "the quoted log holds no events of edgeward's: an empty or baseline-only log proves nothing".into(),
             );
         }
-        Some(r) if r.kind() != "executable" => {
+        Some(r) if r.kind() != "executable" && r.kind() != "key-daemon" => {
             return Err(format!(
-                "record {} ({}) comes first: the daemon measures its executable before anything else",
+                "record {} ({}) comes first: the daemon (or the key daemon that launches it) measures its executable before anything else",
                 r.recnum,
                 r.kind()
             ));
         }
         Some(_) => {}
+    }
+    if let Some(i) = records.iter().position(|r| r.kind() == "module")
+        && !records[..i].iter().any(|r| r.kind() == "executable")
+    {
+        return Err(format!(
+            "record {} (module) comes before any executable: the runtime that loaded it is unmeasured",
+            records[i].recnum
+        ));
     }
     if !policy.configs.is_empty() {
         let first_module = records
@@ -870,13 +881,10 @@ fn check_policy(policy: &Policy, records: &[Record]) -> Result<String, String> {
         let c = &r.content;
         let field = |k: &str| c[k].as_str().unwrap_or("").to_owned();
         match r.kind() {
-            "executable" => {
+            kind @ ("executable" | "key-daemon") => {
                 let d = normalize_digest(&field("sha256"));
                 if !policy.executables.is_empty() && !policy.executables.contains(&d) {
-                    failures.push(format!(
-                        "record {}: executable {d} is not allowed",
-                        r.recnum
-                    ));
+                    failures.push(format!("record {}: {kind} {d} is not allowed", r.recnum));
                 }
             }
             "config"

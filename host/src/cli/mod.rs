@@ -353,6 +353,11 @@ pub fn main() -> ExitCode {
             .collect();
         return ExitCode::from(crate::runtime::worker::serve(&args));
     }
+    // Executed by the key daemon through a descriptor, this process's name
+    // would be the descriptor's number: give `ps` and the journal its own.
+    if crate::keyd::launched() {
+        let _ = rustix::thread::set_name(c"edgeward");
+    }
     let cli = Cli::parse();
     match cli.command {
         Command::Run(args) => {

@@ -113,10 +113,14 @@ pub async fn run(config: Config, state_dir: PathBuf, socket: PathBuf) -> anyhow:
             .spawn(move || {
                 let me = rustix::thread::gettid();
                 let _ = rustix::process::setpriority_process(Some(me), 10);
-                let _ = tx.send([
-                    crate::attest::executable_event(),
-                    crate::attest::config_event(&c),
-                ]);
+                // Launched by the key daemon, this executable was
+                // measured before it ran.
+                let mut events = Vec::with_capacity(2);
+                if !crate::keyd::launched() {
+                    events.push(crate::attest::executable_event());
+                }
+                events.push(crate::attest::config_event(&c));
+                let _ = tx.send(events);
             });
         if let Err(e) = spawned {
             tracing::error!(error = %e, "cannot start the boot measurement thread");
@@ -365,7 +369,7 @@ pub fn runtime(config: &Config, state_dir: &Path) -> anyhow::Result<Runtime> {
 /// and the register, which a verifier sees).
 async fn measure_boot(
     m: crate::attest::Measurer,
-    events: tokio::sync::oneshot::Receiver<[Result<serde_json::Value, String>; 2]>,
+    events: tokio::sync::oneshot::Receiver<Vec<Result<serde_json::Value, String>>>,
 ) {
     let events = match events.await {
         Ok(e) => e,
