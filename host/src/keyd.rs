@@ -19,15 +19,27 @@ pub const KEYD_ENV: &str = "EDGEWARD_KEYD";
 pub const LAUNCHER_ENV: &str = "EDGEWARD_KEYD_LAUNCHER";
 
 /// Whether the key daemon launched this process, having measured its
-/// executable before it ran: `EDGEWARD_KEYD` is set and
-/// `EDGEWARD_KEYD_LAUNCHER` names this process's parent. Anyone can set
-/// the variable; only the key daemon is the parent it names.
+/// executable before it ran: `EDGEWARD_KEYD_LAUNCHER` names this process's
+/// parent, and the process answering at `EDGEWARD_KEYD` is that parent
+/// (`SO_PEERCRED`). Anyone can set the variables; only a key daemon that
+/// is this process's parent passes both.
 pub fn launched() -> bool {
-    socket().is_some()
-        && launched_by(
-            std::env::var(LAUNCHER_ENV).ok().as_deref(),
-            rustix::process::getppid().map(|p| p.as_raw_nonzero().get()),
-        )
+    static LAUNCHED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *LAUNCHED.get_or_init(check_launched)
+}
+
+fn check_launched() -> bool {
+    let Some(sock) = socket() else {
+        return false;
+    };
+    let parent = rustix::process::getppid().map(|p| p.as_raw_nonzero().get());
+    if !launched_by(std::env::var(LAUNCHER_ENV).ok().as_deref(), parent) {
+        return false;
+    }
+    std::os::unix::net::UnixStream::connect(&sock)
+        .ok()
+        .and_then(|s| rustix::net::sockopt::socket_peercred(&s).ok())
+        .is_some_and(|cred| Some(cred.pid.as_raw_nonzero().get()) == parent)
 }
 
 /// Whether `claim` (the launcher variable) names `parent`.

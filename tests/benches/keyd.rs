@@ -106,4 +106,86 @@ fn main() {
             us(b[i].0) / us(a[i].0)
         );
     }
+    self_measurement(&keyd, dir.path());
+    hash_against_openssl(&keyd);
+    hash_against_openssl(Path::new(env!("CARGO_BIN_EXE_edgeward-under-test")));
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// The key daemon's hash of its own executable at start (its log's
+/// `hash_ms`), median of 15 starts.
+fn self_measurement(keyd: &Path, dir: &Path) {
+    use std::io::BufRead as _;
+    let mut ms = Vec::new();
+    for i in 0..15 {
+        let socket = dir.join(format!("self-{i}.sock"));
+        let mut child = std::process::Command::new(keyd)
+            .arg("--state")
+            .arg(dir.join("self"))
+            .arg("--socket")
+            .arg(&socket)
+            .args(["--device-id", "gw-1"])
+            .env("EDGEWARD_LOG", "info")
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("start edgeward-keyd");
+        let err = std::io::BufReader::new(child.stderr.take().expect("stderr"));
+        let line = err
+            .lines()
+            .map_while(Result::ok)
+            .find(|l| l.contains("measured itself"))
+            .expect("the key daemon's self-measurement line");
+        let v = line
+            .split("hash_ms=")
+            .nth(1)
+            .and_then(|r| r.split_whitespace().next())
+            .and_then(|r| r.parse::<f64>().ok())
+            .expect("hash_ms");
+        ms.push(v);
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    let bytes = std::fs::metadata(keyd).map_or(0, |m| m.len());
+    println!(
+        "keyd_self_hash median={:.2} ms ({bytes} bytes; target <= 2 ms)",
+        median(ms)
+    );
+}
+
+/// `Digest::of_file` (what the launcher hashes the runtime with) against a
+/// whole `openssl dgst -sha256` process on the same file, medians of 15.
+fn hash_against_openssl(file: &Path) {
+    let ours = median(
+        (0..15)
+            .map(|_| {
+                let t = Instant::now();
+                edgeward::measure::Digest::of_file(file).expect("hash");
+                t.elapsed().as_secs_f64() * 1e3
+            })
+            .collect(),
+    );
+    let theirs = median(
+        (0..15)
+            .map(|_| {
+                let t = Instant::now();
+                let o = std::process::Command::new("openssl")
+                    .args(["dgst", "-sha256"])
+                    .arg(file)
+                    .output()
+                    .expect("openssl");
+                assert!(o.status.success());
+                t.elapsed().as_secs_f64() * 1e3
+            })
+            .collect(),
+    );
+    let bytes = std::fs::metadata(file).map_or(0, |m| m.len());
+    println!(
+        "hash {} ({bytes} bytes): ours {ours:.2} ms, openssl dgst {theirs:.2} ms (a process); speed ratio={:.2} (target >= 0.9)",
+        file.display(),
+        theirs / ours
+    );
 }

@@ -1705,6 +1705,19 @@ fn forged_evidence_fails_the_verifiers_policy() {
         !ok && out.contains("FAIL events") && out.contains("before any executable"),
         "{out}"
     );
+    // ...nor after the launched runtime exited, before the next start.
+    let exit = serde_json::json!({"kind": "runtime-exit", "start": 1, "status": "signal 9"});
+    let (log, value) = log_of(&[keyd.clone(), exe.clone(), exit, module.clone()]);
+    let after_exit = forge("after-exit", 0, value, &log);
+    let (ok, out) = verify(
+        &s,
+        &after_exit,
+        &["--nonce", nonce, "--policy", lenient.to_str().unwrap()],
+    );
+    assert!(
+        !ok && out.contains("FAIL events") && out.contains("after a runtime-exit"),
+        "{out}"
+    );
     let (log, value) = log_of(&[keyd, exe, module]);
     let launched = forge("launched", 0, value, &log);
     let (_, out) = verify(

@@ -423,13 +423,10 @@ impl Drop for Reap {
     }
 }
 
-/// The measured launcher: the key daemon measures itself, then the
-/// runtime's executable and configuration, before it starts the runtime as
-/// the runtime's user; the runtime killed is restarted, each start and
-/// exit measured; SIGTERM to the key daemon stops both.
-#[test]
-fn the_key_daemon_launches_the_runtime_measured_and_restarts_it() {
-    let s = Scratch::new();
+/// What a launch test runs: the key daemon launching the runtime as
+/// [`RUNTIME_UID`] with its own state and socket directories and a config
+/// of one module; (daemon, runtime state, key daemon socket, config).
+fn launch_keyd(s: &Scratch) -> (Daemon, PathBuf, PathBuf, PathBuf) {
     chmod(s.path(), 0o755);
     let state = s.path().join("rt-state");
     let run = s.path().join("rt-run");
@@ -448,6 +445,7 @@ fn the_key_daemon_launches_the_runtime_measured_and_restarts_it() {
         .arg(&socket)
         .args(["--device-id", "dev-1"])
         .args(["--runtime-uid", &RUNTIME_UID.to_string()])
+        .args(["--runtime-gid", &RUNTIME_UID.to_string()])
         .arg("--launch")
         .arg(EDGEWARD)
         .arg("--")
@@ -457,13 +455,44 @@ fn the_key_daemon_launches_the_runtime_measured_and_restarts_it() {
         .arg("--config")
         .arg(&cfg)
         .env("EDGEWARD_LOG", "info")
-        .env("EDGEWARD_SOCKET", run.join("api.sock"));
+        .env("EDGEWARD_SOCKET", run.join("api.sock"))
+        // Not the runtime's: it must not get it.
+        .env("NOT_FOR_THE_RUNTIME", "1");
     let mut d = Daemon::from_command(cmd);
-    let keyd_pid = d.child.id();
-    let _reap = Reap(vec![keyd_pid]);
     d.wait_for("who's identity", |out, _| {
         out.iter().any(|l| l.contains("who | spiffe_id="))
     });
+    (d, state, socket, cfg)
+}
+
+/// A hello to the key daemon at `socket` from a process of `uid`; the
+/// answer.
+fn hello_as(uid: u32, socket: &Path) -> String {
+    use std::os::unix::process::CommandExt as _;
+    let o = Command::new("python3")
+        .args([
+            "-c",
+            "import socket, struct, sys\ns = socket.socket(socket.AF_UNIX)\ns.connect(sys.argv[1])\nb = b'{\"v\":1,\"call\":{\"op\":\"hello\"}}'\ntry:\n    s.sendall(struct.pack('>I', len(b)) + b)\nexcept OSError:\n    pass\nn = struct.unpack('>I', s.recv(4))[0]\nprint(s.recv(n).decode())",
+        ])
+        .arg(socket)
+        .uid(uid)
+        .gid(uid)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    stdout(&o)
+}
+
+/// The measured launcher: the key daemon measures itself, then the
+/// runtime's executable and configuration, before it starts the runtime as
+/// the runtime's user; the runtime killed is restarted, each start and
+/// exit measured; SIGTERM to the key daemon stops both.
+#[test]
+fn the_key_daemon_launches_the_runtime_measured_and_restarts_it() {
+    let s = Scratch::new();
+    let (mut d, state, socket, cfg) = launch_keyd(&s);
+    let keyd_pid = d.child.id();
+    let _reap = Reap(vec![keyd_pid]);
     // The runtime is the key daemon's child, under its own uid, with no
     // capabilities, confined.
     let kids = children_of(keyd_pid);
@@ -475,6 +504,22 @@ fn the_key_daemon_launches_the_runtime_measured_and_restarts_it() {
         std::fs::read_to_string(format!("/proc/{runtime}/comm")).unwrap(),
         "edgeward\n"
     );
+    // Its environment is the runtime's variables and the launcher's two;
+    // its input is not the key daemon's; it leads a session of its own.
+    let environ = std::fs::read(format!("/proc/{runtime}/environ")).unwrap();
+    let environ = String::from_utf8_lossy(&environ);
+    assert!(environ.contains("EDGEWARD_LOG=info"), "{environ}");
+    assert!(!environ.contains("NOT_FOR_THE_RUNTIME"), "{environ}");
+    assert_eq!(
+        std::fs::read_link(format!("/proc/{runtime}/fd/0")).unwrap(),
+        Path::new("/dev/null")
+    );
+    let stat = std::fs::read_to_string(format!("/proc/{runtime}/stat")).unwrap();
+    let fields: Vec<&str> = stat.rsplit_once(") ").unwrap().1.split(' ').collect();
+    assert_eq!(fields[3], runtime.to_string(), "session id: {stat}");
+    // Another process of the runtime's uid is not the runtime.
+    let a = hello_as(RUNTIME_UID, &socket);
+    assert!(a.contains("refused"), "{a}");
     assert_eq!(
         std::fs::read_link(format!("/proc/{runtime}/exe")).unwrap(),
         std::fs::canonicalize(EDGEWARD).unwrap()
@@ -555,34 +600,15 @@ fn the_key_daemon_launches_the_runtime_measured_and_restarts_it() {
 }
 
 /// A runtime stopped cleanly from outside (as a service manager stops
-/// every process of the service) stops its key daemon too; launched
-/// without a runtime uid, it runs as the key daemon's own user.
+/// every process of the service) stops its key daemon too; a key daemon
+/// that dies takes its runtime with it (the next one launches and
+/// measures a new one).
 #[test]
-fn a_runtime_that_stops_cleanly_stops_the_key_daemon() {
+fn a_runtime_that_stops_cleanly_stops_the_key_daemon_and_dies_with_it() {
     let s = Scratch::new();
-    let cfg = s.write("runtime.toml", &config(&[("who", "whoami", "never")]));
-    let socket = s.path().join("keyd.sock");
-    let mut cmd = Command::new(keyd_binary());
-    cmd.arg("--state")
-        .arg(s.path().join("keyd-state"))
-        .arg("--socket")
-        .arg(&socket)
-        .args(["--device-id", "dev-1", "--launch"])
-        .arg(EDGEWARD)
-        .arg("--")
-        .arg("--state-dir")
-        .arg(s.state())
-        .arg("daemon")
-        .arg("--config")
-        .arg(&cfg)
-        .env("EDGEWARD_LOG", "info")
-        .env("EDGEWARD_SOCKET", s.path().join("api.sock"));
-    let mut d = Daemon::from_command(cmd);
+    let (mut d, _, socket, _) = launch_keyd(&s);
     let keyd_pid = d.child.id();
     let _reap = Reap(vec![keyd_pid]);
-    d.wait_for("who's identity", |out, _| {
-        out.iter().any(|l| l.contains("who | spiffe_id="))
-    });
     let kids = children_of(keyd_pid);
     assert_eq!(kids.len(), 1, "{kids:?}");
     Command::new("kill")
@@ -606,6 +632,24 @@ fn a_runtime_that_stops_cleanly_stops_the_key_daemon() {
         err.join("\n")
     );
     assert!(!socket.exists(), "the key daemon left its socket");
+
+    // Again, and the key daemon is killed: its runtime stops.
+    let s = Scratch::new();
+    let (mut d, _, _, _) = launch_keyd(&s);
+    let keyd_pid = d.child.id();
+    let _reap = Reap(vec![keyd_pid]);
+    let kids = children_of(keyd_pid);
+    assert_eq!(kids.len(), 1, "{kids:?}");
+    d.child.kill().unwrap();
+    d.child.wait().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Path::new(&format!("/proc/{}", kids[0])).exists() {
+        assert!(
+            Instant::now() < deadline,
+            "the runtime outlived its key daemon"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 fn count_kind(kinds: &[&str], kind: &str) -> usize {
@@ -623,7 +667,16 @@ fn the_key_daemon_does_not_launch_what_others_can_change() {
     let mut keyd = Keyd::start_with(
         s.path(),
         "dev-1",
-        &["--launch", exe.to_str().unwrap(), "--", "daemon"],
+        &[
+            "--runtime-uid",
+            &RUNTIME_UID.to_string(),
+            "--runtime-gid",
+            &RUNTIME_UID.to_string(),
+            "--launch",
+            exe.to_str().unwrap(),
+            "--",
+            "daemon",
+        ],
     );
     let deadline = Instant::now() + Duration::from_secs(20);
     let log = s.path().join("keyd.log");

@@ -48,15 +48,45 @@ pub struct Launch {
     pub exe: PathBuf,
     /// Its arguments (after `--`).
     pub args: Vec<String>,
-    /// The user it runs as; `None`: the key daemon's own.
+    /// The user it runs as; `None`: the key daemon's own (allowed only
+    /// when the key daemon is not root).
     pub uid: Option<u32>,
-    /// Its group; `None`: the group numbered as the user.
+    /// Its group (with a uid: given, or the user's primary group).
     pub gid: Option<u32>,
+    /// Its whole environment (from the key daemon's, by [`ENV_PASSED`]),
+    /// besides the two variables the launcher sets.
+    pub env: Vec<(String, String)>,
 }
 
+/// The variables of the key daemon's environment the runtime gets: the
+/// runtime's own (`EDGEWARD_*`), the locale, time zone and path, and the
+/// service manager's logging and backtrace switches. Nothing else (no
+/// `LD_PRELOAD`, `LD_LIBRARY_PATH`, `GLIBC_TUNABLES`): the loader would
+/// honour them, the process not being set-uid.
+pub const ENV_PASSED: &[&str] = &[
+    "PATH",
+    "LANG",
+    "LC_ALL",
+    "TZ",
+    "JOURNAL_STREAM",
+    "INVOCATION_ID",
+    "RUST_BACKTRACE",
+];
+
+/// Whether the runtime gets the variable `name` (see [`ENV_PASSED`]).
+pub fn env_passed(name: &str) -> bool {
+    (name.starts_with("EDGEWARD_") && !matches!(name, SOCKET_ENV | LAUNCHER_ENV))
+        || ENV_PASSED.contains(&name)
+}
+
+/// The configuration file the runtime reads, as `edgeward` chooses it:
+/// `--config F` or `--config=F`, then `$EDGEWARD_CONFIG`, then
+/// `/etc/edgeward/config.toml` if it exists.
+const DEFAULT_CONFIG: &str = "/etc/edgeward/config.toml";
+
 impl Launch {
-    /// The configuration file the runtime's arguments name (`--config F`
-    /// or `--config=F`), if any.
+    /// The configuration file the runtime will read (see
+    /// [`DEFAULT_CONFIG`]), if any.
     pub fn config_file(&self) -> Option<PathBuf> {
         let mut it = self.args.iter();
         while let Some(a) = it.next() {
@@ -67,7 +97,10 @@ impl Launch {
                 return Some(PathBuf::from(f));
             }
         }
-        None
+        if let Some((_, v)) = self.env.iter().find(|(k, _)| k == "EDGEWARD_CONFIG") {
+            return Some(PathBuf::from(v));
+        }
+        Some(PathBuf::from(DEFAULT_CONFIG)).filter(|p| p.exists())
     }
 
     /// What the key daemon's own measurement says of the launch.
@@ -76,7 +109,8 @@ impl Launch {
             "exe": self.exe.display().to_string(),
             "args": self.args,
             "uid": self.uid,
-            "gid": self.gid.or(self.uid),
+            "gid": self.gid,
+            "env": self.env.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>(),
         })
     }
 }
@@ -143,11 +177,24 @@ fn check_owner(path: &Path, meta: &std::fs::Metadata, what: &str) -> Result<(), 
 struct Measured {
     file: File,
     events: Vec<Value>,
+    /// How long the executable's hash took, and its size.
+    took: Duration,
+    bytes: u64,
+}
+
+/// Opens `path` for reading without blocking on a FIFO or taking a
+/// terminal; the caller checks it is a regular file.
+fn open_nonblocking(path: &Path) -> std::io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags((rustix::fs::OFlags::NONBLOCK | rustix::fs::OFlags::NOCTTY).bits() as i32)
+        .open(path)
 }
 
 /// Opens and measures what start number `start` launches.
 fn measure(launch: &Launch, start: u64) -> Result<Measured, String> {
-    let file = File::open(&launch.exe).map_err(|e| {
+    let file = open_nonblocking(&launch.exe).map_err(|e| {
         format!(
             "cannot open the runtime's executable {}: {e}",
             launch.exe.display()
@@ -157,16 +204,21 @@ fn measure(launch: &Launch, start: u64) -> Result<Measured, String> {
         .metadata()
         .map_err(|e| format!("{}: {e}", launch.exe.display()))?;
     check_owner(&launch.exe, &meta, "the runtime's executable")?;
+    let t = Instant::now();
     let digest = digest_of(&file).map_err(|e| format!("{}: {e}", launch.exe.display()))?;
+    let took = t.elapsed();
     let mut events = vec![json!({
         "kind": "executable",
         "path": launch.exe.display().to_string(),
         "sha256": digest.to_string(),
         "launched_by": "key-daemon",
         "start": start,
+        "uid": launch.uid,
+        "gid": launch.gid,
+        "env": launch.env.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>(),
     })];
     if let Some(cfg) = launch.config_file() {
-        let f = File::open(&cfg).map_err(|e| {
+        let f = open_nonblocking(&cfg).map_err(|e| {
             format!(
                 "cannot read the runtime's configuration {}: {e}",
                 cfg.display()
@@ -184,7 +236,12 @@ fn measure(launch: &Launch, start: u64) -> Result<Measured, String> {
             "start": start,
         }));
     }
-    Ok(Measured { file, events })
+    Ok(Measured {
+        file,
+        events,
+        took,
+        bytes: meta.len(),
+    })
 }
 
 /// How a run ended, as the log says it.
@@ -236,34 +293,80 @@ impl Supervisor {
 
     fn spawn(&self, start: u64) -> Result<std::process::Child, String> {
         let m = measure(&self.launch, start)?;
+        tracing::info!(
+            start,
+            bytes = m.bytes,
+            hash_ms = m.took.as_secs_f64() * 1000.0,
+            "the runtime's executable measured"
+        );
         // Logged and extended before the runtime's first instruction: a
         // runtime that cannot be measured is not started.
         self.record(m.events)
             .map_err(|e| format!("cannot measure the runtime: {e}"))?;
         let mut cmd = Command::new(format!("/proc/self/fd/{}", m.file.as_raw_fd()));
+        let me = std::process::id();
         cmd.arg0(&self.launch.exe)
             .args(&self.launch.args)
+            .env_clear()
+            .envs(self.launch.env.iter().map(|(k, v)| (k, v)))
             .env(SOCKET_ENV, &self.socket)
-            .env(LAUNCHER_ENV, std::process::id().to_string());
-        // The runtime starts with no signal blocked (the key daemon blocks
-        // SIGTERM and SIGINT for its sigwait; a child inherits the mask).
-        // SAFETY: between fork and exec only pthread_sigmask, which is
-        // async-signal-safe, runs, on a set initialised by sigemptyset.
+            .env(LAUNCHER_ENV, me.to_string())
+            // Its input is not the key daemon's terminal.
+            .stdin(std::process::Stdio::null());
+        // In the child, after its change of user and before the exec:
+        // - no signal blocked (the key daemon blocks SIGTERM, SIGINT,
+        //   SIGHUP and SIGQUIT for its sigwait; a child inherits the mask);
+        // - every descriptor but 0-2 closed at the exec (the TPM's device,
+        //   which tpm2-tss opens without O_CLOEXEC, a PKCS#11 module's),
+        //   the one executed included: the kernel has opened it by then;
+        // - not dumpable (the change of user reset it: until the exec this
+        //   is a copy of the key daemon's memory);
+        // - SIGTERM when the key daemon dies (a runtime is measured by the
+        //   key daemon that launched it; the change of user cleared any
+        //   earlier setting), and no start at all if it already has;
+        // - a session of its own: no controlling terminal.
+        // SAFETY: only async-signal-safe system calls run between fork and
+        // exec, on a signal set initialised by sigemptyset.
         #[allow(unsafe_code)]
         unsafe {
-            cmd.pre_exec(|| {
+            cmd.pre_exec(move || {
                 let mut set: libc::sigset_t = std::mem::zeroed();
                 libc::sigemptyset(&mut set);
-                match libc::pthread_sigmask(libc::SIG_SETMASK, &set, std::ptr::null_mut()) {
-                    0 => Ok(()),
-                    e => Err(std::io::Error::from_raw_os_error(e)),
+                let rc = libc::pthread_sigmask(libc::SIG_SETMASK, &set, std::ptr::null_mut());
+                if rc != 0 {
+                    return Err(std::io::Error::from_raw_os_error(rc));
                 }
+                if libc::syscall(
+                    libc::SYS_close_range,
+                    3u32,
+                    u32::MAX,
+                    libc::CLOSE_RANGE_CLOEXEC,
+                ) != 0
+                {
+                    return Err(std::io::Error::last_os_error());
+                }
+                if libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) != 0
+                    || libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM, 0, 0, 0) != 0
+                {
+                    return Err(std::io::Error::last_os_error());
+                }
+                if u32::try_from(libc::getppid()).ok() != Some(me) {
+                    return Err(std::io::Error::other("the key daemon is gone"));
+                }
+                if libc::setsid() < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
             });
         }
         if let Some(uid) = self.launch.uid {
             // std drops the supplementary groups when root changes user;
             // the change of uid clears every capability.
-            cmd.uid(uid).gid(self.launch.gid.unwrap_or(uid));
+            let gid = self
+                .launch
+                .gid
+                .ok_or("a runtime user with no group (main resolves it)")?;
+            cmd.uid(uid).gid(gid);
         }
         let child = cmd.spawn().map_err(|e| {
             format!(
@@ -291,14 +394,23 @@ impl Supervisor {
                         rustix::process::pidfd_open(p, rustix::process::PidfdFlags::empty()).ok()
                     });
                     if fd.is_none() {
-                        tracing::warn!(
+                        // Without one, a stop could not reach it safely:
+                        // not run at all (it dies with us: PDEATHSIG).
+                        tracing::error!(
                             pid,
-                            "no pidfd for the runtime: a stop reaches it only when it exits by itself"
+                            restart_in_s = backoff.as_secs(),
+                            "no pidfd for the runtime: killed, not supervised"
                         );
+                        let _ = child.kill();
+                        let _ = child.wait();
+                        self.sleep(backoff);
+                        backoff = (backoff * 2).min(BACKOFF_MAX);
+                        continue;
                     }
                     if let Ok(mut r) = self.running.lock() {
                         *r = fd;
                     }
+                    self.server.set_runtime_pid(Some(pid));
                     // A stop asked while it was being spawned.
                     if self.stopping.load(Ordering::SeqCst) {
                         self.signal(rustix::process::Signal::TERM);
@@ -306,6 +418,7 @@ impl Supervisor {
                     tracing::info!(pid, start, exe = %self.launch.exe.display(), uid = ?self.launch.uid, "runtime started");
                     let began = Instant::now();
                     let status = child.wait();
+                    self.server.set_runtime_pid(None);
                     if let Ok(mut r) = self.running.lock() {
                         *r = None;
                     }
@@ -384,7 +497,10 @@ impl Supervisor {
     }
 }
 
-/// Blocks SIGTERM and SIGINT in this thread and every thread it starts
+/// The signals that stop the key daemon, its runtime first.
+const STOP_SIGNALS: [i32; 4] = [libc::SIGTERM, libc::SIGINT, libc::SIGHUP, libc::SIGQUIT];
+
+/// Blocks [`STOP_SIGNALS`] in this thread and every thread it starts
 /// afterwards, so that [`wait_for_stop`] receives them.
 ///
 /// # Errors
@@ -397,11 +513,12 @@ pub fn block_stop_signals() -> Result<(), String> {
     unsafe {
         let mut set: libc::sigset_t = std::mem::zeroed();
         libc::sigemptyset(&mut set);
-        libc::sigaddset(&mut set, libc::SIGTERM);
-        libc::sigaddset(&mut set, libc::SIGINT);
+        for s in STOP_SIGNALS {
+            libc::sigaddset(&mut set, s);
+        }
         let rc = libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
         if rc != 0 {
-            return Err(format!("cannot block SIGTERM and SIGINT: error {rc}"));
+            return Err(format!("cannot block the stop signals: error {rc}"));
         }
     }
     Ok(())
@@ -415,8 +532,9 @@ pub fn wait_for_stop() -> i32 {
     unsafe {
         let mut set: libc::sigset_t = std::mem::zeroed();
         libc::sigemptyset(&mut set);
-        libc::sigaddset(&mut set, libc::SIGTERM);
-        libc::sigaddset(&mut set, libc::SIGINT);
+        for s in STOP_SIGNALS {
+            libc::sigaddset(&mut set, s);
+        }
         let mut sig = 0;
         loop {
             if libc::sigwait(&set, &mut sig) == 0 {
@@ -442,6 +560,7 @@ mod tests {
             args: args.iter().map(|s| (*s).to_owned()).collect(),
             uid: None,
             gid: None,
+            env: Vec::new(),
         }
     }
 
@@ -457,6 +576,43 @@ mod tests {
         );
         assert_eq!(launch(&["daemon"]).config_file(), None);
         assert_eq!(launch(&["daemon", "--config"]).config_file(), None);
+    }
+
+    #[test]
+    fn a_fifo_is_refused_without_blocking() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("rt");
+        rustix::fs::mknodat(
+            rustix::fs::CWD,
+            &f,
+            rustix::fs::FileType::Fifo,
+            rustix::fs::Mode::from_raw_mode(0o755),
+            0,
+        )
+        .unwrap();
+        let l = Launch {
+            exe: f,
+            ..launch(&[])
+        };
+        let e = measure(&l, 1).err().unwrap();
+        assert!(e.contains("not a regular file"), "{e}");
+    }
+
+    #[test]
+    fn only_the_runtimes_variables_pass() {
+        for ok in ["EDGEWARD_LOG", "EDGEWARD_CONFIG", "PATH", "TZ"] {
+            assert!(env_passed(ok), "{ok}");
+        }
+        for no in [
+            "LD_PRELOAD",
+            "LD_LIBRARY_PATH",
+            "GLIBC_TUNABLES",
+            "HOME",
+            "EDGEWARD_KEYD",
+            "EDGEWARD_KEYD_LAUNCHER",
+        ] {
+            assert!(!env_passed(no), "{no}");
+        }
     }
 
     #[test]

@@ -30,6 +30,12 @@ fn parse(mut it: impl Iterator<Item = String>) -> Result<Args, String> {
     let (mut tcti, mut pcr, mut module, mut token, mut pin_file) = (None, None, None, None, None);
     let (mut launch_exe, mut runtime_gid, mut launch_args) = (None, None, None);
     let owner = rustix::process::geteuid().as_raw();
+    // Its own user may do everything: not one that stands for many.
+    if is_overflow(owner) {
+        return Err(format!(
+            "running as uid {owner}: the overflow (nobody) ids stand for many services; give the key daemon a user of its own"
+        ));
+    }
     let mut policy = Policy {
         owner,
         runtime_uids: Vec::new(),
@@ -58,7 +64,7 @@ fn parse(mut it: impl Iterator<Item = String>) -> Result<Args, String> {
                     ));
                 }
                 // nobody and the overflow ids stand for many services.
-                if uid == 65534 || uid == u32::MAX || uid == u32::from(u16::MAX) {
+                if is_overflow(uid) {
                     return Err(format!(
                         "--runtime-uid {uid}: the overflow (nobody) ids stand for many services; give the runtime a user of its own"
                     ));
@@ -139,12 +145,30 @@ fn parse(mut it: impl Iterator<Item = String>) -> Result<Args, String> {
     #[cfg(not(feature = "pkcs11"))]
     let _ = (module, token, pin_file);
     let launch = match (launch_exe, launch_args) {
-        (Some(exe), args) => Some(Launch {
-            exe,
-            args: args.unwrap_or_default(),
-            uid: policy.runtime_uids.first().copied(),
-            gid: runtime_gid,
-        }),
+        (Some(exe), args) => {
+            let uid = policy.runtime_uids.first().copied();
+            if uid.is_none() && owner == 0 {
+                return Err(
+                    "--launch as root needs --runtime-uid: the runtime never runs as root".into(),
+                );
+            }
+            let gid = match (uid, runtime_gid) {
+                (Some(_), Some(g)) => Some(g),
+                (Some(u), None) => Some(primary_gid(u)?),
+                (None, _) => None,
+            };
+            let mut env: Vec<(String, String)> = std::env::vars()
+                .filter(|(k, _)| launch::env_passed(k))
+                .collect();
+            env.sort();
+            Some(Launch {
+                exe,
+                args: args.unwrap_or_default(),
+                uid,
+                gid,
+                env,
+            })
+        }
         (None, Some(_)) => return Err("arguments after -- are for --launch".into()),
         (None, None) => None,
     };
@@ -160,6 +184,32 @@ fn parse(mut it: impl Iterator<Item = String>) -> Result<Args, String> {
         policy,
         launch,
     })
+}
+
+/// nobody and the overflow ids.
+fn is_overflow(uid: u32) -> bool {
+    uid == 65534 || uid == u32::MAX || uid == u32::from(u16::MAX)
+}
+
+/// The primary group of `uid`, from /etc/passwd (not the group numbered
+/// as the user: that may be another service's, `tss` or `docker`).
+fn primary_gid(uid: u32) -> Result<u32, String> {
+    let passwd = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
+    passwd
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split(':').collect();
+            (f.len() >= 4 && f[2].parse::<u32>().ok() == Some(uid))
+                .then(|| f[3].parse::<u32>().ok())
+                .flatten()
+        })
+        .next()
+        .filter(|g| *g != 0)
+        .ok_or_else(|| {
+            format!(
+                "uid {uid} has no passwd entry with a group other than root's: give --runtime-gid"
+            )
+        })
 }
 
 fn main() -> ExitCode {
@@ -181,9 +231,9 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    // Before any thread starts: SIGTERM and SIGINT are then received by
-    // sigwait in the main thread alone (the launcher stops its runtime
-    // first).
+    // Before any thread starts: SIGTERM, SIGINT, SIGHUP and SIGQUIT are
+    // then received by sigwait in the main thread alone (the launcher stops
+    // its runtime first).
     if args.launch.is_some()
         && let Err(e) = launch::block_stop_signals()
     {
@@ -230,6 +280,9 @@ fn main() -> ExitCode {
         }
     };
     let server = Server::new(hsm, measurements, args.policy.clone());
+    if args.launch.is_some() {
+        server.set_launching();
+    }
     // The first event of this start: the key daemon itself, and what it
     // was told to be.
     if server.measures() {

@@ -2,7 +2,7 @@
 //! each call authorized by the caller's uid before the HSM sees it.
 
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -85,6 +85,13 @@ pub struct Server {
     /// Refusals and bad frames logged, per principal: a stranger's flood
     /// does not hide the runtime's.
     throttles: [Throttle; 3],
+    /// Whether this key daemon launched the runtime: then the runtime is
+    /// the process it launched ([`Server::set_runtime_pid`]), not every
+    /// process of the runtime's uid, and its executable is measured by the
+    /// launcher alone.
+    launching: AtomicBool,
+    /// The launched runtime's pid (0: none runs).
+    runtime_pid: AtomicI32,
 }
 
 /// A connection's slot, given back however the connection ends.
@@ -149,8 +156,15 @@ fn bytes(v: Vec<u8>) -> Reply {
     Reply::Bytes { value: Bytes(v) }
 }
 
+/// The kinds only the key daemon writes: the log's baseline and the
+/// launcher's own events. A caller's event of one of them, or naming the
+/// key daemon as its launcher, is refused: the runtime adds to the
+/// device's history but cannot pose as the launcher in it.
+pub const RESERVED_KINDS: &[&str] = &["baseline", "key-daemon", "runtime-config", "runtime-exit"];
+
 /// At least one event and at most [`edgeward_proto::MAX_EVENTS`], each an
-/// object whose `kind` is a short string.
+/// object whose `kind` is a short string and not one of
+/// [`RESERVED_KINDS`].
 fn check_events(events: &[serde_json::Value]) -> Result<(), Failure> {
     if events.is_empty() || events.len() > edgeward_proto::MAX_EVENTS {
         return Err(failure(
@@ -168,6 +182,15 @@ fn check_events(events: &[serde_json::Value]) -> Result<(), Failure> {
             return Err(failure(
                 ErrorCode::InvalidArgument,
                 format!("event {i}: an object with a `kind` of 1-64 characters"),
+            ));
+        }
+        if kind.is_some_and(|k| RESERVED_KINDS.contains(&k)) || e.get("launched_by").is_some() {
+            return Err(failure(
+                ErrorCode::Refused,
+                format!(
+                    "event {i}: {:?} events are the key daemon's own",
+                    kind.unwrap_or_default()
+                ),
             ));
         }
     }
@@ -193,7 +216,33 @@ impl Server {
             policy,
             connections: AtomicUsize::new(0),
             throttles: [Throttle::new(), Throttle::new(), Throttle::new()],
+            launching: AtomicBool::new(false),
+            runtime_pid: AtomicI32::new(0),
         })
+    }
+
+    /// This key daemon launches the runtime: from now on only the process
+    /// named by [`Server::set_runtime_pid`] is the runtime.
+    pub fn set_launching(&self) {
+        self.launching.store(true, Ordering::SeqCst);
+    }
+
+    /// The launched runtime's pid, or none while it is down.
+    pub fn set_runtime_pid(&self, pid: Option<u32>) {
+        let raw = pid.and_then(|p| i32::try_from(p).ok()).unwrap_or(0);
+        self.runtime_pid.store(raw, Ordering::SeqCst);
+    }
+
+    /// Who the caller `uid` (process `pid`) is.
+    fn principal(&self, uid: u32, pid: Option<i32>) -> Principal {
+        let who = self.policy.principal(uid);
+        if who == Principal::Runtime && self.launching.load(Ordering::SeqCst) {
+            let runtime = self.runtime_pid.load(Ordering::SeqCst);
+            if runtime == 0 || pid != Some(runtime) {
+                return Principal::Stranger;
+            }
+        }
+        who
     }
 
     fn throttle(&self, who: Principal) -> &Throttle {
@@ -221,7 +270,7 @@ impl Server {
                 continue;
             };
             let uid = cred.uid.as_raw();
-            let who = self.policy.principal(uid);
+            let who = self.principal(uid, Some(cred.pid.as_raw_nonzero().get()));
             if who == Principal::Stranger {
                 // Answered at once, nothing read: a stranger costs no
                 // thread, no buffer and no parse.
@@ -302,6 +351,24 @@ impl Server {
     }
 
     fn call(&self, uid: u32, who: Principal, call: Call) -> Response {
+        // The launched runtime's executable is the launcher's to measure.
+        if who == Principal::Runtime
+            && self.launching.load(Ordering::SeqCst)
+            && let Call::Measure { events } = &call
+            && events.iter().any(|e| e["kind"] == "executable")
+        {
+            if self.throttle(who).allow() {
+                tracing::warn!(
+                    uid,
+                    op = "measure",
+                    "refused: an executable event from the launched runtime"
+                );
+            }
+            return fail(
+                ErrorCode::Refused,
+                "the launched runtime's executable is measured by the key daemon",
+            );
+        }
         let ca_point = || self.hsm.public_key(CA_KEY).ok();
         if let Err(why) = self.policy.authorize(who, &call, unix_now(), &ca_point) {
             if self.throttle(who).allow() {

@@ -430,6 +430,26 @@ fn the_runtime_uid_gets_its_operations_and_nothing_else() {
             req(r#"{"op":"measure","events":[{"kind":"module","name":"sensor"}]}"#),
             true,
         ),
+        // The launcher's own events and the baseline are the key daemon's:
+        // the runtime cannot pose as its launcher in the log.
+        (
+            req(r#"{"op":"measure","events":[{"kind":"key-daemon","sha256":"x"}]}"#),
+            false,
+        ),
+        (
+            req(r#"{"op":"measure","events":[{"kind":"baseline"}]}"#),
+            false,
+        ),
+        (
+            req(r#"{"op":"measure","events":[{"kind":"runtime-exit"}]}"#),
+            false,
+        ),
+        (
+            req(
+                r#"{"op":"measure","events":[{"kind":"module"},{"kind":"executable","launched_by":"key-daemon"}]}"#,
+            ),
+            false,
+        ),
         (
             req(&format!(
                 r#"{{"op":"evidence","nonce":"{}"}}"#,
@@ -625,95 +645,40 @@ fn a_flood_of_refusals_is_logged_briefly_and_escaped() {
 
 #[test]
 fn bad_arguments_are_named() {
+    // Each case: the arguments after a valid state, socket and device.
+    let base = [
+        "--state",
+        "/tmp/x",
+        "--socket",
+        "/tmp/y",
+        "--device-id",
+        "gw",
+    ];
+    let with =
+        |rest: &[&'static str]| -> Vec<&'static str> { base.iter().chain(rest).copied().collect() };
     for (args, want) in [
         (vec!["--socket", "/tmp/x"], "--state is required"),
-        (
-            vec![
-                "--state",
-                "/tmp/x",
-                "--socket",
-                "/tmp/y",
-                "--runtime-uid",
-                "0",
-            ],
-            "root is a principal",
-        ),
-        (
-            vec![
-                "--state",
-                "/tmp/x",
-                "--socket",
-                "/tmp/y",
-                "--device-id",
-                "gw",
-                "--hsm",
-                "floppy",
-            ],
-            "soft, tpm or pkcs11",
-        ),
-        (
-            vec![
-                "--state",
-                "/tmp/x",
-                "--socket",
-                "/tmp/y",
-                "--device-id",
-                "a/b",
-            ],
-            "--device-id",
-        ),
+        (with(&["--runtime-uid", "0"]), "root is a principal"),
+        (with(&["--hsm", "floppy"]), "soft, tpm or pkcs11"),
+        (with(&["--device-id", "a/b"]), "--device-id"),
         (vec!["--frobnicate"], "unknown argument"),
+        (with(&["--runtime-uid", "65534"]), "overflow (nobody)"),
         (
-            vec![
-                "--state",
-                "/tmp/x",
-                "--socket",
-                "/tmp/y",
-                "--device-id",
-                "gw",
-                "--runtime-uid",
-                "65534",
-            ],
-            "overflow (nobody)",
-        ),
-        (
-            vec![
-                "--state",
-                "/tmp/x",
-                "--socket",
-                "/tmp/y",
-                "--device-id",
-                "gw",
-                "--",
-                "daemon",
-            ],
+            with(&["--", "daemon"]),
             "arguments after -- are for --launch",
         ),
         (
-            vec![
-                "--state",
-                "/tmp/x",
-                "--socket",
-                "/tmp/y",
-                "--device-id",
-                "gw",
-                "--runtime-gid",
-                "5",
-            ],
+            with(&["--runtime-gid", "5"]),
             "it needs --launch and --runtime-uid",
         ),
+        (with(&["--runtime-gid", "0"]), "no root group"),
         (
-            vec![
-                "--state",
-                "/tmp/x",
-                "--socket",
-                "/tmp/y",
-                "--device-id",
-                "gw",
-                "--runtime-gid",
-                "0",
-            ],
-            "no root group",
+            with(&["--launch", "/usr/bin/edgeward"]),
+            "the runtime never runs as root",
+        ),
+        (
+            with(&["--runtime-uid", "64999", "--launch", "/usr/bin/edgeward"]),
+            "give --runtime-gid",
         ),
     ] {
         let o = Command::new(KEYD).args(&args).output().unwrap();

@@ -693,13 +693,21 @@ fn check_events(policy: &Policy, records: &[Record]) -> Result<String, String> {
         }
         Some(_) => {}
     }
-    if let Some(i) = records.iter().position(|r| r.kind() == "module")
-        && !records[..i].iter().any(|r| r.kind() == "executable")
-    {
-        return Err(format!(
-            "record {} (module) comes before any executable: the runtime that loaded it is unmeasured",
-            records[i].recnum
-        ));
+    // A module is loaded by a measured runtime: after an executable, and
+    // not between a launched runtime's exit and the next start.
+    let mut measured = false;
+    for r in records {
+        match r.kind() {
+            "executable" => measured = true,
+            "runtime-exit" => measured = false,
+            "module" if !measured => {
+                return Err(format!(
+                    "record {} (module) comes while no measured runtime runs (before any executable, or after a runtime-exit): the runtime that loaded it is unmeasured",
+                    r.recnum
+                ));
+            }
+            _ => {}
+        }
     }
     if !policy.configs.is_empty() {
         let first_module = records

@@ -355,7 +355,7 @@ pub fn main() -> ExitCode {
     }
     // Executed by the key daemon through a descriptor, this process's name
     // would be the descriptor's number: give `ps` and the journal its own.
-    if crate::keyd::launched() {
+    if std::env::var_os(crate::keyd::LAUNCHER_ENV).is_some() {
         let _ = rustix::thread::set_name(c"edgeward");
     }
     let cli = Cli::parse();
