@@ -305,6 +305,11 @@ impl Supervisor {
             .map_err(|e| format!("cannot measure the runtime: {e}"))?;
         let mut cmd = Command::new(format!("/proc/self/fd/{}", m.file.as_raw_fd()));
         let me = std::process::id();
+        // For kernels before 5.11 (no CLOSE_RANGE_CLOEXEC): the descriptors
+        // to mark one by one, counted before the fork.
+        let max_fd = rustix::process::getrlimit(rustix::process::Resource::Nofile)
+            .current
+            .map_or(1024, |n| n.min(65_536)) as i32;
         cmd.arg0(&self.launch.exe)
             .args(&self.launch.args)
             .env_clear()
@@ -321,9 +326,10 @@ impl Supervisor {
         //   the one executed included: the kernel has opened it by then;
         // - not dumpable (the change of user reset it: until the exec this
         //   is a copy of the key daemon's memory);
-        // - SIGTERM when the key daemon dies (a runtime is measured by the
-        //   key daemon that launched it; the change of user cleared any
-        //   earlier setting), and no start at all if it already has;
+        // - SIGKILL when the key daemon dies (a runtime is measured by the
+        //   key daemon that launched it, and cannot ignore this; the change
+        //   of user cleared any earlier setting), and no start at all if
+        //   it already has;
         // - a session of its own: no controlling terminal.
         // SAFETY: only async-signal-safe system calls run between fork and
         // exec, on a signal set initialised by sigemptyset.
@@ -343,15 +349,21 @@ impl Supervisor {
                     libc::CLOSE_RANGE_CLOEXEC,
                 ) != 0
                 {
-                    return Err(std::io::Error::last_os_error());
+                    for fd in 3..max_fd {
+                        let flags = libc::fcntl(fd, libc::F_GETFD);
+                        if flags >= 0 {
+                            libc::fcntl(fd, libc::F_SETFD, flags | libc::FD_CLOEXEC);
+                        }
+                    }
                 }
                 if libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) != 0
-                    || libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM, 0, 0, 0) != 0
+                    || libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0
                 {
                     return Err(std::io::Error::last_os_error());
                 }
                 if u32::try_from(libc::getppid()).ok() != Some(me) {
-                    return Err(std::io::Error::other("the key daemon is gone"));
+                    // No allocation in the child: an errno.
+                    return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
                 }
                 if libc::setsid() < 0 {
                     return Err(std::io::Error::last_os_error());
@@ -369,6 +381,12 @@ impl Supervisor {
             cmd.uid(uid).gid(gid);
         }
         let child = cmd.spawn().map_err(|e| {
+            // Measured, not started: the log says so (a verifier takes no
+            // module until the next start).
+            let exit = json!({"kind": "runtime-exit", "start": start, "status": format!("not started: {e}")});
+            if let Err(m) = self.record(vec![exit]) {
+                tracing::error!(error = %m, "cannot measure the failed start");
+            }
             format!(
                 "cannot start the runtime {}: {e}",
                 self.launch.exe.display()
@@ -410,7 +428,7 @@ impl Supervisor {
                     if let Ok(mut r) = self.running.lock() {
                         *r = fd;
                     }
-                    self.server.set_runtime_pid(Some(pid));
+
                     // A stop asked while it was being spawned.
                     if self.stopping.load(Ordering::SeqCst) {
                         self.signal(rustix::process::Signal::TERM);
@@ -418,7 +436,6 @@ impl Supervisor {
                     tracing::info!(pid, start, exe = %self.launch.exe.display(), uid = ?self.launch.uid, "runtime started");
                     let began = Instant::now();
                     let status = child.wait();
-                    self.server.set_runtime_pid(None);
                     if let Ok(mut r) = self.running.lock() {
                         *r = None;
                     }

@@ -157,7 +157,10 @@ fn parse(mut it: impl Iterator<Item = String>) -> Result<Args, String> {
                 (Some(u), None) => Some(primary_gid(u)?),
                 (None, _) => None,
             };
-            let mut env: Vec<(String, String)> = std::env::vars()
+            // vars_os: a variable that is not UTF-8 is not passed (and
+            // does not panic the key daemon).
+            let mut env: Vec<(String, String)> = std::env::vars_os()
+                .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
                 .filter(|(k, _)| launch::env_passed(k))
                 .collect();
             env.sort();

@@ -2,7 +2,7 @@
 //! each call authorized by the caller's uid before the HSM sees it.
 
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::sync::atomic::{AtomicBool, AtomicI32, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -86,12 +86,12 @@ pub struct Server {
     /// does not hide the runtime's.
     throttles: [Throttle; 3],
     /// Whether this key daemon launched the runtime: then the runtime is
-    /// the process it launched ([`Server::set_runtime_pid`]), not every
-    /// process of the runtime's uid, and its executable is measured by the
+    /// the process it launched (a child of this process: it has no other),
+    /// not every process of the runtime's uid, checked again at every
+    /// frame (a connection handed to another process, or outliving the
+    /// runtime, stops working), and its executable is measured by the
     /// launcher alone.
     launching: AtomicBool,
-    /// The launched runtime's pid (0: none runs).
-    runtime_pid: AtomicI32,
 }
 
 /// A connection's slot, given back however the connection ends.
@@ -120,6 +120,22 @@ impl std::io::Read for Deadline<'_> {
         self.stream.set_read_timeout(Some(left))?;
         std::io::Read::read(&mut self.stream, buf)
     }
+}
+
+/// Whether `pid` is a live child of this process (its parent in
+/// `/proc/<pid>/stat`).
+fn is_my_child(pid: i32) -> bool {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    let mut fields = stat.rsplit_once(") ").map(|(_, rest)| rest.split(' '));
+    let state = fields.as_mut().and_then(Iterator::next);
+    let parent = fields
+        .as_mut()
+        .and_then(Iterator::next)
+        .and_then(|p| p.parse::<u32>().ok());
+    // A zombie has exited: it is nobody's runtime any more.
+    state != Some("Z") && parent == Some(std::process::id())
 }
 
 fn unix_now() -> u64 {
@@ -217,30 +233,20 @@ impl Server {
             connections: AtomicUsize::new(0),
             throttles: [Throttle::new(), Throttle::new(), Throttle::new()],
             launching: AtomicBool::new(false),
-            runtime_pid: AtomicI32::new(0),
         })
     }
 
-    /// This key daemon launches the runtime: from now on only the process
-    /// named by [`Server::set_runtime_pid`] is the runtime.
+    /// This key daemon launches the runtime: from now on only its child
+    /// is the runtime.
     pub fn set_launching(&self) {
         self.launching.store(true, Ordering::SeqCst);
     }
 
-    /// The launched runtime's pid, or none while it is down.
-    pub fn set_runtime_pid(&self, pid: Option<u32>) {
-        let raw = pid.and_then(|p| i32::try_from(p).ok()).unwrap_or(0);
-        self.runtime_pid.store(raw, Ordering::SeqCst);
-    }
-
     /// Who the caller `uid` (process `pid`) is.
-    fn principal(&self, uid: u32, pid: Option<i32>) -> Principal {
+    fn principal(&self, uid: u32, pid: i32) -> Principal {
         let who = self.policy.principal(uid);
-        if who == Principal::Runtime && self.launching.load(Ordering::SeqCst) {
-            let runtime = self.runtime_pid.load(Ordering::SeqCst);
-            if runtime == 0 || pid != Some(runtime) {
-                return Principal::Stranger;
-            }
+        if who == Principal::Runtime && self.launching.load(Ordering::SeqCst) && !is_my_child(pid) {
+            return Principal::Stranger;
         }
         who
     }
@@ -270,7 +276,8 @@ impl Server {
                 continue;
             };
             let uid = cred.uid.as_raw();
-            let who = self.principal(uid, Some(cred.pid.as_raw_nonzero().get()));
+            let pid = cred.pid.as_raw_nonzero().get();
+            let who = self.principal(uid, pid);
             if who == Principal::Stranger {
                 // Answered at once, nothing read: a stranger costs no
                 // thread, no buffer and no parse.
@@ -304,7 +311,7 @@ impl Server {
                 .name("keyd-conn".into())
                 .spawn(move || {
                     let _slot = Slot(counted.then_some(&me.connections));
-                    me.connection(&stream, uid, who);
+                    me.connection(&stream, uid, pid, who);
                 });
             if let Err(e) = spawned {
                 if counted {
@@ -315,9 +322,28 @@ impl Server {
         }
     }
 
-    fn connection(&self, stream: &UnixStream, uid: u32, who: Principal) {
+    fn connection(&self, stream: &UnixStream, uid: u32, pid: i32, who: Principal) {
         let _ = stream.set_write_timeout(Some(IDLE));
         loop {
+            if who == Principal::Runtime
+                && self.launching.load(Ordering::SeqCst)
+                && !is_my_child(pid)
+            {
+                // The runtime that connected has exited: whoever holds its
+                // connection now is not the runtime.
+                if self.throttle(who).allow() {
+                    tracing::warn!(
+                        uid,
+                        pid,
+                        "refused: the connection of a runtime that is gone; closed"
+                    );
+                }
+                let _ = edgeward_proto::write_frame(
+                    &mut &*stream,
+                    &fail(ErrorCode::Refused, "the runtime that connected is gone"),
+                );
+                return;
+            }
             let mut reader = Deadline {
                 stream,
                 deadline: Instant::now() + IDLE,
@@ -550,5 +576,35 @@ impl Server {
                 ),
             )
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_my_child;
+
+    #[test]
+    fn only_a_live_child_is_the_launched_runtime() {
+        let pid = |c: &std::process::Child| i32::try_from(c.id()).unwrap();
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
+        assert!(is_my_child(pid(&child)));
+        // Itself, its parent and init are not.
+        assert!(!is_my_child(i32::try_from(std::process::id()).unwrap()));
+        assert!(!is_my_child(1));
+        // Exited (a zombie until reaped), then reaped: no longer.
+        child.kill().unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while is_my_child(pid(&child)) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "a zombie is still a child"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        child.wait().unwrap();
+        assert!(!is_my_child(pid(&child)));
     }
 }
