@@ -11,33 +11,8 @@ use std::time::{Duration, Instant};
 use edgeward::hsm::{Hsm, pkcs11::Pkcs11Hsm, soft::SoftHsm, tpm::TpmHsm};
 use edgeward_tests::fixtures::{SoftHsmToken, Swtpm};
 
-#[derive(Clone, Copy)]
-struct Stats {
-    p50: Duration,
-    p99: Duration,
-}
-
-fn measure(n: usize, mut f: impl FnMut()) -> Stats {
-    for _ in 0..n / 10 + 1 {
-        f();
-    }
-    let mut v: Vec<Duration> = (0..n)
-        .map(|_| {
-            let t = Instant::now();
-            f();
-            t.elapsed()
-        })
-        .collect();
-    v.sort();
-    Stats {
-        p50: v[n / 2],
-        p99: v[(n * 99 / 100).min(n - 1)],
-    }
-}
-
-fn us(d: Duration) -> f64 {
-    d.as_secs_f64() * 1e6
-}
+mod common;
+use common::{Stats, measure, us};
 
 fn bench(h: &dyn Hsm, n: usize) -> [Option<Stats>; 3] {
     h.signing_key("device-ca").expect("signing key");

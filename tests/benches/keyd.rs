@@ -12,27 +12,11 @@ use std::time::{Duration, Instant};
 use edgeward::hsm::{Hsm, soft::SoftHsm};
 use edgeward::identity::{IdentityConfig, IdentityService, Profile};
 
-fn measure(n: usize, mut f: impl FnMut()) -> (Duration, Duration) {
-    for _ in 0..n / 10 + 1 {
-        f();
-    }
-    let mut v: Vec<Duration> = (0..n)
-        .map(|_| {
-            let t = Instant::now();
-            f();
-            t.elapsed()
-        })
-        .collect();
-    v.sort();
-    (v[n / 2], v[(n * 99 / 100).min(n - 1)])
-}
-
-fn us(d: Duration) -> f64 {
-    d.as_secs_f64() * 1e6
-}
+mod common;
+use common::{Stats, measure, us};
 
 /// (SVID issuance, a digest signature) p50/p99 with `hsm`.
-fn bench(hsm: Arc<dyn Hsm>, state: &Path, n: usize) -> [(Duration, Duration); 2] {
+fn bench(hsm: Arc<dyn Hsm>, state: &Path, n: usize) -> [Stats; 2] {
     let config = IdentityConfig {
         device_id: "gw-1".into(),
         ..IdentityConfig::default()
@@ -94,16 +78,16 @@ fn main() {
     for (i, op) in ["svid_issue", "sign_digest"].iter().enumerate() {
         println!(
             "{op:<14} {:>11.1} µs {:>11.1} µs {:>11.1} µs {:>11.1} µs",
-            us(a[i].0),
-            us(b[i].0),
-            us(a[i].1),
-            us(b[i].1)
+            us(a[i].p50),
+            us(b[i].p50),
+            us(a[i].p99),
+            us(b[i].p99)
         );
     }
     for (i, op) in ["svid_issue", "sign_digest"].iter().enumerate() {
         println!(
             "keyd_{op} ratio={:.2} (p50 through the key daemon / in process)",
-            us(b[i].0) / us(a[i].0)
+            us(b[i].p50) / us(a[i].p50)
         );
     }
     self_measurement(&keyd, dir.path());

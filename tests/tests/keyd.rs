@@ -372,6 +372,13 @@ fn children_of(pid: u32) -> Vec<u32> {
         .collect()
 }
 
+/// The one child of the key daemon `keyd_pid`: the runtime it launched.
+fn the_runtime(keyd_pid: u32) -> u32 {
+    let kids = children_of(keyd_pid);
+    assert_eq!(kids.len(), 1, "{kids:?}");
+    kids[0]
+}
+
 /// The records of an event log (JSON-SEQ).
 fn records(log: &str) -> Vec<serde_json::Value> {
     log.split('\x1e')
@@ -495,9 +502,7 @@ fn the_key_daemon_launches_the_runtime_measured_and_restarts_it() {
     let _reap = Reap(vec![keyd_pid]);
     // The runtime is the key daemon's child, under its own uid, with no
     // capabilities, confined.
-    let kids = children_of(keyd_pid);
-    assert_eq!(kids.len(), 1, "{kids:?}");
-    let runtime = kids[0];
+    let runtime = the_runtime(keyd_pid);
     assert_boxed_in(runtime);
     // Executed through a descriptor, it names itself.
     assert_eq!(
@@ -562,9 +567,8 @@ fn the_key_daemon_launches_the_runtime_measured_and_restarts_it() {
     d.wait_for("the runtime restarted", |out, _| {
         count(out, "who | spiffe_id=") >= 2
     });
-    let kids = children_of(keyd_pid);
-    assert_eq!(kids.len(), 1, "{kids:?}");
-    assert_ne!(kids[0], runtime);
+    let restarted = the_runtime(keyd_pid);
+    assert_ne!(restarted, runtime);
     let ev = evidence(&s, &state, &socket, &cfg, "evidence-2");
     let recs = records(&std::fs::read_to_string(ev.join("event.log")).unwrap());
     let exit = recs
@@ -582,7 +586,6 @@ fn the_key_daemon_launches_the_runtime_measured_and_restarts_it() {
     assert!(second["recnum"].as_u64() > exit["recnum"].as_u64());
 
     // SIGTERM to the key daemon: the runtime stops first, then it.
-    let restarted = kids[0];
     let (status, _, err) = d.terminate();
     assert!(status.success(), "{}", err.join("\n"));
     assert!(
@@ -609,10 +612,9 @@ fn a_runtime_that_stops_cleanly_stops_the_key_daemon_and_dies_with_it() {
     let (mut d, _, socket, _) = launch_keyd(&s);
     let keyd_pid = d.child.id();
     let _reap = Reap(vec![keyd_pid]);
-    let kids = children_of(keyd_pid);
-    assert_eq!(kids.len(), 1, "{kids:?}");
+    let runtime = the_runtime(keyd_pid);
     Command::new("kill")
-        .args(["-TERM", &kids[0].to_string()])
+        .args(["-TERM", &runtime.to_string()])
         .status()
         .unwrap();
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -638,12 +640,11 @@ fn a_runtime_that_stops_cleanly_stops_the_key_daemon_and_dies_with_it() {
     let (mut d, _, _, _) = launch_keyd(&s);
     let keyd_pid = d.child.id();
     let _reap = Reap(vec![keyd_pid]);
-    let kids = children_of(keyd_pid);
-    assert_eq!(kids.len(), 1, "{kids:?}");
+    let runtime = the_runtime(keyd_pid);
     d.child.kill().unwrap();
     d.child.wait().unwrap();
     let deadline = Instant::now() + Duration::from_secs(20);
-    while Path::new(&format!("/proc/{}", kids[0])).exists() {
+    while Path::new(&format!("/proc/{runtime}")).exists() {
         assert!(
             Instant::now() < deadline,
             "the runtime outlived its key daemon"

@@ -110,8 +110,13 @@ impl Launch {
             "args": self.args,
             "uid": self.uid,
             "gid": self.gid,
-            "env": self.env.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>(),
+            "env": self.env_lines(),
         })
+    }
+
+    /// The runtime's environment as `NAME=value` lines, as measured.
+    fn env_lines(&self) -> Vec<String> {
+        self.env.iter().map(|(k, v)| format!("{k}={v}")).collect()
     }
 }
 
@@ -215,7 +220,7 @@ fn measure(launch: &Launch, start: u64) -> Result<Measured, String> {
         "start": start,
         "uid": launch.uid,
         "gid": launch.gid,
-        "env": launch.env.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>(),
+        "env": launch.env_lines(),
     })];
     if let Some(cfg) = launch.config_file() {
         let f = open_nonblocking(&cfg).map_err(|e| {
@@ -517,15 +522,10 @@ impl Supervisor {
 /// The signals that stop the key daemon, its runtime first.
 const STOP_SIGNALS: [i32; 4] = [libc::SIGTERM, libc::SIGINT, libc::SIGHUP, libc::SIGQUIT];
 
-/// Blocks [`STOP_SIGNALS`] in this thread and every thread it starts
-/// afterwards, so that [`wait_for_stop`] receives them.
-///
-/// # Errors
-///
-/// The mask cannot be set.
-pub fn block_stop_signals() -> Result<(), String> {
-    // SAFETY: sigset_t is plain data, initialised by sigemptyset before
-    // use; pthread_sigmask changes only this thread's mask.
+/// The set of [`STOP_SIGNALS`].
+fn stop_set() -> libc::sigset_t {
+    // SAFETY: sigset_t is plain data; sigemptyset initialises it before
+    // sigaddset adds valid signal numbers.
     #[allow(unsafe_code)]
     unsafe {
         let mut set: libc::sigset_t = std::mem::zeroed();
@@ -533,6 +533,22 @@ pub fn block_stop_signals() -> Result<(), String> {
         for s in STOP_SIGNALS {
             libc::sigaddset(&mut set, s);
         }
+        set
+    }
+}
+
+/// Blocks [`STOP_SIGNALS`] in this thread and every thread it starts
+/// afterwards, so that [`wait_for_stop`] receives them.
+///
+/// # Errors
+///
+/// The mask cannot be set.
+pub fn block_stop_signals() -> Result<(), String> {
+    let set = stop_set();
+    // SAFETY: pthread_sigmask reads an initialised set and changes only
+    // this thread's mask.
+    #[allow(unsafe_code)]
+    unsafe {
         let rc = libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
         if rc != 0 {
             return Err(format!("cannot block the stop signals: error {rc}"));
@@ -544,14 +560,11 @@ pub fn block_stop_signals() -> Result<(), String> {
 /// Waits for SIGTERM or SIGINT (blocked by [`block_stop_signals`]);
 /// returns which.
 pub fn wait_for_stop() -> i32 {
-    // SAFETY: as in block_stop_signals; sigwait writes the signal number.
+    let set = stop_set();
+    // SAFETY: sigwait reads an initialised set and writes the signal
+    // number.
     #[allow(unsafe_code)]
     unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        for s in STOP_SIGNALS {
-            libc::sigaddset(&mut set, s);
-        }
         let mut sig = 0;
         loop {
             if libc::sigwait(&set, &mut sig) == 0 {
