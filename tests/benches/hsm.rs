@@ -6,7 +6,6 @@
 //! Run with `scripts/bench` (or `cargo bench -p edgeward-tests --bench hsm`).
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 use edgeward::hsm::{Hsm, pkcs11::Pkcs11Hsm, soft::SoftHsm, tpm::TpmHsm};
 use edgeward_tests::fixtures::{SoftHsmToken, Swtpm};
