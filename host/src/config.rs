@@ -345,7 +345,6 @@ impl RawHsm {
                 Err("hsm: tcti/pcr/module/token/pin_file do not apply to backend \"soft\"".into())
             }
             "soft" => Ok(HsmConfig::Soft),
-            #[cfg(feature = "tpm")]
             "tpm" => {
                 if pkcs11_fields {
                     return Err("hsm: module/token/pin_file do not apply to backend \"tpm\"".into());
@@ -363,7 +362,6 @@ impl RawHsm {
                     boot_pcrs: self.boot_pcrs,
                 }))
             }
-            #[cfg(feature = "pkcs11")]
             "pkcs11" => {
                 if tpm_fields {
                     return Err("hsm: tcti/pcr do not apply to backend \"pkcs11\"".into());
@@ -535,11 +533,9 @@ impl Config {
         let path = |p: &Path| p.display().to_string();
         let hsm = match &self.hsm {
             crate::hsm::HsmConfig::Soft => json!({"backend": "soft"}),
-            #[cfg(feature = "tpm")]
             crate::hsm::HsmConfig::Tpm(c) => {
                 json!({"backend": "tpm", "tcti": c.tcti, "pcr": c.pcr, "boot_pcrs": c.boot_pcrs})
             }
-            #[cfg(feature = "pkcs11")]
             crate::hsm::HsmConfig::Pkcs11(c) => json!({
                 "backend": "pkcs11",
                 "module": path(&c.module),

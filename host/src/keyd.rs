@@ -67,7 +67,7 @@ pub fn socket() -> Option<std::path::PathBuf> {
 /// holding another backend than the configuration names.
 pub fn open(config: &HsmConfig, state_dir: &Path) -> Result<Arc<dyn Hsm>, HsmError> {
     let Some(sock) = socket() else {
-        return crate::hsm::open(config, state_dir);
+        return edgeward_hsm_hw::open(config, state_dir);
     };
     let remote = edgeward_proto::RemoteHsm::connect(&sock)?;
     if remote.backend() != config.backend() {

@@ -7,7 +7,8 @@
 
 use std::sync::Arc;
 
-use edgeward::hsm::{Hsm, pkcs11::Pkcs11Hsm, soft::SoftHsm, tpm::TpmHsm};
+use edgeward::hsm::{Hsm, soft::SoftHsm};
+use edgeward_hsm_hw::{pkcs11::Pkcs11Hsm, tpm::TpmHsm};
 use edgeward_tests::fixtures::{SoftHsmToken, Swtpm};
 
 mod common;

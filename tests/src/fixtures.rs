@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 
 use cryptoki::session::UserType;
 use cryptoki::types::AuthPin;
-use edgeward::hsm::pkcs11::Pkcs11Config;
-use edgeward::hsm::tpm::TpmConfig;
+use edgeward_hsm_hw::pkcs11::Pkcs11Config;
+use edgeward_hsm_hw::tpm::TpmConfig;
 
 /// Where Debian's SoftHSM2 installs its PKCS#11 module.
 pub const SOFTHSM_MODULE: &str = "/usr/lib/softhsm/libsofthsm2.so";
@@ -236,7 +236,7 @@ impl Swtpm {
     pub fn config(&self) -> TpmConfig {
         TpmConfig {
             tcti: self.tcti(),
-            pcr: edgeward::hsm::tpm::DEFAULT_PCR,
+            pcr: edgeward_hsm_hw::tpm::DEFAULT_PCR,
             boot_pcrs: None,
         }
     }
@@ -310,8 +310,9 @@ impl SoftHsmToken {
     pub fn new() -> Self {
         static CREATED: AtomicU32 = AtomicU32::new(0);
         ensure_softhsm_conf();
-        let lib = edgeward::hsm::pkcs11::library(Path::new(SOFTHSM_MODULE)).expect("load SoftHSM2");
-        let _slots = edgeward::hsm::pkcs11::slot_lock();
+        let lib =
+            edgeward_hsm_hw::pkcs11::library(Path::new(SOFTHSM_MODULE)).expect("load SoftHSM2");
+        let _slots = edgeward_hsm_hw::pkcs11::slot_lock();
         let n = CREATED.fetch_add(1, Ordering::Relaxed);
         let mut nonce = [0u8; 4];
         getrandom::fill(&mut nonce).expect("random");

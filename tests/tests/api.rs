@@ -1178,7 +1178,7 @@ fn removal_on_pkcs11_destroys_the_token_key() {
         c.pin_file.display()
     );
     let registration_keys = || -> Vec<String> {
-        let hsm = edgeward::hsm::pkcs11::Pkcs11Hsm::open(token.config()).unwrap();
+        let hsm = edgeward_hsm_hw::pkcs11::Pkcs11Hsm::open(token.config()).unwrap();
         hsm.keys()
             .unwrap()
             .into_iter()

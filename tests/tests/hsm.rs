@@ -6,12 +6,12 @@
 
 use std::sync::Arc;
 
-use edgeward::hsm::pkcs11::Pkcs11Hsm;
 use edgeward::hsm::soft::SoftHsm;
-use edgeward::hsm::tpm::TpmHsm;
 use edgeward::hsm::{
     ErrorKind, Hsm, HsmError, Quote, extend_chain, soft_quote_message, verify_p256,
 };
+use edgeward_hsm_hw::pkcs11::Pkcs11Hsm;
+use edgeward_hsm_hw::tpm::TpmHsm;
 use edgeward_tests::fixtures::{SoftHsmToken, Swtpm};
 use sha2::{Digest as _, Sha256};
 
@@ -429,9 +429,9 @@ fn unreachable_tpm_is_a_clear_error() {
     let tcti = format!("swtpm:host=127.0.0.1,port={port}");
     let e = TpmHsm::open(
         dir.path(),
-        edgeward::hsm::tpm::TpmConfig {
+        edgeward_hsm_hw::tpm::TpmConfig {
             tcti: tcti.clone(),
-            pcr: edgeward::hsm::tpm::DEFAULT_PCR,
+            pcr: edgeward_hsm_hw::tpm::DEFAULT_PCR,
             boot_pcrs: None,
         },
     )

@@ -18,7 +18,7 @@ use std::sync::{Arc, Mutex};
 
 use aes::cipher::{BlockEncrypt as _, KeyInit as _};
 use edgeward::hsm::Hsm as _;
-use edgeward::hsm::tpm::{TpmConfig, TpmHsm, decode_blob, primary_template};
+use edgeward_hsm_hw::tpm::{TpmConfig, TpmHsm, decode_blob, primary_template};
 use edgeward_tests::fixtures::{Swtpm, free_port_pair};
 use sha2::{Digest as _, Sha256};
 
@@ -305,7 +305,7 @@ fn secrets_never_cross_the_tpm_bus_readably() {
     let state = tempfile::tempdir().unwrap();
     let config = TpmConfig {
         tcti: relay.tcti(),
-        pcr: edgeward::hsm::tpm::DEFAULT_PCR,
+        pcr: edgeward_hsm_hw::tpm::DEFAULT_PCR,
         boot_pcrs: None,
     };
     // The backend's work: create and unseal the AEAD key, create and use a
@@ -367,7 +367,7 @@ fn secrets_never_cross_the_tpm_bus_readably() {
             .unwrap()
             .try_into()
             .unwrap();
-        let auth = edgeward::hsm::tpm::object_auth(&secret, "master-encryption");
+        let auth = edgeward_hsm_hw::tpm::object_auth(&secret, "master-encryption");
         let _ = auth_value.set(auth.to_vec());
         ctx.tr_set_auth(
             h.into(),

@@ -16,11 +16,9 @@
 
 pub mod aead;
 pub mod measure;
-#[cfg(feature = "pkcs11")]
 pub mod pkcs11;
 pub mod soft;
 pub mod state;
-#[cfg(feature = "tpm")]
 pub mod tpm;
 
 use std::fmt;
@@ -54,14 +52,9 @@ pub fn boot_id() -> Result<String, String> {
     Ok(id.to_owned())
 }
 
-/// The backends this build includes.
-pub const BACKENDS: &[&str] = &[
-    "soft",
-    #[cfg(feature = "tpm")]
-    "tpm",
-    #[cfg(feature = "pkcs11")]
-    "pkcs11",
-];
+/// The backends a configuration may name (the key daemon opens the TPM
+/// and PKCS#11 ones: `edgeward-hsm-hw`).
+pub const BACKENDS: &[&str] = &["soft", "tpm", "pkcs11"];
 
 /// Version byte that starts every AEAD ciphertext the PAL produces.
 pub const AEAD_VERSION: u8 = aead::VERSION;
@@ -414,7 +407,7 @@ pub trait Hsm: Send + Sync + fmt::Debug {
 }
 
 /// Checks a key id, as every backend does first.
-pub(crate) fn check_id(backend: &'static str, op: Op, id: &str) -> Result<()> {
+pub fn check_id(backend: &'static str, op: Op, id: &str) -> Result<()> {
     if valid_key_id(id) {
         Ok(())
     } else {
@@ -430,7 +423,7 @@ pub(crate) fn check_id(backend: &'static str, op: Op, id: &str) -> Result<()> {
 }
 
 /// Checks AEAD and quote input sizes.
-pub(crate) fn check_len(
+pub fn check_len(
     backend: &'static str,
     op: Op,
     id: Option<&str>,
@@ -451,7 +444,7 @@ pub(crate) fn check_len(
 }
 
 /// Checks a quote nonce against [`MAX_NONCE`].
-pub(crate) fn check_nonce(backend: &'static str, key: &str, nonce: &[u8]) -> Result<()> {
+pub fn check_nonce(backend: &'static str, key: &str, nonce: &[u8]) -> Result<()> {
     check_len(
         backend,
         Op::Quote,
@@ -463,7 +456,7 @@ pub(crate) fn check_nonce(backend: &'static str, key: &str, nonce: &[u8]) -> Res
 }
 
 /// Checks `encrypt`'s inputs against [`MAX_AEAD_INPUT`].
-pub(crate) fn check_encrypt_input(
+pub fn check_encrypt_input(
     backend: &'static str,
     id: &str,
     plaintext: &[u8],
@@ -488,11 +481,7 @@ pub(crate) fn check_encrypt_input(
 }
 
 /// Checks `decrypt`'s input: at most what `encrypt` can produce.
-pub(crate) fn check_decrypt_input(
-    backend: &'static str,
-    id: &str,
-    ciphertext: &[u8],
-) -> Result<()> {
+pub fn check_decrypt_input(backend: &'static str, id: &str, ciphertext: &[u8]) -> Result<()> {
     check_len(
         backend,
         Op::Decrypt,
@@ -535,10 +524,8 @@ pub enum HsmConfig {
     #[default]
     Soft,
     /// TPM 2.0.
-    #[cfg(feature = "tpm")]
     Tpm(tpm::TpmConfig),
     /// A PKCS#11 token.
-    #[cfg(feature = "pkcs11")]
     Pkcs11(pkcs11::Pkcs11Config),
 }
 
@@ -547,27 +534,31 @@ impl HsmConfig {
     pub fn backend(&self) -> &'static str {
         match self {
             Self::Soft => "soft",
-            #[cfg(feature = "tpm")]
             Self::Tpm(_) => "tpm",
-            #[cfg(feature = "pkcs11")]
             Self::Pkcs11(_) => "pkcs11",
         }
     }
 }
 
-/// Opens the configured backend with its files under `state_dir`.
+/// Opens the `soft` backend with its files under `state_dir`. The TPM and
+/// PKCS#11 backends are `edgeward-hsm-hw`'s (`edgeward_hsm_hw::open`): a
+/// process that does not link them gets an error naming the backend.
 ///
 /// # Errors
 ///
 /// The backend's open error, naming the backend and what is unavailable.
 pub fn open(config: &HsmConfig, state_dir: &std::path::Path) -> Result<std::sync::Arc<dyn Hsm>> {
-    Ok(match config {
-        HsmConfig::Soft => std::sync::Arc::new(soft::SoftHsm::open(state_dir)?),
-        #[cfg(feature = "tpm")]
-        HsmConfig::Tpm(c) => std::sync::Arc::new(tpm::TpmHsm::open(state_dir, c.clone())?),
-        #[cfg(feature = "pkcs11")]
-        HsmConfig::Pkcs11(c) => std::sync::Arc::new(pkcs11::Pkcs11Hsm::open(c.clone())?),
-    })
+    match config {
+        HsmConfig::Soft => Ok(std::sync::Arc::new(soft::SoftHsm::open(state_dir)?)),
+        other => Err(HsmError::new(
+            other.backend(),
+            Op::ListKeys,
+            None,
+            ErrorKind::Unavailable(
+                "this process does not link the backend: the key daemon opens it".into(),
+            ),
+        )),
+    }
 }
 
 /// A SEC1 public point as a PEM SubjectPublicKeyInfo.

@@ -252,7 +252,7 @@ fn main() -> ExitCode {
         eprintln!("edgeward-keyd: {}: {e}", args.state.display());
         return ExitCode::from(1);
     }
-    let hsm = match edgeward_hsm::open(&args.hsm, &args.state) {
+    let hsm = match edgeward_hsm_hw::open(&args.hsm, &args.state) {
         Ok(h) => h,
         Err(e) => {
             eprintln!("edgeward-keyd: cannot open the HSM: {e}");
@@ -262,9 +262,7 @@ fn main() -> ExitCode {
     // The register it measures into, and this boot's log.
     let pcr = match &args.hsm {
         HsmConfig::Soft => Some(0),
-        #[cfg(feature = "tpm")]
         HsmConfig::Tpm(c) => Some(u32::from(c.pcr)),
-        #[cfg(feature = "pkcs11")]
         HsmConfig::Pkcs11(_) => None,
     };
     let measurements = match (pcr, edgeward_hsm::boot_id()) {

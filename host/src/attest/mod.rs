@@ -32,9 +32,7 @@ pub use crate::hsm::{BOOT_ID_ENV, BOOT_ID_FILE, boot_id};
 pub fn register_of(hsm: &crate::hsm::HsmConfig) -> Option<u32> {
     match hsm {
         crate::hsm::HsmConfig::Soft => Some(0),
-        #[cfg(feature = "tpm")]
         crate::hsm::HsmConfig::Tpm(c) => Some(u32::from(c.pcr)),
-        #[cfg(feature = "pkcs11")]
         crate::hsm::HsmConfig::Pkcs11(_) => None,
     }
 }

@@ -596,7 +596,6 @@ pub fn fs_policy(
     let mut p = crate::confine::FsPolicy::default();
     match &config.hsm {
         crate::hsm::HsmConfig::Soft => {}
-        #[cfg(feature = "tpm")]
         crate::hsm::HsmConfig::Tpm(t) => {
             // `device:/dev/tpmrm0`; the network TCTIs need no file.
             if let Some(dev) = t.tcti.strip_prefix("device:") {
@@ -608,7 +607,6 @@ pub fn fs_policy(
                 }));
             }
         }
-        #[cfg(feature = "pkcs11")]
         crate::hsm::HsmConfig::Pkcs11(c) => {
             return Err(format!(
                 "the PKCS#11 module {} reads and writes files of its own choosing",
