@@ -4,9 +4,20 @@
 //! ([`edgeward_proto::RemoteHsm`]): no key file, TPM or PKCS#11 module is
 //! opened here, and what the key daemon's principal table refuses this
 //! process's uid fails as an HSM error naming the refusal.
+//!
+//! This executable does not link the TPM or PKCS#11 backends (no libtss2,
+//! libcrypto or token module in a process that runs module code). Without
+//! `EDGEWARD_KEYD`, a process configured for one of them starts a
+//! **private key daemon** (`edgeward-keyd --private`, the executable next
+//! to this one) as its child, before it confines itself: the daemon holds
+//! the backend, serves only this user on a socket in the state dir
+//! (`keyd.<pid>.sock`) and stops when this process is gone. The soft
+//! backend opens in-process, as `edgeward run`'s ephemeral identity does.
 
-use std::path::Path;
-use std::sync::Arc;
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use crate::hsm::{ErrorKind, Hsm, HsmConfig, HsmError, Op};
 
@@ -50,24 +61,305 @@ fn launched_by(claim: Option<&str>, parent: Option<i32>) -> bool {
     }
 }
 
-/// The key daemon's socket, if this process is to use one.
-pub fn socket() -> Option<std::path::PathBuf> {
+/// The key daemon's socket, if this process is to use one: the one
+/// `EDGEWARD_KEYD` names, else its private key daemon's.
+pub fn socket() -> Option<PathBuf> {
     std::env::var_os(KEYD_ENV)
         .filter(|v| !v.is_empty())
-        .map(std::path::PathBuf::from)
+        .map(PathBuf::from)
+        .or_else(|| {
+            match &*PRIVATE
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+            {
+                PrivateState::Running(p) => Some(p.socket.clone()),
+                PrivateState::None | PrivateState::Failed(_) => None,
+            }
+        })
+}
+
+/// The private key daemon this process started.
+struct Private {
+    socket: PathBuf,
+    /// The write end of its standard input: closed when this process ends
+    /// (close-on-exec: no compile worker inherits it).
+    _lifeline: ChildStdin,
+}
+
+/// This process's private key daemon: none started yet, running, or one
+/// that failed to start (its error is every later open's: a confined
+/// process cannot start another).
+enum PrivateState {
+    None,
+    Running(Private),
+    Failed(HsmError),
+}
+
+static PRIVATE: Mutex<PrivateState> = Mutex::new(PrivateState::None);
+
+/// How long a private key daemon may take to answer (a TPM creates its
+/// storage primary at open: seconds on a slow part).
+const PRIVATE_START: Duration = Duration::from_secs(30);
+
+/// The key daemon's executable: next to this one, else where the package
+/// installs it.
+fn keyd_executable() -> Result<PathBuf, String> {
+    let beside = std::env::current_exe()
+        .ok()
+        .and_then(|e| e.parent().map(|d| d.join("edgeward-keyd")));
+    let installed = PathBuf::from("/usr/libexec/edgeward/edgeward-keyd");
+    beside
+        .into_iter()
+        .chain([installed])
+        .find(|p| p.is_file())
+        .ok_or_else(|| {
+            "edgeward-keyd is neither next to this executable nor in /usr/libexec/edgeward".into()
+        })
+}
+
+/// The arguments that give a key daemon `config`'s backend.
+fn backend_args(config: &HsmConfig) -> Vec<std::ffi::OsString> {
+    let mut a: Vec<std::ffi::OsString> = vec!["--hsm".into(), config.backend().into()];
+    match config {
+        HsmConfig::Soft => {}
+        HsmConfig::Tpm(t) => {
+            a.extend(["--tcti".into(), t.tcti.clone().into()]);
+            a.extend(["--pcr".into(), t.pcr.to_string().into()]);
+            if let Some(b) = &t.boot_pcrs {
+                let list: Vec<String> = b.iter().map(u8::to_string).collect();
+                a.extend(["--boot-pcrs".into(), list.join(",").into()]);
+            }
+        }
+        HsmConfig::Pkcs11(p) => {
+            a.extend(["--module".into(), p.module.clone().into_os_string()]);
+            a.extend(["--token".into(), p.token.clone().into()]);
+            a.extend(["--pin-file".into(), p.pin_file.clone().into_os_string()]);
+        }
+    }
+    a
+}
+
+/// Starts the private key daemon that holds `config`'s backend for this
+/// process, unless it needs none (the soft backend, `EDGEWARD_KEYD` set)
+/// or has one. The daemon calls it before it confines itself: the key
+/// daemon is not held to the runtime's Landlock ruleset (it opens the TPM
+/// device or the token's files).
+///
+/// # Errors
+///
+/// No `edgeward-keyd` executable; it could not start, or exited, or did not
+/// answer within 30 s (its own error is on standard error).
+pub fn start_private(
+    config: &HsmConfig,
+    state_dir: &Path,
+    identity: &crate::identity::IdentityConfig,
+) -> Result<(), HsmError> {
+    let mut private = PRIVATE
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    match &*private {
+        PrivateState::Running(_) => return Ok(()),
+        PrivateState::Failed(e) => return Err(e.clone()),
+        PrivateState::None => {}
+    }
+    if matches!(config, HsmConfig::Soft)
+        || std::env::var_os(KEYD_ENV).is_some_and(|v| !v.is_empty())
+    {
+        return Ok(());
+    }
+    match spawn_private(config, state_dir, identity) {
+        Ok(p) => {
+            *private = PrivateState::Running(p);
+            Ok(())
+        }
+        Err(why) => {
+            let e = HsmError::new(
+                config.backend(),
+                Op::ListKeys,
+                None,
+                ErrorKind::Unavailable(format!("the private key daemon: {why}")),
+            );
+            *private = PrivateState::Failed(e.clone());
+            Err(e)
+        }
+    }
+}
+
+fn spawn_private(
+    config: &HsmConfig,
+    state_dir: &Path,
+    identity: &crate::identity::IdentityConfig,
+) -> Result<Private, String> {
+    let exe = keyd_executable()?;
+    let socket = state_dir.join(format!("keyd.{}.sock", std::process::id()));
+    let mut cmd = Command::new(&exe);
+    cmd.arg("--private")
+        .arg("--state")
+        .arg(state_dir)
+        .arg("--socket")
+        .arg(&socket)
+        .arg("--device-id")
+        .arg(&identity.device_id)
+        .arg("--trust-domain")
+        .arg(&identity.trust_domain)
+        .args(backend_args(config))
+        .env_remove(KEYD_ENV)
+        .env_remove(LAUNCHER_ENV)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    // Its own process group: a terminal's Ctrl-C stops this process,
+    // which stops it in order.
+    std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| format!("cannot start {}: {e}", exe.display()))?;
+    let lifeline = child.stdin.take().ok_or("no standard input")?;
+    let log = child.stderr.take().map(relay_stderr);
+    // What it said before it answered: part of the error if it never does.
+    let said = |log: &Option<Arc<Mutex<Option<String>>>>| -> String {
+        let Some(log) = log else {
+            return String::new();
+        };
+        let held = log
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take()
+            .unwrap_or_default();
+        let held = held.trim();
+        if held.is_empty() {
+            String::new()
+        } else {
+            format!(": {held}")
+        }
+    };
+    let started = Instant::now();
+    loop {
+        if std::os::unix::net::UnixStream::connect(&socket).is_ok() {
+            break;
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            // Its last words reach the pipe before it exits; the relay
+            // may not have read them yet.
+            std::thread::sleep(Duration::from_millis(20));
+            return Err(format!("{} exited ({status}){}", exe.display(), said(&log)));
+        }
+        if started.elapsed() > PRIVATE_START {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(format!(
+                "{} did not answer within {} s{}",
+                exe.display(),
+                PRIVATE_START.as_secs(),
+                said(&log)
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // Started: what it held back goes out now, and what it says next as
+    // it says it.
+    if let Some(log) = &log {
+        let mut held = log
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(text) = held.take() {
+            use std::io::Write as _;
+            let _ = std::io::stderr().write_all(text.as_bytes());
+        }
+    }
+    tracing::info!(
+        pid = child.id(),
+        socket = %socket.display(),
+        backend = config.backend(),
+        "private key daemon started: the backend is outside this process"
+    );
+    watch_private(child);
+    Ok(Private {
+        socket,
+        _lifeline: lifeline,
+    })
+}
+
+/// Relays the private key daemon's standard error to this process's. Until
+/// the daemon answers, its lines are held (`Some`): they are the reason if
+/// it never does, and nothing a caller that never needs the HSM sees.
+fn relay_stderr(pipe: std::process::ChildStderr) -> Arc<Mutex<Option<String>>> {
+    use std::io::{BufRead as _, Write as _};
+    /// At most this much is held while the daemon starts.
+    const HELD: usize = 16 * 1024;
+    let held = Arc::new(Mutex::new(Some(String::new())));
+    let relay = Arc::clone(&held);
+    let spawned = std::thread::Builder::new()
+        .name("keyd-stderr".into())
+        .spawn(move || {
+            let mut lines = std::io::BufReader::new(pipe);
+            let mut line = Vec::new();
+            loop {
+                line.clear();
+                match lines.read_until(b'\n', &mut line) {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => {}
+                }
+                let mut held = relay
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                match held.as_mut() {
+                    Some(text) if text.len() < HELD => {
+                        text.push_str(&String::from_utf8_lossy(&line));
+                    }
+                    Some(_) => {}
+                    None => {
+                        let _ = std::io::stderr().write_all(&line);
+                    }
+                }
+            }
+        });
+    if spawned.is_err() {
+        // No relay: nothing is held, and the pipe's end is dropped (the
+        // daemon's writes then fail, not block).
+        *held
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = None;
+    }
+    held
+}
+
+/// A process whose key daemon died cannot sign, seal or measure: it stops,
+/// for its service manager to start it again, rather than serve without
+/// its keys.
+fn watch_private(mut child: Child) {
+    let spawned = std::thread::Builder::new()
+        .name("keyd-watch".into())
+        .spawn(move || {
+            let status = child.wait();
+            tracing::error!(
+                status = ?status,
+                "the private key daemon exited: this process has no HSM; stopping"
+            );
+            std::process::exit(70);
+        });
+    if let Err(e) = spawned {
+        tracing::warn!(error = %e, "cannot watch the private key daemon");
+    }
 }
 
 /// The HSM `config` names: the key daemon's when `EDGEWARD_KEYD` is set
-/// (its backend must be the configured one), else the backend itself with
-/// its files under `state_dir`.
+/// (its backend must be the configured one), else the soft backend with its
+/// files under `state_dir`, or a private key daemon holding the TPM or
+/// PKCS#11 backend for `identity`'s device (see [`start_private`]).
 ///
 /// # Errors
 ///
 /// The backend's open error; the key daemon unreachable, refusing, or
 /// holding another backend than the configuration names.
-pub fn open(config: &HsmConfig, state_dir: &Path) -> Result<Arc<dyn Hsm>, HsmError> {
+pub fn open(
+    config: &HsmConfig,
+    state_dir: &Path,
+    identity: &crate::identity::IdentityConfig,
+) -> Result<Arc<dyn Hsm>, HsmError> {
+    start_private(config, state_dir, identity)?;
     let Some(sock) = socket() else {
-        return edgeward_hsm_hw::open(config, state_dir);
+        return crate::hsm::open(config, state_dir);
     };
     let remote = edgeward_proto::RemoteHsm::connect(&sock)?;
     if remote.backend() != config.backend() {

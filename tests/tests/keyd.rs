@@ -694,3 +694,135 @@ fn the_key_daemon_does_not_launch_what_others_can_change() {
     assert!(std::os::unix::net::UnixStream::connect(&keyd.socket).is_ok());
     keyd.stop();
 }
+
+/// Whether `pid` is running (not gone, not a zombie waiting to be reaped).
+fn running(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            s.rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().next().map(|st| st != "Z"))
+        })
+        .unwrap_or(false)
+}
+
+/// The runtime links no TPM stack. Configured for the TPM, the daemon
+/// starts a private key daemon (`edgeward-keyd --private`, its child)
+/// before it confines itself: the key daemon maps libtss2 and holds the
+/// TPM, the runtime maps no libtss2 and its modules' keys come through the
+/// key daemon. Killed, the runtime takes its key daemon with it (socket
+/// removed), and the next start opens the TPM again.
+#[test]
+fn the_runtime_maps_no_tpm_stack_its_private_key_daemon_holds_the_tpm() {
+    let needed = |p: &Path| {
+        let o = Command::new("readelf").arg("-d").arg(p).output().unwrap();
+        assert!(o.status.success(), "readelf -d {}", p.display());
+        stdout(&o)
+    };
+    assert!(!needed(Path::new(EDGEWARD)).contains("libtss2"));
+    assert!(needed(&keyd_binary()).contains("libtss2-esys"));
+
+    let tpm = edgeward_tests::fixtures::Swtpm::start();
+    let s = Scratch::new();
+    let cfg = format!(
+        "[hsm]\nbackend = \"tpm\"\ntcti = \"{}\"\n{}",
+        tpm.tcti(),
+        config(&[("alpha", "vault", "never")])
+    );
+    let mut d = Daemon::start(&s, &cfg);
+    d.wait_for("alpha | vault-seal ok", |out, _| {
+        out.iter().any(|l| l.contains("alpha | vault-seal ok"))
+    });
+    let runtime = d.child.id();
+    let comm = |pid: u32| std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+    let keyd: Vec<u32> = children_of(runtime)
+        .into_iter()
+        .filter(|p| comm(*p).trim() == "edgeward-keyd")
+        .collect();
+    assert_eq!(keyd.len(), 1, "{:?}", children_of(runtime));
+    let keyd = keyd[0];
+    let _reap = Reap(vec![keyd]);
+    let maps = |pid: u32| std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
+    assert!(
+        !maps(runtime).contains("libtss2"),
+        "the runtime maps libtss2"
+    );
+    assert!(maps(keyd).contains("libtss2-esys"));
+    let cmdline = std::fs::read(format!("/proc/{keyd}/cmdline")).unwrap();
+    assert!(
+        cmdline.split(|b| *b == 0).any(|a| a == b"--private"),
+        "{}",
+        String::from_utf8_lossy(&cmdline)
+    );
+    // Its socket is in the state dir, the runtime's user's alone.
+    let socket = s.state().join(format!("keyd.{runtime}.sock"));
+    assert!(socket.exists(), "{}", socket.display());
+    // No key file in the runtime's state dir: the TPM holds the keys.
+    assert!(!s.state().join("hsm").exists());
+    // Another local user cannot reach it (the state dir is the runtime's
+    // user's alone; the key daemon's principals are its own user and root).
+    {
+        use std::os::unix::process::CommandExt as _;
+        let o = Command::new("python3")
+            .args([
+                "-c",
+                "import socket, sys\nsocket.socket(socket.AF_UNIX).connect(sys.argv[1])",
+            ])
+            .arg(&socket)
+            .uid(4242)
+            .gid(4242)
+            .output()
+            .unwrap();
+        assert!(!o.status.success());
+        assert!(stderr(&o).contains("Permission denied"), "{}", stderr(&o));
+    }
+
+    // Killed (no clean stop): the key daemon sees its parent gone.
+    d.child.kill().unwrap();
+    d.child.wait().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while running(keyd) {
+        assert!(
+            Instant::now() < deadline,
+            "the private key daemon outlived its runtime"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(!socket.exists(), "the private key daemon left its socket");
+
+    // The TPM was released: the next daemon opens it and alpha's sealed
+    // data opens with the TPM-held keys.
+    let mut d = Daemon::start(&s, &cfg);
+    d.wait_for("alpha | vault-open ok", |out, _| {
+        out.iter().any(|l| l.contains("alpha | vault-open ok"))
+    });
+    let (status, _, err) = d.terminate();
+    assert!(status.success(), "{err:?}");
+}
+
+/// A private key daemon that cannot start stops the daemon with its
+/// reason: the daemon does not fall back to keys of its own.
+#[test]
+fn a_private_key_daemon_that_cannot_start_stops_the_daemon_with_its_reason() {
+    let s = Scratch::new();
+    let cfg = format!(
+        "[hsm]\nbackend = \"tpm\"\ntcti = \"swtpm:host=127.0.0.1,port=1\"\n{}",
+        config(&[("alpha", "vault", "never")])
+    );
+    let o = s
+        .edgeward()
+        .arg("daemon")
+        .arg("--config")
+        .arg(s.write("config.toml", &cfg))
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    let err = stderr(&o);
+    assert!(
+        err.contains("hsm backend tpm") && err.contains("the private key daemon"),
+        "{err}"
+    );
+    // Its own words (the TPM's error) are in the reason.
+    assert!(err.contains("edgeward-keyd exited"), "{err}");
+    assert!(!s.state().join("hsm").exists());
+}

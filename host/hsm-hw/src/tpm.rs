@@ -80,6 +80,8 @@ struct Inner {
     primary: KeyHandle,
     /// HMAC session salted with `primary`, encrypting parameters both ways.
     salted: AuthSession,
+    /// Whether the session and primary were flushed ([`Hsm::close`]).
+    released: bool,
 }
 
 impl Inner {
@@ -148,12 +150,22 @@ fn policy_error(op: Op, id: &str, pcrs: &[u8], e: tss_esapi::Error) -> HsmError 
     }
 }
 
-impl Drop for Inner {
-    fn drop(&mut self) {
+impl Inner {
+    /// Flushes the session and the primary (once).
+    fn release(&mut self) {
+        if std::mem::replace(&mut self.released, true) {
+            return;
+        }
         let _ = self
             .ctx
             .flush_context(SessionHandle::from(self.salted).into());
         let _ = self.ctx.flush_context(self.primary.into());
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.release();
     }
 }
 
@@ -540,6 +552,7 @@ impl TpmHsm {
             ctx,
             primary,
             salted,
+            released: false,
         };
         let auth_secret = load_auth_secret(&dir.join("auth.secret"))
             .map_err(|m| err(op, None, ErrorKind::Backend(m)))?;
@@ -806,6 +819,13 @@ fn null_ticket() -> tss_esapi::Result<HashcheckTicket> {
 }
 
 impl Hsm for TpmHsm {
+    fn close(&self) {
+        self.inner
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .release();
+    }
+
     fn backend(&self) -> &'static str {
         BACKEND
     }

@@ -399,6 +399,13 @@ pub trait Hsm: Send + Sync + fmt::Debug {
         false
     }
 
+    /// Releases what the backend holds in its device before the process
+    /// exits (a TPM's loaded storage primary and session: without a
+    /// resource manager they would stay loaded and fill the TPM's slots).
+    /// Waits for an operation in flight; later calls may fail. For a
+    /// process that exits while other threads still hold the backend.
+    fn close(&self) {}
+
     /// Destroys key `id` (every object of that id); returns whether there
     /// was one.
     fn destroy_key(&self, id: &str) -> Result<bool> {

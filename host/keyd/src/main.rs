@@ -11,8 +11,8 @@ use edgeward_keyd::server::Server;
 
 const USAGE: &str = "usage: edgeward-keyd --state DIR --socket PATH --device-id ID [--runtime-uid UID]...
        [--trust-domain NAME] [--max-leaf-ttl SECS] [--max-jwt-key-ttl SECS]
-       [--hsm soft | --hsm tpm [--tcti TCTI] [--pcr N] | --hsm pkcs11 --module PATH --token LABEL --pin-file PATH]
-       [--launch EXE [--runtime-gid GID] -- ARGS...]";
+       [--hsm soft | --hsm tpm [--tcti TCTI] [--pcr N] [--boot-pcrs N,N...] | --hsm pkcs11 --module PATH --token LABEL --pin-file PATH]
+       [--launch EXE [--runtime-gid GID] -- ARGS... | --private]";
 
 #[derive(Debug)]
 struct Args {
@@ -21,6 +21,10 @@ struct Args {
     hsm: HsmConfig,
     policy: Policy,
     launch: Option<Launch>,
+    /// The helper of the process that started it (`--private`): serves
+    /// only its own user, does not measure itself, and stops when its
+    /// standard input closes (its parent gone).
+    private: bool,
 }
 
 fn parse(mut it: impl Iterator<Item = String>) -> Result<Args, String> {
@@ -28,6 +32,7 @@ fn parse(mut it: impl Iterator<Item = String>) -> Result<Args, String> {
     let mut socket = None;
     let mut backend = "soft".to_owned();
     let (mut tcti, mut pcr, mut module, mut token, mut pin_file) = (None, None, None, None, None);
+    let (mut boot_pcrs, mut private) = (None, false);
     let (mut launch_exe, mut runtime_gid, mut launch_args) = (None, None, None);
     let owner = rustix::process::geteuid().as_raw();
     // Its own user may do everything: not one that stands for many.
@@ -78,6 +83,19 @@ fn parse(mut it: impl Iterator<Item = String>) -> Result<Args, String> {
             "--hsm" => backend = value()?,
             "--tcti" => tcti = Some(value()?),
             "--pcr" => pcr = Some(value()?),
+            "--boot-pcrs" => {
+                let v = value()?;
+                let list = v
+                    .split(',')
+                    .filter(|p| !p.is_empty())
+                    .map(|p| p.parse::<u8>().ok().filter(|p| *p <= 23))
+                    .collect::<Option<Vec<u8>>>()
+                    .ok_or_else(|| {
+                        format!("--boot-pcrs {v:?}: PCR numbers 0..=23, comma-separated")
+                    })?;
+                boot_pcrs = Some(list);
+            }
+            "--private" => private = true,
             "--module" => module = Some(PathBuf::from(value()?)),
             "--token" => token = Some(value()?),
             "--pin-file" => pin_file = Some(PathBuf::from(value()?)),
@@ -130,7 +148,7 @@ fn parse(mut it: impl Iterator<Item = String>) -> Result<Args, String> {
                     .filter(|p| *p <= 23)
                     .ok_or_else(|| format!("--pcr {p:?}: 0..=23"))?,
             },
-            boot_pcrs: None,
+            boot_pcrs,
         }),
         #[cfg(feature = "pkcs11")]
         "pkcs11" => HsmConfig::Pkcs11(edgeward_hsm::pkcs11::Pkcs11Config {
@@ -141,9 +159,15 @@ fn parse(mut it: impl Iterator<Item = String>) -> Result<Args, String> {
         other => return Err(format!("--hsm {other:?}: soft, tpm or pkcs11")),
     };
     #[cfg(not(feature = "tpm"))]
-    let _ = (tcti, pcr);
+    let _ = (tcti, pcr, boot_pcrs);
     #[cfg(not(feature = "pkcs11"))]
     let _ = (module, token, pin_file);
+    if private && (launch_exe.is_some() || launch_args.is_some() || !policy.runtime_uids.is_empty())
+    {
+        return Err(
+            "--private serves only its own user: it takes no --launch or --runtime-uid".into(),
+        );
+    }
     let launch = match (launch_exe, launch_args) {
         (Some(exe), args) => {
             let uid = policy.runtime_uids.first().copied();
@@ -186,6 +210,7 @@ fn parse(mut it: impl Iterator<Item = String>) -> Result<Args, String> {
         hsm,
         policy,
         launch,
+        private,
     })
 }
 
@@ -225,7 +250,7 @@ fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_max_level(level)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr)
+        .with_writer(|| edgeward_proto::QuietStderr)
         .init();
     let args = match parse(std::env::args().skip(1)) {
         Ok(a) => a,
@@ -286,7 +311,9 @@ fn main() -> ExitCode {
     }
     // The first event of this start: the key daemon itself, and what it
     // was told to be.
-    if server.measures() {
+    // A private key daemon is a part of the process that started it,
+    // which measures itself.
+    if server.measures() && !args.private {
         let config = serde_json::json!({
             "backend": args.hsm.backend(),
             "device_id": args.policy.device_id,
@@ -365,6 +392,28 @@ fn main() -> ExitCode {
         runtime_uids = ?args.policy.runtime_uids,
         "key daemon ready"
     );
+    if args.private {
+        let socket = socket.clone();
+        let server = server.clone();
+        let lifeline = std::thread::Builder::new()
+            .name("keyd-lifeline".into())
+            .spawn(move || {
+                // Its parent holds the other end of standard input: EOF is
+                // the parent gone (however it ended).
+                let mut buf = [0u8; 64];
+                while matches!(std::io::Read::read(&mut std::io::stdin(), &mut buf), Ok(n) if n > 0)
+                {
+                }
+                let _ = std::fs::remove_file(&socket);
+                server.close();
+                tracing::info!("its parent is gone: private key daemon stopped");
+                std::process::exit(0);
+            });
+        if let Err(e) = lifeline {
+            eprintln!("edgeward-keyd: cannot watch its parent: {e}");
+            return ExitCode::from(1);
+        }
+    }
     let Some(launch) = args.launch else {
         server.serve(&listener);
         return ExitCode::from(1);
@@ -379,7 +428,7 @@ fn main() -> ExitCode {
         eprintln!("edgeward-keyd: cannot start serving: {e}");
         return ExitCode::from(1);
     }
-    let supervisor = Supervisor::new(launch, args.socket.clone(), server);
+    let supervisor = Supervisor::new(launch, args.socket.clone(), server.clone());
     let supervising = {
         let s = supervisor.clone();
         std::thread::Builder::new()
@@ -410,6 +459,48 @@ fn main() -> ExitCode {
     }
     let _ = supervising.join();
     let _ = std::fs::remove_file(socket);
+    server.close();
     tracing::info!("key daemon stopped");
     ExitCode::SUCCESS
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    fn args(extra: &[&str]) -> Result<Args, String> {
+        let base = ["--state", "/s", "--socket", "/s/k.sock", "--device-id", "d"];
+        parse(base.iter().chain(extra).map(|s| (*s).to_owned()))
+    }
+
+    #[test]
+    fn private_serves_its_own_user_only() {
+        assert!(args(&["--private"]).unwrap().private);
+        assert!(!args(&[]).unwrap().private);
+        let e = args(&["--private", "--runtime-uid", "1234"]).unwrap_err();
+        assert!(e.contains("--private serves only its own user"), "{e}");
+        let e = args(&["--private", "--launch", "/bin/true", "--"]).unwrap_err();
+        assert!(e.contains("--private"), "{e}");
+    }
+
+    #[cfg(feature = "tpm")]
+    #[test]
+    fn boot_pcrs_are_pcr_numbers() {
+        let a = args(&["--hsm", "tpm", "--boot-pcrs", "0,2,7"]).unwrap();
+        let HsmConfig::Tpm(t) = a.hsm else {
+            panic!("{:?}", a.hsm)
+        };
+        assert_eq!(t.boot_pcrs, Some(vec![0, 2, 7]));
+        for bad in ["24", "0,x", "-1", "0,,300"] {
+            let e = args(&["--hsm", "tpm", "--boot-pcrs", bad]).unwrap_err();
+            assert!(e.contains("--boot-pcrs"), "{bad}: {e}");
+        }
+        // Without it, none are checked.
+        let HsmConfig::Tpm(t) = args(&["--hsm", "tpm"]).unwrap().hsm else {
+            panic!()
+        };
+        assert_eq!(t.boot_pcrs, None);
+    }
 }

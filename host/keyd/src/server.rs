@@ -561,6 +561,12 @@ impl Server {
         }
     }
 
+    /// Releases what the HSM holds in its device (see
+    /// [`edgeward_hsm::Hsm::close`]), as the key daemon exits.
+    pub fn close(&self) {
+        self.hsm.close();
+    }
+
     /// Whether this key daemon keeps a measurement log.
     pub fn measures(&self) -> bool {
         self.measurements.is_some()

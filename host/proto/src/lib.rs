@@ -24,6 +24,25 @@ mod client;
 
 pub use client::RemoteHsm;
 
+/// Standard error for a log that may outlive its reader (a private key
+/// daemon's parent gone, a journal restarted): a write that fails is
+/// dropped. `tracing-subscriber` reports a failed write with `eprintln!`,
+/// which panics the thread that logged.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct QuietStderr;
+
+impl std::io::Write for QuietStderr {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let _ = std::io::stderr().write_all(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        let _ = std::io::stderr().flush();
+        Ok(())
+    }
+}
+
 /// The protocol version this build speaks.
 pub const VERSION: u32 = 1;
 

@@ -247,7 +247,7 @@ fn directly(
         "attestation is not supported on the pkcs11 backend: a PKCS#11 token has no \
          measurement register to quote",
     )?;
-    let hsm = crate::keyd::open(&cfg.hsm, &state_dir).map_err(|e| e.to_string())?;
+    let hsm = crate::keyd::open(&cfg.hsm, &state_dir, &cfg.identity).map_err(|e| e.to_string())?;
     let m = crate::attest::Measurer::new(hsm, &state_dir, pcr)?;
     m.attest(&cfg.identity.device_id, nonce, credential, from)
 }

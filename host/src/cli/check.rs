@@ -359,7 +359,7 @@ fn cache_check(cfg: Option<&crate::config::Config>, state_dir: &Path, daemon: bo
     let Some(cache) = runtime.cache() else {
         return pass("cache", "off");
     };
-    if let Err(e) = super::unlock_cache(&runtime, &cfg.hsm, state_dir) {
+    if let Err(e) = super::unlock_cache(&runtime, &cfg.hsm, state_dir, &cfg.identity) {
         return not_ok(
             "cache",
             Verdict::Fail,
@@ -409,7 +409,8 @@ fn hsm_check(cfg: Option<&crate::config::Config>, state_dir: &Path) -> Check {
             "soft: not set up yet (the daemon does at its first start)",
         );
     }
-    let hsm = match crate::keyd::open(&hsm_config, state_dir) {
+    let identity = cfg.map(|c| c.identity.clone()).unwrap_or_default();
+    let hsm = match crate::keyd::open(&hsm_config, state_dir, &identity) {
         Ok(h) => h,
         Err(e) => {
             return not_ok(

@@ -331,7 +331,7 @@ fn init_logging(default: &str) {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr)
+        .with_writer(|| edgeward_proto::QuietStderr)
         .try_init();
 }
 
@@ -522,11 +522,14 @@ fn unlock_cache(
     runtime: &Runtime,
     hsm: &crate::hsm::HsmConfig,
     state_dir: &std::path::Path,
+    identity: &crate::identity::IdentityConfig,
 ) -> Result<(), String> {
     match (runtime.cache(), crate::config::cache_key(hsm)) {
-        (Some(cache), crate::runtime::cache::CacheKey::Hsm) => crate::keyd::open(hsm, state_dir)
-            .map_err(|e| e.to_string())
-            .and_then(|h| cache.unlock(h.as_ref())),
+        (Some(cache), crate::runtime::cache::CacheKey::Hsm) => {
+            crate::keyd::open(hsm, state_dir, identity)
+                .map_err(|e| e.to_string())
+                .and_then(|h| cache.unlock(h.as_ref()))
+        }
         _ => Ok(()),
     }
 }
@@ -553,7 +556,7 @@ fn compile_command(
         Ok(r) => r,
         Err(e) => return fail(format!("{e:#}"), 1),
     };
-    if let Err(e) = unlock_cache(&runtime, &cfg.hsm, &state_dir) {
+    if let Err(e) = unlock_cache(&runtime, &cfg.hsm, &state_dir, &cfg.identity) {
         return fail(
             format!(
                 "the cache key is wrapped by the HSM and cannot be unwrapped: {e} (a daemon on a TPM holds it: stop it first)"
@@ -689,7 +692,8 @@ fn measure_events(
     let hsm_config = cfg.map(|c| c.hsm.clone()).unwrap_or_default();
     let pcr = crate::attest::register_of(&hsm_config)
         .ok_or("the pkcs11 backend has no measurement register")?;
-    let hsm = crate::keyd::open(&hsm_config, state_dir).map_err(|e| e.to_string())?;
+    let identity = cfg.map(|c| c.identity.clone()).unwrap_or_default();
+    let hsm = crate::keyd::open(&hsm_config, state_dir, &identity).map_err(|e| e.to_string())?;
     let m = crate::attest::Measurer::new(hsm, state_dir, pcr)?;
     let mut all = vec![crate::attest::executable_event()?];
     all.extend(events);
@@ -747,6 +751,15 @@ fn run_command(state_flag: Option<PathBuf>, args: RunArgs) -> ExitCode {
         Err(e) => return fail(e, EXIT_REFUSED),
     };
 
+    // A TPM or PKCS#11 backend is held by a key daemon of its own, started
+    // before this process confines itself. One that cannot start does not
+    // stop a module that never asks for its identity: the error is the
+    // answer to the first that does (and is logged then).
+    if let Some(c) = &cfg
+        && let Err(e) = crate::keyd::start_private(&c.hsm, &state_dir, &c.identity)
+    {
+        tracing::debug!(error = %e, "no private key daemon");
+    }
     // Before any module is read (see crate::confine).
     confine("run");
     // Timers (the deadline) are checked after every poll of the module,
@@ -760,6 +773,7 @@ fn run_command(state_flag: Option<PathBuf>, args: RunArgs) -> ExitCode {
         Err(e) => return fail(format!("cannot start the async runtime: {e}"), 1),
     };
     let hsm_config = cfg.as_ref().map(|c| c.hsm.clone()).unwrap_or_default();
+    let identity = cfg.as_ref().map(|c| c.identity.clone()).unwrap_or_default();
     rt.block_on(async move {
         let runtime = match Runtime::new(&RuntimeOptions {
             engine: EngineOptions {
@@ -784,7 +798,7 @@ fn run_command(state_flag: Option<PathBuf>, args: RunArgs) -> ExitCode {
             Err(e) => return fail(format!("{e:#}"), EXIT_REFUSED),
         };
         // The HSM is closed again before the identity opens it.
-        if let Err(e) = unlock_cache(&runtime, &hsm_config, &state_dir) {
+        if let Err(e) = unlock_cache(&runtime, &hsm_config, &state_dir, &identity) {
             eprintln!("edgeward: warning: the compiled-artifact cache is off for this run: {e}");
         }
         // Measured once; the signature checked on those bytes before
@@ -922,7 +936,7 @@ fn open_identity(
 ) -> Result<std::sync::Arc<crate::identity::IdentityService>, crate::identity::IdentityError> {
     let hsm_config = cfg.map(|c| c.hsm.clone()).unwrap_or_default();
     let identity_config = cfg.map(|c| c.identity.clone()).unwrap_or_default();
-    let hsm = crate::keyd::open(&hsm_config, state_dir)?;
+    let hsm = crate::keyd::open(&hsm_config, state_dir, &identity_config)?;
     crate::identity::IdentityService::open(hsm, identity_config, state_dir)
 }
 
@@ -988,7 +1002,7 @@ fn csr_command(
     let hsm_config = cfg.as_ref().map(|c| c.hsm.clone()).unwrap_or_default();
     let id = cfg.as_ref().map(|c| c.identity.clone()).unwrap_or_default();
     // The HSM alone: the device CA's certificate may not exist yet.
-    let hsm = match crate::keyd::open(&hsm_config, &state_dir) {
+    let hsm = match crate::keyd::open(&hsm_config, &state_dir, &id) {
         Ok(h) => h,
         Err(e) => return fail(e, 1),
     };
@@ -1040,8 +1054,8 @@ fn deregister_command(
     let hsm = match own_key {
         None => None,
         Some(key) => {
-            let config = cfg.map(|c| c.hsm).unwrap_or_default();
-            match crate::keyd::open(&config, &state_dir) {
+            let cfg = cfg.unwrap_or_else(Config::empty);
+            match crate::keyd::open(&cfg.hsm, &state_dir, &cfg.identity) {
                 Ok(h) => Some(h),
                 Err(e) => {
                     eprintln!(
@@ -1102,7 +1116,8 @@ fn hsm_info(state_flag: Option<PathBuf>, config_flag: Option<PathBuf>, json: boo
         Err(code) => return code,
     };
     let hsm_config = cfg.as_ref().map(|c| c.hsm.clone()).unwrap_or_default();
-    let hsm = match crate::keyd::open(&hsm_config, &state_dir) {
+    let identity = cfg.as_ref().map(|c| c.identity.clone()).unwrap_or_default();
+    let hsm = match crate::keyd::open(&hsm_config, &state_dir, &identity) {
         Ok(h) => h,
         Err(e) => return fail(e, 1),
     };
@@ -1172,22 +1187,21 @@ fn confine(command: &str) {
 fn landlock_daemon(cfg: &Config, state_dir: &std::path::Path, socket: &std::path::Path) {
     let without = "running WITHOUT Landlock: code that escapes a module can reach any file \
                    this user can";
-    match daemon::fs_policy(cfg, state_dir, socket).map(|p| crate::confine::landlock(&p)) {
-        Ok(Ok(crate::confine::Landlocked::Fully)) => {
+    match crate::confine::landlock(&daemon::fs_policy(cfg, state_dir, socket)) {
+        Ok(crate::confine::Landlocked::Fully) => {
             tracing::debug!("landlocked: the state dir, the configured files, system code");
         }
-        Ok(Ok(crate::confine::Landlocked::Partially)) => tracing::warn!(
+        Ok(crate::confine::Landlocked::Partially) => tracing::warn!(
             "Landlock holds only partly: this kernel lacks some of its rights (device \
              ioctls, truncation, renames across directories, or signal scoping)"
         ),
-        Ok(Ok(crate::confine::Landlocked::Not)) => {
+        Ok(crate::confine::Landlocked::Not) => {
             tracing::warn!(
                 reason = "this kernel has no Landlock, or it is disabled",
                 "{without}"
             );
         }
-        Ok(Err(e)) => tracing::warn!(reason = %e, "{without}"),
-        Err(reason) => tracing::warn!(%reason, "{without}"),
+        Err(e) => tracing::warn!(reason = %e, "{without}"),
     }
 }
 
@@ -1211,6 +1225,11 @@ fn daemon_command(state_flag: Option<PathBuf>, args: DaemonArgs) -> ExitCode {
         return fail(format!("{}: {e}", state_dir.display()), 1);
     }
     if let Err(e) = crate::api::prepare_dir(&socket, cfg.api.group) {
+        return fail(e, 1);
+    }
+    // A TPM or PKCS#11 backend is held by a key daemon of its own, started
+    // before Landlock and seccomp hold this process.
+    if let Err(e) = crate::keyd::start_private(&cfg.hsm, &state_dir, &cfg.identity) {
         return fail(e, 1);
     }
     landlock_daemon(&cfg, &state_dir, &socket);

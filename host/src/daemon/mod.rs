@@ -470,7 +470,7 @@ async fn open_identity(
         state_dir.to_owned(),
     );
     let identity = tokio::task::spawn_blocking(move || {
-        let hsm = crate::keyd::open(&hsm_config, &dir)?;
+        let hsm = crate::keyd::open(&hsm_config, &dir, &identity_config)?;
         crate::identity::IdentityService::open(hsm, identity_config, &dir)
             .map_err(anyhow::Error::from)
     })
@@ -580,40 +580,11 @@ async fn start_deployment(
 
 /// What the daemon's Landlock ruleset allows (see [`crate::confine`]):
 /// its state dir, what its configuration names, system code, and the
-/// files name resolution and the kernel interfaces need. `Err` says why
-/// this configuration cannot be held to one.
-///
-/// # Errors
-///
-/// A PKCS#11 backend: its module reads and writes files of its own
-/// choosing (SoftHSM's token directory, a vendor's logs), which the daemon
-/// cannot name.
-pub fn fs_policy(
-    config: &Config,
-    state_dir: &Path,
-    socket: &Path,
-) -> Result<crate::confine::FsPolicy, String> {
+/// files name resolution and the kernel interfaces need. Nothing of a TPM
+/// or PKCS#11 backend: the key daemon opens the device, or the token's
+/// module and its files (see [`crate::keyd`]), so every backend is held.
+pub fn fs_policy(config: &Config, state_dir: &Path, socket: &Path) -> crate::confine::FsPolicy {
     let mut p = crate::confine::FsPolicy::default();
-    match &config.hsm {
-        crate::hsm::HsmConfig::Soft => {}
-        crate::hsm::HsmConfig::Tpm(t) => {
-            // `device:/dev/tpmrm0`; the network TCTIs need no file.
-            if let Some(dev) = t.tcti.strip_prefix("device:") {
-                let dev = dev.split(',').next().unwrap_or(dev);
-                p.devices.push(PathBuf::from(if dev.is_empty() {
-                    "/dev/tpmrm0"
-                } else {
-                    dev
-                }));
-            }
-        }
-        crate::hsm::HsmConfig::Pkcs11(c) => {
-            return Err(format!(
-                "the PKCS#11 module {} reads and writes files of its own choosing",
-                c.module.display()
-            ));
-        }
-    }
     p.read_write.push(state_dir.to_owned());
     if let Some(dir) = socket.parent() {
         p.sockets.push(dir.to_owned());
@@ -680,7 +651,7 @@ pub fn fs_policy(
         }
         p.read_only.extend(c.local_sources.iter().cloned());
     }
-    Ok(p)
+    p
 }
 
 #[cfg(test)]
