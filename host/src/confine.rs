@@ -436,6 +436,20 @@ pub fn landlock(policy: &FsPolicy) -> Result<Landlocked, ConfineError> {
         Access, AccessFs, Ruleset, RulesetAttr, RulesetCreatedAttr, RulesetStatus, Scope,
         path_beneath_rules,
     };
+    // A thread already running would stay outside the ruleset.
+    let threads = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|st| {
+            st.lines()
+                .find_map(|l| l.strip_prefix("Threads:"))
+                .and_then(|n| n.trim().parse::<u32>().ok())
+        })
+        .unwrap_or(0);
+    if threads > 1 {
+        return Err(ConfineError(format!(
+            "{threads} threads run already: Landlock would bind only the calling one"
+        )));
+    }
     let abi = LANDLOCK_ABI;
     let all = AccessFs::from_all(abi);
     let read = AccessFs::ReadFile | AccessFs::ReadDir;

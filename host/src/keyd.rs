@@ -84,6 +84,11 @@ struct Private {
     /// The write end of its standard input: closed when this process ends
     /// (close-on-exec: no compile worker inherits it).
     _lifeline: ChildStdin,
+    /// The daemon and its standard error until [`watch_private`] starts
+    /// the threads that wait for it and relay what it says: after this
+    /// process confined itself (Landlock binds only the threads started
+    /// after it).
+    unwatched: Option<(Child, std::process::ChildStderr)>,
 }
 
 /// This process's private key daemon: none started yet, running, or one
@@ -102,8 +107,15 @@ static PRIVATE: Mutex<PrivateState> = Mutex::new(PrivateState::None);
 const PRIVATE_START: Duration = Duration::from_secs(30);
 
 /// The key daemon's executable: next to this one, else where the package
-/// installs it.
+/// installs it. Only a file that root or this user alone can change, in a
+/// directory the same holds for, is taken: a binary another user dropped
+/// beside `edgeward` (in `/tmp`, say) would run with this user's keys.
 fn keyd_executable() -> Result<PathBuf, String> {
+    use std::os::unix::fs::MetadataExt as _;
+    let me = rustix::process::geteuid().as_raw();
+    let held = |p: &Path| {
+        std::fs::metadata(p).is_ok_and(|m| (m.uid() == 0 || m.uid() == me) && m.mode() & 0o022 == 0)
+    };
     let beside = std::env::current_exe()
         .ok()
         .and_then(|e| e.parent().map(|d| d.join("edgeward-keyd")));
@@ -111,9 +123,11 @@ fn keyd_executable() -> Result<PathBuf, String> {
     beside
         .into_iter()
         .chain([installed])
-        .find(|p| p.is_file())
+        .find(|p| p.is_file() && held(p) && p.parent().is_some_and(held))
         .ok_or_else(|| {
-            "edgeward-keyd is neither next to this executable nor in /usr/libexec/edgeward".into()
+            "no edgeward-keyd that only root or this user can change, next to this executable \
+             or in /usr/libexec/edgeward"
+                .into()
         })
 }
 
@@ -190,6 +204,9 @@ fn spawn_private(
     state_dir: &Path,
     identity: &crate::identity::IdentityConfig,
 ) -> Result<Private, String> {
+    use std::io::{Read as _, Write as _};
+    /// At most this much of what it says is held while it starts.
+    const HELD: usize = 16 * 1024;
     let exe = keyd_executable()?;
     let socket = state_dir.join(format!("keyd.{}.sock", std::process::id()));
     let mut cmd = Command::new(&exe);
@@ -215,120 +232,111 @@ fn spawn_private(
         .spawn()
         .map_err(|e| format!("cannot start {}: {e}", exe.display()))?;
     let lifeline = child.stdin.take().ok_or("no standard input")?;
-    let log = child.stderr.take().map(relay_stderr);
-    // What it said before it answered: part of the error if it never does.
-    let said = |log: &Option<Arc<Mutex<Option<String>>>>| -> String {
-        let Some(log) = log else {
-            return String::new();
-        };
-        let held = log
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .take()
-            .unwrap_or_default();
-        let held = held.trim();
-        if held.is_empty() {
+    let mut stderr = child.stderr.take().ok_or("no standard error")?;
+    // Read here, not by a thread: no thread may exist before this process
+    // confines itself.
+    rustix::io::ioctl_fionbio(&stderr, true).map_err(|e| format!("its standard error: {e}"))?;
+    let mut held = Vec::new();
+    let mut drain = |held: &mut Vec<u8>| {
+        let mut buf = [0u8; 4096];
+        while let Ok(n @ 1..) = stderr.read(&mut buf) {
+            let room = HELD.saturating_sub(held.len()).min(n);
+            held.extend_from_slice(&buf[..room]);
+        }
+    };
+    let reason = |held: &[u8]| -> String {
+        let text = String::from_utf8_lossy(held);
+        let text = text.trim();
+        if text.is_empty() {
             String::new()
         } else {
-            format!(": {held}")
+            format!(": {text}")
         }
     };
     let started = Instant::now();
     loop {
+        drain(&mut held);
         if std::os::unix::net::UnixStream::connect(&socket).is_ok() {
             break;
         }
         if let Ok(Some(status)) = child.try_wait() {
-            // Its last words reach the pipe before it exits; the relay
-            // may not have read them yet.
-            std::thread::sleep(Duration::from_millis(20));
-            return Err(format!("{} exited ({status}){}", exe.display(), said(&log)));
+            // Exited: its last words are in the pipe, whose write end is
+            // closed (it starts nothing that could hold it).
+            drain(&mut held);
+            return Err(format!(
+                "{} exited ({status}){}",
+                exe.display(),
+                reason(&held)
+            ));
         }
         if started.elapsed() > PRIVATE_START {
             let _ = child.kill();
             let _ = child.wait();
+            drain(&mut held);
             return Err(format!(
                 "{} did not answer within {} s{}",
                 exe.display(),
                 PRIVATE_START.as_secs(),
-                said(&log)
+                reason(&held)
             ));
         }
         std::thread::sleep(Duration::from_millis(5));
     }
-    // Started: what it held back goes out now, and what it says next as
-    // it says it.
-    if let Some(log) = &log {
-        let mut held = log
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if let Some(text) = held.take() {
-            use std::io::Write as _;
-            let _ = std::io::stderr().write_all(text.as_bytes());
-        }
-    }
+    // Started: what it said goes out now; what it says next, once
+    // watch_private relays it.
+    let _ = std::io::stderr().write_all(&held);
+    rustix::io::ioctl_fionbio(&stderr, false).map_err(|e| format!("its standard error: {e}"))?;
     tracing::info!(
         pid = child.id(),
         socket = %socket.display(),
         backend = config.backend(),
         "private key daemon started: the backend is outside this process"
     );
-    watch_private(child);
     Ok(Private {
         socket,
         _lifeline: lifeline,
+        unwatched: Some((child, stderr)),
     })
 }
 
-/// Relays the private key daemon's standard error to this process's. Until
-/// the daemon answers, its lines are held (`Some`): they are the reason if
-/// it never does, and nothing a caller that never needs the HSM sees.
-fn relay_stderr(pipe: std::process::ChildStderr) -> Arc<Mutex<Option<String>>> {
-    use std::io::{BufRead as _, Write as _};
-    /// At most this much is held while the daemon starts.
-    const HELD: usize = 16 * 1024;
-    let held = Arc::new(Mutex::new(Some(String::new())));
-    let relay = Arc::clone(&held);
-    let spawned = std::thread::Builder::new()
+/// Starts the threads that relay the private key daemon's standard error
+/// and stop this process if it dies, once: call it after this process has
+/// confined itself (it is also called by [`open`]). Until then the daemon
+/// writes into its pipe (its start-up lines were relayed already).
+pub fn watch_private() {
+    let unwatched = match &mut *PRIVATE
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+    {
+        PrivateState::Running(p) => p.unwatched.take(),
+        PrivateState::None | PrivateState::Failed(_) => None,
+    };
+    let Some((mut child, stderr)) = unwatched else {
+        return;
+    };
+    let relay = std::thread::Builder::new()
         .name("keyd-stderr".into())
         .spawn(move || {
-            let mut lines = std::io::BufReader::new(pipe);
+            use std::io::{BufRead as _, Write as _};
+            let mut lines = std::io::BufReader::new(stderr);
             let mut line = Vec::new();
             loop {
                 line.clear();
                 match lines.read_until(b'\n', &mut line) {
                     Ok(0) | Err(_) => return,
-                    Ok(_) => {}
-                }
-                let mut held = relay
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner);
-                match held.as_mut() {
-                    Some(text) if text.len() < HELD => {
-                        text.push_str(&String::from_utf8_lossy(&line));
-                    }
-                    Some(_) => {}
-                    None => {
+                    Ok(_) => {
                         let _ = std::io::stderr().write_all(&line);
                     }
                 }
             }
         });
-    if spawned.is_err() {
-        // No relay: nothing is held, and the pipe's end is dropped (the
-        // daemon's writes then fail, not block).
-        *held
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = None;
+    if let Err(e) = relay {
+        tracing::warn!(error = %e, "cannot relay the private key daemon's log");
     }
-    held
-}
-
-/// A process whose key daemon died cannot sign, seal or measure: it stops,
-/// for its service manager to start it again, rather than serve without
-/// its keys.
-fn watch_private(mut child: Child) {
-    let spawned = std::thread::Builder::new()
+    // A process whose key daemon died cannot sign, seal or measure: it
+    // stops, for its service manager to start it again, rather than serve
+    // without its keys.
+    let watch = std::thread::Builder::new()
         .name("keyd-watch".into())
         .spawn(move || {
             let status = child.wait();
@@ -338,7 +346,7 @@ fn watch_private(mut child: Child) {
             );
             std::process::exit(70);
         });
-    if let Err(e) = spawned {
+    if let Err(e) = watch {
         tracing::warn!(error = %e, "cannot watch the private key daemon");
     }
 }
@@ -358,6 +366,7 @@ pub fn open(
     identity: &crate::identity::IdentityConfig,
 ) -> Result<Arc<dyn Hsm>, HsmError> {
     start_private(config, state_dir, identity)?;
+    watch_private();
     let Some(sock) = socket() else {
         return crate::hsm::open(config, state_dir);
     };

@@ -798,6 +798,13 @@ fn the_runtime_maps_no_tpm_stack_its_private_key_daemon_holds_the_tpm() {
     });
     let (status, _, err) = d.terminate();
     assert!(status.success(), "{err:?}");
+    // Starting the key daemon started no thread before Landlock (it binds
+    // only the threads started after it): the daemon is held in full.
+    assert!(
+        !err.iter().any(|l| l.contains("WITHOUT Landlock")),
+        "{}",
+        err.join("\n")
+    );
 }
 
 /// A private key daemon that cannot start stops the daemon with its
@@ -824,5 +831,40 @@ fn a_private_key_daemon_that_cannot_start_stops_the_daemon_with_its_reason() {
     );
     // Its own words (the TPM's error) are in the reason.
     assert!(err.contains("edgeward-keyd exited"), "{err}");
+    assert!(
+        err.contains("exited (exit status: 1): ")
+            && err.contains("edgeward-keyd: cannot open the HSM"),
+        "{err}"
+    );
     assert!(!s.state().join("hsm").exists());
+}
+
+/// A key daemon executable that another user could have put beside
+/// `edgeward` (a directory others can write) is not started.
+#[test]
+fn a_key_daemon_others_could_have_placed_is_not_started() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let s = Scratch::new();
+    let dir = s.path().join("shared");
+    std::fs::create_dir(&dir).unwrap();
+    std::fs::copy(EDGEWARD, dir.join("edgeward")).unwrap();
+    std::fs::copy(keyd_binary(), dir.join("edgeward-keyd")).unwrap();
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o1777)).unwrap();
+    let cfg = s.write(
+        "config.toml",
+        "[hsm]\nbackend = \"tpm\"\ntcti = \"swtpm:host=127.0.0.1,port=1\"\n",
+    );
+    let o = Command::new(dir.join("edgeward"))
+        .args(["hsm", "info", "--state-dir"])
+        .arg(s.state())
+        .arg("--config")
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("no edgeward-keyd that only root or this user can change"),
+        "{}",
+        stderr(&o)
+    );
 }

@@ -762,6 +762,8 @@ fn run_command(state_flag: Option<PathBuf>, args: RunArgs) -> ExitCode {
     }
     // Before any module is read (see crate::confine).
     confine("run");
+    // Its threads start confined.
+    crate::keyd::watch_private();
     // Timers (the deadline) are checked after every poll of the module,
     // not every 61 polls of up to an epoch slice each.
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -1234,6 +1236,8 @@ fn daemon_command(state_flag: Option<PathBuf>, args: DaemonArgs) -> ExitCode {
     }
     landlock_daemon(&cfg, &state_dir, &socket);
     confine("daemon");
+    // Its threads start confined.
+    crate::keyd::watch_private();
     // Modules are tasks whose polls last up to an epoch slice (10 ms). With
     // tokio's default of checking timers and I/O every 61 polls, a busy
     // worker would let a neighbour's timer wait over half a second; check
