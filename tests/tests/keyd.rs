@@ -16,6 +16,9 @@ use common::*;
 
 const PROBE: &str = guests::IDENTITY_PROBE;
 
+/// A configuration for a TPM nothing answers for (port 1 on loopback).
+const UNREACHABLE_TPM: &str = "[hsm]\nbackend = \"tpm\"\ntcti = \"swtpm:host=127.0.0.1,port=1\"\n";
+
 /// `edgeward-keyd` beside the binary under test (`cargo test --workspace`
 /// builds it; `cargo build -p edgeward-keyd` does too).
 fn keyd_binary() -> PathBuf {
@@ -143,10 +146,7 @@ fn a_backend_other_than_the_configured_one_is_refused() {
         .edgeward()
         .env("EDGEWARD_KEYD", &keyd.socket)
         .args(["hsm", "info", "--config"])
-        .arg(s.write(
-            "config.toml",
-            "[hsm]\nbackend = \"tpm\"\ntcti = \"swtpm:host=127.0.0.1,port=1\"\n",
-        ))
+        .arg(s.write("config.toml", UNREACHABLE_TPM))
         .output()
         .unwrap();
     assert!(!o.status.success());
@@ -813,7 +813,7 @@ fn the_runtime_maps_no_tpm_stack_its_private_key_daemon_holds_the_tpm() {
 fn a_private_key_daemon_that_cannot_start_stops_the_daemon_with_its_reason() {
     let s = Scratch::new();
     let cfg = format!(
-        "[hsm]\nbackend = \"tpm\"\ntcti = \"swtpm:host=127.0.0.1,port=1\"\n{}",
+        "{UNREACHABLE_TPM}{}",
         config(&[("alpha", "vault", "never")])
     );
     let o = s
@@ -850,10 +850,7 @@ fn a_key_daemon_others_could_have_placed_is_not_started() {
     std::fs::copy(EDGEWARD, dir.join("edgeward")).unwrap();
     std::fs::copy(keyd_binary(), dir.join("edgeward-keyd")).unwrap();
     std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o1777)).unwrap();
-    let cfg = s.write(
-        "config.toml",
-        "[hsm]\nbackend = \"tpm\"\ntcti = \"swtpm:host=127.0.0.1,port=1\"\n",
-    );
+    let cfg = s.write("config.toml", UNREACHABLE_TPM);
     let o = Command::new(dir.join("edgeward"))
         .args(["hsm", "info", "--state-dir"])
         .arg(s.state())
