@@ -865,3 +865,62 @@ fn a_key_daemon_others_could_have_placed_is_not_started() {
         stderr(&o)
     );
 }
+
+/// A private key daemon stops when its parent ends even while a process
+/// the parent forked keeps its end of the lifeline pipe open (what an
+/// escaped module that forks could try, to keep the key daemon serving
+/// after the runtime is gone). The parent here starts the key daemon,
+/// waits until it serves and exits; this test holds the pipe.
+#[test]
+fn a_private_key_daemon_stops_with_its_parent_though_a_fork_holds_its_lifeline() {
+    let s = Scratch::new();
+    let state = s.path().join("private");
+    std::fs::create_dir(&state).unwrap();
+    let socket = state.join("keyd.sock");
+    let (reader, writer) = std::io::pipe().unwrap();
+    let o = Command::new("python3")
+        .args([
+            "-c",
+            "import subprocess, sys, os, time
+p = subprocess.Popen(sys.argv[2:], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+for _ in range(400):
+    if os.path.exists(sys.argv[1]): break
+    time.sleep(0.05)
+else:
+    sys.exit('the key daemon did not start')
+print(p.pid)",
+        ])
+        .arg(&socket)
+        .arg(keyd_binary())
+        .arg("--state")
+        .arg(&state)
+        .arg("--socket")
+        .arg(&socket)
+        .args(["--device-id", "d", "--private"])
+        .stdin(reader)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let keyd: u32 = stdout(&o).trim().parse().unwrap();
+    struct Kill(u32);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = Command::new("kill")
+                .args(["-KILL", &self.0.to_string()])
+                .status();
+        }
+    }
+    let _kill = Kill(keyd);
+    assert!(running(keyd));
+    // This process holds the pipe's other end all along.
+    let _held = writer;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while running(keyd) {
+        assert!(
+            Instant::now() < deadline,
+            "the private key daemon outlived its parent while the pipe stayed open"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(!socket.exists(), "the private key daemon left its socket");
+}

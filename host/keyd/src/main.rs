@@ -214,6 +214,52 @@ fn parse(mut it: impl Iterator<Item = String>) -> Result<Args, String> {
     })
 }
 
+/// A pidfd of this process's parent, checked to be the parent still
+/// (a pid read with getppid may be reused once the parent is gone; the
+/// pidfd opened afterwards is the parent's only if getppid still says so).
+fn parent_pidfd() -> Result<std::os::fd::OwnedFd, String> {
+    let ppid = rustix::process::getppid().ok_or("its parent is already gone")?;
+    let fd = rustix::process::pidfd_open(ppid, rustix::process::PidfdFlags::empty())
+        .map_err(|e| format!("no pidfd for its parent {}: {e}", ppid.as_raw_nonzero()))?;
+    if rustix::process::getppid() != Some(ppid) {
+        return Err("its parent is already gone".into());
+    }
+    Ok(fd)
+}
+
+/// Returns when the parent is gone: its pidfd becomes readable when it
+/// exits, and its end of standard input closes with it. Either ends the
+/// wait: a process the parent forked keeps the pipe open, not the parent
+/// alive, and a parent that closed the pipe is done with its key daemon.
+fn watch_parent(parent: Option<std::os::fd::OwnedFd>) {
+    use rustix::event::{PollFd, PollFlags, poll};
+    let stdin = std::io::stdin();
+    let mut buf = [0u8; 64];
+    loop {
+        let (stdin_ready, parent_ready) = {
+            let mut fds = vec![PollFd::new(&stdin, PollFlags::IN)];
+            if let Some(p) = &parent {
+                fds.push(PollFd::new(p, PollFlags::IN));
+            }
+            match poll(&mut fds, None) {
+                Ok(_) => {}
+                Err(rustix::io::Errno::INTR) => continue,
+                Err(_) => return,
+            }
+            let ready = |f: &PollFd<'_>| !f.revents().is_empty();
+            (ready(&fds[0]), fds.get(1).is_some_and(ready))
+        };
+        if parent_ready {
+            return;
+        }
+        if stdin_ready
+            && !matches!(std::io::Read::read(&mut std::io::stdin(), &mut buf), Ok(n) if n > 0)
+        {
+            return;
+        }
+    }
+}
+
 /// nobody and the overflow ids.
 fn is_overflow(uid: u32) -> bool {
     uid == 65534 || uid == u32::MAX || uid == u32::from(u16::MAX)
@@ -258,6 +304,19 @@ fn main() -> ExitCode {
             eprintln!("edgeward-keyd: {e}\n{USAGE}");
             return ExitCode::from(2);
         }
+    };
+    // The parent a private key daemon belongs to, taken before anything
+    // else: its pidfd is how it knows the parent ended.
+    let parent = if args.private {
+        match parent_pidfd() {
+            Ok(fd) => Some(fd),
+            Err(e) => {
+                eprintln!("edgeward-keyd: {e}");
+                return ExitCode::from(1);
+            }
+        }
+    } else {
+        None
     };
     // Before any thread starts: SIGTERM, SIGINT, SIGHUP and SIGQUIT are
     // then received by sigwait in the main thread alone (the launcher stops
@@ -398,12 +457,7 @@ fn main() -> ExitCode {
         let lifeline = std::thread::Builder::new()
             .name("keyd-lifeline".into())
             .spawn(move || {
-                // Its parent holds the other end of standard input: EOF is
-                // the parent gone (however it ended).
-                let mut buf = [0u8; 64];
-                while matches!(std::io::Read::read(&mut std::io::stdin(), &mut buf), Ok(n) if n > 0)
-                {
-                }
+                watch_parent(parent);
                 let _ = std::fs::remove_file(&socket);
                 server.close();
                 tracing::info!("its parent is gone: private key daemon stopped");
