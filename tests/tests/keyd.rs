@@ -67,7 +67,20 @@ impl Keyd {
         }
     }
 
+    /// SIGTERM, as a service manager stops it (it releases the TPM's
+    /// objects: a simulator has no resource manager to flush what a
+    /// SIGKILLed one left), then SIGKILL if it has not ended.
     fn stop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if matches!(self.child.try_wait(), Ok(Some(_))) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
@@ -76,6 +89,62 @@ impl Keyd {
 impl Drop for Keyd {
     fn drop(&mut self) {
         self.stop();
+    }
+}
+
+/// The HSM a key daemon under test holds: the soft backend, a TPM
+/// simulator or a SoftHSM2 token.
+enum Hw {
+    Soft,
+    Tpm(edgeward_tests::fixtures::Swtpm),
+    Pkcs11(edgeward_tests::fixtures::SoftHsmToken),
+}
+
+impl Hw {
+    fn tpm() -> Self {
+        Self::Tpm(edgeward_tests::fixtures::Swtpm::start())
+    }
+
+    fn pkcs11() -> Self {
+        Self::Pkcs11(edgeward_tests::fixtures::SoftHsmToken::new())
+    }
+
+    /// The key daemon's arguments for it.
+    fn keyd_args(&self) -> Vec<String> {
+        match self {
+            Self::Soft => Vec::new(),
+            Self::Tpm(t) => vec!["--hsm".into(), "tpm".into(), "--tcti".into(), t.tcti()],
+            Self::Pkcs11(t) => vec![
+                "--hsm".into(),
+                "pkcs11".into(),
+                "--module".into(),
+                edgeward_tests::fixtures::SOFTHSM_MODULE.into(),
+                "--token".into(),
+                t.label.clone(),
+                "--pin-file".into(),
+                t.pin_file.display().to_string(),
+            ],
+        }
+    }
+
+    /// The runtime's `[hsm]` section naming the same backend.
+    fn toml(&self) -> String {
+        match self {
+            Self::Soft => String::new(),
+            Self::Tpm(t) => format!("[hsm]\nbackend = \"tpm\"\ntcti = \"{}\"\n", t.tcti()),
+            Self::Pkcs11(t) => format!(
+                "[hsm]\nbackend = \"pkcs11\"\nmodule = \"{}\"\ntoken = \"{}\"\npin_file = \"{}\"\n",
+                edgeward_tests::fixtures::SOFTHSM_MODULE,
+                t.label,
+                t.pin_file.display()
+            ),
+        }
+    }
+
+    fn start_keyd(&self, dir: &Path) -> Keyd {
+        let args = self.keyd_args();
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        Keyd::start_with(dir, "dev-1", &args)
     }
 }
 
@@ -159,12 +228,31 @@ fn a_backend_other_than_the_configured_one_is_refused() {
 
 #[test]
 fn modules_outlive_the_key_daemon_and_the_runtime_reconnects() {
+    modules_outlive_the_key_daemon(&Hw::Soft);
+}
+
+#[test]
+fn modules_outlive_the_key_daemon_on_a_tpm() {
+    modules_outlive_the_key_daemon(&Hw::tpm());
+}
+
+#[test]
+fn modules_outlive_the_key_daemon_on_a_pkcs11_token() {
+    modules_outlive_the_key_daemon(&Hw::pkcs11());
+}
+
+/// The key daemon goes away while the runtime serves a module: the
+/// module keeps its schedule and signs every reading and carries its
+/// token (with what the runtime already holds); the key daemon comes back
+/// and the runtime's next operation that needs it reconnects.
+fn modules_outlive_the_key_daemon(hw: &Hw) {
     let s = Scratch::new();
-    let mut keyd = Keyd::start(s.path(), "dev-1");
+    let mut keyd = hw.start_keyd(s.path());
     let env = [("EDGEWARD_KEYD", keyd.socket.to_str().unwrap())];
     let sensor = guests::TEMPERATURE_SENSOR;
     let cfg = format!(
-        "[identity]\ndevice_id = \"dev-1\"\n\n[[module]]\nname = \"neighbour\"\nfile = \"{sensor}\"\ndigest = \"{}\"\nenv = {{ INTERVAL_MS = \"100\", SENSOR_ID = \"neighbour\" }}\n",
+        "{}[identity]\ndevice_id = \"dev-1\"\n\n[[module]]\nname = \"neighbour\"\nfile = \"{sensor}\"\ndigest = \"{}\"\nenv = {{ INTERVAL_MS = \"100\", SENSOR_ID = \"neighbour\" }}\n",
+        hw.toml(),
         sha256sum(sensor)
     );
     let d = Daemon::start_with_env(&s, &cfg, &env);
@@ -177,9 +265,20 @@ fn modules_outlive_the_key_daemon_and_the_runtime_reconnects() {
     keyd.stop();
     std::thread::sleep(Duration::from_secs(3));
     neighbour_kept_its_schedule(&s, "the key daemon gone");
+    // The last 2 s of readings (the key daemon gone all along) are signed
+    // and carry a token.
+    let log = stdout(&s.edgeward().args(["logs", "neighbour"]).output().unwrap());
+    let readings: Vec<&str> = log.lines().filter(|l| l.contains("\"seq\":")).collect();
+    assert!(readings.len() >= 25, "{log}");
+    for r in &readings[readings.len() - 20..] {
+        assert!(
+            r.contains("\"sig\":\"") && r.contains("\"token\":\""),
+            "unsigned with the key daemon gone: {r}"
+        );
+    }
     // It comes back; the next operation that needs it (a new module's
     // registration wraps its data key) reconnects.
-    let keyd = Keyd::start(s.path(), "dev-1");
+    let keyd = hw.start_keyd(s.path());
     let o = s
         .edgeward()
         .args(["module", "add", "who", PROBE, "--arg", "whoami"])
@@ -433,7 +532,7 @@ impl Drop for Reap {
 /// What a launch test runs: the key daemon launching the runtime as
 /// [`RUNTIME_UID`] with its own state and socket directories and a config
 /// of one module; (daemon, runtime state, key daemon socket, config).
-fn launch_keyd(s: &Scratch) -> (Daemon, PathBuf, PathBuf, PathBuf) {
+fn launch_keyd(s: &Scratch, hw: &Hw) -> (Daemon, PathBuf, PathBuf, PathBuf) {
     chmod(s.path(), 0o755);
     let state = s.path().join("rt-state");
     let run = s.path().join("rt-run");
@@ -442,7 +541,10 @@ fn launch_keyd(s: &Scratch) -> (Daemon, PathBuf, PathBuf, PathBuf) {
         chmod(d, 0o700);
         chown(d, RUNTIME_UID);
     }
-    let cfg = s.write("runtime.toml", &config(&[("who", "whoami", "never")]));
+    let cfg = s.write(
+        "runtime.toml",
+        &format!("{}{}", hw.toml(), config(&[("who", "whoami", "never")])),
+    );
     chmod(&cfg, 0o644);
     let socket = s.path().join("keyd.sock");
     let mut cmd = Command::new(keyd_binary());
@@ -451,6 +553,7 @@ fn launch_keyd(s: &Scratch) -> (Daemon, PathBuf, PathBuf, PathBuf) {
         .arg("--socket")
         .arg(&socket)
         .args(["--device-id", "dev-1"])
+        .args(hw.keyd_args())
         .args(["--runtime-uid", &RUNTIME_UID.to_string()])
         .args(["--runtime-gid", &RUNTIME_UID.to_string()])
         .arg("--launch")
@@ -496,8 +599,25 @@ fn hello_as(uid: u32, socket: &Path) -> String {
 /// exit measured; SIGTERM to the key daemon stops both.
 #[test]
 fn the_key_daemon_launches_the_runtime_measured_and_restarts_it() {
+    launches_the_runtime_and_restarts_it(&Hw::Soft);
+}
+
+#[test]
+fn the_key_daemon_on_a_tpm_launches_the_runtime_measured_and_restarts_it() {
+    launches_the_runtime_and_restarts_it(&Hw::tpm());
+}
+
+/// A PKCS#11 token has no measurement register: the launcher says so and
+/// launches and restarts the runtime all the same.
+#[test]
+fn the_key_daemon_on_a_pkcs11_token_launches_the_runtime_and_restarts_it() {
+    launches_the_runtime_and_restarts_it(&Hw::pkcs11());
+}
+
+fn launches_the_runtime_and_restarts_it(hw: &Hw) {
     let s = Scratch::new();
-    let (mut d, state, socket, cfg) = launch_keyd(&s);
+    let (mut d, state, socket, cfg) = launch_keyd(&s, hw);
+    let measured = !matches!(hw, Hw::Pkcs11(_));
     let keyd_pid = d.child.id();
     let _reap = Reap(vec![keyd_pid]);
     // The runtime is the key daemon's child, under its own uid, with no
@@ -530,9 +650,54 @@ fn the_key_daemon_launches_the_runtime_measured_and_restarts_it() {
         std::fs::canonicalize(EDGEWARD).unwrap()
     );
 
-    // The log begins with the key daemon, then what it launched, measured
-    // before it ran; the runtime did not measure its executable itself.
-    let ev = evidence(&s, &state, &socket, &cfg, "evidence-1");
+    if measured {
+        the_log_begins_with_the_launch(&s, &state, &socket, &cfg);
+    } else {
+        assert!(
+            d.seen_err
+                .iter()
+                .any(|l| l.contains("the backend has no measurement register")),
+            "{}",
+            d.seen_err.join("\n")
+        );
+    }
+
+    // Killed, the runtime is restarted, measured again.
+    Command::new("kill")
+        .args(["-KILL", &runtime.to_string()])
+        .status()
+        .unwrap();
+    d.wait_for("the runtime restarted", |out, _| {
+        count(out, "who | spiffe_id=") >= 2
+    });
+    let restarted = the_runtime(keyd_pid);
+    assert_ne!(restarted, runtime);
+    assert_boxed_in(restarted);
+    if measured {
+        the_log_records_the_restart(&s, &state, &socket, &cfg);
+    }
+
+    // SIGTERM to the key daemon: the runtime stops first, then it.
+    let (status, _, err) = d.terminate();
+    assert!(status.success(), "{}", err.join("\n"));
+    assert!(
+        !Path::new(&format!("/proc/{restarted}")).exists()
+            || std::fs::read_to_string(format!("/proc/{restarted}/stat"))
+                .unwrap_or_default()
+                .contains(") Z"),
+        "the runtime outlived its stop"
+    );
+    assert!(
+        err.iter().any(|l| l.contains("runtime stopped")),
+        "{}",
+        err.join("\n")
+    );
+}
+
+/// The log begins with the key daemon, then what it launched, measured
+/// before it ran; the runtime did not measure its executable itself.
+fn the_log_begins_with_the_launch(s: &Scratch, state: &Path, socket: &Path, cfg: &Path) {
+    let ev = evidence(s, state, socket, cfg, "evidence-1");
     let recs = records(&std::fs::read_to_string(ev.join("event.log")).unwrap());
     let kinds: Vec<&str> = recs
         .iter()
@@ -558,18 +723,12 @@ fn the_key_daemon_launches_the_runtime_measured_and_restarts_it() {
     );
     assert_eq!(count_kind(&kinds, "executable"), 1, "{kinds:?}");
     assert!(kinds.contains(&"module"), "{kinds:?}");
+}
 
-    // Killed, the runtime is restarted, measured again.
-    Command::new("kill")
-        .args(["-KILL", &runtime.to_string()])
-        .status()
-        .unwrap();
-    d.wait_for("the runtime restarted", |out, _| {
-        count(out, "who | spiffe_id=") >= 2
-    });
-    let restarted = the_runtime(keyd_pid);
-    assert_ne!(restarted, runtime);
-    let ev = evidence(&s, &state, &socket, &cfg, "evidence-2");
+/// The runtime's exit (SIGKILL) and its second start are in the log, in
+/// that order.
+fn the_log_records_the_restart(s: &Scratch, state: &Path, socket: &Path, cfg: &Path) {
+    let ev = evidence(s, state, socket, cfg, "evidence-2");
     let recs = records(&std::fs::read_to_string(ev.join("event.log")).unwrap());
     let exit = recs
         .iter()
@@ -584,22 +743,6 @@ fn the_key_daemon_launches_the_runtime_measured_and_restarts_it() {
         .unwrap();
     assert_eq!(second["content"]["start"], 2);
     assert!(second["recnum"].as_u64() > exit["recnum"].as_u64());
-
-    // SIGTERM to the key daemon: the runtime stops first, then it.
-    let (status, _, err) = d.terminate();
-    assert!(status.success(), "{}", err.join("\n"));
-    assert!(
-        !Path::new(&format!("/proc/{restarted}")).exists()
-            || std::fs::read_to_string(format!("/proc/{restarted}/stat"))
-                .unwrap_or_default()
-                .contains(") Z"),
-        "the runtime outlived its stop"
-    );
-    assert!(
-        err.iter().any(|l| l.contains("runtime stopped")),
-        "{}",
-        err.join("\n")
-    );
 }
 
 /// A runtime stopped cleanly from outside (as a service manager stops
@@ -609,7 +752,7 @@ fn the_key_daemon_launches_the_runtime_measured_and_restarts_it() {
 #[test]
 fn a_runtime_that_stops_cleanly_stops_the_key_daemon_and_dies_with_it() {
     let s = Scratch::new();
-    let (mut d, _, socket, _) = launch_keyd(&s);
+    let (mut d, _, socket, _) = launch_keyd(&s, &Hw::Soft);
     let keyd_pid = d.child.id();
     let _reap = Reap(vec![keyd_pid]);
     let runtime = the_runtime(keyd_pid);
@@ -637,7 +780,7 @@ fn a_runtime_that_stops_cleanly_stops_the_key_daemon_and_dies_with_it() {
 
     // Again, and the key daemon is killed: its runtime stops.
     let s = Scratch::new();
-    let (mut d, _, _, _) = launch_keyd(&s);
+    let (mut d, _, _, _) = launch_keyd(&s, &Hw::Soft);
     let keyd_pid = d.child.id();
     let _reap = Reap(vec![keyd_pid]);
     let runtime = the_runtime(keyd_pid);

@@ -319,11 +319,12 @@ fn main() -> ExitCode {
         None
     };
     // Before any thread starts: SIGTERM, SIGINT, SIGHUP and SIGQUIT are
-    // then received by sigwait in the main thread alone (the launcher stops
-    // its runtime first).
-    if args.launch.is_some()
-        && let Err(e) = launch::block_stop_signals()
-    {
+    // then received by sigwait in the main thread alone, which stops
+    // cleanly (the launcher stops its runtime first; every key daemon
+    // removes its socket and releases the TPM's session and primary: a
+    // TPM without a resource manager, such as a simulator, keeps what a
+    // process that ended without it left loaded).
+    if let Err(e) = launch::block_stop_signals() {
         eprintln!("edgeward-keyd: {e}");
         return ExitCode::from(1);
     }
@@ -468,10 +469,6 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     }
-    let Some(launch) = args.launch else {
-        server.serve(&listener);
-        return ExitCode::from(1);
-    };
     let serving = {
         let server = server.clone();
         std::thread::Builder::new()
@@ -482,6 +479,14 @@ fn main() -> ExitCode {
         eprintln!("edgeward-keyd: cannot start serving: {e}");
         return ExitCode::from(1);
     }
+    let Some(launch) = args.launch else {
+        let sig = launch::wait_for_stop();
+        tracing::info!(signal = sig, "stopping");
+        let _ = std::fs::remove_file(socket);
+        server.close();
+        tracing::info!("key daemon stopped");
+        return ExitCode::SUCCESS;
+    };
     let supervisor = Supervisor::new(launch, args.socket.clone(), server.clone());
     let supervising = {
         let s = supervisor.clone();
