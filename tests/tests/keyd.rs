@@ -618,6 +618,20 @@ fn launches_the_runtime_and_restarts_it(hw: &Hw) {
     let s = Scratch::new();
     let (mut d, state, socket, cfg) = launch_keyd(&s, hw);
     let measured = !matches!(hw, Hw::Pkcs11(_));
+    // The launcher has the seccomp filter and no_new_privs, not Landlock
+    // (the runtime would inherit its ruleset), and says so.
+    let status = std::fs::read_to_string(format!("/proc/{}/status", d.child.id())).unwrap();
+    assert!(
+        status.contains("NoNewPrivs:\t1") && status.contains("Seccomp:\t2"),
+        "{status}"
+    );
+    assert!(
+        d.seen_err
+            .iter()
+            .any(|l| l.contains("landlock=\"not applied\"")),
+        "{}",
+        d.seen_err.join("\n")
+    );
     let keyd_pid = d.child.id();
     let _reap = Reap(vec![keyd_pid]);
     // The runtime is the key daemon's child, under its own uid, with no
@@ -1066,4 +1080,47 @@ print(p.pid)",
         std::thread::sleep(Duration::from_millis(20));
     }
     assert!(!socket.exists(), "the private key daemon left its socket");
+}
+
+/// The key daemon confines itself before it serves: `no_new_privs`, the
+/// seccomp filter the runtime has, and Landlock on the soft backend and
+/// the TPM (its state dir, its socket's directory, `/proc` to read); on a
+/// PKCS#11 token it says why Landlock is not applied (the module's files
+/// are the vendor's to place), and it still serves.
+#[test]
+fn the_key_daemon_confines_itself_before_it_serves() {
+    for hw in [Hw::Soft, Hw::tpm(), Hw::pkcs11()] {
+        let s = Scratch::new();
+        let mut keyd = hw.start_keyd(s.path());
+        let status = std::fs::read_to_string(format!("/proc/{}/status", keyd.child.id())).unwrap();
+        assert!(status.contains("NoNewPrivs:\t1"), "{status}");
+        assert!(status.contains("Seccomp:\t2"), "{status}");
+        // Confined, it still does its work: a module identity for a
+        // runtime that asks.
+        let env = [("EDGEWARD_KEYD", keyd.socket.to_str().unwrap())];
+        let cfg = format!("{}{}", hw.toml(), config(&[("who", "whoami", "never")]));
+        let mut d = Daemon::start_with_env(&s, &cfg, &env);
+        d.wait_for("who's identity", |out, _| {
+            out.iter().any(|l| l.contains("who | spiffe_id="))
+        });
+        let (status, _, err) = d.terminate();
+        assert!(status.success(), "{err:?}");
+        keyd.stop();
+        let log = std::fs::read_to_string(s.path().join("keyd.log")).unwrap();
+        let want = match hw {
+            Hw::Pkcs11(_) => "landlock=\"not applied\"",
+            _ => "landlock=\"fully\"",
+        };
+        assert!(
+            log.contains(&format!("key daemon confined {want}")),
+            "{log}"
+        );
+        assert!(!log.contains("WITHOUT"), "{log}");
+        if matches!(hw, Hw::Pkcs11(_)) {
+            assert!(
+                log.contains("a PKCS#11 module reads and writes where its vendor put it"),
+                "{log}"
+            );
+        }
+    }
 }

@@ -260,6 +260,82 @@ fn watch_parent(parent: Option<std::os::fd::OwnedFd>) {
     }
 }
 
+/// What the key daemon may reach once it serves: its state dir (keys,
+/// the measurement log) read-write, its socket's directory (to remove the
+/// socket at stop), `/proc` read-only (a caller's parent, for the
+/// launcher's peer check) and the TPM device it opened. Nothing to execute:
+/// a key daemon that launches the runtime is not held by Landlock at all
+/// (the runtime would inherit the ruleset, and it reads and writes what
+/// its configuration names), nor is one on a PKCS#11 token (the module
+/// reads and writes where its vendor put it: SoftHSM2's token directory,
+/// pcscd's socket).
+fn fs_policy(args: &Args) -> Result<edgeward_confine::FsPolicy, &'static str> {
+    if args.launch.is_some() {
+        return Err("it launches the runtime, which would inherit the ruleset");
+    }
+    let mut p = edgeward_confine::FsPolicy {
+        read_write: vec![args.state.clone()],
+        read_only: vec!["/proc".into()],
+        ..Default::default()
+    };
+    if let Some(dir) = args.socket.parent() {
+        p.sockets.push(dir.to_path_buf());
+    }
+    match &args.hsm {
+        HsmConfig::Soft => {}
+        HsmConfig::Tpm(t) => {
+            if let Some(dev) = t.tcti.strip_prefix("device:") {
+                p.devices.push(dev.into());
+            }
+        }
+        HsmConfig::Pkcs11(_) => {
+            return Err("a PKCS#11 module reads and writes where its vendor put it");
+        }
+    }
+    Ok(p)
+}
+
+/// `no_new_privs`, non-dumpable, the seccomp denylist the runtime has
+/// too, and [`fs_policy`] through Landlock; what it could not apply, it
+/// says, naming what is missing.
+fn confine(args: &Args) {
+    match edgeward_confine::apply() {
+        Ok(()) => tracing::debug!("confined: no_new_privs, seccomp filter"),
+        Err(e) => tracing::warn!(
+            error = %e,
+            "running WITHOUT the seccomp filter: code that subverts the key daemon could make the system calls it denies"
+        ),
+    }
+    let landlock = match fs_policy(args) {
+        Err(why) => {
+            tracing::info!(reason = why, "not landlocked");
+            "not applied"
+        }
+        Ok(policy) => match edgeward_confine::landlock(&policy) {
+            Ok(edgeward_confine::Landlocked::Fully) => "fully",
+            Ok(edgeward_confine::Landlocked::Partially) => {
+                tracing::warn!("Landlock holds only partly: this kernel lacks some of its rights");
+                "partially"
+            }
+            Ok(edgeward_confine::Landlocked::Not) => {
+                tracing::warn!(
+                    reason = "this kernel has no Landlock, or it is disabled",
+                    "running WITHOUT Landlock: code that subverts the key daemon can reach any file its user can"
+                );
+                "not"
+            }
+            Err(e) => {
+                tracing::warn!(
+                    reason = %e,
+                    "running WITHOUT Landlock: code that subverts the key daemon can reach any file its user can"
+                );
+                "not"
+            }
+        },
+    };
+    tracing::info!(landlock, "key daemon confined");
+}
+
 /// nobody and the overflow ids.
 fn is_overflow(uid: u32) -> bool {
     uid == 65534 || uid == u32::MAX || uid == u32::from(u16::MAX)
@@ -446,6 +522,9 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
+    // Before any thread starts (Landlock binds the calling thread and
+    // those it starts) and before the first request.
+    confine(&args);
     tracing::info!(
         socket = %socket.display(),
         backend = args.hsm.backend(),
@@ -542,6 +621,53 @@ mod tests {
         assert!(e.contains("--private serves only its own user"), "{e}");
         let e = args(&["--private", "--launch", "/bin/true", "--"]).unwrap_err();
         assert!(e.contains("--private"), "{e}");
+    }
+
+    #[test]
+    fn landlock_grants_the_state_the_socket_dir_and_proc_only() {
+        let p = fs_policy(&args(&[]).unwrap()).unwrap();
+        assert_eq!(p.read_write, [PathBuf::from("/s")]);
+        assert_eq!(p.read_only, [PathBuf::from("/proc")]);
+        assert_eq!(p.sockets, [PathBuf::from("/s")]);
+        assert!(p.execute.is_empty() && p.devices.is_empty());
+        // A launcher is not landlocked: its runtime would inherit it.
+        let launch = [
+            "--runtime-uid",
+            "1234",
+            "--runtime-gid",
+            "1234",
+            "--launch",
+            "/bin/true",
+            "--",
+        ];
+        let e = fs_policy(&args(&launch).unwrap()).unwrap_err();
+        assert!(e.contains("launches the runtime"), "{e}");
+    }
+
+    #[cfg(feature = "tpm")]
+    #[test]
+    fn landlock_grants_the_tpm_device_it_opened() {
+        let p = fs_policy(&args(&["--hsm", "tpm", "--tcti", "device:/dev/tpm0"]).unwrap()).unwrap();
+        assert_eq!(p.devices, [PathBuf::from("/dev/tpm0")]);
+        let p = fs_policy(&args(&["--hsm", "tpm", "--tcti", "swtpm:port=1"]).unwrap()).unwrap();
+        assert!(p.devices.is_empty());
+    }
+
+    #[cfg(feature = "pkcs11")]
+    #[test]
+    fn a_pkcs11_token_is_not_landlocked() {
+        let a = [
+            "--hsm",
+            "pkcs11",
+            "--module",
+            "/m.so",
+            "--token",
+            "t",
+            "--pin-file",
+            "/p",
+        ];
+        let e = fs_policy(&args(&a).unwrap()).unwrap_err();
+        assert!(e.contains("PKCS#11"), "{e}");
     }
 
     #[cfg(feature = "tpm")]
