@@ -153,11 +153,25 @@ fn backend_args(config: &HsmConfig) -> Vec<std::ffi::OsString> {
     a
 }
 
+/// Who a private key daemon serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PrivateFor {
+    /// A runtime that runs module code (`edgeward daemon`, `edgeward
+    /// run`): the runtime's operations only (`--private-runtime`), so code
+    /// that escapes a module into this process gets no more than the
+    /// runtime may ask for (no raw CA signature, extend or bare quote).
+    Runtime,
+    /// An operator's command (`hsm`, `attest`, `identity`, `check`): every
+    /// operation, as its user has over its own key files.
+    Operator,
+}
+
 /// Starts the private key daemon that holds `config`'s backend for this
 /// process, unless it needs none (the soft backend, `EDGEWARD_KEYD` set)
 /// or has one. The daemon calls it before it confines itself: the key
 /// daemon is not held to the runtime's Landlock ruleset (it opens the TPM
-/// device or the token's files).
+/// device or the token's files). It serves this process alone (by pid),
+/// as `who` says.
 ///
 /// # Errors
 ///
@@ -167,6 +181,7 @@ pub fn start_private(
     config: &HsmConfig,
     state_dir: &Path,
     identity: &crate::identity::IdentityConfig,
+    who: PrivateFor,
 ) -> Result<(), HsmError> {
     let mut private = PRIVATE
         .lock()
@@ -181,7 +196,7 @@ pub fn start_private(
     {
         return Ok(());
     }
-    match spawn_private(config, state_dir, identity) {
+    match spawn_private(config, state_dir, identity, who) {
         Ok(p) => {
             *private = PrivateState::Running(p);
             Ok(())
@@ -203,6 +218,7 @@ fn spawn_private(
     config: &HsmConfig,
     state_dir: &Path,
     identity: &crate::identity::IdentityConfig,
+    who: PrivateFor,
 ) -> Result<Private, String> {
     use std::io::{Read as _, Write as _};
     /// At most this much of what it says is held while it starts.
@@ -210,21 +226,24 @@ fn spawn_private(
     let exe = keyd_executable()?;
     let socket = state_dir.join(format!("keyd.{}.sock", std::process::id()));
     let mut cmd = Command::new(&exe);
-    cmd.arg("--private")
-        .arg("--state")
-        .arg(state_dir)
-        .arg("--socket")
-        .arg(&socket)
-        .arg("--device-id")
-        .arg(&identity.device_id)
-        .arg("--trust-domain")
-        .arg(&identity.trust_domain)
-        .args(backend_args(config))
-        .env_remove(KEYD_ENV)
-        .env_remove(LAUNCHER_ENV)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
+    cmd.arg(match who {
+        PrivateFor::Runtime => "--private-runtime",
+        PrivateFor::Operator => "--private",
+    })
+    .arg("--state")
+    .arg(state_dir)
+    .arg("--socket")
+    .arg(&socket)
+    .arg("--device-id")
+    .arg(&identity.device_id)
+    .arg("--trust-domain")
+    .arg(&identity.trust_domain)
+    .args(backend_args(config))
+    .env_remove(KEYD_ENV)
+    .env_remove(LAUNCHER_ENV)
+    .stdin(Stdio::piped())
+    .stdout(Stdio::null())
+    .stderr(Stdio::piped());
     // Its own process group: a terminal's Ctrl-C stops this process,
     // which stops it in order.
     std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
@@ -365,7 +384,8 @@ pub fn open(
     state_dir: &Path,
     identity: &crate::identity::IdentityConfig,
 ) -> Result<Arc<dyn Hsm>, HsmError> {
-    start_private(config, state_dir, identity)?;
+    // (A runtime started its own before: this one then is that one.)
+    start_private(config, state_dir, identity, PrivateFor::Operator)?;
     watch_private();
     let Some(sock) = socket() else {
         return crate::hsm::open(config, state_dir);

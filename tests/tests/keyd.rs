@@ -44,7 +44,13 @@ impl Keyd {
 
     fn start_with(dir: &Path, device: &str, args: &[&str]) -> Self {
         let state = dir.join("keyd-state");
-        let socket = dir.join("keyd.sock");
+        // A directory of its own: the key daemon may remove its socket
+        // there at stop (Landlock grants it no shared one).
+        let run = dir.join("keyd-run");
+        std::fs::create_dir_all(&run).unwrap();
+        std::fs::set_permissions(&run, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .unwrap();
+        let socket = run.join("keyd.sock");
         let child = Command::new(keyd_binary())
             .arg("--state")
             .arg(&state)
@@ -67,10 +73,37 @@ impl Keyd {
         }
     }
 
-    /// SIGTERM, as a service manager stops it (it releases the TPM's
+    /// SIGTERM, as a service manager stops it: it exits 0 within 10 s,
+    /// removes its socket and says it stopped (it releases the TPM's
     /// objects: a simulator has no resource manager to flush what a
-    /// SIGKILLed one left), then SIGKILL if it has not ended.
+    /// SIGKILLed one left).
+    fn stop_cleanly(&mut self, log: &Path) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let status = loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                break st;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "SIGTERM did not stop the key daemon"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        assert!(status.success(), "{status:?}");
+        assert!(!self.socket.exists(), "it left its socket");
+        let log = std::fs::read_to_string(log).unwrap();
+        assert!(log.contains("key daemon stopped"), "{log}");
+    }
+
+    /// SIGTERM, then SIGKILL if it has not ended (a failed test's
+    /// clean-up).
     fn stop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(Some(_))) {
+            return;
+        }
         let _ = Command::new("kill")
             .args(["-TERM", &self.child.id().to_string()])
             .status();
@@ -262,7 +295,16 @@ fn modules_outlive_the_key_daemon(hw: &Hw) {
     });
     // The key daemon goes away: the sensor keeps its schedule, its tokens
     // signed by the JWT working key the runtime already holds.
-    keyd.stop();
+    // On the soft backend it crashes (SIGKILL: its socket stays behind,
+    // and the next one takes the path over); on a TPM or a token it is
+    // stopped as a service manager stops it.
+    if matches!(hw, Hw::Soft) {
+        keyd.child.kill().unwrap();
+        keyd.child.wait().unwrap();
+        assert!(keyd.socket.exists());
+    } else {
+        keyd.stop_cleanly(&s.path().join("keyd.log"));
+    }
     std::thread::sleep(Duration::from_secs(3));
     neighbour_kept_its_schedule(&s, "the key daemon gone");
     // The last 2 s of readings (the key daemon gone all along) are signed
@@ -625,6 +667,14 @@ fn launches_the_runtime_and_restarts_it(hw: &Hw) {
         status.contains("NoNewPrivs:\t1") && status.contains("Seccomp:\t2"),
         "{status}"
     );
+    // Of root's capabilities it keeps what starting the runtime as its
+    // user and stopping it take: CAP_KILL, CAP_SETGID, CAP_SETUID.
+    for set in ["CapEff", "CapPrm", "CapBnd"] {
+        assert!(
+            status.contains(&format!("{set}:\t00000000000000e0")),
+            "{set}: {status}"
+        );
+    }
     assert!(
         d.seen_err
             .iter()
@@ -886,7 +936,13 @@ fn the_runtime_maps_no_tpm_stack_its_private_key_daemon_holds_the_tpm() {
         tpm.tcti(),
         config(&[("alpha", "vault", "never")])
     );
-    let mut d = Daemon::start(&s, &cfg);
+    // In the state dir: the only place the confined runtime writes.
+    let escape = s.state().join("escape");
+    let mut d = Daemon::start_with_env(
+        &s,
+        &cfg,
+        &[("EDGEWARD_TEST_ESCAPE", escape.to_str().unwrap())],
+    );
     d.wait_for("alpha | vault-seal ok", |out, _| {
         out.iter().any(|l| l.contains("alpha | vault-seal ok"))
     });
@@ -906,11 +962,6 @@ fn the_runtime_maps_no_tpm_stack_its_private_key_daemon_holds_the_tpm() {
     );
     assert!(maps(keyd).contains("libtss2-esys"));
     let cmdline = std::fs::read(format!("/proc/{keyd}/cmdline")).unwrap();
-    assert!(
-        cmdline.split(|b| *b == 0).any(|a| a == b"--private"),
-        "{}",
-        String::from_utf8_lossy(&cmdline)
-    );
     // Its socket is in the state dir, the runtime's user's alone.
     let socket = s.state().join(format!("keyd.{runtime}.sock"));
     assert!(socket.exists(), "{}", socket.display());
@@ -933,6 +984,36 @@ fn the_runtime_maps_no_tpm_stack_its_private_key_daemon_holds_the_tpm() {
         assert!(!o.status.success());
         assert!(stderr(&o).contains("Permission denied"), "{}", stderr(&o));
     }
+
+    // The simulated escape, from inside the confined runtime: its private
+    // key daemon serves it the runtime's operations only, though they
+    // share a user (`--private-runtime`).
+    let report = std::fs::read_to_string(&escape).unwrap();
+    let r: std::collections::BTreeMap<&str, &str> =
+        report.lines().filter_map(|l| l.split_once(' ')).collect();
+    for what in [
+        "keyd-ca-digest",
+        "keyd-jwt-digest",
+        "keyd-extend",
+        "keyd-quote",
+        "keyd-destroy-ca",
+        "keyd-other-key",
+        "keyd-ca-csr",
+    ] {
+        assert_eq!(r.get(what), Some(&"refused"), "{what}: {report}");
+    }
+    assert_eq!(r.get("keyd-public"), Some(&"ok"), "{report}");
+    assert!(
+        cmdline
+            .split(|b| *b == 0)
+            .any(|a| a == b"--private-runtime"),
+        "{}",
+        String::from_utf8_lossy(&cmdline)
+    );
+    // Another process of its user (root here) is not its parent: refused
+    // whatever it asks.
+    let a = hello_as(0, &socket);
+    assert!(a.contains("refused"), "{a}");
 
     // Killed (no clean stop): the key daemon sees its parent gone.
     d.child.kill().unwrap();
@@ -1095,6 +1176,14 @@ fn the_key_daemon_confines_itself_before_it_serves() {
         let status = std::fs::read_to_string(format!("/proc/{}/status", keyd.child.id())).unwrap();
         assert!(status.contains("NoNewPrivs:\t1"), "{status}");
         assert!(status.contains("Seccomp:\t2"), "{status}");
+        // Root, without a capability left to regain (the disk through a
+        // device node, another uid's files).
+        for set in ["CapEff", "CapPrm", "CapBnd", "CapAmb"] {
+            assert!(
+                status.contains(&format!("{set}:\t0000000000000000")),
+                "{set}: {status}"
+            );
+        }
         // Confined, it still does its work: a module identity for a
         // runtime that asks.
         let env = [("EDGEWARD_KEYD", keyd.socket.to_str().unwrap())];
@@ -1105,7 +1194,7 @@ fn the_key_daemon_confines_itself_before_it_serves() {
         });
         let (status, _, err) = d.terminate();
         assert!(status.success(), "{err:?}");
-        keyd.stop();
+        keyd.stop_cleanly(&s.path().join("keyd.log"));
         let log = std::fs::read_to_string(s.path().join("keyd.log")).unwrap();
         let want = match hw {
             Hw::Pkcs11(_) => "landlock=\"not applied\"",

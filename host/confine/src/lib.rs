@@ -97,6 +97,9 @@ mod sys {
         io_uring_setup = SYS_io_uring_setup,
         io_uring_enter = SYS_io_uring_enter,
         io_uring_register = SYS_io_uring_register,
+        mknodat = SYS_mknodat,
+        #[cfg(target_arch = "x86_64")]
+        mknod = SYS_mknod,
         #[cfg(target_arch = "x86_64")]
         iopl = SYS_iopl,
         #[cfg(target_arch = "x86_64")]
@@ -148,6 +151,9 @@ denied! {
     io_uring_setup: "io_uring: a second system call interface seccomp cannot see into",
     io_uring_enter: "io_uring: a second system call interface seccomp cannot see into",
     io_uring_register: "io_uring: a second system call interface seccomp cannot see into",
+    mknodat: "make a device node (the raw disk, /dev/mem) in a directory it may write, past the device's own permissions",
+    #[cfg(target_arch = "x86_64")]
+    mknod: "make a device node (the raw disk, /dev/mem) in a directory it may write, past the device's own permissions",
     #[cfg(target_arch = "x86_64")]
     iopl: "raw I/O port access",
     #[cfg(target_arch = "x86_64")]
@@ -271,6 +277,57 @@ pub fn apply() -> Result<(), ConfineError> {
     Ok(())
 }
 
+/// Drops every capability but `keep` from this thread (call it before
+/// any other thread starts: they inherit it) for good: the bounding set
+/// (what an exec could regain), the ambient set, and the effective,
+/// permitted and inheritable sets. A process that is not root has none to
+/// drop.
+///
+/// # Errors
+///
+/// The kernel refuses (no `CAP_SETPCAP` to shrink the bounding set).
+pub fn drop_capabilities(keep: rustix::thread::CapabilitySet) -> Result<(), ConfineError> {
+    use rustix::thread::{CapabilitySet, CapabilitySets};
+    let now = rustix::thread::capabilities(None)
+        .map_err(|e| ConfineError(format!("cannot read its capabilities: {e}")))?;
+    // While CAP_SETPCAP is still effective: the bounding set.
+    for n in 0..64u32 {
+        if keep.bits() & (1 << n) != 0 {
+            continue;
+        }
+        // SAFETY: PR_CAPBSET_DROP takes a capability number and reads no
+        // memory.
+        #[allow(unsafe_code)]
+        let rc = unsafe { libc::prctl(libc::PR_CAPBSET_DROP, libc::c_ulong::from(n), 0, 0, 0) };
+        if rc != 0 {
+            let e = std::io::Error::last_os_error();
+            // Past the kernel's last capability.
+            if e.raw_os_error() == Some(libc::EINVAL) {
+                break;
+            }
+            // Not in the bounding set, or no CAP_SETPCAP: nothing to drop
+            // for a process without capabilities.
+            if now.permitted.is_empty() {
+                break;
+            }
+            return Err(ConfineError(format!(
+                "cannot drop capability {n} from the bounding set: {e}"
+            )));
+        }
+    }
+    let _ = rustix::thread::clear_ambient_capability_set();
+    let kept = now.permitted & keep;
+    rustix::thread::set_capabilities(
+        None,
+        CapabilitySets {
+            effective: kept,
+            permitted: kept,
+            inheritable: CapabilitySet::empty(),
+        },
+    )
+    .map_err(|e| ConfineError(format!("cannot drop its capabilities: {e}")))
+}
+
 /// What the compile worker may no longer do once it has its input pipes:
 /// open or make files, change the file system, make sockets, run a
 /// program, or signal another process. It computes, reads its stdin and
@@ -391,7 +448,7 @@ pub fn apply_worker() -> Result<(), ConfineError> {
 #[derive(Debug, Clone, Default)]
 pub struct FsPolicy {
     /// Read, write, create and remove beneath (the state dir, `dirs`
-    /// grants).
+    /// grants); not execute, and no device node made.
     pub read_write: Vec<PathBuf>,
     /// Read files and list directories beneath (the config, module files,
     /// `::ro` grants, `/proc`, `/sys`, name-service files).
@@ -453,6 +510,9 @@ pub fn landlock(policy: &FsPolicy) -> Result<Landlocked, ConfineError> {
     }
     let abi = LANDLOCK_ABI;
     let all = AccessFs::from_all(abi);
+    // What it may do beneath a read-write grant: everything but run a
+    // program from it or make a device node there.
+    let read_write = all & !(AccessFs::Execute | AccessFs::MakeChar | AccessFs::MakeBlock);
     let read = AccessFs::ReadFile | AccessFs::ReadDir;
     let execute = read | AccessFs::Execute;
     let device = AccessFs::ReadFile | AccessFs::WriteFile | AccessFs::IoctlDev;
@@ -474,7 +534,7 @@ pub fn landlock(policy: &FsPolicy) -> Result<Landlocked, ConfineError> {
         .handle_access(all)
         .and_then(|r| r.scope(Scope::from_all(abi)))
         .and_then(Ruleset::create)
-        .and_then(|r| r.add_rules(path_beneath_rules(&policy.read_write, all)))
+        .and_then(|r| r.add_rules(path_beneath_rules(&policy.read_write, read_write)))
         .and_then(|r| r.add_rules(path_beneath_rules(&policy.read_only, read)))
         .and_then(|r| r.add_rules(path_beneath_rules(&policy.execute, execute)))
         .and_then(|r| r.add_rules(path_beneath_rules(&policy.devices, device)))

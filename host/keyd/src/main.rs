@@ -12,7 +12,7 @@ use edgeward_keyd::server::Server;
 const USAGE: &str = "usage: edgeward-keyd --state DIR --socket PATH --device-id ID [--runtime-uid UID]...
        [--trust-domain NAME] [--max-leaf-ttl SECS] [--max-jwt-key-ttl SECS]
        [--hsm soft | --hsm tpm [--tcti TCTI] [--pcr N] [--boot-pcrs N,N...] | --hsm pkcs11 --module PATH --token LABEL --pin-file PATH]
-       [--launch EXE [--runtime-gid GID] -- ARGS... | --private]";
+       [--launch EXE [--runtime-gid GID] -- ARGS... | --private | --private-runtime]";
 
 #[derive(Debug)]
 struct Args {
@@ -21,9 +21,9 @@ struct Args {
     hsm: HsmConfig,
     policy: Policy,
     launch: Option<Launch>,
-    /// The helper of the process that started it (`--private`): serves
-    /// only its own user, does not measure itself, and stops when its
-    /// standard input closes (its parent gone).
+    /// The helper of the process that started it (`--private`,
+    /// `--private-runtime`): serves only that process, does not measure
+    /// itself, and stops when it is gone.
     private: bool,
 }
 
@@ -43,6 +43,7 @@ fn parse(mut it: impl Iterator<Item = String>) -> Result<Args, String> {
     }
     let mut policy = Policy {
         owner,
+        owner_is_runtime: false,
         runtime_uids: Vec::new(),
         trust_domain: "edgeward.local".into(),
         device_id: String::new(),
@@ -96,6 +97,11 @@ fn parse(mut it: impl Iterator<Item = String>) -> Result<Args, String> {
                 boot_pcrs = Some(list);
             }
             "--private" => private = true,
+            // A runtime's: its process gets the runtime's operations only.
+            "--private-runtime" => {
+                private = true;
+                policy.owner_is_runtime = true;
+            }
             "--module" => module = Some(PathBuf::from(value()?)),
             "--token" => token = Some(value()?),
             "--pin-file" => pin_file = Some(PathBuf::from(value()?)),
@@ -165,7 +171,7 @@ fn parse(mut it: impl Iterator<Item = String>) -> Result<Args, String> {
     if private && (launch_exe.is_some() || launch_args.is_some() || !policy.runtime_uids.is_empty())
     {
         return Err(
-            "--private serves only its own user: it takes no --launch or --runtime-uid".into(),
+            "--private serves only the process that started it: it takes no --launch or --runtime-uid".into(),
         );
     }
     let launch = match (launch_exe, launch_args) {
@@ -217,14 +223,24 @@ fn parse(mut it: impl Iterator<Item = String>) -> Result<Args, String> {
 /// A pidfd of this process's parent, checked to be the parent still
 /// (a pid read with getppid may be reused once the parent is gone; the
 /// pidfd opened afterwards is the parent's only if getppid still says so).
-fn parent_pidfd() -> Result<std::os::fd::OwnedFd, String> {
+/// A kernel without pidfds (before 5.3), or a seccomp profile that denies
+/// them, leaves standard input as the only lifeline: said, not fatal.
+fn parent_pidfd() -> Result<(Option<std::os::fd::OwnedFd>, i32), String> {
     let ppid = rustix::process::getppid().ok_or("its parent is already gone")?;
-    let fd = rustix::process::pidfd_open(ppid, rustix::process::PidfdFlags::empty())
-        .map_err(|e| format!("no pidfd for its parent {}: {e}", ppid.as_raw_nonzero()))?;
+    let fd = match rustix::process::pidfd_open(ppid, rustix::process::PidfdFlags::empty()) {
+        Ok(fd) => Some(fd),
+        Err(e) => {
+            tracing::warn!(
+                error = %e,
+                "no pidfd for its parent: it stops when its standard input closes, which a process its parent forked could hold open"
+            );
+            None
+        }
+    };
     if rustix::process::getppid() != Some(ppid) {
         return Err("its parent is already gone".into());
     }
-    Ok(fd)
+    Ok((fd, ppid.as_raw_nonzero().get()))
 }
 
 /// Returns when the parent is gone: its pidfd becomes readable when it
@@ -261,9 +277,10 @@ fn watch_parent(parent: Option<std::os::fd::OwnedFd>) {
 }
 
 /// What the key daemon may reach once it serves: its state dir (keys,
-/// the measurement log) read-write, its socket's directory (to remove the
-/// socket at stop), `/proc` read-only (a caller's parent, for the
-/// launcher's peer check) and the TPM device it opened. Nothing to execute:
+/// the measurement log) read-write but not to execute or make a device
+/// node in, its socket's directory when that holds nothing but the socket
+/// (to remove it at stop: never a shared `/run` or `/tmp`), the boot id to
+/// read, and the TPM device it opened. Nothing to execute:
 /// a key daemon that launches the runtime is not held by Landlock at all
 /// (the runtime would inherit the ruleset, and it reads and writes what
 /// its configuration names), nor is one on a PKCS#11 token (the module
@@ -273,12 +290,18 @@ fn fs_policy(args: &Args) -> Result<edgeward_confine::FsPolicy, &'static str> {
     if args.launch.is_some() {
         return Err("it launches the runtime, which would inherit the ruleset");
     }
+    // The soft backend reads the boot id at every extend.
+    let boot_id = std::env::var_os(edgeward_hsm::BOOT_ID_ENV)
+        .filter(|p| !p.is_empty())
+        .map_or_else(|| PathBuf::from(edgeward_hsm::BOOT_ID_FILE), PathBuf::from);
     let mut p = edgeward_confine::FsPolicy {
         read_write: vec![args.state.clone()],
-        read_only: vec!["/proc".into()],
+        read_only: vec![boot_id],
         ..Default::default()
     };
-    if let Some(dir) = args.socket.parent() {
+    if let Some(dir) = args.socket.parent()
+        && holds_only(dir, &args.socket)
+    {
         p.sockets.push(dir.to_path_buf());
     }
     match &args.hsm {
@@ -295,10 +318,33 @@ fn fs_policy(args: &Args) -> Result<edgeward_confine::FsPolicy, &'static str> {
     Ok(p)
 }
 
-/// `no_new_privs`, non-dumpable, the seccomp denylist the runtime has
-/// too, and [`fs_policy`] through Landlock; what it could not apply, it
-/// says, naming what is missing.
+/// Whether `dir` holds `socket` and nothing else.
+fn holds_only(dir: &std::path::Path, socket: &std::path::Path) -> bool {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return false;
+    };
+    let names: Vec<_> = entries.filter_map(|e| e.ok().map(|e| e.path())).collect();
+    names.len() == 1 && names[0] == socket
+}
+
+/// Every capability dropped (a launcher keeps what starting the runtime
+/// as its user and stopping it take: `CAP_SETUID`, `CAP_SETGID`,
+/// `CAP_KILL`), `no_new_privs`, non-dumpable, the seccomp denylist the
+/// runtime has too, and [`fs_policy`] through Landlock; what it could not
+/// apply, it says, naming what is missing.
 fn confine(args: &Args) {
+    use rustix::thread::CapabilitySet;
+    let keep = if args.launch.is_some() {
+        CapabilitySet::SETUID | CapabilitySet::SETGID | CapabilitySet::KILL
+    } else {
+        CapabilitySet::empty()
+    };
+    if let Err(e) = edgeward_confine::drop_capabilities(keep) {
+        tracing::warn!(
+            error = %e,
+            "running WITH its capabilities: code that subverts the key daemon could use them"
+        );
+    }
     match edgeward_confine::apply() {
         Ok(()) => tracing::debug!("confined: no_new_privs, seccomp filter"),
         Err(e) => tracing::warn!(
@@ -442,6 +488,10 @@ fn main() -> ExitCode {
         }
     };
     let server = Server::new(hsm, measurements, args.policy.clone());
+    let parent = parent.and_then(|(fd, pid)| {
+        server.set_parent(pid);
+        fd
+    });
     if args.launch.is_some() {
         server.set_launching();
     }
@@ -614,21 +664,50 @@ mod tests {
     }
 
     #[test]
-    fn private_serves_its_own_user_only() {
+    fn private_serves_only_the_process_that_started_it() {
         assert!(args(&["--private"]).unwrap().private);
         assert!(!args(&[]).unwrap().private);
         let e = args(&["--private", "--runtime-uid", "1234"]).unwrap_err();
-        assert!(e.contains("--private serves only its own user"), "{e}");
+        assert!(
+            e.contains("--private serves only the process that started it"),
+            "{e}"
+        );
         let e = args(&["--private", "--launch", "/bin/true", "--"]).unwrap_err();
         assert!(e.contains("--private"), "{e}");
     }
 
     #[test]
-    fn landlock_grants_the_state_the_socket_dir_and_proc_only() {
+    fn a_runtimes_private_key_daemon_gives_its_owner_the_runtimes_operations() {
+        use edgeward_keyd::policy::Principal;
+        let a = args(&["--private-runtime"]).unwrap();
+        assert!(a.private);
+        assert_eq!(a.policy.principal(a.policy.owner), Principal::Runtime);
+        let a = args(&["--private"]).unwrap();
+        assert_eq!(a.policy.principal(a.policy.owner), Principal::Root);
+        let e = args(&["--private-runtime", "--runtime-uid", "1234"]).unwrap_err();
+        assert!(e.contains("--private"), "{e}");
+    }
+
+    #[test]
+    fn landlock_grants_the_state_a_dedicated_socket_dir_and_the_boot_id_only() {
         let p = fs_policy(&args(&[]).unwrap()).unwrap();
         assert_eq!(p.read_write, [PathBuf::from("/s")]);
-        assert_eq!(p.read_only, [PathBuf::from("/proc")]);
-        assert_eq!(p.sockets, [PathBuf::from("/s")]);
+        assert_eq!(p.read_only, [PathBuf::from(edgeward_hsm::BOOT_ID_FILE)]);
+        // Not a directory that holds more than the socket.
+        assert!(p.sockets.is_empty());
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("k.sock");
+        std::fs::write(&sock, b"").unwrap();
+        let a = parse(
+            ["--state", "/s", "--device-id", "d", "--socket"]
+                .iter()
+                .map(|s| (*s).to_owned())
+                .chain([sock.display().to_string()]),
+        )
+        .unwrap();
+        assert_eq!(fs_policy(&a).unwrap().sockets, [dir.path().to_path_buf()]);
+        std::fs::write(dir.path().join("other"), b"").unwrap();
+        assert!(fs_policy(&a).unwrap().sockets.is_empty());
         assert!(p.execute.is_empty() && p.devices.is_empty());
         // A launcher is not landlocked: its runtime would inherit it.
         let launch = [

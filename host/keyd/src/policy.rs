@@ -53,8 +53,13 @@ pub struct Policy {
     /// uids that are the runtime.
     pub runtime_uids: Vec<u32>,
     /// The key daemon's own user: like root, it may do everything (it can
-    /// read the key files anyway).
+    /// read the key files anyway), unless [`Policy::owner_is_runtime`].
     pub owner: u32,
+    /// The owner (root included, when it is root) is the runtime's
+    /// principal, not root's: a private key daemon of a runtime that runs
+    /// module code (`--private-runtime`) serves it what a runtime may ask
+    /// for, so code that escapes a module into it gets no more.
+    pub owner_is_runtime: bool,
     /// The trust domain.
     pub trust_domain: String,
     /// This device's id.
@@ -68,7 +73,9 @@ pub struct Policy {
 impl Policy {
     /// Who `uid` is.
     pub fn principal(&self, uid: u32) -> Principal {
-        if uid == 0 || uid == self.owner {
+        if self.owner_is_runtime && uid == self.owner {
+            Principal::Runtime
+        } else if uid == 0 || uid == self.owner {
             Principal::Root
         } else if self.runtime_uids.contains(&uid) {
             Principal::Runtime

@@ -92,6 +92,9 @@ pub struct Server {
     /// runtime, stops working), and its executable is measured by the
     /// launcher alone.
     launching: AtomicBool,
+    /// A private key daemon's parent (0: none): the only process it
+    /// serves; any other, whatever its uid, is a stranger.
+    parent: std::sync::atomic::AtomicI32,
 }
 
 /// A connection's slot, given back however the connection ends.
@@ -233,7 +236,14 @@ impl Server {
             connections: AtomicUsize::new(0),
             throttles: [Throttle::new(), Throttle::new(), Throttle::new()],
             launching: AtomicBool::new(false),
+            parent: std::sync::atomic::AtomicI32::new(0),
         })
+    }
+
+    /// This key daemon is private to process `pid` (its parent): from now
+    /// on it serves no other process.
+    pub fn set_parent(&self, pid: i32) {
+        self.parent.store(pid, Ordering::SeqCst);
     }
 
     /// This key daemon launches the runtime: from now on only its child
@@ -245,6 +255,10 @@ impl Server {
     /// Who the caller `uid` (process `pid`) is.
     fn principal(&self, uid: u32, pid: i32) -> Principal {
         let who = self.policy.principal(uid);
+        let parent = self.parent.load(Ordering::SeqCst);
+        if parent != 0 && pid != parent {
+            return Principal::Stranger;
+        }
         if who == Principal::Runtime && self.launching.load(Ordering::SeqCst) && !is_my_child(pid) {
             return Principal::Stranger;
         }

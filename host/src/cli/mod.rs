@@ -756,7 +756,12 @@ fn run_command(state_flag: Option<PathBuf>, args: RunArgs) -> ExitCode {
     // stop a module that never asks for its identity: the error is the
     // answer to the first that does (and is logged then).
     if let Some(c) = &cfg
-        && let Err(e) = crate::keyd::start_private(&c.hsm, &state_dir, &c.identity)
+        && let Err(e) = crate::keyd::start_private(
+            &c.hsm,
+            &state_dir,
+            &c.identity,
+            crate::keyd::PrivateFor::Runtime,
+        )
     {
         tracing::debug!(error = %e, "no private key daemon");
     }
@@ -1231,7 +1236,12 @@ fn daemon_command(state_flag: Option<PathBuf>, args: DaemonArgs) -> ExitCode {
     }
     // A TPM or PKCS#11 backend is held by a key daemon of its own, started
     // before Landlock and seccomp hold this process.
-    if let Err(e) = crate::keyd::start_private(&cfg.hsm, &state_dir, &cfg.identity) {
+    if let Err(e) = crate::keyd::start_private(
+        &cfg.hsm,
+        &state_dir,
+        &cfg.identity,
+        crate::keyd::PrivateFor::Runtime,
+    ) {
         return fail(e, 1);
     }
     landlock_daemon(&cfg, &state_dir, &socket);
