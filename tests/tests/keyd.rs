@@ -461,20 +461,7 @@ fn the_runtime_under_its_own_uid_gets_identities_and_cannot_reach_the_keys() {
     // operation beyond its own refused, the key files and the key daemon's
     // memory out of reach.
     let report = std::fs::read_to_string(&escape).unwrap();
-    let r: std::collections::BTreeMap<&str, &str> =
-        report.lines().filter_map(|l| l.split_once(' ')).collect();
-    for what in [
-        "keyd-ca-digest",
-        "keyd-jwt-digest",
-        "keyd-extend",
-        "keyd-quote",
-        "keyd-destroy-ca",
-        "keyd-other-key",
-        "keyd-ca-csr",
-    ] {
-        assert_eq!(r.get(what), Some(&"refused"), "{what}: {report}");
-    }
-    assert_eq!(r.get("keyd-public"), Some(&"ok"), "{report}");
+    let r = beyond_its_own_refused(&report);
     assert_eq!(r.get("keyd-files"), Some(&"13"), "EACCES: {report}");
     assert_eq!(r.get("keyd-mem"), Some(&"13"), "EACCES: {report}");
     assert_eq!(r.get("keyd-environ"), Some(&"13"), "EACCES: {report}");
@@ -493,6 +480,27 @@ fn the_runtime_under_its_own_uid_gets_identities_and_cannot_reach_the_keys() {
     keyd.stop();
     let log = std::fs::read_to_string(s.path().join("keyd.log")).unwrap();
     assert!(log.contains("refused"), "{log}");
+}
+
+/// The simulated escape's report (`keyd-NAME OUTCOME` lines): every key
+/// operation beyond the runtime's own refused, its public material given;
+/// the report by name.
+fn beyond_its_own_refused(report: &str) -> std::collections::BTreeMap<&str, &str> {
+    let r: std::collections::BTreeMap<&str, &str> =
+        report.lines().filter_map(|l| l.split_once(' ')).collect();
+    for what in [
+        "keyd-ca-digest",
+        "keyd-jwt-digest",
+        "keyd-extend",
+        "keyd-quote",
+        "keyd-destroy-ca",
+        "keyd-other-key",
+        "keyd-ca-csr",
+    ] {
+        assert_eq!(r.get(what), Some(&"refused"), "{what}: {report}");
+    }
+    assert_eq!(r.get("keyd-public"), Some(&"ok"), "{report}");
+    r
 }
 
 /// The children of `pid`, whichever of its threads started them (from
@@ -989,20 +997,7 @@ fn the_runtime_maps_no_tpm_stack_its_private_key_daemon_holds_the_tpm() {
     // key daemon serves it the runtime's operations only, though they
     // share a user (`--private-runtime`).
     let report = std::fs::read_to_string(&escape).unwrap();
-    let r: std::collections::BTreeMap<&str, &str> =
-        report.lines().filter_map(|l| l.split_once(' ')).collect();
-    for what in [
-        "keyd-ca-digest",
-        "keyd-jwt-digest",
-        "keyd-extend",
-        "keyd-quote",
-        "keyd-destroy-ca",
-        "keyd-other-key",
-        "keyd-ca-csr",
-    ] {
-        assert_eq!(r.get(what), Some(&"refused"), "{what}: {report}");
-    }
-    assert_eq!(r.get("keyd-public"), Some(&"ok"), "{report}");
+    beyond_its_own_refused(&report);
     assert!(
         cmdline
             .split(|b| *b == 0)
