@@ -11,7 +11,11 @@
 //!   binary, one module, compiled cache warm): process start until the
 //!   management socket answers (target ≤ 1.1×), and until the module runs,
 //!   which waits for the binary's own hash and the configuration to be
-//!   measured, with `[runtime] measure = true` against `false`;
+//!   measured, with `[runtime] measure = true` against `false`; and the
+//!   same through the measured launcher (`edgeward-keyd --launch`: the key
+//!   daemon opens the HSM, hashes itself, the runtime's executable and
+//!   configuration, then starts the runtime, as its own user when run as
+//!   root) against the runtime started unmeasured;
 //! - **attest and attest verify latency**, soft and TPM (swtpm): the
 //!   process `edgeward attest --nonce N --out DIR`, then `edgeward attest
 //!   verify`, against the same process's floor (`edgeward --version`) and,
@@ -73,13 +77,29 @@ fn get(sock: &Path, path: &str) -> String {
     out
 }
 
+/// How a start is measured.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Measured {
+    Off,
+    /// `[runtime] measure = true`: the runtime hashes itself.
+    On,
+    /// The key daemon launches the runtime, measured before it runs.
+    Launched,
+}
+
+/// The uid a launched runtime runs as when the bench runs as root.
+const RUNTIME_UID: u32 = 64998;
+
 /// A daemon start with one module: (ms until the management socket
 /// answers, ms until the module runs). The state dir is kept across rounds
 /// (its compiled cache warm; the log continues within the boot).
-fn startup(dir: &Path, measure: bool, round: usize) -> (f64, f64) {
-    let state = dir.join(format!("state-{measure}"));
-    let sock = dir.join(format!("s-{measure}-{round}.sock"));
-    let config = dir.join(format!("c-{measure}.toml"));
+fn startup(dir: &Path, how: Measured, round: usize) -> (f64, f64) {
+    let measure = how != Measured::Off;
+    let state = dir.join(format!("state-{how:?}"));
+    let run = dir.join(format!("run-{how:?}"));
+    std::fs::create_dir_all(&run).expect("run dir");
+    let sock = run.join(format!("s-{round}.sock"));
+    let config = dir.join(format!("c-{how:?}.toml"));
     let probe = guests::SANDBOX_PROBE;
     std::fs::write(
         &config,
@@ -90,8 +110,13 @@ fn startup(dir: &Path, measure: bool, round: usize) -> (f64, f64) {
     )
     .expect("config");
     let boot = dir.join("boot_id");
+    let mut cmd = if how == Measured::Launched {
+        launcher(dir, &state, &run)
+    } else {
+        Command::new(EDGEWARD)
+    };
     let t = Instant::now();
-    let mut child = Command::new(EDGEWARD)
+    let mut child = cmd
         .arg("--state-dir")
         .arg(&state)
         .arg("daemon")
@@ -119,13 +144,54 @@ fn startup(dir: &Path, measure: bool, round: usize) -> (f64, f64) {
         .args(["-TERM", &child.id().to_string()])
         .status();
     let _ = child.wait();
-    if measure {
+    if how == Measured::On {
         assert!(
             state.join("measurements").exists(),
             "measuring daemon wrote no log"
         );
     }
+    if how == Measured::Launched {
+        assert!(
+            dir.join("keyd-state/measurements").exists(),
+            "the launcher wrote no log"
+        );
+    }
     (api, module)
+}
+
+/// `edgeward-keyd --launch EDGEWARD --` (arguments follow), with its state
+/// and socket beside the runtime's; as root, the runtime runs as
+/// [`RUNTIME_UID`], owning its state and socket directories.
+fn launcher(dir: &Path, state: &Path, run: &Path) -> Command {
+    use std::os::unix::fs::PermissionsExt as _;
+    let keyd = Path::new(EDGEWARD).with_file_name("edgeward-keyd");
+    assert!(
+        keyd.exists(),
+        "{} is missing: cargo build --release -p edgeward-keyd",
+        keyd.display()
+    );
+    let keyd_run = dir.join("keyd-run");
+    std::fs::create_dir_all(&keyd_run).expect("keyd run dir");
+    std::fs::create_dir_all(state).expect("state");
+    let root = rustix::process::geteuid().is_root();
+    let mut cmd = Command::new(keyd);
+    cmd.arg("--state")
+        .arg(dir.join("keyd-state"))
+        .arg("--socket")
+        .arg(keyd_run.join("keyd.sock"))
+        .args(["--device-id", "bench"]);
+    if root {
+        // The runtime's user reaches its files through the tempdir.
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        for d in [state, run] {
+            std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o700)).expect("chmod");
+            std::os::unix::fs::chown(d, Some(RUNTIME_UID), Some(RUNTIME_UID)).expect("chown");
+        }
+        cmd.args(["--runtime-uid", &RUNTIME_UID.to_string()])
+            .args(["--runtime-gid", &RUNTIME_UID.to_string()]);
+    }
+    cmd.arg("--launch").arg(EDGEWARD).arg("--");
+    cmd
 }
 
 fn main() {
@@ -226,19 +292,28 @@ fn main() {
 
     // daemon start-up, measuring on vs off (a warm-up round each first:
     // the compiled cache)
-    startup(dir.path(), false, 999);
-    startup(dir.path(), true, 999);
-    let (mut on, mut off) = ((Vec::new(), Vec::new()), (Vec::new(), Vec::new()));
+    for how in [Measured::Off, Measured::On, Measured::Launched] {
+        startup(dir.path(), how, 999);
+    }
+    let (mut on, mut off, mut launched) = (
+        (Vec::new(), Vec::new()),
+        (Vec::new(), Vec::new()),
+        (Vec::new(), Vec::new()),
+    );
     for r in 0..ROUNDS {
-        let (a, m) = startup(dir.path(), false, r);
-        off.0.push(a);
-        off.1.push(m);
-        let (a, m) = startup(dir.path(), true, r);
-        on.0.push(a);
-        on.1.push(m);
+        for (how, into) in [
+            (Measured::Off, &mut off),
+            (Measured::On, &mut on),
+            (Measured::Launched, &mut launched),
+        ] {
+            let (a, m) = startup(dir.path(), how, r);
+            into.0.push(a);
+            into.1.push(m);
+        }
     }
     let (on_api, off_api, on_mod, off_mod) =
         (median(on.0), median(off.0), median(on.1), median(off.1));
+    let (l_api, l_mod) = (median(launched.0), median(launched.1));
     let exe = std::fs::metadata(EDGEWARD).expect("exe").len() as f64 / 1e6;
     println!(
         "attest_daemon_startup ratio={:.2}   (the management API answers: measuring {on_api:.1} ms, not measuring {off_api:.1} ms; target <= 1.1)",
@@ -247,6 +322,14 @@ fn main() {
     println!(
         "attest_daemon_first_module ratio={:.2}   (a module runs, after the executable ({exe:.1} MB) and config are measured: {on_mod:.1} ms vs {off_mod:.1} ms)",
         on_mod / off_mod
+    );
+    println!(
+        "attest_launched_startup ratio={:.2}   (the management API answers, through the measured launcher (key daemon start, its own hash, the runtime's executable and config hashed): {l_api:.1} ms, unmeasured {off_api:.1} ms; target <= 1.1)",
+        l_api / off_api
+    );
+    println!(
+        "attest_launched_first_module ratio={:.2}   (a module runs: launched {l_mod:.1} ms vs unmeasured {off_mod:.1} ms)",
+        l_mod / off_mod
     );
 }
 

@@ -789,3 +789,84 @@ fn a_socket_answered_by_another_user_is_not_the_key_daemon() {
         String::from_utf8_lossy(&o.stderr)
     );
 }
+
+/// A flood of connections from the runtime's uid: at most
+/// `MAX_CONNECTIONS` are served at once (one more is closed unanswered),
+/// root is still served meanwhile, connections that send nothing are
+/// closed after the idle deadline, and the daemon serves again after.
+#[test]
+fn a_connection_flood_is_capped_idle_ones_are_closed_and_root_is_served() {
+    use std::io::{BufRead as _, BufReader};
+    use std::os::unix::process::CommandExt as _;
+    const FLOOD: &str = r#"
+import socket, struct, sys, time
+path, n = sys.argv[1], int(sys.argv[2])
+held = []
+for i in range(n):
+    s = socket.socket(socket.AF_UNIX)
+    s.connect(path)
+    held.append(s)
+time.sleep(0.5)
+s = socket.socket(socket.AF_UNIX)
+s.settimeout(5)
+s.connect(path)
+body = b'{"v":1,"call":{"op":"hello"}}'
+try:
+    s.sendall(struct.pack(">I", len(body)) + body)
+except OSError:
+    pass
+try:
+    got = s.recv(4)
+except OSError:
+    got = b""
+print("EXTRA", "CLOSED" if not got else "ANSWERED", flush=True)
+sys.stdin.readline()
+t = time.time()
+closed = 0
+for h in held:
+    h.settimeout(30)
+    try:
+        r = h.recv(4)
+    except OSError:
+        r = b""
+    closed += r == b""
+print("IDLE-CLOSED", closed, round(time.time() - t, 1), flush=True)
+"#;
+    let k = Keyd::start();
+    let max = edgeward_keyd::server::MAX_CONNECTIONS;
+    let mut flood = Command::new("python3")
+        .args(["-c", FLOOD])
+        .arg(&k.socket)
+        .arg(max.to_string())
+        .uid(RUNTIME_UID)
+        .gid(RUNTIME_UID)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("python3");
+    let mut out = BufReader::new(flood.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    assert_eq!(line.trim(), "EXTRA CLOSED", "one over the cap was served");
+    // Root does not wait behind them.
+    let t = Instant::now();
+    let root = RemoteHsm::connect(&k.socket).expect("root connects");
+    root.signing_key("device-ca").expect("root is served");
+    assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+    // The idle ones are closed by the deadline.
+    flood.stdin.take().unwrap().write_all(b"go\n").unwrap();
+    line.clear();
+    out.read_line(&mut line).unwrap();
+    let f: Vec<&str> = line.split_whitespace().collect();
+    assert_eq!(f[..2], ["IDLE-CLOSED", &max.to_string()], "{line}");
+    let waited: f64 = f[2].parse().unwrap();
+    assert!(
+        waited <= edgeward_keyd::server::IDLE.as_secs_f64() + 2.0,
+        "{line}"
+    );
+    assert!(flood.wait().unwrap().success());
+    // And it serves the runtime again.
+    let answers = k.as_uid(RUNTIME_UID, &[req(r#"{"op":"hello"}"#)]);
+    assert!(ok(&answers[0]), "{answers:?}");
+    assert!(k.log().contains("too many connections"), "{}", k.log());
+}
