@@ -380,6 +380,20 @@ fn assert_boxed_in(pid: u32) {
     assert_eq!(field("CapPrm"), "0000000000000000");
     assert_eq!(field("NoNewPrivs"), "1");
     assert_eq!(field("Seccomp"), "2");
+    // No TPM device or token library among its descriptors or mappings:
+    // the key daemon holds those.
+    for fd in std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap() {
+        let target = std::fs::read_link(fd.unwrap().path()).unwrap_or_default();
+        let t = target.to_string_lossy();
+        assert!(
+            !t.starts_with("/dev/tpm") && !t.contains("softhsm") && !t.contains("hsm-tpm"),
+            "the runtime holds {t}"
+        );
+    }
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
+    for lib in ["libtss2", "libsofthsm2", "p11-kit"] {
+        assert!(!maps.contains(lib), "the runtime maps {lib}");
+    }
 }
 
 #[test]
@@ -496,10 +510,15 @@ fn beyond_its_own_refused(report: &str) -> std::collections::BTreeMap<&str, &str
         "keyd-destroy-ca",
         "keyd-other-key",
         "keyd-ca-csr",
+        "keyd-cert-ca",
+        "keyd-cert-other-device",
+        "keyd-cert-other-domain",
+        "keyd-cert-too-long",
     ] {
         assert_eq!(r.get(what), Some(&"refused"), "{what}: {report}");
     }
     assert_eq!(r.get("keyd-public"), Some(&"ok"), "{report}");
+    assert_eq!(r.get("keyd-cert-module-leaf"), Some(&"ok"), "{report}");
     r
 }
 

@@ -210,6 +210,35 @@ fn keyd_attempts() -> String {
             ] {
                 lines.push_str(&format!("keyd-{name} {}\n", outcome(r)));
             }
+            // Whole certificates for the device CA to sign, made as the
+            // runtime makes a module's (the tests' device is dev-1).
+            let module = "spiffe://edgeward.local/device/dev-1/module/";
+            for (name, uri, ca, ttl) in [
+                ("cert-ca", format!("{module}escape"), true, 3600),
+                (
+                    "cert-other-device",
+                    "spiffe://edgeward.local/device/other/module/m".to_owned(),
+                    false,
+                    3600,
+                ),
+                (
+                    "cert-other-domain",
+                    "spiffe://evil.example/device/dev-1/module/m".to_owned(),
+                    false,
+                    3600,
+                ),
+                (
+                    "cert-too-long",
+                    format!("{module}escape"),
+                    false,
+                    400 * 24 * 3600,
+                ),
+                // A module leaf is the runtime's to ask for: the control.
+                ("cert-module-leaf", format!("{module}escape"), false, 3600),
+            ] {
+                let r = certificate(&h, &uri, ca, ttl);
+                lines.push_str(&format!("keyd-{name} {}\n", outcome(r)));
+            }
         }
     }
     // Its files and its memory.
@@ -229,6 +258,89 @@ fn keyd_attempts() -> String {
         lines.push_str(&format!("keyd-mem {mem}\nkeyd-environ {environ}\n"));
     }
     lines
+}
+
+/// The device CA as rcgen's issuer, through the key daemon; the key
+/// daemon's error kept for the report.
+struct DeviceCa<'a> {
+    hsm: &'a edgeward::keyd::RemoteHsm,
+    point: Vec<u8>,
+    error: Mutex<Option<edgeward::hsm::HsmError>>,
+}
+
+impl rcgen::PublicKeyData for DeviceCa<'_> {
+    fn der_bytes(&self) -> &[u8] {
+        &self.point
+    }
+    fn algorithm(&self) -> &'static rcgen::SignatureAlgorithm {
+        &rcgen::PKCS_ECDSA_P256_SHA256
+    }
+}
+
+impl rcgen::SigningKey for DeviceCa<'_> {
+    fn sign(&self, msg: &[u8]) -> Result<Vec<u8>, rcgen::Error> {
+        use edgeward::hsm::Hsm as _;
+        self.hsm.sign_certificate("device-ca", msg).map_err(|e| {
+            *self
+                .error
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(e);
+            rcgen::Error::RemoteKeyError
+        })
+    }
+}
+
+/// Asks the device CA (through the key daemon) to sign a certificate for
+/// `uri`, a CA if `ca`, valid from now for `ttl` seconds.
+fn certificate(
+    hsm: &edgeward::keyd::RemoteHsm,
+    uri: &str,
+    ca: bool,
+    ttl: i64,
+) -> Result<(), edgeward::hsm::HsmError> {
+    use edgeward::hsm::Hsm as _;
+    let point = hsm.signing_key("device-ca")?;
+    let key = DeviceCa {
+        hsm,
+        point: point.clone(),
+        error: Mutex::new(None),
+    };
+    let mut p = rcgen::CertificateParams::default();
+    p.serial_number = Some(rcgen::SerialNumber::from(vec![0x11, 0x22, 0x33]));
+    let now = time::OffsetDateTime::now_utc();
+    p.not_before = now - time::Duration::seconds(30);
+    p.not_after = now + time::Duration::seconds(ttl);
+    p.is_ca = if ca {
+        rcgen::IsCa::Ca(rcgen::BasicConstraints::Constrained(0))
+    } else {
+        rcgen::IsCa::ExplicitNoCa
+    };
+    p.subject_alt_names = vec![rcgen::SanType::URI(
+        rcgen::string::Ia5String::try_from(uri).map_err(|e| {
+            edgeward::hsm::HsmError::new(
+                "escape",
+                edgeward::hsm::Op::Sign,
+                None,
+                edgeward::hsm::ErrorKind::InvalidArgument(e.to_string()),
+            )
+        })?,
+    )];
+    let issuer_params = rcgen::CertificateParams::default();
+    let issuer = rcgen::Issuer::from_params(&issuer_params, &key);
+    let subject = edgeward::identity::authority::PublicP256(point);
+    let signed = p.signed_by(&subject, &issuer);
+    drop(issuer);
+    match signed {
+        Ok(_) => Ok(()),
+        Err(e) => Err(key.error.into_inner().ok().flatten().unwrap_or_else(|| {
+            edgeward::hsm::HsmError::new(
+                "escape",
+                edgeward::hsm::Op::Sign,
+                None,
+                edgeward::hsm::ErrorKind::Backend(e.to_string()),
+            )
+        })),
+    }
 }
 
 fn main() -> std::process::ExitCode {
