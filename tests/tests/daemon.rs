@@ -5,6 +5,8 @@
 
 mod common;
 
+use std::time::{Duration, Instant};
+
 use common::daemon::*;
 use common::*;
 
@@ -722,4 +724,104 @@ fn the_demo_shows_each_reading_verified_in_one_line() {
     let o = verify("4");
     assert_status(&o, 1);
     assert!(stderr(&o).contains("NOT VERIFIED"), "{}", stderr(&o));
+}
+
+/// The service manager's notifications at `NOTIFY_SOCKET`: a status while
+/// it starts, `READY=1` only once the deployment's modules run, then
+/// `WATCHDOG=1` at half `WATCHDOG_USEC` from the supervisor's loop, and
+/// `STOPPING=1` on SIGTERM.
+#[test]
+fn readiness_and_the_watchdog_reach_the_service_manager() {
+    let s = Scratch::new();
+    let (mut d, notify) = start_notified(&s, "400000", None);
+    let mut before = Vec::new();
+    let ready = loop {
+        let m = recv(&notify, Duration::from_secs(60)).expect("no READY=1 within 60 s");
+        if m.starts_with("READY=1") {
+            break m;
+        }
+        assert!(!m.contains("WATCHDOG=1"), "fed before ready: {m}");
+        before.push(m);
+    };
+    // Ready only once the sensor runs.
+    let st = status_json(&s);
+    assert_eq!(status_of(&st, "sensor")["state"], "running", "{st:?}");
+    assert_eq!(ready, "READY=1\nSTATUS=serving 1 modules");
+    assert!(
+        before.iter().any(|m| m.starts_with("STATUS=starting")),
+        "{before:?}"
+    );
+    // Fed at about 200 ms.
+    let t = Instant::now();
+    for _ in 0..4 {
+        let m = recv(&notify, Duration::from_secs(2)).expect("the watchdog went hungry");
+        assert_eq!(m, "WATCHDOG=1");
+    }
+    let per = t.elapsed() / 4;
+    assert!(per < Duration::from_millis(400), "fed every {per:?}");
+    d.pump();
+    let (status, _, err) = d.terminate();
+    assert!(status.success(), "{err:?}");
+    let stopping = std::iter::from_fn(|| recv(&notify, Duration::from_secs(5)))
+        .find(|m| m.starts_with("STOPPING=1"));
+    assert_eq!(
+        stopping.as_deref(),
+        Some("STOPPING=1\nSTATUS=SIGTERM: stopping the modules")
+    );
+}
+
+/// A supervisor whose loop is wedged (the tests' build stalls it at the
+/// third tick) feeds the watchdog no more, so the service manager
+/// restarts it; its modules' own tasks are not what feeds it.
+#[test]
+fn a_stalled_supervisor_stops_feeding_the_watchdog() {
+    let s = Scratch::new();
+    let (mut d, notify) = start_notified(&s, "200000", Some("3"));
+    while !recv(&notify, Duration::from_secs(60))
+        .expect("no READY=1")
+        .starts_with("READY=1")
+    {}
+    let mut fed = 0;
+    while let Some(m) = recv(&notify, Duration::from_secs(2)) {
+        assert_eq!(m, "WATCHDOG=1");
+        fed += 1;
+        assert!(fed < 10, "still fed after the stall");
+    }
+    assert_eq!(fed, 2, "fed {fed} times before the stall");
+    // The module itself still runs (the stall is the supervisor's alone).
+    d.child.kill().unwrap();
+    d.child.wait().unwrap();
+}
+
+/// The daemon with one sensor, `NOTIFY_SOCKET` a datagram socket standing
+/// for the service manager's, `WATCHDOG_USEC` set, and the supervisor
+/// stalled at tick `stall_after` if given.
+fn start_notified(
+    s: &Scratch,
+    watchdog_usec: &str,
+    stall_after: Option<&str>,
+) -> (Daemon, std::os::unix::net::UnixDatagram) {
+    let path = s.path().join("notify");
+    let sock = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
+    let sensor = guests::TEMPERATURE_SENSOR;
+    let config = format!(
+        "[[module]]\nname = \"sensor\"\nfile = \"{sensor}\"\ndigest = \"{}\"\nenv = {{ INTERVAL_MS = \"100\", SENSOR_ID = \"s\" }}\n",
+        sha256sum(sensor)
+    );
+    let mut env = vec![
+        ("NOTIFY_SOCKET", path.to_str().unwrap()),
+        ("WATCHDOG_USEC", watchdog_usec),
+    ];
+    if let Some(n) = stall_after {
+        env.push(("EDGEWARD_TEST_STALL_AFTER", n));
+    }
+    (Daemon::start_with_env(s, &config, &env), sock)
+}
+
+/// The next notification within `wait`.
+fn recv(sock: &std::os::unix::net::UnixDatagram, wait: Duration) -> Option<String> {
+    sock.set_read_timeout(Some(wait)).unwrap();
+    let mut buf = [0u8; 4096];
+    let n = sock.recv(&mut buf).ok()?;
+    Some(String::from_utf8_lossy(&buf[..n]).into_owned())
 }

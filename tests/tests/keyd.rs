@@ -1227,3 +1227,47 @@ fn the_key_daemon_confines_itself_before_it_serves() {
         }
     }
 }
+
+/// Under a service manager the key daemon says READY=1 once its HSM is
+/// open and its socket answers, and STOPPING=1 on SIGTERM; its children
+/// (a launched runtime) do not inherit the socket.
+#[test]
+fn the_key_daemon_tells_the_service_manager_when_it_is_ready() {
+    let s = Scratch::new();
+    let path = s.path().join("notify");
+    let notify = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
+    notify
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let run = s.path().join("run");
+    std::fs::create_dir(&run).unwrap();
+    let socket = run.join("keyd.sock");
+    let mut child = Command::new(keyd_binary())
+        .arg("--state")
+        .arg(s.path().join("keyd-state"))
+        .arg("--socket")
+        .arg(&socket)
+        .args(["--device-id", "dev-1"])
+        .env("NOTIFY_SOCKET", &path)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut buf = [0u8; 1024];
+    let n = notify.recv(&mut buf).expect("no READY=1");
+    let m = String::from_utf8_lossy(&buf[..n]).into_owned();
+    assert!(
+        m.starts_with("READY=1\nSTATUS=serving the soft backend on "),
+        "{m}"
+    );
+    assert!(std::os::unix::net::UnixStream::connect(&socket).is_ok());
+    Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    let n = notify.recv(&mut buf).expect("no STOPPING=1");
+    assert_eq!(
+        String::from_utf8_lossy(&buf[..n]),
+        "STOPPING=1\nSTATUS=stopping"
+    );
+    assert!(child.wait().unwrap().success());
+}

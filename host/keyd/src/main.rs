@@ -427,6 +427,20 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    // The service manager's socket, while this process is single-threaded
+    // and before Landlock scopes it.
+    let notifier = match edgeward_proto::notify::Notifier::from_env() {
+        Ok(n) => n,
+        Err(e) => {
+            eprintln!("edgeward-keyd: NOTIFY_SOCKET: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let notify = |f: &dyn Fn(&edgeward_proto::notify::Notifier)| {
+        if let Some(n) = &notifier {
+            f(n);
+        }
+    };
     // The parent a private key daemon belongs to, taken before anything
     // else: its pidfd is how it knows the parent ended.
     let parent = if args.private {
@@ -581,6 +595,16 @@ fn main() -> ExitCode {
         runtime_uids = ?args.policy.runtime_uids,
         "key daemon ready"
     );
+    // Ready once the HSM is open and the socket answers (the serving
+    // thread starts next; a connection made meanwhile waits in the
+    // listener's backlog).
+    notify(&|n| {
+        n.ready(&format!(
+            "serving the {} backend on {}",
+            args.hsm.backend(),
+            socket.display()
+        ));
+    });
     if args.private {
         let socket = socket.clone();
         let server = server.clone();
@@ -611,6 +635,7 @@ fn main() -> ExitCode {
     let Some(launch) = args.launch else {
         let sig = launch::wait_for_stop();
         tracing::info!(signal = sig, "stopping");
+        notify(&|n| n.stopping("stopping"));
         let _ = std::fs::remove_file(socket);
         server.close();
         tracing::info!("key daemon stopped");
@@ -632,6 +657,7 @@ fn main() -> ExitCode {
     };
     let sig = launch::wait_for_stop();
     tracing::info!(signal = sig, "stopping: the runtime first");
+    notify(&|n| n.stopping("stopping: the runtime first"));
     supervisor.stop();
     let deadline = std::time::Instant::now() + launch::STOP_GRACE;
     while !supervising.is_finished() {

@@ -1244,6 +1244,12 @@ fn daemon_command(state_flag: Option<PathBuf>, args: DaemonArgs) -> ExitCode {
     ) {
         return fail(e, 1);
     }
+    // The service manager's socket, reached before Landlock scopes this
+    // process (an abstract name would be refused after).
+    let notifier = match edgeward_proto::notify::Notifier::from_env() {
+        Ok(n) => n,
+        Err(e) => return fail(format!("NOTIFY_SOCKET: {e}"), 1),
+    };
     landlock_daemon(&cfg, &state_dir, &socket);
     confine("daemon");
     // Its threads start confined.
@@ -1260,7 +1266,7 @@ fn daemon_command(state_flag: Option<PathBuf>, args: DaemonArgs) -> ExitCode {
         Ok(rt) => rt,
         Err(e) => return fail(format!("cannot start the async runtime: {e}"), 1),
     };
-    let result = rt.block_on(daemon::run(cfg, state_dir, socket));
+    let result = rt.block_on(daemon::run(cfg, state_dir, socket, notifier));
     // A compile abandoned by a signal at start-up must not hold the exit.
     rt.shutdown_timeout(Duration::from_millis(200));
     match result {

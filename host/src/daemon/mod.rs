@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
+use edgeward_proto::notify::Notifier;
 use tokio::sync::watch;
 
 use crate::api;
@@ -97,7 +98,18 @@ pub fn raise_fd_limit() -> Option<u64> {
 ///
 /// When the state directory or runtime cannot be set up, another daemon
 /// holds the state directory, or signal handlers cannot be installed.
-pub async fn run(config: Config, state_dir: PathBuf, socket: PathBuf) -> anyhow::Result<()> {
+pub async fn run(
+    config: Config,
+    state_dir: PathBuf,
+    socket: PathBuf,
+    notifier: Option<Notifier>,
+) -> anyhow::Result<()> {
+    let notify = |f: &dyn Fn(&Notifier)| {
+        if let Some(n) = &notifier {
+            f(n);
+        }
+    };
+    notify(&|n| n.status("starting: the registry, the engine, the HSM, the identity"));
     state::ensure_private_dir(&state_dir)?;
     let _lock = state::lock_for_daemon(&state_dir)?;
     // The boot events (this executable's hash, the configuration) are
@@ -269,6 +281,7 @@ pub async fn run(config: Config, state_dir: PathBuf, socket: PathBuf) -> anyhow:
             tracing::error!(error = %e, "the compiled-artifact cache stays off: every module is compiled");
         }
     }
+    notify(&|n| n.status("starting the deployment's modules"));
     let stopped_early = tokio::select! {
         () = async {
             if let Err(e) = boot_measurement.await {
@@ -287,11 +300,30 @@ pub async fn run(config: Config, state_dir: PathBuf, socket: PathBuf) -> anyhow:
         .runtime
         .integrity_interval
         .map(|d| tokio::time::interval_at(tokio::time::Instant::now() + d, d));
+    // The service manager's watchdog is fed from this loop: a wedged
+    // supervisor stops feeding it and is restarted.
+    let mut watchdog = notifier
+        .as_ref()
+        .and_then(Notifier::watchdog_interval)
+        .map(tokio::time::interval);
+    if stopped_early.is_none() {
+        let names = supervisor.names();
+        notify(&|n| n.ready(&format!("serving {} modules", names.len())));
+    }
     let why = match stopped_early {
         Some(why) => why,
         None => loop {
             tokio::select! {
                 why = stop_requested(&mut sigterm) => break why?,
+                _ = async {
+                    match watchdog.as_mut() {
+                        Some(t) => t.tick().await,
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    stall_for_tests();
+                    notify(&|n| n.watchdog());
+                }
                 Some(cmd) = command_rx.recv() => commands::apply(cmd, &mut supervisor, &config).await,
                 () = supervisor.watch() => unreachable!("watch never returns"),
                 _ = async {
@@ -307,6 +339,7 @@ pub async fn run(config: Config, state_dir: PathBuf, socket: PathBuf) -> anyhow:
         },
     };
     tracing::info!("{why}: stopping");
+    notify(&|n| n.stopping(&format!("{why}: stopping the modules")));
     let _ = stop_tx.send(true);
     command_rx.close();
     supervisor.stop_all().await;
@@ -319,6 +352,23 @@ pub async fn run(config: Config, state_dir: PathBuf, socket: PathBuf) -> anyhow:
     records::flush();
     tracing::info!("edgeward daemon stopped");
     Ok(())
+}
+
+type Stall = fn();
+
+static STALL: std::sync::OnceLock<Stall> = std::sync::OnceLock::new();
+
+/// Test seam: `stall` runs in the supervisor's loop at every watchdog
+/// tick (the tests' build registers one that wedges the loop when told
+/// to; the shipped binary registers nothing).
+pub fn set_stall_for_tests(stall: Stall) {
+    let _ = STALL.set(stall);
+}
+
+fn stall_for_tests() {
+    if let Some(s) = STALL.get() {
+        s();
+    }
 }
 
 /// The daemon's engine and cache for `config`: `edgeward compile` builds

@@ -343,6 +343,24 @@ fn certificate(
     }
 }
 
+/// The supervisor's loop at a watchdog tick: with
+/// `EDGEWARD_TEST_STALL_AFTER=N`, the Nth tick wedges it for good (as a
+/// deadlock would), so it feeds the watchdog no more.
+fn stall() {
+    static TICKS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let Some(after) = std::env::var("EDGEWARD_TEST_STALL_AFTER")
+        .ok()
+        .and_then(|n| n.parse::<u32>().ok())
+    else {
+        return;
+    };
+    if TICKS.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1 >= after {
+        loop {
+            std::thread::sleep(std::time::Duration::from_secs(3600));
+        }
+    }
+}
+
 fn main() -> std::process::ExitCode {
     // The same attempts unconfined, before anything else: the test checks
     // that none of them fails with EPERM there, so EPERM under the filter
@@ -352,6 +370,7 @@ fn main() -> std::process::ExitCode {
         return std::process::ExitCode::SUCCESS;
     }
     edgeward::confine::set_probe(escape);
+    edgeward::daemon::set_stall_for_tests(stall);
     if let Ok(spec) = std::env::var("EDGEWARD_TEST_RESOLVER") {
         let Some(r) = scripted(&spec) else {
             eprintln!("EDGEWARD_TEST_RESOLVER: expected NAME=IP|IP;...");
