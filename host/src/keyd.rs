@@ -238,9 +238,24 @@ fn spawn_private(
     .arg(&identity.device_id)
     .arg("--trust-domain")
     .arg(&identity.trust_domain)
+    // What this configuration issues, and no longer: a module leaf
+    // lives `svid_ttl`; a JWT working key's certificate its rotation
+    // period, then its last tokens' lifetime and the rotation check
+    // (at most 1.5 token lifetimes and 61 s more).
+    .arg("--max-leaf-ttl")
+    .arg(identity.svid_ttl.as_secs().to_string())
+    .arg("--max-jwt-key-ttl")
+    .arg(
+        (identity.jwt_key_rotation.as_secs() + 2 * identity.max_token_ttl.as_secs() + 120)
+            .to_string(),
+    )
     .args(backend_args(config))
     .env_remove(KEYD_ENV)
     .env_remove(LAUNCHER_ENV)
+    // The service manager's: this process speaks for itself.
+    .env_remove(edgeward_proto::notify::NOTIFY_SOCKET)
+    .env_remove(edgeward_proto::notify::WATCHDOG_USEC)
+    .env_remove(edgeward_proto::notify::WATCHDOG_PID)
     .stdin(Stdio::piped())
     .stdout(Stdio::null())
     .stderr(Stdio::piped());

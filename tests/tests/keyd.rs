@@ -958,21 +958,44 @@ fn the_runtime_maps_no_tpm_stack_its_private_key_daemon_holds_the_tpm() {
 
     let tpm = edgeward_tests::fixtures::Swtpm::start();
     let s = Scratch::new();
+    // Lifetimes past the key daemon's defaults (24 h leaves, 7-day JWT
+    // keys): the runtime's private key daemon certifies what this
+    // configuration issues.
     let cfg = format!(
         "[hsm]\nbackend = \"tpm\"\ntcti = \"{}\"\n{}",
         tpm.tcti(),
-        config(&[("alpha", "vault", "never")])
+        config(&[("alpha", "vault", "never"), ("who", "whoami", "never")]).replace(
+            "device_id = \"dev-1\"\n",
+            "device_id = \"dev-1\"\nsvid_ttl = \"2d\"\njwt_key_rotation = \"10d\"\n"
+        )
     );
     // In the state dir: the only place the confined runtime writes.
     let escape = s.state().join("escape");
+    // Under a service manager: the daemon speaks for itself, its key
+    // daemon (which it started) does not.
+    let notify_path = s.path().join("notify");
+    let notify = std::os::unix::net::UnixDatagram::bind(&notify_path).unwrap();
+    notify
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
     let mut d = Daemon::start_with_env(
         &s,
         &cfg,
-        &[("EDGEWARD_TEST_ESCAPE", escape.to_str().unwrap())],
+        &[
+            ("EDGEWARD_TEST_ESCAPE", escape.to_str().unwrap()),
+            ("NOTIFY_SOCKET", notify_path.to_str().unwrap()),
+        ],
     );
-    d.wait_for("alpha | vault-seal ok", |out, _| {
-        out.iter().any(|l| l.contains("alpha | vault-seal ok"))
-    });
+    for e in ["alpha | vault-seal ok", "who | spiffe_id="] {
+        d.wait_for(e, move |out, _| out.iter().any(|l| l.contains(e)));
+    }
+    let mut buf = [0u8; 4096];
+    let ready = std::iter::from_fn(|| {
+        let n = notify.recv(&mut buf).ok()?;
+        Some(String::from_utf8_lossy(&buf[..n]).into_owned())
+    })
+    .find(|m| m.starts_with("READY=1"));
+    assert_eq!(ready.as_deref(), Some("READY=1\nSTATUS=serving 2 modules"));
     let runtime = d.child.id();
     let comm = |pid: u32| std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
     let keyd: Vec<u32> = children_of(runtime)
@@ -989,6 +1012,18 @@ fn the_runtime_maps_no_tpm_stack_its_private_key_daemon_holds_the_tpm() {
     );
     assert!(maps(keyd).contains("libtss2-esys"));
     let cmdline = std::fs::read(format!("/proc/{keyd}/cmdline")).unwrap();
+    let environ = std::fs::read(format!("/proc/{keyd}/environ")).unwrap();
+    assert!(
+        !String::from_utf8_lossy(&environ).contains("NOTIFY_SOCKET"),
+        "the key daemon was given the service manager's socket"
+    );
+    notify
+        .set_read_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
+    while let Ok(n) = notify.recv(&mut buf) {
+        let m = String::from_utf8_lossy(&buf[..n]);
+        assert!(!m.contains("backend"), "the key daemon spoke: {m}");
+    }
     // Its socket is in the state dir, the runtime's user's alone.
     let socket = s.state().join(format!("keyd.{runtime}.sock"));
     assert!(socket.exists(), "{}", socket.display());
@@ -1048,8 +1083,34 @@ fn the_runtime_maps_no_tpm_stack_its_private_key_daemon_holds_the_tpm() {
     d.wait_for("alpha | vault-open ok", |out, _| {
         out.iter().any(|l| l.contains("alpha | vault-open ok"))
     });
+    // A service manager stops every process of the unit at once: the key
+    // daemon waits for its runtime, which stops its modules cleanly.
+    let runtime = d.child.id();
+    let keyd: Vec<u32> = children_of(runtime)
+        .into_iter()
+        .filter(|p| comm(*p).trim() == "edgeward-keyd")
+        .collect();
+    assert_eq!(keyd.len(), 1);
+    let _reap = Reap(vec![keyd[0]]);
+    Command::new("kill")
+        .args(["-TERM", &keyd[0].to_string()])
+        .status()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        running(keyd[0]),
+        "the key daemon stopped before its runtime"
+    );
     let (status, _, err) = d.terminate();
     assert!(status.success(), "{err:?}");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while running(keyd[0]) {
+        assert!(
+            Instant::now() < deadline,
+            "the key daemon outlived its runtime"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
     // Starting the key daemon started no thread before Landlock (it binds
     // only the threads started after it): the daemon is held in full.
     assert!(
@@ -1229,8 +1290,7 @@ fn the_key_daemon_confines_itself_before_it_serves() {
 }
 
 /// Under a service manager the key daemon says READY=1 once its HSM is
-/// open and its socket answers, and STOPPING=1 on SIGTERM; its children
-/// (a launched runtime) do not inherit the socket.
+/// open and its socket answers, and STOPPING=1 on SIGTERM.
 #[test]
 fn the_key_daemon_tells_the_service_manager_when_it_is_ready() {
     let s = Scratch::new();

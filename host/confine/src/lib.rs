@@ -288,33 +288,40 @@ pub fn apply() -> Result<(), ConfineError> {
 /// The kernel refuses (no `CAP_SETPCAP` to shrink the bounding set).
 pub fn drop_capabilities(keep: rustix::thread::CapabilitySet) -> Result<(), ConfineError> {
     use rustix::thread::{CapabilitySet, CapabilitySets};
+    // Capabilities are a thread's: one already running would keep them.
+    let threads = threads();
+    if threads > 1 {
+        return Err(ConfineError(format!(
+            "{threads} threads run already: dropping capabilities would hold only the calling one"
+        )));
+    }
     let now = rustix::thread::capabilities(None)
         .map_err(|e| ConfineError(format!("cannot read its capabilities: {e}")))?;
-    // While CAP_SETPCAP is still effective: the bounding set.
-    for n in 0..64u32 {
-        if keep.bits() & (1 << n) != 0 {
-            continue;
-        }
-        // SAFETY: PR_CAPBSET_DROP takes a capability number and reads no
-        // memory.
-        #[allow(unsafe_code)]
-        let rc = unsafe { libc::prctl(libc::PR_CAPBSET_DROP, libc::c_ulong::from(n), 0, 0, 0) };
-        if rc != 0 {
-            let e = std::io::Error::last_os_error();
-            // Past the kernel's last capability.
-            if e.raw_os_error() == Some(libc::EINVAL) {
+    // The bounding set, while CAP_SETPCAP is effective (without it there
+    // is nothing an exec could regain beyond what the set below drops).
+    let mut bounding = Ok(());
+    if now.effective.contains(CapabilitySet::SETPCAP) {
+        for n in 0..64u32 {
+            if keep.bits() & (1 << n) != 0 {
+                continue;
+            }
+            // SAFETY: PR_CAPBSET_DROP takes a capability number and reads
+            // no memory.
+            #[allow(unsafe_code)]
+            let rc = unsafe { libc::prctl(libc::PR_CAPBSET_DROP, libc::c_ulong::from(n), 0, 0, 0) };
+            if rc != 0 {
+                let e = std::io::Error::last_os_error();
+                // Past the kernel's last capability.
+                if e.raw_os_error() != Some(libc::EINVAL) {
+                    bounding = Err(ConfineError(format!(
+                        "cannot drop capability {n} from the bounding set: {e}"
+                    )));
+                }
                 break;
             }
-            // Not in the bounding set, or no CAP_SETPCAP: nothing to drop
-            // for a process without capabilities.
-            if now.permitted.is_empty() {
-                break;
-            }
-            return Err(ConfineError(format!(
-                "cannot drop capability {n} from the bounding set: {e}"
-            )));
         }
     }
+    // Always: the ambient, effective, permitted and inheritable sets.
     let _ = rustix::thread::clear_ambient_capability_set();
     let kept = now.permitted & keep;
     rustix::thread::set_capabilities(
@@ -325,7 +332,20 @@ pub fn drop_capabilities(keep: rustix::thread::CapabilitySet) -> Result<(), Conf
             inheritable: CapabilitySet::empty(),
         },
     )
-    .map_err(|e| ConfineError(format!("cannot drop its capabilities: {e}")))
+    .map_err(|e| ConfineError(format!("cannot drop its capabilities: {e}")))?;
+    bounding
+}
+
+/// How many threads this process runs (0 if `/proc` cannot say).
+fn threads() -> u32 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|st| {
+            st.lines()
+                .find_map(|l| l.strip_prefix("Threads:"))
+                .and_then(|n| n.trim().parse::<u32>().ok())
+        })
+        .unwrap_or(0)
 }
 
 /// What the compile worker may no longer do once it has its input pipes:
@@ -495,14 +515,7 @@ pub fn landlock(policy: &FsPolicy) -> Result<Landlocked, ConfineError> {
         path_beneath_rules,
     };
     // A thread already running would stay outside the ruleset.
-    let threads = std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|st| {
-            st.lines()
-                .find_map(|l| l.strip_prefix("Threads:"))
-                .and_then(|n| n.trim().parse::<u32>().ok())
-        })
-        .unwrap_or(0);
+    let threads = threads();
     if threads > 1 {
         return Err(ConfineError(format!(
             "{threads} threads run already: Landlock would bind only the calling one"

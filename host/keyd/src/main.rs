@@ -429,13 +429,10 @@ fn main() -> ExitCode {
     };
     // The service manager's socket, while this process is single-threaded
     // and before Landlock scopes it.
-    let notifier = match edgeward_proto::notify::Notifier::from_env() {
-        Ok(n) => n,
-        Err(e) => {
-            eprintln!("edgeward-keyd: NOTIFY_SOCKET: {e}");
-            return ExitCode::from(1);
-        }
-    };
+    let notifier = edgeward_proto::notify::Notifier::from_env().unwrap_or_else(|e| {
+        tracing::warn!(error = %e, "NOTIFY_SOCKET cannot be reached: no readiness");
+        None
+    });
     let notify = |f: &dyn Fn(&edgeward_proto::notify::Notifier)| {
         if let Some(n) = &notifier {
             f(n);
@@ -631,6 +628,15 @@ fn main() -> ExitCode {
     if let Err(e) = serving {
         eprintln!("edgeward-keyd: cannot start serving: {e}");
         return ExitCode::from(1);
+    }
+    // A private key daemon stops with its parent and only then: the stop
+    // signal a service manager sends every process of the unit at once
+    // stays blocked (pending), so the runtime stops its modules with its
+    // keys still there.
+    if args.private {
+        loop {
+            std::thread::park();
+        }
     }
     let Some(launch) = args.launch else {
         let sig = launch::wait_for_stop();

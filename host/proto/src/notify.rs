@@ -63,7 +63,9 @@ impl Notifier {
         } else {
             socket.connect(&path)?;
         }
-        socket.set_write_timeout(Some(Duration::from_secs(1)))?;
+        // A full socket drops the state rather than stall the caller (the
+        // supervisor's loop).
+        socket.set_nonblocking(true)?;
         Ok(Some(Self { socket, watchdog }))
     }
 
@@ -98,6 +100,11 @@ impl Notifier {
     pub fn watchdog(&self) {
         self.send("WATCHDOG=1");
     }
+
+    /// `EXTEND_TIMEOUT_USEC`: the start (or stop) takes up to `by` more.
+    pub fn extend_timeout(&self, by: Duration) {
+        self.send(&format!("EXTEND_TIMEOUT_USEC={}", by.as_micros()));
+    }
 }
 
 #[allow(unsafe_code)]
@@ -118,7 +125,8 @@ fn watchdog_from(usec: Option<&str>, pid: Option<&str>, me: u32) -> Option<Durat
         return None;
     }
     let usec = usec?.trim().parse::<u64>().ok().filter(|u| *u > 0)?;
-    Some(Duration::from_micros(usec / 2))
+    // Never a zero period (a timer of none spins or panics).
+    Some(Duration::from_micros(usec / 2).max(Duration::from_millis(1)))
 }
 
 /// `status` on one line: control characters as spaces, at most
@@ -161,6 +169,10 @@ mod tests {
             Some(Duration::from_secs(2))
         );
         assert_eq!(watchdog_from(Some("4000000"), Some("8"), 7), None);
+        assert_eq!(
+            watchdog_from(Some("1"), None, 7),
+            Some(Duration::from_millis(1))
+        );
         for bad in ["0", "-1", "x", ""] {
             assert_eq!(watchdog_from(Some(bad), None, 7), None, "{bad}");
         }

@@ -1234,6 +1234,13 @@ fn daemon_command(state_flag: Option<PathBuf>, args: DaemonArgs) -> ExitCode {
     if let Err(e) = crate::api::prepare_dir(&socket, cfg.api.group) {
         return fail(e, 1);
     }
+    // The service manager's socket, reached before Landlock scopes this
+    // process (an abstract name would be refused after), and before it
+    // starts anything that could inherit it.
+    let notifier = edgeward_proto::notify::Notifier::from_env().unwrap_or_else(|e| {
+        tracing::warn!(error = %e, "NOTIFY_SOCKET cannot be reached: no readiness or watchdog");
+        None
+    });
     // A TPM or PKCS#11 backend is held by a key daemon of its own, started
     // before Landlock and seccomp hold this process.
     if let Err(e) = crate::keyd::start_private(
@@ -1244,12 +1251,6 @@ fn daemon_command(state_flag: Option<PathBuf>, args: DaemonArgs) -> ExitCode {
     ) {
         return fail(e, 1);
     }
-    // The service manager's socket, reached before Landlock scopes this
-    // process (an abstract name would be refused after).
-    let notifier = match edgeward_proto::notify::Notifier::from_env() {
-        Ok(n) => n,
-        Err(e) => return fail(format!("NOTIFY_SOCKET: {e}"), 1),
-    };
     landlock_daemon(&cfg, &state_dir, &socket);
     confine("daemon");
     // Its threads start confined.

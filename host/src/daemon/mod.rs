@@ -104,6 +104,7 @@ pub async fn run(
     socket: PathBuf,
     notifier: Option<Notifier>,
 ) -> anyhow::Result<()> {
+    let notifier = notifier.map(Arc::new);
     let notify = |f: &dyn Fn(&Notifier)| {
         if let Some(n) = &notifier {
             f(n);
@@ -281,7 +282,12 @@ pub async fn run(
             tracing::error!(error = %e, "the compiled-artifact cache stays off: every module is compiled");
         }
     }
-    notify(&|n| n.status("starting the deployment's modules"));
+    notify(&|n| {
+        n.status("starting the deployment's modules");
+        // Compiling a deployment with a cold cache takes longer than a
+        // service manager's default start timeout on a small board.
+        n.extend_timeout(START_EXTENSION);
+    });
     let stopped_early = tokio::select! {
         () = async {
             if let Err(e) = boot_measurement.await {
@@ -300,12 +306,28 @@ pub async fn run(
         .runtime
         .integrity_interval
         .map(|d| tokio::time::interval_at(tokio::time::Instant::now() + d, d));
-    // The service manager's watchdog is fed from this loop: a wedged
-    // supervisor stops feeding it and is restarted.
+    // The service manager's watchdog is fed while this loop turns: a
+    // wedged supervisor stops feeding it and is restarted. A command or an
+    // integrity round holds the loop for as long as it takes (a deploy
+    // compiles), up to COMMAND_GRACE.
+    let live = Arc::new(Liveness::new());
     let mut watchdog = notifier
         .as_ref()
-        .and_then(Notifier::watchdog_interval)
+        .and_then(|n| n.watchdog_interval())
         .map(tokio::time::interval);
+    let feeder = notifier.as_ref().and_then(|n| {
+        let every = n.watchdog_interval()?;
+        let (n, live) = (n.clone(), live.clone());
+        Some(tokio::spawn(async move {
+            let mut t = tokio::time::interval(every);
+            loop {
+                t.tick().await;
+                if live.alive(every) {
+                    n.watchdog();
+                }
+            }
+        }))
+    });
     if stopped_early.is_none() {
         let names = supervisor.names();
         notify(&|n| n.ready(&format!("serving {} modules", names.len())));
@@ -322,9 +344,13 @@ pub async fn run(
                     }
                 } => {
                     stall_for_tests();
-                    notify(&|n| n.watchdog());
+                    live.beat();
                 }
-                Some(cmd) = command_rx.recv() => commands::apply(cmd, &mut supervisor, &config).await,
+                Some(cmd) = command_rx.recv() => {
+                    live.busy();
+                    commands::apply(cmd, &mut supervisor, &config).await;
+                    live.beat();
+                }
                 () = supervisor.watch() => unreachable!("watch never returns"),
                 _ = async {
                     match integrity.as_mut() {
@@ -332,13 +358,18 @@ pub async fn run(
                         None => std::future::pending().await,
                     }
                 } => {
+                    live.busy();
                     let n = supervisor.audit().await;
+                    live.beat();
                     tracing::debug!(modules = n, "integrity round");
                 }
             }
         },
     };
     tracing::info!("{why}: stopping");
+    if let Some(f) = feeder {
+        f.abort();
+    }
     notify(&|n| n.stopping(&format!("{why}: stopping the modules")));
     let _ = stop_tx.send(true);
     command_rx.close();
@@ -352,6 +383,60 @@ pub async fn run(
     records::flush();
     tracing::info!("edgeward daemon stopped");
     Ok(())
+}
+
+/// How much longer a start may take than the service manager's start
+/// timeout (sent as `EXTEND_TIMEOUT_USEC` while the deployment starts).
+const START_EXTENSION: Duration = Duration::from_secs(600);
+
+/// How long one command or integrity round may hold the supervisor's loop
+/// before the watchdog goes hungry.
+const COMMAND_GRACE: Duration = Duration::from_secs(600);
+
+/// Whether the supervisor's loop turns: when it last did, and since when a
+/// command holds it (milliseconds since `start`; 0: none).
+struct Liveness {
+    start: std::time::Instant,
+    beat: std::sync::atomic::AtomicU64,
+    busy_since: std::sync::atomic::AtomicU64,
+}
+
+impl Liveness {
+    fn new() -> Self {
+        Self {
+            start: std::time::Instant::now(),
+            beat: std::sync::atomic::AtomicU64::new(0),
+            busy_since: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// The loop turned.
+    fn beat(&self) {
+        use std::sync::atomic::Ordering::SeqCst;
+        self.busy_since.store(0, SeqCst);
+        self.beat.store(self.now_ms(), SeqCst);
+    }
+
+    /// A command holds the loop from now.
+    fn busy(&self) {
+        self.busy_since
+            .store(self.now_ms().max(1), std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Whether to feed a watchdog ticking `every`: the loop turned within
+    /// three ticks, or a command has held it for less than COMMAND_GRACE.
+    fn alive(&self, every: Duration) -> bool {
+        use std::sync::atomic::Ordering::SeqCst;
+        let now = self.now_ms();
+        let window = u64::try_from(every.as_millis().saturating_mul(3)).unwrap_or(u64::MAX);
+        let busy = self.busy_since.load(SeqCst);
+        now.saturating_sub(self.beat.load(SeqCst)) <= window
+            || (busy != 0 && u128::from(now.saturating_sub(busy)) <= COMMAND_GRACE.as_millis())
+    }
 }
 
 type Stall = fn();
