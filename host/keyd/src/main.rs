@@ -9,7 +9,7 @@ use edgeward_keyd::launch::{self, Launch, Supervisor};
 use edgeward_keyd::policy::Policy;
 use edgeward_keyd::server::Server;
 
-const USAGE: &str = "usage: edgeward-keyd --state DIR --socket PATH --device-id ID [--runtime-uid UID]...
+const USAGE: &str = "usage: edgeward-keyd --state DIR --socket PATH --device-id ID [--runtime-uid UID | --runtime-user NAME]...
        [--trust-domain NAME] [--max-leaf-ttl SECS] [--max-jwt-key-ttl SECS]
        [--hsm soft | --hsm tpm [--tcti TCTI] [--pcr N] [--boot-pcrs N,N...] | --hsm pkcs11 --module PATH --token LABEL --pin-file PATH]
        [--launch EXE [--runtime-gid GID] -- ARGS... | --private | --private-runtime]";
@@ -56,11 +56,14 @@ fn parse(mut it: impl Iterator<Item = String>) -> Result<Args, String> {
         match flag.as_str() {
             "--state" => state = Some(PathBuf::from(value()?)),
             "--socket" => socket = Some(PathBuf::from(value()?)),
-            "--runtime-uid" => {
+            "--runtime-uid" | "--runtime-user" => {
                 let v = value()?;
-                let uid = v
-                    .parse::<u32>()
-                    .map_err(|_| format!("--runtime-uid {v:?}: a uid"))?;
+                let uid = if flag == "--runtime-user" {
+                    passwd_uid(&v)?
+                } else {
+                    v.parse::<u32>()
+                        .map_err(|_| format!("--runtime-uid {v:?}: a uid"))?
+                };
                 if uid == 0 {
                     return Err("--runtime-uid 0: root is a principal of its own".into());
                 }
@@ -385,6 +388,23 @@ fn confine(args: &Args) {
 /// nobody and the overflow ids.
 fn is_overflow(uid: u32) -> bool {
     uid == 65534 || uid == u32::MAX || uid == u32::from(u16::MAX)
+}
+
+/// The uid of user `name`, from /etc/passwd (a service's unit names its
+/// runtime's user; the package creates it with a uid of the system's
+/// choosing).
+fn passwd_uid(name: &str) -> Result<u32, String> {
+    let passwd = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
+    passwd
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split(':').collect();
+            (f.len() >= 4 && f[0] == name)
+                .then(|| f[2].parse::<u32>().ok())
+                .flatten()
+        })
+        .next()
+        .ok_or_else(|| format!("--runtime-user {name:?}: no such user in /etc/passwd"))
 }
 
 /// The primary group of `uid`, from /etc/passwd (not the group numbered
@@ -718,6 +738,16 @@ mod tests {
         assert_eq!(a.policy.principal(a.policy.owner), Principal::Root);
         let e = args(&["--private-runtime", "--runtime-uid", "1234"]).unwrap_err();
         assert!(e.contains("--private"), "{e}");
+    }
+
+    #[test]
+    fn a_runtime_user_is_named_or_numbered() {
+        let a = args(&["--runtime-user", "root"]).unwrap_err();
+        assert!(a.contains("root is a principal of its own"), "{a}");
+        let e = args(&["--runtime-user", "no-such-user-here"]).unwrap_err();
+        assert!(e.contains("no such user"), "{e}");
+        let nobody = args(&["--runtime-user", "nobody"]).unwrap_err();
+        assert!(nobody.contains("overflow"), "{nobody}");
     }
 
     #[test]
