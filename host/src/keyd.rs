@@ -111,10 +111,8 @@ const PRIVATE_START: Duration = Duration::from_secs(30);
 /// directory the same holds for, is taken: a binary another user dropped
 /// beside `edgeward` (in `/tmp`, say) would run with this user's keys.
 fn keyd_executable() -> Result<PathBuf, String> {
-    use std::os::unix::fs::MetadataExt as _;
-    let me = rustix::process::geteuid().as_raw();
     let held = |p: &Path| {
-        std::fs::metadata(p).is_ok_and(|m| (m.uid() == 0 || m.uid() == me) && m.mode() & 0o022 == 0)
+        std::fs::metadata(p).is_ok_and(|m| edgeward_hsm::state::only_root_or_me(&m).is_ok())
     };
     let beside = std::env::current_exe()
         .ok()

@@ -62,6 +62,32 @@ fn default_dir() -> io::Result<PathBuf> {
 ///
 /// An I/O error naming the directory when it cannot be created, is not a
 /// directory, or belongs to another user.
+/// Whether what `meta` describes can be changed only by root or this
+/// process's effective user: owned by one of them and writable by neither
+/// group nor others. `Err` says why not. The one rule for what edgeward
+/// runs or trusts by path (the key daemon's executable, the runtime the
+/// launcher measures, the directories its sockets are made in).
+///
+/// # Errors
+///
+/// The owner or the mode, named.
+pub fn only_root_or_me(meta: &fs::Metadata) -> Result<(), String> {
+    let me = rustix::process::geteuid().as_raw();
+    if meta.uid() != 0 && meta.uid() != me {
+        return Err(format!(
+            "owned by uid {}, not by root or this user ({me})",
+            meta.uid()
+        ));
+    }
+    if meta.mode() & 0o022 != 0 {
+        return Err(format!(
+            "writable by group or others (mode {:o})",
+            meta.mode() & 0o7777
+        ));
+    }
+    Ok(())
+}
+
 pub fn ensure_private_dir(dir: &Path) -> io::Result<()> {
     let named =
         |e: io::Error| io::Error::new(e.kind(), format!("state directory {}: {e}", dir.display()));

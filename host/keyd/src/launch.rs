@@ -12,7 +12,6 @@ use std::fs::File;
 use std::io::Read;
 use std::os::fd::AsRawFd as _;
 use std::os::fd::OwnedFd;
-use std::os::unix::fs::MetadataExt as _;
 use std::os::unix::process::{CommandExt as _, ExitStatusExt as _};
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus};
@@ -156,25 +155,11 @@ pub fn self_event(config: Value) -> Result<(Value, Duration), String> {
 /// A file the key daemon launches or measures for the runtime must be one
 /// nobody but root and the key daemon's user can change.
 fn check_owner(path: &Path, meta: &std::fs::Metadata, what: &str) -> Result<(), String> {
-    let me = rustix::process::geteuid().as_raw();
     if !meta.is_file() {
         return Err(format!("{what} {}: not a regular file", path.display()));
     }
-    if meta.uid() != 0 && meta.uid() != me {
-        return Err(format!(
-            "{what} {}: owned by uid {}; only root or the key daemon's user may own it",
-            path.display(),
-            meta.uid()
-        ));
-    }
-    if meta.mode() & 0o022 != 0 {
-        return Err(format!(
-            "{what} {}: writable by group or others (mode {:o})",
-            path.display(),
-            meta.mode() & 0o7777
-        ));
-    }
-    Ok(())
+    edgeward_hsm::state::only_root_or_me(meta)
+        .map_err(|why| format!("{what} {}: {why}", path.display()))
 }
 
 /// The runtime's executable, opened and measured: the descriptor is what

@@ -98,7 +98,7 @@ pub fn socket_path(flag: Option<&Path>, configured: Option<&Path>) -> Result<Pat
 /// The directory cannot be created, or is someone else's, or writable by
 /// group or others; the message names it.
 pub fn prepare_dir(path: &Path, group: Option<u32>) -> anyhow::Result<()> {
-    use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
+    use std::os::unix::fs::PermissionsExt as _;
     let dir = path.parent().unwrap_or(Path::new("."));
     if !dir.exists() {
         std::fs::create_dir_all(dir)
@@ -110,21 +110,12 @@ pub fn prepare_dir(path: &Path, group: Option<u32>) -> anyhow::Result<()> {
         }
     }
     let meta = std::fs::metadata(dir).map_err(|e| anyhow::anyhow!("{}: {e}", dir.display()))?;
-    let me = rustix::process::getuid().as_raw();
-    if meta.uid() != me && meta.uid() != 0 {
-        anyhow::bail!(
-            "{}: owned by uid {}, not by this user or root: refusing to put the management socket there",
-            dir.display(),
-            meta.uid()
-        );
-    }
-    if meta.mode() & 0o022 != 0 {
-        anyhow::bail!(
-            "{}: writable by group or others: refusing to put the management socket there",
+    edgeward_hsm::state::only_root_or_me(&meta).map_err(|why| {
+        anyhow::anyhow!(
+            "{}: {why}: refusing to put the management socket there",
             dir.display()
-        );
-    }
-    Ok(())
+        )
+    })
 }
 
 /// Binds the socket at `path`: its directory created 0750 if missing (an
