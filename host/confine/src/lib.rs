@@ -278,7 +278,8 @@ pub fn apply() -> Result<(), ConfineError> {
 }
 
 /// Drops every capability but `keep` from this thread (call it before
-/// any other thread starts: they inherit it) for good: the bounding set
+/// any other thread starts: they inherit it; one already running is
+/// reported as an error after the drop) for good: the bounding set
 /// (what an exec could regain), the ambient set, and the effective,
 /// permitted and inheritable sets. A process that is not root has none to
 /// drop.
@@ -288,13 +289,6 @@ pub fn apply() -> Result<(), ConfineError> {
 /// The kernel refuses (no `CAP_SETPCAP` to shrink the bounding set).
 pub fn drop_capabilities(keep: rustix::thread::CapabilitySet) -> Result<(), ConfineError> {
     use rustix::thread::{CapabilitySet, CapabilitySets};
-    // Capabilities are a thread's: one already running would keep them.
-    let threads = threads();
-    if threads > 1 {
-        return Err(ConfineError(format!(
-            "{threads} threads run already: dropping capabilities would hold only the calling one"
-        )));
-    }
     let now = rustix::thread::capabilities(None)
         .map_err(|e| ConfineError(format!("cannot read its capabilities: {e}")))?;
     // The bounding set, while CAP_SETPCAP is effective (without it there
@@ -333,7 +327,16 @@ pub fn drop_capabilities(keep: rustix::thread::CapabilitySet) -> Result<(), Conf
         },
     )
     .map_err(|e| ConfineError(format!("cannot drop its capabilities: {e}")))?;
-    bounding
+    bounding?;
+    // Capabilities are a thread's: this one and those it starts have none
+    // now, one already running keeps its own.
+    let threads = threads();
+    if threads > 1 {
+        return Err(ConfineError(format!(
+            "{threads} threads ran already: those started before keep their capabilities"
+        )));
+    }
+    Ok(())
 }
 
 /// How many threads this process runs (0 if `/proc` cannot say).

@@ -56,12 +56,6 @@ fn default_dir() -> io::Result<PathBuf> {
     ))
 }
 
-/// Creates `dir` (and parents) if needed and makes it private (0700).
-///
-/// # Errors
-///
-/// An I/O error naming the directory when it cannot be created, is not a
-/// directory, or belongs to another user.
 /// Whether what `meta` describes can be changed only by root or this
 /// process's effective user: owned by one of them and writable by neither
 /// group nor others. `Err` says why not. The one rule for what edgeward
@@ -88,6 +82,12 @@ pub fn only_root_or_me(meta: &fs::Metadata) -> Result<(), String> {
     Ok(())
 }
 
+/// Creates `dir` (and parents) if needed and makes it private (0700).
+///
+/// # Errors
+///
+/// An I/O error naming the directory when it cannot be created, is not a
+/// directory, or belongs to another user.
 pub fn ensure_private_dir(dir: &Path) -> io::Result<()> {
     let named =
         |e: io::Error| io::Error::new(e.kind(), format!("state directory {}: {e}", dir.display()));

@@ -394,17 +394,21 @@ fn is_overflow(uid: u32) -> bool {
 /// runtime's user; the package creates it with a uid of the system's
 /// choosing).
 fn passwd_uid(name: &str) -> Result<u32, String> {
-    let passwd = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
-    passwd
+    if name.is_empty() || name.contains(':') {
+        return Err(format!("--runtime-user {name:?}: not a user name"));
+    }
+    let passwd = std::fs::read_to_string("/etc/passwd")
+        .map_err(|e| format!("--runtime-user {name:?}: /etc/passwd: {e}"))?;
+    // The first entry of that name decides, as getpwnam's does.
+    let entry = passwd
         .lines()
-        .filter_map(|l| {
-            let f: Vec<&str> = l.split(':').collect();
-            (f.len() >= 4 && f[0] == name)
-                .then(|| f[2].parse::<u32>().ok())
-                .flatten()
-        })
-        .next()
-        .ok_or_else(|| format!("--runtime-user {name:?}: no such user in /etc/passwd"))
+        .find(|l| l.split(':').next() == Some(name))
+        .ok_or_else(|| format!("--runtime-user {name:?}: no such user in /etc/passwd"))?;
+    entry
+        .split(':')
+        .nth(2)
+        .and_then(|u| u.parse::<u32>().ok())
+        .ok_or_else(|| format!("--runtime-user {name:?}: its /etc/passwd entry has no uid"))
 }
 
 /// The primary group of `uid`, from /etc/passwd (not the group numbered
@@ -746,6 +750,10 @@ mod tests {
         assert!(a.contains("root is a principal of its own"), "{a}");
         let e = args(&["--runtime-user", "no-such-user-here"]).unwrap_err();
         assert!(e.contains("no such user"), "{e}");
+        for bad in ["", "a:b"] {
+            let e = args(&["--runtime-user", bad]).unwrap_err();
+            assert!(e.contains("not a user name"), "{e}");
+        }
         let nobody = args(&["--runtime-user", "nobody"]).unwrap_err();
         assert!(nobody.contains("overflow"), "{nobody}");
     }
