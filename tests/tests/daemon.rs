@@ -825,3 +825,57 @@ fn recv(sock: &std::os::unix::net::UnixDatagram, wait: Duration) -> Option<Strin
     let n = sock.recv(&mut buf).ok()?;
     Some(String::from_utf8_lossy(&buf[..n]).into_owned())
 }
+
+/// Under journald (`JOURNAL_STREAM` names standard error) each log line
+/// starts with its syslog priority and carries no timestamp of its own; a
+/// `JOURNAL_STREAM` that names another stream (inherited by a process
+/// whose standard error went elsewhere) changes nothing.
+#[test]
+fn under_journald_lines_carry_a_priority_and_no_timestamp() {
+    use std::io::Read as _;
+    for journal in [true, false] {
+        let s = Scratch::new();
+        let cfg = s.write("config.toml", "");
+        let (mut reader, writer) = std::io::pipe().unwrap();
+        let st = rustix::fs::fstat(&writer).unwrap();
+        let ino = if journal { st.st_ino } else { st.st_ino + 1 };
+        let mut child = s
+            .edgeward()
+            .arg("daemon")
+            .arg("--config")
+            .arg(&cfg)
+            .env("EDGEWARD_LOG", "info")
+            .env("JOURNAL_STREAM", format!("{}:{ino}", st.st_dev))
+            .stdout(std::process::Stdio::null())
+            .stderr(writer)
+            .spawn()
+            .unwrap();
+        wait_for_socket(&s);
+        std::process::Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(child.wait().unwrap().success());
+        let mut text = String::new();
+        reader.read_to_string(&mut text).unwrap();
+        let stopped = text
+            .lines()
+            .find(|l| l.contains("edgeward daemon stopped"))
+            .unwrap_or_else(|| panic!("{text}"));
+        if journal {
+            assert!(stopped.starts_with("<6> INFO "), "{stopped}");
+            for line in text.lines() {
+                let rest = line
+                    .strip_prefix('<')
+                    .and_then(|l| l.split_once('>'))
+                    .filter(|(p, _)| matches!(*p, "3" | "4" | "6" | "7"))
+                    .unwrap_or_else(|| panic!("no priority: {line}"))
+                    .1;
+                assert!(!rest.trim_start().starts_with("20"), "a timestamp: {line}");
+            }
+        } else {
+            assert!(stopped.starts_with("20"), "{stopped}");
+            assert!(!text.contains("<6>"), "{text}");
+        }
+    }
+}

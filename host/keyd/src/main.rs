@@ -439,11 +439,24 @@ fn main() -> ExitCode {
         .ok()
         .and_then(|l| l.parse::<tracing::Level>().ok())
         .unwrap_or(tracing::Level::INFO);
-    tracing_subscriber::fmt()
-        .with_max_level(level)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(|| edgeward_proto::QuietStderr)
-        .init();
+    if edgeward_proto::journal::stderr_is_journal() {
+        // Under journald: a priority per line, no second timestamp.
+        let format = tracing_subscriber::fmt::format()
+            .without_time()
+            .with_ansi(false);
+        tracing_subscriber::fmt()
+            .with_max_level(level)
+            .with_ansi(false)
+            .event_format(edgeward_proto::journal::Prioritized(format))
+            .with_writer(|| edgeward_proto::QuietStderr)
+            .init();
+    } else {
+        tracing_subscriber::fmt()
+            .with_max_level(level)
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .with_writer(|| edgeward_proto::QuietStderr)
+            .init();
+    }
     let args = match parse(std::env::args().skip(1)) {
         Ok(a) => a,
         Err(e) => {

@@ -21,6 +21,7 @@ use base64ct::{Base64, Encoding as _};
 use serde::{Deserialize, Serialize};
 
 mod client;
+pub mod journal;
 pub mod notify;
 
 pub use client::RemoteHsm;

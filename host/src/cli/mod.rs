@@ -328,6 +328,19 @@ struct DaemonArgs {
 fn init_logging(default: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("EDGEWARD_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    if edgeward_proto::journal::stderr_is_journal() {
+        // Under journald: a priority per line, no second timestamp.
+        let format = tracing_subscriber::fmt::format()
+            .without_time()
+            .with_ansi(false);
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_ansi(false)
+            .event_format(edgeward_proto::journal::Prioritized(format))
+            .with_writer(|| edgeward_proto::QuietStderr)
+            .try_init();
+        return;
+    }
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
