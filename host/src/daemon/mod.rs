@@ -161,6 +161,9 @@ pub async fn run(
         r = open_identity(&config, &state_dir) => r?,
         why = stop_requested(&mut sigterm) => {
             tracing::info!("{}: stopping during start-up", why?);
+            let _ = std::fs::remove_file(&socket);
+            records::flush();
+            tracing::info!("edgeward daemon stopped");
             return Ok(());
         }
     };
