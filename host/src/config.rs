@@ -160,6 +160,44 @@ struct RawConfig {
     cloud: Option<crate::cloud::RawCloud>,
     #[serde(default)]
     grants: crate::grants::RawGrants,
+    #[serde(default)]
+    metrics: RawMetrics,
+}
+
+/// `[metrics]`: where else than the management socket the metrics are
+/// served.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMetrics {
+    listen: Option<String>,
+}
+
+impl RawMetrics {
+    fn validate(self) -> Result<MetricsSettings, String> {
+        let listen = self
+            .listen
+            .map(|l| {
+                let addr: std::net::SocketAddr = l.parse().map_err(|_| {
+                    format!("metrics.listen: {l:?} is not an address and port (such as \"127.0.0.1:9464\")")
+                })?;
+                if !addr.ip().is_loopback() {
+                    return Err(format!(
+                        "metrics.listen: {addr} is not a loopback address: the metrics name every module and are served without authentication, so only 127.0.0.0/8 or [::1] may listen (a remote Prometheus scrapes through a proxy or the management socket)"
+                    ));
+                }
+                Ok(addr)
+            })
+            .transpose()?;
+        Ok(MetricsSettings { listen })
+    }
+}
+
+/// `[metrics]`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MetricsSettings {
+    /// A loopback TCP address to serve `GET /metrics` on (besides
+    /// `GET /v1/metrics` on the management socket).
+    pub listen: Option<std::net::SocketAddr>,
 }
 
 /// `[signatures]`: the floor every component and manifest is held to.
@@ -511,6 +549,8 @@ pub struct Config {
     pub cloud: Option<crate::cloud::CloudConfig>,
     /// `[grants]`: what the API, the agent and deployments may grant.
     pub grants: crate::grants::Grants,
+    /// `[metrics]`.
+    pub metrics: MetricsSettings,
 }
 
 /// Where the compiled-artifact cache's MAC key lives with the HSM backend
@@ -556,6 +596,9 @@ impl Config {
                 "max_token_ttl_ms": ms(i.max_token_ttl),
                 "jwt_key_rotation_ms": ms(i.jwt_key_rotation),
                 "ca_certificate": i.ca_certificate.as_deref().map(path),
+            },
+            "metrics": {
+                "listen": self.metrics.listen.map(|a| a.to_string()),
             },
             "api": {
                 "socket": a.socket.as_deref().map(path),
@@ -658,6 +701,7 @@ impl Config {
         let hsm = raw.hsm.validate(&resolve).map_err(err)?;
         let identity = raw.identity.validate(&resolve).map_err(err)?;
         let api = raw.api.validate(&resolve).map_err(err)?;
+        let metrics = raw.metrics.validate().map_err(err)?;
         let signatures = raw.signatures.validate(&resolve).map_err(err)?;
         let cloud = raw
             .cloud
@@ -804,6 +848,7 @@ impl Config {
             signatures,
             cloud,
             grants,
+            metrics,
         })
     }
 }

@@ -497,7 +497,12 @@ impl Registry {
     ///
     /// The store cannot be read.
     pub fn names(&self) -> Result<Vec<String>, RegistryError> {
-        self.read(REGISTRATIONS, Vec::new(), |t| {
+        self.keys(REGISTRATIONS)
+    }
+
+    /// The keys of `table`, sorted.
+    fn keys(&self, table: TableDefinition<&str, &[u8]>) -> Result<Vec<String>, RegistryError> {
+        self.read(table, Vec::new(), |t| {
             let mut names = Vec::new();
             for entry in t.iter().map_err(|e| self.damaged(e))? {
                 let (k, _) = entry.map_err(|e| self.damaged(e))?;
@@ -549,6 +554,15 @@ impl Registry {
             }
             Ok(out)
         })
+    }
+
+    /// The names of the registered modules, sorted (their records unread).
+    ///
+    /// # Errors
+    ///
+    /// The store cannot be read.
+    pub fn module_names(&self) -> Result<Vec<String>, RegistryError> {
+        self.keys(MODULES)
     }
 
     /// The record of module `name`, if any.

@@ -24,6 +24,8 @@ use wasmtime_wasi::{FsPerms, WasiCtx, WasiCtxView, WasiView};
 
 const SETTLE: Duration = Duration::from_secs(3);
 const IDLE_WINDOW: Duration = Duration::from_secs(10);
+/// How often the scraped run renders its metrics.
+const SCRAPE_INTERVAL: Duration = Duration::from_secs(5);
 
 struct Bare {
     ctx: WasiCtx,
@@ -65,7 +67,7 @@ fn child(mode: &str, n: usize) {
     let before = rss_kib();
     let t0;
     match mode {
-        "edgeward" => {
+        "edgeward" | "scraped" => {
             let runtime = Arc::new(
                 Runtime::new(&RuntimeOptions {
                     engine: engine_options(n as u32),
@@ -90,13 +92,16 @@ fn child(mode: &str, n: usize) {
             spec.output = Output::Discard;
             let spec = Arc::new(spec);
             t0 = Instant::now();
-            for _ in 0..n {
-                let (runtime, module, spec, started) = (
-                    runtime.clone(),
-                    module.clone(),
-                    spec.clone(),
-                    started.clone(),
-                );
+            for i in 0..n {
+                let spec = if mode == "scraped" {
+                    // Each module its own meter, as the daemon registers them.
+                    let mut own = (*spec).clone();
+                    own.meter = edgeward::daemon::metrics::meter(&format!("m{i}"));
+                    Arc::new(own)
+                } else {
+                    spec.clone()
+                };
+                let (runtime, module, started) = (runtime.clone(), module.clone(), started.clone());
                 rt.spawn(async move {
                     let exit = runtime
                         .start_with(&module, &spec, None, || {
@@ -107,6 +112,9 @@ fn child(mode: &str, n: usize) {
                 });
             }
             wait_started(&started, n, t0, mode);
+            if mode == "scraped" {
+                scraper(n);
+            }
             report(mode, n, t0, before);
             std::mem::forget(runtime);
         }
@@ -152,6 +160,33 @@ fn child(mode: &str, n: usize) {
     std::process::exit(0);
 }
 
+/// Renders every module's metrics now (timed, printed) and then every
+/// [`SCRAPE_INTERVAL`] on a thread of its own, as a Prometheus scraping the
+/// daemon would make it.
+fn scraper(n: usize) {
+    let names: Vec<String> = (0..n).map(|i| format!("m{i}")).collect();
+    let render = move || {
+        edgeward::daemon::metrics::render_named(names.clone(), "bench", Duration::ZERO, |_| {
+            Some(("running".to_owned(), 1))
+        })
+    };
+    let mut times = Vec::new();
+    let mut size = 0;
+    for _ in 0..5 {
+        let t = Instant::now();
+        size = render().len();
+        times.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    times.sort_by(f64::total_cmp);
+    println!("SCRAPE n={n} ms={:.1} bytes={size}", times[times.len() / 2]);
+    std::thread::spawn(move || {
+        loop {
+            std::thread::sleep(SCRAPE_INTERVAL);
+            std::hint::black_box(render());
+        }
+    });
+}
+
 fn wait_started(started: &AtomicUsize, n: usize, t0: Instant, mode: &str) {
     while started.load(Ordering::Relaxed) < n {
         assert!(
@@ -179,6 +214,9 @@ struct Figures {
     start_ms: f64,
     rss_kib: f64,
     cpu_pct: f64,
+    /// One render of every module's metrics (the scraped mode).
+    scrape_ms: f64,
+    scrape_bytes: f64,
 }
 
 fn run_child(mode: &str, n: usize) -> Figures {
@@ -198,16 +236,20 @@ fn run_child(mode: &str, n: usize) -> Figures {
                 String::from_utf8_lossy(&out.stderr)
             )
         });
-    let field = |k: &str| -> f64 {
+    let scrape = text.lines().find(|l| l.starts_with("SCRAPE")).unwrap_or("");
+    let field_of = |line: &str, k: &str| -> f64 {
         line.split_whitespace()
             .find_map(|f| f.strip_prefix(&format!("{k}=")))
             .and_then(|v| v.parse().ok())
             .unwrap_or(f64::NAN)
     };
+    let field = |k: &str| field_of(line, k);
     Figures {
         start_ms: field("start_ms"),
         rss_kib: field("rss_kib"),
         cpu_pct: field("cpu_pct"),
+        scrape_ms: field_of(scrape, "ms"),
+        scrape_bytes: field_of(scrape, "bytes"),
     }
 }
 
@@ -241,5 +283,27 @@ fn main() {
             ours.cpu_pct,
             bare.cpu_pct
         );
+        if n == 5000 {
+            // The cost of metrics: the same run with every module's
+            // metrics rendered every 5 s, against none.
+            let scraped = run_child("scraped", n);
+            println!(
+                "metrics_n{n}_rss ratio={:.3}   (scraped every 5 s {:.0} KiB, none {:.0} KiB; target <= 1.05)",
+                scraped.rss_kib / ours.rss_kib,
+                scraped.rss_kib,
+                ours.rss_kib
+            );
+            println!(
+                "metrics_n{n}_idle_cpu ratio={:.3}   (scraped every 5 s {:.2} %, none {:.2} % of one core; target <= 1.05)",
+                scraped.cpu_pct / ours.cpu_pct,
+                scraped.cpu_pct,
+                ours.cpu_pct
+            );
+            println!(
+                "metrics_n{n}_scrape ms={:.1}   ({:.0} KiB of text for {n} modules; target < 100 ms)",
+                scraped.scrape_ms,
+                scraped.scrape_bytes / 1024.0
+            );
+        }
     }
 }

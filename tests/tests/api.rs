@@ -274,6 +274,39 @@ fn who_may_do_what_is_decided_by_peer_credentials() {
         "{}",
         stderr(&o)
     );
+    // The metrics are a read: a reader gets them, a user with no role not.
+    let metrics_as = |uid: u32| {
+        std::process::Command::new("setpriv")
+            .arg(format!("--reuid={uid}"))
+            .arg("--regid=65534")
+            .arg("--groups=65534")
+            .arg(&exe)
+            .args(["system", "metrics", "--socket"])
+            .arg(&sock)
+            .env_remove("EDGEWARD_STATE_DIR")
+            .output()
+            .expect("setpriv (util-linux)")
+    };
+    let o = metrics_as(65533);
+    assert_status(&o, 0);
+    assert!(
+        stdout(&o).contains(r#"edgeward_module_state{module="configured",state="#),
+        "{}",
+        stdout(&o)
+    );
+    let refused_so_far = stdout(&o)
+        .lines()
+        .find_map(|l| l.strip_prefix("edgeward_management_refusals_total "))
+        .and_then(|n| n.parse::<u64>().ok())
+        .unwrap();
+    assert!(refused_so_far >= 2, "{}", stdout(&o));
+    let o = metrics_as(65534);
+    assert_status(&o, 1);
+    assert!(
+        stderr(&o).contains("not an operator or reader"),
+        "{}",
+        stderr(&o)
+    );
     let o = as_user(65532, "65534,100", &["stop", "configured"]);
     assert_status(&o, 0);
     wait_state(&s, &sock, "configured", "stopped/stopped");

@@ -853,7 +853,14 @@ fn under_journald_lines_carry_a_priority_and_no_timestamp() {
         wait_for_socket(&s);
         // Serving: the log holds more than start-up's first lines.
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-        while !s.edgeward().arg("status").output().unwrap().status.success() {
+        while !s
+            .edgeward()
+            .arg("status")
+            .output()
+            .unwrap()
+            .status
+            .success()
+        {
             assert!(std::time::Instant::now() < deadline, "never served");
             std::thread::sleep(std::time::Duration::from_millis(50));
         }

@@ -222,6 +222,15 @@ fn the_daemon_takes_every_key_from_the_key_daemon() {
     d.wait_for("alpha | vault-open ok", |out, _| {
         out.iter().any(|l| l.contains("alpha | vault-open ok"))
     });
+    // Its metrics count the calls the key daemon answered.
+    let (code, metrics) = http(&s.socket(), "GET", "/v1/metrics", b"");
+    assert_eq!(code, 200, "{metrics}");
+    let answered: u64 = metrics
+        .lines()
+        .filter(|l| l.starts_with("edgeward_keyd_calls_total{") && l.contains("result=\"ok\""))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum();
+    assert!(answered >= 2, "{metrics}");
     let (status, _, err) = d.terminate();
     assert!(status.success(), "{err:?}");
 

@@ -96,6 +96,28 @@ pub enum Op {
     ActivateCredential,
 }
 
+impl Op {
+    /// A short name for metrics labels (`sign`, `signing-key`, ...).
+    pub fn label(self) -> &'static str {
+        match self {
+            Op::SigningKey => "signing-key",
+            Op::PublicKey => "public-key",
+            Op::Sign => "sign",
+            Op::AeadKey => "aead-key",
+            Op::Encrypt => "encrypt",
+            Op::Decrypt => "decrypt",
+            Op::Random => "random",
+            Op::Extend => "extend",
+            Op::ReadRegister => "read-register",
+            Op::Quote => "quote",
+            Op::ListKeys => "list-keys",
+            Op::DestroyKey => "destroy-key",
+            Op::EndorsementCertificate => "endorsement-certificate",
+            Op::ActivateCredential => "activate-credential",
+        }
+    }
+}
+
 impl fmt::Display for Op {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {

@@ -1,5 +1,6 @@
 //! The client: the key daemon as a backend of the HSM PAL.
 
+use std::collections::BTreeMap;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -22,6 +23,35 @@ pub struct RemoteHsm {
     backend: &'static str,
     keys_outside_state_dir: bool,
     conn: Mutex<Option<UnixStream>>,
+}
+
+/// Calls this process made to key daemons: (operation, result) -> count.
+static CALLS: Mutex<BTreeMap<(&str, &str), u64>> = Mutex::new(BTreeMap::new());
+
+/// How a call ended, for [`call_counts`]: `ok`, `refused` (the key daemon
+/// refused it: not this caller's to ask), `unavailable` (no answer), or
+/// `error` (any other failure).
+fn count(op: Op, r: &Result<Reply>) {
+    let result = match r {
+        Ok(_) => "ok",
+        Err(e) => match &e.kind {
+            ErrorKind::Unavailable(_) => "unavailable",
+            ErrorKind::Backend(m) if m.starts_with("refused by the key daemon") => "refused",
+            _ => "error",
+        },
+    };
+    if let Ok(mut c) = CALLS.lock() {
+        *c.entry((op.label(), result)).or_default() += 1;
+    }
+}
+
+/// The calls this process made to key daemons so far, by operation and
+/// result (`ok`, `refused`, `unavailable`, `error`), in that order.
+pub fn call_counts() -> Vec<(&'static str, &'static str, u64)> {
+    CALLS
+        .lock()
+        .map(|c| c.iter().map(|(&(op, r), &n)| (op, r, n)).collect())
+        .unwrap_or_default()
 }
 
 /// The PAL's backend names, as `&'static str`.
@@ -111,6 +141,12 @@ impl RemoteHsm {
     /// is sent; a failure after it was sent is not retried, since the call
     /// may have happened.
     fn call(&self, op: Op, key: Option<&str>, call: Call) -> Result<Reply> {
+        let r = self.call_once(op, key, call);
+        count(op, &r);
+        r
+    }
+
+    fn call_once(&self, op: Op, key: Option<&str>, call: Call) -> Result<Reply> {
         let unavailable = |e: String| {
             self.error(
                 op,

@@ -608,7 +608,8 @@ impl ApiState {
         deployment_plan,
         deployment_status,
         events,
-        attest
+        attest,
+        metrics
     ),
     components(schemas(
         RawModuleSpec,
@@ -670,6 +671,7 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/v1/deployment/status", get(deployment_status))
         .route("/v1/events", get(events))
         .route("/v1/attest", get(attest))
+        .route("/v1/metrics", get(metrics))
         .route("/v1/openapi.json", get(openapi))
         .route("/v1/blobs/{digest}", put(put_blob))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such route") })
@@ -806,6 +808,9 @@ async fn authorize(
         Some(Role::Operator) => next.run(req).await,
         Some(Role::Reader) if reading => next.run(req).await,
         role => {
+            crate::daemon::metrics::DAEMON
+                .management_refusals
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             if state.refusals.allow() {
                 tracing::warn!(
                     uid = peer.uid,
@@ -824,6 +829,31 @@ async fn authorize(
             ApiError::new(StatusCode::FORBIDDEN, why).into_response()
         }
     }
+}
+
+#[utoipa::path(get, path = "/v1/metrics", tag = "system",
+    responses((status = 200, description = "The daemon's and its modules' metrics in the Prometheus text format (0.0.4)", content_type = "text/plain")))]
+async fn metrics(State(state): State<Arc<ApiState>>) -> Result<Response, ApiError> {
+    let text = metrics_text(state).await?;
+    Ok((
+        [("content-type", crate::daemon::metrics::CONTENT_TYPE)],
+        text,
+    )
+        .into_response())
+}
+
+/// The metrics, rendered on the blocking pool (thousands of modules take
+/// milliseconds).
+pub(crate) async fn metrics_text(state: Arc<ApiState>) -> Result<String, ApiError> {
+    tokio::task::spawn_blocking(move || {
+        crate::daemon::metrics::render(
+            &state.registry,
+            &state.info.version,
+            state.started.elapsed(),
+        )
+    })
+    .await
+    .map_err(|e| internal(e.to_string()))
 }
 
 #[utoipa::path(get, path = "/v1/health", tag = "system",

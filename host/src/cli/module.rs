@@ -799,11 +799,35 @@ enum SystemCommand {
         #[arg(long)]
         json: bool,
     },
+    /// The daemon's and its modules' metrics, in the Prometheus text
+    /// format (as `GET /v1/metrics` serves them).
+    Metrics,
 }
 
-/// Runs `edgeward system info`.
+/// Runs `edgeward system info` and `system metrics`.
 pub(super) fn system(args: SystemArgs) -> ExitCode {
-    let SystemCommand::Info { json } = args.what;
+    let json = match args.what {
+        SystemCommand::Info { json } => json,
+        SystemCommand::Metrics => {
+            return match connect(args.socket, args.config) {
+                Ok(t) => t.rt.block_on(async {
+                    match call(&t.socket, "GET", "/v1/metrics", None).await {
+                        Ok(a) if a.status == 200 => {
+                            use std::io::Write as _;
+                            let mut out = std::io::stdout().lock();
+                            match out.write_all(&a.body).and_then(|()| out.flush()) {
+                                Ok(()) => ExitCode::SUCCESS,
+                                Err(e) => fail(format!("cannot write the metrics: {e}"), 1),
+                            }
+                        }
+                        Ok(a) => refused(&a),
+                        Err(code) => code,
+                    }
+                }),
+                Err(code) => code,
+            };
+        }
+    };
     match connect(args.socket, args.config) {
         Ok(t) => {
             t.rt.block_on(async {

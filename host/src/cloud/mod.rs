@@ -426,6 +426,10 @@ pub async fn run(
     let (client, mut eventloop) = AsyncClient::new(options, 64);
     let (work_tx, work_rx) = mpsc::channel::<Work>(256);
     let online = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let counters = &crate::daemon::metrics::DAEMON;
+    counters
+        .cloud_configured
+        .store(1, std::sync::atomic::Ordering::Relaxed);
     let worker = tokio::spawn(worker(
         config.clone(),
         api.clone(),
@@ -461,6 +465,7 @@ pub async fn run(
                 Ok(Event::Incoming(Packet::ConnAck(ack))) => {
                     backoff.reset();
                     online.store(true, std::sync::atomic::Ordering::SeqCst);
+                    counters.cloud_connected.store(1, std::sync::atomic::Ordering::Relaxed);
                     match down_since.take() {
                         Some(t) => tracing::info!(offline_ms = t.elapsed().as_millis() as u64, session_present = ack.session_present, "cloud: connected to the broker again"),
                         None => tracing::info!(host = %config.host, port = config.port, "cloud: connected to the broker"),
@@ -481,6 +486,7 @@ pub async fn run(
                     if down_since.is_none() {
                         down_since = Some(std::time::Instant::now());
                         online.store(false, std::sync::atomic::Ordering::SeqCst);
+                        counters.cloud_connected.store(0, std::sync::atomic::Ordering::Relaxed);
                         tracing::warn!(error = %e, retry_ms = wait.as_millis() as u64, "cloud: broker connection lost; reports wait until it is back");
                     } else {
                         tracing::debug!(error = %e, retry_ms = wait.as_millis() as u64, "cloud: broker still unreachable");

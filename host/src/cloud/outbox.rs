@@ -18,6 +18,13 @@ pub const KEY: &str = "cloud.outbox";
 /// Events kept at most; the oldest are dropped beyond it (and counted).
 pub const MAX_EVENTS: usize = 1000;
 
+/// The outbox's depth, for the metrics.
+fn depth(s: &Stored) {
+    crate::daemon::metrics::DAEMON
+        .outbox_depth
+        .store(s.events.len() as u64, std::sync::atomic::Ordering::Relaxed);
+}
+
 #[derive(Debug, Default, Serialize, Deserialize)]
 struct Stored {
     next_seq: u64,
@@ -50,6 +57,7 @@ impl Outbox {
                 }
             }),
         };
+        depth(&stored);
         Ok(Self {
             registry,
             state: Mutex::new(stored),
@@ -57,6 +65,7 @@ impl Outbox {
     }
 
     fn save(&self, s: &Stored) -> Result<(), String> {
+        depth(s);
         let bytes = serde_json::to_vec(s).map_err(|e| e.to_string())?;
         self.registry
             .put_meta(KEY, &bytes)

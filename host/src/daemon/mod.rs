@@ -3,6 +3,7 @@
 
 mod commands;
 pub mod events;
+pub mod metrics;
 pub mod records;
 pub mod supervisor;
 
@@ -142,6 +143,15 @@ pub async fn run(
     });
     let registry = Arc::new(open_registry(&state_dir).await?);
     let listener = api::bind(&socket, config.api.group)?;
+    let metrics_listener = match config.metrics.listen {
+        None => None,
+        Some(addr) => Some(
+            std::net::TcpListener::bind(addr)
+                .and_then(|l| l.set_nonblocking(true).map(|()| l))
+                .and_then(tokio::net::TcpListener::from_std)
+                .with_context(|| format!("metrics.listen: cannot listen on {addr}"))?,
+        ),
+    };
     let fd_limit = raise_fd_limit();
     let rt = Arc::new(runtime(&config, &state_dir)?);
     tracing::info!(
@@ -261,6 +271,10 @@ pub async fn run(
         }
     }
     let deployment = register_deployment(&config, &supervisor);
+    let metrics_server = metrics_listener.map(|l| {
+        tracing::info!(address = %l.local_addr().map(|a| a.to_string()).unwrap_or_default(), "metrics served at /metrics");
+        tokio::spawn(metrics::serve_loopback(l, api_state.clone(), stop_rx.clone()))
+    });
     let mut api_stop = stop_rx;
     let server = tokio::spawn(api::serve(
         api::peer::PeerListener::new(listener),
@@ -382,6 +396,9 @@ pub async fn run(
         let _ = tokio::time::timeout(STOP_DEADLINE, cloud).await;
     }
     let _ = tokio::time::timeout(STOP_DEADLINE, server).await;
+    if let Some(m) = metrics_server {
+        let _ = tokio::time::timeout(STOP_DEADLINE, m).await;
+    }
     let _ = std::fs::remove_file(&socket);
     records::flush();
     tracing::info!("edgeward daemon stopped");

@@ -428,6 +428,7 @@ impl ModuleRecords {
 
     /// Appends an exit record (on the record writer's thread).
     pub fn record_exit(&self, record: &ExitRecord) {
+        super::metrics::meter(&self.name).exited(&record.outcome);
         if let Ok(mut r) = self.recent.lock() {
             if r.len() == RECENT_EXITS {
                 r.pop_front();
@@ -493,6 +494,7 @@ pub fn delete(registry: &Registry, state_dir: &Path, name: &str) -> std::io::Res
     if let Ok(mut m) = latest().lock() {
         m.remove(&(registry.path().to_owned(), name.to_owned()));
     }
+    super::metrics::forget(name);
     let dir = module_dir(state_dir, name);
     match std::fs::remove_dir_all(&dir) {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),

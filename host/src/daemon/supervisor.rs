@@ -469,6 +469,13 @@ impl Supervisor {
         })
         .await
         .unwrap_or_default();
+        let counters = &super::metrics::DAEMON;
+        counters
+            .integrity_checks
+            .fetch_add(checked as u64, std::sync::atomic::Ordering::Relaxed);
+        counters
+            .integrity_failures
+            .fetch_add(failures.len() as u64, std::sync::atomic::Ordering::Relaxed);
         for (name, digest, why) in failures {
             tracing::error!(module = %name, reason = %why, "integrity failure: stopped, and not restarted until it is updated or added again");
             self.stop(&name).await;
@@ -602,6 +609,7 @@ fn sandbox_for(spec: &ModuleSpec, data_dir: &Path, output: Output) -> SandboxSpe
     s.limits = spec.limits;
     s.allow_outbound = spec.allow_outbound.clone();
     s.output = output;
+    s.meter = super::metrics::meter(&spec.name);
     s
 }
 

@@ -8,6 +8,7 @@ pub mod escape;
 pub mod http_client;
 pub mod logfile;
 pub mod loglimit;
+pub mod meter;
 pub mod network;
 pub mod output;
 pub mod sandbox;
@@ -105,6 +106,9 @@ impl CompileQueue {
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         let mut waited = false;
         let limit = self.limit();
+        if *n >= limit {
+            meter::bump(&meter::RUNTIME.compile_waiting);
+        }
         while *n >= limit {
             waited = true;
             n = self
@@ -112,7 +116,13 @@ impl CompileQueue {
                 .wait(n)
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
         }
+        if waited {
+            meter::RUNTIME
+                .compile_waiting
+                .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        }
         *n += 1;
+        meter::bump(&meter::RUNTIME.compiling);
         (CompilePermit(self), waited)
     }
 }
@@ -125,6 +135,9 @@ impl Drop for CompilePermit<'_> {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         *n = n.saturating_sub(1);
+        meter::RUNTIME
+            .compiling
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
         self.0.freed.notify_one();
     }
 }
@@ -496,7 +509,10 @@ impl Runtime {
             .as_ref()
             .map(|c| c.load(&self.engine, &measured.digest))
         {
-            Some(Lookup::Hit(c, entry)) => (c, CodeSource::Cache(entry)),
+            Some(Lookup::Hit(c, entry)) => {
+                meter::bump(&meter::RUNTIME.cache_hits);
+                (c, CodeSource::Cache(entry))
+            }
             Some(Lookup::Unfit(e)) => anyhow::bail!(
                 "{} does not fit the per-module ceilings ({}): {e}",
                 path.display(),
@@ -514,8 +530,16 @@ impl Runtime {
                 };
                 if let Lookup::Hit(c, entry) = again {
                     drop(permit);
+                    meter::bump(&meter::RUNTIME.cache_hits);
                     (c, CodeSource::Cache(entry))
                 } else {
+                    if self.cache.is_some() {
+                        meter::bump(&meter::RUNTIME.cache_misses);
+                    }
+                    if matches!(lookup, Some(Lookup::Rejected(_))) {
+                        meter::bump(&meter::RUNTIME.cache_rejected);
+                    }
+                    meter::bump(&meter::RUNTIME.compiles);
                     let c = self.compile(path, &measured.bytes)?;
                     if let Some(cache) = &self.cache
                         && let Err(e) = cache.store(&measured.digest, &c)
@@ -636,6 +660,7 @@ impl Runtime {
             Err(e) => return Exit::SetupFailed(format!("{e:#}")),
         };
         let limiter = state.limiter.clone();
+        let usage = state.meter.clone();
         let mut store = Store::new(&self.engine, state);
         store.limiter(|s| &mut s.limiter);
         store.set_hostcall_fuel(
@@ -643,8 +668,12 @@ impl Runtime {
         );
         // Yield to the scheduler at every epoch tick: a module spinning
         // without host calls still lets other tasks (and deadlines) run.
+        // Its handles are counted there too (at most once a second).
         store.set_epoch_deadline(1);
-        store.epoch_deadline_callback(|_| Ok(UpdateDeadline::Yield(1)));
+        store.epoch_deadline_callback(|mut cx| {
+            cx.data_mut().count_handles();
+            Ok(UpdateDeadline::Yield(1))
+        });
         let limits = spec.limits;
         let run = async {
             let cmd = match module.pre.instantiate_async(&mut store).await {
@@ -655,13 +684,25 @@ impl Runtime {
             instantiated();
             cmd.wasi_cli_run().call_run(&mut store).await.map_err(Ok)
         };
+        // Its CPU time: this thread's, across each poll of its code.
+        let mut run = std::pin::pin!(run);
+        let run = std::future::poll_fn(|cx| {
+            let before = meter::thread_cpu();
+            let r = run.as_mut().poll(cx);
+            usage.add_cpu(meter::thread_cpu().saturating_sub(before));
+            r
+        });
         let result = match deadline {
             None => run.await,
             Some(d) => match tokio::time::timeout(d, run).await {
                 Ok(r) => r,
-                Err(_) => return Exit::TimedOut(d),
+                Err(_) => {
+                    usage.ended();
+                    return Exit::TimedOut(d);
+                }
             },
         };
+        usage.ended();
         let result = match result {
             Err(Err(refused)) => return Exit::SetupFailed(refused),
             Err(Ok(e)) => Err(e),

@@ -94,6 +94,7 @@ struct Lines {
     target: Target,
     echo: bool,
     log: Option<Arc<RotatingLog>>,
+    meter: Option<Arc<super::meter::ModuleMeter>>,
     pending: Vec<u8>,
     window: Instant,
     echoed: u32,
@@ -103,28 +104,41 @@ struct Lines {
 impl LinePrefixed {
     /// Lines to this process's stdout behind `prefix`.
     pub fn stdout(prefix: Arc<str>) -> Self {
-        Self::new(prefix, Target::Stdout, true, None)
+        Self::new(prefix, Target::Stdout, true, None, None)
     }
 
     /// Lines to this process's stderr behind `prefix`.
     pub fn stderr(prefix: Arc<str>) -> Self {
-        Self::new(prefix, Target::Stderr, true, None)
+        Self::new(prefix, Target::Stderr, true, None, None)
     }
 
     /// A module's stdout (`err == false`) or stderr: timestamped lines into
-    /// `log`, echoed behind `prefix` when `echo` is set.
-    pub fn module(prefix: Arc<str>, err: bool, echo: bool, log: Arc<RotatingLog>) -> Self {
+    /// `log`, echoed behind `prefix` when `echo` is set, counted by `meter`.
+    pub fn module(
+        prefix: Arc<str>,
+        err: bool,
+        echo: bool,
+        log: Arc<RotatingLog>,
+        meter: Arc<super::meter::ModuleMeter>,
+    ) -> Self {
         let target = if err { Target::Stderr } else { Target::Stdout };
-        Self::new(prefix, target, echo, Some(log))
+        Self::new(prefix, target, echo, Some(log), Some(meter))
     }
 
-    fn new(prefix: Arc<str>, target: Target, echo: bool, log: Option<Arc<RotatingLog>>) -> Self {
+    fn new(
+        prefix: Arc<str>,
+        target: Target,
+        echo: bool,
+        log: Option<Arc<RotatingLog>>,
+        meter: Option<Arc<super::meter::ModuleMeter>>,
+    ) -> Self {
         Self {
             inner: Arc::new(Mutex::new(Lines {
                 prefix,
                 target,
                 echo,
                 log,
+                meter,
                 pending: Vec::new(),
                 window: Instant::now(),
                 echoed: 0,
@@ -159,6 +173,9 @@ impl Lines {
     fn flush_lines(&mut self, lines: Vec<Vec<u8>>) -> std::io::Result<()> {
         if lines.is_empty() {
             return Ok(());
+        }
+        if let Some(m) = &self.meter {
+            m.add_output(0, lines.len() as u64);
         }
         // Escaped once, for the log and the echo alike.
         let lines: Vec<_> = lines.iter().map(|l| escape_bytes(l)).collect();
@@ -255,7 +272,12 @@ impl AsyncWrite for LinePrefixed {
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
         let r = match self.inner.lock() {
-            Ok(mut l) => l.write(buf).map(|()| buf.len()),
+            Ok(mut l) => {
+                if let Some(m) = &l.meter {
+                    m.add_output(buf.len() as u64, 0);
+                }
+                l.write(buf).map(|()| buf.len())
+            }
             Err(_) => Err(std::io::Error::other("output lock poisoned")),
         };
         Poll::Ready(r)

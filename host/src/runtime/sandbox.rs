@@ -169,6 +169,8 @@ pub struct SandboxSpec {
     /// The agent's link to the management service (`None` for every other
     /// module; its calls are then refused even if it were linked).
     pub management: Option<Arc<crate::api::agent::AgentLink>>,
+    /// Where what it uses is counted (the daemon's metrics read it).
+    pub meter: Arc<super::meter::ModuleMeter>,
 }
 
 impl SandboxSpec {
@@ -184,6 +186,7 @@ impl SandboxSpec {
             output: Output::Discard,
             identity: None,
             management: None,
+            meter: Arc::default(),
         }
     }
 
@@ -229,12 +232,14 @@ impl SandboxSpec {
                     false,
                     *echo,
                     log.clone(),
+                    self.meter.clone(),
                 ));
                 b.stderr(LinePrefixed::module(
                     prefix.clone(),
                     true,
                     *echo,
                     log.clone(),
+                    self.meter.clone(),
                 ));
             }
         }
@@ -254,6 +259,9 @@ pub struct ModuleState {
     disk: FsBudgets,
     settings: wasmtime_wasi_config::WasiConfigVariables,
     pub(crate) management: crate::api::agent::ManagementCtx,
+    pub(crate) meter: Arc<super::meter::ModuleMeter>,
+    /// When its handles were last counted.
+    handles_counted: std::time::Instant,
 }
 
 impl std::fmt::Debug for ModuleState {
@@ -285,6 +293,8 @@ impl ModuleState {
                     .transpose()
             })
             .collect::<anyhow::Result<Vec<_>>>()?;
+        spec.meter
+            .set_disks(budgets.iter().flatten().cloned().collect());
         Ok(Self {
             disk: FsBudgets::new(budgets),
             wasi: spec.build_wasi(&net)?,
@@ -298,11 +308,27 @@ impl ModuleState {
                 policy: net.clone(),
             },
             net,
-            workload: super::workload::WorkloadCtx::new(spec.identity.clone(), program),
-            limiter: Limiter::new(&spec.limits),
+            workload: super::workload::WorkloadCtx::new(
+                spec.identity.clone(),
+                program,
+                spec.meter.clone(),
+            ),
+            limiter: Limiter::new(&spec.limits, spec.meter.clone()),
             settings: spec.settings.iter().collect(),
             management: crate::api::agent::ManagementCtx::new(spec.management.clone()),
+            meter: spec.meter.clone(),
+            handles_counted: std::time::Instant::now(),
         })
+    }
+
+    /// Counts its handles for the meter, at most once a second (called at
+    /// each epoch tick while its code runs).
+    pub(crate) fn count_handles(&mut self) {
+        if self.handles_counted.elapsed() >= std::time::Duration::from_secs(1) {
+            self.handles_counted = std::time::Instant::now();
+            let n = self.table.iter_mut().count();
+            self.meter.set_handles(n as u64);
+        }
     }
 
     /// This module's settings, as `wasi:config/store` answers them.
@@ -364,15 +390,17 @@ pub struct Limiter {
     used: usize,
     limits: Limits,
     denied: Arc<Mutex<Option<String>>>,
+    meter: Arc<super::meter::ModuleMeter>,
 }
 
 impl Limiter {
-    fn new(limits: &Limits) -> Self {
+    fn new(limits: &Limits, meter: Arc<super::meter::ModuleMeter>) -> Self {
         Self {
             max_memory: usize::try_from(limits.max_memory).unwrap_or(usize::MAX),
             used: 0,
             limits: *limits,
             denied: Arc::default(),
+            meter,
         }
     }
 
@@ -394,6 +422,7 @@ impl ResourceLimiter for Limiter {
         let within_own = maximum.is_none_or(|m| desired <= m);
         if within_own && total <= self.max_memory {
             self.used = total;
+            self.meter.set_memory(total as u64);
             return Ok(true);
         }
         let reason = format!(
@@ -461,10 +490,13 @@ mod tests {
 
     #[test]
     fn limiter_refuses_and_explains() {
-        let mut l = Limiter::new(&Limits {
-            max_memory: 1 << 20,
-            ..Limits::default()
-        });
+        let mut l = Limiter::new(
+            &Limits {
+                max_memory: 1 << 20,
+                ..Limits::default()
+            },
+            Arc::default(),
+        );
         assert!(l.memory_growing(0, 1 << 20, None).expect("ok"));
         assert!(!l.memory_growing(1 << 20, 2 << 20, None).expect("ok"));
         let why = l.denial().expect("recorded");
@@ -477,10 +509,13 @@ mod tests {
     /// The limit is a total: two memories share it.
     #[test]
     fn memory_is_limited_over_all_memories() {
-        let mut l = Limiter::new(&Limits {
-            max_memory: 4 << 20,
-            ..Limits::default()
-        });
+        let mut l = Limiter::new(
+            &Limits {
+                max_memory: 4 << 20,
+                ..Limits::default()
+            },
+            Arc::default(),
+        );
         // Instantiation: two memories of 1 MiB each.
         assert!(l.memory_growing(0, 1 << 20, None).expect("ok"));
         assert!(l.memory_growing(0, 1 << 20, None).expect("ok"));

@@ -11,6 +11,7 @@ use std::sync::Arc;
 use wasmtime::component::{HasSelf, Linker};
 
 use super::loglimit::LogLimiter;
+use super::meter::Call;
 use crate::identity::{Credentials, IdentityError, IdentityHandle, ModuleIdentity};
 
 /// Host bindings generated from `wit/` (world `edgeward:host/agent`: the
@@ -41,16 +42,22 @@ pub struct WorkloadCtx {
     program: String,
     /// Internal errors the module triggers are logged within this budget.
     log: Arc<LogLimiter>,
+    meter: Arc<super::meter::ModuleMeter>,
 }
 
 impl WorkloadCtx {
     /// State for a module with `identity`; `program` names it when there is
-    /// none.
-    pub fn new(identity: Option<Arc<IdentityHandle>>, program: &str) -> Self {
+    /// none; its calls are counted by `meter`.
+    pub fn new(
+        identity: Option<Arc<IdentityHandle>>,
+        program: &str,
+        meter: Arc<super::meter::ModuleMeter>,
+    ) -> Self {
         Self {
             identity,
             program: program.to_owned(),
             log: Arc::new(LogLimiter::new(program, "workload errors")),
+            meter,
         }
     }
 
@@ -139,6 +146,7 @@ impl types::Host for WorkloadCtx {}
 
 impl workload::Host for WorkloadCtx {
     fn whoami(&mut self) -> workload::Identity {
+        self.meter.call(Call::Whoami);
         match self.identity() {
             Ok(id) => {
                 let w = id.whoami();
@@ -166,6 +174,7 @@ impl workload::Host for WorkloadCtx {
         audience: Vec<String>,
         ttl_seconds: u32,
     ) -> Result<String, types::Error> {
+        self.meter.call(Call::Token);
         // Signed by the in-memory working key: inline. Only when that key
         // must be made or replaced first (an HSM signature, a file write)
         // does the call move to the blocking pool.
@@ -182,6 +191,7 @@ impl workload::Host for WorkloadCtx {
         token: String,
         audience: String,
     ) -> Result<workload::Claims, types::Error> {
+        self.meter.call(Call::ValidateToken);
         // Known keys are in memory: inline. An unknown `kid` may re-read the
         // published keys from disk: blocking pool.
         let c = match self.ready() {
@@ -200,6 +210,7 @@ impl workload::Host for WorkloadCtx {
     }
 
     async fn identity_certificate(&mut self) -> Result<workload::Credentials, types::Error> {
+        self.meter.call(Call::IdentityCertificate);
         // The current leaf is in memory: inline. Issuing or renewing one is
         // an HSM signature: blocking pool.
         if let Some(leaf) = self.ready().and_then(|id| id.leaf_if_current()) {
@@ -215,6 +226,7 @@ impl workload::Host for WorkloadCtx {
         common_name: String,
         alt_names: Vec<String>,
     ) -> Result<workload::Credentials, types::Error> {
+        self.meter.call(Call::ServerCertificate);
         blocking(self, move |id| {
             id.server_certificate(&common_name, &alt_names)
         })
@@ -223,10 +235,12 @@ impl workload::Host for WorkloadCtx {
     }
 
     fn trust_bundle(&mut self) -> Result<String, types::Error> {
+        self.meter.call(Call::TrustBundle);
         Ok(self.identity()?.trust_bundle())
     }
 
     async fn sign(&mut self, data: Vec<u8>) -> Result<Vec<u8>, types::Error> {
+        self.meter.call(Call::Sign);
         crate::identity::check_size("data", data.len(), crate::identity::MAX_SIGN_INPUT)
             .map_err(|e| self.wit(e))?;
         // The leaf is current almost always: sign inline, no thread hop.
@@ -241,6 +255,7 @@ impl workload::Host for WorkloadCtx {
         plaintext: Vec<u8>,
         associated_data: Vec<u8>,
     ) -> Result<Vec<u8>, types::Error> {
+        self.meter.call(Call::Encrypt);
         self.identity()?
             .encrypt(&plaintext, &associated_data)
             .map_err(|e| self.wit(e))
@@ -251,6 +266,7 @@ impl workload::Host for WorkloadCtx {
         ciphertext: Vec<u8>,
         associated_data: Vec<u8>,
     ) -> Result<Vec<u8>, types::Error> {
+        self.meter.call(Call::Decrypt);
         self.identity()?
             .decrypt(&ciphertext, &associated_data)
             .map_err(|e| self.wit(e))
@@ -264,7 +280,7 @@ mod tests {
 
     #[tokio::test]
     async fn without_an_identity_only_whoami_answers() {
-        let mut ctx = WorkloadCtx::new(None, "bare");
+        let mut ctx = WorkloadCtx::new(None, "bare", Arc::default());
         assert_eq!(ctx.whoami().module_name, "bare");
         assert!(ctx.whoami().spiffe_id.is_empty());
         let unavailable =
