@@ -167,7 +167,7 @@ fn scraper(n: usize) {
     let names: Vec<String> = (0..n).map(|i| format!("m{i}")).collect();
     let render = move || {
         edgeward::daemon::metrics::render_named(names.clone(), "bench", Duration::ZERO, |_| {
-            Some(("running".to_owned(), 1))
+            Some("running".to_owned())
         })
     };
     let mut times = Vec::new();

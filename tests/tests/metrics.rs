@@ -197,16 +197,87 @@ fn metrics_count_what_the_modules_did_and_pass_promtool() {
         &format!("GET /metrics HTTP/1.1\r\nX: {}", "a".repeat(20_000)),
     );
     assert_eq!(code, 431);
-    // A silent connection does not hold the scrapers' places: more than
-    // their number wait in silence, and a scrape still gets through once
-    // the deadline closes them.
-    let silent: Vec<TcpStream> = (0..6)
+    // A page that rebinds its own name to 127.0.0.1 sends that name.
+    assert_eq!(
+        tcp_request(
+            port,
+            "GET /metrics HTTP/1.1\r\nHost: attacker.example:9464\r\n\r\n"
+        )
+        .0,
+        421
+    );
+    assert_eq!(
+        tcp_request(port, "GET /metrics HTTP/1.1\r\nHost: localhost\r\n\r\n").0,
+        200
+    );
+    // Silent connections, past the scrapers' places, hold nothing for long:
+    // each has 2 s to send its request, the one past the places is closed
+    // at once, and a scrape gets through meanwhile.
+    let silent: Vec<TcpStream> = (0..20)
         .map(|_| TcpStream::connect(("127.0.0.1", port)).unwrap())
         .collect();
+    std::thread::sleep(Duration::from_millis(200));
     let began = Instant::now();
-    assert_eq!(get(port, "/metrics").0, 200);
-    assert!(began.elapsed() < Duration::from_secs(25));
+    let mut served = false;
+    while began.elapsed() < Duration::from_secs(5) && !served {
+        if let Ok(mut c) = TcpStream::connect(("127.0.0.1", port)) {
+            c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            let _ = c.write_all(b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n");
+            let mut text = String::new();
+            let _ = c.read_to_string(&mut text);
+            served = text.starts_with("HTTP/1.1 200");
+        }
+    }
+    assert!(served, "a scrape within 5 s despite 20 silent connections");
     drop(silent);
+
+    // Stopped, the sensor holds no memory and no handles; its starts and
+    // CPU time stay.
+    let o = s
+        .edgeward()
+        .args(["module", "stop", "sensor"])
+        .output()
+        .unwrap();
+    assert_status(&o, 0);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let stopped = loop {
+        let (_, text) = http(&s.socket(), "GET", "/v1/metrics", b"");
+        if sample(
+            &text,
+            r#"edgeward_module_state{module="sensor",state="stopped"}"#,
+        ) == Some(1.0)
+        {
+            break text;
+        }
+        assert!(Instant::now() < deadline, "{text}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let after = |series: &str| sample(&stopped, series).unwrap_or_else(|| panic!("{series}"));
+    assert_eq!(after(r#"edgeward_module_memory_bytes{module="sensor"}"#), 0.0);
+    assert_eq!(after(r#"edgeward_module_handles{module="sensor"}"#), 0.0);
+    assert_eq!(after(r#"edgeward_module_starts_total{module="sensor"}"#), 1.0);
+    assert!(
+        after(r#"edgeward_module_cpu_seconds_total{module="sensor"}"#)
+            >= v(r#"edgeward_module_cpu_seconds_total{module="sensor"}"#)
+    );
+    let o = s
+        .edgeward()
+        .args(["module", "start", "sensor"])
+        .output()
+        .unwrap();
+    assert_status(&o, 0);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (_, text) = http(&s.socket(), "GET", "/v1/metrics", b"");
+        if sample(&text, r#"edgeward_module_starts_total{module="sensor"}"#) == Some(2.0)
+            && sample(&text, r#"edgeward_module_memory_bytes{module="sensor"}"#)
+                .is_some_and(|m| m > 0.0)
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{text}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
 
     let (status, _, _) = d.terminate();
     assert!(status.success());

@@ -853,7 +853,8 @@ pub(crate) async fn metrics_text(state: Arc<ApiState>) -> Result<String, ApiErro
         )
     })
     .await
-    .map_err(|e| internal(e.to_string()))
+    .map_err(|e| internal(e.to_string()))?
+    .map_err(internal)
 }
 
 #[utoipa::path(get, path = "/v1/health", tag = "system",

@@ -54,24 +54,26 @@ pub static DAEMON: DaemonCounters = DaemonCounters {
 
 static METERS: OnceLock<Mutex<HashMap<String, Arc<ModuleMeter>>>> = OnceLock::new();
 
-fn meters() -> &'static Mutex<HashMap<String, Arc<ModuleMeter>>> {
-    METERS.get_or_init(Mutex::default)
+/// The meters by module name. Held only to look up or copy out handles:
+/// nothing is read or rendered under it.
+fn meters() -> std::sync::MutexGuard<'static, HashMap<String, Arc<ModuleMeter>>> {
+    METERS
+        .get_or_init(Mutex::default)
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-/// Module `name`'s meter (made on first use; kept across its restarts,
-/// updates and the daemon's reloads, until it is removed).
+/// Module `name`'s meter (made on first use; kept across its restarts and
+/// updates, until it is removed).
 pub fn meter(name: &str) -> Arc<ModuleMeter> {
-    let Ok(mut m) = meters().lock() else {
-        return Arc::default();
-    };
-    m.entry(name.to_owned()).or_default().clone()
+    meters().entry(name.to_owned()).or_default().clone()
 }
 
-/// Module `name` was removed: its series go.
+/// Module `name` was removed: its series go (an instance still ending
+/// counts into its own meter, no longer listed; one added again under the
+/// name starts from zero).
 pub fn forget(name: &str) {
-    if let Ok(mut m) = meters().lock() {
-        m.remove(name);
-    }
+    meters().remove(name);
 }
 
 /// One metric family being written.
@@ -125,52 +127,51 @@ fn secs(d: std::time::Duration) -> String {
     format!("{:.6}", d.as_secs_f64())
 }
 
-/// The registered modules, their states and starts, and their meters.
+/// The registered modules, their states, and their meters.
 struct ModuleRow {
     name: String,
     state: String,
-    starts: u64,
     reading: meter::Reading,
 }
 
 /// Everything, rendered. `registry` lists the modules (a module that never
 /// started reads `registered` and zeros).
-pub fn render(registry: &Registry, version: &str, uptime: std::time::Duration) -> String {
-    let names = registry.module_names().unwrap_or_default();
-    render_named(names, version, uptime, |name| {
-        super::records::status_of(registry, name)
-            .map(|s| (crate::api::json_name(s.state), s.starts))
-    })
+///
+/// # Errors
+///
+/// The registry cannot be read.
+pub fn render(
+    registry: &Registry,
+    version: &str,
+    uptime: std::time::Duration,
+) -> Result<String, crate::registry::RegistryError> {
+    let names = registry.module_names()?;
+    Ok(render_named(names, version, uptime, |name| {
+        super::records::status_of(registry, name).map(|s| crate::api::json_name(s.state))
+    }))
 }
 
-/// [`render`] for the modules `names`, their (state, starts) from
-/// `status` (`None`: never started).
+/// [`render`] for the modules `names`, each one's state from `status`
+/// (`None`: never started).
 pub fn render_named(
     names: Vec<String>,
     version: &str,
     uptime: std::time::Duration,
-    status: impl Fn(&str) -> Option<(String, u64)>,
+    status: impl Fn(&str) -> Option<String>,
 ) -> String {
-    let rows: Vec<ModuleRow> = {
-        let held = meters().lock().ok();
-        names
-            .into_iter()
-            .map(|name| {
-                let (state, starts) = status(&name).unwrap_or_else(|| ("registered".into(), 0));
-                let reading = held
-                    .as_ref()
-                    .and_then(|m| m.get(&name))
-                    .map(|m| m.read())
-                    .unwrap_or_default();
-                ModuleRow {
-                    state,
-                    starts,
-                    name,
-                    reading,
-                }
-            })
-            .collect()
+    let held: Vec<Option<Arc<ModuleMeter>>> = {
+        let m = meters();
+        names.iter().map(|n| m.get(n).cloned()).collect()
     };
+    let rows: Vec<ModuleRow> = names
+        .into_iter()
+        .zip(held)
+        .map(|(name, meter)| ModuleRow {
+            state: status(&name).unwrap_or_else(|| "registered".into()),
+            reading: meter.map(|m| m.read()).unwrap_or_default(),
+            name,
+        })
+        .collect();
     let mut out = String::with_capacity(1024 + rows.len() * 900);
     write_daemon(&mut out, version, uptime, rows.len());
     write_modules(&mut out, &rows);
@@ -301,10 +302,10 @@ fn write_modules(out: &mut String, rows: &[ModuleRow]) {
         out,
         "edgeward_module_starts_total",
         "counter",
-        "Starts in this daemon run.",
+        "Starts since the daemon started (or the module was added).",
     );
     for r in rows {
-        f.sample(&[("module", &r.name)], r.starts);
+        f.sample(&[("module", &r.name)], r.reading.starts);
     }
     let mut f = Family::new(
         out,
@@ -323,7 +324,7 @@ fn write_modules(out: &mut String, rows: &[ModuleRow]) {
         out,
         "edgeward_module_cpu_seconds_total",
         "counter",
-        "CPU time its code and the host calls answered inline took.",
+        "CPU time its code and the host calls answered inline took on the daemon's threads (work handed to the blocking pool, such as file I/O, is not counted).",
     );
     for r in rows {
         f.sample(&[("module", &r.name)], secs(r.reading.cpu));
@@ -382,9 +383,12 @@ fn write_modules(out: &mut String, rows: &[ModuleRow]) {
     }
 }
 
-/// Connections the loopback listener serves at once; more wait in the
-/// kernel's backlog.
-pub const MAX_SCRAPERS: usize = 4;
+/// Connections the loopback listener serves at once; one more is closed
+/// unanswered (a scraper retries at its next interval).
+pub const MAX_SCRAPERS: usize = 16;
+/// How long a scraper has to send its request head: Prometheus sends it
+/// at once, so a silent connection gives its place back quickly.
+pub const HEAD_DEADLINE: std::time::Duration = std::time::Duration::from_secs(2);
 /// How long a scrape connection may take, request and answer.
 pub const SCRAPE_DEADLINE: std::time::Duration = std::time::Duration::from_secs(10);
 /// The longest request head read.
@@ -392,8 +396,10 @@ const MAX_REQUEST: usize = 8 * 1024;
 
 /// Serves `GET /metrics` on `listener` (`[metrics] listen`, loopback) until
 /// `stop` turns true: one request per connection, `Connection: close`; no
-/// other path, no other method, no body read. Whoever can reach a loopback
-/// port can read the metrics: they hold counts and module names only.
+/// other path, no other method, no body read, and only for a `Host` that
+/// names loopback (a web page that rebinds a name to 127.0.0.1 sends its
+/// own name). Whoever can reach a loopback port can read the metrics: they
+/// hold counts and module names only.
 pub async fn serve_loopback(
     listener: tokio::net::TcpListener,
     state: Arc<crate::api::ApiState>,
@@ -414,8 +420,9 @@ pub async fn serve_loopback(
                 continue;
             }
         };
-        let Ok(slot) = slots.clone().acquire_owned().await else {
-            return;
+        // Every place taken: this one is closed, the loop keeps accepting.
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            continue;
         };
         let state = state.clone();
         tokio::spawn(async move {
@@ -425,6 +432,36 @@ pub async fn serve_loopback(
     }
 }
 
+/// Whether a `Host` header value names loopback: `localhost`, an address
+/// in 127.0.0.0/8 or `[::1]`, with or without a port.
+fn loopback_host(host: &str) -> bool {
+    let host = host.trim();
+    let name = if let Some(v6) = host.strip_prefix('[') {
+        v6.split(']').next().unwrap_or_default()
+    } else {
+        host.rsplit_once(':').map_or(host, |(h, _)| h)
+    };
+    name.eq_ignore_ascii_case("localhost")
+        || name
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
+/// The request head's first line and its `Host` (if any).
+fn parse_head(head: &[u8]) -> (&[u8], Option<String>) {
+    let mut lines = head.split(|&b| b == b'\n');
+    let first = lines.next().unwrap_or_default();
+    let first = first.strip_suffix(b"\r").unwrap_or(first);
+    let host = lines.find_map(|l| {
+        let text = String::from_utf8_lossy(l);
+        let (k, v) = text.split_once(':')?;
+        k.trim()
+            .eq_ignore_ascii_case("host")
+            .then(|| v.trim().to_owned())
+    });
+    (first, host)
+}
+
 async fn answer(
     mut stream: tokio::net::TcpStream,
     state: Arc<crate::api::ApiState>,
@@ -432,28 +469,51 @@ async fn answer(
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
     let mut head = Vec::with_capacity(512);
     let mut chunk = [0u8; 1024];
-    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-        if head.len() > MAX_REQUEST {
-            return reply(
-                &mut stream,
-                "431 Request Header Fields Too Large",
-                "request too large\n",
-            )
-            .await;
+    let read_head = async {
+        loop {
+            let n = stream.read(&mut chunk).await?;
+            if n == 0 {
+                return Ok(false);
+            }
+            // Only the new bytes (and the three before them) can end it.
+            let from = head.len().saturating_sub(3);
+            head.extend_from_slice(&chunk[..n]);
+            if head[from..].windows(4).any(|w| w == b"\r\n\r\n") {
+                return Ok(true);
+            }
+            if head.len() > MAX_REQUEST {
+                return Ok(true);
+            }
         }
-        let n = stream.read(&mut chunk).await?;
-        if n == 0 {
-            return Ok(());
-        }
-        head.extend_from_slice(&chunk[..n]);
+    };
+    match tokio::time::timeout(HEAD_DEADLINE, read_head).await {
+        Ok(Ok(true)) => {}
+        Ok(Ok(false)) | Err(_) => return Ok(()),
+        Ok(Err(e)) => return Err(e),
     }
-    let line = head.split(|&b| b == b'\r').next().unwrap_or_default();
+    if head.len() > MAX_REQUEST {
+        return reply(
+            &mut stream,
+            "431 Request Header Fields Too Large",
+            "request too large\n",
+        )
+        .await;
+    }
+    let (line, host) = parse_head(&head);
     let mut parts = line.split(|&b| b == b' ');
     let (method, target) = (
         parts.next().unwrap_or_default(),
         parts.next().unwrap_or_default(),
     );
     let path = target.split(|&b| b == b'?').next().unwrap_or_default();
+    if host.as_deref().is_some_and(|h| !loopback_host(h)) {
+        return reply(
+            &mut stream,
+            "421 Misdirected Request",
+            "this port answers for loopback only\n",
+        )
+        .await;
+    }
     if path != b"/metrics" {
         return reply(
             &mut stream,
@@ -499,6 +559,37 @@ async fn reply(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_loopback_hosts_are_answered() {
+        for ok in [
+            "127.0.0.1:9464",
+            "127.1.2.3",
+            "localhost:9464",
+            "LOCALHOST",
+            "[::1]:9464",
+            "[::1]",
+        ] {
+            assert!(loopback_host(ok), "{ok}");
+        }
+        for no in [
+            "attacker.example:9464",
+            "10.0.0.1:9464",
+            "[::ffff:7f00:1]:80",
+            "localhost.attacker.example",
+            "",
+        ] {
+            assert!(!loopback_host(no), "{no}");
+        }
+    }
+
+    #[test]
+    fn the_head_gives_its_line_and_host() {
+        let (line, host) = parse_head(b"GET /metrics HTTP/1.1\r\nhOsT: 127.0.0.1:1\r\n\r\n");
+        assert_eq!(line, b"GET /metrics HTTP/1.1");
+        assert_eq!(host.as_deref(), Some("127.0.0.1:1"));
+        assert_eq!(parse_head(b"GET / HTTP/1.0\r\n\r\n").1, None);
+    }
 
     #[test]
     fn label_values_are_escaped() {

@@ -211,13 +211,13 @@ pub struct ExitRecord {
 impl ExitRecord {
     /// The record of `exit` after `ran`.
     pub fn new(start: u64, ran: Duration, exit: &Exit) -> Self {
-        let (outcome, status, reason) = match exit {
-            Exit::Success => ("success", None, None),
-            Exit::Failure(code) => ("failure", Some(*code), None),
-            Exit::Trap(why) => ("trap", None, Some(why.clone())),
-            Exit::TimedOut(d) => ("timeout", None, Some(format!("deadline of {d:?} passed"))),
-            Exit::SetupFailed(why) => ("setup-failed", None, Some(why.clone())),
+        let (status, reason) = match exit {
+            Exit::Success => (None, None),
+            Exit::Failure(code) => (Some(*code), None),
+            Exit::Trap(why) | Exit::SetupFailed(why) => (None, Some(why.clone())),
+            Exit::TimedOut(d) => (None, Some(format!("deadline of {d:?} passed"))),
         };
+        let outcome = exit.kind();
         Self {
             at: now_rfc3339(),
             start,
@@ -428,7 +428,6 @@ impl ModuleRecords {
 
     /// Appends an exit record (on the record writer's thread).
     pub fn record_exit(&self, record: &ExitRecord) {
-        super::metrics::meter(&self.name).exited(&record.outcome);
         if let Ok(mut r) = self.recent.lock() {
             if r.len() == RECENT_EXITS {
                 r.pop_front();

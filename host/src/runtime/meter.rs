@@ -55,6 +55,7 @@ pub const EXIT_KINDS: [&str; 5] = ["success", "failure", "trap", "timeout", "set
 /// counting) and read by the metrics endpoint.
 #[derive(Debug, Default)]
 pub struct ModuleMeter {
+    starts: AtomicU64,
     cpu_ns: AtomicU64,
     memory: AtomicU64,
     handles: AtomicU64,
@@ -68,6 +69,8 @@ pub struct ModuleMeter {
 /// A reading of a [`ModuleMeter`].
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Reading {
+    /// Starts counted by this meter.
+    pub starts: u64,
     /// CPU time its code (and the host calls answered inline) took.
     pub cpu: Duration,
     /// Bytes of linear memory its running instance holds (0 when not
@@ -95,14 +98,22 @@ impl ModuleMeter {
         self.cpu_ns.fetch_add(ns, Ordering::Relaxed);
     }
 
-    /// The running instance's linear memory, in bytes.
-    pub fn set_memory(&self, bytes: u64) {
-        self.memory.store(bytes, Ordering::Relaxed);
+    /// A start.
+    pub fn started(&self) {
+        self.starts.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// The running instance's handles.
-    pub fn set_handles(&self, n: u64) {
-        self.handles.store(n, Ordering::Relaxed);
+    /// An instance's linear memory grew (or, negative, was let go). Each
+    /// instance adds and takes back its own share, so an old instance
+    /// that ends after its replacement started does not zero the new
+    /// one's.
+    pub fn add_memory(&self, delta: i64) {
+        add_signed(&self.memory, delta);
+    }
+
+    /// An instance's handle count changed by `delta`.
+    pub fn add_handles(&self, delta: i64) {
+        add_signed(&self.handles, delta);
     }
 
     /// Output written.
@@ -131,12 +142,6 @@ impl ModuleMeter {
         }
     }
 
-    /// The instance ended: it holds no memory and no handles.
-    pub fn ended(&self) {
-        self.set_memory(0);
-        self.set_handles(0);
-    }
-
     /// The counters now.
     pub fn read(&self) -> Reading {
         let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
@@ -146,6 +151,7 @@ impl ModuleMeter {
                 .fold(0u64, u64::saturating_add)
         });
         Reading {
+            starts: load(&self.starts),
             cpu: Duration::from_nanos(load(&self.cpu_ns)),
             memory: load(&self.memory),
             handles: load(&self.handles),
@@ -156,6 +162,17 @@ impl ModuleMeter {
             calls: std::array::from_fn(|i| load(&self.calls[i])),
         }
     }
+}
+
+/// Adds `delta` to a gauge, never below zero.
+fn add_signed(gauge: &AtomicU64, delta: i64) {
+    let _ = gauge.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| {
+        Some(if delta >= 0 {
+            v.saturating_add(delta.unsigned_abs())
+        } else {
+            v.saturating_sub(delta.unsigned_abs())
+        })
+    });
 }
 
 /// The runtime's own counters, for the whole process.
@@ -208,8 +225,10 @@ mod tests {
         let m = ModuleMeter::default();
         m.add_cpu(Duration::from_millis(3));
         m.add_cpu(Duration::from_millis(4));
-        m.set_memory(65536);
-        m.set_handles(7);
+        m.started();
+        m.add_memory(65536);
+        m.add_memory(65536);
+        m.add_handles(7);
         m.add_output(10, 2);
         m.call(Call::Sign);
         m.call(Call::Sign);
@@ -218,7 +237,7 @@ mod tests {
         m.exited("no-such-kind");
         let r = m.read();
         assert_eq!(r.cpu, Duration::from_millis(7));
-        assert_eq!((r.memory, r.handles), (65536, 7));
+        assert_eq!((r.starts, r.memory, r.handles), (1, 131072, 7));
         assert_eq!((r.output_bytes, r.output_lines), (10, 2));
         assert_eq!(r.calls[Call::Sign as usize], 2);
         assert_eq!(r.calls[Call::Decrypt as usize], 1);
@@ -228,8 +247,11 @@ mod tests {
             "validate-token"
         );
         assert_eq!(r.exits, [0, 0, 1, 0, 0]);
-        m.ended();
+        m.add_memory(-131072);
+        m.add_handles(-7);
         assert_eq!((m.read().memory, m.read().handles), (0, 0));
+        m.add_handles(-1);
+        assert_eq!(m.read().handles, 0, "never below zero");
     }
 
     #[test]

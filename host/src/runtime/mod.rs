@@ -234,6 +234,18 @@ impl Exit {
     pub fn is_success(&self) -> bool {
         matches!(self, Exit::Success)
     }
+
+    /// Its kind, as exit records and metrics name it: `success`,
+    /// `failure`, `trap`, `timeout` or `setup-failed`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Exit::Success => "success",
+            Exit::Failure(_) => "failure",
+            Exit::Trap(_) => "trap",
+            Exit::TimedOut(_) => "timeout",
+            Exit::SetupFailed(_) => "setup-failed",
+        }
+    }
 }
 
 impl fmt::Display for Exit {
@@ -655,6 +667,19 @@ impl Runtime {
         deadline: Option<Duration>,
         instantiated: impl FnOnce() + Send,
     ) -> Exit {
+        spec.meter.started();
+        let exit = self.run_once(module, spec, deadline, instantiated).await;
+        spec.meter.exited(exit.kind());
+        exit
+    }
+
+    async fn run_once(
+        &self,
+        module: &LoadedModule,
+        spec: &SandboxSpec,
+        deadline: Option<Duration>,
+        instantiated: impl FnOnce() + Send,
+    ) -> Exit {
         let state = match ModuleState::new(spec) {
             Ok(s) => s,
             Err(e) => return Exit::SetupFailed(format!("{e:#}")),
@@ -696,13 +721,9 @@ impl Runtime {
             None => run.await,
             Some(d) => match tokio::time::timeout(d, run).await {
                 Ok(r) => r,
-                Err(_) => {
-                    usage.ended();
-                    return Exit::TimedOut(d);
-                }
+                Err(_) => return Exit::TimedOut(d),
             },
         };
-        usage.ended();
         let result = match result {
             Err(Err(refused)) => return Exit::SetupFailed(refused),
             Err(Ok(e)) => Err(e),

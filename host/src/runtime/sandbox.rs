@@ -260,8 +260,19 @@ pub struct ModuleState {
     settings: wasmtime_wasi_config::WasiConfigVariables,
     pub(crate) management: crate::api::agent::ManagementCtx,
     pub(crate) meter: Arc<super::meter::ModuleMeter>,
-    /// When its handles were last counted.
+    /// When its handles were last counted, and how many there were.
     handles_counted: std::time::Instant,
+    handles: u64,
+}
+
+impl Drop for ModuleState {
+    /// The instance is gone: its share of the module's gauges goes too.
+    fn drop(&mut self) {
+        self.meter
+            .add_memory(-i64::try_from(self.limiter.used).unwrap_or(i64::MAX));
+        self.meter
+            .add_handles(-i64::try_from(self.handles).unwrap_or(i64::MAX));
+    }
 }
 
 impl std::fmt::Debug for ModuleState {
@@ -318,6 +329,7 @@ impl ModuleState {
             management: crate::api::agent::ManagementCtx::new(spec.management.clone()),
             meter: spec.meter.clone(),
             handles_counted: std::time::Instant::now(),
+            handles: 0,
         })
     }
 
@@ -326,8 +338,11 @@ impl ModuleState {
     pub(crate) fn count_handles(&mut self) {
         if self.handles_counted.elapsed() >= std::time::Duration::from_secs(1) {
             self.handles_counted = std::time::Instant::now();
-            let n = self.table.iter_mut().count();
-            self.meter.set_handles(n as u64);
+            let n = self.table.iter_mut().count() as u64;
+            let delta = i128::from(n) - i128::from(self.handles);
+            self.meter
+                .add_handles(i64::try_from(delta).unwrap_or_default());
+            self.handles = n;
         }
     }
 
@@ -422,7 +437,8 @@ impl ResourceLimiter for Limiter {
         let within_own = maximum.is_none_or(|m| desired <= m);
         if within_own && total <= self.max_memory {
             self.used = total;
-            self.meter.set_memory(total as u64);
+            self.meter
+                .add_memory(i64::try_from(growth).unwrap_or(i64::MAX));
             return Ok(true);
         }
         let reason = format!(
