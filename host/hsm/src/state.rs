@@ -56,6 +56,43 @@ fn default_dir() -> io::Result<PathBuf> {
     ))
 }
 
+/// The entries of /etc/passwd, each as its fields.
+fn passwd_entries() -> io::Result<Vec<Vec<String>>> {
+    Ok(fs::read_to_string("/etc/passwd")?
+        .lines()
+        .map(|l| l.split(':').map(str::to_owned).collect())
+        .collect())
+}
+
+/// The uid of user `name` in /etc/passwd (the first entry of that name
+/// decides, as getpwnam's does); a number is taken as it is. `None`: no
+/// such user.
+///
+/// # Errors
+///
+/// /etc/passwd cannot be read.
+pub fn user_uid(name: &str) -> io::Result<Option<u32>> {
+    if let Ok(n) = name.parse::<u32>() {
+        return Ok(Some(n));
+    }
+    if name.is_empty() || name.contains(':') {
+        return Ok(None);
+    }
+    Ok(passwd_entries()?
+        .iter()
+        .find(|f| f.first().map(String::as_str) == Some(name))
+        .and_then(|f| f.get(2)?.parse().ok()))
+}
+
+/// The primary group of `uid` in /etc/passwd. `None`: no entry.
+pub fn primary_gid(uid: u32) -> Option<u32> {
+    passwd_entries()
+        .ok()?
+        .iter()
+        .filter(|f| f.len() >= 4 && f[2].parse::<u32>().ok() == Some(uid))
+        .find_map(|f| f[3].parse().ok())
+}
+
 /// Whether what `meta` describes can be changed only by root or this
 /// process's effective user: owned by one of them and writable by neither
 /// group nor others. `Err` says why not. The one rule for what edgeward

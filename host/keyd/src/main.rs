@@ -394,36 +394,18 @@ fn is_overflow(uid: u32) -> bool {
 /// runtime's user; the package creates it with a uid of the system's
 /// choosing).
 fn passwd_uid(name: &str) -> Result<u32, String> {
-    if name.is_empty() || name.contains(':') {
+    if name.is_empty() || name.contains(':') || name.parse::<u32>().is_ok() {
         return Err(format!("--runtime-user {name:?}: not a user name"));
     }
-    let passwd = std::fs::read_to_string("/etc/passwd")
-        .map_err(|e| format!("--runtime-user {name:?}: /etc/passwd: {e}"))?;
-    // The first entry of that name decides, as getpwnam's does.
-    let entry = passwd
-        .lines()
-        .find(|l| l.split(':').next() == Some(name))
-        .ok_or_else(|| format!("--runtime-user {name:?}: no such user in /etc/passwd"))?;
-    entry
-        .split(':')
-        .nth(2)
-        .and_then(|u| u.parse::<u32>().ok())
-        .ok_or_else(|| format!("--runtime-user {name:?}: its /etc/passwd entry has no uid"))
+    edgeward_hsm::state::user_uid(name)
+        .map_err(|e| format!("--runtime-user {name:?}: /etc/passwd: {e}"))?
+        .ok_or_else(|| format!("--runtime-user {name:?}: no such user in /etc/passwd"))
 }
 
 /// The primary group of `uid`, from /etc/passwd (not the group numbered
 /// as the user: that may be another service's, `tss` or `docker`).
 fn primary_gid(uid: u32) -> Result<u32, String> {
-    let passwd = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
-    passwd
-        .lines()
-        .filter_map(|l| {
-            let f: Vec<&str> = l.split(':').collect();
-            (f.len() >= 4 && f[2].parse::<u32>().ok() == Some(uid))
-                .then(|| f[3].parse::<u32>().ok())
-                .flatten()
-        })
-        .next()
+    edgeward_hsm::state::primary_gid(uid)
         .filter(|g| *g != 0)
         .ok_or_else(|| {
             format!(

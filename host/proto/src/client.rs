@@ -20,6 +20,9 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(30);
 #[derive(Debug)]
 pub struct RemoteHsm {
     path: PathBuf,
+    /// The key daemon's uid when it is neither root nor this user
+    /// ([`KEYD_USER_ENV`]).
+    keyd_uid: Option<u32>,
     backend: &'static str,
     keys_outside_state_dir: bool,
     conn: Mutex<Option<UnixStream>>,
@@ -54,6 +57,36 @@ pub fn call_counts() -> Vec<(&'static str, &'static str, u64)> {
         .unwrap_or_default()
 }
 
+/// Names the key daemon's user when it runs under a user of its own,
+/// neither root nor the runtime's (the packaged units: `edgeward-keyd`):
+/// a socket answered by any other uid is refused. A name in /etc/passwd or
+/// a uid.
+pub const KEYD_USER_ENV: &str = "EDGEWARD_KEYD_USER";
+
+/// [`KEYD_USER_ENV`]'s uid, if set: looked up once, on first use. A
+/// process that confines itself (Landlock keeps /etc/passwd from it)
+/// calls this first.
+///
+/// # Errors
+///
+/// No such user, or /etc/passwd cannot be read.
+pub fn keyd_user() -> std::result::Result<Option<u32>, String> {
+    static RESOLVED: std::sync::OnceLock<std::result::Result<Option<u32>, String>> =
+        std::sync::OnceLock::new();
+    RESOLVED
+        .get_or_init(|| {
+            let Some(name) = std::env::var_os(KEYD_USER_ENV).filter(|v| !v.is_empty()) else {
+                return Ok(None);
+            };
+            let name = name.to_string_lossy();
+            edgeward_hsm::state::user_uid(&name)
+                .map_err(|e| format!("{KEYD_USER_ENV}={name}: /etc/passwd: {e}"))?
+                .map(Some)
+                .ok_or_else(|| format!("{KEYD_USER_ENV}={name}: no such user in /etc/passwd"))
+        })
+        .clone()
+}
+
 /// The PAL's backend names, as `&'static str`.
 fn static_backend(name: &str) -> Option<&'static str> {
     ["soft", "tpm", "pkcs11"].into_iter().find(|b| *b == name)
@@ -66,8 +99,11 @@ impl RemoteHsm {
     ///
     /// The daemon cannot be reached, speaks another version, or refuses.
     pub fn connect(path: &Path) -> Result<Self> {
+        let keyd_uid = keyd_user()
+            .map_err(|e| HsmError::new("keyd", Op::ListKeys, None, ErrorKind::Unavailable(e)))?;
         let mut hsm = Self {
             path: path.to_owned(),
+            keyd_uid,
             backend: "keyd",
             keys_outside_state_dir: false,
             conn: Mutex::new(None),
@@ -126,10 +162,13 @@ impl RemoteHsm {
         // write) gets neither a plaintext nor a CSR.
         let server = rustix::net::sockopt::socket_peercred(&s)?.uid.as_raw();
         let me = rustix::process::geteuid().as_raw();
-        if server != 0 && server != me {
-            return Err(std::io::Error::other(format!(
-                "it is answered by uid {server}, neither root nor this user"
-            )));
+        if server != 0 && server != me && Some(server) != self.keyd_uid {
+            return Err(std::io::Error::other(match self.keyd_uid {
+                None => format!("it is answered by uid {server}, neither root nor this user"),
+                Some(k) => format!(
+                    "it is answered by uid {server}, neither root nor this user nor the key daemon's ({KEYD_USER_ENV}: uid {k})"
+                ),
+            }));
         }
         s.set_read_timeout(Some(CALL_TIMEOUT))?;
         s.set_write_timeout(Some(CALL_TIMEOUT))?;

@@ -24,7 +24,7 @@ mod client;
 pub mod journal;
 pub mod notify;
 
-pub use client::{RemoteHsm, call_counts};
+pub use client::{KEYD_USER_ENV, RemoteHsm, call_counts, keyd_user};
 
 /// Standard error for a log that may outlive its reader (a private key
 /// daemon's parent gone, a journal restarted): a write that fails is

@@ -95,6 +95,9 @@ pub(super) fn command(
         ));
         return report(&checks, json);
     }
+    if let Some(code) = as_owner(&state_dir) {
+        return code;
+    }
     checks.push(state_dir_check(&state_dir));
     let configured = cfg.as_ref().and_then(|c| c.api.socket.clone());
     let socket = crate::api::socket_path(socket_flag.as_deref(), configured.as_deref());
@@ -138,6 +141,41 @@ fn report(checks: &[Check], json: bool) -> ExitCode {
     } else {
         ExitCode::SUCCESS
     }
+}
+
+/// Set in the environment of a check run again as the state directory's
+/// owner (so it is not run again).
+const AS_OWNER_ENV: &str = "EDGEWARD_CHECK_AS_OWNER";
+
+/// As root, with a state directory a service user owns (the packaged
+/// units' `edgeward`), the checks run again as that user: they judge its
+/// files as the daemon sees them, and root's view (everything readable,
+/// nothing its own) would fail them all. `None`: run here.
+fn as_owner(dir: &Path) -> Option<ExitCode> {
+    use std::os::unix::process::CommandExt as _;
+    if !rustix::process::getuid().is_root() || std::env::var_os(AS_OWNER_ENV).is_some() {
+        return None;
+    }
+    let owner = std::fs::metadata(dir).ok()?.uid();
+    if owner == 0 {
+        return None;
+    }
+    let gid = edgeward_hsm::state::primary_gid(owner)?;
+    eprintln!(
+        "edgeward check: checking as uid {owner}, the owner of {}",
+        dir.display()
+    );
+    let exe = std::env::current_exe().ok()?;
+    let status = std::process::Command::new(exe)
+        .args(std::env::args_os().skip(1))
+        .env(AS_OWNER_ENV, "1")
+        .uid(owner)
+        .gid(gid)
+        .status();
+    Some(match status {
+        Ok(s) => ExitCode::from(u8::try_from(s.code().unwrap_or(1)).unwrap_or(1)),
+        Err(e) => fail(format!("cannot run the checks as uid {owner}: {e}"), 2),
+    })
 }
 
 fn state_dir_check(dir: &Path) -> Check {

@@ -371,6 +371,10 @@ pub fn main() -> ExitCode {
     if std::env::var_os(crate::keyd::LAUNCHER_ENV).is_some() {
         let _ = rustix::thread::set_name(c"edgeward");
     }
+    // The key daemon's user, looked up while /etc/passwd can be read (the
+    // daemon confines itself before it connects); an error is the
+    // connection's to report.
+    let _ = edgeward_proto::keyd_user();
     let cli = Cli::parse();
     match cli.command {
         Command::Run(args) => {
