@@ -253,9 +253,15 @@ fn metrics_count_what_the_modules_did_and_pass_promtool() {
         std::thread::sleep(Duration::from_millis(100));
     };
     let after = |series: &str| sample(&stopped, series).unwrap_or_else(|| panic!("{series}"));
-    assert_eq!(after(r#"edgeward_module_memory_bytes{module="sensor"}"#), 0.0);
+    assert_eq!(
+        after(r#"edgeward_module_memory_bytes{module="sensor"}"#),
+        0.0
+    );
     assert_eq!(after(r#"edgeward_module_handles{module="sensor"}"#), 0.0);
-    assert_eq!(after(r#"edgeward_module_starts_total{module="sensor"}"#), 1.0);
+    assert_eq!(
+        after(r#"edgeward_module_starts_total{module="sensor"}"#),
+        1.0
+    );
     assert!(
         after(r#"edgeward_module_cpu_seconds_total{module="sensor"}"#)
             >= v(r#"edgeward_module_cpu_seconds_total{module="sensor"}"#)
