@@ -636,12 +636,12 @@ mod tests {
     }
 
     #[test]
-    fn the_readme_lists_every_denied_call() {
-        let readme = include_str!("../../../README.md");
+    fn the_docs_list_every_denied_call() {
+        let page = include_str!("../../../docs/sandbox.md");
         for d in DENIED {
             assert!(
-                readme.contains(&format!("| `{}` | {} |", d.name, d.why)),
-                "README.md does not list {} with its reason",
+                page.contains(&format!("| `{}` | {} |", d.name, d.why)),
+                "docs/sandbox.md does not list {} with its reason",
                 d.name
             );
         }

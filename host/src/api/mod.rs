@@ -588,7 +588,7 @@ impl ApiState {
     info(
         title = "edgeward management API",
         version = "1",
-        description = "HTTP/1.1 + JSON on the daemon's unix socket; see README.md"
+        description = "HTTP/1.1 + JSON on the daemon's unix socket; see docs/management-api.md"
     ),
     paths(
         health,
