@@ -1340,3 +1340,70 @@ fn the_key_daemon_tells_the_service_manager_when_it_is_ready() {
     );
     assert!(child.wait().unwrap().success());
 }
+
+/// `EDGEWARD_KEYD_USER` (the packaged units': the key daemon under a user
+/// of its own) widens the trusted answerers of the key daemon's socket by
+/// that one user, named: a socket another uid answers is still refused,
+/// and a number, an unknown name or the overflow id is refused outright.
+#[test]
+fn the_key_daemons_user_is_trusted_by_name_and_no_one_else() {
+    use std::os::unix::process::CommandExt as _;
+    let dir = tempfile::Builder::new()
+        .prefix("edgeward-keyd-user-")
+        .tempdir_in("/tmp")
+        .unwrap();
+    chmod(dir.path(), 0o777);
+    let socket = dir.path().join("keyd.sock");
+    // A stand-in answered by uid 1 (daemon): it accepts and hangs up.
+    let mut fake = Command::new("python3")
+        .args([
+            "-c",
+            "import socket, sys\ns = socket.socket(socket.AF_UNIX)\ns.bind(sys.argv[1])\ns.listen()\nwhile True:\n    c, _ = s.accept()\n    c.close()",
+        ])
+        .arg(&socket)
+        .uid(1)
+        .gid(1)
+        .spawn()
+        .expect("python3");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !socket.exists() {
+        assert!(Instant::now() < deadline, "the stand-in did not bind");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let s = Scratch::new();
+    let info = |user: Option<&str>| {
+        let mut c = s.edgeward();
+        c.args(["hsm", "info"]).env("EDGEWARD_KEYD", &socket);
+        match user {
+            Some(u) => c.env("EDGEWARD_KEYD_USER", u),
+            None => c.env_remove("EDGEWARD_KEYD_USER"),
+        };
+        let o = c.output().unwrap();
+        assert!(!o.status.success(), "the stand-in is no key daemon");
+        stderr(&o)
+    };
+    let e = info(None);
+    assert!(
+        e.contains("answered by uid 1, neither root nor this user"),
+        "{e}"
+    );
+    let e = info(Some("bin"));
+    assert!(
+        e.contains("answered by uid 1, neither root nor this user nor the key daemon's (EDGEWARD_KEYD_USER: uid 2)"),
+        "{e}"
+    );
+    // Its own user: past the check (and then it hangs up).
+    let e = info(Some("daemon"));
+    assert!(!e.contains("neither root"), "{e}");
+    assert!(e.contains("key daemon at"), "{e}");
+    for (user, says) in [
+        ("1", "a name, not a number"),
+        ("no-such-user-here", "no such user"),
+        ("nobody", "the overflow id"),
+    ] {
+        let e = info(Some(user));
+        assert!(e.contains(says), "{user}: {e}");
+    }
+    let _ = fake.kill();
+    let _ = fake.wait();
+}

@@ -348,8 +348,29 @@ fn the_package_installs_upgrades_removes_and_purges_in_a_throwaway_root() {
     // Started as the units start them: the CLI checks the device and lists
     // (no modules yet) through the installed paths.
     let daemons = start_daemons(&root);
+    // Root checks as the state directory's owner, every check passing.
     let o = root.run("edgeward check");
     assert!(o.status.success(), "{}{}", stdout(&o), stderr(&o));
+    assert!(
+        stderr(&o).contains("checking as uid")
+            && stderr(&o).contains("the owner of /var/lib/edgeward"),
+        "{}",
+        stderr(&o)
+    );
+    for line in [
+        "pass  state-dir",
+        "pass  socket",
+        "pass  registry",
+        "pass  ca",
+    ] {
+        assert!(stdout(&o).contains(line), "{line}: {}", stdout(&o));
+    }
+    assert!(!stdout(&o).contains("FAIL"), "{}", stdout(&o));
+    // The key daemon took the hostname as the device id, as the runtime
+    // did: the modules' identities are certified (below).
+    let host = root.ok("uname -n");
+    let info = root.ok("edgeward system info");
+    assert!(info.contains(host.trim()), "{info}");
     let list = root.ok("edgeward module list");
     assert!(list.starts_with("NAME"), "{list}");
     // The socket is the operators' group's, and the runtime runs as its user.

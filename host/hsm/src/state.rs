@@ -65,17 +65,14 @@ fn passwd_entries() -> io::Result<Vec<Vec<String>>> {
 }
 
 /// The uid of user `name` in /etc/passwd (the first entry of that name
-/// decides, as getpwnam's does); a number is taken as it is. `None`: no
-/// such user.
+/// decides, as getpwnam's does). Names only: a number, an empty name or one
+/// with `:` is no user. `None`: no such user.
 ///
 /// # Errors
 ///
 /// /etc/passwd cannot be read.
 pub fn user_uid(name: &str) -> io::Result<Option<u32>> {
-    if let Ok(n) = name.parse::<u32>() {
-        return Ok(Some(n));
-    }
-    if name.is_empty() || name.contains(':') {
+    if name.is_empty() || name.contains(':') || name.parse::<u32>().is_ok() {
         return Ok(None);
     }
     Ok(passwd_entries()?
@@ -405,6 +402,18 @@ mod tests {
     use std::sync::Arc;
 
     use super::*;
+
+    #[test]
+    fn users_are_looked_up_by_name_only() {
+        assert_eq!(user_uid("root").unwrap(), Some(0));
+        assert_eq!(user_uid("no-such-user-here").unwrap(), None);
+        // A number is not a name (it would be a uid no one vouched for).
+        assert_eq!(user_uid("0").unwrap(), None);
+        assert_eq!(user_uid("").unwrap(), None);
+        assert_eq!(user_uid("root:x").unwrap(), None);
+        assert_eq!(primary_gid(0), Some(0));
+        assert_eq!(primary_gid(4_000_000_000), None);
+    }
 
     #[test]
     fn private_dir_is_0700() {

@@ -9,7 +9,7 @@ use edgeward_keyd::launch::{self, Launch, Supervisor};
 use edgeward_keyd::policy::Policy;
 use edgeward_keyd::server::Server;
 
-const USAGE: &str = "usage: edgeward-keyd --state DIR --socket PATH --device-id ID [--runtime-uid UID | --runtime-user NAME]...
+const USAGE: &str = "usage: edgeward-keyd --state DIR --socket PATH [--device-id ID] [--runtime-uid UID | --runtime-user NAME]...
        [--trust-domain NAME] [--max-leaf-ttl SECS] [--max-jwt-key-ttl SECS]
        [--hsm soft | --hsm tpm [--tcti TCTI] [--pcr N] [--boot-pcrs N,N...] | --hsm pkcs11 --module PATH --token LABEL --pin-file PATH]
        [--launch EXE [--runtime-gid GID] -- ARGS... | --private | --private-runtime]";
@@ -127,22 +127,27 @@ fn parse(mut it: impl Iterator<Item = String>) -> Result<Args, String> {
         }
     }
     let check_segment = |v: &str, f: &str| {
-        if v.is_empty()
-            || !v
-                .bytes()
-                .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.'))
-        {
-            Err(format!("{f} {v:?}: letters, digits, - _ . only"))
-        } else {
+        if edgeward_trust::identity::valid_path_segment(v) {
             Ok(())
+        } else {
+            Err(format!(
+                "{f} {v:?}: 1-128 of letters, digits, - _ . (not . or ..)"
+            ))
         }
     };
     let state = state.ok_or("--state is required")?;
     let socket = socket.ok_or("--socket is required")?;
+    // Absent or empty: the hostname, as the runtime's own default
+    // ([identity] device_id) takes it, read now rather than at install.
     if policy.device_id.is_empty() {
-        return Err("--device-id is required (the device's SPIFFE namespace)".into());
+        policy.device_id = edgeward_trust::identity::default_device_id();
     }
-    check_segment(&policy.trust_domain, "--trust-domain")?;
+    if !edgeward_trust::identity::valid_trust_domain(&policy.trust_domain) {
+        return Err(format!(
+            "--trust-domain {:?}: not a SPIFFE trust domain (lowercase letters, digits, - _ .)",
+            policy.trust_domain
+        ));
+    }
     check_segment(&policy.device_id, "--device-id")?;
     let hsm = match backend.as_str() {
         "soft" => HsmConfig::Soft,

@@ -79,10 +79,21 @@ pub fn keyd_user() -> std::result::Result<Option<u32>, String> {
                 return Ok(None);
             };
             let name = name.to_string_lossy();
-            edgeward_hsm::state::user_uid(&name)
+            let uid = edgeward_hsm::state::user_uid(&name)
                 .map_err(|e| format!("{KEYD_USER_ENV}={name}: /etc/passwd: {e}"))?
-                .map(Some)
-                .ok_or_else(|| format!("{KEYD_USER_ENV}={name}: no such user in /etc/passwd"))
+                .ok_or_else(|| {
+                    format!(
+                        "{KEYD_USER_ENV}={name}: no such user in /etc/passwd (a name, not a number)"
+                    )
+                })?;
+            // The overflow ids stand for "unmapped" in user namespaces:
+            // trusting them would trust whoever is unmapped.
+            if uid == 65534 || uid == u32::from(u16::MAX) || uid == u32::MAX {
+                return Err(format!(
+                    "{KEYD_USER_ENV}={name}: uid {uid} is the overflow id, not a service's"
+                ));
+            }
+            Ok(Some(uid))
         })
         .clone()
 }

@@ -95,7 +95,12 @@ pub(super) fn command(
         ));
         return report(&checks, json);
     }
-    if let Some(code) = as_owner(&state_dir) {
+    if let Some(code) = as_owner(
+        &state_dir,
+        cfg.as_ref().map(|c| c.path.as_path()),
+        socket_flag.as_deref(),
+        json,
+    ) {
         return code;
     }
     checks.push(state_dir_check(&state_dir));
@@ -147,11 +152,34 @@ fn report(checks: &[Check], json: bool) -> ExitCode {
 /// owner (so it is not run again).
 const AS_OWNER_ENV: &str = "EDGEWARD_CHECK_AS_OWNER";
 
+/// What a check run as the state directory's owner keeps of this
+/// process's environment (nothing else: it is root's).
+const KEPT_ENV: [&str; 6] = [
+    "PATH",
+    "LANG",
+    "LC_ALL",
+    "EDGEWARD_KEYD",
+    "EDGEWARD_KEYD_USER",
+    "EDGEWARD_LOG",
+];
+
 /// As root, with a state directory a service user owns (the packaged
 /// units' `edgeward`), the checks run again as that user: they judge its
 /// files as the daemon sees them, and root's view (everything readable,
 /// nothing its own) would fail them all. `None`: run here.
-fn as_owner(dir: &Path) -> Option<ExitCode> {
+///
+/// The owner may be hostile (a `--state-dir` someone else made), so what
+/// runs as it gets nothing of root's: the paths resolved here as
+/// arguments, an environment of [`KEPT_ENV`] only, `/` as its directory,
+/// a session of its own (no controlling terminal to type into), standard
+/// input from /dev/null, and its output through pipes this process relays.
+fn as_owner(
+    dir: &Path,
+    config: Option<&Path>,
+    socket: Option<&Path>,
+    json: bool,
+) -> Option<ExitCode> {
+    use std::io::Read as _;
     use std::os::unix::process::CommandExt as _;
     if !rustix::process::getuid().is_root() || std::env::var_os(AS_OWNER_ENV).is_some() {
         return None;
@@ -160,18 +188,78 @@ fn as_owner(dir: &Path) -> Option<ExitCode> {
     if owner == 0 {
         return None;
     }
-    let gid = edgeward_hsm::state::primary_gid(owner)?;
+    let Some(gid) = edgeward_hsm::state::primary_gid(owner).filter(|g| *g != 0) else {
+        return Some(fail(
+            format!(
+                "{} is owned by uid {owner}, which has no /etc/passwd entry with a group other than root's: run the check as that user",
+                dir.display()
+            ),
+            2,
+        ));
+    };
     eprintln!(
         "edgeward check: checking as uid {owner}, the owner of {}",
         dir.display()
     );
-    let exe = std::env::current_exe().ok()?;
-    let status = std::process::Command::new(exe)
-        .args(std::env::args_os().skip(1))
-        .env(AS_OWNER_ENV, "1")
+    // Absolute: the check runs in /.
+    let abs = |p: &Path| std::path::absolute(p).unwrap_or_else(|_| p.to_owned());
+    let mut cmd = std::process::Command::new("/proc/self/exe");
+    cmd.arg("--state-dir").arg(abs(dir)).arg("check");
+    if let Some(c) = config {
+        cmd.arg("--config").arg(abs(c));
+    }
+    if let Some(s) = socket {
+        cmd.arg("--socket").arg(abs(s));
+    }
+    if json {
+        cmd.arg("--json");
+    }
+    cmd.env_clear();
+    for k in KEPT_ENV {
+        if let Some(v) = std::env::var_os(k) {
+            cmd.env(k, v);
+        }
+    }
+    cmd.env(AS_OWNER_ENV, "1")
+        .current_dir("/")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
         .uid(owner)
-        .gid(gid)
-        .status();
+        .gid(gid);
+    // SAFETY: setsid is async-signal-safe and touches no memory of this
+    // process; it runs in the child between fork and exec.
+    #[allow(unsafe_code)]
+    unsafe {
+        cmd.pre_exec(|| rustix::process::setsid().map(drop).map_err(Into::into));
+    }
+    let mut child = match cmd.spawn() {
+        Ok(c) => c,
+        Err(e) => {
+            return Some(fail(
+                format!("cannot run the checks as uid {owner}: {e}"),
+                2,
+            ));
+        }
+    };
+    // Relayed whole (the checks' output is a page), stderr on a thread.
+    let mut err = child.stderr.take()?;
+    let relay = std::thread::spawn(move || {
+        let mut buf = Vec::new();
+        let _ = err.read_to_end(&mut buf);
+        buf
+    });
+    let mut out = Vec::new();
+    if let Some(mut o) = child.stdout.take() {
+        let _ = o.read_to_end(&mut out);
+    }
+    let status = child.wait();
+    let err = relay.join().unwrap_or_default();
+    {
+        use std::io::Write as _;
+        let _ = std::io::stdout().write_all(&out);
+        let _ = std::io::stderr().write_all(&err);
+    }
     Some(match status {
         Ok(s) => ExitCode::from(u8::try_from(s.code().unwrap_or(1)).unwrap_or(1)),
         Err(e) => fail(format!("cannot run the checks as uid {owner}: {e}"), 2),
@@ -257,7 +345,7 @@ fn socket_check(socket: Result<&PathBuf, &String>, daemon: bool) -> Check {
                 "{} is {sm:o} in a {dm:o} directory: any user can reach or replace the management socket",
                 socket.display()
             ),
-            "restart the daemon (it makes the socket 660, and a directory it creates 750)",
+            "restart the daemon (it makes the socket 660)",
         );
     }
     if daemon {
