@@ -16,6 +16,7 @@ mod attest;
 mod check;
 mod fleet;
 mod module;
+mod support;
 
 use crate::config::{self, Config};
 use crate::identity::ServerNamePolicy;
@@ -122,6 +123,11 @@ enum Command {
     /// Print the daemon's recent events (state changes, exits) as JSON
     /// lines; with -f, keep printing them as they happen.
     Events(module::EventsArgs),
+    /// Collect what to send when asking for help into a new directory:
+    /// versions, the config (module environments and settings redacted),
+    /// check, statuses, events, metrics, recent module output, the
+    /// measurement log and the units' journal. Never a key.
+    SupportBundle(support::SupportArgs),
     /// Check that this device is ready: config, state dir, socket,
     /// registry, stored components, compiled cache, HSM, CA certificate, JWT keys, cloud broker, clock, disk. Exits
     /// non-zero only on a failure.
@@ -328,6 +334,16 @@ struct DaemonArgs {
 fn init_logging(default: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("EDGEWARD_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    if let Some(native) = edgeward_proto::journal::native("edgeward") {
+        // Under journald, its native socket: fields it indexes.
+        use tracing_subscriber::layer::SubscriberExt as _;
+        use tracing_subscriber::util::SubscriberInitExt as _;
+        let _ = tracing_subscriber::registry()
+            .with(filter)
+            .with(native)
+            .try_init();
+        return;
+    }
     if edgeward_proto::journal::stderr_is_journal() {
         // Under journald: a priority per line, no second timestamp.
         let format = tracing_subscriber::fmt::format()
@@ -433,6 +449,10 @@ pub fn main() -> ExitCode {
         } => {
             init_logging("error");
             check::command(cli.state_dir, config, socket, json)
+        }
+        Command::SupportBundle(args) => {
+            init_logging("error");
+            support::command(args, cli.state_dir)
         }
         Command::Events(args) => {
             init_logging("warn");

@@ -146,9 +146,9 @@ struct AddArgs {
 /// Where a command's requests go: the daemon's socket, or, for a command
 /// that only reads while no daemon answers, the records served read-only
 /// by this process ([`crate::api::Offline`]).
-struct Target {
-    socket: PathBuf,
-    rt: tokio::runtime::Runtime,
+pub(super) struct Target {
+    pub(super) socket: PathBuf,
+    pub(super) rt: tokio::runtime::Runtime,
     _offline: Option<crate::api::Offline>,
 }
 
@@ -159,7 +159,7 @@ fn connect(socket: Option<PathBuf>, config: Option<PathBuf>) -> Result<Target, E
 
 /// [`connect`]; with `reads_from` (the `--state-dir` flag, if any), a
 /// daemon that does not answer is replaced by the state dir's records.
-fn connect_for(
+pub(super) fn connect_for(
     socket: Option<PathBuf>,
     config: Option<PathBuf>,
     reads_from: Option<Option<&Path>>,
