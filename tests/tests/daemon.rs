@@ -846,6 +846,9 @@ fn under_journald_lines_carry_a_priority_and_no_timestamp() {
             .arg(&cfg)
             .env("EDGEWARD_LOG", "info")
             .env("JOURNAL_STREAM", format!("{}:{ino}", st.st_dev))
+            // No native socket there (a machine's own journal is not this
+            // test's): the stream takes the lines.
+            .env("EDGEWARD_JOURNAL_SOCKET", s.path().join("no-journal.sock"))
             .stdout(std::process::Stdio::null())
             .stderr(writer)
             .spawn()
@@ -891,4 +894,222 @@ fn under_journald_lines_carry_a_priority_and_no_timestamp() {
             assert!(!text.contains("<6>"), "{text}");
         }
     }
+}
+
+/// `edgeward support-bundle`: what an operator sends when asking for help,
+/// from a running daemon: versions, the config with module environments
+/// redacted, check, modules, events, metrics, each module's output, the
+/// measurement log; never a key, and no secret of a module's environment.
+#[test]
+fn a_support_bundle_holds_what_helps_and_no_secret() {
+    let s = Scratch::new();
+    let sensor = guests::TEMPERATURE_SENSOR;
+    let config = format!(
+        r#"
+[[module]]
+name = "sensor"
+file = "{sensor}"
+digest = "{}"
+env = {{ INTERVAL_MS = "20", SENSOR_ID = "demo", API_TOKEN = "hunter2-do-not-leak" }}
+"#,
+        sha256sum(sensor),
+    );
+    let cfg = s.write("config.toml", &config);
+    let mut d = Daemon::start(&s, &config);
+    d.wait_for("sensor readings", |out, _| {
+        count(out, "sensor | {\"sensor\":\"demo\"") >= 3
+    });
+    let out = s.path().join("bundle");
+    let o = s
+        .edgeward()
+        .args(["support-bundle", "--out"])
+        .arg(&out)
+        .arg("--config")
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    assert_status(&o, 0);
+    let read = |name: &str| {
+        std::fs::read_to_string(out.join(name)).unwrap_or_else(|e| {
+            panic!(
+                "{name}: {e}; INDEX.txt: {}",
+                std::fs::read_to_string(out.join("INDEX.txt")).unwrap_or_default()
+            )
+        })
+    };
+    assert!(read("versions.txt").starts_with("edgeward "));
+    let config_json = read("config.json");
+    assert!(config_json.contains("API_TOKEN"), "{config_json}");
+    assert!(config_json.contains("<redacted>"), "{config_json}");
+    assert!(read("check.txt").contains("pass  config"));
+    assert!(read("modules.json").contains("\"sensor\""));
+    assert!(read("metrics.txt").contains("edgeward_module_state{module=\"sensor\""));
+    assert!(read("modules/sensor/output.log").contains("\"sensor\":\"demo\""));
+    assert!(read("events.jsonl").contains("sensor"));
+    assert!(read("measurements.json").contains("files"));
+    // Nothing secret anywhere: no module secret, no key, no state file.
+    let key_files: Vec<Vec<u8>> = walk(&s.state())
+        .into_iter()
+        .filter(|p| p.to_string_lossy().contains("/hsm/"))
+        .filter_map(|p| std::fs::read(p).ok())
+        .filter(|b| b.len() >= 16)
+        .collect();
+    assert!(!key_files.is_empty(), "the soft keys are in the state dir");
+    for f in walk(&out) {
+        let bytes = std::fs::read(&f).unwrap();
+        let text = String::from_utf8_lossy(&bytes);
+        assert!(!text.contains("hunter2-do-not-leak"), "{}", f.display());
+        assert!(!text.contains("PRIVATE KEY"), "{}", f.display());
+        for k in &key_files {
+            assert!(
+                !bytes.windows(k.len()).any(|w| w == k.as_slice()),
+                "{} holds a key file's bytes",
+                f.display()
+            );
+        }
+        let mode =
+            std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&f).unwrap().permissions());
+        assert_eq!(mode & 0o077, 0, "{} is readable by others", f.display());
+    }
+    // An existing directory is not written into.
+    let o = s
+        .edgeward()
+        .args(["support-bundle", "--out"])
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert_status(&o, 2);
+    assert!(stderr(&o).contains("does not exist yet"), "{}", stderr(&o));
+    let (status, _, _) = d.terminate();
+    assert!(status.success());
+
+    // Without a daemon: the records, read-only.
+    let offline = s.path().join("offline");
+    let o = s
+        .edgeward()
+        .args(["support-bundle", "--out"])
+        .arg(&offline)
+        .arg("--config")
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    assert_status(&o, 0);
+    assert!(
+        std::fs::read_to_string(offline.join("modules.json"))
+            .unwrap()
+            .contains("\"sensor\"")
+    );
+}
+
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}
+
+/// The journal's native fields of one datagram.
+fn journal_fields(d: &[u8]) -> std::collections::BTreeMap<String, String> {
+    let mut m = std::collections::BTreeMap::new();
+    let mut rest = d;
+    while !rest.is_empty() {
+        let Some(nl) = rest.iter().position(|&b| b == b'\n') else {
+            break;
+        };
+        let line = &rest[..nl];
+        if let Some(eq) = line.iter().position(|&b| b == b'=') {
+            m.insert(
+                String::from_utf8_lossy(&line[..eq]).into_owned(),
+                String::from_utf8_lossy(&line[eq + 1..]).into_owned(),
+            );
+            rest = &rest[nl + 1..];
+        } else {
+            // NAME\n, a u64 LE length, the value, \n.
+            let name = String::from_utf8_lossy(line).into_owned();
+            let after = &rest[nl + 1..];
+            let len = u64::from_le_bytes(after[..8].try_into().unwrap()) as usize;
+            m.insert(
+                name,
+                String::from_utf8_lossy(&after[8..8 + len]).into_owned(),
+            );
+            rest = &after[8 + len + 1..];
+        }
+    }
+    m
+}
+
+/// Under journald with its native socket, each event is a datagram of
+/// fields: priority, identifier, the message, and the event's own fields
+/// by name (`MODULE`, `DIGEST`), so `journalctl MODULE=sensor` finds a
+/// module's events; nothing is left on standard error.
+#[test]
+fn under_journald_events_carry_their_fields() {
+    let s = Scratch::new();
+    let sensor = guests::TEMPERATURE_SENSOR;
+    let digest = sha256sum(sensor);
+    let cfg = s.write(
+        "config.toml",
+        &format!(
+            "[[module]]\nname = \"sensor\"\nfile = \"{sensor}\"\ndigest = \"{digest}\"\nenv = {{ INTERVAL_MS = \"20\", SENSOR_ID = \"demo\" }}\n"
+        ),
+    );
+    let journal_path = s.path().join("journal.sock");
+    let journal = std::os::unix::net::UnixDatagram::bind(&journal_path).unwrap();
+    journal
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let (mut reader, writer) = std::io::pipe().unwrap();
+    let st = rustix::fs::fstat(&writer).unwrap();
+    let mut child = s
+        .edgeward()
+        .arg("daemon")
+        .arg("--config")
+        .arg(&cfg)
+        .env("EDGEWARD_LOG", "info")
+        .env("JOURNAL_STREAM", format!("{}:{}", st.st_dev, st.st_ino))
+        .env("EDGEWARD_JOURNAL_SOCKET", &journal_path)
+        .stdout(std::process::Stdio::null())
+        .stderr(writer)
+        .spawn()
+        .unwrap();
+    let mut buf = vec![0u8; 65536];
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let loaded = loop {
+        assert!(Instant::now() < deadline, "no event for the sensor's load");
+        let n = journal.recv(&mut buf).unwrap();
+        let f = journal_fields(&buf[..n]);
+        assert_eq!(f["SYSLOG_IDENTIFIER"], "edgeward", "{f:?}");
+        assert!(
+            f.contains_key("PRIORITY") && f.contains_key("MESSAGE"),
+            "{f:?}"
+        );
+        if f.get("EVENT").map(String::as_str) == Some("module measured and loaded") {
+            break f;
+        }
+    };
+    assert_eq!(loaded["MODULE"], "sensor", "{loaded:?}");
+    assert_eq!(loaded["DIGEST"], digest, "{loaded:?}");
+    assert_eq!(loaded["PRIORITY"], "6");
+    assert!(loaded["MESSAGE"].contains("module=sensor"), "{loaded:?}");
+    assert!(
+        !loaded["MESSAGE"].starts_with("20"),
+        "no timestamp: {loaded:?}"
+    );
+    std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(child.wait().unwrap().success());
+    let mut text = String::new();
+    std::io::Read::read_to_string(&mut reader, &mut text).unwrap();
+    assert!(
+        !text.contains("INFO"),
+        "the events went to the journal, not the stream: {text}"
+    );
 }

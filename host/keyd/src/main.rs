@@ -426,7 +426,15 @@ fn main() -> ExitCode {
         .ok()
         .and_then(|l| l.parse::<tracing::Level>().ok())
         .unwrap_or(tracing::Level::INFO);
-    if edgeward_proto::journal::stderr_is_journal() {
+    if let Some(native) = edgeward_proto::journal::native("edgeward-keyd") {
+        // Under journald, its native socket: fields it indexes.
+        use tracing_subscriber::layer::SubscriberExt as _;
+        use tracing_subscriber::util::SubscriberInitExt as _;
+        tracing_subscriber::registry()
+            .with(tracing_subscriber::filter::LevelFilter::from_level(level))
+            .with(native)
+            .init();
+    } else if edgeward_proto::journal::stderr_is_journal() {
         // Under journald: a priority per line, no second timestamp.
         let format = tracing_subscriber::fmt::format()
             .without_time()

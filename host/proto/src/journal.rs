@@ -1,10 +1,15 @@
 //! Logs under journald. A service's standard error is a journal stream
-//! when `JOURNAL_STREAM` names its device and inode (`systemd.exec(5)`):
-//! then each line starts with its syslog priority (`<3>` error, `<4>`
-//! warning, `<6>` info, `<7>` debug), which journald strips and records,
-//! and carries no timestamp of its own (the journal has one). Fields stay
-//! `key=value` in the message; the journal's native protocol, which would
-//! index them, is not spoken yet.
+//! when `JOURNAL_STREAM` names its device and inode (`systemd.exec(5)`).
+//! Then each event goes to the journal's native socket as one datagram of
+//! fields (`systemd-journald.service(8)`, "native protocol"): `PRIORITY`,
+//! `SYSLOG_IDENTIFIER`, `MESSAGE` (the line as a terminal shows it, without
+//! a timestamp: the journal has one), `EVENT` (the message alone), `TARGET`,
+//! and each of the event's fields by its upper-cased name (`MODULE`,
+//! `DIGEST`, `ERROR`, ...), so `journalctl MODULE=sensor` finds a module's
+//! events. Without the native socket (or when a datagram cannot be sent)
+//! the line goes to standard error with its syslog priority in front
+//! (`<3>` error, `<4>` warning, `<6>` info, `<7>` debug), which journald
+//! strips and records.
 
 use std::fmt;
 
@@ -63,9 +68,181 @@ where
     }
 }
 
+/// The journal's native socket.
+pub const SOCKET: &str = "/run/systemd/journal/socket";
+/// Names another native socket (a container's journal; the tests).
+pub const SOCKET_ENV: &str = "EDGEWARD_JOURNAL_SOCKET";
+
+/// The journal's native socket, connected, when standard error is the
+/// journal stream and the socket answers. Connected before the process
+/// confines itself (sending on it needs no path afterwards).
+pub fn native(identifier: &'static str) -> Option<Native> {
+    if !stderr_is_journal() {
+        return None;
+    }
+    let path = std::env::var_os(SOCKET_ENV)
+        .filter(|p| !p.is_empty())
+        .map_or_else(|| std::path::PathBuf::from(SOCKET), Into::into);
+    let sock = std::os::unix::net::UnixDatagram::unbound().ok()?;
+    sock.connect(&path).ok()?;
+    Some(Native { sock, identifier })
+}
+
+/// Sends each event to the journal as fields ([`native`]).
+#[derive(Debug)]
+pub struct Native {
+    sock: std::os::unix::net::UnixDatagram,
+    identifier: &'static str,
+}
+
+/// Journal fields an event's own fields may not set (the journal's or
+/// systemd's meaning): such a field is sent as `EDGEWARD_<NAME>`.
+const RESERVED: [&str; 12] = [
+    "MESSAGE",
+    "MESSAGE_ID",
+    "PRIORITY",
+    "SYSLOG_IDENTIFIER",
+    "SYSLOG_FACILITY",
+    "SYSLOG_PID",
+    "EVENT",
+    "TARGET",
+    "UNIT",
+    "USER_UNIT",
+    "INVOCATION_ID",
+    "ERRNO",
+];
+
+/// A journal field name for a `tracing` field: upper case, `[A-Z0-9_]`,
+/// not starting with `_` or a digit, at most 64 bytes.
+fn field_name(name: &str) -> String {
+    let mut n: String = name
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_uppercase()
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    if n.is_empty()
+        || n.starts_with('_')
+        || n.starts_with(|c: char| c.is_ascii_digit())
+        || RESERVED.contains(&n.as_str())
+        || n.starts_with("CODE_")
+        || n.starts_with("SYSLOG_")
+    {
+        n = format!("EDGEWARD_{n}");
+    }
+    n.truncate(64);
+    n
+}
+
+/// Appends field `name` = `value` in the native protocol: `NAME=value\n`,
+/// or, for a value with a newline, `NAME\n`, its length (u64 LE), the
+/// value and `\n`.
+fn put(buf: &mut Vec<u8>, name: &str, value: &str) {
+    buf.extend_from_slice(name.as_bytes());
+    if value.contains('\n') {
+        buf.push(b'\n');
+        buf.extend_from_slice(&(value.len() as u64).to_le_bytes());
+    } else {
+        buf.push(b'=');
+    }
+    buf.extend_from_slice(value.as_bytes());
+    buf.push(b'\n');
+}
+
+#[derive(Default)]
+struct Fields {
+    message: String,
+    fields: Vec<(&'static str, String)>,
+}
+
+impl tracing::field::Visit for Fields {
+    fn record_str(&mut self, field: &tracing::field::Field, value: &str) {
+        if field.name() == "message" {
+            self.message = value.to_owned();
+        } else {
+            self.fields.push((field.name(), value.to_owned()));
+        }
+    }
+
+    fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn fmt::Debug) {
+        if field.name() == "message" {
+            self.message = format!("{value:?}");
+        } else {
+            self.fields.push((field.name(), format!("{value:?}")));
+        }
+    }
+}
+
+impl Native {
+    /// The datagram for one event.
+    fn datagram(&self, level: Level, target: &str, f: &Fields) -> Vec<u8> {
+        let mut line = format!("{} {}", level, f.message);
+        for (k, v) in &f.fields {
+            line.push_str(&format!(" {k}={v}"));
+        }
+        let mut buf = Vec::with_capacity(256);
+        put(&mut buf, "PRIORITY", &priority(level).to_string());
+        put(&mut buf, "SYSLOG_IDENTIFIER", self.identifier);
+        put(&mut buf, "MESSAGE", &line);
+        put(&mut buf, "EVENT", &f.message);
+        put(&mut buf, "TARGET", target);
+        for (k, v) in &f.fields {
+            put(&mut buf, &field_name(k), v);
+        }
+        buf
+    }
+}
+
+impl<S: Subscriber> tracing_subscriber::Layer<S> for Native {
+    fn on_event(&self, event: &Event<'_>, _ctx: tracing_subscriber::layer::Context<'_, S>) {
+        let mut f = Fields::default();
+        event.record(&mut f);
+        let level = *event.metadata().level();
+        let buf = self.datagram(level, event.metadata().target(), &f);
+        if self.sock.send(&buf).is_err() {
+            // Too large for a datagram, or the journal went away: the
+            // stream still takes the line.
+            use std::io::Write as _;
+            let mut line = format!("<{}>{} {}", priority(level), level, f.message);
+            for (k, v) in &f.fields {
+                line.push_str(&format!(" {k}={v}"));
+            }
+            line.push('\n');
+            let _ = crate::QuietStderr.write_all(line.as_bytes());
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn fields_are_named_as_the_journal_takes_them() {
+        assert_eq!(field_name("module"), "MODULE");
+        assert_eq!(field_name("read_ms"), "READ_MS");
+        assert_eq!(field_name("message"), "EDGEWARD_MESSAGE");
+        assert_eq!(field_name("unit"), "EDGEWARD_UNIT");
+        assert_eq!(field_name("_x"), "EDGEWARD__X");
+        assert_eq!(field_name("9lives"), "EDGEWARD_9LIVES");
+        assert_eq!(field_name("code.file"), "EDGEWARD_CODE_FILE");
+        assert_eq!(field_name(&"a".repeat(100)).len(), 64);
+    }
+
+    #[test]
+    fn values_with_newlines_are_length_prefixed() {
+        let mut b = Vec::new();
+        put(&mut b, "A", "x=y");
+        put(&mut b, "B", "1\n2");
+        let mut want = b"A=x=y\nB\n".to_vec();
+        want.extend_from_slice(&3u64.to_le_bytes());
+        want.extend_from_slice(b"1\n2\n");
+        assert_eq!(b, want);
+    }
 
     #[test]
     fn the_stream_is_named_by_device_and_inode() {
