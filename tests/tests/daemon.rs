@@ -911,6 +911,7 @@ name = "sensor"
 file = "{sensor}"
 digest = "{}"
 env = {{ INTERVAL_MS = "20", SENSOR_ID = "demo", API_TOKEN = "hunter2-do-not-leak" }}
+args = ["--password", "hunter2-arg-do-not-leak"]
 "#,
         sha256sum(sensor),
     );
@@ -947,6 +948,19 @@ env = {{ INTERVAL_MS = "20", SENSOR_ID = "demo", API_TOKEN = "hunter2-do-not-lea
     assert!(read("modules/sensor/output.log").contains("\"sensor\":\"demo\""));
     assert!(read("events.jsonl").contains("sensor"));
     assert!(read("measurements.json").contains("files"));
+    assert!(read("system.json").contains("device_id"));
+    assert!(read("identities.json").contains("sensor"));
+    assert!(read("deployment-status.json").starts_with('{'));
+    assert!(read("modules/sensor/exits.json").starts_with('['));
+    // Everything asked for came: nothing left out.
+    let index = read("INDEX.txt");
+    assert!(!index.contains("not included"), "{index}");
+    // Its directories are private too.
+    for d in [out.clone(), out.join("modules"), out.join("modules/sensor")] {
+        let mode =
+            std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&d).unwrap().permissions());
+        assert_eq!(mode & 0o077, 0, "{} is reachable by others", d.display());
+    }
     // Nothing secret anywhere: no module secret, no key, no state file.
     let key_files: Vec<Vec<u8>> = walk(&s.state())
         .into_iter()
@@ -958,7 +972,7 @@ env = {{ INTERVAL_MS = "20", SENSOR_ID = "demo", API_TOKEN = "hunter2-do-not-lea
     for f in walk(&out) {
         let bytes = std::fs::read(&f).unwrap();
         let text = String::from_utf8_lossy(&bytes);
-        assert!(!text.contains("hunter2-do-not-leak"), "{}", f.display());
+        assert!(!text.contains("hunter2"), "{}", f.display());
         assert!(!text.contains("PRIVATE KEY"), "{}", f.display());
         for k in &key_files {
             assert!(

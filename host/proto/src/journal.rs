@@ -83,6 +83,15 @@ pub fn native(identifier: &'static str) -> Option<Native> {
     let path = std::env::var_os(SOCKET_ENV)
         .filter(|p| !p.is_empty())
         .map_or_else(|| std::path::PathBuf::from(SOCKET), Into::into);
+    // Another socket only if root or this user made it: a process started
+    // with someone else's environment does not send them its events.
+    if path != std::path::Path::new(SOCKET) {
+        use std::os::unix::fs::MetadataExt as _;
+        let owner = std::fs::symlink_metadata(&path).ok()?.uid();
+        if owner != 0 && owner != rustix::process::geteuid().as_raw() {
+            return None;
+        }
+    }
     let sock = std::os::unix::net::UnixDatagram::unbound().ok()?;
     sock.connect(&path).ok()?;
     Some(Native { sock, identifier })
@@ -97,7 +106,10 @@ pub struct Native {
 
 /// Journal fields an event's own fields may not set (the journal's or
 /// systemd's meaning): such a field is sent as `EDGEWARD_<NAME>`.
-const RESERVED: [&str; 12] = [
+const RESERVED: [&str; 15] = [
+    "DOCUMENTATION",
+    "TID",
+    "USER_INVOCATION_ID",
     "MESSAGE",
     "MESSAGE_ID",
     "PRIORITY",
@@ -111,6 +123,10 @@ const RESERVED: [&str; 12] = [
     "INVOCATION_ID",
     "ERRNO",
 ];
+
+/// Prefixes of fields the journal gives a meaning (`OBJECT_*` from a
+/// root sender names another process).
+const RESERVED_PREFIXES: [&str; 4] = ["CODE_", "SYSLOG_", "OBJECT_", "COREDUMP_"];
 
 /// A journal field name for a `tracing` field: upper case, `[A-Z0-9_]`,
 /// not starting with `_` or a digit, at most 64 bytes.
@@ -129,8 +145,7 @@ fn field_name(name: &str) -> String {
         || n.starts_with('_')
         || n.starts_with(|c: char| c.is_ascii_digit())
         || RESERVED.contains(&n.as_str())
-        || n.starts_with("CODE_")
-        || n.starts_with("SYSLOG_")
+        || RESERVED_PREFIXES.iter().any(|p| n.starts_with(p))
     {
         n = format!("EDGEWARD_{n}");
     }
@@ -207,10 +222,19 @@ impl<S: Subscriber> tracing_subscriber::Layer<S> for Native {
             // Too large for a datagram, or the journal went away: the
             // stream still takes the line.
             use std::io::Write as _;
-            let mut line = format!("<{}>{} {}", priority(level), level, f.message);
+            let mut line = format!("{} {}", level, f.message);
             for (k, v) in &f.fields {
                 line.push_str(&format!(" {k}={v}"));
             }
+            // One line: a newline in a value would start another entry,
+            // with a priority of its choosing.
+            let mut line = format!(
+                "<{}>{}",
+                priority(level),
+                line.replace('\\', "\\\\")
+                    .replace('\n', "\\n")
+                    .replace('\r', "\\r")
+            );
             line.push('\n');
             let _ = crate::QuietStderr.write_all(line.as_bytes());
         }
@@ -230,6 +254,8 @@ mod tests {
         assert_eq!(field_name("_x"), "EDGEWARD__X");
         assert_eq!(field_name("9lives"), "EDGEWARD_9LIVES");
         assert_eq!(field_name("code.file"), "EDGEWARD_CODE_FILE");
+        assert_eq!(field_name("object_pid"), "EDGEWARD_OBJECT_PID");
+        assert_eq!(field_name("tid"), "EDGEWARD_TID");
         assert_eq!(field_name(&"a".repeat(100)).len(), 64);
     }
 
