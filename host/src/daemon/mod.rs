@@ -332,6 +332,11 @@ pub async fn run(
         .as_ref()
         .and_then(|n| n.watchdog_interval())
         .map(tokio::time::interval);
+    // Ready before the first feed: the feeder's first tick is at once.
+    if stopped_early.is_none() {
+        let names = supervisor.names();
+        notify(&|n| n.ready(&format!("serving {} modules", names.len())));
+    }
     let feeder = notifier.as_ref().and_then(|n| {
         let every = n.watchdog_interval()?;
         let (n, live) = (n.clone(), live.clone());
@@ -345,10 +350,6 @@ pub async fn run(
             }
         }))
     });
-    if stopped_early.is_none() {
-        let names = supervisor.names();
-        notify(&|n| n.ready(&format!("serving {} modules", names.len())));
-    }
     let why = match stopped_early {
         Some(why) => why,
         None => loop {
