@@ -135,7 +135,12 @@ fn metrics_count_what_the_modules_did_and_pass_promtool() {
             && sample(
                 &text,
                 r#"edgeward_module_exits_total{module="writer",kind="success"}"#,
-            ) == Some(1.0);
+            ) == Some(1.0)
+            && sample(
+                &text,
+                r#"edgeward_module_state{module="writer",state="exited"}"#,
+            ) == Some(1.0)
+            && sample(&text, r#"edgeward_module_memory_bytes{module="writer"}"#) == Some(0.0);
         if done {
             break text;
         }
@@ -240,12 +245,15 @@ fn metrics_count_what_the_modules_did_and_pass_promtool() {
         .unwrap();
     assert_status(&o, 0);
     let deadline = Instant::now() + Duration::from_secs(30);
+    // (Stopped first; its instance's share goes when its store is dropped.)
     let stopped = loop {
         let (_, text) = http(&s.socket(), "GET", "/v1/metrics", b"");
         if sample(
             &text,
             r#"edgeward_module_state{module="sensor",state="stopped"}"#,
         ) == Some(1.0)
+            && sample(&text, r#"edgeward_module_memory_bytes{module="sensor"}"#) == Some(0.0)
+            && sample(&text, r#"edgeward_module_handles{module="sensor"}"#) == Some(0.0)
         {
             break text;
         }
