@@ -492,12 +492,26 @@ async fn answer(
         Ok(Err(e)) => return Err(e),
     }
     if head.len() > MAX_REQUEST {
-        return reply(
+        reply(
             &mut stream,
             "431 Request Header Fields Too Large",
             "request too large\n",
         )
-        .await;
+        .await?;
+        // Read (a bounded while) what is still coming, so that closing
+        // with it unread does not reset the connection before the client
+        // has read the answer.
+        let drain = async {
+            let mut left = 64 * 1024usize;
+            while left > 0 {
+                match stream.read(&mut chunk).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => left = left.saturating_sub(n),
+                }
+            }
+        };
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(1), drain).await;
+        return Ok(());
     }
     let (line, host) = parse_head(&head);
     let mut parts = line.split(|&b| b == b' ');
