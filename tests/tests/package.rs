@@ -8,7 +8,8 @@
 //! installed paths, as the README's installation section has it.
 //!
 //! The package is built from the binaries `cargo test --workspace` built
-//! (`--profile dev --no-build`); the earlier version is the same build
+//! (`--profile dev --no-build`; `/usr/bin/edgeward` is `edgeward-pkg`, the
+//! same `main` as `host/src/main.rs`); the earlier version is the same build
 //! packaged as 0.0.9-1 (the upgrade path, the conffile and the maintainer
 //! scripts are what is tested).
 
@@ -25,6 +26,18 @@ use common::*;
 
 fn root_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// Puts the `edgeward` binary the tests built where cargo-deb takes it from
+/// (`cargo test` does not build `host`'s binary; `edgeward-pkg` is it,
+/// `host/src/main.rs`'s `main`), beside the key daemon's.
+fn stage_binaries() {
+    let pkg = Path::new(env!("CARGO_BIN_EXE_edgeward-pkg"));
+    std::fs::copy(pkg, pkg.with_file_name("edgeward")).unwrap();
+    assert!(
+        pkg.with_file_name("edgeward-keyd").exists(),
+        "the key daemon's binary (cargo test builds it for its own tests)"
+    );
 }
 
 /// Builds the package at `version` (None: the crate's) and returns it,
@@ -292,6 +305,7 @@ fn module_log(root: &Root, name: &str, needle: &str) {
 #[test]
 fn the_package_installs_upgrades_removes_and_purges_in_a_throwaway_root() {
     let debs = tempfile::tempdir().unwrap();
+    stage_binaries();
     let old = package(debs.path(), Some("0.0.9-1"));
     let new = package(debs.path(), None);
 
