@@ -382,19 +382,8 @@ fn the_package_installs_upgrades_removes_and_purges_in_a_throwaway_root() {
     assert!(!stdout(&o).contains("FAIL"), "{}", stdout(&o));
     // The key daemon took the hostname as the device id, as the runtime
     // did: the modules' identities are certified (below).
-    let host: String = root
-        .ok("uname -n")
-        .trim()
-        .chars()
-        .take(128)
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_') {
-                c
-            } else {
-                '-'
-            }
-        })
-        .collect();
+    // The root shares this machine's hostname.
+    let host = edgeward::identity::default_device_id();
     let info = root.ok("edgeward system info");
     assert!(info.contains(&host), "{host}: {info}");
     let list = root.ok("edgeward module list");

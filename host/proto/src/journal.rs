@@ -192,13 +192,21 @@ impl tracing::field::Visit for Fields {
     }
 }
 
+impl Fields {
+    /// The event as a terminal line shows it, without a timestamp.
+    fn line(&self, level: Level) -> String {
+        let mut line = format!("{} {}", level, self.message);
+        for (k, v) in &self.fields {
+            line.push_str(&format!(" {k}={v}"));
+        }
+        line
+    }
+}
+
 impl Native {
     /// The datagram for one event.
     fn datagram(&self, level: Level, target: &str, f: &Fields) -> Vec<u8> {
-        let mut line = format!("{} {}", level, f.message);
-        for (k, v) in &f.fields {
-            line.push_str(&format!(" {k}={v}"));
-        }
+        let line = f.line(level);
         let mut buf = Vec::with_capacity(256);
         put(&mut buf, "PRIORITY", &priority(level).to_string());
         put(&mut buf, "SYSLOG_IDENTIFIER", self.identifier);
@@ -222,10 +230,7 @@ impl<S: Subscriber> tracing_subscriber::Layer<S> for Native {
             // Too large for a datagram, or the journal went away: the
             // stream still takes the line.
             use std::io::Write as _;
-            let mut line = format!("{} {}", level, f.message);
-            for (k, v) in &f.fields {
-                line.push_str(&format!(" {k}={v}"));
-            }
+            let line = f.line(level);
             // One line: a newline in a value would start another entry,
             // with a priority of its choosing.
             let mut line = format!(

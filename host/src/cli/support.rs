@@ -77,7 +77,7 @@ impl Bundle {
     /// Writes `name` (relative; its directories made 0700), with any PEM
     /// private key in it replaced by a marker (noted).
     fn put(&mut self, name: &str, bytes: &[u8]) {
-        use std::os::unix::fs::DirBuilderExt as _;
+        use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _};
         use std::os::unix::io::AsRawFd as _;
         let base = PathBuf::from(format!("/proc/self/fd/{}", self.dir.as_raw_fd()));
         let text = String::from_utf8_lossy(bytes);
@@ -101,25 +101,13 @@ impl Bundle {
         let written = std::fs::OpenOptions::new()
             .write(true)
             .create_new(true)
-            .mode_0600()
+            .mode(0o600)
             .open(base.join(name))
             .and_then(|mut f| f.write_all(clean.as_bytes()));
         match written {
             Ok(()) => self.written.push(name.to_owned()),
             Err(e) => self.notes.push(format!("{name}: {e}")),
         }
-    }
-}
-
-/// 0600 for every file of the bundle.
-trait Private {
-    fn mode_0600(&mut self) -> &mut Self;
-}
-
-impl Private for std::fs::OpenOptions {
-    fn mode_0600(&mut self) -> &mut Self {
-        use std::os::unix::fs::OpenOptionsExt as _;
-        self.mode(0o600)
     }
 }
 
