@@ -302,6 +302,18 @@ fn modules_outlive_the_key_daemon(hw: &Hw) {
     status_when(&s, "the sensor running", |v| {
         status_of(v, "neighbour")["state"] == "running"
     });
+    // Running is not yet signing: the sensor's first reading gets its
+    // X509-SVID from the key daemon. Wait for a signed one (on a loaded
+    // machine the first reading can come after the kill below).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let log = stdout(&s.edgeward().args(["logs", "neighbour"]).output().unwrap());
+        if log.lines().any(|l| l.contains("\"sig\":\"")) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no signed reading yet: {log}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
     // The key daemon goes away: the sensor keeps its schedule, its tokens
     // signed by the JWT working key the runtime already holds.
     // On the soft backend it crashes (SIGKILL: its socket stays behind,
