@@ -13,15 +13,12 @@ pub mod cli;
 pub mod cloud;
 pub mod components;
 pub mod config;
-pub mod confine;
 pub mod daemon;
 pub mod grants;
 pub mod identity;
 pub mod keyd;
 pub mod registry;
-pub mod runtime;
 pub mod spec;
-pub mod units;
 
 // The HSM platform abstraction layer, the state dir's file writes and the
 // component measurement live in the bottom crate (`host/hsm`), which
@@ -30,6 +27,10 @@ pub use edgeward_hsm as hsm;
 pub use edgeward_hsm::{measure, state};
 // The trust core (`host/trust`): authority, identities, measurement log.
 pub use edgeward_trust::addrclass;
+// The runtime (`host/runtime`): engine, cache, sandboxes, the WIT glue;
+// it knows nothing of the daemon (management is a trait implemented here).
+pub use edgeward_runtime as runtime;
+pub use edgeward_runtime::{confine, units};
 
 /// The runtime version (`runtime.platform.version`).
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -17,11 +17,11 @@ use super::{
     BACKOFF_MAX, Backoff, CRASH_LOOP_AFTER, DATA_DIR_GUEST, STABLE_AFTER, STOP_DEADLINE,
     should_restart,
 };
-use crate::api::agent::AgentLink;
 use crate::components::ComponentStore;
 use crate::identity::IdentityService;
 use crate::measure::Measured;
 use crate::registry::Registry;
+use crate::runtime::management::Management;
 use crate::runtime::{DirGrant, LoadedModule, Output, Runtime, SandboxSpec};
 use crate::spec::ModuleSpec;
 use crate::state;
@@ -61,7 +61,7 @@ struct Loaded {
     identity: Arc<crate::identity::ModuleIdentity>,
     data_dir: PathBuf,
     /// The agent's link to the management service.
-    management: Option<Arc<AgentLink>>,
+    management: Option<Arc<dyn Management>>,
 }
 
 /// The configured agent: the one registration linked with management.
@@ -69,7 +69,7 @@ struct Loaded {
 struct Agent {
     name: String,
     digest: crate::measure::Digest,
-    link: Arc<AgentLink>,
+    link: Arc<dyn Management>,
 }
 
 /// Runs the modules of one daemon. See the module docs.
@@ -147,7 +147,7 @@ impl Supervisor {
     /// Makes `spec` the agent: the one registration (this name and this
     /// pinned digest) linked with the management interface, through
     /// `link`.
-    pub fn set_agent(&mut self, spec: &ModuleSpec, link: Arc<AgentLink>) {
+    pub fn set_agent(&mut self, spec: &ModuleSpec, link: Arc<dyn Management>) {
         self.agent = Some(Agent {
             name: spec.name.clone(),
             digest: spec.digest,

@@ -12,7 +12,7 @@ use wasmtime::component::{HasSelf, Linker};
 
 use super::loglimit::LogLimiter;
 use super::meter::Call;
-use crate::identity::{Credentials, IdentityError, IdentityHandle, ModuleIdentity};
+use edgeward_trust::identity::{Credentials, IdentityError, IdentityHandle, ModuleIdentity};
 
 /// Host bindings generated from `wit/` (world `edgeward:host/agent`: the
 /// module world and `management`, which only the agent is linked with; see
@@ -20,7 +20,7 @@ use crate::identity::{Credentials, IdentityError, IdentityHandle, ModuleIdentity
 #[allow(missing_docs, clippy::all)]
 pub mod bindings {
     wasmtime::component::bindgen!({
-        path: "../wit",
+        path: "../../wit",
         world: "agent",
         imports: {
             "edgeward:host/management": async,
@@ -241,11 +241,15 @@ impl workload::Host for WorkloadCtx {
 
     async fn sign(&mut self, data: Vec<u8>) -> Result<Vec<u8>, types::Error> {
         self.meter.call(Call::Sign);
-        crate::identity::check_size("data", data.len(), crate::identity::MAX_SIGN_INPUT)
-            .map_err(|e| self.wit(e))?;
+        edgeward_trust::identity::check_size(
+            "data",
+            data.len(),
+            edgeward_trust::identity::MAX_SIGN_INPUT,
+        )
+        .map_err(|e| self.wit(e))?;
         // The leaf is current almost always: sign inline, no thread hop.
         if let Some(leaf) = self.ready().and_then(|id| id.leaf_if_current()) {
-            return crate::identity::sign_with(&leaf, &data).map_err(|e| self.wit(e));
+            return edgeward_trust::identity::sign_with(&leaf, &data).map_err(|e| self.wit(e));
         }
         blocking(self, move |id| id.sign(&data)).await
     }

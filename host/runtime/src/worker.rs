@@ -369,7 +369,7 @@ pub fn serve(args: &[String]) -> u8 {
     }
     crate::confine::run_probe();
     let mut bytes = Vec::new();
-    let max = crate::measure::MAX_COMPONENT_SIZE;
+    let max = edgeward_hsm::measure::MAX_COMPONENT_SIZE;
     match std::io::stdin()
         .lock()
         .take(max + 1)

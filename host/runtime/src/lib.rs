@@ -2,16 +2,19 @@
 //! -> `InstancePre` -> a fresh, sandboxed `Store` per start.
 
 pub mod cache;
+pub mod confine;
 pub mod disk;
 pub mod engine;
 pub mod escape;
 pub mod http_client;
 pub mod logfile;
 pub mod loglimit;
+pub mod management;
 pub mod meter;
 pub mod network;
 pub mod output;
 pub mod sandbox;
+pub mod units;
 pub mod worker;
 pub mod workload;
 
@@ -25,8 +28,8 @@ use wasmtime::{Engine, Store, UpdateDeadline};
 use wasmtime_wasi::I32Exit;
 use wasmtime_wasi::p2::bindings::CommandPre;
 
-use crate::measure::{Digest, Measured};
 pub use cache::{ArtifactCache, Lookup, Rejection};
+use edgeward_hsm::measure::{Digest, Measured};
 pub use engine::{Allocator, EngineOptions};
 pub use network::Outbound;
 pub use sandbox::{DirGrant, Limits, ModuleState, Output, SandboxSpec};
@@ -374,7 +377,7 @@ impl Runtime {
         wasmtime_wasi_config::add_to_linker(&mut linker, ModuleState::settings)?;
         // Management: only in the agent's linker.
         let mut agent_linker = linker.clone();
-        crate::api::agent::add_to_linker(&mut agent_linker, |s: &mut ModuleState| {
+        crate::management::add_to_linker(&mut agent_linker, |s: &mut ModuleState| {
             &mut s.management
         })?;
         let cache = match &opts.state_dir {
@@ -480,7 +483,7 @@ impl Runtime {
     ///
     /// # Errors
     ///
-    /// A measurement error ([`crate::measure::MeasureError`], including the
+    /// A measurement error ([`edgeward_hsm::measure::MeasureError`], including the
     /// digest mismatch naming both digests), or a compile/link error naming
     /// the file.
     pub fn load_file(&self, path: &Path, pinned: Option<&Digest>) -> anyhow::Result<LoadedModule> {
@@ -568,11 +571,11 @@ impl Runtime {
                 }
             }
         };
-        if !agent && crate::api::agent::imports_management(&self.engine, &component) {
+        if !agent && crate::management::imports_management(&self.engine, &component) {
             anyhow::bail!(
                 "{} imports {}, which only the agent ([agent] in the daemon's config, its digest pinned) is linked with",
                 path.display(),
-                crate::api::agent::INTERFACE
+                crate::management::INTERFACE
             );
         }
         let linker = if agent {

@@ -251,7 +251,7 @@ mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
 
     use super::*;
-    use crate::runtime::network::{Outbound, Resolver};
+    use crate::network::{Outbound, Resolver};
 
     /// Answers `first` to the first lookup and `then` afterwards: a name
     /// an attacker controls, rebinding with TTL 0.

@@ -165,10 +165,10 @@ pub struct SandboxSpec {
     pub output: Output,
     /// The module's workload identity (`None`: the `workload` calls
     /// return `unavailable`, `whoami` only names the program).
-    pub identity: Option<Arc<crate::identity::IdentityHandle>>,
+    pub identity: Option<Arc<edgeward_trust::identity::IdentityHandle>>,
     /// The agent's link to the management service (`None` for every other
     /// module; its calls are then refused even if it were linked).
-    pub management: Option<Arc<crate::api::agent::AgentLink>>,
+    pub management: Option<Arc<dyn crate::management::Management>>,
     /// Where what it uses is counted (the daemon's metrics read it).
     pub meter: Arc<super::meter::ModuleMeter>,
 }
@@ -258,7 +258,7 @@ pub struct ModuleState {
     pub(crate) limiter: Limiter,
     disk: FsBudgets,
     settings: wasmtime_wasi_config::WasiConfigVariables,
-    pub(crate) management: crate::api::agent::ManagementCtx,
+    pub(crate) management: crate::management::ManagementCtx,
     pub(crate) meter: Arc<super::meter::ModuleMeter>,
     /// When its handles were last counted, and how many there were.
     handles_counted: std::time::Instant,
@@ -326,7 +326,7 @@ impl ModuleState {
             ),
             limiter: Limiter::new(&spec.limits, spec.meter.clone()),
             settings: spec.settings.iter().collect(),
-            management: crate::api::agent::ManagementCtx::new(spec.management.clone()),
+            management: crate::management::ManagementCtx::new(spec.management.clone()),
             meter: spec.meter.clone(),
             handles_counted: std::time::Instant::now(),
             handles: 0,

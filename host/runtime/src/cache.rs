@@ -41,8 +41,8 @@ use wasmtime::Engine;
 use wasmtime::component::Component;
 use zeroize::Zeroizing;
 
-use crate::measure::{Digest, hex};
-use crate::state;
+use edgeward_hsm::measure::{Digest, hex};
+use edgeward_hsm::state;
 
 const MAGIC: &[u8; 8] = b"EWCWASM2";
 const MAC_LEN: usize = 32;
@@ -175,7 +175,7 @@ impl ArtifactCache {
     ///
     /// The HSM cannot create its wrapping key or wrap a new key, or the
     /// file cannot be written; the cache then stays bypassed.
-    pub fn unlock(&self, hsm: &dyn crate::hsm::Hsm) -> Result<(), String> {
+    pub fn unlock(&self, hsm: &dyn edgeward_hsm::Hsm) -> Result<(), String> {
         if self.key.get().is_some() {
             return Ok(());
         }
@@ -190,8 +190,8 @@ impl ArtifactCache {
                     Some(key)
                 }
                 Ok(_)
-                | Err(crate::hsm::HsmError {
-                    kind: crate::hsm::ErrorKind::AuthenticationFailed,
+                | Err(edgeward_hsm::HsmError {
+                    kind: edgeward_hsm::ErrorKind::AuthenticationFailed,
                     ..
                 }) => {
                     tracing::warn!(path = %wrapped.display(), "the compiled-cache key does not unwrap with this HSM (another device's, or altered): a new one is made and cached code is rebuilt");

@@ -16,7 +16,7 @@ pub fn set_probe(probe: Probe) {
 }
 
 /// Runs the registered probe, if any.
-pub(crate) fn run_probe() {
+pub fn run_probe() {
     if let Some(p) = PROBE.get() {
         p();
     }

@@ -20,7 +20,7 @@
 //! ([`super::http_client`]). Every refusal is logged and reaches the guest
 //! as an error (`access-denied`, `HTTP-request-denied`).
 //!
-//! [`addrclass`]: crate::addrclass
+//! [`addrclass`]: edgeward_trust::addrclass
 
 use std::collections::HashMap;
 use std::fmt;
@@ -40,7 +40,7 @@ use wasmtime_wasi::p2::bindings::sockets::network::{ErrorCode, IpAddress, Networ
 use wasmtime_wasi::sockets::{SocketAddrUse, WasiSocketsCtxView};
 
 use super::loglimit::LogLimiter;
-use crate::addrclass::{canonical, check_dns_name, classify, in_block, parse_cidr};
+use edgeward_trust::addrclass::{canonical, check_dns_name, classify, in_block, parse_cidr};
 
 /// How long a resolved name is trusted before it is resolved again.
 pub const DNS_TTL: Duration = Duration::from_secs(30);
@@ -524,7 +524,7 @@ impl LookupHost for FilteredLookup<'_> {
     ) -> Result<Resource<ResolveAddressStream>, SocketError> {
         if !self.policy.name_allowed(&name) {
             if self.policy.log.allow() {
-                tracing::warn!(module = %self.policy.module, name = %crate::runtime::escape::escape_str(&name.chars().take(253).collect::<String>()), "name lookup refused");
+                tracing::warn!(module = %self.policy.module, name = %crate::escape::escape_str(&name.chars().take(253).collect::<String>()), "name lookup refused");
             }
             return Err(ErrorCode::AccessDenied.into());
         }
