@@ -25,6 +25,7 @@
 
 pub mod agent;
 pub mod client;
+pub mod linger;
 pub mod peer;
 
 use std::path::{Path, PathBuf};
@@ -685,6 +686,9 @@ pub fn router(state: Arc<ApiState>) -> Router {
             state.clone(),
             authorize,
         ))
+        // Outermost: what a refused request still sends is read, so the
+        // client reads its answer (see `linger`).
+        .layer(axum::middleware::from_fn(linger::linger))
         .with_state(state)
 }
 
