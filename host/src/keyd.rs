@@ -64,18 +64,22 @@ fn launched_by(claim: Option<&str>, parent: Option<i32>) -> bool {
 /// The key daemon's socket, if this process is to use one: the one
 /// `EDGEWARD_KEYD` names, else its private key daemon's.
 pub fn socket() -> Option<PathBuf> {
+    configured_socket().or_else(|| {
+        match &*PRIVATE
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        {
+            PrivateState::Running(p) => Some(p.socket.clone()),
+            PrivateState::None | PrivateState::Failed(_) => None,
+        }
+    })
+}
+
+/// The key daemon `EDGEWARD_KEYD` names (a service of its own), if any.
+pub fn configured_socket() -> Option<PathBuf> {
     std::env::var_os(KEYD_ENV)
         .filter(|v| !v.is_empty())
         .map(PathBuf::from)
-        .or_else(|| {
-            match &*PRIVATE
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-            {
-                PrivateState::Running(p) => Some(p.socket.clone()),
-                PrivateState::None | PrivateState::Failed(_) => None,
-            }
-        })
 }
 
 /// The private key daemon this process started.

@@ -379,6 +379,17 @@ fn the_package_installs_upgrades_removes_and_purges_in_a_throwaway_root() {
     ] {
         assert!(stdout(&o).contains(line), "{line}: {}", stdout(&o));
     }
+    // The keys are the key daemon's (the daemon names it): counted there,
+    // not reported missing from the runtime's state dir.
+    let text = stdout(&o);
+    let hsm = text.lines().find(|l| l.starts_with("pass  hsm "));
+    assert!(
+        hsm.is_some_and(
+            |l| l.contains("soft (the key daemon at /run/edgeward-keyd/keyd.sock): ")
+                && l.contains("device-ca present")
+        ),
+        "{text}"
+    );
     assert!(!stdout(&o).contains("FAIL"), "{}", stdout(&o));
     // The key daemon took the hostname as the device id, as the runtime
     // did: the modules' identities are certified (below).

@@ -78,24 +78,31 @@ pub fn keyd_user() -> std::result::Result<Option<u32>, String> {
             let Some(name) = std::env::var_os(KEYD_USER_ENV).filter(|v| !v.is_empty()) else {
                 return Ok(None);
             };
-            let name = name.to_string_lossy();
-            let uid = edgeward_hsm::state::user_uid(&name)
-                .map_err(|e| format!("{KEYD_USER_ENV}={name}: /etc/passwd: {e}"))?
-                .ok_or_else(|| {
-                    format!(
-                        "{KEYD_USER_ENV}={name}: no such user in /etc/passwd (a name, not a number)"
-                    )
-                })?;
-            // The overflow ids stand for "unmapped" in user namespaces:
-            // trusting them would trust whoever is unmapped.
-            if uid == 65534 || uid == u32::from(u16::MAX) || uid == u32::MAX {
-                return Err(format!(
-                    "{KEYD_USER_ENV}={name}: uid {uid} is the overflow id, not a service's"
-                ));
-            }
-            Ok(Some(uid))
+            resolve_keyd_user(&name.to_string_lossy())
+                .map(Some)
+                .map_err(|e| format!("{KEYD_USER_ENV}={e}"))
         })
         .clone()
+}
+
+/// The uid of the key daemon's user `name` (a name in /etc/passwd, not a
+/// number; never an overflow id).
+///
+/// # Errors
+///
+/// Unknown, unreadable, or an overflow id: the message starts with `name`.
+pub fn resolve_keyd_user(name: &str) -> std::result::Result<u32, String> {
+    let uid = edgeward_hsm::state::user_uid(name)
+        .map_err(|e| format!("{name}: /etc/passwd: {e}"))?
+        .ok_or_else(|| format!("{name}: no such user in /etc/passwd (a name, not a number)"))?;
+    // The overflow ids stand for "unmapped" in user namespaces: trusting
+    // them would trust whoever is unmapped.
+    if uid == 65534 || uid == u32::from(u16::MAX) || uid == u32::MAX {
+        return Err(format!(
+            "{name}: uid {uid} is the overflow id, not a service's"
+        ));
+    }
+    Ok(uid)
 }
 
 /// The PAL's backend names, as `&'static str`.
@@ -112,6 +119,16 @@ impl RemoteHsm {
     pub fn connect(path: &Path) -> Result<Self> {
         let keyd_uid = keyd_user()
             .map_err(|e| HsmError::new("keyd", Op::ListKeys, None, ErrorKind::Unavailable(e)))?;
+        Self::connect_trusting(path, keyd_uid)
+    }
+
+    /// [`RemoteHsm::connect`], trusting `keyd_uid` (besides root and this
+    /// user) to answer at `path` instead of the one [`keyd_user`] names.
+    ///
+    /// # Errors
+    ///
+    /// See [`RemoteHsm::connect`].
+    pub fn connect_trusting(path: &Path, keyd_uid: Option<u32>) -> Result<Self> {
         let mut hsm = Self {
             path: path.to_owned(),
             keyd_uid,

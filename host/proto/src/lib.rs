@@ -24,7 +24,7 @@ mod client;
 pub mod journal;
 pub mod notify;
 
-pub use client::{KEYD_USER_ENV, RemoteHsm, call_counts, keyd_user};
+pub use client::{KEYD_USER_ENV, RemoteHsm, call_counts, keyd_user, resolve_keyd_user};
 
 /// Standard error for a log that may outlive its reader (a private key
 /// daemon's parent gone, a journal restarted): a write that fails is

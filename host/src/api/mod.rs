@@ -491,6 +491,14 @@ pub struct SystemInfo {
     pub device_id: String,
     /// The SPIFFE trust domain.
     pub trust_domain: String,
+    /// The key daemon's socket when a key daemon of its own (not one this
+    /// daemon started privately) holds the HSM; absent otherwise.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub key_daemon: Option<String>,
+    /// The user the key daemon runs as, when it is not root or the
+    /// daemon's own (`EDGEWARD_KEYD_USER`); absent otherwise.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub key_daemon_user: Option<String>,
 }
 
 /// `GET /v1/system/info`.
@@ -759,6 +767,8 @@ impl Offline {
                 hsm_backend: config.hsm.backend().to_owned(),
                 device_id: config.identity.device_id.clone(),
                 trust_domain: config.identity.trust_domain.clone(),
+                key_daemon: None,
+                key_daemon_user: None,
             },
             started: Instant::now(),
             refusals: LogLimiter::new("management-api", "refused management requests"),

@@ -11,6 +11,8 @@ use std::process::ExitCode;
 
 use serde::Serialize;
 
+use crate::hsm::Hsm as _;
+
 use super::{fail, optional_config};
 
 /// A check's verdict.
@@ -111,7 +113,12 @@ pub(super) fn command(
     checks.push(registry_check(&state_dir, daemon));
     checks.push(components_check(&state_dir));
     checks.push(cache_check(cfg.as_ref(), &state_dir, daemon));
-    checks.push(hsm_check(cfg.as_ref(), &state_dir));
+    let keyd = if daemon {
+        key_daemon(socket.as_ref().ok().map(PathBuf::as_path))
+    } else {
+        key_daemon(None)
+    };
+    checks.push(hsm_check(cfg.as_ref(), &state_dir, keyd.as_ref()));
     checks.push(ca_check(&state_dir));
     checks.push(jwt_keys_check(&state_dir));
     checks.push(cloud_check(cfg.as_ref()));
@@ -300,19 +307,52 @@ fn state_dir_check(dir: &Path) -> Check {
 }
 
 fn daemon_answers(socket: &Path) -> bool {
+    daemon_get(socket, "/v1/health").is_some()
+}
+
+/// The body of a 200 answer to `GET path` on the management socket.
+fn daemon_get(socket: &Path, path: &str) -> Option<String> {
     use std::io::{Read as _, Write as _};
-    let Ok(mut c) = std::os::unix::net::UnixStream::connect(socket) else {
-        return false;
-    };
+    let mut c = std::os::unix::net::UnixStream::connect(socket).ok()?;
     let _ = c.set_read_timeout(Some(std::time::Duration::from_secs(5)));
-    if c.write_all(b"GET /v1/health HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
-        .is_err()
-    {
-        return false;
+    c.write_all(format!("GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").as_bytes())
+        .ok()?;
+    let mut out = Vec::new();
+    let _ = c.take(1 << 20).read_to_end(&mut out);
+    let out = String::from_utf8(out).ok()?;
+    let (head, body) = out.split_once("\r\n\r\n")?;
+    head.starts_with("HTTP/1.1 200").then(|| body.to_owned())
+}
+
+/// A key daemon that holds the HSM: its socket, and the user trusted to
+/// answer there (besides root and this one).
+struct KeyDaemon {
+    socket: PathBuf,
+    user: Result<Option<u32>, String>,
+}
+
+/// The key daemon that holds the HSM: the one `EDGEWARD_KEYD` names (its
+/// user from `EDGEWARD_KEYD_USER`), else the one the running daemon
+/// reports using, with the user it reports.
+fn key_daemon(socket: Option<&Path>) -> Option<KeyDaemon> {
+    if let Some(socket) = crate::keyd::configured_socket() {
+        return Some(KeyDaemon {
+            socket,
+            user: edgeward_proto::keyd_user(),
+        });
     }
-    let mut out = String::new();
-    let _ = c.read_to_string(&mut out);
-    out.starts_with("HTTP/1.1 200")
+    let info = daemon_get(socket?, "/v1/system/info")?;
+    let v: serde_json::Value = serde_json::from_str(&info).ok()?;
+    Some(KeyDaemon {
+        socket: PathBuf::from(v["key_daemon"].as_str()?),
+        user: v["key_daemon_user"]
+            .as_str()
+            .map(|name| {
+                edgeward_proto::resolve_keyd_user(name)
+                    .map_err(|e| format!("the daemon's key daemon user {e}"))
+            })
+            .transpose(),
+    })
 }
 
 fn socket_check(socket: Result<&PathBuf, &String>, daemon: bool) -> Check {
@@ -526,36 +566,99 @@ fn cache_check(cfg: Option<&crate::config::Config>, state_dir: &Path, daemon: bo
     }
 }
 
-fn hsm_check(cfg: Option<&crate::config::Config>, state_dir: &Path) -> Check {
+/// The HSM: reachable, and holding the device CA's key. `keyd` is the key
+/// daemon that holds it, when one does (its keys are not in this state
+/// dir then).
+fn hsm_check(
+    cfg: Option<&crate::config::Config>,
+    state_dir: &Path,
+    keyd: Option<&KeyDaemon>,
+) -> Check {
     let hsm_config = cfg.map(|c| c.hsm.clone()).unwrap_or_default();
-    // Opening the soft backend would create its key-encryption key.
-    if hsm_config == crate::hsm::HsmConfig::Soft && !state_dir.join("hsm").exists() {
-        return pass(
-            "hsm",
-            "soft: not set up yet (the daemon does at its first start)",
-        );
-    }
-    let identity = cfg.map(|c| c.identity.clone()).unwrap_or_default();
-    let hsm = match crate::keyd::open(&hsm_config, state_dir, &identity) {
-        Ok(h) => h,
-        Err(e) => {
-            return not_ok(
-                "hsm",
-                Verdict::Fail,
-                e.to_string(),
-                "check [hsm] and that the device or token is reachable",
-            );
+    let (hsm, held) = match keyd {
+        Some(KeyDaemon { socket: sock, user }) => {
+            let opened = user
+                .clone()
+                .map_err(|e| {
+                    crate::hsm::HsmError::new(
+                        "keyd",
+                        crate::hsm::Op::ListKeys,
+                        None,
+                        crate::hsm::ErrorKind::Unavailable(e),
+                    )
+                })
+                .and_then(|uid| edgeward_proto::RemoteHsm::connect_trusting(sock, uid))
+                .and_then(|remote| {
+                    if remote.backend() == hsm_config.backend() {
+                        Ok(remote)
+                    } else {
+                        Err(crate::hsm::HsmError::new(
+                            remote.backend(),
+                            crate::hsm::Op::ListKeys,
+                            None,
+                            crate::hsm::ErrorKind::Unavailable(format!(
+                                "the key daemon at {} holds the {} backend; [hsm] backend is {}",
+                                sock.display(),
+                                remote.backend(),
+                                hsm_config.backend()
+                            )),
+                        ))
+                    }
+                });
+            match opened {
+                Ok(h) => (
+                    std::sync::Arc::new(h) as std::sync::Arc<dyn crate::hsm::Hsm>,
+                    format!(" (the key daemon at {})", sock.display()),
+                ),
+                Err(e) => {
+                    return not_ok(
+                        "hsm",
+                        Verdict::Fail,
+                        e.to_string(),
+                        "start the key daemon (systemctl start edgeward-keyd) and check its log",
+                    );
+                }
+            }
+        }
+        None => {
+            // Opening the soft backend would create its key-encryption key.
+            if hsm_config == crate::hsm::HsmConfig::Soft && !state_dir.join("hsm").exists() {
+                return pass(
+                    "hsm",
+                    "soft: not set up yet (the daemon does at its first start)",
+                );
+            }
+            let identity = cfg.map(|c| c.identity.clone()).unwrap_or_default();
+            match crate::keyd::open(&hsm_config, state_dir, &identity) {
+                Ok(h) => (h, String::new()),
+                Err(e) => {
+                    return not_ok(
+                        "hsm",
+                        Verdict::Fail,
+                        e.to_string(),
+                        "check [hsm] and that the device or token is reachable",
+                    );
+                }
+            }
         }
     };
     match hsm.keys() {
         Ok(keys) if keys.iter().any(|k| k.id == "device-ca") => pass(
             "hsm",
-            format!("{}: {} keys, device-ca present", hsm.backend(), keys.len()),
+            format!(
+                "{}{held}: {} keys, device-ca present",
+                hsm.backend(),
+                keys.len()
+            ),
         ),
         Ok(keys) => not_ok(
             "hsm",
             Verdict::Warn,
-            format!("{}: {} keys, no device-ca yet", hsm.backend(), keys.len()),
+            format!(
+                "{}{held}: {} keys, no device-ca yet",
+                hsm.backend(),
+                keys.len()
+            ),
             "the daemon creates it at its first start",
         ),
         Err(e) => not_ok("hsm", Verdict::Fail, e.to_string(), "check the HSM"),

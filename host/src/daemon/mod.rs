@@ -185,6 +185,12 @@ pub async fn run(
         hsm_backend: identity.hsm_backend().to_owned(),
         device_id: identity.config().device_id.clone(),
         trust_domain: identity.config().trust_domain.clone(),
+        key_daemon: crate::keyd::configured_socket().map(|p| p.display().to_string()),
+        key_daemon_user: crate::keyd::configured_socket().and_then(|_| {
+            std::env::var(edgeward_proto::KEYD_USER_ENV)
+                .ok()
+                .filter(|v| !v.is_empty())
+        }),
     };
     // Measured before any module runs: this executable, then the
     // configuration in effect. The API serves meanwhile (reads answer at
