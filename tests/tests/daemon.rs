@@ -485,6 +485,81 @@ fn check_names_each_verdict_and_fails_only_on_a_failure() {
     assert!(v.starts_with("fail") && v.contains("not a list"), "{v}");
 }
 
+/// What answers on the management socket is believed only from root, this
+/// user or the state dir's owner: a process of another uid there (at a
+/// path it could bind while the daemon was down) neither passes as the
+/// daemon nor names a key daemon for the HSM line; and whatever a detail
+/// carries reaches the terminal escaped.
+#[test]
+fn check_believes_only_the_daemon_on_its_socket() {
+    use std::os::unix::fs::PermissionsExt;
+    let s = Scratch::new();
+    std::fs::create_dir_all(s.state()).unwrap();
+    std::fs::set_permissions(s.state(), std::fs::Permissions::from_mode(0o700)).unwrap();
+    std::fs::set_permissions(s.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    // A directory of another uid, its name carrying a terminal's escape.
+    let dir = s.path().join("fake\x1b[2Jdir");
+    std::fs::create_dir(&dir).unwrap();
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let stranger = rustix::fs::Uid::from_raw(64997);
+    rustix::fs::chown(&dir, Some(stranger), Some(rustix::fs::Gid::from_raw(64997))).unwrap();
+    let answer = s.path().join("answer");
+    std::fs::write(
+        &answer,
+        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nconnection: close\r\n\r\n\
+         {\"status\":\"ok\",\"key_daemon\":\"/tmp/fake-keyd.sock\",\"key_daemon_user\":\"root\"}",
+    )
+    .unwrap();
+    std::fs::set_permissions(&answer, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let sock = dir.join("api.sock");
+    // socat's address syntax does not take the escape: it binds through a
+    // plain name for the same directory.
+    let plain = s.path().join("plain");
+    std::os::unix::fs::symlink(&dir, &plain).unwrap();
+    let mut fake = std::process::Command::new("setpriv")
+        .args(["--reuid=64997", "--regid=64997", "--clear-groups", "socat"])
+        .arg(format!(
+            "UNIX-LISTEN:{},fork,mode=660",
+            plain.join("api.sock").display()
+        ))
+        .arg(format!("SYSTEM:cat {}", answer.display()))
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("setpriv and socat");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !sock.exists() {
+        assert!(Instant::now() < deadline, "the stranger's socket");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let o = s
+        .edgeward()
+        .args(["check", "--socket"])
+        .arg(&sock)
+        .output()
+        .unwrap();
+    let _ = fake.kill();
+    let _ = fake.wait();
+    let text = stdout(&o);
+    let line = |name: &str| {
+        text.lines()
+            .find(|l| {
+                l.get(6..)
+                    .is_some_and(|r| r.starts_with(&format!("{name} ")))
+            })
+            .unwrap_or_else(|| panic!("no {name} line: {text}"))
+            .to_owned()
+    };
+    let socket = line("socket");
+    assert!(
+        socket.starts_with("WARN") && socket.contains("nothing answers"),
+        "{text}"
+    );
+    assert!(!line("hsm").contains("key daemon"), "{text}");
+    // The directory's escape is shown, not obeyed.
+    assert!(socket.contains("fake\\x1b[2Jdir"), "{text}");
+    assert!(!text.contains('\x1b'), "{text}");
+}
+
 /// `edgeward compile` fills the daemon's cache ahead of a start: the
 /// daemon's first load is code from the cache, not the compiler. A file
 /// that is not a component is refused by name.

@@ -108,15 +108,21 @@ pub(super) fn command(
     checks.push(state_dir_check(&state_dir));
     let configured = cfg.as_ref().and_then(|c| c.api.socket.clone());
     let socket = crate::api::socket_path(socket_flag.as_deref(), configured.as_deref());
-    let daemon = socket.as_ref().ok().is_some_and(|s| daemon_answers(s));
-    checks.push(socket_check(socket.as_ref(), daemon));
+    let daemon = socket
+        .as_ref()
+        .ok()
+        .is_some_and(|s| daemon_answers(s, &state_dir));
+    let socket_ok = socket_check(socket.as_ref(), daemon);
+    // What the daemon says is believed only from a socket that passed.
+    let believed = daemon && socket_ok.verdict == Verdict::Pass;
+    checks.push(socket_ok);
     checks.push(registry_check(&state_dir, daemon));
     checks.push(components_check(&state_dir));
     checks.push(cache_check(cfg.as_ref(), &state_dir, daemon));
-    let keyd = if daemon {
-        key_daemon(socket.as_ref().ok().map(PathBuf::as_path))
+    let keyd = if believed {
+        key_daemon(socket.as_ref().ok().map(PathBuf::as_path), &state_dir)
     } else {
-        key_daemon(None)
+        key_daemon(None, &state_dir)
     };
     checks.push(hsm_check(cfg.as_ref(), &state_dir, keyd.as_ref()));
     checks.push(ca_check(&state_dir));
@@ -142,8 +148,12 @@ fn report(checks: &[Check], json: bool) -> ExitCode {
                 Verdict::Warn => "WARN",
                 Verdict::Fail => "FAIL",
             };
-            println!("{v}  {:<10} {}", c.name, c.detail);
+            // Details carry what files, the daemon and the key daemon
+            // said: never a terminal's control sequence.
+            let detail = crate::runtime::escape::escape_str(&c.detail);
+            println!("{v}  {:<10} {detail}", c.name);
             if let Some(h) = &c.hint {
+                let h = crate::runtime::escape::escape_str(h);
                 println!("      {:<10} hint: {h}", "");
             }
         }
@@ -306,19 +316,51 @@ fn state_dir_check(dir: &Path) -> Check {
     pass("state-dir", format!("{} (700, ours)", dir.display()))
 }
 
-fn daemon_answers(socket: &Path) -> bool {
-    daemon_get(socket, "/v1/health").is_some()
+fn daemon_answers(socket: &Path, state_dir: &Path) -> bool {
+    daemon_get(socket, state_dir, "/v1/health").is_some()
 }
 
-/// The body of a 200 answer to `GET path` on the management socket.
-fn daemon_get(socket: &Path, path: &str) -> Option<String> {
+/// The body of a 200 answer to `GET path` on the management socket, if
+/// the daemon answers there: root, this user or the state dir's owner
+/// (anyone else at that path is not believed), within 5 s in all and
+/// 1 MiB.
+fn daemon_get(socket: &Path, state_dir: &Path, path: &str) -> Option<String> {
     use std::io::{Read as _, Write as _};
-    let mut c = std::os::unix::net::UnixStream::connect(socket).ok()?;
-    let _ = c.set_read_timeout(Some(std::time::Duration::from_secs(5)));
+    use std::os::unix::fs::MetadataExt as _;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    // Non-blocking: a listener whose backlog is full is not answering
+    // (a blocking connect would wait for it for ever).
+    let fd = rustix::net::socket_with(
+        rustix::net::AddressFamily::UNIX,
+        rustix::net::SocketType::STREAM,
+        rustix::net::SocketFlags::CLOEXEC | rustix::net::SocketFlags::NONBLOCK,
+        None,
+    )
+    .ok()?;
+    rustix::net::connect(&fd, &rustix::net::SocketAddrUnix::new(socket).ok()?).ok()?;
+    let mut c = std::os::unix::net::UnixStream::from(fd);
+    c.set_nonblocking(false).ok()?;
+    let server = rustix::net::sockopt::socket_peercred(&c).ok()?.uid.as_raw();
+    let owner = std::fs::metadata(state_dir).ok().map(|m| m.uid());
+    if server != 0 && server != rustix::process::geteuid().as_raw() && Some(server) != owner {
+        return None;
+    }
+    c.set_write_timeout(Some(std::time::Duration::from_secs(5)))
+        .ok()?;
     c.write_all(format!("GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").as_bytes())
         .ok()?;
     let mut out = Vec::new();
-    let _ = c.take(1 << 20).read_to_end(&mut out);
+    let mut buf = [0u8; 16 * 1024];
+    loop {
+        let left = deadline.checked_duration_since(std::time::Instant::now())?;
+        c.set_read_timeout(Some(left.max(std::time::Duration::from_millis(1))))
+            .ok()?;
+        match c.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) if out.len() + n <= 1 << 20 => out.extend_from_slice(&buf[..n]),
+            Ok(_) | Err(_) => return None,
+        }
+    }
     let out = String::from_utf8(out).ok()?;
     let (head, body) = out.split_once("\r\n\r\n")?;
     head.starts_with("HTTP/1.1 200").then(|| body.to_owned())
@@ -334,14 +376,14 @@ struct KeyDaemon {
 /// The key daemon that holds the HSM: the one `EDGEWARD_KEYD` names (its
 /// user from `EDGEWARD_KEYD_USER`), else the one the running daemon
 /// reports using, with the user it reports.
-fn key_daemon(socket: Option<&Path>) -> Option<KeyDaemon> {
+fn key_daemon(socket: Option<&Path>, state_dir: &Path) -> Option<KeyDaemon> {
     if let Some(socket) = crate::keyd::configured_socket() {
         return Some(KeyDaemon {
             socket,
             user: edgeward_proto::keyd_user(),
         });
     }
-    let info = daemon_get(socket?, "/v1/system/info")?;
+    let info = daemon_get(socket?, state_dir, "/v1/system/info")?;
     let v: serde_json::Value = serde_json::from_str(&info).ok()?;
     Some(KeyDaemon {
         socket: PathBuf::from(v["key_daemon"].as_str()?),
