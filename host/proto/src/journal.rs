@@ -172,22 +172,29 @@ fn put(buf: &mut Vec<u8>, name: &str, value: &str) {
 struct Fields {
     message: String,
     fields: Vec<(&'static str, String)>,
+    /// A `log` record's target.
+    log_target: Option<String>,
 }
 
 impl tracing::field::Visit for Fields {
     fn record_str(&mut self, field: &tracing::field::Field, value: &str) {
-        if field.name() == "message" {
-            self.message = value.to_owned();
-        } else {
-            self.fields.push((field.name(), value.to_owned()));
-        }
+        self.put(field.name(), value.to_owned());
     }
 
     fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn fmt::Debug) {
-        if field.name() == "message" {
-            self.message = format!("{value:?}");
-        } else {
-            self.fields.push((field.name(), format!("{value:?}")));
+        self.put(field.name(), format!("{value:?}"));
+    }
+}
+
+impl Fields {
+    fn put(&mut self, name: &'static str, value: String) {
+        match name {
+            "message" => self.message = value,
+            // A `log` crate record (a dependency's): its own target stands
+            // for the bridge's `log`; where in the source it was is noise.
+            "log.target" => self.log_target = Some(value),
+            "log.module_path" | "log.file" | "log.line" => {}
+            _ => self.fields.push((name, value)),
         }
     }
 }
@@ -212,7 +219,11 @@ impl Native {
         put(&mut buf, "SYSLOG_IDENTIFIER", self.identifier);
         put(&mut buf, "MESSAGE", &line);
         put(&mut buf, "EVENT", &f.message);
-        put(&mut buf, "TARGET", target);
+        put(
+            &mut buf,
+            "TARGET",
+            f.log_target.as_deref().unwrap_or(target),
+        );
         for (k, v) in &f.fields {
             put(&mut buf, &field_name(k), v);
         }
@@ -262,6 +273,26 @@ mod tests {
         assert_eq!(field_name("object_pid"), "EDGEWARD_OBJECT_PID");
         assert_eq!(field_name("tid"), "EDGEWARD_TID");
         assert_eq!(field_name(&"a".repeat(100)).len(), 64);
+    }
+
+    #[test]
+    fn a_log_records_target_is_its_own() {
+        let n = Native {
+            sock: std::os::unix::net::UnixDatagram::unbound().unwrap(),
+            identifier: "t",
+        };
+        let mut f = Fields::default();
+        f.put("message", "connected".into());
+        f.put("log.target", "rumqttc::state".into());
+        f.put("log.module_path", "rumqttc::state".into());
+        f.put("log.file", "src/state.rs".into());
+        f.put("log.line", "42".into());
+        f.put("module", "m".into());
+        let d = String::from_utf8(n.datagram(Level::INFO, "log", &f)).unwrap();
+        assert!(d.contains("TARGET=rumqttc::state\n"), "{d}");
+        assert!(d.contains("MODULE=m\n"), "{d}");
+        assert!(!d.contains("\nLOG_") && !d.contains("src/state.rs"), "{d}");
+        assert!(d.contains("MESSAGE=INFO connected module=m\n"), "{d}");
     }
 
     #[test]
