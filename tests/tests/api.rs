@@ -595,6 +595,89 @@ fn malformed_requests_are_refused_by_name() {
     assert!(status.success(), "{}", err.join("\n"));
 }
 
+/// Held connections are bounded per uid and, for every uid but root and
+/// the daemon's own, together: seven uids of the socket's group holding ten
+/// each (a user namespace's range would give one member thousands of uids)
+/// get 64 between them, and root still gets in.
+#[test]
+fn many_uids_together_cannot_take_every_connection() {
+    let s = Scratch::new();
+    let (_home, sock) = socket_home();
+    let config = format!(
+        "[api]\ngroup = \"65534\"\n\n{}",
+        config_module("configured")
+    );
+    let d = start(&s, &config, &sock);
+    // Each opens ten connections, says how many are still open a moment
+    // later (the refused ones are closed by the daemon at once), and holds
+    // them until killed.
+    let script = r#"
+import socket, sys, time
+cs = []
+for _ in range(10):
+    c = socket.socket(socket.AF_UNIX)
+    c.connect(sys.argv[1])
+    cs.append(c)
+time.sleep(1.5)
+alive = 0
+for c in cs:
+    c.setblocking(False)
+    try:
+        alive += 0 if c.recv(1) == b'' else 1
+    except BlockingIOError:
+        alive += 1
+    except OSError:
+        pass
+print(alive, flush=True)
+time.sleep(60)
+"#;
+    let mut holders: Vec<std::process::Child> = (0..7)
+        .map(|i| {
+            std::process::Command::new("setpriv")
+                .arg(format!("--reuid={}", 64900 + i))
+                .args([
+                    "--regid=65534",
+                    "--groups=65534",
+                    "/usr/bin/python3",
+                    "-c",
+                    script,
+                ])
+                .arg(&sock)
+                .stdout(std::process::Stdio::piped())
+                .spawn()
+                .expect("setpriv and python3")
+        })
+        .collect();
+    let mut alive = 0;
+    for h in &mut holders {
+        let mut line = String::new();
+        std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(h.stdout.as_mut().unwrap()),
+            &mut line,
+        )
+        .unwrap();
+        alive += line
+            .trim()
+            .parse::<usize>()
+            .unwrap_or_else(|_| panic!("{line:?}"));
+    }
+    // Root is not counted among them.
+    assert_eq!(http(&sock, "GET", "/v1/health", b"").0, 200);
+    for h in &mut holders {
+        let _ = h.kill();
+        let _ = h.wait();
+    }
+    assert_eq!(alive, 64, "connections held by seven uids together");
+    let (status, _, err) = d.terminate();
+    assert!(status.success(), "{}", err.join("\n"));
+    assert!(
+        err.iter()
+            .any(|l| l.contains("64 already open for uids other than root")),
+        "{}",
+        err.join("\n")
+    );
+}
+
 /// `path` with a custom section appended: the same program under another
 /// digest (a new version, as far as measurement goes).
 fn variant(s: &Scratch, path: &str, name: &str) -> String {

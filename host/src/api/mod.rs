@@ -11,7 +11,8 @@
 //! anyone else gets 403 (logged, rate-limited). A caller could try, and is
 //! refused (each tested): to act without a role (403) or to write as a
 //! reader (403); to hold many connections (at most
-//! [`peer::CONNECTIONS_PER_UID`] per uid); to send a huge or a slow body
+//! [`peer::CONNECTIONS_PER_UID`] per uid, [`peer::CONNECTIONS_OF_OTHERS`]
+//! for every uid but root and the daemon's together); to send a huge or a slow body
 //! (1 MiB and 5 s for JSON: 413, 408); malformed JSON or unknown fields
 //! (400, naming the problem); names with `/` or `..` (400); to hand the
 //! daemon a host path to read (`file`) or grant (`dirs`) (422: components

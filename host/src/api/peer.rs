@@ -2,7 +2,10 @@
 //! credentials for the peer (SO_PEERCRED: uid, gid, pid; SO_PEERGROUPS:
 //! its supplementary groups; both as of `connect`), and the role they give
 //! it. Connections are
-//! counted per uid at accept time.
+//! counted per uid at accept time, and those of every uid but root and the
+//! daemon's own together: a member of the socket's group who owns a range
+//! of subordinate uids (a user namespace) could otherwise hold
+//! [`CONNECTIONS_PER_UID`] for each of them.
 
 use std::collections::HashMap;
 use std::io;
@@ -18,6 +21,17 @@ use crate::runtime::loglimit::LogLimiter;
 
 /// Connections one uid may hold open at once.
 pub const CONNECTIONS_PER_UID: usize = 10;
+/// Connections all uids but root and the daemon's own may hold open at
+/// once, together (root and the daemon's uid always find a slot).
+pub const CONNECTIONS_OF_OTHERS: usize = 64;
+
+/// Open connections: per uid, and of the uids that share
+/// [`CONNECTIONS_OF_OTHERS`].
+#[derive(Debug, Default)]
+struct Open {
+    per_uid: HashMap<u32, usize>,
+    others: usize,
+}
 
 /// The peer of one connection.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -120,11 +134,13 @@ pub fn peer_groups(fd: std::os::fd::BorrowedFd<'_>) -> io::Result<Vec<u32>> {
 
 /// The management socket's listener: reads each peer's credentials at
 /// accept time and refuses (closes) a connection past
-/// [`CONNECTIONS_PER_UID`] for its uid.
+/// [`CONNECTIONS_PER_UID`] for its uid, or past [`CONNECTIONS_OF_OTHERS`]
+/// for a uid other than root and the daemon's.
 #[derive(Debug)]
 pub struct PeerListener {
     inner: UnixListener,
-    open: Arc<Mutex<HashMap<u32, usize>>>,
+    open: Arc<Mutex<Open>>,
+    own_uid: u32,
     log: Arc<LogLimiter>,
 }
 
@@ -134,6 +150,7 @@ impl PeerListener {
         Self {
             inner,
             open: Arc::default(),
+            own_uid: rustix::process::geteuid().as_raw(),
             log: Arc::new(LogLimiter::new("management-api", "refused connections")),
         }
     }
@@ -141,8 +158,18 @@ impl PeerListener {
     fn admit(&self, stream: UnixStream) -> Option<(Conn, Peer)> {
         let cred = stream.peer_cred().ok()?;
         let uid = cred.uid();
+        let other = uid != 0 && uid != self.own_uid;
         let mut open = self.open.lock().ok()?;
-        let n = open.entry(uid).or_insert(0);
+        if other && open.others >= CONNECTIONS_OF_OTHERS {
+            if self.log.allow() {
+                tracing::warn!(
+                    uid,
+                    "management connection refused: {CONNECTIONS_OF_OTHERS} already open for uids other than root and the daemon's"
+                );
+            }
+            return None;
+        }
+        let n = open.per_uid.entry(uid).or_insert(0);
         if *n >= CONNECTIONS_PER_UID {
             if self.log.allow() {
                 tracing::warn!(
@@ -153,6 +180,9 @@ impl PeerListener {
             return None;
         }
         *n += 1;
+        if other {
+            open.others += 1;
+        }
         drop(open);
         let groups = {
             use std::os::fd::AsFd as _;
@@ -171,6 +201,7 @@ impl PeerListener {
             Conn {
                 inner: stream,
                 uid,
+                other,
                 open: self.open.clone(),
             },
             peer,
@@ -223,17 +254,22 @@ impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, Peer
 pub struct Conn {
     inner: UnixStream,
     uid: u32,
-    open: Arc<Mutex<HashMap<u32, usize>>>,
+    /// Counted among [`CONNECTIONS_OF_OTHERS`].
+    other: bool,
+    open: Arc<Mutex<Open>>,
 }
 
 impl Drop for Conn {
     fn drop(&mut self) {
-        if let Ok(mut open) = self.open.lock()
-            && let Some(n) = open.get_mut(&self.uid)
-        {
-            *n -= 1;
-            if *n == 0 {
-                open.remove(&self.uid);
+        if let Ok(mut open) = self.open.lock() {
+            if self.other {
+                open.others = open.others.saturating_sub(1);
+            }
+            if let Some(n) = open.per_uid.get_mut(&self.uid) {
+                *n -= 1;
+                if *n == 0 {
+                    open.per_uid.remove(&self.uid);
+                }
             }
         }
     }
