@@ -61,8 +61,13 @@ impl Keyd {
             .stderr(std::fs::File::create(dir.join("keyd.log")).unwrap())
             .spawn()
             .unwrap();
+        // Bound is not yet serving: it confines itself in between (a
+        // connection waits in the backlog), then says it is ready.
+        let log = dir.join("keyd.log");
         let deadline = Instant::now() + Duration::from_secs(20);
-        while std::os::unix::net::UnixStream::connect(&socket).is_err() {
+        while std::os::unix::net::UnixStream::connect(&socket).is_err()
+            || !std::fs::read_to_string(&log).is_ok_and(|l| l.contains("key daemon ready"))
+        {
             assert!(Instant::now() < deadline, "the key daemon did not start");
             std::thread::sleep(Duration::from_millis(20));
         }
