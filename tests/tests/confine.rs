@@ -263,7 +263,16 @@ fn a_worker_killed_from_outside_is_not_called_over_its_limit() {
         assert!(std::time::Instant::now() < deadline, "no compile worker");
         std::thread::sleep(std::time::Duration::from_millis(20));
     };
-    let st = std::fs::read_to_string(format!("/proc/{worker}/status")).unwrap_or_default();
+    // Found right after its exec it may not have confined itself yet (it
+    // does before it reads the component): give it the moment.
+    let confined = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    let st = loop {
+        let st = std::fs::read_to_string(format!("/proc/{worker}/status")).unwrap_or_default();
+        if st.contains("Seccomp:\t2") || std::time::Instant::now() > confined {
+            break st;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    };
     assert!(st.contains("Seccomp:\t2"), "{st}");
     std::thread::sleep(std::time::Duration::from_millis(500));
     let o = std::process::Command::new("kill")
