@@ -119,6 +119,21 @@ impl Fleet {
 
     /// `edgeward fleet ARGS` as `user`.
     pub fn fleet_as(&self, user: &MqttUser, args: &[&str]) -> Output {
+        self.fleet_command(user, args)
+            .output()
+            .expect("edgeward fleet")
+    }
+
+    /// `edgeward fleet ARGS` as the operator, running, its stdout piped
+    /// (for `fleet watch`).
+    pub fn fleet_spawn(&self, args: &[&str]) -> std::process::Child {
+        self.fleet_command(&self.operator, args)
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("edgeward fleet")
+    }
+
+    fn fleet_command(&self, user: &MqttUser, args: &[&str]) -> std::process::Command {
         let toml = self.write(
             "fleet.toml",
             &format!(
@@ -129,13 +144,9 @@ impl Fleet {
                 user.key.display()
             ),
         );
-        edgeward(&self.bin, self.dir.path())
-            .arg("fleet")
-            .args(args)
-            .arg("--config")
-            .arg(toml)
-            .output()
-            .expect("edgeward fleet")
+        let mut cmd = edgeward(&self.bin, self.dir.path());
+        cmd.arg("fleet").args(args).arg("--config").arg(toml);
+        cmd
     }
 
     /// `fleet status --json`, by device (it must succeed).

@@ -15,7 +15,7 @@
 mod common;
 
 use std::path::Path;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::daemon::Daemon;
 use common::*;
@@ -563,23 +563,50 @@ fn components_come_from_an_oci_registry_by_pinned_digest_and_deployments_roll_ba
         "0".repeat(64),
         registry.host()
     );
-    // `fleet watch` sees the refusal as it happens.
-    let (o, watched) = std::thread::scope(|scope| {
-        let watch = scope.spawn(|| fleet.fleet(&["watch", "--duration", "8s"]));
-        std::thread::sleep(Duration::from_millis(1500));
-        let o = fleet.deploy(
-            &wrong,
-            &["--device", "gw-1"],
-            &["--wait", "--timeout", "60s"],
-        );
-        (o, watch.join().unwrap())
-    });
-    assert_status(&watched, 0);
-    let refusal = stdout(&watched)
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .find(|v| v["message"]["kind"] == "deployment-refused")
-        .unwrap_or_else(|| panic!("fleet watch saw no refusal: {}", stdout(&watched)));
+    // `fleet watch` sees the refusal as it happens. It is subscribed once
+    // it prints the device's retained state; the refusal (an event, not
+    // retained) comes after.
+    let mut watch = fleet.fleet_spawn(&["watch", "--duration", "120s"]);
+    let (lines_tx, lines) = std::sync::mpsc::channel::<String>();
+    let reader = {
+        let out = watch.stdout.take().unwrap();
+        std::thread::spawn(move || {
+            for l in std::io::BufRead::lines(std::io::BufReader::new(out)) {
+                let Ok(l) = l else { break };
+                if lines_tx.send(l).is_err() {
+                    break;
+                }
+            }
+        })
+    };
+    let mut seen = Vec::new();
+    let first = lines
+        .recv_timeout(Duration::from_secs(60))
+        .expect("fleet watch printed no retained state");
+    seen.push(first);
+    let o = fleet.deploy(
+        &wrong,
+        &["--device", "gw-1"],
+        &["--wait", "--timeout", "60s"],
+    );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let refusal = loop {
+        if let Some(v) = seen
+            .iter()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .find(|v| v["message"]["kind"] == "deployment-refused")
+        {
+            break v;
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        match lines.recv_timeout(left) {
+            Ok(l) => seen.push(l),
+            Err(_) => panic!("fleet watch saw no refusal: {seen:?}"),
+        }
+    };
+    let _ = watch.kill();
+    let _ = watch.wait();
+    let _ = reader.join();
     assert_eq!(refusal["device"], "gw-1");
     assert_eq!(refusal["message"]["version"], "2");
     assert_status(&o, 3);

@@ -244,6 +244,7 @@ fn python_and_javascript_modules_in_the_daemon() {
             ("js-spinner", "timeout", Some("deadline")),
             ("py-errors", "success", None),
             ("js-errors", "success", None),
+            ("py-small", "setup-failed", Some("max_instances")),
         ],
     );
     let statuses = status_json(&s);

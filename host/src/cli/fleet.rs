@@ -208,7 +208,8 @@ enum FleetCommand {
     },
     /// Print the devices' events (JSON lines) as they come.
     Watch {
-        /// Stop after this long (default: until interrupted).
+        /// Stop after this long, counted once subscribed (default: until
+        /// interrupted).
         #[arg(long, value_name = "DURATION")]
         duration: Option<String>,
     },
@@ -348,17 +349,17 @@ async fn run(args: FleetArgs) -> Result<ExitCode, String> {
             r
         }
         FleetCommand::Watch { duration } => {
-            let until = match duration {
-                Some(d) => Some(
-                    Instant::now()
-                        + crate::units::parse_duration(d)
-                            .map_err(|e| format!("--duration: {e}"))?,
-                ),
-                None => None,
-            };
+            let duration = duration
+                .as_deref()
+                .map(crate::units::parse_duration)
+                .transpose()
+                .map_err(|e| format!("--duration: {e}"))?;
             let mut s = Session::connect(&settings(&args)?).await?;
             s.subscribe(&["ew/v1/d/+/out/events", "ew/v1/d/+/out/state"])
                 .await?;
+            // Watched for that long once subscribed (a slow connection
+            // does not eat into it).
+            let until = duration.map(|d| Instant::now() + d);
             loop {
                 let left = until.map(|u| u.saturating_duration_since(Instant::now()));
                 if left == Some(Duration::ZERO) {

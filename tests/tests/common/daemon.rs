@@ -128,7 +128,31 @@ impl Daemon {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             if let Some(status) = self.child.try_wait().expect("wait") {
-                std::thread::sleep(Duration::from_millis(100));
+                // Every line it wrote: the readers end when the pipes
+                // close (a private key daemon may hold them a moment
+                // longer; 5 s at most).
+                let until = Instant::now() + Duration::from_secs(5);
+                let (mut out_open, mut err_open) = (true, true);
+                while (out_open || err_open) && Instant::now() < until {
+                    if out_open {
+                        match self.stdout.recv_timeout(Duration::from_millis(20)) {
+                            Ok(l) => self.seen_out.push(l),
+                            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                                out_open = false
+                            }
+                            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+                        }
+                    }
+                    if err_open {
+                        match self.stderr.recv_timeout(Duration::from_millis(20)) {
+                            Ok(l) => self.seen_err.push(l),
+                            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                                err_open = false
+                            }
+                            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+                        }
+                    }
+                }
                 self.pump();
                 return (
                     status,
