@@ -16,6 +16,19 @@ pub struct Daemon {
     pub seen_err: Vec<String>,
 }
 
+/// Takes a line from `rx` into `seen` if one comes within 20 ms; false
+/// once its pipe has closed and every line is taken.
+fn next_line(rx: &mpsc::Receiver<String>, seen: &mut Vec<String>) -> bool {
+    match rx.recv_timeout(Duration::from_millis(20)) {
+        Ok(l) => {
+            seen.push(l);
+            true
+        }
+        Err(mpsc::RecvTimeoutError::Timeout) => true,
+        Err(mpsc::RecvTimeoutError::Disconnected) => false,
+    }
+}
+
 pub fn lines(r: impl std::io::Read + Send + 'static) -> mpsc::Receiver<String> {
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
@@ -134,24 +147,8 @@ impl Daemon {
                 let until = Instant::now() + Duration::from_secs(5);
                 let (mut out_open, mut err_open) = (true, true);
                 while (out_open || err_open) && Instant::now() < until {
-                    if out_open {
-                        match self.stdout.recv_timeout(Duration::from_millis(20)) {
-                            Ok(l) => self.seen_out.push(l),
-                            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
-                                out_open = false
-                            }
-                            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
-                        }
-                    }
-                    if err_open {
-                        match self.stderr.recv_timeout(Duration::from_millis(20)) {
-                            Ok(l) => self.seen_err.push(l),
-                            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
-                                err_open = false
-                            }
-                            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
-                        }
-                    }
+                    out_open = out_open && next_line(&self.stdout, &mut self.seen_out);
+                    err_open = err_open && next_line(&self.stderr, &mut self.seen_err);
                 }
                 self.pump();
                 return (
