@@ -742,6 +742,7 @@ impl MqttUser {
             rx,
             seen: Vec::new(),
             arrived: Vec::new(),
+            taken: std::collections::HashSet::new(),
         }
     }
 }
@@ -755,6 +756,8 @@ pub struct Subscription {
     pub seen: Vec<(String, String)>,
     /// When each of `seen` arrived.
     pub arrived: Vec<Instant>,
+    /// Which of `seen` a [`Subscription::wait`] returned already.
+    taken: std::collections::HashSet<usize>,
 }
 
 impl Subscription {
@@ -767,7 +770,9 @@ impl Subscription {
     }
 
     /// Waits up to `within` for a message on `topic` whose JSON payload
-    /// satisfies `pred`, and returns it.
+    /// satisfies `pred`, and returns it. A message returned once is not
+    /// returned again: a second wait for the same kind of message waits
+    /// for another one.
     #[track_caller]
     pub fn wait(
         &mut self,
@@ -779,11 +784,13 @@ impl Subscription {
         let mut checked = 0;
         loop {
             self.pump();
-            for (t, p) in &self.seen[checked..] {
+            for (i, (t, p)) in self.seen.iter().enumerate().skip(checked) {
                 if t == topic
+                    && !self.taken.contains(&i)
                     && let Ok(v) = serde_json::from_str::<serde_json::Value>(p)
                     && pred(&v)
                 {
+                    self.taken.insert(i);
                     return v;
                 }
             }
