@@ -258,9 +258,15 @@ fn spawn_private(
     .env_remove(edgeward_proto::notify::NOTIFY_SOCKET)
     .env_remove(edgeward_proto::notify::WATCHDOG_USEC)
     .env_remove(edgeward_proto::notify::WATCHDOG_PID)
+    .env_remove(edgeward_proto::journal::NATIVE_ENV)
     .stdin(Stdio::piped())
     .stdout(Stdio::null())
     .stderr(Stdio::piped());
+    // Under journald its events go to the journal as fields, as this
+    // process's do (its standard error is a pipe this process reads).
+    if edgeward_proto::journal::stderr_is_journal() {
+        cmd.env(edgeward_proto::journal::NATIVE_ENV, "1");
+    }
     // Its own process group: a terminal's Ctrl-C stops this process,
     // which stops it in order.
     std::os::unix::process::CommandExt::process_group(&mut cmd, 0);

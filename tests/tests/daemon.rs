@@ -1137,6 +1137,88 @@ fn journal_fields(d: &[u8]) -> std::collections::BTreeMap<String, String> {
 /// fields: priority, identifier, the message, and the event's own fields
 /// by name (`MODULE`, `DIGEST`), so `journalctl MODULE=sensor` finds a
 /// module's events; nothing is left on standard error.
+/// `edgeward daemon --config cfg` as journald starts a unit's process: its
+/// standard error the journal stream (a pipe here, named by
+/// `JOURNAL_STREAM`), the native socket the returned one (30 s per read).
+fn daemon_under_journald(
+    s: &Scratch,
+    cfg: &std::path::Path,
+) -> (
+    std::os::unix::net::UnixDatagram,
+    std::io::PipeReader,
+    std::process::Child,
+) {
+    let journal_path = s.path().join("journal.sock");
+    let journal = std::os::unix::net::UnixDatagram::bind(&journal_path).unwrap();
+    journal
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let (reader, writer) = std::io::pipe().unwrap();
+    let st = rustix::fs::fstat(&writer).unwrap();
+    let child = s
+        .edgeward()
+        .arg("daemon")
+        .arg("--config")
+        .arg(cfg)
+        .env("EDGEWARD_LOG", "info")
+        .env("JOURNAL_STREAM", format!("{}:{}", st.st_dev, st.st_ino))
+        .env("EDGEWARD_JOURNAL_SOCKET", &journal_path)
+        .stdout(std::process::Stdio::null())
+        .stderr(writer)
+        .spawn()
+        .unwrap();
+    (journal, reader, child)
+}
+
+/// The private key daemon `edgeward daemon` starts for a token: under
+/// journald its events reach the journal as fields of their own (its
+/// identifier), though its standard error is a pipe the runtime reads.
+#[test]
+fn under_journald_the_private_key_daemons_events_carry_their_fields() {
+    let s = Scratch::new();
+    let token = edgeward_tests::fixtures::SoftHsmToken::new();
+    let cfg = s.write(
+        "config.toml",
+        &format!(
+            "[hsm]\nbackend = \"pkcs11\"\nmodule = \"{}\"\ntoken = \"{}\"\npin_file = \"{}\"\n",
+            edgeward_tests::fixtures::SOFTHSM_MODULE,
+            token.label,
+            token.pin_file.display()
+        ),
+    );
+    let (journal, mut reader, mut child) = daemon_under_journald(&s, &cfg);
+    let mut buf = vec![0u8; 65536];
+    let deadline = Instant::now() + Duration::from_secs(60);
+    // The key daemon's readiness, then the runtime's identity through it
+    // (by then the runtime honours SIGTERM: stopped below, it exits 0).
+    let mut ready = None;
+    loop {
+        assert!(
+            Instant::now() < deadline,
+            "no event from the private key daemon: {ready:?}"
+        );
+        let n = journal.recv(&mut buf).unwrap();
+        let f = journal_fields(&buf[..n]);
+        let event = f.get("EVENT").cloned().unwrap_or_default();
+        if f["SYSLOG_IDENTIFIER"] == "edgeward-keyd" && event == "key daemon ready" {
+            ready = Some(f);
+        } else if f["SYSLOG_IDENTIFIER"] == "edgeward" && event == "workload identity ready" {
+            break;
+        }
+    }
+    let ready = ready.expect("the key daemon's readiness before the runtime's identity");
+    assert_eq!(ready["PRIORITY"], "6", "{ready:?}");
+    assert_eq!(ready["BACKEND"], "pkcs11", "{ready:?}");
+    std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    let status = child.wait().unwrap();
+    let mut text = String::new();
+    std::io::Read::read_to_string(&mut reader, &mut text).unwrap();
+    assert!(status.success(), "{status}: {text}");
+}
+
 #[test]
 fn under_journald_events_carry_their_fields() {
     let s = Scratch::new();
@@ -1148,25 +1230,7 @@ fn under_journald_events_carry_their_fields() {
             "[[module]]\nname = \"sensor\"\nfile = \"{sensor}\"\ndigest = \"{digest}\"\nenv = {{ INTERVAL_MS = \"20\", SENSOR_ID = \"demo\" }}\n"
         ),
     );
-    let journal_path = s.path().join("journal.sock");
-    let journal = std::os::unix::net::UnixDatagram::bind(&journal_path).unwrap();
-    journal
-        .set_read_timeout(Some(Duration::from_secs(30)))
-        .unwrap();
-    let (mut reader, writer) = std::io::pipe().unwrap();
-    let st = rustix::fs::fstat(&writer).unwrap();
-    let mut child = s
-        .edgeward()
-        .arg("daemon")
-        .arg("--config")
-        .arg(&cfg)
-        .env("EDGEWARD_LOG", "info")
-        .env("JOURNAL_STREAM", format!("{}:{}", st.st_dev, st.st_ino))
-        .env("EDGEWARD_JOURNAL_SOCKET", &journal_path)
-        .stdout(std::process::Stdio::null())
-        .stderr(writer)
-        .spawn()
-        .unwrap();
+    let (journal, mut reader, mut child) = daemon_under_journald(&s, &cfg);
     let mut buf = vec![0u8; 65536];
     let deadline = Instant::now() + Duration::from_secs(60);
     let loaded = loop {

@@ -73,11 +73,18 @@ pub const SOCKET: &str = "/run/systemd/journal/socket";
 /// Names another native socket (a container's journal; the tests).
 pub const SOCKET_ENV: &str = "EDGEWARD_JOURNAL_SOCKET";
 
+/// Set to `1` by a process whose standard error is the journal for a
+/// helper it starts with a pipe as standard error (a private key daemon,
+/// whose start-up errors the parent reads): the helper's events go to the
+/// journal as fields all the same.
+pub const NATIVE_ENV: &str = "EDGEWARD_JOURNAL_NATIVE";
+
 /// The journal's native socket, connected, when standard error is the
-/// journal stream and the socket answers. Connected before the process
-/// confines itself (sending on it needs no path afterwards).
+/// journal stream (or [`NATIVE_ENV`] says the parent's is) and the socket
+/// answers. Connected before the process confines itself (sending on it
+/// needs no path afterwards).
 pub fn native(identifier: &'static str) -> Option<Native> {
-    if !stderr_is_journal() {
+    if !stderr_is_journal() && std::env::var_os(NATIVE_ENV).is_none_or(|v| v != "1") {
         return None;
     }
     let path = std::env::var_os(SOCKET_ENV)
