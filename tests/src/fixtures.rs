@@ -364,6 +364,16 @@ impl SoftHsmToken {
             pin_file: self.pin_file.clone(),
         }
     }
+
+    /// The `[hsm]` section of a daemon's config naming this token.
+    pub fn hsm_toml(&self) -> String {
+        format!(
+            "[hsm]\nbackend = \"pkcs11\"\nmodule = \"{}\"\ntoken = \"{}\"\npin_file = \"{}\"\n",
+            SOFTHSM_MODULE,
+            self.label,
+            self.pin_file.display()
+        )
+    }
 }
 
 impl Default for SoftHsmToken {

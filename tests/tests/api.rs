@@ -1311,13 +1311,7 @@ fn removal_on_pkcs11_destroys_the_token_key() {
     let s = Scratch::new();
     let (_home, sock) = socket_home();
     let token = edgeward_tests::fixtures::SoftHsmToken::new();
-    let c = token.config();
-    let config = format!(
-        "[hsm]\nbackend = \"pkcs11\"\nmodule = \"{}\"\ntoken = \"{}\"\npin_file = \"{}\"\n",
-        c.module.display(),
-        c.token,
-        c.pin_file.display()
-    );
+    let config = token.hsm_toml();
     let registration_keys = || -> Vec<String> {
         let hsm = edgeward_hsm_hw::pkcs11::Pkcs11Hsm::open(token.config()).unwrap();
         hsm.keys()

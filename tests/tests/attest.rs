@@ -1048,15 +1048,7 @@ fn pkcs11_cannot_attest_and_says_so() {
     let s = Scratch::new();
     let b = boot(&s, "efefefef-0000-1111-2222-333333333333");
     let token = edgeward_tests::fixtures::SoftHsmToken::new();
-    let cfg = s.write(
-        "c.toml",
-        &format!(
-            "[hsm]\nbackend = \"pkcs11\"\nmodule = \"{}\"\ntoken = \"{}\"\npin_file = \"{}\"\n",
-            edgeward_tests::fixtures::SOFTHSM_MODULE,
-            token.label,
-            token.pin_file.display()
-        ),
-    );
+    let cfg = s.write("c.toml", &token.hsm_toml());
     let o = attest(
         &s,
         &b,

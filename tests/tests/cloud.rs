@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use common::daemon::Daemon;
 use common::*;
-use edgeward_tests::fixtures::{Registry, SOFTHSM_MODULE, SoftHsmToken, Swtpm};
+use edgeward_tests::fixtures::{Registry, SoftHsmToken, Swtpm};
 use edgeward_tests::fleet::Fleet;
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -384,15 +384,7 @@ fn on_the_tpm_the_device_connects_with_a_key_the_tpm_holds() {
 #[test]
 fn on_pkcs11_the_device_connects_with_a_key_the_token_holds() {
     let token = SoftHsmToken::new();
-    connects_with_its_hsm_key(
-        &format!(
-            "[hsm]\nbackend = \"pkcs11\"\nmodule = \"{}\"\ntoken = \"{}\"\npin_file = \"{}\"\n",
-            SOFTHSM_MODULE,
-            token.label,
-            token.pin_file.display()
-        ),
-        "pkcs11",
-    );
+    connects_with_its_hsm_key(&token.hsm_toml(), "pkcs11");
 }
 
 #[test]

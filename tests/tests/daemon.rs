@@ -1177,15 +1177,7 @@ fn daemon_under_journald(
 fn under_journald_the_private_key_daemons_events_carry_their_fields() {
     let s = Scratch::new();
     let token = edgeward_tests::fixtures::SoftHsmToken::new();
-    let cfg = s.write(
-        "config.toml",
-        &format!(
-            "[hsm]\nbackend = \"pkcs11\"\nmodule = \"{}\"\ntoken = \"{}\"\npin_file = \"{}\"\n",
-            edgeward_tests::fixtures::SOFTHSM_MODULE,
-            token.label,
-            token.pin_file.display()
-        ),
-    );
+    let cfg = s.write("config.toml", &token.hsm_toml());
     let (journal, mut reader, mut child) = daemon_under_journald(&s, &cfg);
     let mut buf = vec![0u8; 65536];
     let deadline = Instant::now() + Duration::from_secs(60);

@@ -76,16 +76,7 @@ fn tpm_info_reads_the_pcr() {
 fn pkcs11_info_has_no_register() {
     let s = Scratch::new();
     let token = SoftHsmToken::new();
-    let c = token.config();
-    let cfg = s.write(
-        "config.toml",
-        &format!(
-            "[hsm]\nbackend = \"pkcs11\"\nmodule = \"{}\"\ntoken = \"{}\"\npin_file = \"{}\"\n",
-            c.module.display(),
-            c.token,
-            c.pin_file.display()
-        ),
-    );
+    let cfg = s.write("config.toml", &token.hsm_toml());
     let v = info_json(&s, Some(&cfg));
     assert_eq!(v["backend"], "pkcs11");
     assert!(v["register"].is_null());

@@ -861,16 +861,7 @@ fn identity_on_the_tpm_backend() {
 fn identity_on_the_pkcs11_backend() {
     let s = Scratch::new();
     let token = SoftHsmToken::new();
-    let c = token.config();
-    backend_round_trip(
-        &s,
-        &format!(
-            "[hsm]\nbackend = \"pkcs11\"\nmodule = \"{}\"\ntoken = \"{}\"\npin_file = \"{}\"\n",
-            c.module.display(),
-            c.token,
-            c.pin_file.display()
-        ),
-    );
+    backend_round_trip(&s, &token.hsm_toml());
 }
 
 #[test]

@@ -170,12 +170,7 @@ impl Hw {
         match self {
             Self::Soft => String::new(),
             Self::Tpm(t) => format!("[hsm]\nbackend = \"tpm\"\ntcti = \"{}\"\n", t.tcti()),
-            Self::Pkcs11(t) => format!(
-                "[hsm]\nbackend = \"pkcs11\"\nmodule = \"{}\"\ntoken = \"{}\"\npin_file = \"{}\"\n",
-                edgeward_tests::fixtures::SOFTHSM_MODULE,
-                t.label,
-                t.pin_file.display()
-            ),
+            Self::Pkcs11(t) => t.hsm_toml(),
         }
     }
 
