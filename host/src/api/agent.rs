@@ -55,6 +55,19 @@ impl AgentLink {
     }
 }
 
+impl AgentLink {
+    /// Asks the supervisor, as the agent, for `command` on module `name`
+    /// (checked first).
+    fn ask(&self, name: String, command: fn(String, super::Reply) -> Command) -> Answer<'_, ()> {
+        Box::pin(async move {
+            name_of(&name)?;
+            super::ask_as(&self.state, Origin::Agent, |r| command(name, r))
+                .await
+                .map_err(wit)
+        })
+    }
+}
+
 /// The WIT error for an API error: what the caller got wrong is
 /// `invalid-argument`, what it may not do `not-permitted`.
 fn wit(e: ApiError) -> Error {
@@ -176,30 +189,15 @@ impl Management for AgentLink {
     }
 
     fn start(&self, name: String) -> Answer<'_, ()> {
-        Box::pin(async move {
-            name_of(&name)?;
-            super::ask_as(&self.state, Origin::Agent, |r| Command::Start(name, r))
-                .await
-                .map_err(wit)
-        })
+        self.ask(name, Command::Start)
     }
 
     fn stop(&self, name: String) -> Answer<'_, ()> {
-        Box::pin(async move {
-            name_of(&name)?;
-            super::ask_as(&self.state, Origin::Agent, |r| Command::Stop(name, r))
-                .await
-                .map_err(wit)
-        })
+        self.ask(name, Command::Stop)
     }
 
     fn remove(&self, name: String) -> Answer<'_, ()> {
-        Box::pin(async move {
-            name_of(&name)?;
-            super::ask_as(&self.state, Origin::Agent, |r| Command::Remove(name, r))
-                .await
-                .map_err(wit)
-        })
+        self.ask(name, Command::Remove)
     }
 
     fn changes(&self) -> watch::Receiver<u64> {

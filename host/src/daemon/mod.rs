@@ -179,14 +179,15 @@ pub async fn run(
     };
     let (stop_tx, stop_rx) = watch::channel(false);
     let maintain = tokio::spawn(identity.clone().maintain(true, stop_rx.clone()));
+    let key_daemon = crate::keyd::configured_socket();
     let info = api::SystemInfo {
         version: crate::VERSION.to_owned(),
         runtime_platform_version: format!("wasmtime {}", crate::WASMTIME_VERSION),
         hsm_backend: identity.hsm_backend().to_owned(),
         device_id: identity.config().device_id.clone(),
         trust_domain: identity.config().trust_domain.clone(),
-        key_daemon: crate::keyd::configured_socket().map(|p| p.display().to_string()),
-        key_daemon_user: crate::keyd::configured_socket().and_then(|_| {
+        key_daemon: key_daemon.as_ref().map(|p| p.display().to_string()),
+        key_daemon_user: key_daemon.and_then(|_| {
             std::env::var(edgeward_proto::KEYD_USER_ENV)
                 .ok()
                 .filter(|v| !v.is_empty())
