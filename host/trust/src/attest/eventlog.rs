@@ -147,8 +147,12 @@ pub struct EventLog {
     /// Where this writer left the log: appends check it instead of reading
     /// the log again, so each costs the same however long the boot.
     tail: std::sync::Mutex<Option<Tail>>,
-    /// How often an append had to read the whole log (the first append of
-    /// this process, or after another process appended).
+    /// How often an append had to find the end of the log again (the
+    /// first append of this process, or after another process appended):
+    /// by reading its last record.
+    tail_reads: std::sync::atomic::AtomicU64,
+    /// How often the last record would not do (torn, or not a record) and
+    /// the whole log was read.
     full_reads: std::sync::atomic::AtomicU64,
 }
 
@@ -176,6 +180,7 @@ impl EventLog {
                 .join(format!("{boot_id}.log")),
             pcr,
             tail: std::sync::Mutex::new(None),
+            tail_reads: std::sync::atomic::AtomicU64::new(0),
             full_reads: std::sync::atomic::AtomicU64::new(0),
         }
     }
@@ -183,6 +188,11 @@ impl EventLog {
     /// How many appends had to read the whole log (see [`EventLog::measure_all`]).
     pub fn full_reads(&self) -> u64 {
         self.full_reads.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// How many appends had to read the log's last record.
+    pub fn tail_reads(&self) -> u64 {
+        self.tail_reads.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The next record number, without reading the log when it is still
@@ -206,6 +216,18 @@ impl EventLog {
                 return Ok(t.next);
             }
         }
+        if meta.len() == 0 {
+            return Ok(0);
+        }
+        // The end not known (this writer's first append: a restart of a
+        // long-lived device's key daemon; or another writer's): the last
+        // record says it, however long the log.
+        self.tail_reads
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if let Some(last) = last_record(file, meta.len()) {
+            return Ok(last.recnum + 1);
+        }
+        // A torn or foreign end: the whole log, which names what is wrong.
         self.full_reads
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let existing = read_records(file)?;
@@ -420,6 +442,34 @@ fn push(out: &mut Vec<u8>, r: &Record) -> Result<(), String> {
     Ok(())
 }
 
+/// The last of the `len` bytes of `file`'s records, read backwards from
+/// its end to its separator (a record holds no raw RS: JSON escapes control
+/// characters); `None` if it is torn (no final LF), does not parse or is
+/// larger than any record edgeward writes.
+fn last_record(file: &std::fs::File, len: u64) -> Option<Record> {
+    use std::os::unix::fs::FileExt as _;
+    const CHUNK: u64 = 64 * 1024;
+    const MOST: u64 = 16 * 1024 * 1024;
+    let mut tail: Vec<u8> = Vec::new();
+    let mut from = len;
+    while from > 0 && len - from < MOST {
+        let start = from.saturating_sub(CHUNK);
+        let mut chunk = vec![0u8; usize::try_from(from - start).ok()?];
+        file.read_exact_at(&mut chunk, start).ok()?;
+        chunk.extend_from_slice(&tail);
+        tail = chunk;
+        from = start;
+        if let Some(at) = tail.iter().rposition(|&b| b == RS) {
+            let record = &tail[at + 1..];
+            if record.last() != Some(&b'\n') {
+                return None;
+            }
+            return serde_json::from_slice(record).ok();
+        }
+    }
+    None
+}
+
 /// Parses a JSON-SEQ log: records in order, numbered from 0 without gaps.
 fn read_records(file: &mut std::fs::File) -> Result<Vec<Record>, String> {
     use std::io::Read as _;
@@ -527,10 +577,11 @@ mod tests {
         assert_eq!(left, ["boot-3.log", "boot-9.log"]);
     }
 
-    /// Appends cost the same however long the log: one writer reads the
-    /// log once (its first append), then never again; another writer's
-    /// appends, or a log changed under it, are noticed (a full read) and
-    /// the numbering stays right.
+    /// Appends cost the same however long the log: a writer never reads
+    /// the whole log, only its last record when it does not know the end
+    /// (its first append, as after a restart; another writer's appends; a
+    /// log changed under it), and the numbering stays right. Only a torn
+    /// end makes it read everything, which names what is wrong.
     #[test]
     fn appends_do_not_read_the_log_again() {
         let d = tempfile::tempdir().unwrap();
@@ -540,16 +591,19 @@ mod tests {
             log.measure(&hsm, json!({"kind": "module", "name": format!("m{i}")}))
                 .unwrap();
         }
-        assert_eq!(log.full_reads(), 1, "the log was read again");
+        // An empty log is not read at all.
+        assert_eq!((log.tail_reads(), log.full_reads()), (0, 0));
         let records = log.read().unwrap();
         assert_eq!(records.len(), 2000);
         assert_eq!(replay(&records).unwrap(), hsm.read_register().unwrap());
 
-        // A second writer (another process) appends in between.
+        // A second writer (another process, or this one restarted)
+        // appends in between: its last record, not the log.
         let other = EventLog::new(d.path(), "boot-1", 0);
         other.measure(&hsm, json!({"kind": "x"})).unwrap();
+        assert_eq!((other.tail_reads(), other.full_reads()), (1, 0));
         log.measure(&hsm, json!({"kind": "y"})).unwrap();
-        assert_eq!(log.full_reads(), 2);
+        assert_eq!((log.tail_reads(), log.full_reads()), (1, 0));
         let records = log.read().unwrap();
         assert_eq!(records.len(), 2002);
         assert_eq!(records[2001].kind(), "y");
@@ -560,9 +614,19 @@ mod tests {
         let at = bytes.len() - 5;
         bytes[at] = if bytes[at] == b'a' { b'b' } else { b'a' };
         std::fs::write(log.path(), &bytes).unwrap();
-        // (Still a parseable log: the append goes on, after a full read.)
-        let _ = log.measure(&hsm, json!({"kind": "z"}));
-        assert_eq!(log.full_reads(), 3);
+        // (Still a record: the append goes on, numbered after it.)
+        log.measure(&hsm, json!({"kind": "z"})).unwrap();
+        assert_eq!((log.tail_reads(), log.full_reads()), (2, 0));
+        assert_eq!(log.read().unwrap()[2002].kind(), "z");
+
+        // A torn end (a partial record, as no writer of edgeward leaves
+        // one): the whole log is read, and the append refused naming it.
+        let mut torn = std::fs::read(log.path()).unwrap();
+        torn.extend_from_slice(b"\x1e{\"recnum\":2003,\"pc");
+        std::fs::write(log.path(), &torn).unwrap();
+        let e = log.measure(&hsm, json!({"kind": "w"})).unwrap_err();
+        assert!(e.contains("record 2003"), "{e}");
+        assert_eq!((log.tail_reads(), log.full_reads()), (3, 1));
     }
 
     #[test]
