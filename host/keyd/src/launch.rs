@@ -124,32 +124,98 @@ fn digest_of(r: impl Read) -> std::io::Result<Digest> {
     Digest::of_reader(r)
 }
 
-/// The key daemon's own measurement event: its executable's SHA-256 (read
-/// through `/proc/self/exe`, the file that is running) and its effective
-/// configuration; with the time the hash took.
-///
-/// # Errors
-///
-/// Its executable cannot be read.
-pub fn self_event(config: Value) -> Result<(Value, Duration), String> {
-    let t = Instant::now();
-    let path = std::fs::read_link("/proc/self/exe")
-        .map_err(|e| format!("cannot find the key daemon's executable: {e}"))?;
-    let f = File::open("/proc/self/exe")
-        .map_err(|e| format!("cannot read the key daemon's executable: {e}"))?;
-    let digest =
-        digest_of(f).map_err(|e| format!("cannot read the key daemon's executable: {e}"))?;
-    let took = t.elapsed();
-    Ok((
+/// The key daemon's own executable, hashed: read through
+/// `/proc/self/exe`, the file that is running.
+#[derive(Debug)]
+pub struct SelfHash {
+    path: PathBuf,
+    digest: Digest,
+    /// How long the hash took.
+    pub took: Duration,
+}
+
+impl SelfHash {
+    /// Hashes the running executable.
+    ///
+    /// # Errors
+    ///
+    /// Its executable cannot be read.
+    pub fn new() -> Result<Self, String> {
+        let t = Instant::now();
+        let path = std::fs::read_link("/proc/self/exe")
+            .map_err(|e| format!("cannot find the key daemon's executable: {e}"))?;
+        let f = File::open("/proc/self/exe")
+            .map_err(|e| format!("cannot read the key daemon's executable: {e}"))?;
+        let digest =
+            digest_of(f).map_err(|e| format!("cannot read the key daemon's executable: {e}"))?;
+        Ok(Self {
+            path,
+            digest,
+            took: t.elapsed(),
+        })
+    }
+
+    /// The key daemon's own measurement event: this hash and its effective
+    /// configuration.
+    pub fn event(&self, config: Value) -> Value {
         json!({
             "kind": "key-daemon",
-            "path": path.display().to_string(),
+            "path": self.path.display().to_string(),
             "version": env!("CARGO_PKG_VERSION"),
-            "sha256": digest.to_string(),
+            "sha256": self.digest.to_string(),
             "config": config,
-        }),
-        took,
-    ))
+        })
+    }
+}
+
+/// Work started at once on a thread of its own and taken when needed: the
+/// key daemon hashes itself and the runtime's executable while it opens
+/// the HSM (three pieces of work that do not depend on each other; the log
+/// still records them in order).
+#[derive(Debug)]
+pub struct Ahead<T>(Option<std::thread::JoinHandle<Result<T, String>>>);
+
+impl<T: Send + 'static> Ahead<T> {
+    /// Starts `work` on its own thread (or, if no thread can be started,
+    /// leaves it to [`Ahead::take`]).
+    pub fn start(name: &str, work: impl FnOnce() -> Result<T, String> + Send + 'static) -> Self {
+        Self(
+            std::thread::Builder::new()
+                .name(name.into())
+                .spawn(work)
+                .ok(),
+        )
+    }
+
+    /// Waits for the work; what it yielded, `None` if it could not run
+    /// ahead. (The key daemon joins every such thread before it drops its
+    /// capabilities: they are a thread's own.)
+    pub fn join(self) -> Option<Result<T, String>> {
+        let handle = self.0?;
+        Some(
+            handle
+                .join()
+                .unwrap_or_else(|_| Err("the measuring thread failed".into())),
+        )
+    }
+}
+
+impl Ahead<SelfHash> {
+    /// The key daemon's own hash, as started.
+    ///
+    /// # Errors
+    ///
+    /// Its executable cannot be read.
+    pub fn take(self) -> Result<SelfHash, String> {
+        self.join().unwrap_or_else(SelfHash::new)
+    }
+}
+
+/// The runtime's first start, measured ahead (see [`Ahead`]); give what it
+/// yields to [`Supervisor::with_first`].
+pub fn measure_ahead(launch: &Launch) -> Ahead<Measured> {
+    let launch = launch.clone();
+    Ahead::start("keyd-measure", move || measure(&launch, 1))
 }
 
 /// A file the key daemon launches or measures for the runtime must be one
@@ -164,7 +230,8 @@ fn check_owner(path: &Path, meta: &std::fs::Metadata, what: &str) -> Result<(), 
 
 /// The runtime's executable, opened and measured: the descriptor is what
 /// is executed.
-struct Measured {
+#[derive(Debug)]
+pub struct Measured {
     file: File,
     events: Vec<Value>,
     /// How long the executable's hash took, and its size.
@@ -253,6 +320,8 @@ pub struct Supervisor {
     /// process that reused its pid).
     running: Mutex<Option<OwnedFd>>,
     wake: (Mutex<()>, Condvar),
+    /// The first start, measured while the key daemon started.
+    first: Mutex<Option<Result<Measured, String>>>,
 }
 
 impl std::fmt::Debug for Supervisor {
@@ -274,7 +343,18 @@ impl Supervisor {
             stopping: AtomicBool::new(false),
             running: Mutex::new(None),
             wake: (Mutex::new(()), Condvar::new()),
+            first: Mutex::new(None),
         })
+    }
+
+    /// Takes the first start's measurement (from [`measure_ahead`] on the
+    /// same launch) instead of measuring then.
+    #[must_use]
+    pub fn with_first(self: Arc<Self>, measured: Result<Measured, String>) -> Arc<Self> {
+        if let Ok(mut f) = self.first.lock() {
+            *f = Some(measured);
+        }
+        self
     }
 
     fn record(&self, events: Vec<Value>) -> Result<(), String> {
@@ -282,7 +362,15 @@ impl Supervisor {
     }
 
     fn spawn(&self, start: u64) -> Result<std::process::Child, String> {
-        let m = measure(&self.launch, start)?;
+        let ahead = if start == 1 {
+            self.first.lock().ok().and_then(|mut f| f.take())
+        } else {
+            None
+        };
+        let m = match ahead {
+            Some(m) => m?,
+            None => measure(&self.launch, start)?,
+        };
         tracing::info!(
             start,
             bytes = m.bytes,
@@ -655,10 +743,36 @@ mod tests {
 
     #[test]
     fn the_key_daemon_measures_itself() {
-        let (e, took) = self_event(json!({"backend": "soft"})).unwrap();
+        // Hashed ahead, on a thread of its own, or then: the same event.
+        let ahead = Ahead::start("t", SelfHash::new).take().unwrap();
+        let now = SelfHash::new().unwrap();
+        let e = ahead.event(json!({"backend": "soft"}));
         assert_eq!(e["kind"], "key-daemon");
         let exe = std::fs::read("/proc/self/exe").unwrap();
         assert_eq!(e["sha256"], Digest::of(&exe).to_string());
-        assert!(took < Duration::from_secs(10));
+        assert_eq!(e, now.event(json!({"backend": "soft"})));
+        assert!(ahead.took < Duration::from_secs(10));
+    }
+
+    /// Measured ahead, the first start is measured as [`measure`] does it,
+    /// failures included.
+    #[test]
+    fn the_first_start_measured_ahead_is_what_runs() {
+        let d = tempfile::tempdir().unwrap();
+        let exe = d.path().join("rt");
+        std::fs::write(&exe, "#!/bin/sh\n").unwrap();
+        let l = Launch { exe, ..launch(&[]) };
+        let m = measure_ahead(&l).join().unwrap().unwrap();
+        assert_eq!(m.events[0]["start"], 1);
+        assert_eq!(
+            m.events[0]["sha256"],
+            Digest::of(b"#!/bin/sh\n").to_string()
+        );
+        let gone = Launch {
+            exe: d.path().join("missing"),
+            ..launch(&[])
+        };
+        let e = measure_ahead(&gone).join().unwrap().unwrap_err();
+        assert!(e.contains("cannot open the runtime's executable"), "{e}");
     }
 }

@@ -493,6 +493,13 @@ fn main() -> ExitCode {
         eprintln!("edgeward-keyd: {e}");
         return ExitCode::from(1);
     }
+    // What it measures, hashed while it opens the HSM (2 cores: its own
+    // executable and the HSM in parallel with the runtime's, the longest;
+    // the log still takes them in order). A private key daemon does not
+    // measure itself (the process that started it does).
+    let mut self_hash = (!args.private && !matches!(args.hsm, HsmConfig::Pkcs11(_)))
+        .then(|| launch::Ahead::start("keyd-self-hash", launch::SelfHash::new));
+    let first_start = args.launch.as_ref().map(launch::measure_ahead);
     // No core file with keys in it; no ptrace by another process of this
     // uid; nothing it runs gains privileges.
     let _ = rustix::process::set_dumpable_behavior(rustix::process::DumpableBehavior::NotDumpable);
@@ -502,6 +509,7 @@ fn main() -> ExitCode {
         eprintln!("edgeward-keyd: {}: {e}", args.state.display());
         return ExitCode::from(1);
     }
+    let opening = std::time::Instant::now();
     let hsm = match edgeward_hsm_hw::open(&args.hsm, &args.state) {
         Ok(h) => h,
         Err(e) => {
@@ -509,6 +517,11 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
+    tracing::debug!(
+        ms = opening.elapsed().as_secs_f64() * 1e3,
+        backend = args.hsm.backend(),
+        "the HSM is open"
+    );
     // The register it measures into, and this boot's log.
     let pcr = match &args.hsm {
         HsmConfig::Soft => Some(0),
@@ -554,9 +567,14 @@ fn main() -> ExitCode {
             "socket": args.socket.display().to_string(),
             "launch": args.launch.as_ref().map(Launch::describe),
         });
-        match launch::self_event(config).and_then(|(event, took)| {
+        let hashed = match self_hash.take() {
+            Some(h) => h.take(),
+            None => launch::SelfHash::new(),
+        };
+        match hashed.and_then(|h| {
+            let event = h.event(config);
             let digest = event["sha256"].as_str().unwrap_or("").to_owned();
-            server.measure(vec![event]).map(|()| (digest, took))
+            server.measure(vec![event]).map(|()| (digest, h.took))
         }) {
             Ok((digest, took)) => tracing::info!(
                 %digest,
@@ -615,6 +633,12 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
+    // The threads started ahead end here: capabilities, like Landlock,
+    // are a thread's own.
+    if let Some(unused) = self_hash {
+        let _ = unused.join();
+    }
+    let first_start = first_start.and_then(launch::Ahead::join);
     // Before any thread starts (Landlock binds the calling thread and
     // those it starts) and before the first request.
     confine(&args);
@@ -679,7 +703,10 @@ fn main() -> ExitCode {
         tracing::info!("key daemon stopped");
         return ExitCode::SUCCESS;
     };
-    let supervisor = Supervisor::new(launch, args.socket.clone(), server.clone());
+    let mut supervisor = Supervisor::new(launch, args.socket.clone(), server.clone());
+    if let Some(first) = first_start {
+        supervisor = supervisor.with_first(first);
+    }
     let supervising = {
         let s = supervisor.clone();
         std::thread::Builder::new()
