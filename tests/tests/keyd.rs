@@ -623,6 +623,17 @@ impl Drop for Reap {
 /// [`RUNTIME_UID`] with its own state and socket directories and a config
 /// of one module; (daemon, runtime state, key daemon socket, config).
 fn launch_keyd(s: &Scratch, hw: &Hw) -> (Daemon, PathBuf, PathBuf, PathBuf) {
+    launch_keyd_with(s, hw, &[], "")
+}
+
+/// [`launch_keyd`] with more arguments for the key daemon and a section
+/// before the runtime's config.
+fn launch_keyd_with(
+    s: &Scratch,
+    hw: &Hw,
+    keyd_args: &[&str],
+    runtime_toml: &str,
+) -> (Daemon, PathBuf, PathBuf, PathBuf) {
     chmod(s.path(), 0o755);
     let state = s.path().join("rt-state");
     let run = s.path().join("rt-run");
@@ -633,7 +644,11 @@ fn launch_keyd(s: &Scratch, hw: &Hw) -> (Daemon, PathBuf, PathBuf, PathBuf) {
     }
     let cfg = s.write(
         "runtime.toml",
-        &format!("{}{}", hw.toml(), config(&[("who", "whoami", "never")])),
+        &format!(
+            "{runtime_toml}{}{}",
+            hw.toml(),
+            config(&[("who", "whoami", "never")])
+        ),
     );
     chmod(&cfg, 0o644);
     let socket = s.path().join("keyd.sock");
@@ -646,6 +661,7 @@ fn launch_keyd(s: &Scratch, hw: &Hw) -> (Daemon, PathBuf, PathBuf, PathBuf) {
         .args(hw.keyd_args())
         .args(["--runtime-uid", &RUNTIME_UID.to_string()])
         .args(["--runtime-gid", &RUNTIME_UID.to_string()])
+        .args(keyd_args)
         .arg("--launch")
         .arg(EDGEWARD)
         .arg("--")
@@ -804,6 +820,61 @@ fn launches_the_runtime_and_restarts_it(hw: &Hw) {
         "{}",
         err.join("\n")
     );
+}
+
+/// Told `--no-measure` (a device that is not attested, its runtime with
+/// `[runtime] measure = false`), the key daemon says so, keeps no log,
+/// still launches the runtime from a checked descriptor and serves it, and
+/// a quote is refused naming why.
+#[test]
+fn the_key_daemon_told_not_to_measure_launches_the_runtime_unmeasured() {
+    let s = Scratch::new();
+    let (mut d, state, socket, cfg) = launch_keyd_with(
+        &s,
+        &Hw::Soft,
+        &["--no-measure"],
+        "[runtime]\nmeasure = false\n\n",
+    );
+    assert!(
+        d.seen_err.iter().any(|l| l
+            .contains("--no-measure: the key daemon and the runtime it launches are not measured")),
+        "{}",
+        d.seen_err.join("\n")
+    );
+    assert!(
+        !d.seen_err
+            .iter()
+            .any(|l| l.contains("measured itself") || l.contains("executable measured")),
+        "{}",
+        d.seen_err.join("\n")
+    );
+    assert!(!s.path().join("keyd-state/measurements").exists());
+    let runtime = the_runtime(d.child.id());
+    let _reap = Reap(vec![d.child.id()]);
+    assert_boxed_in(runtime);
+    let o = Command::new(EDGEWARD)
+        .arg("--state-dir")
+        .arg(&state)
+        .args([
+            "attest",
+            "--nonce",
+            "00112233445566778899aabbccddeeff",
+            "--out",
+        ])
+        .arg(s.path().join("evidence"))
+        .arg("--config")
+        .arg(&cfg)
+        .env("EDGEWARD_KEYD", &socket)
+        .output()
+        .unwrap();
+    assert!(!o.status.success(), "{}", stdout(&o));
+    assert!(
+        stderr(&o).contains("keeps no measurement log (started with --no-measure)"),
+        "{}",
+        stderr(&o)
+    );
+    let (status, _, err) = d.terminate();
+    assert!(status.success(), "{}", err.join("\n"));
 }
 
 /// The log begins with the key daemon, then what it launched, measured

@@ -168,54 +168,67 @@ impl SelfHash {
     }
 }
 
-/// Work started at once on a thread of its own and taken when needed: the
-/// key daemon hashes itself and the runtime's executable while it opens
-/// the HSM (three pieces of work that do not depend on each other; the log
-/// still records them in order).
+/// The hashing a key daemon does at start, on one thread of its own while
+/// the main thread opens the HSM (a TPM's primary key and loads take far
+/// longer than a hash, and wait on the device): its own executable first,
+/// then the runtime's first start. One thread, not two: hashes on two
+/// threads contend for the same cores and caches. The log still takes the
+/// events in order.
 #[derive(Debug)]
-pub struct Ahead<T>(Option<std::thread::JoinHandle<Result<T, String>>>);
-
-impl<T: Send + 'static> Ahead<T> {
-    /// Starts `work` on its own thread (or, if no thread can be started,
-    /// leaves it to [`Ahead::take`]).
-    pub fn start(name: &str, work: impl FnOnce() -> Result<T, String> + Send + 'static) -> Self {
-        Self(
-            std::thread::Builder::new()
-                .name(name.into())
-                .spawn(work)
-                .ok(),
-        )
-    }
-
-    /// Waits for the work; what it yielded, `None` if it could not run
-    /// ahead. (The key daemon joins every such thread before it drops its
-    /// capabilities: they are a thread's own.)
-    pub fn join(self) -> Option<Result<T, String>> {
-        let handle = self.0?;
-        Some(
-            handle
-                .join()
-                .unwrap_or_else(|_| Err("the measuring thread failed".into())),
-        )
-    }
+pub struct Hashing {
+    own: Option<std::sync::mpsc::Receiver<Result<SelfHash, String>>>,
+    thread: Option<std::thread::JoinHandle<Option<Result<Measured, String>>>>,
 }
 
-impl Ahead<SelfHash> {
-    /// The key daemon's own hash, as started.
+impl Hashing {
+    /// Starts hashing: itself if `own`, then what `launch` starts first
+    /// (hashed if `hash_runtime`, see [`measure`]).
+    pub fn start(own: bool, launch: Option<&Launch>, hash_runtime: bool) -> Self {
+        let (tx, rx) = std::sync::mpsc::channel();
+        if !own && launch.is_none() {
+            return Self {
+                own: None,
+                thread: None,
+            };
+        }
+        let launch = launch.cloned();
+        let thread = std::thread::Builder::new()
+            .name("keyd-hash".into())
+            .spawn(move || {
+                if own {
+                    let _ = tx.send(SelfHash::new());
+                }
+                drop(tx);
+                launch.map(|l| measure(&l, 1, hash_runtime))
+            })
+            .ok();
+        Self {
+            own: (own && thread.is_some()).then_some(rx),
+            thread,
+        }
+    }
+
+    /// The key daemon's own hash: from the thread, or, if it could not
+    /// start, done now.
     ///
     /// # Errors
     ///
     /// Its executable cannot be read.
-    pub fn take(self) -> Result<SelfHash, String> {
-        self.join().unwrap_or_else(SelfHash::new)
+    pub fn own(&mut self) -> Result<SelfHash, String> {
+        match self.own.take().map(|rx| rx.recv()) {
+            Some(Ok(hashed)) => hashed,
+            _ => SelfHash::new(),
+        }
     }
-}
 
-/// The runtime's first start, measured ahead (see [`Ahead`]); give what it
-/// yields to [`Supervisor::with_first`].
-pub fn measure_ahead(launch: &Launch) -> Ahead<Measured> {
-    let launch = launch.clone();
-    Ahead::start("keyd-measure", move || measure(&launch, 1))
+    /// Waits for the thread to end (the key daemon does before it drops
+    /// its capabilities: they are a thread's own); the runtime's first
+    /// start measured, for [`Supervisor::with_first`], if it could be.
+    pub fn finish(self) -> Option<Result<Measured, String>> {
+        self.thread?
+            .join()
+            .unwrap_or_else(|_| Some(Err("the hashing thread failed".into())))
+    }
 }
 
 /// A file the key daemon launches or measures for the runtime must be one
@@ -249,8 +262,10 @@ fn open_nonblocking(path: &Path) -> std::io::Result<File> {
         .open(path)
 }
 
-/// Opens and measures what start number `start` launches.
-fn measure(launch: &Launch, start: u64) -> Result<Measured, String> {
+/// Opens and measures what start number `start` launches; without `hash`
+/// (nothing keeps a log: a PKCS#11 token, `--no-measure`) it is only
+/// opened and checked, and there are no events.
+fn measure(launch: &Launch, start: u64, hash: bool) -> Result<Measured, String> {
     let file = open_nonblocking(&launch.exe).map_err(|e| {
         format!(
             "cannot open the runtime's executable {}: {e}",
@@ -261,6 +276,14 @@ fn measure(launch: &Launch, start: u64) -> Result<Measured, String> {
         .metadata()
         .map_err(|e| format!("{}: {e}", launch.exe.display()))?;
     check_owner(&launch.exe, &meta, "the runtime's executable")?;
+    if !hash {
+        return Ok(Measured {
+            file,
+            events: Vec::new(),
+            took: Duration::ZERO,
+            bytes: meta.len(),
+        });
+    }
     let t = Instant::now();
     let digest = digest_of(&file).map_err(|e| format!("{}: {e}", launch.exe.display()))?;
     let took = t.elapsed();
@@ -347,8 +370,8 @@ impl Supervisor {
         })
     }
 
-    /// Takes the first start's measurement (from [`measure_ahead`] on the
-    /// same launch) instead of measuring then.
+    /// Takes the first start's measurement (from [`Hashing::finish`] on
+    /// the same launch) instead of measuring then.
     #[must_use]
     pub fn with_first(self: Arc<Self>, measured: Result<Measured, String>) -> Arc<Self> {
         if let Ok(mut f) = self.first.lock() {
@@ -369,14 +392,18 @@ impl Supervisor {
         };
         let m = match ahead {
             Some(m) => m?,
-            None => measure(&self.launch, start)?,
+            None => measure(&self.launch, start, self.server.measures())?,
         };
-        tracing::info!(
-            start,
-            bytes = m.bytes,
-            hash_ms = m.took.as_secs_f64() * 1000.0,
-            "the runtime's executable measured"
-        );
+        if m.events.is_empty() {
+            tracing::debug!(start, "the runtime's executable opened, not measured");
+        } else {
+            tracing::info!(
+                start,
+                bytes = m.bytes,
+                hash_ms = m.took.as_secs_f64() * 1000.0,
+                "the runtime's executable measured"
+            );
+        }
         // Logged and extended before the runtime's first instruction: a
         // runtime that cannot be measured is not started.
         self.record(m.events)
@@ -697,7 +724,7 @@ mod tests {
             exe: f,
             ..launch(&[])
         };
-        let e = measure(&l, 1).err().unwrap();
+        let e = measure(&l, 1, true).err().unwrap();
         assert!(e.contains("not a regular file"), "{e}");
     }
 
@@ -729,10 +756,14 @@ mod tests {
             exe: f.clone(),
             ..launch(&[])
         };
-        let e = measure(&l, 1).err().unwrap();
+        let e = measure(&l, 1, true).err().unwrap();
+        assert!(e.contains("writable by group or others"), "{e}");
+        // Not hashed (nothing keeps a log), it is checked all the same.
+        let e = measure(&l, 1, false).err().unwrap();
         assert!(e.contains("writable by group or others"), "{e}");
         std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o755)).unwrap();
-        let m = measure(&l, 1).unwrap();
+        assert!(measure(&l, 1, false).unwrap().events.is_empty());
+        let m = measure(&l, 1, true).unwrap();
         assert_eq!(m.events[0]["kind"], "executable");
         assert_eq!(
             m.events[0]["sha256"],
@@ -744,7 +775,9 @@ mod tests {
     #[test]
     fn the_key_daemon_measures_itself() {
         // Hashed ahead, on a thread of its own, or then: the same event.
-        let ahead = Ahead::start("t", SelfHash::new).take().unwrap();
+        let mut hashing = Hashing::start(true, None, true);
+        let ahead = hashing.own().unwrap();
+        assert!(hashing.finish().is_none());
         let now = SelfHash::new().unwrap();
         let e = ahead.event(json!({"backend": "soft"}));
         assert_eq!(e["kind"], "key-daemon");
@@ -762,7 +795,9 @@ mod tests {
         let exe = d.path().join("rt");
         std::fs::write(&exe, "#!/bin/sh\n").unwrap();
         let l = Launch { exe, ..launch(&[]) };
-        let m = measure_ahead(&l).join().unwrap().unwrap();
+        let mut hashing = Hashing::start(true, Some(&l), true);
+        assert!(hashing.own().is_ok());
+        let m = hashing.finish().unwrap().unwrap();
         assert_eq!(m.events[0]["start"], 1);
         assert_eq!(
             m.events[0]["sha256"],
@@ -772,7 +807,10 @@ mod tests {
             exe: d.path().join("missing"),
             ..launch(&[])
         };
-        let e = measure_ahead(&gone).join().unwrap().unwrap_err();
+        let e = Hashing::start(false, Some(&gone), true)
+            .finish()
+            .unwrap()
+            .unwrap_err();
         assert!(e.contains("cannot open the runtime's executable"), "{e}");
     }
 }

@@ -12,7 +12,7 @@ use edgeward_keyd::server::Server;
 const USAGE: &str = "usage: edgeward-keyd --state DIR --socket PATH [--device-id ID] [--runtime-uid UID | --runtime-user NAME]...
        [--trust-domain NAME] [--max-leaf-ttl SECS] [--max-jwt-key-ttl SECS]
        [--hsm soft | --hsm tpm [--tcti TCTI] [--pcr N] [--boot-pcrs N,N...] | --hsm pkcs11 --module PATH --token LABEL --pin-file PATH]
-       [--launch EXE [--runtime-gid GID] -- ARGS... | --private | --private-runtime]";
+       [--launch EXE [--runtime-gid GID] -- ARGS... | --private | --private-runtime] [--no-measure]";
 
 #[derive(Debug)]
 struct Args {
@@ -25,6 +25,10 @@ struct Args {
     /// `--private-runtime`): serves only that process, does not measure
     /// itself, and stops when it is gone.
     private: bool,
+    /// `--no-measure`: no measurement log (a device that is not attested;
+    /// the runtime's `[runtime] measure = false`), as on a PKCS#11 token,
+    /// which has no register.
+    measure: bool,
 }
 
 fn parse(mut it: impl Iterator<Item = String>) -> Result<Args, String> {
@@ -32,7 +36,7 @@ fn parse(mut it: impl Iterator<Item = String>) -> Result<Args, String> {
     let mut socket = None;
     let mut backend = "soft".to_owned();
     let (mut tcti, mut pcr, mut module, mut token, mut pin_file) = (None, None, None, None, None);
-    let (mut boot_pcrs, mut private) = (None, false);
+    let (mut boot_pcrs, mut private, mut measure) = (None, false, true);
     let (mut launch_exe, mut runtime_gid, mut launch_args) = (None, None, None);
     let owner = rustix::process::geteuid().as_raw();
     // Its own user may do everything: not one that stands for many.
@@ -100,6 +104,7 @@ fn parse(mut it: impl Iterator<Item = String>) -> Result<Args, String> {
                 boot_pcrs = Some(list);
             }
             "--private" => private = true,
+            "--no-measure" => measure = false,
             // A runtime's: its process gets the runtime's operations only.
             "--private-runtime" => {
                 private = true;
@@ -225,6 +230,7 @@ fn parse(mut it: impl Iterator<Item = String>) -> Result<Args, String> {
         policy,
         launch,
         private,
+        measure,
     })
 }
 
@@ -493,13 +499,13 @@ fn main() -> ExitCode {
         eprintln!("edgeward-keyd: {e}");
         return ExitCode::from(1);
     }
-    // What it measures, hashed while it opens the HSM (2 cores: its own
-    // executable and the HSM in parallel with the runtime's, the longest;
-    // the log still takes them in order). A private key daemon does not
-    // measure itself (the process that started it does).
-    let mut self_hash = (!args.private && !matches!(args.hsm, HsmConfig::Pkcs11(_)))
-        .then(|| launch::Ahead::start("keyd-self-hash", launch::SelfHash::new));
-    let first_start = args.launch.as_ref().map(launch::measure_ahead);
+    // What it measures, hashed on a thread of its own while it opens the
+    // HSM (its own executable, then the runtime's); the log still takes
+    // them in order. A private key daemon does not measure itself (the
+    // process that started it does).
+    let measures = args.measure && !matches!(args.hsm, HsmConfig::Pkcs11(_));
+    let mut hashing =
+        launch::Hashing::start(measures && !args.private, args.launch.as_ref(), measures);
     // No core file with keys in it; no ptrace by another process of this
     // uid; nothing it runs gains privileges.
     let _ = rustix::process::set_dumpable_behavior(rustix::process::DumpableBehavior::NotDumpable);
@@ -524,6 +530,7 @@ fn main() -> ExitCode {
     );
     // The register it measures into, and this boot's log.
     let pcr = match &args.hsm {
+        _ if !measures => None,
         HsmConfig::Soft => Some(0),
         HsmConfig::Tpm(c) => Some(u32::from(c.pcr)),
         HsmConfig::Pkcs11(_) => None,
@@ -567,11 +574,7 @@ fn main() -> ExitCode {
             "socket": args.socket.display().to_string(),
             "launch": args.launch.as_ref().map(Launch::describe),
         });
-        let hashed = match self_hash.take() {
-            Some(h) => h.take(),
-            None => launch::SelfHash::new(),
-        };
-        match hashed.and_then(|h| {
+        match hashing.own().and_then(|h| {
             let event = h.event(config);
             let digest = event["sha256"].as_str().unwrap_or("").to_owned();
             server.measure(vec![event]).map(|()| (digest, h.took))
@@ -586,6 +589,10 @@ fn main() -> ExitCode {
                 return ExitCode::from(1);
             }
         }
+    } else if !args.measure {
+        tracing::warn!(
+            "--no-measure: the key daemon and the runtime it launches are not measured, and this device cannot be attested"
+        );
     } else if args.launch.is_some() {
         tracing::warn!(
             "the backend has no measurement register: the key daemon and the runtime it launches are not measured"
@@ -633,12 +640,9 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    // The threads started ahead end here: capabilities, like Landlock,
-    // are a thread's own.
-    if let Some(unused) = self_hash {
-        let _ = unused.join();
-    }
-    let first_start = first_start.and_then(launch::Ahead::join);
+    // The hashing thread ends here: capabilities, like Landlock, are a
+    // thread's own.
+    let first_start = hashing.finish();
     // Before any thread starts (Landlock binds the calling thread and
     // those it starts) and before the first request.
     confine(&args);

@@ -588,13 +588,18 @@ impl Server {
 
     fn log(&self) -> Result<&Measurements, Failure> {
         self.measurements.as_ref().ok_or_else(|| {
-            failure(
-                ErrorCode::NotSupported,
-                format!(
-                    "the {} backend has no measurement register",
-                    self.hsm.backend()
-                ),
-            )
+            if self.hsm.backend() == "pkcs11" {
+                failure(
+                    ErrorCode::NotSupported,
+                    "the pkcs11 backend has no measurement register",
+                )
+            } else {
+                // The backend could; this key daemon was told not to.
+                failure(
+                    ErrorCode::Unavailable,
+                    "this key daemon keeps no measurement log (started with --no-measure)",
+                )
+            }
         })
     }
 }
