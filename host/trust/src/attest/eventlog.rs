@@ -224,7 +224,12 @@ impl EventLog {
         // record says it, however long the log.
         self.tail_reads
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        if let Some(last) = last_record(file, meta.len()) {
+        // A record is tens of bytes at least: a number past the length is
+        // not one this log's writers gave (nor is another register's).
+        if let Some(last) = last_record(file, meta.len())
+            && last.pcr == self.pcr
+            && last.recnum < meta.len()
+        {
             return Ok(last.recnum + 1);
         }
         // A torn or foreign end: the whole log, which names what is wrong.
@@ -444,28 +449,31 @@ fn push(out: &mut Vec<u8>, r: &Record) -> Result<(), String> {
 
 /// The last of the `len` bytes of `file`'s records, read backwards from
 /// its end to its separator (a record holds no raw RS: JSON escapes control
-/// characters); `None` if it is torn (no final LF), does not parse or is
-/// larger than any record edgeward writes.
+/// characters), each piece searched once; `None` if it is torn (no final
+/// LF), does not parse, or is longer than a key daemon frame could make one.
 fn last_record(file: &std::fs::File, len: u64) -> Option<Record> {
     use std::os::unix::fs::FileExt as _;
     const CHUNK: u64 = 64 * 1024;
-    const MOST: u64 = 16 * 1024 * 1024;
-    let mut tail: Vec<u8> = Vec::new();
+    const MOST: u64 = 4 * 1024 * 1024 + CHUNK;
+    // The pieces read, last first.
+    let mut pieces: Vec<Vec<u8>> = Vec::new();
     let mut from = len;
     while from > 0 && len - from < MOST {
         let start = from.saturating_sub(CHUNK);
-        let mut chunk = vec![0u8; usize::try_from(from - start).ok()?];
-        file.read_exact_at(&mut chunk, start).ok()?;
-        chunk.extend_from_slice(&tail);
-        tail = chunk;
+        let mut piece = vec![0u8; usize::try_from(from - start).ok()?];
+        file.read_exact_at(&mut piece, start).ok()?;
         from = start;
-        if let Some(at) = tail.iter().rposition(|&b| b == RS) {
-            let record = &tail[at + 1..];
+        if let Some(at) = piece.iter().rposition(|&b| b == RS) {
+            let mut record = piece.split_off(at + 1);
+            for later in pieces.iter().rev() {
+                record.extend_from_slice(later);
+            }
             if record.last() != Some(&b'\n') {
                 return None;
             }
-            return serde_json::from_slice(record).ok();
+            return serde_json::from_slice(&record).ok();
         }
+        pieces.push(piece);
     }
     None
 }
@@ -619,6 +627,28 @@ mod tests {
         assert_eq!((log.tail_reads(), log.full_reads()), (2, 0));
         assert_eq!(log.read().unwrap()[2002].kind(), "z");
 
+        // A last record numbered past what the log could hold (a writer
+        // of the log, not of edgeward's): the whole log is read, and the
+        // append refused naming the gap.
+        let mut bytes = std::fs::read(log.path()).unwrap();
+        let last = bytes[..bytes.len() - 1]
+            .iter()
+            .rposition(|&b| b == RS)
+            .unwrap();
+        let mut forged: Record = serde_json::from_slice(&bytes[last + 1..]).unwrap();
+        forged.recnum = u64::MAX;
+        bytes.truncate(last);
+        push(&mut bytes, &forged).unwrap();
+        std::fs::write(log.path(), &bytes).unwrap();
+        let e = log.measure(&hsm, json!({"kind": "v"})).unwrap_err();
+        assert!(e.contains("numbered 18446744073709551615"), "{e}");
+        assert_eq!((log.tail_reads(), log.full_reads()), (3, 1));
+        bytes.truncate(last);
+        let mut put_back = forged;
+        put_back.recnum = 2002;
+        push(&mut bytes, &put_back).unwrap();
+        std::fs::write(log.path(), &bytes).unwrap();
+
         // A torn end (a partial record, as no writer of edgeward leaves
         // one): the whole log is read, and the append refused naming it.
         let mut torn = std::fs::read(log.path()).unwrap();
@@ -626,7 +656,7 @@ mod tests {
         std::fs::write(log.path(), &torn).unwrap();
         let e = log.measure(&hsm, json!({"kind": "w"})).unwrap_err();
         assert!(e.contains("record 2003"), "{e}");
-        assert_eq!((log.tail_reads(), log.full_reads()), (3, 1));
+        assert_eq!((log.tail_reads(), log.full_reads()), (4, 2));
     }
 
     #[test]
