@@ -849,6 +849,30 @@ fn the_key_daemon_told_not_to_measure_launches_the_runtime_unmeasured() {
         d.seen_err.join("\n")
     );
     assert!(!s.path().join("keyd-state/measurements").exists());
+    // Its register took a mark no log explains: a measured start later in
+    // this boot cannot hide this one.
+    let o = Command::new(EDGEWARD)
+        .arg("--state-dir")
+        .arg(s.path().join("cli-state"))
+        .args(["hsm", "info", "--json", "--config"])
+        .arg(&cfg)
+        .env("EDGEWARD_KEYD", &socket)
+        .output()
+        .unwrap();
+    assert_status(&o, 0);
+    let info: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    let mark = {
+        use sha2::Digest as _;
+        let m = sha2::Sha256::digest(b"edgeward-keyd --no-measure: this boot is not attested");
+        let mut h = sha2::Sha256::new();
+        h.update([0u8; 32]);
+        h.update(m);
+        h.finalize()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<String>()
+    };
+    assert_eq!(info["register"], mark.as_str(), "{info}");
     let runtime = the_runtime(d.child.id());
     let _reap = Reap(vec![d.child.id()]);
     assert_boxed_in(runtime);

@@ -37,6 +37,11 @@ pub const BACKOFF_MIN: Duration = Duration::from_secs(1);
 pub const BACKOFF_MAX: Duration = Duration::from_secs(60);
 /// A run at least this long resets the backoff.
 pub const STABLE: Duration = Duration::from_secs(60);
+/// What a key daemon told `--no-measure` extends its register with (the
+/// SHA-256 of these bytes), and logs nowhere: no log replays to the
+/// register again this boot.
+pub const UNMEASURED: &[u8] = b"edgeward-keyd --no-measure: this boot is not attested";
+
 /// How long a stopping runtime has before it is killed.
 pub const STOP_GRACE: Duration = Duration::from_secs(30);
 
@@ -250,6 +255,22 @@ pub struct Measured {
     /// How long the executable's hash took, and its size.
     took: Duration,
     bytes: u64,
+    /// Its size and change time when it was opened: a write since (by
+    /// its owner) changes them.
+    stamp: (u64, i64, i64),
+}
+
+/// What [`Measured::stamp`] compares.
+fn stamp(meta: &std::fs::Metadata) -> (u64, i64, i64) {
+    use std::os::unix::fs::MetadataExt as _;
+    (meta.len(), meta.ctime(), meta.ctime_nsec())
+}
+
+impl Measured {
+    /// Whether the file is as it was when it was measured.
+    fn unchanged(&self) -> bool {
+        self.file.metadata().is_ok_and(|m| stamp(&m) == self.stamp)
+    }
 }
 
 /// Opens `path` for reading without blocking on a FIFO or taking a
@@ -282,6 +303,7 @@ fn measure(launch: &Launch, start: u64, hash: bool) -> Result<Measured, String> 
             events: Vec::new(),
             took: Duration::ZERO,
             bytes: meta.len(),
+            stamp: stamp(&meta),
         });
     }
     let t = Instant::now();
@@ -321,6 +343,7 @@ fn measure(launch: &Launch, start: u64, hash: bool) -> Result<Measured, String> 
         events,
         took,
         bytes: meta.len(),
+        stamp: stamp(&meta),
     })
 }
 
@@ -391,7 +414,17 @@ impl Supervisor {
             None
         };
         let m = match ahead {
-            Some(m) => m?,
+            // Measured while the key daemon started: taken if the file has
+            // not been written since (its owner could have).
+            Some(Ok(m)) if m.unchanged() => m,
+            Some(Ok(_)) => {
+                tracing::warn!(
+                    start,
+                    "the runtime's executable changed since it was hashed at start; measured again"
+                );
+                measure(&self.launch, start, self.server.measures())?
+            }
+            Some(Err(e)) => return Err(e),
             None => measure(&self.launch, start, self.server.measures())?,
         };
         if m.events.is_empty() {
@@ -798,6 +831,7 @@ mod tests {
         let mut hashing = Hashing::start(true, Some(&l), true);
         assert!(hashing.own().is_ok());
         let m = hashing.finish().unwrap().unwrap();
+        assert!(m.unchanged());
         assert_eq!(m.events[0]["start"], 1);
         assert_eq!(
             m.events[0]["sha256"],
@@ -807,6 +841,15 @@ mod tests {
             exe: d.path().join("missing"),
             ..launch(&[])
         };
+        // Written in place since (by its owner): noticed, so it is measured
+        // again before it runs.
+        std::thread::sleep(Duration::from_millis(20));
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(&l.exe)
+            .and_then(|mut f| std::io::Write::write_all(&mut f, b"# more\n"))
+            .unwrap();
+        assert!(!m.unchanged());
         let e = Hashing::start(false, Some(&gone), true)
             .finish()
             .unwrap()
