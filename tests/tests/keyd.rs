@@ -829,7 +829,7 @@ fn launches_the_runtime_and_restarts_it(hw: &Hw) {
 #[test]
 fn the_key_daemon_told_not_to_measure_launches_the_runtime_unmeasured() {
     let s = Scratch::new();
-    let (mut d, state, socket, cfg) = launch_keyd_with(
+    let (d, state, socket, cfg) = launch_keyd_with(
         &s,
         &Hw::Soft,
         &["--no-measure"],

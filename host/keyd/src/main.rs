@@ -532,12 +532,14 @@ fn main() -> ExitCode {
     // takes a mark no log explains, so nothing this boot runs can be
     // attested afterwards (a measured start later in the boot would
     // otherwise continue a log that hides this one).
-    if !args.measure && !args.private && !matches!(args.hsm, HsmConfig::Pkcs11(_)) {
-        if let Err(e) = hsm.extend(edgeward_hsm::measure::Digest::of(launch::UNMEASURED).as_bytes())
-        {
-            eprintln!("edgeward-keyd: --no-measure: cannot mark the register: {e}");
-            return ExitCode::from(1);
-        }
+    let mark = edgeward_hsm::measure::Digest::of(launch::UNMEASURED);
+    if !args.measure
+        && !args.private
+        && !matches!(args.hsm, HsmConfig::Pkcs11(_))
+        && let Err(e) = hsm.extend(mark.as_bytes())
+    {
+        eprintln!("edgeward-keyd: --no-measure: cannot mark the register: {e}");
+        return ExitCode::from(1);
     }
     // The register it measures into, and this boot's log.
     let pcr = match &args.hsm {
