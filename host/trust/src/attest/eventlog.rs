@@ -199,7 +199,8 @@ impl EventLog {
     /// as this writer left it: same file, same length, and its last record
     /// the bytes this writer wrote (read back: a few hundred bytes).
     /// Otherwise (the first append of this process, or another writer
-    /// appended) the whole log is read and checked once.
+    /// appended) its last record says it; only a torn or implausible end
+    /// makes it read and check the whole log.
     fn next_recnum(&self, file: &mut std::fs::File) -> Result<u64, String> {
         use std::os::unix::fs::{FileExt as _, MetadataExt as _};
         let meta = file.metadata().map_err(|e| e.to_string())?;
