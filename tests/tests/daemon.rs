@@ -1133,10 +1133,6 @@ fn journal_fields(d: &[u8]) -> std::collections::BTreeMap<String, String> {
     m
 }
 
-/// Under journald with its native socket, each event is a datagram of
-/// fields: priority, identifier, the message, and the event's own fields
-/// by name (`MODULE`, `DIGEST`), so `journalctl MODULE=sensor` finds a
-/// module's events; nothing is left on standard error.
 /// `edgeward daemon --config cfg` as journald starts a unit's process: its
 /// standard error the journal stream (a pipe here, named by
 /// `JOURNAL_STREAM`), the native socket the returned one (30 s per read).
@@ -1211,6 +1207,10 @@ fn under_journald_the_private_key_daemons_events_carry_their_fields() {
     assert!(status.success(), "{status}: {text}");
 }
 
+/// Under journald with its native socket, each event is a datagram of
+/// fields: priority, identifier, the message, and the event's own fields
+/// by name (`MODULE`, `DIGEST`), so `journalctl MODULE=sensor` finds a
+/// module's events; nothing is left on standard error.
 #[test]
 fn under_journald_events_carry_their_fields() {
     let s = Scratch::new();

@@ -867,10 +867,7 @@ fn the_key_daemon_told_not_to_measure_launches_the_runtime_unmeasured() {
         let mut h = sha2::Sha256::new();
         h.update([0u8; 32]);
         h.update(m);
-        h.finalize()
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect::<String>()
+        edgeward::measure::hex(&h.finalize())
     };
     assert_eq!(info["register"], mark.as_str(), "{info}");
     let runtime = the_runtime(d.child.id());

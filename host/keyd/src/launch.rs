@@ -189,13 +189,13 @@ impl Hashing {
     /// Starts hashing: itself if `own`, then what `launch` starts first
     /// (hashed if `hash_runtime`, see [`measure`]).
     pub fn start(own: bool, launch: Option<&Launch>, hash_runtime: bool) -> Self {
-        let (tx, rx) = std::sync::mpsc::channel();
         if !own && launch.is_none() {
             return Self {
                 own: None,
                 thread: None,
             };
         }
+        let (tx, rx) = std::sync::mpsc::channel();
         let launch = launch.cloned();
         let thread = std::thread::Builder::new()
             .name("keyd-hash".into())
@@ -228,7 +228,7 @@ impl Hashing {
 
     /// Waits for the thread to end (the key daemon does before it drops
     /// its capabilities: they are a thread's own); the runtime's first
-    /// start measured, for [`Supervisor::with_first`], if it could be.
+    /// start measured, for [`Supervisor::new`], if it could be.
     pub fn finish(self) -> Option<Result<Measured, String>> {
         self.thread?
             .join()
@@ -252,9 +252,8 @@ fn check_owner(path: &Path, meta: &std::fs::Metadata, what: &str) -> Result<(), 
 pub struct Measured {
     file: File,
     events: Vec<Value>,
-    /// How long the executable's hash took, and its size.
+    /// How long the executable's hash took.
     took: Duration,
-    bytes: u64,
     /// Its size and change time when it was opened: a write since (by
     /// its owner) changes them.
     stamp: (u64, i64, i64),
@@ -302,7 +301,6 @@ fn measure(launch: &Launch, start: u64, hash: bool) -> Result<Measured, String> 
             file,
             events: Vec::new(),
             took: Duration::ZERO,
-            bytes: meta.len(),
             stamp: stamp(&meta),
         });
     }
@@ -342,7 +340,6 @@ fn measure(launch: &Launch, start: u64, hash: bool) -> Result<Measured, String> 
         file,
         events,
         took,
-        bytes: meta.len(),
         stamp: stamp(&meta),
     })
 }
@@ -380,8 +377,14 @@ impl std::fmt::Debug for Supervisor {
 
 impl Supervisor {
     /// A supervisor launching `launch` with `socket`, measuring through
-    /// `server`'s log.
-    pub fn new(launch: Launch, socket: PathBuf, server: Arc<Server>) -> Arc<Self> {
+    /// `server`'s log; `first`: its first start as [`Hashing::finish`] on
+    /// the same launch measured it, taken instead of measuring then.
+    pub fn new(
+        launch: Launch,
+        socket: PathBuf,
+        server: Arc<Server>,
+        first: Option<Result<Measured, String>>,
+    ) -> Arc<Self> {
         Arc::new(Self {
             launch,
             socket,
@@ -389,18 +392,8 @@ impl Supervisor {
             stopping: AtomicBool::new(false),
             running: Mutex::new(None),
             wake: (Mutex::new(()), Condvar::new()),
-            first: Mutex::new(None),
+            first: Mutex::new(first),
         })
-    }
-
-    /// Takes the first start's measurement (from [`Hashing::finish`] on
-    /// the same launch) instead of measuring then.
-    #[must_use]
-    pub fn with_first(self: Arc<Self>, measured: Result<Measured, String>) -> Arc<Self> {
-        if let Ok(mut f) = self.first.lock() {
-            *f = Some(measured);
-        }
-        self
     }
 
     fn record(&self, events: Vec<Value>) -> Result<(), String> {
@@ -417,22 +410,23 @@ impl Supervisor {
             // Measured while the key daemon started: taken if the file has
             // not been written since (its owner could have).
             Some(Ok(m)) if m.unchanged() => m,
-            Some(Ok(_)) => {
-                tracing::warn!(
-                    start,
-                    "the runtime's executable changed since it was hashed at start; measured again"
-                );
+            Some(Err(e)) => return Err(e),
+            changed => {
+                if changed.is_some() {
+                    tracing::warn!(
+                        start,
+                        "the runtime's executable changed since it was hashed at start; measured again"
+                    );
+                }
                 measure(&self.launch, start, self.server.measures())?
             }
-            Some(Err(e)) => return Err(e),
-            None => measure(&self.launch, start, self.server.measures())?,
         };
         if m.events.is_empty() {
             tracing::debug!(start, "the runtime's executable opened, not measured");
         } else {
             tracing::info!(
                 start,
-                bytes = m.bytes,
+                bytes = m.stamp.0,
                 hash_ms = m.took.as_secs_f64() * 1000.0,
                 "the runtime's executable measured"
             );
@@ -837,10 +831,6 @@ mod tests {
             m.events[0]["sha256"],
             Digest::of(b"#!/bin/sh\n").to_string()
         );
-        let gone = Launch {
-            exe: d.path().join("missing"),
-            ..launch(&[])
-        };
         // Written in place since (by its owner): noticed, so it is measured
         // again before it runs.
         std::thread::sleep(Duration::from_millis(20));
@@ -850,6 +840,10 @@ mod tests {
             .and_then(|mut f| std::io::Write::write_all(&mut f, b"# more\n"))
             .unwrap();
         assert!(!m.unchanged());
+        let gone = Launch {
+            exe: d.path().join("missing"),
+            ..launch(&[])
+        };
         let e = Hashing::start(false, Some(&gone), true)
             .finish()
             .unwrap()

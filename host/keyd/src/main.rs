@@ -720,10 +720,7 @@ fn main() -> ExitCode {
         tracing::info!("key daemon stopped");
         return ExitCode::SUCCESS;
     };
-    let mut supervisor = Supervisor::new(launch, args.socket.clone(), server.clone());
-    if let Some(first) = first_start {
-        supervisor = supervisor.with_first(first);
-    }
+    let supervisor = Supervisor::new(launch, args.socket.clone(), server.clone(), first_start);
     let supervising = {
         let s = supervisor.clone();
         std::thread::Builder::new()

@@ -347,11 +347,10 @@ impl ArtifactCache {
                 }
             }
         }
-        // `blake3::Hash` equality is constant-time.
         let tag: [u8; MAC_LEN] = head[MAGIC.len()..].try_into().ok()?;
         let plain = plain.finalize();
-        if self.mac(digest, &plain) != blake3::Hash::from_bytes(tag) {
-            return Some(self.reject(path, Rejection::BadMac));
+        if let Err(why) = self.check_tag(digest, &plain, tag) {
+            return Some(self.reject(path, why));
         }
         let sealed = proc_fd.join(memfd.as_raw_fd().to_string());
         // SAFETY: `Component::deserialize_file` maps the file as executable
@@ -451,11 +450,23 @@ impl ArtifactCache {
         let (tag, payload) = bytes[MAGIC.len()..].split_at(MAC_LEN);
         let tag: [u8; MAC_LEN] = tag.try_into().map_err(|_| Rejection::Malformed)?;
         let plain = blake3::hash(payload);
-        // `blake3::Hash` equality is constant-time.
-        if self.mac(digest, &plain) != blake3::Hash::from_bytes(tag) {
-            return Err(Rejection::BadMac);
-        }
+        self.check_tag(digest, &plain, tag)?;
         Ok((payload, plain))
+    }
+
+    /// Whether `tag` is this cache's for `digest` and a payload hashing to
+    /// `plain` (compared in constant time: `blake3::Hash` equality is).
+    fn check_tag(
+        &self,
+        digest: &Digest,
+        plain: &blake3::Hash,
+        tag: [u8; MAC_LEN],
+    ) -> Result<(), Rejection> {
+        if self.mac(digest, plain) == blake3::Hash::from_bytes(tag) {
+            Ok(())
+        } else {
+            Err(Rejection::BadMac)
+        }
     }
 
     fn reject(&self, path: &Path, why: Rejection) -> Lookup {
