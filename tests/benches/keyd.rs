@@ -40,7 +40,7 @@ fn main() {
     let keyd = Path::new(env!("CARGO_BIN_EXE_edgeward-under-test")).with_file_name("edgeward-keyd");
     assert!(
         keyd.exists(),
-        "{} is missing: cargo build --release -p edgeward-keyd",
+        "{} is missing: cargo build --profile bench -p edgeward-keyd",
         keyd.display()
     );
     let dir = tempfile::tempdir().expect("tempdir");
