@@ -892,6 +892,9 @@ fn run_command(state_flag: Option<PathBuf>, args: RunArgs) -> ExitCode {
             Ok(m) => m,
             Err(e) => return fail(format!("{e:#}"), EXIT_REFUSED),
         };
+        // Compiled or loaded: the component's bytes are not needed while it
+        // runs, and would sit under the run's peak memory (its whole size).
+        drop(measured);
         if args.measure
             && let Err(e) = measure_run(
                 cfg.as_ref(),
