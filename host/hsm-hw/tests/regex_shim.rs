@@ -2,10 +2,14 @@
 //! whole workspace): it serves `tss-esapi` alone, and `tss-esapi` still
 //! reads TCTI strings as it did with the full engine.
 
-/// Every package in `Cargo.lock` that depends on `regex`.
-fn dependents_of_regex() -> Vec<String> {
-    let lock = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../Cargo.lock"))
-        .expect("read Cargo.lock");
+/// The workspace's `Cargo.lock`.
+fn lock() -> String {
+    std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../Cargo.lock"))
+        .expect("read Cargo.lock")
+}
+
+/// Every package in `lock` that depends on `regex`.
+fn dependents_of_regex(lock: &str) -> Vec<String> {
     let mut out = Vec::new();
     for package in lock.split("[[package]]") {
         let name = package
@@ -31,8 +35,9 @@ fn dependents_of_regex() -> Vec<String> {
 
 #[test]
 fn only_tss_esapi_gets_the_small_engine() {
+    let lock = lock();
     assert_eq!(
-        dependents_of_regex(),
+        dependents_of_regex(&lock),
         ["tss-esapi"],
         "a crate other than tss-esapi depends on `regex`, which this workspace patches to \
          regex-lite (\\d \\w \\s \\b and (?i) ASCII-only, no \\p{{..}}, slower): a patch \
@@ -41,8 +46,6 @@ fn only_tss_esapi_gets_the_small_engine() {
     );
     // Its patterns were read for what regex-lite lacks at this version; a
     // new one must be read again before it is locked.
-    let lock = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../Cargo.lock"))
-        .expect("read Cargo.lock");
     assert!(
         lock.contains("name = \"tss-esapi\"\nversion = \"7.7.0\"\n"),
         "tss-esapi is no longer 7.7.0: read its tcti_ldr.rs patterns for \\d \\w \\s \\b (?i) \
