@@ -23,14 +23,10 @@ fn guests(root: &Path) -> Vec<(String, PathBuf)> {
     out
 }
 
+// The tests' copy of the binary is linked as the real one is.
+include!("../host/link.rs");
+
 fn main() {
-    // The tests' copy of the binary is linked as the real one is
-    // (host/build.rs).
-    if std::env::var("CARGO_CFG_TARGET_OS").as_deref() == Ok("linux")
-        && std::env::var("CARGO_CFG_TARGET_ENV").as_deref() == Ok("gnu")
-    {
-        println!("cargo:rustc-link-arg-bin=edgeward-under-test=-Wl,-z,pack-relative-relocs");
-    }
     let manifest_dir = PathBuf::from(
         std::env::var_os("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"),
     );
@@ -38,6 +34,11 @@ fn main() {
         .parent()
         .expect("tests/ is inside the workspace")
         .to_owned();
+    println!(
+        "cargo:rerun-if-changed={}",
+        root.join("host/link.rs").display()
+    );
+    edgeward_link_args("cargo:rustc-link-arg-bin=edgeward-under-test=");
     let target_dir = root.join("target").join("guests");
     let guests = guests(&root);
 
