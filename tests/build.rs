@@ -38,7 +38,10 @@ fn main() {
         "cargo:rerun-if-changed={}",
         root.join("host/link.rs").display()
     );
-    edgeward_link_args("cargo:rustc-link-arg-bin=edgeward-under-test=");
+    edgeward_link_args(
+        "cargo:rustc-link-arg-bin=edgeward-under-test=",
+        &root.join("host/edgeward.order"),
+    );
     let target_dir = root.join("target").join("guests");
     let guests = guests(&root);
 
