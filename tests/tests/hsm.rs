@@ -647,3 +647,202 @@ fn removal_destroys_the_registrations_token_key() {
         load_or_register(&soft_restored, &Registry::open(&soft_backup).unwrap(), "m").unwrap();
     assert_eq!(*reopened.data_key, *sealed.data_key);
 }
+
+/// TPM2_Certify, the enrollment's proof that the device CA key lives in
+/// the TPM: the TPM certifies it by the attestation key; the organisation's
+/// verifier (no TPM stack) accepts it, and so do the TPM's own structures
+/// read by tss-esapi and the signature checked by openssl. It works when
+/// the AK is bound to the boot state, stops when that changes, and the
+/// other backends refuse it plainly.
+#[test]
+fn tpm_certifies_that_the_device_ca_key_cannot_leave_it() {
+    use edgeward::attest::certify;
+    use tss_esapi::structures::{Attest, AttestInfo, Public};
+    use tss_esapi::traits::UnMarshall;
+    let state = tempfile::tempdir().expect("tempdir");
+    let tpm = Swtpm::start();
+    // Keys bound to the boot state (the AK's user role then needs the
+    // boot policy session besides the key's HMAC session).
+    extend_boot_pcr(&tpm, 7);
+    let mut config = tpm.config();
+    config.boot_pcrs = Some(vec![7]);
+    let hsm = TpmHsm::open(state.path(), config).unwrap();
+    let ca = hsm.signing_key("device-ca").unwrap();
+    let ak = hsm.attestation_key("attestation").unwrap();
+    let nonce = [0x42u8; 32];
+    let c = hsm.certify("device-ca", "attestation", &nonce).unwrap();
+    let ok = certify::verify(&c, &nonce, Some(&ak)).unwrap();
+    assert_eq!(ok.point, ca, "the certified key is the device CA key");
+
+    // The TPM's own reading of what it signed.
+    let attest = Attest::unmarshall(&c.message).unwrap();
+    let AttestInfo::Certify { info } = attest.attested() else {
+        panic!("not a certification")
+    };
+    assert_eq!(attest.extra_data().value(), nonce);
+    let public = Public::unmarshall(&c.public[2..]).unwrap();
+    let attributes = public.object_attributes();
+    assert!(attributes.fixed_tpm() && attributes.fixed_parent());
+    assert!(attributes.sensitive_data_origin() && attributes.sign_encrypt());
+    assert_eq!(info.name().value(), ok.name.as_slice());
+    // openssl checks the AK's signature over the TPMS_ATTEST.
+    let dir = tempfile::tempdir().unwrap();
+    let (hash, r, s) = edgeward::attest::wire::parse_ecdsa_signature(&c.signature).unwrap();
+    assert_eq!(hash, edgeward::attest::wire::ALG_SHA256);
+    let der = p256::ecdsa::Signature::from_scalars(
+        <[u8; 32]>::try_from(r.as_slice()).unwrap(),
+        <[u8; 32]>::try_from(s.as_slice()).unwrap(),
+    )
+    .unwrap()
+    .to_der();
+    std::fs::write(dir.path().join("certify.msg"), &c.message).unwrap();
+    std::fs::write(dir.path().join("certify.sig"), der.as_bytes()).unwrap();
+    std::fs::write(
+        dir.path().join("ak.pem"),
+        edgeward::hsm::public_key_pem(&ak).unwrap(),
+    )
+    .unwrap();
+    let out = std::process::Command::new("openssl")
+        .current_dir(dir.path())
+        .args(["dgst", "-sha256", "-verify", "ak.pem", "-signature"])
+        .args(["certify.sig", "certify.msg"])
+        .output()
+        .expect("openssl");
+    assert!(
+        out.status.success(),
+        "openssl: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // Over another nonce it proves nothing for this one.
+    let e = certify::verify(&c, &[0x43; 32], Some(&ak)).unwrap_err();
+    assert!(e.contains("another nonce"), "{e}");
+    // Wrong kinds, missing keys and oversized nonces are named.
+    for (key, signer, nonce, want) in [
+        (
+            "attestation",
+            "attestation",
+            &b"n"[..],
+            ErrorKind::WrongKeyKind,
+        ),
+        ("device-ca", "device-ca", b"n", ErrorKind::WrongKeyKind),
+        ("absent", "attestation", b"n", ErrorKind::KeyNotFound),
+        ("device-ca", "absent", b"n", ErrorKind::KeyNotFound),
+    ] {
+        let e = hsm.certify(key, signer, nonce).unwrap_err();
+        assert_eq!(e.kind, want, "{key} by {signer}: {e}");
+    }
+    let e = hsm
+        .certify("device-ca", "attestation", &[0; 65])
+        .unwrap_err();
+    assert!(matches!(e.kind, ErrorKind::InvalidArgument(_)), "{e}");
+
+    // Another boot state: the AK no longer signs, and the error says why.
+    extend_boot_pcr(&tpm, 7);
+    let e = hsm.certify("device-ca", "attestation", &nonce).unwrap_err();
+    assert!(e.to_string().contains("boot state"), "{e}");
+
+    // Only a TPM can certify.
+    let soft_dir = tempfile::tempdir().unwrap();
+    let soft = SoftHsm::open(soft_dir.path()).unwrap();
+    soft.signing_key("device-ca").unwrap();
+    let e = soft.certify("device-ca", "attestation", b"n").unwrap_err();
+    assert_eq!(e.kind, ErrorKind::NotSupported, "{e}");
+}
+
+/// A key made exportable (fixedTPM and fixedParent clear), certified by a
+/// genuine AK of a real TPM: the certification is authentic, and the
+/// organisation's verifier still refuses the key, naming why.
+#[test]
+fn a_certified_key_that_can_leave_the_tpm_is_refused() {
+    use std::str::FromStr as _;
+    use tss_esapi::attributes::ObjectAttributesBuilder;
+    use tss_esapi::interface_types::algorithm::{HashingAlgorithm, PublicAlgorithm};
+    use tss_esapi::interface_types::ecc::EccCurve;
+    use tss_esapi::interface_types::resource_handles::Hierarchy;
+    use tss_esapi::interface_types::session_handles::AuthSession;
+    use tss_esapi::structures::{
+        Data, EccPoint, EccScheme, HashScheme, PublicBuilder, PublicEccParametersBuilder,
+        SignatureScheme,
+    };
+    use tss_esapi::traits::Marshall;
+    let tpm = Swtpm::start();
+    let mut ctx =
+        tss_esapi::Context::new(tss_esapi::TctiNameConf::from_str(&tpm.tcti()).unwrap()).unwrap();
+    ctx.set_sessions((Some(AuthSession::Password), None, None));
+    let primary = ctx
+        .create_primary(
+            Hierarchy::Owner,
+            edgeward_hsm_hw::tpm::primary_template().unwrap(),
+            None,
+            None,
+            None,
+            None,
+        )
+        .unwrap()
+        .key_handle;
+    let template = |restricted: bool, fixed: bool| {
+        let attrs = ObjectAttributesBuilder::new()
+            .with_fixed_tpm(fixed)
+            .with_fixed_parent(fixed)
+            .with_sensitive_data_origin(true)
+            .with_user_with_auth(true)
+            .with_sign_encrypt(true)
+            .with_restricted(restricted)
+            .build()
+            .unwrap();
+        let scheme = EccScheme::EcDsa(HashScheme::new(HashingAlgorithm::Sha256));
+        PublicBuilder::new()
+            .with_public_algorithm(PublicAlgorithm::Ecc)
+            .with_name_hashing_algorithm(HashingAlgorithm::Sha256)
+            .with_object_attributes(attrs)
+            .with_ecc_parameters(
+                PublicEccParametersBuilder::new_unrestricted_signing_key(
+                    scheme,
+                    EccCurve::NistP256,
+                )
+                .with_restricted(restricted)
+                .build()
+                .unwrap(),
+            )
+            .with_ecc_unique_identifier(EccPoint::default())
+            .build()
+            .unwrap()
+    };
+    let mut load = |t| {
+        let created = ctx.create(primary, t, None, None, None, None).unwrap();
+        let h = ctx
+            .load(primary, created.out_private, created.out_public.clone())
+            .unwrap();
+        let area = created.out_public.marshall().unwrap();
+        let mut tpm2b = u16::try_from(area.len()).unwrap().to_be_bytes().to_vec();
+        tpm2b.extend_from_slice(&area);
+        (h, tpm2b)
+    };
+    let (ak, ak_public) = load(template(true, true));
+    let (key, public) = load(template(false, false));
+    let nonce = b"enrollment nonce";
+    ctx.set_sessions((
+        Some(AuthSession::Password),
+        Some(AuthSession::Password),
+        None,
+    ));
+    let (attest, signature) = ctx
+        .certify(
+            key.into(),
+            ak,
+            Data::try_from(nonce.to_vec()).unwrap(),
+            SignatureScheme::EcDsa {
+                hash_scheme: HashScheme::new(HashingAlgorithm::Sha256),
+            },
+        )
+        .unwrap();
+    let c = edgeward::hsm::Certification {
+        message: attest.marshall().unwrap(),
+        signature: signature.marshall().unwrap(),
+        public,
+        ak_public,
+    };
+    let e = edgeward::attest::certify::verify(&c, nonce, None).unwrap_err();
+    assert!(e.contains("can leave its TPM"), "{e}");
+}

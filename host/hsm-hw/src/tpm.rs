@@ -52,8 +52,8 @@ use edgeward_hsm::aead::SoftAead;
 use edgeward_hsm::state;
 pub use edgeward_hsm::tpm::{DEFAULT_PCR, TpmConfig, check_boot_pcrs};
 use edgeward_hsm::{
-    ErrorKind, Hsm, HsmError, KeyInfo, KeyKind, Op, Quote, Result, check_decrypt_input,
-    check_encrypt_input, check_id, check_nonce,
+    Certification, ErrorKind, Hsm, HsmError, KeyInfo, KeyKind, Op, Quote, Result,
+    check_decrypt_input, check_encrypt_input, check_id, check_nonce,
 };
 
 const BACKEND: &str = "tpm";
@@ -774,6 +774,80 @@ impl TpmHsm {
         Ok(value)
     }
 
+    /// TPM2_Certify of signing key `key` by attestation key `ak`. Both are
+    /// loaded at once: the key's admin role takes its auth value by HMAC
+    /// in the salted session (adminWithPolicy is clear); the AK's user role
+    /// needs a second session, an HMAC one salted with the primary or,
+    /// where the AK is bound to the boot state, its boot policy.
+    fn certify_loaded(
+        &self,
+        (key, key_blob): (&str, KeyBlob),
+        (ak, ak_blob): (&str, KeyBlob),
+        data: Data,
+    ) -> Result<(tss_esapi::structures::Attest, Signature)> {
+        let op = Op::Certify;
+        let auth = |id: &str, blob: &KeyBlob| {
+            blob.protection
+                .auth
+                .then(|| self.auth_of(op, id))
+                .transpose()
+        };
+        let key_auth = auth(key, &key_blob)?;
+        let ak_auth = auth(ak, &ak_blob)?;
+        let scheme = SignatureScheme::EcDsa {
+            hash_scheme: HashScheme::new(HashingAlgorithm::Sha256),
+        };
+        let mut inner = self.lock(op, Some(key))?;
+        let primary = inner.primary;
+        let object = inner
+            .salted(|ctx| ctx.load(primary, key_blob.private, key_blob.public))
+            .map_err(tss(op, Some(key)))?;
+        let signer = match inner.salted(|ctx| ctx.load(primary, ak_blob.private, ak_blob.public)) {
+            Ok(h) => h,
+            Err(e) => {
+                let _ = inner.ctx.flush_context(object.into());
+                return Err(tss(op, Some(ak))(e));
+            }
+        };
+        let salted = inner.salted;
+        let result = (|| {
+            if let Some(a) = key_auth {
+                inner.ctx.tr_set_auth(object.into(), a)?;
+            }
+            if let Some(a) = ak_auth {
+                inner.ctx.tr_set_auth(signer.into(), a)?;
+            }
+            let pcrs = &ak_blob.protection.pcrs;
+            let second = if pcrs.is_empty() {
+                start_session(&mut inner.ctx, Some(primary), SessionType::Hmac)?
+            } else {
+                use tss_esapi::interface_types::session_handles::PolicySession;
+                let selection = sha256_selection(pcrs)?;
+                let s = start_session(&mut inner.ctx, Some(primary), SessionType::Policy)?;
+                let policy = PolicySession::try_from(s)?;
+                let satisfied = inner
+                    .ctx
+                    .policy_pcr(policy, Digest::default(), selection)
+                    .and_then(|()| inner.ctx.policy_auth_value(policy));
+                if let Err(e) = satisfied {
+                    let _ = inner.ctx.flush_context(SessionHandle::from(s).into());
+                    return Err(e);
+                }
+                s
+            };
+            let out = inner
+                .ctx
+                .execute_with_sessions((Some(salted), Some(second), None), |ctx| {
+                    ctx.certify(object.into(), signer, data, scheme)
+                });
+            let _ = inner.ctx.flush_context(SessionHandle::from(second).into());
+            out
+        })();
+        let _ = inner.ctx.flush_context(object.into());
+        let _ = inner.ctx.flush_context(signer.into());
+        result.map_err(|e| policy_error(op, ak, &ak_blob.protection.pcrs, e))
+    }
+
     fn aead_cipher(&self, op: Op, id: &str, create: bool) -> Result<Arc<SoftAead>> {
         check_id(BACKEND, op, id)?;
         if let Some(c) = self.aead.lock().ok().and_then(|m| m.get(id).cloned()) {
@@ -808,6 +882,22 @@ impl TpmHsm {
             )
         })
     }
+}
+
+/// A key's TPM2B_PUBLIC: the TPMT_PUBLIC with its size in front, as
+/// `tpm2_create -u` writes it.
+fn tpm2b_public(op: Op, id: &str, public: &Public) -> Result<Vec<u8>> {
+    let area = public.marshall().map_err(tss(op, Some(id)))?;
+    let len = u16::try_from(area.len()).map_err(|_| {
+        err(
+            op,
+            Some(id),
+            ErrorKind::Backend("public area too large".into()),
+        )
+    })?;
+    let mut out = len.to_be_bytes().to_vec();
+    out.extend_from_slice(&area);
+    Ok(out)
 }
 
 fn null_ticket() -> tss_esapi::Result<HashcheckTicket> {
@@ -995,17 +1085,7 @@ impl Hsm for TpmHsm {
         let KeyBlob { public, .. } = self
             .read_blob(Op::PublicKey, id, Blob::Attestation)?
             .ok_or_else(|| err(Op::PublicKey, Some(id), ErrorKind::KeyNotFound))?;
-        let area = public.marshall().map_err(tss(Op::PublicKey, Some(id)))?;
-        let len = u16::try_from(area.len()).map_err(|_| {
-            err(
-                Op::PublicKey,
-                Some(id),
-                ErrorKind::Backend("public area too large".into()),
-            )
-        })?;
-        let mut out = len.to_be_bytes().to_vec();
-        out.extend_from_slice(&area);
-        Ok(Some(out))
+        tpm2b_public(Op::PublicKey, id, &public).map(Some)
     }
 
     fn endorsement_certificate(&self) -> Result<Option<Vec<u8>>> {
@@ -1127,6 +1207,23 @@ impl Hsm for TpmHsm {
             e => tss(op, Some(id))(e),
         })?;
         Ok(Zeroizing::new(digest.value().to_vec()))
+    }
+
+    fn certify(&self, key: &str, ak: &str, nonce: &[u8]) -> Result<Certification> {
+        let op = Op::Certify;
+        check_nonce(BACKEND, key, nonce)?;
+        let key_blob = self.ensure_blob(op, key, Blob::Signing, false)?;
+        let ak_blob = self.ensure_blob(op, ak, Blob::Attestation, false)?;
+        let data = Data::try_from(nonce.to_vec()).map_err(tss(op, Some(key)))?;
+        let public = tpm2b_public(op, key, &key_blob.public)?;
+        let ak_public = tpm2b_public(op, ak, &ak_blob.public)?;
+        let (attest, signature) = self.certify_loaded((key, key_blob), (ak, ak_blob), data)?;
+        Ok(Certification {
+            message: attest.marshall().map_err(tss(op, Some(key)))?,
+            signature: signature.marshall().map_err(tss(op, Some(key)))?,
+            public,
+            ak_public,
+        })
     }
 
     fn keys(&self) -> Result<Vec<KeyInfo>> {

@@ -94,6 +94,8 @@ pub enum Op {
     EndorsementCertificate,
     /// Activate a credential made for the endorsement and attestation keys.
     ActivateCredential,
+    /// Certify a key by an attestation key (TPM2_Certify).
+    Certify,
 }
 
 impl Op {
@@ -114,6 +116,7 @@ impl Op {
             Op::DestroyKey => "destroy-key",
             Op::EndorsementCertificate => "endorsement-certificate",
             Op::ActivateCredential => "activate-credential",
+            Op::Certify => "certify",
         }
     }
 }
@@ -135,6 +138,7 @@ impl fmt::Display for Op {
             Op::DestroyKey => "destroy key",
             Op::EndorsementCertificate => "read endorsement certificate",
             Op::ActivateCredential => "activate credential",
+            Op::Certify => "certify key",
         })
     }
 }
@@ -253,6 +257,23 @@ pub struct Quote {
     pub signature: Vec<u8>,
     /// The attestation key's SEC1 public point.
     pub public_key: Vec<u8>,
+}
+
+/// A TPM's statement that one of its keys lives in it (TPM2_Certify by an
+/// attestation key): the organisation reads from it that the key cannot
+/// leave the TPM, before it certifies the key for the device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Certification {
+    /// The TPMS_ATTEST the attestation key signed (type
+    /// TPM_ST_ATTEST_CERTIFY: the key's name, the caller's nonce).
+    pub message: Vec<u8>,
+    /// Its TPMT_SIGNATURE (ECDSA P-256, SHA-256).
+    pub signature: Vec<u8>,
+    /// The certified key's TPM2B_PUBLIC, whose name the message carries
+    /// and whose attributes say where the key may go.
+    pub public: Vec<u8>,
+    /// The attestation key's TPM2B_PUBLIC.
+    pub ak_public: Vec<u8>,
 }
 
 /// The message a soft quote signs: a fixed label, the register and the
@@ -406,6 +427,14 @@ pub trait Hsm: Send + Sync + fmt::Debug {
     ) -> Result<Zeroizing<Vec<u8>>> {
         let _ = (id_object, encrypted_secret);
         Err(self.unsupported(Op::ActivateCredential, Some(id)))
+    }
+
+    /// Has attestation key `ak` certify signing key `key` over `nonce`
+    /// (TPM2_Certify): proof, for whoever trusts the AK, that `key` lives
+    /// in the same TPM and what its attributes are. Only a TPM can.
+    fn certify(&self, key: &str, ak: &str, nonce: &[u8]) -> Result<Certification> {
+        let _ = (ak, nonce);
+        Err(self.unsupported(Op::Certify, Some(key)))
     }
 
     /// The keys the backend holds.

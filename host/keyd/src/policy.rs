@@ -163,9 +163,10 @@ impl Policy {
                 Ok(())
             }
             C::Extend { .. } => refuse("the runtime's events go through the log; no raw extend"),
-            C::Quote { .. } | C::AttestationKey { .. } | C::ActivateCredential { .. } => {
-                refuse("root only")
-            }
+            C::Quote { .. }
+            | C::AttestationKey { .. }
+            | C::ActivateCredential { .. }
+            | C::Certify { .. } => refuse("root only"),
             _ => refuse("not a key or use the runtime is allowed"),
         }
     }

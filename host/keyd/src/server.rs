@@ -499,6 +499,15 @@ impl Server {
                     .map_err(e)?
                     .to_vec(),
             ),
+            Call::Certify { key, ak, nonce } => {
+                let c = h.certify(&key, &ak, &nonce.0).map_err(e)?;
+                Reply::Certification {
+                    message: Bytes(c.message),
+                    signature: Bytes(c.signature),
+                    public: Bytes(c.public),
+                    ak_public: Bytes(c.ak_public),
+                }
+            }
             Call::Keys {} => Reply::Keys {
                 keys: h
                     .keys()

@@ -530,6 +530,14 @@ fn the_runtime_uid_gets_its_operations_and_nothing_else() {
             false,
         ),
         (req(r#"{"op":"attestation-key","id":"attestation"}"#), false),
+        // Certifying the device CA key for enrollment is the operator's.
+        (
+            req(&format!(
+                r#"{{"op":"certify","key":"device-ca","ak":"attestation","nonce":"{}"}}"#,
+                b64(b"n")
+            )),
+            false,
+        ),
         (req(r#"{"op":"destroy-key","id":"device-ca"}"#), false),
         (req(r#"{"op":"signing-key","id":"other"}"#), false),
         (req(r#"{"op":"aead-key","id":"someone-elses"}"#), false),

@@ -533,6 +533,31 @@ impl Hsm for RemoteHsm {
         .map(Zeroizing::new)
     }
 
+    fn certify(&self, key: &str, ak: &str, nonce: &[u8]) -> Result<edgeward_hsm::Certification> {
+        match self.call(
+            Op::Certify,
+            Some(key),
+            Call::Certify {
+                key: key.to_owned(),
+                ak: ak.to_owned(),
+                nonce: Bytes(nonce.to_vec()),
+            },
+        )? {
+            Reply::Certification {
+                message,
+                signature,
+                public,
+                ak_public,
+            } => Ok(edgeward_hsm::Certification {
+                message: message.0,
+                signature: signature.0,
+                public: public.0,
+                ak_public: ak_public.0,
+            }),
+            other => Err(self.unexpected(Op::Certify, Some(key), &other)),
+        }
+    }
+
     fn keys(&self) -> Result<Vec<KeyInfo>> {
         match self.call(Op::ListKeys, None, Call::Keys {})? {
             Reply::Keys { keys } => keys

@@ -192,6 +192,17 @@ pub enum Call {
         /// TPM2B_ENCRYPTED_SECRET contents.
         secret: Bytes,
     },
+    /// TPM2_Certify of a signing key by an attestation key over a nonce
+    /// (root only: enrollment proves the device CA key to the
+    /// organisation).
+    Certify {
+        /// The key certified.
+        key: String,
+        /// The attestation key that signs.
+        ak: String,
+        /// The organisation's nonce (at most 64 bytes).
+        nonce: Bytes,
+    },
     /// The keys the backend holds.
     Keys {},
     /// Destroy a key.
@@ -264,6 +275,7 @@ impl Call {
             Self::AttestationPublic { .. } => "attestation-public",
             Self::EndorsementCertificate {} => "endorsement-certificate",
             Self::ActivateCredential { .. } => "activate-credential",
+            Self::Certify { .. } => "certify",
             Self::Keys {} => "keys",
             Self::DestroyKey { .. } => "destroy-key",
             Self::Measure { .. } => "measure",
@@ -285,7 +297,7 @@ impl Call {
             | Self::AttestationPublic { id }
             | Self::ActivateCredential { id, .. }
             | Self::DestroyKey { id } => Some(id),
-            Self::Quote { key, .. } => Some(key),
+            Self::Quote { key, .. } | Self::Certify { key, .. } => Some(key),
             Self::Hello {}
             | Self::Random { .. }
             | Self::Extend { .. }
@@ -368,6 +380,17 @@ pub enum Reply {
     },
     /// A quote.
     Quote(Quote),
+    /// A key's certification by an attestation key.
+    Certification {
+        /// The signed TPMS_ATTEST.
+        message: Bytes,
+        /// Its TPMT_SIGNATURE.
+        signature: Bytes,
+        /// The certified key's TPM2B_PUBLIC.
+        public: Bytes,
+        /// The attestation key's TPM2B_PUBLIC.
+        ak_public: Bytes,
+    },
     /// Evidence files.
     Files {
         /// Each file.

@@ -10,6 +10,7 @@
 //! a registration added or removed.
 
 pub mod binding;
+pub mod certify;
 pub mod credential;
 pub mod publisher;
 pub mod verify;

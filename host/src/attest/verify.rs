@@ -799,23 +799,7 @@ fn verify_signature(backend: &str, ak: &[u8], msg: &[u8], sig: &[u8]) -> Result<
     let key = p256::ecdsa::VerifyingKey::from_sec1_bytes(ak)
         .map_err(|_| "ak.pem is not a usable P-256 key")?;
     let signature = if backend == "tpm" {
-        let (hash, r, s) = wire::parse_ecdsa_signature(sig)?;
-        if hash != wire::ALG_SHA256 {
-            return Err(format!(
-                "the quote is signed over hash {hash:#06x}, not SHA-256"
-            ));
-        }
-        let pad = |v: &[u8]| -> Result<[u8; 32], String> {
-            let v = v.strip_prefix(&[0]).unwrap_or(v);
-            if v.len() > 32 {
-                return Err("the signature's scalars are too long for P-256".into());
-            }
-            let mut a = [0u8; 32];
-            a[32 - v.len()..].copy_from_slice(v);
-            Ok(a)
-        };
-        p256::ecdsa::Signature::from_scalars(pad(&r)?, pad(&s)?)
-            .map_err(|_| "the signature's scalars are out of range")?
+        tpm_signature(sig, "the quote")?
     } else {
         p256::ecdsa::Signature::from_der(sig)
             .map_err(|_| "quote.sig is not a DER ECDSA signature")?
@@ -823,6 +807,28 @@ fn verify_signature(backend: &str, ak: &[u8], msg: &[u8], sig: &[u8]) -> Result<
     key.verify(msg, &signature)
         .map_err(|_| "the quote's signature does not verify with ak.pem: forged, altered, or signed by another key".to_owned())?;
     Ok("ECDSA P-256 with SHA-256 by ak.pem".into())
+}
+
+/// A TPMT_SIGNATURE that must be ECDSA over SHA-256, as P-256 (r, s);
+/// `what` names the signed thing in errors.
+pub(crate) fn tpm_signature(sig: &[u8], what: &str) -> Result<p256::ecdsa::Signature, String> {
+    let (hash, r, s) = wire::parse_ecdsa_signature(sig)?;
+    if hash != wire::ALG_SHA256 {
+        return Err(format!(
+            "{what} is signed over hash {hash:#06x}, not SHA-256"
+        ));
+    }
+    let pad = |v: &[u8]| -> Result<[u8; 32], String> {
+        let v = v.strip_prefix(&[0]).unwrap_or(v);
+        if v.len() > 32 {
+            return Err("the signature's scalars are too long for P-256".into());
+        }
+        let mut a = [0u8; 32];
+        a[32 - v.len()..].copy_from_slice(v);
+        Ok(a)
+    };
+    p256::ecdsa::Signature::from_scalars(pad(&r)?, pad(&s)?)
+        .map_err(|_| "the signature's scalars are out of range".into())
 }
 
 struct Attested {
@@ -1016,7 +1022,7 @@ fn check_ek_chain(pem: &[u8], cas: &[Vec<u8>]) -> Result<(String, Vec<u8>), Stri
     ))
 }
 
-fn check_ak_attributes(attributes: u32) -> Result<(), String> {
+pub(crate) fn check_ak_attributes(attributes: u32) -> Result<(), String> {
     use wire::attr::*;
     let needed = FIXED_TPM | FIXED_PARENT | SENSITIVE_DATA_ORIGIN | RESTRICTED | SIGN;
     if attributes & needed != needed || attributes & DECRYPT != 0 {
