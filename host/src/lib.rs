@@ -14,6 +14,7 @@ pub mod cloud;
 pub mod components;
 pub mod config;
 pub mod daemon;
+pub mod enroll;
 pub mod grants;
 pub mod identity;
 pub mod keyd;

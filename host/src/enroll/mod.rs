@@ -1,0 +1,209 @@
+//! Zero-touch enrollment: a device proves where its keys live and the
+//! organisation certifies its CA key, with no operator in between.
+//!
+//! Two round trips, so that every instance of the organisation's service
+//! can answer any message without shared state ([`service`]):
+//!
+//! 1. the device sends a [`Request`]: the id it asks for, a CSR for its
+//!    device CA key (signed in the HSM) and its factory identity (on a
+//!    TPM, the EK certificate and the attestation key's public area);
+//! 2. the service checks the factory identity and the enrollment list and
+//!    answers with a [`Challenge`]: a fresh nonce and a credential
+//!    (TPM2_MakeCredential) that only the TPM holding both that EK and
+//!    that AK can open, authenticated by the service's challenge key;
+//! 3. the device answers with a [`Proof`]: the opened credential and
+//!    TPM2_Certify of its device CA key by the AK over the nonce;
+//! 4. the service checks it (the order is [`service::Step`]'s), issues the
+//!    device CA certificate and records the enrollment; the device gets
+//!    [`Issued`].
+//!
+//! Every message is JSON with unknown fields refused and a size bound
+//! ([`MAX_MESSAGE`]).
+
+pub mod service;
+
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+pub use edgeward_proto::Bytes;
+
+use crate::hsm::{Certification, Hsm};
+use crate::identity::authority::{CA_KEY, device_ca_csr};
+
+/// The protocol version every message carries.
+pub const VERSION: u32 = 1;
+
+/// The largest message either side reads.
+pub const MAX_MESSAGE: usize = 64 * 1024;
+
+/// The attestation key enrollment uses (the one attestation uses).
+pub const AK_ID: &str = crate::attest::evidence::AK_ID;
+
+/// A device's request to enroll.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Request {
+    /// [`VERSION`].
+    pub v: u32,
+    /// The device id it asks for.
+    pub device_id: String,
+    /// A PEM CSR for the device CA key, signed by that key.
+    pub csr: String,
+    /// Its factory identity.
+    pub factory: Factory,
+}
+
+/// How a device proves where it comes from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum Factory {
+    /// A TPM: its endorsement key's certificate (DER, from the
+    /// manufacturer) and the attestation key's TPM2B_PUBLIC.
+    Tpm {
+        /// The EK certificate.
+        ek_certificate: Bytes,
+        /// The AK's public area.
+        ak_public: Bytes,
+    },
+}
+
+/// The service's answer to a [`Request`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Challenge {
+    /// [`VERSION`].
+    pub v: u32,
+    /// The SHA-256 of the request's canonical JSON (hex): the challenge
+    /// answers that request only.
+    pub request: String,
+    /// A fresh nonce: the certification must be over it.
+    pub nonce: Bytes,
+    /// Until when (Unix seconds) the proof is taken.
+    pub expires: u64,
+    /// TPM2_MakeCredential's TPM2B_ID_OBJECT contents.
+    pub id_object: Bytes,
+    /// ...and TPM2B_ENCRYPTED_SECRET contents.
+    pub secret: Bytes,
+    /// The service's MAC over the above: any instance recognises it.
+    pub mac: Bytes,
+}
+
+/// A device's answer to a [`Challenge`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Proof {
+    /// [`VERSION`].
+    pub v: u32,
+    /// The request, again (the service keeps nothing between the two).
+    pub request: Request,
+    /// The challenge, as received.
+    pub challenge: Challenge,
+    /// The credential's secret, as the TPM released it.
+    pub activated: Bytes,
+    /// TPM2_Certify of the device CA key by the AK: the TPMS_ATTEST.
+    pub certify_message: Bytes,
+    /// Its TPMT_SIGNATURE.
+    pub certify_signature: Bytes,
+    /// The device CA key's TPM2B_PUBLIC.
+    pub certified_public: Bytes,
+}
+
+impl Proof {
+    /// The certification it carries, with the request's AK.
+    pub fn certification(&self) -> Certification {
+        let Factory::Tpm { ak_public, .. } = &self.request.factory;
+        Certification {
+            message: self.certify_message.0.clone(),
+            signature: self.certify_signature.0.clone(),
+            public: self.certified_public.0.clone(),
+            ak_public: ak_public.0.clone(),
+        }
+    }
+}
+
+/// What the device gets when it is enrolled.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Issued {
+    /// [`VERSION`].
+    pub v: u32,
+    /// The device id assigned.
+    pub device_id: String,
+    /// The groups it is in.
+    pub groups: Vec<String>,
+    /// The device CA certificate, then the organisation's chain (PEM):
+    /// what `[identity] ca_certificate` takes.
+    pub chain: String,
+}
+
+/// Parses a message of type `T`, bounded and strict.
+///
+/// # Errors
+///
+/// Too large, not JSON, or not a `T`; named with `what`.
+pub fn parse<T: serde::de::DeserializeOwned>(bytes: &[u8], what: &str) -> Result<T, String> {
+    if bytes.len() > MAX_MESSAGE {
+        return Err(format!(
+            "the {what} is {} bytes, more than {MAX_MESSAGE}",
+            bytes.len()
+        ));
+    }
+    serde_json::from_slice(bytes).map_err(|e| format!("the {what} is malformed: {e}"))
+}
+
+/// The device's request, from its HSM: creates the attestation key and
+/// the device CA key if they are missing.
+///
+/// # Errors
+///
+/// The HSM is not a TPM with an EK certificate, or fails; named.
+pub fn request(hsm: &Arc<dyn Hsm>, device_id: &str, trust_domain: &str) -> Result<Request, String> {
+    let ek = hsm
+        .endorsement_certificate()
+        .map_err(|e| e.to_string())?
+        .ok_or("this device's TPM carries no EK certificate to enroll with")?;
+    hsm.attestation_key(AK_ID).map_err(|e| e.to_string())?;
+    let ak_public = hsm
+        .attestation_public(AK_ID)
+        .map_err(|e| e.to_string())?
+        .ok_or("the HSM has no attestation key public area (not a TPM)")?;
+    let spiffe = format!("spiffe://{trust_domain}/device/{device_id}");
+    let csr = device_ca_csr(hsm, device_id, &spiffe).map_err(|e| e.to_string())?;
+    Ok(Request {
+        v: VERSION,
+        device_id: device_id.to_owned(),
+        csr,
+        factory: Factory::Tpm {
+            ek_certificate: Bytes(ek),
+            ak_public: Bytes(ak_public),
+        },
+    })
+}
+
+/// The device's answer to `challenge`: the TPM opens the credential (only
+/// it can) and certifies the device CA key by the AK over the nonce.
+///
+/// # Errors
+///
+/// The challenge is for another request, or the TPM refuses; named.
+pub fn prove(hsm: &dyn Hsm, request: &Request, challenge: &Challenge) -> Result<Proof, String> {
+    if challenge.request != service::request_digest(request)? {
+        return Err("the challenge answers another request".into());
+    }
+    let activated = hsm
+        .activate_credential(AK_ID, &challenge.id_object.0, &challenge.secret.0)
+        .map_err(|e| format!("the TPM cannot open the enrollment credential: {e}"))?;
+    let c = hsm
+        .certify(CA_KEY, AK_ID, &challenge.nonce.0)
+        .map_err(|e| e.to_string())?;
+    Ok(Proof {
+        v: VERSION,
+        request: request.clone(),
+        challenge: challenge.clone(),
+        activated: Bytes(activated.to_vec()),
+        certify_message: Bytes(c.message),
+        certify_signature: Bytes(c.signature),
+        certified_public: Bytes(c.public),
+    })
+}

@@ -1,0 +1,806 @@
+//! The organisation's side of enrollment (`edgeward fleet enroll serve`):
+//! stateless between a device's two messages (the challenge carries what
+//! the proof is checked against, under the service's MAC), so instances
+//! sharing the challenge key and the audit log serve one fleet.
+//!
+//! It refuses, naming the [`Step`], in this order: a malformed request; a
+//! factory certificate that does not chain to a trusted manufacturer
+//! root, or that is revoked (the certificate or its issuer); an identity
+//! the enrollment list does not admit; a challenge not made by the
+//! service, expired, for another request, or already used; a credential
+//! the device could not open (its AK is not in the TPM of that EK); a
+//! certification that does not prove the key TPM-resident and
+//! non-exportable; a CSR whose signature or key is not the certified
+//! key's; a device id other than the one the list assigns, or held by
+//! another device. Then it issues the device CA certificate (`pathlen:0`)
+//! and appends the enrollment to the audit log (JSON lines, fsynced,
+//! under an exclusive lock), and only then answers.
+//!
+//! Who reaches it: any device that can publish on the enrollment topics
+//! (the broker's enrollment listener admits unauthenticated devices; its
+//! ACL confines them to those topics). What a hostile one can try, and
+//! what stops it: a stolen EK certificate (it cannot open the credential
+//! without that TPM); its own TPM's AK with another TPM's EK (the same);
+//! a key made exportable, or imported (the certification's attributes);
+//! another device's key in the CSR (the CSR's key must be the certified
+//! one); another device's id (the list and the audit log); a replayed
+//! proof (the nonce is used once); a forged or stale challenge (the MAC,
+//! the expiry); huge or malformed messages ([`super::MAX_MESSAGE`], strict
+//! JSON).
+
+use std::collections::BTreeSet;
+use std::fmt;
+use std::io::{BufRead as _, Write as _};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use rcgen::{
+    BasicConstraints, CertificateParams, IsCa, KeyIdMethod, KeyUsagePurpose, PublicKeyData,
+    SanType, SignatureAlgorithm, SigningKey,
+};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest as _, Sha256};
+use x509_parser::prelude::*;
+
+use super::{Bytes, Challenge, Factory, Issued, Proof, Request, VERSION};
+use crate::attest::{certify, credential, jcs};
+use crate::identity::authority::{BACKDATE, PublicP256, edgeward_name, key_identifier};
+use crate::measure::hex;
+
+/// A step of the checks, in the order they run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Step {
+    /// The request's shape: version, id syntax, sizes.
+    Request,
+    /// The factory certificate chains to a trusted manufacturer root.
+    FactoryChain,
+    /// ...and neither it nor its issuer is revoked.
+    Revoked,
+    /// The enrollment list admits it.
+    EnrollmentList,
+    /// The challenge is the service's, current, for this request, unused.
+    Challenge,
+    /// The credential was opened: the AK lives in the EK's TPM.
+    Activation,
+    /// The device CA key is TPM-resident and non-exportable.
+    Certification,
+    /// The CSR is signed by the certified key.
+    Csr,
+    /// The device id is the one assigned, held by no other device.
+    DeviceId,
+    /// Issuing and recording (the service's own failures).
+    Issue,
+}
+
+impl fmt::Display for Step {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Request => "request",
+            Self::FactoryChain => "factory-chain",
+            Self::Revoked => "revoked",
+            Self::EnrollmentList => "enrollment-list",
+            Self::Challenge => "challenge",
+            Self::Activation => "activation",
+            Self::Certification => "certification",
+            Self::Csr => "csr",
+            Self::DeviceId => "device-id",
+            Self::Issue => "issue",
+        })
+    }
+}
+
+/// Why a device was not enrolled.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    /// The step that refused.
+    pub step: Step,
+    /// Why.
+    pub reason: String,
+}
+
+impl fmt::Display for Refusal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "refused at {}: {}", self.step, self.reason)
+    }
+}
+
+impl std::error::Error for Refusal {}
+
+fn at(step: Step) -> impl Fn(String) -> Refusal {
+    move |reason| Refusal { step, reason }
+}
+
+/// The enrollment list: which devices may enroll, as what.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct List {
+    /// Individual entries: one device by its factory certificate.
+    #[serde(default)]
+    pub device: Vec<DeviceEntry>,
+    /// Group entries: every device whose factory certificate a
+    /// manufacturer CA issued, under an id pattern.
+    #[serde(default)]
+    pub group: Vec<GroupEntry>,
+}
+
+/// One device.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeviceEntry {
+    /// `sha256:<hex>` of its factory certificate (DER).
+    pub factory: String,
+    /// The id it gets.
+    pub device_id: String,
+    /// The groups it is in.
+    #[serde(default)]
+    pub groups: Vec<String>,
+}
+
+/// Devices of one manufacturer CA.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GroupEntry {
+    /// `sha256:<hex>` of the CA certificate (DER) that issued their
+    /// factory certificates.
+    pub manufacturer: String,
+    /// The ids they may take: literal, or with one `*` standing for one
+    /// or more id characters.
+    pub device_id: String,
+    /// The groups they are in.
+    #[serde(default)]
+    pub groups: Vec<String>,
+}
+
+impl List {
+    /// Parses and checks an enrollment list (TOML).
+    ///
+    /// # Errors
+    ///
+    /// Not TOML of this shape, a bad fingerprint, id, pattern or group;
+    /// named.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let list: Self = toml::from_str(text).map_err(|e| format!("enrollment list: {e}"))?;
+        for d in &list.device {
+            fingerprint_ok(&d.factory)?;
+            if !crate::identity::valid_path_segment(&d.device_id) {
+                return Err(format!(
+                    "enrollment list: device id {:?} is not a valid id",
+                    d.device_id
+                ));
+            }
+            groups_ok(&d.groups)?;
+        }
+        for g in &list.group {
+            fingerprint_ok(&g.manufacturer)?;
+            let literal = g.device_id.replacen('*', "x", 1);
+            if !crate::identity::valid_path_segment(&literal) {
+                return Err(format!(
+                    "enrollment list: id pattern {:?} is not an id with at most one '*'",
+                    g.device_id
+                ));
+            }
+            groups_ok(&g.groups)?;
+        }
+        Ok(list)
+    }
+
+    /// The entry that admits a device whose factory certificate has
+    /// fingerprint `factory`, issued by the CA with fingerprint `issuer`,
+    /// and the id it assigns for `requested` (the individual entry wins).
+    fn admits(
+        &self,
+        factory: &str,
+        issuer: &str,
+        requested: &str,
+    ) -> Result<(String, Vec<String>), String> {
+        if let Some(d) = self.device.iter().find(|d| d.factory == factory) {
+            return Ok((d.device_id.clone(), d.groups.clone()));
+        }
+        let groups: Vec<&GroupEntry> = self
+            .group
+            .iter()
+            .filter(|g| g.manufacturer == issuer)
+            .collect();
+        if groups.is_empty() {
+            return Err(format!(
+                "neither the factory certificate ({factory}) nor its manufacturer CA ({issuer}) \
+                 is on the enrollment list"
+            ));
+        }
+        groups
+            .iter()
+            .find(|g| pattern_matches(&g.device_id, requested))
+            .map(|g| (requested.to_owned(), g.groups.clone()))
+            .ok_or_else(|| {
+                format!(
+                    "the manufacturer's entry admits ids {}, not {requested:?}",
+                    groups
+                        .iter()
+                        .map(|g| format!("{:?}", g.device_id))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )
+            })
+    }
+}
+
+fn fingerprint_ok(f: &str) -> Result<(), String> {
+    match f.strip_prefix("sha256:") {
+        Some(h)
+            if h.len() == 64
+                && h.bytes()
+                    .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()) =>
+        {
+            Ok(())
+        }
+        _ => Err(format!(
+            "enrollment list: {f:?} is not sha256:<64 lowercase hex digits>"
+        )),
+    }
+}
+
+fn groups_ok(groups: &[String]) -> Result<(), String> {
+    match groups
+        .iter()
+        .find(|g| !crate::cloud::topics::valid_group(g))
+    {
+        Some(g) => Err(format!("enrollment list: {g:?} is not a valid group name")),
+        None => Ok(()),
+    }
+}
+
+/// Whether `id` matches `pattern` (literal, or one `*` for one or more
+/// characters).
+fn pattern_matches(pattern: &str, id: &str) -> bool {
+    match pattern.split_once('*') {
+        None => pattern == id,
+        Some((head, tail)) => {
+            id.len() > head.len() + tail.len() && id.starts_with(head) && id.ends_with(tail)
+        }
+    }
+}
+
+/// `sha256:<hex>` of `der`.
+pub fn fingerprint(der: &[u8]) -> String {
+    format!("sha256:{}", hex(&Sha256::digest(der)))
+}
+
+/// The organisation CA's key (P-256, from a PEM file) as rcgen signs
+/// with it.
+pub struct CaKey {
+    key: p256::ecdsa::SigningKey,
+    point: Vec<u8>,
+}
+
+impl fmt::Debug for CaKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CaKey")
+            .field("point", &hex(&self.point))
+            .finish_non_exhaustive()
+    }
+}
+
+impl CaKey {
+    /// Reads a PKCS#8 or SEC1 PEM P-256 private key.
+    ///
+    /// # Errors
+    ///
+    /// Not such a key; named.
+    pub fn from_pem(pem: &str) -> Result<Self, String> {
+        use p256::pkcs8::DecodePrivateKey as _;
+        let secret = p256::SecretKey::from_pkcs8_pem(pem)
+            .or_else(|_| p256::SecretKey::from_sec1_pem(pem))
+            .map_err(|_| "the CA key is not a PEM P-256 private key (PKCS#8 or SEC1)".to_owned())?;
+        let key = p256::ecdsa::SigningKey::from(secret);
+        let point = key
+            .verifying_key()
+            .to_encoded_point(false)
+            .as_bytes()
+            .to_vec();
+        Ok(Self { key, point })
+    }
+}
+
+impl PublicKeyData for CaKey {
+    fn der_bytes(&self) -> &[u8] {
+        &self.point
+    }
+    fn algorithm(&self) -> &'static SignatureAlgorithm {
+        &rcgen::PKCS_ECDSA_P256_SHA256
+    }
+}
+
+impl SigningKey for CaKey {
+    fn sign(&self, msg: &[u8]) -> Result<Vec<u8>, rcgen::Error> {
+        use p256::ecdsa::signature::Signer as _;
+        let sig: p256::ecdsa::Signature = self.key.sign(msg);
+        Ok(sig.to_der().as_bytes().to_vec())
+    }
+}
+
+/// What the service runs with.
+#[derive(Debug)]
+pub struct Settings {
+    /// The manufacturer roots (and intermediates) a factory certificate
+    /// must be issued by (DER).
+    pub manufacturers: Vec<Vec<u8>>,
+    /// Revoked certificates (factory or manufacturer), by fingerprint.
+    pub revoked: BTreeSet<String>,
+    /// The enrollment list.
+    pub list: List,
+    /// The organisation CA's certificate (DER), which issues.
+    pub ca_certificate: Vec<u8>,
+    /// What follows the device CA certificate in the chain (PEM: the
+    /// organisation CA's certificate and its issuers).
+    pub ca_chain: String,
+    /// Its key.
+    pub ca_key: CaKey,
+    /// The trust domain of the devices' SPIFFE IDs.
+    pub trust_domain: String,
+    /// The DNS suffix of the devices' names: a device CA may certify
+    /// `<device id>.<suffix>` and names under it, no IP address.
+    pub dns_suffix: String,
+    /// How long a device CA certificate is valid.
+    pub lifetime: Duration,
+    /// How long a challenge is.
+    pub challenge_ttl: Duration,
+    /// The key challenges are authenticated with (shared by instances).
+    pub challenge_key: [u8; 32],
+    /// The audit log (JSON lines; shared by instances on one host).
+    pub audit: PathBuf,
+}
+
+/// The service.
+#[derive(Debug)]
+pub struct Service {
+    s: Settings,
+}
+
+/// What a request's factory certificate says, once checked.
+struct Admitted {
+    /// Its fingerprint.
+    fingerprint: String,
+    /// The EK's SubjectPublicKeyInfo (DER).
+    ek_spki: Vec<u8>,
+    /// The id and groups the list assigns.
+    device_id: String,
+    groups: Vec<String>,
+    /// The AK's name and point.
+    ak_name: Vec<u8>,
+    ak_point: Vec<u8>,
+}
+
+/// The SHA-256 (hex) of `request`'s canonical JSON: what a challenge
+/// answers.
+///
+/// # Errors
+///
+/// It cannot be serialized.
+pub fn request_digest(request: &Request) -> Result<String, String> {
+    let value = serde_json::to_value(request).map_err(|e| e.to_string())?;
+    Ok(hex(&Sha256::digest(jcs::canonical(&value)?.as_bytes())))
+}
+
+fn hmac(key: &[u8; 32], parts: &[&[u8]]) -> [u8; 32] {
+    let mut ctx =
+        ring::hmac::Context::with_key(&ring::hmac::Key::new(ring::hmac::HMAC_SHA256, key));
+    for p in parts {
+        ctx.update(&(p.len() as u64).to_be_bytes());
+        ctx.update(p);
+    }
+    let mut out = [0u8; 32];
+    out.copy_from_slice(ctx.sign().as_ref());
+    out
+}
+
+/// Equal, in time that does not depend on where they differ.
+fn ct_eq(a: &[u8], b: &[u8]) -> bool {
+    use p256::elliptic_curve::subtle::ConstantTimeEq as _;
+    a.len() == b.len() && bool::from(a.ct_eq(b))
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+impl Service {
+    /// A service with `settings`.
+    pub fn new(settings: Settings) -> Self {
+        Self { s: settings }
+    }
+
+    /// The first answer: checks the request and makes its challenge.
+    ///
+    /// # Errors
+    ///
+    /// The first step that refuses.
+    pub fn challenge(&self, request: &Request) -> Result<Challenge, Refusal> {
+        let f = self.check_request(request)?;
+        let digest = request_digest(request).map_err(at(Step::Request))?;
+        let mut nonce = [0u8; 32];
+        getrandom::fill(&mut nonce).map_err(|e| at(Step::Issue)(format!("random: {e}")))?;
+        let expires = unix_now() + self.s.challenge_ttl.as_secs();
+        let secret = self.secret(&digest, &nonce);
+        let c =
+            credential::make(&f.ek_spki, &f.ak_name, &secret).map_err(at(Step::FactoryChain))?;
+        let mut challenge = Challenge {
+            v: VERSION,
+            request: digest,
+            nonce: Bytes(nonce.to_vec()),
+            expires,
+            id_object: Bytes(c.id_object),
+            secret: Bytes(c.secret),
+            mac: Bytes(Vec::new()),
+        };
+        challenge.mac = Bytes(self.mac(&challenge).to_vec());
+        Ok(challenge)
+    }
+
+    fn secret(&self, digest: &str, nonce: &[u8]) -> [u8; 32] {
+        hmac(
+            &self.s.challenge_key,
+            &[b"edgeward enroll credential v1", digest.as_bytes(), nonce],
+        )
+    }
+
+    fn mac(&self, c: &Challenge) -> [u8; 32] {
+        hmac(
+            &self.s.challenge_key,
+            &[
+                b"edgeward enroll challenge v1",
+                c.request.as_bytes(),
+                &c.nonce.0,
+                &c.expires.to_be_bytes(),
+                &c.id_object.0,
+                &c.secret.0,
+            ],
+        )
+    }
+
+    /// The second answer: checks the proof, issues and records.
+    ///
+    /// # Errors
+    ///
+    /// The first step that refuses; nothing is issued or recorded then.
+    pub fn complete(&self, proof: &Proof) -> Result<Issued, Refusal> {
+        if proof.v != VERSION {
+            return Err(at(Step::Request)(format!(
+                "protocol version {} (this service speaks {VERSION})",
+                proof.v
+            )));
+        }
+        let f = self.check_request(&proof.request)?;
+        // The challenge: ours, current, for this request.
+        let c = &proof.challenge;
+        let challenge = at(Step::Challenge);
+        let expected = self.mac(c);
+        if !ct_eq(&expected, &c.mac.0) {
+            return Err(challenge(
+                "the challenge was not made by this service (its MAC does not verify)".into(),
+            ));
+        }
+        if c.request != request_digest(&proof.request).map_err(at(Step::Request))? {
+            return Err(challenge(
+                "the challenge was made for another request".into(),
+            ));
+        }
+        if unix_now() > c.expires {
+            return Err(challenge("the challenge has expired: start again".into()));
+        }
+        // The credential opened: only the TPM with this EK and this AK can.
+        let secret = self.secret(&c.request, &c.nonce.0);
+        if !ct_eq(&secret, &proof.activated.0) {
+            return Err(at(Step::Activation)(
+                "the credential's secret is wrong: the attestation key is not in the TPM of that \
+                 endorsement key"
+                    .into(),
+            ));
+        }
+        // The device CA key is in that TPM, fixed to it.
+        let certified = certify::verify(&proof.certification(), &c.nonce.0, Some(&f.ak_point))
+            .map_err(at(Step::Certification))?;
+        // The CSR is that key's.
+        check_csr(&proof.request.csr, &certified.point).map_err(at(Step::Csr))?;
+        if proof.request.device_id != f.device_id {
+            return Err(at(Step::DeviceId)(format!(
+                "the device asks for {:?}; the enrollment list assigns {:?}",
+                proof.request.device_id, f.device_id
+            )));
+        }
+        // Issued under the audit log's lock and recorded before it is
+        // answered: an enrollment the device holds is one the
+        // organisation knows.
+        let entry = AuditEntry {
+            time: unix_now(),
+            event: "enrolled".into(),
+            device_id: f.device_id.clone(),
+            factory: f.fingerprint.clone(),
+            key: hex(&Sha256::digest(&certified.point)),
+            nonce: hex(&c.nonce.0),
+            groups: f.groups.clone(),
+        };
+        let chain = record(&self.s.audit, entry, || {
+            self.issue(&f.device_id, &certified.point)
+        })?;
+        Ok(Issued {
+            v: VERSION,
+            device_id: f.device_id,
+            groups: f.groups,
+            chain,
+        })
+    }
+
+    /// The checks both messages pass: shape, factory chain, revocation,
+    /// the list.
+    fn check_request(&self, r: &Request) -> Result<Admitted, Refusal> {
+        let bad = at(Step::Request);
+        if r.v != VERSION {
+            return Err(bad(format!(
+                "protocol version {} (this service speaks {VERSION})",
+                r.v
+            )));
+        }
+        if !crate::identity::valid_path_segment(&r.device_id) {
+            return Err(bad(format!(
+                "device id {:?} is not a valid id",
+                r.device_id
+            )));
+        }
+        let Factory::Tpm {
+            ek_certificate,
+            ak_public,
+        } = &r.factory;
+        let ak = crate::attest::wire::parse_ecc_public_as(&ak_public.0, "the attestation key")
+            .map_err(&bad)?;
+        let (_, ek) = X509Certificate::from_der(&ek_certificate.0)
+            .map_err(|e| bad(format!("the EK certificate is not DER X.509: {e}")))?;
+        let issuer = self.chain(&ek).map_err(at(Step::FactoryChain))?;
+        let issuer_fp = fingerprint(&self.s.manufacturers[issuer]);
+        let fingerprint = fingerprint(&ek_certificate.0);
+        for (what, fp) in [
+            ("factory certificate", &fingerprint),
+            ("manufacturer CA", &issuer_fp),
+        ] {
+            if self.s.revoked.contains(fp) {
+                return Err(at(Step::Revoked)(format!("the {what} ({fp}) is revoked")));
+            }
+        }
+        let (device_id, groups) = self
+            .s
+            .list
+            .admits(&fingerprint, &issuer_fp, &r.device_id)
+            .map_err(at(Step::EnrollmentList))?;
+        Ok(Admitted {
+            fingerprint,
+            ek_spki: ek.public_key().raw.to_vec(),
+            device_id,
+            groups,
+            ak_name: ak.name,
+            ak_point: ak.point,
+        })
+    }
+
+    /// The index of the manufacturer certificate that issued `ek` (valid
+    /// now, a CA).
+    fn chain(&self, ek: &X509Certificate<'_>) -> Result<usize, String> {
+        let now = x509_parser::time::ASN1Time::now();
+        if !ek.validity().is_valid_at(now) {
+            return Err(format!(
+                "the factory certificate ({}) is outside its validity period",
+                ek.subject()
+            ));
+        }
+        for (i, der) in self.s.manufacturers.iter().enumerate() {
+            let Ok((_, ca)) = X509Certificate::from_der(der) else {
+                continue;
+            };
+            if ca.subject() != ek.issuer() || ek.verify_signature(Some(ca.public_key())).is_err() {
+                continue;
+            }
+            let is_ca = ca
+                .basic_constraints()
+                .ok()
+                .flatten()
+                .is_some_and(|b| b.value.ca);
+            if !is_ca || !ca.validity().is_valid_at(now) {
+                return Err(format!(
+                    "{} issued it, but is not a CA valid now",
+                    ca.subject()
+                ));
+            }
+            return Ok(i);
+        }
+        Err(format!(
+            "the factory certificate ({}) is not issued by a trusted manufacturer CA (its issuer: {})",
+            ek.subject(),
+            ek.issuer()
+        ))
+    }
+
+    /// The device CA certificate for `point`, then the organisation's chain.
+    fn issue(&self, device_id: &str, point: &[u8]) -> Result<String, String> {
+        let mut p = CertificateParams::default();
+        p.distinguished_name = edgeward_name(device_id);
+        let spiffe = format!("spiffe://{}/device/{device_id}", self.s.trust_domain);
+        p.subject_alt_names = vec![SanType::URI(
+            spiffe
+                .clone()
+                .try_into()
+                .map_err(|e| format!("{spiffe} as a SAN: {e}"))?,
+        )];
+        p.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        let dns = format!("{device_id}.{}", self.s.dns_suffix);
+        let mut constraints = rcgen::CustomExtension::from_oid_content(
+            &[2, 5, 29, 30],
+            name_constraints(&self.s.trust_domain, &dns),
+        );
+        constraints.set_criticality(true);
+        p.custom_extensions = vec![constraints];
+        let now = unix_now();
+        let time = |t: u64| {
+            ::time::OffsetDateTime::from_unix_timestamp(i64::try_from(t).unwrap_or(i64::MAX))
+                .map_err(|e| e.to_string())
+        };
+        p.not_before = time(now.saturating_sub(BACKDATE.as_secs()))?;
+        p.not_after = time(now + self.s.lifetime.as_secs())?;
+        let mut serial = [0u8; 16];
+        getrandom::fill(&mut serial).map_err(|e| format!("random: {e}"))?;
+        serial[0] = (serial[0] & 0x7f) | 0x40;
+        p.serial_number = Some(rcgen::SerialNumber::from_slice(&serial));
+        p.use_authority_key_identifier_extension = true;
+        p.key_identifier_method = KeyIdMethod::PreSpecified(key_identifier(point));
+        let issuer =
+            rcgen::Issuer::from_ca_cert_der(&self.s.ca_certificate.clone().into(), &self.s.ca_key)
+                .map_err(|e| format!("the organisation CA certificate: {e}"))?;
+        let cert = p
+            .signed_by(&PublicP256(point.to_vec()), &issuer)
+            .map_err(|e| format!("signing the device CA certificate: {e}"))?;
+        Ok(format!("{}{}", cert.pem(), self.s.ca_chain))
+    }
+}
+
+/// The nameConstraints a device CA gets (RFC 5280 4.2.1.10, DER; rcgen
+/// has no URI subtrees): URIs of the trust domain, DNS names under the
+/// device's, no IPv4 or IPv6 address (what the device's identity
+/// requires of its CA certificate).
+fn name_constraints(trust_domain: &str, dns: &str) -> Vec<u8> {
+    fn der(tag: u8, content: &[u8]) -> Vec<u8> {
+        let mut v = vec![tag];
+        match content.len() {
+            n @ 0..=127 => v.push(n as u8),
+            n @ 128..=255 => v.extend([0x81, n as u8]),
+            n => v.extend([0x82, (n >> 8) as u8, n as u8]),
+        }
+        v.extend_from_slice(content);
+        v
+    }
+    let subtree = |tag: u8, name: &[u8]| der(0x30, &der(tag, name));
+    let permitted = [
+        subtree(0x86, trust_domain.as_bytes()),
+        subtree(0x82, dns.as_bytes()),
+    ]
+    .concat();
+    let excluded = [subtree(0x87, &[0; 8]), subtree(0x87, &[0; 32])].concat();
+    der(
+        0x30,
+        &[der(0xa0, &permitted), der(0xa1, &excluded)].concat(),
+    )
+}
+
+/// The CSR (PEM) is signed by, and carries, the key `point`.
+fn check_csr(pem: &str, point: &[u8]) -> Result<(), String> {
+    use x509_parser::certification_request::X509CertificationRequest;
+    let (_, block) = x509_parser::pem::parse_x509_pem(pem.as_bytes())
+        .map_err(|e| format!("the CSR is not PEM: {e}"))?;
+    if block.label != "CERTIFICATE REQUEST" {
+        return Err(format!(
+            "the CSR is a PEM {:?}, not a CERTIFICATE REQUEST",
+            block.label
+        ));
+    }
+    let (_, csr) = X509CertificationRequest::from_der(&block.contents)
+        .map_err(|e| format!("the CSR is not a DER PKCS#10 request: {e}"))?;
+    csr.verify_signature()
+        .map_err(|e| format!("the CSR's signature does not verify: {e}"))?;
+    if csr
+        .certification_request_info
+        .subject_pki
+        .subject_public_key
+        .data
+        .as_ref()
+        != point
+    {
+        return Err("the CSR carries another key than the certified device CA key".into());
+    }
+    Ok(())
+}
+
+/// One line of the audit log.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditEntry {
+    /// Unix seconds.
+    pub time: u64,
+    /// `enrolled`.
+    pub event: String,
+    /// The device id.
+    pub device_id: String,
+    /// Its factory certificate's fingerprint.
+    pub factory: String,
+    /// The SHA-256 of the certified device CA key's point (hex).
+    pub key: String,
+    /// The challenge nonce used (hex): used once.
+    pub nonce: String,
+    /// The groups assigned.
+    pub groups: Vec<String>,
+}
+
+/// Reads the audit log.
+///
+/// # Errors
+///
+/// It cannot be read, or a line is not an entry (named by number).
+pub fn audit_entries(path: &Path) -> Result<Vec<AuditEntry>, String> {
+    let file = match std::fs::File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(format!("{}: {e}", path.display())),
+    };
+    let mut out = Vec::new();
+    for (i, line) in std::io::BufReader::new(file).lines().enumerate() {
+        let line = line.map_err(|e| format!("{}: {e}", path.display()))?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        out.push(
+            serde_json::from_str(&line)
+                .map_err(|e| format!("{} line {}: {e}", path.display(), i + 1))?,
+        );
+    }
+    Ok(out)
+}
+
+/// Under an exclusive lock on the audit log: checks `entry` against what
+/// the log holds (written by any instance: the nonce unused, the id held
+/// by no other device), issues, appends `entry` and syncs it.
+fn record(
+    path: &Path,
+    entry: AuditEntry,
+    issue_certificate: impl FnOnce() -> Result<String, String>,
+) -> Result<String, Refusal> {
+    let issue = at(Step::Issue);
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .read(true)
+        .open(path)
+        .map_err(|e| issue(format!("audit log {}: {e}", path.display())))?;
+    rustix::fs::flock(&file, rustix::fs::FlockOperation::LockExclusive)
+        .map_err(|e| issue(format!("locking the audit log: {e}")))?;
+    let entries = audit_entries(path).map_err(&issue)?;
+    if entries.iter().any(|e| e.nonce == entry.nonce) {
+        return Err(at(Step::Challenge)(
+            "the challenge was already used: a replayed proof".into(),
+        ));
+    }
+    if let Some(other) = entries
+        .iter()
+        .rev()
+        .find(|e| e.device_id == entry.device_id && e.factory != entry.factory)
+    {
+        return Err(at(Step::DeviceId)(format!(
+            "{:?} is held by another device (factory certificate {})",
+            entry.device_id, other.factory
+        )));
+    }
+    let chain = issue_certificate().map_err(&issue)?;
+    let mut line = serde_json::to_string(&entry).map_err(|e| issue(e.to_string()))?;
+    line.push('\n');
+    let mut f = &file;
+    f.write_all(line.as_bytes())
+        .and_then(|()| file.sync_data())
+        .map_err(|e| issue(format!("writing the audit log: {e}")))?;
+    Ok(chain)
+}

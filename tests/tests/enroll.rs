@@ -1,0 +1,454 @@
+//! Zero-touch enrollment on real TPM simulators (swtpm with EK
+//! certificates from a local manufacturer CA): a device proves its device
+//! CA key lives in its TPM and the organisation's service certifies it;
+//! every way of cheating is refused at its step, and nothing is issued or
+//! recorded then.
+
+#![allow(clippy::unwrap_used)]
+
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::process::Command;
+use std::sync::Arc;
+use std::time::Duration;
+
+use edgeward::enroll::service::{
+    List, Refusal, Service, Settings, Step, audit_entries, fingerprint,
+};
+use edgeward::enroll::{self, Bytes, Proof, Request};
+use edgeward::hsm::Hsm;
+use edgeward::hsm::soft::SoftHsm;
+use edgeward_hsm_hw::tpm::TpmHsm;
+use edgeward_tests::fixtures::Swtpm;
+
+/// A device: a TPM with an EK certificate, its manufacturer's CA bundle,
+/// and the HSM over it.
+struct Device {
+    _tpm: Swtpm,
+    _state: tempfile::TempDir,
+    manufacturer: std::path::PathBuf,
+    hsm: Arc<dyn Hsm>,
+}
+
+impl Device {
+    fn new() -> Self {
+        let (tpm, manufacturer) = Swtpm::start_with_ek_certificate();
+        let state = tempfile::tempdir().unwrap();
+        let hsm: Arc<dyn Hsm> = Arc::new(TpmHsm::open(state.path(), tpm.config()).unwrap());
+        Self {
+            _tpm: tpm,
+            _state: state,
+            manufacturer,
+            hsm,
+        }
+    }
+
+    fn ek_fingerprint(&self) -> String {
+        fingerprint(&self.hsm.endorsement_certificate().unwrap().unwrap())
+    }
+
+    fn request(&self, id: &str) -> Request {
+        enroll::request(&self.hsm, id, "example.org").unwrap()
+    }
+}
+
+/// The organisation: its CA (openssl), a challenge key, an audit log.
+struct Org {
+    dir: tempfile::TempDir,
+    challenge_key: [u8; 32],
+}
+
+impl Org {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let out = Command::new("openssl")
+            .current_dir(dir.path())
+            .args(["req", "-x509", "-newkey", "ec", "-pkeyopt"])
+            .args(["ec_paramgen_curve:P-256", "-nodes", "-keyout", "ca.key"])
+            .args([
+                "-out",
+                "ca.pem",
+                "-days",
+                "2",
+                "-subj",
+                "/O=example/CN=workloads",
+            ])
+            .args(["-addext", "basicConstraints=critical,CA:TRUE"])
+            .args(["-addext", "keyUsage=critical,keyCertSign,cRLSign"])
+            .output()
+            .expect("openssl");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let mut challenge_key = [0u8; 32];
+        getrandom::fill(&mut challenge_key).unwrap();
+        Self { dir, challenge_key }
+    }
+
+    fn audit(&self) -> std::path::PathBuf {
+        self.dir.path().join("audit.jsonl")
+    }
+
+    /// A service trusting `manufacturers` (PEM bundles), with `list`.
+    fn service(&self, manufacturers: &[&Path], list: &str, revoked: &[String]) -> Service {
+        self.service_for(manufacturers, list, revoked, Duration::from_secs(300))
+    }
+
+    /// The same, its challenges lasting `ttl`.
+    fn service_for(
+        &self,
+        manufacturers: &[&Path],
+        list: &str,
+        revoked: &[String],
+        ttl: Duration,
+    ) -> Service {
+        let ca_pem = std::fs::read_to_string(self.dir.path().join("ca.pem")).unwrap();
+        let mut roots = Vec::new();
+        for m in manufacturers {
+            roots.extend(
+                edgeward::attest::verify::pem_certificates(&std::fs::read(m).unwrap(), "ca")
+                    .unwrap(),
+            );
+        }
+        Service::new(Settings {
+            manufacturers: roots,
+            revoked: revoked.iter().cloned().collect::<BTreeSet<_>>(),
+            list: List::parse(list).unwrap(),
+            ca_certificate: edgeward::attest::verify::pem_certificates(ca_pem.as_bytes(), "ca")
+                .unwrap()
+                .remove(0),
+            ca_chain: ca_pem,
+            ca_key: edgeward::enroll::service::CaKey::from_pem(
+                &std::fs::read_to_string(self.dir.path().join("ca.key")).unwrap(),
+            )
+            .unwrap(),
+            trust_domain: "example.org".into(),
+            dns_suffix: "edge.example.org".into(),
+            lifetime: Duration::from_secs(30 * 86_400),
+            challenge_ttl: ttl,
+            challenge_key: self.challenge_key,
+            audit: self.audit(),
+        })
+    }
+}
+
+fn individual(fp: &str, id: &str) -> String {
+    format!("[[device]]\nfactory = \"{fp}\"\ndevice_id = \"{id}\"\ngroups = [\"line-a\"]\n")
+}
+
+/// The whole exchange for `request`.
+fn enroll_with(
+    service: &Service,
+    hsm: &dyn Hsm,
+    request: &Request,
+) -> Result<edgeward::enroll::Issued, Refusal> {
+    let challenge = service.challenge(request)?;
+    let proof = enroll::prove(hsm, request, &challenge).unwrap();
+    service.complete(&proof)
+}
+
+fn refused_at(r: Result<impl std::fmt::Debug, Refusal>, step: Step, says: &str) {
+    let e = r.expect_err("enrolled");
+    assert_eq!(e.step, step, "{e}");
+    assert!(e.reason.contains(says), "{e}");
+}
+
+fn openssl_text(cert: &Path) -> String {
+    let out = Command::new("openssl")
+        .args(["x509", "-noout", "-text", "-in"])
+        .arg(cert)
+        .output()
+        .unwrap();
+    String::from_utf8(out.stdout).unwrap()
+}
+
+#[test]
+fn a_tpm_device_enrolls_and_openssl_verifies_its_device_ca() {
+    let d = Device::new();
+    let org = Org::new();
+    let service = org.service(
+        &[&d.manufacturer],
+        &individual(&d.ek_fingerprint(), "dev-1"),
+        &[],
+    );
+    let request = d.request("dev-1");
+    let challenge = service.challenge(&request).unwrap();
+    let proof = enroll::prove(d.hsm.as_ref(), &request, &challenge).unwrap();
+    // Through the wire format and back, as the broker carries it.
+    let proof: Proof = enroll::parse(&serde_json::to_vec(&proof).unwrap(), "proof").unwrap();
+    let issued = service.complete(&proof).unwrap();
+    assert_eq!(issued.device_id, "dev-1");
+    assert_eq!(issued.groups, ["line-a"]);
+
+    // openssl: the chain verifies to the organisation's CA, for the HSM's
+    // device CA key, a CA that may issue only end-entity certificates.
+    let dir = tempfile::tempdir().unwrap();
+    let chain = dir.path().join("chain.pem");
+    std::fs::write(&chain, &issued.chain).unwrap();
+    let out = Command::new("openssl")
+        .args(["verify", "-CAfile"])
+        .arg(org.dir.path().join("ca.pem"))
+        .arg(&chain)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "openssl verify: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = openssl_text(&chain);
+    assert!(text.contains("CA:TRUE, pathlen:0"), "{text}");
+    assert!(
+        text.contains("URI:spiffe://example.org/device/dev-1"),
+        "{text}"
+    );
+    assert!(text.contains("CN = dev-1"), "{text}");
+    let point = d.hsm.public_key("device-ca").unwrap();
+    let pub_hex: String = point.iter().map(|b| format!("{b:02x}:")).collect();
+    let listed: String = text
+        .split("pub:")
+        .nth(1)
+        .unwrap()
+        .split("ASN1 OID")
+        .next()
+        .unwrap()
+        .chars()
+        .filter(|c| c.is_ascii_hexdigit() || *c == ':')
+        .collect();
+    assert!(pub_hex.starts_with(&listed), "{listed} vs {pub_hex}");
+
+    assert!(text.contains("Permitted:\n                  URI:example.org\n                  DNS:dev-1.edge.example.org"), "{text}");
+    // The device's identity takes the chain as its device CA.
+    let state = tempfile::tempdir().unwrap();
+    edgeward::identity::authority::Authority::open(
+        d.hsm.clone(),
+        "dev-1",
+        "example.org",
+        Some(&chain),
+        state.path(),
+    )
+    .unwrap();
+
+    // Recorded: who, from which factory identity.
+    let audit = audit_entries(&org.audit()).unwrap();
+    assert_eq!(audit.len(), 1);
+    assert_eq!(audit[0].device_id, "dev-1");
+    assert_eq!(audit[0].factory, d.ek_fingerprint());
+
+    // The same proof again: a replay, refused, nothing more recorded.
+    refused_at(service.complete(&proof), Step::Challenge, "already used");
+    assert_eq!(audit_entries(&org.audit()).unwrap().len(), 1);
+    // Re-enrolment (a reset device, the same TPM) is a fresh exchange.
+    enroll_with(&service, d.hsm.as_ref(), &d.request("dev-1")).unwrap();
+    assert_eq!(audit_entries(&org.audit()).unwrap().len(), 2);
+}
+
+#[test]
+fn each_way_of_cheating_is_refused_at_its_step() {
+    let a = Device::new();
+    let b = Device::new();
+    let org = Org::new();
+    let fp_a = a.ek_fingerprint();
+    let list = individual(&fp_a, "dev-a");
+    let service = org.service(&[&a.manufacturer], &list, &[]);
+    let request = a.request("dev-a");
+
+    // An untrusted manufacturer; a revoked certificate or manufacturer; an
+    // EK the list does not name.
+    let other_root = org.service(&[&b.manufacturer], &list, &[]);
+    refused_at(
+        other_root.challenge(&request),
+        Step::FactoryChain,
+        "not issued by a trusted",
+    );
+    let revoked = org.service(&[&a.manufacturer], &list, std::slice::from_ref(&fp_a));
+    refused_at(
+        revoked.challenge(&request),
+        Step::Revoked,
+        "factory certificate",
+    );
+    let bundle = std::fs::read(&a.manufacturer).unwrap();
+    let issuers: Vec<String> = edgeward::attest::verify::pem_certificates(&bundle, "ca")
+        .unwrap()
+        .iter()
+        .map(|c| fingerprint(c))
+        .collect();
+    let revoked = org.service(&[&a.manufacturer], &list, &issuers);
+    refused_at(
+        revoked.challenge(&request),
+        Step::Revoked,
+        "manufacturer CA",
+    );
+    let unlisted = org.service(
+        &[&a.manufacturer],
+        &individual(&b.ek_fingerprint(), "dev-a"),
+        &[],
+    );
+    refused_at(
+        unlisted.challenge(&request),
+        Step::EnrollmentList,
+        "nor its manufacturer CA",
+    );
+
+    // A's EK certificate with B's attestation key: the challenge is made
+    // for them together, and neither TPM can open it.
+    let mut mixed = request.clone();
+    let (
+        enroll::Factory::Tpm { ak_public, .. },
+        enroll::Factory::Tpm {
+            ak_public: b_ak, ..
+        },
+    ) = (&mut mixed.factory, &b.request("dev-a").factory);
+    *ak_public = b_ak.clone();
+    let challenge = service.challenge(&mixed).unwrap();
+    let e = enroll::prove(b.hsm.as_ref(), &mixed, &challenge).unwrap_err();
+    assert!(e.contains("cannot open"), "{e}");
+    // ...and a guessed secret with B's genuine certification is refused.
+    let c = b
+        .hsm
+        .certify("device-ca", "attestation", &challenge.nonce.0)
+        .unwrap();
+    let forged = Proof {
+        v: enroll::VERSION,
+        request: mixed.clone(),
+        challenge: challenge.clone(),
+        activated: Bytes(vec![0; 32]),
+        certify_message: Bytes(c.message),
+        certify_signature: Bytes(c.signature),
+        certified_public: Bytes(c.public),
+    };
+    refused_at(
+        service.complete(&forged),
+        Step::Activation,
+        "not in the TPM",
+    );
+
+    // A CSR for a key that is not the certified one (a soft key).
+    let soft_dir = tempfile::tempdir().unwrap();
+    let soft: Arc<dyn Hsm> = Arc::new(SoftHsm::open(soft_dir.path()).unwrap());
+    let mut other_csr = request.clone();
+    other_csr.csr = edgeward::identity::authority::device_ca_csr(
+        &soft,
+        "dev-a",
+        "spiffe://example.org/device/dev-a",
+    )
+    .unwrap();
+    refused_at(
+        enroll_with(&service, a.hsm.as_ref(), &other_csr),
+        Step::Csr,
+        "another key",
+    );
+
+    // Another device's id.
+    refused_at(
+        enroll_with(&service, a.hsm.as_ref(), &a.request("dev-b")),
+        Step::DeviceId,
+        "assigns \"dev-a\"",
+    );
+
+    // Challenges: forged, for another request, expired.
+    let challenge = service.challenge(&request).unwrap();
+    let good = enroll::prove(a.hsm.as_ref(), &request, &challenge).unwrap();
+    let mut forged = good.clone();
+    forged.challenge.expires += 3600;
+    refused_at(
+        service.complete(&forged),
+        Step::Challenge,
+        "not made by this service",
+    );
+    let mut other = good.clone();
+    other.request.csr = other_csr.csr.clone();
+    refused_at(service.complete(&other), Step::Challenge, "another request");
+    // A challenge from an instance whose challenges last no time at all,
+    // answered a second later.
+    let hasty = org.service_for(&[&a.manufacturer], &list, &[], Duration::ZERO);
+    let challenge = hasty.challenge(&request).unwrap();
+    let late = enroll::prove(a.hsm.as_ref(), &request, &challenge).unwrap();
+    std::thread::sleep(Duration::from_millis(1100));
+    refused_at(hasty.complete(&late), Step::Challenge, "expired");
+    // Nothing of all that was recorded.
+    assert!(audit_entries(&org.audit()).unwrap().is_empty());
+    // The genuine proof still enrolls.
+    service.complete(&good).unwrap();
+
+    // A second device the list (wrongly) assigns the same id: the audit
+    // log knows who holds it.
+    let both = format!("{list}{}", individual(&b.ek_fingerprint(), "dev-a"));
+    let service = org.service(&[&a.manufacturer, &b.manufacturer], &both, &[]);
+    refused_at(
+        enroll_with(&service, b.hsm.as_ref(), &b.request("dev-a")),
+        Step::DeviceId,
+        "held by another device",
+    );
+    assert_eq!(audit_entries(&org.audit()).unwrap().len(), 1);
+}
+
+#[test]
+fn group_entries_admit_a_manufacturers_devices_by_id_pattern() {
+    let d = Device::new();
+    let org = Org::new();
+    let bundle = std::fs::read(&d.manufacturer).unwrap();
+    // The bundle is the issuing CA, then its root: the entry names the
+    // issuer.
+    let issuer =
+        fingerprint(&edgeward::attest::verify::pem_certificates(&bundle, "ca").unwrap()[0]);
+    let list = format!(
+        "[[group]]\nmanufacturer = \"{issuer}\"\ndevice_id = \"sensor-*\"\ngroups = [\"sensors\"]\n"
+    );
+    let service = org.service(&[&d.manufacturer], &list, &[]);
+    refused_at(
+        service.challenge(&d.request("pump-1")),
+        Step::EnrollmentList,
+        "sensor-*",
+    );
+    refused_at(
+        service.challenge(&d.request("sensor-")),
+        Step::EnrollmentList,
+        "sensor-*",
+    );
+    let issued = enroll_with(&service, d.hsm.as_ref(), &d.request("sensor-17")).unwrap();
+    assert_eq!(issued.device_id, "sensor-17");
+    assert_eq!(issued.groups, ["sensors"]);
+}
+
+#[test]
+fn malformed_messages_and_lists_are_named() {
+    let e = enroll::parse::<Request>(b"{\"v\":1,\"device_id\":\"d\",\"csr\":\"\",\"factory\":{\"kind\":\"tpm\",\"ek_certificate\":\"\",\"ak_public\":\"\"},\"extra\":1}", "request").unwrap_err();
+    assert!(e.contains("unknown field"), "{e}");
+    let e = enroll::parse::<Request>(&vec![b' '; enroll::MAX_MESSAGE + 1], "request").unwrap_err();
+    assert!(e.contains("more than"), "{e}");
+    let e = enroll::parse::<Request>(
+        b"{\"v\":1,\"device_id\":\"d\",\"csr\":\"\",\"factory\":{\"kind\":\"psk\"}}",
+        "request",
+    )
+    .unwrap_err();
+    assert!(e.contains("psk"), "{e}");
+    for (list, says) in [
+        (
+            "[[device]]\nfactory = \"md5:00\"\ndevice_id = \"d\"\n",
+            "sha256:<64",
+        ),
+        (
+            &format!(
+                "[[device]]\nfactory = \"sha256:{}\"\ndevice_id = \"../x\"\n",
+                "0".repeat(64)
+            ) as &str,
+            "not a valid id",
+        ),
+        (
+            &format!(
+                "[[group]]\nmanufacturer = \"sha256:{}\"\ndevice_id = \"a*b*\"\n",
+                "0".repeat(64)
+            ),
+            "at most one",
+        ),
+        ("[[device]]\nfactory = 1\n", "enrollment list"),
+        ("[[robot]]\n", "unknown field"),
+    ] {
+        let e = List::parse(list).unwrap_err();
+        assert!(e.contains(says), "{list}: {e}");
+    }
+}
