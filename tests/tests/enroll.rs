@@ -6,6 +6,8 @@
 
 #![allow(clippy::unwrap_used)]
 
+mod common;
+
 use std::collections::BTreeSet;
 use std::path::Path;
 use std::process::Command;
@@ -451,4 +453,109 @@ fn malformed_messages_and_lists_are_named() {
         let e = List::parse(list).unwrap_err();
         assert!(e.contains(says), "{list}: {e}");
     }
+}
+
+/// The operator's side through the binary: `fleet enroll check` loads the
+/// whole configuration and names what is wrong with it; `list` shows the
+/// audit log; `revoke --device` refuses that factory identity from then on.
+#[test]
+fn the_operator_checks_lists_and_revokes_through_the_cli() {
+    use edgeward::enroll::service::Settings;
+    let d = Device::new();
+    let org = Org::new();
+    let dir = org.dir.path();
+    std::fs::write(
+        dir.join("list.toml"),
+        individual(&d.ek_fingerprint(), "dev-1"),
+    )
+    .unwrap();
+    std::fs::write(dir.join("challenge.key"), [7u8; 32]).unwrap();
+    let toml = format!(
+        "trust_domain = \"example.org\"\ndns_suffix = \"edge.example.org\"\nlifetime = \"30d\"\n\
+         manufacturers = \"{}\"\nlist = \"list.toml\"\nrevoked = \"revoked.txt\"\n\
+         ca_certificate = \"ca.pem\"\nca_key = \"ca.key\"\nchallenge_key = \"challenge.key\"\n\
+         audit = \"audit.jsonl\"\n",
+        d.manufacturer.display()
+    );
+    let conf = dir.join("enroll.toml");
+    std::fs::write(&conf, &toml).unwrap();
+    let cli = |args: &[&str]| {
+        let out = Command::new(common::EDGEWARD)
+            .args(["fleet", "enroll", "--service"])
+            .arg(&conf)
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        )
+    };
+    let (ok, out) = cli(&["check"]);
+    assert!(ok, "{out}");
+    assert!(
+        out.contains("1 individual and 0 group entries, 0 revoked"),
+        "{out}"
+    );
+
+    let service = Service::new(Settings::load(&conf).unwrap());
+    enroll_with(&service, d.hsm.as_ref(), &d.request("dev-1")).unwrap();
+    let (ok, out) = cli(&["list"]);
+    assert!(
+        ok && out.contains("dev-1") && out.contains(&d.ek_fingerprint()),
+        "{out}"
+    );
+    assert!(!out.contains("REVOKED"), "{out}");
+    let (ok, out) = cli(&["list", "--json"]);
+    assert!(ok, "{out}");
+    let entry: serde_json::Value = serde_json::from_str(out.lines().next().unwrap()).unwrap();
+    assert_eq!(entry["device_id"], "dev-1");
+
+    let (ok, out) = cli(&["revoke", "--device", "dev-1"]);
+    assert!(ok && out.contains("revoked"), "{out}");
+    let (ok, out) = cli(&["revoke", "--device", "dev-1"]);
+    assert!(ok && out.contains("already revoked"), "{out}");
+    let (ok, out) = cli(&["revoke", "--device", "nobody"]);
+    assert!(!ok && out.contains("no enrollment of \"nobody\""), "{out}");
+    let (ok, out) = cli(&["revoke", "--factory", "sha256:beef"]);
+    assert!(!ok && out.contains("sha256:<64"), "{out}");
+    let (ok, out) = cli(&["list"]);
+    assert!(ok && out.contains("REVOKED"), "{out}");
+    // The service, loaded again, refuses that TPM.
+    let service = Service::new(Settings::load(&conf).unwrap());
+    refused_at(
+        service.challenge(&d.request("dev-1")),
+        Step::Revoked,
+        "factory certificate",
+    );
+
+    // What is wrong with a configuration is named.
+    for (file, bytes, says) in [
+        ("challenge.key", &b"short"[..], "exactly 32"),
+        ("ca.key", b"not a key", "ca_key"),
+        ("list.toml", b"[[robot]]", "unknown field"),
+        ("revoked.txt", b"sha256:xyz\n", "revoked.txt line 1"),
+    ] {
+        let kept = std::fs::read(dir.join(file)).unwrap();
+        std::fs::write(dir.join(file), bytes).unwrap();
+        let (ok, out) = cli(&["check"]);
+        assert!(!ok && out.contains(says), "{file}: {out}");
+        std::fs::write(dir.join(file), kept).unwrap();
+    }
+    // A CA key that is not the certificate's.
+    let kept = std::fs::read(dir.join("ca.key")).unwrap();
+    let other = Org::new();
+    std::fs::copy(other.dir.path().join("ca.key"), dir.join("ca.key")).unwrap();
+    let (ok, out) = cli(&["check"]);
+    assert!(
+        !ok && out.contains("not the key of ca_certificate"),
+        "{out}"
+    );
+    std::fs::write(dir.join("ca.key"), kept).unwrap();
+    let (ok, out) = cli(&["check"]);
+    assert!(ok, "{out}");
 }

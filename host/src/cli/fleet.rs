@@ -213,6 +213,15 @@ enum FleetCommand {
         #[arg(long, value_name = "DURATION")]
         duration: Option<String>,
     },
+    /// The enrollment service's records and revocations (zero-touch
+    /// provisioning; docs/fleet.md).
+    Enroll {
+        /// The service's enroll.toml.
+        #[arg(long, value_name = "FILE")]
+        service: PathBuf,
+        #[command(subcommand)]
+        command: EnrollCommand,
+    },
     /// Print the broker ACL for a fleet (Mosquitto's acl_file format).
     Acl {
         /// DEVICE=GROUP[,GROUP...]: a device's group memberships.
@@ -222,6 +231,122 @@ enum FleetCommand {
         #[arg(long = "operator", value_name = "CN")]
         operators: Vec<String>,
     },
+}
+
+#[derive(Debug, Subcommand)]
+enum EnrollCommand {
+    /// Load and check the whole configuration (roots, list, revocations,
+    /// CA certificate and key, challenge key); print a summary.
+    Check,
+    /// The enrollments recorded (the audit log).
+    List {
+        /// Machine-readable output (JSON lines, as recorded).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Refuse a device's factory identity from now on (its enrolled
+    /// certificate stays valid until it expires: it is not renewed).
+    Revoke {
+        /// The device, by the id it enrolled as (its latest enrollment).
+        #[arg(
+            long,
+            value_name = "ID",
+            conflicts_with = "factory",
+            required_unless_present = "factory"
+        )]
+        device: Option<String>,
+        /// A factory or manufacturer certificate, by fingerprint.
+        #[arg(long, value_name = "sha256:HEX")]
+        factory: Option<String>,
+    },
+}
+
+/// Unix seconds as RFC 3339 UTC.
+fn utc(t: u64) -> String {
+    i64::try_from(t)
+        .ok()
+        .and_then(|t| time::OffsetDateTime::from_unix_timestamp(t).ok())
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_else(|| t.to_string())
+}
+
+fn enroll(service: &Path, command: &EnrollCommand) -> Result<ExitCode, String> {
+    use crate::enroll::service::{Paths, Settings, audit_entries, read_revoked, revoke};
+    let paths = Paths::load(service)?;
+    match command {
+        EnrollCommand::Check => {
+            let s = Settings::load(service)?;
+            println!(
+                "{}: trust domain {}, {} manufacturer certificate(s), {} individual and {} group entries, {} revoked, device CAs valid {}s",
+                service.display(),
+                s.trust_domain,
+                s.manufacturers.len(),
+                s.list.device.len(),
+                s.list.group.len(),
+                s.revoked.len(),
+                s.lifetime.as_secs()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        EnrollCommand::List { json } => {
+            let entries = audit_entries(&paths.audit)?;
+            let revoked = match &paths.revoked {
+                Some(p) => read_revoked(p)?,
+                None => Default::default(),
+            };
+            for e in &entries {
+                if *json {
+                    println!("{}", serde_json::to_string(e).map_err(|e| e.to_string())?);
+                } else {
+                    println!(
+                        "{:<24} {:<22} {} {}{}",
+                        e.device_id,
+                        utc(e.time),
+                        e.factory,
+                        e.groups.join(","),
+                        if revoked.contains(&e.factory) {
+                            " REVOKED"
+                        } else {
+                            ""
+                        }
+                    );
+                }
+            }
+            if !*json && entries.is_empty() {
+                eprintln!("no enrollments recorded in {}", paths.audit.display());
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        EnrollCommand::Revoke { device, factory } => {
+            let path = paths.revoked.ok_or_else(|| {
+                format!(
+                    "{}: name a `revoked` file to revoke into",
+                    service.display()
+                )
+            })?;
+            let (fingerprint, who) = match (device, factory) {
+                (Some(d), _) => {
+                    let e = audit_entries(&paths.audit)?
+                        .into_iter()
+                        .rev()
+                        .find(|e| e.device_id == *d)
+                        .ok_or_else(|| format!("no enrollment of {d:?} is recorded"))?;
+                    (e.factory, format!("device {d}"))
+                }
+                (None, Some(f)) => (f.clone(), "by fingerprint".to_owned()),
+                (None, None) => return Err("give --device or --factory".into()),
+            };
+            if revoke(&path, &fingerprint, &who)? {
+                eprintln!("revoked {fingerprint} ({who}) in {}", path.display());
+            } else {
+                eprintln!("{fingerprint} was already revoked");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
 }
 
 /// Runs `edgeward fleet`.
@@ -258,6 +383,7 @@ async fn run(args: FleetArgs) -> Result<ExitCode, String> {
             .await
         }
         FleetCommand::Acl { members, operators } => acl(members, operators),
+        FleetCommand::Enroll { service, command } => enroll(service, command),
         FleetCommand::Deploy {
             manifest,
             key,

@@ -350,6 +350,188 @@ pub struct Settings {
     pub audit: PathBuf,
 }
 
+/// The service's configuration file (`enroll.toml`); relative paths are
+/// the file's directory's.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SettingsToml {
+    trust_domain: String,
+    dns_suffix: String,
+    #[serde(default = "default_lifetime")]
+    lifetime: String,
+    #[serde(default = "default_challenge_ttl")]
+    challenge_ttl: String,
+    manufacturers: PathBuf,
+    list: PathBuf,
+    #[serde(default)]
+    revoked: Option<PathBuf>,
+    ca_certificate: PathBuf,
+    ca_key: PathBuf,
+    challenge_key: PathBuf,
+    audit: PathBuf,
+}
+
+fn default_lifetime() -> String {
+    "90d".into()
+}
+
+fn default_challenge_ttl() -> String {
+    "5m".into()
+}
+
+/// The paths an `enroll.toml` names, resolved.
+#[derive(Debug, Clone)]
+pub struct Paths {
+    /// The revocation list (one `sha256:<hex>` per line, `#` comments).
+    pub revoked: Option<PathBuf>,
+    /// The audit log.
+    pub audit: PathBuf,
+}
+
+impl Paths {
+    /// The paths of the service configured by `path`, without loading
+    /// the rest (keys stay unread).
+    ///
+    /// # Errors
+    ///
+    /// The file is unreadable or not an `enroll.toml`; named.
+    pub fn load(path: &Path) -> Result<Self, String> {
+        let (t, base) = read_settings(path)?;
+        Ok(Self {
+            revoked: t.revoked.map(|p| base.join(p)),
+            audit: base.join(t.audit),
+        })
+    }
+}
+
+fn read_settings(path: &Path) -> Result<(SettingsToml, PathBuf), String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let t: SettingsToml = toml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+    Ok((t, path.parent().map(Path::to_owned).unwrap_or_default()))
+}
+
+/// Reads a revocation list: `sha256:<hex>` fingerprints, one per line;
+/// blank lines and `#` comments skipped; a missing file is empty.
+///
+/// # Errors
+///
+/// Unreadable, or a line that is not a fingerprint (named by number).
+pub fn read_revoked(path: &Path) -> Result<BTreeSet<String>, String> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(BTreeSet::new()),
+        Err(e) => return Err(format!("{}: {e}", path.display())),
+    };
+    let mut out = BTreeSet::new();
+    for (i, line) in text.lines().enumerate() {
+        let line = line.split('#').next().unwrap_or("").trim();
+        if line.is_empty() {
+            continue;
+        }
+        fingerprint_ok(line).map_err(|e| format!("{} line {}: {e}", path.display(), i + 1))?;
+        out.insert(line.to_owned());
+    }
+    Ok(out)
+}
+
+/// Appends `fingerprint` to the revocation list (fsynced), unless it is
+/// there. Returns whether it was added.
+///
+/// # Errors
+///
+/// A bad fingerprint, or the file cannot be read or written.
+pub fn revoke(path: &Path, fingerprint: &str, comment: &str) -> Result<bool, String> {
+    fingerprint_ok(fingerprint)?;
+    if read_revoked(path)?.contains(fingerprint) {
+        return Ok(false);
+    }
+    let comment: String = comment.chars().filter(|c| !c.is_control()).collect();
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    f.write_all(format!("{fingerprint} # {comment}\n").as_bytes())
+        .and_then(|()| f.sync_data())
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    Ok(true)
+}
+
+impl Settings {
+    /// Loads the service's settings from `enroll.toml` at `path`: the
+    /// manufacturer roots, the list, the revocation list, the CA's
+    /// certificate chain and key, the challenge key (exactly 32 bytes).
+    ///
+    /// # Errors
+    ///
+    /// Any file missing or malformed; named.
+    pub fn load(path: &Path) -> Result<Self, String> {
+        let (t, base) = read_settings(path)?;
+        let file = |p: &Path| -> Result<Vec<u8>, String> {
+            let p = base.join(p);
+            std::fs::read(&p).map_err(|e| format!("{}: {e}", p.display()))
+        };
+        let text = |p: &Path| -> Result<String, String> {
+            String::from_utf8(file(p)?).map_err(|_| format!("{}: not text", base.join(p).display()))
+        };
+        let named = |what: &str| {
+            let path = path.display().to_string();
+            let what = what.to_owned();
+            move |e: String| format!("{path}: {what}: {e}")
+        };
+        let lifetime = crate::units::parse_duration(&t.lifetime).map_err(named("lifetime"))?;
+        let challenge_ttl =
+            crate::units::parse_duration(&t.challenge_ttl).map_err(named("challenge_ttl"))?;
+        if !crate::identity::valid_path_segment(&t.trust_domain) || !t.trust_domain.contains('.') {
+            return Err(named("trust_domain")(format!(
+                "{:?} is not a domain",
+                t.trust_domain
+            )));
+        }
+        let manufacturers = crate::attest::verify::pem_certificates(
+            &file(&t.manufacturers)?,
+            &t.manufacturers.display().to_string(),
+        )?;
+        let ca_chain = text(&t.ca_certificate)?;
+        let ca_certificate = crate::attest::verify::pem_certificates(
+            ca_chain.as_bytes(),
+            &t.ca_certificate.display().to_string(),
+        )?
+        .remove(0);
+        let ca_key = CaKey::from_pem(&text(&t.ca_key)?).map_err(named("ca_key"))?;
+        // The key must be the certificate's.
+        let (_, ca) = X509Certificate::from_der(&ca_certificate)
+            .map_err(|e| named("ca_certificate")(e.to_string()))?;
+        if ca.public_key().subject_public_key.data.as_ref() != ca_key.point.as_slice() {
+            return Err(named("ca_key")(
+                "it is not the key of ca_certificate".into(),
+            ));
+        }
+        let challenge_key: [u8; 32] = file(&t.challenge_key)?.try_into().map_err(|_| {
+            named("challenge_key")("the file must hold exactly 32 random bytes".into())
+        })?;
+        let list = List::parse(&text(&t.list)?).map_err(named("list"))?;
+        let revoked = match &t.revoked {
+            Some(p) => read_revoked(&base.join(p))?,
+            None => BTreeSet::new(),
+        };
+        Ok(Self {
+            manufacturers,
+            revoked,
+            list,
+            ca_certificate,
+            ca_chain,
+            ca_key,
+            trust_domain: t.trust_domain,
+            dns_suffix: t.dns_suffix,
+            lifetime,
+            challenge_ttl,
+            challenge_key,
+            audit: base.join(t.audit),
+        })
+    }
+}
+
 /// The service.
 #[derive(Debug)]
 pub struct Service {
