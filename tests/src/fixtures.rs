@@ -546,21 +546,38 @@ impl OrgCa {
 pub struct Mosquitto {
     child: Option<Child>,
     port: u16,
+    /// The enrollment listener's port, if it has one.
+    enroll_port: Option<u16>,
     dir: tempfile::TempDir,
 }
 
 impl Mosquitto {
     /// Starts a broker trusting `ca`'s root, with `acl` as its acl_file.
     pub fn start(ca: &OrgCa, acl: &str) -> Self {
+        Self::start_with(ca, acl, None)
+    }
+
+    /// The same with an enrollment listener too: TLS with the broker's
+    /// certificate, no client certificate, `enroll_acl` its acl_file
+    /// (per_listener_settings true).
+    pub fn start_with_enrollment(ca: &OrgCa, acl: &str, enroll_acl: &str) -> Self {
+        Self::start_with(ca, acl, Some(enroll_acl))
+    }
+
+    fn start_with(ca: &OrgCa, acl: &str, enroll_acl: Option<&str>) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let (cert, key) = ca.issue(
             "broker",
             "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n",
         );
         std::fs::write(dir.path().join("acl"), acl).expect("write the ACL");
+        if let Some(a) = enroll_acl {
+            std::fs::write(dir.path().join("enroll-acl"), a).expect("write the ACL");
+        }
         let mut m = Self {
             child: None,
             port: 0,
+            enroll_port: None,
             dir,
         };
         std::fs::copy(&cert, m.dir.path().join("broker.pem")).expect("copy");
@@ -571,6 +588,9 @@ impl Mosquitto {
         for _ in 0..10 {
             let port = free_port();
             m.port = port;
+            if enroll_acl.is_some() {
+                m.enroll_port = Some(free_port());
+            }
             if m.spawn() {
                 return m;
             }
@@ -581,15 +601,23 @@ impl Mosquitto {
     fn spawn(&mut self) -> bool {
         let d = self.dir.path();
         let conf = d.join("mosquitto.conf");
-        std::fs::write(
-            &conf,
-            format!(
-                "user root\nper_listener_settings false\nallow_anonymous false\nmax_queued_messages 20000\npersistence true\npersistence_location {d}/\nautosave_interval 1\nautosave_on_changes true\nsys_interval 1\nlog_dest stderr\nlog_type error\nlog_type warning\nlistener {port} 127.0.0.1\ncafile {d}/ca.pem\ncertfile {d}/broker.pem\nkeyfile {d}/broker.key\nrequire_certificate true\nuse_identity_as_username true\nacl_file {d}/acl\n",
-                d = d.display(),
-                port = self.port
+        let common = format!(
+            "user root\nmax_queued_messages 20000\npersistence true\npersistence_location {d}/\nautosave_interval 1\nautosave_on_changes true\nsys_interval 1\nlog_dest stderr\nlog_type error\nlog_type warning\n",
+            d = d.display()
+        );
+        let main = format!(
+            "listener {port} 127.0.0.1\ncafile {d}/ca.pem\ncertfile {d}/broker.pem\nkeyfile {d}/broker.key\nrequire_certificate true\nuse_identity_as_username true\nacl_file {d}/acl\n",
+            d = d.display(),
+            port = self.port
+        );
+        let text = match self.enroll_port {
+            None => format!("{common}per_listener_settings false\nallow_anonymous false\n{main}"),
+            Some(e) => format!(
+                "{common}per_listener_settings true\n{main}allow_anonymous false\nlistener {e} 127.0.0.1\ncertfile {d}/broker.pem\nkeyfile {d}/broker.key\nrequire_certificate false\nallow_anonymous true\nacl_file {d}/enroll-acl\n",
+                d = d.display()
             ),
-        )
-        .expect("write mosquitto.conf");
+        };
+        std::fs::write(&conf, text).expect("write mosquitto.conf");
         let mut child = Command::new("mosquitto")
             .arg("-c")
             .arg(&conf)
@@ -599,7 +627,8 @@ impl Mosquitto {
             .unwrap_or_else(|e| {
                 panic!("cannot start mosquitto ({e}): install Debian's mosquitto (scripts/setup)")
             });
-        if wait_listening(&mut child, &[self.port]) {
+        let ports: Vec<u16> = std::iter::once(self.port).chain(self.enroll_port).collect();
+        if wait_listening(&mut child, &ports) {
             self.child = Some(child);
             return true;
         }
@@ -611,6 +640,15 @@ impl Mosquitto {
     /// Its port.
     pub fn port(&self) -> u16 {
         self.port
+    }
+
+    /// The enrollment listener's `mqtts://127.0.0.1:PORT`.
+    pub fn enroll_url(&self) -> String {
+        format!(
+            "mqtts://127.0.0.1:{}",
+            self.enroll_port
+                .expect("a broker with an enrollment listener")
+        )
     }
 
     /// Its process id, while it runs (to pause it: SIGSTOP/SIGCONT).

@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use edgeward::enroll::service::{
-    List, Refusal, Service, Settings, Step, audit_entries, fingerprint,
+    List, Refusal, Service, Settings, Step, audit_entries, factory_fingerprint, fingerprint,
 };
 use edgeward::enroll::{self, Bytes, Proof, Request};
 use edgeward::hsm::Hsm;
@@ -46,7 +46,7 @@ impl Device {
     }
 
     fn ek_fingerprint(&self) -> String {
-        fingerprint(&self.hsm.endorsement_certificate().unwrap().unwrap())
+        factory_fingerprint(&self.hsm.endorsement_certificate().unwrap().unwrap()).unwrap()
     }
 
     fn request(&self, id: &str) -> Request {
@@ -114,13 +114,17 @@ impl Org {
                     .unwrap(),
             );
         }
+        let ca_der = edgeward::attest::verify::pem_certificates(ca_pem.as_bytes(), "ca")
+            .unwrap()
+            .remove(0);
+        let (_, ca) = x509_parser::parse_x509_certificate(&ca_der).unwrap();
         Service::new(Settings {
             manufacturers: roots,
             revoked: revoked.iter().cloned().collect::<BTreeSet<_>>(),
+            revoked_file: None,
+            ca_not_after: u64::try_from(ca.validity().not_after.timestamp()).unwrap(),
             list: List::parse(list).unwrap(),
-            ca_certificate: edgeward::attest::verify::pem_certificates(ca_pem.as_bytes(), "ca")
-                .unwrap()
-                .remove(0),
+            ca_certificate: ca_der.clone(),
             ca_chain: ca_pem,
             ca_key: edgeward::enroll::service::CaKey::from_pem(
                 &std::fs::read_to_string(self.dir.path().join("ca.key")).unwrap(),
@@ -243,9 +247,31 @@ fn a_tpm_device_enrolls_and_openssl_verifies_its_device_ca() {
     // The same proof again: a replay, refused, nothing more recorded.
     refused_at(service.complete(&proof), Step::Challenge, "already used");
     assert_eq!(audit_entries(&org.audit()).unwrap().len(), 1);
-    // Re-enrolment (a reset device, the same TPM) is a fresh exchange.
-    enroll_with(&service, d.hsm.as_ref(), &d.request("dev-1")).unwrap();
-    assert_eq!(audit_entries(&org.audit()).unwrap().len(), 2);
+    // The device asks again (its answer was lost, or it was reset with
+    // its keys kept): a fresh exchange, and the recorded chain again, not
+    // a second certificate.
+    let again = enroll_with(&service, d.hsm.as_ref(), &d.request("dev-1")).unwrap();
+    assert_eq!(again.chain, issued.chain);
+    assert_eq!(audit_entries(&org.audit()).unwrap().len(), 1);
+    // The certificate does not outlive the organisation CA (two days),
+    // though the service's lifetime is thirty.
+    assert!(text.contains("Not After"), "{text}");
+    let leaf_der =
+        edgeward::attest::verify::pem_certificates(issued.chain.as_bytes(), "chain").unwrap();
+    let (_, leaf) = x509_parser::parse_x509_certificate(&leaf_der[0]).unwrap();
+    let days =
+        (leaf.validity().not_after.timestamp() - leaf.validity().not_before.timestamp()) / 86_400;
+    assert!(days <= 2, "{days} days");
+    // A crash mid-append leaves a torn last line: skipped, and the next
+    // enrollment starts a new one.
+    use std::io::Write as _;
+    std::fs::OpenOptions::new()
+        .append(true)
+        .open(org.audit())
+        .unwrap()
+        .write_all(b"{\"time\":17")
+        .unwrap();
+    assert_eq!(audit_entries(&org.audit()).unwrap().len(), 1);
 }
 
 #[test]
@@ -267,11 +293,7 @@ fn each_way_of_cheating_is_refused_at_its_step() {
         "not issued by a trusted",
     );
     let revoked = org.service(&[&a.manufacturer], &list, std::slice::from_ref(&fp_a));
-    refused_at(
-        revoked.challenge(&request),
-        Step::Revoked,
-        "factory certificate",
-    );
+    refused_at(revoked.challenge(&request), Step::Revoked, "is revoked");
     let bundle = std::fs::read(&a.manufacturer).unwrap();
     let issuers: Vec<String> = edgeward::attest::verify::pem_certificates(&bundle, "ca")
         .unwrap()
@@ -282,8 +304,14 @@ fn each_way_of_cheating_is_refused_at_its_step() {
     refused_at(
         revoked.challenge(&request),
         Step::Revoked,
-        "manufacturer CA",
+        "a manufacturer CA of its chain",
     );
+    // The same EK certificate with a byte appended (another fingerprint
+    // of the certificate, the same key): refused, not a new device.
+    let mut padded = request.clone();
+    let enroll::Factory::Tpm { ek_certificate, .. } = &mut padded.factory;
+    ek_certificate.0.push(0);
+    refused_at(service.challenge(&padded), Step::Request, "trailing bytes");
     let unlisted = org.service(
         &[&a.manufacturer],
         &individual(&b.ek_fingerprint(), "dev-a"),
@@ -400,20 +428,42 @@ fn group_entries_admit_a_manufacturers_devices_by_id_pattern() {
     let list = format!(
         "[[group]]\nmanufacturer = \"{issuer}\"\ndevice_id = \"sensor-*\"\ngroups = [\"sensors\"]\n"
     );
+    // An individual entry reserves sensor-9 for another device.
+    let list = format!(
+        "{list}{}",
+        individual(&format!("sha256:{}", "ab".repeat(32)), "sensor-9")
+    );
     let service = org.service(&[&d.manufacturer], &list, &[]);
     refused_at(
         service.challenge(&d.request("pump-1")),
         Step::EnrollmentList,
-        "sensor-*",
+        "do not admit",
     );
     refused_at(
         service.challenge(&d.request("sensor-")),
         Step::EnrollmentList,
-        "sensor-*",
+        "do not admit",
+    );
+    refused_at(
+        service.challenge(&d.request("sensor-9")),
+        Step::EnrollmentList,
+        "reserved for another device",
     );
     let issued = enroll_with(&service, d.hsm.as_ref(), &d.request("sensor-17")).unwrap();
     assert_eq!(issued.device_id, "sensor-17");
     assert_eq!(issued.groups, ["sensors"]);
+    // One TPM, one id: the pattern does not let it collect more.
+    refused_at(
+        enroll_with(&service, d.hsm.as_ref(), &d.request("sensor-18")),
+        Step::DeviceId,
+        "one device, one id",
+    );
+    // A group entry naming the manufacturer's root matches too: every
+    // certificate of the chain is the manufacturer's.
+    let root = fingerprint(&edgeward::attest::verify::pem_certificates(&bundle, "ca").unwrap()[1]);
+    let by_root = format!("[[group]]\nmanufacturer = \"{root}\"\ndevice_id = \"sensor-*\"\n");
+    let service = org.service(&[&d.manufacturer], &by_root, &[]);
+    service.challenge(&d.request("sensor-17")).unwrap();
 }
 
 #[test]
@@ -515,8 +565,16 @@ fn the_operator_checks_lists_and_revokes_through_the_cli() {
     let entry: serde_json::Value = serde_json::from_str(out.lines().next().unwrap()).unwrap();
     assert_eq!(entry["device_id"], "dev-1");
 
+    let running = Service::new(Settings::load(&conf).unwrap());
+    running.challenge(&d.request("dev-1")).unwrap();
     let (ok, out) = cli(&["revoke", "--device", "dev-1"]);
     assert!(ok && out.contains("revoked"), "{out}");
+    // A running service reads the list again for every message.
+    refused_at(
+        running.challenge(&d.request("dev-1")),
+        Step::Revoked,
+        "is revoked",
+    );
     let (ok, out) = cli(&["revoke", "--device", "dev-1"]);
     assert!(ok && out.contains("already revoked"), "{out}");
     let (ok, out) = cli(&["revoke", "--device", "nobody"]);
@@ -530,7 +588,7 @@ fn the_operator_checks_lists_and_revokes_through_the_cli() {
     refused_at(
         service.challenge(&d.request("dev-1")),
         Step::Revoked,
-        "factory certificate",
+        "is revoked",
     );
 
     // What is wrong with a configuration is named.
@@ -546,6 +604,14 @@ fn the_operator_checks_lists_and_revokes_through_the_cli() {
         assert!(!ok && out.contains(says), "{file}: {out}");
         std::fs::write(dir.join(file), kept).unwrap();
     }
+    // The CA's key kept in the certificate file would go to every device.
+    let kept = std::fs::read(dir.join("ca.pem")).unwrap();
+    let mut with_key = kept.clone();
+    with_key.extend(std::fs::read(dir.join("ca.key")).unwrap());
+    std::fs::write(dir.join("ca.pem"), with_key).unwrap();
+    let (ok, out) = cli(&["check"]);
+    assert!(!ok && out.contains("holds a private key"), "{out}");
+    std::fs::write(dir.join("ca.pem"), kept).unwrap();
     // A CA key that is not the certificate's.
     let kept = std::fs::read(dir.join("ca.key")).unwrap();
     let other = Org::new();
@@ -558,4 +624,182 @@ fn the_operator_checks_lists_and_revokes_through_the_cli() {
     std::fs::write(dir.join("ca.key"), kept).unwrap();
     let (ok, out) = cli(&["check"]);
     assert!(ok, "{out}");
+}
+
+/// Zero-touch over a real Mosquitto: two service instances share the
+/// enrollment topics (an MQTT 5 shared subscription, with the ACL `fleet
+/// acl` writes); devices with nothing but their TPM and the broker's root
+/// run `edgeward provision` against the enrollment listener and get their
+/// device CA chains. One instance is killed between devices: the other
+/// serves the rest. A device the list does not name is refused with the
+/// step, and an eavesdropper on the enrollment listener sees nothing.
+#[test]
+fn devices_enroll_through_the_broker_with_two_service_instances() {
+    use edgeward_tests::fixtures::{Mosquitto, OrgCa};
+    use std::io::BufRead as _;
+    let devices = [Device::new(), Device::new(), Device::new()];
+    let org = Org::new();
+    let dir = org.dir.path();
+    let ca = OrgCa::new();
+    let (enroller_cert, enroller_key) =
+        ca.issue_as("operators", "enroller", "extendedKeyUsage=clientAuth\n");
+    let acl = |args: &[&str]| {
+        let out = Command::new(common::EDGEWARD)
+            .args(["fleet", "acl"])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let main_acl = acl(&["--enroller", "enroller"]);
+    let enroll_acl = acl(&["--enrollment-listener"]);
+    assert!(
+        enroll_acl.contains("pattern write ew/v1/enroll/req/%c"),
+        "{enroll_acl}"
+    );
+    let broker = Mosquitto::start_with_enrollment(&ca, &main_acl, &enroll_acl);
+    // The fingerprints read, the test lets go of the TPMs: the devices'
+    // own key daemons use them (a simulator holds three objects).
+    let fingerprints: Vec<String> = devices.iter().map(Device::ek_fingerprint).collect();
+    for d in &devices {
+        d.hsm.close();
+    }
+
+    // The organisation lists the first two devices; every TPM here has
+    // its own manufacturer CA, all trusted.
+    let mut manufacturers = Vec::new();
+    for d in &devices {
+        manufacturers.extend(std::fs::read(&d.manufacturer).unwrap());
+    }
+    std::fs::write(dir.join("manufacturers.pem"), manufacturers).unwrap();
+    std::fs::write(
+        dir.join("list.toml"),
+        format!(
+            "{}{}",
+            individual(&fingerprints[0], "dev-0"),
+            individual(&fingerprints[1], "dev-1")
+        ),
+    )
+    .unwrap();
+    std::fs::write(dir.join("challenge.key"), org.challenge_key).unwrap();
+    std::fs::write(
+        dir.join("enroll.toml"),
+        "trust_domain = \"example.org\"\ndns_suffix = \"edge.example.org\"\n\
+         manufacturers = \"manufacturers.pem\"\nlist = \"list.toml\"\n\
+         ca_certificate = \"ca.pem\"\nca_key = \"ca.key\"\nchallenge_key = \"challenge.key\"\n\
+         audit = \"audit.jsonl\"\n",
+    )
+    .unwrap();
+
+    // Two instances of the service, each waited for until subscribed.
+    let serve = || {
+        let mut child = Command::new(common::EDGEWARD)
+            .args(["fleet", "--broker", &broker.url(), "--ca"])
+            .arg(ca.root())
+            .arg("--cert")
+            .arg(&enroller_cert)
+            .arg("--key")
+            .arg(&enroller_key)
+            .args(["enroll", "--service"])
+            .arg(dir.join("enroll.toml"))
+            .args(["serve", "--duration", "120s"])
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut lines = std::io::BufReader::new(child.stderr.take().unwrap()).lines();
+        let first = lines.next().unwrap().unwrap();
+        assert!(first.contains("subscribed to $share/"), "{first}");
+        // Keep draining its log so it never blocks on a full pipe.
+        std::thread::spawn(move || lines.for_each(drop));
+        child
+    };
+    let mut first = serve();
+    let mut second = serve();
+
+    let provision = |i: usize, id: &str| {
+        let state = tempfile::tempdir().unwrap();
+        let cfg = state.path().join("config.toml");
+        std::fs::write(
+            &cfg,
+            format!(
+                "[hsm]\nbackend = \"tpm\"\ntcti = \"{}\"\n\n[identity]\ndevice_id = \"{id}\"\ntrust_domain = \"example.org\"\n",
+                devices[i]._tpm.tcti()
+            ),
+        )
+        .unwrap();
+        let out = Command::new(common::EDGEWARD)
+            .arg("--state-dir")
+            .arg(state.path().join("state"))
+            .args(["provision", "--broker", &broker.enroll_url(), "--ca"])
+            .arg(ca.root())
+            .arg("--config")
+            .arg(&cfg)
+            .args(["--timeout", "30s"])
+            .env_remove("EDGEWARD_KEYD")
+            .output()
+            .unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.success(), text, state)
+    };
+
+    // An eavesdropper on the enrollment listener, subscribed to everything
+    // there, for the whole exchange.
+    let spy = Command::new("mosquitto_sub")
+        .args(["-h", "127.0.0.1", "-V", "mqttv5", "-p"])
+        .arg(broker.enroll_url().rsplit(':').next().unwrap())
+        .arg("--cafile")
+        .arg(ca.root())
+        .args(["-t", "ew/v1/enroll/#", "-t", "#", "-v", "-W", "20"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+
+    let (ok, out, state0) = provision(0, "dev-0");
+    assert!(ok, "{out}");
+    assert!(out.contains("enrolled as dev-0 (groups: line-a)"), "{out}");
+    assert!(out.contains("challenge received"), "{out}");
+    let chain = state0.path().join("state/identity/enrolled.pem");
+    let verified = Command::new("openssl")
+        .args(["verify", "-CAfile"])
+        .arg(dir.join("ca.pem"))
+        .arg(&chain)
+        .output()
+        .unwrap();
+    assert!(verified.status.success(), "{verified:?}");
+
+    // One instance goes away: the broker gives the other all the work.
+    first.kill().unwrap();
+    first.wait().unwrap();
+    let (ok, out, _) = provision(1, "dev-1");
+    assert!(ok, "{out}");
+    assert!(out.contains("enrolled as dev-1"), "{out}");
+
+    // Not on the list: refused, the step named, nothing recorded.
+    let (ok, out, state2) = provision(2, "dev-2");
+    assert!(!ok, "{out}");
+    assert!(out.contains("refused at enrollment-list"), "{out}");
+    assert!(!state2.path().join("state/identity/enrolled.pem").exists());
+
+    let audit = audit_entries(&dir.join("audit.jsonl")).unwrap();
+    let ids: Vec<&str> = audit.iter().map(|e| e.device_id.as_str()).collect();
+    assert_eq!(ids, ["dev-0", "dev-1"]);
+
+    let spied = spy.wait_with_output().unwrap();
+    assert!(
+        spied.stdout.is_empty(),
+        "the eavesdropper read: {}",
+        String::from_utf8_lossy(&spied.stdout)
+    );
+    second.kill().unwrap();
+    second.wait().unwrap();
 }

@@ -824,11 +824,12 @@ impl TpmHsm {
                 use tss_esapi::interface_types::session_handles::PolicySession;
                 let selection = sha256_selection(pcrs)?;
                 let s = start_session(&mut inner.ctx, Some(primary), SessionType::Policy)?;
-                let policy = PolicySession::try_from(s)?;
-                let satisfied = inner
-                    .ctx
-                    .policy_pcr(policy, Digest::default(), selection)
-                    .and_then(|()| inner.ctx.policy_auth_value(policy));
+                let satisfied = PolicySession::try_from(s).and_then(|policy| {
+                    inner
+                        .ctx
+                        .policy_pcr(policy, Digest::default(), selection)
+                        .and_then(|()| inner.ctx.policy_auth_value(policy))
+                });
                 if let Err(e) = satisfied {
                     let _ = inner.ctx.flush_context(SessionHandle::from(s).into());
                     return Err(e);

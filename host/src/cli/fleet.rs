@@ -26,8 +26,8 @@ use std::time::{Duration, Instant};
 
 use clap::{Args, Subcommand};
 use rumqttc::v5::mqttbytes::QoS;
-use rumqttc::v5::mqttbytes::v5::{Packet, Publish};
-use rumqttc::v5::{AsyncClient, Event, MqttOptions};
+use rumqttc::v5::mqttbytes::v5::Publish;
+use rumqttc::v5::{AsyncClient, MqttOptions};
 use rumqttc::{TlsConfiguration, Transport};
 use tokio::sync::mpsc;
 
@@ -230,11 +230,28 @@ enum FleetCommand {
         /// Operators' certificate CNs (default: operator).
         #[arg(long = "operator", value_name = "CN")]
         operators: Vec<String>,
+        /// Enrollment services' certificate CNs: each may read the
+        /// devices' enrollment messages and answer them, nothing else.
+        #[arg(long = "enroller", value_name = "CN")]
+        enrollers: Vec<String>,
+        /// Print the enrollment listener's ACL instead (devices without
+        /// a certificate: each writes and reads only under its client id).
+        #[arg(long, conflicts_with_all = ["members", "operators", "enrollers"])]
+        enrollment_listener: bool,
     },
 }
 
 #[derive(Debug, Subcommand)]
 enum EnrollCommand {
+    /// Serve enrollments from the broker (the fleet connection flags:
+    /// an identity the ACL lets read ew/v1/enroll/req/+ and write
+    /// ew/v1/enroll/resp/+). Several instances share the work through
+    /// a shared subscription.
+    Serve {
+        /// Stop after this long (default: until the connection ends).
+        #[arg(long, value_name = "DURATION")]
+        duration: Option<String>,
+    },
     /// Load and check the whole configuration (roots, list, revocations,
     /// CA certificate and key, challenge key); print a summary.
     Check,
@@ -320,6 +337,7 @@ fn enroll(service: &Path, command: &EnrollCommand) -> Result<ExitCode, String> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        EnrollCommand::Serve { .. } => Err("serve runs from fleet's async entry".into()),
         EnrollCommand::Revoke { device, factory } => {
             let path = paths.revoked.ok_or_else(|| {
                 format!(
@@ -382,7 +400,43 @@ async fn run(args: FleetArgs) -> Result<ExitCode, String> {
             )
             .await
         }
-        FleetCommand::Acl { members, operators } => acl(members, operators),
+        FleetCommand::Acl {
+            enrollment_listener: true,
+            ..
+        } => {
+            print!("{}", crate::enroll::transport::LISTENER_ACL);
+            Ok(ExitCode::SUCCESS)
+        }
+        FleetCommand::Acl {
+            members,
+            operators,
+            enrollers,
+            ..
+        } => acl(members, operators, enrollers),
+        FleetCommand::Enroll {
+            service,
+            command: EnrollCommand::Serve { duration },
+        } => {
+            let duration = duration
+                .as_deref()
+                .map(crate::units::parse_duration)
+                .transpose()
+                .map_err(|e| format!("--duration: {e}"))?;
+            let enrollment = crate::enroll::service::Settings::load(service)?;
+            let s = settings(&args)?;
+            let read = |p: &Path| std::fs::read(p).map_err(|e| format!("{}: {e}", p.display()));
+            let tls = crate::enroll::transport::tls(
+                &read(&s.ca)?,
+                Some((&read(&s.cert)?, &read(&s.key)?)),
+            )?;
+            let service = Arc::new(crate::enroll::service::Service::new(enrollment));
+            let ready = |what: &str| eprintln!("fleet enroll serve: {what}");
+            let n =
+                crate::enroll::transport::serve(service, &s.host, s.port, tls, duration, &ready)
+                    .await?;
+            eprintln!("answered {n} enrollment messages");
+            Ok(ExitCode::SUCCESS)
+        }
         FleetCommand::Enroll { service, command } => enroll(service, command),
         FleetCommand::Deploy {
             manifest,
@@ -568,23 +622,6 @@ fn settings(args: &FleetArgs) -> Result<Settings, String> {
     })
 }
 
-/// Whether a SUBACK granted every filter of its SUBSCRIBE. (Mosquitto's
-/// acl_file grants every subscription and filters at delivery; EMQX and
-/// HiveMQ answer a denied filter with Not authorized.)
-fn suback_result(a: &rumqttc::v5::mqttbytes::v5::SubAck) -> Result<(), String> {
-    use rumqttc::v5::mqttbytes::v5::SubscribeReasonCode;
-    match a
-        .return_codes
-        .iter()
-        .find(|c| !matches!(c, SubscribeReasonCode::Success(_)))
-    {
-        None => Ok(()),
-        Some(code) => Err(format!(
-            "the broker refused the subscription: {code:?} (is this operator allowed to read there? see the ACL)"
-        )),
-    }
-}
-
 /// How long a snapshot may take before it is a failure.
 const SNAPSHOT_BOUND: Duration = Duration::from_secs(30);
 
@@ -629,54 +666,14 @@ impl Session {
         .set_clean_start(true)
         .set_max_packet_size(Some(4 << 20))
         .set_outgoing_inflight_upper_limit(32);
-        let (client, mut eventloop) = AsyncClient::new(o, 64);
+        let (client, eventloop) = AsyncClient::new(o, 64);
         let (msg_tx, messages) = mpsc::channel(1024);
         let (ack_tx, acks) = mpsc::channel(64);
         let (suback_tx, subacks) = mpsc::channel(64);
         let (up_tx, up_rx) = tokio::sync::oneshot::channel();
-        let task = tokio::spawn(async move {
-            let mut up = Some(up_tx);
-            loop {
-                match eventloop.poll().await {
-                    Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                        if let Some(u) = up.take() {
-                            let _ = u.send(Ok(()));
-                        }
-                    }
-                    Ok(Event::Incoming(Packet::Publish(p))) => {
-                        let _ = msg_tx.send(p).await;
-                    }
-                    Ok(Event::Incoming(Packet::PubAck(a))) => {
-                        use rumqttc::v5::mqttbytes::v5::PubAckReason;
-                        let r = match a.reason {
-                            PubAckReason::Success | PubAckReason::NoMatchingSubscribers => Ok(()),
-                            other => Err(format!(
-                                "the broker refused the message: {other:?} (is this operator allowed to write there? see the ACL)"
-                            )),
-                        };
-                        let _ = ack_tx.send(r).await;
-                    }
-                    Ok(Event::Incoming(Packet::SubAck(a))) => {
-                        let _ = suback_tx.send(suback_result(&a)).await;
-                    }
-                    Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) => return,
-                    Ok(_) => {}
-                    Err(e) => {
-                        match up.take() {
-                            Some(u) => {
-                                let _ = u.send(Err(format!("cannot connect to the broker: {e}")));
-                            }
-                            None => {
-                                let _ = ack_tx
-                                    .send(Err(format!("the broker connection failed: {e}")))
-                                    .await;
-                            }
-                        }
-                        return;
-                    }
-                }
-            }
-        });
+        let task = tokio::spawn(crate::enroll::transport::drive(
+            eventloop, up_tx, msg_tx, ack_tx, suback_tx,
+        ));
         match tokio::time::timeout(Duration::from_secs(15), up_rx).await {
             Ok(Ok(Ok(()))) => {}
             Ok(Ok(Err(e))) => return Err(e),
@@ -1553,7 +1550,7 @@ async fn push(
     Ok(ExitCode::SUCCESS)
 }
 
-fn acl(members: &[String], operators: &[String]) -> Result<ExitCode, String> {
+fn acl(members: &[String], operators: &[String], enrollers: &[String]) -> Result<ExitCode, String> {
     let mut out = String::from(
         "# The fleet ACL (Mosquitto acl_file). Generated by edgeward fleet acl.\n# The user is the client certificate's CN (use_identity_as_username true),\n# so the broker's cafile must hold only the organisation's devices and\n# operators CAs: never the root of devices' own CAs, whose certificates\n# modules hold (docs/fleet.md).\n\n# Each device: read its own in/ topics, write its own out/ topics.\npattern read ew/v1/d/%u/in/#\npattern write ew/v1/d/%u/out/#\n# And read its own events back: the outbox's proof of delivery.\npattern read ew/v1/d/%u/out/events\n",
     );
@@ -1584,6 +1581,24 @@ fn acl(members: &[String], operators: &[String]) -> Result<ExitCode, String> {
                 "--member {m:?}: {device:?} is also an operator's name; a device certificate with that CN would be the operator"
             ));
         }
+    }
+    for e in enrollers {
+        if e.is_empty() || e.chars().any(|c| c.is_control() || c == ' ') {
+            return Err(format!(
+                "--enroller {e:?} is not a certificate CN this ACL can name"
+            ));
+        }
+        if members
+            .iter()
+            .any(|m| m.split_once('=').map_or(m.as_str(), |(d, _)| d) == e)
+        {
+            return Err(format!("--enroller {e:?} is also a device's name"));
+        }
+        out.push_str(&format!(
+            "\n# Enrollment service {e}: read the devices' enrollment messages, answer them.\nuser {e}\ntopic read {req}/+\ntopic write {resp}/+\n",
+            req = crate::enroll::transport::REQUESTS,
+            resp = crate::enroll::transport::ANSWERS,
+        ));
     }
     for o in ops {
         if o.is_empty() || o.chars().any(|c| c.is_control() || c == ' ') {
@@ -1881,6 +1896,7 @@ impl Drop for Scratch {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::enroll::transport::suback_result;
     use rumqttc::v5::mqttbytes::v5::{SubAck, SubscribeReasonCode};
 
     #[test]

@@ -101,6 +101,27 @@ enum Command {
         #[command(subcommand)]
         command: IdentityCommand,
     },
+    /// Enroll this device with its organisation, once, in the foreground
+    /// (zero-touch provisioning, docs/fleet.md): the TPM proves the device
+    /// CA key lives in it; the organisation's service answers with the
+    /// device CA certificate, written to <state>/identity/enrolled.pem.
+    Provision {
+        /// The broker's enrollment listener: mqtts://HOST[:PORT].
+        #[arg(long, value_name = "URL")]
+        broker: String,
+        /// Roots for the broker's certificate (PEM).
+        #[arg(long, value_name = "FILE")]
+        ca: PathBuf,
+        /// The device id to ask for (default: [identity] device_id).
+        #[arg(long, value_name = "ID")]
+        device_id: Option<String>,
+        /// How long to wait for each answer of the service.
+        #[arg(long, value_name = "DURATION", default_value = "60s")]
+        timeout: String,
+        /// Config file (its [hsm] and [identity] tables, state_dir).
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+    },
     /// Delete a module's registration. Its next start registers it anew with
     /// a new generation id: data it sealed with `encrypt` can no longer be
     /// decrypted. Stop the daemon first.
@@ -437,6 +458,16 @@ pub fn main() -> ExitCode {
         } => {
             init_logging("warn");
             csr_command(cli.state_dir, config, &out, broker)
+        }
+        Command::Provision {
+            broker,
+            ca,
+            device_id,
+            timeout,
+            config,
+        } => {
+            init_logging("warn");
+            provision_command(cli.state_dir, config, &broker, &ca, device_id, &timeout)
         }
         Command::Module(args) => {
             init_logging("warn");
@@ -1074,6 +1105,78 @@ fn csr_command(
         id.device_id
     );
     ExitCode::SUCCESS
+}
+
+fn provision_command(
+    state_flag: Option<PathBuf>,
+    config_flag: Option<PathBuf>,
+    broker: &str,
+    ca: &std::path::Path,
+    device_id: Option<String>,
+    timeout: &str,
+) -> ExitCode {
+    let (cfg, state_dir) = match inspect_context(state_flag.as_deref(), config_flag) {
+        Ok(x) => x,
+        Err(code) => return code,
+    };
+    let run = || -> Result<crate::enroll::Issued, String> {
+        let timeout =
+            crate::units::parse_duration(timeout).map_err(|e| format!("--timeout: {e}"))?;
+        let (host, port) =
+            crate::cloud::parse_broker(broker).map_err(|e| format!("--broker: {e}"))?;
+        let roots = std::fs::read(ca).map_err(|e| format!("{}: {e}", ca.display()))?;
+        let tls = crate::enroll::transport::tls(&roots, None)?;
+        let hsm_config = cfg.as_ref().map(|c| c.hsm.clone()).unwrap_or_default();
+        let id = cfg.as_ref().map(|c| c.identity.clone()).unwrap_or_default();
+        let device_id = device_id.unwrap_or_else(|| id.device_id.clone());
+        if !crate::identity::valid_path_segment(&device_id) {
+            return Err(format!("device id {device_id:?} is not a valid id"));
+        }
+        let hsm = crate::keyd::open(&hsm_config, &state_dir, &id).map_err(|e| e.to_string())?;
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| e.to_string())?;
+        let progress = |step: &str| eprintln!("provision: {step}");
+        let issued = rt.block_on(crate::enroll::transport::provision(
+            hsm,
+            &device_id,
+            &id.trust_domain,
+            (&host, port, tls),
+            timeout,
+            &progress,
+        ))?;
+        let dir = state_dir.join("identity");
+        state::ensure_private_dir(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        let chain = dir.join("enrolled.pem");
+        state::write_atomic(&chain, issued.chain.as_bytes())
+            .map_err(|e| format!("{}: {e}", chain.display()))?;
+        let record = serde_json::json!({
+            "device_id": issued.device_id,
+            "groups": issued.groups,
+            "chain": chain.display().to_string(),
+        });
+        let path = dir.join("enrollment.json");
+        state::write_atomic(&path, record.to_string().as_bytes())
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+        Ok(issued)
+    };
+    match run() {
+        Ok(issued) => {
+            println!(
+                "enrolled as {} (groups: {}); device CA chain in {}: set [identity] ca_certificate to it",
+                issued.device_id,
+                if issued.groups.is_empty() {
+                    "none".into()
+                } else {
+                    issued.groups.join(", ")
+                },
+                state_dir.join("identity/enrolled.pem").display()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(format!("provision: {e}"), 1),
+    }
 }
 
 fn deregister_command(

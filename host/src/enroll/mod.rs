@@ -21,6 +21,7 @@
 //! ([`MAX_MESSAGE`]).
 
 pub mod service;
+pub mod transport;
 
 use std::sync::Arc;
 
@@ -206,4 +207,39 @@ pub fn prove(hsm: &dyn Hsm, request: &Request, challenge: &Challenge) -> Result<
         certify_signature: Bytes(c.signature),
         certified_public: Bytes(c.public),
     })
+}
+
+/// What a device checks of the answer before it keeps it: its id, and a
+/// first certificate for its own device CA key, a CA. (Whether the chain
+/// leads to the organisation's root is for whoever trusts that root: the
+/// device has no root of its own yet.)
+///
+/// # Errors
+///
+/// Another id, another key, not a CA certificate, not PEM; named.
+pub fn check_issued(hsm: &dyn Hsm, issued: &Issued, device_id: &str) -> Result<(), String> {
+    use x509_parser::prelude::*;
+    if issued.device_id != device_id {
+        return Err(format!(
+            "the service assigned the id {:?}, not the {device_id:?} asked for",
+            issued.device_id
+        ));
+    }
+    let der =
+        crate::attest::verify::pem_certificates(issued.chain.as_bytes(), "the chain")?.remove(0);
+    let (_, cert) =
+        X509Certificate::from_der(&der).map_err(|e| format!("the device CA certificate: {e}"))?;
+    let point = hsm.public_key(CA_KEY).map_err(|e| e.to_string())?;
+    if cert.public_key().subject_public_key.data.as_ref() != point.as_slice() {
+        return Err("the certificate issued is for another key than this device's CA key".into());
+    }
+    if !cert
+        .basic_constraints()
+        .ok()
+        .flatten()
+        .is_some_and(|b| b.value.ca)
+    {
+        return Err("the certificate issued is not a CA certificate".into());
+    }
+    Ok(())
 }

@@ -3,18 +3,25 @@
 //! the proof is checked against, under the service's MAC), so instances
 //! sharing the challenge key and the audit log serve one fleet.
 //!
-//! It refuses, naming the [`Step`], in this order: a malformed request; a
-//! factory certificate that does not chain to a trusted manufacturer
-//! root, or that is revoked (the certificate or its issuer); an identity
-//! the enrollment list does not admit; a challenge not made by the
-//! service, expired, for another request, or already used; a credential
-//! the device could not open (its AK is not in the TPM of that EK); a
-//! certification that does not prove the key TPM-resident and
+//! It refuses, naming the [`Step`]. A proof's challenge is checked
+//! first (it costs an HMAC): made by the service, for this request, not
+//! expired. Then, for both messages, in this order: a malformed request;
+//! a factory certificate that does not chain to a trusted manufacturer
+//! CA; a revoked device (its EK, by public key) or manufacturer CA on its
+//! chain (the revocation list is read again for every message); an
+//! identity the enrollment list does not admit (a group entry never
+//! admits an id an individual entry reserves). Then, for a proof: a
+//! credential the device could not open (its AK is not in the TPM of that
+//! EK); a certification that does not prove the key TPM-resident and
 //! non-exportable; a CSR whose signature or key is not the certified
-//! key's; a device id other than the one the list assigns, or held by
-//! another device. Then it issues the device CA certificate (`pathlen:0`)
-//! and appends the enrollment to the audit log (JSON lines, fsynced,
-//! under an exclusive lock), and only then answers.
+//! key's; a device id other than the one the list assigns, a device that
+//! enrolled under another id, an id held by another device, or a used
+//! nonce (the audit log, under its lock). Then it issues the device CA
+//! certificate (`pathlen:0`, never outliving the organisation CA) and
+//! appends the enrollment to the audit log (JSON lines, fsynced), and
+//! only then answers. The same device enrolling the same key again gets
+//! the recorded chain while it has more than half its lifetime left:
+//! issuance is idempotent, so a device whose answer was lost retries.
 //!
 //! Who reaches it: any device that can publish on the enrollment topics
 //! (the broker's enrollment listener admits unauthenticated devices; its
@@ -30,7 +37,7 @@
 
 use std::collections::BTreeSet;
 use std::fmt;
-use std::io::{BufRead as _, Write as _};
+use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -184,13 +191,15 @@ impl List {
         Ok(list)
     }
 
-    /// The entry that admits a device whose factory certificate has
-    /// fingerprint `factory`, issued by the CA with fingerprint `issuer`,
-    /// and the id it assigns for `requested` (the individual entry wins).
+    /// The entry that admits a device whose factory identity is
+    /// `factory`, issued through the manufacturer certificates `path`
+    /// (fingerprints), and the id it assigns for `requested`. An
+    /// individual entry wins; a group entry never admits an id an
+    /// individual entry names (it is reserved for that device).
     fn admits(
         &self,
         factory: &str,
-        issuer: &str,
+        path: &[String],
         requested: &str,
     ) -> Result<(String, Vec<String>), String> {
         if let Some(d) = self.device.iter().find(|d| d.factory == factory) {
@@ -199,28 +208,23 @@ impl List {
         let groups: Vec<&GroupEntry> = self
             .group
             .iter()
-            .filter(|g| g.manufacturer == issuer)
+            .filter(|g| path.contains(&g.manufacturer))
             .collect();
         if groups.is_empty() {
             return Err(format!(
-                "neither the factory certificate ({factory}) nor its manufacturer CA ({issuer}) \
-                 is on the enrollment list"
+                "neither the device ({factory}) nor its manufacturer CA is on the enrollment list"
+            ));
+        }
+        if self.device.iter().any(|d| d.device_id == requested) {
+            return Err(format!(
+                "{requested:?} is reserved for another device by an individual entry"
             ));
         }
         groups
             .iter()
             .find(|g| pattern_matches(&g.device_id, requested))
             .map(|g| (requested.to_owned(), g.groups.clone()))
-            .ok_or_else(|| {
-                format!(
-                    "the manufacturer's entry admits ids {}, not {requested:?}",
-                    groups
-                        .iter()
-                        .map(|g| format!("{:?}", g.device_id))
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                )
-            })
+            .ok_or_else(|| format!("the manufacturer's entries do not admit the id {requested:?}"))
     }
 }
 
@@ -263,6 +267,23 @@ fn pattern_matches(pattern: &str, id: &str) -> bool {
 /// `sha256:<hex>` of `der`.
 pub fn fingerprint(der: &[u8]) -> String {
     format!("sha256:{}", hex(&Sha256::digest(der)))
+}
+
+/// A device's factory identity: `sha256:<hex>` of its EK certificate's
+/// SubjectPublicKeyInfo (DER), as `fleet attest --ek` names it. The key,
+/// not the certificate's bytes: an encoding of the same certificate
+/// with other bytes (trailing data, a re-encoded signature) is the same
+/// device.
+///
+/// # Errors
+///
+/// `der` is not exactly one X.509 certificate.
+pub fn factory_fingerprint(der: &[u8]) -> Result<String, String> {
+    match X509Certificate::from_der(der) {
+        Ok(([], c)) => Ok(fingerprint(c.public_key().raw)),
+        Ok(_) => Err("the EK certificate has trailing bytes".into()),
+        Err(e) => Err(format!("the EK certificate is not DER X.509: {e}")),
+    }
 }
 
 /// The organisation CA's key (P-256, from a PEM file) as rcgen signs
@@ -319,17 +340,22 @@ impl SigningKey for CaKey {
 }
 
 /// What the service runs with.
-#[derive(Debug)]
 pub struct Settings {
-    /// The manufacturer roots (and intermediates) a factory certificate
-    /// must be issued by (DER).
+    /// The manufacturer certificates (roots and intermediates, each
+    /// trusted) a factory certificate must chain to (DER).
     pub manufacturers: Vec<Vec<u8>>,
-    /// Revoked certificates (factory or manufacturer), by fingerprint.
+    /// Revoked factory identities and manufacturer certificates, by
+    /// fingerprint.
     pub revoked: BTreeSet<String>,
+    /// A revocation list read again for every message (so `fleet enroll
+    /// revoke` reaches a running service).
+    pub revoked_file: Option<PathBuf>,
     /// The enrollment list.
     pub list: List,
     /// The organisation CA's certificate (DER), which issues.
     pub ca_certificate: Vec<u8>,
+    /// When it expires (Unix seconds): no device CA outlives it.
+    pub ca_not_after: u64,
     /// What follows the device CA certificate in the chain (PEM: the
     /// organisation CA's certificate and its issuers).
     pub ca_chain: String,
@@ -348,6 +374,23 @@ pub struct Settings {
     pub challenge_key: [u8; 32],
     /// The audit log (JSON lines; shared by instances on one host).
     pub audit: PathBuf,
+}
+
+impl fmt::Debug for Settings {
+    // Never the challenge key: with it anyone computes the credential's
+    // secret and the EK-AK binding is gone.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Settings")
+            .field("manufacturers", &self.manufacturers.len())
+            .field("revoked", &self.revoked.len())
+            .field("revoked_file", &self.revoked_file)
+            .field("trust_domain", &self.trust_domain)
+            .field("dns_suffix", &self.dns_suffix)
+            .field("lifetime", &self.lifetime)
+            .field("challenge_ttl", &self.challenge_ttl)
+            .field("audit", &self.audit)
+            .finish_non_exhaustive()
+    }
 }
 
 /// The service's configuration file (`enroll.toml`); relative paths are
@@ -492,12 +535,24 @@ impl Settings {
             &file(&t.manufacturers)?,
             &t.manufacturers.display().to_string(),
         )?;
-        let ca_chain = text(&t.ca_certificate)?;
-        let ca_certificate = crate::attest::verify::pem_certificates(
-            ca_chain.as_bytes(),
+        let ca_text = text(&t.ca_certificate)?;
+        if ca_text.contains("PRIVATE KEY") {
+            return Err(named("ca_certificate")(
+                "the file holds a private key, which would go to every device with the chain; \
+                 keep the key in ca_key only"
+                    .into(),
+            ));
+        }
+        let ca_certs = crate::attest::verify::pem_certificates(
+            ca_text.as_bytes(),
             &t.ca_certificate.display().to_string(),
-        )?
-        .remove(0);
+        )?;
+        // The chain devices get is rebuilt from the certificates alone.
+        let ca_chain: String = ca_certs
+            .iter()
+            .map(|der| crate::identity::authority::pem_block("CERTIFICATE", der))
+            .collect();
+        let ca_certificate = ca_certs[0].clone();
         let ca_key = CaKey::from_pem(&text(&t.ca_key)?).map_err(named("ca_key"))?;
         // The key must be the certificate's.
         let (_, ca) = X509Certificate::from_der(&ca_certificate)
@@ -507,17 +562,46 @@ impl Settings {
                 "it is not the key of ca_certificate".into(),
             ));
         }
+        let is_ca = ca
+            .basic_constraints()
+            .ok()
+            .flatten()
+            .is_some_and(|b| b.value.ca);
+        if !is_ca
+            || !ca
+                .validity()
+                .is_valid_at(x509_parser::time::ASN1Time::now())
+        {
+            return Err(named("ca_certificate")(
+                "it is not a CA certificate valid now".into(),
+            ));
+        }
+        let ca_not_after = u64::try_from(ca.validity().not_after.timestamp()).unwrap_or(0);
         let challenge_key: [u8; 32] = file(&t.challenge_key)?.try_into().map_err(|_| {
             named("challenge_key")("the file must hold exactly 32 random bytes".into())
         })?;
         let list = List::parse(&text(&t.list)?).map_err(named("list"))?;
-        let revoked = match &t.revoked {
-            Some(p) => read_revoked(&base.join(p))?,
+        let revoked_file = t.revoked.map(|p| base.join(p));
+        let revoked = match &revoked_file {
+            Some(p) => read_revoked(p)?,
             None => BTreeSet::new(),
         };
+        if t.dns_suffix.is_empty()
+            || !t
+                .dns_suffix
+                .split('.')
+                .all(|l| !l.is_empty() && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'))
+        {
+            return Err(named("dns_suffix")(format!(
+                "{:?} is not a DNS name",
+                t.dns_suffix
+            )));
+        }
         Ok(Self {
             manufacturers,
             revoked,
+            revoked_file,
+            ca_not_after,
             list,
             ca_certificate,
             ca_chain,
@@ -647,18 +731,17 @@ impl Service {
     ///
     /// The first step that refuses; nothing is issued or recorded then.
     pub fn complete(&self, proof: &Proof) -> Result<Issued, Refusal> {
-        if proof.v != VERSION {
+        if proof.v != VERSION || proof.challenge.v != VERSION {
             return Err(at(Step::Request)(format!(
                 "protocol version {} (this service speaks {VERSION})",
                 proof.v
             )));
         }
-        let f = self.check_request(&proof.request)?;
-        // The challenge: ours, current, for this request.
+        // First what costs nothing: the challenge is ours (a hash and an
+        // HMAC), current, and for this request.
         let c = &proof.challenge;
         let challenge = at(Step::Challenge);
-        let expected = self.mac(c);
-        if !ct_eq(&expected, &c.mac.0) {
+        if !ct_eq(&self.mac(c), &c.mac.0) {
             return Err(challenge(
                 "the challenge was not made by this service (its MAC does not verify)".into(),
             ));
@@ -671,6 +754,7 @@ impl Service {
         if unix_now() > c.expires {
             return Err(challenge("the challenge has expired: start again".into()));
         }
+        let f = self.check_request(&proof.request)?;
         // The credential opened: only the TPM with this EK and this AK can.
         let secret = self.secret(&c.request, &c.nonce.0);
         if !ct_eq(&secret, &proof.activated.0) {
@@ -694,17 +778,24 @@ impl Service {
         // Issued under the audit log's lock and recorded before it is
         // answered: an enrollment the device holds is one the
         // organisation knows.
+        let now = unix_now();
+        let not_after = (now + self.s.lifetime.as_secs()).min(self.s.ca_not_after);
         let entry = AuditEntry {
-            time: unix_now(),
+            time: now,
             event: "enrolled".into(),
             device_id: f.device_id.clone(),
             factory: f.fingerprint.clone(),
             key: hex(&Sha256::digest(&certified.point)),
             nonce: hex(&c.nonce.0),
             groups: f.groups.clone(),
+            not_after,
+            chain: String::new(),
         };
-        let chain = record(&self.s.audit, entry, || {
-            self.issue(&f.device_id, &certified.point)
+        // A recorded certificate is answered again while it has more than
+        // half the lifetime a new one would have.
+        let renew_after = now + not_after.saturating_sub(now) / 2;
+        let chain = record(&self.s.audit, entry, renew_after, || {
+            self.issue(&f.device_id, &certified.point, not_after)
         })?;
         Ok(Issued {
             v: VERSION,
@@ -736,23 +827,33 @@ impl Service {
         } = &r.factory;
         let ak = crate::attest::wire::parse_ecc_public_as(&ak_public.0, "the attestation key")
             .map_err(&bad)?;
+        let fingerprint = factory_fingerprint(&ek_certificate.0).map_err(&bad)?;
         let (_, ek) = X509Certificate::from_der(&ek_certificate.0)
             .map_err(|e| bad(format!("the EK certificate is not DER X.509: {e}")))?;
-        let issuer = self.chain(&ek).map_err(at(Step::FactoryChain))?;
-        let issuer_fp = fingerprint(&self.s.manufacturers[issuer]);
-        let fingerprint = fingerprint(&ek_certificate.0);
-        for (what, fp) in [
-            ("factory certificate", &fingerprint),
-            ("manufacturer CA", &issuer_fp),
-        ] {
-            if self.s.revoked.contains(fp) {
-                return Err(at(Step::Revoked)(format!("the {what} ({fp}) is revoked")));
-            }
+        let path: Vec<String> = self
+            .chain(&ek)
+            .map_err(at(Step::FactoryChain))?
+            .into_iter()
+            .map(|i| self::fingerprint(&self.s.manufacturers[i]))
+            .collect();
+        let mut revoked = self.s.revoked.clone();
+        if let Some(file) = &self.s.revoked_file {
+            revoked.extend(read_revoked(file).map_err(at(Step::Issue))?);
+        }
+        if revoked.contains(&fingerprint) {
+            return Err(at(Step::Revoked)(format!(
+                "the device ({fingerprint}) is revoked"
+            )));
+        }
+        if let Some(fp) = path.iter().find(|fp| revoked.contains(*fp)) {
+            return Err(at(Step::Revoked)(format!(
+                "a manufacturer CA of its chain ({fp}) is revoked"
+            )));
         }
         let (device_id, groups) = self
             .s
             .list
-            .admits(&fingerprint, &issuer_fp, &r.device_id)
+            .admits(&fingerprint, &path, &r.device_id)
             .map_err(at(Step::EnrollmentList))?;
         Ok(Admitted {
             fingerprint,
@@ -764,9 +865,11 @@ impl Service {
         })
     }
 
-    /// The index of the manufacturer certificate that issued `ek` (valid
-    /// now, a CA).
-    fn chain(&self, ek: &X509Certificate<'_>) -> Result<usize, String> {
+    /// The manufacturer certificates from the one that issued `ek` up
+    /// (indices, issuer first): each a CA valid now whose signature
+    /// verifies, up to a self-signed root or the last one the bundle
+    /// holds (every certificate in it is trusted).
+    fn chain(&self, ek: &X509Certificate<'_>) -> Result<Vec<usize>, String> {
         let now = x509_parser::time::ASN1Time::now();
         if !ek.validity().is_valid_at(now) {
             return Err(format!(
@@ -774,35 +877,51 @@ impl Service {
                 ek.subject()
             ));
         }
-        for (i, der) in self.s.manufacturers.iter().enumerate() {
-            let Ok((_, ca)) = X509Certificate::from_der(der) else {
-                continue;
-            };
-            if ca.subject() != ek.issuer() || ek.verify_signature(Some(ca.public_key())).is_err() {
-                continue;
-            }
-            let is_ca = ca
-                .basic_constraints()
+        let parsed: Vec<Option<X509Certificate<'_>>> = self
+            .s
+            .manufacturers
+            .iter()
+            .map(|d| X509Certificate::from_der(d).ok().map(|(_, c)| c))
+            .collect();
+        let usable = |c: &X509Certificate<'_>| {
+            c.basic_constraints()
                 .ok()
                 .flatten()
-                .is_some_and(|b| b.value.ca);
-            if !is_ca || !ca.validity().is_valid_at(now) {
-                return Err(format!(
-                    "{} issued it, but is not a CA valid now",
-                    ca.subject()
-                ));
+                .is_some_and(|b| b.value.ca)
+                && c.validity().is_valid_at(now)
+        };
+        let mut path: Vec<usize> = Vec::new();
+        let mut current = ek;
+        // A bound on the depth: a bundle cannot make this loop.
+        for _ in 0..8 {
+            let issuer = parsed.iter().enumerate().find_map(|(i, c)| {
+                let c = c.as_ref()?;
+                (c.subject() == current.issuer()
+                    && !path.contains(&i)
+                    && usable(c)
+                    && current.verify_signature(Some(c.public_key())).is_ok())
+                .then_some(i)
+            });
+            let Some(i) = issuer else { break };
+            path.push(i);
+            let Some(c) = parsed[i].as_ref() else { break };
+            if c.subject() == c.issuer() {
+                break;
             }
-            return Ok(i);
+            current = c;
         }
-        Err(format!(
-            "the factory certificate ({}) is not issued by a trusted manufacturer CA (its issuer: {})",
-            ek.subject(),
-            ek.issuer()
-        ))
+        if path.is_empty() {
+            return Err(format!(
+                "the factory certificate ({}) is not issued by a trusted manufacturer CA valid now (its issuer: {})",
+                ek.subject(),
+                ek.issuer()
+            ));
+        }
+        Ok(path)
     }
 
     /// The device CA certificate for `point`, then the organisation's chain.
-    fn issue(&self, device_id: &str, point: &[u8]) -> Result<String, String> {
+    fn issue(&self, device_id: &str, point: &[u8], not_after: u64) -> Result<String, String> {
         let mut p = CertificateParams::default();
         p.distinguished_name = edgeward_name(device_id);
         let spiffe = format!("spiffe://{}/device/{device_id}", self.s.trust_domain);
@@ -827,7 +946,7 @@ impl Service {
                 .map_err(|e| e.to_string())
         };
         p.not_before = time(now.saturating_sub(BACKDATE.as_secs()))?;
-        p.not_after = time(now + self.s.lifetime.as_secs())?;
+        p.not_after = time(not_after)?;
         let mut serial = [0u8; 16];
         getrandom::fill(&mut serial).map_err(|e| format!("random: {e}"))?;
         serial[0] = (serial[0] & 0x7f) | 0x40;
@@ -917,6 +1036,11 @@ pub struct AuditEntry {
     pub nonce: String,
     /// The groups assigned.
     pub groups: Vec<String>,
+    /// When the certificate issued expires (Unix seconds).
+    pub not_after: u64,
+    /// The chain issued, answered again (not issued anew) while it has
+    /// more than half its lifetime left.
+    pub chain: String,
 }
 
 /// Reads the audit log.
@@ -925,35 +1049,45 @@ pub struct AuditEntry {
 ///
 /// It cannot be read, or a line is not an entry (named by number).
 pub fn audit_entries(path: &Path) -> Result<Vec<AuditEntry>, String> {
-    let file = match std::fs::File::open(path) {
-        Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => return Err(format!("{}: {e}", path.display())),
+    match std::fs::read(path) {
+        Ok(bytes) => parse_audit(&bytes).map_err(|e| format!("{}: {e}", path.display())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
+        Err(e) => Err(format!("{}: {e}", path.display())),
+    }
+}
+
+/// The entries of an audit log's bytes. A last line without its newline
+/// (a write cut short by a crash, never synced nor answered) is skipped.
+fn parse_audit(bytes: &[u8]) -> Result<Vec<AuditEntry>, String> {
+    let complete = match bytes.iter().rposition(|b| *b == b'\n') {
+        Some(i) => &bytes[..=i],
+        None => &[][..],
     };
     let mut out = Vec::new();
-    for (i, line) in std::io::BufReader::new(file).lines().enumerate() {
-        let line = line.map_err(|e| format!("{}: {e}", path.display()))?;
-        if line.trim().is_empty() {
+    for (i, line) in complete.split(|b| *b == b'\n').enumerate() {
+        if line.iter().all(u8::is_ascii_whitespace) {
             continue;
         }
-        out.push(
-            serde_json::from_str(&line)
-                .map_err(|e| format!("{} line {}: {e}", path.display(), i + 1))?,
-        );
+        out.push(serde_json::from_slice(line).map_err(|e| format!("line {}: {e}", i + 1))?);
     }
     Ok(out)
 }
 
-/// Under an exclusive lock on the audit log: checks `entry` against what
-/// the log holds (written by any instance: the nonce unused, the id held
-/// by no other device), issues, appends `entry` and syncs it.
+/// Under an exclusive lock on the audit log (read through the locked
+/// handle): checks `entry` against what the log holds, written by any
+/// instance (the nonce unused; the device enrolled under no other id; the
+/// id held by no other device); answers the recorded chain again when the
+/// same device enrolled the same key and its certificate is good until
+/// after `renew_after`; else issues, appends `entry` and syncs it.
 fn record(
     path: &Path,
-    entry: AuditEntry,
+    mut entry: AuditEntry,
+    renew_after: u64,
     issue_certificate: impl FnOnce() -> Result<String, String>,
 ) -> Result<String, Refusal> {
+    use std::io::{Read as _, Seek as _};
     let issue = at(Step::Issue);
-    let file = std::fs::OpenOptions::new()
+    let mut file = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .read(true)
@@ -961,7 +1095,12 @@ fn record(
         .map_err(|e| issue(format!("audit log {}: {e}", path.display())))?;
     rustix::fs::flock(&file, rustix::fs::FlockOperation::LockExclusive)
         .map_err(|e| issue(format!("locking the audit log: {e}")))?;
-    let entries = audit_entries(path).map_err(&issue)?;
+    let mut bytes = Vec::new();
+    file.rewind()
+        .and_then(|_| file.read_to_end(&mut bytes))
+        .map_err(|e| issue(format!("reading the audit log: {e}")))?;
+    let entries =
+        parse_audit(&bytes).map_err(|e| issue(format!("audit log {}: {e}", path.display())))?;
     if entries.iter().any(|e| e.nonce == entry.nonce) {
         return Err(at(Step::Challenge)(
             "the challenge was already used: a replayed proof".into(),
@@ -970,19 +1109,38 @@ fn record(
     if let Some(other) = entries
         .iter()
         .rev()
-        .find(|e| e.device_id == entry.device_id && e.factory != entry.factory)
+        .find(|e| e.factory == entry.factory && e.device_id != entry.device_id)
     {
         return Err(at(Step::DeviceId)(format!(
-            "{:?} is held by another device (factory certificate {})",
-            entry.device_id, other.factory
+            "this device enrolled as {:?}; one device, one id",
+            other.device_id
         )));
     }
-    let chain = issue_certificate().map_err(&issue)?;
+    if entries
+        .iter()
+        .any(|e| e.device_id == entry.device_id && e.factory != entry.factory)
+    {
+        return Err(at(Step::DeviceId)(format!(
+            "{:?} is held by another device",
+            entry.device_id
+        )));
+    }
+    if let Some(same) = entries
+        .iter()
+        .rev()
+        .find(|e| e.factory == entry.factory && e.key == entry.key && e.not_after > renew_after)
+    {
+        return Ok(same.chain.clone());
+    }
+    entry.chain = issue_certificate().map_err(&issue)?;
     let mut line = serde_json::to_string(&entry).map_err(|e| issue(e.to_string()))?;
     line.push('\n');
-    let mut f = &file;
-    f.write_all(line.as_bytes())
+    if bytes.last().is_some_and(|b| *b != b'\n') {
+        // After a torn line: start a new one.
+        line.insert(0, '\n');
+    }
+    file.write_all(line.as_bytes())
         .and_then(|()| file.sync_data())
         .map_err(|e| issue(format!("writing the audit log: {e}")))?;
-    Ok(chain)
+    Ok(entry.chain)
 }
