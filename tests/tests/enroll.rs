@@ -666,6 +666,11 @@ fn devices_enroll_through_the_broker_with_two_service_instances() {
     // The fingerprints read, the test lets go of the TPMs: the devices'
     // own key daemons use them (a simulator holds three objects).
     let fingerprints: Vec<String> = devices.iter().map(Device::ek_fingerprint).collect();
+    // (And the unlisted device's request, for the flood below.)
+    let unlisted = serde_json::to_string(&edgeward::enroll::transport::Message::Request {
+        request: devices[2].request("dev-2"),
+    })
+    .unwrap();
     for d in &devices {
         d.hsm.close();
     }
@@ -708,6 +713,7 @@ fn devices_enroll_through_the_broker_with_two_service_instances() {
             .args(["enroll", "--service"])
             .arg(dir.join("enroll.toml"))
             .args(["serve", "--duration", "120s"])
+            .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::piped())
             .spawn()
             .unwrap();
@@ -716,10 +722,10 @@ fn devices_enroll_through_the_broker_with_two_service_instances() {
         assert!(first.contains("subscribed to $share/"), "{first}");
         // Keep draining its log so it never blocks on a full pipe.
         std::thread::spawn(move || lines.for_each(drop));
-        child
+        Killed(child)
     };
     let mut first = serve();
-    let mut second = serve();
+    let second = serve();
 
     let provision = |i: usize, id: &str| {
         let state = tempfile::tempdir().unwrap();
@@ -777,12 +783,55 @@ fn devices_enroll_through_the_broker_with_two_service_instances() {
         .unwrap();
     assert!(verified.status.success(), "{verified:?}");
 
-    // One instance goes away: the broker gives the other all the work.
-    first.kill().unwrap();
-    first.wait().unwrap();
+    // One instance goes away: the broker gives the other all the work,
+    // while a flooder on the enrollment listener sends 3,000 requests
+    // (malformed, and well-formed ones for an unlisted TPM) as fast as
+    // it can. The device still enrolls; the flood costs only time.
+    first.0.kill().unwrap();
+    first.0.wait().unwrap();
+    let mut flood = String::new();
+    for i in 0..3000 {
+        flood.push_str(if i % 2 == 0 {
+            "{\"type\":\"request\"}"
+        } else {
+            &unlisted
+        });
+        flood.push('\n');
+    }
+    let mut flooder = Command::new("mosquitto_pub")
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-V",
+            "mqttv5",
+            "-q",
+            "1",
+            "-i",
+            "flooder",
+            "-p",
+        ])
+        .arg(broker.enroll_url().rsplit(':').next().unwrap())
+        .arg("--cafile")
+        .arg(ca.root())
+        .args(["-t", "ew/v1/enroll/req/flooder", "-l"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write as _;
+        let mut stdin = flooder.stdin.take().unwrap();
+        std::thread::spawn(move || {
+            let _ = stdin.write_all(flood.as_bytes());
+        });
+    }
+    let started = std::time::Instant::now();
     let (ok, out, _) = provision(1, "dev-1");
     assert!(ok, "{out}");
     assert!(out.contains("enrolled as dev-1"), "{out}");
+    eprintln!("enrolled during the flood in {:?}", started.elapsed());
+    let _ = flooder.wait();
 
     // Not on the list: refused, the step named, nothing recorded.
     let (ok, out, state2) = provision(2, "dev-2");
@@ -800,6 +849,15 @@ fn devices_enroll_through_the_broker_with_two_service_instances() {
         "the eavesdropper read: {}",
         String::from_utf8_lossy(&spied.stdout)
     );
-    second.kill().unwrap();
-    second.wait().unwrap();
+    drop(second);
+}
+
+/// A child process killed when dropped (a failing test leaves none).
+struct Killed(std::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }

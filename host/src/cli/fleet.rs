@@ -672,7 +672,7 @@ impl Session {
         let (suback_tx, subacks) = mpsc::channel(64);
         let (up_tx, up_rx) = tokio::sync::oneshot::channel();
         let task = tokio::spawn(crate::enroll::transport::drive(
-            eventloop, up_tx, msg_tx, ack_tx, suback_tx,
+            eventloop, up_tx, msg_tx, ack_tx, suback_tx, false,
         ));
         match tokio::time::timeout(Duration::from_secs(15), up_rx).await {
             Ok(Ok(Ok(()))) => {}

@@ -142,6 +142,7 @@ impl Link {
         port: u16,
         tls: rustls::ClientConfig,
         client_id: &str,
+        lossy: bool,
     ) -> Result<Self, String> {
         let mut o = MqttOptions::new(client_id, host, port);
         o.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
@@ -155,7 +156,7 @@ impl Link {
         let (ack_tx, acks) = mpsc::channel(64);
         let (up_tx, up_rx) = tokio::sync::oneshot::channel();
         let (suback_tx, subacks) = mpsc::channel(64);
-        let task = tokio::spawn(drive(eventloop, up_tx, msg_tx, ack_tx, suback_tx));
+        let task = tokio::spawn(drive(eventloop, up_tx, msg_tx, ack_tx, suback_tx, lossy));
         match tokio::time::timeout(Duration::from_secs(15), up_rx).await {
             Ok(Ok(Ok(()))) => {}
             Ok(Ok(Err(e))) => return Err(e),
@@ -230,13 +231,17 @@ pub(crate) fn suback_result(a: &rumqttc::v5::mqttbytes::v5::SubAck) -> Result<()
 /// Drives a client's event loop: reports the CONNACK (or the failure to
 /// connect) on `up`, incoming messages on `messages`, PUBACKs and a later
 /// failure on `acks`, SUBACKs on `subacks`. Shared by the operator's
-/// fleet session and enrollment.
+/// fleet session and enrollment. `lossy`: an incoming message that finds
+/// `messages` full is dropped rather than waited for, so the loop keeps
+/// polling (and sending) whatever the reader does: a service that
+/// publishes while a flood arrives cannot deadlock on its own queues.
 pub(crate) async fn drive(
     mut eventloop: rumqttc::v5::EventLoop,
     up: tokio::sync::oneshot::Sender<Result<(), String>>,
     messages: mpsc::Sender<Publish>,
     acks: mpsc::Sender<Result<(), String>>,
     subacks: mpsc::Sender<Result<(), String>>,
+    lossy: bool,
 ) {
     let mut up = Some(up);
     loop {
@@ -247,7 +252,11 @@ pub(crate) async fn drive(
                 }
             }
             Ok(Event::Incoming(Packet::Publish(p))) => {
-                if messages.send(p).await.is_err() {
+                if lossy {
+                    if let Err(mpsc::error::TrySendError::Closed(_)) = messages.try_send(p) {
+                        return;
+                    }
+                } else if messages.send(p).await.is_err() {
                     return;
                 }
             }
@@ -316,9 +325,57 @@ fn random_id(prefix: &str) -> Result<String, String> {
     Ok(format!("{prefix}{}", crate::measure::hex(&id)))
 }
 
+/// How many of one client's messages wait at most; more are dropped
+/// unread (a device has one outstanding: a flooder's extra messages cost
+/// the service a hash-map lookup, not a certificate check).
+pub const MAX_PENDING_PER_CLIENT: usize = 2;
+/// How many clients' messages wait at most (each as large as a message).
+pub const MAX_PENDING_CLIENTS: usize = 4096;
+
+/// Messages waiting, per client, served round-robin: one client's flood
+/// cannot starve another's enrollment.
+#[derive(Debug, Default)]
+struct Pending {
+    queues: std::collections::HashMap<String, std::collections::VecDeque<bytes::Bytes>>,
+    order: std::collections::VecDeque<String>,
+    dropped: u64,
+}
+
+impl Pending {
+    fn push(&mut self, client: String, payload: bytes::Bytes) {
+        if !self.queues.contains_key(&client) && self.queues.len() >= MAX_PENDING_CLIENTS {
+            self.dropped += 1;
+            return;
+        }
+        let q = self.queues.entry(client.clone()).or_default();
+        if q.len() >= MAX_PENDING_PER_CLIENT {
+            self.dropped += 1;
+            return;
+        }
+        if q.is_empty() {
+            self.order.push_back(client);
+        }
+        q.push_back(payload);
+    }
+
+    fn pop(&mut self) -> Option<(String, bytes::Bytes)> {
+        let client = self.order.pop_front()?;
+        let q = self.queues.get_mut(&client)?;
+        let payload = q.pop_front()?;
+        if q.is_empty() {
+            self.queues.remove(&client);
+        } else {
+            self.order.push_back(client.clone());
+        }
+        Some((client, payload))
+    }
+}
+
 /// Serves enrollments from the broker at `host:port` until the
 /// connection ends, or for `duration` if given; returns how many
-/// messages it answered. `ready` hears when it is subscribed.
+/// messages it answered. `ready` hears when it is subscribed. Messages
+/// are taken round-robin per client ([`MAX_PENDING_PER_CLIENT`]), and
+/// checked by as many workers as the machine has cores.
 ///
 /// # Errors
 ///
@@ -331,57 +388,90 @@ pub async fn serve(
     duration: Option<Duration>,
     ready: &(dyn Fn(&str) + Sync),
 ) -> Result<u64, String> {
-    let mut link = Link::connect(host, port, tls, &random_id("edgeward-enroll-")?).await?;
+    let mut link = Link::connect(host, port, tls, &random_id("edgeward-enroll-")?, true).await?;
     let filter = format!("$share/{SHARE_GROUP}/{REQUESTS}/+");
     link.subscribe(&filter).await?;
     ready(&format!("subscribed to {filter} at {host}:{port}"));
+    let workers = std::thread::available_parallelism().map_or(1, usize::from);
     let deadline = duration.map(|d| tokio::time::Instant::now() + d);
-    let mut answered = 0u64;
-    loop {
-        let next = match deadline {
-            Some(d) => match tokio::time::timeout_at(d, link.messages.recv()).await {
-                Ok(m) => m,
-                Err(_) => break,
-            },
-            None => link.messages.recv().await,
-        };
-        let Some(p) = next else {
-            link.close().await;
-            return Err("the broker connection ended".into());
-        };
-        let topic = String::from_utf8_lossy(&p.topic).into_owned();
-        let Some(client) = topic
-            .strip_prefix(REQUESTS)
-            .and_then(|t| t.strip_prefix('/'))
-            .filter(|c| valid_client_id(c))
-            .map(str::to_owned)
-        else {
-            tracing::warn!(%topic, "enrollment message on an unexpected topic; dropped");
-            continue;
-        };
-        let s = service.clone();
-        let payload = p.payload;
-        let answer = tokio::task::spawn_blocking(move || answer(&s, &payload))
-            .await
-            .unwrap_or_else(|e| Answer::Refused {
-                step: "issue".into(),
-                reason: format!("the service failed: {e}"),
-            });
-        match &answer {
-            Answer::Refused { step, reason } => {
-                tracing::warn!(%client, %step, %reason, "enrollment refused");
-            }
-            Answer::Issued { issued } => {
-                tracing::info!(%client, device = %issued.device_id, "enrolled");
-            }
-            Answer::Challenge { .. } => {}
+    let sleep = async {
+        match deadline {
+            Some(d) => tokio::time::sleep_until(d).await,
+            None => std::future::pending().await,
         }
-        let bytes = serde_json::to_vec(&answer).map_err(|e| e.to_string())?;
-        link.publish(format!("{ANSWERS}/{client}"), bytes).await?;
-        answered += 1;
+    };
+    tokio::pin!(sleep);
+    let mut pending = Pending::default();
+    let mut running = tokio::task::JoinSet::new();
+    let mut answered = 0u64;
+    let result = loop {
+        while running.len() < workers {
+            let Some((client, payload)) = pending.pop() else {
+                break;
+            };
+            let s = service.clone();
+            running.spawn_blocking(move || (client, answer(&s, &payload)));
+        }
+        tokio::select! {
+            () = &mut sleep => break Ok(()),
+            m = link.messages.recv() => {
+                let Some(p) = m else { break Err("the broker connection ended".to_owned()) };
+                let topic = String::from_utf8_lossy(&p.topic).into_owned();
+                match topic
+                    .strip_prefix(REQUESTS)
+                    .and_then(|t| t.strip_prefix('/'))
+                    .filter(|c| valid_client_id(c))
+                {
+                    Some(client) => pending.push(client.to_owned(), p.payload),
+                    None => tracing::warn!(%topic, "enrollment message on an unexpected topic; dropped"),
+                }
+            }
+            Some(done) = running.join_next(), if !running.is_empty() => {
+                let (client, answer) = match done {
+                    Ok(x) => x,
+                    Err(e) => {
+                        tracing::error!(error = %e, "an enrollment worker failed");
+                        continue;
+                    }
+                };
+                match &answer {
+                    Answer::Refused { step, reason } => {
+                        tracing::warn!(%client, %step, %reason, "enrollment refused");
+                    }
+                    Answer::Issued { issued } => {
+                        tracing::info!(%client, device = %issued.device_id, "enrolled");
+                    }
+                    Answer::Challenge { .. } => {}
+                }
+                let bytes = match serde_json::to_vec(&answer) {
+                    Ok(b) => b,
+                    Err(e) => break Err(e.to_string()),
+                };
+                // Not waited for: QoS 1, acknowledged below as it comes.
+                if let Err(e) = link
+                    .client
+                    .publish(format!("{ANSWERS}/{client}"), QoS::AtLeastOnce, false, bytes)
+                    .await
+                {
+                    break Err(e.to_string());
+                }
+                answered += 1;
+            }
+            Some(ack) = link.acks.recv() => {
+                if let Err(e) = ack {
+                    break Err(e);
+                }
+            }
+        }
+    };
+    if pending.dropped > 0 {
+        tracing::warn!(
+            dropped = pending.dropped,
+            "enrollment messages dropped: too many from one client"
+        );
     }
     link.close().await;
-    Ok(answered)
+    result.map(|()| answered)
 }
 
 /// A device enrolls through the broker's enrollment listener at
@@ -401,7 +491,7 @@ pub async fn provision(
     progress: &(dyn Fn(&str) + Sync),
 ) -> Result<Issued, String> {
     let client = random_id("enroll-")?;
-    let mut link = Link::connect(host, port, tls, &client).await?;
+    let mut link = Link::connect(host, port, tls, &client, false).await?;
     let result = async {
         link.subscribe(&format!("{ANSWERS}/{client}")).await?;
         progress("connected to the enrollment listener");
