@@ -782,6 +782,17 @@ fn devices_enroll_through_the_broker_with_two_service_instances() {
         .output()
         .unwrap();
     assert!(verified.status.success(), "{verified:?}");
+    // The transition is measured: the device's log names it, with the
+    // certificate's digest.
+    let measured = Command::new("grep")
+        .args(["-rl", "\"kind\":\"enrolled\""])
+        .arg(state0.path().join("state"))
+        .output()
+        .unwrap();
+    assert!(
+        !measured.stdout.is_empty(),
+        "no enrollment event in the measurement log"
+    );
 
     // One instance goes away: the broker gives the other all the work,
     // while a flooder on the enrollment listener sends 3,000 requests

@@ -1159,6 +1159,23 @@ fn provision_command(
         let path = dir.join("enrollment.json");
         state::write_atomic(&path, record.to_string().as_bytes())
             .map_err(|e| format!("{}: {e}", path.display()))?;
+        // The transition of trust is part of the device's history: a
+        // verifier replaying the log sees which organisation certificate
+        // the device CA key took, and when.
+        let der = crate::attest::verify::pem_certificates(issued.chain.as_bytes(), "the chain")?
+            .remove(0);
+        let event = serde_json::json!({
+            "kind": "enrolled",
+            "device_id": issued.device_id,
+            "groups": issued.groups,
+            "ca_certificate": crate::measure::Digest::of(&der).to_string(),
+        });
+        measure_events(cfg.as_ref(), &state_dir, vec![event]).map_err(|e| {
+            format!(
+                "enrolled, and the chain is in {}, but the enrollment could not be measured: {e}",
+                chain.display()
+            )
+        })?;
         Ok(issued)
     };
     match run() {
