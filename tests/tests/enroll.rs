@@ -135,6 +135,7 @@ impl Org {
             lifetime: Duration::from_secs(30 * 86_400),
             challenge_ttl: ttl,
             challenge_key: self.challenge_key,
+            group_secrets: [("boards".to_owned(), [9u8; 32])].into(),
             audit: self.audit(),
         })
     }
@@ -309,7 +310,9 @@ fn each_way_of_cheating_is_refused_at_its_step() {
     // The same EK certificate with a byte appended (another fingerprint
     // of the certificate, the same key): refused, not a new device.
     let mut padded = request.clone();
-    let enroll::Factory::Tpm { ek_certificate, .. } = &mut padded.factory;
+    let enroll::Factory::Tpm { ek_certificate, .. } = &mut padded.factory else {
+        panic!("a TPM's request")
+    };
     ek_certificate.0.push(0);
     refused_at(service.challenge(&padded), Step::Request, "trailing bytes");
     let unlisted = org.service(
@@ -331,7 +334,10 @@ fn each_way_of_cheating_is_refused_at_its_step() {
         enroll::Factory::Tpm {
             ak_public: b_ak, ..
         },
-    ) = (&mut mixed.factory, &b.request("dev-a").factory);
+    ) = (&mut mixed.factory, &b.request("dev-a").factory)
+    else {
+        panic!("TPMs' requests")
+    };
     *ak_public = b_ak.clone();
     let challenge = service.challenge(&mixed).unwrap();
     let e = enroll::prove(b.hsm.as_ref(), &mixed, &challenge).unwrap_err();
@@ -688,6 +694,7 @@ fn devices_enroll_through_the_broker_with_two_service_instances() {
             "{}{}",
             individual(&fingerprints[0], "dev-0"),
             individual(&fingerprints[1], "dev-1")
+                + "[[symmetric]]\ngroup = \"boards\"\ndevice_id = \"board-*\"\n"
         ),
     )
     .unwrap();
@@ -697,9 +704,10 @@ fn devices_enroll_through_the_broker_with_two_service_instances() {
         "trust_domain = \"example.org\"\ndns_suffix = \"edge.example.org\"\n\
          manufacturers = \"manufacturers.pem\"\nlist = \"list.toml\"\n\
          ca_certificate = \"ca.pem\"\nca_key = \"ca.key\"\nchallenge_key = \"challenge.key\"\n\
-         audit = \"audit.jsonl\"\n",
+         audit = \"audit.jsonl\"\n[group_secrets]\nboards = \"boards.secret\"\n",
     )
     .unwrap();
+    std::fs::write(dir.join("boards.secret"), [5u8; 32]).unwrap();
 
     // Two instances of the service, each waited for until subscribed.
     let serve = || {
@@ -844,6 +852,49 @@ fn devices_enroll_through_the_broker_with_two_service_instances() {
     eprintln!("enrolled during the flood in {:?}", started.elapsed());
     let _ = flooder.wait();
 
+    // A board without a TPM: the organisation derives its key for the
+    // factory, and it enrolls with that and its soft keys.
+    let board = tempfile::tempdir().unwrap();
+    let key = board.path().join("enrollment.key");
+    let out = Command::new(common::EDGEWARD)
+        .args(["fleet", "enroll", "--service"])
+        .arg(dir.join("enroll.toml"))
+        .args([
+            "derive-key",
+            "--group",
+            "boards",
+            "--device-id",
+            "board-7",
+            "--out",
+        ])
+        .arg(&key)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let out = Command::new(common::EDGEWARD)
+        .arg("--state-dir")
+        .arg(board.path().join("state"))
+        .args(["provision", "--broker", &broker.enroll_url(), "--ca"])
+        .arg(ca.root())
+        .args([
+            "--device-id",
+            "board-7",
+            "--group",
+            "boards",
+            "--enrollment-key",
+        ])
+        .arg(&key)
+        .env_remove("EDGEWARD_KEYD")
+        .output()
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && text.contains("enrolled as board-7"),
+        "{text}"
+    );
+    assert!(board.path().join("state/identity/enrolled.pem").exists());
+
     // Not on the list: refused, the step named, nothing recorded.
     let (ok, out, state2) = provision(2, "dev-2");
     assert!(!ok, "{out}");
@@ -852,7 +903,7 @@ fn devices_enroll_through_the_broker_with_two_service_instances() {
 
     let audit = audit_entries(&dir.join("audit.jsonl")).unwrap();
     let ids: Vec<&str> = audit.iter().map(|e| e.device_id.as_str()).collect();
-    assert_eq!(ids, ["dev-0", "dev-1"]);
+    assert_eq!(ids, ["dev-0", "dev-1", "board-7"]);
 
     let spied = spy.wait_with_output().unwrap();
     assert!(
@@ -871,4 +922,67 @@ impl Drop for Killed {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
+}
+
+/// A board without a TPM (the soft backend) enrolls with a key derived
+/// from its group's secret at manufacture: the right key for its id
+/// enrolls; another board's key, an unknown group or an id outside the
+/// group's pattern is refused at its step.
+#[test]
+fn a_board_without_a_tpm_enrolls_with_a_group_derived_key() {
+    let org = Org::new();
+    let list = "[[symmetric]]\ngroup = \"boards\"\ndevice_id = \"board-*\"\ngroups = [\"lab\"]\n";
+    let service = org.service(&[], list, &[]);
+    let dir = tempfile::tempdir().unwrap();
+    let soft: Arc<dyn Hsm> = Arc::new(SoftHsm::open(dir.path()).unwrap());
+    let board =
+        |id: &str, group: &str| enroll::symmetric_request(&soft, id, "example.org", group).unwrap();
+    let attempt = |request: &Request, key: [u8; 32]| {
+        let challenge = service.challenge(request)?;
+        service.complete(&enroll::symmetric_prove(&key, request, &challenge).unwrap())
+    };
+    let key = enroll::device_key(&[9; 32], "board-1");
+    // Another board's key, and a key from another group's secret.
+    refused_at(
+        attempt(
+            &board("board-1", "boards"),
+            enroll::device_key(&[9; 32], "board-2"),
+        ),
+        Step::Activation,
+        "enrollment key",
+    );
+    refused_at(
+        attempt(
+            &board("board-1", "boards"),
+            enroll::device_key(&[8; 32], "board-1"),
+        ),
+        Step::Activation,
+        "enrollment key",
+    );
+    refused_at(
+        attempt(&board("board-1", "other"), key),
+        Step::EnrollmentList,
+        "no symmetric-key group",
+    );
+    refused_at(
+        attempt(
+            &board("pump-1", "boards"),
+            enroll::device_key(&[9; 32], "pump-1"),
+        ),
+        Step::EnrollmentList,
+        "does not admit",
+    );
+    let issued = attempt(&board("board-1", "boards"), key).unwrap();
+    assert_eq!(issued.groups, ["lab"]);
+    enroll::check_issued(soft.as_ref(), &issued, "board-1").unwrap();
+    let chain = dir.path().join("chain.pem");
+    std::fs::write(&chain, &issued.chain).unwrap();
+    let out = Command::new("openssl")
+        .args(["verify", "-CAfile"])
+        .arg(org.dir.path().join("ca.pem"))
+        .arg(&chain)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert!(openssl_text(&chain).contains("URI:spiffe://example.org/device/board-1"));
 }

@@ -261,6 +261,19 @@ enum EnrollCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Compute a device's enrollment key in a symmetric-key group (for
+    /// its manufacture: the device holds only its own).
+    DeriveKey {
+        /// The group (its secret is in enroll.toml's [group_secrets]).
+        #[arg(long, value_name = "GROUP")]
+        group: String,
+        /// The device's id.
+        #[arg(long, value_name = "ID")]
+        device_id: String,
+        /// Where to write the 32-byte key (created, mode 0600).
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
+    },
     /// Refuse a device's factory identity from now on (its enrolled
     /// certificate stays valid until it expires: it is not renewed).
     Revoke {
@@ -338,6 +351,35 @@ fn enroll(service: &Path, command: &EnrollCommand) -> Result<ExitCode, String> {
             Ok(ExitCode::SUCCESS)
         }
         EnrollCommand::Serve { .. } => Err("serve runs from fleet's async entry".into()),
+        EnrollCommand::DeriveKey {
+            group,
+            device_id,
+            out,
+        } => {
+            use std::io::Write as _;
+            use std::os::unix::fs::OpenOptionsExt as _;
+            if !crate::identity::valid_path_segment(device_id) {
+                return Err(format!("--device-id {device_id:?} is not a valid id"));
+            }
+            let s = Settings::load(service)?;
+            let secret = s
+                .group_secrets
+                .get(group)
+                .ok_or_else(|| format!("{}: no secret for group {group:?}", service.display()))?;
+            let key = zeroize::Zeroizing::new(crate::enroll::device_key(secret, device_id));
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(out)
+                .and_then(|mut f| f.write_all(key.as_slice()).and_then(|()| f.sync_all()))
+                .map_err(|e| format!("{}: {e}", out.display()))?;
+            eprintln!(
+                "wrote {}: the enrollment key of {device_id} in {group}",
+                out.display()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
         EnrollCommand::Revoke { device, factory } => {
             let path = paths.revoked.ok_or_else(|| {
                 format!(

@@ -115,6 +115,14 @@ enum Command {
         /// The device id to ask for (default: [identity] device_id).
         #[arg(long, value_name = "ID")]
         device_id: Option<String>,
+        /// A board without a TPM: its symmetric-key enrollment group
+        /// (with --enrollment-key).
+        #[arg(long, value_name = "GROUP", requires = "enrollment_key")]
+        group: Option<String>,
+        /// The device's enrollment key (32 bytes, from `fleet enroll
+        /// derive-key`), with --group.
+        #[arg(long, value_name = "FILE", requires = "group")]
+        enrollment_key: Option<PathBuf>,
         /// How long to wait for each answer of the service.
         #[arg(long, value_name = "DURATION", default_value = "60s")]
         timeout: String,
@@ -463,11 +471,21 @@ pub fn main() -> ExitCode {
             broker,
             ca,
             device_id,
+            group,
+            enrollment_key,
             timeout,
             config,
         } => {
             init_logging("warn");
-            provision_command(cli.state_dir, config, &broker, &ca, device_id, &timeout)
+            let symmetric = group.zip(enrollment_key);
+            provision_command(
+                cli.state_dir,
+                config,
+                (&broker, &ca),
+                device_id,
+                symmetric,
+                &timeout,
+            )
         }
         Command::Module(args) => {
             init_logging("warn");
@@ -1110,9 +1128,9 @@ fn csr_command(
 fn provision_command(
     state_flag: Option<PathBuf>,
     config_flag: Option<PathBuf>,
-    broker: &str,
-    ca: &std::path::Path,
+    (broker, ca): (&str, &std::path::Path),
     device_id: Option<String>,
+    symmetric: Option<(String, PathBuf)>,
     timeout: &str,
 ) -> ExitCode {
     let (cfg, state_dir) = match inspect_context(state_flag.as_deref(), config_flag) {
@@ -1132,6 +1150,22 @@ fn provision_command(
         if !crate::identity::valid_path_segment(&device_id) {
             return Err(format!("device id {device_id:?} is not a valid id"));
         }
+        let credentials = match symmetric {
+            None => crate::enroll::transport::Credentials::Tpm,
+            Some((group, path)) => {
+                let bytes = zeroize::Zeroizing::new(
+                    std::fs::read(&path).map_err(|e| format!("{}: {e}", path.display()))?,
+                );
+                let key: [u8; 32] = bytes
+                    .as_slice()
+                    .try_into()
+                    .map_err(|_| format!("{}: an enrollment key is 32 bytes", path.display()))?;
+                crate::enroll::transport::Credentials::Symmetric {
+                    group,
+                    key: zeroize::Zeroizing::new(key),
+                }
+            }
+        };
         let hsm = crate::keyd::open(&hsm_config, &state_dir, &id).map_err(|e| e.to_string())?;
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -1140,6 +1174,7 @@ fn provision_command(
         let progress = |step: &str| eprintln!("provision: {step}");
         let issued = rt.block_on(crate::enroll::transport::provision(
             hsm,
+            credentials,
             &device_id,
             &id.trust_domain,
             (&host, port, tls),

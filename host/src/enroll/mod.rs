@@ -67,6 +67,14 @@ pub enum Factory {
         /// The AK's public area.
         ak_public: Bytes,
     },
+    /// A board without a TPM: a per-device key derived at manufacture
+    /// from its enrollment group's secret ([`device_key`]; Azure DPS's
+    /// symmetric-key group enrollment). Weaker than a TPM: it proves the
+    /// device was given that key, not where its device CA key lives.
+    Symmetric {
+        /// The enrollment group.
+        group: String,
+    },
 }
 
 /// The service's answer to a [`Request`].
@@ -111,16 +119,89 @@ pub struct Proof {
 }
 
 impl Proof {
-    /// The certification it carries, with the request's AK.
-    pub fn certification(&self) -> Certification {
-        let Factory::Tpm { ak_public, .. } = &self.request.factory;
-        Certification {
-            message: self.certify_message.0.clone(),
-            signature: self.certify_signature.0.clone(),
-            public: self.certified_public.0.clone(),
-            ak_public: ak_public.0.clone(),
+    /// The certification it carries, with the request's AK (a TPM's).
+    pub fn certification(&self) -> Option<Certification> {
+        match &self.request.factory {
+            Factory::Tpm { ak_public, .. } => Some(Certification {
+                message: self.certify_message.0.clone(),
+                signature: self.certify_signature.0.clone(),
+                public: self.certified_public.0.clone(),
+                ak_public: ak_public.0.clone(),
+            }),
+            Factory::Symmetric { .. } => None,
         }
     }
+}
+
+/// A device's enrollment key in a symmetric-key group: HMAC-SHA256 of its
+/// id under the group's secret. The organisation computes it for the
+/// factory (`fleet enroll derive-key`); the device holds only its own.
+pub fn device_key(group_secret: &[u8; 32], device_id: &str) -> [u8; 32] {
+    service::hmac(
+        group_secret,
+        &[b"edgeward enroll device key v1", device_id.as_bytes()],
+    )
+}
+
+/// What a symmetric-key device answers a challenge with: its key's MAC
+/// over the request and the nonce.
+pub fn symmetric_answer(device_key: &[u8; 32], challenge: &Challenge) -> [u8; 32] {
+    service::hmac(
+        device_key,
+        &[
+            b"edgeward enroll symmetric v1",
+            challenge.request.as_bytes(),
+            &challenge.nonce.0,
+        ],
+    )
+}
+
+/// A symmetric-key device's request (any HSM backend: the CSR is signed
+/// by its device CA key, created if missing).
+///
+/// # Errors
+///
+/// The HSM fails.
+pub fn symmetric_request(
+    hsm: &Arc<dyn Hsm>,
+    device_id: &str,
+    trust_domain: &str,
+    group: &str,
+) -> Result<Request, String> {
+    let spiffe = format!("spiffe://{trust_domain}/device/{device_id}");
+    let csr = device_ca_csr(hsm, device_id, &spiffe).map_err(|e| e.to_string())?;
+    Ok(Request {
+        v: VERSION,
+        device_id: device_id.to_owned(),
+        csr,
+        factory: Factory::Symmetric {
+            group: group.to_owned(),
+        },
+    })
+}
+
+/// A symmetric-key device's answer to `challenge`.
+///
+/// # Errors
+///
+/// The challenge is for another request.
+pub fn symmetric_prove(
+    device_key: &[u8; 32],
+    request: &Request,
+    challenge: &Challenge,
+) -> Result<Proof, String> {
+    if challenge.request != service::request_digest(request)? {
+        return Err("the challenge answers another request".into());
+    }
+    Ok(Proof {
+        v: VERSION,
+        request: request.clone(),
+        challenge: challenge.clone(),
+        activated: Bytes(symmetric_answer(device_key, challenge).to_vec()),
+        certify_message: Bytes::default(),
+        certify_signature: Bytes::default(),
+        certified_public: Bytes::default(),
+    })
 }
 
 /// What the device gets when it is enrolled.

@@ -128,6 +128,23 @@ pub struct List {
     /// manufacturer CA issued, under an id pattern.
     #[serde(default)]
     pub group: Vec<GroupEntry>,
+    /// Symmetric-key groups: boards without a TPM holding a key derived
+    /// from the group's secret (`[group_secrets]` in enroll.toml).
+    #[serde(default)]
+    pub symmetric: Vec<SymmetricEntry>,
+}
+
+/// A symmetric-key enrollment group.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SymmetricEntry {
+    /// Its name (what devices send).
+    pub group: String,
+    /// The ids its devices may take (one `*` at most).
+    pub device_id: String,
+    /// The groups they are in.
+    #[serde(default)]
+    pub groups: Vec<String>,
 }
 
 /// One device.
@@ -177,18 +194,47 @@ impl List {
             }
             groups_ok(&d.groups)?;
         }
-        for g in &list.group {
-            fingerprint_ok(&g.manufacturer)?;
-            let literal = g.device_id.replacen('*', "x", 1);
-            if !crate::identity::valid_path_segment(&literal) {
+        for g in &list.symmetric {
+            if !crate::cloud::topics::valid_group(&g.group) {
                 return Err(format!(
-                    "enrollment list: id pattern {:?} is not an id with at most one '*'",
-                    g.device_id
+                    "enrollment list: {:?} is not a valid group name",
+                    g.group
                 ));
             }
+            pattern_ok(&g.device_id)?;
+            groups_ok(&g.groups)?;
+        }
+        for g in &list.group {
+            fingerprint_ok(&g.manufacturer)?;
+            pattern_ok(&g.device_id)?;
             groups_ok(&g.groups)?;
         }
         Ok(list)
+    }
+
+    /// The symmetric-key group `group`'s entry for `requested`: the id (a
+    /// group never admits an id an individual entry reserves) and groups.
+    fn admits_symmetric(
+        &self,
+        group: &str,
+        requested: &str,
+    ) -> Result<(String, Vec<String>), String> {
+        let entry = self
+            .symmetric
+            .iter()
+            .find(|g| g.group == group)
+            .ok_or_else(|| format!("no symmetric-key group {group:?} is on the enrollment list"))?;
+        if self.device.iter().any(|d| d.device_id == requested) {
+            return Err(format!(
+                "{requested:?} is reserved for another device by an individual entry"
+            ));
+        }
+        if !pattern_matches(&entry.device_id, requested) {
+            return Err(format!(
+                "group {group:?} does not admit the id {requested:?}"
+            ));
+        }
+        Ok((requested.to_owned(), entry.groups.clone()))
     }
 
     /// The entry that admits a device whose factory identity is
@@ -240,6 +286,16 @@ fn fingerprint_ok(f: &str) -> Result<(), String> {
         _ => Err(format!(
             "enrollment list: {f:?} is not sha256:<64 lowercase hex digits>"
         )),
+    }
+}
+
+fn pattern_ok(pattern: &str) -> Result<(), String> {
+    if crate::identity::valid_path_segment(&pattern.replacen('*', "x", 1)) {
+        Ok(())
+    } else {
+        Err(format!(
+            "enrollment list: id pattern {pattern:?} is not an id with at most one '*'"
+        ))
     }
 }
 
@@ -372,6 +428,8 @@ pub struct Settings {
     pub challenge_ttl: Duration,
     /// The key challenges are authenticated with (shared by instances).
     pub challenge_key: [u8; 32],
+    /// The symmetric-key groups' secrets, by group.
+    pub group_secrets: std::collections::BTreeMap<String, [u8; 32]>,
     /// The audit log (JSON lines; shared by instances on one host).
     pub audit: PathBuf,
 }
@@ -388,6 +446,10 @@ impl fmt::Debug for Settings {
             .field("dns_suffix", &self.dns_suffix)
             .field("lifetime", &self.lifetime)
             .field("challenge_ttl", &self.challenge_ttl)
+            .field(
+                "group_secrets",
+                &self.group_secrets.keys().collect::<Vec<_>>(),
+            )
             .field("audit", &self.audit)
             .finish_non_exhaustive()
     }
@@ -412,6 +474,9 @@ struct SettingsToml {
     ca_key: PathBuf,
     challenge_key: PathBuf,
     audit: PathBuf,
+    /// Symmetric-key groups' secrets: group = "path" (32 bytes each).
+    #[serde(default)]
+    group_secrets: std::collections::BTreeMap<String, PathBuf>,
 }
 
 fn default_lifetime() -> String {
@@ -581,6 +646,25 @@ impl Settings {
             named("challenge_key")("the file must hold exactly 32 random bytes".into())
         })?;
         let list = List::parse(&text(&t.list)?).map_err(named("list"))?;
+        let mut group_secrets = std::collections::BTreeMap::new();
+        for (group, p) in &t.group_secrets {
+            let secret: [u8; 32] = file(p)?.try_into().map_err(|_| {
+                named("group_secrets")(format!(
+                    "{group}: the file must hold exactly 32 random bytes"
+                ))
+            })?;
+            group_secrets.insert(group.clone(), secret);
+        }
+        if let Some(g) = list
+            .symmetric
+            .iter()
+            .find(|g| !group_secrets.contains_key(&g.group))
+        {
+            return Err(named("group_secrets")(format!(
+                "the list's symmetric-key group {:?} has no secret",
+                g.group
+            )));
+        }
         let revoked_file = t.revoked.map(|p| base.join(p));
         let revoked = match &revoked_file {
             Some(p) => read_revoked(p)?,
@@ -611,6 +695,7 @@ impl Settings {
             lifetime,
             challenge_ttl,
             challenge_key,
+            group_secrets,
             audit: base.join(t.audit),
         })
     }
@@ -624,16 +709,25 @@ pub struct Service {
 
 /// What a request's factory certificate says, once checked.
 struct Admitted {
-    /// Its fingerprint.
+    /// Its factory identity's fingerprint.
     fingerprint: String,
-    /// The EK's SubjectPublicKeyInfo (DER).
-    ek_spki: Vec<u8>,
     /// The id and groups the list assigns.
     device_id: String,
     groups: Vec<String>,
-    /// The AK's name and point.
-    ak_name: Vec<u8>,
-    ak_point: Vec<u8>,
+    /// How it proves itself.
+    proof: Admission,
+}
+
+/// What a device's proof is checked against.
+enum Admission {
+    /// A TPM: its EK's SubjectPublicKeyInfo (DER), its AK's name and point.
+    Tpm {
+        ek_spki: Vec<u8>,
+        ak_name: Vec<u8>,
+        ak_point: Vec<u8>,
+    },
+    /// A symmetric-key group's device: its derived key.
+    Symmetric { device_key: [u8; 32] },
 }
 
 /// The SHA-256 (hex) of `request`'s canonical JSON: what a challenge
@@ -647,7 +741,7 @@ pub fn request_digest(request: &Request) -> Result<String, String> {
     Ok(hex(&Sha256::digest(jcs::canonical(&value)?.as_bytes())))
 }
 
-fn hmac(key: &[u8; 32], parts: &[&[u8]]) -> [u8; 32] {
+pub(crate) fn hmac(key: &[u8; 32], parts: &[&[u8]]) -> [u8; 32] {
     let mut ctx =
         ring::hmac::Context::with_key(&ring::hmac::Key::new(ring::hmac::HMAC_SHA256, key));
     for p in parts {
@@ -688,9 +782,17 @@ impl Service {
         let mut nonce = [0u8; 32];
         getrandom::fill(&mut nonce).map_err(|e| at(Step::Issue)(format!("random: {e}")))?;
         let expires = unix_now() + self.s.challenge_ttl.as_secs();
-        let secret = self.secret(&digest, &nonce);
-        let c =
-            credential::make(&f.ek_spki, &f.ak_name, &secret).map_err(at(Step::FactoryChain))?;
+        let c = match &f.proof {
+            Admission::Tpm {
+                ek_spki, ak_name, ..
+            } => credential::make(ek_spki, ak_name, &self.secret(&digest, &nonce))
+                .map_err(at(Step::FactoryChain))?,
+            // Its key answers the nonce itself.
+            Admission::Symmetric { .. } => crate::attest::evidence::CredentialFile {
+                id_object: Vec::new(),
+                secret: Vec::new(),
+            },
+        };
         let mut challenge = Challenge {
             v: VERSION,
             request: digest,
@@ -755,20 +857,43 @@ impl Service {
             return Err(challenge("the challenge has expired: start again".into()));
         }
         let f = self.check_request(&proof.request)?;
-        // The credential opened: only the TPM with this EK and this AK can.
-        let secret = self.secret(&c.request, &c.nonce.0);
-        if !ct_eq(&secret, &proof.activated.0) {
-            return Err(at(Step::Activation)(
-                "the credential's secret is wrong: the attestation key is not in the TPM of that \
-                 endorsement key"
-                    .into(),
-            ));
-        }
-        // The device CA key is in that TPM, fixed to it.
-        let certified = certify::verify(&proof.certification(), &c.nonce.0, Some(&f.ak_point))
-            .map_err(at(Step::Certification))?;
-        // The CSR is that key's.
-        check_csr(&proof.request.csr, &certified.point).map_err(at(Step::Csr))?;
+        let point = match &f.proof {
+            Admission::Tpm { ak_point, .. } => {
+                // The credential opened: only the TPM with this EK and this
+                // AK can.
+                let secret = self.secret(&c.request, &c.nonce.0);
+                if !ct_eq(&secret, &proof.activated.0) {
+                    return Err(at(Step::Activation)(
+                        "the credential's secret is wrong: the attestation key is not in the TPM \
+                         of that endorsement key"
+                            .into(),
+                    ));
+                }
+                // The device CA key is in that TPM, fixed to it.
+                let certification = proof.certification().ok_or_else(|| {
+                    at(Step::Certification)("no certification with a TPM's proof".into())
+                })?;
+                let certified = certify::verify(&certification, &c.nonce.0, Some(ak_point))
+                    .map_err(at(Step::Certification))?;
+                // The CSR is that key's.
+                let csr = csr_key(&proof.request.csr).map_err(at(Step::Csr))?;
+                if csr != certified.point {
+                    return Err(at(Step::Csr)(
+                        "the CSR carries another key than the certified device CA key".into(),
+                    ));
+                }
+                certified.point
+            }
+            Admission::Symmetric { device_key } => {
+                if !ct_eq(&super::symmetric_answer(device_key, c), &proof.activated.0) {
+                    return Err(at(Step::Activation)(
+                        "the answer is not made with this device's enrollment key".into(),
+                    ));
+                }
+                // No TPM vouches for the key: the CSR's, signed by it.
+                csr_key(&proof.request.csr).map_err(at(Step::Csr))?
+            }
+        };
         if proof.request.device_id != f.device_id {
             return Err(at(Step::DeviceId)(format!(
                 "the device asks for {:?}; the enrollment list assigns {:?}",
@@ -785,7 +910,7 @@ impl Service {
             event: "enrolled".into(),
             device_id: f.device_id.clone(),
             factory: f.fingerprint.clone(),
-            key: hex(&Sha256::digest(&certified.point)),
+            key: hex(&Sha256::digest(&point)),
             nonce: hex(&c.nonce.0),
             groups: f.groups.clone(),
             not_after,
@@ -795,7 +920,7 @@ impl Service {
         // half the lifetime a new one would have.
         let renew_after = now + not_after.saturating_sub(now) / 2;
         let chain = record(&self.s.audit, entry, renew_after, || {
-            self.issue(&f.device_id, &certified.point, not_after)
+            self.issue(&f.device_id, &point, not_after)
         })?;
         Ok(Issued {
             v: VERSION,
@@ -821,10 +946,49 @@ impl Service {
                 r.device_id
             )));
         }
-        let Factory::Tpm {
-            ek_certificate,
-            ak_public,
-        } = &r.factory;
+        let mut revoked = self.s.revoked.clone();
+        if let Some(file) = &self.s.revoked_file {
+            revoked.extend(read_revoked(file).map_err(at(Step::Issue))?);
+        }
+        let is_revoked = |fingerprint: &str| {
+            if revoked.contains(fingerprint) {
+                Err(at(Step::Revoked)(format!(
+                    "the device ({fingerprint}) is revoked"
+                )))
+            } else {
+                Ok(())
+            }
+        };
+        let (ek_certificate, ak_public) = match &r.factory {
+            Factory::Tpm {
+                ek_certificate,
+                ak_public,
+            } => (ek_certificate, ak_public),
+            Factory::Symmetric { group } => {
+                if !crate::cloud::topics::valid_group(group) {
+                    return Err(bad(format!("{group:?} is not a group name")));
+                }
+                let fingerprint =
+                    self::fingerprint(format!("symmetric\0{group}\0{}", r.device_id).as_bytes());
+                is_revoked(&fingerprint)?;
+                let (device_id, groups) = self
+                    .s
+                    .list
+                    .admits_symmetric(group, &r.device_id)
+                    .map_err(at(Step::EnrollmentList))?;
+                let secret = self.s.group_secrets.get(group).ok_or_else(|| {
+                    at(Step::EnrollmentList)(format!("group {group:?} has no secret"))
+                })?;
+                return Ok(Admitted {
+                    fingerprint,
+                    device_id: device_id.clone(),
+                    groups,
+                    proof: Admission::Symmetric {
+                        device_key: super::device_key(secret, &device_id),
+                    },
+                });
+            }
+        };
         let ak = crate::attest::wire::parse_ecc_public_as(&ak_public.0, "the attestation key")
             .map_err(&bad)?;
         let fingerprint = factory_fingerprint(&ek_certificate.0).map_err(&bad)?;
@@ -836,15 +1000,7 @@ impl Service {
             .into_iter()
             .map(|i| self::fingerprint(&self.s.manufacturers[i]))
             .collect();
-        let mut revoked = self.s.revoked.clone();
-        if let Some(file) = &self.s.revoked_file {
-            revoked.extend(read_revoked(file).map_err(at(Step::Issue))?);
-        }
-        if revoked.contains(&fingerprint) {
-            return Err(at(Step::Revoked)(format!(
-                "the device ({fingerprint}) is revoked"
-            )));
-        }
+        is_revoked(&fingerprint)?;
         if let Some(fp) = path.iter().find(|fp| revoked.contains(*fp)) {
             return Err(at(Step::Revoked)(format!(
                 "a manufacturer CA of its chain ({fp}) is revoked"
@@ -857,11 +1013,13 @@ impl Service {
             .map_err(at(Step::EnrollmentList))?;
         Ok(Admitted {
             fingerprint,
-            ek_spki: ek.public_key().raw.to_vec(),
             device_id,
             groups,
-            ak_name: ak.name,
-            ak_point: ak.point,
+            proof: Admission::Tpm {
+                ek_spki: ek.public_key().raw.to_vec(),
+                ak_name: ak.name,
+                ak_point: ak.point,
+            },
         })
     }
 
@@ -991,8 +1149,8 @@ fn name_constraints(trust_domain: &str, dns: &str) -> Vec<u8> {
     )
 }
 
-/// The CSR (PEM) is signed by, and carries, the key `point`.
-fn check_csr(pem: &str, point: &[u8]) -> Result<(), String> {
+/// The key a CSR (PEM) carries, once its signature verifies with it.
+fn csr_key(pem: &str) -> Result<Vec<u8>, String> {
     use x509_parser::certification_request::X509CertificationRequest;
     let (_, block) = x509_parser::pem::parse_x509_pem(pem.as_bytes())
         .map_err(|e| format!("the CSR is not PEM: {e}"))?;
@@ -1006,17 +1164,16 @@ fn check_csr(pem: &str, point: &[u8]) -> Result<(), String> {
         .map_err(|e| format!("the CSR is not a DER PKCS#10 request: {e}"))?;
     csr.verify_signature()
         .map_err(|e| format!("the CSR's signature does not verify: {e}"))?;
-    if csr
+    let point = csr
         .certification_request_info
         .subject_pki
         .subject_public_key
         .data
-        .as_ref()
-        != point
-    {
-        return Err("the CSR carries another key than the certified device CA key".into());
+        .to_vec();
+    if point.len() != 65 || point[0] != 4 {
+        return Err("the CSR's key is not an uncompressed P-256 point".into());
     }
-    Ok(())
+    Ok(point)
 }
 
 /// One line of the audit log.

@@ -474,6 +474,28 @@ pub async fn serve(
     result.map(|()| answered)
 }
 
+/// How a device proves itself.
+pub enum Credentials {
+    /// Its TPM (EK certificate, credential activation, certification).
+    Tpm,
+    /// A symmetric-key group's device key.
+    Symmetric {
+        /// The group.
+        group: String,
+        /// Its key ([`super::device_key`]).
+        key: zeroize::Zeroizing<[u8; 32]>,
+    },
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Tpm => f.write_str("Tpm"),
+            Self::Symmetric { group, .. } => write!(f, "Symmetric({group}, <key>)"),
+        }
+    }
+}
+
 /// A device enrolls through the broker's enrollment listener at
 /// `host:port`: request, challenge, proof, certificate. `progress` hears
 /// each step.
@@ -484,6 +506,7 @@ pub async fn serve(
 /// `timeout`, or refuses (its step and reason).
 pub async fn provision(
     hsm: Arc<dyn Hsm>,
+    credentials: Credentials,
     device_id: &str,
     trust_domain: &str,
     (host, port, tls): (&str, u16, rustls::ClientConfig),
@@ -496,9 +519,16 @@ pub async fn provision(
         link.subscribe(&format!("{ANSWERS}/{client}")).await?;
         progress("connected to the enrollment listener");
         let (h, id, td) = (hsm.clone(), device_id.to_owned(), trust_domain.to_owned());
-        let request = tokio::task::spawn_blocking(move || super::request(&h, &id, &td))
-            .await
-            .map_err(|e| e.to_string())??;
+        let group = match &credentials {
+            Credentials::Tpm => None,
+            Credentials::Symmetric { group, .. } => Some(group.clone()),
+        };
+        let request = tokio::task::spawn_blocking(move || match group {
+            None => super::request(&h, &id, &td),
+            Some(g) => super::symmetric_request(&h, &id, &td, &g),
+        })
+        .await
+        .map_err(|e| e.to_string())??;
         let topic = format!("{REQUESTS}/{client}");
         let send = |m: &Message| serde_json::to_vec(m).map_err(|e| e.to_string());
         link.publish(
@@ -508,17 +538,24 @@ pub async fn provision(
             })?,
         )
         .await?;
-        progress("request sent (EK certificate, attestation key, CSR)");
+        progress("request sent");
         let challenge = match next_answer(&mut link, timeout).await? {
             Answer::Challenge { challenge } => challenge,
             other => return Err(unexpected(other)),
         };
-        progress("challenge received; the TPM opens the credential and certifies the key");
-        let h = hsm.clone();
-        let proof =
-            tokio::task::spawn_blocking(move || super::prove(h.as_ref(), &request, &challenge))
-                .await
-                .map_err(|e| e.to_string())??;
+        let proof = match &credentials {
+            Credentials::Tpm => {
+                progress("challenge received; the TPM opens the credential and certifies the key");
+                let h = hsm.clone();
+                tokio::task::spawn_blocking(move || super::prove(h.as_ref(), &request, &challenge))
+                    .await
+                    .map_err(|e| e.to_string())??
+            }
+            Credentials::Symmetric { key, .. } => {
+                progress("challenge received; answered with the device's enrollment key");
+                super::symmetric_prove(key, &request, &challenge)?
+            }
+        };
         link.publish(
             topic,
             send(&Message::Proof {
