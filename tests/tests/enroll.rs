@@ -239,6 +239,35 @@ fn a_tpm_device_enrolls_and_openssl_verifies_its_device_ca() {
     )
     .unwrap();
 
+    // The device keeps an answer only if it leads to the root it pins:
+    // another organisation (or whoever answers on the broker) certifying
+    // the same key under its own root is refused.
+    let pinned = edgeward::attest::verify::pem_certificates(
+        &std::fs::read(org.dir.path().join("ca.pem")).unwrap(),
+        "root",
+    )
+    .unwrap();
+    enroll::check_issued(d.hsm.as_ref(), &issued, "dev-1", "example.org", &pinned).unwrap();
+    let rogue = Org::new();
+    let rogue_service = rogue.service(
+        &[&d.manufacturer],
+        &individual(&d.ek_fingerprint(), "dev-1"),
+        &[],
+    );
+    let forged = enroll_with(&rogue_service, d.hsm.as_ref(), &d.request("dev-1")).unwrap();
+    let e =
+        enroll::check_issued(d.hsm.as_ref(), &forged, "dev-1", "example.org", &pinned).unwrap_err();
+    assert!(
+        e.contains("does not lead to the organisation's root"),
+        "{e}"
+    );
+    let e =
+        enroll::check_issued(d.hsm.as_ref(), &issued, "dev-2", "example.org", &pinned).unwrap_err();
+    assert!(e.contains("not the \"dev-2\""), "{e}");
+    let e =
+        enroll::check_issued(d.hsm.as_ref(), &issued, "dev-1", "other.org", &pinned).unwrap_err();
+    assert!(e.contains("does not name spiffe://other.org"), "{e}");
+
     // Recorded: who, from which factory identity.
     let audit = audit_entries(&org.audit()).unwrap();
     assert_eq!(audit.len(), 1);
@@ -727,7 +756,10 @@ fn devices_enroll_through_the_broker_with_two_service_instances() {
             .unwrap();
         let mut lines = std::io::BufReader::new(child.stderr.take().unwrap()).lines();
         let first = lines.next().unwrap().unwrap();
-        assert!(first.contains("subscribed to $share/"), "{first}");
+        assert!(
+            first.contains("subscribed to ew/v1/enroll/req/+ (shared)"),
+            "{first}"
+        );
         // Keep draining its log so it never blocks on a full pipe.
         std::thread::spawn(move || lines.for_each(drop));
         Killed(child)
@@ -751,6 +783,8 @@ fn devices_enroll_through_the_broker_with_two_service_instances() {
             .arg(state.path().join("state"))
             .args(["provision", "--broker", &broker.enroll_url(), "--ca"])
             .arg(ca.root())
+            .arg("--org-root")
+            .arg(dir.join("ca.pem"))
             .arg("--config")
             .arg(&cfg)
             .args(["--timeout", "30s"])
@@ -777,6 +811,24 @@ fn devices_enroll_through_the_broker_with_two_service_instances() {
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
+
+    // And an anonymous client that joins the shared subscription under
+    // the name a reader of the code would guess: Mosquitto would hand it
+    // its share of the requests and drop them. The service's group name
+    // is derived from its challenge key, so it joins nothing.
+    let thief = Killed(
+        Command::new("mosquitto_sub")
+            .args(["-h", "127.0.0.1", "-V", "mqttv5", "-p"])
+            .arg(broker.enroll_url().rsplit(':').next().unwrap())
+            .arg("--cafile")
+            .arg(ca.root())
+            .args(["-t", "$share/edgeward-enroll/ew/v1/enroll/req/+"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    std::thread::sleep(std::time::Duration::from_millis(300));
 
     let (ok, out, state0) = provision(0, "dev-0");
     assert!(ok, "{out}");
@@ -856,6 +908,12 @@ fn devices_enroll_through_the_broker_with_two_service_instances() {
     // factory, and it enrolls with that and its soft keys.
     let board = tempfile::tempdir().unwrap();
     let key = board.path().join("enrollment.key");
+    let board_cfg = board.path().join("config.toml");
+    std::fs::write(
+        &board_cfg,
+        "[identity]\ndevice_id = \"board-7\"\ntrust_domain = \"example.org\"\n",
+    )
+    .unwrap();
     let out = Command::new(common::EDGEWARD)
         .args(["fleet", "enroll", "--service"])
         .arg(dir.join("enroll.toml"))
@@ -876,6 +934,10 @@ fn devices_enroll_through_the_broker_with_two_service_instances() {
         .arg(board.path().join("state"))
         .args(["provision", "--broker", &broker.enroll_url(), "--ca"])
         .arg(ca.root())
+        .arg("--org-root")
+        .arg(dir.join("ca.pem"))
+        .arg("--config")
+        .arg(&board_cfg)
         .args([
             "--device-id",
             "board-7",
@@ -912,6 +974,7 @@ fn devices_enroll_through_the_broker_with_two_service_instances() {
         String::from_utf8_lossy(&spied.stdout)
     );
     drop(second);
+    drop(thief);
 }
 
 /// A child process killed when dropped (a failing test leaves none).
@@ -974,7 +1037,9 @@ fn a_board_without_a_tpm_enrolls_with_a_group_derived_key() {
     );
     let issued = attempt(&board("board-1", "boards"), key).unwrap();
     assert_eq!(issued.groups, ["lab"]);
-    enroll::check_issued(soft.as_ref(), &issued, "board-1").unwrap();
+    let root = std::fs::read(org.dir.path().join("ca.pem")).unwrap();
+    let roots = edgeward::attest::verify::pem_certificates(&root, "root").unwrap();
+    enroll::check_issued(soft.as_ref(), &issued, "board-1", "example.org", &roots).unwrap();
     let chain = dir.path().join("chain.pem");
     std::fs::write(&chain, &issued.chain).unwrap();
     let out = Command::new("openssl")

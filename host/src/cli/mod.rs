@@ -112,6 +112,10 @@ enum Command {
         /// Roots for the broker's certificate (PEM).
         #[arg(long, value_name = "FILE")]
         ca: PathBuf,
+        /// The organisation's root(s) (PEM) the issued chain must lead
+        /// to: whoever answers cannot make the device trust another.
+        #[arg(long, value_name = "FILE")]
+        org_root: PathBuf,
         /// The device id to ask for (default: [identity] device_id).
         #[arg(long, value_name = "ID")]
         device_id: Option<String>,
@@ -470,6 +474,7 @@ pub fn main() -> ExitCode {
         Command::Provision {
             broker,
             ca,
+            org_root,
             device_id,
             group,
             enrollment_key,
@@ -481,7 +486,7 @@ pub fn main() -> ExitCode {
             provision_command(
                 cli.state_dir,
                 config,
-                (&broker, &ca),
+                (&broker, &ca, &org_root),
                 device_id,
                 symmetric,
                 &timeout,
@@ -1128,7 +1133,7 @@ fn csr_command(
 fn provision_command(
     state_flag: Option<PathBuf>,
     config_flag: Option<PathBuf>,
-    (broker, ca): (&str, &std::path::Path),
+    (broker, ca, org_root): (&str, &std::path::Path, &std::path::Path),
     device_id: Option<String>,
     symmetric: Option<(String, PathBuf)>,
     timeout: &str,
@@ -1144,6 +1149,10 @@ fn provision_command(
             crate::cloud::parse_broker(broker).map_err(|e| format!("--broker: {e}"))?;
         let roots = std::fs::read(ca).map_err(|e| format!("{}: {e}", ca.display()))?;
         let tls = crate::enroll::transport::tls(&roots, None)?;
+        let org_roots = crate::attest::verify::pem_certificates(
+            &std::fs::read(org_root).map_err(|e| format!("{}: {e}", org_root.display()))?,
+            &org_root.display().to_string(),
+        )?;
         let hsm_config = cfg.as_ref().map(|c| c.hsm.clone()).unwrap_or_default();
         let id = cfg.as_ref().map(|c| c.identity.clone()).unwrap_or_default();
         let device_id = device_id.unwrap_or_else(|| id.device_id.clone());
@@ -1175,8 +1184,11 @@ fn provision_command(
         let issued = rt.block_on(crate::enroll::transport::provision(
             hsm,
             credentials,
-            &device_id,
-            &id.trust_domain,
+            crate::enroll::transport::Enrollee {
+                device_id: &device_id,
+                trust_domain: &id.trust_domain,
+                org_roots: &org_roots,
+            },
             (&host, port, tls),
             timeout,
             &progress,
@@ -1204,6 +1216,7 @@ fn provision_command(
             "device_id": issued.device_id,
             "groups": issued.groups,
             "ca_certificate": crate::measure::Digest::of(&der).to_string(),
+            "chain": crate::measure::Digest::of(issued.chain.as_bytes()).to_string(),
         });
         measure_events(cfg.as_ref(), &state_dir, vec![event]).map_err(|e| {
             format!(

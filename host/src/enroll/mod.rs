@@ -290,15 +290,25 @@ pub fn prove(hsm: &dyn Hsm, request: &Request, challenge: &Challenge) -> Result<
     })
 }
 
-/// What a device checks of the answer before it keeps it: its id, and a
-/// first certificate for its own device CA key, a CA. (Whether the chain
-/// leads to the organisation's root is for whoever trusts that root: the
-/// device has no root of its own yet.)
+/// What a device checks of the answer before it keeps it: its id; a
+/// first certificate for its own device CA key, a CA that may certify
+/// only end entities (`pathlen:0`), valid now, naming the device's SPIFFE
+/// ID; each certificate signed by the next; and the last one one of
+/// `roots` (the organisation's, pinned at manufacture) or signed by one.
+/// Whoever answers (any service, any broker) cannot make the device trust
+/// a root of their own.
 ///
 /// # Errors
 ///
-/// Another id, another key, not a CA certificate, not PEM; named.
-pub fn check_issued(hsm: &dyn Hsm, issued: &Issued, device_id: &str) -> Result<(), String> {
+/// The first check that fails, named.
+pub fn check_issued(
+    hsm: &dyn Hsm,
+    issued: &Issued,
+    device_id: &str,
+    trust_domain: &str,
+    roots: &[Vec<u8>],
+) -> Result<(), String> {
+    use x509_parser::extensions::GeneralName;
     use x509_parser::prelude::*;
     if issued.device_id != device_id {
         return Err(format!(
@@ -306,21 +316,69 @@ pub fn check_issued(hsm: &dyn Hsm, issued: &Issued, device_id: &str) -> Result<(
             issued.device_id
         ));
     }
-    let der =
-        crate::attest::verify::pem_certificates(issued.chain.as_bytes(), "the chain")?.remove(0);
-    let (_, cert) =
-        X509Certificate::from_der(&der).map_err(|e| format!("the device CA certificate: {e}"))?;
+    let ders = crate::attest::verify::pem_certificates(issued.chain.as_bytes(), "the chain")?;
+    let certs = ders
+        .iter()
+        .map(|d| match X509Certificate::from_der(d) {
+            Ok(([], c)) => Ok(c),
+            Ok(_) => Err("a certificate of the chain has trailing bytes".to_owned()),
+            Err(e) => Err(format!("a certificate of the chain: {e}")),
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let first = &certs[0];
     let point = hsm.public_key(CA_KEY).map_err(|e| e.to_string())?;
-    if cert.public_key().subject_public_key.data.as_ref() != point.as_slice() {
+    if first.public_key().subject_public_key.data.as_ref() != point.as_slice() {
         return Err("the certificate issued is for another key than this device's CA key".into());
     }
-    if !cert
-        .basic_constraints()
+    let constraints = first.basic_constraints().ok().flatten().map(|b| b.value);
+    if !constraints.is_some_and(|b| b.ca && b.path_len_constraint == Some(0)) {
+        return Err(
+            "the certificate issued is not a CA limited to end entities (pathlen:0)".into(),
+        );
+    }
+    if !first.validity().is_valid_at(ASN1Time::now()) {
+        return Err("the certificate issued is not valid now".into());
+    }
+    let spiffe = format!("spiffe://{trust_domain}/device/{device_id}");
+    let names = first
+        .subject_alternative_name()
         .ok()
         .flatten()
-        .is_some_and(|b| b.value.ca)
+        .map(|s| s.value.general_names.clone())
+        .unwrap_or_default();
+    if !names
+        .iter()
+        .any(|n| matches!(n, GeneralName::URI(u) if *u == spiffe))
     {
-        return Err("the certificate issued is not a CA certificate".into());
+        return Err(format!("the certificate issued does not name {spiffe}"));
+    }
+    for pair in certs.windows(2) {
+        if pair[0].issuer() != pair[1].subject()
+            || pair[0]
+                .verify_signature(Some(pair[1].public_key()))
+                .is_err()
+        {
+            return Err(format!(
+                "the chain is broken: {} is not signed by the certificate after it",
+                pair[0].subject()
+            ));
+        }
+    }
+    let last = certs.len() - 1;
+    let anchored = roots.iter().any(|r| {
+        *r == ders[last]
+            || X509Certificate::from_der(r).is_ok_and(|(_, root)| {
+                certs[last].issuer() == root.subject()
+                    && certs[last]
+                        .verify_signature(Some(root.public_key()))
+                        .is_ok()
+            })
+    });
+    if !anchored {
+        return Err(
+            "the chain does not lead to the organisation's root this device trusts (--org-root)"
+                .into(),
+        );
     }
     Ok(())
 }

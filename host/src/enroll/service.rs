@@ -806,6 +806,15 @@ impl Service {
         Ok(challenge)
     }
 
+    /// A name every instance derives alike and no device can (see
+    /// [`super::transport::share_group`]).
+    pub fn share_group(&self) -> String {
+        hex(&hmac(
+            &self.s.challenge_key,
+            &[b"edgeward enroll share group v1"],
+        ))
+    }
+
     fn secret(&self, digest: &str, nonce: &[u8]) -> [u8; 32] {
         hmac(
             &self.s.challenge_key,
