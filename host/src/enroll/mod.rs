@@ -168,16 +168,14 @@ pub fn symmetric_request(
     trust_domain: &str,
     group: &str,
 ) -> Result<Request, String> {
-    let spiffe = format!("spiffe://{trust_domain}/device/{device_id}");
-    let csr = device_ca_csr(hsm, device_id, &spiffe).map_err(|e| e.to_string())?;
-    Ok(Request {
-        v: VERSION,
-        device_id: device_id.to_owned(),
-        csr,
-        factory: Factory::Symmetric {
+    signed_request(
+        hsm,
+        device_id,
+        trust_domain,
+        Factory::Symmetric {
             group: group.to_owned(),
         },
-    })
+    )
 }
 
 /// A symmetric-key device's answer to `challenge`.
@@ -250,16 +248,32 @@ pub fn request(hsm: &Arc<dyn Hsm>, device_id: &str, trust_domain: &str) -> Resul
         .attestation_public(AK_ID)
         .map_err(|e| e.to_string())?
         .ok_or("the HSM has no attestation key public area (not a TPM)")?;
+    signed_request(
+        hsm,
+        device_id,
+        trust_domain,
+        Factory::Tpm {
+            ek_certificate: Bytes(ek),
+            ak_public: Bytes(ak_public),
+        },
+    )
+}
+
+/// A request for `device_id` with a CSR signed by the HSM's device CA key
+/// (created if missing) and `factory`.
+fn signed_request(
+    hsm: &Arc<dyn Hsm>,
+    device_id: &str,
+    trust_domain: &str,
+    factory: Factory,
+) -> Result<Request, String> {
     let spiffe = format!("spiffe://{trust_domain}/device/{device_id}");
     let csr = device_ca_csr(hsm, device_id, &spiffe).map_err(|e| e.to_string())?;
     Ok(Request {
         v: VERSION,
         device_id: device_id.to_owned(),
         csr,
-        factory: Factory::Tpm {
-            ek_certificate: Bytes(ek),
-            ak_public: Bytes(ak_public),
-        },
+        factory,
     })
 }
 

@@ -1,19 +1,21 @@
-//! Enrollment over the fleet's broker (MQTT 5, TLS).
+//! Enrollment over an MQTT 5 broker (TLS) of its own (client ids are
+//! global to a broker, so its anonymous listener must not be the fleet's;
+//! docs/fleet.md).
 //!
-//! Topics (`fleet acl --enrollment` writes the ACL):
+//! Topics (`fleet acl --enrollment-listener` writes the devices' ACL,
+//! `fleet acl --enroller CN` the service's):
 //!
 //! - `ew/v1/enroll/req/<client id>`: a device's [`Message`]s. Devices
-//!   connect to the broker's enrollment listener, which admits clients
-//!   without a certificate and lets each write only under its own client
-//!   id (`pattern write ew/v1/enroll/req/%c`) and read only its answers
+//!   connect to the enrollment listener, which admits clients without a
+//!   certificate and lets each write only under its own client id
+//!   (`pattern write ew/v1/enroll/req/%c`) and read only its answers
 //!   (`pattern read ew/v1/enroll/resp/%c`).
 //! - `ew/v1/enroll/resp/<client id>`: the service's [`Answer`]s.
 //!
-//! The service subscribes through the shared subscription
-//! `$share/edgeward-enroll/ew/v1/enroll/req/+`, so the broker hands each
-//! message to one of the instances; the protocol keeps no state between a
-//! device's two messages (see [`super::service`]), so any instance can
-//! take either.
+//! The service subscribes through a shared subscription whose group name
+//! only instances can derive ([`share_group`]), so the broker hands each
+//! message to one of them; the protocol keeps no state between a device's
+//! two messages (see [`super::service`]), so any instance can take either.
 
 use std::sync::Arc;
 use std::time::Duration;
