@@ -158,6 +158,7 @@ struct RawConfig {
     #[serde(default)]
     signatures: RawSignatures,
     cloud: Option<crate::cloud::RawCloud>,
+    provisioning: Option<crate::enroll::device::RawProvisioning>,
     #[serde(default)]
     grants: crate::grants::RawGrants,
     #[serde(default)]
@@ -545,8 +546,11 @@ pub struct Config {
     pub agent: Option<AgentSpec>,
     /// `[signatures]`.
     pub signatures: crate::attest::publisher::DeviceSignatures,
-    /// `[cloud]`: the fleet's broker, if one is configured.
+    /// `[cloud]`: the fleet's broker, if one is configured (with
+    /// `[provisioning]`, set once the device is enrolled).
     pub cloud: Option<crate::cloud::CloudConfig>,
+    /// `[provisioning]`: the device enrolls itself.
+    pub provisioning: Option<crate::enroll::device::Provisioning>,
     /// `[grants]`: what the API, the agent and deployments may grant.
     pub grants: crate::grants::Grants,
     /// `[metrics]`.
@@ -652,6 +656,17 @@ impl Config {
                 "registries": c.credentials.keys().collect::<Vec<_>>(),
                 "local_sources": c.local_sources.iter().map(|p| path(p)).collect::<Vec<_>>(),
             })),
+            "provisioning": self.provisioning.as_ref().map(|p| json!({
+                "broker": format!("mqtts://{}:{}", p.host, p.port),
+                "ca": crate::measure::Digest::of(&p.ca_pem).to_string(),
+                "org_roots": p.org_roots.iter()
+                    .map(|r| crate::measure::Digest::of(r).to_string()).collect::<Vec<_>>(),
+                "group": p.symmetric.as_ref().map(|(g, _)| g),
+                "enrollment_key": p.symmetric.as_ref().map(|(_, k)| path(k)),
+                "retry_min_ms": ms(p.retry_min),
+                "retry_max_ms": ms(p.retry_max),
+                "timeout_ms": ms(p.timeout),
+            })),
         })
     }
 
@@ -703,11 +718,26 @@ impl Config {
         let api = raw.api.validate(&resolve).map_err(err)?;
         let metrics = raw.metrics.validate().map_err(err)?;
         let signatures = raw.signatures.validate(&resolve).map_err(err)?;
-        let cloud = raw
-            .cloud
-            .map(|c| c.validate(&resolve))
-            .transpose()
-            .map_err(err)?;
+        let (cloud, provisioning) = match raw.provisioning {
+            None => (
+                raw.cloud
+                    .map(|c| c.validate(&resolve))
+                    .transpose()
+                    .map_err(err)?,
+                None,
+            ),
+            Some(p) => {
+                if identity.ca_certificate.is_some() {
+                    return Err(err(
+                        "identity.ca_certificate: with [provisioning], the device CA's chain is the one the enrollment writes; remove it".into(),
+                    ));
+                }
+                (
+                    None,
+                    Some(p.validate(raw.cloud, &resolve, base).map_err(err)?),
+                )
+            }
+        };
         if let (Some(c), Some(chain)) = (&cloud, &identity.ca_certificate) {
             pinned_apart(&c.ca, chain).map_err(err)?;
         }
@@ -847,6 +877,7 @@ impl Config {
             agent,
             signatures,
             cloud,
+            provisioning,
             grants,
             metrics,
         })
@@ -883,6 +914,107 @@ mod tests {
 
     fn parse(text: &str) -> Result<Config, String> {
         Config::parse(Path::new("/etc/edgeward/config.toml"), text).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn provisioning_is_checked_and_leaves_the_assigned_fields_to_the_enrollment() {
+        let dir = tempfile::tempdir().unwrap();
+        let made = std::process::Command::new("openssl")
+            .current_dir(dir.path())
+            .args([
+                "req",
+                "-x509",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-256",
+            ])
+            .args([
+                "-nodes", "-keyout", "root.key", "-out", "root.pem", "-days", "1",
+            ])
+            .args(["-subj", "/CN=root"])
+            .output()
+            .expect("openssl (scripts/setup installs it)");
+        assert!(made.status.success(), "{made:?}");
+        std::fs::write(dir.path().join("empty.pem"), "").unwrap();
+        let base = "[provisioning]\nbroker = \"mqtts://enroll.example:8884\"\nca = \"root.pem\"\norg_roots = \"root.pem\"\n";
+        let parse = |text: &str| {
+            Config::parse(&dir.path().join("config.toml"), text).map_err(|e| e.to_string())
+        };
+        let c = parse(base).unwrap();
+        let p = c.provisioning.as_ref().unwrap();
+        assert_eq!((p.host.as_str(), p.port), ("enroll.example", 8884));
+        assert!(p.symmetric.is_none());
+        assert!(c.cloud.is_none());
+        assert_eq!(
+            c.effective()["provisioning"]["broker"],
+            "mqtts://enroll.example:8884"
+        );
+        // Timings may be tuned in [cloud]; what the enrollment assigns may
+        // not be set there.
+        parse(&format!("{base}[cloud]\nreport_interval = \"1s\"\n")).unwrap();
+        for (extra, says) in [
+            (
+                "[cloud]\nbroker = \"mqtts://b.example\"\n",
+                "cloud.broker: with [provisioning]",
+            ),
+            (
+                "[cloud]\ngroups = [\"a\"]\n",
+                "cloud.groups: with [provisioning]",
+            ),
+            (
+                "[identity]\nca_certificate = \"root.pem\"\n",
+                "identity.ca_certificate: with [provisioning]",
+            ),
+            (
+                "group = \"boards\"\n",
+                "group and enrollment_key go together",
+            ),
+            (
+                "retry_min = \"1h\"\nretry_max = \"1m\"\n",
+                "retry_max is less",
+            ),
+            ("timeout = \"0s\"\n", "provisioning.timeout"),
+        ] {
+            let text = format!("{base}{extra}");
+            let e = parse(&text).unwrap_err();
+            assert!(e.contains(says), "{extra}: {e}");
+        }
+        for (broker, ca, roots, says) in [
+            (
+                "http://enroll.example",
+                "root.pem",
+                "root.pem",
+                "provisioning.broker",
+            ),
+            (
+                "mqtts://e.example",
+                "missing.pem",
+                "root.pem",
+                "provisioning.ca",
+            ),
+            (
+                "mqtts://e.example",
+                "empty.pem",
+                "root.pem",
+                "no certificate",
+            ),
+            (
+                "mqtts://e.example",
+                "root.pem",
+                "missing.pem",
+                "provisioning.org_roots",
+            ),
+        ] {
+            let e = parse(&format!(
+                "[provisioning]\nbroker = \"{broker}\"\nca = \"{ca}\"\norg_roots = \"{roots}\"\n"
+            ))
+            .unwrap_err();
+            assert!(e.contains(says), "{says}: {e}");
+        }
+        // Without [provisioning], [cloud] needs its broker.
+        let e = parse("[cloud]\nca = \"root.pem\"\n").unwrap_err();
+        assert!(e.contains("cloud.broker: name the fleet's broker"), "{e}");
     }
 
     #[test]

@@ -452,6 +452,11 @@ impl OrgCa {
         self.dir.path().join(format!("{role}.pem"))
     }
 
+    /// The key of the root of `role` (PEM).
+    pub fn role_key(&self, role: &str) -> PathBuf {
+        self.dir.path().join(format!("{role}.key"))
+    }
+
     /// The roots the broker accepts clients of: devices and operators.
     pub fn client_roots(&self) -> PathBuf {
         self.dir.path().join("clients.pem")

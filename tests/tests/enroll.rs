@@ -137,6 +137,7 @@ impl Org {
             challenge_key: self.challenge_key,
             group_secrets: [("boards".to_owned(), [9u8; 32])].into(),
             audit: self.audit(),
+            fleet: None,
         })
     }
 }
@@ -671,7 +672,6 @@ fn the_operator_checks_lists_and_revokes_through_the_cli() {
 #[test]
 fn devices_enroll_through_the_broker_with_two_service_instances() {
     use edgeward_tests::fixtures::{Mosquitto, OrgCa};
-    use std::io::BufRead as _;
     let devices = [Device::new(), Device::new(), Device::new()];
     let org = Org::new();
     let dir = org.dir.path();
@@ -740,29 +740,12 @@ fn devices_enroll_through_the_broker_with_two_service_instances() {
 
     // Two instances of the service, each waited for until subscribed.
     let serve = || {
-        let mut child = Command::new(common::EDGEWARD)
-            .args(["fleet", "--broker", &broker.url(), "--ca"])
-            .arg(ca.root())
-            .arg("--cert")
-            .arg(&enroller_cert)
-            .arg("--key")
-            .arg(&enroller_key)
-            .args(["enroll", "--service"])
-            .arg(dir.join("enroll.toml"))
-            .args(["serve", "--duration", "120s"])
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut lines = std::io::BufReader::new(child.stderr.take().unwrap()).lines();
-        let first = lines.next().unwrap().unwrap();
-        assert!(
-            first.contains("subscribed to ew/v1/enroll/req/+ (shared)"),
-            "{first}"
-        );
-        // Keep draining its log so it never blocks on a full pipe.
-        std::thread::spawn(move || lines.for_each(drop));
-        Killed(child)
+        serve_enrollments(
+            &broker.url(),
+            &ca.root(),
+            (&enroller_cert, &enroller_key),
+            &dir.join("enroll.toml"),
+        )
     };
     let mut first = serve();
     let second = serve();
@@ -914,21 +897,7 @@ fn devices_enroll_through_the_broker_with_two_service_instances() {
         "[identity]\ndevice_id = \"board-7\"\ntrust_domain = \"example.org\"\n",
     )
     .unwrap();
-    let out = Command::new(common::EDGEWARD)
-        .args(["fleet", "enroll", "--service"])
-        .arg(dir.join("enroll.toml"))
-        .args([
-            "derive-key",
-            "--group",
-            "boards",
-            "--device-id",
-            "board-7",
-            "--out",
-        ])
-        .arg(&key)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{out:?}");
+    derive_key(&dir.join("enroll.toml"), "board-7", &key);
     let out = Command::new(common::EDGEWARD)
         .arg("--state-dir")
         .arg(board.path().join("state"))
@@ -975,6 +944,61 @@ fn devices_enroll_through_the_broker_with_two_service_instances() {
     );
     drop(second);
     drop(thief);
+}
+
+/// `fleet enroll serve` of `enroll_toml` on the broker at `url` (its
+/// roots `ca`) as the enroller (`login`: certificate, key), for up to two
+/// minutes; returned once it is subscribed.
+fn serve_enrollments(
+    url: &str,
+    ca: &Path,
+    (cert, key): (&Path, &Path),
+    enroll_toml: &Path,
+) -> Killed {
+    use std::io::BufRead as _;
+    let mut child = Command::new(common::EDGEWARD)
+        .args(["fleet", "--broker", url, "--ca"])
+        .arg(ca)
+        .arg("--cert")
+        .arg(cert)
+        .arg("--key")
+        .arg(key)
+        .args(["enroll", "--service"])
+        .arg(enroll_toml)
+        .args(["serve", "--duration", "120s"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufReader::new(child.stderr.take().unwrap()).lines();
+    let first = lines.next().unwrap().unwrap();
+    assert!(
+        first.contains("subscribed to ew/v1/enroll/req/+ (shared)"),
+        "{first}"
+    );
+    // Keep draining its log so it never blocks on a full pipe.
+    std::thread::spawn(move || lines.for_each(drop));
+    Killed(child)
+}
+
+/// `fleet enroll derive-key` of the service `enroll_toml` for `id` of
+/// the `boards` group, into `out`.
+fn derive_key(enroll_toml: &Path, id: &str, out: &Path) {
+    let o = Command::new(common::EDGEWARD)
+        .args(["fleet", "enroll", "--service"])
+        .arg(enroll_toml)
+        .args([
+            "derive-key",
+            "--group",
+            "boards",
+            "--device-id",
+            id,
+            "--out",
+        ])
+        .arg(out)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{o:?}");
 }
 
 /// A child process killed when dropped (a failing test leaves none).
@@ -1040,6 +1064,18 @@ fn a_board_without_a_tpm_enrolls_with_a_group_derived_key() {
     let root = std::fs::read(org.dir.path().join("ca.pem")).unwrap();
     let roots = edgeward::attest::verify::pem_certificates(&root, "root").unwrap();
     enroll::check_issued(soft.as_ref(), &issued, "board-1", "example.org", &roots).unwrap();
+    // The organisation signed the answer: whoever relays it cannot change
+    // a word of it, nor strip the signature.
+    let mut forged = issued.clone();
+    forged.groups = vec!["admins".into()];
+    let e =
+        enroll::check_issued(soft.as_ref(), &forged, "board-1", "example.org", &roots).unwrap_err();
+    assert!(e.contains("not signed by the organisation CA"), "{e}");
+    let mut unsigned = issued.clone();
+    unsigned.signature = Bytes::default();
+    let e = enroll::check_issued(soft.as_ref(), &unsigned, "board-1", "example.org", &roots)
+        .unwrap_err();
+    assert!(e.contains("signature"), "{e}");
     let chain = dir.path().join("chain.pem");
     std::fs::write(&chain, &issued.chain).unwrap();
     let out = Command::new("openssl")
@@ -1050,4 +1086,200 @@ fn a_board_without_a_tpm_enrolls_with_a_group_derived_key() {
         .unwrap();
     assert!(out.status.success(), "{out:?}");
     assert!(openssl_text(&chain).contains("URI:spiffe://example.org/device/board-1"));
+}
+
+/// A board out of the box (soft backend, a group-derived enrollment key,
+/// `[provisioning]` and no `[cloud]` broker): the daemon starts before
+/// the organisation's service is up and runs its own module meanwhile,
+/// enrolls in the background once the service answers, writes the
+/// answer, connects to the assigned broker with the login certificate it
+/// was issued and applies a deployment signed by the assigned key. Started
+/// again, it is enrolled: it connects at once, and the service records
+/// one enrollment.
+#[test]
+fn a_board_enrolls_at_start_connects_to_its_fleet_and_takes_a_signed_deployment() {
+    use common::daemon::Daemon;
+    use edgeward_tests::fleet::Fleet;
+    let fleet =
+        Fleet::with_enrollment(Path::new(common::EDGEWARD), &["board-7=line-a"], "enroller");
+    let ca = &fleet.ca;
+    let (enroller_cert, enroller_key) =
+        ca.issue_as("operators", "enroller", "extendedKeyUsage=clientAuth\n");
+    let org = tempfile::tempdir().unwrap();
+    let dir = org.path();
+    std::fs::write(
+        dir.join("list.toml"),
+        "[[symmetric]]\ngroup = \"boards\"\ndevice_id = \"board-*\"\ngroups = [\"line-a\"]\n",
+    )
+    .unwrap();
+    std::fs::write(dir.join("challenge.key"), [3u8; 32]).unwrap();
+    std::fs::write(dir.join("boards.secret"), [5u8; 32]).unwrap();
+    std::fs::write(
+        dir.join("enroll.toml"),
+        format!(
+            "trust_domain = \"edgeward.local\"\ndns_suffix = \"edge.test\"\n\
+             manufacturers = \"{servers}\"\nlist = \"list.toml\"\n\
+             ca_certificate = \"{workloads}\"\nca_key = \"{workloads_key}\"\n\
+             challenge_key = \"challenge.key\"\naudit = \"audit.jsonl\"\n\
+             [group_secrets]\nboards = \"boards.secret\"\n\
+             [fleet]\nbroker = \"{broker}\"\nbroker_ca = \"{servers}\"\n\
+             deployment_keys = [\"{deploy}\"]\n\
+             logins_certificate = \"{devices}\"\nlogins_key = \"{devices_key}\"\n",
+            servers = ca.root().display(),
+            workloads = ca.role_root("workloads").display(),
+            workloads_key = ca.role_key("workloads").display(),
+            devices = ca.role_root("devices").display(),
+            devices_key = ca.role_key("devices").display(),
+            broker = fleet.broker.url(),
+            deploy = fleet.deploy_pub.display(),
+        ),
+    )
+    .unwrap();
+    let check = || {
+        Command::new(common::EDGEWARD)
+            .args(["fleet", "enroll", "--service"])
+            .arg(dir.join("enroll.toml"))
+            .arg("check")
+            .output()
+            .unwrap()
+    };
+    // Broker logins certified by the CA of device CAs would let a
+    // module's certificate log in: refused, named.
+    let good = std::fs::read_to_string(dir.join("enroll.toml")).unwrap();
+    let devices = ca.role_root("devices").display().to_string();
+    let workloads = ca.role_root("workloads").display().to_string();
+    std::fs::write(
+        dir.join("enroll.toml"),
+        good.replace(&devices, &workloads).replace(
+            &ca.role_key("devices").display().to_string(),
+            &ca.role_key("workloads").display().to_string(),
+        ),
+    )
+    .unwrap();
+    let refused = check();
+    assert!(
+        !refused.status.success()
+            && String::from_utf8_lossy(&refused.stderr).contains("fleet.logins_certificate"),
+        "{refused:?}"
+    );
+    std::fs::write(dir.join("enroll.toml"), good).unwrap();
+    let checked = check();
+    assert!(checked.status.success(), "{checked:?}");
+    let s = common::Scratch::new();
+    let key = s.path().join("enrollment.key");
+    derive_key(&dir.join("enroll.toml"), "board-7", &key);
+    let config = format!(
+        "[identity]\ndevice_id = \"board-7\"\n\n\
+         [provisioning]\nbroker = \"{enroll}\"\nca = \"{servers}\"\norg_roots = \"{workloads}\"\n\
+         group = \"boards\"\nenrollment_key = \"{key}\"\nretry_min = \"100ms\"\nretry_max = \"500ms\"\n\
+         timeout = \"5s\"\n\n\
+         [cloud]\nreconnect_min = \"50ms\"\nreconnect_max = \"400ms\"\nreport_interval = \"200ms\"\n\
+         local_sources = [\"{guests}\"]\n\n\
+         [[module]]\nname = \"local\"\nfile = \"{sensor}\"\ndigest = \"{digest}\"\n\
+         env = {{ INTERVAL_MS = \"1000\" }}\n",
+        enroll = fleet.broker.enroll_url(),
+        servers = ca.root().display(),
+        workloads = ca.role_root("workloads").display(),
+        key = key.display(),
+        guests = Path::new(edgeward_tests::guests::TEMPERATURE_SENSOR)
+            .parent()
+            .unwrap()
+            .display(),
+        sensor = edgeward_tests::guests::TEMPERATURE_SENSOR,
+        digest = common::sha256sum(edgeward_tests::guests::TEMPERATURE_SENSOR),
+    );
+    let mut out = fleet.operator.subscribe("ew/v1/d/board-7/out/#");
+    let mut d = Daemon::start(&s, &config);
+    // No service yet: the attempts fail and are retried; the device's own
+    // module runs meanwhile.
+    d.wait_for("a failed enrollment attempt, and the module", |_, err| {
+        err.iter().any(|l| l.contains("enrollment failed"))
+            && err
+                .iter()
+                .any(|l| l.contains("local") && l.contains("module measured and loaded"))
+    });
+    assert!(!s.state().join("identity/enrollment.json").exists());
+
+    let serve = serve_enrollments(
+        &fleet.broker.url(),
+        &ca.root(),
+        (&enroller_cert, &enroller_key),
+        &dir.join("enroll.toml"),
+    );
+    let wait = Duration::from_secs(60);
+    out.wait("ew/v1/d/board-7/out/state", wait, |v| {
+        v["state"] == "online"
+    });
+    d.wait_for("the enrollment", |_, err| {
+        err.iter()
+            .any(|l| l.contains("enrolled") && l.contains("board-7"))
+    });
+    // What it was given: the organisation's chain for its device CA key,
+    // and a broker login the devices root certifies.
+    let identity = s.state().join("identity");
+    let record: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(identity.join("enrollment.json")).unwrap()).unwrap();
+    assert_eq!(record["device_id"], "board-7");
+    assert_eq!(record["groups"], serde_json::json!(["line-a"]));
+    assert_eq!(record["broker"], fleet.broker.url());
+    for (file, root) in [
+        ("enrolled.pem", ca.role_root("workloads")),
+        ("broker-client.pem", ca.role_root("devices")),
+    ] {
+        let v = Command::new("openssl")
+            .args(["verify", "-CAfile"])
+            .arg(&root)
+            .arg(identity.join(file))
+            .output()
+            .unwrap();
+        assert!(v.status.success(), "{file}: {v:?}");
+    }
+    let login = openssl_text(&identity.join("broker-client.pem"));
+    assert!(
+        login.contains("CN=board-7") || login.contains("CN = board-7"),
+        "{login}"
+    );
+    assert!(login.contains("TLS Web Client Authentication"), "{login}");
+    assert!(!login.contains("CA:TRUE"), "{login}");
+
+    // A deployment signed by the assigned key is applied.
+    let manifest = format!(
+        "version = \"1\"\n\n[[module]]\nname = \"sensor\"\ndigest = \"{}\"\nsource = \"{}\"\nenv = {{ INTERVAL_MS = \"100\" }}\n",
+        common::sha256sum(edgeward_tests::guests::TEMPERATURE_SENSOR),
+        edgeward_tests::guests::TEMPERATURE_SENSOR
+    );
+    assert!(fleet.operator.publish(
+        "ew/v1/d/board-7/in/desired",
+        &fleet.signed(&manifest, "device:board-7", None),
+        true
+    ));
+    out.wait("ew/v1/d/board-7/out/reported", wait, |v| {
+        v["version"] == "1"
+            && ["sensor", "local"].iter().all(|n| {
+                v["modules"]
+                    .as_array()
+                    .is_some_and(|m| m.iter().any(|m| m["name"] == *n && m["state"] == "running"))
+            })
+    });
+    let (status, _, _) = d.terminate();
+    assert!(status.success());
+
+    // Started again, it is enrolled: no attempt, straight to the broker.
+    let mut again = fleet.operator.subscribe("ew/v1/d/board-7/out/state");
+    let mut d = Daemon::start(&s, &config);
+    again.wait("ew/v1/d/board-7/out/state", wait, |v| {
+        v["state"] == "online"
+    });
+    d.pump();
+    assert!(
+        !d.seen_err.iter().any(|l| l.contains("enrollment failed")),
+        "{}",
+        d.seen_err.join("\n")
+    );
+    let (status, _, _) = d.terminate();
+    assert!(status.success());
+    let audit = audit_entries(&dir.join("audit.jsonl")).unwrap();
+    assert_eq!(audit.len(), 1, "{audit:?}");
+    assert!(audit[0].broker_certificate.contains("BEGIN CERTIFICATE"));
+    drop(serve);
 }

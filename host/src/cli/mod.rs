@@ -106,16 +106,19 @@ enum Command {
     /// CA key lives in it; the organisation's service answers with the
     /// device CA certificate, written to <state>/identity/enrolled.pem.
     Provision {
-        /// The broker's enrollment listener: mqtts://HOST[:PORT].
+        /// The broker's enrollment listener: mqtts://HOST[:PORT] (default:
+        /// the config's [provisioning] broker).
         #[arg(long, value_name = "URL")]
-        broker: String,
-        /// Roots for the broker's certificate (PEM).
+        broker: Option<String>,
+        /// Roots for the broker's certificate (PEM; default: [provisioning]
+        /// ca).
         #[arg(long, value_name = "FILE")]
-        ca: PathBuf,
+        ca: Option<PathBuf>,
         /// The organisation's root(s) (PEM) the issued chain must lead
-        /// to: whoever answers cannot make the device trust another.
+        /// to: whoever answers cannot make the device trust another
+        /// (default: [provisioning] org_roots).
         #[arg(long, value_name = "FILE")]
-        org_root: PathBuf,
+        org_root: Option<PathBuf>,
         /// The device id to ask for (default: [identity] device_id).
         #[arg(long, value_name = "ID")]
         device_id: Option<String>,
@@ -486,7 +489,7 @@ pub fn main() -> ExitCode {
             provision_command(
                 cli.state_dir,
                 config,
-                (&broker, &ca, &org_root),
+                (broker, ca, org_root),
                 device_id,
                 symmetric,
                 &timeout,
@@ -1133,7 +1136,7 @@ fn csr_command(
 fn provision_command(
     state_flag: Option<PathBuf>,
     config_flag: Option<PathBuf>,
-    (broker, ca, org_root): (&str, &std::path::Path, &std::path::Path),
+    (broker, ca, org_root): (Option<String>, Option<PathBuf>, Option<PathBuf>),
     device_id: Option<String>,
     symmetric: Option<(String, PathBuf)>,
     timeout: &str,
@@ -1142,39 +1145,40 @@ fn provision_command(
         Ok(x) => x,
         Err(code) => return code,
     };
-    let run = || -> Result<crate::enroll::Issued, String> {
+    let run = || -> Result<crate::enroll::device::Enrolled, String> {
         let timeout =
             crate::units::parse_duration(timeout).map_err(|e| format!("--timeout: {e}"))?;
-        let (host, port) =
-            crate::cloud::parse_broker(broker).map_err(|e| format!("--broker: {e}"))?;
-        let roots = std::fs::read(ca).map_err(|e| format!("{}: {e}", ca.display()))?;
+        let configured = cfg.as_ref().and_then(|c| c.provisioning.as_ref());
+        let missing = |flag: &str| {
+            format!("{flag}: give it, or a config (--config) with a [provisioning] table")
+        };
+        let (host, port) = match (&broker, configured) {
+            (Some(b), _) => crate::cloud::parse_broker(b).map_err(|e| format!("--broker: {e}"))?,
+            (None, Some(p)) => (p.host.clone(), p.port),
+            (None, None) => return Err(missing("--broker")),
+        };
+        let roots = match (&ca, configured) {
+            (Some(ca), _) => std::fs::read(ca).map_err(|e| format!("{}: {e}", ca.display()))?,
+            (None, Some(p)) => p.ca_pem.clone(),
+            (None, None) => return Err(missing("--ca")),
+        };
         let tls = crate::enroll::transport::tls(&roots, None)?;
-        let org_roots = crate::attest::verify::pem_certificates(
-            &std::fs::read(org_root).map_err(|e| format!("{}: {e}", org_root.display()))?,
-            &org_root.display().to_string(),
-        )?;
+        let org_roots = match (&org_root, configured) {
+            (Some(r), _) => crate::attest::verify::pem_certificates(
+                &std::fs::read(r).map_err(|e| format!("{}: {e}", r.display()))?,
+                &r.display().to_string(),
+            )?,
+            (None, Some(p)) => p.org_roots.clone(),
+            (None, None) => return Err(missing("--org-root")),
+        };
         let hsm_config = cfg.as_ref().map(|c| c.hsm.clone()).unwrap_or_default();
         let id = cfg.as_ref().map(|c| c.identity.clone()).unwrap_or_default();
         let device_id = device_id.unwrap_or_else(|| id.device_id.clone());
         if !crate::identity::valid_path_segment(&device_id) {
             return Err(format!("device id {device_id:?} is not a valid id"));
         }
-        let credentials = match symmetric {
-            None => crate::enroll::transport::Credentials::Tpm,
-            Some((group, path)) => {
-                let bytes = zeroize::Zeroizing::new(
-                    std::fs::read(&path).map_err(|e| format!("{}: {e}", path.display()))?,
-                );
-                let key: [u8; 32] = bytes
-                    .as_slice()
-                    .try_into()
-                    .map_err(|_| format!("{}: an enrollment key is 32 bytes", path.display()))?;
-                crate::enroll::transport::Credentials::Symmetric {
-                    group,
-                    key: zeroize::Zeroizing::new(key),
-                }
-            }
-        };
+        let symmetric = symmetric.or_else(|| configured.and_then(|p| p.symmetric.clone()));
+        let credentials = crate::enroll::device::credentials(symmetric.as_ref())?;
         let hsm = crate::keyd::open(&hsm_config, &state_dir, &id).map_err(|e| e.to_string())?;
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -1193,51 +1197,41 @@ fn provision_command(
             timeout,
             &progress,
         ))?;
-        let dir = state_dir.join("identity");
-        state::ensure_private_dir(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-        let chain = dir.join("enrolled.pem");
-        state::write_atomic(&chain, issued.chain.as_bytes())
-            .map_err(|e| format!("{}: {e}", chain.display()))?;
-        let record = serde_json::json!({
-            "device_id": issued.device_id,
-            "groups": issued.groups,
-            "chain": chain.display().to_string(),
-        });
-        let path = dir.join("enrollment.json");
-        state::write_atomic(&path, record.to_string().as_bytes())
-            .map_err(|e| format!("{}: {e}", path.display()))?;
+        let enrolled = crate::enroll::device::Enrolled::store(&state_dir, &issued)?;
         // The transition of trust is part of the device's history: a
         // verifier replaying the log sees which organisation certificate
         // the device CA key took, and when.
-        let der = crate::attest::verify::pem_certificates(issued.chain.as_bytes(), "the chain")?
-            .remove(0);
-        let event = serde_json::json!({
-            "kind": "enrolled",
-            "device_id": issued.device_id,
-            "groups": issued.groups,
-            "ca_certificate": crate::measure::Digest::of(&der).to_string(),
-            "chain": crate::measure::Digest::of(issued.chain.as_bytes()).to_string(),
-        });
+        let event = crate::enroll::device::event(&issued)?;
         measure_events(cfg.as_ref(), &state_dir, vec![event]).map_err(|e| {
             format!(
-                "enrolled, and the chain is in {}, but the enrollment could not be measured: {e}",
-                chain.display()
+                "enrolled, and the answer is in {}, but the enrollment could not be measured: {e}",
+                state_dir.join(crate::enroll::device::DIR).display()
             )
         })?;
-        Ok(issued)
+        Ok(enrolled)
     };
     match run() {
-        Ok(issued) => {
+        Ok(e) => {
+            let chain = crate::enroll::device::chain_path(&state_dir);
             println!(
-                "enrolled as {} (groups: {}); device CA chain in {}: set [identity] ca_certificate to it",
-                issued.device_id,
-                if issued.groups.is_empty() {
+                "enrolled as {} (groups: {}); device CA chain in {}",
+                e.device_id,
+                if e.groups.is_empty() {
                     "none".into()
                 } else {
-                    issued.groups.join(", ")
+                    e.groups.join(", ")
                 },
-                state_dir.join("identity/enrolled.pem").display()
+                chain.display()
             );
+            match &e.broker {
+                Some(b) => println!(
+                    "assigned broker {b} with {} deployment key(s); the daemon with [provisioning] connects to it",
+                    e.deployment_keys
+                ),
+                None => println!(
+                    "no fleet broker assigned; without [provisioning], set [identity] ca_certificate to the chain"
+                ),
+            }
             ExitCode::SUCCESS
         }
         Err(e) => fail(format!("provision: {e}"), 1),

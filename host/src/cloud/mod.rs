@@ -128,7 +128,7 @@ pub struct CloudConfig {
 }
 
 /// `[[cloud.registry]]`.
-#[derive(Debug, serde::Deserialize)]
+#[derive(Debug, Clone, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawRegistry {
     host: String,
@@ -139,11 +139,11 @@ pub struct RawRegistry {
 }
 
 /// `[cloud]` as written.
-#[derive(Debug, serde::Deserialize)]
+#[derive(Debug, Clone, Default, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawCloud {
-    broker: String,
-    ca: PathBuf,
+    broker: Option<String>,
+    ca: Option<PathBuf>,
     certificate: Option<PathBuf>,
     #[serde(default)]
     deployment_keys: Vec<PathBuf>,
@@ -163,14 +163,65 @@ pub struct RawCloud {
     local_sources: Vec<PathBuf>,
 }
 
+/// What an enrollment assigns a device (see `crate::enroll::device`).
+#[derive(Debug, Clone)]
+pub struct Assigned {
+    /// `mqtts://HOST[:PORT]`.
+    pub broker: String,
+    /// The broker's roots.
+    pub ca: PathBuf,
+    /// The login certificate.
+    pub certificate: PathBuf,
+    /// The deployment keys' files.
+    pub deployment_keys: Vec<PathBuf>,
+    /// The groups.
+    pub groups: Vec<String>,
+}
+
 impl RawCloud {
+    /// With `[provisioning]`, the enrollment assigns these: the table
+    /// holds the rest (timings, registries, local sources) only.
+    ///
+    /// # Errors
+    ///
+    /// The first assigned field the table sets, named.
+    pub fn check_unassigned(&self) -> Result<(), String> {
+        let set = [
+            ("broker", self.broker.is_some()),
+            ("ca", self.ca.is_some()),
+            ("certificate", self.certificate.is_some()),
+            ("deployment_keys", !self.deployment_keys.is_empty()),
+            ("groups", !self.groups.is_empty()),
+        ];
+        match set.iter().find(|(_, s)| *s) {
+            Some((field, _)) => Err(format!(
+                "cloud.{field}: with [provisioning], the organisation's enrollment assigns it; remove it"
+            )),
+            None => Ok(()),
+        }
+    }
+
+    /// This table with what an enrollment assigned.
+    #[must_use]
+    pub fn assigned(mut self, a: Assigned) -> Self {
+        self.broker = Some(a.broker);
+        self.ca = Some(a.ca);
+        self.certificate = Some(a.certificate);
+        self.deployment_keys = a.deployment_keys;
+        self.groups = a.groups;
+        self
+    }
+
     /// Checks each field; paths are resolved with `resolve`.
     ///
     /// # Errors
     ///
     /// The field and what is wrong with it.
     pub fn validate(self, resolve: &dyn Fn(&Path) -> PathBuf) -> Result<CloudConfig, String> {
-        let (host, port) = parse_broker(&self.broker).map_err(|e| format!("cloud.broker: {e}"))?;
+        let broker = self.broker.as_deref().ok_or(
+            "cloud.broker: name the fleet's broker (mqtts://HOST[:PORT]), or enroll with [provisioning]",
+        )?;
+        let (host, port) = parse_broker(broker).map_err(|e| format!("cloud.broker: {e}"))?;
         let dur =
             |field: &str, v: &Option<String>, default: Duration, min: Duration, max: Duration| {
                 let d = match v {
@@ -270,7 +321,9 @@ impl RawCloud {
             }
             local_sources.push(d);
         }
-        let ca = resolve(&self.ca);
+        let ca = resolve(self.ca.as_deref().ok_or(
+            "cloud.ca: name the file with the broker's CA certificate, or enroll with [provisioning]",
+        )?);
         let pem = std::fs::read(&ca).map_err(|e| format!("cloud.ca {}: {e}", ca.display()))?;
         let mut broker_roots = rustls::RootCertStore::empty();
         let n = tls::add_pem_roots(&mut broker_roots, &pem)

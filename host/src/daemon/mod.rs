@@ -100,7 +100,7 @@ pub fn raise_fd_limit() -> Option<u64> {
 /// When the state directory or runtime cannot be set up, another daemon
 /// holds the state directory, or signal handlers cannot be installed.
 pub async fn run(
-    config: Config,
+    mut config: Config,
     state_dir: PathBuf,
     socket: PathBuf,
     notifier: Option<Notifier>,
@@ -114,6 +114,7 @@ pub async fn run(
     notify(&|n| n.status("starting: the registry, the engine, the HSM, the identity"));
     state::ensure_private_dir(&state_dir)?;
     let _lock = state::lock_for_daemon(&state_dir)?;
+    let enrolled = adopt_enrollment(&mut config, &state_dir)?;
     // The boot events (this executable's hash, the configuration) are
     // computed from the start, while the registry, engine, HSM and
     // identity open: hashing the binary is the longest of them.
@@ -254,14 +255,23 @@ pub async fn run(
     });
     // The broker connection starts beside the deployment: offline first, the
     // last applied deployment runs whether or not the broker answers.
-    let cloud = config.cloud.clone().map(|c| {
-        tokio::spawn(crate::cloud::run(
+    let cloud = match (config.cloud.clone(), &config.provisioning) {
+        (Some(c), _) => Some(tokio::spawn(crate::cloud::run(
             c,
             api_state.clone(),
             cloud_identity,
             stop_rx.clone(),
-        ))
-    });
+        ))),
+        // Not enrolled yet: enrolls in the background, then connects.
+        (None, Some(p)) if !enrolled => Some(tokio::spawn(enroll_then_connect(
+            p.clone(),
+            api_state.clone(),
+            cloud_identity,
+            state_dir.clone(),
+            stop_rx.clone(),
+        ))),
+        (None, _) => None,
+    };
     let mut agent_refused = None;
     if let Some(agent) = &config.agent {
         match api::agent::watch_dir(&agent.config_dir, stop_rx.clone()) {
@@ -622,6 +632,117 @@ async fn stop_requested(sigterm: &mut tokio::signal::unix::Signal) -> anyhow::Re
     }
 }
 
+/// With `[provisioning]` and an enrollment recorded in the state dir: the
+/// device CA's chain and `[cloud]` are the enrollment's. Returns whether
+/// the device is enrolled (`false` without `[provisioning]`).
+///
+/// # Errors
+///
+/// The record is unreadable, or for another device id than the
+/// configured one.
+fn adopt_enrollment(config: &mut Config, state_dir: &Path) -> anyhow::Result<bool> {
+    use crate::enroll::device::{Enrolled, chain_path};
+    let Some(p) = &config.provisioning else {
+        return Ok(false);
+    };
+    let Some(e) = Enrolled::load(state_dir).map_err(anyhow::Error::msg)? else {
+        tracing::info!(
+            broker = %format!("mqtts://{}:{}", p.host, p.port),
+            "not enrolled: the last deployment runs while the device enrolls"
+        );
+        return Ok(false);
+    };
+    if e.device_id != config.identity.device_id {
+        anyhow::bail!(
+            "enrolled as {:?}, but [identity] device_id is {:?}: set it back, or remove {} to enroll again",
+            e.device_id,
+            config.identity.device_id,
+            state_dir
+                .join(crate::enroll::device::DIR)
+                .join(crate::enroll::device::RECORD)
+                .display()
+        );
+    }
+    config.identity.ca_certificate = Some(chain_path(state_dir));
+    match e.cloud_config(p, state_dir) {
+        Ok(c) => config.cloud = c,
+        // The device runs offline rather than not at all.
+        Err(err) => {
+            tracing::error!(error = %err, "the fleet assignment is unusable; running offline")
+        }
+    }
+    tracing::info!(device = %e.device_id, groups = ?e.groups, broker = ?e.broker, "enrolled");
+    Ok(true)
+}
+
+/// Enrolls (retrying until it succeeds or the daemon stops), writes the
+/// answer into the state dir, measures the `enrolled` event after the
+/// boot's, adopts the organisation's chain, then runs the cloud interface
+/// with the assigned broker, if any.
+async fn enroll_then_connect(
+    p: crate::enroll::device::Provisioning,
+    api: Arc<api::ApiState>,
+    identity: Arc<crate::identity::IdentityService>,
+    state_dir: PathBuf,
+    stop: watch::Receiver<bool>,
+) {
+    use crate::enroll::device::{Enrolled, chain_path, enroll_until_done, event};
+    let config = identity.config().clone();
+    let Some(issued) = enroll_until_done(
+        &p,
+        identity.hsm(),
+        &config.device_id,
+        &config.trust_domain,
+        stop.clone(),
+    )
+    .await
+    else {
+        return;
+    };
+    let dir = state_dir.clone();
+    let i = issued.clone();
+    let stored = match tokio::task::spawn_blocking(move || Enrolled::store(&dir, &i)).await {
+        Ok(Ok(e)) => e,
+        Ok(Err(e)) => {
+            tracing::error!(error = %e, "enrolled, but the answer could not be stored; enrolling again at the next start");
+            return;
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "the enrollment store task failed");
+            return;
+        }
+    };
+    if let Some(m) = api.attester.clone() {
+        let mut booted = api.booted.clone();
+        let _ = booted.wait_for(|b| *b).await;
+        let measured = match event(&issued) {
+            Ok(ev) => tokio::task::spawn_blocking(move || m.measure_all(vec![ev]))
+                .await
+                .map_err(|e| e.to_string())
+                .and_then(|r| r),
+            Err(e) => Err(e),
+        };
+        if let Err(e) = measured {
+            tracing::error!(error = %e, "the enrollment could not be measured");
+        }
+    }
+    let id = identity.clone();
+    let chain = chain_path(&state_dir);
+    match tokio::task::spawn_blocking(move || id.adopt_ca_certificate(&chain)).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => {
+            tracing::error!(error = %e, "the enrolled chain could not be adopted; it is used from the next start")
+        }
+        Err(e) => tracing::error!(error = %e, "the chain adoption task failed"),
+    }
+    tracing::info!(device = %stored.device_id, groups = ?stored.groups, broker = ?stored.broker, "enrolled");
+    match stored.cloud_config(&p, &state_dir) {
+        Ok(Some(c)) => crate::cloud::run(c, api, identity, stop).await,
+        Ok(None) => tracing::info!("the organisation assigned no fleet broker: staying offline"),
+        Err(e) => tracing::error!(error = %e, "the fleet assignment is unusable; running offline"),
+    }
+}
+
 /// Opens the HSM and the workload identity service (on the blocking pool).
 async fn open_identity(
     config: &Config,
@@ -804,6 +925,14 @@ pub fn fs_policy(config: &Config, state_dir: &Path, socket: &Path) -> crate::con
         p.read_only.push(a.config_dir.clone());
     }
     p.read_only.extend(config.identity.ca_certificate.clone());
+    // Read at each enrollment attempt.
+    if let Some((_, key)) = config
+        .provisioning
+        .as_ref()
+        .and_then(|p| p.symmetric.as_ref())
+    {
+        p.read_only.push(key.clone());
+    }
     if let Some(c) = &config.cloud {
         p.read_only.push(c.ca.clone());
         p.read_only.extend(c.deployment_key_files.iter().cloned());

@@ -20,6 +20,7 @@
 //! Every message is JSON with unknown fields refused and a size bound
 //! ([`MAX_MESSAGE`]).
 
+pub mod device;
 pub mod service;
 pub mod transport;
 
@@ -51,6 +52,10 @@ pub struct Request {
     pub device_id: String,
     /// A PEM CSR for the device CA key, signed by that key.
     pub csr: String,
+    /// A PEM CSR for the broker login key (`cloud-client`), signed by
+    /// that key: certified when the organisation assigns a fleet broker.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub broker_csr: Option<String>,
     /// Its factory identity.
     pub factory: Factory,
 }
@@ -215,6 +220,54 @@ pub struct Issued {
     /// The device CA certificate, then the organisation's chain (PEM):
     /// what `[identity] ca_certificate` takes.
     pub chain: String,
+    /// Where the device connects once enrolled, when the organisation
+    /// assigns it (its `[fleet]`).
+    #[serde(default)]
+    pub fleet: Option<Assignment>,
+    /// The organisation CA's signature (ECDSA P-256 with SHA-256, DER)
+    /// over [`Issued::signed_bytes`]: the broker, its roots and the
+    /// deployment keys are trust the device takes, so whoever relays the
+    /// answer (the broker, another client) cannot choose them.
+    pub signature: Bytes,
+}
+
+/// The fleet a device is assigned to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Assignment {
+    /// The fleet broker, `mqtts://HOST[:PORT]`.
+    pub broker: String,
+    /// Its roots (PEM): what `[cloud] ca` takes.
+    pub broker_ca: String,
+    /// The login certificate for the device's broker key, then its
+    /// issuers (PEM): what `[cloud] certificate` takes.
+    pub certificate: String,
+    /// The keys deployments are signed by (each a key file's bytes).
+    pub deployment_keys: Vec<Bytes>,
+}
+
+impl Issued {
+    /// What the signature covers: a domain tag, then the JSON of every
+    /// other field.
+    ///
+    /// # Errors
+    ///
+    /// Never in practice (serde_json on plain data).
+    pub fn signed_bytes(&self) -> Result<Vec<u8>, String> {
+        let mut out = b"edgeward enroll issued v1\0".to_vec();
+        serde_json::to_writer(
+            &mut out,
+            &(
+                self.v,
+                &self.device_id,
+                &self.groups,
+                &self.chain,
+                &self.fleet,
+            ),
+        )
+        .map_err(|e| e.to_string())?;
+        Ok(out)
+    }
 }
 
 /// Parses a message of type `T`, bounded and strict.
@@ -269,10 +322,12 @@ fn signed_request(
 ) -> Result<Request, String> {
     let spiffe = format!("spiffe://{trust_domain}/device/{device_id}");
     let csr = device_ca_csr(hsm, device_id, &spiffe).map_err(|e| e.to_string())?;
+    let broker_csr = crate::cloud::tls::broker_csr(hsm, device_id, &spiffe)?;
     Ok(Request {
         v: VERSION,
         device_id: device_id.to_owned(),
         csr,
+        broker_csr: Some(broker_csr),
         factory,
     })
 }
@@ -393,6 +448,67 @@ pub fn check_issued(
             "the chain does not lead to the organisation's root this device trusts (--org-root)"
                 .into(),
         );
+    }
+    // The organisation CA (the device CA's issuer, anchored above) signed
+    // the whole answer.
+    let org_ca = certs
+        .get(1)
+        .map(|c| c.public_key().subject_public_key.data.to_vec())
+        .or_else(|| {
+            roots.iter().find_map(|r| {
+                let (_, root) = X509Certificate::from_der(r).ok()?;
+                (first.issuer() == root.subject())
+                    .then(|| root.public_key().subject_public_key.data.to_vec())
+            })
+        })
+        .ok_or("the chain names no organisation CA to check the answer's signature with")?;
+    let key = p256::ecdsa::VerifyingKey::from_sec1_bytes(&org_ca)
+        .map_err(|_| "the organisation CA's key is not P-256".to_owned())?;
+    let signature = p256::ecdsa::Signature::from_der(&issued.signature.0)
+        .map_err(|_| "the answer's signature is not a DER ECDSA signature".to_owned())?;
+    p256::ecdsa::signature::Verifier::verify(&key, &issued.signed_bytes()?, &signature)
+        .map_err(|_| "the answer is not signed by the organisation CA that issued the chain: its broker and keys are not taken".to_owned())?;
+    if let Some(fleet) = &issued.fleet {
+        check_assignment(hsm, fleet, device_id)?;
+    }
+    Ok(())
+}
+
+/// The fleet assignment is usable: a broker URL, roots, a login
+/// certificate for this device's broker key, valid now, and deployment
+/// keys.
+fn check_assignment(hsm: &dyn Hsm, fleet: &Assignment, device_id: &str) -> Result<(), String> {
+    use x509_parser::prelude::*;
+    crate::cloud::parse_broker(&fleet.broker).map_err(|e| format!("the assigned broker: {e}"))?;
+    crate::attest::verify::pem_certificates(fleet.broker_ca.as_bytes(), "the broker's roots")?;
+    let login = crate::attest::verify::pem_certificates(fleet.certificate.as_bytes(), "the login")?;
+    let (_, cert) = X509Certificate::from_der(&login[0])
+        .map_err(|e| format!("the broker login certificate: {e}"))?;
+    let point = hsm
+        .public_key(crate::cloud::tls::CLIENT_KEY)
+        .map_err(|e| e.to_string())?;
+    if cert.public_key().subject_public_key.data.as_ref() != point.as_slice() {
+        return Err("the broker login certificate is for another key than this device's".into());
+    }
+    let cn = cert
+        .subject()
+        .iter_common_name()
+        .next()
+        .and_then(|c| c.as_str().ok());
+    if cn != Some(device_id) {
+        return Err(format!(
+            "the broker login certificate names {cn:?}, not {device_id:?}"
+        ));
+    }
+    if !cert.validity().is_valid_at(ASN1Time::now()) {
+        return Err("the broker login certificate is not valid now".into());
+    }
+    if fleet.deployment_keys.is_empty() {
+        return Err("the assignment names no deployment key".into());
+    }
+    for (i, k) in fleet.deployment_keys.iter().enumerate() {
+        crate::attest::publisher::PublicKey::from_any(&k.0)
+            .map_err(|e| format!("assigned deployment key {i}: not an Ed25519 public key: {e}"))?;
     }
     Ok(())
 }

@@ -432,6 +432,37 @@ pub struct Settings {
     pub group_secrets: std::collections::BTreeMap<String, [u8; 32]>,
     /// The audit log (JSON lines; shared by instances on one host).
     pub audit: PathBuf,
+    /// The fleet enrolled devices are assigned to, if any.
+    pub fleet: Option<FleetSettings>,
+}
+
+/// `[fleet]` of `enroll.toml`: where enrolled devices connect, and the
+/// CA that certifies their broker logins.
+pub struct FleetSettings {
+    /// `mqtts://HOST[:PORT]`.
+    pub broker: String,
+    /// The broker's roots (PEM), as devices pin them.
+    pub broker_ca: String,
+    /// The deployment keys' files' bytes.
+    pub deployment_keys: Vec<Vec<u8>>,
+    /// The logins CA's certificate (DER), which issues.
+    pub logins_certificate: Vec<u8>,
+    /// What follows a login certificate (PEM: the logins CA's
+    /// certificates).
+    pub logins_chain: String,
+    /// When the logins CA expires (Unix seconds).
+    pub logins_not_after: u64,
+    /// Its key.
+    pub logins_key: CaKey,
+}
+
+impl fmt::Debug for FleetSettings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("FleetSettings")
+            .field("broker", &self.broker)
+            .field("deployment_keys", &self.deployment_keys.len())
+            .finish_non_exhaustive()
+    }
 }
 
 impl fmt::Debug for Settings {
@@ -451,6 +482,7 @@ impl fmt::Debug for Settings {
                 &self.group_secrets.keys().collect::<Vec<_>>(),
             )
             .field("audit", &self.audit)
+            .field("fleet", &self.fleet)
             .finish_non_exhaustive()
     }
 }
@@ -477,6 +509,19 @@ struct SettingsToml {
     /// Symmetric-key groups' secrets: group = "path" (32 bytes each).
     #[serde(default)]
     group_secrets: std::collections::BTreeMap<String, PathBuf>,
+    #[serde(default)]
+    fleet: Option<FleetToml>,
+}
+
+/// `[fleet]` as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FleetToml {
+    broker: String,
+    broker_ca: PathBuf,
+    deployment_keys: Vec<PathBuf>,
+    logins_certificate: PathBuf,
+    logins_key: PathBuf,
 }
 
 fn default_lifetime() -> String {
@@ -600,48 +645,12 @@ impl Settings {
             &file(&t.manufacturers)?,
             &t.manufacturers.display().to_string(),
         )?;
-        let ca_text = text(&t.ca_certificate)?;
-        if ca_text.contains("PRIVATE KEY") {
-            return Err(named("ca_certificate")(
-                "the file holds a private key, which would go to every device with the chain; \
-                 keep the key in ca_key only"
-                    .into(),
-            ));
-        }
-        let ca_certs = crate::attest::verify::pem_certificates(
-            ca_text.as_bytes(),
-            &t.ca_certificate.display().to_string(),
-        )?;
-        // The chain devices get is rebuilt from the certificates alone.
-        let ca_chain: String = ca_certs
-            .iter()
-            .map(|der| crate::identity::authority::pem_block("CERTIFICATE", der))
-            .collect();
-        let ca_certificate = ca_certs[0].clone();
-        let ca_key = CaKey::from_pem(&text(&t.ca_key)?).map_err(named("ca_key"))?;
-        // The key must be the certificate's.
-        let (_, ca) = X509Certificate::from_der(&ca_certificate)
-            .map_err(|e| named("ca_certificate")(e.to_string()))?;
-        if ca.public_key().subject_public_key.data.as_ref() != ca_key.point.as_slice() {
-            return Err(named("ca_key")(
-                "it is not the key of ca_certificate".into(),
-            ));
-        }
-        let is_ca = ca
-            .basic_constraints()
-            .ok()
-            .flatten()
-            .is_some_and(|b| b.value.ca);
-        if !is_ca
-            || !ca
-                .validity()
-                .is_valid_at(x509_parser::time::ASN1Time::now())
-        {
-            return Err(named("ca_certificate")(
-                "it is not a CA certificate valid now".into(),
-            ));
-        }
-        let ca_not_after = u64::try_from(ca.validity().not_after.timestamp()).unwrap_or(0);
+        let ca = load_ca(
+            &text(&t.ca_certificate)?,
+            &text(&t.ca_key)?,
+            (&t.ca_certificate.display().to_string(), "ca_certificate"),
+        )
+        .map_err(|(field, e)| named(if field { "ca_certificate" } else { "ca_key" })(e))?;
         let challenge_key: [u8; 32] = file(&t.challenge_key)?.try_into().map_err(|_| {
             named("challenge_key")("the file must hold exactly 32 random bytes".into())
         })?;
@@ -681,15 +690,72 @@ impl Settings {
                 t.dns_suffix
             )));
         }
+        let fleet = match t.fleet {
+            None => None,
+            Some(f) => {
+                crate::cloud::parse_broker(&f.broker).map_err(named("fleet.broker"))?;
+                let broker_ca = text(&f.broker_ca)?;
+                crate::attest::verify::pem_certificates(
+                    broker_ca.as_bytes(),
+                    &f.broker_ca.display().to_string(),
+                )?;
+                if f.deployment_keys.is_empty() {
+                    return Err(named("fleet.deployment_keys")(
+                        "name at least one key file".into(),
+                    ));
+                }
+                let mut deployment_keys = Vec::new();
+                for k in &f.deployment_keys {
+                    let bytes = file(k)?;
+                    crate::attest::publisher::PublicKey::from_any(&bytes).map_err(|e| {
+                        named("fleet.deployment_keys")(format!(
+                            "{}: not an Ed25519 public key: {e}",
+                            k.display()
+                        ))
+                    })?;
+                    deployment_keys.push(bytes);
+                }
+                let logins = load_ca(
+                    &text(&f.logins_certificate)?,
+                    &text(&f.logins_key)?,
+                    (
+                        &f.logins_certificate.display().to_string(),
+                        "fleet.logins_certificate",
+                    ),
+                )
+                .map_err(|(field, e)| {
+                    named(if field {
+                        "fleet.logins_certificate"
+                    } else {
+                        "fleet.logins_key"
+                    })(e)
+                })?;
+                if logins.certificate == ca.certificate {
+                    return Err(named("fleet.logins_certificate")(
+                        "it is the CA that certifies device CAs: a module's certificate would log in to the broker; use a CA of its own"
+                            .into(),
+                    ));
+                }
+                Some(FleetSettings {
+                    broker: f.broker,
+                    broker_ca,
+                    deployment_keys,
+                    logins_certificate: logins.certificate,
+                    logins_chain: logins.chain,
+                    logins_not_after: logins.not_after,
+                    logins_key: logins.key,
+                })
+            }
+        };
         Ok(Self {
             manufacturers,
             revoked,
             revoked_file,
-            ca_not_after,
+            ca_not_after: ca.not_after,
             list,
-            ca_certificate,
-            ca_chain,
-            ca_key,
+            ca_certificate: ca.certificate,
+            ca_chain: ca.chain,
+            ca_key: ca.key,
             trust_domain: t.trust_domain,
             dns_suffix: t.dns_suffix,
             lifetime,
@@ -697,8 +763,67 @@ impl Settings {
             challenge_key,
             group_secrets,
             audit: base.join(t.audit),
+            fleet,
         })
     }
+}
+
+/// A CA the service issues with, as loaded.
+struct LoadedCa {
+    certificate: Vec<u8>,
+    chain: String,
+    not_after: u64,
+    key: CaKey,
+}
+
+/// Loads a CA from its certificates' PEM (`what` names the file) and its
+/// key's PEM: the key is the first certificate's, which is a CA valid now.
+/// `field` names the certificate's setting. The chain handed out is
+/// rebuilt from the certificates alone. On error,
+/// whether the certificate (`true`) or the key (`false`) is at fault.
+fn load_ca(
+    cert_text: &str,
+    key_text: &str,
+    (what, field): (&str, &str),
+) -> Result<LoadedCa, (bool, String)> {
+    if cert_text.contains("PRIVATE KEY") {
+        return Err((
+            true,
+            "the file holds a private key, which would go to every device with the chain; \
+             keep the key in its own file only"
+                .into(),
+        ));
+    }
+    let certs = crate::attest::verify::pem_certificates(cert_text.as_bytes(), what)
+        .map_err(|e| (true, e))?;
+    let chain: String = certs
+        .iter()
+        .map(|der| crate::identity::authority::pem_block("CERTIFICATE", der))
+        .collect();
+    let key = CaKey::from_pem(key_text).map_err(|e| (false, e))?;
+    let (_, ca) = X509Certificate::from_der(&certs[0]).map_err(|e| (true, e.to_string()))?;
+    if ca.public_key().subject_public_key.data.as_ref() != key.point.as_slice() {
+        return Err((false, format!("it is not the key of {field}")));
+    }
+    let is_ca = ca
+        .basic_constraints()
+        .ok()
+        .flatten()
+        .is_some_and(|b| b.value.ca);
+    if !is_ca
+        || !ca
+            .validity()
+            .is_valid_at(x509_parser::time::ASN1Time::now())
+    {
+        return Err((true, "it is not a CA certificate valid now".into()));
+    }
+    let not_after = u64::try_from(ca.validity().not_after.timestamp()).unwrap_or(0);
+    Ok(LoadedCa {
+        certificate: certs[0].clone(),
+        chain,
+        not_after,
+        key,
+    })
 }
 
 /// The service.
@@ -909,6 +1034,27 @@ impl Service {
                 proof.request.device_id, f.device_id
             )));
         }
+        // The broker login key: its CSR's (signed by it, and bound to the
+        // proof with the rest of the request); never the device CA key.
+        let broker_point = match (&self.s.fleet, &proof.request.broker_csr) {
+            (None, _) => None,
+            (Some(_), None) => {
+                return Err(at(Step::Csr)(
+                    "the organisation assigns a fleet broker and the request has no broker CSR"
+                        .into(),
+                ));
+            }
+            (Some(_), Some(csr)) => {
+                let p = csr_key(csr).map_err(|e| at(Step::Csr)(format!("broker CSR: {e}")))?;
+                if p == point {
+                    return Err(at(Step::Csr)(
+                        "the broker CSR carries the device CA key: a login key of its own is needed"
+                            .into(),
+                    ));
+                }
+                Some(p)
+            }
+        };
         // Issued under the audit log's lock and recorded before it is
         // answered: an enrollment the device holds is one the
         // organisation knows.
@@ -924,19 +1070,47 @@ impl Service {
             groups: f.groups.clone(),
             not_after,
             chain: String::new(),
+            broker_key: broker_point
+                .as_deref()
+                .map(|p| hex(&Sha256::digest(p)))
+                .unwrap_or_default(),
+            broker_certificate: String::new(),
         };
         // A recorded certificate is answered again while it has more than
         // half the lifetime a new one would have.
         let renew_after = now + not_after.saturating_sub(now) / 2;
-        let chain = record(&self.s.audit, entry, renew_after, || {
-            self.issue(&f.device_id, &point, not_after)
+        let (chain, login) = record(&self.s.audit, entry, renew_after, || {
+            let chain = self.issue(&f.device_id, &point, not_after)?;
+            let login = match (&self.s.fleet, &broker_point) {
+                (Some(fleet), Some(p)) => self.issue_login(fleet, &f.device_id, p, not_after)?,
+                _ => String::new(),
+            };
+            Ok((chain, login))
         })?;
-        Ok(Issued {
+        let fleet = self.s.fleet.as_ref().map(|fleet| super::Assignment {
+            broker: fleet.broker.clone(),
+            broker_ca: fleet.broker_ca.clone(),
+            certificate: login,
+            deployment_keys: fleet
+                .deployment_keys
+                .iter()
+                .map(|k| Bytes(k.clone()))
+                .collect(),
+        });
+        let mut issued = Issued {
             v: VERSION,
             device_id: f.device_id,
             groups: f.groups,
             chain,
-        })
+            fleet,
+            signature: Bytes::default(),
+        };
+        let bytes = issued.signed_bytes().map_err(at(Step::Issue))?;
+        issued.signature = Bytes(
+            SigningKey::sign(&self.s.ca_key, &bytes)
+                .map_err(|e| at(Step::Issue)(format!("signing the answer: {e}")))?,
+        );
+        Ok(issued)
     }
 
     /// The checks both messages pass: shape, factory chain, revocation,
@@ -1087,8 +1261,9 @@ impl Service {
         Ok(path)
     }
 
-    /// The device CA certificate for `point`, then the organisation's chain.
-    fn issue(&self, device_id: &str, point: &[u8], not_after: u64) -> Result<String, String> {
+    /// A certificate naming `device_id`: `O=edgeward, CN=<id>` and its
+    /// SPIFFE ID.
+    fn device_params(&self, device_id: &str) -> Result<CertificateParams, String> {
         let mut p = CertificateParams::default();
         p.distinguished_name = edgeward_name(device_id);
         let spiffe = format!("spiffe://{}/device/{device_id}", self.s.trust_domain);
@@ -1098,6 +1273,12 @@ impl Service {
                 .try_into()
                 .map_err(|e| format!("{spiffe} as a SAN: {e}"))?,
         )];
+        Ok(p)
+    }
+
+    /// The device CA certificate for `point`, then the organisation's chain.
+    fn issue(&self, device_id: &str, point: &[u8], not_after: u64) -> Result<String, String> {
+        let mut p = self.device_params(device_id)?;
         p.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
         p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
         let dns = format!("{device_id}.{}", self.s.dns_suffix);
@@ -1107,27 +1288,69 @@ impl Service {
         );
         constraints.set_criticality(true);
         p.custom_extensions = vec![constraints];
-        let now = unix_now();
-        let time = |t: u64| {
-            ::time::OffsetDateTime::from_unix_timestamp(i64::try_from(t).unwrap_or(i64::MAX))
-                .map_err(|e| e.to_string())
-        };
-        p.not_before = time(now.saturating_sub(BACKDATE.as_secs()))?;
-        p.not_after = time(not_after)?;
-        let mut serial = [0u8; 16];
-        getrandom::fill(&mut serial).map_err(|e| format!("random: {e}"))?;
-        serial[0] = (serial[0] & 0x7f) | 0x40;
-        p.serial_number = Some(rcgen::SerialNumber::from_slice(&serial));
-        p.use_authority_key_identifier_extension = true;
-        p.key_identifier_method = KeyIdMethod::PreSpecified(key_identifier(point));
-        let issuer =
-            rcgen::Issuer::from_ca_cert_der(&self.s.ca_certificate.clone().into(), &self.s.ca_key)
-                .map_err(|e| format!("the organisation CA certificate: {e}"))?;
-        let cert = p
-            .signed_by(&PublicP256(point.to_vec()), &issuer)
-            .map_err(|e| format!("signing the device CA certificate: {e}"))?;
-        Ok(format!("{}{}", cert.pem(), self.s.ca_chain))
+        let cert = sign(
+            p,
+            point,
+            not_after,
+            (&self.s.ca_certificate, &self.s.ca_key),
+        )
+        .map_err(|e| format!("the device CA certificate: {e}"))?;
+        Ok(format!("{cert}{}", self.s.ca_chain))
     }
+
+    /// The broker login certificate for `point` (`CN = <device id>`, the
+    /// device's SPIFFE ID, client authentication only), then the logins
+    /// CA's chain.
+    fn issue_login(
+        &self,
+        fleet: &FleetSettings,
+        device_id: &str,
+        point: &[u8],
+        not_after: u64,
+    ) -> Result<String, String> {
+        let mut p = self.device_params(device_id)?;
+        p.is_ca = IsCa::ExplicitNoCa;
+        p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        p.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+        let cert = sign(
+            p,
+            point,
+            not_after.min(fleet.logins_not_after),
+            (&fleet.logins_certificate, &fleet.logins_key),
+        )
+        .map_err(|e| format!("the broker login certificate: {e}"))?;
+        Ok(format!("{cert}{}", fleet.logins_chain))
+    }
+}
+
+/// `p` for `point`, from now (backdated a little) until `not_after`, with
+/// a random serial and key identifiers, signed by `issuer` (its
+/// certificate's DER and key): the certificate's PEM.
+fn sign(
+    mut p: CertificateParams,
+    point: &[u8],
+    not_after: u64,
+    (issuer_der, issuer_key): (&[u8], &CaKey),
+) -> Result<String, String> {
+    let now = unix_now();
+    let time = |t: u64| {
+        ::time::OffsetDateTime::from_unix_timestamp(i64::try_from(t).unwrap_or(i64::MAX))
+            .map_err(|e| e.to_string())
+    };
+    p.not_before = time(now.saturating_sub(BACKDATE.as_secs()))?;
+    p.not_after = time(not_after)?;
+    let mut serial = [0u8; 16];
+    getrandom::fill(&mut serial).map_err(|e| format!("random: {e}"))?;
+    serial[0] = (serial[0] & 0x7f) | 0x40;
+    p.serial_number = Some(rcgen::SerialNumber::from_slice(&serial));
+    p.use_authority_key_identifier_extension = true;
+    p.key_identifier_method = KeyIdMethod::PreSpecified(key_identifier(point));
+    let issuer = rcgen::Issuer::from_ca_cert_der(&issuer_der.to_vec().into(), issuer_key)
+        .map_err(|e| format!("the issuing CA certificate: {e}"))?;
+    let cert = p
+        .signed_by(&PublicP256(point.to_vec()), &issuer)
+        .map_err(|e| format!("signing: {e}"))?;
+    Ok(cert.pem())
 }
 
 /// The nameConstraints a device CA gets (RFC 5280 4.2.1.10, DER; rcgen
@@ -1207,6 +1430,13 @@ pub struct AuditEntry {
     /// The chain issued, answered again (not issued anew) while it has
     /// more than half its lifetime left.
     pub chain: String,
+    /// The SHA-256 of the broker login key's point (hex), if one was
+    /// certified.
+    #[serde(default)]
+    pub broker_key: String,
+    /// The broker login certificate issued with it (PEM), if any.
+    #[serde(default)]
+    pub broker_certificate: String,
 }
 
 /// Reads the audit log.
@@ -1249,8 +1479,8 @@ fn record(
     path: &Path,
     mut entry: AuditEntry,
     renew_after: u64,
-    issue_certificate: impl FnOnce() -> Result<String, String>,
-) -> Result<String, Refusal> {
+    issue_certificates: impl FnOnce() -> Result<(String, String), String>,
+) -> Result<(String, String), Refusal> {
     use std::io::{Read as _, Seek as _};
     let issue = at(Step::Issue);
     let mut file = std::fs::OpenOptions::new()
@@ -1291,14 +1521,15 @@ fn record(
             entry.device_id
         )));
     }
-    if let Some(same) = entries
-        .iter()
-        .rev()
-        .find(|e| e.factory == entry.factory && e.key == entry.key && e.not_after > renew_after)
-    {
-        return Ok(same.chain.clone());
+    if let Some(same) = entries.iter().rev().find(|e| {
+        e.factory == entry.factory
+            && e.key == entry.key
+            && e.broker_key == entry.broker_key
+            && e.not_after > renew_after
+    }) {
+        return Ok((same.chain.clone(), same.broker_certificate.clone()));
     }
-    entry.chain = issue_certificate().map_err(&issue)?;
+    (entry.chain, entry.broker_certificate) = issue_certificates().map_err(&issue)?;
     let mut line = serde_json::to_string(&entry).map_err(|e| issue(e.to_string()))?;
     line.push('\n');
     if bytes.last().is_some_and(|b| *b != b'\n') {
@@ -1308,5 +1539,5 @@ fn record(
     file.write_all(line.as_bytes())
         .and_then(|()| file.sync_data())
         .map_err(|e| issue(format!("writing the audit log: {e}")))?;
-    Ok(entry.chain)
+    Ok((entry.chain, entry.broker_certificate))
 }

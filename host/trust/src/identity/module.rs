@@ -54,6 +54,8 @@ impl From<&LeafKey> for Credentials {
 struct CurrentLeaf {
     leaf: Arc<LeafKey>,
     renew_at: u64,
+    /// The CA that issued it: a leaf of a CA since replaced is renewed.
+    authority: Arc<super::Authority>,
 }
 
 /// One module's identity: what the `workload` WIT interface serves.
@@ -152,17 +154,15 @@ impl ModuleIdentity {
             .lock()
             .map_err(|_| IdentityError::Internal("leaf lock poisoned".into()))?;
         let now = unix_now();
+        let authority = self.service.authority();
         if let Some(cur) = slot.as_ref()
             && now < cur.renew_at
+            && Arc::ptr_eq(&cur.authority, &authority)
         {
             return Ok(cur.leaf.clone());
         }
         let ttl = self.service.config().svid_ttl;
-        match self
-            .service
-            .authority()
-            .issue_leaf(&Profile::Svid, &self.who.spiffe_id, ttl)
-        {
+        match authority.issue_leaf(&Profile::Svid, &self.who.spiffe_id, ttl) {
             Ok(leaf) => {
                 let life = leaf.cert.not_after.saturating_sub(now);
                 let renew_at = now + life / 2 + random_below(life / 10 + 1);
@@ -170,6 +170,7 @@ impl ModuleIdentity {
                 *slot = Some(CurrentLeaf {
                     leaf: leaf.clone(),
                     renew_at,
+                    authority,
                 });
                 tracing::debug!(module = %self.who.module_name, expires_at = leaf.cert.not_after, "X509-SVID issued");
                 Ok(leaf)
@@ -193,7 +194,8 @@ impl ModuleIdentity {
     pub fn leaf_if_current(&self) -> Option<Arc<LeafKey>> {
         let slot = self.leaf.lock().ok()?;
         let cur = slot.as_ref()?;
-        (unix_now() < cur.renew_at).then(|| cur.leaf.clone())
+        (unix_now() < cur.renew_at && Arc::ptr_eq(&cur.authority, &self.service.authority()))
+            .then(|| cur.leaf.clone())
     }
 
     /// The module's X509-SVID and key.

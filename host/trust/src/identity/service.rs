@@ -20,7 +20,9 @@ use crate::hsm::Hsm;
 pub struct IdentityService {
     config: IdentityConfig,
     hsm: Arc<dyn Hsm>,
-    authority: Arc<Authority>,
+    /// Replaced once when an enrolled device adopts its organisation's
+    /// chain ([`IdentityService::adopt_ca_certificate`]).
+    authority: std::sync::RwLock<Arc<Authority>>,
     tokens: TokenService,
 }
 
@@ -55,7 +57,7 @@ impl IdentityService {
         Ok(Arc::new(Self {
             config,
             hsm,
-            authority,
+            authority: std::sync::RwLock::new(authority),
             tokens,
         }))
     }
@@ -66,8 +68,35 @@ impl IdentityService {
     }
 
     /// The device CA.
-    pub fn authority(&self) -> &Authority {
-        &self.authority
+    pub fn authority(&self) -> Arc<Authority> {
+        self.authority
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Adopts the chain at `path` (the organisation's certificate for the
+    /// device CA key, then its issuers) in place of the current one: the
+    /// trust bundle is its root from now on, and every module's X509-SVID
+    /// is issued anew under it at its next request. Blocks.
+    ///
+    /// # Errors
+    ///
+    /// What [`Authority::open`] refuses a configured chain for; the
+    /// current chain stays.
+    pub fn adopt_ca_certificate(&self, path: &Path) -> Result<(), IdentityError> {
+        let next = Arc::new(Authority::open(
+            self.hsm.clone(),
+            &self.config.device_id,
+            &self.config.trust_domain,
+            Some(path),
+            path,
+        )?);
+        *self
+            .authority
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = next;
+        Ok(())
     }
 
     /// The token service.
@@ -184,7 +213,7 @@ impl IdentityService {
 
     /// The trust bundle as PEM.
     pub fn bundle_pem(&self) -> String {
-        self.authority.roots_pem().to_owned()
+        self.authority().roots_pem().to_owned()
     }
 
     /// The trust bundle as a SPIFFE bundle (JWKS): the X.509 roots
@@ -196,7 +225,8 @@ impl IdentityService {
     pub fn bundle_jwks(&self) -> Result<serde_json::Value, IdentityError> {
         use base64ct::{Base64, Base64UrlUnpadded, Encoding as _};
         let mut keys = Vec::new();
-        for der in self.authority.roots_der() {
+        let current = self.authority();
+        for der in current.roots_der() {
             let point = authority::certificate_point(der)
                 .filter(|p| p.len() == 65 && p[0] == 4)
                 .ok_or_else(|| {
