@@ -54,17 +54,6 @@ impl Fleet {
     /// An organisation whose broker's ACL is what `edgeward fleet acl`
     /// writes for `members` (DEVICE=GROUP,...), then `acl_extra`.
     pub fn new(bin: &Path, members: &[&str], acl_extra: &str) -> Self {
-        Self::build(bin, members, acl_extra, None)
-    }
-
-    /// The same with an enrollment listener on the broker (its ACL from
-    /// `fleet acl --enrollment-listener`), and `enroller` (a CN of the
-    /// operators root) allowed to answer enrollments on the main one.
-    pub fn with_enrollment(bin: &Path, members: &[&str], enroller: &str) -> Self {
-        Self::build(bin, members, "", Some(enroller))
-    }
-
-    fn build(bin: &Path, members: &[&str], acl_extra: &str, enroller: Option<&str>) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let ca = OrgCa::new();
         let mut acl = edgeward(bin, dir.path());
@@ -72,27 +61,12 @@ impl Fleet {
         for m in members {
             acl.args(["--member", m]);
         }
-        if let Some(e) = enroller {
-            acl.args(["--enroller", e]);
-        }
         let o = ok(
             acl.output().expect("edgeward fleet acl"),
             "edgeward fleet acl",
         );
         let acl = format!("{}{acl_extra}", String::from_utf8_lossy(&o.stdout));
-        let broker = match enroller {
-            None => Mosquitto::start(&ca, &acl),
-            Some(_) => {
-                let o = ok(
-                    edgeward(bin, dir.path())
-                        .args(["fleet", "acl", "--enrollment-listener"])
-                        .output()
-                        .expect("edgeward fleet acl"),
-                    "edgeward fleet acl --enrollment-listener",
-                );
-                Mosquitto::start_with_enrollment(&ca, &acl, &String::from_utf8_lossy(&o.stdout))
-            }
-        };
+        let broker = Mosquitto::start(&ca, &acl);
         let (cert, key) = ca.issue_as("operators", "operator", "extendedKeyUsage=clientAuth\n");
         let operator = MqttUser {
             port: broker.port(),

@@ -678,19 +678,7 @@ fn devices_enroll_through_the_broker_with_two_service_instances() {
     let ca = OrgCa::new();
     let (enroller_cert, enroller_key) =
         ca.issue_as("operators", "enroller", "extendedKeyUsage=clientAuth\n");
-    let acl = |args: &[&str]| {
-        let out = Command::new(common::EDGEWARD)
-            .args(["fleet", "acl"])
-            .args(args)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).unwrap()
-    };
+    let acl = fleet_acl;
     let main_acl = acl(&["--enroller", "enroller"]);
     let enroll_acl = acl(&["--enrollment-listener"]);
     assert!(
@@ -946,6 +934,21 @@ fn devices_enroll_through_the_broker_with_two_service_instances() {
     drop(thief);
 }
 
+/// `edgeward fleet acl ARGS`.
+fn fleet_acl(args: &[&str]) -> String {
+    let out = Command::new(common::EDGEWARD)
+        .args(["fleet", "acl"])
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
 /// `fleet enroll serve` of `enroll_toml` on the broker at `url` (its
 /// roots `ca`) as the enroller (`login`: certificate, key), for up to two
 /// minutes; returned once it is subscribed.
@@ -1088,6 +1091,97 @@ fn a_board_without_a_tpm_enrolls_with_a_group_derived_key() {
     assert!(openssl_text(&chain).contains("URI:spiffe://example.org/device/board-1"));
 }
 
+/// An organisation with a fleet broker and an enrollment broker of its
+/// own (docs/fleet.md: client ids are global to a broker, so an anonymous
+/// client on the fleet's could take over an enrolled device's session),
+/// its enrollment service's `enroll.toml` assigning the fleet, and an
+/// enroller login.
+struct FleetOrg {
+    fleet: edgeward_tests::fleet::Fleet,
+    enrollment: edgeward_tests::fixtures::Mosquitto,
+    enroller: (std::path::PathBuf, std::path::PathBuf),
+    dir: tempfile::TempDir,
+}
+
+impl FleetOrg {
+    /// `members` as `fleet acl --member` takes them; `manufacturers` a
+    /// PEM bundle (default: any certificate, for symmetric-key groups
+    /// only); `list` the enrollment list.
+    fn new(members: &[&str], manufacturers: Option<&Path>, list: &str) -> Self {
+        use edgeward_tests::fleet::Fleet;
+        let fleet = Fleet::new(Path::new(common::EDGEWARD), members, "");
+        let ca = &fleet.ca;
+        let enrollment = edgeward_tests::fixtures::Mosquitto::start_with_enrollment(
+            ca,
+            &fleet_acl(&["--enroller", "enroller"]),
+            &fleet_acl(&["--enrollment-listener"]),
+        );
+        let enroller = ca.issue_as("operators", "enroller", "extendedKeyUsage=clientAuth\n");
+        let org = tempfile::tempdir().unwrap();
+        let dir = org.path();
+        std::fs::write(dir.join("list.toml"), list).unwrap();
+        std::fs::write(dir.join("challenge.key"), [3u8; 32]).unwrap();
+        std::fs::write(dir.join("boards.secret"), [5u8; 32]).unwrap();
+        std::fs::write(
+            dir.join("enroll.toml"),
+            format!(
+                "trust_domain = \"edgeward.local\"\ndns_suffix = \"edge.test\"\n\
+                 manufacturers = \"{manufacturers}\"\nlist = \"list.toml\"\n\
+                 ca_certificate = \"{workloads}\"\nca_key = \"{workloads_key}\"\n\
+                 challenge_key = \"challenge.key\"\naudit = \"audit.jsonl\"\n\
+                 [group_secrets]\nboards = \"boards.secret\"\n\
+                 [fleet]\nbroker = \"{broker}\"\nbroker_ca = \"{servers}\"\n\
+                 deployment_keys = [\"{deploy}\"]\n\
+                 logins_certificate = \"{devices}\"\nlogins_key = \"{devices_key}\"\n",
+                manufacturers = manufacturers.map_or(ca.root(), Path::to_owned).display(),
+                servers = ca.root().display(),
+                workloads = ca.role_root("workloads").display(),
+                workloads_key = ca.role_key("workloads").display(),
+                devices = ca.role_root("devices").display(),
+                devices_key = ca.role_key("devices").display(),
+                broker = fleet.broker.url(),
+                deploy = fleet.deploy_pub.display(),
+            ),
+        )
+        .unwrap();
+        Self {
+            fleet,
+            enrollment,
+            enroller,
+            dir: org,
+        }
+    }
+
+    fn serve(&self) -> Killed {
+        serve_enrollments(
+            &self.enrollment.url(),
+            &self.fleet.ca.root(),
+            (&self.enroller.0, &self.enroller.1),
+            &self.dir.path().join("enroll.toml"),
+        )
+    }
+
+    /// A device's config: `hsm` (its `[hsm]` table, or empty), then
+    /// `[identity]` for `id`, `[provisioning]` with `extra` lines and a
+    /// `[cloud]` of timings and local sources only.
+    fn device_config(&self, id: &str, hsm: &str, extra: &str) -> String {
+        format!(
+            "{hsm}\n[identity]\ndevice_id = \"{id}\"\n\n\
+             [provisioning]\nbroker = \"{enroll}\"\nca = \"{servers}\"\norg_roots = \"{workloads}\"\n\
+             retry_min = \"100ms\"\nretry_max = \"500ms\"\ntimeout = \"5s\"\n{extra}\n\
+             [cloud]\nreconnect_min = \"50ms\"\nreconnect_max = \"400ms\"\nreport_interval = \"200ms\"\n\
+             local_sources = [\"{guests}\"]\n",
+            enroll = self.enrollment.enroll_url(),
+            servers = self.fleet.ca.root().display(),
+            workloads = self.fleet.ca.role_root("workloads").display(),
+            guests = Path::new(edgeward_tests::guests::TEMPERATURE_SENSOR)
+                .parent()
+                .unwrap()
+                .display(),
+        )
+    }
+}
+
 /// A board out of the box (soft backend, a group-derived enrollment key,
 /// `[provisioning]` and no `[cloud]` broker): the daemon starts before
 /// the organisation's service is up and runs its own module meanwhile,
@@ -1099,42 +1193,12 @@ fn a_board_without_a_tpm_enrolls_with_a_group_derived_key() {
 #[test]
 fn a_board_enrolls_at_start_connects_to_its_fleet_and_takes_a_signed_deployment() {
     use common::daemon::Daemon;
-    use edgeward_tests::fleet::Fleet;
-    let fleet =
-        Fleet::with_enrollment(Path::new(common::EDGEWARD), &["board-7=line-a"], "enroller");
-    let ca = &fleet.ca;
-    let (enroller_cert, enroller_key) =
-        ca.issue_as("operators", "enroller", "extendedKeyUsage=clientAuth\n");
-    let org = tempfile::tempdir().unwrap();
-    let dir = org.path();
-    std::fs::write(
-        dir.join("list.toml"),
+    let org = FleetOrg::new(
+        &["board-7=line-a"],
+        None,
         "[[symmetric]]\ngroup = \"boards\"\ndevice_id = \"board-*\"\ngroups = [\"line-a\"]\n",
-    )
-    .unwrap();
-    std::fs::write(dir.join("challenge.key"), [3u8; 32]).unwrap();
-    std::fs::write(dir.join("boards.secret"), [5u8; 32]).unwrap();
-    std::fs::write(
-        dir.join("enroll.toml"),
-        format!(
-            "trust_domain = \"edgeward.local\"\ndns_suffix = \"edge.test\"\n\
-             manufacturers = \"{servers}\"\nlist = \"list.toml\"\n\
-             ca_certificate = \"{workloads}\"\nca_key = \"{workloads_key}\"\n\
-             challenge_key = \"challenge.key\"\naudit = \"audit.jsonl\"\n\
-             [group_secrets]\nboards = \"boards.secret\"\n\
-             [fleet]\nbroker = \"{broker}\"\nbroker_ca = \"{servers}\"\n\
-             deployment_keys = [\"{deploy}\"]\n\
-             logins_certificate = \"{devices}\"\nlogins_key = \"{devices_key}\"\n",
-            servers = ca.root().display(),
-            workloads = ca.role_root("workloads").display(),
-            workloads_key = ca.role_key("workloads").display(),
-            devices = ca.role_root("devices").display(),
-            devices_key = ca.role_key("devices").display(),
-            broker = fleet.broker.url(),
-            deploy = fleet.deploy_pub.display(),
-        ),
-    )
-    .unwrap();
+    );
+    let (fleet, ca, dir) = (&org.fleet, &org.fleet.ca, org.dir.path());
     let check = || {
         Command::new(common::EDGEWARD)
             .args(["fleet", "enroll", "--service"])
@@ -1169,22 +1233,16 @@ fn a_board_enrolls_at_start_connects_to_its_fleet_and_takes_a_signed_deployment(
     let key = s.path().join("enrollment.key");
     derive_key(&dir.join("enroll.toml"), "board-7", &key);
     let config = format!(
-        "[identity]\ndevice_id = \"board-7\"\n\n\
-         [provisioning]\nbroker = \"{enroll}\"\nca = \"{servers}\"\norg_roots = \"{workloads}\"\n\
-         group = \"boards\"\nenrollment_key = \"{key}\"\nretry_min = \"100ms\"\nretry_max = \"500ms\"\n\
-         timeout = \"5s\"\n\n\
-         [cloud]\nreconnect_min = \"50ms\"\nreconnect_max = \"400ms\"\nreport_interval = \"200ms\"\n\
-         local_sources = [\"{guests}\"]\n\n\
-         [[module]]\nname = \"local\"\nfile = \"{sensor}\"\ndigest = \"{digest}\"\n\
+        "{}\n[[module]]\nname = \"local\"\nfile = \"{sensor}\"\ndigest = \"{digest}\"\n\
          env = {{ INTERVAL_MS = \"1000\" }}\n",
-        enroll = fleet.broker.enroll_url(),
-        servers = ca.root().display(),
-        workloads = ca.role_root("workloads").display(),
-        key = key.display(),
-        guests = Path::new(edgeward_tests::guests::TEMPERATURE_SENSOR)
-            .parent()
-            .unwrap()
-            .display(),
+        org.device_config(
+            "board-7",
+            "",
+            &format!(
+                "group = \"boards\"\nenrollment_key = \"{}\"\n",
+                key.display()
+            )
+        ),
         sensor = edgeward_tests::guests::TEMPERATURE_SENSOR,
         digest = common::sha256sum(edgeward_tests::guests::TEMPERATURE_SENSOR),
     );
@@ -1200,12 +1258,7 @@ fn a_board_enrolls_at_start_connects_to_its_fleet_and_takes_a_signed_deployment(
     });
     assert!(!s.state().join("identity/enrollment.json").exists());
 
-    let serve = serve_enrollments(
-        &fleet.broker.url(),
-        &ca.root(),
-        (&enroller_cert, &enroller_key),
-        &dir.join("enroll.toml"),
-    );
+    let serve = org.serve();
     let wait = Duration::from_secs(60);
     out.wait("ew/v1/d/board-7/out/state", wait, |v| {
         v["state"] == "online"
@@ -1282,4 +1335,57 @@ fn a_board_enrolls_at_start_connects_to_its_fleet_and_takes_a_signed_deployment(
     assert_eq!(audit.len(), 1, "{audit:?}");
     assert!(audit[0].broker_certificate.contains("BEGIN CERTIFICATE"));
     drop(serve);
+}
+
+/// A TPM device enrolls at the daemon's start: its runtime asks its key
+/// daemon for the attestation key, the credential's activation and the
+/// certification of its device CA key (what the key daemon's table allows
+/// a runtime for enrollment), and connects to its fleet with the login
+/// it was issued; the enrollment is measured into its TPM's log.
+#[test]
+fn a_tpm_device_enrolls_at_daemon_start_through_its_key_daemon() {
+    use common::daemon::Daemon;
+    let device = Device::new();
+    let factory = device.ek_fingerprint();
+    device.hsm.close();
+    let org = FleetOrg::new(
+        &["gw-9=line-a"],
+        Some(&device.manufacturer),
+        &individual(&factory, "gw-9"),
+    );
+    let _serve = org.serve();
+    let s = common::Scratch::new();
+    let config = org.device_config(
+        "gw-9",
+        &format!(
+            "[hsm]\nbackend = \"tpm\"\ntcti = \"{}\"\n",
+            device._tpm.tcti()
+        ),
+        "",
+    );
+    let mut out = org.fleet.operator.subscribe("ew/v1/d/gw-9/out/state");
+    let mut d = Daemon::start(&s, &config);
+    d.wait_for("the broker", |_, err| {
+        err.iter().any(|l| l.contains("connected to the broker"))
+    });
+    out.wait("ew/v1/d/gw-9/out/state", Duration::from_secs(90), |v| {
+        v["state"] == "online"
+    });
+    let (status, _, err) = d.terminate();
+    assert!(status.success(), "{}", err.join("\n"));
+    let audit = audit_entries(&org.dir.path().join("audit.jsonl")).unwrap();
+    assert_eq!(audit.len(), 1, "{audit:?}");
+    assert_eq!(
+        (audit[0].device_id.as_str(), audit[0].factory.as_str()),
+        ("gw-9", factory.as_str())
+    );
+    let measured = Command::new("grep")
+        .args(["-rl", "\"kind\":\"enrolled\""])
+        .arg(s.state())
+        .output()
+        .unwrap();
+    assert!(
+        !measured.stdout.is_empty(),
+        "no enrollment event in the measurement log"
+    );
 }

@@ -4,13 +4,18 @@
 //! | principal | who | may |
 //! |---|---|---|
 //! | root | uid 0 | every call |
-//! | runtime | the uids given with `--runtime-uid` | public material, randomness, the register's value; create and read the device CA, JWT authority and broker client keys; sign digests with the broker client key only; have the device CA sign **module leaves only** (see [`check_leaf`]) and the JWT authority sign non-CA certificates; the AEAD keys of the registrations, the module data master key and the cache key; destroy registration keys |
+//! | runtime | the uids given with `--runtime-uid` | public material, randomness, the register's value; create and read the device CA, JWT authority and broker client keys; sign digests with the broker client key only; have the device CA sign **module leaves only** (see [`check_leaf`]) and the JWT authority sign non-CA certificates; the AEAD keys of the registrations, the module data master key and the cache key; destroy registration keys; for enrollment, create the `attestation` key, open a credential for it and have it certify the device CA or broker client key |
 //! | anyone else | | nothing: refused and logged (rate-limited) |
 //!
-//! Never to the runtime: a raw extend of the register, a quote, an
-//! attestation key or credential activation, a signature over a raw digest
-//! with the device CA, the JWT authority or the attestation key, any other
-//! key.
+//! For enrollment the runtime may also have the device CA sign a CSR for
+//! its own key ([`check_own_request`]), create the attestation key (its
+//! public part comes back), open a credential made for it, and have it
+//! certify the device CA or broker client key (TPM2_Certify).
+//!
+//! Never to the runtime: a raw extend of the register, a bare quote, any
+//! other attestation key, a certification of any other key, a signature
+//! over a raw digest with the device CA, the JWT authority or the
+//! attestation key, any other key.
 
 use x509_parser::der_parser::Oid;
 use x509_parser::oid_registry::{
@@ -30,6 +35,8 @@ pub const CLIENT_KEY: &str = "cloud-client";
 pub const MASTER_KEY: &str = "master-encryption";
 /// The compiled-code cache's wrapping key.
 pub const CACHE_KEY: &str = "cache-key";
+/// The attestation key enrollment and evidence use.
+pub const AK: &str = "attestation";
 /// Registrations' own keys (PKCS#11).
 pub const REGISTRATION_PREFIX: &str = "registration-";
 
@@ -145,9 +152,16 @@ impl Policy {
                 Ok(())
             }
             C::SignDigest { id, .. } if id == CLIENT_KEY => Ok(()),
+            // Its CSR (enrollment): no more than the digests it may sign.
+            C::SignCertificate { id, .. } if id == CLIENT_KEY => Ok(()),
             C::SignCertificate { id, tbs } if id == CA_KEY => check_leaf(self, &tbs.0, now)
                 .or_else(|leaf| match ca_point() {
-                    Some(p) if check_own_root(&tbs.0, &p, now).is_ok() => Ok(()),
+                    Some(p)
+                        if check_own_root(&tbs.0, &p, now).is_ok()
+                            || check_own_request(&tbs.0, &p).is_ok() =>
+                    {
+                        Ok(())
+                    }
                     _ => Err(leaf),
                 })
                 .or_else(|e| refuse(&e)),
@@ -163,6 +177,13 @@ impl Policy {
                 Ok(())
             }
             C::Extend { .. } => refuse("the runtime's events go through the log; no raw extend"),
+            // Enrollment at the daemon's start: the attestation key made
+            // (its public part only comes back), its credential opened,
+            // and the device CA or broker key certified by it. Each says
+            // only what is true of this TPM's own keys; a bare quote
+            // stays root's.
+            C::AttestationKey { id } | C::ActivateCredential { id, .. } if id == AK => Ok(()),
+            C::Certify { key, ak, .. } if ak == AK && named(&[CA_KEY, CLIENT_KEY], key) => Ok(()),
             C::Quote { .. }
             | C::AttestationKey { .. }
             | C::ActivateCredential { .. }
@@ -352,6 +373,41 @@ pub fn check_leaf(policy: &Policy, tbs: &[u8], now: u64) -> Result<(), String> {
     }
     if uris == 0 {
         return Err("no SPIFFE ID (a URI subjectAltName) in this device's module namespace".into());
+    }
+    Ok(())
+}
+
+/// A PKCS#10 CertificationRequestInfo for the device CA's own key
+/// (`point`): the CSR enrollment sends, signed by the key it names. It
+/// proves possession of that key to the organisation, which builds the
+/// certificate itself; it certifies nothing. Its DER cannot be read as a
+/// TBSCertificate (the subject `Name` stands where a certificate's
+/// algorithm identifier would), so the signature is no certificate's.
+/// Version 1, a subject of O and CN at most, nothing after it.
+///
+/// # Errors
+///
+/// Anything else.
+pub fn check_own_request(cri: &[u8], point: &[u8]) -> Result<(), String> {
+    use x509_parser::certification_request::X509CertificationRequestInfo;
+    let (rest, r) = X509CertificationRequestInfo::from_der(cri)
+        .map_err(|e| format!("not a DER CertificationRequestInfo: {e}"))?;
+    if !rest.is_empty() {
+        return Err("trailing bytes after the CertificationRequestInfo".into());
+    }
+    if r.version.0 != 0 {
+        return Err("a CertificationRequestInfo is version 1".into());
+    }
+    if r.subject_pki.subject_public_key.data.as_ref() != point {
+        return Err("a request for another key than the device CA's own".into());
+    }
+    for attr in r.subject.iter_attributes() {
+        let oid = attr.attr_type();
+        if *oid != OID_X509_COMMON_NAME && *oid != OID_X509_ORGANIZATION_NAME {
+            return Err(format!(
+                "subject attribute {oid}: a request's subject is at most O and CN"
+            ));
+        }
     }
     Ok(())
 }

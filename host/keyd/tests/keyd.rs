@@ -242,6 +242,23 @@ fn tbs_with(
     key.tbs.into_inner().unwrap()
 }
 
+/// The CertificationRequestInfo of a CSR for `point` with subject `cn`
+/// (and an organisational unit with `ou`).
+fn request_info(point: &[u8], cn: &str, ou: bool) -> Vec<u8> {
+    let mut p = rcgen::CertificateParams::default();
+    p.distinguished_name.push(rcgen::DnType::CommonName, cn);
+    if ou {
+        p.distinguished_name
+            .push(rcgen::DnType::OrganizationalUnitName, "admins");
+    }
+    let key = Capture {
+        point: point.to_vec(),
+        tbs: Mutex::default(),
+    };
+    p.serialize_request(&key).unwrap();
+    key.tbs.into_inner().unwrap()
+}
+
 /// The TBSCertificate of a self-signed root of `point` (the CA's own
 /// key), with `path_len` (`None`: unconstrained).
 fn own_root(point: &[u8], path_len: Option<u8>) -> Vec<u8> {
@@ -348,6 +365,28 @@ fn the_runtime_uid_gets_its_operations_and_nothing_else() {
         (req(r#"{"op":"read-register"}"#), true),
         // The self-signed root of the CA's own key, pathLen:0.
         (sign_cert("device-ca", &own_root(&ca, Some(0))), true),
+        // A CSR for the CA's own key (enrollment), never another's, nor
+        // one naming more than O and CN.
+        (
+            sign_cert("device-ca", &request_info(&ca, "gw-1", false)),
+            true,
+        ),
+        (
+            sign_cert("device-ca", &request_info(&point(7), "gw-1", false)),
+            false,
+        ),
+        (
+            sign_cert("device-ca", &request_info(&ca, "gw-1", true)),
+            false,
+        ),
+        (
+            sign_cert("cloud-client", &request_info(&point(7), "gw-1", false)),
+            true,
+        ),
+        (
+            sign_cert("jwt-authority", &request_info(&point(7), "gw-1", false)),
+            false,
+        ),
         // ...but not one that could certify CAs.
         (sign_cert("device-ca", &own_root(&ca, None)), false),
         (sign_cert("device-ca", &own_root(&ca, Some(1))), false),
@@ -529,12 +568,27 @@ fn the_runtime_uid_gets_its_operations_and_nothing_else() {
             )),
             false,
         ),
-        (req(r#"{"op":"attestation-key","id":"attestation"}"#), false),
-        // Certifying the device CA key for enrollment is the operator's.
+        // Enrollment's TPM calls are for the attestation key and the
+        // device CA and broker keys only.
+        (req(r#"{"op":"attestation-key","id":"other"}"#), false),
         (
             req(&format!(
-                r#"{{"op":"certify","key":"device-ca","ak":"attestation","nonce":"{}"}}"#,
+                r#"{{"op":"certify","key":"jwt-authority","ak":"attestation","nonce":"{}"}}"#,
                 b64(b"n")
+            )),
+            false,
+        ),
+        (
+            req(&format!(
+                r#"{{"op":"certify","key":"device-ca","ak":"other","nonce":"{}"}}"#,
+                b64(b"n")
+            )),
+            false,
+        ),
+        (
+            req(&format!(
+                r#"{{"op":"activate-credential","id":"other","id_object":"{0}","secret":"{0}"}}"#,
+                b64(b"x")
             )),
             false,
         ),
@@ -542,6 +596,26 @@ fn the_runtime_uid_gets_its_operations_and_nothing_else() {
         (req(r#"{"op":"signing-key","id":"other"}"#), false),
         (req(r#"{"op":"aead-key","id":"someone-elses"}"#), false),
     ];
+    // ...which pass the table (this key daemon's soft backend then
+    // answers that it has no TPM: not a refusal).
+    let enrollment = [
+        req(r#"{"op":"attestation-key","id":"attestation"}"#),
+        req(&format!(
+            r#"{{"op":"certify","key":"device-ca","ak":"attestation","nonce":"{}"}}"#,
+            b64(b"n")
+        )),
+        req(&format!(
+            r#"{{"op":"certify","key":"cloud-client","ak":"attestation","nonce":"{}"}}"#,
+            b64(b"n")
+        )),
+        req(&format!(
+            r#"{{"op":"activate-credential","id":"attestation","id_object":"{0}","secret":"{0}"}}"#,
+            b64(b"x")
+        )),
+    ];
+    for (line, answer) in enrollment.iter().zip(k.as_uid(RUNTIME_UID, &enrollment)) {
+        assert!(!refused(&answer), "{line}\n-> {answer}");
+    }
     let lines: Vec<String> = cases.iter().map(|(l, _)| l.clone()).collect();
     let answers = k.as_uid(RUNTIME_UID, &lines);
     assert_eq!(answers.len(), cases.len(), "{answers:?}");
@@ -735,7 +809,7 @@ fn the_key_daemons_own_user_may_do_everything() {
         assert!(Instant::now() < deadline, "keyd did not start: {}", k.log());
         std::thread::sleep(Duration::from_millis(20));
     }
-    let ask = [req(r#"{"op":"attestation-key","id":"attestation"}"#)];
+    let ask = [req(r#"{"op":"attestation-key","id":"operator-ak"}"#)];
     let a = k.as_uid(OWNER, &ask);
     assert!(ok(&a[0]), "{a:?}");
     for uid in [RUNTIME_UID, STRANGER_UID] {

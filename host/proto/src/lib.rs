@@ -183,7 +183,8 @@ pub enum Call {
     },
     /// The endorsement key's certificate, if the device holds one.
     EndorsementCertificate {},
-    /// TPM2_ActivateCredential (root only).
+    /// TPM2_ActivateCredential (root; the runtime for the `attestation`
+    /// key, to enroll).
     ActivateCredential {
         /// The attestation key.
         id: String,
@@ -193,8 +194,8 @@ pub enum Call {
         secret: Bytes,
     },
     /// TPM2_Certify of a signing key by an attestation key over a nonce
-    /// (root only: enrollment proves the device CA key to the
-    /// organisation).
+    /// (enrollment proves the device CA key to the organisation: root;
+    /// the runtime for the device CA or broker key by `attestation`).
     Certify {
         /// The key certified.
         key: String,
