@@ -22,11 +22,13 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use edgeward_tests::bench::{cpu_ticks, proc_kib};
-use edgeward_tests::fixtures::{Registry, Subscription};
+use edgeward_tests::bench::{
+    DaemonProcess as Device, cpu_ticks, first_times, ms, percentile, proc_kib,
+};
+use edgeward_tests::fixtures::Registry;
 use edgeward_tests::fleet::Fleet;
 use edgeward_tests::guests;
 
@@ -34,106 +36,6 @@ const EDGEWARD: &str = env!("CARGO_BIN_EXE_edgeward-under-test");
 const WAIT: Duration = Duration::from_secs(600);
 const IDLE_SAMPLE: usize = 10;
 const IDLE_WINDOW: Duration = Duration::from_secs(10);
-
-struct Device {
-    id: String,
-    dir: tempfile::TempDir,
-    child: Option<Child>,
-}
-
-impl Device {
-    fn start(&mut self) {
-        let log = std::fs::File::create(self.dir.path().join("daemon.log")).expect("log");
-        let child = Command::new(EDGEWARD)
-            .arg("--state-dir")
-            .arg(self.dir.path().join("state"))
-            .arg("daemon")
-            .arg("--config")
-            .arg(self.dir.path().join("config.toml"))
-            .env("EDGEWARD_SOCKET", self.dir.path().join("api.sock"))
-            .env("EDGEWARD_LOG", "warn")
-            .env_remove("EDGEWARD_CONFIG")
-            .env_remove("EDGEWARD_STATE_DIR")
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("spawn the daemon");
-        self.child = Some(child);
-    }
-
-    fn stop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = Command::new("kill")
-                .args(["-TERM", &c.id().to_string()])
-                .status();
-            let _ = c.wait();
-        }
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.as_ref().map_or(0, Child::id)
-    }
-}
-
-impl Drop for Device {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    if sorted.is_empty() {
-        return Duration::ZERO;
-    }
-    let i = ((sorted.len() as f64 * p).ceil() as usize).clamp(1, sorted.len()) - 1;
-    sorted[i]
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1000.0
-}
-
-/// Waits until `done(device, payload)` holds for every device on `topic`
-/// (`ew/v1/d/<id>/<topic>`); returns when each first did.
-fn first_times(
-    sub: &mut Subscription,
-    suffix: &str,
-    n: usize,
-    done: impl Fn(&serde_json::Value) -> bool,
-) -> BTreeMap<String, Instant> {
-    let deadline = Instant::now() + WAIT;
-    let mut at = BTreeMap::new();
-    let mut checked = 0;
-    while at.len() < n {
-        sub.pump();
-        for i in checked..sub.seen.len() {
-            let (t, p) = &sub.seen[i];
-            let Some(dev) = t
-                .strip_prefix("ew/v1/d/")
-                .and_then(|r| r.strip_suffix(suffix))
-            else {
-                continue;
-            };
-            if at.contains_key(dev) {
-                continue;
-            }
-            if serde_json::from_str::<serde_json::Value>(p).is_ok_and(|v| done(&v)) {
-                at.insert(dev.to_owned(), sub.arrived[i]);
-            }
-        }
-        checked = sub.seen.len();
-        assert!(
-            Instant::now() < deadline,
-            "only {} of {n} devices within {WAIT:?}",
-            at.len()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    at
-}
 
 fn sorted_since(t0: Instant, at: &BTreeMap<String, Instant>) -> Vec<Duration> {
     let mut v: Vec<Duration> = at
@@ -219,11 +121,7 @@ fn main() {
                 .replace("reconnect_max = \"400ms\"", "reconnect_max = \"10s\"")
                 .replace("report_interval = \"200ms\"", "report_interval = \"1s\"");
             std::fs::write(dir.path().join("config.toml"), config).expect("config");
-            Device {
-                id: id.clone(),
-                dir,
-                child: None,
-            }
+            Device::new(EDGEWARD, id, dir)
         })
         .collect();
     println!(
@@ -235,7 +133,9 @@ fn main() {
     for d in &mut devices {
         d.start();
     }
-    first_times(&mut states, "/out/state", n, |v| v["state"] == "online");
+    first_times(WAIT, &mut states, "/out/state", n, |v| {
+        v["state"] == "online"
+    });
     println!("  all {n} online in {:.1} s", t.elapsed().as_secs_f64());
     drop(states);
 
@@ -267,7 +167,7 @@ fn main() {
             .operator
             .publish("ew/v1/g/line-a/desired", &payload, true)
     );
-    let applied = first_times(&mut reported, "/out/reported", n, |v| {
+    let applied = first_times(WAIT, &mut reported, "/out/reported", n, |v| {
         v["version"] == "1"
             && v["modules"].as_array().is_some_and(|m| {
                 m.iter()
@@ -367,7 +267,7 @@ fn main() {
     let t2 = Instant::now();
     fleet.broker.restart();
     let mut states = fleet.operator.subscribe("ew/v1/d/+/out/state");
-    let back = first_times(&mut states, "/out/state", n, |v| {
+    let back = first_times(WAIT, &mut states, "/out/state", n, |v| {
         v["state"] == "online" && v["connections"].as_u64().is_some_and(|c| c >= 2)
     });
     let storm = sorted_since(t2, &back);
@@ -387,7 +287,7 @@ fn main() {
         d.stop();
         d.start();
     }
-    first_times(&mut states, "/out/state", k, |v| {
+    first_times(WAIT, &mut states, "/out/state", k, |v| {
         v["state"] == "online" && v["connections"] == 1
     });
     drop(states);

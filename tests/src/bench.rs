@@ -166,3 +166,130 @@ pub fn start_daemon(
     }
     Daemon(child)
 }
+
+/// An `edgeward daemon` a fleet benchmark runs: `bin` on `dir/config.toml`
+/// with its state in `dir/state`, its log in `dir/daemon.log`; killed when
+/// dropped.
+#[derive(Debug)]
+pub struct DaemonProcess {
+    /// The device's id.
+    pub id: String,
+    /// Its directory.
+    pub dir: tempfile::TempDir,
+    /// When it was last started.
+    pub spawned: Instant,
+    bin: String,
+    child: Option<std::process::Child>,
+}
+
+impl DaemonProcess {
+    /// A device `id` of `bin` in `dir`, not started.
+    pub fn new(bin: &str, id: &str, dir: tempfile::TempDir) -> Self {
+        Self {
+            id: id.to_owned(),
+            dir,
+            spawned: Instant::now(),
+            bin: bin.to_owned(),
+            child: None,
+        }
+    }
+
+    /// Starts it.
+    pub fn start(&mut self) {
+        let log = std::fs::File::create(self.dir.path().join("daemon.log")).expect("log");
+        self.spawned = Instant::now();
+        let child = Command::new(&self.bin)
+            .arg("--state-dir")
+            .arg(self.dir.path().join("state"))
+            .arg("daemon")
+            .arg("--config")
+            .arg(self.dir.path().join("config.toml"))
+            .env("EDGEWARD_SOCKET", self.dir.path().join("api.sock"))
+            .env("EDGEWARD_LOG", "warn")
+            .env_remove("EDGEWARD_CONFIG")
+            .env_remove("EDGEWARD_STATE_DIR")
+            .stdout(std::process::Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn the daemon");
+        self.child = Some(child);
+    }
+
+    /// Stops it (SIGTERM) and waits.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = Command::new("kill")
+                .args(["-TERM", &c.id().to_string()])
+                .status();
+            let _ = c.wait();
+        }
+    }
+
+    /// Its process id (0 when not running).
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, std::process::Child::id)
+    }
+}
+
+impl Drop for DaemonProcess {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// The `p` quantile (nearest rank) of `sorted`.
+pub fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let i = ((sorted.len() as f64 * p).ceil() as usize).clamp(1, sorted.len()) - 1;
+    sorted[i]
+}
+
+/// Milliseconds.
+pub fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+/// Waits until `done(device, payload)` holds for every device on `topic`
+/// (`ew/v1/d/<id>/<topic>`); returns when each first did.
+pub fn first_times(
+    within: Duration,
+    sub: &mut crate::fixtures::Subscription,
+    suffix: &str,
+    n: usize,
+    done: impl Fn(&serde_json::Value) -> bool,
+) -> std::collections::BTreeMap<String, Instant> {
+    let deadline = Instant::now() + within;
+    let mut at = std::collections::BTreeMap::new();
+    let mut checked = 0;
+    while at.len() < n {
+        sub.pump();
+        for i in checked..sub.seen.len() {
+            let (t, p) = &sub.seen[i];
+            let Some(dev) = t
+                .strip_prefix("ew/v1/d/")
+                .and_then(|r| r.strip_suffix(suffix))
+            else {
+                continue;
+            };
+            if at.contains_key(dev) {
+                continue;
+            }
+            if serde_json::from_str::<serde_json::Value>(p).is_ok_and(|v| done(&v)) {
+                at.insert(dev.to_owned(), sub.arrived[i]);
+            }
+        }
+        checked = sub.seen.len();
+        assert!(
+            Instant::now() < deadline,
+            "only {} of {n} devices within {within:?}",
+            at.len()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    at
+}

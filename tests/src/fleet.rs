@@ -46,7 +46,8 @@ pub struct Fleet {
     pub deploy_key: PathBuf,
     /// The deployment key (public), for devices' `deployment_keys`.
     pub deploy_pub: PathBuf,
-    bin: PathBuf,
+    /// The `edgeward` it runs.
+    pub bin: PathBuf,
     dir: tempfile::TempDir,
 }
 
@@ -255,4 +256,217 @@ impl Fleet {
             .certify_broker_key(&csr, &dir.join("broker-client.pem"));
         config
     }
+}
+
+/// `edgeward fleet acl ARGS` (`bin`): the ACL it prints.
+pub fn acl(bin: &Path, args: &[&str]) -> String {
+    let o = ok(
+        Command::new(bin)
+            .args(["fleet", "acl"])
+            .args(args)
+            .output()
+            .expect("edgeward fleet acl"),
+        "edgeward fleet acl",
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// An organisation that enrolls its devices (docs/fleet.md, "Zero-touch
+/// enrollment"): a [`Fleet`], an enrollment broker of its own (client ids
+/// are global to a broker, so an anonymous client on the fleet's could
+/// take over an enrolled device's session), an enrollment service's
+/// `enroll.toml` whose `[fleet]` assigns the fleet's broker and
+/// deployment key (device CAs from the workloads root, broker logins from
+/// the devices root), a symmetric-key group `boards`, and an enroller
+/// login.
+#[derive(Debug)]
+pub struct Enrolling {
+    /// The fleet devices join.
+    pub fleet: Fleet,
+    /// The enrollment broker.
+    pub enrollment: Mosquitto,
+    /// The enroller's certificate and key (operators root, CN
+    /// `enroller`).
+    pub enroller: (PathBuf, PathBuf),
+    /// Where `enroll.toml`, the list and the audit log are.
+    pub dir: tempfile::TempDir,
+}
+
+impl Enrolling {
+    /// `members` as `fleet acl --member` takes them; `manufacturers` a
+    /// PEM bundle of TPM makers (default: any certificate, for
+    /// symmetric-key groups only); `list` the enrollment list.
+    pub fn new(bin: &Path, members: &[&str], manufacturers: Option<&Path>, list: &str) -> Self {
+        let fleet = Fleet::new(bin, members, "");
+        let ca = &fleet.ca;
+        let enrollment = Mosquitto::start_with_enrollment(
+            ca,
+            &acl(bin, &["--enroller", "enroller"]),
+            &acl(bin, &["--enrollment-listener"]),
+        );
+        let enroller = ca.issue_as("operators", "enroller", "extendedKeyUsage=clientAuth\n");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let d = dir.path();
+        std::fs::write(d.join("list.toml"), list).expect("write");
+        std::fs::write(d.join("challenge.key"), [3u8; 32]).expect("write");
+        std::fs::write(d.join("boards.secret"), [5u8; 32]).expect("write");
+        std::fs::write(
+            d.join("enroll.toml"),
+            format!(
+                "trust_domain = \"edgeward.local\"\ndns_suffix = \"edge.test\"\n\
+                 manufacturers = \"{manufacturers}\"\nlist = \"list.toml\"\n\
+                 ca_certificate = \"{workloads}\"\nca_key = \"{workloads_key}\"\n\
+                 challenge_key = \"challenge.key\"\naudit = \"audit.jsonl\"\n\
+                 [group_secrets]\nboards = \"boards.secret\"\n\
+                 [fleet]\nbroker = \"{broker}\"\nbroker_ca = \"{servers}\"\n\
+                 deployment_keys = [\"{deploy}\"]\n\
+                 logins_certificate = \"{devices}\"\nlogins_key = \"{devices_key}\"\n",
+                manufacturers = manufacturers.map_or(ca.root(), Path::to_owned).display(),
+                servers = ca.root().display(),
+                workloads = ca.role_root("workloads").display(),
+                workloads_key = ca.role_key("workloads").display(),
+                devices = ca.role_root("devices").display(),
+                devices_key = ca.role_key("devices").display(),
+                broker = fleet.broker.url(),
+                deploy = fleet.deploy_pub.display(),
+            ),
+        )
+        .expect("write enroll.toml");
+        Self {
+            fleet,
+            enrollment,
+            enroller,
+            dir,
+        }
+    }
+
+    /// The service's `enroll.toml`.
+    pub fn service_toml(&self) -> PathBuf {
+        self.dir.path().join("enroll.toml")
+    }
+
+    /// `fleet enroll serve` on the enrollment broker, returned once it
+    /// is subscribed.
+    pub fn serve(&self) -> Serving {
+        use std::io::BufRead as _;
+        let mut child = Command::new(&self.fleet.bin)
+            .args(["fleet", "--broker", &self.enrollment.url(), "--ca"])
+            .arg(self.fleet.ca.root())
+            .arg("--cert")
+            .arg(&self.enroller.0)
+            .arg("--key")
+            .arg(&self.enroller.1)
+            .args(["enroll", "--service"])
+            .arg(self.service_toml())
+            .args(["serve", "--duration", "30m"])
+            .env_remove("EDGEWARD_LOG")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("edgeward fleet enroll serve");
+        let mut lines = std::io::BufReader::new(child.stderr.take().expect("stderr")).lines();
+        let first = lines.next().and_then(Result::ok).unwrap_or_default();
+        assert!(
+            first.contains("subscribed to ew/v1/enroll/req/+ (shared)"),
+            "fleet enroll serve: {first}"
+        );
+        // Drained so it never blocks on a full pipe; the count kept.
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for l in lines.map_while(Result::ok) {
+                if let Some(n) = l
+                    .strip_prefix("answered ")
+                    .and_then(|r| r.split(' ').next())
+                    .and_then(|n| n.parse::<u64>().ok())
+                {
+                    let _ = tx.send(n);
+                }
+            }
+        });
+        Serving {
+            child: Some(child),
+            answered: rx,
+        }
+    }
+
+    /// `fleet enroll derive-key` of the `boards` group for `id`, into
+    /// `out`.
+    pub fn derive_key(&self, id: &str, out: &Path) {
+        derive_key(&self.fleet.bin, &self.service_toml(), id, out);
+    }
+
+    /// A device's config: `hsm` (its `[hsm]` table, or empty), then
+    /// `[identity]` for `id`, `[provisioning]` with `extra` lines, and a
+    /// `[cloud]` of timings and local sources only.
+    pub fn device_config(&self, id: &str, hsm: &str, extra: &str) -> String {
+        format!(
+            "{hsm}\n[identity]\ndevice_id = \"{id}\"\n\n\
+             [provisioning]\nbroker = \"{enroll}\"\nca = \"{servers}\"\norg_roots = \"{workloads}\"\n\
+             retry_min = \"100ms\"\nretry_max = \"500ms\"\ntimeout = \"5s\"\n{extra}\n\
+             [cloud]\nreconnect_min = \"50ms\"\nreconnect_max = \"400ms\"\nreport_interval = \"200ms\"\n\
+             local_sources = [\"{guests}\"]\n",
+            enroll = self.enrollment.enroll_url(),
+            servers = self.fleet.ca.root().display(),
+            workloads = self.fleet.ca.role_root("workloads").display(),
+            guests = Path::new(crate::guests::TEMPERATURE_SENSOR)
+                .parent()
+                .expect("the guests' directory")
+                .display(),
+        )
+    }
+}
+
+/// A running `fleet enroll serve`, killed when dropped.
+#[derive(Debug)]
+pub struct Serving {
+    /// The process.
+    pub child: Option<std::process::Child>,
+    answered: std::sync::mpsc::Receiver<u64>,
+}
+
+impl Serving {
+    /// Stops it (SIGTERM) and returns how many messages it answered.
+    pub fn stop(mut self) -> u64 {
+        let Some(mut c) = self.child.take() else {
+            return 0;
+        };
+        let _ = Command::new("kill")
+            .args(["-TERM", &c.id().to_string()])
+            .status();
+        let _ = c.wait();
+        self.answered
+            .recv_timeout(std::time::Duration::from_secs(5))
+            .unwrap_or(0)
+    }
+}
+
+impl Drop for Serving {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// `fleet enroll derive-key` (`bin`) of the service `enroll_toml` for `id`
+/// of the `boards` group, into `out`.
+pub fn derive_key(bin: &Path, enroll_toml: &Path, id: &str, out: &Path) {
+    ok(
+        Command::new(bin)
+            .args(["fleet", "enroll", "--service"])
+            .arg(enroll_toml)
+            .args([
+                "derive-key",
+                "--group",
+                "boards",
+                "--device-id",
+                id,
+                "--out",
+            ])
+            .arg(out)
+            .output()
+            .expect("edgeward fleet enroll derive-key"),
+        "edgeward fleet enroll derive-key",
+    );
 }

@@ -678,7 +678,7 @@ fn devices_enroll_through_the_broker_with_two_service_instances() {
     let ca = OrgCa::new();
     let (enroller_cert, enroller_key) =
         ca.issue_as("operators", "enroller", "extendedKeyUsage=clientAuth\n");
-    let acl = fleet_acl;
+    let acl = |args: &[&str]| edgeward_tests::fleet::acl(Path::new(common::EDGEWARD), args);
     let main_acl = acl(&["--enroller", "enroller"]);
     let enroll_acl = acl(&["--enrollment-listener"]);
     assert!(
@@ -885,7 +885,12 @@ fn devices_enroll_through_the_broker_with_two_service_instances() {
         "[identity]\ndevice_id = \"board-7\"\ntrust_domain = \"example.org\"\n",
     )
     .unwrap();
-    derive_key(&dir.join("enroll.toml"), "board-7", &key);
+    edgeward_tests::fleet::derive_key(
+        Path::new(common::EDGEWARD),
+        &dir.join("enroll.toml"),
+        "board-7",
+        &key,
+    );
     let out = Command::new(common::EDGEWARD)
         .arg("--state-dir")
         .arg(board.path().join("state"))
@@ -934,21 +939,6 @@ fn devices_enroll_through_the_broker_with_two_service_instances() {
     drop(thief);
 }
 
-/// `edgeward fleet acl ARGS`.
-fn fleet_acl(args: &[&str]) -> String {
-    let out = Command::new(common::EDGEWARD)
-        .args(["fleet", "acl"])
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
-
 /// `fleet enroll serve` of `enroll_toml` on the broker at `url` (its
 /// roots `ca`) as the enroller (`login`: certificate, key), for up to two
 /// minutes; returned once it is subscribed.
@@ -982,26 +972,6 @@ fn serve_enrollments(
     // Keep draining its log so it never blocks on a full pipe.
     std::thread::spawn(move || lines.for_each(drop));
     Killed(child)
-}
-
-/// `fleet enroll derive-key` of the service `enroll_toml` for `id` of
-/// the `boards` group, into `out`.
-fn derive_key(enroll_toml: &Path, id: &str, out: &Path) {
-    let o = Command::new(common::EDGEWARD)
-        .args(["fleet", "enroll", "--service"])
-        .arg(enroll_toml)
-        .args([
-            "derive-key",
-            "--group",
-            "boards",
-            "--device-id",
-            id,
-            "--out",
-        ])
-        .arg(out)
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{o:?}");
 }
 
 /// A child process killed when dropped (a failing test leaves none).
@@ -1091,97 +1061,6 @@ fn a_board_without_a_tpm_enrolls_with_a_group_derived_key() {
     assert!(openssl_text(&chain).contains("URI:spiffe://example.org/device/board-1"));
 }
 
-/// An organisation with a fleet broker and an enrollment broker of its
-/// own (docs/fleet.md: client ids are global to a broker, so an anonymous
-/// client on the fleet's could take over an enrolled device's session),
-/// its enrollment service's `enroll.toml` assigning the fleet, and an
-/// enroller login.
-struct FleetOrg {
-    fleet: edgeward_tests::fleet::Fleet,
-    enrollment: edgeward_tests::fixtures::Mosquitto,
-    enroller: (std::path::PathBuf, std::path::PathBuf),
-    dir: tempfile::TempDir,
-}
-
-impl FleetOrg {
-    /// `members` as `fleet acl --member` takes them; `manufacturers` a
-    /// PEM bundle (default: any certificate, for symmetric-key groups
-    /// only); `list` the enrollment list.
-    fn new(members: &[&str], manufacturers: Option<&Path>, list: &str) -> Self {
-        use edgeward_tests::fleet::Fleet;
-        let fleet = Fleet::new(Path::new(common::EDGEWARD), members, "");
-        let ca = &fleet.ca;
-        let enrollment = edgeward_tests::fixtures::Mosquitto::start_with_enrollment(
-            ca,
-            &fleet_acl(&["--enroller", "enroller"]),
-            &fleet_acl(&["--enrollment-listener"]),
-        );
-        let enroller = ca.issue_as("operators", "enroller", "extendedKeyUsage=clientAuth\n");
-        let org = tempfile::tempdir().unwrap();
-        let dir = org.path();
-        std::fs::write(dir.join("list.toml"), list).unwrap();
-        std::fs::write(dir.join("challenge.key"), [3u8; 32]).unwrap();
-        std::fs::write(dir.join("boards.secret"), [5u8; 32]).unwrap();
-        std::fs::write(
-            dir.join("enroll.toml"),
-            format!(
-                "trust_domain = \"edgeward.local\"\ndns_suffix = \"edge.test\"\n\
-                 manufacturers = \"{manufacturers}\"\nlist = \"list.toml\"\n\
-                 ca_certificate = \"{workloads}\"\nca_key = \"{workloads_key}\"\n\
-                 challenge_key = \"challenge.key\"\naudit = \"audit.jsonl\"\n\
-                 [group_secrets]\nboards = \"boards.secret\"\n\
-                 [fleet]\nbroker = \"{broker}\"\nbroker_ca = \"{servers}\"\n\
-                 deployment_keys = [\"{deploy}\"]\n\
-                 logins_certificate = \"{devices}\"\nlogins_key = \"{devices_key}\"\n",
-                manufacturers = manufacturers.map_or(ca.root(), Path::to_owned).display(),
-                servers = ca.root().display(),
-                workloads = ca.role_root("workloads").display(),
-                workloads_key = ca.role_key("workloads").display(),
-                devices = ca.role_root("devices").display(),
-                devices_key = ca.role_key("devices").display(),
-                broker = fleet.broker.url(),
-                deploy = fleet.deploy_pub.display(),
-            ),
-        )
-        .unwrap();
-        Self {
-            fleet,
-            enrollment,
-            enroller,
-            dir: org,
-        }
-    }
-
-    fn serve(&self) -> Killed {
-        serve_enrollments(
-            &self.enrollment.url(),
-            &self.fleet.ca.root(),
-            (&self.enroller.0, &self.enroller.1),
-            &self.dir.path().join("enroll.toml"),
-        )
-    }
-
-    /// A device's config: `hsm` (its `[hsm]` table, or empty), then
-    /// `[identity]` for `id`, `[provisioning]` with `extra` lines and a
-    /// `[cloud]` of timings and local sources only.
-    fn device_config(&self, id: &str, hsm: &str, extra: &str) -> String {
-        format!(
-            "{hsm}\n[identity]\ndevice_id = \"{id}\"\n\n\
-             [provisioning]\nbroker = \"{enroll}\"\nca = \"{servers}\"\norg_roots = \"{workloads}\"\n\
-             retry_min = \"100ms\"\nretry_max = \"500ms\"\ntimeout = \"5s\"\n{extra}\n\
-             [cloud]\nreconnect_min = \"50ms\"\nreconnect_max = \"400ms\"\nreport_interval = \"200ms\"\n\
-             local_sources = [\"{guests}\"]\n",
-            enroll = self.enrollment.enroll_url(),
-            servers = self.fleet.ca.root().display(),
-            workloads = self.fleet.ca.role_root("workloads").display(),
-            guests = Path::new(edgeward_tests::guests::TEMPERATURE_SENSOR)
-                .parent()
-                .unwrap()
-                .display(),
-        )
-    }
-}
-
 /// A board out of the box (soft backend, a group-derived enrollment key,
 /// `[provisioning]` and no `[cloud]` broker): the daemon starts before
 /// the organisation's service is up and runs its own module meanwhile,
@@ -1193,7 +1072,8 @@ impl FleetOrg {
 #[test]
 fn a_board_enrolls_at_start_connects_to_its_fleet_and_takes_a_signed_deployment() {
     use common::daemon::Daemon;
-    let org = FleetOrg::new(
+    let org = edgeward_tests::fleet::Enrolling::new(
+        Path::new(common::EDGEWARD),
         &["board-7=line-a"],
         None,
         "[[symmetric]]\ngroup = \"boards\"\ndevice_id = \"board-*\"\ngroups = [\"line-a\"]\n",
@@ -1231,7 +1111,7 @@ fn a_board_enrolls_at_start_connects_to_its_fleet_and_takes_a_signed_deployment(
     assert!(checked.status.success(), "{checked:?}");
     let s = common::Scratch::new();
     let key = s.path().join("enrollment.key");
-    derive_key(&dir.join("enroll.toml"), "board-7", &key);
+    org.derive_key("board-7", &key);
     let config = format!(
         "{}\n[[module]]\nname = \"local\"\nfile = \"{sensor}\"\ndigest = \"{digest}\"\n\
          env = {{ INTERVAL_MS = \"1000\" }}\n",
@@ -1348,7 +1228,8 @@ fn a_tpm_device_enrolls_at_daemon_start_through_its_key_daemon() {
     let device = Device::new();
     let factory = device.ek_fingerprint();
     device.hsm.close();
-    let org = FleetOrg::new(
+    let org = edgeward_tests::fleet::Enrolling::new(
+        Path::new(common::EDGEWARD),
         &["gw-9=line-a"],
         Some(&device.manufacturer),
         &individual(&factory, "gw-9"),

@@ -473,9 +473,26 @@ async fn run(args: FleetArgs) -> Result<ExitCode, String> {
             )?;
             let service = Arc::new(crate::enroll::service::Service::new(enrollment));
             let ready = |what: &str| eprintln!("fleet enroll serve: {what}");
-            let n =
-                crate::enroll::transport::serve(service, &s.host, s.port, tls, duration, &ready)
-                    .await?;
+            // Until --duration has passed, or SIGTERM or SIGINT: then the
+            // count of what it answered.
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                    .map_err(|e| format!("cannot install the SIGTERM handler: {e}"))?;
+            let until = async move {
+                let timer = async {
+                    match duration {
+                        Some(d) => tokio::time::sleep(d).await,
+                        None => std::future::pending().await,
+                    }
+                };
+                tokio::select! {
+                    () = timer => {}
+                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+            };
+            let n = crate::enroll::transport::serve(service, &s.host, s.port, tls, until, &ready)
+                .await?;
             eprintln!("answered {n} enrollment messages");
             Ok(ExitCode::SUCCESS)
         }

@@ -414,8 +414,8 @@ impl Pending {
 }
 
 /// Serves enrollments from the broker at `host:port` until the
-/// connection ends, or for `duration` if given; returns how many
-/// messages it answered. `ready` hears when it is subscribed. Messages
+/// connection ends or `until` completes; returns how many messages it
+/// answered. `ready` hears when it is subscribed. Messages
 /// are taken round-robin per client ([`MAX_PENDING_PER_CLIENT`]), and
 /// checked by as many workers as the machine has cores.
 ///
@@ -427,7 +427,7 @@ pub async fn serve(
     host: &str,
     port: u16,
     tls: rustls::ClientConfig,
-    duration: Option<Duration>,
+    until: impl std::future::Future<Output = ()>,
     ready: &(dyn Fn(&str) + Sync),
 ) -> Result<u64, String> {
     let mut link = Link::connect(host, port, tls, &random_id("edgeward-enroll-")?, true).await?;
@@ -437,13 +437,7 @@ pub async fn serve(
         "subscribed to {REQUESTS}/+ (shared) at {host}:{port}"
     ));
     let workers = std::thread::available_parallelism().map_or(1, usize::from);
-    let deadline = duration.map(|d| tokio::time::Instant::now() + d);
-    let sleep = async {
-        match deadline {
-            Some(d) => tokio::time::sleep_until(d).await,
-            None => std::future::pending().await,
-        }
-    };
+    let sleep = until;
     tokio::pin!(sleep);
     let mut pending = Pending::default();
     let mut running = tokio::task::JoinSet::new();
