@@ -666,6 +666,7 @@ impl Config {
                 "retry_min_ms": ms(p.retry_min),
                 "retry_max_ms": ms(p.retry_max),
                 "timeout_ms": ms(p.timeout),
+                "renew_threshold_percent": p.renew_threshold,
             })),
         })
     }
@@ -975,6 +976,11 @@ mod tests {
                 "retry_max is less",
             ),
             ("timeout = \"0s\"\n", "provisioning.timeout"),
+            (
+                "renew_threshold = \"100%\"\n",
+                "provisioning.renew_threshold",
+            ),
+            ("renew_threshold = \"67\"\n", "provisioning.renew_threshold"),
         ] {
             let text = format!("{base}{extra}");
             let e = parse(&text).unwrap_err();

@@ -317,6 +317,7 @@ impl Enrolling {
                  manufacturers = \"{manufacturers}\"\nlist = \"list.toml\"\n\
                  ca_certificate = \"{workloads}\"\nca_key = \"{workloads_key}\"\n\
                  challenge_key = \"challenge.key\"\naudit = \"audit.jsonl\"\n\
+                 revoked = \"revoked.txt\"\n\
                  [group_secrets]\nboards = \"boards.secret\"\n\
                  [fleet]\nbroker = \"{broker}\"\nbroker_ca = \"{servers}\"\n\
                  deployment_keys = [\"{deploy}\"]\n\

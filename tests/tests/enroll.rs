@@ -1049,6 +1049,55 @@ fn a_board_without_a_tpm_enrolls_with_a_group_derived_key() {
     let e = enroll::check_issued(soft.as_ref(), &unsigned, "board-1", "example.org", &roots)
         .unwrap_err();
     assert!(e.contains("signature"), "{e}");
+    // Another board, enrolled, holds its device CA key in software: it
+    // certifies board-1's key as a CA under its own and signs an answer
+    // with it. Its certificate (pathlen:0) cannot certify a CA.
+    let dir2 = tempfile::tempdir().unwrap();
+    let soft2: Arc<dyn Hsm> = Arc::new(SoftHsm::open(dir2.path()).unwrap());
+    let request2 = enroll::symmetric_request(&soft2, "board-2", "example.org", "boards").unwrap();
+    let challenge2 = service.challenge(&request2).unwrap();
+    let issued2 = service
+        .complete(
+            &enroll::symmetric_prove(
+                &enroll::device_key(&[9; 32], "board-2"),
+                &request2,
+                &challenge2,
+            )
+            .unwrap(),
+        )
+        .unwrap();
+    let mut p = rcgen::CertificateParams::default();
+    p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Constrained(0));
+    p.serial_number = Some(rcgen::SerialNumber::from(vec![1, 2, 3]));
+    p.distinguished_name = edgeward::identity::authority::edgeward_name("board-1");
+    p.subject_alt_names = vec![rcgen::SanType::URI(
+        "spiffe://example.org/device/board-1".try_into().unwrap(),
+    )];
+    let key2 = edgeward::identity::authority::HsmKey {
+        hsm: soft2.clone(),
+        id: "device-ca",
+        point: soft2.public_key("device-ca").unwrap(),
+    };
+    let der2 = edgeward::attest::verify::pem_certificates(issued2.chain.as_bytes(), "chain")
+        .unwrap()
+        .remove(0);
+    let issuer = rcgen::Issuer::from_ca_cert_der(&der2.into(), &key2).unwrap();
+    let under_board2 = p
+        .signed_by(
+            &edgeward::identity::authority::PublicP256(soft.public_key("device-ca").unwrap()),
+            &issuer,
+        )
+        .unwrap();
+    let mut rogue = issued.clone();
+    rogue.chain = format!("{}{}", under_board2.pem(), issued2.chain);
+    rogue.signature = Bytes(
+        soft2
+            .sign_certificate("device-ca", &rogue.signed_bytes().unwrap())
+            .unwrap(),
+    );
+    let e =
+        enroll::check_issued(soft.as_ref(), &rogue, "board-1", "example.org", &roots).unwrap_err();
+    assert!(e.contains("not a CA path"), "{e}");
     let chain = dir.path().join("chain.pem");
     std::fs::write(&chain, &issued.chain).unwrap();
     let out = Command::new("openssl")
@@ -1106,7 +1155,13 @@ fn a_board_enrolls_at_start_connects_to_its_fleet_and_takes_a_signed_deployment(
             && String::from_utf8_lossy(&refused.stderr).contains("fleet.logins_certificate"),
         "{refused:?}"
     );
-    std::fs::write(dir.join("enroll.toml"), good).unwrap();
+    // Certificates of an hour, renewed 2% in (73 s after their backdated
+    // start: 13 s after they are issued).
+    std::fs::write(
+        dir.join("enroll.toml"),
+        format!("lifetime = \"1h\"\n{good}"),
+    )
+    .unwrap();
     let checked = check();
     assert!(checked.status.success(), "{checked:?}");
     let s = common::Scratch::new();
@@ -1119,7 +1174,7 @@ fn a_board_enrolls_at_start_connects_to_its_fleet_and_takes_a_signed_deployment(
             "board-7",
             "",
             &format!(
-                "group = \"boards\"\nenrollment_key = \"{}\"\n",
+                "group = \"boards\"\nenrollment_key = \"{}\"\nrenew_threshold = \"2%\"\n",
                 key.display()
             )
         ),
@@ -1197,6 +1252,12 @@ fn a_board_enrolls_at_start_connects_to_its_fleet_and_takes_a_signed_deployment(
     let (status, _, _) = d.terminate();
     assert!(status.success());
 
+    // What the daemon's own user could change in the state dir is written
+    // again from the signed answer at the next start.
+    let deploy_key = identity.join("deploy-0.pub");
+    let assigned = std::fs::read(&deploy_key).unwrap();
+    std::fs::write(&deploy_key, b"an attacker's key").unwrap();
+
     // Started again, it is enrolled: no attempt, straight to the broker.
     let mut again = fleet.operator.subscribe("ew/v1/d/board-7/out/state");
     let mut d = Daemon::start(&s, &config);
@@ -1209,11 +1270,65 @@ fn a_board_enrolls_at_start_connects_to_its_fleet_and_takes_a_signed_deployment(
         "{}",
         d.seen_err.join("\n")
     );
+    assert_eq!(std::fs::read(&deploy_key).unwrap(), assigned);
+    // Renewed with its current identity once due, the new chain adopted
+    // (the renewal may have come in the first run already).
+    let renewed_before = audit_entries(&dir.join("audit.jsonl"))
+        .unwrap()
+        .iter()
+        .any(|e| e.event == "renewed");
+    if !renewed_before {
+        d.wait_for("the renewal", |_, err| {
+            err.iter()
+                .any(|l| l.contains("device CA certificate renewed"))
+        });
+    }
     let (status, _, _) = d.terminate();
     assert!(status.success());
     let audit = audit_entries(&dir.join("audit.jsonl")).unwrap();
-    assert_eq!(audit.len(), 1, "{audit:?}");
+    let events: Vec<&str> = audit.iter().map(|e| e.event.as_str()).collect();
+    assert_eq!(events[0], "enrolled", "{events:?}");
+    assert!(
+        events[1..].iter().all(|e| *e == "renewed") && events.len() >= 2,
+        "{events:?}"
+    );
     assert!(audit[0].broker_certificate.contains("BEGIN CERTIFICATE"));
+    assert!(audit.iter().all(|e| e.key == audit[0].key));
+    let chain = std::fs::read_to_string(identity.join("enrolled.pem")).unwrap();
+    assert_eq!(
+        chain,
+        audit.last().unwrap().chain,
+        "the renewed chain is the device's"
+    );
+
+    // The signed answer itself changed (another group): the daemon
+    // refuses to start, naming the file, rather than trust it.
+    let answer = identity.join("issued.json");
+    let mut stored: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&answer).unwrap()).unwrap();
+    stored["groups"] = serde_json::json!(["admins"]);
+    std::fs::write(&answer, serde_json::to_vec(&stored).unwrap()).unwrap();
+    let mut d = Daemon::start(&s, &config);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(st) = d.child.try_wait().unwrap() {
+            break st;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the daemon started on a changed answer"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    d.pump();
+    assert!(!status.success());
+    assert!(
+        d.seen_err
+            .iter()
+            .any(|l| l.contains("issued.json") && l.contains("not signed by the organisation CA")),
+        "{}",
+        d.seen_err.join("\n")
+    );
     drop(serve);
 }
 
@@ -1269,4 +1384,124 @@ fn a_tpm_device_enrolls_at_daemon_start_through_its_key_daemon() {
         !measured.stdout.is_empty(),
         "no enrollment event in the measurement log"
     );
+}
+
+/// A board renews its device CA certificate with the one it holds
+/// (`edgeward provision --renew`): the same keys, a new certificate, a
+/// `renewed` line in the audit log. A renewal with a certificate another
+/// CA issued, or with a CSR for another key, is refused at its step. After
+/// a reset (its state gone, new keys), it enrolls again with its factory
+/// key, recorded as `re-enrolled`; once revoked, it can neither renew nor
+/// enroll.
+#[test]
+fn a_device_renews_with_its_current_identity_and_re_enrolls_after_a_reset() {
+    let org = edgeward_tests::fleet::Enrolling::new(
+        Path::new(common::EDGEWARD),
+        &["board-3=line-a"],
+        None,
+        "[[symmetric]]\ngroup = \"boards\"\ndevice_id = \"board-*\"\ngroups = [\"line-a\"]\n",
+    );
+    let _serve = org.serve();
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("enrollment.key");
+    org.derive_key("board-3", &key);
+    let cfg = dir.path().join("config.toml");
+    std::fs::write(
+        &cfg,
+        org.device_config(
+            "board-3",
+            "",
+            &format!(
+                "group = \"boards\"\nenrollment_key = \"{}\"\n",
+                key.display()
+            ),
+        ),
+    )
+    .unwrap();
+    let state = dir.path().join("state");
+    let provision = |args: &[&str]| {
+        let out = Command::new(common::EDGEWARD)
+            .arg("--state-dir")
+            .arg(&state)
+            .arg("provision")
+            .arg("--config")
+            .arg(&cfg)
+            .args(args)
+            .env_remove("EDGEWARD_KEYD")
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned()
+                + &String::from_utf8_lossy(&out.stderr),
+        )
+    };
+    let chain = || std::fs::read_to_string(state.join("identity/enrolled.pem")).unwrap();
+    let events = || {
+        audit_entries(&org.dir.path().join("audit.jsonl"))
+            .unwrap()
+            .into_iter()
+            .map(|e| e.event)
+            .collect::<Vec<_>>()
+    };
+    let (ok, out) = provision(&[]);
+    assert!(ok && out.contains("enrolled as board-3"), "{out}");
+    let first = chain();
+    let (ok, out) = provision(&["--renew"]);
+    assert!(ok && out.contains("renewed as board-3"), "{out}");
+    let second = chain();
+    assert_ne!(first, second, "a new certificate");
+    let key_of = |pem: &str| {
+        let der = edgeward::attest::verify::pem_certificates(pem.as_bytes(), "chain")
+            .unwrap()
+            .remove(0);
+        let (_, c) = x509_parser::parse_x509_certificate(&der).unwrap();
+        c.public_key().raw.to_vec()
+    };
+    assert_eq!(key_of(&first), key_of(&second), "for the same key");
+    assert_eq!(events(), ["enrolled", "renewed"]);
+
+    // Forged renewals, straight to the service.
+    let service = Service::new(Settings::load(&org.service_toml()).unwrap());
+    let soft: Arc<dyn Hsm> = Arc::new(SoftHsm::open(&state).unwrap());
+    let good = enroll::renewal(&soft, "board-3", "edgeward.local", &second).unwrap();
+    let (other_cert, _) =
+        org.fleet
+            .ca
+            .issue_as("servers", "board-3", "extendedKeyUsage=clientAuth\n");
+    let mut forged = good.clone();
+    forged.certificate = std::fs::read_to_string(other_cert).unwrap();
+    refused_at(
+        service.renew(&forged),
+        Step::Current,
+        "not one this organisation CA issued",
+    );
+    let other_dir = tempfile::tempdir().unwrap();
+    let other: Arc<dyn Hsm> = Arc::new(SoftHsm::open(other_dir.path()).unwrap());
+    let mut foreign = enroll::renewal(&other, "board-3", "edgeward.local", &second).unwrap();
+    foreign.certificate = good.certificate.clone();
+    refused_at(service.renew(&foreign), Step::Csr, "another key");
+    assert_eq!(events(), ["enrolled", "renewed"], "nothing recorded");
+
+    // A reset: the state is gone, and with it the keys.
+    std::fs::remove_dir_all(&state).unwrap();
+    let (ok, out) = provision(&[]);
+    assert!(ok && out.contains("enrolled as board-3"), "{out}");
+    assert_ne!(key_of(&chain()), key_of(&second));
+    assert_eq!(events(), ["enrolled", "renewed", "re-enrolled"]);
+
+    // Revoked: no renewal, no enrollment.
+    let out = Command::new(common::EDGEWARD)
+        .args(["fleet", "enroll", "--service"])
+        .arg(org.service_toml())
+        .args(["revoke", "--device", "board-3"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let (ok, out) = provision(&["--renew"]);
+    assert!(!ok && out.contains("refused at revoked"), "{out}");
+    std::fs::remove_dir_all(&state).unwrap();
+    let (ok, out) = provision(&[]);
+    assert!(!ok && out.contains("refused at revoked"), "{out}");
+    assert_eq!(events(), ["enrolled", "renewed", "re-enrolled"]);
 }

@@ -4,13 +4,13 @@
 //! | principal | who | may |
 //! |---|---|---|
 //! | root | uid 0 | every call |
-//! | runtime | the uids given with `--runtime-uid` | public material, randomness, the register's value; create and read the device CA, JWT authority and broker client keys; sign digests with the broker client key only; have the device CA sign **module leaves only** (see [`check_leaf`]) and the JWT authority sign non-CA certificates; the AEAD keys of the registrations, the module data master key and the cache key; destroy registration keys; for enrollment, create the `attestation` key, open a credential for it and have it certify the device CA or broker client key |
+//! | runtime | the uids given with `--runtime-uid` | public material, randomness, the register's value; create and read the device CA, JWT authority and broker client keys; sign digests with the broker client key only; have the device CA sign **module leaves only** (see [`check_leaf`]) and the JWT authority sign non-CA certificates; the AEAD keys of the registrations, the module data master key and the cache key; destroy registration keys; for enrollment, create the `attestation` key, open a credential for it and have it certify the device CA key |
 //! | anyone else | | nothing: refused and logged (rate-limited) |
 //!
 //! For enrollment the runtime may also have the device CA sign a CSR for
 //! its own key ([`check_own_request`]), create the attestation key (its
 //! public part comes back), open a credential made for it, and have it
-//! certify the device CA or broker client key (TPM2_Certify).
+//! certify the device CA key (TPM2_Certify).
 //!
 //! Never to the runtime: a raw extend of the register, a bare quote, any
 //! other attestation key, a certification of any other key, a signature
@@ -179,11 +179,14 @@ impl Policy {
             C::Extend { .. } => refuse("the runtime's events go through the log; no raw extend"),
             // Enrollment at the daemon's start: the attestation key made
             // (its public part only comes back), its credential opened,
-            // and the device CA or broker key certified by it. Each says
+            // and the device CA key certified by it. Each says
             // only what is true of this TPM's own keys; a bare quote
             // stays root's.
             C::AttestationKey { id } | C::ActivateCredential { id, .. } if id == AK => Ok(()),
-            C::Certify { key, ak, .. } if ak == AK && named(&[CA_KEY, CLIENT_KEY], key) => Ok(()),
+            // The device CA key only: a certification cannot tell it
+            // from the broker key (one template), and the runtime signs
+            // any digest with that one.
+            C::Certify { key, ak, .. } if ak == AK && key == CA_KEY => Ok(()),
             C::Quote { .. }
             | C::AttestationKey { .. }
             | C::ActivateCredential { .. }

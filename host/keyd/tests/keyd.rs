@@ -578,6 +578,15 @@ fn the_runtime_uid_gets_its_operations_and_nothing_else() {
             )),
             false,
         ),
+        // Not the broker key: one template with the device CA key, so a
+        // certification of it could pass for the device CA's.
+        (
+            req(&format!(
+                r#"{{"op":"certify","key":"cloud-client","ak":"attestation","nonce":"{}"}}"#,
+                b64(b"n")
+            )),
+            false,
+        ),
         (
             req(&format!(
                 r#"{{"op":"certify","key":"device-ca","ak":"other","nonce":"{}"}}"#,
@@ -602,10 +611,6 @@ fn the_runtime_uid_gets_its_operations_and_nothing_else() {
         req(r#"{"op":"attestation-key","id":"attestation"}"#),
         req(&format!(
             r#"{{"op":"certify","key":"device-ca","ak":"attestation","nonce":"{}"}}"#,
-            b64(b"n")
-        )),
-        req(&format!(
-            r#"{{"op":"certify","key":"cloud-client","ak":"attestation","nonce":"{}"}}"#,
             b64(b"n")
         )),
         req(&format!(

@@ -195,7 +195,7 @@ pub enum Call {
     },
     /// TPM2_Certify of a signing key by an attestation key over a nonce
     /// (enrollment proves the device CA key to the organisation: root;
-    /// the runtime for the device CA or broker key by `attestation`).
+    /// the runtime for the device CA key by `attestation`).
     Certify {
         /// The key certified.
         key: String,

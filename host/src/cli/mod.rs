@@ -133,6 +133,11 @@ enum Command {
         /// How long to wait for each answer of the service.
         #[arg(long, value_name = "DURATION", default_value = "60s")]
         timeout: String,
+        /// Renew the enrolled device CA certificate now, authenticated
+        /// by the current one (the daemon renews by itself past two
+        /// thirds of its lifetime).
+        #[arg(long, conflicts_with_all = ["group", "enrollment_key", "device_id"])]
+        renew: bool,
         /// Config file (its [hsm] and [identity] tables, state_dir).
         #[arg(long, value_name = "FILE")]
         config: Option<PathBuf>,
@@ -482,6 +487,7 @@ pub fn main() -> ExitCode {
             group,
             enrollment_key,
             timeout,
+            renew,
             config,
         } => {
             init_logging("warn");
@@ -492,7 +498,7 @@ pub fn main() -> ExitCode {
                 (broker, ca, org_root),
                 device_id,
                 symmetric,
-                &timeout,
+                (&timeout, renew),
             )
         }
         Command::Module(args) => {
@@ -1139,7 +1145,7 @@ fn provision_command(
     (broker, ca, org_root): (Option<String>, Option<PathBuf>, Option<PathBuf>),
     device_id: Option<String>,
     symmetric: Option<(String, PathBuf)>,
-    timeout: &str,
+    (timeout, renew): (&str, bool),
 ) -> ExitCode {
     let (cfg, state_dir) = match inspect_context(state_flag.as_deref(), config_flag) {
         Ok(x) => x,
@@ -1178,30 +1184,49 @@ fn provision_command(
             return Err(format!("device id {device_id:?} is not a valid id"));
         }
         let symmetric = symmetric.or_else(|| configured.and_then(|p| p.symmetric.clone()));
-        let credentials = crate::enroll::device::credentials(symmetric.as_ref())?;
         let hsm = crate::keyd::open(&hsm_config, &state_dir, &id).map_err(|e| e.to_string())?;
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .map_err(|e| e.to_string())?;
         let progress = |step: &str| eprintln!("provision: {step}");
-        let issued = rt.block_on(crate::enroll::transport::provision(
-            hsm,
-            credentials,
-            crate::enroll::transport::Enrollee {
-                device_id: &device_id,
-                trust_domain: &id.trust_domain,
-                org_roots: &org_roots,
-            },
-            (&host, port, tls),
-            timeout,
-            &progress,
-        ))?;
+        let enrollee = crate::enroll::transport::Enrollee {
+            device_id: &device_id,
+            trust_domain: &id.trust_domain,
+            org_roots: &org_roots,
+        };
+        let issued = if renew {
+            let path = crate::enroll::device::chain_path(&state_dir);
+            let chain = std::fs::read_to_string(&path).map_err(|e| {
+                format!("{}: {e}: renewing needs an enrolled device", path.display())
+            })?;
+            progress("renewing with the current device CA certificate");
+            rt.block_on(crate::enroll::transport::renew(
+                hsm,
+                &chain,
+                enrollee,
+                (&host, port, tls),
+                timeout,
+            ))?
+        } else {
+            let credentials = crate::enroll::device::credentials(symmetric.as_ref())?;
+            rt.block_on(crate::enroll::transport::provision(
+                hsm,
+                credentials,
+                enrollee,
+                (&host, port, tls),
+                timeout,
+                &progress,
+            ))?
+        };
         let enrolled = crate::enroll::device::Enrolled::store(&state_dir, &issued)?;
         // The transition of trust is part of the device's history: a
         // verifier replaying the log sees which organisation certificate
         // the device CA key took, and when.
-        let event = crate::enroll::device::event(&issued)?;
+        let mut event = crate::enroll::device::event(&issued)?;
+        if renew {
+            event["kind"] = "renewed".into();
+        }
         measure_events(cfg.as_ref(), &state_dir, vec![event]).map_err(|e| {
             format!(
                 "enrolled, and the answer is in {}, but the enrollment could not be measured: {e}",
@@ -1214,7 +1239,8 @@ fn provision_command(
         Ok(e) => {
             let chain = crate::enroll::device::chain_path(&state_dir);
             println!(
-                "enrolled as {} (groups: {}); device CA chain in {}",
+                "{} as {} (groups: {}); device CA chain in {}",
+                if renew { "renewed" } else { "enrolled" },
                 e.device_id,
                 if e.groups.is_empty() {
                     "none".into()

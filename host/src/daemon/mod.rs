@@ -210,6 +210,7 @@ pub async fn run(
     };
     let cache_hsm = identity.hsm();
     let cloud_identity = identity.clone();
+    let renewal_identity = identity.clone();
     let mut supervisor = Supervisor::new(
         rt.clone(),
         identity,
@@ -272,6 +273,17 @@ pub async fn run(
         ))),
         (None, _) => None,
     };
+    // Enrolled: renewed past renew_threshold of each certificate's
+    // lifetime.
+    if let (Some(p), true) = (&config.provisioning, enrolled) {
+        tokio::spawn(renewals(
+            p.clone(),
+            api_state.clone(),
+            renewal_identity,
+            state_dir.clone(),
+            stop_rx.clone(),
+        ));
+    }
     let mut agent_refused = None;
     if let Some(agent) = &config.agent {
         match api::agent::watch_dir(&agent.config_dir, stop_rx.clone()) {
@@ -645,14 +657,9 @@ fn adopt_enrollment(config: &mut Config, state_dir: &Path) -> anyhow::Result<boo
     let Some(p) = &config.provisioning else {
         return Ok(false);
     };
-    let Some(e) = Enrolled::load(state_dir).map_err(anyhow::Error::msg)? else {
-        tracing::info!(
-            broker = %format!("mqtts://{}:{}", p.host, p.port),
-            "not enrolled: the last deployment runs while the device enrolls"
-        );
-        return Ok(false);
-    };
-    if e.device_id != config.identity.device_id {
+    if let Some(e) = Enrolled::load(state_dir).map_err(anyhow::Error::msg)?
+        && e.device_id != config.identity.device_id
+    {
         anyhow::bail!(
             "enrolled as {:?}, but [identity] device_id is {:?}: set it back, or remove {} to enroll again",
             e.device_id,
@@ -663,6 +670,20 @@ fn adopt_enrollment(config: &mut Config, state_dir: &Path) -> anyhow::Result<boo
                 .display()
         );
     }
+    let Some(e) = Enrolled::load_verified(
+        state_dir,
+        p,
+        &config.identity.device_id,
+        &config.identity.trust_domain,
+    )
+    .map_err(anyhow::Error::msg)?
+    else {
+        tracing::info!(
+            broker = %format!("mqtts://{}:{}", p.host, p.port),
+            "not enrolled: the last deployment runs while the device enrolls"
+        );
+        return Ok(false);
+    };
     config.identity.ca_certificate = Some(chain_path(state_dir));
     match e.cloud_config(p, state_dir) {
         Ok(c) => config.cloud = c,
@@ -736,10 +757,126 @@ async fn enroll_then_connect(
         Err(e) => tracing::error!(error = %e, "the chain adoption task failed"),
     }
     tracing::info!(device = %stored.device_id, groups = ?stored.groups, broker = ?stored.broker, "enrolled");
+    tokio::spawn(renewals(
+        p.clone(),
+        api.clone(),
+        identity.clone(),
+        state_dir.clone(),
+        stop.clone(),
+    ));
     match stored.cloud_config(&p, &state_dir) {
         Ok(Some(c)) => crate::cloud::run(c, api, identity, stop).await,
         Ok(None) => tracing::info!("the organisation assigned no fleet broker: staying offline"),
         Err(e) => tracing::error!(error = %e, "the fleet assignment is unusable; running offline"),
+    }
+}
+
+/// Renews the enrolled device CA certificate past `renew_threshold` of
+/// its lifetime, authenticated by it (retrying with `[provisioning]`'s
+/// backoff), then stores the answer, measures a `renewed` event and
+/// adopts the new chain; until `stop`. The broker login certificate is
+/// rewritten with it, and the cloud connection reads it at its next
+/// handshake.
+async fn renewals(
+    p: crate::enroll::device::Provisioning,
+    api: Arc<api::ApiState>,
+    identity: Arc<crate::identity::IdentityService>,
+    state_dir: PathBuf,
+    mut stop: watch::Receiver<bool>,
+) {
+    use crate::enroll::device::{Enrolled, chain_path, event, renewal_due};
+    let config = identity.config().clone();
+    let mut renewed = false;
+    loop {
+        let chain = match std::fs::read_to_string(chain_path(&state_dir)) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::error!(error = %e, "the enrolled chain is unreadable: not renewed");
+                return;
+            }
+        };
+        let due = match renewal_due(&chain, p.renew_threshold) {
+            // Due again at once after a renewal (the organisation CA
+            // expires before a full lifetime, say): not at once again.
+            Ok(d) if d.is_zero() && renewed => {
+                tracing::warn!(retry_in = ?p.retry_max, "the renewed certificate is due already (does the organisation CA expire soon?)");
+                p.retry_max
+            }
+            Ok(d) => d,
+            Err(e) => {
+                tracing::error!(error = %e, "the enrolled chain is unusable: not renewed");
+                return;
+            }
+        };
+        tracing::info!(
+            in_s = due.as_secs(),
+            "device CA certificate renewal scheduled"
+        );
+        tokio::select! {
+            () = tokio::time::sleep(due) => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+        let mut delay = p.retry_min;
+        let issued = loop {
+            let attempt = async {
+                let tls = crate::enroll::transport::tls(&p.ca_pem, None)?;
+                crate::enroll::transport::renew(
+                    identity.hsm(),
+                    &chain,
+                    crate::enroll::transport::Enrollee {
+                        device_id: &config.device_id,
+                        trust_domain: &config.trust_domain,
+                        org_roots: &p.org_roots,
+                    },
+                    (&p.host, p.port, tls),
+                    p.timeout,
+                )
+                .await
+            };
+            let result = tokio::select! {
+                r = attempt => r,
+                _ = stop.wait_for(|s| *s) => return,
+            };
+            match result {
+                Ok(i) => break i,
+                Err(e) => tracing::warn!(error = %e, retry_in = ?delay, "renewal failed"),
+            }
+            tokio::select! {
+                () = tokio::time::sleep(delay) => {}
+                _ = stop.wait_for(|s| *s) => return,
+            }
+            delay = (delay * 2).min(p.retry_max);
+        };
+        let (dir, i) = (state_dir.clone(), issued.clone());
+        match tokio::task::spawn_blocking(move || Enrolled::store(&dir, &i)).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "renewed, but the answer could not be stored");
+                return;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "the renewal store task failed");
+                return;
+            }
+        }
+        if let Some(m) = api.attester.clone()
+            && let Ok(mut ev) = event(&issued)
+        {
+            ev["kind"] = "renewed".into();
+            let measured = tokio::task::spawn_blocking(move || m.measure_all(vec![ev])).await;
+            if !matches!(measured, Ok(Ok(()))) {
+                tracing::error!("the renewal could not be measured");
+            }
+        }
+        let (id, path) = (identity.clone(), chain_path(&state_dir));
+        match tokio::task::spawn_blocking(move || id.adopt_ca_certificate(&path)).await {
+            Ok(Ok(())) => {
+                renewed = true;
+                tracing::info!("device CA certificate renewed");
+            }
+            Ok(Err(e)) => tracing::error!(error = %e, "the renewed chain could not be adopted"),
+            Err(e) => tracing::error!(error = %e, "the chain adoption task failed"),
+        }
     }
 }
 
@@ -925,11 +1062,13 @@ pub fn fs_policy(config: &Config, state_dir: &Path, socket: &Path) -> crate::con
         p.read_only.push(a.config_dir.clone());
     }
     p.read_only.extend(config.identity.ca_certificate.clone());
-    // Read at each enrollment attempt.
+    // Read at each enrollment attempt, and only while the device is not
+    // enrolled: afterwards the runtime cannot read it at all.
     if let Some((_, key)) = config
         .provisioning
         .as_ref()
         .and_then(|p| p.symmetric.as_ref())
+        && !crate::enroll::device::enrolled_and_current(state_dir)
     {
         p.read_only.push(key.clone());
     }

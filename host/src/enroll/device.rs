@@ -11,6 +11,8 @@
 //! retry_min = "5s"                    # backoff between attempts: doubling,
 //! retry_max = "10m"                   # with jitter, between these
 //! timeout = "30s"                     # for each answer of the service
+//! renew_threshold = "67%"             # renew the device CA certificate this
+//!                                     # far into its lifetime (1-99%)
 //! ```
 //!
 //! The device asks for its `[identity] device_id`. Until it is enrolled,
@@ -30,6 +32,7 @@
 //! |---|---|---|
 //! | `enrolled.pem` | the enrollment | replace it: the device CA refuses a chain not for its HSM key, and its root is what verifiers pin, not the device |
 //! | `broker-ca.pem`, `broker-client.pem`, `deploy-N.pub` | the enrollment, checked against the organisation's signature before they are written | replace them: only root or the daemon's user can, who own the device |
+//! | `issued.json` | the enrollment: the organisation's signed answer | change it: refused at the next start (its chain must lead to the configured roots, its signature be the organisation CA's); the files above are written from it again at every start |
 //! | `enrollment.json` | the enrollment, last | remove it: the device enrolls again (recorded by the service) |
 
 use std::path::{Path, PathBuf};
@@ -50,6 +53,9 @@ pub const DIR: &str = "identity";
 pub const RECORD: &str = "enrollment.json";
 /// The organisation's chain for the device CA key.
 pub const CHAIN: &str = "enrolled.pem";
+/// The organisation's signed answer, verbatim: what the other files are
+/// written from, and checked again at every start.
+pub const ANSWER: &str = "issued.json";
 /// The assigned broker's roots.
 pub const BROKER_CA: &str = "broker-ca.pem";
 /// The broker login certificate.
@@ -67,6 +73,7 @@ pub struct RawProvisioning {
     retry_min: Option<String>,
     retry_max: Option<String>,
     timeout: Option<String>,
+    renew_threshold: Option<String>,
 }
 
 /// `[provisioning]`, checked.
@@ -93,6 +100,9 @@ pub struct Provisioning {
     pub retry_max: Duration,
     /// For each answer.
     pub timeout: Duration,
+    /// How far into its lifetime (percent) the device CA certificate is
+    /// renewed.
+    pub renew_threshold: u8,
     /// `[cloud]` without what the enrollment assigns.
     pub cloud: crate::cloud::RawCloud,
     /// The config file's directory (`[cloud]`'s relative paths).
@@ -180,6 +190,16 @@ impl RawProvisioning {
             Duration::from_secs(30),
             Duration::from_secs(600),
         )?;
+        let renew_threshold = match self.renew_threshold.as_deref() {
+            None => 67,
+            Some(t) => t
+                .strip_suffix('%')
+                .and_then(|n| n.trim().parse::<u8>().ok())
+                .filter(|n| (1..=99).contains(n))
+                .ok_or_else(|| {
+                    format!("provisioning.renew_threshold: {t:?} is not a percentage 1%-99%")
+                })?,
+        };
         let cloud = cloud.unwrap_or_default();
         cloud.check_unassigned()?;
         Ok(Provisioning {
@@ -193,6 +213,7 @@ impl RawProvisioning {
             retry_min,
             retry_max,
             timeout,
+            renew_threshold,
             cloud,
             base: base.to_owned(),
         })
@@ -256,17 +277,10 @@ impl Enrolled {
     pub fn store(state_dir: &Path, issued: &Issued) -> Result<Self, String> {
         let d = dir(state_dir);
         state::ensure_private_dir(&d).map_err(|e| format!("{}: {e}", d.display()))?;
-        let write = |path: PathBuf, bytes: &[u8]| {
-            state::write_atomic(&path, bytes).map_err(|e| format!("{}: {e}", path.display()))
-        };
-        write(chain_path(state_dir), issued.chain.as_bytes())?;
-        if let Some(f) = &issued.fleet {
-            write(d.join(BROKER_CA), f.broker_ca.as_bytes())?;
-            write(d.join(LOGIN), f.certificate.as_bytes())?;
-            for (i, k) in f.deployment_keys.iter().enumerate() {
-                write(deployment_key_path(state_dir, i), &k.0)?;
-            }
-        }
+        let answer = serde_json::to_vec(issued).map_err(|e| e.to_string())?;
+        state::write_atomic(&d.join(ANSWER), &answer)
+            .map_err(|e| format!("{}: {e}", d.join(ANSWER).display()))?;
+        write_files(state_dir, issued)?;
         let record = Self {
             device_id: issued.device_id.clone(),
             groups: issued.groups.clone(),
@@ -277,8 +291,54 @@ impl Enrolled {
                 .map_or(0, |d| d.as_secs()),
         };
         let json = serde_json::to_vec_pretty(&record).map_err(|e| e.to_string())?;
-        write(d.join(RECORD), &json)?;
+        state::write_atomic(&d.join(RECORD), &json)
+            .map_err(|e| format!("{}: {e}", d.join(RECORD).display()))?;
         Ok(record)
+    }
+
+    /// The enrollment recorded in `state_dir`, its signed answer checked
+    /// again (the chain to `p`'s organisation roots, the organisation's
+    /// signature, the assignment) and the files written from it anew, so
+    /// that what the daemon's own user could change in the state dir is
+    /// not what the device trusts. `None` when not enrolled, or when the
+    /// certificate has expired (the device enrolls again).
+    ///
+    /// # Errors
+    ///
+    /// The record or the answer is unreadable, or the answer fails its
+    /// checks (named).
+    pub fn load_verified(
+        state_dir: &Path,
+        p: &Provisioning,
+        device_id: &str,
+        trust_domain: &str,
+    ) -> Result<Option<Self>, String> {
+        let Some(record) = Self::load(state_dir)? else {
+            return Ok(None);
+        };
+        let path = dir(state_dir).join(ANSWER);
+        let bytes = std::fs::read(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let issued: Issued = super::parse(&bytes, "stored answer")
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+        let der = crate::attest::verify::pem_certificates(issued.chain.as_bytes(), "the chain")?;
+        let expired = x509_parser::parse_x509_certificate(&der[0])
+            .is_ok_and(|(_, c)| !c.validity().is_valid_at(x509_parser::time::ASN1Time::now()));
+        if expired {
+            tracing::warn!(
+                "the enrolled device CA certificate has expired: enrolling again with the factory identity"
+            );
+            return Ok(None);
+        }
+        super::check_answer(&issued, device_id, trust_domain, &p.org_roots, None)
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+        write_files(state_dir, &issued)?;
+        Ok(Some(Self {
+            device_id: issued.device_id.clone(),
+            groups: issued.groups.clone(),
+            broker: issued.fleet.as_ref().map(|f| f.broker.clone()),
+            deployment_keys: issued.fleet.as_ref().map_or(0, |f| f.deployment_keys.len()),
+            time: record.time,
+        }))
     }
 
     /// The `[cloud]` this enrollment makes of `p`'s table, if a broker was
@@ -316,6 +376,61 @@ impl Enrolled {
         .map(Some)
         .map_err(|e| format!("the enrolled fleet assignment: {e}"))
     }
+}
+
+/// How long until the first certificate of `chain` (PEM) is due for
+/// renewal: `threshold` percent into its validity (zero when past that).
+///
+/// # Errors
+///
+/// No certificate, or one that cannot be read.
+pub fn renewal_due(chain: &str, threshold: u8) -> Result<Duration, String> {
+    let der = crate::attest::verify::pem_certificates(chain.as_bytes(), "the enrolled chain")?;
+    let (_, cert) = x509_parser::parse_x509_certificate(&der[0])
+        .map_err(|e| format!("the enrolled certificate: {e}"))?;
+    let from = cert.validity().not_before.timestamp();
+    let to = cert.validity().not_after.timestamp();
+    let due = from + (to - from) * i64::from(threshold) / 100;
+    let now = i64::try_from(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs()),
+    )
+    .unwrap_or(i64::MAX);
+    Ok(Duration::from_secs(
+        u64::try_from(due.saturating_sub(now)).unwrap_or(0),
+    ))
+}
+
+/// Whether `state_dir` holds an enrollment whose device CA certificate is
+/// valid now (then the factory key is not needed again).
+pub fn enrolled_and_current(state_dir: &Path) -> bool {
+    Enrolled::load(state_dir).is_ok_and(|e| e.is_some())
+        && std::fs::read(chain_path(state_dir)).is_ok_and(|pem| {
+            crate::attest::verify::pem_certificates(&pem, "the chain").is_ok_and(|der| {
+                x509_parser::parse_x509_certificate(&der[0]).is_ok_and(|(_, c)| {
+                    c.validity().is_valid_at(x509_parser::time::ASN1Time::now())
+                })
+            })
+        })
+}
+
+/// Writes the chain and the assignment's files of `issued` into
+/// `state_dir` (each atomically).
+fn write_files(state_dir: &Path, issued: &Issued) -> Result<(), String> {
+    let d = dir(state_dir);
+    let write = |path: PathBuf, bytes: &[u8]| {
+        state::write_atomic(&path, bytes).map_err(|e| format!("{}: {e}", path.display()))
+    };
+    write(chain_path(state_dir), issued.chain.as_bytes())?;
+    if let Some(f) = &issued.fleet {
+        write(d.join(BROKER_CA), f.broker_ca.as_bytes())?;
+        write(d.join(LOGIN), f.certificate.as_bytes())?;
+        for (i, k) in f.deployment_keys.iter().enumerate() {
+            write(deployment_key_path(state_dir, i), &k.0)?;
+        }
+    }
+    Ok(())
 }
 
 /// The measurement event of an enrollment: the id, the groups, the

@@ -82,6 +82,57 @@ pub enum Factory {
     },
 }
 
+/// A device's request to renew its device CA certificate, authenticated
+/// by the one it holds ([`service::Service::renew`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Renewal {
+    /// [`VERSION`].
+    pub v: u32,
+    /// The device CA certificate it holds (PEM, alone).
+    pub certificate: String,
+    /// A PEM CSR for the same key, signed by it.
+    pub csr: String,
+    /// A PEM CSR for the broker login key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub broker_csr: Option<String>,
+}
+
+/// The SHA-256 (hex) of `r`'s JSON: what the answer to it names.
+///
+/// # Errors
+///
+/// Never in practice.
+pub fn renewal_digest(r: &Renewal) -> Result<String, String> {
+    use sha2::Digest as _;
+    let bytes = serde_json::to_vec(r).map_err(|e| e.to_string())?;
+    Ok(crate::measure::hex(&sha2::Sha256::digest(&bytes)))
+}
+
+/// The renewal of the device whose enrolled chain is `chain` (PEM; its
+/// first certificate is the one renewed): CSRs signed by its device CA
+/// and broker keys.
+///
+/// # Errors
+///
+/// The chain holds no certificate, or the HSM fails.
+pub fn renewal(
+    hsm: &Arc<dyn Hsm>,
+    device_id: &str,
+    trust_domain: &str,
+    chain: &str,
+) -> Result<Renewal, String> {
+    let first =
+        crate::attest::verify::pem_certificates(chain.as_bytes(), "the enrolled chain")?.remove(0);
+    let (csr, broker_csr) = csrs(hsm, device_id, trust_domain)?;
+    Ok(Renewal {
+        v: VERSION,
+        certificate: crate::identity::authority::pem_block("CERTIFICATE", &first),
+        csr,
+        broker_csr: Some(broker_csr),
+    })
+}
+
 /// The service's answer to a [`Request`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -224,6 +275,10 @@ pub struct Issued {
     /// assigns it (its `[fleet]`).
     #[serde(default)]
     pub fleet: Option<Assignment>,
+    /// The digest of what it answers (the request a challenge was made
+    /// for, or the renewal): an old answer replayed is not this one.
+    #[serde(default)]
+    pub answers: String,
     /// The organisation CA's signature (ECDSA P-256 with SHA-256, DER)
     /// over [`Issued::signed_bytes`]: the broker, its roots and the
     /// deployment keys are trust the device takes, so whoever relays the
@@ -263,6 +318,7 @@ impl Issued {
                 &self.groups,
                 &self.chain,
                 &self.fleet,
+                &self.answers,
             ),
         )
         .map_err(|e| e.to_string())?;
@@ -320,9 +376,7 @@ fn signed_request(
     trust_domain: &str,
     factory: Factory,
 ) -> Result<Request, String> {
-    let spiffe = format!("spiffe://{trust_domain}/device/{device_id}");
-    let csr = device_ca_csr(hsm, device_id, &spiffe).map_err(|e| e.to_string())?;
-    let broker_csr = crate::cloud::tls::broker_csr(hsm, device_id, &spiffe)?;
+    let (csr, broker_csr) = csrs(hsm, device_id, trust_domain)?;
     Ok(Request {
         v: VERSION,
         device_id: device_id.to_owned(),
@@ -330,6 +384,19 @@ fn signed_request(
         broker_csr: Some(broker_csr),
         factory,
     })
+}
+
+/// CSRs for the device CA key and the broker key (each created if
+/// missing, each signing its own).
+fn csrs(
+    hsm: &Arc<dyn Hsm>,
+    device_id: &str,
+    trust_domain: &str,
+) -> Result<(String, String), String> {
+    let spiffe = format!("spiffe://{trust_domain}/device/{device_id}");
+    let csr = device_ca_csr(hsm, device_id, &spiffe).map_err(|e| e.to_string())?;
+    let broker_csr = crate::cloud::tls::broker_csr(hsm, device_id, &spiffe)?;
+    Ok((csr, broker_csr))
 }
 
 /// The device's answer to `challenge`: the TPM opens the credential (only
@@ -377,6 +444,41 @@ pub fn check_issued(
     trust_domain: &str,
     roots: &[Vec<u8>],
 ) -> Result<(), String> {
+    let keys = DeviceKeys {
+        ca: hsm.public_key(CA_KEY).map_err(|e| e.to_string())?,
+        login: if issued.fleet.is_some() {
+            hsm.public_key(crate::cloud::tls::CLIENT_KEY)
+                .map_err(|e| e.to_string())?
+        } else {
+            Vec::new()
+        },
+    };
+    check_answer(issued, device_id, trust_domain, roots, Some(&keys))
+}
+
+/// The public points of a device's device CA and broker login keys.
+#[derive(Debug, Clone)]
+pub struct DeviceKeys {
+    /// The device CA key's.
+    pub ca: Vec<u8>,
+    /// The broker login key's (empty when no fleet is assigned).
+    pub login: Vec<u8>,
+}
+
+/// [`check_issued`] without the HSM: with `keys`, the certificates must
+/// be for them; without, the rest is checked (a stored answer, read again
+/// at start: the device CA refuses a chain for another key itself).
+///
+/// # Errors
+///
+/// The first check that fails, named.
+pub fn check_answer(
+    issued: &Issued,
+    device_id: &str,
+    trust_domain: &str,
+    roots: &[Vec<u8>],
+    keys: Option<&DeviceKeys>,
+) -> Result<(), String> {
     use x509_parser::extensions::GeneralName;
     use x509_parser::prelude::*;
     if issued.device_id != device_id {
@@ -395,9 +497,15 @@ pub fn check_issued(
         })
         .collect::<Result<Vec<_>, _>>()?;
     let first = &certs[0];
-    let point = hsm.public_key(CA_KEY).map_err(|e| e.to_string())?;
-    if first.public_key().subject_public_key.data.as_ref() != point.as_slice() {
+    if keys.is_some_and(|k| first.public_key().subject_public_key.data.as_ref() != k.ca.as_slice())
+    {
         return Err("the certificate issued is for another key than this device's CA key".into());
+    }
+    if let Some(c) = certs
+        .iter()
+        .find(|c| !c.validity().is_valid_at(ASN1Time::now()))
+    {
+        return Err(format!("{} of the chain is not valid now", c.subject()));
     }
     let constraints = first.basic_constraints().ok().flatten().map(|b| b.value);
     if !constraints.is_some_and(|b| b.ca && b.path_len_constraint == Some(0)) {
@@ -420,6 +528,28 @@ pub fn check_issued(
         .any(|n| matches!(n, GeneralName::URI(u) if *u == spiffe))
     {
         return Err(format!("the certificate issued does not name {spiffe}"));
+    }
+    // Every issuer a CA that may certify the CAs below it: a device CA
+    // (pathlen:0) of another device cannot pose as the organisation's
+    // and sign this answer.
+    for (i, c) in certs.iter().enumerate().skip(1) {
+        let b = c.basic_constraints().ok().flatten().map(|b| b.value);
+        let fits = b.is_some_and(|b| {
+            b.ca && b
+                .path_len_constraint
+                .is_none_or(|n| usize::try_from(n).is_ok_and(|n| n >= i))
+        });
+        let signs = c
+            .key_usage()
+            .ok()
+            .flatten()
+            .is_none_or(|k| k.value.key_cert_sign());
+        if !fits || !signs {
+            return Err(format!(
+                "the chain is not a CA path: {} may not certify the CA below it",
+                c.subject()
+            ));
+        }
     }
     for pair in certs.windows(2) {
         if pair[0].issuer() != pair[1].subject()
@@ -469,7 +599,12 @@ pub fn check_issued(
     p256::ecdsa::signature::Verifier::verify(&key, &issued.signed_bytes()?, &signature)
         .map_err(|_| "the answer is not signed by the organisation CA that issued the chain: its broker and keys are not taken".to_owned())?;
     if let Some(fleet) = &issued.fleet {
-        check_assignment(hsm, fleet, device_id)?;
+        check_assignment(fleet, device_id, &ders, keys)?;
+    }
+    for g in &issued.groups {
+        if !crate::cloud::topics::valid_group(g) {
+            return Err(format!("the assigned group {g:?} is not a group name"));
+        }
     }
     Ok(())
 }
@@ -477,17 +612,26 @@ pub fn check_issued(
 /// The fleet assignment is usable: a broker URL, roots, a login
 /// certificate for this device's broker key, valid now, and deployment
 /// keys.
-fn check_assignment(hsm: &dyn Hsm, fleet: &Assignment, device_id: &str) -> Result<(), String> {
+fn check_assignment(
+    fleet: &Assignment,
+    device_id: &str,
+    chain: &[Vec<u8>],
+    keys: Option<&DeviceKeys>,
+) -> Result<(), String> {
     use x509_parser::prelude::*;
     crate::cloud::parse_broker(&fleet.broker).map_err(|e| format!("the assigned broker: {e}"))?;
-    crate::attest::verify::pem_certificates(fleet.broker_ca.as_bytes(), "the broker's roots")?;
+    let broker_roots =
+        crate::attest::verify::pem_certificates(fleet.broker_ca.as_bytes(), "the broker's roots")?;
+    // A module's server certificate would pass as the broker's.
+    if broker_roots.iter().any(|r| chain.contains(r)) {
+        return Err("the assigned broker roots hold a certificate of the device CA's chain".into());
+    }
     let login = crate::attest::verify::pem_certificates(fleet.certificate.as_bytes(), "the login")?;
     let (_, cert) = X509Certificate::from_der(&login[0])
         .map_err(|e| format!("the broker login certificate: {e}"))?;
-    let point = hsm
-        .public_key(crate::cloud::tls::CLIENT_KEY)
-        .map_err(|e| e.to_string())?;
-    if cert.public_key().subject_public_key.data.as_ref() != point.as_slice() {
+    if keys
+        .is_some_and(|k| cert.public_key().subject_public_key.data.as_ref() != k.login.as_slice())
+    {
         return Err("the broker login certificate is for another key than this device's".into());
     }
     let cn = cert

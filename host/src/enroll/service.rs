@@ -75,6 +75,8 @@ pub enum Step {
     Csr,
     /// The device id is the one assigned, held by no other device.
     DeviceId,
+    /// A renewal's current certificate: this CA's, valid now, recorded.
+    Current,
     /// Issuing and recording (the service's own failures).
     Issue,
 }
@@ -91,6 +93,7 @@ impl fmt::Display for Step {
             Self::Certification => "certification",
             Self::Csr => "csr",
             Self::DeviceId => "device-id",
+            Self::Current => "current-identity",
             Self::Issue => "issue",
         })
     }
@@ -730,7 +733,7 @@ impl Settings {
                         "fleet.logins_key"
                     })(e)
                 })?;
-                if logins.certificate == ca.certificate {
+                if logins.key.point == ca.key.point {
                     return Err(named("fleet.logins_certificate")(
                         "it is the CA that certifies device CAs: a module's certificate would log in to the broker; use a CA of its own"
                             .into(),
@@ -830,6 +833,17 @@ fn load_ca(
 #[derive(Debug)]
 pub struct Service {
     s: Settings,
+}
+
+/// Whom [`Service::finish`] issues to.
+struct Holder<'a> {
+    device_id: String,
+    groups: Vec<String>,
+    /// The factory identity's fingerprint.
+    factory: String,
+    /// The device CA key's point.
+    point: Vec<u8>,
+    broker_csr: Option<&'a str>,
 }
 
 /// What a request's factory certificate says, once checked.
@@ -1034,9 +1048,144 @@ impl Service {
                 proof.request.device_id, f.device_id
             )));
         }
+        self.finish(
+            Holder {
+                device_id: f.device_id,
+                groups: f.groups,
+                factory: f.fingerprint,
+                point,
+                broker_csr: proof.request.broker_csr.as_deref(),
+            },
+            "enrolled",
+            (&hex(&c.nonce.0), &c.request),
+        )
+    }
+
+    /// A device renews its device CA certificate with the one it holds
+    /// (and a CSR for the same key, signed by it: the key is the
+    /// device's, now): a certificate this service issued, valid now, for
+    /// an enrollment the audit log records, from a factory identity not
+    /// revoked. A new certificate (and broker login) is issued and
+    /// recorded as `renewed`; the same request again within a minute
+    /// gets the same answer.
+    ///
+    /// # Errors
+    ///
+    /// The first check that refuses.
+    pub fn renew(&self, r: &super::Renewal) -> Result<Issued, Refusal> {
+        let current = at(Step::Current);
+        if r.v != VERSION {
+            return Err(at(Step::Request)(format!(
+                "protocol version {} (this service speaks {VERSION})",
+                r.v
+            )));
+        }
+        let der = crate::attest::verify::pem_certificates(
+            r.certificate.as_bytes(),
+            "the current certificate",
+        )
+        .map_err(&current)?;
+        if der.len() != 1 {
+            return Err(current("send the device CA certificate alone".into()));
+        }
+        let (rest, cert) = X509Certificate::from_der(&der[0])
+            .map_err(|e| current(format!("the current certificate: {e}")))?;
+        if !rest.is_empty() {
+            return Err(current("the current certificate has trailing bytes".into()));
+        }
+        let (_, ca) = X509Certificate::from_der(&self.s.ca_certificate)
+            .map_err(|e| at(Step::Issue)(format!("the organisation CA certificate: {e}")))?;
+        if cert.issuer() != ca.subject() || cert.verify_signature(Some(ca.public_key())).is_err() {
+            return Err(current(
+                "the current certificate is not one this organisation CA issued".into(),
+            ));
+        }
+        if !cert
+            .validity()
+            .is_valid_at(x509_parser::time::ASN1Time::now())
+        {
+            return Err(current(
+                "the current certificate is not valid now: enroll again with the factory identity"
+                    .into(),
+            ));
+        }
+        let prefix = format!("spiffe://{}/device/", self.s.trust_domain);
+        let device_id = cert
+            .subject_alternative_name()
+            .ok()
+            .flatten()
+            .and_then(|san| {
+                san.value.general_names.iter().find_map(|n| match n {
+                    x509_parser::extensions::GeneralName::URI(u) => u.strip_prefix(&prefix),
+                    _ => None,
+                })
+            })
+            .filter(|id| crate::identity::valid_path_segment(id))
+            .ok_or_else(|| current(format!("the current certificate names no {prefix}<id>")))?
+            .to_owned();
+        let point = cert.public_key().subject_public_key.data.to_vec();
+        // The holder signs with the key, now.
+        if csr_key(&r.csr).map_err(at(Step::Csr))? != point {
+            return Err(at(Step::Csr)(
+                "the CSR carries another key than the current certificate's".into(),
+            ));
+        }
+        let key = hex(&Sha256::digest(&point));
+        let entries = audit_entries(&self.s.audit).map_err(at(Step::Issue))?;
+        let enrolled = entries
+            .iter()
+            .rev()
+            .find(|e| e.device_id == device_id && e.key == key)
+            .ok_or_else(|| {
+                current(format!(
+                    "no enrollment of {device_id:?} with this key is recorded"
+                ))
+            })?;
+        let mut revoked = self.s.revoked.clone();
+        if let Some(file) = &self.s.revoked_file {
+            revoked.extend(read_revoked(file).map_err(at(Step::Issue))?);
+        }
+        if revoked.contains(&enrolled.factory) {
+            return Err(at(Step::Revoked)(format!(
+                "the device ({}) is revoked",
+                enrolled.factory
+            )));
+        }
+        let mut nonce = [0u8; 16];
+        getrandom::fill(&mut nonce).map_err(|e| at(Step::Issue)(format!("random: {e}")))?;
+        let answers = super::renewal_digest(r).map_err(at(Step::Request))?;
+        self.finish(
+            Holder {
+                device_id,
+                groups: enrolled.groups.clone(),
+                factory: enrolled.factory.clone(),
+                point,
+                broker_csr: r.broker_csr.as_deref(),
+            },
+            "renewed",
+            (&hex(&nonce), &answers),
+        )
+    }
+
+    /// Issues `holder` its device CA certificate (and broker login, with
+    /// a fleet) under the audit log's lock, records it as `event`, and
+    /// signs the answer.
+    fn finish(
+        &self,
+        holder: Holder<'_>,
+        event: &str,
+        (nonce, answers): (&str, &str),
+    ) -> Result<Issued, Refusal> {
+        let Holder {
+            device_id,
+            groups,
+            factory,
+            point,
+            broker_csr,
+        } = holder;
         // The broker login key: its CSR's (signed by it, and bound to the
         // proof with the rest of the request); never the device CA key.
-        let broker_point = match (&self.s.fleet, &proof.request.broker_csr) {
+        let broker_point = match (&self.s.fleet, broker_csr) {
             (None, _) => None,
             (Some(_), None) => {
                 return Err(at(Step::Csr)(
@@ -1062,12 +1211,12 @@ impl Service {
         let not_after = (now + self.s.lifetime.as_secs()).min(self.s.ca_not_after);
         let entry = AuditEntry {
             time: now,
-            event: "enrolled".into(),
-            device_id: f.device_id.clone(),
-            factory: f.fingerprint.clone(),
+            event: event.into(),
+            device_id: device_id.clone(),
+            factory,
             key: hex(&Sha256::digest(&point)),
-            nonce: hex(&c.nonce.0),
-            groups: f.groups.clone(),
+            nonce: nonce.to_owned(),
+            groups: groups.clone(),
             not_after,
             chain: String::new(),
             broker_key: broker_point
@@ -1077,12 +1226,19 @@ impl Service {
             broker_certificate: String::new(),
         };
         // A recorded certificate is answered again while it has more than
-        // half the lifetime a new one would have.
-        let renew_after = now + not_after.saturating_sub(now) / 2;
-        let (chain, login) = record(&self.s.audit, entry, renew_after, || {
-            let chain = self.issue(&f.device_id, &point, not_after)?;
+        // half the lifetime a new one would have; a renewal's, for a
+        // minute (a retry).
+        let reuse = |e: &AuditEntry| {
+            if event == "renewed" {
+                e.event == "renewed" && e.time + 60 > now
+            } else {
+                e.not_after > now + not_after.saturating_sub(now) / 2
+            }
+        };
+        let (chain, login) = record(&self.s.audit, entry, reuse, || {
+            let chain = self.issue(&device_id, &point, not_after)?;
             let login = match (&self.s.fleet, &broker_point) {
-                (Some(fleet), Some(p)) => self.issue_login(fleet, &f.device_id, p, not_after)?,
+                (Some(fleet), Some(p)) => self.issue_login(fleet, &device_id, p, not_after)?,
                 _ => String::new(),
             };
             Ok((chain, login))
@@ -1099,10 +1255,11 @@ impl Service {
         });
         let mut issued = Issued {
             v: VERSION,
-            device_id: f.device_id,
-            groups: f.groups,
+            device_id,
+            groups,
             chain,
             fleet,
+            answers: answers.to_owned(),
             signature: Bytes::default(),
         };
         let bytes = issued.signed_bytes().map_err(at(Step::Issue))?;
@@ -1413,7 +1570,8 @@ fn csr_key(pem: &str) -> Result<Vec<u8>, String> {
 pub struct AuditEntry {
     /// Unix seconds.
     pub time: u64,
-    /// `enrolled`.
+    /// `enrolled`, `re-enrolled` (the same factory identity with new
+    /// keys: a reset) or `renewed`.
     pub event: String,
     /// The device id.
     pub device_id: String,
@@ -1473,12 +1631,12 @@ fn parse_audit(bytes: &[u8]) -> Result<Vec<AuditEntry>, String> {
 /// handle): checks `entry` against what the log holds, written by any
 /// instance (the nonce unused; the device enrolled under no other id; the
 /// id held by no other device); answers the recorded chain again when the
-/// same device enrolled the same key and its certificate is good until
-/// after `renew_after`; else issues, appends `entry` and syncs it.
+/// same device enrolled the same keys in an entry `reuse` takes; else
+/// issues, appends `entry` and syncs it.
 fn record(
     path: &Path,
     mut entry: AuditEntry,
-    renew_after: u64,
+    reuse: impl Fn(&AuditEntry) -> bool,
     issue_certificates: impl FnOnce() -> Result<(String, String), String>,
 ) -> Result<(String, String), Refusal> {
     use std::io::{Read as _, Seek as _};
@@ -1525,9 +1683,17 @@ fn record(
         e.factory == entry.factory
             && e.key == entry.key
             && e.broker_key == entry.broker_key
-            && e.not_after > renew_after
+            && reuse(e)
     }) {
         return Ok((same.chain.clone(), same.broker_certificate.clone()));
+    }
+    // The same device with new keys: reset, or its state lost.
+    if entry.event == "enrolled"
+        && entries
+            .iter()
+            .any(|e| e.factory == entry.factory && e.key != entry.key)
+    {
+        entry.event = "re-enrolled".into();
     }
     (entry.chain, entry.broker_certificate) = issue_certificates().map_err(&issue)?;
     let mut line = serde_json::to_string(&entry).map_err(|e| issue(e.to_string()))?;

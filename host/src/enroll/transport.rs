@@ -81,6 +81,11 @@ pub enum Message {
         /// It.
         proof: Box<Proof>,
     },
+    /// A renewal, on its own.
+    Renew {
+        /// It.
+        renewal: super::Renewal,
+    },
 }
 
 /// What the service answers.
@@ -137,6 +142,10 @@ pub fn answer(service: &Service, payload: &[u8]) -> Answer {
             Err(r) => r.into(),
         },
         Ok(Message::Proof { proof }) => match service.complete(&proof) {
+            Ok(issued) => Answer::Issued { issued },
+            Err(r) => r.into(),
+        },
+        Ok(Message::Renew { renewal }) => match service.renew(&renewal) {
             Ok(issued) => Answer::Issued { issued },
             Err(r) => r.into(),
         },
@@ -561,15 +570,16 @@ pub struct Enrollee<'a> {
 pub async fn provision(
     hsm: Arc<dyn Hsm>,
     credentials: Credentials,
-    Enrollee {
-        device_id,
-        trust_domain,
-        org_roots,
-    }: Enrollee<'_>,
+    enrollee: Enrollee<'_>,
     (host, port, tls): (&str, u16, rustls::ClientConfig),
     timeout: Duration,
     progress: &(dyn Fn(&str) + Sync),
 ) -> Result<Issued, String> {
+    let Enrollee {
+        device_id,
+        trust_domain,
+        ..
+    } = enrollee;
     let client = random_id("enroll-")?;
     let mut link = Link::connect(host, port, tls, &client, false).await?;
     let result = async {
@@ -600,6 +610,7 @@ pub async fn provision(
             Answer::Challenge { challenge } => challenge,
             other => return Err(unexpected(other)),
         };
+        let answers = challenge.request.clone();
         let proof = match &credentials {
             Credentials::Tpm => {
                 progress("challenge received; the TPM opens the credential and certifies the key");
@@ -626,17 +637,90 @@ pub async fn provision(
         while let Answer::Challenge { .. } = answer {
             answer = next_answer(&mut link, timeout).await?;
         }
-        match answer {
-            Answer::Issued { issued } => {
-                super::check_issued(hsm.as_ref(), &issued, device_id, trust_domain, org_roots)?;
-                Ok(issued)
-            }
-            other => Err(unexpected(other)),
-        }
+        accept(answer, hsm.as_ref(), &enrollee, &answers)
     }
     .await;
     link.close().await;
     result
+}
+
+/// A device renews its device CA certificate (the first of `chain`, its
+/// enrolled chain) through the broker's enrollment listener at
+/// `host:port`, authenticated by it: one message, one answer, checked as
+/// an enrollment's is.
+///
+/// # Errors
+///
+/// The broker cannot be reached, the service does not answer within
+/// `timeout`, or refuses (its step and reason).
+pub async fn renew(
+    hsm: Arc<dyn Hsm>,
+    chain: &str,
+    enrollee: Enrollee<'_>,
+    (host, port, tls): (&str, u16, rustls::ClientConfig),
+    timeout: Duration,
+) -> Result<Issued, String> {
+    let Enrollee {
+        device_id,
+        trust_domain,
+        ..
+    } = enrollee;
+    let client = random_id("renew-")?;
+    let mut link = Link::connect(host, port, tls, &client, false).await?;
+    let result = async {
+        link.subscribe(&format!("{ANSWERS}/{client}")).await?;
+        let (h, id, td, c) = (
+            hsm.clone(),
+            device_id.to_owned(),
+            trust_domain.to_owned(),
+            chain.to_owned(),
+        );
+        let renewal = tokio::task::spawn_blocking(move || super::renewal(&h, &id, &td, &c))
+            .await
+            .map_err(|e| e.to_string())??;
+        let answers = super::renewal_digest(&renewal)?;
+        let bytes = serde_json::to_vec(&Message::Renew { renewal }).map_err(|e| e.to_string())?;
+        link.publish(format!("{REQUESTS}/{client}"), bytes).await?;
+        let answer = next_answer(&mut link, timeout).await?;
+        accept(answer, hsm.as_ref(), &enrollee, &answers)
+    }
+    .await;
+    link.close().await;
+    result
+}
+
+/// The certificate in `answer`, once it passes [`super::check_issued`]
+/// for `enrollee` and names `answers`.
+fn accept(
+    answer: Answer,
+    hsm: &dyn Hsm,
+    enrollee: &Enrollee<'_>,
+    answers: &str,
+) -> Result<Issued, String> {
+    match answer {
+        Answer::Issued { issued } => {
+            super::check_issued(
+                hsm,
+                &issued,
+                enrollee.device_id,
+                enrollee.trust_domain,
+                enrollee.org_roots,
+            )?;
+            fresh(&issued, answers)?;
+            Ok(issued)
+        }
+        other => Err(unexpected(other)),
+    }
+}
+
+/// The (signed) answer names what this device asked: an older answer,
+/// replayed, is refused.
+fn fresh(issued: &Issued, answers: &str) -> Result<(), String> {
+    if issued.answers == answers {
+        Ok(())
+    } else {
+        Err("the answer is for another request than this one (a replayed answer?)".into())
+    }
 }
 
 async fn next_answer(link: &mut Link, timeout: Duration) -> Result<Answer, String> {
@@ -657,5 +741,26 @@ fn unexpected(a: Answer) -> String {
         Answer::Refused { step, reason } => format!("the organisation refused at {step}: {reason}"),
         Answer::Challenge { .. } => "the service sent a challenge out of turn".into(),
         Answer::Issued { .. } => "the service sent a certificate out of turn".into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_answer_for_another_request_is_refused() {
+        let issued = Issued {
+            v: super::super::VERSION,
+            device_id: "gw-1".into(),
+            groups: vec![],
+            chain: String::new(),
+            fleet: None,
+            answers: "a".repeat(64),
+            signature: super::super::Bytes::default(),
+        };
+        assert!(fresh(&issued, &"a".repeat(64)).is_ok());
+        let e = fresh(&issued, &"b".repeat(64)).unwrap_err();
+        assert!(e.contains("another request"), "{e}");
     }
 }
