@@ -1505,3 +1505,142 @@ fn a_device_renews_with_its_current_identity_and_re_enrolls_after_a_reset() {
     assert!(!ok && out.contains("refused at revoked"), "{out}");
     assert_eq!(events(), ["enrolled", "renewed", "re-enrolled"]);
 }
+
+/// The organisation CA's key can sit in a PKCS#11 token (SoftHSM2),
+/// behind a key daemon of the operator's (`edgeward-keyd --hsm pkcs11`):
+/// the service signs through it, never holding the key; the device's
+/// chain verifies with openssl. A key daemon that is not there, or a key
+/// the token does not hold, is named by `check`.
+#[test]
+fn the_organisation_ca_key_can_sit_in_a_pkcs11_token_behind_a_key_daemon() {
+    use edgeward_tests::fixtures::SoftHsmToken;
+    let token = SoftHsmToken::new();
+    let org = tempfile::tempdir().unwrap();
+    let dir = org.path();
+    let socket = dir.join("org-keyd.sock");
+    let keyd_bin = Path::new(common::EDGEWARD).with_file_name("edgeward-keyd");
+    assert!(
+        keyd_bin.exists(),
+        "{} is missing: build it (cargo build -p edgeward-keyd)",
+        keyd_bin.display()
+    );
+    let cfg = token.config();
+    let _keyd = Killed(
+        Command::new(&keyd_bin)
+            .arg("--state")
+            .arg(dir.join("keyd-state"))
+            .arg("--socket")
+            .arg(&socket)
+            .args(["--hsm", "pkcs11", "--module"])
+            .arg(&cfg.module)
+            .args(["--token", &cfg.token, "--pin-file"])
+            .arg(&cfg.pin_file)
+            .arg("--no-measure")
+            .stderr(std::fs::File::create(dir.join("keyd.log")).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !std::fs::read_to_string(dir.join("keyd.log"))
+        .is_ok_and(|l| l.contains("key daemon ready"))
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the key daemon did not start: {}",
+            std::fs::read_to_string(dir.join("keyd.log")).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::fs::write(
+        dir.join("list.toml"),
+        "[[symmetric]]\ngroup = \"boards\"\ndevice_id = \"board-*\"\n",
+    )
+    .unwrap();
+    std::fs::write(dir.join("challenge.key"), [4u8; 32]).unwrap();
+    std::fs::write(dir.join("boards.secret"), [9u8; 32]).unwrap();
+    let toml = |key: &str, socket: &str| {
+        format!(
+            "trust_domain = \"example.org\"\ndns_suffix = \"edge.example.org\"\n\
+             manufacturers = \"ca.pem\"\nlist = \"list.toml\"\n\
+             ca_certificate = \"ca.pem\"\nca_key = \"{key}\"\nca_key_daemon = \"{socket}\"\n\
+             challenge_key = \"challenge.key\"\naudit = \"audit.jsonl\"\n\
+             [group_secrets]\nboards = \"boards.secret\"\n"
+        )
+    };
+    let check = |text: &str| {
+        std::fs::write(dir.join("enroll.toml"), text).unwrap();
+        let o = Command::new(common::EDGEWARD)
+            .args(["fleet", "enroll", "--service"])
+            .arg(dir.join("enroll.toml"))
+            .arg("check")
+            .output()
+            .unwrap();
+        (
+            o.status.success(),
+            String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr),
+        )
+    };
+    // The operator makes the key in the token and a root of it (here,
+    // self-signed: the organisation's root).
+    std::fs::write(dir.join("enroll.toml"), toml("org-ca", "org-keyd.sock")).unwrap();
+    let made = Command::new(common::EDGEWARD)
+        .args(["fleet", "enroll", "--service"])
+        .arg(dir.join("enroll.toml"))
+        .args(["ca-key", "--self-signed"])
+        .arg(dir.join("ca.pem"))
+        .output()
+        .unwrap();
+    assert!(made.status.success(), "{made:?}");
+    let csr = Command::new(common::EDGEWARD)
+        .args(["fleet", "enroll", "--service"])
+        .arg(dir.join("enroll.toml"))
+        .args(["ca-key", "--csr"])
+        .arg(dir.join("ca.csr"))
+        .output()
+        .unwrap();
+    assert!(csr.status.success(), "{csr:?}");
+    let verified = Command::new("openssl")
+        .args(["req", "-verify", "-noout", "-in"])
+        .arg(dir.join("ca.csr"))
+        .output()
+        .unwrap();
+    assert!(verified.status.success(), "{verified:?}");
+    let root_pem = std::fs::read_to_string(dir.join("ca.pem")).unwrap();
+    let (ok, out) = check(&toml("org-ca", "missing.sock"));
+    assert!(
+        !ok && out.contains("ca_key") && out.contains("missing.sock"),
+        "{out}"
+    );
+    let (ok, out) = check(&toml("no-such-key", "org-keyd.sock"));
+    assert!(!ok && out.contains("no-such-key"), "{out}");
+    let (ok, out) = check(&toml("org-ca", "org-keyd.sock"));
+    assert!(ok, "{out}");
+
+    // A board enrolls; its device CA is signed in the token.
+    let service = Service::new(Settings::load(&dir.join("enroll.toml")).unwrap());
+    let board_dir = tempfile::tempdir().unwrap();
+    let board: Arc<dyn Hsm> = Arc::new(SoftHsm::open(board_dir.path()).unwrap());
+    let request = enroll::symmetric_request(&board, "board-1", "example.org", "boards").unwrap();
+    let challenge = service.challenge(&request).unwrap();
+    let issued = service
+        .complete(
+            &enroll::symmetric_prove(
+                &enroll::device_key(&[9; 32], "board-1"),
+                &request,
+                &challenge,
+            )
+            .unwrap(),
+        )
+        .unwrap();
+    let roots = edgeward::attest::verify::pem_certificates(root_pem.as_bytes(), "root").unwrap();
+    enroll::check_issued(board.as_ref(), &issued, "board-1", "example.org", &roots).unwrap();
+    let chain = board_dir.path().join("chain.pem");
+    std::fs::write(&chain, &issued.chain).unwrap();
+    let out = Command::new("openssl")
+        .args(["verify", "-CAfile"])
+        .arg(dir.join("ca.pem"))
+        .arg(&chain)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+}

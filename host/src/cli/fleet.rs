@@ -289,6 +289,25 @@ enum EnrollCommand {
         #[arg(long, value_name = "sha256:HEX")]
         factory: Option<String>,
     },
+    /// Make the organisation CA's key in the key daemon enroll.toml names
+    /// (ca_key_daemon; ca_key is its id), if it is not there, and write
+    /// a CSR for it to certify, or a self-signed root of it.
+    CaKey {
+        /// Write a CSR (PEM) here.
+        #[arg(
+            long,
+            value_name = "FILE",
+            conflicts_with = "self_signed",
+            required_unless_present = "self_signed"
+        )]
+        csr: Option<PathBuf>,
+        /// Write a self-signed root certificate (PEM, ten years) here.
+        #[arg(long, value_name = "FILE")]
+        self_signed: Option<PathBuf>,
+        /// The subject's common name.
+        #[arg(long, value_name = "CN", default_value = "edgeward organisation CA")]
+        name: String,
+    },
 }
 
 /// Unix seconds as RFC 3339 UTC.
@@ -351,6 +370,31 @@ fn enroll(service: &Path, command: &EnrollCommand) -> Result<ExitCode, String> {
             Ok(ExitCode::SUCCESS)
         }
         EnrollCommand::Serve { .. } => Err("serve runs from fleet's async entry".into()),
+        EnrollCommand::CaKey {
+            csr,
+            self_signed,
+            name,
+        } => {
+            let (pem, out, what) = match (csr, self_signed) {
+                (Some(out), _) => (
+                    crate::enroll::service::ca_key_certificate(service, name, false)?,
+                    out,
+                    "a CSR",
+                ),
+                (None, Some(out)) => (
+                    crate::enroll::service::ca_key_certificate(service, name, true)?,
+                    out,
+                    "a self-signed root",
+                ),
+                (None, None) => return Err("give --csr or --self-signed".into()),
+            };
+            std::fs::write(out, pem).map_err(|e| format!("{}: {e}", out.display()))?;
+            eprintln!(
+                "wrote {}: {what} for the organisation CA key held by the key daemon",
+                out.display()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
         EnrollCommand::DeriveKey {
             group,
             device_id,

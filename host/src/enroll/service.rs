@@ -345,11 +345,20 @@ pub fn factory_fingerprint(der: &[u8]) -> Result<String, String> {
     }
 }
 
-/// The organisation CA's key (P-256, from a PEM file) as rcgen signs
-/// with it.
+/// The organisation CA's key (P-256) as rcgen signs with it: from a PEM
+/// file, or held by a key daemon (`edgeward-keyd --hsm pkcs11`: the key
+/// in a token, never in this process).
 pub struct CaKey {
-    key: p256::ecdsa::SigningKey,
+    key: CaSigner,
     point: Vec<u8>,
+}
+
+enum CaSigner {
+    File(p256::ecdsa::SigningKey),
+    Daemon {
+        hsm: std::sync::Arc<dyn crate::hsm::Hsm>,
+        id: String,
+    },
 }
 
 impl fmt::Debug for CaKey {
@@ -377,7 +386,30 @@ impl CaKey {
             .to_encoded_point(false)
             .as_bytes()
             .to_vec();
-        Ok(Self { key, point })
+        Ok(Self {
+            key: CaSigner::File(key),
+            point,
+        })
+    }
+
+    /// The key `id` of the key daemon at `socket` (it must exist: made
+    /// there, with `edgeward hsm` or the token's own tools).
+    ///
+    /// # Errors
+    ///
+    /// The key daemon cannot be reached, or has no such key; named.
+    pub fn from_key_daemon(socket: &Path, id: &str) -> Result<Self, String> {
+        let hsm = edgeward_proto::RemoteHsm::connect(socket)
+            .map_err(|e| format!("the key daemon at {}: {e}", socket.display()))?;
+        let point = crate::hsm::Hsm::public_key(&hsm, id)
+            .map_err(|e| format!("key {id:?} of the key daemon at {}: {e}", socket.display()))?;
+        Ok(Self {
+            key: CaSigner::Daemon {
+                hsm: std::sync::Arc::new(hsm),
+                id: id.to_owned(),
+            },
+            point,
+        })
     }
 }
 
@@ -393,8 +425,16 @@ impl PublicKeyData for CaKey {
 impl SigningKey for CaKey {
     fn sign(&self, msg: &[u8]) -> Result<Vec<u8>, rcgen::Error> {
         use p256::ecdsa::signature::Signer as _;
-        let sig: p256::ecdsa::Signature = self.key.sign(msg);
-        Ok(sig.to_der().as_bytes().to_vec())
+        match &self.key {
+            CaSigner::File(key) => {
+                let sig: p256::ecdsa::Signature = key.sign(msg);
+                Ok(sig.to_der().as_bytes().to_vec())
+            }
+            CaSigner::Daemon { hsm, id } => hsm.sign_certificate(id, msg).map_err(|e| {
+                tracing::error!(key = %id, error = %e, "the organisation CA key could not sign");
+                rcgen::Error::RemoteKeyError
+            }),
+        }
     }
 }
 
@@ -506,7 +546,11 @@ struct SettingsToml {
     #[serde(default)]
     revoked: Option<PathBuf>,
     ca_certificate: PathBuf,
+    /// A PEM file, or with `ca_key_daemon`, the key's id there.
     ca_key: PathBuf,
+    /// A key daemon's socket holding `ca_key` (a PKCS#11 token's).
+    #[serde(default)]
+    ca_key_daemon: Option<PathBuf>,
     challenge_key: PathBuf,
     audit: PathBuf,
     /// Symmetric-key groups' secrets: group = "path" (32 bytes each).
@@ -613,6 +657,56 @@ pub fn revoke(path: &Path, fingerprint: &str, comment: &str) -> Result<bool, Str
     Ok(true)
 }
 
+/// For the organisation CA key held by the key daemon `enroll.toml` (at
+/// `path`) names in `ca_key_daemon` (its id is `ca_key`): makes the key
+/// there if it is missing, and returns a CSR for it (PEM), or with
+/// `self_signed` a root certificate of it (CA, ten years), named `cn`.
+///
+/// # Errors
+///
+/// No `ca_key_daemon`, the key daemon unreachable or refusing.
+pub fn ca_key_certificate(path: &Path, cn: &str, self_signed: bool) -> Result<String, String> {
+    let (t, base) = read_settings(path)?;
+    let socket = base.join(t.ca_key_daemon.ok_or_else(|| {
+        format!(
+            "{}: ca_key_daemon: name the key daemon that holds the CA key",
+            path.display()
+        )
+    })?);
+    let id = t.ca_key.to_str().ok_or("ca_key: not UTF-8")?;
+    let hsm = edgeward_proto::RemoteHsm::connect(&socket)
+        .map_err(|e| format!("the key daemon at {}: {e}", socket.display()))?;
+    crate::hsm::Hsm::signing_key(&hsm, id)
+        .map_err(|e| format!("key {id:?} of the key daemon at {}: {e}", socket.display()))?;
+    drop(hsm);
+    let key = CaKey::from_key_daemon(&socket, id)?;
+    let mut p = CertificateParams::default();
+    p.distinguished_name = edgeward_name(cn);
+    p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    if self_signed {
+        let now = unix_now();
+        let time = |t: u64| {
+            ::time::OffsetDateTime::from_unix_timestamp(i64::try_from(t).unwrap_or(i64::MAX))
+                .map_err(|e| e.to_string())
+        };
+        p.not_before = time(now.saturating_sub(BACKDATE.as_secs()))?;
+        p.not_after = time(now + 10 * 365 * 86_400)?;
+        let mut serial = [0u8; 16];
+        getrandom::fill(&mut serial).map_err(|e| format!("random: {e}"))?;
+        serial[0] = (serial[0] & 0x7f) | 0x40;
+        p.serial_number = Some(rcgen::SerialNumber::from_slice(&serial));
+        p.self_signed(&key)
+            .map(|c| c.pem())
+            .map_err(|e| format!("signing the root: {e}"))
+    } else {
+        p.serialize_request(&key)
+            .map_err(|e| format!("signing the CSR: {e}"))?
+            .pem()
+            .map_err(|e| e.to_string())
+    }
+}
+
 impl Settings {
     /// Loads the service's settings from `enroll.toml` at `path`: the
     /// manufacturer roots, the list, the revocation list, the CA's
@@ -648,9 +742,17 @@ impl Settings {
             &file(&t.manufacturers)?,
             &t.manufacturers.display().to_string(),
         )?;
+        let key = match &t.ca_key_daemon {
+            None => CaKey::from_pem(&text(&t.ca_key)?),
+            Some(socket) => CaKey::from_key_daemon(
+                &base.join(socket),
+                t.ca_key.to_str().ok_or("ca_key: not UTF-8")?,
+            ),
+        }
+        .map_err(named("ca_key"))?;
         let ca = load_ca(
             &text(&t.ca_certificate)?,
-            &text(&t.ca_key)?,
+            key,
             (&t.ca_certificate.display().to_string(), "ca_certificate"),
         )
         .map_err(|(field, e)| named(if field { "ca_certificate" } else { "ca_key" })(e))?;
@@ -720,7 +822,7 @@ impl Settings {
                 }
                 let logins = load_ca(
                     &text(&f.logins_certificate)?,
-                    &text(&f.logins_key)?,
+                    CaKey::from_pem(&text(&f.logins_key)?).map_err(named("fleet.logins_key"))?,
                     (
                         &f.logins_certificate.display().to_string(),
                         "fleet.logins_certificate",
@@ -780,13 +882,13 @@ struct LoadedCa {
 }
 
 /// Loads a CA from its certificates' PEM (`what` names the file) and its
-/// key's PEM: the key is the first certificate's, which is a CA valid now.
+/// key: the key is the first certificate's, which is a CA valid now.
 /// `field` names the certificate's setting. The chain handed out is
 /// rebuilt from the certificates alone. On error,
 /// whether the certificate (`true`) or the key (`false`) is at fault.
 fn load_ca(
     cert_text: &str,
-    key_text: &str,
+    key: CaKey,
     (what, field): (&str, &str),
 ) -> Result<LoadedCa, (bool, String)> {
     if cert_text.contains("PRIVATE KEY") {
@@ -803,7 +905,6 @@ fn load_ca(
         .iter()
         .map(|der| crate::identity::authority::pem_block("CERTIFICATE", der))
         .collect();
-    let key = CaKey::from_pem(key_text).map_err(|e| (false, e))?;
     let (_, ca) = X509Certificate::from_der(&certs[0]).map_err(|e| (true, e.to_string()))?;
     if ca.public_key().subject_public_key.data.as_ref() != key.point.as_slice() {
         return Err((false, format!("it is not the key of {field}")));
