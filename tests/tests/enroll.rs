@@ -1301,34 +1301,24 @@ fn a_board_enrolls_at_start_connects_to_its_fleet_and_takes_a_signed_deployment(
         "the renewed chain is the device's"
     );
 
-    // The signed answer itself changed (another group): the daemon
-    // refuses to start, naming the file, rather than trust it.
+    // The signed answer itself changed (another group): the daemon does
+    // not take it (naming the file), runs, and enrolls again.
     let answer = identity.join("issued.json");
     let mut stored: serde_json::Value =
         serde_json::from_slice(&std::fs::read(&answer).unwrap()).unwrap();
     stored["groups"] = serde_json::json!(["admins"]);
     std::fs::write(&answer, serde_json::to_vec(&stored).unwrap()).unwrap();
     let mut d = Daemon::start(&s, &config);
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    let status = loop {
-        if let Some(st) = d.child.try_wait().unwrap() {
-            break st;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the daemon started on a changed answer"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    d.pump();
-    assert!(!status.success());
-    assert!(
-        d.seen_err
-            .iter()
-            .any(|l| l.contains("issued.json") && l.contains("not signed by the organisation CA")),
-        "{}",
-        d.seen_err.join("\n")
-    );
+    d.wait_for("the changed answer refused", |_, err| {
+        err.iter().any(|l| {
+            l.contains("issued.json")
+                && l.contains("not signed by the organisation CA")
+                && l.contains("enrolling again")
+        })
+    });
+    assert!(d.child.try_wait().unwrap().is_none(), "the daemon runs on");
+    let (status, _, _) = d.terminate();
+    assert!(status.success());
     drop(serve);
 }
 
@@ -1481,6 +1471,15 @@ fn a_device_renews_with_its_current_identity_and_re_enrolls_after_a_reset() {
     let mut foreign = enroll::renewal(&other, "board-3", "edgeward.local", &second).unwrap();
     foreign.certificate = good.certificate.clone();
     refused_at(service.renew(&foreign), Step::Csr, "another key");
+    // An old CSR of the device's (a renewal carries no challenge) cannot
+    // bring a new broker key: only the one on record is renewed.
+    let mut new_login = good.clone();
+    new_login.broker_csr = foreign.broker_csr.clone();
+    refused_at(
+        service.renew(&new_login),
+        Step::Csr,
+        "keeps the broker key on record",
+    );
     assert_eq!(events(), ["enrolled", "renewed"], "nothing recorded");
 
     // A reset: the state is gone, and with it the keys.
@@ -1489,6 +1488,9 @@ fn a_device_renews_with_its_current_identity_and_re_enrolls_after_a_reset() {
     assert!(ok && out.contains("enrolled as board-3"), "{out}");
     assert_ne!(key_of(&chain()), key_of(&second));
     assert_eq!(events(), ["enrolled", "renewed", "re-enrolled"]);
+    // The keys it had before the reset renew nothing, though their
+    // certificate is still valid.
+    refused_at(service.renew(&good), Step::Current, "latest");
 
     // Revoked: no renewal, no enrollment.
     let out = Command::new(common::EDGEWARD)

@@ -670,14 +670,19 @@ fn adopt_enrollment(config: &mut Config, state_dir: &Path) -> anyhow::Result<boo
                 .display()
         );
     }
-    let Some(e) = Enrolled::load_verified(
+    let verified = Enrolled::load_verified(
         state_dir,
         p,
         &config.identity.device_id,
         &config.identity.trust_domain,
     )
-    .map_err(anyhow::Error::msg)?
-    else {
+    // What fails its checks is not trusted: the device runs its last
+    // deployment and enrolls again, rather than not start.
+    .unwrap_or_else(|e| {
+        tracing::error!(error = %e, "the stored enrollment is not used: enrolling again");
+        None
+    });
+    let Some(e) = verified else {
         tracing::info!(
             broker = %format!("mqtts://{}:{}", p.host, p.port),
             "not enrolled: the last deployment runs while the device enrolls"
@@ -796,25 +801,32 @@ async fn renewals(
             }
         };
         let due = match renewal_due(&chain, p.renew_threshold) {
-            // Due again at once after a renewal (the organisation CA
-            // expires before a full lifetime, say): not at once again.
-            Ok(d) if d.is_zero() && renewed => {
-                tracing::warn!(retry_in = ?p.retry_max, "the renewed certificate is due already (does the organisation CA expire soon?)");
-                p.retry_max
-            }
             Ok(d) => d,
             Err(e) => {
                 tracing::error!(error = %e, "the enrolled chain is unusable: not renewed");
                 return;
             }
         };
-        tracing::info!(
-            in_s = due.as_secs(),
+        let nap = if due.is_zero() && renewed {
+            // Due again at once after a renewal (the organisation CA
+            // expires before a full lifetime, say): not at once again.
+            tracing::warn!(retry_in = ?p.retry_max, "the renewed certificate is due already (does the organisation CA expire soon?)");
+            p.retry_max
+        } else {
+            // Woken at least hourly and the wall clock read again: a
+            // suspended board, or a clock set after boot, renews on time.
+            due.min(Duration::from_secs(3600))
+        };
+        tracing::debug!(
+            in_s = nap.as_secs(),
             "device CA certificate renewal scheduled"
         );
         tokio::select! {
-            () = tokio::time::sleep(due) => {}
+            () = tokio::time::sleep(nap) => {}
             _ = stop.wait_for(|s| *s) => return,
+        }
+        if due > nap && !(due.is_zero() && renewed) {
+            continue;
         }
         let mut delay = p.retry_min;
         let issued = loop {
@@ -851,12 +863,15 @@ async fn renewals(
         match tokio::task::spawn_blocking(move || Enrolled::store(&dir, &i)).await {
             Ok(Ok(_)) => {}
             Ok(Err(e)) => {
-                tracing::error!(error = %e, "renewed, but the answer could not be stored");
-                return;
+                tracing::error!(error = %e, retry_in = ?p.retry_max, "renewed, but the answer could not be stored");
+                tokio::select! {
+                    () = tokio::time::sleep(p.retry_max) => continue,
+                    _ = stop.wait_for(|s| *s) => return,
+                }
             }
             Err(e) => {
                 tracing::error!(error = %e, "the renewal store task failed");
-                return;
+                continue;
             }
         }
         if let Some(m) = api.attester.clone()

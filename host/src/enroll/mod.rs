@@ -58,6 +58,10 @@ pub struct Request {
     pub broker_csr: Option<String>,
     /// Its factory identity.
     pub factory: Factory,
+    /// Random bytes of the device's: the request's digest, which the
+    /// signed answer names, is never one an older answer named.
+    #[serde(default)]
+    pub nonce: Bytes,
 }
 
 /// How a device proves where it comes from.
@@ -96,6 +100,16 @@ pub struct Renewal {
     /// A PEM CSR for the broker login key.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub broker_csr: Option<String>,
+    /// Random bytes of the device's (see [`Request::nonce`]).
+    #[serde(default)]
+    pub nonce: Bytes,
+}
+
+/// 16 random bytes.
+fn fresh_nonce() -> Result<Bytes, String> {
+    let mut n = vec![0u8; 16];
+    getrandom::fill(&mut n).map_err(|e| format!("random: {e}"))?;
+    Ok(Bytes(n))
 }
 
 /// The SHA-256 (hex) of `r`'s JSON: what the answer to it names.
@@ -130,6 +144,7 @@ pub fn renewal(
         certificate: crate::identity::authority::pem_block("CERTIFICATE", &first),
         csr,
         broker_csr: Some(broker_csr),
+        nonce: fresh_nonce()?,
     })
 }
 
@@ -383,6 +398,7 @@ fn signed_request(
         csr,
         broker_csr: Some(broker_csr),
         factory,
+        nonce: fresh_nonce()?,
     })
 }
 

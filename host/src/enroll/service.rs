@@ -54,6 +54,9 @@ use crate::attest::{certify, credential, jcs};
 use crate::identity::authority::{BACKDATE, PublicP256, edgeward_name, key_identifier};
 use crate::measure::hex;
 
+/// How long a renewal's answer is given again to the same keys.
+const RENEWAL_REUSE: u64 = 600;
+
 /// A step of the checks, in the order they run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Step {
@@ -1225,7 +1228,8 @@ impl Service {
             .ok_or_else(|| current(format!("the current certificate names no {prefix}<id>")))?
             .to_owned();
         let point = cert.public_key().subject_public_key.data.to_vec();
-        // The holder signs with the key, now.
+        // The holder signs with the key (a CSR that may be old: hence the
+        // broker key is held to the one on record, below).
         if csr_key(&r.csr).map_err(at(Step::Csr))? != point {
             return Err(at(Step::Csr)(
                 "the CSR carries another key than the current certificate's".into(),
@@ -1233,15 +1237,32 @@ impl Service {
         }
         let key = hex(&Sha256::digest(&point));
         let entries = audit_entries(&self.s.audit).map_err(at(Step::Issue))?;
+        // The device's latest keys only: keys it had before a reset
+        // renew nothing.
         let enrolled = entries
             .iter()
             .rev()
-            .find(|e| e.device_id == device_id && e.key == key)
+            .find(|e| e.device_id == device_id)
+            .filter(|e| e.key == key)
             .ok_or_else(|| {
                 current(format!(
-                    "no enrollment of {device_id:?} with this key is recorded"
+                    "this key is not {device_id:?}'s latest recorded one"
                 ))
             })?;
+        // A renewal proves the device CA key with a CSR that may be old
+        // (it carries no challenge): it renews the keys on record, never
+        // certifies a new broker key.
+        if let (Some(_), Some(csr)) = (&self.s.fleet, &r.broker_csr) {
+            let broker = csr_key(csr).map_err(|e| at(Step::Csr)(format!("broker CSR: {e}")))?;
+            if enrolled.broker_key.is_empty()
+                || hex(&Sha256::digest(&broker)) != enrolled.broker_key
+            {
+                return Err(at(Step::Csr)(
+                    "a renewal keeps the broker key on record; a new one takes an enrollment with the factory identity"
+                        .into(),
+                ));
+            }
+        }
         let mut revoked = self.s.revoked.clone();
         if let Some(file) = &self.s.revoked_file {
             revoked.extend(read_revoked(file).map_err(at(Step::Issue))?);
@@ -1326,15 +1347,17 @@ impl Service {
                 .unwrap_or_default(),
             broker_certificate: String::new(),
         };
-        // A recorded certificate is answered again while it has more than
-        // half the lifetime a new one would have; a renewal's, for a
-        // minute (a retry).
+        // A recorded certificate (from this CA) is answered again while it
+        // has more than half the lifetime a new one would have; a
+        // renewal's, for ten minutes (retries, and a bound on how fast
+        // one device grows the log).
         let reuse = |e: &AuditEntry| {
-            if event == "renewed" {
-                e.event == "renewed" && e.time + 60 > now
-            } else {
-                e.not_after > now + not_after.saturating_sub(now) / 2
-            }
+            e.chain.ends_with(&self.s.ca_chain)
+                && if event == "renewed" {
+                    e.event == "renewed" && e.time + RENEWAL_REUSE > now
+                } else {
+                    e.not_after > now + not_after.saturating_sub(now) / 2
+                }
         };
         let (chain, login) = record(&self.s.audit, entry, reuse, || {
             let chain = self.issue(&device_id, &point, not_after)?;
