@@ -1491,6 +1491,19 @@ fn a_device_renews_with_its_current_identity_and_re_enrolls_after_a_reset() {
     // The keys it had before the reset renew nothing, though their
     // certificate is still valid.
     refused_at(service.renew(&good), Step::Current, "latest");
+    // Taken off the list, it renews no more.
+    let now: Arc<dyn Hsm> = Arc::new(SoftHsm::open(&state).unwrap());
+    let current = enroll::renewal(&now, "board-3", "edgeward.local", &chain()).unwrap();
+    let list = org.dir.path().join("list.toml");
+    let listed = std::fs::read_to_string(&list).unwrap();
+    std::fs::write(&list, listed.replace("board-*", "pump-*")).unwrap();
+    let unlisted = Service::new(Settings::load(&org.service_toml()).unwrap());
+    refused_at(
+        unlisted.renew(&current),
+        Step::EnrollmentList,
+        "does not admit",
+    );
+    std::fs::write(&list, listed).unwrap();
 
     // Revoked: no renewal, no enrollment.
     let out = Command::new(common::EDGEWARD)

@@ -791,6 +791,7 @@ async fn renewals(
 ) {
     use crate::enroll::device::{Enrolled, chain_path, event, renewal_due};
     let config = identity.config().clone();
+    // Whether the chain read below is one this loop just renewed.
     let mut renewed = false;
     loop {
         let chain = match std::fs::read_to_string(chain_path(&state_dir)) {
@@ -807,6 +808,9 @@ async fn renewals(
                 return;
             }
         };
+        if !due.is_zero() {
+            renewed = false;
+        }
         let nap = if due.is_zero() && renewed {
             // Due again at once after a renewal (the organisation CA
             // expires before a full lifetime, say): not at once again.

@@ -943,6 +943,7 @@ pub struct Service {
 struct Holder<'a> {
     device_id: String,
     groups: Vec<String>,
+    admitted_by: AdmittedBy,
     /// The factory identity's fingerprint.
     factory: String,
     /// The device CA key's point.
@@ -957,8 +958,23 @@ struct Admitted {
     /// The id and groups the list assigns.
     device_id: String,
     groups: Vec<String>,
+    /// What the list admitted it by (recorded, and checked again at
+    /// renewal).
+    admitted_by: AdmittedBy,
     /// How it proves itself.
     proof: Admission,
+}
+
+/// What the list admitted a device by: a symmetric-key group, or its
+/// manufacturer path (fingerprints, issuer first).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AdmittedBy {
+    /// The symmetric-key group (empty for a TPM).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub group: String,
+    /// The manufacturer certificates of its chain.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub path: Vec<String>,
 }
 
 /// What a device's proof is checked against.
@@ -1156,6 +1172,7 @@ impl Service {
             Holder {
                 device_id: f.device_id,
                 groups: f.groups,
+                admitted_by: f.admitted_by,
                 factory: f.fingerprint,
                 point,
                 broker_csr: proof.request.broker_csr.as_deref(),
@@ -1273,13 +1290,33 @@ impl Service {
                 enrolled.factory
             )));
         }
+        let by = &enrolled.admitted_by;
+        if let Some(fp) = by.path.iter().find(|fp| revoked.contains(*fp)) {
+            return Err(at(Step::Revoked)(format!(
+                "a manufacturer CA of its chain ({fp}) is revoked"
+            )));
+        }
+        // The list as it is now: a device taken off it renews no more,
+        // and its groups are the list's.
+        let (listed, groups) = if by.group.is_empty() {
+            self.s.list.admits(&enrolled.factory, &by.path, &device_id)
+        } else {
+            self.s.list.admits_symmetric(&by.group, &device_id)
+        }
+        .map_err(at(Step::EnrollmentList))?;
+        if listed != device_id {
+            return Err(at(Step::DeviceId)(format!(
+                "the enrollment list now assigns {listed:?}, not {device_id:?}: enroll again"
+            )));
+        }
         let mut nonce = [0u8; 16];
         getrandom::fill(&mut nonce).map_err(|e| at(Step::Issue)(format!("random: {e}")))?;
         let answers = super::renewal_digest(r).map_err(at(Step::Request))?;
         self.finish(
             Holder {
                 device_id,
-                groups: enrolled.groups.clone(),
+                groups,
+                admitted_by: enrolled.admitted_by.clone(),
                 factory: enrolled.factory.clone(),
                 point,
                 broker_csr: r.broker_csr.as_deref(),
@@ -1301,6 +1338,7 @@ impl Service {
         let Holder {
             device_id,
             groups,
+            admitted_by,
             factory,
             point,
             broker_csr,
@@ -1346,6 +1384,7 @@ impl Service {
                 .map(|p| hex(&Sha256::digest(p)))
                 .unwrap_or_default(),
             broker_certificate: String::new(),
+            admitted_by,
         };
         // A recorded certificate (from this CA) is answered again while it
         // has more than half the lifetime a new one would have; a
@@ -1447,6 +1486,10 @@ impl Service {
                     fingerprint,
                     device_id: device_id.clone(),
                     groups,
+                    admitted_by: AdmittedBy {
+                        group: group.clone(),
+                        path: Vec::new(),
+                    },
                     proof: Admission::Symmetric {
                         device_key: super::device_key(secret, &device_id),
                     },
@@ -1479,6 +1522,10 @@ impl Service {
             fingerprint,
             device_id,
             groups,
+            admitted_by: AdmittedBy {
+                group: String::new(),
+                path,
+            },
             proof: Admission::Tpm {
                 ek_spki: ek.public_key().raw.to_vec(),
                 ak_name: ak.name,
@@ -1719,6 +1766,9 @@ pub struct AuditEntry {
     /// The broker login certificate issued with it (PEM), if any.
     #[serde(default)]
     pub broker_certificate: String,
+    /// What the list admitted it by.
+    #[serde(default, flatten)]
+    pub admitted_by: AdmittedBy,
 }
 
 /// Reads the audit log.
